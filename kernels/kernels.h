@@ -1,0 +1,105 @@
+// CPU kernels of the Llama-family forward pass (DESIGN.md section 4, kernels/).
+//
+// Contract every kernel keeps:
+//  * Deterministic and batch-invariant: the value computed for one row (token) does not depend on
+//    how many other rows share the call, on how the rows are tiled, or on the thread count. Each
+//    output element is reduced in one fixed order over K; work is split across threads over
+//    output columns or rows, never over the reduction dimension.
+//  * Instruction set chosen once per process at run time (AVX-512-BF16, AVX-512, AVX2; scalar
+//    fallback for tests); KUN_ISA=avx2|avx512|avx512bf16|scalar forces one (never above what
+//    the CPU has). All calls in one process use the same one, so results are reproducible.
+//  * No heap allocation on the hot path: scratch memory comes from the caller.
+//  * Activations are f32; weights are f32, f16 or bf16 and are widened to f32 in registers.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string_view>
+
+#include "common/dtype.h"
+
+namespace kun::kernels {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+std::string_view isa_name(Isa isa);
+// The best ISA this CPU supports.
+Isa detected_isa();
+// The ISA all kernels in this process use (detected_isa() unless KUN_ISA narrows it).
+Isa active_isa();
+
+// A fixed set of worker threads. parallel_for splits [0, n) into `num_threads()` contiguous
+// ranges by a fixed rule (so a given n always maps to the same ranges) and runs fn(begin, end)
+// on each, the caller's thread taking the first range. Not re-entrant; one caller at a time.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int num_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+  int num_threads() const;
+  void parallel_for(std::int64_t n, const std::function<void(std::int64_t, std::int64_t)>& fn);
+
+ private:
+  struct Impl;
+  Impl* impl_;
+};
+
+// A weight matrix in HuggingFace layout: `rows` output features by `cols` input features,
+// row-major (W[n][k] at data + (n * cols + k) * dtype_bytes).
+struct WeightView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  std::int64_t rows = 0;  // N (out features)
+  std::int64_t cols = 0;  // K (in features)
+};
+
+// y[m][n] = sum_k x[m][k] * W[n][k] + (bias ? bias[n] : 0), for m < M.
+// x: [M][K] f32 row-major with row stride K; y: [M][N] f32 row-major with row stride N.
+// bias may be null (f32, length N). pool may be null (runs on the calling thread).
+void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,
+            ThreadPool* pool);
+
+// out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, rows of length D; out may alias x.
+void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight, DType weight_dtype,
+              float eps, float* out);
+
+// Rotary embedding, HF "rotate_half" convention (pairs (i, i + head_dim/2)), applied in place to
+// `num_heads` heads of `head_dim` for each of M tokens; x row stride = num_heads * head_dim.
+// inv_freq has head_dim/2 entries (already including any rope scaling); positions has M entries.
+void rope(float* x, std::int64_t M, std::int64_t num_heads, std::int64_t head_dim,
+          const std::int64_t* positions, const float* inv_freq);
+
+// out[i] = silu(gate[i]) * up[i] for n elements; out may alias gate.
+void silu_mul(const float* gate, const float* up, std::int64_t n, float* out);
+
+// Adds b into a (n elements).
+void add_inplace(float* a, const float* b, std::int64_t n);
+
+// Causal attention of one sequence for one layer over a paged KV cache.
+//  * q: [num_tokens][num_heads][head_dim]; token t has absolute position positions[t], and attends
+//    to cached positions [0, positions[t]] (its own K/V must already be in the cache).
+//  * The cache holds `context_len` tokens in blocks of `block_size` tokens; block b of this
+//    sequence/layer is at key_blocks[b] / value_blocks[b]; inside a block the layout is
+//    [num_kv_heads][block_size][head_dim] f32.
+//  * GQA: query head h reads kv head h / (num_heads / num_kv_heads).
+//  * out: [num_tokens][num_heads][head_dim].
+// The result for a token depends only on its q and the cached K/V at positions [0, pos]: not on
+// block_size, block placement, or the other tokens in the call.
+struct PagedKvView {
+  const float* const* key_blocks = nullptr;
+  const float* const* value_blocks = nullptr;
+  std::int64_t block_size = 0;
+  std::int64_t context_len = 0;
+  std::int64_t num_kv_heads = 0;
+  std::int64_t head_dim = 0;
+};
+// pool may be null; with a pool the work is split over (token, head) pairs and each thread uses
+// its own slice of scratch: scratch must then hold pool->num_threads() * context_len floats.
+void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,
+                     const std::int64_t* positions, const PagedKvView& kv, float scale, float* out,
+                     float* scratch, ThreadPool* pool);
+
+// Index of the largest value (first one on ties).
+std::int64_t argmax(const float* x, std::int64_t n);
+
+}  // namespace kun::kernels
