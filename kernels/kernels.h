@@ -26,6 +26,8 @@ std::string_view isa_name(Isa isa);
 Isa detected_isa();
 // The ISA all kernels in this process use (detected_isa() unless KUN_ISA narrows it).
 Isa active_isa();
+// True when this CPU can run `isa` (isa <= detected_isa()).
+bool isa_supported(Isa isa);
 
 // A fixed set of worker threads. parallel_for splits [0, n) into `num_threads()` contiguous
 // ranges by a fixed rule (so a given n always maps to the same ranges) and runs fn(begin, end)
@@ -99,7 +101,23 @@ void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_h
                      const std::int64_t* positions, const PagedKvView& kv, float scale, float* out,
                      float* scratch, ThreadPool* pool);
 
+// Floats of scratch paged_attention needs for this pool (null: one thread) and context length.
+std::int64_t paged_attention_scratch_floats(const ThreadPool* pool, std::int64_t context_len);
+
 // Index of the largest value (first one on ties).
 std::int64_t argmax(const float* x, std::int64_t n);
+
+// Explicit-ISA variants for tests and benchmarks (the functions above call these with
+// active_isa()). `isa` must be supported by the CPU (checked). Results are bit-reproducible for a
+// given ISA; different ISAs differ in rounding only (lane width and FMA vs separate mul/add).
+void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
+            float* y, ThreadPool* pool);
+void rms_norm(Isa isa, const float* x, std::int64_t M, std::int64_t D, const void* weight,
+              DType weight_dtype, float eps, float* out);
+void silu_mul(Isa isa, const float* gate, const float* up, std::int64_t n, float* out);
+void add_inplace(Isa isa, float* a, const float* b, std::int64_t n);
+void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
+                     const std::int64_t* positions, const PagedKvView& kv, float scale, float* out,
+                     float* scratch, ThreadPool* pool);
 
 }  // namespace kun::kernels

@@ -1,0 +1,117 @@
+// Run-time instruction-set detection (cpuid + xgetbv) and the KUN_ISA override.
+#include <cpuid.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string_view>
+
+#include "common/check.h"
+#include "common/log.h"
+#include "kernels/internal.h"
+
+namespace kun::kernels {
+namespace {
+
+std::uint64_t read_xcr0() {
+  std::uint32_t eax = 0, edx = 0;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<std::uint64_t>(edx) << 32) | eax;
+}
+
+Isa detect() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(1, &a, &b, &c, &d) == 0) return Isa::kScalar;
+  const bool osxsave = (c >> 27) & 1u;
+  const bool avx = (c >> 28) & 1u;
+  const bool fma = (c >> 12) & 1u;
+  const bool f16c = (c >> 29) & 1u;
+  if (!osxsave || !avx) return Isa::kScalar;
+  const std::uint64_t xcr0 = read_xcr0();
+  const bool os_ymm = (xcr0 & 0x6u) == 0x6u;            // XMM and YMM state
+  const bool os_zmm = (xcr0 & 0xe6u) == 0xe6u;          // + opmask, ZMM_Hi256, Hi16_ZMM
+  if (!os_ymm) return Isa::kScalar;
+  unsigned max_leaf = __get_cpuid_max(0, nullptr);
+  if (max_leaf < 7) return Isa::kScalar;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = (b >> 5) & 1u;
+  const bool avx512f = (b >> 16) & 1u;
+  const bool avx512bw = (b >> 30) & 1u;
+  const bool avx512vl = (b >> 31) & 1u;
+  const unsigned leaf7_subleaves = a;
+  if (!(avx2 && fma && f16c)) return Isa::kScalar;
+  if (!(os_zmm && avx512f && avx512bw && avx512vl)) return Isa::kAvx2;
+  bool bf16 = false;
+  if (leaf7_subleaves >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    bf16 = (a >> 5) & 1u;
+  }
+  return bf16 ? Isa::kAvx512Bf16 : Isa::kAvx512;
+}
+
+bool parse_isa(std::string_view s, Isa* out) {
+  if (s == "scalar") *out = Isa::kScalar;
+  else if (s == "avx2") *out = Isa::kAvx2;
+  else if (s == "avx512") *out = Isa::kAvx512;
+  else if (s == "avx512bf16") *out = Isa::kAvx512Bf16;
+  else return false;
+  return true;
+}
+
+Isa choose_active() {
+  const Isa best = detected_isa();
+  const char* env = std::getenv("KUN_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  Isa want;
+  if (!parse_isa(env, &want)) {
+    KUN_LOG(kWarn) << "KUN_ISA=" << env << " is not one of scalar|avx2|avx512|avx512bf16; using "
+                   << isa_name(best);
+    return best;
+  }
+  if (static_cast<int>(want) > static_cast<int>(best)) {
+    KUN_LOG(kWarn) << "KUN_ISA=" << env << " is above what this CPU has; using " << isa_name(best);
+    return best;
+  }
+  return want;
+}
+
+}  // namespace
+
+std::string_view isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512bf16";
+  }
+  return "unknown";
+}
+
+Isa detected_isa() {
+  static const Isa isa = detect();
+  return isa;
+}
+
+Isa active_isa() {
+  static const Isa isa = choose_active();
+  return isa;
+}
+
+bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(detected_isa()); }
+
+namespace detail {
+
+bool isa_supported(Isa isa) { return kernels::isa_supported(isa); }
+
+const IsaKernels& kernels_for(Isa isa) {
+  KUN_CHECK(kernels::isa_supported(isa)) << "ISA " << isa_name(isa) << " not supported by this CPU";
+  switch (isa) {
+    case Isa::kScalar: return scalar_kernels();
+    case Isa::kAvx2: return avx2_kernels();
+    case Isa::kAvx512:
+    case Isa::kAvx512Bf16: return avx512_kernels();
+  }
+  return scalar_kernels();
+}
+
+}  // namespace detail
+}  // namespace kun::kernels

@@ -1,0 +1,184 @@
+// Front end of the kernels: argument checks, threading, and dispatch to the per-ISA tables.
+#include "kernels/kernels.h"
+
+#include <cmath>
+
+#include "common/check.h"
+#include "kernels/internal.h"
+
+namespace kun::kernels {
+namespace {
+
+using detail::IsaKernels;
+using detail::kernels_for;
+
+// Below this many multiply-adds a linear call runs on the calling thread (same result either way).
+constexpr std::int64_t kMinParallelMacs = 1 << 16;
+// Weight rows per unit of the thread split (a multiple of every ISA's microkernel width).
+constexpr std::int64_t kRowsPerUnit = 12;
+
+struct LinearJob {
+  const IsaKernels* k;
+  const float* x;
+  std::int64_t M;
+  const WeightView* w;
+  const float* bias;
+  float* y;
+};
+
+struct AttentionJob {
+  const IsaKernels* k;
+  const float* q;
+  std::int64_t num_tokens;
+  std::int64_t num_heads;
+  const std::int64_t* positions;
+  const PagedKvView* kv;
+  float scale;
+  float* out;
+  float* scratch;
+  int parts;
+};
+
+void attention_pairs(const AttentionJob& j, std::int64_t begin, std::int64_t end, float* scratch) {
+  const std::int64_t hd = j.kv->head_dim;
+  const std::int64_t group = j.num_heads / j.kv->num_kv_heads;
+  for (std::int64_t p = begin; p < end; ++p) {
+    const std::int64_t t = p / j.num_heads;
+    const std::int64_t h = p % j.num_heads;
+    const std::int64_t off = (t * j.num_heads + h) * hd;
+    j.k->attention_head(j.q + off, *j.kv, h / group, j.positions[t] + 1, j.scale, j.out + off,
+                        scratch);
+  }
+}
+
+}  // namespace
+
+void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
+            float* y, ThreadPool* pool) {
+  KUN_CHECK(w.data != nullptr && w.rows > 0 && w.cols > 0) << "empty weight";
+  KUN_CHECK_GE(M, 0);
+  if (M == 0) return;
+  KUN_CHECK(x != nullptr && y != nullptr) << "null x or y";
+  const IsaKernels& k = kernels_for(isa);
+  const std::int64_t N = w.rows;
+  const std::int64_t K = w.cols;
+  if (pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs) {
+    k.linear_block(x, K, 0, M, w, 0, N, bias, y, N);
+    return;
+  }
+  const LinearJob job{&k, x, M, &w, bias, y};
+  const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
+  const std::int64_t units = (N + kRowsPerUnit - 1) / kRowsPerUnit;
+  pool->parallel_for(units, [jp](std::int64_t b, std::int64_t e) {
+    const std::int64_t n0 = b * kRowsPerUnit;
+    const std::int64_t n1 = e * kRowsPerUnit < jp->w->rows ? e * kRowsPerUnit : jp->w->rows;
+    jp->k->linear_block(jp->x, jp->w->cols, 0, jp->M, *jp->w, n0, n1, jp->bias, jp->y,
+                        jp->w->rows);
+  });
+}
+
+void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,
+            ThreadPool* pool) {
+  linear(active_isa(), x, M, w, bias, y, pool);
+}
+
+void rms_norm(Isa isa, const float* x, std::int64_t M, std::int64_t D, const void* weight,
+              DType weight_dtype, float eps, float* out) {
+  KUN_CHECK(D > 0 && weight != nullptr) << "D " << D;
+  const IsaKernels& k = kernels_for(isa);
+  for (std::int64_t m = 0; m < M; ++m) k.rms_norm_row(x + m * D, D, weight, weight_dtype, eps, out + m * D);
+}
+
+void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight, DType weight_dtype,
+              float eps, float* out) {
+  rms_norm(active_isa(), x, M, D, weight, weight_dtype, eps, out);
+}
+
+void rope(float* x, std::int64_t M, std::int64_t num_heads, std::int64_t head_dim,
+          const std::int64_t* positions, const float* inv_freq) {
+  KUN_CHECK(head_dim % 2 == 0) << "head_dim " << head_dim;
+  const std::int64_t half = head_dim / 2;
+  for (std::int64_t m = 0; m < M; ++m) {
+    float* row = x + m * num_heads * head_dim;
+    const float pos = static_cast<float>(positions[m]);
+    for (std::int64_t i = 0; i < half; ++i) {
+      // HF: freqs = pos * inv_freq (f32), emb = cat(freqs, freqs), x*cos + rotate_half(x)*sin.
+      const float angle = pos * inv_freq[i];
+      const float c = std::cos(angle);
+      const float s = std::sin(angle);
+      for (std::int64_t h = 0; h < num_heads; ++h) {
+        float* v = row + h * head_dim;
+        const float a = v[i];
+        const float b = v[i + half];
+        const float ac = a * c;
+        const float bs = b * s;
+        const float bc = b * c;
+        const float as = a * s;
+        v[i] = ac - bs;
+        v[i + half] = bc + as;
+      }
+    }
+  }
+}
+
+void silu_mul(Isa isa, const float* gate, const float* up, std::int64_t n, float* out) {
+  kernels_for(isa).silu_mul(gate, up, n, out);
+}
+void silu_mul(const float* gate, const float* up, std::int64_t n, float* out) {
+  silu_mul(active_isa(), gate, up, n, out);
+}
+
+void add_inplace(Isa isa, float* a, const float* b, std::int64_t n) {
+  kernels_for(isa).add_inplace(a, b, n);
+}
+void add_inplace(float* a, const float* b, std::int64_t n) { add_inplace(active_isa(), a, b, n); }
+
+std::int64_t paged_attention_scratch_floats(const ThreadPool* pool, std::int64_t context_len) {
+  return (pool != nullptr ? pool->num_threads() : 1) * context_len;
+}
+
+void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
+                     const std::int64_t* positions, const PagedKvView& kv, float scale, float* out,
+                     float* scratch, ThreadPool* pool) {
+  if (num_tokens <= 0) return;
+  KUN_CHECK(kv.num_kv_heads > 0 && num_heads % kv.num_kv_heads == 0)
+      << "num_heads " << num_heads << " num_kv_heads " << kv.num_kv_heads;
+  KUN_CHECK(kv.block_size > 0 && kv.head_dim > 0 && scratch != nullptr) << "bad kv view or scratch";
+  for (std::int64_t t = 0; t < num_tokens; ++t) {
+    KUN_CHECK(positions[t] >= 0 && positions[t] < kv.context_len)
+        << "token " << t << " position " << positions[t] << " context_len " << kv.context_len;
+  }
+  const IsaKernels& k = kernels_for(isa);
+  const int parts = pool != nullptr ? pool->num_threads() : 1;
+  const AttentionJob job{&k, q, num_tokens, num_heads, positions, &kv, scale, out, scratch, parts};
+  const std::int64_t pairs = num_tokens * num_heads;
+  if (parts == 1 || pairs == 1) {
+    attention_pairs(job, 0, pairs, scratch);
+    return;
+  }
+  const AttentionJob* jp = &job;
+  // One index per thread, so each thread knows its scratch slice.
+  pool->parallel_for(parts, [jp, pairs](std::int64_t b, std::int64_t e) {
+    for (std::int64_t t = b; t < e; ++t) {
+      attention_pairs(*jp, pairs * t / jp->parts, pairs * (t + 1) / jp->parts,
+                      jp->scratch + t * jp->kv->context_len);
+    }
+  });
+}
+
+void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,
+                     const std::int64_t* positions, const PagedKvView& kv, float scale, float* out,
+                     float* scratch, ThreadPool* pool) {
+  paged_attention(active_isa(), q, num_tokens, num_heads, positions, kv, scale, out, scratch, pool);
+}
+
+std::int64_t argmax(const float* x, std::int64_t n) {
+  KUN_CHECK_GT(n, 0);
+  std::int64_t best = 0;
+  for (std::int64_t i = 1; i < n; ++i) {
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
+}
+
+}  // namespace kun::kernels

@@ -1,0 +1,106 @@
+#include "kernels/roofline.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+
+#include "common/check.h"
+#include "kernels/internal.h"
+
+namespace kun::kernels {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+int threads_of(const ThreadPool* pool) { return pool != nullptr ? pool->num_threads() : 1; }
+
+// Runs fn(thread_index) once on every thread of the pool; returns the wall time.
+double run_on_all(ThreadPool* pool, const std::function<void(int)>& fn) {
+  const auto t0 = Clock::now();
+  if (pool == nullptr) {
+    fn(0);
+  } else {
+    pool->parallel_for(pool->num_threads(), [&fn](std::int64_t b, std::int64_t e) {
+      for (std::int64_t t = b; t < e; ++t) fn(static_cast<int>(t));
+    });
+  }
+  return seconds_since(t0);
+}
+
+// Rate from a probe that does `work(thread)` units per thread: best of `reps`.
+double best_rate(ThreadPool* pool, int reps, const std::function<double(int)>& work) {
+  const int n = threads_of(pool);
+  double best = 0.0;
+  for (int r = 0; r < reps; ++r) {
+    double* done = new double[static_cast<std::size_t>(n)]();
+    const double secs = run_on_all(pool, [&](int t) { done[t] = work(t); });
+    double total = 0.0;
+    for (int t = 0; t < n; ++t) total += done[t];
+    delete[] done;
+    if (secs > 0.0 && total / secs > best) best = total / secs;
+  }
+  return best;
+}
+
+}  // namespace
+
+double measure_read_bandwidth_bytes_per_s(Isa isa, ThreadPool* pool, std::int64_t bytes) {
+  const detail::IsaKernels& k = detail::kernels_for(isa);
+  const int n = threads_of(pool);
+  constexpr std::int64_t kAlign = 4096;
+  const std::int64_t slice = (bytes / n) / kAlign * kAlign;
+  KUN_CHECK_GT(slice, 0) << "buffer of " << bytes << " bytes too small";
+  const std::int64_t total = slice * n;
+  auto* buf = static_cast<char*>(std::aligned_alloc(kAlign, static_cast<std::size_t>(total)));
+  KUN_CHECK(buf != nullptr) << "alloc " << total;
+  // First touch by the thread that later reads the slice.
+  run_on_all(pool, [&](int t) { std::memset(buf + t * slice, 1, static_cast<std::size_t>(slice)); });
+  float sink[64] = {};
+  const double rate = best_rate(pool, 5, [&](int t) {
+    sink[t % 64] += k.read_sum(buf + t * slice, slice);
+    return static_cast<double>(slice);
+  });
+  std::free(buf);
+  volatile float keep = sink[0];
+  (void)keep;
+  return rate;
+}
+
+double measure_read_bandwidth_bytes_per_s(ThreadPool* pool, std::int64_t bytes) {
+  return measure_read_bandwidth_bytes_per_s(active_isa(), pool, bytes);
+}
+
+double measure_peak_fma_flops_per_s(Isa isa, ThreadPool* pool) {
+  const detail::IsaKernels& k = detail::kernels_for(isa);
+  float sink[64] = {};
+  const std::int64_t iters = isa == Isa::kScalar ? 2000000 : 20000000;
+  const double rate = best_rate(pool, 5, [&](int t) {
+    return k.fma_chains(iters, 1.0f + 0.1f * static_cast<float>(t), &sink[t % 64]);
+  });
+  volatile float keep = sink[0];
+  (void)keep;
+  return rate;
+}
+
+double measure_peak_fma_flops_per_s(ThreadPool* pool) {
+  return measure_peak_fma_flops_per_s(active_isa(), pool);
+}
+
+double measure_peak_bf16_dot_flops_per_s(ThreadPool* pool) {
+  if (!isa_supported(Isa::kAvx512Bf16)) return 0.0;
+  float sink[64] = {};
+  const double rate = best_rate(pool, 5, [&](int t) {
+    return detail::avx512bf16_dot_chains(20000000, 1.0f + 0.1f * static_cast<float>(t),
+                                         &sink[t % 64]);
+  });
+  volatile float keep = sink[0];
+  (void)keep;
+  return rate;
+}
+
+}  // namespace kun::kernels

@@ -1,0 +1,422 @@
+// Kernels against naive double-precision references on every ISA this CPU supports, plus the
+// determinism contract (batch, tiling, thread count, KV block size and placement) bit for bit.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "kernels/kernels.h"
+#include "kernels/roofline.h"
+
+namespace kun::kernels {
+namespace {
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> out;
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}) {
+    if (isa_supported(i)) out.push_back(i);
+  }
+  return out;
+}
+
+std::vector<float> random_floats(std::int64_t n, std::uint32_t seed, float lo = -1.0f,
+                                 float hi = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+// A weight matrix stored in `dtype` plus its exact f32 values (for the reference).
+struct TestWeight {
+  std::vector<std::uint8_t> bytes;
+  std::vector<float> values;
+  WeightView view;
+};
+
+TestWeight make_weight(std::int64_t n, std::int64_t k, DType dt, std::uint32_t seed) {
+  TestWeight w;
+  const std::vector<float> src = random_floats(n * k, seed);
+  w.bytes.resize(static_cast<std::size_t>(n * k * dtype_bytes(dt)));
+  convert_dtype(src.data(), DType::kF32, w.bytes.data(), dt, n * k);
+  w.values.resize(src.size());
+  convert_dtype(w.bytes.data(), dt, w.values.data(), DType::kF32, n * k);
+  w.view = WeightView{w.bytes.data(), dt, n, k};
+  return w;
+}
+
+std::string isa_label(Isa isa) { return std::string(isa_name(isa)); }
+
+// ---------------------------------------------------------------------------------------------
+TEST(Dispatch, ActiveIsaIsSupported) {
+  EXPECT_TRUE(isa_supported(active_isa()));
+  EXPECT_TRUE(isa_supported(Isa::kScalar));
+  EXPECT_LE(static_cast<int>(active_isa()), static_cast<int>(detected_isa()));
+  EXPECT_EQ(isa_name(Isa::kAvx512Bf16), "avx512bf16");
+  std::printf("detected %s, active %s\n", isa_label(detected_isa()).c_str(),
+              isa_label(active_isa()).c_str());
+}
+
+TEST(ThreadPool, CoversEveryIndexOnceWithFixedRanges) {
+  for (int threads : {1, 2, 3, 5}) {
+    ThreadPool pool(threads);
+    EXPECT_EQ(pool.num_threads(), threads);
+    for (std::int64_t n : {0, 1, 2, 3, 7, 100, 1001}) {
+      std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+      std::vector<std::pair<std::int64_t, std::int64_t>> ranges(static_cast<std::size_t>(threads),
+                                                                {-1, -1});
+      std::atomic<int> calls{0};
+      pool.parallel_for(n, [&](std::int64_t b, std::int64_t e) {
+        calls.fetch_add(1);
+        for (std::int64_t i = b; i < e; ++i) hits[static_cast<std::size_t>(i)].fetch_add(1);
+      });
+      for (std::int64_t i = 0; i < n; ++i) EXPECT_EQ(hits[static_cast<std::size_t>(i)].load(), 1);
+      EXPECT_LE(calls.load(), threads);
+    }
+  }
+}
+
+TEST(ThreadPool, ManyShortJobs) {
+  ThreadPool pool(3);
+  std::vector<std::int64_t> sums(3, 0);
+  std::int64_t total = 0;
+  for (int rep = 0; rep < 2000; ++rep) {
+    std::vector<std::int64_t> part(3, 0);
+    pool.parallel_for(3, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t i = b; i < e; ++i) part[static_cast<std::size_t>(i)] += rep + i;
+    });
+    total += part[0] + part[1] + part[2];
+  }
+  EXPECT_EQ(total, 3 * (1999 * 2000 / 2) + 2000 * 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear
+
+void reference_linear(const std::vector<float>& x, std::int64_t M, const TestWeight& w,
+                      const float* bias, std::vector<double>* y, std::vector<double>* mag) {
+  const std::int64_t N = w.view.rows, K = w.view.cols;
+  y->assign(static_cast<std::size_t>(M * N), 0.0);
+  mag->assign(static_cast<std::size_t>(M * N), 0.0);
+  for (std::int64_t m = 0; m < M; ++m) {
+    for (std::int64_t n = 0; n < N; ++n) {
+      double s = bias ? bias[n] : 0.0, a = bias ? std::fabs(bias[n]) : 0.0;
+      for (std::int64_t k = 0; k < K; ++k) {
+        const double p = static_cast<double>(x[static_cast<std::size_t>(m * K + k)]) *
+                         w.values[static_cast<std::size_t>(n * K + k)];
+        s += p;
+        a += std::fabs(p);
+      }
+      (*y)[static_cast<std::size_t>(m * N + n)] = s;
+      (*mag)[static_cast<std::size_t>(m * N + n)] = a;
+    }
+  }
+}
+
+TEST(Linear, MatchesDoubleReferenceOnEveryIsaAndDtype) {
+  ThreadPool pool(2);
+  struct Shape {
+    std::int64_t m, n, k;
+  };
+  const Shape shapes[] = {{1, 1, 1}, {1, 5, 15}, {3, 7, 17}, {7, 33, 100}, {13, 26, 257},
+                          {8, 40, 64}};
+  std::uint32_t seed = 1;
+  for (Isa isa : supported_isas()) {
+    for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+      for (const Shape& s : shapes) {
+        for (bool with_bias : {false, true}) {
+          SCOPED_TRACE(isa_label(isa) + " " + std::string(dtype_name(dt)) + " M=" +
+                       std::to_string(s.m) + " N=" + std::to_string(s.n) +
+                       " K=" + std::to_string(s.k) + (with_bias ? " bias" : ""));
+          const TestWeight w = make_weight(s.n, s.k, dt, ++seed);
+          const std::vector<float> x = random_floats(s.m * s.k, ++seed);
+          const std::vector<float> bias = random_floats(s.n, ++seed);
+          std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -7.0f);
+          linear(isa, x.data(), s.m, w.view, with_bias ? bias.data() : nullptr, y.data(), &pool);
+          std::vector<double> ref, mag;
+          reference_linear(x, s.m, w, with_bias ? bias.data() : nullptr, &ref, &mag);
+          for (std::size_t i = 0; i < y.size(); ++i) {
+            ASSERT_NEAR(y[i], ref[i], 1e-6 * mag[i] + 1e-30) << "element " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Linear, BatchInvariantAcrossBatchSizeTilingAndThreads) {
+  // K = 100 is not a multiple of 8 or 16: exercises the tail in every path.
+  const std::int64_t N = 70, K = 100, kMaxM = 512;
+  const std::vector<float> x = random_floats(kMaxM * K, 42);
+  const std::vector<float> bias = random_floats(N, 43);
+  std::vector<ThreadPool*> pools;
+  ThreadPool p1(1), p2(2), p3(3);
+  for (Isa isa : supported_isas()) {
+    for (DType dt : {DType::kBF16, DType::kF32, DType::kF16}) {
+      SCOPED_TRACE(isa_label(isa) + " " + std::string(dtype_name(dt)));
+      const TestWeight w = make_weight(N, K, dt, 44);
+      // Reference: every row computed alone (the decode / GEMV path), no pool.
+      std::vector<float> single(static_cast<std::size_t>(kMaxM * N));
+      for (std::int64_t r = 0; r < kMaxM; ++r) {
+        linear(isa, x.data() + r * K, 1, w.view, bias.data(), single.data() + r * N, nullptr);
+      }
+      for (ThreadPool* pool : {&p1, &p2, &p3}) {
+        for (std::int64_t M : {std::int64_t{37}, kMaxM}) {
+          // Rows 0..M-1 and, shifted, rows 5..5+M-1 (a row lands in a different tile slot).
+          for (std::int64_t offset : {std::int64_t{0}, std::int64_t{5}}) {
+            if (offset + M > kMaxM) continue;
+            std::vector<float> y(static_cast<std::size_t>(M * N));
+            linear(isa, x.data() + offset * K, M, w.view, bias.data(), y.data(), pool);
+            ASSERT_EQ(0, std::memcmp(y.data(), single.data() + offset * N, y.size() * sizeof(float)))
+                << "threads=" << pool->num_threads() << " M=" << M << " offset=" << offset;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Linear, LargeBf16ShapeThreadsAgree) {
+  // A realistic MLP shape on the active ISA: 1 vs 2 vs 3 threads, M = 1 vs 8 vs 61.
+  const std::int64_t N = 2816, K = 1024;
+  const TestWeight w = make_weight(N, K, DType::kBF16, 7);
+  const std::vector<float> x = random_floats(61 * K, 8);
+  ThreadPool p1(1), p2(2), p3(3);
+  std::vector<float> ref(static_cast<std::size_t>(61 * N));
+  linear(x.data(), 61, w.view, nullptr, ref.data(), &p1);
+  for (ThreadPool* pool : {&p2, &p3}) {
+    std::vector<float> y(ref.size());
+    linear(x.data(), 61, w.view, nullptr, y.data(), pool);
+    EXPECT_EQ(0, std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)));
+    for (std::int64_t m : {std::int64_t{1}, std::int64_t{8}}) {
+      std::vector<float> y1(static_cast<std::size_t>(m * N));
+      linear(x.data() + 50 * K, m, w.view, nullptr, y1.data(), pool);
+      EXPECT_EQ(0, std::memcmp(y1.data(), ref.data() + 50 * N, y1.size() * sizeof(float)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// element-wise
+
+TEST(RmsNorm, MatchesReference) {
+  for (Isa isa : supported_isas()) {
+    for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+      for (std::int64_t D : {1, 7, 64, 100, 1024}) {
+        SCOPED_TRACE(isa_label(isa) + " D=" + std::to_string(D));
+        const std::int64_t M = 3;
+        const std::vector<float> x = random_floats(M * D, 5, -3.0f, 3.0f);
+        const TestWeight w = make_weight(1, D, dt, 6);
+        std::vector<float> out(x.size());
+        rms_norm(isa, x.data(), M, D, w.bytes.data(), dt, 1e-5f, out.data());
+        for (std::int64_t m = 0; m < M; ++m) {
+          double ss = 0;
+          for (std::int64_t k = 0; k < D; ++k) ss += double(x[m * D + k]) * x[m * D + k];
+          const double inv = 1.0 / std::sqrt(ss / D + 1e-5);
+          for (std::int64_t k = 0; k < D; ++k) {
+            const double ref = x[m * D + k] * inv * w.values[k];
+            ASSERT_NEAR(out[m * D + k], ref, 2e-6 * std::fabs(ref) + 1e-7);
+          }
+        }
+        // In place gives the same bits.
+        std::vector<float> in_place = x;
+        rms_norm(isa, in_place.data(), M, D, w.bytes.data(), dt, 1e-5f, in_place.data());
+        EXPECT_EQ(0, std::memcmp(in_place.data(), out.data(), out.size() * sizeof(float)));
+      }
+    }
+  }
+}
+
+TEST(SiluMulAndAdd, MatchReference) {
+  for (Isa isa : supported_isas()) {
+    SCOPED_TRACE(isa_label(isa));
+    for (std::int64_t n : {1, 15, 16, 17, 1000}) {
+      std::vector<float> g = random_floats(n, 9, -20.0f, 20.0f);
+      if (n > 3) {
+        g[0] = -100.0f;
+        g[1] = 100.0f;
+        g[2] = 0.0f;
+      }
+      const std::vector<float> u = random_floats(n, 10, -2.0f, 2.0f);
+      std::vector<float> out(static_cast<std::size_t>(n));
+      silu_mul(isa, g.data(), u.data(), n, out.data());
+      for (std::int64_t i = 0; i < n; ++i) {
+        const double gd = g[i];
+        const double ref = gd / (1.0 + std::exp(-gd)) * u[i];
+        ASSERT_NEAR(out[i], ref, 2e-6 * std::fabs(ref) + 1e-30) << i << " g=" << g[i];
+      }
+      std::vector<float> a = u;
+      add_inplace(isa, a.data(), g.data(), n);
+      for (std::int64_t i = 0; i < n; ++i) ASSERT_EQ(a[i], u[i] + g[i]);
+    }
+  }
+}
+
+TEST(Rope, MatchesRotateHalfReference) {
+  const std::int64_t M = 3, H = 2, hd = 8;
+  std::vector<float> x = random_floats(M * H * hd, 11);
+  const std::vector<float> orig = x;
+  const std::int64_t pos[M] = {0, 5, 1000};
+  std::vector<float> inv_freq(hd / 2);
+  for (std::int64_t i = 0; i < hd / 2; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * i / hd);
+  rope(x.data(), M, H, hd, pos, inv_freq.data());
+  for (std::int64_t m = 0; m < M; ++m) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      for (std::int64_t i = 0; i < hd; ++i) {
+        const std::int64_t j = i % (hd / 2);
+        const double ang = static_cast<double>(static_cast<float>(pos[m]) * inv_freq[j]);
+        const float* v = orig.data() + (m * H + h) * hd;
+        const double rot = i < hd / 2 ? -v[i + hd / 2] : v[i - hd / 2];
+        const double ref = v[i] * std::cos(ang) + rot * std::sin(ang);
+        ASSERT_NEAR(x[(m * H + h) * hd + i], ref, 1e-5) << m << " " << h << " " << i;
+      }
+    }
+  }
+}
+
+TEST(Argmax, FirstOnTies) {
+  const float v[] = {1.0f, 3.0f, -2.0f, 3.0f, 0.5f};
+  EXPECT_EQ(argmax(v, 5), 1);
+  EXPECT_EQ(argmax(v, 1), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// paged attention
+
+// Contiguous K/V of one sequence/layer: [kv_heads][ctx][hd].
+struct Sequence {
+  std::int64_t ctx, kv_heads, hd;
+  std::vector<float> k, v;
+};
+
+// Lays the sequence out in blocks of `bs` tokens, blocks placed in a pool in `order`.
+struct PagedCopy {
+  std::vector<float> pool;
+  std::vector<const float*> kb, vb;
+  PagedKvView view;
+};
+
+PagedCopy page(const Sequence& s, std::int64_t bs, std::uint32_t shuffle_seed) {
+  PagedCopy p;
+  const std::int64_t nblocks = (s.ctx + bs - 1) / bs;
+  const std::int64_t block_floats = s.kv_heads * bs * s.hd;
+  std::vector<std::int64_t> slot(static_cast<std::size_t>(2 * nblocks));
+  std::iota(slot.begin(), slot.end(), 0);
+  if (shuffle_seed != 0) std::shuffle(slot.begin(), slot.end(), std::mt19937(shuffle_seed));
+  p.pool.assign(static_cast<std::size_t>(2 * nblocks * block_floats), std::nanf(""));
+  for (std::int64_t b = 0; b < nblocks; ++b) {
+    float* kdst = p.pool.data() + slot[b] * block_floats;
+    float* vdst = p.pool.data() + slot[nblocks + b] * block_floats;
+    p.kb.push_back(kdst);
+    p.vb.push_back(vdst);
+    for (std::int64_t h = 0; h < s.kv_heads; ++h) {
+      for (std::int64_t t = 0; t < bs && b * bs + t < s.ctx; ++t) {
+        const std::int64_t src = (h * s.ctx + b * bs + t) * s.hd;
+        std::memcpy(kdst + (h * bs + t) * s.hd, s.k.data() + src, s.hd * sizeof(float));
+        std::memcpy(vdst + (h * bs + t) * s.hd, s.v.data() + src, s.hd * sizeof(float));
+      }
+    }
+  }
+  p.view = PagedKvView{p.kb.data(), p.vb.data(), bs, s.ctx, s.kv_heads, s.hd};
+  return p;
+}
+
+void reference_attention(const Sequence& s, const float* q, std::int64_t num_tokens,
+                         std::int64_t num_heads, const std::int64_t* pos, float scale,
+                         std::vector<double>* out) {
+  out->assign(static_cast<std::size_t>(num_tokens * num_heads * s.hd), 0.0);
+  const std::int64_t group = num_heads / s.kv_heads;
+  for (std::int64_t t = 0; t < num_tokens; ++t) {
+    for (std::int64_t h = 0; h < num_heads; ++h) {
+      const float* qh = q + (t * num_heads + h) * s.hd;
+      const std::int64_t kvh = h / group;
+      std::vector<double> sc(static_cast<std::size_t>(pos[t] + 1));
+      double mx = -1e300;
+      for (std::int64_t j = 0; j <= pos[t]; ++j) {
+        double d = 0;
+        for (std::int64_t i = 0; i < s.hd; ++i) d += double(qh[i]) * s.k[(kvh * s.ctx + j) * s.hd + i];
+        sc[j] = d * scale;
+        mx = std::max(mx, sc[j]);
+      }
+      double sum = 0;
+      for (auto& v : sc) sum += (v = std::exp(v - mx));
+      for (std::int64_t j = 0; j <= pos[t]; ++j) {
+        for (std::int64_t i = 0; i < s.hd; ++i) {
+          (*out)[(t * num_heads + h) * s.hd + i] += sc[j] / sum * s.v[(kvh * s.ctx + j) * s.hd + i];
+        }
+      }
+    }
+  }
+}
+
+TEST(PagedAttention, MatchesReferenceAndIsInvariantToBlocksTokensAndThreads) {
+  ThreadPool p2(2), p3(3);
+  struct Case {
+    std::int64_t ctx, heads, kv_heads, hd;
+  };
+  // GQA (8 q heads on 2 kv heads), MHA, a head_dim with a vector tail, a long context.
+  const Case cases[] = {{300, 8, 2, 64}, {37, 4, 4, 40}, {1100, 4, 1, 72}};
+  std::uint32_t seed = 100;
+  for (Isa isa : supported_isas()) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE(isa_label(isa) + " ctx=" + std::to_string(c.ctx) + " hd=" + std::to_string(c.hd));
+      Sequence s{c.ctx, c.kv_heads, c.hd, random_floats(c.kv_heads * c.ctx * c.hd, ++seed, -2, 2),
+                 random_floats(c.kv_heads * c.ctx * c.hd, ++seed)};
+      const std::int64_t positions[] = {c.ctx - 1, 0, c.ctx / 2, c.ctx - 2, 15, 16};
+      const std::int64_t T = 6;
+      const std::vector<float> q = random_floats(T * c.heads * c.hd, ++seed, -2, 2);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+      std::vector<float> scratch(static_cast<std::size_t>(3 * c.ctx));
+      const std::int64_t out_n = T * c.heads * c.hd;
+
+      // Baseline: block size 16, blocks in order, no pool.
+      PagedCopy base = page(s, 16, 0);
+      std::vector<float> out0(static_cast<std::size_t>(out_n));
+      paged_attention(isa, q.data(), T, c.heads, positions, base.view, scale, out0.data(),
+                      scratch.data(), nullptr);
+      std::vector<double> ref;
+      reference_attention(s, q.data(), T, c.heads, positions, scale, &ref);
+      for (std::int64_t i = 0; i < out_n; ++i) ASSERT_NEAR(out0[i], ref[i], 1e-5) << "element " << i;
+
+      for (std::int64_t bs : {16, 256, 7}) {
+        for (std::uint32_t shuffle : {0u, 77u}) {
+          PagedCopy pc = page(s, bs, shuffle);
+          for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+            std::vector<float> out(static_cast<std::size_t>(out_n));
+            paged_attention(isa, q.data(), T, c.heads, positions, pc.view, scale, out.data(),
+                            scratch.data(), pool);
+            ASSERT_EQ(0, std::memcmp(out.data(), out0.data(), out.size() * sizeof(float)))
+                << "bs=" << bs << " shuffle=" << shuffle;
+          }
+        }
+      }
+      // Each token alone gives the same bits as inside the batch.
+      for (std::int64_t t = 0; t < T; ++t) {
+        std::vector<float> one(static_cast<std::size_t>(c.heads * c.hd));
+        paged_attention(isa, q.data() + t * c.heads * c.hd, 1, c.heads, positions + t, base.view,
+                        scale, one.data(), scratch.data(), &p2);
+        ASSERT_EQ(0, std::memcmp(one.data(), out0.data() + t * c.heads * c.hd,
+                                 one.size() * sizeof(float)))
+            << "token " << t;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST(Roofline, ProbesReturnPositiveRates) {
+  ThreadPool pool(2);
+  EXPECT_GT(measure_read_bandwidth_bytes_per_s(&pool, std::int64_t{16} << 20), 0.0);
+  EXPECT_GT(measure_peak_fma_flops_per_s(Isa::kScalar, nullptr), 0.0);
+}
+
+}  // namespace
+}  // namespace kun::kernels
