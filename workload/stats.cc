@@ -1,0 +1,95 @@
+#include "workload/stats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "common/check.h"
+
+namespace kun::workload {
+
+double quantile_sorted(const std::vector<double>& sorted, double q) {
+  KUN_CHECK(q >= 0.0 && q <= 1.0) << "quantile " << q;
+  if (sorted.empty()) return std::numeric_limits<double>::quiet_NaN();
+  const double h = q * static_cast<double>(sorted.size() - 1);
+  const auto lo = static_cast<std::size_t>(std::floor(h));
+  const std::size_t hi = std::min(lo + 1, sorted.size() - 1);
+  return sorted[lo] + (h - static_cast<double>(lo)) * (sorted[hi] - sorted[lo]);
+}
+
+double quantile(std::vector<double> values, double q) {
+  std::sort(values.begin(), values.end());
+  return quantile_sorted(values, q);
+}
+
+Summary summarize(std::vector<double> values) {
+  Summary s;
+  s.count = static_cast<std::int64_t>(values.size());
+  std::sort(values.begin(), values.end());
+  s.mean = values.empty() ? std::numeric_limits<double>::quiet_NaN()
+                          : std::accumulate(values.begin(), values.end(), 0.0) / static_cast<double>(values.size());
+  s.p50 = quantile_sorted(values, 0.50);
+  s.p90 = quantile_sorted(values, 0.90);
+  s.p99 = quantile_sorted(values, 0.99);
+  s.p999 = quantile_sorted(values, 0.999);
+  return s;
+}
+
+double interarrival_cv(const Trace& trace) {
+  const auto& r = trace.requests;
+  if (r.size() < 3) return 0.0;
+  const double n = static_cast<double>(r.size() - 1);
+  double sum = 0.0;
+  for (std::size_t i = 1; i < r.size(); ++i) sum += static_cast<double>(r[i].arrival_us - r[i - 1].arrival_us);
+  const double mean = sum / n;
+  if (mean <= 0.0) return 0.0;
+  double ss = 0.0;
+  for (std::size_t i = 1; i < r.size(); ++i) {
+    const double d = static_cast<double>(r[i].arrival_us - r[i - 1].arrival_us) - mean;
+    ss += d * d;
+  }
+  return std::sqrt(ss / n) / mean;
+}
+
+std::vector<std::int64_t> window_counts(const Trace& trace, std::int64_t window_us) {
+  KUN_CHECK_GT(window_us, 0);
+  if (trace.empty()) return {};
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(trace.span_us() / window_us) + 1, 0);
+  for (const auto& r : trace.requests) ++counts[static_cast<std::size_t>(r.arrival_us / window_us)];
+  return counts;
+}
+
+double peak_to_mean_rate(const Trace& trace, std::int64_t window_us) {
+  const auto counts = window_counts(trace, window_us);
+  if (counts.empty()) return 0.0;
+  const double mean = static_cast<double>(trace.size()) / static_cast<double>(counts.size());
+  return static_cast<double>(*std::max_element(counts.begin(), counts.end())) / mean;
+}
+
+TraceStats compute_stats(const Trace& trace) {
+  TraceStats s;
+  s.num_requests = static_cast<std::int64_t>(trace.size());
+  s.span_s = static_cast<double>(trace.span_us()) / 1e6;
+  s.mean_rate_rps = s.span_s > 0.0 ? static_cast<double>(s.num_requests) / s.span_s : 0.0;
+  s.interarrival_cv = interarrival_cv(trace);
+  s.peak_to_mean_1s = peak_to_mean_rate(trace, 1'000'000);
+  s.peak_to_mean_10s = peak_to_mean_rate(trace, 10'000'000);
+  s.peak_to_mean_60s = peak_to_mean_rate(trace, 60'000'000);
+  std::vector<double> prompt, output;
+  prompt.reserve(trace.size());
+  output.reserve(trace.size());
+  for (const auto& r : trace.requests) {
+    prompt.push_back(r.prompt_tokens);
+    output.push_back(r.output_tokens);
+  }
+  std::sort(prompt.begin(), prompt.end());
+  std::sort(output.begin(), output.end());
+  s.prompt_tokens = {quantile_sorted(prompt, 0.1), quantile_sorted(prompt, 0.5), quantile_sorted(prompt, 0.9),
+                     quantile_sorted(prompt, 0.99)};
+  s.output_tokens = {quantile_sorted(output, 0.1), quantile_sorted(output, 0.5), quantile_sorted(output, 0.9),
+                     quantile_sorted(output, 0.99)};
+  return s;
+}
+
+}  // namespace kun::workload
