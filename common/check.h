@@ -25,7 +25,7 @@ class CheckFailure {
 
 // Lets `KUN_CHECK(x) << "context"` compile as a void expression.
 struct CheckVoidify {
-  void operator&(CheckFailure&) {}
+  void operator&(const CheckFailure&) {}
 };
 
 }  // namespace kun::detail
