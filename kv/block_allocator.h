@@ -1,0 +1,114 @@
+// KvBlockAllocator: pure bookkeeping of layer blocks over the KV pages it has been given.
+//
+// It never touches memory, so the simulator runs it with made-up page ids and no arena. Page ids
+// come from memory::DeviceArena (add_kv_pages, drop_segment); block id = page * blocks_per_page +
+// slot.
+//
+// Allocation order (kDeterministic): lowest (page add order, slot) first, so pages added early
+// (the base pool) fill before pages added late (the "extension" from dropped parameters), which
+// keeps the extension easy to reclaim on restore. kShuffled picks a random free block from a
+// seeded generator: tests run both to prove nothing depends on the order.
+//
+// Reclaim for restore: reclaim_pages(n) either hands back n pages whose blocks are all free
+// (removing them from the pool; the caller gives them to DeviceArena::restore_segment), or
+// returns a repack plan. Planning sets n victim pages aside ("draining": nothing new is allocated
+// there) and allocates every move's `to` block; the caller copies the bytes (KvStorage), rewrites
+// the block tables (BlockTable::remap_blocks), frees every `from` block, then calls reclaim_pages
+// again. cancel_reclaim() puts the victims back into service if the caller gives up.
+//
+// Invariants (verify()): free + used + (free slots of draining pages) == total; the free set
+// holds exactly the unallocated slots of non-draining pages; per-page used counts match.
+//
+// Threads: owned by one thread (the engine thread, or the device executor); no locking.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <set>
+#include <span>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "common/status.h"
+#include "kv/kv_geometry.h"
+
+namespace kun::kv {
+
+enum class AllocationOrder { kDeterministic, kShuffled };
+
+struct ReclaimResult {
+  // Non-empty when done: these pages left the pool and hold no live blocks.
+  std::vector<PageId> pages;
+  // Non-empty when a repack is needed first (then `pages` is empty).
+  std::vector<BlockMove> moves;
+};
+
+class KvBlockAllocator {
+ public:
+  explicit KvBlockAllocator(std::int64_t blocks_per_page,
+                            AllocationOrder order = AllocationOrder::kDeterministic,
+                            std::uint64_t seed = 0);
+
+  std::int64_t blocks_per_page() const { return blocks_per_page_; }
+  AllocationOrder order() const { return order_; }
+
+  // Adds pages to the pool, in order (later pages are the extension). kInvalidArgument (nothing
+  // changes) for a negative id, a duplicate, or a page already in the pool.
+  Status add_pages(std::span<const PageId> pages);
+  // n blocks, all or nothing. kResourceExhausted when fewer than n are free; never aborts.
+  StatusOr<std::vector<BlockId>> allocate(std::int64_t n);
+  // CHECKs that every block is allocated (a double free is a bug).
+  void free(std::span<const BlockId> blocks);
+  void free(BlockId block);
+
+  std::int64_t num_free() const { return static_cast<std::int64_t>(free_.size()); }  // allocatable now
+  std::int64_t num_used() const { return num_used_; }
+  std::int64_t num_total() const { return static_cast<std::int64_t>(pages_.size()) * blocks_per_page_; }
+  std::int64_t num_pages() const { return static_cast<std::int64_t>(pages_.size()); }
+  bool contains(BlockId block) const;
+  bool is_allocated(BlockId block) const;
+  bool has_page(PageId page) const { return pages_.count(page.value) != 0; }
+  // Allocated blocks, ascending.
+  std::vector<BlockId> used_blocks() const;
+  // Pages in the pool in the order they were added.
+  std::vector<PageId> pages() const;
+  // Pages whose blocks are all free.
+  std::int64_t num_empty_pages() const;
+
+  PageId page_of(BlockId block) const { return kv::page_of(block, blocks_per_page_); }
+  std::int64_t slot_of(BlockId block) const { return kv::slot_of(block, blocks_per_page_); }
+
+  // See the header comment. n == 0 returns an empty result. kResourceExhausted (nothing changes)
+  // when the pool has fewer than n pages or fewer than n * blocks_per_page free blocks (the live
+  // blocks cannot fit in the remaining pages: wait for requests to finish or preempt some).
+  StatusOr<ReclaimResult> reclaim_pages(std::int64_t n);
+  // Returns pages set aside by a repack plan to normal service.
+  void cancel_reclaim();
+
+  Status verify() const;
+
+ private:
+  struct PageState {
+    std::int64_t seq = 0;  // add order
+    std::int64_t used = 0;
+    bool draining = false;
+    std::vector<std::uint8_t> allocated;  // 1 = allocated
+  };
+  using FreeKey = std::pair<std::int64_t, std::int64_t>;  // (page seq, block id)
+
+  BlockId take_free_block();
+  void mark_allocated(BlockId block);
+  FreeKey key_of(BlockId block) const;
+  void remove_page(std::int64_t page);
+
+  std::int64_t blocks_per_page_;
+  AllocationOrder order_;
+  std::mt19937_64 rng_;
+  std::int64_t next_seq_ = 0;
+  std::int64_t num_used_ = 0;
+  std::unordered_map<std::int64_t, PageState> pages_;
+  std::set<FreeKey> free_;
+};
+
+}  // namespace kun::kv

@@ -1,0 +1,130 @@
+#include "kv/block_table.h"
+
+#include <string>
+#include <unordered_map>
+#include <utility>
+
+namespace kun::kv {
+
+BlockTable::BlockTable(std::int64_t block_size_tokens, std::int64_t layer_begin, std::int64_t layer_end)
+    : block_size_tokens_(block_size_tokens) {
+  KUN_CHECK_GT(block_size_tokens, 0);
+  KUN_CHECK(layer_begin >= 0 && layer_begin <= layer_end)
+      << "bad layer range [" << layer_begin << ", " << layer_end << ")";
+  for (std::int64_t l = layer_begin; l < layer_end; ++l) layers_.emplace(l, std::vector<BlockId>{});
+}
+
+std::vector<std::int64_t> BlockTable::layers() const {
+  std::vector<std::int64_t> out;
+  out.reserve(layers_.size());
+  for (const auto& [l, blocks] : layers_) out.push_back(l);
+  return out;
+}
+
+const std::vector<BlockId>& BlockTable::layer_blocks(std::int64_t layer) const {
+  auto it = layers_.find(layer);
+  KUN_CHECK(it != layers_.end()) << "block table does not hold layer " << layer;
+  return it->second;
+}
+
+BlockId BlockTable::block_for_token(std::int64_t layer, std::int64_t position) const {
+  KUN_CHECK(position >= 0 && position < num_tokens_)
+      << "token " << position << " outside the " << num_tokens_ << " stored";
+  return layer_blocks(layer)[static_cast<std::size_t>(position / block_size_tokens_)];
+}
+
+std::int64_t BlockTable::blocks_needed_to_append(std::int64_t tokens) const {
+  KUN_CHECK_GE(tokens, 0);
+  return (blocks_for_tokens(num_tokens_ + tokens) - blocks_per_layer()) * num_layers();
+}
+
+Status BlockTable::append_tokens(std::int64_t tokens, KvBlockAllocator& allocator) {
+  if (tokens < 0) return invalid_argument("append_tokens: negative count " + std::to_string(tokens));
+  const std::int64_t per_layer = blocks_for_tokens(num_tokens_ + tokens) - blocks_per_layer();
+  if (per_layer > 0 && !layers_.empty()) {
+    KUN_ASSIGN_OR_RETURN(std::vector<BlockId> fresh, allocator.allocate(per_layer * num_layers()));
+    std::size_t next = 0;
+    for (auto& [l, blocks] : layers_) {
+      for (std::int64_t i = 0; i < per_layer; ++i) blocks.push_back(fresh[next++]);
+    }
+  }
+  num_tokens_ += tokens;
+  return ok_status();
+}
+
+void BlockTable::truncate(std::int64_t num_tokens, KvBlockAllocator& allocator) {
+  KUN_CHECK(num_tokens >= 0 && num_tokens <= num_tokens_)
+      << "truncate to " << num_tokens << " of " << num_tokens_ << " tokens";
+  const auto keep = static_cast<std::size_t>(blocks_for_tokens(num_tokens));
+  for (auto& [l, blocks] : layers_) {
+    allocator.free(std::span<const BlockId>(blocks).subspan(keep));
+    blocks.resize(keep);
+  }
+  num_tokens_ = num_tokens;
+}
+
+void BlockTable::free_all(KvBlockAllocator& allocator) { truncate(0, allocator); }
+
+std::vector<BlockId> BlockTable::release_layer(std::int64_t layer) {
+  auto it = layers_.find(layer);
+  KUN_CHECK(it != layers_.end()) << "release of layer " << layer << " not held";
+  std::vector<BlockId> blocks = std::move(it->second);
+  layers_.erase(it);
+  return blocks;
+}
+
+void BlockTable::drop_layer(std::int64_t layer, KvBlockAllocator& allocator) {
+  allocator.free(release_layer(layer));
+}
+
+Status BlockTable::add_layer(std::int64_t layer, KvBlockAllocator& allocator) {
+  if (layer < 0 || holds_layer(layer)) {
+    return invalid_argument("add_layer: layer " + std::to_string(layer) + " is invalid or already held");
+  }
+  KUN_ASSIGN_OR_RETURN(std::vector<BlockId> blocks, allocator.allocate(blocks_per_layer()));
+  layers_.emplace(layer, std::move(blocks));
+  return ok_status();
+}
+
+void BlockTable::adopt_layer(std::int64_t layer, std::vector<BlockId> blocks) {
+  KUN_CHECK(layer >= 0 && !holds_layer(layer)) << "adopt of layer " << layer << " already held";
+  KUN_CHECK_EQ(static_cast<std::int64_t>(blocks.size()), blocks_per_layer()) << "blocks for layer " << layer;
+  layers_.emplace(layer, std::move(blocks));
+}
+
+std::int64_t BlockTable::remap_blocks(std::span<const BlockMove> moves) {
+  if (moves.empty()) return 0;
+  std::unordered_map<std::int64_t, BlockId> to;
+  to.reserve(moves.size());
+  for (const BlockMove& m : moves) to.emplace(m.from.value, m.to);
+  std::int64_t changed = 0;
+  for (auto& [l, blocks] : layers_) {
+    for (BlockId& b : blocks) {
+      auto it = to.find(b.value);
+      if (it != to.end()) {
+        b = it->second;
+        ++changed;
+      }
+    }
+  }
+  return changed;
+}
+
+void BlockTable::for_each_block(const std::function<void(std::int64_t, std::int64_t, BlockId)>& fn) const {
+  for (const auto& [l, blocks] : layers_) {
+    for (std::size_t i = 0; i < blocks.size(); ++i) fn(l, static_cast<std::int64_t>(i), blocks[i]);
+  }
+}
+
+Status BlockTable::verify() const {
+  for (const auto& [l, blocks] : layers_) {
+    if (static_cast<std::int64_t>(blocks.size()) != blocks_per_layer()) {
+      return internal_error("block table: layer " + std::to_string(l) + " has " + std::to_string(blocks.size()) +
+                            " blocks for " + std::to_string(num_tokens_) + " tokens, wants " +
+                            std::to_string(blocks_per_layer()));
+    }
+  }
+  return ok_status();
+}
+
+}  // namespace kun::kv
