@@ -10,15 +10,11 @@
 
 #include "common/ids.h"
 #include "common/status.h"
+#include "model/sampling.h"
 
 namespace kun::engine {
 
-struct SamplingParams {
-  float temperature = 0.0f;  // 0: greedy
-  float top_p = 1.0f;        // (0, 1]
-  std::int64_t top_k = 0;    // 0: off
-  std::uint64_t seed = 0;    // per-request sampling seed (deterministic for a given seed)
-};
+using SamplingParams = model::SamplingParams;
 
 struct RequestSpec {
   std::vector<std::int32_t> prompt_tokens;

@@ -1,0 +1,159 @@
+#include "engine/engine.h"
+
+#include <chrono>
+#include <utility>
+
+#include "common/check.h"
+#include "common/log.h"
+
+namespace kun::engine {
+
+Engine::Engine(EngineConfig config, KvManager* kv, StepExecutor* executor, const Clock* clock)
+    : config_(std::move(config)), executor_(executor), clock_(clock), scheduler_(config_.scheduler, kv, clock) {
+  KUN_CHECK(executor_ != nullptr);
+  publish_stats();
+}
+
+Engine::~Engine() { stop(); }
+
+void Engine::start() {
+  KUN_CHECK(!thread_.joinable()) << "engine started twice";
+  thread_ = std::thread([this] { loop(); });
+}
+
+void Engine::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ && !thread_.joinable()) return;
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+StatusOr<RequestId> Engine::submit(RequestSpec spec, TokenCallback on_event) {
+  KUN_RETURN_IF_ERROR(validate_request(spec, config_.scheduler));
+  RequestId id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return unavailable("engine is shutting down");
+    if (queued_estimate_ >= config_.scheduler.max_waiting_requests) {
+      return overloaded("waiting queue is full (" + std::to_string(config_.scheduler.max_waiting_requests) +
+                        " requests); retry later");
+    }
+    id = RequestId(next_id_++);
+    ++queued_estimate_;
+    pending_callbacks_.emplace(id, std::move(on_event));
+    inbox_.submits.emplace_back(id, std::move(spec));
+  }
+  cv_.notify_all();
+  return id;
+}
+
+void Engine::cancel(RequestId id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inbox_.cancels.push_back(id);
+  }
+  cv_.notify_all();
+}
+
+ServingStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return published_;
+}
+
+void Engine::drain_inbox() {
+  Inbox inbox;
+  std::map<RequestId, TokenCallback> callbacks;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::swap(inbox, inbox_);
+    std::swap(callbacks, pending_callbacks_);
+  }
+  for (auto& [id, cb] : callbacks) callbacks_.emplace(id, std::move(cb));
+  for (auto& [id, spec] : inbox.submits) {
+    Status s = scheduler_.add_request(id, std::move(spec));
+    if (!s.ok()) {
+      TokenEvent ev;
+      ev.id = id;
+      ev.finished = true;
+      ev.reason = FinishReason::kError;
+      ev.error = s;
+      ev.time_us = clock_->now_us();
+      deliver(ev);
+    }
+  }
+  for (RequestId id : inbox.cancels) {
+    TokenEvent ev = scheduler_.cancel(id);
+    if (ev.finished) deliver(ev);
+  }
+}
+
+void Engine::deliver(const TokenEvent& ev) {
+  auto it = callbacks_.find(ev.id);
+  if (it == callbacks_.end()) return;
+  if (it->second) it->second(ev);
+  if (ev.finished) callbacks_.erase(it);
+}
+
+bool Engine::run_step() {
+  drain_inbox();
+  if (!scheduler_.has_unfinished()) {
+    publish_stats();
+    return false;
+  }
+  StepPlan plan = scheduler_.schedule();
+  if (plan.sequences.empty() && plan.swap_in.empty() && plan.swap_out.empty()) {
+    publish_stats();
+    return false;
+  }
+  StepResult result = executor_->execute(plan);
+  std::vector<TokenEvent> events = scheduler_.apply_result(plan, result);
+  for (const TokenEvent& ev : events) deliver(ev);
+  if (observer_) observer_(plan, result);
+  publish_stats();
+  return true;
+}
+
+void Engine::loop() {
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (stopping_) break;
+    }
+    if (run_step()) continue;
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(50),
+                 [this] { return stopping_ || !inbox_.submits.empty() || !inbox_.cancels.empty(); });
+  }
+  // Unfinished requests get a final error event so no client waits forever.
+  drain_inbox();
+  std::vector<RequestId> open;
+  for (const auto& [id, cb] : callbacks_) open.push_back(id);
+  for (RequestId id : open) {
+    TokenEvent ev = scheduler_.cancel(id);
+    ev.id = id;
+    ev.finished = true;
+    ev.reason = FinishReason::kError;
+    ev.error = unavailable("engine stopped");
+    deliver(ev);
+  }
+}
+
+void Engine::publish_stats() {
+  ServingStats s;
+  InstanceStats inst = scheduler_.report();
+  s.instances.push_back(inst);
+  const SchedulerCounters& c = scheduler_.counters();
+  s.num_preemptions = c.preemptions_recompute + c.preemptions_swap;
+  s.prompt_tokens_total = c.prompt_tokens;
+  s.generation_tokens_total = c.generated_tokens;
+  s.requests_finished_total = c.finished;
+  std::lock_guard<std::mutex> lock(mu_);
+  published_ = std::move(s);
+  std::int64_t inbox = static_cast<std::int64_t>(inbox_.submits.size());
+  queued_estimate_ = scheduler_.num_waiting() + inbox;
+}
+
+}  // namespace kun::engine

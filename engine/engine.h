@@ -1,0 +1,86 @@
+// Engine: one instance's serving loop behind the FrontDoor API (issue 3).
+//
+// Threads: front-end threads (HTTP, CLI, tests) call submit / cancel / stats; they only post to a
+// mutex-protected inbox and read a published stats snapshot. The engine thread owns the
+// Scheduler (and so the KvManager) and calls the StepExecutor synchronously, step after step.
+// Token callbacks run on the engine thread and must not block.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "common/clock.h"
+#include "engine/api.h"
+#include "engine/kv_manager.h"
+#include "engine/scheduler.h"
+#include "engine/step.h"
+
+namespace kun::engine {
+
+struct EngineConfig {
+  SchedulerConfig scheduler;
+  ModelInfo model;
+};
+
+class Engine final : public FrontDoor {
+ public:
+  // kv and executor must outlive the engine; the engine owns the scheduler over them.
+  Engine(EngineConfig config, KvManager* kv, StepExecutor* executor, const Clock* clock);
+  ~Engine() override;
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Starts the engine thread. Without start(), tests drive the engine with run_step().
+  void start();
+  // Stops the thread; unfinished requests get a final kError/kUnavailable event.
+  void stop();
+
+  // FrontDoor
+  const ModelInfo& model_info() const override { return config_.model; }
+  StatusOr<RequestId> submit(RequestSpec spec, TokenCallback on_event) override;
+  void cancel(RequestId id) override;
+  ServingStats stats() const override;
+
+  // Drains the inbox and runs one step if there is work; returns false when idle.
+  // Only from the engine thread, or from a test when start() was not called.
+  bool run_step();
+  const Scheduler& scheduler() const { return scheduler_; }
+  // Called after every step on the engine thread (tests check invariants here).
+  void set_step_observer(std::function<void(const StepPlan&, const StepResult&)> fn) { observer_ = std::move(fn); }
+
+ private:
+  struct Inbox {
+    std::deque<std::pair<RequestId, RequestSpec>> submits;
+    std::deque<RequestId> cancels;
+  };
+  void loop();
+  void drain_inbox();
+  void deliver(const TokenEvent& ev);
+  void publish_stats();
+
+  EngineConfig config_;
+  StepExecutor* executor_;
+  const Clock* clock_;
+  Scheduler scheduler_;
+  std::map<RequestId, TokenCallback> callbacks_;  // engine thread only
+  std::function<void(const StepPlan&, const StepResult&)> observer_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  Inbox inbox_;                  // guarded by mu_
+  ServingStats published_;       // guarded by mu_
+  std::int64_t queued_estimate_ = 0;  // waiting + inbox, guarded by mu_
+  std::int64_t next_id_ = 1;     // guarded by mu_
+  std::map<RequestId, TokenCallback> pending_callbacks_;  // guarded by mu_
+  bool stopping_ = false;        // guarded by mu_
+  std::thread thread_;
+};
+
+}  // namespace kun::engine

@@ -1,0 +1,201 @@
+#include "engine/kv_manager.h"
+
+#include <algorithm>
+#include <string>
+
+#include "common/check.h"
+#include "common/units.h"
+#include "kv/integrity.h"
+
+namespace kun::engine {
+
+KvManager::KvManager(std::int64_t block_size_tokens, std::vector<kv::KvBlockAllocator*> devices,
+                     std::vector<std::int32_t> layer_device, std::int64_t host_swap_blocks)
+    : block_size_tokens_(block_size_tokens),
+      devices_(std::move(devices)),
+      layer_device_(std::move(layer_device)),
+      host_(/*blocks_per_page=*/1) {
+  KUN_CHECK_GT(block_size_tokens_, 0);
+  KUN_CHECK(!devices_.empty() && !layer_device_.empty());
+  for (std::int32_t d : layer_device_) {
+    KUN_CHECK(d >= 0 && d < static_cast<std::int32_t>(devices_.size())) << "layer placed on device " << d;
+  }
+  std::vector<kv::PageId> slots;
+  for (std::int64_t i = 0; i < host_swap_blocks; ++i) slots.push_back(kv::PageId(i));
+  KUN_CHECK_OK(host_.add_pages(slots));
+}
+
+std::int64_t KvManager::token_blocks(std::int64_t tokens) const { return ceil_div(tokens, block_size_tokens_); }
+
+KvManager::RequestKv& KvManager::entry(RequestId id) {
+  auto it = requests_.find(id);
+  if (it != requests_.end()) return it->second;
+  RequestKv r;
+  // One table per device over the contiguous layer range placed on it.
+  for (std::int32_t d = 0; d < static_cast<std::int32_t>(devices_.size()); ++d) {
+    std::int64_t begin = -1, end = -1;
+    for (std::int64_t l = 0; l < num_layers(); ++l) {
+      if (layer_device_[static_cast<std::size_t>(l)] != d) continue;
+      if (begin < 0) begin = l;
+      KUN_CHECK(end < 0 || end == l) << "layers of device " << d << " are not contiguous";
+      end = l + 1;
+    }
+    if (begin >= 0) r.tables.emplace(d, kv::BlockTable(block_size_tokens_, begin, end));
+  }
+  return requests_.emplace(id, std::move(r)).first->second;
+}
+
+std::int64_t KvManager::tokens_held(RequestId id) const {
+  auto it = requests_.find(id);
+  return it == requests_.end() || it->second.swapped ? 0 : it->second.tokens;
+}
+
+bool KvManager::can_grow(RequestId id, std::int64_t new_tokens) const {
+  auto it = requests_.find(id);
+  const std::int64_t have = it == requests_.end() ? 0 : it->second.tokens;
+  if (it != requests_.end() && it->second.swapped) return false;
+  if (new_tokens <= have) return true;
+  const std::int64_t add_blocks = token_blocks(new_tokens) - token_blocks(have);
+  std::vector<std::int64_t> need(devices_.size(), 0);
+  for (std::int32_t d : layer_device_) need[static_cast<std::size_t>(d)] += add_blocks;
+  for (std::size_t d = 0; d < devices_.size(); ++d) {
+    if (devices_[d]->num_free() < need[d]) return false;
+  }
+  return true;
+}
+
+Status KvManager::grow(RequestId id, std::int64_t new_tokens) {
+  if (!can_grow(id, new_tokens)) {
+    return resource_exhausted("not enough free KV blocks to hold " + std::to_string(new_tokens) +
+                              " tokens of request " + std::to_string(id.value));
+  }
+  RequestKv& r = entry(id);
+  if (new_tokens <= r.tokens) return ok_status();
+  for (auto& [d, table] : r.tables) {
+    // can_grow checked every device, so this cannot fail part-way.
+    KUN_CHECK_OK(table.append_tokens(new_tokens - r.tokens, *devices_[static_cast<std::size_t>(d)]));
+  }
+  r.tokens = new_tokens;
+  return ok_status();
+}
+
+void KvManager::release(RequestId id) {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return;
+  for (auto& [d, table] : it->second.tables) table.free_all(*devices_[static_cast<std::size_t>(d)]);
+  for (auto& [key, slots] : it->second.host_slots) host_.free(slots);
+  requests_.erase(it);
+}
+
+std::vector<LayerBlockList> KvManager::block_lists(RequestId id) const {
+  std::vector<LayerBlockList> out;
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return out;
+  for (const auto& [d, table] : it->second.tables) {
+    for (std::int64_t l : table.layers()) {
+      LayerBlockList list;
+      list.layer = static_cast<std::int32_t>(l);
+      list.device = d;
+      for (kv::BlockId b : table.layer_blocks(l)) list.blocks.push_back(b.value);
+      out.push_back(std::move(list));
+    }
+  }
+  return out;
+}
+
+bool KvManager::swap_out(RequestId id, std::vector<BlockCopy>* out) {
+  auto it = requests_.find(id);
+  if (it == requests_.end() || it->second.swapped) return false;
+  RequestKv& r = it->second;
+  std::int64_t needed = 0;
+  for (const auto& [d, table] : r.tables) needed += table.num_blocks();
+  if (host_.num_free() < needed) return false;
+  for (auto& [d, table] : r.tables) {
+    for (std::int64_t l : table.layers()) {
+      const auto& blocks = table.layer_blocks(l);
+      auto slots = host_.allocate(static_cast<std::int64_t>(blocks.size()));
+      KUN_CHECK(slots.ok()) << slots.status().to_string();
+      for (std::size_t i = 0; i < blocks.size(); ++i) {
+        out->push_back(BlockCopy{d, blocks[i].value, (*slots)[i].value});
+      }
+      r.host_slots[{d, l}] = std::move(slots).value();
+    }
+    table.free_all(*devices_[static_cast<std::size_t>(d)]);
+  }
+  r.swapped = true;
+  return true;
+}
+
+bool KvManager::is_swapped(RequestId id) const {
+  auto it = requests_.find(id);
+  return it != requests_.end() && it->second.swapped;
+}
+
+bool KvManager::can_swap_in(RequestId id) const {
+  auto it = requests_.find(id);
+  if (it == requests_.end() || !it->second.swapped) return false;
+  for (const auto& [d, table] : it->second.tables) {
+    if (devices_[static_cast<std::size_t>(d)]->num_free() < table.blocks_needed_to_append(it->second.tokens)) return false;
+  }
+  return true;
+}
+
+bool KvManager::swap_in(RequestId id, std::vector<BlockCopy>* out) {
+  if (!can_swap_in(id)) return false;
+  RequestKv& r = requests_.at(id);
+  for (auto& [d, table] : r.tables) {
+    KUN_CHECK_OK(table.append_tokens(r.tokens, *devices_[static_cast<std::size_t>(d)]));
+    for (std::int64_t l : table.layers()) {
+      auto& slots = r.host_slots.at({d, l});
+      const auto& blocks = table.layer_blocks(l);
+      KUN_CHECK_EQ(slots.size(), blocks.size());
+      for (std::size_t i = 0; i < blocks.size(); ++i) out->push_back(BlockCopy{d, slots[i].value, blocks[i].value});
+      host_pending_free_.insert(host_pending_free_.end(), slots.begin(), slots.end());
+    }
+  }
+  r.host_slots.clear();
+  r.swapped = false;
+  return true;
+}
+
+void KvManager::begin_step() {
+  if (!host_pending_free_.empty()) {
+    host_.free(host_pending_free_);
+    host_pending_free_.clear();
+  }
+}
+
+std::int64_t KvManager::total_blocks() const {
+  std::int64_t n = 0;
+  for (auto* a : devices_) n += a->num_total();
+  return n;
+}
+
+std::int64_t KvManager::free_blocks() const {
+  std::int64_t n = 0;
+  for (auto* a : devices_) n += a->num_free();
+  return n;
+}
+
+std::int64_t KvManager::host_free_slots() const { return host_.num_free(); }
+
+void KvManager::check_integrity() const {
+  for (std::int32_t d = 0; d < static_cast<std::int32_t>(devices_.size()); ++d) {
+    std::vector<kv::TableRef> refs;
+    for (const auto& [id, r] : requests_) {
+      auto t = r.tables.find(d);
+      if (t == r.tables.end()) continue;
+      if (!r.swapped) KUN_CHECK_EQ(t->second.num_tokens(), r.tokens) << "request " << id << " device " << d;
+      refs.push_back(kv::TableRef{id, &t->second});
+    }
+    Status s = kv::verify_block_ownership(*devices_[static_cast<std::size_t>(d)], refs);
+    KUN_CHECK(s.ok()) << "device " << d << ": " << s.to_string();
+  }
+  std::vector<kv::BlockId> host_held(host_pending_free_.begin(), host_pending_free_.end());
+  for (const auto& [id, r] : requests_) {
+    for (const auto& [key, slots] : r.host_slots) host_held.insert(host_held.end(), slots.begin(), slots.end());
+  }
+  KUN_CHECK_EQ(static_cast<std::int64_t>(host_held.size()), host_.num_used()) << "host swap slots leaked";
+}
+
+}  // namespace kun::engine

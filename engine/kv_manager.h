@@ -1,0 +1,83 @@
+// KvManager: the engine's bookkeeping of KV blocks (which layer blocks each request holds on
+// which device, and host swap slots). Pure bookkeeping over kv::KvBlockAllocator: no memory, no
+// threads; the executor maps block ids to bytes. Owned by the engine thread.
+//
+// Placement: layer l's KV of a newly admitted request lives on device layer_device[l] (all on
+// device 0 for an independent instance; device i holds layers [i*L/g, (i+1)*L/g) in a fused
+// group). A request holds, for each layer, blocks covering `tokens_held(id)` tokens.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "common/ids.h"
+#include "common/status.h"
+#include "engine/step.h"
+#include "kv/block_allocator.h"
+#include "kv/block_table.h"
+
+namespace kun::engine {
+
+class KvManager {
+ public:
+  // `devices[d]` is device d's allocator (not owned). `host_swap_blocks` is the number of layer
+  // blocks the host swap space holds (0: no swap space).
+  KvManager(std::int64_t block_size_tokens, std::vector<kv::KvBlockAllocator*> devices,
+            std::vector<std::int32_t> layer_device, std::int64_t host_swap_blocks);
+
+  std::int64_t block_size_tokens() const { return block_size_tokens_; }
+  std::int64_t num_layers() const { return static_cast<std::int64_t>(layer_device_.size()); }
+  std::int64_t token_blocks(std::int64_t tokens) const;
+  // Layer blocks a request of `tokens` tokens needs in total (over all devices).
+  std::int64_t layer_blocks_for(std::int64_t tokens) const { return token_blocks(tokens) * num_layers(); }
+
+  std::int64_t tokens_held(RequestId id) const;  // 0 if none
+  bool can_grow(RequestId id, std::int64_t new_tokens) const;
+  // Extends the request's blocks to cover new_tokens on every layer; all or nothing
+  // (kResourceExhausted when any device is short).
+  Status grow(RequestId id, std::int64_t new_tokens);
+  // Frees every device block and host slot of the request.
+  void release(RequestId id);
+  std::vector<LayerBlockList> block_lists(RequestId id) const;
+
+  // Swap: moves all of a request's device blocks to host slots, appending the copies to `out`.
+  // False (nothing changes) when the host space is short.
+  bool swap_out(RequestId id, std::vector<BlockCopy>* out);
+  bool is_swapped(RequestId id) const;
+  // Brings a swapped request back: allocates device blocks, appends host->device copies. False
+  // (nothing changes) when device blocks are short. Host slots are freed at the next
+  // begin_step() so a slot read this step is not overwritten by this step's swap-outs.
+  bool swap_in(RequestId id, std::vector<BlockCopy>* out);
+  bool can_swap_in(RequestId id) const;
+  void begin_step();
+
+  // Capacity figures in layer blocks (the unit a device allocates).
+  std::int64_t total_blocks() const;
+  std::int64_t free_blocks() const;
+  std::int64_t used_blocks() const { return total_blocks() - free_blocks(); }
+  std::int64_t host_free_slots() const;
+  // Every request's blocks are distinct allocated blocks of the right device, and allocators
+  // agree with the tables; aborts with context otherwise.
+  void check_integrity() const;
+
+ private:
+  struct RequestKv {
+    std::int64_t tokens = 0;
+    bool swapped = false;
+    std::map<std::int32_t, kv::BlockTable> tables;  // by device
+    // While swapped: host slots per (device, layer), in token order.
+    std::map<std::pair<std::int32_t, std::int64_t>, std::vector<kv::BlockId>> host_slots;
+  };
+  RequestKv& entry(RequestId id);
+
+  std::int64_t block_size_tokens_;
+  std::vector<kv::KvBlockAllocator*> devices_;
+  std::vector<std::int32_t> layer_device_;
+  kv::KvBlockAllocator host_;  // host swap slots: bookkeeping only, the executor owns the bytes
+  std::vector<kv::BlockId> host_pending_free_;
+  std::map<RequestId, RequestKv> requests_;
+};
+
+}  // namespace kun::engine

@@ -1,0 +1,393 @@
+#include "engine/scheduler.h"
+
+#include <algorithm>
+#include <string>
+
+#include "common/check.h"
+#include "common/log.h"
+
+namespace kun::engine {
+
+const char* request_state_name(RequestState s) {
+  switch (s) {
+    case RequestState::kWaiting: return "waiting";
+    case RequestState::kRunning: return "running";
+    case RequestState::kSwapped: return "swapped";
+    case RequestState::kFinished: return "finished";
+  }
+  return "?";
+}
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::kNone: return "none";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kError: return "error";
+  }
+  return "?";
+}
+
+const char* preemption_mode_name(PreemptionMode m) {
+  return m == PreemptionMode::kSwap ? "swap" : "recompute";
+}
+
+bool parse_preemption_mode(const std::string& s, PreemptionMode* out) {
+  if (s == "recompute") { *out = PreemptionMode::kRecompute; return true; }
+  if (s == "swap") { *out = PreemptionMode::kSwap; return true; }
+  return false;
+}
+
+Status SchedulerConfig::validate() const {
+  if (max_num_seqs <= 0) return invalid_argument("max_num_seqs must be > 0");
+  if (max_num_batched_tokens <= 0) return invalid_argument("max_num_batched_tokens must be > 0");
+  if (max_prefill_chunk_tokens < 0) return invalid_argument("max_prefill_chunk_tokens must be >= 0");
+  if (max_waiting_requests <= 0) return invalid_argument("max_waiting_requests must be > 0");
+  if (max_model_len <= 1) return invalid_argument("max_model_len must be > 1");
+  if (!enable_chunked_prefill && max_num_batched_tokens < max_model_len) {
+    return invalid_argument("without chunked prefill max_num_batched_tokens must be >= max_model_len");
+  }
+  return ok_status();
+}
+
+Scheduler::Scheduler(SchedulerConfig config, KvManager* kv, const Clock* clock)
+    : config_(std::move(config)), kv_(kv), clock_(clock) {
+  KUN_CHECK_OK(config_.validate());
+  KUN_CHECK(kv_ != nullptr && clock_ != nullptr);
+}
+
+Status validate_request(const RequestSpec& spec, const SchedulerConfig& config) {
+  if (spec.prompt_tokens.empty()) return invalid_argument("prompt must contain at least one token");
+  if (spec.max_tokens <= 0) return invalid_argument("max_tokens must be >= 1, got " + std::to_string(spec.max_tokens));
+  KUN_RETURN_IF_ERROR(model::validate_sampling(spec.sampling));
+  for (std::int32_t t : spec.prompt_tokens) {
+    if (t < 0 || (config.vocab_size > 0 && t >= config.vocab_size)) {
+      return invalid_argument("prompt token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                              std::to_string(config.vocab_size) + ")");
+    }
+  }
+  const auto prompt_len = static_cast<std::int64_t>(spec.prompt_tokens.size());
+  if (prompt_len + spec.max_tokens > config.max_model_len) {
+    return out_of_range("prompt (" + std::to_string(prompt_len) + " tokens) + max_tokens (" +
+                        std::to_string(spec.max_tokens) + ") exceeds the context length " +
+                        std::to_string(config.max_model_len));
+  }
+  return ok_status();
+}
+
+Status Scheduler::add_request(RequestId id, RequestSpec spec) {
+  if (requests_.count(id) != 0) return invalid_argument("duplicate request id " + std::to_string(id.value));
+  KUN_RETURN_IF_ERROR(validate_request(spec, config_));
+  const auto prompt_len = static_cast<std::int64_t>(spec.prompt_tokens.size());
+  if (kv_->layer_blocks_for(prompt_len + spec.max_tokens) > kv_->total_blocks()) {
+    return out_of_range("request needs more KV blocks than the instance has");
+  }
+  if (static_cast<std::int64_t>(waiting_.size()) >= config_.max_waiting_requests) {
+    return overloaded("waiting queue is full (" + std::to_string(config_.max_waiting_requests) + " requests)");
+  }
+  Request r;
+  r.id = id;
+  r.spec = std::move(spec);
+  r.timings.arrival_us = clock_->now_us();
+  requests_.emplace(id, std::move(r));
+  waiting_.push_back(id);
+  return ok_status();
+}
+
+void Scheduler::remove_from_queues(RequestId id) {
+  for (auto* q : {&waiting_, &swapped_, &running_}) {
+    q->erase(std::remove(q->begin(), q->end(), id), q->end());
+  }
+}
+
+TokenEvent Scheduler::cancel(RequestId id) {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return TokenEvent{};
+  Request& r = it->second;
+  finish(r, FinishReason::kCancelled);
+  ++counters_.cancelled;
+  TokenEvent ev = make_event(r, -1);
+  requests_.erase(it);
+  return ev;
+}
+
+void Scheduler::finish(Request& r, FinishReason reason) {
+  kv_->release(r.id);
+  remove_from_queues(r.id);
+  r.state = RequestState::kFinished;
+  r.finish_reason = reason;
+  r.timings.finish_us = clock_->now_us();
+}
+
+TokenEvent Scheduler::make_event(const Request& r, std::int32_t token) const {
+  TokenEvent ev;
+  ev.id = r.id;
+  ev.token = token;
+  ev.time_us = clock_->now_us();
+  ev.finished = r.state == RequestState::kFinished;
+  ev.reason = r.finish_reason;
+  ev.num_prompt_tokens = r.num_prompt_tokens();
+  ev.num_generated_tokens = r.num_output_tokens();
+  ev.timings = r.timings;
+  return ev;
+}
+
+std::int64_t Scheduler::chunk_for(const Request& r, std::int64_t budget) const {
+  std::int64_t n = std::min(r.num_uncomputed(), budget);
+  if (config_.max_prefill_chunk_tokens > 0) n = std::min(n, config_.max_prefill_chunk_tokens);
+  return n;
+}
+
+void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
+  ScheduledSequence s;
+  s.id = r.id;
+  s.start_pos = r.num_computed;
+  s.tokens.reserve(static_cast<std::size_t>(n));
+  for (std::int64_t p = r.num_computed; p < r.num_computed + n; ++p) s.tokens.push_back(r.token_at(p));
+  s.sample = r.num_computed + n == r.num_tokens();
+  s.sampling = r.spec.sampling;
+  s.sample_index = static_cast<std::uint64_t>(r.num_output_tokens());
+  s.kv = kv_->block_lists(r.id);
+  if (r.timings.first_scheduled_us < 0) r.timings.first_scheduled_us = clock_->now_us();
+  // Tokens that were computed once already (before a recompute preemption) are recomputation.
+  const std::int64_t redo = std::min(r.num_computed + n, r.max_computed) - r.num_computed;
+  if (redo > 0) {
+    r.num_recomputed_tokens += redo;
+    counters_.recomputed_tokens += redo;
+  }
+  plan->sequences.push_back(std::move(s));
+}
+
+RequestId Scheduler::pick_victim(RequestId except, const std::vector<RequestId>& scheduled) const {
+  auto eligible = [&](RequestId id) {
+    return id != except && std::find(scheduled.begin(), scheduled.end(), id) == scheduled.end();
+  };
+  if (config_.victim_order == VictimOrder::kNewestFirst) {
+    for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+      if (eligible(*it)) return *it;
+    }
+  } else {
+    for (RequestId id : running_) {
+      if (eligible(id)) return id;
+    }
+  }
+  return RequestId();
+}
+
+void Scheduler::preempt(Request& victim, StepPlan* plan) {
+  const std::int64_t held = kv_->tokens_held(victim.id);
+  ++victim.num_preemptions;
+  running_.erase(std::remove(running_.begin(), running_.end(), victim.id), running_.end());
+  if (config_.preemption == PreemptionMode::kSwap && held > 0) {
+    const std::size_t before = plan->swap_out.size();
+    if (kv_->swap_out(victim.id, &plan->swap_out)) {
+      counters_.blocks_swapped_out += static_cast<std::int64_t>(plan->swap_out.size() - before);
+      ++counters_.preemptions_swap;
+      victim.state = RequestState::kSwapped;
+      swapped_.push_back(victim.id);
+      KUN_LOG(kDebug) << "preempt request " << victim.id << " by swap: " << held << " tokens to host";
+      return;
+    }
+    ++counters_.swap_fallbacks_to_recompute;
+    KUN_LOG(kInfo) << "swap space full: preempting request " << victim.id << " by recompute instead";
+  }
+  kv_->release(victim.id);
+  victim.num_computed = 0;
+  victim.state = RequestState::kWaiting;
+  waiting_.push_front(victim.id);
+  ++counters_.preemptions_recompute;
+  KUN_LOG(kDebug) << "preempt request " << victim.id << " by recompute: " << held << " tokens dropped";
+}
+
+bool Scheduler::schedule_running(StepPlan* plan, std::int64_t* budget) {
+  bool preempted = false;
+  std::vector<RequestId> scheduled;
+  const std::vector<RequestId> order(running_.begin(), running_.end());
+  for (RequestId id : order) {
+    if (*budget <= 0) break;
+    Request& r = requests_.at(id);
+    if (r.state != RequestState::kRunning) continue;  // preempted earlier in this loop
+    const std::int64_t n = chunk_for(r, *budget);
+    if (n <= 0) continue;
+    bool self_preempted = false;
+    while (!kv_->can_grow(id, r.num_computed + n)) {
+      RequestId victim = pick_victim(id, scheduled);
+      preempted = true;
+      if (!victim.valid()) {
+        preempt(r, plan);
+        self_preempted = true;
+        break;
+      }
+      preempt(requests_.at(victim), plan);
+    }
+    if (self_preempted) continue;
+    KUN_CHECK_OK(kv_->grow(id, r.num_computed + n));
+    add_to_plan(r, n, plan);
+    scheduled.push_back(id);
+    *budget -= n;
+  }
+  return preempted;
+}
+
+void Scheduler::schedule_swapped(StepPlan* plan, std::int64_t* budget) {
+  while (!swapped_.empty() && *budget > 0 &&
+         static_cast<std::int64_t>(running_.size()) < config_.max_num_seqs) {
+    Request& r = requests_.at(swapped_.front());
+    if (!kv_->can_swap_in(r.id)) break;
+    const std::int64_t n = chunk_for(r, *budget);
+    // Blocks for the swapped tokens plus this step's chunk must both fit.
+    std::vector<BlockCopy> copies;
+    KUN_CHECK(kv_->swap_in(r.id, &copies));
+    if (!kv_->can_grow(r.id, r.num_computed + n)) {
+      // Undo by swapping straight back out is wasteful; instead keep it resident and let the
+      // running phase of the next step grow it.
+      counters_.blocks_swapped_in += static_cast<std::int64_t>(copies.size());
+      plan->swap_in.insert(plan->swap_in.end(), copies.begin(), copies.end());
+      swapped_.pop_front();
+      r.state = RequestState::kRunning;
+      running_.push_back(r.id);
+      break;
+    }
+    counters_.blocks_swapped_in += static_cast<std::int64_t>(copies.size());
+    plan->swap_in.insert(plan->swap_in.end(), copies.begin(), copies.end());
+    swapped_.pop_front();
+    r.state = RequestState::kRunning;
+    running_.push_back(r.id);
+    KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
+    add_to_plan(r, n, plan);
+    *budget -= n;
+  }
+}
+
+void Scheduler::schedule_waiting(StepPlan* plan, std::int64_t* budget) {
+  while (!waiting_.empty() && *budget > 0 &&
+         static_cast<std::int64_t>(running_.size()) < config_.max_num_seqs) {
+    Request& r = requests_.at(waiting_.front());
+    if (!config_.enable_chunked_prefill && r.num_uncomputed() > *budget) break;
+    const std::int64_t n = chunk_for(r, *budget);
+    if (!kv_->can_grow(r.id, r.num_computed + n)) break;  // FCFS: the head waits for blocks
+    KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
+    waiting_.pop_front();
+    r.state = RequestState::kRunning;
+    running_.push_back(r.id);
+    add_to_plan(r, n, plan);
+    *budget -= n;
+  }
+}
+
+StepPlan Scheduler::schedule() {
+  kv_->begin_step();
+  StepPlan plan;
+  plan.step_index = counters_.steps;
+  std::int64_t budget = config_.max_num_batched_tokens;
+  if (config_.priority == StepPriority::kPrefillFirst) {
+    schedule_swapped(&plan, &budget);
+    schedule_waiting(&plan, &budget);
+    schedule_running(&plan, &budget);
+  } else {
+    const bool preempted = schedule_running(&plan, &budget);
+    if (!preempted) {
+      schedule_swapped(&plan, &budget);
+      if (swapped_.empty()) schedule_waiting(&plan, &budget);
+    }
+  }
+  if (!plan.sequences.empty() || !plan.swap_in.empty() || !plan.swap_out.empty()) ++counters_.steps;
+  return plan;
+}
+
+std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const StepResult& result) {
+  std::vector<TokenEvent> events;
+  std::size_t sampled = 0;
+  for (const ScheduledSequence& s : plan.sequences) {
+    auto it = requests_.find(s.id);
+    if (s.sample) ++sampled;
+    if (it == requests_.end()) continue;  // cancelled while the step ran
+    Request& r = it->second;
+    if (r.state != RequestState::kRunning) continue;
+    KUN_CHECK_EQ(r.num_computed, s.start_pos) << "request " << r.id << " advanced twice";
+    const auto n = static_cast<std::int64_t>(s.tokens.size());
+    if (s.start_pos >= r.max_computed && s.start_pos < r.num_prompt_tokens()) {
+      counters_.prompt_tokens += std::min(n, r.num_prompt_tokens() - s.start_pos);
+    }
+    r.num_computed += n;
+    r.max_computed = std::max(r.max_computed, r.num_computed);
+    if (!s.sample) continue;
+    KUN_CHECK_LE(sampled, result.sampled_tokens.size()) << "executor returned too few samples";
+    const std::int32_t token = result.sampled_tokens[sampled - 1];
+    r.output_tokens.push_back(token);
+    ++counters_.generated_tokens;
+    if (r.timings.first_token_us < 0) r.timings.first_token_us = clock_->now_us();
+    FinishReason reason = FinishReason::kNone;
+    const auto& stops = r.spec.stop_token_ids;
+    if (!r.spec.ignore_eos && token == config_.eos_token_id) {
+      reason = FinishReason::kStop;
+    } else if (std::find(stops.begin(), stops.end(), token) != stops.end()) {
+      reason = FinishReason::kStop;
+    } else if (r.num_output_tokens() >= r.spec.max_tokens || r.num_tokens() >= config_.max_model_len) {
+      reason = FinishReason::kLength;
+    }
+    if (reason != FinishReason::kNone) {
+      finish(r, reason);
+      ++counters_.finished;
+      events.push_back(make_event(r, token));
+      requests_.erase(it);
+    } else {
+      events.push_back(make_event(r, token));
+    }
+  }
+  KUN_CHECK_EQ(sampled, result.sampled_tokens.size()) << "sample count mismatch";
+  return events;
+}
+
+double Scheduler::demand() const {
+  std::int64_t needed = 0;
+  for (const auto& [id, r] : requests_) needed += kv_->layer_blocks_for(r.num_tokens());
+  const std::int64_t total = kv_->total_blocks();
+  return total > 0 ? static_cast<double>(needed) / static_cast<double>(total) : 0.0;
+}
+
+std::int64_t Scheduler::pending_blocks() const {
+  std::int64_t pending = 0;
+  for (RequestId id : waiting_) pending += kv_->layer_blocks_for(requests_.at(id).num_tokens());
+  for (RequestId id : swapped_) pending += kv_->layer_blocks_for(requests_.at(id).num_tokens());
+  return pending;
+}
+
+InstanceStats Scheduler::report() const {
+  InstanceStats s;
+  s.num_running = num_running();
+  s.num_waiting = num_waiting();
+  s.kv_blocks_total = kv_->total_blocks();
+  s.kv_blocks_free = kv_->free_blocks();
+  s.demand = demand();
+  return s;
+}
+
+const Request* Scheduler::find(RequestId id) const {
+  auto it = requests_.find(id);
+  return it == requests_.end() ? nullptr : &it->second;
+}
+
+void Scheduler::check_invariants() const {
+  std::size_t queued = waiting_.size() + swapped_.size() + running_.size();
+  KUN_CHECK_EQ(queued, requests_.size()) << "a request is in no queue or in two";
+  for (RequestId id : waiting_) {
+    const Request& r = requests_.at(id);
+    KUN_CHECK(r.state == RequestState::kWaiting) << "request " << id << " in waiting queue is " << request_state_name(r.state);
+    KUN_CHECK_EQ(kv_->tokens_held(id), 0) << "waiting request " << id << " holds KV";
+  }
+  for (RequestId id : swapped_) {
+    KUN_CHECK(requests_.at(id).state == RequestState::kSwapped);
+    KUN_CHECK(kv_->is_swapped(id)) << "request " << id;
+  }
+  for (RequestId id : running_) {
+    const Request& r = requests_.at(id);
+    KUN_CHECK(r.state == RequestState::kRunning) << "request " << id;
+    KUN_CHECK_GE(kv_->tokens_held(id), r.num_computed) << "running request " << id << " lacks blocks";
+    KUN_CHECK_LT(r.num_computed, r.num_tokens()) << "request " << id << " computed past its tokens";
+  }
+  kv_->check_integrity();
+}
+
+}  // namespace kun::engine

@@ -1,0 +1,127 @@
+// Per-instance scheduler: continuous batching with vLLM-V1-like semantics (DESIGN.md 3, issue 3).
+//
+// Pure policy: it reads a Clock and its own state and decides the next step's batch; it has no
+// threads, no I/O and no device memory (KV blocks are bookkept by KvManager), so the simulator
+// runs it unchanged. One owner: the engine thread (or the simulator's event loop).
+//
+// A step: every request has a token sequence (prompt + generated tokens) and num_computed, the
+// prefix whose KV is cached. A step computes the next chunk of each scheduled request (a prefill
+// chunk, or the one newest token when decoding) and samples a token for requests whose chunk
+// reaches the end. Admission is by KV blocks: a request is scheduled only if blocks for its
+// chunk are available; when running requests cannot grow, victims are preempted (recompute:
+// free KV and requeue at the head; swap: copy KV to a bounded host space and back later).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/clock.h"
+#include "common/status.h"
+#include "engine/api.h"
+#include "engine/kv_manager.h"
+#include "engine/request.h"
+#include "engine/step.h"
+
+namespace kun::engine {
+
+enum class PreemptionMode { kRecompute, kSwap };
+enum class VictimOrder { kNewestFirst, kOldestFirst };
+enum class StepPriority { kDecodeFirst, kPrefillFirst };
+const char* preemption_mode_name(PreemptionMode m);
+bool parse_preemption_mode(const std::string& s, PreemptionMode* out);
+
+struct SchedulerConfig {
+  std::int64_t max_num_seqs = 64;
+  std::int64_t max_num_batched_tokens = 2048;
+  bool enable_chunked_prefill = true;
+  // Upper bound of one prefill chunk (0: only the step's token budget limits it).
+  std::int64_t max_prefill_chunk_tokens = 0;
+  StepPriority priority = StepPriority::kDecodeFirst;
+  PreemptionMode preemption = PreemptionMode::kRecompute;
+  VictimOrder victim_order = VictimOrder::kNewestFirst;
+  std::int64_t max_waiting_requests = 4096;  // bounded queue: beyond it submit is kOverloaded
+  std::int64_t max_model_len = 4096;         // prompt + output tokens
+  std::int64_t vocab_size = 0;               // for validating prompt token ids (0: unchecked)
+  std::int32_t eos_token_id = -1;
+  Status validate() const;
+};
+
+struct SchedulerCounters {
+  std::int64_t steps = 0;
+  std::int64_t preemptions_recompute = 0;
+  std::int64_t preemptions_swap = 0;
+  std::int64_t swap_fallbacks_to_recompute = 0;  // swap space full
+  std::int64_t blocks_swapped_out = 0;
+  std::int64_t blocks_swapped_in = 0;
+  std::int64_t prompt_tokens = 0;
+  std::int64_t generated_tokens = 0;
+  std::int64_t recomputed_tokens = 0;  // tokens computed again after a recompute preemption
+  std::int64_t finished = 0;
+  std::int64_t cancelled = 0;
+};
+
+// Checks a request against the configuration alone (no scheduler state), so a front door can
+// answer 400 at once: empty prompt, token ids outside the vocabulary, bad sampling values,
+// max_tokens < 1, prompt + max_tokens beyond max_model_len.
+Status validate_request(const RequestSpec& spec, const SchedulerConfig& config);
+
+class Scheduler {
+ public:
+  Scheduler(SchedulerConfig config, KvManager* kv, const Clock* clock);
+
+  // Validates and queues a request. kInvalidArgument / kOutOfRange for a bad request,
+  // kOverloaded when the waiting queue is full.
+  Status add_request(RequestId id, RequestSpec spec);
+  // Removes a request wherever it is and frees its blocks at once. Returns its final event, or
+  // nothing (finished = false) when the id is unknown.
+  TokenEvent cancel(RequestId id);
+
+  // Decides the next step. An empty plan means nothing can run now.
+  StepPlan schedule();
+  // Applies a step's sampled tokens; returns the token events in plan order (final events
+  // included). Finished requests are removed and their blocks freed.
+  std::vector<TokenEvent> apply_result(const StepPlan& plan, const StepResult& result);
+
+  bool has_unfinished() const { return !requests_.empty(); }
+  std::int64_t num_running() const { return static_cast<std::int64_t>(running_.size()); }
+  std::int64_t num_waiting() const { return static_cast<std::int64_t>(waiting_.size() + swapped_.size()); }
+  const SchedulerCounters& counters() const { return counters_; }
+  const SchedulerConfig& config() const { return config_; }
+  // Demand: blocks needed by running + waiting requests at their current lengths over capacity.
+  double demand() const;
+  // Layer blocks that not-yet-admitted requests (waiting, swapped) need at their current lengths.
+  std::int64_t pending_blocks() const;
+  InstanceStats report() const;
+  const Request* find(RequestId id) const;
+  // Aborts (KUN_CHECK) if scheduler and KV bookkeeping disagree: every request in exactly one
+  // queue, running requests hold blocks for num_computed tokens, waiting ones hold none.
+  void check_invariants() const;
+
+ private:
+  // Schedules up to `budget` tokens of running requests; returns false if it preempted.
+  bool schedule_running(StepPlan* plan, std::int64_t* budget);
+  void schedule_swapped(StepPlan* plan, std::int64_t* budget);
+  void schedule_waiting(StepPlan* plan, std::int64_t* budget);
+  std::int64_t chunk_for(const Request& r, std::int64_t budget) const;
+  void add_to_plan(Request& r, std::int64_t n, StepPlan* plan);
+  // Picks a running request not yet in this step's plan, other than `except`; invalid if none.
+  RequestId pick_victim(RequestId except, const std::vector<RequestId>& scheduled) const;
+  void preempt(Request& victim, StepPlan* plan);
+  void finish(Request& r, FinishReason reason);
+  TokenEvent make_event(const Request& r, std::int32_t token) const;
+  void remove_from_queues(RequestId id);
+
+  SchedulerConfig config_;
+  KvManager* kv_;
+  const Clock* clock_;
+  std::map<RequestId, Request> requests_;
+  std::deque<RequestId> waiting_;
+  std::deque<RequestId> swapped_;
+  std::deque<RequestId> running_;  // admission order
+  SchedulerCounters counters_;
+};
+
+}  // namespace kun::engine

@@ -1,0 +1,65 @@
+// What the scheduler hands an executor for one step, and what comes back (DESIGN.md section 4:
+// the same plan runs on real kernels in runtime/ and on the cost model in sim/).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/ids.h"
+#include "model/sampling.h"
+
+namespace kun::engine {
+
+// KV blocks of one request for one layer on one device.
+struct LayerBlockList {
+  std::int32_t layer = 0;
+  std::int32_t device = 0;            // device index within the instance / group
+  std::vector<std::int64_t> blocks;   // layer-block ids in token order
+};
+
+// One request's share of a step: compute tokens [start_pos, start_pos + num_tokens) of its token
+// sequence (prompt followed by generated tokens), and sample the next token if `sample`.
+struct ScheduledSequence {
+  RequestId id;
+  std::int64_t start_pos = 0;
+  std::vector<std::int32_t> tokens;  // the num_tokens token ids being computed
+  bool sample = false;
+  model::SamplingParams sampling;
+  std::uint64_t sample_index = 0;    // index of the output token being sampled
+  std::vector<LayerBlockList> kv;    // where each layer's KV lives (covers start_pos + tokens)
+};
+
+// A block copy between device KV memory and host swap space (swap) or inside a device (repack).
+struct BlockCopy {
+  std::int32_t device = 0;
+  std::int64_t src = 0;
+  std::int64_t dst = 0;
+};
+
+struct StepPlan {
+  std::int64_t step_index = 0;
+  std::vector<BlockCopy> swap_out;   // device block -> host slot, run before the forward
+  std::vector<BlockCopy> swap_in;    // host slot -> device block, run before the forward
+  std::vector<ScheduledSequence> sequences;
+  std::int64_t num_tokens() const {
+    std::int64_t n = 0;
+    for (const auto& s : sequences) n += static_cast<std::int64_t>(s.tokens.size());
+    return n;
+  }
+};
+
+struct StepResult {
+  // One sampled token per sequence with sample == true, in plan order.
+  std::vector<std::int32_t> sampled_tokens;
+  std::int64_t duration_us = 0;  // executor-measured (or modelled) step time
+};
+
+// Runs steps for one instance (or one fused group). Implemented by runtime/ (real kernels) and
+// sim/ (cost model). Called from the engine thread only.
+class StepExecutor {
+ public:
+  virtual ~StepExecutor() = default;
+  virtual StepResult execute(const StepPlan& plan) = 0;
+};
+
+}  // namespace kun::engine

@@ -1,0 +1,299 @@
+#include "model/forward.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "common/check.h"
+#include "common/units.h"
+
+namespace kun::model {
+namespace {
+
+constexpr std::int64_t kTensorAlignBytes = 64;
+
+// Appends a tensor of `bytes` to a layout cursor, returning its offset.
+std::int64_t place(std::int64_t* cursor, std::int64_t bytes) {
+  const std::int64_t offset = round_up(*cursor, kTensorAlignBytes);
+  *cursor = offset + bytes;
+  return offset;
+}
+
+Status read_into(const WeightSource& source, const std::string& name, DType dtype,
+                 std::span<std::byte> segment, std::int64_t offset, std::int64_t bytes) {
+  KUN_CHECK_LE(offset + bytes, static_cast<std::int64_t>(segment.size())) << name;
+  return source.read_tensor(name, dtype, segment.data() + offset, bytes);
+}
+
+}  // namespace
+
+LayerSegmentLayout LayerSegmentLayout::compute(const ModelConfig& c, DType dtype) {
+  const std::int64_t db = dtype_bytes(dtype);
+  const std::int64_t qkv_rows = c.q_dim() + 2 * c.kv_dim();
+  LayerSegmentLayout l;
+  std::int64_t cursor = 0;
+  l.input_norm = place(&cursor, c.hidden_size * db);
+  l.qkv = place(&cursor, qkv_rows * c.hidden_size * db);
+  if (c.attention_bias) l.qkv_bias = place(&cursor, qkv_rows * 4);
+  l.o = place(&cursor, c.hidden_size * c.q_dim() * db);
+  l.post_norm = place(&cursor, c.hidden_size * db);
+  l.gate_up = place(&cursor, 2 * c.intermediate_size * c.hidden_size * db);
+  l.down = place(&cursor, c.hidden_size * c.intermediate_size * db);
+  l.total_bytes = round_up(cursor, kTensorAlignBytes);
+  return l;
+}
+
+HeadSegmentLayout HeadSegmentLayout::compute(const ModelConfig& c, DType dtype) {
+  const std::int64_t db = dtype_bytes(dtype);
+  HeadSegmentLayout l;
+  std::int64_t cursor = 0;
+  l.final_norm = place(&cursor, c.hidden_size * db);
+  if (!c.tie_word_embeddings) l.lm_head = place(&cursor, c.vocab_size * c.hidden_size * db);
+  l.total_bytes = round_up(cursor, kTensorAlignBytes);
+  return l;
+}
+
+std::int64_t embedding_segment_bytes(const ModelConfig& c, DType dtype) {
+  return round_up(c.vocab_size * c.hidden_size * dtype_bytes(dtype), kTensorAlignBytes);
+}
+
+Status load_layer_segment(const WeightSource& source, std::int64_t layer, DType dtype,
+                          std::span<std::byte> segment) {
+  const ModelConfig& c = source.config();
+  const LayerSegmentLayout l = LayerSegmentLayout::compute(c, dtype);
+  if (static_cast<std::int64_t>(segment.size()) < l.total_bytes) {
+    return invalid_argument("layer segment too small: " + std::to_string(segment.size()) + " < " +
+                            std::to_string(l.total_bytes));
+  }
+  const std::int64_t db = dtype_bytes(dtype);
+  const std::int64_t H = c.hidden_size;
+  const std::int64_t q = c.q_dim();
+  const std::int64_t kv = c.kv_dim();
+  const std::int64_t F = c.intermediate_size;
+  auto name = [&](const char* suffix) { return layer_tensor_name(layer, suffix); };
+  KUN_RETURN_IF_ERROR(read_into(source, name("input_layernorm.weight"), dtype, segment, l.input_norm, H * db));
+  KUN_RETURN_IF_ERROR(read_into(source, name("self_attn.q_proj.weight"), dtype, segment, l.qkv, q * H * db));
+  KUN_RETURN_IF_ERROR(read_into(source, name("self_attn.k_proj.weight"), dtype, segment,
+                                l.qkv + q * H * db, kv * H * db));
+  KUN_RETURN_IF_ERROR(read_into(source, name("self_attn.v_proj.weight"), dtype, segment,
+                                l.qkv + (q + kv) * H * db, kv * H * db));
+  if (l.qkv_bias >= 0) {
+    KUN_RETURN_IF_ERROR(read_into(source, name("self_attn.q_proj.bias"), DType::kF32, segment, l.qkv_bias, q * 4));
+    KUN_RETURN_IF_ERROR(read_into(source, name("self_attn.k_proj.bias"), DType::kF32, segment,
+                                  l.qkv_bias + q * 4, kv * 4));
+    KUN_RETURN_IF_ERROR(read_into(source, name("self_attn.v_proj.bias"), DType::kF32, segment,
+                                  l.qkv_bias + (q + kv) * 4, kv * 4));
+  }
+  KUN_RETURN_IF_ERROR(read_into(source, name("self_attn.o_proj.weight"), dtype, segment, l.o, H * q * db));
+  KUN_RETURN_IF_ERROR(read_into(source, name("post_attention_layernorm.weight"), dtype, segment, l.post_norm, H * db));
+  KUN_RETURN_IF_ERROR(read_into(source, name("mlp.gate_proj.weight"), dtype, segment, l.gate_up, F * H * db));
+  KUN_RETURN_IF_ERROR(read_into(source, name("mlp.up_proj.weight"), dtype, segment,
+                                l.gate_up + F * H * db, F * H * db));
+  KUN_RETURN_IF_ERROR(read_into(source, name("mlp.down_proj.weight"), dtype, segment, l.down, H * F * db));
+  return ok_status();
+}
+
+Status load_embedding_segment(const WeightSource& source, DType dtype, std::span<std::byte> segment) {
+  const ModelConfig& c = source.config();
+  return read_into(source, "model.embed_tokens.weight", dtype, segment, 0,
+                   c.vocab_size * c.hidden_size * dtype_bytes(dtype));
+}
+
+Status load_head_segment(const WeightSource& source, DType dtype, std::span<std::byte> segment) {
+  const ModelConfig& c = source.config();
+  const HeadSegmentLayout l = HeadSegmentLayout::compute(c, dtype);
+  const std::int64_t db = dtype_bytes(dtype);
+  KUN_RETURN_IF_ERROR(read_into(source, "model.norm.weight", dtype, segment, l.final_norm, c.hidden_size * db));
+  if (l.lm_head >= 0) {
+    KUN_RETURN_IF_ERROR(read_into(source, "lm_head.weight", dtype, segment, l.lm_head,
+                                  c.vocab_size * c.hidden_size * db));
+  }
+  return ok_status();
+}
+
+LayerWeights layer_weights_at(const std::byte* seg, const ModelConfig& c, DType dtype) {
+  const LayerSegmentLayout l = LayerSegmentLayout::compute(c, dtype);
+  LayerWeights w;
+  w.dtype = dtype;
+  w.input_norm = seg + l.input_norm;
+  w.qkv = {seg + l.qkv, dtype, c.q_dim() + 2 * c.kv_dim(), c.hidden_size};
+  w.qkv_bias = l.qkv_bias >= 0 ? reinterpret_cast<const float*>(seg + l.qkv_bias) : nullptr;
+  w.o = {seg + l.o, dtype, c.hidden_size, c.q_dim()};
+  w.post_norm = seg + l.post_norm;
+  w.gate_up = {seg + l.gate_up, dtype, 2 * c.intermediate_size, c.hidden_size};
+  w.down = {seg + l.down, dtype, c.hidden_size, c.intermediate_size};
+  return w;
+}
+
+HeadWeights head_weights_at(const std::byte* embedding_segment, const std::byte* head_segment,
+                            const ModelConfig& c, DType dtype) {
+  const HeadSegmentLayout l = HeadSegmentLayout::compute(c, dtype);
+  HeadWeights h;
+  h.dtype = dtype;
+  h.embedding = embedding_segment;
+  h.final_norm = head_segment + l.final_norm;
+  const void* lm = l.lm_head >= 0 ? static_cast<const void*>(head_segment + l.lm_head)
+                                  : static_cast<const void*>(embedding_segment);
+  h.lm_head = {lm, dtype, c.vocab_size, c.hidden_size};
+  return h;
+}
+
+ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, kernels::ThreadPool* pool)
+    : config_(config), kv_block_size_(kv_block_size), pool_(pool), inv_freq_(config.rope_inv_freq()) {
+  KUN_CHECK_GT(kv_block_size_, 0);
+  KUN_CHECK_EQ(static_cast<std::int64_t>(inv_freq_.size()), config_.head_dim / 2);
+}
+
+void ForwardPass::ensure_workspace(std::int64_t num_tokens, std::int64_t max_context) {
+  const auto grow = [](std::vector<float>& v, std::int64_t n) {
+    if (static_cast<std::int64_t>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
+  };
+  const ModelConfig& c = config_;
+  grow(normed_, num_tokens * c.hidden_size);
+  grow(qkv_, num_tokens * qkv_row());
+  grow(attn_out_, num_tokens * c.q_dim());
+  grow(tmp_hidden_, num_tokens * c.hidden_size);
+  grow(gate_up_, num_tokens * 2 * c.intermediate_size);
+  grow(act_, num_tokens * c.intermediate_size);
+  const std::int64_t threads = pool_ ? pool_->num_threads() : 1;
+  grow(attn_scratch_, threads * std::max<std::int64_t>(max_context, 1));
+}
+
+void ForwardPass::embed(const HeadWeights& head, const std::int32_t* tokens, std::int64_t n, float* hidden) const {
+  const std::int64_t H = config_.hidden_size;
+  const std::int64_t row_bytes = H * dtype_bytes(head.dtype);
+  for (std::int64_t t = 0; t < n; ++t) {
+    KUN_CHECK(tokens[t] >= 0 && tokens[t] < config_.vocab_size) << "token id " << tokens[t] << " out of vocab";
+    convert_dtype(static_cast<const std::byte*>(head.embedding) + tokens[t] * row_bytes, head.dtype,
+                  hidden + t * H, DType::kF32, H);
+  }
+}
+
+void ForwardPass::attention_input(const LayerWeights& w, std::span<const SequenceSlice> slices,
+                                  const float* hidden, std::int64_t num_tokens, float* qkv) {
+  const ModelConfig& c = config_;
+  ensure_workspace(num_tokens, 0);
+  kernels::rms_norm(hidden, num_tokens, c.hidden_size, w.input_norm, w.dtype, c.rms_norm_eps, normed_.data());
+  kernels::linear(normed_.data(), num_tokens, w.qkv, w.qkv_bias, qkv, pool_);
+  std::int64_t row = 0;
+  for (const SequenceSlice& s : slices) {
+    for (std::int64_t t = 0; t < s.num_tokens; ++t, ++row) {
+      const std::int64_t pos = s.start_pos + t;
+      float* r = qkv + row * qkv_row();
+      kernels::rope(r, 1, c.num_heads, c.head_dim, &pos, inv_freq_.data());
+      kernels::rope(r + c.q_dim(), 1, c.num_kv_heads, c.head_dim, &pos, inv_freq_.data());
+    }
+  }
+  KUN_CHECK_EQ(row, num_tokens);
+}
+
+void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out) {
+  const ModelConfig& c = config_;
+  const std::int64_t bs = kv_block_size_;
+  const std::int64_t kvh = c.num_kv_heads;
+  const std::int64_t hd = c.head_dim;
+  const std::int64_t context = slice.start_pos + slice.num_tokens;
+  KUN_CHECK_GE(kv.num_blocks * bs, context) << "KV blocks cover " << kv.num_blocks * bs << " tokens, need " << context;
+  const std::int64_t value_offset = kvh * bs * hd;
+  // Append this slice's k and v.
+  for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
+    const std::int64_t pos = slice.start_pos + t;
+    float* block = kv.blocks[pos / bs];
+    const std::int64_t off = pos % bs;
+    const float* k = qkv + t * qkv_row() + c.q_dim();
+    const float* v = k + c.kv_dim();
+    for (std::int64_t h = 0; h < kvh; ++h) {
+      std::memcpy(block + (h * bs + off) * hd, k + h * hd, static_cast<std::size_t>(hd) * sizeof(float));
+      std::memcpy(block + value_offset + (h * bs + off) * hd, v + h * hd, static_cast<std::size_t>(hd) * sizeof(float));
+    }
+  }
+  // Gather q rows contiguously and attend.
+  const std::int64_t threads = pool_ ? pool_->num_threads() : 1;
+  const std::int64_t q_elems = slice.num_tokens * c.q_dim();
+  if (static_cast<std::int64_t>(q_gather_.size()) < q_elems) q_gather_.resize(static_cast<std::size_t>(q_elems));
+  if (static_cast<std::int64_t>(attn_scratch_.size()) < threads * context)
+    attn_scratch_.resize(static_cast<std::size_t>(threads * context));
+  if (static_cast<std::int64_t>(attn_positions_.size()) < slice.num_tokens)
+    attn_positions_.resize(static_cast<std::size_t>(slice.num_tokens));
+  for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
+    std::memcpy(q_gather_.data() + t * c.q_dim(), qkv + t * qkv_row(), static_cast<std::size_t>(c.q_dim()) * sizeof(float));
+    attn_positions_[static_cast<std::size_t>(t)] = slice.start_pos + t;
+  }
+  const std::int64_t blocks_used = ceil_div(context, bs);
+  key_ptrs_.resize(static_cast<std::size_t>(blocks_used));
+  value_ptrs_.resize(static_cast<std::size_t>(blocks_used));
+  for (std::int64_t b = 0; b < blocks_used; ++b) {
+    key_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b];
+    value_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b] + value_offset;
+  }
+  kernels::PagedKvView view;
+  view.key_blocks = key_ptrs_.data();
+  view.value_blocks = value_ptrs_.data();
+  view.block_size = bs;
+  view.context_len = context;
+  view.num_kv_heads = kvh;
+  view.head_dim = hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  kernels::paged_attention(q_gather_.data(), slice.num_tokens, c.num_heads, attn_positions_.data(), view, scale,
+                           out, attn_scratch_.data(), pool_);
+}
+
+void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* attn_out, std::int64_t num_tokens,
+                                           float* hidden) {
+  const ModelConfig& c = config_;
+  ensure_workspace(num_tokens, 0);
+  const std::int64_t H = c.hidden_size;
+  const std::int64_t F = c.intermediate_size;
+  kernels::linear(attn_out, num_tokens, w.o, nullptr, tmp_hidden_.data(), pool_);
+  kernels::add_inplace(hidden, tmp_hidden_.data(), num_tokens * H);
+  kernels::rms_norm(hidden, num_tokens, H, w.post_norm, w.dtype, c.rms_norm_eps, normed_.data());
+  kernels::linear(normed_.data(), num_tokens, w.gate_up, nullptr, gate_up_.data(), pool_);
+  for (std::int64_t m = 0; m < num_tokens; ++m) {
+    const float* g = gate_up_.data() + m * 2 * F;
+    kernels::silu_mul(g, g + F, F, act_.data() + m * F);
+  }
+  kernels::linear(act_.data(), num_tokens, w.down, nullptr, tmp_hidden_.data(), pool_);
+  kernels::add_inplace(hidden, tmp_hidden_.data(), num_tokens * H);
+}
+
+void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, std::span<const SequenceSlice> slices,
+                             float* hidden, const std::function<LayerWeights(std::int64_t)>& weights,
+                             const AttentionFn& attention) {
+  KUN_CHECK(0 <= layer_begin && layer_begin <= layer_end && layer_end <= config_.num_layers)
+      << "layer range [" << layer_begin << ", " << layer_end << ")";
+  std::int64_t num_tokens = 0;
+  std::int64_t max_context = 0;
+  for (const SequenceSlice& s : slices) {
+    num_tokens += s.num_tokens;
+    max_context = std::max(max_context, s.start_pos + s.num_tokens);
+  }
+  if (num_tokens == 0) return;
+  ensure_workspace(num_tokens, max_context);
+  const std::int64_t q_dim = config_.q_dim();
+  for (std::int64_t l = layer_begin; l < layer_end; ++l) {
+    const LayerWeights w = weights(l);
+    attention_input(w, slices, hidden, num_tokens, qkv_.data());
+    std::int64_t row = 0;
+    for (std::size_t s = 0; s < slices.size(); ++s) {
+      attention(l, static_cast<std::int64_t>(s), slices[s], qkv_.data() + row * qkv_row(), attn_out_.data() + row * q_dim);
+      row += slices[s].num_tokens;
+    }
+    attention_output_and_mlp(w, attn_out_.data(), num_tokens, hidden);
+  }
+}
+
+void ForwardPass::logits(const HeadWeights& head, const float* hidden, std::span<const std::int64_t> rows,
+                         float* logits_out) {
+  const std::int64_t H = config_.hidden_size;
+  const auto n = static_cast<std::int64_t>(rows.size());
+  if (n == 0) return;
+  ensure_workspace(n, 0);
+  for (std::int64_t r = 0; r < n; ++r) {
+    kernels::rms_norm(hidden + rows[static_cast<std::size_t>(r)] * H, 1, H, head.final_norm, head.dtype,
+                      config_.rms_norm_eps, normed_.data() + r * H);
+  }
+  kernels::linear(normed_.data(), n, head.lm_head, nullptr, logits_out, pool_);
+}
+
+}  // namespace kun::model

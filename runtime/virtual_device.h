@@ -1,0 +1,90 @@
+// VirtualDevice: one CPU "accelerator" (DESIGN.md section 2): a fixed-capacity arena carved from
+// host RAM, the model's parameter segments in it, its KV pages, a kernel thread pool and a forward
+// pass. Parameters and KV share the one budget: whatever the loaded layers do not use becomes KV.
+//
+// Threads: owned by one executor thread (DESIGN.md section 4); kernels run on its pool's workers
+// during a step. Nothing here locks.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "kernels/kernels.h"
+#include "kv/kv_geometry.h"
+#include "kv/kv_storage.h"
+#include "memory/device_arena.h"
+#include "model/config.h"
+#include "model/forward.h"
+#include "model/weight_source.h"
+
+namespace kun::runtime {
+
+struct DeviceOptions {
+  std::string name = "dev0";
+  std::int64_t capacity_bytes = 0;
+  std::int64_t page_bytes = memory::kDefaultPageBytes;
+  int num_threads = 1;
+  std::int64_t kv_block_size = 16;  // tokens per KV block
+  DType weight_dtype = DType::kBF16;
+};
+
+class VirtualDevice {
+ public:
+  static StatusOr<std::unique_ptr<VirtualDevice>> create(const DeviceOptions& options, const model::ModelConfig& config);
+
+  const DeviceOptions& options() const { return options_; }
+  const model::ModelConfig& config() const { return config_; }
+  memory::DeviceArena& arena() { return *arena_; }
+  const memory::DeviceArena& arena() const { return *arena_; }
+  kv::KvStorage& kv_storage() { return *kv_storage_; }
+  const kv::KvGeometry& kv_geometry() const { return kv_geometry_; }
+  model::ForwardPass& forward() { return *forward_; }
+  kernels::ThreadPool& pool() { return *pool_; }
+
+  // Loads layers [layer_begin, layer_end) plus the embedding and the head (which every device
+  // keeps) from `source`. kResourceExhausted if they do not fit.
+  Status load_weights(const model::WeightSource& source, std::int64_t layer_begin, std::int64_t layer_end);
+  // Moves every free page into the KV set and returns them (for the engine's block allocator).
+  std::vector<memory::PageId> give_free_pages_to_kv();
+
+  bool has_layer(std::int64_t layer) const;
+  model::LayerWeights layer_weights(std::int64_t layer) const;
+  model::HeadWeights head_weights() const;
+  std::int64_t layer_segment_bytes() const { return layer_layout_.total_bytes; }
+  // The bytes of a resident layer's segment (to send to a peer on restore).
+  std::span<const std::byte> layer_bytes(std::int64_t layer) const;
+
+  // Drop: the layer's pages become KV pages without copying; returns them.
+  StatusOr<std::vector<memory::PageId>> drop_layer(std::int64_t layer);
+  // Restore: the given KV pages (free of live blocks) back into the layer; the caller then
+  // writes the weights through restored_layer_data().
+  Status restore_layer(std::int64_t layer, std::span<const memory::PageId> pages);
+  std::span<std::byte> restored_layer_data(std::int64_t layer);
+  std::int64_t pages_per_layer() const;
+
+ private:
+  VirtualDevice(DeviceOptions options, model::ModelConfig config);
+
+  DeviceOptions options_;
+  model::ModelConfig config_;
+  model::LayerSegmentLayout layer_layout_;
+  kv::KvGeometry kv_geometry_;
+  std::unique_ptr<memory::DeviceArena> arena_;
+  std::unique_ptr<kv::KvStorage> kv_storage_;
+  std::unique_ptr<kernels::ThreadPool> pool_;
+  std::unique_ptr<model::ForwardPass> forward_;
+  std::vector<memory::SegmentId> layer_segments_;  // invalid id when never loaded here
+  memory::SegmentId embedding_segment_;
+  memory::SegmentId head_segment_;
+};
+
+// Bytes a device needs for layers [layer_begin, layer_end) plus embedding and head, rounded to
+// pages (the parameter part of a capacity budget).
+std::int64_t device_param_bytes(const model::ModelConfig& config, DType dtype, std::int64_t layer_begin,
+                                std::int64_t layer_end, std::int64_t page_bytes);
+
+}  // namespace kun::runtime

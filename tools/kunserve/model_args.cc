@@ -1,0 +1,57 @@
+#include "tools/kunserve/model_args.h"
+
+#include "common/units.h"
+#include "kv/kv_geometry.h"
+#include "model/config.h"
+#include "runtime/virtual_device.h"
+
+namespace kun::tools {
+
+void ModelArgs::add_to(CLI::App* app) {
+  app->add_option("--model", model_path, "HF safetensors directory or GGUF file");
+  app->add_option("--load-format", load_format, "auto | dummy (synthetic weights from a seed)");
+  app->add_option("--preset", preset, "dummy model preset (tiny, tiny-qwen2, tiny-llama3, llama-350m, llama-1b)");
+  app->add_option("--seed", seed, "seed of the dummy weights");
+  app->add_option("--dtype", dtype, "weight dtype on the device: auto | f32 | f16 | bf16");
+}
+
+StatusOr<std::unique_ptr<model::WeightSource>> ModelArgs::open() const {
+  if (load_format == "dummy" || (load_format == "auto" && model_path.empty())) {
+    KUN_ASSIGN_OR_RETURN(model::ModelConfig config, model::preset_config(preset));
+    if (dtype != "auto") {
+      DType t;
+      if (!parse_dtype(dtype, &t)) return invalid_argument("unknown --dtype '" + dtype + "'");
+      config.dtype = t;
+    }
+    return model::synthetic_weights(config, seed);
+  }
+  if (load_format != "auto") return invalid_argument("unknown --load-format '" + load_format + "' (auto | dummy)");
+  return model::open_weights(model_path);
+}
+
+StatusOr<DType> ModelArgs::device_dtype(const model::ModelConfig& config) const {
+  if (dtype == "auto") return config.dtype;
+  DType t;
+  if (!parse_dtype(dtype, &t)) return invalid_argument("unknown --dtype '" + dtype + "'");
+  return t;
+}
+
+std::string ModelArgs::display_name() const {
+  if (!model_path.empty() && load_format != "dummy") return model_path;
+  return "dummy-" + preset;
+}
+
+std::int64_t capacity_for(const model::ModelConfig& config, DType dtype, std::int64_t kv_tokens,
+                          std::int64_t block_size, std::int64_t page_bytes) {
+  kv::KvGeometry g;
+  g.block_size_tokens = block_size;
+  g.num_kv_heads = config.num_kv_heads;
+  g.head_dim = config.head_dim;
+  const std::int64_t blocks = g.blocks_for_tokens(kv_tokens) * config.num_layers;
+  const std::int64_t per_page = g.blocks_per_page(page_bytes);
+  const std::int64_t kv_bytes = ceil_div(blocks, per_page) * page_bytes;
+  const std::int64_t params = runtime::device_param_bytes(config, dtype, 0, config.num_layers, page_bytes);
+  return round_up(params + kv_bytes + kv_bytes / 10 + page_bytes, page_bytes);
+}
+
+}  // namespace kun::tools

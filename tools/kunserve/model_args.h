@@ -1,0 +1,35 @@
+// Command-line model selection shared by the kunserve subcommands: a path (HF safetensors
+// directory or GGUF file) or `--load-format dummy --preset P --seed S`.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "common/dtype.h"
+#include "common/status.h"
+#include "model/weight_source.h"
+
+namespace kun::tools {
+
+struct ModelArgs {
+  std::string model_path;
+  std::string load_format = "auto";  // auto | dummy
+  std::string preset = "tiny";
+  std::uint64_t seed = 0;
+  std::string dtype = "auto";  // weight dtype on the device: auto (as stored) | f32 | f16 | bf16
+  void add_to(CLI::App* app);
+  // The model's weights, and the dtype its weights take on the device.
+  StatusOr<std::unique_ptr<model::WeightSource>> open() const;
+  StatusOr<DType> device_dtype(const model::ModelConfig& config) const;
+  std::string display_name() const;
+};
+
+// Device capacity that fits the parameters plus `kv_tokens` tokens of KV on every layer, with
+// 10 % slack, rounded up to whole pages.
+std::int64_t capacity_for(const model::ModelConfig& config, DType dtype, std::int64_t kv_tokens,
+                          std::int64_t block_size, std::int64_t page_bytes);
+
+}  // namespace kun::tools
