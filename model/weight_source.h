@@ -41,7 +41,13 @@ class WeightSource {
   // dst_dtype). Errors name the file and the tensor.
   virtual Status read_tensor(std::string_view name, DType dst_dtype, void* dst,
                              std::int64_t dst_bytes) const = 0;
+  // The file that holds a tensor (for error messages); describe() unless a source knows better.
+  virtual std::string tensor_origin(std::string_view /*name*/) const { return describe(); }
 };
+
+// Checks that `source` holds every tensor expected_tensors(source.config()) names, with that
+// shape and a supported dtype. Errors name the file and the tensor.
+Status validate_weights(const WeightSource& source);
 
 // Opens a model: a directory with config.json + *.safetensors (optionally sharded with
 // model.safetensors.index.json), or a .gguf file. Validates that every expected tensor is
