@@ -55,6 +55,15 @@ class IncrementalDetokenizer {
 // Loads tokenizer.json (or tokenizer.model) from a model directory or a file path, reading
 // tokenizer_config.json beside it for the chat template and special tokens when present.
 StatusOr<std::unique_ptr<Tokenizer>> load_tokenizer(const std::string& path);
+// The same from file contents already in memory: `tokenizer_json` is a tokenizer.json text,
+// `config_json` a tokenizer_config.json text or empty; `source` names the file in errors.
+StatusOr<std::unique_ptr<Tokenizer>> load_tokenizer_from_json(std::string_view tokenizer_json,
+                                                              std::string_view config_json,
+                                                              const std::string& source);
+// A SentencePiece tokenizer.model (protobuf ModelProto; BPE models, as Llama 2 / Mistral ship).
+StatusOr<std::unique_ptr<Tokenizer>> load_sentencepiece_model(std::string_view model_bytes,
+                                                              std::string_view config_json,
+                                                              const std::string& source);
 // A deterministic vocabulary of `vocab_size` ids for synthetic models (same text round-trips).
 std::unique_ptr<Tokenizer> synthetic_tokenizer(std::int64_t vocab_size);
 
