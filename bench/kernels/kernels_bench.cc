@@ -1,0 +1,113 @@
+// kernels_bench [--threads T] [--reps R] [--bw-mib MiB]
+//
+// Reports linear() for a llama-350m MLP shape (gate/up: N=2816 K=1024, down: N=1024 K=2816) in
+// bf16 at M = 1, 8, 32, 512 on the active ISA (KUN_ISA narrows it), next to the rooflines measured
+// in the same run: streaming read bandwidth (all threads, buffer >> LLC) and peak FMA throughput.
+// Decode shapes (M <= 32) cycle through enough copies of the weight to exceed the last-level
+// cache, so every call streams its weights from DRAM as in a real decode step ("cold"); "hot"
+// reuses one copy (cache resident).
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "kernels/kernels.h"
+#include "kernels/roofline.h"
+
+namespace {
+
+using kun::DType;
+using namespace kun::kernels;
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 2;
+  int reps = 0;  // 0: automatic
+  std::int64_t bw_mib = 1024;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
+    else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (a == "--bw-mib" && i + 1 < argc) bw_mib = std::atoll(argv[++i]);
+    else {
+      std::fprintf(stderr, "usage: %s [--threads T] [--reps R] [--bw-mib MiB]\n", argv[0]);
+      return 2;
+    }
+  }
+  ThreadPool pool(threads);
+  std::printf("isa %s (detected %s), threads %d\n", std::string(isa_name(active_isa())).c_str(),
+              std::string(isa_name(detected_isa())).c_str(), threads);
+  const double bw = measure_read_bandwidth_bytes_per_s(&pool, bw_mib << 20);
+  const double fma = measure_peak_fma_flops_per_s(&pool);
+  const double bf16 = measure_peak_bf16_dot_flops_per_s(&pool);
+  std::printf("roofline: read bandwidth %.2f GB/s (%lld MiB buffer), peak FMA %.1f GFLOP/s",
+              bw / 1e9, static_cast<long long>(bw_mib), fma / 1e9);
+  if (bf16 > 0) std::printf(", peak bf16-dot %.1f GFLOP/s", bf16 / 1e9);
+  std::printf("\n\n");
+
+  struct Shape {
+    const char* name;
+    std::int64_t n, k;
+  };
+  const Shape shapes[] = {{"gate/up 2816x1024", 2816, 1024}, {"down 1024x2816", 1024, 2816}};
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::printf("%-18s %4s %5s %10s %9s %9s %8s %9s\n", "shape", "M", "mode", "us/call",
+              "GB/s", "xBW", "GFLOP/s", "xFMA");
+  for (const Shape& s : shapes) {
+    const std::int64_t wbytes = s.n * s.k * 2;
+    // Enough copies to exceed any LLC (>= 512 MiB of weights).
+    const std::int64_t copies = (std::int64_t{512} << 20) / wbytes + 1;
+    std::vector<std::uint16_t> w(static_cast<std::size_t>(copies * s.n * s.k));
+    for (std::int64_t i = 0; i < s.n * s.k; ++i) w[static_cast<std::size_t>(i)] = kun::f32_to_bf16(dist(rng));
+    for (std::int64_t c = 1; c < copies; ++c) {
+      std::memcpy(w.data() + c * s.n * s.k, w.data(), static_cast<std::size_t>(wbytes));
+    }
+    const std::int64_t max_m = 512;
+    std::vector<float> x(static_cast<std::size_t>(max_m * s.k));
+    for (auto& v : x) v = dist(rng);
+    std::vector<float> y(static_cast<std::size_t>(max_m * s.n));
+    for (std::int64_t M : {1, 8, 32, 512}) {
+      for (bool cold : {true, false}) {
+        if (M == 512 && cold) continue;  // compute bound: weights are reused from cache anyway
+        const std::int64_t n_copies = cold ? copies : 1;
+        const double flop_per_call = 2.0 * static_cast<double>(M * s.n * s.k);
+        int calls = reps;
+        if (calls == 0) calls = M == 512 ? 20 : static_cast<int>(3 * copies);
+        // warm-up
+        for (int i = 0; i < 3; ++i) {
+          WeightView wv{w.data(), DType::kBF16, s.n, s.k};
+          linear(x.data(), M, wv, nullptr, y.data(), &pool);
+        }
+        double best = 1e30;
+        for (int trial = 0; trial < 3; ++trial) {
+          const double t0 = now_s();
+          for (int i = 0; i < calls; ++i) {
+            WeightView wv{w.data() + (i % n_copies) * s.n * s.k, DType::kBF16, s.n, s.k};
+            linear(x.data(), M, wv, nullptr, y.data(), &pool);
+          }
+          const double dt = (now_s() - t0) / calls;
+          if (dt < best) best = dt;
+        }
+        const double bytes = static_cast<double>(wbytes + M * s.k * 4 + M * s.n * 4);
+        std::printf("%-18s %4lld %5s %10.1f %9.2f %9.3f %8.1f %9.3f\n", s.name,
+                    static_cast<long long>(M), cold ? "cold" : "hot", best * 1e6,
+                    bytes / best / 1e9, bytes / best / bw, flop_per_call / best / 1e9,
+                    flop_per_call / best / fma);
+      }
+    }
+  }
+  std::printf("\nxBW: achieved bytes/s over measured read bandwidth (decode target >= 0.8 at M=1)\n"
+              "xFMA: achieved flop/s over measured FMA peak (prefill target >= 0.5 at M=512)\n");
+  return 0;
+}
