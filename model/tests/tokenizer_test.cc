@@ -187,6 +187,38 @@ std::string sentencepiece_json() {
   })";
 }
 
+// Qwen2-style: NFC normalizer, Split with Qwen2's pattern (single digits), ByteLevel.
+TEST(TokenizerByteLevel, Qwen2StyleNfcAndDigits) {
+  const std::string json = R"({
+    "added_tokens": [{"id": 20, "content": "<|im_start|>", "special": true},
+                     {"id": 21, "content": "<|im_end|>", "special": true},
+                     {"id": 22, "content": "<|endoftext|>", "special": true}],
+    "normalizer": {"type": "NFC"},
+    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+       "behavior": "Isolated", "invert": false},
+      {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]},
+    "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+    "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+    "model": {"type": "BPE", "vocab": {"1": 0, "2": 1, "Ã": 2, "©": 3, "Ã©": 4, "Ġ": 5, "12": 6},
+              "merges": ["Ã ©", "1 2"]}
+  })";
+  auto t = must_load(json);
+  ASSERT_NE(t, nullptr);
+  // Digits are split one by one before BPE, so the "1 2" merge never applies across them.
+  EXPECT_EQ(t->encode("12", false), (Ids{0, 1}));
+  // e + U+0301 is composed to é (C3 A9 -> "Ã©") before tokenization.
+  EXPECT_EQ(t->encode("e\xCC\x81", false), Ids{4});
+  EXPECT_EQ(t->encode("\xC3\xA9 1", false), (Ids{4, 5, 0}));
+  // U+212B -> U+00C5 (C3 85): "Ã" is in the vocabulary, the symbol of byte 85 is not.
+  EXPECT_EQ(t->encode("\xE2\x84\xAB", false), Ids{2});
+  EXPECT_EQ(t->decode(Ids{4, 5, 0}, false), "\xC3\xA9 1");
+  EXPECT_EQ(t->eos_token_id(), 22);
+  auto chat = t->apply_chat_template({{"user", "hi"}}, true);
+  ASSERT_TRUE(chat.ok());
+  EXPECT_EQ(*chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+}
+
 TEST(TokenizerSentencePiece, ByteFallbackAndDecoders) {
   auto t = must_load(sentencepiece_json(), R"({"bos_token": "<s>", "eos_token": "</s>"})");
   ASSERT_NE(t, nullptr);
