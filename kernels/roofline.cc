@@ -1,5 +1,7 @@
 #include "kernels/roofline.h"
 
+#include <time.h>
+
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -33,23 +35,43 @@ double run_on_all(ThreadPool* pool, const std::function<void(int)>& fn) {
 }
 
 // Rate from a probe that does `work(thread)` units per thread: best of `reps`.
-double best_rate(ThreadPool* pool, int reps, const std::function<double(int)>& work) {
+double best_rate(ThreadPool* pool, int reps, ProbeClock clock,
+                 const std::function<double(int)>& work) {
   const int n = threads_of(pool);
   double best = 0.0;
+  double* done = new double[static_cast<std::size_t>(n)]();
+  double* cpu = new double[static_cast<std::size_t>(n)]();
   for (int r = 0; r < reps; ++r) {
-    double* done = new double[static_cast<std::size_t>(n)]();
-    const double secs = run_on_all(pool, [&](int t) { done[t] = work(t); });
-    double total = 0.0;
-    for (int t = 0; t < n; ++t) total += done[t];
-    delete[] done;
-    if (secs > 0.0 && total / secs > best) best = total / secs;
+    const double secs = run_on_all(pool, [&](int t) {
+      const double c0 = thread_cpu_seconds();
+      done[t] = work(t);
+      cpu[t] = thread_cpu_seconds() - c0;
+    });
+    double rate = 0.0;
+    if (clock == ProbeClock::kWall) {
+      double total = 0.0;
+      for (int t = 0; t < n; ++t) total += done[t];
+      rate = secs > 0.0 ? total / secs : 0.0;
+    } else {
+      for (int t = 0; t < n; ++t) rate += cpu[t] > 0.0 ? done[t] / cpu[t] : 0.0;
+    }
+    if (rate > best) best = rate;
   }
+  delete[] done;
+  delete[] cpu;
   return best;
 }
 
 }  // namespace
 
-double measure_read_bandwidth_bytes_per_s(Isa isa, ThreadPool* pool, std::int64_t bytes) {
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+double measure_read_bandwidth_bytes_per_s(Isa isa, ThreadPool* pool, std::int64_t bytes,
+                                          ProbeClock clock) {
   const detail::IsaKernels& k = detail::kernels_for(isa);
   const int n = threads_of(pool);
   constexpr std::int64_t kAlign = 4096;
@@ -61,7 +83,7 @@ double measure_read_bandwidth_bytes_per_s(Isa isa, ThreadPool* pool, std::int64_
   // First touch by the thread that later reads the slice.
   run_on_all(pool, [&](int t) { std::memset(buf + t * slice, 1, static_cast<std::size_t>(slice)); });
   float sink[64] = {};
-  const double rate = best_rate(pool, 5, [&](int t) {
+  const double rate = best_rate(pool, 5, clock, [&](int t) {
     sink[t % 64] += k.read_sum(buf + t * slice, slice);
     return static_cast<double>(slice);
   });
@@ -75,11 +97,11 @@ double measure_read_bandwidth_bytes_per_s(ThreadPool* pool, std::int64_t bytes) 
   return measure_read_bandwidth_bytes_per_s(active_isa(), pool, bytes);
 }
 
-double measure_peak_fma_flops_per_s(Isa isa, ThreadPool* pool) {
+double measure_peak_fma_flops_per_s(Isa isa, ThreadPool* pool, ProbeClock clock) {
   const detail::IsaKernels& k = detail::kernels_for(isa);
   float sink[64] = {};
   const std::int64_t iters = isa == Isa::kScalar ? 2000000 : 20000000;
-  const double rate = best_rate(pool, 5, [&](int t) {
+  const double rate = best_rate(pool, 5, clock, [&](int t) {
     return k.fma_chains(iters, 1.0f + 0.1f * static_cast<float>(t), &sink[t % 64]);
   });
   volatile float keep = sink[0];
@@ -92,9 +114,13 @@ double measure_peak_fma_flops_per_s(ThreadPool* pool) {
 }
 
 double measure_peak_bf16_dot_flops_per_s(ThreadPool* pool) {
+  return measure_peak_bf16_dot_flops_per_s(pool, ProbeClock::kWall);
+}
+
+double measure_peak_bf16_dot_flops_per_s(ThreadPool* pool, ProbeClock clock) {
   if (!isa_supported(Isa::kAvx512Bf16)) return 0.0;
   float sink[64] = {};
-  const double rate = best_rate(pool, 5, [&](int t) {
+  const double rate = best_rate(pool, 5, clock, [&](int t) {
     return detail::avx512bf16_dot_chains(20000000, 1.0f + 0.1f * static_cast<float>(t),
                                          &sink[t % 64]);
   });

@@ -22,8 +22,19 @@ double measure_peak_fma_flops_per_s(ThreadPool* pool);
 // has no AVX-512-BF16.
 double measure_peak_bf16_dot_flops_per_s(ThreadPool* pool);
 
-// The same probes for an explicit ISA (must be supported).
-double measure_read_bandwidth_bytes_per_s(Isa isa, ThreadPool* pool, std::int64_t bytes);
-double measure_peak_fma_flops_per_s(Isa isa, ThreadPool* pool);
+// How a probe turns work into a rate. kWall: total work / wall time of the parallel run.
+// kThreadCpu: each thread divides its work by its own CPU time (CLOCK_THREAD_CPUTIME_ID) and the
+// rates are summed; immune to time-slicing by other processes on a shared machine.
+enum class ProbeClock { kWall, kThreadCpu };
+
+// The same probes for an explicit ISA (must be supported) and clock.
+double measure_read_bandwidth_bytes_per_s(Isa isa, ThreadPool* pool, std::int64_t bytes,
+                                          ProbeClock clock = ProbeClock::kWall);
+double measure_peak_fma_flops_per_s(Isa isa, ThreadPool* pool,
+                                    ProbeClock clock = ProbeClock::kWall);
+double measure_peak_bf16_dot_flops_per_s(ThreadPool* pool, ProbeClock clock);
+
+// CPU time of the calling thread in seconds (CLOCK_THREAD_CPUTIME_ID).
+double thread_cpu_seconds();
 
 }  // namespace kun::kernels
