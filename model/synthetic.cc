@@ -58,13 +58,19 @@ struct Distribution {
 Distribution distribution_for(const ModelConfig& c, const TensorInfo& info) {
   const std::string& n = info.name;
   const auto hidden = static_cast<float>(c.hidden_size);
+  // Tied embeddings: logit_v = (w * h / rms(h)) . E_v, so logit std = |w| * scale * sqrt(hidden),
+  // and the last token's own embedding, still in the residual stream, lifts its own logit by
+  // about scale * sqrt(hidden) / rms(h) standard deviations. An embedding scale of
+  // 1/sqrt(hidden) keeps that lift near 1 sigma (no self-repetition); the final norm weight ~4
+  // then gives logits a std of ~4.
+  if (n == "model.norm.weight" && c.tie_word_embeddings) return {4.0f, 0.2f};
   if (n.ends_with("norm.weight")) return {1.0f, 0.05f};  // RMSNorm weights near 1
-  if (n.ends_with(".bias")) return {0.0f, 0.5f};
+  // Small biases: a large v bias adds the same vector at every position and drowns the tokens.
+  if (n.ends_with(".bias")) return {0.0f, 0.1f};
   if (n == "model.embed_tokens.weight") {
-    // Untied: N(0, 1). Tied: the embedding is also the LM head; scale it so logits have a std of
-    // about 5 (the final RMSNorm output has rms ~1, so logit std = scale * sqrt(hidden)).
-    return {0.0f, c.tie_word_embeddings ? 5.0f / std::sqrt(hidden) : 1.0f};
+    return {0.0f, c.tie_word_embeddings ? 1.0f / std::sqrt(hidden) : 1.0f};  // untied: N(0, 1)
   }
+  // Untied LM head: logit std ~5 for the unit-rms final norm output.
   if (n == "lm_head.weight") return {0.0f, 5.0f / std::sqrt(hidden)};
   // Projections [out, in]: N(0, 1/fan_in) keeps activations at unit scale layer after layer.
   const auto fan_in = static_cast<float>(info.shape.size() > 1 ? info.shape[1] : 1);
