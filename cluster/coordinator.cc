@@ -1,0 +1,264 @@
+#include "cluster/coordinator.h"
+
+#include <algorithm>
+#include <sstream>
+#include <unordered_set>
+
+#include "common/check.h"
+#include "common/log.h"
+
+namespace kun::cluster {
+
+bool is_legal_transition(GroupState from, GroupState to) {
+  return (from == GroupState::kInitial && to == GroupState::kDropped) ||
+         (from == GroupState::kDropped && to == GroupState::kRestoring) ||
+         (from == GroupState::kRestoring && to == GroupState::kInitial);
+}
+
+const char* event_kind_name(EventKind k) {
+  switch (k) {
+    case EventKind::kDropRequested: return "drop_requested";
+    case EventKind::kDropDone: return "drop_done";
+    case EventKind::kRestoreRequested: return "restore_requested";
+    case EventKind::kRestoreStarted: return "restore_started";
+    case EventKind::kRestoreDone: return "restore_done";
+  }
+  return "unknown";
+}
+
+std::string Event::to_string() const {
+  std::ostringstream os;
+  os << "t=" << time_us << "us group " << group << " " << event_kind_name(kind) << " " << group_state_name(from)
+     << "->" << group_state_name(to) << " members {";
+  for (std::size_t i = 0; i < members.size(); ++i) os << (i ? "," : "") << members[i];
+  os << "}";
+  if (latency_us >= 0) os << " latency " << latency_us << "us";
+  if (forced) os << " (forced)";
+  if (!detail.empty()) os << ": " << detail;
+  return os.str();
+}
+
+Coordinator::Coordinator(CoordinatorConfig config, ClusterShape shape)
+    : config_(config),
+      shape_(std::move(shape)),
+      monitor_(config_.monitor),
+      planner_(config_.planner),
+      migration_(config_.migration, shape_) {}
+
+GroupInfo& Coordinator::live_group(std::int64_t id) {
+  auto it = groups_.find(id);
+  KUN_CHECK(it != groups_.end()) << "unknown or dissolved group " << id;
+  return it->second;
+}
+
+const GroupInfo* Coordinator::group(std::int64_t id) const {
+  auto it = groups_.find(id);
+  return it == groups_.end() ? nullptr : &it->second;
+}
+
+std::int64_t Coordinator::group_of(std::int64_t instance) const {
+  auto it = group_of_.find(instance);
+  return it == group_of_.end() ? -1 : it->second;
+}
+
+bool Coordinator::any_in_transition() const {
+  return std::any_of(groups_.begin(), groups_.end(), [](const auto& kv) { return kv.second.in_transition(); });
+}
+
+void Coordinator::transition(GroupInfo& g, GroupState to) {
+  KUN_CHECK(is_legal_transition(g.state, to))
+      << "group " << g.id << ": illegal transition " << group_state_name(g.state) << " -> " << group_state_name(to);
+  g.state = to;
+}
+
+void Coordinator::record(std::int64_t now_us, const GroupInfo& g, EventKind kind, GroupState from, GroupState to,
+                         std::int64_t latency_us, bool forced, std::string detail) {
+  Event e;
+  e.time_us = now_us;
+  e.group = g.id;
+  e.kind = kind;
+  e.from = from;
+  e.to = to;
+  e.members = g.members;
+  e.latency_us = latency_us;
+  e.forced = forced;
+  e.detail = std::move(detail);
+  KUN_LOG(kInfo) << "cluster: " << e.to_string();
+  events_.push_back(std::move(e));
+}
+
+DropAction Coordinator::create_group(std::vector<std::int64_t> members, std::int64_t now_us, std::string reason,
+                                     bool forced) {
+  GroupInfo g;
+  g.id = next_group_id_++;
+  g.members = std::move(members);
+  g.drop_pending = true;
+  g.drop_requested_us = now_us;
+  for (std::int64_t m : g.members) {
+    const bool inserted = group_of_.emplace(m, g.id).second;
+    KUN_CHECK(inserted) << "instance " << m << " is already in group " << group_of(m);
+    monitor_.reset_instance(m);
+  }
+  record(now_us, g, EventKind::kDropRequested, GroupState::kInitial, GroupState::kInitial, -1, forced, reason);
+  DropAction a{g.members, g.id, std::move(reason)};
+  groups_.emplace(g.id, std::move(g));
+  return a;
+}
+
+RestoreAction Coordinator::request_restore(GroupInfo& g, std::int64_t now_us, std::string reason, bool forced) {
+  KUN_CHECK(g.state == GroupState::kDropped && !g.in_transition())
+      << "group " << g.id << " cannot restore from " << group_state_name(g.state)
+      << (g.in_transition() ? " (in transition)" : "");
+  g.restore_pending = true;
+  g.restore_requested_us = now_us;
+  record(now_us, g, EventKind::kRestoreRequested, g.state, g.state, -1, forced, reason);
+  return RestoreAction{g.id, std::move(reason)};
+}
+
+void Coordinator::on_drop_done(std::int64_t group_id, std::int64_t now_us) {
+  GroupInfo& g = live_group(group_id);
+  KUN_CHECK(g.drop_pending) << "group " << group_id << ": drop done without a pending drop";
+  const GroupState from = g.state;
+  transition(g, GroupState::kDropped);
+  g.drop_pending = false;
+  g.dropped_us = now_us;
+  monitor_.reset_group(group_id);
+  replan_due_ = true;
+  record(now_us, g, EventKind::kDropDone, from, g.state, now_us - g.drop_requested_us, false, "");
+}
+
+void Coordinator::on_restore_started(std::int64_t group_id, std::int64_t now_us) {
+  GroupInfo& g = live_group(group_id);
+  KUN_CHECK(g.restore_pending) << "group " << group_id << ": restore started without a restore request";
+  const GroupState from = g.state;
+  transition(g, GroupState::kRestoring);
+  record(now_us, g, EventKind::kRestoreStarted, from, g.state, now_us - g.restore_requested_us, false, "");
+}
+
+void Coordinator::on_restore_done(std::int64_t group_id, std::int64_t now_us) {
+  GroupInfo& g = live_group(group_id);
+  KUN_CHECK(g.restore_pending) << "group " << group_id << ": restore done without a restore request";
+  const GroupState from = g.state;
+  transition(g, GroupState::kInitial);
+  g.restore_pending = false;
+  std::ostringstream detail;
+  detail << "dropped for " << now_us - g.dropped_us << "us";
+  record(now_us, g, EventKind::kRestoreDone, from, g.state, now_us - g.restore_requested_us, false, detail.str());
+  for (std::int64_t m : g.members) {
+    group_of_.erase(m);
+    monitor_.reset_instance(m);
+  }
+  monitor_.reset_group(group_id);
+  groups_.erase(group_id);
+  replan_due_ = true;
+}
+
+StatusOr<DropAction> Coordinator::force_drop(const std::vector<std::int64_t>& instances, std::int64_t now_us) {
+  const auto g = static_cast<std::int64_t>(instances.size());
+  if (std::find(shape_.allowed_degrees.begin(), shape_.allowed_degrees.end(), g) == shape_.allowed_degrees.end()) {
+    return invalid_argument("force_drop: degree " + std::to_string(g) + " is not an allowed degree");
+  }
+  if (g > shape_.num_layers) return invalid_argument("force_drop: more members than layers");
+  std::unordered_set<std::int64_t> seen;
+  for (std::int64_t m : instances) {
+    if (m < 0 || (shape_.num_instances > 0 && m >= shape_.num_instances)) {
+      return invalid_argument("force_drop: no instance " + std::to_string(m));
+    }
+    if (!seen.insert(m).second) return invalid_argument("force_drop: instance " + std::to_string(m) + " twice");
+    if (group_of(m) >= 0) {
+      return failed_precondition("force_drop: instance " + std::to_string(m) + " is in group " +
+                                 std::to_string(group_of(m)));
+    }
+  }
+  return create_group(instances, now_us, "forced", /*forced=*/true);
+}
+
+StatusOr<RestoreAction> Coordinator::force_restore(std::int64_t group_id, std::int64_t now_us) {
+  auto it = groups_.find(group_id);
+  if (it == groups_.end()) return not_found("force_restore: no group " + std::to_string(group_id));
+  GroupInfo& g = it->second;
+  if (g.state != GroupState::kDropped || g.in_transition()) {
+    return failed_precondition("force_restore: group " + std::to_string(group_id) + " is " +
+                               group_state_name(g.state) + (g.in_transition() ? " (in transition)" : ""));
+  }
+  return request_restore(g, now_us, "forced", /*forced=*/true);
+}
+
+Actions Coordinator::tick(std::int64_t now_us, const std::vector<InstanceSnapshot>& snapshots) {
+  switch (config_.policy) {
+    case Policy::kKunServe: return tick_kunserve(now_us, snapshots);
+    case Policy::kMigrate: {
+      Actions a;
+      a.migrations = migration_.plan(now_us, snapshots);
+      for (const MigrateAction& m : a.migrations) {
+        KUN_LOG(kDebug) << "cluster: migrate request " << m.request << " " << m.from << "->" << m.to << ": "
+                        << m.reason;
+      }
+      return a;
+    }
+    case Policy::kRecompute:
+    case Policy::kSwap: return {};
+  }
+  return {};
+}
+
+Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<InstanceSnapshot>& snapshots) {
+  Actions actions;
+  std::unordered_map<std::int64_t, const InstanceSnapshot*> by_id;
+  for (const InstanceSnapshot& s : snapshots) {
+    const bool inserted = by_id.emplace(s.instance, &s).second;
+    KUN_CHECK(inserted) << "instance " << s.instance << " appears twice in one tick";
+  }
+
+  // 1. Sample: independent instances one by one, dropped groups as a whole.
+  std::vector<InstanceSnapshot> independent;
+  bool sampled = false;  // votes only change on new samples; plan at most once per sample
+  for (const InstanceSnapshot& s : snapshots) {
+    if (group_of(s.instance) >= 0) continue;
+    sampled = monitor_.observe_instance(s.instance, sample_of(s, now_us)) || sampled;
+    independent.push_back(s);
+  }
+  for (auto& [id, g] : groups_) {
+    if (g.state != GroupState::kDropped || g.in_transition()) continue;
+    std::vector<const InstanceSnapshot*> members;
+    for (std::int64_t m : g.members) {
+      auto it = by_id.find(m);
+      if (it != by_id.end()) members.push_back(it->second);
+    }
+    if (members.size() != g.members.size()) continue;  // incomplete view: skip this round
+    monitor_.observe_group(id, sample_of_group(members, now_us));
+  }
+
+  // 2. Restores, per group.
+  if (config_.enable_restore) {
+    for (auto& [id, g] : groups_) {
+      if (g.state != GroupState::kDropped || g.in_transition()) continue;
+      if (monitor_.group_vote(id) != Vote::kRestore) continue;
+      const DemandMonitor::Window* w = monitor_.group_window(id);
+      std::ostringstream why;
+      why << "group demand " << w->samples.back().demand << " <= " << config_.monitor.restore_demand_threshold
+          << ", nothing queued, falling (slope " << least_squares_slope(w->samples) << "/sample over "
+          << w->samples.size() << " samples) for " << w->restore_streak << " samples";
+      actions.restores.push_back(request_restore(g, now_us, why.str(), false));
+    }
+  }
+
+  // 3. Drops, only while nothing is in transition, and only when a vote may have changed (a
+  // group that just finished a transition frees instances, so a new plan is also due then).
+  if (any_in_transition()) return actions;
+  if (!sampled && !replan_due_) return actions;
+  replan_due_ = false;
+  std::vector<std::int64_t> overloaded;
+  for (const InstanceSnapshot& s : independent) {
+    if (monitor_.instance_vote(s.instance) == Vote::kDrop) overloaded.push_back(s.instance);
+  }
+  if (overloaded.empty()) return actions;
+  Plan plan = planner_.plan(independent, overloaded, shape_);
+  for (const std::string& note : plan.notes) KUN_LOG(kInfo) << "cluster: planner: " << note;
+  for (PlannedGroup& pg : plan.groups) {
+    actions.drops.push_back(create_group(pg.instances, now_us, pg.reason, false));
+  }
+  return actions;
+}
+
+}  // namespace kun::cluster

@@ -1,0 +1,110 @@
+// DemandMonitor: samples memory demand per instance and per fused group into sliding windows and
+// turns them into drop / restore votes (DESIGN.md 3.2). Pure: time arrives as now_us arguments.
+//
+// A *sample* is taken at most once per sample_period_us per key; tick rates above the sample rate
+// are harmless. Each sample is classified on its own:
+//   drop-eligible    : demand >= drop_demand_threshold AND pending_blocks >= free_blocks
+//                      (AND pending_blocks > 0 when drop_requires_pending)
+//   restore-eligible : nothing queued (num_queued == 0 and pending_blocks == 0)
+//                      AND demand <= restore_demand_threshold
+//                      AND demand is falling over the window (see TrendRule)
+// A key *votes* drop (restore) when its last drop_votes_needed (restore_votes_needed) samples
+// were all drop- (restore-) eligible: a single spike never fuses anything.
+//
+// "Falling" (TrendRule):
+//   kLeastSquaresSlope (default): the ordinary least-squares slope of demand against sample index
+//     over the whole window (oldest..newest, at least min_trend_samples samples) is
+//     < falling_slope_threshold_per_sample (default 0.0, i.e. strictly negative).
+//   kLastBelowFirst: newest sample < oldest sample in the window (the artifact's "sum of per-sample
+//     increases < 0" telescopes to this), with at least min_trend_samples samples.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <unordered_map>
+#include <vector>
+
+#include "cluster/policy_types.h"
+
+namespace kun::cluster {
+
+enum class TrendRule { kLeastSquaresSlope, kLastBelowFirst };
+
+struct DemandMonitorConfig {
+  std::int64_t sample_period_us = 500'000;  // 0.5 s, as the artifact
+  std::int64_t window_samples = 30;         // sliding window length, as the artifact
+  double drop_demand_threshold = 0.95;      // artifact's oom_rate 95 %
+  bool drop_requires_pending = true;        // nothing waiting => dropping cannot help TTFT
+  double restore_demand_threshold = 0.5;    // artifact's valley_rate 50 %
+  TrendRule trend_rule = TrendRule::kLeastSquaresSlope;
+  double falling_slope_threshold_per_sample = 0.0;  // slope must be strictly below this
+  std::int64_t min_trend_samples = 4;       // fewer samples than this: never "falling"
+  // Consecutive eligible samples before a vote. The artifact's notes give no count (it acts on
+  // one sample); 2 samples (1 s) filters single-sample spikes while reacting quickly.
+  std::int64_t drop_votes_needed = 2;
+  std::int64_t restore_votes_needed = 2;
+};
+
+// One measurement of one key (instance or group).
+struct DemandSample {
+  std::int64_t time_us = 0;
+  double demand = 0.0;              // blocks demanded / KV capacity
+  std::int64_t pending_blocks = 0;  // blocks wanted by not-yet-admitted requests
+  std::int64_t free_blocks = 0;
+  std::int64_t num_queued = 0;
+};
+
+enum class Vote { kNone, kDrop, kRestore };
+const char* vote_name(Vote v);
+
+// Aggregates of snapshots into one sample. A group's demand is the sum of its members'
+// blocks demanded over the sum of their capacities.
+DemandSample sample_of(const InstanceSnapshot& s, std::int64_t now_us);
+DemandSample sample_of_group(const std::vector<const InstanceSnapshot*>& members, std::int64_t now_us);
+
+// Least-squares slope of y against index 0..n-1 (0 for n < 2).
+double least_squares_slope(const std::deque<DemandSample>& window);
+
+class DemandMonitor {
+ public:
+  explicit DemandMonitor(DemandMonitorConfig config = {});
+
+  const DemandMonitorConfig& config() const { return config_; }
+
+  // Record a sample if the key's sample period has elapsed (the first call always samples).
+  // Returns true when a sample was recorded.
+  bool observe_instance(std::int64_t instance, const DemandSample& sample);
+  bool observe_group(std::int64_t group, const DemandSample& sample);
+
+  Vote instance_vote(std::int64_t instance) const;
+  Vote group_vote(std::int64_t group) const;
+
+  // Forget a key's history (its demand changed meaning: it fused, or its group split).
+  void reset_instance(std::int64_t instance);
+  void reset_group(std::int64_t group);
+
+  // Exposed for tests and observability.
+  struct Window {
+    std::deque<DemandSample> samples;
+    std::int64_t last_sample_us = 0;
+    bool has_sample = false;
+    std::int64_t drop_streak = 0;     // consecutive drop-eligible samples, newest last
+    std::int64_t restore_streak = 0;  // consecutive restore-eligible samples
+  };
+  const Window* instance_window(std::int64_t instance) const;
+  const Window* group_window(std::int64_t group) const;
+
+  bool drop_eligible(const DemandSample& s) const;
+  bool restore_eligible(const Window& w) const;  // uses w's newest sample and trend
+  bool falling(const std::deque<DemandSample>& window) const;
+
+ private:
+  bool observe(Window& w, const DemandSample& sample);
+  Vote vote(const Window* w) const;
+
+  DemandMonitorConfig config_;
+  std::unordered_map<std::int64_t, Window> instances_;
+  std::unordered_map<std::int64_t, Window> groups_;
+};
+
+}  // namespace kun::cluster

@@ -1,0 +1,201 @@
+#include "cluster/planner.h"
+
+#include <algorithm>
+#include <sstream>
+#include <unordered_map>
+
+#include "common/check.h"
+
+namespace kun::cluster {
+namespace {
+
+void check_shape(const ClusterShape& shape) {
+  KUN_CHECK_GT(shape.num_layers, 0);
+  KUN_CHECK_GT(shape.layer_block_bytes, 0);
+  KUN_CHECK_GT(shape.block_size_tokens, 0);
+  KUN_CHECK_GE(shape.layer_param_bytes, 0);
+}
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return a <= 0 ? 0 : (a + b - 1) / b; }
+
+std::string join_ids(const std::vector<std::int64_t>& ids) {
+  std::ostringstream os;
+  os << "{";
+  for (std::size_t i = 0; i < ids.size(); ++i) os << (i ? "," : "") << ids[i];
+  os << "}";
+  return os.str();
+}
+
+}  // namespace
+
+std::int64_t layers_kept(std::int64_t stage, std::int64_t degree, std::int64_t num_layers) {
+  KUN_CHECK(degree >= 1 && stage >= 0 && stage < degree) << "stage " << stage << " degree " << degree;
+  return (stage + 1) * num_layers / degree - stage * num_layers / degree;
+}
+
+std::int64_t independent_capacity_tokens(const InstanceSnapshot& s, const ClusterShape& shape) {
+  check_shape(shape);
+  return (s.kv_blocks_total / shape.num_layers) * shape.block_size_tokens;
+}
+
+std::int64_t demand_tokens(const InstanceSnapshot& s, const ClusterShape& shape) {
+  check_shape(shape);
+  return ceil_div(s.blocks_demanded, shape.num_layers) * shape.block_size_tokens;
+}
+
+std::int64_t fused_capacity_tokens(const std::vector<const InstanceSnapshot*>& members,
+                                   const ClusterShape& shape) {
+  check_shape(shape);
+  const auto g = static_cast<std::int64_t>(members.size());
+  KUN_CHECK_GE(g, 1);
+  KUN_CHECK_LE(g, shape.num_layers) << "more stages than layers";
+  std::int64_t min_token_blocks = -1;
+  for (std::int64_t s = 0; s < g; ++s) {
+    const std::int64_t kept = layers_kept(s, g, shape.num_layers);
+    const std::int64_t extra = (shape.num_layers - kept) * shape.layer_param_bytes / shape.layer_block_bytes;
+    const std::int64_t token_blocks = (members[static_cast<std::size_t>(s)]->kv_blocks_total + extra) / kept;
+    if (min_token_blocks < 0 || token_blocks < min_token_blocks) min_token_blocks = token_blocks;
+  }
+  return min_token_blocks * shape.block_size_tokens;
+}
+
+Planner::Planner(PlannerConfig config) : config_(config) {
+  KUN_CHECK(config_.target_utilization > 0.0 && config_.target_utilization <= 1.0)
+      << "target_utilization " << config_.target_utilization;
+}
+
+Plan Planner::plan(const std::vector<InstanceSnapshot>& independent, const std::vector<std::int64_t>& overloaded,
+                   const ClusterShape& shape) const {
+  check_shape(shape);
+  Plan result;
+  const double target = config_.target_utilization;
+
+  std::vector<std::int64_t> degrees;
+  for (std::int64_t g : shape.allowed_degrees) {
+    if (g >= 2 && g <= shape.num_layers) degrees.push_back(g);
+  }
+  std::sort(degrees.begin(), degrees.end());
+  degrees.erase(std::unique(degrees.begin(), degrees.end()), degrees.end());
+
+  struct Entry {
+    const InstanceSnapshot* snap;
+    std::int64_t capacity_tokens;
+    std::int64_t demand_tokens;
+    double deficit_tokens;  // demand - target x capacity; negative = spare
+  };
+  const std::size_t n = independent.size();
+  std::vector<Entry> entries;
+  entries.reserve(n);
+  for (const InstanceSnapshot& s : independent) {
+    Entry e{&s, independent_capacity_tokens(s, shape), demand_tokens(s, shape), 0.0};
+    e.deficit_tokens = static_cast<double>(e.demand_tokens) - target * static_cast<double>(e.capacity_tokens);
+    entries.push_back(e);
+  }
+  // Ascending deficit: front = least loaded (most spare), back = most overloaded.
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    if (a.deficit_tokens != b.deficit_tokens) return a.deficit_tokens < b.deficit_tokens;
+    return a.snap->instance < b.snap->instance;
+  });
+  std::unordered_map<std::int64_t, std::size_t> pos;
+  pos.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const bool inserted = pos.emplace(entries[i].snap->instance, i).second;
+    KUN_CHECK(inserted) << "instance " << entries[i].snap->instance << " appears twice";
+  }
+  // Doubly linked list over the sorted order of still-unassigned instances; n is the sentinel.
+  std::vector<std::size_t> next(n + 1), prev(n + 1);
+  for (std::size_t i = 0; i <= n; ++i) {
+    next[i] = (i + 1) % (n + 1);
+    prev[i] = (i + n) % (n + 1);
+  }
+  std::vector<bool> taken(n, false);
+  auto unlink = [&](std::size_t i) {
+    taken[i] = true;
+    next[prev[i]] = next[i];
+    prev[next[i]] = prev[i];
+  };
+  std::size_t available = n;
+
+  // Leaders: overloaded ids, largest deficit first.
+  std::vector<std::size_t> leaders;
+  for (std::int64_t id : overloaded) {
+    auto it = pos.find(id);
+    if (it == pos.end()) {
+      result.notes.push_back("instance " + std::to_string(id) + " is not independent; not planned");
+      continue;
+    }
+    leaders.push_back(it->second);
+  }
+  std::sort(leaders.begin(), leaders.end(), std::greater<>());
+  leaders.erase(std::unique(leaders.begin(), leaders.end()), leaders.end());
+
+  for (std::size_t li : leaders) {
+    if (taken[li]) continue;  // already absorbed as a partner of a larger deficit
+    const Entry& lead = entries[li];
+    // Peek the least-loaded unassigned partners, skipping the leader.
+    const std::int64_t max_g = degrees.empty() ? 0 : degrees.back();
+    std::vector<std::size_t> partners;
+    for (std::size_t j = next[n]; j != n && static_cast<std::int64_t>(partners.size()) < max_g - 1; j = next[j]) {
+      if (j != li) partners.push_back(j);
+    }
+    std::ostringstream why;
+    why << "instance " << lead.snap->instance << " demand " << lead.demand_tokens << " tokens vs capacity "
+        << lead.capacity_tokens << " (deficit " << static_cast<std::int64_t>(lead.deficit_tokens)
+        << " tokens at target " << target << ")";
+    struct Candidate {
+      std::int64_t g = 0;
+      std::vector<std::size_t> members;
+      std::int64_t demand = 0, before = 0, after = 0;
+      bool covers = false;
+    };
+    Candidate chosen;
+    for (std::int64_t g : degrees) {
+      if (static_cast<std::int64_t>(partners.size()) < g - 1) break;
+      Candidate c;
+      c.g = g;
+      c.members.push_back(li);
+      c.members.insert(c.members.end(), partners.begin(), partners.begin() + (g - 1));
+      std::sort(c.members.begin(), c.members.end(),
+                [&](std::size_t a, std::size_t b) { return entries[a].snap->instance < entries[b].snap->instance; });
+      std::vector<const InstanceSnapshot*> snaps;
+      for (std::size_t m : c.members) {
+        snaps.push_back(entries[m].snap);
+        c.demand += entries[m].demand_tokens;
+        c.before += entries[m].capacity_tokens;
+      }
+      c.after = fused_capacity_tokens(snaps, shape);
+      c.covers = static_cast<double>(c.demand) <= target * static_cast<double>(c.after);
+      why << "; g=" << g << " ";
+      std::vector<std::int64_t> ids;
+      for (std::size_t m : c.members) ids.push_back(entries[m].snap->instance);
+      why << join_ids(ids) << ": demand " << c.demand << " tokens, capacity " << c.before << " -> " << c.after
+          << (c.covers ? " covers" : " short by ") ;
+      if (!c.covers) why << static_cast<std::int64_t>(static_cast<double>(c.demand) - target * static_cast<double>(c.after));
+      chosen = std::move(c);
+      if (chosen.covers) break;
+    }
+    if (chosen.g == 0) {
+      why << "; no partner available (" << available - 1 << " unassigned besides it); stays independent";
+      result.notes.push_back(why.str());
+      continue;
+    }
+    if (!chosen.covers) why << "; no allowed degree covers it, taking the largest available g=" << chosen.g;
+    PlannedGroup pg;
+    pg.degree = chosen.g;
+    pg.leader = lead.snap->instance;
+    pg.demand_tokens = chosen.demand;
+    pg.capacity_before_tokens = chosen.before;
+    pg.capacity_after_tokens = chosen.after;
+    pg.covers = chosen.covers;
+    for (std::size_t m : chosen.members) {
+      pg.instances.push_back(entries[m].snap->instance);
+      unlink(m);
+      --available;
+    }
+    pg.reason = why.str();
+    result.groups.push_back(std::move(pg));
+  }
+  return result;
+}
+
+}  // namespace kun::cluster

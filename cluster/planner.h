@@ -1,0 +1,81 @@
+// Planner: which independent instances fuse, and with which degree g (DESIGN.md 3.3). Pure.
+//
+// Memory arithmetic. Blocks in snapshots are layer blocks (block_size_tokens tokens x one layer).
+// An independent instance holds every layer of a token, so its capacity is
+//   floor(kv_blocks_total / L) token blocks.
+// In a group of degree g, stage s keeps k_s = floor((s+1)L/g) - floor(sL/g) layers (L/g when g
+// divides L), the pages of its other L - k_s layers become KV blocks:
+//   extra_s = floor((L - k_s) x layer_param_bytes / layer_block_bytes) layer blocks,
+// and a token costs only k_s layer blocks on that stage. A token of the group needs room on every
+// stage, so the group's capacity is
+//   min_s floor((kv_blocks_total_s + extra_s) / k_s) token blocks,
+// which for identical members and g | L is g x (kv_bytes + (1-1/g) x L x layer_param_bytes) /
+// (L x bytes per token-layer), i.e. the formula of DESIGN.md 3.3. It is compared with the members'
+// combined demand, sum ceil(blocks_demanded / L) token blocks. Stale requests (whose KV still
+// spans all L layers on their home device until exchanged) are not modelled: the exchange
+// converts them to the fused layout.
+//
+// Greedy, O(N log N): instances are sorted once by deficit (demand - target x capacity, tokens).
+// Overloaded instances are served largest deficit first; each tries g in allowed_degrees
+// ascending with the g-1 least-loaded still-unassigned instances as partners (their spare capacity
+// also absorbs the deficit) and takes the first g whose group covers the combined demand
+// (demand <= target_utilization x capacity). If none covers, it takes the largest g for which
+// enough partners remain and says so. Instances not picked stay independent. Partners are taken
+// from the front of a linked list over the sorted array (O(1) removal), so the loop after the sort
+// is O(N x |degrees| x g).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cluster/policy_types.h"
+
+namespace kun::cluster {
+
+struct PlannerConfig {
+  // A plan covers a group when its demand is at most this fraction of its capacity; 0.95 keeps
+  // the fused group just under the drop threshold.
+  double target_utilization = 0.95;
+};
+
+struct PlannedGroup {
+  std::vector<std::int64_t> instances;  // members in pipeline stage order (ascending id)
+  std::int64_t degree = 0;
+  std::int64_t leader = -1;              // the overloaded instance it was formed for
+  std::int64_t demand_tokens = 0;        // members' combined demand
+  std::int64_t capacity_before_tokens = 0;  // sum of members' independent capacities
+  std::int64_t capacity_after_tokens = 0;   // the fused group's capacity
+  bool covers = false;
+  std::string reason;
+};
+
+struct Plan {
+  std::vector<PlannedGroup> groups;
+  std::vector<std::string> notes;  // overloaded instances left without a group, and why
+};
+
+// Layers stage `stage` of a degree-g group keeps.
+std::int64_t layers_kept(std::int64_t stage, std::int64_t degree, std::int64_t num_layers);
+std::int64_t independent_capacity_tokens(const InstanceSnapshot& s, const ClusterShape& shape);
+std::int64_t demand_tokens(const InstanceSnapshot& s, const ClusterShape& shape);
+// Capacity of the group formed by `members` in stage order (degree = members.size()).
+std::int64_t fused_capacity_tokens(const std::vector<const InstanceSnapshot*>& members,
+                                   const ClusterShape& shape);
+
+class Planner {
+ public:
+  explicit Planner(PlannerConfig config = {});
+  const PlannerConfig& config() const { return config_; }
+
+  // `independent`: snapshots of every instance free to fuse. `overloaded`: the ids (subset of
+  // independent) that need memory, e.g. those the monitor votes to drop. Ids not in
+  // `independent` are reported in notes and skipped.
+  Plan plan(const std::vector<InstanceSnapshot>& independent, const std::vector<std::int64_t>& overloaded,
+            const ClusterShape& shape) const;
+
+ private:
+  PlannerConfig config_;
+};
+
+}  // namespace kun::cluster

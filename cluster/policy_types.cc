@@ -1,0 +1,34 @@
+#include "cluster/policy_types.h"
+
+namespace kun::cluster {
+
+const char* group_state_name(GroupState s) {
+  switch (s) {
+    case GroupState::kInitial: return "initial";
+    case GroupState::kDropped: return "dropped";
+    case GroupState::kRestoring: return "restoring";
+  }
+  return "unknown";
+}
+
+const char* policy_name(Policy p) {
+  switch (p) {
+    case Policy::kRecompute: return "recompute";
+    case Policy::kSwap: return "swap";
+    case Policy::kMigrate: return "migrate";
+    case Policy::kKunServe: return "kunserve";
+  }
+  return "unknown";
+}
+
+bool parse_policy(const std::string& s, Policy* out) {
+  for (Policy p : {Policy::kRecompute, Policy::kSwap, Policy::kMigrate, Policy::kKunServe}) {
+    if (s == policy_name(p)) {
+      *out = p;
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace kun::cluster

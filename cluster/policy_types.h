@@ -1,0 +1,82 @@
+// What cluster policy sees and decides (DESIGN.md 3.2-3.3, 3.7). Pure data: the runtime and the
+// simulator fill snapshots from their engines and carry out the actions; the policy code (monitor,
+// planner, coordinator, router, migration) is the same for both.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/ids.h"
+
+namespace kun::cluster {
+
+enum class GroupState { kInitial, kDropped, kRestoring };
+const char* group_state_name(GroupState s);
+
+enum class Policy { kRecompute, kSwap, kMigrate, kKunServe };
+const char* policy_name(Policy p);
+bool parse_policy(const std::string& s, Policy* out);
+
+struct RequestSnapshot {
+  RequestId id;
+  bool running = false;          // false: queued (waiting or swapped)
+  std::int64_t tokens = 0;       // prompt + generated so far
+  std::int64_t blocks_held = 0;  // layer blocks it holds now
+};
+
+// One instance (data-parallel replica) at one moment. Blocks are layer blocks (the unit a
+// device allocates); an independent instance's token block costs num_layers of them.
+struct InstanceSnapshot {
+  std::int64_t instance = 0;
+  std::int64_t group = -1;       // fused group id, -1 while independent
+  GroupState state = GroupState::kInitial;
+  std::int64_t kv_blocks_total = 0;
+  std::int64_t kv_blocks_free = 0;
+  // Blocks needed by running + queued requests at their current lengths.
+  std::int64_t blocks_demanded = 0;
+  // Blocks wanted by requests not yet admitted (waiting + swapped).
+  std::int64_t pending_blocks = 0;
+  std::int64_t num_running = 0;
+  std::int64_t num_queued = 0;
+  std::vector<RequestSnapshot> requests;  // filled for policies that need it (migrate)
+  double demand() const {
+    return kv_blocks_total > 0 ? static_cast<double>(blocks_demanded) / static_cast<double>(kv_blocks_total) : 0.0;
+  }
+};
+
+// Static facts of the deployment that the planner's memory arithmetic needs.
+struct ClusterShape {
+  std::int64_t num_instances = 0;
+  std::int64_t num_layers = 0;
+  std::int64_t layer_param_bytes = 0;     // one decoder layer's parameters, rounded to pages
+  std::int64_t layer_block_bytes = 0;     // one layer block (block_size tokens, one layer, K+V)
+  std::int64_t block_size_tokens = 16;
+  std::vector<std::int64_t> allowed_degrees = {2, 4};  // group sizes the planner may form
+};
+
+struct DropAction {
+  std::vector<std::int64_t> instances;  // the members, in pipeline stage order
+  std::int64_t group = -1;              // id the coordinator assigns
+  std::string reason;                   // the numbers that drove it, for the log
+};
+struct RestoreAction {
+  std::int64_t group = -1;
+  std::string reason;
+};
+struct MigrateAction {
+  RequestId request;
+  std::int64_t from = 0;
+  std::int64_t to = 0;
+  bool live = true;  // running request (KV moves) vs queued request (only the request moves)
+  std::string reason;
+};
+
+struct Actions {
+  std::vector<DropAction> drops;
+  std::vector<RestoreAction> restores;
+  std::vector<MigrateAction> migrations;
+  bool empty() const { return drops.empty() && restores.empty() && migrations.empty(); }
+};
+
+}  // namespace kun::cluster

@@ -1,0 +1,332 @@
+#include "cluster/coordinator.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+#include <set>
+
+#include "cluster/tests/test_util.h"
+
+namespace kun::cluster {
+namespace {
+
+using testing::overloaded_snap;
+using testing::snap;
+using testing::test_shape;
+
+constexpr std::int64_t kPeriod = 500'000;
+
+Coordinator make(Policy policy = Policy::kKunServe, std::int64_t n = 4) {
+  CoordinatorConfig c;
+  c.policy = policy;
+  return Coordinator(c, test_shape(n));
+}
+
+TEST(Coordinator, LegalTransitions) {
+  using S = GroupState;
+  EXPECT_TRUE(is_legal_transition(S::kInitial, S::kDropped));
+  EXPECT_TRUE(is_legal_transition(S::kDropped, S::kRestoring));
+  EXPECT_TRUE(is_legal_transition(S::kRestoring, S::kInitial));
+  EXPECT_FALSE(is_legal_transition(S::kInitial, S::kRestoring));
+  EXPECT_FALSE(is_legal_transition(S::kDropped, S::kInitial));
+  EXPECT_FALSE(is_legal_transition(S::kRestoring, S::kDropped));
+  for (S s : {S::kInitial, S::kDropped, S::kRestoring}) EXPECT_FALSE(is_legal_transition(s, s));
+}
+
+TEST(Coordinator, PolicyNames) {
+  Policy p = Policy::kRecompute;
+  for (Policy q : {Policy::kRecompute, Policy::kSwap, Policy::kMigrate, Policy::kKunServe}) {
+    ASSERT_TRUE(parse_policy(policy_name(q), &p));
+    EXPECT_EQ(p, q);
+  }
+  EXPECT_FALSE(parse_policy("llumnix", &p));
+  EXPECT_STREQ(group_state_name(GroupState::kDropped), "dropped");
+}
+
+TEST(Coordinator, ForcedLifecycleWithEventsAndLatencies) {
+  Coordinator c = make();
+  auto drop = c.force_drop({2, 3}, 1000);
+  ASSERT_TRUE(drop.ok()) << drop.status().to_string();
+  EXPECT_EQ(drop->group, 0);
+  EXPECT_EQ(drop->instances, (std::vector<std::int64_t>{2, 3}));
+  EXPECT_EQ(c.group_of(2), 0);
+  EXPECT_EQ(c.group_of(3), 0);
+  EXPECT_EQ(c.group_of(0), -1);
+  EXPECT_TRUE(c.any_in_transition());
+  EXPECT_EQ(c.group(0)->state, GroupState::kInitial);
+
+  // Not droppable again, not restorable yet.
+  EXPECT_EQ(c.force_drop({3, 0}, 1100).status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(c.force_restore(0, 1100).status().code(), StatusCode::kFailedPrecondition);
+
+  c.on_drop_done(0, 1500);
+  EXPECT_EQ(c.group(0)->state, GroupState::kDropped);
+  EXPECT_FALSE(c.any_in_transition());
+
+  auto restore = c.force_restore(0, 10'000);
+  ASSERT_TRUE(restore.ok());
+  EXPECT_EQ(restore->group, 0);
+  EXPECT_EQ(c.force_restore(0, 10'001).status().code(), StatusCode::kFailedPrecondition);
+  c.on_restore_started(0, 10'200);
+  EXPECT_EQ(c.group(0)->state, GroupState::kRestoring);
+  c.on_restore_done(0, 13'000);
+  EXPECT_EQ(c.group(0), nullptr);
+  EXPECT_EQ(c.group_of(2), -1);
+  EXPECT_TRUE(c.groups().empty());
+
+  const auto& ev = c.events();
+  ASSERT_EQ(ev.size(), 5u);
+  EXPECT_EQ(ev[0].kind, EventKind::kDropRequested);
+  EXPECT_TRUE(ev[0].forced);
+  EXPECT_EQ(ev[1].kind, EventKind::kDropDone);
+  EXPECT_EQ(ev[1].latency_us, 500);
+  EXPECT_EQ(ev[1].from, GroupState::kInitial);
+  EXPECT_EQ(ev[1].to, GroupState::kDropped);
+  EXPECT_EQ(ev[2].kind, EventKind::kRestoreRequested);
+  EXPECT_EQ(ev[3].kind, EventKind::kRestoreStarted);
+  EXPECT_EQ(ev[4].kind, EventKind::kRestoreDone);
+  EXPECT_EQ(ev[4].latency_us, 3000);
+  EXPECT_EQ(ev[4].to, GroupState::kInitial);
+  EXPECT_EQ(ev[4].members, (std::vector<std::int64_t>{2, 3}));
+  EXPECT_NE(ev[4].to_string().find("latency 3000us"), std::string::npos) << ev[4].to_string();
+
+  // Group ids are never reused.
+  auto again = c.force_drop({2, 3}, 20'000);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->group, 1);
+}
+
+TEST(Coordinator, ForceDropValidates) {
+  Coordinator c = make(Policy::kKunServe, 8);
+  EXPECT_EQ(c.force_drop({0, 1, 2}, 0).status().code(), StatusCode::kInvalidArgument);  // g=3 not allowed
+  EXPECT_EQ(c.force_drop({0, 0}, 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c.force_drop({0, 9}, 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c.force_restore(5, 0).status().code(), StatusCode::kNotFound);
+  auto four = c.force_drop({4, 5, 6, 7}, 0);
+  ASSERT_TRUE(four.ok());
+  EXPECT_EQ(four->instances.size(), 4u);
+}
+
+using CoordinatorDeathTest = ::testing::Test;
+
+TEST(CoordinatorDeathTest, IllegalTransitionsAbort) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        Coordinator c = make();
+        (void)c.force_drop({0, 1}, 0);
+        c.on_drop_done(0, 1);
+        c.on_drop_done(0, 2);  // DROPPED -> DROPPED
+      },
+      "drop done without a pending drop");
+  EXPECT_DEATH(
+      {
+        Coordinator c = make();
+        (void)c.force_drop({0, 1}, 0);
+        c.on_restore_started(0, 1);  // restore while the drop is still pending
+      },
+      "restore started without a restore request");
+  EXPECT_DEATH(
+      {
+        Coordinator c = make();
+        (void)c.force_drop({0, 1}, 0);
+        c.on_drop_done(0, 1);
+        (void)c.force_restore(0, 2);
+        c.on_restore_done(0, 3);  // DROPPED -> INITIAL skips RESTORING
+      },
+      "illegal transition dropped -> initial");
+  EXPECT_DEATH(
+      {
+        Coordinator c = make();
+        c.on_drop_done(7, 1);
+      },
+      "unknown or dissolved group 7");
+  EXPECT_DEATH(
+      {
+        Coordinator c = make();
+        (void)c.force_drop({0, 1}, 0);
+        c.on_drop_done(0, 1);
+        (void)c.force_restore(0, 2);
+        c.on_restore_started(0, 3);
+        c.on_restore_done(0, 4);
+        c.on_restore_done(0, 5);  // dissolved
+      },
+      "unknown or dissolved group 0");
+}
+
+TEST(Coordinator, TickDropsOnSustainedOverloadOnly) {
+  Coordinator c = make();
+  auto cluster = [](bool over) {
+    return std::vector<InstanceSnapshot>{over ? overloaded_snap(0) : snap(0, 0.8), snap(1, 0.6), snap(2, 0.2),
+                                         snap(3, 0.5)};
+  };
+  EXPECT_TRUE(c.tick(0, cluster(false)).empty());
+  EXPECT_TRUE(c.tick(kPeriod, cluster(true)).empty());  // one sample: not yet
+  EXPECT_TRUE(c.tick(kPeriod + 100'000, cluster(true)).empty());  // same period
+  Actions a = c.tick(2 * kPeriod, cluster(true));
+  ASSERT_EQ(a.drops.size(), 1u);
+  EXPECT_EQ(a.drops[0].instances, (std::vector<std::int64_t>{0, 2}));  // least-loaded partner
+  EXPECT_EQ(a.drops[0].group, 0);
+  EXPECT_FALSE(a.drops[0].reason.empty());
+  EXPECT_EQ(c.group_of(0), 0);
+
+  // While the drop is pending, another overloaded instance waits.
+  std::vector<InstanceSnapshot> now = {overloaded_snap(0), snap(1, 0.6), snap(2, 0.3), overloaded_snap(3)};
+  EXPECT_TRUE(c.tick(3 * kPeriod, now).drops.empty());
+  EXPECT_TRUE(c.tick(4 * kPeriod, now).drops.empty());
+  c.on_drop_done(0, 4 * kPeriod + 1);
+  // Now 3 may fuse, with 1 (the only independent one left).
+  a = c.tick(4 * kPeriod + 2, now);
+  ASSERT_EQ(a.drops.size(), 1u);
+  EXPECT_EQ(a.drops[0].instances, (std::vector<std::int64_t>{1, 3}));
+}
+
+TEST(Coordinator, TickRestoresWhenGroupDemandFalls) {
+  Coordinator c = make();
+  ASSERT_TRUE(c.force_drop({0, 1}, 0).ok());
+  c.on_drop_done(0, 10);
+  // Group demand falls 0.9 -> 0.2 over eight samples, nothing queued.
+  std::int64_t t = kPeriod;
+  Actions a;
+  int restores_at = -1;
+  for (int i = 0; i < 8; ++i, t += kPeriod) {
+    const double d = 0.9 - 0.1 * i;
+    a = c.tick(t, {snap(0, d), snap(1, d), snap(2, 0.5), snap(3, 0.5)});
+    EXPECT_TRUE(a.drops.empty());
+    if (!a.restores.empty() && restores_at < 0) restores_at = i;
+  }
+  EXPECT_EQ(restores_at, 5);  // 0.5 at i=4 is the first eligible sample; two needed
+  EXPECT_EQ(c.group(0)->restore_pending, true);
+  // No second restore action while pending.
+  a = c.tick(t, {snap(0, 0.1), snap(1, 0.1), snap(2, 0.5), snap(3, 0.5)});
+  EXPECT_TRUE(a.restores.empty());
+  c.on_restore_started(0, t + 1);
+  c.on_restore_done(0, t + 2);
+  EXPECT_EQ(c.group_of(0), -1);
+}
+
+TEST(Coordinator, RestoreCanBeDisabled) {
+  CoordinatorConfig cfg;
+  cfg.enable_restore = false;
+  Coordinator c(cfg, test_shape(2));
+  ASSERT_TRUE(c.force_drop({0, 1}, 0).ok());
+  c.on_drop_done(0, 0);
+  for (int i = 1; i < 20; ++i) {
+    const double d = 0.5 - 0.02 * i;
+    EXPECT_TRUE(c.tick(i * kPeriod, {snap(0, d), snap(1, d)}).restores.empty());
+  }
+}
+
+TEST(Coordinator, BaselinesEmitNoGroupActions) {
+  for (Policy p : {Policy::kRecompute, Policy::kSwap}) {
+    Coordinator c = make(p);
+    for (int i = 0; i < 5; ++i) {
+      EXPECT_TRUE(c.tick(i * kPeriod, {overloaded_snap(0), snap(1, 0.1), snap(2, 0.1), snap(3, 0.1)}).empty());
+    }
+  }
+}
+
+TEST(Coordinator, MigratePolicyEmitsMigrations) {
+  Coordinator c = make(Policy::kMigrate);
+  InstanceSnapshot hot = overloaded_snap(0);
+  hot.requests.push_back({RequestId(11), true, 100, 128});
+  hot.requests.push_back({RequestId(12), true, 200, 224});
+  Actions a = c.tick(0, {hot, snap(1, 0.2), snap(2, 0.5), snap(3, 0.5)});
+  EXPECT_TRUE(a.drops.empty());
+  ASSERT_FALSE(a.migrations.empty());
+  EXPECT_EQ(a.migrations[0].request, RequestId(12));
+  EXPECT_EQ(a.migrations[0].to, 1);
+  EXPECT_TRUE(c.migration().in_flight(RequestId(12)));
+  c.on_migration_done(RequestId(12));
+  EXPECT_FALSE(c.migration().in_flight(RequestId(12)));
+}
+
+// Property: under random load and random completion of transitions, no instance is ever in two
+// groups, every drop names only independent instances with an allowed degree, and the state
+// machine is only driven through legal transitions (an illegal one would abort the test).
+TEST(Coordinator, RandomizedTicksKeepGroupsDisjoint) {
+  std::int64_t planned_drops = 0, restores_done = 0;
+  for (std::uint64_t seed = 1; seed <= 20; ++seed) {
+    std::mt19937_64 rng(seed);
+    const std::int64_t n = 4 + static_cast<std::int64_t>(rng() % 13);
+    CoordinatorConfig cfg;
+    cfg.monitor.drop_votes_needed = 1 + static_cast<std::int64_t>(rng() % 2);
+    Coordinator c(cfg, test_shape(n));
+    std::vector<double> level(static_cast<std::size_t>(n), 0.5);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    std::int64_t t = 0;
+    for (int step = 0; step < 400; ++step) {
+      t += 100'000 + static_cast<std::int64_t>(rng() % 400'000);
+      std::vector<InstanceSnapshot> snaps;
+      for (std::int64_t i = 0; i < n; ++i) {
+        double& l = level[static_cast<std::size_t>(i)];
+        l = std::clamp(l + (u(rng) - 0.5) * 0.3, 0.0, 1.6);
+        snaps.push_back(l >= 1.0 ? overloaded_snap(i, l) : snap(i, l));
+      }
+      std::shuffle(snaps.begin(), snaps.end(), rng);
+      const std::map<std::int64_t, GroupInfo> before = c.groups();
+      Actions a = c.tick(t, snaps);
+      for (const DropAction& d : a.drops) {
+        EXPECT_TRUE(d.instances.size() == 2 || d.instances.size() == 4);
+        for (std::int64_t m : d.instances) {
+          for (const auto& [id, g] : before) {
+            EXPECT_EQ(std::count(g.members.begin(), g.members.end(), m), 0)
+                << "seed " << seed << ": instance " << m << " dropped while in group " << id;
+          }
+        }
+        EXPECT_FALSE(std::any_of(before.begin(), before.end(),
+                                 [](const auto& kv) { return kv.second.in_transition(); }))
+            << "drop planned while a group was in transition";
+      }
+      // Disjointness of live groups.
+      std::set<std::int64_t> members;
+      for (const auto& [id, g] : c.groups()) {
+        for (std::int64_t m : g.members) {
+          EXPECT_TRUE(members.insert(m).second) << "seed " << seed << ": instance " << m << " in two groups";
+          EXPECT_EQ(c.group_of(m), id);
+        }
+      }
+      // Randomly complete transitions (and sometimes force one).
+      std::vector<std::int64_t> ids;
+      for (const auto& [id, g] : c.groups()) ids.push_back(id);
+      for (std::int64_t id : ids) {
+        const GroupInfo* g = c.group(id);
+        if (u(rng) < 0.5) continue;
+        if (g->drop_pending) {
+          c.on_drop_done(id, t);
+        } else if (g->state == GroupState::kDropped && g->restore_pending) {
+          c.on_restore_started(id, t);
+        } else if (g->state == GroupState::kRestoring) {
+          c.on_restore_done(id, t);
+        } else if (g->state == GroupState::kDropped && u(rng) < 0.1) {
+          ASSERT_TRUE(c.force_restore(id, t).ok());
+        }
+      }
+      if (u(rng) < 0.05) {
+        const std::int64_t a0 = static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(n));
+        const std::int64_t a1 = (a0 + 1) % n;
+        const bool was_free = c.group_of(a0) < 0 && c.group_of(a1) < 0;
+        auto r = c.force_drop({a0, a1}, t);
+        EXPECT_EQ(r.ok(), was_free);
+        if (r.ok()) {
+          EXPECT_EQ(c.group_of(a0), r->group);
+          EXPECT_EQ(c.group_of(a1), r->group);
+        }
+      }
+    }
+    // Latencies are recorded for every completed transition.
+    for (const Event& e : c.events()) {
+      if (e.kind == EventKind::kDropDone || e.kind == EventKind::kRestoreDone) {
+        EXPECT_GE(e.latency_us, 0);
+      }
+      planned_drops += (e.kind == EventKind::kDropRequested && !e.forced) ? 1 : 0;
+      restores_done += e.kind == EventKind::kRestoreDone ? 1 : 0;
+    }
+  }
+  EXPECT_GT(planned_drops, 20);  // the property was exercised
+  EXPECT_GT(restores_done, 5);
+}
+
+}  // namespace
+}  // namespace kun::cluster

@@ -1,0 +1,231 @@
+#include "cluster/planner.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <set>
+
+#include "cluster/tests/test_util.h"
+
+namespace kun::cluster {
+namespace {
+
+using testing::snap;
+using testing::test_shape;
+
+// Hand arithmetic for test_shape() (L=32, P=10000 B, layer block 100 B, 16 tokens/block) and
+// members with 3200 layer blocks each:
+//   independent: 3200/32 = 100 token blocks = 1600 tokens
+//   g=2: stage keeps 16 layers, frees 16*10000/100 = 1600 blocks; (3200+1600)/16 = 300 -> 4800 tokens
+//   g=4: stage keeps  8 layers, frees 24*10000/100 = 2400 blocks; (3200+2400)/8  = 700 -> 11200 tokens
+// (DESIGN formula: g*(kv + (1-1/g)*L*P)/(L*bytes/token-layer) = 2*(320000+160000)/200 = 4800.)
+
+TEST(Planner, LayersKept) {
+  EXPECT_EQ(layers_kept(0, 2, 32), 16);
+  EXPECT_EQ(layers_kept(1, 2, 32), 16);
+  std::int64_t sum = 0;
+  for (int s = 0; s < 4; ++s) sum += layers_kept(s, 4, 10);
+  EXPECT_EQ(sum, 10);
+  EXPECT_EQ(layers_kept(0, 4, 10), 2);
+  EXPECT_EQ(layers_kept(1, 4, 10), 3);
+}
+
+TEST(Planner, CapacityArithmeticByHand) {
+  const ClusterShape shape = test_shape();
+  InstanceSnapshot a = snap(0, 0.5), b = snap(1, 0.5), c = snap(2, 0.5), d = snap(3, 0.5);
+  EXPECT_EQ(independent_capacity_tokens(a, shape), 1600);
+  EXPECT_EQ(fused_capacity_tokens({&a, &b}, shape), 4800);
+  EXPECT_EQ(fused_capacity_tokens({&a, &b, &c, &d}, shape), 11200);
+  // DESIGN.md formula, in bytes, for g = 2.
+  const double kv_bytes = 3200.0 * 100.0;
+  const double per_token_all_layers = 32.0 * 100.0 / 16.0;
+  EXPECT_DOUBLE_EQ(2.0 * (kv_bytes + 0.5 * 32.0 * 10000.0) / per_token_all_layers, 4800.0);
+  // Demand: 1600 layer blocks = 50 token blocks = 800 tokens; a partial token block rounds up.
+  EXPECT_EQ(demand_tokens(a, shape), 800);
+  a.blocks_demanded = 1601;
+  EXPECT_EQ(demand_tokens(a, shape), 816);
+  // The smallest member bounds the group.
+  b.kv_blocks_total = 1600;  // (1600+1600)/16 = 200 token blocks
+  EXPECT_EQ(fused_capacity_tokens({&a, &b}, shape), 3200);
+}
+
+TEST(Planner, PicksTwoWhenItSuffices) {
+  const ClusterShape shape = test_shape();
+  // Leader: 3200 tokens (6400 layer blocks) vs 1600 capacity. Partner at 800 tokens.
+  // g=2: 3200 + 800 = 4000 <= 0.95 * 4800 = 4560 -> covers.
+  std::vector<InstanceSnapshot> xs = {snap(0, 2.0), snap(1, 0.5), snap(2, 0.6), snap(3, 0.7)};
+  Plan p = Planner().plan(xs, {0}, shape);
+  ASSERT_EQ(p.groups.size(), 1u);
+  const PlannedGroup& g = p.groups[0];
+  EXPECT_EQ(g.degree, 2);
+  EXPECT_EQ(g.instances, (std::vector<std::int64_t>{0, 1}));  // least-loaded partner
+  EXPECT_EQ(g.leader, 0);
+  EXPECT_EQ(g.demand_tokens, 4000);
+  EXPECT_EQ(g.capacity_before_tokens, 3200);
+  EXPECT_EQ(g.capacity_after_tokens, 4800);
+  EXPECT_TRUE(g.covers);
+  EXPECT_NE(g.reason.find("4800"), std::string::npos) << g.reason;
+  EXPECT_NE(g.reason.find("covers"), std::string::npos) << g.reason;
+}
+
+TEST(Planner, PicksFourWhenTwoIsShort) {
+  const ClusterShape shape = test_shape();
+  // Leader at 5000 tokens: 5000/16 = 312.5 -> 313 token blocks = 10016 layer blocks -> 5008 tokens.
+  // g=2 with a 800-token partner: 5808 > 4560. g=4 with three at 800/960/1120: 5008+2880 = 7888
+  // <= 0.95 * 11200 = 10640 -> covers.
+  InstanceSnapshot lead = snap(5, 1.0);
+  lead.blocks_demanded = 10016;
+  std::vector<InstanceSnapshot> xs = {snap(1, 0.5), snap(2, 0.6), snap(3, 0.7), lead, snap(4, 0.9)};
+  Plan p = Planner().plan(xs, {5}, shape);
+  ASSERT_EQ(p.groups.size(), 1u);
+  const PlannedGroup& g = p.groups[0];
+  EXPECT_EQ(g.degree, 4);
+  EXPECT_EQ(g.instances, (std::vector<std::int64_t>{1, 2, 3, 5}));
+  EXPECT_EQ(g.demand_tokens, 5008 + 800 + 960 + 1120);
+  EXPECT_EQ(g.capacity_before_tokens, 4 * 1600);
+  EXPECT_EQ(g.capacity_after_tokens, 11200);
+  EXPECT_TRUE(g.covers);
+  EXPECT_NE(g.reason.find("g=2"), std::string::npos) << g.reason;  // says why 2 was not enough
+  EXPECT_NE(g.reason.find("g=4"), std::string::npos) << g.reason;
+}
+
+TEST(Planner, HealthyInstancesStayIndependent) {
+  const ClusterShape shape = test_shape();
+  std::vector<InstanceSnapshot> xs;
+  for (int i = 0; i < 8; ++i) xs.push_back(snap(i, 0.3 + 0.05 * i));
+  EXPECT_TRUE(Planner().plan(xs, {}, shape).groups.empty());
+  // One overloaded among eight: exactly one pair, the other six untouched.
+  xs[6] = snap(6, 2.0);
+  Plan p = Planner().plan(xs, {6}, shape);
+  ASSERT_EQ(p.groups.size(), 1u);
+  EXPECT_EQ(p.groups[0].instances, (std::vector<std::int64_t>{0, 6}));
+}
+
+TEST(Planner, LargestDeficitFirstAndNoInstanceTwice) {
+  const ClusterShape shape = test_shape();
+  // Two overloaded, two idle: the bigger deficit (1) gets the least-loaded partner (3).
+  std::vector<InstanceSnapshot> xs = {snap(0, 1.8), snap(1, 2.2), snap(2, 0.4), snap(3, 0.1)};
+  Plan p = Planner().plan(xs, {0, 1}, shape);
+  ASSERT_EQ(p.groups.size(), 2u);
+  EXPECT_EQ(p.groups[0].leader, 1);
+  EXPECT_EQ(p.groups[0].instances, (std::vector<std::int64_t>{1, 3}));
+  EXPECT_EQ(p.groups[1].leader, 0);
+  EXPECT_EQ(p.groups[1].instances, (std::vector<std::int64_t>{0, 2}));
+}
+
+TEST(Planner, NoCoverTakesLargestDegreeAndSaysSo) {
+  const ClusterShape shape = test_shape();
+  // Leader at 20000 tokens: even g=4 (11200 * 0.95 = 10640) is short.
+  InstanceSnapshot lead = snap(0, 1.0);
+  lead.blocks_demanded = 40000;  // 1250 token blocks = 20000 tokens
+  std::vector<InstanceSnapshot> xs = {lead, snap(1, 0.1), snap(2, 0.1), snap(3, 0.1), snap(4, 0.1)};
+  Plan p = Planner().plan(xs, {0}, shape);
+  ASSERT_EQ(p.groups.size(), 1u);
+  EXPECT_EQ(p.groups[0].degree, 4);
+  EXPECT_FALSE(p.groups[0].covers);
+  EXPECT_NE(p.groups[0].reason.find("no allowed degree covers"), std::string::npos) << p.groups[0].reason;
+  // With only two partners left, g=4 is impossible: g=2, still short, still said.
+  xs.resize(3);
+  p = Planner().plan(xs, {0}, shape);
+  ASSERT_EQ(p.groups.size(), 1u);
+  EXPECT_EQ(p.groups[0].degree, 2);
+  EXPECT_FALSE(p.groups[0].covers);
+}
+
+TEST(Planner, AloneStaysIndependentWithANote) {
+  const ClusterShape shape = test_shape();
+  Plan p = Planner().plan({snap(0, 2.0)}, {0}, shape);
+  EXPECT_TRUE(p.groups.empty());
+  ASSERT_EQ(p.notes.size(), 1u);
+  EXPECT_NE(p.notes[0].find("no partner"), std::string::npos);
+  // An id that is not among the independent instances is reported, not planned.
+  p = Planner().plan({snap(0, 0.2), snap(1, 0.2)}, {9}, shape);
+  EXPECT_TRUE(p.groups.empty());
+  EXPECT_EQ(p.notes.size(), 1u);
+}
+
+TEST(Planner, OverloadedPairMayFuseWhenNothingElseIsLeft) {
+  const ClusterShape shape = test_shape();
+  // Two instances at 2000 tokens each: 4000 <= 4560, so fusing the two overloaded ones covers both.
+  std::vector<InstanceSnapshot> xs = {snap(0, 1.25), snap(1, 1.25)};
+  Plan p = Planner().plan(xs, {0, 1}, shape);
+  ASSERT_EQ(p.groups.size(), 1u);
+  EXPECT_EQ(p.groups[0].instances, (std::vector<std::int64_t>{0, 1}));
+  EXPECT_TRUE(p.groups[0].covers);
+}
+
+TEST(Planner, ThousandInstancesSanity) {
+  const ClusterShape shape = test_shape(1000);
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<double> load(0.05, 0.9);
+  std::vector<InstanceSnapshot> xs;
+  std::vector<std::int64_t> over;
+  for (int i = 0; i < 1000; ++i) {
+    if (i % 10 == 3) {
+      xs.push_back(snap(i, 1.2 + 0.01 * (i % 37)));
+      over.push_back(i);
+    } else {
+      xs.push_back(snap(i, load(rng)));
+    }
+  }
+  std::shuffle(xs.begin(), xs.end(), rng);
+  Plan p = Planner().plan(xs, over, shape);
+  EXPECT_EQ(p.groups.size(), over.size());  // plenty of partners: every leader gets a group
+  std::set<std::int64_t> seen;
+  for (const PlannedGroup& g : p.groups) {
+    EXPECT_EQ(g.degree, 2) << g.reason;  // each leader is covered by one light partner
+    EXPECT_TRUE(g.covers) << g.reason;
+    EXPECT_TRUE(std::is_sorted(g.instances.begin(), g.instances.end()));
+    for (std::int64_t m : g.instances) EXPECT_TRUE(seen.insert(m).second) << "instance " << m << " twice";
+  }
+  // Partners are the lightest instances: every partner is no heavier than any untouched instance.
+  std::int64_t max_partner = 0, min_untouched = 1 << 30;
+  for (const InstanceSnapshot& s : xs) {
+    const bool leader = std::find(over.begin(), over.end(), s.instance) != over.end();
+    if (leader) continue;
+    if (seen.count(s.instance)) {
+      max_partner = std::max(max_partner, demand_tokens(s, shape));
+    } else {
+      min_untouched = std::min(min_untouched, demand_tokens(s, shape));
+    }
+  }
+  EXPECT_LE(max_partner, min_untouched);
+}
+
+// Seconds for one plan over n instances, half of them overloaded (best of `reps`).
+double plan_seconds(std::int64_t n, int reps, std::size_t* groups) {
+  const ClusterShape shape = test_shape(n);
+  std::vector<InstanceSnapshot> xs;
+  std::vector<std::int64_t> over;
+  xs.reserve(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) {
+    const bool o = i % 2 == 0;
+    const double jitter = 1e-6 * static_cast<double>(i);
+    xs.push_back(o ? snap(i, 1.1 + jitter) : snap(i, 0.2 + jitter));
+    if (o) over.push_back(i);
+  }
+  double best = 1e9;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    Plan p = Planner().plan(xs, over, shape);
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    *groups = p.groups.size();
+  }
+  return best;
+}
+
+TEST(Planner, ScalesNLogN) {
+  // 4x the instances: N log N work grows ~4.6x, quadratic work 16x. Best of three runs each to
+  // damp noise from a shared machine; the bound (10x) sits between the two.
+  std::size_t groups = 0;
+  const double small = plan_seconds(10'000, 3, &groups);
+  EXPECT_EQ(groups, 5'000u);
+  const double large = plan_seconds(40'000, 3, &groups);
+  EXPECT_EQ(groups, 20'000u);
+  EXPECT_LT(large, 10.0 * small) << "10k: " << small << " s, 40k: " << large << " s";
+}
+
+}  // namespace
+}  // namespace kun::cluster
