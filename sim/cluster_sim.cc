@@ -1,0 +1,622 @@
+#include "sim/cluster_sim.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+#include <sstream>
+
+#include "cluster/planner.h"
+#include "common/check.h"
+#include "common/log.h"
+
+namespace kun::sim {
+
+struct ClusterSim::Unit {
+  std::vector<std::int64_t> members;  // instance ids in stage order
+  std::int64_t group = -1;
+  std::vector<std::int64_t> stage_layers;
+  std::vector<std::unique_ptr<kv::KvBlockAllocator>> allocators;
+  std::unique_ptr<engine::KvManager> kv;
+  std::unique_ptr<engine::Scheduler> scheduler;
+  std::unique_ptr<SimExecutor> executor;
+  std::set<std::int64_t> requests;  // trace indices outstanding here
+  bool in_flight = false;
+  std::int64_t busy_until_us = 0;
+  engine::StepPlan plan;
+  engine::StepResult result;
+  bool blocked = false;  // waiting for a transition at its next step boundary
+};
+
+namespace {
+
+std::int64_t layers_of_stage(std::int64_t stage, std::int64_t degree, std::int64_t num_layers) {
+  return cluster::layers_kept(stage, degree, num_layers);
+}
+
+}  // namespace
+
+ClusterSim::ClusterSim(SimConfig config, CostModel cost, LinkSpec link, LinkSpec host_link)
+    : config_(std::move(config)), cost_(std::move(cost)), link_(std::move(link)), host_link_(std::move(host_link)) {}
+
+ClusterSim::~ClusterSim() = default;
+
+StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
+  SimConfig config = in;
+  auto gpu = gpu_spec(config.gpu);
+  if (!gpu.ok()) return gpu.status();
+  auto link = link_spec(config.link);
+  if (!link.ok()) return link.status();
+  auto host = link_spec(config.host_link);
+  if (!host.ok()) return host.status();
+  model::ModelConfig m;
+  if (config.use_model) {
+    m = config.model;
+  } else {
+    auto mc = sim_model_config(config.model_name);
+    if (!mc.ok()) return mc.status();
+    m = *mc;
+  }
+  if (config.num_instances <= 0) return invalid_argument("num_instances must be > 0");
+  if (config.gpu_memory_utilization <= 0 || config.gpu_memory_utilization > 1) {
+    return invalid_argument("gpu_memory_utilization must be in (0, 1]");
+  }
+  if (config.page_bytes <= 0 || config.block_size_tokens <= 0) return invalid_argument("page and block sizes must be > 0");
+  if (config.timeline_period_us <= 0) return invalid_argument("timeline_period_us must be > 0");
+  config.scheduler.preemption =
+      config.policy == cluster::Policy::kSwap ? engine::PreemptionMode::kSwap : engine::PreemptionMode::kRecompute;
+  if (config.scheduler.vocab_size == 0) config.scheduler.vocab_size = m.vocab_size;
+  config.scheduler.eos_token_id = static_cast<std::int32_t>(m.eos_token_id);
+  KUN_RETURN_IF_ERROR(config.scheduler.validate());
+  config.coordinator.policy = config.policy;
+
+  CostModel cost(*gpu, m);
+  std::unique_ptr<ClusterSim> sim(new ClusterSim(config, cost, *link, *host));
+  const std::int64_t page = config.page_bytes;
+  const std::int64_t layer_block_bytes = config.block_size_tokens * cost.kv_bytes_per_token_per_layer();
+  sim->blocks_per_page_ = page / layer_block_bytes;
+  if (sim->blocks_per_page_ < 1) return invalid_argument("a page must hold at least one KV block");
+  sim->pages_per_layer_ = (cost.layer_param_bytes() + page - 1) / page;
+  const double budget = static_cast<double>(gpu->memory_bytes) * config.gpu_memory_utilization;
+  const double kv_bytes = budget - static_cast<double>(config.activation_reserve_bytes) -
+                          static_cast<double>(cost.non_layer_param_bytes()) -
+                          static_cast<double>(m.num_layers * sim->pages_per_layer_ * page);
+  sim->kv_pages_per_instance_ = static_cast<std::int64_t>(std::floor(kv_bytes / static_cast<double>(page)));
+  if (sim->kv_pages_per_instance_ <= 0) {
+    return invalid_argument("model '" + config.model_name + "' leaves no KV memory on " + gpu->name);
+  }
+  sim->kv_blocks_per_instance_ = sim->kv_pages_per_instance_ * sim->blocks_per_page_;
+
+  cluster::ClusterShape shape;
+  shape.num_instances = config.num_instances;
+  shape.num_layers = m.num_layers;
+  shape.layer_param_bytes = sim->pages_per_layer_ * page;
+  shape.layer_block_bytes = page / sim->blocks_per_page_;
+  shape.block_size_tokens = config.block_size_tokens;
+  shape.allowed_degrees.erase(std::remove_if(shape.allowed_degrees.begin(), shape.allowed_degrees.end(),
+                                             [&](std::int64_t g) { return g > config.num_instances || g > m.num_layers; }),
+                              shape.allowed_degrees.end());
+  sim->coordinator_ = std::make_unique<cluster::Coordinator>(config.coordinator, shape);
+  cluster::RouterConfig rc;
+  rc.policy = config.route;
+  rc.num_layers = m.num_layers;
+  sim->router_ = std::make_unique<cluster::Router>(rc);
+  for (std::int64_t i = 0; i < config.num_instances; ++i) sim->units_.push_back(sim->make_unit({i}, -1));
+  return sim;
+}
+
+std::unique_ptr<ClusterSim::Unit> ClusterSim::make_unit(const std::vector<std::int64_t>& members, std::int64_t group) {
+  auto u = std::make_unique<Unit>();
+  u->members = members;
+  u->group = group;
+  const auto g = static_cast<std::int64_t>(members.size());
+  const std::int64_t num_layers = cost_.model().num_layers;
+  std::vector<kv::KvBlockAllocator*> devices;
+  std::vector<std::int32_t> layer_device;
+  for (std::int64_t s = 0; s < g; ++s) {
+    const std::int64_t kept = g == 1 ? num_layers : layers_of_stage(s, g, num_layers);
+    u->stage_layers.push_back(kept);
+    for (std::int64_t l = 0; l < kept; ++l) layer_device.push_back(static_cast<std::int32_t>(s));
+    const std::int64_t pages = kv_pages_per_instance_ + (num_layers - kept) * pages_per_layer_;
+    auto alloc = std::make_unique<kv::KvBlockAllocator>(blocks_per_page_);
+    std::vector<kv::PageId> ids;
+    ids.reserve(static_cast<std::size_t>(pages));
+    for (std::int64_t p = 0; p < pages; ++p) ids.emplace_back(p);  // base pool, then extension
+    KUN_CHECK_OK(alloc->add_pages(ids));
+    devices.push_back(alloc.get());
+    u->allocators.push_back(std::move(alloc));
+  }
+  const std::int64_t layer_block_bytes = config_.block_size_tokens * cost_.kv_bytes_per_token_per_layer();
+  const std::int64_t host_blocks =
+      config_.policy == cluster::Policy::kSwap ? config_.host_swap_bytes * g / layer_block_bytes : 0;
+  u->kv = std::make_unique<engine::KvManager>(config_.block_size_tokens, devices, layer_device, host_blocks);
+  engine::SchedulerConfig sc = config_.scheduler;
+  if (g > 1) sc.enable_chunked_prefill = true;  // DESIGN.md 3.4: chunked prefill on in fused mode
+  u->scheduler = std::make_unique<engine::Scheduler>(sc, u->kv.get(), &clock_);
+  SimExecutorConfig ec;
+  ec.stage_layers = u->stage_layers;
+  ec.host_link = host_link_;
+  ec.stage_link = link_;
+  ec.block_size_tokens = config_.block_size_tokens;
+  ec.eos_token_id = static_cast<std::int32_t>(cost_.model().eos_token_id);
+  ec.vocab_size = cost_.model().vocab_size;
+  u->executor = std::make_unique<SimExecutor>(&cost_, ec);
+  return u;
+}
+
+ClusterSim::Unit* ClusterSim::unit_of_instance(std::int64_t instance) {
+  for (auto& u : units_) {
+    if (std::find(u->members.begin(), u->members.end(), instance) != u->members.end()) return u.get();
+  }
+  return nullptr;
+}
+
+std::int64_t ClusterSim::outstanding() const {
+  std::int64_t n = static_cast<std::int64_t>(pending_moves_.size());
+  for (const auto& u : units_) n += static_cast<std::int64_t>(u->requests.size());
+  return n;
+}
+
+std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots() const {
+  std::vector<cluster::InstanceSnapshot> out;
+  const std::int64_t num_layers = cost_.model().num_layers;
+  for (const auto& u : units_) {
+    const auto g = static_cast<std::int64_t>(u->members.size());
+    const std::int64_t total = u->kv->total_blocks();
+    const auto demanded = static_cast<std::int64_t>(std::llround(u->scheduler->demand() * static_cast<double>(total)));
+    const std::int64_t pending = u->scheduler->pending_blocks();
+    cluster::GroupState state = cluster::GroupState::kInitial;
+    if (u->group >= 0) {
+      if (const cluster::GroupInfo* gi = coordinator_->group(u->group)) state = gi->state;
+    }
+    for (std::int64_t s = 0; s < g; ++s) {
+      cluster::InstanceSnapshot snap;
+      snap.instance = u->members[static_cast<std::size_t>(s)];
+      snap.group = u->group;
+      snap.state = state;
+      const auto& alloc = *u->allocators[static_cast<std::size_t>(s)];
+      snap.kv_blocks_total = alloc.num_total();
+      snap.kv_blocks_free = alloc.num_free();
+      const std::int64_t share = u->stage_layers[static_cast<std::size_t>(s)];
+      snap.blocks_demanded = demanded * share / num_layers;
+      snap.pending_blocks = pending * share / num_layers;
+      if (s == 0) {
+        snap.num_running = u->scheduler->num_running();
+        snap.num_queued = u->scheduler->num_waiting();
+        if (config_.policy == cluster::Policy::kMigrate && g == 1) {
+          for (std::int64_t idx : u->requests) {
+            const engine::Request* r = u->scheduler->find(RequestId(idx));
+            if (r == nullptr) continue;
+            cluster::RequestSnapshot rs;
+            rs.id = RequestId(idx);
+            rs.running = r->state == engine::RequestState::kRunning;
+            rs.tokens = r->num_tokens();
+            rs.blocks_held = u->kv->layer_blocks_for(u->kv->tokens_held(rs.id));
+            snap.requests.push_back(rs);
+          }
+        }
+      }
+      out.push_back(std::move(snap));
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.instance < b.instance; });
+  return out;
+}
+
+bool ClusterSim::add_to_unit(Unit& u, std::int64_t index, std::vector<std::int32_t> prompt, std::int64_t max_tokens) {
+  engine::RequestSpec spec;
+  spec.prompt_tokens = std::move(prompt);
+  spec.max_tokens = max_tokens;
+  spec.ignore_eos = true;
+  Status st = u.scheduler->add_request(RequestId(index), std::move(spec));
+  auto& rec = records_[static_cast<std::size_t>(index)];
+  if (!st.ok()) {
+    rec.outcome = st.code() == StatusCode::kOverloaded ? workload::RequestOutcome::kRejected
+                                                       : workload::RequestOutcome::kFailed;
+    rec.error = st.to_string();
+    rec.finish_us = clock_.now_us();
+    rec.output_tokens = static_cast<std::int32_t>(generated_[static_cast<std::size_t>(index)]);
+    ++counters_.rejected;
+    return false;
+  }
+  u.requests.insert(index);
+  return true;
+}
+
+void ClusterSim::arrive(std::int64_t index) {
+  const auto i = static_cast<std::size_t>(index);
+  std::vector<std::int32_t> prompt(static_cast<std::size_t>(prompt_tokens_[i]));
+  const auto vocab = static_cast<std::uint64_t>(std::max<std::int64_t>(cost_.model().vocab_size, 2));
+  for (std::size_t j = 0; j < prompt.size(); ++j) {
+    prompt[j] = static_cast<std::int32_t>((static_cast<std::uint64_t>(index) * 7919u + j * 104729u + config_.seed) % vocab);
+  }
+  auto target = router_->route(snapshots());
+  KUN_CHECK(target.ok()) << target.status().to_string();
+  Unit* u = unit_of_instance(*target);
+  KUN_CHECK(u != nullptr) << "router chose unknown instance " << *target;
+  add_to_unit(*u, index, std::move(prompt), max_tokens_[i]);
+}
+
+void ClusterSim::handle_events(Unit& u, const std::vector<engine::TokenEvent>& events) {
+  for (const engine::TokenEvent& ev : events) {
+    const auto i = static_cast<std::size_t>(ev.id.value);
+    auto& rec = records_[i];
+    if (ev.token >= 0) {
+      ++generated_[i];
+      rec.token_times_us.push_back(ev.time_us);
+      if (rec.first_token_us < 0) rec.first_token_us = ev.time_us;
+    }
+    if (ev.finished) {
+      rec.finish_us = ev.time_us;
+      rec.output_tokens = static_cast<std::int32_t>(generated_[i]);
+      rec.outcome = (ev.reason == engine::FinishReason::kLength || ev.reason == engine::FinishReason::kStop)
+                        ? workload::RequestOutcome::kOk
+                        : workload::RequestOutcome::kFailed;
+      u.requests.erase(ev.id.value);
+    }
+  }
+}
+
+void ClusterSim::finish_step(Unit& u) {
+  KUN_CHECK(u.in_flight);
+  u.in_flight = false;
+  auto events = u.scheduler->apply_result(u.plan, u.result);
+  handle_events(u, events);
+  if (config_.check_invariants) u.scheduler->check_invariants();
+}
+
+void ClusterSim::start_steps() {
+  const std::int64_t now = clock_.now_us();
+  for (auto& up : units_) {
+    Unit& u = *up;
+    if (u.in_flight || u.blocked || !u.scheduler->has_unfinished()) continue;
+    u.plan = u.scheduler->schedule();
+    if (u.plan.sequences.empty() && u.plan.swap_in.empty() && u.plan.swap_out.empty()) continue;
+    for (const auto& s : u.plan.sequences) {
+      auto& rec = records_[static_cast<std::size_t>(s.id.value)];
+      if (rec.queue_us < 0) rec.queue_us = now - rec.arrival_us;
+    }
+    u.result = u.executor->execute(u.plan);
+    u.busy_until_us = now + std::max<std::int64_t>(1, u.result.duration_us);
+    u.in_flight = true;
+    ++counters_.steps;
+  }
+}
+
+std::vector<ClusterSim::PendingMove> ClusterSim::drain_requests(Unit& u) {
+  std::vector<PendingMove> out;
+  KUN_CHECK(!u.in_flight) << "drain at a step boundary only";
+  for (std::int64_t idx : u.requests) {
+    const engine::Request* r = u.scheduler->find(RequestId(idx));
+    KUN_CHECK(r != nullptr) << "request " << idx << " lost";
+    PendingMove m;
+    m.index = idx;
+    m.tokens = r->spec.prompt_tokens;
+    m.tokens.insert(m.tokens.end(), r->output_tokens.begin(), r->output_tokens.end());
+    m.max_tokens = r->spec.max_tokens - r->num_output_tokens();
+    KUN_CHECK_GT(m.max_tokens, 0) << "request " << idx;
+    if (r->state == engine::RequestState::kRunning || r->state == engine::RequestState::kSwapped) {
+      ++counters_.stale_requests_recomputed;
+    }
+    out.push_back(std::move(m));
+  }
+  for (const auto& m : out) u.scheduler->cancel(RequestId(m.index));
+  u.requests.clear();
+  return out;
+}
+
+std::int64_t ClusterSim::least_outstanding(const std::vector<std::int64_t>& unit_indices) const {
+  std::int64_t best = unit_indices.front();
+  for (std::int64_t i : unit_indices) {
+    const auto& a = *units_[static_cast<std::size_t>(i)];
+    const auto& b = *units_[static_cast<std::size_t>(best)];
+    if (a.requests.size() < b.requests.size()) best = i;
+  }
+  return best;
+}
+
+void ClusterSim::collect(const Unit& u) {
+  const auto& c = u.scheduler->counters();
+  counters_.preemptions_recompute += c.preemptions_recompute;
+  counters_.preemptions_swap += c.preemptions_swap;
+  counters_.preemptions += c.preemptions_recompute + c.preemptions_swap;
+  counters_.recomputed_tokens += c.recomputed_tokens;
+  counters_.swap_bytes += u.executor->counters().swap_bytes;
+  counters_.activation_bytes += u.executor->counters().activation_bytes;
+}
+
+void ClusterSim::fuse(const cluster::DropAction& drop) {
+  std::vector<PendingMove> moved;
+  for (std::int64_t inst : drop.instances) {
+    Unit* u = unit_of_instance(inst);
+    KUN_CHECK(u != nullptr && u->members.size() == 1) << "instance " << inst << " is not independent";
+    auto m = drain_requests(*u);
+    moved.insert(moved.end(), std::make_move_iterator(m.begin()), std::make_move_iterator(m.end()));
+  }
+  for (const auto& u : units_) {
+    if (std::find(drop.instances.begin(), drop.instances.end(), u->members[0]) != drop.instances.end()) collect(*u);
+  }
+  units_.erase(std::remove_if(units_.begin(), units_.end(),
+                              [&](const auto& u) {
+                                return std::find(drop.instances.begin(), drop.instances.end(), u->members[0]) !=
+                                       drop.instances.end();
+                              }),
+               units_.end());
+  auto group = make_unit(drop.instances, drop.group);
+  const std::int64_t num_layers = cost_.model().num_layers;
+  for (std::int64_t kept : group->stage_layers) {
+    counters_.param_bytes_dropped += (num_layers - kept) * pages_per_layer_ * config_.page_bytes;
+  }
+  std::sort(moved.begin(), moved.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
+  for (auto& m : moved) add_to_unit(*group, m.index, std::move(m.tokens), m.max_tokens);
+  units_.push_back(std::move(group));
+}
+
+void ClusterSim::split(std::int64_t unit_index) {
+  Unit& g = *units_[static_cast<std::size_t>(unit_index)];
+  auto moved = drain_requests(g);
+  const std::vector<std::int64_t> members = g.members;
+  collect(g);
+  units_.erase(units_.begin() + unit_index);
+  std::vector<std::int64_t> fresh;
+  for (std::int64_t inst : members) {
+    units_.push_back(make_unit({inst}, -1));
+    fresh.push_back(static_cast<std::int64_t>(units_.size()) - 1);
+  }
+  for (auto& m : moved) {
+    Unit& dst = *units_[static_cast<std::size_t>(least_outstanding(fresh))];
+    add_to_unit(dst, m.index, std::move(m.tokens), m.max_tokens);
+  }
+}
+
+void ClusterSim::apply(const cluster::Actions& actions) {
+  const std::int64_t now = clock_.now_us();
+  for (const auto& d : actions.drops) {
+    drop_requested_us_[d.group] = now;
+    pending_drops_.push_back(d);
+    events_.push_back(std::to_string(now) + " drop requested group " + std::to_string(d.group) + ": " + d.reason);
+    for (std::int64_t inst : d.instances) {
+      if (Unit* u = unit_of_instance(inst)) u->blocked = true;
+    }
+  }
+  for (const auto& r : actions.restores) {
+    coordinator_->on_restore_started(r.group, now);
+    restore_requested_us_[r.group] = now;
+    Unit* gu = nullptr;
+    for (auto& u : units_) {
+      if (u->group == r.group) gu = u.get();
+    }
+    KUN_CHECK(gu != nullptr) << "restore of unknown group " << r.group;
+    double pull_us = 0.0;
+    const std::int64_t num_layers = cost_.model().num_layers;
+    for (std::int64_t kept : gu->stage_layers) {
+      const std::int64_t bytes = (num_layers - kept) * pages_per_layer_ * config_.page_bytes;
+      counters_.weight_bytes_restored += bytes;
+      pull_us = std::max(pull_us, transfer_us(link_, bytes));  // members pull in parallel
+    }
+    pending_restores_.push_back(PendingRestore{r.group, now + static_cast<std::int64_t>(std::ceil(pull_us))});
+    events_.push_back(std::to_string(now) + " restore requested group " + std::to_string(r.group) + ": " + r.reason);
+  }
+  for (const auto& m : actions.migrations) {
+    Unit* src = unit_of_instance(m.from);
+    if (src == nullptr || src->members.size() != 1 || src->in_flight || src->requests.count(m.request.value) == 0 ||
+        unit_of_instance(m.to) == nullptr) {
+      coordinator_->on_migration_done(m.request);  // finished or not movable now
+      continue;
+    }
+    const engine::Request* r = src->scheduler->find(m.request);
+    KUN_CHECK(r != nullptr);
+    PendingMove pm;
+    pm.index = m.request.value;
+    pm.to = m.to;
+    pm.tokens = r->spec.prompt_tokens;
+    pm.tokens.insert(pm.tokens.end(), r->output_tokens.begin(), r->output_tokens.end());
+    pm.max_tokens = r->spec.max_tokens - r->num_output_tokens();
+    const std::int64_t held = src->kv->tokens_held(m.request);
+    const std::int64_t bytes = held * cost_.model().num_layers * cost_.kv_bytes_per_token_per_layer();
+    pm.ready_us = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
+    counters_.migration_bytes += bytes;
+    src->scheduler->cancel(m.request);
+    src->requests.erase(m.request.value);
+    pending_moves_.push_back(std::move(pm));
+    ++counters_.migrations;
+  }
+}
+
+void ClusterSim::try_pending_transitions() {
+  const std::int64_t now = clock_.now_us();
+  for (auto it = pending_drops_.begin(); it != pending_drops_.end();) {
+    bool idle = true;
+    for (std::int64_t inst : it->instances) {
+      Unit* u = unit_of_instance(inst);
+      if (u == nullptr || u->in_flight) idle = false;
+    }
+    if (!idle) {
+      ++it;
+      continue;
+    }
+    fuse(*it);
+    coordinator_->on_drop_done(it->group, now);
+    ++counters_.drops;
+    const double ms = static_cast<double>(now - drop_requested_us_[it->group]) / 1000.0;
+    counters_.drop_latency_ms.push_back(ms);
+    events_.push_back(std::to_string(now) + " drop done group " + std::to_string(it->group));
+    it = pending_drops_.erase(it);
+  }
+  for (auto it = pending_restores_.begin(); it != pending_restores_.end();) {
+    std::int64_t idx = -1;
+    for (std::size_t i = 0; i < units_.size(); ++i) {
+      if (units_[i]->group == it->group) idx = static_cast<std::int64_t>(i);
+    }
+    KUN_CHECK_GE(idx, 0) << "group " << it->group;
+    Unit& gu = *units_[static_cast<std::size_t>(idx)];
+    if (it->ready_us > now) {
+      ++it;
+      continue;
+    }
+    gu.blocked = true;  // weights are back: split at the next step boundary
+    if (gu.in_flight) {
+      ++it;
+      continue;
+    }
+    const std::int64_t group = it->group;
+    split(idx);
+    coordinator_->on_restore_done(group, now);
+    ++counters_.restores;
+    counters_.restore_latency_ms.push_back(static_cast<double>(now - restore_requested_us_[group]) / 1000.0);
+    events_.push_back(std::to_string(now) + " restore done group " + std::to_string(group));
+    it = pending_restores_.erase(it);
+  }
+}
+
+void ClusterSim::tick() {
+  const std::int64_t now = clock_.now_us();
+  auto snaps = snapshots();
+  for (const auto& s : snaps) {
+    const std::string label = "{instance=\"" + std::to_string(s.instance) + "\"}";
+    const double usage = s.kv_blocks_total > 0
+                             ? static_cast<double>(s.kv_blocks_total - s.kv_blocks_free) / static_cast<double>(s.kv_blocks_total)
+                             : 0.0;
+    gauges_.push_back({now, "demand" + label, s.demand()});
+    gauges_.push_back({now, "kv_usage" + label, usage});
+    gauges_.push_back({now, "queue" + label, static_cast<double>(s.num_queued)});
+    gauges_.push_back({now, "running" + label, static_cast<double>(s.num_running)});
+    gauges_.push_back({now, "group_state" + label, static_cast<double>(static_cast<int>(s.state))});
+  }
+  apply(coordinator_->tick(now, snaps));
+}
+
+StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
+  workload::check_trace(trace);
+  trace_ = &trace;
+  const std::size_t n = trace.size();
+  records_.assign(n, {});
+  generated_.assign(n, 0);
+  max_tokens_.assign(n, 0);
+  prompt_tokens_.assign(n, 0);
+  const std::int64_t max_len = config_.scheduler.max_model_len;
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto& tr = trace.requests[i];
+    std::int64_t out = std::max<std::int64_t>(1, tr.output_tokens);
+    std::int64_t prompt = std::max<std::int64_t>(1, tr.prompt_tokens);
+    if (prompt + out > max_len) {
+      ++counters_.clipped;
+      out = std::min(out, max_len - 1);
+      prompt = std::min(prompt, max_len - out);
+    }
+    max_tokens_[i] = static_cast<std::int32_t>(out);
+    prompt_tokens_[i] = static_cast<std::int32_t>(prompt);
+    auto& rec = records_[i];
+    rec.index = static_cast<std::int64_t>(i);
+    rec.arrival_us = tr.arrival_us;
+    rec.prompt_tokens = static_cast<std::int32_t>(prompt);
+    rec.expected_output_tokens = static_cast<std::int32_t>(out);
+    rec.outcome = workload::RequestOutcome::kFailed;  // until it finishes
+  }
+
+  std::size_t next_arrival = 0;
+  std::int64_t next_tick = 0;
+  std::int64_t idle_ticks = 0;
+  constexpr std::int64_t kInf = std::numeric_limits<std::int64_t>::max();
+  while (true) {
+    bool any_in_flight = false;
+    std::int64_t t = kInf;
+    for (const auto& u : units_) {
+      if (u->in_flight) {
+        any_in_flight = true;
+        t = std::min(t, u->busy_until_us);
+      }
+    }
+    if (next_arrival == n && !any_in_flight && pending_moves_.empty() && pending_restores_.empty() &&
+        pending_drops_.empty() && outstanding() == 0) {
+      break;
+    }
+    if (next_arrival < n) t = std::min(t, trace.requests[next_arrival].arrival_us);
+    for (const auto& r : pending_restores_) t = std::min(t, r.ready_us);
+    for (const auto& m : pending_moves_) t = std::min(t, m.ready_us);
+    t = std::min(t, next_tick);
+    if (t > config_.max_virtual_us) return deadline_exceeded("simulation passed max_virtual_us");
+    clock_.set_us(std::max(t, clock_.now_us()));
+
+    for (auto& u : units_) {
+      if (u->in_flight && u->busy_until_us <= clock_.now_us()) finish_step(*u);
+    }
+    for (auto it = pending_moves_.begin(); it != pending_moves_.end();) {
+      if (it->ready_us > clock_.now_us()) {
+        ++it;
+        continue;
+      }
+      Unit* dst = unit_of_instance(it->to);
+      KUN_CHECK(dst != nullptr);
+      add_to_unit(*dst, it->index, std::move(it->tokens), it->max_tokens);
+      coordinator_->on_migration_done(RequestId(it->index));
+      it = pending_moves_.erase(it);
+    }
+    try_pending_transitions();
+    while (next_arrival < n && trace.requests[next_arrival].arrival_us <= clock_.now_us()) {
+      arrive(static_cast<std::int64_t>(next_arrival));
+      ++next_arrival;
+    }
+    if (clock_.now_us() >= next_tick) {
+      tick();
+      try_pending_transitions();
+      next_tick += config_.timeline_period_us;
+      idle_ticks = 0;
+    }
+    start_steps();
+    bool busy = false;
+    for (const auto& u : units_) busy = busy || u->in_flight;
+    if (!busy && next_arrival == n && pending_moves_.empty() && pending_restores_.empty() && pending_drops_.empty() &&
+        outstanding() > 0) {
+      // Nothing can run and nothing will arrive: only a coordinator action can help.
+      if (++idle_ticks > 4 * 120) return internal_error("simulation stuck: requests left that no instance can run");
+    }
+  }
+
+  SimReport rep;
+  for (const auto& u : units_) collect(*u);
+  rep.records = records_;
+  rep.report = workload::build_report(records_, cluster::policy_name(config_.policy), config_.slo);
+  rep.timeline = workload::build_timeline(records_, gauges_, 1'000'000);
+  rep.counters = counters_;
+  rep.events = events_;
+  rep.kv_blocks_per_instance = kv_blocks_per_instance_;
+  rep.kv_tokens_per_instance = kv_blocks_per_instance_ / cost_.model().num_layers * config_.block_size_tokens;
+  rep.end_us = clock_.now_us();
+  return rep;
+}
+
+nlohmann::json SimReport::to_json() const {
+  nlohmann::json j = workload::report_to_json(report);
+  nlohmann::json c;
+  c["steps"] = counters.steps;
+  c["preemptions"] = counters.preemptions;
+  c["preemptions_recompute"] = counters.preemptions_recompute;
+  c["preemptions_swap"] = counters.preemptions_swap;
+  c["recomputed_tokens"] = counters.recomputed_tokens;
+  c["drops"] = counters.drops;
+  c["restores"] = counters.restores;
+  c["migrations"] = counters.migrations;
+  c["rejected"] = counters.rejected;
+  c["clipped"] = counters.clipped;
+  c["swap_bytes"] = counters.swap_bytes;
+  c["activation_bytes"] = counters.activation_bytes;
+  c["param_bytes_dropped"] = counters.param_bytes_dropped;
+  c["weight_bytes_restored"] = counters.weight_bytes_restored;
+  c["migration_bytes"] = counters.migration_bytes;
+  c["stale_requests_recomputed"] = counters.stale_requests_recomputed;
+  c["drop_latency_ms"] = counters.drop_latency_ms;
+  c["restore_latency_ms"] = counters.restore_latency_ms;
+  j["sim"] = c;
+  j["kv_tokens_per_instance"] = kv_tokens_per_instance;
+  j["end_s"] = static_cast<double>(end_us) / 1e6;
+  return j;
+}
+
+StatusOr<SimReport> run_simulation(const SimConfig& config, const workload::Trace& trace) {
+  auto sim = ClusterSim::create(config);
+  if (!sim.ok()) return sim.status();
+  return (*sim)->run(trace);
+}
+
+}  // namespace kun::sim

@@ -1,0 +1,182 @@
+// ClusterSim: an event-driven simulation of N data-parallel instances on a virtual clock
+// (DESIGN.md section 5, "Simulation"). Each instance runs the real engine::Scheduler over a real
+// engine::KvManager (virtual page ids, no arena) and a SimExecutor; the real cluster::Router
+// places arrivals and the real cluster::Coordinator decides drops, restores and migrations.
+// Only time is simulated.
+//
+// Event loop: the next event is the earliest of (a unit's step end, an arrival, a monitor tick,
+// a restore finishing). At one instant: step ends first (unit order), then restores, arrivals,
+// the tick (snapshots -> coordinator -> actions; timeline gauges), then every idle unit with work
+// starts its next step (busy until now + modelled duration). Deterministic: no wall clock, no
+// hash-order iteration, ties broken by fixed order.
+//
+// Units: an independent instance is a unit of one device. Under `kunserve` a DropAction fuses
+// its g members (at their next step boundary; drop latency = waiting for in-flight steps, no
+// copy) into one unit: one Scheduler over a KvManager with g device allocators, layer l on device
+// l / (L/g) (cluster::layers_kept), each device's pool grown by the pages of the layers it
+// dropped, and a g-stage pipeline SimExecutor. Stale requests are recomputed (re-queued with
+// prompt + generated tokens). A RestoreAction pulls the dropped layers' weights over the link
+// (max over members of dropped bytes / bandwidth) while the group keeps serving, then splits the
+// group at a step boundary and recomputes its requests on the members (least outstanding).
+// Under `migrate`, queued requests move at once; running requests move with their KV over the
+// link (the destination pays the KV transfer time before it may run the request; the engine has no
+// KV import yet, so the destination re-prefills the request: see README, "Limits").
+//
+// Owned by one thread.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cluster/coordinator.h"
+#include "cluster/router.h"
+#include "common/clock.h"
+#include "engine/kv_manager.h"
+#include "engine/scheduler.h"
+#include "kv/block_allocator.h"
+#include "model/config.h"
+#include "sim/cost_model.h"
+#include "sim/sim_executor.h"
+#include "workload/report.h"
+#include "workload/trace.h"
+
+namespace kun::sim {
+
+struct SimConfig {
+  std::string gpu = "a100-80gb";
+  std::string link = "nvlink-a100";   // between instances (activations, weight pulls, migration)
+  std::string host_link = "pcie4";    // device <-> host (swap)
+  std::string model_name = "llama-2-7b";  // used when `model` is not set
+  bool use_model = false;                 // true: `model` instead of model_name
+  model::ModelConfig model;
+  std::int64_t num_instances = 4;
+  cluster::Policy policy = cluster::Policy::kRecompute;
+  engine::SchedulerConfig scheduler;      // preemption is set from the policy (swap -> kSwap)
+  cluster::CoordinatorConfig coordinator;  // policy is set from `policy`
+  cluster::RoutePolicy route = cluster::RoutePolicy::kLeastOutstanding;
+  double gpu_memory_utilization = 0.9;      // fraction of device memory for params + KV
+  std::int64_t activation_reserve_bytes = 2LL << 30;  // kept free for activations
+  std::int64_t page_bytes = 2LL << 20;
+  std::int64_t block_size_tokens = 16;
+  std::int64_t host_swap_bytes = 64LL << 30;  // per instance, for the swap policy
+  std::int64_t timeline_period_us = 500'000;  // gauge sampling (and coordinator tick) period
+  std::uint64_t seed = 0;                      // prompt token ids and tie-free choices
+  std::int64_t max_virtual_us = 24LL * 3600 * 1'000'000;  // safety stop
+  workload::SloSpec slo;
+  bool check_invariants = false;  // scheduler + KV invariants after every step (tests)
+};
+
+struct SimCounters {
+  std::int64_t steps = 0;
+  std::int64_t preemptions = 0;  // recompute + swap preemptions
+  std::int64_t preemptions_recompute = 0;
+  std::int64_t preemptions_swap = 0;
+  std::int64_t recomputed_tokens = 0;
+  std::int64_t drops = 0;
+  std::int64_t restores = 0;
+  std::int64_t migrations = 0;
+  std::int64_t rejected = 0;
+  std::int64_t clipped = 0;  // requests whose lengths were clipped to max_model_len
+  std::int64_t swap_bytes = 0;
+  std::int64_t activation_bytes = 0;
+  std::int64_t weight_bytes_restored = 0;
+  std::int64_t param_bytes_dropped = 0;
+  std::int64_t migration_bytes = 0;
+  std::int64_t stale_requests_recomputed = 0;  // re-queued by a drop or a restore
+  std::vector<double> drop_latency_ms;
+  std::vector<double> restore_latency_ms;
+};
+
+struct SimReport {
+  workload::Report report;
+  workload::Timeline timeline;
+  std::vector<workload::RequestRecord> records;  // in trace order
+  SimCounters counters;
+  std::vector<std::string> events;  // coordinator events, time-stamped
+  std::int64_t kv_blocks_per_instance = 0;  // layer blocks of an independent instance
+  std::int64_t kv_tokens_per_instance = 0;
+  std::int64_t end_us = 0;  // virtual time of the last event
+  nlohmann::json to_json() const;
+};
+
+StatusOr<SimReport> run_simulation(const SimConfig& config, const workload::Trace& trace);
+
+class ClusterSim {
+ public:
+  static StatusOr<std::unique_ptr<ClusterSim>> create(const SimConfig& config);
+  ~ClusterSim();
+
+  StatusOr<SimReport> run(const workload::Trace& trace);
+
+  const CostModel& cost() const { return cost_; }
+  std::int64_t kv_blocks_per_instance() const { return kv_blocks_per_instance_; }
+
+ private:
+  struct Unit;
+  ClusterSim(SimConfig config, CostModel cost, LinkSpec link, LinkSpec host_link);
+
+  std::unique_ptr<Unit> make_unit(const std::vector<std::int64_t>& members, std::int64_t group);
+  std::vector<cluster::InstanceSnapshot> snapshots() const;
+  void start_steps();
+  void finish_step(Unit& u);
+  void handle_events(Unit& u, const std::vector<engine::TokenEvent>& events);
+  bool add_to_unit(Unit& u, std::int64_t index, std::vector<std::int32_t> prompt, std::int64_t max_tokens);
+  void arrive(std::int64_t index);
+  void tick();
+  void apply(const cluster::Actions& actions);
+  void try_pending_transitions();
+  void fuse(const cluster::DropAction& drop);
+  void split(std::int64_t unit_index);
+  std::int64_t least_outstanding(const std::vector<std::int64_t>& unit_indices) const;
+  Unit* unit_of_instance(std::int64_t instance);
+  std::int64_t outstanding() const;
+
+  SimConfig config_;
+  CostModel cost_;
+  LinkSpec link_;
+  LinkSpec host_link_;
+  ManualClock clock_;
+  std::unique_ptr<cluster::Coordinator> coordinator_;
+  std::unique_ptr<cluster::Router> router_;
+  std::int64_t kv_pages_per_instance_ = 0;
+  std::int64_t pages_per_layer_ = 0;
+  std::int64_t blocks_per_page_ = 0;
+  std::int64_t kv_blocks_per_instance_ = 0;
+
+  std::vector<std::unique_ptr<Unit>> units_;  // live units; index is not stable across fuse/split
+  const workload::Trace* trace_ = nullptr;
+  std::vector<workload::RequestRecord> records_;
+  std::vector<std::int64_t> generated_;        // output tokens so far per trace index
+  std::vector<std::int32_t> max_tokens_;       // after clipping
+  std::vector<std::int32_t> prompt_tokens_;    // after clipping
+  std::vector<workload::GaugeSample> gauges_;
+  std::vector<std::string> events_;
+  SimCounters counters_;
+  // Pending transitions and in-flight migrations.
+  std::vector<cluster::DropAction> pending_drops_;
+  struct PendingRestore {
+    std::int64_t group = -1;
+    std::int64_t ready_us = 0;  // weights pulled
+  };
+  std::vector<PendingRestore> pending_restores_;
+  struct PendingMove {
+    std::int64_t index = -1;     // trace index
+    std::int64_t to = -1;        // instance
+    std::int64_t ready_us = 0;   // KV arrived
+    std::vector<std::int32_t> tokens;
+    std::int64_t max_tokens = 0;
+  };
+  std::vector<PendingMove> pending_moves_;
+  // Takes every request out of a unit (cancelled there) in arrival order, with its tokens so far
+  // and remaining max_tokens, for recompute elsewhere.
+  std::vector<PendingMove> drain_requests(Unit& u);
+  std::map<std::int64_t, std::int64_t> drop_requested_us_;     // group -> time
+  std::map<std::int64_t, std::int64_t> restore_requested_us_;  // group -> time
+  // Adds a unit's scheduler and executor counters to counters_ (before it is destroyed).
+  void collect(const Unit& u);
+};
+
+}  // namespace kun::sim

@@ -1,0 +1,236 @@
+#include "sim/cost_model.h"
+
+#include <algorithm>
+#include <cctype>
+
+#include "common/check.h"
+
+namespace kun::sim {
+namespace {
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+// Fitted by sim/calibration/fit_cost_model.py on ../shared/gpu-profiles/compute (TP 1).
+// A100: Llama-2-7B + Llama-3-8B; H100: Llama-2-7B. Fit error in sim/README.md.
+GpuSpec a100() {
+  GpuSpec g;
+  g.name = "a100-80gb";
+  g.peak_flops = 312e12;
+  g.hbm_bytes_per_s = 2.039e12;
+  g.memory_bytes = static_cast<std::int64_t>(80.0 * 1e9);
+  g.gemm_flops_eff = 0.70;
+  g.gemm_bw_eff = 0.90;
+  g.gemm_overhead_us = 16.0;
+  g.elem_bw_eff = 0.50;
+  g.elem_overhead_us = 3.0;
+  g.calibrated = true;
+  return g;
+}
+
+GpuSpec h100() {
+  GpuSpec g;
+  g.name = "h100-80gb";
+  g.peak_flops = 989e12;
+  g.hbm_bytes_per_s = 3.35e12;
+  g.memory_bytes = static_cast<std::int64_t>(80.0 * 1e9);
+  g.gemm_flops_eff = 0.70;
+  g.gemm_bw_eff = 0.88;
+  g.gemm_overhead_us = 12.0;
+  g.elem_bw_eff = 0.58;
+  g.elem_overhead_us = 2.5;
+  g.step_overhead_us = 1200.0;
+  g.calibrated = true;
+  return g;
+}
+
+GpuSpec h200() {
+  GpuSpec g = h100();  // same SM complex; no profile: H100 efficiencies, own memory system
+  g.name = "h200";
+  g.hbm_bytes_per_s = 4.8e12;
+  g.memory_bytes = static_cast<std::int64_t>(141.0 * 1e9);
+  g.calibrated = false;
+  return g;
+}
+
+}  // namespace
+
+StatusOr<GpuSpec> gpu_spec(std::string_view name) {
+  const std::string n = lower(name);
+  if (n == "a100" || n == "a100-80gb") return a100();
+  if (n == "h100" || n == "h100-80gb") return h100();
+  if (n == "h200") return h200();
+  return not_found("unknown GPU '" + std::string(name) + "' (known: a100-80gb h100-80gb h200)");
+}
+
+std::vector<std::string> gpu_names() { return {"a100-80gb", "h100-80gb", "h200"}; }
+
+StatusOr<LinkSpec> link_spec(std::string_view name) {
+  const std::string n = lower(name);
+  // NVLink and InfiniBand: fitted to gpu-profiles/network/*/send_recv.csv (2 workers,
+  // devices_per_node 2 = intra-node NVLink, 1 = across nodes).
+  if (n == "nvlink" || n == "nvlink-h100") return LinkSpec{"nvlink-h100", 359.5e9, 7.0, true};
+  if (n == "nvlink-a100") return LinkSpec{"nvlink-a100", 318.5e9, 14.5, true};
+  if (n == "ib" || n == "ib-ndr") return LinkSpec{"ib-ndr", 36.0e9, 12.5, true};
+  if (n == "ib-hdr") return LinkSpec{"ib-hdr", 7.5e9, 0.5, true};
+  // PCIe: nominal effective rates of x16 links (no measurement available).
+  if (n == "pcie4") return LinkSpec{"pcie4", 25e9, 10.0, false};
+  if (n == "pcie5") return LinkSpec{"pcie5", 50e9, 10.0, false};
+  return not_found("unknown link '" + std::string(name) + "' (known: nvlink nvlink-a100 pcie4 pcie5 ib ib-hdr)");
+}
+
+std::vector<std::string> link_names() { return {"nvlink", "nvlink-a100", "pcie4", "pcie5", "ib", "ib-hdr"}; }
+
+double transfer_us(const LinkSpec& link, std::int64_t bytes) {
+  if (bytes <= 0) return 0.0;
+  KUN_CHECK(link.bytes_per_s > 0) << link.name;
+  return link.latency_us + static_cast<double>(bytes) / link.bytes_per_s * 1e6;
+}
+
+StatusOr<model::ModelConfig> sim_model_config(std::string_view name) {
+  const std::string n = lower(name);
+  model::ModelConfig c;
+  c.architecture = "llama";
+  c.dtype = DType::kBF16;
+  if (n == "llama-2-7b") {
+    c.vocab_size = 32000; c.hidden_size = 4096; c.intermediate_size = 11008; c.num_layers = 32;
+    c.num_heads = 32; c.num_kv_heads = 32; c.head_dim = 128; c.max_position_embeddings = 4096;
+  } else if (n == "llama-2-13b") {
+    c.vocab_size = 32000; c.hidden_size = 5120; c.intermediate_size = 13824; c.num_layers = 40;
+    c.num_heads = 40; c.num_kv_heads = 40; c.head_dim = 128; c.max_position_embeddings = 4096;
+  } else if (n == "llama-2-70b") {
+    c.vocab_size = 32000; c.hidden_size = 8192; c.intermediate_size = 28672; c.num_layers = 80;
+    c.num_heads = 64; c.num_kv_heads = 8; c.head_dim = 128; c.max_position_embeddings = 4096;
+  } else if (n == "llama-3-8b") {
+    c.vocab_size = 128256; c.hidden_size = 4096; c.intermediate_size = 14336; c.num_layers = 32;
+    c.num_heads = 32; c.num_kv_heads = 8; c.head_dim = 128; c.max_position_embeddings = 8192;
+    c.rope_theta = 500000.0f; c.bos_token_id = 128000; c.eos_token_id = 128001;
+  } else if (n == "qwen2.5-7b") {
+    c.architecture = "qwen2"; c.attention_bias = true;
+    c.vocab_size = 152064; c.hidden_size = 3584; c.intermediate_size = 18944; c.num_layers = 28;
+    c.num_heads = 28; c.num_kv_heads = 4; c.head_dim = 128; c.max_position_embeddings = 32768;
+    c.rope_theta = 1000000.0f; c.rms_norm_eps = 1e-6f; c.bos_token_id = 151643; c.eos_token_id = 151643;
+  } else {
+    auto preset = model::preset_config(name);
+    if (!preset.ok()) {
+      return not_found("unknown model '" + std::string(name) +
+                       "' (sim models: llama-2-7b llama-2-13b llama-2-70b llama-3-8b qwen2.5-7b, or a model preset)");
+    }
+    return preset;
+  }
+  return c;
+}
+
+std::vector<std::string> sim_model_names() {
+  std::vector<std::string> names = {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "qwen2.5-7b"};
+  for (auto& p : model::preset_names()) names.push_back(p);
+  return names;
+}
+
+CostModel::CostModel(GpuSpec gpu, model::ModelConfig model) : gpu_(std::move(gpu)), model_(std::move(model)) {
+  KUN_CHECK(gpu_.peak_flops > 0 && gpu_.hbm_bytes_per_s > 0) << gpu_.name;
+  KUN_CHECK(model_.num_layers > 0 && model_.hidden_size > 0 && model_.head_dim > 0) << "model shape";
+}
+
+double CostModel::gemm_us(std::int64_t tokens, std::int64_t in_features, std::int64_t out_features) const {
+  if (tokens <= 0) return 0.0;
+  const double t = static_cast<double>(tokens);
+  const double k = static_cast<double>(in_features);
+  const double n = static_cast<double>(out_features);
+  const double flops = 2.0 * t * k * n;
+  const double bytes = static_cast<double>(kDTypeBytes) * (k * n + t * k + t * n);
+  const double compute_s = flops / (gpu_.gemm_flops_eff * gpu_.peak_flops);
+  const double memory_s = bytes / (gpu_.gemm_bw_eff * gpu_.hbm_bytes_per_s);
+  return std::max(compute_s, memory_s) * 1e6 + gpu_.gemm_overhead_us;
+}
+
+double CostModel::elementwise_us(double bytes) const {
+  if (bytes <= 0) return 0.0;
+  return bytes / (gpu_.elem_bw_eff * gpu_.hbm_bytes_per_s) * 1e6 + gpu_.elem_overhead_us;
+}
+
+double CostModel::layer_gemms_us(std::int64_t tokens) const {
+  const std::int64_t h = model_.hidden_size;
+  const std::int64_t e = model_.intermediate_size;
+  return gemm_us(tokens, h, model_.q_dim() + 2 * model_.kv_dim()) + gemm_us(tokens, model_.q_dim(), h) +
+         gemm_us(tokens, h, 2 * e) + gemm_us(tokens, e, h);
+}
+
+double CostModel::layer_linear_us(std::int64_t tokens) const {
+  if (tokens <= 0) return 0.0;
+  const double t = static_cast<double>(tokens);
+  const double b = static_cast<double>(kDTypeBytes);
+  const double h = static_cast<double>(model_.hidden_size);
+  const double e = static_cast<double>(model_.intermediate_size);
+  const double qk = static_cast<double>(model_.q_dim() + model_.kv_dim());
+  double us = layer_gemms_us(tokens);
+  us += 2 * elementwise_us(2 * t * h * b);  // input and post-attention RMSNorm (read + write)
+  us += elementwise_us(2 * t * qk * b);     // rope on q and k
+  us += elementwise_us(3 * t * e * b);      // SiLU(gate) * up
+  us += elementwise_us(3 * t * h * b);      // residual add
+  return us;
+}
+
+double CostModel::layer_attention_us(std::span<const SeqWork> seqs) const {
+  double flops = 0.0;
+  double bytes = 0.0;
+  const double b = static_cast<double>(kDTypeBytes);
+  const double qd = static_cast<double>(model_.q_dim());
+  const double kvd = static_cast<double>(model_.kv_dim());
+  bool any = false;
+  for (const SeqWork& s : seqs) {
+    if (s.new_tokens <= 0) continue;
+    any = true;
+    const double n = static_cast<double>(s.new_tokens);
+    const double c = static_cast<double>(s.context_tokens);
+    const double pairs = n * c + n * (n + 1.0) / 2.0;  // causal: token i sees c + i + 1 keys
+    flops += 4.0 * pairs * qd;                         // QK^T and PV
+    bytes += (c + n) * 2.0 * kvd * b;                  // K and V read (the new ones written)
+    bytes += 2.0 * n * qd * b;                         // q in, output out
+  }
+  if (!any) return 0.0;
+  const double compute_s = flops / (gpu_.attn_flops_eff * gpu_.peak_flops);
+  const double memory_s = bytes / (gpu_.attn_bw_eff * gpu_.hbm_bytes_per_s);
+  return std::max(compute_s, memory_s) * 1e6 + gpu_.attn_overhead_us;
+}
+
+double CostModel::step_us(std::span<const SeqWork> seqs, std::int64_t num_layers, bool first_stage,
+                          bool last_stage, bool include_step_overhead) const {
+  std::int64_t tokens = 0;
+  std::int64_t sampled = 0;
+  for (const SeqWork& s : seqs) {
+    tokens += s.new_tokens;
+    if (s.sample) ++sampled;
+  }
+  if (tokens == 0) return 0.0;
+  double us = include_step_overhead ? gpu_.step_overhead_us : 0.0;
+  const double per_layer = layer_linear_us(tokens) + layer_attention_us(seqs);
+  us += per_layer * static_cast<double>(num_layers);
+  const double b = static_cast<double>(kDTypeBytes);
+  const double h = static_cast<double>(model_.hidden_size);
+  if (first_stage) us += elementwise_us(2.0 * static_cast<double>(tokens) * h * b);  // embedding gather
+  if (last_stage && sampled > 0) {
+    us += elementwise_us(2.0 * static_cast<double>(sampled) * h * b);  // final norm
+    us += gemm_us(sampled, model_.hidden_size, model_.vocab_size);     // LM head
+  }
+  return us;
+}
+
+std::int64_t CostModel::layer_param_bytes() const { return model_.layer_param_count() * kDTypeBytes; }
+
+std::int64_t CostModel::non_layer_param_bytes() const {
+  return (model_.total_param_count() - model_.num_layers * model_.layer_param_count()) * kDTypeBytes;
+}
+
+std::int64_t CostModel::total_param_bytes() const { return model_.total_param_count() * kDTypeBytes; }
+
+std::int64_t CostModel::kv_bytes_per_token_per_layer() const { return 2 * model_.kv_dim() * kDTypeBytes; }
+
+std::int64_t CostModel::activation_bytes(std::int64_t tokens) const {
+  return tokens * model_.hidden_size * kDTypeBytes;
+}
+
+}  // namespace kun::sim

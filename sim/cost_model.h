@@ -1,0 +1,122 @@
+// Cost model of the simulator (DESIGN.md section 5, "Simulation"): how long a step of a batch
+// takes on a range of layers of one GPU, and how long a transfer takes on a link.
+//
+// Per decoder layer (bf16 weights and activations, tensor-parallel degree 1):
+//   GEMM (QKV, O, gate+up, down): max(FLOPs / (eff_flops * peak), bytes / (eff_bw * HBM)) + overhead
+//   elementwise (2 norms, rope, act, add): bytes / (eff_elem_bw * HBM) + overhead
+//   attention: max(FLOPs / (attn_eff_flops * peak), (KV read + q/out) bytes / (attn_eff_bw * HBM))
+//              + overhead, per sequence (prefill chunks attend to their prefix and causally
+//              to themselves; a decode token reads the whole context)
+// plus, per step, a fixed overhead (scheduling, launch, sampling), the embedding gather on the
+// first stage and the LM head GEMM for sampled tokens on the last stage.
+//
+// The GEMM and elementwise constants are fitted (sim/calibration/fit_cost_model.py) to the
+// measured per-operator timings in ../shared/gpu-profiles/compute (Vidur's profiles, A100 and
+// H100, Llama-2-7B / Llama-3-8B, TP 1) and shipped here, so the simulator does not need
+// ../shared. The attention profiles are not available: attention is an uncalibrated roofline.
+// H200 has no profile: it reuses the H100 efficiencies with its own bandwidth and capacity.
+// Links: time = latency + bytes / bandwidth, fitted to gpu-profiles/network/*/send_recv.csv
+// (NVLink, InfiniBand); PCIe figures are nominal (no measurement available).
+//
+// Pure code, no state beyond construction: any thread may call it.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "model/config.h"
+
+namespace kun::sim {
+
+struct GpuSpec {
+  std::string name;
+  double peak_flops = 0.0;        // dense bf16 FLOP/s
+  double hbm_bytes_per_s = 0.0;   // peak HBM bandwidth
+  std::int64_t memory_bytes = 0;  // device memory capacity
+  // Fitted efficiencies (fractions of peak) and per-kernel overheads.
+  double gemm_flops_eff = 0.7;
+  double gemm_bw_eff = 0.8;
+  double gemm_overhead_us = 10.0;
+  double elem_bw_eff = 0.5;
+  double elem_overhead_us = 3.0;
+  // Attention roofline (not calibrated: no attention profiles).
+  double attn_flops_eff = 0.5;
+  double attn_bw_eff = 0.7;
+  double attn_overhead_us = 6.0;
+  // Fixed per-step cost (scheduling, launch of the step, sampling), not calibrated.
+  double step_overhead_us = 1500.0;
+  bool calibrated = false;  // true when the constants come from a measured profile of this GPU
+};
+
+// "a100" / "a100-80gb", "h100" / "h100-80gb", "h200". kNotFound for others.
+StatusOr<GpuSpec> gpu_spec(std::string_view name);
+std::vector<std::string> gpu_names();
+
+struct LinkSpec {
+  std::string name;
+  double bytes_per_s = 0.0;
+  double latency_us = 0.0;
+  bool calibrated = false;
+};
+
+// "nvlink" (= "nvlink-h100"), "nvlink-a100", "pcie4", "pcie5", "ib" (= "ib-ndr", 400 Gb/s, H100
+// DGX measured), "ib-hdr" (A100 DGX measured). kNotFound for others.
+StatusOr<LinkSpec> link_spec(std::string_view name);
+std::vector<std::string> link_names();
+// latency + bytes / bandwidth, in microseconds (0 for 0 bytes).
+double transfer_us(const LinkSpec& link, std::int64_t bytes);
+
+// GPU-scale model shapes for the simulator ("llama-2-7b", "llama-2-13b", "llama-3-8b",
+// "llama-2-70b", "qwen2.5-7b"), falling back to model::preset_config for the synthetic presets.
+StatusOr<model::ModelConfig> sim_model_config(std::string_view name);
+std::vector<std::string> sim_model_names();
+
+// One sequence's share of a step: new_tokens computed after context_tokens already cached.
+struct SeqWork {
+  std::int64_t context_tokens = 0;
+  std::int64_t new_tokens = 0;
+  bool sample = false;
+};
+
+class CostModel {
+ public:
+  static constexpr std::int64_t kDTypeBytes = 2;  // bf16 weights, activations and KV cache
+
+  CostModel(GpuSpec gpu, model::ModelConfig model);
+
+  const GpuSpec& gpu() const { return gpu_; }
+  const model::ModelConfig& model() const { return model_; }
+
+  // Per-operator predictions in microseconds (the calibration test compares them to profiles).
+  double gemm_us(std::int64_t tokens, std::int64_t in_features, std::int64_t out_features) const;
+  double elementwise_us(double bytes) const;
+  // The four GEMMs of one layer.
+  double layer_gemms_us(std::int64_t tokens) const;
+  // All non-attention operators of one layer (GEMMs + norms, rope, activation, residual add).
+  double layer_linear_us(std::int64_t tokens) const;
+  // Attention of one layer for the batch.
+  double layer_attention_us(std::span<const SeqWork> seqs) const;
+  // A whole step over num_layers layers; the first stage gathers embeddings, the last runs the
+  // final norm and the LM head for the sampled tokens. Includes the per-step overhead unless
+  // told otherwise (a pipeline stage's micro-batch pays it once per step, not per stage).
+  double step_us(std::span<const SeqWork> seqs, std::int64_t num_layers, bool first_stage, bool last_stage,
+                 bool include_step_overhead = true) const;
+
+  // Memory arithmetic (bytes).
+  std::int64_t layer_param_bytes() const;
+  std::int64_t non_layer_param_bytes() const;  // embeddings, LM head, final norm
+  std::int64_t total_param_bytes() const;
+  std::int64_t kv_bytes_per_token_per_layer() const;  // K and V, bf16
+  // Activation bytes that cross a pipeline boundary for `tokens` tokens (hidden states).
+  std::int64_t activation_bytes(std::int64_t tokens) const;
+
+ private:
+  GpuSpec gpu_;
+  model::ModelConfig model_;
+};
+
+}  // namespace kun::sim

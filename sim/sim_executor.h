@@ -1,0 +1,60 @@
+// SimExecutor: engine::StepExecutor on the cost model (DESIGN.md section 5, "Simulation").
+// No real compute and no weights: a step's duration comes from CostModel and the sampled tokens
+// are a deterministic hash of (request id, output index), never the EOS token.
+//
+// An independent instance is one stage holding all L layers. A fused group of g stages
+// (stage_layers[i] layers on stage i) runs a step as a g-stage pipeline over g micro-batches
+// (sequences split longest-first by tokens): time = sum of the micro-batches' stage times +
+// (g - 1) x the slowest micro-batch's stage time, with each stage time including the hop of its
+// activations to the next stage over the link; the per-step overhead is paid once.
+// Swap copies (StepPlan::swap_out / swap_in) cross the host link (PCIe) before the forward.
+//
+// Owned by the simulator's event loop (one thread).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/step.h"
+#include "sim/cost_model.h"
+
+namespace kun::sim {
+
+struct SimExecutorConfig {
+  std::vector<std::int64_t> stage_layers;  // empty: one stage with every layer
+  LinkSpec host_link;                      // swap copies (PCIe)
+  LinkSpec stage_link;                     // activations between pipeline stages
+  std::int64_t block_size_tokens = 16;     // bytes of one swapped layer block follow from it
+  std::int32_t eos_token_id = -1;          // never sampled
+  std::int64_t vocab_size = 32000;
+};
+
+struct SimExecutorCounters {
+  std::int64_t steps = 0;
+  std::int64_t busy_us = 0;
+  std::int64_t swap_bytes = 0;
+  std::int64_t activation_bytes = 0;
+};
+
+class SimExecutor final : public engine::StepExecutor {
+ public:
+  SimExecutor(const CostModel* cost, SimExecutorConfig config);
+
+  engine::StepResult execute(const engine::StepPlan& plan) override;
+  // The modelled duration of a plan, without side effects.
+  std::int64_t duration_us(const engine::StepPlan& plan) const;
+  // The token sampled for a request's output index (also used by tests).
+  std::int32_t token_for(RequestId id, std::uint64_t sample_index) const;
+
+  const SimExecutorCounters& counters() const { return counters_; }
+  std::int64_t num_stages() const { return static_cast<std::int64_t>(config_.stage_layers.size()); }
+
+ private:
+  double forward_us(const std::vector<SeqWork>& work) const;
+
+  const CostModel* cost_;
+  SimExecutorConfig config_;
+  SimExecutorCounters counters_;
+};
+
+}  // namespace kun::sim
