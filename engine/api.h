@@ -58,6 +58,8 @@ struct InstanceStats {
   std::int64_t kv_blocks_total = 0;
   std::int64_t kv_blocks_free = 0;
   double demand = 0.0;  // KV blocks needed by running + waiting at current lengths / capacity
+  std::int64_t blocks_demanded = 0;  // the numerator of demand
+  std::int64_t pending_blocks = 0;   // blocks wanted by not-yet-admitted requests
   std::int64_t group = -1;      // fused group id, -1 when independent
   std::string group_state = "INITIAL";  // INITIAL | DROPPED | RESTORING
   std::int64_t dropped_param_bytes = 0;

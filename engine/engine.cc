@@ -32,8 +32,17 @@ void Engine::stop() {
 }
 
 StatusOr<RequestId> Engine::submit(RequestSpec spec, TokenCallback on_event) {
-  KUN_RETURN_IF_ERROR(validate_request(spec, config_.scheduler));
   RequestId id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    id = RequestId(next_id_++);
+  }
+  KUN_RETURN_IF_ERROR(submit_as(id, std::move(spec), std::move(on_event)));
+  return id;
+}
+
+Status Engine::submit_as(RequestId id, RequestSpec spec, TokenCallback on_event) {
+  KUN_RETURN_IF_ERROR(validate_request(spec, config_.scheduler));
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return unavailable("engine is shutting down");
@@ -41,13 +50,61 @@ StatusOr<RequestId> Engine::submit(RequestSpec spec, TokenCallback on_event) {
       return overloaded("waiting queue is full (" + std::to_string(config_.scheduler.max_waiting_requests) +
                         " requests); retry later");
     }
-    id = RequestId(next_id_++);
     ++queued_estimate_;
     pending_callbacks_.emplace(id, std::move(on_event));
     inbox_.submits.emplace_back(id, std::move(spec));
   }
   cv_.notify_all();
-  return id;
+  return ok_status();
+}
+
+void Engine::pause() {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!thread_.joinable()) return;
+  pause_requested_ = true;
+  cv_.notify_all();
+  cv_.wait(lock, [this] { return paused_ || stopping_; });
+}
+
+void Engine::resume() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pause_requested_ = false;
+  }
+  cv_.notify_all();
+}
+
+std::optional<Engine::Detached> Engine::detach(RequestId id, bool keep_kv) {
+  drain_inbox();
+  std::optional<Request> r = scheduler_.detach(id, keep_kv);
+  if (!r) return std::nullopt;
+  Detached d{std::move(*r), nullptr};
+  auto it = callbacks_.find(id);
+  if (it != callbacks_.end()) {
+    d.callback = std::move(it->second);
+    callbacks_.erase(it);
+  }
+  publish_stats();
+  return d;
+}
+
+std::vector<Engine::Detached> Engine::detach_all() {
+  drain_inbox();
+  std::vector<Detached> out;
+  for (RequestId id : scheduler_.request_ids_in_order()) {
+    auto d = detach(id, /*keep_kv=*/false);
+    KUN_CHECK(d.has_value());
+    out.push_back(std::move(*d));
+  }
+  return out;
+}
+
+Status Engine::adopt(Detached d, bool with_kv) {
+  const RequestId id = d.request.id;
+  KUN_RETURN_IF_ERROR(scheduler_.adopt(std::move(d.request), with_kv));
+  callbacks_.emplace(id, std::move(d.callback));
+  publish_stats();
+  return ok_status();
 }
 
 void Engine::cancel(RequestId id) {
@@ -121,11 +178,19 @@ void Engine::loop() {
     {
       std::unique_lock<std::mutex> lock(mu_);
       if (stopping_) break;
+      if (pause_requested_) {
+        paused_ = true;
+        cv_.notify_all();
+        cv_.wait(lock, [this] { return !pause_requested_ || stopping_; });
+        paused_ = false;
+        if (stopping_) break;
+      }
     }
     if (run_step()) continue;
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, std::chrono::milliseconds(50),
-                 [this] { return stopping_ || !inbox_.submits.empty() || !inbox_.cancels.empty(); });
+    cv_.wait_for(lock, std::chrono::milliseconds(50), [this] {
+      return stopping_ || pause_requested_ || !inbox_.submits.empty() || !inbox_.cancels.empty();
+    });
   }
   // Unfinished requests get a final error event so no client waits forever.
   drain_inbox();

@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "common/clock.h"
@@ -48,6 +49,26 @@ class Engine final : public FrontDoor {
   void cancel(RequestId id) override;
   ServingStats stats() const override;
 
+  // Submits under an id chosen by the caller (a cluster front door that routes requests to
+  // engines); the same errors as submit().
+  Status submit_as(RequestId id, RequestSpec spec, TokenCallback on_event);
+
+  // ---- moving requests between engines (drop, restore, migration) ----
+  // Parks the engine thread at the next step boundary and returns once it is parked (no-op for
+  // an engine without a thread). While paused the caller may use the calls below.
+  void pause();
+  void resume();
+  struct Detached {
+    Request request;
+    TokenCallback callback;
+  };
+  // Takes a request (and its callback) out; see Scheduler::detach. Paused or thread-less only.
+  std::optional<Detached> detach(RequestId id, bool keep_kv);
+  // Every request, in re-admission order (running, swapped, waiting), after draining the inbox.
+  std::vector<Detached> detach_all();
+  Status adopt(Detached d, bool with_kv);
+  Scheduler& mutable_scheduler() { return scheduler_; }
+
   // Drains the inbox and runs one step if there is work; returns false when idle.
   // Only from the engine thread, or from a test when start() was not called.
   bool run_step();
@@ -80,6 +101,8 @@ class Engine final : public FrontDoor {
   std::int64_t next_id_ = 1;     // guarded by mu_
   std::map<RequestId, TokenCallback> pending_callbacks_;  // guarded by mu_
   bool stopping_ = false;        // guarded by mu_
+  bool pause_requested_ = false; // guarded by mu_
+  bool paused_ = false;          // guarded by mu_
   std::thread thread_;
 };
 

@@ -340,6 +340,48 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
   return events;
 }
 
+std::optional<Request> Scheduler::detach(RequestId id, bool keep_kv) {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return std::nullopt;
+  Request r = std::move(it->second);
+  requests_.erase(it);
+  remove_from_queues(id);
+  if (!keep_kv) {
+    kv_->release(id);
+    r.num_computed = 0;
+    r.state = RequestState::kWaiting;
+  }
+  return r;
+}
+
+void Scheduler::release_detached(RequestId id) {
+  KUN_CHECK(requests_.count(id) == 0) << "request " << id << " is still scheduled here";
+  kv_->release(id);
+}
+
+std::vector<RequestId> Scheduler::request_ids_in_order() const {
+  std::vector<RequestId> ids(running_.begin(), running_.end());
+  ids.insert(ids.end(), swapped_.begin(), swapped_.end());
+  ids.insert(ids.end(), waiting_.begin(), waiting_.end());
+  return ids;
+}
+
+Status Scheduler::adopt(Request r, bool with_kv) {
+  KUN_CHECK(requests_.count(r.id) == 0) << "request " << r.id << " adopted twice";
+  const RequestId id = r.id;
+  if (with_kv && r.num_computed > 0) {
+    KUN_RETURN_IF_ERROR(kv_->grow(id, r.num_computed));
+    r.state = RequestState::kRunning;
+    running_.push_back(id);
+  } else {
+    r.num_computed = 0;
+    r.state = RequestState::kWaiting;
+    waiting_.push_back(id);
+  }
+  requests_.emplace(id, std::move(r));
+  return ok_status();
+}
+
 double Scheduler::demand() const {
   std::int64_t needed = 0;
   for (const auto& [id, r] : requests_) needed += kv_->layer_blocks_for(r.num_tokens());
@@ -361,6 +403,10 @@ InstanceStats Scheduler::report() const {
   s.kv_blocks_total = kv_->total_blocks();
   s.kv_blocks_free = kv_->free_blocks();
   s.demand = demand();
+  s.pending_blocks = pending_blocks();
+  std::int64_t demanded = 0;
+  for (const auto& [id, r] : requests_) demanded += kv_->layer_blocks_for(r.num_tokens());
+  s.blocks_demanded = demanded;
   return s;
 }
 

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -84,6 +85,20 @@ class Scheduler {
   // Applies a step's sampled tokens; returns the token events in plan order (final events
   // included). Finished requests are removed and their blocks freed.
   std::vector<TokenEvent> apply_result(const StepPlan& plan, const StepResult& result);
+
+  // ---- moving requests between schedulers (drop, restore, migration) ----
+  // Takes a request out of this scheduler. With keep_kv its blocks stay allocated (the caller
+  // copies them and then calls release_detached()); without, they are freed and the request will
+  // recompute (num_computed = 0). Returns nothing for an unknown id.
+  std::optional<Request> detach(RequestId id, bool keep_kv);
+  void release_detached(RequestId id);
+  // Ids in the order a move should re-admit them: running (admission order), swapped, waiting.
+  std::vector<RequestId> request_ids_in_order() const;
+  // Inserts a detached request. with_kv: it joins the running set holding blocks for its
+  // num_computed tokens (kResourceExhausted if they do not fit; nothing changes) and the caller
+  // fills them (block_lists()); otherwise it queues at the back and recomputes.
+  Status adopt(Request r, bool with_kv);
+  std::vector<LayerBlockList> block_lists(RequestId id) const { return kv_->block_lists(id); }
 
   bool has_unfinished() const { return !requests_.empty(); }
   std::int64_t num_running() const { return static_cast<std::int64_t>(running_.size()); }

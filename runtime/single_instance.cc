@@ -22,7 +22,9 @@ StatusOr<std::unique_ptr<SingleInstance>> SingleInstance::create(const InstanceO
   inst->kv_manager_ = std::make_unique<engine::KvManager>(
       options.device.kv_block_size, std::vector<kv::KvBlockAllocator*>{inst->allocator_.get()},
       std::vector<std::int32_t>(static_cast<std::size_t>(config.num_layers), 0), options.host_swap_blocks);
-  inst->executor_ = std::make_unique<LocalExecutor>(inst->device_.get(), options.host_swap_blocks);
+  inst->executor_ = std::make_unique<PipelineExecutor>(
+      std::vector<PipelineStage>{PipelineStage{inst->device_.get(), 0, 0, config.num_layers}}, nullptr,
+      options.host_swap_blocks);
   engine::EngineConfig engine_config;
   engine_config.scheduler = options.scheduler;
   engine_config.scheduler.vocab_size = config.vocab_size;

@@ -1,6 +1,6 @@
 // SingleInstance: one independent data-parallel instance wired end to end in this process:
 // a VirtualDevice holding every layer, the engine's KV bookkeeping over the device's KV pages,
-// a LocalExecutor and the Engine (the FrontDoor). Used by `kunserve generate`, the tests and
+// a one-stage PipelineExecutor and the Engine (the FrontDoor). Used by `kunserve generate`, the tests and
 // the benchmarks; the cluster runtime builds N of these devices and fuses them.
 #pragma once
 
@@ -12,7 +12,7 @@
 #include "engine/kv_manager.h"
 #include "kv/block_allocator.h"
 #include "model/weight_source.h"
-#include "runtime/local_executor.h"
+#include "runtime/pipeline_executor.h"
 #include "runtime/virtual_device.h"
 
 namespace kun::runtime {
@@ -34,7 +34,7 @@ class SingleInstance {
   VirtualDevice& device() { return *device_; }
   kv::KvBlockAllocator& allocator() { return *allocator_; }
   engine::KvManager& kv_manager() { return *kv_manager_; }
-  LocalExecutor& executor() { return *executor_; }
+  PipelineExecutor& executor() { return *executor_; }
   // Pages balance on the device and every block is owned once (aborts with context otherwise).
   void check_integrity() const;
 
@@ -43,7 +43,7 @@ class SingleInstance {
   std::unique_ptr<VirtualDevice> device_;
   std::unique_ptr<kv::KvBlockAllocator> allocator_;
   std::unique_ptr<engine::KvManager> kv_manager_;
-  std::unique_ptr<LocalExecutor> executor_;
+  std::unique_ptr<PipelineExecutor> executor_;
   std::unique_ptr<engine::Engine> engine_;
 };
 

@@ -1,0 +1,63 @@
+#include "runtime/transport.h"
+
+#include <chrono>
+#include <cstring>
+#include <sstream>
+#include <thread>
+
+#include "common/check.h"
+
+namespace kun::runtime {
+
+const char* transfer_kind_name(TransferKind k) {
+  switch (k) {
+    case TransferKind::kActivation: return "activation";
+    case TransferKind::kWeights: return "weights";
+    case TransferKind::kKvMigration: return "kv_migration";
+    case TransferKind::kKvExchange: return "kv_exchange";
+    case TransferKind::kRemoteAttention: return "remote_attention";
+    case TransferKind::kCount: break;
+  }
+  return "?";
+}
+
+std::string LinkModel::describe() const {
+  if (!enabled()) return "off";
+  std::ostringstream os;
+  os << bandwidth_bytes_per_s / 1e9 << " GB/s, " << latency_us << " us latency";
+  return os.str();
+}
+
+std::int64_t TransferStats::total_bytes() const {
+  std::int64_t t = 0;
+  for (std::int64_t b : bytes) t += b;
+  return t;
+}
+
+InProcessTransport::InProcessTransport(LinkModel link) : link_(link) {}
+
+void InProcessTransport::transfer(int src_device, int dst_device, const void* src, void* dst, std::int64_t bytes,
+                                  TransferKind kind) {
+  KUN_CHECK_GE(bytes, 0);
+  KUN_CHECK_NE(src_device, dst_device) << "a transfer crosses devices; copies inside one device are not transfers";
+  const auto start = std::chrono::steady_clock::now();
+  if (bytes > 0) std::memcpy(dst, src, static_cast<std::size_t>(bytes));
+  bytes_[static_cast<int>(kind)].fetch_add(bytes, std::memory_order_relaxed);
+  messages_[static_cast<int>(kind)].fetch_add(1, std::memory_order_relaxed);
+  if (link_.enabled()) {
+    double seconds = static_cast<double>(link_.latency_us) * 1e-6;
+    if (link_.bandwidth_bytes_per_s > 0) seconds += static_cast<double>(bytes) / link_.bandwidth_bytes_per_s;
+    std::this_thread::sleep_until(start + std::chrono::duration<double>(seconds));
+  }
+}
+
+TransferStats InProcessTransport::stats() const {
+  TransferStats s;
+  for (int i = 0; i < static_cast<int>(TransferKind::kCount); ++i) {
+    s.bytes[static_cast<std::size_t>(i)] = bytes_[static_cast<std::size_t>(i)].load();
+    s.messages[static_cast<std::size_t>(i)] = messages_[static_cast<std::size_t>(i)].load();
+  }
+  return s;
+}
+
+}  // namespace kun::runtime
