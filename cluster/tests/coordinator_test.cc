@@ -7,6 +7,7 @@
 #include <set>
 
 #include "cluster/tests/test_util.h"
+#include "common/log.h"
 
 namespace kun::cluster {
 namespace {
@@ -247,6 +248,8 @@ TEST(Coordinator, MigratePolicyEmitsMigrations) {
 // machine is only driven through legal transitions (an illegal one would abort the test).
 TEST(Coordinator, RandomizedTicksKeepGroupsDisjoint) {
   std::int64_t planned_drops = 0, restores_done = 0;
+  const LogLevel saved_level = log_level();
+  set_log_level(LogLevel::kWarn);  // thousands of decision lines otherwise
   for (std::uint64_t seed = 1; seed <= 20; ++seed) {
     std::mt19937_64 rng(seed);
     const std::int64_t n = 4 + static_cast<std::int64_t>(rng() % 13);
@@ -326,6 +329,7 @@ TEST(Coordinator, RandomizedTicksKeepGroupsDisjoint) {
   }
   EXPECT_GT(planned_drops, 20);  // the property was exercised
   EXPECT_GT(restores_done, 5);
+  set_log_level(saved_level);
 }
 
 }  // namespace
