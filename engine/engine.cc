@@ -120,6 +120,11 @@ ServingStats Engine::stats() const {
   return published_;
 }
 
+std::vector<RequestSummary> Engine::request_summaries() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return published_requests_;
+}
+
 void Engine::drain_inbox() {
   Inbox inbox;
   std::map<RequestId, TokenCallback> callbacks;
@@ -215,8 +220,17 @@ void Engine::publish_stats() {
   s.prompt_tokens_total = c.prompt_tokens;
   s.generation_tokens_total = c.generated_tokens;
   s.requests_finished_total = c.finished;
+  std::vector<RequestSummary> requests;
+  if (config_.publish_requests) {
+    for (RequestId id : scheduler_.request_ids_in_order()) {
+      const Request* r = scheduler_.find(id);
+      requests.push_back(RequestSummary{id, r->state == RequestState::kRunning, r->num_tokens(),
+                                        scheduler_.kv_blocks_held(id)});
+    }
+  }
   std::lock_guard<std::mutex> lock(mu_);
   published_ = std::move(s);
+  published_requests_ = std::move(requests);
   std::int64_t inbox = static_cast<std::int64_t>(inbox_.submits.size());
   queued_estimate_ = scheduler_.num_waiting() + inbox;
 }

@@ -28,6 +28,15 @@ namespace kun::engine {
 struct EngineConfig {
   SchedulerConfig scheduler;
   ModelInfo model;
+  bool publish_requests = false;  // keep a per-request summary for request_summaries()
+};
+
+// A request as cluster policy sees it (migration chooses among these).
+struct RequestSummary {
+  RequestId id;
+  bool running = false;
+  std::int64_t tokens = 0;
+  std::int64_t blocks_held = 0;
 };
 
 class Engine final : public FrontDoor {
@@ -48,6 +57,8 @@ class Engine final : public FrontDoor {
   StatusOr<RequestId> submit(RequestSpec spec, TokenCallback on_event) override;
   void cancel(RequestId id) override;
   ServingStats stats() const override;
+  // The latest published per-request summaries (empty unless publish_requests).
+  std::vector<RequestSummary> request_summaries() const;
 
   // Submits under an id chosen by the caller (a cluster front door that routes requests to
   // engines); the same errors as submit().
@@ -97,6 +108,7 @@ class Engine final : public FrontDoor {
   std::condition_variable cv_;
   Inbox inbox_;                  // guarded by mu_
   ServingStats published_;       // guarded by mu_
+  std::vector<RequestSummary> published_requests_;  // guarded by mu_
   std::int64_t queued_estimate_ = 0;  // waiting + inbox, guarded by mu_
   std::int64_t next_id_ = 1;     // guarded by mu_
   std::map<RequestId, TokenCallback> pending_callbacks_;  // guarded by mu_

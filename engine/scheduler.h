@@ -99,6 +99,7 @@ class Scheduler {
   // fills them (block_lists()); otherwise it queues at the back and recomputes.
   Status adopt(Request r, bool with_kv);
   std::vector<LayerBlockList> block_lists(RequestId id) const { return kv_->block_lists(id); }
+  std::int64_t kv_blocks_held(RequestId id) const { return kv_->layer_blocks_for(kv_->tokens_held(id)); }
 
   bool has_unfinished() const { return !requests_.empty(); }
   std::int64_t num_running() const { return static_cast<std::int64_t>(running_.size()); }

@@ -1,0 +1,560 @@
+#include "runtime/cluster_runtime.h"
+
+#include <algorithm>
+#include <chrono>
+#include <set>
+#include <sstream>
+
+#include "common/check.h"
+#include "common/log.h"
+
+namespace kun::runtime {
+namespace {
+
+// Stage k of a g-way group holds layers [k L / g, (k + 1) L / g).
+std::int64_t stage_begin(std::int64_t k, std::int64_t g, std::int64_t L) { return k * L / g; }
+std::int64_t stage_of_layer(std::int64_t l, std::int64_t g, std::int64_t L) {
+  for (std::int64_t k = 0; k < g; ++k) {
+    if (l < stage_begin(k + 1, g, L)) return k;
+  }
+  return g - 1;
+}
+
+}  // namespace
+
+ClusterRuntime::ClusterRuntime(ClusterOptions options, const Clock* clock)
+    : options_(std::move(options)), clock_(clock), router_(options_.router) {}
+
+StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOptions& options,
+                                                                 const model::WeightSource& weights, const Clock* clock) {
+  if (options.num_instances <= 0) return invalid_argument("num_instances must be >= 1");
+  const model::ModelConfig& config = weights.config();
+  std::unique_ptr<ClusterRuntime> rt(new ClusterRuntime(options, clock));
+  rt->config_ = config;
+  rt->transport_ = std::make_unique<InProcessTransport>(options.link);
+  for (std::int64_t i = 0; i < options.num_instances; ++i) {
+    DeviceOptions dev_opt = options.device;
+    dev_opt.name = "dev" + std::to_string(i);
+    KUN_ASSIGN_OR_RETURN(auto dev, VirtualDevice::create(dev_opt, config));
+    KUN_RETURN_IF_ERROR(dev->load_weights(weights, 0, config.num_layers).with_context("device " + dev_opt.name));
+    auto alloc = std::make_unique<kv::KvBlockAllocator>(dev->kv_storage().blocks_per_page());
+    KUN_RETURN_IF_ERROR(alloc->add_pages(dev->give_free_pages_to_kv()));
+    if (alloc->num_total() < config.num_layers) return resource_exhausted("device " + dev_opt.name + " has no room for KV");
+    rt->devices_.push_back(std::move(dev));
+    rt->allocators_.push_back(std::move(alloc));
+  }
+  cluster::ClusterShape shape;
+  shape.num_instances = options.num_instances;
+  shape.num_layers = config.num_layers;
+  shape.layer_param_bytes = rt->devices_[0]->pages_per_layer() * options.device.page_bytes;
+  shape.layer_block_bytes = rt->devices_[0]->kv_geometry().block_stride_bytes();
+  shape.block_size_tokens = options.device.kv_block_size;
+  std::vector<std::int64_t> degrees;
+  for (std::int64_t g : options.allowed_degrees) {
+    if (g <= options.num_instances && g <= config.num_layers) degrees.push_back(g);
+  }
+  shape.allowed_degrees = degrees;
+  rt->coordinator_ = std::make_unique<cluster::Coordinator>(options.coordinator, shape);
+  rt->router_ = cluster::Router(cluster::RouterConfig{options.router.policy, config.num_layers});
+  rt->model_info_.name = options.model_name;
+  rt->model_info_.vocab_size = config.vocab_size;
+  rt->model_info_.eos_token_id = static_cast<std::int32_t>(config.eos_token_id);
+  rt->model_info_.max_context_tokens =
+      options.scheduler.max_model_len > 0 ? std::min(options.scheduler.max_model_len, config.max_position_embeddings)
+                                          : config.max_position_embeddings;
+  for (std::int64_t i = 0; i < options.num_instances; ++i) rt->units_.push_back(rt->make_unit({i}, -1));
+  return rt;
+}
+
+ClusterRuntime::~ClusterRuntime() { stop(); }
+
+std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vector<std::int64_t>& instances,
+                                                                 std::int64_t group) {
+  auto unit = std::make_unique<Unit>();
+  unit->instances = instances;
+  unit->group = group;
+  const auto g = static_cast<std::int64_t>(instances.size());
+  const std::int64_t L = config_.num_layers;
+  std::vector<PipelineStage> stages;
+  std::vector<kv::KvBlockAllocator*> allocs;
+  for (std::int64_t k = 0; k < g; ++k) {
+    const std::int64_t inst = instances[static_cast<std::size_t>(k)];
+    stages.push_back(PipelineStage{devices_[static_cast<std::size_t>(inst)].get(), static_cast<int>(inst),
+                                   stage_begin(k, g, L), stage_begin(k + 1, g, L)});
+    allocs.push_back(allocators_[static_cast<std::size_t>(inst)].get());
+  }
+  std::vector<std::int32_t> layer_device(static_cast<std::size_t>(L));
+  for (std::int64_t l = 0; l < L; ++l) layer_device[static_cast<std::size_t>(l)] = static_cast<std::int32_t>(stage_of_layer(l, g, L));
+  unit->kv = std::make_unique<engine::KvManager>(options_.device.kv_block_size, allocs, layer_device, options_.host_swap_blocks);
+  unit->executor = std::make_unique<PipelineExecutor>(std::move(stages), transport_.get(), options_.host_swap_blocks);
+  engine::EngineConfig ec;
+  ec.scheduler = options_.scheduler;
+  ec.scheduler.vocab_size = config_.vocab_size;
+  ec.scheduler.eos_token_id = static_cast<std::int32_t>(config_.eos_token_id);
+  ec.scheduler.max_model_len = model_info_.max_context_tokens > 0 ? model_info_.max_context_tokens : config_.max_position_embeddings;
+  if (g > 1) ec.scheduler.enable_chunked_prefill = true;
+  ec.model = model_info_;
+  ec.publish_requests = options_.coordinator.policy == cluster::Policy::kMigrate;
+  unit->engine = std::make_unique<engine::Engine>(ec, unit->kv.get(), unit->executor.get(), clock_);
+  Unit* raw = unit.get();
+  unit->engine->set_step_observer([raw, this](const engine::StepPlan&, const engine::StepResult&) {
+    std::int64_t expected = -1;
+    raw->first_step_us.compare_exchange_strong(expected, clock_->now_us());
+  });
+  if (started_) unit->engine->start();
+  return unit;
+}
+
+void ClusterRuntime::start() {
+  {
+    std::unique_lock lock(topology_mu_);
+    if (started_) return;
+    started_ = true;
+    for (auto& u : units_) u->engine->start();
+  }
+  const bool policy_active = options_.coordinator.policy == cluster::Policy::kKunServe ||
+                             options_.coordinator.policy == cluster::Policy::kMigrate;
+  if (options_.run_policy_thread && policy_active) policy_thread_ = std::thread([this] { policy_loop(); });
+}
+
+void ClusterRuntime::stop() {
+  {
+    std::lock_guard<std::mutex> lock(policy_mu_);
+    stopping_ = true;
+  }
+  policy_cv_.notify_all();
+  if (policy_thread_.joinable()) policy_thread_.join();
+  std::unique_lock lock(topology_mu_);
+  for (auto& u : units_) u->engine->stop();
+}
+
+ClusterRuntime::Unit* ClusterRuntime::unit_of_instance(std::int64_t instance) const {
+  for (const auto& u : units_) {
+    if (std::find(u->instances.begin(), u->instances.end(), instance) != u->instances.end()) return u.get();
+  }
+  return nullptr;
+}
+
+std::int64_t ClusterRuntime::num_units() const {
+  std::shared_lock lock(topology_mu_);
+  return static_cast<std::int64_t>(units_.size());
+}
+
+std::int64_t ClusterRuntime::group_of(std::int64_t instance) const {
+  std::shared_lock lock(topology_mu_);
+  Unit* u = unit_of_instance(instance);
+  return u ? u->group : -1;
+}
+
+engine::TokenCallback ClusterRuntime::wrap_callback(engine::TokenCallback cb) {
+  return [this, cb = std::move(cb)](const engine::TokenEvent& ev) {
+    if (ev.finished) {
+      std::lock_guard<std::mutex> lock(requests_mu_);
+      request_instance_.erase(ev.id);
+    }
+    if (cb) cb(ev);
+  };
+}
+
+std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_locked() const {
+  std::vector<cluster::InstanceSnapshot> out;
+  for (const auto& u : units_) {
+    const engine::ServingStats st = u->engine->stats();
+    const engine::InstanceStats& is = st.instances.front();
+    const auto g = static_cast<std::int64_t>(u->instances.size());
+    std::vector<engine::RequestSummary> reqs;
+    if (g == 1 && options_.coordinator.policy == cluster::Policy::kMigrate) reqs = u->engine->request_summaries();
+    for (std::int64_t inst : u->instances) {
+      cluster::InstanceSnapshot s;
+      s.instance = inst;
+      s.group = u->group;
+      s.state = u->group >= 0 ? cluster::GroupState::kDropped : cluster::GroupState::kInitial;
+      // A group's figures are shared evenly by its members so sums over members stay exact.
+      s.kv_blocks_total = is.kv_blocks_total / g;
+      s.kv_blocks_free = is.kv_blocks_free / g;
+      s.blocks_demanded = is.blocks_demanded / g;
+      s.pending_blocks = is.pending_blocks / g;
+      s.num_running = is.num_running;
+      s.num_queued = is.num_waiting;
+      for (const auto& r : reqs) s.requests.push_back(cluster::RequestSnapshot{r.id, r.running, r.tokens, r.blocks_held});
+      out.push_back(std::move(s));
+    }
+  }
+  return out;
+}
+
+StatusOr<RequestId> ClusterRuntime::submit(engine::RequestSpec spec, engine::TokenCallback on_event) {
+  std::unique_lock lock(topology_mu_);
+  KUN_ASSIGN_OR_RETURN(std::int64_t instance, router_.route(snapshots_locked()));
+  Unit* unit = unit_of_instance(instance);
+  KUN_CHECK(unit != nullptr) << "router chose unknown instance " << instance;
+  RequestId id;
+  {
+    std::lock_guard<std::mutex> rl(requests_mu_);
+    id = RequestId(next_id_++);
+    request_instance_[id] = instance;
+  }
+  Status s = unit->engine->submit_as(id, std::move(spec), wrap_callback(std::move(on_event)));
+  if (!s.ok()) {
+    std::lock_guard<std::mutex> rl(requests_mu_);
+    request_instance_.erase(id);
+    return s;
+  }
+  return id;
+}
+
+void ClusterRuntime::cancel(RequestId id) {
+  std::shared_lock lock(topology_mu_);
+  std::int64_t instance;
+  {
+    std::lock_guard<std::mutex> rl(requests_mu_);
+    auto it = request_instance_.find(id);
+    if (it == request_instance_.end()) return;
+    instance = it->second;
+  }
+  if (Unit* u = unit_of_instance(instance)) u->engine->cancel(id);
+}
+
+engine::ServingStats ClusterRuntime::stats() const {
+  engine::ServingStats out;
+  {
+    std::shared_lock lock(topology_mu_);
+    for (const auto& u : units_) {
+      const engine::ServingStats st = u->engine->stats();
+      const auto g = static_cast<std::int64_t>(u->instances.size());
+      for (std::int64_t inst : u->instances) {
+        engine::InstanceStats is = st.instances.front();
+        is.instance = inst;
+        is.group = u->group;
+        is.group_state = u->group >= 0 ? "DROPPED" : "INITIAL";
+        is.kv_blocks_total /= g;
+        is.kv_blocks_free /= g;
+        is.blocks_demanded /= g;
+        is.pending_blocks /= g;
+        is.dropped_param_bytes = devices_[static_cast<std::size_t>(inst)]->arena().stats().dropped_param_bytes;
+        out.instances.push_back(is);
+      }
+      out.num_preemptions += st.num_preemptions;
+      out.prompt_tokens_total += st.prompt_tokens_total;
+      out.generation_tokens_total += st.generation_tokens_total;
+      out.requests_finished_total += st.requests_finished_total;
+    }
+  }
+  std::sort(out.instances.begin(), out.instances.end(),
+            [](const engine::InstanceStats& a, const engine::InstanceStats& b) { return a.instance < b.instance; });
+  std::lock_guard<std::mutex> lock(events_mu_);
+  out.drops_total = drops_;
+  out.restores_total = restores_;
+  out.kv_blocks_exchanged_total = kv_blocks_moved_;
+  out.drop_latency_ms = drop_latency_ms_;
+  out.restore_latency_ms = restore_latency_ms_;
+  return out;
+}
+
+void ClusterRuntime::retire(std::unique_ptr<Unit> unit) {
+  unit->engine->stop();
+  unit.reset();
+}
+
+void ClusterRuntime::record(ClusterEvent ev) {
+  KUN_LOG(kInfo) << "cluster " << ev.kind << " group " << ev.group << " instances " << ev.instances.size() << ": "
+                 << ev.bytes << " bytes, " << ev.latency_ms << " ms, " << ev.requests_moved << " requests; " << ev.reason;
+  std::lock_guard<std::mutex> lock(events_mu_);
+  if (ev.kind == "drop") {
+    ++drops_;
+    drop_latency_ms_.push_back(ev.latency_ms);
+  } else if (ev.kind == "restore") {
+    ++restores_;
+    restore_latency_ms_.push_back(ev.latency_ms);
+  }
+  events_.push_back(std::move(ev));
+}
+
+std::vector<ClusterEvent> ClusterRuntime::events() const {
+  std::lock_guard<std::mutex> lock(events_mu_);
+  return events_;
+}
+
+StatusOr<std::int64_t> ClusterRuntime::drop(const std::vector<std::int64_t>& instances) {
+  std::unique_lock lock(topology_mu_);
+  KUN_ASSIGN_OR_RETURN(cluster::DropAction action, coordinator_->force_drop(instances, clock_->now_us()));
+  KUN_ASSIGN_OR_RETURN(std::int64_t group, drop_locked(action.instances, action.group, "forced"));
+  coordinator_->on_drop_done(group, clock_->now_us());
+  return group;
+}
+
+Status ClusterRuntime::restore(std::int64_t group) {
+  std::unique_lock lock(topology_mu_);
+  KUN_ASSIGN_OR_RETURN(cluster::RestoreAction action, coordinator_->force_restore(group, clock_->now_us()));
+  coordinator_->on_restore_started(group, clock_->now_us());
+  KUN_RETURN_IF_ERROR(restore_locked(group, "forced"));
+  coordinator_->on_restore_done(group, clock_->now_us());
+  return ok_status();
+}
+
+Status ClusterRuntime::migrate(RequestId request, std::int64_t to_instance) {
+  std::unique_lock lock(topology_mu_);
+  return migrate_locked(request, to_instance, "forced");
+}
+
+StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_t>& instances, std::int64_t group,
+                                                   const std::string& reason) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto g = static_cast<std::int64_t>(instances.size());
+  const std::int64_t L = config_.num_layers;
+  std::vector<std::unique_ptr<Unit>> members;
+  for (std::int64_t inst : instances) {
+    Unit* u = unit_of_instance(inst);
+    if (u == nullptr || u->group >= 0) return failed_precondition("instance " + std::to_string(inst) + " is not independent");
+  }
+  for (std::int64_t inst : instances) {
+    auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->instances.front() == inst; });
+    members.push_back(std::move(*it));
+    units_.erase(it);
+  }
+  // Take every request out at a step boundary: stale (already started) ones first.
+  std::vector<engine::Engine::Detached> stale, fresh;
+  for (auto& m : members) {
+    m->engine->pause();
+    for (auto& d : m->engine->detach_all()) (d.request.max_computed > 0 ? stale : fresh).push_back(std::move(d));
+    retire(std::move(m));
+  }
+  std::int64_t dropped_bytes = 0;
+  for (std::int64_t k = 0; k < g; ++k) {
+    const std::int64_t inst = instances[static_cast<std::size_t>(k)];
+    VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
+    kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
+    KUN_CHECK_EQ(alloc.num_used(), 0) << "device " << inst << " still holds KV after its requests left";
+    for (std::int64_t l = 0; l < L; ++l) {
+      if (l >= stage_begin(k, g, L) && l < stage_begin(k + 1, g, L)) continue;
+      KUN_ASSIGN_OR_RETURN(std::vector<memory::PageId> pages, dev.drop_layer(l));
+      KUN_RETURN_IF_ERROR(alloc.add_pages(pages));
+      dropped_bytes += static_cast<std::int64_t>(pages.size()) * dev.arena().page_bytes();
+    }
+  }
+  auto unit = make_unit(instances, group);
+  const std::int64_t moved = static_cast<std::int64_t>(stale.size() + fresh.size());
+  {
+    std::lock_guard<std::mutex> rl(requests_mu_);
+    for (auto* list : {&stale, &fresh}) {
+      for (auto& d : *list) {
+        request_instance_[d.request.id] = instances.front();
+        KUN_CHECK_OK(unit->engine->adopt(std::move(d), /*with_kv=*/false));
+      }
+    }
+  }
+  units_.push_back(std::move(unit));
+  ClusterEvent ev;
+  ev.time_us = clock_->now_us();
+  ev.kind = "drop";
+  ev.group = group;
+  ev.instances = instances;
+  ev.bytes = dropped_bytes;
+  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  ev.requests_moved = moved;
+  ev.reason = reason;
+  record(std::move(ev));
+  return group;
+}
+
+Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& reason) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->group == group; });
+  if (it == units_.end()) return not_found("no fused group " + std::to_string(group));
+  std::unique_ptr<Unit> unit = std::move(*it);
+  units_.erase(it);
+  const std::vector<std::int64_t> instances = unit->instances;
+  const auto g = static_cast<std::int64_t>(instances.size());
+  const std::int64_t L = config_.num_layers;
+  unit->engine->pause();
+  std::vector<engine::Engine::Detached> requests = unit->engine->detach_all();
+  retire(std::move(unit));
+  std::int64_t pulled_bytes = 0;
+  for (std::int64_t k = 0; k < g; ++k) {
+    const std::int64_t inst = instances[static_cast<std::size_t>(k)];
+    VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
+    kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
+    for (std::int64_t l = 0; l < L; ++l) {
+      if (dev.has_layer(l)) continue;
+      // Every request left the group, so whole pages are free: no repack is needed.
+      KUN_ASSIGN_OR_RETURN(kv::ReclaimResult reclaimed, alloc.reclaim_pages(dev.pages_per_layer()));
+      KUN_CHECK(reclaimed.moves.empty()) << "reclaim asked for a repack with no live blocks";
+      KUN_RETURN_IF_ERROR(dev.restore_layer(l, reclaimed.pages));
+      const std::int64_t owner = instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
+      const auto src = devices_[static_cast<std::size_t>(owner)]->layer_bytes(l);
+      auto dst = dev.restored_layer_data(l);
+      transport_->transfer(static_cast<int>(owner), static_cast<int>(inst), src.data(), dst.data(),
+                           static_cast<std::int64_t>(src.size()), TransferKind::kWeights);
+      pulled_bytes += static_cast<std::int64_t>(src.size());
+    }
+    KUN_CHECK_EQ(dev.arena().num_kv_pages(), alloc.num_pages()) << "device " << inst;
+  }
+  std::vector<Unit*> fresh_units;
+  for (std::int64_t inst : instances) {
+    units_.push_back(make_unit({inst}, -1));
+    fresh_units.push_back(units_.back().get());
+  }
+  {
+    std::lock_guard<std::mutex> rl(requests_mu_);
+    for (std::size_t i = 0; i < requests.size(); ++i) {
+      Unit* u = fresh_units[i % fresh_units.size()];
+      request_instance_[requests[i].request.id] = u->instances.front();
+      KUN_CHECK_OK(u->engine->adopt(std::move(requests[i]), /*with_kv=*/false));
+    }
+  }
+  ClusterEvent ev;
+  ev.time_us = clock_->now_us();
+  ev.kind = "restore";
+  ev.group = group;
+  ev.instances = instances;
+  ev.bytes = pulled_bytes;
+  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  ev.requests_moved = static_cast<std::int64_t>(requests.size());
+  ev.reason = reason;
+  record(std::move(ev));
+  return ok_status();
+}
+
+Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instance, const std::string& reason) {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::int64_t from_instance;
+  {
+    std::lock_guard<std::mutex> rl(requests_mu_);
+    auto it = request_instance_.find(request);
+    if (it == request_instance_.end()) return not_found("request " + std::to_string(request.value) + " is not live");
+    from_instance = it->second;
+  }
+  Unit* from = unit_of_instance(from_instance);
+  Unit* to = unit_of_instance(to_instance);
+  if (from == nullptr || to == nullptr || from == to) return invalid_argument("migration needs two different instances");
+  if (from->group >= 0 || to->group >= 0) return failed_precondition("migration is between independent instances");
+  from->engine->pause();
+  to->engine->pause();
+  auto resume = [&] {
+    from->engine->resume();
+    to->engine->resume();
+  };
+  std::optional<engine::Engine::Detached> d = from->engine->detach(request, /*keep_kv=*/true);
+  if (!d) {
+    resume();
+    return not_found("request " + std::to_string(request.value) + " finished before it could move");
+  }
+  const bool live = from->kv->tokens_held(request) > 0 && d->request.state == engine::RequestState::kRunning;
+  std::int64_t bytes = 0, blocks = 0;
+  if (live && to->kv->can_grow(request, d->request.num_computed)) {
+    const std::vector<engine::LayerBlockList> src = from->kv->block_lists(request);
+    KUN_CHECK_OK(to->engine->adopt(std::move(*d), /*with_kv=*/true));
+    const std::vector<engine::LayerBlockList> dst = to->kv->block_lists(request);
+    KUN_CHECK_EQ(src.size(), dst.size());
+    kv::KvStorage& src_store = devices_[static_cast<std::size_t>(from_instance)]->kv_storage();
+    kv::KvStorage& dst_store = devices_[static_cast<std::size_t>(to_instance)]->kv_storage();
+    const std::int64_t block_bytes = src_store.block_bytes();
+    for (std::size_t i = 0; i < src.size(); ++i) {
+      KUN_CHECK_EQ(src[i].layer, dst[i].layer);
+      KUN_CHECK_EQ(src[i].blocks.size(), dst[i].blocks.size());
+      for (std::size_t b = 0; b < src[i].blocks.size(); ++b) {
+        transport_->transfer(static_cast<int>(from_instance), static_cast<int>(to_instance),
+                             src_store.block_data(kv::BlockId(src[i].blocks[b])),
+                             dst_store.block_data(kv::BlockId(dst[i].blocks[b])), block_bytes, TransferKind::kKvMigration);
+        bytes += block_bytes;
+        ++blocks;
+      }
+    }
+    from->engine->mutable_scheduler().release_detached(request);
+  } else if (live) {
+    // The destination cannot hold its KV: it stays where it is.
+    KUN_CHECK_OK(from->engine->adopt(std::move(*d), /*with_kv=*/true));
+    resume();
+    return resource_exhausted("instance " + std::to_string(to_instance) + " has no room for the request's KV");
+  } else {
+    from->engine->mutable_scheduler().release_detached(request);
+    KUN_CHECK_OK(to->engine->adopt(std::move(*d), /*with_kv=*/false));
+  }
+  {
+    std::lock_guard<std::mutex> rl(requests_mu_);
+    request_instance_[request] = to_instance;
+  }
+  resume();
+  {
+    std::lock_guard<std::mutex> el(events_mu_);
+    kv_blocks_moved_ += blocks;
+  }
+  ClusterEvent ev;
+  ev.time_us = clock_->now_us();
+  ev.kind = "migrate";
+  ev.instances = {from_instance, to_instance};
+  ev.bytes = bytes;
+  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  ev.requests_moved = 1;
+  ev.reason = reason;
+  record(std::move(ev));
+  return ok_status();
+}
+
+void ClusterRuntime::run_actions(const cluster::Actions& actions) {
+  for (const auto& r : actions.restores) {
+    coordinator_->on_restore_started(r.group, clock_->now_us());
+    Status s = restore_locked(r.group, r.reason);
+    KUN_CHECK(s.ok()) << "restore of group " << r.group << " failed: " << s.to_string();
+    coordinator_->on_restore_done(r.group, clock_->now_us());
+  }
+  for (const auto& d : actions.drops) {
+    auto s = drop_locked(d.instances, d.group, d.reason);
+    KUN_CHECK(s.ok()) << "drop of group " << d.group << " failed: " << s.status().to_string();
+    coordinator_->on_drop_done(d.group, clock_->now_us());
+  }
+  for (const auto& m : actions.migrations) {
+    Status s = migrate_locked(m.request, m.to, m.reason);
+    if (!s.ok()) {
+      KUN_LOG(kInfo) << "migration of request " << m.request << " skipped: " << s.to_string();
+    }
+    coordinator_->on_migration_done(m.request);
+  }
+}
+
+void ClusterRuntime::policy_loop() {
+  const auto period = std::chrono::microseconds(options_.coordinator.monitor.sample_period_us);
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(policy_mu_);
+      if (policy_cv_.wait_for(lock, period, [this] { return stopping_; })) return;
+    }
+    std::unique_lock lock(topology_mu_);
+    const cluster::Actions actions = coordinator_->tick(clock_->now_us(), snapshots_locked());
+    if (!actions.empty()) run_actions(actions);
+  }
+}
+
+bool ClusterRuntime::run_step_all() {
+  std::shared_lock lock(topology_mu_);
+  bool any = false;
+  for (auto& u : units_) any = u->engine->run_step() || any;
+  return any;
+}
+
+void ClusterRuntime::check_integrity() {
+  std::unique_lock lock(topology_mu_);
+  for (auto& u : units_) u->engine->pause();
+  const std::int64_t L = config_.num_layers;
+  std::set<RequestId> seen;
+  for (auto& u : units_) {
+    u->kv->check_integrity();
+    u->engine->scheduler().check_invariants();
+    for (RequestId id : u->engine->scheduler().request_ids_in_order()) {
+      KUN_CHECK(seen.insert(id).second) << "request " << id << " is in two units";
+    }
+    // The members together hold every layer exactly once (all of them when independent).
+    for (std::int64_t l = 0; l < L; ++l) {
+      int holders = 0;
+      for (std::int64_t inst : u->instances) holders += devices_[static_cast<std::size_t>(inst)]->has_layer(l) ? 1 : 0;
+      KUN_CHECK_EQ(holders, 1) << "layer " << l << " in unit of instance " << u->instances.front();
+    }
+  }
+  for (std::size_t i = 0; i < devices_.size(); ++i) {
+    devices_[i]->arena().check_integrity();
+    KUN_CHECK_EQ(devices_[i]->arena().num_kv_pages(), allocators_[i]->num_pages()) << "device " << i;
+  }
+  for (auto& u : units_) u->engine->resume();
+}
+
+}  // namespace kun::runtime

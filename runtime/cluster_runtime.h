@@ -1,0 +1,147 @@
+// ClusterRuntime: the in-process runtime of a data-parallel deployment (DESIGN.md 3, 5): N virtual
+// devices, one per instance, each holding the whole model at start. It is the cluster's front
+// door (routing submits to instances or fused groups) and carries out the cluster policy's
+// actions at step boundaries:
+//  * drop: g instances fuse into one pipeline. Member k keeps layers [k L/g, (k+1) L/g); its other
+//    layers' pages become KV pages without a copy. Their queued requests join the group; running
+//    (stale) requests are recomputed in the group (the first stale-request strategy);
+//  * restore: the group's requests are taken back (recompute), each member reclaims pages from
+//    its KV pool, pulls its dropped layers' weights from the peer that kept them through the
+//    Transport, and the group splits into g independent instances;
+//  * migrate (Llumnix-style baseline): a running request's KV blocks move to another instance
+//    through the Transport and it continues there without recompute; queued requests move as is.
+//
+// Threads: every instance or group is an engine::Engine with its own thread; a policy thread
+// samples them every monitor period and runs the cluster::Coordinator (pure policy). Transitions
+// pause the engines involved at a step boundary; topology_mu_ serialises transitions with
+// routing.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <thread>
+#include <vector>
+
+#include "cluster/coordinator.h"
+#include "cluster/router.h"
+#include "common/clock.h"
+#include "engine/engine.h"
+#include "kv/block_allocator.h"
+#include "model/weight_source.h"
+#include "runtime/pipeline_executor.h"
+#include "runtime/transport.h"
+#include "runtime/virtual_device.h"
+
+namespace kun::runtime {
+
+struct ClusterOptions {
+  std::int64_t num_instances = 4;
+  DeviceOptions device;                 // per device (capacity, threads, block size, dtype)
+  engine::SchedulerConfig scheduler;    // per instance; vocab/eos/max_model_len come from the model
+  std::int64_t host_swap_blocks = 0;    // per device, layer blocks
+  std::string model_name = "kunserve-model";
+  LinkModel link;                       // off by default
+  cluster::CoordinatorConfig coordinator;
+  cluster::RouterConfig router;
+  std::vector<std::int64_t> allowed_degrees = {2, 4};  // group sizes the planner may form
+  bool run_policy_thread = true;        // false: transitions only when called (tests)
+};
+
+struct ClusterEvent {
+  std::int64_t time_us = 0;
+  std::string kind;  // drop | restore | migrate
+  std::int64_t group = -1;
+  std::vector<std::int64_t> instances;
+  std::int64_t bytes = 0;        // dropped param bytes (drop), weights pulled (restore), KV moved (migrate)
+  double latency_ms = 0;         // request to done (drop: to the group's first step)
+  std::int64_t requests_moved = 0;
+  std::string reason;
+};
+
+class ClusterRuntime final : public engine::FrontDoor {
+ public:
+  static StatusOr<std::unique_ptr<ClusterRuntime>> create(const ClusterOptions& options,
+                                                          const model::WeightSource& weights, const Clock* clock);
+  ~ClusterRuntime() override;
+
+  void start();
+  void stop();
+
+  // FrontDoor
+  const engine::ModelInfo& model_info() const override { return model_info_; }
+  StatusOr<RequestId> submit(engine::RequestSpec spec, engine::TokenCallback on_event) override;
+  void cancel(RequestId id) override;
+  engine::ServingStats stats() const override;
+
+  // Transitions; the policy thread calls them, and tests call them directly.
+  StatusOr<std::int64_t> drop(const std::vector<std::int64_t>& instances);  // returns the group id
+  Status restore(std::int64_t group);
+  Status migrate(RequestId request, std::int64_t to_instance);
+
+  // Runs one step on every unit that has work (for tests without threads); false if all idle.
+  bool run_step_all();
+  // Pages balance on every device, every block is owned once, every group holds each layer
+  // exactly once, and no request is in two places. Aborts with context otherwise. Pauses units.
+  void check_integrity();
+  std::vector<ClusterEvent> events() const;
+  TransferStats transfer_stats() const { return transport_->stats(); }
+  std::int64_t num_units() const;
+  std::int64_t group_of(std::int64_t instance) const;
+  cluster::Policy policy() const { return options_.coordinator.policy; }
+
+ private:
+  struct Unit {
+    std::vector<std::int64_t> instances;  // stage order
+    std::int64_t group = -1;
+    std::unique_ptr<engine::KvManager> kv;
+    std::unique_ptr<PipelineExecutor> executor;
+    std::unique_ptr<engine::Engine> engine;
+    std::atomic<std::int64_t> first_step_us{-1};
+  };
+  ClusterRuntime(ClusterOptions options, const Clock* clock);
+  std::unique_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
+  Unit* unit_of_instance(std::int64_t instance) const;
+  std::vector<cluster::InstanceSnapshot> snapshots_locked() const;
+  void policy_loop();
+  void run_actions(const cluster::Actions& actions);
+  StatusOr<std::int64_t> drop_locked(const std::vector<std::int64_t>& instances, std::int64_t group, const std::string& reason);
+  Status restore_locked(std::int64_t group, const std::string& reason);
+  Status migrate_locked(RequestId request, std::int64_t to_instance, const std::string& reason);
+  void retire(std::unique_ptr<Unit> unit);
+  void record(ClusterEvent ev);
+  engine::TokenCallback wrap_callback(engine::TokenCallback cb);
+
+  ClusterOptions options_;
+  const Clock* clock_;
+  engine::ModelInfo model_info_;
+  model::ModelConfig config_;
+  std::unique_ptr<Transport> transport_;
+  std::vector<std::unique_ptr<VirtualDevice>> devices_;
+  std::vector<std::unique_ptr<kv::KvBlockAllocator>> allocators_;
+
+  mutable std::shared_mutex topology_mu_;   // guards units_, coordinator_, router_
+  std::vector<std::unique_ptr<Unit>> units_;
+  std::unique_ptr<cluster::Coordinator> coordinator_;
+  mutable cluster::Router router_;
+  bool started_ = false;
+
+  mutable std::mutex requests_mu_;  // guards request_instance_, next_id_
+  std::map<RequestId, std::int64_t> request_instance_;  // live request -> an instance of its unit
+  std::int64_t next_id_ = 1;
+
+  mutable std::mutex events_mu_;
+  std::vector<ClusterEvent> events_;
+  std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_
+  std::vector<double> drop_latency_ms_, restore_latency_ms_;      // guarded by events_mu_
+
+  std::mutex policy_mu_;
+  std::condition_variable policy_cv_;
+  bool stopping_ = false;  // guarded by policy_mu_
+  std::thread policy_thread_;
+};
+
+}  // namespace kun::runtime
