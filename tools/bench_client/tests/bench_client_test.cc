@@ -28,8 +28,16 @@ using testing::FakeOpenAiServer;
 using testing::FakeReply;
 using workload::RequestOutcome;
 
-constexpr double kSlackMs = 8.0;
-constexpr double kTailSlackMs = 50.0;
+// Under ASan/TSan every step is several times slower, so timing bounds widen (the sanitizer runs
+// are there to find memory and threading errors, not to measure).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+constexpr double kSlackMs = kSanitized ? 60.0 : 8.0;
+constexpr double kTailSlackMs = kSanitized ? 150.0 : 50.0;
+constexpr double kTpotToleranceMs = kSanitized ? 8.0 : 2.0;
 
 workload::Trace uniform_trace(int n, std::int64_t gap_us, std::int32_t output_tokens) {
   workload::Trace t;
@@ -145,16 +153,18 @@ TEST(BenchClientTest, TimingsMatchScript) {
   expect_near_above(rep.ttft_ms.p50, 90.0, kSlackMs, "ttft p50");
   expect_near_above(rep.ttft_ms.p90, 130.0, kSlackMs, "ttft p90");
   expect_near_above(rep.ttft_ms.p99, 130.0, kTailSlackMs, "ttft p99");
-  EXPECT_NEAR(rep.tpot_ms.mean, 20.0, 2.0);
-  EXPECT_NEAR(rep.tpot_ms.p50, 20.0, 2.0);
-  EXPECT_NEAR(rep.itl_ms.p50, 20.0, 2.0);
+  EXPECT_NEAR(rep.tpot_ms.mean, 20.0, kTpotToleranceMs);
+  EXPECT_NEAR(rep.tpot_ms.p50, 20.0, kTpotToleranceMs);
+  EXPECT_NEAR(rep.itl_ms.p50, 20.0, kTpotToleranceMs);
   EXPECT_EQ(rep.itl_ms.count, 40 * 7);
   EXPECT_LE(rep.itl_ms.p99, 20.0 + kTailSlackMs);
   expect_near_above(rep.e2e_ms.p50, 90.0 + 7 * 20.0, kSlackMs, "e2e p50");
   EXPECT_EQ(rep.queue_ms.count, 40);
   EXPECT_DOUBLE_EQ(rep.queue_ms.p50, 5.0);
   // SLO TTFT 100 ms: the 50/70/90 ms requests (24 of 40) meet it (TPOT 20 <= 30), 110/130 do not.
-  EXPECT_EQ(rep.slo_met, 24);
+  if (!kSanitized) {
+    EXPECT_EQ(rep.slo_met, 24);
+  }
   EXPECT_EQ(rep.completed, 40);
   EXPECT_EQ(rep.failed, 0);
 }
