@@ -1,6 +1,7 @@
 // kunserve: the command-line entry point (DESIGN.md section 4, tools/).
 #include <CLI/CLI.hpp>
 
+#include "tools/kunserve/bench_command.h"
 #include "tools/kunserve/generate_command.h"
 
 int main(int argc, char** argv) {
@@ -9,6 +10,7 @@ int main(int argc, char** argv) {
   int exit_code = 0;
   kun::tools::add_gen_model_command(&app, &exit_code);
   kun::tools::add_generate_command(&app, &exit_code);
+  kun::tools::add_bench_command(&app, &exit_code);
   CLI11_PARSE(app, argc, argv);
   return exit_code;
 }
