@@ -66,7 +66,9 @@ struct SimConfig {
   std::uint64_t seed = 0;                      // prompt token ids and tie-free choices
   std::int64_t max_virtual_us = 24LL * 3600 * 1'000'000;  // safety stop
   workload::SloSpec slo;
-  bool check_invariants = false;  // scheduler + KV invariants after every step (tests)
+  // Scheduler + KV invariants after every n-th step of a unit (0: never; tests). Costly: the
+  // KV integrity check walks every block.
+  std::int64_t check_invariants_every_steps = 0;
 };
 
 struct SimCounters {

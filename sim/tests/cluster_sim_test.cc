@@ -10,7 +10,7 @@
 namespace kun::sim {
 namespace {
 
-workload::Trace bursty_trace(std::uint64_t seed, double rate_rps = 40.0, std::int64_t duration_s = 20) {
+workload::Trace bursty_trace(std::uint64_t seed, double rate_rps = 40.0, std::int64_t duration_s = 12) {
   workload::GammaSpec spec;
   spec.rate_rps = rate_rps;
   spec.cv = 3.0;
@@ -30,7 +30,6 @@ SimConfig base_config(cluster::Policy policy) {
   c.scheduler.max_num_seqs = 256;
   c.scheduler.max_num_batched_tokens = 2048;
   c.scheduler.max_model_len = 4096;
-  c.check_invariants = false;
   return c;
 }
 
@@ -94,7 +93,7 @@ TEST(ClusterSim, LightLoadHasNoQueueing) {
 TEST(ClusterSim, BurstRecomputeQueuesAndPreemptsAndCompletes) {
   const auto trace = bursty_trace(1);
   SimConfig c = base_config(cluster::Policy::kRecompute);
-  c.check_invariants = true;
+  c.check_invariants_every_steps = 500;
   const SimReport rep = run_or_die(c, trace);
   expect_conservation(rep, trace);
   EXPECT_GT(rep.counters.preemptions_recompute, 0);
@@ -109,26 +108,28 @@ TEST(ClusterSim, BurstRecomputeQueuesAndPreemptsAndCompletes) {
   EXPECT_EQ(j["requests"]["completed"], static_cast<std::int64_t>(trace.size()));
 }
 
-TEST(ClusterSim, EveryPolicyCompletesTheBurst) {
+void run_policy_burst(cluster::Policy p) {
   const auto trace = bursty_trace(1);
-  for (auto p : {cluster::Policy::kSwap, cluster::Policy::kMigrate, cluster::Policy::kKunServe}) {
-    SimConfig c = base_config(p);
-    const SimReport rep = run_or_die(c, trace);
-    expect_conservation(rep, trace);
-    if (p == cluster::Policy::kSwap) {
-      EXPECT_GT(rep.counters.preemptions_swap, 0);
-      EXPECT_GT(rep.counters.swap_bytes, 0);
-    }
-    if (p == cluster::Policy::kKunServe) {
-      EXPECT_GT(rep.counters.drops, 0);
-      EXPECT_GT(rep.counters.param_bytes_dropped, 0);
-      EXPECT_EQ(rep.counters.restores, rep.counters.drops);  // every group split back by the end
-    }
+  const SimReport rep = run_or_die(base_config(p), trace);
+  expect_conservation(rep, trace);
+  if (p == cluster::Policy::kSwap) {
+    EXPECT_GT(rep.counters.preemptions_swap, 0);
+    EXPECT_GT(rep.counters.swap_bytes, 0);
+  }
+  if (p == cluster::Policy::kKunServe) {
+    EXPECT_GT(rep.counters.drops, 0);
+    EXPECT_GT(rep.counters.param_bytes_dropped, 0);
+    EXPECT_EQ(rep.counters.restores, rep.counters.drops);  // every group split back by the end
+    EXPECT_GT(rep.counters.weight_bytes_restored, 0);
   }
 }
 
+TEST(ClusterSim, SwapCompletesTheBurst) { run_policy_burst(cluster::Policy::kSwap); }
+TEST(ClusterSim, MigrateCompletesTheBurst) { run_policy_burst(cluster::Policy::kMigrate); }
+TEST(ClusterSim, KunServeDropsRestoresAndCompletesTheBurst) { run_policy_burst(cluster::Policy::kKunServe); }
+
 TEST(ClusterSim, DeterministicForASeed) {
-  const auto trace = bursty_trace(7, 30.0, 10);
+  const auto trace = bursty_trace(7, 40.0, 4);
   for (auto p : {cluster::Policy::kRecompute, cluster::Policy::kKunServe}) {
     const SimReport a = run_or_die(base_config(p), trace);
     const SimReport b = run_or_die(base_config(p), trace);
