@@ -270,9 +270,9 @@ std::string render_metrics(const ServerMetrics& m, const engine::ServingStats& s
     w.sample("kunserve_dropped_param_bytes", "instance=\"" + std::to_string(inst.instance) + "\"",
              static_cast<double>(inst.dropped_param_bytes));
   }
-  w.family("kunserve_kv_blocks_total", "gauge", "KV blocks of each instance.");
+  w.family("kunserve_kv_blocks_capacity", "gauge", "KV blocks of each instance.");
   for (const auto& inst : stats.instances) {
-    w.sample("kunserve_kv_blocks_total", "instance=\"" + std::to_string(inst.instance) + "\"",
+    w.sample("kunserve_kv_blocks_capacity", "instance=\"" + std::to_string(inst.instance) + "\"",
              static_cast<double>(inst.kv_blocks_total));
   }
   w.family("kunserve_kv_blocks_free", "gauge", "Free KV blocks of each instance.");

@@ -9,6 +9,7 @@
 // KUN_LOAD_ITL_US (20000), KUN_LOAD_IO_THREADS (2).
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
