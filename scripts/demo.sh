@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main demo on the embedded default: installs what is missing, builds the release preset,
+# then replays a bursty window of the Azure code trace (compiled into the binary) against 4
+# in-process devices under each policy and prints one side-by-side table plus plots in out/demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install_deps.sh
+cmake --preset release >/dev/null
+cmake --build --preset release -j "$(nproc)" --target kunserve
+mkdir -p out/demo
+KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} ./build/release/bin/kunserve bench --in-process \
+  --policies recompute,swap,migrate,kunserve --devices 4 \
+  --json out/demo/report.json --out-dir out/demo "$@"
