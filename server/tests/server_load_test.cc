@@ -26,6 +26,14 @@
 
 extern char** environ;
 
+// Sanitizers slow the server several-fold: there the test still requires every stream to
+// complete (and TSan to stay quiet) but skips the latency and overlap bounds.
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+constexpr bool kTimingAsserts = false;
+#else
+constexpr bool kTimingAsserts = true;
+#endif
+
 namespace kun::server::testing {
 namespace {
 
@@ -116,7 +124,10 @@ TEST(LoadTest, ConcurrentStreamingFromASecondProcess) {
   EXPECT_EQ(summary["ok"], connections);
   EXPECT_EQ(summary["failed"], 0);
   // All requests were in the engine at the same time: the HTTP layer held them concurrently.
-  EXPECT_EQ(h.fake().max_active_seen(), static_cast<std::size_t>(connections));
+  std::printf("[load] most requests in the engine at once: %zu\n", h.fake().max_active_seen());
+  if (kTimingAsserts) {
+    EXPECT_EQ(h.fake().max_active_seen(), static_cast<std::size_t>(connections));
+  }
 
   // Correlate client arrivals with engine emit times, request by request.
   ASSERT_TRUE(h.fake().wait_idle(std::chrono::milliseconds(5000)));
@@ -164,8 +175,10 @@ TEST(LoadTest, ConcurrentStreamingFromASecondProcess) {
   std::printf("[load] client ITL - scripted ITL (HTTP added) : %s\n", fmt(added).c_str());
   std::printf("[load] per-token delay engine emit -> client  : %s\n", fmt(delay).c_str());
   // Loose sanity bounds (2 shared cores, client and server on the same machine).
-  EXPECT_LT(delay.p50, 50.0);
-  EXPECT_LT(std::abs(added.mean), 5.0);
+  if (kTimingAsserts) {
+    EXPECT_LT(delay.p50, 50.0);
+    EXPECT_LT(std::abs(added.mean), 5.0);
+  }
   std::filesystem::remove(out_path);
   std::filesystem::remove(summary_path);
 }
