@@ -42,6 +42,7 @@ struct BenchArgs {
   double duration_s = 30.0;
   double time_scale = 8.0;     // arrivals compressed by this factor
   double length_scale = 0.05;  // prompt lengths scaled by this factor
+  double output_scale = 1.0;   // output lengths scaled by this factor
   double upscale = 1.0;
   std::int64_t max_prompt = 512;
   std::int64_t max_output = 64;
@@ -96,6 +97,7 @@ StatusOr<workload::Trace> load_trace(const BenchArgs& a, std::int64_t max_contex
   if (a.upscale != 1.0) trace = workload::upscale(trace, a.upscale, a.seed);
   for (auto& r : trace.requests) {
     r.prompt_tokens = std::max<std::int32_t>(1, static_cast<std::int32_t>(r.prompt_tokens * a.length_scale));
+    r.output_tokens = std::max<std::int32_t>(1, static_cast<std::int32_t>(r.output_tokens * a.output_scale));
   }
   trace = workload::clip_lengths(trace, static_cast<std::int32_t>(std::min<std::int64_t>(max_context, a.max_prompt + a.max_output)),
                                  static_cast<std::int32_t>(a.max_output));
@@ -293,6 +295,7 @@ void add_bench_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--duration-s", a->duration_s, "generated traces: duration");
   cmd->add_option("--time-scale", a->time_scale, "compress arrivals by this factor");
   cmd->add_option("--length-scale", a->length_scale, "scale prompt lengths by this factor");
+  cmd->add_option("--output-scale", a->output_scale, "scale output lengths by this factor (long generations)");
   cmd->add_option("--upscale", a->upscale, "TraceUpscaler-style request up-scaling factor");
   cmd->add_option("--max-prompt", a->max_prompt);
   cmd->add_option("--max-output", a->max_output);
