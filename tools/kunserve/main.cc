@@ -3,6 +3,7 @@
 
 #include "tools/kunserve/bench_command.h"
 #include "tools/kunserve/generate_command.h"
+#include "tools/kunserve/serve_command.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"kunserve: LLM serving that drops replicated parameters instead of KV cache under overload"};
@@ -11,6 +12,8 @@ int main(int argc, char** argv) {
   kun::tools::add_gen_model_command(&app, &exit_code);
   kun::tools::add_generate_command(&app, &exit_code);
   kun::tools::add_bench_command(&app, &exit_code);
+  kun::tools::add_serve_command(&app, &exit_code);
+  kun::tools::add_simulate_command(&app, &exit_code);
   CLI11_PARSE(app, argc, argv);
   return exit_code;
 }

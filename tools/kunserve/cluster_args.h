@@ -1,0 +1,32 @@
+// In-process cluster options shared by `kunserve serve` and `kunserve bench --in-process`.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "cluster/policy_types.h"
+#include "common/status.h"
+#include "model/config.h"
+#include "runtime/cluster_runtime.h"
+
+namespace kun::tools {
+
+struct ClusterArgs {
+  std::int64_t devices = 4;
+  std::int64_t kv_tokens_per_device = 1024;
+  int threads = 1;
+  std::int64_t block_size = 16;
+  std::int64_t max_batched_tokens = 512;
+  std::int64_t max_waiting = 4096;
+  double link_gbps = 0.0;
+  std::int64_t link_latency_us = 0;
+  std::int64_t monitor_period_ms = 500;
+  void add_to(CLI::App* cmd);
+  // Device capacity = the model's parameters + KV for kv_tokens_per_device tokens.
+  StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
+                                          const std::string& model_name) const;
+};
+
+}  // namespace kun::tools
