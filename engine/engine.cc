@@ -11,6 +11,9 @@ namespace kun::engine {
 Engine::Engine(EngineConfig config, KvManager* kv, StepExecutor* executor, const Clock* clock)
     : config_(std::move(config)), executor_(executor), clock_(clock), scheduler_(config_.scheduler, kv, clock) {
   KUN_CHECK(executor_ != nullptr);
+  KUN_CHECK_LE(config_.scheduler.num_virtual_engines, executor_->max_in_flight())
+      << "more virtual engines than the executor keeps in flight";
+  slots_.resize(static_cast<std::size_t>(config_.scheduler.num_virtual_engines));
   publish_stats();
 }
 
@@ -75,6 +78,7 @@ void Engine::resume() {
 }
 
 std::optional<Engine::Detached> Engine::detach(RequestId id, bool keep_kv) {
+  quiesce();
   drain_inbox();
   std::optional<Request> r = scheduler_.detach(id, keep_kv);
   if (!r) return std::nullopt;
@@ -89,6 +93,7 @@ std::optional<Engine::Detached> Engine::detach(RequestId id, bool keep_kv) {
 }
 
 std::vector<Engine::Detached> Engine::detach_all() {
+  quiesce();
   drain_inbox();
   std::vector<Detached> out;
   for (RequestId id : scheduler_.request_ids_in_order()) {
@@ -147,6 +152,10 @@ void Engine::drain_inbox() {
     }
   }
   for (RequestId id : inbox.cancels) {
+    if (in_flight_.count(id) != 0) {
+      deferred_cancels_.push_back(id);  // its step is running: cancel when it comes back
+      continue;
+    }
     TokenEvent ev = scheduler_.cancel(id);
     if (ev.finished) deliver(ev);
   }
@@ -159,37 +168,80 @@ void Engine::deliver(const TokenEvent& ev) {
   if (ev.finished) callbacks_.erase(it);
 }
 
+bool Engine::any_in_flight() const {
+  for (const Slot& slot : slots_) {
+    if (slot.busy) return true;
+  }
+  return false;
+}
+
+void Engine::submit_free_slots() {
+  for (std::size_t ve = 0; ve < slots_.size(); ++ve) {
+    if (slots_[ve].busy || !scheduler_.has_unfinished()) continue;
+    StepPlan plan = scheduler_.schedule(static_cast<std::int64_t>(ve));
+    if (plan.sequences.empty() && plan.swap_in.empty() && plan.swap_out.empty()) continue;
+    Slot& slot = slots_[ve];
+    slot.plan = std::move(plan);
+    slot.busy = true;
+    for (const ScheduledSequence& seq : slot.plan.sequences) in_flight_[seq.id] = static_cast<int>(ve);
+    executor_->submit(static_cast<int>(ve), &slot.plan);
+  }
+}
+
+void Engine::complete_one() {
+  auto [index, result] = executor_->wait_any();
+  Slot& slot = slots_[static_cast<std::size_t>(index)];
+  KUN_CHECK(slot.busy) << "executor finished slot " << index << " which had no step";
+  for (const ScheduledSequence& seq : slot.plan.sequences) in_flight_.erase(seq.id);
+  std::vector<TokenEvent> events = scheduler_.apply_result(slot.plan, result);
+  slot.busy = false;
+  for (const TokenEvent& ev : events) deliver(ev);
+  if (observer_) observer_(slot.plan, result);
+  std::vector<RequestId> still_deferred;
+  for (RequestId id : deferred_cancels_) {
+    if (in_flight_.count(id) != 0) {
+      still_deferred.push_back(id);
+      continue;
+    }
+    TokenEvent ev = scheduler_.cancel(id);
+    if (ev.finished) deliver(ev);
+  }
+  deferred_cancels_ = std::move(still_deferred);
+  publish_stats();
+}
+
+void Engine::quiesce() {
+  while (any_in_flight()) complete_one();
+}
+
 bool Engine::run_step() {
   drain_inbox();
-  if (!scheduler_.has_unfinished()) {
+  submit_free_slots();
+  if (!any_in_flight()) {
     publish_stats();
     return false;
   }
-  StepPlan plan = scheduler_.schedule();
-  if (plan.sequences.empty() && plan.swap_in.empty() && plan.swap_out.empty()) {
-    publish_stats();
-    return false;
-  }
-  StepResult result = executor_->execute(plan);
-  std::vector<TokenEvent> events = scheduler_.apply_result(plan, result);
-  for (const TokenEvent& ev : events) deliver(ev);
-  if (observer_) observer_(plan, result);
-  publish_stats();
+  complete_one();
   return true;
 }
 
 void Engine::loop() {
   while (true) {
+    bool want_pause;
     {
       std::unique_lock<std::mutex> lock(mu_);
       if (stopping_) break;
-      if (pause_requested_) {
-        paused_ = true;
-        cv_.notify_all();
-        cv_.wait(lock, [this] { return !pause_requested_ || stopping_; });
-        paused_ = false;
-        if (stopping_) break;
-      }
+      want_pause = pause_requested_;
+    }
+    if (want_pause) {
+      quiesce();  // park only with no step in flight
+      std::unique_lock<std::mutex> lock(mu_);
+      paused_ = true;
+      cv_.notify_all();
+      cv_.wait(lock, [this] { return !pause_requested_ || stopping_; });
+      paused_ = false;
+      if (stopping_) break;
+      continue;
     }
     if (run_step()) continue;
     std::unique_lock<std::mutex> lock(mu_);
@@ -198,6 +250,7 @@ void Engine::loop() {
     });
   }
   // Unfinished requests get a final error event so no client waits forever.
+  quiesce();
   drain_inbox();
   std::vector<RequestId> open;
   for (const auto& [id, cb] : callbacks_) open.push_back(id);

@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <vector>
 
 #include "common/clock.h"
 #include "engine/api.h"
@@ -80,9 +81,12 @@ class Engine final : public FrontDoor {
   Status adopt(Detached d, bool with_kv);
   Scheduler& mutable_scheduler() { return scheduler_; }
 
-  // Drains the inbox and runs one step if there is work; returns false when idle.
-  // Only from the engine thread, or from a test when start() was not called.
+  // Drains the inbox, starts a step on every free virtual engine that has work, and completes
+  // one in-flight step; returns false when idle. Only from the engine thread, or from a test
+  // when start() was not called.
   bool run_step();
+  // Completes every in-flight step (no step is running afterwards).
+  void quiesce();
   const Scheduler& scheduler() const { return scheduler_; }
   // Called after every step on the engine thread (tests check invariants here).
   void set_step_observer(std::function<void(const StepPlan&, const StepResult&)> fn) { observer_ = std::move(fn); }
@@ -94,6 +98,9 @@ class Engine final : public FrontDoor {
   };
   void loop();
   void drain_inbox();
+  void submit_free_slots();
+  void complete_one();
+  bool any_in_flight() const;
   void deliver(const TokenEvent& ev);
   void publish_stats();
 
@@ -102,6 +109,13 @@ class Engine final : public FrontDoor {
   const Clock* clock_;
   Scheduler scheduler_;
   std::map<RequestId, TokenCallback> callbacks_;  // engine thread only
+  struct Slot {
+    StepPlan plan;
+    bool busy = false;
+  };
+  std::vector<Slot> slots_;                  // one per virtual engine; engine thread only
+  std::map<RequestId, int> in_flight_;       // request -> slot running it; engine thread only
+  std::vector<RequestId> deferred_cancels_;  // cancels of in-flight requests; engine thread only
   std::function<void(const StepPlan&, const StepResult&)> observer_;
 
   mutable std::mutex mu_;

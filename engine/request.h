@@ -22,6 +22,7 @@ struct Request {
   std::int64_t num_computed = 0;
   // Highest num_computed ever reached: computing below it again is recomputation.
   std::int64_t max_computed = 0;
+  std::int64_t virtual_engine = -1;  // while running: the virtual engine it belongs to
   RequestTimings timings;
   std::int64_t num_preemptions = 0;
   std::int64_t num_recomputed_tokens = 0;  // prefill work redone after recompute preemption

@@ -45,6 +45,7 @@ Status SchedulerConfig::validate() const {
   if (max_prefill_chunk_tokens < 0) return invalid_argument("max_prefill_chunk_tokens must be >= 0");
   if (max_waiting_requests <= 0) return invalid_argument("max_waiting_requests must be > 0");
   if (max_model_len <= 1) return invalid_argument("max_model_len must be > 1");
+  if (num_virtual_engines < 1) return invalid_argument("num_virtual_engines must be >= 1");
   if (!enable_chunked_prefill && max_num_batched_tokens < max_model_len) {
     return invalid_argument("without chunked prefill max_num_batched_tokens must be >= max_model_len");
   }
@@ -159,9 +160,10 @@ void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
   plan->sequences.push_back(std::move(s));
 }
 
-RequestId Scheduler::pick_victim(RequestId except, const std::vector<RequestId>& scheduled) const {
+RequestId Scheduler::pick_victim(std::int64_t ve, RequestId except, const std::vector<RequestId>& scheduled) const {
   auto eligible = [&](RequestId id) {
-    return id != except && std::find(scheduled.begin(), scheduled.end(), id) == scheduled.end();
+    return id != except && requests_.at(id).virtual_engine == ve &&
+           std::find(scheduled.begin(), scheduled.end(), id) == scheduled.end();
   };
   if (config_.victim_order == VictimOrder::kNewestFirst) {
     for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
@@ -195,12 +197,22 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
   kv_->release(victim.id);
   victim.num_computed = 0;
   victim.state = RequestState::kWaiting;
+  victim.virtual_engine = -1;
   waiting_.push_front(victim.id);
   ++counters_.preemptions_recompute;
   KUN_LOG(kDebug) << "preempt request " << victim.id << " by recompute: " << held << " tokens dropped";
 }
 
-bool Scheduler::schedule_running(StepPlan* plan, std::int64_t* budget) {
+std::int64_t Scheduler::least_loaded_ve() const {
+  std::vector<std::int64_t> load(static_cast<std::size_t>(config_.num_virtual_engines), 0);
+  for (RequestId id : running_) {
+    const std::int64_t ve = requests_.at(id).virtual_engine;
+    if (ve >= 0) ++load[static_cast<std::size_t>(ve)];
+  }
+  return std::min_element(load.begin(), load.end()) - load.begin();
+}
+
+bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
   bool preempted = false;
   std::vector<RequestId> scheduled;
   const std::vector<RequestId> order(running_.begin(), running_.end());
@@ -208,11 +220,12 @@ bool Scheduler::schedule_running(StepPlan* plan, std::int64_t* budget) {
     if (*budget <= 0) break;
     Request& r = requests_.at(id);
     if (r.state != RequestState::kRunning) continue;  // preempted earlier in this loop
+    if (r.virtual_engine != ve) continue;
     const std::int64_t n = chunk_for(r, *budget);
     if (n <= 0) continue;
     bool self_preempted = false;
     while (!kv_->can_grow(id, r.num_computed + n)) {
-      RequestId victim = pick_victim(id, scheduled);
+      RequestId victim = pick_victim(ve, id, scheduled);
       preempted = true;
       if (!victim.valid()) {
         preempt(r, plan);
@@ -230,7 +243,7 @@ bool Scheduler::schedule_running(StepPlan* plan, std::int64_t* budget) {
   return preempted;
 }
 
-void Scheduler::schedule_swapped(StepPlan* plan, std::int64_t* budget) {
+void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
   while (!swapped_.empty() && *budget > 0 &&
          static_cast<std::int64_t>(running_.size()) < config_.max_num_seqs) {
     Request& r = requests_.at(swapped_.front());
@@ -246,6 +259,7 @@ void Scheduler::schedule_swapped(StepPlan* plan, std::int64_t* budget) {
       plan->swap_in.insert(plan->swap_in.end(), copies.begin(), copies.end());
       swapped_.pop_front();
       r.state = RequestState::kRunning;
+      r.virtual_engine = ve;
       running_.push_back(r.id);
       break;
     }
@@ -253,6 +267,7 @@ void Scheduler::schedule_swapped(StepPlan* plan, std::int64_t* budget) {
     plan->swap_in.insert(plan->swap_in.end(), copies.begin(), copies.end());
     swapped_.pop_front();
     r.state = RequestState::kRunning;
+    r.virtual_engine = ve;
     running_.push_back(r.id);
     KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
     add_to_plan(r, n, plan);
@@ -260,7 +275,7 @@ void Scheduler::schedule_swapped(StepPlan* plan, std::int64_t* budget) {
   }
 }
 
-void Scheduler::schedule_waiting(StepPlan* plan, std::int64_t* budget) {
+void Scheduler::schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
   while (!waiting_.empty() && *budget > 0 &&
          static_cast<std::int64_t>(running_.size()) < config_.max_num_seqs) {
     Request& r = requests_.at(waiting_.front());
@@ -270,26 +285,28 @@ void Scheduler::schedule_waiting(StepPlan* plan, std::int64_t* budget) {
     KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
     waiting_.pop_front();
     r.state = RequestState::kRunning;
+    r.virtual_engine = ve;
     running_.push_back(r.id);
     add_to_plan(r, n, plan);
     *budget -= n;
   }
 }
 
-StepPlan Scheduler::schedule() {
+StepPlan Scheduler::schedule(std::int64_t ve) {
+  KUN_CHECK(ve >= 0 && ve < config_.num_virtual_engines) << "virtual engine " << ve;
   kv_->begin_step();
   StepPlan plan;
   plan.step_index = counters_.steps;
   std::int64_t budget = config_.max_num_batched_tokens;
   if (config_.priority == StepPriority::kPrefillFirst) {
-    schedule_swapped(&plan, &budget);
-    schedule_waiting(&plan, &budget);
-    schedule_running(&plan, &budget);
+    schedule_swapped(ve, &plan, &budget);
+    schedule_waiting(ve, &plan, &budget);
+    schedule_running(ve, &plan, &budget);
   } else {
-    const bool preempted = schedule_running(&plan, &budget);
+    const bool preempted = schedule_running(ve, &plan, &budget);
     if (!preempted) {
-      schedule_swapped(&plan, &budget);
-      if (swapped_.empty()) schedule_waiting(&plan, &budget);
+      schedule_swapped(ve, &plan, &budget);
+      if (swapped_.empty()) schedule_waiting(ve, &plan, &budget);
     }
   }
   if (!plan.sequences.empty() || !plan.swap_in.empty() || !plan.swap_out.empty()) ++counters_.steps;
@@ -350,6 +367,7 @@ std::optional<Request> Scheduler::detach(RequestId id, bool keep_kv) {
     kv_->release(id);
     r.num_computed = 0;
     r.state = RequestState::kWaiting;
+    r.virtual_engine = -1;
   }
   return r;
 }
@@ -372,10 +390,12 @@ Status Scheduler::adopt(Request r, bool with_kv) {
   if (with_kv && r.num_computed > 0) {
     KUN_RETURN_IF_ERROR(kv_->grow(id, r.num_computed));
     r.state = RequestState::kRunning;
+    r.virtual_engine = least_loaded_ve();
     running_.push_back(id);
   } else {
     r.num_computed = 0;
     r.state = RequestState::kWaiting;
+    r.virtual_engine = -1;
     waiting_.push_back(id);
   }
   requests_.emplace(id, std::move(r));
@@ -430,6 +450,7 @@ void Scheduler::check_invariants() const {
   for (RequestId id : running_) {
     const Request& r = requests_.at(id);
     KUN_CHECK(r.state == RequestState::kRunning) << "request " << id;
+    KUN_CHECK(r.virtual_engine >= 0 && r.virtual_engine < config_.num_virtual_engines) << "request " << id;
     KUN_CHECK_GE(kv_->tokens_held(id), r.num_computed) << "running request " << id << " lacks blocks";
     KUN_CHECK_LT(r.num_computed, r.num_tokens()) << "request " << id << " computed past its tokens";
   }

@@ -47,6 +47,9 @@ struct SchedulerConfig {
   std::int64_t max_model_len = 4096;         // prompt + output tokens
   std::int64_t vocab_size = 0;               // for validating prompt token ids (0: unchecked)
   std::int32_t eos_token_id = -1;
+  // Virtual engines (DESIGN.md 3.4): disjoint request sets, each scheduled and run as its own
+  // step so a g-stage pipeline keeps g steps in flight. 1 for an independent instance.
+  std::int64_t num_virtual_engines = 1;
   Status validate() const;
 };
 
@@ -80,8 +83,10 @@ class Scheduler {
   // nothing (finished = false) when the id is unknown.
   TokenEvent cancel(RequestId id);
 
-  // Decides the next step. An empty plan means nothing can run now.
-  StepPlan schedule();
+  // Decides the next step of virtual engine `ve`: only its running requests, and waiting ones it
+  // admits (which then belong to it). An empty plan means nothing can run there now. Requests of
+  // other virtual engines are never touched (they may be in flight).
+  StepPlan schedule(std::int64_t ve = 0);
   // Applies a step's sampled tokens; returns the token events in plan order (final events
   // included). Finished requests are removed and their blocks freed.
   std::vector<TokenEvent> apply_result(const StepPlan& plan, const StepResult& result);
@@ -118,13 +123,14 @@ class Scheduler {
 
  private:
   // Schedules up to `budget` tokens of running requests; returns false if it preempted.
-  bool schedule_running(StepPlan* plan, std::int64_t* budget);
-  void schedule_swapped(StepPlan* plan, std::int64_t* budget);
-  void schedule_waiting(StepPlan* plan, std::int64_t* budget);
+  bool schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
+  void schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
+  void schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
+  std::int64_t least_loaded_ve() const;
   std::int64_t chunk_for(const Request& r, std::int64_t budget) const;
   void add_to_plan(Request& r, std::int64_t n, StepPlan* plan);
   // Picks a running request not yet in this step's plan, other than `except`; invalid if none.
-  RequestId pick_victim(RequestId except, const std::vector<RequestId>& scheduled) const;
+  RequestId pick_victim(std::int64_t ve, RequestId except, const std::vector<RequestId>& scheduled) const;
   void preempt(Request& victim, StepPlan* plan);
   void finish(Request& r, FinishReason reason);
   TokenEvent make_event(const Request& r, std::int32_t token) const;

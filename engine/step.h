@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "common/ids.h"
@@ -56,10 +57,32 @@ struct StepResult {
 
 // Runs steps for one instance (or one fused group). Implemented by runtime/ (real kernels) and
 // sim/ (cost model). Called from the engine thread only.
+//
+// A pipeline of g stages keeps g steps in flight (virtual engines, DESIGN.md 3.4): the engine
+// submits up to max_in_flight() plans over disjoint request sets and collects them as they
+// finish. The default keeps one plan and runs it synchronously in wait_any().
 class StepExecutor {
  public:
   virtual ~StepExecutor() = default;
   virtual StepResult execute(const StepPlan& plan) = 0;
+
+  virtual int max_in_flight() const { return 1; }
+  // Starts `plan` in slot `slot` (< max_in_flight(), free). The plan must stay alive until its
+  // result comes back from wait_any().
+  virtual void submit(int slot, const StepPlan* plan) {
+    pending_slot_ = slot;
+    pending_ = plan;
+  }
+  // Blocks until one submitted plan finishes; returns its slot and result.
+  virtual std::pair<int, StepResult> wait_any() {
+    const StepPlan* plan = pending_;
+    pending_ = nullptr;
+    return {pending_slot_, execute(*plan)};
+  }
+
+ private:
+  int pending_slot_ = 0;
+  const StepPlan* pending_ = nullptr;
 };
 
 }  // namespace kun::engine

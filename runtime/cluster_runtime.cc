@@ -93,9 +93,10 @@ std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
   ec.scheduler.eos_token_id = static_cast<std::int32_t>(config_.eos_token_id);
   ec.scheduler.max_model_len = model_info_.max_context_tokens > 0 ? model_info_.max_context_tokens : config_.max_position_embeddings;
   if (g > 1) {
-    // A group is g devices: its step budget, batch and queue bounds are g instances' worth.
+    // A group is g devices running g virtual engines, each with one instance's step budget; its
+    // batch and queue bounds are g instances' worth.
     ec.scheduler.enable_chunked_prefill = true;
-    ec.scheduler.max_num_batched_tokens *= g;
+    ec.scheduler.num_virtual_engines = g;
     ec.scheduler.max_num_seqs *= g;
     ec.scheduler.max_waiting_requests *= g;
   }

@@ -30,9 +30,11 @@ PipelineExecutor::PipelineExecutor(std::vector<PipelineStage> stages, Transport*
   }
   KUN_CHECK_EQ(stages_.front().layer_begin, 0);
   KUN_CHECK_EQ(stages_.back().layer_end, stages_.front().device->config().num_layers);
-  stages_done_.assign(stages_.size(), 0);
-  ready_.assign(stages_.size(), {});
-  for (std::size_t s = 1; s < stages_.size(); ++s) workers_.emplace_back([this, s] { worker_loop(s); });
+  slots_.resize(stages_.size());
+  for (SlotState& slot : slots_) slot.input.resize(stages_.size());
+  if (stages_.size() > 1) {
+    for (std::size_t s = 0; s < stages_.size(); ++s) workers_.emplace_back([this, s] { worker_loop(s); });
+  }
 }
 
 PipelineExecutor::~PipelineExecutor() {
@@ -45,12 +47,12 @@ PipelineExecutor::~PipelineExecutor() {
 }
 
 double PipelineExecutor::bubble_fraction() const {
-  std::int64_t wait = 0, total = 0;
+  std::int64_t idle = 0, total = 0;
   for (const StageState& st : state_) {
-    wait += st.wait_ns;
-    total += st.wait_ns + st.busy_ns;
+    idle += st.idle_ns;
+    total += st.idle_ns + st.busy_ns;
   }
-  return total > 0 ? static_cast<double>(wait) / static_cast<double>(total) : 0.0;
+  return total > 0 ? static_cast<double>(idle) / static_cast<double>(total) : 0.0;
 }
 
 void PipelineExecutor::do_swaps(const engine::StepPlan& plan) {
@@ -67,173 +69,161 @@ void PipelineExecutor::do_swaps(const engine::StepPlan& plan) {
   }
 }
 
-void PipelineExecutor::split_micro_batches(const engine::StepPlan& plan) {
-  micro_batches_.clear();
-  const std::size_t n = plan.sequences.size();
-  if (n == 0) return;
-  const std::size_t parts = std::min(stages_.size(), n);
-  const std::int64_t total = plan.num_tokens();
-  micro_batches_.resize(parts);
-  std::size_t mb = 0;
-  std::int64_t filled = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const auto& seq = plan.sequences[i];
+void PipelineExecutor::prepare(int index, const engine::StepPlan& plan) {
+  SlotState& slot = slots_[static_cast<std::size_t>(index)];
+  slot.tokens.clear();
+  slot.slices.clear();
+  slot.logit_rows.clear();
+  slot.num_tokens = 0;
+  slot.result = engine::StepResult{};
+  for (const engine::ScheduledSequence& seq : plan.sequences) {
     const auto len = static_cast<std::int64_t>(seq.tokens.size());
-    // Move on when this part reached its share and enough sequences remain for the rest.
-    if (mb + 1 < parts && !micro_batches_[mb].seqs.empty() &&
-        (filled >= total * static_cast<std::int64_t>(mb + 1) / static_cast<std::int64_t>(parts) || n - i <= parts - mb - 1)) {
-      ++mb;
-    }
-    MicroBatch& m = micro_batches_[mb];
-    m.seqs.push_back(i);
-    m.tokens.insert(m.tokens.end(), seq.tokens.begin(), seq.tokens.end());
-    m.slices.push_back({seq.start_pos, len});
-    m.num_tokens += len;
-    if (seq.sample) m.logit_rows.push_back(m.num_tokens - 1);
-    filled += len;
+    slot.tokens.insert(slot.tokens.end(), seq.tokens.begin(), seq.tokens.end());
+    slot.slices.push_back({seq.start_pos, len});
+    slot.num_tokens += len;
+    if (seq.sample) slot.logit_rows.push_back(slot.num_tokens - 1);
   }
-  micro_batches_.resize(mb + 1);
 }
 
-void PipelineExecutor::run_micro_batch(std::size_t s, std::size_t m, const engine::StepPlan& plan) {
+void PipelineExecutor::run_stage(std::size_t s, const Work& w) {
   const PipelineStage& stage = stages_[s];
   StageState& st = state_[s];
-  const MicroBatch& mb = micro_batches_[m];
+  SlotState& slot = slots_[static_cast<std::size_t>(w.slot)];
+  const engine::StepPlan& plan = *w.plan;
   VirtualDevice& dev = *stage.device;
   const model::ModelConfig& c = dev.config();
   const std::int64_t H = c.hidden_size;
   model::ForwardPass& fwd = dev.forward();
-  if (s == 0) {
-    st.work.resize(static_cast<std::size_t>(mb.num_tokens * H));
-    fwd.embed(dev.head_weights(), mb.tokens.data(), mb.num_tokens, st.work.data());
-  } else {
-    std::swap(st.work, st.input[m]);
-  }
-  const std::int64_t nl = stage.layer_end - stage.layer_begin;
-  st.block_ptrs.resize(mb.seqs.size() * static_cast<std::size_t>(nl));
-  for (auto& p : st.block_ptrs) p.clear();
-  kv::KvStorage& storage = dev.kv_storage();
-  for (std::size_t i = 0; i < mb.seqs.size(); ++i) {
-    for (const engine::LayerBlockList& list : plan.sequences[mb.seqs[i]].kv) {
-      if (list.layer < stage.layer_begin || list.layer >= stage.layer_end) continue;
-      KUN_CHECK_EQ(static_cast<std::size_t>(list.device), s)
-          << "layer " << list.layer << " KV lives on device " << list.device << ", not on its stage";
-      auto& ptrs = st.block_ptrs[i * static_cast<std::size_t>(nl) + static_cast<std::size_t>(list.layer - stage.layer_begin)];
-      for (std::int64_t b : list.blocks) ptrs.push_back(reinterpret_cast<float*>(storage.block_data(kv::BlockId(b))));
+  if (slot.num_tokens > 0) {
+    if (s == 0) {
+      st.work.resize(static_cast<std::size_t>(slot.num_tokens * H));
+      fwd.embed(dev.head_weights(), slot.tokens.data(), slot.num_tokens, st.work.data());
+    } else {
+      std::swap(st.work, slot.input[s]);
     }
+    const std::int64_t nl = stage.layer_end - stage.layer_begin;
+    st.block_ptrs.resize(plan.sequences.size() * static_cast<std::size_t>(nl));
+    for (auto& p : st.block_ptrs) p.clear();
+    kv::KvStorage& storage = dev.kv_storage();
+    for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
+      for (const engine::LayerBlockList& list : plan.sequences[i].kv) {
+        if (list.layer < stage.layer_begin || list.layer >= stage.layer_end) continue;
+        KUN_CHECK_EQ(static_cast<std::size_t>(list.device), s)
+            << "layer " << list.layer << " KV lives on device " << list.device << ", not on its stage";
+        auto& ptrs = st.block_ptrs[i * static_cast<std::size_t>(nl) + static_cast<std::size_t>(list.layer - stage.layer_begin)];
+        for (std::int64_t b : list.blocks) ptrs.push_back(reinterpret_cast<float*>(storage.block_data(kv::BlockId(b))));
+      }
+    }
+    fwd.run_layers(
+        stage.layer_begin, stage.layer_end, slot.slices, st.work.data(), [&](std::int64_t l) { return dev.layer_weights(l); },
+        [&](std::int64_t l, std::int64_t i, const model::SequenceSlice& slice, const float* qkv, float* out) {
+          auto& ptrs = st.block_ptrs[static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) +
+                                     static_cast<std::size_t>(l - stage.layer_begin)];
+          fwd.attend_local(slice, qkv, model::LayerKv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())}, out);
+        });
   }
-  fwd.run_layers(
-      stage.layer_begin, stage.layer_end, mb.slices, st.work.data(), [&](std::int64_t l) { return dev.layer_weights(l); },
-      [&](std::int64_t l, std::int64_t i, const model::SequenceSlice& slice, const float* qkv, float* out) {
-        auto& ptrs = st.block_ptrs[static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) +
-                                   static_cast<std::size_t>(l - stage.layer_begin)];
-        fwd.attend_local(slice, qkv, model::LayerKv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())}, out);
-      });
   if (s + 1 < stages_.size()) {
-    StageState& next = state_[s + 1];
-    auto& dst = next.input[m];
-    dst.resize(static_cast<std::size_t>(mb.num_tokens * H));
-    transport_->transfer(stage.global_device, stages_[s + 1].global_device, st.work.data(), dst.data(),
-                         mb.num_tokens * H * static_cast<std::int64_t>(sizeof(float)), TransferKind::kActivation);
+    auto& dst = slot.input[s + 1];
+    dst.resize(static_cast<std::size_t>(slot.num_tokens * H));
+    if (slot.num_tokens > 0) {
+      transport_->transfer(stage.global_device, stages_[s + 1].global_device, st.work.data(), dst.data(),
+                           slot.num_tokens * H * static_cast<std::int64_t>(sizeof(float)), TransferKind::kActivation);
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      ready_[s + 1][m] = step_generation_;
+      state_[s + 1].queue.push_back(w);
     }
     cv_.notify_all();
     return;
   }
-  // Last stage: logits and sampling.
+  // Last stage: logits and sampling, in plan order.
   const std::int64_t V = c.vocab_size;
-  const auto R = static_cast<std::int64_t>(mb.logit_rows.size());
-  if (R == 0) return;
-  st.logits.resize(static_cast<std::size_t>(R * V));
-  fwd.logits(dev.head_weights(), st.work.data(), mb.logit_rows, st.logits.data());
-  std::int64_t r = 0;
-  for (std::size_t i : mb.seqs) {
-    const engine::ScheduledSequence& seq = plan.sequences[i];
-    if (!seq.sample) continue;
-    sampled_[i] = model::sample_token(st.logits.data() + r * V, V, seq.sampling, seq.sample_index, &st.sample_scratch);
-    ++r;
-  }
-}
-
-void PipelineExecutor::run_stage(std::size_t s, const engine::StepPlan& plan) {
-  StageState& st = state_[s];
-  std::int64_t generation;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    generation = step_generation_;
-  }
-  for (std::size_t m = 0; m < micro_batches_.size(); ++m) {
-    if (s > 0) {
-      const std::int64_t wait_start = now_ns();
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return ready_[s][m] == generation; });
-      st.wait_ns += now_ns() - wait_start;
+  const auto R = static_cast<std::int64_t>(slot.logit_rows.size());
+  if (R > 0) {
+    st.logits.resize(static_cast<std::size_t>(R * V));
+    fwd.logits(dev.head_weights(), st.work.data(), slot.logit_rows, st.logits.data());
+    std::int64_t r = 0;
+    for (const engine::ScheduledSequence& seq : plan.sequences) {
+      if (!seq.sample) continue;
+      slot.result.sampled_tokens.push_back(
+          model::sample_token(st.logits.data() + r * V, V, seq.sampling, seq.sample_index, &st.sample_scratch));
+      ++r;
     }
-    const std::int64_t start = now_ns();
-    run_micro_batch(s, m, plan);
-    st.busy_ns += now_ns() - start;
+  }
+  slot.result.duration_us = (now_ns() - w.start_ns) / 1000;
+  if (!workers_.empty()) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_.push_back(w.slot);
+      --in_flight_;
+    }
+    cv_.notify_all();
   }
 }
 
 void PipelineExecutor::worker_loop(std::size_t s) {
-  std::int64_t seen = 0;
+  StageState& st = state_[s];
   while (true) {
-    const engine::StepPlan* plan;
+    Work w;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return shutting_down_ || step_generation_ > seen; });
+      const std::int64_t wait_start = now_ns();
+      const bool had_work = in_flight_ > 0;
+      cv_.wait(lock, [&] { return shutting_down_ || !st.queue.empty(); });
       if (shutting_down_) return;
-      seen = step_generation_;
-      plan = current_plan_;
+      if (had_work) st.idle_ns += now_ns() - wait_start;
+      w = st.queue.front();
+      st.queue.pop_front();
     }
-    run_stage(s, *plan);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stages_done_[s] = seen;
-    }
-    cv_.notify_all();
+    const std::int64_t start = now_ns();
+    run_stage(s, w);
+    st.busy_ns += now_ns() - start;
   }
 }
 
-engine::StepResult PipelineExecutor::execute(const engine::StepPlan& plan) {
-  const auto t0 = std::chrono::steady_clock::now();
-  do_swaps(plan);
-  split_micro_batches(plan);
-  sampled_.assign(plan.sequences.size(), -1);
-  engine::StepResult result;
-  if (!micro_batches_.empty()) {
-    std::int64_t generation;
+void PipelineExecutor::submit(int slot, const engine::StepPlan* plan) {
+  KUN_CHECK(slot >= 0 && slot < max_in_flight()) << "slot " << slot;
+  do_swaps(*plan);
+  prepare(slot, *plan);
+  Work w{slot, plan, now_ns()};
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    state_[0].queue.push_back(w);
+    ++in_flight_;
+  }
+  cv_.notify_all();
+}
+
+std::pair<int, engine::StepResult> PipelineExecutor::wait_any() {
+  if (workers_.empty()) {
+    // One stage: run the oldest submitted step here, on the engine thread.
+    Work w;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (std::size_t s = 0; s < stages_.size(); ++s) {
-        state_[s].input.resize(micro_batches_.size());
-        ready_[s].assign(micro_batches_.size(), 0);
-      }
-      current_plan_ = &plan;
-      generation = ++step_generation_;
+      KUN_CHECK(!state_[0].queue.empty()) << "wait_any with nothing submitted";
+      w = state_[0].queue.front();
+      state_[0].queue.pop_front();
+      --in_flight_;
     }
-    cv_.notify_all();
-    run_stage(0, plan);
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] {
-        for (std::size_t s = 1; s < stages_.size(); ++s) {
-          if (stages_done_[s] != generation) return false;
-        }
-        return true;
-      });
-      current_plan_ = nullptr;
-    }
-    for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
-      if (!plan.sequences[i].sample) continue;
-      KUN_CHECK_GE(sampled_[i], 0) << "sequence " << i << " was not sampled";
-      result.sampled_tokens.push_back(sampled_[i]);
-    }
+    const std::int64_t start = now_ns();
+    run_stage(0, w);
+    state_[0].busy_ns += now_ns() - start;
+    return {w.slot, std::move(slots_[static_cast<std::size_t>(w.slot)].result)};
   }
-  result.duration_us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
-  return result;
+  int slot;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    KUN_CHECK(in_flight_ > 0 || !done_.empty()) << "wait_any with nothing submitted";
+    cv_.wait(lock, [&] { return !done_.empty(); });
+    slot = done_.front();
+    done_.pop_front();
+  }
+  return {slot, std::move(slots_[static_cast<std::size_t>(slot)].result)};
+}
+
+engine::StepResult PipelineExecutor::execute(const engine::StepPlan& plan) {
+  submit(0, &plan);
+  return wait_any().second;
 }
 
 }  // namespace kun::runtime

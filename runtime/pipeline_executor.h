@@ -1,19 +1,21 @@
 // PipelineExecutor: runs an instance's steps over one or more devices (DESIGN.md 3.4). With one
 // stage it is an independent instance holding every layer. With g stages (a fused group) stage i
-// runs its device's layer range; a step's sequences are split into g micro-batches that flow
-// stage to stage, activations crossing devices through the Transport, and every stage runs on
-// its own thread, so stage i works on micro-batch m while stage i+1 works on m-1.
+// runs its device's layer range on its own thread; activations cross devices through the
+// Transport. The group's engine runs g virtual engines: up to g steps (over disjoint request
+// sets) are in flight at once, one per stage in steady state, so no stage waits for a whole step
+// to drain before the next begins.
 //
 // KV: each sequence's LayerBlockList names the device (stage index) holding that layer's
-// blocks; a layer's attention runs where its KV is. Swap copies run on the device they name,
-// against that device's host swap space.
+// blocks; a layer's attention runs where its KV is. Swap copies run at submit time on the device
+// they name, against that device's host swap space.
 //
-// Threads: execute() is called from the engine thread only; stage threads are owned here.
+// Threads: execute / submit / wait_any are called from the engine thread only; stage threads
+// (one per stage when g > 1) are owned here. With one stage, steps run on the engine thread.
 #pragma once
 
 #include <condition_variable>
 #include <cstdint>
-#include <functional>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -41,49 +43,55 @@ class PipelineExecutor final : public engine::StepExecutor {
   PipelineExecutor& operator=(const PipelineExecutor&) = delete;
 
   engine::StepResult execute(const engine::StepPlan& plan) override;
+  int max_in_flight() const override { return static_cast<int>(stages_.size()); }
+  void submit(int slot, const engine::StepPlan* plan) override;
+  std::pair<int, engine::StepResult> wait_any() override;
+
   std::int64_t num_stages() const { return static_cast<std::int64_t>(stages_.size()); }
-  // Fraction of stage time spent waiting for input during the last steps (pipeline bubbles).
+  // Fraction of stage thread time spent idle waiting for work while the executor had a step in
+  // flight (pipeline bubbles).
   double bubble_fraction() const;
 
  private:
-  struct MicroBatch {
-    std::vector<std::size_t> seqs;  // indices into the plan
+  struct Work {
+    int slot = 0;
+    const engine::StepPlan* plan = nullptr;
+    std::int64_t start_ns = 0;
+  };
+  struct SlotState {
     std::vector<std::int32_t> tokens;
     std::vector<model::SequenceSlice> slices;
     std::vector<std::int64_t> logit_rows;
     std::int64_t num_tokens = 0;
+    std::vector<std::vector<float>> input;  // per stage: activations received from the previous one
+    engine::StepResult result;
   };
   struct StageState {
-    std::vector<std::vector<float>> input;  // per micro-batch activations received
-    std::vector<float> work;                // activations being computed
+    std::deque<Work> queue;  // guarded by mu_
+    std::vector<float> work;
     std::vector<std::vector<float*>> block_ptrs;
     std::vector<std::byte> host_swap;
     std::vector<float> logits;
     std::vector<float> sample_scratch;
-    std::int64_t busy_ns = 0;
-    std::int64_t wait_ns = 0;
+    std::int64_t busy_ns = 0;  // guarded by mu_ when read
+    std::int64_t idle_ns = 0;
   };
-  void run_stage(std::size_t s, const engine::StepPlan& plan);
-  void run_micro_batch(std::size_t s, std::size_t m, const engine::StepPlan& plan);
+  void prepare(int slot, const engine::StepPlan& plan);
+  void run_stage(std::size_t s, const Work& w);
   void do_swaps(const engine::StepPlan& plan);
-  void split_micro_batches(const engine::StepPlan& plan);
   void worker_loop(std::size_t s);
 
   std::vector<PipelineStage> stages_;
   Transport* transport_;
   std::int64_t block_bytes_;
   std::vector<StageState> state_;
-  std::vector<MicroBatch> micro_batches_;
-  std::vector<std::int32_t> sampled_;  // per plan sequence (-1: none)
+  std::vector<SlotState> slots_;
 
-  // Step hand-off between the engine thread (stage 0) and the stage threads.
   std::mutex mu_;
   std::condition_variable cv_;
-  const engine::StepPlan* current_plan_ = nullptr;  // guarded by mu_
-  std::int64_t step_generation_ = 0;                // guarded by mu_
-  std::vector<std::int64_t> stages_done_;           // guarded by mu_: generation finished per stage
-  std::vector<std::vector<std::int64_t>> ready_;    // guarded by mu_: [stage][mb] generation when input ready
-  bool shutting_down_ = false;                      // guarded by mu_
+  std::deque<int> done_;  // guarded by mu_: finished slots
+  std::int64_t in_flight_ = 0;  // guarded by mu_
+  bool shutting_down_ = false;  // guarded by mu_
   std::vector<std::thread> workers_;
 };
 
