@@ -31,6 +31,7 @@ PipelineExecutor::PipelineExecutor(std::vector<PipelineStage> stages, Transport*
   KUN_CHECK_EQ(stages_.front().layer_begin, 0);
   KUN_CHECK_EQ(stages_.back().layer_end, stages_.front().device->config().num_layers);
   slots_.resize(stages_.size());
+  for (std::size_t s = 0; s < stages_.size(); ++s) stage_cv_.push_back(std::make_unique<std::condition_variable>());
   for (SlotState& slot : slots_) slot.input.resize(stages_.size());
   if (stages_.size() > 1) {
     for (std::size_t s = 0; s < stages_.size(); ++s) workers_.emplace_back([this, s] { worker_loop(s); });
@@ -42,7 +43,7 @@ PipelineExecutor::~PipelineExecutor() {
     std::lock_guard<std::mutex> lock(mu_);
     shutting_down_ = true;
   }
-  cv_.notify_all();
+  for (auto& cv : stage_cv_) cv->notify_all();
   for (auto& t : workers_) t.join();
 }
 
@@ -133,7 +134,7 @@ void PipelineExecutor::run_stage(std::size_t s, const Work& w) {
       std::lock_guard<std::mutex> lock(mu_);
       state_[s + 1].queue.push_back(w);
     }
-    cv_.notify_all();
+    stage_cv_[s + 1]->notify_one();
     return;
   }
   // Last stage: logits and sampling, in plan order.
@@ -157,7 +158,7 @@ void PipelineExecutor::run_stage(std::size_t s, const Work& w) {
       done_.push_back(w.slot);
       --in_flight_;
     }
-    cv_.notify_all();
+    done_cv_.notify_one();
   }
 }
 
@@ -169,7 +170,7 @@ void PipelineExecutor::worker_loop(std::size_t s) {
       std::unique_lock<std::mutex> lock(mu_);
       const std::int64_t wait_start = now_ns();
       const bool had_work = in_flight_ > 0;
-      cv_.wait(lock, [&] { return shutting_down_ || !st.queue.empty(); });
+      stage_cv_[s]->wait(lock, [&] { return shutting_down_ || !st.queue.empty(); });
       if (shutting_down_) return;
       if (had_work) st.idle_ns += now_ns() - wait_start;
       w = st.queue.front();
@@ -191,7 +192,7 @@ void PipelineExecutor::submit(int slot, const engine::StepPlan* plan) {
     state_[0].queue.push_back(w);
     ++in_flight_;
   }
-  cv_.notify_all();
+  stage_cv_[0]->notify_one();
 }
 
 std::pair<int, engine::StepResult> PipelineExecutor::wait_any() {
@@ -214,7 +215,7 @@ std::pair<int, engine::StepResult> PipelineExecutor::wait_any() {
   {
     std::unique_lock<std::mutex> lock(mu_);
     KUN_CHECK(in_flight_ > 0 || !done_.empty()) << "wait_any with nothing submitted";
-    cv_.wait(lock, [&] { return !done_.empty(); });
+    done_cv_.wait(lock, [&] { return !done_.empty(); });
     slot = done_.front();
     done_.pop_front();
   }

@@ -88,7 +88,10 @@ class PipelineExecutor final : public engine::StepExecutor {
   std::vector<SlotState> slots_;
 
   std::mutex mu_;
-  std::condition_variable cv_;
+  // One condition variable per stage and one for finished steps, so a hand-off wakes only the
+  // thread it is for.
+  std::vector<std::unique_ptr<std::condition_variable>> stage_cv_;
+  std::condition_variable done_cv_;
   std::deque<int> done_;  // guarded by mu_: finished slots
   std::int64_t in_flight_ = 0;  // guarded by mu_
   bool shutting_down_ = false;  // guarded by mu_
