@@ -10,7 +10,6 @@ DEB_PACKAGES=(
   nlohmann-json3-dev libcli11-dev libboost-dev
   libopenmpi-dev openmpi-bin
   python3 python3-numpy python3-torch
-  nodejs npm
   gnuplot-nox prometheus curl
 )
 
@@ -18,6 +17,10 @@ missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node.js may come from another source than Debian (with npm bundled): install Debian's only when
+# the commands are missing.
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install_deps: installing ${missing[*]}"
   SUDO=""
