@@ -10,4 +10,5 @@ cmake --build --preset release -j "$(nproc)" --target kunserve
 mkdir -p out/demo
 KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} ./build/release/bin/kunserve bench --in-process \
   --policies recompute,swap,migrate,kunserve --devices 4 \
+  --max-requests 600 --kv-tokens-per-device 512 --output-scale 4 \
   --json out/demo/report.json --out-dir out/demo "$@"

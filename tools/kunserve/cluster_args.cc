@@ -15,6 +15,7 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--link-gbps", link_gbps, "pace transfers at this bandwidth (0: off)");
   cmd->add_option("--link-latency-us", link_latency_us, "per-transfer latency of the link model");
   cmd->add_option("--monitor-period-ms", monitor_period_ms, "demand sampling period");
+  cmd->add_option("--group-sizes", group_sizes, "fused group sizes the planner may form (smallest first)")->delimiter(',');
 }
 
 StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
@@ -42,6 +43,7 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.link.bandwidth_bytes_per_s = link_gbps * 1e9;
   o.link.latency_us = link_latency_us;
   o.model_name = model_name;
+  o.allowed_degrees = group_sizes;
   return o;
 }
 

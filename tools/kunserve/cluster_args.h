@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -23,6 +24,7 @@ struct ClusterArgs {
   double link_gbps = 0.0;
   std::int64_t link_latency_us = 0;
   std::int64_t monitor_period_ms = 500;
+  std::vector<std::int64_t> group_sizes = {2, 4};
   void add_to(CLI::App* cmd);
   // Device capacity = the model's parameters + KV for kv_tokens_per_device tokens.
   StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
