@@ -16,19 +16,7 @@ namespace {
 
 using testing::TempDir;
 
-int run(const std::string& cmd, std::string* out) {
-  std::FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return -1;
-  char buf[65536];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out->append(buf, n);
-  return ::pclose(p);
-}
-
-bool python_has_torch() {
-  std::string out;
-  return run(std::string(KUN_REFERENCE_PYTHON) + " -c 'import torch, numpy' 2>&1", &out) == 0;
-}
+using testing::run_command;
 
 std::string reference_script() { return std::string(KUN_SOURCE_DIR) + "/tests/reference/llama_reference.py"; }
 
@@ -36,7 +24,7 @@ nlohmann::json run_reference(const std::string& dir, const std::string& extra) {
   std::string out;
   const std::string cmd = std::string(KUN_REFERENCE_PYTHON) + " " + reference_script() + " --model " + dir +
                           " --tokens 1,17,300,42,9,1000,5 --threads 1 " + extra + " 2>&1";
-  const int rc = run(cmd, &out);
+  const int rc = run_command(cmd, &out);
   EXPECT_EQ(rc, 0) << cmd << "\n" << out;
   try {
     return nlohmann::json::parse(out);
@@ -49,7 +37,7 @@ nlohmann::json run_reference(const std::string& dir, const std::string& extra) {
 class ReferenceSmoke : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ReferenceSmoke, RunsOnSyntheticModel) {
-  if (!python_has_torch()) GTEST_SKIP() << KUN_REFERENCE_PYTHON << " lacks torch/numpy";
+  if (!testing::reference_python_has_torch()) GTEST_SKIP() << KUN_REFERENCE_PYTHON << " lacks torch/numpy";
   auto c = preset_config(GetParam());
   ASSERT_TRUE(c.ok());
   c->num_layers = 2;

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -43,6 +44,22 @@ inline std::vector<float> read_f32(const WeightSource& s, const std::string& nam
   Status st = s.read_tensor(name, DType::kF32, v.data(), static_cast<std::int64_t>(v.size() * 4));
   EXPECT_TRUE(st.ok()) << st.to_string();
   return v;
+}
+
+// Runs a shell command, appending its standard output to *out; returns pclose's status.
+inline int run_command(const std::string& cmd, std::string* out) {
+  std::FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[65536];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out->append(buf, n);
+  return ::pclose(p);
+}
+
+// True when the reference interpreter (Debian's python3) has torch and numpy.
+inline bool reference_python_has_torch() {
+  std::string out;
+  return run_command(std::string(KUN_REFERENCE_PYTHON) + " -c 'import torch, numpy' 2>&1", &out) == 0;
 }
 
 // Every expected tensor of `a` reads back bit-identical (as f32) from `b`.

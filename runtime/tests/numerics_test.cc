@@ -18,19 +18,7 @@
 namespace kun::runtime {
 namespace {
 
-int run_command(const std::string& cmd, std::string* out) {
-  std::FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return -1;
-  char buf[65536];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out->append(buf, n);
-  return ::pclose(p);
-}
-
-bool reference_available() {
-  std::string out;
-  return run_command(std::string(KUN_REFERENCE_PYTHON) + " -c 'import torch, numpy' 2>&1", &out) == 0;
-}
+using model::testing::run_command;
 
 std::string join(const std::vector<std::int32_t>& v) {
   std::ostringstream os;
@@ -91,7 +79,7 @@ std::string case_name(const Case& c) {
 class NumericsTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(NumericsTest, MatchesPyTorchReference) {
-  if (!reference_available()) GTEST_SKIP() << KUN_REFERENCE_PYTHON << " lacks torch/numpy (scripts/install_deps.sh installs them)";
+  if (!model::testing::reference_python_has_torch()) GTEST_SKIP() << KUN_REFERENCE_PYTHON << " lacks torch/numpy (scripts/install_deps.sh installs them)";
   const Case tc = GetParam();
   auto config = model::preset_config(tc.preset);
   ASSERT_TRUE(config.ok());

@@ -25,7 +25,7 @@ bool contains(const std::string& s, const char* what) { return s.find(what) != s
 
 const char* kTerminal =
     "if (strstrt(GPVAL_TERMINALS, 'pngcairo') > 0) {\n"
-    "  set terminal pngcairo size 1400,%d enhanced font 'sans,10'\n"
+    "  set terminal pngcairo size 1400,%d noenhanced font 'sans,10'\n"
     "} else {\n"
     "  set terminal png size 1400,%d\n"
     "}\n";
