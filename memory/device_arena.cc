@@ -118,13 +118,14 @@ DeviceArena::Segment& DeviceArena::segment(SegmentId id) {
 void DeviceArena::map_segment_pages(const Segment& seg) {
   std::size_t i = 0;
   while (i < seg.pages.size()) {
-    // Coalesce a run of consecutive physical pages into one mapping.
+    // Coalesce a run of consecutive physical pages into one mapping; MAP_POPULATE builds the page
+    // tables now (the pages are already allocated) so the first kernel pass does not fault.
     std::size_t j = i + 1;
     while (j < seg.pages.size() && seg.pages[j].value == seg.pages[j - 1].value + 1) ++j;
     const std::int64_t run_bytes = static_cast<std::int64_t>(j - i) * page_bytes_;
     std::byte* addr = seg.base + static_cast<std::int64_t>(i) * page_bytes_;
     void* r = ::mmap(addr, static_cast<std::size_t>(run_bytes), PROT_READ | PROT_WRITE,
-                     MAP_SHARED | MAP_FIXED, fd_, static_cast<off_t>(seg.pages[i].value * page_bytes_));
+                     MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd_, static_cast<off_t>(seg.pages[i].value * page_bytes_));
     KUN_CHECK(r == addr) << "mapping segment " << seg.name << " pages failed: " << errno_text(errno);
     i = j;
   }
