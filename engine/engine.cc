@@ -31,7 +31,11 @@ void Engine::stop() {
     stopping_ = true;
   }
   cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  if (thread_.joinable()) {
+    thread_.join();  // the loop completed its in-flight steps on the way out
+  } else {
+    quiesce();  // thread-less (tests): no step may outlive the engine that owns its plan
+  }
 }
 
 StatusOr<RequestId> Engine::submit(RequestSpec spec, TokenCallback on_event) {
