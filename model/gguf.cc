@@ -85,14 +85,14 @@ std::uint64_t scalar_size(GgufValueType t) {
 Status read_value(Reader& r, GgufValueType type, GgufValue* out, const std::string& where, int depth) {
   out->type = type;
   switch (type) {
-    case GgufValueType::kUint8: { std::uint8_t v; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->u = v; out->i = v; return ok_status(); }
-    case GgufValueType::kInt8: { std::int8_t v; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->i = v; return ok_status(); }
-    case GgufValueType::kUint16: { std::uint16_t v; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->u = v; out->i = v; return ok_status(); }
-    case GgufValueType::kInt16: { std::int16_t v; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->i = v; return ok_status(); }
-    case GgufValueType::kUint32: { std::uint32_t v; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->u = v; out->i = v; return ok_status(); }
-    case GgufValueType::kInt32: { std::int32_t v; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->i = v; return ok_status(); }
+    case GgufValueType::kUint8: { std::uint8_t v{}; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->u = v; out->i = v; return ok_status(); }
+    case GgufValueType::kInt8: { std::int8_t v{}; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->i = v; return ok_status(); }
+    case GgufValueType::kUint16: { std::uint16_t v{}; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->u = v; out->i = v; return ok_status(); }
+    case GgufValueType::kInt16: { std::int16_t v{}; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->i = v; return ok_status(); }
+    case GgufValueType::kUint32: { std::uint32_t v{}; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->u = v; out->i = v; return ok_status(); }
+    case GgufValueType::kInt32: { std::int32_t v{}; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->i = v; return ok_status(); }
     case GgufValueType::kUint64: {
-      std::uint64_t v;
+      std::uint64_t v{};
       KUN_RETURN_IF_ERROR(r.read(&v, where));
       out->u = v;
       out->i = v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())
@@ -100,11 +100,11 @@ Status read_value(Reader& r, GgufValueType type, GgufValue* out, const std::stri
                    : static_cast<std::int64_t>(v);
       return ok_status();
     }
-    case GgufValueType::kInt64: { std::int64_t v; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->i = v; return ok_status(); }
-    case GgufValueType::kFloat32: { float v; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->f = v; return ok_status(); }
-    case GgufValueType::kFloat64: { double v; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->f = v; return ok_status(); }
+    case GgufValueType::kInt64: { std::int64_t v{}; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->i = v; return ok_status(); }
+    case GgufValueType::kFloat32: { float v{}; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->f = v; return ok_status(); }
+    case GgufValueType::kFloat64: { double v{}; KUN_RETURN_IF_ERROR(r.read(&v, where)); out->f = v; return ok_status(); }
     case GgufValueType::kBool: {
-      std::uint8_t v;
+      std::uint8_t v{};
       KUN_RETURN_IF_ERROR(r.read(&v, where));
       if (v > 1) return {StatusCode::kDataLoss, where + ": bool value " + std::to_string(v) + " is not 0 or 1"};
       out->i = v;
