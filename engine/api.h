@@ -68,6 +68,7 @@ struct InstanceStats {
 struct ServingStats {
   std::vector<InstanceStats> instances;
   std::int64_t num_preemptions = 0;
+  std::int64_t recomputed_tokens_total = 0;  // tokens computed again (preemption, drop/restore)
   std::int64_t prompt_tokens_total = 0;
   std::int64_t generation_tokens_total = 0;
   std::int64_t requests_finished_total = 0;

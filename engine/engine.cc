@@ -108,6 +108,13 @@ std::vector<Engine::Detached> Engine::detach_all() {
   return out;
 }
 
+void Engine::adopt_with_imported_kv(Detached d) {
+  const RequestId id = d.request.id;
+  scheduler_.adopt_with_imported_kv(std::move(d.request));
+  callbacks_.emplace(id, std::move(d.callback));
+  publish_stats();
+}
+
 Status Engine::adopt(Detached d, bool with_kv) {
   const RequestId id = d.request.id;
   KUN_RETURN_IF_ERROR(scheduler_.adopt(std::move(d.request), with_kv));
@@ -216,6 +223,14 @@ void Engine::complete_one() {
 
 void Engine::quiesce() {
   while (any_in_flight()) complete_one();
+  drain_inbox();
+  // A cancel drained just now may target a request that is no longer in flight.
+  while (!deferred_cancels_.empty()) {
+    const RequestId id = deferred_cancels_.back();
+    deferred_cancels_.pop_back();
+    TokenEvent ev = scheduler_.cancel(id);
+    if (ev.finished) deliver(ev);
+  }
 }
 
 bool Engine::run_step() {
@@ -274,6 +289,7 @@ void Engine::publish_stats() {
   s.instances.push_back(inst);
   const SchedulerCounters& c = scheduler_.counters();
   s.num_preemptions = c.preemptions_recompute + c.preemptions_swap;
+  s.recomputed_tokens_total = c.recomputed_tokens;
   s.prompt_tokens_total = c.prompt_tokens;
   s.generation_tokens_total = c.generated_tokens;
   s.requests_finished_total = c.finished;

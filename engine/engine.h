@@ -79,13 +79,16 @@ class Engine final : public FrontDoor {
   // Every request, in re-admission order (running, swapped, waiting), after draining the inbox.
   std::vector<Detached> detach_all();
   Status adopt(Detached d, bool with_kv);
+  // Adopts a running request whose KV the caller imported into this engine's KvManager.
+  void adopt_with_imported_kv(Detached d);
   Scheduler& mutable_scheduler() { return scheduler_; }
 
   // Drains the inbox, starts a step on every free virtual engine that has work, and completes
   // one in-flight step; returns false when idle. Only from the engine thread, or from a test
   // when start() was not called.
   bool run_step();
-  // Completes every in-flight step (no step is running afterwards).
+  // Completes every in-flight step (no step is running afterwards) and moves posted submits and
+  // cancels into the scheduler, so the scheduler holds every request of this engine.
   void quiesce();
   const Scheduler& scheduler() const { return scheduler_; }
   // Called after every step on the engine thread (tests check invariants here).

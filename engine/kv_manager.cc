@@ -103,6 +103,34 @@ std::vector<LayerBlockList> KvManager::block_lists(RequestId id) const {
   return out;
 }
 
+std::map<std::int32_t, kv::BlockTable> KvManager::export_tables(RequestId id) {
+  auto it = requests_.find(id);
+  KUN_CHECK(it != requests_.end()) << "request " << id << " holds no KV here";
+  KUN_CHECK(!it->second.swapped) << "request " << id << " is swapped out";
+  std::map<std::int32_t, kv::BlockTable> tables = std::move(it->second.tables);
+  requests_.erase(it);
+  return tables;
+}
+
+void KvManager::import_tables(RequestId id, std::int64_t tokens, std::map<std::int32_t, kv::BlockTable> tables) {
+  KUN_CHECK(requests_.count(id) == 0) << "request " << id << " already holds KV here";
+  // Every layer must be held on the device this manager places it on.
+  for (std::int64_t l = 0; l < num_layers(); ++l) {
+    auto t = tables.find(layer_device_[static_cast<std::size_t>(l)]);
+    KUN_CHECK(t != tables.end() && t->second.holds_layer(l)) << "imported request " << id << " lacks layer " << l;
+  }
+  for (const auto& [d, table] : tables) {
+    KUN_CHECK(d >= 0 && d < static_cast<std::int32_t>(devices_.size())) << "device " << d;
+    KUN_CHECK_EQ(table.num_tokens(), tokens) << "request " << id << " device " << d;
+    KUN_CHECK_EQ(table.num_layers(), static_cast<std::int64_t>(std::count(layer_device_.begin(), layer_device_.end(), d)))
+        << "request " << id << " device " << d << " holds layers placed elsewhere";
+  }
+  RequestKv r;
+  r.tokens = tokens;
+  r.tables = std::move(tables);
+  requests_.emplace(id, std::move(r));
+}
+
 bool KvManager::swap_out(RequestId id, std::vector<BlockCopy>* out) {
   auto it = requests_.find(id);
   if (it == requests_.end() || it->second.swapped) return false;

@@ -42,6 +42,13 @@ class KvManager {
   void release(RequestId id);
   std::vector<LayerBlockList> block_lists(RequestId id) const;
 
+  // Moving a request's KV between managers without freeing it (KV exchange on drop): export
+  // hands over its tables (device index -> table) and forgets the request; import adopts tables
+  // whose blocks the caller allocated from this manager's devices and filled. The request must
+  // not be swapped.
+  std::map<std::int32_t, kv::BlockTable> export_tables(RequestId id);
+  void import_tables(RequestId id, std::int64_t tokens, std::map<std::int32_t, kv::BlockTable> tables);
+
   // Swap: moves all of a request's device blocks to host slots, appending the copies to `out`.
   // False (nothing changes) when the host space is short.
   bool swap_out(RequestId id, std::vector<BlockCopy>* out);

@@ -402,6 +402,15 @@ Status Scheduler::adopt(Request r, bool with_kv) {
   return ok_status();
 }
 
+void Scheduler::adopt_with_imported_kv(Request r) {
+  KUN_CHECK(requests_.count(r.id) == 0) << "request " << r.id << " adopted twice";
+  KUN_CHECK_GE(kv_->tokens_held(r.id), r.num_computed) << "request " << r.id << " was imported without its KV";
+  r.state = RequestState::kRunning;
+  r.virtual_engine = least_loaded_ve();
+  running_.push_back(r.id);
+  requests_.emplace(r.id, std::move(r));
+}
+
 double Scheduler::demand() const {
   std::int64_t needed = 0;
   for (const auto& [id, r] : requests_) needed += kv_->layer_blocks_for(r.num_tokens());

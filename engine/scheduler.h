@@ -103,6 +103,9 @@ class Scheduler {
   // num_computed tokens (kResourceExhausted if they do not fit; nothing changes) and the caller
   // fills them (block_lists()); otherwise it queues at the back and recomputes.
   Status adopt(Request r, bool with_kv);
+  // Inserts a detached running request whose KV the caller already placed in this scheduler's
+  // KvManager (KvManager::import_tables): it keeps running from num_computed, no recompute.
+  void adopt_with_imported_kv(Request r);
   std::vector<LayerBlockList> block_lists(RequestId id) const { return kv_->block_lists(id); }
   std::int64_t kv_blocks_held(RequestId id) const { return kv_->layer_blocks_for(kv_->tokens_held(id)); }
 

@@ -242,6 +242,7 @@ engine::ServingStats ClusterRuntime::stats() const {
         out.instances.push_back(is);
       }
       out.num_preemptions += st.num_preemptions;
+      out.recomputed_tokens_total += st.recomputed_tokens_total;
       out.prompt_tokens_total += st.prompt_tokens_total;
       out.generation_tokens_total += st.generation_tokens_total;
       out.requests_finished_total += st.requests_finished_total;
@@ -319,19 +320,38 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     members.push_back(std::move(*it));
     units_.erase(it);
   }
-  // Take every request out at a step boundary: stale (already started) ones first.
+  // Take every request out at a step boundary. Running requests keep their KV (it is exchanged
+  // below); the rest queue in the group, those that had started first (they recompute).
+  struct StaleWithKv {
+    engine::Engine::Detached request;
+    std::map<std::int32_t, kv::BlockTable> tables;  // the old single-device table, key 0
+    std::int64_t stage = 0;                          // the member it ran on
+  };
+  std::vector<StaleWithKv> with_kv;
   std::vector<engine::Engine::Detached> stale, fresh;
-  for (auto& m : members) {
-    m->engine->pause();
-    for (auto& d : m->engine->detach_all()) (d.request.max_computed > 0 ? stale : fresh).push_back(std::move(d));
-    retire(std::move(m));
+  for (std::size_t k = 0; k < members.size(); ++k) {
+    Unit& m = *members[k];
+    m.engine->pause();
+    m.engine->quiesce();
+    for (RequestId id : m.engine->scheduler().request_ids_in_order()) {
+      const engine::Request* r = m.engine->scheduler().find(id);
+      const bool exchange = options_.exchange_stale_kv && r->state == engine::RequestState::kRunning &&
+                            m.kv->tokens_held(id) > 0;
+      auto d = m.engine->detach(id, /*keep_kv=*/exchange);
+      KUN_CHECK(d.has_value());
+      if (exchange) {
+        with_kv.push_back(StaleWithKv{std::move(*d), m.kv->export_tables(id), static_cast<std::int64_t>(k)});
+      } else {
+        (d->request.max_computed > 0 ? stale : fresh).push_back(std::move(*d));
+      }
+    }
   }
+  for (auto& m : members) retire(std::move(m));
   std::int64_t dropped_bytes = 0;
   for (std::int64_t k = 0; k < g; ++k) {
     const std::int64_t inst = instances[static_cast<std::size_t>(k)];
     VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
     kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
-    KUN_CHECK_EQ(alloc.num_used(), 0) << "device " << inst << " still holds KV after its requests left";
     for (std::int64_t l = 0; l < L; ++l) {
       if (l >= stage_begin(k, g, L) && l < stage_begin(k + 1, g, L)) continue;
       KUN_ASSIGN_OR_RETURN(std::vector<memory::PageId> pages, dev.drop_layer(l));
@@ -340,7 +360,53 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     }
   }
   auto unit = make_unit(instances, group);
-  const std::int64_t moved = static_cast<std::int64_t>(stale.size() + fresh.size());
+  // KV exchange (stop-and-copy at this step boundary): each stale request's layers move to the
+  // member that now owns them; its own stage's layers stay where they are. A request whose
+  // destination blocks do not fit falls back to recompute.
+  std::int64_t exchanged_blocks = 0, exchanged_bytes = 0;
+  for (StaleWithKv& s : with_kv) {
+    const std::int64_t home = instances[static_cast<std::size_t>(s.stage)];
+    kv::BlockTable old = std::move(s.tables.at(0));
+    const std::int64_t tokens = old.num_tokens();
+    std::map<std::int32_t, kv::BlockTable> placed;
+    bool fits = true;
+    for (std::int64_t j = 0; j < g && fits; ++j) {
+      if (j == s.stage) continue;
+      kv::BlockTable t(options_.device.kv_block_size, stage_begin(j, g, L), stage_begin(j + 1, g, L));
+      fits = t.append_tokens(tokens, *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(j)])]).ok();
+      if (fits) placed.emplace(static_cast<std::int32_t>(j), std::move(t));
+    }
+    if (!fits) {
+      for (auto& [j, t] : placed) t.free_all(*allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(j)])]);
+      old.free_all(*allocators_[static_cast<std::size_t>(home)]);
+      s.request.request.num_computed = 0;
+      stale.insert(stale.begin(), std::move(s.request));
+      continue;
+    }
+    kv::KvStorage& src = devices_[static_cast<std::size_t>(home)]->kv_storage();
+    for (auto& [j, t] : placed) {
+      const std::int64_t dst_inst = instances[static_cast<std::size_t>(j)];
+      kv::KvStorage& dst = devices_[static_cast<std::size_t>(dst_inst)]->kv_storage();
+      for (std::int64_t l : t.layers()) {
+        const std::vector<kv::BlockId> from = old.release_layer(l);
+        const std::vector<kv::BlockId>& to = t.layer_blocks(l);
+        KUN_CHECK_EQ(from.size(), to.size());
+        for (std::size_t b = 0; b < from.size(); ++b) {
+          transport_->transfer(static_cast<int>(home), static_cast<int>(dst_inst), src.block_data(from[b]), dst.block_data(to[b]),
+                               src.block_bytes(), TransferKind::kKvExchange);
+        }
+        allocators_[static_cast<std::size_t>(home)]->free(from);
+        exchanged_blocks += static_cast<std::int64_t>(from.size());
+        exchanged_bytes += static_cast<std::int64_t>(from.size()) * src.block_bytes();
+      }
+    }
+    placed.emplace(static_cast<std::int32_t>(s.stage), std::move(old));
+    unit->kv->import_tables(s.request.request.id, tokens, std::move(placed));
+    std::lock_guard<std::mutex> rl(requests_mu_);
+    request_instance_[s.request.request.id] = instances.front();
+    unit->engine->adopt_with_imported_kv(std::move(s.request));
+  }
+  const std::int64_t moved = static_cast<std::int64_t>(with_kv.size() + stale.size() + fresh.size());
   {
     std::lock_guard<std::mutex> rl(requests_mu_);
     for (auto* list : {&stale, &fresh}) {
@@ -351,6 +417,10 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     }
   }
   units_.push_back(std::move(unit));
+  {
+    std::lock_guard<std::mutex> el(events_mu_);
+    kv_blocks_moved_ += exchanged_blocks;
+  }
   ClusterEvent ev;
   ev.time_us = clock_->now_us();
   ev.kind = "drop";
@@ -359,7 +429,8 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   ev.bytes = dropped_bytes;
   ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   ev.requests_moved = moved;
-  ev.reason = reason;
+  ev.reason = reason + "; KV exchanged: " + std::to_string(exchanged_blocks) + " blocks, " +
+              std::to_string(exchanged_bytes) + " bytes";
   record(std::move(ev));
   return group;
 }

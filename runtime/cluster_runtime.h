@@ -4,7 +4,9 @@
 // actions at step boundaries:
 //  * drop: g instances fuse into one pipeline. Member k keeps layers [k L/g, (k+1) L/g); its other
 //    layers' pages become KV pages without a copy. Their queued requests join the group; running
-//    (stale) requests are recomputed in the group (the first stale-request strategy);
+//    (stale) requests keep their KV: the layers now owned by other members move there through the
+//    Transport (stop-and-copy exchange at the step boundary; recompute with exchange off or when
+//    the destination is short of blocks);
 //  * restore: the group's requests are taken back (recompute), each member reclaims pages from
 //    its KV pool, pulls its dropped layers' weights from the peer that kept them through the
 //    Transport, and the group splits into g independent instances;
@@ -49,6 +51,9 @@ struct ClusterOptions {
   cluster::RouterConfig router;
   std::vector<std::int64_t> allowed_degrees = {2, 4};  // group sizes the planner may form
   bool run_policy_thread = true;        // false: transitions only when called (tests)
+  // On drop, running requests' KV moves to the members owning its layers (stop-and-copy at the
+  // step boundary) instead of being recomputed.
+  bool exchange_stale_kv = true;
 };
 
 struct ClusterEvent {

@@ -17,7 +17,8 @@ namespace {
 
 using testing::tiny_weights;
 
-ClusterOptions small_cluster(const model::WeightSource& w, std::int64_t kv_token_blocks, cluster::Policy policy) {
+ClusterOptions small_cluster(const model::WeightSource& w, std::int64_t kv_token_blocks, cluster::Policy policy,
+                             bool exchange = true) {
   const auto& c = w.config();
   ClusterOptions o;
   o.num_instances = 4;
@@ -33,6 +34,7 @@ ClusterOptions small_cluster(const model::WeightSource& w, std::int64_t kv_token
   o.coordinator.policy = policy;
   o.run_policy_thread = false;
   o.host_swap_blocks = 0;
+  o.exchange_stale_kv = exchange;
   return o;
 }
 
@@ -88,15 +90,15 @@ void drain(ClusterRuntime& rt) {
   }
 }
 
-class ScriptedTransitions : public ::testing::TestWithParam<std::int64_t> {};
+class ScriptedTransitions : public ::testing::TestWithParam<std::tuple<std::int64_t, bool>> {};
 
 TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
-  const std::int64_t g = GetParam();
+  const auto [g, exchange] = GetParam();
   auto w = tiny_weights();
   const auto specs = make_specs(42 + static_cast<std::uint64_t>(g), 24, w->config().vocab_size);
   const auto expected = expected_alone(*w, specs);
   ManualClock clock;
-  auto rt = ClusterRuntime::create(small_cluster(*w, 64, cluster::Policy::kKunServe), *w, &clock);
+  auto rt = ClusterRuntime::create(small_cluster(*w, 64, cluster::Policy::kKunServe, exchange), *w, &clock);
   ASSERT_TRUE(rt.ok()) << rt.status().to_string();
   Tracker tr;
   for (int i = 0; i < 16; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
@@ -112,6 +114,15 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
   const auto stats = (*rt)->stats();
   EXPECT_EQ(stats.drops_total, 1);
   EXPECT_GT(stats.instances[0].dropped_param_bytes, 0);
+  EXPECT_EQ(stats.num_preemptions, 0) << "the scenario has room: any recompute below comes from the drop";
+  if (exchange) {
+    // Stale requests kept their KV: it moved to the members owning its layers, nothing recomputed.
+    EXPECT_EQ(stats.recomputed_tokens_total, 0);
+    EXPECT_GT(stats.kv_blocks_exchanged_total, 0);
+    EXPECT_GT((*rt)->transfer_stats().bytes_of(TransferKind::kKvExchange), 0);
+  } else {
+    EXPECT_GT(stats.recomputed_tokens_total, 0) << "stale requests are recomputed without exchange";
+  }
   ASSERT_TRUE((*rt)->restore(*group).ok());
   EXPECT_EQ((*rt)->num_units(), 4);
   drain(**rt);
@@ -124,7 +135,8 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Degrees, ScriptedTransitions, ::testing::Values(2, 4));
+INSTANTIATE_TEST_SUITE_P(DegreesAndStrategies, ScriptedTransitions,
+                         ::testing::Combine(::testing::Values(2, 4), ::testing::Bool()));
 
 TEST(ClusterMigrationTest, LiveMigrationKeepsTokens) {
   auto w = tiny_weights();
