@@ -6,7 +6,6 @@
 #include <string>
 
 #include "common/check.h"
-#include "kernels/kernels.h"
 
 namespace kun::model {
 namespace {
@@ -16,6 +15,15 @@ std::uint64_t splitmix64(std::uint64_t x) {
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
+}
+
+// Index of the largest logit, first on ties (no kernels dependency: the simulator links this).
+std::int64_t argmax(const float* x, std::int64_t n) {
+  std::int64_t best = 0;
+  for (std::int64_t i = 1; i < n; ++i) {
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
 }
 
 // Uniform in [0, 1) from (seed, step).
@@ -41,11 +49,11 @@ std::int32_t sample_token(const float* logits, std::int64_t vocab_size, const Sa
                           std::uint64_t step, std::vector<float>* scratch) {
   KUN_CHECK_GT(vocab_size, 0);
   if (p.temperature == 0.0f || p.top_k == 1) {
-    return static_cast<std::int32_t>(kernels::argmax(logits, vocab_size));
+    return static_cast<std::int32_t>(argmax(logits, vocab_size));
   }
   const double u = uniform01(p.seed, step);
   const double inv_t = 1.0 / static_cast<double>(p.temperature);
-  const float max_logit = logits[kernels::argmax(logits, vocab_size)];
+  const float max_logit = logits[argmax(logits, vocab_size)];
   const bool restrict = p.top_k > 0 || p.top_p < 1.0f;
   if (!restrict) {
     // Plain temperature sampling: one pass for the sum, one to find the draw.
