@@ -20,6 +20,16 @@ std::int64_t stage_of_layer(std::int64_t l, std::int64_t g, std::int64_t L) {
   return g - 1;
 }
 
+// A member's share of its unit's figures: a group's blocks are spread evenly over its g members,
+// so sums over members stay exact (snapshots for the policy and stats for metrics both use it).
+engine::InstanceStats member_share(engine::InstanceStats is, std::int64_t g) {
+  is.kv_blocks_total /= g;
+  is.kv_blocks_free /= g;
+  is.blocks_demanded /= g;
+  is.pending_blocks /= g;
+  return is;
+}
+
 }  // namespace
 
 ClusterRuntime::ClusterRuntime(ClusterOptions options, const Clock* clock)
@@ -167,8 +177,8 @@ std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_locked() const 
   std::vector<cluster::InstanceSnapshot> out;
   for (const auto& u : units_) {
     const engine::ServingStats st = u->engine->stats();
-    const engine::InstanceStats& is = st.instances.front();
     const auto g = static_cast<std::int64_t>(u->instances.size());
+    const engine::InstanceStats is = member_share(st.instances.front(), g);
     std::vector<engine::RequestSummary> reqs;
     if (g == 1 && options_.coordinator.policy == cluster::Policy::kMigrate) reqs = u->engine->request_summaries();
     for (std::int64_t inst : u->instances) {
@@ -176,11 +186,10 @@ std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_locked() const 
       s.instance = inst;
       s.group = u->group;
       s.state = u->group >= 0 ? cluster::GroupState::kDropped : cluster::GroupState::kInitial;
-      // A group's figures are shared evenly by its members so sums over members stay exact.
-      s.kv_blocks_total = is.kv_blocks_total / g;
-      s.kv_blocks_free = is.kv_blocks_free / g;
-      s.blocks_demanded = is.blocks_demanded / g;
-      s.pending_blocks = is.pending_blocks / g;
+      s.kv_blocks_total = is.kv_blocks_total;
+      s.kv_blocks_free = is.kv_blocks_free;
+      s.blocks_demanded = is.blocks_demanded;
+      s.pending_blocks = is.pending_blocks;
       s.num_running = is.num_running;
       s.num_queued = is.num_waiting;
       for (const auto& r : reqs) s.requests.push_back(cluster::RequestSnapshot{r.id, r.running, r.tokens, r.blocks_held});
@@ -230,14 +239,10 @@ engine::ServingStats ClusterRuntime::stats() const {
       const engine::ServingStats st = u->engine->stats();
       const auto g = static_cast<std::int64_t>(u->instances.size());
       for (std::int64_t inst : u->instances) {
-        engine::InstanceStats is = st.instances.front();
+        engine::InstanceStats is = member_share(st.instances.front(), g);
         is.instance = inst;
         is.group = u->group;
         is.group_state = u->group >= 0 ? "DROPPED" : "INITIAL";
-        is.kv_blocks_total /= g;
-        is.kv_blocks_free /= g;
-        is.blocks_demanded /= g;
-        is.pending_blocks /= g;
         is.dropped_param_bytes = devices_[static_cast<std::size_t>(inst)]->arena().stats().dropped_param_bytes;
         out.instances.push_back(is);
       }
