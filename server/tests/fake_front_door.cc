@@ -187,6 +187,7 @@ void FakeFrontDoor::run() {
       continue;
     }
     const bool log_on = log_on_;
+    delivering_ = batch.size();  // idle only once these callbacks have run
     lock.unlock();
     emitted.clear();
     for (auto& d : batch) {
@@ -198,6 +199,8 @@ void FakeFrontDoor::run() {
       d.cb(d.ev);
     }
     lock.lock();
+    delivering_ = 0;
+    idle_cv_.notify_all();
     if (log_on) {
       for (const auto& [rid, ns] : emitted) {
         auto log = live_logs_.find(rid);
@@ -272,7 +275,11 @@ std::int64_t FakeFrontDoor::submit_count() const {
 
 bool FakeFrontDoor::wait_idle(std::chrono::milliseconds timeout) const {
   std::unique_lock<std::mutex> lock(mu_);
-  return idle_cv_.wait_for(lock, timeout, [this] { return active_.empty(); });
+  // Idle means every request's final event has reached its callback, not only that the
+  // request left the active set (the callback runs after, outside the lock).
+  return idle_cv_.wait_for(lock, timeout, [this] {
+    return active_.empty() && pending_finals_.empty() && delivering_ == 0;
+  });
 }
 
 bool FakeFrontDoor::wait_active_at_least(std::size_t n, std::chrono::milliseconds timeout) const {

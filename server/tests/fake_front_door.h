@@ -98,6 +98,7 @@ class FakeFrontDoor final : public engine::FrontDoor {
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;       // wakes the serving thread
   mutable std::condition_variable idle_cv_;  // wakes waiters on the active count
+  std::size_t delivering_ = 0;               // events handed to callbacks outside the lock
   bool stop_ = false;
   bool unavailable_ = false;
   std::map<std::int64_t, Req> active_;
