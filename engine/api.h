@@ -77,6 +77,10 @@ struct ServingStats {
   std::int64_t restores_total = 0;
   std::vector<double> drop_latency_ms;     // one entry per completed drop, newest last
   std::vector<double> restore_latency_ms;  // one entry per completed restore, newest last
+  // Fused pipelines (groups of g > 1 stages), over their whole lifetime: stage time spent running
+  // steps, and stage time idle while the group had a step in flight (bubbles).
+  double pipeline_stage_busy_s = 0.0;
+  double pipeline_stage_idle_s = 0.0;
 };
 
 struct ModelInfo {

@@ -5,6 +5,7 @@
 
 #include "common/check.h"
 #include "common/log.h"
+#include "common/units.h"
 
 namespace kun::engine {
 
@@ -275,9 +276,24 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
   }
 }
 
+std::int64_t Scheduler::ve_running_count(std::int64_t ve) const {
+  std::int64_t n = 0;
+  for (RequestId id : running_) n += requests_.at(id).virtual_engine == ve ? 1 : 0;
+  return n;
+}
+
 void Scheduler::schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
+  // With virtual engines, a virtual engine admits only up to its fair share of the requests
+  // (running + waiting) / g; the rest of the queue is left to the others, so the g micro-batches
+  // of a fused pipeline stay balanced.
+  const std::int64_t g = config_.num_virtual_engines;
+  const std::int64_t share =
+      ceil_div(static_cast<std::int64_t>(running_.size() + waiting_.size()), g);
+  std::int64_t mine = g > 1 ? ve_running_count(ve) : 0;
   while (!waiting_.empty() && *budget > 0 &&
          static_cast<std::int64_t>(running_.size()) < config_.max_num_seqs) {
+    if (g > 1 && mine >= share) break;
+    ++mine;
     Request& r = requests_.at(waiting_.front());
     if (!config_.enable_chunked_prefill && r.num_uncomputed() > *budget) break;
     const std::int64_t n = chunk_for(r, *budget);

@@ -130,6 +130,7 @@ class Scheduler {
   void schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
   void schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
   std::int64_t least_loaded_ve() const;
+  std::int64_t ve_running_count(std::int64_t ve) const;
   std::int64_t chunk_for(const Request& r, std::int64_t budget) const;
   void add_to_plan(Request& r, std::int64_t n, StepPlan* plan);
   // Picks a running request not yet in this step's plan, other than `except`; invalid if none.

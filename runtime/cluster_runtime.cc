@@ -103,10 +103,15 @@ std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
   ec.scheduler.eos_token_id = static_cast<std::int32_t>(config_.eos_token_id);
   ec.scheduler.max_model_len = model_info_.max_context_tokens > 0 ? model_info_.max_context_tokens : config_.max_position_embeddings;
   if (g > 1) {
-    // A group is g devices running g virtual engines, each with one instance's step budget; its
-    // batch and queue bounds are g instances' worth.
+    // A group is g devices running g virtual engines. Each stage works through the g
+    // micro-batches of a round, so a virtual engine's step gets 1/g of an instance's token
+    // budget: a stage then handles one instance step's worth of tokens per round over its L/g
+    // layers, long prompts are chunked to that size (balanced micro-batches, small bubbles), and
+    // a round takes about as long as an instance step. Batch and queue bounds are g instances'.
     ec.scheduler.enable_chunked_prefill = true;
     ec.scheduler.num_virtual_engines = g;
+    ec.scheduler.max_num_batched_tokens =
+        std::max<std::int64_t>(options_.device.kv_block_size, ec.scheduler.max_num_batched_tokens / g);
     ec.scheduler.max_num_seqs *= g;
     ec.scheduler.max_waiting_requests *= g;
   }
@@ -251,6 +256,11 @@ engine::ServingStats ClusterRuntime::stats() const {
       out.prompt_tokens_total += st.prompt_tokens_total;
       out.generation_tokens_total += st.generation_tokens_total;
       out.requests_finished_total += st.requests_finished_total;
+      if (u->executor->num_stages() > 1) {
+        const PipelineExecutor::StageTime t = u->executor->stage_time();
+        out.pipeline_stage_busy_s += static_cast<double>(t.busy_ns) * 1e-9;
+        out.pipeline_stage_idle_s += static_cast<double>(t.idle_ns) * 1e-9;
+      }
     }
   }
   std::sort(out.instances.begin(), out.instances.end(),
@@ -261,11 +271,19 @@ engine::ServingStats ClusterRuntime::stats() const {
   out.kv_blocks_exchanged_total = kv_blocks_moved_;
   out.drop_latency_ms = drop_latency_ms_;
   out.restore_latency_ms = restore_latency_ms_;
+  out.pipeline_stage_busy_s += static_cast<double>(retired_pipeline_time_.busy_ns) * 1e-9;
+  out.pipeline_stage_idle_s += static_cast<double>(retired_pipeline_time_.idle_ns) * 1e-9;
   return out;
 }
 
 void ClusterRuntime::retire(std::unique_ptr<Unit> unit) {
   unit->engine->stop();
+  if (unit->executor->num_stages() > 1) {
+    const PipelineExecutor::StageTime t = unit->executor->stage_time();
+    std::lock_guard<std::mutex> lock(events_mu_);
+    retired_pipeline_time_.busy_ns += t.busy_ns;
+    retired_pipeline_time_.idle_ns += t.idle_ns;
+  }
   unit.reset();
 }
 

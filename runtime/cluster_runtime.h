@@ -142,6 +142,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::vector<ClusterEvent> events_;
   std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_
   std::vector<double> drop_latency_ms_, restore_latency_ms_;      // guarded by events_mu_
+  PipelineExecutor::StageTime retired_pipeline_time_;             // guarded by events_mu_
 
   std::mutex policy_mu_;
   std::condition_variable policy_cv_;

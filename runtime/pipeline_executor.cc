@@ -14,11 +14,10 @@ std::int64_t now_ns() {
 }  // namespace
 
 PipelineExecutor::PipelineExecutor(std::vector<PipelineStage> stages, Transport* transport, std::int64_t host_swap_blocks)
-    : stages_(std::move(stages)), transport_(transport) {
+    : stages_(std::move(stages)), transport_(transport), state_(stages_.size()) {
   KUN_CHECK(!stages_.empty());
   KUN_CHECK(stages_.size() == 1 || transport_ != nullptr) << "a pipeline needs a transport";
   block_bytes_ = stages_.front().device->kv_storage().block_bytes();
-  state_.resize(stages_.size());
   for (std::size_t s = 0; s < stages_.size(); ++s) {
     const PipelineStage& st = stages_[s];
     KUN_CHECK(st.layer_begin < st.layer_end) << "stage " << s << " has no layers";
@@ -47,13 +46,19 @@ PipelineExecutor::~PipelineExecutor() {
   for (auto& t : workers_) t.join();
 }
 
-double PipelineExecutor::bubble_fraction() const {
-  std::int64_t idle = 0, total = 0;
+PipelineExecutor::StageTime PipelineExecutor::stage_time() const {
+  StageTime t;
   for (const StageState& st : state_) {
-    idle += st.idle_ns;
-    total += st.idle_ns + st.busy_ns;
+    t.busy_ns += st.busy_ns.load(std::memory_order_relaxed);
+    t.idle_ns += st.idle_ns.load(std::memory_order_relaxed);
   }
-  return total > 0 ? static_cast<double>(idle) / static_cast<double>(total) : 0.0;
+  return t;
+}
+
+double PipelineExecutor::bubble_fraction() const {
+  const StageTime t = stage_time();
+  const std::int64_t total = t.busy_ns + t.idle_ns;
+  return total > 0 ? static_cast<double>(t.idle_ns) / static_cast<double>(total) : 0.0;
 }
 
 void PipelineExecutor::do_swaps(const engine::StepPlan& plan) {

@@ -13,6 +13,7 @@
 // (one per stage when g > 1) are owned here. With one stage, steps run on the engine thread.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -51,6 +52,12 @@ class PipelineExecutor final : public engine::StepExecutor {
   // Fraction of stage thread time spent idle waiting for work while the executor had a step in
   // flight (pipeline bubbles).
   double bubble_fraction() const;
+  // Summed over stages: time spent running steps, and idle time while a step was in flight.
+  struct StageTime {
+    std::int64_t busy_ns = 0;
+    std::int64_t idle_ns = 0;
+  };
+  StageTime stage_time() const;
 
  private:
   struct Work {
@@ -73,8 +80,9 @@ class PipelineExecutor final : public engine::StepExecutor {
     std::vector<std::byte> host_swap;
     std::vector<float> logits;
     std::vector<float> sample_scratch;
-    std::int64_t busy_ns = 0;  // guarded by mu_ when read
-    std::int64_t idle_ns = 0;
+    // Written by the stage's own thread, read by stats readers on other threads.
+    std::atomic<std::int64_t> busy_ns{0};
+    std::atomic<std::int64_t> idle_ns{0};
   };
   void prepare(int slot, const engine::StepPlan& plan);
   void run_stage(std::size_t s, const Work& w);

@@ -46,20 +46,20 @@ double SimExecutor::forward_us(const std::vector<SeqWork>& work) const {
     mbs[bin].push_back(work[i]);
     load[bin] += work[i].new_tokens;
   }
-  double sum = 0.0;
-  double slowest = 0.0;
+  // g virtual engines keep the pipeline full across steps (DESIGN.md 3.4): in steady state each
+  // stage works through the g micro-batches back to back, so a round takes as long as the
+  // busiest stage's sum over micro-batches; the fill / drain of an empty pipeline is not paid
+  // every step. Imbalance between micro-batches shows up as the bottleneck stage's excess.
+  std::vector<double> stage_busy(static_cast<std::size_t>(g), 0.0);
   for (std::size_t m = 0; m < mbs.size(); ++m) {
     if (mbs[m].empty()) continue;
-    double stage_max = 0.0;
     for (std::int64_t s = 0; s < g; ++s) {
       double t = cost_->step_us(mbs[m], config_.stage_layers[static_cast<std::size_t>(s)], s == 0, s == g - 1, false);
       if (s + 1 < g) t += transfer_us(config_.stage_link, cost_->activation_bytes(load[m]));
-      stage_max = std::max(stage_max, t);
+      stage_busy[static_cast<std::size_t>(s)] += t;
     }
-    sum += stage_max;
-    slowest = std::max(slowest, stage_max);
   }
-  return cost_->gpu().step_overhead_us + sum + static_cast<double>(g - 1) * slowest;
+  return cost_->gpu().step_overhead_us + *std::max_element(stage_busy.begin(), stage_busy.end());
 }
 
 std::int64_t SimExecutor::duration_us(const engine::StepPlan& plan) const {

@@ -4,9 +4,10 @@
 //
 // An independent instance is one stage holding all L layers. A fused group of g stages
 // (stage_layers[i] layers on stage i) runs a step as a g-stage pipeline over g micro-batches
-// (sequences split longest-first by tokens): time = sum of the micro-batches' stage times +
-// (g - 1) x the slowest micro-batch's stage time, with each stage time including the hop of its
-// activations to the next stage over the link; the per-step overhead is paid once.
+// (sequences split longest-first by tokens, one per virtual engine). The virtual engines keep the
+// pipeline full across steps, so a step (a round of g micro-batches) takes as long as the
+// busiest stage's summed micro-batch times, each including the hop of its activations to the
+// next stage over the link; the per-step overhead is paid once.
 // Swap copies (StepPlan::swap_out / swap_in) cross the host link (PCIe) before the forward.
 //
 // Owned by the simulator's event loop (one thread).

@@ -87,6 +87,9 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   run.extra["drop_latency_ms"] = st.drop_latency_ms;
   run.extra["restore_latency_ms"] = st.restore_latency_ms;
   run.extra["kv_blocks_migrated"] = st.kv_blocks_exchanged_total;
+  const double stage_s = st.pipeline_stage_busy_s + st.pipeline_stage_idle_s;
+  run.extra["fused_stage_busy_s"] = st.pipeline_stage_busy_s;
+  run.extra["bubble_fraction"] = stage_s > 0.0 ? st.pipeline_stage_idle_s / stage_s : 0.0;
   nlohmann::json bytes;
   for (int k = 0; k < static_cast<int>(runtime::TransferKind::kCount); ++k) {
     bytes[runtime::transfer_kind_name(static_cast<runtime::TransferKind>(k))] = ts.bytes[static_cast<std::size_t>(k)];
