@@ -289,10 +289,11 @@ void Scheduler::schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* 
   const std::int64_t g = config_.num_virtual_engines;
   const std::int64_t share =
       ceil_div(static_cast<std::int64_t>(running_.size() + waiting_.size()), g);
-  std::int64_t mine = g > 1 ? ve_running_count(ve) : 0;
+  const bool balance = g > 1 && config_.balance_virtual_engines;
+  std::int64_t mine = balance ? ve_running_count(ve) : 0;
   while (!waiting_.empty() && *budget > 0 &&
          static_cast<std::int64_t>(running_.size()) < config_.max_num_seqs) {
-    if (g > 1 && mine >= share) break;
+    if (balance && mine >= share) break;
     ++mine;
     Request& r = requests_.at(waiting_.front());
     if (!config_.enable_chunked_prefill && r.num_uncomputed() > *budget) break;

@@ -50,6 +50,9 @@ struct SchedulerConfig {
   // Virtual engines (DESIGN.md 3.4): disjoint request sets, each scheduled and run as its own
   // step so a g-stage pipeline keeps g steps in flight. 1 for an independent instance.
   std::int64_t num_virtual_engines = 1;
+  // Balanced batch formation for virtual engines: each admits at most its share of the requests
+  // (running + waiting) / num_virtual_engines. Off: the engine scheduled first takes what fits.
+  bool balance_virtual_engines = true;
   Status validate() const;
 };
 

@@ -110,8 +110,10 @@ std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
     // a round takes about as long as an instance step. Batch and queue bounds are g instances'.
     ec.scheduler.enable_chunked_prefill = true;
     ec.scheduler.num_virtual_engines = g;
-    ec.scheduler.max_num_batched_tokens =
-        std::max<std::int64_t>(options_.device.kv_block_size, ec.scheduler.max_num_batched_tokens / g);
+    if (ec.scheduler.balance_virtual_engines) {
+      ec.scheduler.max_num_batched_tokens =
+          std::max<std::int64_t>(options_.device.kv_block_size, ec.scheduler.max_num_batched_tokens / g);
+    }
     ec.scheduler.max_num_seqs *= g;
     ec.scheduler.max_waiting_requests *= g;
   }

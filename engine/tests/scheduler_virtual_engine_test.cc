@@ -95,6 +95,17 @@ TEST(SchedulerVirtualEngines, SingleEngineAdmitsUpToItsBudget) {
   EXPECT_EQ(f.scheduler->schedule(0).sequences.size(), 10u);
 }
 
+TEST(SchedulerVirtualEngines, WithoutBalancingTheFirstEngineTakesWhatFits) {
+  SchedulerConfig sc;
+  sc.max_num_batched_tokens = 4096;
+  sc.max_num_seqs = 256;
+  sc.balance_virtual_engines = false;
+  Fixture f(4, 256, sc);
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(f.scheduler->add_request(RequestId(i + 1), spec(20, 8)).ok());
+  EXPECT_EQ(f.scheduler->schedule(0).sequences.size(), 10u);
+  EXPECT_TRUE(f.scheduler->schedule(1).sequences.empty());
+}
+
 TEST(SchedulerVirtualEngines, LaterArrivalsGoToTheLighterEngines) {
   SchedulerConfig sc;
   sc.max_num_batched_tokens = 4096;

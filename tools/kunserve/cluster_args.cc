@@ -16,6 +16,8 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--link-latency-us", link_latency_us, "per-transfer latency of the link model");
   cmd->add_option("--monitor-period-ms", monitor_period_ms, "demand sampling period");
   cmd->add_option("--group-sizes", group_sizes, "fused group sizes the planner may form (smallest first)")->delimiter(',');
+  cmd->add_option("--balance-fused", balance_fused,
+                  "fused groups: balanced virtual-engine micro-batches (share of the queue each, 1/g of the step budget)");
 }
 
 StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
@@ -36,6 +38,7 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
                             kv_pages * o.device.page_bytes;
   o.scheduler.max_num_batched_tokens = max_batched_tokens;
   o.scheduler.max_waiting_requests = max_waiting;
+  o.scheduler.balance_virtual_engines = balance_fused;
   o.scheduler.preemption = policy == cluster::Policy::kSwap ? engine::PreemptionMode::kSwap : engine::PreemptionMode::kRecompute;
   o.host_swap_blocks = policy == cluster::Policy::kSwap ? 4 * blocks : 0;
   o.coordinator.policy = policy;

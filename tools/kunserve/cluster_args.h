@@ -25,6 +25,7 @@ struct ClusterArgs {
   std::int64_t link_latency_us = 0;
   std::int64_t monitor_period_ms = 500;
   std::vector<std::int64_t> group_sizes = {2, 4};
+  bool balance_fused = true;
   void add_to(CLI::App* cmd);
   // Device capacity = the model's parameters + KV for kv_tokens_per_device tokens.
   StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
