@@ -40,6 +40,17 @@ bool parse_preemption_mode(const std::string& s, PreemptionMode* out) {
   return false;
 }
 
+SchedulerConfig fused_scheduler_config(SchedulerConfig c, std::int64_t g, std::int64_t min_step_tokens) {
+  KUN_CHECK_GE(g, 1);
+  if (g == 1) return c;
+  c.enable_chunked_prefill = true;
+  c.num_virtual_engines = g;
+  if (c.balance_virtual_engines) c.max_num_batched_tokens = std::max(min_step_tokens, c.max_num_batched_tokens / g);
+  c.max_num_seqs *= g;
+  c.max_waiting_requests *= g;
+  return c;
+}
+
 Status SchedulerConfig::validate() const {
   if (max_num_seqs <= 0) return invalid_argument("max_num_seqs must be > 0");
   if (max_num_batched_tokens <= 0) return invalid_argument("max_num_batched_tokens must be > 0");
@@ -204,12 +215,17 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
   KUN_LOG(kDebug) << "preempt request " << victim.id << " by recompute: " << held << " tokens dropped";
 }
 
-std::int64_t Scheduler::least_loaded_ve() const {
+std::vector<std::int64_t> Scheduler::running_per_ve() const {
   std::vector<std::int64_t> load(static_cast<std::size_t>(config_.num_virtual_engines), 0);
   for (RequestId id : running_) {
     const std::int64_t ve = requests_.at(id).virtual_engine;
     if (ve >= 0) ++load[static_cast<std::size_t>(ve)];
   }
+  return load;
+}
+
+std::int64_t Scheduler::least_loaded_ve() const {
+  const std::vector<std::int64_t> load = running_per_ve();
   return std::min_element(load.begin(), load.end()) - load.begin();
 }
 
@@ -276,21 +292,14 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
   }
 }
 
-std::int64_t Scheduler::ve_running_count(std::int64_t ve) const {
-  std::int64_t n = 0;
-  for (RequestId id : running_) n += requests_.at(id).virtual_engine == ve ? 1 : 0;
-  return n;
-}
-
 void Scheduler::schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
   // With virtual engines, a virtual engine admits only up to its fair share of the requests
   // (running + waiting) / g; the rest of the queue is left to the others, so the g micro-batches
   // of a fused pipeline stay balanced.
   const std::int64_t g = config_.num_virtual_engines;
-  const std::int64_t share =
-      ceil_div(static_cast<std::int64_t>(running_.size() + waiting_.size()), g);
   const bool balance = g > 1 && config_.balance_virtual_engines;
-  std::int64_t mine = balance ? ve_running_count(ve) : 0;
+  const std::int64_t share = balance ? ceil_div(static_cast<std::int64_t>(running_.size() + waiting_.size()), g) : 0;
+  std::int64_t mine = balance ? running_per_ve()[static_cast<std::size_t>(ve)] : 0;
   while (!waiting_.empty() && *budget > 0 &&
          static_cast<std::int64_t>(running_.size()) < config_.max_num_seqs) {
     if (balance && mine >= share) break;

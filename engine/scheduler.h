@@ -70,6 +70,13 @@ struct SchedulerCounters {
   std::int64_t cancelled = 0;
 };
 
+// The scheduler configuration of a fused group of g instances (DESIGN.md 3.4): chunked prefill
+// on, g virtual engines, batch and queue bounds g instances' worth. With balanced virtual engines
+// each one's step gets 1/g of the instance's token budget (at least min_step_tokens), so a round
+// of g steps carries one instance step's tokens and long prompts are chunked to that size;
+// without, each gets the whole budget.
+SchedulerConfig fused_scheduler_config(SchedulerConfig instance, std::int64_t g, std::int64_t min_step_tokens);
+
 // Checks a request against the configuration alone (no scheduler state), so a front door can
 // answer 400 at once: empty prompt, token ids outside the vocabulary, bad sampling values,
 // max_tokens < 1, prompt + max_tokens beyond max_model_len.
@@ -132,8 +139,8 @@ class Scheduler {
   bool schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
   void schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
   void schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
+  std::vector<std::int64_t> running_per_ve() const;  // running requests of each virtual engine
   std::int64_t least_loaded_ve() const;
-  std::int64_t ve_running_count(std::int64_t ve) const;
   std::int64_t chunk_for(const Request& r, std::int64_t budget) const;
   void add_to_plan(Request& r, std::int64_t n, StepPlan* plan);
   // Picks a running request not yet in this step's plan, other than `except`; invalid if none.

@@ -102,21 +102,9 @@ std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
   ec.scheduler.vocab_size = config_.vocab_size;
   ec.scheduler.eos_token_id = static_cast<std::int32_t>(config_.eos_token_id);
   ec.scheduler.max_model_len = model_info_.max_context_tokens > 0 ? model_info_.max_context_tokens : config_.max_position_embeddings;
-  if (g > 1) {
-    // A group is g devices running g virtual engines. Each stage works through the g
-    // micro-batches of a round, so a virtual engine's step gets 1/g of an instance's token
-    // budget: a stage then handles one instance step's worth of tokens per round over its L/g
-    // layers, long prompts are chunked to that size (balanced micro-batches, small bubbles), and
-    // a round takes about as long as an instance step. Batch and queue bounds are g instances'.
-    ec.scheduler.enable_chunked_prefill = true;
-    ec.scheduler.num_virtual_engines = g;
-    if (ec.scheduler.balance_virtual_engines) {
-      ec.scheduler.max_num_batched_tokens =
-          std::max<std::int64_t>(options_.device.kv_block_size, ec.scheduler.max_num_batched_tokens / g);
-    }
-    ec.scheduler.max_num_seqs *= g;
-    ec.scheduler.max_waiting_requests *= g;
-  }
+  // A group is g devices running g virtual engines, each stage working through the g
+  // micro-batches of a round.
+  ec.scheduler = engine::fused_scheduler_config(ec.scheduler, g, options_.device.kv_block_size);
   ec.model = model_info_;
   ec.publish_requests = options_.coordinator.policy == cluster::Policy::kMigrate;
   unit->engine = std::make_unique<engine::Engine>(ec, unit->kv.get(), unit->executor.get(), clock_);
@@ -240,6 +228,7 @@ void ClusterRuntime::cancel(RequestId id) {
 
 engine::ServingStats ClusterRuntime::stats() const {
   engine::ServingStats out;
+  PipelineExecutor::StageTime fused;  // live fused groups here, retired ones below
   {
     std::shared_lock lock(topology_mu_);
     for (const auto& u : units_) {
@@ -258,11 +247,7 @@ engine::ServingStats ClusterRuntime::stats() const {
       out.prompt_tokens_total += st.prompt_tokens_total;
       out.generation_tokens_total += st.generation_tokens_total;
       out.requests_finished_total += st.requests_finished_total;
-      if (u->executor->num_stages() > 1) {
-        const PipelineExecutor::StageTime t = u->executor->stage_time();
-        out.pipeline_stage_busy_s += static_cast<double>(t.busy_ns) * 1e-9;
-        out.pipeline_stage_idle_s += static_cast<double>(t.idle_ns) * 1e-9;
-      }
+      if (u->executor->num_stages() > 1) fused.add(u->executor->stage_time());
     }
   }
   std::sort(out.instances.begin(), out.instances.end(),
@@ -273,8 +258,9 @@ engine::ServingStats ClusterRuntime::stats() const {
   out.kv_blocks_exchanged_total = kv_blocks_moved_;
   out.drop_latency_ms = drop_latency_ms_;
   out.restore_latency_ms = restore_latency_ms_;
-  out.pipeline_stage_busy_s += static_cast<double>(retired_pipeline_time_.busy_ns) * 1e-9;
-  out.pipeline_stage_idle_s += static_cast<double>(retired_pipeline_time_.idle_ns) * 1e-9;
+  fused.add(retired_pipeline_time_);
+  out.pipeline_stage_busy_s = static_cast<double>(fused.busy_ns) * 1e-9;
+  out.pipeline_stage_idle_s = static_cast<double>(fused.idle_ns) * 1e-9;
   return out;
 }
 
@@ -283,8 +269,7 @@ void ClusterRuntime::retire(std::unique_ptr<Unit> unit) {
   if (unit->executor->num_stages() > 1) {
     const PipelineExecutor::StageTime t = unit->executor->stage_time();
     std::lock_guard<std::mutex> lock(events_mu_);
-    retired_pipeline_time_.busy_ns += t.busy_ns;
-    retired_pipeline_time_.idle_ns += t.idle_ns;
+    retired_pipeline_time_.add(t);
   }
   unit.reset();
 }
@@ -388,6 +373,9 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   // KV exchange (stop-and-copy at this step boundary): each stale request's layers move to the
   // member that now owns them; its own stage's layers stay where they are. A request whose
   // destination blocks do not fit falls back to recompute.
+  const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
+    return *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
+  };
   std::int64_t exchanged_blocks = 0, exchanged_bytes = 0;
   for (StaleWithKv& s : with_kv) {
     const std::int64_t home = instances[static_cast<std::size_t>(s.stage)];
@@ -398,12 +386,12 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     for (std::int64_t j = 0; j < g && fits; ++j) {
       if (j == s.stage) continue;
       kv::BlockTable t(options_.device.kv_block_size, stage_begin(j, g, L), stage_begin(j + 1, g, L));
-      fits = t.append_tokens(tokens, *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(j)])]).ok();
+      fits = t.append_tokens(tokens, member_alloc(j)).ok();
       if (fits) placed.emplace(static_cast<std::int32_t>(j), std::move(t));
     }
     if (!fits) {
-      for (auto& [j, t] : placed) t.free_all(*allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(j)])]);
-      old.free_all(*allocators_[static_cast<std::size_t>(home)]);
+      for (auto& [j, t] : placed) t.free_all(member_alloc(j));
+      old.free_all(member_alloc(s.stage));
       s.request.request.num_computed = 0;
       stale.insert(stale.begin(), std::move(s.request));
       continue;
@@ -420,7 +408,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
           transport_->transfer(static_cast<int>(home), static_cast<int>(dst_inst), src.block_data(from[b]), dst.block_data(to[b]),
                                src.block_bytes(), TransferKind::kKvExchange);
         }
-        allocators_[static_cast<std::size_t>(home)]->free(from);
+        member_alloc(s.stage).free(from);
         exchanged_blocks += static_cast<std::int64_t>(from.size());
         exchanged_bytes += static_cast<std::int64_t>(from.size()) * src.block_bytes();
       }

@@ -49,16 +49,9 @@ PipelineExecutor::~PipelineExecutor() {
 PipelineExecutor::StageTime PipelineExecutor::stage_time() const {
   StageTime t;
   for (const StageState& st : state_) {
-    t.busy_ns += st.busy_ns.load(std::memory_order_relaxed);
-    t.idle_ns += st.idle_ns.load(std::memory_order_relaxed);
+    t.add({st.busy_ns.load(std::memory_order_relaxed), st.idle_ns.load(std::memory_order_relaxed)});
   }
   return t;
-}
-
-double PipelineExecutor::bubble_fraction() const {
-  const StageTime t = stage_time();
-  const std::int64_t total = t.busy_ns + t.idle_ns;
-  return total > 0 ? static_cast<double>(t.idle_ns) / static_cast<double>(total) : 0.0;
 }
 
 void PipelineExecutor::do_swaps(const engine::StepPlan& plan) {

@@ -49,13 +49,15 @@ class PipelineExecutor final : public engine::StepExecutor {
   std::pair<int, engine::StepResult> wait_any() override;
 
   std::int64_t num_stages() const { return static_cast<std::int64_t>(stages_.size()); }
-  // Fraction of stage thread time spent idle waiting for work while the executor had a step in
-  // flight (pipeline bubbles).
-  double bubble_fraction() const;
-  // Summed over stages: time spent running steps, and idle time while a step was in flight.
+  // Summed over stages: time spent running steps, and idle time waiting for work while the
+  // executor had a step in flight (pipeline bubbles).
   struct StageTime {
     std::int64_t busy_ns = 0;
     std::int64_t idle_ns = 0;
+    void add(const StageTime& o) {
+      busy_ns += o.busy_ns;
+      idle_ns += o.idle_ns;
+    }
   };
   StageTime stage_time() const;
 

@@ -130,15 +130,12 @@ std::unique_ptr<ClusterSim::Unit> ClusterSim::make_unit(const std::vector<std::i
   const std::int64_t host_blocks =
       config_.policy == cluster::Policy::kSwap ? config_.host_swap_bytes * g / layer_block_bytes : 0;
   u->kv = std::make_unique<engine::KvManager>(config_.block_size_tokens, devices, layer_device, host_blocks);
-  engine::SchedulerConfig sc = config_.scheduler;
-  if (g > 1) {
-    // DESIGN.md 3.4: chunked prefill on in fused mode. A group is g GPUs: one step carries g
-    // micro-batches (one per virtual engine), each an instance's budget.
-    sc.enable_chunked_prefill = true;
-    sc.max_num_batched_tokens *= g;
-    sc.max_num_seqs *= g;
-    sc.max_waiting_requests *= g;
-  }
+  // A fused group's configuration is the runtime's (g virtual engines), except that one simulated
+  // step is a whole round: it carries the g virtual engines' micro-batches at once, which the
+  // executor partitions and pipelines.
+  engine::SchedulerConfig sc = engine::fused_scheduler_config(config_.scheduler, g, config_.block_size_tokens);
+  sc.max_num_batched_tokens *= sc.num_virtual_engines;
+  sc.num_virtual_engines = 1;
   u->scheduler = std::make_unique<engine::Scheduler>(sc, u->kv.get(), &clock_);
   SimExecutorConfig ec;
   ec.stage_layers = u->stage_layers;

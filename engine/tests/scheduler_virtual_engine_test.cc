@@ -62,12 +62,23 @@ RequestSpec spec(std::int64_t prompt, std::int64_t max_tokens) {
   return s;
 }
 
-TEST(SchedulerVirtualEngines, AdmissionsSpreadEvenlyOverVirtualEngines) {
+// A budget and batch bound that never limit these tests: only the balancing does.
+SchedulerConfig roomy(bool balance = true) {
   SchedulerConfig sc;
   sc.max_num_batched_tokens = 4096;
   sc.max_num_seqs = 256;
-  Fixture f(4, 256, sc);
-  for (int i = 0; i < 10; ++i) ASSERT_TRUE(f.scheduler->add_request(RequestId(i + 1), spec(20, 8)).ok());
+  sc.balance_virtual_engines = balance;
+  return sc;
+}
+
+// Submits requests first_id, first_id + 1, ... (n of them) with 20-token prompts.
+void submit(Scheduler& s, int first_id, int n, std::int64_t max_tokens) {
+  for (int i = 0; i < n; ++i) ASSERT_TRUE(s.add_request(RequestId(first_id + i), spec(20, max_tokens)).ok());
+}
+
+TEST(SchedulerVirtualEngines, AdmissionsSpreadEvenlyOverVirtualEngines) {
+  Fixture f(4, 256, roomy());
+  submit(*f.scheduler, 1, 10, 8);
   // Ten waiting, four virtual engines: each admits at most its share ceil(10 / 4) = 3 even though
   // its token budget would take all ten (3, 3, 3, 1), so every virtual engine gets work.
   std::map<std::int64_t, std::set<std::int64_t>> owned;
@@ -87,36 +98,26 @@ TEST(SchedulerVirtualEngines, AdmissionsSpreadEvenlyOverVirtualEngines) {
 }
 
 TEST(SchedulerVirtualEngines, SingleEngineAdmitsUpToItsBudget) {
-  SchedulerConfig sc;
-  sc.max_num_batched_tokens = 4096;
-  sc.max_num_seqs = 256;
-  Fixture f(1, 256, sc);
-  for (int i = 0; i < 10; ++i) ASSERT_TRUE(f.scheduler->add_request(RequestId(i + 1), spec(20, 8)).ok());
+  Fixture f(1, 256, roomy());
+  submit(*f.scheduler, 1, 10, 8);
   EXPECT_EQ(f.scheduler->schedule(0).sequences.size(), 10u);
 }
 
 TEST(SchedulerVirtualEngines, WithoutBalancingTheFirstEngineTakesWhatFits) {
-  SchedulerConfig sc;
-  sc.max_num_batched_tokens = 4096;
-  sc.max_num_seqs = 256;
-  sc.balance_virtual_engines = false;
-  Fixture f(4, 256, sc);
-  for (int i = 0; i < 10; ++i) ASSERT_TRUE(f.scheduler->add_request(RequestId(i + 1), spec(20, 8)).ok());
+  Fixture f(4, 256, roomy(/*balance=*/false));
+  submit(*f.scheduler, 1, 10, 8);
   EXPECT_EQ(f.scheduler->schedule(0).sequences.size(), 10u);
   EXPECT_TRUE(f.scheduler->schedule(1).sequences.empty());
 }
 
 TEST(SchedulerVirtualEngines, LaterArrivalsGoToTheLighterEngines) {
-  SchedulerConfig sc;
-  sc.max_num_batched_tokens = 4096;
-  sc.max_num_seqs = 256;
-  Fixture f(2, 256, sc);
-  for (int i = 0; i < 4; ++i) ASSERT_TRUE(f.scheduler->add_request(RequestId(i + 1), spec(20, 100)).ok());
+  Fixture f(2, 256, roomy());
+  submit(*f.scheduler, 1, 4, 100);
   // Virtual engine 0 takes its share (2) of four requests; 1 takes the other two.
   EXPECT_EQ(run_step(*f.scheduler, 0).sequences.size(), 2u);
   EXPECT_EQ(run_step(*f.scheduler, 1).sequences.size(), 2u);
   // Two more arrive while both run: 0 (scheduled next) may take only up to the share of 6 / 2 = 3.
-  for (int i = 4; i < 6; ++i) ASSERT_TRUE(f.scheduler->add_request(RequestId(i + 1), spec(20, 100)).ok());
+  submit(*f.scheduler, 5, 2, 100);
   const StepPlan p0 = run_step(*f.scheduler, 0);
   EXPECT_EQ(p0.sequences.size(), 3u);  // its two decodes and one admission
   std::int64_t prefills = 0;
@@ -124,6 +125,24 @@ TEST(SchedulerVirtualEngines, LaterArrivalsGoToTheLighterEngines) {
   EXPECT_EQ(prefills, 1);
   EXPECT_EQ(f.scheduler->num_waiting(), 1);
   f.scheduler->check_invariants();
+}
+
+TEST(FusedSchedulerConfig, SplitsTheStepBudgetOverVirtualEngines) {
+  SchedulerConfig instance;
+  instance.max_num_batched_tokens = 512;
+  instance.max_num_seqs = 64;
+  instance.max_waiting_requests = 100;
+  instance.enable_chunked_prefill = false;
+  const SchedulerConfig fused = fused_scheduler_config(instance, 4, 16);
+  EXPECT_EQ(fused.num_virtual_engines, 4);
+  EXPECT_TRUE(fused.enable_chunked_prefill);
+  EXPECT_EQ(fused.max_num_batched_tokens, 128);
+  EXPECT_EQ(fused.max_num_seqs, 256);
+  EXPECT_EQ(fused.max_waiting_requests, 400);
+  EXPECT_EQ(fused_scheduler_config(instance, 64, 16).max_num_batched_tokens, 16);  // the floor
+  instance.balance_virtual_engines = false;
+  EXPECT_EQ(fused_scheduler_config(instance, 4, 16).max_num_batched_tokens, 512);
+  EXPECT_EQ(fused_scheduler_config(instance, 1, 16).num_virtual_engines, 1);
 }
 
 }  // namespace
