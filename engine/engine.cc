@@ -83,7 +83,6 @@ void Engine::resume() {
 
 std::optional<Engine::Detached> Engine::detach(RequestId id, bool keep_kv) {
   quiesce();
-  drain_inbox();
   std::optional<Request> r = scheduler_.detach(id, keep_kv);
   if (!r) return std::nullopt;
   Detached d{std::move(*r), nullptr};
@@ -98,7 +97,6 @@ std::optional<Engine::Detached> Engine::detach(RequestId id, bool keep_kv) {
 
 std::vector<Engine::Detached> Engine::detach_all() {
   quiesce();
-  drain_inbox();
   std::vector<Detached> out;
   for (RequestId id : scheduler_.request_ids_in_order()) {
     auto d = detach(id, /*keep_kv=*/false);
@@ -223,14 +221,8 @@ void Engine::complete_one() {
 
 void Engine::quiesce() {
   while (any_in_flight()) complete_one();
-  drain_inbox();
-  // A cancel drained just now may target a request that is no longer in flight.
-  while (!deferred_cancels_.empty()) {
-    const RequestId id = deferred_cancels_.back();
-    deferred_cancels_.pop_back();
-    TokenEvent ev = scheduler_.cancel(id);
-    if (ev.finished) deliver(ev);
-  }
+  drain_inbox();  // nothing is in flight now, so every cancel drained here applies at once
+  KUN_CHECK(deferred_cancels_.empty()) << deferred_cancels_.size() << " cancels deferred with no step in flight";
 }
 
 bool Engine::run_step() {
