@@ -59,7 +59,9 @@ double SimExecutor::forward_us(const std::vector<SeqWork>& work) const {
       stage_busy[static_cast<std::size_t>(s)] += t;
     }
   }
-  return cost_->gpu().step_overhead_us + *std::max_element(stage_busy.begin(), stage_busy.end());
+  double busiest = 0.0;
+  for (double t : stage_busy) busiest = std::max(busiest, t);
+  return cost_->gpu().step_overhead_us + busiest;
 }
 
 std::int64_t SimExecutor::duration_us(const engine::StepPlan& plan) const {
