@@ -164,7 +164,8 @@ class Runner {
   void on_metrics(std::int64_t t_us, bool ok, const std::string& body) {
     metrics_session_.reset();
     if (!ok) {
-      ++result_.metrics_errors;
+      // A poll that stop() cut short when the last request finished did not fail.
+      if (!stopped_) ++result_.metrics_errors;
       return;
     }
     const PrometheusParse parsed = parse_prometheus_text(body);
