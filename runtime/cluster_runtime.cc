@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <set>
 #include <sstream>
 
@@ -30,6 +31,26 @@ engine::InstanceStats member_share(engine::InstanceStats is, std::int64_t g) {
   return is;
 }
 
+// Copies layer blocks from[i] of device `src_dev` into to[i] of device `dst_dev` through the
+// transport, one message per run of blocks contiguous in both memories. Returns the bytes moved.
+std::int64_t copy_blocks(Transport& transport, int src_dev, const kv::KvStorage& src, int dst_dev, const kv::KvStorage& dst,
+                         std::span<const kv::BlockId> from, std::span<const kv::BlockId> to, TransferKind kind) {
+  KUN_CHECK_EQ(from.size(), to.size());
+  const std::int64_t bytes = src.block_bytes();
+  KUN_CHECK_EQ(bytes, dst.block_bytes());
+  std::size_t i = 0;
+  while (i < from.size()) {
+    std::size_t n = 1;
+    while (i + n < from.size() && src.block_data(from[i + n]) == src.block_data(from[i]) + n * static_cast<std::size_t>(bytes) &&
+           dst.block_data(to[i + n]) == dst.block_data(to[i]) + n * static_cast<std::size_t>(bytes)) {
+      ++n;
+    }
+    transport.transfer(src_dev, dst_dev, src.block_data(from[i]), dst.block_data(to[i]), static_cast<std::int64_t>(n) * bytes, kind);
+    i += n;
+  }
+  return static_cast<std::int64_t>(from.size()) * bytes;
+}
+
 }  // namespace
 
 ClusterRuntime::ClusterRuntime(ClusterOptions options, const Clock* clock)
@@ -41,7 +62,7 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
   const model::ModelConfig& config = weights.config();
   std::unique_ptr<ClusterRuntime> rt(new ClusterRuntime(options, clock));
   rt->config_ = config;
-  rt->transport_ = std::make_unique<InProcessTransport>(options.link);
+  rt->transport_ = std::make_unique<InProcessTransport>(options.link, options.host_link);
   for (std::int64_t i = 0; i < options.num_instances; ++i) {
     DeviceOptions dev_opt = options.device;
     dev_opt.name = "dev" + std::to_string(i);
@@ -253,6 +274,11 @@ engine::ServingStats ClusterRuntime::stats() const {
   std::sort(out.instances.begin(), out.instances.end(),
             [](const engine::InstanceStats& a, const engine::InstanceStats& b) { return a.instance < b.instance; });
   std::lock_guard<std::mutex> lock(events_mu_);
+  out.num_preemptions += retired_counters_.num_preemptions;
+  out.recomputed_tokens_total += retired_counters_.recomputed_tokens_total;
+  out.prompt_tokens_total += retired_counters_.prompt_tokens_total;
+  out.generation_tokens_total += retired_counters_.generation_tokens_total;
+  out.requests_finished_total += retired_counters_.requests_finished_total;
   out.drops_total = drops_;
   out.restores_total = restores_;
   out.kv_blocks_exchanged_total = kv_blocks_moved_;
@@ -266,11 +292,15 @@ engine::ServingStats ClusterRuntime::stats() const {
 
 void ClusterRuntime::retire(std::unique_ptr<Unit> unit) {
   unit->engine->stop();
-  if (unit->executor->num_stages() > 1) {
-    const PipelineExecutor::StageTime t = unit->executor->stage_time();
-    std::lock_guard<std::mutex> lock(events_mu_);
-    retired_pipeline_time_.add(t);
-  }
+  const engine::ServingStats st = unit->engine->stats();
+  std::lock_guard<std::mutex> lock(events_mu_);
+  // Counters are cumulative over the deployment's life, so a retired unit's stay counted.
+  retired_counters_.num_preemptions += st.num_preemptions;
+  retired_counters_.recomputed_tokens_total += st.recomputed_tokens_total;
+  retired_counters_.prompt_tokens_total += st.prompt_tokens_total;
+  retired_counters_.generation_tokens_total += st.generation_tokens_total;
+  retired_counters_.requests_finished_total += st.requests_finished_total;
+  if (unit->executor->num_stages() > 1) retired_pipeline_time_.add(unit->executor->stage_time());
   unit.reset();
 }
 
@@ -403,14 +433,10 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
       for (std::int64_t l : t.layers()) {
         const std::vector<kv::BlockId> from = old.release_layer(l);
         const std::vector<kv::BlockId>& to = t.layer_blocks(l);
-        KUN_CHECK_EQ(from.size(), to.size());
-        for (std::size_t b = 0; b < from.size(); ++b) {
-          transport_->transfer(static_cast<int>(home), static_cast<int>(dst_inst), src.block_data(from[b]), dst.block_data(to[b]),
-                               src.block_bytes(), TransferKind::kKvExchange);
-        }
+        exchanged_bytes += copy_blocks(*transport_, static_cast<int>(home), src, static_cast<int>(dst_inst), dst, from, to,
+                                       TransferKind::kKvExchange);
         member_alloc(s.stage).free(from);
         exchanged_blocks += static_cast<std::int64_t>(from.size());
-        exchanged_bytes += static_cast<std::int64_t>(from.size()) * src.block_bytes();
       }
     }
     placed.emplace(static_cast<std::int32_t>(s.stage), std::move(old));
@@ -442,6 +468,8 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   ev.bytes = dropped_bytes;
   ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   ev.requests_moved = moved;
+  ev.kv_blocks_exchanged = exchanged_blocks;
+  ev.requests_recomputed = static_cast<std::int64_t>(stale.size());  // started before, no KV now
   ev.reason = reason + "; KV exchanged: " + std::to_string(exchanged_blocks) + " blocks, " +
               std::to_string(exchanged_bytes) + " bytes";
   record(std::move(ev));
@@ -457,20 +485,120 @@ Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& rea
   const std::vector<std::int64_t> instances = unit->instances;
   const auto g = static_cast<std::int64_t>(instances.size());
   const std::int64_t L = config_.num_layers;
+  const std::int64_t bs = options_.device.kv_block_size;
+  const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
+    return *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
+  };
+  const auto member_store = [&](std::int64_t k) -> kv::KvStorage& {
+    return devices_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])]->kv_storage();
+  };
+  // Take every request out at a step boundary. Running requests keep their KV for the reverse
+  // exchange below; the rest (and any request whose KV cannot be gathered) recompute.
+  struct Gathered {
+    engine::Engine::Detached request;
+    std::map<std::int32_t, kv::BlockTable> tables;  // by stage; after the gather only `member`'s
+    std::int64_t member = -1;                        // the member it continues on
+  };
+  std::vector<Gathered> with_kv;
+  std::vector<engine::Engine::Detached> rest;
   unit->engine->pause();
-  std::vector<engine::Engine::Detached> requests = unit->engine->detach_all();
+  unit->engine->quiesce();
+  for (RequestId id : unit->engine->scheduler().request_ids_in_order()) {
+    const engine::Request* r = unit->engine->scheduler().find(id);
+    const bool keep = options_.exchange_stale_kv && r->state == engine::RequestState::kRunning && unit->kv->tokens_held(id) > 0;
+    auto d = unit->engine->detach(id, keep);
+    KUN_CHECK(d.has_value());
+    if (keep) {
+      with_kv.push_back(Gathered{std::move(*d), unit->kv->export_tables(id), -1});
+    } else {
+      rest.push_back(std::move(*d));
+    }
+  }
   retire(std::move(unit));
-  std::int64_t pulled_bytes = 0;
+  // After the split member k keeps only its base pool: its pages minus those its dropped layers
+  // take back. Place each request on the member with the most room left that can hold all of its
+  // layers; a request that fits nowhere is recomputed.
+  std::vector<std::int64_t> room(static_cast<std::size_t>(g));
+  for (std::int64_t k = 0; k < g; ++k) {
+    const VirtualDevice& dev = *devices_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
+    std::int64_t dropped_layers = 0;
+    for (std::int64_t l = 0; l < L; ++l) dropped_layers += dev.has_layer(l) ? 0 : 1;
+    room[static_cast<std::size_t>(k)] =
+        member_alloc(k).num_total() - dropped_layers * dev.pages_per_layer() * member_alloc(k).blocks_per_page();
+  }
+  const auto free_tables = [&](Gathered& gr) {
+    for (auto& [k, t] : gr.tables) t.free_all(member_alloc(k));
+    gr.tables.clear();
+  };
+  std::int64_t exchanged_blocks = 0, exchanged_bytes = 0, recomputed = 0;
+  std::vector<Gathered> placed;
+  for (Gathered& gr : with_kv) {
+    const std::int64_t tokens = gr.tables.begin()->second.num_tokens();
+    const std::int64_t need = ceil_div(tokens, bs) * L;
+    std::int64_t best = -1;
+    for (std::int64_t k = 0; k < g; ++k) {
+      if (room[static_cast<std::size_t>(k)] < need) continue;
+      if (best < 0 || room[static_cast<std::size_t>(k)] > room[static_cast<std::size_t>(best)]) best = k;
+    }
+    // The layers it gathers need free blocks on the destination now (its pool still holds the
+    // extension pages, and other requests' pieces that have not left yet).
+    const bool fits_now = best >= 0 && gr.tables.count(static_cast<std::int32_t>(best)) != 0 &&
+                          member_alloc(best).num_free() >= need - gr.tables.at(static_cast<std::int32_t>(best)).num_blocks();
+    if (!fits_now) {
+      free_tables(gr);
+      gr.request.request.num_computed = 0;
+      rest.insert(rest.begin(), std::move(gr.request));
+      ++recomputed;
+      continue;
+    }
+    gr.member = best;
+    room[static_cast<std::size_t>(best)] -= need;
+    kv::BlockTable& mine = gr.tables.at(static_cast<std::int32_t>(best));
+    for (auto& [j, piece] : gr.tables) {
+      if (j == best) continue;
+      for (std::int64_t l : piece.layers()) {
+        KUN_CHECK_OK(mine.add_layer(l, member_alloc(best)));
+        const std::vector<kv::BlockId> from = piece.release_layer(l);
+        exchanged_bytes += copy_blocks(*transport_, static_cast<int>(instances[static_cast<std::size_t>(j)]), member_store(j),
+                                       static_cast<int>(instances[static_cast<std::size_t>(best)]), member_store(best), from,
+                                       mine.layer_blocks(l), TransferKind::kKvExchange);
+        member_alloc(j).free(from);
+        exchanged_blocks += static_cast<std::int64_t>(from.size());
+      }
+    }
+    kv::BlockTable whole = std::move(mine);
+    gr.tables.clear();
+    gr.tables.emplace(0, std::move(whole));
+    KUN_CHECK_EQ(gr.tables.at(0).num_layers(), L) << "request " << gr.request.request.id << " gathered";
+    placed.push_back(std::move(gr));
+  }
+  // Give each member's dropped layers their pages back: repack live blocks out of the pages the
+  // allocator picks (copies inside the device), then pull the weights from the peer that kept them.
+  std::int64_t pulled_bytes = 0, repacked_blocks = 0;
   for (std::int64_t k = 0; k < g; ++k) {
     const std::int64_t inst = instances[static_cast<std::size_t>(k)];
     VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
-    kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
+    kv::KvBlockAllocator& alloc = member_alloc(k);
     for (std::int64_t l = 0; l < L; ++l) {
       if (dev.has_layer(l)) continue;
-      // Every request left the group, so whole pages are free: no repack is needed.
-      KUN_ASSIGN_OR_RETURN(kv::ReclaimResult reclaimed, alloc.reclaim_pages(dev.pages_per_layer()));
-      KUN_CHECK(reclaimed.moves.empty()) << "reclaim asked for a repack with no live blocks";
-      KUN_RETURN_IF_ERROR(dev.restore_layer(l, reclaimed.pages));
+      while (true) {
+        KUN_ASSIGN_OR_RETURN(kv::ReclaimResult reclaimed, alloc.reclaim_pages(dev.pages_per_layer()));
+        if (reclaimed.moves.empty()) {
+          KUN_RETURN_IF_ERROR(dev.restore_layer(l, reclaimed.pages));
+          break;
+        }
+        kv::KvStorage& store = dev.kv_storage();
+        for (const kv::BlockMove& m : reclaimed.moves) {
+          std::memcpy(store.block_data(m.to), store.block_data(m.from), static_cast<std::size_t>(store.block_bytes()));
+        }
+        std::int64_t remapped = 0;
+        for (Gathered& gr : placed) {
+          if (gr.member == k) remapped += gr.tables.at(0).remap_blocks(reclaimed.moves);
+        }
+        KUN_CHECK_EQ(remapped, static_cast<std::int64_t>(reclaimed.moves.size())) << "repack on device " << inst;
+        for (const kv::BlockMove& m : reclaimed.moves) alloc.free(m.from);
+        repacked_blocks += remapped;
+      }
       const std::int64_t owner = instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
       const auto src = devices_[static_cast<std::size_t>(owner)]->layer_bytes(l);
       auto dst = dev.restored_layer_data(l);
@@ -485,13 +613,26 @@ Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& rea
     units_.push_back(make_unit({inst}, -1));
     fresh_units.push_back(units_.back().get());
   }
+  const std::int64_t moved = static_cast<std::int64_t>(placed.size() + rest.size());
   {
     std::lock_guard<std::mutex> rl(requests_mu_);
-    for (std::size_t i = 0; i < requests.size(); ++i) {
-      Unit* u = fresh_units[i % fresh_units.size()];
-      request_instance_[requests[i].request.id] = u->instances.front();
-      KUN_CHECK_OK(u->engine->adopt(std::move(requests[i]), /*with_kv=*/false));
+    for (Gathered& gr : placed) {
+      Unit* u = fresh_units[static_cast<std::size_t>(gr.member)];
+      const RequestId id = gr.request.request.id;
+      const std::int64_t tokens = gr.tables.at(0).num_tokens();
+      u->kv->import_tables(id, tokens, std::move(gr.tables));
+      request_instance_[id] = u->instances.front();
+      u->engine->adopt_with_imported_kv(std::move(gr.request));
     }
+    for (std::size_t i = 0; i < rest.size(); ++i) {
+      Unit* u = fresh_units[i % fresh_units.size()];
+      request_instance_[rest[i].request.id] = u->instances.front();
+      KUN_CHECK_OK(u->engine->adopt(std::move(rest[i]), /*with_kv=*/false));
+    }
+  }
+  {
+    std::lock_guard<std::mutex> el(events_mu_);
+    kv_blocks_moved_ += exchanged_blocks;
   }
   ClusterEvent ev;
   ev.time_us = clock_->now_us();
@@ -500,8 +641,13 @@ Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& rea
   ev.instances = instances;
   ev.bytes = pulled_bytes;
   ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  ev.requests_moved = static_cast<std::int64_t>(requests.size());
-  ev.reason = reason;
+  ev.requests_moved = moved;
+  ev.kv_blocks_exchanged = exchanged_blocks;
+  ev.requests_recomputed = recomputed;
+  ev.blocks_repacked = repacked_blocks;
+  ev.reason = reason + "; KV gathered back: " + std::to_string(placed.size()) + " requests, " +
+              std::to_string(exchanged_blocks) + " blocks, " + std::to_string(exchanged_bytes) + " bytes (" +
+              std::to_string(repacked_blocks) + " blocks repacked, " + std::to_string(recomputed) + " requests recompute)";
   record(std::move(ev));
   return ok_status();
 }

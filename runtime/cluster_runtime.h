@@ -7,9 +7,12 @@
 //    (stale) requests keep their KV: the layers now owned by other members move there through the
 //    Transport (stop-and-copy exchange at the step boundary; recompute with exchange off or when
 //    the destination is short of blocks);
-//  * restore: the group's requests are taken back (recompute), each member reclaims pages from
-//    its KV pool, pulls its dropped layers' weights from the peer that kept them through the
-//    Transport, and the group splits into g independent instances;
+//  * restore: the group's running requests keep their KV: each is placed on the member with the
+//    most room left, and its layers held by the other members are gathered there through the
+//    Transport (reverse exchange, stop-and-copy at the step boundary); the rest, and a request
+//    that fits on no member, recompute. Each member then reclaims its dropped layers' pages from
+//    its KV pool (repacking live blocks inside the device when the pages are not empty), pulls
+//    those layers' weights from the peer that kept them, and the group splits into g instances;
 //  * migrate (Llumnix-style baseline): a running request's KV blocks move to another instance
 //    through the Transport and it continues there without recompute; queued requests move as is.
 //
@@ -46,7 +49,8 @@ struct ClusterOptions {
   engine::SchedulerConfig scheduler;    // per instance; vocab/eos/max_model_len come from the model
   std::int64_t host_swap_blocks = 0;    // per device, layer blocks
   std::string model_name = "kunserve-model";
-  LinkModel link;                       // off by default
+  LinkModel link;                       // device <-> device; off by default
+  LinkModel host_link;                  // device <-> host swap space; off by default
   cluster::CoordinatorConfig coordinator;
   cluster::RouterConfig router;
   std::vector<std::int64_t> allowed_degrees = {2, 4};  // group sizes the planner may form
@@ -64,6 +68,9 @@ struct ClusterEvent {
   std::int64_t bytes = 0;        // dropped param bytes (drop), weights pulled (restore), KV moved (migrate)
   double latency_ms = 0;         // request to done (drop: to the group's first step)
   std::int64_t requests_moved = 0;
+  std::int64_t kv_blocks_exchanged = 0;  // drop: stale KV spread out; restore: gathered back
+  std::int64_t requests_recomputed = 0;  // running requests that lost their KV in the transition
+  std::int64_t blocks_repacked = 0;      // restore: live blocks moved inside a device to free pages
   std::string reason;
 };
 
@@ -143,6 +150,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_
   std::vector<double> drop_latency_ms_, restore_latency_ms_;      // guarded by events_mu_
   PipelineExecutor::StageTime retired_pipeline_time_;             // guarded by events_mu_
+  engine::ServingStats retired_counters_;  // guarded by events_mu_: counters of retired units
 
   std::mutex policy_mu_;
   std::condition_variable policy_cv_;

@@ -55,17 +55,40 @@ PipelineExecutor::StageTime PipelineExecutor::stage_time() const {
 }
 
 void PipelineExecutor::do_swaps(const engine::StepPlan& plan) {
-  const auto slot = [&](int device, std::int64_t index) {
+  const auto host_slot = [&](int device, std::int64_t index) {
     auto& host = state_[static_cast<std::size_t>(device)].host_swap;
     KUN_CHECK(index >= 0 && (index + 1) * block_bytes_ <= static_cast<std::int64_t>(host.size())) << "host swap slot " << index;
-    return std::span<std::byte>(host.data() + index * block_bytes_, static_cast<std::size_t>(block_bytes_));
+    return host.data() + index * block_bytes_;
   };
-  for (const engine::BlockCopy& c : plan.swap_out) {
-    stages_[static_cast<std::size_t>(c.device)].device->kv_storage().read_block(kv::BlockId(c.src), slot(c.device, c.dst));
-  }
-  for (const engine::BlockCopy& c : plan.swap_in) {
-    stages_[static_cast<std::size_t>(c.device)].device->kv_storage().write_block(kv::BlockId(c.dst), slot(c.device, c.src));
-  }
+  const auto device_block = [&](int device, std::int64_t block) {
+    KUN_CHECK(device >= 0 && static_cast<std::size_t>(device) < stages_.size()) << "swap on device " << device;
+    return stages_[static_cast<std::size_t>(device)].device->kv_storage().block_data(kv::BlockId(block));
+  };
+  // One host-link message per device and direction: swap-outs first (they free the blocks that
+  // swap-ins of the same step may reuse).
+  const auto run = [&](const std::vector<engine::BlockCopy>& copies, TransferKind kind) {
+    for (std::size_t d = 0; d < stages_.size(); ++d) {
+      swap_batch_.clear();
+      for (const engine::BlockCopy& c : copies) {
+        if (static_cast<std::size_t>(c.device) != d) continue;
+        if (kind == TransferKind::kSwapOut) {
+          swap_batch_.push_back({device_block(c.device, c.src), host_slot(c.device, c.dst), block_bytes_});
+        } else {
+          swap_batch_.push_back({host_slot(c.device, c.src), device_block(c.device, c.dst), block_bytes_});
+        }
+      }
+      if (swap_batch_.empty()) continue;
+      if (transport_ != nullptr) {
+        transport_->host_transfer(stages_[d].global_device, swap_batch_, kind);
+      } else {
+        for (const CopySpan& c : swap_batch_) std::memcpy(c.dst, c.src, static_cast<std::size_t>(c.bytes));
+      }
+    }
+  };
+  for (const engine::BlockCopy& c : plan.swap_out) KUN_CHECK(c.device >= 0 && static_cast<std::size_t>(c.device) < stages_.size());
+  for (const engine::BlockCopy& c : plan.swap_in) KUN_CHECK(c.device >= 0 && static_cast<std::size_t>(c.device) < stages_.size());
+  run(plan.swap_out, TransferKind::kSwapOut);
+  run(plan.swap_in, TransferKind::kSwapIn);
 }
 
 void PipelineExecutor::prepare(int index, const engine::StepPlan& plan) {

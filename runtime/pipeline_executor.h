@@ -7,7 +7,7 @@
 //
 // KV: each sequence's LayerBlockList names the device (stage index) holding that layer's
 // blocks; a layer's attention runs where its KV is. Swap copies run at submit time on the device
-// they name, against that device's host swap space.
+// they name, against that device's host swap space, over the transport's host link.
 //
 // Threads: execute / submit / wait_any are called from the engine thread only; stage threads
 // (one per stage when g > 1) are owned here. With one stage, steps run on the engine thread.
@@ -96,6 +96,7 @@ class PipelineExecutor final : public engine::StepExecutor {
   std::int64_t block_bytes_;
   std::vector<StageState> state_;
   std::vector<SlotState> slots_;
+  std::vector<CopySpan> swap_batch_;  // engine thread only (do_swaps runs at submit)
 
   std::mutex mu_;
   // One condition variable per stage and one for finished steps, so a hand-off wakes only the

@@ -1,8 +1,11 @@
 // Transport: the only way bytes cross devices (DESIGN.md section 4). Activations between
 // pipeline stages, weight pulls on restore, KV migration and exchange, remote-attention q/k/v and
-// outputs all go through it, and it counts them by kind. The in-process implementation copies
+// outputs all go through it, and it counts them by kind; so do swap copies between a device and
+// its host swap space, over the device's host link. The in-process implementation copies
 // between arenas and can pace each transfer by an optional link model (bandwidth, latency) to
-// emulate NVLink / PCIe / network; it is off by default and reports say whether it was on.
+// emulate NVLink / PCIe / network, one for device-to-device links and one for the host link; both
+// are off by default and reports say whether they were on. Without pacing a swap on this machine
+// is a memcpy at DRAM bandwidth, which no GPU's PCIe link comes near.
 //
 // Threads: any thread may call transfer(); counters are atomic.
 #pragma once
@@ -10,11 +13,21 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <span>
 #include <string>
 
 namespace kun::runtime {
 
-enum class TransferKind { kActivation = 0, kWeights, kKvMigration, kKvExchange, kRemoteAttention, kCount };
+enum class TransferKind {
+  kActivation = 0,
+  kWeights,
+  kKvMigration,
+  kKvExchange,
+  kRemoteAttention,
+  kSwapOut,  // device -> host swap space (host link)
+  kSwapIn,   // host swap space -> device (host link)
+  kCount
+};
 const char* transfer_kind_name(TransferKind k);
 
 struct LinkModel {
@@ -31,26 +44,41 @@ struct TransferStats {
   std::int64_t total_bytes() const;
 };
 
+// One contiguous copy of a batch that crosses a link as one message.
+struct CopySpan {
+  const void* src = nullptr;
+  void* dst = nullptr;
+  std::int64_t bytes = 0;
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
   // Moves `bytes` from device src_device's memory at `src` to device dst_device's memory at `dst`.
   virtual void transfer(int src_device, int dst_device, const void* src, void* dst, std::int64_t bytes,
                         TransferKind kind) = 0;
+  // Copies between device `device` and its host memory (kind kSwapOut or kSwapIn), as one message
+  // over the host link: one latency, then the summed bytes at its bandwidth.
+  virtual void host_transfer(int device, std::span<const CopySpan> copies, TransferKind kind) = 0;
   virtual TransferStats stats() const = 0;
   virtual const LinkModel& link() const = 0;
+  virtual const LinkModel& host_link() const = 0;
 };
 
 class InProcessTransport final : public Transport {
  public:
-  explicit InProcessTransport(LinkModel link = {});
+  explicit InProcessTransport(LinkModel link = {}, LinkModel host_link = {});
   void transfer(int src_device, int dst_device, const void* src, void* dst, std::int64_t bytes,
                 TransferKind kind) override;
+  void host_transfer(int device, std::span<const CopySpan> copies, TransferKind kind) override;
   TransferStats stats() const override;
   const LinkModel& link() const override { return link_; }
+  const LinkModel& host_link() const override { return host_link_; }
 
  private:
+  void count(TransferKind kind, std::int64_t bytes);
   LinkModel link_;
+  LinkModel host_link_;
   std::array<std::atomic<std::int64_t>, static_cast<int>(TransferKind::kCount)> bytes_{};
   std::array<std::atomic<std::int64_t>, static_cast<int>(TransferKind::kCount)> messages_{};
 };

@@ -4,6 +4,7 @@
 // randomized run with forced transitions and cancels checks after every step that pages balance
 // on every device, no block leaks, no request is lost or duplicated, and a group's members hold
 // every layer exactly once.
+#include <chrono>
 #include <map>
 #include <random>
 
@@ -123,9 +124,25 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
   } else {
     EXPECT_GT(stats.recomputed_tokens_total, 0) << "stale requests are recomputed without exchange";
   }
+  const std::int64_t exchanged_on_drop = stats.kv_blocks_exchanged_total;
   ASSERT_TRUE((*rt)->restore(*group).ok());
   EXPECT_EQ((*rt)->num_units(), 4);
+  (*rt)->check_integrity();
+  const ClusterEvent restore_event = (*rt)->events().back();
+  ASSERT_EQ(restore_event.kind, "restore");
+  if (exchange) {
+    // Reverse exchange: the group's running requests were gathered back onto one member each
+    // and keep decoding there; nothing is recomputed over the whole run.
+    EXPECT_GT(restore_event.kv_blocks_exchanged, 0);
+    EXPECT_EQ(restore_event.requests_recomputed, 0);
+    EXPECT_EQ((*rt)->stats().kv_blocks_exchanged_total, exchanged_on_drop + restore_event.kv_blocks_exchanged);
+  } else {
+    EXPECT_EQ(restore_event.kv_blocks_exchanged, 0);
+  }
   drain(**rt);
+  if (exchange) {
+    EXPECT_EQ((*rt)->stats().recomputed_tokens_total, 0) << "no request recomputed through drop and restore";
+  }
   const auto transfers = (*rt)->transfer_stats();
   EXPECT_GT(transfers.bytes_of(TransferKind::kActivation), 0) << "fused steps moved activations between stages";
   EXPECT_GT(transfers.bytes_of(TransferKind::kWeights), 0) << "restore pulled weights from peers";
@@ -137,6 +154,38 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
 
 INSTANTIATE_TEST_SUITE_P(DegreesAndStrategies, ScriptedTransitions,
                          ::testing::Combine(::testing::Values(2, 4), ::testing::Bool()));
+
+// A restore while the group holds more KV than its members' base pools: gathered requests land in
+// extension pages (repacked inside the device before the weights come back) and those that fit
+// on no member recompute. Tokens stay exact either way.
+TEST(ClusterRestoreTest, GatherUnderPressureRepacksAndFallsBackToRecompute) {
+  auto w = tiny_weights();
+  const auto specs = make_specs(99, 20, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  ManualClock clock;
+  ClusterOptions o = small_cluster(*w, 8, cluster::Policy::kKunServe);  // 8 token-blocks per device
+  o.scheduler.max_prefill_chunk_tokens = 128;
+  auto rt = ClusterRuntime::create(o, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  auto group = (*rt)->drop({0, 1});
+  ASSERT_TRUE(group.ok()) << group.status().to_string();
+  Tracker tr;
+  for (int i = 0; i < 20; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  run_steps(**rt, 8);
+  ASSERT_TRUE((*rt)->restore(*group).ok());
+  (*rt)->check_integrity();
+  const ClusterEvent ev = (*rt)->events().back();
+  ASSERT_EQ(ev.kind, "restore");
+  EXPECT_GT(ev.kv_blocks_exchanged, 0);
+  // Deterministic allocation order and a manual clock make both paths happen in this scenario.
+  EXPECT_GT(ev.blocks_repacked, 0) << ev.reason;
+  EXPECT_GT(ev.requests_recomputed, 0) << ev.reason;
+  drain(**rt);
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_EQ(tr.finals[i], 1) << "request " << i;
+    EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
+  }
+}
 
 TEST(ClusterMigrationTest, LiveMigrationKeepsTokens) {
   auto w = tiny_weights();
@@ -162,6 +211,40 @@ TEST(ClusterMigrationTest, LiveMigrationKeepsTokens) {
   EXPECT_GT((*rt)->transfer_stats().bytes_of(TransferKind::kKvMigration), 0);
   drain(**rt);
   for (int i = 0; i < 12; ++i) {
+    EXPECT_EQ(tr.finals[i], 1) << "request " << i;
+    EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
+  }
+}
+
+TEST(ClusterSwapTest, SwapCopiesCrossThePacedHostLink) {
+  auto w = tiny_weights();
+  const auto specs = make_specs(11, 16, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  ManualClock clock;
+  ClusterOptions o = small_cluster(*w, 12, cluster::Policy::kSwap);  // 12 token-blocks per device
+  o.scheduler.preemption = engine::PreemptionMode::kSwap;
+  o.host_swap_blocks = 4096;
+  o.host_link.bandwidth_bytes_per_s = 2e9;
+  o.host_link.latency_us = 50;
+  auto rt = ClusterRuntime::create(o, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  Tracker tr;
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  const auto start = std::chrono::steady_clock::now();
+  drain(**rt);
+  const double elapsed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const auto stats = (*rt)->stats();
+  const auto transfers = (*rt)->transfer_stats();
+  ASSERT_GT(stats.num_preemptions, 0) << "the scenario must run out of blocks";
+  const std::int64_t out = transfers.bytes_of(TransferKind::kSwapOut);
+  EXPECT_GT(out, 0);
+  EXPECT_EQ(out, transfers.bytes_of(TransferKind::kSwapIn)) << "every finished request brought back what it swapped out";
+  // Each message paid at least its latency and its bytes at the host link's bandwidth.
+  const std::int64_t messages = transfers.messages[static_cast<int>(TransferKind::kSwapOut)] +
+                                transfers.messages[static_cast<int>(TransferKind::kSwapIn)];
+  EXPECT_GE(elapsed_s, static_cast<double>(2 * out) / o.host_link.bandwidth_bytes_per_s +
+                           static_cast<double>(messages) * 50e-6);
+  for (int i = 0; i < 16; ++i) {
     EXPECT_EQ(tr.finals[i], 1) << "request " << i;
     EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
   }

@@ -96,6 +96,7 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   }
   run.extra["transfer_bytes"] = bytes;
   run.extra["link_model"] = o.link.describe();
+  run.extra["host_link_model"] = o.host_link.describe();
   run.extra["wall_s"] = rr.wall_s;
   return run;
 }

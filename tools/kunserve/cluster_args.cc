@@ -14,6 +14,9 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--max-waiting", max_waiting, "bounded waiting queue per instance (beyond it: overloaded)");
   cmd->add_option("--link-gbps", link_gbps, "pace transfers at this bandwidth (0: off)");
   cmd->add_option("--link-latency-us", link_latency_us, "per-transfer latency of the link model");
+  cmd->add_option("--host-link-gbps", host_link_gbps,
+                  "pace swap copies between a device and its host memory at this bandwidth (0: off)");
+  cmd->add_option("--host-link-latency-us", host_link_latency_us, "per-message latency of the host link");
   cmd->add_option("--monitor-period-ms", monitor_period_ms, "demand sampling period");
   cmd->add_option("--group-sizes", group_sizes, "fused group sizes the planner may form (smallest first)")->delimiter(',');
   cmd->add_option("--balance-fused", balance_fused,
@@ -45,6 +48,8 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.coordinator.monitor.sample_period_us = monitor_period_ms * 1000;
   o.link.bandwidth_bytes_per_s = link_gbps * 1e9;
   o.link.latency_us = link_latency_us;
+  o.host_link.bandwidth_bytes_per_s = host_link_gbps * 1e9;
+  o.host_link.latency_us = host_link_latency_us;
   o.model_name = model_name;
   o.allowed_degrees = group_sizes;
   return o;

@@ -23,6 +23,8 @@ struct ClusterArgs {
   std::int64_t max_waiting = 4096;
   double link_gbps = 0.0;
   std::int64_t link_latency_us = 0;
+  double host_link_gbps = 0.0;
+  std::int64_t host_link_latency_us = 0;
   std::int64_t monitor_period_ms = 500;
   std::vector<std::int64_t> group_sizes = {2, 4};
   bool balance_fused = true;
