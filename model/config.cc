@@ -407,6 +407,17 @@ StatusOr<ModelConfig> preset_config(std::string_view name) {
       // Small original context so the scaled band covers frequencies a short prompt exercises.
       c.rope_scaling = RopeScaling{RopeScaling::Type::kLlama3, 8.0f, 1.0f, 4.0f, 256};
     }
+  } else if (name == "llama-30m") {
+    // About 64 MB of bf16 weights: four copies are far beyond any last-level cache, so decoding
+    // reads its weights from DRAM and batching pays off, as on a GPU (the burst demo's model).
+    c.vocab_size = 8192;
+    c.hidden_size = 512;
+    c.intermediate_size = 1408;
+    c.num_layers = 8;
+    c.num_heads = 8;
+    c.num_kv_heads = 4;
+    c.head_dim = 64;
+    c.max_position_embeddings = 2048;
   } else if (name == "llama-350m") {
     c.vocab_size = 32000;
     c.hidden_size = 1024;
@@ -437,7 +448,7 @@ StatusOr<ModelConfig> preset_config(std::string_view name) {
 }
 
 std::vector<std::string> preset_names() {
-  return {"tiny", "tiny-qwen2", "tiny-llama3", "llama-350m", "llama-1b"};
+  return {"tiny", "tiny-qwen2", "tiny-llama3", "llama-30m", "llama-350m", "llama-1b"};
 }
 
 }  // namespace kun::model

@@ -2,6 +2,8 @@
 // of degree 2 and 4 (threadless engines, so this times the executor and its stage threads), with
 // the measured pipeline bubble fraction. A CLI report.
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cstdio>
 #include <vector>
 
@@ -17,7 +19,10 @@ int main(int argc, char** argv) {
   CLI::App app{"fused pipeline step time"};
   std::string preset = "tiny";
   int batch = 16, steps = 50, prompt = 64;
+  bool threaded = false;
   app.add_option("--preset", preset);
+  app.add_flag("--threaded", threaded,
+               "engine threads running (as in serving): all 4 devices busy, g=2 means two groups of 2");
   app.add_option("--batch", batch);
   app.add_option("--steps", steps);
   app.add_option("--prompt", prompt);
@@ -35,10 +40,49 @@ int main(int argc, char** argv) {
                               ceil_div(geo.blocks_for_tokens(8192) * config->num_layers, geo.blocks_per_page(o.device.page_bytes)) *
                                   o.device.page_bytes;
     o.run_policy_thread = false;
+    if (threaded) o.coordinator.policy = cluster::Policy::kRecompute;  // no transitions of its own
     o.router.policy = cluster::RoutePolicy::kRoundRobin;
     SteadyClock clock;
     auto rt = runtime::ClusterRuntime::create(o, *weights, &clock);
     if (!rt.ok()) return 1;
+    if (threaded) {
+      // Every device busy: 4 / g groups of g (or 4 instances), batch requests on each unit.
+      for (std::int64_t first = 0; g > 1 && first < 4; first += g) {
+        std::vector<std::int64_t> members;
+        for (std::int64_t i = 0; i < g; ++i) members.push_back(first + i);
+        if (!(*rt)->drop(members).ok()) return 1;
+      }
+      (*rt)->start();
+      std::mutex mu;
+      std::condition_variable cv;
+      int open = 4 * batch;
+      std::int64_t tokens = 0;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < 4 * batch; ++i) {
+        engine::RequestSpec spec;
+        for (int t = 0; t < prompt; ++t) spec.prompt_tokens.push_back(3 + (i * 31 + t) % 1000);
+        spec.max_tokens = steps;
+        spec.ignore_eos = true;
+        auto id = (*rt)->submit(spec, [&](const engine::TokenEvent& ev) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (ev.token >= 0) ++tokens;
+          if (ev.finished && --open == 0) cv.notify_all();
+        });
+        if (!id.ok()) return 1;
+      }
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return open == 0; });
+      }
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const engine::ServingStats st = (*rt)->stats();
+      const double busy = st.pipeline_stage_busy_s, idle = st.pipeline_stage_idle_s;
+      std::printf("g=%lld threaded: %d requests x %d tokens in %.3f s: %.1f tokens/s, bubble %.2f\n",
+                  static_cast<long long>(g), 4 * batch, steps, s, static_cast<double>(tokens) / s,
+                  busy + idle > 0 ? idle / (busy + idle) : 0.0);
+      (*rt)->stop();
+      continue;
+    }
     if (g > 1) {
       std::vector<std::int64_t> members;
       for (std::int64_t i = 0; i < g; ++i) members.push_back(i);
