@@ -31,4 +31,23 @@ bool parse_policy(const std::string& s, Policy* out) {
   return false;
 }
 
+const char* stale_kv_strategy_name(StaleKvStrategy s) {
+  switch (s) {
+    case StaleKvStrategy::kRecompute: return "recompute";
+    case StaleKvStrategy::kRemoteAttention: return "remote-attention";
+    case StaleKvStrategy::kExchange: return "exchange";
+  }
+  return "unknown";
+}
+
+bool parse_stale_kv_strategy(const std::string& s, StaleKvStrategy* out) {
+  for (StaleKvStrategy v : {StaleKvStrategy::kRecompute, StaleKvStrategy::kRemoteAttention, StaleKvStrategy::kExchange}) {
+    if (s == stale_kv_strategy_name(v)) {
+      *out = v;
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace kun::cluster

@@ -18,6 +18,17 @@ enum class Policy { kRecompute, kSwap, kMigrate, kKunServe };
 const char* policy_name(Policy p);
 bool parse_policy(const std::string& s, Policy* out);
 
+// What happens to a request already running on an instance when its instance joins a fused group
+// (a stale request, DESIGN.md 3.5):
+//   recompute        : its KV is freed and it is recomputed in the group;
+//   remote-attention : its KV stays where it is; layers now run by another member reach it by
+//                      remote attention (q/k/v there, output back) until the group splits;
+//   exchange         : as remote-attention at first, while its KV moves to the members owning
+//                      those layers one layer at a time between steps (live KV exchange).
+enum class StaleKvStrategy { kRecompute, kRemoteAttention, kExchange };
+const char* stale_kv_strategy_name(StaleKvStrategy s);
+bool parse_stale_kv_strategy(const std::string& s, StaleKvStrategy* out);
+
 struct RequestSnapshot {
   RequestId id;
   bool running = false;          // false: queued (waiting or swapped)

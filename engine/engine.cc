@@ -233,6 +233,9 @@ bool Engine::run_step() {
     return false;
   }
   complete_one();
+  // The virtual engine that just finished is idle until the next submit: its requests may move
+  // now, while the other virtual engines' steps keep running.
+  if (between_steps_) between_steps_([this](RequestId id) { return in_flight_.count(id) != 0; });
   return true;
 }
 

@@ -93,6 +93,13 @@ class Engine final : public FrontDoor {
   const Scheduler& scheduler() const { return scheduler_; }
   // Called after every step on the engine thread (tests check invariants here).
   void set_step_observer(std::function<void(const StepPlan&, const StepResult&)> fn) { observer_ = std::move(fn); }
+  // Work between steps on the engine thread, with this engine's KvManager to itself (live KV
+  // exchange): called after each step completes and before the next submit, so it overlaps the
+  // other virtual engines' running steps and stalls only the requests of the one that finished.
+  // `in_flight(id)` says whether a running step uses request id; those requests' blocks must not
+  // be touched. Set before start().
+  using BetweenStepsFn = std::function<void(const std::function<bool(RequestId)>& in_flight)>;
+  void set_between_steps(BetweenStepsFn fn) { between_steps_ = std::move(fn); }
 
  private:
   struct Inbox {
@@ -120,6 +127,7 @@ class Engine final : public FrontDoor {
   std::map<RequestId, int> in_flight_;       // request -> slot running it; engine thread only
   std::vector<RequestId> deferred_cancels_;  // cancels of in-flight requests; engine thread only
   std::function<void(const StepPlan&, const StepResult&)> observer_;
+  BetweenStepsFn between_steps_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

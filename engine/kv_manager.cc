@@ -57,7 +57,12 @@ bool KvManager::can_grow(RequestId id, std::int64_t new_tokens) const {
   if (new_tokens <= have) return true;
   const std::int64_t add_blocks = token_blocks(new_tokens) - token_blocks(have);
   std::vector<std::int64_t> need(devices_.size(), 0);
-  for (std::int32_t d : layer_device_) need[static_cast<std::size_t>(d)] += add_blocks;
+  if (it == requests_.end()) {
+    for (std::int32_t d : layer_device_) need[static_cast<std::size_t>(d)] += add_blocks;
+  } else {
+    // An imported request may hold layers away from their placement (remote attention).
+    for (const auto& [d, table] : it->second.tables) need[static_cast<std::size_t>(d)] += add_blocks * table.num_layers();
+  }
   for (std::size_t d = 0; d < devices_.size(); ++d) {
     if (devices_[d]->num_free() < need[d]) return false;
   }
@@ -114,21 +119,72 @@ std::map<std::int32_t, kv::BlockTable> KvManager::export_tables(RequestId id) {
 
 void KvManager::import_tables(RequestId id, std::int64_t tokens, std::map<std::int32_t, kv::BlockTable> tables) {
   KUN_CHECK(requests_.count(id) == 0) << "request " << id << " already holds KV here";
-  // Every layer must be held on the device this manager places it on.
+  // Every layer held exactly once, on any device (away from its placement: remote attention
+  // until move_layer brings it home); every placement device has a table, maybe with no layers.
   for (std::int64_t l = 0; l < num_layers(); ++l) {
-    auto t = tables.find(layer_device_[static_cast<std::size_t>(l)]);
-    KUN_CHECK(t != tables.end() && t->second.holds_layer(l)) << "imported request " << id << " lacks layer " << l;
+    int holders = 0;
+    for (const auto& [d, table] : tables) holders += table.holds_layer(l) ? 1 : 0;
+    KUN_CHECK_EQ(holders, 1) << "imported request " << id << " layer " << l;
   }
   for (const auto& [d, table] : tables) {
     KUN_CHECK(d >= 0 && d < static_cast<std::int32_t>(devices_.size())) << "device " << d;
     KUN_CHECK_EQ(table.num_tokens(), tokens) << "request " << id << " device " << d;
-    KUN_CHECK_EQ(table.num_layers(), static_cast<std::int64_t>(std::count(layer_device_.begin(), layer_device_.end(), d)))
-        << "request " << id << " device " << d << " holds layers placed elsewhere";
+    for (std::int64_t l : table.layers()) KUN_CHECK(l < num_layers()) << "request " << id << " layer " << l;
+  }
+  for (std::int32_t d : layer_device_) {
+    KUN_CHECK(tables.count(d) != 0) << "imported request " << id << " has no table on device " << d;
   }
   RequestKv r;
   r.tokens = tokens;
   r.tables = std::move(tables);
   requests_.emplace(id, std::move(r));
+}
+
+std::vector<RequestId> KvManager::requests_with_misplaced_layers() const {
+  std::vector<RequestId> out;
+  for (const auto& [id, r] : requests_) {
+    if (r.swapped) continue;
+    bool misplaced = false;
+    for (const auto& [d, table] : r.tables) {
+      for (std::int64_t l : table.layers()) misplaced = misplaced || layer_device_[static_cast<std::size_t>(l)] != d;
+    }
+    if (misplaced) out.push_back(id);
+  }
+  return out;
+}
+
+std::vector<std::int64_t> KvManager::misplaced_layers(RequestId id) const {
+  std::vector<std::int64_t> out;
+  auto it = requests_.find(id);
+  if (it == requests_.end() || it->second.swapped) return out;
+  for (const auto& [d, table] : it->second.tables) {
+    for (std::int64_t l : table.layers()) {
+      if (layer_device_[static_cast<std::size_t>(l)] != d) out.push_back(l);
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Status KvManager::move_layer(RequestId id, std::int64_t layer, const LayerCopyFn& copy) {
+  auto it = requests_.find(id);
+  KUN_CHECK(it != requests_.end() && !it->second.swapped) << "request " << id << " holds no KV to move";
+  RequestKv& r = it->second;
+  KUN_CHECK(layer >= 0 && layer < num_layers()) << "layer " << layer;
+  const std::int32_t to = layer_device_[static_cast<std::size_t>(layer)];
+  std::int32_t from = -1;
+  for (const auto& [d, table] : r.tables) {
+    if (table.holds_layer(layer)) from = d;
+  }
+  KUN_CHECK_GE(from, 0) << "request " << id << " does not hold layer " << layer;
+  if (from == to) return ok_status();
+  kv::BlockTable& dst = r.tables.at(to);
+  KUN_RETURN_IF_ERROR(dst.add_layer(layer, *devices_[static_cast<std::size_t>(to)]));
+  kv::BlockTable& src = r.tables.at(from);
+  copy(from, src.layer_blocks(layer), to, dst.layer_blocks(layer));
+  const std::vector<kv::BlockId> freed = src.release_layer(layer);
+  devices_[static_cast<std::size_t>(from)]->free(freed);
+  return ok_status();
 }
 
 bool KvManager::swap_out(RequestId id, std::vector<BlockCopy>* out) {

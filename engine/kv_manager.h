@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -47,7 +48,20 @@ class KvManager {
   // whose blocks the caller allocated from this manager's devices and filled. The request must
   // not be swapped.
   std::map<std::int32_t, kv::BlockTable> export_tables(RequestId id);
+  // Imported tables may hold a layer on a device other than the one this manager places it on
+  // (a stale request keeps its KV where it was and is served by remote attention); each layer is
+  // held exactly once and each placement device has a table (possibly holding no layers).
   void import_tables(RequestId id, std::int64_t tokens, std::map<std::int32_t, kv::BlockTable> tables);
+  // Requests holding some layer away from its placement, in id order.
+  std::vector<RequestId> requests_with_misplaced_layers() const;
+  // Layers the request holds away from their placement, ascending.
+  std::vector<std::int64_t> misplaced_layers(RequestId id) const;
+  // Live KV exchange, one layer: allocates the layer's blocks on its placement device, calls
+  // copy(from_device, from_blocks, to_device, to_blocks) to move the bytes, then frees the source
+  // blocks. kResourceExhausted (nothing changes) when the destination is short of blocks.
+  using LayerCopyFn = std::function<void(std::int32_t, const std::vector<kv::BlockId>&, std::int32_t,
+                                         const std::vector<kv::BlockId>&)>;
+  Status move_layer(RequestId id, std::int64_t layer, const LayerCopyFn& copy);
 
   // Swap: moves all of a request's device blocks to host slots, appending the copies to `out`.
   // False (nothing changes) when the host space is short.

@@ -134,8 +134,40 @@ std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
     std::int64_t expected = -1;
     raw->first_step_us.compare_exchange_strong(expected, clock_->now_us());
   });
-  if (started_) unit->engine->start();
+  if (g > 1 && options_.stale_kv == cluster::StaleKvStrategy::kExchange) {
+    unit->engine->set_between_steps([raw, this](const std::function<bool(RequestId)>& in_flight) { exchange_round(*raw, in_flight); });
+  }
   return unit;
+}
+
+void ClusterRuntime::launch(Unit& unit) {
+  if (started_) unit.engine->start();
+}
+
+void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight) {
+  // Live KV exchange: one layer of each of at most exchange_requests_per_round stale requests
+  // moves to the member that runs it, while the steps just submitted run. A request in a running
+  // step waits for the next round; a destination short of blocks ends the round.
+  std::int64_t moved = 0, blocks = 0;
+  for (RequestId id : unit.kv->requests_with_misplaced_layers()) {
+    if (moved >= options_.exchange_requests_per_round) break;
+    if (in_flight(id)) continue;
+    const std::int64_t layer = unit.kv->misplaced_layers(id).front();
+    Status s = unit.kv->move_layer(id, layer, [&](std::int32_t from, const std::vector<kv::BlockId>& from_blocks, std::int32_t to,
+                                                  const std::vector<kv::BlockId>& to_blocks) {
+      const std::int64_t src = unit.instances[static_cast<std::size_t>(from)];
+      const std::int64_t dst = unit.instances[static_cast<std::size_t>(to)];
+      copy_blocks(*transport_, static_cast<int>(src), devices_[static_cast<std::size_t>(src)]->kv_storage(), static_cast<int>(dst),
+                  devices_[static_cast<std::size_t>(dst)]->kv_storage(), from_blocks, to_blocks, TransferKind::kKvExchange);
+      blocks += static_cast<std::int64_t>(from_blocks.size());
+    });
+    if (!s.ok()) break;
+    ++moved;
+  }
+  if (blocks > 0) {
+    std::lock_guard<std::mutex> el(events_mu_);
+    kv_blocks_moved_ += blocks;
+  }
 }
 
 void ClusterRuntime::start() {
@@ -375,8 +407,8 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     m.engine->quiesce();
     for (RequestId id : m.engine->scheduler().request_ids_in_order()) {
       const engine::Request* r = m.engine->scheduler().find(id);
-      const bool exchange = options_.exchange_stale_kv && r->state == engine::RequestState::kRunning &&
-                            m.kv->tokens_held(id) > 0;
+      const bool exchange = options_.stale_kv != cluster::StaleKvStrategy::kRecompute &&
+                            r->state == engine::RequestState::kRunning && m.kv->tokens_held(id) > 0;
       auto d = m.engine->detach(id, /*keep_kv=*/exchange);
       KUN_CHECK(d.has_value());
       if (exchange) {
@@ -400,49 +432,33 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     }
   }
   auto unit = make_unit(instances, group);
-  // KV exchange (stop-and-copy at this step boundary): each stale request's layers move to the
-  // member that now owns them; its own stage's layers stay where they are. A request whose
-  // destination blocks do not fit falls back to recompute.
+  // Stale requests keep their KV on the member they ran on; the group's KvManager knows it is
+  // misplaced for the layers other members now run, which reach it by remote attention. Under
+  // `exchange` the unit then moves it home layer by layer between steps (exchange_round).
+  const std::int64_t bs = options_.device.kv_block_size;
   const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
     return *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
   };
-  std::int64_t exchanged_blocks = 0, exchanged_bytes = 0;
+  std::vector<RequestId> stale_ids;
+  for (const auto& s : with_kv) stale_ids.push_back(s.request.request.id);
+  for (const auto& d : stale) stale_ids.push_back(d.request.id);
   for (StaleWithKv& s : with_kv) {
-    const std::int64_t home = instances[static_cast<std::size_t>(s.stage)];
-    kv::BlockTable old = std::move(s.tables.at(0));
-    const std::int64_t tokens = old.num_tokens();
-    std::map<std::int32_t, kv::BlockTable> placed;
-    bool fits = true;
-    for (std::int64_t j = 0; j < g && fits; ++j) {
+    kv::BlockTable home = std::move(s.tables.at(0));
+    const std::int64_t tokens = home.num_tokens();
+    std::map<std::int32_t, kv::BlockTable> tables;
+    for (std::int64_t j = 0; j < g; ++j) {
       if (j == s.stage) continue;
-      kv::BlockTable t(options_.device.kv_block_size, stage_begin(j, g, L), stage_begin(j + 1, g, L));
-      fits = t.append_tokens(tokens, member_alloc(j)).ok();
-      if (fits) placed.emplace(static_cast<std::int32_t>(j), std::move(t));
+      kv::BlockTable none(bs, 0, 0);  // no layers yet; the exchange adds them
+      KUN_CHECK_OK(none.append_tokens(tokens, member_alloc(j)));
+      tables.emplace(static_cast<std::int32_t>(j), std::move(none));
     }
-    if (!fits) {
-      for (auto& [j, t] : placed) t.free_all(member_alloc(j));
-      old.free_all(member_alloc(s.stage));
-      s.request.request.num_computed = 0;
-      stale.insert(stale.begin(), std::move(s.request));
-      continue;
+    tables.emplace(static_cast<std::int32_t>(s.stage), std::move(home));
+    const RequestId id = s.request.request.id;
+    unit->kv->import_tables(id, tokens, std::move(tables));
+    {
+      std::lock_guard<std::mutex> rl(requests_mu_);
+      request_instance_[id] = instances.front();
     }
-    kv::KvStorage& src = devices_[static_cast<std::size_t>(home)]->kv_storage();
-    for (auto& [j, t] : placed) {
-      const std::int64_t dst_inst = instances[static_cast<std::size_t>(j)];
-      kv::KvStorage& dst = devices_[static_cast<std::size_t>(dst_inst)]->kv_storage();
-      for (std::int64_t l : t.layers()) {
-        const std::vector<kv::BlockId> from = old.release_layer(l);
-        const std::vector<kv::BlockId>& to = t.layer_blocks(l);
-        exchanged_bytes += copy_blocks(*transport_, static_cast<int>(home), src, static_cast<int>(dst_inst), dst, from, to,
-                                       TransferKind::kKvExchange);
-        member_alloc(s.stage).free(from);
-        exchanged_blocks += static_cast<std::int64_t>(from.size());
-      }
-    }
-    placed.emplace(static_cast<std::int32_t>(s.stage), std::move(old));
-    unit->kv->import_tables(s.request.request.id, tokens, std::move(placed));
-    std::lock_guard<std::mutex> rl(requests_mu_);
-    request_instance_[s.request.request.id] = instances.front();
     unit->engine->adopt_with_imported_kv(std::move(s.request));
   }
   const std::int64_t moved = static_cast<std::int64_t>(with_kv.size() + stale.size() + fresh.size());
@@ -455,11 +471,8 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
       }
     }
   }
+  launch(*unit);
   units_.push_back(std::move(unit));
-  {
-    std::lock_guard<std::mutex> el(events_mu_);
-    kv_blocks_moved_ += exchanged_blocks;
-  }
   ClusterEvent ev;
   ev.time_us = clock_->now_us();
   ev.kind = "drop";
@@ -468,10 +481,10 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   ev.bytes = dropped_bytes;
   ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   ev.requests_moved = moved;
-  ev.kv_blocks_exchanged = exchanged_blocks;
   ev.requests_recomputed = static_cast<std::int64_t>(stale.size());  // started before, no KV now
-  ev.reason = reason + "; KV exchanged: " + std::to_string(exchanged_blocks) + " blocks, " +
-              std::to_string(exchanged_bytes) + " bytes";
+  ev.stale_requests = std::move(stale_ids);
+  ev.reason = reason + "; " + std::to_string(with_kv.size()) + " running requests keep their KV (" +
+              cluster::stale_kv_strategy_name(options_.stale_kv) + "), " + std::to_string(stale.size()) + " recompute";
   record(std::move(ev));
   return group;
 }
@@ -505,7 +518,8 @@ Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& rea
   unit->engine->quiesce();
   for (RequestId id : unit->engine->scheduler().request_ids_in_order()) {
     const engine::Request* r = unit->engine->scheduler().find(id);
-    const bool keep = options_.exchange_stale_kv && r->state == engine::RequestState::kRunning && unit->kv->tokens_held(id) > 0;
+    const bool keep = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && r->state == engine::RequestState::kRunning &&
+                      unit->kv->tokens_held(id) > 0;
     auto d = unit->engine->detach(id, keep);
     KUN_CHECK(d.has_value());
     if (keep) {
@@ -630,6 +644,7 @@ Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& rea
       KUN_CHECK_OK(u->engine->adopt(std::move(rest[i]), /*with_kv=*/false));
     }
   }
+  for (Unit* u : fresh_units) launch(*u);
   {
     std::lock_guard<std::mutex> el(events_mu_);
     kv_blocks_moved_ += exchanged_blocks;

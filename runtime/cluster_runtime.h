@@ -55,9 +55,11 @@ struct ClusterOptions {
   cluster::RouterConfig router;
   std::vector<std::int64_t> allowed_degrees = {2, 4};  // group sizes the planner may form
   bool run_policy_thread = true;        // false: transitions only when called (tests)
-  // On drop, running requests' KV moves to the members owning its layers (stop-and-copy at the
-  // step boundary) instead of being recomputed.
-  bool exchange_stale_kv = true;
+  // Stale requests on drop (cluster/policy_types.h): recompute, remote attention, or remote
+  // attention while their KV moves layer by layer (live exchange, at most
+  // exchange_requests_per_round requests each round). Restore gathers KV back unless recompute.
+  cluster::StaleKvStrategy stale_kv = cluster::StaleKvStrategy::kExchange;
+  std::int64_t exchange_requests_per_round = 8;
 };
 
 struct ClusterEvent {
@@ -71,6 +73,7 @@ struct ClusterEvent {
   std::int64_t kv_blocks_exchanged = 0;  // drop: stale KV spread out; restore: gathered back
   std::int64_t requests_recomputed = 0;  // running requests that lost their KV in the transition
   std::int64_t blocks_repacked = 0;      // restore: live blocks moved inside a device to free pages
+  std::vector<RequestId> stale_requests; // drop: the requests that had started before it
   std::string reason;
 };
 
@@ -115,7 +118,11 @@ class ClusterRuntime final : public engine::FrontDoor {
     std::atomic<std::int64_t> first_step_us{-1};
   };
   ClusterRuntime(ClusterOptions options, const Clock* clock);
+  // A unit's engine starts only in launch(), after the requests it inherits are adopted (adopting
+  // is engine-thread work that must not race the engine's own thread).
   std::unique_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
+  void launch(Unit& unit);
+  void exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight);
   Unit* unit_of_instance(std::int64_t instance) const;
   std::vector<cluster::InstanceSnapshot> snapshots_locked() const;
   void policy_loop();

@@ -124,24 +124,49 @@ void PipelineExecutor::run_stage(std::size_t s, const Work& w) {
       std::swap(st.work, slot.input[s]);
     }
     const std::int64_t nl = stage.layer_end - stage.layer_begin;
-    st.block_ptrs.resize(plan.sequences.size() * static_cast<std::size_t>(nl));
+    const std::size_t cells = plan.sequences.size() * static_cast<std::size_t>(nl);
+    st.block_ptrs.resize(cells);
+    st.kv_holder.assign(cells, -1);
     for (auto& p : st.block_ptrs) p.clear();
-    kv::KvStorage& storage = dev.kv_storage();
     for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
       for (const engine::LayerBlockList& list : plan.sequences[i].kv) {
         if (list.layer < stage.layer_begin || list.layer >= stage.layer_end) continue;
-        KUN_CHECK_EQ(static_cast<std::size_t>(list.device), s)
-            << "layer " << list.layer << " KV lives on device " << list.device << ", not on its stage";
-        auto& ptrs = st.block_ptrs[i * static_cast<std::size_t>(nl) + static_cast<std::size_t>(list.layer - stage.layer_begin)];
+        KUN_CHECK(list.device >= 0 && static_cast<std::size_t>(list.device) < stages_.size())
+            << "layer " << list.layer << " KV on device " << list.device;
+        const std::size_t cell = i * static_cast<std::size_t>(nl) + static_cast<std::size_t>(list.layer - stage.layer_begin);
+        st.kv_holder[cell] = list.device;
+        kv::KvStorage& storage = stages_[static_cast<std::size_t>(list.device)].device->kv_storage();
+        auto& ptrs = st.block_ptrs[cell];
         for (std::int64_t b : list.blocks) ptrs.push_back(reinterpret_cast<float*>(storage.block_data(kv::BlockId(b))));
       }
     }
     fwd.run_layers(
         stage.layer_begin, stage.layer_end, slot.slices, st.work.data(), [&](std::int64_t l) { return dev.layer_weights(l); },
         [&](std::int64_t l, std::int64_t i, const model::SequenceSlice& slice, const float* qkv, float* out) {
-          auto& ptrs = st.block_ptrs[static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) +
-                                     static_cast<std::size_t>(l - stage.layer_begin)];
-          fwd.attend_local(slice, qkv, model::LayerKv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())}, out);
+          const std::size_t cell = static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) + static_cast<std::size_t>(l - stage.layer_begin);
+          const auto& ptrs = st.block_ptrs[cell];
+          const model::LayerKv kv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())};
+          const int holder = st.kv_holder[cell];
+          KUN_CHECK_GE(holder, 0) << "no KV for layer " << l << " of sequence " << i;
+          if (static_cast<std::size_t>(holder) == s) {
+            fwd.attend_local(slice, qkv, kv, out);
+            return;
+          }
+          // Remote attention (DESIGN.md 3.5): the KV stays on its holder. This slice's q/k/v rows
+          // go there, its k/v are appended and attention runs against that device's blocks, and
+          // only the attention output comes back. The buffers stand for the holder's memory set
+          // aside for this peer (one pair per calling stage, so concurrent stages never share).
+          const int here = stage.global_device;
+          const int there = stages_[static_cast<std::size_t>(holder)].global_device;
+          const std::int64_t qkv_floats = slice.num_tokens * fwd.qkv_row();
+          const std::int64_t out_floats = slice.num_tokens * c.q_dim();
+          st.remote_qkv.resize(static_cast<std::size_t>(qkv_floats));
+          st.remote_out.resize(static_cast<std::size_t>(out_floats));
+          transport_->transfer(here, there, qkv, st.remote_qkv.data(), qkv_floats * static_cast<std::int64_t>(sizeof(float)),
+                               TransferKind::kRemoteAttention);
+          fwd.attend_local(slice, st.remote_qkv.data(), kv, st.remote_out.data());
+          transport_->transfer(there, here, st.remote_out.data(), out, out_floats * static_cast<std::int64_t>(sizeof(float)),
+                               TransferKind::kRemoteAttention);
         });
   }
   if (s + 1 < stages_.size()) {

@@ -6,7 +6,8 @@
 // to drain before the next begins.
 //
 // KV: each sequence's LayerBlockList names the device (stage index) holding that layer's
-// blocks; a layer's attention runs where its KV is. Swap copies run at submit time on the device
+// blocks; a layer's attention runs against that device's KV: locally when it is the stage's own
+// device, otherwise by remote attention (q/k/v out, attention output back through the transport). Swap copies run at submit time on the device
 // they name, against that device's host swap space, over the transport's host link.
 //
 // Threads: execute / submit / wait_any are called from the engine thread only; stage threads
@@ -78,7 +79,9 @@ class PipelineExecutor final : public engine::StepExecutor {
   struct StageState {
     std::deque<Work> queue;  // guarded by mu_
     std::vector<float> work;
-    std::vector<std::vector<float*>> block_ptrs;
+    std::vector<std::vector<float*>> block_ptrs;  // per (sequence, layer of the stage)
+    std::vector<int> kv_holder;                    // per (sequence, layer): stage index holding the KV
+    std::vector<float> remote_qkv, remote_out;     // remote attention: q/k/v sent, output returned
     std::vector<std::byte> host_swap;
     std::vector<float> logits;
     std::vector<float> sample_scratch;

@@ -36,6 +36,7 @@ const char* outcome_name(RequestOutcome outcome);
 
 struct RequestRecord {
   std::int64_t index = 0;        // position in the trace
+  std::int64_t front_door_id = -1;  // request id an in-process front door gave it (-1: unknown)
   std::int64_t arrival_us = 0;   // when the request was due to be sent
   std::int64_t first_token_us = -1;
   std::vector<std::int64_t> token_times_us;  // one per streamed chunk that carried text/tokens

@@ -5,6 +5,7 @@
 // on every device, no block leaks, no request is lost or duplicated, and a group's members hold
 // every layer exactly once.
 #include <chrono>
+#include <sstream>
 #include <map>
 #include <random>
 
@@ -19,7 +20,7 @@ namespace {
 using testing::tiny_weights;
 
 ClusterOptions small_cluster(const model::WeightSource& w, std::int64_t kv_token_blocks, cluster::Policy policy,
-                             bool exchange = true) {
+                             cluster::StaleKvStrategy stale = cluster::StaleKvStrategy::kExchange) {
   const auto& c = w.config();
   ClusterOptions o;
   o.num_instances = 4;
@@ -35,7 +36,7 @@ ClusterOptions small_cluster(const model::WeightSource& w, std::int64_t kv_token
   o.coordinator.policy = policy;
   o.run_policy_thread = false;
   o.host_swap_blocks = 0;
-  o.exchange_stale_kv = exchange;
+  o.stale_kv = stale;
   return o;
 }
 
@@ -91,15 +92,16 @@ void drain(ClusterRuntime& rt) {
   }
 }
 
-class ScriptedTransitions : public ::testing::TestWithParam<std::tuple<std::int64_t, bool>> {};
+class ScriptedTransitions : public ::testing::TestWithParam<std::tuple<std::int64_t, cluster::StaleKvStrategy>> {};
 
 TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
-  const auto [g, exchange] = GetParam();
+  const auto [g, strategy] = GetParam();
+  const bool keeps_kv = strategy != cluster::StaleKvStrategy::kRecompute;
   auto w = tiny_weights();
   const auto specs = make_specs(42 + static_cast<std::uint64_t>(g), 24, w->config().vocab_size);
   const auto expected = expected_alone(*w, specs);
   ManualClock clock;
-  auto rt = ClusterRuntime::create(small_cluster(*w, 64, cluster::Policy::kKunServe, exchange), *w, &clock);
+  auto rt = ClusterRuntime::create(small_cluster(*w, 64, cluster::Policy::kKunServe, strategy), *w, &clock);
   ASSERT_TRUE(rt.ok()) << rt.status().to_string();
   Tracker tr;
   for (int i = 0; i < 16; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
@@ -113,34 +115,46 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
   for (int i = 16; i < 24; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
   run_steps(**rt, 10);  // fused serving
   const auto stats = (*rt)->stats();
+  const auto fused_transfers = (*rt)->transfer_stats();
   EXPECT_EQ(stats.drops_total, 1);
   EXPECT_GT(stats.instances[0].dropped_param_bytes, 0);
   EXPECT_EQ(stats.num_preemptions, 0) << "the scenario has room: any recompute below comes from the drop";
-  if (exchange) {
-    // Stale requests kept their KV: it moved to the members owning its layers, nothing recomputed.
-    EXPECT_EQ(stats.recomputed_tokens_total, 0);
-    EXPECT_GT(stats.kv_blocks_exchanged_total, 0);
-    EXPECT_GT((*rt)->transfer_stats().bytes_of(TransferKind::kKvExchange), 0);
-  } else {
-    EXPECT_GT(stats.recomputed_tokens_total, 0) << "stale requests are recomputed without exchange";
+  switch (strategy) {
+    case cluster::StaleKvStrategy::kRecompute:
+      EXPECT_GT(stats.recomputed_tokens_total, 0) << "stale requests are recomputed";
+      EXPECT_EQ(fused_transfers.bytes_of(TransferKind::kRemoteAttention), 0);
+      break;
+    case cluster::StaleKvStrategy::kRemoteAttention:
+      // Stale requests kept their KV where it was: other members reach it by remote attention.
+      EXPECT_EQ(stats.recomputed_tokens_total, 0);
+      EXPECT_GT(fused_transfers.bytes_of(TransferKind::kRemoteAttention), 0);
+      EXPECT_EQ(fused_transfers.bytes_of(TransferKind::kKvExchange), 0);
+      break;
+    case cluster::StaleKvStrategy::kExchange:
+      // Served by remote attention at first, while the KV moved home layer by layer.
+      EXPECT_EQ(stats.recomputed_tokens_total, 0);
+      EXPECT_GT(fused_transfers.bytes_of(TransferKind::kRemoteAttention), 0);
+      EXPECT_GT(stats.kv_blocks_exchanged_total, 0);
+      EXPECT_GT(fused_transfers.bytes_of(TransferKind::kKvExchange), 0);
+      break;
   }
-  const std::int64_t exchanged_on_drop = stats.kv_blocks_exchanged_total;
+  const std::int64_t exchanged_before_restore = stats.kv_blocks_exchanged_total;
   ASSERT_TRUE((*rt)->restore(*group).ok());
   EXPECT_EQ((*rt)->num_units(), 4);
   (*rt)->check_integrity();
   const ClusterEvent restore_event = (*rt)->events().back();
   ASSERT_EQ(restore_event.kind, "restore");
-  if (exchange) {
+  if (keeps_kv) {
     // Reverse exchange: the group's running requests were gathered back onto one member each
     // and keep decoding there; nothing is recomputed over the whole run.
     EXPECT_GT(restore_event.kv_blocks_exchanged, 0);
     EXPECT_EQ(restore_event.requests_recomputed, 0);
-    EXPECT_EQ((*rt)->stats().kv_blocks_exchanged_total, exchanged_on_drop + restore_event.kv_blocks_exchanged);
+    EXPECT_EQ((*rt)->stats().kv_blocks_exchanged_total, exchanged_before_restore + restore_event.kv_blocks_exchanged);
   } else {
     EXPECT_EQ(restore_event.kv_blocks_exchanged, 0);
   }
   drain(**rt);
-  if (exchange) {
+  if (keeps_kv) {
     EXPECT_EQ((*rt)->stats().recomputed_tokens_total, 0) << "no request recomputed through drop and restore";
   }
   const auto transfers = (*rt)->transfer_stats();
@@ -153,7 +167,19 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
 }
 
 INSTANTIATE_TEST_SUITE_P(DegreesAndStrategies, ScriptedTransitions,
-                         ::testing::Combine(::testing::Values(2, 4), ::testing::Bool()));
+                         ::testing::Combine(::testing::Values(2, 4),
+                                            ::testing::Values(cluster::StaleKvStrategy::kRecompute,
+                                                              cluster::StaleKvStrategy::kRemoteAttention,
+                                                              cluster::StaleKvStrategy::kExchange)),
+                         [](const ::testing::TestParamInfo<std::tuple<std::int64_t, cluster::StaleKvStrategy>>& p) {
+                           const cluster::StaleKvStrategy st = std::get<1>(p.param);
+                           const char* name = st == cluster::StaleKvStrategy::kRecompute         ? "recompute"
+                                              : st == cluster::StaleKvStrategy::kRemoteAttention ? "remote_attention"
+                                                                                                 : "exchange";
+                           std::ostringstream os;  // (string operator+ trips GCC 12's -Wrestrict here)
+                           os << 'g' << std::get<0>(p.param) << '_' << name;
+                           return os.str();
+                         });
 
 // A restore while the group holds more KV than its members' base pools: gathered requests land in
 // extension pages (repacked inside the device before the weights come back) and those that fit
@@ -250,12 +276,14 @@ TEST(ClusterSwapTest, SwapCopiesCrossThePacedHostLink) {
   }
 }
 
-TEST(ClusterPropertyTest, RandomTransitionsAndCancelsKeepInvariants) {
+class ClusterPropertyTest : public ::testing::TestWithParam<cluster::StaleKvStrategy> {};
+
+TEST_P(ClusterPropertyTest, RandomTransitionsAndCancelsKeepInvariants) {
   auto w = tiny_weights();
   const auto specs = make_specs(99, 48, w->config().vocab_size);
   const auto expected = expected_alone(*w, specs);
   ManualClock clock;
-  auto rt = ClusterRuntime::create(small_cluster(*w, 24, cluster::Policy::kKunServe), *w, &clock);
+  auto rt = ClusterRuntime::create(small_cluster(*w, 24, cluster::Policy::kKunServe, GetParam()), *w, &clock);
   ASSERT_TRUE(rt.ok());
   Tracker tr;
   std::mt19937_64 rng(1);
@@ -302,6 +330,10 @@ TEST(ClusterPropertyTest, RandomTransitionsAndCancelsKeepInvariants) {
   }
   EXPECT_GT((*rt)->stats().drops_total, 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Strategies, ClusterPropertyTest,
+                         ::testing::Values(cluster::StaleKvStrategy::kRecompute, cluster::StaleKvStrategy::kRemoteAttention,
+                                           cluster::StaleKvStrategy::kExchange));
 
 }  // namespace
 }  // namespace kun::runtime

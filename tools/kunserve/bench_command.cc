@@ -4,6 +4,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -60,12 +61,16 @@ struct PolicyRun {
 StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource& weights, const std::string& policy_name,
                                    const workload::Trace& trace, const workload::SloSpec& slo) {
   const model::ModelConfig& config = weights.config();
+  // "kunserve/remote-attention": a policy with its stale-request strategy (the #5 ablation).
+  const std::size_t slash = policy_name.find('/');
+  ClusterArgs cluster_args = a.cluster;
+  if (slash != std::string::npos) cluster_args.stale_kv = policy_name.substr(slash + 1);
   cluster::Policy policy;
-  if (!cluster::parse_policy(policy_name, &policy)) {
-    return invalid_argument("unknown policy '" + policy_name + "' (recompute | swap | migrate | kunserve)");
+  if (!cluster::parse_policy(policy_name.substr(0, slash), &policy)) {
+    return invalid_argument("unknown policy '" + policy_name + "' (recompute | swap | migrate | kunserve[/recompute|/remote-attention|/exchange])");
   }
   KUN_ASSIGN_OR_RETURN(DType dtype, a.model.device_dtype(config));
-  KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o, a.cluster.build(config, dtype, policy, a.model.display_name()));
+  KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o, cluster_args.build(config, dtype, policy, a.model.display_name()));
   SteadyClock clock;
   KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(o, weights, &clock));
   rt->start();
@@ -98,6 +103,23 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   run.extra["link_model"] = o.link.describe();
   run.extra["host_link_model"] = o.host_link.describe();
   run.extra["wall_s"] = rr.wall_s;
+  if (policy == cluster::Policy::kKunServe) {
+    run.extra["stale_kv"] = cluster::stale_kv_strategy_name(o.stale_kv);
+    run.extra["recomputed_tokens"] = st.recomputed_tokens_total;
+    // Requests that had started when their instance fused (stale) against the rest.
+    std::set<std::int64_t> stale_ids;
+    for (const runtime::ClusterEvent& ev : rt->events()) {
+      for (RequestId id : ev.stale_requests) stale_ids.insert(id.value);
+    }
+    std::vector<workload::RequestRecord> stale, fresh;
+    for (const auto& r : run.records) (stale_ids.count(r.front_door_id) != 0 ? stale : fresh).push_back(r);
+    const auto summary = [&](const std::vector<workload::RequestRecord>& recs) {
+      const workload::Report rep = workload::build_report(recs, policy_name, slo);
+      return nlohmann::json{{"requests", recs.size()}, {"ttft_p99_ms", rep.ttft_ms.p99}, {"tpot_mean_ms", rep.tpot_ms.mean}};
+    };
+    run.extra["stale_requests"] = summary(stale);
+    run.extra["new_requests"] = summary(fresh);
+  }
   return run;
 }
 
@@ -202,7 +224,7 @@ void add_bench_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--host", a->host, "server host (server mode)");
   cmd->add_option("--port", a->port, "server port (server mode)");
   cmd->add_option("--served-model", a->served_model, "model name sent to the server");
-  cmd->add_option("--policies", a->policies, "comma-separated: recompute,swap,migrate,kunserve (in-process)");
+  cmd->add_option("--policies", a->policies, "comma-separated: recompute,swap,migrate,kunserve; kunserve/<stale-kv> picks the stale-request strategy (in-process)");
   a->trace.add_to(cmd);
   a->cluster.add_to(cmd);
   cmd->add_option("--slo-ttft-ms", a->slo_ttft_ms);

@@ -19,6 +19,9 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--host-link-latency-us", host_link_latency_us, "per-message latency of the host link");
   cmd->add_option("--monitor-period-ms", monitor_period_ms, "demand sampling period");
   cmd->add_option("--group-sizes", group_sizes, "fused group sizes the planner may form (smallest first)")->delimiter(',');
+  cmd->add_option("--stale-kv", stale_kv,
+                  "running requests when their instance fuses: recompute | remote-attention | exchange (live)");
+  cmd->add_option("--exchange-per-round", exchange_per_round, "live KV exchange: requests moved per round (one layer each)");
   cmd->add_option("--balance-fused", balance_fused,
                   "fused groups: balanced virtual-engine micro-batches (share of the queue each, 1/g of the step budget)");
 }
@@ -51,6 +54,11 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.host_link.bandwidth_bytes_per_s = host_link_gbps * 1e9;
   o.host_link.latency_us = host_link_latency_us;
   o.model_name = model_name;
+  if (!cluster::parse_stale_kv_strategy(stale_kv, &o.stale_kv)) {
+    return invalid_argument("--stale-kv must be recompute, remote-attention or exchange, not '" + stale_kv + "'");
+  }
+  if (exchange_per_round < 1) return invalid_argument("--exchange-per-round must be >= 1");
+  o.exchange_requests_per_round = exchange_per_round;
   o.allowed_degrees = group_sizes;
   return o;
 }

@@ -28,6 +28,8 @@ struct ClusterArgs {
   std::int64_t monitor_period_ms = 500;
   std::vector<std::int64_t> group_sizes = {2, 4};
   bool balance_fused = true;
+  std::string stale_kv = "exchange";
+  std::int64_t exchange_per_round = 8;
   void add_to(CLI::App* cmd);
   // Device capacity = the model's parameters + KV for kv_tokens_per_device tokens.
   StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,

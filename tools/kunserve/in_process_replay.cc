@@ -116,7 +116,10 @@ ReplayResult replay_in_process(engine::FrontDoor& front, const workload::Trace& 
         shared->cv.notify_all();
       }
     });
-    if (!submitted.ok()) {
+    if (submitted.ok()) {
+      std::lock_guard<std::mutex> lock(mu);
+      rec.front_door_id = submitted->value;
+    } else {
       std::lock_guard<std::mutex> lock(mu);
       rec.outcome = submitted.status().code() == StatusCode::kOverloaded ? workload::RequestOutcome::kRejected
                                                                          : workload::RequestOutcome::kFailed;
