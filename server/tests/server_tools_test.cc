@@ -2,6 +2,8 @@
 // and the official `openai` npm client (tests/node/openai_client_test.mjs).
 #include <gtest/gtest.h>
 
+#include "common/test_support.h"
+
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -37,7 +39,7 @@ int run_command(const std::string& cmd, std::string& output) {
 
 TEST(Promtool, AcceptsMetricsOutput) {
   const std::string promtool = find_program("promtool");
-  if (promtool.empty()) GTEST_SKIP() << "promtool not installed";
+  if (promtool.empty()) KUN_SKIP_OR_FAIL_IN_CI("promtool not installed");
   ServerHarness h;
   engine::ServingStats extra;
   for (int i = 0; i < 2; ++i) {
@@ -118,9 +120,9 @@ TEST(Promtool, AcceptsMetricsOutput) {
 TEST(OpenAiNodeClient, CompletionsAndChatStreamingAndNot) {
   const std::string node = find_program("node");
   const std::string src = KUN_SOURCE_DIR;
-  if (node.empty()) GTEST_SKIP() << "node not installed";
+  if (node.empty()) KUN_SKIP_OR_FAIL_IN_CI("node not installed");
   if (!std::filesystem::exists(src + "/tests/node/node_modules/openai/package.json")) {
-    GTEST_SKIP() << "the openai npm package is not installed (cd tests/node && npm install)";
+    KUN_SKIP_OR_FAIL_IN_CI("the openai npm package is not installed (cd tests/node && npm install)");
   }
   ServerHarness h;
   std::string out;
