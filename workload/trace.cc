@@ -294,6 +294,21 @@ Trace time_compress(const Trace& trace, double factor) {
   return out;
 }
 
+Trace cap_idle_gaps(const Trace& trace, std::int64_t max_gap_us) {
+  KUN_CHECK_GE(max_gap_us, 0);
+  Trace out;
+  out.name = trace.name + ", idle gaps capped at " + std::to_string(max_gap_us / 1000) + " ms";
+  out.requests = trace.requests;
+  std::int64_t cut = 0;
+  for (std::size_t i = 0; i < out.requests.size(); ++i) {
+    const std::int64_t original = trace.requests[i].arrival_us;
+    if (i > 0) cut += std::max<std::int64_t>(0, original - trace.requests[i - 1].arrival_us - max_gap_us);
+    out.requests[i].arrival_us = original - cut;
+  }
+  normalize(out);
+  return out;
+}
+
 Trace select_window(const Trace& trace, std::int64_t start_us, std::int64_t duration_us) {
   KUN_CHECK_GE(duration_us, 0);
   Trace out;

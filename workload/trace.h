@@ -58,6 +58,9 @@ StatusOr<std::int64_t> parse_timestamp_us(std::string_view text);
 
 // Divides every arrival time by factor (factor 2 = twice the rate, same shape). factor > 0.
 Trace time_compress(const Trace& trace, double factor);
+// Shortens every gap between consecutive arrivals longer than max_gap_us to max_gap_us (later
+// arrivals move earlier by the time cut), so a replay does not sleep through quiet stretches.
+Trace cap_idle_gaps(const Trace& trace, std::int64_t max_gap_us);
 
 // Keeps the requests arriving in [start_us, start_us + duration_us) and rebases them so the
 // window starts at 0 (the first kept request arrives at its offset inside the window).

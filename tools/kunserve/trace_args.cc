@@ -13,6 +13,7 @@ void TraceArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--cv", cv, "gamma trace: inter-arrival CV");
   cmd->add_option("--duration-s", duration_s, "generated traces: duration");
   cmd->add_option("--time-scale", time_scale, "compress arrivals by this factor");
+  cmd->add_option("--max-gap-s", max_gap_s, "cap idle gaps between arrivals at this many seconds (0: keep them)");
   cmd->add_option("--length-scale", length_scale, "scale prompt lengths by this factor");
   cmd->add_option("--output-scale", output_scale, "scale output lengths by this factor (long generations)");
   cmd->add_option("--upscale", upscale, "TraceUpscaler-style request up-scaling factor");
@@ -59,6 +60,7 @@ StatusOr<workload::Trace> TraceArgs::load(std::int64_t max_context) const {
   if (a.time_scale != 1.0 && a.source != "poisson" && a.source != "gamma" && a.source != "mmpp") {
     trace = workload::time_compress(trace, a.time_scale);
   }
+  if (a.max_gap_s > 0.0) trace = workload::cap_idle_gaps(trace, static_cast<std::int64_t>(a.max_gap_s * 1e6));
   if (a.upscale != 1.0) trace = workload::upscale(trace, a.upscale, a.seed);
   for (auto& r : trace.requests) {
     r.prompt_tokens = std::max<std::int32_t>(1, static_cast<std::int32_t>(r.prompt_tokens * a.length_scale));

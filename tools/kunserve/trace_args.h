@@ -17,6 +17,7 @@ struct TraceArgs {
   double cv = 4.0;
   double duration_s = 30.0;
   double time_scale = 8.0;     // arrivals compressed by this factor (file traces)
+  double max_gap_s = 0.0;      // > 0: idle gaps between arrivals capped at this (after compression)
   double length_scale = 0.05;  // prompt lengths scaled by this factor
   double output_scale = 1.0;   // output lengths scaled by this factor
   double upscale = 1.0;

@@ -244,6 +244,18 @@ TEST(TransformTest, CompressWindowClipUpscale) {
   EXPECT_LT(down.size(), 10u);
 }
 
+TEST(TransformTest, CapIdleGapsKeepsBurstsAndShortensQuietStretches) {
+  Trace t;
+  t.name = "t";
+  // A burst, 20 s of silence, another burst.
+  for (std::int64_t us : {0LL, 100'000LL, 200'000LL, 20'200'000LL, 20'250'000LL}) t.requests.push_back({us, 10, 5});
+  const Trace capped = cap_idle_gaps(t, 1'000'000);
+  ASSERT_EQ(capped.size(), t.size());
+  const std::vector<std::int64_t> want = {0, 100'000, 200'000, 1'200'000, 1'250'000};
+  for (std::size_t i = 0; i < want.size(); ++i) EXPECT_EQ(capped.requests[i].arrival_us, want[i]) << i;
+  EXPECT_EQ(cap_idle_gaps(t, 30'000'000).requests.back().arrival_us, 20'250'000) << "gaps under the cap stay";
+}
+
 TEST(StatsTest, QuantileInterpolatesLinearly) {
   EXPECT_DOUBLE_EQ(quantile({1, 2, 3, 4}, 0.5), 2.5);
   EXPECT_DOUBLE_EQ(quantile({4, 1, 3, 2}, 0.0), 1.0);
