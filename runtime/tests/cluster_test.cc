@@ -5,6 +5,9 @@
 // on every device, no block leaks, no request is lost or duplicated, and a group's members hold
 // every layer exactly once.
 #include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <sstream>
 #include <map>
 #include <random>
@@ -275,6 +278,62 @@ TEST(ClusterSwapTest, SwapCopiesCrossThePacedHostLink) {
     EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
   }
 }
+
+// The same transitions with every engine and pipeline stage on its own thread (as in serving):
+// drop and restore land while steps run, stale requests are served by remote attention while the
+// live exchange moves their KV, and tokens stay exact. The TSan configuration runs this.
+class ClusterThreadedTest : public ::testing::TestWithParam<cluster::StaleKvStrategy> {};
+
+TEST_P(ClusterThreadedTest, TransitionsWhileServingKeepTokens) {
+  auto w = tiny_weights();
+  const auto specs = make_specs(5, 24, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  SteadyClock clock;
+  auto rt = ClusterRuntime::create(small_cluster(*w, 64, cluster::Policy::kKunServe, GetParam()), *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  std::mutex mu;
+  std::condition_variable cv;
+  Tracker tr;
+  std::int64_t tokens_seen = 0;
+  int finished = 0;
+  const auto callback = [&](std::int64_t i) {
+    return [&, i](const engine::TokenEvent& ev) {
+      std::lock_guard<std::mutex> lock(mu);
+      tr.callback(i)(ev);
+      if (ev.token >= 0) ++tokens_seen;
+      if (ev.finished) ++finished;
+      cv.notify_all();
+    };
+  };
+  const auto wait_for = [&](const std::function<bool()>& done) {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(120), done)) << "timed out";
+  };
+  (*rt)->start();
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], callback(i)).ok());
+  wait_for([&] { return tokens_seen >= 20; });
+  auto group = (*rt)->drop({0, 1});
+  ASSERT_TRUE(group.ok()) << group.status().to_string();
+  for (int i = 16; i < 24; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], callback(i)).ok());
+  wait_for([&] { return tokens_seen >= 150; });
+  ASSERT_TRUE((*rt)->restore(*group).ok());
+  wait_for([&] { return finished == 24; });
+  (*rt)->check_integrity();
+  (*rt)->stop();
+  const auto stats = (*rt)->stats();
+  if (GetParam() != cluster::StaleKvStrategy::kRecompute) {
+    EXPECT_EQ(stats.recomputed_tokens_total, 0) << "stale requests kept their KV through drop and restore";
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  for (int i = 0; i < 24; ++i) {
+    EXPECT_EQ(tr.finals[i], 1) << "request " << i;
+    EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, ClusterThreadedTest,
+                         ::testing::Values(cluster::StaleKvStrategy::kRecompute, cluster::StaleKvStrategy::kRemoteAttention,
+                                           cluster::StaleKvStrategy::kExchange));
 
 class ClusterPropertyTest : public ::testing::TestWithParam<cluster::StaleKvStrategy> {};
 
