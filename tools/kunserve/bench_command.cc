@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <set>
 #include <sstream>
@@ -182,6 +183,20 @@ Status write_outputs(const BenchArgs& a, const std::vector<PolicyRun>& runs, con
   return ok_status();
 }
 
+// A failed or rejected request's reason, once per distinct message (at most 5), so a run that
+// lost requests says why.
+void print_distinct_errors(const std::vector<workload::RequestRecord>& records) {
+  std::map<std::string, int> errors;
+  for (const auto& r : records) {
+    if (!r.error.empty()) ++errors[r.error];
+  }
+  int shown = 0;
+  for (const auto& [message, count] : errors) {
+    if (shown++ == 5) break;
+    std::cout << "  " << count << " request(s) failed: " << message << std::endl;
+  }
+}
+
 Status run_bench_command(const BenchArgs& a) {
   KUN_ASSIGN_OR_RETURN(auto weights, a.model.open());
   const model::ModelConfig& config = weights->config();
@@ -195,10 +210,12 @@ Status run_bench_command(const BenchArgs& a) {
                 << " tokens each" << std::endl;
       KUN_ASSIGN_OR_RETURN(PolicyRun run, run_in_process(a, *weights, p, trace, slo));
       std::cout << "  " << run.extra.dump() << std::endl;
+      print_distinct_errors(run.records);
       runs.push_back(std::move(run));
     }
   } else {
     KUN_ASSIGN_OR_RETURN(PolicyRun run, run_against_server(a, trace, slo, config.vocab_size));
+    print_distinct_errors(run.records);
     runs.push_back(std::move(run));
   }
   std::vector<workload::Report> reports;

@@ -11,6 +11,8 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--threads", threads, "kernel threads per device");
   cmd->add_option("--block-size", block_size, "KV block size in tokens");
   cmd->add_option("--max-batched-tokens", max_batched_tokens, "token budget of one instance's step");
+  cmd->add_option("--max-num-seqs", max_num_seqs,
+                  "running requests per instance (a fused group of g runs g times as many over g virtual engines)");
   cmd->add_option("--max-waiting", max_waiting, "bounded waiting queue per instance (beyond it: overloaded)");
   cmd->add_option("--link-gbps", link_gbps, "pace transfers at this bandwidth (0: off)");
   cmd->add_option("--link-latency-us", link_latency_us, "per-transfer latency of the link model");
@@ -44,6 +46,7 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
                             kv_pages * o.device.page_bytes;
   o.scheduler.max_num_batched_tokens = max_batched_tokens;
   o.scheduler.max_waiting_requests = max_waiting;
+  o.scheduler.max_num_seqs = max_num_seqs;
   o.scheduler.balance_virtual_engines = balance_fused;
   o.scheduler.preemption = policy == cluster::Policy::kSwap ? engine::PreemptionMode::kSwap : engine::PreemptionMode::kRecompute;
   o.host_swap_blocks = policy == cluster::Policy::kSwap ? 4 * blocks : 0;

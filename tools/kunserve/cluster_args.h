@@ -20,6 +20,7 @@ struct ClusterArgs {
   int threads = 1;
   std::int64_t block_size = 16;
   std::int64_t max_batched_tokens = 512;
+  std::int64_t max_num_seqs = 64;
   std::int64_t max_waiting = 4096;
   double link_gbps = 0.0;
   std::int64_t link_latency_us = 0;
