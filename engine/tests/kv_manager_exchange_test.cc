@@ -1,0 +1,110 @@
+// KvManager with KV away from its placement (a stale request kept through a drop): import accepts
+// layers held on any device, growth allocates where each layer lives, and move_layer brings one
+// layer home (all or nothing). Pure bookkeeping over allocators with made-up pages.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "engine/kv_manager.h"
+#include "kv/block_allocator.h"
+
+namespace kun::engine {
+namespace {
+
+constexpr std::int64_t kLayers = 4;
+constexpr std::int64_t kBlockSize = 16;
+
+struct Group {
+  std::vector<std::unique_ptr<kv::KvBlockAllocator>> allocators;
+  std::unique_ptr<KvManager> kv;
+  // Two devices; layers 0-1 placed on device 0, layers 2-3 on device 1.
+  explicit Group(std::int64_t pages_on_device1) {
+    std::vector<kv::KvBlockAllocator*> devices;
+    for (std::int64_t pages : {std::int64_t{8}, pages_on_device1}) {
+      auto a = std::make_unique<kv::KvBlockAllocator>(4);
+      std::vector<kv::PageId> ids;
+      for (std::int64_t p = 0; p < pages; ++p) ids.emplace_back(p);
+      KUN_CHECK_OK(a->add_pages(ids));
+      devices.push_back(a.get());
+      allocators.push_back(std::move(a));
+    }
+    kv = std::make_unique<KvManager>(kBlockSize, devices, std::vector<std::int32_t>{0, 0, 1, 1}, 0);
+  }
+  kv::KvBlockAllocator& device(int d) { return *allocators[static_cast<std::size_t>(d)]; }
+};
+
+// A request of `tokens` tokens whose KV is all on device 0 (it ran there before the drop).
+std::map<std::int32_t, kv::BlockTable> stale_tables(Group& g, std::int64_t tokens) {
+  std::map<std::int32_t, kv::BlockTable> tables;
+  kv::BlockTable home(kBlockSize, 0, kLayers);
+  KUN_CHECK_OK(home.append_tokens(tokens, g.device(0)));
+  kv::BlockTable none(kBlockSize, 0, 0);
+  KUN_CHECK_OK(none.append_tokens(tokens, g.device(1)));
+  tables.emplace(0, std::move(home));
+  tables.emplace(1, std::move(none));
+  return tables;
+}
+
+TEST(KvManagerExchange, ImportGrowAndMoveLayersHome) {
+  Group g(8);
+  const RequestId id(1);
+  g.kv->import_tables(id, 20, stale_tables(g, 20));  // 2 token-blocks x 4 layers, all on device 0
+  EXPECT_EQ(g.kv->misplaced_layers(id), (std::vector<std::int64_t>{2, 3}));
+  EXPECT_EQ(g.kv->requests_with_misplaced_layers(), std::vector<RequestId>{id});
+  EXPECT_EQ(g.device(0).num_used(), 8);
+  EXPECT_EQ(g.device(1).num_used(), 0);
+  // Growing past a block boundary allocates where each layer lives now: all on device 0.
+  ASSERT_TRUE(g.kv->grow(id, 33).ok());
+  EXPECT_EQ(g.device(0).num_used(), 12);
+  g.kv->check_integrity();
+
+  std::vector<std::pair<std::int32_t, std::int32_t>> copies;
+  const auto copy = [&](std::int32_t from, const std::vector<kv::BlockId>& from_blocks, std::int32_t to,
+                        const std::vector<kv::BlockId>& to_blocks) {
+    EXPECT_EQ(from_blocks.size(), 3u);
+    EXPECT_EQ(to_blocks.size(), 3u);
+    EXPECT_TRUE(g.device(from).is_allocated(from_blocks[0]));
+    EXPECT_TRUE(g.device(to).is_allocated(to_blocks[0]));
+    copies.emplace_back(from, to);
+  };
+  ASSERT_TRUE(g.kv->move_layer(id, 2, copy).ok());
+  EXPECT_EQ(g.kv->misplaced_layers(id), std::vector<std::int64_t>{3});
+  EXPECT_EQ(g.device(0).num_used(), 9);
+  EXPECT_EQ(g.device(1).num_used(), 3);
+  ASSERT_TRUE(g.kv->move_layer(id, 3, copy).ok());
+  EXPECT_TRUE(g.kv->misplaced_layers(id).empty());
+  EXPECT_TRUE(g.kv->requests_with_misplaced_layers().empty());
+  EXPECT_EQ(copies, (std::vector<std::pair<std::int32_t, std::int32_t>>{{0, 1}, {0, 1}}));
+  // Where every layer lives now is what the executor is told.
+  for (const LayerBlockList& list : g.kv->block_lists(id)) EXPECT_EQ(list.device, list.layer < 2 ? 0 : 1) << list.layer;
+  g.kv->check_integrity();
+  g.kv->release(id);
+  EXPECT_EQ(g.device(0).num_used() + g.device(1).num_used(), 0);
+}
+
+TEST(KvManagerExchange, MoveToAFullDeviceChangesNothing) {
+  Group g(1);  // device 1 holds 4 blocks
+  const RequestId id(7);
+  g.kv->import_tables(id, 40, stale_tables(g, 40));  // 3 token-blocks per layer
+  ASSERT_TRUE(g.kv->move_layer(id, 2, [](auto, const auto&, auto, const auto&) {}).ok());
+  EXPECT_EQ(g.device(1).num_free(), 1);
+  bool copied = false;
+  const Status s = g.kv->move_layer(id, 3, [&](auto, const auto&, auto, const auto&) { copied = true; });
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted);
+  EXPECT_FALSE(copied);
+  EXPECT_EQ(g.kv->misplaced_layers(id), std::vector<std::int64_t>{3});
+  EXPECT_EQ(g.device(1).num_free(), 1);
+  g.kv->check_integrity();
+}
+
+TEST(KvManagerExchangeDeathTest, ImportHoldingALayerTwiceAborts) {
+  Group g(8);
+  auto tables = stale_tables(g, 20);
+  ASSERT_TRUE(tables.at(1).add_layer(2, g.device(1)).ok());  // layer 2 on both devices
+  EXPECT_DEATH(g.kv->import_tables(RequestId(3), 20, std::move(tables)), "layer 2");
+}
+
+}  // namespace
+}  // namespace kun::engine
