@@ -226,7 +226,12 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
       if (it != by_id.end()) members.push_back(it->second);
     }
     if (members.size() != g.members.size()) continue;  // incomplete view: skip this round
-    monitor_.observe_group(id, sample_of_group(members, now_us));
+    // The members dropped L (g - 1) layers between them; their pages now hold KV blocks.
+    const auto g_members = static_cast<std::int64_t>(g.members.size());
+    const std::int64_t lent = shape_.layer_block_bytes > 0
+                                  ? shape_.num_layers * (g_members - 1) * shape_.layer_param_bytes / shape_.layer_block_bytes
+                                  : 0;
+    monitor_.observe_group(id, sample_of_group(members, now_us, lent));
   }
 
   // 2. Restores, per group.
@@ -236,7 +241,8 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
       if (monitor_.group_vote(id) != Vote::kRestore) continue;
       const DemandMonitor::Window* w = monitor_.group_window(id);
       std::ostringstream why;
-      why << "group demand " << w->samples.back().demand << " <= " << config_.monitor.restore_demand_threshold
+      why << "group demand against its split capacity " << w->samples.back().demand << " <= "
+          << config_.monitor.restore_demand_threshold
           << ", nothing queued, falling (slope " << least_squares_slope(w->samples) << "/sample over "
           << w->samples.size() << " samples) for " << w->restore_streak << " samples";
       actions.restores.push_back(request_restore(g, now_us, why.str(), false));

@@ -23,7 +23,9 @@ DemandSample sample_of(const InstanceSnapshot& s, std::int64_t now_us) {
   return d;
 }
 
-DemandSample sample_of_group(const std::vector<const InstanceSnapshot*>& members, std::int64_t now_us) {
+DemandSample sample_of_group(const std::vector<const InstanceSnapshot*>& members, std::int64_t now_us,
+                             std::int64_t lent_blocks) {
+  KUN_CHECK_GE(lent_blocks, 0);
   DemandSample d;
   d.time_us = now_us;
   std::int64_t demanded = 0;
@@ -36,7 +38,8 @@ DemandSample sample_of_group(const std::vector<const InstanceSnapshot*>& members
     d.free_blocks += m->kv_blocks_free;
     d.num_queued += m->num_queued;
   }
-  d.demand = total > 0 ? static_cast<double>(demanded) / static_cast<double>(total) : 0.0;
+  const std::int64_t capacity = total - lent_blocks;
+  d.demand = capacity > 0 ? static_cast<double>(demanded) / static_cast<double>(capacity) : (demanded > 0 ? 1e9 : 0.0);
   return d;
 }
 

@@ -38,7 +38,11 @@ struct DemandMonitorConfig {
   double restore_demand_threshold = 0.5;    // artifact's valley_rate 50 %
   TrendRule trend_rule = TrendRule::kLeastSquaresSlope;
   double falling_slope_threshold_per_sample = 0.0;  // slope must be strictly below this
-  std::int64_t min_trend_samples = 4;       // fewer samples than this: never "falling"
+  // Fewer samples than this: never "falling". The window restarts when a group forms, so this is
+  // also the least time a group stays dropped (10 samples, 5 s at the default period): with 4 the
+  // burst demo's groups split in a lull between arrival spikes and fused again 200 ms later,
+  // each cycle pulling the dropped layers' weights back over the link.
+  std::int64_t min_trend_samples = 10;
   // Consecutive eligible samples before a vote. The artifact's notes give no count (it acts on
   // one sample); 2 samples (1 s) filters single-sample spikes while reacting quickly.
   std::int64_t drop_votes_needed = 2;
@@ -60,7 +64,12 @@ const char* vote_name(Vote v);
 // Aggregates of snapshots into one sample. A group's demand is the sum of its members'
 // blocks demanded over the sum of their capacities.
 DemandSample sample_of(const InstanceSnapshot& s, std::int64_t now_us);
-DemandSample sample_of_group(const std::vector<const InstanceSnapshot*>& members, std::int64_t now_us);
+// For a dropped group, `lent_blocks` are the KV blocks its dropped layers' pages lent the cache:
+// demand is measured against the capacity the members will have once split (total - lent), so
+// "demand <= 50 %" means the group's requests fit comfortably after a restore, not merely in the
+// enlarged fused pool (which would restore right after every drop and fuse again).
+DemandSample sample_of_group(const std::vector<const InstanceSnapshot*>& members, std::int64_t now_us,
+                             std::int64_t lent_blocks = 0);
 
 // Least-squares slope of y against index 0..n-1 (0 for n < 2).
 double least_squares_slope(const std::deque<DemandSample>& window);

@@ -1,5 +1,7 @@
 #include "cluster/coordinator.h"
 
+#include <algorithm>
+
 #include <gtest/gtest.h>
 
 #include <map>
@@ -183,21 +185,32 @@ TEST(Coordinator, TickDropsOnSustainedOverloadOnly) {
   EXPECT_EQ(a.drops[0].instances, (std::vector<std::int64_t>{1, 3}));
 }
 
+// A member of a dropped g = 2 group of test_shape(): its pool holds its own kTotalBlocks plus the
+// 16 dropped layers' pages (16 x 10000 / 100 = 1600 blocks); `split_demand` is the demand against
+// the capacity it will have once split.
+InstanceSnapshot fused_snap(std::int64_t id, double split_demand) {
+  InstanceSnapshot s = snap(id, split_demand);
+  s.kv_blocks_total = testing::kTotalBlocks + 1600;
+  s.kv_blocks_free = s.kv_blocks_total - s.blocks_demanded;
+  return s;
+}
+
 TEST(Coordinator, TickRestoresWhenGroupDemandFalls) {
   Coordinator c = make();
   ASSERT_TRUE(c.force_drop({0, 1}, 0).ok());
   c.on_drop_done(0, 10);
-  // Group demand falls 0.9 -> 0.2 over eight samples, nothing queued.
+  // Group demand (against the split capacity) falls 0.9 -> 0.1 and stays there, nothing queued.
   std::int64_t t = kPeriod;
   Actions a;
   int restores_at = -1;
-  for (int i = 0; i < 8; ++i, t += kPeriod) {
-    const double d = 0.9 - 0.1 * i;
-    a = c.tick(t, {snap(0, d), snap(1, d), snap(2, 0.5), snap(3, 0.5)});
+  for (int i = 0; i < 12; ++i, t += kPeriod) {
+    const double d = std::max(0.1, 0.9 - 0.1 * i);
+    a = c.tick(t, {fused_snap(0, d), fused_snap(1, d), snap(2, 0.5), snap(3, 0.5)});
     EXPECT_TRUE(a.drops.empty());
     if (!a.restores.empty() && restores_at < 0) restores_at = i;
   }
-  EXPECT_EQ(restores_at, 5);  // 0.5 at i=4 is the first eligible sample; two needed
+  // Demand is low enough from i = 4, but a trend needs 10 samples (i = 9); two votes needed.
+  EXPECT_EQ(restores_at, 10);
   EXPECT_EQ(c.group(0)->restore_pending, true);
   // No second restore action while pending.
   a = c.tick(t, {snap(0, 0.1), snap(1, 0.1), snap(2, 0.5), snap(3, 0.5)});
@@ -205,6 +218,21 @@ TEST(Coordinator, TickRestoresWhenGroupDemandFalls) {
   c.on_restore_started(0, t + 1);
   c.on_restore_done(0, t + 2);
   EXPECT_EQ(c.group_of(0), -1);
+}
+
+TEST(Coordinator, NoRestoreWhileTheRequestsWouldNotFitAfterTheSplit) {
+  Coordinator c = make();
+  ASSERT_TRUE(c.force_drop({0, 1}, 0).ok());
+  c.on_drop_done(0, 10);
+  // Against the enlarged fused pool (4800 blocks each) demand falls 0.53 -> 0.4, but against the
+  // 3200 each member keeps after a split it is 0.8 -> 0.6: no restore.
+  std::int64_t t = kPeriod;
+  for (int i = 0; i < 10; ++i, t += kPeriod) {
+    const double d = 0.8 - 0.02 * i;
+    const Actions a = c.tick(t, {fused_snap(0, d), fused_snap(1, d), snap(2, 0.5), snap(3, 0.5)});
+    EXPECT_TRUE(a.restores.empty()) << "sample " << i;
+  }
+  EXPECT_EQ(c.group_of(0), 0);
 }
 
 TEST(Coordinator, RestoreCanBeDisabled) {

@@ -1,5 +1,7 @@
 #include "cluster/demand_monitor.h"
 
+#include <algorithm>
+
 #include <gtest/gtest.h>
 
 #include <vector>
@@ -108,8 +110,15 @@ TEST(DemandMonitor, LeastSquaresSlope) {
   EXPECT_NEAR(least_squares_slope(w), -0.16, 1e-12);
 }
 
+// A monitor whose trend needs only 4 samples, so short curves exercise the restore rules.
+DemandMonitorConfig short_trend() {
+  DemandMonitorConfig c;
+  c.min_trend_samples = 4;
+  return c;
+}
+
 TEST(DemandMonitor, RestoreOnlyWhenFallingLowAndNothingQueued) {
-  DemandMonitor m;
+  DemandMonitor m(short_trend());
   // Demand falls 0.9 -> 0.2 in steps of 0.1.
   std::vector<double> curve = {0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2};
   std::vector<Vote> votes;
@@ -120,6 +129,18 @@ TEST(DemandMonitor, RestoreOnlyWhenFallingLowAndNothingQueued) {
   // Eligible from 0.5 (index 4) on; two samples needed -> first vote at index 5.
   for (std::size_t i = 0; i < 5; ++i) EXPECT_EQ(votes[i], Vote::kNone) << i;
   for (std::size_t i = 5; i < votes.size(); ++i) EXPECT_EQ(votes[i], Vote::kRestore) << i;
+}
+
+TEST(DemandMonitor, ByDefaultAGroupStaysDroppedForTenSamples) {
+  DemandMonitor m;  // min_trend_samples = 10
+  std::vector<Vote> votes;
+  for (int i = 0; i < 12; ++i) {
+    m.observe_group(7, calm(i * kPeriod, std::max(0.1, 0.5 - 0.1 * i)));  // low and falling at once
+    votes.push_back(m.group_vote(7));
+  }
+  // A trend exists from the 10th sample (index 9); two eligible samples -> first vote at index 10.
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(votes[static_cast<std::size_t>(i)], Vote::kNone) << i;
+  EXPECT_EQ(votes[10], Vote::kRestore);
 }
 
 TEST(DemandMonitor, NoRestoreWhileQueuedFlatOrRising) {
@@ -151,8 +172,8 @@ TEST(DemandMonitor, SlopeVersusLastBelowFirst) {
   // The two rules disagree on this curve: it ends just below where it started (last < first) but
   // its least-squares trend over the window is upward.
   std::vector<double> curve = {0.40, 0.10, 0.10, 0.10, 0.10, 0.45, 0.45, 0.45, 0.39, 0.39};
-  DemandMonitorConfig slope_cfg;
-  DemandMonitorConfig lbf_cfg;
+  DemandMonitorConfig slope_cfg = short_trend();
+  DemandMonitorConfig lbf_cfg = short_trend();
   lbf_cfg.trend_rule = TrendRule::kLastBelowFirst;
   DemandMonitor slope(slope_cfg), lbf(lbf_cfg);
   for (std::size_t i = 0; i < curve.size(); ++i) {
@@ -178,6 +199,8 @@ TEST(DemandMonitor, GroupSampleSumsMembers) {
   EXPECT_EQ(s.pending_blocks, 15);
   EXPECT_EQ(s.free_blocks, a.kv_blocks_free + b.kv_blocks_free);
   EXPECT_EQ(s.num_queued, 3);
+  // A dropped group's demand is against the capacity left once the lent blocks go back.
+  EXPECT_DOUBLE_EQ(sample_of_group({&a, &b}, 42, 1600).demand, 2400.0 / 3200.0);
 }
 
 TEST(DemandMonitor, ResetForgetsHistory) {
