@@ -31,6 +31,15 @@ engine::InstanceStats member_share(engine::InstanceStats is, std::int64_t g) {
   return is;
 }
 
+// Adds an engine's cumulative counters (not its gauges) into `into`.
+void add_counters(const engine::ServingStats& from, engine::ServingStats* into) {
+  into->num_preemptions += from.num_preemptions;
+  into->recomputed_tokens_total += from.recomputed_tokens_total;
+  into->prompt_tokens_total += from.prompt_tokens_total;
+  into->generation_tokens_total += from.generation_tokens_total;
+  into->requests_finished_total += from.requests_finished_total;
+}
+
 // Copies layer blocks from[i] of device `src_dev` into to[i] of device `dst_dev` through the
 // transport, one message per run of blocks contiguous in both memories. Returns the bytes moved.
 std::int64_t copy_blocks(Transport& transport, int src_dev, const kv::KvStorage& src, int dst_dev, const kv::KvStorage& dst,
@@ -295,22 +304,14 @@ engine::ServingStats ClusterRuntime::stats() const {
         is.dropped_param_bytes = devices_[static_cast<std::size_t>(inst)]->arena().stats().dropped_param_bytes;
         out.instances.push_back(is);
       }
-      out.num_preemptions += st.num_preemptions;
-      out.recomputed_tokens_total += st.recomputed_tokens_total;
-      out.prompt_tokens_total += st.prompt_tokens_total;
-      out.generation_tokens_total += st.generation_tokens_total;
-      out.requests_finished_total += st.requests_finished_total;
+      add_counters(st, &out);
       if (u->executor->num_stages() > 1) fused.add(u->executor->stage_time());
     }
   }
   std::sort(out.instances.begin(), out.instances.end(),
             [](const engine::InstanceStats& a, const engine::InstanceStats& b) { return a.instance < b.instance; });
   std::lock_guard<std::mutex> lock(events_mu_);
-  out.num_preemptions += retired_counters_.num_preemptions;
-  out.recomputed_tokens_total += retired_counters_.recomputed_tokens_total;
-  out.prompt_tokens_total += retired_counters_.prompt_tokens_total;
-  out.generation_tokens_total += retired_counters_.generation_tokens_total;
-  out.requests_finished_total += retired_counters_.requests_finished_total;
+  add_counters(retired_counters_, &out);
   out.drops_total = drops_;
   out.restores_total = restores_;
   out.kv_blocks_exchanged_total = kv_blocks_moved_;
@@ -327,11 +328,7 @@ void ClusterRuntime::retire(std::unique_ptr<Unit> unit) {
   const engine::ServingStats st = unit->engine->stats();
   std::lock_guard<std::mutex> lock(events_mu_);
   // Counters are cumulative over the deployment's life, so a retired unit's stay counted.
-  retired_counters_.num_preemptions += st.num_preemptions;
-  retired_counters_.recomputed_tokens_total += st.recomputed_tokens_total;
-  retired_counters_.prompt_tokens_total += st.prompt_tokens_total;
-  retired_counters_.generation_tokens_total += st.generation_tokens_total;
-  retired_counters_.requests_finished_total += st.requests_finished_total;
+  add_counters(st, &retired_counters_);
   if (unit->executor->num_stages() > 1) retired_pipeline_time_.add(unit->executor->stage_time());
   unit.reset();
 }
