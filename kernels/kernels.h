@@ -40,8 +40,20 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
   int num_threads() const;
   void parallel_for(std::int64_t n, const std::function<void(std::int64_t, std::int64_t)>& fn);
+  // Runs fn over [0, n) with the split balanced at run time: thread t starts on the same range
+  // as parallel_for gives it, taking it from the front in chunks of `grain` indices, and a
+  // thread whose range runs out takes chunks from the back of the others' ranges. A thread that
+  // runs slower (a busier core, slower memory, a late wake-up) hands the rest of its range to the
+  // others instead of holding up the call; a thread stalled inside a chunk still does. Every
+  // index is run exactly once, but which thread runs it, and how [0, n) is cut into fn calls
+  // (at most `grain` indices each; one thread: a single fn(0, n)), varies from call to call:
+  // fn must not depend on either. n < 2^31.
+  void parallel_for_balanced(std::int64_t n, std::int64_t grain,
+                             const std::function<void(std::int64_t, std::int64_t)>& fn);
 
  private:
+  void run(std::int64_t n, std::int64_t grain,
+           const std::function<void(std::int64_t, std::int64_t)>& fn);
   struct Impl;
   Impl* impl_;
 };

@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/dtype.h"
@@ -96,6 +98,66 @@ TEST(ThreadPool, ManyShortJobs) {
     total += part[0] + part[1] + part[2];
   }
   EXPECT_EQ(total, 3 * (1999 * 2000 / 2) + 2000 * 3);
+}
+
+TEST(ThreadPool, BalancedCoversEveryIndexOnce) {
+  for (int threads : {1, 2, 3, 5}) {
+    ThreadPool pool(threads);
+    for (std::int64_t n : {0, 1, 2, 3, 7, 100, 1001}) {
+      for (std::int64_t grain : {1, 3, 64}) {
+        std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+        pool.parallel_for_balanced(n, grain, [&](std::int64_t b, std::int64_t e) {
+          EXPECT_LT(b, e);
+          if (threads > 1) {
+            EXPECT_LE(e - b, grain);  // one thread: a single fn(0, n)
+          }
+          for (std::int64_t i = b; i < e; ++i) hits[static_cast<std::size_t>(i)].fetch_add(1);
+        });
+        for (std::int64_t i = 0; i < n; ++i) {
+          ASSERT_EQ(hits[static_cast<std::size_t>(i)].load(), 1)
+              << "threads " << threads << " n " << n << " grain " << grain << " index " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(ThreadPool, BalancedMovesWorkAwayFromASlowThread) {
+  // The caller (thread 0) is held up on its first chunk; the other threads must take the rest of
+  // its range from the back, so the caller itself runs only a few chunks.
+  ThreadPool pool(3);
+  const std::int64_t n = 300;
+  const std::thread::id caller = std::this_thread::get_id();
+  std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+  std::atomic<int> caller_chunks{0};
+  std::atomic<bool> first{true};
+  pool.parallel_for_balanced(n, 1, [&](std::int64_t b, std::int64_t e) {
+    if (std::this_thread::get_id() == caller) {
+      caller_chunks.fetch_add(1);
+      if (first.exchange(false)) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    for (std::int64_t i = b; i < e; ++i) hits[static_cast<std::size_t>(i)].fetch_add(1);
+  });
+  for (std::int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[static_cast<std::size_t>(i)].load(), 1);
+  EXPECT_LT(caller_chunks.load(), 10);  // a static split would have given it 100
+}
+
+TEST(ThreadPool, BalancedAndStaticJobsInterleave) {
+  ThreadPool pool(2);
+  std::int64_t total = 0;
+  for (int rep = 0; rep < 1000; ++rep) {
+    std::vector<std::int64_t> part(64, 0);
+    auto fn = [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t i = b; i < e; ++i) part[static_cast<std::size_t>(i)] = rep + i;
+    };
+    if (rep % 2 == 0) {
+      pool.parallel_for(64, fn);
+    } else {
+      pool.parallel_for_balanced(64, 1 + rep % 5, fn);
+    }
+    total += std::accumulate(part.begin(), part.end(), std::int64_t{0});
+  }
+  EXPECT_EQ(total, 64 * (999 * 1000 / 2) + 1000 * (63 * 64 / 2));
 }
 
 // ---------------------------------------------------------------------------------------------
