@@ -34,6 +34,10 @@ int main(int argc, char** argv) {
   app.add_option("--preset", preset);
   app.add_option("--threads", threads);
   app.add_option("--steps", steps, "decode steps timed per batch size");
+  std::vector<int> batches = {1, 8, 32};
+  bool prefill = true;
+  app.add_option("--batches", batches, "decode batch sizes to time");
+  app.add_option("--prefill", prefill, "time the 512-token prefill");
   CLI11_PARSE(app, argc, argv);
   auto config = model::preset_config(preset);
   if (!config.ok()) return 1;
@@ -76,7 +80,7 @@ int main(int argc, char** argv) {
   };
 
   std::printf("\n%-10s %12s %14s %14s %12s %16s\n", "decode", "tokens/s", "step ms", "roofline ms", "ratio", "engine overhead");
-  for (int batch : {1, 8, 32}) {
+  for (int batch : batches) {
     for (int i = 0; i < batch; ++i) {
       engine::RequestSpec spec;
       for (int t = 0; t < 32; ++t) spec.prompt_tokens.push_back(3 + (i * 97 + t * 13) % 30000);
@@ -96,6 +100,7 @@ int main(int argc, char** argv) {
     }
   }
 
+  if (!prefill) return 0;
   // Prefill: one 512-token prompt in one step.
   engine::RequestSpec spec;
   for (int t = 0; t < 512; ++t) spec.prompt_tokens.push_back(3 + (t * 31) % 30000);
