@@ -38,11 +38,12 @@ struct DemandMonitorConfig {
   double restore_demand_threshold = 0.5;    // artifact's valley_rate 50 %
   TrendRule trend_rule = TrendRule::kLeastSquaresSlope;
   double falling_slope_threshold_per_sample = 0.0;  // slope must be strictly below this
-  // Fewer samples than this: never "falling". The window restarts when a group forms, so this is
-  // also the least time a group stays dropped (10 samples, 5 s at the default period): with 4 the
-  // burst demo's groups split in a lull between arrival spikes and fused again 200 ms later,
-  // each cycle pulling the dropped layers' weights back over the link.
-  std::int64_t min_trend_samples = 10;
+  // Fewer samples than this: never "falling". As the artifact, a trend is judged over a full
+  // window; the window restarts when a group forms, so this is also the least time a group stays
+  // dropped (15 s at the default period). With 4 the burst demo's groups split in a lull between
+  // arrival spikes and fused again 200 ms later, each cycle pulling the dropped layers' weights
+  // back over the link.
+  std::int64_t min_trend_samples = 30;
   // Consecutive eligible samples before a vote. The artifact's notes give no count (it acts on
   // one sample); 2 samples (1 s) filters single-sample spikes while reacting quickly.
   std::int64_t drop_votes_needed = 2;

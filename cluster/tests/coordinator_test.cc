@@ -203,14 +203,15 @@ TEST(Coordinator, TickRestoresWhenGroupDemandFalls) {
   std::int64_t t = kPeriod;
   Actions a;
   int restores_at = -1;
-  for (int i = 0; i < 12; ++i, t += kPeriod) {
+  for (int i = 0; i < 32; ++i, t += kPeriod) {
     const double d = std::max(0.1, 0.9 - 0.1 * i);
     a = c.tick(t, {fused_snap(0, d), fused_snap(1, d), snap(2, 0.5), snap(3, 0.5)});
     EXPECT_TRUE(a.drops.empty());
     if (!a.restores.empty() && restores_at < 0) restores_at = i;
   }
-  // Demand is low enough from i = 4, but a trend needs 10 samples (i = 9); two votes needed.
-  EXPECT_EQ(restores_at, 10);
+  // Demand is low enough from i = 4, but a trend needs a full window (30 samples, i = 29); two
+  // votes needed.
+  EXPECT_EQ(restores_at, 30);
   EXPECT_EQ(c.group(0)->restore_pending, true);
   // No second restore action while pending.
   a = c.tick(t, {snap(0, 0.1), snap(1, 0.1), snap(2, 0.5), snap(3, 0.5)});

@@ -131,37 +131,37 @@ TEST(DemandMonitor, RestoreOnlyWhenFallingLowAndNothingQueued) {
   for (std::size_t i = 5; i < votes.size(); ++i) EXPECT_EQ(votes[i], Vote::kRestore) << i;
 }
 
-TEST(DemandMonitor, ByDefaultAGroupStaysDroppedForTenSamples) {
-  DemandMonitor m;  // min_trend_samples = 10
+TEST(DemandMonitor, ByDefaultAGroupStaysDroppedForAFullWindow) {
+  DemandMonitor m;  // min_trend_samples = window_samples = 30
   std::vector<Vote> votes;
-  for (int i = 0; i < 12; ++i) {
+  for (int i = 0; i < 32; ++i) {
     m.observe_group(7, calm(i * kPeriod, std::max(0.1, 0.5 - 0.1 * i)));  // low and falling at once
     votes.push_back(m.group_vote(7));
   }
-  // A trend exists from the 10th sample (index 9); two eligible samples -> first vote at index 10.
-  for (int i = 0; i < 10; ++i) EXPECT_EQ(votes[static_cast<std::size_t>(i)], Vote::kNone) << i;
-  EXPECT_EQ(votes[10], Vote::kRestore);
+  // A trend exists from the 30th sample (index 29); two eligible samples -> first vote at 30.
+  for (int i = 0; i < 30; ++i) EXPECT_EQ(votes[static_cast<std::size_t>(i)], Vote::kNone) << i;
+  EXPECT_EQ(votes[30], Vote::kRestore);
 }
 
 TEST(DemandMonitor, NoRestoreWhileQueuedFlatOrRising) {
   // Falling and low, but requests queued.
-  DemandMonitor queued;
+  DemandMonitor queued(short_trend());
   for (int i = 0; i < 10; ++i) queued.observe_group(0, sample(i * kPeriod, 0.5 - 0.03 * i, 0, 1000, 1));
   EXPECT_EQ(queued.group_vote(0), Vote::kNone);
   // Pending blocks without a queue count also block it.
-  DemandMonitor pending;
+  DemandMonitor pending(short_trend());
   for (int i = 0; i < 10; ++i) pending.observe_group(0, sample(i * kPeriod, 0.5 - 0.03 * i, 5, 1000, 0));
   EXPECT_EQ(pending.group_vote(0), Vote::kNone);
   // Low but flat.
-  DemandMonitor flat;
+  DemandMonitor flat(short_trend());
   for (int i = 0; i < 10; ++i) flat.observe_group(0, calm(i * kPeriod, 0.3));
   EXPECT_EQ(flat.group_vote(0), Vote::kNone);
   // Low but rising.
-  DemandMonitor rising;
+  DemandMonitor rising(short_trend());
   for (int i = 0; i < 10; ++i) rising.observe_group(0, calm(i * kPeriod, 0.1 + 0.03 * i));
   EXPECT_EQ(rising.group_vote(0), Vote::kNone);
   // Too few samples for a trend.
-  DemandMonitor young;
+  DemandMonitor young(short_trend());
   young.observe_group(0, calm(0, 0.4));
   young.observe_group(0, calm(kPeriod, 0.3));
   young.observe_group(0, calm(2 * kPeriod, 0.2));
