@@ -154,9 +154,10 @@ void ClusterRuntime::launch(Unit& unit) {
 }
 
 void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight) {
-  // Live KV exchange: one layer of each of at most exchange_requests_per_round stale requests
-  // moves to the member that runs it, while the steps just submitted run. A request in a running
-  // step waits for the next round; a destination short of blocks ends the round.
+  // Live KV exchange, called on the engine thread after each completed step: one layer of each of
+  // at most exchange_requests_per_round stale requests moves to the member that runs it, while the
+  // other virtual engines' steps run. A request in a running step waits for the next round; a
+  // destination short of blocks ends the round.
   std::int64_t moved = 0, blocks = 0;
   for (RequestId id : unit.kv->requests_with_misplaced_layers()) {
     if (moved >= options_.exchange_requests_per_round) break;
