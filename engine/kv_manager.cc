@@ -143,12 +143,7 @@ void KvManager::import_tables(RequestId id, std::int64_t tokens, std::map<std::i
 std::vector<RequestId> KvManager::requests_with_misplaced_layers() const {
   std::vector<RequestId> out;
   for (const auto& [id, r] : requests_) {
-    if (r.swapped) continue;
-    bool misplaced = false;
-    for (const auto& [d, table] : r.tables) {
-      for (std::int64_t l : table.layers()) misplaced = misplaced || layer_device_[static_cast<std::size_t>(l)] != d;
-    }
-    if (misplaced) out.push_back(id);
+    if (!misplaced_layers(id).empty()) out.push_back(id);
   }
   return out;
 }

@@ -698,17 +698,12 @@ Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instanc
     KUN_CHECK_EQ(src.size(), dst.size());
     kv::KvStorage& src_store = devices_[static_cast<std::size_t>(from_instance)]->kv_storage();
     kv::KvStorage& dst_store = devices_[static_cast<std::size_t>(to_instance)]->kv_storage();
-    const std::int64_t block_bytes = src_store.block_bytes();
+    const auto ids = [](const std::vector<std::int64_t>& v) { return std::vector<kv::BlockId>(v.begin(), v.end()); };
     for (std::size_t i = 0; i < src.size(); ++i) {
       KUN_CHECK_EQ(src[i].layer, dst[i].layer);
-      KUN_CHECK_EQ(src[i].blocks.size(), dst[i].blocks.size());
-      for (std::size_t b = 0; b < src[i].blocks.size(); ++b) {
-        transport_->transfer(static_cast<int>(from_instance), static_cast<int>(to_instance),
-                             src_store.block_data(kv::BlockId(src[i].blocks[b])),
-                             dst_store.block_data(kv::BlockId(dst[i].blocks[b])), block_bytes, TransferKind::kKvMigration);
-        bytes += block_bytes;
-        ++blocks;
-      }
+      bytes += copy_blocks(*transport_, static_cast<int>(from_instance), src_store, static_cast<int>(to_instance), dst_store,
+                           ids(src[i].blocks), ids(dst[i].blocks), TransferKind::kKvMigration);
+      blocks += static_cast<std::int64_t>(src[i].blocks.size());
     }
     from->engine->mutable_scheduler().release_detached(request);
   } else if (live) {

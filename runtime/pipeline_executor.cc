@@ -60,8 +60,7 @@ void PipelineExecutor::do_swaps(const engine::StepPlan& plan) {
     KUN_CHECK(index >= 0 && (index + 1) * block_bytes_ <= static_cast<std::int64_t>(host.size())) << "host swap slot " << index;
     return host.data() + index * block_bytes_;
   };
-  const auto device_block = [&](int device, std::int64_t block) {
-    KUN_CHECK(device >= 0 && static_cast<std::size_t>(device) < stages_.size()) << "swap on device " << device;
+  const auto device_block = [&](int device, std::int64_t block) {  // devices checked below
     return stages_[static_cast<std::size_t>(device)].device->kv_storage().block_data(kv::BlockId(block));
   };
   // One host-link message per device and direction: swap-outs first (they free the blocks that
@@ -85,8 +84,12 @@ void PipelineExecutor::do_swaps(const engine::StepPlan& plan) {
       }
     }
   };
-  for (const engine::BlockCopy& c : plan.swap_out) KUN_CHECK(c.device >= 0 && static_cast<std::size_t>(c.device) < stages_.size());
-  for (const engine::BlockCopy& c : plan.swap_in) KUN_CHECK(c.device >= 0 && static_cast<std::size_t>(c.device) < stages_.size());
+  // run() visits devices by index, so a copy naming no stage would be skipped silently.
+  for (const auto* copies : {&plan.swap_out, &plan.swap_in}) {
+    for (const engine::BlockCopy& c : *copies) {
+      KUN_CHECK(c.device >= 0 && static_cast<std::size_t>(c.device) < stages_.size()) << "swap on device " << c.device;
+    }
+  }
   run(plan.swap_out, TransferKind::kSwapOut);
   run(plan.swap_in, TransferKind::kSwapIn);
 }
