@@ -154,11 +154,24 @@ std::vector<std::int64_t> KvManager::misplaced_layers(RequestId id) const {
   if (it == requests_.end() || it->second.swapped) return out;
   for (const auto& [d, table] : it->second.tables) {
     for (std::int64_t l : table.layers()) {
-      if (layer_device_[static_cast<std::size_t>(l)] != d) out.push_back(l);
+      if (wanted_device(it->second, l) != d) out.push_back(l);
     }
   }
   std::sort(out.begin(), out.end());
   return out;
+}
+
+void KvManager::set_home(RequestId id, std::int32_t device) {
+  auto it = requests_.find(id);
+  KUN_CHECK(it != requests_.end()) << "request " << id << " holds no KV here";
+  KUN_CHECK(device >= -1 && device < static_cast<std::int32_t>(devices_.size())) << "request " << id << " home " << device;
+  KUN_CHECK(device < 0 || it->second.tables.count(device) != 0) << "request " << id << " has no table on device " << device;
+  it->second.home = device;
+}
+
+std::int32_t KvManager::home(RequestId id) const {
+  auto it = requests_.find(id);
+  return it == requests_.end() ? -1 : it->second.home;
 }
 
 Status KvManager::move_layer(RequestId id, std::int64_t layer, const LayerCopyFn& copy) {
@@ -166,7 +179,7 @@ Status KvManager::move_layer(RequestId id, std::int64_t layer, const LayerCopyFn
   KUN_CHECK(it != requests_.end() && !it->second.swapped) << "request " << id << " holds no KV to move";
   RequestKv& r = it->second;
   KUN_CHECK(layer >= 0 && layer < num_layers()) << "layer " << layer;
-  const std::int32_t to = layer_device_[static_cast<std::size_t>(layer)];
+  const std::int32_t to = wanted_device(r, layer);
   std::int32_t from = -1;
   for (const auto& [d, table] : r.tables) {
     if (table.holds_layer(layer)) from = d;

@@ -52,11 +52,16 @@ class KvManager {
   // (a stale request keeps its KV where it was and is served by remote attention); each layer is
   // held exactly once and each placement device has a table (possibly holding no layers).
   void import_tables(RequestId id, std::int64_t tokens, std::map<std::int32_t, kv::BlockTable> tables);
-  // Requests holding some layer away from its placement, in id order.
+  // Requests holding some layer away from where it belongs, in id order.
   std::vector<RequestId> requests_with_misplaced_layers() const;
-  // Layers the request holds away from their placement, ascending.
+  // Layers the request holds away from where they belong, ascending.
   std::vector<std::int64_t> misplaced_layers(RequestId id) const;
-  // Live KV exchange, one layer: allocates the layer's blocks on its placement device, calls
+  // Reverse exchange before a group splits: every layer of the request now belongs on `device`
+  // (it continues there after the split); misplaced_layers and move_layer follow it. -1 goes back
+  // to the placement. The request must hold KV here.
+  void set_home(RequestId id, std::int32_t device);
+  std::int32_t home(RequestId id) const;  // -1: placement; also for an unknown request
+  // Live KV exchange, one layer: allocates the layer's blocks on the device it belongs on, calls
   // copy(from_device, from_blocks, to_device, to_blocks) to move the bytes, then frees the source
   // blocks. kResourceExhausted (nothing changes) when the destination is short of blocks.
   using LayerCopyFn = std::function<void(std::int32_t, const std::vector<kv::BlockId>&, std::int32_t,
@@ -87,11 +92,15 @@ class KvManager {
   struct RequestKv {
     std::int64_t tokens = 0;
     bool swapped = false;
+    std::int32_t home = -1;  // every layer belongs on this device; -1: on its placement device
     std::map<std::int32_t, kv::BlockTable> tables;  // by device
     // While swapped: host slots per (device, layer), in token order.
     std::map<std::pair<std::int32_t, std::int64_t>, std::vector<kv::BlockId>> host_slots;
   };
   RequestKv& entry(RequestId id);
+  std::int32_t wanted_device(const RequestKv& r, std::int64_t layer) const {
+    return r.home >= 0 ? r.home : layer_device_[static_cast<std::size_t>(layer)];
+  }
 
   std::int64_t block_size_tokens_;
   std::vector<kv::KvBlockAllocator*> devices_;

@@ -143,7 +143,7 @@ std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
     std::int64_t expected = -1;
     raw->first_step_us.compare_exchange_strong(expected, clock_->now_us());
   });
-  if (g > 1 && options_.stale_kv == cluster::StaleKvStrategy::kExchange) {
+  if (g > 1) {
     unit->engine->set_between_steps([raw, this](const std::function<bool(RequestId)>& in_flight) { exchange_round(*raw, in_flight); });
   }
   return unit;
@@ -155,9 +155,13 @@ void ClusterRuntime::launch(Unit& unit) {
 
 void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight) {
   // Live KV exchange, called on the engine thread after each completed step: one layer of each of
-  // at most exchange_requests_per_round stale requests moves to the member that runs it, while the
-  // other virtual engines' steps run. A request in a running step waits for the next round; a
-  // destination short of blocks ends the round.
+  // at most exchange_requests_per_round requests moves to the member it belongs on (the stage
+  // that runs it after a drop; its home while the group restores), while the other virtual
+  // engines' steps run. A request in a running step waits for the next round; a destination short
+  // of blocks ends the round.
+  const bool restoring = unit.restoring.load(std::memory_order_acquire);
+  if (!restoring && options_.stale_kv != cluster::StaleKvStrategy::kExchange) return;
+  const bool all_homed = !restoring || assign_homes(unit);
   std::int64_t moved = 0, blocks = 0;
   for (RequestId id : unit.kv->requests_with_misplaced_layers()) {
     if (moved >= options_.exchange_requests_per_round) break;
@@ -175,8 +179,101 @@ void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(Request
     ++moved;
   }
   if (blocks > 0) {
+    if (restoring) unit.live_gathered_blocks.fetch_add(blocks, std::memory_order_relaxed);
     std::lock_guard<std::mutex> el(events_mu_);
     kv_blocks_moved_ += blocks;
+  }
+  if (restoring && all_homed && !unit.gathered.load(std::memory_order_relaxed) &&
+      unit.kv->requests_with_misplaced_layers().empty()) {
+    unit.gathered.store(true, std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> pl(policy_mu_);
+      gather_done_ = true;
+    }
+    policy_cv_.notify_all();
+  }
+}
+
+bool ClusterRuntime::assign_homes(Unit& unit) {
+  const engine::Scheduler& sched = unit.engine->scheduler();
+  const engine::KvManager& kv = *unit.kv;
+  // A request reserves room for its longest possible length, so it never outgrows its home.
+  const auto final_blocks = [&](const engine::Request& r) {
+    return kv.layer_blocks_for(std::min(r.num_prompt_tokens() + r.spec.max_tokens, sched.config().max_model_len));
+  };
+  std::vector<std::int64_t> room = unit.split_room;
+  std::vector<RequestId> homeless;
+  for (RequestId id : sched.request_ids_in_order()) {
+    const engine::Request* r = sched.find(id);
+    if (r->state != engine::RequestState::kRunning || kv.tokens_held(id) == 0) continue;
+    const std::int32_t home = kv.home(id);
+    if (home >= 0) {
+      room[static_cast<std::size_t>(home)] -= final_blocks(*r);
+    } else {
+      homeless.push_back(id);
+    }
+  }
+  bool all = true;
+  for (RequestId id : homeless) {
+    const std::int64_t need = final_blocks(*sched.find(id));
+    const auto best = std::max_element(room.begin(), room.end());
+    if (*best < need) {
+      all = false;  // no member can promise it room; the split decides (it may recompute)
+      continue;
+    }
+    unit.kv->set_home(id, static_cast<std::int32_t>(best - room.begin()));
+    *best -= need;
+  }
+  return all;
+}
+
+std::vector<std::int64_t> ClusterRuntime::split_room(const std::vector<std::int64_t>& instances) const {
+  // After the split a member keeps only its base pool: its KV blocks minus the pages its dropped
+  // layers take back.
+  std::vector<std::int64_t> room;
+  for (std::int64_t inst : instances) {
+    const VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
+    const kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
+    std::int64_t dropped_layers = 0;
+    for (std::int64_t l = 0; l < config_.num_layers; ++l) dropped_layers += dev.has_layer(l) ? 0 : 1;
+    room.push_back(alloc.num_total() - dropped_layers * dev.pages_per_layer() * alloc.blocks_per_page());
+  }
+  return room;
+}
+
+Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::string& reason) {
+  auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->group == group; });
+  if (it == units_.end()) return not_found("no fused group " + std::to_string(group));
+  Unit& unit = **it;
+  KUN_CHECK(!unit.restoring.load() && !unit.gathered.load()) << "group " << group << " is already restoring";
+  unit.restore_began = std::chrono::steady_clock::now();
+  unit.restore_reason = reason;
+  if (options_.stale_kv == cluster::StaleKvStrategy::kRecompute) {
+    unit.gathered.store(true);  // nothing to gather: the split recomputes the running requests
+    return ok_status();
+  }
+  unit.engine->pause();
+  unit.engine->quiesce();
+  unit.split_room = split_room(unit.instances);
+  unit.restoring.store(true, std::memory_order_release);
+  if (assign_homes(unit) && unit.kv->requests_with_misplaced_layers().empty()) unit.gathered.store(true);
+  unit.engine->resume();
+  return ok_status();
+}
+
+void ClusterRuntime::finish_gathered_restores() {
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<std::int64_t> ready;
+  for (const auto& u : units_) {
+    if (u->gathered.load(std::memory_order_acquire) ||
+        (u->restoring.load() && now - u->restore_began >= std::chrono::microseconds(options_.restore_gather_timeout_us))) {
+      ready.push_back(u->group);
+    }
+  }
+  for (std::int64_t group : ready) {
+    Status s = restore_locked(group);
+    KUN_CHECK(s.ok()) << "restore of group " << group << " failed: " << s.to_string();
+    coordinator_->on_restore_done(group, clock_->now_us());
   }
 }
 
@@ -243,7 +340,9 @@ std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_locked() const 
       cluster::InstanceSnapshot s;
       s.instance = inst;
       s.group = u->group;
-      s.state = u->group >= 0 ? cluster::GroupState::kDropped : cluster::GroupState::kInitial;
+      s.state = u->group < 0 ? cluster::GroupState::kInitial
+                : u->restoring.load() || u->gathered.load() ? cluster::GroupState::kRestoring
+                                                            : cluster::GroupState::kDropped;
       s.kv_blocks_total = is.kv_blocks_total;
       s.kv_blocks_free = is.kv_blocks_free;
       s.blocks_demanded = is.blocks_demanded;
@@ -301,7 +400,7 @@ engine::ServingStats ClusterRuntime::stats() const {
         engine::InstanceStats is = member_share(st.instances.front(), g);
         is.instance = inst;
         is.group = u->group;
-        is.group_state = u->group >= 0 ? "DROPPED" : "INITIAL";
+        is.group_state = u->group < 0 ? "INITIAL" : u->restoring.load() || u->gathered.load() ? "RESTORING" : "DROPPED";
         is.dropped_param_bytes = devices_[static_cast<std::size_t>(inst)]->arena().stats().dropped_param_bytes;
         out.instances.push_back(is);
       }
@@ -363,11 +462,30 @@ StatusOr<std::int64_t> ClusterRuntime::drop(const std::vector<std::int64_t>& ins
 
 Status ClusterRuntime::restore(std::int64_t group) {
   std::unique_lock lock(topology_mu_);
-  KUN_ASSIGN_OR_RETURN(cluster::RestoreAction action, coordinator_->force_restore(group, clock_->now_us()));
-  coordinator_->on_restore_started(group, clock_->now_us());
-  KUN_RETURN_IF_ERROR(restore_locked(group, "forced"));
+  const cluster::GroupInfo* info = coordinator_->group(group);
+  if (info == nullptr || info->state != cluster::GroupState::kRestoring) {
+    KUN_ASSIGN_OR_RETURN(cluster::RestoreAction action, coordinator_->force_restore(group, clock_->now_us()));
+    coordinator_->on_restore_started(group, clock_->now_us());
+    KUN_RETURN_IF_ERROR(begin_restore_locked(group, "forced"));
+  }
+  KUN_RETURN_IF_ERROR(restore_locked(group));
   coordinator_->on_restore_done(group, clock_->now_us());
   return ok_status();
+}
+
+bool ClusterRuntime::gathered(std::int64_t group) const {
+  std::shared_lock lock(topology_mu_);
+  for (const auto& u : units_) {
+    if (u->group == group) return u->gathered.load(std::memory_order_acquire);
+  }
+  return false;
+}
+
+Status ClusterRuntime::begin_restore(std::int64_t group) {
+  std::unique_lock lock(topology_mu_);
+  KUN_ASSIGN_OR_RETURN(cluster::RestoreAction action, coordinator_->force_restore(group, clock_->now_us()));
+  coordinator_->on_restore_started(group, clock_->now_us());
+  return begin_restore_locked(group, "forced");
 }
 
 Status ClusterRuntime::migrate(RequestId request, std::int64_t to_instance) {
@@ -487,12 +605,15 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   return group;
 }
 
-Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& reason) {
+Status ClusterRuntime::restore_locked(std::int64_t group) {
   const auto t0 = std::chrono::steady_clock::now();
   auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->group == group; });
   if (it == units_.end()) return not_found("no fused group " + std::to_string(group));
   std::unique_ptr<Unit> unit = std::move(*it);
   units_.erase(it);
+  KUN_CHECK(unit->restoring.load() || unit->gathered.load()) << "group " << group << " splits before its gather phase";
+  const double gather_ms = std::chrono::duration<double, std::milli>(t0 - unit->restore_began).count();
+  const std::string reason = unit->restore_reason;
   const std::vector<std::int64_t> instances = unit->instances;
   const auto g = static_cast<std::int64_t>(instances.size());
   const std::int64_t L = config_.num_layers;
@@ -503,11 +624,13 @@ Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& rea
   const auto member_store = [&](std::int64_t k) -> kv::KvStorage& {
     return devices_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])]->kv_storage();
   };
-  // Take every request out at a step boundary. Running requests keep their KV for the reverse
-  // exchange below; the rest (and any request whose KV cannot be gathered) recompute.
+  // Take every request out at a step boundary. Running requests keep their KV for the rest of
+  // the reverse exchange below; the others (and any request whose KV cannot be gathered)
+  // recompute.
   struct Gathered {
     engine::Engine::Detached request;
     std::map<std::int32_t, kv::BlockTable> tables;  // by stage; after the gather only `member`'s
+    std::int32_t home = -1;                          // from the gather phase (-1: none)
     std::int64_t member = -1;                        // the member it continues on
   };
   std::vector<Gathered> with_kv;
@@ -518,26 +641,21 @@ Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& rea
     const engine::Request* r = unit->engine->scheduler().find(id);
     const bool keep = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && r->state == engine::RequestState::kRunning &&
                       unit->kv->tokens_held(id) > 0;
+    const std::int32_t home = unit->kv->home(id);
     auto d = unit->engine->detach(id, keep);
     KUN_CHECK(d.has_value());
     if (keep) {
-      with_kv.push_back(Gathered{std::move(*d), unit->kv->export_tables(id), -1});
+      with_kv.push_back(Gathered{std::move(*d), unit->kv->export_tables(id), home, -1});
     } else {
       rest.push_back(std::move(*d));
     }
   }
+  const std::int64_t live_blocks = unit->live_gathered_blocks.load();
   retire(std::move(unit));
-  // After the split member k keeps only its base pool: its pages minus those its dropped layers
-  // take back. Place each request on the member with the most room left that can hold all of its
-  // layers; a request that fits nowhere is recomputed.
-  std::vector<std::int64_t> room(static_cast<std::size_t>(g));
-  for (std::int64_t k = 0; k < g; ++k) {
-    const VirtualDevice& dev = *devices_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
-    std::int64_t dropped_layers = 0;
-    for (std::int64_t l = 0; l < L; ++l) dropped_layers += dev.has_layer(l) ? 0 : 1;
-    room[static_cast<std::size_t>(k)] =
-        member_alloc(k).num_total() - dropped_layers * dev.pages_per_layer() * member_alloc(k).blocks_per_page();
-  }
+  // Place each request on its home when it still fits there, else on the member with the most
+  // room left after the split that can hold all of its layers; a request that fits nowhere is
+  // recomputed.
+  std::vector<std::int64_t> room = split_room(instances);
   const auto free_tables = [&](Gathered& gr) {
     for (auto& [k, t] : gr.tables) t.free_all(member_alloc(k));
     gr.tables.clear();
@@ -552,6 +670,7 @@ Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& rea
       if (room[static_cast<std::size_t>(k)] < need) continue;
       if (best < 0 || room[static_cast<std::size_t>(k)] > room[static_cast<std::size_t>(best)]) best = k;
     }
+    if (gr.home >= 0 && room[static_cast<std::size_t>(gr.home)] >= need) best = gr.home;
     // The layers it gathers need free blocks on the destination now (its pool still holds the
     // extension pages, and other requests' pieces that have not left yet).
     const bool fits_now = best >= 0 && gr.tables.count(static_cast<std::int32_t>(best)) != 0 &&
@@ -655,11 +774,14 @@ Status ClusterRuntime::restore_locked(std::int64_t group, const std::string& rea
   ev.bytes = pulled_bytes;
   ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   ev.requests_moved = moved;
+  ev.gather_ms = gather_ms;
   ev.kv_blocks_exchanged = exchanged_blocks;
+  ev.kv_blocks_gathered_live = live_blocks;
   ev.requests_recomputed = recomputed;
   ev.blocks_repacked = repacked_blocks;
-  ev.reason = reason + "; KV gathered back: " + std::to_string(placed.size()) + " requests, " +
-              std::to_string(exchanged_blocks) + " blocks, " + std::to_string(exchanged_bytes) + " bytes (" +
+  ev.reason = reason + "; KV gathered back: " + std::to_string(placed.size()) + " requests, " + std::to_string(live_blocks) +
+              " blocks while decoding, " + std::to_string(exchanged_blocks) + " blocks, " + std::to_string(exchanged_bytes) +
+              " bytes at the split (" +
               std::to_string(repacked_blocks) + " blocks repacked, " + std::to_string(recomputed) + " requests recompute)";
   record(std::move(ev));
   return ok_status();
@@ -739,10 +861,10 @@ Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instanc
 void ClusterRuntime::run_actions(const cluster::Actions& actions) {
   for (const auto& r : actions.restores) {
     coordinator_->on_restore_started(r.group, clock_->now_us());
-    Status s = restore_locked(r.group, r.reason);
+    Status s = begin_restore_locked(r.group, r.reason);
     KUN_CHECK(s.ok()) << "restore of group " << r.group << " failed: " << s.to_string();
-    coordinator_->on_restore_done(r.group, clock_->now_us());
   }
+  finish_gathered_restores();  // groups with nothing to gather split at once
   for (const auto& d : actions.drops) {
     auto s = drop_locked(d.instances, d.group, d.reason);
     KUN_CHECK(s.ok()) << "drop of group " << d.group << " failed: " << s.status().to_string();
@@ -758,15 +880,24 @@ void ClusterRuntime::run_actions(const cluster::Actions& actions) {
 }
 
 void ClusterRuntime::policy_loop() {
+  // The coordinator ticks every monitor period; in between, a finished gather wakes the loop to
+  // split its group at once.
   const auto period = std::chrono::microseconds(options_.coordinator.monitor.sample_period_us);
+  auto next_tick = std::chrono::steady_clock::now() + period;
   while (true) {
     {
       std::unique_lock<std::mutex> lock(policy_mu_);
-      if (policy_cv_.wait_for(lock, period, [this] { return stopping_; })) return;
+      policy_cv_.wait_until(lock, next_tick, [this] { return stopping_ || gather_done_; });
+      if (stopping_) return;
+      gather_done_ = false;
     }
     std::unique_lock lock(topology_mu_);
-    const cluster::Actions actions = coordinator_->tick(clock_->now_us(), snapshots_locked());
-    if (!actions.empty()) run_actions(actions);
+    if (std::chrono::steady_clock::now() >= next_tick) {
+      next_tick = std::chrono::steady_clock::now() + period;
+      const cluster::Actions actions = coordinator_->tick(clock_->now_us(), snapshots_locked());
+      if (!actions.empty()) run_actions(actions);
+    }
+    finish_gathered_restores();
   }
 }
 

@@ -7,12 +7,15 @@
 //    (stale) requests keep their KV: the layers now owned by other members move there through the
 //    Transport (stop-and-copy exchange at the step boundary; recompute with exchange off or when
 //    the destination is short of blocks);
-//  * restore: the group's running requests keep their KV: each is placed on the member with the
-//    most room left, and its layers held by the other members are gathered there through the
-//    Transport (reverse exchange, stop-and-copy at the step boundary); the rest, and a request
-//    that fits on no member, recompute. Each member then reclaims its dropped layers' pages from
-//    its KV pool (repacking live blocks inside the device when the pages are not empty), pulls
-//    those layers' weights from the peer that kept them, and the group splits into g instances;
+//  * restore, in two phases. Gather (live reverse exchange): each running request gets a home, the
+//    member with the most room after the split, and between steps its layers held by the other
+//    members move there one at a time through the Transport while the group keeps decoding
+//    (remote attention serves a layer whose KV is not yet home); requests that start meanwhile
+//    get a home too. Split, once everything is home (or the gather times out): at a step
+//    boundary whatever is still away is gathered stop-and-copy, a request that fits on no member
+//    recomputes, each member reclaims its dropped layers' pages from its KV pool (repacking live
+//    blocks inside the device when the pages are not empty), pulls those layers' weights from the
+//    peer that kept them, and the group splits into g instances;
 //  * migrate (Llumnix-style baseline): a running request's KV blocks move to another instance
 //    through the Transport and it continues there without recompute; queued requests move as is.
 //
@@ -23,11 +26,14 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -60,6 +66,9 @@ struct ClusterOptions {
   // exchange_requests_per_round requests each round). Restore gathers KV back unless recompute.
   cluster::StaleKvStrategy stale_kv = cluster::StaleKvStrategy::kExchange;
   std::int64_t exchange_requests_per_round = 8;
+  // A restore's live gather phase lasts at most this long; what is not home by then is gathered
+  // stop-and-copy at the split.
+  std::int64_t restore_gather_timeout_us = 2'000'000;
 };
 
 struct ClusterEvent {
@@ -68,9 +77,11 @@ struct ClusterEvent {
   std::int64_t group = -1;
   std::vector<std::int64_t> instances;
   std::int64_t bytes = 0;        // dropped param bytes (drop), weights pulled (restore), KV moved (migrate)
-  double latency_ms = 0;         // request to done (drop: to the group's first step)
+  double latency_ms = 0;         // drop: until the group's first step; restore: the split's pause
+  double gather_ms = 0;          // restore: the live gather phase, while the group kept decoding
   std::int64_t requests_moved = 0;
-  std::int64_t kv_blocks_exchanged = 0;  // drop: stale KV spread out; restore: gathered back
+  std::int64_t kv_blocks_exchanged = 0;  // drop: stale KV spread out; restore: gathered stop-and-copy
+  std::int64_t kv_blocks_gathered_live = 0;  // restore: gathered while decoding, before the split
   std::int64_t requests_recomputed = 0;  // running requests that lost their KV in the transition
   std::int64_t blocks_repacked = 0;      // restore: live blocks moved inside a device to free pages
   std::vector<RequestId> stale_requests; // drop: the requests that had started before it
@@ -94,7 +105,13 @@ class ClusterRuntime final : public engine::FrontDoor {
 
   // Transitions; the policy thread calls them, and tests call them directly.
   StatusOr<std::int64_t> drop(const std::vector<std::int64_t>& instances);  // returns the group id
+  // Restores a group: starts the gather phase unless it is running, then splits at once
+  // (stop-and-copy for what is not home yet).
   Status restore(std::int64_t group);
+  // Starts the gather phase only; the policy thread (or restore()) splits the group later.
+  Status begin_restore(std::int64_t group);
+  // Whether a restoring group's running requests are all home (the split would move no KV).
+  bool gathered(std::int64_t group) const;
   Status migrate(RequestId request, std::int64_t to_instance);
 
   // Runs one step on every unit that has work (for tests without threads); false if all idle.
@@ -116,6 +133,14 @@ class ClusterRuntime final : public engine::FrontDoor {
     std::unique_ptr<PipelineExecutor> executor;
     std::unique_ptr<engine::Engine> engine;
     std::atomic<std::int64_t> first_step_us{-1};
+    // Restore's gather phase. `restoring` and `split_room` are set by begin_restore_locked while
+    // the engine is paused; the engine thread's exchange rounds read them and set `gathered`.
+    std::atomic<bool> restoring{false};
+    std::atomic<bool> gathered{false};
+    std::vector<std::int64_t> split_room;  // layer blocks each member keeps after the split
+    std::atomic<std::int64_t> live_gathered_blocks{0};
+    std::chrono::steady_clock::time_point restore_began;
+    std::string restore_reason;
   };
   ClusterRuntime(ClusterOptions options, const Clock* clock);
   // A unit's engine starts only in launch(), after the requests it inherits are adopted (adopting
@@ -123,12 +148,20 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::unique_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
   void launch(Unit& unit);
   void exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight);
+  // Gives each running request of a restoring unit without a home the member with the most room
+  // left after the split (engine thread, or the engine paused). True when every running request
+  // holding KV has a home.
+  bool assign_homes(Unit& unit);
+  Status begin_restore_locked(std::int64_t group, const std::string& reason);
+  std::vector<std::int64_t> split_room(const std::vector<std::int64_t>& instances) const;
+  // Splits restoring groups whose gather finished or timed out (policy thread).
+  void finish_gathered_restores();
   Unit* unit_of_instance(std::int64_t instance) const;
   std::vector<cluster::InstanceSnapshot> snapshots_locked() const;
   void policy_loop();
   void run_actions(const cluster::Actions& actions);
   StatusOr<std::int64_t> drop_locked(const std::vector<std::int64_t>& instances, std::int64_t group, const std::string& reason);
-  Status restore_locked(std::int64_t group, const std::string& reason);
+  Status restore_locked(std::int64_t group);  // the split; begin_restore_locked came first
   Status migrate_locked(RequestId request, std::int64_t to_instance, const std::string& reason);
   void retire(std::unique_ptr<Unit> unit);
   void record(ClusterEvent ev);
@@ -162,6 +195,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::mutex policy_mu_;
   std::condition_variable policy_cv_;
   bool stopping_ = false;  // guarded by policy_mu_
+  bool gather_done_ = false;  // guarded by policy_mu_: an exchange round finished a gather
   std::thread policy_thread_;
 };
 

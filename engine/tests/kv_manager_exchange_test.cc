@@ -99,6 +99,36 @@ TEST(KvManagerExchange, MoveToAFullDeviceChangesNothing) {
   g.kv->check_integrity();
 }
 
+// Reverse exchange before a split: once the request has a home, every layer held elsewhere is
+// misplaced, move_layer gathers it there, and growth then allocates only on the home device.
+TEST(KvManagerExchange, HomeGathersEveryLayerOntoOneDevice) {
+  Group g(8);
+  const RequestId id(4);
+  ASSERT_TRUE(g.kv->grow(id, 20).ok());  // a request admitted in the group: layers 0-1 on 0, 2-3 on 1
+  EXPECT_TRUE(g.kv->misplaced_layers(id).empty());
+  EXPECT_EQ(g.kv->home(id), -1);
+  g.kv->set_home(id, 1);
+  EXPECT_EQ(g.kv->home(id), 1);
+  EXPECT_EQ(g.kv->misplaced_layers(id), (std::vector<std::int64_t>{0, 1}));
+  std::vector<std::pair<std::int32_t, std::int32_t>> copies;
+  const auto copy = [&](std::int32_t from, const std::vector<kv::BlockId>&, std::int32_t to, const std::vector<kv::BlockId>&) {
+    copies.emplace_back(from, to);
+  };
+  for (std::int64_t l : g.kv->misplaced_layers(id)) ASSERT_TRUE(g.kv->move_layer(id, l, copy).ok());
+  EXPECT_EQ(copies, (std::vector<std::pair<std::int32_t, std::int32_t>>{{0, 1}, {0, 1}}));
+  EXPECT_TRUE(g.kv->requests_with_misplaced_layers().empty());
+  EXPECT_EQ(g.device(0).num_used(), 0);
+  EXPECT_EQ(g.device(1).num_used(), 8);
+  ASSERT_TRUE(g.kv->grow(id, 40).ok());  // a third token-block on each of the 4 layers, all on device 1
+  EXPECT_EQ(g.device(0).num_used(), 0);
+  EXPECT_EQ(g.device(1).num_used(), 12);
+  for (const LayerBlockList& list : g.kv->block_lists(id)) EXPECT_EQ(list.device, 1) << list.layer;
+  g.kv->check_integrity();
+  // Back to the placement: layers 0-1 are misplaced again.
+  g.kv->set_home(id, -1);
+  EXPECT_EQ(g.kv->misplaced_layers(id), (std::vector<std::int64_t>{0, 1}));
+}
+
 TEST(KvManagerExchangeDeathTest, ImportHoldingALayerTwiceAborts) {
   Group g(8);
   auto tables = stale_tables(g, 20);

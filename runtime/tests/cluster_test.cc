@@ -11,6 +11,7 @@
 #include <sstream>
 #include <map>
 #include <random>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -142,6 +143,11 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
       break;
   }
   const std::int64_t exchanged_before_restore = stats.kv_blocks_exchanged_total;
+  // Restore in two phases: the gather runs while the group keeps decoding, then the split.
+  ASSERT_TRUE((*rt)->begin_restore(*group).ok());
+  for (int i = 0; i < 200 && !(*rt)->gathered(*group); ++i) run_steps(**rt, 1);
+  ASSERT_TRUE((*rt)->gathered(*group)) << "the live gather did not finish";
+  const std::int64_t exchanged_while_gathering = (*rt)->stats().kv_blocks_exchanged_total - exchanged_before_restore;
   ASSERT_TRUE((*rt)->restore(*group).ok());
   EXPECT_EQ((*rt)->num_units(), 4);
   (*rt)->check_integrity();
@@ -149,12 +155,15 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
   ASSERT_EQ(restore_event.kind, "restore");
   if (keeps_kv) {
     // Reverse exchange: the group's running requests were gathered back onto one member each
-    // and keep decoding there; nothing is recomputed over the whole run.
-    EXPECT_GT(restore_event.kv_blocks_exchanged, 0);
+    // while decoding, so the split moved no KV; nothing is recomputed over the whole run.
+    EXPECT_GT(restore_event.kv_blocks_gathered_live, 0);
+    EXPECT_EQ(restore_event.kv_blocks_gathered_live, exchanged_while_gathering);
+    EXPECT_EQ(restore_event.kv_blocks_exchanged, 0) << restore_event.reason;
     EXPECT_EQ(restore_event.requests_recomputed, 0);
-    EXPECT_EQ((*rt)->stats().kv_blocks_exchanged_total, exchanged_before_restore + restore_event.kv_blocks_exchanged);
+    EXPECT_EQ((*rt)->stats().kv_blocks_exchanged_total, exchanged_before_restore + exchanged_while_gathering);
   } else {
     EXPECT_EQ(restore_event.kv_blocks_exchanged, 0);
+    EXPECT_EQ(restore_event.kv_blocks_gathered_live, 0);
   }
   drain(**rt);
   if (keeps_kv) {
@@ -316,6 +325,9 @@ TEST_P(ClusterThreadedTest, TransitionsWhileServingKeepTokens) {
   ASSERT_TRUE(group.ok()) << group.status().to_string();
   for (int i = 16; i < 24; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], callback(i)).ok());
   wait_for([&] { return tokens_seen >= 150; });
+  // The live gather runs on the group's engine thread while it serves; then the split.
+  ASSERT_TRUE((*rt)->begin_restore(*group).ok());
+  for (int i = 0; i < 2000 && !(*rt)->gathered(*group); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   ASSERT_TRUE((*rt)->restore(*group).ok());
   wait_for([&] { return finished == 24; });
   (*rt)->check_integrity();
@@ -348,6 +360,8 @@ TEST_P(ClusterPropertyTest, RandomTransitionsAndCancelsKeepInvariants) {
   std::mt19937_64 rng(1);
   std::map<int, RequestId> ids;
   std::vector<std::int64_t> groups;
+  bool gathering = false;  // groups.back() is in its restore's gather phase
+  int restores = 0;        // every other restore has a gather phase of some steps
   int next = 0;
   for (int step = 0; step < 400 && (next < 48 || (*rt)->run_step_all()); ++step) {
     if (next < 48 && rng() % 2 == 0) {
@@ -361,9 +375,18 @@ TEST_P(ClusterPropertyTest, RandomTransitionsAndCancelsKeepInvariants) {
       const bool four = rng() % 2;
       auto g = (*rt)->drop(four ? std::vector<std::int64_t>{0, 1, 2, 3} : std::vector<std::int64_t>{rng() % 2 ? 0 : 2, rng() % 2 ? 1 : 3});
       if (g.ok()) groups.push_back(*g);
-    } else if (action == 1 && !groups.empty()) {
+    } else if (action == 1 && !groups.empty() && !gathering) {
+      if (++restores % 2 == 1) {
+        ASSERT_TRUE((*rt)->begin_restore(groups.back()).ok());  // split later, by action 3
+        gathering = true;
+      } else {
+        ASSERT_TRUE((*rt)->restore(groups.back()).ok());
+        groups.pop_back();
+      }
+    } else if (action == 3 && gathering) {
       ASSERT_TRUE((*rt)->restore(groups.back()).ok());
       groups.pop_back();
+      gathering = false;
     } else if (action == 2 && !ids.empty()) {
       auto it = ids.begin();
       std::advance(it, static_cast<long>(rng() % ids.size()));

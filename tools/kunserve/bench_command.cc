@@ -118,6 +118,19 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
       const workload::Report rep = workload::build_report(recs, policy_name, slo);
       return nlohmann::json{{"requests", recs.size()}, {"ttft_p99_ms", rep.ttft_ms.p99}, {"tpot_mean_ms", rep.tpot_ms.mean}};
     };
+    // Restores: how long the live gather ran while the group decoded, and the KV it moved, against
+    // what the split still had to move stop-and-copy.
+    std::vector<double> gather_ms;
+    std::int64_t gathered_live = 0, gathered_at_split = 0;
+    for (const runtime::ClusterEvent& ev : rt->events()) {
+      if (ev.kind != "restore") continue;
+      gather_ms.push_back(ev.gather_ms);
+      gathered_live += ev.kv_blocks_gathered_live;
+      gathered_at_split += ev.kv_blocks_exchanged;
+    }
+    run.extra["restore_gather_ms"] = gather_ms;
+    run.extra["restore_kv_blocks_gathered_live"] = gathered_live;
+    run.extra["restore_kv_blocks_gathered_at_split"] = gathered_at_split;
     run.extra["stale_requests"] = summary(stale);
     run.extra["new_requests"] = summary(fresh);
   }

@@ -24,6 +24,8 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--stale-kv", stale_kv,
                   "running requests when their instance fuses: recompute | remote-attention | exchange (live)");
   cmd->add_option("--exchange-per-round", exchange_per_round, "live KV exchange: requests moved per round (one layer each)");
+  cmd->add_option("--restore-gather-timeout-ms", restore_gather_timeout_ms,
+                  "restore: longest live gather of KV back onto one member per request before the split");
   cmd->add_option("--balance-fused", balance_fused,
                   "fused groups: balanced virtual-engine micro-batches (share of the queue each, 1/g of the step budget)");
 }
@@ -62,6 +64,8 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   }
   if (exchange_per_round < 1) return invalid_argument("--exchange-per-round must be >= 1");
   o.exchange_requests_per_round = exchange_per_round;
+  if (restore_gather_timeout_ms < 0) return invalid_argument("--restore-gather-timeout-ms must be >= 0");
+  o.restore_gather_timeout_us = restore_gather_timeout_ms * 1000;
   o.allowed_degrees = group_sizes;
   return o;
 }

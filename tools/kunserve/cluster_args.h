@@ -31,6 +31,7 @@ struct ClusterArgs {
   bool balance_fused = true;
   std::string stale_kv = "exchange";
   std::int64_t exchange_per_round = 8;
+  std::int64_t restore_gather_timeout_ms = 2000;
   void add_to(CLI::App* cmd);
   // Device capacity = the model's parameters + KV for kv_tokens_per_device tokens.
   StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
