@@ -7,12 +7,22 @@
 // are off by default and reports say whether they were on. Without pacing a swap on this machine
 // is a memcpy at DRAM bandwidth, which no GPU's PCIe link comes near.
 //
-// Threads: any thread may call transfer(); counters are atomic.
+// With pacing, each directed device-to-device link carries one message at a time. Latency-bound
+// messages (activations, remote attention) take the link in arrival order as soon as it is free;
+// bulk transfers (KV exchange and migration, weight pulls) cross it in chunks, each sent only
+// when nothing else holds the link, so an activation waits behind at most one bulk chunk: the
+// background movement of KV and weights yields to the pipeline.
+//
+// Threads: any thread may call transfer(); counters are atomic, link state is per link.
 #pragma once
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 
@@ -29,10 +39,13 @@ enum class TransferKind {
   kCount
 };
 const char* transfer_kind_name(TransferKind k);
+// Bulk kinds yield the link to latency-bound ones between chunks.
+bool is_bulk_transfer(TransferKind k);
 
 struct LinkModel {
   double bandwidth_bytes_per_s = 0.0;  // 0: no pacing
   std::int64_t latency_us = 0;
+  std::int64_t bulk_chunk_bytes = 64 * 1024;  // a bulk transfer yields the link between chunks
   bool enabled() const { return bandwidth_bytes_per_s > 0.0 || latency_us > 0; }
   std::string describe() const;
 };
@@ -40,6 +53,7 @@ struct LinkModel {
 struct TransferStats {
   std::array<std::int64_t, static_cast<int>(TransferKind::kCount)> bytes{};
   std::array<std::int64_t, static_cast<int>(TransferKind::kCount)> messages{};
+  std::int64_t bulk_chunks_deferred = 0;  // bulk chunks that waited for other traffic on their link
   std::int64_t bytes_of(TransferKind k) const { return bytes[static_cast<int>(k)]; }
   std::int64_t total_bytes() const;
 };
@@ -77,8 +91,16 @@ class InProcessTransport final : public Transport {
 
  private:
   void count(TransferKind kind, std::int64_t bytes);
+  struct LinkState {
+    std::mutex mu;
+    std::chrono::steady_clock::time_point free_at{};  // guarded by mu: the link's last reservation ends
+  };
+  LinkState& link_state(int src_device, int dst_device);
   LinkModel link_;
   LinkModel host_link_;
+  std::mutex links_mu_;
+  std::map<std::pair<int, int>, std::unique_ptr<LinkState>> links_;  // guarded by links_mu_
+  std::atomic<std::int64_t> bulk_chunks_deferred_{0};
   std::array<std::atomic<std::int64_t>, static_cast<int>(TransferKind::kCount)> bytes_{};
   std::array<std::atomic<std::int64_t>, static_cast<int>(TransferKind::kCount)> messages_{};
 };

@@ -101,6 +101,7 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
     bytes[runtime::transfer_kind_name(static_cast<runtime::TransferKind>(k))] = ts.bytes[static_cast<std::size_t>(k)];
   }
   run.extra["transfer_bytes"] = bytes;
+  run.extra["bulk_chunks_deferred"] = ts.bulk_chunks_deferred;  // KV / weight chunks that let activations go first
   run.extra["link_model"] = o.link.describe();
   run.extra["host_link_model"] = o.host_link.describe();
   run.extra["wall_s"] = rr.wall_s;
