@@ -195,6 +195,15 @@ Status KvManager::move_layer(RequestId id, std::int64_t layer, const LayerCopyFn
   return ok_status();
 }
 
+std::int64_t KvManager::remap_blocks(std::int32_t device, std::span<const kv::BlockMove> moves) {
+  std::int64_t remapped = 0;
+  for (auto& [id, r] : requests_) {
+    auto t = r.tables.find(device);
+    if (t != r.tables.end()) remapped += t->second.remap_blocks(moves);
+  }
+  return remapped;
+}
+
 bool KvManager::swap_out(RequestId id, std::vector<BlockCopy>* out) {
   auto it = requests_.find(id);
   if (it == requests_.end() || it->second.swapped) return false;

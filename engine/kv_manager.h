@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "common/ids.h"
@@ -67,6 +68,10 @@ class KvManager {
   using LayerCopyFn = std::function<void(std::int32_t, const std::vector<kv::BlockId>&, std::int32_t,
                                          const std::vector<kv::BlockId>&)>;
   Status move_layer(RequestId id, std::int64_t layer, const LayerCopyFn& copy);
+
+  // Repack inside device `device` (pages going back to parameters): rewrites every request's
+  // blocks by `moves` (from -> to); returns how many it rewrote.
+  std::int64_t remap_blocks(std::int32_t device, std::span<const kv::BlockMove> moves);
 
   // Swap: moves all of a request's device blocks to host slots, appending the copies to `out`.
   // False (nothing changes) when the host space is short.

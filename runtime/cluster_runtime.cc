@@ -186,11 +186,33 @@ void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(Request
   if (restoring && all_homed && !unit.gathered.load(std::memory_order_relaxed) &&
       unit.kv->requests_with_misplaced_layers().empty()) {
     unit.gathered.store(true, std::memory_order_release);
-    {
-      std::lock_guard<std::mutex> pl(policy_mu_);
-      gather_done_ = true;
+    notify_restore_progress();
+  }
+}
+
+void ClusterRuntime::notify_restore_progress() {
+  {
+    std::lock_guard<std::mutex> pl(policy_mu_);
+    restore_progress_ = true;
+  }
+  policy_cv_.notify_all();
+}
+
+StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
+    std::int64_t inst, const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap, std::int64_t* repacked) {
+  VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
+  kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
+  while (true) {
+    KUN_ASSIGN_OR_RETURN(kv::ReclaimResult reclaimed, alloc.reclaim_pages(dev.pages_per_layer()));
+    if (reclaimed.moves.empty()) return std::move(reclaimed.pages);
+    kv::KvStorage& store = dev.kv_storage();
+    for (const kv::BlockMove& m : reclaimed.moves) {
+      std::memcpy(store.block_data(m.to), store.block_data(m.from), static_cast<std::size_t>(store.block_bytes()));
     }
-    policy_cv_.notify_all();
+    const std::int64_t remapped = remap(reclaimed.moves);
+    KUN_CHECK_EQ(remapped, static_cast<std::int64_t>(reclaimed.moves.size())) << "repack on device " << inst;
+    for (const kv::BlockMove& m : reclaimed.moves) alloc.free(m.from);
+    *repacked += remapped;
   }
 }
 
@@ -248,15 +270,54 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
   KUN_CHECK(!unit.restoring.load() && !unit.gathered.load()) << "group " << group << " is already restoring";
   unit.restore_began = std::chrono::steady_clock::now();
   unit.restore_reason = reason;
-  if (options_.stale_kv == cluster::StaleKvStrategy::kRecompute) {
-    unit.gathered.store(true);  // nothing to gather: the split recomputes the running requests
-    return ok_status();
-  }
   unit.engine->pause();
   unit.engine->quiesce();
-  unit.split_room = split_room(unit.instances);
-  unit.restoring.store(true, std::memory_order_release);
-  if (assign_homes(unit) && unit.kv->requests_with_misplaced_layers().empty()) unit.gathered.store(true);
+  // Weights first, as in the artifact: each member takes its dropped layers' pages back from its
+  // KV pool now (repacking live blocks inside the device), and the bytes cross the link on a
+  // background thread as bulk transfers, yielding to the activations of the group, which keeps
+  // decoding on its stage layers. A layer whose pages the pool cannot spare yet waits for the split.
+  const auto g = static_cast<std::int64_t>(unit.instances.size());
+  const std::int64_t L = config_.num_layers;
+  struct Pull {
+    int from, to;
+    std::span<const std::byte> src;
+    std::span<std::byte> dst;
+  };
+  std::vector<Pull> pulls;
+  for (std::int64_t k = 0; k < g; ++k) {
+    const std::int64_t inst = unit.instances[static_cast<std::size_t>(k)];
+    VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
+    for (std::int64_t l = 0; l < L; ++l) {
+      if (dev.has_layer(l)) continue;
+      auto pages = reclaim_layer_pages(
+          inst, [&](std::span<const kv::BlockMove> moves) { return unit.kv->remap_blocks(static_cast<std::int32_t>(k), moves); },
+          &unit.restore_repacked_blocks);
+      if (!pages.ok()) break;
+      KUN_CHECK_OK(dev.restore_layer(l, *pages));
+      const std::int64_t owner = unit.instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
+      pulls.push_back(Pull{static_cast<int>(owner), static_cast<int>(inst), devices_[static_cast<std::size_t>(owner)]->layer_bytes(l),
+                           dev.restored_layer_data(l)});
+      unit.restore_pulled_bytes += static_cast<std::int64_t>(pulls.back().src.size());
+    }
+  }
+  if (pulls.empty()) {
+    unit.weights_back.store(true);
+  } else {
+    unit.weight_pull = std::thread([this, &unit, pulls = std::move(pulls)] {
+      for (const Pull& p : pulls) {
+        transport_->transfer(p.from, p.to, p.src.data(), p.dst.data(), static_cast<std::int64_t>(p.src.size()), TransferKind::kWeights);
+      }
+      unit.weights_back.store(true, std::memory_order_release);
+      notify_restore_progress();
+    });
+  }
+  if (options_.stale_kv == cluster::StaleKvStrategy::kRecompute) {
+    unit.gathered.store(true);  // nothing to gather: the split recomputes the running requests
+  } else {
+    unit.split_room = split_room(unit.instances);
+    unit.restoring.store(true, std::memory_order_release);
+    if (assign_homes(unit) && unit.kv->requests_with_misplaced_layers().empty()) unit.gathered.store(true);
+  }
   unit.engine->resume();
   return ok_status();
 }
@@ -265,8 +326,9 @@ void ClusterRuntime::finish_gathered_restores() {
   const auto now = std::chrono::steady_clock::now();
   std::vector<std::int64_t> ready;
   for (const auto& u : units_) {
-    if (u->gathered.load(std::memory_order_acquire) ||
-        (u->restoring.load() && now - u->restore_began >= std::chrono::microseconds(options_.restore_gather_timeout_us))) {
+    if (u->group < 0 || !(u->restoring.load() || u->gathered.load())) continue;  // not restoring
+    const bool done = u->gathered.load(std::memory_order_acquire) && u->weights_back.load(std::memory_order_acquire);
+    if (done || now - u->restore_began >= std::chrono::microseconds(options_.restore_gather_timeout_us)) {
       ready.push_back(u->group);
     }
   }
@@ -473,10 +535,10 @@ Status ClusterRuntime::restore(std::int64_t group) {
   return ok_status();
 }
 
-bool ClusterRuntime::gathered(std::int64_t group) const {
+bool ClusterRuntime::ready_to_split(std::int64_t group) const {
   std::shared_lock lock(topology_mu_);
   for (const auto& u : units_) {
-    if (u->group == group) return u->gathered.load(std::memory_order_acquire);
+    if (u->group == group) return u->gathered.load(std::memory_order_acquire) && u->weights_back.load(std::memory_order_acquire);
   }
   return false;
 }
@@ -609,9 +671,11 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   const auto t0 = std::chrono::steady_clock::now();
   auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->group == group; });
   if (it == units_.end()) return not_found("no fused group " + std::to_string(group));
+  KUN_CHECK((*it)->restoring.load() || (*it)->gathered.load()) << "group " << group << " splits before its gather phase";
+  // The weights pulled since begin_restore must have arrived (the group serves meanwhile).
+  if ((*it)->weight_pull.joinable()) (*it)->weight_pull.join();
   std::unique_ptr<Unit> unit = std::move(*it);
   units_.erase(it);
-  KUN_CHECK(unit->restoring.load() || unit->gathered.load()) << "group " << group << " splits before its gather phase";
   const double gather_ms = std::chrono::duration<double, std::milli>(t0 - unit->restore_began).count();
   const std::string reason = unit->restore_reason;
   const std::vector<std::int64_t> instances = unit->instances;
@@ -651,6 +715,7 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
     }
   }
   const std::int64_t live_blocks = unit->live_gathered_blocks.load();
+  std::int64_t pulled_bytes = unit->restore_pulled_bytes, repacked_blocks = unit->restore_repacked_blocks;
   retire(std::move(unit));
   // Place each request on its home when it still fits there, else on the member with the most
   // room left after the split that can hold all of its layers; a request that fits nowhere is
@@ -703,33 +768,24 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
     KUN_CHECK_EQ(gr.tables.at(0).num_layers(), L) << "request " << gr.request.request.id << " gathered";
     placed.push_back(std::move(gr));
   }
-  // Give each member's dropped layers their pages back: repack live blocks out of the pages the
-  // allocator picks (copies inside the device), then pull the weights from the peer that kept them.
-  std::int64_t pulled_bytes = 0, repacked_blocks = 0;
+  // Layers whose pages the pool could not spare at begin_restore get them now: repack live blocks
+  // out of the pages the allocator picks (copies inside the device), then pull the weights from
+  // the peer that kept them, with the group paused.
   for (std::int64_t k = 0; k < g; ++k) {
     const std::int64_t inst = instances[static_cast<std::size_t>(k)];
     VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
     kv::KvBlockAllocator& alloc = member_alloc(k);
+    const auto remap = [&](std::span<const kv::BlockMove> moves) {
+      std::int64_t remapped = 0;
+      for (Gathered& gr : placed) {
+        if (gr.member == k) remapped += gr.tables.at(0).remap_blocks(moves);
+      }
+      return remapped;
+    };
     for (std::int64_t l = 0; l < L; ++l) {
       if (dev.has_layer(l)) continue;
-      while (true) {
-        KUN_ASSIGN_OR_RETURN(kv::ReclaimResult reclaimed, alloc.reclaim_pages(dev.pages_per_layer()));
-        if (reclaimed.moves.empty()) {
-          KUN_RETURN_IF_ERROR(dev.restore_layer(l, reclaimed.pages));
-          break;
-        }
-        kv::KvStorage& store = dev.kv_storage();
-        for (const kv::BlockMove& m : reclaimed.moves) {
-          std::memcpy(store.block_data(m.to), store.block_data(m.from), static_cast<std::size_t>(store.block_bytes()));
-        }
-        std::int64_t remapped = 0;
-        for (Gathered& gr : placed) {
-          if (gr.member == k) remapped += gr.tables.at(0).remap_blocks(reclaimed.moves);
-        }
-        KUN_CHECK_EQ(remapped, static_cast<std::int64_t>(reclaimed.moves.size())) << "repack on device " << inst;
-        for (const kv::BlockMove& m : reclaimed.moves) alloc.free(m.from);
-        repacked_blocks += remapped;
-      }
+      KUN_ASSIGN_OR_RETURN(std::vector<memory::PageId> pages, reclaim_layer_pages(inst, remap, &repacked_blocks));
+      KUN_RETURN_IF_ERROR(dev.restore_layer(l, pages));
       const std::int64_t owner = instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
       const auto src = devices_[static_cast<std::size_t>(owner)]->layer_bytes(l);
       auto dst = dev.restored_layer_data(l);
@@ -887,9 +943,9 @@ void ClusterRuntime::policy_loop() {
   while (true) {
     {
       std::unique_lock<std::mutex> lock(policy_mu_);
-      policy_cv_.wait_until(lock, next_tick, [this] { return stopping_ || gather_done_; });
+      policy_cv_.wait_until(lock, next_tick, [this] { return stopping_ || restore_progress_; });
       if (stopping_) return;
-      gather_done_ = false;
+      restore_progress_ = false;
     }
     std::unique_lock lock(topology_mu_);
     if (std::chrono::steady_clock::now() >= next_tick) {
@@ -923,7 +979,14 @@ void ClusterRuntime::check_integrity() {
     for (std::int64_t l = 0; l < L; ++l) {
       int holders = 0;
       for (std::int64_t inst : u->instances) holders += devices_[static_cast<std::size_t>(inst)]->has_layer(l) ? 1 : 0;
-      KUN_CHECK_EQ(holders, 1) << "layer " << l << " in unit of instance " << u->instances.front();
+      if (u->restoring.load() || u->gathered.load()) {
+        // A restoring group pulls its dropped layers back while it serves from the stage owners.
+        const std::int64_t g = static_cast<std::int64_t>(u->instances.size());
+        const std::int64_t owner = u->instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
+        KUN_CHECK(devices_[static_cast<std::size_t>(owner)]->has_layer(l)) << "layer " << l << " left its stage owner " << owner;
+      } else {
+        KUN_CHECK_EQ(holders, 1) << "layer " << l << " in unit of instance " << u->instances.front();
+      }
     }
   }
   for (std::size_t i = 0; i < devices_.size(); ++i) {

@@ -7,15 +7,16 @@
 //    (stale) requests keep their KV: the layers now owned by other members move there through the
 //    Transport (stop-and-copy exchange at the step boundary; recompute with exchange off or when
 //    the destination is short of blocks);
-//  * restore, in two phases. Gather (live reverse exchange): each running request gets a home, the
-//    member with the most room after the split, and between steps its layers held by the other
-//    members move there one at a time through the Transport while the group keeps decoding
-//    (remote attention serves a layer whose KV is not yet home); requests that start meanwhile
-//    get a home too. Split, once everything is home (or the gather times out): at a step
-//    boundary whatever is still away is gathered stop-and-copy, a request that fits on no member
-//    recomputes, each member reclaims its dropped layers' pages from its KV pool (repacking live
-//    blocks inside the device when the pages are not empty), pulls those layers' weights from the
-//    peer that kept them, and the group splits into g instances;
+//  * restore, in two phases. Gather: each member reclaims its dropped layers' pages from its KV
+//    pool (repacking live blocks inside the device) and a background thread pulls those layers'
+//    weights from the peers that kept them; each running request gets a home, the member with the
+//    most room after the split, and between steps its layers held by the other members move
+//    there one at a time (live reverse exchange; remote attention serves a layer whose KV is not
+//    yet home); requests that start meanwhile get a home too. The group keeps decoding on its
+//    stage layers throughout. Split, once the weights are back and every request is home (or the
+//    gather times out): at a step boundary whatever is still away is gathered stop-and-copy, a
+//    request that fits on no member recomputes, layers whose pages could not be spared earlier
+//    are reclaimed and pulled now, and the group splits into g instances;
 //  * migrate (Llumnix-style baseline): a running request's KV blocks move to another instance
 //    through the Transport and it continues there without recompute; queued requests move as is.
 //
@@ -33,6 +34,8 @@
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
+#include <span>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -110,8 +113,9 @@ class ClusterRuntime final : public engine::FrontDoor {
   Status restore(std::int64_t group);
   // Starts the gather phase only; the policy thread (or restore()) splits the group later.
   Status begin_restore(std::int64_t group);
-  // Whether a restoring group's running requests are all home (the split would move no KV).
-  bool gathered(std::int64_t group) const;
+  // Whether a restoring group is ready to split without moving anything: its running requests'
+  // KV is all home and its members' weights are back.
+  bool ready_to_split(std::int64_t group) const;
   Status migrate(RequestId request, std::int64_t to_instance);
 
   // Runs one step on every unit that has work (for tests without threads); false if all idle.
@@ -141,6 +145,14 @@ class ClusterRuntime final : public engine::FrontDoor {
     std::atomic<std::int64_t> live_gathered_blocks{0};
     std::chrono::steady_clock::time_point restore_began;
     std::string restore_reason;
+    // The dropped layers' weights, pulled back by `weight_pull` while the group decodes.
+    std::thread weight_pull;
+    std::atomic<bool> weights_back{false};
+    std::int64_t restore_repacked_blocks = 0;  // at begin_restore
+    std::int64_t restore_pulled_bytes = 0;     // by weight_pull
+    ~Unit() {
+      if (weight_pull.joinable()) weight_pull.join();
+    }
   };
   ClusterRuntime(ClusterOptions options, const Clock* clock);
   // A unit's engine starts only in launch(), after the requests it inherits are adopted (adopting
@@ -154,6 +166,14 @@ class ClusterRuntime final : public engine::FrontDoor {
   bool assign_homes(Unit& unit);
   Status begin_restore_locked(std::int64_t group, const std::string& reason);
   std::vector<std::int64_t> split_room(const std::vector<std::int64_t>& instances) const;
+  // Takes one layer's worth of pages back from device `inst`'s KV pool, repacking live blocks
+  // inside the device first; `remap` rewrites the block tables holding them and returns how
+  // many entries it changed. kResourceExhausted (nothing changes) when the pool cannot spare them.
+  StatusOr<std::vector<memory::PageId>> reclaim_layer_pages(std::int64_t inst,
+                                                            const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
+                                                            std::int64_t* repacked);
+  // Wakes the policy thread: a restore's gather or weight pull finished.
+  void notify_restore_progress();
   // Splits restoring groups whose gather finished or timed out (policy thread).
   void finish_gathered_restores();
   Unit* unit_of_instance(std::int64_t instance) const;
@@ -195,7 +215,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::mutex policy_mu_;
   std::condition_variable policy_cv_;
   bool stopping_ = false;  // guarded by policy_mu_
-  bool gather_done_ = false;  // guarded by policy_mu_: an exchange round finished a gather
+  bool restore_progress_ = false;  // guarded by policy_mu_: a gather or weight pull finished
   std::thread policy_thread_;
 };
 

@@ -144,11 +144,18 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
   }
   const std::int64_t exchanged_before_restore = stats.kv_blocks_exchanged_total;
   // Restore in two phases: the gather runs while the group keeps decoding, then the split.
+  // The weights come back first, on a background thread, while the group keeps decoding.
   ASSERT_TRUE((*rt)->begin_restore(*group).ok());
-  for (int i = 0; i < 200 && !(*rt)->gathered(*group); ++i) run_steps(**rt, 1);
-  ASSERT_TRUE((*rt)->gathered(*group)) << "the live gather did not finish";
+  for (int i = 0; i < 2000 && !(*rt)->ready_to_split(*group); ++i) {
+    run_steps(**rt, 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_TRUE((*rt)->ready_to_split(*group)) << "the live gather or the weight pull did not finish";
   const std::int64_t exchanged_while_gathering = (*rt)->stats().kv_blocks_exchanged_total - exchanged_before_restore;
+  const std::int64_t weights_before_split = (*rt)->transfer_stats().bytes_of(TransferKind::kWeights);
+  EXPECT_GT(weights_before_split, 0) << "the weights were not pulled before the split";
   ASSERT_TRUE((*rt)->restore(*group).ok());
+  EXPECT_EQ((*rt)->transfer_stats().bytes_of(TransferKind::kWeights), weights_before_split) << "the split pulled weights";
   EXPECT_EQ((*rt)->num_units(), 4);
   (*rt)->check_integrity();
   const ClusterEvent restore_event = (*rt)->events().back();
@@ -290,7 +297,8 @@ TEST(ClusterSwapTest, SwapCopiesCrossThePacedHostLink) {
 
 // The same transitions with every engine and pipeline stage on its own thread (as in serving):
 // drop and restore land while steps run, stale requests are served by remote attention while the
-// live exchange moves their KV, and tokens stay exact. The TSan configuration runs this.
+// live exchange moves their KV, a restore pulls weights and gathers KV back while the group
+// serves, and tokens stay exact. The TSan configuration runs this.
 class ClusterThreadedTest : public ::testing::TestWithParam<cluster::StaleKvStrategy> {};
 
 TEST_P(ClusterThreadedTest, TransitionsWhileServingKeepTokens) {
@@ -327,7 +335,7 @@ TEST_P(ClusterThreadedTest, TransitionsWhileServingKeepTokens) {
   wait_for([&] { return tokens_seen >= 150; });
   // The live gather runs on the group's engine thread while it serves; then the split.
   ASSERT_TRUE((*rt)->begin_restore(*group).ok());
-  for (int i = 0; i < 2000 && !(*rt)->gathered(*group); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  for (int i = 0; i < 2000 && !(*rt)->ready_to_split(*group); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   ASSERT_TRUE((*rt)->restore(*group).ok());
   wait_for([&] { return finished == 24; });
   (*rt)->check_integrity();

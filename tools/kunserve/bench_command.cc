@@ -42,15 +42,17 @@ struct BenchArgs {
   std::string out_dir;
 };
 
-std::vector<std::string> split_list(const std::string& s) {
+std::vector<std::string> split_on(const std::string& s, char sep) {
   std::vector<std::string> out;
   std::stringstream ss(s);
   std::string item;
-  while (std::getline(ss, item, ',')) {
+  while (std::getline(ss, item, sep)) {
     if (!item.empty()) out.push_back(item);
   }
   return out;
 }
+
+std::vector<std::string> split_list(const std::string& s) { return split_on(s, ','); }
 
 struct PolicyRun {
   workload::Report report;
@@ -62,14 +64,20 @@ struct PolicyRun {
 StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource& weights, const std::string& policy_name,
                                    const workload::Trace& trace, const workload::SloSpec& slo) {
   const model::ModelConfig& config = weights.config();
-  // "kunserve/remote-attention": a policy with its stale-request strategy (the #5 ablation).
-  const std::size_t slash = policy_name.find('/');
+  // "kunserve/remote-attention": a policy with its stale-request strategy, and
+  // "kunserve/exchange/no-lookahead" without lookahead batch formation in fused groups (the #5
+  // ablation runs them side by side).
+  const std::vector<std::string> parts = split_on(policy_name, '/');
   ClusterArgs cluster_args = a.cluster;
-  if (slash != std::string::npos) cluster_args.stale_kv = policy_name.substr(slash + 1);
+  const auto usage = [&] {
+    return invalid_argument("unknown policy '" + policy_name +
+                            "' (recompute | swap | migrate | kunserve[/recompute|/remote-attention|/exchange[/no-lookahead]])");
+  };
+  if (parts.size() > 3 || (parts.size() == 3 && parts[2] != "no-lookahead")) return usage();
+  if (parts.size() >= 2) cluster_args.stale_kv = parts[1];
+  if (parts.size() == 3) cluster_args.balance_fused = false;
   cluster::Policy policy;
-  if (!cluster::parse_policy(policy_name.substr(0, slash), &policy)) {
-    return invalid_argument("unknown policy '" + policy_name + "' (recompute | swap | migrate | kunserve[/recompute|/remote-attention|/exchange])");
-  }
+  if (!cluster::parse_policy(parts.front(), &policy)) return usage();
   KUN_ASSIGN_OR_RETURN(DType dtype, a.model.device_dtype(config));
   KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o, cluster_args.build(config, dtype, policy, a.model.display_name()));
   SteadyClock clock;
@@ -107,6 +115,7 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   run.extra["wall_s"] = rr.wall_s;
   if (policy == cluster::Policy::kKunServe) {
     run.extra["stale_kv"] = cluster::stale_kv_strategy_name(o.stale_kv);
+    run.extra["lookahead"] = o.scheduler.balance_virtual_engines;
     run.extra["recomputed_tokens"] = st.recomputed_tokens_total;
     // Requests that had started when their instance fused (stale) against the rest.
     std::set<std::int64_t> stale_ids;
@@ -255,7 +264,7 @@ void add_bench_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--host", a->host, "server host (server mode)");
   cmd->add_option("--port", a->port, "server port (server mode)");
   cmd->add_option("--served-model", a->served_model, "model name sent to the server");
-  cmd->add_option("--policies", a->policies, "comma-separated: recompute,swap,migrate,kunserve; kunserve/<stale-kv> picks the stale-request strategy (in-process)");
+  cmd->add_option("--policies", a->policies, "comma-separated: recompute,swap,migrate,kunserve; kunserve/<stale-kv>[/no-lookahead] picks the stale-request strategy and turns off lookahead batching in fused groups (in-process)");
   a->trace.add_to(cmd);
   a->cluster.add_to(cmd);
   cmd->add_option("--slo-ttft-ms", a->slo_ttft_ms);
