@@ -1,13 +1,20 @@
 #include "engine/scheduler.h"
 
 #include <algorithm>
+#include <numeric>
 #include <string>
 
 #include "common/check.h"
 #include "common/log.h"
-#include "common/units.h"
 
 namespace kun::engine {
+namespace {
+
+// Lookahead window per virtual engine: enough queue to fill a round of g micro-batches several
+// requests deep, small enough that planning stays cheap and near the head of the queue.
+constexpr std::int64_t kLookaheadPerVirtualEngine = 4;
+
+}  // namespace
 
 const char* request_state_name(RequestState s) {
   switch (s) {
@@ -58,6 +65,10 @@ Status SchedulerConfig::validate() const {
   if (max_waiting_requests <= 0) return invalid_argument("max_waiting_requests must be > 0");
   if (max_model_len <= 1) return invalid_argument("max_model_len must be > 1");
   if (num_virtual_engines < 1) return invalid_argument("num_virtual_engines must be >= 1");
+  if (min_prefill_chunk_tokens < 0) return invalid_argument("min_prefill_chunk_tokens must be >= 0");
+  if (step_cost.fixed_us < 0 || step_cost.per_token_us < 0 || step_cost.per_context_token_us < 0) {
+    return invalid_argument("step_cost terms must be >= 0");
+  }
   if (!enable_chunked_prefill && max_num_batched_tokens < max_model_len) {
     return invalid_argument("without chunked prefill max_num_batched_tokens must be >= max_model_len");
   }
@@ -149,7 +160,21 @@ TokenEvent Scheduler::make_event(const Request& r, std::int32_t token) const {
 std::int64_t Scheduler::chunk_for(const Request& r, std::int64_t budget) const {
   std::int64_t n = std::min(r.num_uncomputed(), budget);
   if (config_.max_prefill_chunk_tokens > 0) n = std::min(n, config_.max_prefill_chunk_tokens);
+  if (typical_chunk_cap_ > 0) n = std::min(n, typical_chunk_cap_);
   return n;
+}
+
+std::int64_t Scheduler::compute_typical_chunk_cap() const {
+  // A long prompt in one micro-batch makes it the pipeline's bottleneck however the rest is
+  // spread; cut to the size of a typical (median) prompt, its pieces are items the lookahead can
+  // balance like any short prompt. The lower median leans to the short side of a bimodal mix.
+  if (!lookahead() || recent_prompts_.empty()) return 0;
+  std::vector<std::int64_t> lengths = recent_prompts_;
+  const auto median = lengths.begin() + static_cast<std::ptrdiff_t>((lengths.size() - 1) / 2);
+  std::nth_element(lengths.begin(), median, lengths.end());
+  const std::int64_t floor =
+      config_.min_prefill_chunk_tokens > 0 ? config_.min_prefill_chunk_tokens : kv_->block_size_tokens();
+  return std::max(lengths[static_cast<std::size_t>(median - lengths.begin())], floor);
 }
 
 void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
@@ -224,6 +249,20 @@ std::vector<std::int64_t> Scheduler::running_per_ve() const {
   return load;
 }
 
+std::vector<double> Scheduler::predicted_loads() const {
+  std::vector<double> load(static_cast<std::size_t>(config_.num_virtual_engines), config_.step_cost.fixed_us);
+  for (RequestId id : running_) {
+    const Request& r = requests_.at(id);
+    if (r.virtual_engine < 0) continue;
+    // A decode's next chunk is its one newest token, a prefill's the chunk it gets with a whole
+    // step budget; for a request in flight that is the chunk now running, a close stand-in for
+    // the next one.
+    load[static_cast<std::size_t>(r.virtual_engine)] +=
+        config_.step_cost.sequence_us(r.num_computed, chunk_for(r, config_.max_num_batched_tokens));
+  }
+  return load;
+}
+
 std::int64_t Scheduler::least_loaded_ve() const {
   const std::vector<std::int64_t> load = running_per_ve();
   return std::min_element(load.begin(), load.end()) - load.begin();
@@ -292,30 +331,106 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
   }
 }
 
+void Scheduler::admit(Request& r, std::int64_t ve, std::int64_t n, StepPlan* plan) {
+  KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
+  if (r.timings.first_scheduled_us < 0) {  // first admission: its prompt joins the typical length
+    if (recent_prompts_.size() < kPromptHistory) {
+      recent_prompts_.push_back(r.num_prompt_tokens());
+    } else {
+      recent_prompts_[recent_prompts_next_] = r.num_prompt_tokens();
+    }
+    recent_prompts_next_ = (recent_prompts_next_ + 1) % kPromptHistory;
+  }
+  r.state = RequestState::kRunning;
+  r.virtual_engine = ve;
+  running_.push_back(r.id);
+  add_to_plan(r, n, plan);
+}
+
 void Scheduler::schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
-  // With virtual engines, a virtual engine admits only up to its fair share of the requests
-  // (running + waiting) / g; the rest of the queue is left to the others, so the g micro-batches
-  // of a fused pipeline stay balanced.
-  const std::int64_t g = config_.num_virtual_engines;
-  const bool balance = g > 1 && config_.balance_virtual_engines;
-  const std::int64_t share = balance ? ceil_div(static_cast<std::int64_t>(running_.size() + waiting_.size()), g) : 0;
-  std::int64_t mine = balance ? running_per_ve()[static_cast<std::size_t>(ve)] : 0;
+  if (lookahead()) {
+    schedule_waiting_lookahead(ve, plan, budget);
+    return;
+  }
   while (!waiting_.empty() && *budget > 0 &&
          static_cast<std::int64_t>(running_.size()) < config_.max_num_seqs) {
-    if (balance && mine >= share) break;
-    ++mine;
     Request& r = requests_.at(waiting_.front());
     if (!config_.enable_chunked_prefill && r.num_uncomputed() > *budget) break;
     const std::int64_t n = chunk_for(r, *budget);
     if (!kv_->can_grow(r.id, r.num_computed + n)) break;  // FCFS: the head waits for blocks
-    KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
     waiting_.pop_front();
-    r.state = RequestState::kRunning;
-    r.virtual_engine = ve;
-    running_.push_back(r.id);
-    add_to_plan(r, n, plan);
+    admit(r, ve, n, plan);
     *budget -= n;
   }
+}
+
+void Scheduler::schedule_waiting_lookahead(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
+  // The g micro-batches of a round run through the same stages one after another, so a round
+  // lasts g times the costliest one: balance predicted step cost, not request count. Plan the
+  // head of the queue over all virtual engines (longest-first onto the least loaded, the LPT
+  // multiway partition) and admit only what lands here; the rest waits for its virtual engine,
+  // whose own schedule() plans again with the loads as they are then.
+  if (waiting_.empty()) return;
+  const std::int64_t g = config_.num_virtual_engines;
+  const RequestId head = waiting_.front();
+  if (head != watched_head_) {
+    watched_head_ = head;
+    head_passed_over_ = 0;
+  }
+  const std::int64_t room = config_.max_num_seqs - static_cast<std::int64_t>(running_.size());
+  const std::int64_t window =
+      std::min({static_cast<std::int64_t>(waiting_.size()), room, kLookaheadPerVirtualEngine * g});
+  if (window <= 0) return;
+  const auto w = static_cast<std::size_t>(window);
+  std::vector<RequestId> ids(waiting_.begin(), waiting_.begin() + static_cast<std::ptrdiff_t>(w));
+  std::vector<std::int64_t> first_chunk(w);
+  std::vector<double> cost(w);
+  for (std::size_t i = 0; i < w; ++i) {
+    const Request& r = requests_.at(ids[i]);
+    first_chunk[i] = chunk_for(r, config_.max_num_batched_tokens);
+    cost[i] = config_.step_cost.sequence_us(r.num_computed, first_chunk[i]);
+  }
+  std::vector<double> load = predicted_loads();
+  std::vector<std::int64_t> owner(w, -1);
+  // Replanning at every call means the plan moves with each arrival, finish and chunk, so the
+  // head could be planned elsewhere again and again (onto a virtual engine whose step is slow
+  // to come back, say). Once it has been passed over by g calls in a row, a whole round, it is
+  // this virtual engine's: admitted now or, short of budget or blocks, nothing passes it.
+  const bool head_due = head_passed_over_ >= g;
+  if (head_due) {
+    owner[0] = ve;
+    load[static_cast<std::size_t>(ve)] += cost[0];
+  }
+  std::vector<std::size_t> order(w);
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return cost[a] > cost[b]; });
+  for (std::size_t i : order) {
+    if (owner[i] >= 0) continue;
+    auto best = static_cast<std::size_t>(ve);  // ties: this virtual engine, the one about to run
+    for (std::size_t v = 0; v < load.size(); ++v) {
+      if (load[v] < load[best]) best = v;
+    }
+    owner[i] = static_cast<std::int64_t>(best);
+    load[best] += cost[i];
+  }
+  // Admit ours in queue order. A request ahead that cannot get blocks for its first chunk holds
+  // back everyone behind it, whichever virtual engine it is planned for (FCFS head-of-line
+  // blocking, as without lookahead).
+  std::vector<RequestId> admitted;
+  for (std::size_t i = 0; i < w; ++i) {
+    if (*budget <= 0 || static_cast<std::int64_t>(running_.size()) >= config_.max_num_seqs) break;
+    Request& r = requests_.at(ids[i]);
+    const bool mine = owner[i] == ve;
+    if (mine && !config_.enable_chunked_prefill && r.num_uncomputed() > *budget) break;
+    const std::int64_t n = mine ? chunk_for(r, *budget) : first_chunk[i];
+    if (!kv_->can_grow(r.id, r.num_computed + n)) break;
+    if (!mine) continue;
+    admit(r, ve, n, plan);
+    admitted.push_back(r.id);
+    *budget -= n;
+  }
+  for (RequestId id : admitted) waiting_.erase(std::find(waiting_.begin(), waiting_.end(), id));
+  if (!waiting_.empty() && waiting_.front() == head) ++head_passed_over_;
 }
 
 StepPlan Scheduler::schedule(std::int64_t ve) {
@@ -323,6 +438,7 @@ StepPlan Scheduler::schedule(std::int64_t ve) {
   kv_->begin_step();
   StepPlan plan;
   plan.step_index = counters_.steps;
+  typical_chunk_cap_ = compute_typical_chunk_cap();
   std::int64_t budget = config_.max_num_batched_tokens;
   if (config_.priority == StepPriority::kPrefillFirst) {
     schedule_swapped(ve, &plan, &budget);

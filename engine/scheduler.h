@@ -12,6 +12,7 @@
 // free KV and requeue at the head; swap: copy KV to a bounded host space and back later).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -25,6 +26,7 @@
 #include "engine/kv_manager.h"
 #include "engine/request.h"
 #include "engine/step.h"
+#include "engine/step_cost.h"
 
 namespace kun::engine {
 
@@ -50,9 +52,17 @@ struct SchedulerConfig {
   // Virtual engines (DESIGN.md 3.4): disjoint request sets, each scheduled and run as its own
   // step so a g-stage pipeline keeps g steps in flight. 1 for an independent instance.
   std::int64_t num_virtual_engines = 1;
-  // Balanced batch formation for virtual engines: each admits at most its share of the requests
-  // (running + waiting) / num_virtual_engines. Off: the engine scheduled first takes what fits.
+  // Lookahead batch formation for virtual engines (g > 1): a virtual engine's schedule() plans
+  // the head of the waiting queue over all g virtual engines, longest-first onto the least loaded
+  // by predicted step cost (step_cost), and admits only the requests planned onto itself; prefill
+  // chunks are capped at the typical (median) recent prompt length, so a long prompt spreads over
+  // several rounds in pieces the size of the short ones. Off: the engine scheduled first takes
+  // what fits, chunks are limited by the step budget only.
   bool balance_virtual_engines = true;
+  // Predicted step time, the load that lookahead balances (set from the model's shape).
+  StepCostModel step_cost;
+  // Floor of the typical-length chunk cap (0: one KV block).
+  std::int64_t min_prefill_chunk_tokens = 0;
   Status validate() const;
 };
 
@@ -72,9 +82,9 @@ struct SchedulerCounters {
 
 // The scheduler configuration of a fused group of g instances (DESIGN.md 3.4): chunked prefill
 // on, g virtual engines, batch and queue bounds g instances' worth. With balanced virtual engines
-// each one's step gets 1/g of the instance's token budget (at least min_step_tokens), so a round
-// of g steps carries one instance step's tokens and long prompts are chunked to that size;
-// without, each gets the whole budget.
+// (lookahead) each one's step gets 1/g of the instance's token budget (at least
+// min_step_tokens), so a round of g steps carries one instance step's tokens; without, each gets
+// the whole budget. The caller sets step_cost from the model's shape.
 SchedulerConfig fused_scheduler_config(SchedulerConfig instance, std::int64_t g, std::int64_t min_step_tokens);
 
 // Checks a request against the configuration alone (no scheduler state), so a front door can
@@ -97,6 +107,11 @@ class Scheduler {
   // admits (which then belong to it). An empty plan means nothing can run there now. Requests of
   // other virtual engines are never touched (they may be in flight).
   StepPlan schedule(std::int64_t ve = 0);
+  // Predicted cost (config().step_cost) of each virtual engine's next step over its running
+  // requests: fixed cost plus each request's next chunk at its current context.
+  std::vector<double> predicted_loads() const;
+  // The prefill chunk cap from recent prompt lengths (0: none; only with lookahead on).
+  std::int64_t typical_chunk_tokens() const { return typical_chunk_cap_; }
   // Applies a step's sampled tokens; returns the token events in plan order (final events
   // included). Finished requests are removed and their blocks freed.
   std::vector<TokenEvent> apply_result(const StepPlan& plan, const StepResult& result);
@@ -139,6 +154,12 @@ class Scheduler {
   bool schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
   void schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
   void schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
+  // Lookahead admission of virtual engine `ve` (balance_virtual_engines with g > 1).
+  void schedule_waiting_lookahead(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
+  // Moves a waiting request into ve's running set and plans its first chunk of n tokens.
+  void admit(Request& r, std::int64_t ve, std::int64_t n, StepPlan* plan);
+  bool lookahead() const { return config_.num_virtual_engines > 1 && config_.balance_virtual_engines; }
+  std::int64_t compute_typical_chunk_cap() const;
   std::vector<std::int64_t> running_per_ve() const;  // running requests of each virtual engine
   std::int64_t least_loaded_ve() const;
   std::int64_t chunk_for(const Request& r, std::int64_t budget) const;
@@ -158,6 +179,15 @@ class Scheduler {
   std::deque<RequestId> swapped_;
   std::deque<RequestId> running_;  // admission order
   SchedulerCounters counters_;
+  // Prompt lengths of the last kPromptHistory first admissions (a ring), for the typical chunk.
+  static constexpr std::size_t kPromptHistory = 64;
+  std::vector<std::int64_t> recent_prompts_;
+  std::size_t recent_prompts_next_ = 0;
+  std::int64_t typical_chunk_cap_ = 0;  // fixed at the start of each schedule()
+  // Starvation guard of the lookahead: how many consecutive lookahead admissions left the
+  // current queue head waiting.
+  RequestId watched_head_;
+  std::int64_t head_passed_over_ = 0;
 };
 
 }  // namespace kun::engine

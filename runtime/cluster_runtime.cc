@@ -135,6 +135,10 @@ std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
   // A group is g devices running g virtual engines, each stage working through the g
   // micro-batches of a round.
   ec.scheduler = engine::fused_scheduler_config(ec.scheduler, g, options_.device.kv_block_size);
+  // Lookahead balances the virtual engines by predicted step cost; the decoder layers' weights
+  // set the per-token cost (the embedding is a lookup).
+  ec.scheduler.step_cost = engine::StepCostModel::for_shape(static_cast<double>(config_.num_layers * config_.layer_param_count()),
+                                                            config_.num_layers, config_.hidden_size);
   ec.model = model_info_;
   ec.publish_requests = options_.coordinator.policy == cluster::Policy::kMigrate;
   unit->engine = std::make_unique<engine::Engine>(ec, unit->kv.get(), unit->executor.get(), clock_);

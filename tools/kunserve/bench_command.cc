@@ -1,5 +1,6 @@
 #include "tools/kunserve/bench_command.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -184,7 +185,9 @@ Status write_outputs(const BenchArgs& a, const std::vector<PolicyRun>& runs, con
   if (ec) return invalid_argument("cannot create " + a.out_dir + ": " + ec.message());
   std::vector<std::pair<std::string, std::string>> cdfs;
   for (const auto& r : runs) {
-    const std::string base = a.out_dir + "/" + r.report.policy;
+    std::string file_stem = r.report.policy;  // "kunserve/exchange" -> "kunserve_exchange"
+    std::replace(file_stem.begin(), file_stem.end(), '/', '_');
+    const std::string base = a.out_dir + "/" + file_stem;
     const workload::Timeline tl = workload::build_timeline(r.records, r.gauges);
     KUN_RETURN_IF_ERROR(bench::write_text_file(base + "_timeline.csv", workload::timeline_to_csv(tl)));
     KUN_RETURN_IF_ERROR(bench::write_text_file(base + "_ttft_cdf.csv", bench::ttft_cdf_csv(r.records)));

@@ -27,7 +27,9 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--restore-gather-timeout-ms", restore_gather_timeout_ms,
                   "restore: longest live gather of KV back onto one member per request before the split");
   cmd->add_option("--balance-fused", balance_fused,
-                  "fused groups: balanced virtual-engine micro-batches (share of the queue each, 1/g of the step budget)");
+                  "fused groups: lookahead batch formation (a step-time cost model balances the virtual engines' "
+                  "micro-batches, longest first; long prompts chunked to the typical prompt length; 1/g of the step "
+                  "budget each)");
 }
 
 StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
