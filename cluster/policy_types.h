@@ -4,10 +4,12 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "common/ids.h"
+#include "common/status.h"
 
 namespace kun::cluster {
 
@@ -28,6 +30,16 @@ bool parse_policy(const std::string& s, Policy* out);
 enum class StaleKvStrategy { kRecompute, kRemoteAttention, kExchange };
 const char* stale_kv_strategy_name(StaleKvStrategy s);
 bool parse_stale_kv_strategy(const std::string& s, StaleKvStrategy* out);
+
+// A policy as the bench and the simulator name the variants they run side by side: "recompute",
+// "swap", "migrate", "kunserve", "kunserve/<stale-kv>" (the stale-request strategy) or
+// "kunserve/<stale-kv>/no-lookahead" (fused groups without lookahead batch formation).
+struct PolicyVariant {
+  Policy policy = Policy::kKunServe;
+  std::optional<StaleKvStrategy> stale_kv;  // unset: the caller's default
+  bool lookahead = true;
+};
+StatusOr<PolicyVariant> parse_policy_variant(const std::string& name);
 
 struct RequestSnapshot {
   RequestId id;

@@ -8,6 +8,7 @@
 
 #include "common/check.h"
 #include "common/log.h"
+#include "engine/restore_homes.h"
 
 namespace kun::runtime {
 namespace {
@@ -165,7 +166,7 @@ void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(Request
   // of blocks ends the round.
   const bool restoring = unit.restoring.load(std::memory_order_acquire);
   if (!restoring && options_.stale_kv != cluster::StaleKvStrategy::kExchange) return;
-  const bool all_homed = !restoring || assign_homes(unit);
+  const bool all_homed = !restoring || engine::assign_restore_homes(unit.engine->scheduler(), *unit.kv, unit.split_room).all_homed;
   std::int64_t moved = 0, blocks = 0;
   for (RequestId id : unit.kv->requests_with_misplaced_layers()) {
     if (moved >= options_.exchange_requests_per_round) break;
@@ -218,39 +219,6 @@ StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
     for (const kv::BlockMove& m : reclaimed.moves) alloc.free(m.from);
     *repacked += remapped;
   }
-}
-
-bool ClusterRuntime::assign_homes(Unit& unit) {
-  const engine::Scheduler& sched = unit.engine->scheduler();
-  const engine::KvManager& kv = *unit.kv;
-  // A request reserves room for its longest possible length, so it never outgrows its home.
-  const auto final_blocks = [&](const engine::Request& r) {
-    return kv.layer_blocks_for(std::min(r.num_prompt_tokens() + r.spec.max_tokens, sched.config().max_model_len));
-  };
-  std::vector<std::int64_t> room = unit.split_room;
-  std::vector<RequestId> homeless;
-  for (RequestId id : sched.request_ids_in_order()) {
-    const engine::Request* r = sched.find(id);
-    if (r->state != engine::RequestState::kRunning || kv.tokens_held(id) == 0) continue;
-    const std::int32_t home = kv.home(id);
-    if (home >= 0) {
-      room[static_cast<std::size_t>(home)] -= final_blocks(*r);
-    } else {
-      homeless.push_back(id);
-    }
-  }
-  bool all = true;
-  for (RequestId id : homeless) {
-    const std::int64_t need = final_blocks(*sched.find(id));
-    const auto best = std::max_element(room.begin(), room.end());
-    if (*best < need) {
-      all = false;  // no member can promise it room; the split decides (it may recompute)
-      continue;
-    }
-    unit.kv->set_home(id, static_cast<std::int32_t>(best - room.begin()));
-    *best -= need;
-  }
-  return all;
 }
 
 std::vector<std::int64_t> ClusterRuntime::split_room(const std::vector<std::int64_t>& instances) const {
@@ -320,7 +288,8 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
   } else {
     unit.split_room = split_room(unit.instances);
     unit.restoring.store(true, std::memory_order_release);
-    if (assign_homes(unit) && unit.kv->requests_with_misplaced_layers().empty()) unit.gathered.store(true);
+    const bool all_homed = engine::assign_restore_homes(unit.engine->scheduler(), *unit.kv, unit.split_room).all_homed;
+    if (all_homed && unit.kv->requests_with_misplaced_layers().empty()) unit.gathered.store(true);
   }
   unit.engine->resume();
   return ok_status();

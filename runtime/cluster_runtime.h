@@ -160,10 +160,6 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::unique_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
   void launch(Unit& unit);
   void exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight);
-  // Gives each running request of a restoring unit without a home the member with the most room
-  // left after the split (engine thread, or the engine paused). True when every running request
-  // holding KV has a home.
-  bool assign_homes(Unit& unit);
   Status begin_restore_locked(std::int64_t group, const std::string& reason);
   std::vector<std::int64_t> split_room(const std::vector<std::int64_t>& instances) const;
   // Takes one layer's worth of pages back from device `inst`'s KV pool, repacking live blocks

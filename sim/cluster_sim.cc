@@ -9,6 +9,7 @@
 #include "cluster/planner.h"
 #include "common/check.h"
 #include "common/log.h"
+#include "engine/restore_homes.h"
 
 namespace kun::sim {
 
@@ -26,6 +27,20 @@ struct ClusterSim::Unit {
   engine::StepPlan plan;
   engine::StepResult result;
   bool blocked = false;  // waiting for a transition at its next step boundary
+  std::int64_t resume_us = 0;  // no step starts before (a split's stop-and-copy gather)
+  // Fused units: live KV exchange after the drop, reverse exchange (gather) while restoring.
+  struct KvMove {
+    std::int64_t index = -1;     // trace index
+    std::int64_t ready_us = -1;  // its bulk transfer has crossed the link
+  };
+  std::vector<KvMove> kv_moves;            // in queue order
+  std::vector<std::int64_t> link_free_us;  // per stage: when its link has carried what is queued
+  std::vector<std::vector<std::size_t>> open_round;  // per stage: kv_moves entries of the round being filled
+  std::vector<double> open_round_us;                  // per stage: that round's transfer time
+  std::int64_t exchange_begin_us = -1;     // a drop's exchange still running
+  bool restoring = false;
+  std::int64_t restore_begin_us = 0;
+  std::int64_t weights_ready_us = 0;
 };
 
 namespace {
@@ -145,7 +160,93 @@ std::unique_ptr<ClusterSim::Unit> ClusterSim::make_unit(const std::vector<std::i
   ec.eos_token_id = static_cast<std::int32_t>(cost_.model().eos_token_id);
   ec.vocab_size = cost_.model().vocab_size;
   u->executor = std::make_unique<SimExecutor>(&cost_, ec);
+  u->link_free_us.assign(static_cast<std::size_t>(g), clock_.now_us());
+  u->open_round.assign(static_cast<std::size_t>(g), {});
+  u->open_round_us.assign(static_cast<std::size_t>(g), 0.0);
   return u;
+}
+
+std::int64_t ClusterSim::layer_block_bytes() const {
+  return config_.block_size_tokens * cost_.kv_bytes_per_token_per_layer();
+}
+
+void ClusterSim::queue_kv_move(Unit& u, std::int64_t index, std::int64_t link, std::int64_t layers,
+                               std::int64_t layer_bytes) {
+  const auto k = static_cast<std::size_t>(link);
+  u.kv_moves.push_back(Unit::KvMove{index, -1});
+  u.open_round[k].push_back(u.kv_moves.size() - 1);
+  u.open_round_us[k] += static_cast<double>(layers) * transfer_us(link_, layer_bytes);  // one message per layer
+  if (static_cast<std::int64_t>(u.open_round[k].size()) >= config_.exchange_requests_per_round) close_kv_round(u, link);
+}
+
+void ClusterSim::close_kv_round(Unit& u, std::int64_t link) {
+  const auto k = static_cast<std::size_t>(link);
+  if (u.open_round[k].empty()) return;
+  const std::int64_t start = std::max(clock_.now_us(), u.link_free_us[k]);
+  const std::int64_t end = start + static_cast<std::int64_t>(std::ceil(u.open_round_us[k]));
+  for (std::size_t i : u.open_round[k]) u.kv_moves[i].ready_us = end;
+  u.link_free_us[k] = end;
+  u.open_round[k].clear();
+  u.open_round_us[k] = 0.0;
+}
+
+void ClusterSim::assign_homes(Unit& u) {
+  // As the runtime: a running request continues after the split on a home member (the one with
+  // the most room left after the split, its base pool), and its other layers are gathered there.
+  const auto g = static_cast<std::int64_t>(u.members.size());
+  const engine::HomeAssignment homes = engine::assign_restore_homes(
+      *u.scheduler, *u.kv, std::vector<std::int64_t>(static_cast<std::size_t>(g), kv_blocks_per_instance_));
+  bool queued = false;
+  for (RequestId id : homes.newly_homed) {
+    const auto layers = static_cast<std::int64_t>(u.kv->misplaced_layers(id).size());
+    if (layers == 0) continue;
+    queue_kv_move(u, id.value, u.kv->home(id), layers, u.kv->token_blocks(u.kv->tokens_held(id)) * layer_block_bytes());
+    queued = true;
+  }
+  if (!queued) return;
+  for (std::int64_t k = 0; k < g; ++k) close_kv_round(u, k);
+  // The split waits for the gather (at most restore_gather_timeout_us) and the weights.
+  const std::int64_t gathered = *std::max_element(u.link_free_us.begin(), u.link_free_us.end());
+  const std::int64_t ready =
+      std::max(u.weights_ready_us, std::min(gathered, u.restore_begin_us + config_.restore_gather_timeout_us));
+  for (auto& pr : pending_restores_) {
+    if (pr.group == u.group) pr.ready_us = ready;
+  }
+}
+
+void ClusterSim::advance_kv_moves(Unit& u, bool assign) {
+  if (u.members.size() < 2) return;
+  if (assign && u.restoring && keeps_kv()) assign_homes(u);
+  const std::int64_t now = clock_.now_us();
+  const std::int64_t block_bytes = layer_block_bytes();
+  std::vector<Unit::KvMove> left;
+  for (const Unit::KvMove& m : u.kv_moves) {
+    const RequestId id(m.index);
+    if (m.ready_us < 0 || m.ready_us > now) {
+      left.push_back(m);
+      continue;
+    }
+    if (u.scheduler->find(id) == nullptr || u.kv->tokens_held(id) == 0) continue;  // finished or preempted
+    bool done = true;
+    for (std::int64_t layer : u.kv->misplaced_layers(id)) {
+      std::int64_t blocks = 0;
+      Status st = u.kv->move_layer(id, layer, [&](std::int32_t, const std::vector<kv::BlockId>& from, std::int32_t,
+                                                  const std::vector<kv::BlockId>&) {
+        blocks += static_cast<std::int64_t>(from.size());
+      });
+      if (!st.ok()) {  // the destination is short of blocks: retry at the next step boundary
+        done = false;
+        break;
+      }
+      (u.restoring ? counters_.kv_bytes_gathered : counters_.kv_bytes_exchanged) += blocks * block_bytes;
+    }
+    if (!done) left.push_back(m);
+  }
+  u.kv_moves = std::move(left);
+  if (!u.restoring && u.exchange_begin_us >= 0 && u.kv_moves.empty()) {
+    counters_.exchange_ms.push_back(static_cast<double>(now - u.exchange_begin_us) / 1000.0);
+    u.exchange_begin_us = -1;
+  }
 }
 
 ClusterSim::Unit* ClusterSim::unit_of_instance(std::int64_t instance) {
@@ -266,6 +367,7 @@ void ClusterSim::finish_step(Unit& u) {
   u.in_flight = false;
   auto events = u.scheduler->apply_result(u.plan, u.result);
   handle_events(u, events);
+  advance_kv_moves(u, /*assign=*/true);
   const std::int64_t every = config_.check_invariants_every_steps;
   if (every > 0 && u.scheduler->counters().steps % every == 0) u.scheduler->check_invariants();
 }
@@ -274,7 +376,7 @@ void ClusterSim::start_steps() {
   const std::int64_t now = clock_.now_us();
   for (auto& up : units_) {
     Unit& u = *up;
-    if (u.in_flight || u.blocked || !u.scheduler->has_unfinished()) continue;
+    if (u.in_flight || u.blocked || now < u.resume_us || !u.scheduler->has_unfinished()) continue;
     u.plan = u.scheduler->schedule();
     if (u.plan.sequences.empty() && u.plan.swap_in.empty() && u.plan.swap_out.empty()) continue;
     for (const auto& s : u.plan.sequences) {
@@ -286,28 +388,6 @@ void ClusterSim::start_steps() {
     u.in_flight = true;
     ++counters_.steps;
   }
-}
-
-std::vector<ClusterSim::PendingMove> ClusterSim::drain_requests(Unit& u) {
-  std::vector<PendingMove> out;
-  KUN_CHECK(!u.in_flight) << "drain at a step boundary only";
-  for (std::int64_t idx : u.requests) {
-    const engine::Request* r = u.scheduler->find(RequestId(idx));
-    KUN_CHECK(r != nullptr) << "request " << idx << " lost";
-    PendingMove m;
-    m.index = idx;
-    m.tokens = r->spec.prompt_tokens;
-    m.tokens.insert(m.tokens.end(), r->output_tokens.begin(), r->output_tokens.end());
-    m.max_tokens = r->spec.max_tokens - r->num_output_tokens();
-    KUN_CHECK_GT(m.max_tokens, 0) << "request " << idx;
-    if (r->state == engine::RequestState::kRunning || r->state == engine::RequestState::kSwapped) {
-      ++counters_.stale_requests_recomputed;
-    }
-    out.push_back(std::move(m));
-  }
-  for (const auto& m : out) u.scheduler->cancel(RequestId(m.index));
-  u.requests.clear();
-  return out;
 }
 
 std::int64_t ClusterSim::least_outstanding(const std::vector<std::int64_t>& unit_indices) const {
@@ -328,18 +408,50 @@ void ClusterSim::collect(const Unit& u) {
   counters_.recomputed_tokens += c.recomputed_tokens;
   counters_.swap_bytes += u.executor->counters().swap_bytes;
   counters_.activation_bytes += u.executor->counters().activation_bytes;
+  counters_.remote_attention_bytes += u.executor->counters().remote_attention_bytes;
+  counters_.remote_attention_us += u.executor->counters().remote_attention_us;
 }
 
 void ClusterSim::fuse(const cluster::DropAction& drop) {
-  std::vector<PendingMove> moved;
-  for (std::int64_t inst : drop.instances) {
-    Unit* u = unit_of_instance(inst);
-    KUN_CHECK(u != nullptr && u->members.size() == 1) << "instance " << inst << " is not independent";
-    auto m = drain_requests(*u);
-    moved.insert(moved.end(), std::make_move_iterator(m.begin()), std::make_move_iterator(m.end()));
-  }
-  for (const auto& u : units_) {
-    if (std::find(drop.instances.begin(), drop.instances.end(), u->members[0]) != drop.instances.end()) collect(*u);
+  // As the runtime's drop: every request leaves its member at a step boundary. Running requests
+  // keep their KV unless the strategy is recompute; the others queue in the group, those that had
+  // started first (they recompute).
+  const std::int64_t now = clock_.now_us();
+  struct WithKv {
+    engine::Request request;
+    std::int64_t stage = 0;   // the member it ran on, which keeps its KV
+    std::int64_t tokens = 0;  // KV tokens held
+  };
+  std::vector<WithKv> with_kv;
+  std::vector<engine::Request> stale, fresh;
+  for (std::size_t k = 0; k < drop.instances.size(); ++k) {
+    Unit* u = unit_of_instance(drop.instances[k]);
+    KUN_CHECK(u != nullptr && u->members.size() == 1) << "instance " << drop.instances[k] << " is not independent";
+    KUN_CHECK(!u->in_flight) << "fuse at a step boundary only";
+    for (RequestId id : u->scheduler->request_ids_in_order()) {
+      const engine::Request* r = u->scheduler->find(id);
+      const std::int64_t held = u->kv->tokens_held(id);
+      const bool running = r->state == engine::RequestState::kRunning && held > 0;
+      if (running && !is_stale_[static_cast<std::size_t>(id.value)]) {
+        is_stale_[static_cast<std::size_t>(id.value)] = true;
+        stale_ids_.push_back(id.value);
+      }
+      const bool keep = running && keeps_kv();
+      auto d = u->scheduler->detach(id, keep);
+      KUN_CHECK(d.has_value());
+      if (keep) {
+        with_kv.push_back(WithKv{std::move(*d), static_cast<std::int64_t>(k), held});
+        continue;
+      }
+      if (running) {
+        ++counters_.stale_requests_recomputed;
+        counters_.stale_tokens_recomputed += held;
+      }
+      (d->max_computed > 0 ? stale : fresh).push_back(std::move(*d));
+    }
+    KUN_CHECK_EQ(u->scheduler->has_unfinished(), false);
+    u->requests.clear();
+    collect(*u);
   }
   units_.erase(std::remove_if(units_.begin(), units_.end(),
                               [&](const auto& u) {
@@ -349,17 +461,100 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
                units_.end());
   auto group = make_unit(drop.instances, drop.group);
   const std::int64_t num_layers = cost_.model().num_layers;
+  const auto g = static_cast<std::int64_t>(drop.instances.size());
   for (std::int64_t kept : group->stage_layers) {
     counters_.param_bytes_dropped += (num_layers - kept) * pages_per_layer_ * config_.page_bytes;
   }
-  std::sort(moved.begin(), moved.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
-  for (auto& m : moved) add_to_unit(*group, m.index, std::move(m.tokens), m.max_tokens);
+  // Stale requests keep their KV on the member they ran on (every layer there); the group's
+  // KvManager knows which layers are misplaced, and the executor charges remote attention for them.
+  const std::int64_t bs = config_.block_size_tokens;
+  bool exchanging = false;
+  for (WithKv& s : with_kv) {
+    const RequestId id = s.request.id;
+    std::map<std::int32_t, kv::BlockTable> tables;
+    bool fits = true;
+    for (std::int64_t j = 0; j < g; ++j) {
+      kv::BlockTable t(bs, 0, j == s.stage ? num_layers : 0);
+      if (!t.append_tokens(s.tokens, *group->allocators[static_cast<std::size_t>(j)]).ok()) fits = false;
+      tables.emplace(static_cast<std::int32_t>(j), std::move(t));
+    }
+    if (!fits) {  // cannot happen while the member's pool only grows; recompute as a fallback
+      for (auto& [j, t] : tables) t.free_all(*group->allocators[static_cast<std::size_t>(j)]);
+      ++counters_.stale_requests_recomputed;
+      counters_.stale_tokens_recomputed += s.tokens;
+      s.request.num_computed = 0;
+      stale.insert(stale.begin(), std::move(s.request));
+      continue;
+    }
+    group->kv->import_tables(id, s.tokens, std::move(tables));
+    group->scheduler->adopt_with_imported_kv(std::move(s.request));
+    group->requests.insert(id.value);
+    ++counters_.stale_requests_kept_kv;
+    if (config_.stale_kv == cluster::StaleKvStrategy::kExchange) {
+      const auto layers = static_cast<std::int64_t>(group->kv->misplaced_layers(id).size());
+      if (layers > 0) {
+        queue_kv_move(*group, id.value, s.stage, layers, group->kv->token_blocks(s.tokens) * layer_block_bytes());
+        exchanging = true;
+      }
+    }
+  }
+  if (exchanging) {
+    for (std::int64_t k = 0; k < g; ++k) close_kv_round(*group, k);
+    group->exchange_begin_us = now;
+  }
+  for (auto* list : {&stale, &fresh}) {
+    for (engine::Request& r : *list) {
+      const std::int64_t idx = r.id.value;
+      KUN_CHECK_OK(group->scheduler->adopt(std::move(r), /*with_kv=*/false));
+      group->requests.insert(idx);
+    }
+  }
   units_.push_back(std::move(group));
 }
 
 void ClusterSim::split(std::int64_t unit_index) {
+  // As the runtime's restore: every request leaves the group at a step boundary. Running requests
+  // (unless recompute) continue with their KV on their home member when it fits there, else on
+  // the member with the most room that can hold them; what is not there yet is copied now, and
+  // the member resumes once it has crossed. A request that fits nowhere recomputes; the queued
+  // ones go to the least outstanding member.
   Unit& g = *units_[static_cast<std::size_t>(unit_index)];
-  auto moved = drain_requests(g);
+  KUN_CHECK(!g.in_flight) << "split at a step boundary only";
+  const std::int64_t now = clock_.now_us();
+  const auto num_members = static_cast<std::int64_t>(g.members.size());
+  struct Kept {
+    engine::Request request;
+    std::int32_t home = -1;
+    std::vector<std::int64_t> layers_on;  // per member: layers of its KV there
+    std::int64_t tokens = 0;
+  };
+  std::vector<Kept> kept;
+  std::vector<engine::Request> rest;
+  for (RequestId id : g.scheduler->request_ids_in_order()) {
+    const engine::Request* r = g.scheduler->find(id);
+    const std::int64_t held = g.kv->tokens_held(id);
+    const bool running = r->state == engine::RequestState::kRunning && held > 0;
+    const bool keep = running && keeps_kv();
+    Kept k;
+    if (keep) {
+      k.home = g.kv->home(id);
+      k.layers_on.assign(static_cast<std::size_t>(num_members), 0);
+      for (const engine::LayerBlockList& l : g.kv->block_lists(id)) ++k.layers_on[static_cast<std::size_t>(l.device)];
+      k.tokens = held;
+    }
+    auto d = g.scheduler->detach(id, keep);
+    KUN_CHECK(d.has_value());
+    if (keep) {
+      k.request = std::move(*d);
+      kept.push_back(std::move(k));
+      continue;
+    }
+    if (running) {
+      ++counters_.stale_requests_recomputed;
+      counters_.stale_tokens_recomputed += held;
+    }
+    rest.push_back(std::move(*d));
+  }
   const std::vector<std::int64_t> members = g.members;
   collect(g);
   units_.erase(units_.begin() + unit_index);
@@ -368,9 +563,47 @@ void ClusterSim::split(std::int64_t unit_index) {
     units_.push_back(make_unit({inst}, -1));
     fresh.push_back(static_cast<std::int64_t>(units_.size()) - 1);
   }
-  for (auto& m : moved) {
+  const auto member_unit = [&](std::int64_t k) -> Unit& {
+    return *units_[static_cast<std::size_t>(fresh[static_cast<std::size_t>(k)])];
+  };
+  const std::int64_t num_layers = cost_.model().num_layers;
+  std::vector<std::int64_t> copy_bytes(static_cast<std::size_t>(num_members), 0);
+  for (Kept& k : kept) {
+    const RequestId id = k.request.id;
+    const std::int64_t n = k.request.num_computed;
+    std::int64_t best = -1;
+    for (std::int64_t m = 0; m < num_members; ++m) {
+      if (!member_unit(m).kv->can_grow(id, n)) continue;
+      if (best < 0 || member_unit(m).kv->free_blocks() > member_unit(best).kv->free_blocks()) best = m;
+    }
+    if (k.home >= 0 && member_unit(k.home).kv->can_grow(id, n)) best = k.home;
+    if (best < 0) {
+      ++counters_.stale_requests_recomputed;
+      counters_.stale_tokens_recomputed += k.tokens;
+      k.request.num_computed = 0;
+      rest.insert(rest.begin(), std::move(k.request));
+      continue;
+    }
+    Unit& dst = member_unit(best);
+    KUN_CHECK_OK(dst.scheduler->adopt(std::move(k.request), /*with_kv=*/true));
+    dst.requests.insert(id.value);
+    ++counters_.restore_requests_kept_kv;
+    const std::int64_t bytes =
+        (num_layers - k.layers_on[static_cast<std::size_t>(best)]) * dst.kv->token_blocks(k.tokens) *
+        layer_block_bytes();
+    copy_bytes[static_cast<std::size_t>(best)] += bytes;
+    counters_.kv_bytes_gathered += bytes;
+    counters_.kv_bytes_gathered_at_split += bytes;
+  }
+  for (std::int64_t m = 0; m < num_members; ++m) {
+    const std::int64_t bytes = copy_bytes[static_cast<std::size_t>(m)];
+    if (bytes > 0) member_unit(m).resume_us = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
+  }
+  for (engine::Request& r : rest) {
     Unit& dst = *units_[static_cast<std::size_t>(least_outstanding(fresh))];
-    add_to_unit(dst, m.index, std::move(m.tokens), m.max_tokens);
+    const std::int64_t idx = r.id.value;
+    KUN_CHECK_OK(dst.scheduler->adopt(std::move(r), /*with_kv=*/false));
+    dst.requests.insert(idx);
   }
 }
 
@@ -392,14 +625,23 @@ void ClusterSim::apply(const cluster::Actions& actions) {
       if (u->group == r.group) gu = u.get();
     }
     KUN_CHECK(gu != nullptr) << "restore of unknown group " << r.group;
-    double pull_us = 0.0;
+    // Each member pulls its dropped layers' weights over its link (members in parallel) while the
+    // group keeps serving; an exchange still running is abandoned (the gather takes over).
     const std::int64_t num_layers = cost_.model().num_layers;
-    for (std::int64_t kept : gu->stage_layers) {
-      const std::int64_t bytes = (num_layers - kept) * pages_per_layer_ * config_.page_bytes;
+    gu->kv_moves.clear();
+    gu->exchange_begin_us = -1;
+    gu->restoring = true;
+    gu->restore_begin_us = now;
+    gu->weights_ready_us = now;
+    for (std::size_t k = 0; k < gu->stage_layers.size(); ++k) {
+      const std::int64_t bytes = (num_layers - gu->stage_layers[k]) * pages_per_layer_ * config_.page_bytes;
       counters_.weight_bytes_restored += bytes;
-      pull_us = std::max(pull_us, transfer_us(link_, bytes));  // members pull in parallel
+      gu->link_free_us[k] = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
+      gu->weights_ready_us = std::max(gu->weights_ready_us, gu->link_free_us[k]);
     }
-    pending_restores_.push_back(PendingRestore{r.group, now + static_cast<std::int64_t>(std::ceil(pull_us))});
+    pending_restores_.push_back(PendingRestore{r.group, gu->weights_ready_us});
+    // Then (remote-attention / exchange) the running requests' KV is gathered on their homes.
+    if (keeps_kv()) assign_homes(*gu);
     events_.push_back(std::to_string(now) + " restore requested group " + std::to_string(r.group) + ": " + r.reason);
   }
   for (const auto& m : actions.migrations) {
@@ -456,14 +698,16 @@ void ClusterSim::try_pending_transitions() {
     KUN_CHECK_GE(idx, 0) << "group " << it->group;
     Unit& gu = *units_[static_cast<std::size_t>(idx)];
     if (it->ready_us > now) {
+      gu.blocked = false;  // a request homed late extended the gather: keep serving
       ++it;
       continue;
     }
-    gu.blocked = true;  // weights are back: split at the next step boundary
+    gu.blocked = true;  // weights are back, KV gathered: split at the next step boundary
     if (gu.in_flight) {
       ++it;
       continue;
     }
+    advance_kv_moves(gu, /*assign=*/false);  // moves due now are live, not stop-and-copy
     const std::int64_t group = it->group;
     split(idx);
     coordinator_->on_restore_done(group, now);
@@ -499,6 +743,8 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
   generated_.assign(n, 0);
   max_tokens_.assign(n, 0);
   prompt_tokens_.assign(n, 0);
+  is_stale_.assign(n, false);
+  stale_ids_.clear();
   const std::int64_t max_len = config_.scheduler.max_model_len;
   for (std::size_t i = 0; i < n; ++i) {
     const auto& tr = trace.requests[i];
@@ -541,6 +787,11 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
       if (r.ready_us > clock_.now_us()) t = std::min(t, r.ready_us);  // past: waits for a step end
     }
     for (const auto& m : pending_moves_) t = std::min(t, m.ready_us);
+    for (const auto& u : units_) {
+      if (!u->in_flight && u->resume_us > clock_.now_us() && u->scheduler->has_unfinished()) {
+        t = std::min(t, u->resume_us);  // a split's stop-and-copy ends
+      }
+    }
     t = std::min(t, next_tick);
     if (t > config_.max_virtual_us) return deadline_exceeded("simulation passed max_virtual_us");
     clock_.set_us(std::max(t, clock_.now_us()));
@@ -583,7 +834,11 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
   SimReport rep;
   for (const auto& u : units_) collect(*u);
   rep.records = records_;
-  rep.report = workload::build_report(records_, cluster::policy_name(config_.policy), config_.slo);
+  const std::string name = config_.label.empty() ? cluster::policy_name(config_.policy) : config_.label;
+  rep.report = workload::build_report(records_, name, config_.slo);
+  rep.stale_requests = stale_ids_;
+  std::sort(rep.stale_requests.begin(), rep.stale_requests.end());
+  if (config_.policy == cluster::Policy::kKunServe) rep.stale_kv = cluster::stale_kv_strategy_name(config_.stale_kv);
   rep.timeline = workload::build_timeline(records_, gauges_, 1'000'000);
   rep.counters = counters_;
   rep.events = events_;
@@ -612,9 +867,36 @@ nlohmann::json SimReport::to_json() const {
   c["weight_bytes_restored"] = counters.weight_bytes_restored;
   c["migration_bytes"] = counters.migration_bytes;
   c["stale_requests_recomputed"] = counters.stale_requests_recomputed;
+  c["stale_tokens_recomputed"] = counters.stale_tokens_recomputed;
+  c["stale_requests_kept_kv"] = counters.stale_requests_kept_kv;
+  c["restore_requests_kept_kv"] = counters.restore_requests_kept_kv;
+  c["kv_bytes_exchanged"] = counters.kv_bytes_exchanged;
+  c["kv_bytes_gathered"] = counters.kv_bytes_gathered;
+  c["kv_bytes_gathered_at_split"] = counters.kv_bytes_gathered_at_split;
+  c["remote_attention_bytes"] = counters.remote_attention_bytes;
+  c["remote_attention_ms"] = static_cast<double>(counters.remote_attention_us) / 1000.0;
+  c["exchange_ms"] = counters.exchange_ms;
   c["drop_latency_ms"] = counters.drop_latency_ms;
   c["restore_latency_ms"] = counters.restore_latency_ms;
   j["sim"] = c;
+  if (!stale_kv.empty()) {
+    j["stale_kv"] = stale_kv;
+    // Requests running at a drop (stale) against the rest, as the bench's in-process runs report.
+    std::vector<workload::RequestRecord> stale, fresh;
+    std::size_t next = 0;
+    for (const auto& r : records) {
+      const bool is_stale = next < stale_requests.size() && stale_requests[next] == r.index;
+      if (is_stale) ++next;
+      (is_stale ? stale : fresh).push_back(r);
+    }
+    const auto summary = [&](const std::vector<workload::RequestRecord>& recs) {
+      const workload::Report rep = workload::build_report(recs, report.policy, workload::SloSpec{});
+      return nlohmann::json{
+          {"requests", recs.size()}, {"ttft_p99_ms", rep.ttft_ms.p99}, {"tpot_mean_ms", rep.tpot_ms.mean}};
+    };
+    j["stale_requests"] = summary(stale);
+    j["new_requests"] = summary(fresh);
+  }
   j["kv_tokens_per_instance"] = kv_tokens_per_instance;
   j["end_s"] = static_cast<double>(end_us) / 1e6;
   return j;

@@ -14,10 +14,27 @@
 // its g members (at their next step boundary; drop latency = waiting for in-flight steps, no
 // copy) into one unit: one Scheduler over a KvManager with g device allocators, layer l on device
 // l / (L/g) (cluster::layers_kept), each device's pool grown by the pages of the layers it
-// dropped, and a g-stage pipeline SimExecutor. Stale requests are recomputed (re-queued with
-// prompt + generated tokens). A RestoreAction pulls the dropped layers' weights over the link
-// (max over members of dropped bytes / bandwidth) while the group keeps serving, then splits the
-// group at a step boundary and recomputes its requests on the members (least outstanding).
+// dropped, and a g-stage pipeline SimExecutor. Requests running at the drop (stale requests) are
+// handled by SimConfig::stale_kv, as the runtime does (DESIGN.md 3.5):
+//   recompute        : their KV is freed and they queue in the group (prompt + generated tokens);
+//   remote-attention : they keep their KV on the member they ran on (KvManager::import_tables,
+//                      every layer on that device); layers run by other stages pay remote
+//                      attention in the executor (q/k/v out, output back over the link);
+//   exchange         : as remote-attention, and each one's misplaced layers move to their owners
+//                      once its bulk transfer has crossed the link (see "KV moves" below).
+// A RestoreAction pulls the dropped layers' weights over each member's link while the group keeps
+// serving; under remote-attention / exchange every running request also gets a home member (most
+// room after the split, room reserved for its longest length, engine::assign_restore_homes, as the runtime) and
+// its KV is gathered there by a live reverse exchange (remote attention after its layers moved).
+// The group splits at a step boundary once the weights are back and the gather is done (or after
+// restore_gather_timeout_us): running requests continue on their home (else the member with the
+// most room; what is still elsewhere is copied stop-and-copy, the member resuming after that
+// transfer), those that fit on no member recompute, queued ones go to the least outstanding.
+// KV moves: bulk transfers (exchange: from the member holding the KV; gather: to the home) queue
+// on that member's link after what it already carries, in rounds of exchange_requests_per_round
+// requests, one message per layer; a round's requests are moved at the first step boundary after
+// the round's last byte crossed. The transfers get the whole link: the activations they yield to
+// are a small fraction of it (hidden state per token per step vs. the KV of whole contexts).
 // Under `migrate`, queued requests move at once; running requests move with their KV over the
 // link (the destination pays the KV transfer time before it may run the request; the engine has no
 // KV import yet, so the destination re-prefills the request: see README, "Limits").
@@ -54,6 +71,11 @@ struct SimConfig {
   model::ModelConfig model;
   std::int64_t num_instances = 4;
   cluster::Policy policy = cluster::Policy::kRecompute;
+  // kunserve: what happens to requests running when their instance fuses (and at the split).
+  cluster::StaleKvStrategy stale_kv = cluster::StaleKvStrategy::kExchange;
+  std::int64_t exchange_requests_per_round = 8;       // the runtime's (DESIGN.md 3.5)
+  std::int64_t restore_gather_timeout_us = 2'000'000;  // the runtime's: split without a full gather
+  std::string label;  // the report's policy name (empty: the policy's name)
   engine::SchedulerConfig scheduler;      // preemption is set from the policy (swap -> kSwap)
   cluster::CoordinatorConfig coordinator;  // policy is set from `policy`
   cluster::RoutePolicy route = cluster::RoutePolicy::kLeastOutstanding;
@@ -87,7 +109,18 @@ struct SimCounters {
   std::int64_t weight_bytes_restored = 0;
   std::int64_t param_bytes_dropped = 0;
   std::int64_t migration_bytes = 0;
-  std::int64_t stale_requests_recomputed = 0;  // re-queued by a drop or a restore
+  // Requests running at a drop or a split that lost their KV and recompute, and the KV tokens
+  // they had (0 under remote-attention / exchange unless a request fits nowhere).
+  std::int64_t stale_requests_recomputed = 0;
+  std::int64_t stale_tokens_recomputed = 0;
+  std::int64_t stale_requests_kept_kv = 0;    // running at a drop, kept their KV in the group
+  std::int64_t restore_requests_kept_kv = 0;  // running at a split, continued on a member with their KV
+  std::int64_t kv_bytes_exchanged = 0;        // live KV exchange after drops
+  std::int64_t kv_bytes_gathered = 0;         // reverse exchange for restores (live + at the split)
+  std::int64_t kv_bytes_gathered_at_split = 0;  // of which stop-and-copy at the split
+  std::int64_t remote_attention_bytes = 0;
+  std::int64_t remote_attention_us = 0;       // stage time waiting on remote attention
+  std::vector<double> exchange_ms;            // per drop: until the last stale layer moved (exchange)
   std::vector<double> drop_latency_ms;
   std::vector<double> restore_latency_ms;
 };
@@ -98,6 +131,8 @@ struct SimReport {
   std::vector<workload::RequestRecord> records;  // in trace order
   SimCounters counters;
   std::vector<std::string> events;  // coordinator events, time-stamped
+  std::vector<std::int64_t> stale_requests;  // trace indices of requests running at a drop
+  std::string stale_kv;                      // the strategy, for kunserve ("" otherwise)
   std::int64_t kv_blocks_per_instance = 0;  // layer blocks of an independent instance
   std::int64_t kv_tokens_per_instance = 0;
   std::int64_t end_us = 0;  // virtual time of the last event
@@ -132,6 +167,16 @@ class ClusterSim {
   void try_pending_transitions();
   void fuse(const cluster::DropAction& drop);
   void split(std::int64_t unit_index);
+  bool keeps_kv() const { return config_.stale_kv != cluster::StaleKvStrategy::kRecompute; }
+  // Queues a request's bulk KV transfer of `layers` layer messages of `layer_bytes` each on
+  // stage `link`'s link of a fused unit (see "KV moves").
+  void queue_kv_move(Unit& u, std::int64_t index, std::int64_t link, std::int64_t layers, std::int64_t layer_bytes);
+  void close_kv_round(Unit& u, std::int64_t link);
+  // At a fused unit's step boundary: moves the misplaced layers of requests whose transfer has
+  // crossed; while restoring, gives running requests without a home one and queues their gather.
+  void advance_kv_moves(Unit& u, bool assign);
+  void assign_homes(Unit& u);
+  std::int64_t layer_block_bytes() const;
   std::int64_t least_outstanding(const std::vector<std::int64_t>& unit_indices) const;
   Unit* unit_of_instance(std::int64_t instance);
   std::int64_t outstanding() const;
@@ -161,7 +206,7 @@ class ClusterSim {
   std::vector<cluster::DropAction> pending_drops_;
   struct PendingRestore {
     std::int64_t group = -1;
-    std::int64_t ready_us = 0;  // weights pulled
+    std::int64_t ready_us = 0;  // weights pulled and KV gathered (or the gather timed out)
   };
   std::vector<PendingRestore> pending_restores_;
   struct PendingMove {
@@ -172,9 +217,8 @@ class ClusterSim {
     std::int64_t max_tokens = 0;
   };
   std::vector<PendingMove> pending_moves_;
-  // Takes every request out of a unit (cancelled there) in arrival order, with its tokens so far
-  // and remaining max_tokens, for recompute elsewhere.
-  std::vector<PendingMove> drain_requests(Unit& u);
+  std::vector<std::int64_t> stale_ids_;  // trace indices running at a drop (once each)
+  std::vector<bool> is_stale_;
   std::map<std::int64_t, std::int64_t> drop_requested_us_;     // group -> time
   std::map<std::int64_t, std::int64_t> restore_requested_us_;  // group -> time
   // Adds a unit's scheduler and executor counters to counters_ (before it is destroyed).

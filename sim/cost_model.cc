@@ -233,4 +233,12 @@ std::int64_t CostModel::activation_bytes(std::int64_t tokens) const {
   return tokens * model_.hidden_size * kDTypeBytes;
 }
 
+std::int64_t CostModel::remote_attention_send_bytes(std::int64_t tokens) const {
+  return tokens * (model_.q_dim() + 2 * model_.kv_dim()) * kDTypeBytes;
+}
+
+std::int64_t CostModel::remote_attention_return_bytes(std::int64_t tokens) const {
+  return tokens * model_.q_dim() * kDTypeBytes;
+}
+
 }  // namespace kun::sim

@@ -113,6 +113,10 @@ class CostModel {
   std::int64_t kv_bytes_per_token_per_layer() const;  // K and V, bf16
   // Activation bytes that cross a pipeline boundary for `tokens` tokens (hidden states).
   std::int64_t activation_bytes(std::int64_t tokens) const;
+  // Remote attention (DESIGN.md 3.5) for `tokens` tokens of one layer whose KV is on another
+  // device: q, k and v go to the KV holder, the attention output comes back.
+  std::int64_t remote_attention_send_bytes(std::int64_t tokens) const;
+  std::int64_t remote_attention_return_bytes(std::int64_t tokens) const;
 
  private:
   GpuSpec gpu_;

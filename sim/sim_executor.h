@@ -10,6 +10,14 @@
 // next stage over the link; the per-step overhead is paid once.
 // Swap copies (StepPlan::swap_out / swap_in) cross the host link (PCIe) before the forward.
 //
+// Remote attention (DESIGN.md 3.5): a sequence whose KV for layer l lies on a device other than
+// the stage running l (the plan's LayerBlockList::device; a stale request before its KV exchange,
+// or after the restore gather moved it to its home) costs that stage, per micro-batch, per such
+// layer and KV holder, one message of q/k/v to the holder and one of the attention output back
+// (`transfer_us` on the stage link each, the tokens of all such sequences in one message). The
+// attention itself is charged to the stage as usual (the holder computes it instead, in the same
+// time). A sequence whose KV sits where its layers run costs nothing extra.
+//
 // Owned by the simulator's event loop (one thread).
 #pragma once
 
@@ -35,6 +43,8 @@ struct SimExecutorCounters {
   std::int64_t busy_us = 0;
   std::int64_t swap_bytes = 0;
   std::int64_t activation_bytes = 0;
+  std::int64_t remote_attention_bytes = 0;  // q/k/v out and attention outputs back
+  std::int64_t remote_attention_us = 0;     // stage time spent waiting on them (summed over stages)
 };
 
 class SimExecutor final : public engine::StepExecutor {
@@ -44,6 +54,13 @@ class SimExecutor final : public engine::StepExecutor {
   engine::StepResult execute(const engine::StepPlan& plan) override;
   // The modelled duration of a plan, without side effects.
   std::int64_t duration_us(const engine::StepPlan& plan) const;
+  // What remote attention adds to the plan's bottleneck stage and the bytes it moves (0 for an
+  // independent instance or when every sequence's KV is where its layers run).
+  struct RemoteAttention {
+    std::int64_t bytes = 0;
+    double stage_us = 0.0;  // summed over stages
+  };
+  RemoteAttention remote_attention(const engine::StepPlan& plan) const;
   // The token sampled for a request's output index (also used by tests).
   std::int32_t token_for(RequestId id, std::uint64_t sample_index) const;
 
@@ -51,7 +68,19 @@ class SimExecutor final : public engine::StepExecutor {
   std::int64_t num_stages() const { return static_cast<std::int64_t>(config_.stage_layers.size()); }
 
  private:
-  double forward_us(const std::vector<SeqWork>& work) const;
+  // A layer of a sequence whose KV is on `holder`, not on the stage that runs the layer.
+  struct RemoteLayer {
+    std::int32_t layer = 0;
+    std::int32_t holder = 0;
+  };
+  struct StepCost {
+    double us = 0.0;
+    RemoteAttention remote;
+  };
+  StepCost cost(const engine::StepPlan& plan) const;
+  // remote[i]: sequence i's remote layers (empty for most).
+  StepCost forward(const std::vector<SeqWork>& work, const std::vector<std::vector<RemoteLayer>>& remote) const;
+  std::vector<std::int32_t> layer_stage_;  // stage running each layer
 
   const CostModel* cost_;
   SimExecutorConfig config_;

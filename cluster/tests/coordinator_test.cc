@@ -47,6 +47,31 @@ TEST(Coordinator, PolicyNames) {
   EXPECT_STREQ(group_state_name(GroupState::kDropped), "dropped");
 }
 
+TEST(Coordinator, PolicyVariantNames) {
+  auto plain = parse_policy_variant("swap");
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(plain->policy, Policy::kSwap);
+  EXPECT_FALSE(plain->stale_kv.has_value());
+  EXPECT_TRUE(plain->lookahead);
+  auto remote = parse_policy_variant("kunserve/remote-attention");
+  ASSERT_TRUE(remote.ok());
+  EXPECT_EQ(remote->policy, Policy::kKunServe);
+  EXPECT_EQ(remote->stale_kv, StaleKvStrategy::kRemoteAttention);
+  EXPECT_TRUE(remote->lookahead);
+  auto no_lookahead = parse_policy_variant("kunserve/exchange/no-lookahead");
+  ASSERT_TRUE(no_lookahead.ok());
+  EXPECT_EQ(no_lookahead->stale_kv, StaleKvStrategy::kExchange);
+  EXPECT_FALSE(no_lookahead->lookahead);
+  for (const char* bad : {"", "kunserve/", "kunserve/swap", "recompute/exchange", "kunserve/exchange/fast",
+                          "kunserve/exchange/no-lookahead/x", "vllm"}) {
+    auto v = parse_policy_variant(bad);
+    EXPECT_FALSE(v.ok()) << bad;
+    if (!v.ok()) {
+      EXPECT_NE(v.status().message().find("unknown policy"), std::string::npos) << bad;
+    }
+  }
+}
+
 TEST(Coordinator, ForcedLifecycleWithEventsAndLatencies) {
   Coordinator c = make();
   auto drop = c.force_drop({2, 3}, 1000);

@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <string>
 
 #include "sim/cluster_sim.h"
 #include "workload/generators.h"
@@ -108,6 +110,32 @@ TEST(ClusterSim, BurstRecomputeQueuesAndPreemptsAndCompletes) {
   EXPECT_EQ(j["requests"]["completed"], static_cast<std::int64_t>(trace.size()));
 }
 
+double mean_tpot_ms(const SimReport& rep, const std::vector<std::int64_t>& ids) {
+  double sum = 0.0;
+  std::int64_t n = 0;
+  for (std::int64_t i : ids) {
+    const auto& r = rep.records[static_cast<std::size_t>(i)];
+    if (r.token_times_us.size() < 2) continue;
+    sum += static_cast<double>(r.token_times_us.back() - r.token_times_us.front()) / 1000.0 /
+           static_cast<double>(r.token_times_us.size() - 1);
+    ++n;
+  }
+  return n > 0 ? sum / static_cast<double>(n) : 0.0;
+}
+
+void print_stale(const SimReport& rep) {
+  const auto& c = rep.counters;
+  std::printf("  %-17s stale %zu kept %lld recomputed %lld (%lld tokens) | restore kept %lld | exchanged %.1f MB "
+              "gathered %.1f MB (%.1f at split) | remote attn %.1f MB %.1f ms | exchange %s ms | stale tpot %.2f ms\n",
+              rep.stale_kv.c_str(), rep.stale_requests.size(), static_cast<long long>(c.stale_requests_kept_kv),
+              static_cast<long long>(c.stale_requests_recomputed), static_cast<long long>(c.stale_tokens_recomputed),
+              static_cast<long long>(c.restore_requests_kept_kv), static_cast<double>(c.kv_bytes_exchanged) / 1e6,
+              static_cast<double>(c.kv_bytes_gathered) / 1e6, static_cast<double>(c.kv_bytes_gathered_at_split) / 1e6,
+              static_cast<double>(c.remote_attention_bytes) / 1e6, static_cast<double>(c.remote_attention_us) / 1e3,
+              c.exchange_ms.empty() ? "-" : std::to_string(c.exchange_ms.front()).c_str(),
+              mean_tpot_ms(rep, rep.stale_requests));
+}
+
 void run_policy_burst(cluster::Policy p) {
   const auto trace = bursty_trace(1);
   const SimReport rep = run_or_die(base_config(p), trace);
@@ -121,6 +149,7 @@ void run_policy_burst(cluster::Policy p) {
     EXPECT_GT(rep.counters.param_bytes_dropped, 0);
     EXPECT_EQ(rep.counters.restores, rep.counters.drops);  // every group split back by the end
     EXPECT_GT(rep.counters.weight_bytes_restored, 0);
+    print_stale(rep);
   }
 }
 
@@ -138,6 +167,165 @@ TEST(ClusterSim, DeterministicForASeed) {
     for (std::size_t i = 0; i < a.records.size(); ++i) EXPECT_EQ(a.records[i].token_times_us, b.records[i].token_times_us);
     EXPECT_EQ(workload::timeline_to_csv(a.timeline), workload::timeline_to_csv(b.timeline));
   }
+}
+
+// ---- stale requests (DESIGN.md 3.5): recompute / remote attention / live KV exchange ----
+
+// Two instances with a small KV pool (30 % of the GPU for parameters + KV: ~16 K tokens each) and
+// a burst of long requests: the pair fuses (g = 2) while many requests run, and splits again once
+// the burst has drained.
+SimConfig stale_config(cluster::StaleKvStrategy strategy) {
+  SimConfig c = base_config(cluster::Policy::kKunServe);
+  c.num_instances = 2;
+  c.gpu_memory_utilization = 0.3;
+  c.stale_kv = strategy;
+  c.coordinator.monitor.min_trend_samples = 6;
+  c.check_invariants_every_steps = 200;
+  return c;
+}
+
+workload::Trace stale_trace() {
+  workload::GammaSpec spec;
+  spec.rate_rps = 12.0;
+  spec.cv = 1.0;
+  spec.duration_us = 6'000'000;
+  spec.lengths = workload::LengthModel::lognormal(600.0, 0.4, 400.0, 0.4);
+  spec.seed = 11;
+  return workload::clip_lengths(workload::generate_gamma(spec), 2048, 1024);
+}
+
+class StaleKv : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const auto trace = stale_trace();
+    for (auto st : {cluster::StaleKvStrategy::kRecompute, cluster::StaleKvStrategy::kRemoteAttention,
+                    cluster::StaleKvStrategy::kExchange}) {
+      reports_[static_cast<int>(st)] = run_or_die(stale_config(st), trace);
+      print_stale(reports_[static_cast<int>(st)]);
+    }
+  }
+  static const SimReport& report(cluster::StaleKvStrategy st) { return reports_[static_cast<int>(st)]; }
+  static SimReport reports_[3];
+};
+SimReport StaleKv::reports_[3];
+
+TEST_F(StaleKv, EveryRequestCompletesOnceUnderEachStrategy) {
+  const auto trace = stale_trace();
+  for (auto st : {cluster::StaleKvStrategy::kRecompute, cluster::StaleKvStrategy::kRemoteAttention,
+                  cluster::StaleKvStrategy::kExchange}) {
+    SCOPED_TRACE(cluster::stale_kv_strategy_name(st));
+    const SimReport& rep = report(st);
+    expect_conservation(rep, trace);  // exactly max_tokens tokens each, one finish, in order
+    EXPECT_GT(rep.counters.drops, 0);
+    EXPECT_EQ(rep.counters.restores, rep.counters.drops);
+    EXPECT_FALSE(rep.stale_requests.empty());
+    EXPECT_EQ(rep.to_json()["stale_kv"], cluster::stale_kv_strategy_name(st));
+    EXPECT_EQ(rep.to_json()["stale_requests"]["requests"], rep.stale_requests.size());
+  }
+}
+
+TEST_F(StaleKv, RunningRequestsKeepTheirKvWithRoom) {
+  const SimReport& rc = report(cluster::StaleKvStrategy::kRecompute);
+  EXPECT_GT(rc.counters.stale_requests_recomputed, 0);
+  EXPECT_GT(rc.counters.stale_tokens_recomputed, 0);
+  EXPECT_EQ(rc.counters.stale_requests_kept_kv, 0);
+  EXPECT_EQ(rc.counters.restore_requests_kept_kv, 0);
+  EXPECT_EQ(rc.counters.kv_bytes_exchanged + rc.counters.kv_bytes_gathered + rc.counters.remote_attention_bytes, 0);
+  for (auto st : {cluster::StaleKvStrategy::kRemoteAttention, cluster::StaleKvStrategy::kExchange}) {
+    SCOPED_TRACE(cluster::stale_kv_strategy_name(st));
+    const SimReport& rep = report(st);
+    EXPECT_EQ(rep.counters.stale_requests_recomputed, 0);
+    EXPECT_EQ(rep.counters.stale_tokens_recomputed, 0);
+    EXPECT_GT(rep.counters.stale_requests_kept_kv, 0);
+    EXPECT_GT(rep.counters.restore_requests_kept_kv, 0);
+    EXPECT_GT(rep.counters.remote_attention_bytes, 0);
+    EXPECT_GT(rep.counters.kv_bytes_gathered, 0);
+    // Less prefill work than recompute's: the stale requests' tokens are not computed again.
+    EXPECT_LT(rep.counters.recomputed_tokens, rc.counters.recomputed_tokens);
+  }
+  const SimReport& ra = report(cluster::StaleKvStrategy::kRemoteAttention);
+  const SimReport& ex = report(cluster::StaleKvStrategy::kExchange);
+  EXPECT_EQ(ra.counters.kv_bytes_exchanged, 0);
+  EXPECT_TRUE(ra.counters.exchange_ms.empty());
+  // Exchange moves (g-1)/g = half of each stale request's KV at g = 2: between a quarter of the KV
+  // the kept requests had (short of the stale ones finishing first) and all of it.
+  EXPECT_GT(ex.counters.kv_bytes_exchanged, 0);
+  ASSERT_EQ(ex.counters.exchange_ms.size(), static_cast<std::size_t>(ex.counters.drops));
+  EXPECT_LT(ex.counters.exchange_ms.front(), 2000.0);
+  EXPECT_LT(ex.counters.remote_attention_bytes, ra.counters.remote_attention_bytes);
+}
+
+TEST_F(StaleKv, GatherTimeoutCopiesAtTheSplitWithoutRecompute) {
+  // No time for the live gather: the split waits for the weights only and copies what is not home
+  // yet stop-and-copy; the requests still keep their KV. (Over NVLink the gather would finish
+  // within the step in flight at the restore; over HDR InfiniBand it queues behind the weights.)
+  SimConfig c = stale_config(cluster::StaleKvStrategy::kExchange);
+  c.link = "ib-hdr";
+  c.restore_gather_timeout_us = 0;
+  const auto trace = stale_trace();
+  const SimReport rep = run_or_die(c, trace);
+  print_stale(rep);
+  expect_conservation(rep, trace);
+  EXPECT_EQ(rep.counters.stale_requests_recomputed, 0);
+  EXPECT_GT(rep.counters.restore_requests_kept_kv, 0);
+  EXPECT_GT(rep.counters.kv_bytes_gathered_at_split, 0);
+  EXPECT_EQ(rep.counters.kv_bytes_gathered, rep.counters.kv_bytes_gathered_at_split);
+  // Deterministic, like every simulation.
+  EXPECT_EQ(rep.to_json().dump(), run_or_die(c, trace).to_json().dump());
+}
+
+TEST_F(StaleKv, RemoteAttentionSlowsStaleRequestsMoreThanExchange) {
+  const SimReport& ra = report(cluster::StaleKvStrategy::kRemoteAttention);
+  const SimReport& ex = report(cluster::StaleKvStrategy::kExchange);
+  EXPECT_GT(mean_tpot_ms(ra, ra.stale_requests), mean_tpot_ms(ex, ex.stale_requests));
+}
+
+// The executor's remote-attention term: zero when every layer's KV is on the stage that runs it
+// (after the exchange), and exactly one q/k/v message out and one output message back per
+// (layer, holder) otherwise.
+TEST(SimExecutorRemoteAttention, ChargesMisplacedLayersOnly) {
+  auto m = sim_model_config("llama-2-7b");
+  ASSERT_TRUE(m.ok());
+  const CostModel cost(*gpu_spec("a100-80gb"), *m);
+  SimExecutorConfig ec;
+  ec.stage_layers = {16, 16};
+  ec.stage_link = *link_spec("nvlink-a100");
+  ec.host_link = *link_spec("pcie4");
+  ec.vocab_size = m->vocab_size;
+  const SimExecutor ex(&cost, ec);
+  const auto plan = [&](std::int32_t holder_of_all) {  // -1: each layer on its stage
+    engine::StepPlan p;
+    for (std::int64_t r = 0; r < 3; ++r) {
+      engine::ScheduledSequence s;
+      s.id = RequestId(r);
+      s.start_pos = 700;
+      s.tokens = {1};
+      s.sample = true;
+      for (std::int32_t l = 0; l < 32; ++l) {
+        engine::LayerBlockList list;
+        list.layer = l;
+        list.device = r == 0 && holder_of_all >= 0 ? holder_of_all : (l < 16 ? 0 : 1);
+        s.kv.push_back(list);
+      }
+      p.sequences.push_back(std::move(s));
+    }
+    return p;
+  };
+  const engine::StepPlan home = plan(-1), stale = plan(0);
+  EXPECT_EQ(ex.remote_attention(home).bytes, 0);
+  EXPECT_EQ(ex.remote_attention(home).stage_us, 0.0);
+  engine::StepPlan no_kv = home;
+  for (auto& s : no_kv.sequences) s.kv.clear();
+  EXPECT_EQ(ex.duration_us(home), ex.duration_us(no_kv));
+  // Request 0 keeps all 32 layers on device 0: stage 1's 16 layers reach it remotely.
+  const std::int64_t per_layer = cost.remote_attention_send_bytes(1) + cost.remote_attention_return_bytes(1);
+  EXPECT_EQ(per_layer, (32 + 2 * 32 + 32) * 128 * 2);
+  EXPECT_EQ(ex.remote_attention(stale).bytes, 16 * per_layer);
+  const double msg_us = transfer_us(ec.stage_link, cost.remote_attention_send_bytes(1)) +
+                        transfer_us(ec.stage_link, cost.remote_attention_return_bytes(1));
+  EXPECT_NEAR(ex.remote_attention(stale).stage_us, 16 * msg_us, 1e-6);
+  EXPECT_GT(ex.duration_us(stale), ex.duration_us(home));
+  EXPECT_LE(ex.duration_us(stale), ex.duration_us(home) + static_cast<std::int64_t>(std::ceil(16 * msg_us)) + 1);
 }
 
 }  // namespace

@@ -43,17 +43,15 @@ struct BenchArgs {
   std::string out_dir;
 };
 
-std::vector<std::string> split_on(const std::string& s, char sep) {
+std::vector<std::string> split_list(const std::string& s) {
   std::vector<std::string> out;
   std::stringstream ss(s);
   std::string item;
-  while (std::getline(ss, item, sep)) {
+  while (std::getline(ss, item, ',')) {
     if (!item.empty()) out.push_back(item);
   }
   return out;
 }
-
-std::vector<std::string> split_list(const std::string& s) { return split_on(s, ','); }
 
 struct PolicyRun {
   workload::Report report;
@@ -65,20 +63,12 @@ struct PolicyRun {
 StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource& weights, const std::string& policy_name,
                                    const workload::Trace& trace, const workload::SloSpec& slo) {
   const model::ModelConfig& config = weights.config();
-  // "kunserve/remote-attention": a policy with its stale-request strategy, and
-  // "kunserve/exchange/no-lookahead" without lookahead batch formation in fused groups (the #5
-  // ablation runs them side by side).
-  const std::vector<std::string> parts = split_on(policy_name, '/');
+  // "kunserve/<stale-kv>[/no-lookahead]": the #5 ablation runs the variants side by side.
+  KUN_ASSIGN_OR_RETURN(cluster::PolicyVariant variant, cluster::parse_policy_variant(policy_name));
+  const cluster::Policy policy = variant.policy;
   ClusterArgs cluster_args = a.cluster;
-  const auto usage = [&] {
-    return invalid_argument("unknown policy '" + policy_name +
-                            "' (recompute | swap | migrate | kunserve[/recompute|/remote-attention|/exchange[/no-lookahead]])");
-  };
-  if (parts.size() > 3 || (parts.size() == 3 && parts[2] != "no-lookahead")) return usage();
-  if (parts.size() >= 2) cluster_args.stale_kv = parts[1];
-  if (parts.size() == 3) cluster_args.balance_fused = false;
-  cluster::Policy policy;
-  if (!cluster::parse_policy(parts.front(), &policy)) return usage();
+  if (variant.stale_kv) cluster_args.stale_kv = cluster::stale_kv_strategy_name(*variant.stale_kv);
+  if (!variant.lookahead) cluster_args.balance_fused = false;
   KUN_ASSIGN_OR_RETURN(DType dtype, a.model.device_dtype(config));
   KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o, cluster_args.build(config, dtype, policy, a.model.display_name()));
   SteadyClock clock;

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -24,6 +25,7 @@ struct SimulateArgs {
   std::string timeline_prefix;
   double slo_ttft_ms = 1000.0;
   double slo_tpot_ms = 200.0;
+  std::string stale_kv = "exchange";
 };
 
 Status run_simulate(SimulateArgs a) {
@@ -36,19 +38,30 @@ Status run_simulate(SimulateArgs a) {
   std::stringstream ss(a.policies);
   std::string p;
   while (std::getline(ss, p, ',')) {
+    if (p.empty()) continue;
     sim::SimConfig c;
     c.gpu = a.gpu;
     c.link = a.link;
     c.model_name = a.model;
     c.num_instances = a.instances;
-    if (!cluster::parse_policy(p, &c.policy)) return invalid_argument("unknown policy '" + p + "'");
+    c.label = p;
+    // As the bench: "kunserve/<stale-kv>[/no-lookahead]" (default strategy: --stale-kv).
+    KUN_ASSIGN_OR_RETURN(cluster::PolicyVariant variant, cluster::parse_policy_variant(p));
+    c.policy = variant.policy;
+    if (!cluster::parse_stale_kv_strategy(a.stale_kv, &c.stale_kv)) {
+      return invalid_argument("--stale-kv must be recompute, remote-attention or exchange, not '" + a.stale_kv + "'");
+    }
+    if (variant.stale_kv) c.stale_kv = *variant.stale_kv;
+    if (!variant.lookahead) c.scheduler.balance_virtual_engines = false;
     c.seed = a.trace.seed;
     c.slo = workload::SloSpec{a.slo_ttft_ms, a.slo_tpot_ms};
     KUN_ASSIGN_OR_RETURN(sim::SimReport r, sim::run_simulation(c, trace));
     reports.push_back(r.report);
     all.push_back(r.to_json());
     if (!a.timeline_prefix.empty()) {
-      std::ofstream f(a.timeline_prefix + p + "_timeline.csv");
+      std::string stem = p;  // "kunserve/exchange" -> "kunserve_exchange"
+      std::replace(stem.begin(), stem.end(), '/', '_');
+      std::ofstream f(a.timeline_prefix + stem + "_timeline.csv");
       f << workload::timeline_to_csv(r.timeline);
     }
   }
@@ -75,7 +88,12 @@ void add_simulate_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--link", a->link, "nvlink-a100 | nvlink | pcie4 | pcie5 | ib | ib-hdr");
   cmd->add_option("--sim-model", a->model, "llama-2-7b | llama-2-13b | llama-2-70b | llama-3-8b | qwen2.5-7b | a preset");
   cmd->add_option("--instances", a->instances);
-  cmd->add_option("--policies", a->policies);
+  cmd->add_option("--policies", a->policies,
+                  "comma-separated: recompute,swap,migrate,kunserve; kunserve/<stale-kv>[/no-lookahead] picks the "
+                  "stale-request strategy (and turns off lookahead batching in fused groups)");
+  cmd->add_option("--stale-kv", a->stale_kv,
+                  "kunserve's requests running at a drop: recompute | remote-attention | exchange (default; "
+                  "a kunserve/<stale-kv> policy overrides it)");
   cmd->add_option("--json", a->json_path);
   cmd->add_option("--timeline-prefix", a->timeline_prefix, "write <prefix><policy>_timeline.csv");
   cmd->add_option("--slo-ttft-ms", a->slo_ttft_ms);
