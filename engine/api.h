@@ -46,6 +46,8 @@ struct TokenEvent {
   Status error;  // set when reason == kError
   std::int64_t num_prompt_tokens = 0;
   std::int64_t num_generated_tokens = 0;  // including this event's token
+  std::int64_t num_recomputed_tokens = 0; // prefill work redone so far (recompute preemption, or
+                                          // a transition that dropped its KV)
   RequestTimings timings;                 // complete on the final event
 };
 using TokenCallback = std::function<void(const TokenEvent&)>;

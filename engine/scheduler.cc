@@ -153,6 +153,7 @@ TokenEvent Scheduler::make_event(const Request& r, std::int32_t token) const {
   ev.reason = r.finish_reason;
   ev.num_prompt_tokens = r.num_prompt_tokens();
   ev.num_generated_tokens = r.num_output_tokens();
+  ev.num_recomputed_tokens = r.num_recomputed_tokens;
   ev.timings = r.timings;
   return ev;
 }

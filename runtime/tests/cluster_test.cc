@@ -48,14 +48,21 @@ struct Tracker {
   std::map<std::int64_t, std::vector<std::int32_t>> tokens;  // by submission index
   std::map<std::int64_t, int> finals;
   std::map<std::int64_t, engine::FinishReason> reasons;
+  std::map<std::int64_t, std::int64_t> recomputed;  // the engine's count on the final event
   engine::TokenCallback callback(std::int64_t i) {
     return [this, i](const engine::TokenEvent& ev) {
       if (ev.token >= 0) tokens[i].push_back(ev.token);
       if (ev.finished) {
         ++finals[i];
         reasons[i] = ev.reason;
+        recomputed[i] = ev.num_recomputed_tokens;
       }
     };
+  }
+  std::int64_t total_recomputed() const {
+    std::int64_t n = 0;
+    for (const auto& [i, r] : recomputed) n += r;
+    return n;
   }
 };
 
@@ -175,6 +182,11 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
   drain(**rt);
   if (keeps_kv) {
     EXPECT_EQ((*rt)->stats().recomputed_tokens_total, 0) << "no request recomputed through drop and restore";
+  }
+  // Per request, as the bench reports it: the final events' counts add up to the engines' total.
+  EXPECT_EQ(tr.total_recomputed(), (*rt)->stats().recomputed_tokens_total);
+  if (!keeps_kv) {
+    EXPECT_GT(tr.total_recomputed(), 0);
   }
   const auto transfers = (*rt)->transfer_stats();
   EXPECT_GT(transfers.bytes_of(TransferKind::kActivation), 0) << "fused steps moved activations between stages";

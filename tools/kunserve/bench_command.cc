@@ -117,7 +117,12 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
     for (const auto& r : run.records) (stale_ids.count(r.front_door_id) != 0 ? stale : fresh).push_back(r);
     const auto summary = [&](const std::vector<workload::RequestRecord>& recs) {
       const workload::Report rep = workload::build_report(recs, policy_name, slo);
-      return nlohmann::json{{"requests", recs.size()}, {"ttft_p99_ms", rep.ttft_ms.p99}, {"tpot_mean_ms", rep.tpot_ms.mean}};
+      std::int64_t recomputed = 0;  // the engine's count of prefill tokens redone for these requests
+      for (const auto& r : recs) recomputed += std::max<std::int64_t>(0, r.recomputed_tokens);
+      return nlohmann::json{{"requests", recs.size()},
+                            {"ttft_p99_ms", rep.ttft_ms.p99},
+                            {"tpot_mean_ms", rep.tpot_ms.mean},
+                            {"recomputed_tokens", recomputed}};
     };
     // Restores: how long the live gather ran while the group decoded, and the KV it moved, against
     // what the split still had to move stop-and-copy.
