@@ -552,14 +552,16 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   };
   std::vector<StaleWithKv> with_kv;
   std::vector<engine::Engine::Detached> stale, fresh;
+  std::vector<RequestId> stale_ids;  // running at the drop: the requests the strategy is about
   for (std::size_t k = 0; k < members.size(); ++k) {
     Unit& m = *members[k];
     m.engine->pause();
     m.engine->quiesce();
     for (RequestId id : m.engine->scheduler().request_ids_in_order()) {
       const engine::Request* r = m.engine->scheduler().find(id);
-      const bool exchange = options_.stale_kv != cluster::StaleKvStrategy::kRecompute &&
-                            r->state == engine::RequestState::kRunning && m.kv->tokens_held(id) > 0;
+      const bool running = r->state == engine::RequestState::kRunning && m.kv->tokens_held(id) > 0;
+      if (running) stale_ids.push_back(id);
+      const bool exchange = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && running;
       auto d = m.engine->detach(id, /*keep_kv=*/exchange);
       KUN_CHECK(d.has_value());
       if (exchange) {
@@ -590,9 +592,6 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
     return *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
   };
-  std::vector<RequestId> stale_ids;
-  for (const auto& s : with_kv) stale_ids.push_back(s.request.request.id);
-  for (const auto& d : stale) stale_ids.push_back(d.request.id);
   for (StaleWithKv& s : with_kv) {
     kv::BlockTable home = std::move(s.tables.at(0));
     const std::int64_t tokens = home.num_tokens();

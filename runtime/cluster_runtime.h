@@ -87,7 +87,7 @@ struct ClusterEvent {
   std::int64_t kv_blocks_gathered_live = 0;  // restore: gathered while decoding, before the split
   std::int64_t requests_recomputed = 0;  // running requests that lost their KV in the transition
   std::int64_t blocks_repacked = 0;      // restore: live blocks moved inside a device to free pages
-  std::vector<RequestId> stale_requests; // drop: the requests that had started before it
+  std::vector<RequestId> stale_requests; // drop: the requests running at it (stale requests)
   std::string reason;
 };
 

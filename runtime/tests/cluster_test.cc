@@ -123,6 +123,7 @@ TEST_P(ScriptedTransitions, DropFuseRestoreSplitKeepsTokens) {
   ASSERT_TRUE(group.ok()) << group.status().to_string();
   EXPECT_EQ((*rt)->num_units(), 4 - g + 1);
   (*rt)->check_integrity();
+  EXPECT_FALSE((*rt)->events().back().stale_requests.empty()) << "requests were running at the drop";
   for (int i = 16; i < 24; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
   run_steps(**rt, 10);  // fused serving
   const auto stats = (*rt)->stats();
