@@ -108,7 +108,7 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
     run.extra["stale_kv"] = cluster::stale_kv_strategy_name(o.stale_kv);
     run.extra["lookahead"] = o.scheduler.balance_virtual_engines;
     run.extra["recomputed_tokens"] = st.recomputed_tokens_total;
-    // Requests that had started when their instance fused (stale) against the rest.
+    // Requests running when their instance fused (stale) against the rest.
     std::set<std::int64_t> stale_ids;
     for (const runtime::ClusterEvent& ev : rt->events()) {
       for (RequestId id : ev.stale_requests) stale_ids.insert(id.value);
