@@ -48,6 +48,7 @@ struct TokenEvent {
   std::int64_t num_generated_tokens = 0;  // including this event's token
   std::int64_t num_recomputed_tokens = 0; // prefill work redone so far (recompute preemption, or
                                           // a transition that dropped its KV)
+  std::int64_t num_transition_recomputed_tokens = 0;  // of those, redone after a transition
   RequestTimings timings;                 // complete on the final event
 };
 using TokenCallback = std::function<void(const TokenEvent&)>;
@@ -71,6 +72,7 @@ struct ServingStats {
   std::vector<InstanceStats> instances;
   std::int64_t num_preemptions = 0;
   std::int64_t recomputed_tokens_total = 0;  // tokens computed again (preemption, drop/restore)
+  std::int64_t transition_recomputed_tokens_total = 0;  // of those, after drop/restore/migration lost KV
   std::int64_t prompt_tokens_total = 0;
   std::int64_t generation_tokens_total = 0;
   std::int64_t requests_finished_total = 0;

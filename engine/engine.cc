@@ -285,6 +285,7 @@ void Engine::publish_stats() {
   const SchedulerCounters& c = scheduler_.counters();
   s.num_preemptions = c.preemptions_recompute + c.preemptions_swap;
   s.recomputed_tokens_total = c.recomputed_tokens;
+  s.transition_recomputed_tokens_total = c.transition_recomputed_tokens;
   s.prompt_tokens_total = c.prompt_tokens;
   s.generation_tokens_total = c.generated_tokens;
   s.requests_finished_total = c.finished;

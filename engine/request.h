@@ -25,7 +25,13 @@ struct Request {
   std::int64_t virtual_engine = -1;  // while running: the virtual engine it belongs to
   RequestTimings timings;
   std::int64_t num_preemptions = 0;
-  std::int64_t num_recomputed_tokens = 0;  // prefill work redone after recompute preemption
+  std::int64_t num_recomputed_tokens = 0;  // prefill work redone, whatever the cause
+  // Of those, the work redone because a cluster transition (drop, restore, migration) dropped
+  // computed KV, as against a recompute preemption under memory pressure.
+  std::int64_t num_transition_recomputed_tokens = 0;
+  // Why the KV between num_computed and max_computed is missing: a transition lost it (true) or a
+  // recompute preemption did (false). Set where the KV is released.
+  bool kv_lost_in_transition = false;
   FinishReason finish_reason = FinishReason::kNone;
 
   std::int64_t num_prompt_tokens() const { return static_cast<std::int64_t>(spec.prompt_tokens.size()); }

@@ -154,6 +154,7 @@ TokenEvent Scheduler::make_event(const Request& r, std::int32_t token) const {
   ev.num_prompt_tokens = r.num_prompt_tokens();
   ev.num_generated_tokens = r.num_output_tokens();
   ev.num_recomputed_tokens = r.num_recomputed_tokens;
+  ev.num_transition_recomputed_tokens = r.num_transition_recomputed_tokens;
   ev.timings = r.timings;
   return ev;
 }
@@ -194,6 +195,10 @@ void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
   if (redo > 0) {
     r.num_recomputed_tokens += redo;
     counters_.recomputed_tokens += redo;
+    if (r.kv_lost_in_transition) {
+      r.num_transition_recomputed_tokens += redo;
+      counters_.transition_recomputed_tokens += redo;
+    }
   }
   plan->sequences.push_back(std::move(s));
 }
@@ -233,6 +238,7 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
     KUN_LOG(kInfo) << "swap space full: preempting request " << victim.id << " by recompute instead";
   }
   kv_->release(victim.id);
+  victim.kv_lost_in_transition = false;
   victim.num_computed = 0;
   victim.state = RequestState::kWaiting;
   victim.virtual_engine = -1;
@@ -508,6 +514,7 @@ std::optional<Request> Scheduler::detach(RequestId id, bool keep_kv) {
   remove_from_queues(id);
   if (!keep_kv) {
     kv_->release(id);
+    if (r.num_computed > 0) r.kv_lost_in_transition = true;
     r.num_computed = 0;
     r.state = RequestState::kWaiting;
     r.virtual_engine = -1;
@@ -536,6 +543,8 @@ Status Scheduler::adopt(Request r, bool with_kv) {
     r.virtual_engine = least_loaded_ve();
     running_.push_back(id);
   } else {
+    // Computed KV that is not carried over (a caller may have zeroed num_computed already).
+    if (r.num_computed > 0 || r.state != RequestState::kWaiting) r.kv_lost_in_transition = true;
     r.num_computed = 0;
     r.state = RequestState::kWaiting;
     r.virtual_engine = -1;

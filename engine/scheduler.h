@@ -75,7 +75,8 @@ struct SchedulerCounters {
   std::int64_t blocks_swapped_in = 0;
   std::int64_t prompt_tokens = 0;
   std::int64_t generated_tokens = 0;
-  std::int64_t recomputed_tokens = 0;  // tokens computed again after a recompute preemption
+  std::int64_t recomputed_tokens = 0;  // tokens computed again (recompute preemption or a transition)
+  std::int64_t transition_recomputed_tokens = 0;  // of those, after a transition dropped the KV
   std::int64_t finished = 0;
   std::int64_t cancelled = 0;
 };

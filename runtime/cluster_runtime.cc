@@ -36,6 +36,7 @@ engine::InstanceStats member_share(engine::InstanceStats is, std::int64_t g) {
 void add_counters(const engine::ServingStats& from, engine::ServingStats* into) {
   into->num_preemptions += from.num_preemptions;
   into->recomputed_tokens_total += from.recomputed_tokens_total;
+  into->transition_recomputed_tokens_total += from.transition_recomputed_tokens_total;
   into->prompt_tokens_total += from.prompt_tokens_total;
   into->generation_tokens_total += from.generation_tokens_total;
   into->requests_finished_total += from.requests_finished_total;
@@ -553,6 +554,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   std::vector<StaleWithKv> with_kv;
   std::vector<engine::Engine::Detached> stale, fresh;
   std::vector<RequestId> stale_ids;  // running at the drop: the requests the strategy is about
+  std::int64_t lost_kv = 0;          // of those, detached without their KV (they recompute)
   for (std::size_t k = 0; k < members.size(); ++k) {
     Unit& m = *members[k];
     m.engine->pause();
@@ -562,6 +564,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
       const bool running = r->state == engine::RequestState::kRunning && m.kv->tokens_held(id) > 0;
       if (running) stale_ids.push_back(id);
       const bool exchange = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && running;
+      if (running && !exchange) ++lost_kv;
       auto d = m.engine->detach(id, /*keep_kv=*/exchange);
       KUN_CHECK(d.has_value());
       if (exchange) {
@@ -631,10 +634,10 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   ev.bytes = dropped_bytes;
   ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   ev.requests_moved = moved;
-  ev.requests_recomputed = static_cast<std::int64_t>(stale.size());  // started before, no KV now
+  ev.requests_recomputed = lost_kv;  // running at the drop, no KV now (queued preempted ones recompute anyway)
   ev.stale_requests = std::move(stale_ids);
   ev.reason = reason + "; " + std::to_string(with_kv.size()) + " running requests keep their KV (" +
-              cluster::stale_kv_strategy_name(options_.stale_kv) + "), " + std::to_string(stale.size()) + " recompute";
+              cluster::stale_kv_strategy_name(options_.stale_kv) + "), " + std::to_string(lost_kv) + " recompute";
   record(std::move(ev));
   return group;
 }
@@ -671,12 +674,14 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   };
   std::vector<Gathered> with_kv;
   std::vector<engine::Engine::Detached> rest;
+  std::int64_t recomputed = 0;  // running requests that lose their KV here
   unit->engine->pause();
   unit->engine->quiesce();
   for (RequestId id : unit->engine->scheduler().request_ids_in_order()) {
     const engine::Request* r = unit->engine->scheduler().find(id);
-    const bool keep = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && r->state == engine::RequestState::kRunning &&
-                      unit->kv->tokens_held(id) > 0;
+    const bool running = r->state == engine::RequestState::kRunning && unit->kv->tokens_held(id) > 0;
+    const bool keep = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && running;
+    if (running && !keep) ++recomputed;
     const std::int32_t home = unit->kv->home(id);
     auto d = unit->engine->detach(id, keep);
     KUN_CHECK(d.has_value());
@@ -697,7 +702,7 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
     for (auto& [k, t] : gr.tables) t.free_all(member_alloc(k));
     gr.tables.clear();
   };
-  std::int64_t exchanged_blocks = 0, exchanged_bytes = 0, recomputed = 0;
+  std::int64_t exchanged_blocks = 0, exchanged_bytes = 0;
   std::vector<Gathered> placed;
   for (Gathered& gr : with_kv) {
     const std::int64_t tokens = gr.tables.begin()->second.num_tokens();

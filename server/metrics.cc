@@ -284,6 +284,12 @@ std::string render_metrics(const ServerMetrics& m, const engine::ServingStats& s
            "KV blocks moved between devices by live KV exchange.");
   w.sample("kunserve_kv_blocks_exchanged_total", "",
            static_cast<double>(stats.kv_blocks_exchanged_total));
+  w.family("kunserve_recomputed_tokens_total", "counter",
+           "Prefill tokens computed again, by cause: a recompute preemption or a transition that lost the KV.");
+  w.sample("kunserve_recomputed_tokens_total", "cause=\"transition\"",
+           static_cast<double>(stats.transition_recomputed_tokens_total));
+  w.sample("kunserve_recomputed_tokens_total", "cause=\"preemption\"",
+           static_cast<double>(stats.recomputed_tokens_total - stats.transition_recomputed_tokens_total));
   w.family("kunserve_drops_total", "counter", "Completed parameter drops.");
   w.sample("kunserve_drops_total", "", static_cast<double>(stats.drops_total));
   w.family("kunserve_restores_total", "counter", "Completed parameter restores.");

@@ -406,6 +406,7 @@ void ClusterSim::collect(const Unit& u) {
   counters_.preemptions_swap += c.preemptions_swap;
   counters_.preemptions += c.preemptions_recompute + c.preemptions_swap;
   counters_.recomputed_tokens += c.recomputed_tokens;
+  counters_.transition_recomputed_tokens += c.transition_recomputed_tokens;
   counters_.swap_bytes += u.executor->counters().swap_bytes;
   counters_.activation_bytes += u.executor->counters().activation_bytes;
   counters_.remote_attention_bytes += u.executor->counters().remote_attention_bytes;
@@ -856,6 +857,7 @@ nlohmann::json SimReport::to_json() const {
   c["preemptions_recompute"] = counters.preemptions_recompute;
   c["preemptions_swap"] = counters.preemptions_swap;
   c["recomputed_tokens"] = counters.recomputed_tokens;
+  c["transition_recomputed_tokens"] = counters.transition_recomputed_tokens;
   c["drops"] = counters.drops;
   c["restores"] = counters.restores;
   c["migrations"] = counters.migrations;

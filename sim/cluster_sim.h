@@ -99,6 +99,7 @@ struct SimCounters {
   std::int64_t preemptions_recompute = 0;
   std::int64_t preemptions_swap = 0;
   std::int64_t recomputed_tokens = 0;
+  std::int64_t transition_recomputed_tokens = 0;  // of those, after a drop/restore/migration lost KV
   std::int64_t drops = 0;
   std::int64_t restores = 0;
   std::int64_t migrations = 0;

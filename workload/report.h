@@ -46,6 +46,7 @@ struct RequestRecord {
   std::int32_t expected_output_tokens = 0;  // what was asked for (max_tokens)
   std::int32_t output_tokens = 0;  // generated: usage.completion_tokens, else the chunk count
   std::int64_t recomputed_tokens = -1;  // prefill work the engine redid for it (-1: unknown, e.g. HTTP)
+  std::int64_t transition_recomputed_tokens = -1;  // of that, redone because a transition lost its KV
   RequestOutcome outcome = RequestOutcome::kOk;
   int http_status = 0;
   double retry_after_s = -1.0;   // Retry-After of a rejection, -1 if absent

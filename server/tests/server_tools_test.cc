@@ -52,6 +52,8 @@ TEST(Promtool, AcceptsMetricsOutput) {
   }
   extra.num_preemptions = 3;
   extra.kv_blocks_exchanged_total = 42;
+  extra.recomputed_tokens_total = 70;
+  extra.transition_recomputed_tokens_total = 30;
   extra.drops_total = 2;
   extra.drop_latency_ms = {3.5, 12.0};
   extra.restore_latency_ms = {40.0};
@@ -76,7 +78,8 @@ TEST(Promtool, AcceptsMetricsOutput) {
         "vllm:request_success_total{model_name=\"fake-model\",finished_reason=\"length\"} 2",
         "kunserve_instance_memory_demand{instance=\"1\"}", "kunserve_group_state{instance=\"1\",state=\"DROPPED\"} 1",
         "kunserve_group_state{instance=\"1\",state=\"INITIAL\"} 0", "kunserve_dropped_param_bytes{instance=\"0\"} 1048576",
-        "kunserve_kv_blocks_exchanged_total 42", "kunserve_drop_latency_seconds_count 2",
+        "kunserve_kv_blocks_exchanged_total 42", "kunserve_recomputed_tokens_total{cause=\"transition\"} 30",
+        "kunserve_recomputed_tokens_total{cause=\"preemption\"} 40", "kunserve_drop_latency_seconds_count 2",
         "kunserve_restore_latency_seconds_bucket{le=\"0.05\"} 1", "kunserve_http_responses_total{code=\"400\"} 1"}) {
     EXPECT_NE(r.body.find(name), std::string::npos) << "missing: " << name;
   }

@@ -108,6 +108,7 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
     run.extra["stale_kv"] = cluster::stale_kv_strategy_name(o.stale_kv);
     run.extra["lookahead"] = o.scheduler.balance_virtual_engines;
     run.extra["recomputed_tokens"] = st.recomputed_tokens_total;
+    run.extra["transition_recomputed_tokens"] = st.transition_recomputed_tokens_total;
     // Requests running when their instance fused (stale) against the rest.
     std::set<std::int64_t> stale_ids;
     for (const runtime::ClusterEvent& ev : rt->events()) {
@@ -117,12 +118,18 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
     for (const auto& r : run.records) (stale_ids.count(r.front_door_id) != 0 ? stale : fresh).push_back(r);
     const auto summary = [&](const std::vector<workload::RequestRecord>& recs) {
       const workload::Report rep = workload::build_report(recs, policy_name, slo);
-      std::int64_t recomputed = 0;  // the engine's count of prefill tokens redone for these requests
-      for (const auto& r : recs) recomputed += std::max<std::int64_t>(0, r.recomputed_tokens);
+      // The engine's count of prefill tokens redone for these requests, and of those the ones
+      // redone because a transition dropped their KV (the rest: recompute preemptions later on).
+      std::int64_t recomputed = 0, by_transition = 0;
+      for (const auto& r : recs) {
+        recomputed += std::max<std::int64_t>(0, r.recomputed_tokens);
+        by_transition += std::max<std::int64_t>(0, r.transition_recomputed_tokens);
+      }
       return nlohmann::json{{"requests", recs.size()},
                             {"ttft_p99_ms", rep.ttft_ms.p99},
                             {"tpot_mean_ms", rep.tpot_ms.mean},
-                            {"recomputed_tokens", recomputed}};
+                            {"recomputed_tokens", recomputed},
+                            {"transition_recomputed_tokens", by_transition}};
     };
     // Restores: how long the live gather ran while the group decoded, and the KV it moved, against
     // what the split still had to move stop-and-copy.

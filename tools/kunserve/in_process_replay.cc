@@ -106,6 +106,7 @@ ReplayResult replay_in_process(engine::FrontDoor& front, const workload::Trace& 
       if (ev.finished) {
         r.finish_us = t;
         r.recomputed_tokens = ev.num_recomputed_tokens;
+        r.transition_recomputed_tokens = ev.num_transition_recomputed_tokens;
         if (ev.timings.first_scheduled_us >= 0 && ev.timings.arrival_us >= 0) {
           r.queue_us = ev.timings.first_scheduled_us - ev.timings.arrival_us;
         }
