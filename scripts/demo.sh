@@ -23,9 +23,10 @@ mkdir -p out/demo
 # 312 TFLOP/s): ratios 0.29 and 0.023. Here llama-30m has 16 KiB of KV per token and costs about
 # 1 ms of this machine per token, so the host link (swap) runs at 16 KiB / 0.29 ms = 56 MB/s and
 # the device links (activations, KV exchange, weight pulls, migration) at 16 KiB / 23 us = 0.7 GB/s.
+# POLICIES overrides the policy list (the stale-request ablation: kunserve/<strategy>[/no-lookahead]).
 # Without pacing an in-process swap is a memcpy at DRAM speed, which no GPU's PCIe comes near.
 KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} ./build/release/bin/kunserve bench --in-process \
-  --preset llama-30m --policies recompute,swap,migrate,kunserve --devices 4 \
+  --preset llama-30m --policies "${POLICIES:-recompute,swap,migrate,kunserve}" --devices 4 \
   --max-requests 600 --time-scale 2 --max-gap-s 1 --length-scale 0.005 --max-prompt 30 --output-scale 1 \
   --max-output 32 --kv-tokens-per-device 64 --max-num-seqs 8 --monitor-period-ms 250 \
   --link-gbps 0.7 --host-link-gbps 0.056 \
