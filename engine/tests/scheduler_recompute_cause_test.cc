@@ -11,10 +11,13 @@
 #include "common/clock.h"
 #include "engine/kv_manager.h"
 #include "engine/scheduler.h"
+#include "engine/tests/scheduler_test_util.h"
 #include "kv/block_allocator.h"
 
 namespace kun::engine {
 namespace {
+
+using testing::spec;
 
 constexpr std::int64_t kLayers = 4;
 constexpr std::int64_t kBlockSize = 16;
@@ -40,12 +43,8 @@ struct Instance {
   // Runs one step as if the model ran it (every sampled token is 5); returns the final events.
   std::vector<TokenEvent> step() {
     const StepPlan plan = scheduler->schedule(0);
-    StepResult result;
-    for (const auto& seq : plan.sequences) {
-      if (seq.sample) result.sampled_tokens.push_back(5);
-    }
     std::vector<TokenEvent> finals;
-    for (TokenEvent& ev : scheduler->apply_result(plan, result)) {
+    for (TokenEvent& ev : testing::apply(*scheduler, plan)) {
       if (ev.finished) finals.push_back(ev);
     }
     scheduler->check_invariants();
@@ -61,14 +60,6 @@ struct Instance {
     return finals;
   }
 };
-
-RequestSpec spec(std::int64_t prompt, std::int64_t max_tokens) {
-  RequestSpec s;
-  s.prompt_tokens.assign(static_cast<std::size_t>(prompt), 7);
-  s.max_tokens = max_tokens;
-  s.ignore_eos = true;
-  return s;
-}
 
 TEST(SchedulerRecomputeCause, PreemptionIsNotATransition) {
   // Two requests that each grow to 60 tokens (16 layer blocks) in 24 blocks: one is preempted.

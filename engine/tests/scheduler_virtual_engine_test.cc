@@ -17,6 +17,7 @@
 #include "engine/kv_manager.h"
 #include "engine/scheduler.h"
 #include "engine/step_cost.h"
+#include "engine/tests/scheduler_test_util.h"
 #include "kv/block_allocator.h"
 
 namespace kun::engine {
@@ -49,28 +50,14 @@ struct Fixture {
   }
 };
 
-// Applies a step as if it ran (every sampled token is 5).
-std::vector<TokenEvent> apply(Scheduler& s, const StepPlan& plan) {
-  StepResult result;
-  for (const auto& seq : plan.sequences) {
-    if (seq.sample) result.sampled_tokens.push_back(5);
-  }
-  return s.apply_result(plan, result);
-}
+using testing::apply;
+using testing::spec;
 
 // Schedules virtual engine `ve` and applies the step as if it ran.
 StepPlan run_step(Scheduler& s, std::int64_t ve) {
   StepPlan plan = s.schedule(ve);
   apply(s, plan);
   return plan;
-}
-
-RequestSpec spec(std::int64_t prompt, std::int64_t max_tokens) {
-  RequestSpec s;
-  s.prompt_tokens.assign(static_cast<std::size_t>(prompt), 7);
-  s.max_tokens = max_tokens;
-  s.ignore_eos = true;
-  return s;
 }
 
 // A budget and batch bound that never limit these tests: only the balancing does.
