@@ -24,8 +24,8 @@ struct ClusterSim::Unit {
   std::set<std::int64_t> requests;  // trace indices outstanding here
   bool in_flight = false;
   std::int64_t busy_until_us = 0;
-  engine::StepPlan plan;
-  engine::StepResult result;
+  std::vector<engine::StepPlan> plans;  // the round in flight: one micro-batch per virtual engine with work
+  std::vector<engine::StepResult> results;
   bool blocked = false;  // waiting for a transition at its next step boundary
   std::int64_t resume_us = 0;  // no step starts before (a split's stop-and-copy gather)
   // Fused units: live KV exchange after the drop, reverse exchange (gather) while restoring.
@@ -145,12 +145,10 @@ std::unique_ptr<ClusterSim::Unit> ClusterSim::make_unit(const std::vector<std::i
   const std::int64_t host_blocks =
       config_.policy == cluster::Policy::kSwap ? config_.host_swap_bytes * g / layer_block_bytes : 0;
   u->kv = std::make_unique<engine::KvManager>(config_.block_size_tokens, devices, layer_device, host_blocks);
-  // A fused group's configuration is the runtime's (g virtual engines), except that one simulated
-  // step is a whole round: it carries the g virtual engines' micro-batches at once, which the
-  // executor partitions and pipelines.
-  engine::SchedulerConfig sc = engine::fused_scheduler_config(config_.scheduler, g, config_.block_size_tokens);
-  sc.max_num_batched_tokens *= sc.num_virtual_engines;
-  sc.num_virtual_engines = 1;
+  // A fused group's configuration is the runtime's (g virtual engines); one simulated step is a
+  // round of the g virtual engines' micro-batches as the scheduler forms them, which the executor
+  // pipelines.
+  const engine::SchedulerConfig sc = engine::fused_scheduler_config(config_.scheduler, g, config_.block_size_tokens);
   u->scheduler = std::make_unique<engine::Scheduler>(sc, u->kv.get(), &clock_);
   SimExecutorConfig ec;
   ec.stage_layers = u->stage_layers;
@@ -365,8 +363,7 @@ void ClusterSim::handle_events(Unit& u, const std::vector<engine::TokenEvent>& e
 void ClusterSim::finish_step(Unit& u) {
   KUN_CHECK(u.in_flight);
   u.in_flight = false;
-  auto events = u.scheduler->apply_result(u.plan, u.result);
-  handle_events(u, events);
+  for (std::size_t i = 0; i < u.plans.size(); ++i) handle_events(u, u.scheduler->apply_result(u.plans[i], u.results[i]));
   advance_kv_moves(u, /*assign=*/true);
   const std::int64_t every = config_.check_invariants_every_steps;
   if (every > 0 && u.scheduler->counters().steps % every == 0) u.scheduler->check_invariants();
@@ -377,14 +374,19 @@ void ClusterSim::start_steps() {
   for (auto& up : units_) {
     Unit& u = *up;
     if (u.in_flight || u.blocked || now < u.resume_us || !u.scheduler->has_unfinished()) continue;
-    u.plan = u.scheduler->schedule();
-    if (u.plan.sequences.empty() && u.plan.swap_in.empty() && u.plan.swap_out.empty()) continue;
-    for (const auto& s : u.plan.sequences) {
-      auto& rec = records_[static_cast<std::size_t>(s.id.value)];
-      if (rec.queue_us < 0) rec.queue_us = now - rec.arrival_us;
+    u.plans.clear();
+    for (std::int64_t ve = 0; ve < u.scheduler->config().num_virtual_engines; ++ve) {
+      engine::StepPlan plan = u.scheduler->schedule(ve);
+      if (plan.sequences.empty() && plan.swap_in.empty() && plan.swap_out.empty()) continue;
+      for (const auto& s : plan.sequences) {
+        auto& rec = records_[static_cast<std::size_t>(s.id.value)];
+        if (rec.queue_us < 0) rec.queue_us = now - rec.arrival_us;
+      }
+      u.plans.push_back(std::move(plan));
     }
-    u.result = u.executor->execute(u.plan);
-    u.busy_until_us = now + std::max<std::int64_t>(1, u.result.duration_us);
+    if (u.plans.empty()) continue;
+    u.results = u.executor->execute_round(u.plans);
+    u.busy_until_us = now + std::max<std::int64_t>(1, u.results.front().duration_us);
     u.in_flight = true;
     ++counters_.steps;
   }
@@ -411,6 +413,8 @@ void ClusterSim::collect(const Unit& u) {
   counters_.activation_bytes += u.executor->counters().activation_bytes;
   counters_.remote_attention_bytes += u.executor->counters().remote_attention_bytes;
   counters_.remote_attention_us += u.executor->counters().remote_attention_us;
+  counters_.fused_stage_busy_us += u.executor->counters().stage_busy_us;
+  counters_.fused_stage_idle_us += u.executor->counters().stage_idle_us;
 }
 
 void ClusterSim::fuse(const cluster::DropAction& drop) {
@@ -858,6 +862,9 @@ nlohmann::json SimReport::to_json() const {
   c["preemptions_swap"] = counters.preemptions_swap;
   c["recomputed_tokens"] = counters.recomputed_tokens;
   c["transition_recomputed_tokens"] = counters.transition_recomputed_tokens;
+  const double stage_us = counters.fused_stage_busy_us + counters.fused_stage_idle_us;
+  c["fused_stage_busy_s"] = counters.fused_stage_busy_us * 1e-6;
+  c["bubble_fraction"] = stage_us > 0.0 ? counters.fused_stage_idle_us / stage_us : 0.0;
   c["drops"] = counters.drops;
   c["restores"] = counters.restores;
   c["migrations"] = counters.migrations;

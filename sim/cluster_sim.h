@@ -121,6 +121,8 @@ struct SimCounters {
   std::int64_t kv_bytes_gathered_at_split = 0;  // of which stop-and-copy at the split
   std::int64_t remote_attention_bytes = 0;
   std::int64_t remote_attention_us = 0;       // stage time waiting on remote attention
+  double fused_stage_busy_us = 0.0;           // fused rounds: stage time on micro-batches
+  double fused_stage_idle_us = 0.0;           // fused rounds: the pipeline bubble
   std::vector<double> exchange_ms;            // per drop: until the last stale layer moved (exchange)
   std::vector<double> drop_latency_ms;
   std::vector<double> restore_latency_ms;

@@ -34,113 +34,134 @@ std::int32_t SimExecutor::token_for(RequestId id, std::uint64_t sample_index) co
   return token;
 }
 
-SimExecutor::StepCost SimExecutor::forward(const std::vector<SeqWork>& work,
-                                            const std::vector<std::vector<RemoteLayer>>& remote) const {
+SimExecutor::StepCost SimExecutor::forward(const std::vector<MicroBatch>& micro_batches) const {
   StepCost out;
-  if (work.empty()) return out;
   const auto g = static_cast<std::int64_t>(config_.stage_layers.size());
   if (g == 1) {
-    out.us = cost_->step_us(work, config_.stage_layers[0], true, true);
+    KUN_CHECK_LE(micro_batches.size(), 1u) << "an independent instance runs one batch a step";
+    if (!micro_batches.empty() && !micro_batches[0].work.empty()) {
+      out.us = cost_->step_us(micro_batches[0].work, config_.stage_layers[0], true, true);
+    }
     return out;
   }
-  // Micro-batches: longest-first greedy partition by new tokens into g bins.
-  std::vector<std::size_t> order(work.size());
-  std::iota(order.begin(), order.end(), std::size_t{0});
-  std::stable_sort(order.begin(), order.end(),
-                   [&](std::size_t a, std::size_t b) { return work[a].new_tokens > work[b].new_tokens; });
-  std::vector<std::vector<std::size_t>> bins(static_cast<std::size_t>(g));
-  std::vector<std::int64_t> load(static_cast<std::size_t>(g), 0);
-  for (std::size_t i : order) {
-    const auto bin = static_cast<std::size_t>(std::min_element(load.begin(), load.end()) - load.begin());
-    bins[bin].push_back(i);
-    load[bin] += work[i].new_tokens;
-  }
-  // g virtual engines keep the pipeline full across steps (DESIGN.md 3.4): in steady state each
-  // stage works through the g micro-batches back to back, so a round takes as long as the
-  // busiest stage's sum over micro-batches; the fill / drain of an empty pipeline is not paid
-  // every step. Imbalance between micro-batches shows up as the bottleneck stage's excess.
+  KUN_CHECK_LE(static_cast<std::int64_t>(micro_batches.size()), g) << "more micro-batches than virtual engines";
+  // t[m][s]: micro-batch m's time on stage s, its activations' hop to the next stage included.
   std::vector<double> stage_busy(static_cast<std::size_t>(g), 0.0);
-  std::vector<SeqWork> mb;
+  double slowest_trip = 0.0;  // one micro-batch through every stage
   std::map<std::pair<std::int32_t, std::int32_t>, std::int64_t> remote_tokens;  // (layer, holder) -> tokens
-  for (std::size_t m = 0; m < bins.size(); ++m) {
-    if (bins[m].empty()) continue;
-    mb.clear();
-    remote_tokens.clear();
-    for (std::size_t i : bins[m]) {
-      mb.push_back(work[i]);
-      if (i < remote.size()) {
-        for (const RemoteLayer& rl : remote[i]) remote_tokens[{rl.layer, rl.holder}] += work[i].new_tokens;
-      }
-    }
+  for (const MicroBatch& mb : micro_batches) {
+    if (mb.work.empty()) continue;
+    std::vector<double> t(static_cast<std::size_t>(g), 0.0);
+    std::int64_t tokens = 0;
+    for (const SeqWork& w : mb.work) tokens += w.new_tokens;
     for (std::int64_t s = 0; s < g; ++s) {
-      double t = cost_->step_us(mb, config_.stage_layers[static_cast<std::size_t>(s)], s == 0, s == g - 1, false);
-      if (s + 1 < g) t += transfer_us(config_.stage_link, cost_->activation_bytes(load[m]));
-      stage_busy[static_cast<std::size_t>(s)] += t;
+      t[static_cast<std::size_t>(s)] =
+          cost_->step_us(mb.work, config_.stage_layers[static_cast<std::size_t>(s)], s == 0, s == g - 1, false);
+      if (s + 1 < g) t[static_cast<std::size_t>(s)] += transfer_us(config_.stage_link, cost_->activation_bytes(tokens));
     }
     // Remote attention: the stage running the layer waits for q/k/v to reach the holder and the
     // output to come back, one message each way per (layer, holder) of this micro-batch.
-    for (const auto& [key, tokens] : remote_tokens) {
-      const std::int64_t send = cost_->remote_attention_send_bytes(tokens);
-      const std::int64_t ret = cost_->remote_attention_return_bytes(tokens);
-      const double t = transfer_us(config_.stage_link, send) + transfer_us(config_.stage_link, ret);
-      stage_busy[static_cast<std::size_t>(layer_stage_[static_cast<std::size_t>(key.first)])] += t;
-      out.remote.bytes += send + ret;
-      out.remote.stage_us += t;
+    remote_tokens.clear();
+    for (std::size_t i = 0; i < mb.remote.size(); ++i) {
+      for (const RemoteLayer& rl : mb.remote[i]) remote_tokens[{rl.layer, rl.holder}] += mb.work[i].new_tokens;
     }
+    for (const auto& [key, n] : remote_tokens) {
+      const std::int64_t send = cost_->remote_attention_send_bytes(n);
+      const std::int64_t ret = cost_->remote_attention_return_bytes(n);
+      const double us = transfer_us(config_.stage_link, send) + transfer_us(config_.stage_link, ret);
+      t[static_cast<std::size_t>(layer_stage_[static_cast<std::size_t>(key.first)])] += us;
+      out.remote.bytes += send + ret;
+      out.remote.stage_us += us;
+    }
+    double trip = 0.0;
+    for (std::int64_t s = 0; s < g; ++s) {
+      stage_busy[static_cast<std::size_t>(s)] += t[static_cast<std::size_t>(s)];
+      trip += t[static_cast<std::size_t>(s)];
+    }
+    slowest_trip = std::max(slowest_trip, trip);
   }
   double busiest = 0.0;
-  for (double t : stage_busy) busiest = std::max(busiest, t);
-  out.us = cost_->gpu().step_overhead_us + busiest;
+  for (double b : stage_busy) {
+    busiest = std::max(busiest, b);
+    out.stage_busy_us += b;
+  }
+  const double round = std::max(busiest, slowest_trip);
+  if (round <= 0.0) return out;
+  out.stage_idle_us = static_cast<double>(g) * round - out.stage_busy_us;
+  out.us = cost_->gpu().step_overhead_us + round;
   return out;
 }
 
-SimExecutor::StepCost SimExecutor::cost(const engine::StepPlan& plan) const {
-  std::vector<SeqWork> work;
-  work.reserve(plan.sequences.size());
-  std::vector<std::vector<RemoteLayer>> remote;
+SimExecutor::StepCost SimExecutor::cost(const std::vector<const engine::StepPlan*>& micro_batches) const {
   const bool fused = num_stages() > 1;
-  if (fused) remote.resize(plan.sequences.size());
-  for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
-    const auto& s = plan.sequences[i];
-    work.push_back(SeqWork{s.start_pos, static_cast<std::int64_t>(s.tokens.size()), s.sample});
-    if (!fused) continue;
-    for (const engine::LayerBlockList& l : s.kv) {
-      KUN_CHECK(l.layer >= 0 && static_cast<std::size_t>(l.layer) < layer_stage_.size()) << "layer " << l.layer;
-      if (l.device != layer_stage_[static_cast<std::size_t>(l.layer)]) {
-        remote[i].push_back(RemoteLayer{l.layer, l.device});
+  std::vector<MicroBatch> batches;
+  std::int64_t copies = 0;
+  for (const engine::StepPlan* plan : micro_batches) {
+    MicroBatch mb;
+    mb.work.reserve(plan->sequences.size());
+    if (fused) mb.remote.resize(plan->sequences.size());
+    for (std::size_t i = 0; i < plan->sequences.size(); ++i) {
+      const auto& s = plan->sequences[i];
+      mb.work.push_back(SeqWork{s.start_pos, static_cast<std::int64_t>(s.tokens.size()), s.sample});
+      if (!fused) continue;
+      for (const engine::LayerBlockList& l : s.kv) {
+        KUN_CHECK(l.layer >= 0 && static_cast<std::size_t>(l.layer) < layer_stage_.size()) << "layer " << l.layer;
+        if (l.device != layer_stage_[static_cast<std::size_t>(l.layer)]) {
+          mb.remote[i].push_back(RemoteLayer{l.layer, l.device});
+        }
       }
     }
+    batches.push_back(std::move(mb));
+    copies += static_cast<std::int64_t>(plan->swap_out.size() + plan->swap_in.size());
   }
-  StepCost c = forward(work, remote);
+  StepCost c = forward(batches);
   const std::int64_t block_bytes = config_.block_size_tokens * cost_->kv_bytes_per_token_per_layer();
-  const auto copies = static_cast<std::int64_t>(plan.swap_out.size() + plan.swap_in.size());
   if (copies > 0) c.us += transfer_us(config_.host_link, copies * block_bytes);
   return c;
 }
 
 std::int64_t SimExecutor::duration_us(const engine::StepPlan& plan) const {
-  return static_cast<std::int64_t>(std::ceil(cost(plan).us));
+  return static_cast<std::int64_t>(std::ceil(cost({&plan}).us));
+}
+
+std::int64_t SimExecutor::round_duration_us(const std::vector<engine::StepPlan>& micro_batches) const {
+  std::vector<const engine::StepPlan*> ptrs;
+  for (const auto& p : micro_batches) ptrs.push_back(&p);
+  return static_cast<std::int64_t>(std::ceil(cost(ptrs).us));
 }
 
 SimExecutor::RemoteAttention SimExecutor::remote_attention(const engine::StepPlan& plan) const {
-  return cost(plan).remote;
+  return cost({&plan}).remote;
 }
 
 engine::StepResult SimExecutor::execute(const engine::StepPlan& plan) {
-  engine::StepResult result;
-  for (const auto& s : plan.sequences) {
-    if (s.sample) result.sampled_tokens.push_back(token_for(s.id, s.sample_index));
-  }
-  const StepCost c = cost(plan);
-  result.duration_us = static_cast<std::int64_t>(std::ceil(c.us));
+  return execute_round({plan}).front();
+}
+
+std::vector<engine::StepResult> SimExecutor::execute_round(const std::vector<engine::StepPlan>& micro_batches) {
+  std::vector<const engine::StepPlan*> ptrs;
+  for (const auto& p : micro_batches) ptrs.push_back(&p);
+  const StepCost c = cost(ptrs);
+  const auto duration = static_cast<std::int64_t>(std::ceil(c.us));
   counters_.remote_attention_bytes += c.remote.bytes;
   counters_.remote_attention_us += static_cast<std::int64_t>(std::llround(c.remote.stage_us));
+  counters_.stage_busy_us += c.stage_busy_us;
+  counters_.stage_idle_us += c.stage_idle_us;
   ++counters_.steps;
-  counters_.busy_us += result.duration_us;
+  counters_.busy_us += duration;
   const std::int64_t block_bytes = config_.block_size_tokens * cost_->kv_bytes_per_token_per_layer();
-  counters_.swap_bytes += static_cast<std::int64_t>(plan.swap_out.size() + plan.swap_in.size()) * block_bytes;
-  if (num_stages() > 1) counters_.activation_bytes += (num_stages() - 1) * cost_->activation_bytes(plan.num_tokens());
-  return result;
+  std::vector<engine::StepResult> results;
+  for (const engine::StepPlan& plan : micro_batches) {
+    engine::StepResult result;
+    for (const auto& s : plan.sequences) {
+      if (s.sample) result.sampled_tokens.push_back(token_for(s.id, s.sample_index));
+    }
+    result.duration_us = duration;
+    counters_.swap_bytes += static_cast<std::int64_t>(plan.swap_out.size() + plan.swap_in.size()) * block_bytes;
+    if (num_stages() > 1) counters_.activation_bytes += (num_stages() - 1) * cost_->activation_bytes(plan.num_tokens());
+    results.push_back(std::move(result));
+  }
+  return results;
 }
 
 }  // namespace kun::sim

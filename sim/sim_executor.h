@@ -3,11 +3,15 @@
 // are a deterministic hash of (request id, output index), never the EOS token.
 //
 // An independent instance is one stage holding all L layers. A fused group of g stages
-// (stage_layers[i] layers on stage i) runs a step as a g-stage pipeline over g micro-batches
-// (sequences split longest-first by tokens, one per virtual engine). The virtual engines keep the
-// pipeline full across steps, so a step (a round of g micro-batches) takes as long as the
-// busiest stage's summed micro-batch times, each including the hop of its activations to the
-// next stage over the link; the per-step overhead is paid once.
+// (stage_layers[i] layers on stage i) runs a round: up to g micro-batches, one per virtual
+// engine, exactly as the group's scheduler planned them (schedule(ve); with lookahead balanced
+// by predicted cost, without it as the first virtual engine took what fit). The virtual engines
+// keep the pipeline full across rounds, so a round takes as long as the larger of two bounds:
+// the busiest stage's summed micro-batch times (each including the hop of its activations to the
+// next stage over the link), and the slowest micro-batch's trip through all g stages (a virtual
+// engine cannot step again before its last step has left the pipeline). An unbalanced round is
+// bound by the second: the other stages idle, the pipeline bubble, counted as stage idle time
+// (g x round time - stage busy time). The per-step overhead is paid once per round.
 // Swap copies (StepPlan::swap_out / swap_in) cross the host link (PCIe) before the forward.
 //
 // Remote attention (DESIGN.md 3.5): a sequence whose KV for layer l lies on a device other than
@@ -45,15 +49,22 @@ struct SimExecutorCounters {
   std::int64_t activation_bytes = 0;
   std::int64_t remote_attention_bytes = 0;  // q/k/v out and attention outputs back
   std::int64_t remote_attention_us = 0;     // stage time spent waiting on them (summed over stages)
+  double stage_busy_us = 0.0;               // fused rounds: stage time spent on micro-batches
+  double stage_idle_us = 0.0;               // fused rounds: g x round time - stage_busy_us
 };
 
 class SimExecutor final : public engine::StepExecutor {
  public:
   SimExecutor(const CostModel* cost, SimExecutorConfig config);
 
+  // A round of one micro-batch.
   engine::StepResult execute(const engine::StepPlan& plan) override;
-  // The modelled duration of a plan, without side effects.
+  // A fused group's round: at most g micro-batches, one per virtual engine with work. Returns one
+  // result per plan, each carrying the round's duration.
+  std::vector<engine::StepResult> execute_round(const std::vector<engine::StepPlan>& micro_batches);
+  // The modelled duration of a round, without side effects.
   std::int64_t duration_us(const engine::StepPlan& plan) const;
+  std::int64_t round_duration_us(const std::vector<engine::StepPlan>& micro_batches) const;
   // What remote attention adds to the plan's bottleneck stage and the bytes it moves (0 for an
   // independent instance or when every sequence's KV is where its layers run).
   struct RemoteAttention {
@@ -76,10 +87,16 @@ class SimExecutor final : public engine::StepExecutor {
   struct StepCost {
     double us = 0.0;
     RemoteAttention remote;
+    double stage_busy_us = 0.0;  // fused: summed over stages
+    double stage_idle_us = 0.0;
   };
-  StepCost cost(const engine::StepPlan& plan) const;
-  // remote[i]: sequence i's remote layers (empty for most).
-  StepCost forward(const std::vector<SeqWork>& work, const std::vector<std::vector<RemoteLayer>>& remote) const;
+  StepCost cost(const std::vector<const engine::StepPlan*>& micro_batches) const;
+  // One micro-batch's sequences, and each one's remote layers (empty for most).
+  struct MicroBatch {
+    std::vector<SeqWork> work;
+    std::vector<std::vector<RemoteLayer>> remote;
+  };
+  StepCost forward(const std::vector<MicroBatch>& micro_batches) const;
   std::vector<std::int32_t> layer_stage_;  // stage running each layer
 
   const CostModel* cost_;

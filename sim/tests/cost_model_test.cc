@@ -98,12 +98,34 @@ TEST(SimExecutor, DurationsTokensAndPipeline) {
   engine::StepPlan swap = plan;
   swap.swap_in.resize(1000);
   EXPECT_GT(single.duration_us(swap), r1.duration_us + 10'000);
-  // A 2-stage pipeline over the same batch is faster than one device but slower than half.
+  // A 2-stage pipeline over the same batch split into two equal micro-batches (two virtual
+  // engines) is faster than one device but slower than half, with a small bubble (the stages'
+  // layers are equal, the embedding and the head are not).
   cfg.stage_layers = {16, 16};
   SimExecutor pipe(&cost, cfg);
-  const auto p = pipe.duration_us(plan);
+  engine::StepPlan half_a, half_b;
+  for (int i = 0; i < 8; ++i) (i < 4 ? half_a : half_b).sequences.push_back(plan.sequences[static_cast<std::size_t>(i)]);
+  const auto p = pipe.round_duration_us({half_a, half_b});
   EXPECT_LT(p, r1.duration_us);
   EXPECT_GT(p, r1.duration_us / 2);
+  const auto balanced = pipe.execute_round({half_a, half_b});
+  ASSERT_EQ(balanced.size(), 2u);
+  EXPECT_EQ(balanced[0].duration_us, p);
+  EXPECT_EQ(balanced[1].sampled_tokens.size(), 4u);
+  const double busy = pipe.counters().stage_busy_us, idle = pipe.counters().stage_idle_us;
+  EXPECT_GT(busy, 0.0);
+  EXPECT_LT(idle / (busy + idle), 0.1);
+  // The whole batch as one micro-batch (one virtual engine took it all) crosses both stages in
+  // turn: no faster than one device, and one stage idles at any time.
+  EXPECT_GT(pipe.duration_us(plan), r1.duration_us);
+  pipe.execute(plan);
+  const double idle1 = pipe.counters().stage_idle_us - idle, busy1 = pipe.counters().stage_busy_us - busy;
+  EXPECT_NEAR(idle1 / (busy1 + idle1), 0.5, 0.05);
+  // Unbalanced micro-batches (7 + 1 sequences): bound by the big one's trip through the pipeline.
+  engine::StepPlan big, small;
+  for (int i = 0; i < 8; ++i) (i < 7 ? big : small).sequences.push_back(plan.sequences[static_cast<std::size_t>(i)]);
+  EXPECT_GT(pipe.round_duration_us({big, small}), p);
+  EXPECT_EQ(pipe.round_duration_us({big, small}), pipe.duration_us(big));
 }
 
 // ---- Calibration against the measured profiles ----
