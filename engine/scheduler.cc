@@ -144,6 +144,15 @@ void Scheduler::finish(Request& r, FinishReason reason) {
   r.timings.finish_us = clock_->now_us();
 }
 
+void Scheduler::requeue_without_kv(Request& r, bool by_transition) {
+  // Only a request that had computed KV changes cause: one already waiting to recompute keeps the
+  // cause of the loss it is recomputing.
+  if (r.num_computed > 0) r.kv_lost_in_transition = by_transition;
+  r.num_computed = 0;
+  r.state = RequestState::kWaiting;
+  r.virtual_engine = -1;
+}
+
 TokenEvent Scheduler::make_event(const Request& r, std::int32_t token) const {
   TokenEvent ev;
   ev.id = r.id;
@@ -238,10 +247,7 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
     KUN_LOG(kInfo) << "swap space full: preempting request " << victim.id << " by recompute instead";
   }
   kv_->release(victim.id);
-  victim.kv_lost_in_transition = false;
-  victim.num_computed = 0;
-  victim.state = RequestState::kWaiting;
-  victim.virtual_engine = -1;
+  requeue_without_kv(victim, /*by_transition=*/false);
   waiting_.push_front(victim.id);
   ++counters_.preemptions_recompute;
   KUN_LOG(kDebug) << "preempt request " << victim.id << " by recompute: " << held << " tokens dropped";
@@ -514,10 +520,7 @@ std::optional<Request> Scheduler::detach(RequestId id, bool keep_kv) {
   remove_from_queues(id);
   if (!keep_kv) {
     kv_->release(id);
-    if (r.num_computed > 0) r.kv_lost_in_transition = true;
-    r.num_computed = 0;
-    r.state = RequestState::kWaiting;
-    r.virtual_engine = -1;
+    requeue_without_kv(r, /*by_transition=*/true);
   }
   return r;
 }
@@ -543,11 +546,7 @@ Status Scheduler::adopt(Request r, bool with_kv) {
     r.virtual_engine = least_loaded_ve();
     running_.push_back(id);
   } else {
-    // Computed KV that is not carried over (a caller may have zeroed num_computed already).
-    if (r.num_computed > 0 || r.state != RequestState::kWaiting) r.kv_lost_in_transition = true;
-    r.num_computed = 0;
-    r.state = RequestState::kWaiting;
-    r.virtual_engine = -1;
+    requeue_without_kv(r, /*by_transition=*/true);  // the KV it had is not carried over
     waiting_.push_back(id);
   }
   requests_.emplace(id, std::move(r));

@@ -157,6 +157,9 @@ class Scheduler {
   void schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
   // Lookahead admission of virtual engine `ve` (balance_virtual_engines with g > 1).
   void schedule_waiting_lookahead(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
+  // Resets a request whose KV is gone (the caller released it) to recompute from the start;
+  // by_transition: a drop / restore / migration lost the KV, not a recompute preemption.
+  static void requeue_without_kv(Request& r, bool by_transition);
   // Moves a waiting request into ve's running set and plans its first chunk of n tokens.
   void admit(Request& r, std::int64_t ve, std::int64_t n, StepPlan* plan);
   bool lookahead() const { return config_.num_virtual_engines > 1 && config_.balance_virtual_engines; }

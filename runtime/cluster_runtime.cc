@@ -719,7 +719,6 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
                           member_alloc(best).num_free() >= need - gr.tables.at(static_cast<std::int32_t>(best)).num_blocks();
     if (!fits_now) {
       free_tables(gr);
-      gr.request.request.num_computed = 0;
       rest.insert(rest.begin(), std::move(gr.request));
       ++recomputed;
       continue;

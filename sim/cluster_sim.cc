@@ -487,7 +487,6 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
       for (auto& [j, t] : tables) t.free_all(*group->allocators[static_cast<std::size_t>(j)]);
       ++counters_.stale_requests_recomputed;
       counters_.stale_tokens_recomputed += s.tokens;
-      s.request.num_computed = 0;
       stale.insert(stale.begin(), std::move(s.request));
       continue;
     }
@@ -585,7 +584,6 @@ void ClusterSim::split(std::int64_t unit_index) {
     if (best < 0) {
       ++counters_.stale_requests_recomputed;
       counters_.stale_tokens_recomputed += k.tokens;
-      k.request.num_computed = 0;
       rest.insert(rest.begin(), std::move(k.request));
       continue;
     }

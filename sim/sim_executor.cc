@@ -8,6 +8,16 @@
 #include "common/check.h"
 
 namespace kun::sim {
+namespace {
+
+std::vector<const engine::StepPlan*> pointers_to(const std::vector<engine::StepPlan>& plans) {
+  std::vector<const engine::StepPlan*> out;
+  out.reserve(plans.size());
+  for (const auto& p : plans) out.push_back(&p);
+  return out;
+}
+
+}  // namespace
 
 SimExecutor::SimExecutor(const CostModel* cost, SimExecutorConfig config) : cost_(cost), config_(std::move(config)) {
   KUN_CHECK(cost_ != nullptr);
@@ -125,23 +135,21 @@ std::int64_t SimExecutor::duration_us(const engine::StepPlan& plan) const {
 }
 
 std::int64_t SimExecutor::round_duration_us(const std::vector<engine::StepPlan>& micro_batches) const {
-  std::vector<const engine::StepPlan*> ptrs;
-  for (const auto& p : micro_batches) ptrs.push_back(&p);
-  return static_cast<std::int64_t>(std::ceil(cost(ptrs).us));
+  return static_cast<std::int64_t>(std::ceil(cost(pointers_to(micro_batches)).us));
 }
 
 SimExecutor::RemoteAttention SimExecutor::remote_attention(const engine::StepPlan& plan) const {
   return cost({&plan}).remote;
 }
 
-engine::StepResult SimExecutor::execute(const engine::StepPlan& plan) {
-  return execute_round({plan}).front();
-}
+engine::StepResult SimExecutor::execute(const engine::StepPlan& plan) { return run_round({&plan}).front(); }
 
 std::vector<engine::StepResult> SimExecutor::execute_round(const std::vector<engine::StepPlan>& micro_batches) {
-  std::vector<const engine::StepPlan*> ptrs;
-  for (const auto& p : micro_batches) ptrs.push_back(&p);
-  const StepCost c = cost(ptrs);
+  return run_round(pointers_to(micro_batches));
+}
+
+std::vector<engine::StepResult> SimExecutor::run_round(const std::vector<const engine::StepPlan*>& micro_batches) {
+  const StepCost c = cost(micro_batches);
   const auto duration = static_cast<std::int64_t>(std::ceil(c.us));
   counters_.remote_attention_bytes += c.remote.bytes;
   counters_.remote_attention_us += static_cast<std::int64_t>(std::llround(c.remote.stage_us));
@@ -151,7 +159,8 @@ std::vector<engine::StepResult> SimExecutor::execute_round(const std::vector<eng
   counters_.busy_us += duration;
   const std::int64_t block_bytes = config_.block_size_tokens * cost_->kv_bytes_per_token_per_layer();
   std::vector<engine::StepResult> results;
-  for (const engine::StepPlan& plan : micro_batches) {
+  for (const engine::StepPlan* p : micro_batches) {
+    const engine::StepPlan& plan = *p;
     engine::StepResult result;
     for (const auto& s : plan.sequences) {
       if (s.sample) result.sampled_tokens.push_back(token_for(s.id, s.sample_index));

@@ -97,6 +97,8 @@ class SimExecutor final : public engine::StepExecutor {
     std::vector<std::vector<RemoteLayer>> remote;
   };
   StepCost forward(const std::vector<MicroBatch>& micro_batches) const;
+  // execute / execute_round without copying the plans.
+  std::vector<engine::StepResult> run_round(const std::vector<const engine::StepPlan*>& micro_batches);
   std::vector<std::int32_t> layer_stage_;  // stage running each layer
 
   const CostModel* cost_;
