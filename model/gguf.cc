@@ -262,6 +262,23 @@ class GgufSource final : public WeightSource {
   std::string describe() const override { return file_->path() + " (gguf)"; }
   std::string tensor_origin(std::string_view) const override { return file_->path(); }
   bool has_tensor(std::string_view name) const override { return by_hf_.find(name) != by_hf_.end(); }
+  // HF names where the GGUF name maps to one, the GGUF name otherwise; rope_freqs.weight is
+  // consumed by the config (rope scaling) and is not a weight.
+  std::vector<std::string> tensor_names() const override {
+    std::vector<std::string> out;
+    for (const auto& t : file_->tensors()) {
+      if (t.name == "rope_freqs.weight") continue;
+      out.push_back(gguf_to_hf_name(t.name).value_or(t.name));
+    }
+    return out;
+  }
+  std::optional<StoredTensor> stored_tensor(std::string_view name) const override {
+    auto it = by_hf_.find(name);
+    if (it == by_hf_.end() || !it->second->type_supported) return std::nullopt;
+    const GgufTensor& t = *it->second;
+    return StoredTensor{file_->tensor_data(t), t.dtype,
+                        static_cast<std::int64_t>(t.num_bytes / static_cast<std::uint64_t>(dtype_bytes(t.dtype)))};
+  }
 
   StatusOr<TensorInfo> tensor_info(std::string_view name) const override {
     auto it = by_hf_.find(name);
@@ -492,6 +509,27 @@ StatusOr<std::unique_ptr<GgufFile>> GgufFile::open(const std::string& path) {
     if (sorted[k]->data_begin < sorted[k - 1]->data_begin + sorted[k - 1]->num_bytes) {
       return data_loss(path + ": tensor '" + sorted[k]->name + "' overlaps tensor '" + sorted[k - 1]->name +
                        "' in the data section");
+    }
+  }
+  // When every tensor's size is known, the tensors must tile the data section up to alignment
+  // padding: no gap of a whole alignment unit or more, nothing after the last tensor's padding.
+  if (sorted.size() == f->tensors_.size() && !sorted.empty()) {
+    std::uint64_t expect_begin = data_start;
+    std::string previous = "the start of the data section";
+    for (const GgufTensor* t : sorted) {
+      if (t->data_begin != expect_begin) {
+        return data_loss(path + ": tensor '" + t->name + "' starts at data offset " +
+                         std::to_string(t->data_begin - data_start) + " but " + previous + " ends (padded) at " +
+                         std::to_string(expect_begin - data_start) + ": a gap of " +
+                         std::to_string(t->data_begin - expect_begin) + " bytes (corrupt offsets?)");
+      }
+      expect_begin = align_up(t->data_begin + t->num_bytes, f->alignment_);
+      previous = "tensor '" + t->name + "'";
+    }
+    const GgufTensor* last = sorted.back();
+    if (mapped->size() > expect_begin) {
+      return data_loss(path + ": " + std::to_string(mapped->size() - expect_begin) + " trailing bytes after tensor '" +
+                       last->name + "' and its padding (corrupt offsets or a truncated tensor list?)");
     }
   }
   f->file_ = std::move(mapped);
@@ -758,11 +796,11 @@ StatusOr<ModelConfig> gguf_model_config(const GgufFile& f) {
   return c;
 }
 
-StatusOr<std::unique_ptr<WeightSource>> open_gguf_weights(const std::string& path) {
+StatusOr<std::unique_ptr<WeightSource>> open_gguf_weights(const std::string& path, const WeightCheckOptions& options) {
   KUN_ASSIGN_OR_RETURN(auto file, GgufFile::open(path));
   KUN_ASSIGN_OR_RETURN(ModelConfig config, gguf_model_config(*file));
   auto source = std::make_unique<GgufSource>(std::move(file), std::move(config));
-  KUN_RETURN_IF_ERROR(validate_weights(*source));
+  KUN_RETURN_IF_ERROR(validate_weights(*source, options));
   return std::unique_ptr<WeightSource>(std::move(source));
 }
 

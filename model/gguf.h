@@ -134,7 +134,8 @@ std::int64_t gguf_permuted_row(std::int64_t hf_row, std::int64_t rows, std::int6
 StatusOr<ModelConfig> gguf_model_config(const GgufFile& file);
 
 // Opens a .gguf model; exposes HF names and layout; validates all expected tensors.
-StatusOr<std::unique_ptr<WeightSource>> open_gguf_weights(const std::string& path);
+StatusOr<std::unique_ptr<WeightSource>> open_gguf_weights(const std::string& path,
+                                                          const WeightCheckOptions& options = {});
 
 // Writes `source` as a GGUF model: matrices in `dtype`, 1-D tensors (norms, biases) in F32 as
 // llama.cpp does; q/k permuted for the llama architecture (mistral is written as llama).

@@ -51,15 +51,6 @@ std::string shape_string(const std::vector<std::int64_t>& s) {
   return out + "]";
 }
 
-StatusOr<std::string> read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return not_found(path + ": cannot open: " + std::strerror(errno));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return data_loss(path + ": read error");
-  return ss.str();
-}
-
 Status parse_header(const std::string& path, const std::uint8_t* data, std::uint64_t file_size,
                     std::vector<SafetensorsTensor>* tensors, std::map<std::string, std::string>* metadata) {
   if (file_size < 8) {
@@ -148,17 +139,38 @@ Status parse_header(const std::string& path, const std::uint8_t* data, std::uint
     t.data_end = data_start + end;
     tensors->push_back(std::move(t));
   }
-  // Overlap check: sorted by begin, each tensor must start at or after the previous one's end.
+  // The tensors must tile the data section exactly, as the format's reference reader requires:
+  // sorted by offset, each starts where the previous one ends, the first at 0 and the last at the
+  // end. A gap, an overlap or trailing bytes mean a corrupt file or a header length that is off
+  // (every tensor shifted), and each is reported with the tensor where the tiling breaks.
   std::vector<const SafetensorsTensor*> sorted;
   for (const auto& t : *tensors) sorted.push_back(&t);
   std::sort(sorted.begin(), sorted.end(), [](const SafetensorsTensor* a, const SafetensorsTensor* b) {
     return a->data_begin != b->data_begin ? a->data_begin < b->data_begin : a->data_end < b->data_end;
   });
-  for (std::size_t i = 1; i < sorted.size(); ++i) {
-    if (sorted[i]->data_begin < sorted[i - 1]->data_end && sorted[i]->data_begin != sorted[i]->data_end) {
-      return data_loss(path + ": tensor '" + sorted[i]->name + "' overlaps tensor '" + sorted[i - 1]->name +
-                       "' in the data section");
+  std::uint64_t expect_begin = data_start;
+  const SafetensorsTensor* previous = nullptr;
+  const auto prev_name = [&] { return previous == nullptr ? std::string("the start of the data section")
+                                                            : "tensor '" + previous->name + "'"; };
+  for (const SafetensorsTensor* t : sorted) {
+    if (t->data_begin < expect_begin) {
+      return data_loss(path + ": tensor '" + t->name + "' (data_offsets [" + std::to_string(t->data_begin - data_start) +
+                       ", " + std::to_string(t->data_end - data_start) + "]) overlaps " + prev_name() +
+                       " in the data section");
     }
+    if (t->data_begin > expect_begin) {
+      return data_loss(path + ": tensor '" + t->name + "' starts at data offset " +
+                       std::to_string(t->data_begin - data_start) + " but " + prev_name() + " ends at " +
+                       std::to_string(expect_begin - data_start) + ": a gap of " +
+                       std::to_string(t->data_begin - expect_begin) + " bytes (corrupt offsets or header length?)");
+    }
+    expect_begin = t->data_end;
+    previous = t;
+  }
+  if (expect_begin != file_size) {
+    return data_loss(path + ": " + std::to_string(file_size - expect_begin) + " trailing bytes after " + prev_name() +
+                     " (data section of " + std::to_string(data_size) +
+                     " bytes; corrupt offsets or a header length that is off?)");
   }
   return ok_status();
 }
@@ -202,6 +214,20 @@ class SafetensorsDirSource final : public WeightSource {
     }
     convert_tensor_bytes(dt.file->tensor_data(*dt.tensor), info.dtype, dst, dst_dtype, n);
     return ok_status();
+  }
+
+  std::vector<std::string> tensor_names() const override {
+    std::vector<std::string> out;
+    for (const auto& [name, t] : tensors_) out.push_back(name);
+    return out;
+  }
+
+  std::optional<StoredTensor> stored_tensor(std::string_view name) const override {
+    auto it = tensors_.find(name);
+    if (it == tensors_.end() || !it->second.tensor->dtype_supported) return std::nullopt;
+    const SafetensorsTensor& t = *it->second.tensor;
+    return StoredTensor{it->second.file->tensor_data(t), t.dtype,
+                        static_cast<std::int64_t>((t.data_end - t.data_begin) / static_cast<std::uint64_t>(dtype_bytes(t.dtype)))};
   }
 
   Status add_file(std::unique_ptr<SafetensorsFile> file) {
@@ -249,7 +275,9 @@ MappedFile::~MappedFile() {
 }
 
 StatusOr<std::unique_ptr<MappedFile>> MappedFile::open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; the
+  // S_ISREG check below then refuses it (and devices, sockets, directories).
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     const int err = errno;
     if (err == ENOENT) return not_found(path + ": no such file");
@@ -263,7 +291,7 @@ StatusOr<std::unique_ptr<MappedFile>> MappedFile::open(const std::string& path) 
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    return invalid_argument(path + ": not a regular file");
+    return invalid_argument(path + ": not a regular file (a FIFO, device or directory cannot hold weights)");
   }
   std::unique_ptr<MappedFile> f(new MappedFile());
   f->path_ = path;
@@ -289,6 +317,11 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std::stri
   f->file_ = std::move(mapped);
   for (std::size_t i = 0; i < f->tensors_.size(); ++i) f->index_.emplace(f->tensors_[i].name, i);
   return f;
+}
+
+Status SafetensorsFile::parse(const std::string& path, const std::uint8_t* bytes, std::uint64_t size,
+                              std::vector<SafetensorsTensor>* tensors, std::map<std::string, std::string>* metadata) {
+  return parse_header(path, bytes, size, tensors, metadata);
 }
 
 const SafetensorsTensor* SafetensorsFile::find(std::string_view name) const {
@@ -361,11 +394,11 @@ Status write_safetensors_file(const std::string& path, const std::vector<TensorW
   return ok_status();
 }
 
-StatusOr<std::unique_ptr<WeightSource>> open_safetensors_dir(const std::string& dir) {
+StatusOr<std::unique_ptr<WeightSource>> open_safetensors_dir(const std::string& dir, const WeightCheckOptions& options) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) return not_found(dir + ": not a directory");
   const std::string config_path = (fs::path(dir) / "config.json").string();
-  KUN_ASSIGN_OR_RETURN(std::string config_text, read_text_file(config_path));
+  KUN_ASSIGN_OR_RETURN(std::string config_text, read_regular_text_file(config_path));
   auto config = parse_hf_config(config_text);
   if (!config.ok()) return config.status().with_context(config_path);
 
@@ -373,7 +406,7 @@ StatusOr<std::unique_ptr<WeightSource>> open_safetensors_dir(const std::string& 
   const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
   std::vector<std::string> files;
   if (fs::exists(index_path, ec)) {
-    KUN_ASSIGN_OR_RETURN(std::string index_text, read_text_file(index_path.string()));
+    KUN_ASSIGN_OR_RETURN(std::string index_text, read_regular_text_file(index_path.string()));
     std::map<std::string, std::string> weight_map;
     try {
       Json idx = Json::parse(index_text);
@@ -421,7 +454,7 @@ StatusOr<std::unique_ptr<WeightSource>> open_safetensors_dir(const std::string& 
       KUN_RETURN_IF_ERROR(source->add_file(std::move(f)));
     }
   }
-  KUN_RETURN_IF_ERROR(validate_weights(*source));
+  KUN_RETURN_IF_ERROR(validate_weights(*source, options));
   return std::unique_ptr<WeightSource>(std::move(source));
 }
 

@@ -20,7 +20,8 @@
 
 namespace kun::model {
 
-// A whole file mapped read-only (MAP_PRIVATE, PROT_READ). Empty files map to size 0.
+// A whole file mapped read-only (MAP_PRIVATE, PROT_READ). Empty files map to size 0. Only a
+// regular file is opened (O_NONBLOCK, so a FIFO fails instead of waiting for a writer).
 class MappedFile {
  public:
   static StatusOr<std::unique_ptr<MappedFile>> open(const std::string& path);
@@ -54,12 +55,17 @@ struct SafetensorsTensor {
 
 // One parsed and validated .safetensors file. Construction checks: header length within the
 // file, valid JSON, every entry well formed, known dtype, byte size == product(shape) * element
-// size, offsets inside the data section and not overlapping.
+// size, and the tensors tile the data section exactly (no gap, no overlap, no trailing bytes;
+// a header length off by one shifts every tensor and fails here).
 class SafetensorsFile {
  public:
   static constexpr std::uint64_t kMaxHeaderBytes = std::uint64_t{100} << 20;
 
   static StatusOr<std::unique_ptr<SafetensorsFile>> open(const std::string& path);
+  // Parses and validates a whole file held in memory (the fuzz target's entry); `path` only
+  // names it in errors. The tensors' data_begin / data_end are offsets into `bytes`.
+  static Status parse(const std::string& path, const std::uint8_t* bytes, std::uint64_t size,
+                      std::vector<SafetensorsTensor>* tensors, std::map<std::string, std::string>* metadata);
 
   const std::string& path() const { return file_->path(); }
   const std::vector<SafetensorsTensor>& tensors() const { return tensors_; }
@@ -91,7 +97,8 @@ Status write_safetensors_file(const std::string& path, const std::vector<TensorW
 
 // Opens a safetensors model directory: config.json plus model.safetensors, or the shards named
 // by model.safetensors.index.json, or (without index) every *.safetensors file in the directory.
-// Validates every tensor the config expects (present, supported dtype, right shape).
-StatusOr<std::unique_ptr<WeightSource>> open_safetensors_dir(const std::string& dir);
+// Validates the tensors (validate_weights).
+StatusOr<std::unique_ptr<WeightSource>> open_safetensors_dir(const std::string& dir,
+                                                             const WeightCheckOptions& options = {});
 
 }  // namespace kun::model

@@ -151,6 +151,12 @@ class SyntheticSource final : public WeightSource {
     return it->second;
   }
 
+  std::vector<std::string> tensor_names() const override {
+    std::vector<std::string> out;
+    for (const auto& [name, info] : tensors_) out.push_back(name);
+    return out;
+  }
+
   Status read_tensor(std::string_view name, DType dst_dtype, void* dst, std::int64_t dst_bytes) const override {
     KUN_ASSIGN_OR_RETURN(TensorInfo info, tensor_info(name));
     const std::int64_t n = info.num_elements();

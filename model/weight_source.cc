@@ -1,8 +1,16 @@
 #include "model/weight_source.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -87,8 +95,69 @@ std::vector<TensorInfo> expected_tensors(const ModelConfig& c) {
   return out;
 }
 
-Status validate_weights(const WeightSource& source) {
-  for (const TensorInfo& want : expected_tensors(source.config())) {
+std::int64_t first_non_finite(const std::uint8_t* data, DType dtype, std::int64_t n) {
+  // A float is NaN or Inf exactly when its exponent bits are all ones.
+  auto scan = [&](auto word, auto exponent_mask) -> std::int64_t {
+    using Word = decltype(word);
+    constexpr std::int64_t kChunk = 4096;
+    for (std::int64_t i = 0; i < n; i += kChunk) {
+      const std::int64_t m = std::min(kChunk, n - i);
+      Word buf[kChunk];
+      std::memcpy(buf, data + i * static_cast<std::int64_t>(sizeof(Word)), static_cast<std::size_t>(m) * sizeof(Word));
+      bool any = false;
+      for (std::int64_t j = 0; j < m; ++j) any |= (buf[j] & exponent_mask) == exponent_mask;
+      if (!any) continue;
+      for (std::int64_t j = 0; j < m; ++j) {
+        if ((buf[j] & exponent_mask) == exponent_mask) return i + j;
+      }
+    }
+    return -1;
+  };
+  switch (dtype) {
+    case DType::kF32: return scan(std::uint32_t{}, std::uint32_t{0x7f800000u});
+    case DType::kF16: return scan(std::uint16_t{}, std::uint16_t{0x7c00u});
+    case DType::kBF16: return scan(std::uint16_t{}, std::uint16_t{0x7f80u});
+  }
+  return -1;
+}
+
+namespace {
+
+// Tensors that checkpoints carry but no model computes from: rotary inverse frequencies (a
+// buffer some older exports saved), and a copy of the embedding as lm_head when tied.
+bool ignorable_tensor(const ModelConfig& c, const std::string& name) {
+  if (name.ends_with(".rotary_emb.inv_freq")) return true;
+  return c.tie_word_embeddings && name == "lm_head.weight";
+}
+
+std::string unused_tensor_message(const WeightSource& source, const std::string& name) {
+  const ModelConfig& c = source.config();
+  const std::string prefix = "model.layers.";
+  if (name.starts_with(prefix)) {
+    std::int64_t layer = -1;
+    const auto dot = name.find('.', prefix.size());
+    try {
+      layer = std::stoll(name.substr(prefix.size(), dot - prefix.size()));
+    } catch (const std::exception&) {
+      layer = -1;
+    }
+    if (layer >= c.num_layers) {
+      return source.tensor_origin(name) + ": tensor '" + name + "' belongs to layer " + std::to_string(layer) +
+             " but the config has " + std::to_string(c.num_layers) +
+             " layers (num_hidden_layers / block_count disagrees with the weights)";
+    }
+  }
+  return source.tensor_origin(name) + ": tensor '" + name + "' is not used by a " + c.architecture + " model with " +
+         std::to_string(c.num_layers) + " layers (unexpected tensor: wrong config or a different architecture?)";
+}
+
+}  // namespace
+
+Status validate_weights(const WeightSource& source, const WeightCheckOptions& options) {
+  const auto expected = expected_tensors(source.config());
+  std::set<std::string, std::less<>> expected_names;
+  for (const TensorInfo& want : expected) {
+    expected_names.insert(want.name);
     auto info = source.tensor_info(want.name);
     if (!info.ok()) {
       if (info.status().code() == StatusCode::kNotFound) {
@@ -101,14 +170,64 @@ Status validate_weights(const WeightSource& source) {
                               shape_string(info->shape) + " but the config expects " + shape_string(want.shape));
     }
   }
+  for (const std::string& name : source.tensor_names()) {
+    if (expected_names.count(name) == 0 && !ignorable_tensor(source.config(), name)) {
+      return invalid_argument(unused_tensor_message(source, name));
+    }
+  }
+  if (!options.allow_non_finite) {
+    for (const TensorInfo& want : expected) {
+      const auto stored = source.stored_tensor(want.name);
+      if (!stored) continue;
+      const std::int64_t at = first_non_finite(stored->data, stored->dtype, stored->num_elements);
+      if (at >= 0) {
+        return data_loss(source.tensor_origin(want.name) + ": tensor '" + want.name + "' holds a non-finite value " +
+                         "(NaN or Inf) at element " + std::to_string(at) + " of " +
+                         std::to_string(stored->num_elements) +
+                         " (corrupt weights; --allow-non-finite-weights loads them anyway)");
+      }
+    }
+  }
   return ok_status();
 }
 
-StatusOr<std::unique_ptr<WeightSource>> open_weights(const std::string& path) {
+StatusOr<std::string> read_regular_text_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ENOENT) return not_found(path + ": no such file");
+    return not_found(path + ": cannot open: " + std::strerror(err));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return invalid_argument(path + ": not a regular file");
+  }
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      return data_loss(path + ": read error: " + std::strerror(err));
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fd);
+  return out;
+}
+
+StatusOr<std::unique_ptr<WeightSource>> open_weights(const std::string& path, const WeightCheckOptions& options) {
   std::error_code ec;
-  if (fs::is_directory(path, ec)) return open_safetensors_dir(path);
-  if (path.ends_with(".gguf")) return open_gguf_weights(path);
+  if (fs::is_directory(path, ec)) return open_safetensors_dir(path, options);
   if (!fs::exists(path, ec)) return not_found(path + ": no such file or directory");
+  if (!fs::is_regular_file(path, ec)) {
+    return invalid_argument(path + ": not a regular file or directory (a FIFO or device cannot hold a model)");
+  }
+  if (path.ends_with(".gguf")) return open_gguf_weights(path, options);
   return unimplemented(path + ": unknown model format (expected a safetensors directory or a .gguf file)");
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -43,16 +44,41 @@ class WeightSource {
                              std::int64_t dst_bytes) const = 0;
   // The file that holds a tensor (for error messages); describe() unless a source knows better.
   virtual std::string tensor_origin(std::string_view /*name*/) const { return describe(); }
+  // Every tensor the source holds, under the names tensor_info accepts (HF names where the
+  // format maps them, the file's own name otherwise). validate_weights reports the ones the
+  // config does not use.
+  virtual std::vector<std::string> tensor_names() const = 0;
+  // A tensor's bytes as stored, when the source holds them in memory (mapped files); nullopt for
+  // generated weights. Used to scan for NaN / Inf without converting.
+  struct StoredTensor {
+    const std::uint8_t* data = nullptr;
+    DType dtype = DType::kF32;
+    std::int64_t num_elements = 0;
+  };
+  virtual std::optional<StoredTensor> stored_tensor(std::string_view /*name*/) const { return std::nullopt; }
+};
+
+// What open_weights checks beyond structure.
+struct WeightCheckOptions {
+  // NaN / Inf in a weight is an error naming the tensor unless this is set.
+  bool allow_non_finite = false;
 };
 
 // Checks that `source` holds every tensor expected_tensors(source.config()) names, with that
-// shape and a supported dtype. Errors name the file and the tensor.
-Status validate_weights(const WeightSource& source);
+// shape and a supported dtype, and no tensor the config does not use (a layer past
+// num_hidden_layers, an unknown name), and (unless options.allow_non_finite) that no stored
+// weight is NaN or Inf. Errors name the file and the tensor.
+Status validate_weights(const WeightSource& source, const WeightCheckOptions& options = {});
+// The first non-finite element of `n` elements of `dtype` at `data` (possibly misaligned), or -1.
+std::int64_t first_non_finite(const std::uint8_t* data, DType dtype, std::int64_t n);
+// Reads a small text file (config.json, an index): only a regular file is opened, and it is
+// opened non-blocking so a FIFO or device path fails at once instead of hanging.
+StatusOr<std::string> read_regular_text_file(const std::string& path);
 
 // Opens a model: a directory with config.json + *.safetensors (optionally sharded with
-// model.safetensors.index.json), or a .gguf file. Validates that every expected tensor is
-// present with the right shape.
-StatusOr<std::unique_ptr<WeightSource>> open_weights(const std::string& path);
+// model.safetensors.index.json), or a .gguf file. Validates the tensors (validate_weights).
+// Only regular files are opened: a FIFO or device path is an error, never a hang.
+StatusOr<std::unique_ptr<WeightSource>> open_weights(const std::string& path, const WeightCheckOptions& options = {});
 // Synthetic weights from a seed (vLLM's --load-format dummy): deterministic for (config, seed).
 std::unique_ptr<WeightSource> synthetic_weights(const ModelConfig& config, std::uint64_t seed);
 

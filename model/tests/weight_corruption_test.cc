@@ -1,7 +1,12 @@
 // Bad input never crashes and always yields a Status naming the file (and the tensor where one
 // is involved). Runs under ASan/UBSan in CI.
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -295,6 +300,210 @@ TEST_F(SafetensorsCorruption, ShardedIndexProblems) {
   EXPECT_TRUE(contains(r.status().message(), "model.safetensors.index.json")) << r.status().to_string();
 }
 
+// A header length one byte short still parses (the header ends in padding spaces) but shifts
+// every tensor by one byte: the data section then has a trailing byte the tensors do not cover.
+TEST_F(SafetensorsCorruption, HeaderLengthOneByteShortShiftsEveryTensor) {
+  ASSERT_EQ(bytes_[8 + header_len_ - 1], ' ') << "the writer pads the header with spaces";
+  std::string b = bytes_;
+  const std::uint64_t short_len = header_len_ - 1;
+  std::memcpy(b.data(), &short_len, 8);
+  std::string path;
+  Status s = open_with(b, &path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kDataLoss) << s.to_string();
+  EXPECT_TRUE(contains(s.message(), path)) << s.to_string();
+  EXPECT_TRUE(contains(s.message(), "1 trailing bytes after tensor '")) << s.to_string();
+  // One byte long: the header swallows the first data byte.
+  const std::uint64_t long_len = header_len_ + 1;
+  std::memcpy(b.data(), &long_len, 8);
+  s = open_with(b, &path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kDataLoss) << s.to_string();
+}
+
+TEST_F(SafetensorsCorruption, TensorsMustTileTheDataSection) {
+  struct Case {
+    std::string header;
+    std::size_t data;
+    std::vector<std::string> needles;
+  };
+  const std::vector<Case> cases = {
+      // A gap between two tensors.
+      {R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}})",
+       20, {"tensor 'b' starts at data offset 12", "tensor 'a' ends at 8", "gap of 4 bytes"}},
+      // The first tensor does not start at 0.
+      {R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", 12,
+       {"tensor 'w' starts at data offset 4", "start of the data section"}},
+      // Trailing bytes after the last tensor.
+      {R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", 11, {"3 trailing bytes after tensor 'w'"}},
+      // Only metadata, yet data bytes.
+      {R"({"__metadata__": {"format": "pt"}})", 4, {"4 trailing bytes", "start of the data section"}},
+      // A zero-size tensor inside another one.
+      {R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "z": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]}})",
+       8, {"tensor 'z'", "overlaps tensor 'a'"}},
+  };
+  for (const auto& c : cases) {
+    std::string path;
+    Status s = open_with(raw_safetensors(c.header, c.data), &path);
+    ASSERT_FALSE(s.ok()) << c.header;
+    EXPECT_EQ(s.code(), StatusCode::kDataLoss) << s.to_string();
+    EXPECT_TRUE(contains(s.message(), path)) << s.to_string();
+    for (const auto& n : c.needles) EXPECT_TRUE(contains(s.message(), n)) << n << " in " << s.to_string();
+  }
+  // Exact tiling in any header order, with a zero-size tensor at a boundary, is fine.
+  std::vector<SafetensorsTensor> tensors;
+  std::map<std::string, std::string> metadata;
+  const std::string ok = raw_safetensors(
+      R"({"b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}, "z": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})",
+      12);
+  Status s = SafetensorsFile::parse("mem", reinterpret_cast<const std::uint8_t*>(ok.data()), ok.size(), &tensors, &metadata);
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  EXPECT_EQ(tensors.size(), 3u);
+}
+
+// config.json says fewer layers than the file holds: the extra layer's tensors are unused.
+TEST_F(SafetensorsCorruption, LayerCountMustMatchTheTensors) {
+  ModelConfig fewer = config_;
+  fewer.num_layers = 1;
+  TempDir d("layers");
+  write_dir(d.path(), config_, synthetic_specs(*src_));
+  write_all(d.file("config.json"), to_hf_config_json(fewer));
+  auto r = open_weights(d.path());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(contains(r.status().message(), d.file("model.safetensors"))) << r.status().to_string();
+  EXPECT_TRUE(contains(r.status().message(), "model.layers.1.")) << r.status().to_string();
+  EXPECT_TRUE(contains(r.status().message(), "belongs to layer 1 but the config has 1 layers")) << r.status().to_string();
+  // More layers in the config than in the file: the first missing tensor is named.
+  ModelConfig more = config_;
+  more.num_layers = 3;
+  write_all(d.file("config.json"), to_hf_config_json(more));
+  r = open_weights(d.path());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
+  EXPECT_TRUE(contains(r.status().message(), "model.layers.2.input_layernorm.weight")) << r.status().to_string();
+}
+
+TEST_F(SafetensorsCorruption, UnknownTensorIsAnError) {
+  auto specs = synthetic_specs(*src_);
+  TensorWriteSpec extra;
+  extra.name = "model.vision_tower.proj.weight";
+  extra.dtype = DType::kF32;
+  extra.shape = {4};
+  extra.fill = [](void* dst, std::int64_t bytes) {
+    std::memset(dst, 0, static_cast<std::size_t>(bytes));
+    return ok_status();
+  };
+  specs.push_back(extra);
+  TempDir d("extra");
+  write_dir(d.path(), config_, specs);
+  auto r = open_weights(d.path());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(contains(r.status().message(), "model.vision_tower.proj.weight")) << r.status().to_string();
+  EXPECT_TRUE(contains(r.status().message(), "not used")) << r.status().to_string();
+  // A saved rotary buffer is not a weight and is tolerated.
+  specs.back().name = "model.layers.0.self_attn.rotary_emb.inv_freq";
+  TempDir d2("inv_freq");
+  write_dir(d2.path(), config_, specs);
+  auto ok = open_weights(d2.path());
+  EXPECT_TRUE(ok.ok()) << ok.status().to_string();
+}
+
+// Writes the model with one tensor's element `at` replaced by `value` (in `dtype`).
+std::vector<TensorWriteSpec> specs_with_value(const WeightSource& src, const std::string& victim, std::int64_t at,
+                                              float value) {
+  auto specs = synthetic_specs(src);
+  for (auto& s : specs) {
+    if (s.name != victim) continue;
+    auto inner = s.fill;
+    const DType dt = s.dtype;
+    s.fill = [inner, at, value, dt](void* dst, std::int64_t bytes) {
+      KUN_RETURN_IF_ERROR(inner(dst, bytes));
+      convert_dtype(&value, DType::kF32, static_cast<std::uint8_t*>(dst) + at * dtype_bytes(dt), dt, 1);
+      return ok_status();
+    };
+  }
+  return specs;
+}
+
+TEST_F(SafetensorsCorruption, NonFiniteWeightsAreReported) {
+  const std::string victim = layer_tensor_name(1, "self_attn.o_proj.weight");
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()}) {
+    TempDir d("nan");
+    write_dir(d.path(), config_, specs_with_value(*src_, victim, 77, bad));
+    auto r = open_weights(d.path());
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.status().code(), StatusCode::kDataLoss);
+    EXPECT_TRUE(contains(r.status().message(), victim)) << r.status().to_string();
+    EXPECT_TRUE(contains(r.status().message(), "element 77 of")) << r.status().to_string();
+    EXPECT_TRUE(contains(r.status().message(), d.file("model.safetensors"))) << r.status().to_string();
+    WeightCheckOptions allow;
+    allow.allow_non_finite = true;
+    auto loaded = open_weights(d.path(), allow);
+    ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
+    const auto values = testing::read_f32(**loaded, victim);
+    ASSERT_GT(values.size(), 77u);
+    EXPECT_FALSE(std::isfinite(values[77]));
+  }
+}
+
+TEST(NonFiniteScan, EveryDtypeAndMisalignedData) {
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    const std::int64_t n = 10000;
+    const std::int64_t esz = dtype_bytes(dt);
+    std::vector<std::uint8_t> buf(static_cast<std::size_t>(n * esz + 1));
+    std::vector<float> ones(static_cast<std::size_t>(n), 1.5f);
+    convert_dtype(ones.data(), DType::kF32, buf.data() + 1, dt, n);
+    EXPECT_EQ(first_non_finite(buf.data() + 1, dt, n), -1);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    convert_dtype(&nan, DType::kF32, buf.data() + 1 + 9000 * esz, dt, 1);
+    EXPECT_EQ(first_non_finite(buf.data() + 1, dt, n), 9000);
+    const float inf = std::numeric_limits<float>::infinity();
+    convert_dtype(&inf, DType::kF32, buf.data() + 1 + 4096 * esz, dt, 1);
+    EXPECT_EQ(first_non_finite(buf.data() + 1, dt, n), 4096);
+  }
+}
+
+// A FIFO where a weight file, config.json or a .gguf file should be is refused at once.
+TEST_F(SafetensorsCorruption, FifoPathsFailWithoutBlocking) {
+  const auto started = std::chrono::steady_clock::now();
+  {
+    TempDir d("fifo_weights");
+    fs::copy_file(good_.file("config.json"), d.file("config.json"));
+    ASSERT_EQ(::mkfifo(d.file("model.safetensors").c_str(), 0600), 0);
+    auto r = open_weights(d.path());
+    ASSERT_FALSE(r.ok());
+    EXPECT_TRUE(contains(r.status().message(), "not a regular file")) << r.status().to_string();
+    EXPECT_TRUE(contains(r.status().message(), d.file("model.safetensors"))) << r.status().to_string();
+  }
+  {
+    TempDir d("fifo_config");
+    fs::copy_file(file_, d.file("model.safetensors"));
+    ASSERT_EQ(::mkfifo(d.file("config.json").c_str(), 0600), 0);
+    auto r = open_weights(d.path());
+    ASSERT_FALSE(r.ok());
+    EXPECT_TRUE(contains(r.status().message(), "not a regular file")) << r.status().to_string();
+    EXPECT_TRUE(contains(r.status().message(), "config.json")) << r.status().to_string();
+  }
+  {
+    TempDir d("fifo_gguf");
+    ASSERT_EQ(::mkfifo(d.file("m.gguf").c_str(), 0600), 0);
+    auto r = open_weights(d.file("m.gguf"));
+    ASSERT_FALSE(r.ok());
+    EXPECT_TRUE(contains(r.status().message(), "not a regular file")) << r.status().to_string();
+    auto g = GgufFile::open(d.file("m.gguf"));
+    ASSERT_FALSE(g.ok());
+    EXPECT_TRUE(contains(g.status().message(), "not a regular file")) << g.status().to_string();
+  }
+  auto dev = open_weights("/dev/null");
+  ASSERT_FALSE(dev.ok());
+  EXPECT_TRUE(contains(dev.status().message(), "not a regular file")) << dev.status().to_string();
+  // Without O_NONBLOCK the first open would wait for a writer forever (ctest's timeout).
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(5));
+}
+
 // ---------------------------------------------------------------------------------------------
 // GGUF
 
@@ -482,6 +691,97 @@ TEST_F(GgufCorruption, ModelProblems) {
     write_all(dst, b);
     expect_error(StatusCode::kDataLoss, {"overlaps"});
   }
+}
+
+
+TEST_F(GgufCorruption, BlockCountMustMatchTheTensors) {
+  std::unique_ptr<GgufFile> keep;
+  const std::string dst = dir_.file("layers.gguf");
+  ASSERT_TRUE(rewrite_gguf(path_, dst, [](auto& kv) {
+    for (auto& [k, v] : kv) {
+      if (k == "llama.block_count") v = GgufValue::u32(1);
+    }
+  }, nullptr, &keep).ok());
+  auto r = open_weights(dst);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status().to_string();
+  EXPECT_TRUE(contains(r.status().message(), dst)) << r.status().to_string();
+  EXPECT_TRUE(contains(r.status().message(), "belongs to layer 1 but the config has 1 layers")) << r.status().to_string();
+  // A tensor with a name no model uses.
+  ASSERT_TRUE(rewrite_gguf(path_, dst, nullptr, [](auto& t) {
+    TensorWriteSpec s;
+    s.name = "mm.projector.weight";
+    s.dtype = DType::kF32;
+    s.shape = {8};
+    s.fill = [](void* out, std::int64_t bytes) {
+      std::memset(out, 0, static_cast<std::size_t>(bytes));
+      return ok_status();
+    };
+    t.push_back(s);
+  }, &keep).ok());
+  r = open_weights(dst);
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(contains(r.status().message(), "tensor 'mm.projector.weight' is not used")) << r.status().to_string();
+}
+
+TEST_F(GgufCorruption, NonFiniteWeightsAreReported) {
+  std::unique_ptr<GgufFile> keep;
+  const std::string dst = dir_.file("nan.gguf");
+  ASSERT_TRUE(rewrite_gguf(path_, dst, nullptr, [](auto& t) {
+    for (auto& s : t) {
+      if (s.name != "blk.0.ffn_down.weight") continue;
+      auto inner = s.fill;
+      const DType dt = s.dtype;
+      s.fill = [inner, dt](void* out, std::int64_t bytes) {
+        KUN_RETURN_IF_ERROR(inner(out, bytes));
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        convert_dtype(&nan, DType::kF32, static_cast<std::uint8_t*>(out) + 5 * dtype_bytes(dt), dt, 1);
+        return ok_status();
+      };
+    }
+  }, &keep).ok());
+  auto r = open_weights(dst);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kDataLoss);
+  EXPECT_TRUE(contains(r.status().message(), "model.layers.0.mlp.down_proj.weight")) << r.status().to_string();
+  EXPECT_TRUE(contains(r.status().message(), "element 5 of")) << r.status().to_string();
+  WeightCheckOptions allow;
+  allow.allow_non_finite = true;
+  EXPECT_TRUE(open_weights(dst, allow).ok());
+}
+
+TEST_F(GgufCorruption, TrailingBytesAndGapsAreErrors) {
+  std::string path;
+  Status s = open_bytes(bytes_ + std::string(64, '\0'), &path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kDataLoss);
+  EXPECT_TRUE(contains(s.message(), "64 trailing bytes after tensor '")) << s.to_string();
+  // Move the last tensor (by offset) one alignment unit further: a gap, and it runs past the end
+  // unless the file grows, so grow it.
+  auto f = GgufFile::open(path_);
+  ASSERT_TRUE(f.ok());
+  const GgufTensor* last = &(*f)->tensors().front();
+  for (const auto& t : (*f)->tensors()) {
+    if (t.data_begin > last->data_begin) last = &t;
+  }
+  std::string b = bytes_ + std::string(32, '\0');
+  // The length-prefixed name, so "output.weight" does not match inside "attn_output.weight".
+  std::string needle(8, '\0');
+  const std::uint64_t name_len = last->name.size();
+  std::memcpy(needle.data(), &name_len, 8);
+  needle += last->name;
+  const auto at = b.find(needle);
+  ASSERT_NE(at, std::string::npos);
+  const std::size_t off_pos = at + needle.size() + 4 + last->dims.size() * 8 + 4;
+  std::uint64_t off = 0;
+  std::memcpy(&off, b.data() + off_pos, 8);
+  ASSERT_EQ(off, last->data_begin - data_start_) << last->name;
+  off += 32;
+  std::memcpy(b.data() + off_pos, &off, 8);
+  s = open_bytes(b, &path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_TRUE(contains(s.message(), "tensor '" + last->name + "' starts at data offset")) << s.to_string();
+  EXPECT_TRUE(contains(s.message(), "gap of 32 bytes")) << s.to_string();
 }
 
 }  // namespace

@@ -264,6 +264,7 @@ Status run_bench_command(const BenchArgs& a) {
 void add_bench_command(CLI::App* app, int* exit_code) {
   auto a = std::make_shared<BenchArgs>();
   CLI::App* cmd = app->add_subcommand("bench", "Replay a trace under one or more policies and report latencies");
+  a->model.require_model = false;  // the in-process comparison runs a dummy model unless told otherwise
   a->model.add_to(cmd);
   cmd->add_flag("--in-process", a->in_process, "run the policies in this process (no HTTP server)");
   cmd->add_option("--host", a->host, "server host (server mode)");

@@ -13,9 +13,16 @@ void ModelArgs::add_to(CLI::App* app) {
   app->add_option("--preset", preset, "dummy model preset (tiny, tiny-qwen2, tiny-llama3, llama-350m, llama-1b)");
   app->add_option("--seed", seed, "seed of the dummy weights");
   app->add_option("--dtype", dtype, "weight dtype on the device: auto | f32 | f16 | bf16");
+  app->add_flag("--allow-non-finite-weights", allow_non_finite_weights,
+                "load weights holding NaN / Inf instead of refusing the model");
 }
 
 StatusOr<std::unique_ptr<model::WeightSource>> ModelArgs::open() const {
+  if (load_format == "auto" && model_path.empty() && require_model) {
+    return invalid_argument(
+        "no model given: pass --model PATH (a HF safetensors directory or a .gguf file), or "
+        "--load-format dummy [--preset NAME] to serve synthetic random weights");
+  }
   if (load_format == "dummy" || (load_format == "auto" && model_path.empty())) {
     KUN_ASSIGN_OR_RETURN(model::ModelConfig config, model::preset_config(preset));
     if (dtype != "auto") {
@@ -26,7 +33,9 @@ StatusOr<std::unique_ptr<model::WeightSource>> ModelArgs::open() const {
     return model::synthetic_weights(config, seed);
   }
   if (load_format != "auto") return invalid_argument("unknown --load-format '" + load_format + "' (auto | dummy)");
-  return model::open_weights(model_path);
+  model::WeightCheckOptions checks;
+  checks.allow_non_finite = allow_non_finite_weights;
+  return model::open_weights(model_path, checks);
 }
 
 StatusOr<DType> ModelArgs::device_dtype(const model::ModelConfig& config) const {

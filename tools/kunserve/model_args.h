@@ -20,6 +20,11 @@ struct ModelArgs {
   std::string preset = "tiny";
   std::uint64_t seed = 0;
   std::string dtype = "auto";  // weight dtype on the device: auto (as stored) | f32 | f16 | bf16
+  bool allow_non_finite_weights = false;  // load NaN / Inf weights instead of refusing them
+  // serve / generate: no --model and no --load-format dummy is an error (a random-weight model
+  // served by accident answers nonsense). Subcommands that default to a dummy model (bench
+  // --in-process) clear it.
+  bool require_model = true;
   void add_to(CLI::App* app);
   // The model's weights, and the dtype its weights take on the device.
   StatusOr<std::unique_ptr<model::WeightSource>> open() const;
