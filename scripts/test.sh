@@ -5,6 +5,8 @@
 #   scripts/test.sh asan-ubsan unit tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   scripts/test.sh tsan       unit tests under ThreadSanitizer
 #   scripts/test.sh heavy      release build + the heavy scenarios only
+#   scripts/test.sh fuzz       libFuzzer targets (clang, ASan/UBSan), FUZZ_SECONDS (default 20) each
+#   scripts/test.sh soak       scripts/soak.sh against a real 4-device server, SOAK_SECONDS (default 120)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-release}"
@@ -21,5 +23,13 @@ case "$preset" in
     cmake --build --preset release -j "$jobs"
     ctest --test-dir build/release --output-on-failure -L heavy
     ;;
-  *) echo "unknown preset '$preset' (release | asan-ubsan | tsan | heavy)"; exit 2 ;;
+  fuzz)
+    scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
+    ;;
+  soak)
+    cmake --preset release >/dev/null
+    cmake --build --preset release -j "$jobs" --target kunserve
+    SOAK_SECONDS="${SOAK_SECONDS:-120}" scripts/soak.sh
+    ;;
+  *) echo "unknown preset '$preset' (release | asan-ubsan | tsan | heavy | fuzz | soak)"; exit 2 ;;
 esac
