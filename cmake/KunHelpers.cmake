@@ -12,6 +12,12 @@ if(KUN_SANITIZE STREQUAL "asan-ubsan")
 elseif(KUN_SANITIZE STREQUAL "tsan")
   target_compile_options(kun_warnings INTERFACE -fsanitize=thread -fno-omit-frame-pointer)
   target_link_options(kun_warnings INTERFACE -fsanitize=thread)
+elseif(KUN_SANITIZE STREQUAL "fuzz")
+  # clang only: coverage instrumentation for libFuzzer plus ASan/UBSan; the fuzz targets add
+  # -fsanitize=fuzzer at link time (fuzz/CMakeLists.txt).
+  target_compile_options(kun_warnings INTERFACE -fsanitize=fuzzer-no-link,address,undefined
+                         -fno-sanitize-recover=all -fno-omit-frame-pointer -g)
+  target_link_options(kun_warnings INTERFACE -fsanitize=address,undefined)
 endif()
 
 # kun_add_library(NAME SOURCES a.cc b.cc DEPS x y)
@@ -50,7 +56,10 @@ endfunction()
 # boost::optional in Beast's parser. Under -fsanitize=thread GCC also warns (-Wtsan) that Asio's
 # std_fenced_block uses atomic_thread_fence; Asio's queues synchronize through mutexes, which
 # TSan models. Apply to the translation units that include Asio/Beast only.
-set(KUN_ASIO_WARNING_FLAGS -Wno-null-dereference -Wno-maybe-uninitialized)
+set(KUN_ASIO_WARNING_FLAGS -Wno-null-dereference)
+if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+  list(APPEND KUN_ASIO_WARNING_FLAGS -Wno-maybe-uninitialized)  # GCC only (clang: the fuzz build)
+endif()
 if(KUN_SANITIZE STREQUAL "tsan")
   list(APPEND KUN_ASIO_WARNING_FLAGS -Wno-tsan)
 endif()

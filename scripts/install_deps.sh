@@ -11,6 +11,7 @@ DEB_PACKAGES=(
   libopenmpi-dev openmpi-bin
   python3 python3-numpy python3-torch
   gnuplot-nox prometheus curl
+  clang-14 libclang-rt-14-dev  # scripts/fuzz.sh: libFuzzer with ASan/UBSan
 )
 
 missing=()
