@@ -149,7 +149,9 @@ void Engine::drain_inbox() {
   }
   for (auto& [id, cb] : callbacks) callbacks_.emplace(id, std::move(cb));
   for (auto& [id, spec] : inbox.submits) {
-    Status s = scheduler_.add_request(id, std::move(spec));
+    // submit_as admitted it against queued_estimate_; an adopt since then (a transition) may
+    // have filled the queue, but the client already has its answer: the request stays.
+    Status s = scheduler_.add_request(id, std::move(spec), Scheduler::QueueBound::kAlreadyAdmitted);
     if (!s.ok()) {
       TokenEvent ev;
       ev.id = id;

@@ -100,14 +100,14 @@ Status validate_request(const RequestSpec& spec, const SchedulerConfig& config) 
   return ok_status();
 }
 
-Status Scheduler::add_request(RequestId id, RequestSpec spec) {
+Status Scheduler::add_request(RequestId id, RequestSpec spec, QueueBound bound) {
   if (requests_.count(id) != 0) return invalid_argument("duplicate request id " + std::to_string(id.value));
   KUN_RETURN_IF_ERROR(validate_request(spec, config_));
   const auto prompt_len = static_cast<std::int64_t>(spec.prompt_tokens.size());
   if (kv_->layer_blocks_for(prompt_len + spec.max_tokens) > kv_->total_blocks()) {
     return out_of_range("request needs more KV blocks than the instance has");
   }
-  if (static_cast<std::int64_t>(waiting_.size()) >= config_.max_waiting_requests) {
+  if (bound == QueueBound::kEnforce && static_cast<std::int64_t>(waiting_.size()) >= config_.max_waiting_requests) {
     return overloaded("waiting queue is full (" + std::to_string(config_.max_waiting_requests) + " requests)");
   }
   Request r;

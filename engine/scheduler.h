@@ -98,8 +98,11 @@ class Scheduler {
   Scheduler(SchedulerConfig config, KvManager* kv, const Clock* clock);
 
   // Validates and queues a request. kInvalidArgument / kOutOfRange for a bad request,
-  // kOverloaded when the waiting queue is full.
-  Status add_request(RequestId id, RequestSpec spec);
+  // kOverloaded when the waiting queue is full, unless the caller already admitted the request
+  // against its own queue bound (Engine::submit_as): a request the client was told is accepted
+  // must not fail later because a transition moved other requests into the queue meanwhile.
+  enum class QueueBound { kEnforce, kAlreadyAdmitted };
+  Status add_request(RequestId id, RequestSpec spec, QueueBound bound = QueueBound::kEnforce);
   // Removes a request wherever it is and frees its blocks at once. Returns its final event, or
   // nothing (finished = false) when the id is unknown.
   TokenEvent cancel(RequestId id);

@@ -22,6 +22,7 @@ class Ledger:
         self.outcome = {}
         self.sent = 0
         self.details = {}
+        self.cancelled_before_headers = 0  # the server may still answer these (e.g. with a 429)
 
     def record(self, rid, outcome, detail=""):
         if rid in self.outcome:
@@ -129,6 +130,7 @@ async def one_request(args, ledger, rid, rng, burst):
             await asyncio.sleep(rng.uniform(0.0, 0.3))
             writer.transport.abort()
             ledger.record(rid, "cancelled")
+            ledger.cancelled_before_headers += 1
             return
         status, headers = await read_headers(reader)
         if status == 429:
@@ -227,6 +229,7 @@ async def main_async(args):
         "requests_sent": ledger.sent,
         "requests_issued": rid,
         **counts,
+        "cancelled_before_headers": ledger.cancelled_before_headers,
         "outcomes_recorded": len(ledger.outcome),
         "missing_outcomes": len(missing),
         "hung_at_end": len(pending),
