@@ -456,7 +456,8 @@ class Session : public std::enable_shared_from_this<Session> {
     if (hosts > 1) {
       return make_error(400, "invalid_request_error", "more than one Host header", std::string("invalid_host"));
     }
-    if (hosts == 0 && (req.version() >= 11 || !server_.any_host)) {
+    // HTTP/1.0 may omit Host; browsers (the DNS rebinding vector) always send it.
+    if (hosts == 0 && req.version() >= 11) {
       return make_error(400, "invalid_request_error", "the Host header is required", std::string("invalid_host"));
     }
     if (hosts == 1) {

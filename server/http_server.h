@@ -51,7 +51,7 @@ struct ServerConfig {
   // Host header allow list (DNS rebinding protection): host names or addresses, compared
   // case-insensitively without the port; "*" allows any. Empty: when `host` is a loopback
   // address, localhost / 127.0.0.1 / ::1 only; otherwise any. HTTP/1.1 requests without Host
-  // are 400 regardless.
+  // are 400 regardless; HTTP/1.0 ones without Host are served (no browser sends those).
   std::vector<std::string> allowed_hosts;
   // Extra GET routes answered with the JSON the function returns (e.g. /v1/kunserve/events);
   // paths under /v1/ are protected by api_key like the others. Called on an I/O thread.

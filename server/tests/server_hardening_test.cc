@@ -72,6 +72,8 @@ TEST(Framing, UnsupportedTransferEncodingClosesWithoutAnsweringTheSmuggledReques
 TEST(Framing, HostHeaderIsRequiredOnceAndMustBeAllowed) {
   ServerHarness h;  // binds 127.0.0.1: the default allow list is localhost / 127.0.0.1 / ::1
   EXPECT_EQ(exchange(h.port(), raw_request("GET", "/v1/models", "")).status, 400);
+  // HTTP/1.0 may omit Host (no browser does, so no rebinding risk).
+  EXPECT_EQ(exchange(h.port(), raw_request("GET", "/v1/models", "", "", "HTTP/1.0")).status, 200);
   HttpResponse two = exchange(h.port(), raw_request("GET", "/v1/models", "Host: 127.0.0.1\r\nHost: localhost\r\n"));
   EXPECT_EQ(two.status, 400);
   HttpResponse evil = exchange(h.port(), raw_request("GET", "/v1/models", "Host: attacker.example:8000\r\n"));
