@@ -516,7 +516,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_monitor(const error_code& ec, std::size_t n) {
     monitor_in_flight_ = false;
     if (closed_) return;
-    if (ec == asio::error::eof && n == 0 && request_ && !request_->done && phase_ == Phase::kHandling) {
+    if (ec == asio::error::eof && n == 0 && request_ && phase_ == Phase::kHandling) {
       // The client shut down its sending side after the request (a half-close): it may still
       // read, so the response goes on. A client that closed completely is noticed by the next
       // write failing (a stream notices within a token or two; a non-streaming request runs
