@@ -92,10 +92,10 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   if (event_history < 1) return invalid_argument("--event-history must be >= 1");
   o.coordinator.event_history = static_cast<std::size_t>(event_history);
 
-  KUN_ASSIGN_OR_RETURN(const std::int64_t kv_tokens, kv_token_capacity(config));
-  const std::int64_t model_limit = config.max_position_embeddings;
   if (max_model_len < 0) return invalid_argument("--max-model-len must be >= 0 (0: automatic)");
   if (max_model_len > 0) {
+    const std::int64_t model_limit = config.max_position_embeddings;
+    KUN_ASSIGN_OR_RETURN(const std::int64_t kv_tokens, kv_token_capacity(config));
     if (max_model_len > model_limit) {
       return invalid_argument("--max-model-len " + std::to_string(max_model_len) +
                               " exceeds the model's max_position_embeddings (" + std::to_string(model_limit) +
@@ -108,16 +108,23 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
                               "): lower --max-model-len or raise --kv-tokens-per-device");
     }
     o.scheduler.max_model_len = max_model_len;
-  } else {
-    o.scheduler.max_model_len = std::min(model_limit, kv_tokens);
-    if (kv_tokens < model_limit) {
-      KUN_LOG(kWarn) << "max_model_len capped to " << kv_tokens << " tokens (the model supports " << model_limit
-                     << "): one instance's KV cache holds " << kv_tokens << " tokens (--kv-tokens-per-device "
-                     << kv_tokens_per_device << "); raise --kv-tokens-per-device to serve longer requests";
-    }
   }
-  if (o.scheduler.max_model_len < 2) return invalid_argument("max_model_len must be >= 2 tokens");
+  if (max_model_len > 0 && max_model_len < 2) return invalid_argument("--max-model-len must be >= 2 tokens");
   return o;
+}
+
+Status ClusterArgs::cap_context_to_kv(const model::ModelConfig& config, runtime::ClusterOptions* options) const {
+  if (max_model_len > 0) return ok_status();  // explicit: build() checked that it fits
+  KUN_ASSIGN_OR_RETURN(const std::int64_t kv_tokens, kv_token_capacity(config));
+  const std::int64_t model_limit = std::min(config.max_position_embeddings, options->scheduler.max_model_len);
+  options->scheduler.max_model_len = std::min(model_limit, kv_tokens);
+  if (kv_tokens < model_limit) {
+    KUN_LOG(kWarn) << "max_model_len capped to " << kv_tokens << " tokens (the model supports " << model_limit
+                   << "): one instance's KV cache holds " << kv_tokens << " tokens (--kv-tokens-per-device "
+                   << kv_tokens_per_device << "); raise --kv-tokens-per-device to serve longer requests";
+  }
+  if (options->scheduler.max_model_len < 2) return invalid_argument("max_model_len must be >= 2 tokens");
+  return ok_status();
 }
 
 }  // namespace kun::tools

@@ -40,9 +40,12 @@ struct ClusterArgs {
   StatusOr<std::int64_t> kv_token_capacity(const model::ModelConfig& config) const;
   // Device capacity = the model's parameters + KV for kv_tokens_per_device tokens.
   // max_model_len: --max-model-len if given (an error, naming the flags to change, when one
-  // instance's KV cache cannot hold it or the model does not support it), else the model's
-  // max_position_embeddings capped to kv_token_capacity() (logged when capped), so every
-  // request the API admits fits an instance.
+  // instance's KV cache cannot hold it or the model does not support it), else the scheduler's
+  // default (the model's limit), as the in-process benchmarks always ran.
+  // Serving (`kunserve serve`): without --max-model-len, caps max_model_len to
+  // kv_token_capacity() (logged when capped), so every request the API admits fits one instance
+  // and a request without max_tokens gets what fits (vLLM's behaviour).
+  Status cap_context_to_kv(const model::ModelConfig& config, runtime::ClusterOptions* options) const;
   StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
                                           const std::string& model_name) const;
 };

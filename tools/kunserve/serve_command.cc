@@ -86,6 +86,7 @@ Status run_serve(const ServeArgs& a) {
   KUN_ASSIGN_OR_RETURN(DType dtype, a.model.device_dtype(config));
   const std::string name = a.served_model_name.empty() ? a.model.display_name() : a.served_model_name;
   KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions options, a.cluster.build(config, dtype, policy, name));
+  KUN_RETURN_IF_ERROR(a.cluster.cap_context_to_kv(config, &options));
   SteadyClock clock;
   KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(options, *weights, &clock));
   // The admitted context must fit every instance's real KV cache (the estimate in
