@@ -43,7 +43,8 @@ Coordinator::Coordinator(CoordinatorConfig config, ClusterShape shape)
       shape_(std::move(shape)),
       monitor_(config_.monitor),
       planner_(config_.planner),
-      migration_(config_.migration, shape_) {}
+      migration_(config_.migration, shape_),
+      events_(config_.event_history) {}
 
 GroupInfo& Coordinator::live_group(std::int64_t id) {
   auto it = groups_.find(id);

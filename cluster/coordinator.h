@@ -30,6 +30,7 @@
 #include "cluster/migration.h"
 #include "cluster/planner.h"
 #include "cluster/policy_types.h"
+#include "common/bounded_ring.h"
 #include "common/status.h"
 
 namespace kun::cluster {
@@ -40,6 +41,9 @@ struct CoordinatorConfig {
   PlannerConfig planner;
   MigrationConfig migration;
   bool enable_restore = true;  // artifact's enable_restore
+  // Transition events kept (newest last); older ones are dropped so a long run's history stays
+  // bounded. Must be >= 1.
+  std::size_t event_history = 4096;
 };
 
 bool is_legal_transition(GroupState from, GroupState to);
@@ -98,7 +102,8 @@ class Coordinator {
   const GroupInfo* group(std::int64_t id) const;
   const std::map<std::int64_t, GroupInfo>& groups() const { return groups_; }  // live groups
   bool any_in_transition() const;
-  const std::vector<Event>& events() const { return events_; }
+  // The newest config.event_history events, oldest first; events().dropped() were discarded.
+  const BoundedRing<Event>& events() const { return events_; }
   const DemandMonitor& monitor() const { return monitor_; }
   const MigrationPolicy& migration() const { return migration_; }
 
@@ -120,7 +125,7 @@ class Coordinator {
   bool replan_due_ = false;  // a transition finished: plan at the next tick even without a sample
   std::map<std::int64_t, GroupInfo> groups_;
   std::unordered_map<std::int64_t, std::int64_t> group_of_;  // instance -> live group
-  std::vector<Event> events_;
+  BoundedRing<Event> events_;
 };
 
 }  // namespace kun::cluster

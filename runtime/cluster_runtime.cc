@@ -65,7 +65,7 @@ std::int64_t copy_blocks(Transport& transport, int src_dev, const kv::KvStorage&
 }  // namespace
 
 ClusterRuntime::ClusterRuntime(ClusterOptions options, const Clock* clock)
-    : options_(std::move(options)), clock_(clock), router_(options_.router) {}
+    : options_(std::move(options)), clock_(clock), router_(options_.router), events_(options_.coordinator.event_history) {}
 
 StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOptions& options,
                                                                  const model::WeightSource& weights, const Clock* clock) {
@@ -485,7 +485,12 @@ void ClusterRuntime::record(ClusterEvent ev) {
 
 std::vector<ClusterEvent> ClusterRuntime::events() const {
   std::lock_guard<std::mutex> lock(events_mu_);
-  return events_;
+  return events_.to_vector();
+}
+
+std::uint64_t ClusterRuntime::events_total() const {
+  std::lock_guard<std::mutex> lock(events_mu_);
+  return events_.total_pushed();
 }
 
 StatusOr<std::int64_t> ClusterRuntime::drop(const std::vector<std::int64_t>& instances) {

@@ -123,7 +123,10 @@ class ClusterRuntime final : public engine::FrontDoor {
   // Pages balance on every device, every block is owned once, every group holds each layer
   // exactly once, and no request is in two places. Aborts with context otherwise. Pauses units.
   void check_integrity();
+  // The newest options.coordinator.event_history transitions, oldest first (bounded: a long
+  // run's history does not grow); events_total() counts every one recorded.
   std::vector<ClusterEvent> events() const;
+  std::uint64_t events_total() const;
   TransferStats transfer_stats() const { return transport_->stats(); }
   std::int64_t num_units() const;
   std::int64_t group_of(std::int64_t instance) const;
@@ -202,7 +205,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::int64_t next_id_ = 1;
 
   mutable std::mutex events_mu_;
-  std::vector<ClusterEvent> events_;
+  BoundedRing<ClusterEvent> events_;  // guarded by events_mu_
   std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_
   std::vector<double> drop_latency_ms_, restore_latency_ms_;      // guarded by events_mu_
   PipelineExecutor::StageTime retired_pipeline_time_;             // guarded by events_mu_

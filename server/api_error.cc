@@ -69,9 +69,18 @@ ApiError api_error_from_status(const Status& status, int retry_after_s,
   return e;
 }
 
+std::string bounded_message(std::string_view message) {
+  if (message.size() <= kMaxErrorMessageBytes) return std::string(message);
+  std::size_t cut = kMaxErrorMessageBytes;
+  // Do not split a UTF-8 character: back up over continuation bytes.
+  while (cut > 0 && (static_cast<unsigned char>(message[cut]) & 0xC0) == 0x80) --cut;
+  return std::string(message.substr(0, cut)) + "... (" + std::to_string(message.size() - cut) +
+         " more bytes)";
+}
+
 std::string error_body(const ApiError& error) {
   nlohmann::json j;
-  j["error"]["message"] = error.message;
+  j["error"]["message"] = bounded_message(error.message);
   j["error"]["type"] = error.type;
   j["error"]["param"] = error.param ? nlohmann::json(*error.param) : nlohmann::json(nullptr);
   j["error"]["code"] = error.code ? nlohmann::json(*error.code) : nlohmann::json(nullptr);

@@ -2,6 +2,7 @@
 // Pure data + formatting; no I/O, no threads.
 #pragma once
 
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -29,7 +30,11 @@ ApiError bad_request(std::string message, std::optional<std::string> param = std
 // Retry-After, kDeadlineExceeded -> 504, kUnimplemented -> 501, others -> 500.
 ApiError api_error_from_status(const Status& status, int retry_after_s,
                                std::optional<std::string> param = std::nullopt);
-// The JSON body of an error response.
+// Messages may quote client input; error_body() cuts a message to this many bytes (at a UTF-8
+// character boundary, with a note of what was cut) so an error never echoes a large body.
+inline constexpr std::size_t kMaxErrorMessageBytes = 1024;
+std::string bounded_message(std::string_view message);
+// The JSON body of an error response (message bounded as above).
 std::string error_body(const ApiError& error);
 
 }  // namespace kun::server

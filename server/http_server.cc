@@ -1,7 +1,10 @@
 #include "server/http_server.h"
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cctype>
+#include <future>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -14,6 +17,9 @@
 #include <unordered_map>
 #include <vector>
 
+#if !defined(BOOST_BEAST_USE_STD_STRING_VIEW) || !defined(BOOST_ASIO_NO_DEPRECATED)
+#error "Asio/Beast users must link kun_asio (one set of Boost configuration macros per binary)"
+#endif
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -105,6 +111,77 @@ ApiError make_error(int status, std::string type, std::string message,
   return e;
 }
 
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return s;
+}
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+// Client text quoted in a message, cut to `max_bytes` (messages stay small whatever was sent).
+std::string clip(std::string_view s, std::size_t max_bytes = 200) {
+  if (s.size() <= max_bytes) return std::string(s);
+  return std::string(s.substr(0, max_bytes)) + "...";
+}
+
+// Compares without an early exit, so the time taken does not tell how much of a guessed key
+// was right (the length is not secret).
+bool constant_time_equal(std::string_view a, std::string_view b) {
+  unsigned diff = a.size() == b.size() ? 0u : 1u;
+  const std::size_t n = std::max(a.size(), b.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto x = static_cast<unsigned char>(i < a.size() ? a[i] : 0);
+    const auto y = static_cast<unsigned char>(i < b.size() ? b[i] : 0);
+    diff |= static_cast<unsigned>(x ^ y);
+  }
+  return diff == 0;
+}
+
+// The host part of a Host header value: "[::1]:8000" -> "::1", "Example.com:80" -> "example.com".
+std::string host_name_of(std::string_view value) {
+  value = trim(value);
+  if (!value.empty() && value.front() == '[') {
+    const std::size_t close = value.find(']');
+    return lower(close == std::string_view::npos ? value.substr(1) : value.substr(1, close - 1));
+  }
+  const std::size_t colon = value.find(':');
+  if (colon != std::string_view::npos && value.find(':', colon + 1) == std::string_view::npos) {
+    value = value.substr(0, colon);
+  }
+  return lower(value);
+}
+
+bool is_loopback_address(const std::string& host) {
+  error_code ec;
+  const auto addr = asio::ip::make_address(host, ec);
+  return !ec && addr.is_loopback();
+}
+
+// `application/json`, optionally with `charset=utf-8` (any case, optionally quoted).
+bool is_json_content_type(std::string_view value) {
+  const std::size_t semi = value.find(';');
+  if (lower(trim(value.substr(0, semi))) != "application/json") return false;
+  std::string_view params = semi == std::string_view::npos ? std::string_view() : value.substr(semi + 1);
+  while (!trim(params).empty()) {
+    const std::size_t next = params.find(';');
+    const std::string_view param = trim(params.substr(0, next));
+    params = next == std::string_view::npos ? std::string_view() : params.substr(next + 1);
+    if (param.empty()) continue;
+    const std::size_t eq = param.find('=');
+    if (eq == std::string_view::npos) return false;
+    const std::string name = lower(trim(param.substr(0, eq)));
+    std::string_view v = trim(param.substr(eq + 1));
+    if (v.size() >= 2 && v.front() == '"' && v.back() == '"') v = v.substr(1, v.size() - 2);
+    if (name == "charset" && lower(v) != "utf-8" && lower(v) != "utf8") return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 struct HttpServer::Impl {
@@ -117,8 +194,29 @@ struct HttpServer::Impl {
         acceptor(asio::make_strand(ioc)),
         retry_timer(acceptor.get_executor()) {
     model_name = config.model_name.empty() ? info.name : config.model_name;
+    allowed_hosts = effective_allowed_hosts(config);
+    any_host = std::find(allowed_hosts.begin(), allowed_hosts.end(), "*") != allowed_hosts.end();
+    any_origin = std::find(config.allowed_origins.begin(), config.allowed_origins.end(), "*") !=
+                 config.allowed_origins.end();
     std::random_device rd;
     id_seed = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+  }
+
+  bool host_allowed(std::string_view value) const {
+    if (any_host) return true;
+    const std::string name = host_name_of(value);
+    return std::find(allowed_hosts.begin(), allowed_hosts.end(), name) != allowed_hosts.end();
+  }
+  bool origin_allowed(std::string_view origin) const {
+    if (config.allowed_origins.empty() || origin.empty()) return false;
+    if (any_origin) return true;
+    return std::find(config.allowed_origins.begin(), config.allowed_origins.end(), origin) !=
+           config.allowed_origins.end();
+  }
+  bool requires_api_key(std::string_view path) const {
+    if (config.api_key.empty()) return false;
+    if (path == "/v1" || path.rfind("/v1/", 0) == 0) return true;
+    return path == "/metrics" && config.metrics_require_api_key;
   }
 
   std::string new_id(const char* prefix) {
@@ -141,6 +239,10 @@ struct HttpServer::Impl {
   std::shared_ptr<ServerMetrics> metrics = std::make_shared<ServerMetrics>();
   std::shared_ptr<EventRelay> relay = std::make_shared<EventRelay>();
   std::atomic<bool> stopping{false};
+  std::atomic<std::int64_t> in_flight{0};  // submitted requests whose response is not finished
+  std::vector<std::string> allowed_hosts;  // effective list; {"*"}: any
+  bool any_host = true;
+  bool any_origin = false;
   std::once_flag stop_once;
   std::uint64_t id_seed = 0;
   std::atomic<std::uint64_t> id_counter{0};
@@ -181,6 +283,7 @@ class Session : public std::enable_shared_from_this<Session> {
     // the server, so a still-running request can be cancelled here.
     if (request_ && request_->engine_active) server_.front_door.cancel(request_->request_id);
     if (request_) server_.relay->remove(request_->key);
+    release_in_flight();
     server_.metrics->open_connections.fetch_sub(1, std::memory_order_relaxed);
     server_.unregister_session(id_);
   }
@@ -191,6 +294,11 @@ class Session : public std::enable_shared_from_this<Session> {
   void start(bool reject) {
     error_code ec;
     socket_.set_option(tcp::no_delay(true), ec);
+    if (server_.stopping.load()) {
+      // Accepted during the drain: read the request (briefly) and answer 503 + Retry-After.
+      draining_ = true;
+      keep_alive_ = false;
+    }
     if (reject) {
       keep_alive_ = false;
       send_error(make_error(503, "service_unavailable_error", "too many connections",
@@ -204,8 +312,22 @@ class Session : public std::enable_shared_from_this<Session> {
   void begin_drain() {
     draining_ = true;
     keep_alive_ = false;
-    if (phase_ == Phase::kReadHeader && buffer_.size() == 0) close();
+    if (phase_ == Phase::kReadHeader && buffer_.size() == 0 && served_any_) close();
     if (phase_ == Phase::kIdleMonitor) close();
+  }
+  // stop() at the drain deadline: a request still running is cancelled at the front door and
+  // answered (a stream gets an error event and [DONE], a non-streaming request a 503).
+  void drain_deadline() {
+    if (closed_ || !request_ || request_->done) return;
+    if (request_->engine_active) {
+      request_->engine_active = false;
+      server_.front_door.cancel(request_->request_id);
+    }
+    ApiError e = make_error(503, "service_unavailable_error",
+                            "the server shut down before the request finished (drain timeout)",
+                            std::string("service_unavailable"));
+    e.retry_after_s = server_.config.retry_after_s;
+    finish_error(e);
   }
   // stop() phase 2: cancel whatever is left and close.
   void abort() { close(); }
@@ -247,7 +369,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // ---- reading ----
   void read_header() {
     if (closed_) return;
-    if (draining_ && buffer_.size() == 0) {
+    if (draining_ && served_any_ && buffer_.size() == 0) {
       close();
       return;
     }
@@ -255,7 +377,9 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_.emplace();
     parser_->header_limit(static_cast<std::uint32_t>(server_.config.max_header_bytes));
     parser_->body_limit(server_.config.max_body_bytes);
-    arm(read_timer_, read_gen_, server_.config.header_timeout_ms);
+    arm(read_timer_, read_gen_,
+        draining_ ? std::min(server_.config.header_timeout_ms, server_.config.drain_header_timeout_ms)
+                  : server_.config.header_timeout_ms);
     http::async_read_header(socket_, buffer_, *parser_,
                             [self = shared_from_this()](const error_code& ec, std::size_t) {
                               self->on_header(ec);
@@ -270,6 +394,16 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     phase_ = Phase::kReadBody;
     const auto& req = parser_->get();
+    if (auto e = check_header(req)) {
+      // The body is never parsed: the connection is closed after the error (RFC 9112 6.1 for
+      // a Transfer-Encoding we do not implement, so no request can be smuggled in a body).
+      keep_alive_ = false;
+      linger_ = true;
+      disarm(read_timer_, read_gen_);
+      phase_ = Phase::kHandling;
+      send_error(*e);
+      return;
+    }
     if (beast::iequals(req[http::field::expect], "100-continue")) {
       enqueue("HTTP/1.1 100 Continue\r\n\r\n");
     }
@@ -287,6 +421,55 @@ class Session : public std::enable_shared_from_this<Session> {
     disarm(read_timer_, read_gen_);
     phase_ = Phase::kHandling;
     handle(parser_->release());
+  }
+
+  // Framing and Host checks on the header alone, before any body byte is read.
+  std::optional<ApiError> check_header(const http::request<http::string_body>& req) const {
+    std::string te;
+    std::size_t te_lines = 0;
+    for (auto range = req.equal_range(http::field::transfer_encoding); range.first != range.second;
+         ++range.first) {
+      if (te_lines++ > 0) te += ", ";
+      te += std::string(range.first->value());
+    }
+    if (te_lines > 0) {
+      const std::string coding = lower(trim(te));
+      if (coding != "chunked") {
+        if (coding.find("chunked") != std::string::npos) {
+          return make_error(400, "invalid_request_error",
+                            "malformed Transfer-Encoding '" + clip(te, 64) +
+                                "': only a single 'chunked' is accepted",
+                            std::string("bad_transfer_encoding"));
+        }
+        return make_error(501, "not_implemented_error",
+                          "Transfer-Encoding '" + clip(te, 64) +
+                              "' is not implemented: only 'chunked' is accepted",
+                          std::string("unsupported_transfer_encoding"));
+      }
+      if (req.count(http::field::content_length) > 0) {
+        return make_error(400, "invalid_request_error",
+                          "a request must not carry both Transfer-Encoding and Content-Length",
+                          std::string("bad_transfer_encoding"));
+      }
+    }
+    const std::size_t hosts = req.count(http::field::host);
+    if (hosts > 1) {
+      return make_error(400, "invalid_request_error", "more than one Host header", std::string("invalid_host"));
+    }
+    // HTTP/1.0 may omit Host; browsers (the DNS rebinding vector) always send it.
+    if (hosts == 0 && req.version() >= 11) {
+      return make_error(400, "invalid_request_error", "the Host header is required", std::string("invalid_host"));
+    }
+    if (hosts == 1) {
+      const auto host = req[http::field::host];
+      if (!server_.host_allowed(std::string_view(host.data(), host.size()))) {
+        return make_error(400, "invalid_request_error",
+                          "Host '" + clip(std::string_view(host.data(), host.size()), 64) +
+                              "' is not allowed (see --allowed-hosts)",
+                          std::string("invalid_host"));
+      }
+    }
+    return std::nullopt;
   }
 
   void on_read_error(const error_code& ec) {
@@ -308,7 +491,8 @@ class Session : public std::enable_shared_from_this<Session> {
     } else if (ec == http::error::partial_message) {
       close();
     } else if (ec.category() == http::make_error_code(http::error::bad_method).category()) {
-      send_error(make_error(400, "invalid_request_error", "malformed HTTP request: " + ec.message()));
+      send_error(make_error(400, "invalid_request_error", "malformed HTTP request: " + ec.message(),
+                            std::string("bad_request")));
     } else {
       close();
     }
@@ -332,6 +516,14 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_monitor(const error_code& ec, std::size_t n) {
     monitor_in_flight_ = false;
     if (closed_) return;
+    if (ec == asio::error::eof && n == 0 && request_ && phase_ == Phase::kHandling) {
+      // The client shut down its sending side after the request (a half-close): it may still
+      // read, so the response goes on. A client that closed completely is noticed by the next
+      // write failing (a stream notices within a token or two; a non-streaming request runs
+      // to its end). Nothing more is read from this connection.
+      keep_alive_ = false;
+      return;
+    }
     if (ec) {
       if (request_ && request_->engine_active && !request_->done) {
         server_.metrics->client_disconnect_cancels.fetch_add(1, std::memory_order_relaxed);
@@ -351,10 +543,18 @@ class Session : public std::enable_shared_from_this<Session> {
   void handle(http::request<http::string_body> req) {
     keep_alive_ = keep_alive_ && req.keep_alive() && !draining_;
     http11_ = req.version() >= 11;
+    served_any_ = true;
     std::string_view target(req.target().data(), req.target().size());
     const std::size_t q = target.find('?');
     const std::string_view path = target.substr(0, q);
     const auto method = req.method();
+    const auto origin_field = req[http::field::origin];
+    const std::string_view origin(origin_field.data(), origin_field.size());
+    cors_headers_.clear();
+    if (server_.origin_allowed(origin)) {
+      cors_headers_ = "Access-Control-Allow-Origin: " + (server_.any_origin ? std::string("*") : std::string(origin)) +
+                      "\r\nVary: Origin\r\n";
+    }
 
     if (server_.stopping.load()) {
       keep_alive_ = false;
@@ -363,6 +563,30 @@ class Session : public std::enable_shared_from_this<Session> {
       e.retry_after_s = server_.config.retry_after_s;
       send_error(e);
       return;
+    }
+    if (method == http::verb::options && !server_.config.allowed_origins.empty()) {
+      if (cors_headers_.empty()) {
+        send_error(make_error(403, "invalid_request_error",
+                              "CORS origin '" + clip(origin, 100) + "' is not allowed (see --allowed-origins)",
+                              std::string("cors_origin_not_allowed")));
+        return;
+      }
+      send_preflight();
+      return;
+    }
+    if (server_.requires_api_key(path)) {
+      const auto auth_field = req[http::field::authorization];
+      const std::string_view auth = trim(std::string_view(auth_field.data(), auth_field.size()));
+      const bool bearer = auth.size() > 7 && beast::iequals(auth.substr(0, 7), "Bearer ");
+      if (!bearer || !constant_time_equal(trim(auth.substr(7)), server_.config.api_key)) {
+        ApiError e = make_error(401, "invalid_request_error",
+                                bearer ? "Incorrect API key provided."
+                                       : "You didn't provide an API key. Send it in the Authorization "
+                                         "header as 'Authorization: Bearer YOUR_KEY'.",
+                                std::string("invalid_api_key"));
+        send_error(e, "WWW-Authenticate: Bearer\r\n");
+        return;
+      }
     }
     auto only = [&](http::verb allowed) {
       if (method == allowed) return true;
@@ -376,6 +600,14 @@ class Session : public std::enable_shared_from_this<Session> {
     };
     if (path == "/v1/completions" || path == "/v1/chat/completions") {
       if (!only(http::verb::post)) return;
+      const auto ct = req[http::field::content_type];
+      if (!is_json_content_type(std::string_view(ct.data(), ct.size()))) {
+        send_error(make_error(415, "invalid_request_error",
+                              "the request body must be JSON sent with 'Content-Type: application/json', got '" +
+                                  clip(std::string_view(ct.data(), ct.size()), 64) + "'",
+                              std::string("unsupported_media_type")));
+        return;
+      }
       handle_generate(path == "/v1/completions" ? Endpoint::kCompletions : Endpoint::kChatCompletions,
                       req.body());
     } else if (path == "/v1/models") {
@@ -387,7 +619,7 @@ class Session : public std::enable_shared_from_this<Session> {
       const std::string_view name = path.substr(std::string_view("/v1/models/").size());
       if (name != server_.model_name) {
         ApiError e = make_error(404, "invalid_request_error",
-                                "The model `" + std::string(name) + "` does not exist.",
+                                "The model `" + clip(name) + "` does not exist.",
                                 std::string("model_not_found"));
         e.param = "model";
         send_error(e);
@@ -402,10 +634,16 @@ class Session : public std::enable_shared_from_this<Session> {
       const engine::ServingStats stats = server_.front_door.stats();
       send_response(200, "text/plain; version=0.0.4; charset=utf-8",
                     render_metrics(*server_.metrics, stats, server_.model_name), "");
+    } else if (auto route = server_.config.json_routes.find(std::string(path));
+               route != server_.config.json_routes.end()) {
+      if (!only(http::verb::get)) return;
+      send_json(200, route->second());
     } else {
       send_error(make_error(404, "invalid_request_error",
-                            "Invalid URL (" + std::string(req.method_string()) + " " +
-                                std::string(path) + ")",
+                            "Invalid URL (" + clip(std::string_view(req.method_string().data(),
+                                                                    req.method_string().size()),
+                                                   16) +
+                                " " + clip(path) + ")",
                             std::string("not_found")));
     }
   }
@@ -461,8 +699,12 @@ class Session : public std::enable_shared_from_this<Session> {
       relay->deliver(key, ev);
     };
     engine::RequestSpec spec = req->prepared.spec;
+    // Counted before submit so stop() never sees a submitted request as not in flight.
+    counted_in_flight_ = true;
+    server_.in_flight.fetch_add(1, std::memory_order_relaxed);
     StatusOr<RequestId> id = server_.front_door.submit(std::move(spec), std::move(cb));
     if (!id.ok()) {
+      release_in_flight();
       server_.relay->remove(req->key);
       send_error(api_error_from_status(id.status(), server_.config.retry_after_s));
       return;
@@ -474,24 +716,52 @@ class Session : public std::enable_shared_from_this<Session> {
     // pending (e.g. a pipelined request is buffered, so no monitor read runs). Released when
     // the response completes or the session closes.
     self_hold_ = shared_from_this();
-    if (request_->prepared.stream) {
-      chunked_ = http11_;
-      if (!http11_) keep_alive_ = false;
-      std::string head = "HTTP/1.1 200 OK\r\nServer: kunserve\r\nContent-Type: text/event-stream\r\n"
-                         "Cache-Control: no-cache\r\n";
-      head += chunked_ ? "Transfer-Encoding: chunked\r\n" : "";
-      head += keep_alive_ ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n";
-      server_.metrics->count_response(200);
-      enqueue(std::move(head));
-      if (endpoint == Endpoint::kChatCompletions) enqueue_body(request_->formatter->role_chunk());
-    }
+    // A stream's 200 head waits for the request's first engine event: a request the engine
+    // rejects before generating anything (e.g. it can never fit the instance's KV) still gets
+    // its HTTP 4xx/5xx, never 200 plus an error event.
+    stream_head_sent_ = false;
     start_monitor();
+  }
+
+  void ensure_stream_head() {
+    if (stream_head_sent_ || !request_ || !request_->prepared.stream) return;
+    stream_head_sent_ = true;
+    chunked_ = http11_;
+    if (!http11_) keep_alive_ = false;
+    std::string head = "HTTP/1.1 200 OK\r\nServer: kunserve\r\nContent-Type: text/event-stream\r\n"
+                       "Cache-Control: no-cache\r\n";
+    head += cors_headers_;
+    head += chunked_ ? "Transfer-Encoding: chunked\r\n" : "";
+    head += keep_alive_ ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n";
+    server_.metrics->count_response(200);
+    enqueue(std::move(head));
+    if (request_->prepared.endpoint == Endpoint::kChatCompletions) {
+      enqueue_body(request_->formatter->role_chunk());
+    }
+  }
+
+  void send_preflight() {
+    server_.metrics->count_response(204);
+    std::string out = "HTTP/1.1 204 No Content\r\nServer: kunserve\r\n" + cors_headers_ +
+                      "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
+                      "Access-Control-Allow-Headers: Authorization, Content-Type\r\n"
+                      "Access-Control-Max-Age: 600\r\n";
+    out += keep_alive_ ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n";
+    response_complete_ = true;
+    enqueue(std::move(out));
+  }
+
+  void release_in_flight() {
+    if (!counted_in_flight_) return;
+    counted_in_flight_ = false;
+    server_.in_flight.fetch_sub(1, std::memory_order_relaxed);
   }
 
   // ---- engine events ----
   void emit_text(const std::string& text) {
     if (text.empty()) return;
     if (request_->prepared.stream) {
+      ensure_stream_head();
       enqueue_body(request_->formatter->text_chunk(text));
     } else {
       request_->text += text;
@@ -503,6 +773,7 @@ class Session : public std::enable_shared_from_this<Session> {
     r.done = true;
     server_.relay->remove(r.key);
     if (r.prepared.stream) {
+      ensure_stream_head();
       std::string out = r.formatter->finish_chunks(tail, finish_reason);
       if (r.prepared.include_usage) out += r.formatter->usage_chunk(r.prompt_tokens, r.completion_tokens);
       out += ResponseFormatter::done_event();
@@ -519,7 +790,7 @@ class Session : public std::enable_shared_from_this<Session> {
     ActiveRequest& r = *request_;
     r.done = true;
     server_.relay->remove(r.key);
-    if (r.prepared.stream) {
+    if (r.prepared.stream && stream_head_sent_) {
       enqueue_body(ResponseFormatter::error_event(error) + ResponseFormatter::done_event());
       end_stream();
     } else {
@@ -534,6 +805,7 @@ class Session : public std::enable_shared_from_this<Session> {
     if (r.done) return;
     if (ev.num_generated_tokens > 0) r.completion_tokens = ev.num_generated_tokens;
     if (ev.num_prompt_tokens > 0) r.prompt_tokens = ev.num_prompt_tokens;
+    if (!ev.finished) ensure_stream_head();
     std::string text = ev.token >= 0 ? r.detok->push(ev.token) : std::string();
     if (r.stop) {
       text = r.stop->push(text);
@@ -635,6 +907,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // The response has been written completely: next request, or close.
   void after_response() {
     response_complete_ = false;
+    release_in_flight();
     const std::shared_ptr<Session> hold = std::move(self_hold_);  // released at return
     if (request_ && !request_->engine_active) {
       request_.reset();
@@ -661,7 +934,7 @@ class Session : public std::enable_shared_from_this<Session> {
     std::string out = "HTTP/1.1 " + std::to_string(status) + " " +
                       std::string(http::obsolete_reason(static_cast<http::status>(status))) +
                       "\r\nServer: kunserve\r\nContent-Type: " + std::string(content_type) +
-                      "\r\nContent-Length: " + std::to_string(body.size()) + "\r\n" + extra_headers +
+                      "\r\nContent-Length: " + std::to_string(body.size()) + "\r\n" + cors_headers_ + extra_headers +
                       (keep_alive_ ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n");
     out += body;
     response_complete_ = true;
@@ -717,6 +990,7 @@ class Session : public std::enable_shared_from_this<Session> {
         server_.front_door.cancel(request_->request_id);
       }
     }
+    release_in_flight();
     disarm(read_timer_, read_gen_);
     disarm(write_timer_, write_gen_);
     error_code ec;
@@ -744,6 +1018,10 @@ class Session : public std::enable_shared_from_this<Session> {
   bool monitor_in_flight_ = false;
   bool writing_ = false;
   bool response_complete_ = false;
+  bool served_any_ = false;         // a request was read on this connection
+  bool stream_head_sent_ = false;   // the current stream's 200 head is out
+  bool counted_in_flight_ = false;  // counted in server_.in_flight
+  std::string cors_headers_;        // Access-Control-* for the current response ("" = none)
   std::string out_pending_;
   std::string out_writing_;
   std::unique_ptr<ActiveRequest> request_;
@@ -803,7 +1081,8 @@ bool HttpServer::Impl::wait_sessions_empty(std::chrono::milliseconds timeout) {
 
 void HttpServer::Impl::do_accept() {
   acceptor.async_accept(asio::make_strand(ioc), [this](const error_code& ec, tcp::socket socket) {
-    if (stopping.load() || !acceptor.is_open()) return;
+    // Keeps accepting during the drain: new connections get 503 + Retry-After, not a refusal.
+    if (!acceptor.is_open()) return;
     if (ec) {
       if (ec == asio::error::operation_aborted) return;
       // Out of descriptors or a transient error: back off briefly, keep accepting.
@@ -829,22 +1108,42 @@ void HttpServer::Impl::do_accept() {
 
 void HttpServer::Impl::stop() {
   std::call_once(stop_once, [this] {
+    using Clock = std::chrono::steady_clock;
     stopping.store(true);
-    asio::post(acceptor.get_executor(), [this] {
-      error_code ec;
-      acceptor.close(ec);
-      retry_timer.cancel();
-    });
     for_each_session([](const std::shared_ptr<Session>& s) {
       asio::post(s->strand(), [s] { s->begin_drain(); });
     });
-    if (!wait_sessions_empty(std::chrono::milliseconds(config.drain_timeout_ms))) {
-      for_each_session([](const std::shared_ptr<Session>& s) {
-        asio::post(s->strand(), [s] { s->abort(); });
-      });
-      if (!wait_sessions_empty(std::chrono::milliseconds(2000))) {
-        KUN_LOG(kWarn) << "HttpServer::stop: connections still open after abort; tearing down";
+    auto wait_in_flight = [this](Clock::time_point deadline) {
+      while (in_flight.load() > 0 && Clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
       }
+      return in_flight.load() == 0;
+    };
+    if (!wait_in_flight(Clock::now() + std::chrono::milliseconds(config.drain_timeout_ms))) {
+      KUN_LOG(kWarn) << "HttpServer::stop: " << in_flight.load() << " requests still running after the "
+                     << config.drain_timeout_ms << " ms drain; answering them with an error";
+      for_each_session([](const std::shared_ptr<Session>& s) {
+        asio::post(s->strand(), [s] { s->drain_deadline(); });
+      });
+      wait_in_flight(Clock::now() + std::chrono::milliseconds(2000));
+    }
+    // Closes left after a response (lingering), then everything else.
+    wait_sessions_empty(std::chrono::milliseconds(200));
+    {
+      std::promise<void> closed;
+      asio::post(acceptor.get_executor(), [this, &closed] {
+        error_code ec;
+        acceptor.close(ec);
+        retry_timer.cancel();
+        closed.set_value();
+      });
+      closed.get_future().wait_for(std::chrono::seconds(2));
+    }
+    for_each_session([](const std::shared_ptr<Session>& s) {
+      asio::post(s->strand(), [s] { s->abort(); });
+    });
+    if (!wait_sessions_empty(std::chrono::milliseconds(2000))) {
+      KUN_LOG(kWarn) << "HttpServer::stop: connections still open after abort; tearing down";
     }
     relay->close();
     work.reset();
@@ -858,6 +1157,18 @@ void HttpServer::Impl::stop() {
 }
 
 // ---- HttpServer ----
+
+std::vector<std::string> effective_allowed_hosts(const ServerConfig& config) {
+  if (!config.allowed_hosts.empty()) {
+    std::vector<std::string> out;
+    for (const std::string& h : config.allowed_hosts) out.push_back(h == "*" ? h : host_name_of(h));
+    return out;
+  }
+  if (is_loopback_address(config.host) || lower(config.host) == "localhost") {
+    return {"localhost", "127.0.0.1", "::1"};
+  }
+  return {"*"};
+}
 
 HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
@@ -916,6 +1227,9 @@ std::uint16_t HttpServer::port() const { return impl_->bound_port; }
 const std::string& HttpServer::model_name() const { return impl_->model_name; }
 void HttpServer::stop() { impl_->stop(); }
 const ServerMetrics& HttpServer::metrics() const { return *impl_->metrics; }
+std::size_t HttpServer::num_in_flight() const {
+  return static_cast<std::size_t>(std::max<std::int64_t>(0, impl_->in_flight.load()));
+}
 std::size_t HttpServer::num_connections() const {
   std::lock_guard<std::mutex> lock(impl_->sessions_mu);
   return impl_->sessions.size();

@@ -10,6 +10,10 @@ namespace {
 
 using nlohmann::json;
 
+// Without a known context length, max_tokens is still bounded so that no sum downstream
+// (prompt + max_tokens) can overflow.
+constexpr std::int64_t kMaxTokensWithoutContext = std::int64_t{1} << 40;
+
 // Deepest nesting of [ and { outside strings (bounded so hostile bodies cannot blow the stack).
 std::size_t json_depth(std::string_view s) {
   std::size_t depth = 0, max_depth = 0;
@@ -357,9 +361,14 @@ std::optional<ApiError> parse_request(Endpoint endpoint, std::string_view body,
     const json parsed = json::parse(body.begin(), body.end());
     return parse_body(endpoint, parsed, limits, out);
   } catch (const json::parse_error& e) {
-    return bad_request(std::string("could not parse the JSON body of the request: ") + e.what());
-  } catch (const json::exception& e) {
-    return bad_request(std::string("invalid JSON body: ") + e.what());
+    // Our own words: the library's message carries its internal error ids and echoes the
+    // offending token (which may be a 100,000-digit number).
+    return bad_request("could not parse the JSON body of the request: syntax error at byte " +
+                       std::to_string(e.byte));
+  } catch (const json::out_of_range&) {
+    return bad_request("the JSON body contains a number too large to represent");
+  } catch (const json::exception&) {
+    return bad_request("the JSON body is not valid JSON");
   }
 }
 
@@ -412,13 +421,23 @@ std::optional<ApiError> prepare_request(ParsedRequest&& parsed, const model::Tok
   if (parsed.max_tokens) {
     max_tokens = *parsed.max_tokens;
     if (ctx > 0 && max_tokens > ctx - prompt_len) {
+      // prompt_len < ctx here, so the sum cannot overflow unless max_tokens is near 2^63.
+      const std::int64_t total = max_tokens > std::numeric_limits<std::int64_t>::max() - prompt_len
+                                     ? std::numeric_limits<std::int64_t>::max()
+                                     : prompt_len + max_tokens;
       return bad_request("This model's maximum context length is " + std::to_string(ctx) +
-                             " tokens. However, you requested " + std::to_string(prompt_len + max_tokens) +
-                             " tokens (" + std::to_string(prompt_len) + " in the " + prompt_field +
+                             " tokens. However, you requested " +
+                             (total == std::numeric_limits<std::int64_t>::max() ? std::string("more than ") : std::string()) +
+                             std::to_string(total) + " tokens (" + std::to_string(prompt_len) + " in the " + prompt_field +
                              ", " + std::to_string(max_tokens) +
                              " in the completion). Please reduce the length of the " + prompt_field +
                              " or '" + parsed.max_tokens_field + "'.",
                          parsed.max_tokens_field, "context_length_exceeded");
+    }
+    if (ctx <= 0 && max_tokens > kMaxTokensWithoutContext) {
+      return bad_request("'" + parsed.max_tokens_field + "' must be at most " +
+                             std::to_string(kMaxTokensWithoutContext),
+                         parsed.max_tokens_field);
     }
   } else if (parsed.endpoint == Endpoint::kCompletions) {
     max_tokens = limits.default_completion_max_tokens;

@@ -26,6 +26,35 @@ Coordinator make(Policy policy = Policy::kKunServe, std::int64_t n = 4) {
   return Coordinator(c, test_shape(n));
 }
 
+// The transition history is a bounded ring: a long run keeps only the newest events and counts
+// the rest (it used to grow with every transition, forever).
+TEST(Coordinator, EventHistoryIsBounded) {
+  CoordinatorConfig cfg;
+  cfg.policy = Policy::kKunServe;
+  cfg.event_history = 7;
+  Coordinator c(cfg, test_shape(4));
+  constexpr int kCycles = 100;  // 5 events each: drop requested/done, restore requested/started/done
+  std::int64_t t = 0;
+  for (int i = 0; i < kCycles; ++i) {
+    auto drop = c.force_drop({0, 1}, t += 10);
+    ASSERT_TRUE(drop.ok()) << drop.status().to_string();
+    c.on_drop_done(drop->group, t += 10);
+    ASSERT_TRUE(c.force_restore(drop->group, t += 10).ok());
+    c.on_restore_started(drop->group, t += 10);
+    c.on_restore_done(drop->group, t += 10);
+  }
+  const auto& ev = c.events();
+  EXPECT_EQ(ev.size(), 7u);
+  EXPECT_EQ(ev.capacity(), 7u);
+  EXPECT_EQ(ev.total_pushed(), 5u * kCycles);
+  EXPECT_EQ(ev.dropped(), 5u * kCycles - 7u);
+  // Newest last, in order: the last cycle's five events end the history.
+  EXPECT_EQ(ev.back().kind, EventKind::kRestoreDone);
+  EXPECT_EQ(ev.back().group, kCycles - 1);
+  EXPECT_EQ(ev[ev.size() - 5].kind, EventKind::kDropRequested);
+  for (std::size_t i = 1; i < ev.size(); ++i) EXPECT_LT(ev[i - 1].time_us, ev[i].time_us);
+}
+
 TEST(Coordinator, LegalTransitions) {
   using S = GroupState;
   EXPECT_TRUE(is_legal_transition(S::kInitial, S::kDropped));

@@ -55,6 +55,20 @@ StatusOr<RequestId> FakeFrontDoor::submit(engine::RequestSpec spec, engine::Toke
   std::vector<std::int32_t> script = config_.script(spec);
   std::lock_guard<std::mutex> lock(mu_);
   if (unavailable_ || stop_) return unavailable("fake engine is shutting down");
+  if (config_.async_reject_over_tokens > 0 &&
+      static_cast<std::int64_t>(spec.prompt_tokens.size()) + spec.max_tokens > config_.async_reject_over_tokens) {
+    Req r;
+    r.id = RequestId(next_id_++);
+    r.spec = std::move(spec);
+    Delivery d;
+    d.cb = std::move(on_event);
+    d.ev = make_final(r, engine::FinishReason::kError, -1);
+    d.ev.error = out_of_range("request needs more KV blocks than the instance has");
+    ++submits_;
+    pending_finals_.push_back(std::move(d));
+    cv_.notify_all();
+    return r.id;
+  }
   if (active_.size() >= config_.max_requests) return overloaded("fake engine queue is full");
   const std::int64_t blocks = blocks_for(static_cast<std::int64_t>(spec.prompt_tokens.size()));
   if (used_blocks_ + blocks > config_.kv_blocks_total) return overloaded("fake engine out of KV blocks");

@@ -31,6 +31,10 @@ struct FakeConfig {
   std::size_t max_requests = 1024;  // admitted (running) requests; beyond -> kOverloaded
   std::int64_t block_size_tokens = 16;
   std::int64_t kv_blocks_total = 1 << 20;
+  // > 0: a request with prompt + max_tokens beyond this is accepted by submit() but then fails
+  // before generating anything (a final kError event with kOutOfRange), as the real engine
+  // does when a request can never fit an instance's KV cache.
+  std::int64_t async_reject_over_tokens = 0;
   // The tokens a request would generate (before max_tokens / EOS cut it). Default: the bytes
   // of "The quick brown fox jumps over the lazy dog. " repeated.
   std::function<std::vector<std::int32_t>(const engine::RequestSpec&)> script;

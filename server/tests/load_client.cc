@@ -18,6 +18,9 @@
 #include <string>
 #include <vector>
 
+#if !defined(BOOST_BEAST_USE_STD_STRING_VIEW) || !defined(BOOST_ASIO_NO_DEPRECATED)
+#error "Asio/Beast users must link kun_asio (one set of Boost configuration macros per binary)"
+#endif
 #include <boost/asio.hpp>
 #include <nlohmann/json.hpp>
 

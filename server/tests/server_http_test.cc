@@ -90,17 +90,17 @@ std::vector<BadCase> bad_cases() {
       {"delete_models", make_request("DELETE", "/v1/models", ""), 405, "", ""},
       {"post_health", post("/health", "{}"), 405, "", ""},
       {"body_over_limit",
-       "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+       "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
            std::to_string(5u << 20) + "\r\n\r\n{",
        413, "", ""},
       {"chunked_body_over_limit",
-       "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
+       "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n" +
            std::string("100000\r\n") + std::string(0x100000, 'a') + "\r\n" + std::string("400000\r\n") +
            std::string(0x400000, 'a') + "\r\n0\r\n\r\n",
        413, "", ""},
       {"garbage_request_line", "HELLO THERE\r\n\r\n", 400, "", ""},
       {"header_too_large",
-       "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + std::string(20000, 'a') + "\r\n\r\n", 431, "", ""},
+       "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + std::string(20000, 'a') + "\r\n\r\n", 431, "", ""},
   };
   return c;
 }
@@ -314,7 +314,7 @@ TEST(Streaming, TokenIdPromptsAndHttp10) {
   EXPECT_EQ(json::parse(r.body)["usage"]["prompt_tokens"], 2);
   // HTTP/1.0 client: no chunked encoding, the stream ends with the connection.
   const std::string body = R"({"prompt":"x","stream":true})";
-  r = exchange(h.port(), "POST /v1/completions HTTP/1.0\r\nContent-Length: " + std::to_string(body.size()) +
+  r = exchange(h.port(), "POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
                              "\r\n\r\n" + body);
   ASSERT_EQ(r.status, 200);
   EXPECT_TRUE(r.header("transfer-encoding").empty());
@@ -483,7 +483,8 @@ TEST(Connection, RoutesAndExpectContinue) {
   EXPECT_EQ(r.status, 200);
   EXPECT_EQ(r.header("content-type").rfind("text/plain; version=0.0.4", 0), 0u);
   const std::string body = R"({"prompt":"x","max_tokens":2})";
-  r = exchange(h.port(), "POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+  r = exchange(h.port(), "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                         "Content-Type: application/json\r\n"
                          "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body);
   EXPECT_EQ(r.status, 200) << r.body;
 }

@@ -272,6 +272,31 @@ TEST(Errors, StatusMapping) {
   EXPECT_TRUE(body["error"]["code"].is_null());
 }
 
+TEST(Errors, MessagesAreBoundedAtACharacterBoundary) {
+  EXPECT_EQ(bounded_message("short"), "short");
+  // A message of two-byte characters whose cut point falls inside one.
+  std::string long_message = "x";
+  for (int i = 0; i < 2000; ++i) long_message += "\xC3\xA9";  // U+00E9
+  const std::string cut = bounded_message(long_message);
+  EXPECT_LT(cut.size(), kMaxErrorMessageBytes + 64);
+  EXPECT_TRUE(is_valid_utf8(cut)) << "a character was split";
+  EXPECT_NE(cut.find("more bytes)"), std::string::npos);
+  ApiError e = bad_request(std::string(100'000, '9'));
+  EXPECT_LT(error_body(e).size(), 2 * kMaxErrorMessageBytes);
+}
+
+TEST(Protocol, ParseErrorsInOurOwnWords) {
+  ParsedRequest out;
+  for (const std::string& body : {std::string("{\"prompt\": "), std::string("{\"max_tokens\":") + std::string(5000, '9') + "}",
+                                 std::string("[1e99999]"), std::string("nul")}) {
+    auto e = parse_request(Endpoint::kCompletions, body, ProtocolLimits{}, out);
+    ASSERT_TRUE(e.has_value()) << body;
+    EXPECT_EQ(e->http_status, 400);
+    EXPECT_EQ(e->message.find("json.exception"), std::string::npos) << e->message;
+    EXPECT_LT(e->message.size(), 200u) << e->message;
+  }
+}
+
 TEST(Metrics, RendersHistogramsAndKunServeFamilies) {
   ServerMetrics m;
   RequestObserver obs;

@@ -120,6 +120,10 @@ class RawConnection {
       pos = e + 2;
     }
     if (r.status == 100) return read_response(left());
+    if (r.status == 204 || r.status == 304) {  // never a body
+      r.complete = true;
+      return r;
+    }
     if (r.header("transfer-encoding") == "chunked") {
       for (;;) {
         std::size_t le;

@@ -3,6 +3,10 @@
 // warning is silenced for these headers only, the rest of the build keeps warnings as errors.
 #pragma once
 
+#if !defined(BOOST_BEAST_USE_STD_STRING_VIEW) || !defined(BOOST_ASIO_NO_DEPRECATED)
+#error "Asio/Beast users must link kun_asio (one set of Boost configuration macros per binary)"
+#endif
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wnull-dereference"
 #include <boost/asio/connect.hpp>

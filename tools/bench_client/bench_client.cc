@@ -279,6 +279,7 @@ void RequestSession::start() {
   request_.set(http::field::content_type, "application/json");
   request_.set(http::field::accept, "text/event-stream");
   request_.set(http::field::connection, "close");
+  if (!cfg.api_key.empty()) request_.set(http::field::authorization, "Bearer " + cfg.api_key);
   request_.body() = body.dump();
   request_.prepare_payload();
   // From the moment the request is sent (a request waiting for a max_in_flight slot is not yet timed).
@@ -460,6 +461,7 @@ void MetricsSession::start() {
   request_.version(11);
   request_.set(http::field::host, cfg.host + ":" + std::to_string(cfg.port));
   request_.set(http::field::connection, "close");
+  if (!cfg.api_key.empty()) request_.set(http::field::authorization, "Bearer " + cfg.api_key);
   parser_.body_limit(64 * 1024 * 1024);
   // Whole poll bounded by the polling period (at least 1 s).
   stream_.expires_after(std::chrono::milliseconds(std::max<std::int64_t>(1000, cfg.metrics_interval_ms)));
@@ -502,6 +504,60 @@ bool parse_number(std::string_view s, double* out) {
 }
 
 }  // namespace
+
+StatusOr<std::string> http_get(const BenchClientConfig& config, const std::string& path) {
+  net::io_context ioc;
+  tcp::resolver resolver(ioc);
+  beast::error_code ec;
+  const auto endpoints = resolver.resolve(config.host, std::to_string(config.port), ec);
+  if (ec) return unavailable("cannot resolve " + config.host + ":" + std::to_string(config.port) + ": " + ec.message());
+  beast::tcp_stream stream(ioc);
+  stream.expires_after(std::chrono::milliseconds(std::max<std::int64_t>(1000, config.connect_timeout_ms)));
+  http::request<http::empty_body> req{http::verb::get, path, 11};
+  req.set(http::field::host, config.host + ":" + std::to_string(config.port));
+  req.set(http::field::connection, "close");
+  if (!config.api_key.empty()) req.set(http::field::authorization, "Bearer " + config.api_key);
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(64 * 1024 * 1024);
+  beast::flat_buffer buffer;
+  std::string failure;
+  stream.async_connect(endpoints, [&](beast::error_code e, const tcp::endpoint&) {
+    if (e) {
+      failure = "connect: " + e.message();
+      return;
+    }
+    http::async_write(stream, req, [&](beast::error_code we, std::size_t) {
+      if (we) {
+        failure = "write: " + we.message();
+        return;
+      }
+      http::async_read(stream, buffer, parser, [&](beast::error_code re, std::size_t) {
+        if (re) failure = "read: " + re.message();
+      });
+    });
+  });
+  ioc.run();
+  beast::error_code ignored;
+  stream.socket().close(ignored);
+  if (!failure.empty()) {
+    return unavailable("GET http://" + config.host + ":" + std::to_string(config.port) + path + ": " + failure);
+  }
+  if (parser.get().result_int() != 200) {
+    return unavailable("GET " + path + ": HTTP " + std::to_string(parser.get().result_int()) + ": " +
+                       parser.get().body().substr(0, 200));
+  }
+  return parser.get().body();
+}
+
+StatusOr<std::string> fetch_served_model(const BenchClientConfig& config) {
+  KUN_ASSIGN_OR_RETURN(std::string body, http_get(config, "/v1/models"));
+  const nlohmann::json j = nlohmann::json::parse(body, nullptr, false);
+  if (j.is_object() && j.contains("data") && j["data"].is_array() && !j["data"].empty() &&
+      j["data"][0].is_object() && j["data"][0].contains("id") && j["data"][0]["id"].is_string()) {
+    return j["data"][0]["id"].get<std::string>();
+  }
+  return invalid_argument("GET /v1/models: no model id in the answer");
+}
 
 nlohmann::json make_request_body(const BenchClientConfig& config, std::size_t index, const workload::TraceRequest& r) {
   nlohmann::json body;

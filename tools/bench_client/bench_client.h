@@ -37,6 +37,7 @@ struct BenchClientConfig {
   std::uint16_t port = 8000;
   std::string completions_path = "/v1/completions";
   std::string model = "kunserve";
+  std::string api_key;  // non-empty: "Authorization: Bearer <api_key>" on every request and poll
   PromptKind prompt_kind = PromptKind::kTokenIds;
   std::int32_t vocab_size = 32000;
   std::int32_t first_token_id = 10;  // skip special tokens at the start of the vocabulary
@@ -67,6 +68,11 @@ struct BenchResult {
 StatusOr<BenchResult> run_bench(const BenchClientConfig& config, const workload::Trace& trace);
 // The records only.
 StatusOr<std::vector<workload::RequestRecord>> run_load(const BenchClientConfig& config, const workload::Trace& trace);
+
+// GET `path` from the server (blocking, bounded by connect_timeout_ms); the body of a 200.
+StatusOr<std::string> http_get(const BenchClientConfig& config, const std::string& path);
+// The first model id the server lists at GET /v1/models (what "model" must name).
+StatusOr<std::string> fetch_served_model(const BenchClientConfig& config);
 
 // The JSON body sent for one request (exposed for tests and for `kunserve bench --dry-run`).
 nlohmann::json make_request_body(const BenchClientConfig& config, std::size_t index, const workload::TraceRequest& r);

@@ -33,8 +33,9 @@ struct BenchArgs {
   bool in_process = false;
   std::string host = "127.0.0.1";
   int port = 8000;
-  std::string served_model = "kunserve";
+  std::string served_model;  // empty: the first id of the server's GET /v1/models
   std::string policies = "recompute,swap,migrate,kunserve";
+  std::string api_key;
   TraceArgs trace;
   ClusterArgs cluster;
   double slo_ttft_ms = 1000.0;
@@ -155,7 +156,12 @@ StatusOr<PolicyRun> run_against_server(const BenchArgs& a, const workload::Trace
   bench::BenchClientConfig c;
   c.host = a.host;
   c.port = static_cast<std::uint16_t>(a.port);
+  c.api_key = a.api_key;
   c.model = a.served_model;
+  if (c.model.empty()) {
+    KUN_ASSIGN_OR_RETURN(c.model, bench::fetch_served_model(c));
+    std::cout << "server model: " << c.model << std::endl;
+  }
   c.vocab_size = static_cast<std::int32_t>(vocab);
   c.seed = a.trace.seed;
   c.metrics_interval_ms = 500;
@@ -165,6 +171,11 @@ StatusOr<PolicyRun> run_against_server(const BenchArgs& a, const workload::Trace
   run.records = std::move(br.records);
   run.gauges = std::move(br.gauges);
   run.extra["wall_s"] = static_cast<double>(br.wall_us) / 1e6;
+  run.extra["metrics_samples"] = run.gauges.size();
+  run.extra["metrics_poll_errors"] = br.metrics_errors;
+  if (br.metrics_errors > 0) {
+    std::cout << "warning: " << br.metrics_errors << " /metrics poll(s) failed" << std::endl;
+  }
   return run;
 }
 
@@ -269,7 +280,9 @@ void add_bench_command(CLI::App* app, int* exit_code) {
   cmd->add_flag("--in-process", a->in_process, "run the policies in this process (no HTTP server)");
   cmd->add_option("--host", a->host, "server host (server mode)");
   cmd->add_option("--port", a->port, "server port (server mode)");
-  cmd->add_option("--served-model", a->served_model, "model name sent to the server");
+  cmd->add_option("--served-model", a->served_model, "model name sent to the server (default: the first of its /v1/models)");
+  cmd->add_option("--api-key", a->api_key, "server mode: the server's API key (sent as a Bearer token)")
+      ->envname("KUNSERVE_API_KEY");
   cmd->add_option("--policies", a->policies, "comma-separated: recompute,swap,migrate,kunserve; kunserve/<stale-kv>[/no-lookahead] picks the stale-request strategy and turns off lookahead batching in fused groups (in-process)");
   a->trace.add_to(cmd);
   a->cluster.add_to(cmd);

@@ -1,9 +1,15 @@
 #include "tools/kunserve/cluster_args.h"
 
+#include <algorithm>
+
+#include "common/log.h"
 #include "common/units.h"
 #include "kv/kv_geometry.h"
 
 namespace kun::tools {
+namespace {
+constexpr std::int64_t kPageBytes = 256 * kKiB;
+}  // namespace
 
 void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--devices", devices, "in-process devices, one data-parallel instance each");
@@ -26,10 +32,24 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--exchange-per-round", exchange_per_round, "live KV exchange: requests moved per round (one layer each)");
   cmd->add_option("--restore-gather-timeout-ms", restore_gather_timeout_ms,
                   "restore: longest live gather of KV back onto one member per request before the split");
+  cmd->add_option("--max-model-len", max_model_len,
+                  "longest request (prompt + output tokens); 0: the model's limit, capped to what one instance's KV "
+                  "cache holds");
+  cmd->add_option("--event-history", event_history, "cluster transition events kept (oldest dropped)");
   cmd->add_option("--balance-fused", balance_fused,
                   "fused groups: lookahead batch formation (a step-time cost model balances the virtual engines' "
                   "micro-batches, longest first; long prompts chunked to the typical prompt length; 1/g of the step "
                   "budget each)");
+}
+
+StatusOr<std::int64_t> ClusterArgs::kv_token_capacity(const model::ModelConfig& config) const {
+  if (block_size < 1) return invalid_argument("--block-size must be >= 1");
+  if (kv_tokens_per_device < block_size) return invalid_argument("--kv-tokens-per-device must hold one block");
+  const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim};
+  KUN_RETURN_IF_ERROR(g.validate_for_page(kPageBytes));
+  const std::int64_t blocks = g.blocks_for_tokens(kv_tokens_per_device) * config.num_layers;
+  const std::int64_t kv_pages = ceil_div(blocks, g.blocks_per_page(kPageBytes));
+  return kv_pages * g.blocks_per_page(kPageBytes) / config.num_layers * block_size;
 }
 
 StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
@@ -41,7 +61,7 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.device.num_threads = threads;
   o.device.kv_block_size = block_size;
   o.device.weight_dtype = dtype;
-  o.device.page_bytes = 256 * kKiB;
+  o.device.page_bytes = kPageBytes;
   const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim};
   KUN_RETURN_IF_ERROR(g.validate_for_page(o.device.page_bytes));
   const std::int64_t blocks = g.blocks_for_tokens(kv_tokens_per_device) * config.num_layers;
@@ -69,7 +89,42 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   if (restore_gather_timeout_ms < 0) return invalid_argument("--restore-gather-timeout-ms must be >= 0");
   o.restore_gather_timeout_us = restore_gather_timeout_ms * 1000;
   o.allowed_degrees = group_sizes;
+  if (event_history < 1) return invalid_argument("--event-history must be >= 1");
+  o.coordinator.event_history = static_cast<std::size_t>(event_history);
+
+  if (max_model_len < 0) return invalid_argument("--max-model-len must be >= 0 (0: automatic)");
+  if (max_model_len > 0) {
+    const std::int64_t model_limit = config.max_position_embeddings;
+    KUN_ASSIGN_OR_RETURN(const std::int64_t kv_tokens, kv_token_capacity(config));
+    if (max_model_len > model_limit) {
+      return invalid_argument("--max-model-len " + std::to_string(max_model_len) +
+                              " exceeds the model's max_position_embeddings (" + std::to_string(model_limit) +
+                              "); lower --max-model-len");
+    }
+    if (max_model_len > kv_tokens) {
+      return invalid_argument("--max-model-len " + std::to_string(max_model_len) + " does not fit one instance's KV cache (" +
+                              std::to_string(kv_tokens) + " tokens with --kv-tokens-per-device " +
+                              std::to_string(kv_tokens_per_device) + " and --block-size " + std::to_string(block_size) +
+                              "): lower --max-model-len or raise --kv-tokens-per-device");
+    }
+    o.scheduler.max_model_len = max_model_len;
+  }
+  if (max_model_len > 0 && max_model_len < 2) return invalid_argument("--max-model-len must be >= 2 tokens");
   return o;
+}
+
+Status ClusterArgs::cap_context_to_kv(const model::ModelConfig& config, runtime::ClusterOptions* options) const {
+  if (max_model_len > 0) return ok_status();  // explicit: build() checked that it fits
+  KUN_ASSIGN_OR_RETURN(const std::int64_t kv_tokens, kv_token_capacity(config));
+  const std::int64_t model_limit = std::min(config.max_position_embeddings, options->scheduler.max_model_len);
+  options->scheduler.max_model_len = std::min(model_limit, kv_tokens);
+  if (kv_tokens < model_limit) {
+    KUN_LOG(kWarn) << "max_model_len capped to " << kv_tokens << " tokens (the model supports " << model_limit
+                   << "): one instance's KV cache holds " << kv_tokens << " tokens (--kv-tokens-per-device "
+                   << kv_tokens_per_device << "); raise --kv-tokens-per-device to serve longer requests";
+  }
+  if (options->scheduler.max_model_len < 2) return invalid_argument("max_model_len must be >= 2 tokens");
+  return ok_status();
 }
 
 }  // namespace kun::tools

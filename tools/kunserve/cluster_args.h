@@ -32,8 +32,20 @@ struct ClusterArgs {
   std::string stale_kv = "exchange";
   std::int64_t exchange_per_round = 8;
   std::int64_t restore_gather_timeout_ms = 2000;
+  std::int64_t max_model_len = 0;    // prompt + output tokens of one request; 0: automatic
+  std::int64_t event_history = 4096;  // cluster transition events kept
   void add_to(CLI::App* cmd);
+  // Tokens one instance's KV cache holds: kv_tokens_per_device rounded up to whole KV pages
+  // (what the device really gets), as whole blocks per layer.
+  StatusOr<std::int64_t> kv_token_capacity(const model::ModelConfig& config) const;
   // Device capacity = the model's parameters + KV for kv_tokens_per_device tokens.
+  // max_model_len: --max-model-len if given (an error, naming the flags to change, when one
+  // instance's KV cache cannot hold it or the model does not support it), else the scheduler's
+  // default (the model's limit), as the in-process benchmarks always ran.
+  // Serving (`kunserve serve`): without --max-model-len, caps max_model_len to
+  // kv_token_capacity() (logged when capped), so every request the API admits fits one instance
+  // and a request without max_tokens gets what fits (vLLM's behaviour).
+  Status cap_context_to_kv(const model::ModelConfig& config, runtime::ClusterOptions* options) const;
   StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
                                           const std::string& model_name) const;
 };
