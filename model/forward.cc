@@ -139,9 +139,13 @@ HeadWeights head_weights_at(const std::byte* embedding_segment, const std::byte*
   return h;
 }
 
-ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, kernels::ThreadPool* pool)
-    : config_(config), kv_block_size_(kv_block_size), pool_(pool), inv_freq_(config.rope_inv_freq()) {
+ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
+                         kernels::ThreadPool* pool)
+    : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype), pool_(pool),
+      inv_freq_(config.rope_inv_freq()) {
   KUN_CHECK_GT(kv_block_size_, 0);
+  KUN_CHECK(kv_dtype_ == DType::kBF16 || kv_dtype_ == DType::kF32)
+      << "KV cache dtype " << dtype_name(kv_dtype_) << " (bf16 or f32)";
   KUN_CHECK_EQ(static_cast<std::int64_t>(inv_freq_.size()), config_.head_dim / 2);
 }
 
@@ -195,17 +199,18 @@ void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, con
   const std::int64_t hd = c.head_dim;
   const std::int64_t context = slice.start_pos + slice.num_tokens;
   KUN_CHECK_GE(kv.num_blocks * bs, context) << "KV blocks cover " << kv.num_blocks * bs << " tokens, need " << context;
-  const std::int64_t value_offset = kvh * bs * hd;
-  // Append this slice's k and v.
+  const std::int64_t eb = dtype_bytes(kv_dtype_);
+  const std::int64_t value_offset_bytes = kvh * bs * hd * eb;
+  // Append this slice's k and v (rounded to the cache's dtype).
   for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
     const std::int64_t pos = slice.start_pos + t;
-    float* block = kv.blocks[pos / bs];
+    std::byte* block = kv.blocks[pos / bs];
     const std::int64_t off = pos % bs;
     const float* k = qkv + t * qkv_row() + c.q_dim();
     const float* v = k + c.kv_dim();
     for (std::int64_t h = 0; h < kvh; ++h) {
-      std::memcpy(block + (h * bs + off) * hd, k + h * hd, static_cast<std::size_t>(hd) * sizeof(float));
-      std::memcpy(block + value_offset + (h * bs + off) * hd, v + h * hd, static_cast<std::size_t>(hd) * sizeof(float));
+      kernels::store_kv_row(k + h * hd, hd, kv_dtype_, block + (h * bs + off) * hd * eb);
+      kernels::store_kv_row(v + h * hd, hd, kv_dtype_, block + value_offset_bytes + (h * bs + off) * hd * eb);
     }
   }
   // Gather q rows contiguously and attend.
@@ -225,11 +230,12 @@ void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, con
   value_ptrs_.resize(static_cast<std::size_t>(blocks_used));
   for (std::int64_t b = 0; b < blocks_used; ++b) {
     key_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b];
-    value_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b] + value_offset;
+    value_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b] + value_offset_bytes;
   }
-  kernels::PagedKvView view;
+  kernels::PagedKvCache view;
   view.key_blocks = key_ptrs_.data();
   view.value_blocks = value_ptrs_.data();
+  view.dtype = kv_dtype_;
   view.block_size = bs;
   view.context_len = context;
   view.num_kv_heads = kvh;

@@ -32,8 +32,8 @@ void ClusterArgs::add_to(CLI::App* cmd) {
                   "budget each)");
 }
 
-StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
-                                                     const std::string& model_name) const {
+StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& config, DType dtype, DType kv_dtype,
+                                                     cluster::Policy policy, const std::string& model_name) const {
   if (devices < 1) return invalid_argument("--devices must be >= 1");
   if (kv_tokens_per_device < block_size) return invalid_argument("--kv-tokens-per-device must hold one block");
   runtime::ClusterOptions o;
@@ -41,8 +41,9 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.device.num_threads = threads;
   o.device.kv_block_size = block_size;
   o.device.weight_dtype = dtype;
+  o.device.kv_dtype = kv_dtype;
   o.device.page_bytes = 256 * kKiB;
-  const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim};
+  const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim, kv_dtype};
   KUN_RETURN_IF_ERROR(g.validate_for_page(o.device.page_bytes));
   const std::int64_t blocks = g.blocks_for_tokens(kv_tokens_per_device) * config.num_layers;
   const std::int64_t kv_pages = ceil_div(blocks, g.blocks_per_page(o.device.page_bytes));

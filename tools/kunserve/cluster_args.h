@@ -33,9 +33,10 @@ struct ClusterArgs {
   std::int64_t exchange_per_round = 8;
   std::int64_t restore_gather_timeout_ms = 2000;
   void add_to(CLI::App* cmd);
-  // Device capacity = the model's parameters + KV for kv_tokens_per_device tokens.
-  StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
-                                          const std::string& model_name) const;
+  // Device capacity = the model's parameters (in `dtype`) + KV for kv_tokens_per_device tokens
+  // (in kv_dtype: a bf16 cache takes half the bytes of an f32 one).
+  StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, DType kv_dtype,
+                                          cluster::Policy policy, const std::string& model_name) const;
 };
 
 }  // namespace kun::tools

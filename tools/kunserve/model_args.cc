@@ -13,6 +13,8 @@ void ModelArgs::add_to(CLI::App* app) {
   app->add_option("--preset", preset, "dummy model preset (tiny, tiny-qwen2, tiny-llama3, llama-350m, llama-1b)");
   app->add_option("--seed", seed, "seed of the dummy weights");
   app->add_option("--dtype", dtype, "weight dtype on the device: auto | f32 | f16 | bf16");
+  app->add_option("--kv-cache-dtype", kv_cache_dtype,
+                  "KV cache element type: bf16 (default; half the bytes per token) | f32 (exact K/V, numerics tests)");
 }
 
 StatusOr<std::unique_ptr<model::WeightSource>> ModelArgs::open() const {
@@ -36,14 +38,23 @@ StatusOr<DType> ModelArgs::device_dtype(const model::ModelConfig& config) const 
   return t;
 }
 
+StatusOr<DType> ModelArgs::kv_dtype() const {
+  DType t;
+  if (!parse_dtype(kv_cache_dtype, &t) || (t != DType::kBF16 && t != DType::kF32)) {
+    return invalid_argument("unknown --kv-cache-dtype '" + kv_cache_dtype + "' (bf16 | f32)");
+  }
+  return t;
+}
+
 std::string ModelArgs::display_name() const {
   if (!model_path.empty() && load_format != "dummy") return model_path;
   return "dummy-" + preset;
 }
 
-std::int64_t capacity_for(const model::ModelConfig& config, DType dtype, std::int64_t kv_tokens,
+std::int64_t capacity_for(const model::ModelConfig& config, DType dtype, DType kv_dtype, std::int64_t kv_tokens,
                           std::int64_t block_size, std::int64_t page_bytes) {
   kv::KvGeometry g;
+  g.dtype = kv_dtype;
   g.block_size_tokens = block_size;
   g.num_kv_heads = config.num_kv_heads;
   g.head_dim = config.head_dim;

@@ -20,16 +20,19 @@ struct ModelArgs {
   std::string preset = "tiny";
   std::uint64_t seed = 0;
   std::string dtype = "auto";  // weight dtype on the device: auto (as stored) | f32 | f16 | bf16
+  std::string kv_cache_dtype = "bf16";  // KV cache element type: bf16 | f32
   void add_to(CLI::App* app);
   // The model's weights, and the dtype its weights take on the device.
   StatusOr<std::unique_ptr<model::WeightSource>> open() const;
   StatusOr<DType> device_dtype(const model::ModelConfig& config) const;
+  // The KV cache's element type (--kv-cache-dtype); kInvalidArgument unless bf16 or f32.
+  StatusOr<DType> kv_dtype() const;
   std::string display_name() const;
 };
 
-// Device capacity that fits the parameters plus `kv_tokens` tokens of KV on every layer, with
-// 10 % slack, rounded up to whole pages.
-std::int64_t capacity_for(const model::ModelConfig& config, DType dtype, std::int64_t kv_tokens,
+// Device capacity that fits the parameters plus `kv_tokens` tokens of KV (in kv_dtype) on every
+// layer, with 10 % slack, rounded up to whole pages.
+std::int64_t capacity_for(const model::ModelConfig& config, DType dtype, DType kv_dtype, std::int64_t kv_tokens,
                           std::int64_t block_size, std::int64_t page_bytes);
 
 }  // namespace kun::tools

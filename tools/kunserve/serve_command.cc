@@ -55,7 +55,8 @@ Status run_serve(const ServeArgs& a) {
   KUN_ASSIGN_OR_RETURN(auto tokenizer, open_tokenizer(a, config.vocab_size));
   KUN_ASSIGN_OR_RETURN(DType dtype, a.model.device_dtype(config));
   const std::string name = a.served_model_name.empty() ? a.model.display_name() : a.served_model_name;
-  KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions options, a.cluster.build(config, dtype, policy, name));
+  KUN_ASSIGN_OR_RETURN(DType kv_dtype, a.model.kv_dtype());
+  KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions options, a.cluster.build(config, dtype, kv_dtype, policy, name));
   SteadyClock clock;
   KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(options, *weights, &clock));
   rt->start();
