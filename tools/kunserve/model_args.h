@@ -10,6 +10,7 @@
 
 #include "common/dtype.h"
 #include "common/status.h"
+#include "model/tokenizer.h"
 #include "model/weight_source.h"
 
 namespace kun::tools {
@@ -28,6 +29,12 @@ struct ModelArgs {
   // The KV cache's element type (--kv-cache-dtype); kInvalidArgument unless bf16 or f32.
   StatusOr<DType> kv_dtype() const;
   std::string display_name() const;
+  // The tokenizer to serve with: `explicit_path` (tokenizer.json / tokenizer.model / a .gguf
+  // file's embedded one) when given; else the one the model carries (a GGUF file's
+  // tokenizer.ggml.*, a directory's tokenizer.json / tokenizer.model); else a synthetic vocabulary
+  // of `model_vocab` ids. kInvalidArgument when the tokenizer has more ids than the model.
+  StatusOr<std::unique_ptr<model::Tokenizer>> open_tokenizer(const std::string& explicit_path,
+                                                             std::int64_t model_vocab) const;
 };
 
 // Device capacity that fits the parameters plus `kv_tokens` tokens of KV (in kv_dtype) on every
