@@ -1,5 +1,6 @@
 // Front end of paged attention over a PagedKvCache (f32 or bf16 elements): argument checks,
 // threading, and dispatch to the per-ISA bodies of attention_impl.inc.
+#include <algorithm>
 #include <cstring>
 
 #include "common/check.h"
@@ -22,12 +23,20 @@ const AttentionKernels& attention_kernels_for(Isa isa) {
   return detail::scalar_attention_kernels();
 }
 
-using HeadFn = void (*)(const float*, const PagedKvCache&, std::int64_t, std::int64_t, float, float*, float*);
+using HeadsFn = void (*)(const float*, int, const PagedKvCache&, std::int64_t, std::int64_t, float, float*, float*);
+
+// Query heads computed together: a GQA group, in chunks of at most kMaxGroupHeads.
+std::int64_t heads_per_unit(std::int64_t num_heads, std::int64_t num_kv_heads) {
+  const std::int64_t group = num_heads / num_kv_heads;
+  return group < detail::kMaxGroupHeads ? group : detail::kMaxGroupHeads;
+}
 
 struct CacheJob {
-  HeadFn head;
+  HeadsFn heads;
   const float* q;
   std::int64_t num_heads;
+  std::int64_t chunk;            // heads per unit
+  std::int64_t units_per_token;  // num_heads / chunk, rounded up within each kv head
   const std::int64_t* positions;
   const PagedKvCache* kv;
   float scale;
@@ -36,15 +45,19 @@ struct CacheJob {
   int parts;
 };
 
-// (token, head) pairs [begin, end), one head at a time.
-void cache_pairs(const CacheJob& j, std::int64_t begin, std::int64_t end, float* scratch) {
+// Units [begin, end): unit u is token u / units_per_token, kv head and head chunk from the rest.
+void cache_units(const CacheJob& j, std::int64_t begin, std::int64_t end, float* scratch) {
   const std::int64_t hd = j.kv->head_dim;
   const std::int64_t group = j.num_heads / j.kv->num_kv_heads;
-  for (std::int64_t p = begin; p < end; ++p) {
-    const std::int64_t t = p / j.num_heads;
-    const std::int64_t h = p % j.num_heads;
-    const std::int64_t off = (t * j.num_heads + h) * hd;
-    j.head(j.q + off, *j.kv, h / group, j.positions[t] + 1, j.scale, j.out + off, scratch);
+  const std::int64_t chunks_per_kv = (group + j.chunk - 1) / j.chunk;
+  for (std::int64_t u = begin; u < end; ++u) {
+    const std::int64_t t = u / j.units_per_token;
+    const std::int64_t r = u % j.units_per_token;
+    const std::int64_t kvh = r / chunks_per_kv;
+    const std::int64_t h0 = kvh * group + (r % chunks_per_kv) * j.chunk;
+    const std::int64_t n = std::min(j.chunk, kvh * group + group - h0);
+    const std::int64_t off = (t * j.num_heads + h0) * hd;
+    j.heads(j.q + off, static_cast<int>(n), *j.kv, kvh, j.positions[t] + 1, j.scale, j.out + off, scratch);
   }
 }
 
@@ -66,21 +79,32 @@ void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int6
   }
   const AttentionKernels& k = attention_kernels_for(isa);
   const int parts = pool != nullptr ? pool->num_threads() : 1;
-  const CacheJob job{kv.dtype == DType::kBF16 ? k.head_bf16 : k.head_f32,
-                     q, num_heads, positions, &kv, scale, out, scratch, parts};
-  const std::int64_t pairs = num_tokens * num_heads;
-  if (parts == 1 || pairs == 1) {
-    cache_pairs(job, 0, pairs, scratch);
+  const std::int64_t chunk = heads_per_unit(num_heads, kv.num_kv_heads);
+  const std::int64_t group = num_heads / kv.num_kv_heads;
+  const std::int64_t units_per_token = kv.num_kv_heads * ((group + chunk - 1) / chunk);
+  const CacheJob job{kv.dtype == DType::kBF16 ? k.heads_bf16 : k.heads_f32,
+                     q, num_heads, chunk, units_per_token, positions, &kv, scale, out, scratch, parts};
+  const std::int64_t units = num_tokens * units_per_token;
+  if (parts == 1 || units == 1) {
+    cache_units(job, 0, units, scratch);
     return;
   }
   const CacheJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
-  // One index per thread, so each thread knows its scratch slice; a fixed split over pairs
-  // (which thread computes a pair never changes its value).
-  pool->parallel_for(parts, [jp, pairs](std::int64_t b, std::int64_t e) {
+  // One index per thread, so each thread knows its scratch slice; a fixed split over units
+  // (which thread computes a unit never changes its value).
+  pool->parallel_for(parts, [jp, units](std::int64_t b, std::int64_t e) {
     for (std::int64_t t = b; t < e; ++t) {
-      cache_pairs(*jp, pairs * t / jp->parts, pairs * (t + 1) / jp->parts, jp->scratch + t * jp->kv->context_len);
+      cache_units(*jp, units * t / jp->parts, units * (t + 1) / jp->parts,
+                  jp->scratch + t * jp->chunk * jp->kv->context_len);
     }
   });
+}
+
+std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t context_len, std::int64_t num_heads,
+                                           std::int64_t num_kv_heads) {
+  KUN_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0)
+      << "num_heads " << num_heads << " num_kv_heads " << num_kv_heads;
+  return (pool != nullptr ? pool->num_threads() : 1) * heads_per_unit(num_heads, num_kv_heads) * context_len;
 }
 
 void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,

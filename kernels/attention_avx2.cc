@@ -17,6 +17,8 @@ namespace {
 struct AV {
   using F = __m256;
   static constexpr int kW = 8;
+  static constexpr int kKeys = 2;
+  static constexpr int kVecsPerPass = 2;
   static __m256i mask(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
@@ -73,7 +75,7 @@ struct AV {
 }  // namespace
 
 const AttentionKernels& avx2_attention_kernels() {
-  static const AttentionKernels k{Isa::kAvx2, &attention_head_f32, &attention_head_bf16, &to_bf16_rows};
+  static const AttentionKernels k{Isa::kAvx2, &attention_heads_f32, &attention_heads_bf16, &to_bf16_rows};
   return k;
 }
 

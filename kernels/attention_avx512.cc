@@ -18,6 +18,8 @@ namespace {
 struct AV {
   using F = __m512;
   static constexpr int kW = 16;
+  static constexpr int kKeys = 4;
+  static constexpr int kVecsPerPass = 4;
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
@@ -69,7 +71,7 @@ struct AV {
 }  // namespace
 
 const AttentionKernels& avx512_attention_kernels() {
-  static const AttentionKernels k{Isa::kAvx512, &attention_head_f32, &attention_head_bf16, &to_bf16_rows};
+  static const AttentionKernels k{Isa::kAvx512, &attention_heads_f32, &attention_heads_bf16, &to_bf16_rows};
   return k;
 }
 

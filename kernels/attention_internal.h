@@ -10,16 +10,21 @@
 
 namespace kun::kernels::detail {
 
+// Query heads computed together per kv head (the register blocking of attention_impl.inc).
+inline constexpr int kMaxGroupHeads = 4;
+
 struct AttentionKernels {
   Isa isa;
-  // Attention of one query head over cached positions [0, n_ctx) of kv head `kv_head`; K/V
-  // elements are f32 (head_f32) or bf16 (head_bf16), read through kv.key_blocks/value_blocks.
-  // For the same widened K/V values both compute the same operation sequence, so a bf16 cache
-  // gives bit for bit what an f32 cache holding the bf16-rounded values gives.
-  void (*head_f32)(const float* q, const PagedKvCache& kv, std::int64_t kv_head, std::int64_t n_ctx,
-                   float scale, float* out, float* scores);
-  void (*head_bf16)(const float* q, const PagedKvCache& kv, std::int64_t kv_head, std::int64_t n_ctx,
-                    float scale, float* out, float* scores);
+  // Attention of `num_heads` (1..kMaxGroupHeads) consecutive query heads sharing kv head
+  // `kv_head` (a GQA group, or part of one) over cached positions [0, n_ctx): q and out hold the
+  // heads head_dim floats apart, scores has num_heads * n_ctx floats. K/V elements are f32
+  // (heads_f32) or bf16 (heads_bf16); each K/V row is loaded once for all the heads. For the same
+  // widened K/V values both compute the same operation sequence per head, whatever num_heads, so
+  // a bf16 cache gives bit for bit what an f32 cache holding the bf16-rounded values gives.
+  void (*heads_f32)(const float* q, int num_heads, const PagedKvCache& kv, std::int64_t kv_head,
+                    std::int64_t n_ctx, float scale, float* out, float* scores);
+  void (*heads_bf16)(const float* q, int num_heads, const PagedKvCache& kv, std::int64_t kv_head,
+                     std::int64_t n_ctx, float scale, float* out, float* scores);
   // out[i] = bf16(x[i]), round to nearest even (NaN stays NaN).
   void (*to_bf16)(const float* x, std::int64_t n, std::uint16_t* out);
 };

@@ -12,6 +12,8 @@ namespace {
 
 struct AV {
   static constexpr int kW = 8;
+  static constexpr int kKeys = 2;
+  static constexpr int kVecsPerPass = 2;
   struct F {
     float v[kW];
   };
@@ -82,7 +84,7 @@ struct AV {
 }  // namespace
 
 const AttentionKernels& scalar_attention_kernels() {
-  static const AttentionKernels k{Isa::kScalar, &attention_head_f32, &attention_head_bf16, &to_bf16_rows};
+  static const AttentionKernels k{Isa::kScalar, &attention_heads_f32, &attention_heads_bf16, &to_bf16_rows};
   return k;
 }
 

@@ -131,10 +131,15 @@ struct PagedKvCache {
   std::int64_t num_kv_heads = 0;
   std::int64_t head_dim = 0;
 };
-// Same contract, scratch and threading as the PagedKvView overload.
+// Same contract as the PagedKvView overload. The query heads of a GQA group (up to 4 at a time)
+// are computed together, each K/V row loaded once for them; with a pool the work is split over
+// (token, kv head, head chunk) units. scratch: paged_kv_cache_scratch_floats(pool, context_len,
+// num_heads, num_kv_heads) floats.
 void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
                      float* scratch, ThreadPool* pool);
+std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t context_len,
+                                           std::int64_t num_heads, std::int64_t num_kv_heads);
 void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
                      float* scratch, ThreadPool* pool);

@@ -160,8 +160,8 @@ void ForwardPass::ensure_workspace(std::int64_t num_tokens, std::int64_t max_con
   grow(tmp_hidden_, num_tokens * c.hidden_size);
   grow(gate_up_, num_tokens * 2 * c.intermediate_size);
   grow(act_, num_tokens * c.intermediate_size);
-  const std::int64_t threads = pool_ ? pool_->num_threads() : 1;
-  grow(attn_scratch_, threads * std::max<std::int64_t>(max_context, 1));
+  grow(attn_scratch_, kernels::paged_kv_cache_scratch_floats(pool_, std::max<std::int64_t>(max_context, 1),
+                                                             c.num_heads, c.num_kv_heads));
 }
 
 void ForwardPass::embed(const HeadWeights& head, const std::int32_t* tokens, std::int64_t n, float* hidden) const {
@@ -214,11 +214,11 @@ void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, con
     }
   }
   // Gather q rows contiguously and attend.
-  const std::int64_t threads = pool_ ? pool_->num_threads() : 1;
   const std::int64_t q_elems = slice.num_tokens * c.q_dim();
   if (static_cast<std::int64_t>(q_gather_.size()) < q_elems) q_gather_.resize(static_cast<std::size_t>(q_elems));
-  if (static_cast<std::int64_t>(attn_scratch_.size()) < threads * context)
-    attn_scratch_.resize(static_cast<std::size_t>(threads * context));
+  const std::int64_t scratch_floats = kernels::paged_kv_cache_scratch_floats(pool_, context, c.num_heads, kvh);
+  if (static_cast<std::int64_t>(attn_scratch_.size()) < scratch_floats)
+    attn_scratch_.resize(static_cast<std::size_t>(scratch_floats));
   if (static_cast<std::int64_t>(attn_positions_.size()) < slice.num_tokens)
     attn_positions_.resize(static_cast<std::size_t>(slice.num_tokens));
   for (std::int64_t t = 0; t < slice.num_tokens; ++t) {

@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
   kernels::ThreadPool pool(threads);
   std::vector<float> q(kHeads * kHd), out(kHeads * kHd);
   for (std::size_t i = 0; i < q.size(); ++i) q[i] = std::sin(static_cast<float>(i));
-  std::vector<float> scratch(static_cast<std::size_t>(kernels::paged_attention_scratch_floats(&pool, context)));
+  std::vector<float> scratch(static_cast<std::size_t>(kernels::paged_kv_cache_scratch_floats(&pool, context, kHeads, kKvHeads)));
   const std::int64_t pos = context - 1;
   const float scale = 1.0f / std::sqrt(static_cast<float>(kHd));
 
