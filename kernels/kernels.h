@@ -116,6 +116,37 @@ void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_h
 // Floats of scratch paged_attention needs for this pool (null: one thread) and context length.
 std::int64_t paged_attention_scratch_floats(const ThreadPool* pool, std::int64_t context_len);
 
+// The paged KV cache as the engine stores it: the layout of PagedKvView with elements of
+// `dtype`, kBF16 (the default KV cache type, half the bytes per token) or kF32. bf16 elements are
+// widened to f32 in registers (exact) and go through the same operation sequence as f32 ones, so
+// attention over a bf16 cache gives, bit for bit, what an f32 cache holding the same bf16-rounded
+// values gives; results are deterministic and batch-invariant as for PagedKvView. Vectorized for
+// AVX-512 and AVX2 with a scalar fallback (kernels/attention*.cc), chosen by active_isa().
+struct PagedKvCache {
+  const void* const* key_blocks = nullptr;
+  const void* const* value_blocks = nullptr;
+  DType dtype = DType::kBF16;
+  std::int64_t block_size = 0;
+  std::int64_t context_len = 0;
+  std::int64_t num_kv_heads = 0;
+  std::int64_t head_dim = 0;
+};
+// Same contract as the PagedKvView overload. The query heads of a GQA group (up to 4 at a time)
+// are computed together, each K/V row loaded once for them; with a pool the work is split over
+// (token, kv head, head chunk) units. scratch: paged_kv_cache_scratch_floats(pool, context_len,
+// num_heads, num_kv_heads) floats.
+void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,
+                     const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
+                     float* scratch, ThreadPool* pool);
+std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t context_len,
+                                           std::int64_t num_heads, std::int64_t num_kv_heads);
+void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
+                     const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
+                     float* scratch, ThreadPool* pool);
+// The KV append: stores n f32 values into a cache row of `dtype` (kF32: copied; kBF16: rounded
+// to nearest even, NaN kept NaN; the same bits as common/dtype.h f32_to_bf16).
+void store_kv_row(const float* x, std::int64_t n, DType dtype, void* out);
+
 // Index of the largest value (first one on ties).
 std::int64_t argmax(const float* x, std::int64_t n);
 

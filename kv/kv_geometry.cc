@@ -10,6 +10,10 @@ Status KvGeometry::validate() const {
                             ", num_kv_heads " + std::to_string(num_kv_heads) + ", head_dim " +
                             std::to_string(head_dim) + " must all be positive");
   }
+  if (dtype != DType::kBF16 && dtype != DType::kF32) {
+    return invalid_argument("kv geometry: KV cache dtype " + std::string(dtype_name(dtype)) +
+                            " is not supported (bf16 or f32)");
+  }
   return ok_status();
 }
 

@@ -1,8 +1,9 @@
 // KV geometry and block ids shared by the allocator, block tables and storage.
 //
 // The unit of KV allocation is a *layer block*: one layer's K and V for block_size_tokens tokens,
-//   [K: num_kv_heads][block_size_tokens][head_dim] f32, then [V: same],
-// which is how kernels::PagedKvView reads it. A DESIGN.md "block" (block_size tokens x the layers
+//   [K: num_kv_heads][block_size_tokens][head_dim] elements, then [V: same],
+// elements in `dtype` (bf16 by default, f32 as an option for numerics tests), which is how
+// kernels::PagedKvCache reads it. A DESIGN.md "block" (block_size tokens x the layers
 // resident on a device) is layers_resident layer blocks; after a fusion of degree g a device holds
 // L/g layers, so the same bytes hold g times more token-blocks.
 //
@@ -12,6 +13,7 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
 #include "common/ids.h"
 #include "common/status.h"
 #include "common/units.h"
@@ -25,16 +27,21 @@ using memory::PageId;
 
 // Layer blocks start on this alignment inside a page (cache line / AVX-512 vector).
 inline constexpr std::int64_t kKvBlockAlignBytes = 64;
-inline constexpr std::int64_t kKvElementBytes = 4;  // f32
 
 struct KvGeometry {
   std::int64_t block_size_tokens = 16;
   std::int64_t num_kv_heads = 0;
   std::int64_t head_dim = 0;
+  // Element type of K and V: kBF16 (default; rounded to nearest even when appended) or kF32.
+  DType dtype = DType::kBF16;
 
+  // Bytes of one K (or V) element: 2 for bf16, 4 for f32.
+  std::int64_t element_bytes() const { return dtype_bytes(dtype); }
+  // Bytes of K and V of one token in one layer (2 * num_kv_heads * head_dim * element_bytes).
+  std::int64_t bytes_per_token_per_layer() const { return 2 * num_kv_heads * head_dim * element_bytes(); }
   // Bytes of K (or V) of one layer block.
-  std::int64_t half_block_bytes() const { return block_size_tokens * num_kv_heads * head_dim * kKvElementBytes; }
-  // 2 * block_size * num_kv_heads * head_dim * 4.
+  std::int64_t half_block_bytes() const { return block_size_tokens * num_kv_heads * head_dim * element_bytes(); }
+  // 2 * block_size * num_kv_heads * head_dim * element_bytes.
   std::int64_t layer_block_bytes() const { return 2 * half_block_bytes(); }
   // Offset of V inside a layer block.
   std::int64_t value_offset_bytes() const { return half_block_bytes(); }
@@ -45,7 +52,7 @@ struct KvGeometry {
   // Layer blocks per layer for `tokens` tokens.
   std::int64_t blocks_for_tokens(std::int64_t tokens) const { return ceil_div(tokens, block_size_tokens); }
 
-  // kInvalidArgument when a field is not positive.
+  // kInvalidArgument when a field is not positive or dtype is neither kBF16 nor kF32.
   Status validate() const;
   // Also checks that at least one layer block fits in a page.
   Status validate_for_page(std::int64_t page_bytes) const;

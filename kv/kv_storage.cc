@@ -20,16 +20,28 @@ std::byte* KvStorage::block_data(BlockId block) const {
   return arena_->page_data(page) + slot_of(block, blocks_per_page_) * geometry_.block_stride_bytes();
 }
 
-float* KvStorage::key_row(BlockId block, std::int64_t kv_head, std::int64_t slot) const {
+std::byte* KvStorage::key_row(BlockId block, std::int64_t kv_head, std::int64_t slot) const {
   KUN_CHECK(kv_head >= 0 && kv_head < geometry_.num_kv_heads && slot >= 0 && slot < geometry_.block_size_tokens)
       << "kv head " << kv_head << " slot " << slot;
-  return key_block(block) + (kv_head * geometry_.block_size_tokens + slot) * geometry_.head_dim;
+  return key_block(block) + (kv_head * geometry_.block_size_tokens + slot) * geometry_.head_dim * geometry_.element_bytes();
 }
 
-float* KvStorage::value_row(BlockId block, std::int64_t kv_head, std::int64_t slot) const {
+std::byte* KvStorage::value_row(BlockId block, std::int64_t kv_head, std::int64_t slot) const {
   KUN_CHECK(kv_head >= 0 && kv_head < geometry_.num_kv_heads && slot >= 0 && slot < geometry_.block_size_tokens)
       << "kv head " << kv_head << " slot " << slot;
-  return value_block(block) + (kv_head * geometry_.block_size_tokens + slot) * geometry_.head_dim;
+  return value_block(block) + (kv_head * geometry_.block_size_tokens + slot) * geometry_.head_dim * geometry_.element_bytes();
+}
+
+float KvStorage::read_element(const std::byte* row, std::int64_t i) const {
+  KUN_CHECK(i >= 0 && i < geometry_.head_dim) << "element " << i << " of a row of " << geometry_.head_dim;
+  float f = 0;
+  convert_dtype(row + i * geometry_.element_bytes(), geometry_.dtype, &f, DType::kF32, 1);
+  return f;
+}
+
+void KvStorage::write_element(std::byte* row, std::int64_t i, float value) const {
+  KUN_CHECK(i >= 0 && i < geometry_.head_dim) << "element " << i << " of a row of " << geometry_.head_dim;
+  convert_dtype(&value, DType::kF32, row + i * geometry_.element_bytes(), geometry_.dtype, 1);
 }
 
 void KvStorage::copy_block(BlockId from, BlockId to) const {

@@ -49,8 +49,9 @@ struct ModelConfig {
   std::int64_t layer_param_count() const;
   std::int64_t embedding_param_count() const { return vocab_size * hidden_size; }
   std::int64_t total_param_count() const;
-  // KV bytes of one token in one layer (K and V, f32 cache).
-  std::int64_t kv_bytes_per_token_per_layer() const { return 2 * kv_dim() * 4; }
+  // KV bytes of one token in one layer: K and V in the KV cache's element type (bf16 by default,
+  // 2 bytes; f32, 4 bytes). kv::KvGeometry::bytes_per_token_per_layer is the same figure.
+  std::int64_t kv_bytes_per_token_per_layer(DType kv_dtype) const { return 2 * kv_dim() * dtype_bytes(kv_dtype); }
 };
 
 // Reads a HuggingFace config.json (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM).

@@ -139,9 +139,13 @@ HeadWeights head_weights_at(const std::byte* embedding_segment, const std::byte*
   return h;
 }
 
-ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, kernels::ThreadPool* pool)
-    : config_(config), kv_block_size_(kv_block_size), pool_(pool), inv_freq_(config.rope_inv_freq()) {
+ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
+                         kernels::ThreadPool* pool)
+    : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype), pool_(pool),
+      inv_freq_(config.rope_inv_freq()) {
   KUN_CHECK_GT(kv_block_size_, 0);
+  KUN_CHECK(kv_dtype_ == DType::kBF16 || kv_dtype_ == DType::kF32)
+      << "KV cache dtype " << dtype_name(kv_dtype_) << " (bf16 or f32)";
   KUN_CHECK_EQ(static_cast<std::int64_t>(inv_freq_.size()), config_.head_dim / 2);
 }
 
@@ -156,8 +160,8 @@ void ForwardPass::ensure_workspace(std::int64_t num_tokens, std::int64_t max_con
   grow(tmp_hidden_, num_tokens * c.hidden_size);
   grow(gate_up_, num_tokens * 2 * c.intermediate_size);
   grow(act_, num_tokens * c.intermediate_size);
-  const std::int64_t threads = pool_ ? pool_->num_threads() : 1;
-  grow(attn_scratch_, threads * std::max<std::int64_t>(max_context, 1));
+  grow(attn_scratch_, kernels::paged_kv_cache_scratch_floats(pool_, std::max<std::int64_t>(max_context, 1),
+                                                             c.num_heads, c.num_kv_heads));
 }
 
 void ForwardPass::embed(const HeadWeights& head, const std::int32_t* tokens, std::int64_t n, float* hidden) const {
@@ -195,25 +199,26 @@ void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, con
   const std::int64_t hd = c.head_dim;
   const std::int64_t context = slice.start_pos + slice.num_tokens;
   KUN_CHECK_GE(kv.num_blocks * bs, context) << "KV blocks cover " << kv.num_blocks * bs << " tokens, need " << context;
-  const std::int64_t value_offset = kvh * bs * hd;
-  // Append this slice's k and v.
+  const std::int64_t eb = dtype_bytes(kv_dtype_);
+  const std::int64_t value_offset_bytes = kvh * bs * hd * eb;
+  // Append this slice's k and v (rounded to the cache's dtype).
   for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
     const std::int64_t pos = slice.start_pos + t;
-    float* block = kv.blocks[pos / bs];
+    std::byte* block = kv.blocks[pos / bs];
     const std::int64_t off = pos % bs;
     const float* k = qkv + t * qkv_row() + c.q_dim();
     const float* v = k + c.kv_dim();
     for (std::int64_t h = 0; h < kvh; ++h) {
-      std::memcpy(block + (h * bs + off) * hd, k + h * hd, static_cast<std::size_t>(hd) * sizeof(float));
-      std::memcpy(block + value_offset + (h * bs + off) * hd, v + h * hd, static_cast<std::size_t>(hd) * sizeof(float));
+      kernels::store_kv_row(k + h * hd, hd, kv_dtype_, block + (h * bs + off) * hd * eb);
+      kernels::store_kv_row(v + h * hd, hd, kv_dtype_, block + value_offset_bytes + (h * bs + off) * hd * eb);
     }
   }
   // Gather q rows contiguously and attend.
-  const std::int64_t threads = pool_ ? pool_->num_threads() : 1;
   const std::int64_t q_elems = slice.num_tokens * c.q_dim();
   if (static_cast<std::int64_t>(q_gather_.size()) < q_elems) q_gather_.resize(static_cast<std::size_t>(q_elems));
-  if (static_cast<std::int64_t>(attn_scratch_.size()) < threads * context)
-    attn_scratch_.resize(static_cast<std::size_t>(threads * context));
+  const std::int64_t scratch_floats = kernels::paged_kv_cache_scratch_floats(pool_, context, c.num_heads, kvh);
+  if (static_cast<std::int64_t>(attn_scratch_.size()) < scratch_floats)
+    attn_scratch_.resize(static_cast<std::size_t>(scratch_floats));
   if (static_cast<std::int64_t>(attn_positions_.size()) < slice.num_tokens)
     attn_positions_.resize(static_cast<std::size_t>(slice.num_tokens));
   for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
@@ -225,11 +230,12 @@ void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, con
   value_ptrs_.resize(static_cast<std::size_t>(blocks_used));
   for (std::int64_t b = 0; b < blocks_used; ++b) {
     key_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b];
-    value_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b] + value_offset;
+    value_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b] + value_offset_bytes;
   }
-  kernels::PagedKvView view;
+  kernels::PagedKvCache view;
   view.key_blocks = key_ptrs_.data();
   view.value_blocks = value_ptrs_.data();
+  view.dtype = kv_dtype_;
   view.block_size = bs;
   view.context_len = context;
   view.num_kv_heads = kvh;

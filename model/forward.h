@@ -79,9 +79,10 @@ struct SequenceSlice {
 };
 
 // A sequence's KV blocks for one layer: layer blocks as laid out by kv/ (K then V, each
-// [kv_heads][block_size][head_dim] f32), covering at least start_pos + num_tokens tokens.
+// [kv_heads][block_size][head_dim] elements of the ForwardPass's kv_dtype), covering at least
+// start_pos + num_tokens tokens.
 struct LayerKv {
-  float* const* blocks = nullptr;
+  std::byte* const* blocks = nullptr;
   std::int64_t num_blocks = 0;
 };
 
@@ -94,10 +95,13 @@ using AttentionFn = std::function<void(std::int64_t layer, std::int64_t seq, con
 
 class ForwardPass {
  public:
-  ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, kernels::ThreadPool* pool);
+  // kv_dtype: element type of the KV cache attend_local appends to and reads (kBF16: K/V rounded
+  // to nearest even when appended; kF32: kept exact, for numerics tests).
+  ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype, kernels::ThreadPool* pool);
 
   const ModelConfig& config() const { return config_; }
   std::int64_t kv_block_size() const { return kv_block_size_; }
+  DType kv_dtype() const { return kv_dtype_; }
   std::int64_t hidden_size() const { return config_.hidden_size; }
   std::int64_t qkv_row() const { return config_.q_dim() + 2 * config_.kv_dim(); }
 
@@ -130,13 +134,14 @@ class ForwardPass {
 
   ModelConfig config_;
   std::int64_t kv_block_size_;
+  DType kv_dtype_;
   kernels::ThreadPool* pool_;
   std::vector<float> inv_freq_;
   // Workspace, grown on demand and reused across steps.
   std::vector<float> normed_, qkv_, attn_out_, tmp_hidden_, gate_up_, act_, attn_scratch_;
   std::vector<float> q_gather_;
   std::vector<std::int64_t> attn_positions_;
-  std::vector<const float*> key_ptrs_, value_ptrs_;
+  std::vector<const void*> key_ptrs_, value_ptrs_;
 };
 
 }  // namespace kun::model

@@ -804,7 +804,8 @@ StatusOr<std::unique_ptr<WeightSource>> open_gguf_weights(const std::string& pat
   return std::unique_ptr<WeightSource>(std::move(source));
 }
 
-Status write_gguf_model(const WeightSource& source, DType dtype, const std::string& path) {
+Status write_gguf_model(const WeightSource& source, DType dtype, const std::string& path,
+                        const GgufMetadata& extra_metadata) {
   const ModelConfig& c = source.config();
   KUN_RETURN_IF_ERROR(c.validate().with_context(source.describe()));
   const std::string arch = gguf_arch_of(c);
@@ -839,6 +840,10 @@ Status write_gguf_model(const WeightSource& source, DType dtype, const std::stri
   }
   if (c.bos_token_id >= 0) kv.emplace_back("tokenizer.ggml.bos_token_id", u32(c.bos_token_id));
   if (c.eos_token_id >= 0) kv.emplace_back("tokenizer.ggml.eos_token_id", u32(c.eos_token_id));
+  for (const auto& [key, value] : extra_metadata) {
+    std::erase_if(kv, [&key](const auto& e) { return e.first == key; });
+    kv.emplace_back(key, value);
+  }
 
   std::vector<TensorWriteSpec> specs;
   for (const TensorInfo& info : expected_tensors(c)) {

@@ -139,6 +139,10 @@ StatusOr<std::unique_ptr<WeightSource>> open_gguf_weights(const std::string& pat
 
 // Writes `source` as a GGUF model: matrices in `dtype`, 1-D tensors (norms, biases) in F32 as
 // llama.cpp does; q/k permuted for the llama architecture (mistral is written as llama).
-Status write_gguf_model(const WeightSource& source, DType dtype, const std::string& path);
+// `extra_metadata` (e.g. the tokenizer.ggml.* keys of gguf_tokenizer.h) is written after the
+// model's keys; a key given there replaces the model's own (bos/eos ids).
+using GgufMetadata = std::vector<std::pair<std::string, GgufValue>>;
+Status write_gguf_model(const WeightSource& source, DType dtype, const std::string& path,
+                        const GgufMetadata& extra_metadata = {});
 
 }  // namespace kun::model

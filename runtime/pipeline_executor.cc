@@ -140,7 +140,7 @@ void PipelineExecutor::run_stage(std::size_t s, const Work& w) {
         st.kv_holder[cell] = list.device;
         kv::KvStorage& storage = stages_[static_cast<std::size_t>(list.device)].device->kv_storage();
         auto& ptrs = st.block_ptrs[cell];
-        for (std::int64_t b : list.blocks) ptrs.push_back(reinterpret_cast<float*>(storage.block_data(kv::BlockId(b))));
+        for (std::int64_t b : list.blocks) ptrs.push_back(storage.block_data(kv::BlockId(b)));
       }
     }
     fwd.run_layers(

@@ -79,7 +79,7 @@ class PipelineExecutor final : public engine::StepExecutor {
   struct StageState {
     std::deque<Work> queue;  // guarded by mu_
     std::vector<float> work;
-    std::vector<std::vector<float*>> block_ptrs;  // per (sequence, layer of the stage)
+    std::vector<std::vector<std::byte*>> block_ptrs;  // per (sequence, layer of the stage)
     std::vector<int> kv_holder;                    // per (sequence, layer): stage index holding the KV
     std::vector<float> remote_qkv, remote_out;     // remote attention: q/k/v sent, output returned
     std::vector<std::byte> host_swap;

@@ -21,6 +21,7 @@ VirtualDevice::VirtualDevice(DeviceOptions options, model::ModelConfig config)
       config_(std::move(config)),
       layer_layout_(model::LayerSegmentLayout::compute(config_, options_.weight_dtype)) {
   kv_geometry_.block_size_tokens = options_.kv_block_size;
+  kv_geometry_.dtype = options_.kv_dtype;
   kv_geometry_.num_kv_heads = config_.num_kv_heads;
   kv_geometry_.head_dim = config_.head_dim;
   layer_segments_.resize(static_cast<std::size_t>(config_.num_layers));
@@ -39,7 +40,8 @@ StatusOr<std::unique_ptr<VirtualDevice>> VirtualDevice::create(const DeviceOptio
   KUN_ASSIGN_OR_RETURN(dev->arena_, memory::DeviceArena::create(arena_options));
   dev->kv_storage_ = std::make_unique<kv::KvStorage>(*dev->arena_, dev->kv_geometry_);
   dev->pool_ = std::make_unique<kernels::ThreadPool>(options.num_threads);
-  dev->forward_ = std::make_unique<model::ForwardPass>(dev->config_, options.kv_block_size, dev->pool_.get());
+  dev->forward_ = std::make_unique<model::ForwardPass>(dev->config_, options.kv_block_size, options.kv_dtype,
+                                                       dev->pool_.get());
   return dev;
 }
 

@@ -30,6 +30,8 @@ struct DeviceOptions {
   int num_threads = 1;
   std::int64_t kv_block_size = 16;  // tokens per KV block
   DType weight_dtype = DType::kBF16;
+  // Element type of the KV cache: bf16 (half the bytes per token) or f32 (numerics tests).
+  DType kv_dtype = DType::kBF16;
 };
 
 class VirtualDevice {

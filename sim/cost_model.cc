@@ -4,6 +4,7 @@
 #include <cctype>
 
 #include "common/check.h"
+#include "kv/kv_geometry.h"
 
 namespace kun::sim {
 namespace {
@@ -178,6 +179,7 @@ double CostModel::layer_attention_us(std::span<const SeqWork> seqs) const {
   double flops = 0.0;
   double bytes = 0.0;
   const double b = static_cast<double>(kDTypeBytes);
+  const double kvb = static_cast<double>(kv_element_bytes());
   const double qd = static_cast<double>(model_.q_dim());
   const double kvd = static_cast<double>(model_.kv_dim());
   bool any = false;
@@ -188,7 +190,7 @@ double CostModel::layer_attention_us(std::span<const SeqWork> seqs) const {
     const double c = static_cast<double>(s.context_tokens);
     const double pairs = n * c + n * (n + 1.0) / 2.0;  // causal: token i sees c + i + 1 keys
     flops += 4.0 * pairs * qd;                         // QK^T and PV
-    bytes += (c + n) * 2.0 * kvd * b;                  // K and V read (the new ones written)
+    bytes += (c + n) * 2.0 * kvd * kvb;                // K and V read (the new ones written)
     bytes += 2.0 * n * qd * b;                         // q in, output out
   }
   if (!any) return 0.0;
@@ -227,7 +229,9 @@ std::int64_t CostModel::non_layer_param_bytes() const {
 
 std::int64_t CostModel::total_param_bytes() const { return model_.total_param_count() * kDTypeBytes; }
 
-std::int64_t CostModel::kv_bytes_per_token_per_layer() const { return 2 * model_.kv_dim() * kDTypeBytes; }
+std::int64_t CostModel::kv_element_bytes() { return kv::KvGeometry{}.element_bytes(); }
+
+std::int64_t CostModel::kv_bytes_per_token_per_layer() const { return 2 * model_.kv_dim() * kv_element_bytes(); }
 
 std::int64_t CostModel::activation_bytes(std::int64_t tokens) const {
   return tokens * model_.hidden_size * kDTypeBytes;

@@ -84,7 +84,10 @@ struct SeqWork {
 
 class CostModel {
  public:
-  static constexpr std::int64_t kDTypeBytes = 2;  // bf16 weights, activations and KV cache
+  static constexpr std::int64_t kDTypeBytes = 2;  // bf16 weights and activations
+  // Bytes of one KV cache element: the engine's KV dtype (kv::KvGeometry's default, bf16), so the
+  // simulator's KV capacity and attention traffic follow the same arithmetic as the devices.
+  static std::int64_t kv_element_bytes();
 
   CostModel(GpuSpec gpu, model::ModelConfig model);
 
@@ -110,7 +113,7 @@ class CostModel {
   std::int64_t layer_param_bytes() const;
   std::int64_t non_layer_param_bytes() const;  // embeddings, LM head, final norm
   std::int64_t total_param_bytes() const;
-  std::int64_t kv_bytes_per_token_per_layer() const;  // K and V, bf16
+  std::int64_t kv_bytes_per_token_per_layer() const;  // K and V, kv_element_bytes() each
   // Activation bytes that cross a pipeline boundary for `tokens` tokens (hidden states).
   std::int64_t activation_bytes(std::int64_t tokens) const;
   // Remote attention (DESIGN.md 3.5) for `tokens` tokens of one layer whose KV is on another

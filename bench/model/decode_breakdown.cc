@@ -119,17 +119,17 @@ int main(int argc, char** argv) {
   const model::HeadWeights hw = model::head_weights_at(emb.p, head.p, c, dt);
 
   kernels::ThreadPool pool(threads);
-  model::ForwardPass fwd(c, 16, &pool);
+  model::ForwardPass fwd(c, 16, DType::kBF16, &pool);  // the engine's default KV cache
   // KV: context + 1 tokens per layer, filled by a prompt run first.
   const std::int64_t bs = 16;
   const std::int64_t ctx = context + 1;
   const std::int64_t nblocks = ceil_div(ctx, bs);
-  const std::int64_t block_floats = 2 * c.num_kv_heads * bs * c.head_dim;
-  std::vector<std::vector<float>> kv_mem(static_cast<std::size_t>(c.num_layers));
-  std::vector<std::vector<float*>> kv_ptrs(static_cast<std::size_t>(c.num_layers));
+  const std::int64_t block_bytes = 2 * c.num_kv_heads * bs * c.head_dim * dtype_bytes(fwd.kv_dtype());
+  std::vector<std::vector<std::byte>> kv_mem(static_cast<std::size_t>(c.num_layers));
+  std::vector<std::vector<std::byte*>> kv_ptrs(static_cast<std::size_t>(c.num_layers));
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    kv_mem[l].assign(static_cast<std::size_t>(nblocks * block_floats), 0.0f);
-    for (std::int64_t b = 0; b < nblocks; ++b) kv_ptrs[l].push_back(kv_mem[l].data() + b * block_floats);
+    kv_mem[l].assign(static_cast<std::size_t>(nblocks * block_bytes), std::byte{0});
+    for (std::int64_t b = 0; b < nblocks; ++b) kv_ptrs[l].push_back(kv_mem[l].data() + b * block_bytes);
   }
   auto weights = [&](std::int64_t l) { return lw[static_cast<std::size_t>(l)]; };
   auto attention = [&](std::int64_t l, std::int64_t, const model::SequenceSlice& s, const float* qkv, float* out) {

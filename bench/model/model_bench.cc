@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
   runtime::InstanceOptions opt;
   opt.device.num_threads = threads;
   opt.device.weight_dtype = config->dtype;
-  kv::KvGeometry g{opt.device.kv_block_size, config->num_kv_heads, config->head_dim};
+  kv::KvGeometry g{opt.device.kv_block_size, config->num_kv_heads, config->head_dim, opt.device.kv_dtype};
   const std::int64_t kv_tokens = 40 * 640;
   opt.device.capacity_bytes = runtime::device_param_bytes(*config, config->dtype, 0, config->num_layers, opt.device.page_bytes) +
                               ceil_div(g.blocks_for_tokens(kv_tokens) * config->num_layers, g.blocks_per_page(opt.device.page_bytes)) *

@@ -18,8 +18,9 @@ std::vector<PageId> page_ids(std::initializer_list<std::int64_t> ids) {
 }
 
 TEST(KvGeometryTest, SizesAndLayout) {
-  KvGeometry g{16, 8, 64};
+  KvGeometry g{16, 8, 64, DType::kF32};
   EXPECT_TRUE(g.validate().ok());
+  EXPECT_EQ(g.element_bytes(), 4);
   EXPECT_EQ(g.layer_block_bytes(), 2 * 16 * 8 * 64 * 4);
   EXPECT_EQ(g.value_offset_bytes(), 16 * 8 * 64 * 4);
   EXPECT_EQ(g.block_stride_bytes(), g.layer_block_bytes());
@@ -27,11 +28,24 @@ TEST(KvGeometryTest, SizesAndLayout) {
   EXPECT_EQ(g.blocks_for_tokens(0), 0);
   EXPECT_EQ(g.blocks_for_tokens(16), 1);
   EXPECT_EQ(g.blocks_for_tokens(17), 2);
-  KvGeometry odd{3, 1, 1};
+  KvGeometry odd{3, 1, 1, DType::kF32};
   EXPECT_EQ(odd.layer_block_bytes(), 24);
   EXPECT_EQ(odd.block_stride_bytes(), 64);
   EXPECT_EQ(KvGeometry({0, 1, 1}).validate().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(KvGeometry({16, 8, 64, DType::kF16}).validate().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(g.validate_for_page(4096).code(), StatusCode::kInvalidArgument);
+}
+
+TEST(KvGeometryTest, Bf16IsTheDefaultAndHalvesBytesPerToken) {
+  const KvGeometry bf16{16, 8, 64};
+  EXPECT_EQ(bf16.dtype, DType::kBF16);
+  const KvGeometry f32{16, 8, 64, DType::kF32};
+  EXPECT_EQ(bf16.bytes_per_token_per_layer(), 2 * 8 * 64 * 2);
+  EXPECT_EQ(2 * bf16.bytes_per_token_per_layer(), f32.bytes_per_token_per_layer());
+  EXPECT_EQ(2 * bf16.layer_block_bytes(), f32.layer_block_bytes());
+  EXPECT_EQ(bf16.value_offset_bytes(), 16 * 8 * 64 * 2);
+  // Twice the layer blocks in the same page.
+  EXPECT_EQ(bf16.blocks_per_page(2 * kMiB), 2 * f32.blocks_per_page(2 * kMiB));
 }
 
 TEST(KvBlockAllocatorTest, DeterministicOrderAndIdsFromPages) {

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <random>
 
@@ -42,7 +43,7 @@ TEST_P(KvPropertyTest, RandomOpsKeepEveryInvariant) {
   auto arena_or = memory::DeviceArena::create(40 * kOsPage, kOsPage);
   ASSERT_TRUE(arena_or.ok());
   memory::DeviceArena& arena = **arena_or;
-  const KvGeometry geometry{4, 2, 8};
+  const KvGeometry geometry{4, 2, 8};  // bf16 (the default): 256-byte layer blocks
   KvStorage storage(arena, geometry);
   KvBlockAllocator alloc(storage.blocks_per_page(), params.order, params.seed);
   const std::int64_t bs = geometry.block_size_tokens;
@@ -71,8 +72,10 @@ TEST_P(KvPropertyTest, RandomOpsKeepEveryInvariant) {
   auto write_token = [&](std::int64_t req, const BlockTable& t, std::int64_t layer, std::int64_t pos) {
     const BlockId b = t.block_for_token(layer, pos);
     const std::int64_t slot = t.slot_for_token(pos);
-    std::fill_n(storage.key_row(b, 0, slot), geometry.head_dim, key_tag(req, layer, pos));
-    std::fill_n(storage.value_row(b, 1, slot), geometry.head_dim, -key_tag(req, layer, pos));
+    // The tag's f32 bytes at the start of the row (dtype-agnostic: a bf16 row of 8 is 16 bytes).
+    const float k = key_tag(req, layer, pos), v = -key_tag(req, layer, pos);
+    std::memcpy(storage.key_row(b, 0, slot), &k, sizeof k);
+    std::memcpy(storage.value_row(b, 1, slot) + geometry.head_dim * geometry.element_bytes() - sizeof v, &v, sizeof v);
   };
   auto write_tokens = [&](std::int64_t req, const BlockTable& t, std::int64_t from) {
     for (std::int64_t l : t.layers()) {
@@ -97,8 +100,10 @@ TEST_P(KvPropertyTest, RandomOpsKeepEveryInvariant) {
           const BlockId b = t.block_for_token(l, p);
           const std::int64_t slot = t.slot_for_token(p);
           // Plain comparisons in the hot loop; an assertion only on a mismatch.
-          if (storage.key_row(b, 0, slot)[3] != key_tag(r, l, p) ||
-              storage.value_row(b, 1, slot)[geometry.head_dim - 1] != -key_tag(r, l, p)) {
+          float k = 0, v = 0;
+          std::memcpy(&k, storage.key_row(b, 0, slot), sizeof k);
+          std::memcpy(&v, storage.value_row(b, 1, slot) + geometry.head_dim * geometry.element_bytes() - sizeof v, sizeof v);
+          if (k != key_tag(r, l, p) || v != -key_tag(r, l, p)) {
             FAIL() << "op " << op << ": KV of request " << r << " layer " << l << " token " << p << " lost";
           }
         }

@@ -20,7 +20,7 @@ struct Stage {
   std::unique_ptr<kv::KvBlockAllocator> allocator;
   std::unique_ptr<kv::BlockTable> table;
   std::int64_t begin = 0, end = 0;
-  std::vector<std::vector<float*>> ptrs;  // per layer (absolute index)
+  std::vector<std::vector<std::byte*>> ptrs;  // per layer (absolute index)
 };
 
 Stage make_stage(const model::WeightSource& w, std::int64_t begin, std::int64_t end, std::int64_t kv_layers_begin,
@@ -54,7 +54,7 @@ void grow(Stage& s, std::int64_t tokens) {
   for (std::int64_t l : s.table->layers()) {
     auto& p = s.ptrs[static_cast<std::size_t>(l)];
     p.clear();
-    for (kv::BlockId b : s.table->layer_blocks(l)) p.push_back(reinterpret_cast<float*>(s.device->kv_storage().block_data(b)));
+    for (kv::BlockId b : s.table->layer_blocks(l)) p.push_back(s.device->kv_storage().block_data(b));
   }
 }
 

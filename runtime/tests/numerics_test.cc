@@ -2,7 +2,9 @@
 // model matches tests/reference/llama_reference.py (PyTorch, float32, its own safetensors parser)
 // on the same files: last-position logits within 1e-3 relative error and 64 greedy tokens
 // identical, for several configurations (GQA, tied embeddings + qkv bias, llama3 rope scaling,
-// bf16 weights). A GGUF file of the same weights generates the same tokens.
+// bf16 weights). A GGUF file of the same weights generates the same tokens. The KV cache is bf16
+// (the engine's default) and the reference rounds K/V to bf16 the same way (--kv-dtype bf16,
+// round to nearest even after RoPE); one case keeps an f32 cache against the plain f32 reference.
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -29,10 +31,11 @@ std::string join(const std::vector<std::int32_t>& v) {
 }
 
 // Last-position logits of `prompt` from our forward pass on one device.
-std::vector<float> our_logits(const model::WeightSource& w, const std::vector<std::int32_t>& prompt) {
+std::vector<float> our_logits(const model::WeightSource& w, const std::vector<std::int32_t>& prompt, DType kv_dtype) {
   const auto& c = w.config();
   DeviceOptions opt;
   opt.weight_dtype = c.dtype;
+  opt.kv_dtype = kv_dtype;
   opt.page_bytes = 256 * 1024;
   opt.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, opt.page_bytes) + 64 * opt.page_bytes;
   auto dev = VirtualDevice::create(opt, c);
@@ -44,10 +47,10 @@ std::vector<float> our_logits(const model::WeightSource& w, const std::vector<st
   kv::BlockTable table(opt.kv_block_size, 0, c.num_layers);
   const auto n = static_cast<std::int64_t>(prompt.size());
   KUN_CHECK_OK(table.append_tokens(n, alloc));
-  std::vector<std::vector<float*>> ptrs(static_cast<std::size_t>(c.num_layers));
+  std::vector<std::vector<std::byte*>> ptrs(static_cast<std::size_t>(c.num_layers));
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
     for (kv::BlockId b : table.layer_blocks(l)) {
-      ptrs[static_cast<std::size_t>(l)].push_back(reinterpret_cast<float*>((*dev)->kv_storage().block_data(b)));
+      ptrs[static_cast<std::size_t>(l)].push_back((*dev)->kv_storage().block_data(b));
     }
   }
   auto& fwd = (*dev)->forward();
@@ -69,12 +72,13 @@ std::vector<float> our_logits(const model::WeightSource& w, const std::vector<st
 struct Case {
   std::string preset;
   DType dtype;
+  DType kv_dtype = DType::kBF16;
 };
 
 std::string case_name(const Case& c) {
   std::ostringstream os;
   for (char ch : c.preset) os << (ch == '-' ? '_' : ch);
-  os << '_' << dtype_name(c.dtype);
+  os << '_' << dtype_name(c.dtype) << "_kv_" << dtype_name(c.kv_dtype);
   return os.str();
 }
 
@@ -98,12 +102,12 @@ TEST_P(NumericsTest, MatchesPyTorchReference) {
   std::string out;
   const std::string cmd = std::string(KUN_REFERENCE_PYTHON) + " " + KUN_SOURCE_DIR + "/tests/reference/llama_reference.py --model " +
                           dir.path() + " --tokens " + join(prompt) + " --generate " + std::to_string(kGenerate) +
-                          " --threads 1 2>&1";
+                          " --threads 1 --kv-dtype " + std::string(dtype_name(tc.kv_dtype)) + " 2>&1";
   ASSERT_EQ(run_command(cmd, &out), 0) << cmd << "\n" << out;
   nlohmann::json ref = nlohmann::json::parse(out);
 
   // Logits of the last prompt position.
-  const std::vector<float> ours = our_logits(**weights, prompt);
+  const std::vector<float> ours = our_logits(**weights, prompt, tc.kv_dtype);
   const auto& theirs = ref["logits_last"];
   ASSERT_EQ(theirs.size(), ours.size());
   double max_diff = 0, max_ref = 0;
@@ -113,13 +117,14 @@ TEST_P(NumericsTest, MatchesPyTorchReference) {
     max_ref = std::max(max_ref, std::abs(r));
   }
   const double rel = max_diff / max_ref;
-  std::printf("%s %s: max |logit diff| %.3g, relative %.3g\n", tc.preset.c_str(), std::string(dtype_name(tc.dtype)).c_str(),
-              max_diff, rel);
+  std::printf("%s %s kv %s: max |logit diff| %.3g, relative %.3g\n", tc.preset.c_str(),
+              std::string(dtype_name(tc.dtype)).c_str(), std::string(dtype_name(tc.kv_dtype)).c_str(), max_diff, rel);
   EXPECT_LT(rel, 1e-3);
 
   // 64 greedy tokens through the engine (paged KV, decode steps).
   ManualClock clock;
   testing::InstanceShape shape;
+  shape.kv_dtype = tc.kv_dtype;
   auto inst = testing::make_instance(**weights, shape, &clock);
   engine::RequestSpec spec;
   spec.prompt_tokens = prompt;
@@ -142,7 +147,7 @@ TEST_P(NumericsTest, MatchesPyTorchReference) {
 INSTANTIATE_TEST_SUITE_P(Configs, NumericsTest,
                          ::testing::Values(Case{"tiny", DType::kF32}, Case{"tiny-qwen2", DType::kF32},
                                            Case{"tiny-llama3", DType::kF32}, Case{"tiny", DType::kBF16},
-                                           Case{"tiny-llama3", DType::kF16}),
+                                           Case{"tiny-llama3", DType::kF16}, Case{"tiny", DType::kF32, DType::kF32}),
                          [](const ::testing::TestParamInfo<Case>& param_info) { return case_name(param_info.param); });
 
 }  // namespace

@@ -32,6 +32,7 @@ struct InstanceShape {
   kv::AllocationOrder order = kv::AllocationOrder::kDeterministic;
   std::uint64_t order_seed = 0;
   int threads = 1;
+  DType kv_dtype = DType::kBF16;  // the KV cache's element type (the engine's default)
 };
 
 inline std::unique_ptr<SingleInstance> make_instance(const model::WeightSource& weights, const InstanceShape& shape,
@@ -41,10 +42,12 @@ inline std::unique_ptr<SingleInstance> make_instance(const model::WeightSource& 
   g.block_size_tokens = shape.block_size;
   g.num_kv_heads = c.num_kv_heads;
   g.head_dim = c.head_dim;
+  g.dtype = shape.kv_dtype;
   InstanceOptions opt;
   opt.device.num_threads = shape.threads;
   opt.device.kv_block_size = shape.block_size;
   opt.device.weight_dtype = c.dtype;
+  opt.device.kv_dtype = shape.kv_dtype;
   // Small pages keep the capacity exact: one page = one token block on every layer (rounded to
   // the OS page size).
   opt.device.page_bytes = shape.page_bytes > 0 ? shape.page_bytes : round_up(g.block_stride_bytes() * c.num_layers, 4096);

@@ -13,9 +13,15 @@ RoPE tables are computed in float64 (inverse frequencies with linear / llama3 sc
 transformers' _compute_llama3_parameters, and position * frequency) and rounded to float32
 once; everything else is float32.
 
+--kv-dtype bf16 models a bf16 KV cache (KunServe's default): each layer's K (after RoPE) and V
+are rounded to bfloat16 (torch's float32 -> bfloat16 conversion, round to nearest even) and
+widened back to float32 before attention reads them, for the new tokens as for the cached ones;
+queries, scores and everything else stay float32. The default f32 keeps K/V exact.
+
 Usage (Debian's python3 has numpy and torch):
   /usr/bin/python3 tests/reference/llama_reference.py --model DIR --tokens 1,2,3 [--generate N]
       [--logits-npy PATH] [--threads T] [--no-cache] [--inv-freq] [--check-cache]
+      [--kv-dtype f32|bf16]
 prints one JSON object:
   {"logits_last": [...vocab floats for the last prompt position...],
    "tokens": [...N greedy tokens...], "margins": [...top1 - top2 logit per generated step...]}
@@ -152,7 +158,8 @@ class Config:
 # model
 
 class Model:
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, kv_dtype="f32"):
+        self.kv_dtype = kv_dtype
         with open(os.path.join(model_dir, "config.json")) as f:
             self.cfg = Config(json.load(f))
         w = load_weights(model_dir)
@@ -221,6 +228,10 @@ class Model:
             v = v.view(T, c.kv_heads, c.head_dim)
             q = q * cos + self.rotate_half(q) * sin
             k = k * cos + self.rotate_half(k) * sin
+            if self.kv_dtype == "bf16":
+                # What a bf16 KV cache holds: rounded once when appended, read back exactly.
+                k = k.to(torch.bfloat16).to(torch.float32)
+                v = v.to(torch.bfloat16).to(torch.float32)
             if cache is not None:
                 if len(cache) <= li:
                     cache.append((k, v))
@@ -278,6 +289,8 @@ def main(argv=None):
     ap.add_argument("--inv-freq", action="store_true", help="also print the RoPE inverse frequencies")
     ap.add_argument("--check-cache", action="store_true",
                     help="also generate without the KV cache and report \"cache_consistent\"")
+    ap.add_argument("--kv-dtype", choices=("f32", "bf16"), default="f32",
+                    help="KV cache element type to model: K/V rounded to bf16 before attention (bf16)")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -285,7 +298,7 @@ def main(argv=None):
     if not prompt:
         ap.error("--tokens is empty")
     torch.set_grad_enabled(False)
-    model = Model(args.model)
+    model = Model(args.model, args.kv_dtype)
     bad = [t for t in prompt if t < 0 or t >= model.cfg.vocab]
     if bad:
         ap.error(f"token ids out of range [0, {model.cfg.vocab}): {bad}")

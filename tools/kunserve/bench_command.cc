@@ -71,7 +71,8 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   if (variant.stale_kv) cluster_args.stale_kv = cluster::stale_kv_strategy_name(*variant.stale_kv);
   if (!variant.lookahead) cluster_args.balance_fused = false;
   KUN_ASSIGN_OR_RETURN(DType dtype, a.model.device_dtype(config));
-  KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o, cluster_args.build(config, dtype, policy, a.model.display_name()));
+  KUN_ASSIGN_OR_RETURN(DType kv_dtype, a.model.kv_dtype());
+  KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o, cluster_args.build(config, dtype, kv_dtype, policy, a.model.display_name()));
   SteadyClock clock;
   KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(o, weights, &clock));
   rt->start();

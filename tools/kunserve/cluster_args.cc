@@ -42,18 +42,18 @@ void ClusterArgs::add_to(CLI::App* cmd) {
                   "budget each)");
 }
 
-StatusOr<std::int64_t> ClusterArgs::kv_token_capacity(const model::ModelConfig& config) const {
+StatusOr<std::int64_t> ClusterArgs::kv_token_capacity(const model::ModelConfig& config, DType kv_dtype) const {
   if (block_size < 1) return invalid_argument("--block-size must be >= 1");
   if (kv_tokens_per_device < block_size) return invalid_argument("--kv-tokens-per-device must hold one block");
-  const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim};
+  const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim, kv_dtype};
   KUN_RETURN_IF_ERROR(g.validate_for_page(kPageBytes));
   const std::int64_t blocks = g.blocks_for_tokens(kv_tokens_per_device) * config.num_layers;
   const std::int64_t kv_pages = ceil_div(blocks, g.blocks_per_page(kPageBytes));
   return kv_pages * g.blocks_per_page(kPageBytes) / config.num_layers * block_size;
 }
 
-StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
-                                                     const std::string& model_name) const {
+StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& config, DType dtype, DType kv_dtype,
+                                                     cluster::Policy policy, const std::string& model_name) const {
   if (devices < 1) return invalid_argument("--devices must be >= 1");
   if (kv_tokens_per_device < block_size) return invalid_argument("--kv-tokens-per-device must hold one block");
   runtime::ClusterOptions o;
@@ -61,8 +61,9 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.device.num_threads = threads;
   o.device.kv_block_size = block_size;
   o.device.weight_dtype = dtype;
+  o.device.kv_dtype = kv_dtype;
   o.device.page_bytes = kPageBytes;
-  const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim};
+  const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim, kv_dtype};
   KUN_RETURN_IF_ERROR(g.validate_for_page(o.device.page_bytes));
   const std::int64_t blocks = g.blocks_for_tokens(kv_tokens_per_device) * config.num_layers;
   const std::int64_t kv_pages = ceil_div(blocks, g.blocks_per_page(o.device.page_bytes));
@@ -95,7 +96,7 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   if (max_model_len < 0) return invalid_argument("--max-model-len must be >= 0 (0: automatic)");
   if (max_model_len > 0) {
     const std::int64_t model_limit = config.max_position_embeddings;
-    KUN_ASSIGN_OR_RETURN(const std::int64_t kv_tokens, kv_token_capacity(config));
+    KUN_ASSIGN_OR_RETURN(const std::int64_t kv_tokens, kv_token_capacity(config, kv_dtype));
     if (max_model_len > model_limit) {
       return invalid_argument("--max-model-len " + std::to_string(max_model_len) +
                               " exceeds the model's max_position_embeddings (" + std::to_string(model_limit) +
@@ -115,7 +116,7 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
 
 Status ClusterArgs::cap_context_to_kv(const model::ModelConfig& config, runtime::ClusterOptions* options) const {
   if (max_model_len > 0) return ok_status();  // explicit: build() checked that it fits
-  KUN_ASSIGN_OR_RETURN(const std::int64_t kv_tokens, kv_token_capacity(config));
+  KUN_ASSIGN_OR_RETURN(const std::int64_t kv_tokens, kv_token_capacity(config, options->device.kv_dtype));
   const std::int64_t model_limit = std::min(config.max_position_embeddings, options->scheduler.max_model_len);
   options->scheduler.max_model_len = std::min(model_limit, kv_tokens);
   if (kv_tokens < model_limit) {

@@ -37,7 +37,7 @@ struct ClusterArgs {
   void add_to(CLI::App* cmd);
   // Tokens one instance's KV cache holds: kv_tokens_per_device rounded up to whole KV pages
   // (what the device really gets), as whole blocks per layer.
-  StatusOr<std::int64_t> kv_token_capacity(const model::ModelConfig& config) const;
+  StatusOr<std::int64_t> kv_token_capacity(const model::ModelConfig& config, DType kv_dtype) const;
   // Device capacity = the model's parameters + KV for kv_tokens_per_device tokens.
   // max_model_len: --max-model-len if given (an error, naming the flags to change, when one
   // instance's KV cache cannot hold it or the model does not support it), else the scheduler's
@@ -46,8 +46,10 @@ struct ClusterArgs {
   // kv_token_capacity() (logged when capped), so every request the API admits fits one instance
   // and a request without max_tokens gets what fits (vLLM's behaviour).
   Status cap_context_to_kv(const model::ModelConfig& config, runtime::ClusterOptions* options) const;
-  StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, cluster::Policy policy,
-                                          const std::string& model_name) const;
+  // Device capacity = the model's parameters (in `dtype`) + KV for kv_tokens_per_device tokens
+  // (in kv_dtype: a bf16 cache takes half the bytes of an f32 one).
+  StatusOr<runtime::ClusterOptions> build(const model::ModelConfig& config, DType dtype, DType kv_dtype,
+                                          cluster::Policy policy, const std::string& model_name) const;
 };
 
 }  // namespace kun::tools

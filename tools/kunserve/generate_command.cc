@@ -16,6 +16,8 @@
 #include "common/units.h"
 #include "kernels/kernels.h"
 #include "model/config.h"
+#include "model/gguf.h"
+#include "model/gguf_tokenizer.h"
 #include "runtime/single_instance.h"
 #include "tools/kunserve/model_args.h"
 
@@ -26,6 +28,8 @@ struct GenerateArgs {
   ModelArgs model;
   std::int64_t prompt_len = 16;
   std::string prompt_tokens;
+  std::string prompt;     // text, encoded with the model's tokenizer
+  std::string tokenizer;  // path; default: the model's own (GGUF or directory), else synthetic
   std::int64_t max_tokens = 32;
   int threads = 2;
   bool json = false;
@@ -69,8 +73,13 @@ std::vector<std::int32_t> synthetic_prompt(std::int64_t n, std::int64_t vocab) {
 Status run_generate(const GenerateArgs& a) {
   KUN_ASSIGN_OR_RETURN(auto weights, a.model.open());
   const model::ModelConfig& config = weights->config();
+  KUN_ASSIGN_OR_RETURN(auto tokenizer, a.model.open_tokenizer(a.tokenizer, config.vocab_size));
   std::vector<std::int32_t> prompt;
-  if (!a.prompt_tokens.empty()) {
+  if (!a.prompt.empty() && !a.prompt_tokens.empty()) return invalid_argument("give --prompt or --prompt-tokens, not both");
+  if (!a.prompt.empty()) {
+    prompt = tokenizer->encode(a.prompt, true);
+    if (prompt.empty()) return invalid_argument("--prompt encodes to no tokens");
+  } else if (!a.prompt_tokens.empty()) {
     KUN_ASSIGN_OR_RETURN(prompt, parse_tokens(a.prompt_tokens));
   } else {
     prompt = synthetic_prompt(a.prompt_len, config.vocab_size);
@@ -81,9 +90,11 @@ Status run_generate(const GenerateArgs& a) {
   opt.device.num_threads = a.threads;
   opt.device.kv_block_size = a.block_size;
   opt.device.weight_dtype = dtype;
+  KUN_ASSIGN_OR_RETURN(opt.device.kv_dtype, a.model.kv_dtype());
   const std::int64_t total_tokens = static_cast<std::int64_t>(prompt.size()) + a.max_tokens;
   opt.device.capacity_bytes = a.capacity_mib > 0 ? a.capacity_mib * kMiB
-                                                 : capacity_for(config, dtype, total_tokens, a.block_size, opt.device.page_bytes);
+                                                 : capacity_for(config, dtype, opt.device.kv_dtype, total_tokens, a.block_size,
+                                                                opt.device.page_bytes);
   opt.scheduler.max_model_len = config.max_position_embeddings;
   opt.scheduler.max_num_batched_tokens = std::max<std::int64_t>(2048, static_cast<std::int64_t>(prompt.size()));
   opt.model_name = a.model.display_name();
@@ -121,7 +132,9 @@ Status run_generate(const GenerateArgs& a) {
     j["isa"] = std::string(kernels::isa_name(kernels::active_isa()));
     j["threads"] = a.threads;
     j["prompt_tokens"] = prompt.size();
+    j["prompt_token_ids"] = prompt;
     j["tokens"] = tokens;
+    j["text"] = tokenizer->decode(tokens, true);
     j["finish_reason"] = engine::finish_reason_name(final_event.reason);
     j["load_s"] = load_s;
     j["prefill_s"] = prefill_s;
@@ -135,6 +148,7 @@ Status run_generate(const GenerateArgs& a) {
               << a.threads << " threads)\n";
     std::cout << "prompt: " << prompt.size() << " tokens\ntokens:";
     for (std::int32_t tok : tokens) std::cout << ' ' << tok;
+    std::cout << "\ntext: " << tokenizer->decode(tokens, true);
     std::cout << "\nfinish: " << engine::finish_reason_name(final_event.reason) << "\n";
     std::printf("load %.2f s, prefill %.1f tokens/s, decode %.1f tokens/s\n", load_s, prefill_tps, decode_tps);
   }
@@ -148,6 +162,7 @@ struct GenModelArgs {
   std::uint64_t seed = 0;
   std::string out;
   std::int64_t shard_mib = 0;
+  std::string tokenizer;  // tokenizer.json to embed (gguf): sets the vocabulary size and bos/eos
 };
 
 Status run_gen_model(const GenModelArgs& a) {
@@ -155,11 +170,19 @@ Status run_gen_model(const GenModelArgs& a) {
   DType dtype;
   if (!parse_dtype(a.dtype, &dtype)) return invalid_argument("unknown --dtype '" + a.dtype + "' (f32 | f16 | bf16)");
   config.dtype = dtype;
+  model::GgufTokenizerMetadata vocab;
+  if (!a.tokenizer.empty()) {
+    if (a.format != "gguf") return invalid_argument("--tokenizer is embedded in GGUF files only (--format gguf)");
+    KUN_ASSIGN_OR_RETURN(vocab, model::gguf_tokenizer_metadata(a.tokenizer));
+    config.vocab_size = vocab.vocab_size;
+    config.bos_token_id = vocab.bos_token_id;
+    config.eos_token_id = vocab.eos_token_id;
+  }
   auto source = model::synthetic_weights(config, a.seed);
   if (a.format == "safetensors") {
     KUN_RETURN_IF_ERROR(model::write_safetensors_dir(*source, dtype, a.out, a.shard_mib * kMiB));
   } else if (a.format == "gguf") {
-    KUN_RETURN_IF_ERROR(model::write_gguf(*source, dtype, a.out));
+    KUN_RETURN_IF_ERROR(model::write_gguf_model(*source, dtype, a.out, vocab.metadata));
   } else {
     return invalid_argument("unknown --format '" + a.format + "' (safetensors | gguf)");
   }
@@ -176,6 +199,10 @@ void add_generate_command(CLI::App* app, int* exit_code) {
   args->model.add_to(cmd);
   cmd->add_option("--prompt-len", args->prompt_len, "length of a synthetic prompt");
   cmd->add_option("--prompt-tokens", args->prompt_tokens, "comma-separated prompt token ids");
+  cmd->add_option("--prompt", args->prompt, "prompt text, encoded with the model's tokenizer");
+  cmd->add_option("--tokenizer", args->tokenizer,
+                  "tokenizer.json / tokenizer.model / .gguf (default: the model's own, a GGUF file's embedded "
+                  "tokenizer included; else synthetic)");
   cmd->add_option("--max-tokens", args->max_tokens, "tokens to generate");
   cmd->add_option("--threads", args->threads, "kernel threads");
   cmd->add_flag("--json", args->json, "print one JSON object");
@@ -204,6 +231,9 @@ void add_gen_model_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--seed", args->seed);
   cmd->add_option("--out", args->out, "output directory (safetensors) or file (gguf)")->required();
   cmd->add_option("--shard-mib", args->shard_mib, "max safetensors shard size (0: one file)");
+  cmd->add_option("--tokenizer", args->tokenizer,
+                  "tokenizer.json (file or directory) to embed as tokenizer.ggml.* (gguf); the model takes its "
+                  "vocabulary size and bos/eos ids");
   cmd->callback([args, exit_code] {
     Status s = run_gen_model(*args);
     if (!s.ok()) {

@@ -30,7 +30,7 @@ struct ServeArgs {
   std::string host = "127.0.0.1";
   int port = 8000;
   int io_threads = 2;
-  std::string tokenizer;          // path; default: the model directory's tokenizer, else synthetic
+  std::string tokenizer;          // path; default: the model's own tokenizer (directory or GGUF), else synthetic
   std::string served_model_name;  // default: the model's display name
   double max_seconds = 0;         // stop after this long (0: until SIGINT / SIGTERM)
   double drain_timeout_s = 30;    // SIGTERM/SIGINT: how long in-flight requests may finish
@@ -63,18 +63,6 @@ std::string events_json(const runtime::ClusterRuntime& rt, std::size_t capacity)
   return out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-StatusOr<std::unique_ptr<model::Tokenizer>> open_tokenizer(const ServeArgs& a, std::int64_t vocab) {
-  if (!a.tokenizer.empty()) return model::load_tokenizer(a.tokenizer);
-  if (!a.model.model_path.empty() && a.model.load_format != "dummy") {
-    std::filesystem::path p(a.model.model_path);
-    if (std::filesystem::is_directory(p) &&
-        (std::filesystem::exists(p / "tokenizer.json") || std::filesystem::exists(p / "tokenizer.model"))) {
-      return model::load_tokenizer(a.model.model_path);
-    }
-  }
-  return model::synthetic_tokenizer(vocab);
-}
-
 Status run_serve(const ServeArgs& a) {
   cluster::Policy policy;
   if (!cluster::parse_policy(a.policy, &policy)) {
@@ -82,10 +70,11 @@ Status run_serve(const ServeArgs& a) {
   }
   KUN_ASSIGN_OR_RETURN(auto weights, a.model.open());
   const model::ModelConfig& config = weights->config();
-  KUN_ASSIGN_OR_RETURN(auto tokenizer, open_tokenizer(a, config.vocab_size));
+  KUN_ASSIGN_OR_RETURN(auto tokenizer, a.model.open_tokenizer(a.tokenizer, config.vocab_size));
   KUN_ASSIGN_OR_RETURN(DType dtype, a.model.device_dtype(config));
   const std::string name = a.served_model_name.empty() ? a.model.display_name() : a.served_model_name;
-  KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions options, a.cluster.build(config, dtype, policy, name));
+  KUN_ASSIGN_OR_RETURN(DType kv_dtype, a.model.kv_dtype());
+  KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions options, a.cluster.build(config, dtype, kv_dtype, policy, name));
   KUN_RETURN_IF_ERROR(a.cluster.cap_context_to_kv(config, &options));
   SteadyClock clock;
   KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(options, *weights, &clock));
@@ -156,7 +145,7 @@ void add_serve_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--host", a->host);
   cmd->add_option("--port", a->port, "0: any free port");
   cmd->add_option("--io-threads", a->io_threads);
-  cmd->add_option("--tokenizer", a->tokenizer, "tokenizer.json / tokenizer.model (default: the model's, else synthetic)");
+  cmd->add_option("--tokenizer", a->tokenizer, "tokenizer.json / tokenizer.model / .gguf (default: the model's own, a GGUF file's embedded tokenizer included; else synthetic)");
   cmd->add_option("--served-model-name", a->served_model_name);
   cmd->add_option("--max-seconds", a->max_seconds, "stop after this many seconds (0: until SIGINT/SIGTERM)");
   cmd->add_option("--drain-timeout-s", a->drain_timeout_s,

@@ -1,0 +1,200 @@
+// Paged attention over the engine's KV cache (PagedKvCache, bf16 or f32 elements) on every ISA
+// this CPU supports: against a double-precision reference on the bf16-rounded K/V, bit for bit
+// against an f32 cache holding the same rounded values (and against the PagedKvView kernel), and
+// the determinism contract (KV block size and placement, threads, tokens in the call). The
+// PagedKvView kernel computes one query head at a time, the PagedKvCache kernel a GQA group at a
+// time: the bit-for-bit match also shows that grouping heads changes no value.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "kernels/kernels.h"
+
+namespace kun::kernels {
+namespace {
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> out;
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}) {
+    if (isa_supported(i)) out.push_back(i);
+  }
+  return out;
+}
+
+std::vector<float> random_floats(std::int64_t n, std::uint32_t seed, float lo, float hi) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+// f32 values rounded through bf16 (what a bf16 cache holds, widened back).
+std::vector<float> bf16_rounded(const std::vector<float>& v) {
+  std::vector<float> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = bf16_to_f32(f32_to_bf16(v[i]));
+  return out;
+}
+
+// Contiguous K/V of one sequence/layer: [kv_heads][ctx][hd] f32.
+struct Sequence {
+  std::int64_t ctx, kv_heads, hd;
+  std::vector<float> k, v;
+};
+
+// The sequence laid out in blocks of `bs` tokens of `dtype` (appended with store_kv_row, as the
+// forward pass does), blocks placed in a pool in shuffled order, unused slots poisoned.
+struct PagedCache {
+  std::vector<std::byte> pool;
+  std::vector<const void*> kb, vb;
+  std::vector<const float*> kb_f32, vb_f32;
+  PagedKvCache cache;
+};
+
+PagedCache page(const Sequence& s, std::int64_t bs, DType dtype, std::uint32_t shuffle_seed) {
+  PagedCache p;
+  const std::int64_t eb = dtype_bytes(dtype);
+  const std::int64_t nblocks = (s.ctx + bs - 1) / bs;
+  const std::int64_t block_bytes = s.kv_heads * bs * s.hd * eb;
+  std::vector<std::int64_t> slot(static_cast<std::size_t>(2 * nblocks));
+  std::iota(slot.begin(), slot.end(), 0);
+  if (shuffle_seed != 0) std::shuffle(slot.begin(), slot.end(), std::mt19937(shuffle_seed));
+  p.pool.assign(static_cast<std::size_t>(2 * nblocks * block_bytes), std::byte{0xff});  // NaN either way
+  for (std::int64_t b = 0; b < nblocks; ++b) {
+    std::byte* kdst = p.pool.data() + slot[static_cast<std::size_t>(b)] * block_bytes;
+    std::byte* vdst = p.pool.data() + slot[static_cast<std::size_t>(nblocks + b)] * block_bytes;
+    p.kb.push_back(kdst);
+    p.vb.push_back(vdst);
+    p.kb_f32.push_back(reinterpret_cast<const float*>(kdst));
+    p.vb_f32.push_back(reinterpret_cast<const float*>(vdst));
+    for (std::int64_t h = 0; h < s.kv_heads; ++h) {
+      for (std::int64_t t = 0; t < bs && b * bs + t < s.ctx; ++t) {
+        const std::int64_t src = (h * s.ctx + b * bs + t) * s.hd;
+        store_kv_row(s.k.data() + src, s.hd, dtype, kdst + (h * bs + t) * s.hd * eb);
+        store_kv_row(s.v.data() + src, s.hd, dtype, vdst + (h * bs + t) * s.hd * eb);
+      }
+    }
+  }
+  p.cache = PagedKvCache{p.kb.data(), p.vb.data(), dtype, bs, s.ctx, s.kv_heads, s.hd};
+  return p;
+}
+
+void reference_attention(const Sequence& s, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
+                         const std::int64_t* pos, float scale, std::vector<double>* out) {
+  out->assign(static_cast<std::size_t>(num_tokens * num_heads * s.hd), 0.0);
+  const std::int64_t group = num_heads / s.kv_heads;
+  for (std::int64_t t = 0; t < num_tokens; ++t) {
+    for (std::int64_t h = 0; h < num_heads; ++h) {
+      const float* qh = q + (t * num_heads + h) * s.hd;
+      const std::int64_t kvh = h / group;
+      std::vector<double> sc(static_cast<std::size_t>(pos[t] + 1));
+      double mx = -1e300;
+      for (std::int64_t j = 0; j <= pos[t]; ++j) {
+        double d = 0;
+        for (std::int64_t i = 0; i < s.hd; ++i) d += double(qh[i]) * s.k[static_cast<std::size_t>((kvh * s.ctx + j) * s.hd + i)];
+        sc[static_cast<std::size_t>(j)] = d * scale;
+        mx = std::max(mx, sc[static_cast<std::size_t>(j)]);
+      }
+      double sum = 0;
+      for (auto& v : sc) sum += (v = std::exp(v - mx));
+      for (std::int64_t j = 0; j <= pos[t]; ++j) {
+        for (std::int64_t i = 0; i < s.hd; ++i) {
+          (*out)[static_cast<std::size_t>((t * num_heads + h) * s.hd + i)] +=
+              sc[static_cast<std::size_t>(j)] / sum * s.v[static_cast<std::size_t>((kvh * s.ctx + j) * s.hd + i)];
+        }
+      }
+    }
+  }
+}
+
+TEST(PagedKvCacheAttention, Bf16MatchesReferenceF32CacheAndIsInvariant) {
+  ThreadPool p2(2), p3(3);
+  struct Case {
+    std::int64_t ctx, heads, kv_heads, hd;
+  };
+  // GQA groups of 4 (computed together), 1 (MHA, a head_dim with a vector tail), 2, and 7 (a
+  // chunk of 4 then one of 3); a long context.
+  const Case cases[] = {{300, 8, 2, 64}, {37, 4, 4, 40}, {1100, 4, 1, 72}, {70, 8, 4, 32}, {129, 14, 2, 128}};
+  std::uint32_t seed = 500;
+  for (Isa isa : supported_isas()) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE(std::string(isa_name(isa)) + " ctx=" + std::to_string(c.ctx) + " hd=" + std::to_string(c.hd));
+      const Sequence s{c.ctx, c.kv_heads, c.hd, random_floats(c.kv_heads * c.ctx * c.hd, ++seed, -2, 2),
+                       random_floats(c.kv_heads * c.ctx * c.hd, ++seed, -1, 1)};
+      const Sequence rounded{c.ctx, c.kv_heads, c.hd, bf16_rounded(s.k), bf16_rounded(s.v)};
+      ASSERT_NE(s.k, rounded.k) << "the test data must not be bf16-exact already";
+      const std::int64_t positions[] = {c.ctx - 1, 0, c.ctx / 2, c.ctx - 2, 15, 16};
+      const std::int64_t T = 6;
+      const std::vector<float> q = random_floats(T * c.heads * c.hd, ++seed, -2, 2);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+      std::vector<float> scratch(static_cast<std::size_t>(paged_kv_cache_scratch_floats(&p3, c.ctx, c.heads, c.kv_heads)));
+      const auto out_n = static_cast<std::size_t>(T * c.heads * c.hd);
+
+      // Baseline: bf16, block size 16, blocks in order, no pool.
+      const PagedCache base = page(s, 16, DType::kBF16, 0);
+      std::vector<float> out0(out_n);
+      paged_attention(isa, q.data(), T, c.heads, positions, base.cache, scale, out0.data(), scratch.data(), nullptr);
+      std::vector<double> ref;
+      reference_attention(rounded, q.data(), T, c.heads, positions, scale, &ref);
+      for (std::size_t i = 0; i < out_n; ++i) ASSERT_NEAR(out0[i], ref[i], 1e-5) << "element " << i;
+
+      // An f32 cache of the rounded values: the same bits, through both f32 entry points.
+      const PagedCache f32 = page(rounded, 16, DType::kF32, 0);
+      std::vector<float> out_f32(out_n), out_view(out_n);
+      paged_attention(isa, q.data(), T, c.heads, positions, f32.cache, scale, out_f32.data(), scratch.data(), nullptr);
+      EXPECT_EQ(0, std::memcmp(out_f32.data(), out0.data(), out_n * sizeof(float)));
+      const PagedKvView view{f32.kb_f32.data(), f32.vb_f32.data(), 16, c.ctx, c.kv_heads, c.hd};
+      paged_attention(isa, q.data(), T, c.heads, positions, view, scale, out_view.data(), scratch.data(), nullptr);
+      EXPECT_EQ(0, std::memcmp(out_view.data(), out0.data(), out_n * sizeof(float)));
+
+      for (std::int64_t bs : {16, 256, 7}) {
+        for (std::uint32_t shuffle : {0u, 77u}) {
+          const PagedCache pc = page(s, bs, DType::kBF16, shuffle);
+          for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+            std::vector<float> out(out_n);
+            paged_attention(isa, q.data(), T, c.heads, positions, pc.cache, scale, out.data(), scratch.data(), pool);
+            ASSERT_EQ(0, std::memcmp(out.data(), out0.data(), out_n * sizeof(float)))
+                << "bs=" << bs << " shuffle=" << shuffle;
+          }
+        }
+      }
+      // Each token alone gives the same bits as inside the batch.
+      for (std::int64_t t = 0; t < T; ++t) {
+        std::vector<float> one(static_cast<std::size_t>(c.heads * c.hd));
+        paged_attention(isa, q.data() + t * c.heads * c.hd, 1, c.heads, positions + t, base.cache, scale, one.data(),
+                        scratch.data(), &p2);
+        ASSERT_EQ(0, std::memcmp(one.data(), out0.data() + t * c.heads * c.hd, one.size() * sizeof(float)))
+            << "token " << t;
+      }
+    }
+  }
+}
+
+TEST(StoreKvRow, Bf16RoundsToNearestEvenLikeCommonDtype) {
+  std::vector<float> x = random_floats(1000, 7, -1e3f, 1e3f);
+  const float specials[] = {0.0f, -0.0f, 1.0f + 1.0f / 256, 1.0f + 3.0f / 256, -(1.0f + 1.0f / 256),
+                            std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::denorm_min(),
+                            std::numeric_limits<float>::max(), 3.3895314e38f};
+  x.insert(x.end(), std::begin(specials), std::end(specials));
+  std::vector<std::uint16_t> got(x.size());
+  store_kv_row(x.data(), static_cast<std::int64_t>(x.size()), DType::kBF16, got.data());
+  for (std::size_t i = 0; i < x.size(); ++i) ASSERT_EQ(got[i], f32_to_bf16(x[i])) << "element " << i << " = " << x[i];
+  EXPECT_EQ(bf16_to_f32(got[1000 + 2]), 1.0f);                // tie: to even
+  EXPECT_EQ(bf16_to_f32(got[1000 + 3]), 1.0f + 4.0f / 256);   // above the tie: up
+  EXPECT_TRUE(std::isnan(bf16_to_f32(got[1000 + 7])));
+  std::vector<float> copy(x.size());
+  store_kv_row(x.data(), static_cast<std::int64_t>(x.size()), DType::kF32, copy.data());
+  EXPECT_EQ(0, std::memcmp(copy.data(), x.data(), x.size() * sizeof(float)));
+}
+
+}  // namespace
+}  // namespace kun::kernels
