@@ -19,9 +19,16 @@ struct IsaKernels {
   // Lanes per vector accumulator (defines the reduction order of every dot product).
   int lanes;
   // y[m][n] for m in [m0, m1), n in [n0, n1): y[m*ldy + n] = dot(x[m*ldx ...], W[n]) (+ bias[n]).
+  // accumulate: y[...] += value instead of y[...] = value.
   void (*linear_block)(const float* x, std::int64_t ldx, std::int64_t m0, std::int64_t m1,
                        const WeightView& w, std::int64_t n0, std::int64_t n1, const float* bias,
-                       float* y, std::int64_t ldy);
+                       float* y, std::int64_t ldy, bool accumulate);
+  // kPanelPairs weights (bf16): rows [0, M) of x (stride w.cols) against panels [p0, p1) of w,
+  // into y (stride w.rows).
+  // scratch: linear_panels_scratch_floats(M) floats, private to the calling thread.
+  void (*linear_panels)(const float* x, std::int64_t M, const WeightView& w, std::int64_t p0,
+                        std::int64_t p1, const float* bias, float* y, bool accumulate,
+                        float* scratch);
   void (*rms_norm_row)(const float* x, std::int64_t d, const void* weight, DType weight_dtype,
                        float eps, float* out);
   void (*silu_mul)(const float* gate, const float* up, std::int64_t n, float* out);
@@ -36,6 +43,12 @@ struct IsaKernels {
   // floating-point operations performed (2 per lane per FMA).
   double (*fma_chains)(std::int64_t iters, float seed, float* sink);
 };
+
+// Scratch floats linear_panels needs for M rows (any ISA): a widened k block of a panel plus
+// M rows of partial sums.
+inline std::int64_t linear_panels_scratch_floats(std::int64_t M) {
+  return (128 + M) * kPanelCols;
+}
 
 const IsaKernels& scalar_kernels();
 const IsaKernels& avx2_kernels();
