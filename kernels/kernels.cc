@@ -30,6 +30,7 @@ struct LinearJob {
   const float* bias;
   float* y;
   bool accumulate;
+  const float* xp;  // packed rows for kPanelPairs' widened path, or null
 };
 
 // Per-thread scratch of the kPanelPairs GEMM: grows to the largest call seen, then is reused
@@ -37,6 +38,14 @@ struct LinearJob {
 float* panel_scratch(std::int64_t M) {
   thread_local std::vector<float> buf;
   const auto need = static_cast<std::size_t>(detail::linear_panels_scratch_floats(M));
+  if (buf.size() < need) buf.resize(need);
+  return buf.data();
+}
+
+// The calling thread's buffer for packed activations (read by every thread of the call).
+float* packed_rows_buffer(std::int64_t M, std::int64_t K) {
+  thread_local std::vector<float> buf;
+  const auto need = static_cast<std::size_t>(detail::pack_rows_floats(M, K));
   if (buf.size() < need) buf.resize(need);
   return buf.data();
 }
@@ -85,16 +94,21 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   const IsaKernels& k = kernels_for(isa);
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
+  const float* xp = nullptr;
+  if (panels) {
+    float* buf = packed_rows_buffer(M, K);
+    if (k.pack_rows(x, M, K, buf)) xp = buf;
+  }
   if (pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs) {
     if (panels) {
-      k.linear_panels(x, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
+      k.linear_panels(x, xp, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
                       panel_scratch(M));
     } else {
       k.linear_block(x, K, 0, M, w, 0, N, bias, y, N, accumulate);
     }
     return;
   }
-  const LinearJob job{&k, x, M, &w, bias, y, accumulate};
+  const LinearJob job{&k, x, M, &w, bias, y, accumulate, xp};
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
@@ -106,7 +120,7 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
             ? 1
             : std::max<std::int64_t>(1, units / (4 * pool->num_threads()));
     auto body = [jp](std::int64_t b, std::int64_t e) {
-      jp->k->linear_panels(jp->x, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
+      jp->k->linear_panels(jp->x, jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
                            panel_scratch(jp->M));
     };
     pool->parallel_for_balanced(units, grain, body);
