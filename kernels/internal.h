@@ -43,9 +43,13 @@ struct IsaKernels {
   // Runs `iters` iterations of independent register-resident FMA chains; returns the number of
   // floating-point operations performed (2 per lane per FMA).
   double (*fma_chains)(std::int64_t iters, float seed, float* sink);
-  // Packs x ([M][K]) into xp (pack_rows_floats(M, K) floats) for linear_panels' widened path;
-  // false (nothing written) when M is small enough for its direct path.
-  bool (*pack_rows)(const float* x, std::int64_t M, std::int64_t K, float* xp);
+  // linear_panels takes its widened path (and needs pack_rows's xp) from this many rows on.
+  std::int64_t widen_min_rows;
+  // Activation tiles of `tile_rows` rows: packs tiles [t0, t1) of x ([M][K]) into xp
+  // (pack_rows_floats(M, K) floats in all) for linear_panels' widened path.
+  std::int64_t tile_rows;
+  void (*pack_rows)(const float* x, std::int64_t M, std::int64_t K, float* xp, std::int64_t t0,
+                    std::int64_t t1);
 };
 
 // Scratch floats linear_panels needs for M rows (any ISA): a widened k block of a panel plus

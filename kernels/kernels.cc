@@ -33,6 +33,14 @@ struct LinearJob {
   const float* xp;  // packed rows for kPanelPairs' widened path, or null
 };
 
+struct PackJob {
+  const IsaKernels* k;
+  const float* x;
+  std::int64_t M;
+  std::int64_t K;
+  float* xp;
+};
+
 // Per-thread scratch of the kPanelPairs GEMM: grows to the largest call seen, then is reused
 // (no allocation per call once warm).
 float* panel_scratch(std::int64_t M) {
@@ -95,11 +103,24 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
   const float* xp = nullptr;
-  if (panels) {
+  const bool serial = pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs;
+  if (panels && M >= k.widen_min_rows) {
     float* buf = packed_rows_buffer(M, K);
-    if (k.pack_rows(x, M, K, buf)) xp = buf;
+    const std::int64_t tiles = (M + k.tile_rows - 1) / k.tile_rows;
+    if (serial) {
+      k.pack_rows(x, M, K, buf, 0, tiles);
+    } else {
+      // Split over the threads (a serial pack would idle the others); one pointer captured,
+      // so std::function stays inline.
+      const PackJob pack{&k, x, M, K, buf};
+      const PackJob* pj = &pack;
+      pool->parallel_for(tiles, [pj](std::int64_t b, std::int64_t e) {
+        pj->k->pack_rows(pj->x, pj->M, pj->K, pj->xp, b, e);
+      });
+    }
+    xp = buf;
   }
-  if (pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs) {
+  if (serial) {
     if (panels) {
       k.linear_panels(x, xp, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
                       panel_scratch(M));

@@ -112,7 +112,7 @@ struct V {
 const IsaKernels& avx512_kernels() {
   static const IsaKernels k{Isa::kAvx512, V::kW,           &linear_block, &linear_panels,
                             &rms_norm_row, &silu_mul,      &add_inplace,  &attention_head,
-                            &read_sum,     &fma_chains,     &pack_rows};
+                            &read_sum,     &fma_chains,     kWidenMinRows, V::kPm, &pack_rows};
   return k;
 }
 
