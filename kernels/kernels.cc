@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "common/check.h"
 #include "kernels/internal.h"
@@ -27,7 +29,34 @@ struct LinearJob {
   const WeightView* w;
   const float* bias;
   float* y;
+  bool accumulate;
+  const float* xp;  // packed rows for kPanelPairs' widened path, or null
 };
+
+struct PackJob {
+  const IsaKernels* k;
+  const float* x;
+  std::int64_t M;
+  std::int64_t K;
+  float* xp;
+};
+
+// Per-thread scratch of the kPanelPairs GEMM: grows to the largest call seen, then is reused
+// (no allocation per call once warm).
+float* panel_scratch(std::int64_t M) {
+  thread_local std::vector<float> buf;
+  const auto need = static_cast<std::size_t>(detail::linear_panels_scratch_floats(M));
+  if (buf.size() < need) buf.resize(need);
+  return buf.data();
+}
+
+// The calling thread's buffer for packed activations (read by every thread of the call).
+float* packed_rows_buffer(std::int64_t M, std::int64_t K) {
+  thread_local std::vector<float> buf;
+  const auto need = static_cast<std::size_t>(detail::pack_rows_floats(M, K));
+  if (buf.size() < need) buf.resize(need);
+  return buf.data();
+}
 
 struct AttentionJob {
   const IsaKernels* k;
@@ -56,21 +85,68 @@ void attention_pairs(const AttentionJob& j, std::int64_t begin, std::int64_t end
 
 }  // namespace
 
-void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-            float* y, ThreadPool* pool) {
+namespace {
+
+void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
+                 float* y, bool accumulate, ThreadPool* pool) {
   KUN_CHECK(w.data != nullptr && w.rows > 0 && w.cols > 0) << "empty weight";
   KUN_CHECK_GE(M, 0);
   if (M == 0) return;
   KUN_CHECK(x != nullptr && y != nullptr) << "null x or y";
+  const bool panels = w.layout == WeightLayout::kPanelPairs;
+  if (panels) {
+    KUN_CHECK(panel_pairs_supported(w.dtype, w.rows, w.cols))
+        << "kPanelPairs needs bf16 and an even K: " << dtype_name(w.dtype) << " " << w.rows << "x"
+        << w.cols;
+  }
   const IsaKernels& k = kernels_for(isa);
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
-  if (pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs) {
-    k.linear_block(x, K, 0, M, w, 0, N, bias, y, N);
+  const float* xp = nullptr;
+  const bool serial = pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs;
+  if (panels && M >= k.widen_min_rows) {
+    float* buf = packed_rows_buffer(M, K);
+    const std::int64_t tiles = (M + k.tile_rows - 1) / k.tile_rows;
+    if (serial) {
+      k.pack_rows(x, M, K, buf, 0, tiles);
+    } else {
+      // Split over the threads (a serial pack would idle the others); one pointer captured,
+      // so std::function stays inline.
+      const PackJob pack{&k, x, M, K, buf};
+      const PackJob* pj = &pack;
+      pool->parallel_for(tiles, [pj](std::int64_t b, std::int64_t e) {
+        pj->k->pack_rows(pj->x, pj->M, pj->K, pj->xp, b, e);
+      });
+    }
+    xp = buf;
+  }
+  if (serial) {
+    if (panels) {
+      k.linear_panels(x, xp, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
+                      panel_scratch(M));
+    } else {
+      k.linear_block(x, K, 0, M, w, 0, N, bias, y, N, accumulate);
+    }
     return;
   }
-  const LinearJob job{&k, x, M, &w, bias, y};
+  const LinearJob job{&k, x, M, &w, bias, y, accumulate, xp};
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
+  const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
+  if (panels) {
+    // Units are panels (64 output columns). Decode-size activations: one panel per claim, so
+    // the two threads' shares of the weight stream even out; larger: a few chunks per thread.
+    const std::int64_t units = (N + kPanelCols - 1) / kPanelCols;
+    const std::int64_t grain =
+        x_bytes <= kSmallActivationBytes
+            ? 1
+            : std::max<std::int64_t>(1, units / (4 * pool->num_threads()));
+    auto body = [jp](std::int64_t b, std::int64_t e) {
+      jp->k->linear_panels(jp->x, jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
+                           panel_scratch(jp->M));
+    };
+    pool->parallel_for_balanced(units, grain, body);
+    return;
+  }
   const std::int64_t units = (N + kRowsPerUnit - 1) / kRowsPerUnit;
   // Balanced split: with a fixed split, a thread that runs slower (a shared core, slower memory,
   // a late wake-up) holds up the whole call while the other spins (measured: about 10 % of a
@@ -78,7 +154,6 @@ void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const 
   // value. While the activations fit in L2 next to a weight panel,
   // one unit per claim; above that, larger chunks keep each activation block reused across many
   // weight panels (linear_block's loop order) before the next block is loaded.
-  const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   const std::int64_t grain =
       x_bytes <= kSmallActivationBytes
           ? 1
@@ -87,9 +162,61 @@ void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const 
     const std::int64_t n0 = b * kRowsPerUnit;
     const std::int64_t n1 = e * kRowsPerUnit < jp->w->rows ? e * kRowsPerUnit : jp->w->rows;
     jp->k->linear_block(jp->x, jp->w->cols, 0, jp->M, *jp->w, n0, n1, jp->bias, jp->y,
-                        jp->w->rows);
+                        jp->w->rows, jp->accumulate);
   };
   pool->parallel_for_balanced(units, grain, body);
+}
+
+}  // namespace
+
+bool panel_pairs_supported(DType dtype, std::int64_t rows, std::int64_t cols) {
+  return dtype == DType::kBF16 && rows > 0 && cols > 0 && cols % 2 == 0;
+}
+
+void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst) {
+  KUN_CHECK(panel_pairs_supported(DType::kBF16, rows, cols)) << rows << "x" << cols;
+  const auto* s = static_cast<const std::uint16_t*>(src);
+  auto* d = static_cast<std::uint16_t*>(dst);
+  KUN_CHECK(d + rows * cols <= s || s + rows * cols <= d) << "pack_panel_pairs: src and dst overlap";
+  for (std::int64_t n0 = 0; n0 < rows; n0 += kPanelCols) {
+    const std::int64_t width = std::min(kPanelCols, rows - n0);
+    std::uint16_t* panel = d + n0 * cols;
+    for (std::int64_t c = 0; c < width; ++c) {
+      const std::uint16_t* row = s + (n0 + c) * cols;
+      for (std::int64_t k = 0; k < cols; k += 2) {
+        std::uint16_t* pair = panel + ((k / 2) * width + c) * 2;
+        pair[0] = row[k];
+        pair[1] = row[k + 1];
+      }
+    }
+  }
+}
+
+void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t cols,
+                            std::int64_t n, float* out) {
+  KUN_CHECK(panel_pairs_supported(DType::kBF16, rows, cols) && n >= 0 && n < rows)
+      << rows << "x" << cols << " row " << n;
+  const auto* p = static_cast<const std::uint16_t*>(packed);
+  const std::int64_t n0 = n / kPanelCols * kPanelCols;
+  const std::int64_t width = std::min(kPanelCols, rows - n0);
+  const std::uint16_t* panel = p + n0 * cols;
+  for (std::int64_t k = 0; k < cols; ++k) {
+    out[k] = bf16_to_f32(panel[((k / 2) * width + (n - n0)) * 2 + (k % 2)]);
+  }
+}
+
+void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
+            float* y, ThreadPool* pool) {
+  linear_impl(isa, x, M, w, bias, y, false, pool);
+}
+
+void linear_add(Isa isa, const float* x, std::int64_t M, const WeightView& w, float* y,
+                ThreadPool* pool) {
+  linear_impl(isa, x, M, w, nullptr, y, true, pool);
+}
+
+void linear_add(const float* x, std::int64_t M, const WeightView& w, float* y, ThreadPool* pool) {
+  linear_impl(active_isa(), x, M, w, nullptr, y, true, pool);
 }
 
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,

@@ -58,20 +58,46 @@ class ThreadPool {
   Impl* impl_;
 };
 
-// A weight matrix in HuggingFace layout: `rows` output features by `cols` input features,
-// row-major (W[n][k] at data + (n * cols + k) * dtype_bytes).
+// How a weight matrix's elements are laid out in memory.
+//  * kRowMajor: HuggingFace layout, W[n][k] at element n * cols + k.
+//  * kPanelPairs (bf16 only, cols even): output features in panels of kPanelCols (the last one
+//    narrower when rows is not a multiple); panel p covers n in [kPanelCols p, + width) and
+//    starts at element kPanelCols p * cols; inside it the layout is [cols / 2][width][2]: the
+//    pair (W[n][k], W[n][k + 1]) for even k at element ((k / 2) * width + n - kPanelCols p) * 2.
+//    The same bytes as row-major, reordered so that one k step of a panel is one contiguous
+//    run of 16-column vectors (the GEMM's packed operand, read straight from the weights).
+enum class WeightLayout { kRowMajor = 0, kPanelPairs = 1 };
+constexpr std::int64_t kPanelCols = 64;
+
+// A weight matrix: `rows` output features by `cols` input features in `layout`.
 struct WeightView {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   std::int64_t rows = 0;  // N (out features)
   std::int64_t cols = 0;  // K (in features)
+  WeightLayout layout = WeightLayout::kRowMajor;
 };
+
+// True when a rows x cols matrix of `dtype` can be stored as kPanelPairs (bf16, cols even).
+bool panel_pairs_supported(DType dtype, std::int64_t rows, std::int64_t cols);
+// Reorders a row-major bf16 matrix (src) into kPanelPairs (dst, the same byte count; must not
+// overlap src). Checks panel_pairs_supported.
+void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst);
+// The inverse of pack_panel_pairs: W[n][*] of a kPanelPairs matrix widened to f32 (cols floats).
+void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t cols,
+                            std::int64_t n, float* out);
 
 // y[m][n] = sum_k x[m][k] * W[n][k] + (bias ? bias[n] : 0), for m < M.
 // x: [M][K] f32 row-major with row stride K; y: [M][N] f32 row-major with row stride N.
 // bias may be null (f32, length N). pool may be null (runs on the calling thread).
+// Reduction order per output: kRowMajor weights: lanes over k plus a fixed tree (README);
+// kPanelPairs weights: one f32 FMA chain over k = 0, 1, ..., K - 1 (the GEMM form). Either is
+// the same for every M, tiling and thread count.
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,
             ThreadPool* pool);
+// y[m][n] += linear's value (the dot product, plus bias, rounded to f32 first, then added):
+// the same bits as linear into a temporary followed by add_inplace, without the extra pass.
+void linear_add(const float* x, std::int64_t M, const WeightView& w, float* y, ThreadPool* pool);
 
 // out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, rows of length D; out may alias x.
 void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight, DType weight_dtype,
@@ -155,6 +181,8 @@ std::int64_t argmax(const float* x, std::int64_t n);
 // given ISA; different ISAs differ in rounding only (lane width and FMA vs separate mul/add).
 void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
             float* y, ThreadPool* pool);
+void linear_add(Isa isa, const float* x, std::int64_t M, const WeightView& w, float* y,
+                ThreadPool* pool);
 void rms_norm(Isa isa, const float* x, std::int64_t M, std::int64_t D, const void* weight,
               DType weight_dtype, float eps, float* out);
 void silu_mul(Isa isa, const float* gate, const float* up, std::int64_t n, float* out);

@@ -20,6 +20,11 @@ struct V {
   static constexpr int kW = 8;
   static constexpr int kMr = 4;  // 4 x 3 tile: 12 accumulators + 3 weights + 1 activation
   static constexpr int kNr = 3;
+  // kPanelPairs GEMM: widened tiles 4 rows x 2 vectors (16 columns); direct tiles at most 3
+  // rows (6 accumulators + 6 broadcast activations + 2 weights of the 16 registers).
+  static constexpr int kPm = 4;
+  static constexpr int kPmDirect = 3;
+  static constexpr int kPv = 2;
 
   static __m256i mask(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -68,6 +73,18 @@ struct V {
     if (dt == DType::kF16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+  // 8 columns of bf16 pairs (W[n][k], W[n][k+1]) in one 32-byte load: low halves are k, high
+  // halves k + 1.
+  static void split_pairs(__m256i raw, F* even, F* odd) {
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(-65536)));
+  }
+  static void load_pairs(const std::uint16_t* p, F* even, F* odd) {
+    split_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), even, odd);
+  }
+  static void load_pairs_n(const std::uint16_t* p, int n, F* even, F* odd) {
+    split_pairs(_mm256_maskload_epi32(reinterpret_cast<const int*>(p), mask(n)), even, odd);
+  }
   template <DType DT>
   static F load_w(const char* base, std::int64_t idx) {
     if constexpr (DT == DType::kF32) {
@@ -95,8 +112,9 @@ struct V {
 }  // namespace
 
 const IsaKernels& avx2_kernels() {
-  static const IsaKernels k{Isa::kAvx2,   V::kW,           &linear_block, &rms_norm_row, &silu_mul,
-                            &add_inplace, &attention_head, &read_sum,     &fma_chains};
+  static const IsaKernels k{Isa::kAvx2,    V::kW,           &linear_block, &linear_panels,
+                            &rms_norm_row, &silu_mul,        &add_inplace,  &attention_head,
+                            &read_sum,     &fma_chains,     kWidenMinRows, V::kPm, &pack_rows};
   return k;
 }
 

@@ -20,6 +20,11 @@ struct V {
   static constexpr int kW = 16;
   static constexpr int kMr = 6;  // 6 x 4 tile: 24 accumulators + 4 weights + 1 activation
   static constexpr int kNr = 4;
+  // kPanelPairs GEMM: widened tiles 6 rows x 4 vectors (64 columns, one panel); direct tiles at
+  // most 4 rows (16 accumulators + 8 broadcast activations + 2 weights).
+  static constexpr int kPm = 6;
+  static constexpr int kPmDirect = 4;
+  static constexpr int kPv = 4;
 
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static F zero() { return _mm512_setzero_ps(); }
@@ -68,6 +73,18 @@ struct V {
     if (dt == DType::kF16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  // 16 columns of bf16 pairs (W[n][k], W[n][k+1]): one 64-byte load; the low half of each
+  // 32-bit pair is k (shift it up), the high half k + 1 (mask off the low half).
+  static void split_pairs(__m512i raw, F* even, F* odd) {
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(-65536)));
+  }
+  static void load_pairs(const std::uint16_t* p, F* even, F* odd) {
+    split_pairs(_mm512_loadu_si512(p), even, odd);
+  }
+  static void load_pairs_n(const std::uint16_t* p, int n, F* even, F* odd) {
+    split_pairs(_mm512_maskz_loadu_epi32(mask(n), p), even, odd);
+  }
   template <DType DT>
   static F load_w(const char* base, std::int64_t idx) {
     if constexpr (DT == DType::kF32) {
@@ -93,8 +110,9 @@ struct V {
 }  // namespace
 
 const IsaKernels& avx512_kernels() {
-  static const IsaKernels k{Isa::kAvx512, V::kW,       &linear_block, &rms_norm_row, &silu_mul,
-                            &add_inplace, &attention_head, &read_sum,     &fma_chains};
+  static const IsaKernels k{Isa::kAvx512, V::kW,           &linear_block, &linear_panels,
+                            &rms_norm_row, &silu_mul,      &add_inplace,  &attention_head,
+                            &read_sum,     &fma_chains,     kWidenMinRows, V::kPm, &pack_rows};
   return k;
 }
 

@@ -14,6 +14,9 @@ struct V {
   static constexpr int kW = 8;
   static constexpr int kMr = 4;
   static constexpr int kNr = 4;
+  static constexpr int kPm = 4;  // kPanelPairs GEMM tiles
+  static constexpr int kPmDirect = 4;
+  static constexpr int kPv = 2;
   struct F {
     float v[kW];
   };
@@ -84,6 +87,16 @@ struct V {
     std::memcpy(&h, base + idx * 2, 2);
     return dt == DType::kBF16 ? bf16_to_f32(h) : f16_to_f32(h);
   }
+  // kW columns of bf16 pairs (W[n][k], W[n][k+1]) widened to f32; _n: n columns, rest zero.
+  static void load_pairs_n(const std::uint16_t* p, int n, F* even, F* odd) {
+    *even = zero();
+    *odd = zero();
+    for (int i = 0; i < n; ++i) {
+      even->v[i] = bf16_to_f32(p[2 * i]);
+      odd->v[i] = bf16_to_f32(p[2 * i + 1]);
+    }
+  }
+  static void load_pairs(const std::uint16_t* p, F* even, F* odd) { load_pairs_n(p, kW, even, odd); }
   template <DType DT>
   static F load_w(const char* base, std::int64_t idx) {
     F r;
@@ -103,8 +116,9 @@ struct V {
 }  // namespace
 
 const IsaKernels& scalar_kernels() {
-  static const IsaKernels k{Isa::kScalar, V::kW,           &linear_block, &rms_norm_row, &silu_mul,
-                            &add_inplace, &attention_head, &read_sum,     &fma_chains};
+  static const IsaKernels k{Isa::kScalar,  V::kW,           &linear_block, &linear_panels,
+                            &rms_norm_row, &silu_mul,        &add_inplace,  &attention_head,
+                            &read_sum,     &fma_chains,     kWidenMinRows, V::kPm, &pack_rows};
   return k;
 }
 

@@ -26,6 +26,25 @@ Status read_into(const WeightSource& source, const std::string& name, DType dtyp
   return source.read_tensor(name, dtype, segment.data() + offset, bytes);
 }
 
+// The layout a linear weight of this shape is kept in: bf16 matrices with an even K are
+// reordered at load into the GEMM layout (kernels::WeightLayout::kPanelPairs, same bytes), the
+// rest stay row-major. A pure function of the shape and dtype, so every device of a cluster
+// (and a segment copied between them) agrees on it.
+kernels::WeightLayout linear_layout(DType dtype, std::int64_t rows, std::int64_t cols) {
+  return kernels::panel_pairs_supported(dtype, rows, cols) ? kernels::WeightLayout::kPanelPairs
+                                                           : kernels::WeightLayout::kRowMajor;
+}
+
+// Reorders a row-major matrix just read into the segment into linear_layout's layout.
+void to_linear_layout(DType dtype, std::int64_t rows, std::int64_t cols, std::span<std::byte> segment,
+                      std::int64_t offset) {
+  if (linear_layout(dtype, rows, cols) != kernels::WeightLayout::kPanelPairs) return;
+  const std::int64_t bytes = rows * cols * dtype_bytes(dtype);
+  KUN_CHECK_LE(offset + bytes, static_cast<std::int64_t>(segment.size()));
+  std::vector<std::byte> row_major(segment.begin() + offset, segment.begin() + offset + bytes);
+  kernels::pack_panel_pairs(row_major.data(), rows, cols, segment.data() + offset);
+}
+
 }  // namespace
 
 LayerSegmentLayout LayerSegmentLayout::compute(const ModelConfig& c, DType dtype) {
@@ -91,6 +110,10 @@ Status load_layer_segment(const WeightSource& source, std::int64_t layer, DType 
   KUN_RETURN_IF_ERROR(read_into(source, name("mlp.up_proj.weight"), dtype, segment,
                                 l.gate_up + F * H * db, F * H * db));
   KUN_RETURN_IF_ERROR(read_into(source, name("mlp.down_proj.weight"), dtype, segment, l.down, H * F * db));
+  to_linear_layout(dtype, q + 2 * kv, H, segment, l.qkv);
+  to_linear_layout(dtype, H, q, segment, l.o);
+  to_linear_layout(dtype, 2 * F, H, segment, l.gate_up);
+  to_linear_layout(dtype, H, F, segment, l.down);
   return ok_status();
 }
 
@@ -108,6 +131,7 @@ Status load_head_segment(const WeightSource& source, DType dtype, std::span<std:
   if (l.lm_head >= 0) {
     KUN_RETURN_IF_ERROR(read_into(source, "lm_head.weight", dtype, segment, l.lm_head,
                                   c.vocab_size * c.hidden_size * db));
+    to_linear_layout(dtype, c.vocab_size, c.hidden_size, segment, l.lm_head);
   }
   return ok_status();
 }
@@ -117,12 +141,15 @@ LayerWeights layer_weights_at(const std::byte* seg, const ModelConfig& c, DType 
   LayerWeights w;
   w.dtype = dtype;
   w.input_norm = seg + l.input_norm;
-  w.qkv = {seg + l.qkv, dtype, c.q_dim() + 2 * c.kv_dim(), c.hidden_size};
+  const auto view = [dtype](const std::byte* p, std::int64_t rows, std::int64_t cols) {
+    return kernels::WeightView{p, dtype, rows, cols, linear_layout(dtype, rows, cols)};
+  };
+  w.qkv = view(seg + l.qkv, c.q_dim() + 2 * c.kv_dim(), c.hidden_size);
   w.qkv_bias = l.qkv_bias >= 0 ? reinterpret_cast<const float*>(seg + l.qkv_bias) : nullptr;
-  w.o = {seg + l.o, dtype, c.hidden_size, c.q_dim()};
+  w.o = view(seg + l.o, c.hidden_size, c.q_dim());
   w.post_norm = seg + l.post_norm;
-  w.gate_up = {seg + l.gate_up, dtype, 2 * c.intermediate_size, c.hidden_size};
-  w.down = {seg + l.down, dtype, c.hidden_size, c.intermediate_size};
+  w.gate_up = view(seg + l.gate_up, 2 * c.intermediate_size, c.hidden_size);
+  w.down = view(seg + l.down, c.hidden_size, c.intermediate_size);
   return w;
 }
 
@@ -135,7 +162,9 @@ HeadWeights head_weights_at(const std::byte* embedding_segment, const std::byte*
   h.final_norm = head_segment + l.final_norm;
   const void* lm = l.lm_head >= 0 ? static_cast<const void*>(head_segment + l.lm_head)
                                   : static_cast<const void*>(embedding_segment);
-  h.lm_head = {lm, dtype, c.vocab_size, c.hidden_size};
+  // A tied head is the embedding table, which token lookup reads row-major: it stays so.
+  h.lm_head = {lm, dtype, c.vocab_size, c.hidden_size,
+               l.lm_head >= 0 ? linear_layout(dtype, c.vocab_size, c.hidden_size) : kernels::WeightLayout::kRowMajor};
   return h;
 }
 
@@ -251,16 +280,14 @@ void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* a
   ensure_workspace(num_tokens, 0);
   const std::int64_t H = c.hidden_size;
   const std::int64_t F = c.intermediate_size;
-  kernels::linear(attn_out, num_tokens, w.o, nullptr, tmp_hidden_.data(), pool_);
-  kernels::add_inplace(hidden, tmp_hidden_.data(), num_tokens * H);
+  kernels::linear_add(attn_out, num_tokens, w.o, hidden, pool_);  // residual add fused
   kernels::rms_norm(hidden, num_tokens, H, w.post_norm, w.dtype, c.rms_norm_eps, normed_.data());
   kernels::linear(normed_.data(), num_tokens, w.gate_up, nullptr, gate_up_.data(), pool_);
   for (std::int64_t m = 0; m < num_tokens; ++m) {
     const float* g = gate_up_.data() + m * 2 * F;
     kernels::silu_mul(g, g + F, F, act_.data() + m * F);
   }
-  kernels::linear(act_.data(), num_tokens, w.down, nullptr, tmp_hidden_.data(), pool_);
-  kernels::add_inplace(hidden, tmp_hidden_.data(), num_tokens * H);
+  kernels::linear_add(act_.data(), num_tokens, w.down, hidden, pool_);  // residual add fused
 }
 
 void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, std::span<const SequenceSlice> slices,

@@ -23,7 +23,10 @@
 namespace kun::model {
 
 // Byte offsets of one decoder layer's tensors inside its parameter segment. q, k and v rows are
-// stored back to back (one fused QKV matrix), and so are gate and up.
+// stored back to back (one fused QKV matrix), and so are gate and up. Shapes are [rows][cols] of
+// the HF matrices; bf16 matrices with an even cols are stored reordered into the GEMM layout
+// (kernels::WeightLayout::kPanelPairs: same bytes, same offsets), the rest row-major;
+// layer_weights_at / head_weights_at say which in each WeightView.
 struct LayerSegmentLayout {
   std::int64_t input_norm = 0;  // [H] weight dtype
   std::int64_t qkv = 0;         // [q_dim + 2 kv_dim][H]

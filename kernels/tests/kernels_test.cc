@@ -267,6 +267,126 @@ TEST(Linear, LargeBf16ShapeThreadsAgree) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// linear over kPanelPairs weights (the GEMM layout)
+
+// A bf16 weight in both layouts: `row_major` (with the exact f32 values) and `panels`.
+struct PackedWeight {
+  TestWeight row_major;
+  std::vector<std::uint8_t> packed;
+  WeightView view;
+};
+
+PackedWeight make_packed(std::int64_t n, std::int64_t k, std::uint32_t seed) {
+  PackedWeight p;
+  p.row_major = make_weight(n, k, DType::kBF16, seed);
+  p.packed.resize(p.row_major.bytes.size());
+  pack_panel_pairs(p.row_major.bytes.data(), n, k, p.packed.data());
+  p.view = WeightView{p.packed.data(), DType::kBF16, n, k, WeightLayout::kPanelPairs};
+  return p;
+}
+
+TEST(PanelPairs, PackRoundTripsEveryRow) {
+  EXPECT_FALSE(panel_pairs_supported(DType::kBF16, 8, 7));  // odd K
+  EXPECT_FALSE(panel_pairs_supported(DType::kF16, 8, 8));
+  EXPECT_TRUE(panel_pairs_supported(DType::kBF16, 8, 8));
+  struct Shape {
+    std::int64_t n, k;
+  };
+  for (const Shape s : {Shape{1, 2}, Shape{63, 10}, Shape{64, 130}, Shape{130, 36}, Shape{200, 64}}) {
+    SCOPED_TRACE("N=" + std::to_string(s.n) + " K=" + std::to_string(s.k));
+    const PackedWeight w = make_packed(s.n, s.k, 11);
+    // The packed bytes are a permutation: same size, and a panel's first pair is W[n0][0..1].
+    EXPECT_EQ(w.packed.size(), w.row_major.bytes.size());
+    std::vector<float> row(static_cast<std::size_t>(s.k));
+    for (std::int64_t n = 0; n < s.n; ++n) {
+      unpack_panel_pairs_row(w.packed.data(), s.n, s.k, n, row.data());
+      ASSERT_EQ(0, std::memcmp(row.data(), w.row_major.values.data() + n * s.k, row.size() * 4)) << "row " << n;
+    }
+  }
+}
+
+TEST(PanelPairs, LinearMatchesDoubleReferenceOnEveryIsa) {
+  ThreadPool pool(2);
+  struct Shape {
+    std::int64_t m, n, k;
+  };
+  // N = 1, 17, 70, 130: narrow and partial panels and partial vectors; K = 258, 300 cross the
+  // widened path's 128-step k blocks; M >= 36 takes the widened path on every ISA.
+  const Shape shapes[] = {{1, 1, 2},     {1, 17, 36},   {3, 64, 258},  {5, 70, 300},
+                          {12, 130, 64}, {13, 17, 258}, {40, 130, 300}, {2, 200, 1024},
+                          {37, 17, 258}};
+  std::uint32_t seed = 100;
+  for (Isa isa : supported_isas()) {
+    for (const Shape& s : shapes) {
+      for (bool with_bias : {false, true}) {
+        SCOPED_TRACE(isa_label(isa) + " M=" + std::to_string(s.m) + " N=" + std::to_string(s.n) +
+                     " K=" + std::to_string(s.k) + (with_bias ? " bias" : ""));
+        const PackedWeight w = make_packed(s.n, s.k, ++seed);
+        const std::vector<float> x = random_floats(s.m * s.k, ++seed);
+        const std::vector<float> bias = random_floats(s.n, ++seed);
+        std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -7.0f);
+        linear(isa, x.data(), s.m, w.view, with_bias ? bias.data() : nullptr, y.data(), &pool);
+        std::vector<double> ref, mag;
+        reference_linear(x, s.m, w.row_major, with_bias ? bias.data() : nullptr, &ref, &mag);
+        for (std::size_t i = 0; i < y.size(); ++i) {
+          ASSERT_NEAR(y[i], ref[i], 1e-6 * mag[i] + 1e-30) << "element " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(PanelPairs, BatchInvariantAcrossBatchSizeTilingAndThreads) {
+  // N = 130: two full panels and a 2-column one; K = 300: three widened k blocks, the last
+  // partial. M = 2, 3, 8 take the direct tiles, 37 and 512 the widened ones.
+  const std::int64_t N = 130, K = 300, kMaxM = 512;
+  const std::vector<float> x = random_floats(kMaxM * K, 52);
+  const std::vector<float> bias = random_floats(N, 53);
+  const PackedWeight w = make_packed(N, K, 54);
+  ThreadPool p1(1), p2(2), p3(3);
+  for (Isa isa : supported_isas()) {
+    SCOPED_TRACE(isa_label(isa));
+    std::vector<float> single(static_cast<std::size_t>(kMaxM * N));
+    for (std::int64_t r = 0; r < kMaxM; ++r) {
+      linear(isa, x.data() + r * K, 1, w.view, bias.data(), single.data() + r * N, nullptr);
+    }
+    for (ThreadPool* pool : {&p1, &p2, &p3}) {
+      for (std::int64_t M : {std::int64_t{2}, std::int64_t{3}, std::int64_t{8}, std::int64_t{37}, kMaxM}) {
+        for (std::int64_t offset : {std::int64_t{0}, std::int64_t{5}}) {
+          if (offset + M > kMaxM) continue;
+          std::vector<float> y(static_cast<std::size_t>(M * N));
+          linear(isa, x.data() + offset * K, M, w.view, bias.data(), y.data(), pool);
+          ASSERT_EQ(0, std::memcmp(y.data(), single.data() + offset * N, y.size() * sizeof(float)))
+              << "threads=" << pool->num_threads() << " M=" << M << " offset=" << offset;
+        }
+      }
+    }
+  }
+}
+
+TEST(LinearAdd, EqualsLinearThenAddBitForBitInBothLayouts) {
+  const std::int64_t N = 130, K = 300;
+  const PackedWeight w = make_packed(N, K, 61);
+  ThreadPool pool(2);
+  for (Isa isa : supported_isas()) {
+    for (const WeightView* view : {&w.row_major.view, &w.view}) {
+      for (std::int64_t M : {std::int64_t{1}, std::int64_t{37}}) {
+        SCOPED_TRACE(isa_label(isa) + (view == &w.view ? " panels" : " row-major") + " M=" + std::to_string(M));
+        const std::vector<float> x = random_floats(M * K, 62);
+        const std::vector<float> residual = random_floats(M * N, 63, -4.0f, 4.0f);
+        std::vector<float> expected(static_cast<std::size_t>(M * N));
+        linear(isa, x.data(), M, *view, nullptr, expected.data(), &pool);
+        std::vector<float> sum = residual;
+        add_inplace(isa, sum.data(), expected.data(), M * N);
+        std::vector<float> fused = residual;
+        linear_add(isa, x.data(), M, *view, fused.data(), &pool);
+        ASSERT_EQ(0, std::memcmp(fused.data(), sum.data(), sum.size() * sizeof(float)));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // element-wise
 
 TEST(RmsNorm, MatchesReference) {
