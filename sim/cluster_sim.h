@@ -50,6 +50,7 @@
 
 #include "cluster/coordinator.h"
 #include "cluster/router.h"
+#include "cluster/transition_plan.h"
 #include "common/clock.h"
 #include "engine/kv_manager.h"
 #include "engine/scheduler.h"
@@ -134,6 +135,7 @@ struct SimReport {
   std::vector<workload::RequestRecord> records;  // in trace order
   SimCounters counters;
   std::vector<std::string> events;  // coordinator events, time-stamped
+  std::vector<cluster::TransitionRecord> transitions;  // every transition plan carried out, in order
   std::vector<std::int64_t> stale_requests;  // trace indices of requests running at a drop
   std::string stale_kv;                      // the strategy, for kunserve ("" otherwise)
   std::int64_t kv_blocks_per_instance = 0;  // layer blocks of an independent instance
@@ -169,6 +171,8 @@ class ClusterSim {
   void apply(const cluster::Actions& actions);
   void try_pending_transitions();
   void fuse(const cluster::DropAction& drop);
+  cluster::TransitionGeometry transition_geometry() const;
+  void record_plan(const std::string& kind, std::int64_t group, std::string plan);
   void split(std::int64_t unit_index);
   bool keeps_kv() const { return config_.stale_kv != cluster::StaleKvStrategy::kRecompute; }
   // Queues a request's bulk KV transfer of `layers` layer messages of `layer_bytes` each on
@@ -204,6 +208,7 @@ class ClusterSim {
   std::vector<std::int32_t> prompt_tokens_;    // after clipping
   std::vector<workload::GaugeSample> gauges_;
   std::vector<std::string> events_;
+  std::vector<cluster::TransitionRecord> transition_log_;
   SimCounters counters_;
   // Pending transitions and in-flight migrations.
   std::vector<cluster::DropAction> pending_drops_;
