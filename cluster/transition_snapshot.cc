@@ -5,7 +5,7 @@
 namespace kun::cluster {
 
 std::vector<TransitionRequest> transition_requests(const engine::Scheduler& scheduler, const engine::KvManager& kv,
-                                                   std::int32_t first_member) {
+                                                   const std::vector<std::int32_t>& member_of_device) {
   std::vector<TransitionRequest> out;
   for (RequestId id : scheduler.request_ids_in_order()) {
     const engine::Request* r = scheduler.find(id);
@@ -19,7 +19,8 @@ std::vector<TransitionRequest> transition_requests(const engine::Scheduler& sche
     if (t.running) {
       t.layer_member.assign(static_cast<std::size_t>(kv.num_layers()), -1);
       for (const engine::LayerBlockList& l : kv.block_lists(id)) {
-        t.layer_member[static_cast<std::size_t>(l.layer)] = first_member + l.device;
+        KUN_CHECK(l.device >= 0 && static_cast<std::size_t>(l.device) < member_of_device.size()) << "device " << l.device;
+        t.layer_member[static_cast<std::size_t>(l.layer)] = member_of_device[static_cast<std::size_t>(l.device)];
       }
     }
     out.push_back(std::move(t));

@@ -13,9 +13,10 @@
 namespace kun::cluster {
 
 // Every request of the unit in queue order. A running request holding KV gets, per layer, the
-// member holding it: `first_member` + the KvManager's device index (an independent instance
-// joining a group at stage k passes k; a fused group passes 0).
+// member holding it: member_of_device[d] for the KvManager's device d (an independent instance
+// joining a group at stage k passes {k}; a fused group splitting passes {0, 1, ..., g-1}; a group
+// growing passes its members' new stages).
 std::vector<TransitionRequest> transition_requests(const engine::Scheduler& scheduler, const engine::KvManager& kv,
-                                                   std::int32_t first_member);
+                                                   const std::vector<std::int32_t>& member_of_device);
 
 }  // namespace kun::cluster

@@ -96,7 +96,17 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
     if (g <= options.num_instances && g <= config.num_layers) degrees.push_back(g);
   }
   shape.allowed_degrees = degrees;
-  rt->coordinator_ = std::make_unique<cluster::Coordinator>(options.coordinator, shape);
+  cluster::CoordinatorConfig coordinator = options.coordinator;
+  if (coordinator.planner.grow_groups) {
+    // Growing a fused group (cluster::PlannedGrowth) is carried out by the simulator only: the
+    // in-process runtime would have to re-fuse a live group (re-spread its stale KV over twice
+    // the members, drop more layers) and that path has no token-exact test yet. Groups here
+    // keep the degree they were formed with; the planner still picks g from allowed_degrees.
+    KUN_LOG(kInfo) << "cluster runtime: group growth is refused (not carried out by the in-process runtime); "
+                      "overloaded groups keep their degree";
+    coordinator.planner.grow_groups = false;
+  }
+  rt->coordinator_ = std::make_unique<cluster::Coordinator>(coordinator, shape);
   rt->router_ = cluster::Router(cluster::RouterConfig{options.router.policy, config.num_layers});
   rt->model_info_.name = options.model_name;
   rt->model_info_.vocab_size = config.vocab_size;
@@ -569,7 +579,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     input.held_begin.push_back(0);
     input.held_end.push_back(L);
     for (cluster::TransitionRequest& r :
-         cluster::transition_requests(m.engine->scheduler(), *m.kv, static_cast<std::int32_t>(k))) {
+         cluster::transition_requests(m.engine->scheduler(), *m.kv, {static_cast<std::int32_t>(k)})) {
       input.requests.push_back(std::move(r));
     }
   }
@@ -691,7 +701,9 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   input.members = instances;
   input.strategy = options_.stale_kv;
   input.split_room_blocks = unit->restore_plan.split_room_blocks;
-  input.requests = cluster::transition_requests(unit->engine->scheduler(), *unit->kv, 0);
+  std::vector<std::int32_t> stages(static_cast<std::size_t>(g));
+  for (std::int64_t k = 0; k < g; ++k) stages[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(k);
+  input.requests = cluster::transition_requests(unit->engine->scheduler(), *unit->kv, stages);
   // Every request leaves the group; those the rule may keep take their tables along.
   std::map<RequestId, engine::Engine::Detached> detached;
   std::map<RequestId, std::map<std::int32_t, kv::BlockTable>> tables_of;
@@ -895,6 +907,7 @@ void ClusterRuntime::run_actions(const cluster::Actions& actions) {
   }
   finish_gathered_restores();  // groups with nothing to gather split at once
   for (const auto& d : actions.drops) {
+    KUN_CHECK(d.absorbs.empty()) << "group growth reached the runtime, which refuses it";
     auto s = drop_locked(d.instances, d.group, d.reason);
     KUN_CHECK(s.ok()) << "drop of group " << d.group << " failed: " << s.status().to_string();
     coordinator_->on_drop_done(d.group, clock_->now_us());

@@ -441,25 +441,40 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
   input.group = drop.group;
   input.members = drop.instances;
   input.strategy = config_.stale_kv;
-  for (std::size_t k = 0; k < drop.instances.size(); ++k) {
-    Unit* u = unit_of_instance(drop.instances[k]);
-    KUN_CHECK(u != nullptr && u->members.size() == 1) << "instance " << drop.instances[k] << " is not independent";
+  // The units giving their members: independent instances and, when a group grows, the fused
+  // groups it absorbs (each member keeps a part of the layers it runs now).
+  std::vector<Unit*> sources;
+  for (std::int64_t inst : drop.instances) {
+    Unit* u = unit_of_instance(inst);
+    KUN_CHECK(u != nullptr) << "instance " << inst;
     KUN_CHECK(!u->in_flight) << "fuse at a step boundary only";
-    input.held_begin.push_back(0);
-    input.held_end.push_back(num_layers);
-    for (cluster::TransitionRequest& r : cluster::transition_requests(*u->scheduler, *u->kv, static_cast<std::int32_t>(k))) {
+    KUN_CHECK(u->members.size() == 1 || std::find(drop.absorbs.begin(), drop.absorbs.end(), u->group) != drop.absorbs.end())
+        << "instance " << inst << " is in group " << u->group << ", which the drop does not absorb";
+    if (std::find(sources.begin(), sources.end(), u) == sources.end()) sources.push_back(u);
+    const auto src_g = static_cast<std::int64_t>(u->members.size());
+    const auto stage = static_cast<std::int64_t>(std::find(u->members.begin(), u->members.end(), inst) - u->members.begin());
+    input.held_begin.push_back(src_g == 1 ? 0 : stage * num_layers / src_g);
+    input.held_end.push_back(src_g == 1 ? num_layers : (stage + 1) * num_layers / src_g);
+  }
+  for (Unit* u : sources) {
+    std::vector<std::int32_t> member_of_device;
+    for (std::int64_t inst : u->members) {
+      member_of_device.push_back(static_cast<std::int32_t>(
+          std::find(drop.instances.begin(), drop.instances.end(), inst) - drop.instances.begin()));
+    }
+    for (cluster::TransitionRequest& r : cluster::transition_requests(*u->scheduler, *u->kv, member_of_device)) {
       input.requests.push_back(std::move(r));
     }
   }
   const cluster::DropPlan plan = cluster::plan_drop(input, transition_geometry());
-  record_plan("drop", drop.group, plan.to_string());
+  record_plan(drop.absorbs.empty() ? "drop" : "grow", drop.group, plan.to_string());
   std::set<RequestId> keep;
   for (const cluster::StaleKvPlan& sk : plan.keep_kv) keep.insert(sk.id);
   std::map<RequestId, engine::Request> detached;
-  std::map<RequestId, std::int32_t> ran_on;
+  std::map<RequestId, std::vector<std::int32_t>> layer_member;
   for (const cluster::TransitionRequest& r : input.requests) {
     if (!r.running) continue;
-    ran_on[r.id] = r.layer_member.front();
+    layer_member[r.id] = r.layer_member;
     if (!is_stale_[static_cast<std::size_t>(r.id.value)]) {
       is_stale_[static_cast<std::size_t>(r.id.value)] = true;
       stale_ids_.push_back(r.id.value);
@@ -469,8 +484,7 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
       counters_.stale_tokens_recomputed += r.tokens_held;
     }
   }
-  for (std::int64_t inst : drop.instances) {
-    Unit* u = unit_of_instance(inst);
+  for (Unit* u : sources) {
     for (RequestId id : u->scheduler->request_ids_in_order()) {
       auto d = u->scheduler->detach(id, keep.count(id) != 0);
       KUN_CHECK(d.has_value());
@@ -481,10 +495,7 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
     collect(*u);
   }
   units_.erase(std::remove_if(units_.begin(), units_.end(),
-                              [&](const auto& u) {
-                                return std::find(drop.instances.begin(), drop.instances.end(), u->members[0]) !=
-                                       drop.instances.end();
-                              }),
+                              [&](const auto& u) { return std::find(sources.begin(), sources.end(), u.get()) != sources.end(); }),
                units_.end());
   auto group = make_unit(drop.instances, drop.group);
   const auto g = static_cast<std::int64_t>(drop.instances.size());
@@ -497,12 +508,15 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
   const std::int64_t bs = config_.block_size_tokens;
   bool exchanging = false;
   for (const cluster::StaleKvPlan& sk : plan.keep_kv) {
-    const std::int32_t stage = ran_on.at(sk.id);
+    const std::vector<std::int32_t>& where = layer_member.at(sk.id);
     std::map<std::int32_t, kv::BlockTable> tables;
     for (std::int64_t j = 0; j < g; ++j) {
-      kv::BlockTable t(bs, 0, j == stage ? num_layers : 0);
-      // The member's pool only grew, and the other members' tables hold no layers yet.
+      kv::BlockTable t(bs, 0, 0);
       KUN_CHECK_OK(t.append_tokens(sk.tokens, *group->allocators[static_cast<std::size_t>(j)]));
+      // Each member's pool only grew: the layers it holds fit again.
+      for (std::int64_t l = 0; l < num_layers; ++l) {
+        if (where[static_cast<std::size_t>(l)] == j) KUN_CHECK_OK(t.add_layer(l, *group->allocators[static_cast<std::size_t>(j)]));
+      }
       tables.emplace(static_cast<std::int32_t>(j), std::move(t));
     }
     group->kv->import_tables(sk.id, sk.tokens, std::move(tables));
@@ -511,7 +525,7 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
     group->requests.insert(sk.id.value);
     ++counters_.stale_requests_kept_kv;
     if (config_.stale_kv == cluster::StaleKvStrategy::kExchange && !sk.moves.empty()) {
-      queue_kv_move(*group, sk.id.value, stage, static_cast<std::int64_t>(sk.moves.size()),
+      queue_kv_move(*group, sk.id.value, sk.moves.front().from, static_cast<std::int64_t>(sk.moves.size()),
                     group->kv->token_blocks(sk.tokens) * layer_block_bytes());
       exchanging = true;
     }
@@ -541,7 +555,9 @@ void ClusterSim::split(std::int64_t unit_index) {
   input.members = g.members;
   input.strategy = config_.stale_kv;
   input.split_room_blocks = g.split_room;
-  input.requests = cluster::transition_requests(*g.scheduler, *g.kv, 0);
+  std::vector<std::int32_t> stages(static_cast<std::size_t>(num_members));
+  for (std::int64_t k = 0; k < num_members; ++k) stages[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(k);
+  input.requests = cluster::transition_requests(*g.scheduler, *g.kv, stages);
   std::map<RequestId, engine::Request> detached;
   for (const cluster::TransitionRequest& r : input.requests) {
     auto d = g.scheduler->detach(r.id, r.running && keeps_kv());
