@@ -697,7 +697,7 @@ void ClusterSim::try_pending_transitions() {
     }
     fuse(*it);
     coordinator_->on_drop_done(it->group, now);
-    ++counters_.drops;
+    ++(it->absorbs.empty() ? counters_.drops : counters_.grows);
     const double ms = static_cast<double>(now - drop_requested_us_[it->group]) / 1000.0;
     counters_.drop_latency_ms.push_back(ms);
     events_.push_back(std::to_string(now) + " drop done group " + std::to_string(it->group));
@@ -746,6 +746,25 @@ void ClusterSim::tick() {
     gauges_.push_back({now, "group_state" + label, static_cast<double>(static_cast<int>(s.state))});
   }
   apply(coordinator_->tick(now, snaps));
+  run_script();
+}
+
+void ClusterSim::run_script() {
+  const std::int64_t now = clock_.now_us();
+  while (next_script_ < config_.script.size() && config_.script[next_script_].at_us <= now) {
+    const SimConfig::ScriptedTransition& st = config_.script[next_script_++];
+    cluster::Actions a;
+    if (!st.drop.empty()) {
+      auto d = coordinator_->force_drop(st.drop, now);
+      KUN_CHECK(d.ok()) << "scripted drop at " << st.at_us << "us: " << d.status().to_string();
+      a.drops.push_back(*d);
+    } else {
+      auto r = coordinator_->force_restore(st.restore_group, now);
+      KUN_CHECK(r.ok()) << "scripted restore at " << st.at_us << "us: " << r.status().to_string();
+      a.restores.push_back(*r);
+    }
+    apply(a);
+  }
 }
 
 StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
