@@ -40,6 +40,7 @@ int main(int argc, char** argv) {
   std::vector<double> rates = {6, 8, 10, 12};
   double cv = 3.0, prompt_mean = 1500, output_mean = 300;
   std::uint64_t seed = 1;
+  bool sustained_check = false;
   app.add_option("--sim-model", model);
   app.add_option("--gpu", gpu);
   app.add_option("--link", link);
@@ -50,6 +51,8 @@ int main(int argc, char** argv) {
   app.add_option("--prompt-mean", prompt_mean);
   app.add_option("--output-mean", output_mean);
   app.add_option("--seed", seed);
+  app.add_flag("--sustained-check", sustained_check,
+               "instead: kunserve drops with the sustained-overload vote off vs on (monitor.sustained_overload_samples 0 vs 6)");
   CLI11_PARSE(app, argc, argv);
 
   std::printf("%s on %lld x %s, gamma cv %.1f, %lld s, prompt ~%.0f output ~%.0f tokens\n", model.c_str(),
@@ -75,6 +78,17 @@ int main(int argc, char** argv) {
     c.scheduler.max_num_batched_tokens = 2048;
     c.scheduler.max_model_len = 4096;
     c.seed = seed;
+    if (sustained_check) {
+      c.policy = cluster::Policy::kKunServe;
+      c.coordinator.monitor.sustained_overload_samples = 0;
+      const Row off = run(c, trace);
+      c.coordinator.monitor.sustained_overload_samples = 6;
+      const Row on = run(c, trace);
+      std::printf("%6.1f | sustained vote off: drops %lld p99 %.0f ms | on: drops %lld grows %lld p99 %.0f ms\n", rate,
+                  static_cast<long long>(off.drops), off.p99_ttft_ms, static_cast<long long>(on.drops),
+                  static_cast<long long>(on.grows), on.p99_ttft_ms);
+      continue;
+    }
     c.policy = cluster::Policy::kRecompute;
     const Row rec = run(c, trace);
     c.policy = cluster::Policy::kKunServe;

@@ -23,7 +23,7 @@ namespace {
 
 constexpr std::int64_t kRequests = 8;
 constexpr std::int64_t kPrompt = 40;
-constexpr std::int64_t kMaxTokens = 600;
+constexpr std::int64_t kMaxTokens = 200;
 constexpr std::int64_t kKvPages = 6;  // per device
 
 struct Geometry {
