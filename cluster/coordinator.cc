@@ -245,7 +245,7 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
                                   ? shape_.num_layers * (g_members - 1) * shape_.layer_param_bytes / shape_.layer_block_bytes
                                   : 0;
     monitor_.observe_group(id, sample_of_group(members, now_us, lent));
-    monitor_.observe_group_load(id, sample_of_group(members, now_us, 0));
+    sampled = monitor_.observe_group_load(id, sample_of_group(members, now_us, 0)) || sampled;
   }
 
   // 2. Restores, per group.
