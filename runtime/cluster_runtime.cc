@@ -629,28 +629,28 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     if (!r.layer_member.empty()) ran_on[r.id] = r.layer_member.front();
   }
   {
-  std::lock_guard<std::mutex> rl(requests_mu_);
-  for (const cluster::StaleKvPlan& s : plan.keep_kv) {
-    kv::BlockTable home = std::move(home_tables.at(s.id));
-    KUN_CHECK_EQ(home.num_tokens(), s.tokens) << "request " << s.id;
-    const std::int32_t stage = ran_on.at(s.id);
-    std::map<std::int32_t, kv::BlockTable> tables;
-    for (std::int64_t j = 0; j < g; ++j) {
-      if (j == stage) continue;
-      kv::BlockTable none(bs, 0, 0);  // no layers yet; the exchange adds them
-      KUN_CHECK_OK(none.append_tokens(s.tokens, member_alloc(j)));
-      tables.emplace(static_cast<std::int32_t>(j), std::move(none));
+    std::lock_guard<std::mutex> rl(requests_mu_);
+    for (const cluster::StaleKvPlan& s : plan.keep_kv) {
+      kv::BlockTable home = std::move(home_tables.at(s.id));
+      KUN_CHECK_EQ(home.num_tokens(), s.tokens) << "request " << s.id;
+      const std::int32_t stage = ran_on.at(s.id);
+      std::map<std::int32_t, kv::BlockTable> tables;
+      for (std::int64_t j = 0; j < g; ++j) {
+        if (j == stage) continue;
+        kv::BlockTable none(bs, 0, 0);  // no layers yet; the exchange adds them
+        KUN_CHECK_OK(none.append_tokens(s.tokens, member_alloc(j)));
+        tables.emplace(static_cast<std::int32_t>(j), std::move(none));
+      }
+      tables.emplace(stage, std::move(home));
+      unit->kv->import_tables(s.id, s.tokens, std::move(tables));
+      KUN_CHECK_EQ(unit->kv->misplaced_layers(s.id).size(), s.moves.size()) << "request " << s.id << " against its plan";
+      request_instance_[s.id] = instances.front();
+      unit->engine->adopt_with_imported_kv(std::move(detached.at(s.id)));
     }
-    tables.emplace(stage, std::move(home));
-    unit->kv->import_tables(s.id, s.tokens, std::move(tables));
-    KUN_CHECK_EQ(unit->kv->misplaced_layers(s.id).size(), s.moves.size()) << "request " << s.id << " against its plan";
-    request_instance_[s.id] = instances.front();
-    unit->engine->adopt_with_imported_kv(std::move(detached.at(s.id)));
-  }
-  for (RequestId id : plan.queue) {
-    request_instance_[id] = instances.front();
-    KUN_CHECK_OK(unit->engine->adopt(std::move(detached.at(id)), /*with_kv=*/false));
-  }
+    for (RequestId id : plan.queue) {
+      request_instance_[id] = instances.front();
+      KUN_CHECK_OK(unit->engine->adopt(std::move(detached.at(id)), /*with_kv=*/false));
+    }
   }
   const auto moved = static_cast<std::int64_t>(plan.keep_kv.size() + plan.queue.size());
   KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << "drop of group " << group << " lost a request";

@@ -58,7 +58,7 @@ std::int64_t largest_group(const SimReport& rep) {
 }
 
 TEST(SimGrowth, OverloadedGroupsGrowAndEveryRequestCompletes) {
-  const workload::Trace t = trace(12.0, 30, 1500, 300, 1);
+  const workload::Trace t = trace(14.0, 30, 1500, 300, 1);
   SimConfig c = config(8, "llama-2-13b");
   auto grown = run_simulation(c, t);
   ASSERT_TRUE(grown.ok()) << grown.status().to_string();
@@ -79,6 +79,54 @@ TEST(SimGrowth, OverloadedGroupsGrowAndEveryRequestCompletes) {
   bool grow_record = false;
   for (const auto& r : grown->transitions) grow_record = grow_record || r.kind == "grow";
   EXPECT_TRUE(grow_record);
+}
+
+// First "drop requested" time in the report's events ("<us> drop requested group ..."), -1 if none.
+std::int64_t first_drop_us(const SimReport& rep) {
+  for (const std::string& e : rep.events) {
+    if (e.find(" drop requested") != std::string::npos) return std::stoll(e.substr(0, e.find(' ')));
+  }
+  return -1;
+}
+
+TEST(SimSustainedOverload, DropsAt95PercentWithPendingBelowFree) {
+  // Two instances, each with 8 running requests (max_num_seqs) decoding long outputs and a queue
+  // that makes demand 96 % of its pool at the start. While demand < 100 %, pending < free (the
+  // queue would fit; it waits for a sequence slot), so "pending >= free" holds on no sample
+  // until the running requests' growth pushes demand past 100 % (about 0.05 x pool / 8 decode
+  // steps later). The sustained-overload vote drops 3 s after the overload starts.
+  SimConfig c = config(2, "llama-2-7b");
+  c.scheduler.max_num_seqs = 8;
+  c.route = cluster::RoutePolicy::kRoundRobin;
+  c.coordinator.enable_restore = false;
+  auto probe = ClusterSim::create(c);
+  ASSERT_TRUE(probe.ok()) << probe.status().to_string();
+  const std::int64_t pool_tokens =
+      (*probe)->kv_blocks_per_instance() / (*probe)->cost().model().num_layers * c.block_size_tokens;
+  constexpr std::int32_t kPrompt = 512, kOutput = 1500;
+  const std::int64_t per_instance = static_cast<std::int64_t>(0.96 * static_cast<double>(pool_tokens)) / kPrompt;
+  ASSERT_GT(per_instance, 8);
+  workload::Trace t;
+  for (std::int64_t i = 0; i < 2 * per_instance; ++i) t.requests.push_back({0, kPrompt, kOutput});
+  const double demand0 = static_cast<double>(per_instance * kPrompt) / static_cast<double>(pool_tokens);
+  ASSERT_GE(demand0, 0.95);
+  ASSERT_LT(demand0, 0.965);
+  c.coordinator.monitor.sustained_overload_samples = 0;
+  auto off = run_simulation(c, t);
+  ASSERT_TRUE(off.ok()) << off.status().to_string();
+  c.coordinator.monitor.sustained_overload_samples = 6;
+  auto on = run_simulation(c, t);
+  ASSERT_TRUE(on.ok()) << on.status().to_string();
+  const std::int64_t off_us = first_drop_us(*off), on_us = first_drop_us(*on);
+  std::printf("pool %lld tokens, %lld requests per instance (demand %.3f): first drop at %.1f s with the sustained vote, "
+              "%.1f s without\n",
+              static_cast<long long>(pool_tokens), static_cast<long long>(per_instance), demand0,
+              static_cast<double>(on_us) / 1e6, static_cast<double>(off_us) / 1e6);
+  expect_all_complete(*on, t);
+  ASSERT_GT(on_us, 0);
+  EXPECT_LE(on_us, 5'000'000);  // 6 samples at 0.5 s after the prefills
+  // Without it, the drop waits until demand passes 100 % (or never comes).
+  EXPECT_TRUE(off_us < 0 || off_us >= on_us + 2'000'000) << "off " << off_us << " on " << on_us;
 }
 
 }  // namespace
