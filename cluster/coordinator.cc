@@ -154,6 +154,19 @@ void Coordinator::on_restore_done(std::int64_t group_id, std::int64_t now_us) {
   replan_due_ = true;
 }
 
+void Coordinator::dissolve_absorbed(std::int64_t group_id, std::int64_t now_us) {
+  GroupInfo& g = live_group(group_id);
+  KUN_CHECK(g.state == GroupState::kDropped && !g.in_transition())
+      << "group " << group_id << " cannot grow from " << group_state_name(g.state);
+  record(now_us, g, EventKind::kDropRequested, g.state, g.state, -1, false, "absorbed by a growing group");
+  for (std::int64_t m : g.members) {
+    group_of_.erase(m);
+    monitor_.reset_instance(m);
+  }
+  monitor_.reset_group(group_id);
+  groups_.erase(group_id);
+}
+
 StatusOr<DropAction> Coordinator::force_drop(const std::vector<std::int64_t>& instances, std::int64_t now_us) {
   const auto g = static_cast<std::int64_t>(instances.size());
   if (std::find(shape_.allowed_degrees.begin(), shape_.allowed_degrees.end(), g) == shape_.allowed_degrees.end()) {
@@ -233,6 +246,7 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
                                   ? shape_.num_layers * (g_members - 1) * shape_.layer_param_bytes / shape_.layer_block_bytes
                                   : 0;
     monitor_.observe_group(id, sample_of_group(members, now_us, lent));
+    sampled = monitor_.observe_group_load(id, sample_of_group(members, now_us, 0)) || sampled;
   }
 
   // 2. Restores, per group.
@@ -259,11 +273,45 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
   for (const InstanceSnapshot& s : independent) {
     if (monitor_.instance_vote(s.instance) == Vote::kDrop) overloaded.push_back(s.instance);
   }
-  if (overloaded.empty()) return actions;
-  Plan plan = planner_.plan(independent, overloaded, shape_);
-  for (const std::string& note : plan.notes) KUN_LOG(kInfo) << "cluster: planner: " << note;
-  for (PlannedGroup& pg : plan.groups) {
-    actions.drops.push_back(create_group(pg.instances, now_us, pg.reason, false));
+  // Fused groups whose load against their fused capacity votes for more memory.
+  std::vector<GroupView> views;
+  bool any_group_overloaded = false;
+  if (config_.planner.grow_groups) {
+    for (auto& [id, g] : groups_) {
+      if (g.state != GroupState::kDropped || g.in_transition()) continue;
+      GroupView v;
+      v.id = id;
+      for (std::int64_t m : g.members) {
+        auto it = by_id.find(m);
+        if (it != by_id.end()) v.members.push_back(it->second);
+      }
+      if (v.members.size() != g.members.size()) continue;
+      v.overloaded = monitor_.group_load_vote(id) == Vote::kDrop;
+      any_group_overloaded = any_group_overloaded || v.overloaded;
+      views.push_back(std::move(v));
+    }
+  }
+  if (overloaded.empty() && !any_group_overloaded) return actions;
+  std::vector<std::int64_t> taken;
+  if (!overloaded.empty()) {
+    Plan plan = planner_.plan(independent, overloaded, shape_);
+    for (const std::string& note : plan.notes) KUN_LOG(kInfo) << "cluster: planner: " << note;
+    for (PlannedGroup& pg : plan.groups) {
+      taken.insert(taken.end(), pg.instances.begin(), pg.instances.end());
+      actions.drops.push_back(create_group(pg.instances, now_us, pg.reason, false));
+    }
+  }
+  if (any_group_overloaded) {
+    std::vector<InstanceSnapshot> free;
+    for (const InstanceSnapshot& s : independent) {
+      if (std::find(taken.begin(), taken.end(), s.instance) == taken.end()) free.push_back(s);
+    }
+    for (PlannedGrowth& pg : planner_.plan_growth(views, free, shape_)) {
+      for (std::int64_t old : pg.absorbs) dissolve_absorbed(old, now_us);
+      DropAction a = create_group(pg.instances, now_us, pg.reason, false);
+      a.absorbs = pg.absorbs;
+      actions.drops.push_back(std::move(a));
+    }
   }
   return actions;
 }

@@ -9,6 +9,8 @@
 //   on_restore_started               kDropped  -> kRestoring   (requires a pending restore)
 //   on_restore_done                  kRestoring -> kInitial, the group dissolves and its members
 //                                    are independent again
+//   growth (DropAction.absorbs)      a kDropped group (and a group it merges with) is replaced by a
+//                                    new group of twice the degree, which starts as above
 // Any other transition is a bug in the caller and aborts (KUN_CHECK). A group is *in transition*
 // from its DropAction to on_drop_done and from its RestoreAction to on_restore_done.
 //
@@ -111,6 +113,8 @@ class Coordinator {
   GroupInfo& live_group(std::int64_t id);
   void transition(GroupInfo& g, GroupState to);
   DropAction create_group(std::vector<std::int64_t> members, std::int64_t now_us, std::string reason, bool forced);
+  // A kDropped group a growing group replaces: its record ends here (its members join the new one).
+  void dissolve_absorbed(std::int64_t group_id, std::int64_t now_us);
   RestoreAction request_restore(GroupInfo& g, std::int64_t now_us, std::string reason, bool forced);
   void record(std::int64_t now_us, const GroupInfo& g, EventKind kind, GroupState from, GroupState to,
               std::int64_t latency_us, bool forced, std::string detail);

@@ -70,6 +70,11 @@ DemandMonitor::DemandMonitor(DemandMonitorConfig config) : config_(config) {
   KUN_CHECK_GE(config_.min_trend_samples, 2);
   KUN_CHECK_LE(config_.drop_votes_needed, config_.window_samples);
   KUN_CHECK_LE(config_.restore_votes_needed, config_.window_samples);
+  KUN_CHECK_GE(config_.sustained_overload_samples, 0);
+}
+
+bool DemandMonitor::overloaded(const DemandSample& s) const {
+  return s.demand >= config_.drop_demand_threshold && (s.pending_blocks > 0 || s.num_queued > 0);
 }
 
 bool DemandMonitor::drop_eligible(const DemandSample& s) const {
@@ -108,6 +113,7 @@ bool DemandMonitor::observe(Window& w, const DemandSample& sample) {
   w.samples.push_back(sample);
   while (static_cast<std::int64_t>(w.samples.size()) > config_.window_samples) w.samples.pop_front();
   w.drop_streak = drop_eligible(sample) ? w.drop_streak + 1 : 0;
+  w.overload_streak = overloaded(sample) ? w.overload_streak + 1 : 0;
   w.restore_streak = restore_eligible(w) ? w.restore_streak + 1 : 0;
   return true;
 }
@@ -123,6 +129,7 @@ bool DemandMonitor::observe_group(std::int64_t group, const DemandSample& sample
 Vote DemandMonitor::vote(const Window* w) const {
   if (w == nullptr) return Vote::kNone;
   if (w->drop_streak >= config_.drop_votes_needed) return Vote::kDrop;
+  if (config_.sustained_overload_samples > 0 && w->overload_streak >= config_.sustained_overload_samples) return Vote::kDrop;
   if (w->restore_streak >= config_.restore_votes_needed) return Vote::kRestore;
   return Vote::kNone;
 }
@@ -130,8 +137,22 @@ Vote DemandMonitor::vote(const Window* w) const {
 Vote DemandMonitor::instance_vote(std::int64_t instance) const { return vote(instance_window(instance)); }
 Vote DemandMonitor::group_vote(std::int64_t group) const { return vote(group_window(group)); }
 
+bool DemandMonitor::observe_group_load(std::int64_t group, const DemandSample& sample) {
+  return observe(group_loads_[group], sample);
+}
+
+Vote DemandMonitor::group_load_vote(std::int64_t group) const {
+  auto it = group_loads_.find(group);
+  if (it == group_loads_.end()) return Vote::kNone;
+  const Vote v = vote(&it->second);
+  return v == Vote::kDrop ? v : Vote::kNone;  // a fused group's load only asks for growth
+}
+
 void DemandMonitor::reset_instance(std::int64_t instance) { instances_.erase(instance); }
-void DemandMonitor::reset_group(std::int64_t group) { groups_.erase(group); }
+void DemandMonitor::reset_group(std::int64_t group) {
+  groups_.erase(group);
+  group_loads_.erase(group);
+}
 
 const DemandMonitor::Window* DemandMonitor::instance_window(std::int64_t instance) const {
   auto it = instances_.find(instance);

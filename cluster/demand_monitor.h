@@ -9,7 +9,9 @@
 //                      AND demand <= restore_demand_threshold
 //                      AND demand is falling over the window (see TrendRule)
 // A key *votes* drop (restore) when its last drop_votes_needed (restore_votes_needed) samples
-// were all drop- (restore-) eligible: a single spike never fuses anything.
+// were all drop- (restore-) eligible: a single spike never fuses anything. It also votes drop
+// after sustained_overload_samples consecutive samples at demand >= drop_demand_threshold with
+// requests waiting (sustained overload; see the config).
 //
 // "Falling" (TrendRule):
 //   kLeastSquaresSlope (default): the ordinary least-squares slope of demand against sample index
@@ -48,6 +50,13 @@ struct DemandMonitorConfig {
   // one sample); 2 samples (1 s) filters single-sample spikes while reacting quickly.
   std::int64_t drop_votes_needed = 2;
   std::int64_t restore_votes_needed = 2;
+  // Sustained overload also votes drop: this many consecutive samples with demand >=
+  // drop_demand_threshold while requests wait (pending_blocks > 0 or num_queued > 0), even when
+  // pending < free on some of them. "pending >= free" flickers under decode-heavy load: the
+  // running requests' growth keeps free blocks hovering around what the queue needs, so two
+  // consecutive samples rarely agree while the queue never drains (one simulated run stayed at
+  // >= 95 % for 18 s without a drop). 6 samples = 3 s at the default period; 0 turns it off.
+  std::int64_t sustained_overload_samples = 6;
 };
 
 // One measurement of one key (instance or group).
@@ -85,6 +94,10 @@ class DemandMonitor {
   // Returns true when a sample was recorded.
   bool observe_instance(std::int64_t instance, const DemandSample& sample);
   bool observe_group(std::int64_t group, const DemandSample& sample);
+  // A dropped group's load against its fused capacity (lent pages included): a drop vote here
+  // asks the planner to grow the group.
+  bool observe_group_load(std::int64_t group, const DemandSample& sample);
+  Vote group_load_vote(std::int64_t group) const;
 
   Vote instance_vote(std::int64_t instance) const;
   Vote group_vote(std::int64_t group) const;
@@ -100,11 +113,13 @@ class DemandMonitor {
     bool has_sample = false;
     std::int64_t drop_streak = 0;     // consecutive drop-eligible samples, newest last
     std::int64_t restore_streak = 0;  // consecutive restore-eligible samples
+    std::int64_t overload_streak = 0;  // consecutive samples at the drop threshold with requests waiting
   };
   const Window* instance_window(std::int64_t instance) const;
   const Window* group_window(std::int64_t group) const;
 
   bool drop_eligible(const DemandSample& s) const;
+  bool overloaded(const DemandSample& s) const;  // demand at the threshold with requests waiting
   bool restore_eligible(const Window& w) const;  // uses w's newest sample and trend
   bool falling(const std::deque<DemandSample>& window) const;
 
@@ -115,6 +130,7 @@ class DemandMonitor {
   DemandMonitorConfig config_;
   std::unordered_map<std::int64_t, Window> instances_;
   std::unordered_map<std::int64_t, Window> groups_;
+  std::unordered_map<std::int64_t, Window> group_loads_;
 };
 
 }  // namespace kun::cluster

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <sstream>
+#include <map>
 #include <unordered_map>
 
 #include "common/check.h"
@@ -72,7 +73,7 @@ Plan Planner::plan(const std::vector<InstanceSnapshot>& independent, const std::
 
   std::vector<std::int64_t> degrees;
   for (std::int64_t g : shape.allowed_degrees) {
-    if (g >= 2 && g <= shape.num_layers) degrees.push_back(g);
+    if (degree_allowed(g, shape)) degrees.push_back(g);
   }
   std::sort(degrees.begin(), degrees.end());
   degrees.erase(std::unique(degrees.begin(), degrees.end()), degrees.end());
@@ -196,6 +197,148 @@ Plan Planner::plan(const std::vector<InstanceSnapshot>& independent, const std::
     result.groups.push_back(std::move(pg));
   }
   return result;
+}
+
+bool Planner::degree_allowed(std::int64_t g, const ClusterShape& shape) const {
+  if (g < 2 || g > shape.num_layers) return false;
+  if (config_.max_degree > 0 && g > config_.max_degree) return false;
+  return std::find(shape.allowed_degrees.begin(), shape.allowed_degrees.end(), g) != shape.allowed_degrees.end();
+}
+
+std::int64_t Planner::group_capacity_tokens(const std::vector<const InstanceSnapshot*>& members, const ClusterShape& shape) {
+  check_shape(shape);
+  const auto g = static_cast<std::int64_t>(members.size());
+  KUN_CHECK_GE(g, 1);
+  std::int64_t min_token_blocks = -1;
+  for (std::int64_t s = 0; s < g; ++s) {
+    const std::int64_t kept = layers_kept(s, g, shape.num_layers);
+    const std::int64_t token_blocks = members[static_cast<std::size_t>(s)]->kv_blocks_total / kept;
+    if (min_token_blocks < 0 || token_blocks < min_token_blocks) min_token_blocks = token_blocks;
+  }
+  return min_token_blocks * shape.block_size_tokens;
+}
+
+std::int64_t Planner::group_demand_tokens(const std::vector<const InstanceSnapshot*>& members, const ClusterShape& shape) {
+  check_shape(shape);
+  std::int64_t blocks = 0;
+  for (const InstanceSnapshot* m : members) blocks += m->blocks_demanded;
+  return ceil_div(blocks, shape.num_layers) * shape.block_size_tokens;
+}
+
+std::vector<PlannedGrowth> Planner::plan_growth(const std::vector<GroupView>& groups, const std::vector<InstanceSnapshot>& free,
+                                                const ClusterShape& shape) const {
+  check_shape(shape);
+  std::vector<PlannedGrowth> out;
+  if (!config_.grow_groups) return out;
+  const double target = config_.target_utilization;
+  // Free instances, least loaded first (front of the list is taken first).
+  std::vector<const InstanceSnapshot*> spare;
+  for (const InstanceSnapshot& s : free) spare.push_back(&s);
+  const auto deficit_of = [&](const InstanceSnapshot* s) {
+    return static_cast<double>(demand_tokens(*s, shape)) - target * static_cast<double>(independent_capacity_tokens(*s, shape));
+  };
+  std::sort(spare.begin(), spare.end(), [&](const InstanceSnapshot* a, const InstanceSnapshot* b) {
+    const double da = deficit_of(a), db = deficit_of(b);
+    return da != db ? da < db : a->instance < b->instance;
+  });
+  std::size_t next_spare = 0;
+  struct G {
+    const GroupView* view;
+    std::int64_t demand, capacity;
+    double deficit;
+  };
+  std::vector<G> gs;
+  for (const GroupView& v : groups) {
+    KUN_CHECK(!v.members.empty()) << "group " << v.id;
+    G e{&v, group_demand_tokens(v.members, shape), group_capacity_tokens(v.members, shape), 0.0};
+    e.deficit = static_cast<double>(e.demand) - target * static_cast<double>(e.capacity);
+    gs.push_back(e);
+  }
+  // Merge candidates by degree, least loaded first; growers, largest deficit first.
+  std::vector<std::size_t> order(gs.size());
+  for (std::size_t i = 0; i < gs.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return gs[a].deficit != gs[b].deficit ? gs[a].deficit < gs[b].deficit : gs[a].view->id < gs[b].view->id;
+  });
+  std::map<std::size_t, std::vector<std::size_t>> mergeable;  // degree -> candidates, least loaded first
+  std::map<std::size_t, std::size_t> next_mergeable;
+  for (std::size_t i : order) {
+    if (!gs[i].view->overloaded) mergeable[gs[i].view->members.size()].push_back(i);
+  }
+  std::vector<bool> taken(gs.size(), false);
+  // A member's pool without the pages its dropped layers lent (what it has as an instance).
+  const auto base_of = [&](const InstanceSnapshot* s, std::int64_t stage, std::int64_t g) {
+    InstanceSnapshot b = *s;
+    if (g > 1) {
+      b.kv_blocks_total -= (shape.num_layers - layers_kept(stage, g, shape.num_layers)) * shape.layer_param_bytes /
+                           shape.layer_block_bytes;
+    }
+    return b;
+  };
+  for (auto it = order.rbegin(); it != order.rend(); ++it) {
+    const std::size_t gi = *it;
+    const G& grower = gs[gi];
+    if (taken[gi] || !grower.view->overloaded) continue;
+    const auto g = static_cast<std::int64_t>(grower.view->members.size());
+    std::ostringstream why;
+    why << "group " << grower.view->id << " (g=" << g << ") demand " << grower.demand << " tokens vs capacity " << grower.capacity;
+    if (!degree_allowed(2 * g, shape)) continue;  // at its largest size
+    std::vector<const InstanceSnapshot*> partners;
+    std::vector<std::int64_t> partner_stage_degree;  // the degree the partner's layout comes from
+    std::int64_t merged = -1;
+    if (static_cast<std::int64_t>(spare.size() - next_spare) >= g) {
+      for (std::int64_t j = 0; j < g; ++j) partners.push_back(spare[next_spare + static_cast<std::size_t>(j)]);
+      partner_stage_degree.assign(static_cast<std::size_t>(g), 1);
+      why << "; +" << g << " free instances";
+    } else {
+      auto& cands = mergeable[static_cast<std::size_t>(g)];
+      std::size_t& next = next_mergeable[static_cast<std::size_t>(g)];
+      while (next < cands.size() && (taken[cands[next]] || cands[next] == gi)) ++next;
+      if (next == cands.size()) continue;  // nothing to grow with
+      const std::size_t mi = cands[next];
+      taken[mi] = true;
+      merged = gs[mi].view->id;
+      partners = gs[mi].view->members;
+      partner_stage_degree.assign(static_cast<std::size_t>(g), g);
+      why << "; merging group " << merged << " (demand " << gs[mi].demand << " vs " << gs[mi].capacity << ")";
+    }
+    if (merged < 0) next_spare += static_cast<std::size_t>(g);
+    taken[gi] = true;
+    PlannedGrowth pg;
+    pg.group = grower.view->id;
+    pg.absorbs.push_back(grower.view->id);
+    if (merged >= 0) pg.absorbs.push_back(merged);
+    pg.degree = 2 * g;
+    std::vector<InstanceSnapshot> bases;
+    bases.reserve(static_cast<std::size_t>(2 * g));
+    for (std::int64_t j = 0; j < g; ++j) {
+      const InstanceSnapshot* own = grower.view->members[static_cast<std::size_t>(j)];
+      const InstanceSnapshot* other = partners[static_cast<std::size_t>(j)];
+      pg.instances.push_back(own->instance);
+      pg.instances.push_back(other->instance);
+      bases.push_back(base_of(own, j, g));
+      bases.push_back(base_of(other, j, partner_stage_degree[static_cast<std::size_t>(j)]));
+    }
+    std::vector<const InstanceSnapshot*> base_ptrs;
+    std::vector<const InstanceSnapshot*> all;
+    for (const InstanceSnapshot& b : bases) base_ptrs.push_back(&b);
+    for (std::int64_t j = 0; j < g; ++j) {
+      all.push_back(grower.view->members[static_cast<std::size_t>(j)]);
+      all.push_back(partners[static_cast<std::size_t>(j)]);
+    }
+    pg.demand_tokens = group_demand_tokens(all, shape);
+    pg.capacity_before_tokens = grower.capacity + (merged >= 0 ? group_capacity_tokens(partners, shape) : 0);
+    if (merged < 0) {
+      for (const InstanceSnapshot* p : partners) pg.capacity_before_tokens += independent_capacity_tokens(*p, shape);
+    }
+    pg.capacity_after_tokens = fused_capacity_tokens(base_ptrs, shape);
+    pg.covers = static_cast<double>(pg.demand_tokens) <= target * static_cast<double>(pg.capacity_after_tokens);
+    why << "; g=" << pg.degree << " " << join_ids(pg.instances) << ": demand " << pg.demand_tokens << " tokens, capacity "
+        << pg.capacity_before_tokens << " -> " << pg.capacity_after_tokens << (pg.covers ? " covers" : " (still short)");
+    pg.reason = why.str();
+    out.push_back(std::move(pg));
+  }
+  return out;
 }
 
 }  // namespace kun::cluster

@@ -37,6 +37,31 @@ struct PlannerConfig {
   // A plan covers a group when its demand is at most this fraction of its capacity; 0.95 keeps
   // the fused group just under the drop threshold.
   double target_utilization = 0.95;
+  // Largest group the planner forms or grows to (0: the shape's allowed degrees only). 2 is the
+  // behaviour before groups could grow.
+  std::int64_t max_degree = 0;
+  // An overloaded fused group of degree g grows to 2g (when 2g is allowed) by taking g free
+  // instances or merging with another group of degree g.
+  bool grow_groups = true;
+};
+
+// A fused group as the growth planner sees it.
+struct GroupView {
+  std::int64_t id = -1;
+  std::vector<const InstanceSnapshot*> members;  // stage order
+  bool overloaded = false;                       // its monitor votes for more memory
+};
+
+struct PlannedGrowth {
+  std::int64_t group = -1;                 // the overloaded group
+  std::vector<std::int64_t> absorbs;       // groups replaced by the new one (group first)
+  std::vector<std::int64_t> instances;     // new stage order: old stage j at 2j, partners at 2j + 1
+  std::int64_t degree = 0;
+  std::int64_t demand_tokens = 0;
+  std::int64_t capacity_before_tokens = 0;  // the groups' and instances' capacities now
+  std::int64_t capacity_after_tokens = 0;
+  bool covers = false;
+  std::string reason;
 };
 
 struct PlannedGroup {
@@ -73,6 +98,17 @@ class Planner {
   // `independent` are reported in notes and skipped.
   Plan plan(const std::vector<InstanceSnapshot>& independent, const std::vector<std::int64_t>& overloaded,
             const ClusterShape& shape) const;
+
+  // Growth, O(N log N): overloaded groups, largest deficit first, each grow from g to 2g (if
+  // allowed) with the g least-loaded `free` instances, else by merging with the least-loaded
+  // group of degree g that is not overloaded. Partners interleave (old stage j at 2j, partner
+  // stage j at 2j + 1) so every member keeps a subset of the layers it holds now.
+  std::vector<PlannedGrowth> plan_growth(const std::vector<GroupView>& groups, const std::vector<InstanceSnapshot>& free,
+                                         const ClusterShape& shape) const;
+  // Capacity (tokens) of a fused group now, from its members' pools (lent pages included).
+  static std::int64_t group_capacity_tokens(const std::vector<const InstanceSnapshot*>& members, const ClusterShape& shape);
+  static std::int64_t group_demand_tokens(const std::vector<const InstanceSnapshot*>& members, const ClusterShape& shape);
+  bool degree_allowed(std::int64_t g, const ClusterShape& shape) const;
 
  private:
   PlannerConfig config_;

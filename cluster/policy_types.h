@@ -75,13 +75,17 @@ struct ClusterShape {
   std::int64_t layer_param_bytes = 0;     // one decoder layer's parameters, rounded to pages
   std::int64_t layer_block_bytes = 0;     // one layer block (block_size tokens, one layer, K+V)
   std::int64_t block_size_tokens = 16;
-  std::vector<std::int64_t> allowed_degrees = {2, 4};  // group sizes the planner may form
+  std::vector<std::int64_t> allowed_degrees = {2, 4, 8};  // group sizes the planner may form
 };
 
 struct DropAction {
   std::vector<std::int64_t> instances;  // the members, in pipeline stage order
   std::int64_t group = -1;              // id the coordinator assigns
   std::string reason;                   // the numbers that drove it, for the log
+  // Growth: the fused groups (kDropped) this new group absorbs. Their members are among
+  // `instances`, each at a stage whose layers it holds now (no weight pulls: a member only drops
+  // more layers); their requests and KV join the new group, as an independent member's do.
+  std::vector<std::int64_t> absorbs;
 };
 struct RestoreAction {
   std::int64_t group = -1;

@@ -65,7 +65,9 @@ std::int64_t copy_blocks(Transport& transport, int src_dev, const kv::KvStorage&
 }  // namespace
 
 ClusterRuntime::ClusterRuntime(ClusterOptions options, const Clock* clock)
-    : options_(std::move(options)), clock_(clock), router_(options_.router), events_(options_.coordinator.event_history) {}
+    : options_(std::move(options)), clock_(clock), router_(options_.router),
+      events_(options_.coordinator.event_history),
+      transition_log_(options_.coordinator.event_history) {}
 
 StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOptions& options,
                                                                  const model::WeightSource& weights, const Clock* clock) {
@@ -96,7 +98,17 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
     if (g <= options.num_instances && g <= config.num_layers) degrees.push_back(g);
   }
   shape.allowed_degrees = degrees;
-  rt->coordinator_ = std::make_unique<cluster::Coordinator>(options.coordinator, shape);
+  cluster::CoordinatorConfig coordinator = options.coordinator;
+  if (coordinator.planner.grow_groups) {
+    // Growing a fused group (cluster::PlannedGrowth) is carried out by the simulator only: the
+    // in-process runtime would have to re-fuse a live group (re-spread its stale KV over twice
+    // the members, drop more layers) and that path has no token-exact test yet. Groups here
+    // keep the degree they were formed with; the planner still picks g from allowed_degrees.
+    KUN_LOG(kInfo) << "cluster runtime: group growth is refused (not carried out by the in-process runtime); "
+                      "overloaded groups keep their degree";
+    coordinator.planner.grow_groups = false;
+  }
+  rt->coordinator_ = std::make_unique<cluster::Coordinator>(coordinator, shape);
   rt->router_ = cluster::Router(cluster::RouterConfig{options.router.policy, config.num_layers});
   rt->model_info_.name = options.model_name;
   rt->model_info_.vocab_size = config.vocab_size;
@@ -222,20 +234,6 @@ StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
   }
 }
 
-std::vector<std::int64_t> ClusterRuntime::split_room(const std::vector<std::int64_t>& instances) const {
-  // After the split a member keeps only its base pool: its KV blocks minus the pages its dropped
-  // layers take back.
-  std::vector<std::int64_t> room;
-  for (std::int64_t inst : instances) {
-    const VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
-    const kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
-    std::int64_t dropped_layers = 0;
-    for (std::int64_t l = 0; l < config_.num_layers; ++l) dropped_layers += dev.has_layer(l) ? 0 : 1;
-    room.push_back(alloc.num_total() - dropped_layers * dev.pages_per_layer() * alloc.blocks_per_page());
-  }
-  return room;
-}
-
 Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::string& reason) {
   auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->group == group; });
   if (it == units_.end()) return not_found("no fused group " + std::to_string(group));
@@ -249,29 +247,36 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
   // KV pool now (repacking live blocks inside the device), and the bytes cross the link on a
   // background thread as bulk transfers, yielding to the activations of the group, which keeps
   // decoding on its stage layers. A layer whose pages the pool cannot spare yet waits for the split.
-  const auto g = static_cast<std::int64_t>(unit.instances.size());
-  const std::int64_t L = config_.num_layers;
+  cluster::RestoreInput input;
+  input.group = group;
+  input.members = unit.instances;
+  input.strategy = options_.stale_kv;
+  for (std::int64_t inst : unit.instances) input.kv_blocks_total.push_back(allocators_[static_cast<std::size_t>(inst)]->num_total());
+  unit.restore_plan = cluster::plan_restore(input, transition_geometry());
+  record_plan("restore", group, unit.restore_plan.to_string());
   struct Pull {
     int from, to;
     std::span<const std::byte> src;
     std::span<std::byte> dst;
   };
   std::vector<Pull> pulls;
-  for (std::int64_t k = 0; k < g; ++k) {
-    const std::int64_t inst = unit.instances[static_cast<std::size_t>(k)];
+  std::int32_t short_member = -1;  // its pool could not spare the next layer: the rest wait for the split
+  for (const cluster::WeightPull& p : unit.restore_plan.pulls) {
+    if (p.member == short_member) continue;
+    const std::int64_t inst = unit.instances[static_cast<std::size_t>(p.member)];
     VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
-    for (std::int64_t l = 0; l < L; ++l) {
-      if (dev.has_layer(l)) continue;
-      auto pages = reclaim_layer_pages(
-          inst, [&](std::span<const kv::BlockMove> moves) { return unit.kv->remap_blocks(static_cast<std::int32_t>(k), moves); },
-          &unit.restore_repacked_blocks);
-      if (!pages.ok()) break;
-      KUN_CHECK_OK(dev.restore_layer(l, *pages));
-      const std::int64_t owner = unit.instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
-      pulls.push_back(Pull{static_cast<int>(owner), static_cast<int>(inst), devices_[static_cast<std::size_t>(owner)]->layer_bytes(l),
-                           dev.restored_layer_data(l)});
-      unit.restore_pulled_bytes += static_cast<std::int64_t>(pulls.back().src.size());
+    auto pages = reclaim_layer_pages(
+        inst, [&](std::span<const kv::BlockMove> moves) { return unit.kv->remap_blocks(p.member, moves); },
+        &unit.restore_repacked_blocks);
+    if (!pages.ok()) {
+      short_member = p.member;
+      continue;
     }
+    KUN_CHECK_OK(dev.restore_layer(p.layer, *pages));
+    const std::int64_t owner = unit.instances[static_cast<std::size_t>(p.from)];
+    pulls.push_back(Pull{static_cast<int>(owner), static_cast<int>(inst), devices_[static_cast<std::size_t>(owner)]->layer_bytes(p.layer),
+                         dev.restored_layer_data(p.layer)});
+    unit.restore_pulled_bytes += static_cast<std::int64_t>(pulls.back().src.size());
   }
   if (pulls.empty()) {
     unit.weights_back.store(true);
@@ -287,7 +292,7 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
   if (options_.stale_kv == cluster::StaleKvStrategy::kRecompute) {
     unit.gathered.store(true);  // nothing to gather: the split recomputes the running requests
   } else {
-    unit.split_room = split_room(unit.instances);
+    unit.split_room = unit.restore_plan.split_room_blocks;
     unit.restoring.store(true, std::memory_order_release);
     const bool all_homed = engine::assign_restore_homes(unit.engine->scheduler(), *unit.kv, unit.split_room).all_homed;
     if (all_homed && unit.kv->requests_with_misplaced_layers().empty()) unit.gathered.store(true);
@@ -534,6 +539,26 @@ Status ClusterRuntime::migrate(RequestId request, std::int64_t to_instance) {
   return migrate_locked(request, to_instance, "forced");
 }
 
+cluster::TransitionGeometry ClusterRuntime::transition_geometry() const {
+  cluster::TransitionGeometry geo;
+  geo.num_layers = config_.num_layers;
+  geo.block_size_tokens = options_.device.kv_block_size;
+  geo.blocks_per_page = allocators_.front()->blocks_per_page();
+  geo.pages_per_layer = devices_.front()->pages_per_layer();
+  return geo;
+}
+
+void ClusterRuntime::record_plan(const std::string& kind, std::int64_t group, std::string plan) {
+  KUN_LOG(kDebug) << "cluster plan: " << plan;
+  std::lock_guard<std::mutex> lock(events_mu_);
+  transition_log_.push_back(cluster::TransitionRecord{kind, group, std::move(plan)});
+}
+
+std::vector<cluster::TransitionRecord> ClusterRuntime::transition_log() const {
+  std::lock_guard<std::mutex> lock(events_mu_);
+  return transition_log_.to_vector();
+}
+
 StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_t>& instances, std::int64_t group,
                                                    const std::string& reason) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -549,44 +574,50 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     members.push_back(std::move(*it));
     units_.erase(it);
   }
-  // Take every request out at a step boundary. Running requests keep their KV (it is exchanged
-  // below); the rest queue in the group, those that had started first (they recompute).
-  struct StaleWithKv {
-    engine::Engine::Detached request;
-    std::map<std::int32_t, kv::BlockTable> tables;  // the old single-device table, key 0
-    std::int64_t stage = 0;                          // the member it ran on
-  };
-  std::vector<StaleWithKv> with_kv;
-  std::vector<engine::Engine::Detached> stale, fresh;
-  std::vector<RequestId> stale_ids;  // running at the drop: the requests the strategy is about
-  std::int64_t lost_kv = 0;          // of those, detached without their KV (they recompute)
+  // The plan, from every member's requests at a step boundary (cluster/transition_plan.h).
+  cluster::DropInput input;
+  input.group = group;
+  input.members = instances;
+  input.strategy = options_.stale_kv;
   for (std::size_t k = 0; k < members.size(); ++k) {
     Unit& m = *members[k];
     m.engine->pause();
     m.engine->quiesce();
+    input.held_begin.push_back(0);
+    input.held_end.push_back(L);
+    for (cluster::TransitionRequest& r :
+         cluster::transition_requests(m.engine->scheduler(), *m.kv, {static_cast<std::int32_t>(k)})) {
+      input.requests.push_back(std::move(r));
+    }
+  }
+  const cluster::DropPlan plan = cluster::plan_drop(input, transition_geometry());
+  record_plan("drop", group, plan.to_string());
+  // Carry it out: every request leaves its member; those the plan keeps with KV take their tables.
+  std::set<RequestId> keep;
+  for (const cluster::StaleKvPlan& s : plan.keep_kv) keep.insert(s.id);
+  std::map<RequestId, engine::Engine::Detached> detached;
+  std::map<RequestId, kv::BlockTable> home_tables;
+  std::vector<RequestId> stale_ids;  // running at the drop: the requests the strategy is about
+  for (const cluster::TransitionRequest& r : input.requests) {
+    if (r.running) stale_ids.push_back(r.id);
+  }
+  for (std::size_t k = 0; k < members.size(); ++k) {
+    Unit& m = *members[k];
     for (RequestId id : m.engine->scheduler().request_ids_in_order()) {
-      const engine::Request* r = m.engine->scheduler().find(id);
-      const bool running = r->state == engine::RequestState::kRunning && m.kv->tokens_held(id) > 0;
-      if (running) stale_ids.push_back(id);
-      const bool exchange = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && running;
-      if (running && !exchange) ++lost_kv;
-      auto d = m.engine->detach(id, /*keep_kv=*/exchange);
+      const bool with_kv = keep.count(id) != 0;
+      auto d = m.engine->detach(id, /*keep_kv=*/with_kv);
       KUN_CHECK(d.has_value());
-      if (exchange) {
-        with_kv.push_back(StaleWithKv{std::move(*d), m.kv->export_tables(id), static_cast<std::int64_t>(k)});
-      } else {
-        (d->request.max_computed > 0 ? stale : fresh).push_back(std::move(*d));
-      }
+      if (with_kv) home_tables.emplace(id, std::move(m.kv->export_tables(id).at(0)));
+      detached.emplace(id, std::move(*d));
     }
   }
   for (auto& m : members) retire(std::move(m));
   std::int64_t dropped_bytes = 0;
   for (std::int64_t k = 0; k < g; ++k) {
-    const std::int64_t inst = instances[static_cast<std::size_t>(k)];
-    VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
-    kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
-    for (std::int64_t l = 0; l < L; ++l) {
-      if (l >= stage_begin(k, g, L) && l < stage_begin(k + 1, g, L)) continue;
+    const cluster::MemberLayout& layout = plan.members[static_cast<std::size_t>(k)];
+    VirtualDevice& dev = *devices_[static_cast<std::size_t>(layout.instance)];
+    kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(layout.instance)];
+    for (std::int64_t l : layout.layers_dropped) {
       KUN_ASSIGN_OR_RETURN(std::vector<memory::PageId> pages, dev.drop_layer(l));
       KUN_RETURN_IF_ERROR(alloc.add_pages(pages));
       dropped_bytes += static_cast<std::int64_t>(pages.size()) * dev.arena().page_bytes();
@@ -594,41 +625,42 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   }
   auto unit = make_unit(instances, group);
   // Stale requests keep their KV on the member they ran on; the group's KvManager knows it is
-  // misplaced for the layers other members now run, which reach it by remote attention. Under
-  // `exchange` the unit then moves it home layer by layer between steps (exchange_round).
+  // misplaced for the layers other members now run (the plan's moves), which reach it by remote
+  // attention. Under `exchange` the unit then moves it home layer by layer between steps.
   const std::int64_t bs = options_.device.kv_block_size;
   const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
     return *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
   };
-  for (StaleWithKv& s : with_kv) {
-    kv::BlockTable home = std::move(s.tables.at(0));
-    const std::int64_t tokens = home.num_tokens();
-    std::map<std::int32_t, kv::BlockTable> tables;
-    for (std::int64_t j = 0; j < g; ++j) {
-      if (j == s.stage) continue;
-      kv::BlockTable none(bs, 0, 0);  // no layers yet; the exchange adds them
-      KUN_CHECK_OK(none.append_tokens(tokens, member_alloc(j)));
-      tables.emplace(static_cast<std::int32_t>(j), std::move(none));
-    }
-    tables.emplace(static_cast<std::int32_t>(s.stage), std::move(home));
-    const RequestId id = s.request.request.id;
-    unit->kv->import_tables(id, tokens, std::move(tables));
-    {
-      std::lock_guard<std::mutex> rl(requests_mu_);
-      request_instance_[id] = instances.front();
-    }
-    unit->engine->adopt_with_imported_kv(std::move(s.request));
+  std::map<RequestId, std::int32_t> ran_on;  // an independent member holds every layer of its requests
+  for (const cluster::TransitionRequest& r : input.requests) {
+    if (!r.layer_member.empty()) ran_on[r.id] = r.layer_member.front();
   }
-  const std::int64_t moved = static_cast<std::int64_t>(with_kv.size() + stale.size() + fresh.size());
   {
     std::lock_guard<std::mutex> rl(requests_mu_);
-    for (auto* list : {&stale, &fresh}) {
-      for (auto& d : *list) {
-        request_instance_[d.request.id] = instances.front();
-        KUN_CHECK_OK(unit->engine->adopt(std::move(d), /*with_kv=*/false));
+    for (const cluster::StaleKvPlan& s : plan.keep_kv) {
+      kv::BlockTable home = std::move(home_tables.at(s.id));
+      KUN_CHECK_EQ(home.num_tokens(), s.tokens) << "request " << s.id;
+      const std::int32_t stage = ran_on.at(s.id);
+      std::map<std::int32_t, kv::BlockTable> tables;
+      for (std::int64_t j = 0; j < g; ++j) {
+        if (j == stage) continue;
+        kv::BlockTable none(bs, 0, 0);  // no layers yet; the exchange adds them
+        KUN_CHECK_OK(none.append_tokens(s.tokens, member_alloc(j)));
+        tables.emplace(static_cast<std::int32_t>(j), std::move(none));
       }
+      tables.emplace(stage, std::move(home));
+      unit->kv->import_tables(s.id, s.tokens, std::move(tables));
+      KUN_CHECK_EQ(unit->kv->misplaced_layers(s.id).size(), s.moves.size()) << "request " << s.id << " against its plan";
+      request_instance_[s.id] = instances.front();
+      unit->engine->adopt_with_imported_kv(std::move(detached.at(s.id)));
+    }
+    for (RequestId id : plan.queue) {
+      request_instance_[id] = instances.front();
+      KUN_CHECK_OK(unit->engine->adopt(std::move(detached.at(id)), /*with_kv=*/false));
     }
   }
+  const auto moved = static_cast<std::int64_t>(plan.keep_kv.size() + plan.queue.size());
+  KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << "drop of group " << group << " lost a request";
   launch(*unit);
   units_.push_back(std::move(unit));
   ClusterEvent ev;
@@ -639,9 +671,10 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   ev.bytes = dropped_bytes;
   ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   ev.requests_moved = moved;
+  const auto lost_kv = static_cast<std::int64_t>(plan.lose_kv.size());
   ev.requests_recomputed = lost_kv;  // running at the drop, no KV now (queued preempted ones recompute anyway)
   ev.stale_requests = std::move(stale_ids);
-  ev.reason = reason + "; " + std::to_string(with_kv.size()) + " running requests keep their KV (" +
+  ev.reason = reason + "; " + std::to_string(plan.keep_kv.size()) + " running requests keep their KV (" +
               cluster::stale_kv_strategy_name(options_.stale_kv) + "), " + std::to_string(lost_kv) + " recompute";
   record(std::move(ev));
   return group;
@@ -661,141 +694,119 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   const std::vector<std::int64_t> instances = unit->instances;
   const auto g = static_cast<std::int64_t>(instances.size());
   const std::int64_t L = config_.num_layers;
-  const std::int64_t bs = options_.device.kv_block_size;
   const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
     return *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
   };
   const auto member_store = [&](std::int64_t k) -> kv::KvStorage& {
     return devices_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])]->kv_storage();
   };
-  // Take every request out at a step boundary. Running requests keep their KV for the rest of
-  // the reverse exchange below; the others (and any request whose KV cannot be gathered)
-  // recompute.
-  struct Gathered {
-    engine::Engine::Detached request;
-    std::map<std::int32_t, kv::BlockTable> tables;  // by stage; after the gather only `member`'s
-    std::int32_t home = -1;                          // from the gather phase (-1: none)
-    std::int64_t member = -1;                        // the member it continues on
-  };
-  std::vector<Gathered> with_kv;
-  std::vector<engine::Engine::Detached> rest;
-  std::int64_t recomputed = 0;  // running requests that lose their KV here
+  // The plan, from the group's requests at a step boundary (cluster/transition_plan.h).
   unit->engine->pause();
   unit->engine->quiesce();
-  for (RequestId id : unit->engine->scheduler().request_ids_in_order()) {
-    const engine::Request* r = unit->engine->scheduler().find(id);
-    const bool running = r->state == engine::RequestState::kRunning && unit->kv->tokens_held(id) > 0;
-    const bool keep = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && running;
-    if (running && !keep) ++recomputed;
-    const std::int32_t home = unit->kv->home(id);
-    auto d = unit->engine->detach(id, keep);
+  cluster::SplitInput input;
+  input.group = group;
+  input.members = instances;
+  input.strategy = options_.stale_kv;
+  input.split_room_blocks = unit->restore_plan.split_room_blocks;
+  std::vector<std::int32_t> stages(static_cast<std::size_t>(g));
+  for (std::int64_t k = 0; k < g; ++k) stages[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(k);
+  input.requests = cluster::transition_requests(unit->engine->scheduler(), *unit->kv, stages);
+  // Every request leaves the group; those the rule may keep take their tables along.
+  std::map<RequestId, engine::Engine::Detached> detached;
+  std::map<RequestId, std::map<std::int32_t, kv::BlockTable>> tables_of;
+  for (const cluster::TransitionRequest& r : input.requests) {
+    const bool keep = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && r.running;
+    auto d = unit->engine->detach(r.id, keep);
     KUN_CHECK(d.has_value());
-    if (keep) {
-      with_kv.push_back(Gathered{std::move(*d), unit->kv->export_tables(id), home, -1});
-    } else {
-      rest.push_back(std::move(*d));
-    }
+    if (keep) tables_of.emplace(r.id, unit->kv->export_tables(r.id));
+    detached.emplace(r.id, std::move(*d));
   }
+  for (std::int64_t k = 0; k < g; ++k) input.free_blocks_now.push_back(member_alloc(k).num_free());
+  const cluster::SplitPlan plan = cluster::plan_split(input, transition_geometry());
+  record_plan("split", group, plan.to_string());
   const std::int64_t live_blocks = unit->live_gathered_blocks.load();
   std::int64_t pulled_bytes = unit->restore_pulled_bytes, repacked_blocks = unit->restore_repacked_blocks;
+  const cluster::RestorePlan restore_plan = unit->restore_plan;
   retire(std::move(unit));
-  // Place each request on its home when it still fits there, else on the member with the most
-  // room left after the split that can hold all of its layers; a request that fits nowhere is
-  // recomputed.
-  std::vector<std::int64_t> room = split_room(instances);
-  const auto free_tables = [&](Gathered& gr) {
-    for (auto& [k, t] : gr.tables) t.free_all(member_alloc(k));
-    gr.tables.clear();
+  const auto free_tables = [&](std::map<std::int32_t, kv::BlockTable>& tables) {
+    for (auto& [k, t] : tables) t.free_all(member_alloc(k));
+    tables.clear();
   };
+  std::int64_t recomputed = 0;  // running requests that lose their KV here
+  for (const cluster::Landing& l : plan.queued) {
+    if (!l.lost_kv) continue;
+    ++recomputed;
+    auto tit = tables_of.find(l.id);
+    if (tit != tables_of.end()) free_tables(tit->second);
+  }
+  // Each placed request's layers held elsewhere are copied to its member (stop-and-copy).
   std::int64_t exchanged_blocks = 0, exchanged_bytes = 0;
-  std::vector<Gathered> placed;
-  for (Gathered& gr : with_kv) {
-    const std::int64_t tokens = gr.tables.begin()->second.num_tokens();
-    const std::int64_t need = ceil_div(tokens, bs) * L;
-    std::int64_t best = -1;
-    for (std::int64_t k = 0; k < g; ++k) {
-      if (room[static_cast<std::size_t>(k)] < need) continue;
-      if (best < 0 || room[static_cast<std::size_t>(k)] > room[static_cast<std::size_t>(best)]) best = k;
+  std::map<RequestId, kv::BlockTable> placed;
+  for (const cluster::Placement& p : plan.keep_kv) {
+    auto& tables = tables_of.at(p.id);
+    KUN_CHECK(tables.count(p.member) != 0) << "request " << p.id << " has no table on member " << p.member;
+    kv::BlockTable& mine = tables.at(p.member);
+    for (const cluster::LayerMove& m : p.moves) {
+      KUN_CHECK_OK(mine.add_layer(m.layer, member_alloc(p.member)));
+      const std::vector<kv::BlockId> from = tables.at(m.from).release_layer(m.layer);
+      exchanged_bytes += copy_blocks(*transport_, static_cast<int>(instances[static_cast<std::size_t>(m.from)]), member_store(m.from),
+                                     static_cast<int>(instances[static_cast<std::size_t>(p.member)]), member_store(p.member), from,
+                                     mine.layer_blocks(m.layer), TransferKind::kKvExchange);
+      member_alloc(m.from).free(from);
+      exchanged_blocks += static_cast<std::int64_t>(from.size());
     }
-    if (gr.home >= 0 && room[static_cast<std::size_t>(gr.home)] >= need) best = gr.home;
-    // The layers it gathers need free blocks on the destination now (its pool still holds the
-    // extension pages, and other requests' pieces that have not left yet).
-    const bool fits_now = best >= 0 && gr.tables.count(static_cast<std::int32_t>(best)) != 0 &&
-                          member_alloc(best).num_free() >= need - gr.tables.at(static_cast<std::int32_t>(best)).num_blocks();
-    if (!fits_now) {
-      free_tables(gr);
-      rest.insert(rest.begin(), std::move(gr.request));
-      ++recomputed;
-      continue;
-    }
-    gr.member = best;
-    room[static_cast<std::size_t>(best)] -= need;
-    kv::BlockTable& mine = gr.tables.at(static_cast<std::int32_t>(best));
-    for (auto& [j, piece] : gr.tables) {
-      if (j == best) continue;
-      for (std::int64_t l : piece.layers()) {
-        KUN_CHECK_OK(mine.add_layer(l, member_alloc(best)));
-        const std::vector<kv::BlockId> from = piece.release_layer(l);
-        exchanged_bytes += copy_blocks(*transport_, static_cast<int>(instances[static_cast<std::size_t>(j)]), member_store(j),
-                                       static_cast<int>(instances[static_cast<std::size_t>(best)]), member_store(best), from,
-                                       mine.layer_blocks(l), TransferKind::kKvExchange);
-        member_alloc(j).free(from);
-        exchanged_blocks += static_cast<std::int64_t>(from.size());
-      }
-    }
-    kv::BlockTable whole = std::move(mine);
-    gr.tables.clear();
-    gr.tables.emplace(0, std::move(whole));
-    KUN_CHECK_EQ(gr.tables.at(0).num_layers(), L) << "request " << gr.request.request.id << " gathered";
-    placed.push_back(std::move(gr));
+    KUN_CHECK_EQ(mine.num_layers(), L) << "request " << p.id << " gathered";
+    KUN_CHECK_EQ(mine.num_tokens(), p.tokens) << "request " << p.id;
+    placed.emplace(p.id, std::move(mine));
   }
   // Layers whose pages the pool could not spare at begin_restore get them now: repack live blocks
   // out of the pages the allocator picks (copies inside the device), then pull the weights from
   // the peer that kept them, with the group paused.
-  for (std::int64_t k = 0; k < g; ++k) {
-    const std::int64_t inst = instances[static_cast<std::size_t>(k)];
+  for (const cluster::WeightPull& wp : restore_plan.pulls) {
+    const std::int64_t inst = instances[static_cast<std::size_t>(wp.member)];
     VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
-    kv::KvBlockAllocator& alloc = member_alloc(k);
+    if (dev.has_layer(wp.layer)) continue;  // pulled during the gather
     const auto remap = [&](std::span<const kv::BlockMove> moves) {
       std::int64_t remapped = 0;
-      for (Gathered& gr : placed) {
-        if (gr.member == k) remapped += gr.tables.at(0).remap_blocks(moves);
+      for (const cluster::Placement& p : plan.keep_kv) {
+        if (p.member == wp.member) remapped += placed.at(p.id).remap_blocks(moves);
       }
       return remapped;
     };
-    for (std::int64_t l = 0; l < L; ++l) {
-      if (dev.has_layer(l)) continue;
-      KUN_ASSIGN_OR_RETURN(std::vector<memory::PageId> pages, reclaim_layer_pages(inst, remap, &repacked_blocks));
-      KUN_RETURN_IF_ERROR(dev.restore_layer(l, pages));
-      const std::int64_t owner = instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
-      const auto src = devices_[static_cast<std::size_t>(owner)]->layer_bytes(l);
-      auto dst = dev.restored_layer_data(l);
-      transport_->transfer(static_cast<int>(owner), static_cast<int>(inst), src.data(), dst.data(),
-                           static_cast<std::int64_t>(src.size()), TransferKind::kWeights);
-      pulled_bytes += static_cast<std::int64_t>(src.size());
-    }
-    KUN_CHECK_EQ(dev.arena().num_kv_pages(), alloc.num_pages()) << "device " << inst;
+    KUN_ASSIGN_OR_RETURN(std::vector<memory::PageId> pages, reclaim_layer_pages(inst, remap, &repacked_blocks));
+    KUN_RETURN_IF_ERROR(dev.restore_layer(wp.layer, pages));
+    const std::int64_t owner = instances[static_cast<std::size_t>(wp.from)];
+    const auto src = devices_[static_cast<std::size_t>(owner)]->layer_bytes(wp.layer);
+    auto dst = dev.restored_layer_data(wp.layer);
+    transport_->transfer(static_cast<int>(owner), static_cast<int>(inst), src.data(), dst.data(),
+                         static_cast<std::int64_t>(src.size()), TransferKind::kWeights);
+    pulled_bytes += static_cast<std::int64_t>(src.size());
+  }
+  for (std::int64_t inst : instances) {
+    KUN_CHECK_EQ(devices_[static_cast<std::size_t>(inst)]->arena().num_kv_pages(), allocators_[static_cast<std::size_t>(inst)]->num_pages())
+        << "device " << inst;
   }
   std::vector<Unit*> fresh_units;
   for (std::int64_t inst : instances) {
     units_.push_back(make_unit({inst}, -1));
     fresh_units.push_back(units_.back().get());
   }
-  const std::int64_t moved = static_cast<std::int64_t>(placed.size() + rest.size());
+  const auto moved = static_cast<std::int64_t>(plan.keep_kv.size() + plan.queued.size());
+  KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << "split of group " << group << " lost a request";
   {
     std::lock_guard<std::mutex> rl(requests_mu_);
-    for (Gathered& gr : placed) {
-      Unit* u = fresh_units[static_cast<std::size_t>(gr.member)];
-      const RequestId id = gr.request.request.id;
-      const std::int64_t tokens = gr.tables.at(0).num_tokens();
-      u->kv->import_tables(id, tokens, std::move(gr.tables));
-      request_instance_[id] = u->instances.front();
-      u->engine->adopt_with_imported_kv(std::move(gr.request));
+    for (const cluster::Placement& p : plan.keep_kv) {
+      Unit* u = fresh_units[static_cast<std::size_t>(p.member)];
+      std::map<std::int32_t, kv::BlockTable> whole;
+      whole.emplace(0, std::move(placed.at(p.id)));
+      u->kv->import_tables(p.id, p.tokens, std::move(whole));
+      request_instance_[p.id] = u->instances.front();
+      u->engine->adopt_with_imported_kv(std::move(detached.at(p.id)));
     }
-    for (std::size_t i = 0; i < rest.size(); ++i) {
-      Unit* u = fresh_units[i % fresh_units.size()];
-      request_instance_[rest[i].request.id] = u->instances.front();
-      KUN_CHECK_OK(u->engine->adopt(std::move(rest[i]), /*with_kv=*/false));
+    for (const cluster::Landing& l : plan.queued) {
+      Unit* u = fresh_units[static_cast<std::size_t>(l.member)];
+      request_instance_[l.id] = u->instances.front();
+      KUN_CHECK_OK(u->engine->adopt(std::move(detached.at(l.id)), /*with_kv=*/false));
     }
   }
   for (Unit* u : fresh_units) launch(*u);
@@ -816,7 +827,7 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   ev.kv_blocks_gathered_live = live_blocks;
   ev.requests_recomputed = recomputed;
   ev.blocks_repacked = repacked_blocks;
-  ev.reason = reason + "; KV gathered back: " + std::to_string(placed.size()) + " requests, " + std::to_string(live_blocks) +
+  ev.reason = reason + "; KV gathered back: " + std::to_string(plan.keep_kv.size()) + " requests, " + std::to_string(live_blocks) +
               " blocks while decoding, " + std::to_string(exchanged_blocks) + " blocks, " + std::to_string(exchanged_bytes) +
               " bytes at the split (" +
               std::to_string(repacked_blocks) + " blocks repacked, " + std::to_string(recomputed) + " requests recompute)";
@@ -903,6 +914,7 @@ void ClusterRuntime::run_actions(const cluster::Actions& actions) {
   }
   finish_gathered_restores();  // groups with nothing to gather split at once
   for (const auto& d : actions.drops) {
+    KUN_CHECK(d.absorbs.empty()) << "group growth reached the runtime, which refuses it";
     auto s = drop_locked(d.instances, d.group, d.reason);
     KUN_CHECK(s.ok()) << "drop of group " << d.group << " failed: " << s.status().to_string();
     coordinator_->on_drop_done(d.group, clock_->now_us());

@@ -42,6 +42,8 @@
 
 #include "cluster/coordinator.h"
 #include "cluster/router.h"
+#include "cluster/transition_plan.h"
+#include "cluster/transition_snapshot.h"
 #include "common/clock.h"
 #include "engine/engine.h"
 #include "kv/block_allocator.h"
@@ -127,6 +129,9 @@ class ClusterRuntime final : public engine::FrontDoor {
   // run's history does not grow); events_total() counts every one recorded.
   std::vector<ClusterEvent> events() const;
   std::uint64_t events_total() const;
+  // The newest options.coordinator.event_history transition plans carried out (drop, restore,
+  // split), in order.
+  std::vector<cluster::TransitionRecord> transition_log() const;
   TransferStats transfer_stats() const { return transport_->stats(); }
   std::int64_t num_units() const;
   std::int64_t group_of(std::int64_t instance) const;
@@ -145,6 +150,7 @@ class ClusterRuntime final : public engine::FrontDoor {
     std::atomic<bool> restoring{false};
     std::atomic<bool> gathered{false};
     std::vector<std::int64_t> split_room;  // layer blocks each member keeps after the split
+    cluster::RestorePlan restore_plan;     // from begin_restore_locked
     std::atomic<std::int64_t> live_gathered_blocks{0};
     std::chrono::steady_clock::time_point restore_began;
     std::string restore_reason;
@@ -164,7 +170,8 @@ class ClusterRuntime final : public engine::FrontDoor {
   void launch(Unit& unit);
   void exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight);
   Status begin_restore_locked(std::int64_t group, const std::string& reason);
-  std::vector<std::int64_t> split_room(const std::vector<std::int64_t>& instances) const;
+  cluster::TransitionGeometry transition_geometry() const;
+  void record_plan(const std::string& kind, std::int64_t group, std::string plan);
   // Takes one layer's worth of pages back from device `inst`'s KV pool, repacking live blocks
   // inside the device first; `remap` rewrites the block tables holding them and returns how
   // many entries it changed. kResourceExhausted (nothing changes) when the pool cannot spare them.
@@ -205,7 +212,8 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::int64_t next_id_ = 1;
 
   mutable std::mutex events_mu_;
-  BoundedRing<ClusterEvent> events_;  // guarded by events_mu_
+  BoundedRing<ClusterEvent> events_;                       // guarded by events_mu_
+  BoundedRing<cluster::TransitionRecord> transition_log_;  // guarded by events_mu_
   std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_
   std::vector<double> drop_latency_ms_, restore_latency_ms_;      // guarded by events_mu_
   PipelineExecutor::StageTime retired_pipeline_time_;             // guarded by events_mu_

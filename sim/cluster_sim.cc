@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "cluster/planner.h"
+#include "cluster/transition_snapshot.h"
 #include "common/check.h"
 #include "common/log.h"
 #include "engine/restore_homes.h"
@@ -41,6 +42,7 @@ struct ClusterSim::Unit {
   bool restoring = false;
   std::int64_t restore_begin_us = 0;
   std::int64_t weights_ready_us = 0;
+  std::vector<std::int64_t> split_room;  // restoring: the plan's KV room per member after the split
 };
 
 namespace {
@@ -192,8 +194,7 @@ void ClusterSim::assign_homes(Unit& u) {
   // As the runtime: a running request continues after the split on a home member (the one with
   // the most room left after the split, its base pool), and its other layers are gathered there.
   const auto g = static_cast<std::int64_t>(u.members.size());
-  const engine::HomeAssignment homes = engine::assign_restore_homes(
-      *u.scheduler, *u.kv, std::vector<std::int64_t>(static_cast<std::size_t>(g), kv_blocks_per_instance_));
+  const engine::HomeAssignment homes = engine::assign_restore_homes(*u.scheduler, *u.kv, u.split_room);
   bool queued = false;
   for (RequestId id : homes.newly_homed) {
     const auto layers = static_cast<std::int64_t>(u.kv->misplaced_layers(id).size());
@@ -417,147 +418,161 @@ void ClusterSim::collect(const Unit& u) {
   counters_.fused_stage_idle_us += u.executor->counters().stage_idle_us;
 }
 
+cluster::TransitionGeometry ClusterSim::transition_geometry() const {
+  cluster::TransitionGeometry geo;
+  geo.num_layers = cost_.model().num_layers;
+  geo.block_size_tokens = config_.block_size_tokens;
+  geo.blocks_per_page = blocks_per_page_;
+  geo.pages_per_layer = pages_per_layer_;
+  return geo;
+}
+
+void ClusterSim::record_plan(const std::string& kind, std::int64_t group, std::string plan) {
+  transition_log_.push_back(cluster::TransitionRecord{kind, group, std::move(plan)});
+}
+
 void ClusterSim::fuse(const cluster::DropAction& drop) {
-  // As the runtime's drop: every request leaves its member at a step boundary. Running requests
-  // keep their KV unless the strategy is recompute; the others queue in the group, those that had
-  // started first (they recompute).
+  // Carries out cluster::plan_drop, as the runtime's drop: every request leaves its member at a
+  // step boundary; the plan says which keep their KV where it is and in which order the others
+  // queue in the group.
   const std::int64_t now = clock_.now_us();
-  struct WithKv {
-    engine::Request request;
-    std::int64_t stage = 0;   // the member it ran on, which keeps its KV
-    std::int64_t tokens = 0;  // KV tokens held
-  };
-  std::vector<WithKv> with_kv;
-  std::vector<engine::Request> stale, fresh;
-  for (std::size_t k = 0; k < drop.instances.size(); ++k) {
-    Unit* u = unit_of_instance(drop.instances[k]);
-    KUN_CHECK(u != nullptr && u->members.size() == 1) << "instance " << drop.instances[k] << " is not independent";
+  const std::int64_t num_layers = cost_.model().num_layers;
+  cluster::DropInput input;
+  input.group = drop.group;
+  input.members = drop.instances;
+  input.strategy = config_.stale_kv;
+  // The units giving their members: independent instances and, when a group grows, the fused
+  // groups it absorbs (each member keeps a part of the layers it runs now).
+  std::vector<Unit*> sources;
+  for (std::int64_t inst : drop.instances) {
+    Unit* u = unit_of_instance(inst);
+    KUN_CHECK(u != nullptr) << "instance " << inst;
     KUN_CHECK(!u->in_flight) << "fuse at a step boundary only";
+    KUN_CHECK(u->members.size() == 1 || std::find(drop.absorbs.begin(), drop.absorbs.end(), u->group) != drop.absorbs.end())
+        << "instance " << inst << " is in group " << u->group << ", which the drop does not absorb";
+    if (std::find(sources.begin(), sources.end(), u) == sources.end()) sources.push_back(u);
+    const auto src_g = static_cast<std::int64_t>(u->members.size());
+    const auto stage = static_cast<std::int64_t>(std::find(u->members.begin(), u->members.end(), inst) - u->members.begin());
+    input.held_begin.push_back(src_g == 1 ? 0 : stage * num_layers / src_g);
+    input.held_end.push_back(src_g == 1 ? num_layers : (stage + 1) * num_layers / src_g);
+  }
+  for (Unit* u : sources) {
+    std::vector<std::int32_t> member_of_device;
+    for (std::int64_t inst : u->members) {
+      member_of_device.push_back(static_cast<std::int32_t>(
+          std::find(drop.instances.begin(), drop.instances.end(), inst) - drop.instances.begin()));
+    }
+    for (cluster::TransitionRequest& r : cluster::transition_requests(*u->scheduler, *u->kv, member_of_device)) {
+      input.requests.push_back(std::move(r));
+    }
+  }
+  const cluster::DropPlan plan = cluster::plan_drop(input, transition_geometry());
+  record_plan(drop.absorbs.empty() ? "drop" : "grow", drop.group, plan.to_string());
+  std::set<RequestId> keep;
+  for (const cluster::StaleKvPlan& sk : plan.keep_kv) keep.insert(sk.id);
+  std::map<RequestId, engine::Request> detached;
+  std::map<RequestId, std::vector<std::int32_t>> layer_member;
+  for (const cluster::TransitionRequest& r : input.requests) {
+    if (!r.running) continue;
+    layer_member[r.id] = r.layer_member;
+    if (!is_stale_[static_cast<std::size_t>(r.id.value)]) {
+      is_stale_[static_cast<std::size_t>(r.id.value)] = true;
+      stale_ids_.push_back(r.id.value);
+    }
+    if (keep.count(r.id) == 0) {
+      ++counters_.stale_requests_recomputed;
+      counters_.stale_tokens_recomputed += r.tokens_held;
+    }
+  }
+  for (Unit* u : sources) {
     for (RequestId id : u->scheduler->request_ids_in_order()) {
-      const engine::Request* r = u->scheduler->find(id);
-      const std::int64_t held = u->kv->tokens_held(id);
-      const bool running = r->state == engine::RequestState::kRunning && held > 0;
-      if (running && !is_stale_[static_cast<std::size_t>(id.value)]) {
-        is_stale_[static_cast<std::size_t>(id.value)] = true;
-        stale_ids_.push_back(id.value);
-      }
-      const bool keep = running && keeps_kv();
-      auto d = u->scheduler->detach(id, keep);
+      auto d = u->scheduler->detach(id, keep.count(id) != 0);
       KUN_CHECK(d.has_value());
-      if (keep) {
-        with_kv.push_back(WithKv{std::move(*d), static_cast<std::int64_t>(k), held});
-        continue;
-      }
-      if (running) {
-        ++counters_.stale_requests_recomputed;
-        counters_.stale_tokens_recomputed += held;
-      }
-      (d->max_computed > 0 ? stale : fresh).push_back(std::move(*d));
+      detached.emplace(id, std::move(*d));
     }
     KUN_CHECK_EQ(u->scheduler->has_unfinished(), false);
     u->requests.clear();
     collect(*u);
   }
   units_.erase(std::remove_if(units_.begin(), units_.end(),
-                              [&](const auto& u) {
-                                return std::find(drop.instances.begin(), drop.instances.end(), u->members[0]) !=
-                                       drop.instances.end();
-                              }),
+                              [&](const auto& u) { return std::find(sources.begin(), sources.end(), u.get()) != sources.end(); }),
                units_.end());
   auto group = make_unit(drop.instances, drop.group);
-  const std::int64_t num_layers = cost_.model().num_layers;
   const auto g = static_cast<std::int64_t>(drop.instances.size());
-  for (std::int64_t kept : group->stage_layers) {
-    counters_.param_bytes_dropped += (num_layers - kept) * pages_per_layer_ * config_.page_bytes;
+  for (const cluster::MemberLayout& m : plan.members) {
+    counters_.param_bytes_dropped += m.pages_to_kv * config_.page_bytes;
   }
   // Stale requests keep their KV on the member they ran on (every layer there); the group's
-  // KvManager knows which layers are misplaced, and the executor charges remote attention for them.
+  // KvManager knows which layers are misplaced (the plan's moves), and the executor charges
+  // remote attention for them.
   const std::int64_t bs = config_.block_size_tokens;
   bool exchanging = false;
-  for (WithKv& s : with_kv) {
-    const RequestId id = s.request.id;
+  for (const cluster::StaleKvPlan& sk : plan.keep_kv) {
+    const std::vector<std::int32_t>& where = layer_member.at(sk.id);
     std::map<std::int32_t, kv::BlockTable> tables;
-    bool fits = true;
     for (std::int64_t j = 0; j < g; ++j) {
-      kv::BlockTable t(bs, 0, j == s.stage ? num_layers : 0);
-      if (!t.append_tokens(s.tokens, *group->allocators[static_cast<std::size_t>(j)]).ok()) fits = false;
+      kv::BlockTable t(bs, 0, 0);
+      KUN_CHECK_OK(t.append_tokens(sk.tokens, *group->allocators[static_cast<std::size_t>(j)]));
+      // Each member's pool only grew: the layers it holds fit again.
+      for (std::int64_t l = 0; l < num_layers; ++l) {
+        if (where[static_cast<std::size_t>(l)] == j) KUN_CHECK_OK(t.add_layer(l, *group->allocators[static_cast<std::size_t>(j)]));
+      }
       tables.emplace(static_cast<std::int32_t>(j), std::move(t));
     }
-    if (!fits) {  // cannot happen while the member's pool only grows; recompute as a fallback
-      for (auto& [j, t] : tables) t.free_all(*group->allocators[static_cast<std::size_t>(j)]);
-      ++counters_.stale_requests_recomputed;
-      counters_.stale_tokens_recomputed += s.tokens;
-      stale.insert(stale.begin(), std::move(s.request));
-      continue;
-    }
-    group->kv->import_tables(id, s.tokens, std::move(tables));
-    group->scheduler->adopt_with_imported_kv(std::move(s.request));
-    group->requests.insert(id.value);
+    group->kv->import_tables(sk.id, sk.tokens, std::move(tables));
+    KUN_CHECK_EQ(group->kv->misplaced_layers(sk.id).size(), sk.moves.size()) << "request " << sk.id << " against its plan";
+    group->scheduler->adopt_with_imported_kv(std::move(detached.at(sk.id)));
+    group->requests.insert(sk.id.value);
     ++counters_.stale_requests_kept_kv;
-    if (config_.stale_kv == cluster::StaleKvStrategy::kExchange) {
-      const auto layers = static_cast<std::int64_t>(group->kv->misplaced_layers(id).size());
-      if (layers > 0) {
-        queue_kv_move(*group, id.value, s.stage, layers, group->kv->token_blocks(s.tokens) * layer_block_bytes());
-        exchanging = true;
-      }
+    if (config_.stale_kv == cluster::StaleKvStrategy::kExchange && !sk.moves.empty()) {
+      queue_kv_move(*group, sk.id.value, sk.moves.front().from, static_cast<std::int64_t>(sk.moves.size()),
+                    group->kv->token_blocks(sk.tokens) * layer_block_bytes());
+      exchanging = true;
     }
   }
   if (exchanging) {
     for (std::int64_t k = 0; k < g; ++k) close_kv_round(*group, k);
     group->exchange_begin_us = now;
   }
-  for (auto* list : {&stale, &fresh}) {
-    for (engine::Request& r : *list) {
-      const std::int64_t idx = r.id.value;
-      KUN_CHECK_OK(group->scheduler->adopt(std::move(r), /*with_kv=*/false));
-      group->requests.insert(idx);
-    }
+  for (RequestId id : plan.queue) {
+    KUN_CHECK_OK(group->scheduler->adopt(std::move(detached.at(id)), /*with_kv=*/false));
+    group->requests.insert(id.value);
   }
+  KUN_CHECK_EQ(plan.keep_kv.size() + plan.queue.size(), detached.size()) << "fuse of group " << drop.group << " lost a request";
   units_.push_back(std::move(group));
 }
 
 void ClusterSim::split(std::int64_t unit_index) {
-  // As the runtime's restore: every request leaves the group at a step boundary. Running requests
-  // (unless recompute) continue with their KV on their home member when it fits there, else on
-  // the member with the most room that can hold them; what is not there yet is copied now, and
-  // the member resumes once it has crossed. A request that fits nowhere recomputes; the queued
-  // ones go to the least outstanding member.
+  // Carries out cluster::plan_split, as the runtime's split: every request leaves the group at a
+  // step boundary; the plan says which continue with their KV on which member (what is not there
+  // yet is copied now, and the member resumes once it has crossed) and where the others queue.
   Unit& g = *units_[static_cast<std::size_t>(unit_index)];
   KUN_CHECK(!g.in_flight) << "split at a step boundary only";
   const std::int64_t now = clock_.now_us();
   const auto num_members = static_cast<std::int64_t>(g.members.size());
-  struct Kept {
-    engine::Request request;
-    std::int32_t home = -1;
-    std::vector<std::int64_t> layers_on;  // per member: layers of its KV there
-    std::int64_t tokens = 0;
-  };
-  std::vector<Kept> kept;
-  std::vector<engine::Request> rest;
-  for (RequestId id : g.scheduler->request_ids_in_order()) {
-    const engine::Request* r = g.scheduler->find(id);
-    const std::int64_t held = g.kv->tokens_held(id);
-    const bool running = r->state == engine::RequestState::kRunning && held > 0;
-    const bool keep = running && keeps_kv();
-    Kept k;
-    if (keep) {
-      k.home = g.kv->home(id);
-      k.layers_on.assign(static_cast<std::size_t>(num_members), 0);
-      for (const engine::LayerBlockList& l : g.kv->block_lists(id)) ++k.layers_on[static_cast<std::size_t>(l.device)];
-      k.tokens = held;
-    }
-    auto d = g.scheduler->detach(id, keep);
+  cluster::SplitInput input;
+  input.group = g.group;
+  input.members = g.members;
+  input.strategy = config_.stale_kv;
+  input.split_room_blocks = g.split_room;
+  std::vector<std::int32_t> stages(static_cast<std::size_t>(num_members));
+  for (std::int64_t k = 0; k < num_members; ++k) stages[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(k);
+  input.requests = cluster::transition_requests(*g.scheduler, *g.kv, stages);
+  std::map<RequestId, engine::Request> detached;
+  for (const cluster::TransitionRequest& r : input.requests) {
+    auto d = g.scheduler->detach(r.id, r.running && keeps_kv());
     KUN_CHECK(d.has_value());
-    if (keep) {
-      k.request = std::move(*d);
-      kept.push_back(std::move(k));
-      continue;
-    }
-    if (running) {
-      ++counters_.stale_requests_recomputed;
-      counters_.stale_tokens_recomputed += held;
-    }
-    rest.push_back(std::move(*d));
+    detached.emplace(r.id, std::move(*d));
+  }
+  for (const auto& alloc : g.allocators) input.free_blocks_now.push_back(alloc->num_free());
+  const cluster::SplitPlan plan = cluster::plan_split(input, transition_geometry());
+  record_plan("split", g.group, plan.to_string());
+  std::map<RequestId, std::int64_t> held;
+  for (const cluster::TransitionRequest& r : input.requests) held[r.id] = r.tokens_held;
+  for (const cluster::Landing& l : plan.queued) {
+    if (!l.lost_kv) continue;
+    ++counters_.stale_requests_recomputed;
+    counters_.stale_tokens_recomputed += held.at(l.id);
   }
   const std::vector<std::int64_t> members = g.members;
   collect(g);
@@ -570,31 +585,15 @@ void ClusterSim::split(std::int64_t unit_index) {
   const auto member_unit = [&](std::int64_t k) -> Unit& {
     return *units_[static_cast<std::size_t>(fresh[static_cast<std::size_t>(k)])];
   };
-  const std::int64_t num_layers = cost_.model().num_layers;
   std::vector<std::int64_t> copy_bytes(static_cast<std::size_t>(num_members), 0);
-  for (Kept& k : kept) {
-    const RequestId id = k.request.id;
-    const std::int64_t n = k.request.num_computed;
-    std::int64_t best = -1;
-    for (std::int64_t m = 0; m < num_members; ++m) {
-      if (!member_unit(m).kv->can_grow(id, n)) continue;
-      if (best < 0 || member_unit(m).kv->free_blocks() > member_unit(best).kv->free_blocks()) best = m;
-    }
-    if (k.home >= 0 && member_unit(k.home).kv->can_grow(id, n)) best = k.home;
-    if (best < 0) {
-      ++counters_.stale_requests_recomputed;
-      counters_.stale_tokens_recomputed += k.tokens;
-      rest.insert(rest.begin(), std::move(k.request));
-      continue;
-    }
-    Unit& dst = member_unit(best);
-    KUN_CHECK_OK(dst.scheduler->adopt(std::move(k.request), /*with_kv=*/true));
-    dst.requests.insert(id.value);
+  for (const cluster::Placement& p : plan.keep_kv) {
+    Unit& dst = member_unit(p.member);
+    KUN_CHECK_OK(dst.scheduler->adopt(std::move(detached.at(p.id)), /*with_kv=*/true));
+    dst.requests.insert(p.id.value);
     ++counters_.restore_requests_kept_kv;
     const std::int64_t bytes =
-        (num_layers - k.layers_on[static_cast<std::size_t>(best)]) * dst.kv->token_blocks(k.tokens) *
-        layer_block_bytes();
-    copy_bytes[static_cast<std::size_t>(best)] += bytes;
+        static_cast<std::int64_t>(p.moves.size()) * dst.kv->token_blocks(p.tokens) * layer_block_bytes();
+    copy_bytes[static_cast<std::size_t>(p.member)] += bytes;
     counters_.kv_bytes_gathered += bytes;
     counters_.kv_bytes_gathered_at_split += bytes;
   }
@@ -602,12 +601,12 @@ void ClusterSim::split(std::int64_t unit_index) {
     const std::int64_t bytes = copy_bytes[static_cast<std::size_t>(m)];
     if (bytes > 0) member_unit(m).resume_us = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
   }
-  for (engine::Request& r : rest) {
-    Unit& dst = *units_[static_cast<std::size_t>(least_outstanding(fresh))];
-    const std::int64_t idx = r.id.value;
-    KUN_CHECK_OK(dst.scheduler->adopt(std::move(r), /*with_kv=*/false));
-    dst.requests.insert(idx);
+  for (const cluster::Landing& l : plan.queued) {
+    Unit& dst = member_unit(l.member);
+    KUN_CHECK_OK(dst.scheduler->adopt(std::move(detached.at(l.id)), /*with_kv=*/false));
+    dst.requests.insert(l.id.value);
   }
+  KUN_CHECK_EQ(plan.keep_kv.size() + plan.queued.size(), detached.size()) << "split lost a request";
 }
 
 void ClusterSim::apply(const cluster::Actions& actions) {
@@ -629,17 +628,28 @@ void ClusterSim::apply(const cluster::Actions& actions) {
     }
     KUN_CHECK(gu != nullptr) << "restore of unknown group " << r.group;
     // Each member pulls its dropped layers' weights over its link (members in parallel) while the
-    // group keeps serving; an exchange still running is abandoned (the gather takes over).
-    const std::int64_t num_layers = cost_.model().num_layers;
+    // group keeps serving (cluster::plan_restore); an exchange still running is abandoned (the
+    // gather takes over).
+    cluster::RestoreInput input;
+    input.group = r.group;
+    input.members = gu->members;
+    input.strategy = config_.stale_kv;
+    for (const auto& alloc : gu->allocators) input.kv_blocks_total.push_back(alloc->num_total());
+    const cluster::RestorePlan plan = cluster::plan_restore(input, transition_geometry());
+    record_plan("restore", r.group, plan.to_string());
+    gu->split_room = plan.split_room_blocks;
     gu->kv_moves.clear();
     gu->exchange_begin_us = -1;
     gu->restoring = true;
     gu->restore_begin_us = now;
     gu->weights_ready_us = now;
-    for (std::size_t k = 0; k < gu->stage_layers.size(); ++k) {
-      const std::int64_t bytes = (num_layers - gu->stage_layers[k]) * pages_per_layer_ * config_.page_bytes;
-      counters_.weight_bytes_restored += bytes;
-      gu->link_free_us[k] = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
+    std::vector<std::int64_t> pulled_bytes(gu->members.size(), 0);
+    for (const cluster::WeightPull& p : plan.pulls) {
+      pulled_bytes[static_cast<std::size_t>(p.member)] += pages_per_layer_ * config_.page_bytes;
+    }
+    for (std::size_t k = 0; k < gu->members.size(); ++k) {
+      counters_.weight_bytes_restored += pulled_bytes[k];
+      gu->link_free_us[k] = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, pulled_bytes[k])));
       gu->weights_ready_us = std::max(gu->weights_ready_us, gu->link_free_us[k]);
     }
     pending_restores_.push_back(PendingRestore{r.group, gu->weights_ready_us});
@@ -687,7 +697,7 @@ void ClusterSim::try_pending_transitions() {
     }
     fuse(*it);
     coordinator_->on_drop_done(it->group, now);
-    ++counters_.drops;
+    ++(it->absorbs.empty() ? counters_.drops : counters_.grows);
     const double ms = static_cast<double>(now - drop_requested_us_[it->group]) / 1000.0;
     counters_.drop_latency_ms.push_back(ms);
     events_.push_back(std::to_string(now) + " drop done group " + std::to_string(it->group));
@@ -736,6 +746,25 @@ void ClusterSim::tick() {
     gauges_.push_back({now, "group_state" + label, static_cast<double>(static_cast<int>(s.state))});
   }
   apply(coordinator_->tick(now, snaps));
+  run_script();
+}
+
+void ClusterSim::run_script() {
+  const std::int64_t now = clock_.now_us();
+  while (next_script_ < config_.script.size() && config_.script[next_script_].at_us <= now) {
+    const SimConfig::ScriptedTransition& st = config_.script[next_script_++];
+    cluster::Actions a;
+    if (!st.drop.empty()) {
+      auto d = coordinator_->force_drop(st.drop, now);
+      KUN_CHECK(d.ok()) << "scripted drop at " << st.at_us << "us: " << d.status().to_string();
+      a.drops.push_back(*d);
+    } else {
+      auto r = coordinator_->force_restore(st.restore_group, now);
+      KUN_CHECK(r.ok()) << "scripted restore at " << st.at_us << "us: " << r.status().to_string();
+      a.restores.push_back(*r);
+    }
+    apply(a);
+  }
 }
 
 StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
@@ -845,6 +874,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
   rep.timeline = workload::build_timeline(records_, gauges_, 1'000'000);
   rep.counters = counters_;
   rep.events = events_;
+  rep.transitions = transition_log_;
   rep.kv_blocks_per_instance = kv_blocks_per_instance_;
   rep.kv_tokens_per_instance = kv_blocks_per_instance_ / cost_.model().num_layers * config_.block_size_tokens;
   rep.end_us = clock_.now_us();

@@ -50,6 +50,7 @@
 
 #include "cluster/coordinator.h"
 #include "cluster/router.h"
+#include "cluster/transition_plan.h"
 #include "common/clock.h"
 #include "engine/kv_manager.h"
 #include "engine/scheduler.h"
@@ -88,6 +89,15 @@ struct SimConfig {
   std::uint64_t seed = 0;                      // prompt token ids and tie-free choices
   std::int64_t max_virtual_us = 24LL * 3600 * 1'000'000;  // safety stop
   workload::SloSpec slo;
+  // Scripted transitions (tests; replaying a runtime scenario): at the first coordinator tick at
+  // or after at_us, force a drop of `drop` (stage order) or, with `drop` empty, a restore of
+  // `restore_group`. Entries in time order; kunserve only.
+  struct ScriptedTransition {
+    std::int64_t at_us = 0;
+    std::vector<std::int64_t> drop;
+    std::int64_t restore_group = -1;
+  };
+  std::vector<ScriptedTransition> script;
   // Scheduler + KV invariants after every n-th step of a unit (0: never; tests). Costly: the
   // KV integrity check walks every block.
   std::int64_t check_invariants_every_steps = 0;
@@ -101,6 +111,7 @@ struct SimCounters {
   std::int64_t recomputed_tokens = 0;
   std::int64_t transition_recomputed_tokens = 0;  // of those, after a drop/restore/migration lost KV
   std::int64_t drops = 0;
+  std::int64_t grows = 0;  // fused groups grown to twice their degree (not counted in drops)
   std::int64_t restores = 0;
   std::int64_t migrations = 0;
   std::int64_t rejected = 0;
@@ -134,6 +145,7 @@ struct SimReport {
   std::vector<workload::RequestRecord> records;  // in trace order
   SimCounters counters;
   std::vector<std::string> events;  // coordinator events, time-stamped
+  std::vector<cluster::TransitionRecord> transitions;  // every transition plan carried out, in order
   std::vector<std::int64_t> stale_requests;  // trace indices of requests running at a drop
   std::string stale_kv;                      // the strategy, for kunserve ("" otherwise)
   std::int64_t kv_blocks_per_instance = 0;  // layer blocks of an independent instance
@@ -168,7 +180,10 @@ class ClusterSim {
   void tick();
   void apply(const cluster::Actions& actions);
   void try_pending_transitions();
+  void run_script();  // SimConfig::script entries now due
   void fuse(const cluster::DropAction& drop);
+  cluster::TransitionGeometry transition_geometry() const;
+  void record_plan(const std::string& kind, std::int64_t group, std::string plan);
   void split(std::int64_t unit_index);
   bool keeps_kv() const { return config_.stale_kv != cluster::StaleKvStrategy::kRecompute; }
   // Queues a request's bulk KV transfer of `layers` layer messages of `layer_bytes` each on
@@ -204,6 +219,8 @@ class ClusterSim {
   std::vector<std::int32_t> prompt_tokens_;    // after clipping
   std::vector<workload::GaugeSample> gauges_;
   std::vector<std::string> events_;
+  std::vector<cluster::TransitionRecord> transition_log_;
+  std::size_t next_script_ = 0;
   SimCounters counters_;
   // Pending transitions and in-flight migrations.
   std::vector<cluster::DropAction> pending_drops_;

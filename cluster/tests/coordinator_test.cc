@@ -290,6 +290,41 @@ TEST(Coordinator, NoRestoreWhileTheRequestsWouldNotFitAfterTheSplit) {
   EXPECT_EQ(c.group_of(0), 0);
 }
 
+TEST(Coordinator, AnOverloadedGroupGrowsWithFreeInstances) {
+  Coordinator c = make();
+  ASSERT_TRUE(c.force_drop({0, 1}, 0).ok());
+  c.on_drop_done(0, 0);
+  // The group's load against its fused pool (4800 blocks each) is 110 % with a queue; instances
+  // 2 and 3 are light.
+  InstanceSnapshot hot0 = fused_snap(0, 0.1), hot1 = fused_snap(1, 0.1);
+  for (InstanceSnapshot* h : {&hot0, &hot1}) {
+    h->blocks_demanded = h->kv_blocks_total * 11 / 10;
+    h->kv_blocks_free = 0;
+    h->pending_blocks = 64;
+    h->num_queued = 2;
+  }
+  Actions a;
+  std::int64_t t = 0;
+  for (int i = 0; i < 3 && a.drops.empty(); ++i) {
+    t += kPeriod;
+    a = c.tick(t, {hot0, hot1, snap(2, 0.1), snap(3, 0.1)});
+  }
+  ASSERT_EQ(a.drops.size(), 1u);
+  EXPECT_EQ(a.drops[0].absorbs, (std::vector<std::int64_t>{0}));
+  EXPECT_EQ(a.drops[0].instances, (std::vector<std::int64_t>{0, 2, 1, 3}));
+  EXPECT_EQ(c.group(0), nullptr);  // replaced by the new group
+  EXPECT_EQ(c.group_of(2), a.drops[0].group);
+  c.on_drop_done(a.drops[0].group, t);
+  EXPECT_EQ(c.group(a.drops[0].group)->state, GroupState::kDropped);
+  // With growth off the same load leaves the group alone.
+  CoordinatorConfig cfg;
+  cfg.planner.grow_groups = false;
+  Coordinator off(cfg, testing::test_shape(4));
+  ASSERT_TRUE(off.force_drop({0, 1}, 0).ok());
+  off.on_drop_done(0, 0);
+  for (int i = 1; i <= 6; ++i) EXPECT_TRUE(off.tick(i * kPeriod, {hot0, hot1, snap(2, 0.1), snap(3, 0.1)}).drops.empty());
+}
+
 TEST(Coordinator, RestoreCanBeDisabled) {
   CoordinatorConfig cfg;
   cfg.enable_restore = false;
@@ -330,7 +365,7 @@ TEST(Coordinator, MigratePolicyEmitsMigrations) {
 // groups, every drop names only independent instances with an allowed degree, and the state
 // machine is only driven through legal transitions (an illegal one would abort the test).
 TEST(Coordinator, RandomizedTicksKeepGroupsDisjoint) {
-  std::int64_t planned_drops = 0, restores_done = 0;
+  std::int64_t planned_drops = 0, restores_done = 0, grows = 0;
   const LogLevel saved_level = log_level();
   set_log_level(LogLevel::kWarn);  // thousands of decision lines otherwise
   for (std::uint64_t seed = 1; seed <= 20; ++seed) {
@@ -354,12 +389,21 @@ TEST(Coordinator, RandomizedTicksKeepGroupsDisjoint) {
       const std::map<std::int64_t, GroupInfo> before = c.groups();
       Actions a = c.tick(t, snaps);
       for (const DropAction& d : a.drops) {
-        EXPECT_TRUE(d.instances.size() == 2 || d.instances.size() == 4);
+        EXPECT_TRUE(d.instances.size() == 2 || d.instances.size() == 4 || d.instances.size() == 8);
+        // A member is independent, or in a dropped group the new one absorbs (growth).
         for (std::int64_t m : d.instances) {
           for (const auto& [id, g] : before) {
-            EXPECT_EQ(std::count(g.members.begin(), g.members.end(), m), 0)
+            if (std::count(g.members.begin(), g.members.end(), m) == 0) continue;
+            EXPECT_EQ(std::count(d.absorbs.begin(), d.absorbs.end(), id), 1)
                 << "seed " << seed << ": instance " << m << " dropped while in group " << id;
+            EXPECT_EQ(g.state, GroupState::kDropped);
           }
+        }
+        for (std::int64_t id : d.absorbs) {
+          ASSERT_TRUE(before.count(id) != 0);
+          EXPECT_EQ(before.at(id).members.size() * 2, d.instances.size()) << "growth doubles the degree";
+          EXPECT_EQ(c.group(id), nullptr) << "an absorbed group is gone";
+          ++grows;
         }
         EXPECT_FALSE(std::any_of(before.begin(), before.end(),
                                  [](const auto& kv) { return kv.second.in_transition(); }))
@@ -412,6 +456,7 @@ TEST(Coordinator, RandomizedTicksKeepGroupsDisjoint) {
   }
   EXPECT_GT(planned_drops, 20);  // the property was exercised
   EXPECT_GT(restores_done, 5);
+  EXPECT_GT(grows, 0);
   set_log_level(saved_level);
 }
 

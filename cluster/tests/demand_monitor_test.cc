@@ -88,6 +88,33 @@ TEST(DemandMonitor, DropNeedsBothHighDemandAndPendingAtLeastFree) {
   EXPECT_TRUE(DemandMonitor(c).drop_eligible(sample(0, 1.0, 0, 0, 0)));
 }
 
+TEST(DemandMonitor, SustainedOverloadVotesDropEvenWithPendingBelowFree) {
+  // 95 % demand with a queue whose pending blocks stay below the free blocks: never
+  // drop-eligible, but sustained for sustained_overload_samples samples it votes drop.
+  DemandMonitor m;
+  ASSERT_EQ(m.config().sustained_overload_samples, 6);
+  for (std::int64_t i = 0; i < 5; ++i) {
+    ASSERT_TRUE(m.observe_instance(0, sample(i * 500'000, 0.96, 40, 80, 2)));
+    EXPECT_FALSE(m.drop_eligible(m.instance_window(0)->samples.back()));
+    EXPECT_EQ(m.instance_vote(0), Vote::kNone) << "sample " << i;
+  }
+  m.observe_instance(0, sample(5 * 500'000, 0.96, 40, 80, 2));
+  EXPECT_EQ(m.instance_vote(0), Vote::kDrop);
+  // One sample without a queue ends the streak.
+  m.observe_instance(0, sample(6 * 500'000, 0.97, 0, 80, 0));
+  EXPECT_EQ(m.instance_vote(0), Vote::kNone);
+  // High demand with nothing waiting never votes (dropping cannot help TTFT).
+  DemandMonitor idle;
+  for (std::int64_t i = 0; i < 10; ++i) idle.observe_instance(0, sample(i * 500'000, 0.99, 0, 10, 0));
+  EXPECT_EQ(idle.instance_vote(0), Vote::kNone);
+  // 0 turns the rule off.
+  DemandMonitorConfig off;
+  off.sustained_overload_samples = 0;
+  DemandMonitor m2(off);
+  for (std::int64_t i = 0; i < 10; ++i) m2.observe_instance(0, sample(i * 500'000, 0.96, 40, 80, 2));
+  EXPECT_EQ(m2.instance_vote(0), Vote::kNone);
+}
+
 TEST(DemandMonitor, ThresholdsAreConfigurable) {
   DemandMonitorConfig c;
   c.drop_demand_threshold = 0.8;

@@ -227,5 +227,102 @@ TEST(Planner, ScalesNLogN) {
   EXPECT_LT(large, 10.0 * small) << "5k: " << small << " s, 20k: " << large << " s";
 }
 
+// A member of a fused group of degree g at stage s: its pool holds the lent pages (test_shape:
+// 3200 + (32 - 32/g) x 100 blocks) and its share of the group's demand.
+InstanceSnapshot fused_member(std::int64_t id, std::int64_t g, double demand_of_pool) {
+  InstanceSnapshot s;
+  s.instance = id;
+  s.kv_blocks_total = testing::kTotalBlocks + (32 - 32 / g) * 100;
+  s.blocks_demanded = static_cast<std::int64_t>(demand_of_pool * static_cast<double>(s.kv_blocks_total));
+  s.kv_blocks_free = 0;
+  s.pending_blocks = 64;
+  s.num_queued = 1;
+  return s;
+}
+
+TEST(PlannerGrowth, GrowsWithFreeInstancesInterleaved) {
+  const ClusterShape shape = test_shape(4);
+  const InstanceSnapshot m0 = fused_member(0, 2, 1.1), m1 = fused_member(1, 2, 1.1);
+  EXPECT_EQ(Planner::group_capacity_tokens({&m0, &m1}, shape), 4800);
+  const std::vector<InstanceSnapshot> free = {snap(3, 0.1), snap(2, 0.1)};
+  const std::vector<PlannedGrowth> out = Planner().plan_growth({GroupView{0, {&m0, &m1}, true}}, free, shape);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].degree, 4);
+  EXPECT_EQ(out[0].absorbs, (std::vector<std::int64_t>{0}));
+  EXPECT_EQ(out[0].instances, (std::vector<std::int64_t>{0, 2, 1, 3}));  // old stage j at 2j
+  EXPECT_EQ(out[0].capacity_before_tokens, 4800 + 1600 + 1600);
+  EXPECT_EQ(out[0].capacity_after_tokens, 11200);  // g=4 over the members' base pools
+  EXPECT_TRUE(out[0].covers);  // 2 x 5280 x 16 / 32 + 2 x 320 x 16 / 32 = 5600 tokens <= 0.95 x 11200
+}
+
+TEST(PlannerGrowth, MergesWithALightGroupWhenNoInstanceIsFree) {
+  const ClusterShape shape = test_shape(4);
+  const InstanceSnapshot a0 = fused_member(0, 2, 1.1), a1 = fused_member(1, 2, 1.1);
+  const InstanceSnapshot b0 = fused_member(5, 2, 0.2), b1 = fused_member(4, 2, 0.2);
+  const std::vector<PlannedGrowth> out =
+      Planner().plan_growth({GroupView{1, {&b0, &b1}, false}, GroupView{0, {&a0, &a1}, true}}, {}, shape);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].absorbs, (std::vector<std::int64_t>{0, 1}));
+  EXPECT_EQ(out[0].instances, (std::vector<std::int64_t>{0, 5, 1, 4}));  // b's stage j at 2j + 1
+  EXPECT_EQ(out[0].capacity_after_tokens, 11200);
+}
+
+TEST(PlannerGrowth, RespectsTheDegreeCapAndOverloadedPartners) {
+  ClusterShape shape = test_shape(8);
+  shape.allowed_degrees = {2, 4, 8};
+  const InstanceSnapshot a0 = fused_member(0, 2, 1.1), a1 = fused_member(1, 2, 1.1);
+  const InstanceSnapshot b0 = fused_member(2, 2, 1.1), b1 = fused_member(3, 2, 1.1);
+  PlannerConfig capped;
+  capped.max_degree = 2;
+  EXPECT_TRUE(Planner(capped).plan_growth({GroupView{0, {&a0, &a1}, true}}, {snap(4, 0.1), snap(5, 0.1)}, shape).empty());
+  PlannerConfig off;
+  off.grow_groups = false;
+  EXPECT_TRUE(Planner(off).plan_growth({GroupView{0, {&a0, &a1}, true}}, {snap(4, 0.1), snap(5, 0.1)}, shape).empty());
+  // Two overloaded groups and no free instance: neither absorbs the other.
+  EXPECT_TRUE(Planner().plan_growth({GroupView{0, {&a0, &a1}, true}, GroupView{1, {&b0, &b1}, true}}, {}, shape).empty());
+}
+
+TEST(PlannerGrowth, FourGrowsToEight) {
+  ClusterShape shape = test_shape(8);
+  shape.allowed_degrees = {2, 4, 8};
+  std::vector<InstanceSnapshot> members;
+  for (std::int64_t i = 0; i < 4; ++i) members.push_back(fused_member(i, 4, 1.2));
+  std::vector<const InstanceSnapshot*> ptrs;
+  for (const auto& m : members) ptrs.push_back(&m);
+  const std::vector<InstanceSnapshot> free = {snap(4, 0.1), snap(5, 0.2), snap(6, 0.3), snap(7, 0.05)};
+  const std::vector<PlannedGrowth> out = Planner().plan_growth({GroupView{9, ptrs, true}}, free, shape);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].degree, 8);
+  EXPECT_EQ(out[0].instances, (std::vector<std::int64_t>{0, 7, 1, 4, 2, 5, 3, 6}));  // least loaded first
+  // g=8 over base pools: stage keeps 4 layers, frees 28 x 100: (3200 + 2800) / 4 = 1500 -> 24000.
+  EXPECT_EQ(out[0].capacity_after_tokens, 24000);
+  // A group of 8 cannot grow further.
+  std::vector<InstanceSnapshot> eight;
+  for (std::int64_t i = 0; i < 8; ++i) eight.push_back(fused_member(i, 8, 1.2));
+  std::vector<const InstanceSnapshot*> eptrs;
+  for (const auto& m : eight) eptrs.push_back(&m);
+  EXPECT_TRUE(Planner().plan_growth({GroupView{1, eptrs, true}}, {}, shape).empty());
+}
+
+TEST(PlannerGrowth, GrowthPlanningScalesNLogN) {
+  // 4096 groups of 2, half overloaded, and 4096 free instances: one pass, each group grows once.
+  ClusterShape shape = test_shape(4096 * 3);
+  std::vector<InstanceSnapshot> members;
+  members.reserve(8192);
+  for (std::int64_t i = 0; i < 8192; ++i) members.push_back(fused_member(i, 2, (i / 2) % 2 ? 1.1 : 0.2));
+  std::vector<GroupView> views;
+  for (std::int64_t gi = 0; gi < 4096; ++gi) {
+    views.push_back(GroupView{gi, {&members[static_cast<std::size_t>(2 * gi)], &members[static_cast<std::size_t>(2 * gi + 1)]}, gi % 2 == 1});
+  }
+  std::vector<InstanceSnapshot> free;
+  for (std::int64_t i = 0; i < 4096; ++i) free.push_back(snap(8192 + i, 0.1));
+  const std::vector<PlannedGrowth> out = Planner().plan_growth(views, free, shape);
+  EXPECT_EQ(out.size(), 2048u);
+  std::set<std::int64_t> used;
+  for (const PlannedGrowth& pg : out) {
+    for (std::int64_t m : pg.instances) EXPECT_TRUE(used.insert(m).second) << "instance " << m << " twice";
+  }
+}
+
 }  // namespace
 }  // namespace kun::cluster
