@@ -26,38 +26,71 @@ Status KvBlockAllocator::add_pages(std::span<const PageId> pages) {
     PageState st;
     st.seq = next_seq_++;
     st.allocated.assign(static_cast<std::size_t>(blocks_per_page_), 0);
-    for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      free_.emplace(st.seq, block_id(p, s, blocks_per_page_).value);
-    }
+    open_pages_.emplace(st.seq, p.value);
+    num_free_ += blocks_per_page_;
     pages_.emplace(p.value, std::move(st));
   }
   return ok_status();
 }
 
-KvBlockAllocator::FreeKey KvBlockAllocator::key_of(BlockId block) const {
-  return {pages_.at(page_of(block).value).seq, block.value};
+std::int64_t KvBlockAllocator::first_free_slot(const PageState& st) const {
+  for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
+    if (!st.allocated[static_cast<std::size_t>(s)]) return s;
+  }
+  KUN_CHECK(false) << "kv page in the open set has no free slot";
+  return -1;
 }
 
 void KvBlockAllocator::mark_allocated(BlockId block) {
   PageState& st = pages_.at(page_of(block).value);
   auto slot = static_cast<std::size_t>(slot_of(block));
   KUN_CHECK(!st.allocated[slot]) << "kv block " << block << " allocated twice";
+  KUN_CHECK(!st.draining) << "kv block " << block << " allocated on a draining page";
   st.allocated[slot] = 1;
   ++st.used;
   ++num_used_;
+  --num_free_;
+  if (st.used == blocks_per_page_) open_pages_.erase({st.seq, page_of(block).value});
 }
 
 BlockId KvBlockAllocator::take_free_block() {
-  KUN_CHECK(!free_.empty()) << "no free kv block";
-  auto it = free_.begin();
+  KUN_CHECK(num_free_ > 0 && !open_pages_.empty()) << "no free kv block";
+  // The k-th free block in (page add order, slot) order: k = 0 (deterministic) or uniform.
+  std::int64_t k = 0;
   if (order_ == AllocationOrder::kShuffled) {
-    std::uniform_int_distribution<std::size_t> pick(0, free_.size() - 1);
-    it = std::next(it, static_cast<std::ptrdiff_t>(pick(rng_)));
+    std::uniform_int_distribution<std::size_t> pick(0, static_cast<std::size_t>(num_free_ - 1));
+    k = static_cast<std::int64_t>(pick(rng_));
   }
-  const BlockId block(it->second);
-  free_.erase(it);
-  mark_allocated(block);
-  return block;
+  for (const auto& [seq, page] : open_pages_) {
+    const PageState& st = pages_.at(page);
+    const std::int64_t page_free = blocks_per_page_ - st.used;
+    if (k >= page_free) {
+      k -= page_free;
+      continue;
+    }
+    for (std::int64_t s = first_free_slot(st); s < blocks_per_page_; ++s) {
+      if (st.allocated[static_cast<std::size_t>(s)]) continue;
+      if (k-- > 0) continue;
+      const BlockId block = block_id(PageId(page), s, blocks_per_page_);
+      mark_allocated(block);
+      return block;
+    }
+  }
+  KUN_CHECK(false) << "kv free count " << num_free_ << " does not match the open pages";
+  return BlockId();
+}
+
+void KvBlockAllocator::set_draining(std::int64_t page, PageState& st, bool draining) {
+  if (st.draining == draining) return;
+  const std::int64_t page_free = blocks_per_page_ - st.used;
+  st.draining = draining;
+  if (draining) {
+    num_free_ -= page_free;
+    if (page_free > 0) open_pages_.erase({st.seq, page});
+  } else {
+    num_free_ += page_free;
+    if (page_free > 0) open_pages_.emplace(st.seq, page);
+  }
 }
 
 StatusOr<std::vector<BlockId>> KvBlockAllocator::allocate(std::int64_t n) {
@@ -81,7 +114,10 @@ void KvBlockAllocator::free(BlockId block) {
   st.allocated[slot] = 0;
   --st.used;
   --num_used_;
-  if (!st.draining) free_.emplace(st.seq, block.value);
+  if (!st.draining) {
+    ++num_free_;
+    if (st.used == blocks_per_page_ - 1) open_pages_.emplace(st.seq, it->first);
+  }
 }
 
 void KvBlockAllocator::free(std::span<const BlockId> blocks) {
@@ -127,21 +163,13 @@ std::int64_t KvBlockAllocator::num_empty_pages() const {
 }
 
 void KvBlockAllocator::cancel_reclaim() {
-  for (auto& [page, st] : pages_) {
-    if (!st.draining) continue;
-    st.draining = false;
-    for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      if (!st.allocated[static_cast<std::size_t>(s)]) free_.emplace(st.seq, block_id(PageId(page), s, blocks_per_page_).value);
-    }
-  }
+  for (auto& [page, st] : pages_) set_draining(page, st, false);
 }
 
 void KvBlockAllocator::remove_page(std::int64_t page) {
   auto it = pages_.find(page);
   KUN_CHECK(it != pages_.end() && it->second.used == 0) << "removing kv page " << page << " with live blocks";
-  for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-    free_.erase({it->second.seq, block_id(PageId(page), s, blocks_per_page_).value});
-  }
+  set_draining(page, it->second, true);  // out of the open set and the free count
   pages_.erase(it);
 }
 
@@ -184,13 +212,7 @@ StatusOr<ReclaimResult> KvBlockAllocator::reclaim_pages(std::int64_t n) {
                               std::to_string(num_free()) + " free of " + std::to_string(num_total()));
   }
   for (std::size_t i = 0; i < count; ++i) {
-    PageState& st = pages_.at(candidates[i].page);
-    st.draining = true;
-    for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      if (!st.allocated[static_cast<std::size_t>(s)]) {
-        free_.erase({st.seq, block_id(PageId(candidates[i].page), s, blocks_per_page_).value});
-      }
-    }
+    set_draining(candidates[i].page, pages_.at(candidates[i].page), true);
   }
   for (std::size_t i = 0; i < count; ++i) {
     const PageState& st = pages_.at(candidates[i].page);
@@ -208,30 +230,34 @@ Status KvBlockAllocator::verify() const {
   std::int64_t used = 0;
   std::int64_t free_slots = 0;
   std::int64_t draining_free = 0;
+  std::int64_t open = 0;
   for (const auto& [page, st] : pages_) {
     std::int64_t page_used = 0;
     for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      const BlockId b = block_id(PageId(page), s, blocks_per_page_);
-      const bool in_free = free_.count({st.seq, b.value}) != 0;
       if (st.allocated[static_cast<std::size_t>(s)]) {
         ++page_used;
-        if (in_free) return fail("block " + std::to_string(b.value) + " is allocated and free");
       } else if (st.draining) {
         ++draining_free;
-        if (in_free) return fail("block " + std::to_string(b.value) + " of a draining page is in the free set");
       } else {
         ++free_slots;
-        if (!in_free) return fail("free block " + std::to_string(b.value) + " is missing from the free set");
       }
     }
+    const bool should_be_open = !st.draining && page_used < blocks_per_page_;
+    if ((open_pages_.count({st.seq, page}) != 0) != should_be_open) {
+      return fail("page " + std::to_string(page) + (should_be_open ? " has free slots but is not open" : " is open but has no free slot"));
+    }
+    open += should_be_open ? 1 : 0;
     if (page_used != st.used) {
       return fail("page " + std::to_string(page) + " counts " + std::to_string(st.used) + " used blocks, holds " +
                   std::to_string(page_used));
     }
     used += page_used;
   }
+  if (open != static_cast<std::int64_t>(open_pages_.size())) {
+    return fail("open set has " + std::to_string(open_pages_.size()) + " pages, " + std::to_string(open) + " expected");
+  }
   if (free_slots != num_free()) {
-    return fail("free set has " + std::to_string(num_free()) + " entries, pages have " +
+    return fail("free count is " + std::to_string(num_free()) + " entries, pages have " +
                 std::to_string(free_slots) + " free slots");
   }
   if (used != num_used_) {
