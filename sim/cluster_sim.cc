@@ -367,6 +367,7 @@ void ClusterSim::finish_step(Unit& u) {
   u.in_flight = false;
   for (std::size_t i = 0; i < u.plans.size(); ++i) handle_events(u, u.scheduler->apply_result(u.plans[i], u.results[i]));
   advance_kv_moves(u, /*assign=*/true);
+  if (!planned_migrations_.empty()) start_migrations();
   const std::int64_t every = config_.check_invariants_every_steps;
   if (every > 0 && u.scheduler->counters().steps % every == 0) u.scheduler->check_invariants();
 }
@@ -650,29 +651,73 @@ void ClusterSim::apply(const cluster::Actions& actions) {
     events_.push_back(std::to_string(now) + " restore requested group " + std::to_string(r.group) + ": " + r.reason);
   }
   for (const auto& m : actions.migrations) {
+    ++counters_.migrations_planned;
+    planned_migrations_.push_back(m);
+  }
+  start_migrations();
+}
+
+void ClusterSim::start_migrations() {
+  const std::int64_t now = clock_.now_us();
+  std::vector<cluster::MigrateAction> later;
+  for (const cluster::MigrateAction& m : planned_migrations_) {
     Unit* src = unit_of_instance(m.from);
-    if (src == nullptr || src->members.size() != 1 || src->in_flight || src->requests.count(m.request.value) == 0 ||
-        unit_of_instance(m.to) == nullptr) {
-      coordinator_->on_migration_done(m.request);  // finished or not movable now
+    Unit* dst = unit_of_instance(m.to);
+    if (src != nullptr && src->in_flight && src->members.size() == 1) {
+      later.push_back(m);  // at its next step boundary
+      continue;
+    }
+    if (src == nullptr || dst == nullptr || src == dst || src->members.size() != 1 || dst->members.size() != 1 ||
+        src->requests.count(m.request.value) == 0) {
+      ++counters_.migrations_skipped;
+      coordinator_->on_migration_done(m.request);  // finished, or not between independent instances now
       continue;
     }
     const engine::Request* r = src->scheduler->find(m.request);
-    KUN_CHECK(r != nullptr);
-    PendingMove pm;
-    pm.index = m.request.value;
-    pm.to = m.to;
-    pm.tokens = r->spec.prompt_tokens;
-    pm.tokens.insert(pm.tokens.end(), r->output_tokens.begin(), r->output_tokens.end());
-    pm.max_tokens = r->spec.max_tokens - r->num_output_tokens();
+    KUN_CHECK(r != nullptr) << "request " << m.request << " listed on instance " << m.from;
     const std::int64_t held = src->kv->tokens_held(m.request);
-    const std::int64_t bytes = held * cost_.model().num_layers * cost_.kv_bytes_per_token_per_layer();
-    pm.ready_us = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
-    counters_.migration_bytes += bytes;
-    src->scheduler->cancel(m.request);
+    const bool live = held > 0 && r->state == engine::RequestState::kRunning;
+    auto d = src->scheduler->detach(m.request, /*keep_kv=*/live);
+    KUN_CHECK(d.has_value());
     src->requests.erase(m.request.value);
+    PendingMove pm;
+    pm.request = std::move(*d);
+    pm.from = m.from;
+    pm.to = m.to;
+    pm.with_kv = live;
+    pm.ready_us = now;
+    if (live) {
+      const std::int64_t bytes = src->kv->layer_blocks_for(held) * layer_block_bytes();
+      pm.ready_us = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
+      counters_.migration_bytes += bytes;
+    }
     pending_moves_.push_back(std::move(pm));
-    ++counters_.migrations;
   }
+  planned_migrations_ = std::move(later);
+}
+
+void ClusterSim::finish_migration(PendingMove& m) {
+  const RequestId id = m.request.id;
+  Unit* src = unit_of_instance(m.from);
+  Unit* dst = unit_of_instance(m.to);
+  // Under `migrate` instances never fuse, so both are still independent.
+  KUN_CHECK(src != nullptr && dst != nullptr && src->members.size() == 1 && dst->members.size() == 1);
+  if (!m.with_kv) {
+    KUN_CHECK_OK(dst->scheduler->adopt(std::move(m.request), /*with_kv=*/false));
+    dst->requests.insert(id.value);
+    ++counters_.migrations;
+  } else if (dst->kv->can_grow(id, m.request.num_computed)) {
+    KUN_CHECK_OK(dst->scheduler->adopt(std::move(m.request), /*with_kv=*/true));
+    src->scheduler->release_detached(id);
+    dst->requests.insert(id.value);
+    ++counters_.migrations;
+    ++counters_.migrations_with_kv;
+  } else {  // no room on the destination by now: it continues where it is, with its KV
+    KUN_CHECK_OK(src->scheduler->adopt(std::move(m.request), /*with_kv=*/true));
+    src->requests.insert(id.value);
+    ++counters_.migrations_skipped;
+  }
+  coordinator_->on_migration_done(id);
 }
 
 void ClusterSim::try_pending_transitions() {
@@ -783,7 +828,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
         t = std::min(t, u->busy_until_us);
       }
     }
-    if (next_arrival == n && !any_in_flight && pending_moves_.empty() && pending_restores_.empty() &&
+    if (next_arrival == n && !any_in_flight && pending_moves_.empty() && planned_migrations_.empty() && pending_restores_.empty() &&
         pending_drops_.empty() && outstanding() == 0) {
       break;
     }
@@ -809,12 +854,10 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
         ++it;
         continue;
       }
-      Unit* dst = unit_of_instance(it->to);
-      KUN_CHECK(dst != nullptr);
-      add_to_unit(*dst, it->index, std::move(it->tokens), it->max_tokens);
-      coordinator_->on_migration_done(RequestId(it->index));
+      finish_migration(*it);
       it = pending_moves_.erase(it);
     }
+    start_migrations();
     try_pending_transitions();
     while (next_arrival < n && trace.requests[next_arrival].arrival_us <= clock_.now_us()) {
       arrive(static_cast<std::int64_t>(next_arrival));
@@ -868,6 +911,9 @@ nlohmann::json SimReport::to_json() const {
   c["drops"] = counters.drops;
   c["restores"] = counters.restores;
   c["migrations"] = counters.migrations;
+  c["migrations_planned"] = counters.migrations_planned;
+  c["migrations_with_kv"] = counters.migrations_with_kv;
+  c["migrations_skipped"] = counters.migrations_skipped;
   c["rejected"] = counters.rejected;
   c["clipped"] = counters.clipped;
   c["swap_bytes"] = counters.swap_bytes;

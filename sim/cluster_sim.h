@@ -35,9 +35,12 @@
 // requests, one message per layer; a round's requests are moved at the first step boundary after
 // the round's last byte crossed. The transfers get the whole link: the activations they yield to
 // are a small fraction of it (hidden state per token per step vs. the KV of whole contexts).
-// Under `migrate`, queued requests move at once; running requests move with their KV over the
-// link (the destination pays the KV transfer time before it may run the request; the engine has no
-// KV import yet, so the destination re-prefills the request: see README, "Limits").
+// Under `migrate`, a planned migration happens at its source's next step boundary (as the runtime,
+// which pauses the engines between steps): a queued request moves at once; a running one is
+// detached with its KV, which stays allocated on the source while it crosses the link; once it
+// arrived the destination adopts it with its KV (no re-prefill, Scheduler::adopt with_kv, as the
+// runtime) and the source frees it, or, when the destination has no room by then, it resumes on
+// the source (the runtime's "stays where it is").
 //
 // Owned by one thread.
 #pragma once
@@ -102,7 +105,10 @@ struct SimCounters {
   std::int64_t transition_recomputed_tokens = 0;  // of those, after a drop/restore/migration lost KV
   std::int64_t drops = 0;
   std::int64_t restores = 0;
-  std::int64_t migrations = 0;
+  std::int64_t migrations = 0;            // carried out (arrived at the destination)
+  std::int64_t migrations_planned = 0;    // MigrateActions from the coordinator
+  std::int64_t migrations_with_kv = 0;    // of those carried out: running, KV copied (no recompute)
+  std::int64_t migrations_skipped = 0;    // finished first, or the destination had no room (stays)
   std::int64_t rejected = 0;
   std::int64_t clipped = 0;  // requests whose lengths were clipped to max_model_len
   std::int64_t swap_bytes = 0;
@@ -212,14 +218,23 @@ class ClusterSim {
     std::int64_t ready_us = 0;  // weights pulled and KV gathered (or the gather timed out)
   };
   std::vector<PendingRestore> pending_restores_;
+  // A migration taken out of its source at a step boundary: a running request's KV stays
+  // allocated on the source (detach with keep_kv) while it crosses the link; a queued one moves
+  // at once.
   struct PendingMove {
-    std::int64_t index = -1;     // trace index
+    engine::Request request;
+    std::int64_t from = -1;      // instance
     std::int64_t to = -1;        // instance
     std::int64_t ready_us = 0;   // KV arrived
-    std::vector<std::int32_t> tokens;
-    std::int64_t max_tokens = 0;
+    bool with_kv = false;
   };
   std::vector<PendingMove> pending_moves_;
+  // Migrations the coordinator planned whose source was mid-step: carried out at its next step
+  // boundary (the runtime pauses the engines between steps to move a request).
+  std::vector<cluster::MigrateAction> planned_migrations_;
+  // Takes the planned migrations whose source unit is at a step boundary out of their source.
+  void start_migrations();
+  void finish_migration(PendingMove& m);
   std::vector<std::int64_t> stale_ids_;  // trace indices running at a drop (once each)
   std::vector<bool> is_stale_;
   std::map<std::int64_t, std::int64_t> drop_requested_us_;     // group -> time

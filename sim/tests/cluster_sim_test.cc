@@ -157,6 +157,46 @@ TEST(ClusterSim, SwapCompletesTheBurst) { run_policy_burst(cluster::Policy::kSwa
 TEST(ClusterSim, MigrateCompletesTheBurst) { run_policy_burst(cluster::Policy::kMigrate); }
 TEST(ClusterSim, KunServeDropsRestoresAndCompletesTheBurst) { run_policy_burst(cluster::Policy::kKunServe); }
 
+// Round-robin routing with every 4th request long: instance 0 runs out of KV while the others
+// idle, so `migrate` moves requests away from it, at its step boundaries (it is always mid-step
+// under load), running ones with their KV.
+workload::Trace skewed_trace() {
+  workload::Trace t;
+  t.name = "skewed";
+  for (std::int64_t i = 0; i < 160; ++i) {
+    const bool long_one = i % 4 == 0;
+    t.requests.push_back({i * 62'500, long_one ? 3000 : 200, long_one ? 1000 : 50});
+  }
+  return t;
+}
+
+TEST(ClusterSim, MigrateMovesRunningRequestsWithTheirKvUnderLoad) {
+  const auto trace = skewed_trace();
+  SimConfig c = base_config(cluster::Policy::kMigrate);
+  c.route = cluster::RoutePolicy::kRoundRobin;
+  c.check_invariants_every_steps = 200;
+  const SimReport rep = run_or_die(c, trace);
+  expect_conservation(rep, trace);  // every request ends with exactly its output tokens
+  const auto& k = rep.counters;
+  std::printf("  planned %lld done %lld with kv %lld skipped %lld, %.1f MB\n", static_cast<long long>(k.migrations_planned),
+              static_cast<long long>(k.migrations), static_cast<long long>(k.migrations_with_kv),
+              static_cast<long long>(k.migrations_skipped), static_cast<double>(k.migration_bytes) / 1e6);
+  EXPECT_GT(k.migrations_planned, 0);
+  EXPECT_GT(k.migrations_with_kv, 0);
+  EXPECT_EQ(k.migrations + k.migrations_skipped, k.migrations_planned);
+  // The KV crossed the link (whole blocks of every layer: 32 layers of 16 tokens x K,V x 4096 x
+  // bf16) and nobody re-prefilled because of a move: no transition recompute.
+  const std::int64_t all_layers_block_bytes = 32 * c.block_size_tokens * 2 * 4096 * 2;
+  EXPECT_GE(k.migration_bytes, k.migrations_with_kv * all_layers_block_bytes);
+  EXPECT_EQ(k.migration_bytes % all_layers_block_bytes, 0);
+  EXPECT_EQ(k.transition_recomputed_tokens, 0);
+  // Against recompute on the same skew, migrating relieves instance 0: fewer tokens recomputed.
+  SimConfig r = base_config(cluster::Policy::kRecompute);
+  r.route = cluster::RoutePolicy::kRoundRobin;
+  const SimReport base = run_or_die(r, trace);
+  EXPECT_LT(k.recomputed_tokens, base.counters.recomputed_tokens);
+}
+
 TEST(ClusterSim, DeterministicForASeed) {
   const auto trace = bursty_trace(7, 40.0, 4);
   for (auto p : {cluster::Policy::kRecompute, cluster::Policy::kKunServe}) {
