@@ -116,7 +116,25 @@ StatusOr<std::vector<BlockId>> KvBlockAllocator::allocate(std::int64_t n) {
   }
   std::vector<BlockId> out;
   out.reserve(static_cast<std::size_t>(n));
-  for (std::int64_t i = 0; i < n; ++i) out.push_back(take_free_block());
+  if (order_ == AllocationOrder::kShuffled) {
+    for (std::int64_t i = 0; i < n; ++i) out.push_back(take_free_block());
+    return out;
+  }
+  // Lowest first: fill the lowest open page's free slots in order, then the next one (the same
+  // blocks, in the same order, as n calls of take_free_block, without searching for each).
+  while (static_cast<std::int64_t>(out.size()) < n) {
+    while (open_hint_ < open_bits_.size() && open_bits_[open_hint_] == 0) ++open_hint_;
+    KUN_CHECK_LT(open_hint_, open_bits_.size()) << "kv free count " << num_free_ << " does not match the open pages";
+    const auto seq = open_hint_ * 64 + static_cast<std::size_t>(std::countr_zero(open_bits_[open_hint_]));
+    const std::int64_t page = page_of_seq_[seq];
+    const std::size_t base = static_cast<std::size_t>(page * blocks_per_page_);
+    for (std::int64_t s = 0; s < blocks_per_page_ && static_cast<std::int64_t>(out.size()) < n; ++s) {
+      if (allocated_[base + static_cast<std::size_t>(s)]) continue;
+      const BlockId block = block_id(PageId(page), s, blocks_per_page_);
+      mark_allocated(block);  // closes the page when it fills
+      out.push_back(block);
+    }
+  }
   return out;
 }
 

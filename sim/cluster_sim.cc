@@ -87,20 +87,26 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
   KUN_RETURN_IF_ERROR(config.scheduler.validate());
   config.coordinator.policy = config.policy;
 
-  CostModel cost(*gpu, m);
+  if (const std::string p = CostModel::tp_problem(*gpu, m, config.tp); !p.empty()) return invalid_argument(p);
+  CostModel cost(*gpu, m, config.tp);
+  // An instance's page is one page on each of its t GPUs (each holds 1/t of a block's heads and
+  // of a layer's weights), so every page count below is per instance and per GPU alike.
+  config.page_bytes *= config.tp;
   std::unique_ptr<ClusterSim> sim(new ClusterSim(config, cost, *link, *host));
   const std::int64_t page = config.page_bytes;
   const std::int64_t layer_block_bytes = config.block_size_tokens * cost.kv_bytes_per_token_per_layer();
   sim->blocks_per_page_ = page / layer_block_bytes;
   if (sim->blocks_per_page_ < 1) return invalid_argument("a page must hold at least one KV block");
   sim->pages_per_layer_ = (cost.layer_param_bytes() + page - 1) / page;
-  const double budget = static_cast<double>(gpu->memory_bytes) * config.gpu_memory_utilization;
-  const double kv_bytes = budget - static_cast<double>(config.activation_reserve_bytes) -
+  const double tp = static_cast<double>(config.tp);
+  const double budget = static_cast<double>(gpu->memory_bytes) * config.gpu_memory_utilization * tp;
+  const double kv_bytes = budget - static_cast<double>(config.activation_reserve_bytes) * tp -
                           static_cast<double>(cost.non_layer_param_bytes()) -
                           static_cast<double>(m.num_layers * sim->pages_per_layer_ * page);
   sim->kv_pages_per_instance_ = static_cast<std::int64_t>(std::floor(kv_bytes / static_cast<double>(page)));
   if (sim->kv_pages_per_instance_ <= 0) {
-    return invalid_argument("model '" + config.model_name + "' leaves no KV memory on " + gpu->name);
+    return invalid_argument("model '" + (config.use_model ? m.architecture : config.model_name) + "' leaves no KV memory on " +
+                            std::to_string(config.tp) + " x " + gpu->name);
   }
   sim->kv_blocks_per_instance_ = sim->kv_pages_per_instance_ * sim->blocks_per_page_;
 
@@ -175,7 +181,7 @@ void ClusterSim::queue_kv_move(Unit& u, std::int64_t index, std::int64_t link, s
   const auto k = static_cast<std::size_t>(link);
   u.kv_moves.push_back(Unit::KvMove{index, -1});
   u.open_round[k].push_back(u.kv_moves.size() - 1);
-  u.open_round_us[k] += static_cast<double>(layers) * transfer_us(link_, layer_bytes);  // one message per layer
+  u.open_round_us[k] += static_cast<double>(layers) * link_us(layer_bytes);  // one message per layer
   if (static_cast<std::int64_t>(u.open_round[k].size()) >= config_.exchange_requests_per_round) close_kv_round(u, link);
 }
 
@@ -642,7 +648,7 @@ void ClusterSim::apply(const cluster::Actions& actions) {
     for (std::size_t k = 0; k < gu->stage_layers.size(); ++k) {
       const std::int64_t bytes = (num_layers - gu->stage_layers[k]) * pages_per_layer_ * config_.page_bytes;
       counters_.weight_bytes_restored += bytes;
-      gu->link_free_us[k] = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
+      gu->link_free_us[k] = now + static_cast<std::int64_t>(std::ceil(link_us(bytes)));
       gu->weights_ready_us = std::max(gu->weights_ready_us, gu->link_free_us[k]);
     }
     pending_restores_.push_back(PendingRestore{r.group, gu->weights_ready_us});
@@ -688,7 +694,7 @@ void ClusterSim::start_migrations() {
     pm.ready_us = now;
     if (live) {
       const std::int64_t bytes = src->kv->layer_blocks_for(held) * layer_block_bytes();
-      pm.ready_us = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
+      pm.ready_us = now + static_cast<std::int64_t>(std::ceil(link_us(bytes)));
       counters_.migration_bytes += bytes;
     }
     pending_moves_.push_back(std::move(pm));
@@ -843,6 +849,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
       }
     }
     t = std::min(t, next_tick);
+    ++events_handled_;
     if (t > config_.max_virtual_us) return deadline_exceeded("simulation passed max_virtual_us");
     clock_.set_us(std::max(t, clock_.now_us()));
 
@@ -893,6 +900,8 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
   rep.kv_blocks_per_instance = kv_blocks_per_instance_;
   rep.kv_tokens_per_instance = kv_blocks_per_instance_ / cost_.model().num_layers * config_.block_size_tokens;
   rep.end_us = clock_.now_us();
+  rep.instants = events_handled_;
+  rep.memory = memory_plan();
   return rep;
 }
 
@@ -953,6 +962,8 @@ nlohmann::json SimReport::to_json() const {
     j["new_requests"] = summary(fresh);
   }
   j["kv_tokens_per_instance"] = kv_tokens_per_instance;
+  j["memory"] = memory.to_json();
+  j["instants"] = instants;
   j["end_s"] = static_cast<double>(end_us) / 1e6;
   return j;
 }
@@ -961,6 +972,70 @@ StatusOr<SimReport> run_simulation(const SimConfig& config, const workload::Trac
   auto sim = ClusterSim::create(config);
   if (!sim.ok()) return sim.status();
   return (*sim)->run(trace);
+}
+
+}  // namespace kun::sim
+
+namespace kun::sim {
+
+MemoryPlan ClusterSim::memory_plan() const {
+  MemoryPlan p;
+  const std::int64_t t = config_.tp;
+  const std::int64_t page = config_.page_bytes;  // per instance (t GPU pages)
+  const std::int64_t num_layers = cost_.model().num_layers;
+  p.tp = t;
+  p.num_layers = num_layers;
+  auto gpu = gpu_spec(config_.gpu);
+  p.gpu_memory_bytes = gpu.ok() ? gpu->memory_bytes : 0;
+  p.usable_bytes_per_gpu = static_cast<std::int64_t>(static_cast<double>(p.gpu_memory_bytes) * config_.gpu_memory_utilization) -
+                           config_.activation_reserve_bytes;
+  p.layer_bytes_per_gpu = pages_per_layer_ * page / t;
+  p.weight_bytes_per_gpu = (num_layers * pages_per_layer_ * page + cost_.non_layer_param_bytes()) / t;
+  p.kv_bytes_per_gpu = kv_pages_per_instance_ * page / t;
+  p.kv_bytes_per_token = num_layers * cost_.kv_bytes_per_token_per_layer() / t;
+  p.kv_tokens_per_instance = kv_blocks_per_instance_ / num_layers * config_.block_size_tokens;
+  for (std::int64_t g = 2; g <= std::min<std::int64_t>(8, config_.num_instances); g *= 2) {
+    if (g > num_layers) break;
+    // The member keeping the most layers grows least: the group's pool is bound by it.
+    std::int64_t kept = 0;
+    for (std::int64_t s = 0; s < g; ++s) kept = std::max(kept, cluster::layers_kept(s, g, num_layers));
+    const std::int64_t pages = kv_pages_per_instance_ + (num_layers - kept) * pages_per_layer_;
+    // Its pool holds `kept` layers' KV: tokens = blocks / kept layers.
+    const std::int64_t tokens = pages * blocks_per_page_ / kept * config_.block_size_tokens;
+    p.growth.push_back({g, tokens, static_cast<double>(tokens) / static_cast<double>(std::max<std::int64_t>(1, p.kv_tokens_per_instance))});
+  }
+  return p;
+}
+
+std::string MemoryPlan::to_text() const {
+  std::ostringstream o;
+  const auto gb = [](std::int64_t b) { return static_cast<double>(b) / 1e9; };
+  o.setf(std::ios::fixed);
+  o.precision(2);
+  o << "memory per GPU (TP " << tp << "): " << gb(gpu_memory_bytes) << " GB, usable " << gb(usable_bytes_per_gpu)
+    << " GB; weights " << gb(weight_bytes_per_gpu) << " GB (" << num_layers << " layers x " << gb(layer_bytes_per_gpu)
+    << " GB + embeddings/head); KV pool " << gb(kv_bytes_per_gpu) << " GB = " << kv_tokens_per_instance
+    << " tokens per instance (" << static_cast<double>(kv_bytes_per_token) / 1e6 << " MB per token per GPU)\n";
+  for (const Growth& g : growth) {
+    o << "  fused group of " << g.group_size << ": a member's pool holds " << g.kv_tokens << " KV tokens of its layers (x"
+      << g.growth << ")\n";
+  }
+  return o.str();
+}
+
+nlohmann::json MemoryPlan::to_json() const {
+  nlohmann::json j{{"tp", tp},
+                   {"gpu_memory_bytes", gpu_memory_bytes},
+                   {"usable_bytes_per_gpu", usable_bytes_per_gpu},
+                   {"weight_bytes_per_gpu", weight_bytes_per_gpu},
+                   {"layer_bytes_per_gpu", layer_bytes_per_gpu},
+                   {"kv_bytes_per_gpu", kv_bytes_per_gpu},
+                   {"kv_bytes_per_token_per_gpu", kv_bytes_per_token},
+                   {"kv_tokens_per_instance", kv_tokens_per_instance}};
+  nlohmann::json g = nlohmann::json::array();
+  for (const Growth& x : growth) g.push_back({{"group_size", x.group_size}, {"member_kv_tokens", x.kv_tokens}, {"growth", x.growth}});
+  j["kv_growth"] = g;
+  return j;
 }
 
 }  // namespace kun::sim

@@ -73,6 +73,9 @@ struct SimConfig {
   bool use_model = false;                 // true: `model` instead of model_name
   model::ModelConfig model;
   std::int64_t num_instances = 4;
+  // Tensor-parallel degree inside an instance: an instance is `tp` GPUs (weights and KV heads
+  // split t ways, see CostModel); a fused group of g instances is a g-stage pipeline of TP-t stages.
+  std::int64_t tp = 1;
   cluster::Policy policy = cluster::Policy::kRecompute;
   // kunserve: what happens to requests running when their instance fuses (and at the split).
   cluster::StaleKvStrategy stale_kv = cluster::StaleKvStrategy::kExchange;
@@ -134,6 +137,29 @@ struct SimCounters {
   std::vector<double> restore_latency_ms;
 };
 
+// Memory arithmetic of one instance (per GPU unless named otherwise), as ClusterSim::create
+// computed it.
+struct MemoryPlan {
+  std::int64_t tp = 1;
+  std::int64_t gpu_memory_bytes = 0;
+  std::int64_t usable_bytes_per_gpu = 0;      // memory x gpu_memory_utilization - activation reserve
+  std::int64_t weight_bytes_per_gpu = 0;      // layers (page-rounded) + embeddings / LM head, / t
+  std::int64_t layer_bytes_per_gpu = 0;       // one decoder layer, / t
+  std::int64_t kv_bytes_per_gpu = 0;          // the KV pool
+  std::int64_t kv_bytes_per_token = 0;        // every layer, per GPU
+  std::int64_t kv_tokens_per_instance = 0;
+  std::int64_t num_layers = 0;
+  // A member of a fused group of g: its KV pool after dropping its other layers, against its own.
+  struct Growth {
+    std::int64_t group_size = 0;
+    std::int64_t kv_tokens = 0;     // one member's pool
+    double growth = 0.0;            // over an independent instance's pool
+  };
+  std::vector<Growth> growth;  // g = 2, 4, 8 (up to the instance count)
+  std::string to_text() const;
+  nlohmann::json to_json() const;
+};
+
 struct SimReport {
   workload::Report report;
   workload::Timeline timeline;
@@ -145,6 +171,8 @@ struct SimReport {
   std::int64_t kv_blocks_per_instance = 0;  // layer blocks of an independent instance
   std::int64_t kv_tokens_per_instance = 0;
   std::int64_t end_us = 0;  // virtual time of the last event
+  std::int64_t instants = 0;  // event-loop iterations (distinct virtual instants handled)
+  MemoryPlan memory;
   nlohmann::json to_json() const;
 };
 
@@ -158,6 +186,7 @@ class ClusterSim {
   StatusOr<SimReport> run(const workload::Trace& trace);
 
   const CostModel& cost() const { return cost_; }
+  MemoryPlan memory_plan() const;
   std::int64_t kv_blocks_per_instance() const { return kv_blocks_per_instance_; }
 
  private:
@@ -186,6 +215,8 @@ class ClusterSim {
   void advance_kv_moves(Unit& u, bool assign);
   void assign_homes(Unit& u);
   std::int64_t layer_block_bytes() const;
+  // An instance-wide transfer over the link: its t GPUs each send their 1/t share in parallel.
+  double link_us(std::int64_t bytes) const { return transfer_us(link_, (bytes + config_.tp - 1) / config_.tp); }
   std::int64_t least_outstanding(const std::vector<std::int64_t>& unit_indices) const;
   Unit* unit_of_instance(std::int64_t instance);
   std::int64_t outstanding() const;
@@ -211,6 +242,7 @@ class ClusterSim {
   std::vector<workload::GaugeSample> gauges_;
   std::vector<std::string> events_;
   SimCounters counters_;
+  std::int64_t events_handled_ = 0;
   // Pending transitions and in-flight migrations.
   std::vector<cluster::DropAction> pending_drops_;
   struct PendingRestore {
