@@ -64,6 +64,8 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
   if (!link.ok()) return link.status();
   auto host = link_spec(config.host_link);
   if (!host.ok()) return host.status();
+  if (config.link_gbps > 0) *link = LinkSpec{"paced", config.link_gbps * 1e9, config.link_latency_us, false};
+  if (config.host_link_gbps > 0) *host = LinkSpec{"paced-host", config.host_link_gbps * 1e9, config.host_link_latency_us, false};
   model::ModelConfig m;
   if (config.use_model) {
     m = config.model;
@@ -104,6 +106,11 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
                           static_cast<double>(cost.non_layer_param_bytes()) -
                           static_cast<double>(m.num_layers * sim->pages_per_layer_ * page);
   sim->kv_pages_per_instance_ = static_cast<std::int64_t>(std::floor(kv_bytes / static_cast<double>(page)));
+  if (config.kv_tokens_per_instance > 0) {
+    const std::int64_t blocks = (config.kv_tokens_per_instance + config.block_size_tokens - 1) / config.block_size_tokens *
+                                m.num_layers;
+    sim->kv_pages_per_instance_ = (blocks + sim->blocks_per_page_ - 1) / sim->blocks_per_page_;
+  }
   if (sim->kv_pages_per_instance_ <= 0) {
     return invalid_argument("model '" + (config.use_model ? m.architecture : config.model_name) + "' leaves no KV memory on " +
                             std::to_string(config.tp) + " x " + gpu->name);
@@ -116,6 +123,7 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
   shape.layer_param_bytes = sim->pages_per_layer_ * page;
   shape.layer_block_bytes = page / sim->blocks_per_page_;
   shape.block_size_tokens = config.block_size_tokens;
+  if (!config.allowed_degrees.empty()) shape.allowed_degrees = config.allowed_degrees;
   shape.allowed_degrees.erase(std::remove_if(shape.allowed_degrees.begin(), shape.allowed_degrees.end(),
                                              [&](std::int64_t g) { return g > config.num_instances || g > m.num_layers; }),
                               shape.allowed_degrees.end());
@@ -1000,9 +1008,9 @@ MemoryPlan ClusterSim::memory_plan() const {
     std::int64_t kept = 0;
     for (std::int64_t s = 0; s < g; ++s) kept = std::max(kept, cluster::layers_kept(s, g, num_layers));
     const std::int64_t pages = kv_pages_per_instance_ + (num_layers - kept) * pages_per_layer_;
-    // Its pool holds `kept` layers' KV: tokens = blocks / kept layers.
+    // Its pool holds `kept` layers' KV, so the group holds pages x blocks / kept tokens.
     const std::int64_t tokens = pages * blocks_per_page_ / kept * config_.block_size_tokens;
-    p.growth.push_back({g, tokens, static_cast<double>(tokens) / static_cast<double>(std::max<std::int64_t>(1, p.kv_tokens_per_instance))});
+    p.growth.push_back({g, tokens, static_cast<double>(pages) / static_cast<double>(std::max<std::int64_t>(1, kv_pages_per_instance_))});
   }
   return p;
 }
@@ -1017,8 +1025,9 @@ std::string MemoryPlan::to_text() const {
     << " GB + embeddings/head); KV pool " << gb(kv_bytes_per_gpu) << " GB = " << kv_tokens_per_instance
     << " tokens per instance (" << static_cast<double>(kv_bytes_per_token) / 1e6 << " MB per token per GPU)\n";
   for (const Growth& g : growth) {
-    o << "  fused group of " << g.group_size << ": a member's pool holds " << g.kv_tokens << " KV tokens of its layers (x"
-      << g.growth << ")\n";
+    o << "  fused group of " << g.group_size << ": a member's KV pool grows x" << g.growth << "; the group holds "
+      << g.kv_tokens << " tokens (" << g.group_size << " independent instances: " << g.group_size * kv_tokens_per_instance
+      << ")\n";
   }
   return o.str();
 }

@@ -69,6 +69,17 @@ struct SimConfig {
   std::string gpu = "a100-80gb";
   std::string link = "nvlink-a100";   // between instances (activations, weight pulls, migration)
   std::string host_link = "pcie4";    // device <-> host (swap)
+  // Paced links (the runtime's --link-gbps / --host-link-gbps): > 0 replaces the named link's
+  // bandwidth (GB/s) and latency.
+  double link_gbps = 0.0;
+  double link_latency_us = 0.0;
+  double host_link_gbps = 0.0;
+  double host_link_latency_us = 0.0;
+  // Group sizes the planner may form (empty: cluster::ClusterShape's default).
+  std::vector<std::int64_t> allowed_degrees;
+  // > 0: the KV pool of an independent instance holds this many tokens (the runtime's
+  // --kv-tokens-per-device) instead of what the memory leaves.
+  std::int64_t kv_tokens_per_instance = 0;
   std::string model_name = "llama-2-7b";  // used when `model` is not set
   bool use_model = false;                 // true: `model` instead of model_name
   model::ModelConfig model;
@@ -152,8 +163,8 @@ struct MemoryPlan {
   // A member of a fused group of g: its KV pool after dropping its other layers, against its own.
   struct Growth {
     std::int64_t group_size = 0;
-    std::int64_t kv_tokens = 0;     // one member's pool
-    double growth = 0.0;            // over an independent instance's pool
+    std::int64_t kv_tokens = 0;     // the group's capacity in tokens (bound by its largest stage)
+    double growth = 0.0;            // a member's KV pool over an independent instance's
   };
   std::vector<Growth> growth;  // g = 2, 4, 8 (up to the instance count)
   std::string to_text() const;

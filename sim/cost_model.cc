@@ -170,7 +170,7 @@ double CostModel::gemm_us(std::int64_t tokens, std::int64_t in_features, std::in
   const double k = static_cast<double>(in_features);
   const double n = static_cast<double>(out_features);
   const double flops = 2.0 * t * k * n;
-  const double bytes = static_cast<double>(kDTypeBytes) * (k * n + t * k + t * n);
+  const double bytes = static_cast<double>(gpu_.dtype_bytes) * (k * n + t * k + t * n);
   const double compute_s = flops / (gpu_.gemm_flops_eff * gpu_.peak_flops);
   const double memory_s = bytes / (gpu_.gemm_bw_eff * gpu_.hbm_bytes_per_s);
   return std::max(compute_s, memory_s) * 1e6 + gpu_.gemm_overhead_us;
@@ -194,7 +194,7 @@ double CostModel::layer_gemms_us(std::int64_t tokens) const {
 double CostModel::layer_linear_us(std::int64_t tokens) const {
   if (tokens <= 0) return 0.0;
   const double t = static_cast<double>(tokens);
-  const double b = static_cast<double>(kDTypeBytes);
+  const double b = static_cast<double>(gpu_.dtype_bytes);
   const double h = static_cast<double>(model_.hidden_size);
   const double e = static_cast<double>(model_.intermediate_size / tp_);
   const double qk = static_cast<double>(model_.q_dim() + model_.kv_dim()) / static_cast<double>(tp_);
@@ -210,7 +210,7 @@ double CostModel::layer_linear_us(std::int64_t tokens) const {
 double CostModel::layer_attention_us(std::span<const SeqWork> seqs) const {
   double flops = 0.0;
   double bytes = 0.0;
-  const double b = static_cast<double>(kDTypeBytes);
+  const double b = static_cast<double>(gpu_.dtype_bytes);
   // Each GPU runs 1/t of the heads (and holds 1/t of the KV heads, at least one).
   const double qd = static_cast<double>(model_.q_dim() / tp_);
   const double kvd = static_cast<double>(std::max<std::int64_t>(model_.kv_dim() / tp_, model_.head_dim));
@@ -243,7 +243,7 @@ double CostModel::step_us(std::span<const SeqWork> seqs, std::int64_t num_layers
   double us = include_step_overhead ? gpu_.step_overhead_us : 0.0;
   const double per_layer = layer_linear_us(tokens) + layer_attention_us(seqs);
   us += per_layer * static_cast<double>(num_layers);
-  const double b = static_cast<double>(kDTypeBytes);
+  const double b = static_cast<double>(gpu_.dtype_bytes);
   const double h = static_cast<double>(model_.hidden_size);
   if (first_stage) us += elementwise_us(2.0 * static_cast<double>(tokens) * h * b);  // embedding gather
   if (last_stage && sampled > 0) {
@@ -254,29 +254,29 @@ double CostModel::step_us(std::span<const SeqWork> seqs, std::int64_t num_layers
   return us;
 }
 
-std::int64_t CostModel::layer_param_bytes() const { return model_.layer_param_count() * kDTypeBytes; }
+std::int64_t CostModel::layer_param_bytes() const { return model_.layer_param_count() * gpu_.dtype_bytes; }
 
 std::int64_t CostModel::non_layer_param_bytes() const {
-  return (model_.total_param_count() - model_.num_layers * model_.layer_param_count()) * kDTypeBytes;
+  return (model_.total_param_count() - model_.num_layers * model_.layer_param_count()) * gpu_.dtype_bytes;
 }
 
-std::int64_t CostModel::total_param_bytes() const { return model_.total_param_count() * kDTypeBytes; }
+std::int64_t CostModel::total_param_bytes() const { return model_.total_param_count() * gpu_.dtype_bytes; }
 
 std::int64_t CostModel::kv_bytes_per_token_per_layer() const {
   // Over the t GPUs; KV heads fewer than t are replicated (each GPU keeps one head).
-  return 2 * std::max<std::int64_t>(model_.kv_dim() / tp_, model_.head_dim) * tp_ * kDTypeBytes;
+  return 2 * std::max<std::int64_t>(model_.kv_dim() / tp_, model_.head_dim) * tp_ * gpu_.dtype_bytes;
 }
 
 std::int64_t CostModel::activation_bytes(std::int64_t tokens) const {
-  return tokens * model_.hidden_size * kDTypeBytes;
+  return tokens * model_.hidden_size * gpu_.dtype_bytes;
 }
 
 std::int64_t CostModel::remote_attention_send_bytes(std::int64_t tokens) const {
-  return tokens * (model_.q_dim() + 2 * model_.kv_dim()) * kDTypeBytes;
+  return tokens * (model_.q_dim() + 2 * model_.kv_dim()) * gpu_.dtype_bytes;
 }
 
 std::int64_t CostModel::remote_attention_return_bytes(std::int64_t tokens) const {
-  return tokens * model_.q_dim() * kDTypeBytes;
+  return tokens * model_.q_dim() * gpu_.dtype_bytes;
 }
 
 }  // namespace kun::sim

@@ -57,6 +57,7 @@ struct GpuSpec {
   // Fixed per-step cost (scheduling, launch of the step, sampling), not calibrated.
   double step_overhead_us = 1500.0;
   bool calibrated = false;  // true when the constants come from a measured profile of this GPU
+  std::int64_t dtype_bytes = 2;  // weights, activations and KV (bf16 on GPUs; f32 on the CPU profile)
   std::vector<AllReduceFit> all_reduce;  // by TP degree (2, 4, 8); empty: no tensor parallelism
 };
 
@@ -92,7 +93,6 @@ struct SeqWork {
 
 class CostModel {
  public:
-  static constexpr std::int64_t kDTypeBytes = 2;  // bf16 weights, activations and KV cache
 
   // tp: tensor-parallel degree inside an instance (Megatron-style: QKV and gate+up split by
   // columns, O and down by rows, attention heads and KV heads split t ways, two all-reduces of the
