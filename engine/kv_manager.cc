@@ -108,6 +108,24 @@ std::vector<LayerBlockList> KvManager::block_lists(RequestId id) const {
   return out;
 }
 
+std::vector<LayerBlockList> KvManager::offsite_block_lists(RequestId id) const {
+  std::vector<LayerBlockList> out;
+  if (devices_.size() == 1) return out;  // every layer is on the only device
+  auto it = requests_.find(id);
+  if (it == requests_.end() || it->second.swapped) return out;
+  for (const auto& [d, table] : it->second.tables) {
+    for (std::int64_t l : table.layers()) {
+      if (layer_device_[static_cast<std::size_t>(l)] == d) continue;
+      LayerBlockList list;
+      list.layer = static_cast<std::int32_t>(l);
+      list.device = d;
+      out.push_back(std::move(list));
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const LayerBlockList& a, const LayerBlockList& b) { return a.layer < b.layer; });
+  return out;
+}
+
 std::map<std::int32_t, kv::BlockTable> KvManager::export_tables(RequestId id) {
   auto it = requests_.find(id);
   KUN_CHECK(it != requests_.end()) << "request " << id << " holds no KV here";

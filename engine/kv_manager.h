@@ -43,6 +43,10 @@ class KvManager {
   // Frees every device block and host slot of the request.
   void release(RequestId id);
   std::vector<LayerBlockList> block_lists(RequestId id) const;
+  // The layers the request holds on a device other than their placement device (the one whose
+  // stage runs the layer; a restore home does not count), each with the device holding it and no
+  // block ids, ascending by layer; empty on a one-device manager.
+  std::vector<LayerBlockList> offsite_block_lists(RequestId id) const;
 
   // Moving a request's KV between managers without freeing it (KV exchange on drop): export
   // hands over its tables (device index -> table) and forgets the request; import adopts tables

@@ -197,7 +197,7 @@ void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
   s.sample = r.num_computed + n == r.num_tokens();
   s.sampling = r.spec.sampling;
   s.sample_index = static_cast<std::uint64_t>(r.num_output_tokens());
-  s.kv = kv_->block_lists(r.id);
+  s.kv = config_.plan_block_ids ? kv_->block_lists(r.id) : kv_->offsite_block_lists(r.id);
   if (r.timings.first_scheduled_us < 0) r.timings.first_scheduled_us = clock_->now_us();
   // Tokens that were computed once already (before a recompute preemption) are recomputation.
   const std::int64_t redo = std::min(r.num_computed + n, r.max_computed) - r.num_computed;

@@ -1,7 +1,8 @@
 #include "kv/block_allocator.h"
 
 #include <algorithm>
-#include <iterator>
+#include <bit>
+#include <set>
 #include <string>
 
 namespace kun::kv {
@@ -15,7 +16,7 @@ Status KvBlockAllocator::add_pages(std::span<const PageId> pages) {
   std::set<std::int64_t> seen;
   for (PageId p : pages) {
     if (p.value < 0) return invalid_argument("kv add_pages: invalid page id " + std::to_string(p.value));
-    if (pages_.count(p.value) != 0) {
+    if (in_pool(p.value)) {
       return invalid_argument("kv add_pages: page " + std::to_string(p.value) + " is already in the pool");
     }
     if (!seen.insert(p.value).second) {
@@ -23,41 +24,88 @@ Status KvBlockAllocator::add_pages(std::span<const PageId> pages) {
     }
   }
   for (PageId p : pages) {
-    PageState st;
-    st.seq = next_seq_++;
-    st.allocated.assign(static_cast<std::size_t>(blocks_per_page_), 0);
-    for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      free_.emplace(st.seq, block_id(p, s, blocks_per_page_).value);
+    const auto page = static_cast<std::size_t>(p.value);
+    if (page >= pages_.size()) {
+      pages_.resize(page + 1);
+      allocated_.resize((page + 1) * static_cast<std::size_t>(blocks_per_page_), 0);
     }
-    pages_.emplace(p.value, std::move(st));
+    PageState& st = pages_[page];
+    st = PageState{next_seq_++, 0, false};
+    page_of_seq_.push_back(p.value);
+    open_bits_.resize((page_of_seq_.size() + 63) / 64, 0);
+    set_open(st.seq, true);
+    num_free_ += blocks_per_page_;
+    ++num_pages_;
   }
   return ok_status();
 }
 
-KvBlockAllocator::FreeKey KvBlockAllocator::key_of(BlockId block) const {
-  return {pages_.at(page_of(block).value).seq, block.value};
+void KvBlockAllocator::set_open(std::int64_t seq, bool open) {
+  const auto word = static_cast<std::size_t>(seq) / 64;
+  const std::uint64_t bit = std::uint64_t{1} << (static_cast<std::size_t>(seq) % 64);
+  if (open) {
+    open_bits_[word] |= bit;
+    open_hint_ = std::min(open_hint_, word);
+  } else {
+    open_bits_[word] &= ~bit;
+  }
 }
 
 void KvBlockAllocator::mark_allocated(BlockId block) {
-  PageState& st = pages_.at(page_of(block).value);
-  auto slot = static_cast<std::size_t>(slot_of(block));
-  KUN_CHECK(!st.allocated[slot]) << "kv block " << block << " allocated twice";
-  st.allocated[slot] = 1;
+  const std::int64_t page = page_of(block).value;
+  PageState& st = state(page);
+  auto& flag = allocated_[static_cast<std::size_t>(block.value)];
+  KUN_CHECK(!flag) << "kv block " << block << " allocated twice";
+  KUN_CHECK(!st.draining) << "kv block " << block << " allocated on a draining page";
+  flag = 1;
   ++st.used;
   ++num_used_;
+  --num_free_;
+  if (st.used == blocks_per_page_) set_open(st.seq, false);
 }
 
 BlockId KvBlockAllocator::take_free_block() {
-  KUN_CHECK(!free_.empty()) << "no free kv block";
-  auto it = free_.begin();
+  KUN_CHECK(num_free_ > 0) << "no free kv block";
+  // The k-th free block in (page add order, slot) order: k = 0 (deterministic) or uniform.
+  std::int64_t k = 0;
   if (order_ == AllocationOrder::kShuffled) {
-    std::uniform_int_distribution<std::size_t> pick(0, free_.size() - 1);
-    it = std::next(it, static_cast<std::ptrdiff_t>(pick(rng_)));
+    std::uniform_int_distribution<std::size_t> pick(0, static_cast<std::size_t>(num_free_ - 1));
+    k = static_cast<std::int64_t>(pick(rng_));
   }
-  const BlockId block(it->second);
-  free_.erase(it);
-  mark_allocated(block);
-  return block;
+  while (open_hint_ < open_bits_.size() && open_bits_[open_hint_] == 0) ++open_hint_;
+  for (std::size_t w = open_hint_; w < open_bits_.size(); ++w) {
+    std::uint64_t bits = open_bits_[w];
+    while (bits != 0) {
+      const auto seq = static_cast<std::int64_t>(w * 64 + static_cast<std::size_t>(std::countr_zero(bits)));
+      bits &= bits - 1;
+      const std::int64_t page = page_of_seq_[static_cast<std::size_t>(seq)];
+      const PageState& st = state(page);
+      const std::int64_t page_free = blocks_per_page_ - st.used;
+      if (k >= page_free) {
+        k -= page_free;
+        continue;
+      }
+      const std::size_t base = static_cast<std::size_t>(page * blocks_per_page_);
+      for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
+        if (allocated_[base + static_cast<std::size_t>(s)]) continue;
+        if (k-- > 0) continue;
+        const BlockId block = block_id(PageId(page), s, blocks_per_page_);
+        mark_allocated(block);
+        return block;
+      }
+    }
+  }
+  KUN_CHECK(false) << "kv free count " << num_free_ << " does not match the open pages";
+  return BlockId();
+}
+
+void KvBlockAllocator::set_draining(std::int64_t page, bool draining) {
+  PageState& st = state(page);
+  if (st.draining == draining) return;
+  const std::int64_t page_free = blocks_per_page_ - st.used;
+  st.draining = draining;
+  num_free_ += draining ? -page_free : page_free;
+  if (page_free > 0) set_open(st.seq, !draining);
 }
 
 StatusOr<std::vector<BlockId>> KvBlockAllocator::allocate(std::int64_t n) {
@@ -68,20 +116,41 @@ StatusOr<std::vector<BlockId>> KvBlockAllocator::allocate(std::int64_t n) {
   }
   std::vector<BlockId> out;
   out.reserve(static_cast<std::size_t>(n));
-  for (std::int64_t i = 0; i < n; ++i) out.push_back(take_free_block());
+  if (order_ == AllocationOrder::kShuffled) {
+    for (std::int64_t i = 0; i < n; ++i) out.push_back(take_free_block());
+    return out;
+  }
+  // Lowest first: fill the lowest open page's free slots in order, then the next one (the same
+  // blocks, in the same order, as n calls of take_free_block, without searching for each).
+  while (static_cast<std::int64_t>(out.size()) < n) {
+    while (open_hint_ < open_bits_.size() && open_bits_[open_hint_] == 0) ++open_hint_;
+    KUN_CHECK_LT(open_hint_, open_bits_.size()) << "kv free count " << num_free_ << " does not match the open pages";
+    const auto seq = open_hint_ * 64 + static_cast<std::size_t>(std::countr_zero(open_bits_[open_hint_]));
+    const std::int64_t page = page_of_seq_[seq];
+    const std::size_t base = static_cast<std::size_t>(page * blocks_per_page_);
+    for (std::int64_t s = 0; s < blocks_per_page_ && static_cast<std::int64_t>(out.size()) < n; ++s) {
+      if (allocated_[base + static_cast<std::size_t>(s)]) continue;
+      const BlockId block = block_id(PageId(page), s, blocks_per_page_);
+      mark_allocated(block);  // closes the page when it fills
+      out.push_back(block);
+    }
+  }
   return out;
 }
 
 void KvBlockAllocator::free(BlockId block) {
-  auto it = pages_.find(page_of(block).value);
-  KUN_CHECK(block.valid() && it != pages_.end()) << "free of kv block " << block << " outside the pool";
-  PageState& st = it->second;
-  auto slot = static_cast<std::size_t>(slot_of(block));
-  KUN_CHECK(st.allocated[slot]) << "double free of kv block " << block;
-  st.allocated[slot] = 0;
+  const std::int64_t page = block.valid() ? page_of(block).value : -1;
+  KUN_CHECK(in_pool(page)) << "free of kv block " << block << " outside the pool";
+  PageState& st = state(page);
+  auto& flag = allocated_[static_cast<std::size_t>(block.value)];
+  KUN_CHECK(flag) << "double free of kv block " << block;
+  flag = 0;
   --st.used;
   --num_used_;
-  if (!st.draining) free_.emplace(st.seq, block.value);
+  if (!st.draining) {
+    ++num_free_;
+    if (st.used == blocks_per_page_ - 1) set_open(st.seq, true);
+  }
 }
 
 void KvBlockAllocator::free(std::span<const BlockId> blocks) {
@@ -89,60 +158,51 @@ void KvBlockAllocator::free(std::span<const BlockId> blocks) {
 }
 
 bool KvBlockAllocator::contains(BlockId block) const {
-  return block.valid() && pages_.count(page_of(block).value) != 0;
+  return block.valid() && in_pool(page_of(block).value);
 }
 
 bool KvBlockAllocator::is_allocated(BlockId block) const {
   if (!contains(block)) return false;
-  return pages_.at(page_of(block).value).allocated[static_cast<std::size_t>(slot_of(block))] != 0;
+  return allocated_[static_cast<std::size_t>(block.value)] != 0;
 }
 
 std::vector<BlockId> KvBlockAllocator::used_blocks() const {
   std::vector<BlockId> out;
   out.reserve(static_cast<std::size_t>(num_used_));
-  for (const auto& [page, st] : pages_) {
-    for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      if (st.allocated[static_cast<std::size_t>(s)]) out.push_back(block_id(PageId(page), s, blocks_per_page_));
-    }
+  for (std::size_t b = 0; b < allocated_.size(); ++b) {
+    if (allocated_[b]) out.emplace_back(static_cast<std::int64_t>(b));
   }
-  std::sort(out.begin(), out.end());
   return out;
 }
 
 std::vector<PageId> KvBlockAllocator::pages() const {
-  std::vector<std::pair<std::int64_t, std::int64_t>> by_seq;
-  by_seq.reserve(pages_.size());
-  for (const auto& [page, st] : pages_) by_seq.emplace_back(st.seq, page);
-  std::sort(by_seq.begin(), by_seq.end());
   std::vector<PageId> out;
-  out.reserve(by_seq.size());
-  for (const auto& [seq, page] : by_seq) out.emplace_back(page);
+  out.reserve(static_cast<std::size_t>(num_pages_));
+  for (std::int64_t page : page_of_seq_) {
+    if (page >= 0) out.emplace_back(page);
+  }
   return out;
 }
 
 std::int64_t KvBlockAllocator::num_empty_pages() const {
   std::int64_t n = 0;
-  for (const auto& [page, st] : pages_) n += st.used == 0 ? 1 : 0;
+  for (std::int64_t page : page_of_seq_) n += page >= 0 && state(page).used == 0 ? 1 : 0;
   return n;
 }
 
 void KvBlockAllocator::cancel_reclaim() {
-  for (auto& [page, st] : pages_) {
-    if (!st.draining) continue;
-    st.draining = false;
-    for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      if (!st.allocated[static_cast<std::size_t>(s)]) free_.emplace(st.seq, block_id(PageId(page), s, blocks_per_page_).value);
-    }
+  for (std::int64_t page : page_of_seq_) {
+    if (page >= 0) set_draining(page, false);
   }
 }
 
 void KvBlockAllocator::remove_page(std::int64_t page) {
-  auto it = pages_.find(page);
-  KUN_CHECK(it != pages_.end() && it->second.used == 0) << "removing kv page " << page << " with live blocks";
-  for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-    free_.erase({it->second.seq, block_id(PageId(page), s, blocks_per_page_).value});
-  }
-  pages_.erase(it);
+  KUN_CHECK(in_pool(page) && state(page).used == 0) << "removing kv page " << page << " with live blocks";
+  set_draining(page, true);  // out of the open set and the free count
+  PageState& st = state(page);
+  page_of_seq_[static_cast<std::size_t>(st.seq)] = -1;
+  st = PageState{};
+  --num_pages_;
 }
 
 StatusOr<ReclaimResult> KvBlockAllocator::reclaim_pages(std::int64_t n) {
@@ -162,8 +222,10 @@ StatusOr<ReclaimResult> KvBlockAllocator::reclaim_pages(std::int64_t n) {
     std::int64_t page;
   };
   std::vector<Candidate> candidates;
-  candidates.reserve(pages_.size());
-  for (const auto& [page, st] : pages_) candidates.push_back({st.used, st.seq, page});
+  candidates.reserve(static_cast<std::size_t>(num_pages_));
+  for (std::int64_t page : page_of_seq_) {
+    if (page >= 0) candidates.push_back({state(page).used, state(page).seq, page});
+  }
   std::sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) {
     if (a.used != b.used) return a.used < b.used;
     return a.seq > b.seq;
@@ -184,18 +246,11 @@ StatusOr<ReclaimResult> KvBlockAllocator::reclaim_pages(std::int64_t n) {
                               std::to_string(num_free()) + " free of " + std::to_string(num_total()));
   }
   for (std::size_t i = 0; i < count; ++i) {
-    PageState& st = pages_.at(candidates[i].page);
-    st.draining = true;
-    for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      if (!st.allocated[static_cast<std::size_t>(s)]) {
-        free_.erase({st.seq, block_id(PageId(candidates[i].page), s, blocks_per_page_).value});
-      }
-    }
+    set_draining(candidates[i].page, true);
   }
   for (std::size_t i = 0; i < count; ++i) {
-    const PageState& st = pages_.at(candidates[i].page);
     for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      if (!st.allocated[static_cast<std::size_t>(s)]) continue;
+      if (!allocated_[static_cast<std::size_t>(candidates[i].page * blocks_per_page_ + s)]) continue;
       const BlockId from = block_id(PageId(candidates[i].page), s, blocks_per_page_);
       result.moves.push_back({from, take_free_block()});
     }
@@ -208,31 +263,50 @@ Status KvBlockAllocator::verify() const {
   std::int64_t used = 0;
   std::int64_t free_slots = 0;
   std::int64_t draining_free = 0;
-  for (const auto& [page, st] : pages_) {
+  std::int64_t pages = 0;
+  for (std::size_t seq = 0; seq < page_of_seq_.size(); ++seq) {
+    const bool open = (open_bits_[seq / 64] >> (seq % 64)) & 1U;
+    const std::int64_t page = page_of_seq_[seq];
+    if (page < 0) {
+      if (open) return fail("removed page slot " + std::to_string(seq) + " is open");
+      continue;
+    }
+    const PageState& st = state(page);
+    if (st.seq != static_cast<std::int64_t>(seq)) return fail("page " + std::to_string(page) + " has a wrong add order");
+    ++pages;
     std::int64_t page_used = 0;
     for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
-      const BlockId b = block_id(PageId(page), s, blocks_per_page_);
-      const bool in_free = free_.count({st.seq, b.value}) != 0;
-      if (st.allocated[static_cast<std::size_t>(s)]) {
+      if (allocated_[static_cast<std::size_t>(page * blocks_per_page_ + s)]) {
         ++page_used;
-        if (in_free) return fail("block " + std::to_string(b.value) + " is allocated and free");
       } else if (st.draining) {
         ++draining_free;
-        if (in_free) return fail("block " + std::to_string(b.value) + " of a draining page is in the free set");
       } else {
         ++free_slots;
-        if (!in_free) return fail("free block " + std::to_string(b.value) + " is missing from the free set");
       }
     }
+    const bool should_be_open = !st.draining && page_used < blocks_per_page_;
+    if (open != should_be_open) {
+      return fail("page " + std::to_string(page) + (should_be_open ? " has free slots but is not open" : " is open but has no free slot"));
+    }
+    if (seq / 64 < open_hint_ && open) return fail("open page below the search hint");
     if (page_used != st.used) {
       return fail("page " + std::to_string(page) + " counts " + std::to_string(st.used) + " used blocks, holds " +
                   std::to_string(page_used));
     }
     used += page_used;
   }
+  for (std::size_t page = 0; page < pages_.size(); ++page) {
+    if (pages_[page].seq >= 0) continue;
+    for (std::int64_t s = 0; s < blocks_per_page_; ++s) {
+      if (allocated_[page * static_cast<std::size_t>(blocks_per_page_) + static_cast<std::size_t>(s)]) {
+        return fail("block of page " + std::to_string(page) + " outside the pool is allocated");
+      }
+    }
+  }
+  if (pages != num_pages_) return fail("page count " + std::to_string(num_pages_) + " but " + std::to_string(pages) + " in the pool");
   if (free_slots != num_free()) {
-    return fail("free set has " + std::to_string(num_free()) + " entries, pages have " +
-                std::to_string(free_slots) + " free slots");
+    return fail("free count is " + std::to_string(num_free()) + ", pages have " + std::to_string(free_slots) +
+                " free slots");
   }
   if (used != num_used_) {
     return fail("used count " + std::to_string(num_used_) + " but pages hold " + std::to_string(used));

@@ -16,17 +16,21 @@
 // the block tables (BlockTable::remap_blocks), frees every `from` block, then calls reclaim_pages
 // again. cancel_reclaim() puts the victims back into service if the caller gives up.
 //
-// Invariants (verify()): free + used + (free slots of draining pages) == total; the free set
-// holds exactly the unallocated slots of non-draining pages; per-page used counts match.
+// Free blocks are kept as dense per-block allocated flags plus a bitmap over add order of the pages
+// that have a free slot: taking the lowest free block finds the lowest set bit and scans one
+// page's slots; the bitmap changes only when a page fills up or gets a free slot back. (A
+// std::set of every free block cost a tree node per block and dominated the simulator's profile.)
+// Page ids index dense tables: they are arena page numbers, [0, number of pages).
+//
+// Invariants (verify()): free + used + (free slots of draining pages) == total; the open-page
+// set holds exactly the non-draining pages with a free slot; per-page used counts match.
 //
 // Threads: owned by one thread (the engine thread, or the device executor); no locking.
 #pragma once
 
 #include <cstdint>
 #include <random>
-#include <set>
 #include <span>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -62,13 +66,13 @@ class KvBlockAllocator {
   void free(std::span<const BlockId> blocks);
   void free(BlockId block);
 
-  std::int64_t num_free() const { return static_cast<std::int64_t>(free_.size()); }  // allocatable now
+  std::int64_t num_free() const { return num_free_; }  // allocatable now
   std::int64_t num_used() const { return num_used_; }
-  std::int64_t num_total() const { return static_cast<std::int64_t>(pages_.size()) * blocks_per_page_; }
-  std::int64_t num_pages() const { return static_cast<std::int64_t>(pages_.size()); }
+  std::int64_t num_total() const { return num_pages_ * blocks_per_page_; }
+  std::int64_t num_pages() const { return num_pages_; }
   bool contains(BlockId block) const;
   bool is_allocated(BlockId block) const;
-  bool has_page(PageId page) const { return pages_.count(page.value) != 0; }
+  bool has_page(PageId page) const { return in_pool(page.value); }
   // Allocated blocks, ascending.
   std::vector<BlockId> used_blocks() const;
   // Pages in the pool in the order they were added.
@@ -90,25 +94,38 @@ class KvBlockAllocator {
 
  private:
   struct PageState {
-    std::int64_t seq = 0;  // add order
+    std::int64_t seq = -1;  // add order; -1: not in the pool
     std::int64_t used = 0;
     bool draining = false;
-    std::vector<std::uint8_t> allocated;  // 1 = allocated
   };
-  using FreeKey = std::pair<std::int64_t, std::int64_t>;  // (page seq, block id)
 
   BlockId take_free_block();
   void mark_allocated(BlockId block);
-  FreeKey key_of(BlockId block) const;
+  // Takes a page out of service (draining) or puts it back: the free count and the open set.
+  void set_draining(std::int64_t page, bool draining);
+  void set_open(std::int64_t seq, bool open);
   void remove_page(std::int64_t page);
+  bool in_pool(std::int64_t page) const {
+    return page >= 0 && page < static_cast<std::int64_t>(pages_.size()) && pages_[static_cast<std::size_t>(page)].seq >= 0;
+  }
+  PageState& state(std::int64_t page) { return pages_[static_cast<std::size_t>(page)]; }
+  const PageState& state(std::int64_t page) const { return pages_[static_cast<std::size_t>(page)]; }
 
   std::int64_t blocks_per_page_;
   AllocationOrder order_;
   std::mt19937_64 rng_;
   std::int64_t next_seq_ = 0;
   std::int64_t num_used_ = 0;
-  std::unordered_map<std::int64_t, PageState> pages_;
-  std::set<FreeKey> free_;
+  std::int64_t num_free_ = 0;   // unallocated slots of non-draining pages
+  std::int64_t num_pages_ = 0;
+  // Dense tables: page ids are arena page indices [0, num_pages), block id = page * bpp + slot.
+  std::vector<PageState> pages_;          // by page id
+  std::vector<std::uint8_t> allocated_;   // by block id: 1 = allocated
+  std::vector<std::int64_t> page_of_seq_;  // by add order; -1: removed
+  // Open set: bit `seq` set when that page is in service and has a free slot. The lowest set bit
+  // is the page allocation continues on; open_hint_ is a word index below which every word is 0.
+  std::vector<std::uint64_t> open_bits_;
+  std::size_t open_hint_ = 0;
 };
 
 }  // namespace kun::kv

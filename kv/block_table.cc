@@ -45,7 +45,9 @@ Status BlockTable::append_tokens(std::int64_t tokens, KvBlockAllocator& allocato
     KUN_ASSIGN_OR_RETURN(std::vector<BlockId> fresh, allocator.allocate(per_layer * num_layers()));
     std::size_t next = 0;
     for (auto& [l, blocks] : layers_) {
-      for (std::int64_t i = 0; i < per_layer; ++i) blocks.push_back(fresh[next++]);
+      blocks.insert(blocks.end(), fresh.begin() + static_cast<std::ptrdiff_t>(next),
+                    fresh.begin() + static_cast<std::ptrdiff_t>(next + static_cast<std::size_t>(per_layer)));
+      next += static_cast<std::size_t>(per_layer);
     }
   }
   num_tokens_ += tokens;

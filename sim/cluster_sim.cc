@@ -66,6 +66,8 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
   if (!link.ok()) return link.status();
   auto host = link_spec(config.host_link);
   if (!host.ok()) return host.status();
+  if (config.link_gbps > 0) *link = LinkSpec{"paced", config.link_gbps * 1e9, config.link_latency_us, false};
+  if (config.host_link_gbps > 0) *host = LinkSpec{"paced-host", config.host_link_gbps * 1e9, config.host_link_latency_us, false};
   model::ModelConfig m;
   if (config.use_model) {
     m = config.model;
@@ -84,23 +86,36 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
       config.policy == cluster::Policy::kSwap ? engine::PreemptionMode::kSwap : engine::PreemptionMode::kRecompute;
   if (config.scheduler.vocab_size == 0) config.scheduler.vocab_size = m.vocab_size;
   config.scheduler.eos_token_id = static_cast<std::int32_t>(m.eos_token_id);
+  // The executor reads only which layers are held off the stage that runs them, not block ids.
+  config.scheduler.plan_block_ids = false;
   KUN_RETURN_IF_ERROR(config.scheduler.validate());
   config.coordinator.policy = config.policy;
 
-  CostModel cost(*gpu, m);
+  if (const std::string p = CostModel::tp_problem(*gpu, m, config.tp); !p.empty()) return invalid_argument(p);
+  CostModel cost(*gpu, m, config.tp);
+  // An instance's page is one page on each of its t GPUs (each holds 1/t of a block's heads and
+  // of a layer's weights), so every page count below is per instance and per GPU alike.
+  config.page_bytes *= config.tp;
   std::unique_ptr<ClusterSim> sim(new ClusterSim(config, cost, *link, *host));
   const std::int64_t page = config.page_bytes;
   const std::int64_t layer_block_bytes = config.block_size_tokens * cost.kv_bytes_per_token_per_layer();
   sim->blocks_per_page_ = page / layer_block_bytes;
   if (sim->blocks_per_page_ < 1) return invalid_argument("a page must hold at least one KV block");
   sim->pages_per_layer_ = (cost.layer_param_bytes() + page - 1) / page;
-  const double budget = static_cast<double>(gpu->memory_bytes) * config.gpu_memory_utilization;
-  const double kv_bytes = budget - static_cast<double>(config.activation_reserve_bytes) -
+  const double tp = static_cast<double>(config.tp);
+  const double budget = static_cast<double>(gpu->memory_bytes) * config.gpu_memory_utilization * tp;
+  const double kv_bytes = budget - static_cast<double>(config.activation_reserve_bytes) * tp -
                           static_cast<double>(cost.non_layer_param_bytes()) -
                           static_cast<double>(m.num_layers * sim->pages_per_layer_ * page);
   sim->kv_pages_per_instance_ = static_cast<std::int64_t>(std::floor(kv_bytes / static_cast<double>(page)));
+  if (config.kv_tokens_per_instance > 0) {
+    const std::int64_t blocks = (config.kv_tokens_per_instance + config.block_size_tokens - 1) / config.block_size_tokens *
+                                m.num_layers;
+    sim->kv_pages_per_instance_ = (blocks + sim->blocks_per_page_ - 1) / sim->blocks_per_page_;
+  }
   if (sim->kv_pages_per_instance_ <= 0) {
-    return invalid_argument("model '" + config.model_name + "' leaves no KV memory on " + gpu->name);
+    return invalid_argument("model '" + (config.use_model ? m.architecture : config.model_name) + "' leaves no KV memory on " +
+                            std::to_string(config.tp) + " x " + gpu->name);
   }
   sim->kv_blocks_per_instance_ = sim->kv_pages_per_instance_ * sim->blocks_per_page_;
 
@@ -110,6 +125,7 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
   shape.layer_param_bytes = sim->pages_per_layer_ * page;
   shape.layer_block_bytes = page / sim->blocks_per_page_;
   shape.block_size_tokens = config.block_size_tokens;
+  if (!config.allowed_degrees.empty()) shape.allowed_degrees = config.allowed_degrees;
   shape.allowed_degrees.erase(std::remove_if(shape.allowed_degrees.begin(), shape.allowed_degrees.end(),
                                              [&](std::int64_t g) { return g > config.num_instances || g > m.num_layers; }),
                               shape.allowed_degrees.end());
@@ -175,7 +191,7 @@ void ClusterSim::queue_kv_move(Unit& u, std::int64_t index, std::int64_t link, s
   const auto k = static_cast<std::size_t>(link);
   u.kv_moves.push_back(Unit::KvMove{index, -1});
   u.open_round[k].push_back(u.kv_moves.size() - 1);
-  u.open_round_us[k] += static_cast<double>(layers) * transfer_us(link_, layer_bytes);  // one message per layer
+  u.open_round_us[k] += static_cast<double>(layers) * link_us(layer_bytes);  // one message per layer
   if (static_cast<std::int64_t>(u.open_round[k].size()) >= config_.exchange_requests_per_round) close_kv_round(u, link);
 }
 
@@ -366,6 +382,7 @@ void ClusterSim::finish_step(Unit& u) {
   u.in_flight = false;
   for (std::size_t i = 0; i < u.plans.size(); ++i) handle_events(u, u.scheduler->apply_result(u.plans[i], u.results[i]));
   advance_kv_moves(u, /*assign=*/true);
+  if (!planned_migrations_.empty()) start_migrations();
   const std::int64_t every = config_.check_invariants_every_steps;
   if (every > 0 && u.scheduler->counters().steps % every == 0) u.scheduler->check_invariants();
 }
@@ -649,7 +666,7 @@ void ClusterSim::apply(const cluster::Actions& actions) {
     }
     for (std::size_t k = 0; k < gu->members.size(); ++k) {
       counters_.weight_bytes_restored += pulled_bytes[k];
-      gu->link_free_us[k] = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, pulled_bytes[k])));
+      gu->link_free_us[k] = now + static_cast<std::int64_t>(std::ceil(link_us(pulled_bytes[k])));
       gu->weights_ready_us = std::max(gu->weights_ready_us, gu->link_free_us[k]);
     }
     pending_restores_.push_back(PendingRestore{r.group, gu->weights_ready_us});
@@ -658,29 +675,73 @@ void ClusterSim::apply(const cluster::Actions& actions) {
     events_.push_back(std::to_string(now) + " restore requested group " + std::to_string(r.group) + ": " + r.reason);
   }
   for (const auto& m : actions.migrations) {
+    ++counters_.migrations_planned;
+    planned_migrations_.push_back(m);
+  }
+  start_migrations();
+}
+
+void ClusterSim::start_migrations() {
+  const std::int64_t now = clock_.now_us();
+  std::vector<cluster::MigrateAction> later;
+  for (const cluster::MigrateAction& m : planned_migrations_) {
     Unit* src = unit_of_instance(m.from);
-    if (src == nullptr || src->members.size() != 1 || src->in_flight || src->requests.count(m.request.value) == 0 ||
-        unit_of_instance(m.to) == nullptr) {
-      coordinator_->on_migration_done(m.request);  // finished or not movable now
+    Unit* dst = unit_of_instance(m.to);
+    if (src != nullptr && src->in_flight && src->members.size() == 1) {
+      later.push_back(m);  // at its next step boundary
+      continue;
+    }
+    if (src == nullptr || dst == nullptr || src == dst || src->members.size() != 1 || dst->members.size() != 1 ||
+        src->requests.count(m.request.value) == 0) {
+      ++counters_.migrations_skipped;
+      coordinator_->on_migration_done(m.request);  // finished, or not between independent instances now
       continue;
     }
     const engine::Request* r = src->scheduler->find(m.request);
-    KUN_CHECK(r != nullptr);
-    PendingMove pm;
-    pm.index = m.request.value;
-    pm.to = m.to;
-    pm.tokens = r->spec.prompt_tokens;
-    pm.tokens.insert(pm.tokens.end(), r->output_tokens.begin(), r->output_tokens.end());
-    pm.max_tokens = r->spec.max_tokens - r->num_output_tokens();
+    KUN_CHECK(r != nullptr) << "request " << m.request << " listed on instance " << m.from;
     const std::int64_t held = src->kv->tokens_held(m.request);
-    const std::int64_t bytes = held * cost_.model().num_layers * cost_.kv_bytes_per_token_per_layer();
-    pm.ready_us = now + static_cast<std::int64_t>(std::ceil(transfer_us(link_, bytes)));
-    counters_.migration_bytes += bytes;
-    src->scheduler->cancel(m.request);
+    const bool live = held > 0 && r->state == engine::RequestState::kRunning;
+    auto d = src->scheduler->detach(m.request, /*keep_kv=*/live);
+    KUN_CHECK(d.has_value());
     src->requests.erase(m.request.value);
+    PendingMove pm;
+    pm.request = std::move(*d);
+    pm.from = m.from;
+    pm.to = m.to;
+    pm.with_kv = live;
+    pm.ready_us = now;
+    if (live) {
+      const std::int64_t bytes = src->kv->layer_blocks_for(held) * layer_block_bytes();
+      pm.ready_us = now + static_cast<std::int64_t>(std::ceil(link_us(bytes)));
+      counters_.migration_bytes += bytes;
+    }
     pending_moves_.push_back(std::move(pm));
-    ++counters_.migrations;
   }
+  planned_migrations_ = std::move(later);
+}
+
+void ClusterSim::finish_migration(PendingMove& m) {
+  const RequestId id = m.request.id;
+  Unit* src = unit_of_instance(m.from);
+  Unit* dst = unit_of_instance(m.to);
+  // Under `migrate` instances never fuse, so both are still independent.
+  KUN_CHECK(src != nullptr && dst != nullptr && src->members.size() == 1 && dst->members.size() == 1);
+  if (!m.with_kv) {
+    KUN_CHECK_OK(dst->scheduler->adopt(std::move(m.request), /*with_kv=*/false));
+    dst->requests.insert(id.value);
+    ++counters_.migrations;
+  } else if (dst->kv->can_grow(id, m.request.num_computed)) {
+    KUN_CHECK_OK(dst->scheduler->adopt(std::move(m.request), /*with_kv=*/true));
+    src->scheduler->release_detached(id);
+    dst->requests.insert(id.value);
+    ++counters_.migrations;
+    ++counters_.migrations_with_kv;
+  } else {  // no room on the destination by now: it continues where it is, with its KV
+    KUN_CHECK_OK(src->scheduler->adopt(std::move(m.request), /*with_kv=*/true));
+    src->requests.insert(id.value);
+    ++counters_.migrations_skipped;
+  }
+  coordinator_->on_migration_done(id);
 }
 
 void ClusterSim::try_pending_transitions() {
@@ -810,7 +871,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
         t = std::min(t, u->busy_until_us);
       }
     }
-    if (next_arrival == n && !any_in_flight && pending_moves_.empty() && pending_restores_.empty() &&
+    if (next_arrival == n && !any_in_flight && pending_moves_.empty() && planned_migrations_.empty() && pending_restores_.empty() &&
         pending_drops_.empty() && outstanding() == 0) {
       break;
     }
@@ -825,6 +886,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
       }
     }
     t = std::min(t, next_tick);
+    ++events_handled_;
     if (t > config_.max_virtual_us) return deadline_exceeded("simulation passed max_virtual_us");
     clock_.set_us(std::max(t, clock_.now_us()));
 
@@ -836,12 +898,10 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
         ++it;
         continue;
       }
-      Unit* dst = unit_of_instance(it->to);
-      KUN_CHECK(dst != nullptr);
-      add_to_unit(*dst, it->index, std::move(it->tokens), it->max_tokens);
-      coordinator_->on_migration_done(RequestId(it->index));
+      finish_migration(*it);
       it = pending_moves_.erase(it);
     }
+    start_migrations();
     try_pending_transitions();
     while (next_arrival < n && trace.requests[next_arrival].arrival_us <= clock_.now_us()) {
       arrive(static_cast<std::int64_t>(next_arrival));
@@ -878,6 +938,8 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
   rep.kv_blocks_per_instance = kv_blocks_per_instance_;
   rep.kv_tokens_per_instance = kv_blocks_per_instance_ / cost_.model().num_layers * config_.block_size_tokens;
   rep.end_us = clock_.now_us();
+  rep.instants = events_handled_;
+  rep.memory = memory_plan();
   return rep;
 }
 
@@ -896,6 +958,9 @@ nlohmann::json SimReport::to_json() const {
   c["drops"] = counters.drops;
   c["restores"] = counters.restores;
   c["migrations"] = counters.migrations;
+  c["migrations_planned"] = counters.migrations_planned;
+  c["migrations_with_kv"] = counters.migrations_with_kv;
+  c["migrations_skipped"] = counters.migrations_skipped;
   c["rejected"] = counters.rejected;
   c["clipped"] = counters.clipped;
   c["swap_bytes"] = counters.swap_bytes;
@@ -935,6 +1000,8 @@ nlohmann::json SimReport::to_json() const {
     j["new_requests"] = summary(fresh);
   }
   j["kv_tokens_per_instance"] = kv_tokens_per_instance;
+  j["memory"] = memory.to_json();
+  j["instants"] = instants;
   j["end_s"] = static_cast<double>(end_us) / 1e6;
   return j;
 }
@@ -943,6 +1010,71 @@ StatusOr<SimReport> run_simulation(const SimConfig& config, const workload::Trac
   auto sim = ClusterSim::create(config);
   if (!sim.ok()) return sim.status();
   return (*sim)->run(trace);
+}
+
+}  // namespace kun::sim
+
+namespace kun::sim {
+
+MemoryPlan ClusterSim::memory_plan() const {
+  MemoryPlan p;
+  const std::int64_t t = config_.tp;
+  const std::int64_t page = config_.page_bytes;  // per instance (t GPU pages)
+  const std::int64_t num_layers = cost_.model().num_layers;
+  p.tp = t;
+  p.num_layers = num_layers;
+  auto gpu = gpu_spec(config_.gpu);
+  p.gpu_memory_bytes = gpu.ok() ? gpu->memory_bytes : 0;
+  p.usable_bytes_per_gpu = static_cast<std::int64_t>(static_cast<double>(p.gpu_memory_bytes) * config_.gpu_memory_utilization) -
+                           config_.activation_reserve_bytes;
+  p.layer_bytes_per_gpu = pages_per_layer_ * page / t;
+  p.weight_bytes_per_gpu = (num_layers * pages_per_layer_ * page + cost_.non_layer_param_bytes()) / t;
+  p.kv_bytes_per_gpu = kv_pages_per_instance_ * page / t;
+  p.kv_bytes_per_token = num_layers * cost_.kv_bytes_per_token_per_layer() / t;
+  p.kv_tokens_per_instance = kv_blocks_per_instance_ / num_layers * config_.block_size_tokens;
+  for (std::int64_t g = 2; g <= std::min<std::int64_t>(8, config_.num_instances); g *= 2) {
+    if (g > num_layers) break;
+    // The member keeping the most layers grows least: the group's pool is bound by it.
+    std::int64_t kept = 0;
+    for (std::int64_t s = 0; s < g; ++s) kept = std::max(kept, cluster::layers_kept(s, g, num_layers));
+    const std::int64_t pages = kv_pages_per_instance_ + (num_layers - kept) * pages_per_layer_;
+    // Its pool holds `kept` layers' KV, so the group holds pages x blocks / kept tokens.
+    const std::int64_t tokens = pages * blocks_per_page_ / kept * config_.block_size_tokens;
+    p.growth.push_back({g, tokens, static_cast<double>(pages) / static_cast<double>(std::max<std::int64_t>(1, kv_pages_per_instance_))});
+  }
+  return p;
+}
+
+std::string MemoryPlan::to_text() const {
+  std::ostringstream o;
+  const auto gb = [](std::int64_t b) { return static_cast<double>(b) / 1e9; };
+  o.setf(std::ios::fixed);
+  o.precision(2);
+  o << "memory per GPU (TP " << tp << "): " << gb(gpu_memory_bytes) << " GB, usable " << gb(usable_bytes_per_gpu)
+    << " GB; weights " << gb(weight_bytes_per_gpu) << " GB (" << num_layers << " layers x " << gb(layer_bytes_per_gpu)
+    << " GB + embeddings/head); KV pool " << gb(kv_bytes_per_gpu) << " GB = " << kv_tokens_per_instance
+    << " tokens per instance (" << static_cast<double>(kv_bytes_per_token) / 1e6 << " MB per token per GPU)\n";
+  for (const Growth& g : growth) {
+    o << "  fused group of " << g.group_size << ": a member's KV pool grows x" << g.growth << "; the group holds "
+      << g.kv_tokens << " tokens (" << g.group_size << " independent instances: " << g.group_size * kv_tokens_per_instance
+      << ")\n";
+  }
+  return o.str();
+}
+
+nlohmann::json MemoryPlan::to_json() const {
+  nlohmann::json j{{"tp", tp},
+                   {"gpu_memory_bytes", gpu_memory_bytes},
+                   {"usable_bytes_per_gpu", usable_bytes_per_gpu},
+                   {"weight_bytes_per_gpu", weight_bytes_per_gpu},
+                   {"layer_bytes_per_gpu", layer_bytes_per_gpu},
+                   {"kv_bytes_per_gpu", kv_bytes_per_gpu},
+                   {"kv_bytes_per_token_per_gpu", kv_bytes_per_token},
+                   {"kv_tokens_per_instance", kv_tokens_per_instance}};
+  nlohmann::json g = nlohmann::json::array();
+  for (const Growth& x : growth) g.push_back({{"group_size", x.group_size}, {"member_kv_tokens", x.kv_tokens}, {"growth", x.growth}});
+  j["kv_growth"] = g;
+  return j;
 }
 
 }  // namespace kun::sim

@@ -35,9 +35,12 @@
 // requests, one message per layer; a round's requests are moved at the first step boundary after
 // the round's last byte crossed. The transfers get the whole link: the activations they yield to
 // are a small fraction of it (hidden state per token per step vs. the KV of whole contexts).
-// Under `migrate`, queued requests move at once; running requests move with their KV over the
-// link (the destination pays the KV transfer time before it may run the request; the engine has no
-// KV import yet, so the destination re-prefills the request: see README, "Limits").
+// Under `migrate`, a planned migration happens at its source's next step boundary (as the runtime,
+// which pauses the engines between steps): a queued request moves at once; a running one is
+// detached with its KV, which stays allocated on the source while it crosses the link; once it
+// arrived the destination adopts it with its KV (no re-prefill, Scheduler::adopt with_kv, as the
+// runtime) and the source frees it, or, when the destination has no room by then, it resumes on
+// the source (the runtime's "stays where it is").
 //
 // Owned by one thread.
 #pragma once
@@ -67,10 +70,24 @@ struct SimConfig {
   std::string gpu = "a100-80gb";
   std::string link = "nvlink-a100";   // between instances (activations, weight pulls, migration)
   std::string host_link = "pcie4";    // device <-> host (swap)
+  // Paced links (the runtime's --link-gbps / --host-link-gbps): > 0 replaces the named link's
+  // bandwidth (GB/s) and latency.
+  double link_gbps = 0.0;
+  double link_latency_us = 0.0;
+  double host_link_gbps = 0.0;
+  double host_link_latency_us = 0.0;
+  // Group sizes the planner may form (empty: cluster::ClusterShape's default).
+  std::vector<std::int64_t> allowed_degrees;
+  // > 0: the KV pool of an independent instance holds this many tokens (the runtime's
+  // --kv-tokens-per-device) instead of what the memory leaves.
+  std::int64_t kv_tokens_per_instance = 0;
   std::string model_name = "llama-2-7b";  // used when `model` is not set
   bool use_model = false;                 // true: `model` instead of model_name
   model::ModelConfig model;
   std::int64_t num_instances = 4;
+  // Tensor-parallel degree inside an instance: an instance is `tp` GPUs (weights and KV heads
+  // split t ways, see CostModel); a fused group of g instances is a g-stage pipeline of TP-t stages.
+  std::int64_t tp = 1;
   cluster::Policy policy = cluster::Policy::kRecompute;
   // kunserve: what happens to requests running when their instance fuses (and at the split).
   cluster::StaleKvStrategy stale_kv = cluster::StaleKvStrategy::kExchange;
@@ -113,7 +130,10 @@ struct SimCounters {
   std::int64_t drops = 0;
   std::int64_t grows = 0;  // fused groups grown to twice their degree (not counted in drops)
   std::int64_t restores = 0;
-  std::int64_t migrations = 0;
+  std::int64_t migrations = 0;            // carried out (arrived at the destination)
+  std::int64_t migrations_planned = 0;    // MigrateActions from the coordinator
+  std::int64_t migrations_with_kv = 0;    // of those carried out: running, KV copied (no recompute)
+  std::int64_t migrations_skipped = 0;    // finished first, or the destination had no room (stays)
   std::int64_t rejected = 0;
   std::int64_t clipped = 0;  // requests whose lengths were clipped to max_model_len
   std::int64_t swap_bytes = 0;
@@ -139,6 +159,29 @@ struct SimCounters {
   std::vector<double> restore_latency_ms;
 };
 
+// Memory arithmetic of one instance (per GPU unless named otherwise), as ClusterSim::create
+// computed it.
+struct MemoryPlan {
+  std::int64_t tp = 1;
+  std::int64_t gpu_memory_bytes = 0;
+  std::int64_t usable_bytes_per_gpu = 0;      // memory x gpu_memory_utilization - activation reserve
+  std::int64_t weight_bytes_per_gpu = 0;      // layers (page-rounded) + embeddings / LM head, / t
+  std::int64_t layer_bytes_per_gpu = 0;       // one decoder layer, / t
+  std::int64_t kv_bytes_per_gpu = 0;          // the KV pool
+  std::int64_t kv_bytes_per_token = 0;        // every layer, per GPU
+  std::int64_t kv_tokens_per_instance = 0;
+  std::int64_t num_layers = 0;
+  // A member of a fused group of g: its KV pool after dropping its other layers, against its own.
+  struct Growth {
+    std::int64_t group_size = 0;
+    std::int64_t kv_tokens = 0;     // the group's capacity in tokens (bound by its largest stage)
+    double growth = 0.0;            // a member's KV pool over an independent instance's
+  };
+  std::vector<Growth> growth;  // g = 2, 4, 8 (up to the instance count)
+  std::string to_text() const;
+  nlohmann::json to_json() const;
+};
+
 struct SimReport {
   workload::Report report;
   workload::Timeline timeline;
@@ -151,6 +194,8 @@ struct SimReport {
   std::int64_t kv_blocks_per_instance = 0;  // layer blocks of an independent instance
   std::int64_t kv_tokens_per_instance = 0;
   std::int64_t end_us = 0;  // virtual time of the last event
+  std::int64_t instants = 0;  // event-loop iterations (distinct virtual instants handled)
+  MemoryPlan memory;
   nlohmann::json to_json() const;
 };
 
@@ -164,6 +209,7 @@ class ClusterSim {
   StatusOr<SimReport> run(const workload::Trace& trace);
 
   const CostModel& cost() const { return cost_; }
+  MemoryPlan memory_plan() const;
   std::int64_t kv_blocks_per_instance() const { return kv_blocks_per_instance_; }
 
  private:
@@ -195,6 +241,8 @@ class ClusterSim {
   void advance_kv_moves(Unit& u, bool assign);
   void assign_homes(Unit& u);
   std::int64_t layer_block_bytes() const;
+  // An instance-wide transfer over the link: its t GPUs each send their 1/t share in parallel.
+  double link_us(std::int64_t bytes) const { return transfer_us(link_, (bytes + config_.tp - 1) / config_.tp); }
   std::int64_t least_outstanding(const std::vector<std::int64_t>& unit_indices) const;
   Unit* unit_of_instance(std::int64_t instance);
   std::int64_t outstanding() const;
@@ -222,6 +270,7 @@ class ClusterSim {
   std::vector<cluster::TransitionRecord> transition_log_;
   std::size_t next_script_ = 0;
   SimCounters counters_;
+  std::int64_t events_handled_ = 0;
   // Pending transitions and in-flight migrations.
   std::vector<cluster::DropAction> pending_drops_;
   struct PendingRestore {
@@ -229,14 +278,23 @@ class ClusterSim {
     std::int64_t ready_us = 0;  // weights pulled and KV gathered (or the gather timed out)
   };
   std::vector<PendingRestore> pending_restores_;
+  // A migration taken out of its source at a step boundary: a running request's KV stays
+  // allocated on the source (detach with keep_kv) while it crosses the link; a queued one moves
+  // at once.
   struct PendingMove {
-    std::int64_t index = -1;     // trace index
+    engine::Request request;
+    std::int64_t from = -1;      // instance
     std::int64_t to = -1;        // instance
     std::int64_t ready_us = 0;   // KV arrived
-    std::vector<std::int32_t> tokens;
-    std::int64_t max_tokens = 0;
+    bool with_kv = false;
   };
   std::vector<PendingMove> pending_moves_;
+  // Migrations the coordinator planned whose source was mid-step: carried out at its next step
+  // boundary (the runtime pauses the engines between steps to move a request).
+  std::vector<cluster::MigrateAction> planned_migrations_;
+  // Takes the planned migrations whose source unit is at a step boundary out of their source.
+  void start_migrations();
+  void finish_migration(PendingMove& m);
   std::vector<std::int64_t> stale_ids_;  // trace indices running at a drop (once each)
   std::vector<bool> is_stale_;
   std::map<std::int64_t, std::int64_t> drop_requested_us_;     // group -> time

@@ -29,6 +29,9 @@ GpuSpec a100() {
   g.elem_bw_eff = 0.50;
   g.elem_overhead_us = 3.0;
   g.calibrated = true;
+  // all_reduce.csv of a100_dgx (NVLink/NVSwitch, devices_per_node = num_workers), messages
+  // >= 64 KiB; median error 1.9 / 3.2 / 3.8 %.
+  g.all_reduce = {{2, 44.0, 170e9}, {4, 59.0, 124e9}, {8, 39.0, 74e9}};
   return g;
 }
 
@@ -45,6 +48,8 @@ GpuSpec h100() {
   g.elem_overhead_us = 2.5;
   g.step_overhead_us = 1200.0;
   g.calibrated = true;
+  // all_reduce.csv of h100_dgx; median error 1.5 / 1.6 / 2.6 %.
+  g.all_reduce = {{2, 16.0, 288e9}, {4, 21.0, 228e9}, {8, 37.0, 210e9}};
   return g;
 }
 
@@ -131,9 +136,33 @@ std::vector<std::string> sim_model_names() {
   return names;
 }
 
-CostModel::CostModel(GpuSpec gpu, model::ModelConfig model) : gpu_(std::move(gpu)), model_(std::move(model)) {
+std::string CostModel::tp_problem(const GpuSpec& gpu, const model::ModelConfig& m, std::int64_t tp) {
+  if (tp < 1) return "--tp must be >= 1";
+  if (tp == 1) return "";
+  const bool fitted = std::any_of(gpu.all_reduce.begin(), gpu.all_reduce.end(), [&](const AllReduceFit& f) { return f.tp == tp; });
+  if (!fitted) return "no all-reduce profile for TP " + std::to_string(tp) + " on " + gpu.name + " (2, 4 or 8 on GPUs)";
+  if (m.num_heads % tp != 0) return "TP " + std::to_string(tp) + " does not divide the " + std::to_string(m.num_heads) + " attention heads";
+  if (m.num_kv_heads % tp != 0 && tp % m.num_kv_heads != 0) {
+    return "TP " + std::to_string(tp) + " and the " + std::to_string(m.num_kv_heads) + " KV heads do not divide";
+  }
+  if (m.intermediate_size % tp != 0) return "TP " + std::to_string(tp) + " does not divide the MLP width";
+  return "";
+}
+
+CostModel::CostModel(GpuSpec gpu, model::ModelConfig model, std::int64_t tp)
+    : gpu_(std::move(gpu)), model_(std::move(model)), tp_(tp) {
   KUN_CHECK(gpu_.peak_flops > 0 && gpu_.hbm_bytes_per_s > 0) << gpu_.name;
   KUN_CHECK(model_.num_layers > 0 && model_.hidden_size > 0 && model_.head_dim > 0) << "model shape";
+  const std::string problem = tp_problem(gpu_, model_, tp_);
+  KUN_CHECK(problem.empty()) << problem;
+  for (const AllReduceFit& f : gpu_.all_reduce) {
+    if (f.tp == tp_) all_reduce_ = f;
+  }
+}
+
+double CostModel::all_reduce_us(double bytes) const {
+  if (tp_ == 1 || bytes <= 0) return 0.0;
+  return all_reduce_.latency_us + bytes / all_reduce_.bytes_per_s * 1e6;
 }
 
 double CostModel::gemm_us(std::int64_t tokens, std::int64_t in_features, std::int64_t out_features) const {
@@ -142,7 +171,7 @@ double CostModel::gemm_us(std::int64_t tokens, std::int64_t in_features, std::in
   const double k = static_cast<double>(in_features);
   const double n = static_cast<double>(out_features);
   const double flops = 2.0 * t * k * n;
-  const double bytes = static_cast<double>(kDTypeBytes) * (k * n + t * k + t * n);
+  const double bytes = static_cast<double>(gpu_.dtype_bytes) * (k * n + t * k + t * n);
   const double compute_s = flops / (gpu_.gemm_flops_eff * gpu_.peak_flops);
   const double memory_s = bytes / (gpu_.gemm_bw_eff * gpu_.hbm_bytes_per_s);
   return std::max(compute_s, memory_s) * 1e6 + gpu_.gemm_overhead_us;
@@ -154,20 +183,24 @@ double CostModel::elementwise_us(double bytes) const {
 }
 
 double CostModel::layer_gemms_us(std::int64_t tokens) const {
+  // Column-parallel QKV and gate+up, row-parallel O and down: each GPU has 1/t of the columns
+  // or rows (KV heads fewer than t are replicated: each GPU keeps one).
   const std::int64_t h = model_.hidden_size;
-  const std::int64_t e = model_.intermediate_size;
-  return gemm_us(tokens, h, model_.q_dim() + 2 * model_.kv_dim()) + gemm_us(tokens, model_.q_dim(), h) +
-         gemm_us(tokens, h, 2 * e) + gemm_us(tokens, e, h);
+  const std::int64_t e = model_.intermediate_size / tp_;
+  const std::int64_t q = model_.q_dim() / tp_;
+  const std::int64_t kv = std::max<std::int64_t>(model_.kv_dim() / tp_, model_.head_dim);
+  return gemm_us(tokens, h, q + 2 * kv) + gemm_us(tokens, q, h) + gemm_us(tokens, h, 2 * e) + gemm_us(tokens, e, h);
 }
 
 double CostModel::layer_linear_us(std::int64_t tokens) const {
   if (tokens <= 0) return 0.0;
   const double t = static_cast<double>(tokens);
-  const double b = static_cast<double>(kDTypeBytes);
+  const double b = static_cast<double>(gpu_.dtype_bytes);
   const double h = static_cast<double>(model_.hidden_size);
-  const double e = static_cast<double>(model_.intermediate_size);
-  const double qk = static_cast<double>(model_.q_dim() + model_.kv_dim());
+  const double e = static_cast<double>(model_.intermediate_size / tp_);
+  const double qk = static_cast<double>(model_.q_dim() + model_.kv_dim()) / static_cast<double>(tp_);
   double us = layer_gemms_us(tokens);
+  us += 2 * all_reduce_us(t * h * b);       // after O and after down (TP > 1)
   us += 2 * elementwise_us(2 * t * h * b);  // input and post-attention RMSNorm (read + write)
   us += elementwise_us(2 * t * qk * b);     // rope on q and k
   us += elementwise_us(3 * t * e * b);      // SiLU(gate) * up
@@ -178,10 +211,11 @@ double CostModel::layer_linear_us(std::int64_t tokens) const {
 double CostModel::layer_attention_us(std::span<const SeqWork> seqs) const {
   double flops = 0.0;
   double bytes = 0.0;
-  const double b = static_cast<double>(kDTypeBytes);
+  const double b = static_cast<double>(gpu_.dtype_bytes);
   const double kvb = static_cast<double>(kv_element_bytes());
-  const double qd = static_cast<double>(model_.q_dim());
-  const double kvd = static_cast<double>(model_.kv_dim());
+  // Each GPU runs 1/t of the heads (and holds 1/t of the KV heads, at least one).
+  const double qd = static_cast<double>(model_.q_dim() / tp_);
+  const double kvd = static_cast<double>(std::max<std::int64_t>(model_.kv_dim() / tp_, model_.head_dim));
   bool any = false;
   for (const SeqWork& s : seqs) {
     if (s.new_tokens <= 0) continue;
@@ -211,38 +245,42 @@ double CostModel::step_us(std::span<const SeqWork> seqs, std::int64_t num_layers
   double us = include_step_overhead ? gpu_.step_overhead_us : 0.0;
   const double per_layer = layer_linear_us(tokens) + layer_attention_us(seqs);
   us += per_layer * static_cast<double>(num_layers);
-  const double b = static_cast<double>(kDTypeBytes);
+  const double b = static_cast<double>(gpu_.dtype_bytes);
   const double h = static_cast<double>(model_.hidden_size);
   if (first_stage) us += elementwise_us(2.0 * static_cast<double>(tokens) * h * b);  // embedding gather
   if (last_stage && sampled > 0) {
     us += elementwise_us(2.0 * static_cast<double>(sampled) * h * b);  // final norm
-    us += gemm_us(sampled, model_.hidden_size, model_.vocab_size);     // LM head
+    us += gemm_us(sampled, model_.hidden_size, model_.vocab_size / tp_);  // LM head, split by vocabulary
+    us += all_reduce_us(static_cast<double>(sampled * model_.vocab_size / tp_) * b);  // gather the logits
   }
   return us;
 }
 
-std::int64_t CostModel::layer_param_bytes() const { return model_.layer_param_count() * kDTypeBytes; }
+std::int64_t CostModel::layer_param_bytes() const { return model_.layer_param_count() * gpu_.dtype_bytes; }
 
 std::int64_t CostModel::non_layer_param_bytes() const {
-  return (model_.total_param_count() - model_.num_layers * model_.layer_param_count()) * kDTypeBytes;
+  return (model_.total_param_count() - model_.num_layers * model_.layer_param_count()) * gpu_.dtype_bytes;
 }
 
-std::int64_t CostModel::total_param_bytes() const { return model_.total_param_count() * kDTypeBytes; }
+std::int64_t CostModel::total_param_bytes() const { return model_.total_param_count() * gpu_.dtype_bytes; }
 
 std::int64_t CostModel::kv_element_bytes() { return kv::KvGeometry{}.element_bytes(); }
 
-std::int64_t CostModel::kv_bytes_per_token_per_layer() const { return 2 * model_.kv_dim() * kv_element_bytes(); }
+std::int64_t CostModel::kv_bytes_per_token_per_layer() const {
+  // Over the t GPUs; KV heads fewer than t are replicated (each GPU keeps one head).
+  return 2 * std::max<std::int64_t>(model_.kv_dim() / tp_, model_.head_dim) * tp_ * kv_element_bytes();
+}
 
 std::int64_t CostModel::activation_bytes(std::int64_t tokens) const {
-  return tokens * model_.hidden_size * kDTypeBytes;
+  return tokens * model_.hidden_size * gpu_.dtype_bytes;
 }
 
 std::int64_t CostModel::remote_attention_send_bytes(std::int64_t tokens) const {
-  return tokens * (model_.q_dim() + 2 * model_.kv_dim()) * kDTypeBytes;
+  return tokens * (model_.q_dim() + 2 * model_.kv_dim()) * gpu_.dtype_bytes;
 }
 
 std::int64_t CostModel::remote_attention_return_bytes(std::int64_t tokens) const {
-  return tokens * model_.q_dim() * kDTypeBytes;
+  return tokens * model_.q_dim() * gpu_.dtype_bytes;
 }
 
 }  // namespace kun::sim

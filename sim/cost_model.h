@@ -32,6 +32,13 @@
 
 namespace kun::sim {
 
+// Intra-node all-reduce of `tp` GPUs: latency + bytes / bandwidth (fitted, see the .cc).
+struct AllReduceFit {
+  std::int64_t tp = 0;
+  double latency_us = 0.0;
+  double bytes_per_s = 0.0;
+};
+
 struct GpuSpec {
   std::string name;
   double peak_flops = 0.0;        // dense bf16 FLOP/s
@@ -50,6 +57,8 @@ struct GpuSpec {
   // Fixed per-step cost (scheduling, launch of the step, sampling), not calibrated.
   double step_overhead_us = 1500.0;
   bool calibrated = false;  // true when the constants come from a measured profile of this GPU
+  std::int64_t dtype_bytes = 2;  // weights, activations and KV (bf16 on GPUs; f32 on the CPU profile)
+  std::vector<AllReduceFit> all_reduce;  // by TP degree (2, 4, 8); empty: no tensor parallelism
 };
 
 // "a100" / "a100-80gb", "h100" / "h100-80gb", "h200". kNotFound for others.
@@ -84,15 +93,23 @@ struct SeqWork {
 
 class CostModel {
  public:
-  static constexpr std::int64_t kDTypeBytes = 2;  // bf16 weights and activations
   // Bytes of one KV cache element: the engine's KV dtype (kv::KvGeometry's default, bf16), so the
   // simulator's KV capacity and attention traffic follow the same arithmetic as the devices.
   static std::int64_t kv_element_bytes();
 
-  CostModel(GpuSpec gpu, model::ModelConfig model);
+  // tp: tensor-parallel degree inside an instance (Megatron-style: QKV and gate+up split by
+  // columns, O and down by rows, attention heads and KV heads split t ways, two all-reduces of the
+  // hidden states per layer, the LM head split by vocabulary). Times are one GPU's; byte counts
+  // below are the instance's (all t GPUs) unless named per_gpu.
+  CostModel(GpuSpec gpu, model::ModelConfig model, std::int64_t tp = 1);
+  // Why a TP degree does not fit the model or the GPU (empty: it does).
+  static std::string tp_problem(const GpuSpec& gpu, const model::ModelConfig& model, std::int64_t tp);
 
   const GpuSpec& gpu() const { return gpu_; }
   const model::ModelConfig& model() const { return model_; }
+  std::int64_t tp() const { return tp_; }
+  // One all-reduce of `bytes` over the instance's t GPUs (0 for t = 1).
+  double all_reduce_us(double bytes) const;
 
   // Per-operator predictions in microseconds (the calibration test compares them to profiles).
   double gemm_us(std::int64_t tokens, std::int64_t in_features, std::int64_t out_features) const;
@@ -124,6 +141,8 @@ class CostModel {
  private:
   GpuSpec gpu_;
   model::ModelConfig model_;
+  std::int64_t tp_ = 1;
+  AllReduceFit all_reduce_;
 };
 
 }  // namespace kun::sim

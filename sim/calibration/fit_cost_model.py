@@ -122,6 +122,24 @@ def fit_link(path, dpn):
         f' {best[2]:.1f} GB/s; median err {best[0]*100:.1f}% (>=1MiB: {statistics.median(big)*100:.1f}%), max {best[3]*100:.0f}%')
 
 
+def fit_all_reduce(path, workers):
+  # Intra-node all-reduce of `workers` GPUs (devices_per_node == num_workers): latency + size / bw,
+  # chosen to minimise the median relative error over messages of 64 KiB and more (the sizes of
+  # a step's hidden states: tokens x hidden x 2 bytes).
+  pts = [(int(r['size']), float(r['time_stats.all_reduce.median']) * 1e3)
+         for r in csv.DictReader(open(path))
+         if r['num_workers'] == workers and r['devices_per_node'] == workers and int(r['size']) >= 1 << 16]
+  best = None
+  for lat in range(0, 121, 1):
+    for gbs in range(20, 601, 2):
+      errs = [abs(lat + s / (gbs * 1e3) - t) / t for s, t in pts]
+      m = statistics.median(errs)
+      if best is None or m < best[0]:
+        best = (m, lat, gbs)
+  print(f'  {os.path.basename(os.path.dirname(path))} all_reduce tp={workers}: latency {best[1]} us,'
+        f' {best[2]} GB/s; median err {best[0]*100:.1f}% (n={len(pts)})')
+
+
 if __name__ == '__main__':
   for g in ['a100', 'h100']:
     fit(g)
@@ -129,3 +147,7 @@ if __name__ == '__main__':
   for setup in ['a100_pairwise_nvlink', 'a100_dgx', 'h100_dgx']:
     for dpn in ['2', '1']:
       fit_link(os.path.join(ROOT, 'network', setup, 'send_recv.csv'), dpn)
+  print('all-reduce:')
+  for setup in ['a100_dgx', 'h100_dgx']:
+    for w in ['2', '4', '8']:
+      fit_all_reduce(os.path.join(ROOT, 'network', setup, 'all_reduce.csv'), w)

@@ -82,6 +82,48 @@ TEST(ClusterSim, CapacityFromMemoryMinusParameters) {
   EXPECT_EQ(ClusterSim::create(bad).status().code(), StatusCode::kNotFound);
 }
 
+TEST(ClusterSim, TensorParallelInstancesSplitWeightsAndKvPerGpu) {
+  // Llama-2-70B does not fit one A100-80GB; TP 4 puts 1/4 of it on each GPU.
+  SimConfig c = base_config(cluster::Policy::kKunServe);
+  c.model_name = "llama-2-70b";
+  c.tp = 4;
+  c.num_instances = 2;
+  auto sim = ClusterSim::create(c);
+  ASSERT_TRUE(sim.ok()) << sim.status().to_string();
+  const MemoryPlan m = (*sim)->memory_plan();
+  // ~69 G parameters x 2 bytes / 4 GPUs (layers page-rounded).
+  EXPECT_GT(m.weight_bytes_per_gpu, 33'000'000'000);
+  EXPECT_LT(m.weight_bytes_per_gpu, 36'500'000'000);
+  // 80 layers x K,V x 8 KV heads x 128 x 2 bytes / 4 GPUs = 80 KiB per token per GPU.
+  EXPECT_EQ(m.kv_bytes_per_token, 80 * 2 * 1024 * 2 / 4);
+  // What is left of 80 GB x 0.9 - 2 GiB after the weights is KV.
+  EXPECT_NEAR(static_cast<double>(m.kv_bytes_per_gpu + m.weight_bytes_per_gpu),
+              static_cast<double>(m.usable_bytes_per_gpu), 0.01 * static_cast<double>(m.usable_bytes_per_gpu));
+  EXPECT_EQ(m.kv_tokens_per_instance, m.kv_bytes_per_gpu / m.kv_bytes_per_token / 16 * 16);
+  // A group of 2 frees half of each member's layer weights for KV.
+  ASSERT_EQ(m.growth.size(), 1u);
+  EXPECT_EQ(m.growth[0].group_size, 2);
+  EXPECT_NEAR(m.growth[0].growth,
+              1.0 + static_cast<double>(40 * m.layer_bytes_per_gpu) / static_cast<double>(m.kv_bytes_per_gpu), 0.01);
+  // TP 3 does not divide 64 heads; TP 16 has no all-reduce profile.
+  c.tp = 3;
+  EXPECT_EQ(ClusterSim::create(c).status().code(), StatusCode::kInvalidArgument);
+  c.tp = 16;
+  EXPECT_EQ(ClusterSim::create(c).status().code(), StatusCode::kInvalidArgument);
+  // The TP-4 instances serve long generations until their KV runs out, drop into a 2-stage
+  // pipeline of TP-4 stages, and restore once it drained.
+  c.tp = 4;
+  c.check_invariants_every_steps = 2000;
+  workload::Trace trace;
+  for (std::int64_t i = 0; i < 300; ++i) trace.requests.push_back({i * 100'000, 1000, 3000});
+  const SimReport rep = run_or_die(c, trace);
+  expect_conservation(rep, trace);
+  EXPECT_GT(rep.counters.drops, 0);
+  EXPECT_EQ(rep.counters.restores, rep.counters.drops);
+  // Each member dropped half of its 80 layers: 40 layers' weights over its 4 GPUs.
+  EXPECT_EQ(rep.counters.param_bytes_dropped, rep.counters.drops * 2 * 40 * m.layer_bytes_per_gpu * 4);
+}
+
 TEST(ClusterSim, LightLoadHasNoQueueing) {
   const auto trace = bursty_trace(3, 2.0, 10);
   const SimReport rep = run_or_die(base_config(cluster::Policy::kRecompute), trace);
@@ -156,6 +198,46 @@ void run_policy_burst(cluster::Policy p) {
 TEST(ClusterSim, SwapCompletesTheBurst) { run_policy_burst(cluster::Policy::kSwap); }
 TEST(ClusterSim, MigrateCompletesTheBurst) { run_policy_burst(cluster::Policy::kMigrate); }
 TEST(ClusterSim, KunServeDropsRestoresAndCompletesTheBurst) { run_policy_burst(cluster::Policy::kKunServe); }
+
+// Round-robin routing with every 4th request long: instance 0 runs out of KV while the others
+// idle, so `migrate` moves requests away from it, at its step boundaries (it is always mid-step
+// under load), running ones with their KV.
+workload::Trace skewed_trace() {
+  workload::Trace t;
+  t.name = "skewed";
+  for (std::int64_t i = 0; i < 160; ++i) {
+    const bool long_one = i % 4 == 0;
+    t.requests.push_back({i * 62'500, long_one ? 3000 : 200, long_one ? 1000 : 50});
+  }
+  return t;
+}
+
+TEST(ClusterSim, MigrateMovesRunningRequestsWithTheirKvUnderLoad) {
+  const auto trace = skewed_trace();
+  SimConfig c = base_config(cluster::Policy::kMigrate);
+  c.route = cluster::RoutePolicy::kRoundRobin;
+  c.check_invariants_every_steps = 200;
+  const SimReport rep = run_or_die(c, trace);
+  expect_conservation(rep, trace);  // every request ends with exactly its output tokens
+  const auto& k = rep.counters;
+  std::printf("  planned %lld done %lld with kv %lld skipped %lld, %.1f MB\n", static_cast<long long>(k.migrations_planned),
+              static_cast<long long>(k.migrations), static_cast<long long>(k.migrations_with_kv),
+              static_cast<long long>(k.migrations_skipped), static_cast<double>(k.migration_bytes) / 1e6);
+  EXPECT_GT(k.migrations_planned, 0);
+  EXPECT_GT(k.migrations_with_kv, 0);
+  EXPECT_EQ(k.migrations + k.migrations_skipped, k.migrations_planned);
+  // The KV crossed the link (whole blocks of every layer: 32 layers of 16 tokens x K,V x 4096 x
+  // bf16) and nobody re-prefilled because of a move: no transition recompute.
+  const std::int64_t all_layers_block_bytes = 32 * c.block_size_tokens * 2 * 4096 * 2;
+  EXPECT_GE(k.migration_bytes, k.migrations_with_kv * all_layers_block_bytes);
+  EXPECT_EQ(k.migration_bytes % all_layers_block_bytes, 0);
+  EXPECT_EQ(k.transition_recomputed_tokens, 0);
+  // Against recompute on the same skew, migrating relieves instance 0: fewer tokens recomputed.
+  SimConfig r = base_config(cluster::Policy::kRecompute);
+  r.route = cluster::RoutePolicy::kRoundRobin;
+  const SimReport base = run_or_die(r, trace);
+  EXPECT_LT(k.recomputed_tokens, base.counters.recomputed_tokens);
+}
 
 TEST(ClusterSim, DeterministicForASeed) {
   const auto trace = bursty_trace(7, 40.0, 4);

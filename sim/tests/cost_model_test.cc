@@ -65,6 +65,30 @@ TEST(CostModel, RooflineShape) {
   EXPECT_NEAR(transfer_us(nv, 64LL << 20), 64.0 * 1048576 / 318.5e9 * 1e6 + 14.5, 1e-6);
 }
 
+TEST(CostModel, TensorParallelSplitsComputeAndAddsAllReduces) {
+  auto gpu = gpu_spec("a100-80gb");
+  auto model = sim_model_config("llama-2-13b");
+  ASSERT_TRUE(gpu.ok() && model.ok());
+  const CostModel one(*gpu, *model, 1);
+  const CostModel four(*gpu, *model, 4);
+  // The fitted A100 all-reduce: 59 us + bytes / 124 GB/s for 4 GPUs.
+  EXPECT_DOUBLE_EQ(four.all_reduce_us(124e6), 59.0 + 1000.0);
+  EXPECT_EQ(one.all_reduce_us(1e6), 0.0);
+  // A large prefill is compute-bound: TP 4 takes a bit more than 1/4 (the all-reduces).
+  std::vector<SeqWork> prefill = {{0, 4096, true}};
+  const double t1 = one.step_us(prefill, 40, true, true, false);
+  const double t4 = four.step_us(prefill, 40, true, true, false);
+  EXPECT_GT(t4, t1 / 4.0);
+  EXPECT_LT(t4, t1 / 4.0 * 1.5);
+  // The instance's KV per token and layer is unchanged by the split (MHA: heads divide by 4).
+  EXPECT_EQ(four.kv_bytes_per_token_per_layer(), one.kv_bytes_per_token_per_layer());
+  // GQA with fewer KV heads than GPUs replicates them: Llama-2-70B has 8 KV heads.
+  auto big = sim_model_config("llama-2-70b");
+  ASSERT_TRUE(big.ok());
+  EXPECT_EQ(CostModel(*gpu, *big, 8).kv_bytes_per_token_per_layer(), CostModel(*gpu, *big, 1).kv_bytes_per_token_per_layer());
+  EXPECT_FALSE(CostModel::tp_problem(*gpu, *big, 3).empty());
+}
+
 TEST(SimExecutor, DurationsTokensAndPipeline) {
   const CostModel cost = make("a100", "llama-2-7b");
   SimExecutorConfig cfg;

@@ -12,7 +12,7 @@ constexpr std::int64_t kPageBytes = 256 * kKiB;
 }  // namespace
 
 void ClusterArgs::add_to(CLI::App* cmd) {
-  cmd->add_option("--devices", devices, "in-process devices, one data-parallel instance each");
+  cmd->add_option("--devices,--instances", devices, "devices (simulate: instances), one data-parallel instance each");
   cmd->add_option("--kv-tokens-per-device", kv_tokens_per_device, "KV capacity per device in tokens");
   cmd->add_option("--threads", threads, "kernel threads per device");
   cmd->add_option("--block-size", block_size, "KV block size in tokens");

@@ -1,12 +1,22 @@
+// `kunserve simulate`: the policies on a modelled cluster in virtual time (sim/), with the cluster
+// options of `bench --in-process` (shared ClusterArgs), shipped scenarios, load sweeps (ratios
+// per point, JSON / CSV, a gnuplot PNG of p99 TTFT against load) and a speed report.
 #include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <iomanip>
 #include <iostream>
 #include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "common/log.h"
 #include "sim/cluster_sim.h"
+#include "tools/kunserve/cluster_args.h"
 #include "tools/kunserve/serve_command.h"
 #include "tools/kunserve/trace_args.h"
 #include "workload/report.h"
@@ -14,55 +24,328 @@
 namespace kun::tools {
 namespace {
 
+// A shipped configuration: model, hardware and trace shaping of one experiment.
+struct Scenario {
+  std::string name;
+  std::string about;
+  std::string model;
+  std::string gpu;
+  std::string link;
+  std::int64_t tp = 1;
+  std::int64_t instances = 8;
+  double time_scale = 1.0;
+  double length_scale = 1.0;
+  double output_scale = 1.0;
+  std::int64_t max_prompt = 4096;
+  std::int64_t max_output = 2048;
+  std::string sweep;  // default load sweep
+};
+
+std::vector<Scenario> scenarios() {
+  // The builtin Azure code window (compiled in), made decode-heavy (prompts / 4, outputs x 32 or
+  // x 64: its outputs are short, median 13 tokens) so that KV memory, not prefill compute, is what
+  // runs out; the load axis is arrival compression (time-scale).
+  return {
+      {"llama70b-tp4-a100x8",
+       "Llama-2-70B, TP 4 per instance, 2 instances on 8 A100-80GB (NVLink): the artifact's main target", "llama-2-70b",
+       "a100-80gb", "nvlink-a100", 4, 2, 1.0, 0.25, 32.0, 4096, 2048, "time-scale=0.5,1,1.5,2,3"},
+      {"llama13b-a100x8", "Llama-2-13B, 8 single-GPU instances on A100-80GB (NVLink)", "llama-2-13b", "a100-80gb",
+       "nvlink-a100", 1, 8, 1.0, 0.25, 32.0, 4096, 2048, "time-scale=2,3,4,5,6,8"},
+      {"cot-llama2-7b-a100x8",
+       "long generations (chain of thought): Llama-2-7B, 8 A100-80GB, prompts / 4, outputs x64 (up to 3K tokens)",
+       "llama-2-7b", "a100-80gb", "nvlink-a100", 1, 8, 1.0, 0.25, 64.0, 1024, 3072, "time-scale=1,2,3,4,6"},
+  };
+}
+
 struct SimulateArgs {
   TraceArgs trace;
+  ClusterArgs cluster;
+  CLI::App* cmd = nullptr;  // to ask which options were given
+  std::string scenario;
   std::string gpu = "a100-80gb";
   std::string link = "nvlink-a100";
   std::string model = "llama-2-7b";
-  std::int64_t instances = 4;
+  std::int64_t tp = 1;
   std::string policies = "recompute,swap,migrate,kunserve";
   std::string json_path;
   std::string timeline_prefix;
   double slo_ttft_ms = 1000.0;
   double slo_tpot_ms = 200.0;
-  std::string stale_kv = "exchange";
+  std::string sweep;         // "time-scale=a,b,c" or "upscale=a,b,c"
+  std::string sweep_out = "sweep";  // prefix of the sweep's .json / .csv / .png
+  bool sweep_capped = true;  // also run kunserve with groups capped at 2 members
+  bool speed = false;        // print simulated seconds per wall second per run
+  bool given(const std::string& option) const { return cmd->get_option(option)->count() > 0; }
 };
 
+// Applies a scenario's settings to every option the user did not give.
+Status apply_scenario(SimulateArgs& a) {
+  if (a.scenario.empty()) return ok_status();
+  for (const Scenario& s : scenarios()) {
+    if (s.name != a.scenario) continue;
+    if (!a.given("--sim-model")) a.model = s.model;
+    if (!a.given("--gpu")) a.gpu = s.gpu;
+    if (!a.given("--link")) a.link = s.link;
+    if (!a.given("--tp")) a.tp = s.tp;
+    if (!a.given("--devices")) a.cluster.devices = s.instances;
+    if (!a.given("--time-scale")) a.trace.time_scale = s.time_scale;
+    if (!a.given("--length-scale")) a.trace.length_scale = s.length_scale;
+    if (!a.given("--output-scale")) a.trace.output_scale = s.output_scale;
+    if (!a.given("--max-prompt")) a.trace.max_prompt = s.max_prompt;
+    if (!a.given("--max-output")) a.trace.max_output = s.max_output;
+    if (a.sweep == "default") a.sweep = s.sweep;
+    std::cout << "scenario " << s.name << ": " << s.about << std::endl;
+    return ok_status();
+  }
+  std::string known;
+  for (const Scenario& s : scenarios()) known += " " + s.name;
+  return invalid_argument("unknown --scenario '" + a.scenario + "' (known:" + known + "; or list)");
+}
+
+// The SimConfig of one policy run: sim defaults, then the cluster options the user gave.
+StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& policy) {
+  sim::SimConfig c;
+  c.gpu = a.gpu;
+  c.link = a.link;
+  c.model_name = a.model;
+  c.tp = a.tp;
+  c.num_instances = a.cluster.devices;
+  c.label = policy;
+  // "kunserve/<stale-kv>[/no-lookahead]" as the bench; "kunserve@g2" caps groups at 2 members.
+  std::string p = policy;
+  std::vector<std::int64_t> cap;
+  if (const auto at = p.find("@g"); at != std::string::npos) {
+    cap = {std::stoll(p.substr(at + 2))};
+    p = p.substr(0, at);
+  }
+  KUN_ASSIGN_OR_RETURN(cluster::PolicyVariant variant, cluster::parse_policy_variant(p));
+  c.policy = variant.policy;
+  const ClusterArgs& k = a.cluster;
+  if (!cluster::parse_stale_kv_strategy(k.stale_kv, &c.stale_kv)) {
+    return invalid_argument("--stale-kv must be recompute, remote-attention or exchange, not '" + k.stale_kv + "'");
+  }
+  if (variant.stale_kv) c.stale_kv = *variant.stale_kv;
+  if (a.given("--balance-fused")) c.scheduler.balance_virtual_engines = k.balance_fused;
+  if (!variant.lookahead) c.scheduler.balance_virtual_engines = false;
+  if (a.given("--kv-tokens-per-device")) c.kv_tokens_per_instance = k.kv_tokens_per_device;
+  if (a.given("--block-size")) c.block_size_tokens = k.block_size;
+  if (a.given("--max-batched-tokens")) c.scheduler.max_num_batched_tokens = k.max_batched_tokens;
+  if (a.given("--max-num-seqs")) c.scheduler.max_num_seqs = k.max_num_seqs;
+  if (a.given("--max-waiting")) c.scheduler.max_waiting_requests = k.max_waiting;
+  if (a.given("--link-gbps")) c.link_gbps = k.link_gbps;
+  c.link_latency_us = static_cast<double>(k.link_latency_us);
+  if (a.given("--host-link-gbps")) c.host_link_gbps = k.host_link_gbps;
+  c.host_link_latency_us = static_cast<double>(k.host_link_latency_us);
+  if (a.given("--monitor-period-ms")) {
+    c.timeline_period_us = k.monitor_period_ms * 1000;
+    c.coordinator.monitor.sample_period_us = k.monitor_period_ms * 1000;
+  }
+  if (a.given("--group-sizes")) c.allowed_degrees = k.group_sizes;
+  if (!cap.empty()) c.allowed_degrees = cap;
+  c.exchange_requests_per_round = k.exchange_per_round;
+  c.restore_gather_timeout_us = k.restore_gather_timeout_ms * 1000;
+  c.seed = a.trace.seed;
+  c.slo = workload::SloSpec{a.slo_ttft_ms, a.slo_tpot_ms};
+  // Prompts up to the model's context (4,096 was clipped silently before).
+  auto mc = sim::sim_model_config(a.model);
+  if (mc.ok() && mc->max_position_embeddings > 0) c.scheduler.max_model_len = mc->max_position_embeddings;
+  return c;
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string p;
+  while (std::getline(ss, p, ',')) {
+    if (!p.empty()) out.push_back(p);
+  }
+  return out;
+}
+
+struct PolicyRun {
+  std::string policy;
+  sim::SimReport report;
+  double wall_s = 0.0;
+};
+
+StatusOr<std::vector<PolicyRun>> run_policies(const SimulateArgs& a, const workload::Trace& trace,
+                                              const std::vector<std::string>& policies) {
+  std::vector<PolicyRun> runs;
+  for (const std::string& p : policies) {
+    KUN_ASSIGN_OR_RETURN(sim::SimConfig c, make_config(a, p));
+    const auto t0 = std::chrono::steady_clock::now();
+    KUN_ASSIGN_OR_RETURN(sim::SimReport r, sim::run_simulation(c, trace));
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (a.speed) {
+      const double simulated = static_cast<double>(r.end_us) / 1e6;
+      std::cout << "speed " << p << ": " << std::fixed << std::setprecision(1) << simulated << " simulated s in "
+                << std::setprecision(2) << wall << " wall s = " << std::setprecision(0) << simulated / wall
+                << " simulated s per wall s; " << static_cast<double>(r.instants) / wall << " instants/s, "
+                << static_cast<double>(r.counters.steps) / wall << " steps/s" << std::defaultfloat << std::endl;
+    }
+    runs.push_back({p, std::move(r), wall});
+  }
+  return runs;
+}
+
+double ratio(double a, double b) { return b > 0.0 ? a / b : 0.0; }
+
+Status run_sweep(const SimulateArgs& a, std::vector<std::string> policies) {
+  const auto eq = a.sweep.find('=');
+  if (eq == std::string::npos) return invalid_argument("--sweep takes time-scale=a,b,c or upscale=a,b,c");
+  const std::string axis = a.sweep.substr(0, eq);
+  if (axis != "time-scale" && axis != "upscale") return invalid_argument("--sweep axis must be time-scale or upscale");
+  std::vector<double> points;
+  for (const std::string& v : split_list(a.sweep.substr(eq + 1))) points.push_back(std::stod(v));
+  if (points.empty()) return invalid_argument("--sweep needs at least one value");
+  if (std::find(policies.begin(), policies.end(), "kunserve") == policies.end()) policies.push_back("kunserve");
+  if (std::find(policies.begin(), policies.end(), "recompute") == policies.end()) policies.insert(policies.begin(), "recompute");
+  if (a.sweep_capped) policies.push_back("kunserve@g2");
+  nlohmann::json out = nlohmann::json::array();
+  std::ostringstream csv;
+  csv << axis << ",policy,requests,rate_rps,ttft_p50_ms,ttft_p99_ms,tpot_mean_ms,drops,ratio_ttft_p99_vs_kunserve,"
+               "ratio_tpot_mean_vs_kunserve\n";
+  struct Row {
+    double x = 0, rate = 0;
+    std::vector<double> p99;  // per policy
+    double ratio_rec = 0, ratio_rec_capped = 0;
+  };
+  std::vector<Row> rows;
+  std::cout << std::fixed << std::setprecision(2);
+  for (double x : points) {
+    TraceArgs t = a.trace;
+    (axis == "time-scale" ? t.time_scale : t.upscale) = x;
+    KUN_ASSIGN_OR_RETURN(workload::Trace trace, t.load(1 << 20));
+    KUN_ASSIGN_OR_RETURN(std::vector<PolicyRun> runs, run_policies(a, trace, policies));
+    const double rate = trace.span_us() > 0 ? static_cast<double>(trace.size()) / (static_cast<double>(trace.span_us()) / 1e6) : 0;
+    const workload::Report* kun = nullptr;
+    const workload::Report* capped = nullptr;
+    for (const auto& r : runs) {
+      if (r.policy == "kunserve") kun = &r.report.report;
+      if (r.policy == "kunserve@g2") capped = &r.report.report;
+    }
+    Row row{x, rate, {}, 0, 0};
+    std::cout << axis << " " << x << " (" << rate << " req/s):";
+    for (const auto& r : runs) {
+      const workload::Report& rep = r.report.report;
+      const double rt = ratio(rep.ttft_ms.p99, kun->ttft_ms.p99);
+      const double rp = ratio(rep.tpot_ms.mean, kun->tpot_ms.mean);
+      row.p99.push_back(rep.ttft_ms.p99);
+      if (r.policy == "recompute") {
+        row.ratio_rec = rt;
+        row.ratio_rec_capped = capped != nullptr ? ratio(rep.ttft_ms.p99, capped->ttft_ms.p99) : 0.0;
+      }
+      csv << x << "," << r.policy << "," << trace.size() << "," << rate << "," << rep.ttft_ms.p50 << "," << rep.ttft_ms.p99
+          << "," << rep.tpot_ms.mean << "," << r.report.counters.drops << "," << rt << "," << rp << "\n";
+      out.push_back({{axis, x},
+                     {"policy", r.policy},
+                     {"rate_rps", rate},
+                     {"ttft_p50_ms", rep.ttft_ms.p50},
+                     {"ttft_p99_ms", rep.ttft_ms.p99},
+                     {"tpot_mean_ms", rep.tpot_ms.mean},
+                     {"drops", r.report.counters.drops},
+                     {"ratio_ttft_p99_vs_kunserve", rt},
+                     {"ratio_tpot_mean_vs_kunserve", rp}});
+      if (r.policy != "kunserve") std::cout << "  " << r.policy << "/kunserve p99 TTFT " << rt << "x TPOT " << rp << "x;";
+    }
+    std::cout << "  kunserve p99 TTFT " << kun->ttft_ms.p99 << " ms" << std::endl;
+    rows.push_back(row);
+  }
+  // Width of the load range (in the axis' units, between neighbouring points) where kunserve's
+  // p99 TTFT is at least 10x lower than recompute's, and the same with groups capped at 2.
+  const auto band = [&](bool use_capped) {
+    double width = 0.0;
+    for (std::size_t i = 0; i + 1 < rows.size(); ++i) {
+      const double r0 = use_capped ? rows[i].ratio_rec_capped : rows[i].ratio_rec;
+      const double r1 = use_capped ? rows[i + 1].ratio_rec_capped : rows[i + 1].ratio_rec;
+      if (r0 >= 10.0 && r1 >= 10.0) width += rows[i + 1].rate - rows[i].rate;
+    }
+    return width;
+  };
+  double peak = 0.0;
+  for (const Row& r : rows) peak = std::max(peak, r.ratio_rec);
+  std::cout << "recompute/kunserve p99 TTFT: peak " << peak << "x; 10x band " << band(false) << " req/s wide";
+  if (a.sweep_capped) std::cout << " (groups capped at 2: " << band(true) << " req/s)";
+  std::cout << std::defaultfloat << std::endl;
+  {
+    std::ofstream f(a.sweep_out + ".json");
+    if (!f) return invalid_argument("cannot write " + a.sweep_out + ".json");
+    f << nlohmann::json{{"axis", axis},
+                        {"points", out},
+                        {"peak_recompute_over_kunserve_ttft_p99", peak},
+                        {"band_10x_rps", band(false)},
+                        {"band_10x_rps_capped_g2", band(true)}}
+                 .dump(2)
+      << "\n";
+  }
+  std::ofstream(a.sweep_out + ".csv") << csv.str();
+  // p99 TTFT against load, one line per policy (log scale).
+  std::ofstream dat(a.sweep_out + ".dat");
+  for (const Row& r : rows) {
+    dat << r.rate;
+    for (double v : r.p99) dat << " " << std::max(v, 1.0);
+    dat << "\n";
+  }
+  dat.close();
+  std::ofstream gp(a.sweep_out + ".gp");
+  gp << "set terminal png size 900,560\nset output '" << a.sweep_out << ".png'\nset logscale y\n"
+     << "set xlabel 'load (requests/s)'\nset ylabel 'p99 TTFT (ms)'\nset key top left\nset grid\nplot ";
+  for (std::size_t i = 0; i < policies.size(); ++i) {
+    gp << (i ? ", " : "") << "'" << a.sweep_out << ".dat' using 1:" << i + 2 << " with linespoints title '" << policies[i] << "'";
+  }
+  gp << "\n";
+  gp.close();
+  const std::string cmd = "gnuplot '" + a.sweep_out + ".gp' 2>/dev/null";
+  if (std::system(cmd.c_str()) == 0) {
+    std::cout << "wrote " << a.sweep_out << ".json, .csv, .png" << std::endl;
+  } else {
+    std::cout << "wrote " << a.sweep_out << ".json, .csv (gnuplot not available: no .png; " << a.sweep_out
+              << ".gp is the script)" << std::endl;
+  }
+  return ok_status();
+}
+
 Status run_simulate(SimulateArgs a) {
+  if (a.scenario == "list") {
+    for (const Scenario& s : scenarios()) {
+      std::cout << std::left << std::setw(24) << s.name << s.about << "\n" << std::setw(24) << "" << "sweep: " << s.sweep
+                << "\n";
+    }
+    return ok_status();
+  }
+  KUN_RETURN_IF_ERROR(apply_scenario(a));
+  if (a.sweep == "default") return invalid_argument("--sweep default needs a --scenario");
   // Simulated GPUs serve real-length prompts: no length scaling unless asked.
   KUN_ASSIGN_OR_RETURN(workload::Trace trace, a.trace.load(1 << 20));
   std::cout << "trace: " << trace.name << ", " << trace.size() << " requests over " << trace.span_us() / 1e6 << " s; "
-            << a.instances << " x " << a.gpu << ", " << a.model << ", link " << a.link << std::endl;
+            << a.cluster.devices << " x " << (a.tp > 1 ? "TP" + std::to_string(a.tp) + " " : "") << a.gpu << ", "
+            << a.model << ", link " << a.link << std::endl;
+  const std::vector<std::string> policies = split_list(a.policies);
+  {
+    // The memory arithmetic, from the first policy's configuration.
+    KUN_ASSIGN_OR_RETURN(sim::SimConfig c, make_config(a, policies.empty() ? "recompute" : policies.front()));
+    KUN_ASSIGN_OR_RETURN(auto s, sim::ClusterSim::create(c));
+    std::cout << s->memory_plan().to_text() << std::flush;
+  }
+  if (!a.sweep.empty()) {
+    // A sweep runs many simulations: the coordinator's per-transition info lines drown the table.
+    if (std::getenv("KUN_LOG_LEVEL") == nullptr) set_log_level(LogLevel::kWarn);
+    return run_sweep(a, policies);
+  }
+  KUN_ASSIGN_OR_RETURN(std::vector<PolicyRun> runs, run_policies(a, trace, policies));
   std::vector<workload::Report> reports;
   nlohmann::json all = nlohmann::json::array();
-  std::stringstream ss(a.policies);
-  std::string p;
-  while (std::getline(ss, p, ',')) {
-    if (p.empty()) continue;
-    sim::SimConfig c;
-    c.gpu = a.gpu;
-    c.link = a.link;
-    c.model_name = a.model;
-    c.num_instances = a.instances;
-    c.label = p;
-    // As the bench: "kunserve/<stale-kv>[/no-lookahead]" (default strategy: --stale-kv).
-    KUN_ASSIGN_OR_RETURN(cluster::PolicyVariant variant, cluster::parse_policy_variant(p));
-    c.policy = variant.policy;
-    if (!cluster::parse_stale_kv_strategy(a.stale_kv, &c.stale_kv)) {
-      return invalid_argument("--stale-kv must be recompute, remote-attention or exchange, not '" + a.stale_kv + "'");
+  for (const PolicyRun& r : runs) {
+    reports.push_back(r.report.report);
+    all.push_back(r.report.to_json());
+    if (r.report.counters.clipped > 0) {
+      std::cout << r.policy << ": " << r.report.counters.clipped << " requests clipped to the model's context" << std::endl;
     }
-    if (variant.stale_kv) c.stale_kv = *variant.stale_kv;
-    if (!variant.lookahead) c.scheduler.balance_virtual_engines = false;
-    c.seed = a.trace.seed;
-    c.slo = workload::SloSpec{a.slo_ttft_ms, a.slo_tpot_ms};
-    KUN_ASSIGN_OR_RETURN(sim::SimReport r, sim::run_simulation(c, trace));
-    reports.push_back(r.report);
-    all.push_back(r.to_json());
     if (!a.timeline_prefix.empty()) {
-      std::string stem = p;  // "kunserve/exchange" -> "kunserve_exchange"
+      std::string stem = r.policy;  // "kunserve/exchange" -> "kunserve_exchange"
       std::replace(stem.begin(), stem.end(), '/', '_');
       std::ofstream f(a.timeline_prefix + stem + "_timeline.csv");
-      f << workload::timeline_to_csv(r.timeline);
+      f << workload::timeline_to_csv(r.report.timeline);
     }
   }
   std::cout << workload::format_report_table(reports) << std::flush;
@@ -82,18 +365,27 @@ void add_simulate_command(CLI::App* app, int* exit_code) {
   a->trace.max_prompt = 8192;
   a->trace.max_output = 2048;
   a->trace.time_scale = 1.0;
+  // Sim defaults, not the CPU runtime's: only the options given change the simulated cluster.
+  a->cluster.devices = 4;
   CLI::App* cmd = app->add_subcommand("simulate", "Run the same policies on a modelled GPU cluster (virtual time)");
+  a->cmd = cmd;
   a->trace.add_to(cmd);
-  cmd->add_option("--gpu", a->gpu, "a100-80gb | h100-80gb | h200");
+  a->cluster.add_to(cmd);
+  cmd->add_option("--scenario", a->scenario, "a shipped scenario (list: print them); options given override it");
+  cmd->add_option("--gpu", a->gpu, "a100-80gb | h100-80gb | h200 | cpu-2core (this machine, see sim/README.md)");
   cmd->add_option("--link", a->link, "nvlink-a100 | nvlink | pcie4 | pcie5 | ib | ib-hdr");
   cmd->add_option("--sim-model", a->model, "llama-2-7b | llama-2-13b | llama-2-70b | llama-3-8b | qwen2.5-7b | a preset");
-  cmd->add_option("--instances", a->instances);
+  cmd->add_option("--tp", a->tp, "tensor-parallel GPUs per instance (1, 2, 4, 8)");
   cmd->add_option("--policies", a->policies,
                   "comma-separated: recompute,swap,migrate,kunserve; kunserve/<stale-kv>[/no-lookahead] picks the "
-                  "stale-request strategy (and turns off lookahead batching in fused groups)");
-  cmd->add_option("--stale-kv", a->stale_kv,
-                  "kunserve's requests running at a drop: recompute | remote-attention | exchange (default; "
-                  "a kunserve/<stale-kv> policy overrides it)");
+                  "stale-request strategy (and turns off lookahead batching in fused groups); kunserve@g2 caps groups "
+                  "at 2 members");
+  cmd->add_option("--sweep", a->sweep,
+                  "load sweep: time-scale=a,b,c or upscale=a,b,c (default: the scenario's); writes per-policy ratios "
+                  "to kunserve, <sweep-out>.json/.csv/.png");
+  cmd->add_option("--sweep-out", a->sweep_out, "file prefix of the sweep's outputs");
+  cmd->add_option("--sweep-capped", a->sweep_capped, "sweeps also run kunserve with groups capped at 2 members");
+  cmd->add_flag("--speed", a->speed, "print simulated seconds per wall second, instants/s and steps/s per run");
   cmd->add_option("--json", a->json_path);
   cmd->add_option("--timeline-prefix", a->timeline_prefix, "write <prefix><policy>_timeline.csv");
   cmd->add_option("--slo-ttft-ms", a->slo_ttft_ms);
