@@ -156,6 +156,15 @@ void Mailbox::fail_from(int src, const Status& s, bool fail_any_source) {
   for (auto& f : failed) f->complete(s);
 }
 
+void Mailbox::fail_all(const Status& s) {
+  std::list<Waiter> failed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    failed.swap(waiters_);
+  }
+  for (auto& w : failed) w.state->complete(s);
+}
+
 std::int64_t Mailbox::num_waiting_receives() const {
   std::lock_guard<std::mutex> lock(mu_);
   return static_cast<std::int64_t>(waiters_.size());
@@ -238,7 +247,7 @@ InProcessMessageHub::~InProcessMessageHub() {
     l->cv.notify_all();
     l->thread.join();
   }
-  for (auto& e : endpoints_) e->mailbox().fail_from(kAnySource, unavailable("transport shut down"), true);
+  for (auto& e : endpoints_) e->mailbox().fail_all(unavailable("transport shut down"));
 }
 
 MessageTransport& InProcessMessageHub::endpoint(int device) {

@@ -165,6 +165,8 @@ class Mailbox {
   RecvHandle recv(const RecvMatch& match);
   // Ends every waiting receive that names `src` (or any source when fail_any_source) with `s`.
   void fail_from(int src, const Status& s, bool fail_any_source);
+  // Ends every waiting receive with `s` (the transport is going away).
+  void fail_all(const Status& s);
   std::int64_t num_waiting_receives() const;
 
  private:
