@@ -451,6 +451,7 @@ void MpiTransport::progress_loop() {
   std::chrono::microseconds sleep{0};
   bool stopping = false;
   Clock::time_point deadline{};
+  Clock::time_point last_progress = Clock::now();
   while (true) {
     if (hung_.load()) {
       // A hung rank: no MPI call at all until it is killed (or the transport is destroyed).
@@ -473,11 +474,15 @@ void MpiTransport::progress_loop() {
       }
     }
     if (stopping && finish_shutdown(deadline)) return;
+    const auto now = Clock::now();
     if (progressed) {
       sleep = std::chrono::microseconds(0);
+      last_progress = now;
       continue;
     }
-    if (anything_in_flight() || stopping) {
+    // Poll briefly while anything is in flight, and for a moment after the last progress (the
+    // next chunk of a bulk message is usually about to arrive); back off after that.
+    if (anything_in_flight() || stopping || now - last_progress < options_.active_window) {
       sleep = options_.busy_poll_sleep;
     } else {
       sleep = std::min(options_.max_idle_sleep, std::max(std::chrono::microseconds(10), sleep * 2));

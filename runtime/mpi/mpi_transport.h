@@ -44,6 +44,8 @@ struct MpiTransportOptions {
   std::chrono::milliseconds peer_timeout{2000};
   std::chrono::microseconds max_idle_sleep{1000};
   std::chrono::microseconds busy_poll_sleep{20};
+  // After the last progress, poll every busy_poll_sleep this long before backing off.
+  std::chrono::microseconds active_window{2000};
   std::chrono::milliseconds shutdown_timeout{5000};
 };
 
