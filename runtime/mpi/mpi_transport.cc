@@ -415,7 +415,7 @@ bool MpiTransport::test_data_receives() {
   return progressed;
 }
 
-void MpiTransport::heartbeats_and_timeouts(bool send_heartbeats) {
+void MpiTransport::heartbeats_and_timeouts() {
   MPI_Comm comm = comm_of(comm_);
   const auto now = Clock::now();
   for (int q = 0; q < size_; ++q) {
@@ -426,8 +426,9 @@ void MpiTransport::heartbeats_and_timeouts(bool send_heartbeats) {
       int flag = 0;
       MPI_Test(&p.heartbeat, &flag, MPI_STATUS_IGNORE);
     }
-    if (send_heartbeats && !p.goodbye_sent && !p.goodbye_received && p.heartbeat == MPI_REQUEST_NULL &&
-        now >= p.next_heartbeat) {
+    // Heartbeats go on until this rank says goodbye, also to peers that already did: they wait
+    // for our goodbye and must see that we are alive meanwhile.
+    if (!p.goodbye_sent && p.heartbeat == MPI_REQUEST_NULL && now >= p.next_heartbeat) {
       MPI_Isend(nullptr, 0, MPI_BYTE, q, kTagHeartbeat, comm, &p.heartbeat);
       p.next_heartbeat = now + options_.heartbeat_period;
     }
@@ -465,7 +466,7 @@ void MpiTransport::progress_loop() {
     progressed |= test_sends();
     progressed |= receive_messages();
     progressed |= test_data_receives();
-    heartbeats_and_timeouts(!stopping);
+    heartbeats_and_timeouts();
     if (!stopping) {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) {
@@ -525,7 +526,12 @@ bool MpiTransport::finish_shutdown(Clock::time_point deadline) {
     }
   }
   if (done) {
-    MPI_Comm_free(static_cast<MPI_Comm*>(comm_));
+    std::lock_guard<std::mutex> lock(mu_);
+    if (failure_.ok()) {
+      MPI_Comm_free(static_cast<MPI_Comm*>(comm_));
+    } else {
+      shutdown_status_ = failure_;  // a peer failed: MPI_Finalize could wait for it forever
+    }
     return true;
   }
   if (!timed_out) return false;

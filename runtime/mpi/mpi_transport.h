@@ -46,7 +46,9 @@ struct MpiTransportOptions {
   std::chrono::microseconds busy_poll_sleep{20};
   // After the last progress, poll every busy_poll_sleep this long before backing off.
   std::chrono::microseconds active_window{2000};
-  std::chrono::milliseconds shutdown_timeout{5000};
+  // shutdown() waits this long at most for peers still working (they keep sending heartbeats;
+  // one that goes silent fails after peer_timeout as usual).
+  std::chrono::milliseconds shutdown_timeout{60000};
 };
 
 class MpiTransport final : public MessageTransport {
@@ -70,8 +72,9 @@ class MpiTransport final : public MessageTransport {
   // Blocks until a peer fails or `timeout` passes; returns failure().
   Status wait_for_failure(std::chrono::milliseconds timeout) const;
   // Orderly end: sends what is queued, says goodbye to every live peer, waits for their goodbyes
-  // (at most shutdown_timeout), stops the progress thread. An error names the peers that did not
-  // answer; the caller should then MPI_Abort rather than MPI_Finalize.
+  // (while they keep answering, at most shutdown_timeout), stops the progress thread. An error
+  // (a peer failed, or no goodbye in time) names the ranks; the caller should then MPI_Abort
+  // rather than MPI_Finalize.
   Status shutdown();
   // Fault injection for tests: this rank stops answering (no heartbeats, nothing received), as a
   // hung process would.
@@ -95,7 +98,7 @@ class MpiTransport final : public MessageTransport {
   bool test_sends();
   bool receive_messages();
   bool test_data_receives();
-  void heartbeats_and_timeouts(bool send_heartbeats);
+  void heartbeats_and_timeouts();
   void fail_peer(int peer, const Status& s);
   bool anything_in_flight() const;
   // True when the progress thread may end.

@@ -71,6 +71,10 @@ int check_main(int argc, char** argv) {
   const int rank = (*session)->rank();
   MpiTransportOptions o;
   o.bulk_chunk_bytes = 64 * 1024;
+  // --peer-timeout-ms N: slow builds (TSan) on a loaded host need more than the default.
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::string(argv[i]) == "--peer-timeout-ms") o.peer_timeout = std::chrono::milliseconds(std::stoll(argv[i + 1]));
+  }
   auto created = MpiTransport::create(o);
   if (!created.ok()) return 2;
   MpiTransport& t = **created;
