@@ -63,6 +63,7 @@ std::vector<std::byte> encode_snapshot(const DeviceSnapshot& s) {
   put(out, s.param_pages);
   put(out, s.blocks_per_page);
   put_ids(out, s.resident_layers);
+  put_ids(out, s.layer_checksums);
   put_ids(out, s.kv_page_ids);
   put(out, s.counters);
   put(out, s.process_cpu_s);
@@ -74,7 +75,7 @@ StatusOr<DeviceSnapshot> decode_snapshot(std::span<const std::byte> bytes) {
   DeviceSnapshot s;
   std::int32_t device = 0;
   const bool ok = r.get(&device) && r.get(&s.num_pages) && r.get(&s.free_pages) && r.get(&s.kv_pages) &&
-                  r.get(&s.param_pages) && r.get(&s.blocks_per_page) && r.get_ids(&s.resident_layers) &&
+                  r.get(&s.param_pages) && r.get(&s.blocks_per_page) && r.get_ids(&s.resident_layers) && r.get_ids(&s.layer_checksums) &&
                   r.get_ids(&s.kv_page_ids) && r.get(&s.counters) && r.get(&s.process_cpu_s) && r.at_end();
   if (!ok) return data_loss("malformed device snapshot (" + std::to_string(bytes.size()) + " bytes)");
   s.device = device;
@@ -212,7 +213,11 @@ DeviceSnapshot DeviceAgent::snapshot() const {
   s.param_pages = arena.num_param_pages();
   s.blocks_per_page = device_.kv_storage().blocks_per_page();
   for (std::int64_t l = 0; l < device_.config().num_layers; ++l) {
-    if (device_.has_layer(l)) s.resident_layers.push_back(l);
+    if (!device_.has_layer(l)) continue;
+    s.resident_layers.push_back(l);
+    std::uint64_t hash = 1469598103934665603ull;
+    for (std::byte b : device_.layer_bytes(l)) hash = (hash ^ static_cast<std::uint64_t>(b)) * 1099511628211ull;
+    s.layer_checksums.push_back(static_cast<std::int64_t>(hash));
   }
   for (memory::PageId p : arena.kv_pages()) s.kv_page_ids.push_back(p.value);
   s.counters = counters();
@@ -289,12 +294,31 @@ bool DeviceAgent::handle(Message& m) {
       return true;
     }
     case AgentOp::kDropLayer: {
-      Status s = h.layer >= 0 && h.layer < device_.config().num_layers
-                     ? device_.drop_layer(h.layer).status()  // its pages become KV pages, no copy
-                     : invalid_argument("drop layer: no layer " + std::to_string(h.layer));
-      reply(h, s, {});
+      if (h.layer < 0 || h.layer >= device_.config().num_layers) {
+        reply(h, invalid_argument("drop layer: no layer " + std::to_string(h.layer)), {});
+        return true;
+      }
+      auto pages = device_.drop_layer(h.layer);  // its pages become KV pages, no copy
+      std::vector<std::byte> out;
+      if (pages.ok()) {
+        out.resize(pages->size() * sizeof(std::int64_t));
+        for (std::size_t i = 0; i < pages->size(); ++i) {
+          const std::int64_t id = (*pages)[i].value;
+          std::memcpy(out.data() + i * sizeof(std::int64_t), &id, sizeof(id));
+        }
+      }
+      reply(h, pages.status(), std::move(out));
       return true;
     }
+    case AgentOp::kPullLayer:
+      pull_layer(m);
+      return true;
+    case AgentOp::kSendLayer:
+      send_layer(m);
+      return true;
+    case AgentOp::kLayerData:
+      layer_data(m);
+      return true;
     case AgentOp::kSnapshot:
       reply(h, ok_status(), encode_snapshot(snapshot()));
       return true;
@@ -311,6 +335,95 @@ bool DeviceAgent::handle(Message& m) {
   }
   reply(h, invalid_argument("device " + std::to_string(device_id()) + ": unknown agent op " + std::to_string(h.op)), {});
   return true;
+}
+
+void DeviceAgent::pull_layer(const Message& m) {
+  const MessageHeader& h = m.header;
+  const memory::DeviceArena& arena = device_.arena();
+  Status s;
+  if (h.layer < 0 || h.layer >= device_.config().num_layers) {
+    s = invalid_argument("pull layer: no layer " + std::to_string(h.layer));
+  } else if (device_.has_layer(h.layer)) {
+    s = failed_precondition("pull layer: layer " + std::to_string(h.layer) + " is resident on device " +
+                            std::to_string(device_id()));
+  } else if (h.peer < 0 || h.peer >= endpoint_.num_devices() || h.peer == device_id()) {
+    s = invalid_argument("pull layer: bad source device " + std::to_string(h.peer));
+  } else if (static_cast<std::int64_t>(h.block_ids.size()) != device_.pages_per_layer()) {
+    s = invalid_argument("pull layer: " + std::to_string(h.block_ids.size()) + " pages for a layer of " +
+                         std::to_string(device_.pages_per_layer()));
+  } else {
+    for (std::int64_t p : h.block_ids) {
+      if (p < 0 || p >= arena.num_pages() || arena.page_owner(memory::PageId(p)).kind != memory::PageOwnerKind::kKv) {
+        s = invalid_argument("pull layer: page " + std::to_string(p) + " is not a KV page of device " +
+                             std::to_string(device_id()));
+        break;
+      }
+    }
+  }
+  if (!s.ok()) {
+    reply(h, s, {});
+    return;
+  }
+  pulls_[{h.reply_to >= 0 ? h.reply_to : h.src, h.tag}] = PendingPull{h};
+  MessageHeader ask;
+  ask.dst = h.peer;
+  ask.kind = TransferKind::kWeights;
+  ask.port = Port::kAgent;
+  ask.op = static_cast<std::uint16_t>(AgentOp::kSendLayer);
+  ask.tag = h.tag;
+  ask.reply_to = h.reply_to >= 0 ? h.reply_to : h.src;  // the original requester
+  ask.peer = device_id();
+  ask.layer = h.layer;
+  endpoint_.send_owned(std::move(ask), {});
+}
+
+void DeviceAgent::send_layer(const Message& m) {
+  const MessageHeader& h = m.header;
+  MessageHeader data;
+  data.dst = h.peer;
+  data.kind = TransferKind::kWeights;
+  data.port = Port::kAgent;
+  data.op = static_cast<std::uint16_t>(AgentOp::kLayerData);
+  data.tag = h.tag;
+  data.reply_to = h.reply_to;
+  data.layer = h.layer;
+  std::vector<std::byte> payload;
+  if (h.layer < 0 || h.layer >= device_.config().num_layers || !device_.has_layer(h.layer)) {
+    const std::string text = "device " + std::to_string(device_id()) + " does not hold layer " + std::to_string(h.layer);
+    data.error = static_cast<std::int32_t>(StatusCode::kFailedPrecondition);
+    payload.assign(reinterpret_cast<const std::byte*>(text.data()), reinterpret_cast<const std::byte*>(text.data()) + text.size());
+    requests_refused_.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    const auto bytes = device_.layer_bytes(h.layer);
+    payload.assign(bytes.begin(), bytes.end());
+  }
+  endpoint_.send_owned(std::move(data), std::move(payload));
+}
+
+void DeviceAgent::layer_data(Message& m) {
+  const MessageHeader& h = m.header;
+  auto it = pulls_.find({h.reply_to, h.tag});
+  if (it == pulls_.end()) {
+    requests_refused_.fetch_add(1, std::memory_order_relaxed);
+    return;  // nobody asked (a duplicate): nothing to answer
+  }
+  const MessageHeader request = it->second.request;
+  pulls_.erase(it);
+  Status s = status_from_reply(m);
+  if (s.ok() && static_cast<std::int64_t>(m.payload.size()) != device_.layer_segment_bytes()) {
+    s = data_loss("pulled layer " + std::to_string(h.layer) + ": " + std::to_string(m.payload.size()) + " bytes, expected " +
+                  std::to_string(device_.layer_segment_bytes()));
+  }
+  if (s.ok()) {
+    std::vector<memory::PageId> pages;
+    for (std::int64_t p : request.block_ids) pages.push_back(memory::PageId(p));
+    s = device_.restore_layer(request.layer, pages);
+  }
+  if (s.ok()) {
+    const std::span<std::byte> dst = device_.restored_layer_data(request.layer);
+    std::memcpy(dst.data(), m.payload.data(), m.payload.size());
+  }
+  reply(request, s, {});
 }
 
 // ---- AgentClient -----------------------------------------------------------------------------
@@ -400,13 +513,28 @@ Status AgentClient::send_blocks(int from, std::span<const std::int64_t> blocks, 
   return wait_reply(handle, "send blocks", to).status();
 }
 
-Status AgentClient::drop_layer(int device, std::int64_t layer) {
+StatusOr<std::vector<std::int64_t>> AgentClient::drop_layer(int device, std::int64_t layer) {
   MessageHeader h;
   h.dst = device;
   h.op = static_cast<std::uint16_t>(AgentOp::kDropLayer);
   h.layer = layer;
   RecvHandle handle = request(std::move(h), {});
-  return wait_reply(handle, "drop layer", device).status();
+  KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "drop layer", device));
+  std::vector<std::int64_t> pages(m.payload.size() / sizeof(std::int64_t));
+  if (!pages.empty()) std::memcpy(pages.data(), m.payload.data(), pages.size() * sizeof(std::int64_t));
+  return pages;
+}
+
+Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages) {
+  MessageHeader h;
+  h.dst = device;
+  h.kind = TransferKind::kActivation;  // the request is small; the weights go as kWeights
+  h.op = static_cast<std::uint16_t>(AgentOp::kPullLayer);
+  h.layer = layer;
+  h.peer = from;
+  h.block_ids.assign(pages.begin(), pages.end());
+  RecvHandle handle = request(std::move(h), {});
+  return wait_reply(handle, "pull layer", device).status();
 }
 
 StatusOr<DeviceSnapshot> AgentClient::snapshot(int device) {

@@ -10,7 +10,8 @@
 // into the holder's memory, so under MPI cross-device access is impossible by construction and
 // in-process it is ruled out by the API (the client only ever sees payload bytes).
 //
-// Not yet served (next steps of issue 12): run a pipeline stage, reclaim pages, pull a layer.
+// Not yet served (next steps of issue 12): run a pipeline stage, reclaim pages (repack live
+// blocks to free whole pages), which need the KV block tables the schedulers own today.
 //
 // Threads: one serve thread per agent (start/stop from the owner thread). counters() may be
 // read from any thread.
@@ -20,6 +21,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <span>
 #include <string>
@@ -38,7 +40,11 @@ enum class AgentOp : std::uint16_t {
   kWriteBlocks,       // block_ids on the destination, payload: their bytes; reply: ack
   kReadBlocks,        // block_ids; reply payload: their bytes
   kSendBlocks,        // block_ids here go to `peer` as peer_block_ids; `peer` acks to reply_to
-  kDropLayer,         // layer: its pages become KV pages; reply: ack
+  kDropLayer,         // layer: its pages become KV pages; reply payload: their page ids (int64)
+  kPullLayer,         // layer from `peer` into this device's KV pages block_ids (page ids, holding
+                      // no live KV: the requester's promise); reply: ack once the weights are in
+  kSendLayer,         // (agent to agent) send layer's bytes to `peer` as kLayerData
+  kLayerData,         // (agent to agent) a pulled layer's bytes, or the holder's error
   kSnapshot,          // reply payload: an encoded DeviceSnapshot
   kShutdownNode,      // the process hosting the agent should end; reply: ack
   kStop,              // ends the serve loop (accepted from the agent's own endpoint only)
@@ -61,6 +67,7 @@ struct DeviceSnapshot {
   std::int64_t param_pages = 0;
   std::int64_t blocks_per_page = 0;
   std::vector<std::int64_t> resident_layers;
+  std::vector<std::int64_t> layer_checksums;  // FNV-1a of each resident layer's bytes, same order
   std::vector<std::int64_t> kv_page_ids;
   AgentCounters counters;
   double process_cpu_s = 0.0;  // user + system CPU of the hosting process so far
@@ -96,11 +103,18 @@ class DeviceAgent {
   void reply(const MessageHeader& request, const Status& status, std::vector<std::byte> payload,
              TransferKind kind = TransferKind::kActivation);
   DeviceSnapshot snapshot() const;
+  void pull_layer(const Message& m);
+  void send_layer(const Message& m);
+  void layer_data(Message& m);
 
   VirtualDevice& device_;
   MessageTransport& endpoint_;
   std::thread thread_;
   std::vector<float*> block_ptrs_;  // serve thread only
+  struct PendingPull {
+    MessageHeader request;  // the kPullLayer as received
+  };
+  std::map<std::pair<int, std::uint64_t>, PendingPull> pulls_;  // serve thread only; by (requester, tag)
   std::atomic<std::int64_t> attention_requests_for_others_{0};
   std::atomic<std::int64_t> attention_tokens_for_others_{0};
   std::atomic<std::int64_t> blocks_written_{0};
@@ -133,7 +147,10 @@ class AgentClient {
   // Device `from` sends its `blocks` to device `to`, which writes them as `to_blocks` and acks.
   Status send_blocks(int from, std::span<const std::int64_t> blocks, int to, std::span<const std::int64_t> to_blocks,
                      TransferKind kind = TransferKind::kKvExchange);
-  Status drop_layer(int device, std::int64_t layer);
+  // Returns the dropped layer's pages (now KV pages) on `device`.
+  StatusOr<std::vector<std::int64_t>> drop_layer(int device, std::int64_t layer);
+  // `device` pulls `layer` from device `from` into its KV pages `pages` (holding no live blocks).
+  Status pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages);
   StatusOr<DeviceSnapshot> snapshot(int device);
   Status shutdown_node(int device);
 

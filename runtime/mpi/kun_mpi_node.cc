@@ -5,8 +5,9 @@
 //
 // Scenarios (what the front end does once every rank agreed on model, preset, dtype and build):
 //   cluster  remote attention on every device at once, checked token for token against attention
-//            computed locally; blocks sent around a ring of devices and read back; a layer drop;
-//            the idle CPU of every rank over --idle-s seconds. Exit 0 when every check passes.
+//            computed locally; blocks sent around a ring of devices and read back; a layer drop
+//            and its pull back from a peer; the idle CPU of every rank over --idle-s seconds.
+//            Exit 0 when every check passes.
 //   fault    polls every device until one fails (--fault-rank R --fault-mode kill|hang makes rank
 //            R die or stop answering), then names it and ends the job (MPI_Abort).
 // This is the groundwork of `kunserve serve --runtime mpi`: serving itself still runs in-process.
@@ -237,13 +238,20 @@ int run_cluster(MpiSession& session, MpiTransport& transport, const NodeOptions&
     checks.expect(back == data, "blocks came around the ring of " + std::to_string(n) + " devices intact");
   }
 
-  // Drop a layer on the last device.
+  // Drop a layer on the last device, then pull it back from device 1.
   {
-    const Status s = client.drop_layer(n, 1);
+    const DeviceSnapshot& before = snaps[static_cast<std::size_t>(n)];
+    auto pages = client.drop_layer(n, 1);
     const DeviceSnapshot after = value_or_abort(session, client.snapshot(n));
-    checks.expect(s.ok() && after.kv_pages - snaps[static_cast<std::size_t>(n)].kv_pages == ref_dev->pages_per_layer(),
-                  "device " + std::to_string(n) + " dropped layer 1: +" +
-                      std::to_string(after.kv_pages - snaps[static_cast<std::size_t>(n)].kv_pages) + " KV pages");
+    checks.expect(pages.ok() && after.kv_pages - before.kv_pages == ref_dev->pages_per_layer(),
+                  "device " + std::to_string(n) + " dropped layer 1: +" + std::to_string(after.kv_pages - before.kv_pages) +
+                      " KV pages");
+    const Status pulled = pages.ok() ? client.pull_layer(n, 1, 1, *pages) : pages.status();
+    const DeviceSnapshot restored = value_or_abort(session, client.snapshot(n));
+    checks.expect(pulled.ok() && restored.resident_layers == before.resident_layers &&
+                      restored.layer_checksums == before.layer_checksums && restored.kv_pages == before.kv_pages,
+                  "device " + std::to_string(n) + " pulled layer 1 from device 1, weights identical " +
+                      (pulled.ok() ? "" : pulled.to_string()));
   }
 
   // Idle CPU: every rank waits (heartbeats only) for idle_s.

@@ -143,9 +143,10 @@ TEST_P(DeviceAgentTest, BadRequestsAreRefusedAndTheAgentKeepsServing) {
   const auto blocks = first_blocks(*s, 1);
   auto short_qkv = client.append_attend(1, 1, 0, model::SequenceSlice{0, 2}, blocks, std::vector<float>(3));
   EXPECT_EQ(short_qkv.status().code(), StatusCode::kInvalidArgument);
-  const Status drop = client.drop_layer(1, 99);
-  EXPECT_EQ(drop.code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(agent(1).counters().requests_refused, 3);
+  EXPECT_EQ(client.drop_layer(1, 99).status().code(), StatusCode::kInvalidArgument);
+  const Status pull_resident = client.pull_layer(1, 0, 2, std::vector<std::int64_t>{});
+  EXPECT_EQ(pull_resident.code(), StatusCode::kFailedPrecondition) << pull_resident.to_string();
+  EXPECT_EQ(agent(1).counters().requests_refused, 4);
   EXPECT_TRUE(client.snapshot(1).ok()) << "the agent stopped serving after bad requests";
 }
 
@@ -153,13 +154,43 @@ TEST_P(DeviceAgentTest, DropLayerTurnsItsPagesIntoKv) {
   AgentClient client(hub_->endpoint(0));
   auto before = client.snapshot(2);
   ASSERT_TRUE(before.ok());
-  ASSERT_TRUE(client.drop_layer(2, 1).ok());
+  auto dropped = client.drop_layer(2, 1);
+  ASSERT_TRUE(dropped.ok()) << dropped.status().to_string();
+  EXPECT_EQ(static_cast<std::int64_t>(dropped->size()), devices_[1]->pages_per_layer());
   auto after = client.snapshot(2);
   ASSERT_TRUE(after.ok());
   EXPECT_EQ(after->kv_pages - before->kv_pages, devices_[1]->pages_per_layer());
   EXPECT_EQ(after->resident_layers.size() + 1, before->resident_layers.size());
   for (std::int64_t l : after->resident_layers) EXPECT_NE(l, 1);
-  EXPECT_EQ(client.drop_layer(2, 1).code(), StatusCode::kFailedPrecondition) << "dropped twice";
+  EXPECT_EQ(client.drop_layer(2, 1).status().code(), StatusCode::kFailedPrecondition) << "dropped twice";
+}
+
+TEST_P(DeviceAgentTest, PullLayerRestoresTheWeightsFromAPeer) {
+  AgentClient client(hub_->endpoint(0));
+  auto before = client.snapshot(2);
+  ASSERT_TRUE(before.ok());
+  auto pages = client.drop_layer(2, 1);
+  ASSERT_TRUE(pages.ok());
+  // From a device that lacks the layer too: refused, nothing changes.
+  ASSERT_TRUE(client.drop_layer(1, 1).ok());
+  const Status from_empty = client.pull_layer(2, 1, 1, *pages);
+  EXPECT_EQ(from_empty.code(), StatusCode::kFailedPrecondition) << from_empty.to_string();
+  EXPECT_NE(from_empty.message().find("does not hold layer 1"), std::string::npos) << from_empty.message();
+  // Device 0 becomes a third agent holding every layer (requests now come from device 1).
+  auto third_dev = make_device(*weights_, "dev0");
+  DeviceAgent third(*third_dev, hub_->endpoint(0));
+  third.start();
+  AgentClient from1(hub_->endpoint(1));
+  const std::int64_t weight_bytes_before = hub_->stats().bytes_of(TransferKind::kWeights);
+  const Status pulled = from1.pull_layer(2, 1, 0, *pages);
+  ASSERT_TRUE(pulled.ok()) << pulled.to_string();
+  EXPECT_EQ(hub_->stats().bytes_of(TransferKind::kWeights) - weight_bytes_before, devices_[1]->layer_segment_bytes());
+  auto after = from1.snapshot(2);
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->resident_layers, before->resident_layers);
+  EXPECT_EQ(after->layer_checksums, before->layer_checksums) << "the pulled weights differ from the dropped ones";
+  EXPECT_EQ(after->kv_pages, before->kv_pages);
+  third.stop();
 }
 
 INSTANTIATE_TEST_SUITE_P(Links, DeviceAgentTest, ::testing::Values(false, true),
