@@ -35,6 +35,7 @@ struct BenchOptions {
   std::int64_t activation_bytes = 16 * 1024;
   int pings = 200;
   double link_gbps = 10.0;
+  std::int64_t busy_poll_us = 20;
 };
 
 double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
@@ -165,6 +166,7 @@ int bench_main(int argc, char** argv) {
   app.add_option("--activation-bytes", o.activation_bytes, "activation message size");
   app.add_option("--pings", o.pings, "ping-pongs per latency run");
   app.add_option("--link-gbps", o.link_gbps, "in-process paced link bandwidth (GB/s)");
+  app.add_option("--busy-poll-us", o.busy_poll_us, "MPI progress thread poll period while busy (0: yield)");
   CLI11_PARSE(app, argc, argv);
   const int rank = (*session)->rank();
   KUN_CHECK_EQ((*session)->size(), 2) << "run with mpirun -np 2";
@@ -196,6 +198,7 @@ int bench_main(int argc, char** argv) {
   for (std::int64_t kib : o.chunk_kib) {
     mpi::MpiTransportOptions topt;
     topt.bulk_chunk_bytes = kib * 1024;
+    topt.busy_poll_sleep = std::chrono::microseconds(o.busy_poll_us);
     auto t = mpi::MpiTransport::create(topt);
     KUN_CHECK(t.ok()) << t.status().to_string();
     if (rank == 0) {

@@ -488,6 +488,10 @@ void MpiTransport::progress_loop() {
     } else {
       sleep = std::min(options_.max_idle_sleep, std::max(std::chrono::microseconds(10), sleep * 2));
     }
+    if (sleep.count() == 0) {
+      std::this_thread::yield();  // busy_poll_sleep 0: poll without sleeping while busy
+      continue;
+    }
     std::unique_lock<std::mutex> lock(mu_);
     wake_cv_.wait_for(lock, sleep, [&] { return !submitted_.empty() || (stopping_ && !stopping); });
   }

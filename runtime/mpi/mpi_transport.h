@@ -43,7 +43,7 @@ struct MpiTransportOptions {
   std::chrono::milliseconds heartbeat_period{100};
   std::chrono::milliseconds peer_timeout{2000};
   std::chrono::microseconds max_idle_sleep{1000};
-  std::chrono::microseconds busy_poll_sleep{20};
+  std::chrono::microseconds busy_poll_sleep{20};  // 0: yield instead (a core busy while in flight)
   // After the last progress, poll every busy_poll_sleep this long before backing off.
   std::chrono::microseconds active_window{2000};
   // shutdown() waits this long at most for peers still working (they keep sending heartbeats;
