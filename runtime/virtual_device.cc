@@ -130,4 +130,26 @@ std::span<std::byte> VirtualDevice::restored_layer_data(std::int64_t layer) {
 
 std::int64_t VirtualDevice::pages_per_layer() const { return ceil_div(layer_layout_.total_bytes, arena_->page_bytes()); }
 
+StatusOr<std::unique_ptr<VirtualDevice>> create_full_device(const std::string& name, const model::WeightSource& weights,
+                                                            std::int64_t kv_token_blocks, std::int64_t block_size,
+                                                            int num_threads) {
+  const model::ModelConfig& c = weights.config();
+  kv::KvGeometry g;
+  g.block_size_tokens = block_size;
+  g.num_kv_heads = c.num_kv_heads;
+  g.head_dim = c.head_dim;
+  DeviceOptions opt;
+  opt.name = name;
+  opt.num_threads = num_threads;
+  opt.kv_block_size = block_size;
+  opt.weight_dtype = c.dtype;
+  opt.page_bytes = round_up(g.block_stride_bytes() * c.num_layers, 4096);
+  const std::int64_t kv_pages = ceil_div(kv_token_blocks * c.num_layers, g.blocks_per_page(opt.page_bytes));
+  opt.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, opt.page_bytes) + kv_pages * opt.page_bytes;
+  KUN_ASSIGN_OR_RETURN(std::unique_ptr<VirtualDevice> dev, VirtualDevice::create(opt, c));
+  KUN_RETURN_IF_ERROR(dev->load_weights(weights, 0, c.num_layers));
+  dev->give_free_pages_to_kv();
+  return dev;
+}
+
 }  // namespace kun::runtime

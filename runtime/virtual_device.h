@@ -89,4 +89,11 @@ class VirtualDevice {
 std::int64_t device_param_bytes(const model::ModelConfig& config, DType dtype, std::int64_t layer_begin,
                                 std::int64_t layer_end, std::int64_t page_bytes);
 
+// A device holding every layer of `weights` and room for `kv_token_blocks` token blocks (all
+// layers) of KV, its free pages handed to KV; a page is one token block of every layer (rounded
+// to the OS page size). For device agents and tests.
+StatusOr<std::unique_ptr<VirtualDevice>> create_full_device(const std::string& name, const model::WeightSource& weights,
+                                                            std::int64_t kv_token_blocks, std::int64_t block_size,
+                                                            int num_threads);
+
 }  // namespace kun::runtime

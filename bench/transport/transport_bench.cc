@@ -1,0 +1,225 @@
+// transport_bench: the handle-addressed transport on one host, run under MPI with 2 ranks:
+//
+//   mpirun -np 2 --oversubscribe --bind-to none build/release/bench/transport/transport_bench
+//
+// Reports, each measured in this run:
+//   - KV-exchange throughput (bulk kKvExchange messages, rank 0 -> rank 1) over MPI for several
+//     chunk sizes, and over the in-process hub, against memcpy bandwidth (ratio);
+//   - activation latency (one way = round trip / 2 of a small kActivation message) idle and
+//     while a bulk KV transfer crosses the same link, MPI vs in-process (paced link model), as
+//     p50 / p99 and the under-bulk / idle ratio.
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "runtime/message_transport.h"
+#include "runtime/mpi/mpi_session.h"
+#include "runtime/mpi/mpi_transport.h"
+
+namespace kun::runtime {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct BenchOptions {
+  std::int64_t bulk_mib = 256;
+  std::int64_t messages = 4;
+  std::vector<std::int64_t> chunk_kib = {64, 256, 1024};
+  std::int64_t activation_bytes = 16 * 1024;
+  int pings = 200;
+  double link_gbps = 10.0;
+  std::int64_t busy_poll_us = 20;
+};
+
+double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+double memcpy_gbps(std::int64_t bytes) {
+  std::vector<std::byte> a(static_cast<std::size_t>(bytes), std::byte{1}), b(static_cast<std::size_t>(bytes), std::byte{2});
+  double best = 1e30;
+  for (int i = 0; i < 3; ++i) {
+    const auto t0 = Clock::now();
+    std::memcpy(b.data(), a.data(), a.size());
+    best = std::min(best, seconds(Clock::now() - t0));
+    a[static_cast<std::size_t>(i)] = b[static_cast<std::size_t>(bytes - 1 - i)];
+  }
+  return static_cast<double>(bytes) / best / 1e9;
+}
+
+MessageHeader header(int dst, TransferKind kind, std::uint64_t tag) {
+  MessageHeader h;
+  h.dst = dst;
+  h.kind = kind;
+  h.port = Port::kUser;
+  h.tag = tag;
+  return h;
+}
+
+Message receive(MessageTransport& t, int src, std::uint64_t tag) {
+  RecvMatch m;
+  m.port = Port::kUser;
+  m.src = src;
+  m.tag = tag;
+  RecvHandle h = t.recv(m);
+  const Status s = h.wait();
+  KUN_CHECK(s.ok()) << s.to_string();
+  return h.take();
+}
+
+enum Tags : std::uint64_t { kBulk = 1, kAck = 2, kPing = 3, kPong = 4, kBulkUnderPings = 5 };
+
+struct Figures {
+  double kv_gbps = 0;
+  double idle_p50_us = 0, idle_p99_us = 0;
+  double busy_p50_us = 0, busy_p99_us = 0;
+  int busy_samples = 0;
+};
+
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<std::size_t>(p * static_cast<double>(v.size())))];
+}
+
+// The sender side (device 0 of `t`); the receiver runs receiver_side on device 1.
+Figures sender_side(MessageTransport& t, const BenchOptions& o, const std::vector<std::byte>& bulk,
+                    const std::vector<std::byte>& act) {
+  Figures f;
+  // Throughput: `messages` bulk messages, then the receiver's ack.
+  const auto t0 = Clock::now();
+  std::vector<SendHandle> sent;
+  for (std::int64_t i = 0; i < o.messages; ++i) sent.push_back(t.send(header(1, TransferKind::kKvExchange, kBulk), bulk));
+  (void)receive(t, 1, kAck);
+  f.kv_gbps = static_cast<double>(bulk.size()) * static_cast<double>(o.messages) / seconds(Clock::now() - t0) / 1e9;
+  for (auto& s : sent) KUN_CHECK(s.wait().ok());
+  // Idle ping-pong.
+  std::vector<double> idle, busy;
+  for (int i = 0; i < o.pings; ++i) {
+    const auto p0 = Clock::now();
+    t.send(header(1, TransferKind::kActivation, kPing), act);
+    (void)receive(t, 1, kPong);
+    idle.push_back(seconds(Clock::now() - p0) * 1e6 / 2);
+  }
+  // Ping-pong while a bulk message crosses the same link.
+  SendHandle bulk_sent = t.send(header(1, TransferKind::kKvExchange, kBulkUnderPings), bulk);
+  for (int i = 0; i < o.pings; ++i) {
+    const auto p0 = Clock::now();
+    t.send(header(1, TransferKind::kActivation, kPing), act);
+    (void)receive(t, 1, kPong);
+    if (!bulk_sent.ready()) busy.push_back(seconds(Clock::now() - p0) * 1e6 / 2);
+  }
+  KUN_CHECK(bulk_sent.wait().ok());
+  (void)receive(t, 1, kAck);
+  f.idle_p50_us = percentile(idle, 0.5);
+  f.idle_p99_us = percentile(idle, 0.99);
+  f.busy_p50_us = percentile(busy, 0.5);
+  f.busy_p99_us = percentile(busy, 0.99);
+  f.busy_samples = static_cast<int>(busy.size());
+  return f;
+}
+
+void receiver_side(MessageTransport& t, const BenchOptions& o, const std::vector<std::byte>& act) {
+  for (std::int64_t i = 0; i < o.messages; ++i) (void)receive(t, 0, kBulk);
+  t.send_owned(header(0, TransferKind::kActivation, kAck), {});
+  for (int round = 0; round < 2; ++round) {
+    for (int i = 0; i < o.pings; ++i) {
+      (void)receive(t, 0, kPing);
+      KUN_CHECK(t.send(header(0, TransferKind::kActivation, kPong), act).wait().ok());
+    }
+  }
+  (void)receive(t, 0, kBulkUnderPings);
+  t.send_owned(header(0, TransferKind::kActivation, kAck), {});
+}
+
+// A barrier that sleeps while it waits (a blocking MPI_Barrier spins a core).
+void sleepy_barrier() {
+  MPI_Request r;
+  MPI_Ibarrier(MPI_COMM_WORLD, &r);
+  int done = 0;
+  while (true) {
+    MPI_Test(&r, &done, MPI_STATUS_IGNORE);
+    if (done) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+void print(const char* name, const Figures& f, double memcpy) {
+  std::printf("%-28s %8.2f %6.3f %9.1f %9.1f %9.1f %9.1f %6d %7.1f\n", name, f.kv_gbps, f.kv_gbps / memcpy, f.idle_p50_us,
+              f.idle_p99_us, f.busy_p50_us, f.busy_p99_us, f.busy_samples,
+              f.idle_p50_us > 0 ? f.busy_p50_us / f.idle_p50_us : 0.0);
+}
+
+int bench_main(int argc, char** argv) {
+  auto session = mpi::MpiSession::init(&argc, &argv);
+  KUN_CHECK(session.ok()) << session.status().to_string();
+  BenchOptions o;
+  CLI::App app{"transport bench: KV throughput vs memcpy, activation latency under bulk (MPI vs in-process)"};
+  app.add_option("--bulk-mib", o.bulk_mib, "size of one bulk KV message");
+  app.add_option("--messages", o.messages, "bulk messages in the throughput run");
+  app.add_option("--chunk-kib", o.chunk_kib, "MPI bulk chunk sizes to compare");
+  app.add_option("--activation-bytes", o.activation_bytes, "activation message size");
+  app.add_option("--pings", o.pings, "ping-pongs per latency run");
+  app.add_option("--link-gbps", o.link_gbps, "in-process paced link bandwidth (GB/s)");
+  app.add_option("--busy-poll-us", o.busy_poll_us, "MPI progress thread poll period while busy (0: yield)");
+  CLI11_PARSE(app, argc, argv);
+  const int rank = (*session)->rank();
+  KUN_CHECK_EQ((*session)->size(), 2) << "run with mpirun -np 2";
+  std::vector<std::byte> bulk(static_cast<std::size_t>(o.bulk_mib << 20), std::byte{7});
+  std::vector<std::byte> act(static_cast<std::size_t>(o.activation_bytes), std::byte{3});
+
+  double memcpy = 0;
+  if (rank == 0) {
+    memcpy = memcpy_gbps(static_cast<std::int64_t>(bulk.size()));
+    std::printf("memcpy %.2f GB/s (%lld MiB, best of 3); bulk %lld x %lld MiB; activation %lld B; %d pings\n", memcpy,
+                static_cast<long long>(o.bulk_mib), static_cast<long long>(o.messages), static_cast<long long>(o.bulk_mib),
+                static_cast<long long>(o.activation_bytes), o.pings);
+    std::printf("%-28s %8s %6s %9s %9s %9s %9s %6s %7s\n", "transport", "KV GB/s", "/memcpy", "idle p50", "idle p99",
+                "bulk p50", "bulk p99", "n", "p50 x");
+    // In-process first, while rank 1 sleeps in the barrier below.
+    for (bool paced : {false, true}) {
+      LinkModel link;
+      if (paced) link.bandwidth_bytes_per_s = o.link_gbps * 1e9;
+      InProcessMessageHub hub(2, link);
+      std::thread receiver([&] { receiver_side(hub.endpoint(1), o, act); });
+      const Figures f = sender_side(hub.endpoint(0), o, bulk, act);
+      receiver.join();
+      char name[64];
+      std::snprintf(name, sizeof(name), paced ? "in-process %.0f GB/s link" : "in-process unpaced", o.link_gbps);
+      print(name, f, memcpy);
+    }
+  }
+  sleepy_barrier();
+  for (std::int64_t kib : o.chunk_kib) {
+    mpi::MpiTransportOptions topt;
+    topt.bulk_chunk_bytes = kib * 1024;
+    topt.busy_poll_sleep = std::chrono::microseconds(o.busy_poll_us);
+    auto t = mpi::MpiTransport::create(topt);
+    KUN_CHECK(t.ok()) << t.status().to_string();
+    if (rank == 0) {
+      const Figures f = sender_side(**t, o, bulk, act);
+      char name[64];
+      std::snprintf(name, sizeof(name), "MPI, %lld KiB chunks", static_cast<long long>(kib));
+      print(name, f, memcpy);
+    } else {
+      receiver_side(**t, o, act);
+    }
+    KUN_CHECK((*t)->shutdown().ok());
+  }
+  if (rank == 0) {
+    std::printf("latencies are one way (round trip / 2) in us; 'bulk' = while a %lld MiB KV message crosses the same link;"
+                " n = pings that overlapped it; p50 x = bulk p50 / idle p50\n",
+                static_cast<long long>(o.bulk_mib));
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace kun::runtime
+
+int main(int argc, char** argv) { return kun::runtime::bench_main(argc, argv); }

@@ -1,0 +1,557 @@
+#include "runtime/device_agent.h"
+
+#include <sys/resource.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "common/check.h"
+
+namespace kun::runtime {
+
+namespace {
+template <class T>
+void put(std::vector<std::byte>& out, T v) {
+  static_assert(std::is_trivially_copyable_v<T>);
+  const std::size_t at = out.size();
+  out.resize(at + sizeof(T));
+  std::memcpy(out.data() + at, &v, sizeof(T));
+}
+void put_ids(std::vector<std::byte>& out, const std::vector<std::int64_t>& ids) {
+  put(out, static_cast<std::int64_t>(ids.size()));
+  for (std::int64_t v : ids) put(out, v);
+}
+class Reader {
+ public:
+  explicit Reader(std::span<const std::byte> b) : b_(b) {}
+  template <class T>
+  bool get(T* v) {
+    if (b_.size() - pos_ < sizeof(T)) return false;
+    std::memcpy(v, b_.data() + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return true;
+  }
+  bool get_ids(std::vector<std::int64_t>* ids) {
+    std::int64_t n = 0;
+    if (!get(&n) || n < 0 || static_cast<std::size_t>(n) > (b_.size() - pos_) / sizeof(std::int64_t)) return false;
+    ids->resize(static_cast<std::size_t>(n));
+    for (auto& v : *ids) get(&v);
+    return true;
+  }
+  bool at_end() const { return pos_ == b_.size(); }
+
+ private:
+  std::span<const std::byte> b_;
+  std::size_t pos_ = 0;
+};
+
+std::span<const std::byte> as_bytes_of(std::span<const float> f) { return std::as_bytes(f); }
+
+Status status_from_reply(const Message& m) {
+  if (m.header.error == 0) return ok_status();
+  std::string text(reinterpret_cast<const char*>(m.payload.data()), m.payload.size());
+  return Status(static_cast<StatusCode>(m.header.error), text);
+}
+}  // namespace
+
+std::vector<std::byte> encode_snapshot(const DeviceSnapshot& s) {
+  std::vector<std::byte> out;
+  put(out, static_cast<std::int32_t>(s.device));
+  put(out, s.num_pages);
+  put(out, s.free_pages);
+  put(out, s.kv_pages);
+  put(out, s.param_pages);
+  put(out, s.blocks_per_page);
+  put_ids(out, s.resident_layers);
+  put_ids(out, s.layer_checksums);
+  put_ids(out, s.kv_page_ids);
+  put(out, s.counters);
+  put(out, s.process_cpu_s);
+  return out;
+}
+
+StatusOr<DeviceSnapshot> decode_snapshot(std::span<const std::byte> bytes) {
+  Reader r(bytes);
+  DeviceSnapshot s;
+  std::int32_t device = 0;
+  const bool ok = r.get(&device) && r.get(&s.num_pages) && r.get(&s.free_pages) && r.get(&s.kv_pages) &&
+                  r.get(&s.param_pages) && r.get(&s.blocks_per_page) && r.get_ids(&s.resident_layers) && r.get_ids(&s.layer_checksums) &&
+                  r.get_ids(&s.kv_page_ids) && r.get(&s.counters) && r.get(&s.process_cpu_s) && r.at_end();
+  if (!ok) return data_loss("malformed device snapshot (" + std::to_string(bytes.size()) + " bytes)");
+  s.device = device;
+  return s;
+}
+
+double process_cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  const auto sec = [](const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) * 1e-6; };
+  return sec(u.ru_utime) + sec(u.ru_stime);
+}
+
+// ---- DeviceAgent -----------------------------------------------------------------------------
+
+DeviceAgent::DeviceAgent(VirtualDevice& device, MessageTransport& endpoint) : device_(device), endpoint_(endpoint) {}
+
+DeviceAgent::~DeviceAgent() { stop(); }
+
+void DeviceAgent::start() {
+  KUN_CHECK(!thread_.joinable()) << "agent of device " << device_id() << " already started";
+  thread_ = std::thread([this] { serve_loop(); });
+}
+
+void DeviceAgent::stop() {
+  if (!thread_.joinable()) return;
+  MessageHeader h;
+  h.dst = endpoint_.device();
+  h.port = Port::kAgent;
+  h.op = static_cast<std::uint16_t>(AgentOp::kStop);
+  endpoint_.send_owned(std::move(h), {});
+  thread_.join();
+}
+
+AgentCounters DeviceAgent::counters() const {
+  AgentCounters c;
+  c.attention_requests_for_others = attention_requests_for_others_.load();
+  c.attention_tokens_for_others = attention_tokens_for_others_.load();
+  c.blocks_written = blocks_written_.load();
+  c.blocks_read = blocks_read_.load();
+  c.requests_refused = requests_refused_.load();
+  return c;
+}
+
+bool DeviceAgent::wait_for_shutdown_request(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(shutdown_mu_);
+  return shutdown_cv_.wait_for(lock, timeout, [&] { return shutdown_requested_; });
+}
+
+void DeviceAgent::serve_loop() {
+  RecvMatch match;
+  match.port = Port::kAgent;
+  while (true) {
+    RecvHandle h = endpoint_.recv(match);
+    const Status s = h.wait();
+    if (!s.ok()) return;  // the transport is gone: nothing more will arrive
+    Message m = h.take();
+    if (!handle(m)) return;
+  }
+}
+
+Status DeviceAgent::check_blocks(std::span<const std::int64_t> ids) const {
+  const memory::DeviceArena& arena = device_.arena();
+  const std::int64_t per_page = device_.kv_storage().blocks_per_page();
+  for (std::int64_t id : ids) {
+    const std::int64_t page = id / per_page;
+    if (id < 0 || page >= arena.num_pages() || arena.page_owner(memory::PageId(page)).kind != memory::PageOwnerKind::kKv) {
+      return invalid_argument("device " + std::to_string(device_id()) + ": block " + std::to_string(id) +
+                              " is not in a KV page");
+    }
+  }
+  return ok_status();
+}
+
+Status DeviceAgent::append_attend(const Message& m, std::vector<std::byte>* out) {
+  const MessageHeader& h = m.header;
+  const model::ModelConfig& c = device_.config();
+  model::ForwardPass& fwd = device_.forward();
+  const std::int64_t block_tokens = device_.options().kv_block_size;
+  if (h.num_tokens <= 0 || h.start_pos < 0) return invalid_argument("remote attention: empty or negative slice");
+  const std::int64_t want = h.num_tokens * fwd.qkv_row() * static_cast<std::int64_t>(sizeof(float));
+  if (static_cast<std::int64_t>(m.payload.size()) != want) {
+    return invalid_argument("remote attention: " + std::to_string(m.payload.size()) + " bytes of q/k/v, expected " +
+                            std::to_string(want));
+  }
+  if (static_cast<std::int64_t>(h.block_ids.size()) * block_tokens < h.start_pos + h.num_tokens) {
+    return invalid_argument("remote attention: " + std::to_string(h.block_ids.size()) + " blocks do not hold " +
+                            std::to_string(h.start_pos + h.num_tokens) + " tokens");
+  }
+  KUN_RETURN_IF_ERROR(check_blocks(h.block_ids));
+  block_ptrs_.clear();
+  for (std::int64_t b : h.block_ids) block_ptrs_.push_back(device_.kv_storage().key_block(kv::BlockId(b)));
+  // The payload's floats are copied out first: a byte vector's storage is not guaranteed to be
+  // aligned for floats.
+  std::vector<float> qkv(static_cast<std::size_t>(h.num_tokens * fwd.qkv_row()));
+  std::memcpy(qkv.data(), m.payload.data(), m.payload.size());
+  std::vector<float> result(static_cast<std::size_t>(h.num_tokens * c.q_dim()));
+  const model::LayerKv kv{block_ptrs_.data(), static_cast<std::int64_t>(block_ptrs_.size())};
+  fwd.attend_local(model::SequenceSlice{h.start_pos, h.num_tokens}, qkv.data(), kv, result.data());
+  out->resize(result.size() * sizeof(float));
+  std::memcpy(out->data(), result.data(), out->size());
+  if (h.src != device_id()) {
+    attention_requests_for_others_.fetch_add(1, std::memory_order_relaxed);
+    attention_tokens_for_others_.fetch_add(h.num_tokens, std::memory_order_relaxed);
+  }
+  return ok_status();
+}
+
+void DeviceAgent::reply(const MessageHeader& request, const Status& status, std::vector<std::byte> payload,
+                        TransferKind kind) {
+  MessageHeader r;
+  r.dst = request.reply_to >= 0 ? request.reply_to : request.src;
+  r.kind = kind;
+  r.port = Port::kReply;
+  r.op = static_cast<std::uint16_t>(AgentOp::kReply);
+  r.tag = request.tag;
+  r.request_id = request.request_id;
+  r.layer = request.layer;
+  if (!status.ok()) {
+    requests_refused_.fetch_add(1, std::memory_order_relaxed);
+    r.error = static_cast<std::int32_t>(status.code());
+    const std::string& text = status.message();
+    payload.assign(reinterpret_cast<const std::byte*>(text.data()), reinterpret_cast<const std::byte*>(text.data()) + text.size());
+  }
+  endpoint_.send_owned(std::move(r), std::move(payload));
+}
+
+DeviceSnapshot DeviceAgent::snapshot() const {
+  const memory::DeviceArena& arena = device_.arena();
+  DeviceSnapshot s;
+  s.device = device_id();
+  s.num_pages = arena.num_pages();
+  s.free_pages = arena.num_free_pages();
+  s.kv_pages = arena.num_kv_pages();
+  s.param_pages = arena.num_param_pages();
+  s.blocks_per_page = device_.kv_storage().blocks_per_page();
+  for (std::int64_t l = 0; l < device_.config().num_layers; ++l) {
+    if (!device_.has_layer(l)) continue;
+    s.resident_layers.push_back(l);
+    std::uint64_t hash = 1469598103934665603ull;
+    for (std::byte b : device_.layer_bytes(l)) hash = (hash ^ static_cast<std::uint64_t>(b)) * 1099511628211ull;
+    s.layer_checksums.push_back(static_cast<std::int64_t>(hash));
+  }
+  for (memory::PageId p : arena.kv_pages()) s.kv_page_ids.push_back(p.value);
+  s.counters = counters();
+  s.process_cpu_s = process_cpu_seconds();
+  return s;
+}
+
+bool DeviceAgent::handle(Message& m) {
+  const MessageHeader& h = m.header;
+  const std::int64_t block_bytes = device_.kv_storage().block_bytes();
+  switch (static_cast<AgentOp>(h.op)) {
+    case AgentOp::kStop:
+      if (h.src == device_id()) return false;
+      reply(h, failed_precondition("only the agent's own process may stop it"), {});
+      return true;
+    case AgentOp::kAppendAttend: {
+      std::vector<std::byte> out;
+      const Status s = append_attend(m, &out);
+      reply(h, s, std::move(out), TransferKind::kRemoteAttention);
+      return true;
+    }
+    case AgentOp::kWriteBlocks: {
+      Status s = check_blocks(h.block_ids);
+      if (s.ok() && static_cast<std::int64_t>(m.payload.size()) != block_bytes * static_cast<std::int64_t>(h.block_ids.size())) {
+        s = invalid_argument("write blocks: " + std::to_string(m.payload.size()) + " bytes for " +
+                             std::to_string(h.block_ids.size()) + " blocks of " + std::to_string(block_bytes));
+      }
+      if (s.ok()) {
+        for (std::size_t i = 0; i < h.block_ids.size(); ++i) {
+          device_.kv_storage().write_block(kv::BlockId(h.block_ids[i]),
+                                           std::span<const std::byte>(m.payload).subspan(i * static_cast<std::size_t>(block_bytes),
+                                                                                         static_cast<std::size_t>(block_bytes)));
+        }
+        blocks_written_.fetch_add(static_cast<std::int64_t>(h.block_ids.size()), std::memory_order_relaxed);
+      }
+      reply(h, s, {});
+      return true;
+    }
+    case AgentOp::kReadBlocks:
+    case AgentOp::kSendBlocks: {
+      const bool send = static_cast<AgentOp>(h.op) == AgentOp::kSendBlocks;
+      Status s = check_blocks(h.block_ids);
+      if (s.ok() && send && (h.peer < 0 || h.peer >= endpoint_.num_devices() || h.peer_block_ids.size() != h.block_ids.size())) {
+        s = invalid_argument("send blocks: bad peer " + std::to_string(h.peer) + " or " +
+                             std::to_string(h.peer_block_ids.size()) + " destination blocks for " +
+                             std::to_string(h.block_ids.size()));
+      }
+      std::vector<std::byte> bytes;
+      if (s.ok()) {
+        bytes.resize(h.block_ids.size() * static_cast<std::size_t>(block_bytes));
+        for (std::size_t i = 0; i < h.block_ids.size(); ++i) {
+          device_.kv_storage().read_block(kv::BlockId(h.block_ids[i]),
+                                          std::span<std::byte>(bytes).subspan(i * static_cast<std::size_t>(block_bytes),
+                                                                              static_cast<std::size_t>(block_bytes)));
+        }
+        blocks_read_.fetch_add(static_cast<std::int64_t>(h.block_ids.size()), std::memory_order_relaxed);
+      }
+      if (!s.ok() || !send) {
+        reply(h, s, std::move(bytes), h.kind);
+        return true;
+      }
+      // The peer writes them and acks to whoever asked for the send.
+      MessageHeader w;
+      w.dst = h.peer;
+      w.kind = h.kind;
+      w.port = Port::kAgent;
+      w.op = static_cast<std::uint16_t>(AgentOp::kWriteBlocks);
+      w.tag = h.tag;
+      w.reply_to = h.reply_to >= 0 ? h.reply_to : h.src;
+      w.request_id = h.request_id;
+      w.layer = h.layer;
+      w.block_ids = h.peer_block_ids;
+      endpoint_.send_owned(std::move(w), std::move(bytes));
+      return true;
+    }
+    case AgentOp::kDropLayer: {
+      if (h.layer < 0 || h.layer >= device_.config().num_layers) {
+        reply(h, invalid_argument("drop layer: no layer " + std::to_string(h.layer)), {});
+        return true;
+      }
+      auto pages = device_.drop_layer(h.layer);  // its pages become KV pages, no copy
+      std::vector<std::byte> out;
+      if (pages.ok()) {
+        out.resize(pages->size() * sizeof(std::int64_t));
+        for (std::size_t i = 0; i < pages->size(); ++i) {
+          const std::int64_t id = (*pages)[i].value;
+          std::memcpy(out.data() + i * sizeof(std::int64_t), &id, sizeof(id));
+        }
+      }
+      reply(h, pages.status(), std::move(out));
+      return true;
+    }
+    case AgentOp::kPullLayer:
+      pull_layer(m);
+      return true;
+    case AgentOp::kSendLayer:
+      send_layer(m);
+      return true;
+    case AgentOp::kLayerData:
+      layer_data(m);
+      return true;
+    case AgentOp::kSnapshot:
+      reply(h, ok_status(), encode_snapshot(snapshot()));
+      return true;
+    case AgentOp::kShutdownNode:
+      reply(h, ok_status(), {});
+      {
+        std::lock_guard<std::mutex> lock(shutdown_mu_);
+        shutdown_requested_ = true;
+      }
+      shutdown_cv_.notify_all();
+      return true;
+    case AgentOp::kReply:
+      break;
+  }
+  reply(h, invalid_argument("device " + std::to_string(device_id()) + ": unknown agent op " + std::to_string(h.op)), {});
+  return true;
+}
+
+void DeviceAgent::pull_layer(const Message& m) {
+  const MessageHeader& h = m.header;
+  const memory::DeviceArena& arena = device_.arena();
+  Status s;
+  if (h.layer < 0 || h.layer >= device_.config().num_layers) {
+    s = invalid_argument("pull layer: no layer " + std::to_string(h.layer));
+  } else if (device_.has_layer(h.layer)) {
+    s = failed_precondition("pull layer: layer " + std::to_string(h.layer) + " is resident on device " +
+                            std::to_string(device_id()));
+  } else if (h.peer < 0 || h.peer >= endpoint_.num_devices() || h.peer == device_id()) {
+    s = invalid_argument("pull layer: bad source device " + std::to_string(h.peer));
+  } else if (static_cast<std::int64_t>(h.block_ids.size()) != device_.pages_per_layer()) {
+    s = invalid_argument("pull layer: " + std::to_string(h.block_ids.size()) + " pages for a layer of " +
+                         std::to_string(device_.pages_per_layer()));
+  } else {
+    for (std::int64_t p : h.block_ids) {
+      if (p < 0 || p >= arena.num_pages() || arena.page_owner(memory::PageId(p)).kind != memory::PageOwnerKind::kKv) {
+        s = invalid_argument("pull layer: page " + std::to_string(p) + " is not a KV page of device " +
+                             std::to_string(device_id()));
+        break;
+      }
+    }
+  }
+  if (!s.ok()) {
+    reply(h, s, {});
+    return;
+  }
+  pulls_[{h.reply_to >= 0 ? h.reply_to : h.src, h.tag}] = PendingPull{h};
+  MessageHeader ask;
+  ask.dst = h.peer;
+  ask.kind = TransferKind::kWeights;
+  ask.port = Port::kAgent;
+  ask.op = static_cast<std::uint16_t>(AgentOp::kSendLayer);
+  ask.tag = h.tag;
+  ask.reply_to = h.reply_to >= 0 ? h.reply_to : h.src;  // the original requester
+  ask.peer = device_id();
+  ask.layer = h.layer;
+  endpoint_.send_owned(std::move(ask), {});
+}
+
+void DeviceAgent::send_layer(const Message& m) {
+  const MessageHeader& h = m.header;
+  MessageHeader data;
+  data.dst = h.peer;
+  data.kind = TransferKind::kWeights;
+  data.port = Port::kAgent;
+  data.op = static_cast<std::uint16_t>(AgentOp::kLayerData);
+  data.tag = h.tag;
+  data.reply_to = h.reply_to;
+  data.layer = h.layer;
+  std::vector<std::byte> payload;
+  if (h.layer < 0 || h.layer >= device_.config().num_layers || !device_.has_layer(h.layer)) {
+    const std::string text = "device " + std::to_string(device_id()) + " does not hold layer " + std::to_string(h.layer);
+    data.error = static_cast<std::int32_t>(StatusCode::kFailedPrecondition);
+    payload.assign(reinterpret_cast<const std::byte*>(text.data()), reinterpret_cast<const std::byte*>(text.data()) + text.size());
+    requests_refused_.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    const auto bytes = device_.layer_bytes(h.layer);
+    payload.assign(bytes.begin(), bytes.end());
+  }
+  endpoint_.send_owned(std::move(data), std::move(payload));
+}
+
+void DeviceAgent::layer_data(Message& m) {
+  const MessageHeader& h = m.header;
+  auto it = pulls_.find({h.reply_to, h.tag});
+  if (it == pulls_.end()) {
+    requests_refused_.fetch_add(1, std::memory_order_relaxed);
+    return;  // nobody asked (a duplicate): nothing to answer
+  }
+  const MessageHeader request = it->second.request;
+  pulls_.erase(it);
+  Status s = status_from_reply(m);
+  if (s.ok() && static_cast<std::int64_t>(m.payload.size()) != device_.layer_segment_bytes()) {
+    s = data_loss("pulled layer " + std::to_string(h.layer) + ": " + std::to_string(m.payload.size()) + " bytes, expected " +
+                  std::to_string(device_.layer_segment_bytes()));
+  }
+  if (s.ok()) {
+    std::vector<memory::PageId> pages;
+    for (std::int64_t p : request.block_ids) pages.push_back(memory::PageId(p));
+    s = device_.restore_layer(request.layer, pages);
+  }
+  if (s.ok()) {
+    const std::span<std::byte> dst = device_.restored_layer_data(request.layer);
+    std::memcpy(dst.data(), m.payload.data(), m.payload.size());
+  }
+  reply(request, s, {});
+}
+
+// ---- AgentClient -----------------------------------------------------------------------------
+
+RecvHandle AgentClient::request(MessageHeader h, std::vector<std::byte> payload) {
+  h.port = Port::kAgent;
+  h.tag = endpoint_.next_tag();
+  RecvMatch match;
+  match.port = Port::kReply;
+  match.tag = h.tag;
+  // The reply comes from the device that finishes the op: the send's destination for kSendBlocks.
+  match.src = static_cast<AgentOp>(h.op) == AgentOp::kSendBlocks ? h.peer : h.dst;
+  RecvHandle reply = endpoint_.recv(match);  // posted before the request leaves
+  endpoint_.send_owned(std::move(h), std::move(payload));
+  return reply;
+}
+
+StatusOr<Message> AgentClient::wait_reply(RecvHandle& handle, const char* what, int device) {
+  if (!handle.wait_for(timeout_)) {
+    return deadline_exceeded(std::string(what) + ": device " + std::to_string(device) + " did not answer within " +
+                             std::to_string(timeout_.count()) + " ms");
+  }
+  KUN_RETURN_IF_ERROR(handle.wait());
+  Message m = handle.take();
+  KUN_RETURN_IF_ERROR(status_from_reply(m));
+  return m;
+}
+
+RecvHandle AgentClient::append_attend_async(int holder, std::int64_t request_id, std::int64_t layer,
+                                            const model::SequenceSlice& slice, std::span<const std::int64_t> blocks,
+                                            std::span<const float> qkv) {
+  MessageHeader h;
+  h.dst = holder;
+  h.kind = TransferKind::kRemoteAttention;
+  h.op = static_cast<std::uint16_t>(AgentOp::kAppendAttend);
+  h.request_id = request_id;
+  h.layer = layer;
+  h.start_pos = slice.start_pos;
+  h.num_tokens = slice.num_tokens;
+  h.block_ids.assign(blocks.begin(), blocks.end());
+  const auto bytes = as_bytes_of(qkv);
+  return request(std::move(h), std::vector<std::byte>(bytes.begin(), bytes.end()));
+}
+
+StatusOr<std::vector<float>> AgentClient::append_attend(int holder, std::int64_t request_id, std::int64_t layer,
+                                                        const model::SequenceSlice& slice,
+                                                        std::span<const std::int64_t> blocks, std::span<const float> qkv) {
+  RecvHandle handle = append_attend_async(holder, request_id, layer, slice, blocks, qkv);
+  KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "remote attention", holder));
+  std::vector<float> out(m.payload.size() / sizeof(float));
+  std::memcpy(out.data(), m.payload.data(), out.size() * sizeof(float));
+  return out;
+}
+
+Status AgentClient::write_blocks(int device, std::span<const std::int64_t> blocks, std::span<const std::byte> bytes,
+                                 TransferKind kind) {
+  MessageHeader h;
+  h.dst = device;
+  h.kind = kind;
+  h.op = static_cast<std::uint16_t>(AgentOp::kWriteBlocks);
+  h.block_ids.assign(blocks.begin(), blocks.end());
+  RecvHandle handle = request(std::move(h), std::vector<std::byte>(bytes.begin(), bytes.end()));
+  return wait_reply(handle, "write blocks", device).status();
+}
+
+StatusOr<std::vector<std::byte>> AgentClient::read_blocks(int device, std::span<const std::int64_t> blocks) {
+  MessageHeader h;
+  h.dst = device;
+  h.kind = TransferKind::kKvMigration;
+  h.op = static_cast<std::uint16_t>(AgentOp::kReadBlocks);
+  h.block_ids.assign(blocks.begin(), blocks.end());
+  RecvHandle handle = request(std::move(h), {});
+  KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "read blocks", device));
+  return std::move(m.payload);
+}
+
+Status AgentClient::send_blocks(int from, std::span<const std::int64_t> blocks, int to,
+                                std::span<const std::int64_t> to_blocks, TransferKind kind) {
+  MessageHeader h;
+  h.dst = from;
+  h.kind = kind;
+  h.op = static_cast<std::uint16_t>(AgentOp::kSendBlocks);
+  h.peer = to;
+  h.block_ids.assign(blocks.begin(), blocks.end());
+  h.peer_block_ids.assign(to_blocks.begin(), to_blocks.end());
+  RecvHandle handle = request(std::move(h), {});
+  return wait_reply(handle, "send blocks", to).status();
+}
+
+StatusOr<std::vector<std::int64_t>> AgentClient::drop_layer(int device, std::int64_t layer) {
+  MessageHeader h;
+  h.dst = device;
+  h.op = static_cast<std::uint16_t>(AgentOp::kDropLayer);
+  h.layer = layer;
+  RecvHandle handle = request(std::move(h), {});
+  KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "drop layer", device));
+  std::vector<std::int64_t> pages(m.payload.size() / sizeof(std::int64_t));
+  if (!pages.empty()) std::memcpy(pages.data(), m.payload.data(), pages.size() * sizeof(std::int64_t));
+  return pages;
+}
+
+Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages) {
+  MessageHeader h;
+  h.dst = device;
+  h.kind = TransferKind::kActivation;  // the request is small; the weights go as kWeights
+  h.op = static_cast<std::uint16_t>(AgentOp::kPullLayer);
+  h.layer = layer;
+  h.peer = from;
+  h.block_ids.assign(pages.begin(), pages.end());
+  RecvHandle handle = request(std::move(h), {});
+  return wait_reply(handle, "pull layer", device).status();
+}
+
+StatusOr<DeviceSnapshot> AgentClient::snapshot(int device) {
+  MessageHeader h;
+  h.dst = device;
+  h.op = static_cast<std::uint16_t>(AgentOp::kSnapshot);
+  RecvHandle handle = request(std::move(h), {});
+  KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "snapshot", device));
+  return decode_snapshot(m.payload);
+}
+
+Status AgentClient::shutdown_node(int device) {
+  MessageHeader h;
+  h.dst = device;
+  h.op = static_cast<std::uint16_t>(AgentOp::kShutdownNode);
+  RecvHandle handle = request(std::move(h), {});
+  return wait_reply(handle, "shutdown", device).status();
+}
+
+}  // namespace kun::runtime

@@ -1,0 +1,165 @@
+// DeviceAgent: the only code that reads or writes its device's arena once the device is handed to
+// it (issue 12). Everything else addresses the device by handles in messages over a
+// MessageTransport: append k/v and attend (remote attention, computed by the holder with its own
+// kernel threads; the output goes back), write blocks, read blocks, send blocks to device d,
+// drop a layer, report a snapshot. Requests go to Port::kAgent; replies go to the request's
+// reply_to device on Port::kReply with the request's tag, so a requester waits on exactly its
+// reply (AgentClient does this).
+//
+// The same agent serves over the in-process hub and over MPI: a requester never holds a pointer
+// into the holder's memory, so under MPI cross-device access is impossible by construction and
+// in-process it is ruled out by the API (the client only ever sees payload bytes).
+//
+// Not yet served (next steps of issue 12): run a pipeline stage, reclaim pages (repack live
+// blocks to free whole pages), which need the KV block tables the schedulers own today.
+//
+// Threads: one serve thread per agent (start/stop from the owner thread). counters() may be
+// read from any thread.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "model/forward.h"
+#include "runtime/message_transport.h"
+#include "runtime/virtual_device.h"
+
+namespace kun::runtime {
+
+enum class AgentOp : std::uint16_t {
+  kAppendAttend = 1,  // payload: the slice's q/k/v rows (f32); reply payload: attention output
+  kWriteBlocks,       // block_ids on the destination, payload: their bytes; reply: ack
+  kReadBlocks,        // block_ids; reply payload: their bytes
+  kSendBlocks,        // block_ids here go to `peer` as peer_block_ids; `peer` acks to reply_to
+  kDropLayer,         // layer: its pages become KV pages; reply payload: their page ids (int64)
+  kPullLayer,         // layer from `peer` into this device's KV pages block_ids (page ids, holding
+                      // no live KV: the requester's promise); reply: ack once the weights are in
+  kSendLayer,         // (agent to agent) send layer's bytes to `peer` as kLayerData
+  kLayerData,         // (agent to agent) a pulled layer's bytes, or the holder's error
+  kSnapshot,          // reply payload: an encoded DeviceSnapshot
+  kShutdownNode,      // the process hosting the agent should end; reply: ack
+  kStop,              // ends the serve loop (accepted from the agent's own endpoint only)
+  kReply = 100,       // every reply carries this op
+};
+
+struct AgentCounters {
+  std::int64_t attention_requests_for_others = 0;  // remote attention done for another device's stage
+  std::int64_t attention_tokens_for_others = 0;
+  std::int64_t blocks_written = 0;   // blocks received and written into this arena
+  std::int64_t blocks_read = 0;      // blocks read out of this arena (reads and sends)
+  std::int64_t requests_refused = 0; // requests answered with an error
+};
+
+struct DeviceSnapshot {
+  int device = -1;
+  std::int64_t num_pages = 0;
+  std::int64_t free_pages = 0;
+  std::int64_t kv_pages = 0;
+  std::int64_t param_pages = 0;
+  std::int64_t blocks_per_page = 0;
+  std::vector<std::int64_t> resident_layers;
+  std::vector<std::int64_t> layer_checksums;  // FNV-1a of each resident layer's bytes, same order
+  std::vector<std::int64_t> kv_page_ids;
+  AgentCounters counters;
+  double process_cpu_s = 0.0;  // user + system CPU of the hosting process so far
+};
+std::vector<std::byte> encode_snapshot(const DeviceSnapshot& s);
+StatusOr<DeviceSnapshot> decode_snapshot(std::span<const std::byte> bytes);
+
+// User + system CPU seconds of this process (all threads).
+double process_cpu_seconds();
+
+class DeviceAgent {
+ public:
+  // The agent takes over `device` (its arena, KV storage and forward pass); the caller must not
+  // touch them while the agent runs.
+  DeviceAgent(VirtualDevice& device, MessageTransport& endpoint);
+  ~DeviceAgent();
+  DeviceAgent(const DeviceAgent&) = delete;
+  DeviceAgent& operator=(const DeviceAgent&) = delete;
+
+  void start();
+  void stop();  // idempotent
+  int device_id() const { return endpoint_.device(); }
+  AgentCounters counters() const;
+  // Blocks until a kShutdownNode request arrived or `timeout` passed; true if it arrived.
+  bool wait_for_shutdown_request(std::chrono::milliseconds timeout);
+
+ private:
+  void serve_loop();
+  // False when the loop should end.
+  bool handle(Message& m);
+  Status append_attend(const Message& m, std::vector<std::byte>* out);
+  Status check_blocks(std::span<const std::int64_t> ids) const;
+  void reply(const MessageHeader& request, const Status& status, std::vector<std::byte> payload,
+             TransferKind kind = TransferKind::kActivation);
+  DeviceSnapshot snapshot() const;
+  void pull_layer(const Message& m);
+  void send_layer(const Message& m);
+  void layer_data(Message& m);
+
+  VirtualDevice& device_;
+  MessageTransport& endpoint_;
+  std::thread thread_;
+  std::vector<float*> block_ptrs_;  // serve thread only
+  struct PendingPull {
+    MessageHeader request;  // the kPullLayer as received
+  };
+  std::map<std::pair<int, std::uint64_t>, PendingPull> pulls_;  // serve thread only; by (requester, tag)
+  std::atomic<std::int64_t> attention_requests_for_others_{0};
+  std::atomic<std::int64_t> attention_tokens_for_others_{0};
+  std::atomic<std::int64_t> blocks_written_{0};
+  std::atomic<std::int64_t> blocks_read_{0};
+  std::atomic<std::int64_t> requests_refused_{0};
+  std::mutex shutdown_mu_;
+  std::condition_variable shutdown_cv_;
+  bool shutdown_requested_ = false;  // guarded by shutdown_mu_
+};
+
+// What a stage, a coordinator or a test calls to use agents (any device, including its own).
+// Every call waits at most `timeout` for the reply: deadline_exceeded after it, or the
+// transport's error (a peer that stopped answering) as soon as it is known.
+class AgentClient {
+ public:
+  explicit AgentClient(MessageTransport& endpoint, std::chrono::milliseconds timeout = std::chrono::seconds(10))
+      : endpoint_(endpoint), timeout_(timeout) {}
+
+  // Remote attention: `holder` appends this slice's k/v to `blocks` (its blocks for this
+  // sequence and layer) and attends; returns the [num_tokens][q_dim] output.
+  RecvHandle append_attend_async(int holder, std::int64_t request_id, std::int64_t layer,
+                                 const model::SequenceSlice& slice, std::span<const std::int64_t> blocks,
+                                 std::span<const float> qkv);
+  StatusOr<std::vector<float>> append_attend(int holder, std::int64_t request_id, std::int64_t layer,
+                                             const model::SequenceSlice& slice, std::span<const std::int64_t> blocks,
+                                             std::span<const float> qkv);
+  Status write_blocks(int device, std::span<const std::int64_t> blocks, std::span<const std::byte> bytes,
+                      TransferKind kind = TransferKind::kKvExchange);
+  StatusOr<std::vector<std::byte>> read_blocks(int device, std::span<const std::int64_t> blocks);
+  // Device `from` sends its `blocks` to device `to`, which writes them as `to_blocks` and acks.
+  Status send_blocks(int from, std::span<const std::int64_t> blocks, int to, std::span<const std::int64_t> to_blocks,
+                     TransferKind kind = TransferKind::kKvExchange);
+  // Returns the dropped layer's pages (now KV pages) on `device`.
+  StatusOr<std::vector<std::int64_t>> drop_layer(int device, std::int64_t layer);
+  // `device` pulls `layer` from device `from` into its KV pages `pages` (holding no live blocks).
+  Status pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages);
+  StatusOr<DeviceSnapshot> snapshot(int device);
+  Status shutdown_node(int device);
+
+ private:
+  RecvHandle request(MessageHeader h, std::vector<std::byte> payload);
+  StatusOr<Message> wait_reply(RecvHandle& handle, const char* what, int device);
+
+  MessageTransport& endpoint_;
+  std::chrono::milliseconds timeout_;
+};
+
+}  // namespace kun::runtime

@@ -1,0 +1,371 @@
+// kun_mpi_node: one process of the MPI runtime (runtime/README.md, "MPI"). Rank 0 is the front
+// end, ranks 1..N each own one device and serve it through a DeviceAgent over MpiTransport.
+//
+//   mpirun -np 5 kun_mpi_node --preset tiny --scenario cluster
+//
+// Scenarios (what the front end does once every rank agreed on model, preset, dtype and build):
+//   cluster  remote attention on every device at once, checked token for token against attention
+//            computed locally; blocks sent around a ring of devices and read back; a layer drop
+//            and its pull back from a peer; the idle CPU of every rank over --idle-s seconds.
+//            Exit 0 when every check passes.
+//   fault    polls every device until one fails (--fault-rank R --fault-mode kill|hang makes rank
+//            R die or stop answering), then names it and ends the job (MPI_Abort).
+// This is the groundwork of `kunserve serve --runtime mpi`: serving itself still runs in-process.
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+
+#include "common/dtype.h"
+#include "model/config.h"
+#include "model/weight_source.h"
+#include "runtime/device_agent.h"
+#include "runtime/mpi/mpi_session.h"
+#include "runtime/mpi/mpi_transport.h"
+
+namespace kun::runtime::mpi {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct NodeOptions {
+  std::string preset = "tiny";
+  std::string model = "synthetic";
+  std::string dtype = "bf16";
+  std::uint64_t seed = 7;
+  std::string scenario = "cluster";
+  int fault_rank = -1;
+  std::string fault_mode = "hang";
+  int heartbeat_ms = 100;
+  int peer_timeout_ms = 2000;
+  double idle_s = 2.0;
+  double max_idle_cpu_fraction = 0.05;
+  std::int64_t kv_token_blocks = 64;
+  int device_threads = 1;
+  double fault_wait_s = 20.0;
+};
+
+std::string prefix(int rank) { return "kun_mpi_node rank " + std::to_string(rank) + ": "; }
+
+std::unique_ptr<model::WeightSource> make_weights(const NodeOptions& o) {
+  auto config = model::preset_config(o.preset);
+  KUN_CHECK(config.ok()) << config.status().to_string();
+  DType dtype = DType::kBF16;
+  KUN_CHECK(parse_dtype(o.dtype, &dtype)) << "dtype " << o.dtype;
+  config->dtype = dtype;
+  return model::synthetic_weights(*config, o.seed);
+}
+
+std::vector<std::int64_t> blocks_of(const DeviceSnapshot& s, std::int64_t n, std::int64_t skip) {
+  std::vector<std::int64_t> ids;
+  for (std::int64_t p : s.kv_page_ids) {
+    for (std::int64_t slot = 0; slot < s.blocks_per_page && static_cast<std::int64_t>(ids.size()) < n; ++slot) {
+      if (skip-- > 0) continue;
+      ids.push_back(p * s.blocks_per_page + slot);
+    }
+  }
+  return ids;
+}
+
+// The device ranks: serve until the front end says stop or a peer fails.
+int run_device(MpiSession& session, MpiTransport& transport, const NodeOptions& o) {
+  const int rank = session.rank();
+  auto weights = make_weights(o);
+  auto dev = create_full_device("rank" + std::to_string(rank), *weights, o.kv_token_blocks, 16, o.device_threads);
+  if (!dev.ok()) {
+    std::cerr << prefix(rank) << dev.status().to_string() << std::endl;
+    session.abort(2);
+  }
+  DeviceAgent agent(**dev, transport);
+  agent.start();
+  if (rank == o.fault_rank) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    if (o.fault_mode == "kill") {
+      std::cerr << prefix(rank) << "fault injection: killing myself" << std::endl;
+      raise(SIGKILL);
+    }
+    std::cerr << prefix(rank) << "fault injection: no longer answering" << std::endl;
+    transport.simulate_hang();
+    std::this_thread::sleep_for(std::chrono::seconds(600));  // until MPI_Abort ends the job
+  }
+  while (!agent.wait_for_shutdown_request(std::chrono::milliseconds(200))) {
+    const Status f = transport.failure();
+    if (!f.ok()) {
+      std::cerr << prefix(rank) << f.message() << "; ending the job" << std::endl;
+      session.abort(3);
+    }
+  }
+  agent.stop();
+  const Status s = transport.shutdown();
+  if (!s.ok()) {
+    std::cerr << prefix(rank) << s.message() << std::endl;
+    session.abort(3);
+  }
+  return 0;
+}
+
+struct Checks {
+  int failed = 0;
+  void expect(bool ok, const std::string& what) {
+    std::cout << (ok ? "ok   " : "FAIL ") << what << std::endl;
+    if (!ok) ++failed;
+  }
+};
+
+// A transport error (a peer gone) ends the job with the message; other errors fail the check.
+template <class T>
+T value_or_abort(MpiSession& session, StatusOr<T> v) {
+  if (!v.ok()) {
+    std::cerr << prefix(0) << v.status().to_string() << std::endl;
+    session.abort(3);
+  }
+  return std::move(v).value();
+}
+
+int run_cluster(MpiSession& session, MpiTransport& transport, const NodeOptions& o) {
+  const int n = session.size() - 1;
+  if (n < 2) {
+    std::cerr << prefix(0) << "the cluster scenario needs at least 2 device ranks" << std::endl;
+    return 2;
+  }
+  AgentClient client(transport, std::chrono::milliseconds(o.peer_timeout_ms + 5000));
+  Checks checks;
+  auto weights = make_weights(o);
+  auto ref_dev = value_or_abort(session, create_full_device("reference", *weights, o.kv_token_blocks * n, 16, o.device_threads));
+  std::vector<DeviceSnapshot> snaps(static_cast<std::size_t>(n + 1));
+  for (int d = 1; d <= n; ++d) {
+    snaps[static_cast<std::size_t>(d)] = value_or_abort(session, client.snapshot(d));
+    checks.expect(static_cast<std::int64_t>(snaps[static_cast<std::size_t>(d)].resident_layers.size()) ==
+                      weights->config().num_layers,
+                  "device " + std::to_string(d) + " holds every layer");
+  }
+
+  // Remote attention: one sequence per device, all devices at once, each step checked against
+  // attention computed here over the same history.
+  {
+    model::ForwardPass& ref = ref_dev->forward();
+    const std::int64_t row = ref.qkv_row();
+    const std::int64_t qd = weights->config().q_dim();
+    const auto ref_snap_blocks = [&](int d) {
+      std::vector<std::int64_t> ids;
+      const auto pages = ref_dev->arena().kv_pages();
+      const std::int64_t per = ref_dev->kv_storage().blocks_per_page();
+      for (std::int64_t k = 0; k < 3; ++k) {
+        const std::int64_t idx = 3 * (d - 1) + k;
+        ids.push_back(pages[static_cast<std::size_t>(idx / per)].value * per + idx % per);
+      }
+      return ids;
+    };
+    std::mt19937 rng(11);
+    std::normal_distribution<float> nd;
+    const std::vector<std::int64_t> steps = {19, 1, 1, 1, 1, 1};
+    std::int64_t pos = 0;
+    bool all_equal = true;
+    for (std::int64_t t : steps) {
+      std::vector<std::vector<float>> qkv(static_cast<std::size_t>(n + 1));
+      std::vector<RecvHandle> pending(static_cast<std::size_t>(n + 1));
+      const model::SequenceSlice slice{pos, t};
+      for (int d = 1; d <= n; ++d) {
+        auto& q = qkv[static_cast<std::size_t>(d)];
+        q.resize(static_cast<std::size_t>(t * row));
+        for (float& f : q) f = nd(rng);
+        pending[static_cast<std::size_t>(d)] =
+            client.append_attend_async(d, 100 + d, 0, slice, blocks_of(snaps[static_cast<std::size_t>(d)], 3, 0), q);
+      }
+      for (int d = 1; d <= n; ++d) {
+        RecvHandle& h = pending[static_cast<std::size_t>(d)];
+        if (!h.wait_for(std::chrono::milliseconds(o.peer_timeout_ms + 5000))) {
+          std::cerr << prefix(0) << "device " << d << " did not answer remote attention" << std::endl;
+          session.abort(3);
+        }
+        const Status s = h.wait();
+        if (!s.ok()) {
+          std::cerr << prefix(0) << s.to_string() << std::endl;
+          session.abort(3);
+        }
+        Message m = h.take();
+        std::vector<float> local(static_cast<std::size_t>(t * qd));
+        std::vector<float*> ptrs;
+        for (std::int64_t b : ref_snap_blocks(d)) ptrs.push_back(ref_dev->kv_storage().key_block(kv::BlockId(b)));
+        ref.attend_local(slice, qkv[static_cast<std::size_t>(d)].data(), model::LayerKv{ptrs.data(), 3}, local.data());
+        const bool equal = m.header.error == 0 && m.payload.size() == local.size() * sizeof(float) &&
+                           std::memcmp(m.payload.data(), local.data(), m.payload.size()) == 0;
+        if (!equal) all_equal = false;
+      }
+      pos += t;
+    }
+    checks.expect(all_equal, "remote attention on " + std::to_string(n) + " holders equals local attention, " +
+                                 std::to_string(steps.size()) + " steps");
+    std::int64_t tokens = 0;
+    for (std::int64_t t : steps) tokens += t;
+    for (int d = 1; d <= n; ++d) {
+      const DeviceSnapshot s = value_or_abort(session, client.snapshot(d));
+      checks.expect(s.counters.attention_requests_for_others == static_cast<std::int64_t>(steps.size()) &&
+                        s.counters.attention_tokens_for_others == tokens,
+                    "device " + std::to_string(d) + " did the attention itself: " +
+                        std::to_string(s.counters.attention_requests_for_others) + " requests, " +
+                        std::to_string(s.counters.attention_tokens_for_others) + " tokens");
+    }
+  }
+
+  // Blocks around a ring: written to device 1, sent 1 -> 2 -> ... -> n -> 1, read back.
+  {
+    const std::int64_t block_bytes = ref_dev->kv_storage().block_bytes();
+    const std::int64_t nb = 4;
+    std::vector<std::byte> data(static_cast<std::size_t>(nb * block_bytes));
+    for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::byte>((i * 151 + 3) & 0xff);
+    const auto blocks = [&](int d, std::int64_t skip) { return blocks_of(snaps[static_cast<std::size_t>(d)], nb, skip); };
+    Status s = client.write_blocks(1, blocks(1, 8), data);
+    checks.expect(s.ok(), "write blocks to device 1 " + s.to_string());
+    for (int d = 1; d <= n; ++d) {
+      const int next = d == n ? 1 : d + 1;
+      s = client.send_blocks(d, blocks(d, 8), next, blocks(next, next == 1 ? 16 : 8));
+      if (s.code() == StatusCode::kUnavailable) {
+        std::cerr << prefix(0) << s.to_string() << std::endl;
+        session.abort(3);
+      }
+      checks.expect(s.ok(), "device " + std::to_string(d) + " sent 4 blocks to device " + std::to_string(next) + " " +
+                                (s.ok() ? "" : s.to_string()));
+    }
+    auto back = value_or_abort(session, client.read_blocks(1, blocks(1, 16)));
+    checks.expect(back == data, "blocks came around the ring of " + std::to_string(n) + " devices intact");
+  }
+
+  // Drop a layer on the last device, then pull it back from device 1.
+  {
+    const DeviceSnapshot& before = snaps[static_cast<std::size_t>(n)];
+    auto pages = client.drop_layer(n, 1);
+    const DeviceSnapshot after = value_or_abort(session, client.snapshot(n));
+    checks.expect(pages.ok() && after.kv_pages - before.kv_pages == ref_dev->pages_per_layer(),
+                  "device " + std::to_string(n) + " dropped layer 1: +" + std::to_string(after.kv_pages - before.kv_pages) +
+                      " KV pages");
+    const Status pulled = pages.ok() ? client.pull_layer(n, 1, 1, *pages) : pages.status();
+    const DeviceSnapshot restored = value_or_abort(session, client.snapshot(n));
+    checks.expect(pulled.ok() && restored.resident_layers == before.resident_layers &&
+                      restored.layer_checksums == before.layer_checksums && restored.kv_pages == before.kv_pages,
+                  "device " + std::to_string(n) + " pulled layer 1 from device 1, weights identical " +
+                      (pulled.ok() ? "" : pulled.to_string()));
+  }
+
+  // Idle CPU: every rank waits (heartbeats only) for idle_s.
+  {
+    std::vector<double> before(static_cast<std::size_t>(n + 1)), after(static_cast<std::size_t>(n + 1));
+    before[0] = process_cpu_seconds();
+    for (int d = 1; d <= n; ++d) before[static_cast<std::size_t>(d)] = value_or_abort(session, client.snapshot(d)).process_cpu_s;
+    std::this_thread::sleep_for(std::chrono::duration<double>(o.idle_s));
+    after[0] = process_cpu_seconds();
+    for (int d = 1; d <= n; ++d) after[static_cast<std::size_t>(d)] = value_or_abort(session, client.snapshot(d)).process_cpu_s;
+    std::ostringstream os;
+    bool ok = true;
+    os << "idle CPU over " << o.idle_s << " s (limit " << o.max_idle_cpu_fraction * o.idle_s << " s):";
+    for (int r = 0; r <= n; ++r) {
+      const double used = after[static_cast<std::size_t>(r)] - before[static_cast<std::size_t>(r)];
+      os << " rank" << r << " " << used << " s";
+      if (used > o.max_idle_cpu_fraction * o.idle_s) ok = false;
+    }
+    checks.expect(ok, os.str());
+  }
+
+  for (int d = 1; d <= n; ++d) {
+    const Status s = client.shutdown_node(d);
+    if (!s.ok()) std::cerr << prefix(0) << s.to_string() << std::endl;
+  }
+  const TransferStats st = transport.stats();
+  std::cout << "rank 0 sent: " << st.bytes_of(TransferKind::kRemoteAttention) << " B remote attention, "
+            << st.bytes_of(TransferKind::kKvExchange) << " B kv exchange" << std::endl;
+  return checks.failed == 0 ? 0 : 1;
+}
+
+int run_fault_watch(MpiSession& session, MpiTransport& transport, const NodeOptions& o) {
+  AgentClient client(transport, std::chrono::milliseconds(o.peer_timeout_ms + 5000));
+  const auto t0 = Clock::now();
+  while (Clock::now() - t0 < std::chrono::duration<double>(o.fault_wait_s)) {
+    for (int d = 1; d < session.size(); ++d) {
+      auto s = client.snapshot(d);
+      if (!s.ok()) {
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        std::cerr << prefix(0) << "device lost: " << s.status().message() << " (" << ms
+                  << " ms after start); ending the job" << std::endl;
+        session.abort(3);
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  std::cerr << prefix(0) << "no device failed within " << o.fault_wait_s << " s" << std::endl;
+  for (int d = 1; d < session.size(); ++d) (void)client.shutdown_node(d);
+  return 1;
+}
+
+int node_main(int argc, char** argv) {
+  auto session_or = MpiSession::init(&argc, &argv);
+  if (!session_or.ok()) {
+    std::cerr << "kun_mpi_node: " << session_or.status().to_string() << std::endl;
+    return 1;
+  }
+  MpiSession& session = **session_or;
+  NodeOptions o;
+  CLI::App app{"KunServe MPI node: rank 0 front end, ranks 1..N devices"};
+  app.add_option("--preset", o.preset, "model preset");
+  app.add_option("--model", o.model, "model (synthetic weights)");
+  app.add_option("--dtype", o.dtype, "weight dtype")->check(CLI::IsMember({"f32", "f16", "bf16"}));
+  app.add_option("--seed", o.seed, "synthetic weight seed");
+  app.add_option("--scenario", o.scenario, "cluster | fault")->check(CLI::IsMember({"cluster", "fault"}));
+  app.add_option("--fault-rank", o.fault_rank, "rank that fails (fault scenario)");
+  app.add_option("--fault-mode", o.fault_mode, "kill | hang")->check(CLI::IsMember({"kill", "hang"}));
+  app.add_option("--heartbeat-ms", o.heartbeat_ms, "heartbeat period")->check(CLI::PositiveNumber);
+  app.add_option("--peer-timeout-ms", o.peer_timeout_ms, "a peer silent this long has failed")->check(CLI::PositiveNumber);
+  app.add_option("--idle-s", o.idle_s, "idle CPU measurement window");
+  app.add_option("--max-idle-cpu-fraction", o.max_idle_cpu_fraction, "idle CPU limit, fraction of one core");
+  app.add_option("--kv-token-blocks", o.kv_token_blocks, "KV capacity per device in token blocks");
+  app.add_option("--device-threads", o.device_threads, "kernel threads per device");
+  app.add_option("--fault-wait-s", o.fault_wait_s, "fault scenario: how long to wait for a failure");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    session.abort(rc == 0 ? 0 : 2);
+  }
+  if (!model::preset_config(o.preset).ok()) {
+    std::cerr << prefix(session.rank()) << "unknown preset " << o.preset << std::endl;
+    session.abort(2);
+  }
+  NodeIdentity id{o.model + ":" + std::to_string(o.seed), o.preset, o.dtype, this_build_id()};
+  const Status agreed = check_identity(id);
+  if (!agreed.ok()) {
+    if (session.rank() == 0) std::cerr << "kun_mpi_node: " << agreed.message() << std::endl;
+    return 2;  // every rank got the same verdict: all finalize and exit
+  }
+  MpiTransportOptions topt;
+  topt.heartbeat_period = std::chrono::milliseconds(o.heartbeat_ms);
+  topt.peer_timeout = std::chrono::milliseconds(o.peer_timeout_ms);
+  auto transport = MpiTransport::create(topt);
+  if (!transport.ok()) {
+    std::cerr << prefix(session.rank()) << transport.status().to_string() << std::endl;
+    session.abort(2);
+  }
+  int rc = 0;
+  if (session.rank() != 0) {
+    rc = run_device(session, **transport, o);
+  } else {
+    rc = o.scenario == "fault" ? run_fault_watch(session, **transport, o) : run_cluster(session, **transport, o);
+    const Status s = (*transport)->shutdown();
+    if (!s.ok()) {
+      std::cerr << prefix(0) << s.message() << std::endl;
+      session.abort(3);
+    }
+  }
+  transport->reset();
+  return rc;
+}
+
+}  // namespace
+}  // namespace kun::runtime::mpi
+
+int main(int argc, char** argv) { return kun::runtime::mpi::node_main(argc, argv); }

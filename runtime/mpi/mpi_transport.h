@@ -1,0 +1,133 @@
+// MpiTransport: the MessageTransport backend with one process (MPI rank) per device. Point-to-point
+// non-blocking MPI (MPI_Isend / MPI_Irecv / MPI_Improbe + MPI_Mrecv) on a duplicate of
+// MPI_COMM_WORLD; device id == rank.
+//
+// One progress thread per process makes every MPI call after construction (so MPI needs only
+// MPI_THREAD_SERIALIZED, see MpiSession): callers queue sends and post receives into a Mailbox
+// and block on completion handles (condition variables). The progress thread never spins a core:
+// with nothing in flight it sleeps with exponential backoff up to max_idle_sleep, and a send
+// wakes it at once; with requests in flight it polls every busy_poll_sleep.
+//
+// Wire: a message is a prefix (magic, sizes, offset; the encoded MessageHeader on its first
+// chunk) followed by its payload bytes as a second MPI message received straight into the
+// destination buffer. The MPI tag is the TransferKind, so MPI's non-overtaking rule gives the
+// in-process ordering guarantee per (source, destination, kind). Latency-bound kinds (activation,
+// remote attention) are posted as soon as they are queued; bulk kinds (KV, weights) go in
+// bulk_chunk_bytes chunks with at most one chunk per destination in flight, so a latency-bound
+// message waits behind at most one chunk.
+//
+// Faults: every rank sends a heartbeat to every peer each heartbeat_period; a peer from which
+// nothing arrived for peer_timeout is declared failed: receives waiting on it and sends to it end
+// with kUnavailable naming the rank, and failure() reports it. shutdown() says goodbye to every
+// peer and waits for theirs, so no rank mistakes a peer's orderly exit for a failure, and MPI can
+// be finalized with nothing in flight.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "runtime/message_transport.h"
+
+namespace kun::runtime::mpi {
+
+struct MpiTransportOptions {
+  std::int64_t bulk_chunk_bytes = 256 * 1024;
+  std::chrono::milliseconds heartbeat_period{100};
+  std::chrono::milliseconds peer_timeout{2000};
+  std::chrono::microseconds max_idle_sleep{1000};
+  std::chrono::microseconds busy_poll_sleep{20};  // 0: yield instead (a core busy while in flight)
+  // After the last progress, poll every busy_poll_sleep this long before backing off.
+  std::chrono::microseconds active_window{2000};
+  // shutdown() waits this long at most for peers still working (they keep sending heartbeats;
+  // one that goes silent fails after peer_timeout as usual).
+  std::chrono::milliseconds shutdown_timeout{60000};
+};
+
+class MpiTransport final : public MessageTransport {
+ public:
+  // MPI must be initialized (MpiSession). Collective over MPI_COMM_WORLD (duplicates it).
+  static StatusOr<std::unique_ptr<MpiTransport>> create(const MpiTransportOptions& options);
+  ~MpiTransport() override;  // shutdown() if not done
+  MpiTransport(const MpiTransport&) = delete;
+  MpiTransport& operator=(const MpiTransport&) = delete;
+
+  int device() const override { return rank_; }
+  int num_devices() const override { return size_; }
+  SendHandle send(MessageHeader header, std::span<const std::byte> payload) override;
+  SendHandle send_owned(MessageHeader header, std::vector<std::byte> payload) override;
+  RecvHandle recv(RecvMatch match) override { return mailbox_.recv(match); }
+  std::uint64_t next_tag() override { return next_tag_.fetch_add(1, std::memory_order_relaxed); }
+  TransferStats stats() const override { return counters_.stats(); }
+
+  // The first peer failure (kUnavailable naming the rank), or ok while every peer answers.
+  Status failure() const;
+  // Blocks until a peer fails or `timeout` passes; returns failure().
+  Status wait_for_failure(std::chrono::milliseconds timeout) const;
+  // Orderly end: sends what is queued, says goodbye to every live peer, waits for their goodbyes
+  // (while they keep answering, at most shutdown_timeout), stops the progress thread. An error
+  // (a peer failed, or no goodbye in time) names the ranks; the caller should then MPI_Abort
+  // rather than MPI_Finalize.
+  Status shutdown();
+  // Fault injection for tests: this rank stops answering (no heartbeats, nothing received), as a
+  // hung process would.
+  void simulate_hang();
+
+ private:
+  struct OutMsg;
+  struct PeerOut;
+  struct PendingData;
+  struct Partial;
+  struct Stream;
+  MpiTransport(const MpiTransportOptions& options, void* comm, int rank, int size);
+  SendHandle submit(std::unique_ptr<OutMsg> out);
+  void progress_loop();
+  // Each returns true if it made progress.
+  bool take_submitted();
+  // Posts the next n payload bytes of `m` (with its prefix); false (and `m` failed) on an MPI error.
+  bool post(OutMsg& m, std::int64_t n);
+  void flush(Stream& stream);
+  bool post_bulk_chunks();
+  bool test_sends();
+  bool receive_messages();
+  bool test_data_receives();
+  void heartbeats_and_timeouts();
+  void fail_peer(int peer, const Status& s);
+  bool anything_in_flight() const;
+  // True when the progress thread may end.
+  bool finish_shutdown(std::chrono::steady_clock::time_point deadline);
+
+  MpiTransportOptions options_;
+  void* comm_;  // MPI_Comm, kept opaque so this header does not need mpi.h
+  int rank_;
+  int size_;
+  Mailbox mailbox_;
+  TransferCounters counters_;
+  std::atomic<std::uint64_t> next_tag_{1};
+  std::atomic<bool> hung_{false};
+
+  mutable std::mutex mu_;
+  std::condition_variable wake_cv_;              // wakes the progress thread
+  mutable std::condition_variable failure_cv_;   // wakes wait_for_failure
+  std::deque<std::unique_ptr<OutMsg>> submitted_;  // guarded by mu_
+  bool stopping_ = false;                          // guarded by mu_
+  bool stopped_ = false;                           // guarded by mu_
+  Status failure_;                                 // guarded by mu_: first peer failure
+  Status shutdown_status_;                         // guarded by mu_
+
+  // Progress thread only.
+  std::vector<std::unique_ptr<PeerOut>> peers_;
+  std::vector<std::unique_ptr<OutMsg>> latency_in_flight_;
+  std::vector<std::unique_ptr<PendingData>> data_receives_;
+  std::vector<std::unique_ptr<Stream>> streams_;  // per (source, kind)
+  std::thread progress_;
+};
+
+}  // namespace kun::runtime::mpi
