@@ -110,7 +110,7 @@ class DeviceAgent {
   VirtualDevice& device_;
   MessageTransport& endpoint_;
   std::thread thread_;
-  std::vector<float*> block_ptrs_;  // serve thread only
+  std::vector<std::byte*> block_ptrs_;  // serve thread only
   struct PendingPull {
     MessageHeader request;  // the kPullLayer as received
   };

@@ -192,7 +192,7 @@ int run_cluster(MpiSession& session, MpiTransport& transport, const NodeOptions&
         }
         Message m = h.take();
         std::vector<float> local(static_cast<std::size_t>(t * qd));
-        std::vector<float*> ptrs;
+        std::vector<std::byte*> ptrs;
         for (std::int64_t b : ref_snap_blocks(d)) ptrs.push_back(ref_dev->kv_storage().key_block(kv::BlockId(b)));
         ref.attend_local(slice, qkv[static_cast<std::size_t>(d)].data(), model::LayerKv{ptrs.data(), 3}, local.data());
         const bool equal = m.header.error == 0 && m.payload.size() == local.size() * sizeof(float) &&

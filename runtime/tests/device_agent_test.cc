@@ -78,7 +78,7 @@ TEST_P(DeviceAgentTest, RemoteAttentionRunsOnTheHolderAndMatchesLocalAttention) 
   ASSERT_TRUE(snap.ok()) << snap.status().to_string();
   const auto holder_blocks = first_blocks(*snap, 3);
   ASSERT_EQ(holder_blocks.size(), 3u);
-  std::vector<float*> ref_ptrs;
+  std::vector<std::byte*> ref_ptrs;
   for (std::int64_t b : first_blocks(*snap, 3)) ref_ptrs.push_back(ref_dev->kv_storage().key_block(kv::BlockId(b)));
   const model::LayerKv ref_kv{ref_ptrs.data(), 3};
 
