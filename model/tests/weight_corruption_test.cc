@@ -453,15 +453,21 @@ TEST(NonFiniteScan, EveryDtypeAndMisalignedData) {
   for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
     const std::int64_t n = 10000;
     const std::int64_t esz = dtype_bytes(dt);
-    std::vector<std::uint8_t> buf(static_cast<std::size_t>(n * esz + 1));
-    std::vector<float> ones(static_cast<std::size_t>(n), 1.5f);
-    convert_dtype(ones.data(), DType::kF32, buf.data() + 1, dt, n);
+    std::vector<float> values(static_cast<std::size_t>(n), 1.5f);
+    // Converted into an aligned buffer, then copied one byte off alignment (as in a file).
+    std::vector<std::uint8_t> aligned(static_cast<std::size_t>(n * esz));
+    std::vector<std::uint8_t> buf(aligned.size() + 1);
+    auto stage = [&] {
+      convert_dtype(values.data(), DType::kF32, aligned.data(), dt, n);
+      std::memcpy(buf.data() + 1, aligned.data(), aligned.size());
+    };
+    stage();
     EXPECT_EQ(first_non_finite(buf.data() + 1, dt, n), -1);
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    convert_dtype(&nan, DType::kF32, buf.data() + 1 + 9000 * esz, dt, 1);
+    values[9000] = std::numeric_limits<float>::quiet_NaN();
+    stage();
     EXPECT_EQ(first_non_finite(buf.data() + 1, dt, n), 9000);
-    const float inf = std::numeric_limits<float>::infinity();
-    convert_dtype(&inf, DType::kF32, buf.data() + 1 + 4096 * esz, dt, 1);
+    values[4096] = std::numeric_limits<float>::infinity();
+    stage();
     EXPECT_EQ(first_non_finite(buf.data() + 1, dt, n), 4096);
   }
 }
