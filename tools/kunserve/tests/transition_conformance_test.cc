@@ -31,22 +31,23 @@ struct Geometry {
   std::int64_t sim_page_bytes = 0;
 };
 
-// Pages large enough for one decoder layer in both executors, and the same KV blocks per page
-// (the runtime stores KV in fp32, the simulator's cost model in 16-bit: half the page there).
+// Pages large enough for one decoder layer in both executors, and the same KV blocks per page:
+// the runtime holds bf16 weights and a bf16 KV cache, as the simulator's cost model does.
 Geometry geometry_for(const model::ModelConfig& c) {
   const std::int64_t layer_bytes = c.layer_param_count() * 2;
   std::int64_t sim_page = 64 * 1024;
   while (sim_page < layer_bytes) sim_page *= 2;
-  return Geometry{2 * sim_page, sim_page};
+  return Geometry{sim_page, sim_page};
 }
 
 runtime::ClusterOptions runtime_options(const model::ModelConfig& c, const Geometry& geo, cluster::StaleKvStrategy stale) {
   runtime::ClusterOptions o;
   o.num_instances = 4;
   o.device.kv_block_size = 16;
-  o.device.weight_dtype = c.dtype;
+  o.device.weight_dtype = DType::kBF16;
+  o.device.kv_dtype = DType::kBF16;
   o.device.page_bytes = geo.runtime_page_bytes;
-  o.device.capacity_bytes = runtime::device_param_bytes(c, c.dtype, 0, c.num_layers, geo.runtime_page_bytes) +
+  o.device.capacity_bytes = runtime::device_param_bytes(c, DType::kBF16, 0, c.num_layers, geo.runtime_page_bytes) +
                             kKvPages * geo.runtime_page_bytes;
   o.scheduler.max_num_batched_tokens = 512;
   o.scheduler.max_prefill_chunk_tokens = 512;
