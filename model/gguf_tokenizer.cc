@@ -1,4 +1,5 @@
 #include "model/gguf_tokenizer.h"
+#include "model/weight_source.h"
 
 #include <algorithm>
 #include <cstring>
@@ -219,11 +220,7 @@ StatusOr<std::unique_ptr<Tokenizer>> load_gguf_tokenizer(const std::string& path
 namespace {
 
 StatusOr<std::string> read_text(const std::filesystem::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) return not_found("cannot open " + p.string());
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
+  return read_regular_text_file(p.string());  // only regular files: a FIFO would block forever
 }
 
 GgufValue string_array(std::vector<std::string> values) {

@@ -1256,6 +1256,11 @@ StatusOr<std::unique_ptr<Tokenizer>> build_from_sentencepiece(std::string_view d
 }
 
 StatusOr<std::string> read_file(const std::filesystem::path& path) {
+  // Only regular files: opening a FIFO for reading would wait for a writer forever.
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec)) {
+    return invalid_argument(path.string() + ": not a regular file");
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) return not_found("cannot open " + path.string());
   std::ostringstream ss;

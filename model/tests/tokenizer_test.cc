@@ -1,5 +1,7 @@
 // Unit tests of the tokenizers on small hand-written vocabularies.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -300,6 +302,21 @@ TEST(TokenizerLoad, FromDirectoryWithConfig) {
   auto chat = (*t)->apply_chat_template({{"user", "hi"}}, true);
   ASSERT_TRUE(chat.ok());
   EXPECT_EQ(*chat, "<s>[INST] hi [/INST]");
+  std::filesystem::remove_all(dir);
+}
+
+// A FIFO (or device) where tokenizer.json should be is refused at once: opening it for reading
+// would otherwise wait for a writer forever.
+TEST(TokenizerLoad, RefusesAFifoInsteadOfBlocking) {
+  const auto dir = std::filesystem::temp_directory_path() / ("kun_tokenizer_fifo_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  ASSERT_EQ(::mkfifo((dir / "tokenizer.json").c_str(), 0600), 0);
+  auto t = load_tokenizer(dir.string());
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find("not a regular file"), std::string::npos) << t.status().to_string();
+  t = load_tokenizer((dir / "tokenizer.json").string());
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find("not a regular file"), std::string::npos) << t.status().to_string();
   std::filesystem::remove_all(dir);
 }
 
