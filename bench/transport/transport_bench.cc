@@ -7,8 +7,12 @@
 //     chunk sizes, and over the in-process hub, against memcpy bandwidth (ratio);
 //   - activation latency (one way = round trip / 2 of a small kActivation message) idle and
 //     while a bulk KV transfer crosses the same link, MPI vs in-process (paced link model), as
-//     p50 / p99 and the under-bulk / idle ratio.
+//     p50 / p99 and the under-bulk / idle ratio;
+//   - idle CPU of each rank (fraction of one core while both ranks wait with a transport open,
+//     heartbeats only), with doorbells (the default) and with the polling backoff alone.
+// Each figure is the median of --repeats runs (3).
 #include <mpi.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -35,8 +39,18 @@ struct BenchOptions {
   std::int64_t activation_bytes = 16 * 1024;
   int pings = 200;
   double link_gbps = 10.0;
-  std::int64_t busy_poll_us = 20;
+  std::int64_t busy_poll_us = 0;
+  int bulk_window = 2;
+  std::int64_t receive_pool_mib = 1024;
+  int repeats = 3;
+  double idle_s = 2.0;
 };
+
+double process_cpu_s() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
 
 double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
@@ -125,7 +139,8 @@ Figures sender_side(MessageTransport& t, const BenchOptions& o, const std::vecto
 }
 
 void receiver_side(MessageTransport& t, const BenchOptions& o, const std::vector<std::byte>& act) {
-  for (std::int64_t i = 0; i < o.messages; ++i) (void)receive(t, 0, kBulk);
+  // As a device agent does once the bytes are in its arena: the buffers go back to the transport.
+  for (std::int64_t i = 0; i < o.messages; ++i) t.recycle(receive(t, 0, kBulk).payload);
   t.send_owned(header(0, TransferKind::kActivation, kAck), {});
   for (int round = 0; round < 2; ++round) {
     for (int i = 0; i < o.pings; ++i) {
@@ -133,7 +148,7 @@ void receiver_side(MessageTransport& t, const BenchOptions& o, const std::vector
       KUN_CHECK(t.send(header(0, TransferKind::kActivation, kPong), act).wait().ok());
     }
   }
-  (void)receive(t, 0, kBulkUnderPings);
+  t.recycle(receive(t, 0, kBulkUnderPings).payload);
   t.send_owned(header(0, TransferKind::kActivation, kAck), {});
 }
 
@@ -147,6 +162,23 @@ void sleepy_barrier() {
     if (done) return;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
+}
+
+Figures median(std::vector<Figures> runs) {
+  auto med = [&](auto field) {
+    std::vector<double> v;
+    for (const Figures& f : runs) v.push_back(static_cast<double>(f.*field));
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  Figures m;
+  m.kv_gbps = med(&Figures::kv_gbps);
+  m.idle_p50_us = med(&Figures::idle_p50_us);
+  m.idle_p99_us = med(&Figures::idle_p99_us);
+  m.busy_p50_us = med(&Figures::busy_p50_us);
+  m.busy_p99_us = med(&Figures::busy_p99_us);
+  m.busy_samples = static_cast<int>(med(&Figures::busy_samples));
+  return m;
 }
 
 void print(const char* name, const Figures& f, double memcpy) {
@@ -167,6 +199,10 @@ int bench_main(int argc, char** argv) {
   app.add_option("--pings", o.pings, "ping-pongs per latency run");
   app.add_option("--link-gbps", o.link_gbps, "in-process paced link bandwidth (GB/s)");
   app.add_option("--busy-poll-us", o.busy_poll_us, "MPI progress thread poll period while busy (0: yield)");
+  app.add_option("--bulk-window", o.bulk_window, "MPI bulk chunks in flight per destination");
+  app.add_option("--receive-pool-mib", o.receive_pool_mib, "MPI receive buffer pool (recycled payloads)");
+  app.add_option("--repeats", o.repeats, "runs per figure (the median is printed)");
+  app.add_option("--idle-s", o.idle_s, "idle CPU measurement window");
   CLI11_PARSE(app, argc, argv);
   const int rank = (*session)->rank();
   KUN_CHECK_EQ((*session)->size(), 2) << "run with mpirun -np 2";
@@ -186,28 +222,67 @@ int bench_main(int argc, char** argv) {
       LinkModel link;
       if (paced) link.bandwidth_bytes_per_s = o.link_gbps * 1e9;
       InProcessMessageHub hub(2, link);
-      std::thread receiver([&] { receiver_side(hub.endpoint(1), o, act); });
-      const Figures f = sender_side(hub.endpoint(0), o, bulk, act);
-      receiver.join();
+      std::vector<Figures> runs;
+      for (int r = 0; r < o.repeats; ++r) {
+        std::thread receiver([&] { receiver_side(hub.endpoint(1), o, act); });
+        runs.push_back(sender_side(hub.endpoint(0), o, bulk, act));
+        receiver.join();
+      }
+      const Figures f = median(runs);
       char name[64];
       std::snprintf(name, sizeof(name), paced ? "in-process %.0f GB/s link" : "in-process unpaced", o.link_gbps);
       print(name, f, memcpy);
     }
   }
   sleepy_barrier();
-  for (std::int64_t kib : o.chunk_kib) {
+  auto options_for = [&](std::int64_t chunk_kib) {
     mpi::MpiTransportOptions topt;
-    topt.bulk_chunk_bytes = kib * 1024;
+    topt.bulk_chunk_bytes = chunk_kib * 1024;
     topt.busy_poll_sleep = std::chrono::microseconds(o.busy_poll_us);
-    auto t = mpi::MpiTransport::create(topt);
+    topt.bulk_window_chunks = o.bulk_window;
+    topt.receive_pool_bytes = o.receive_pool_mib << 20;
+    return topt;
+  };
+  for (std::int64_t kib : o.chunk_kib) {
+    auto t = mpi::MpiTransport::create(options_for(kib));
     KUN_CHECK(t.ok()) << t.status().to_string();
+    std::vector<Figures> runs;
+    for (int r = 0; r < o.repeats; ++r) {
+      if (rank == 0) {
+        runs.push_back(sender_side(**t, o, bulk, act));
+      } else {
+        receiver_side(**t, o, act);
+      }
+    }
     if (rank == 0) {
-      const Figures f = sender_side(**t, o, bulk, act);
       char name[64];
       std::snprintf(name, sizeof(name), "MPI, %lld KiB chunks", static_cast<long long>(kib));
-      print(name, f, memcpy);
-    } else {
-      receiver_side(**t, o, act);
+      print(name, median(runs), memcpy);
+    }
+    KUN_CHECK((*t)->shutdown().ok());
+  }
+  // Idle CPU: both ranks wait with a transport open (heartbeats only); the main thread sleeps.
+  for (bool doorbells : {true, false}) {
+    auto topt = options_for(o.chunk_kib.front());
+    topt.doorbells = doorbells;
+    auto t = mpi::MpiTransport::create(topt);
+    KUN_CHECK(t.ok()) << t.status().to_string();
+    std::vector<double> fractions;
+    for (int r = 0; r < o.repeats; ++r) {
+      sleepy_barrier();
+      const double c0 = process_cpu_s();
+      const auto w0 = Clock::now();
+      std::this_thread::sleep_for(std::chrono::duration<double>(o.idle_s));
+      fractions.push_back((process_cpu_s() - c0) / seconds(Clock::now() - w0));
+    }
+    std::sort(fractions.begin(), fractions.end());
+    double mine = fractions[fractions.size() / 2];
+    double both[2] = {0, 0};
+    MPI_Gather(&mine, 1, MPI_DOUBLE, both, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    if (rank == 0) {
+      std::printf("idle CPU per rank, %s: rank 0 %.3f %%, rank 1 %.3f %% of a core (median of %d x %.1f s)\n",
+                  doorbells ? "doorbells (default)" : "polling backoff to 1 ms (no doorbells)", both[0] * 100,
+                  both[1] * 100, o.repeats, o.idle_s);
     }
     KUN_CHECK((*t)->shutdown().ok());
   }
