@@ -44,6 +44,7 @@ struct BenchOptions {
   std::int64_t receive_pool_mib = 1024;
   int repeats = 3;
   double idle_s = 2.0;
+  bool compare_previous = true;
 };
 
 double process_cpu_s() {
@@ -203,7 +204,13 @@ int bench_main(int argc, char** argv) {
   app.add_option("--receive-pool-mib", o.receive_pool_mib, "MPI receive buffer pool (recycled payloads)");
   app.add_option("--repeats", o.repeats, "runs per figure (the median is printed)");
   app.add_option("--idle-s", o.idle_s, "idle CPU measurement window");
+  app.add_option("--compare-previous", o.compare_previous,
+                 "also run 256 KiB chunks with the previous settings (window 1, 20 us polls, no pool, no doorbells)");
   CLI11_PARSE(app, argc, argv);
+  int thread_level = 0;
+  MPI_Query_thread(&thread_level);
+  // The main thread makes MPI calls (barrier, gather) while a transport's progress thread runs.
+  KUN_CHECK_EQ(thread_level, MPI_THREAD_MULTIPLE) << "the bench needs MPI_THREAD_MULTIPLE";
   const int rank = (*session)->rank();
   KUN_CHECK_EQ((*session)->size(), 2) << "run with mpirun -np 2";
   std::vector<std::byte> bulk(static_cast<std::size_t>(o.bulk_mib << 20), std::byte{7});
@@ -243,8 +250,20 @@ int bench_main(int argc, char** argv) {
     topt.receive_pool_bytes = o.receive_pool_mib << 20;
     return topt;
   };
-  for (std::int64_t kib : o.chunk_kib) {
-    auto t = mpi::MpiTransport::create(options_for(kib));
+  // The settings before doorbells, the window and the pool (one 256 KiB chunk in flight, 20 us
+  // polls while busy, a new buffer per receive, 1 ms idle polling), as a baseline in this run.
+  std::vector<std::pair<std::int64_t, bool>> configs;
+  for (std::int64_t kib : o.chunk_kib) configs.emplace_back(kib, false);
+  if (o.compare_previous) configs.emplace_back(256, true);
+  for (const auto& [kib, previous] : configs) {
+    auto topt = options_for(kib);
+    if (previous) {
+      topt.bulk_window_chunks = 1;
+      topt.busy_poll_sleep = std::chrono::microseconds(20);
+      topt.receive_pool_bytes = 0;
+      topt.doorbells = false;
+    }
+    auto t = mpi::MpiTransport::create(topt);
     KUN_CHECK(t.ok()) << t.status().to_string();
     std::vector<Figures> runs;
     for (int r = 0; r < o.repeats; ++r) {
@@ -256,7 +275,8 @@ int bench_main(int argc, char** argv) {
     }
     if (rank == 0) {
       char name[64];
-      std::snprintf(name, sizeof(name), "MPI, %lld KiB chunks", static_cast<long long>(kib));
+      std::snprintf(name, sizeof(name), previous ? "MPI, %lld KiB, previous" : "MPI, %lld KiB chunks",
+                    static_cast<long long>(kib));
       print(name, median(runs), memcpy);
     }
     KUN_CHECK((*t)->shutdown().ok());
