@@ -76,6 +76,10 @@ int check_main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::string(argv[i]) == "--peer-timeout-ms") o.peer_timeout = std::chrono::milliseconds(std::stoll(argv[i + 1]));
   }
+  // --no-doorbells: idle ranks poll (the path for peers on other hosts).
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--no-doorbells") o.doorbells = false;
+  }
   auto created = MpiTransport::create(o);
   if (!created.ok()) return 2;
   MpiTransport& t = **created;
