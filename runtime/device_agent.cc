@@ -134,6 +134,7 @@ void DeviceAgent::serve_loop() {
     if (!s.ok()) return;  // the transport is gone: nothing more will arrive
     Message m = h.take();
     if (!handle(m)) return;
+    endpoint_.recycle(std::move(m.payload));  // its bytes are in the arena now (or not needed)
   }
 }
 

@@ -156,6 +156,10 @@ class MessageTransport {
   // Unique tags for request/reply matching on this endpoint.
   virtual std::uint64_t next_tag() = 0;
   virtual TransferStats stats() const = 0;
+  // Hands a received payload's buffer back once its bytes are consumed. A backend may keep a few
+  // large ones and receive later messages into them without allocating, faulting pages in and
+  // zero-filling (MpiTransport does); by default the buffer is freed.
+  virtual void recycle(std::vector<std::byte> payload) { (void)payload; }
 };
 
 // Delivered messages and waiting receives of one endpoint (shared by both backends).

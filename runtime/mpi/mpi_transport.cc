@@ -1,8 +1,15 @@
 #include "runtime/mpi/mpi_transport.h"
 
 #include <mpi.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <climits>
 #include <cstring>
 #include <iostream>
@@ -37,6 +44,12 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
 }
 }  // namespace
 
+// One posted piece of a message: its prefix and (unless empty) its payload bytes.
+struct MpiTransport::Chunk {
+  std::vector<std::byte> prefix;
+  MPI_Request reqs[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+};
+
 struct MpiTransport::OutMsg {
   MessageHeader header;
   std::vector<std::byte> header_bytes;
@@ -44,14 +57,15 @@ struct MpiTransport::OutMsg {
   std::vector<std::byte> owned;
   std::shared_ptr<detail::SharedState<detail::NoValue>> done;
   bool started = false;
-  std::int64_t sent = 0;           // payload bytes posted so far
-  std::vector<std::byte> prefix;   // the prefix of the chunk in flight
-  MPI_Request reqs[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  std::int64_t sent = 0;     // payload bytes posted so far
+  std::deque<Chunk> chunks;  // posted, not yet completed, oldest first
+  bool fully_posted() const { return started && sent == static_cast<std::int64_t>(source.size()); }
 };
 
 struct MpiTransport::PeerOut {
-  std::deque<std::unique_ptr<OutMsg>> bulk;  // FIFO across bulk kinds; the front has a chunk in flight
-  bool chunk_in_flight = false;
+  // FIFO across bulk kinds: messages with chunks in flight or still to post, oldest first.
+  std::deque<std::unique_ptr<OutMsg>> bulk;
+  int chunks_in_flight = 0;
   Clock::time_point last_seen;
   Clock::time_point next_heartbeat;
   MPI_Request heartbeat = MPI_REQUEST_NULL;
@@ -89,6 +103,9 @@ StatusOr<std::unique_ptr<MpiTransport>> MpiTransport::create(const MpiTransportO
   if (options.bulk_chunk_bytes <= 0 || options.bulk_chunk_bytes > INT_MAX) {
     return invalid_argument("bulk chunk of " + std::to_string(options.bulk_chunk_bytes) + " bytes");
   }
+  if (options.bulk_window_chunks < 1) {
+    return invalid_argument("bulk window of " + std::to_string(options.bulk_window_chunks) + " chunks");
+  }
   if (options.peer_timeout <= options.heartbeat_period) {
     return invalid_argument("peer timeout must exceed the heartbeat period");
   }
@@ -102,6 +119,7 @@ StatusOr<std::unique_ptr<MpiTransport>> MpiTransport::create(const MpiTransportO
   MPI_Comm_rank(*comm, &rank);
   MPI_Comm_size(*comm, &size);
   std::unique_ptr<MpiTransport> t(new MpiTransport(options, comm, rank, size));
+  t->setup_doorbells();
   t->progress_ = std::thread([p = t.get()] { p->progress_loop(); });
   return t;
 }
@@ -116,11 +134,153 @@ MpiTransport::MpiTransport(const MpiTransportOptions& options, void* comm, int r
     peers_.push_back(std::move(peer));
     for (int k = 0; k < static_cast<int>(TransferKind::kCount); ++k) streams_.push_back(std::make_unique<Stream>());
   }
+  for (int k = 0; k < static_cast<int>(TransferKind::kCount); ++k) {
+    if (!is_bulk_transfer(static_cast<TransferKind>(k))) latency_tags_.push_back(data_tag(static_cast<TransferKind>(k)));
+  }
+  can_ring_.assign(static_cast<std::size_t>(size_), 0);
+  ring_.assign(static_cast<std::size_t>(size_), 0);
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  KUN_CHECK_GE(wake_fd_, 0) << "eventfd: " << std::strerror(errno);
 }
 
 MpiTransport::~MpiTransport() {
   (void)shutdown();
+  if (doorbell_fd_ >= 0) close(doorbell_fd_);
+  if (wake_fd_ >= 0) close(wake_fd_);
   delete static_cast<MPI_Comm*>(comm_);
+}
+
+namespace {
+sockaddr_un doorbell_address(const std::string& name, socklen_t* len) {
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  // Abstract namespace: a leading NUL, no file to clean up, gone when the socket closes.
+  KUN_CHECK_LT(name.size() + 1, sizeof(a.sun_path)) << name;
+  std::memcpy(a.sun_path + 1, name.data(), name.size());
+  *len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+  return a;
+}
+}  // namespace
+
+// Collective: every rank binds its doorbell under a name unique to this job (rank 0's pid and
+// clock, broadcast), then rings every peer once; a ring that fails (a peer on another host, or
+// sockets refused) leaves that peer on polling. Every rank learns who can ring it.
+void MpiTransport::setup_doorbells() {
+  MPI_Comm comm = comm_of(comm_);
+  std::uint64_t job = 0;
+  if (rank_ == 0) {
+    job = static_cast<std::uint64_t>(getpid()) * 0x9e3779b97f4a7c15ull ^
+          static_cast<std::uint64_t>(Clock::now().time_since_epoch().count());
+  }
+  MPI_Bcast(&job, 1, MPI_UINT64_T, 0, comm);
+  for (int q = 0; q < size_; ++q) {
+    doorbell_names_.push_back("kun-mpi-" + std::to_string(job) + "-" + std::to_string(q));
+  }
+  if (options_.doorbells) {
+    doorbell_fd_ = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (doorbell_fd_ >= 0) {
+      socklen_t len = 0;
+      const sockaddr_un a = doorbell_address(doorbell_names_[static_cast<std::size_t>(rank_)], &len);
+      if (bind(doorbell_fd_, reinterpret_cast<const sockaddr*>(&a), len) != 0) {
+        close(doorbell_fd_);
+        doorbell_fd_ = -1;
+      }
+    }
+  }
+  MPI_Barrier(comm);  // every doorbell is bound (or failed) before anyone rings
+  std::vector<int> reach(static_cast<std::size_t>(size_), 0);
+  for (int q = 0; q < size_; ++q) {
+    if (q == rank_ || doorbell_fd_ < 0) continue;
+    socklen_t len = 0;
+    const sockaddr_un a = doorbell_address(doorbell_names_[static_cast<std::size_t>(q)], &len);
+    const char byte = 0;
+    reach[static_cast<std::size_t>(q)] =
+        sendto(doorbell_fd_, &byte, 1, MSG_DONTWAIT, reinterpret_cast<const sockaddr*>(&a), len) == 1 ? 1 : 0;
+  }
+  std::vector<int> all(static_cast<std::size_t>(size_) * static_cast<std::size_t>(size_), 0);
+  MPI_Allgather(reach.data(), size_, MPI_INT, all.data(), size_, MPI_INT, comm);
+  every_peer_rings_ = size_ > 1;
+  for (int q = 0; q < size_; ++q) {
+    if (q == rank_) continue;
+    can_ring_[static_cast<std::size_t>(q)] = static_cast<char>(reach[static_cast<std::size_t>(q)]);
+    if (!all[static_cast<std::size_t>(q * size_ + rank_)]) every_peer_rings_ = false;
+  }
+}
+
+void MpiTransport::ring_doorbells() {
+  for (int q = 0; q < size_; ++q) {
+    if (!ring_[static_cast<std::size_t>(q)]) continue;
+    ring_[static_cast<std::size_t>(q)] = 0;
+    if (!can_ring_[static_cast<std::size_t>(q)]) continue;
+    socklen_t len = 0;
+    const sockaddr_un a = doorbell_address(doorbell_names_[static_cast<std::size_t>(q)], &len);
+    const char byte = 1;
+    // A full socket buffer (EAGAIN) means the peer has rings pending: it wakes anyway.
+    (void)sendto(doorbell_fd_, &byte, 1, MSG_DONTWAIT, reinterpret_cast<const sockaddr*>(&a), len);
+  }
+}
+
+bool MpiTransport::wait_for_wake(std::chrono::microseconds timeout, bool doorbell_too) {
+  pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {doorbell_fd_, POLLIN, 0}};
+  const nfds_t n = doorbell_too && doorbell_fd_ >= 0 ? 2 : 1;
+  const auto us = std::max<std::int64_t>(0, timeout.count());
+  timespec ts{static_cast<time_t>(us / 1000000), static_cast<long>((us % 1000000) * 1000)};
+  const int rc = ppoll(fds, n, &ts, nullptr);
+  if (rc <= 0) return false;
+  if (fds[0].revents & POLLIN) {
+    std::uint64_t v = 0;
+    (void)!read(wake_fd_, &v, sizeof(v));
+  }
+  if (n == 2 && (fds[1].revents & POLLIN)) {
+    char buf[64];
+    while (::recv(doorbell_fd_, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+    }
+  }
+  return true;
+}
+
+void MpiTransport::recycle(std::vector<std::byte> payload) {
+  const auto bytes = static_cast<std::int64_t>(payload.capacity());
+  if (bytes < options_.min_recycled_bytes || bytes > options_.receive_pool_bytes) return;
+  std::lock_guard<std::mutex> lock(pool_mu_);
+  // Make room by evicting the smallest buffers.
+  while (pool_bytes_ + bytes > options_.receive_pool_bytes && !pool_.empty()) {
+    auto smallest = std::min_element(pool_.begin(), pool_.end(),
+                                     [](const auto& a, const auto& b) { return a.capacity() < b.capacity(); });
+    pool_bytes_ -= static_cast<std::int64_t>(smallest->capacity());
+    pool_.erase(smallest);
+  }
+  pool_bytes_ += bytes;
+  pool_.push_back(std::move(payload));
+}
+
+std::vector<std::byte> MpiTransport::take_buffer(std::int64_t bytes) {
+  const auto n = static_cast<std::size_t>(bytes);
+  if (bytes >= options_.min_recycled_bytes) {
+    std::lock_guard<std::mutex> lock(pool_mu_);
+    auto best = pool_.end();
+    for (auto it = pool_.begin(); it != pool_.end(); ++it) {
+      if (it->size() >= n && (best == pool_.end() || it->size() < best->size())) best = it;
+    }
+    if (best == pool_.end()) {  // one with room: growing within capacity fills only the gap
+      for (auto it = pool_.begin(); it != pool_.end(); ++it) {
+        if (it->capacity() >= n && (best == pool_.end() || it->capacity() < best->capacity())) best = it;
+      }
+    }
+    if (best != pool_.end()) {
+      std::vector<std::byte> v = std::move(*best);
+      pool_bytes_ -= static_cast<std::int64_t>(v.capacity());
+      pool_.erase(best);
+      v.resize(n);  // shrinking neither allocates nor fills; the receive overwrites every byte
+      return v;
+    }
+  }
+  return std::vector<std::byte>(n);
+}
+
+void MpiTransport::wake() {
+  const std::uint64_t one = 1;
+  (void)!write(wake_fd_, &one, sizeof(one));
 }
 
 SendHandle MpiTransport::send(MessageHeader header, std::span<const std::byte> payload) {
@@ -164,7 +324,7 @@ SendHandle MpiTransport::submit(std::unique_ptr<OutMsg> out) {
     }
     submitted_.push_back(std::move(out));
   }
-  wake_cv_.notify_one();
+  wake();
   return handle;
 }
 
@@ -187,7 +347,7 @@ Status MpiTransport::shutdown() {
     if (stopped_) return shutdown_status_;
     stopping_ = true;
   }
-  wake_cv_.notify_all();
+  wake();
   if (progress_.joinable()) progress_.join();
   mailbox_.fail_all(unavailable("transport of rank " + std::to_string(rank_) + " shut down"));
   std::lock_guard<std::mutex> lock(mu_);
@@ -210,14 +370,17 @@ void MpiTransport::fail_peer(int peer, const Status& s) {
   failure_cv_.notify_all();
   mailbox_.fail_from(peer, s, /*fail_any_source=*/false);
   auto drop = [&](OutMsg& m) {
-    for (MPI_Request& r : m.reqs) {
-      if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
+    for (Chunk& c : m.chunks) {
+      for (MPI_Request& r : c.reqs) {
+        if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
+      }
     }
+    m.chunks.clear();
     m.done->complete(s);
   };
   for (auto& m : p.bulk) drop(*m);
   p.bulk.clear();
-  p.chunk_in_flight = false;
+  p.chunks_in_flight = 0;
   for (auto it = latency_in_flight_.begin(); it != latency_in_flight_.end();) {
     if ((*it)->header.dst == peer) {
       drop(**it);
@@ -261,19 +424,27 @@ bool MpiTransport::post(OutMsg& m, std::int64_t n) {
   wp.total_bytes = static_cast<std::int64_t>(m.source.size());
   wp.offset = m.sent;
   wp.chunk_bytes = n;
-  m.prefix.resize(sizeof(WirePrefix) + wp.header_bytes);
-  std::memcpy(m.prefix.data(), &wp, sizeof(WirePrefix));
-  if (wp.header_bytes > 0) std::memcpy(m.prefix.data() + sizeof(WirePrefix), m.header_bytes.data(), wp.header_bytes);
+  Chunk& c = m.chunks.emplace_back();
+  c.prefix.resize(sizeof(WirePrefix) + wp.header_bytes);
+  std::memcpy(c.prefix.data(), &wp, sizeof(WirePrefix));
+  if (wp.header_bytes > 0) std::memcpy(c.prefix.data() + sizeof(WirePrefix), m.header_bytes.data(), wp.header_bytes);
   const int dst = m.header.dst;
   const int tag = data_tag(m.header.kind);
-  int rc = MPI_Isend(m.prefix.data(), static_cast<int>(m.prefix.size()), MPI_BYTE, dst, tag, comm, &m.reqs[0]);
+  int rc = MPI_Isend(c.prefix.data(), static_cast<int>(c.prefix.size()), MPI_BYTE, dst, tag, comm, &c.reqs[0]);
   if (rc == MPI_SUCCESS && n > 0) {
-    rc = MPI_Isend(m.source.data() + m.sent, static_cast<int>(n), MPI_BYTE, dst, tag, comm, &m.reqs[1]);
+    rc = MPI_Isend(m.source.data() + m.sent, static_cast<int>(n), MPI_BYTE, dst, tag, comm, &c.reqs[1]);
   }
   m.started = true;
   m.sent += n;
+  ring_[static_cast<std::size_t>(dst)] = 1;
   if (rc != MPI_SUCCESS) {
     const Status s = unavailable("MPI_Isend to rank " + std::to_string(dst) + " failed (error " + std::to_string(rc) + ")");
+    for (Chunk& k : m.chunks) {
+      for (MPI_Request& r : k.reqs) {
+        if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
+      }
+    }
+    m.chunks.clear();
     m.done->complete(s);
     fail_peer(dst, s);
     return false;
@@ -281,19 +452,22 @@ bool MpiTransport::post(OutMsg& m, std::int64_t n) {
   return true;
 }
 
+// Keeps up to bulk_window_chunks chunks in flight per destination, in FIFO order over messages.
 bool MpiTransport::post_bulk_chunks() {
   bool progressed = false;
   for (auto& peer : peers_) {
     PeerOut& p = *peer;
-    if (p.failed || p.chunk_in_flight || p.bulk.empty()) continue;
-    OutMsg& m = *p.bulk.front();
-    const std::int64_t n = std::min(options_.bulk_chunk_bytes, static_cast<std::int64_t>(m.source.size()) - m.sent);
-    if (!post(m, n)) {
-      p.bulk.pop_front();
-      continue;
+    for (std::size_t i = 0; i < p.bulk.size() && !p.failed && p.chunks_in_flight < options_.bulk_window_chunks;) {
+      OutMsg& m = *p.bulk[i];
+      if (m.fully_posted()) {
+        ++i;
+        continue;
+      }
+      const std::int64_t n = std::min(options_.bulk_chunk_bytes, static_cast<std::int64_t>(m.source.size()) - m.sent);
+      if (!post(m, n)) break;  // the peer failed: fail_peer dropped its queue
+      ++p.chunks_in_flight;
+      progressed = true;
     }
-    p.chunk_in_flight = true;
-    progressed = true;
   }
   return progressed;
 }
@@ -302,7 +476,7 @@ bool MpiTransport::test_sends() {
   bool progressed = false;
   for (auto it = latency_in_flight_.begin(); it != latency_in_flight_.end();) {
     int flag = 0;
-    MPI_Testall(2, (*it)->reqs, &flag, MPI_STATUSES_IGNORE);
+    MPI_Testall(2, (*it)->chunks.front().reqs, &flag, MPI_STATUSES_IGNORE);
     if (flag) {
       (*it)->done->complete(ok_status());
       it = latency_in_flight_.erase(it);
@@ -313,15 +487,22 @@ bool MpiTransport::test_sends() {
   }
   for (auto& peer : peers_) {
     PeerOut& p = *peer;
-    if (!p.chunk_in_flight) continue;
-    OutMsg& m = *p.bulk.front();
-    int flag = 0;
-    MPI_Testall(2, m.reqs, &flag, MPI_STATUSES_IGNORE);
-    if (!flag) continue;
-    p.chunk_in_flight = false;
-    progressed = true;
-    if (m.sent == static_cast<std::int64_t>(m.source.size())) {
-      m.done->complete(ok_status());
+    if (p.chunks_in_flight == 0) continue;
+    for (auto& mp : p.bulk) {
+      OutMsg& m = *mp;
+      if (m.chunks.empty()) break;  // later messages have nothing posted yet
+      while (!m.chunks.empty()) {
+        int flag = 0;
+        MPI_Testall(2, m.chunks.front().reqs, &flag, MPI_STATUSES_IGNORE);
+        if (!flag) break;
+        m.chunks.pop_front();
+        --p.chunks_in_flight;
+        progressed = true;
+      }
+      if (!m.chunks.empty()) break;  // chunks complete in order: nothing later is done either
+    }
+    while (!p.bulk.empty() && p.bulk.front()->fully_posted() && p.bulk.front()->chunks.empty()) {
+      p.bulk.front()->done->complete(ok_status());
       p.bulk.pop_front();
     }
   }
@@ -331,13 +512,19 @@ bool MpiTransport::test_sends() {
 bool MpiTransport::receive_messages() {
   MPI_Comm comm = comm_of(comm_);
   bool progressed = false;
-  for (int i = 0; i < 64; ++i) {
+  for (int i = 0; i < 256; ++i) {
     int flag = 0;
     MPI_Message msg = MPI_MESSAGE_NULL;
     MPI_Status st;
-    MPI_Improbe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm, &flag, &msg, &st);
+    // Latency-bound tags first: an activation that arrived behind bulk chunks is taken before
+    // the next chunk's receive is posted (whose copy would otherwise run first).
+    for (int tag : latency_tags_) {
+      MPI_Improbe(MPI_ANY_SOURCE, tag, comm, &flag, &msg, &st);
+      if (flag) break;
+    }
+    if (!flag) MPI_Improbe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm, &flag, &msg, &st);
     if (!flag) break;
-    progressed = true;
+    if (i == 255) progressed = true;  // more may be waiting: come back at once
     const int src = st.MPI_SOURCE;
     const int tag = st.MPI_TAG;
     int count = 0;
@@ -346,11 +533,12 @@ bool MpiTransport::receive_messages() {
     p.last_seen = Clock::now();
     std::vector<std::byte> buf(static_cast<std::size_t>(count));
     MPI_Mrecv(buf.data(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
-    if (tag == kTagHeartbeat) continue;
+    if (tag == kTagHeartbeat) continue;  // not progress: an idle rank goes back to sleep
     if (tag == kTagGoodbye) {
       p.goodbye_received = true;
       continue;
     }
+    progressed = true;
     KUN_CHECK(tag >= 1 && tag <= static_cast<int>(TransferKind::kCount)) << "rank " << src << " sent tag " << tag;
     WirePrefix wp;
     KUN_CHECK_GE(count, static_cast<int>(sizeof(WirePrefix))) << "short message from rank " << src;
@@ -365,7 +553,7 @@ bool MpiTransport::receive_messages() {
       KUN_CHECK(header.ok()) << "rank " << src << ": " << header.status().to_string();
       auto partial = std::make_shared<Partial>();
       partial->message.header = std::move(header).value();
-      partial->message.payload.resize(static_cast<std::size_t>(wp.total_bytes));
+      partial->message.payload = take_buffer(wp.total_bytes);
       stream.queue.push_back(std::move(partial));
     }
     KUN_CHECK(!stream.queue.empty()) << "a chunk from rank " << src << " without its message";
@@ -443,21 +631,35 @@ void MpiTransport::heartbeats_and_timeouts() {
 bool MpiTransport::anything_in_flight() const {
   if (!latency_in_flight_.empty() || !data_receives_.empty()) return true;
   for (const auto& p : peers_) {
-    if (p->chunk_in_flight || !p->bulk.empty()) return true;
+    if (p->chunks_in_flight > 0 || !p->bulk.empty()) return true;
   }
   return false;
 }
 
+// How long an idle progress thread may sleep: until the next heartbeat is due or a peer's
+// silence would exceed peer_timeout; at most max_idle_sleep (backing off) if a peer cannot ring.
+std::chrono::microseconds MpiTransport::idle_timeout(Clock::time_point now) {
+  Clock::time_point until = now + std::chrono::milliseconds(100);
+  for (int q = 0; q < size_; ++q) {
+    if (q == rank_) continue;
+    const PeerOut& p = *peers_[static_cast<std::size_t>(q)];
+    if (p.failed) continue;
+    if (!p.goodbye_sent) until = std::min(until, p.next_heartbeat);
+    if (!p.goodbye_received) until = std::min(until, p.last_seen + options_.peer_timeout + std::chrono::milliseconds(1));
+  }
+  return std::chrono::duration_cast<std::chrono::microseconds>(until - now) + std::chrono::microseconds(1);
+}
+
 void MpiTransport::progress_loop() {
-  std::chrono::microseconds sleep{0};
+  std::chrono::microseconds backoff{0};
   bool stopping = false;
   Clock::time_point deadline{};
   Clock::time_point last_progress = Clock::now();
   while (true) {
     if (hung_.load()) {
       // A hung rank: no MPI call at all until it is killed (or the transport is destroyed).
-      std::unique_lock<std::mutex> lock(mu_);
-      wake_cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return stopping_; });
+      (void)wait_for_wake(std::chrono::milliseconds(100), /*doorbell_too=*/false);
+      std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return;
       continue;
     }
@@ -466,6 +668,7 @@ void MpiTransport::progress_loop() {
     progressed |= test_sends();
     progressed |= receive_messages();
     progressed |= test_data_receives();
+    if (progressed) progressed |= post_bulk_chunks();  // refill the window freed just now
     heartbeats_and_timeouts();
     if (!stopping) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -474,26 +677,35 @@ void MpiTransport::progress_loop() {
         deadline = Clock::now() + options_.shutdown_timeout;
       }
     }
-    if (stopping && finish_shutdown(deadline)) return;
+    const bool done = stopping && finish_shutdown(deadline);
+    ring_doorbells();
+    if (done) return;
     const auto now = Clock::now();
     if (progressed) {
-      sleep = std::chrono::microseconds(0);
+      backoff = std::chrono::microseconds(0);
       last_progress = now;
       continue;
     }
-    // Poll briefly while anything is in flight, and for a moment after the last progress (the
-    // next chunk of a bulk message is usually about to arrive); back off after that.
-    if (anything_in_flight() || stopping || now - last_progress < options_.active_window) {
-      sleep = options_.busy_poll_sleep;
+    const bool recent = now - last_progress < options_.active_window;
+    std::chrono::microseconds timeout;
+    if (anything_in_flight() && recent) {
+      // Requests in flight and moving: this thread does the copies, keep at it.
+      if (options_.busy_poll_sleep.count() == 0) {
+        std::this_thread::yield();
+        continue;
+      }
+      timeout = options_.busy_poll_sleep;
+    } else if (anything_in_flight() || recent) {
+      timeout = options_.active_poll_sleep;  // a stalled peer, or a message likely to follow
     } else {
-      sleep = std::min(options_.max_idle_sleep, std::max(std::chrono::microseconds(10), sleep * 2));
+      timeout = idle_timeout(now);
+      if (!every_peer_rings_ || stopping) {
+        backoff = std::min(options_.max_idle_sleep, std::max(std::chrono::microseconds(10), backoff * 2));
+        timeout = std::min(timeout, backoff);
+      }
     }
-    if (sleep.count() == 0) {
-      std::this_thread::yield();  // busy_poll_sleep 0: poll without sleeping while busy
-      continue;
-    }
-    std::unique_lock<std::mutex> lock(mu_);
-    wake_cv_.wait_for(lock, sleep, [&] { return !submitted_.empty() || (stopping_ && !stopping); });
+    // Woken by a send or a doorbell: a message is probably waiting, stay active a while.
+    if (wait_for_wake(timeout, /*doorbell_too=*/true)) last_progress = Clock::now();
   }
 }
 
@@ -517,6 +729,7 @@ bool MpiTransport::finish_shutdown(Clock::time_point deadline) {
     if (!p.goodbye_sent) {
       MPI_Isend(nullptr, 0, MPI_BYTE, q, kTagGoodbye, comm, &p.goodbye);
       p.goodbye_sent = true;
+      ring_[static_cast<std::size_t>(q)] = 1;
     }
     for (MPI_Request* r : {&p.goodbye, &p.heartbeat}) {
       if (*r == MPI_REQUEST_NULL) continue;

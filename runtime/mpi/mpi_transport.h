@@ -4,17 +4,26 @@
 //
 // One progress thread per process makes every MPI call after construction (so MPI needs only
 // MPI_THREAD_SERIALIZED, see MpiSession): callers queue sends and post receives into a Mailbox
-// and block on completion handles (condition variables). The progress thread never spins a core:
-// with nothing in flight it sleeps with exponential backoff up to max_idle_sleep, and a send
-// wakes it at once; with requests in flight it polls every busy_poll_sleep.
+// and block on completion handles (condition variables). Blocking MPI calls spin in Open MPI, so
+// the progress thread never waits inside MPI. It runs flat out (yielding) only while requests are
+// in flight and making progress; with nothing in flight it blocks in ppoll() on two descriptors:
+// an eventfd that send() and shutdown() write, and a doorbell, a datagram socket (abstract Unix
+// name, unique per job) that a peer on the same host writes one byte to after posting a message
+// to this rank. So an idle rank wakes only to send heartbeats (each heartbeat_period) and costs
+// close to no CPU, and still reacts at once to a message. A peer that cannot ring (another host:
+// the names are found unreachable at create()) is covered by polling with exponential backoff up
+// to max_idle_sleep instead.
 //
 // Wire: a message is a prefix (magic, sizes, offset; the encoded MessageHeader on its first
 // chunk) followed by its payload bytes as a second MPI message received straight into the
 // destination buffer. The MPI tag is the TransferKind, so MPI's non-overtaking rule gives the
 // in-process ordering guarantee per (source, destination, kind). Latency-bound kinds (activation,
-// remote attention) are posted as soon as they are queued; bulk kinds (KV, weights) go in
-// bulk_chunk_bytes chunks with at most one chunk per destination in flight, so a latency-bound
-// message waits behind at most one chunk.
+// remote attention) are posted as soon as they are queued, and the receiver probes their tags
+// before any other, so of the bulk traffic they only wait for the chunk whose copy is under way.
+// Bulk kinds (KV, weights) go in bulk_chunk_bytes chunks with bulk_window_chunks chunks per
+// destination in flight, so the next chunk is already posted when one completes. Payloads handed
+// back with recycle() are kept (up to receive_pool_bytes) and later messages are received into
+// them: no allocation, page faults or zero-fill on a steady exchange.
 //
 // Faults: every rank sends a heartbeat to every peer each heartbeat_period; a peer from which
 // nothing arrived for peer_timeout is declared failed: receives waiting on it and sends to it end
@@ -30,6 +39,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -40,12 +50,28 @@ namespace kun::runtime::mpi {
 
 struct MpiTransportOptions {
   std::int64_t bulk_chunk_bytes = 256 * 1024;
+  // Bulk chunks in flight per destination (>= 1). 2 keeps the link busy across a chunk's
+  // completion; a latency-bound message is not queued behind them (own tag, probed first).
+  int bulk_window_chunks = 2;
   std::chrono::milliseconds heartbeat_period{100};
   std::chrono::milliseconds peer_timeout{2000};
+  // Idle poll period cap, used only when some peer cannot ring this rank's doorbell.
   std::chrono::microseconds max_idle_sleep{1000};
-  std::chrono::microseconds busy_poll_sleep{20};  // 0: yield instead (a core busy while in flight)
-  // After the last progress, poll every busy_poll_sleep this long before backing off.
+  // While requests are in flight and progressing: 0 yields between polls (the progress thread
+  // is doing the copies then); > 0 sleeps this long.
+  std::chrono::microseconds busy_poll_sleep{0};
+  // Requests in flight but no progress for active_window (a slow or busy peer), or nothing in
+  // flight within active_window of the last progress: wait this long between polls (a doorbell
+  // or a send still wakes the thread at once).
+  std::chrono::microseconds active_poll_sleep{50};
   std::chrono::microseconds active_window{2000};
+  // false: no doorbells, idle ranks poll with backoff up to max_idle_sleep (the old behaviour,
+  // for comparison in bench/transport).
+  bool doorbells = true;
+  // Payload buffers handed back by recycle() kept for later receives (bytes of capacity); only
+  // buffers of at least min_recycled_bytes are kept.
+  std::int64_t receive_pool_bytes = std::int64_t{256} << 20;
+  std::int64_t min_recycled_bytes = 64 * 1024;
   // shutdown() waits this long at most for peers still working (they keep sending heartbeats;
   // one that goes silent fails after peer_timeout as usual).
   std::chrono::milliseconds shutdown_timeout{60000};
@@ -66,6 +92,7 @@ class MpiTransport final : public MessageTransport {
   RecvHandle recv(RecvMatch match) override { return mailbox_.recv(match); }
   std::uint64_t next_tag() override { return next_tag_.fetch_add(1, std::memory_order_relaxed); }
   TransferStats stats() const override { return counters_.stats(); }
+  void recycle(std::vector<std::byte> payload) override;
 
   // The first peer failure (kUnavailable naming the rank), or ok while every peer answers.
   Status failure() const;
@@ -81,6 +108,8 @@ class MpiTransport final : public MessageTransport {
   void simulate_hang();
 
  private:
+  using Clock = std::chrono::steady_clock;
+  struct Chunk;
   struct OutMsg;
   struct PeerOut;
   struct PendingData;
@@ -91,8 +120,17 @@ class MpiTransport final : public MessageTransport {
   void progress_loop();
   // Each returns true if it made progress.
   bool take_submitted();
-  // Posts the next n payload bytes of `m` (with its prefix); false (and `m` failed) on an MPI error.
+  // Posts the next n payload bytes of `m` (with its prefix) as a chunk; false (and `m` failed)
+  // on an MPI error.
   bool post(OutMsg& m, std::int64_t n);
+  void setup_doorbells();  // collective, before the progress thread starts
+  void ring_doorbells();   // one byte to each peer marked in ring_
+  void wake();             // wakes the progress thread (any thread)
+  // Blocks in ppoll on the wake eventfd and the doorbell for at most `timeout`; true if woken.
+  bool wait_for_wake(std::chrono::microseconds timeout, bool doorbell_too);
+  std::chrono::microseconds idle_timeout(Clock::time_point now);
+  // A payload buffer of `bytes` bytes: a recycled one (the best fit, no zero-fill) or a new one.
+  std::vector<std::byte> take_buffer(std::int64_t bytes);
   void flush(Stream& stream);
   bool post_bulk_chunks();
   bool test_sends();
@@ -113,8 +151,18 @@ class MpiTransport final : public MessageTransport {
   std::atomic<std::uint64_t> next_tag_{1};
   std::atomic<bool> hung_{false};
 
+  int wake_fd_ = -1;      // eventfd: send() / shutdown() wake the progress thread
+  int doorbell_fd_ = -1;  // datagram socket peers ring after posting a message to this rank
+  std::vector<std::string> doorbell_names_;  // per rank (abstract socket names)
+  std::vector<char> can_ring_;               // per peer: its doorbell is reachable from here
+  std::vector<char> ring_;                   // progress thread: peers to ring after this round
+  bool every_peer_rings_ = false;            // every peer can ring this rank: sleep until needed
+
+  std::mutex pool_mu_;
+  std::vector<std::vector<std::byte>> pool_;  // guarded by pool_mu_
+  std::int64_t pool_bytes_ = 0;               // guarded by pool_mu_: sum of capacities
+
   mutable std::mutex mu_;
-  std::condition_variable wake_cv_;              // wakes the progress thread
   mutable std::condition_variable failure_cv_;   // wakes wait_for_failure
   std::deque<std::unique_ptr<OutMsg>> submitted_;  // guarded by mu_
   bool stopping_ = false;                          // guarded by mu_
@@ -125,6 +173,7 @@ class MpiTransport final : public MessageTransport {
   // Progress thread only.
   std::vector<std::unique_ptr<PeerOut>> peers_;
   std::vector<std::unique_ptr<OutMsg>> latency_in_flight_;
+  std::vector<int> latency_tags_;  // probed before any other tag
   std::vector<std::unique_ptr<PendingData>> data_receives_;
   std::vector<std::unique_ptr<Stream>> streams_;  // per (source, kind)
   std::thread progress_;

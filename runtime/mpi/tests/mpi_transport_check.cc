@@ -2,7 +2,8 @@
 // pass): payloads intact, including multi-chunk and empty ones; order per (source, destination,
 // kind) with kinds interleaved and a second sender at the same time; receives matched by source;
 // an activation sent after a 64 MiB bulk message arrives before it (it waits behind at most one
-// chunk); messages to the sender itself; orderly shutdown.
+// chunk); a payload handed back with recycle() receives the next bulk message (intact); messages
+// to the sender itself; orderly shutdown.
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -75,6 +76,10 @@ int check_main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::string(argv[i]) == "--peer-timeout-ms") o.peer_timeout = std::chrono::milliseconds(std::stoll(argv[i + 1]));
   }
+  // --no-doorbells: idle ranks poll (the path for peers on other hosts).
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--no-doorbells") o.doorbells = false;
+  }
   auto created = MpiTransport::create(o);
   if (!created.ok()) return 2;
   MpiTransport& t = **created;
@@ -108,6 +113,14 @@ int check_main(int argc, char** argv) {
     a.request_id = 1001;
     SendHandle as = t.send_owned(std::move(a), pattern(4096, 5));
     expect(as.wait().ok() && bs.wait().ok(), rank, "bulk and activation sent");
+    // Once rank 1 has handed the 64 MiB buffer back, a smaller bulk message is received into it.
+    (void)recv_one(t, 1, Port::kReply);
+    MessageHeader r;
+    r.dst = 1;
+    r.kind = TransferKind::kKvExchange;
+    r.port = Port::kAgent;
+    r.request_id = 1002;
+    expect(t.send_owned(std::move(r), pattern((1u << 20) + 5, 77)).wait().ok(), rank, "second bulk sent");
   }
   if (rank == 1) {
     // From rank 2 only, then from rank 0: in order per kind, intact.
@@ -128,6 +141,16 @@ int check_main(int argc, char** argv) {
     Message second = recv_one(t, 0, Port::kAgent);
     expect(first.header.request_id == 1001, rank, "the activation arrived before the 64 MiB bulk message");
     expect(second.header.request_id == 1000 && second.payload == pattern(64u << 20, 99), rank, "bulk message intact");
+    const std::byte* recycled = second.payload.data();
+    t.recycle(std::move(second.payload));
+    MessageHeader go;
+    go.dst = 0;
+    go.port = Port::kReply;
+    expect(t.send_owned(std::move(go), {}).wait().ok(), rank, "go sent");
+    Message third = recv_one(t, 0, Port::kAgent);
+    expect(third.header.request_id == 1002 && third.payload == pattern((1u << 20) + 5, 77), rank,
+           "bulk message received into a recycled buffer intact");
+    expect(third.payload.data() == recycled, rank, "the recycled buffer was reused");
     // To itself.
     MessageHeader self;
     self.dst = 1;
