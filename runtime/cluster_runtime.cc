@@ -497,11 +497,13 @@ void ClusterRuntime::close_gate(Unit& unit) {
   unit.gate.closed = true;
 }
 
-void ClusterRuntime::deliver_pending_locked(Gate& gate, const Routing& routing) {
-  // Called with gate.mu held, so a cancel that arrives meanwhile for one of these requests waits
-  // (or retries) until its submit reached the target. Targets are other units' gates (newer units,
-  // or the other side of a migration), locked inside this one: transitions run one at a time, so
-  // two gates are never locked in opposite orders.
+void ClusterRuntime::deliver_pending_locked(Unit& unit, const Routing& routing) {
+  // Called with unit.gate.mu held, so a cancel that arrives meanwhile for one of these requests
+  // waits (or retries) until its submit reached the target. A target other than `unit` (a newer
+  // unit, or the other side of a migration) is reached through its own gate, locked inside this
+  // one: transitions run one at a time, so two gates are never locked in opposite orders. When
+  // the target is `unit` itself (a reopened gate), the queue goes straight to its engine.
+  Gate& gate = unit.gate;
   std::vector<PendingSubmit> submits = std::move(gate.submits);
   std::vector<RequestId> cancels = std::move(gate.cancels);
   gate.submits.clear();
@@ -513,7 +515,12 @@ void ClusterRuntime::deliver_pending_locked(Gate& gate, const Routing& routing) 
     const RequestId id = p.id;
     engine::TokenCallback cb = p.callback;  // kept to report a refusal at the hand-over
     Status s;
-    KUN_CHECK(admit_submit(*target, p, &s)) << "hand-over of request " << id << " to a retired unit";
+    if (target == &unit) {
+      KUN_CHECK(!gate.closed && !gate.retired) << "hand-over of request " << id << " to its own closed gate";
+      s = unit.engine->submit_as(p.id, std::move(p.spec), std::move(p.callback));
+    } else {
+      KUN_CHECK(admit_submit(*target, p, &s)) << "hand-over of request " << id << " to a retired unit";
+    }
     if (!s.ok()) {
       // The target refused it (its queue filled meanwhile): the client gets a final error event,
       // as for a submit the engine refuses at admission.
@@ -535,20 +542,25 @@ void ClusterRuntime::deliver_pending_locked(Gate& gate, const Routing& routing) 
   for (RequestId id : cancels) {
     const std::int64_t inst = instance_of(id);
     if (inst < 0) continue;  // finished meanwhile
-    KUN_CHECK(admit_cancel(*routing.unit_of_instance[static_cast<std::size_t>(inst)], id)) << "cancel hand-over of " << id;
+    Unit* target = routing.unit_of_instance[static_cast<std::size_t>(inst)];
+    if (target == &unit) {
+      unit.engine->cancel(id);
+    } else {
+      KUN_CHECK(admit_cancel(*target, id)) << "cancel hand-over of " << id;
+    }
   }
 }
 
 void ClusterRuntime::reopen_gate(Unit& unit, const Routing& routing) {
   std::lock_guard<std::mutex> lock(unit.gate.mu);
   unit.gate.closed = false;
-  deliver_pending_locked(unit.gate, routing);
+  deliver_pending_locked(unit, routing);
 }
 
 void ClusterRuntime::retire_gate(Unit& unit, const Routing& next) {
   std::lock_guard<std::mutex> lock(unit.gate.mu);
   unit.gate.retired = true;
-  deliver_pending_locked(unit.gate, next);
+  deliver_pending_locked(unit, next);
 }
 
 StatusOr<RequestId> ClusterRuntime::submit(engine::RequestSpec spec, engine::TokenCallback on_event) {

@@ -213,7 +213,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   // The unit is gone: what queued is handed over under `next` (not yet published), then callers
   // retry on the new snapshot.
   void retire_gate(Unit& unit, const Routing& next);
-  void deliver_pending_locked(Gate& gate, const Routing& routing);
+  void deliver_pending_locked(Unit& unit, const Routing& routing);
   std::int64_t instance_of(RequestId id) const;
   void record_failure(const std::string& kind, std::int64_t group, const std::vector<std::int64_t>& instances,
                       const Status& status);

@@ -475,8 +475,12 @@ INSTANTIATE_TEST_SUITE_P(Strategies, ClusterPropertyTest,
 // fault hook blocks there, with the members paused and their gates closed) must not stop submits,
 // cancels or stats. Submits routed to the other instances run to completion meanwhile; those
 // routed to the members queue at their gates and are handed to the group without loss or
-// duplication; every request's tokens stay exact.
-TEST(ClusterControlPathTest, SubmitCancelAndStatsDoNotWaitForATransition) {
+// duplication; every request's tokens stay exact. With the parameter set the held drop then fails
+// (rolls back): what queued at the members' gates goes back to the members.
+class ClusterControlPathTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(ClusterControlPathTest, SubmitCancelAndStatsDoNotWaitForATransition) {
+  const bool fail = GetParam();
   auto w = tiny_weights();
   const auto specs = make_specs(17, 16, w->config().vocab_size);
   const auto expected = expected_alone(*w, specs);
@@ -494,7 +498,7 @@ TEST(ClusterControlPathTest, SubmitCancelAndStatsDoNotWaitForATransition) {
     // Before issue 12 a submit waited for the whole transition: it would wait here until the
     // timeout and the test would fail on hook_timed_out.
     hook_timed_out = !cv.wait_for(lock, std::chrono::seconds(30), [&] { return hook_released; });
-    return ok_status();
+    return fail ? unavailable("injected: transfer error") : ok_status();
   };
   auto rt = ClusterRuntime::create(opt, *w, &clock);
   ASSERT_TRUE(rt.ok()) << rt.status().to_string();
@@ -541,12 +545,20 @@ TEST(ClusterControlPathTest, SubmitCancelAndStatsDoNotWaitForATransition) {
     cv.notify_all();
   }
   dropper.join();
-  ASSERT_TRUE(group.ok()) << group.status().to_string();
   {
     std::lock_guard<std::mutex> lock(mu);
     EXPECT_FALSE(hook_timed_out) << "a submit, cancel or stats call waited for the transition";
   }
-  EXPECT_EQ((*rt)->group_of(0), *group);
+  if (fail) {
+    ASSERT_FALSE(group.ok());
+    EXPECT_EQ((*rt)->group_of(0), -1);
+    EXPECT_EQ((*rt)->num_units(), 4);
+    EXPECT_EQ((*rt)->transition_failures().at("drop"), 1);
+    EXPECT_EQ((*rt)->events().back().kind, "drop_failed");
+  } else {
+    ASSERT_TRUE(group.ok()) << group.status().to_string();
+    EXPECT_EQ((*rt)->group_of(0), *group);
+  }
   wait_for([&] { return finished == 16; });
   (*rt)->check_integrity();
   (*rt)->stop();
@@ -563,6 +575,8 @@ TEST(ClusterControlPathTest, SubmitCancelAndStatsDoNotWaitForATransition) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(CommitOrFail, ClusterControlPathTest, ::testing::Bool());
 
 // A transition that fails (the fault hook stands in for "no room" or a transfer error at the
 // commit point) rolls back: the cluster stays consistent, the failure is an event and a counter,
