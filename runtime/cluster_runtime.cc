@@ -114,6 +114,7 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
   rt->model_info_.max_context_tokens =
       options.scheduler.max_model_len > 0 ? std::min(options.scheduler.max_model_len, config.max_position_embeddings)
                                           : config.max_position_embeddings;
+  rt->admission_config_ = rt->instance_scheduler_config();  // fixed from here on: submits read it unlocked
   for (std::int64_t i = 0; i < options.num_instances; ++i) rt->units_.push_back(rt->make_unit({i}, -1));
   rt->publish_routing(rt->build_routing_locked());
   return rt;
@@ -141,11 +142,7 @@ std::shared_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
   unit->kv = std::make_unique<engine::KvManager>(options_.device.kv_block_size, allocs, layer_device, options_.host_swap_blocks);
   unit->executor = std::make_unique<PipelineExecutor>(std::move(stages), transport_.get(), options_.host_swap_blocks);
   engine::EngineConfig ec;
-  ec.scheduler = options_.scheduler;
-  ec.scheduler.vocab_size = config_.vocab_size;
-  ec.scheduler.eos_token_id = static_cast<std::int32_t>(config_.eos_token_id);
-  ec.scheduler.max_model_len = model_info_.max_context_tokens > 0 ? model_info_.max_context_tokens : config_.max_position_embeddings;
-  if (g == 1) admission_config_ = ec.scheduler;
+  ec.scheduler = instance_scheduler_config();
   // A group is g devices running g virtual engines, each stage working through the g
   // micro-batches of a round.
   ec.scheduler = engine::fused_scheduler_config(ec.scheduler, g, options_.device.kv_block_size);
@@ -165,6 +162,14 @@ std::shared_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
     unit->engine->set_between_steps([raw, this](const std::function<bool(RequestId)>& in_flight) { exchange_round(*raw, in_flight); });
   }
   return unit;
+}
+
+engine::SchedulerConfig ClusterRuntime::instance_scheduler_config() const {
+  engine::SchedulerConfig sc = options_.scheduler;
+  sc.vocab_size = config_.vocab_size;
+  sc.eos_token_id = static_cast<std::int32_t>(config_.eos_token_id);
+  sc.max_model_len = model_info_.max_context_tokens > 0 ? model_info_.max_context_tokens : config_.max_position_embeddings;
+  return sc;
 }
 
 void ClusterRuntime::launch(Unit& unit) {

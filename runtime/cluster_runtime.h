@@ -221,6 +221,8 @@ class ClusterRuntime final : public engine::FrontDoor {
   // is engine-thread work that must not race the engine's own thread).
   std::shared_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
   void launch(Unit& unit);
+  // An independent instance's scheduler limits (before fused_scheduler_config).
+  engine::SchedulerConfig instance_scheduler_config() const;
   void exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight);
   Status begin_restore_locked(std::int64_t group, const std::string& reason);
   cluster::TransitionGeometry transition_geometry() const;
