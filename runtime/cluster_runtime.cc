@@ -1270,6 +1270,12 @@ void ClusterRuntime::check_integrity() {
   const std::int64_t L = config_.num_layers;
   std::set<RequestId> seen;
   for (auto& u : units_) {
+    {
+      // Between transitions every gate is open and empty: nothing waits for a hand-over.
+      std::lock_guard<std::mutex> gl(u->gate.mu);
+      KUN_CHECK(!u->gate.closed && !u->gate.retired && u->gate.submits.empty() && u->gate.cancels.empty())
+          << "unit of instance " << u->instances.front() << " has a closed gate or requests waiting at it";
+    }
     u->kv->check_integrity();
     u->engine->scheduler().check_invariants();
     for (RequestId id : u->engine->scheduler().request_ids_in_order()) {
