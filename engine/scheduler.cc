@@ -175,6 +175,20 @@ std::int64_t Scheduler::chunk_for(const Request& r, std::int64_t budget) const {
   return n;
 }
 
+std::vector<std::int64_t> Scheduler::admission_history() const {
+  if (recent_prompts_.size() < kPromptHistory) return recent_prompts_;
+  std::vector<std::int64_t> out;
+  out.reserve(kPromptHistory);
+  for (std::size_t i = 0; i < kPromptHistory; ++i) out.push_back(recent_prompts_[(recent_prompts_next_ + i) % kPromptHistory]);
+  return out;
+}
+
+void Scheduler::set_admission_history(const std::vector<std::int64_t>& oldest_first) {
+  const std::size_t n = std::min(oldest_first.size(), kPromptHistory);
+  recent_prompts_.assign(oldest_first.end() - static_cast<std::ptrdiff_t>(n), oldest_first.end());
+  recent_prompts_next_ = recent_prompts_.size() % kPromptHistory;
+}
+
 std::int64_t Scheduler::compute_typical_chunk_cap() const {
   // A long prompt in one micro-batch makes it the pipeline's bottleneck however the rest is
   // spread; cut to the size of a typical (median) prompt, its pieces are items the lookahead can

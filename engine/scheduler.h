@@ -121,6 +121,13 @@ class Scheduler {
   std::vector<double> predicted_loads() const;
   // The prefill chunk cap from recent prompt lengths (0: none; only with lookahead on).
   std::int64_t typical_chunk_tokens() const { return typical_chunk_cap_; }
+  // Prompt lengths of the recent first admissions, oldest first (at most the last 64): the
+  // history behind the lookahead's chunk cap. A cluster carries it from the schedulers of
+  // instances that fuse into a group, and from a group to the instances it splits into, so a
+  // transition does not start the lookahead cold.
+  std::vector<std::int64_t> admission_history() const;
+  // Replaces the history (keeps the newest 64 entries of `oldest_first`).
+  void set_admission_history(const std::vector<std::int64_t>& oldest_first);
   // Applies a step's sampled tokens; returns the token events in plan order (final events
   // included). Finished requests are removed and their blocks freed.
   std::vector<TokenEvent> apply_result(const StepPlan& plan, const StepResult& result);

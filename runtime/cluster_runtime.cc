@@ -116,15 +116,17 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
   rt->model_info_.max_context_tokens =
       options.scheduler.max_model_len > 0 ? std::min(options.scheduler.max_model_len, config.max_position_embeddings)
                                           : config.max_position_embeddings;
+  rt->admission_config_ = rt->instance_scheduler_config();  // fixed from here on: submits read it unlocked
   for (std::int64_t i = 0; i < options.num_instances; ++i) rt->units_.push_back(rt->make_unit({i}, -1));
+  rt->publish_routing(rt->build_routing_locked());
   return rt;
 }
 
 ClusterRuntime::~ClusterRuntime() { stop(); }
 
-std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vector<std::int64_t>& instances,
+std::shared_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vector<std::int64_t>& instances,
                                                                  std::int64_t group) {
-  auto unit = std::make_unique<Unit>();
+  auto unit = std::make_shared<Unit>();
   unit->instances = instances;
   unit->group = group;
   const auto g = static_cast<std::int64_t>(instances.size());
@@ -142,10 +144,7 @@ std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
   unit->kv = std::make_unique<engine::KvManager>(options_.device.kv_block_size, allocs, layer_device, options_.host_swap_blocks);
   unit->executor = std::make_unique<PipelineExecutor>(std::move(stages), transport_.get(), options_.host_swap_blocks);
   engine::EngineConfig ec;
-  ec.scheduler = options_.scheduler;
-  ec.scheduler.vocab_size = config_.vocab_size;
-  ec.scheduler.eos_token_id = static_cast<std::int32_t>(config_.eos_token_id);
-  ec.scheduler.max_model_len = model_info_.max_context_tokens > 0 ? model_info_.max_context_tokens : config_.max_position_embeddings;
+  ec.scheduler = instance_scheduler_config();
   // A group is g devices running g virtual engines, each stage working through the g
   // micro-batches of a round.
   ec.scheduler = engine::fused_scheduler_config(ec.scheduler, g, options_.device.kv_block_size);
@@ -165,6 +164,14 @@ std::unique_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
     unit->engine->set_between_steps([raw, this](const std::function<bool(RequestId)>& in_flight) { exchange_round(*raw, in_flight); });
   }
   return unit;
+}
+
+engine::SchedulerConfig ClusterRuntime::instance_scheduler_config() const {
+  engine::SchedulerConfig sc = options_.scheduler;
+  sc.vocab_size = config_.vocab_size;
+  sc.eos_token_id = static_cast<std::int32_t>(config_.eos_token_id);
+  sc.max_model_len = model_info_.max_context_tokens > 0 ? model_info_.max_context_tokens : config_.max_position_embeddings;
+  return sc;
 }
 
 void ClusterRuntime::launch(Unit& unit) {
@@ -303,24 +310,31 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
 
 void ClusterRuntime::finish_gathered_restores() {
   const auto now = std::chrono::steady_clock::now();
-  std::vector<std::int64_t> ready;
+  std::vector<std::pair<std::int64_t, std::vector<std::int64_t>>> ready;
   for (const auto& u : units_) {
     if (u->group < 0 || !(u->restoring.load() || u->gathered.load())) continue;  // not restoring
-    const bool done = u->gathered.load(std::memory_order_acquire) && u->weights_back.load(std::memory_order_acquire);
+    // The weight pull always finishes (a bounded transfer that wakes this loop); the split waits
+    // for it rather than joining it under transition_mu_.
+    if (!u->weights_back.load(std::memory_order_acquire)) continue;
+    const bool done = u->gathered.load(std::memory_order_acquire);
     if (done || now - u->restore_began >= std::chrono::microseconds(options_.restore_gather_timeout_us)) {
-      ready.push_back(u->group);
+      ready.emplace_back(u->group, u->instances);
     }
   }
-  for (std::int64_t group : ready) {
+  for (const auto& [group, instances] : ready) {
     Status s = restore_locked(group);
-    KUN_CHECK(s.ok()) << "restore of group " << group << " failed: " << s.to_string();
+    if (!s.ok()) {
+      // The group stays fused and restoring; the next wake of the policy loop tries again.
+      record_failure("split", group, instances, s);
+      continue;
+    }
     coordinator_->on_restore_done(group, clock_->now_us());
   }
 }
 
 void ClusterRuntime::start() {
   {
-    std::unique_lock lock(topology_mu_);
+    std::unique_lock lock(transition_mu_);
     if (started_) return;
     started_ = true;
     for (auto& u : units_) u->engine->start();
@@ -337,7 +351,7 @@ void ClusterRuntime::stop() {
   }
   policy_cv_.notify_all();
   if (policy_thread_.joinable()) policy_thread_.join();
-  std::unique_lock lock(topology_mu_);
+  std::unique_lock lock(transition_mu_);
   for (auto& u : units_) u->engine->stop();
 }
 
@@ -348,15 +362,42 @@ ClusterRuntime::Unit* ClusterRuntime::unit_of_instance(std::int64_t instance) co
   return nullptr;
 }
 
-std::int64_t ClusterRuntime::num_units() const {
-  std::shared_lock lock(topology_mu_);
-  return static_cast<std::int64_t>(units_.size());
-}
+std::int64_t ClusterRuntime::num_units() const { return static_cast<std::int64_t>(routing()->units.size()); }
 
 std::int64_t ClusterRuntime::group_of(std::int64_t instance) const {
-  std::shared_lock lock(topology_mu_);
+  if (instance < 0 || instance >= options_.num_instances) return -1;
+  return routing()->unit_of_instance[static_cast<std::size_t>(instance)]->group;
+}
+
+std::map<std::string, std::int64_t> ClusterRuntime::transition_failures() const {
+  std::lock_guard<std::mutex> lock(events_mu_);
+  return transition_failures_;
+}
+
+std::vector<std::int64_t> ClusterRuntime::admission_history(std::int64_t instance) const {
+  std::lock_guard<std::mutex> lock(transition_mu_);
   Unit* u = unit_of_instance(instance);
-  return u ? u->group : -1;
+  if (u == nullptr) return {};
+  u->engine->pause();
+  std::vector<std::int64_t> h = u->engine->scheduler().admission_history();
+  u->engine->resume();
+  return h;
+}
+
+void ClusterRuntime::record_failure(const std::string& kind, std::int64_t group, const std::vector<std::int64_t>& instances,
+                                    const Status& status) {
+  KUN_LOG(kWarn) << "cluster " << kind << " of group " << group << " failed and was rolled back: " << status.to_string();
+  ClusterEvent ev;
+  ev.time_us = clock_->now_us();
+  ev.kind = kind + "_failed";
+  ev.group = group;
+  ev.instances = instances;
+  ev.reason = status.to_string();
+  {
+    std::lock_guard<std::mutex> lock(events_mu_);
+    ++transition_failures_[kind];
+  }
+  record(std::move(ev));
 }
 
 engine::TokenCallback ClusterRuntime::wrap_callback(engine::TokenCallback cb) {
@@ -369,9 +410,9 @@ engine::TokenCallback ClusterRuntime::wrap_callback(engine::TokenCallback cb) {
   };
 }
 
-std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_locked() const {
+std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_of(const std::vector<std::shared_ptr<Unit>>& units) const {
   std::vector<cluster::InstanceSnapshot> out;
-  for (const auto& u : units_) {
+  for (const auto& u : units) {
     const engine::ServingStats st = u->engine->stats();
     const auto g = static_cast<std::int64_t>(u->instances.size());
     const engine::InstanceStats is = member_share(st.instances.front(), g);
@@ -397,44 +438,192 @@ std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_locked() const 
   return out;
 }
 
-StatusOr<RequestId> ClusterRuntime::submit(engine::RequestSpec spec, engine::TokenCallback on_event) {
-  std::unique_lock lock(topology_mu_);
-  KUN_ASSIGN_OR_RETURN(std::int64_t instance, router_.route(snapshots_locked()));
-  Unit* unit = unit_of_instance(instance);
-  KUN_CHECK(unit != nullptr) << "router chose unknown instance " << instance;
-  RequestId id;
+std::shared_ptr<const ClusterRuntime::Routing> ClusterRuntime::routing() const {
+  std::lock_guard<std::mutex> lock(routing_mu_);
+  return routing_;
+}
+
+std::shared_ptr<const ClusterRuntime::Routing> ClusterRuntime::build_routing_locked() const {
+  auto r = std::make_shared<Routing>();
+  r->units = units_;
+  r->unit_of_instance.assign(static_cast<std::size_t>(options_.num_instances), nullptr);
+  for (const auto& u : units_) {
+    for (std::int64_t inst : u->instances) {
+      KUN_CHECK(r->unit_of_instance[static_cast<std::size_t>(inst)] == nullptr) << "instance " << inst << " in two units";
+      r->unit_of_instance[static_cast<std::size_t>(inst)] = u.get();
+    }
+  }
+  for (std::size_t i = 0; i < r->unit_of_instance.size(); ++i) {
+    KUN_CHECK(r->unit_of_instance[i] != nullptr) << "instance " << i << " has no unit";
+  }
+  return r;
+}
+
+void ClusterRuntime::publish_routing(std::shared_ptr<const Routing> routing) {
+  std::shared_ptr<const Routing> old;
   {
-    std::lock_guard<std::mutex> rl(requests_mu_);
-    id = RequestId(next_id_++);
-    request_instance_[id] = instance;
+    std::lock_guard<std::mutex> lock(routing_mu_);
+    old = std::move(routing_);
+    routing_ = std::move(routing);
   }
-  Status s = unit->engine->submit_as(id, std::move(spec), wrap_callback(std::move(on_event)));
-  if (!s.ok()) {
-    std::lock_guard<std::mutex> rl(requests_mu_);
-    request_instance_.erase(id);
-    return s;
+  // `old` (and any unit only it kept alive) is released here, outside the lock.
+}
+
+std::int64_t ClusterRuntime::instance_of(RequestId id) const {
+  std::lock_guard<std::mutex> rl(requests_mu_);
+  auto it = request_instance_.find(id);
+  return it == request_instance_.end() ? -1 : it->second;
+}
+
+bool ClusterRuntime::admit_submit(Unit& unit, PendingSubmit& p, Status* status) {
+  std::lock_guard<std::mutex> lock(unit.gate.mu);
+  if (unit.gate.retired) return false;
+  if (unit.gate.closed) {
+    unit.gate.submits.push_back(std::move(p));
+    *status = ok_status();
+    return true;
   }
-  return id;
+  *status = unit.engine->submit_as(p.id, std::move(p.spec), std::move(p.callback));
+  return true;
+}
+
+bool ClusterRuntime::admit_cancel(Unit& unit, RequestId id) {
+  std::lock_guard<std::mutex> lock(unit.gate.mu);
+  if (unit.gate.retired) return false;
+  if (unit.gate.closed) {
+    unit.gate.cancels.push_back(id);
+  } else {
+    unit.engine->cancel(id);
+  }
+  return true;
+}
+
+void ClusterRuntime::close_gate(Unit& unit) {
+  std::lock_guard<std::mutex> lock(unit.gate.mu);
+  KUN_CHECK(!unit.gate.retired && !unit.gate.closed) << "unit of instance " << unit.instances.front() << " closed twice";
+  unit.gate.closed = true;
+}
+
+void ClusterRuntime::deliver_pending_locked(Unit& unit, const Routing& routing) {
+  // Called with unit.gate.mu held, so a cancel that arrives meanwhile for one of these requests
+  // waits (or retries) until its submit reached the target. A target other than `unit` (a newer
+  // unit, or the other side of a migration) is reached through its own gate, locked inside this
+  // one: transitions run one at a time, so two gates are never locked in opposite orders. When
+  // the target is `unit` itself (a reopened gate), the queue goes straight to its engine.
+  Gate& gate = unit.gate;
+  std::vector<PendingSubmit> submits = std::move(gate.submits);
+  std::vector<RequestId> cancels = std::move(gate.cancels);
+  gate.submits.clear();
+  gate.cancels.clear();
+  for (PendingSubmit& p : submits) {
+    const std::int64_t inst = instance_of(p.id);
+    KUN_CHECK(inst >= 0) << "pending request " << p.id << " has no instance";
+    Unit* target = routing.unit_of_instance[static_cast<std::size_t>(inst)];
+    const RequestId id = p.id;
+    engine::TokenCallback cb = p.callback;  // kept to report a refusal at the hand-over
+    Status s;
+    if (target == &unit) {
+      KUN_CHECK(!gate.closed && !gate.retired) << "hand-over of request " << id << " to its own closed gate";
+      s = unit.engine->submit_as(p.id, std::move(p.spec), std::move(p.callback));
+    } else {
+      KUN_CHECK(admit_submit(*target, p, &s)) << "hand-over of request " << id << " to a retired unit";
+    }
+    if (!s.ok()) {
+      // The target refused it (its queue filled meanwhile): the client gets a final error event,
+      // as for a submit the engine refuses at admission.
+      {
+        std::lock_guard<std::mutex> rl(requests_mu_);
+        request_instance_.erase(id);
+      }
+      if (cb) {
+        engine::TokenEvent ev;
+        ev.id = id;
+        ev.finished = true;
+        ev.reason = engine::FinishReason::kError;
+        ev.error = s;
+        ev.time_us = clock_->now_us();
+        cb(ev);
+      }
+    }
+  }
+  for (RequestId id : cancels) {
+    const std::int64_t inst = instance_of(id);
+    if (inst < 0) continue;  // finished meanwhile
+    Unit* target = routing.unit_of_instance[static_cast<std::size_t>(inst)];
+    if (target == &unit) {
+      unit.engine->cancel(id);
+    } else {
+      KUN_CHECK(admit_cancel(*target, id)) << "cancel hand-over of " << id;
+    }
+  }
+}
+
+void ClusterRuntime::reopen_gate(Unit& unit, const Routing& routing) {
+  std::lock_guard<std::mutex> lock(unit.gate.mu);
+  unit.gate.closed = false;
+  deliver_pending_locked(unit, routing);
+}
+
+void ClusterRuntime::retire_gate(Unit& unit, const Routing& next) {
+  std::lock_guard<std::mutex> lock(unit.gate.mu);
+  unit.gate.retired = true;
+  deliver_pending_locked(unit, next);
+}
+
+StatusOr<RequestId> ClusterRuntime::submit(engine::RequestSpec spec, engine::TokenCallback on_event) {
+  // Bad input is refused here, before it can queue behind a transition.
+  KUN_RETURN_IF_ERROR(engine::validate_request(spec, admission_config_));
+  PendingSubmit p{RequestId(), std::move(spec), wrap_callback(std::move(on_event))};
+  while (true) {
+    const std::shared_ptr<const Routing> r = routing();
+    std::int64_t instance;
+    {
+      const std::vector<cluster::InstanceSnapshot> snaps = snapshots_of(r->units);
+      std::lock_guard<std::mutex> lock(router_mu_);
+      KUN_ASSIGN_OR_RETURN(instance, router_.route(snaps));
+    }
+    KUN_CHECK(instance >= 0 && instance < options_.num_instances) << "router chose unknown instance " << instance;
+    Unit* unit = r->unit_of_instance[static_cast<std::size_t>(instance)];
+    {
+      std::lock_guard<std::mutex> rl(requests_mu_);
+      if (!p.id.valid()) p.id = RequestId(next_id_++);
+      request_instance_[p.id] = instance;
+    }
+    const RequestId id = p.id;
+    Status s;
+    if (!admit_submit(*unit, p, &s)) {
+      std::this_thread::yield();  // the unit retired: its successor is being published
+      continue;
+    }
+    if (!s.ok()) {
+      std::lock_guard<std::mutex> rl(requests_mu_);
+      request_instance_.erase(id);
+      return s;
+    }
+    return id;
+  }
 }
 
 void ClusterRuntime::cancel(RequestId id) {
-  std::shared_lock lock(topology_mu_);
-  std::int64_t instance;
-  {
-    std::lock_guard<std::mutex> rl(requests_mu_);
-    auto it = request_instance_.find(id);
-    if (it == request_instance_.end()) return;
-    instance = it->second;
+  while (true) {
+    const std::shared_ptr<const Routing> r = routing();
+    const std::int64_t instance = instance_of(id);
+    if (instance < 0) return;
+    if (admit_cancel(*r->unit_of_instance[static_cast<std::size_t>(instance)], id)) return;
+    std::this_thread::yield();
   }
-  if (Unit* u = unit_of_instance(instance)) u->engine->cancel(id);
 }
 
 engine::ServingStats ClusterRuntime::stats() const {
   engine::ServingStats out;
   PipelineExecutor::StageTime fused;  // live fused groups here, retired ones below
+  // events_mu_ first, then the snapshot: a unit is retired (its counters moved into
+  // retired_counters_ under events_mu_) only after its successors are published, so no unit
+  // counts twice and none is missed. No transition lock: stats never waits for a transition.
+  std::lock_guard<std::mutex> lock(events_mu_);
   {
-    std::shared_lock lock(topology_mu_);
-    for (const auto& u : units_) {
+    const std::shared_ptr<const Routing> r = routing();
+    for (const auto& u : r->units) {
       const engine::ServingStats st = u->engine->stats();
       const auto g = static_cast<std::int64_t>(u->instances.size());
       for (std::int64_t inst : u->instances) {
@@ -451,7 +640,6 @@ engine::ServingStats ClusterRuntime::stats() const {
   }
   std::sort(out.instances.begin(), out.instances.end(),
             [](const engine::InstanceStats& a, const engine::InstanceStats& b) { return a.instance < b.instance; });
-  std::lock_guard<std::mutex> lock(events_mu_);
   add_counters(retired_counters_, &out);
   out.drops_total = drops_;
   out.restores_total = restores_;
@@ -464,14 +652,14 @@ engine::ServingStats ClusterRuntime::stats() const {
   return out;
 }
 
-void ClusterRuntime::retire(std::unique_ptr<Unit> unit) {
+void ClusterRuntime::retire(const std::shared_ptr<Unit>& unit) {
+  // After its successors are published and its gate retired: nothing reaches its engine now.
   unit->engine->stop();
   const engine::ServingStats st = unit->engine->stats();
   std::lock_guard<std::mutex> lock(events_mu_);
   // Counters are cumulative over the deployment's life, so a retired unit's stay counted.
   add_counters(st, &retired_counters_);
   if (unit->executor->num_stages() > 1) retired_pipeline_time_.add(unit->executor->stage_time());
-  unit.reset();
 }
 
 void ClusterRuntime::record(ClusterEvent ev) {
@@ -499,28 +687,51 @@ std::uint64_t ClusterRuntime::events_total() const {
 }
 
 StatusOr<std::int64_t> ClusterRuntime::drop(const std::vector<std::int64_t>& instances) {
-  std::unique_lock lock(topology_mu_);
+  std::unique_lock lock(transition_mu_);
   KUN_ASSIGN_OR_RETURN(cluster::DropAction action, coordinator_->force_drop(instances, clock_->now_us()));
-  KUN_ASSIGN_OR_RETURN(std::int64_t group, drop_locked(action.instances, action.group, "forced"));
-  coordinator_->on_drop_done(group, clock_->now_us());
-  return group;
+  StatusOr<std::int64_t> group = drop_locked(action.instances, action.group, "forced");
+  if (!group.ok()) {
+    record_failure("drop", action.group, action.instances, group.status());
+    abandon_drop_locked(action.group);
+    return group.status();
+  }
+  coordinator_->on_drop_done(*group, clock_->now_us());
+  return *group;
 }
 
 Status ClusterRuntime::restore(std::int64_t group) {
-  std::unique_lock lock(topology_mu_);
-  const cluster::GroupInfo* info = coordinator_->group(group);
-  if (info == nullptr || info->state != cluster::GroupState::kRestoring) {
-    KUN_ASSIGN_OR_RETURN(cluster::RestoreAction action, coordinator_->force_restore(group, clock_->now_us()));
-    coordinator_->on_restore_started(group, clock_->now_us());
-    KUN_RETURN_IF_ERROR(begin_restore_locked(group, "forced"));
+  std::shared_ptr<Unit> unit;
+  {
+    std::unique_lock lock(transition_mu_);
+    const cluster::GroupInfo* info = coordinator_->group(group);
+    if (info == nullptr || info->state != cluster::GroupState::kRestoring) {
+      KUN_ASSIGN_OR_RETURN(cluster::RestoreAction action, coordinator_->force_restore(group, clock_->now_us()));
+      coordinator_->on_restore_started(group, clock_->now_us());
+      KUN_RETURN_IF_ERROR(begin_restore_locked(group, "forced"));
+    }
+    for (const auto& u : units_) {
+      if (u->group == group) unit = u;
+    }
   }
-  KUN_RETURN_IF_ERROR(restore_locked(group));
+  if (unit == nullptr) return not_found("no fused group " + std::to_string(group));
+  // The weights come back on the pull thread while the group decodes; wait for them without
+  // transition_mu_, so other transitions (and the policy loop) are not held up by the transfer.
+  {
+    std::unique_lock<std::mutex> pl(policy_mu_);
+    policy_cv_.wait(pl, [&] { return unit->weights_back.load(std::memory_order_acquire); });
+  }
+  std::unique_lock lock(transition_mu_);
+  if (std::find(units_.begin(), units_.end(), unit) == units_.end()) return ok_status();  // the policy loop split it meanwhile
+  if (Status s = restore_locked(group); !s.ok()) {
+    record_failure("split", group, unit->instances, s);
+    return s;
+  }
   coordinator_->on_restore_done(group, clock_->now_us());
   return ok_status();
 }
 
 bool ClusterRuntime::ready_to_split(std::int64_t group) const {
-  std::shared_lock lock(topology_mu_);
+  std::unique_lock lock(transition_mu_);
   for (const auto& u : units_) {
     if (u->group == group) return u->gathered.load(std::memory_order_acquire) && u->weights_back.load(std::memory_order_acquire);
   }
@@ -528,14 +739,14 @@ bool ClusterRuntime::ready_to_split(std::int64_t group) const {
 }
 
 Status ClusterRuntime::begin_restore(std::int64_t group) {
-  std::unique_lock lock(topology_mu_);
+  std::unique_lock lock(transition_mu_);
   KUN_ASSIGN_OR_RETURN(cluster::RestoreAction action, coordinator_->force_restore(group, clock_->now_us()));
   coordinator_->on_restore_started(group, clock_->now_us());
   return begin_restore_locked(group, "forced");
 }
 
 Status ClusterRuntime::migrate(RequestId request, std::int64_t to_instance) {
-  std::unique_lock lock(topology_mu_);
+  std::unique_lock lock(transition_mu_);
   return migrate_locked(request, to_instance, "forced");
 }
 
@@ -564,16 +775,20 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   const auto t0 = std::chrono::steady_clock::now();
   const auto g = static_cast<std::int64_t>(instances.size());
   const std::int64_t L = config_.num_layers;
-  std::vector<std::unique_ptr<Unit>> members;
+  std::vector<std::shared_ptr<Unit>> members;
   for (std::int64_t inst : instances) {
     Unit* u = unit_of_instance(inst);
     if (u == nullptr || u->group >= 0) return failed_precondition("instance " + std::to_string(inst) + " is not independent");
   }
   for (std::int64_t inst : instances) {
     auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->instances.front() == inst; });
-    members.push_back(std::move(*it));
-    units_.erase(it);
+    members.push_back(*it);
   }
+  // Only the members stop: their gates close (submits and cancels routed to them queue there
+  // and are handed to the group at the end) and their engines park at a step boundary. The
+  // members stay published until the group replaces them, so routing always covers every
+  // instance; other units keep serving throughout.
+  for (auto& m : members) close_gate(*m);
   // The plan, from every member's requests at a step boundary (cluster/transition_plan.h).
   cluster::DropInput input;
   input.group = group;
@@ -591,7 +806,39 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     }
   }
   const cluster::DropPlan plan = cluster::plan_drop(input, transition_geometry());
+  // Commit point: nothing has moved yet, so a failure here rolls back by reopening the members.
+  Status commit = options_.transition_fault ? options_.transition_fault("drop", group) : ok_status();
+  for (std::size_t k = 0; commit.ok() && k < members.size(); ++k) {
+    for (std::int64_t l : plan.members[k].layers_dropped) {
+      if (!devices_[static_cast<std::size_t>(plan.members[k].instance)]->has_layer(l)) {
+        commit = failed_precondition("device " + std::to_string(plan.members[k].instance) + " does not hold layer " + std::to_string(l));
+      }
+    }
+  }
+  if (!commit.ok()) {
+    const std::shared_ptr<const Routing> r = routing();
+    for (auto& m : members) {
+      reopen_gate(*m, *r);
+      m->engine->resume();
+    }
+    return commit;
+  }
   record_plan("drop", group, plan.to_string());
+  // The members' admission history (recent prompt lengths, for the lookahead's chunk cap) goes
+  // with their requests into the group rather than starting it cold.
+  // The members' histories interleave aligned at their newest entries (the group keeps the newest 64).
+  std::vector<std::vector<std::int64_t>> histories;
+  std::size_t longest = 0;
+  for (auto& m : members) {
+    histories.push_back(m->engine->scheduler().admission_history());
+    longest = std::max(longest, histories.back().size());
+  }
+  std::vector<std::int64_t> history;
+  for (std::size_t i = 0; i < longest; ++i) {
+    for (const auto& h : histories) {
+      if (h.size() + i >= longest) history.push_back(h[h.size() + i - longest]);
+    }
+  }
   // Carry it out: every request leaves its member; those the plan keeps with KV take their tables.
   std::set<RequestId> keep;
   for (const cluster::StaleKvPlan& s : plan.keep_kv) keep.insert(s.id);
@@ -611,19 +858,22 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
       detached.emplace(id, std::move(*d));
     }
   }
-  for (auto& m : members) retire(std::move(m));
   std::int64_t dropped_bytes = 0;
   for (std::int64_t k = 0; k < g; ++k) {
     const cluster::MemberLayout& layout = plan.members[static_cast<std::size_t>(k)];
     VirtualDevice& dev = *devices_[static_cast<std::size_t>(layout.instance)];
     kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(layout.instance)];
     for (std::int64_t l : layout.layers_dropped) {
-      KUN_ASSIGN_OR_RETURN(std::vector<memory::PageId> pages, dev.drop_layer(l));
-      KUN_RETURN_IF_ERROR(alloc.add_pages(pages));
+      // Past the commit point (the layers were checked above): a failure here is a broken invariant.
+      StatusOr<std::vector<memory::PageId>> pages_or = dev.drop_layer(l);
+      KUN_CHECK(pages_or.ok()) << "drop of layer " << l << " on device " << layout.instance << ": " << pages_or.status().to_string();
+      const std::vector<memory::PageId>& pages = *pages_or;
+      KUN_CHECK_OK(alloc.add_pages(pages));
       dropped_bytes += static_cast<std::int64_t>(pages.size()) * dev.arena().page_bytes();
     }
   }
   auto unit = make_unit(instances, group);
+  unit->engine->mutable_scheduler().set_admission_history(history);
   // Stale requests keep their KV on the member they ran on; the group's KvManager knows it is
   // misplaced for the layers other members now run (the plan's moves), which reach it by remote
   // attention. Under `exchange` the unit then moves it home layer by layer between steps.
@@ -662,7 +912,17 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   const auto moved = static_cast<std::int64_t>(plan.keep_kv.size() + plan.queue.size());
   KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << "drop of group " << group << " lost a request";
   launch(*unit);
+  // Publish: the group replaces its members. Their gates retire first, handing what queued to
+  // the group; a caller that meets a retired gate reloads the snapshot published just after.
+  units_.erase(std::remove_if(units_.begin(), units_.end(),
+                              [&](const auto& u) { return std::find(members.begin(), members.end(), u) != members.end(); }),
+               units_.end());
   units_.push_back(std::move(unit));
+  std::shared_ptr<const Routing> next = build_routing_locked();
+  for (auto& m : members) retire_gate(*m, *next);
+  publish_routing(std::move(next));
+  for (auto& m : members) retire(m);
+  members.clear();
   ClusterEvent ev;
   ev.time_us = clock_->now_us();
   ev.kind = "drop";
@@ -685,10 +945,11 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->group == group; });
   if (it == units_.end()) return not_found("no fused group " + std::to_string(group));
   KUN_CHECK((*it)->restoring.load() || (*it)->gathered.load()) << "group " << group << " splits before its gather phase";
-  // The weights pulled since begin_restore must have arrived (the group serves meanwhile).
+  // The weights pulled since begin_restore have arrived (callers wait for weights_back before
+  // they take transition_mu_), so this join returns at once: no lock waits on a transfer here.
+  KUN_CHECK((*it)->weights_back.load(std::memory_order_acquire)) << "group " << group << " splits before its weights are back";
   if ((*it)->weight_pull.joinable()) (*it)->weight_pull.join();
-  std::unique_ptr<Unit> unit = std::move(*it);
-  units_.erase(it);
+  std::shared_ptr<Unit> unit = *it;
   const double gather_ms = std::chrono::duration<double, std::milli>(t0 - unit->restore_began).count();
   const std::string reason = unit->restore_reason;
   const std::vector<std::int64_t> instances = unit->instances;
@@ -700,9 +961,20 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   const auto member_store = [&](std::int64_t k) -> kv::KvStorage& {
     return devices_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])]->kv_storage();
   };
-  // The plan, from the group's requests at a step boundary (cluster/transition_plan.h).
+  // Only the group stops: its gate closes (what is routed to it meanwhile is handed to the
+  // instances it splits into) and its engine parks at a step boundary.
+  close_gate(*unit);
   unit->engine->pause();
   unit->engine->quiesce();
+  // Commit point: nothing has moved yet; a failure leaves the group fused and restoring (the
+  // policy thread retries the split later).
+  if (Status commit = options_.transition_fault ? options_.transition_fault("split", group) : ok_status(); !commit.ok()) {
+    reopen_gate(*unit, *routing());
+    unit->engine->resume();
+    return commit;
+  }
+  // The group's admission history goes to every instance it splits into.
+  const std::vector<std::int64_t> history = unit->engine->scheduler().admission_history();
   cluster::SplitInput input;
   input.group = group;
   input.members = instances;
@@ -727,7 +999,6 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   const std::int64_t live_blocks = unit->live_gathered_blocks.load();
   std::int64_t pulled_bytes = unit->restore_pulled_bytes, repacked_blocks = unit->restore_repacked_blocks;
   const cluster::RestorePlan restore_plan = unit->restore_plan;
-  retire(std::move(unit));
   const auto free_tables = [&](std::map<std::int32_t, kv::BlockTable>& tables) {
     for (auto& [k, t] : tables) t.free_all(member_alloc(k));
     tables.clear();
@@ -773,8 +1044,13 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
       }
       return remapped;
     };
-    KUN_ASSIGN_OR_RETURN(std::vector<memory::PageId> pages, reclaim_layer_pages(inst, remap, &repacked_blocks));
-    KUN_RETURN_IF_ERROR(dev.restore_layer(wp.layer, pages));
+    // Past the commit point: every request has left the group. The plan sized the split so these
+    // pages exist (free blocks, repacked); a shortfall is a broken invariant, not a lost request.
+    StatusOr<std::vector<memory::PageId>> pages_or = reclaim_layer_pages(inst, remap, &repacked_blocks);
+    KUN_CHECK(pages_or.ok()) << "split of group " << group << ": layer " << wp.layer << " on device " << inst << ": "
+                             << pages_or.status().to_string();
+    const std::vector<memory::PageId>& pages = *pages_or;
+    KUN_CHECK_OK(dev.restore_layer(wp.layer, pages));
     const std::int64_t owner = instances[static_cast<std::size_t>(wp.from)];
     const auto src = devices_[static_cast<std::size_t>(owner)]->layer_bytes(wp.layer);
     auto dst = dev.restored_layer_data(wp.layer);
@@ -787,9 +1063,11 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
         << "device " << inst;
   }
   std::vector<Unit*> fresh_units;
+  std::vector<std::shared_ptr<Unit>> fresh;
   for (std::int64_t inst : instances) {
-    units_.push_back(make_unit({inst}, -1));
-    fresh_units.push_back(units_.back().get());
+    fresh.push_back(make_unit({inst}, -1));
+    fresh.back()->engine->mutable_scheduler().set_admission_history(history);
+    fresh_units.push_back(fresh.back().get());
   }
   const auto moved = static_cast<std::int64_t>(plan.keep_kv.size() + plan.queued.size());
   KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << "split of group " << group << " lost a request";
@@ -810,6 +1088,14 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
     }
   }
   for (Unit* u : fresh_units) launch(*u);
+  // Publish: the instances replace the group, whose gate retires handing what queued to them.
+  units_.erase(std::find(units_.begin(), units_.end(), unit));
+  for (auto& f : fresh) units_.push_back(std::move(f));
+  std::shared_ptr<const Routing> next = build_routing_locked();
+  retire_gate(*unit, *next);
+  publish_routing(std::move(next));
+  retire(unit);
+  unit.reset();
   {
     std::lock_guard<std::mutex> el(events_mu_);
     kv_blocks_moved_ += exchanged_blocks;
@@ -848,9 +1134,16 @@ Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instanc
   Unit* to = unit_of_instance(to_instance);
   if (from == nullptr || to == nullptr || from == to) return invalid_argument("migration needs two different instances");
   if (from->group >= 0 || to->group >= 0) return failed_precondition("migration is between independent instances");
+  // Both gates close, so no cancel of the moving request can reach the engine it is leaving
+  // after it left; they reopen (handing on what queued) once request_instance_ names its new home.
+  close_gate(*from);
+  close_gate(*to);
   from->engine->pause();
   to->engine->pause();
   auto resume = [&] {
+    const std::shared_ptr<const Routing> r = routing();
+    reopen_gate(*from, *r);
+    reopen_gate(*to, *r);
     from->engine->resume();
     to->engine->resume();
   };
@@ -906,17 +1199,38 @@ Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instanc
   return ok_status();
 }
 
+void ClusterRuntime::abandon_drop_locked(std::int64_t group) {
+  // The coordinator has no "drop failed" edge; the group it created goes through its whole
+  // lifecycle at once (formed, restore requested, restored), which leaves its members independent
+  // as they are in the runtime.
+  const std::int64_t now = clock_->now_us();
+  coordinator_->on_drop_done(group, now);
+  KUN_CHECK_OK(coordinator_->force_restore(group, now).status());
+  coordinator_->on_restore_started(group, now);
+  coordinator_->on_restore_done(group, now);
+}
+
 void ClusterRuntime::run_actions(const cluster::Actions& actions) {
   for (const auto& r : actions.restores) {
     coordinator_->on_restore_started(r.group, clock_->now_us());
     Status s = begin_restore_locked(r.group, r.reason);
-    KUN_CHECK(s.ok()) << "restore of group " << r.group << " failed: " << s.to_string();
+    if (!s.ok()) {
+      Unit* u = nullptr;
+      for (const auto& unit : units_) {
+        if (unit->group == r.group) u = unit.get();
+      }
+      record_failure("restore", r.group, u ? u->instances : std::vector<std::int64_t>{}, s);
+    }
   }
   finish_gathered_restores();  // groups with nothing to gather split at once
   for (const auto& d : actions.drops) {
     KUN_CHECK(d.absorbs.empty()) << "group growth reached the runtime, which refuses it";
     auto s = drop_locked(d.instances, d.group, d.reason);
-    KUN_CHECK(s.ok()) << "drop of group " << d.group << " failed: " << s.status().to_string();
+    if (!s.ok()) {
+      record_failure("drop", d.group, d.instances, s.status());
+      abandon_drop_locked(d.group);
+      continue;
+    }
     coordinator_->on_drop_done(d.group, clock_->now_us());
   }
   for (const auto& m : actions.migrations) {
@@ -940,10 +1254,10 @@ void ClusterRuntime::policy_loop() {
       if (stopping_) return;
       restore_progress_ = false;
     }
-    std::unique_lock lock(topology_mu_);
+    std::unique_lock lock(transition_mu_);
     if (std::chrono::steady_clock::now() >= next_tick) {
       next_tick = std::chrono::steady_clock::now() + period;
-      const cluster::Actions actions = coordinator_->tick(clock_->now_us(), snapshots_locked());
+      const cluster::Actions actions = coordinator_->tick(clock_->now_us(), snapshots_of(units_));
       if (!actions.empty()) run_actions(actions);
     }
     finish_gathered_restores();
@@ -951,18 +1265,24 @@ void ClusterRuntime::policy_loop() {
 }
 
 bool ClusterRuntime::run_step_all() {
-  std::shared_lock lock(topology_mu_);
+  std::unique_lock lock(transition_mu_);
   bool any = false;
   for (auto& u : units_) any = u->engine->run_step() || any;
   return any;
 }
 
 void ClusterRuntime::check_integrity() {
-  std::unique_lock lock(topology_mu_);
+  std::unique_lock lock(transition_mu_);
   for (auto& u : units_) u->engine->pause();
   const std::int64_t L = config_.num_layers;
   std::set<RequestId> seen;
   for (auto& u : units_) {
+    {
+      // Between transitions every gate is open and empty: nothing waits for a hand-over.
+      std::lock_guard<std::mutex> gl(u->gate.mu);
+      KUN_CHECK(!u->gate.closed && !u->gate.retired && u->gate.submits.empty() && u->gate.cancels.empty())
+          << "unit of instance " << u->instances.front() << " has a closed gate or requests waiting at it";
+    }
     u->kv->check_integrity();
     u->engine->scheduler().check_invariants();
     for (RequestId id : u->engine->scheduler().request_ids_in_order()) {

@@ -22,8 +22,13 @@
 //
 // Threads: every instance or group is an engine::Engine with its own thread; a policy thread
 // samples them every monitor period and runs the cluster::Coordinator (pure policy). Transitions
-// pause the engines involved at a step boundary; topology_mu_ serialises transitions with
-// routing.
+// pause only the engines involved, at a step boundary; transition_mu_ serialises transitions with
+// each other. The control path never waits for a transition: submit, cancel and stats read an
+// immutable routing snapshot (Routing, published by pointer swap) and take only the target
+// unit's admission gate, a short lock that is never held across a copy, a transfer or a join.
+// A unit under transition has its gate closed: requests routed to it wait in the gate and are
+// handed over, in order, to whichever unit holds their instance when the transition ends (or
+// back to the same unit when it fails and rolls back).
 #pragma once
 
 #include <atomic>
@@ -33,7 +38,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
 #include <span>
 #include <functional>
 #include <string>
@@ -53,6 +57,12 @@
 #include "runtime/virtual_device.h"
 
 namespace kun::runtime {
+
+// Test hook: called at a transition's commit point (kind "drop" or "split", after its plan is
+// computed and before any request or page moves). A non-OK status makes the transition fail there
+// as a real failure would (no room, a transfer error): it rolls back, is reported as a
+// "<kind>_failed" event and counted in transition_failures(), and the process goes on.
+using TransitionFaultFn = std::function<Status(const std::string& kind, std::int64_t group)>;
 
 struct ClusterOptions {
   std::int64_t num_instances = 4;
@@ -74,6 +84,7 @@ struct ClusterOptions {
   // A restore's live gather phase lasts at most this long; what is not home by then is gathered
   // stop-and-copy at the split.
   std::int64_t restore_gather_timeout_us = 2'000'000;
+  TransitionFaultFn transition_fault;  // tests only; empty in production
 };
 
 struct ClusterEvent {
@@ -134,11 +145,34 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::vector<cluster::TransitionRecord> transition_log() const;
   TransferStats transfer_stats() const { return transport_->stats(); }
   std::int64_t num_units() const;
+  // Transitions that failed and were rolled back, by kind (drop | restore | split | migrate):
+  // the counter behind kunserve_transition_failures_total{kind}.
+  std::map<std::string, std::int64_t> transition_failures() const;
+  // The admission history (recent prompt lengths) of the scheduler serving `instance` (tests: it is
+  // carried across drops and splits).
+  std::vector<std::int64_t> admission_history(std::int64_t instance) const;
   std::int64_t group_of(std::int64_t instance) const;
   cluster::Policy policy() const { return options_.coordinator.policy; }
 
  private:
+  // A request that reached a unit while its gate was closed (the unit is under transition).
+  struct PendingSubmit {
+    RequestId id;
+    engine::RequestSpec spec;
+    engine::TokenCallback callback;
+  };
+  // A unit's admission gate. Open: submits and cancels go straight to the engine's inbox. Closed
+  // (a transition owns the unit): they queue here in arrival order. Retired (the unit is gone):
+  // callers reload the routing snapshot and retry. `mu` is held only for these few steps.
+  struct Gate {
+    std::mutex mu;
+    bool closed = false;
+    bool retired = false;
+    std::vector<PendingSubmit> submits;  // guarded by mu
+    std::vector<RequestId> cancels;      // guarded by mu; after the submits they may refer to
+  };
   struct Unit {
+    Gate gate;
     std::vector<std::int64_t> instances;  // stage order
     std::int64_t group = -1;
     std::unique_ptr<engine::KvManager> kv;
@@ -163,11 +197,36 @@ class ClusterRuntime final : public engine::FrontDoor {
       if (weight_pull.joinable()) weight_pull.join();
     }
   };
+  // An immutable routing snapshot: every instance's unit. Published whole by publish_routing();
+  // readers keep the units alive while they use them.
+  struct Routing {
+    std::vector<std::shared_ptr<Unit>> units;
+    std::vector<Unit*> unit_of_instance;  // by instance
+  };
   ClusterRuntime(ClusterOptions options, const Clock* clock);
+  std::shared_ptr<const Routing> routing() const;
+  std::shared_ptr<const Routing> build_routing_locked() const;
+  void publish_routing(std::shared_ptr<const Routing> routing);
+  // Gate operations: admit_* returns false when the gate is retired (reload routing and retry).
+  bool admit_submit(Unit& unit, PendingSubmit& p, Status* status);
+  bool admit_cancel(Unit& unit, RequestId id);
+  void close_gate(Unit& unit);
+  // Opens the gate again (a failed transition, a migration): what queued goes to the unit that now
+  // holds each request's instance under `routing`.
+  void reopen_gate(Unit& unit, const Routing& routing);
+  // The unit is gone: what queued is handed over under `next` (not yet published), then callers
+  // retry on the new snapshot.
+  void retire_gate(Unit& unit, const Routing& next);
+  void deliver_pending_locked(Unit& unit, const Routing& routing);
+  std::int64_t instance_of(RequestId id) const;
+  void record_failure(const std::string& kind, std::int64_t group, const std::vector<std::int64_t>& instances,
+                      const Status& status);
   // A unit's engine starts only in launch(), after the requests it inherits are adopted (adopting
   // is engine-thread work that must not race the engine's own thread).
-  std::unique_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
+  std::shared_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
   void launch(Unit& unit);
+  // An independent instance's scheduler limits (before fused_scheduler_config).
+  engine::SchedulerConfig instance_scheduler_config() const;
   void exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight);
   Status begin_restore_locked(std::int64_t group, const std::string& reason);
   cluster::TransitionGeometry transition_geometry() const;
@@ -183,29 +242,37 @@ class ClusterRuntime final : public engine::FrontDoor {
   // Splits restoring groups whose gather finished or timed out (policy thread).
   void finish_gathered_restores();
   Unit* unit_of_instance(std::int64_t instance) const;
-  std::vector<cluster::InstanceSnapshot> snapshots_locked() const;
+  std::vector<cluster::InstanceSnapshot> snapshots_of(const std::vector<std::shared_ptr<Unit>>& units) const;
   void policy_loop();
   void run_actions(const cluster::Actions& actions);
+  // A drop failed and rolled back: the coordinator's group for it dissolves.
+  void abandon_drop_locked(std::int64_t group);
   StatusOr<std::int64_t> drop_locked(const std::vector<std::int64_t>& instances, std::int64_t group, const std::string& reason);
   Status restore_locked(std::int64_t group);  // the split; begin_restore_locked came first
   Status migrate_locked(RequestId request, std::int64_t to_instance, const std::string& reason);
-  void retire(std::unique_ptr<Unit> unit);
+  void retire(const std::shared_ptr<Unit>& unit);
   void record(ClusterEvent ev);
   engine::TokenCallback wrap_callback(engine::TokenCallback cb);
 
   ClusterOptions options_;
   const Clock* clock_;
   engine::ModelInfo model_info_;
+  engine::SchedulerConfig admission_config_;  // an independent instance's, for validating submits
   model::ModelConfig config_;
   std::unique_ptr<Transport> transport_;
   std::vector<std::unique_ptr<VirtualDevice>> devices_;
   std::vector<std::unique_ptr<kv::KvBlockAllocator>> allocators_;
 
-  mutable std::shared_mutex topology_mu_;   // guards units_, coordinator_, router_
-  std::vector<std::unique_ptr<Unit>> units_;
+  // Serialises transitions (and start/stop, check_integrity, run_step_all) with each other; guards
+  // units_, coordinator_, started_. submit, cancel and stats never take it.
+  mutable std::mutex transition_mu_;
+  std::vector<std::shared_ptr<Unit>> units_;
   std::unique_ptr<cluster::Coordinator> coordinator_;
-  mutable cluster::Router router_;
   bool started_ = false;
+  mutable std::mutex routing_mu_;  // guards the pointer routing_ only (a pointer copy or swap)
+  std::shared_ptr<const Routing> routing_;
+  mutable std::mutex router_mu_;  // guards router_ (its round-robin state)
+  mutable cluster::Router router_;
 
   mutable std::mutex requests_mu_;  // guards request_instance_, next_id_
   std::map<RequestId, std::int64_t> request_instance_;  // live request -> an instance of its unit
@@ -216,6 +283,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   BoundedRing<cluster::TransitionRecord> transition_log_;  // guarded by events_mu_
   std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_
   std::vector<double> drop_latency_ms_, restore_latency_ms_;      // guarded by events_mu_
+  std::map<std::string, std::int64_t> transition_failures_;        // guarded by events_mu_
   PipelineExecutor::StageTime retired_pipeline_time_;             // guarded by events_mu_
   engine::ServingStats retired_counters_;  // guarded by events_mu_: counters of retired units
 

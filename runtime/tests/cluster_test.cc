@@ -12,6 +12,7 @@
 #include <sstream>
 #include <map>
 #include <random>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -469,6 +470,191 @@ TEST_P(ClusterPropertyTest, RandomTransitionsAndCancelsKeepInvariants) {
 INSTANTIATE_TEST_SUITE_P(Strategies, ClusterPropertyTest,
                          ::testing::Values(cluster::StaleKvStrategy::kRecompute, cluster::StaleKvStrategy::kRemoteAttention,
                                            cluster::StaleKvStrategy::kExchange));
+
+// The control path never waits for a transition (issue 12): a drop held at its commit point (the
+// fault hook blocks there, with the members paused and their gates closed) must not stop submits,
+// cancels or stats. Submits routed to the other instances run to completion meanwhile; those
+// routed to the members queue at their gates and are handed to the group without loss or
+// duplication; every request's tokens stay exact. With the parameter set the held drop then fails
+// (rolls back): what queued at the members' gates goes back to the members.
+class ClusterControlPathTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(ClusterControlPathTest, SubmitCancelAndStatsDoNotWaitForATransition) {
+  const bool fail = GetParam();
+  auto w = tiny_weights();
+  const auto specs = make_specs(17, 16, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  SteadyClock clock;
+  ClusterOptions opt = small_cluster(*w, 64, cluster::Policy::kKunServe);
+  opt.router.policy = cluster::RoutePolicy::kRoundRobin;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool hook_entered = false, hook_released = false, hook_timed_out = false;
+  opt.transition_fault = [&](const std::string& kind, std::int64_t) {
+    if (kind != "drop") return ok_status();
+    std::unique_lock<std::mutex> lock(mu);
+    hook_entered = true;
+    cv.notify_all();
+    // Before issue 12 a submit waited for the whole transition: it would wait here until the
+    // timeout and the test would fail on hook_timed_out.
+    hook_timed_out = !cv.wait_for(lock, std::chrono::seconds(30), [&] { return hook_released; });
+    return fail ? unavailable("injected: transfer error") : ok_status();
+  };
+  auto rt = ClusterRuntime::create(opt, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  Tracker tr;
+  std::int64_t tokens_seen = 0;
+  int finished = 0;
+  std::set<int> progressed_during_drop;
+  const auto callback = [&](std::int64_t i) {
+    return [&, i](const engine::TokenEvent& ev) {
+      std::lock_guard<std::mutex> lock(mu);
+      tr.callback(i)(ev);
+      if (ev.token >= 0) ++tokens_seen;
+      if (ev.finished) ++finished;
+      if (hook_entered && !hook_released && ev.token >= 0 && i >= 8) progressed_during_drop.insert(static_cast<int>(i));
+      cv.notify_all();
+    };
+  };
+  const auto wait_for = [&](const std::function<bool()>& done) {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(120), done)) << "timed out";
+  };
+  (*rt)->start();
+  for (int i = 0; i < 8; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], callback(i)).ok());
+  wait_for([&] { return tokens_seen >= 10; });
+  StatusOr<std::int64_t> group = internal_error("drop did not run");
+  std::thread dropper([&] { group = (*rt)->drop({0, 1}); });
+  wait_for([&] { return hook_entered; });
+  // The drop is held with instances 0 and 1 paused. Everything below must return meanwhile.
+  std::vector<RequestId> late;
+  for (int i = 8; i < 16; ++i) {
+    auto id = (*rt)->submit(specs[static_cast<std::size_t>(i)], callback(i));
+    ASSERT_TRUE(id.ok()) << id.status().to_string();
+    late.push_back(*id);
+  }
+  const engine::ServingStats during = (*rt)->stats();
+  EXPECT_EQ(during.instances.size(), 4u);
+  EXPECT_EQ((*rt)->num_units(), 4) << "the members stay published until the group replaces them";
+  // Requests routed to instances 2 and 3 make progress while the drop is held.
+  wait_for([&] { return !progressed_during_drop.empty(); });
+  (*rt)->cancel(late.back());  // the last one: routed round robin, it may sit at a closed gate
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    hook_released = true;
+    cv.notify_all();
+  }
+  dropper.join();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_FALSE(hook_timed_out) << "a submit, cancel or stats call waited for the transition";
+  }
+  if (fail) {
+    ASSERT_FALSE(group.ok());
+    EXPECT_EQ((*rt)->group_of(0), -1);
+    EXPECT_EQ((*rt)->num_units(), 4);
+    EXPECT_EQ((*rt)->transition_failures().at("drop"), 1);
+    EXPECT_EQ((*rt)->events().back().kind, "drop_failed");
+  } else {
+    ASSERT_TRUE(group.ok()) << group.status().to_string();
+    EXPECT_EQ((*rt)->group_of(0), *group);
+  }
+  wait_for([&] { return finished == 16; });
+  (*rt)->check_integrity();
+  (*rt)->stop();
+  std::lock_guard<std::mutex> lock(mu);
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_EQ(tr.finals[i], 1) << "request " << i << " lost or finished twice";
+    const auto& got = tr.tokens[i];
+    const auto& want = expected[static_cast<std::size_t>(i)];
+    if (i == 15 && tr.reasons[i] == engine::FinishReason::kCancelled) {
+      ASSERT_LE(got.size(), want.size());
+      EXPECT_TRUE(std::equal(got.begin(), got.end(), want.begin())) << "request " << i;
+    } else {
+      EXPECT_EQ(got, want) << "request " << i;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(CommitOrFail, ClusterControlPathTest, ::testing::Bool());
+
+// A transition that fails (the fault hook stands in for "no room" or a transfer error at the
+// commit point) rolls back: the cluster stays consistent, the failure is an event and a counter,
+// the process goes on, the same transition succeeds later, and every request's tokens are exact.
+// The lookahead's admission history rides along through the drop and the split.
+TEST(ClusterFailureTest, FailedDropAndSplitRollBackAndAreReported) {
+  auto w = tiny_weights();
+  const auto specs = make_specs(23, 24, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  ManualClock clock;
+  ClusterOptions opt = small_cluster(*w, 64, cluster::Policy::kKunServe);
+  std::map<std::string, int> failures_left = {{"drop", 1}, {"split", 1}};
+  opt.transition_fault = [&](const std::string& kind, std::int64_t group) -> Status {
+    if (failures_left[kind] > 0) {
+      --failures_left[kind];
+      return resource_exhausted("injected: no room for the " + kind + " of group " + std::to_string(group));
+    }
+    return ok_status();
+  };
+  auto rt = ClusterRuntime::create(opt, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  Tracker tr;
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  run_steps(**rt, 6);
+  // The drop fails at its commit point: nothing moved, the members serve on.
+  auto failed = (*rt)->drop({0, 1});
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ((*rt)->events().back().kind, "drop_failed");
+  EXPECT_EQ((*rt)->transition_failures().at("drop"), 1);
+  EXPECT_EQ((*rt)->num_units(), 4);
+  EXPECT_EQ((*rt)->group_of(0), -1);
+  EXPECT_EQ((*rt)->stats().drops_total, 0);
+  (*rt)->check_integrity();
+  // Submits while the cluster recovers from the failure still land.
+  for (int i = 16; i < 20; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  run_steps(**rt, 3);
+  // The same drop again, now it succeeds; the members' admission histories go to the group.
+  std::vector<std::int64_t> members_history = (*rt)->admission_history(0);
+  const std::vector<std::int64_t> h1 = (*rt)->admission_history(1);
+  members_history.insert(members_history.end(), h1.begin(), h1.end());
+  ASSERT_FALSE(members_history.empty());
+  auto group = (*rt)->drop({0, 1});
+  ASSERT_TRUE(group.ok()) << group.status().to_string();
+  std::vector<std::int64_t> group_history = (*rt)->admission_history(0);
+  std::sort(members_history.begin(), members_history.end());
+  std::sort(group_history.begin(), group_history.end());
+  EXPECT_EQ(group_history, members_history) << "the group started its lookahead cold";
+  for (int i = 20; i < 24; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  run_steps(**rt, 6);
+  // The split fails at its commit point: the group stays fused and restoring, and serves on.
+  ASSERT_TRUE((*rt)->begin_restore(*group).ok());
+  for (int i = 0; i < 2000 && !(*rt)->ready_to_split(*group); ++i) {
+    run_steps(**rt, 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const Status split = (*rt)->restore(*group);
+  ASSERT_FALSE(split.ok());
+  EXPECT_EQ((*rt)->events().back().kind, "split_failed");
+  EXPECT_EQ((*rt)->transition_failures().at("split"), 1);
+  EXPECT_EQ((*rt)->num_units(), 3);
+  EXPECT_EQ((*rt)->group_of(1), *group);
+  (*rt)->check_integrity();
+  run_steps(**rt, 3);
+  const std::vector<std::int64_t> before_split = (*rt)->admission_history(0);
+  ASSERT_TRUE((*rt)->restore(*group).ok());
+  EXPECT_EQ((*rt)->num_units(), 4);
+  EXPECT_EQ((*rt)->admission_history(1), before_split) << "a split instance started its lookahead cold";
+  (*rt)->check_integrity();
+  drain(**rt);
+  const engine::ServingStats st = (*rt)->stats();
+  EXPECT_EQ(st.drops_total, 1);
+  EXPECT_EQ(st.restores_total, 1);
+  for (int i = 0; i < 24; ++i) {
+    EXPECT_EQ(tr.finals[i], 1) << "request " << i << " lost or finished twice";
+    EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
+  }
+}
 
 }  // namespace
 }  // namespace kun::runtime
