@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -79,6 +80,9 @@ struct ServingStats {
   std::int64_t kv_blocks_exchanged_total = 0;
   std::int64_t drops_total = 0;
   std::int64_t restores_total = 0;
+  // Transitions that failed and were rolled back (or left to retry), by kind: drop, restore,
+  // split (ClusterRuntime::transition_failures()).
+  std::map<std::string, std::int64_t> transition_failures_total;
   std::vector<double> drop_latency_ms;     // one entry per completed drop, newest last
   std::vector<double> restore_latency_ms;  // one entry per completed restore, newest last
   // Fused pipelines (groups of g > 1 stages), over their whole lifetime: stage time spent running

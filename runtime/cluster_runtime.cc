@@ -643,6 +643,7 @@ engine::ServingStats ClusterRuntime::stats() const {
   add_counters(retired_counters_, &out);
   out.drops_total = drops_;
   out.restores_total = restores_;
+  out.transition_failures_total = transition_failures_;
   out.kv_blocks_exchanged_total = kv_blocks_moved_;
   out.drop_latency_ms = drop_latency_ms_;
   out.restore_latency_ms = restore_latency_ms_;

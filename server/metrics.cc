@@ -294,6 +294,13 @@ std::string render_metrics(const ServerMetrics& m, const engine::ServingStats& s
   w.sample("kunserve_drops_total", "", static_cast<double>(stats.drops_total));
   w.family("kunserve_restores_total", "counter", "Completed parameter restores.");
   w.sample("kunserve_restores_total", "", static_cast<double>(stats.restores_total));
+  w.family("kunserve_transition_failures_total", "counter",
+           "Transitions that failed and were rolled back or left to retry, by kind.");
+  for (const char* kind : {"drop", "restore", "split"}) {
+    const auto it = stats.transition_failures_total.find(kind);
+    w.sample("kunserve_transition_failures_total", std::string("kind=\"") + kind + "\"",
+             it == stats.transition_failures_total.end() ? 0.0 : static_cast<double>(it->second));
+  }
   std::vector<double> drop_s, restore_s;
   for (double ms : stats.drop_latency_ms) drop_s.push_back(ms * 1e-3);
   for (double ms : stats.restore_latency_ms) restore_s.push_back(ms * 1e-3);
