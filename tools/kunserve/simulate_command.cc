@@ -177,11 +177,15 @@ StatusOr<std::vector<PolicyRun>> run_policies(const SimulateArgs& a, const workl
     KUN_ASSIGN_OR_RETURN(sim::SimReport r, sim::run_simulation(c, trace));
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (a.speed) {
+      const std::ios_base::fmtflags flags = std::cout.flags();  // a sweep prints its table in fixed
+      const std::streamsize precision = std::cout.precision();
       const double simulated = static_cast<double>(r.end_us) / 1e6;
       std::cout << "speed " << p << ": " << std::fixed << std::setprecision(1) << simulated << " simulated s in "
                 << std::setprecision(2) << wall << " wall s = " << std::setprecision(0) << simulated / wall
                 << " simulated s per wall s; " << static_cast<double>(r.instants) / wall << " instants/s, "
-                << static_cast<double>(r.counters.steps) / wall << " steps/s" << std::defaultfloat << std::endl;
+                << static_cast<double>(r.counters.steps) / wall << " steps/s" << std::endl;
+      std::cout.flags(flags);
+      std::cout.precision(precision);
     }
     runs.push_back({p, std::move(r), wall});
   }
