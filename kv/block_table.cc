@@ -30,8 +30,6 @@ void BlockTable::insert_layer(std::int64_t layer, std::vector<BlockId> blocks) {
   blocks_.insert(blocks_.begin() + at, std::move(blocks));
 }
 
-std::vector<std::int64_t> BlockTable::layers() const { return layer_ids_; }
-
 const std::vector<BlockId>& BlockTable::layer_blocks(std::int64_t layer) const {
   const std::int64_t i = find(layer);
   KUN_CHECK(i >= 0) << "block table does not hold layer " << layer;

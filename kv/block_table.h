@@ -38,8 +38,9 @@ class BlockTable {
   // Total layer blocks held (blocks_per_layer() * num_layers()).
   std::int64_t num_blocks() const { return blocks_per_layer() * num_layers(); }
   bool holds_layer(std::int64_t layer) const { return find(layer) >= 0; }
-  // Held layers, ascending.
-  std::vector<std::int64_t> layers() const;
+  // Held layers, ascending (a reference: the scheduler walks it for every planned sequence; it
+  // changes when a layer is released, dropped, added or adopted).
+  const std::vector<std::int64_t>& layers() const { return layer_ids_; }
   const std::vector<BlockId>& layer_blocks(std::int64_t layer) const;
   // The block and slot holding token `position` of `layer`.
   BlockId block_for_token(std::int64_t layer, std::int64_t position) const;
