@@ -20,6 +20,8 @@ KvManager::KvManager(std::int64_t block_size_tokens, std::vector<kv::KvBlockAllo
   for (std::int32_t d : layer_device_) {
     KUN_CHECK(d >= 0 && d < static_cast<std::int32_t>(devices_.size())) << "layer placed on device " << d;
   }
+  layers_per_device_.assign(devices_.size(), 0);
+  for (std::int32_t d : layer_device_) ++layers_per_device_[static_cast<std::size_t>(d)];
   std::vector<kv::PageId> slots;
   for (std::int64_t i = 0; i < host_swap_blocks; ++i) slots.push_back(kv::PageId(i));
   KUN_CHECK_OK(host_.add_pages(slots));
@@ -56,15 +58,17 @@ bool KvManager::can_grow(RequestId id, std::int64_t new_tokens) const {
   if (it != requests_.end() && it->second.swapped) return false;
   if (new_tokens <= have) return true;
   const std::int64_t add_blocks = token_blocks(new_tokens) - token_blocks(have);
-  std::vector<std::int64_t> need(devices_.size(), 0);
+  // Called for every running request every step: no allocation. Each device appears once in
+  // `tables` (a map by device) and in layers_per_device_.
   if (it == requests_.end()) {
-    for (std::int32_t d : layer_device_) need[static_cast<std::size_t>(d)] += add_blocks;
-  } else {
-    // An imported request may hold layers away from their placement (remote attention).
-    for (const auto& [d, table] : it->second.tables) need[static_cast<std::size_t>(d)] += add_blocks * table.num_layers();
+    for (std::size_t d = 0; d < devices_.size(); ++d) {
+      if (devices_[d]->num_free() < add_blocks * layers_per_device_[d]) return false;
+    }
+    return true;
   }
-  for (std::size_t d = 0; d < devices_.size(); ++d) {
-    if (devices_[d]->num_free() < need[d]) return false;
+  // An imported request may hold layers away from their placement (remote attention).
+  for (const auto& [d, table] : it->second.tables) {
+    if (devices_[static_cast<std::size_t>(d)]->num_free() < add_blocks * table.num_layers()) return false;
   }
   return true;
 }

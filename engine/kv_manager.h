@@ -114,6 +114,7 @@ class KvManager {
   std::int64_t block_size_tokens_;
   std::vector<kv::KvBlockAllocator*> devices_;
   std::vector<std::int32_t> layer_device_;
+  std::vector<std::int64_t> layers_per_device_;  // by device: layers placed there (can_grow)
   kv::KvBlockAllocator host_;  // host swap slots: bookkeeping only, the executor owns the bytes
   std::vector<kv::BlockId> host_pending_free_;
   std::map<RequestId, RequestKv> requests_;

@@ -1,5 +1,6 @@
 #include "kv/block_table.h"
 
+#include <algorithm>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -11,20 +12,28 @@ BlockTable::BlockTable(std::int64_t block_size_tokens, std::int64_t layer_begin,
   KUN_CHECK_GT(block_size_tokens, 0);
   KUN_CHECK(layer_begin >= 0 && layer_begin <= layer_end)
       << "bad layer range [" << layer_begin << ", " << layer_end << ")";
-  for (std::int64_t l = layer_begin; l < layer_end; ++l) layers_.emplace(l, std::vector<BlockId>{});
+  layer_ids_.reserve(static_cast<std::size_t>(layer_end - layer_begin));
+  for (std::int64_t l = layer_begin; l < layer_end; ++l) layer_ids_.push_back(l);
+  blocks_.resize(layer_ids_.size());
 }
 
-std::vector<std::int64_t> BlockTable::layers() const {
-  std::vector<std::int64_t> out;
-  out.reserve(layers_.size());
-  for (const auto& [l, blocks] : layers_) out.push_back(l);
-  return out;
+std::int64_t BlockTable::find(std::int64_t layer) const {
+  const auto it = std::lower_bound(layer_ids_.begin(), layer_ids_.end(), layer);
+  if (it == layer_ids_.end() || *it != layer) return -1;
+  return it - layer_ids_.begin();
+}
+
+void BlockTable::insert_layer(std::int64_t layer, std::vector<BlockId> blocks) {
+  const auto it = std::lower_bound(layer_ids_.begin(), layer_ids_.end(), layer);
+  const auto at = it - layer_ids_.begin();
+  layer_ids_.insert(it, layer);
+  blocks_.insert(blocks_.begin() + at, std::move(blocks));
 }
 
 const std::vector<BlockId>& BlockTable::layer_blocks(std::int64_t layer) const {
-  auto it = layers_.find(layer);
-  KUN_CHECK(it != layers_.end()) << "block table does not hold layer " << layer;
-  return it->second;
+  const std::int64_t i = find(layer);
+  KUN_CHECK(i >= 0) << "block table does not hold layer " << layer;
+  return blocks_[static_cast<std::size_t>(i)];
 }
 
 BlockId BlockTable::block_for_token(std::int64_t layer, std::int64_t position) const {
@@ -41,10 +50,10 @@ std::int64_t BlockTable::blocks_needed_to_append(std::int64_t tokens) const {
 Status BlockTable::append_tokens(std::int64_t tokens, KvBlockAllocator& allocator) {
   if (tokens < 0) return invalid_argument("append_tokens: negative count " + std::to_string(tokens));
   const std::int64_t per_layer = blocks_for_tokens(num_tokens_ + tokens) - blocks_per_layer();
-  if (per_layer > 0 && !layers_.empty()) {
+  if (per_layer > 0 && !layer_ids_.empty()) {
     KUN_ASSIGN_OR_RETURN(std::vector<BlockId> fresh, allocator.allocate(per_layer * num_layers()));
     std::size_t next = 0;
-    for (auto& [l, blocks] : layers_) {
+    for (auto& blocks : blocks_) {
       blocks.insert(blocks.end(), fresh.begin() + static_cast<std::ptrdiff_t>(next),
                     fresh.begin() + static_cast<std::ptrdiff_t>(next + static_cast<std::size_t>(per_layer)));
       next += static_cast<std::size_t>(per_layer);
@@ -58,7 +67,8 @@ void BlockTable::truncate(std::int64_t num_tokens, KvBlockAllocator& allocator) 
   KUN_CHECK(num_tokens >= 0 && num_tokens <= num_tokens_)
       << "truncate to " << num_tokens << " of " << num_tokens_ << " tokens";
   const auto keep = static_cast<std::size_t>(blocks_for_tokens(num_tokens));
-  for (auto& [l, blocks] : layers_) {
+  for (auto& blocks : blocks_) {
+    if (blocks.size() <= keep) continue;
     allocator.free(std::span<const BlockId>(blocks).subspan(keep));
     blocks.resize(keep);
   }
@@ -68,10 +78,11 @@ void BlockTable::truncate(std::int64_t num_tokens, KvBlockAllocator& allocator) 
 void BlockTable::free_all(KvBlockAllocator& allocator) { truncate(0, allocator); }
 
 std::vector<BlockId> BlockTable::release_layer(std::int64_t layer) {
-  auto it = layers_.find(layer);
-  KUN_CHECK(it != layers_.end()) << "release of layer " << layer << " not held";
-  std::vector<BlockId> blocks = std::move(it->second);
-  layers_.erase(it);
+  const std::int64_t i = find(layer);
+  KUN_CHECK(i >= 0) << "release of layer " << layer << " not held";
+  std::vector<BlockId> blocks = std::move(blocks_[static_cast<std::size_t>(i)]);
+  layer_ids_.erase(layer_ids_.begin() + i);
+  blocks_.erase(blocks_.begin() + i);
   return blocks;
 }
 
@@ -84,14 +95,14 @@ Status BlockTable::add_layer(std::int64_t layer, KvBlockAllocator& allocator) {
     return invalid_argument("add_layer: layer " + std::to_string(layer) + " is invalid or already held");
   }
   KUN_ASSIGN_OR_RETURN(std::vector<BlockId> blocks, allocator.allocate(blocks_per_layer()));
-  layers_.emplace(layer, std::move(blocks));
+  insert_layer(layer, std::move(blocks));
   return ok_status();
 }
 
 void BlockTable::adopt_layer(std::int64_t layer, std::vector<BlockId> blocks) {
   KUN_CHECK(layer >= 0 && !holds_layer(layer)) << "adopt of layer " << layer << " already held";
   KUN_CHECK_EQ(static_cast<std::int64_t>(blocks.size()), blocks_per_layer()) << "blocks for layer " << layer;
-  layers_.emplace(layer, std::move(blocks));
+  insert_layer(layer, std::move(blocks));
 }
 
 std::int64_t BlockTable::remap_blocks(std::span<const BlockMove> moves) {
@@ -100,7 +111,7 @@ std::int64_t BlockTable::remap_blocks(std::span<const BlockMove> moves) {
   to.reserve(moves.size());
   for (const BlockMove& m : moves) to.emplace(m.from.value, m.to);
   std::int64_t changed = 0;
-  for (auto& [l, blocks] : layers_) {
+  for (auto& blocks : blocks_) {
     for (BlockId& b : blocks) {
       auto it = to.find(b.value);
       if (it != to.end()) {
@@ -113,13 +124,16 @@ std::int64_t BlockTable::remap_blocks(std::span<const BlockMove> moves) {
 }
 
 void BlockTable::for_each_block(const std::function<void(std::int64_t, std::int64_t, BlockId)>& fn) const {
-  for (const auto& [l, blocks] : layers_) {
-    for (std::size_t i = 0; i < blocks.size(); ++i) fn(l, static_cast<std::int64_t>(i), blocks[i]);
+  for (std::size_t k = 0; k < layer_ids_.size(); ++k) {
+    const std::vector<BlockId>& blocks = blocks_[k];
+    for (std::size_t i = 0; i < blocks.size(); ++i) fn(layer_ids_[k], static_cast<std::int64_t>(i), blocks[i]);
   }
 }
 
 Status BlockTable::verify() const {
-  for (const auto& [l, blocks] : layers_) {
+  for (std::size_t k = 0; k < layer_ids_.size(); ++k) {
+    const std::int64_t l = layer_ids_[k];
+    const std::vector<BlockId>& blocks = blocks_[k];
     if (static_cast<std::int64_t>(blocks.size()) != blocks_per_layer()) {
       return internal_error("block table: layer " + std::to_string(l) + " has " + std::to_string(blocks.size()) +
                             " blocks for " + std::to_string(num_tokens_) + " tokens, wants " +

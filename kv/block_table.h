@@ -34,12 +34,13 @@ class BlockTable {
   // Blocks each held layer has: ceil(num_tokens / block_size).
   std::int64_t blocks_per_layer() const { return blocks_for_tokens(num_tokens_); }
   std::int64_t blocks_for_tokens(std::int64_t tokens) const { return ceil_div(tokens, block_size_tokens_); }
-  std::int64_t num_layers() const { return static_cast<std::int64_t>(layers_.size()); }
+  std::int64_t num_layers() const { return static_cast<std::int64_t>(layer_ids_.size()); }
   // Total layer blocks held (blocks_per_layer() * num_layers()).
   std::int64_t num_blocks() const { return blocks_per_layer() * num_layers(); }
-  bool holds_layer(std::int64_t layer) const { return layers_.count(layer) != 0; }
-  // Held layers, ascending.
-  std::vector<std::int64_t> layers() const;
+  bool holds_layer(std::int64_t layer) const { return find(layer) >= 0; }
+  // Held layers, ascending (a reference: the scheduler walks it for every planned sequence; it
+  // changes when a layer is released, dropped, added or adopted).
+  const std::vector<std::int64_t>& layers() const { return layer_ids_; }
   const std::vector<BlockId>& layer_blocks(std::int64_t layer) const;
   // The block and slot holding token `position` of `layer`.
   BlockId block_for_token(std::int64_t layer, std::int64_t position) const;
@@ -75,9 +76,17 @@ class BlockTable {
   Status verify() const;
 
  private:
+  // Index of `layer` in layer_ids_, -1 if not held.
+  std::int64_t find(std::int64_t layer) const;
+  // Inserts a layer (not held) with its blocks, keeping layer_ids_ ascending.
+  void insert_layer(std::int64_t layer, std::vector<BlockId> blocks);
+
   std::int64_t block_size_tokens_;
   std::int64_t num_tokens_ = 0;
-  std::map<std::int64_t, std::vector<BlockId>> layers_;
+  // Held layers ascending and their blocks, side by side (a std::map here cost a tree walk per
+  // layer on every append, and the scheduler appends for every running request every step).
+  std::vector<std::int64_t> layer_ids_;
+  std::vector<std::vector<BlockId>> blocks_;
 };
 
 using SequenceKv = BlockTable;

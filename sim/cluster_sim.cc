@@ -277,14 +277,16 @@ std::int64_t ClusterSim::outstanding() const {
   return n;
 }
 
-std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots() const {
+std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots(bool for_routing) const {
   std::vector<cluster::InstanceSnapshot> out;
   const std::int64_t num_layers = cost_.model().num_layers;
+  const bool need_pending = !for_routing || config_.route == cluster::RoutePolicy::kMemoryAware;
   for (const auto& u : units_) {
     const auto g = static_cast<std::int64_t>(u->members.size());
     const std::int64_t total = u->kv->total_blocks();
-    const auto demanded = static_cast<std::int64_t>(std::llround(u->scheduler->demand() * static_cast<double>(total)));
-    const std::int64_t pending = u->scheduler->pending_blocks();
+    const auto demanded =
+        for_routing ? 0 : static_cast<std::int64_t>(std::llround(u->scheduler->demand() * static_cast<double>(total)));
+    const std::int64_t pending = need_pending ? u->scheduler->pending_blocks() : 0;
     cluster::GroupState state = cluster::GroupState::kInitial;
     if (u->group >= 0) {
       if (const cluster::GroupInfo* gi = coordinator_->group(u->group)) state = gi->state;
@@ -303,7 +305,7 @@ std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots() const {
       if (s == 0) {
         snap.num_running = u->scheduler->num_running();
         snap.num_queued = u->scheduler->num_waiting();
-        if (config_.policy == cluster::Policy::kMigrate && g == 1) {
+        if (!for_routing && config_.policy == cluster::Policy::kMigrate && g == 1) {
           for (std::int64_t idx : u->requests) {
             const engine::Request* r = u->scheduler->find(RequestId(idx));
             if (r == nullptr) continue;
@@ -350,7 +352,7 @@ void ClusterSim::arrive(std::int64_t index) {
   for (std::size_t j = 0; j < prompt.size(); ++j) {
     prompt[j] = static_cast<std::int32_t>((static_cast<std::uint64_t>(index) * 7919u + j * 104729u + config_.seed) % vocab);
   }
-  auto target = router_->route(snapshots());
+  auto target = router_->route(snapshots(/*for_routing=*/true));
   KUN_CHECK(target.ok()) << target.status().to_string();
   Unit* u = unit_of_instance(*target);
   KUN_CHECK(u != nullptr) << "router chose unknown instance " << *target;

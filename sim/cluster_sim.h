@@ -217,7 +217,10 @@ class ClusterSim {
   ClusterSim(SimConfig config, CostModel cost, LinkSpec link, LinkSpec host_link);
 
   std::unique_ptr<Unit> make_unit(const std::vector<std::int64_t>& members, std::int64_t group);
-  std::vector<cluster::InstanceSnapshot> snapshots() const;
+  // for_routing: only what cluster::Router reads (counts, free blocks, and pending blocks for the
+  // memory-aware policy); demand and per-request lists are O(requests) per instance and skipped
+  // (an arrival under overload otherwise walked every queued request of every instance).
+  std::vector<cluster::InstanceSnapshot> snapshots(bool for_routing = false) const;
   void start_steps();
   void finish_step(Unit& u);
   void handle_events(Unit& u, const std::vector<engine::TokenEvent>& events);

@@ -39,6 +39,7 @@ struct Scenario {
   std::int64_t max_prompt = 4096;
   std::int64_t max_output = 2048;
   std::string sweep;  // default load sweep
+  std::int64_t max_num_seqs = 256;  // vLLM's default: memory, not this cap, bounds the batch
 };
 
 std::vector<Scenario> scenarios() {
@@ -47,13 +48,13 @@ std::vector<Scenario> scenarios() {
   // runs out; the load axis is arrival compression (time-scale).
   return {
       {"llama70b-tp4-a100x8",
-       "Llama-2-70B, TP 4 per instance, 2 instances on 8 A100-80GB (NVLink): the artifact's main target", "llama-2-70b",
-       "a100-80gb", "nvlink-a100", 4, 2, 1.0, 0.25, 32.0, 4096, 2048, "time-scale=0.5,1,1.5,2,3"},
+       "Llama-2-70B, TP 4 per instance, 2 instances on 8 A100-80GB (NVLink), outputs x64 (up to 3K tokens): the artifact's main target", "llama-2-70b",
+       "a100-80gb", "nvlink-a100", 4, 2, 1.0, 0.25, 64.0, 1024, 3072, "time-scale=0.2,0.3,0.4,0.6,0.8", 512},
       {"llama13b-a100x8", "Llama-2-13B, 8 single-GPU instances on A100-80GB (NVLink)", "llama-2-13b", "a100-80gb",
-       "nvlink-a100", 1, 8, 1.0, 0.25, 32.0, 4096, 2048, "time-scale=2,3,4,5,6,8"},
+       "nvlink-a100", 1, 8, 1.0, 0.25, 32.0, 4096, 2048, "time-scale=2,2.5,3,3.5,4,5,6"},
       {"cot-llama2-7b-a100x8",
        "long generations (chain of thought): Llama-2-7B, 8 A100-80GB, prompts / 4, outputs x64 (up to 3K tokens)",
-       "llama-2-7b", "a100-80gb", "nvlink-a100", 1, 8, 1.0, 0.25, 64.0, 1024, 3072, "time-scale=1,2,3,4,6"},
+       "llama-2-7b", "a100-80gb", "nvlink-a100", 1, 8, 1.0, 0.25, 64.0, 1024, 3072, "time-scale=6,8,10,12,16"},
   };
 }
 
@@ -75,6 +76,7 @@ struct SimulateArgs {
   std::string sweep_out = "sweep";  // prefix of the sweep's .json / .csv / .png
   bool sweep_capped = true;  // also run kunserve with groups capped at 2 members
   bool speed = false;        // print simulated seconds per wall second per run
+  bool scenario_max_num_seqs = false;  // the scenario set max_num_seqs
   bool given(const std::string& option) const { return cmd->get_option(option)->count() > 0; }
 };
 
@@ -88,6 +90,10 @@ Status apply_scenario(SimulateArgs& a) {
     if (!a.given("--link")) a.link = s.link;
     if (!a.given("--tp")) a.tp = s.tp;
     if (!a.given("--devices")) a.cluster.devices = s.instances;
+    if (!a.given("--max-num-seqs")) {
+      a.cluster.max_num_seqs = s.max_num_seqs;
+      a.scenario_max_num_seqs = true;
+    }
     if (!a.given("--time-scale")) a.trace.time_scale = s.time_scale;
     if (!a.given("--length-scale")) a.trace.length_scale = s.length_scale;
     if (!a.given("--output-scale")) a.trace.output_scale = s.output_scale;
@@ -130,7 +136,7 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
   if (a.given("--kv-tokens-per-device")) c.kv_tokens_per_instance = k.kv_tokens_per_device;
   if (a.given("--block-size")) c.block_size_tokens = k.block_size;
   if (a.given("--max-batched-tokens")) c.scheduler.max_num_batched_tokens = k.max_batched_tokens;
-  if (a.given("--max-num-seqs")) c.scheduler.max_num_seqs = k.max_num_seqs;
+  if (a.given("--max-num-seqs") || a.scenario_max_num_seqs) c.scheduler.max_num_seqs = k.max_num_seqs;
   if (a.given("--max-waiting")) c.scheduler.max_waiting_requests = k.max_waiting;
   if (a.given("--link-gbps")) c.link_gbps = k.link_gbps;
   c.link_latency_us = static_cast<double>(k.link_latency_us);
@@ -177,11 +183,15 @@ StatusOr<std::vector<PolicyRun>> run_policies(const SimulateArgs& a, const workl
     KUN_ASSIGN_OR_RETURN(sim::SimReport r, sim::run_simulation(c, trace));
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (a.speed) {
+      const std::ios_base::fmtflags flags = std::cout.flags();  // a sweep prints its table in fixed
+      const std::streamsize precision = std::cout.precision();
       const double simulated = static_cast<double>(r.end_us) / 1e6;
       std::cout << "speed " << p << ": " << std::fixed << std::setprecision(1) << simulated << " simulated s in "
                 << std::setprecision(2) << wall << " wall s = " << std::setprecision(0) << simulated / wall
                 << " simulated s per wall s; " << static_cast<double>(r.instants) / wall << " instants/s, "
-                << static_cast<double>(r.counters.steps) / wall << " steps/s" << std::defaultfloat << std::endl;
+                << static_cast<double>(r.counters.steps) / wall << " steps/s" << std::endl;
+      std::cout.flags(flags);
+      std::cout.precision(precision);
     }
     runs.push_back({p, std::move(r), wall});
   }
@@ -288,7 +298,7 @@ Status run_sweep(const SimulateArgs& a, std::vector<std::string> policies) {
   }
   dat.close();
   std::ofstream gp(a.sweep_out + ".gp");
-  gp << "set terminal png size 900,560\nset output '" << a.sweep_out << ".png'\nset logscale y\n"
+  gp << "set terminal png noenhanced size 900,560\nset output '" << a.sweep_out << ".png'\nset logscale y\n"
      << "set xlabel 'load (requests/s)'\nset ylabel 'p99 TTFT (ms)'\nset key top left\nset grid\nplot ";
   for (std::size_t i = 0; i < policies.size(); ++i) {
     gp << (i ? ", " : "") << "'" << a.sweep_out << ".dat' using 1:" << i + 2 << " with linespoints title '" << policies[i] << "'";
