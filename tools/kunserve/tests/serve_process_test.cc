@@ -202,7 +202,9 @@ TEST(ServeProcess, RefusesAMaxModelLenTheKvCacheCannotHold) {
 }
 
 TEST(ServeProcess, SigtermDrainsThenCutsStreamsWithAnErrorEventAndExitsZero) {
-  Child serve(serve_args({"--drain-timeout-s", "0.5", "--devices", "1"}));
+  // llama-30m (64 MB of weights read per token) so the 1,000-token stream is still running when
+  // the 0.5 s drain ends: the tiny preset can finish it first on a quiet host.
+  Child serve(serve_args({"--drain-timeout-s", "0.5", "--devices", "1", "--preset", "llama-30m", "--threads", "1"}));
   const std::uint16_t port = serve.wait_port(60s);
   ASSERT_NE(port, 0) << serve.output();
   RawConnection stream(port);
