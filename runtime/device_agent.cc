@@ -6,44 +6,14 @@
 #include <type_traits>
 
 #include "common/check.h"
+#include "runtime/wire_format.h"
 
 namespace kun::runtime {
 
 namespace {
-template <class T>
-void put(std::vector<std::byte>& out, T v) {
-  static_assert(std::is_trivially_copyable_v<T>);
-  const std::size_t at = out.size();
-  out.resize(at + sizeof(T));
-  std::memcpy(out.data() + at, &v, sizeof(T));
-}
-void put_ids(std::vector<std::byte>& out, const std::vector<std::int64_t>& ids) {
-  put(out, static_cast<std::int64_t>(ids.size()));
-  for (std::int64_t v : ids) put(out, v);
-}
-class Reader {
- public:
-  explicit Reader(std::span<const std::byte> b) : b_(b) {}
-  template <class T>
-  bool get(T* v) {
-    if (b_.size() - pos_ < sizeof(T)) return false;
-    std::memcpy(v, b_.data() + pos_, sizeof(T));
-    pos_ += sizeof(T);
-    return true;
-  }
-  bool get_ids(std::vector<std::int64_t>* ids) {
-    std::int64_t n = 0;
-    if (!get(&n) || n < 0 || static_cast<std::size_t>(n) > (b_.size() - pos_) / sizeof(std::int64_t)) return false;
-    ids->resize(static_cast<std::size_t>(n));
-    for (auto& v : *ids) get(&v);
-    return true;
-  }
-  bool at_end() const { return pos_ == b_.size(); }
-
- private:
-  std::span<const std::byte> b_;
-  std::size_t pos_ = 0;
-};
+using wire::put;
+using wire::put_ids;
+using wire::Reader;
 
 std::span<const std::byte> as_bytes_of(std::span<const float> f) { return std::as_bytes(f); }
 

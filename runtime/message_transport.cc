@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "common/check.h"
+#include "runtime/wire_format.h"
 
 namespace kun::runtime {
 
@@ -14,46 +15,8 @@ namespace {
 constexpr std::uint32_t kHeaderMagic = 0x4b554e4d;  // "KUNM"
 constexpr std::int64_t kMaxBlockIds = std::int64_t{1} << 24;
 
-template <class T>
-void put(std::vector<std::byte>& out, T v) {
-  static_assert(std::is_trivially_copyable_v<T>);
-  const std::size_t at = out.size();
-  out.resize(at + sizeof(T));
-  std::memcpy(out.data() + at, &v, sizeof(T));
-}
-
-class Reader {
- public:
-  explicit Reader(std::span<const std::byte> bytes) : bytes_(bytes) {}
-  template <class T>
-  bool get(T* v) {
-    if (bytes_.size() - pos_ < sizeof(T)) return false;
-    std::memcpy(v, bytes_.data() + pos_, sizeof(T));
-    pos_ += sizeof(T);
-    return true;
-  }
-  bool get_ids(std::vector<std::int64_t>* ids) {
-    std::int64_t n = 0;
-    if (!get(&n) || n < 0 || n > kMaxBlockIds) return false;
-    if (static_cast<std::size_t>(n) * sizeof(std::int64_t) > bytes_.size() - pos_) return false;
-    ids->resize(static_cast<std::size_t>(n));
-    if (n > 0) std::memcpy(ids->data(), bytes_.data() + pos_, static_cast<std::size_t>(n) * sizeof(std::int64_t));
-    pos_ += static_cast<std::size_t>(n) * sizeof(std::int64_t);
-    return true;
-  }
-  bool at_end() const { return pos_ == bytes_.size(); }
-
- private:
-  std::span<const std::byte> bytes_;
-  std::size_t pos_ = 0;
-};
-
-void put_ids(std::vector<std::byte>& out, const std::vector<std::int64_t>& ids) {
-  put(out, static_cast<std::int64_t>(ids.size()));
-  const std::size_t at = out.size();
-  out.resize(at + ids.size() * sizeof(std::int64_t));
-  if (!ids.empty()) std::memcpy(out.data() + at, ids.data(), ids.size() * sizeof(std::int64_t));
-}
+using wire::put;
+using wire::put_ids;
 }  // namespace
 
 std::vector<std::byte> encode_header(const MessageHeader& h) {
@@ -79,7 +42,7 @@ std::vector<std::byte> encode_header(const MessageHeader& h) {
 }
 
 StatusOr<MessageHeader> decode_header(std::span<const std::byte> bytes) {
-  Reader r(bytes);
+  wire::Reader r(bytes, kMaxBlockIds);
   MessageHeader h;
   std::uint32_t magic = 0;
   std::int32_t src = 0, dst = 0, reply_to = 0, peer = 0;
