@@ -15,7 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
-#include <regex>
+#include <cctype>
 #include <string>
 #include <thread>
 #include <vector>
@@ -78,13 +78,23 @@ class Child {
     return output_;
   }
   // The port from "serving ... on http://127.0.0.1:PORT", or 0 after the timeout / an exit.
+  // (Plain string search: GCC 12's <regex> trips -Wmaybe-uninitialized under the sanitizers.)
+  static std::uint16_t port_in(const std::string& out) {
+    const std::string marker = " on http://127.0.0.1:";
+    for (std::size_t line = out.find("serving "); line != std::string::npos; line = out.find("serving ", line + 1)) {
+      const std::size_t end = out.find('\n', line);
+      const std::size_t at = out.find(marker, line);
+      if (at == std::string::npos || (end != std::string::npos && at > end)) continue;
+      std::size_t digits = at + marker.size(), n = 0;
+      while (digits + n < out.size() && std::isdigit(static_cast<unsigned char>(out[digits + n])) != 0) ++n;
+      if (n > 0 && n <= 5) return static_cast<std::uint16_t>(std::stoi(out.substr(digits, n)));
+    }
+    return 0;
+  }
   std::uint16_t wait_port(std::chrono::milliseconds timeout) {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
-    const std::regex re("serving .* on http://127\\.0\\.0\\.1:([0-9]+)");
     while (std::chrono::steady_clock::now() < deadline) {
-      std::smatch m;
-      const std::string out = output();
-      if (std::regex_search(out, m, re)) return static_cast<std::uint16_t>(std::stoi(m[1]));
+      if (const std::uint16_t port = port_in(output()); port != 0) return port;
       if (poll_exit()) return 0;
       std::this_thread::sleep_for(20ms);
     }
