@@ -20,7 +20,8 @@ warmup="${SOAK_WARMUP_SECONDS:-$(( seconds / 4 < 120 ? seconds / 4 : 120 ))}"
 max_growth_mb="${SOAK_MAX_RSS_GROWTH_MB:-48}"
 seed="${SOAK_SEED:-1}"
 preset="${SOAK_PRESET:-tiny}"
-kv_tokens="${SOAK_KV_TOKENS:-2048}"
+kv_tokens="${SOAK_KV_TOKENS:-1024}"
+burst_rate="${SOAK_BURST_RATE:-30}"
 bin="${KUNSERVE:-build/release/bin/kunserve}"
 out="${SOAK_OUT:-build/soak}"
 mkdir -p "$out"
@@ -68,7 +69,7 @@ echo "soak: kunserve serve (pid $server_pid, port $port), ${seconds}s trace, war
 ( while kill -0 "$server_pid" 2>/dev/null; do echo "$(date +%s) $(rss_kb "$server_pid")"; sleep 2; done ) >"$out/rss.log" &
 sampler_pid=$!
 
-python3 scripts/soak_client.py --port "$port" --seconds "$seconds" --seed "$seed" >"$out/client.json" 2>"$out/client.err" &
+python3 scripts/soak_client.py --port "$port" --seconds "$seconds" --seed "$seed" --burst-rate "$burst_rate" >"$out/client.json" 2>"$out/client.err" &
 client_pid=$!
 sleep "$warmup"
 t_warm=$(date +%s)
