@@ -840,9 +840,10 @@ Status write_gguf_model(const WeightSource& source, DType dtype, const std::stri
   }
   if (c.bos_token_id >= 0) kv.emplace_back("tokenizer.ggml.bos_token_id", u32(c.bos_token_id));
   if (c.eos_token_id >= 0) kv.emplace_back("tokenizer.ggml.eos_token_id", u32(c.eos_token_id));
-  for (const auto& [key, value] : extra_metadata) {
+  for (const auto& entry : extra_metadata) {  // (clang 14 cannot capture a structured binding)
+    const auto& key = entry.first;
     std::erase_if(kv, [&key](const auto& e) { return e.first == key; });
-    kv.emplace_back(key, value);
+    kv.emplace_back(key, entry.second);
   }
 
   std::vector<TensorWriteSpec> specs;

@@ -11,7 +11,7 @@
 #   - RSS growth from after warm-up to the end stays under SOAK_MAX_RSS_GROWTH_MB.
 # Environment: SOAK_SECONDS (default 120), SOAK_WARMUP_SECONDS (default SOAK_SECONDS/4, at most
 # 120), SOAK_MAX_RSS_GROWTH_MB (default 48), SOAK_SEED, SOAK_PRESET (default tiny),
-# SOAK_KV_TOKENS (per device, default 2048), SOAK_SERVE_ARGS (extra flags), KUNSERVE (binary,
+# SOAK_KV_TOKENS (per device, default 1024; SOAK_BURST_RATE requests/s in a burst, default 30), SOAK_SERVE_ARGS (extra flags), KUNSERVE (binary,
 # default build/release/bin/kunserve; built if missing), SOAK_OUT (log dir, default build/soak).
 set -euo pipefail
 cd "$(dirname "$0")/.."
