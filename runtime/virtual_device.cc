@@ -7,6 +7,11 @@
 
 namespace kun::runtime {
 
+std::int64_t kv_pages_for_tokens(const model::ModelConfig& config, const DeviceOptions& device, std::int64_t kv_tokens) {
+  const kv::KvGeometry g{device.kv_block_size, config.num_kv_heads, config.head_dim, device.kv_dtype};
+  return ceil_div(g.blocks_for_tokens(kv_tokens) * config.num_layers, g.blocks_per_page(device.page_bytes));
+}
+
 std::int64_t device_param_bytes(const model::ModelConfig& config, DType dtype, std::int64_t layer_begin,
                                 std::int64_t layer_end, std::int64_t page_bytes) {
   const auto pages = [&](std::int64_t bytes) { return round_up(bytes, page_bytes); };

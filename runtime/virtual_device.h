@@ -89,6 +89,11 @@ class VirtualDevice {
 std::int64_t device_param_bytes(const model::ModelConfig& config, DType dtype, std::int64_t layer_begin,
                                 std::int64_t layer_end, std::int64_t page_bytes);
 
+// Whole pages of KV a device needs to hold `kv_tokens` tokens of every layer, at the options'
+// block size, KV dtype and page size: the KV part of a capacity budget, so that a budget of
+// device_param_bytes(...) + kv_pages_for_tokens(...) * page_bytes gives the device that many tokens.
+std::int64_t kv_pages_for_tokens(const model::ModelConfig& config, const DeviceOptions& device, std::int64_t kv_tokens);
+
 // A device holding every layer of `weights` and room for `kv_token_blocks` token blocks (all
 // layers) of KV, its free pages handed to KV; a page is one token block of every layer (rounded
 // to the OS page size). For device agents and tests.

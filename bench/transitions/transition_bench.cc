@@ -63,10 +63,8 @@ int main(int argc, char** argv) {
   o.num_instances = devices;
   o.device.weight_dtype = config->dtype;
   o.device.num_threads = threads;
-  kv::KvGeometry g{o.device.kv_block_size, config->num_kv_heads, config->head_dim, o.device.kv_dtype};
-  const std::int64_t per_page = g.blocks_per_page(o.device.page_bytes);
   o.device.capacity_bytes = runtime::device_param_bytes(*config, config->dtype, 0, config->num_layers, o.device.page_bytes) +
-                            ceil_div(g.blocks_for_tokens(kv_tokens) * config->num_layers, per_page) * o.device.page_bytes;
+                            runtime::kv_pages_for_tokens(*config, o.device, kv_tokens) * o.device.page_bytes;
   o.coordinator.policy = cluster::Policy::kKunServe;
   o.run_policy_thread = false;
   o.link.bandwidth_bytes_per_s = link_gbps * 1e9;

@@ -45,10 +45,13 @@ void ClusterArgs::add_to(CLI::App* cmd) {
 StatusOr<std::int64_t> ClusterArgs::kv_token_capacity(const model::ModelConfig& config, DType kv_dtype) const {
   if (block_size < 1) return invalid_argument("--block-size must be >= 1");
   if (kv_tokens_per_device < block_size) return invalid_argument("--kv-tokens-per-device must hold one block");
+  runtime::DeviceOptions device;
+  device.kv_block_size = block_size;
+  device.kv_dtype = kv_dtype;
+  device.page_bytes = kPageBytes;
   const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim, kv_dtype};
   KUN_RETURN_IF_ERROR(g.validate_for_page(kPageBytes));
-  const std::int64_t blocks = g.blocks_for_tokens(kv_tokens_per_device) * config.num_layers;
-  const std::int64_t kv_pages = ceil_div(blocks, g.blocks_per_page(kPageBytes));
+  const std::int64_t kv_pages = runtime::kv_pages_for_tokens(config, device, kv_tokens_per_device);
   return kv_pages * g.blocks_per_page(kPageBytes) / config.num_layers * block_size;
 }
 
@@ -65,16 +68,14 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.device.page_bytes = kPageBytes;
   const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim, kv_dtype};
   KUN_RETURN_IF_ERROR(g.validate_for_page(o.device.page_bytes));
-  const std::int64_t blocks = g.blocks_for_tokens(kv_tokens_per_device) * config.num_layers;
-  const std::int64_t kv_pages = ceil_div(blocks, g.blocks_per_page(o.device.page_bytes));
   o.device.capacity_bytes = runtime::device_param_bytes(config, dtype, 0, config.num_layers, o.device.page_bytes) +
-                            kv_pages * o.device.page_bytes;
+                            runtime::kv_pages_for_tokens(config, o.device, kv_tokens_per_device) * o.device.page_bytes;
   o.scheduler.max_num_batched_tokens = max_batched_tokens;
   o.scheduler.max_waiting_requests = max_waiting;
   o.scheduler.max_num_seqs = max_num_seqs;
   o.scheduler.balance_virtual_engines = balance_fused;
   o.scheduler.preemption = policy == cluster::Policy::kSwap ? engine::PreemptionMode::kSwap : engine::PreemptionMode::kRecompute;
-  o.host_swap_blocks = policy == cluster::Policy::kSwap ? 4 * blocks : 0;
+  o.host_swap_blocks = policy == cluster::Policy::kSwap ? 4 * g.blocks_for_tokens(kv_tokens_per_device) * config.num_layers : 0;
   o.coordinator.policy = policy;
   o.coordinator.monitor.sample_period_us = monitor_period_ms * 1000;
   o.link.bandwidth_bytes_per_s = link_gbps * 1e9;
