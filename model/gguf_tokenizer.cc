@@ -269,37 +269,30 @@ bool is_byte_piece(const std::string& s) {
 
 namespace {
 
-StatusOr<GgufTokenizerMetadata> tokenizer_metadata(const std::string& path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::path file(path);
-  if (fs::is_directory(file, ec)) file /= "tokenizer.json";
-  if (file.extension() != ".json") {
-    return unimplemented(path + ": only tokenizer.json can be embedded in GGUF (not a SentencePiece .model)");
-  }
-  KUN_ASSIGN_OR_RETURN(std::string text, read_text(file));
-  const json j = json::parse(text, nullptr, false);
+// `text` is a tokenizer.json, `config_text` its tokenizer_config.json (or empty); `source` names
+// the tokenizer.json in errors.
+StatusOr<GgufTokenizerMetadata> tokenizer_metadata(std::string_view text, std::string_view config_text,
+                                                   const std::string& source) {
+  const json j = json::parse(text.begin(), text.end(), nullptr, false);
   if (j.is_discarded() || !j.is_object() || !j.contains("model") || !j["model"].is_object()) {
-    return invalid_argument(file.string() + ": not a tokenizer.json object with a model");
+    return invalid_argument(source + ": not a tokenizer.json object with a model");
   }
   const json& model = j["model"];
   if (model.value("type", "") != "BPE" || !model.contains("vocab") || !model["vocab"].is_object()) {
-    return unimplemented(file.string() + ": only BPE tokenizer.json models can be embedded in GGUF");
+    return unimplemented(source + ": only BPE tokenizer.json models can be embedded in GGUF");
   }
   // The tokenizer itself, for what the files settle together (bos/eos, whether BOS is added).
-  KUN_ASSIGN_OR_RETURN(auto tok, load_tokenizer(file.string()));
+  KUN_ASSIGN_OR_RETURN(auto tok, load_tokenizer_from_json(text, config_text, source));
   json config = json::object();
-  const fs::path config_path = file.parent_path() / "tokenizer_config.json";
-  if (fs::exists(config_path, ec)) {
-    KUN_ASSIGN_OR_RETURN(std::string ctext, read_text(config_path));
-    config = json::parse(ctext, nullptr, false);
-    if (config.is_discarded() || !config.is_object()) return invalid_argument(config_path.string() + ": not a JSON object");
+  if (!config_text.empty()) {
+    config = json::parse(config_text.begin(), config_text.end(), nullptr, false);
+    if (config.is_discarded() || !config.is_object()) return invalid_argument(source + ": tokenizer_config.json is not a JSON object");
   }
 
   // Tokens by id: the model's vocabulary plus added tokens.
   std::int64_t n = 0;
   for (const auto& [text_key, id] : model["vocab"].items()) {
-    if (!id.is_number_integer() || id.get<std::int64_t>() < 0) return invalid_argument(file.string() + ": bad vocab id");
+    if (!id.is_number_integer() || id.get<std::int64_t>() < 0) return invalid_argument(source + ": bad vocab id");
     n = std::max(n, id.get<std::int64_t>() + 1);
   }
   const json added = j.value("added_tokens", json::array());
@@ -320,7 +313,7 @@ StatusOr<GgufTokenizerMetadata> tokenizer_metadata(const std::string& path) {
                                                                     : kTokenUserDefined);
   }
   for (std::size_t i = 0; i < tokens.size(); ++i) {
-    if (!present[i]) return invalid_argument(file.string() + ": token id " + std::to_string(i) + " is not in the vocabulary");
+    if (!present[i]) return invalid_argument(source + ": token id " + std::to_string(i) + " is not in the vocabulary");
   }
   // Merges as "a b" strings (tokenizer.json has them as strings or as [a, b] pairs).
   std::vector<std::string> merges;
@@ -330,7 +323,7 @@ StatusOr<GgufTokenizerMetadata> tokenizer_metadata(const std::string& path) {
       if (e.is_string()) merges.push_back(e.get<std::string>());
       else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string())
         merges.push_back(e[0].get<std::string>() + " " + e[1].get<std::string>());
-      else return invalid_argument(file.string() + ": malformed merge");
+      else return invalid_argument(source + ": malformed merge");
     }
   }
 
@@ -348,7 +341,7 @@ StatusOr<GgufTokenizerMetadata> tokenizer_metadata(const std::string& path) {
       const std::string pattern = s->contains("pattern") ? (*s)["pattern"].value("Regex", "") : "";
       if (pattern == kLlama3Pattern) pre = "llama-bpe";
       else if (pattern == kQwen2Pattern) pre = "qwen2";
-      else return unimplemented(file.string() + ": pre-tokenizer pattern has no tokenizer.ggml.pre name: " + pattern);
+      else return unimplemented(source + ": pre-tokenizer pattern has no tokenizer.ggml.pre name: " + pattern);
     }
     kv.emplace_back("tokenizer.ggml.model", GgufValue::str("gpt2"));
     kv.emplace_back("tokenizer.ggml.pre", GgufValue::str(pre));
@@ -361,7 +354,7 @@ StatusOr<GgufTokenizerMetadata> tokenizer_metadata(const std::string& path) {
     std::unordered_map<std::string, std::int64_t> first_rank;
     for (std::size_t r = 0; r < merges.size(); ++r) {
       const auto sp = merges[r].find(' ');
-      if (sp == std::string::npos) return invalid_argument(file.string() + ": malformed merge '" + merges[r] + "'");
+      if (sp == std::string::npos) return invalid_argument(source + ": malformed merge '" + merges[r] + "'");
       first_rank.emplace(merges[r].substr(0, sp) + merges[r].substr(sp + 1), static_cast<std::int64_t>(r));
     }
     std::vector<float> scores(tokens.size(), 0.0f);
@@ -381,7 +374,7 @@ StatusOr<GgufTokenizerMetadata> tokenizer_metadata(const std::string& path) {
     kv.emplace_back("tokenizer.ggml.token_type", array_value(GgufValueType::kInt32, types, [](std::int32_t t) { return GgufValue::i32(t); }));
     kv.emplace_back("tokenizer.ggml.add_space_prefix", GgufValue::boolean(has_step(j.value("normalizer", json()), "Prepend")));
   } else {
-    return unimplemented(file.string() + ": a BPE model that is neither byte-level nor byte-fallback (SentencePiece-style)");
+    return unimplemented(source + ": a BPE model that is neither byte-level nor byte-fallback (SentencePiece-style)");
   }
   out.vocab_size = n;
   out.bos_token_id = tok->bos_token_id();
@@ -422,12 +415,31 @@ StatusOr<GgufTokenizerMetadata> tokenizer_metadata(const std::string& path) {
 
 }  // namespace
 
-StatusOr<GgufTokenizerMetadata> gguf_tokenizer_metadata(const std::string& path) {
+StatusOr<GgufTokenizerMetadata> gguf_tokenizer_metadata_from_json(std::string_view tokenizer_json,
+                                                                   std::string_view config_json,
+                                                                   const std::string& source) {
   try {
-    return tokenizer_metadata(path);
+    return tokenizer_metadata(tokenizer_json, config_json, source);
   } catch (const nlohmann::json::exception& e) {  // a field of an unexpected JSON type
-    return invalid_argument(path + ": unexpected tokenizer.json / tokenizer_config.json content: " + e.what());
+    return invalid_argument(source + ": unexpected tokenizer.json / tokenizer_config.json content: " + e.what());
   }
+}
+
+StatusOr<GgufTokenizerMetadata> gguf_tokenizer_metadata(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path file(path);
+  if (fs::is_directory(file, ec)) file /= "tokenizer.json";
+  if (file.extension() != ".json") {
+    return unimplemented(path + ": only tokenizer.json can be embedded in GGUF (not a SentencePiece .model)");
+  }
+  KUN_ASSIGN_OR_RETURN(std::string text, read_text(file));
+  std::string config_text;
+  const fs::path config_path = file.parent_path() / "tokenizer_config.json";
+  if (fs::exists(config_path, ec)) {
+    KUN_ASSIGN_OR_RETURN(config_text, read_text(config_path));
+  }
+  return gguf_tokenizer_metadata_from_json(text, config_text, file.string());
 }
 
 }  // namespace kun::model

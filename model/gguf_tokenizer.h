@@ -39,5 +39,9 @@ struct GgufTokenizerMetadata {
 // models only: byte-level as Llama 3 / Qwen2 / GPT-2, or SentencePiece-style with byte fallback
 // as Llama 2). Errors name the file for anything GGUF cannot express.
 StatusOr<GgufTokenizerMetadata> gguf_tokenizer_metadata(const std::string& path);
+// The same from the files' texts (`config_json` may be empty); `source` names them in errors.
+StatusOr<GgufTokenizerMetadata> gguf_tokenizer_metadata_from_json(std::string_view tokenizer_json,
+                                                                   std::string_view config_json,
+                                                                   const std::string& source);
 
 }  // namespace kun::model

@@ -1368,4 +1368,6 @@ std::string IncrementalDetokenizer::flush() {
   return out;
 }
 
+std::string byte_level_text(std::string_view bytes) { return byte_level_encode(bytes); }
+
 }  // namespace kun::model

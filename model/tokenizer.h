@@ -67,4 +67,19 @@ StatusOr<std::unique_ptr<Tokenizer>> load_sentencepiece_model(std::string_view m
 // A deterministic vocabulary of `vocab_size` ids for synthetic models (same text round-trips).
 std::unique_ptr<Tokenizer> synthetic_tokenizer(std::int64_t vocab_size);
 
+// A real byte-level BPE vocabulary (GPT-2 style) of exactly `vocab_size` ids for synthetic models,
+// as the texts of a tokenizer.json and its tokenizer_config.json: id 0 "<s>" (BOS, added to every
+// encoding), id 1 "</s>" (EOS), ids 2..257 the 256 bytes, then merges in a fixed deterministic
+// order (" a".." z", the letter pairs, then longer pieces built from earlier ones), and a ChatML
+// chat template. gen-model embeds it in GGUF files, so every GGUF file we write carries a
+// vocabulary other readers accept. vocab_size must be at least 258.
+struct TokenizerFiles {
+  std::string tokenizer_json;
+  std::string tokenizer_config_json;
+};
+TokenizerFiles synthetic_bpe_tokenizer_files(std::int64_t vocab_size);
+
+// The GPT-2 ByteLevel text standing for `bytes` (each byte one printable code point).
+std::string byte_level_text(std::string_view bytes);
+
 }  // namespace kun::model

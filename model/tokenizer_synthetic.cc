@@ -4,7 +4,10 @@
 //   pairs, then pseudo-random words of 3..6 letters with and without a leading space.
 // Encoding is greedy longest-match (bytes cover everything), so decode(encode(text)) == text for
 // any UTF-8 text. The same vocab_size always gives the same vocabulary.
+// synthetic_bpe_tokenizer_files: the same kind of vocabulary as a real byte-level BPE
+// tokenizer.json, for the GGUF files gen-model writes.
 #include <algorithm>
+#include <nlohmann/json.hpp>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -117,6 +120,90 @@ class SyntheticTokenizer final : public Tokenizer {
 
 std::unique_ptr<Tokenizer> synthetic_tokenizer(std::int64_t vocab_size) {
   return std::make_unique<SyntheticTokenizer>(vocab_size);
+}
+
+TokenizerFiles synthetic_bpe_tokenizer_files(std::int64_t vocab_size) {
+  using nlohmann::json;
+  KUN_CHECK(vocab_size >= kFirstPieceId) << "a synthetic BPE vocabulary needs at least " << kFirstPieceId
+                                         << " ids (2 special + 256 bytes), got " << vocab_size;
+  KUN_CHECK(vocab_size <= (std::int64_t{1} << 24)) << "synthetic vocab_size too large: " << vocab_size;
+  // Pieces as raw bytes; the files hold their ByteLevel texts.
+  std::vector<std::string> pieces;
+  pieces.reserve(static_cast<std::size_t>(vocab_size));
+  for (int b = 0; b < 256; ++b) pieces.push_back(std::string(1, static_cast<char>(b)));
+  std::unordered_set<std::string> seen(pieces.begin(), pieces.end());
+  std::vector<std::pair<std::string, std::string>> merges;
+  const auto room = [&] { return static_cast<std::int64_t>(pieces.size()) + 2 < vocab_size; };
+  // A merge of two existing pieces: BPE needs both parts in the vocabulary before the result.
+  const auto merge = [&](const std::string& left, const std::string& right) {
+    if (!room()) return;
+    std::string joined = left + right;
+    if (!seen.insert(joined).second) return;
+    merges.emplace_back(left, right);
+    pieces.push_back(std::move(joined));
+  };
+  for (char c = 'a'; c <= 'z'; ++c) merge(" ", std::string(1, c));
+  for (char a = 'a'; a <= 'z'; ++a) {
+    for (char b = 'a'; b <= 'z'; ++b) merge(std::string(1, a), std::string(1, b));
+  }
+  // Longer pieces: an earlier piece of two or more bytes, extended by a letter or a letter pair
+  // drawn with the same frequency skew as the greedy vocabulary, up to kMaxPieceBytes.
+  std::uint64_t state = 0x9E3779B97F4A7C15ull;
+  const auto next = [&state]() {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<std::uint32_t>(state >> 33);
+  };
+  static constexpr char kLetters[] = "etaoinshrdlcumwfgypbvkjxqz";
+  const std::size_t first_multi = 256;
+  while (room()) {
+    const std::size_t pick = first_multi + next() % (pieces.size() - first_multi);
+    const std::string& left = pieces[pick];
+    std::string right(1, kLetters[std::min(next() % 26, next() % 26)]);
+    if (next() % 3 == 0) right.push_back(kLetters[std::min(next() % 26, next() % 26)]);
+    if (left.size() + right.size() > kMaxPieceBytes) continue;
+    merge(std::string(left), right);
+  }
+
+  json vocab = json::object();
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    vocab[byte_level_text(pieces[i])] = static_cast<std::int64_t>(i) + kFirstByteId;
+  }
+  json merge_list = json::array();
+  for (const auto& [l, r] : merges) merge_list.push_back(json::array({byte_level_text(l), byte_level_text(r)}));
+  const auto special = [](std::int32_t id, const char* text) {
+    return json{{"id", id}, {"content", text}, {"single_word", false}, {"lstrip", false},
+                {"rstrip", false}, {"normalized", false}, {"special", true}};
+  };
+  const json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+  json tokenizer = {
+      {"version", "1.0"},
+      {"added_tokens", json::array({special(kBosId, "<s>"), special(kEosId, "</s>")})},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", byte_level},
+      {"post_processor",
+       {{"type", "TemplateProcessing"},
+        {"single", json::array({json{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+                                json{{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
+        {"pair", json::array({json{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+                              json{{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                              json{{"Sequence", {{"id", "B"}, {"type_id", 1}}}}})},
+        {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", json::array({kBosId})}, {"tokens", json::array({"<s>"})}}}}}}},
+      {"decoder", byte_level},
+      {"model",
+       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
+        {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false}, {"ignore_merges", false},
+        {"vocab", std::move(vocab)}, {"merges", std::move(merge_list)}}},
+  };
+  const json config = {
+      {"bos_token", "<s>"},
+      {"eos_token", "</s>"},
+      {"add_bos_token", true},
+      {"add_eos_token", false},
+      {"chat_template",
+       "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+       "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"},
+  };
+  return TokenizerFiles{tokenizer.dump(), config.dump()};
 }
 
 }  // namespace kun::model

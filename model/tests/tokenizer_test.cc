@@ -350,6 +350,42 @@ TEST(ChatTemplate, Families) {
   EXPECT_EQ(detect_chat_template_kind("[INST] <<SYS>>"), ChatTemplateKind::kLlama2);
 }
 
+// The byte-level BPE vocabulary gen-model embeds in GGUF files: a real tokenizer.json of exactly
+// the asked size that our loader reads, deterministic, merges that shorten English-like text, BOS
+// added, every byte string round-tripping.
+TEST(SyntheticBpe, IsARealDeterministicByteLevelBpe) {
+  for (std::int64_t vocab : {std::int64_t{258}, std::int64_t{1000}, std::int64_t{32000}}) {
+    const TokenizerFiles a = synthetic_bpe_tokenizer_files(vocab);
+    EXPECT_EQ(a.tokenizer_json, synthetic_bpe_tokenizer_files(vocab).tokenizer_json);
+    auto tok = load_tokenizer_from_json(a.tokenizer_json, a.tokenizer_config_json, "synthetic");
+    ASSERT_TRUE(tok.ok()) << tok.status().to_string();
+    EXPECT_EQ((*tok)->vocab_size(), vocab);
+    EXPECT_EQ((*tok)->bos_token_id(), 0);
+    EXPECT_EQ((*tok)->eos_token_id(), 1);
+    std::mt19937 rng(static_cast<unsigned>(vocab));
+    for (int trial = 0; trial < 50; ++trial) {
+      std::string text;
+      const int len = static_cast<int>(rng() % 40);
+      for (int i = 0; i < len; ++i) text.push_back(static_cast<char>(rng() % 2 ? 'a' + rng() % 26 : rng() % 256));
+      const auto ids = (*tok)->encode(text, true);
+      ASSERT_FALSE(ids.empty());
+      EXPECT_EQ(ids.front(), 0);
+      for (auto id : ids) EXPECT_LT(id, vocab);
+      // Byte-level: the bytes come back exactly (invalid UTF-8 included, before repair).
+      if (unicode::repair_utf8(text) == text) {
+        EXPECT_EQ((*tok)->decode(ids, true), text);
+      }
+    }
+    if (vocab == 32000) {
+      const std::string english = "the quick brown fox jumps over the lazy dog";
+      EXPECT_LT((*tok)->encode(english, false).size(), english.size() * 2 / 3);
+      auto chat = (*tok)->apply_chat_template({{"user", "hi"}}, true);
+      ASSERT_TRUE(chat.ok());
+      EXPECT_NE(chat->find("<|im_start|>assistant"), std::string::npos);
+    }
+  }
+}
+
 TEST(Synthetic, RoundTripAndDeterminism) {
   auto a = synthetic_tokenizer(32000);
   auto b = synthetic_tokenizer(32000);

@@ -171,9 +171,19 @@ Status run_gen_model(const GenModelArgs& a) {
   if (!parse_dtype(a.dtype, &dtype)) return invalid_argument("unknown --dtype '" + a.dtype + "' (f32 | f16 | bf16)");
   config.dtype = dtype;
   model::GgufTokenizerMetadata vocab;
-  if (!a.tokenizer.empty()) {
-    if (a.format != "gguf") return invalid_argument("--tokenizer is embedded in GGUF files only (--format gguf)");
-    KUN_ASSIGN_OR_RETURN(vocab, model::gguf_tokenizer_metadata(a.tokenizer));
+  if (!a.tokenizer.empty() && a.format != "gguf") {
+    return invalid_argument("--tokenizer is embedded in GGUF files only (--format gguf)");
+  }
+  if (a.format == "gguf" && a.tokenizer != "none") {
+    if (a.tokenizer.empty()) {
+      // Every GGUF file carries a vocabulary (other readers refuse one without): a real byte-level
+      // BPE of the preset's vocabulary size.
+      const model::TokenizerFiles files = model::synthetic_bpe_tokenizer_files(config.vocab_size);
+      KUN_ASSIGN_OR_RETURN(vocab, model::gguf_tokenizer_metadata_from_json(files.tokenizer_json, files.tokenizer_config_json,
+                                                                           "synthetic BPE vocabulary"));
+    } else {
+      KUN_ASSIGN_OR_RETURN(vocab, model::gguf_tokenizer_metadata(a.tokenizer));
+    }
     config.vocab_size = vocab.vocab_size;
     config.bos_token_id = vocab.bos_token_id;
     config.eos_token_id = vocab.eos_token_id;
@@ -233,7 +243,8 @@ void add_gen_model_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--shard-mib", args->shard_mib, "max safetensors shard size (0: one file)");
   cmd->add_option("--tokenizer", args->tokenizer,
                   "tokenizer.json (file or directory) to embed as tokenizer.ggml.* (gguf); the model takes its "
-                  "vocabulary size and bos/eos ids");
+                  "vocabulary size and bos/eos ids. Default: a synthetic byte-level BPE vocabulary of the "
+                  "preset's size; 'none' writes no vocabulary");
   cmd->callback([args, exit_code] {
     Status s = run_gen_model(*args);
     if (!s.ok()) {

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/test_support.h"
+#include "model/config.h"
 #include "model/tokenizer.h"
 
 namespace kun::tools {
@@ -93,6 +94,50 @@ TEST_F(GgufModelTest, ByteLevelVocabularyLoadsInAnIndependentReader) {
   const auto j = nlohmann::json::parse(out.substr(out.find('{')));
   EXPECT_EQ(j["prompt_token_ids"].get<std::vector<std::int32_t>>(), (*ref)->encode(prompt, true));
   EXPECT_EQ(j["text"].get<std::string>(), (*ref)->decode(j["tokens"].get<std::vector<std::int32_t>>(), true));
+}
+
+// Without --tokenizer, gen-model still embeds a vocabulary (other GGUF readers refuse a model
+// without one): the synthetic byte-level BPE of the preset's size. The independent reader finds
+// it token for token, and generate encodes and decodes with it.
+TEST_F(GgufModelTest, DefaultFileCarriesASyntheticBpeVocabulary) {
+  const fs::path file = dir_ / "default.gguf";
+  std::string out;
+  const std::string gen = std::string(KUNSERVE_BIN) + " gen-model --preset tiny --format gguf --seed 5 --out " + quote(file);
+  ASSERT_EQ(run(gen, &out), 0) << gen << "\n" << out;
+  // The same vocabulary as files, for the reader's comparison and as the reference tokenizer.
+  const fs::path tok_dir = dir_ / "synthetic-tokenizer";
+  fs::create_directories(tok_dir);
+  auto preset = model::preset_config("tiny");
+  ASSERT_TRUE(preset.ok()) << preset.status().to_string();
+  const model::TokenizerFiles files = model::synthetic_bpe_tokenizer_files(preset->vocab_size);
+  {
+    std::FILE* f = std::fopen((tok_dir / "tokenizer.json").c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    std::fwrite(files.tokenizer_json.data(), 1, files.tokenizer_json.size(), f);
+    std::fclose(f);
+  }
+  const std::string check = "cd " + quote(node_dir()) + " && node gguf_metadata_check.mjs " + quote(file) + " " + quote(tok_dir);
+  ASSERT_EQ(run(check, &out), 0) << check << "\n" << out;
+  std::printf("%s", out.c_str());
+
+  auto ref = model::load_tokenizer_from_json(files.tokenizer_json, files.tokenizer_config_json, "synthetic");
+  ASSERT_TRUE(ref.ok()) << ref.status().to_string();
+  const std::string prompt = "the quick brown fox jumps over the lazy dog";
+  const std::vector<std::int32_t> ids = (*ref)->encode(prompt, true);
+  ASSERT_LT(ids.size(), prompt.size() * 2 / 3) << "the merges must shorten English-like text";
+  const std::string cmd = std::string(KUNSERVE_BIN) + " generate --model " + quote(file) + " --prompt \"" + prompt +
+                          "\" --max-tokens 6 --threads 1 --json";
+  ASSERT_EQ(run(cmd, &out), 0) << cmd << "\n" << out;
+  const auto j = nlohmann::json::parse(out.substr(out.find('{')));
+  EXPECT_EQ(j["prompt_token_ids"].get<std::vector<std::int32_t>>(), ids);
+  EXPECT_EQ(j["text"].get<std::string>(), (*ref)->decode(j["tokens"].get<std::vector<std::int32_t>>(), true));
+
+  // --tokenizer none writes no vocabulary: the reader finds no tokenizer.ggml.model.
+  const fs::path bare = dir_ / "bare.gguf";
+  ASSERT_EQ(run(std::string(KUNSERVE_BIN) + " gen-model --preset tiny --format gguf --tokenizer none --out " + quote(bare), &out), 0)
+      << out;
+  EXPECT_NE(run("cd " + quote(node_dir()) + " && node gguf_metadata_check.mjs " + quote(bare) + " " + quote(tok_dir), &out), 0)
+      << "a file without a vocabulary must fail the reader's check";
 }
 
 TEST_F(GgufModelTest, ServingDecodesWithTheEmbeddedSentencePieceTokenizer) {
