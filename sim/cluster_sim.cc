@@ -76,6 +76,10 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
     if (!mc.ok()) return mc.status();
     m = *mc;
   }
+  if (!gpu->measured_model.empty() && !config.use_model && config.model_name != gpu->measured_model) {
+    return invalid_argument("device profile '" + gpu->name + "' was measured with model '" + gpu->measured_model +
+                            "', not '" + config.model_name + "' (its step times hold for that model only)");
+  }
   if (config.num_instances <= 0) return invalid_argument("num_instances must be > 0");
   if (config.gpu_memory_utilization <= 0 || config.gpu_memory_utilization > 1) {
     return invalid_argument("gpu_memory_utilization must be in (0, 1]");
@@ -93,6 +97,7 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
 
   if (const std::string p = CostModel::tp_problem(*gpu, m, config.tp); !p.empty()) return invalid_argument(p);
   CostModel cost(*gpu, m, config.tp);
+  if (gpu->page_bytes > 0) config.page_bytes = gpu->page_bytes;  // a measured device's own page (CPU profile)
   // An instance's page is one page on each of its t GPUs (each holds 1/t of a block's heads and
   // of a layer's weights), so every page count below is per instance and per GPU alike.
   config.page_bytes *= config.tp;
@@ -389,6 +394,12 @@ void ClusterSim::finish_step(Unit& u) {
   if (every > 0 && u.scheduler->counters().steps % every == 0) u.scheduler->check_invariants();
 }
 
+std::int64_t ClusterSim::busy_devices(const Unit& u) {
+  // A fused round keeps up to one stage per micro-batch computing at once.
+  return std::max<std::int64_t>(1, std::min<std::int64_t>(static_cast<std::int64_t>(u.members.size()),
+                                                          static_cast<std::int64_t>(u.plans.size())));
+}
+
 void ClusterSim::start_steps() {
   const std::int64_t now = clock_.now_us();
   for (auto& up : units_) {
@@ -406,7 +417,18 @@ void ClusterSim::start_steps() {
     }
     if (u.plans.empty()) continue;
     u.results = u.executor->execute_round(u.plans);
-    u.busy_until_us = now + std::max<std::int64_t>(1, u.results.front().duration_us);
+    std::int64_t duration = u.results.front().duration_us;
+    if (!cost_.gpu().host_contention.empty()) {
+      // Devices sharing one host's cores (a CPU profile): the step is slower while other devices
+      // compute, by the measured slowdown at the number of devices busy when it starts.
+      std::int64_t busy = busy_devices(u);
+      for (auto& other : units_) {
+        if (other.get() != &u && other->in_flight) busy += busy_devices(*other);
+      }
+      duration = static_cast<std::int64_t>(std::llround(static_cast<double>(duration) * cost_.gpu().contention_factor(busy)));
+      for (auto& r : u.results) r.duration_us = duration;
+    }
+    u.busy_until_us = now + std::max<std::int64_t>(1, duration);
     u.in_flight = true;
     ++counters_.steps;
   }
