@@ -152,7 +152,7 @@ FitError fit_error(const GpuSpec& spec, const model::ModelConfig& model, std::sp
 }
 
 std::vector<double> default_table_knots() {
-  return {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512};
+  return {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
 }
 
 GpuSpec fit_device_spec(const GpuSpec& start, const model::ModelConfig& model, std::span<const ProfileStep> steps,
@@ -229,7 +229,30 @@ GpuSpec fit_device_spec(const GpuSpec& start, const model::ModelConfig& model, s
   }
   g.table_tokens = knots;
   g.table_us.assign(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(nk));
-  for (double& v : g.table_us) v = std::max(v, 1.0);
+  // A bigger batch never takes less time: make the table non-decreasing (pool adjacent
+  // violators, weighted equally), which also smooths knots with few steps near them.
+  {
+    std::vector<double> value, weight;
+    std::vector<std::size_t> count;
+    for (double v : g.table_us) {
+      value.push_back(std::max(v, 1.0));
+      weight.push_back(1.0);
+      count.push_back(1);
+      while (value.size() > 1 && value[value.size() - 2] > value.back()) {
+        const std::size_t i = value.size() - 2;
+        value[i] = (value[i] * weight[i] + value.back() * weight.back()) / (weight[i] + weight.back());
+        weight[i] += weight.back();
+        count[i] += count.back();
+        value.pop_back();
+        weight.pop_back();
+        count.pop_back();
+      }
+    }
+    std::size_t k = 0;
+    for (std::size_t i = 0; i < value.size(); ++i) {
+      for (std::size_t c = 0; c < count[i]; ++c) g.table_us[k++] = value[i];
+    }
+  }
   std::size_t i = nk;
   double* extra[2] = {&g.sample_us, &g.attn_pair_us};
   for (int e = 0; e < 2; ++e) *extra[e] = use[static_cast<std::size_t>(e)] ? x[i++] : 0.0;

@@ -70,7 +70,8 @@ FitError fit_error(const GpuSpec& spec, const model::ModelConfig& model, std::sp
 // step_overhead_us) to the steps: step_overhead_us = median of (wall - executor) time; the
 // executor time by linear least squares on relative error over hat functions of the new-token
 // count at `knots` (those with steps nearby), the extra sampled tokens and the attended (query,
-// key) pairs (a negative attention or sampling coefficient is dropped and the rest refitted). Other constants stay as in `start`. Steps without exec_us count as all
+// key) pairs (a negative attention or sampling coefficient is dropped and the rest refitted; the
+// table is then made non-decreasing). Other constants stay as in `start`. Steps without exec_us count as all
 // executor time.
 std::vector<double> default_table_knots();
 GpuSpec fit_device_spec(const GpuSpec& start, const model::ModelConfig& model, std::span<const ProfileStep> steps,

@@ -10,13 +10,14 @@
 // thread, as the in-process runtime's devices do, and the slowdown of a step against k = 1 is
 // the profile's host contention (the devices share the host's cores and memory bandwidth).
 #include <algorithm>
-#include <atomic>
+#include <condition_variable>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -28,6 +29,7 @@
 #include "kv/kv_geometry.h"
 #include "model/config.h"
 #include "model/weight_source.h"
+#include "runtime/cluster_runtime.h"
 #include "runtime/single_instance.h"
 #include "runtime/virtual_device.h"
 #include "sim/device_profile.h"
@@ -171,49 +173,54 @@ Status run_calibrate(const CalibrateArgs& a) {
     }
   }
 
-  // Host contention: k instances decoding at once, each on its own thread.
+  // Host contention, through the in-process cluster runtime itself (its engine, stage and link
+  // threads): k devices each serving the same batch of requests (2 running at a time, as a device
+  // whose KV holds one or two requests), against one device alone. Same work per device, so the
+  // wall-time ratio is how much slower a step gets while k devices compute at once.
   std::vector<double> contention;
-  double alone_us = 0.0;
+  double alone_s = 0.0;
   for (int k = 1; k <= a.max_devices; ++k) {
-    std::vector<std::unique_ptr<runtime::SingleInstance>> insts;
-    for (int i = 0; i < k; ++i) {
-      KUN_ASSIGN_OR_RETURN(auto inst, make_instance(a, config, *weights, kv_dtype, &clock));
-      insts.push_back(std::move(inst));
-    }
-    std::vector<double> per_step(static_cast<std::size_t>(k), 0.0);
-    std::vector<std::thread> threads;
-    std::atomic<int> ready{0};
-    for (int i = 0; i < k; ++i) {
-      threads.emplace_back([&, i] {
-        engine::Engine& engine = insts[static_cast<std::size_t>(i)]->engine();
-        std::vector<sim::SeqWork> last;
-        double exec = 0.0;
-        engine.set_step_observer([&](const engine::StepPlan& plan, const engine::StepResult&) {
-          for (const auto& s : plan.sequences) last.push_back({s.start_pos, static_cast<std::int64_t>(s.tokens.size()), s.sample});
-        });
-        ready.fetch_add(1);
-        while (ready.load() < k) std::this_thread::yield();
-        double total = 0.0;
-        std::int64_t n = 0;
-        for (int rep = 0; rep < 3 * a.reps; ++rep) {
-          for (int r = 0; r < 4; ++r) {
-            auto s = engine.submit(request(16, 48, rep * 4 + r + i * 1000, config.vocab_size), nullptr);
-            KUN_CHECK(s.ok()) << s.status().to_string();
-          }
-          const auto [t, c] = drain(engine, nullptr, &last, &exec);
-          total += t;
-          n += c;
+    ClusterArgs ca;
+    ca.devices = k;
+    ca.threads = a.threads;
+    ca.block_size = a.block_size;
+    ca.kv_tokens_per_device = 1024;
+    ca.max_num_seqs = 2;
+    KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o,
+                         ca.build(config, config.dtype, kv_dtype, cluster::Policy::kRecompute, a.preset));
+    o.router.policy = cluster::RoutePolicy::kRoundRobin;  // the same requests on every device
+    KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(o, *weights, &clock));
+    rt->start();
+    std::mutex mu;
+    std::condition_variable cv;
+    std::int64_t open = 0;
+    const int per_device = 8 * a.reps;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < per_device; ++r) {
+      for (int d = 0; d < k; ++d) {
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          ++open;
         }
-        per_step[static_cast<std::size_t>(i)] = n > 0 ? total / static_cast<double>(n) : 0.0;
-      });
+        auto id = rt->submit(request(16, 48, r, config.vocab_size), [&](const engine::TokenEvent& ev) {
+          if (!ev.finished) return;
+          std::lock_guard<std::mutex> lock(mu);
+          --open;
+          cv.notify_all();
+        });
+        KUN_CHECK(id.ok()) << id.status().to_string();
+      }
     }
-    for (auto& t : threads) t.join();
-    double mean = 0.0;
-    for (double v : per_step) mean += v / static_cast<double>(k);
-    if (k == 1) alone_us = mean;
-    contention.push_back(std::max(1.0, mean / alone_us));
-    std::cout << "  " << k << " device(s) at once: decode step " << std::fixed << std::setprecision(0) << mean << " us = "
-              << std::setprecision(2) << mean / alone_us << "x alone" << std::defaultfloat << std::endl;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return open == 0; });
+    }
+    const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    rt->stop();
+    if (k == 1) alone_s = wall_s;
+    contention.push_back(std::max(1.0, wall_s / alone_s));
+    std::cout << "  " << k << " device(s) at once, " << per_device << " requests each: " << std::fixed << std::setprecision(2)
+              << wall_s << " s = " << wall_s / alone_s << "x alone" << std::defaultfloat << std::endl;
   }
 
   sim::GpuSpec start;
