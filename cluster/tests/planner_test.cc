@@ -462,9 +462,10 @@ TEST(PlannerShrink, ShrinkPlanningIsLinearInTheMembers) {
     EXPECT_EQ(covering, groups);
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  seconds(256);  // warm
-  const double small = seconds(1024);
-  const double large = seconds(4096);
+  // Best of 3 each: a shared host's stalls only make a run slower.
+  const auto best = [&](std::int64_t groups) { return std::min({seconds(groups), seconds(groups), seconds(groups)}); };
+  const double small = best(1024);
+  const double large = best(4096);
   EXPECT_LT(large, 10.0 * small) << "1k groups: " << small << " s, 4k: " << large << " s";
 }
 

@@ -179,7 +179,13 @@ Status run_calibrate(const CalibrateArgs& a) {
   // wall-time ratio is how much slower a step gets while k devices compute at once.
   std::vector<double> contention;
   double alone_s = 0.0;
-  for (int k = 1; k <= a.max_devices; ++k) {
+  // k = 1 is measured first and again last (their mean is the reference: the host's load drifts).
+  std::vector<int> counts;
+  for (int k = 1; k <= a.max_devices; ++k) counts.push_back(k);
+  counts.push_back(1);
+  std::vector<double> wall_of(static_cast<std::size_t>(a.max_devices) + 1, 0.0);
+  for (std::size_t ci = 0; ci < counts.size(); ++ci) {
+    const int k = counts[ci];
     ClusterArgs ca;
     ca.devices = k;
     ca.threads = a.threads;
@@ -194,7 +200,7 @@ Status run_calibrate(const CalibrateArgs& a) {
     std::mutex mu;
     std::condition_variable cv;
     std::int64_t open = 0;
-    const int per_device = 8 * a.reps;
+    const int per_device = 12 * a.reps;
     const auto t0 = std::chrono::steady_clock::now();
     for (int r = 0; r < per_device; ++r) {
       for (int d = 0; d < k; ++d) {
@@ -217,11 +223,15 @@ Status run_calibrate(const CalibrateArgs& a) {
     }
     const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     rt->stop();
-    if (k == 1) alone_s = wall_s;
-    contention.push_back(std::max(1.0, wall_s / alone_s));
+    wall_of[static_cast<std::size_t>(k)] = ci + 1 == counts.size() ? (wall_of[1] + wall_s) / 2.0 : wall_s;
     std::cout << "  " << k << " device(s) at once, " << per_device << " requests each: " << std::fixed << std::setprecision(2)
-              << wall_s << " s = " << wall_s / alone_s << "x alone" << std::defaultfloat << std::endl;
+              << wall_s << " s" << std::defaultfloat << std::endl;
   }
+  alone_s = wall_of[1];
+  for (int k = 1; k <= a.max_devices; ++k) contention.push_back(std::max(1.0, wall_of[static_cast<std::size_t>(k)] / alone_s));
+  std::cout << "  host contention (k devices at once against one alone):";
+  for (double c : contention) std::cout << " " << std::fixed << std::setprecision(2) << c << "x";
+  std::cout << std::defaultfloat << std::endl;
 
   sim::GpuSpec start;
   start.name = "cpu-" + a.preset + "-t" + std::to_string(a.threads);

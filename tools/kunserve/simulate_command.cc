@@ -77,6 +77,13 @@ struct SimulateArgs {
   bool sweep_capped = true;  // also run kunserve with groups capped at 2 members
   bool speed = false;        // print simulated seconds per wall second per run
   bool scenario_max_num_seqs = false;  // the scenario set max_num_seqs
+  // Cluster policy thresholds (the artifact's defaults; cluster/README.md).
+  double planner_target = 0.95;         // a plan covers when demand <= this x fused capacity
+  double drop_threshold = 0.95;         // drop-eligible demand
+  double restore_threshold = 0.5;       // restore / shrink-eligible demand
+  std::int64_t sustained_samples = 6;   // sustained-overload vote (0: off)
+  bool grow_groups = true;
+  bool shrink_groups = true;
   bool given(const std::string& option) const { return cmd->get_option(option)->count() > 0; }
   // --gpu names a measured device profile (a CPU, `kunserve calibrate`): the simulated cluster is
   // the in-process runtime's, so every cluster option takes bench's value, given or default.
@@ -152,12 +159,20 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
   }
   if (a.cluster_option("--group-sizes")) c.allowed_degrees = k.group_sizes;
   if (!cap.empty()) c.allowed_degrees = cap;
+  c.coordinator.planner.target_utilization = a.planner_target;
+  c.coordinator.planner.grow_groups = a.grow_groups;
+  c.coordinator.planner.shrink_groups = a.shrink_groups;
+  c.coordinator.monitor.drop_demand_threshold = a.drop_threshold;
+  c.coordinator.monitor.restore_demand_threshold = a.restore_threshold;
+  c.coordinator.monitor.sustained_overload_samples = a.sustained_samples;
   if (a.device_profile()) {
     // The measured table holds for the model it was measured with: that model by default.
     KUN_ASSIGN_OR_RETURN(sim::GpuSpec spec, sim::gpu_spec(a.gpu));
     if (!a.given("--sim-model") && !spec.measured_model.empty()) c.model_name = spec.measured_model;
-    // As the in-process runtime: it refuses to grow a live group (cluster/README.md "Planning").
+    // As the in-process runtime: it refuses to grow or to shrink a live group (cluster/README.md
+    // "Planning").
     c.coordinator.planner.grow_groups = false;
+    c.coordinator.planner.shrink_groups = false;
   }
   c.exchange_requests_per_round = k.exchange_per_round;
   c.restore_gather_timeout_us = k.restore_gather_timeout_ms * 1000;
@@ -408,6 +423,20 @@ void add_simulate_command(CLI::App* app, int* exit_code) {
                   "to kunserve, <sweep-out>.json/.csv/.png");
   cmd->add_option("--sweep-out", a->sweep_out, "file prefix of the sweep's outputs");
   cmd->add_option("--sweep-capped", a->sweep_capped, "sweeps also run kunserve with groups capped at 2 members");
+  cmd->add_option("--planner-target", a->planner_target,
+                  "a group covers when its demand <= this x its fused capacity (artifact: 0.95; lower forms larger "
+                  "groups)")
+      ->check(CLI::Range(0.05, 1.0));
+  cmd->add_option("--drop-threshold", a->drop_threshold, "demand at which a sample votes drop (artifact: 0.95)")
+      ->check(CLI::Range(0.05, 2.0));
+  cmd->add_option("--restore-threshold", a->restore_threshold,
+                  "demand at or below which a sample votes restore or shrink (artifact: 0.5)")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--sustained-overload-samples", a->sustained_samples,
+                  "consecutive samples at the drop threshold with requests waiting that vote drop (0: off)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--grow-groups", a->grow_groups, "overloaded groups grow g -> 2g");
+  cmd->add_option("--shrink-groups", a->shrink_groups, "groups of 4+ shrink by halves as demand falls (partial restore)");
   cmd->add_flag("--speed", a->speed, "print simulated seconds per wall second, instants/s and steps/s per run");
   cmd->add_option("--json", a->json_path);
   cmd->add_option("--timeline-prefix", a->timeline_prefix, "write <prefix><policy>_timeline.csv");
