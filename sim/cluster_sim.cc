@@ -29,6 +29,7 @@ struct ClusterSim::Unit {
   std::vector<engine::StepResult> results;
   bool blocked = false;  // waiting for a transition at its next step boundary
   std::int64_t resume_us = 0;  // no step starts before (a split's stop-and-copy gather)
+  double compute_devices = 1.0;  // devices computing during the step in flight (host contention)
   // Fused units: live KV exchange after the drop, reverse exchange (gather) while restoring.
   struct KvMove {
     std::int64_t index = -1;     // trace index
@@ -394,12 +395,6 @@ void ClusterSim::finish_step(Unit& u) {
   if (every > 0 && u.scheduler->counters().steps % every == 0) u.scheduler->check_invariants();
 }
 
-std::int64_t ClusterSim::busy_devices(const Unit& u) {
-  // A fused round keeps up to one stage per micro-batch computing at once.
-  return std::max<std::int64_t>(1, std::min<std::int64_t>(static_cast<std::int64_t>(u.members.size()),
-                                                          static_cast<std::int64_t>(u.plans.size())));
-}
-
 void ClusterSim::start_steps() {
   const std::int64_t now = clock_.now_us();
   for (auto& up : units_) {
@@ -416,14 +411,21 @@ void ClusterSim::start_steps() {
       u.plans.push_back(std::move(plan));
     }
     if (u.plans.empty()) continue;
+    const double stage_busy_before = u.executor->counters().stage_busy_us;
     u.results = u.executor->execute_round(u.plans);
     std::int64_t duration = u.results.front().duration_us;
+    // Devices computing during this step: 1, or for a fused round its stages' busy time over the
+    // round (the pipeline bubble computes nothing).
+    u.compute_devices = 1.0;
+    if (u.members.size() > 1 && duration > 0) {
+      u.compute_devices = std::max(1.0, (u.executor->counters().stage_busy_us - stage_busy_before) / static_cast<double>(duration));
+    }
     if (!cost_.gpu().host_contention.empty()) {
       // Devices sharing one host's cores (a CPU profile): the step is slower while other devices
       // compute, by the measured slowdown at the number of devices busy when it starts.
-      std::int64_t busy = busy_devices(u);
+      double busy = u.compute_devices;
       for (auto& other : units_) {
-        if (other.get() != &u && other->in_flight) busy += busy_devices(*other);
+        if (other.get() != &u && other->in_flight) busy += other->compute_devices;
       }
       duration = static_cast<std::int64_t>(std::llround(static_cast<double>(duration) * cost_.gpu().contention_factor(busy)));
       for (auto& r : u.results) r.duration_us = duration;

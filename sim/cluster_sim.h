@@ -223,7 +223,6 @@ class ClusterSim {
   // (an arrival under overload otherwise walked every queued request of every instance).
   std::vector<cluster::InstanceSnapshot> snapshots(bool for_routing = false) const;
   void start_steps();
-  static std::int64_t busy_devices(const Unit& u);  // devices of the unit computing during its step
   void finish_step(Unit& u);
   void handle_events(Unit& u, const std::vector<engine::TokenEvent>& events);
   bool add_to_unit(Unit& u, std::int64_t index, std::vector<std::int32_t> prompt, std::int64_t max_tokens);

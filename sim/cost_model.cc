@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 
 #include "common/check.h"
 #include "kv/kv_geometry.h"
@@ -77,15 +78,16 @@ StatusOr<GpuSpec> gpu_spec(std::string_view name) {
   return not_found("unknown GPU '" + std::string(name) + "' (known: a100-80gb h100-80gb h200)");
 }
 
-double GpuSpec::contention_factor(std::int64_t busy_devices) const {
-  if (host_contention.empty() || busy_devices <= 1) return 1.0;
-  const std::size_t k = std::min(static_cast<std::size_t>(busy_devices), host_contention.size());
-  double f = host_contention[k - 1];
-  // Beyond the measured counts: the cores are shared by more devices than were measured.
-  if (static_cast<std::size_t>(busy_devices) > host_contention.size()) {
-    f *= static_cast<double>(busy_devices) / static_cast<double>(host_contention.size());
+double GpuSpec::contention_factor(double busy_devices) const {
+  if (host_contention.empty() || busy_devices <= 1.0) return 1.0;
+  const auto n = static_cast<double>(host_contention.size());
+  if (busy_devices >= n) {
+    // Beyond the measured counts: the cores are shared by more devices than were measured.
+    return std::max(1.0, host_contention.back() * busy_devices / n);
   }
-  return std::max(1.0, f);
+  const auto lo = static_cast<std::size_t>(std::floor(busy_devices));  // 1 <= lo < n
+  const double frac = busy_devices - static_cast<double>(lo);
+  return std::max(1.0, host_contention[lo - 1] * (1.0 - frac) + host_contention[lo] * frac);
 }
 
 std::vector<std::string> gpu_names() { return {"a100-80gb", "h100-80gb", "h200"}; }

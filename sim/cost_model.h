@@ -76,8 +76,9 @@ struct GpuSpec {
   double sample_us = 0.0;
   double attn_pair_us = 0.0;
   std::string measured_model;  // the model preset a measured table holds for ("": any)
-  // Slowdown of a step with `busy_devices` devices of the host computing (1.0 without contention).
-  double contention_factor(std::int64_t busy_devices) const;
+  // Slowdown of a step with `busy_devices` devices of the host computing (1.0 without contention);
+  // fractional counts (a fused group's stages busy part of a round) interpolate linearly.
+  double contention_factor(double busy_devices) const;
 };
 
 // "a100" / "a100-80gb", "h100" / "h100-80gb", "h200", or the path of a measured device profile

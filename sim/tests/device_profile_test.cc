@@ -135,6 +135,7 @@ TEST(DeviceProfile, ContentionFactor) {
   EXPECT_DOUBLE_EQ(g.contention_factor(1), 1.0);
   EXPECT_DOUBLE_EQ(g.contention_factor(3), 1.7);
   EXPECT_DOUBLE_EQ(g.contention_factor(8), 2.1 * 2.0);  // twice the measured devices
+  EXPECT_DOUBLE_EQ(g.contention_factor(2.5), 1.5);         // between 1.3 and 1.7
   GpuSpec gpu = g;
   gpu.host_contention.clear();
   EXPECT_DOUBLE_EQ(gpu.contention_factor(8), 1.0);
