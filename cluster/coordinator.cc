@@ -303,8 +303,10 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
     for (auto& [id, g] : groups_) {
       if (g.state != GroupState::kDropped || g.in_transition()) continue;
       const auto degree = static_cast<std::int64_t>(g.members.size());
-      if (config_.planner.shrink_groups && degree >= 4 && degree % 2 == 0) {
-        // Partial restore: a group of 4 or more halves (8 -> 4 -> 2 -> 1), never restores whole.
+      if (config_.planner.shrink_groups && degree >= 4 && degree % 2 == 0 && monitor_.group_vote(id) != Vote::kRestore) {
+        // Partial restore: while the group's demand fits its halves but not yet its members
+        // alone, a group of 4 or more halves (8 -> 4 -> 2 -> 1 as demand falls); once it fits
+        // the members alone it restores whole, as a group of 2 does.
         if (monitor_.group_shrink_vote(id) != Vote::kRestore) continue;
         GroupView v;
         v.id = id;
