@@ -337,7 +337,15 @@ StatusOr<DeviceProfile> load_device_profile(const std::string& path) {
 Status save_device_profile(const DeviceProfile& profile, const std::string& path) {
   std::ofstream f(path);
   if (!f) return invalid_argument("cannot write device profile '" + path + "'");
-  f << profile.to_json().dump(1) << "\n";
+  // Readable constants, one line per measured step.
+  nlohmann::json j = profile.to_json();
+  const nlohmann::json steps = j["steps"];
+  j.erase("steps");
+  std::string head = j.dump(1);
+  head.resize(head.size() - 2);  // drop "\n}"
+  f << head << ",\n \"steps\": [";
+  for (std::size_t i = 0; i < steps.size(); ++i) f << (i ? ",\n  " : "\n  ") << steps[i].dump();
+  f << "\n ]\n}\n";
   if (!f) return invalid_argument("writing device profile '" + path + "' failed");
   return ok_status();
 }
