@@ -79,7 +79,8 @@ StatusOr<GpuSpec> gpu_spec(std::string_view name) {
 }
 
 double GpuSpec::contention_factor(double busy_devices) const {
-  if (host_contention.empty() || busy_devices <= 1.0) return 1.0;
+  if (host_contention.empty()) return 1.0;
+  if (busy_devices <= 1.0) return std::max(1.0, host_contention.front());
   const auto n = static_cast<double>(host_contention.size());
   if (busy_devices >= n) {
     // Beyond the measured counts: the cores are shared by more devices than were measured.

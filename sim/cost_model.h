@@ -60,8 +60,9 @@ struct GpuSpec {
   std::int64_t dtype_bytes = 2;  // weights, activations and KV (bf16 on GPUs; f32 on the CPU profile)
   std::vector<AllReduceFit> all_reduce;  // by TP degree (2, 4, 8); empty: no tensor parallelism
   // Devices that share a host's cores and memory (a measured CPU profile, sim/device_profile.h):
-  // host_contention[k-1] = how much longer a step takes while k devices compute at once (k = 1:
-  // 1.0). Empty: devices are independent (GPUs).
+  // host_contention[k-1] = how much longer a step takes while k devices compute at once than the
+  // table says (k = 1: the runtime's own threads and events against the directly stepped
+  // instance the table was measured on). Empty: devices are independent (GPUs).
   std::vector<double> host_contention;
   std::int64_t page_bytes = 0;  // the device's memory page (0: the simulator's default)
   // Measured step-time table (a CPU profile, sim/device_profile.h), replacing the roofline: a
