@@ -22,6 +22,8 @@ const char* event_kind_name(EventKind k) {
     case EventKind::kRestoreRequested: return "restore_requested";
     case EventKind::kRestoreStarted: return "restore_started";
     case EventKind::kRestoreDone: return "restore_done";
+    case EventKind::kShrinkRequested: return "shrink_requested";
+    case EventKind::kShrinkDone: return "shrink_done";
   }
   return "unknown";
 }
@@ -154,6 +156,48 @@ void Coordinator::on_restore_done(std::int64_t group_id, std::int64_t now_us) {
   replan_due_ = true;
 }
 
+ShrinkAction Coordinator::request_shrink(GroupInfo& g, const PlannedShrink& plan, std::int64_t now_us, std::string reason) {
+  KUN_CHECK(g.state == GroupState::kDropped && !g.in_transition())
+      << "group " << g.id << " cannot shrink from " << group_state_name(g.state)
+      << (g.in_transition() ? " (in transition)" : "");
+  g.shrink_pending = true;
+  g.restore_requested_us = now_us;
+  g.shrink_into = {next_group_id_, next_group_id_ + 1};
+  next_group_id_ += 2;
+  record(now_us, g, EventKind::kShrinkRequested, g.state, g.state, -1, false, reason);
+  return ShrinkAction{g.id, plan.halves, g.shrink_into, std::move(reason)};
+}
+
+void Coordinator::on_shrink_done(std::int64_t group_id, std::int64_t now_us) {
+  GroupInfo& g = live_group(group_id);
+  KUN_CHECK(g.shrink_pending) << "group " << group_id << ": shrink done without a shrink request";
+  const auto degree = static_cast<std::int64_t>(g.members.size());
+  std::vector<std::vector<std::int64_t>> halves(2);
+  for (std::int64_t s = 0; s < degree; ++s) halves[static_cast<std::size_t>(s % 2)].push_back(g.members[static_cast<std::size_t>(s)]);
+  const std::vector<std::int64_t> ids = g.shrink_into;
+  std::ostringstream detail;
+  detail << "into groups " << ids[0] << " and " << ids[1] << " of degree " << degree / 2;
+  record(now_us, g, EventKind::kShrinkDone, g.state, g.state, now_us - g.restore_requested_us, false, detail.str());
+  for (std::int64_t m : g.members) group_of_.erase(m);
+  monitor_.reset_group(group_id);
+  groups_.erase(group_id);
+  for (std::size_t h = 0; h < 2; ++h) {
+    GroupInfo half;
+    half.id = ids[h];
+    half.members = halves[h];
+    half.state = GroupState::kDropped;
+    half.drop_requested_us = now_us;
+    half.dropped_us = now_us;
+    for (std::int64_t m : half.members) {
+      const bool inserted = group_of_.emplace(m, half.id).second;
+      KUN_CHECK(inserted) << "instance " << m << " is already in group " << group_of(m);
+    }
+    monitor_.reset_group(half.id);
+    groups_.emplace(half.id, std::move(half));
+  }
+  replan_due_ = true;
+}
+
 void Coordinator::dissolve_absorbed(std::int64_t group_id, std::int64_t now_us) {
   GroupInfo& g = live_group(group_id);
   KUN_CHECK(g.state == GroupState::kDropped && !g.in_transition())
@@ -246,6 +290,11 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
                                   ? shape_.num_layers * (g_members - 1) * shape_.layer_param_bytes / shape_.layer_block_bytes
                                   : 0;
     monitor_.observe_group(id, sample_of_group(members, now_us, lent));
+    if (config_.planner.shrink_groups && g_members >= 4 && g_members % 2 == 0 && shape_.layer_block_bytes > 0) {
+      // Against the capacity of its two halves: they lend L (g - 2) layers, one L less.
+      monitor_.observe_group_shrink(id, sample_of_group(members, now_us, shape_.num_layers * shape_.layer_param_bytes /
+                                                                             shape_.layer_block_bytes));
+    }
     sampled = monitor_.observe_group_load(id, sample_of_group(members, now_us, 0)) || sampled;
   }
 
@@ -253,6 +302,29 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
   if (config_.enable_restore) {
     for (auto& [id, g] : groups_) {
       if (g.state != GroupState::kDropped || g.in_transition()) continue;
+      const auto degree = static_cast<std::int64_t>(g.members.size());
+      if (config_.planner.shrink_groups && degree >= 4 && degree % 2 == 0 && monitor_.group_vote(id) != Vote::kRestore) {
+        // Partial restore: while the group's demand fits its halves but not yet its members
+        // alone, a group of 4 or more halves (8 -> 4 -> 2 -> 1 as demand falls); once it fits
+        // the members alone it restores whole, as a group of 2 does.
+        if (monitor_.group_shrink_vote(id) != Vote::kRestore) continue;
+        GroupView v;
+        v.id = id;
+        for (std::int64_t m : g.members) {
+          auto it = by_id.find(m);
+          if (it != by_id.end()) v.members.push_back(it->second);
+        }
+        if (v.members.size() != g.members.size()) continue;
+        const PlannedShrink ps = planner_.plan_shrink(v, shape_);
+        if (!ps.covers) continue;
+        const DemandMonitor::Window* w = monitor_.group_shrink_window(id);
+        std::ostringstream why;
+        why << "group demand against its halves' capacity " << w->samples.back().demand << " <= "
+            << config_.monitor.restore_demand_threshold << ", nothing queued, falling for " << w->restore_streak
+            << " samples; " << ps.reason;
+        actions.shrinks.push_back(request_shrink(g, ps, now_us, why.str()));
+        continue;
+      }
       if (monitor_.group_vote(id) != Vote::kRestore) continue;
       const DemandMonitor::Window* w = monitor_.group_window(id);
       std::ostringstream why;

@@ -11,6 +11,9 @@
 //                                    are independent again
 //   growth (DropAction.absorbs)      a kDropped group (and a group it merges with) is replaced by a
 //                                    new group of twice the degree, which starts as above
+//   ShrinkAction emitted             kDropped (degree g >= 4), shrink pending (partial restore)
+//   on_shrink_done                   the group is replaced by two kDropped groups of degree g / 2
+//                                    (its even and its odd stages) with the ids the action named
 // Any other transition is a bug in the caller and aborts (KUN_CHECK). A group is *in transition*
 // from its DropAction to on_drop_done and from its RestoreAction to on_restore_done.
 //
@@ -50,7 +53,7 @@ struct CoordinatorConfig {
 
 bool is_legal_transition(GroupState from, GroupState to);
 
-enum class EventKind { kDropRequested, kDropDone, kRestoreRequested, kRestoreStarted, kRestoreDone };
+enum class EventKind { kDropRequested, kDropDone, kRestoreRequested, kRestoreStarted, kRestoreDone, kShrinkRequested, kShrinkDone };
 const char* event_kind_name(EventKind k);
 
 struct Event {
@@ -72,10 +75,12 @@ struct GroupInfo {
   GroupState state = GroupState::kInitial;
   bool drop_pending = false;
   bool restore_pending = false;  // from the RestoreAction until on_restore_done
+  bool shrink_pending = false;   // from the ShrinkAction until on_shrink_done
+  std::vector<std::int64_t> shrink_into;  // the ids its halves get
   std::int64_t drop_requested_us = 0;
   std::int64_t dropped_us = 0;
   std::int64_t restore_requested_us = 0;
-  bool in_transition() const { return drop_pending || restore_pending; }
+  bool in_transition() const { return drop_pending || restore_pending || shrink_pending; }
 };
 
 class Coordinator {
@@ -91,6 +96,9 @@ class Coordinator {
   void on_drop_done(std::int64_t group, std::int64_t now_us);
   void on_restore_started(std::int64_t group, std::int64_t now_us);
   void on_restore_done(std::int64_t group, std::int64_t now_us);
+  // A ShrinkAction was carried out: the group is replaced by its two halves, each a kDropped group
+  // with the id the action named.
+  void on_shrink_done(std::int64_t group, std::int64_t now_us);
   void on_migration_done(RequestId request) { migration_.on_done(request); }
 
   // Forced transitions (tests, scripted runs). force_drop validates like tick does: each instance
@@ -116,6 +124,7 @@ class Coordinator {
   // A kDropped group a growing group replaces: its record ends here (its members join the new one).
   void dissolve_absorbed(std::int64_t group_id, std::int64_t now_us);
   RestoreAction request_restore(GroupInfo& g, std::int64_t now_us, std::string reason, bool forced);
+  ShrinkAction request_shrink(GroupInfo& g, const PlannedShrink& plan, std::int64_t now_us, std::string reason);
   void record(std::int64_t now_us, const GroupInfo& g, EventKind kind, GroupState from, GroupState to,
               std::int64_t latency_us, bool forced, std::string detail);
   Actions tick_kunserve(std::int64_t now_us, const std::vector<InstanceSnapshot>& snapshots);

@@ -148,10 +148,27 @@ Vote DemandMonitor::group_load_vote(std::int64_t group) const {
   return v == Vote::kDrop ? v : Vote::kNone;  // a fused group's load only asks for growth
 }
 
+bool DemandMonitor::observe_group_shrink(std::int64_t group, const DemandSample& sample) {
+  return observe(group_shrinks_[group], sample);
+}
+
+Vote DemandMonitor::group_shrink_vote(std::int64_t group) const {
+  auto it = group_shrinks_.find(group);
+  if (it == group_shrinks_.end()) return Vote::kNone;
+  const Vote v = vote(&it->second);
+  return v == Vote::kRestore ? v : Vote::kNone;  // only asks to shrink
+}
+
+const DemandMonitor::Window* DemandMonitor::group_shrink_window(std::int64_t group) const {
+  auto it = group_shrinks_.find(group);
+  return it == group_shrinks_.end() ? nullptr : &it->second;
+}
+
 void DemandMonitor::reset_instance(std::int64_t instance) { instances_.erase(instance); }
 void DemandMonitor::reset_group(std::int64_t group) {
   groups_.erase(group);
   group_loads_.erase(group);
+  group_shrinks_.erase(group);
 }
 
 const DemandMonitor::Window* DemandMonitor::instance_window(std::int64_t instance) const {

@@ -98,6 +98,10 @@ class DemandMonitor {
   // asks the planner to grow the group.
   bool observe_group_load(std::int64_t group, const DemandSample& sample);
   Vote group_load_vote(std::int64_t group) const;
+  // A dropped group of degree g >= 4 against the capacity it would have as two groups of g / 2
+  // (partial restore): a restore vote here asks to shrink it by half.
+  bool observe_group_shrink(std::int64_t group, const DemandSample& sample);
+  Vote group_shrink_vote(std::int64_t group) const;
 
   Vote instance_vote(std::int64_t instance) const;
   Vote group_vote(std::int64_t group) const;
@@ -117,6 +121,7 @@ class DemandMonitor {
   };
   const Window* instance_window(std::int64_t instance) const;
   const Window* group_window(std::int64_t group) const;
+  const Window* group_shrink_window(std::int64_t group) const;
 
   bool drop_eligible(const DemandSample& s) const;
   bool overloaded(const DemandSample& s) const;  // demand at the threshold with requests waiting
@@ -131,6 +136,7 @@ class DemandMonitor {
   std::unordered_map<std::int64_t, Window> instances_;
   std::unordered_map<std::int64_t, Window> groups_;
   std::unordered_map<std::int64_t, Window> group_loads_;
+  std::unordered_map<std::int64_t, Window> group_shrinks_;
 };
 
 }  // namespace kun::cluster

@@ -1,8 +1,8 @@
 #include "cluster/planner.h"
 
 #include <algorithm>
-#include <sstream>
 #include <map>
+#include <sstream>
 #include <unordered_map>
 
 #include "common/check.h"
@@ -216,6 +216,43 @@ std::int64_t Planner::group_capacity_tokens(const std::vector<const InstanceSnap
     if (min_token_blocks < 0 || token_blocks < min_token_blocks) min_token_blocks = token_blocks;
   }
   return min_token_blocks * shape.block_size_tokens;
+}
+
+PlannedShrink Planner::plan_shrink(const GroupView& group, const ClusterShape& shape) const {
+  check_shape(shape);
+  const auto g = static_cast<std::int64_t>(group.members.size());
+  KUN_CHECK(g >= 4 && g % 2 == 0) << "group " << group.id << ": shrink needs an even degree >= 4, not " << g;
+  const std::int64_t L = shape.num_layers;
+  const std::int64_t h = g / 2;
+  PlannedShrink p;
+  p.group = group.id;
+  p.halves.assign(2, {});
+  p.demand_tokens = group_demand_tokens(group.members, shape);
+  p.capacity_before_tokens = group_capacity_tokens(group.members, shape);
+  // Per half, its capacity at degree h: stage j (old stage 2j + half) keeps layers_kept(j, h)
+  // and lends the rest; its independent pool is its pool now minus the layers it lends at g.
+  std::int64_t after = 0;
+  for (std::int64_t half = 0; half < 2; ++half) {
+    std::int64_t least = -1;
+    for (std::int64_t j = 0; j < h; ++j) {
+      const std::int64_t s = 2 * j + half;
+      const InstanceSnapshot* m = group.members[static_cast<std::size_t>(s)];
+      p.halves[static_cast<std::size_t>(half)].push_back(m->instance);
+      const std::int64_t lent_now = (L - layers_kept(s, g, L)) * shape.layer_param_bytes / shape.layer_block_bytes;
+      const std::int64_t kept = layers_kept(j, h, L);
+      const std::int64_t lent_after = (L - kept) * shape.layer_param_bytes / shape.layer_block_bytes;
+      const std::int64_t token_blocks = std::max<std::int64_t>(0, m->kv_blocks_total - lent_now + lent_after) / kept;
+      if (least < 0 || token_blocks < least) least = token_blocks;
+    }
+    after += least * shape.block_size_tokens;
+  }
+  p.capacity_after_tokens = after;
+  p.covers = static_cast<double>(p.demand_tokens) <= config_.target_utilization * static_cast<double>(after);
+  std::ostringstream why;
+  why << "shrink " << g << " -> 2 x " << h << ": demand " << p.demand_tokens << " tokens, capacity " << p.capacity_before_tokens
+      << " -> " << after << (p.covers ? "" : " (does not cover)");
+  p.reason = why.str();
+  return p;
 }
 
 std::int64_t Planner::group_demand_tokens(const std::vector<const InstanceSnapshot*>& members, const ClusterShape& shape) {

@@ -43,6 +43,9 @@ struct PlannerConfig {
   // An overloaded fused group of degree g grows to 2g (when 2g is allowed) by taking g free
   // instances or merging with another group of degree g.
   bool grow_groups = true;
+  // A dropped group of degree g >= 4 whose demand fits its two halves shrinks to two groups of
+  // g / 2 (partial restore, step by step: 8 -> 4 -> 2 -> 1); false: groups restore whole.
+  bool shrink_groups = true;
 };
 
 // A fused group as the growth planner sees it.
@@ -61,6 +64,16 @@ struct PlannedGrowth {
   std::int64_t capacity_before_tokens = 0;  // the groups' and instances' capacities now
   std::int64_t capacity_after_tokens = 0;
   bool covers = false;
+  std::string reason;
+};
+
+struct PlannedShrink {
+  std::int64_t group = -1;
+  std::vector<std::vector<std::int64_t>> halves;  // even stages, odd stages (stage order)
+  std::int64_t demand_tokens = 0;
+  std::int64_t capacity_before_tokens = 0;  // the group's now
+  std::int64_t capacity_after_tokens = 0;   // the two halves together
+  bool covers = false;                      // demand <= target_utilization x capacity after
   std::string reason;
 };
 
@@ -105,6 +118,9 @@ class Planner {
   // stage j at 2j + 1) so every member keeps a subset of the layers it holds now.
   std::vector<PlannedGrowth> plan_growth(const std::vector<GroupView>& groups, const std::vector<InstanceSnapshot>& free,
                                          const ClusterShape& shape) const;
+  // Partial restore of a dropped group of even degree g >= 4: its even and its odd stages become
+  // two groups of g / 2 (the inverse of growth's interleave); O(g).
+  PlannedShrink plan_shrink(const GroupView& group, const ClusterShape& shape) const;
   // Capacity (tokens) of a fused group now, from its members' pools (lent pages included).
   static std::int64_t group_capacity_tokens(const std::vector<const InstanceSnapshot*>& members, const ClusterShape& shape);
   static std::int64_t group_demand_tokens(const std::vector<const InstanceSnapshot*>& members, const ClusterShape& shape);

@@ -91,6 +91,14 @@ struct RestoreAction {
   std::int64_t group = -1;
   std::string reason;
 };
+// Partial restore: a dropped group of degree g >= 4 becomes two groups of degree g / 2 (its even
+// and its odd stages, cluster::plan_shrink); each member pulls the layers its new stage adds.
+struct ShrinkAction {
+  std::int64_t group = -1;
+  std::vector<std::vector<std::int64_t>> halves;  // instance ids of each new group, stage order
+  std::vector<std::int64_t> new_groups;            // the ids the two halves get (on_shrink_done)
+  std::string reason;
+};
 struct MigrateAction {
   RequestId request;
   std::int64_t from = 0;
@@ -102,8 +110,9 @@ struct MigrateAction {
 struct Actions {
   std::vector<DropAction> drops;
   std::vector<RestoreAction> restores;
+  std::vector<ShrinkAction> shrinks;
   std::vector<MigrateAction> migrations;
-  bool empty() const { return drops.empty() && restores.empty() && migrations.empty(); }
+  bool empty() const { return drops.empty() && restores.empty() && shrinks.empty() && migrations.empty(); }
 };
 
 }  // namespace kun::cluster

@@ -248,6 +248,116 @@ std::string SplitPlan::to_string() const {
   return os.str();
 }
 
+ShrinkPlan plan_shrink(const ShrinkInput& in, const TransitionGeometry& geo) {
+  check_geometry(geo);
+  const auto g = static_cast<std::int64_t>(in.members.size());
+  const std::int64_t L = geo.num_layers;
+  KUN_CHECK(g >= 4 && g % 2 == 0) << "shrink needs an even degree >= 4, not " << g;
+  KUN_CHECK_EQ(in.base_kv_blocks.size(), in.members.size());
+  const std::int64_t h = g / 2;
+  KUN_CHECK_LE(h, L);
+  ShrinkPlan plan;
+  plan.group = in.group;
+  plan.members = in.members;
+  plan.halves.assign(2, {});
+  plan.half_members.assign(2, {});
+  plan.pages_reclaimed.assign(static_cast<std::size_t>(g), 0);
+  plan.room_blocks.assign(static_cast<std::size_t>(g), 0);
+  std::vector<std::int64_t> keep_begin(static_cast<std::size_t>(g)), keep_end(static_cast<std::size_t>(g));
+  for (std::int64_t s = 0; s < g; ++s) {
+    const std::int64_t half = s % 2, j = s / 2;
+    plan.halves[static_cast<std::size_t>(half)].push_back(in.members[static_cast<std::size_t>(s)]);
+    plan.half_members[static_cast<std::size_t>(half)].push_back(static_cast<std::int32_t>(s));
+    const std::int64_t held_begin = s * L / g, held_end = (s + 1) * L / g;
+    keep_begin[static_cast<std::size_t>(s)] = j * L / h;
+    keep_end[static_cast<std::size_t>(s)] = (j + 1) * L / h;
+    KUN_CHECK(keep_begin[static_cast<std::size_t>(s)] <= held_begin && held_end <= keep_end[static_cast<std::size_t>(s)])
+        << "stage " << s << " of " << g << " holds layers it would not keep at degree " << h;
+    for (std::int64_t l = keep_begin[static_cast<std::size_t>(s)]; l < keep_end[static_cast<std::size_t>(s)]; ++l) {
+      if (l >= held_begin && l < held_end) continue;
+      const auto from = static_cast<std::int32_t>(l * g / L);  // the old stage holding layer l
+      plan.pulls.push_back(WeightPull{static_cast<std::int32_t>(s), l, from});
+      plan.pages_reclaimed[static_cast<std::size_t>(s)] += geo.pages_per_layer;
+    }
+    const std::int64_t kept = keep_end[static_cast<std::size_t>(s)] - keep_begin[static_cast<std::size_t>(s)];
+    plan.room_blocks[static_cast<std::size_t>(s)] =
+        in.base_kv_blocks[static_cast<std::size_t>(s)] + (L - kept) * geo.pages_per_layer * geo.blocks_per_page;
+  }
+  std::vector<std::int64_t> room = plan.room_blocks;
+  std::vector<std::int64_t> landed(2, 0);
+  std::vector<Landing> lost;
+  std::vector<RequestId> waiting;
+  for (const TransitionRequest& r : in.requests) {
+    const bool keep = r.running && in.strategy != StaleKvStrategy::kRecompute;
+    if (!keep) {
+      if (r.running) {
+        lost.push_back(Landing{r.id, 0, true});
+      } else {
+        waiting.push_back(r.id);
+      }
+      continue;
+    }
+    KUN_CHECK_EQ(static_cast<std::int64_t>(r.layer_member.size()), L) << "request " << r.id;
+    const std::int64_t tb = geo.token_blocks(r.tokens_held);
+    // Room left on a half: the least over its members, in this request's blocks.
+    const auto fits = [&](std::int64_t half) {
+      std::int64_t least = -1;
+      for (std::int32_t m : plan.half_members[static_cast<std::size_t>(half)]) {
+        const std::int64_t need = tb * (keep_end[static_cast<std::size_t>(m)] - keep_begin[static_cast<std::size_t>(m)]);
+        const std::int64_t left = room[static_cast<std::size_t>(m)] - need;
+        if (left < 0) return std::int64_t{-1};
+        least = least < 0 ? left : std::min(least, left);
+      }
+      return least;
+    };
+    const std::int64_t left0 = fits(0), left1 = fits(1);
+    if (left0 < 0 && left1 < 0) {
+      lost.push_back(Landing{r.id, 0, true});
+      continue;
+    }
+    const std::int64_t half = left1 > left0 ? 1 : 0;
+    ++landed[static_cast<std::size_t>(half)];
+    Placement p;
+    p.id = r.id;
+    p.member = static_cast<std::int32_t>(half);
+    p.tokens = r.tokens_held;
+    for (std::int32_t m : plan.half_members[static_cast<std::size_t>(half)]) {
+      room[static_cast<std::size_t>(m)] -= tb * (keep_end[static_cast<std::size_t>(m)] - keep_begin[static_cast<std::size_t>(m)]);
+      for (std::int64_t l = keep_begin[static_cast<std::size_t>(m)]; l < keep_end[static_cast<std::size_t>(m)]; ++l) {
+        const std::int32_t at = r.layer_member[static_cast<std::size_t>(l)];
+        if (at != m) p.moves.push_back(LayerMove{l, at, m});
+      }
+    }
+    plan.keep_kv.push_back(std::move(p));
+  }
+  const auto land = [&](Landing l) {
+    l.member = landed[1] < landed[0] ? 1 : 0;
+    ++landed[static_cast<std::size_t>(l.member)];
+    plan.queued.push_back(l);
+  };
+  for (const Landing& l : lost) land(l);
+  for (RequestId id : waiting) land(Landing{id, 0, false});
+  return plan;
+}
+
+std::string ShrinkPlan::to_string() const {
+  std::ostringstream os;
+  os << "shrink group " << group << " members ";
+  write_ids(os, members);
+  os << " into ";
+  write_ids(os, halves[0]);
+  os << " + ";
+  write_ids(os, halves[1]);
+  os << "; pulls " << pulls.size() << "; keep";
+  for (const Placement& p : keep_kv) {
+    os << " r" << p.id.value << ">" << p.member << ":" << p.tokens << "t";
+    write_moves(os, p.moves);
+  }
+  os << "; queued";
+  for (const Landing& l : queued) os << " r" << l.id.value << ">" << l.member << (l.lost_kv ? "!" : "");
+  return os.str();
+}
+
 std::string canonical_transitions(const std::vector<TransitionRecord>& records) {
   std::map<std::string, std::int64_t> renumber;
   std::ostringstream os;

@@ -161,10 +161,44 @@ struct SplitPlan {
 
 SplitPlan plan_split(const SplitInput& in, const TransitionGeometry& geo);
 
+// ---- shrink (partial restore) ------------------------------------------------------------------
+// A fused group of degree g >= 4 splits into two groups of degree g / 2: the even stages (old
+// stage 2j becomes stage j of half 0) and the odd stages (2j + 1 -> stage j of half 1), the
+// inverse of growth's interleave. New stage j of a half keeps layers [j L / h, (j + 1) L / h)
+// (h = g / 2), which contains the layers its member holds now; each member pulls the rest from
+// the old stage that kept them (its neighbour in the other half) and takes those pages back
+// from its KV pool. A running request (unless recompute) lands with its KV on the half with the
+// most room left that fits it (token_blocks x layers kept on every member of the half; half 0
+// on ties); its layers held in the other half are LayerMoves (old member indices) copied at the
+// shrink. A request placed nowhere loses its KV and queues first; queued requests go one by one
+// to the half with the fewest requests landed.
+struct ShrinkInput {
+  std::int64_t group = -1;
+  std::vector<std::int64_t> members;          // stage order, degree g (even, >= 4)
+  std::vector<std::int64_t> base_kv_blocks;   // per member: its pool as an independent instance
+  std::vector<TransitionRequest> requests;    // the group's queue order
+  StaleKvStrategy strategy = StaleKvStrategy::kExchange;
+};
+
+struct ShrinkPlan {
+  std::int64_t group = -1;
+  std::vector<std::int64_t> members;                // the old stage order
+  std::vector<std::vector<std::int64_t>> halves;    // instance ids of each half, stage order
+  std::vector<std::vector<std::int32_t>> half_members;  // the same as old member indices
+  std::vector<WeightPull> pulls;                    // member by member, layers ascending
+  std::vector<std::int64_t> pages_reclaimed;        // per old member
+  std::vector<std::int64_t> room_blocks;            // per old member: its KV pool in its half
+  std::vector<Placement> keep_kv;                   // member = the half (0 or 1)
+  std::vector<Landing> queued;                      // member = the half
+  std::string to_string() const;
+};
+
+ShrinkPlan plan_shrink(const ShrinkInput& in, const TransitionGeometry& geo);
+
 // What an executor records of a transition it carried out (tests compare the sequences of two
 // executors).
 struct TransitionRecord {
-  std::string kind;  // drop | restore | split
+  std::string kind;  // drop | grow | restore | split | shrink
   std::int64_t group = -1;
   std::string plan;  // the plan's to_string()
 };

@@ -108,6 +108,13 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
                       "overloaded groups keep their degree";
     coordinator.planner.grow_groups = false;
   }
+  if (coordinator.planner.shrink_groups) {
+    // Partial restore (cluster::plan_shrink: a group of 4 splits into two of 2) is carried out by
+    // the simulator only; here a group restores whole, as before.
+    KUN_LOG(kInfo) << "cluster runtime: shrinking a group by half (partial restore) is refused (not carried out by "
+                      "the in-process runtime); groups restore whole";
+    coordinator.planner.shrink_groups = false;
+  }
   rt->coordinator_ = std::make_unique<cluster::Coordinator>(coordinator, shape);
   rt->router_ = cluster::Router(cluster::RouterConfig{options.router.policy, config.num_layers});
   rt->model_info_.name = options.model_name;

@@ -29,6 +29,7 @@ struct ClusterSim::Unit {
   std::vector<engine::StepResult> results;
   bool blocked = false;  // waiting for a transition at its next step boundary
   std::int64_t resume_us = 0;  // no step starts before (a split's stop-and-copy gather)
+  double compute_devices = 1.0;  // devices computing during the step in flight (host contention)
   // Fused units: live KV exchange after the drop, reverse exchange (gather) while restoring.
   struct KvMove {
     std::int64_t index = -1;     // trace index
@@ -76,6 +77,10 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
     if (!mc.ok()) return mc.status();
     m = *mc;
   }
+  if (!gpu->measured_model.empty() && !config.use_model && config.model_name != gpu->measured_model) {
+    return invalid_argument("device profile '" + gpu->name + "' was measured with model '" + gpu->measured_model +
+                            "', not '" + config.model_name + "' (its step times hold for that model only)");
+  }
   if (config.num_instances <= 0) return invalid_argument("num_instances must be > 0");
   if (config.gpu_memory_utilization <= 0 || config.gpu_memory_utilization > 1) {
     return invalid_argument("gpu_memory_utilization must be in (0, 1]");
@@ -93,6 +98,7 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
 
   if (const std::string p = CostModel::tp_problem(*gpu, m, config.tp); !p.empty()) return invalid_argument(p);
   CostModel cost(*gpu, m, config.tp);
+  if (gpu->page_bytes > 0) config.page_bytes = gpu->page_bytes;  // a measured device's own page (CPU profile)
   // An instance's page is one page on each of its t GPUs (each holds 1/t of a block's heads and
   // of a layer's weights), so every page count below is per instance and per GPU alike.
   config.page_bytes *= config.tp;
@@ -405,8 +411,26 @@ void ClusterSim::start_steps() {
       u.plans.push_back(std::move(plan));
     }
     if (u.plans.empty()) continue;
+    const double stage_busy_before = u.executor->counters().stage_busy_us;
     u.results = u.executor->execute_round(u.plans);
-    u.busy_until_us = now + std::max<std::int64_t>(1, u.results.front().duration_us);
+    std::int64_t duration = u.results.front().duration_us;
+    // Devices computing during this step: 1, or for a fused round its stages' busy time over the
+    // round (the pipeline bubble computes nothing).
+    u.compute_devices = 1.0;
+    if (u.members.size() > 1 && duration > 0) {
+      u.compute_devices = std::max(1.0, (u.executor->counters().stage_busy_us - stage_busy_before) / static_cast<double>(duration));
+    }
+    if (!cost_.gpu().host_contention.empty()) {
+      // Devices sharing one host's cores (a CPU profile): the step is slower while other devices
+      // compute, by the measured slowdown at the number of devices busy when it starts.
+      double busy = u.compute_devices;
+      for (auto& other : units_) {
+        if (other.get() != &u && other->in_flight) busy += other->compute_devices;
+      }
+      duration = static_cast<std::int64_t>(std::llround(static_cast<double>(duration) * cost_.gpu().contention_factor(busy)));
+      for (auto& r : u.results) r.duration_us = duration;
+    }
+    u.busy_until_us = now + std::max<std::int64_t>(1, duration);
     u.in_flight = true;
     ++counters_.steps;
   }
@@ -628,6 +652,81 @@ void ClusterSim::split(std::int64_t unit_index) {
   KUN_CHECK_EQ(plan.keep_kv.size() + plan.queued.size(), detached.size()) << "split lost a request";
 }
 
+void ClusterSim::shrink(std::int64_t unit_index, const cluster::ShrinkAction& action) {
+  // Carries out cluster::plan_shrink: every request leaves the group at a step boundary; those
+  // the plan keeps continue with their KV on their half (the layers held in the other half are
+  // copied now, the half resuming once they crossed), the others queue on their half.
+  Unit& g = *units_[static_cast<std::size_t>(unit_index)];
+  KUN_CHECK(!g.in_flight) << "shrink at a step boundary only";
+  const std::int64_t now = clock_.now_us();
+  const auto num_members = static_cast<std::int64_t>(g.members.size());
+  const std::int64_t num_layers = cost_.model().num_layers;
+  cluster::ShrinkInput input;
+  input.group = g.group;
+  input.members = g.members;
+  input.strategy = config_.stale_kv;
+  input.base_kv_blocks.assign(static_cast<std::size_t>(num_members), kv_blocks_per_instance_);
+  std::vector<std::int32_t> stages(static_cast<std::size_t>(num_members));
+  for (std::int64_t k = 0; k < num_members; ++k) stages[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(k);
+  input.requests = cluster::transition_requests(*g.scheduler, *g.kv, stages);
+  const cluster::ShrinkPlan plan = cluster::plan_shrink(input, transition_geometry());
+  KUN_CHECK(plan.halves == action.halves) << "shrink of group " << g.group << ": plan and action disagree on the halves";
+  record_plan("shrink", g.group, plan.to_string());
+  std::map<RequestId, engine::Request> detached;
+  std::map<RequestId, std::int64_t> held;
+  for (const cluster::TransitionRequest& r : input.requests) {
+    auto d = g.scheduler->detach(r.id, r.running && keeps_kv());
+    KUN_CHECK(d.has_value());
+    detached.emplace(r.id, std::move(*d));
+    held[r.id] = r.tokens_held;
+  }
+  for (const cluster::Landing& l : plan.queued) {
+    if (!l.lost_kv) continue;
+    ++counters_.stale_requests_recomputed;
+    counters_.stale_tokens_recomputed += held.at(l.id);
+  }
+  collect(g);
+  units_.erase(units_.begin() + unit_index);
+  std::vector<Unit*> halves;
+  for (std::size_t h = 0; h < 2; ++h) {
+    units_.push_back(make_unit(plan.halves[h], action.new_groups[h]));
+    halves.push_back(units_.back().get());
+  }
+  const std::int64_t degree = num_members / 2;
+  const std::int64_t bs = config_.block_size_tokens;
+  std::vector<std::int64_t> copy_bytes(static_cast<std::size_t>(num_members), 0);  // per old member, received
+  for (const cluster::Placement& p : plan.keep_kv) {
+    Unit& dst = *halves[static_cast<std::size_t>(p.member)];
+    std::map<std::int32_t, kv::BlockTable> tables;
+    for (std::int64_t j = 0; j < degree; ++j) {
+      auto& alloc = *dst.allocators[static_cast<std::size_t>(j)];
+      kv::BlockTable t(bs, 0, 0);
+      KUN_CHECK_OK(t.append_tokens(p.tokens, alloc));  // the plan checked the room
+      for (std::int64_t l = j * num_layers / degree; l < (j + 1) * num_layers / degree; ++l) KUN_CHECK_OK(t.add_layer(l, alloc));
+      tables.emplace(static_cast<std::int32_t>(j), std::move(t));
+    }
+    dst.kv->import_tables(p.id, p.tokens, std::move(tables));
+    dst.scheduler->adopt_with_imported_kv(std::move(detached.at(p.id)));
+    dst.requests.insert(p.id.value);
+    ++counters_.restore_requests_kept_kv;
+    const std::int64_t layer_bytes = dst.kv->token_blocks(p.tokens) * layer_block_bytes();
+    for (const cluster::LayerMove& m : p.moves) copy_bytes[static_cast<std::size_t>(m.to)] += layer_bytes;
+    counters_.kv_bytes_gathered += static_cast<std::int64_t>(p.moves.size()) * layer_bytes;
+    counters_.kv_bytes_gathered_at_split += static_cast<std::int64_t>(p.moves.size()) * layer_bytes;
+  }
+  for (std::size_t h = 0; h < 2; ++h) {
+    std::int64_t most = 0;
+    for (std::int32_t m : plan.half_members[h]) most = std::max(most, copy_bytes[static_cast<std::size_t>(m)]);
+    if (most > 0) halves[h]->resume_us = now + static_cast<std::int64_t>(std::ceil(link_us(most)));
+  }
+  for (const cluster::Landing& l : plan.queued) {
+    Unit& dst = *halves[static_cast<std::size_t>(l.member)];
+    KUN_CHECK_OK(dst.scheduler->adopt(std::move(detached.at(l.id)), /*with_kv=*/false));
+    dst.requests.insert(l.id.value);
+  }
+  KUN_CHECK_EQ(plan.keep_kv.size() + plan.queued.size(), detached.size()) << "shrink lost a request";
+}
+
 void ClusterSim::apply(const cluster::Actions& actions) {
   const std::int64_t now = clock_.now_us();
   for (const auto& d : actions.drops) {
@@ -675,6 +774,26 @@ void ClusterSim::apply(const cluster::Actions& actions) {
     // Then (remote-attention / exchange) the running requests' KV is gathered on their homes.
     if (keeps_kv()) assign_homes(*gu);
     events_.push_back(std::to_string(now) + " restore requested group " + std::to_string(r.group) + ": " + r.reason);
+  }
+  for (const auto& sh : actions.shrinks) {
+    Unit* gu = nullptr;
+    for (auto& u : units_) {
+      if (u->group == sh.group) gu = u.get();
+    }
+    KUN_CHECK(gu != nullptr) << "shrink of unknown group " << sh.group;
+    // Each member pulls the layers its new stage adds from its neighbour (cluster::plan_shrink),
+    // members in parallel, while the group keeps serving; an exchange still running is abandoned
+    // (the shrink copies what is misplaced then).
+    restore_requested_us_[sh.group] = now;
+    const auto g = static_cast<std::int64_t>(gu->members.size());
+    const std::int64_t layers_added = cost_.model().num_layers / (g / 2) - cost_.model().num_layers / g;
+    const std::int64_t bytes = std::max<std::int64_t>(0, layers_added) * pages_per_layer_ * config_.page_bytes;
+    counters_.weight_bytes_restored += bytes * g;
+    gu->kv_moves.clear();
+    gu->exchange_begin_us = -1;
+    for (std::size_t k = 0; k < gu->members.size(); ++k) gu->link_free_us[k] = now + static_cast<std::int64_t>(std::ceil(link_us(bytes)));
+    pending_shrinks_.push_back(PendingShrink{sh, now + static_cast<std::int64_t>(std::ceil(link_us(bytes)))});
+    events_.push_back(std::to_string(now) + " shrink requested group " + std::to_string(sh.group) + ": " + sh.reason);
   }
   for (const auto& m : actions.migrations) {
     ++counters_.migrations_planned;
@@ -792,6 +911,36 @@ void ClusterSim::try_pending_transitions() {
     events_.push_back(std::to_string(now) + " restore done group " + std::to_string(group));
     it = pending_restores_.erase(it);
   }
+  try_pending_shrinks();
+}
+
+void ClusterSim::try_pending_shrinks() {
+  const std::int64_t now = clock_.now_us();
+  for (auto it = pending_shrinks_.begin(); it != pending_shrinks_.end();) {
+    std::int64_t idx = -1;
+    for (std::size_t i = 0; i < units_.size(); ++i) {
+      if (units_[i]->group == it->action.group) idx = static_cast<std::int64_t>(i);
+    }
+    KUN_CHECK_GE(idx, 0) << "group " << it->action.group;
+    Unit& gu = *units_[static_cast<std::size_t>(idx)];
+    if (it->ready_us > now) {
+      ++it;
+      continue;
+    }
+    gu.blocked = true;  // weights are back: shrink at the next step boundary
+    if (gu.in_flight) {
+      ++it;
+      continue;
+    }
+    const cluster::ShrinkAction action = it->action;
+    it = pending_shrinks_.erase(it);
+    shrink(idx, action);
+    coordinator_->on_shrink_done(action.group, now);
+    ++counters_.shrinks;
+    counters_.restore_latency_ms.push_back(static_cast<double>(now - restore_requested_us_[action.group]) / 1000.0);
+    events_.push_back(std::to_string(now) + " shrink done group " + std::to_string(action.group) + " into " +
+                      std::to_string(action.new_groups[0]) + " and " + std::to_string(action.new_groups[1]));
+  }
 }
 
 void ClusterSim::tick() {
@@ -874,12 +1023,15 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
       }
     }
     if (next_arrival == n && !any_in_flight && pending_moves_.empty() && planned_migrations_.empty() && pending_restores_.empty() &&
-        pending_drops_.empty() && outstanding() == 0) {
+        pending_shrinks_.empty() && pending_drops_.empty() && outstanding() == 0) {
       break;
     }
     if (next_arrival < n) t = std::min(t, trace.requests[next_arrival].arrival_us);
     for (const auto& r : pending_restores_) {
       if (r.ready_us > clock_.now_us()) t = std::min(t, r.ready_us);  // past: waits for a step end
+    }
+    for (const auto& r : pending_shrinks_) {
+      if (r.ready_us > clock_.now_us()) t = std::min(t, r.ready_us);
     }
     for (const auto& m : pending_moves_) t = std::min(t, m.ready_us);
     for (const auto& u : units_) {
@@ -918,8 +1070,8 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
     start_steps();
     bool busy = false;
     for (const auto& u : units_) busy = busy || u->in_flight;
-    if (!busy && next_arrival == n && pending_moves_.empty() && pending_restores_.empty() && pending_drops_.empty() &&
-        outstanding() > 0) {
+    if (!busy && next_arrival == n && pending_moves_.empty() && pending_restores_.empty() && pending_shrinks_.empty() &&
+        pending_drops_.empty() && outstanding() > 0) {
       // Nothing can run and nothing will arrive: only a coordinator action can help.
       if (++idle_ticks > 4 * 120) return internal_error("simulation stuck: requests left that no instance can run");
     }
@@ -959,6 +1111,7 @@ nlohmann::json SimReport::to_json() const {
   c["bubble_fraction"] = stage_us > 0.0 ? counters.fused_stage_idle_us / stage_us : 0.0;
   c["drops"] = counters.drops;
   c["restores"] = counters.restores;
+  c["shrinks"] = counters.shrinks;
   c["migrations"] = counters.migrations;
   c["migrations_planned"] = counters.migrations_planned;
   c["migrations_with_kv"] = counters.migrations_with_kv;

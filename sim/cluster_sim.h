@@ -130,6 +130,7 @@ struct SimCounters {
   std::int64_t drops = 0;
   std::int64_t grows = 0;  // fused groups grown to twice their degree (not counted in drops)
   std::int64_t restores = 0;
+  std::int64_t shrinks = 0;  // partial restores: a group of g >= 4 became two of g / 2
   std::int64_t migrations = 0;            // carried out (arrived at the destination)
   std::int64_t migrations_planned = 0;    // MigrateActions from the coordinator
   std::int64_t migrations_with_kv = 0;    // of those carried out: running, KV copied (no recompute)
@@ -234,6 +235,9 @@ class ClusterSim {
   cluster::TransitionGeometry transition_geometry() const;
   void record_plan(const std::string& kind, std::int64_t group, std::string plan);
   void split(std::int64_t unit_index);
+  // Carries out cluster::plan_shrink at a step boundary (the weights are back): two half units.
+  void shrink(std::int64_t unit_index, const cluster::ShrinkAction& action);
+  void try_pending_shrinks();
   bool keeps_kv() const { return config_.stale_kv != cluster::StaleKvStrategy::kRecompute; }
   // Queues a request's bulk KV transfer of `layers` layer messages of `layer_bytes` each on
   // stage `link`'s link of a fused unit (see "KV moves").
@@ -281,6 +285,11 @@ class ClusterSim {
     std::int64_t ready_us = 0;  // weights pulled and KV gathered (or the gather timed out)
   };
   std::vector<PendingRestore> pending_restores_;
+  struct PendingShrink {
+    cluster::ShrinkAction action;
+    std::int64_t ready_us = 0;  // its members' weight pulls have crossed their links
+  };
+  std::vector<PendingShrink> pending_shrinks_;
   // A migration taken out of its source at a step boundary: a running request's KV stays
   // allocated on the source (detach with keep_kv) while it crosses the link; a queued one moves
   // at once.

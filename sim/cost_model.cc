@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 
 #include "common/check.h"
 #include "kv/kv_geometry.h"
+#include "sim/device_profile.h"
 
 namespace kun::sim {
 namespace {
@@ -69,7 +71,24 @@ StatusOr<GpuSpec> gpu_spec(std::string_view name) {
   if (n == "a100" || n == "a100-80gb") return a100();
   if (n == "h100" || n == "h100-80gb") return h100();
   if (n == "h200") return h200();
+  if (n.size() > 5 && n.substr(n.size() - 5) == ".json") {
+    KUN_ASSIGN_OR_RETURN(DeviceProfile p, load_device_profile(std::string(name)));
+    return p.spec;
+  }
   return not_found("unknown GPU '" + std::string(name) + "' (known: a100-80gb h100-80gb h200)");
+}
+
+double GpuSpec::contention_factor(double busy_devices) const {
+  if (host_contention.empty()) return 1.0;
+  if (busy_devices <= 1.0) return std::max(1.0, host_contention.front());
+  const auto n = static_cast<double>(host_contention.size());
+  if (busy_devices >= n) {
+    // Beyond the measured counts: the cores are shared by more devices than were measured.
+    return std::max(1.0, host_contention.back() * busy_devices / n);
+  }
+  const auto lo = static_cast<std::size_t>(std::floor(busy_devices));  // 1 <= lo < n
+  const double frac = busy_devices - static_cast<double>(lo);
+  return std::max(1.0, host_contention[lo - 1] * (1.0 - frac) + host_contention[lo] * frac);
 }
 
 std::vector<std::string> gpu_names() { return {"a100-80gb", "h100-80gb", "h200"}; }
@@ -158,6 +177,11 @@ CostModel::CostModel(GpuSpec gpu, model::ModelConfig model, std::int64_t tp)
   for (const AllReduceFit& f : gpu_.all_reduce) {
     if (f.tp == tp_) all_reduce_ = f;
   }
+  KUN_CHECK_EQ(gpu_.table_tokens.size(), gpu_.table_us.size()) << gpu_.name << ": step-time table";
+  for (std::size_t i = 1; i < gpu_.table_tokens.size(); ++i) {
+    KUN_CHECK_GT(gpu_.table_tokens[i], gpu_.table_tokens[i - 1]) << gpu_.name << ": table knots must increase";
+  }
+  KUN_CHECK(gpu_.table_tokens.empty() || gpu_.table_tokens[0] > 0) << gpu_.name << ": table knots must be > 0";
 }
 
 double CostModel::all_reduce_us(double bytes) const {
@@ -233,6 +257,16 @@ double CostModel::layer_attention_us(std::span<const SeqWork> seqs) const {
   return std::max(compute_s, memory_s) * 1e6 + gpu_.attn_overhead_us;
 }
 
+double CostModel::table_us(double tokens) const {
+  const std::vector<double>& x = gpu_.table_tokens;
+  const std::vector<double>& y = gpu_.table_us;
+  if (x.size() == 1) return y[0] * tokens / x[0];
+  std::size_t i = 1;
+  while (i + 1 < x.size() && tokens > x[i]) ++i;  // segment [x[i-1], x[i]]; the last one extrapolates
+  const double slope = (y[i] - y[i - 1]) / (x[i] - x[i - 1]);
+  return std::max(0.0, y[i - 1] + slope * (tokens - x[i - 1]));
+}
+
 double CostModel::step_us(std::span<const SeqWork> seqs, std::int64_t num_layers, bool first_stage,
                           bool last_stage, bool include_step_overhead) const {
   std::int64_t tokens = 0;
@@ -243,6 +277,20 @@ double CostModel::step_us(std::span<const SeqWork> seqs, std::int64_t num_layers
   }
   if (tokens == 0) return 0.0;
   double us = include_step_overhead ? gpu_.step_overhead_us : 0.0;
+  if (!gpu_.table_tokens.empty()) {
+    // Measured device (CPU profile): the table and attention terms per layer, sampling last.
+    double pairs = 0.0;
+    for (const SeqWork& s : seqs) {
+      const double n = static_cast<double>(s.new_tokens);
+      const double c = static_cast<double>(s.context_tokens);
+      pairs += n * c + n * (n + 1.0) / 2.0;
+    }
+    const double share = static_cast<double>(num_layers) / static_cast<double>(model_.num_layers);
+    us += share * (table_us(static_cast<double>(tokens)) + gpu_.attn_pair_us * pairs);
+    if (last_stage && sampled > 1) us += gpu_.sample_us * static_cast<double>(sampled - 1);
+    (void)first_stage;
+    return us;
+  }
   const double per_layer = layer_linear_us(tokens) + layer_attention_us(seqs);
   us += per_layer * static_cast<double>(num_layers);
   const double b = static_cast<double>(gpu_.dtype_bytes);

@@ -59,9 +59,32 @@ struct GpuSpec {
   bool calibrated = false;  // true when the constants come from a measured profile of this GPU
   std::int64_t dtype_bytes = 2;  // weights, activations and KV (bf16 on GPUs; f32 on the CPU profile)
   std::vector<AllReduceFit> all_reduce;  // by TP degree (2, 4, 8); empty: no tensor parallelism
+  // Devices that share a host's cores and memory (a measured CPU profile, sim/device_profile.h):
+  // host_contention[k-1] = how much longer a step takes while k devices compute at once than the
+  // table says (k = 1: the runtime's own threads and events against the directly stepped
+  // instance the table was measured on). Empty: devices are independent (GPUs).
+  std::vector<double> host_contention;
+  std::int64_t page_bytes = 0;  // the device's memory page (0: the simulator's default)
+  // Measured step-time table (a CPU profile, sim/device_profile.h), replacing the roofline: a
+  // step of an instance computing t new tokens (all L layers, embedding, LM head for one
+  // sampled token) takes table(t) (linear between the knots, the last slope beyond), plus
+  // sample_us per further sampled token and attn_pair_us per attended (query, key) pair (for a
+  // decode token: the tokens it reads), plus step_overhead_us (the engine's time
+  // outside the executor). A stage with k of the L layers takes k / L of the table and attention
+  // terms (the sampled tokens on the last stage). Empty: the roofline above.
+  std::vector<double> table_tokens;
+  std::vector<double> table_us;
+  double sample_us = 0.0;
+  double attn_pair_us = 0.0;
+  std::string measured_model;  // the model preset a measured table holds for ("": any)
+  // Slowdown of a step with `busy_devices` devices of the host computing (1.0 without contention);
+  // fractional counts (a fused group's stages busy part of a round) interpolate linearly.
+  double contention_factor(double busy_devices) const;
 };
 
-// "a100" / "a100-80gb", "h100" / "h100-80gb", "h200". kNotFound for others.
+// "a100" / "a100-80gb", "h100" / "h100-80gb", "h200", or the path of a measured device profile
+// (a name ending in ".json", sim/device_profile.h; e.g. sim/profiles/cpu-llama-30m-t1.json).
+// kNotFound for others.
 StatusOr<GpuSpec> gpu_spec(std::string_view name);
 std::vector<std::string> gpu_names();
 
@@ -125,6 +148,9 @@ class CostModel {
   // told otherwise (a pipeline stage's micro-batch pays it once per step, not per stage).
   double step_us(std::span<const SeqWork> seqs, std::int64_t num_layers, bool first_stage, bool last_stage,
                  bool include_step_overhead = true) const;
+
+  // The measured table at `tokens` new tokens (GpuSpec::table_tokens non-empty).
+  double table_us(double tokens) const;
 
   // Memory arithmetic (bytes).
   std::int64_t layer_param_bytes() const;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <random>
 #include <set>
 
@@ -322,6 +323,150 @@ TEST(PlannerGrowth, GrowthPlanningScalesNLogN) {
   for (const PlannedGrowth& pg : out) {
     for (std::int64_t m : pg.instances) EXPECT_TRUE(used.insert(m).second) << "instance " << m << " twice";
   }
+}
+
+TEST(PlannerShrink, HalvesAreTheEvenAndTheOddStages) {
+  ClusterShape shape = test_shape(8);
+  shape.allowed_degrees = {2, 4, 8};
+  std::vector<InstanceSnapshot> members;
+  for (std::int64_t i : {5, 2, 7, 0}) members.push_back(fused_member(i, 4, 0.1));
+  std::vector<const InstanceSnapshot*> ptrs;
+  for (const auto& m : members) ptrs.push_back(&m);
+  const PlannedShrink p = Planner().plan_shrink(GroupView{3, ptrs, false}, shape);
+  EXPECT_EQ(p.group, 3);
+  ASSERT_EQ(p.halves.size(), 2u);
+  EXPECT_EQ(p.halves[0], (std::vector<std::int64_t>{5, 7}));
+  EXPECT_EQ(p.halves[1], (std::vector<std::int64_t>{2, 0}));
+  EXPECT_EQ(p.capacity_before_tokens, 11200);
+  EXPECT_EQ(p.capacity_after_tokens, 2 * 4800);  // two groups of 2 over the base pools
+  EXPECT_TRUE(p.covers);
+  // A load that fills the group of 4 does not fit its halves.
+  std::vector<InstanceSnapshot> full;
+  for (std::int64_t i = 0; i < 4; ++i) full.push_back(fused_member(i, 4, 0.9));
+  std::vector<const InstanceSnapshot*> fptrs;
+  for (const auto& m : full) fptrs.push_back(&m);
+  const PlannedShrink q = Planner().plan_shrink(GroupView{4, fptrs, false}, shape);
+  EXPECT_FALSE(q.covers);
+  EXPECT_NE(q.reason.find("does not cover"), std::string::npos) << q.reason;
+  // Eight shrinks to two groups of four: capacity 2 x 11200.
+  std::vector<InstanceSnapshot> eight;
+  for (std::int64_t i = 0; i < 8; ++i) eight.push_back(fused_member(i, 8, 0.1));
+  std::vector<const InstanceSnapshot*> eptrs;
+  for (const auto& m : eight) eptrs.push_back(&m);
+  const PlannedShrink e = Planner().plan_shrink(GroupView{5, eptrs, false}, shape);
+  EXPECT_EQ(e.halves[0], (std::vector<std::int64_t>{0, 2, 4, 6}));
+  EXPECT_EQ(e.capacity_after_tokens, 2 * 11200);
+}
+
+// Property: any sequence of growths (2 -> 4 -> 8) and shrinks (8 -> 4 -> 2) over N instances keeps
+// every instance in exactly one unit (a group or alone), no group larger than N or than 8, every
+// degree a power of two, and a shrink undoes the growth's interleave (its halves are the groups
+// that grew into it, stage order kept).
+TEST(PlannerShrink, GrowAndShrinkKeepEveryInstanceInExactlyOneUnit) {
+  for (std::uint32_t seed = 1; seed <= 20; ++seed) {
+    std::mt19937 rng(seed);
+    const std::int64_t n = 8 + static_cast<std::int64_t>(rng() % 9);  // 8..16 instances
+    ClusterShape shape = test_shape(n);
+    shape.allowed_degrees = {2, 4, 8};
+    std::vector<std::vector<std::int64_t>> groups;
+    std::vector<std::int64_t> alone;
+    for (std::int64_t i = 0; i < n; ++i) alone.push_back(i);
+    std::int64_t next_id = 0;
+    std::vector<std::int64_t> ids;
+    std::map<std::int64_t, std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> grown_from;
+    for (int round = 0; round < 60; ++round) {
+      const int what = static_cast<int>(rng() % 3);
+      if (what == 0 && alone.size() >= 2) {  // a fresh group of 2 from two free instances
+        groups.push_back({alone[alone.size() - 2], alone[alone.size() - 1]});
+        alone.resize(alone.size() - 2);
+        ids.push_back(next_id++);
+      } else if (what == 1 && !groups.empty()) {  // grow one overloaded group
+        const std::size_t gi = rng() % groups.size();
+        std::vector<InstanceSnapshot> members, free;
+        for (std::int64_t m : groups[gi]) members.push_back(fused_member(m, static_cast<std::int64_t>(groups[gi].size()), 1.2));
+        std::vector<const InstanceSnapshot*> ptrs;
+        for (const auto& m : members) ptrs.push_back(&m);
+        for (std::int64_t a : alone) free.push_back(snap(a, 0.1));
+        std::vector<GroupView> views = {GroupView{ids[gi], ptrs, true}};
+        const std::vector<PlannedGrowth> out = Planner().plan_growth(views, free, shape);
+        if (out.empty()) continue;
+        ASSERT_EQ(out.size(), 1u);
+        const PlannedGrowth& pg = out[0];
+        ASSERT_EQ(pg.absorbs, (std::vector<std::int64_t>{ids[gi]}));
+        std::vector<std::int64_t> partners;
+        for (std::size_t k = 1; k < pg.instances.size(); k += 2) partners.push_back(pg.instances[k]);
+        for (std::int64_t p : partners) {
+          auto it = std::find(alone.begin(), alone.end(), p);
+          ASSERT_NE(it, alone.end()) << "partner " << p << " was not free";
+          alone.erase(it);
+        }
+        grown_from[next_id] = {groups[gi], partners};
+        groups[gi] = pg.instances;
+        ids[gi] = next_id++;
+      } else if (!groups.empty()) {  // shrink a group of 4 or more, or restore a group of 2
+        const std::size_t gi = rng() % groups.size();
+        const auto g = static_cast<std::int64_t>(groups[gi].size());
+        if (g == 2) {
+          alone.insert(alone.end(), groups[gi].begin(), groups[gi].end());
+          groups.erase(groups.begin() + static_cast<std::ptrdiff_t>(gi));
+          ids.erase(ids.begin() + static_cast<std::ptrdiff_t>(gi));
+        } else {
+          std::vector<InstanceSnapshot> members;
+          for (std::int64_t m : groups[gi]) members.push_back(fused_member(m, g, 0.05));
+          std::vector<const InstanceSnapshot*> ptrs;
+          for (const auto& m : members) ptrs.push_back(&m);
+          const PlannedShrink ps = Planner().plan_shrink(GroupView{ids[gi], ptrs, false}, shape);
+          ASSERT_TRUE(ps.covers) << ps.reason;
+          ASSERT_EQ(ps.halves.size(), 2u);
+          ASSERT_EQ(static_cast<std::int64_t>(ps.halves[0].size()), g / 2);
+          ASSERT_EQ(static_cast<std::int64_t>(ps.halves[1].size()), g / 2);
+          if (auto it = grown_from.find(ids[gi]); it != grown_from.end()) {
+            EXPECT_EQ(ps.halves[0], it->second.first) << "shrink does not undo the growth";
+            EXPECT_EQ(ps.halves[1], it->second.second);
+          }
+          groups[gi] = ps.halves[0];
+          ids[gi] = next_id++;
+          groups.push_back(ps.halves[1]);
+          ids.push_back(next_id++);
+        }
+      }
+      // Every instance in exactly one unit; degrees in {2, 4, 8}, never more than n.
+      std::vector<int> seen(static_cast<std::size_t>(n), 0);
+      for (std::int64_t a : alone) ++seen[static_cast<std::size_t>(a)];
+      for (const auto& gr : groups) {
+        const auto g = static_cast<std::int64_t>(gr.size());
+        ASSERT_TRUE(g == 2 || g == 4 || g == 8) << "degree " << g;
+        ASSERT_LE(g, n);
+        for (std::int64_t m : gr) ++seen[static_cast<std::size_t>(m)];
+      }
+      for (std::int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[static_cast<std::size_t>(i)], 1) << "instance " << i << " seed " << seed;
+    }
+  }
+}
+
+TEST(PlannerShrink, ShrinkPlanningIsLinearInTheMembers) {
+  // plan_shrink is O(g) per group: planning every group of a cluster is O(N).
+  ClusterShape shape = test_shape(1 << 16);
+  shape.allowed_degrees = {2, 4, 8};
+  const auto seconds = [&](std::int64_t groups) {
+    std::vector<InstanceSnapshot> members;
+    members.reserve(static_cast<std::size_t>(groups * 8));
+    for (std::int64_t i = 0; i < groups * 8; ++i) members.push_back(fused_member(i, 8, 0.1));
+    const auto t0 = std::chrono::steady_clock::now();
+    std::int64_t covering = 0;
+    for (std::int64_t gi = 0; gi < groups; ++gi) {
+      std::vector<const InstanceSnapshot*> ptrs;
+      for (std::int64_t k = 0; k < 8; ++k) ptrs.push_back(&members[static_cast<std::size_t>(gi * 8 + k)]);
+      covering += Planner().plan_shrink(GroupView{gi, ptrs, false}, shape).covers ? 1 : 0;
+    }
+    EXPECT_EQ(covering, groups);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  // Best of 3 each: a shared host's stalls only make a run slower.
+  const auto best = [&](std::int64_t groups) { return std::min({seconds(groups), seconds(groups), seconds(groups)}); };
+  const double small = best(1024);
+  const double large = best(4096);
+  EXPECT_LT(large, 10.0 * small) << "1k groups: " << small << " s, 4k: " << large << " s";
 }
 
 }  // namespace

@@ -191,6 +191,51 @@ TEST(TransitionPlan, SplitUnderRecomputeKeepsNothing) {
   EXPECT_EQ(p.queued[1].member, 1);
 }
 
+TEST(TransitionPlan, ShrinkSplitsEvenAndOddStagesPullsFromTheNeighbourAndPlacesByRoom) {
+  ShrinkInput in;
+  in.group = 7;
+  in.members = {10, 11, 12, 13};  // stage s holds layers [2s, 2s + 2)
+  in.base_kv_blocks = {8, 8, 8, 8};
+  const std::vector<std::int32_t> spread = {0, 0, 1, 1, 2, 2, 3, 3};
+  in.requests = {running_on(1, 32, spread), running_on(2, 32, spread), running_on(3, 400, spread), waiting(4, false)};
+  const ShrinkPlan p = plan_shrink(in, geo8());
+  EXPECT_EQ(p.halves[0], (std::vector<std::int64_t>{10, 12}));
+  EXPECT_EQ(p.halves[1], (std::vector<std::int64_t>{11, 13}));
+  // Each member keeps 4 layers (2 new, pulled from its neighbour): 2 layers x 2 pages back.
+  ASSERT_EQ(p.pulls.size(), 8u);
+  EXPECT_EQ(p.pulls[0].member, 0);
+  EXPECT_EQ(p.pulls[0].layer, 2);
+  EXPECT_EQ(p.pulls[0].from, 1);
+  EXPECT_EQ(p.pulls[2].member, 1);
+  EXPECT_EQ(p.pulls[2].layer, 0);
+  EXPECT_EQ(p.pulls[2].from, 0);
+  EXPECT_EQ(p.pages_reclaimed, (std::vector<std::int64_t>{4, 4, 4, 4}));
+  EXPECT_EQ(p.room_blocks, (std::vector<std::int64_t>{40, 40, 40, 40}));  // 8 + 4 layers x 2 pages x 4
+  // r1 and r2 (2 token blocks x 4 layers per member) go to the half with most room: 0, then 1.
+  ASSERT_EQ(p.keep_kv.size(), 2u);
+  EXPECT_EQ(p.keep_kv[0].member, 0);
+  EXPECT_EQ(p.keep_kv[1].member, 1);
+  ASSERT_EQ(p.keep_kv[0].moves.size(), 4u);  // layers 2, 3 from member 1 to 0; 6, 7 from 3 to 2
+  EXPECT_EQ(p.keep_kv[0].moves[0].layer, 2);
+  EXPECT_EQ(p.keep_kv[0].moves[0].from, 1);
+  EXPECT_EQ(p.keep_kv[0].moves[0].to, 0);
+  EXPECT_EQ(p.keep_kv[1].moves[0].layer, 0);
+  EXPECT_EQ(p.keep_kv[1].moves[0].to, 1);
+  // r3 (25 token blocks x 4 = 100 > 40) fits nowhere: it recomputes, landing first; then r4.
+  ASSERT_EQ(p.queued.size(), 2u);
+  EXPECT_EQ(p.queued[0].id, RequestId(3));
+  EXPECT_TRUE(p.queued[0].lost_kv);
+  EXPECT_EQ(p.queued[0].member, 0);
+  EXPECT_EQ(p.queued[1].id, RequestId(4));
+  EXPECT_EQ(p.queued[1].member, 1);
+  EXPECT_NE(p.to_string().find("shrink group 7"), std::string::npos);
+  // Under recompute nothing keeps its KV.
+  in.strategy = StaleKvStrategy::kRecompute;
+  const ShrinkPlan r = plan_shrink(in, geo8());
+  EXPECT_TRUE(r.keep_kv.empty());
+  EXPECT_EQ(r.queued.size(), 4u);
+}
+
 TEST(TransitionPlan, CanonicalFormRenumbersRequests) {
   std::vector<TransitionRecord> a = {{"drop", 0, "drop group 0 keep r7:3t[] queue r9 r7"}};
   std::vector<TransitionRecord> b = {{"drop", 0, "drop group 0 keep r1:3t[] queue r2 r1"}};

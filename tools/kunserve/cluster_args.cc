@@ -8,7 +8,7 @@
 
 namespace kun::tools {
 namespace {
-constexpr std::int64_t kPageBytes = 256 * kKiB;
+constexpr std::int64_t kPageBytes = kDevicePageBytes;
 }  // namespace
 
 void ClusterArgs::add_to(CLI::App* cmd) {

@@ -14,6 +14,9 @@
 
 namespace kun::tools {
 
+// Device page of the in-process cluster (serve, bench) and of `kunserve calibrate`'s profiles.
+inline constexpr std::int64_t kDevicePageBytes = 256 * 1024;
+
 struct ClusterArgs {
   std::int64_t devices = 4;
   std::int64_t kv_tokens_per_device = 1024;

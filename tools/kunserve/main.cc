@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   kun::tools::add_bench_command(&app, &exit_code);
   kun::tools::add_serve_command(&app, &exit_code);
   kun::tools::add_simulate_command(&app, &exit_code);
+  kun::tools::add_calibrate_command(&app, &exit_code);
   CLI11_PARSE(app, argc, argv);
   return exit_code;
 }

@@ -7,4 +7,6 @@
 namespace kun::tools {
 void add_serve_command(CLI::App* app, int* exit_code);
 void add_simulate_command(CLI::App* app, int* exit_code);
+// `kunserve calibrate`: measures this machine's CPU device, writes a simulator device profile.
+void add_calibrate_command(CLI::App* app, int* exit_code);
 }  // namespace kun::tools

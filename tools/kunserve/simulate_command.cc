@@ -77,7 +77,18 @@ struct SimulateArgs {
   bool sweep_capped = true;  // also run kunserve with groups capped at 2 members
   bool speed = false;        // print simulated seconds per wall second per run
   bool scenario_max_num_seqs = false;  // the scenario set max_num_seqs
+  // Cluster policy thresholds (the artifact's defaults; cluster/README.md).
+  double planner_target = 0.95;         // a plan covers when demand <= this x fused capacity
+  double drop_threshold = 0.95;         // drop-eligible demand
+  double restore_threshold = 0.5;       // restore / shrink-eligible demand
+  std::int64_t sustained_samples = 6;   // sustained-overload vote (0: off)
+  bool grow_groups = true;
+  bool shrink_groups = true;
   bool given(const std::string& option) const { return cmd->get_option(option)->count() > 0; }
+  // --gpu names a measured device profile (a CPU, `kunserve calibrate`): the simulated cluster is
+  // the in-process runtime's, so every cluster option takes bench's value, given or default.
+  bool device_profile() const { return gpu.size() > 5 && gpu.substr(gpu.size() - 5) == ".json"; }
+  bool cluster_option(const std::string& option) const { return device_profile() || given(option); }
 };
 
 // Applies a scenario's settings to every option the user did not give.
@@ -131,29 +142,44 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
     return invalid_argument("--stale-kv must be recompute, remote-attention or exchange, not '" + k.stale_kv + "'");
   }
   if (variant.stale_kv) c.stale_kv = *variant.stale_kv;
-  if (a.given("--balance-fused")) c.scheduler.balance_virtual_engines = k.balance_fused;
+  if (a.cluster_option("--balance-fused")) c.scheduler.balance_virtual_engines = k.balance_fused;
   if (!variant.lookahead) c.scheduler.balance_virtual_engines = false;
-  if (a.given("--kv-tokens-per-device")) c.kv_tokens_per_instance = k.kv_tokens_per_device;
-  if (a.given("--block-size")) c.block_size_tokens = k.block_size;
-  if (a.given("--max-batched-tokens")) c.scheduler.max_num_batched_tokens = k.max_batched_tokens;
-  if (a.given("--max-num-seqs") || a.scenario_max_num_seqs) c.scheduler.max_num_seqs = k.max_num_seqs;
-  if (a.given("--max-waiting")) c.scheduler.max_waiting_requests = k.max_waiting;
-  if (a.given("--link-gbps")) c.link_gbps = k.link_gbps;
+  if (a.cluster_option("--kv-tokens-per-device")) c.kv_tokens_per_instance = k.kv_tokens_per_device;
+  if (a.cluster_option("--block-size")) c.block_size_tokens = k.block_size;
+  if (a.cluster_option("--max-batched-tokens")) c.scheduler.max_num_batched_tokens = k.max_batched_tokens;
+  if (a.cluster_option("--max-num-seqs") || a.scenario_max_num_seqs) c.scheduler.max_num_seqs = k.max_num_seqs;
+  if (a.cluster_option("--max-waiting")) c.scheduler.max_waiting_requests = k.max_waiting;
+  if (a.cluster_option("--link-gbps")) c.link_gbps = k.link_gbps;
   c.link_latency_us = static_cast<double>(k.link_latency_us);
-  if (a.given("--host-link-gbps")) c.host_link_gbps = k.host_link_gbps;
+  if (a.cluster_option("--host-link-gbps")) c.host_link_gbps = k.host_link_gbps;
   c.host_link_latency_us = static_cast<double>(k.host_link_latency_us);
-  if (a.given("--monitor-period-ms")) {
+  if (a.cluster_option("--monitor-period-ms")) {
     c.timeline_period_us = k.monitor_period_ms * 1000;
     c.coordinator.monitor.sample_period_us = k.monitor_period_ms * 1000;
   }
-  if (a.given("--group-sizes")) c.allowed_degrees = k.group_sizes;
+  if (a.cluster_option("--group-sizes")) c.allowed_degrees = k.group_sizes;
   if (!cap.empty()) c.allowed_degrees = cap;
+  c.coordinator.planner.target_utilization = a.planner_target;
+  c.coordinator.planner.grow_groups = a.grow_groups;
+  c.coordinator.planner.shrink_groups = a.shrink_groups;
+  c.coordinator.monitor.drop_demand_threshold = a.drop_threshold;
+  c.coordinator.monitor.restore_demand_threshold = a.restore_threshold;
+  c.coordinator.monitor.sustained_overload_samples = a.sustained_samples;
+  if (a.device_profile()) {
+    // The measured table holds for the model it was measured with: that model by default.
+    KUN_ASSIGN_OR_RETURN(sim::GpuSpec spec, sim::gpu_spec(a.gpu));
+    if (!a.given("--sim-model") && !spec.measured_model.empty()) c.model_name = spec.measured_model;
+    // As the in-process runtime: it refuses to grow or to shrink a live group (cluster/README.md
+    // "Planning").
+    c.coordinator.planner.grow_groups = false;
+    c.coordinator.planner.shrink_groups = false;
+  }
   c.exchange_requests_per_round = k.exchange_per_round;
   c.restore_gather_timeout_us = k.restore_gather_timeout_ms * 1000;
   c.seed = a.trace.seed;
   c.slo = workload::SloSpec{a.slo_ttft_ms, a.slo_tpot_ms};
   // Prompts up to the model's context (4,096 was clipped silently before).
-  auto mc = sim::sim_model_config(a.model);
+  auto mc = sim::sim_model_config(c.model_name);
   if (mc.ok() && mc->max_position_embeddings > 0) c.scheduler.max_model_len = mc->max_position_embeddings;
   return c;
 }
@@ -382,7 +408,9 @@ void add_simulate_command(CLI::App* app, int* exit_code) {
   a->trace.add_to(cmd);
   a->cluster.add_to(cmd);
   cmd->add_option("--scenario", a->scenario, "a shipped scenario (list: print them); options given override it");
-  cmd->add_option("--gpu", a->gpu, "a100-80gb | h100-80gb | h200 | cpu-2core (this machine, see sim/README.md)");
+  cmd->add_option("--gpu", a->gpu,
+                  "a100-80gb | h100-80gb | h200 | a measured device profile FILE.json (kunserve calibrate; e.g. "
+                  "sim/profiles/cpu-llama-30m-t1.json: then every cluster option takes bench's default)");
   cmd->add_option("--link", a->link, "nvlink-a100 | nvlink | pcie4 | pcie5 | ib | ib-hdr");
   cmd->add_option("--sim-model", a->model, "llama-2-7b | llama-2-13b | llama-2-70b | llama-3-8b | qwen2.5-7b | a preset");
   cmd->add_option("--tp", a->tp, "tensor-parallel GPUs per instance (1, 2, 4, 8)");
@@ -395,6 +423,20 @@ void add_simulate_command(CLI::App* app, int* exit_code) {
                   "to kunserve, <sweep-out>.json/.csv/.png");
   cmd->add_option("--sweep-out", a->sweep_out, "file prefix of the sweep's outputs");
   cmd->add_option("--sweep-capped", a->sweep_capped, "sweeps also run kunserve with groups capped at 2 members");
+  cmd->add_option("--planner-target", a->planner_target,
+                  "a group covers when its demand <= this x its fused capacity (artifact: 0.95; lower forms larger "
+                  "groups)")
+      ->check(CLI::Range(0.05, 1.0));
+  cmd->add_option("--drop-threshold", a->drop_threshold, "demand at which a sample votes drop (artifact: 0.95)")
+      ->check(CLI::Range(0.05, 2.0));
+  cmd->add_option("--restore-threshold", a->restore_threshold,
+                  "demand at or below which a sample votes restore or shrink (artifact: 0.5)")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--sustained-overload-samples", a->sustained_samples,
+                  "consecutive samples at the drop threshold with requests waiting that vote drop (0: off)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--grow-groups", a->grow_groups, "overloaded groups grow g -> 2g");
+  cmd->add_option("--shrink-groups", a->shrink_groups, "groups of 4+ shrink by halves as demand falls (partial restore)");
   cmd->add_flag("--speed", a->speed, "print simulated seconds per wall second, instants/s and steps/s per run");
   cmd->add_option("--json", a->json_path);
   cmd->add_option("--timeline-prefix", a->timeline_prefix, "write <prefix><policy>_timeline.csv");

@@ -1,0 +1,353 @@
+#include "sim/device_profile.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "common/check.h"
+
+namespace kun::sim {
+namespace {
+
+constexpr const char* kFormat = "kunserve-device-profile-1";
+
+nlohmann::json spec_to_json(const GpuSpec& g) {
+  return {{"name", g.name},
+          {"peak_flops", g.peak_flops},
+          {"hbm_bytes_per_s", g.hbm_bytes_per_s},
+          {"memory_bytes", g.memory_bytes},
+          {"gemm_flops_eff", g.gemm_flops_eff},
+          {"gemm_bw_eff", g.gemm_bw_eff},
+          {"gemm_overhead_us", g.gemm_overhead_us},
+          {"elem_bw_eff", g.elem_bw_eff},
+          {"elem_overhead_us", g.elem_overhead_us},
+          {"attn_flops_eff", g.attn_flops_eff},
+          {"attn_bw_eff", g.attn_bw_eff},
+          {"attn_overhead_us", g.attn_overhead_us},
+          {"step_overhead_us", g.step_overhead_us},
+          {"dtype_bytes", g.dtype_bytes},
+          {"page_bytes", g.page_bytes},
+          {"host_contention", g.host_contention},
+          {"table_tokens", g.table_tokens},
+          {"table_us", g.table_us},
+          {"sample_us", g.sample_us},
+          {"attn_pair_us", g.attn_pair_us},
+          {"measured_model", g.measured_model}};
+}
+
+StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
+  GpuSpec g;
+  try {
+    g.name = j.at("name").get<std::string>();
+    g.peak_flops = j.at("peak_flops").get<double>();
+    g.hbm_bytes_per_s = j.at("hbm_bytes_per_s").get<double>();
+    g.memory_bytes = j.at("memory_bytes").get<std::int64_t>();
+    g.gemm_flops_eff = j.at("gemm_flops_eff").get<double>();
+    g.gemm_bw_eff = j.at("gemm_bw_eff").get<double>();
+    g.gemm_overhead_us = j.at("gemm_overhead_us").get<double>();
+    g.elem_bw_eff = j.at("elem_bw_eff").get<double>();
+    g.elem_overhead_us = j.at("elem_overhead_us").get<double>();
+    g.attn_flops_eff = j.at("attn_flops_eff").get<double>();
+    g.attn_bw_eff = j.at("attn_bw_eff").get<double>();
+    g.attn_overhead_us = j.at("attn_overhead_us").get<double>();
+    g.step_overhead_us = j.at("step_overhead_us").get<double>();
+    g.dtype_bytes = j.at("dtype_bytes").get<std::int64_t>();
+    g.page_bytes = j.at("page_bytes").get<std::int64_t>();
+    g.host_contention = j.at("host_contention").get<std::vector<double>>();
+    g.table_tokens = j.value("table_tokens", std::vector<double>{});
+    g.table_us = j.value("table_us", std::vector<double>{});
+    g.sample_us = j.value("sample_us", 0.0);
+    g.attn_pair_us = j.value("attn_pair_us", 0.0);
+    g.measured_model = j.value("measured_model", "");
+  } catch (const std::exception& e) {
+    return invalid_argument(std::string("device profile: bad or missing spec field: ") + e.what());
+  }
+  if (!(g.peak_flops > 0) || !(g.hbm_bytes_per_s > 0) || g.memory_bytes <= 0 || g.dtype_bytes <= 0 || g.page_bytes < 0) {
+    return invalid_argument("device profile '" + g.name + "': peak_flops, hbm_bytes_per_s, memory_bytes and dtype_bytes must be > 0");
+  }
+  if (g.table_tokens.size() != g.table_us.size()) {
+    return invalid_argument("device profile '" + g.name + "': table_tokens and table_us differ in length");
+  }
+  for (std::size_t i = 0; i < g.table_tokens.size(); ++i) {
+    if (!(g.table_tokens[i] > (i == 0 ? 0.0 : g.table_tokens[i - 1])) || !(g.table_us[i] >= 0)) {
+      return invalid_argument("device profile '" + g.name + "': table_tokens must increase from > 0, table_us be >= 0");
+    }
+  }
+  for (double c : g.host_contention) {
+    if (!(c > 0)) return invalid_argument("device profile '" + g.name + "': host_contention entries must be > 0");
+  }
+  g.calibrated = true;
+  return g;
+}
+
+// Solves (A^T W A + ridge) x = A^T W y by Gaussian elimination with partial pivoting.
+std::vector<double> least_squares(const std::vector<std::vector<double>>& rows, const std::vector<double>& y,
+                                  const std::vector<double>& weight, double ridge) {
+  const std::size_t n = rows.empty() ? 0 : rows[0].size();
+  std::vector<std::vector<double>> m(n, std::vector<double>(n + 1, 0.0));
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    for (std::size_t i = 0; i < n; ++i) {
+      if (rows[r][i] == 0.0) continue;
+      for (std::size_t j = 0; j < n; ++j) m[i][j] += weight[r] * rows[r][i] * rows[r][j];
+      m[i][n] += weight[r] * rows[r][i] * y[r];
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) m[i][i] += ridge * std::max(1e-30, m[i][i]) + 1e-12;
+  for (std::size_t c = 0; c < n; ++c) {
+    std::size_t piv = c;
+    for (std::size_t r = c + 1; r < n; ++r) {
+      if (std::abs(m[r][c]) > std::abs(m[piv][c])) piv = r;
+    }
+    std::swap(m[c], m[piv]);
+    KUN_CHECK(m[c][c] != 0.0) << "singular fit";
+    for (std::size_t r = 0; r < n; ++r) {
+      if (r == c) continue;
+      const double f = m[r][c] / m[c][c];
+      if (f == 0.0) continue;
+      for (std::size_t k = c; k <= n; ++k) m[r][k] -= f * m[c][k];
+    }
+  }
+  std::vector<double> x(n);
+  for (std::size_t i = 0; i < n; ++i) x[i] = m[i][n] / m[i][i];
+  return x;
+}
+
+double hat(const std::vector<double>& knots, std::size_t k, double t) {
+  const double x = knots[k];
+  if (t == x) return 1.0;
+  if (t < x) {
+    if (k == 0) return t / x;  // from 0 tokens
+    const double lo = knots[k - 1];
+    return t > lo ? (t - lo) / (x - lo) : 0.0;
+  }
+  if (k + 1 == knots.size()) return 0.0;  // beyond the last knot: see below
+  const double hi = knots[k + 1];
+  return t < hi ? (hi - t) / (hi - x) : 0.0;
+}
+
+}  // namespace
+
+double predicted_step_us(const CostModel& cost, std::span<const SeqWork> seqs) {
+  return cost.step_us(seqs, cost.model().num_layers, /*first_stage=*/true, /*last_stage=*/true);
+}
+
+FitError fit_error(const GpuSpec& spec, const model::ModelConfig& model, std::span<const ProfileStep> steps) {
+  const CostModel cost(spec, model);
+  std::vector<double> err;
+  double signed_sum = 0.0;
+  for (const ProfileStep& s : steps) {
+    const double rel = (predicted_step_us(cost, s.seqs) - s.measured_us) / s.measured_us;
+    err.push_back(std::abs(rel));
+    signed_sum += rel;
+  }
+  FitError f;
+  f.steps = static_cast<std::int64_t>(err.size());
+  if (err.empty()) return f;
+  std::sort(err.begin(), err.end());
+  f.median = err[err.size() / 2];
+  f.p90 = err[std::min(err.size() - 1, err.size() * 9 / 10)];
+  f.mean_signed = signed_sum / static_cast<double>(err.size());
+  return f;
+}
+
+std::vector<double> default_table_knots() {
+  return {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
+}
+
+GpuSpec fit_device_spec(const GpuSpec& start, const model::ModelConfig& model, std::span<const ProfileStep> steps,
+                        std::vector<double> knots) {
+  KUN_CHECK(!steps.empty()) << "no steps to fit";
+  GpuSpec g = start;
+  // The engine's own time per step.
+  std::vector<double> overheads;
+  for (const ProfileStep& s : steps) {
+    if (s.exec_us > 0) overheads.push_back(std::max(0.0, s.measured_us - s.exec_us));
+  }
+  std::sort(overheads.begin(), overheads.end());
+  g.step_overhead_us = overheads.empty() ? 0.0 : overheads[overheads.size() / 2];
+  // Keep the knots that have a step at or beyond them (no extrapolating table ends), at least 2.
+  double max_tokens = 0.0;
+  for (const ProfileStep& s : steps) {
+    double t = 0.0;
+    for (const SeqWork& w : s.seqs) t += static_cast<double>(w.new_tokens);
+    max_tokens = std::max(max_tokens, t);
+  }
+  std::sort(knots.begin(), knots.end());
+  while (knots.size() > 2 && knots[knots.size() - 2] >= max_tokens) knots.pop_back();
+  const std::size_t nk = knots.size();
+  const double last_slope_span = knots[nk - 1] - knots[nk - 2];
+  const auto features = [&](const std::vector<SeqWork>& seqs, std::vector<bool> use_extra) {
+    double t = 0.0, sampled = 0.0, reads = 0.0, pairs = 0.0;
+    for (const SeqWork& w : seqs) {
+      const double n = static_cast<double>(w.new_tokens);
+      const double c = static_cast<double>(w.context_tokens);
+      t += n;
+      if (w.sample) sampled += 1.0;
+      reads += c + n;
+      pairs += n * c + n * (n + 1.0) / 2.0;
+    }
+    std::vector<double> f(nk, 0.0);
+    for (std::size_t k = 0; k < nk; ++k) f[k] = hat(knots, k, t);
+    if (t > knots[nk - 1]) {  // linear extrapolation of the last segment
+      const double u = (t - knots[nk - 2]) / last_slope_span;
+      f[nk - 1] = u;
+      f[nk - 2] = 1.0 - u;
+    }
+    // Attention: the (query, key) pairs, which for a decode token is the tokens it reads (reads
+    // and pairs are the same for decode steps, so only one of them can be fitted).
+    (void)reads;
+    const double extra[2] = {std::max(0.0, sampled - 1.0), pairs};
+    for (int e = 0; e < 2; ++e) {
+      if (use_extra[static_cast<std::size_t>(e)]) f.push_back(extra[e]);
+    }
+    return f;
+  };
+  std::vector<bool> use = {true, true};
+  std::vector<double> x;
+  for (int pass = 0; pass < 4; ++pass) {
+    std::vector<std::vector<double>> rows;
+    std::vector<double> y, w;
+    for (const ProfileStep& s : steps) {
+      const double target = s.exec_us > 0 ? s.exec_us : std::max(1.0, s.measured_us - g.step_overhead_us);
+      rows.push_back(features(s.seqs, use));
+      y.push_back(target);
+      w.push_back(1.0 / (target * target));  // relative error
+    }
+    x = least_squares(rows, y, w, 1e-9);
+    bool dropped = false;
+    std::size_t i = nk;
+    for (int e = 0; e < 2; ++e) {
+      if (!use[static_cast<std::size_t>(e)]) continue;
+      if (x[i] < 0) {
+        use[static_cast<std::size_t>(e)] = false;
+        dropped = true;
+      }
+      ++i;
+    }
+    if (!dropped) break;
+  }
+  g.table_tokens = knots;
+  g.table_us.assign(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(nk));
+  // A bigger batch never takes less time: make the table non-decreasing (pool adjacent
+  // violators, weighted equally), which also smooths knots with few steps near them.
+  {
+    std::vector<double> value, weight;
+    std::vector<std::size_t> count;
+    for (double v : g.table_us) {
+      value.push_back(std::max(v, 1.0));
+      weight.push_back(1.0);
+      count.push_back(1);
+      while (value.size() > 1 && value[value.size() - 2] > value.back()) {
+        const std::size_t i = value.size() - 2;
+        value[i] = (value[i] * weight[i] + value.back() * weight.back()) / (weight[i] + weight.back());
+        weight[i] += weight.back();
+        count[i] += count.back();
+        value.pop_back();
+        weight.pop_back();
+        count.pop_back();
+      }
+    }
+    std::size_t k = 0;
+    for (std::size_t i = 0; i < value.size(); ++i) {
+      for (std::size_t c = 0; c < count[i]; ++c) g.table_us[k++] = value[i];
+    }
+  }
+  std::size_t i = nk;
+  double* extra[2] = {&g.sample_us, &g.attn_pair_us};
+  for (int e = 0; e < 2; ++e) *extra[e] = use[static_cast<std::size_t>(e)] ? x[i++] : 0.0;
+  (void)model;  // the table is per model: the caller records which (GpuSpec::measured_model)
+  g.calibrated = true;
+  return g;
+}
+
+nlohmann::json DeviceProfile::to_json() const {
+  nlohmann::json s = nlohmann::json::array();
+  for (const ProfileStep& st : steps) {
+    nlohmann::json seqs = nlohmann::json::array();
+    for (const SeqWork& w : st.seqs) seqs.push_back({w.context_tokens, w.new_tokens, w.sample ? 1 : 0});
+    s.push_back({{"us", st.measured_us}, {"exec_us", st.exec_us}, {"seqs", seqs}});
+  }
+  return {{"format", kFormat},
+          {"spec", spec_to_json(spec)},
+          {"preset", preset},
+          {"threads", threads},
+          {"weight_dtype", weight_dtype},
+          {"kv_dtype", kv_dtype},
+          {"host", host},
+          {"contention", spec.host_contention},
+          {"fit", {{"median_rel_err", fit.median}, {"p90_rel_err", fit.p90}, {"mean_signed_rel_err", fit.mean_signed}, {"steps", fit.steps}}},
+          {"steps", s}};
+}
+
+StatusOr<DeviceProfile> DeviceProfile::from_json(const nlohmann::json& j) {
+  if (!j.is_object() || j.value("format", "") != kFormat) {
+    return invalid_argument(std::string("not a device profile (\"format\": \"") + kFormat + "\" expected)");
+  }
+  DeviceProfile p;
+  if (!j.contains("spec")) return invalid_argument("device profile: no \"spec\"");
+  KUN_ASSIGN_OR_RETURN(p.spec, spec_from_json(j.at("spec")));
+  try {
+    p.preset = j.value("preset", "");
+    p.threads = j.value("threads", 1);
+    p.weight_dtype = j.value("weight_dtype", "bf16");
+    p.kv_dtype = j.value("kv_dtype", "bf16");
+    p.host = j.value("host", "");
+    if (j.contains("steps")) {
+      for (const auto& st : j.at("steps")) {
+        ProfileStep ps;
+        ps.measured_us = st.at("us").get<double>();
+        ps.exec_us = st.value("exec_us", 0.0);
+        if (!(ps.measured_us > 0)) return invalid_argument("device profile: a step's \"us\" must be > 0");
+        for (const auto& w : st.at("seqs")) {
+          SeqWork sw{w.at(0).get<std::int64_t>(), w.at(1).get<std::int64_t>(), w.at(2).get<int>() != 0};
+          if (sw.context_tokens < 0 || sw.new_tokens < 0) return invalid_argument("device profile: negative token counts");
+          ps.seqs.push_back(sw);
+        }
+        p.steps.push_back(std::move(ps));
+      }
+    }
+    if (j.contains("fit")) {
+      const auto& f = j.at("fit");
+      p.fit.median = f.value("median_rel_err", 0.0);
+      p.fit.p90 = f.value("p90_rel_err", 0.0);
+      p.fit.mean_signed = f.value("mean_signed_rel_err", 0.0);
+      p.fit.steps = f.value("steps", 0);
+    }
+  } catch (const std::exception& e) {
+    return invalid_argument(std::string("device profile: ") + e.what());
+  }
+  return p;
+}
+
+StatusOr<DeviceProfile> load_device_profile(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) return not_found("cannot read device profile '" + path + "'");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+  } catch (const std::exception& e) {
+    return invalid_argument("device profile '" + path + "' is not JSON: " + e.what());
+  }
+  auto p = DeviceProfile::from_json(j);
+  if (!p.ok()) return Status(p.status().code(), "'" + path + "': " + p.status().message());
+  return p;
+}
+
+Status save_device_profile(const DeviceProfile& profile, const std::string& path) {
+  std::ofstream f(path);
+  if (!f) return invalid_argument("cannot write device profile '" + path + "'");
+  // Readable constants, one line per measured step.
+  nlohmann::json j = profile.to_json();
+  const nlohmann::json steps = j["steps"];
+  j.erase("steps");
+  std::string head = j.dump(1);
+  head.resize(head.size() - 2);  // drop "\n}"
+  f << head << ",\n \"steps\": [";
+  for (std::size_t i = 0; i < steps.size(); ++i) f << (i ? ",\n  " : "\n  ") << steps[i].dump();
+  f << "\n ]\n}\n";
+  if (!f) return invalid_argument("writing device profile '" + path + "' failed");
+  return ok_status();
+}
+
+}  // namespace kun::sim

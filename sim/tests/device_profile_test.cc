@@ -1,0 +1,192 @@
+// Device profiles (sim/device_profile.h): the fit recovers a known device from its own step
+// times, files round-trip and bad files are refused with a reason, the shipped CPU profile loads
+// and still predicts the steps it was measured on, and host contention slows concurrent steps.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "sim/cluster_sim.h"
+#include "sim/device_profile.h"
+
+namespace kun::sim {
+namespace {
+
+std::filesystem::path source_root() {
+  const char* src = std::getenv("KUN_SOURCE_DIR");
+  return src != nullptr ? std::filesystem::path(src) : std::filesystem::path(KUN_SOURCE_DIR);
+}
+
+GpuSpec known_cpu() {
+  GpuSpec g;
+  g.name = "test-cpu";
+  g.peak_flops = 40e9;
+  g.hbm_bytes_per_s = 6e9;
+  g.memory_bytes = 1LL << 30;
+  g.step_overhead_us = 150.0;
+  g.page_bytes = 256 * 1024;
+  g.host_contention = {1.0, 1.3, 1.7, 2.1};
+  g.table_tokens = {1, 2, 4, 8, 16, 32, 64, 128};
+  g.table_us = {3000, 3100, 7000, 9000, 13000, 20000, 35000, 65000};  // a kernel switch at 4
+  g.sample_us = 200.0;
+  g.attn_pair_us = 1.5;
+  g.measured_model = "llama-30m";
+  return g;
+}
+
+// Steps shaped like calibrate's: decode batches at short and long contexts, prefills, mixes; the
+// engine's overhead on top of the executor's time.
+std::vector<ProfileStep> synthetic_steps(const GpuSpec& truth, const model::ModelConfig& m) {
+  const CostModel cost(truth, m);
+  std::vector<ProfileStep> steps;
+  const auto add = [&](std::vector<SeqWork> seqs) {
+    const double wall = predicted_step_us(cost, seqs);
+    steps.push_back({seqs, wall, wall - truth.step_overhead_us});
+  };
+  for (std::int64_t b : {1, 2, 3, 4, 6, 8, 12, 16, 24, 32}) {
+    for (std::int64_t ctx : {16, 40, 400}) add(std::vector<SeqWork>(static_cast<std::size_t>(b), SeqWork{ctx, 1, true}));
+  }
+  for (std::int64_t n : {4, 8, 16, 32, 64, 100, 128}) add({SeqWork{0, n, true}});
+  add({SeqWork{0, 20, true}, SeqWork{30, 1, true}, SeqWork{12, 1, true}});
+  add({SeqWork{0, 5, true}, SeqWork{30, 1, true}, SeqWork{12, 1, true}, SeqWork{0, 9, false}});
+  return steps;
+}
+
+TEST(DeviceProfile, FitRecoversAKnownDeviceFromItsStepTimes) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  const GpuSpec truth = known_cpu();
+  const std::vector<ProfileStep> steps = synthetic_steps(truth, m);
+  GpuSpec start = truth;
+  start.table_tokens.clear();
+  start.table_us.clear();
+  start.sample_us = start.attn_pair_us = 0.0;
+  start.step_overhead_us = 0.0;
+  const GpuSpec fitted = fit_device_spec(start, m, steps);
+  const FitError after = fit_error(fitted, m, steps);
+  EXPECT_LT(after.median, 0.01) << "p90 " << after.p90;
+  EXPECT_LT(after.p90, 0.02);
+  EXPECT_NEAR(fitted.step_overhead_us, 150.0, 1.0);
+  EXPECT_NEAR(fitted.sample_us / truth.sample_us, 1.0, 0.05);
+  EXPECT_NEAR(fitted.attn_pair_us / truth.attn_pair_us, 1.0, 0.05);
+  const CostModel a(truth, m), b(fitted, m);
+  for (double t : {1.0, 2.0, 3.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0}) {
+    EXPECT_NEAR(b.table_us(t) / a.table_us(t), 1.0, 0.05) << t << " tokens";
+  }
+  // Beyond the last knot the table extrapolates its last slope.
+  EXPECT_NEAR(b.table_us(256) / a.table_us(256), 1.0, 0.1);
+  // A stage of half the layers takes about half the time (overhead once, sampling on the last).
+  const std::vector<SeqWork> decode(8, SeqWork{30, 1, true});
+  EXPECT_NEAR(a.step_us(decode, m.num_layers / 2, true, false, false) * 2.0 + truth.sample_us * 7 + truth.step_overhead_us,
+              a.step_us(decode, m.num_layers, true, true, true), 1.0);
+}
+
+TEST(DeviceProfile, RoundTripsAndRefusesBadFiles) {
+  DeviceProfile p;
+  p.spec = known_cpu();
+  p.preset = "llama-30m";
+  p.steps = {{{SeqWork{10, 1, true}, SeqWork{0, 5, true}}, 321.5, 300.0}};
+  p.fit = {0.05, 0.1, -0.01, 1};
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kun_device_profile_test";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "p.json").string();
+  ASSERT_TRUE(save_device_profile(p, path).ok());
+  auto q = load_device_profile(path);
+  ASSERT_TRUE(q.ok()) << q.status().to_string();
+  EXPECT_EQ(q->spec.name, "test-cpu");
+  EXPECT_DOUBLE_EQ(q->spec.peak_flops, 40e9);
+  EXPECT_EQ(q->spec.page_bytes, 256 * 1024);
+  EXPECT_EQ(q->spec.host_contention, p.spec.host_contention);
+  ASSERT_EQ(q->steps.size(), 1u);
+  EXPECT_EQ(q->steps[0].seqs[1].new_tokens, 5);
+  EXPECT_DOUBLE_EQ(q->steps[0].measured_us, 321.5);
+  EXPECT_DOUBLE_EQ(q->steps[0].exec_us, 300.0);
+  EXPECT_EQ(q->spec.table_us, p.spec.table_us);
+  EXPECT_DOUBLE_EQ(q->spec.attn_pair_us, 1.5);
+  EXPECT_EQ(q->spec.measured_model, "llama-30m");
+  // gpu_spec() takes the file by path.
+  auto g = gpu_spec(path);
+  ASSERT_TRUE(g.ok()) << g.status().to_string();
+  EXPECT_TRUE(g->calibrated);
+  EXPECT_EQ(gpu_spec((dir / "missing.json").string()).status().code(), StatusCode::kNotFound);
+  // Not JSON, wrong format, a bad constant: refused with a reason, nothing loaded.
+  const auto write = [&](const std::string& text) {
+    std::ofstream(path) << text;
+    return load_device_profile(path).status();
+  };
+  EXPECT_EQ(write("{ not json").code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(write(R"({"format": "something-else"})").code(), StatusCode::kInvalidArgument);
+  nlohmann::json j = p.to_json();
+  j["spec"]["peak_flops"] = -1.0;
+  const Status bad = write(j.dump());
+  EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("peak_flops"), std::string::npos) << bad.message();
+  j = p.to_json();
+  j["spec"]["table_tokens"] = {1, 4, 2, 8, 16, 32, 64, 128};
+  EXPECT_EQ(write(j.dump()).code(), StatusCode::kInvalidArgument);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(DeviceProfile, ContentionFactor) {
+  const GpuSpec g = known_cpu();
+  EXPECT_DOUBLE_EQ(g.contention_factor(1), 1.0);
+  EXPECT_DOUBLE_EQ(g.contention_factor(3), 1.7);
+  EXPECT_DOUBLE_EQ(g.contention_factor(8), 2.1 * 2.0);  // twice the measured devices
+  EXPECT_DOUBLE_EQ(g.contention_factor(2.5), 1.5);         // between 1.3 and 1.7
+  GpuSpec gpu = g;
+  gpu.host_contention.clear();
+  EXPECT_DOUBLE_EQ(gpu.contention_factor(8), 1.0);
+}
+
+// The shipped profile of this project's CPU device loads and predicts its own measured steps.
+TEST(DeviceProfile, ShippedCpuProfilePredictsItsSteps) {
+  const std::filesystem::path path = source_root() / "sim" / "profiles" / "cpu-llama-30m-t1.json";
+  auto p = load_device_profile(path.string());
+  ASSERT_TRUE(p.ok()) << p.status().to_string();
+  const model::ModelConfig m = *model::preset_config(p->preset);
+  ASSERT_GE(p->steps.size(), 100u);
+  const FitError e = fit_error(p->spec, m, p->steps);
+  EXPECT_NEAR(e.median, p->fit.median, 1e-9);  // the recorded fit is the file's
+  EXPECT_LT(e.median, 0.25);
+  EXPECT_EQ(p->spec.measured_model, p->preset);
+  ASSERT_GE(p->spec.host_contention.size(), 2u);
+  EXPECT_DOUBLE_EQ(p->spec.host_contention[0], 1.0);
+}
+
+// Under a CPU profile the simulator slows steps that overlap other devices' steps: the same
+// trace on 4 instances takes longer than with the contention removed.
+TEST(DeviceProfile, HostContentionSlowsOverlappingSteps) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  GpuSpec g = known_cpu();
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kun_device_profile_contention";
+  std::filesystem::create_directories(dir);
+  const auto run = [&](std::vector<double> contention) {
+    DeviceProfile p;
+    p.spec = g;
+    p.spec.host_contention = std::move(contention);
+    p.preset = "llama-30m";
+    const std::string path = (dir / "c.json").string();
+    EXPECT_TRUE(save_device_profile(p, path).ok());
+    SimConfig c;
+    c.gpu = path;
+    c.model_name = "llama-30m";
+    c.num_instances = 4;
+    c.kv_tokens_per_instance = 1024;
+    c.policy = cluster::Policy::kRecompute;
+    workload::Trace t;
+    for (int i = 0; i < 64; ++i) t.requests.push_back({static_cast<std::int64_t>(i) * 2000, 20, 16});
+    auto r = run_simulation(c, t);
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    return r.ok() ? r->report.e2e_ms.mean : 0.0;
+  };
+  const double alone = run({});
+  const double shared = run({1.0, 1.5, 2.0, 2.5});
+  EXPECT_GT(shared, alone * 1.3);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace kun::sim

@@ -1,0 +1,318 @@
+// `kunserve calibrate`: measures this machine's CPU device as the simulator's cost model sees it
+// and writes a device profile (sim/device_profile.h) for `kunserve simulate --gpu FILE`.
+//
+// One real instance (runtime::SingleInstance: a virtual device with the bench's page size and
+// kernel threads, the engine's scheduler, executor and event delivery) runs batches shaped like
+// serving: decode batches of 1-32 sequences at short and long contexts, prefills of 4-500 tokens
+// and a mixed stream of short requests. Every engine step is timed (wall time of run_step) and
+// its sequences (context, new tokens, sampled) recorded; the cost model's constants are fitted
+// to them. Then k = 1..--max-devices instances run the same decode loop at once, each on its own
+// thread, as the in-process runtime's devices do, and the slowdown of a step against k = 1 is
+// the profile's host contention (the devices share the host's cores and memory bandwidth).
+#include <algorithm>
+#include <condition_variable>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "common/log.h"
+#include "common/units.h"
+#include "kv/kv_geometry.h"
+#include "model/config.h"
+#include "model/weight_source.h"
+#include "runtime/cluster_runtime.h"
+#include "runtime/single_instance.h"
+#include "runtime/virtual_device.h"
+#include "sim/device_profile.h"
+#include "tools/kunserve/cluster_args.h"
+#include "tools/kunserve/serve_command.h"
+
+namespace kun::tools {
+namespace {
+
+struct CalibrateArgs {
+  std::string preset = "llama-30m";
+  int threads = 1;
+  std::string kv_cache_dtype = "bf16";
+  std::string out = "sim/profiles/cpu-llama-30m-t1.json";
+  int max_devices = 4;
+  int reps = 2;
+  std::int64_t block_size = 16;
+};
+
+std::string host_description() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line, model = "unknown CPU";
+  while (std::getline(f, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const auto colon = line.find(':');
+      if (colon != std::string::npos) model = line.substr(colon + 2);
+      break;
+    }
+  }
+  return model + ", " + std::to_string(std::thread::hardware_concurrency()) + " hardware threads";
+}
+
+StatusOr<std::unique_ptr<runtime::SingleInstance>> make_instance(const CalibrateArgs& a, const model::ModelConfig& config,
+                                                                 const model::WeightSource& weights, DType kv_dtype,
+                                                                 const Clock* clock, std::int64_t max_num_seqs = 64) {
+  runtime::InstanceOptions opt;
+  opt.device.num_threads = a.threads;
+  opt.device.weight_dtype = config.dtype;
+  opt.device.kv_dtype = kv_dtype;
+  opt.device.kv_block_size = a.block_size;
+  opt.device.page_bytes = kDevicePageBytes;
+  const std::int64_t kv_tokens = 32 * 640;  // room for every batch below without preemption
+  opt.device.capacity_bytes = runtime::device_param_bytes(config, config.dtype, 0, config.num_layers, opt.device.page_bytes) +
+                              runtime::kv_pages_for_tokens(config, opt.device, kv_tokens) * opt.device.page_bytes;
+  opt.scheduler.max_num_batched_tokens = 512;  // bench's default step budget
+  opt.scheduler.max_num_seqs = max_num_seqs;
+  return runtime::SingleInstance::create(opt, weights, clock);
+}
+
+engine::RequestSpec request(std::int64_t prompt, std::int64_t output, std::int64_t salt, std::int64_t vocab) {
+  engine::RequestSpec spec;
+  for (std::int64_t t = 0; t < prompt; ++t) spec.prompt_tokens.push_back(static_cast<std::int32_t>(3 + (salt * 97 + t * 13) % (vocab - 3)));
+  spec.max_tokens = static_cast<std::int32_t>(std::max<std::int64_t>(1, output));
+  spec.ignore_eos = true;
+  return spec;
+}
+
+// Runs the engine until idle; records every step's work and wall time when `out` is given.
+// Returns the summed wall time and the number of steps.
+std::pair<double, std::int64_t> drain(engine::Engine& engine, std::vector<sim::ProfileStep>* out, std::vector<sim::SeqWork>* last,
+                                      double* exec_us) {
+  double total = 0.0;
+  std::int64_t steps = 0;
+  for (;;) {
+    last->clear();
+    *exec_us = 0.0;
+    const auto t0 = std::chrono::steady_clock::now();
+    const bool worked = engine.run_step();
+    const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    if (!worked) break;
+    if (last->empty()) continue;  // a step that only moved requests
+    total += us;
+    ++steps;
+    if (out != nullptr) out->push_back({*last, us, *exec_us});
+  }
+  return {total, steps};
+}
+
+Status run_calibrate(const CalibrateArgs& a) {
+  KUN_ASSIGN_OR_RETURN(model::ModelConfig config, model::preset_config(a.preset));
+  DType kv_dtype = DType::kBF16;
+  if (a.kv_cache_dtype == "f32") {
+    kv_dtype = DType::kF32;
+  } else if (a.kv_cache_dtype != "bf16") {
+    return invalid_argument("--kv-cache-dtype must be bf16 or f32");
+  }
+  if (a.max_devices < 1 || a.reps < 1 || a.threads < 1) return invalid_argument("--max-devices, --reps and --threads must be >= 1");
+  auto weights = model::synthetic_weights(config, 0);
+  SteadyClock clock;
+  std::cout << "calibrating " << a.preset << " (" << dtype_name(config.dtype) << " weights, " << a.kv_cache_dtype << " KV), "
+            << a.threads << " kernel thread(s) per device on " << host_description() << std::endl;
+
+  std::vector<sim::ProfileStep> steps;
+  {
+    KUN_ASSIGN_OR_RETURN(auto inst, make_instance(a, config, *weights, kv_dtype, &clock));
+    engine::Engine& engine = inst->engine();
+    std::vector<sim::SeqWork> last;
+    double exec = 0.0;
+    engine.set_step_observer([&](const engine::StepPlan& plan, const engine::StepResult& r) {
+      for (const auto& s : plan.sequences) last.push_back({s.start_pos, static_cast<std::int64_t>(s.tokens.size()), s.sample});
+      exec += static_cast<double>(r.duration_us);
+    });
+    std::int64_t salt = 0;
+    const auto submit = [&](std::int64_t prompt, std::int64_t output) {
+      auto r = engine.submit(request(prompt, output, salt++, config.vocab_size), nullptr);
+      KUN_CHECK(r.ok()) << r.status().to_string();
+    };
+    // Warm-up (page faults, caches), not recorded.
+    for (int i = 0; i < 4; ++i) submit(16, 16);
+    drain(engine, nullptr, &last, &exec);
+    for (int rep = 0; rep < a.reps; ++rep) {
+      // Decode batches at short contexts (the serving demo's range) and long ones (attention).
+      for (std::int64_t batch : {1, 2, 4, 8, 16, 32}) {
+        for (std::int64_t prompt : {16, 24}) {
+          for (std::int64_t i = 0; i < batch; ++i) submit(prompt, 40);
+          drain(engine, &steps, &last, &exec);
+        }
+      }
+      for (std::int64_t batch : {1, 4, 8}) {
+        for (std::int64_t i = 0; i < batch; ++i) submit(400, 24);
+        drain(engine, &steps, &last, &exec);
+      }
+      // Prefills alone.
+      for (std::int64_t prompt : {4, 8, 32, 64, 128, 256, 500}) {
+        submit(prompt, 2);
+        drain(engine, &steps, &last, &exec);
+      }
+      // A mixed stream: waves of short requests joining running ones (prefill + decode steps).
+      for (int wave = 0; wave < 12; ++wave) {
+        for (int i = 0; i < 6; ++i) submit(1 + (wave * 7 + i * 5) % 30, 1 + (wave * 11 + i * 3) % 32);
+        for (int s = 0; s < 6; ++s) {
+          last.clear();
+          exec = 0.0;
+          const auto t0 = std::chrono::steady_clock::now();
+          if (!engine.run_step()) break;
+          const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+          if (!last.empty()) steps.push_back({last, us, exec});
+        }
+      }
+      drain(engine, &steps, &last, &exec);
+    }
+  }
+
+  // Host contention, through the in-process cluster runtime itself (its engine, stage and link
+  // threads): k devices each serving the same batch of requests (2 running at a time, as a device
+  // whose KV holds one or two requests), against one device alone. Same work per device, so the
+  // wall-time ratio is how much slower a step gets while k devices compute at once.
+  std::vector<double> contention;
+  // The reference: the same requests through a single instance stepped from this thread, as the
+  // step table was measured, so the runtime's own structure (engine thread, stage thread, token
+  // events) at one device is part of host_contention[0].
+  const int per_device = 12 * a.reps;
+  double alone_s = 0.0;
+  {
+    KUN_ASSIGN_OR_RETURN(auto inst, make_instance(a, config, *weights, kv_dtype, &clock, /*max_num_seqs=*/2));
+    engine::Engine& engine = inst->engine();
+    std::vector<sim::SeqWork> last;
+    double exec = 0.0;
+    for (int r = 0; r < 4; ++r) KUN_CHECK(engine.submit(request(16, 48, r, config.vocab_size), nullptr).ok());
+    drain(engine, nullptr, &last, &exec);  // warm
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < per_device; ++r) KUN_CHECK(engine.submit(request(16, 48, r, config.vocab_size), nullptr).ok());
+    drain(engine, nullptr, &last, &exec);
+    alone_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::cout << "  one instance stepped directly, " << per_device << " requests: " << std::fixed << std::setprecision(2)
+              << alone_s << " s" << std::defaultfloat << std::endl;
+  }
+  // k = 1 is measured first and again last (their mean is the reference: the host's load drifts).
+  std::vector<int> counts;
+  for (int k = 1; k <= a.max_devices; ++k) counts.push_back(k);
+  counts.push_back(1);
+  std::vector<double> wall_of(static_cast<std::size_t>(a.max_devices) + 1, 0.0);
+  for (std::size_t ci = 0; ci < counts.size(); ++ci) {
+    const int k = counts[ci];
+    ClusterArgs ca;
+    ca.devices = k;
+    ca.threads = a.threads;
+    ca.block_size = a.block_size;
+    ca.kv_tokens_per_device = 1024;
+    ca.max_num_seqs = 2;
+    KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o,
+                         ca.build(config, config.dtype, kv_dtype, cluster::Policy::kRecompute, a.preset));
+    o.router.policy = cluster::RoutePolicy::kRoundRobin;  // the same requests on every device
+    KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(o, *weights, &clock));
+    rt->start();
+    std::mutex mu;
+    std::condition_variable cv;
+    std::int64_t open = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < per_device; ++r) {
+      for (int d = 0; d < k; ++d) {
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          ++open;
+        }
+        auto id = rt->submit(request(16, 48, r, config.vocab_size), [&](const engine::TokenEvent& ev) {
+          if (!ev.finished) return;
+          std::lock_guard<std::mutex> lock(mu);
+          --open;
+          cv.notify_all();
+        });
+        KUN_CHECK(id.ok()) << id.status().to_string();
+      }
+    }
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return open == 0; });
+    }
+    const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    rt->stop();
+    wall_of[static_cast<std::size_t>(k)] = ci + 1 == counts.size() ? (wall_of[1] + wall_s) / 2.0 : wall_s;
+    std::cout << "  " << k << " device(s) at once, " << per_device << " requests each: " << std::fixed << std::setprecision(2)
+              << wall_s << " s" << std::defaultfloat << std::endl;
+  }
+  for (int k = 1; k <= a.max_devices; ++k) contention.push_back(std::max(1.0, wall_of[static_cast<std::size_t>(k)] / alone_s));
+  std::cout << "  host contention (k devices of the cluster runtime at once against one instance stepped directly):";
+  for (double c : contention) std::cout << " " << std::fixed << std::setprecision(2) << c << "x";
+  std::cout << std::defaultfloat << std::endl;
+
+  sim::GpuSpec start;
+  start.name = "cpu-" + a.preset + "-t" + std::to_string(a.threads);
+  start.peak_flops = 50e9;
+  start.hbm_bytes_per_s = 10e9;
+  start.gemm_flops_eff = 1.0;
+  start.gemm_bw_eff = 1.0;
+  start.elem_bw_eff = 1.0;
+  start.gemm_overhead_us = 2.0;
+  start.elem_overhead_us = 1.0;
+  start.attn_flops_eff = 0.5;
+  start.attn_bw_eff = 0.5;
+  start.attn_overhead_us = 2.0;
+  start.step_overhead_us = 100.0;
+  start.dtype_bytes = dtype_bytes(config.dtype);
+  start.page_bytes = kDevicePageBytes;
+  start.memory_bytes = runtime::device_param_bytes(config, config.dtype, 0, config.num_layers, kDevicePageBytes) +
+                       1024 * config.num_layers * config.kv_bytes_per_token_per_layer(kv_dtype);
+  start.host_contention = contention;
+  start.measured_model = a.preset;
+  sim::DeviceProfile p;
+  p.spec = sim::fit_device_spec(start, config, steps);
+  p.spec.host_contention = contention;
+  p.preset = a.preset;
+  p.threads = a.threads;
+  p.weight_dtype = std::string(dtype_name(config.dtype));
+  p.kv_dtype = a.kv_cache_dtype;
+  p.host = host_description();
+  p.steps = steps;
+  p.fit = sim::fit_error(p.spec, config, steps);
+  const sim::GpuSpec& g = p.spec;
+  std::cout << "fitted over " << steps.size() << " steps: engine overhead " << g.step_overhead_us
+            << " us per step; executor time at 1 / 8 / 32 / 128 new tokens " << std::fixed << std::setprecision(0)
+            << sim::CostModel(g, config).table_us(1) << " / " << sim::CostModel(g, config).table_us(8) << " / "
+            << sim::CostModel(g, config).table_us(32) << " / " << sim::CostModel(g, config).table_us(128)
+            << " us; per further sampled token " << g.sample_us << " us; attention " << std::setprecision(3)
+            << g.attn_pair_us << " us per (query, key) pair"
+            << std::defaultfloat << std::endl;
+  std::cout << "step time error |predicted - measured| / measured: median " << p.fit.median * 100 << " %, p90 "
+            << p.fit.p90 * 100 << " %, bias " << p.fit.mean_signed * 100 << " %" << std::endl;
+  KUN_RETURN_IF_ERROR(sim::save_device_profile(p, a.out));
+  std::cout << "wrote " << a.out << std::endl;
+  return ok_status();
+}
+
+}  // namespace
+
+void add_calibrate_command(CLI::App* app, int* exit_code) {
+  auto a = std::make_shared<CalibrateArgs>();
+  CLI::App* cmd = app->add_subcommand(
+      "calibrate", "Measure this machine's CPU device and write a device profile for `simulate --gpu FILE`");
+  cmd->add_option("--preset", a->preset, "model preset (synthetic weights) to measure with");
+  cmd->add_option("--threads", a->threads, "kernel threads per device (bench's --threads)");
+  cmd->add_option("--kv-cache-dtype", a->kv_cache_dtype, "bf16 | f32");
+  cmd->add_option("--block-size", a->block_size, "KV block size in tokens");
+  cmd->add_option("--out", a->out, "profile file to write");
+  cmd->add_option("--max-devices", a->max_devices, "measure host contention with up to this many devices at once");
+  cmd->add_option("--reps", a->reps, "repetitions of the step set");
+  cmd->callback([a, exit_code] {
+    Status s = run_calibrate(*a);
+    if (!s.ok()) {
+      std::cerr << "kunserve calibrate: " << s.to_string() << std::endl;
+      *exit_code = 1;
+    }
+  });
+}
+
+}  // namespace kun::tools
