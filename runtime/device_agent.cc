@@ -52,6 +52,39 @@ StatusOr<DeviceSnapshot> decode_snapshot(std::span<const std::byte> bytes) {
   return s;
 }
 
+std::vector<std::byte> encode_geometry(const DeviceGeometry& g) {
+  std::vector<std::byte> out;
+  put(out, static_cast<std::int32_t>(g.device));
+  put(out, g.num_layers);
+  put(out, g.page_bytes);
+  put(out, g.num_pages);
+  put(out, g.blocks_per_page);
+  put(out, g.block_bytes);
+  put(out, g.block_stride_bytes);
+  put(out, g.kv_block_size);
+  put(out, g.pages_per_layer);
+  put(out, g.layer_segment_bytes);
+  put(out, g.host_swap_blocks);
+  put(out, g.kv_dtype);
+  put_ids(out, g.resident_layers);
+  put_ids(out, g.kv_page_ids);
+  return out;
+}
+
+StatusOr<DeviceGeometry> decode_geometry(std::span<const std::byte> bytes) {
+  Reader r(bytes);
+  DeviceGeometry g;
+  std::int32_t device = 0;
+  const bool ok = r.get(&device) && r.get(&g.num_layers) && r.get(&g.page_bytes) && r.get(&g.num_pages) &&
+                  r.get(&g.blocks_per_page) && r.get(&g.block_bytes) && r.get(&g.block_stride_bytes) &&
+                  r.get(&g.kv_block_size) && r.get(&g.pages_per_layer) && r.get(&g.layer_segment_bytes) &&
+                  r.get(&g.host_swap_blocks) && r.get(&g.kv_dtype) && r.get_ids(&g.resident_layers) &&
+                  r.get_ids(&g.kv_page_ids) && r.at_end();
+  if (!ok) return data_loss("malformed device geometry (" + std::to_string(bytes.size()) + " bytes)");
+  g.device = device;
+  return g;
+}
+
 double process_cpu_seconds() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
@@ -61,7 +94,8 @@ double process_cpu_seconds() {
 
 // ---- DeviceAgent -----------------------------------------------------------------------------
 
-DeviceAgent::DeviceAgent(VirtualDevice& device, MessageTransport& endpoint) : device_(device), endpoint_(endpoint) {}
+DeviceAgent::DeviceAgent(VirtualDevice& device, MessageTransport& endpoint, AgentOptions options)
+    : device_(device), endpoint_(endpoint), options_(std::move(options)) {}
 
 DeviceAgent::~DeviceAgent() { stop(); }
 
@@ -87,6 +121,11 @@ AgentCounters DeviceAgent::counters() const {
   c.blocks_written = blocks_written_.load();
   c.blocks_read = blocks_read_.load();
   c.requests_refused = requests_refused_.load();
+  c.stages_run = stages_run_.load();
+  c.swap_out_bytes = swap_out_bytes_.load();
+  c.swap_in_bytes = swap_in_bytes_.load();
+  c.swap_out_messages = swap_out_messages_.load();
+  c.swap_in_messages = swap_in_messages_.load();
   return c;
 }
 
@@ -196,6 +235,28 @@ DeviceSnapshot DeviceAgent::snapshot() const {
   return s;
 }
 
+DeviceGeometry DeviceAgent::describe() const {
+  const memory::DeviceArena& arena = device_.arena();
+  DeviceGeometry g;
+  g.device = device_id();
+  g.num_layers = device_.config().num_layers;
+  g.page_bytes = arena.page_bytes();
+  g.num_pages = arena.num_pages();
+  g.blocks_per_page = device_.kv_storage().blocks_per_page();
+  g.block_bytes = device_.kv_storage().block_bytes();
+  g.block_stride_bytes = device_.kv_geometry().block_stride_bytes();
+  g.kv_block_size = device_.options().kv_block_size;
+  g.pages_per_layer = device_.pages_per_layer();
+  g.layer_segment_bytes = device_.layer_segment_bytes();
+  g.host_swap_blocks = options_.host_swap_blocks;
+  g.kv_dtype = static_cast<std::int32_t>(device_.options().kv_dtype);
+  for (std::int64_t l = 0; l < device_.config().num_layers; ++l) {
+    if (device_.has_layer(l)) g.resident_layers.push_back(l);
+  }
+  for (memory::PageId p : arena.kv_pages()) g.kv_page_ids.push_back(p.value);
+  return g;
+}
+
 bool DeviceAgent::handle(Message& m) {
   const MessageHeader& h = m.header;
   const std::int64_t block_bytes = device_.kv_storage().block_bytes();
@@ -292,6 +353,9 @@ bool DeviceAgent::handle(Message& m) {
       return true;
     case AgentOp::kSnapshot:
       reply(h, ok_status(), encode_snapshot(snapshot()));
+      return true;
+    case AgentOp::kDescribe:
+      reply(h, ok_status(), encode_geometry(describe()));
       return true;
     case AgentOp::kShutdownNode:
       reply(h, ok_status(), {});
@@ -515,6 +579,15 @@ StatusOr<DeviceSnapshot> AgentClient::snapshot(int device) {
   RecvHandle handle = request(std::move(h), {});
   KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "snapshot", device));
   return decode_snapshot(m.payload);
+}
+
+StatusOr<DeviceGeometry> AgentClient::describe(int device) {
+  MessageHeader h;
+  h.dst = device;
+  h.op = static_cast<std::uint16_t>(AgentOp::kDescribe);
+  RecvHandle handle = request(std::move(h), {});
+  KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "describe", device));
+  return decode_geometry(m.payload);
 }
 
 Status AgentClient::shutdown_node(int device) {

@@ -48,6 +48,7 @@ enum class AgentOp : std::uint16_t {
   kSnapshot,          // reply payload: an encoded DeviceSnapshot
   kShutdownNode,      // the process hosting the agent should end; reply: ack
   kStop,              // ends the serve loop (accepted from the agent's own endpoint only)
+  kDescribe,          // reply payload: an encoded DeviceGeometry (static facts, asked once at start)
   kReply = 100,       // every reply carries this op
 };
 
@@ -57,6 +58,11 @@ struct AgentCounters {
   std::int64_t blocks_written = 0;   // blocks received and written into this arena
   std::int64_t blocks_read = 0;      // blocks read out of this arena (reads and sends)
   std::int64_t requests_refused = 0; // requests answered with an error
+  std::int64_t stages_run = 0;       // pipeline stages run here (kRunStage)
+  std::int64_t swap_out_bytes = 0;   // device -> this agent's host swap space
+  std::int64_t swap_in_bytes = 0;
+  std::int64_t swap_out_messages = 0;
+  std::int64_t swap_in_messages = 0;
 };
 
 struct DeviceSnapshot {
@@ -73,16 +79,41 @@ struct DeviceSnapshot {
   double process_cpu_s = 0.0;  // user + system CPU of the hosting process so far
 };
 std::vector<std::byte> encode_snapshot(const DeviceSnapshot& s);
+
+// What a front end needs to know of a device to plan for it, reported once at start (kDescribe).
+struct DeviceGeometry {
+  int device = -1;  // the agent's endpoint id
+  std::int64_t num_layers = 0;
+  std::int64_t page_bytes = 0;
+  std::int64_t num_pages = 0;
+  std::int64_t blocks_per_page = 0;
+  std::int64_t block_bytes = 0;          // one layer block (KvStorage::block_bytes)
+  std::int64_t block_stride_bytes = 0;   // kv::KvGeometry::block_stride_bytes
+  std::int64_t kv_block_size = 0;        // tokens per block
+  std::int64_t pages_per_layer = 0;
+  std::int64_t layer_segment_bytes = 0;
+  std::int64_t host_swap_blocks = 0;     // layer blocks of host swap space the agent owns
+  std::int32_t kv_dtype = 0;             // DType
+  std::vector<std::int64_t> resident_layers;
+  std::vector<std::int64_t> kv_page_ids;  // KV pages at the time of the query
+};
+std::vector<std::byte> encode_geometry(const DeviceGeometry& g);
+StatusOr<DeviceGeometry> decode_geometry(std::span<const std::byte> bytes);
 StatusOr<DeviceSnapshot> decode_snapshot(std::span<const std::byte> bytes);
 
 // User + system CPU seconds of this process (all threads).
 double process_cpu_seconds();
 
+struct AgentOptions {
+  std::int64_t host_swap_blocks = 0;  // layer blocks of host swap space this agent owns
+  LinkModel host_link;                // paces swap copies (off by default)
+};
+
 class DeviceAgent {
  public:
   // The agent takes over `device` (its arena, KV storage and forward pass); the caller must not
   // touch them while the agent runs.
-  DeviceAgent(VirtualDevice& device, MessageTransport& endpoint);
+  DeviceAgent(VirtualDevice& device, MessageTransport& endpoint, AgentOptions options = {});
   ~DeviceAgent();
   DeviceAgent(const DeviceAgent&) = delete;
   DeviceAgent& operator=(const DeviceAgent&) = delete;
@@ -103,12 +134,14 @@ class DeviceAgent {
   void reply(const MessageHeader& request, const Status& status, std::vector<std::byte> payload,
              TransferKind kind = TransferKind::kActivation);
   DeviceSnapshot snapshot() const;
+  DeviceGeometry describe() const;
   void pull_layer(const Message& m);
   void send_layer(const Message& m);
   void layer_data(Message& m);
 
   VirtualDevice& device_;
   MessageTransport& endpoint_;
+  AgentOptions options_;
   std::thread thread_;
   std::vector<std::byte*> block_ptrs_;  // serve thread only
   struct PendingPull {
@@ -120,6 +153,11 @@ class DeviceAgent {
   std::atomic<std::int64_t> blocks_written_{0};
   std::atomic<std::int64_t> blocks_read_{0};
   std::atomic<std::int64_t> requests_refused_{0};
+  std::atomic<std::int64_t> stages_run_{0};
+  std::atomic<std::int64_t> swap_out_bytes_{0};
+  std::atomic<std::int64_t> swap_in_bytes_{0};
+  std::atomic<std::int64_t> swap_out_messages_{0};
+  std::atomic<std::int64_t> swap_in_messages_{0};
   std::mutex shutdown_mu_;
   std::condition_variable shutdown_cv_;
   bool shutdown_requested_ = false;  // guarded by shutdown_mu_
@@ -152,6 +190,7 @@ class AgentClient {
   // `device` pulls `layer` from device `from` into its KV pages `pages` (holding no live blocks).
   Status pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages);
   StatusOr<DeviceSnapshot> snapshot(int device);
+  StatusOr<DeviceGeometry> describe(int device);
   Status shutdown_node(int device);
 
  private:
