@@ -33,6 +33,7 @@ StatusOr<std::unique_ptr<InProcessFleet>> InProcessFleet::create(const FleetOpti
   for (std::size_t i = 0; i < fleet->devices_.size(); ++i) {
     auto agent = std::make_unique<DeviceAgent>(*fleet->devices_[i], fleet->hub_->endpoint(fleet->endpoint_of(static_cast<int>(i))),
                                                agent_options);
+    fleet->devices_[i]->set_owner_check(true);  // from here on only the agent's threads may touch it
     agent->start();
     fleet->agents_.push_back(std::move(agent));
   }

@@ -54,7 +54,7 @@ StatusOr<MessageHeader> decode_header(std::span<const std::byte> bytes) {
   if (!ok || magic != kHeaderMagic) {
     return data_loss("malformed message header (" + std::to_string(bytes.size()) + " bytes)");
   }
-  if (kind >= static_cast<std::uint8_t>(TransferKind::kCount) || port > static_cast<std::uint8_t>(Port::kUser)) {
+  if (kind >= static_cast<std::uint8_t>(TransferKind::kCount) || port > static_cast<std::uint8_t>(Port::kStage)) {
     return data_loss("message header names kind " + std::to_string(kind) + " port " + std::to_string(port));
   }
   h.src = src;

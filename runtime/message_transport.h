@@ -45,9 +45,10 @@ namespace kun::runtime {
 inline constexpr int kAnySource = -1;
 inline constexpr std::uint64_t kAnyTag = ~std::uint64_t{0};
 
-// Who consumes a message at the destination: the device agent's serve loop, or a requester
-// waiting for a reply (matched by tag).
-enum class Port : std::uint8_t { kAgent = 0, kReply = 1, kUser = 2 };
+// Who consumes a message at the destination: the device agent's serve loop, a requester
+// waiting for a reply (matched by tag), the agent's stage thread (kStage: stage requests), or
+// anything else (kUser: e.g. a stage's input activations, matched by source and tag).
+enum class Port : std::uint8_t { kAgent = 0, kReply = 1, kUser = 2, kStage = 3 };
 
 struct MessageHeader {
   int src = -1;  // device (rank) ids; src is filled in by send()
