@@ -200,7 +200,9 @@ class TransferCounters {
 // All endpoints of an in-process cluster of `num_devices` devices.
 class InProcessMessageHub {
  public:
-  explicit InProcessMessageHub(int num_devices, LinkModel link = {});
+  // Messages from or to `unpaced_endpoint` (a front end's: its requests stand for a host issuing
+  // commands to its accelerators, not for traffic on a device link) skip the link model.
+  explicit InProcessMessageHub(int num_devices, LinkModel link = {}, int unpaced_endpoint = -1);
   ~InProcessMessageHub();
   InProcessMessageHub(const InProcessMessageHub&) = delete;
   InProcessMessageHub& operator=(const InProcessMessageHub&) = delete;
@@ -234,6 +236,7 @@ class InProcessMessageHub {
   Link& link_for(int src, int dst);
 
   LinkModel link_;
+  int unpaced_endpoint_;
   TransferCounters counters_;
   std::vector<std::unique_ptr<Endpoint>> endpoints_;
   std::mutex links_mu_;
