@@ -10,11 +10,17 @@
 // into the holder's memory, so under MPI cross-device access is impossible by construction and
 // in-process it is ruled out by the API (the client only ever sees payload bytes).
 //
-// Not yet served (next steps of issue 12): run a pipeline stage, reclaim pages (repack live
-// blocks to free whole pages), which need the KV block tables the schedulers own today.
+// Pipeline stages (kRunStage, stage_message.h) run on a second agent thread, the stage thread, so
+// the serve thread keeps answering remote attention for other stages while a stage of this
+// device waits on a holder that is itself running a stage. The two threads take turns on the
+// device: each holds `device_mu_` (and a DeviceOwnerScope) while it touches the arena, the forward
+// pass or the kernel pool, and the stage thread lets go of it while it waits for a remote
+// attention reply or its input, so the kernel pool never runs two callers at once and no wait
+// between agents can close a cycle. The serve thread computes remote attention with its own
+// ForwardPass (its own workspace) on the device's pool.
 //
-// Threads: one serve thread per agent (start/stop from the owner thread). counters() may be
-// read from any thread.
+// Threads: a serve thread and a stage thread per agent (start/stop from the owner thread).
+// counters() may be read from any thread.
 #pragma once
 
 #include <atomic>
@@ -31,6 +37,7 @@
 #include "common/status.h"
 #include "model/forward.h"
 #include "runtime/message_transport.h"
+#include "runtime/stage_message.h"
 #include "runtime/virtual_device.h"
 
 namespace kun::runtime {
@@ -49,6 +56,11 @@ enum class AgentOp : std::uint16_t {
   kShutdownNode,      // the process hosting the agent should end; reply: ack
   kStop,              // ends the serve loop (accepted from the agent's own endpoint only)
   kDescribe,          // reply payload: an encoded DeviceGeometry (static facts, asked once at start)
+  kRunStage,          // (Port::kStage) payload: a StageRequest; the agent's stage thread runs it
+  kStageInput,        // (Port::kUser, stage to stage) a stage's output activations, matched by tag
+  kMoveBlocks,        // inside the device: block_ids[i] -> peer_block_ids[i] (restore's repack); ack
+  kCheckIntegrity,    // the agent checks its arena's page accounting (aborts on a broken invariant);
+                      // reply: a DeviceSnapshot without layer checksums
   kReply = 100,       // every reply carries this op
 };
 
@@ -127,13 +139,19 @@ class DeviceAgent {
 
  private:
   void serve_loop();
+  void stage_loop();
   // False when the loop should end.
   bool handle(Message& m);
+  void run_stage(Message& m);
+  // Runs the decoded stage with the device held by `lock` (released while waiting on holders).
+  Status compute_stage(const StageRequest& req, std::unique_ptr<DeviceOwnerScope>& scope,
+                       std::unique_lock<std::mutex>& lock, std::vector<float>& hidden, std::vector<std::int32_t>* sampled);
+  Status do_swaps(const StageRequest& req);
   Status append_attend(const Message& m, std::vector<std::byte>* out);
   Status check_blocks(std::span<const std::int64_t> ids) const;
   void reply(const MessageHeader& request, const Status& status, std::vector<std::byte> payload,
-             TransferKind kind = TransferKind::kActivation);
-  DeviceSnapshot snapshot() const;
+             TransferKind kind = TransferKind::kControl);
+  DeviceSnapshot snapshot(bool with_checksums = true) const;
   DeviceGeometry describe() const;
   void pull_layer(const Message& m);
   void send_layer(const Message& m);
@@ -143,6 +161,14 @@ class DeviceAgent {
   MessageTransport& endpoint_;
   AgentOptions options_;
   std::thread thread_;
+  std::thread stage_thread_;
+  // Held by whichever agent thread touches the device (see the header comment).
+  std::mutex device_mu_;
+  std::unique_ptr<model::ForwardPass> serve_forward_;  // the serve thread's (remote attention)
+  std::vector<std::byte> host_swap_;                   // stage thread only, under device_mu_
+  // Stage thread scratch.
+  std::vector<std::vector<std::byte*>> stage_block_ptrs_;
+  std::vector<float> stage_hidden_, stage_logits_, stage_sample_scratch_;
   std::vector<std::byte*> block_ptrs_;  // serve thread only
   struct PendingPull {
     MessageHeader request;  // the kPullLayer as received
@@ -191,6 +217,10 @@ class AgentClient {
   Status pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages);
   StatusOr<DeviceSnapshot> snapshot(int device);
   StatusOr<DeviceGeometry> describe(int device);
+  // The device checks its arena and reports its pages and resident layers (no checksums).
+  StatusOr<DeviceSnapshot> check_integrity(int device);
+  // Inside `device`: copies block from[i] to to[i] (both live in its KV pages), in order.
+  Status move_blocks(int device, std::span<const std::int64_t> from, std::span<const std::int64_t> to);
   Status shutdown_node(int device);
 
  private:

@@ -18,7 +18,9 @@ StatusOr<std::unique_ptr<InProcessFleet>> InProcessFleet::create(const FleetOpti
   const model::ModelConfig& config = weights.config();
   const std::int64_t layer_end = options.layer_end < 0 ? config.num_layers : options.layer_end;
   std::unique_ptr<InProcessFleet> fleet(new InProcessFleet());
-  fleet->hub_ = std::make_unique<InProcessMessageHub>(static_cast<int>(options.num_devices) + 1, options.link);
+  // The front end's messages (stage requests, ops, acks) are not device-link traffic: unpaced.
+  fleet->hub_ = std::make_unique<InProcessMessageHub>(static_cast<int>(options.num_devices) + 1, options.link,
+                                                      fleet->front_end_id());
   for (std::int64_t i = 0; i < options.num_devices; ++i) {
     DeviceOptions dev_opt = options.device;
     dev_opt.name = "dev" + std::to_string(i);
@@ -33,6 +35,7 @@ StatusOr<std::unique_ptr<InProcessFleet>> InProcessFleet::create(const FleetOpti
   for (std::size_t i = 0; i < fleet->devices_.size(); ++i) {
     auto agent = std::make_unique<DeviceAgent>(*fleet->devices_[i], fleet->hub_->endpoint(fleet->endpoint_of(static_cast<int>(i))),
                                                agent_options);
+    fleet->devices_[i]->set_owner_check(true);  // from here on only the agent's threads may touch it
     agent->start();
     fleet->agents_.push_back(std::move(agent));
   }
