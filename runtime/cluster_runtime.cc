@@ -89,7 +89,15 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
   fleet_options.link = options.link;
   fleet_options.host_link = options.host_link;
   fleet_options.host_swap_blocks = options.host_swap_blocks;
-  KUN_ASSIGN_OR_RETURN(rt->fleet_, InProcessFleet::create(fleet_options, weights));
+  if (options.make_fleet) {
+    KUN_ASSIGN_OR_RETURN(rt->fleet_, options.make_fleet(fleet_options, weights));
+    if (rt->fleet_->num_devices() != options.num_instances) {
+      return invalid_argument("the fleet has " + std::to_string(rt->fleet_->num_devices()) + " devices, the cluster wants " +
+                              std::to_string(options.num_instances));
+    }
+  } else {
+    KUN_ASSIGN_OR_RETURN(rt->fleet_, InProcessFleet::create(fleet_options, weights));
+  }
   for (std::int64_t i = 0; i < options.num_instances; ++i) {
     const DeviceGeometry& geo = rt->fleet_->geometry(static_cast<int>(i));
     auto alloc = std::make_unique<kv::KvBlockAllocator>(geo.blocks_per_page);

@@ -86,6 +86,9 @@ struct ClusterOptions {
   // stop-and-copy at the split.
   std::int64_t restore_gather_timeout_us = 2'000'000;
   TransitionFaultFn transition_fault;  // tests only; empty in production
+  // Builds the devices (empty: InProcessFleet::create). The MPI runtime passes one that has the
+  // device ranks build theirs (runtime/mpi/mpi_fleet.h, MpiFleetFactory).
+  std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> make_fleet;
 };
 
 struct ClusterEvent {

@@ -116,7 +116,8 @@ int run_device(MpiSession& session, MpiTransport& transport, const NodeOptions& 
     transport.simulate_hang();
     std::this_thread::sleep_for(std::chrono::seconds(600));  // until MPI_Abort ends the job
   }
-  return serve_until_shutdown(session, transport, agent);
+  serve_agent(session, transport, agent);
+  return finish_device_rank(session, transport);
 }
 
 struct Checks {

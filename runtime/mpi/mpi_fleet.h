@@ -14,6 +14,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,9 +29,12 @@ namespace kun::runtime::mpi {
 
 class MpiFleet final : public DeviceFleet {
  public:
-  // Rank 0, after every rank created its transport; ranks 1..N run serve_device_rank. Asks each
-  // device for its geometry (waiting at most `timeout` per device).
-  static StatusOr<std::unique_ptr<MpiFleet>> create(MpiTransport& transport, std::chrono::milliseconds timeout);
+  // Rank 0, while ranks 1..N run serve_device_rank: each device rank builds device rank-1 from
+  // `options` (named "dev<i>") with the weights `weights_key` names on its side (serve: "", the
+  // model of the command line), starts its agent and answers; then each is asked for its
+  // geometry. Waits at most `timeout` per device.
+  static StatusOr<std::unique_ptr<MpiFleet>> create(MpiTransport& transport, const FleetOptions& options,
+                                                    const std::string& weights_key, std::chrono::milliseconds timeout);
   ~MpiFleet() override;
 
   int num_devices() const override { return static_cast<int>(geometry_.size()); }
@@ -40,7 +44,8 @@ class MpiFleet final : public DeviceFleet {
   // The front end's own traffic (to and from devices); device-to-device bytes are counted by the
   // device ranks' transports.
   TransferStats transfer_stats() const override { return transport_.stats(); }
-  // Tells every device rank still answering to end (idempotent); the devices are gone afterwards.
+  // Tells every device rank still answering to stop its agent and free its device (idempotent);
+  // the ranks then wait for the next fleet or for release_device_ranks.
   void shutdown() override;
 
   // Devices (fleet indices) lost so far, and the first loss (ok while none).
@@ -53,20 +58,33 @@ class MpiFleet final : public DeviceFleet {
   MpiTransport& transport_;
   std::chrono::milliseconds timeout_;
   std::vector<DeviceGeometry> geometry_;
-  bool shut_down_ = false;
+  bool built_ = false;  // device ranks hold devices for this fleet
 };
 
-// Ranks 1..N: builds device rank-1 (options.device, named "dev<i>", layers [layer_begin,
-// layer_end) of `weights`), serves it with a DeviceAgent until the front end sends kShutdownNode,
-// then shuts the transport down. The front end lost ends the job (MPI_Abort, exit 3); another
-// device lost does not (its requests fail, the front end decides). Returns the exit code.
-int serve_device_rank(MpiSession& session, MpiTransport& transport, const FleetOptions& options,
-                      const model::WeightSource& weights);
+// ClusterOptions::make_fleet for the MPI runtime: each ClusterRuntime gets an MpiFleet over the
+// device ranks (one fleet at a time).
+std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> mpi_fleet_factory(
+    MpiTransport& transport, std::string weights_key, std::chrono::milliseconds timeout);
+
+// Rank 0 at the end: every device rank still answering leaves serve_device_rank.
+Status release_device_ranks(MpiTransport& transport, std::chrono::milliseconds timeout);
+
+// The weights a device rank builds its device from, by the key the front end names.
+using WeightsByKey = std::function<StatusOr<const model::WeightSource*>(const std::string& key)>;
+
+// Ranks 1..N: serves one device after another, as MpiFleet::create asks (building device
+// rank-1 with its own memory, serving it with a DeviceAgent until the fleet shuts down, freeing
+// it), until release_device_ranks; then shuts the transport down. The front end lost ends the
+// job (MPI_Abort, exit 3); another device lost does not (requests naming it fail, the front end
+// decides). Returns the exit code.
+int serve_device_rank(MpiSession& session, MpiTransport& transport, const WeightsByKey& weights);
 
 // A device rank's serve loop for an agent already started: until the front end sends
-// kShutdownNode; then stops the agent and shuts the transport down. Failure handling as
-// serve_device_rank. Returns the exit code.
-int serve_until_shutdown(MpiSession& session, MpiTransport& transport, DeviceAgent& agent);
+// kShutdownNode; then stops the agent. Ends the job if the front end is lost.
+void serve_agent(MpiSession& session, MpiTransport& transport, DeviceAgent& agent);
+// A device rank's orderly end: transport shutdown; ends the job if that fails for any reason but
+// lost devices (the front end ends the job then).
+int finish_device_rank(MpiSession& session, MpiTransport& transport);
 
 // Rank 0 after a device loss: shuts the transport down (goodbyes with the survivors), kills the
 // processes of lost ranks that still run on this host (a rank that stopped answering), and ends

@@ -437,23 +437,28 @@ Status MpiTransport::failure() const {
   return failure_;
 }
 
+bool MpiTransport::terminate_peer(int rank) {
+  if (rank < 0 || rank >= size_ || rank == rank_) return false;
+  const int fd = peer_pidfds_[static_cast<std::size_t>(rank)] >= 0 ? peer_pidfds_[static_cast<std::size_t>(rank)]
+                                                                    : failed_pidfds_[static_cast<std::size_t>(rank)];
+  if (fd < 0) return false;
+  pollfd pfd{fd, POLLIN, 0};
+  if (poll(&pfd, 1, 0) > 0) return false;  // already exited
+#ifdef SYS_pidfd_send_signal
+  return syscall(SYS_pidfd_send_signal, fd, SIGKILL, nullptr, 0) == 0;
+#else
+  return false;
+#endif
+}
+
 std::vector<int> MpiTransport::terminate_failed_peers() {
-  std::vector<int> signalled;
   {
     std::lock_guard<std::mutex> lock(mu_);
     KUN_CHECK(stopped_) << "terminate_failed_peers() before shutdown()";
   }
+  std::vector<int> signalled;
   for (int q : failed_peers()) {
-    int& fd = peer_pidfds_[static_cast<std::size_t>(q)] >= 0 ? peer_pidfds_[static_cast<std::size_t>(q)]
-                                                              : failed_pidfds_[static_cast<std::size_t>(q)];
-    if (fd < 0) continue;
-    pollfd pfd{fd, POLLIN, 0};
-    const bool exited = poll(&pfd, 1, 0) > 0;
-#ifdef SYS_pidfd_send_signal
-    if (!exited && syscall(SYS_pidfd_send_signal, fd, SIGKILL, nullptr, 0) == 0) signalled.push_back(q);
-#else
-    (void)exited;
-#endif
+    if (terminate_peer(q)) signalled.push_back(q);
   }
   return signalled;
 }
@@ -493,6 +498,7 @@ void MpiTransport::fail_peer(int peer, const Status& s) {
   PeerOut& p = *peers_[static_cast<std::size_t>(peer)];
   if (p.failed) return;
   p.failed = true;
+  if (options_.on_peer_failure) options_.on_peer_failure(peer, s);
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (failure_.ok()) failure_ = s;

@@ -39,6 +39,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -80,6 +81,11 @@ struct MpiTransportOptions {
   // Watch same-host peers' processes (pidfd): a peer that exits without a goodbye has failed at
   // once instead of after peer_timeout. false: heartbeats only.
   bool watch_peer_processes = true;
+  // Called on the progress thread when a peer is found failed, before the failure is recorded
+  // and before any request waiting on it is failed; it may block (the transport stalls
+  // meanwhile) or end the process. `kun serve` on rank 0 uses it to end the job cleanly before
+  // the executor sees a step fail.
+  std::function<void(int rank, const Status& why)> on_peer_failure;
 };
 
 class MpiTransport final : public MessageTransport {
@@ -108,6 +114,9 @@ class MpiTransport final : public MessageTransport {
   // answering), so that the job can end without them; returns the ranks signalled. Call after
   // shutdown(). Peers on other hosts are left to MPI_Abort / mpirun.
   std::vector<int> terminate_failed_peers();
+  // SIGKILLs `rank`'s process if it runs on this host (pidfd); true if signalled. For
+  // on_peer_failure, which runs before the failure is recorded.
+  bool terminate_peer(int rank);
   // Blocks until a peer fails or `timeout` passes; returns failure().
   Status wait_for_failure(std::chrono::milliseconds timeout) const;
   // Orderly end: sends what is queued, says goodbye to every live peer, waits for their goodbyes
