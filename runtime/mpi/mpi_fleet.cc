@@ -248,7 +248,7 @@ void serve_agent(MpiSession& session, MpiTransport& transport, DeviceAgent& agen
   while (!agent.wait_for_shutdown_request(std::chrono::milliseconds(200))) {
     const std::vector<int> failed = transport.failed_peers();
     if (!failed.empty() && failed.front() == 0) {
-      std::cerr << node_prefix(rank) << transport.failure().message() << "; the front end is gone, ending the job"
+      std::cerr << node_prefix(rank) << transport.peer_failure(0).message() << "; the front end is gone, ending the job"
                 << std::endl;
       session.abort(3);
     }
@@ -285,7 +285,7 @@ int serve_device_rank(MpiSession& session, MpiTransport& transport, const Weight
     while (!h.wait_for(std::chrono::milliseconds(200))) {
       const std::vector<int> failed = transport.failed_peers();
       if (!failed.empty() && failed.front() == 0) {
-        std::cerr << node_prefix(rank) << transport.failure().message() << "; the front end is gone, ending the job"
+        std::cerr << node_prefix(rank) << transport.peer_failure(0).message() << "; the front end is gone, ending the job"
                   << std::endl;
         session.abort(3);
       }

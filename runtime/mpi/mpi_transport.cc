@@ -463,6 +463,12 @@ std::vector<int> MpiTransport::terminate_failed_peers() {
   return signalled;
 }
 
+Status MpiTransport::peer_failure(int rank) const {
+  KUN_CHECK(rank >= 0 && rank < size_) << "rank " << rank;
+  std::lock_guard<std::mutex> lock(mu_);
+  return peer_failures_[static_cast<std::size_t>(rank)];
+}
+
 std::vector<int> MpiTransport::failed_peers() const {
   std::lock_guard<std::mutex> lock(mu_);
   return failed_peers_;

@@ -108,6 +108,8 @@ class MpiTransport final : public MessageTransport {
 
   // The first peer failure (kUnavailable naming the rank), or ok while every peer answers.
   Status failure() const;
+  // Why `rank` failed (ok while it answers).
+  Status peer_failure(int rank) const;
   // Every peer found failed so far, ascending.
   std::vector<int> failed_peers() const;
   // SIGKILLs the processes of failed peers on this host that still run (a rank that stopped
