@@ -77,6 +77,18 @@ ClusterRuntime::ClusterRuntime(ClusterOptions options, const Clock* clock)
       events_(options_.coordinator.event_history),
       transition_log_(options_.coordinator.event_history) {}
 
+namespace {
+std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)>& default_fleet_factory() {
+  static std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> factory;
+  return factory;
+}
+}  // namespace
+
+void set_default_fleet_factory(
+    std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> factory) {
+  default_fleet_factory() = std::move(factory);
+}
+
 StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOptions& options,
                                                                  const model::WeightSource& weights, const Clock* clock) {
   if (options.num_instances <= 0) return invalid_argument("num_instances must be >= 1");
@@ -89,8 +101,9 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
   fleet_options.link = options.link;
   fleet_options.host_link = options.host_link;
   fleet_options.host_swap_blocks = options.host_swap_blocks;
-  if (options.make_fleet) {
-    KUN_ASSIGN_OR_RETURN(rt->fleet_, options.make_fleet(fleet_options, weights));
+  const auto& make_fleet = options.make_fleet ? options.make_fleet : default_fleet_factory();
+  if (make_fleet) {
+    KUN_ASSIGN_OR_RETURN(rt->fleet_, make_fleet(fleet_options, weights));
     if (rt->fleet_->num_devices() != options.num_instances) {
       return invalid_argument("the fleet has " + std::to_string(rt->fleet_->num_devices()) + " devices, the cluster wants " +
                               std::to_string(options.num_instances));

@@ -91,6 +91,12 @@ struct ClusterOptions {
   std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> make_fleet;
 };
 
+// The fleet factory a ClusterRuntime uses when ClusterOptions::make_fleet is empty (unset: the
+// in-process fleet). For test binaries that run the in-process scenarios over MPI device ranks
+// (runtime/mpi/tests): set once, before the first runtime, on the thread that creates them.
+void set_default_fleet_factory(
+    std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> factory);
+
 struct ClusterEvent {
   std::int64_t time_us = 0;
   std::string kind;  // drop | restore | migrate

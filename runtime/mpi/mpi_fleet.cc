@@ -19,6 +19,29 @@ std::string node_prefix(int rank) { return "kunserve rank " + std::to_string(ran
 // Port::kReply with the tag the request carries in request_id.
 constexpr std::uint64_t kFleetControlTag = 0x4b554e464c454554ull;  // "KUNFLEET"
 enum class FleetOp : std::uint16_t { kBuildDevice = 1, kRelease = 2 };
+// Transfer statistics, front end -> a device rank's stats thread (Port::kUser, this tag).
+constexpr std::uint64_t kFleetStatsTag = 0x4b554e5354415453ull;  // "KUNSTATS"
+
+void add_stats(TransferStats* into, const TransferStats& s, int sign) {
+  for (std::size_t k = 0; k < into->bytes.size(); ++k) {
+    into->bytes[k] += sign * s.bytes[k];
+    into->messages[k] += sign * s.messages[k];
+  }
+  into->bulk_chunks_deferred += sign * s.bulk_chunks_deferred;
+}
+
+// What a device rank sent over the transport so far, plus its agent's host swap traffic.
+TransferStats device_rank_stats(const MpiTransport& transport, const DeviceAgent* agent) {
+  TransferStats s = transport.stats();
+  if (agent != nullptr) {
+    const AgentCounters c = agent->counters();
+    s.bytes[static_cast<int>(TransferKind::kSwapOut)] += c.swap_out_bytes;
+    s.bytes[static_cast<int>(TransferKind::kSwapIn)] += c.swap_in_bytes;
+    s.messages[static_cast<int>(TransferKind::kSwapOut)] += c.swap_out_messages;
+    s.messages[static_cast<int>(TransferKind::kSwapIn)] += c.swap_in_messages;
+  }
+  return s;
+}
 
 // FleetOptions on the wire (fixed-width fields, then the weights key).
 class Writer {
@@ -194,10 +217,53 @@ StatusOr<std::unique_ptr<MpiFleet>> MpiFleet::create(MpiTransport& transport, co
     KUN_ASSIGN_OR_RETURN(DeviceGeometry g, query_geometry(client, fleet->endpoint_of(i)));
     fleet->geometry_.push_back(std::move(g));
   }
+  // The ranks' transports count from the start of the job; this fleet's figures start here.
+  KUN_ASSIGN_OR_RETURN(fleet->baseline_, fleet->job_stats());
   return fleet;
 }
 
 MpiFleet::~MpiFleet() { shutdown(); }
+
+StatusOr<TransferStats> MpiFleet::job_stats() const {
+  TransferStats total = transport_.stats();
+  std::vector<int> ranks = live_device_ranks(transport_);
+  std::vector<RecvHandle> replies;
+  for (int rank : ranks) {
+    const std::uint64_t reply_tag = transport_.next_tag();
+    RecvMatch match;
+    match.port = Port::kReply;
+    match.src = rank;
+    match.tag = reply_tag;
+    replies.push_back(transport_.recv(match));
+    MessageHeader h;
+    h.dst = rank;
+    h.port = Port::kUser;
+    h.kind = TransferKind::kControl;
+    h.tag = kFleetStatsTag;
+    h.request_id = static_cast<std::int64_t>(reply_tag);
+    transport_.send_owned(std::move(h), {});
+  }
+  for (std::size_t i = 0; i < replies.size(); ++i) {
+    if (!replies[i].wait_for(timeout_)) return deadline_exceeded("device rank " + std::to_string(ranks[i]) + ": no statistics");
+    KUN_RETURN_IF_ERROR(replies[i].wait());
+    Message m = replies[i].take();
+    if (m.payload.size() != sizeof(TransferStats)) return internal_error("device rank " + std::to_string(ranks[i]) + ": bad statistics");
+    TransferStats s;
+    std::memcpy(&s, m.payload.data(), sizeof(TransferStats));  // same build on every rank (identity check)
+    add_stats(&total, s, +1);
+  }
+  return total;
+}
+
+TransferStats MpiFleet::transfer_stats() const {
+  StatusOr<TransferStats> now = job_stats();
+  if (!now.ok()) {
+    std::cerr << node_prefix(0) << "transfer statistics: " << now.status().to_string() << std::endl;
+    return TransferStats{};
+  }
+  add_stats(&*now, baseline_, -1);
+  return *now;
+}
 
 const DeviceGeometry& MpiFleet::geometry(int device) const {
   KUN_CHECK(device >= 0 && device < num_devices()) << "no device " << device << " of " << num_devices();
@@ -276,6 +342,34 @@ int finish_device_rank(MpiSession& session, MpiTransport& transport) {
 int serve_device_rank(MpiSession& session, MpiTransport& transport, const WeightsByKey& weights_by_key) {
   const int rank = session.rank();
   const int index = rank - 1;
+  // Answers the front end's statistics requests while the rank lives (ends when the transport
+  // shuts down and its receive fails).
+  std::mutex agent_mu;
+  const DeviceAgent* current_agent = nullptr;  // guarded by agent_mu
+  std::thread stats_thread([&] {
+    while (true) {
+      RecvMatch match;
+      match.port = Port::kUser;
+      match.src = 0;
+      match.tag = kFleetStatsTag;
+      RecvHandle h = transport.recv(match);
+      if (!h.wait().ok()) return;
+      Message m = h.take();
+      TransferStats s;
+      {
+        std::lock_guard<std::mutex> lock(agent_mu);
+        s = device_rank_stats(transport, current_agent);
+      }
+      MessageHeader out;
+      out.dst = 0;
+      out.port = Port::kReply;
+      out.kind = TransferKind::kControl;
+      out.tag = static_cast<std::uint64_t>(m.header.request_id);
+      std::vector<std::byte> payload(sizeof(TransferStats));
+      std::memcpy(payload.data(), &s, sizeof(TransferStats));
+      (void)transport.send_owned(std::move(out), std::move(payload));
+    }
+  });
   while (true) {
     RecvMatch match;
     match.port = Port::kUser;
@@ -327,10 +421,18 @@ int serve_device_rank(MpiSession& session, MpiTransport& transport, const Weight
     agent_options.host_link = options->host_link;
     DeviceAgent agent(*dev, transport, agent_options);
     agent.start();
+    {
+      std::lock_guard<std::mutex> lock(agent_mu);
+      current_agent = &agent;
+    }
     answer(transport, m.header, ok_status());
     serve_agent(session, transport, agent);
+    std::lock_guard<std::mutex> lock(agent_mu);
+    current_agent = nullptr;
   }
-  return finish_device_rank(session, transport);
+  const int rc = finish_device_rank(session, transport);
+  stats_thread.join();
+  return rc;
 }
 
 void end_job_after_device_loss(MpiSession& session, MpiTransport& transport, int exit_code) {

@@ -41,9 +41,9 @@ class MpiFleet final : public DeviceFleet {
   MessageTransport& front_end() override { return transport_; }
   const DeviceGeometry& geometry(int device) const override;
   StatusOr<AgentCounters> counters(int device) override;
-  // The front end's own traffic (to and from devices); device-to-device bytes are counted by the
-  // device ranks' transports.
-  TransferStats transfer_stats() const override { return transport_.stats(); }
+  // What every rank sent since this fleet was created (the front end's transport, each device
+  // rank's, asked by message, and their agents' host swap traffic), as InProcessFleet counts it.
+  TransferStats transfer_stats() const override;
   // Tells every device rank still answering to stop its agent and free its device (idempotent);
   // the ranks then wait for the next fleet or for release_device_ranks.
   void shutdown() override;
@@ -57,7 +57,10 @@ class MpiFleet final : public DeviceFleet {
   MpiFleet(MpiTransport& transport, std::chrono::milliseconds timeout) : transport_(transport), timeout_(timeout) {}
   MpiTransport& transport_;
   std::chrono::milliseconds timeout_;
+  // Every rank's counts since the start of the job.
+  StatusOr<TransferStats> job_stats() const;
   std::vector<DeviceGeometry> geometry_;
+  TransferStats baseline_;  // job_stats() when the fleet was created
   bool built_ = false;  // device ranks hold devices for this fleet
 };
 

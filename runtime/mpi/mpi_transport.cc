@@ -374,6 +374,15 @@ void MpiTransport::wake() {
 
 RecvHandle MpiTransport::recv(RecvMatch match) {
   RecvHandle handle = mailbox_.recv(match);
+  bool closed = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed = receives_closed_;
+  }
+  if (closed) {
+    mailbox_.fail_all(unavailable("transport of rank " + std::to_string(rank_) + " shut down"));
+    return handle;
+  }
   if (match.src != kAnySource && match.src >= 0 && match.src < size_) {
     // fail_peer records the failure before it fails the waiting receives: a receive registered
     // after that sweep sees the record here.
@@ -490,6 +499,10 @@ Status MpiTransport::shutdown() {
   }
   wake();
   if (progress_.joinable()) progress_.join();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    receives_closed_ = true;  // a receive registered after the sweep below fails at once (recv())
+  }
   mailbox_.fail_all(unavailable("transport of rank " + std::to_string(rank_) + " shut down"));
   std::lock_guard<std::mutex> lock(mu_);
   stopped_ = true;

@@ -197,6 +197,7 @@ class MpiTransport final : public MessageTransport {
   std::deque<std::unique_ptr<OutMsg>> submitted_;  // guarded by mu_
   bool stopping_ = false;                          // guarded by mu_
   bool stopped_ = false;                           // guarded by mu_
+  bool receives_closed_ = false;                   // guarded by mu_: shutdown() failed every receive
   Status failure_;                                 // guarded by mu_: first peer failure
   std::vector<int> failed_peers_;                  // guarded by mu_
   std::vector<Status> peer_failures_;              // guarded by mu_: per peer, ok while it answers
