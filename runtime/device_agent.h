@@ -179,6 +179,7 @@ class DeviceAgent {
   std::atomic<std::int64_t> blocks_written_{0};
   std::atomic<std::int64_t> blocks_read_{0};
   std::atomic<std::int64_t> requests_refused_{0};
+  std::atomic<bool> stopping_{false};  // stop() was called: a stage waiting for input gives up
   std::atomic<std::int64_t> stages_run_{0};
   std::atomic<std::int64_t> swap_out_bytes_{0};
   std::atomic<std::int64_t> swap_in_bytes_{0};
