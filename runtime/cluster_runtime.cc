@@ -92,27 +92,39 @@ void set_default_fleet_factory(
 StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOptions& options,
                                                                  const model::WeightSource& weights, const Clock* clock) {
   if (options.num_instances <= 0) return invalid_argument("num_instances must be >= 1");
-  const model::ModelConfig& config = weights.config();
-  std::unique_ptr<ClusterRuntime> rt(new ClusterRuntime(options, clock));
-  rt->config_ = config;
   FleetOptions fleet_options;
   fleet_options.num_devices = options.num_instances;
   fleet_options.device = options.device;
   fleet_options.link = options.link;
   fleet_options.host_link = options.host_link;
   fleet_options.host_swap_blocks = options.host_swap_blocks;
+  std::unique_ptr<DeviceFleet> fleet;
   const auto& make_fleet = options.make_fleet ? options.make_fleet : default_fleet_factory();
   if (make_fleet) {
-    KUN_ASSIGN_OR_RETURN(rt->fleet_, make_fleet(fleet_options, weights));
-    if (rt->fleet_->num_devices() != options.num_instances) {
-      return invalid_argument("the fleet has " + std::to_string(rt->fleet_->num_devices()) + " devices, the cluster wants " +
-                              std::to_string(options.num_instances));
-    }
+    KUN_ASSIGN_OR_RETURN(fleet, make_fleet(fleet_options, weights));
   } else {
-    KUN_ASSIGN_OR_RETURN(rt->fleet_, InProcessFleet::create(fleet_options, weights));
+    KUN_ASSIGN_OR_RETURN(fleet, InProcessFleet::create(fleet_options, weights));
   }
+  return create_with_fleet(options, weights.config(), std::move(fleet), clock);
+}
+
+StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create_with_fleet(const ClusterOptions& options,
+                                                                            const model::ModelConfig& config,
+                                                                            std::unique_ptr<DeviceFleet> fleet,
+                                                                            const Clock* clock) {
+  if (fleet == nullptr || fleet->num_devices() != options.num_instances) {
+    return invalid_argument("the fleet must have num_instances (" + std::to_string(options.num_instances) + ") devices");
+  }
+  std::unique_ptr<ClusterRuntime> rt(new ClusterRuntime(options, clock));
+  rt->config_ = config;
+  rt->fleet_ = std::move(fleet);
   for (std::int64_t i = 0; i < options.num_instances; ++i) {
     const DeviceGeometry& geo = rt->fleet_->geometry(static_cast<int>(i));
+    if (geo.num_layers != config.num_layers || static_cast<int>(geo.resident_layers.size()) != config.num_layers) {
+      return failed_precondition("device " + std::to_string(i) + " reports " + std::to_string(geo.resident_layers.size()) + " of " +
+                                 std::to_string(geo.num_layers) + " layers resident; the cluster starts with every device holding all " +
+                                 std::to_string(config.num_layers));
+    }
     auto alloc = std::make_unique<kv::KvBlockAllocator>(geo.blocks_per_page);
     std::vector<memory::PageId> pages;
     for (std::int64_t p : geo.kv_page_ids) pages.push_back(memory::PageId(p));

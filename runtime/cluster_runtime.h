@@ -118,6 +118,11 @@ class ClusterRuntime final : public engine::FrontDoor {
  public:
   static StatusOr<std::unique_ptr<ClusterRuntime>> create(const ClusterOptions& options,
                                                           const model::WeightSource& weights, const Clock* clock);
+  // Over devices someone else started (MpiFleet: device ranks): `fleet` has num_instances devices,
+  // each holding every layer of `config`. The fleet's options (device, links, host swap) are its own.
+  static StatusOr<std::unique_ptr<ClusterRuntime>> create_with_fleet(const ClusterOptions& options,
+                                                                     const model::ModelConfig& config,
+                                                                     std::unique_ptr<DeviceFleet> fleet, const Clock* clock);
   ~ClusterRuntime() override;
 
   void start();

@@ -120,6 +120,7 @@ void DeviceAgent::start() {
 
 void DeviceAgent::stop() {
   if (!thread_.joinable()) return;
+  stopping_.store(true, std::memory_order_release);
   for (Port port : {Port::kStage, Port::kAgent}) {
     MessageHeader h;
     h.dst = endpoint_.device();
@@ -204,7 +205,12 @@ void DeviceAgent::run_stage(Message& m) {
     in.src = req->prev_endpoint;
     in.tag = h.tag;
     RecvHandle ih = endpoint_.recv(in);
-    s = ih.wait();
+    // No deadline: the previous stage always sends its output or its error (a lost peer fails the
+    // receive through the transport); only stop() ends the wait early.
+    while (!ih.wait_for(std::chrono::milliseconds(100))) {
+      if (stopping_.load(std::memory_order_acquire)) break;
+    }
+    s = ih.ready() ? ih.wait() : cancelled("device " + std::to_string(device_id()) + " stopped while a stage waited for its input");
     if (s.ok()) {
       Message im = ih.take();
       s = status_from_reply(im);

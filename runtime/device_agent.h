@@ -8,7 +8,8 @@
 //
 // The same agent serves over the in-process hub and over MPI: a requester never holds a pointer
 // into the holder's memory, so under MPI cross-device access is impossible by construction and
-// in-process it is ruled out by the API (the client only ever sees payload bytes).
+// in-process it is ruled out by the API (the client only ever sees payload bytes) and caught by
+// the device's owner check (VirtualDevice::set_owner_check, on in InProcessFleet).
 //
 // Pipeline stages (kRunStage, stage_message.h) run on a second agent thread, the stage thread, so
 // the serve thread keeps answering remote attention for other stages while a stage of this
@@ -179,6 +180,7 @@ class DeviceAgent {
   std::atomic<std::int64_t> blocks_written_{0};
   std::atomic<std::int64_t> blocks_read_{0};
   std::atomic<std::int64_t> requests_refused_{0};
+  std::atomic<bool> stopping_{false};  // stop() was called: a stage waiting for input gives up
   std::atomic<std::int64_t> stages_run_{0};
   std::atomic<std::int64_t> swap_out_bytes_{0};
   std::atomic<std::int64_t> swap_in_bytes_{0};

@@ -7,6 +7,8 @@
 //
 // Endpoint ids: the front end is 0, device i is i + 1, in-process as under MPI (rank 0 front
 // end, ranks 1..N devices), so tests and logs read the same in both runtimes.
+// In-process, the front end's messages skip the link model (they stand for a host issuing
+// commands, not device-link traffic); device-to-device messages are paced as configured.
 //
 // Backends: InProcessFleet (here) creates the VirtualDevices, one DeviceAgent each over an
 // InProcessMessageHub, and owns them; MpiFleet (runtime/mpi/) talks to device ranks.
