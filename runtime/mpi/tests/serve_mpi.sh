@@ -9,7 +9,7 @@ set -u
 K=$1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 MPIRUN=(mpirun --oversubscribe --bind-to none --mca btl self,vader)
-COMMON=(serve --load-format dummy --preset tiny --port 0 --kv-tokens-per-device 512)
+COMMON=(serve --load-format dummy --preset tiny --port 0 --kv-tokens-per-device 512 --mpi-peer-timeout-ms 10000)
 dir=$(mktemp -d)
 status=0
 fail() { echo "serve_mpi.sh: FAIL: $*"; status=1; }
