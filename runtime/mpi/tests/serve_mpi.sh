@@ -14,6 +14,11 @@ dir=$(mktemp -d)
 status=0
 fail() { echo "serve_mpi.sh: FAIL: $*"; status=1; }
 leftovers() { pgrep -f "^$K serve" >/dev/null; }
+rank_pid() {  # rank -> pid of that rank's kunserve process
+  for p in $(pgrep -f "^$K serve"); do
+    if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -q "^OMPI_COMM_WORLD_RANK=$1\$"; then echo "$p"; fi
+  done
+}
 
 wait_port() {  # log -> port (from the banner), waits up to 60 s
   for _ in $(seq 1 600); do
@@ -40,14 +45,15 @@ port=$(wait_port "$dir/inproc.log") || fail "in-process server did not start"
 complete_all "$port" "$dir/inproc.txt"
 kill -TERM $pid; wait $pid
 
-"${MPIRUN[@]}" -np 5 "$K" "${COMMON[@]}" --runtime mpi --max-seconds 25 >"$dir/mpi.log" 2>&1 &
+"${MPIRUN[@]}" -np 5 "$K" "${COMMON[@]}" --runtime mpi --max-seconds 120 >"$dir/mpi.log" 2>&1 &
 mpid=$!
 port=$(wait_port "$dir/mpi.log") || fail "MPI server did not start"
 grep -q "runtime mpi: 4 device ranks" "$dir/mpi.log" || fail "no MPI banner"
 complete_all "$port" "$dir/mpi.txt"
+kill -TERM "$(rank_pid 0)"  # rank 0 drains, frees the device ranks, and all finalize
 wait $mpid
 rc=$?
-[[ $rc -eq 0 ]] || fail "MPI serve exited $rc after --max-seconds"
+[[ $rc -eq 0 ]] || fail "MPI serve exited $rc after SIGTERM to rank 0"
 if [[ $(wc -l <"$dir/inproc.txt") -ne 3 ]]; then fail "in-process completions missing"; fi
 if cmp -s "$dir/inproc.txt" "$dir/mpi.txt"; then
   echo "ok   3 greedy completions identical in-process and over 4 MPI device ranks"
@@ -65,10 +71,7 @@ for i in 1 2 3 4; do
     >"$dir/stream$i.txt" 2>&1 &
 done
 sleep 1.5
-victim=""
-for p in $(pgrep -f "^$K serve"); do
-  if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -q '^OMPI_COMM_WORLD_RANK=2$'; then victim=$p; fi
-done
+victim=$(rank_pid 2)
 [[ -n $victim ]] || fail "rank 2 not found"
 killed_at=$(date +%s%N)
 kill -9 "$victim"
