@@ -304,7 +304,7 @@ bool MpiTransport::wait_for_wake(std::chrono::microseconds timeout, bool doorbel
   fds[1] = {doorbell_fd_, POLLIN, 0};
   nfds_t n = doorbell_too && doorbell_fd_ >= 0 ? 2 : 1;
   const nfds_t first_pidfd = n;
-  if (doorbell_too) {  // a peer's exit wakes this rank too
+  if (doorbell_too) {  // a peer's exit wakes this rank too (past 62 peers: the 1 ms check only)
     for (int fd : peer_pidfds_) {
       if (fd >= 0 && n < 64) fds[n++] = {fd, POLLIN, 0};
     }

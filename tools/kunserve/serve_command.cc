@@ -186,14 +186,21 @@ Status run_serve_mpi(ServeArgs a, int* exit_code) {
   KUN_ASSIGN_OR_RETURN(auto session, rm::MpiSession::init(nullptr, nullptr));
   const int rank = session->rank();
   const int size = session->size();
+  // A refusal every rank reaches: rank 0 says why while MPI is up (the others wait for it in
+  // MPI_Finalize, so mpirun cannot end rank 0 before the message is out); all exit 2.
+  const auto refuse = [&](const Status& why) {
+    if (rank == 0) std::cerr << "kunserve serve: " << why.to_string() << std::endl;
+    *exit_code = 2;
+    return Status(why.code(), "");
+  };
   if (size < 2) {
-    return failed_precondition("--runtime mpi needs at least 2 ranks (rank 0 front end, ranks 1..N devices); mpirun started " +
-                               std::to_string(size));
+    return refuse(failed_precondition("--runtime mpi needs at least 2 ranks (rank 0 front end, ranks 1..N devices); "
+                                      "mpirun started " + std::to_string(size)));
   }
   if (a.devices_given && a.cluster.devices != size - 1) {
-    return invalid_argument("--devices " + std::to_string(a.cluster.devices) + " but the job has " + std::to_string(size - 1) +
-                            " device ranks: start mpirun -np " + std::to_string(a.cluster.devices + 1) +
-                            " or leave --devices out");
+    return refuse(invalid_argument("--devices " + std::to_string(a.cluster.devices) + " but the job has " +
+                                   std::to_string(size - 1) + " device ranks: start mpirun -np " +
+                                   std::to_string(a.cluster.devices + 1) + " or leave --devices out"));
   }
   a.cluster.devices = size - 1;
   // Every rank opens the model itself; a rank that cannot is named by the identity check.
@@ -205,11 +212,8 @@ Status run_serve_mpi(ServeArgs a, int* exit_code) {
   id.dtype = a.model.dtype + "/kv-" + a.model.kv_cache_dtype;
   id.build_id = rm::this_build_id();
   const Status agreed = rm::check_identity(id);
-  if (!agreed.ok()) {
-    *exit_code = 2;
-    return rank == 0 ? agreed : Status(StatusCode::kFailedPrecondition, "");  // rank 0 says why
-  }
-  KUN_RETURN_IF_ERROR(weights.status());
+  if (!agreed.ok()) return refuse(agreed);
+  if (!weights.ok()) return refuse(weights.status());  // every rank failed the same way
 
   struct Loss {
     std::mutex mu;
@@ -326,7 +330,7 @@ void add_serve_command(CLI::App* app, int* exit_code) {
       } else {
         s = run_serve_mpi(*a, exit_code);
       }
-      if (!s.ok() && s.message().empty()) {  // a device rank after a refused start: rank 0 said why
+      if (!s.ok() && s.message().empty()) {  // a refused start: rank 0 said why
         if (*exit_code == 0) *exit_code = 1;
         return;
       }
