@@ -42,56 +42,105 @@ void add_counters(const engine::ServingStats& from, engine::ServingStats* into) 
   into->requests_finished_total += from.requests_finished_total;
 }
 
-// Copies layer blocks from[i] of device `src_dev` into to[i] of device `dst_dev` through the
-// transport, one message per run of blocks contiguous in both memories. Returns the bytes moved.
-std::int64_t copy_blocks(Transport& transport, int src_dev, const kv::KvStorage& src, int dst_dev, const kv::KvStorage& dst,
-                         std::span<const kv::BlockId> from, std::span<const kv::BlockId> to, TransferKind kind) {
-  KUN_CHECK_EQ(from.size(), to.size());
-  const std::int64_t bytes = src.block_bytes();
-  KUN_CHECK_EQ(bytes, dst.block_bytes());
-  std::size_t i = 0;
-  while (i < from.size()) {
-    std::size_t n = 1;
-    while (i + n < from.size() && src.block_data(from[i + n]) == src.block_data(from[i]) + n * static_cast<std::size_t>(bytes) &&
-           dst.block_data(to[i + n]) == dst.block_data(to[i]) + n * static_cast<std::size_t>(bytes)) {
-      ++n;
-    }
-    transport.transfer(src_dev, dst_dev, src.block_data(from[i]), dst.block_data(to[i]), static_cast<std::int64_t>(n) * bytes, kind);
-    i += n;
-  }
-  return static_cast<std::int64_t>(from.size()) * bytes;
+std::vector<std::int64_t> raw_ids(std::span<const kv::BlockId> ids) {
+  std::vector<std::int64_t> out;
+  out.reserve(ids.size());
+  for (kv::BlockId b : ids) out.push_back(b.value);
+  return out;
 }
 
 }  // namespace
+
+std::int64_t ClusterRuntime::move_kv(std::int64_t src, std::span<const kv::BlockId> from, std::int64_t dst,
+                                     std::span<const kv::BlockId> to, TransferKind kind) const {
+  KUN_CHECK_EQ(from.size(), to.size());
+  if (from.empty()) return 0;
+  // One message: the source's agent reads the blocks and sends them to the destination's agent,
+  // which writes them and acks here.
+  const Status s = client().send_blocks(endpoint(src), raw_ids(from), endpoint(dst), raw_ids(to), kind);
+  KUN_CHECK(s.ok()) << "KV move of " << from.size() << " blocks from device " << src << " to " << dst << ": " << s.to_string();
+  return static_cast<std::int64_t>(from.size()) * fleet_->geometry(static_cast<int>(src)).block_bytes;
+}
+
+bool ClusterRuntime::mirror_has_layer(std::int64_t instance, std::int64_t layer) const {
+  std::lock_guard<std::mutex> lock(mirror_mu_);
+  return resident_[static_cast<std::size_t>(instance)][static_cast<std::size_t>(layer)] != 0;
+}
+
+void ClusterRuntime::mirror_set_layer(std::int64_t instance, std::int64_t layer, bool resident) {
+  std::lock_guard<std::mutex> lock(mirror_mu_);
+  resident_[static_cast<std::size_t>(instance)][static_cast<std::size_t>(layer)] = resident ? 1 : 0;
+}
 
 ClusterRuntime::ClusterRuntime(ClusterOptions options, const Clock* clock)
     : options_(std::move(options)), clock_(clock), router_(options_.router),
       events_(options_.coordinator.event_history),
       transition_log_(options_.coordinator.event_history) {}
 
+namespace {
+std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)>& default_fleet_factory() {
+  static std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> factory;
+  return factory;
+}
+}  // namespace
+
+void set_default_fleet_factory(
+    std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> factory) {
+  default_fleet_factory() = std::move(factory);
+}
+
 StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOptions& options,
                                                                  const model::WeightSource& weights, const Clock* clock) {
   if (options.num_instances <= 0) return invalid_argument("num_instances must be >= 1");
-  const model::ModelConfig& config = weights.config();
+  FleetOptions fleet_options;
+  fleet_options.num_devices = options.num_instances;
+  fleet_options.device = options.device;
+  fleet_options.link = options.link;
+  fleet_options.host_link = options.host_link;
+  fleet_options.host_swap_blocks = options.host_swap_blocks;
+  std::unique_ptr<DeviceFleet> fleet;
+  const auto& make_fleet = options.make_fleet ? options.make_fleet : default_fleet_factory();
+  if (make_fleet) {
+    KUN_ASSIGN_OR_RETURN(fleet, make_fleet(fleet_options, weights));
+  } else {
+    KUN_ASSIGN_OR_RETURN(fleet, InProcessFleet::create(fleet_options, weights));
+  }
+  return create_with_fleet(options, weights.config(), std::move(fleet), clock);
+}
+
+StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create_with_fleet(const ClusterOptions& options,
+                                                                            const model::ModelConfig& config,
+                                                                            std::unique_ptr<DeviceFleet> fleet,
+                                                                            const Clock* clock) {
+  if (fleet == nullptr || fleet->num_devices() != options.num_instances) {
+    return invalid_argument("the fleet must have num_instances (" + std::to_string(options.num_instances) + ") devices");
+  }
   std::unique_ptr<ClusterRuntime> rt(new ClusterRuntime(options, clock));
   rt->config_ = config;
-  rt->transport_ = std::make_unique<InProcessTransport>(options.link, options.host_link);
+  rt->fleet_ = std::move(fleet);
   for (std::int64_t i = 0; i < options.num_instances; ++i) {
-    DeviceOptions dev_opt = options.device;
-    dev_opt.name = "dev" + std::to_string(i);
-    KUN_ASSIGN_OR_RETURN(auto dev, VirtualDevice::create(dev_opt, config));
-    KUN_RETURN_IF_ERROR(dev->load_weights(weights, 0, config.num_layers).with_context("device " + dev_opt.name));
-    auto alloc = std::make_unique<kv::KvBlockAllocator>(dev->kv_storage().blocks_per_page());
-    KUN_RETURN_IF_ERROR(alloc->add_pages(dev->give_free_pages_to_kv()));
-    if (alloc->num_total() < config.num_layers) return resource_exhausted("device " + dev_opt.name + " has no room for KV");
-    rt->devices_.push_back(std::move(dev));
+    const DeviceGeometry& geo = rt->fleet_->geometry(static_cast<int>(i));
+    if (geo.num_layers != config.num_layers || static_cast<int>(geo.resident_layers.size()) != config.num_layers) {
+      return failed_precondition("device " + std::to_string(i) + " reports " + std::to_string(geo.resident_layers.size()) + " of " +
+                                 std::to_string(geo.num_layers) + " layers resident; the cluster starts with every device holding all " +
+                                 std::to_string(config.num_layers));
+    }
+    auto alloc = std::make_unique<kv::KvBlockAllocator>(geo.blocks_per_page);
+    std::vector<memory::PageId> pages;
+    for (std::int64_t p : geo.kv_page_ids) pages.push_back(memory::PageId(p));
+    KUN_RETURN_IF_ERROR(alloc->add_pages(pages));
+    if (alloc->num_total() < config.num_layers) return resource_exhausted("device dev" + std::to_string(i) + " has no room for KV");
     rt->allocators_.push_back(std::move(alloc));
+    std::vector<char> resident(static_cast<std::size_t>(config.num_layers), 0);
+    for (std::int64_t l : geo.resident_layers) resident[static_cast<std::size_t>(l)] = 1;
+    rt->resident_.push_back(std::move(resident));
   }
+  const DeviceGeometry& geo0 = rt->fleet_->geometry(0);
   cluster::ClusterShape shape;
   shape.num_instances = options.num_instances;
   shape.num_layers = config.num_layers;
-  shape.layer_param_bytes = rt->devices_[0]->pages_per_layer() * options.device.page_bytes;
-  shape.layer_block_bytes = rt->devices_[0]->kv_geometry().block_stride_bytes();
+  shape.layer_param_bytes = geo0.pages_per_layer * geo0.page_bytes;
+  shape.layer_block_bytes = geo0.block_stride_bytes;
   shape.block_size_tokens = options.device.kv_block_size;
   std::vector<std::int64_t> degrees;
   for (std::int64_t g : options.allowed_degrees) {
@@ -138,18 +187,17 @@ std::shared_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
   unit->group = group;
   const auto g = static_cast<std::int64_t>(instances.size());
   const std::int64_t L = config_.num_layers;
-  std::vector<PipelineStage> stages;
+  std::vector<StageSpec> stages;
   std::vector<kv::KvBlockAllocator*> allocs;
   for (std::int64_t k = 0; k < g; ++k) {
     const std::int64_t inst = instances[static_cast<std::size_t>(k)];
-    stages.push_back(PipelineStage{devices_[static_cast<std::size_t>(inst)].get(), static_cast<int>(inst),
-                                   stage_begin(k, g, L), stage_begin(k + 1, g, L)});
+    stages.push_back(StageSpec{endpoint(inst), stage_begin(k, g, L), stage_begin(k + 1, g, L)});
     allocs.push_back(allocators_[static_cast<std::size_t>(inst)].get());
   }
   std::vector<std::int32_t> layer_device(static_cast<std::size_t>(L));
   for (std::int64_t l = 0; l < L; ++l) layer_device[static_cast<std::size_t>(l)] = static_cast<std::int32_t>(stage_of_layer(l, g, L));
   unit->kv = std::make_unique<engine::KvManager>(options_.device.kv_block_size, allocs, layer_device, options_.host_swap_blocks);
-  unit->executor = std::make_unique<PipelineExecutor>(std::move(stages), transport_.get(), options_.host_swap_blocks);
+  unit->executor = std::make_unique<PipelineExecutor>(std::move(stages), fleet_->front_end());
   engine::EngineConfig ec;
   ec.scheduler = instance_scheduler_config();
   // A group is g devices running g virtual engines, each stage working through the g
@@ -203,8 +251,7 @@ void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(Request
                                                   const std::vector<kv::BlockId>& to_blocks) {
       const std::int64_t src = unit.instances[static_cast<std::size_t>(from)];
       const std::int64_t dst = unit.instances[static_cast<std::size_t>(to)];
-      copy_blocks(*transport_, static_cast<int>(src), devices_[static_cast<std::size_t>(src)]->kv_storage(), static_cast<int>(dst),
-                  devices_[static_cast<std::size_t>(dst)]->kv_storage(), from_blocks, to_blocks, TransferKind::kKvExchange);
+      move_kv(src, from_blocks, dst, to_blocks, TransferKind::kKvExchange);
       blocks += static_cast<std::int64_t>(from_blocks.size());
     });
     if (!s.ok()) break;
@@ -232,15 +279,18 @@ void ClusterRuntime::notify_restore_progress() {
 
 StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
     std::int64_t inst, const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap, std::int64_t* repacked) {
-  VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
   kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
   while (true) {
-    KUN_ASSIGN_OR_RETURN(kv::ReclaimResult reclaimed, alloc.reclaim_pages(dev.pages_per_layer()));
+    KUN_ASSIGN_OR_RETURN(kv::ReclaimResult reclaimed, alloc.reclaim_pages(fleet_->geometry(static_cast<int>(inst)).pages_per_layer));
     if (reclaimed.moves.empty()) return std::move(reclaimed.pages);
-    kv::KvStorage& store = dev.kv_storage();
+    // The copies happen inside the device, by its agent (the group is paused).
+    std::vector<std::int64_t> from, to;
     for (const kv::BlockMove& m : reclaimed.moves) {
-      std::memcpy(store.block_data(m.to), store.block_data(m.from), static_cast<std::size_t>(store.block_bytes()));
+      from.push_back(m.from.value);
+      to.push_back(m.to.value);
     }
+    const Status moved = client().move_blocks(endpoint(inst), from, to);
+    KUN_CHECK(moved.ok()) << "repack on device " << inst << ": " << moved.to_string();
     const std::int64_t remapped = remap(reclaimed.moves);
     KUN_CHECK_EQ(remapped, static_cast<std::int64_t>(reclaimed.moves.size())) << "repack on device " << inst;
     for (const kv::BlockMove& m : reclaimed.moves) alloc.free(m.from);
@@ -269,16 +319,14 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
   unit.restore_plan = cluster::plan_restore(input, transition_geometry());
   record_plan("restore", group, unit.restore_plan.to_string());
   struct Pull {
-    int from, to;
-    std::span<const std::byte> src;
-    std::span<std::byte> dst;
+    std::int64_t from, to, layer;
+    std::vector<std::int64_t> pages;  // KV pages of `to` the layer goes into (no live blocks)
   };
   std::vector<Pull> pulls;
   std::int32_t short_member = -1;  // its pool could not spare the next layer: the rest wait for the split
   for (const cluster::WeightPull& p : unit.restore_plan.pulls) {
     if (p.member == short_member) continue;
     const std::int64_t inst = unit.instances[static_cast<std::size_t>(p.member)];
-    VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
     auto pages = reclaim_layer_pages(
         inst, [&](std::span<const kv::BlockMove> moves) { return unit.kv->remap_blocks(p.member, moves); },
         &unit.restore_repacked_blocks);
@@ -286,18 +334,21 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
       short_member = p.member;
       continue;
     }
-    KUN_CHECK_OK(dev.restore_layer(p.layer, *pages));
     const std::int64_t owner = unit.instances[static_cast<std::size_t>(p.from)];
-    pulls.push_back(Pull{static_cast<int>(owner), static_cast<int>(inst), devices_[static_cast<std::size_t>(owner)]->layer_bytes(p.layer),
-                         dev.restored_layer_data(p.layer)});
-    unit.restore_pulled_bytes += static_cast<std::int64_t>(pulls.back().src.size());
+    pulls.push_back(Pull{owner, inst, p.layer, {}});
+    for (memory::PageId page : *pages) pulls.back().pages.push_back(page.value);
+    unit.restore_pulled_bytes += fleet_->geometry(static_cast<int>(owner)).layer_segment_bytes;
   }
   if (pulls.empty()) {
     unit.weights_back.store(true);
   } else {
+    // Each puller's agent asks the owner's agent for the layer (a bulk kWeights message that
+    // yields its links to activations) and maps it into the reclaimed pages; the acks come here.
     unit.weight_pull = std::thread([this, &unit, pulls = std::move(pulls)] {
       for (const Pull& p : pulls) {
-        transport_->transfer(p.from, p.to, p.src.data(), p.dst.data(), static_cast<std::int64_t>(p.src.size()), TransferKind::kWeights);
+        const Status s = client().pull_layer(endpoint(p.to), p.layer, endpoint(p.from), p.pages);
+        KUN_CHECK(s.ok()) << "pull of layer " << p.layer << " by device " << p.to << " from " << p.from << ": " << s.to_string();
+        mirror_set_layer(p.to, p.layer, true);
       }
       unit.weights_back.store(true, std::memory_order_release);
       notify_restore_progress();
@@ -638,7 +689,7 @@ engine::ServingStats ClusterRuntime::stats() const {
         is.instance = inst;
         is.group = u->group;
         is.group_state = u->group < 0 ? "INITIAL" : u->restoring.load() || u->gathered.load() ? "RESTORING" : "DROPPED";
-        is.dropped_param_bytes = devices_[static_cast<std::size_t>(inst)]->arena().stats().dropped_param_bytes;
+        is.dropped_param_bytes = dropped_param_bytes(inst);
         out.instances.push_back(is);
       }
       add_counters(st, &out);
@@ -763,7 +814,7 @@ cluster::TransitionGeometry ClusterRuntime::transition_geometry() const {
   geo.num_layers = config_.num_layers;
   geo.block_size_tokens = options_.device.kv_block_size;
   geo.blocks_per_page = allocators_.front()->blocks_per_page();
-  geo.pages_per_layer = devices_.front()->pages_per_layer();
+  geo.pages_per_layer = fleet_->geometry(0).pages_per_layer;
   return geo;
 }
 
@@ -818,7 +869,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   Status commit = options_.transition_fault ? options_.transition_fault("drop", group) : ok_status();
   for (std::size_t k = 0; commit.ok() && k < members.size(); ++k) {
     for (std::int64_t l : plan.members[k].layers_dropped) {
-      if (!devices_[static_cast<std::size_t>(plan.members[k].instance)]->has_layer(l)) {
+      if (!mirror_has_layer(plan.members[k].instance, l)) {
         commit = failed_precondition("device " + std::to_string(plan.members[k].instance) + " does not hold layer " + std::to_string(l));
       }
     }
@@ -869,15 +920,16 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   std::int64_t dropped_bytes = 0;
   for (std::int64_t k = 0; k < g; ++k) {
     const cluster::MemberLayout& layout = plan.members[static_cast<std::size_t>(k)];
-    VirtualDevice& dev = *devices_[static_cast<std::size_t>(layout.instance)];
     kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(layout.instance)];
     for (std::int64_t l : layout.layers_dropped) {
       // Past the commit point (the layers were checked above): a failure here is a broken invariant.
-      StatusOr<std::vector<memory::PageId>> pages_or = dev.drop_layer(l);
+      StatusOr<std::vector<std::int64_t>> pages_or = client().drop_layer(endpoint(layout.instance), l);
       KUN_CHECK(pages_or.ok()) << "drop of layer " << l << " on device " << layout.instance << ": " << pages_or.status().to_string();
-      const std::vector<memory::PageId>& pages = *pages_or;
+      std::vector<memory::PageId> pages;
+      for (std::int64_t p : *pages_or) pages.push_back(memory::PageId(p));
       KUN_CHECK_OK(alloc.add_pages(pages));
-      dropped_bytes += static_cast<std::int64_t>(pages.size()) * dev.arena().page_bytes();
+      mirror_set_layer(layout.instance, l, false);
+      dropped_bytes += static_cast<std::int64_t>(pages.size()) * fleet_->geometry(static_cast<int>(layout.instance)).page_bytes;
     }
   }
   auto unit = make_unit(instances, group);
@@ -966,9 +1018,6 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
     return *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
   };
-  const auto member_store = [&](std::int64_t k) -> kv::KvStorage& {
-    return devices_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])]->kv_storage();
-  };
   // Only the group stops: its gate closes (what is routed to it meanwhile is handed to the
   // instances it splits into) and its engine parks at a step boundary.
   close_gate(*unit);
@@ -1028,9 +1077,8 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
     for (const cluster::LayerMove& m : p.moves) {
       KUN_CHECK_OK(mine.add_layer(m.layer, member_alloc(p.member)));
       const std::vector<kv::BlockId> from = tables.at(m.from).release_layer(m.layer);
-      exchanged_bytes += copy_blocks(*transport_, static_cast<int>(instances[static_cast<std::size_t>(m.from)]), member_store(m.from),
-                                     static_cast<int>(instances[static_cast<std::size_t>(p.member)]), member_store(p.member), from,
-                                     mine.layer_blocks(m.layer), TransferKind::kKvExchange);
+      exchanged_bytes += move_kv(instances[static_cast<std::size_t>(m.from)], from, instances[static_cast<std::size_t>(p.member)],
+                                 mine.layer_blocks(m.layer), TransferKind::kKvExchange);
       member_alloc(m.from).free(from);
       exchanged_blocks += static_cast<std::int64_t>(from.size());
     }
@@ -1043,8 +1091,7 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   // the peer that kept them, with the group paused.
   for (const cluster::WeightPull& wp : restore_plan.pulls) {
     const std::int64_t inst = instances[static_cast<std::size_t>(wp.member)];
-    VirtualDevice& dev = *devices_[static_cast<std::size_t>(inst)];
-    if (dev.has_layer(wp.layer)) continue;  // pulled during the gather
+    if (mirror_has_layer(inst, wp.layer)) continue;  // pulled during the gather
     const auto remap = [&](std::span<const kv::BlockMove> moves) {
       std::int64_t remapped = 0;
       for (const cluster::Placement& p : plan.keep_kv) {
@@ -1057,18 +1104,19 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
     StatusOr<std::vector<memory::PageId>> pages_or = reclaim_layer_pages(inst, remap, &repacked_blocks);
     KUN_CHECK(pages_or.ok()) << "split of group " << group << ": layer " << wp.layer << " on device " << inst << ": "
                              << pages_or.status().to_string();
-    const std::vector<memory::PageId>& pages = *pages_or;
-    KUN_CHECK_OK(dev.restore_layer(wp.layer, pages));
+    std::vector<std::int64_t> pages;
+    for (memory::PageId page : *pages_or) pages.push_back(page.value);
     const std::int64_t owner = instances[static_cast<std::size_t>(wp.from)];
-    const auto src = devices_[static_cast<std::size_t>(owner)]->layer_bytes(wp.layer);
-    auto dst = dev.restored_layer_data(wp.layer);
-    transport_->transfer(static_cast<int>(owner), static_cast<int>(inst), src.data(), dst.data(),
-                         static_cast<std::int64_t>(src.size()), TransferKind::kWeights);
-    pulled_bytes += static_cast<std::int64_t>(src.size());
+    const Status pulled = client().pull_layer(endpoint(inst), wp.layer, endpoint(owner), pages);
+    KUN_CHECK(pulled.ok()) << "split of group " << group << ": pull of layer " << wp.layer << " by device " << inst << ": "
+                           << pulled.to_string();
+    mirror_set_layer(inst, wp.layer, true);
+    pulled_bytes += fleet_->geometry(static_cast<int>(owner)).layer_segment_bytes;
   }
   for (std::int64_t inst : instances) {
-    KUN_CHECK_EQ(devices_[static_cast<std::size_t>(inst)]->arena().num_kv_pages(), allocators_[static_cast<std::size_t>(inst)]->num_pages())
-        << "device " << inst;
+    auto snap = client().check_integrity(endpoint(inst));
+    KUN_CHECK(snap.ok()) << "device " << inst << ": " << snap.status().to_string();
+    KUN_CHECK_EQ(snap->kv_pages, allocators_[static_cast<std::size_t>(inst)]->num_pages()) << "device " << inst;
   }
   std::vector<Unit*> fresh_units;
   std::vector<std::shared_ptr<Unit>> fresh;
@@ -1167,15 +1215,20 @@ Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instanc
     KUN_CHECK_OK(to->engine->adopt(std::move(*d), /*with_kv=*/true));
     const std::vector<engine::LayerBlockList> dst = to->kv->block_lists(request);
     KUN_CHECK_EQ(src.size(), dst.size());
-    kv::KvStorage& src_store = devices_[static_cast<std::size_t>(from_instance)]->kv_storage();
-    kv::KvStorage& dst_store = devices_[static_cast<std::size_t>(to_instance)]->kv_storage();
-    const auto ids = [](const std::vector<std::int64_t>& v) { return std::vector<kv::BlockId>(v.begin(), v.end()); };
+    const auto ids = [](const std::vector<std::int64_t>& v) {
+      std::vector<kv::BlockId> out;
+      for (std::int64_t b : v) out.push_back(kv::BlockId(b));
+      return out;
+    };
+    std::vector<kv::BlockId> src_blocks, dst_blocks;  // every layer's blocks, one message
     for (std::size_t i = 0; i < src.size(); ++i) {
       KUN_CHECK_EQ(src[i].layer, dst[i].layer);
-      bytes += copy_blocks(*transport_, static_cast<int>(from_instance), src_store, static_cast<int>(to_instance), dst_store,
-                           ids(src[i].blocks), ids(dst[i].blocks), TransferKind::kKvMigration);
-      blocks += static_cast<std::int64_t>(src[i].blocks.size());
+      KUN_CHECK_EQ(src[i].blocks.size(), dst[i].blocks.size());
+      for (kv::BlockId b : ids(src[i].blocks)) src_blocks.push_back(b);
+      for (kv::BlockId b : ids(dst[i].blocks)) dst_blocks.push_back(b);
     }
+    bytes += move_kv(from_instance, src_blocks, to_instance, dst_blocks, TransferKind::kKvMigration);
+    blocks += static_cast<std::int64_t>(src_blocks.size());
     from->engine->mutable_scheduler().release_detached(request);
   } else if (live) {
     // The destination cannot hold its KV: it stays where it is.
@@ -1279,9 +1332,48 @@ bool ClusterRuntime::run_step_all() {
   return any;
 }
 
+std::int64_t ClusterRuntime::dropped_param_bytes(std::int64_t instance) const {
+  const DeviceGeometry& geo = fleet_->geometry(static_cast<int>(instance));
+  std::int64_t dropped = 0;
+  {
+    std::lock_guard<std::mutex> lock(mirror_mu_);
+    for (char r : resident_[static_cast<std::size_t>(instance)]) dropped += r == 0 ? 1 : 0;
+  }
+  return dropped * geo.pages_per_layer * geo.page_bytes;
+}
+
 void ClusterRuntime::check_integrity() {
+  // Weight pulls in flight change a device's pages under the front end's feet (pages leave its
+  // allocator at begin_restore, its arena when the pull lands): wait for them, without the
+  // transition lock, then check with the lock held and every engine paused.
   std::unique_lock lock(transition_mu_);
+  while (true) {
+    std::shared_ptr<Unit> pulling;
+    for (const auto& u : units_) {
+      if (u->weight_pull.joinable() && !u->weights_back.load(std::memory_order_acquire)) pulling = u;
+    }
+    if (pulling == nullptr) break;
+    lock.unlock();
+    {
+      std::unique_lock<std::mutex> pl(policy_mu_);
+      policy_cv_.wait(pl, [&] { return pulling->weights_back.load(std::memory_order_acquire); });
+    }
+    lock.lock();
+  }
   for (auto& u : units_) u->engine->pause();
+  // What each device reports of itself (its agent checks its arena's page accounting).
+  std::vector<DeviceSnapshot> reported;
+  for (std::int64_t i = 0; i < options_.num_instances; ++i) {
+    auto snap = client().check_integrity(endpoint(i));
+    KUN_CHECK(snap.ok()) << "device " << i << ": " << snap.status().to_string();
+    reported.push_back(std::move(*snap));
+  }
+  const auto holds = [&](std::int64_t inst, std::int64_t l) {
+    const auto& layers = reported[static_cast<std::size_t>(inst)].resident_layers;
+    const bool held = std::find(layers.begin(), layers.end(), l) != layers.end();
+    KUN_CHECK_EQ(held, mirror_has_layer(inst, l)) << "the front end's mirror of device " << inst << " is wrong about layer " << l;
+    return held;
+  };
   const std::int64_t L = config_.num_layers;
   std::set<RequestId> seen;
   for (auto& u : units_) {
@@ -1299,20 +1391,19 @@ void ClusterRuntime::check_integrity() {
     // The members together hold every layer exactly once (all of them when independent).
     for (std::int64_t l = 0; l < L; ++l) {
       int holders = 0;
-      for (std::int64_t inst : u->instances) holders += devices_[static_cast<std::size_t>(inst)]->has_layer(l) ? 1 : 0;
+      for (std::int64_t inst : u->instances) holders += holds(inst, l) ? 1 : 0;
       if (u->restoring.load() || u->gathered.load()) {
         // A restoring group pulls its dropped layers back while it serves from the stage owners.
         const std::int64_t g = static_cast<std::int64_t>(u->instances.size());
         const std::int64_t owner = u->instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
-        KUN_CHECK(devices_[static_cast<std::size_t>(owner)]->has_layer(l)) << "layer " << l << " left its stage owner " << owner;
+        KUN_CHECK(holds(owner, l)) << "layer " << l << " left its stage owner " << owner;
       } else {
         KUN_CHECK_EQ(holders, 1) << "layer " << l << " in unit of instance " << u->instances.front();
       }
     }
   }
-  for (std::size_t i = 0; i < devices_.size(); ++i) {
-    devices_[i]->arena().check_integrity();
-    KUN_CHECK_EQ(devices_[i]->arena().num_kv_pages(), allocators_[i]->num_pages()) << "device " << i;
+  for (std::size_t i = 0; i < reported.size(); ++i) {
+    KUN_CHECK_EQ(reported[i].kv_pages, allocators_[i]->num_pages()) << "device " << i;
   }
   for (auto& u : units_) u->engine->resume();
 }

@@ -52,6 +52,7 @@
 #include "engine/engine.h"
 #include "kv/block_allocator.h"
 #include "model/weight_source.h"
+#include "runtime/device_fleet.h"
 #include "runtime/pipeline_executor.h"
 #include "runtime/transport.h"
 #include "runtime/virtual_device.h"
@@ -85,7 +86,16 @@ struct ClusterOptions {
   // stop-and-copy at the split.
   std::int64_t restore_gather_timeout_us = 2'000'000;
   TransitionFaultFn transition_fault;  // tests only; empty in production
+  // Builds the devices (empty: InProcessFleet::create). The MPI runtime passes one that has the
+  // device ranks build theirs (runtime/mpi/mpi_fleet.h, MpiFleetFactory).
+  std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> make_fleet;
 };
+
+// The fleet factory a ClusterRuntime uses when ClusterOptions::make_fleet is empty (unset: the
+// in-process fleet). For test binaries that run the in-process scenarios over MPI device ranks
+// (runtime/mpi/tests): set once, before the first runtime, on the thread that creates them.
+void set_default_fleet_factory(
+    std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> factory);
 
 struct ClusterEvent {
   std::int64_t time_us = 0;
@@ -108,6 +118,11 @@ class ClusterRuntime final : public engine::FrontDoor {
  public:
   static StatusOr<std::unique_ptr<ClusterRuntime>> create(const ClusterOptions& options,
                                                           const model::WeightSource& weights, const Clock* clock);
+  // Over devices someone else started (MpiFleet: device ranks): `fleet` has num_instances devices,
+  // each holding every layer of `config`. The fleet's options (device, links, host swap) are its own.
+  static StatusOr<std::unique_ptr<ClusterRuntime>> create_with_fleet(const ClusterOptions& options,
+                                                                     const model::ModelConfig& config,
+                                                                     std::unique_ptr<DeviceFleet> fleet, const Clock* clock);
   ~ClusterRuntime() override;
 
   void start();
@@ -143,7 +158,9 @@ class ClusterRuntime final : public engine::FrontDoor {
   // The newest options.coordinator.event_history transition plans carried out (drop, restore,
   // split), in order.
   std::vector<cluster::TransitionRecord> transition_log() const;
-  TransferStats transfer_stats() const { return transport_->stats(); }
+  TransferStats transfer_stats() const { return fleet_->transfer_stats(); }
+  // The device agents' counters (remote attention done for other stages, stages run, blocks).
+  StatusOr<AgentCounters> device_counters(std::int64_t instance) const { return fleet_->counters(static_cast<int>(instance)); }
   std::int64_t num_units() const;
   // Transitions that failed and were rolled back, by kind (drop | restore | split | migrate):
   // the counter behind kunserve_transition_failures_total{kind}.
@@ -231,8 +248,18 @@ class ClusterRuntime final : public engine::FrontDoor {
   Status begin_restore_locked(std::int64_t group, const std::string& reason);
   cluster::TransitionGeometry transition_geometry() const;
   void record_plan(const std::string& kind, std::int64_t group, std::string plan);
+  // Device `instance`'s transport endpoint, and a client on the front end's endpoint.
+  int endpoint(std::int64_t instance) const { return fleet_->endpoint_of(static_cast<int>(instance)); }
+  AgentClient client() const { return AgentClient(fleet_->front_end()); }
+  // Device `src` sends layer blocks `from` to device `dst`, which writes them as `to` (one
+  // message); returns the bytes moved.
+  std::int64_t move_kv(std::int64_t src, std::span<const kv::BlockId> from, std::int64_t dst, std::span<const kv::BlockId> to,
+                       TransferKind kind) const;
+  bool mirror_has_layer(std::int64_t instance, std::int64_t layer) const;
+  std::int64_t dropped_param_bytes(std::int64_t instance) const;
+  void mirror_set_layer(std::int64_t instance, std::int64_t layer, bool resident);
   // Takes one layer's worth of pages back from device `inst`'s KV pool, repacking live blocks
-  // inside the device first; `remap` rewrites the block tables holding them and returns how
+  // inside the device first (a kMoveBlocks message); `remap` rewrites the block tables holding them and returns how
   // many entries it changed. kResourceExhausted (nothing changes) when the pool cannot spare them.
   StatusOr<std::vector<memory::PageId>> reclaim_layer_pages(std::int64_t inst,
                                                             const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
@@ -259,9 +286,12 @@ class ClusterRuntime final : public engine::FrontDoor {
   engine::ModelInfo model_info_;
   engine::SchedulerConfig admission_config_;  // an independent instance's, for validating submits
   model::ModelConfig config_;
-  std::unique_ptr<Transport> transport_;
-  std::vector<std::unique_ptr<VirtualDevice>> devices_;
+  // The devices, behind their agents: this front end only sends them messages. Their KV blocks'
+  // bookkeeping (allocators_) and a mirror of what each holds are kept here, updated from replies.
+  std::unique_ptr<DeviceFleet> fleet_;
   std::vector<std::unique_ptr<kv::KvBlockAllocator>> allocators_;
+  mutable std::mutex mirror_mu_;
+  std::vector<std::vector<char>> resident_;  // guarded by mirror_mu_: [instance][layer] held on the device
 
   // Serialises transitions (and start/stop, check_integrity, run_step_all) with each other; guards
   // units_, coordinator_, started_. submit, cancel and stats never take it.

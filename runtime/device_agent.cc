@@ -2,10 +2,14 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <type_traits>
 
 #include "common/check.h"
+#include "model/sampling.h"
 #include "runtime/wire_format.h"
 
 namespace kun::runtime {
@@ -52,6 +56,39 @@ StatusOr<DeviceSnapshot> decode_snapshot(std::span<const std::byte> bytes) {
   return s;
 }
 
+std::vector<std::byte> encode_geometry(const DeviceGeometry& g) {
+  std::vector<std::byte> out;
+  put(out, static_cast<std::int32_t>(g.device));
+  put(out, g.num_layers);
+  put(out, g.page_bytes);
+  put(out, g.num_pages);
+  put(out, g.blocks_per_page);
+  put(out, g.block_bytes);
+  put(out, g.block_stride_bytes);
+  put(out, g.kv_block_size);
+  put(out, g.pages_per_layer);
+  put(out, g.layer_segment_bytes);
+  put(out, g.host_swap_blocks);
+  put(out, g.kv_dtype);
+  put_ids(out, g.resident_layers);
+  put_ids(out, g.kv_page_ids);
+  return out;
+}
+
+StatusOr<DeviceGeometry> decode_geometry(std::span<const std::byte> bytes) {
+  Reader r(bytes);
+  DeviceGeometry g;
+  std::int32_t device = 0;
+  const bool ok = r.get(&device) && r.get(&g.num_layers) && r.get(&g.page_bytes) && r.get(&g.num_pages) &&
+                  r.get(&g.blocks_per_page) && r.get(&g.block_bytes) && r.get(&g.block_stride_bytes) &&
+                  r.get(&g.kv_block_size) && r.get(&g.pages_per_layer) && r.get(&g.layer_segment_bytes) &&
+                  r.get(&g.host_swap_blocks) && r.get(&g.kv_dtype) && r.get_ids(&g.resident_layers) &&
+                  r.get_ids(&g.kv_page_ids) && r.at_end();
+  if (!ok) return data_loss("malformed device geometry (" + std::to_string(bytes.size()) + " bytes)");
+  g.device = device;
+  return g;
+}
+
 double process_cpu_seconds() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
@@ -61,22 +98,38 @@ double process_cpu_seconds() {
 
 // ---- DeviceAgent -----------------------------------------------------------------------------
 
-DeviceAgent::DeviceAgent(VirtualDevice& device, MessageTransport& endpoint) : device_(device), endpoint_(endpoint) {}
+static std::int64_t steady_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+DeviceAgent::DeviceAgent(VirtualDevice& device, MessageTransport& endpoint, AgentOptions options)
+    : device_(device), endpoint_(endpoint), options_(std::move(options)) {
+  const DeviceOwnerScope scope(device_);  // the creator hands the device over here
+  serve_forward_ = std::make_unique<model::ForwardPass>(device_.config(), device_.options().kv_block_size,
+                                                        device_.options().kv_dtype, &device_.pool());
+  host_swap_.resize(static_cast<std::size_t>(options_.host_swap_blocks * device_.kv_storage().block_bytes()));
+}
 
 DeviceAgent::~DeviceAgent() { stop(); }
 
 void DeviceAgent::start() {
   KUN_CHECK(!thread_.joinable()) << "agent of device " << device_id() << " already started";
   thread_ = std::thread([this] { serve_loop(); });
+  stage_thread_ = std::thread([this] { stage_loop(); });
 }
 
 void DeviceAgent::stop() {
   if (!thread_.joinable()) return;
-  MessageHeader h;
-  h.dst = endpoint_.device();
-  h.port = Port::kAgent;
-  h.op = static_cast<std::uint16_t>(AgentOp::kStop);
-  endpoint_.send_owned(std::move(h), {});
+  stopping_.store(true, std::memory_order_release);
+  for (Port port : {Port::kStage, Port::kAgent}) {
+    MessageHeader h;
+    h.dst = endpoint_.device();
+    h.kind = TransferKind::kControl;
+    h.port = port;
+    h.op = static_cast<std::uint16_t>(AgentOp::kStop);
+    endpoint_.send_owned(std::move(h), {});
+  }
+  stage_thread_.join();
   thread_.join();
 }
 
@@ -87,6 +140,11 @@ AgentCounters DeviceAgent::counters() const {
   c.blocks_written = blocks_written_.load();
   c.blocks_read = blocks_read_.load();
   c.requests_refused = requests_refused_.load();
+  c.stages_run = stages_run_.load();
+  c.swap_out_bytes = swap_out_bytes_.load();
+  c.swap_in_bytes = swap_in_bytes_.load();
+  c.swap_out_messages = swap_out_messages_.load();
+  c.swap_in_messages = swap_in_messages_.load();
   return c;
 }
 
@@ -103,9 +161,267 @@ void DeviceAgent::serve_loop() {
     const Status s = h.wait();
     if (!s.ok()) return;  // the transport is gone: nothing more will arrive
     Message m = h.take();
-    if (!handle(m)) return;
+    bool go_on = true;
+    {
+      const std::lock_guard<std::mutex> lock(device_mu_);
+      const DeviceOwnerScope scope(device_);
+      go_on = handle(m);
+    }
+    if (!go_on) return;
     endpoint_.recycle(std::move(m.payload));  // its bytes are in the arena now (or not needed)
   }
+}
+
+// ---- Pipeline stages -------------------------------------------------------------------------
+
+void DeviceAgent::stage_loop() {
+  RecvMatch match;
+  match.port = Port::kStage;
+  while (true) {
+    RecvHandle h = endpoint_.recv(match);
+    if (!h.wait().ok()) return;  // the transport is gone
+    Message m = h.take();
+    const auto op = static_cast<AgentOp>(m.header.op);
+    if (op == AgentOp::kStop && m.header.src == device_id()) return;
+    if (op == AgentOp::kRunStage) {
+      run_stage(m);
+    } else {
+      requests_refused_.fetch_add(1, std::memory_order_relaxed);
+    }
+    endpoint_.recycle(std::move(m.payload));
+  }
+}
+
+void DeviceAgent::run_stage(Message& m) {
+  const MessageHeader& h = m.header;
+  StageTrailer trailer;
+  std::vector<std::int32_t> sampled;
+  StatusOr<StageRequest> req = decode_stage_request(m.payload);
+  Status s = req.status();
+  if (s.ok() && !req->first) {
+    // The previous stage's activations (or its error), straight from its agent.
+    RecvMatch in;
+    in.port = Port::kUser;
+    in.src = req->prev_endpoint;
+    in.tag = h.tag;
+    RecvHandle ih = endpoint_.recv(in);
+    // No deadline: the previous stage always sends its output or its error (a lost peer fails the
+    // receive through the transport); only stop() ends the wait early.
+    while (!ih.wait_for(std::chrono::milliseconds(100))) {
+      if (stopping_.load(std::memory_order_acquire)) break;
+    }
+    s = ih.ready() ? ih.wait() : cancelled("device " + std::to_string(device_id()) + " stopped while a stage waited for its input");
+    if (s.ok()) {
+      Message im = ih.take();
+      s = status_from_reply(im);
+      if (s.ok()) {
+        StatusOr<std::size_t> at = decode_stage_output(im.payload, &trailer);
+        s = at.status();
+        if (s.ok()) {
+          const std::size_t body = im.payload.size() - *at;
+          stage_hidden_.resize(body / sizeof(float));
+          if (body > 0) std::memcpy(stage_hidden_.data(), im.payload.data() + *at, stage_hidden_.size() * sizeof(float));
+        }
+      }
+      endpoint_.recycle(std::move(im.payload));
+    }
+  }
+  const std::int64_t start_ns = steady_now_ns();
+  if (s.ok()) {
+    std::unique_lock<std::mutex> lock(device_mu_);
+    auto scope = std::make_unique<DeviceOwnerScope>(device_);
+    s = compute_stage(*req, scope, lock, stage_hidden_, &sampled);
+  }
+  trailer.stage_times_ns.push_back(start_ns);
+  trailer.stage_times_ns.push_back(steady_now_ns());
+  stages_run_.fetch_add(1, std::memory_order_relaxed);
+  MessageHeader out;
+  out.tag = h.tag;
+  out.request_id = h.request_id;
+  const bool to_next = req.ok() && !req->last;
+  std::span<const std::byte> body;
+  if (to_next) {
+    out.dst = req->next_endpoint;
+    out.port = Port::kUser;
+    out.op = static_cast<std::uint16_t>(AgentOp::kStageInput);
+    out.kind = TransferKind::kActivation;
+    body = std::as_bytes(std::span<const float>(stage_hidden_));
+  } else {
+    out.dst = req.ok() ? req->reply_endpoint : (h.reply_to >= 0 ? h.reply_to : h.src);
+    out.port = Port::kReply;
+    out.op = static_cast<std::uint16_t>(AgentOp::kReply);
+    out.kind = TransferKind::kControl;
+    body = std::as_bytes(std::span<const std::int32_t>(sampled));
+  }
+  std::vector<std::byte> payload;
+  if (!s.ok()) {
+    requests_refused_.fetch_add(1, std::memory_order_relaxed);
+    out.error = static_cast<std::int32_t>(s.code());
+    const std::string text = "device " + std::to_string(device_id()) + " stage: " + s.message();
+    payload.assign(reinterpret_cast<const std::byte*>(text.data()), reinterpret_cast<const std::byte*>(text.data()) + text.size());
+  } else {
+    payload = encode_stage_output(trailer, body);
+  }
+  endpoint_.send_owned(std::move(out), std::move(payload));
+}
+
+Status DeviceAgent::do_swaps(const StageRequest& req) {
+  if (req.swap_out.empty() && req.swap_in.empty()) return ok_status();
+  kv::KvStorage& store = device_.kv_storage();
+  const std::int64_t bb = store.block_bytes();
+  const std::int64_t slots = static_cast<std::int64_t>(host_swap_.size()) / bb;
+  const auto check = [&](const std::vector<SwapCopy>& copies, bool out) -> Status {
+    for (const SwapCopy& c : copies) {
+      const std::int64_t slot = out ? c.dst : c.src;
+      const std::int64_t block = out ? c.src : c.dst;
+      if (slot < 0 || slot >= slots) {
+        return invalid_argument("swap: host slot " + std::to_string(slot) + " outside " + std::to_string(slots));
+      }
+      KUN_RETURN_IF_ERROR(check_blocks(std::span<const std::int64_t>(&block, 1)));
+    }
+    return ok_status();
+  };
+  KUN_RETURN_IF_ERROR(check(req.swap_out, true));
+  KUN_RETURN_IF_ERROR(check(req.swap_in, false));
+  // One host-link message per direction: swap-outs first (they free blocks swap-ins may reuse).
+  const auto run = [&](const std::vector<SwapCopy>& copies, bool out) {
+    if (copies.empty()) return;
+    const auto start = std::chrono::steady_clock::now();
+    for (const SwapCopy& c : copies) {
+      std::byte* host = host_swap_.data() + (out ? c.dst : c.src) * bb;
+      std::byte* dev = store.block_data(kv::BlockId(out ? c.src : c.dst));
+      if (out) {
+        std::memcpy(host, dev, static_cast<std::size_t>(bb));
+      } else {
+        std::memcpy(dev, host, static_cast<std::size_t>(bb));
+      }
+    }
+    const std::int64_t bytes = static_cast<std::int64_t>(copies.size()) * bb;
+    (out ? swap_out_bytes_ : swap_in_bytes_).fetch_add(bytes, std::memory_order_relaxed);
+    (out ? swap_out_messages_ : swap_in_messages_).fetch_add(1, std::memory_order_relaxed);
+    const LinkModel& link = options_.host_link;
+    if (link.enabled()) {
+      double seconds = static_cast<double>(link.latency_us) * 1e-6;
+      if (link.bandwidth_bytes_per_s > 0) seconds += static_cast<double>(bytes) / link.bandwidth_bytes_per_s;
+      std::this_thread::sleep_until(start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                std::chrono::duration<double>(seconds)));
+    }
+  };
+  run(req.swap_out, true);
+  run(req.swap_in, false);
+  return ok_status();
+}
+
+Status DeviceAgent::compute_stage(const StageRequest& req, std::unique_ptr<DeviceOwnerScope>& scope,
+                                  std::unique_lock<std::mutex>& lock, std::vector<float>& hidden,
+                                  std::vector<std::int32_t>* sampled) {
+  const model::ModelConfig& c = device_.config();
+  const std::int64_t H = c.hidden_size;
+  const std::int64_t n = req.num_tokens();
+  KUN_RETURN_IF_ERROR(do_swaps(req));
+  if (req.layer_end > c.num_layers) return invalid_argument("stage: layers beyond the model's " + std::to_string(c.num_layers));
+  for (std::int64_t l = req.layer_begin; l < req.layer_end; ++l) {
+    if (!device_.has_layer(l)) {
+      return failed_precondition("stage: layer " + std::to_string(l) + " is not resident on device " + std::to_string(device_id()));
+    }
+  }
+  if (n == 0) {
+    hidden.clear();
+    return ok_status();
+  }
+  model::ForwardPass& fwd = device_.forward();
+  if (req.first) {
+    hidden.resize(static_cast<std::size_t>(n * H));
+    fwd.embed(device_.head_weights(), req.tokens.data(), n, hidden.data());
+  } else if (static_cast<std::int64_t>(hidden.size()) != n * H) {
+    return invalid_argument("stage: " + std::to_string(hidden.size()) + " input activations for " + std::to_string(n) + " tokens");
+  }
+  const std::int64_t nl = req.num_layers();
+  const std::size_t cells = req.holder.size();
+  stage_block_ptrs_.resize(cells);
+  std::vector<model::SequenceSlice> slices;
+  slices.reserve(req.sequences.size());
+  for (const StageSequence& q : req.sequences) slices.push_back({q.start_pos, q.num_tokens});
+  const auto cell_blocks = [&](std::size_t cell) {
+    return std::span<const std::int64_t>(req.blocks).subspan(static_cast<std::size_t>(req.block_begin[cell]),
+                                                            static_cast<std::size_t>(req.block_begin[cell + 1] - req.block_begin[cell]));
+  };
+  kv::KvStorage& store = device_.kv_storage();
+  for (std::size_t cell = 0; cell < cells; ++cell) {
+    auto& ptrs = stage_block_ptrs_[cell];
+    ptrs.clear();
+    const std::size_t seq = cell / static_cast<std::size_t>(nl);
+    if (req.holder[cell] < 0) {
+      if (req.sequences[seq].num_tokens == 0) continue;
+      return invalid_argument("stage: no KV for layer " + std::to_string(req.layer_begin + static_cast<std::int64_t>(cell % static_cast<std::size_t>(nl))) +
+                              " of sequence " + std::to_string(seq));
+    }
+    const auto blocks = cell_blocks(cell);
+    const model::SequenceSlice& sl = slices[seq];
+    if (static_cast<std::int64_t>(blocks.size()) * device_.options().kv_block_size < sl.start_pos + sl.num_tokens) {
+      return invalid_argument("stage: " + std::to_string(blocks.size()) + " blocks do not hold " +
+                              std::to_string(sl.start_pos + sl.num_tokens) + " tokens");
+    }
+    if (req.holder[cell] != device_id()) continue;  // the holder checks its own blocks
+    KUN_RETURN_IF_ERROR(check_blocks(blocks));
+    for (std::int64_t b : blocks) ptrs.push_back(store.block_data(kv::BlockId(b)));
+  }
+  AgentClient client(endpoint_, std::chrono::minutes(5));
+  Status remote_status;
+  fwd.run_layers(
+      req.layer_begin, req.layer_end, slices, hidden.data(), [&](std::int64_t l) { return device_.layer_weights(l); },
+      [&](std::int64_t l, std::int64_t i, const model::SequenceSlice& slice, const float* qkv, float* out) {
+        const std::size_t cell = static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) + static_cast<std::size_t>(l - req.layer_begin);
+        const int holder = req.holder[cell];
+        if (holder == device_id()) {
+          const auto& ptrs = stage_block_ptrs_[cell];
+          fwd.attend_local(slice, qkv, model::LayerKv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())}, out);
+          return;
+        }
+        const std::size_t out_floats = static_cast<std::size_t>(slice.num_tokens * c.q_dim());
+        if (!remote_status.ok()) {
+          std::fill(out, out + out_floats, 0.0f);
+          return;
+        }
+        // Remote attention (DESIGN.md 3.5): the holder appends this slice's k/v to its blocks and
+        // attends on its own threads; only q/k/v go out and the output comes back. The device is
+        // let go while waiting, so this agent keeps serving others (the holder may be waiting on
+        // us), and the kernel pool is never entered by two threads.
+        scope.reset();
+        lock.unlock();
+        auto r = client.append_attend(holder, -1, l, slice, cell_blocks(cell),
+                                      std::span<const float>(qkv, static_cast<std::size_t>(slice.num_tokens * fwd.qkv_row())));
+        lock.lock();
+        scope = std::make_unique<DeviceOwnerScope>(device_);
+        if (!r.ok() || r->size() != out_floats) {
+          remote_status = r.ok() ? data_loss("remote attention: wrong output size from device " + std::to_string(holder)) : r.status();
+          std::fill(out, out + out_floats, 0.0f);
+          return;
+        }
+        std::memcpy(out, r->data(), out_floats * sizeof(float));
+      });
+  KUN_RETURN_IF_ERROR(remote_status);
+  if (!req.last) return ok_status();
+  std::vector<std::int64_t> rows;
+  std::int64_t row = 0;
+  for (const StageSequence& q : req.sequences) {
+    row += q.num_tokens;
+    if (q.sample) {
+      if (q.num_tokens == 0) return invalid_argument("stage: sampling a sequence with no tokens");
+      rows.push_back(row - 1);
+    }
+  }
+  if (rows.empty()) return ok_status();
+  const std::int64_t V = c.vocab_size;
+  stage_logits_.resize(rows.size() * static_cast<std::size_t>(V));
+  fwd.logits(device_.head_weights(), hidden.data(), rows, stage_logits_.data());
+  std::int64_t r = 0;
+  for (const StageSequence& q : req.sequences) {
+    if (!q.sample) continue;
+    sampled->push_back(model::sample_token(stage_logits_.data() + r * V, V, q.sampling, q.sample_index, &stage_sample_scratch_));
+    ++r;
+  }
+  return ok_status();
 }
 
 Status DeviceAgent::check_blocks(std::span<const std::int64_t> ids) const {
@@ -124,7 +440,7 @@ Status DeviceAgent::check_blocks(std::span<const std::int64_t> ids) const {
 Status DeviceAgent::append_attend(const Message& m, std::vector<std::byte>* out) {
   const MessageHeader& h = m.header;
   const model::ModelConfig& c = device_.config();
-  model::ForwardPass& fwd = device_.forward();
+  model::ForwardPass& fwd = *serve_forward_;
   const std::int64_t block_tokens = device_.options().kv_block_size;
   if (h.num_tokens <= 0 || h.start_pos < 0) return invalid_argument("remote attention: empty or negative slice");
   const std::int64_t want = h.num_tokens * fwd.qkv_row() * static_cast<std::int64_t>(sizeof(float));
@@ -174,7 +490,7 @@ void DeviceAgent::reply(const MessageHeader& request, const Status& status, std:
   endpoint_.send_owned(std::move(r), std::move(payload));
 }
 
-DeviceSnapshot DeviceAgent::snapshot() const {
+DeviceSnapshot DeviceAgent::snapshot(bool with_checksums) const {
   const memory::DeviceArena& arena = device_.arena();
   DeviceSnapshot s;
   s.device = device_id();
@@ -186,6 +502,7 @@ DeviceSnapshot DeviceAgent::snapshot() const {
   for (std::int64_t l = 0; l < device_.config().num_layers; ++l) {
     if (!device_.has_layer(l)) continue;
     s.resident_layers.push_back(l);
+    if (!with_checksums) continue;
     std::uint64_t hash = 1469598103934665603ull;
     for (std::byte b : device_.layer_bytes(l)) hash = (hash ^ static_cast<std::uint64_t>(b)) * 1099511628211ull;
     s.layer_checksums.push_back(static_cast<std::int64_t>(hash));
@@ -194,6 +511,28 @@ DeviceSnapshot DeviceAgent::snapshot() const {
   s.counters = counters();
   s.process_cpu_s = process_cpu_seconds();
   return s;
+}
+
+DeviceGeometry DeviceAgent::describe() const {
+  const memory::DeviceArena& arena = device_.arena();
+  DeviceGeometry g;
+  g.device = device_id();
+  g.num_layers = device_.config().num_layers;
+  g.page_bytes = arena.page_bytes();
+  g.num_pages = arena.num_pages();
+  g.blocks_per_page = device_.kv_storage().blocks_per_page();
+  g.block_bytes = device_.kv_storage().block_bytes();
+  g.block_stride_bytes = device_.kv_geometry().block_stride_bytes();
+  g.kv_block_size = device_.options().kv_block_size;
+  g.pages_per_layer = device_.pages_per_layer();
+  g.layer_segment_bytes = device_.layer_segment_bytes();
+  g.host_swap_blocks = options_.host_swap_blocks;
+  g.kv_dtype = static_cast<std::int32_t>(device_.options().kv_dtype);
+  for (std::int64_t l = 0; l < device_.config().num_layers; ++l) {
+    if (device_.has_layer(l)) g.resident_layers.push_back(l);
+  }
+  for (memory::PageId p : arena.kv_pages()) g.kv_page_ids.push_back(p.value);
+  return g;
 }
 
 bool DeviceAgent::handle(Message& m) {
@@ -292,6 +631,31 @@ bool DeviceAgent::handle(Message& m) {
       return true;
     case AgentOp::kSnapshot:
       reply(h, ok_status(), encode_snapshot(snapshot()));
+      return true;
+    case AgentOp::kMoveBlocks: {
+      Status s = check_blocks(h.block_ids);
+      if (s.ok()) s = check_blocks(h.peer_block_ids);
+      if (s.ok() && h.block_ids.size() != h.peer_block_ids.size()) s = invalid_argument("move blocks: unequal lists");
+      if (s.ok()) {
+        kv::KvStorage& store = device_.kv_storage();
+        for (std::size_t i = 0; i < h.block_ids.size(); ++i) {
+          std::memcpy(store.block_data(kv::BlockId(h.peer_block_ids[i])), store.block_data(kv::BlockId(h.block_ids[i])),
+                      static_cast<std::size_t>(block_bytes));
+        }
+      }
+      reply(h, s, {});
+      return true;
+    }
+    case AgentOp::kRunStage:
+    case AgentOp::kStageInput:
+      reply(h, invalid_argument("stage ops go to the stage port"), {});
+      return true;
+    case AgentOp::kCheckIntegrity:
+      device_.arena().check_integrity();
+      reply(h, ok_status(), encode_snapshot(snapshot(/*with_checksums=*/false)));
+      return true;
+    case AgentOp::kDescribe:
+      reply(h, ok_status(), encode_geometry(describe()));
       return true;
     case AgentOp::kShutdownNode:
       reply(h, ok_status(), {});
@@ -487,6 +851,7 @@ Status AgentClient::send_blocks(int from, std::span<const std::int64_t> blocks, 
 StatusOr<std::vector<std::int64_t>> AgentClient::drop_layer(int device, std::int64_t layer) {
   MessageHeader h;
   h.dst = device;
+  h.kind = TransferKind::kControl;
   h.op = static_cast<std::uint16_t>(AgentOp::kDropLayer);
   h.layer = layer;
   RecvHandle handle = request(std::move(h), {});
@@ -499,7 +864,7 @@ StatusOr<std::vector<std::int64_t>> AgentClient::drop_layer(int device, std::int
 Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages) {
   MessageHeader h;
   h.dst = device;
-  h.kind = TransferKind::kActivation;  // the request is small; the weights go as kWeights
+  h.kind = TransferKind::kControl;  // the request is small; the weights go as kWeights
   h.op = static_cast<std::uint16_t>(AgentOp::kPullLayer);
   h.layer = layer;
   h.peer = from;
@@ -511,15 +876,48 @@ Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::sp
 StatusOr<DeviceSnapshot> AgentClient::snapshot(int device) {
   MessageHeader h;
   h.dst = device;
+  h.kind = TransferKind::kControl;
   h.op = static_cast<std::uint16_t>(AgentOp::kSnapshot);
   RecvHandle handle = request(std::move(h), {});
   KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "snapshot", device));
   return decode_snapshot(m.payload);
 }
 
+StatusOr<DeviceSnapshot> AgentClient::check_integrity(int device) {
+  MessageHeader h;
+  h.dst = device;
+  h.kind = TransferKind::kControl;
+  h.op = static_cast<std::uint16_t>(AgentOp::kCheckIntegrity);
+  RecvHandle handle = request(std::move(h), {});
+  KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "check integrity", device));
+  return decode_snapshot(m.payload);
+}
+
+Status AgentClient::move_blocks(int device, std::span<const std::int64_t> from, std::span<const std::int64_t> to) {
+  MessageHeader h;
+  h.dst = device;
+  h.kind = TransferKind::kControl;
+  h.op = static_cast<std::uint16_t>(AgentOp::kMoveBlocks);
+  h.block_ids.assign(from.begin(), from.end());
+  h.peer_block_ids.assign(to.begin(), to.end());
+  RecvHandle handle = request(std::move(h), {});
+  return wait_reply(handle, "move blocks", device).status();
+}
+
+StatusOr<DeviceGeometry> AgentClient::describe(int device) {
+  MessageHeader h;
+  h.dst = device;
+  h.kind = TransferKind::kControl;
+  h.op = static_cast<std::uint16_t>(AgentOp::kDescribe);
+  RecvHandle handle = request(std::move(h), {});
+  KUN_ASSIGN_OR_RETURN(Message m, wait_reply(handle, "describe", device));
+  return decode_geometry(m.payload);
+}
+
 Status AgentClient::shutdown_node(int device) {
   MessageHeader h;
   h.dst = device;
+  h.kind = TransferKind::kControl;
   h.op = static_cast<std::uint16_t>(AgentOp::kShutdownNode);
   RecvHandle handle = request(std::move(h), {});
   return wait_reply(handle, "shutdown", device).status();

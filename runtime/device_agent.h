@@ -8,13 +8,20 @@
 //
 // The same agent serves over the in-process hub and over MPI: a requester never holds a pointer
 // into the holder's memory, so under MPI cross-device access is impossible by construction and
-// in-process it is ruled out by the API (the client only ever sees payload bytes).
+// in-process it is ruled out by the API (the client only ever sees payload bytes) and caught by
+// the device's owner check (VirtualDevice::set_owner_check, on in InProcessFleet).
 //
-// Not yet served (next steps of issue 12): run a pipeline stage, reclaim pages (repack live
-// blocks to free whole pages), which need the KV block tables the schedulers own today.
+// Pipeline stages (kRunStage, stage_message.h) run on a second agent thread, the stage thread, so
+// the serve thread keeps answering remote attention for other stages while a stage of this
+// device waits on a holder that is itself running a stage. The two threads take turns on the
+// device: each holds `device_mu_` (and a DeviceOwnerScope) while it touches the arena, the forward
+// pass or the kernel pool, and the stage thread lets go of it while it waits for a remote
+// attention reply or its input, so the kernel pool never runs two callers at once and no wait
+// between agents can close a cycle. The serve thread computes remote attention with its own
+// ForwardPass (its own workspace) on the device's pool.
 //
-// Threads: one serve thread per agent (start/stop from the owner thread). counters() may be
-// read from any thread.
+// Threads: a serve thread and a stage thread per agent (start/stop from the owner thread).
+// counters() may be read from any thread.
 #pragma once
 
 #include <atomic>
@@ -31,6 +38,7 @@
 #include "common/status.h"
 #include "model/forward.h"
 #include "runtime/message_transport.h"
+#include "runtime/stage_message.h"
 #include "runtime/virtual_device.h"
 
 namespace kun::runtime {
@@ -48,6 +56,12 @@ enum class AgentOp : std::uint16_t {
   kSnapshot,          // reply payload: an encoded DeviceSnapshot
   kShutdownNode,      // the process hosting the agent should end; reply: ack
   kStop,              // ends the serve loop (accepted from the agent's own endpoint only)
+  kDescribe,          // reply payload: an encoded DeviceGeometry (static facts, asked once at start)
+  kRunStage,          // (Port::kStage) payload: a StageRequest; the agent's stage thread runs it
+  kStageInput,        // (Port::kUser, stage to stage) a stage's output activations, matched by tag
+  kMoveBlocks,        // inside the device: block_ids[i] -> peer_block_ids[i] (restore's repack); ack
+  kCheckIntegrity,    // the agent checks its arena's page accounting (aborts on a broken invariant);
+                      // reply: a DeviceSnapshot without layer checksums
   kReply = 100,       // every reply carries this op
 };
 
@@ -57,6 +71,11 @@ struct AgentCounters {
   std::int64_t blocks_written = 0;   // blocks received and written into this arena
   std::int64_t blocks_read = 0;      // blocks read out of this arena (reads and sends)
   std::int64_t requests_refused = 0; // requests answered with an error
+  std::int64_t stages_run = 0;       // pipeline stages run here (kRunStage)
+  std::int64_t swap_out_bytes = 0;   // device -> this agent's host swap space
+  std::int64_t swap_in_bytes = 0;
+  std::int64_t swap_out_messages = 0;
+  std::int64_t swap_in_messages = 0;
 };
 
 struct DeviceSnapshot {
@@ -73,16 +92,41 @@ struct DeviceSnapshot {
   double process_cpu_s = 0.0;  // user + system CPU of the hosting process so far
 };
 std::vector<std::byte> encode_snapshot(const DeviceSnapshot& s);
+
+// What a front end needs to know of a device to plan for it, reported once at start (kDescribe).
+struct DeviceGeometry {
+  int device = -1;  // the agent's endpoint id
+  std::int64_t num_layers = 0;
+  std::int64_t page_bytes = 0;
+  std::int64_t num_pages = 0;
+  std::int64_t blocks_per_page = 0;
+  std::int64_t block_bytes = 0;          // one layer block (KvStorage::block_bytes)
+  std::int64_t block_stride_bytes = 0;   // kv::KvGeometry::block_stride_bytes
+  std::int64_t kv_block_size = 0;        // tokens per block
+  std::int64_t pages_per_layer = 0;
+  std::int64_t layer_segment_bytes = 0;
+  std::int64_t host_swap_blocks = 0;     // layer blocks of host swap space the agent owns
+  std::int32_t kv_dtype = 0;             // DType
+  std::vector<std::int64_t> resident_layers;
+  std::vector<std::int64_t> kv_page_ids;  // KV pages at the time of the query
+};
+std::vector<std::byte> encode_geometry(const DeviceGeometry& g);
+StatusOr<DeviceGeometry> decode_geometry(std::span<const std::byte> bytes);
 StatusOr<DeviceSnapshot> decode_snapshot(std::span<const std::byte> bytes);
 
 // User + system CPU seconds of this process (all threads).
 double process_cpu_seconds();
 
+struct AgentOptions {
+  std::int64_t host_swap_blocks = 0;  // layer blocks of host swap space this agent owns
+  LinkModel host_link;                // paces swap copies (off by default)
+};
+
 class DeviceAgent {
  public:
   // The agent takes over `device` (its arena, KV storage and forward pass); the caller must not
   // touch them while the agent runs.
-  DeviceAgent(VirtualDevice& device, MessageTransport& endpoint);
+  DeviceAgent(VirtualDevice& device, MessageTransport& endpoint, AgentOptions options = {});
   ~DeviceAgent();
   DeviceAgent(const DeviceAgent&) = delete;
   DeviceAgent& operator=(const DeviceAgent&) = delete;
@@ -96,20 +140,36 @@ class DeviceAgent {
 
  private:
   void serve_loop();
+  void stage_loop();
   // False when the loop should end.
   bool handle(Message& m);
+  void run_stage(Message& m);
+  // Runs the decoded stage with the device held by `lock` (released while waiting on holders).
+  Status compute_stage(const StageRequest& req, std::unique_ptr<DeviceOwnerScope>& scope,
+                       std::unique_lock<std::mutex>& lock, std::vector<float>& hidden, std::vector<std::int32_t>* sampled);
+  Status do_swaps(const StageRequest& req);
   Status append_attend(const Message& m, std::vector<std::byte>* out);
   Status check_blocks(std::span<const std::int64_t> ids) const;
   void reply(const MessageHeader& request, const Status& status, std::vector<std::byte> payload,
-             TransferKind kind = TransferKind::kActivation);
-  DeviceSnapshot snapshot() const;
+             TransferKind kind = TransferKind::kControl);
+  DeviceSnapshot snapshot(bool with_checksums = true) const;
+  DeviceGeometry describe() const;
   void pull_layer(const Message& m);
   void send_layer(const Message& m);
   void layer_data(Message& m);
 
   VirtualDevice& device_;
   MessageTransport& endpoint_;
+  AgentOptions options_;
   std::thread thread_;
+  std::thread stage_thread_;
+  // Held by whichever agent thread touches the device (see the header comment).
+  std::mutex device_mu_;
+  std::unique_ptr<model::ForwardPass> serve_forward_;  // the serve thread's (remote attention)
+  std::vector<std::byte> host_swap_;                   // stage thread only, under device_mu_
+  // Stage thread scratch.
+  std::vector<std::vector<std::byte*>> stage_block_ptrs_;
+  std::vector<float> stage_hidden_, stage_logits_, stage_sample_scratch_;
   std::vector<std::byte*> block_ptrs_;  // serve thread only
   struct PendingPull {
     MessageHeader request;  // the kPullLayer as received
@@ -120,6 +180,12 @@ class DeviceAgent {
   std::atomic<std::int64_t> blocks_written_{0};
   std::atomic<std::int64_t> blocks_read_{0};
   std::atomic<std::int64_t> requests_refused_{0};
+  std::atomic<bool> stopping_{false};  // stop() was called: a stage waiting for input gives up
+  std::atomic<std::int64_t> stages_run_{0};
+  std::atomic<std::int64_t> swap_out_bytes_{0};
+  std::atomic<std::int64_t> swap_in_bytes_{0};
+  std::atomic<std::int64_t> swap_out_messages_{0};
+  std::atomic<std::int64_t> swap_in_messages_{0};
   std::mutex shutdown_mu_;
   std::condition_variable shutdown_cv_;
   bool shutdown_requested_ = false;  // guarded by shutdown_mu_
@@ -152,6 +218,11 @@ class AgentClient {
   // `device` pulls `layer` from device `from` into its KV pages `pages` (holding no live blocks).
   Status pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages);
   StatusOr<DeviceSnapshot> snapshot(int device);
+  StatusOr<DeviceGeometry> describe(int device);
+  // The device checks its arena and reports its pages and resident layers (no checksums).
+  StatusOr<DeviceSnapshot> check_integrity(int device);
+  // Inside `device`: copies block from[i] to to[i] (both live in its KV pages), in order.
+  Status move_blocks(int device, std::span<const std::int64_t> from, std::span<const std::int64_t> to);
   Status shutdown_node(int device);
 
  private:

@@ -54,7 +54,7 @@ StatusOr<MessageHeader> decode_header(std::span<const std::byte> bytes) {
   if (!ok || magic != kHeaderMagic) {
     return data_loss("malformed message header (" + std::to_string(bytes.size()) + " bytes)");
   }
-  if (kind >= static_cast<std::uint8_t>(TransferKind::kCount) || port > static_cast<std::uint8_t>(Port::kUser)) {
+  if (kind >= static_cast<std::uint8_t>(TransferKind::kCount) || port > static_cast<std::uint8_t>(Port::kStage)) {
     return data_loss("message header names kind " + std::to_string(kind) + " port " + std::to_string(port));
   }
   h.src = src;
@@ -191,7 +191,8 @@ Clock::duration link_duration(const LinkModel& link, std::int64_t bytes, bool wi
 }
 }  // namespace
 
-InProcessMessageHub::InProcessMessageHub(int num_devices, LinkModel link) : link_(link) {
+InProcessMessageHub::InProcessMessageHub(int num_devices, LinkModel link, int unpaced_endpoint)
+    : link_(link), unpaced_endpoint_(unpaced_endpoint) {
   KUN_CHECK_GT(num_devices, 0);
   for (int d = 0; d < num_devices; ++d) endpoints_.push_back(std::make_unique<Endpoint>(this, d));
 }
@@ -229,7 +230,7 @@ SendHandle InProcessMessageHub::submit(int src, std::unique_ptr<Outgoing> out) {
   const auto bytes = static_cast<std::int64_t>(out->source.size());
   out->message.payload.resize(static_cast<std::size_t>(bytes));
   if (h.dst != src) counters_.count(h.kind, bytes);
-  if (h.dst == src || !link_.enabled()) {
+  if (h.dst == src || !link_.enabled() || src == unpaced_endpoint_ || h.dst == unpaced_endpoint_) {
     if (bytes > 0) std::memcpy(out->message.payload.data(), out->source.data(), static_cast<std::size_t>(bytes));
     deliver(std::move(out));
     return handle;

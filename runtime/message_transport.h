@@ -45,9 +45,10 @@ namespace kun::runtime {
 inline constexpr int kAnySource = -1;
 inline constexpr std::uint64_t kAnyTag = ~std::uint64_t{0};
 
-// Who consumes a message at the destination: the device agent's serve loop, or a requester
-// waiting for a reply (matched by tag).
-enum class Port : std::uint8_t { kAgent = 0, kReply = 1, kUser = 2 };
+// Who consumes a message at the destination: the device agent's serve loop, a requester
+// waiting for a reply (matched by tag), the agent's stage thread (kStage: stage requests), or
+// anything else (kUser: e.g. a stage's input activations, matched by source and tag).
+enum class Port : std::uint8_t { kAgent = 0, kReply = 1, kUser = 2, kStage = 3 };
 
 struct MessageHeader {
   int src = -1;  // device (rank) ids; src is filled in by send()
@@ -199,7 +200,9 @@ class TransferCounters {
 // All endpoints of an in-process cluster of `num_devices` devices.
 class InProcessMessageHub {
  public:
-  explicit InProcessMessageHub(int num_devices, LinkModel link = {});
+  // Messages from or to `unpaced_endpoint` (a front end's: its requests stand for a host issuing
+  // commands to its accelerators, not for traffic on a device link) skip the link model.
+  explicit InProcessMessageHub(int num_devices, LinkModel link = {}, int unpaced_endpoint = -1);
   ~InProcessMessageHub();
   InProcessMessageHub(const InProcessMessageHub&) = delete;
   InProcessMessageHub& operator=(const InProcessMessageHub&) = delete;
@@ -233,6 +236,7 @@ class InProcessMessageHub {
   Link& link_for(int src, int dst);
 
   LinkModel link_;
+  int unpaced_endpoint_;
   TransferCounters counters_;
   std::vector<std::unique_ptr<Endpoint>> endpoints_;
   std::mutex links_mu_;

@@ -9,10 +9,15 @@ StatusOr<std::unique_ptr<SingleInstance>> SingleInstance::create(const InstanceO
                                                                  const Clock* clock) {
   const model::ModelConfig& config = weights.config();
   std::unique_ptr<SingleInstance> inst(new SingleInstance());
-  KUN_ASSIGN_OR_RETURN(inst->device_, VirtualDevice::create(options.device, config));
-  KUN_RETURN_IF_ERROR(inst->device_->load_weights(weights, 0, config.num_layers));
-  const std::vector<memory::PageId> kv_pages = inst->device_->give_free_pages_to_kv();
-  const std::int64_t blocks_per_page = inst->device_->kv_storage().blocks_per_page();
+  FleetOptions fleet_options;
+  fleet_options.num_devices = 1;
+  fleet_options.device = options.device;
+  fleet_options.host_swap_blocks = options.host_swap_blocks;
+  KUN_ASSIGN_OR_RETURN(inst->fleet_, InProcessFleet::create(fleet_options, weights));
+  const DeviceGeometry& geometry = inst->fleet_->geometry(0);
+  std::vector<memory::PageId> kv_pages;
+  for (std::int64_t p : geometry.kv_page_ids) kv_pages.push_back(memory::PageId(p));
+  const std::int64_t blocks_per_page = geometry.blocks_per_page;
   inst->allocator_ = std::make_unique<kv::KvBlockAllocator>(blocks_per_page, options.allocation_order,
                                                             options.allocation_seed);
   KUN_RETURN_IF_ERROR(inst->allocator_->add_pages(kv_pages));
@@ -23,8 +28,7 @@ StatusOr<std::unique_ptr<SingleInstance>> SingleInstance::create(const InstanceO
       options.device.kv_block_size, std::vector<kv::KvBlockAllocator*>{inst->allocator_.get()},
       std::vector<std::int32_t>(static_cast<std::size_t>(config.num_layers), 0), options.host_swap_blocks);
   inst->executor_ = std::make_unique<PipelineExecutor>(
-      std::vector<PipelineStage>{PipelineStage{inst->device_.get(), 0, 0, config.num_layers}}, nullptr,
-      options.host_swap_blocks);
+      std::vector<StageSpec>{StageSpec{inst->fleet_->endpoint_of(0), 0, config.num_layers}}, inst->fleet_->front_end());
   engine::EngineConfig engine_config;
   engine_config.scheduler = options.scheduler;
   engine_config.scheduler.vocab_size = config.vocab_size;
@@ -41,9 +45,11 @@ StatusOr<std::unique_ptr<SingleInstance>> SingleInstance::create(const InstanceO
   return inst;
 }
 
-void SingleInstance::check_integrity() const {
-  device_->arena().check_integrity();
-  KUN_CHECK_EQ(device_->arena().num_kv_pages(), allocator_->num_pages()) << "KV pages of arena and allocator differ";
+void SingleInstance::check_integrity() {
+  AgentClient client(fleet_->front_end());
+  auto snap = client.check_integrity(fleet_->endpoint_of(0));  // the agent checks its arena
+  KUN_CHECK(snap.ok()) << snap.status().to_string();
+  KUN_CHECK_EQ(snap->kv_pages, allocator_->num_pages()) << "KV pages of arena and allocator differ";
   kv_manager_->check_integrity();
 }
 

@@ -1,6 +1,7 @@
 // SingleInstance: one independent data-parallel instance wired end to end in this process:
-// a VirtualDevice holding every layer, the engine's KV bookkeeping over the device's KV pages,
-// a one-stage PipelineExecutor and the Engine (the FrontDoor). Used by `kunserve generate`, the tests and
+// a one-device InProcessFleet (a VirtualDevice holding every layer behind its DeviceAgent), the
+// engine's KV bookkeeping over the device's KV pages (ids learnt by message), a one-stage
+// PipelineExecutor that drives the agent by message, and the Engine (the FrontDoor). Used by `kunserve generate`, the tests and
 // the benchmarks; the cluster runtime builds N of these devices and fuses them.
 #pragma once
 
@@ -12,6 +13,7 @@
 #include "engine/kv_manager.h"
 #include "kv/block_allocator.h"
 #include "model/weight_source.h"
+#include "runtime/device_fleet.h"
 #include "runtime/pipeline_executor.h"
 #include "runtime/virtual_device.h"
 
@@ -31,16 +33,16 @@ class SingleInstance {
   static StatusOr<std::unique_ptr<SingleInstance>> create(const InstanceOptions& options,
                                                          const model::WeightSource& weights, const Clock* clock);
   engine::Engine& engine() { return *engine_; }
-  VirtualDevice& device() { return *device_; }
+  DeviceFleet& fleet() { return *fleet_; }
   kv::KvBlockAllocator& allocator() { return *allocator_; }
   engine::KvManager& kv_manager() { return *kv_manager_; }
   PipelineExecutor& executor() { return *executor_; }
   // Pages balance on the device and every block is owned once (aborts with context otherwise).
-  void check_integrity() const;
+  void check_integrity();
 
  private:
   SingleInstance() = default;
-  std::unique_ptr<VirtualDevice> device_;
+  std::unique_ptr<InProcessFleet> fleet_;
   std::unique_ptr<kv::KvBlockAllocator> allocator_;
   std::unique_ptr<engine::KvManager> kv_manager_;
   std::unique_ptr<PipelineExecutor> executor_;

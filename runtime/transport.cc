@@ -19,6 +19,7 @@ const char* transfer_kind_name(TransferKind k) {
     case TransferKind::kRemoteAttention: return "remote_attention";
     case TransferKind::kSwapOut: return "swap_out";
     case TransferKind::kSwapIn: return "swap_in";
+    case TransferKind::kControl: return "control";
     case TransferKind::kCount: break;
   }
   return "?";

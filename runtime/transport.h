@@ -36,6 +36,7 @@ enum class TransferKind {
   kRemoteAttention,
   kSwapOut,  // device -> host swap space (host link)
   kSwapIn,   // host swap space -> device (host link)
+  kControl,  // front end <-> device agent requests and replies (stage requests, ops, acks)
   kCount
 };
 const char* transfer_kind_name(TransferKind k);

@@ -1,5 +1,6 @@
 #include "runtime/virtual_device.h"
 
+#include <cstdlib>
 #include <string>
 
 #include "common/check.h"
@@ -86,12 +87,20 @@ Status VirtualDevice::load_weights(const model::WeightSource& source, std::int64
 }
 
 std::vector<memory::PageId> VirtualDevice::give_free_pages_to_kv() {
+  check_owner();
   auto pages = arena_->add_kv_pages(arena_->num_free_pages());
   KUN_CHECK(pages.ok()) << pages.status().to_string();
   return std::move(pages).value();
 }
 
+void VirtualDevice::owner_violation() const {
+  KUN_CHECK(false) << "device " << options_.name << " touched by a thread that does not own it (its agent's threads do): "
+                   << "a front end or another device reached into its memory";
+  std::abort();
+}
+
 bool VirtualDevice::has_layer(std::int64_t layer) const {
+  check_owner();
   const memory::SegmentId seg = layer_segments_[static_cast<std::size_t>(layer)];
   return seg.valid() && !arena_->segment_dropped(seg);
 }
@@ -103,6 +112,7 @@ model::LayerWeights VirtualDevice::layer_weights(std::int64_t layer) const {
 }
 
 model::HeadWeights VirtualDevice::head_weights() const {
+  check_owner();
   return model::head_weights_at(arena_->segment_data(embedding_segment_), arena_->segment_data(head_segment_), config_,
                                 options_.weight_dtype);
 }
@@ -114,11 +124,13 @@ std::span<const std::byte> VirtualDevice::layer_bytes(std::int64_t layer) const 
 }
 
 StatusOr<std::vector<memory::PageId>> VirtualDevice::drop_layer(std::int64_t layer) {
+  check_owner();
   if (!has_layer(layer)) return failed_precondition("layer " + std::to_string(layer) + " is not resident");
   return arena_->drop_segment(layer_segments_[static_cast<std::size_t>(layer)]);
 }
 
 Status VirtualDevice::restore_layer(std::int64_t layer, std::span<const memory::PageId> pages) {
+  check_owner();
   memory::SegmentId& seg = layer_segments_[static_cast<std::size_t>(layer)];
   if (!seg.valid()) {
     // Never loaded here: create the segment from the given pages.
@@ -128,6 +140,7 @@ Status VirtualDevice::restore_layer(std::int64_t layer, std::span<const memory::
 }
 
 std::span<std::byte> VirtualDevice::restored_layer_data(std::int64_t layer) {
+  check_owner();
   KUN_CHECK(has_layer(layer));
   return {arena_->segment_data(layer_segments_[static_cast<std::size_t>(layer)]),
           static_cast<std::size_t>(layer_layout_.total_bytes)};

@@ -6,6 +6,7 @@
 // during a step. Nothing here locks.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -34,18 +35,50 @@ struct DeviceOptions {
   DType kv_dtype = DType::kBF16;
 };
 
+class VirtualDevice;
+namespace detail {
+// The device the calling thread owns right now (DeviceOwnerScope), for the ownership guard.
+inline thread_local const VirtualDevice* t_device_owner = nullptr;
+}  // namespace detail
+
 class VirtualDevice {
  public:
   static StatusOr<std::unique_ptr<VirtualDevice>> create(const DeviceOptions& options, const model::ModelConfig& config);
 
   const DeviceOptions& options() const { return options_; }
   const model::ModelConfig& config() const { return config_; }
-  memory::DeviceArena& arena() { return *arena_; }
-  const memory::DeviceArena& arena() const { return *arena_; }
-  kv::KvStorage& kv_storage() { return *kv_storage_; }
+  memory::DeviceArena& arena() {
+    check_owner();
+    return *arena_;
+  }
+  const memory::DeviceArena& arena() const {
+    check_owner();
+    return *arena_;
+  }
+  kv::KvStorage& kv_storage() {
+    check_owner();
+    return *kv_storage_;
+  }
   const kv::KvGeometry& kv_geometry() const { return kv_geometry_; }
-  model::ForwardPass& forward() { return *forward_; }
-  kernels::ThreadPool& pool() { return *pool_; }
+  model::ForwardPass& forward() {
+    check_owner();
+    return *forward_;
+  }
+  kernels::ThreadPool& pool() {
+    check_owner();
+    return *pool_;
+  }
+
+  // Ownership guard (issue 12, in-process backend): with the check on, every accessor that
+  // reaches this device's memory or compute (arena, KV storage, forward pass, pool, weights,
+  // layer bytes, drop / restore) aborts unless the calling thread holds a DeviceOwnerScope for
+  // this device, i.e. is its agent. InProcessFleet turns it on for every device it hands to an
+  // agent, so a front end that reached into a device fails at once instead of racing its agent.
+  void set_owner_check(bool on) { owner_check_.store(on, std::memory_order_release); }
+  bool owner_check() const { return owner_check_.load(std::memory_order_acquire); }
+  void check_owner() const {
+    if (owner_check_.load(std::memory_order_relaxed) && detail::t_device_owner != this) owner_violation();
+  }
 
   // Loads layers [layer_begin, layer_end) plus the embedding and the head (which every device
   // keeps) from `source`. kResourceExhausted if they do not fit.
@@ -70,6 +103,7 @@ class VirtualDevice {
 
  private:
   VirtualDevice(DeviceOptions options, model::ModelConfig config);
+  [[noreturn]] void owner_violation() const;
 
   DeviceOptions options_;
   model::ModelConfig config_;
@@ -82,6 +116,22 @@ class VirtualDevice {
   std::vector<memory::SegmentId> layer_segments_;  // invalid id when never loaded here
   memory::SegmentId embedding_segment_;
   memory::SegmentId head_segment_;
+  std::atomic<bool> owner_check_{false};
+};
+
+// Marks the calling thread as the owner of `device` for the scope's lifetime (the agent's
+// threads hold one while they touch the device). Scopes do not nest across devices.
+class DeviceOwnerScope {
+ public:
+  explicit DeviceOwnerScope(const VirtualDevice& device) : previous_(detail::t_device_owner) {
+    detail::t_device_owner = &device;
+  }
+  ~DeviceOwnerScope() { detail::t_device_owner = previous_; }
+  DeviceOwnerScope(const DeviceOwnerScope&) = delete;
+  DeviceOwnerScope& operator=(const DeviceOwnerScope&) = delete;
+
+ private:
+  const VirtualDevice* previous_;
 };
 
 // Bytes a device needs for layers [layer_begin, layer_end) plus embedding and head, rounded to

@@ -52,6 +52,13 @@ class Reader {
     pos_ += static_cast<std::size_t>(n) * sizeof(std::int64_t);
     return true;
   }
+  // n raw bytes into dst.
+  bool get_bytes(void* dst, std::size_t n) {
+    if (bytes_.size() - pos_ < n) return false;
+    if (n > 0) std::memcpy(dst, bytes_.data() + pos_, n);
+    pos_ += n;
+    return true;
+  }
   bool at_end() const { return pos_ == bytes_.size(); }
 
  private:

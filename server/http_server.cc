@@ -1226,6 +1226,10 @@ StatusOr<std::unique_ptr<HttpServer>> HttpServer::start(ServerConfig config,
 std::uint16_t HttpServer::port() const { return impl_->bound_port; }
 const std::string& HttpServer::model_name() const { return impl_->model_name; }
 void HttpServer::stop() { impl_->stop(); }
+void HttpServer::stop(std::chrono::milliseconds drain) {
+  impl_->config.drain_timeout_ms = static_cast<int>(std::max<std::int64_t>(0, drain.count()));
+  impl_->stop();
+}
 const ServerMetrics& HttpServer::metrics() const { return *impl_->metrics; }
 std::size_t HttpServer::num_in_flight() const {
   return static_cast<std::size_t>(std::max<std::int64_t>(0, impl_->in_flight.load()));

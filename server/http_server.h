@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstddef>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -82,6 +83,9 @@ class HttpServer {
   // stops accepting, closes every connection and joins the I/O threads. Idempotent. Must not
   // be called from an I/O thread.
   void stop();
+  // As stop(), with this drain instead of drain_timeout_ms (0: streams get their error event at
+  // once), e.g. when the devices behind the front door are gone. Before any stop().
+  void stop(std::chrono::milliseconds drain);
   const ServerMetrics& metrics() const;
   // Number of open client connections (for tests).
   std::size_t num_connections() const;

@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto& engine = (*inst)->engine();
-  kernels::ThreadPool& pool = (*inst)->device().pool();
+  kernels::ThreadPool pool(threads);  // the device's own pool belongs to its agent
   const std::int64_t probe_bytes = static_cast<std::int64_t>(bw_mib) * kMiB;
   // Compute peak: f32 FMA or vdpbf16ps, whichever this CPU does faster (flop/s), as the issue
   // asks; the GEMM uses FMA on f32 activations (exact against the f32 reference).

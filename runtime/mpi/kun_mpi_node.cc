@@ -10,6 +10,14 @@
 //            Exit 0 when every check passes.
 //   fault    polls every device until one fails (--fault-rank R --fault-mode kill|hang makes rank
 //            R die or stop answering), then names it and ends the job (MPI_Abort).
+//   burst    keeps --burst-window remote-attention requests in flight on every device until each
+//            got --burst-requests; the fault rank fails after serving --fault-after-requests.
+//            Checks that every request to it ended with an error naming it, that none waited past
+//            the peer timeout (plus --hang-slack-ms), and that the other devices kept serving
+//            (every request ok, and a second burst on them alone after the failure); then shuts
+//            the survivors down and ends the job naming the lost rank (exit 3). Under plain
+//            mpirun a rank that dies makes mpirun end the job at once; with `mpirun
+//            --enable-recovery` the others live on and this runs to the end.
 // This is the groundwork of `kunserve serve --runtime mpi`: serving itself still runs in-process.
 #include <signal.h>
 
@@ -17,6 +25,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -28,6 +37,7 @@
 #include "model/config.h"
 #include "model/weight_source.h"
 #include "runtime/device_agent.h"
+#include "runtime/mpi/mpi_fleet.h"
 #include "runtime/mpi/mpi_session.h"
 #include "runtime/mpi/mpi_transport.h"
 
@@ -51,6 +61,10 @@ struct NodeOptions {
   std::int64_t kv_token_blocks = 64;
   int device_threads = 1;
   double fault_wait_s = 20.0;
+  int fault_after_requests = 0;
+  int burst_requests = 400;
+  int burst_window = 4;
+  int hang_slack_ms = 2000;
 };
 
 std::string prefix(int rank) { return "kun_mpi_node rank " + std::to_string(rank) + ": "; }
@@ -87,7 +101,13 @@ int run_device(MpiSession& session, MpiTransport& transport, const NodeOptions& 
   DeviceAgent agent(**dev, transport);
   agent.start();
   if (rank == o.fault_rank) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    if (o.fault_after_requests > 0) {  // mid-burst: after serving this many requests
+      while (agent.counters().attention_requests_for_others < o.fault_after_requests) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    }
     if (o.fault_mode == "kill") {
       std::cerr << prefix(rank) << "fault injection: killing myself" << std::endl;
       raise(SIGKILL);
@@ -96,20 +116,8 @@ int run_device(MpiSession& session, MpiTransport& transport, const NodeOptions& 
     transport.simulate_hang();
     std::this_thread::sleep_for(std::chrono::seconds(600));  // until MPI_Abort ends the job
   }
-  while (!agent.wait_for_shutdown_request(std::chrono::milliseconds(200))) {
-    const Status f = transport.failure();
-    if (!f.ok()) {
-      std::cerr << prefix(rank) << f.message() << "; ending the job" << std::endl;
-      session.abort(3);
-    }
-  }
-  agent.stop();
-  const Status s = transport.shutdown();
-  if (!s.ok()) {
-    std::cerr << prefix(rank) << s.message() << std::endl;
-    session.abort(3);
-  }
-  return 0;
+  serve_agent(session, transport, agent);
+  return finish_device_rank(session, transport);
 }
 
 struct Checks {
@@ -313,6 +321,136 @@ int run_fault_watch(MpiSession& session, MpiTransport& transport, const NodeOpti
   return 1;
 }
 
+// Remote-attention requests in flight on every device while one device fails.
+int run_burst(MpiSession& session, MpiTransport& transport, const NodeOptions& o) {
+  const int n = session.size() - 1;
+  if (n < 2 || o.fault_rank < 1 || o.fault_rank > n) {
+    std::cerr << prefix(0) << "the burst scenario needs at least 2 device ranks and --fault-rank in 1.." << n << std::endl;
+    return 2;
+  }
+  const auto peer_timeout = std::chrono::milliseconds(o.peer_timeout_ms);
+  const auto hang_limit = peer_timeout + std::chrono::milliseconds(o.hang_slack_ms);
+  AgentClient client(transport, hang_limit);
+  auto weights = make_weights(o);
+  const std::int64_t row = weights->config().q_dim() + 2 * weights->config().kv_dim();  // one q/k/v row
+  std::vector<std::vector<std::int64_t>> blocks(static_cast<std::size_t>(n + 1));
+  for (int d = 1; d <= n; ++d) blocks[static_cast<std::size_t>(d)] = blocks_of(value_or_abort(session, client.snapshot(d)), 1, 0);
+  std::vector<float> qkv(static_cast<std::size_t>(row), 0.25f);
+
+  struct InFlight {
+    RecvHandle handle;
+    Clock::time_point issued;
+  };
+  struct PerDevice {
+    std::deque<InFlight> in_flight;
+    int issued = 0, ok = 0, failed = 0, misnamed = 0;
+    bool lost = false;
+  };
+  double longest_ms = 0.0;
+  std::string first_error;
+  Checks checks;
+  // Keeps `window` requests in flight on each device in `targets` until each got `total`; a device
+  // whose request failed gets no more. Collects completions by polling (1 ms sleeps, no spinning).
+  auto burst = [&](std::vector<PerDevice>& devs, const std::vector<int>& targets, int total) {
+    while (true) {
+      bool busy = false;
+      for (int d : targets) {
+        PerDevice& pd = devs[static_cast<std::size_t>(d)];
+        while (!pd.lost && pd.issued < total && static_cast<int>(pd.in_flight.size()) < o.burst_window) {
+          const model::SequenceSlice slice{0, 1};
+          pd.in_flight.push_back({client.append_attend_async(d, 1000 * d + pd.issued, 0, slice,
+                                                             blocks[static_cast<std::size_t>(d)], qkv),
+                                  Clock::now()});
+          ++pd.issued;
+        }
+        while (!pd.in_flight.empty() && pd.in_flight.front().handle.ready()) {
+          InFlight f = std::move(pd.in_flight.front());
+          pd.in_flight.pop_front();
+          longest_ms = std::max(longest_ms, std::chrono::duration<double, std::milli>(Clock::now() - f.issued).count());
+          Status st = f.handle.wait();
+          if (st.ok()) {
+            Message m = f.handle.take();
+            if (m.header.error != 0) st = Status(static_cast<StatusCode>(m.header.error), "device error");
+          }
+          if (st.ok()) {
+            ++pd.ok;
+            continue;
+          }
+          ++pd.failed;
+          pd.lost = true;
+          if (first_error.empty()) first_error = st.to_string();
+          if (st.code() != StatusCode::kUnavailable || st.message().find("rank " + std::to_string(d) + " ") == std::string::npos) {
+            ++pd.misnamed;
+            std::cerr << prefix(0) << "request to device " << d << " failed without naming it: " << st.to_string() << std::endl;
+          }
+        }
+        if (!pd.in_flight.empty()) {
+          busy = true;
+          if (Clock::now() - pd.in_flight.front().issued > hang_limit + std::chrono::seconds(2)) {
+            std::cerr << prefix(0) << "a request to device " << d << " hung past the peer timeout; ending the job" << std::endl;
+            session.abort(1);
+          }
+        }
+        if (!pd.lost && pd.issued < total) busy = true;
+      }
+      if (!busy) return;
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+    }
+  };
+
+  std::vector<PerDevice> first(static_cast<std::size_t>(n + 1));
+  std::vector<int> all;
+  for (int d = 1; d <= n; ++d) all.push_back(d);
+  const auto t0 = Clock::now();
+  burst(first, all, o.burst_requests);
+  const double burst_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  const PerDevice& bad = first[static_cast<std::size_t>(o.fault_rank)];
+  checks.expect(bad.ok >= o.fault_after_requests && bad.failed >= 1 && bad.misnamed == 0,
+                "burst: device " + std::to_string(o.fault_rank) + " served " + std::to_string(bad.ok) +
+                    " requests, then its pending ones ended with an error naming it (" + std::to_string(bad.failed) +
+                    "): " + first_error);
+  checks.expect(longest_ms <= static_cast<double>(hang_limit.count()),
+                "burst: no request waited past the peer timeout: longest " + std::to_string(static_cast<int>(longest_ms)) +
+                    " ms (timeout " + std::to_string(o.peer_timeout_ms) + " ms + slack " + std::to_string(o.hang_slack_ms) +
+                    " ms), burst " + std::to_string(static_cast<int>(burst_ms)) + " ms");
+  std::vector<int> survivors;
+  std::string survivor_list;
+  bool survivors_ok = true;
+  for (int d : all) {
+    if (d == o.fault_rank) continue;
+    survivors.push_back(d);
+    survivor_list += (survivor_list.empty() ? "" : ",") + std::to_string(d);
+    const PerDevice& pd = first[static_cast<std::size_t>(d)];
+    if (pd.ok != o.burst_requests) survivors_ok = false;
+  }
+  checks.expect(survivors_ok, "burst: devices " + survivor_list + " answered every request (" +
+                                  std::to_string(o.burst_requests) + " each)");
+  std::vector<PerDevice> second(static_cast<std::size_t>(n + 1));
+  burst(second, survivors, o.burst_requests / 4);
+  bool kept = true;
+  for (int d : survivors) kept = kept && second[static_cast<std::size_t>(d)].ok == o.burst_requests / 4;
+  checks.expect(kept, "burst: kept serving on devices " + survivor_list + " after the failure (" +
+                          std::to_string(o.burst_requests / 4) + " more requests each)");
+  const std::vector<int> failed = transport.failed_peers();
+  checks.expect(failed == std::vector<int>{o.fault_rank},
+                "burst: the transport lists exactly rank " + std::to_string(o.fault_rank) + " as failed");
+
+  for (int d : survivors) {
+    const Status s = client.shutdown_node(d);
+    if (!s.ok()) std::cerr << prefix(0) << s.to_string() << std::endl;
+  }
+  (void)transport.shutdown();  // goodbyes with the survivors; reports the failure
+  const std::string lost = transport.failure().message();
+  if (checks.failed > 0) {
+    std::cerr << prefix(0) << "burst checks FAILED; ending the job (device rank " << o.fault_rank << " lost: " << lost << ")"
+              << std::endl;
+    end_job_after_device_loss(session, transport, 1);
+  }
+  std::cerr << prefix(0) << "burst checks passed; ending the job: device rank " << o.fault_rank << " lost: " << lost
+            << std::endl;
+  end_job_after_device_loss(session, transport, 3);
+}
+
 int node_main(int argc, char** argv) {
   auto session_or = MpiSession::init(&argc, &argv);
   if (!session_or.ok()) {
@@ -326,7 +464,7 @@ int node_main(int argc, char** argv) {
   app.add_option("--model", o.model, "model (synthetic weights)");
   app.add_option("--dtype", o.dtype, "weight dtype")->check(CLI::IsMember({"f32", "f16", "bf16"}));
   app.add_option("--seed", o.seed, "synthetic weight seed");
-  app.add_option("--scenario", o.scenario, "cluster | fault")->check(CLI::IsMember({"cluster", "fault"}));
+  app.add_option("--scenario", o.scenario, "cluster | fault | burst")->check(CLI::IsMember({"cluster", "fault", "burst"}));
   app.add_option("--fault-rank", o.fault_rank, "rank that fails (fault scenario)");
   app.add_option("--fault-mode", o.fault_mode, "kill | hang")->check(CLI::IsMember({"kill", "hang"}));
   app.add_option("--heartbeat-ms", o.heartbeat_ms, "heartbeat period")->check(CLI::PositiveNumber);
@@ -336,6 +474,10 @@ int node_main(int argc, char** argv) {
   app.add_option("--kv-token-blocks", o.kv_token_blocks, "KV capacity per device in token blocks");
   app.add_option("--device-threads", o.device_threads, "kernel threads per device");
   app.add_option("--fault-wait-s", o.fault_wait_s, "fault scenario: how long to wait for a failure");
+  app.add_option("--fault-after-requests", o.fault_after_requests, "the fault rank fails after serving this many requests");
+  app.add_option("--burst-requests", o.burst_requests, "burst scenario: requests per device")->check(CLI::PositiveNumber);
+  app.add_option("--burst-window", o.burst_window, "burst scenario: requests in flight per device")->check(CLI::PositiveNumber);
+  app.add_option("--hang-slack-ms", o.hang_slack_ms, "burst scenario: a request may wait the peer timeout plus this");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -364,7 +506,13 @@ int node_main(int argc, char** argv) {
   if (session.rank() != 0) {
     rc = run_device(session, **transport, o);
   } else {
-    rc = o.scenario == "fault" ? run_fault_watch(session, **transport, o) : run_cluster(session, **transport, o);
+    if (o.scenario == "fault") {
+      rc = run_fault_watch(session, **transport, o);
+    } else if (o.scenario == "burst") {
+      rc = run_burst(session, **transport, o);
+    } else {
+      rc = run_cluster(session, **transport, o);
+    }
     const Status s = (*transport)->shutdown();
     if (!s.ok()) {
       std::cerr << prefix(0) << s.message() << std::endl;

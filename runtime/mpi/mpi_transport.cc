@@ -2,8 +2,11 @@
 
 #include <mpi.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -12,6 +15,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <string>
 
@@ -120,6 +124,7 @@ StatusOr<std::unique_ptr<MpiTransport>> MpiTransport::create(const MpiTransportO
   MPI_Comm_size(*comm, &size);
   std::unique_ptr<MpiTransport> t(new MpiTransport(options, comm, rank, size));
   t->setup_doorbells();
+  t->setup_process_watch();
   t->progress_ = std::thread([p = t.get()] { p->progress_loop(); });
   return t;
 }
@@ -137,6 +142,7 @@ MpiTransport::MpiTransport(const MpiTransportOptions& options, void* comm, int r
   for (int k = 0; k < static_cast<int>(TransferKind::kCount); ++k) {
     if (!is_bulk_transfer(static_cast<TransferKind>(k))) latency_tags_.push_back(data_tag(static_cast<TransferKind>(k)));
   }
+  peer_failures_.assign(static_cast<std::size_t>(size_), ok_status());
   can_ring_.assign(static_cast<std::size_t>(size_), 0);
   ring_.assign(static_cast<std::size_t>(size_), 0);
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -147,6 +153,12 @@ MpiTransport::~MpiTransport() {
   (void)shutdown();
   if (doorbell_fd_ >= 0) close(doorbell_fd_);
   if (wake_fd_ >= 0) close(wake_fd_);
+  for (int fd : peer_pidfds_) {
+    if (fd >= 0) close(fd);
+  }
+  for (int fd : failed_pidfds_) {
+    if (fd >= 0) close(fd);
+  }
   delete static_cast<MPI_Comm*>(comm_);
 }
 
@@ -207,6 +219,72 @@ void MpiTransport::setup_doorbells() {
   }
 }
 
+namespace {
+// Processes on the same machine and in the same pid namespace share this key: only there does a
+// peer's pid name its process.
+std::uint64_t process_space_key() {
+  std::string text;
+  char host[256] = {};
+  if (gethostname(host, sizeof(host) - 1) == 0) text += host;
+  std::ifstream boot("/proc/sys/kernel/random/boot_id");
+  std::string boot_id;
+  std::getline(boot, boot_id);
+  text += "|" + boot_id;
+  struct stat ns {};
+  if (stat("/proc/self/ns/pid", &ns) == 0) text += "|" + std::to_string(ns.st_dev) + ":" + std::to_string(ns.st_ino);
+  std::uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+}  // namespace
+
+// Collective: every rank learns each peer's pid and whether it shares this rank's process space;
+// for those that do, a pidfd (Linux >= 5.3) becomes readable when the peer's process exits.
+void MpiTransport::setup_process_watch() {
+  MPI_Comm comm = comm_of(comm_);
+  const std::uint64_t mine[2] = {static_cast<std::uint64_t>(getpid()), process_space_key()};
+  std::vector<std::uint64_t> all(2 * static_cast<std::size_t>(size_), 0);
+  MPI_Allgather(mine, 2, MPI_UINT64_T, all.data(), 2, MPI_UINT64_T, comm);
+  peer_pidfds_.assign(static_cast<std::size_t>(size_), -1);
+  failed_pidfds_.assign(static_cast<std::size_t>(size_), -1);
+  peer_pids_.assign(static_cast<std::size_t>(size_), -1);
+  for (int q = 0; q < size_; ++q) {
+    const std::size_t i = static_cast<std::size_t>(q);
+    peer_pids_[i] = static_cast<long>(all[2 * i]);
+    if (q == rank_ || !options_.watch_peer_processes || all[2 * i + 1] != mine[1]) continue;
+#ifdef SYS_pidfd_open
+    const long fd = syscall(SYS_pidfd_open, static_cast<pid_t>(all[2 * i]), 0);
+    if (fd >= 0) peer_pidfds_[i] = static_cast<int>(fd);  // else: heartbeats only (old kernel, no permission)
+#endif
+  }
+}
+
+void MpiTransport::check_peer_processes() {
+  for (int q = 0; q < size_; ++q) {
+    int& fd = peer_pidfds_[static_cast<std::size_t>(q)];
+    if (fd < 0) continue;
+    PeerOut& p = *peers_[static_cast<std::size_t>(q)];
+    if (!p.failed && !p.goodbye_received) {
+      pollfd pfd{fd, POLLIN, 0};
+      if (poll(&pfd, 1, 0) <= 0) continue;
+      // It exited. Whatever it sent before is already here: take it (its goodbye, if it said one).
+      while (receive_messages()) {
+      }
+      if (!p.goodbye_received) {
+        fail_peer(q, unavailable("rank " + std::to_string(q) + " died: its process (pid " +
+                                 std::to_string(peer_pids_[static_cast<std::size_t>(q)]) + ") exited without saying goodbye"));
+      }
+    }
+    // Failed or gone in order: nothing more to watch (a readable pidfd would wake us each time).
+    if (p.failed) {
+      failed_pidfds_[static_cast<std::size_t>(q)] = fd;  // kept for terminate_failed_peers
+    } else {
+      close(fd);
+    }
+    fd = -1;
+  }
+}
+
 void MpiTransport::ring_doorbells() {
   for (int q = 0; q < size_; ++q) {
     if (!ring_[static_cast<std::size_t>(q)]) continue;
@@ -221,17 +299,28 @@ void MpiTransport::ring_doorbells() {
 }
 
 bool MpiTransport::wait_for_wake(std::chrono::microseconds timeout, bool doorbell_too) {
-  pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {doorbell_fd_, POLLIN, 0}};
-  const nfds_t n = doorbell_too && doorbell_fd_ >= 0 ? 2 : 1;
+  pollfd fds[64];
+  fds[0] = {wake_fd_, POLLIN, 0};
+  fds[1] = {doorbell_fd_, POLLIN, 0};
+  nfds_t n = doorbell_too && doorbell_fd_ >= 0 ? 2 : 1;
+  const nfds_t first_pidfd = n;
+  if (doorbell_too) {  // a peer's exit wakes this rank too (past 62 peers: the 1 ms check only)
+    for (int fd : peer_pidfds_) {
+      if (fd >= 0 && n < 64) fds[n++] = {fd, POLLIN, 0};
+    }
+  }
   const auto us = std::max<std::int64_t>(0, timeout.count());
   timespec ts{static_cast<time_t>(us / 1000000), static_cast<long>((us % 1000000) * 1000)};
   const int rc = ppoll(fds, n, &ts, nullptr);
   if (rc <= 0) return false;
+  for (nfds_t i = first_pidfd; i < n; ++i) {
+    if (fds[i].revents != 0) next_process_check_ = Clock::time_point{};  // check at once
+  }
   if (fds[0].revents & POLLIN) {
     std::uint64_t v = 0;
     (void)!read(wake_fd_, &v, sizeof(v));
   }
-  if (n == 2 && (fds[1].revents & POLLIN)) {
+  if (first_pidfd == 2 && (fds[1].revents & POLLIN)) {
     char buf[64];
     while (::recv(doorbell_fd_, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
     }
@@ -281,6 +370,30 @@ std::vector<std::byte> MpiTransport::take_buffer(std::int64_t bytes) {
 void MpiTransport::wake() {
   const std::uint64_t one = 1;
   (void)!write(wake_fd_, &one, sizeof(one));
+}
+
+RecvHandle MpiTransport::recv(RecvMatch match) {
+  RecvHandle handle = mailbox_.recv(match);
+  bool closed = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed = receives_closed_;
+  }
+  if (closed) {
+    mailbox_.fail_all(unavailable("transport of rank " + std::to_string(rank_) + " shut down"));
+    return handle;
+  }
+  if (match.src != kAnySource && match.src >= 0 && match.src < size_) {
+    // fail_peer records the failure before it fails the waiting receives: a receive registered
+    // after that sweep sees the record here.
+    Status failed;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      failed = peer_failures_[static_cast<std::size_t>(match.src)];
+    }
+    if (!failed.ok()) mailbox_.fail_from(match.src, failed, /*fail_any_source=*/false);
+  }
+  return handle;
 }
 
 SendHandle MpiTransport::send(MessageHeader header, std::span<const std::byte> payload) {
@@ -333,6 +446,43 @@ Status MpiTransport::failure() const {
   return failure_;
 }
 
+bool MpiTransport::terminate_peer(int rank) {
+  if (rank < 0 || rank >= size_ || rank == rank_) return false;
+  const int fd = peer_pidfds_[static_cast<std::size_t>(rank)] >= 0 ? peer_pidfds_[static_cast<std::size_t>(rank)]
+                                                                    : failed_pidfds_[static_cast<std::size_t>(rank)];
+  if (fd < 0) return false;
+  pollfd pfd{fd, POLLIN, 0};
+  if (poll(&pfd, 1, 0) > 0) return false;  // already exited
+#ifdef SYS_pidfd_send_signal
+  return syscall(SYS_pidfd_send_signal, fd, SIGKILL, nullptr, 0) == 0;
+#else
+  return false;
+#endif
+}
+
+std::vector<int> MpiTransport::terminate_failed_peers() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    KUN_CHECK(stopped_) << "terminate_failed_peers() before shutdown()";
+  }
+  std::vector<int> signalled;
+  for (int q : failed_peers()) {
+    if (terminate_peer(q)) signalled.push_back(q);
+  }
+  return signalled;
+}
+
+Status MpiTransport::peer_failure(int rank) const {
+  KUN_CHECK(rank >= 0 && rank < size_) << "rank " << rank;
+  std::lock_guard<std::mutex> lock(mu_);
+  return peer_failures_[static_cast<std::size_t>(rank)];
+}
+
+std::vector<int> MpiTransport::failed_peers() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failed_peers_;
+}
+
 Status MpiTransport::wait_for_failure(std::chrono::milliseconds timeout) const {
   std::unique_lock<std::mutex> lock(mu_);
   failure_cv_.wait_for(lock, timeout, [&] { return !failure_.ok(); });
@@ -349,6 +499,10 @@ Status MpiTransport::shutdown() {
   }
   wake();
   if (progress_.joinable()) progress_.join();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    receives_closed_ = true;  // a receive registered after the sweep below fails at once (recv())
+  }
   mailbox_.fail_all(unavailable("transport of rank " + std::to_string(rank_) + " shut down"));
   std::lock_guard<std::mutex> lock(mu_);
   stopped_ = true;
@@ -363,9 +517,12 @@ void MpiTransport::fail_peer(int peer, const Status& s) {
   PeerOut& p = *peers_[static_cast<std::size_t>(peer)];
   if (p.failed) return;
   p.failed = true;
+  if (options_.on_peer_failure) options_.on_peer_failure(peer, s);
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (failure_.ok()) failure_ = s;
+    peer_failures_[static_cast<std::size_t>(peer)] = s;
+    failed_peers_.insert(std::upper_bound(failed_peers_.begin(), failed_peers_.end(), peer), peer);
   }
   failure_cv_.notify_all();
   mailbox_.fail_from(peer, s, /*fail_any_source=*/false);
@@ -391,6 +548,19 @@ void MpiTransport::fail_peer(int peer, const Status& s) {
   }
   for (MPI_Request* r : {&p.heartbeat, &p.goodbye}) {
     if (*r != MPI_REQUEST_NULL) MPI_Request_free(r);
+  }
+  // Receives of its messages' bytes will not complete: set them aside (their buffers stay alive,
+  // MPI may still hold them) so that nothing counts as in flight, and drop its partial messages.
+  for (auto it = data_receives_.begin(); it != data_receives_.end();) {
+    if ((*it)->src == peer) {
+      abandoned_receives_.push_back(std::move(*it));
+      it = data_receives_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (int k = 0; k < static_cast<int>(TransferKind::kCount); ++k) {
+    streams_[static_cast<std::size_t>(peer * static_cast<int>(TransferKind::kCount) + k)]->queue.clear();
   }
 }
 
@@ -538,6 +708,7 @@ bool MpiTransport::receive_messages() {
       p.goodbye_received = true;
       continue;
     }
+    if (p.failed) continue;  // declared failed: what it still had in flight is dropped with it
     progressed = true;
     KUN_CHECK(tag >= 1 && tag <= static_cast<int>(TransferKind::kCount)) << "rank " << src << " sent tag " << tag;
     WirePrefix wp;
@@ -606,6 +777,10 @@ bool MpiTransport::test_data_receives() {
 void MpiTransport::heartbeats_and_timeouts() {
   MPI_Comm comm = comm_of(comm_);
   const auto now = Clock::now();
+  if (now >= next_process_check_) {  // one poll() per millisecond at most, or at once on a pidfd event
+    check_peer_processes();
+    next_process_check_ = now + std::chrono::milliseconds(1);
+  }
   for (int q = 0; q < size_; ++q) {
     if (q == rank_) continue;
     PeerOut& p = *peers_[static_cast<std::size_t>(q)];

@@ -27,9 +27,11 @@
 //
 // Faults: every rank sends a heartbeat to every peer each heartbeat_period; a peer from which
 // nothing arrived for peer_timeout is declared failed: receives waiting on it and sends to it end
-// with kUnavailable naming the rank, and failure() reports it. shutdown() says goodbye to every
-// peer and waits for theirs, so no rank mistakes a peer's orderly exit for a failure, and MPI can
-// be finalized with nothing in flight.
+// with kUnavailable naming the rank, and failure() reports it. A peer on the same host (same
+// hostname, boot and pid namespace) is also watched through a pidfd: when its process exits
+// without having said goodbye it has failed at once ("rank 3 died"), without waiting out the
+// timeout. shutdown() says goodbye to every peer and waits for theirs, so no rank mistakes a
+// peer's orderly exit for a failure, and MPI can be finalized with nothing in flight.
 #pragma once
 
 #include <atomic>
@@ -37,6 +39,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -75,6 +78,14 @@ struct MpiTransportOptions {
   // shutdown() waits this long at most for peers still working (they keep sending heartbeats;
   // one that goes silent fails after peer_timeout as usual).
   std::chrono::milliseconds shutdown_timeout{60000};
+  // Watch same-host peers' processes (pidfd): a peer that exits without a goodbye has failed at
+  // once instead of after peer_timeout. false: heartbeats only.
+  bool watch_peer_processes = true;
+  // Called on the progress thread when a peer is found failed, before the failure is recorded
+  // and before any request waiting on it is failed; it may block (the transport stalls
+  // meanwhile) or end the process. `kun serve` on rank 0 uses it to end the job cleanly before
+  // the executor sees a step fail.
+  std::function<void(int rank, const Status& why)> on_peer_failure;
 };
 
 class MpiTransport final : public MessageTransport {
@@ -89,13 +100,25 @@ class MpiTransport final : public MessageTransport {
   int num_devices() const override { return size_; }
   SendHandle send(MessageHeader header, std::span<const std::byte> payload) override;
   SendHandle send_owned(MessageHeader header, std::vector<std::byte> payload) override;
-  RecvHandle recv(RecvMatch match) override { return mailbox_.recv(match); }
+  // A receive naming a peer already failed ends at once with that peer's failure.
+  RecvHandle recv(RecvMatch match) override;
   std::uint64_t next_tag() override { return next_tag_.fetch_add(1, std::memory_order_relaxed); }
   TransferStats stats() const override { return counters_.stats(); }
   void recycle(std::vector<std::byte> payload) override;
 
   // The first peer failure (kUnavailable naming the rank), or ok while every peer answers.
   Status failure() const;
+  // Why `rank` failed (ok while it answers).
+  Status peer_failure(int rank) const;
+  // Every peer found failed so far, ascending.
+  std::vector<int> failed_peers() const;
+  // SIGKILLs the processes of failed peers on this host that still run (a rank that stopped
+  // answering), so that the job can end without them; returns the ranks signalled. Call after
+  // shutdown(). Peers on other hosts are left to MPI_Abort / mpirun.
+  std::vector<int> terminate_failed_peers();
+  // SIGKILLs `rank`'s process if it runs on this host (pidfd); true if signalled. For
+  // on_peer_failure, which runs before the failure is recorded.
+  bool terminate_peer(int rank);
   // Blocks until a peer fails or `timeout` passes; returns failure().
   Status wait_for_failure(std::chrono::milliseconds timeout) const;
   // Orderly end: sends what is queued, says goodbye to every live peer, waits for their goodbyes
@@ -124,6 +147,9 @@ class MpiTransport final : public MessageTransport {
   // on an MPI error.
   bool post(OutMsg& m, std::int64_t n);
   void setup_doorbells();  // collective, before the progress thread starts
+  void setup_process_watch();  // collective, before the progress thread starts
+  // Fails every peer whose process has exited without a goodbye (pidfds readable).
+  void check_peer_processes();
   void ring_doorbells();   // one byte to each peer marked in ring_
   void wake();             // wakes the progress thread (any thread)
   // Blocks in ppoll on the wake eventfd and the doorbell for at most `timeout`; true if woken.
@@ -157,6 +183,10 @@ class MpiTransport final : public MessageTransport {
   std::vector<char> can_ring_;               // per peer: its doorbell is reachable from here
   std::vector<char> ring_;                   // progress thread: peers to ring after this round
   bool every_peer_rings_ = false;            // every peer can ring this rank: sleep until needed
+  std::vector<int> peer_pidfds_;             // per peer: a pidfd of its process, or -1 (another host)
+  std::vector<int> failed_pidfds_;           // per peer: its pidfd once it failed (not polled), or -1
+  std::vector<long> peer_pids_;              // per peer: its pid (for messages)
+  std::chrono::steady_clock::time_point next_process_check_{};  // progress thread
 
   std::mutex pool_mu_;
   std::vector<std::vector<std::byte>> pool_;  // guarded by pool_mu_
@@ -167,7 +197,10 @@ class MpiTransport final : public MessageTransport {
   std::deque<std::unique_ptr<OutMsg>> submitted_;  // guarded by mu_
   bool stopping_ = false;                          // guarded by mu_
   bool stopped_ = false;                           // guarded by mu_
+  bool receives_closed_ = false;                   // guarded by mu_: shutdown() failed every receive
   Status failure_;                                 // guarded by mu_: first peer failure
+  std::vector<int> failed_peers_;                  // guarded by mu_
+  std::vector<Status> peer_failures_;              // guarded by mu_: per peer, ok while it answers
   Status shutdown_status_;                         // guarded by mu_
 
   // Progress thread only.
@@ -175,6 +208,7 @@ class MpiTransport final : public MessageTransport {
   std::vector<std::unique_ptr<OutMsg>> latency_in_flight_;
   std::vector<int> latency_tags_;  // probed before any other tag
   std::vector<std::unique_ptr<PendingData>> data_receives_;
+  std::vector<std::unique_ptr<PendingData>> abandoned_receives_;  // from failed peers, never tested
   std::vector<std::unique_ptr<Stream>> streams_;  // per (source, kind)
   std::thread progress_;
 };

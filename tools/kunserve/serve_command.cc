@@ -2,6 +2,7 @@
 
 #include <csignal>
 #include <atomic>
+#include <functional>
 #include <chrono>
 #include <filesystem>
 #include <iostream>
@@ -16,6 +17,15 @@
 #include "server/http_server.h"
 #include "tools/kunserve/cluster_args.h"
 #include "tools/kunserve/model_args.h"
+#ifdef KUN_HAVE_MPI
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+
+#include "runtime/mpi/mpi_fleet.h"
+#include "runtime/mpi/mpi_session.h"
+#include "runtime/mpi/mpi_transport.h"
+#endif
 
 namespace kun::tools {
 namespace {
@@ -38,6 +48,19 @@ struct ServeArgs {
   bool metrics_require_api_key = false;
   std::vector<std::string> allowed_origins;
   std::vector<std::string> allowed_hosts;
+  std::string runtime = "inprocess";  // inprocess | mpi
+  int mpi_peer_timeout_ms = 2000;     // a device rank silent this long is lost
+  int mpi_heartbeat_ms = 100;
+  bool devices_given = false;         // --devices on the command line (set after parsing)
+};
+
+// What the MPI runtime adds to serving (empty for in-process).
+struct ServeHooks {
+  std::function<StatusOr<std::unique_ptr<runtime::DeviceFleet>>(const runtime::FleetOptions&, const model::WeightSource&)>
+      make_fleet;
+  std::string runtime_banner;        // e.g. ", runtime mpi: 4 device ranks"
+  std::function<bool()> device_lost;  // polled by the serve loop
+  std::function<void()> end_job;      // after a device loss; does not return
 };
 
 // GET /v1/kunserve/events: the runtime's bounded transition history, newest last.
@@ -63,7 +86,7 @@ std::string events_json(const runtime::ClusterRuntime& rt, std::size_t capacity)
   return out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-Status run_serve(const ServeArgs& a) {
+Status run_serve(const ServeArgs& a, const ServeHooks& hooks) {
   cluster::Policy policy;
   if (!cluster::parse_policy(a.policy, &policy)) {
     return invalid_argument("unknown --policy '" + a.policy + "' (recompute | swap | migrate | kunserve)");
@@ -76,6 +99,7 @@ Status run_serve(const ServeArgs& a) {
   KUN_ASSIGN_OR_RETURN(DType kv_dtype, a.model.kv_dtype());
   KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions options, a.cluster.build(config, dtype, kv_dtype, policy, name));
   KUN_RETURN_IF_ERROR(a.cluster.cap_context_to_kv(config, &options));
+  options.make_fleet = hooks.make_fleet;
   SteadyClock clock;
   KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(options, *weights, &clock));
   // The admitted context must fit every instance's real KV cache (the estimate in
@@ -117,12 +141,19 @@ Status run_serve(const ServeArgs& a) {
   KUN_LOG(kInfo) << "allowed Host headers: " << hosts << "; API key " << (sc.api_key.empty() ? "off" : "on")
                  << "; CORS " << (sc.allowed_origins.empty() ? "off" : "on");
   std::cout << "kunserve serving " << name << " on http://" << a.host << ":" << (*http)->port() << " (" << a.cluster.devices
-            << " devices, policy " << a.policy << ")" << std::endl;
+            << " devices, policy " << a.policy << hooks.runtime_banner << ")" << std::endl;
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
   const auto start = std::chrono::steady_clock::now();
   while (!g_stop.load()) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (hooks.device_lost && hooks.device_lost()) {
+      // The executor cannot serve on without the device yet: open streams get an error event,
+      // other requests a 503, and the job ends (the runtime is not stopped: its steps wait on
+      // the lost device).
+      (*http)->stop(std::chrono::milliseconds(0));
+      hooks.end_job();
+    }
     if (a.max_seconds > 0 &&
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() >= a.max_seconds) {
       break;
@@ -133,6 +164,129 @@ Status run_serve(const ServeArgs& a) {
   rt->stop();
   return ok_status();
 }
+
+#ifdef KUN_HAVE_MPI
+bool started_by_mpirun() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"}) {
+    if (std::getenv(v) != nullptr) return true;
+  }
+  return false;
+}
+
+// `serve --runtime mpi`: rank 0 serves (HTTP, router, coordinator, schedulers, executors) over an
+// MpiFleet; ranks 1..N build and serve one device each (runtime/README.md, "MPI").
+Status run_serve_mpi(ServeArgs a, int* exit_code) {
+  namespace rm = runtime::mpi;
+  if (!started_by_mpirun()) {
+    return failed_precondition(
+        "--runtime mpi runs one process per device plus the front end and must be started by mpirun: "
+        "mpirun -np N+1 kunserve serve --runtime mpi ... (N devices; as root add --allow-run-as-root, with more ranks "
+        "than cores --oversubscribe)");
+  }
+  KUN_ASSIGN_OR_RETURN(auto session, rm::MpiSession::init(nullptr, nullptr));
+  const int rank = session->rank();
+  const int size = session->size();
+  // A refusal every rank reaches: rank 0 says why while MPI is up (the others wait for it in
+  // MPI_Finalize, so mpirun cannot end rank 0 before the message is out); all exit 2.
+  const auto refuse = [&](const Status& why) {
+    if (rank == 0) std::cerr << "kunserve serve: " << why.to_string() << std::endl;
+    *exit_code = 2;
+    return Status(why.code(), "");
+  };
+  if (size < 2) {
+    return refuse(failed_precondition("--runtime mpi needs at least 2 ranks (rank 0 front end, ranks 1..N devices); "
+                                      "mpirun started " + std::to_string(size)));
+  }
+  if (a.devices_given && a.cluster.devices != size - 1) {
+    return refuse(invalid_argument("--devices " + std::to_string(a.cluster.devices) + " but the job has " +
+                                   std::to_string(size - 1) + " device ranks: start mpirun -np " +
+                                   std::to_string(a.cluster.devices + 1) + " or leave --devices out"));
+  }
+  a.cluster.devices = size - 1;
+  // Every rank opens the model itself; a rank that cannot is named by the identity check.
+  auto weights = a.model.open();
+  rm::NodeIdentity id;
+  id.model = weights.ok() ? a.model.display_name() + (a.model.load_format == "dummy" ? ":seed" + std::to_string(a.model.seed) : "")
+                          : "(cannot open: " + weights.status().message() + ")";
+  id.preset = a.model.load_format == "dummy" ? a.model.preset : "-";
+  id.dtype = a.model.dtype + "/kv-" + a.model.kv_cache_dtype;
+  id.build_id = rm::this_build_id();
+  const Status agreed = rm::check_identity(id);
+  if (!agreed.ok()) return refuse(agreed);
+  if (!weights.ok()) return refuse(weights.status());  // every rank failed the same way
+
+  struct Loss {
+    std::mutex mu;
+    bool lost = false;
+    int rank = -1;
+    std::string why;
+  };
+  auto loss = std::make_shared<Loss>();
+  rm::MpiTransportOptions topt;
+  topt.peer_timeout = std::chrono::milliseconds(a.mpi_peer_timeout_ms);
+  topt.heartbeat_period = std::chrono::milliseconds(a.mpi_heartbeat_ms);
+  rm::MpiSession* session_raw = session.get();
+  rm::MpiTransport* transport_raw = nullptr;
+  if (rank == 0) {
+    topt.on_peer_failure = [loss, session_raw, &transport_raw](int peer, const Status& why) {
+      {
+        std::lock_guard<std::mutex> lock(loss->mu);
+        if (!loss->lost) {
+          loss->lost = true;
+          loss->rank = peer;
+          loss->why = why.message();
+        }
+      }
+      std::cerr << "kunserve: device rank " << peer << " lost: " << why.message() << "; ending the job" << std::endl;
+      // The serve loop ends the job within 100 ms after answering the open requests; should it
+      // not, this does (the transport stalls meanwhile, so no step sees the failure).
+      std::this_thread::sleep_for(std::chrono::seconds(5));
+      if (transport_raw != nullptr && rm::mpirun_recovery_enabled()) (void)transport_raw->terminate_peer(peer);
+      session_raw->abort(3);
+    };
+  }
+  KUN_ASSIGN_OR_RETURN(auto transport, rm::MpiTransport::create(topt));
+  transport_raw = transport.get();
+  if (rank != 0) {
+    const model::WeightSource* w = weights->get();
+    *exit_code = rm::serve_device_rank(*session, *transport, [w](const std::string& key) -> StatusOr<const model::WeightSource*> {
+      if (!key.empty()) return invalid_argument("unknown weights '" + key + "'");
+      return w;
+    });
+    transport.reset();
+    return ok_status();
+  }
+  if (rm::mpirun_recovery_enabled()) {
+    KUN_LOG(kInfo) << "mpirun --enable-recovery: a device rank that dies does not end the job at once; the front end ends it";
+  }
+  const auto timeout = std::chrono::milliseconds(a.mpi_peer_timeout_ms + 60000);  // building a device loads its weights
+  ServeHooks hooks;
+  hooks.make_fleet = rm::mpi_fleet_factory(*transport, "", timeout);
+  hooks.runtime_banner = ", runtime mpi: " + std::to_string(size - 1) + " device ranks";
+  hooks.device_lost = [loss] {
+    std::lock_guard<std::mutex> lock(loss->mu);
+    return loss->lost;
+  };
+  hooks.end_job = [loss, session_raw, transport_raw] {
+    int lost_rank = -1;
+    {
+      std::lock_guard<std::mutex> lock(loss->mu);
+      lost_rank = loss->rank;
+    }
+    if (rm::mpirun_recovery_enabled()) (void)transport_raw->terminate_peer(lost_rank);
+    session_raw->abort(3);
+  };
+  const Status served = run_serve(a, hooks);
+  const Status released = rm::release_device_ranks(*transport, timeout);
+  const Status closed = transport->shutdown();
+  if (!released.ok() || !closed.ok()) {
+    std::cerr << "kunserve serve: " << (released.ok() ? closed : released).to_string() << "; ending the job" << std::endl;
+    session->abort(3);
+  }
+  transport.reset();
+  return served;
+}
+#endif
 
 }  // namespace
 
@@ -158,11 +312,37 @@ void add_serve_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--allowed-hosts", a->allowed_hosts,
                   "Host headers accepted ('*': any); default: localhost/127.0.0.1/::1 when --host is loopback, else any")
       ->delimiter(',');
-  cmd->callback([a, exit_code] {
-    Status s = run_serve(*a);
+  cmd->add_option("--runtime", a->runtime,
+                  "inprocess: every device in this process (default); mpi: one MPI rank per device, started as "
+                  "mpirun -np N+1 kunserve serve --runtime mpi ...")
+      ->check(CLI::IsMember({"inprocess", "mpi"}));
+  cmd->add_option("--mpi-peer-timeout-ms", a->mpi_peer_timeout_ms, "--runtime mpi: a device rank silent this long is lost")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--mpi-heartbeat-ms", a->mpi_heartbeat_ms, "--runtime mpi: heartbeat period between ranks")
+      ->check(CLI::PositiveNumber);
+  cmd->callback([a, exit_code, cmd] {
+    Status s;
+    if (a->runtime == "mpi") {
+#ifdef KUN_HAVE_MPI
+      a->devices_given = cmd->count("--devices") > 0;
+      if (a->mpi_peer_timeout_ms <= a->mpi_heartbeat_ms) {
+        s = invalid_argument("--mpi-peer-timeout-ms must exceed --mpi-heartbeat-ms");
+      } else {
+        s = run_serve_mpi(*a, exit_code);
+      }
+      if (!s.ok() && s.message().empty()) {  // a refused start: rank 0 said why
+        if (*exit_code == 0) *exit_code = 1;
+        return;
+      }
+#else
+      s = unimplemented("this kunserve was built without MPI (install libopenmpi-dev and openmpi-bin, then reconfigure)");
+#endif
+    } else {
+      s = run_serve(*a, ServeHooks{});
+    }
     if (!s.ok()) {
       std::cerr << "kunserve serve: " << s.to_string() << std::endl;
-      *exit_code = 1;
+      if (*exit_code == 0) *exit_code = 1;
     }
   });
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs one MPI job for ctest and checks how it ended.
 #   run_mpi.sh EXPECT REGEX NODE_BINARY -- mpirun-arguments...
-# EXPECT: "ok" (exit 0) or "fail" (nonzero exit). REGEX must match the job's output (empty: skip).
+# EXPECT: "ok" (exit 0), "fail" (nonzero exit) or "any" (mpirun --enable-recovery reports exit 0
+# even after MPI_Abort: the output says how it ended). REGEX must match the job's output (empty:
+# skip).
 # Afterwards no process of NODE_BINARY may be left.
 set -u
 expect=$1; regex=$2; node=$3; shift 4

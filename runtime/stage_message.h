@@ -1,0 +1,78 @@
+// The messages of a pipeline stage run by a device agent (issue 12): the front end turns one
+// engine::StepPlan into one StageRequest per stage (encode_stage_request: the one place that
+// knows StepPlan's layout), each agent runs its layers, asks the holders of remote KV for
+// attention, and hands the activations to the next stage's agent directly (kStageInput); the last
+// stage samples and answers the front end (StageResult). Stage timings ride along so the front
+// end can count pipeline busy and idle time.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/step.h"
+#include "model/sampling.h"
+
+namespace kun::runtime {
+
+struct StageSequence {
+  std::int64_t start_pos = 0;
+  std::int64_t num_tokens = 0;
+  std::uint8_t sample = 0;
+  model::SamplingParams sampling;
+  std::uint64_t sample_index = 0;
+};
+
+// A block copy between this device's KV blocks and its host swap space: swap-outs copy block
+// `src` to host slot `dst`, swap-ins host slot `src` to block `dst`.
+struct SwapCopy {
+  std::int64_t src = 0;
+  std::int64_t dst = 0;
+};
+
+struct StageRequest {
+  std::int64_t layer_begin = 0;
+  std::int64_t layer_end = 0;
+  std::uint8_t first = 0;      // embeds `tokens`; otherwise waits for kStageInput from prev_endpoint
+  std::uint8_t last = 0;       // samples and replies to reply_endpoint; otherwise sends to next_endpoint
+  std::int32_t prev_endpoint = -1;
+  std::int32_t next_endpoint = -1;
+  std::int32_t reply_endpoint = -1;
+  std::vector<StageSequence> sequences;
+  std::vector<std::int32_t> tokens;  // first stage only: every sequence's tokens back to back
+  // Per (sequence, layer - layer_begin): the endpoint holding its KV and its block ids there
+  // (blocks[block_begin[cell], block_begin[cell + 1])).
+  std::vector<std::int32_t> holder;
+  std::vector<std::int64_t> block_begin;
+  std::vector<std::int64_t> blocks;
+  std::vector<SwapCopy> swap_out;  // run before the stage, swap-outs first
+  std::vector<SwapCopy> swap_in;
+
+  std::int64_t num_layers() const { return layer_end - layer_begin; }
+  std::int64_t num_tokens() const;
+};
+
+struct StageSpec {
+  int endpoint = -1;
+  std::int64_t layer_begin = 0;
+  std::int64_t layer_end = 0;
+};
+
+// Stage `stage` of `stages` for `plan`. A LayerBlockList's device is a stage index; it becomes
+// that stage's endpoint. Swap copies naming stage `stage` go with it. KUN_CHECKs a plan naming a
+// device outside the stages.
+std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, std::size_t stage,
+                                            std::span<const StageSpec> stages, int reply_endpoint);
+StatusOr<StageRequest> decode_stage_request(std::span<const std::byte> bytes);
+
+// What goes with a stage's output: every earlier stage's [start_ns, end_ns) (steady clock of the
+// host that ran it), then the payload proper (activations, or the last stage's sampled tokens).
+struct StageTrailer {
+  std::vector<std::int64_t> stage_times_ns;
+};
+std::vector<std::byte> encode_stage_output(const StageTrailer& t, std::span<const std::byte> body);
+// Returns the body's offset in `bytes`.
+StatusOr<std::size_t> decode_stage_output(std::span<const std::byte> bytes, StageTrailer* t);
+
+}  // namespace kun::runtime
