@@ -107,8 +107,8 @@ const IsaKernels& kernels_for(Isa isa) {
   switch (isa) {
     case Isa::kScalar: return scalar_kernels();
     case Isa::kAvx2: return avx2_kernels();
-    case Isa::kAvx512:
-    case Isa::kAvx512Bf16: return avx512_kernels();
+    case Isa::kAvx512: return avx512_kernels();
+    case Isa::kAvx512Bf16: return avx512bf16_kernels();
   }
   return scalar_kernels();
 }

@@ -19,6 +19,8 @@ using detail::kernels_for;
 constexpr std::int64_t kMinParallelMacs = 1 << 16;
 // Weight rows per unit of the thread split (a multiple of every ISA's microkernel width).
 constexpr std::int64_t kRowsPerUnit = 12;
+// Activations below this many elements are rounded and packed on the calling thread.
+constexpr std::int64_t kMinParallelPack = 1 << 15;
 // Activations up to this size are claimed one unit at a time by the balanced split.
 constexpr std::int64_t kSmallActivationBytes = 256 * 1024;
 
@@ -30,7 +32,7 @@ struct LinearJob {
   const float* bias;
   float* y;
   bool accumulate;
-  const float* xp;  // packed rows for kPanelPairs' widened path, or null
+  const float* xp;  // kPanelPairs: the rounded, packed activations (IsaKernels::pack_rows)
 };
 
 struct PackJob {
@@ -96,18 +98,19 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   const bool panels = w.layout == WeightLayout::kPanelPairs;
   if (panels) {
     KUN_CHECK(panel_pairs_supported(w.dtype, w.rows, w.cols))
-        << "kPanelPairs needs bf16 and an even K: " << dtype_name(w.dtype) << " " << w.rows << "x"
-        << w.cols;
+        << "kPanelPairs needs bf16: " << dtype_name(w.dtype) << " " << w.rows << "x" << w.cols;
   }
   const IsaKernels& k = kernels_for(isa);
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
   const float* xp = nullptr;
   const bool serial = pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs;
-  if (panels && M >= k.widen_min_rows) {
+  if (panels) {
+    // The activations rounded to bf16 and packed once for every thread (bf16_dot.inc).
     float* buf = packed_rows_buffer(M, K);
-    const std::int64_t tiles = (M + k.tile_rows - 1) / k.tile_rows;
-    if (serial) {
+    const std::int64_t tile_rows = M >= k.widen_min_rows ? k.tile_rows : k.direct_tile_rows;
+    const std::int64_t tiles = (M + tile_rows - 1) / tile_rows;
+    if (serial || M * K < kMinParallelPack) {
       k.pack_rows(x, M, K, buf, 0, tiles);
     } else {
       // Split over the threads (a serial pack would idle the others); one pointer captured,
@@ -122,7 +125,7 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   }
   if (serial) {
     if (panels) {
-      k.linear_panels(x, xp, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
+      k.linear_panels(xp, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
                       panel_scratch(M));
     } else {
       k.linear_block(x, K, 0, M, w, 0, N, bias, y, N, accumulate);
@@ -141,7 +144,7 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
             ? 1
             : std::max<std::int64_t>(1, units / (4 * pool->num_threads()));
     auto body = [jp](std::int64_t b, std::int64_t e) {
-      jp->k->linear_panels(jp->x, jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
+      jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
                            panel_scratch(jp->M));
     };
     pool->parallel_for_balanced(units, grain, body);
@@ -170,23 +173,28 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
 }  // namespace
 
 bool panel_pairs_supported(DType dtype, std::int64_t rows, std::int64_t cols) {
-  return dtype == DType::kBF16 && rows > 0 && cols > 0 && cols % 2 == 0;
+  return dtype == DType::kBF16 && rows > 0 && cols > 0;
+}
+
+std::int64_t panel_pairs_bytes(std::int64_t rows, std::int64_t cols) {
+  return rows * (cols + (cols & 1)) * 2;
 }
 
 void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst) {
   KUN_CHECK(panel_pairs_supported(DType::kBF16, rows, cols)) << rows << "x" << cols;
   const auto* s = static_cast<const std::uint16_t*>(src);
   auto* d = static_cast<std::uint16_t*>(dst);
-  KUN_CHECK(d + rows * cols <= s || s + rows * cols <= d) << "pack_panel_pairs: src and dst overlap";
+  const std::int64_t kp = cols + (cols & 1);
+  KUN_CHECK(d + rows * kp <= s || s + rows * cols <= d) << "pack_panel_pairs: src and dst overlap";
   for (std::int64_t n0 = 0; n0 < rows; n0 += kPanelCols) {
     const std::int64_t width = std::min(kPanelCols, rows - n0);
-    std::uint16_t* panel = d + n0 * cols;
+    std::uint16_t* panel = d + n0 * kp;
     for (std::int64_t c = 0; c < width; ++c) {
       const std::uint16_t* row = s + (n0 + c) * cols;
-      for (std::int64_t k = 0; k < cols; k += 2) {
+      for (std::int64_t k = 0; k < kp; k += 2) {
         std::uint16_t* pair = panel + ((k / 2) * width + c) * 2;
         pair[0] = row[k];
-        pair[1] = row[k + 1];
+        pair[1] = k + 1 < cols ? row[k + 1] : std::uint16_t{0};
       }
     }
   }
@@ -197,9 +205,10 @@ void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t 
   KUN_CHECK(panel_pairs_supported(DType::kBF16, rows, cols) && n >= 0 && n < rows)
       << rows << "x" << cols << " row " << n;
   const auto* p = static_cast<const std::uint16_t*>(packed);
+  const std::int64_t kp = cols + (cols & 1);
   const std::int64_t n0 = n / kPanelCols * kPanelCols;
   const std::int64_t width = std::min(kPanelCols, rows - n0);
-  const std::uint16_t* panel = p + n0 * cols;
+  const std::uint16_t* panel = p + n0 * kp;
   for (std::int64_t k = 0; k < cols; ++k) {
     out[k] = bf16_to_f32(panel[((k / 2) * width + (n - n0)) * 2 + (k % 2)]);
   }

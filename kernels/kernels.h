@@ -9,7 +9,8 @@
 //    fallback for tests); KUN_ISA=avx2|avx512|avx512bf16|scalar forces one (never above what
 //    the CPU has). All calls in one process use the same one, so results are reproducible.
 //  * No heap allocation on the hot path: scratch memory comes from the caller.
-//  * Activations are f32; weights are f32, f16 or bf16 and are widened to f32 in registers.
+//  * Activations are f32; weights are f32, f16 or bf16 and are widened to f32 in registers;
+//    linear on kPanelPairs (bf16) weights rounds the activations to bf16 (see linear).
 #pragma once
 
 #include <cstdint>
@@ -60,12 +61,13 @@ class ThreadPool {
 
 // How a weight matrix's elements are laid out in memory.
 //  * kRowMajor: HuggingFace layout, W[n][k] at element n * cols + k.
-//  * kPanelPairs (bf16 only, cols even): output features in panels of kPanelCols (the last one
-//    narrower when rows is not a multiple); panel p covers n in [kPanelCols p, + width) and
-//    starts at element kPanelCols p * cols; inside it the layout is [cols / 2][width][2]: the
-//    pair (W[n][k], W[n][k + 1]) for even k at element ((k / 2) * width + n - kPanelCols p) * 2.
-//    The same bytes as row-major, reordered so that one k step of a panel is one contiguous
-//    run of 16-column vectors (the GEMM's packed operand, read straight from the weights).
+//  * kPanelPairs (bf16 only): K padded to Kp = cols rounded up to even (a zero W[n][cols] when
+//    cols is odd, so an even K keeps the row-major byte count); output features in panels of
+//    kPanelCols (the last one narrower when rows is not a multiple); panel p covers n in
+//    [kPanelCols p, + width) and starts at element kPanelCols p * Kp; inside it the layout is
+//    [Kp / 2][width][2]: the pair (W[n][k], W[n][k + 1]) for even k at element
+//    ((k / 2) * width + n - kPanelCols p) * 2. One k pair of a panel is one contiguous run of
+//    16-column vectors: vdpbf16ps's operand (and the FMA GEMM's), read straight from the weights.
 enum class WeightLayout { kRowMajor = 0, kPanelPairs = 1 };
 constexpr std::int64_t kPanelCols = 64;
 
@@ -78,9 +80,12 @@ struct WeightView {
   WeightLayout layout = WeightLayout::kRowMajor;
 };
 
-// True when a rows x cols matrix of `dtype` can be stored as kPanelPairs (bf16, cols even).
+// True when a rows x cols matrix of `dtype` can be stored as kPanelPairs (bf16).
 bool panel_pairs_supported(DType dtype, std::int64_t rows, std::int64_t cols);
-// Reorders a row-major bf16 matrix (src) into kPanelPairs (dst, the same byte count; must not
+// Bytes of a kPanelPairs matrix: the row-major byte count for an even cols, one more bf16 per row
+// for an odd one.
+std::int64_t panel_pairs_bytes(std::int64_t rows, std::int64_t cols);
+// Reorders a row-major bf16 matrix (src) into kPanelPairs (dst, panel_pairs_bytes; must not
 // overlap src). Checks panel_pairs_supported.
 void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst);
 // The inverse of pack_panel_pairs: W[n][*] of a kPanelPairs matrix widened to f32 (cols floats).
@@ -90,9 +95,13 @@ void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t 
 // y[m][n] = sum_k x[m][k] * W[n][k] + (bias ? bias[n] : 0), for m < M.
 // x: [M][K] f32 row-major with row stride K; y: [M][N] f32 row-major with row stride N.
 // bias may be null (f32, length N). pool may be null (runs on the calling thread).
-// Reduction order per output: kRowMajor weights: lanes over k plus a fixed tree (README);
-// kPanelPairs weights: one f32 FMA chain over k = 0, 1, ..., K - 1 (the GEMM form). Either is
-// the same for every M, tiling and thread count.
+// Reduction order per output: kRowMajor weights: f32 activations, lanes over k plus a fixed tree
+// (README). kPanelPairs weights: the bf16-dot GEMM, exactly what vdpbf16ps computes: x rounded
+// to bf16 (round to nearest even, subnormals to zero), one f32 chain per output over the k
+// pairs, per pair acc = acc + x[k+1] * W[n][k+1] then acc + x[k] * W[n][k] (each fused, round to
+// nearest even, subnormal inputs read as zero, tiny results flushed to zero), then + bias. The
+// same bits for every M, tiling, thread count and every ISA (AVX-512-BF16 runs vdpbf16ps, the
+// others emulate it with FMAs or in double).
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,
             ThreadPool* pool);
 // y[m][n] += linear's value (the dot product, plus bias, rounded to f32 first, then added):
