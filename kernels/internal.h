@@ -23,12 +23,13 @@ struct IsaKernels {
   void (*linear_block)(const float* x, std::int64_t ldx, std::int64_t m0, std::int64_t m1,
                        const WeightView& w, std::int64_t n0, std::int64_t n1, const float* bias,
                        float* y, std::int64_t ldy, bool accumulate);
-  // kPanelPairs weights (bf16, bf16-dot arithmetic of bf16_dot.inc): rows [0, M) against panels
+  // kPanelPairs weights (bf16): rows [0, M) against panels
   // [p0, p1) of w, into y (stride w.rows). xp: pack_rows' result for these M rows (shared by all
   // threads). scratch: linear_panels_scratch_floats(M) floats, private to the calling thread.
+  // bf16_act: activations packed by pack_rows(..., true) (bf16 arithmetic); else f32.
   void (*linear_panels)(const float* xp, std::int64_t M, const WeightView& w, std::int64_t p0,
                         std::int64_t p1, const float* bias, float* y, bool accumulate,
-                        float* scratch);
+                        float* scratch, bool bf16_act);
   void (*rms_norm_row)(const float* x, std::int64_t d, const void* weight, DType weight_dtype,
                        float eps, float* out);
   void (*silu_mul)(const float* gate, const float* up, std::int64_t n, float* out);
@@ -42,14 +43,14 @@ struct IsaKernels {
   // Runs `iters` iterations of independent register-resident FMA chains; returns the number of
   // floating-point operations performed (2 per lane per FMA).
   double (*fma_chains)(std::int64_t iters, float seed, float* sink);
-  // linear_panels' activations: M rows of x ([M][K] f32) rounded to bf16 and packed in this
-  // table's layout. The rows are cut into tiles of pack_tile_rows(M) = (M >= widen_min_rows ?
+  // linear_panels' activations: M rows of x ([M][K] f32), rounded to bf16 when bf16_act, packed
+  // in this table's layout. The rows are cut into tiles of pack_tile_rows(M) = (M >= widen_min_rows ?
   // tile_rows : direct_tile_rows) rows; pack_rows packs tiles [t0, t1) into xp
   // (pack_rows_floats(M, K) floats in all), so threads can split the packing.
   std::int64_t widen_min_rows;
   std::int64_t tile_rows;
   void (*pack_rows)(const float* x, std::int64_t M, std::int64_t K, float* xp, std::int64_t t0,
-                    std::int64_t t1);
+                    std::int64_t t1, bool bf16_act);
   std::int64_t direct_tile_rows;
 };
 
@@ -66,8 +67,9 @@ inline std::int64_t pack_rows_floats(std::int64_t M, std::int64_t K) { return (M
 const IsaKernels& scalar_kernels();
 const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
-// AVX-512-BF16 level: the avx512 table with linear_panels / pack_rows on vdpbf16ps (same bits as
-// the FMA emulation of every other table); bf16_dot_chains measures the vdpbf16ps peak.
+// AVX-512-BF16 level: the avx512 table with linear_panels / pack_rows on vdpbf16ps for bf16
+// activations (same bits as the FMA emulation of every other table; f32 activations take the
+// avx512 table's, chosen by the front end); bf16_dot_chains measures the vdpbf16ps peak.
 const IsaKernels& avx512bf16_kernels();
 double avx512bf16_dot_chains(std::int64_t iters, float seed, float* sink);
 

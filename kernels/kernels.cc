@@ -32,7 +32,8 @@ struct LinearJob {
   const float* bias;
   float* y;
   bool accumulate;
-  const float* xp;  // kPanelPairs: the rounded, packed activations (IsaKernels::pack_rows)
+  const float* xp;  // kPanelPairs: the packed activations (IsaKernels::pack_rows)
+  bool bf16_act;
 };
 
 struct PackJob {
@@ -41,6 +42,7 @@ struct PackJob {
   std::int64_t M;
   std::int64_t K;
   float* xp;
+  bool bf16_act;
 };
 
 // Per-thread scratch of the kPanelPairs GEMM: grows to the largest call seen, then is reused
@@ -90,7 +92,7 @@ void attention_pairs(const AttentionJob& j, std::int64_t begin, std::int64_t end
 namespace {
 
 void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-                 float* y, bool accumulate, ThreadPool* pool) {
+                 float* y, bool accumulate, ThreadPool* pool, GemmActivations act) {
   KUN_CHECK(w.data != nullptr && w.rows > 0 && w.cols > 0) << "empty weight";
   KUN_CHECK_GE(M, 0);
   if (M == 0) return;
@@ -100,7 +102,10 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
     KUN_CHECK(panel_pairs_supported(w.dtype, w.rows, w.cols))
         << "kPanelPairs needs bf16: " << dtype_name(w.dtype) << " " << w.rows << "x" << w.cols;
   }
-  const IsaKernels& k = kernels_for(isa);
+  const bool bf16_act = act == GemmActivations::kBf16;
+  // vdpbf16ps needs bf16 activations: with f32 ones AVX-512-BF16 runs the AVX-512 FMA GEMM.
+  const IsaKernels& k =
+      panels && !bf16_act && isa == Isa::kAvx512Bf16 ? kernels_for(Isa::kAvx512) : kernels_for(isa);
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
   const float* xp = nullptr;
@@ -111,14 +116,14 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
     const std::int64_t tile_rows = M >= k.widen_min_rows ? k.tile_rows : k.direct_tile_rows;
     const std::int64_t tiles = (M + tile_rows - 1) / tile_rows;
     if (serial || M * K < kMinParallelPack) {
-      k.pack_rows(x, M, K, buf, 0, tiles);
+      k.pack_rows(x, M, K, buf, 0, tiles, bf16_act);
     } else {
       // Split over the threads (a serial pack would idle the others); one pointer captured,
       // so std::function stays inline.
-      const PackJob pack{&k, x, M, K, buf};
+      const PackJob pack{&k, x, M, K, buf, bf16_act};
       const PackJob* pj = &pack;
       pool->parallel_for(tiles, [pj](std::int64_t b, std::int64_t e) {
-        pj->k->pack_rows(pj->x, pj->M, pj->K, pj->xp, b, e);
+        pj->k->pack_rows(pj->x, pj->M, pj->K, pj->xp, b, e, pj->bf16_act);
       });
     }
     xp = buf;
@@ -126,13 +131,13 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   if (serial) {
     if (panels) {
       k.linear_panels(xp, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
-                      panel_scratch(M));
+                      panel_scratch(M), bf16_act);
     } else {
       k.linear_block(x, K, 0, M, w, 0, N, bias, y, N, accumulate);
     }
     return;
   }
-  const LinearJob job{&k, x, M, &w, bias, y, accumulate, xp};
+  const LinearJob job{&k, x, M, &w, bias, y, accumulate, xp, bf16_act};
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
@@ -145,7 +150,7 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
             : std::max<std::int64_t>(1, units / (4 * pool->num_threads()));
     auto body = [jp](std::int64_t b, std::int64_t e) {
       jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
-                           panel_scratch(jp->M));
+                           panel_scratch(jp->M), jp->bf16_act);
     };
     pool->parallel_for_balanced(units, grain, body);
     return;
@@ -215,17 +220,17 @@ void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t 
 }
 
 void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-            float* y, ThreadPool* pool) {
-  linear_impl(isa, x, M, w, bias, y, false, pool);
+            float* y, ThreadPool* pool, GemmActivations act) {
+  linear_impl(isa, x, M, w, bias, y, false, pool, act);
 }
 
 void linear_add(Isa isa, const float* x, std::int64_t M, const WeightView& w, float* y,
-                ThreadPool* pool) {
-  linear_impl(isa, x, M, w, nullptr, y, true, pool);
+                ThreadPool* pool, GemmActivations act) {
+  linear_impl(isa, x, M, w, nullptr, y, true, pool, act);
 }
 
 void linear_add(const float* x, std::int64_t M, const WeightView& w, float* y, ThreadPool* pool) {
-  linear_impl(active_isa(), x, M, w, nullptr, y, true, pool);
+  linear_impl(active_isa(), x, M, w, nullptr, y, true, pool, active_gemm_activations());
 }
 
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,

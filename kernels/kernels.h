@@ -10,7 +10,7 @@
 //    the CPU has). All calls in one process use the same one, so results are reproducible.
 //  * No heap allocation on the hot path: scratch memory comes from the caller.
 //  * Activations are f32; weights are f32, f16 or bf16 and are widened to f32 in registers;
-//    linear on kPanelPairs (bf16) weights rounds the activations to bf16 (see linear).
+//    linear on kPanelPairs (bf16) weights may round them to bf16 (GemmActivations).
 #pragma once
 
 #include <cstdint>
@@ -29,6 +29,16 @@ Isa detected_isa();
 Isa active_isa();
 // True when this CPU can run `isa` (isa <= detected_isa()).
 bool isa_supported(Isa isa);
+
+// The activations of linear on kPanelPairs (bf16) weights, one choice per process
+// (KUN_GEMM_ACTIVATIONS=f32|bf16, default f32):
+//  * kF32: exact f32 activations, one f32 FMA chain per output; the reference tests' precision.
+//  * kBf16: activations rounded to bf16 and vdpbf16ps's arithmetic (the AVX-512-BF16 ISA runs
+//    vdpbf16ps, the others reproduce it bit for bit); what bf16 engines do, about 4e-3 relative
+//    logit error against an f32 reference on the tiny bf16 model (the f32 mode: 2e-6).
+enum class GemmActivations { kF32 = 0, kBf16 = 1 };
+GemmActivations active_gemm_activations();
+std::string_view gemm_activations_name(GemmActivations a);
 
 // A fixed set of worker threads. parallel_for splits [0, n) into `num_threads()` contiguous
 // ranges by a fixed rule (so a given n always maps to the same ranges) and runs fn(begin, end)
@@ -96,12 +106,12 @@ void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t 
 // x: [M][K] f32 row-major with row stride K; y: [M][N] f32 row-major with row stride N.
 // bias may be null (f32, length N). pool may be null (runs on the calling thread).
 // Reduction order per output: kRowMajor weights: f32 activations, lanes over k plus a fixed tree
-// (README). kPanelPairs weights: the bf16-dot GEMM, exactly what vdpbf16ps computes: x rounded
-// to bf16 (round to nearest even, subnormals to zero), one f32 chain per output over the k
-// pairs, per pair acc = acc + x[k+1] * W[n][k+1] then acc + x[k] * W[n][k] (each fused, round to
-// nearest even, subnormal inputs read as zero, tiny results flushed to zero), then + bias. The
-// same bits for every M, tiling, thread count and every ISA (AVX-512-BF16 runs vdpbf16ps, the
-// others emulate it with FMAs or in double).
+// (README). kPanelPairs weights: one f32 chain per output over the k pairs (an odd K padded with
+// a zero), per pair acc = fma(x[k+1], W[n][k+1], acc) then fma(x[k], W[n][k], acc), then + bias.
+// With bf16 activations (GemmActivations::kBf16) x is first rounded to bf16 (nearest even,
+// subnormals to zero) and each step is vdpbf16ps's (round to nearest even, subnormal inputs read
+// as zero, results below the smallest normal flushed to zero). Either way the same bits for every
+// M, tiling, thread count and every ISA.
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,
             ThreadPool* pool);
 // y[m][n] += linear's value (the dot product, plus bias, rounded to f32 first, then added):
@@ -188,10 +198,11 @@ std::int64_t argmax(const float* x, std::int64_t n);
 // Explicit-ISA variants for tests and benchmarks (the functions above call these with
 // active_isa()). `isa` must be supported by the CPU (checked). Results are bit-reproducible for a
 // given ISA; different ISAs differ in rounding only (lane width and FMA vs separate mul/add).
+// `act`: the kPanelPairs activations (ignored for row-major weights).
 void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-            float* y, ThreadPool* pool);
+            float* y, ThreadPool* pool, GemmActivations act = active_gemm_activations());
 void linear_add(Isa isa, const float* x, std::int64_t M, const WeightView& w, float* y,
-                ThreadPool* pool);
+                ThreadPool* pool, GemmActivations act = active_gemm_activations());
 void rms_norm(Isa isa, const float* x, std::int64_t M, std::int64_t D, const void* weight,
               DType weight_dtype, float eps, float* out);
 void silu_mul(Isa isa, const float* gate, const float* up, std::int64_t n, float* out);

@@ -40,7 +40,7 @@ inline __mmask16 col_mask(I64 n) {
 // Activations for linear_panels: bf16 pairs (x[m][2j] low half, x[m][2j + 1] high half, zero
 // past K) as 32-bit words, tile-major: tile t (rows kDpRows t ..) holds pair j of row i at
 // word [t * kDpRows * kh + j * kDpRows + i] (kh = K / 2 rounded up); rows past M are zero.
-void pack_rows_dp(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1) {
+void pack_rows_dp(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool /*bf16_act*/) {
   const I64 kh = (K + 1) / 2;
   auto* out_base = reinterpret_cast<std::uint32_t*>(xp);
   for (I64 t = t0; t < t1; ++t) {
@@ -146,7 +146,8 @@ constexpr DpTileFn kDpTiles[kDpRows][2] = {
 // no partial sums, weights prefetched 64 pairs (16 KiB) ahead. More tiles: panels in k blocks
 // of kDpKcPairs, each block reused from L1 by every tile, partials parked in `scratch`.
 void linear_panels_dp(const float* xp, I64 M, const WeightView& w, I64 p0, I64 p1,
-                      const float* bias, float* y, bool accumulate, float* scratch) {
+                      const float* bias, float* y, bool accumulate, float* scratch,
+                      bool /*bf16_act: always, see avx512bf16_kernels*/) {
   // vdpbf16ps ignores MXCSR; the epilogue's adds (bias, linear_add) run under the same
   // DAZ|FTZ mode as the other tables' so that they match bit for bit there too.
   const unsigned saved_csr = _mm_getcsr();

@@ -339,8 +339,12 @@ float dot_step(float acc, float a, float b) {
   return r;
 }
 
-std::vector<float> bf16_dot_reference(const std::vector<float>& x, std::int64_t M, const TestWeight& w,
-                                      const float* bias, const std::vector<float>* y0) {
+// kF32: the same chain with exact f32 activations and plain fused multiply-adds.
+std::vector<float> panel_reference(GemmActivations act, const std::vector<float>& x, std::int64_t M,
+                                   const TestWeight& w, const float* bias, const std::vector<float>* y0) {
+  const bool bf16 = act == GemmActivations::kBf16;
+  auto step = [bf16](float acc, float a, float b) { return bf16 ? dot_step(acc, a, b) : std::fma(a, b, acc); };
+  auto act_value = [bf16](float v) { return bf16 ? act_bf16(v) : v; };
   const std::int64_t N = w.view.rows, K = w.view.cols;
   std::vector<float> y(static_cast<std::size_t>(M * N));
   for (std::int64_t m = 0; m < M; ++m) {
@@ -349,10 +353,10 @@ std::vector<float> bf16_dot_reference(const std::vector<float>& x, std::int64_t 
       for (std::int64_t k = 0; k < K; k += 2) {
         const float* wr = w.values.data() + n * K;
         const float* xr = x.data() + m * K;
-        const float xo = k + 1 < K ? act_bf16(xr[k + 1]) : 0.0f;
+        const float xo = k + 1 < K ? act_value(xr[k + 1]) : 0.0f;
         const float wo = k + 1 < K ? wr[k + 1] : 0.0f;
-        acc = dot_step(acc, xo, wo);
-        acc = dot_step(acc, act_bf16(xr[k]), wr[k]);
+        acc = step(acc, xo, wo);
+        acc = step(acc, act_value(xr[k]), wr[k]);
       }
       if (bias != nullptr) acc = acc + bias[n];
       if (y0 != nullptr) acc = (*y0)[static_cast<std::size_t>(m * N + n)] + acc;
@@ -362,50 +366,57 @@ std::vector<float> bf16_dot_reference(const std::vector<float>& x, std::int64_t 
   return y;
 }
 
+const GemmActivations kBothActivations[] = {GemmActivations::kF32, GemmActivations::kBf16};
+
+std::string act_label(GemmActivations act) { return " act=" + std::string(gemm_activations_name(act)); }
+
 TEST(PanelPairs, LinearMatchesDoubleReferenceOnEveryIsa) {
-  // Against a double-precision dot product of the bf16-rounded activations: the f32 chain's
-  // rounding only.
+  // Against a double-precision dot product of the activations the GEMM multiplies (f32, or
+  // rounded to bf16): the f32 chain's rounding only.
   ThreadPool pool(2);
   struct Shape {
     std::int64_t m, n, k;
   };
   // N = 1, 17, 70, 130: narrow and partial panels and partial vectors; K = 258, 300 cross the
-  // 128-step k blocks; M >= 36 takes the widened path on every FMA ISA.
+  // 128-step k blocks; M >= 36 takes the widened path on every FMA ISA; K = 301 is odd.
   const Shape shapes[] = {{1, 1, 2},     {1, 17, 36},   {3, 64, 258},  {5, 70, 300},
                           {12, 130, 64}, {13, 17, 258}, {40, 130, 300}, {2, 200, 1024},
                           {37, 17, 258}, {9, 33, 301}};
   std::uint32_t seed = 100;
-  for (Isa isa : supported_isas()) {
-    for (const Shape& s : shapes) {
-      for (bool with_bias : {false, true}) {
-        SCOPED_TRACE(isa_label(isa) + " M=" + std::to_string(s.m) + " N=" + std::to_string(s.n) +
-                     " K=" + std::to_string(s.k) + (with_bias ? " bias" : ""));
-        const PackedWeight w = make_packed(s.n, s.k, ++seed);
-        const std::vector<float> x = random_floats(s.m * s.k, ++seed);
-        const std::vector<float> bias = random_floats(s.n, ++seed);
-        std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -7.0f);
-        linear(isa, x.data(), s.m, w.view, with_bias ? bias.data() : nullptr, y.data(), &pool);
-        std::vector<float> xr(x.size());
-        for (std::size_t i = 0; i < x.size(); ++i) xr[i] = act_bf16(x[i]);
-        std::vector<double> ref, mag;
-        reference_linear(xr, s.m, w.row_major, with_bias ? bias.data() : nullptr, &ref, &mag);
-        for (std::size_t i = 0; i < y.size(); ++i) {
-          ASSERT_NEAR(y[i], ref[i], 1e-6 * mag[i] + 1e-30) << "element " << i;
-        }
-        // And the bf16 activations cost what bf16 rounding costs against f32 activations.
-        reference_linear(x, s.m, w.row_major, with_bias ? bias.data() : nullptr, &ref, &mag);
-        for (std::size_t i = 0; i < y.size(); ++i) {
-          ASSERT_NEAR(y[i], ref[i], 4e-3 * mag[i] + 1e-30) << "element " << i;
+  for (GemmActivations act : kBothActivations) {
+    for (Isa isa : supported_isas()) {
+      for (const Shape& s : shapes) {
+        for (bool with_bias : {false, true}) {
+          SCOPED_TRACE(isa_label(isa) + act_label(act) + " M=" + std::to_string(s.m) + " N=" +
+                       std::to_string(s.n) + " K=" + std::to_string(s.k) + (with_bias ? " bias" : ""));
+          const PackedWeight w = make_packed(s.n, s.k, ++seed);
+          const std::vector<float> x = random_floats(s.m * s.k, ++seed);
+          const std::vector<float> bias = random_floats(s.n, ++seed);
+          std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -7.0f);
+          linear(isa, x.data(), s.m, w.view, with_bias ? bias.data() : nullptr, y.data(), &pool, act);
+          std::vector<float> xr(x.size());
+          for (std::size_t i = 0; i < x.size(); ++i) xr[i] = act == GemmActivations::kBf16 ? act_bf16(x[i]) : x[i];
+          std::vector<double> ref, mag;
+          reference_linear(xr, s.m, w.row_major, with_bias ? bias.data() : nullptr, &ref, &mag);
+          for (std::size_t i = 0; i < y.size(); ++i) {
+            ASSERT_NEAR(y[i], ref[i], 1e-6 * mag[i] + 1e-30) << "element " << i;
+          }
+          // bf16 activations cost what bf16 rounding costs against the f32 ones (2^-9 relative).
+          reference_linear(x, s.m, w.row_major, with_bias ? bias.data() : nullptr, &ref, &mag);
+          for (std::size_t i = 0; i < y.size(); ++i) {
+            ASSERT_NEAR(y[i], ref[i], 4e-3 * mag[i] + 1e-30) << "element " << i;
+          }
         }
       }
     }
   }
 }
 
-// Every ISA (vdpbf16ps, the AVX-512 and AVX2 FMA emulations, the scalar double emulation) gives
-// the same bits as the written-out arithmetic above, on random shapes with odd K, N tails, every
-// tile path, linear_add, and values whose products and sums reach the subnormal range (DAZ/FTZ).
-TEST(PanelPairs, EveryIsaBitExactToBf16DotArithmetic) {
+// Every ISA gives the same bits as the written-out arithmetic above, for bf16 activations
+// (vdpbf16ps, the AVX-512 and AVX2 FMA emulations under DAZ|FTZ, the scalar double emulation) and
+// f32 ones (FMA, libm's fmaf), on random shapes with odd K, N tails, every tile path, 1 and 2
+// threads, linear_add, and values whose products and sums reach the subnormal range.
+TEST(PanelPairs, EveryIsaBitExactToWrittenOutArithmetic) {
   std::mt19937 rng(2024);
   ThreadPool pool(2);
   std::uniform_int_distribution<int> pick_m(1, 60), pick_n(1, 200), pick_k(1, 400);
@@ -443,21 +454,23 @@ TEST(PanelPairs, EveryIsaBitExactToBf16DotArithmetic) {
     for (auto& v : bias) v = scale == 2 ? 0.0f : nd(rng);
     std::vector<float> y0(static_cast<std::size_t>(M * N));
     for (auto& v : y0) v = scale == 2 ? 0.0f : nd(rng);
-    const std::vector<float> expected = bf16_dot_reference(x, M, pw.row_major, bias.data(), nullptr);
-    const std::vector<float> expected_add = bf16_dot_reference(x, M, pw.row_major, nullptr, &y0);
-    for (Isa isa : supported_isas()) {
-      SCOPED_TRACE(isa_label(isa) + " M=" + std::to_string(M) + " N=" + std::to_string(N) +
-                   " K=" + std::to_string(K) + " scale " + std::to_string(scale));
-      for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
-        std::vector<float> y(expected.size(), -7.0f);
-        linear(isa, x.data(), M, pw.view, bias.data(), y.data(), p);
-        for (std::size_t i = 0; i < y.size(); ++i) {
-          ASSERT_EQ(std::bit_cast<std::uint32_t>(y[i]), std::bit_cast<std::uint32_t>(expected[i]))
-              << "element " << i << ": " << y[i] << " vs " << expected[i];
+    for (GemmActivations act : kBothActivations) {
+      const std::vector<float> expected = panel_reference(act, x, M, pw.row_major, bias.data(), nullptr);
+      const std::vector<float> expected_add = panel_reference(act, x, M, pw.row_major, nullptr, &y0);
+      for (Isa isa : supported_isas()) {
+        SCOPED_TRACE(isa_label(isa) + act_label(act) + " M=" + std::to_string(M) + " N=" +
+                     std::to_string(N) + " K=" + std::to_string(K) + " scale " + std::to_string(scale));
+        for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
+          std::vector<float> y(expected.size(), -7.0f);
+          linear(isa, x.data(), M, pw.view, bias.data(), y.data(), p, act);
+          for (std::size_t i = 0; i < y.size(); ++i) {
+            ASSERT_EQ(std::bit_cast<std::uint32_t>(y[i]), std::bit_cast<std::uint32_t>(expected[i]))
+                << "element " << i << ": " << y[i] << " vs " << expected[i];
+          }
+          std::vector<float> ya = y0;
+          linear_add(isa, x.data(), M, pw.view, ya.data(), p, act);
+          ASSERT_EQ(0, std::memcmp(ya.data(), expected_add.data(), ya.size() * sizeof(float)));
         }
-        std::vector<float> ya = y0;
-        linear_add(isa, x.data(), M, pw.view, ya.data(), p);
-        ASSERT_EQ(0, std::memcmp(ya.data(), expected_add.data(), ya.size() * sizeof(float)));
       }
     }
   }
@@ -471,23 +484,25 @@ TEST(PanelPairs, BatchInvariantAcrossBatchSizeTilingAndThreads) {
   const std::vector<float> bias = random_floats(N, 53);
   const PackedWeight w = make_packed(N, K, 54);
   ThreadPool p1(1), p2(2), p3(3);
+  for (GemmActivations act : kBothActivations) {
   for (Isa isa : supported_isas()) {
-    SCOPED_TRACE(isa_label(isa));
+    SCOPED_TRACE(isa_label(isa) + act_label(act));
     std::vector<float> single(static_cast<std::size_t>(kMaxM * N));
     for (std::int64_t r = 0; r < kMaxM; ++r) {
-      linear(isa, x.data() + r * K, 1, w.view, bias.data(), single.data() + r * N, nullptr);
+      linear(isa, x.data() + r * K, 1, w.view, bias.data(), single.data() + r * N, nullptr, act);
     }
     for (ThreadPool* pool : {&p1, &p2, &p3}) {
       for (std::int64_t M : {std::int64_t{2}, std::int64_t{3}, std::int64_t{8}, std::int64_t{37}, kMaxM}) {
         for (std::int64_t offset : {std::int64_t{0}, std::int64_t{5}}) {
           if (offset + M > kMaxM) continue;
           std::vector<float> y(static_cast<std::size_t>(M * N));
-          linear(isa, x.data() + offset * K, M, w.view, bias.data(), y.data(), pool);
+          linear(isa, x.data() + offset * K, M, w.view, bias.data(), y.data(), pool, act);
           ASSERT_EQ(0, std::memcmp(y.data(), single.data() + offset * N, y.size() * sizeof(float)))
               << "threads=" << pool->num_threads() << " M=" << M << " offset=" << offset;
         }
       }
     }
+  }
   }
 }
 
