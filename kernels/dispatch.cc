@@ -74,7 +74,27 @@ Isa choose_active() {
   return want;
 }
 
+GemmActivations choose_gemm_activations() {
+  const char* env = std::getenv("KUN_GEMM_ACTIVATIONS");
+  if (env == nullptr || *env == '\0') return GemmActivations::kF32;
+  const std::string_view v(env);
+  if (v == "bf16") return GemmActivations::kBf16;
+  if (v != "f32") {
+    KUN_LOG(kWarn) << "KUN_GEMM_ACTIVATIONS=" << env << " is not f32|bf16; using f32";
+  }
+  return GemmActivations::kF32;
+}
+
 }  // namespace
+
+GemmActivations active_gemm_activations() {
+  static const GemmActivations a = choose_gemm_activations();
+  return a;
+}
+
+std::string_view gemm_activations_name(GemmActivations a) {
+  return a == GemmActivations::kBf16 ? "bf16" : "f32";
+}
 
 std::string_view isa_name(Isa isa) {
   switch (isa) {
@@ -107,8 +127,8 @@ const IsaKernels& kernels_for(Isa isa) {
   switch (isa) {
     case Isa::kScalar: return scalar_kernels();
     case Isa::kAvx2: return avx2_kernels();
-    case Isa::kAvx512:
-    case Isa::kAvx512Bf16: return avx512_kernels();
+    case Isa::kAvx512: return avx512_kernels();
+    case Isa::kAvx512Bf16: return avx512bf16_kernels();
   }
   return scalar_kernels();
 }

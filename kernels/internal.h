@@ -23,13 +23,13 @@ struct IsaKernels {
   void (*linear_block)(const float* x, std::int64_t ldx, std::int64_t m0, std::int64_t m1,
                        const WeightView& w, std::int64_t n0, std::int64_t n1, const float* bias,
                        float* y, std::int64_t ldy, bool accumulate);
-  // kPanelPairs weights (bf16): rows [0, M) of x (stride w.cols) against panels [p0, p1) of w,
-  // into y (stride w.rows).
-  // xp: pack_rows's result when it returned true (shared by all threads), else null.
-  // scratch: linear_panels_scratch_floats(M) floats, private to the calling thread.
-  void (*linear_panels)(const float* x, const float* xp, std::int64_t M, const WeightView& w,
-                        std::int64_t p0, std::int64_t p1, const float* bias, float* y,
-                        bool accumulate, float* scratch);
+  // kPanelPairs weights (bf16): rows [0, M) against panels
+  // [p0, p1) of w, into y (stride w.rows). xp: pack_rows' result for these M rows (shared by all
+  // threads). scratch: linear_panels_scratch_floats(M) floats, private to the calling thread.
+  // bf16_act: activations packed by pack_rows(..., true) (bf16 arithmetic); else f32.
+  void (*linear_panels)(const float* xp, std::int64_t M, const WeightView& w, std::int64_t p0,
+                        std::int64_t p1, const float* bias, float* y, bool accumulate,
+                        float* scratch, bool bf16_act);
   void (*rms_norm_row)(const float* x, std::int64_t d, const void* weight, DType weight_dtype,
                        float eps, float* out);
   void (*silu_mul)(const float* gate, const float* up, std::int64_t n, float* out);
@@ -43,13 +43,15 @@ struct IsaKernels {
   // Runs `iters` iterations of independent register-resident FMA chains; returns the number of
   // floating-point operations performed (2 per lane per FMA).
   double (*fma_chains)(std::int64_t iters, float seed, float* sink);
-  // linear_panels takes its widened path (and needs pack_rows's xp) from this many rows on.
+  // linear_panels' activations: M rows of x ([M][K] f32), rounded to bf16 when bf16_act, packed
+  // in this table's layout. The rows are cut into tiles of pack_tile_rows(M) = (M >= widen_min_rows ?
+  // tile_rows : direct_tile_rows) rows; pack_rows packs tiles [t0, t1) into xp
+  // (pack_rows_floats(M, K) floats in all), so threads can split the packing.
   std::int64_t widen_min_rows;
-  // Activation tiles of `tile_rows` rows: packs tiles [t0, t1) of x ([M][K]) into xp
-  // (pack_rows_floats(M, K) floats in all) for linear_panels' widened path.
   std::int64_t tile_rows;
   void (*pack_rows)(const float* x, std::int64_t M, std::int64_t K, float* xp, std::int64_t t0,
-                    std::int64_t t1);
+                    std::int64_t t1, bool bf16_act);
+  std::int64_t direct_tile_rows;
 };
 
 // Scratch floats linear_panels needs for M rows (any ISA): a widened k block of a panel plus
@@ -58,14 +60,17 @@ inline std::int64_t linear_panels_scratch_floats(std::int64_t M) {
   return (128 + M) * kPanelCols;
 }
 
-// Floats pack_rows may write for M rows of K (M rounded up to a tile of at most 8 rows).
-inline std::int64_t pack_rows_floats(std::int64_t M, std::int64_t K) { return (M + 8) * K; }
+// Floats pack_rows may write for M rows of K (M rounded up to a tile of at most 8 rows, K up to
+// even).
+inline std::int64_t pack_rows_floats(std::int64_t M, std::int64_t K) { return (M + 8) * (K + 1); }
 
 const IsaKernels& scalar_kernels();
 const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
-// AVX-512-BF16 level: the avx512 table (linear keeps exact f32 activations and f32 FMA
-// accumulation, so vdpbf16ps is not used there); bf16_dot_chains measures the vdpbf16ps peak.
+// AVX-512-BF16 level: the avx512 table with linear_panels / pack_rows on vdpbf16ps for bf16
+// activations (same bits as the FMA emulation of every other table; f32 activations take the
+// avx512 table's, chosen by the front end); bf16_dot_chains measures the vdpbf16ps peak.
+const IsaKernels& avx512bf16_kernels();
 double avx512bf16_dot_chains(std::int64_t iters, float seed, float* sink);
 
 const IsaKernels& kernels_for(Isa isa);

@@ -19,6 +19,8 @@ using detail::kernels_for;
 constexpr std::int64_t kMinParallelMacs = 1 << 16;
 // Weight rows per unit of the thread split (a multiple of every ISA's microkernel width).
 constexpr std::int64_t kRowsPerUnit = 12;
+// Activations below this many elements are rounded and packed on the calling thread.
+constexpr std::int64_t kMinParallelPack = 1 << 15;
 // Activations up to this size are claimed one unit at a time by the balanced split.
 constexpr std::int64_t kSmallActivationBytes = 256 * 1024;
 
@@ -30,7 +32,8 @@ struct LinearJob {
   const float* bias;
   float* y;
   bool accumulate;
-  const float* xp;  // packed rows for kPanelPairs' widened path, or null
+  const float* xp;  // kPanelPairs: the packed activations (IsaKernels::pack_rows)
+  bool bf16_act;
 };
 
 struct PackJob {
@@ -39,6 +42,7 @@ struct PackJob {
   std::int64_t M;
   std::int64_t K;
   float* xp;
+  bool bf16_act;
 };
 
 // Per-thread scratch of the kPanelPairs GEMM: grows to the largest call seen, then is reused
@@ -88,7 +92,7 @@ void attention_pairs(const AttentionJob& j, std::int64_t begin, std::int64_t end
 namespace {
 
 void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-                 float* y, bool accumulate, ThreadPool* pool) {
+                 float* y, bool accumulate, ThreadPool* pool, GemmActivations act) {
   KUN_CHECK(w.data != nullptr && w.rows > 0 && w.cols > 0) << "empty weight";
   KUN_CHECK_GE(M, 0);
   if (M == 0) return;
@@ -96,40 +100,44 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   const bool panels = w.layout == WeightLayout::kPanelPairs;
   if (panels) {
     KUN_CHECK(panel_pairs_supported(w.dtype, w.rows, w.cols))
-        << "kPanelPairs needs bf16 and an even K: " << dtype_name(w.dtype) << " " << w.rows << "x"
-        << w.cols;
+        << "kPanelPairs needs bf16: " << dtype_name(w.dtype) << " " << w.rows << "x" << w.cols;
   }
-  const IsaKernels& k = kernels_for(isa);
+  const bool bf16_act = act == GemmActivations::kBf16;
+  // vdpbf16ps needs bf16 activations: with f32 ones AVX-512-BF16 runs the AVX-512 FMA GEMM.
+  const IsaKernels& k =
+      panels && !bf16_act && isa == Isa::kAvx512Bf16 ? kernels_for(Isa::kAvx512) : kernels_for(isa);
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
   const float* xp = nullptr;
   const bool serial = pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs;
-  if (panels && M >= k.widen_min_rows) {
+  if (panels) {
+    // The activations rounded to bf16 and packed once for every thread (bf16_dot.inc).
     float* buf = packed_rows_buffer(M, K);
-    const std::int64_t tiles = (M + k.tile_rows - 1) / k.tile_rows;
-    if (serial) {
-      k.pack_rows(x, M, K, buf, 0, tiles);
+    const std::int64_t tile_rows = M >= k.widen_min_rows ? k.tile_rows : k.direct_tile_rows;
+    const std::int64_t tiles = (M + tile_rows - 1) / tile_rows;
+    if (serial || M * K < kMinParallelPack) {
+      k.pack_rows(x, M, K, buf, 0, tiles, bf16_act);
     } else {
       // Split over the threads (a serial pack would idle the others); one pointer captured,
       // so std::function stays inline.
-      const PackJob pack{&k, x, M, K, buf};
+      const PackJob pack{&k, x, M, K, buf, bf16_act};
       const PackJob* pj = &pack;
       pool->parallel_for(tiles, [pj](std::int64_t b, std::int64_t e) {
-        pj->k->pack_rows(pj->x, pj->M, pj->K, pj->xp, b, e);
+        pj->k->pack_rows(pj->x, pj->M, pj->K, pj->xp, b, e, pj->bf16_act);
       });
     }
     xp = buf;
   }
   if (serial) {
     if (panels) {
-      k.linear_panels(x, xp, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
-                      panel_scratch(M));
+      k.linear_panels(xp, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
+                      panel_scratch(M), bf16_act);
     } else {
       k.linear_block(x, K, 0, M, w, 0, N, bias, y, N, accumulate);
     }
     return;
   }
-  const LinearJob job{&k, x, M, &w, bias, y, accumulate, xp};
+  const LinearJob job{&k, x, M, &w, bias, y, accumulate, xp, bf16_act};
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
@@ -141,8 +149,8 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
             ? 1
             : std::max<std::int64_t>(1, units / (4 * pool->num_threads()));
     auto body = [jp](std::int64_t b, std::int64_t e) {
-      jp->k->linear_panels(jp->x, jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
-                           panel_scratch(jp->M));
+      jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
+                           panel_scratch(jp->M), jp->bf16_act);
     };
     pool->parallel_for_balanced(units, grain, body);
     return;
@@ -170,23 +178,28 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
 }  // namespace
 
 bool panel_pairs_supported(DType dtype, std::int64_t rows, std::int64_t cols) {
-  return dtype == DType::kBF16 && rows > 0 && cols > 0 && cols % 2 == 0;
+  return dtype == DType::kBF16 && rows > 0 && cols > 0;
+}
+
+std::int64_t panel_pairs_bytes(std::int64_t rows, std::int64_t cols) {
+  return rows * (cols + (cols & 1)) * 2;
 }
 
 void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst) {
   KUN_CHECK(panel_pairs_supported(DType::kBF16, rows, cols)) << rows << "x" << cols;
   const auto* s = static_cast<const std::uint16_t*>(src);
   auto* d = static_cast<std::uint16_t*>(dst);
-  KUN_CHECK(d + rows * cols <= s || s + rows * cols <= d) << "pack_panel_pairs: src and dst overlap";
+  const std::int64_t kp = cols + (cols & 1);
+  KUN_CHECK(d + rows * kp <= s || s + rows * cols <= d) << "pack_panel_pairs: src and dst overlap";
   for (std::int64_t n0 = 0; n0 < rows; n0 += kPanelCols) {
     const std::int64_t width = std::min(kPanelCols, rows - n0);
-    std::uint16_t* panel = d + n0 * cols;
+    std::uint16_t* panel = d + n0 * kp;
     for (std::int64_t c = 0; c < width; ++c) {
       const std::uint16_t* row = s + (n0 + c) * cols;
-      for (std::int64_t k = 0; k < cols; k += 2) {
+      for (std::int64_t k = 0; k < kp; k += 2) {
         std::uint16_t* pair = panel + ((k / 2) * width + c) * 2;
         pair[0] = row[k];
-        pair[1] = row[k + 1];
+        pair[1] = k + 1 < cols ? row[k + 1] : std::uint16_t{0};
       }
     }
   }
@@ -197,26 +210,27 @@ void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t 
   KUN_CHECK(panel_pairs_supported(DType::kBF16, rows, cols) && n >= 0 && n < rows)
       << rows << "x" << cols << " row " << n;
   const auto* p = static_cast<const std::uint16_t*>(packed);
+  const std::int64_t kp = cols + (cols & 1);
   const std::int64_t n0 = n / kPanelCols * kPanelCols;
   const std::int64_t width = std::min(kPanelCols, rows - n0);
-  const std::uint16_t* panel = p + n0 * cols;
+  const std::uint16_t* panel = p + n0 * kp;
   for (std::int64_t k = 0; k < cols; ++k) {
     out[k] = bf16_to_f32(panel[((k / 2) * width + (n - n0)) * 2 + (k % 2)]);
   }
 }
 
 void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-            float* y, ThreadPool* pool) {
-  linear_impl(isa, x, M, w, bias, y, false, pool);
+            float* y, ThreadPool* pool, GemmActivations act) {
+  linear_impl(isa, x, M, w, bias, y, false, pool, act);
 }
 
 void linear_add(Isa isa, const float* x, std::int64_t M, const WeightView& w, float* y,
-                ThreadPool* pool) {
-  linear_impl(isa, x, M, w, nullptr, y, true, pool);
+                ThreadPool* pool, GemmActivations act) {
+  linear_impl(isa, x, M, w, nullptr, y, true, pool, act);
 }
 
 void linear_add(const float* x, std::int64_t M, const WeightView& w, float* y, ThreadPool* pool) {
-  linear_impl(active_isa(), x, M, w, nullptr, y, true, pool);
+  linear_impl(active_isa(), x, M, w, nullptr, y, true, pool, active_gemm_activations());
 }
 
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,

@@ -9,7 +9,8 @@
 //    fallback for tests); KUN_ISA=avx2|avx512|avx512bf16|scalar forces one (never above what
 //    the CPU has). All calls in one process use the same one, so results are reproducible.
 //  * No heap allocation on the hot path: scratch memory comes from the caller.
-//  * Activations are f32; weights are f32, f16 or bf16 and are widened to f32 in registers.
+//  * Activations are f32; weights are f32, f16 or bf16 and are widened to f32 in registers;
+//    linear on kPanelPairs (bf16) weights may round them to bf16 (GemmActivations).
 #pragma once
 
 #include <cstdint>
@@ -28,6 +29,16 @@ Isa detected_isa();
 Isa active_isa();
 // True when this CPU can run `isa` (isa <= detected_isa()).
 bool isa_supported(Isa isa);
+
+// The activations of linear on kPanelPairs (bf16) weights, one choice per process
+// (KUN_GEMM_ACTIVATIONS=f32|bf16, default f32):
+//  * kF32: exact f32 activations, one f32 FMA chain per output; the reference tests' precision.
+//  * kBf16: activations rounded to bf16 and vdpbf16ps's arithmetic (the AVX-512-BF16 ISA runs
+//    vdpbf16ps, the others reproduce it bit for bit); what bf16 engines do, about 4e-3 relative
+//    logit error against an f32 reference on the tiny bf16 model (the f32 mode: 2e-6).
+enum class GemmActivations { kF32 = 0, kBf16 = 1 };
+GemmActivations active_gemm_activations();
+std::string_view gemm_activations_name(GemmActivations a);
 
 // A fixed set of worker threads. parallel_for splits [0, n) into `num_threads()` contiguous
 // ranges by a fixed rule (so a given n always maps to the same ranges) and runs fn(begin, end)
@@ -60,12 +71,13 @@ class ThreadPool {
 
 // How a weight matrix's elements are laid out in memory.
 //  * kRowMajor: HuggingFace layout, W[n][k] at element n * cols + k.
-//  * kPanelPairs (bf16 only, cols even): output features in panels of kPanelCols (the last one
-//    narrower when rows is not a multiple); panel p covers n in [kPanelCols p, + width) and
-//    starts at element kPanelCols p * cols; inside it the layout is [cols / 2][width][2]: the
-//    pair (W[n][k], W[n][k + 1]) for even k at element ((k / 2) * width + n - kPanelCols p) * 2.
-//    The same bytes as row-major, reordered so that one k step of a panel is one contiguous
-//    run of 16-column vectors (the GEMM's packed operand, read straight from the weights).
+//  * kPanelPairs (bf16 only): K padded to Kp = cols rounded up to even (a zero W[n][cols] when
+//    cols is odd, so an even K keeps the row-major byte count); output features in panels of
+//    kPanelCols (the last one narrower when rows is not a multiple); panel p covers n in
+//    [kPanelCols p, + width) and starts at element kPanelCols p * Kp; inside it the layout is
+//    [Kp / 2][width][2]: the pair (W[n][k], W[n][k + 1]) for even k at element
+//    ((k / 2) * width + n - kPanelCols p) * 2. One k pair of a panel is one contiguous run of
+//    16-column vectors: vdpbf16ps's operand (and the FMA GEMM's), read straight from the weights.
 enum class WeightLayout { kRowMajor = 0, kPanelPairs = 1 };
 constexpr std::int64_t kPanelCols = 64;
 
@@ -78,9 +90,12 @@ struct WeightView {
   WeightLayout layout = WeightLayout::kRowMajor;
 };
 
-// True when a rows x cols matrix of `dtype` can be stored as kPanelPairs (bf16, cols even).
+// True when a rows x cols matrix of `dtype` can be stored as kPanelPairs (bf16).
 bool panel_pairs_supported(DType dtype, std::int64_t rows, std::int64_t cols);
-// Reorders a row-major bf16 matrix (src) into kPanelPairs (dst, the same byte count; must not
+// Bytes of a kPanelPairs matrix: the row-major byte count for an even cols, one more bf16 per row
+// for an odd one.
+std::int64_t panel_pairs_bytes(std::int64_t rows, std::int64_t cols);
+// Reorders a row-major bf16 matrix (src) into kPanelPairs (dst, panel_pairs_bytes; must not
 // overlap src). Checks panel_pairs_supported.
 void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst);
 // The inverse of pack_panel_pairs: W[n][*] of a kPanelPairs matrix widened to f32 (cols floats).
@@ -90,9 +105,13 @@ void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t 
 // y[m][n] = sum_k x[m][k] * W[n][k] + (bias ? bias[n] : 0), for m < M.
 // x: [M][K] f32 row-major with row stride K; y: [M][N] f32 row-major with row stride N.
 // bias may be null (f32, length N). pool may be null (runs on the calling thread).
-// Reduction order per output: kRowMajor weights: lanes over k plus a fixed tree (README);
-// kPanelPairs weights: one f32 FMA chain over k = 0, 1, ..., K - 1 (the GEMM form). Either is
-// the same for every M, tiling and thread count.
+// Reduction order per output: kRowMajor weights: f32 activations, lanes over k plus a fixed tree
+// (README). kPanelPairs weights: one f32 chain per output over the k pairs (an odd K padded with
+// a zero), per pair acc = fma(x[k+1], W[n][k+1], acc) then fma(x[k], W[n][k], acc), then + bias.
+// With bf16 activations (GemmActivations::kBf16) x is first rounded to bf16 (nearest even,
+// subnormals to zero) and each step is vdpbf16ps's (round to nearest even, subnormal inputs read
+// as zero, results below the smallest normal flushed to zero). Either way the same bits for every
+// M, tiling, thread count and every ISA.
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,
             ThreadPool* pool);
 // y[m][n] += linear's value (the dot product, plus bias, rounded to f32 first, then added):
@@ -179,10 +198,11 @@ std::int64_t argmax(const float* x, std::int64_t n);
 // Explicit-ISA variants for tests and benchmarks (the functions above call these with
 // active_isa()). `isa` must be supported by the CPU (checked). Results are bit-reproducible for a
 // given ISA; different ISAs differ in rounding only (lane width and FMA vs separate mul/add).
+// `act`: the kPanelPairs activations (ignored for row-major weights).
 void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-            float* y, ThreadPool* pool);
+            float* y, ThreadPool* pool, GemmActivations act = active_gemm_activations());
 void linear_add(Isa isa, const float* x, std::int64_t M, const WeightView& w, float* y,
-                ThreadPool* pool);
+                ThreadPool* pool, GemmActivations act = active_gemm_activations());
 void rms_norm(Isa isa, const float* x, std::int64_t M, std::int64_t D, const void* weight,
               DType weight_dtype, float eps, float* out);
 void silu_mul(Isa isa, const float* gate, const float* up, std::int64_t n, float* out);

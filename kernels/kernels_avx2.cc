@@ -17,6 +17,8 @@ namespace {
 
 #include "kernels/simd_avx2.inc"
 
+#include "kernels/bf16_dot.inc"
+
 #include "kernels/kernels_impl.inc"
 
 }  // namespace
@@ -24,7 +26,7 @@ namespace {
 const IsaKernels& avx2_kernels() {
   static const IsaKernels k{Isa::kAvx2,    V::kW,           &linear_block, &linear_panels,
                             &rms_norm_row, &silu_mul,        &add_inplace,  &attention_head,
-                            &read_sum,     &fma_chains,     kWidenMinRows, V::kPm, &pack_rows};
+                            &read_sum,     &fma_chains,     kWidenMinRows, V::kPm, &pack_rows, 1};
   return k;
 }
 

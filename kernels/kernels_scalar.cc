@@ -5,12 +5,16 @@
 #include <cstdint>
 #include <cstring>
 
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (baseline SSE)
+
 #include "kernels/internal.h"
 
 namespace kun::kernels::detail {
 namespace {
 
 #include "kernels/simd_scalar.inc"
+
+#include "kernels/bf16_dot.inc"
 
 #include "kernels/kernels_impl.inc"
 
@@ -19,7 +23,7 @@ namespace {
 const IsaKernels& scalar_kernels() {
   static const IsaKernels k{Isa::kScalar,  V::kW,           &linear_block, &linear_panels,
                             &rms_norm_row, &silu_mul,        &add_inplace,  &attention_head,
-                            &read_sum,     &fma_chains,     kWidenMinRows, V::kPm, &pack_rows};
+                            &read_sum,     &fma_chains,     kWidenMinRows, V::kPm, &pack_rows, 1};
   return k;
 }
 

@@ -31,8 +31,11 @@ Status read_into(const WeightSource& source, const std::string& name, DType dtyp
 // rest stay row-major. A pure function of the shape and dtype, so every device of a cluster
 // (and a segment copied between them) agrees on it.
 kernels::WeightLayout linear_layout(DType dtype, std::int64_t rows, std::int64_t cols) {
-  return kernels::panel_pairs_supported(dtype, rows, cols) ? kernels::WeightLayout::kPanelPairs
-                                                           : kernels::WeightLayout::kRowMajor;
+  // An even K only: the packed matrix then has the row-major byte count, so segment offsets do
+  // not depend on the layout (an odd K would need kernels::panel_pairs_bytes).
+  return kernels::panel_pairs_supported(dtype, rows, cols) && cols % 2 == 0
+             ? kernels::WeightLayout::kPanelPairs
+             : kernels::WeightLayout::kRowMajor;
 }
 
 // Reorders a row-major matrix just read into the segment into linear_layout's layout.

@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
     std::int64_t n, k;
   };
   const Shape shapes[] = {{"gate/up 2816x1024", 2816, 1024}, {"down 1024x2816", 1024, 2816}};
-  std::printf("%-18s %-6s %4s %5s %9s %9s %8s %6s %6s %8s %6s %6s\n", "shape", "layout", "M", "mode",
+  std::printf("%-18s %-7s %4s %5s %9s %9s %8s %6s %6s %8s %6s %6s\n", "shape", "layout", "M", "mode",
               "best_us", "median_us", "GB/s", "xBW", "xBWmed", "GFLOP/s", "xFMA", "xFMAmed");
   for (const Shape& s : shapes) {
     const std::int64_t wbytes = s.n * s.k * 2;
@@ -84,7 +84,13 @@ int main(int argc, char** argv) {
     std::vector<float> x(static_cast<std::size_t>(max_m * s.k));
     for (auto& v : x) v = dist(rng);
     std::vector<float> y(static_cast<std::size_t>(max_m * s.n));
-    for (WeightLayout layout : {WeightLayout::kRowMajor, WeightLayout::kPanelPairs}) {
+    // rows: row-major f32-activation kernel; panels: the GEMM layout with f32 activations (FMA);
+    // bf16act: the GEMM layout with bf16 activations (vdpbf16ps on AVX-512-BF16, same bits as
+    // its FMA emulation elsewhere).
+    for (int variant = 0; variant < 3; ++variant) {
+    const WeightLayout layout = variant == 0 ? WeightLayout::kRowMajor : WeightLayout::kPanelPairs;
+    const GemmActivations act = variant == 2 ? GemmActivations::kBf16 : GemmActivations::kF32;
+    const char* variant_name = variant == 0 ? "rows" : variant == 1 ? "panels" : "bf16act";
     const std::uint16_t* wdata = layout == WeightLayout::kPanelPairs ? wp.data() : w.data();
     for (std::int64_t M : {1, 8, 32, 512}) {
       for (bool cold : {true, false}) {
@@ -96,7 +102,7 @@ int main(int argc, char** argv) {
         // warm-up
         for (int i = 0; i < 3; ++i) {
           WeightView wv{wdata, DType::kBF16, s.n, s.k, layout};
-          linear(x.data(), M, wv, nullptr, y.data(), table_pool);
+          linear(isa, x.data(), M, wv, nullptr, y.data(), table_pool, act);
         }
         // Every call timed on its own; the machine may be shared, so report the best call (the
         // rooflines are best-of-5 too) and the median.
@@ -104,7 +110,7 @@ int main(int argc, char** argv) {
         for (int i = 0; i < calls; ++i) {
           WeightView wv{wdata + (i % n_copies) * s.n * s.k, DType::kBF16, s.n, s.k, layout};
           const double t0 = cpu_clock ? thread_cpu_seconds() : now_s();
-          linear(x.data(), M, wv, nullptr, y.data(), table_pool);
+          linear(isa, x.data(), M, wv, nullptr, y.data(), table_pool, act);
           times.push_back((cpu_clock ? thread_cpu_seconds() : now_s()) - t0);
         }
         if (times.empty()) continue;
@@ -112,8 +118,8 @@ int main(int argc, char** argv) {
         const double best = times[0];
         const double median = times[times.size() / 2];
         const double bytes = static_cast<double>(wbytes + M * s.k * 4 + M * s.n * 4);
-        std::printf("%-18s %-6s %4lld %5s %9.1f %9.1f %8.2f %6.3f %6.3f %8.1f %6.3f %6.3f\n", s.name,
-                    layout == WeightLayout::kPanelPairs ? "panels" : "rows", static_cast<long long>(M), cold ? "cold" : "hot", best * 1e6, median * 1e6,
+        std::printf("%-18s %-7s %4lld %5s %9.1f %9.1f %8.2f %6.3f %6.3f %8.1f %6.3f %6.3f\n", s.name,
+                    variant_name, static_cast<long long>(M), cold ? "cold" : "hot", best * 1e6, median * 1e6,
                     bytes / best / 1e9, bytes / best / roof_bw, bytes / median / roof_bw,
                     flop_per_call / best / 1e9, flop_per_call / best / roof_fma,
                     flop_per_call / median / roof_fma);

@@ -1,6 +1,7 @@
-// decode_breakdown [--preset P] [--threads T] [--steps R] [--context C] [--memfd]
+// decode_breakdown [--preset P] [--threads T] [--steps R] [--context C] [--batch B] [--memfd]
 //
-// Splits one batch-1 decode step of the forward pass (no engine) into where its time goes, to
+// Splits one decode step of B sequences (default 1; every sequence at position C over the same
+// cached K/V) of the forward pass (no engine) into where its time goes, to
 // tell the kernels' own loss from the per-step overheads (issue 2). R repetitions, each:
 //  * the read-bandwidth probe (256 MiB, best of 5: the same probe as model_bench) right before
 //    the steps, so a machine whose bandwidth drifts (a shared host) is compared with itself;
@@ -85,15 +86,17 @@ int main(int argc, char** argv) {
   std::string preset = "llama-350m";
   int threads = 2, steps = 30;
   std::int64_t context = 48;
+  std::int64_t batch = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--preset" && i + 1 < argc) preset = argv[++i];
     else if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (a == "--steps" && i + 1 < argc) steps = std::atoi(argv[++i]);
     else if (a == "--context" && i + 1 < argc) context = std::atoll(argv[++i]);
+    else if (a == "--batch" && i + 1 < argc) batch = std::max<std::int64_t>(1, std::atoll(argv[++i]));
     else if (a == "--memfd") g_memfd = true;
     else {
-      std::fprintf(stderr, "usage: %s [--preset P] [--threads T] [--steps S] [--context C] [--memfd]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--preset P] [--threads T] [--steps S] [--context C] [--batch B] [--memfd]\n", argv[0]);
       return 2;
     }
   }
@@ -136,8 +139,8 @@ int main(int argc, char** argv) {
     fwd.attend_local(s, qkv, model::LayerKv{kv_ptrs[l].data(), nblocks}, out);
   };
   const std::int64_t H = c.hidden_size;
-  std::vector<float> hidden(static_cast<std::size_t>(ctx * H));
-  std::vector<float> logits(static_cast<std::size_t>(c.vocab_size));
+  std::vector<float> hidden(static_cast<std::size_t>(std::max(ctx, batch) * H));
+  std::vector<float> logits(static_cast<std::size_t>(batch * c.vocab_size));
   {
     std::vector<std::int32_t> prompt(static_cast<std::size_t>(context));
     for (std::int64_t t = 0; t < context; ++t) prompt[t] = static_cast<std::int32_t>(3 + (t * 31) % (c.vocab_size - 3));
@@ -148,12 +151,14 @@ int main(int argc, char** argv) {
 
   const std::int64_t db = dtype_bytes(dt);
   const std::int64_t step_bytes = (c.num_layers * c.layer_param_count() + c.embedding_param_count()) * db;
-  std::printf("%s (%s), %d threads, isa %s, context %lld; step reads %.1f MB\n", preset.c_str(),
-              std::string(dtype_name(dt)).c_str(), threads, std::string(kernels::isa_name(kernels::active_isa())).c_str(),
-              static_cast<long long>(context), static_cast<double>(step_bytes) / 1e6);
+  std::printf("%s (%s), %d threads, isa %s, gemm activations %s, batch %lld, context %lld; step reads %.1f MB\n",
+              preset.c_str(), std::string(dtype_name(dt)).c_str(), threads,
+              std::string(kernels::isa_name(kernels::active_isa())).c_str(),
+              std::string(kernels::gemm_activations_name(kernels::active_gemm_activations())).c_str(),
+              static_cast<long long>(batch), static_cast<long long>(context), static_cast<double>(step_bytes) / 1e6);
 
-  std::vector<float> x(static_cast<std::size_t>(std::max(c.intermediate_size, c.q_dim()) * 2), 0.01f);
-  std::vector<float> y(static_cast<std::size_t>(std::max<std::int64_t>(c.vocab_size, 2 * c.intermediate_size)));
+  std::vector<float> x(static_cast<std::size_t>(batch * std::max(c.intermediate_size, c.q_dim()) * 2), 0.01f);
+  std::vector<float> y(static_cast<std::size_t>(batch * std::max<std::int64_t>(c.vocab_size, 2 * c.intermediate_size)));
   enum { kQkv, kO, kGateUp, kDown, kHead, kKinds };
   const char* names[kKinds] = {"qkv", "o", "gate_up", "down", "lm_head"};
   std::int64_t kind_bytes[kKinds] = {};
@@ -171,12 +176,14 @@ int main(int argc, char** argv) {
     std::vector<double> bws, full, lin, full_x, lin_x, kind_us[kKinds], kind_x[kKinds];
   };
   Stats S;
-  const std::int64_t row0 = 0;
+  std::vector<std::int64_t> rows(static_cast<std::size_t>(batch));
+  for (std::int64_t b = 0; b < batch; ++b) rows[static_cast<std::size_t>(b)] = b;
+  const std::vector<model::SequenceSlice> slices(static_cast<std::size_t>(batch), model::SequenceSlice{context, 1});
   auto step = [&](std::int32_t tok) {
-    fwd.embed(hw, &tok, 1, hidden.data());
-    const model::SequenceSlice s{context, 1};
-    fwd.run_layers(0, c.num_layers, std::span(&s, 1), hidden.data(), weights, attention);
-    fwd.logits(hw, hidden.data(), std::span(&row0, 1), logits.data());
+    std::vector<std::int32_t> toks(static_cast<std::size_t>(batch), tok);
+    fwd.embed(hw, toks.data(), batch, hidden.data());
+    fwd.run_layers(0, c.num_layers, std::span(slices), hidden.data(), weights, attention);
+    fwd.logits(hw, hidden.data(), std::span(rows), logits.data());
   };
   for (int i = 0; i < steps + 1; ++i) {
     const double bw = kernels::measure_read_bandwidth_bytes_per_s(&pool, 256 * kMiB);
@@ -195,7 +202,7 @@ int main(int argc, char** argv) {
     for (int each = 0; each < 2; ++each) {
       auto call = [&](int kind, const kernels::WeightView& w) {
         const double c0 = each ? now_us() : 0.0;
-        kernels::linear(x.data(), 1, w, nullptr, y.data(), &pool);
+        kernels::linear(x.data(), batch, w, nullptr, y.data(), &pool);
         if (each) {
           const double d = now_us() - c0;
           kus[kind] += d;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -276,27 +277,37 @@ struct PackedWeight {
   WeightView view;
 };
 
-PackedWeight make_packed(std::int64_t n, std::int64_t k, std::uint32_t seed) {
+PackedWeight pack(TestWeight row_major) {
   PackedWeight p;
-  p.row_major = make_weight(n, k, DType::kBF16, seed);
-  p.packed.resize(p.row_major.bytes.size());
+  p.row_major = std::move(row_major);
+  const std::int64_t n = p.row_major.view.rows, k = p.row_major.view.cols;
+  p.packed.resize(static_cast<std::size_t>(panel_pairs_bytes(n, k)));
   pack_panel_pairs(p.row_major.bytes.data(), n, k, p.packed.data());
   p.view = WeightView{p.packed.data(), DType::kBF16, n, k, WeightLayout::kPanelPairs};
   return p;
 }
 
+PackedWeight make_packed(std::int64_t n, std::int64_t k, std::uint32_t seed) {
+  return pack(make_weight(n, k, DType::kBF16, seed));
+}
+
 TEST(PanelPairs, PackRoundTripsEveryRow) {
-  EXPECT_FALSE(panel_pairs_supported(DType::kBF16, 8, 7));  // odd K
+  EXPECT_TRUE(panel_pairs_supported(DType::kBF16, 8, 7));  // odd K: padded with a zero
   EXPECT_FALSE(panel_pairs_supported(DType::kF16, 8, 8));
   EXPECT_TRUE(panel_pairs_supported(DType::kBF16, 8, 8));
+  EXPECT_EQ(panel_pairs_bytes(8, 8), 8 * 8 * 2);
+  EXPECT_EQ(panel_pairs_bytes(8, 7), 8 * 8 * 2);
   struct Shape {
     std::int64_t n, k;
   };
-  for (const Shape s : {Shape{1, 2}, Shape{63, 10}, Shape{64, 130}, Shape{130, 36}, Shape{200, 64}}) {
+  for (const Shape s : {Shape{1, 2}, Shape{63, 10}, Shape{64, 130}, Shape{130, 36}, Shape{200, 64},
+                        Shape{1, 1}, Shape{70, 33}}) {
     SCOPED_TRACE("N=" + std::to_string(s.n) + " K=" + std::to_string(s.k));
     const PackedWeight w = make_packed(s.n, s.k, 11);
-    // The packed bytes are a permutation: same size, and a panel's first pair is W[n0][0..1].
-    EXPECT_EQ(w.packed.size(), w.row_major.bytes.size());
+    // The packed bytes are a permutation (plus a zero per row for an odd K).
+    if (s.k % 2 == 0) {
+      EXPECT_EQ(w.packed.size(), w.row_major.bytes.size());
+    }
     std::vector<float> row(static_cast<std::size_t>(s.k));
     for (std::int64_t n = 0; n < s.n; ++n) {
       unpack_panel_pairs_row(w.packed.data(), s.n, s.k, n, row.data());
@@ -305,31 +316,160 @@ TEST(PanelPairs, PackRoundTripsEveryRow) {
   }
 }
 
+// The kPanelPairs GEMM's arithmetic written out independently of the kernels (kernels.h,
+// vdpbf16ps per the Intel SDM): x rounded to bf16 (subnormal f32 read as zero), per k pair the
+// odd k then the even k, each a fused multiply-add rounded to nearest even with subnormal
+// inputs read as zero and a result whose exact value is below 2^-126 flushed to a signed zero.
+float daz(float v) { return std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.0f, v) : v; }
+
+float act_bf16(float v) {
+  v = daz(v);
+  return bf16_to_f32(f32_to_bf16(v));
+}
+
+float dot_step(float acc, float a, float b) {
+  a = daz(a);
+  b = daz(b);
+  acc = daz(acc);
+  const float r = std::fma(a, b, acc);
+  const double exact = static_cast<double>(acc) + static_cast<double>(a) * static_cast<double>(b);
+  if (std::fabs(r) < 0x1p-126f || (std::fabs(r) == 0x1p-126f && std::fabs(exact) < 0x1p-126)) {
+    return std::copysign(0.0f, r);
+  }
+  return r;
+}
+
+// kF32: the same chain with exact f32 activations and plain fused multiply-adds.
+std::vector<float> panel_reference(GemmActivations act, const std::vector<float>& x, std::int64_t M,
+                                   const TestWeight& w, const float* bias, const std::vector<float>* y0) {
+  const bool bf16 = act == GemmActivations::kBf16;
+  auto step = [bf16](float acc, float a, float b) { return bf16 ? dot_step(acc, a, b) : std::fma(a, b, acc); };
+  auto act_value = [bf16](float v) { return bf16 ? act_bf16(v) : v; };
+  const std::int64_t N = w.view.rows, K = w.view.cols;
+  std::vector<float> y(static_cast<std::size_t>(M * N));
+  for (std::int64_t m = 0; m < M; ++m) {
+    for (std::int64_t n = 0; n < N; ++n) {
+      float acc = 0.0f;
+      for (std::int64_t k = 0; k < K; k += 2) {
+        const float* wr = w.values.data() + n * K;
+        const float* xr = x.data() + m * K;
+        const float xo = k + 1 < K ? act_value(xr[k + 1]) : 0.0f;
+        const float wo = k + 1 < K ? wr[k + 1] : 0.0f;
+        acc = step(acc, xo, wo);
+        acc = step(acc, act_value(xr[k]), wr[k]);
+      }
+      if (bias != nullptr) acc = acc + bias[n];
+      if (y0 != nullptr) acc = (*y0)[static_cast<std::size_t>(m * N + n)] + acc;
+      y[static_cast<std::size_t>(m * N + n)] = acc;
+    }
+  }
+  return y;
+}
+
+const GemmActivations kBothActivations[] = {GemmActivations::kF32, GemmActivations::kBf16};
+
+std::string act_label(GemmActivations act) { return " act=" + std::string(gemm_activations_name(act)); }
+
 TEST(PanelPairs, LinearMatchesDoubleReferenceOnEveryIsa) {
+  // Against a double-precision dot product of the activations the GEMM multiplies (f32, or
+  // rounded to bf16): the f32 chain's rounding only.
   ThreadPool pool(2);
   struct Shape {
     std::int64_t m, n, k;
   };
   // N = 1, 17, 70, 130: narrow and partial panels and partial vectors; K = 258, 300 cross the
-  // widened path's 128-step k blocks; M >= 36 takes the widened path on every ISA.
+  // 128-step k blocks; M >= 36 takes the widened path on every FMA ISA; K = 301 is odd.
   const Shape shapes[] = {{1, 1, 2},     {1, 17, 36},   {3, 64, 258},  {5, 70, 300},
                           {12, 130, 64}, {13, 17, 258}, {40, 130, 300}, {2, 200, 1024},
-                          {37, 17, 258}};
+                          {37, 17, 258}, {9, 33, 301}};
   std::uint32_t seed = 100;
-  for (Isa isa : supported_isas()) {
-    for (const Shape& s : shapes) {
-      for (bool with_bias : {false, true}) {
-        SCOPED_TRACE(isa_label(isa) + " M=" + std::to_string(s.m) + " N=" + std::to_string(s.n) +
-                     " K=" + std::to_string(s.k) + (with_bias ? " bias" : ""));
-        const PackedWeight w = make_packed(s.n, s.k, ++seed);
-        const std::vector<float> x = random_floats(s.m * s.k, ++seed);
-        const std::vector<float> bias = random_floats(s.n, ++seed);
-        std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -7.0f);
-        linear(isa, x.data(), s.m, w.view, with_bias ? bias.data() : nullptr, y.data(), &pool);
-        std::vector<double> ref, mag;
-        reference_linear(x, s.m, w.row_major, with_bias ? bias.data() : nullptr, &ref, &mag);
-        for (std::size_t i = 0; i < y.size(); ++i) {
-          ASSERT_NEAR(y[i], ref[i], 1e-6 * mag[i] + 1e-30) << "element " << i;
+  for (GemmActivations act : kBothActivations) {
+    for (Isa isa : supported_isas()) {
+      for (const Shape& s : shapes) {
+        for (bool with_bias : {false, true}) {
+          SCOPED_TRACE(isa_label(isa) + act_label(act) + " M=" + std::to_string(s.m) + " N=" +
+                       std::to_string(s.n) + " K=" + std::to_string(s.k) + (with_bias ? " bias" : ""));
+          const PackedWeight w = make_packed(s.n, s.k, ++seed);
+          const std::vector<float> x = random_floats(s.m * s.k, ++seed);
+          const std::vector<float> bias = random_floats(s.n, ++seed);
+          std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -7.0f);
+          linear(isa, x.data(), s.m, w.view, with_bias ? bias.data() : nullptr, y.data(), &pool, act);
+          std::vector<float> xr(x.size());
+          for (std::size_t i = 0; i < x.size(); ++i) xr[i] = act == GemmActivations::kBf16 ? act_bf16(x[i]) : x[i];
+          std::vector<double> ref, mag;
+          reference_linear(xr, s.m, w.row_major, with_bias ? bias.data() : nullptr, &ref, &mag);
+          for (std::size_t i = 0; i < y.size(); ++i) {
+            ASSERT_NEAR(y[i], ref[i], 1e-6 * mag[i] + 1e-30) << "element " << i;
+          }
+          // bf16 activations cost what bf16 rounding costs against the f32 ones (2^-9 relative).
+          reference_linear(x, s.m, w.row_major, with_bias ? bias.data() : nullptr, &ref, &mag);
+          for (std::size_t i = 0; i < y.size(); ++i) {
+            ASSERT_NEAR(y[i], ref[i], 4e-3 * mag[i] + 1e-30) << "element " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Every ISA gives the same bits as the written-out arithmetic above, for bf16 activations
+// (vdpbf16ps, the AVX-512 and AVX2 FMA emulations under DAZ|FTZ, the scalar double emulation) and
+// f32 ones (FMA, libm's fmaf), on random shapes with odd K, N tails, every tile path, 1 and 2
+// threads, linear_add, and values whose products and sums reach the subnormal range.
+TEST(PanelPairs, EveryIsaBitExactToWrittenOutArithmetic) {
+  std::mt19937 rng(2024);
+  ThreadPool pool(2);
+  std::uniform_int_distribution<int> pick_m(1, 60), pick_n(1, 200), pick_k(1, 400);
+  for (int trial = 0; trial < 24; ++trial) {
+    const std::int64_t M = trial < 3 ? trial + 1 : pick_m(rng);
+    const std::int64_t N = pick_n(rng);
+    const std::int64_t K = trial % 2 == 0 ? pick_k(rng) | 1 : pick_k(rng);  // half of them odd
+    // scale: 0 plain values; 1 exponents spread over +-24; 2 products near 2^-126 (subnormal
+    // sums, flushed), with some subnormal activations.
+    const int scale = trial % 3;
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::uniform_int_distribution<int> ex(-24, 24);
+    auto value = [&](bool activation) {
+      float v = nd(rng);
+      if (scale == 1) v = std::ldexp(v, ex(rng));
+      if (scale == 2) {
+        v = std::ldexp(v, -63 + (ex(rng) % 4));
+        if (activation && rng() % 8 == 0) v = std::ldexp(nd(rng), -130);  // subnormal f32
+      }
+      return v;
+    };
+    TestWeight w;
+    w.values.resize(static_cast<std::size_t>(N * K));
+    w.bytes.resize(static_cast<std::size_t>(N * K * 2));
+    for (std::size_t i = 0; i < w.values.size(); ++i) {
+      const std::uint16_t h = f32_to_bf16(value(false));
+      std::memcpy(w.bytes.data() + 2 * i, &h, 2);
+      w.values[i] = bf16_to_f32(h);
+    }
+    w.view = WeightView{w.bytes.data(), DType::kBF16, N, K};
+    const PackedWeight pw = pack(std::move(w));
+    std::vector<float> x(static_cast<std::size_t>(M * K));
+    for (auto& v : x) v = value(true);
+    std::vector<float> bias(static_cast<std::size_t>(N));
+    for (auto& v : bias) v = scale == 2 ? 0.0f : nd(rng);
+    std::vector<float> y0(static_cast<std::size_t>(M * N));
+    for (auto& v : y0) v = scale == 2 ? 0.0f : nd(rng);
+    for (GemmActivations act : kBothActivations) {
+      const std::vector<float> expected = panel_reference(act, x, M, pw.row_major, bias.data(), nullptr);
+      const std::vector<float> expected_add = panel_reference(act, x, M, pw.row_major, nullptr, &y0);
+      for (Isa isa : supported_isas()) {
+        SCOPED_TRACE(isa_label(isa) + act_label(act) + " M=" + std::to_string(M) + " N=" +
+                     std::to_string(N) + " K=" + std::to_string(K) + " scale " + std::to_string(scale));
+        for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
+          std::vector<float> y(expected.size(), -7.0f);
+          linear(isa, x.data(), M, pw.view, bias.data(), y.data(), p, act);
+          for (std::size_t i = 0; i < y.size(); ++i) {
+            ASSERT_EQ(std::bit_cast<std::uint32_t>(y[i]), std::bit_cast<std::uint32_t>(expected[i]))
+                << "element " << i << ": " << y[i] << " vs " << expected[i];
+          }
+          std::vector<float> ya = y0;
+          linear_add(isa, x.data(), M, pw.view, ya.data(), p, act);
+          ASSERT_EQ(0, std::memcmp(ya.data(), expected_add.data(), ya.size() * sizeof(float)));
         }
       }
     }
@@ -344,23 +484,25 @@ TEST(PanelPairs, BatchInvariantAcrossBatchSizeTilingAndThreads) {
   const std::vector<float> bias = random_floats(N, 53);
   const PackedWeight w = make_packed(N, K, 54);
   ThreadPool p1(1), p2(2), p3(3);
+  for (GemmActivations act : kBothActivations) {
   for (Isa isa : supported_isas()) {
-    SCOPED_TRACE(isa_label(isa));
+    SCOPED_TRACE(isa_label(isa) + act_label(act));
     std::vector<float> single(static_cast<std::size_t>(kMaxM * N));
     for (std::int64_t r = 0; r < kMaxM; ++r) {
-      linear(isa, x.data() + r * K, 1, w.view, bias.data(), single.data() + r * N, nullptr);
+      linear(isa, x.data() + r * K, 1, w.view, bias.data(), single.data() + r * N, nullptr, act);
     }
     for (ThreadPool* pool : {&p1, &p2, &p3}) {
       for (std::int64_t M : {std::int64_t{2}, std::int64_t{3}, std::int64_t{8}, std::int64_t{37}, kMaxM}) {
         for (std::int64_t offset : {std::int64_t{0}, std::int64_t{5}}) {
           if (offset + M > kMaxM) continue;
           std::vector<float> y(static_cast<std::size_t>(M * N));
-          linear(isa, x.data() + offset * K, M, w.view, bias.data(), y.data(), pool);
+          linear(isa, x.data() + offset * K, M, w.view, bias.data(), y.data(), pool, act);
           ASSERT_EQ(0, std::memcmp(y.data(), single.data() + offset * N, y.size() * sizeof(float)))
               << "threads=" << pool->num_threads() << " M=" << M << " offset=" << offset;
         }
       }
     }
+  }
   }
 }
 
