@@ -94,6 +94,43 @@ void KvManager::release(RequestId id) {
   for (auto& [d, table] : it->second.tables) table.free_all(*devices_[static_cast<std::size_t>(d)]);
   for (auto& [key, slots] : it->second.host_slots) host_.free(slots);
   requests_.erase(it);
+  released_.push_back(id);
+}
+
+std::vector<RequestId> KvManager::take_released() {
+  std::vector<RequestId> out;
+  out.swap(released_);
+  return out;
+}
+
+void KvManager::describe_for_plan(RequestId id, PlanKv mode, ScheduledSequence* s) {
+  s->kv.clear();
+  if (mode == PlanKv::kOffsiteOnly) {
+    s->kv_kind = KvListKind::kOffsite;
+    s->kv = offsite_block_lists(id);
+    return;
+  }
+  auto it = requests_.find(id);
+  KUN_CHECK(it != requests_.end() && !it->second.swapped) << "request " << id << " planned without KV here";
+  RequestKv& r = it->second;
+  const std::int64_t have = token_blocks(r.tokens);
+  const bool whole = mode == PlanKv::kFullTables || r.planned_blocks < 0;
+  KUN_CHECK(whole || r.planned_blocks <= have) << "request " << id << " lost blocks without a rewrite";
+  s->kv_kind = whole ? KvListKind::kTable : KvListKind::kAppended;
+  const std::int64_t from = whole ? 0 : r.planned_blocks;
+  r.planned_blocks = have;
+  if (from == have && !whole) return;  // decode inside a block: nothing new
+  for (const auto& [d, table] : r.tables) {
+    for (std::int64_t l : table.layers()) {
+      const std::vector<kv::BlockId>& blocks = table.layer_blocks(l);
+      LayerBlockList list;
+      list.layer = static_cast<std::int32_t>(l);
+      list.device = d;
+      list.blocks.reserve(static_cast<std::size_t>(have - from));
+      for (std::int64_t i = from; i < have; ++i) list.blocks.push_back(blocks[static_cast<std::size_t>(i)].value);
+      s->kv.push_back(std::move(list));
+    }
+  }
 }
 
 std::vector<LayerBlockList> KvManager::block_lists(RequestId id) const {
@@ -136,6 +173,7 @@ std::map<std::int32_t, kv::BlockTable> KvManager::export_tables(RequestId id) {
   KUN_CHECK(!it->second.swapped) << "request " << id << " is swapped out";
   std::map<std::int32_t, kv::BlockTable> tables = std::move(it->second.tables);
   requests_.erase(it);
+  released_.push_back(id);
   return tables;
 }
 
@@ -214,6 +252,7 @@ Status KvManager::move_layer(RequestId id, std::int64_t layer, const LayerCopyFn
   copy(from, src.layer_blocks(layer), to, dst.layer_blocks(layer));
   const std::vector<kv::BlockId> freed = src.release_layer(layer);
   devices_[static_cast<std::size_t>(from)]->free(freed);
+  r.planned_blocks = -1;  // the layer changed device and blocks: send the whole table next
   return ok_status();
 }
 
@@ -221,7 +260,10 @@ std::int64_t KvManager::remap_blocks(std::int32_t device, std::span<const kv::Bl
   std::int64_t remapped = 0;
   for (auto& [id, r] : requests_) {
     auto t = r.tables.find(device);
-    if (t != r.tables.end()) remapped += t->second.remap_blocks(moves);
+    if (t == r.tables.end()) continue;
+    const std::int64_t n = t->second.remap_blocks(moves);
+    if (n > 0) r.planned_blocks = -1;  // block ids rewritten: send the whole table next
+    remapped += n;
   }
   return remapped;
 }
@@ -246,6 +288,7 @@ bool KvManager::swap_out(RequestId id, std::vector<BlockCopy>* out) {
     table.free_all(*devices_[static_cast<std::size_t>(d)]);
   }
   r.swapped = true;
+  r.planned_blocks = -1;  // swap-in allocates new blocks: send the whole table next
   return true;
 }
 

@@ -43,6 +43,14 @@ class KvManager {
   // Frees every device block and host slot of the request.
   void release(RequestId id);
   std::vector<LayerBlockList> block_lists(RequestId id) const;
+  // Fills a planned sequence's `kv` and `kv_kind` (step.h) for `mode`. kChanges sends the whole
+  // table (kTable) the first time a request is planned and after any rewrite of its blocks
+  // (swap-in, move_layer, remap_blocks, import), else only the blocks appended since its
+  // previous plan (kAppended): each call assumes the executor applies every plan it is given.
+  void describe_for_plan(RequestId id, PlanKv mode, ScheduledSequence* s);
+  // Requests whose KV left this manager (release, export_tables) since the last call: the
+  // executor forgets their tables (StepPlan::kv_released).
+  std::vector<RequestId> take_released();
   // The layers the request holds on a device other than their placement device (the one whose
   // stage runs the layer; a restore home does not count), each with the device holding it and no
   // block ids, ascending by layer; empty on a one-device manager.
@@ -102,6 +110,9 @@ class KvManager {
     std::int64_t tokens = 0;
     bool swapped = false;
     std::int32_t home = -1;  // every layer belongs on this device; -1: on its placement device
+    // Token blocks per layer the executor has been sent (describe_for_plan); -1: it must be
+    // sent the whole table (never planned here, or blocks rewritten since).
+    std::int64_t planned_blocks = -1;
     std::map<std::int32_t, kv::BlockTable> tables;  // by device
     // While swapped: host slots per (device, layer), in token order.
     std::map<std::pair<std::int32_t, std::int64_t>, std::vector<kv::BlockId>> host_slots;
@@ -117,6 +128,7 @@ class KvManager {
   std::vector<std::int64_t> layers_per_device_;  // by device: layers placed there (can_grow)
   kv::KvBlockAllocator host_;  // host swap slots: bookkeeping only, the executor owns the bytes
   std::vector<kv::BlockId> host_pending_free_;
+  std::vector<RequestId> released_;  // take_released()
   std::map<RequestId, RequestKv> requests_;
 };
 

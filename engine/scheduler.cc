@@ -211,7 +211,7 @@ void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
   s.sample = r.num_computed + n == r.num_tokens();
   s.sampling = r.spec.sampling;
   s.sample_index = static_cast<std::uint64_t>(r.num_output_tokens());
-  s.kv = config_.plan_block_ids ? kv_->block_lists(r.id) : kv_->offsite_block_lists(r.id);
+  kv_->describe_for_plan(r.id, config_.plan_kv, &s);
   if (r.timings.first_scheduled_us < 0) r.timings.first_scheduled_us = clock_->now_us();
   // Tokens that were computed once already (before a recompute preemption) are recomputation.
   const std::int64_t redo = std::min(r.num_computed + n, r.max_computed) - r.num_computed;
@@ -478,7 +478,13 @@ StepPlan Scheduler::schedule(std::int64_t ve) {
       if (swapped_.empty()) schedule_waiting(ve, &plan, &budget);
     }
   }
-  if (!plan.sequences.empty() || !plan.swap_in.empty() || !plan.swap_out.empty()) ++counters_.steps;
+  if (!plan.sequences.empty() || !plan.swap_in.empty() || !plan.swap_out.empty()) {
+    ++counters_.steps;
+    // Only a plan an executor will run may carry them (empty plans are not submitted); a
+    // cost-model executor keeps no tables.
+    if (config_.plan_kv != PlanKv::kOffsiteOnly) plan.kv_released = kv_->take_released();
+  }
+  if (config_.plan_kv == PlanKv::kOffsiteOnly) kv_->take_released();
   return plan;
 }
 

@@ -63,11 +63,12 @@ struct SchedulerConfig {
   StepCostModel step_cost;
   // Floor of the typical-length chunk cap (0: one KV block).
   std::int64_t min_prefill_chunk_tokens = 0;
-  // true: a planned sequence's `kv` lists every layer's block ids (an executor reads and writes
-  // them). false: only the layers held off the device that runs them, with the holding device and
-  // no block ids (KvManager::offsite_block_lists): all a cost model needs, and copying L block
-  // lists per sequence per step was the simulator's second hot spot.
-  bool plan_block_ids = true;
+  // What a planned sequence's `kv` carries (step.h): kChanges (default) the whole table the
+  // first time and after a rewrite, then only appended blocks, so a step's plan does not grow
+  // with context x layers; kFullTables every layer's whole block list every step (the old
+  // representation, for benchmarks); kOffsiteOnly only the layers held off the device that runs
+  // them, without ids (the simulator's cost model needs no more).
+  PlanKv plan_kv = PlanKv::kChanges;
   Status validate() const;
 };
 

@@ -26,6 +26,7 @@ PipelineExecutor::PipelineExecutor(std::vector<PipelineStage> stages, Transport*
       KUN_CHECK(st.device->has_layer(l)) << "stage " << s << " lacks layer " << l;
     }
     state_[s].host_swap.resize(static_cast<std::size_t>(host_swap_blocks * block_bytes_));
+    state_[s].tables = std::make_unique<engine::KvTableMirror<std::byte*>>(st.layer_begin, st.layer_end);
   }
   KUN_CHECK_EQ(stages_.front().layer_begin, 0);
   KUN_CHECK_EQ(stages_.back().layer_end, stages_.front().device->config().num_layers);
@@ -119,6 +120,11 @@ void PipelineExecutor::run_stage(std::size_t s, const Work& w) {
   const model::ModelConfig& c = dev.config();
   const std::int64_t H = c.hidden_size;
   model::ForwardPass& fwd = dev.forward();
+  // Every plan updates the tables, even one with no tokens (it may release requests).
+  st.tables->apply(plan, [&](std::int32_t device, std::int64_t block) {
+    KUN_CHECK(device >= 0 && static_cast<std::size_t>(device) < stages_.size()) << "KV on device " << device;
+    return stages_[static_cast<std::size_t>(device)].device->kv_storage().block_data(kv::BlockId(block));
+  });
   if (slot.num_tokens > 0) {
     if (s == 0) {
       st.work.resize(static_cast<std::size_t>(slot.num_tokens * H));
@@ -127,29 +133,20 @@ void PipelineExecutor::run_stage(std::size_t s, const Work& w) {
       std::swap(st.work, slot.input[s]);
     }
     const std::int64_t nl = stage.layer_end - stage.layer_begin;
-    const std::size_t cells = plan.sequences.size() * static_cast<std::size_t>(nl);
-    st.block_ptrs.resize(cells);
-    st.kv_holder.assign(cells, -1);
-    for (auto& p : st.block_ptrs) p.clear();
-    for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
-      for (const engine::LayerBlockList& list : plan.sequences[i].kv) {
-        if (list.layer < stage.layer_begin || list.layer >= stage.layer_end) continue;
-        KUN_CHECK(list.device >= 0 && static_cast<std::size_t>(list.device) < stages_.size())
-            << "layer " << list.layer << " KV on device " << list.device;
-        const std::size_t cell = i * static_cast<std::size_t>(nl) + static_cast<std::size_t>(list.layer - stage.layer_begin);
-        st.kv_holder[cell] = list.device;
-        kv::KvStorage& storage = stages_[static_cast<std::size_t>(list.device)].device->kv_storage();
-        auto& ptrs = st.block_ptrs[cell];
-        for (std::int64_t b : list.blocks) ptrs.push_back(storage.block_data(kv::BlockId(b)));
-      }
+    st.cells.clear();
+    st.cells.reserve(plan.sequences.size() * static_cast<std::size_t>(nl));
+    for (const engine::ScheduledSequence& seq : plan.sequences) {
+      const auto* table = st.tables->table(seq.id);
+      KUN_CHECK(table != nullptr) << "no KV table for request " << seq.id;
+      for (const auto& layer : *table) st.cells.push_back(&layer);
     }
     fwd.run_layers(
         stage.layer_begin, stage.layer_end, slot.slices, st.work.data(), [&](std::int64_t l) { return dev.layer_weights(l); },
         [&](std::int64_t l, std::int64_t i, const model::SequenceSlice& slice, const float* qkv, float* out) {
           const std::size_t cell = static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) + static_cast<std::size_t>(l - stage.layer_begin);
-          const auto& ptrs = st.block_ptrs[cell];
-          const model::LayerKv kv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())};
-          const int holder = st.kv_holder[cell];
+          const auto& layer = *st.cells[cell];
+          const model::LayerKv kv{layer.blocks.data(), static_cast<std::int64_t>(layer.blocks.size())};
+          const int holder = layer.device;
           KUN_CHECK_GE(holder, 0) << "no KV for layer " << l << " of sequence " << i;
           if (static_cast<std::size_t>(holder) == s) {
             fwd.attend_local(slice, qkv, kv, out);

@@ -5,9 +5,11 @@
 // sets) are in flight at once, one per stage in steady state, so no stage waits for a whole step
 // to drain before the next begins.
 //
-// KV: each sequence's LayerBlockList names the device (stage index) holding that layer's
-// blocks; a layer's attention runs against that device's KV: locally when it is the stage's own
-// device, otherwise by remote attention (q/k/v out, attention output back through the transport). Swap copies run at submit time on the device
+// KV: each stage keeps the block tables of its layers across steps (engine::KvTableMirror of
+// block addresses), updated from each plan's changes (whole tables the first time, then appended
+// blocks, released requests dropped), so a step costs no per-context work here. Each layer's
+// entry names the device (stage index) holding that layer's blocks; a layer's attention runs
+// against that device's KV: locally when it is the stage's own device, otherwise by remote attention (q/k/v out, attention output back through the transport). Swap copies run at submit time on the device
 // they name, against that device's host swap space, over the transport's host link.
 //
 // Threads: execute / submit / wait_any are called from the engine thread only; stage threads
@@ -23,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/kv_table_mirror.h"
 #include "engine/step.h"
 #include "runtime/transport.h"
 #include "runtime/virtual_device.h"
@@ -79,8 +82,10 @@ class PipelineExecutor final : public engine::StepExecutor {
   struct StageState {
     std::deque<Work> queue;  // guarded by mu_
     std::vector<float> work;
-    std::vector<std::vector<std::byte*>> block_ptrs;  // per (sequence, layer of the stage)
-    std::vector<int> kv_holder;                    // per (sequence, layer): stage index holding the KV
+    // This stage's layers of every request's block table (block addresses on the holder);
+    // created in the constructor with the stage's layer range.
+    std::unique_ptr<engine::KvTableMirror<std::byte*>> tables;
+    std::vector<const engine::KvTableMirror<std::byte*>::Layer*> cells;  // per (sequence, layer of the stage)
     std::vector<float> remote_qkv, remote_out;     // remote attention: q/k/v sent, output returned
     std::vector<std::byte> host_swap;
     std::vector<float> logits;

@@ -87,7 +87,7 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
   if (config.scheduler.vocab_size == 0) config.scheduler.vocab_size = m.vocab_size;
   config.scheduler.eos_token_id = static_cast<std::int32_t>(m.eos_token_id);
   // The executor reads only which layers are held off the stage that runs them, not block ids.
-  config.scheduler.plan_block_ids = false;
+  config.scheduler.plan_kv = engine::PlanKv::kOffsiteOnly;
   KUN_RETURN_IF_ERROR(config.scheduler.validate());
   config.coordinator.policy = config.policy;
 
