@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <span>
+#include <unordered_map>
 #include <vector>
 
 #include "common/ids.h"
@@ -76,7 +77,9 @@ class KvManager {
   std::int32_t home(RequestId id) const;  // -1: placement; also for an unknown request
   // Live KV exchange, one layer: allocates the layer's blocks on the device it belongs on, calls
   // copy(from_device, from_blocks, to_device, to_blocks) to move the bytes, then frees the source
-  // blocks. kResourceExhausted (nothing changes) when the destination is short of blocks.
+  // blocks. kResourceExhausted (nothing changes) when the destination is short of blocks. With
+  // counts-only allocators (kv::BlockNaming::kCountsOnly) both lists are empty: the layer's
+  // blocks per layer are token_blocks(tokens_held(id)).
   using LayerCopyFn = std::function<void(std::int32_t, const std::vector<kv::BlockId>&, std::int32_t,
                                          const std::vector<kv::BlockId>&)>;
   Status move_layer(RequestId id, std::int64_t layer, const LayerCopyFn& copy);
@@ -113,11 +116,19 @@ class KvManager {
     // Token blocks per layer the executor has been sent (describe_for_plan); -1: it must be
     // sent the whole table (never planned here, or blocks rewritten since).
     std::int64_t planned_blocks = -1;
-    std::map<std::int32_t, kv::BlockTable> tables;  // by device
+    // Layers held on a device other than their placement device (an imported stale request
+    // before its exchange, or one gathered onto a restore home). 0 for almost every request, and
+    // then the per-layer walks (can_grow, offsite_block_lists, misplaced_layers) are skipped.
+    std::int64_t offsite_layers = 0;
+    // By device, ascending (a small vector: grow walks it for every request every step, which a
+    // std::map made a pointer chase per device).
+    std::vector<std::pair<std::int32_t, kv::BlockTable>> tables;
     // While swapped: host slots per (device, layer), in token order.
     std::map<std::pair<std::int32_t, std::int64_t>, std::vector<kv::BlockId>> host_slots;
   };
   RequestKv& entry(RequestId id);
+  static kv::BlockTable* table_on(RequestKv& r, std::int32_t device);  // nullptr: none there
+  static const kv::BlockTable* table_on(const RequestKv& r, std::int32_t device);
   std::int32_t wanted_device(const RequestKv& r, std::int64_t layer) const {
     return r.home >= 0 ? r.home : layer_device_[static_cast<std::size_t>(layer)];
   }
@@ -129,7 +140,12 @@ class KvManager {
   kv::KvBlockAllocator host_;  // host swap slots: bookkeeping only, the executor owns the bytes
   std::vector<kv::BlockId> host_pending_free_;
   std::vector<RequestId> released_;  // take_released()
-  std::map<RequestId, RequestKv> requests_;
+  // Recount of RequestKv::offsite_layers after its tables changed shape (import, move_layer).
+  void count_offsite(RequestKv& r) const;
+
+  // Looked up several times per request per step (can_grow, grow, describe_for_plan): a hash map;
+  // walks that need an order sort the ids.
+  std::unordered_map<RequestId, RequestKv> requests_;
 };
 
 }  // namespace kun::engine

@@ -119,10 +119,15 @@ Status Scheduler::add_request(RequestId id, RequestSpec spec, QueueBound bound) 
   return ok_status();
 }
 
-void Scheduler::remove_from_queues(RequestId id) {
-  for (auto* q : {&waiting_, &swapped_, &running_}) {
-    q->erase(std::remove(q->begin(), q->end(), id), q->end());
-  }
+void Scheduler::remove_from_queues(RequestId id, RequestState state) {
+  // The request's state names its queue (check_invariants), so a finishing running request does
+  // not walk a waiting queue thousands long.
+  std::deque<RequestId>* q = state == RequestState::kWaiting   ? &waiting_
+                             : state == RequestState::kSwapped ? &swapped_
+                             : state == RequestState::kRunning ? &running_
+                                                               : nullptr;
+  KUN_CHECK(q != nullptr) << "request " << id << " is " << request_state_name(state) << ", in no queue";
+  q->erase(std::remove(q->begin(), q->end(), id), q->end());
 }
 
 TokenEvent Scheduler::cancel(RequestId id) {
@@ -138,7 +143,7 @@ TokenEvent Scheduler::cancel(RequestId id) {
 
 void Scheduler::finish(Request& r, FinishReason reason) {
   kv_->release(r.id);
-  remove_from_queues(r.id);
+  remove_from_queues(r.id, r.state);
   r.state = RequestState::kFinished;
   r.finish_reason = reason;
   r.timings.finish_us = clock_->now_us();
@@ -297,9 +302,11 @@ std::int64_t Scheduler::least_loaded_ve() const {
 
 bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
   bool preempted = false;
-  std::vector<RequestId> scheduled;
-  const std::vector<RequestId> order(running_.begin(), running_.end());
-  for (RequestId id : order) {
+  std::vector<RequestId>& scheduled = scheduled_;
+  scheduled.clear();
+  // A copy: preemption below edits running_.
+  running_order_.assign(running_.begin(), running_.end());
+  for (RequestId id : running_order_) {
     if (*budget <= 0) break;
     Request& r = requests_.at(id);
     if (r.state != RequestState::kRunning) continue;  // preempted earlier in this loop
@@ -537,7 +544,7 @@ std::optional<Request> Scheduler::detach(RequestId id, bool keep_kv) {
   if (it == requests_.end()) return std::nullopt;
   Request r = std::move(it->second);
   requests_.erase(it);
-  remove_from_queues(id);
+  remove_from_queues(id, r.state);
   if (!keep_kv) {
     kv_->release(id);
     requeue_without_kv(r, /*by_transition=*/true);

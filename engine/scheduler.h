@@ -18,6 +18,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "common/clock.h"
@@ -189,15 +190,20 @@ class Scheduler {
   void preempt(Request& victim, StepPlan* plan);
   void finish(Request& r, FinishReason reason);
   TokenEvent make_event(const Request& r, std::int32_t token) const;
-  void remove_from_queues(RequestId id);
+  // Removes the request from the queue its state names (CHECKs it is in one).
+  void remove_from_queues(RequestId id, RequestState state);
 
   SchedulerConfig config_;
   KvManager* kv_;
   const Clock* clock_;
-  std::map<RequestId, Request> requests_;
+  // Looked up for every running request several times per step: a hash map (every walk over it
+  // is an order-free sum).
+  std::unordered_map<RequestId, Request> requests_;
   std::deque<RequestId> waiting_;
   std::deque<RequestId> swapped_;
   std::deque<RequestId> running_;  // admission order
+  // Scratch of schedule_running (kept to avoid an allocation per step).
+  std::vector<RequestId> running_order_, scheduled_;
   SchedulerCounters counters_;
   // Prompt lengths of the last kPromptHistory first admissions (a ring), for the typical chunk.
   static constexpr std::size_t kPromptHistory = 64;
