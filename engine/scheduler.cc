@@ -472,6 +472,8 @@ StepPlan Scheduler::schedule(std::int64_t ve) {
   kv_->begin_step();
   StepPlan plan;
   plan.step_index = counters_.steps;
+  // About this virtual engine's share of the running requests (grows past it when admitting).
+  plan.sequences.reserve(running_.size() / static_cast<std::size_t>(config_.num_virtual_engines) + 16);
   typical_chunk_cap_ = compute_typical_chunk_cap();
   std::int64_t budget = config_.max_num_batched_tokens;
   if (config_.priority == StepPriority::kPrefillFirst) {
@@ -497,6 +499,7 @@ StepPlan Scheduler::schedule(std::int64_t ve) {
 
 std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const StepResult& result) {
   std::vector<TokenEvent> events;
+  events.reserve(plan.sequences.size());
   std::size_t sampled = 0;
   for (const ScheduledSequence& s : plan.sequences) {
     auto it = requests_.find(s.id);

@@ -58,6 +58,10 @@ Status BlockTable::append_tokens(std::int64_t tokens, KvBlockAllocator& allocato
   if (tokens < 0) return invalid_argument("append_tokens: negative count " + std::to_string(tokens));
   bind(allocator);
   const std::int64_t per_layer = blocks_for_tokens(num_tokens_ + tokens) - blocks_per_layer();
+  if (per_layer == 0) {  // inside the last block: a decode, 15 steps in 16
+    num_tokens_ += tokens;
+    return ok_status();
+  }
   if (counts_only_) {
     KUN_RETURN_IF_ERROR(allocator.allocate_count(per_layer * num_layers()));
   } else if (per_layer > 0 && !layer_ids_.empty()) {
