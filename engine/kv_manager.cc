@@ -68,32 +68,37 @@ std::int64_t KvManager::tokens_held(RequestId id) const {
 
 bool KvManager::can_grow(RequestId id, std::int64_t new_tokens) const {
   auto it = requests_.find(id);
-  const std::int64_t have = it == requests_.end() ? 0 : it->second.tokens;
-  if (it != requests_.end() && it->second.swapped) return false;
+  return can_grow(it == requests_.end() ? nullptr : &it->second, new_tokens);
+}
+
+bool KvManager::can_grow(const RequestKv* r, std::int64_t new_tokens) const {
+  const std::int64_t have = r == nullptr ? 0 : r->tokens;
+  if (r != nullptr && r->swapped) return false;
   if (new_tokens <= have) return true;
   const std::int64_t add_blocks = token_blocks(new_tokens) - token_blocks(have);
   if (add_blocks == 0) return true;  // a decode inside its last block (15 steps in 16)
   // Called for every running request every step: no allocation. Each device appears once in
-  // `tables` (a map by device) and in layers_per_device_.
-  if (it == requests_.end() || it->second.offsite_layers == 0) {
+  // `tables` and in layers_per_device_.
+  if (r == nullptr || r->offsite_layers == 0) {
     for (std::size_t d = 0; d < devices_.size(); ++d) {
       if (devices_[d]->num_free() < add_blocks * layers_per_device_[d]) return false;
     }
     return true;
   }
   // An imported request may hold layers away from their placement (remote attention).
-  for (const auto& [d, table] : it->second.tables) {
+  for (const auto& [d, table] : r->tables) {
     if (devices_[static_cast<std::size_t>(d)]->num_free() < add_blocks * table.num_layers()) return false;
   }
   return true;
 }
 
 Status KvManager::grow(RequestId id, std::int64_t new_tokens) {
-  if (!can_grow(id, new_tokens)) {
+  auto it = requests_.find(id);  // one lookup: grow runs for every running request every step
+  if (!can_grow(it == requests_.end() ? nullptr : &it->second, new_tokens)) {
     return resource_exhausted("not enough free KV blocks to hold " + std::to_string(new_tokens) +
                               " tokens of request " + std::to_string(id.value));
   }
-  RequestKv& r = entry(id);
+  RequestKv& r = it == requests_.end() ? entry(id) : it->second;
   if (new_tokens <= r.tokens) return ok_status();
   for (auto& [d, table] : r.tables) {
     // can_grow checked every device, so this cannot fail part-way.

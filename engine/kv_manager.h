@@ -127,6 +127,7 @@ class KvManager {
     std::map<std::pair<std::int32_t, std::int64_t>, std::vector<kv::BlockId>> host_slots;
   };
   RequestKv& entry(RequestId id);
+  bool can_grow(const RequestKv* r, std::int64_t new_tokens) const;  // r: nullptr for a request holding nothing
   static kv::BlockTable* table_on(RequestKv& r, std::int32_t device);  // nullptr: none there
   static const kv::BlockTable* table_on(const RequestKv& r, std::int32_t device);
   std::int32_t wanted_device(const RequestKv& r, std::int64_t layer) const {

@@ -114,6 +114,7 @@ Status Scheduler::add_request(RequestId id, RequestSpec spec, QueueBound bound) 
   r.id = id;
   r.spec = std::move(spec);
   r.timings.arrival_us = clock_->now_us();
+  blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens());
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
   return ok_status();
@@ -137,6 +138,7 @@ TokenEvent Scheduler::cancel(RequestId id) {
   finish(r, FinishReason::kCancelled);
   ++counters_.cancelled;
   TokenEvent ev = make_event(r, -1);
+  blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
   requests_.erase(it);
   return ev;
 }
@@ -517,7 +519,9 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
     if (!s.sample) continue;
     KUN_CHECK_LE(sampled, result.sampled_tokens.size()) << "executor returned too few samples";
     const std::int32_t token = result.sampled_tokens[sampled - 1];
+    const std::int64_t blocks_before = kv_->layer_blocks_for(r.num_tokens());
     r.output_tokens.push_back(token);
+    blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens()) - blocks_before;
     ++counters_.generated_tokens;
     if (r.timings.first_token_us < 0) r.timings.first_token_us = clock_->now_us();
     FinishReason reason = FinishReason::kNone;
@@ -533,6 +537,7 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
       finish(r, reason);
       ++counters_.finished;
       events.push_back(make_event(r, token));
+      blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
       requests_.erase(it);
     } else {
       events.push_back(make_event(r, token));
@@ -547,6 +552,7 @@ std::optional<Request> Scheduler::detach(RequestId id, bool keep_kv) {
   if (it == requests_.end()) return std::nullopt;
   Request r = std::move(it->second);
   requests_.erase(it);
+  blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
   remove_from_queues(id, r.state);
   if (!keep_kv) {
     kv_->release(id);
@@ -579,6 +585,7 @@ Status Scheduler::adopt(Request r, bool with_kv) {
     requeue_without_kv(r, /*by_transition=*/true);  // the KV it had is not carried over
     waiting_.push_back(id);
   }
+  blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens());
   requests_.emplace(id, std::move(r));
   return ok_status();
 }
@@ -589,14 +596,19 @@ void Scheduler::adopt_with_imported_kv(Request r) {
   r.state = RequestState::kRunning;
   r.virtual_engine = least_loaded_ve();
   running_.push_back(r.id);
+  blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens());
   requests_.emplace(r.id, std::move(r));
 }
 
-double Scheduler::demand() const {
+std::int64_t Scheduler::recount_blocks_demanded() const {
   std::int64_t needed = 0;
   for (const auto& [id, r] : requests_) needed += kv_->layer_blocks_for(r.num_tokens());
+  return needed;
+}
+
+double Scheduler::demand() const {
   const std::int64_t total = kv_->total_blocks();
-  return total > 0 ? static_cast<double>(needed) / static_cast<double>(total) : 0.0;
+  return total > 0 ? static_cast<double>(blocks_demanded_) / static_cast<double>(total) : 0.0;
 }
 
 std::int64_t Scheduler::pending_blocks() const {
@@ -614,9 +626,7 @@ InstanceStats Scheduler::report() const {
   s.kv_blocks_free = kv_->free_blocks();
   s.demand = demand();
   s.pending_blocks = pending_blocks();
-  std::int64_t demanded = 0;
-  for (const auto& [id, r] : requests_) demanded += kv_->layer_blocks_for(r.num_tokens());
-  s.blocks_demanded = demanded;
+  s.blocks_demanded = blocks_demanded_;
   return s;
 }
 
@@ -628,6 +638,7 @@ const Request* Scheduler::find(RequestId id) const {
 void Scheduler::check_invariants() const {
   std::size_t queued = waiting_.size() + swapped_.size() + running_.size();
   KUN_CHECK_EQ(queued, requests_.size()) << "a request is in no queue or in two";
+  KUN_CHECK_EQ(blocks_demanded_, recount_blocks_demanded()) << "running count of demanded KV blocks is off";
   for (RequestId id : waiting_) {
     const Request& r = requests_.at(id);
     KUN_CHECK(r.state == RequestState::kWaiting) << "request " << id << " in waiting queue is " << request_state_name(r.state);

@@ -205,6 +205,11 @@ class Scheduler {
   // Scratch of schedule_running (kept to avoid an allocation per step).
   std::vector<RequestId> running_order_, scheduled_;
   SchedulerCounters counters_;
+  // Layer blocks every request needs at its current length (the numerator of demand()), kept as
+  // requests arrive, grow, leave and come (the monitor samples it every period; a sum over
+  // thousands of queued requests per sample was a tenth of an overloaded simulation).
+  std::int64_t blocks_demanded_ = 0;
+  std::int64_t recount_blocks_demanded() const;  // the same sum from scratch (check_invariants)
   // Prompt lengths of the last kPromptHistory first admissions (a ring), for the typical chunk.
   static constexpr std::size_t kPromptHistory = 64;
   std::vector<std::int64_t> recent_prompts_;
