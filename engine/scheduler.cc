@@ -129,6 +129,7 @@ void Scheduler::remove_from_queues(RequestId id, RequestState state) {
                                                                : nullptr;
   KUN_CHECK(q != nullptr) << "request " << id << " is " << request_state_name(state) << ", in no queue";
   q->erase(std::remove(q->begin(), q->end(), id), q->end());
+  if (q == &running_) running_ptrs_valid_ = false;
 }
 
 TokenEvent Scheduler::cancel(RequestId id) {
@@ -213,6 +214,11 @@ void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
   ScheduledSequence s;
   s.id = r.id;
   s.start_pos = r.num_computed;
+  if (!token_buffers_.empty()) {
+    s.tokens = std::move(token_buffers_.back());
+    token_buffers_.pop_back();
+    s.tokens.clear();
+  }
   s.tokens.reserve(static_cast<std::size_t>(n));
   for (std::int64_t p = r.num_computed; p < r.num_computed + n; ++p) s.tokens.push_back(r.token_at(p));
   s.sample = r.num_computed + n == r.num_tokens();
@@ -231,6 +237,16 @@ void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
     }
   }
   plan->sequences.push_back(std::move(s));
+}
+
+void Scheduler::recycle(StepPlan&& plan) {
+  constexpr std::size_t kMaxBuffers = 4096;
+  for (ScheduledSequence& s : plan.sequences) {
+    if (token_buffers_.size() >= kMaxBuffers) break;
+    // Small ones only: a long prefill chunk's buffer would sit in the pool for decodes.
+    if (s.tokens.capacity() > 0 && s.tokens.capacity() <= 64) token_buffers_.push_back(std::move(s.tokens));
+  }
+  plan.sequences.clear();
 }
 
 RequestId Scheduler::pick_victim(std::int64_t ve, RequestId except, const std::vector<RequestId>& scheduled) const {
@@ -254,6 +270,7 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
   const std::int64_t held = kv_->tokens_held(victim.id);
   ++victim.num_preemptions;
   running_.erase(std::remove(running_.begin(), running_.end(), victim.id), running_.end());
+  running_ptrs_valid_ = false;
   if (config_.preemption == PreemptionMode::kSwap && held > 0) {
     const std::size_t before = plan->swap_out.size();
     if (kv_->swap_out(victim.id, &plan->swap_out)) {
@@ -274,6 +291,17 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
   KUN_LOG(kDebug) << "preempt request " << victim.id << " by recompute: " << held << " tokens dropped";
 }
 
+const std::vector<Request*>& Scheduler::running_requests() const {
+  if (!running_ptrs_valid_) {
+    running_ptrs_.clear();
+    // unordered_map nodes do not move (rehash included) until erased, and a request leaves
+    // running_ (which invalidates this) before it is erased.
+    for (RequestId id : running_) running_ptrs_.push_back(const_cast<Request*>(&requests_.at(id)));
+    running_ptrs_valid_ = true;
+  }
+  return running_ptrs_;
+}
+
 std::vector<std::int64_t> Scheduler::running_per_ve() const {
   std::vector<std::int64_t> load(static_cast<std::size_t>(config_.num_virtual_engines), 0);
   for (RequestId id : running_) {
@@ -285,8 +313,8 @@ std::vector<std::int64_t> Scheduler::running_per_ve() const {
 
 std::vector<double> Scheduler::predicted_loads() const {
   std::vector<double> load(static_cast<std::size_t>(config_.num_virtual_engines), config_.step_cost.fixed_us);
-  for (RequestId id : running_) {
-    const Request& r = requests_.at(id);
+  for (const Request* p : running_requests()) {
+    const Request& r = *p;
     if (r.virtual_engine < 0) continue;
     // A decode's next chunk is its one newest token, a prefill's the chunk it gets with a whole
     // step budget; for a request in flight that is the chunk now running, a close stand-in for
@@ -306,13 +334,14 @@ bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* 
   bool preempted = false;
   std::vector<RequestId>& scheduled = scheduled_;
   scheduled.clear();
-  // A copy: preemption below edits running_.
-  running_order_.assign(running_.begin(), running_.end());
-  for (RequestId id : running_order_) {
+  // A copy: preemption below edits running_ (but erases no request, so the pointers stay valid).
+  running_order_ = running_requests();
+  for (Request* p : running_order_) {
     if (*budget <= 0) break;
-    Request& r = requests_.at(id);
+    Request& r = *p;
     if (r.state != RequestState::kRunning) continue;  // preempted earlier in this loop
     if (r.virtual_engine != ve) continue;
+    const RequestId id = r.id;
     const std::int64_t n = chunk_for(r, *budget);
     if (n <= 0) continue;
     bool self_preempted = false;
@@ -353,6 +382,7 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
       r.state = RequestState::kRunning;
       r.virtual_engine = ve;
       running_.push_back(r.id);
+      running_ptrs_valid_ = false;
       break;
     }
     counters_.blocks_swapped_in += static_cast<std::int64_t>(copies.size());
@@ -361,6 +391,7 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
     r.state = RequestState::kRunning;
     r.virtual_engine = ve;
     running_.push_back(r.id);
+    running_ptrs_valid_ = false;
     KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
     add_to_plan(r, n, plan);
     *budget -= n;
@@ -380,6 +411,7 @@ void Scheduler::admit(Request& r, std::int64_t ve, std::int64_t n, StepPlan* pla
   r.state = RequestState::kRunning;
   r.virtual_engine = ve;
   running_.push_back(r.id);
+  running_ptrs_valid_ = false;
   add_to_plan(r, n, plan);
 }
 
@@ -581,6 +613,7 @@ Status Scheduler::adopt(Request r, bool with_kv) {
     r.state = RequestState::kRunning;
     r.virtual_engine = least_loaded_ve();
     running_.push_back(id);
+    running_ptrs_valid_ = false;
   } else {
     requeue_without_kv(r, /*by_transition=*/true);  // the KV it had is not carried over
     waiting_.push_back(id);
@@ -596,6 +629,7 @@ void Scheduler::adopt_with_imported_kv(Request r) {
   r.state = RequestState::kRunning;
   r.virtual_engine = least_loaded_ve();
   running_.push_back(r.id);
+  running_ptrs_valid_ = false;
   blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens());
   requests_.emplace(r.id, std::move(r));
 }

@@ -134,6 +134,11 @@ class Scheduler {
   // included). Finished requests are removed and their blocks freed.
   std::vector<TokenEvent> apply_result(const StepPlan& plan, const StepResult& result);
 
+  // Optional: hands a plan whose result was applied back, so its sequences' token buffers are
+  // reused by later plans instead of allocated again (one allocation per planned sequence per
+  // step was a sixth of an overloaded simulation).
+  void recycle(StepPlan&& plan);
+
   // ---- moving requests between schedulers (drop, restore, migration) ----
   // Takes a request out of this scheduler. With keep_kv its blocks stay allocated (the caller
   // copies them and then calls release_detached()); without, they are freed and the request will
@@ -203,7 +208,15 @@ class Scheduler {
   std::deque<RequestId> swapped_;
   std::deque<RequestId> running_;  // admission order
   // Scratch of schedule_running (kept to avoid an allocation per step).
-  std::vector<RequestId> running_order_, scheduled_;
+  std::vector<Request*> running_order_;
+  std::vector<RequestId> scheduled_;
+  std::vector<std::vector<std::int32_t>> token_buffers_;  // from recycle(), for add_to_plan
+  // running_ as pointers into requests_, rebuilt after running_ changes: the per-virtual-engine
+  // walks (schedule_running, predicted_loads) run g times a round over every running request
+  // and looked each one up.
+  const std::vector<Request*>& running_requests() const;
+  mutable std::vector<Request*> running_ptrs_;
+  mutable bool running_ptrs_valid_ = false;
   SchedulerCounters counters_;
   // Layer blocks every request needs at its current length (the numerator of demand()), kept as
   // requests arrive, grow, leave and come (the monitor samples it every period; a sum over

@@ -384,6 +384,8 @@ void ClusterSim::finish_step(Unit& u) {
   KUN_CHECK(u.in_flight);
   u.in_flight = false;
   for (std::size_t i = 0; i < u.plans.size(); ++i) handle_events(u, u.scheduler->apply_result(u.plans[i], u.results[i]));
+  for (engine::StepPlan& p : u.plans) u.scheduler->recycle(std::move(p));  // reuse the token buffers
+  u.plans.clear();
   advance_kv_moves(u, /*assign=*/true);
   if (!planned_migrations_.empty()) start_migrations();
   const std::int64_t every = config_.check_invariants_every_steps;
