@@ -93,19 +93,24 @@ bool KvManager::can_grow(const RequestKv* r, std::int64_t new_tokens) const {
 }
 
 Status KvManager::grow(RequestId id, std::int64_t new_tokens) {
-  auto it = requests_.find(id);  // one lookup: grow runs for every running request every step
-  if (!can_grow(it == requests_.end() ? nullptr : &it->second, new_tokens)) {
+  if (!try_grow(id, new_tokens)) {
     return resource_exhausted("not enough free KV blocks to hold " + std::to_string(new_tokens) +
                               " tokens of request " + std::to_string(id.value));
   }
+  return ok_status();
+}
+
+bool KvManager::try_grow(RequestId id, std::int64_t new_tokens) {
+  auto it = requests_.find(id);  // one lookup: this runs for every running request every step
+  if (!can_grow(it == requests_.end() ? nullptr : &it->second, new_tokens)) return false;
   RequestKv& r = it == requests_.end() ? entry(id) : it->second;
-  if (new_tokens <= r.tokens) return ok_status();
+  if (new_tokens <= r.tokens) return true;
   for (auto& [d, table] : r.tables) {
     // can_grow checked every device, so this cannot fail part-way.
     KUN_CHECK_OK(table.append_tokens(new_tokens - r.tokens, *devices_[static_cast<std::size_t>(d)]));
   }
   r.tokens = new_tokens;
-  return ok_status();
+  return true;
 }
 
 void KvManager::release(RequestId id) {

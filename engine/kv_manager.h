@@ -41,6 +41,8 @@ class KvManager {
   // Extends the request's blocks to cover new_tokens on every layer; all or nothing
   // (kResourceExhausted when any device is short).
   Status grow(RequestId id, std::int64_t new_tokens);
+  // grow() when can_grow(), in one lookup: false (nothing changes) when blocks are short.
+  bool try_grow(RequestId id, std::int64_t new_tokens);
   // Frees every device block and host slot of the request.
   void release(RequestId id);
   std::vector<LayerBlockList> block_lists(RequestId id) const;

@@ -294,12 +294,23 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
 const std::vector<Request*>& Scheduler::running_requests() const {
   if (!running_ptrs_valid_) {
     running_ptrs_.clear();
+    running_ptrs_by_ve_.resize(static_cast<std::size_t>(config_.num_virtual_engines));
+    for (auto& v : running_ptrs_by_ve_) v.clear();
     // unordered_map nodes do not move (rehash included) until erased, and a request leaves
     // running_ (which invalidates this) before it is erased.
-    for (RequestId id : running_) running_ptrs_.push_back(const_cast<Request*>(&requests_.at(id)));
+    for (RequestId id : running_) {
+      auto* r = const_cast<Request*>(&requests_.at(id));
+      running_ptrs_.push_back(r);
+      if (r->virtual_engine >= 0) running_ptrs_by_ve_[static_cast<std::size_t>(r->virtual_engine)].push_back(r);
+    }
     running_ptrs_valid_ = true;
   }
   return running_ptrs_;
+}
+
+const std::vector<Request*>& Scheduler::running_requests(std::int64_t ve) const {
+  running_requests();
+  return running_ptrs_by_ve_[static_cast<std::size_t>(ve)];
 }
 
 std::vector<std::int64_t> Scheduler::running_per_ve() const {
@@ -334,18 +345,20 @@ bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* 
   bool preempted = false;
   std::vector<RequestId>& scheduled = scheduled_;
   scheduled.clear();
-  // A copy: preemption below edits running_ (but erases no request, so the pointers stay valid).
-  running_order_ = running_requests();
+  // A copy of this virtual engine's running requests in admission order: preemption below edits
+  // running_ (but erases no request, so the pointers stay valid).
+  running_order_ = running_requests(ve);
   for (Request* p : running_order_) {
     if (*budget <= 0) break;
     Request& r = *p;
     if (r.state != RequestState::kRunning) continue;  // preempted earlier in this loop
-    if (r.virtual_engine != ve) continue;
+    KUN_CHECK_EQ(r.virtual_engine, ve) << "request " << r.id;
     const RequestId id = r.id;
     const std::int64_t n = chunk_for(r, *budget);
     if (n <= 0) continue;
     bool self_preempted = false;
-    while (!kv_->can_grow(id, r.num_computed + n)) {
+    // try_grow: can_grow then grow in one lookup (nothing changes when it cannot).
+    while (!kv_->try_grow(id, r.num_computed + n)) {
       RequestId victim = pick_victim(ve, id, scheduled);
       preempted = true;
       if (!victim.valid()) {
@@ -356,7 +369,6 @@ bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* 
       preempt(requests_.at(victim), plan);
     }
     if (self_preempted) continue;
-    KUN_CHECK_OK(kv_->grow(id, r.num_computed + n));
     add_to_plan(r, n, plan);
     scheduled.push_back(id);
     *budget -= n;

@@ -215,7 +215,9 @@ class Scheduler {
   // walks (schedule_running, predicted_loads) run g times a round over every running request
   // and looked each one up.
   const std::vector<Request*>& running_requests() const;
+  const std::vector<Request*>& running_requests(std::int64_t ve) const;  // of one virtual engine
   mutable std::vector<Request*> running_ptrs_;
+  mutable std::vector<std::vector<Request*>> running_ptrs_by_ve_;
   mutable bool running_ptrs_valid_ = false;
   SchedulerCounters counters_;
   // Layer blocks every request needs at its current length (the numerator of demand()), kept as
