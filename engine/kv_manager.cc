@@ -42,9 +42,23 @@ KvManager::RequestKv& KvManager::entry(RequestId id) {
       KUN_CHECK(end < 0 || end == l) << "layers of device " << d << " are not contiguous";
       end = l + 1;
     }
-    if (begin >= 0) r.tables.emplace(d, kv::BlockTable(block_size_tokens_, begin, end));
+    if (begin >= 0) r.tables.emplace_back(d, kv::BlockTable(block_size_tokens_, begin, end));
   }
   return requests_.emplace(id, std::move(r)).first->second;
+}
+
+kv::BlockTable* KvManager::table_on(RequestKv& r, std::int32_t device) {
+  for (auto& [d, table] : r.tables) {
+    if (d == device) return &table;
+  }
+  return nullptr;
+}
+
+const kv::BlockTable* KvManager::table_on(const RequestKv& r, std::int32_t device) {
+  for (const auto& [d, table] : r.tables) {
+    if (d == device) return &table;
+  }
+  return nullptr;
 }
 
 std::int64_t KvManager::tokens_held(RequestId id) const {
@@ -54,38 +68,49 @@ std::int64_t KvManager::tokens_held(RequestId id) const {
 
 bool KvManager::can_grow(RequestId id, std::int64_t new_tokens) const {
   auto it = requests_.find(id);
-  const std::int64_t have = it == requests_.end() ? 0 : it->second.tokens;
-  if (it != requests_.end() && it->second.swapped) return false;
+  return can_grow(it == requests_.end() ? nullptr : &it->second, new_tokens);
+}
+
+bool KvManager::can_grow(const RequestKv* r, std::int64_t new_tokens) const {
+  const std::int64_t have = r == nullptr ? 0 : r->tokens;
+  if (r != nullptr && r->swapped) return false;
   if (new_tokens <= have) return true;
   const std::int64_t add_blocks = token_blocks(new_tokens) - token_blocks(have);
+  if (add_blocks == 0) return true;  // a decode inside its last block (15 steps in 16)
   // Called for every running request every step: no allocation. Each device appears once in
-  // `tables` (a map by device) and in layers_per_device_.
-  if (it == requests_.end()) {
+  // `tables` and in layers_per_device_.
+  if (r == nullptr || r->offsite_layers == 0) {
     for (std::size_t d = 0; d < devices_.size(); ++d) {
       if (devices_[d]->num_free() < add_blocks * layers_per_device_[d]) return false;
     }
     return true;
   }
   // An imported request may hold layers away from their placement (remote attention).
-  for (const auto& [d, table] : it->second.tables) {
+  for (const auto& [d, table] : r->tables) {
     if (devices_[static_cast<std::size_t>(d)]->num_free() < add_blocks * table.num_layers()) return false;
   }
   return true;
 }
 
 Status KvManager::grow(RequestId id, std::int64_t new_tokens) {
-  if (!can_grow(id, new_tokens)) {
+  if (!try_grow(id, new_tokens)) {
     return resource_exhausted("not enough free KV blocks to hold " + std::to_string(new_tokens) +
                               " tokens of request " + std::to_string(id.value));
   }
-  RequestKv& r = entry(id);
-  if (new_tokens <= r.tokens) return ok_status();
+  return ok_status();
+}
+
+bool KvManager::try_grow(RequestId id, std::int64_t new_tokens) {
+  auto it = requests_.find(id);  // one lookup: this runs for every running request every step
+  if (!can_grow(it == requests_.end() ? nullptr : &it->second, new_tokens)) return false;
+  RequestKv& r = it == requests_.end() ? entry(id) : it->second;
+  if (new_tokens <= r.tokens) return true;
   for (auto& [d, table] : r.tables) {
     // can_grow checked every device, so this cannot fail part-way.
     KUN_CHECK_OK(table.append_tokens(new_tokens - r.tokens, *devices_[static_cast<std::size_t>(d)]));
   }
   r.tokens = new_tokens;
-  return ok_status();
+  return true;
 }
 
 void KvManager::release(RequestId id) {
@@ -94,6 +119,43 @@ void KvManager::release(RequestId id) {
   for (auto& [d, table] : it->second.tables) table.free_all(*devices_[static_cast<std::size_t>(d)]);
   for (auto& [key, slots] : it->second.host_slots) host_.free(slots);
   requests_.erase(it);
+  released_.push_back(id);
+}
+
+std::vector<RequestId> KvManager::take_released() {
+  std::vector<RequestId> out;
+  out.swap(released_);
+  return out;
+}
+
+void KvManager::describe_for_plan(RequestId id, PlanKv mode, ScheduledSequence* s) {
+  s->kv.clear();
+  if (mode == PlanKv::kOffsiteOnly) {
+    s->kv_kind = KvListKind::kOffsite;
+    s->kv = offsite_block_lists(id);
+    return;
+  }
+  auto it = requests_.find(id);
+  KUN_CHECK(it != requests_.end() && !it->second.swapped) << "request " << id << " planned without KV here";
+  RequestKv& r = it->second;
+  const std::int64_t have = token_blocks(r.tokens);
+  const bool whole = mode == PlanKv::kFullTables || r.planned_blocks < 0;
+  KUN_CHECK(whole || r.planned_blocks <= have) << "request " << id << " lost blocks without a rewrite";
+  s->kv_kind = whole ? KvListKind::kTable : KvListKind::kAppended;
+  const std::int64_t from = whole ? 0 : r.planned_blocks;
+  r.planned_blocks = have;
+  if (from == have && !whole) return;  // decode inside a block: nothing new
+  for (const auto& [d, table] : r.tables) {
+    for (std::int64_t l : table.layers()) {
+      const std::vector<kv::BlockId>& blocks = table.layer_blocks(l);
+      LayerBlockList list;
+      list.layer = static_cast<std::int32_t>(l);
+      list.device = d;
+      list.blocks.reserve(static_cast<std::size_t>(have - from));
+      for (std::int64_t i = from; i < have; ++i) list.blocks.push_back(blocks[static_cast<std::size_t>(i)].value);
+      s->kv.push_back(std::move(list));
+    }
+  }
 }
 
 std::vector<LayerBlockList> KvManager::block_lists(RequestId id) const {
@@ -105,7 +167,9 @@ std::vector<LayerBlockList> KvManager::block_lists(RequestId id) const {
       LayerBlockList list;
       list.layer = static_cast<std::int32_t>(l);
       list.device = d;
-      for (kv::BlockId b : table.layer_blocks(l)) list.blocks.push_back(b.value);
+      if (table.has_block_ids()) {
+        for (kv::BlockId b : table.layer_blocks(l)) list.blocks.push_back(b.value);
+      }
       out.push_back(std::move(list));
     }
   }
@@ -116,7 +180,7 @@ std::vector<LayerBlockList> KvManager::offsite_block_lists(RequestId id) const {
   std::vector<LayerBlockList> out;
   if (devices_.size() == 1) return out;  // every layer is on the only device
   auto it = requests_.find(id);
-  if (it == requests_.end() || it->second.swapped) return out;
+  if (it == requests_.end() || it->second.swapped || it->second.offsite_layers == 0) return out;
   for (const auto& [d, table] : it->second.tables) {
     for (std::int64_t l : table.layers()) {
       if (layer_device_[static_cast<std::size_t>(l)] == d) continue;
@@ -134,8 +198,10 @@ std::map<std::int32_t, kv::BlockTable> KvManager::export_tables(RequestId id) {
   auto it = requests_.find(id);
   KUN_CHECK(it != requests_.end()) << "request " << id << " holds no KV here";
   KUN_CHECK(!it->second.swapped) << "request " << id << " is swapped out";
-  std::map<std::int32_t, kv::BlockTable> tables = std::move(it->second.tables);
+  std::map<std::int32_t, kv::BlockTable> tables;
+  for (auto& [d, table] : it->second.tables) tables.emplace(d, std::move(table));
   requests_.erase(it);
+  released_.push_back(id);
   return tables;
 }
 
@@ -158,15 +224,25 @@ void KvManager::import_tables(RequestId id, std::int64_t tokens, std::map<std::i
   }
   RequestKv r;
   r.tokens = tokens;
-  r.tables = std::move(tables);
+  for (auto& [d, table] : tables) r.tables.emplace_back(d, std::move(table));  // ascending: a map's order
+  count_offsite(r);
   requests_.emplace(id, std::move(r));
+}
+
+void KvManager::count_offsite(RequestKv& r) const {
+  r.offsite_layers = 0;
+  for (const auto& [d, table] : r.tables) {
+    for (std::int64_t l : table.layers()) r.offsite_layers += layer_device_[static_cast<std::size_t>(l)] != d ? 1 : 0;
+  }
 }
 
 std::vector<RequestId> KvManager::requests_with_misplaced_layers() const {
   std::vector<RequestId> out;
   for (const auto& [id, r] : requests_) {
+    if (r.home < 0 && r.offsite_layers == 0) continue;
     if (!misplaced_layers(id).empty()) out.push_back(id);
   }
+  std::sort(out.begin(), out.end());
   return out;
 }
 
@@ -174,6 +250,7 @@ std::vector<std::int64_t> KvManager::misplaced_layers(RequestId id) const {
   std::vector<std::int64_t> out;
   auto it = requests_.find(id);
   if (it == requests_.end() || it->second.swapped) return out;
+  if (it->second.home < 0 && it->second.offsite_layers == 0) return out;  // every layer at its placement
   for (const auto& [d, table] : it->second.tables) {
     for (std::int64_t l : table.layers()) {
       if (wanted_device(it->second, l) != d) out.push_back(l);
@@ -187,7 +264,7 @@ void KvManager::set_home(RequestId id, std::int32_t device) {
   auto it = requests_.find(id);
   KUN_CHECK(it != requests_.end()) << "request " << id << " holds no KV here";
   KUN_CHECK(device >= -1 && device < static_cast<std::int32_t>(devices_.size())) << "request " << id << " home " << device;
-  KUN_CHECK(device < 0 || it->second.tables.count(device) != 0) << "request " << id << " has no table on device " << device;
+  KUN_CHECK(device < 0 || table_on(it->second, device) != nullptr) << "request " << id << " has no table on device " << device;
   it->second.home = device;
 }
 
@@ -208,20 +285,31 @@ Status KvManager::move_layer(RequestId id, std::int64_t layer, const LayerCopyFn
   }
   KUN_CHECK_GE(from, 0) << "request " << id << " does not hold layer " << layer;
   if (from == to) return ok_status();
-  kv::BlockTable& dst = r.tables.at(to);
+  kv::BlockTable* dst_table = table_on(r, to);
+  kv::BlockTable* src_table = table_on(r, from);
+  KUN_CHECK(dst_table != nullptr && src_table != nullptr) << "request " << id << " has no table on device " << to;
+  kv::BlockTable& dst = *dst_table;
   KUN_RETURN_IF_ERROR(dst.add_layer(layer, *devices_[static_cast<std::size_t>(to)]));
-  kv::BlockTable& src = r.tables.at(from);
-  copy(from, src.layer_blocks(layer), to, dst.layer_blocks(layer));
-  const std::vector<kv::BlockId> freed = src.release_layer(layer);
-  devices_[static_cast<std::size_t>(from)]->free(freed);
+  kv::BlockTable& src = *src_table;
+  if (src.has_block_ids()) {
+    copy(from, src.layer_blocks(layer), to, dst.layer_blocks(layer));
+  } else {
+    copy(from, {}, to, {});  // counts-only allocators: no ids to copy between
+  }
+  src.drop_layer(layer, *devices_[static_cast<std::size_t>(from)]);
+  count_offsite(r);
+  r.planned_blocks = -1;  // the layer changed device and blocks: send the whole table next
   return ok_status();
 }
 
 std::int64_t KvManager::remap_blocks(std::int32_t device, std::span<const kv::BlockMove> moves) {
   std::int64_t remapped = 0;
   for (auto& [id, r] : requests_) {
-    auto t = r.tables.find(device);
-    if (t != r.tables.end()) remapped += t->second.remap_blocks(moves);
+    kv::BlockTable* t = table_on(r, device);
+    if (t == nullptr) continue;
+    const std::int64_t n = t->remap_blocks(moves);
+    if (n > 0) r.planned_blocks = -1;  // block ids rewritten: send the whole table next
+    remapped += n;
   }
   return remapped;
 }
@@ -235,17 +323,19 @@ bool KvManager::swap_out(RequestId id, std::vector<BlockCopy>* out) {
   if (host_.num_free() < needed) return false;
   for (auto& [d, table] : r.tables) {
     for (std::int64_t l : table.layers()) {
-      const auto& blocks = table.layer_blocks(l);
-      auto slots = host_.allocate(static_cast<std::int64_t>(blocks.size()));
+      auto slots = host_.allocate(table.blocks_per_layer());
       KUN_CHECK(slots.ok()) << slots.status().to_string();
-      for (std::size_t i = 0; i < blocks.size(); ++i) {
-        out->push_back(BlockCopy{d, blocks[i].value, (*slots)[i].value});
+      for (std::size_t i = 0; i < slots->size(); ++i) {
+        // A counts-only table names no device block: the copy says only that one happens.
+        const std::int64_t src = table.has_block_ids() ? table.layer_blocks(l)[i].value : -1;
+        out->push_back(BlockCopy{d, src, (*slots)[i].value});
       }
       r.host_slots[{d, l}] = std::move(slots).value();
     }
     table.free_all(*devices_[static_cast<std::size_t>(d)]);
   }
   r.swapped = true;
+  r.planned_blocks = -1;  // swap-in allocates new blocks: send the whole table next
   return true;
 }
 
@@ -270,9 +360,11 @@ bool KvManager::swap_in(RequestId id, std::vector<BlockCopy>* out) {
     KUN_CHECK_OK(table.append_tokens(r.tokens, *devices_[static_cast<std::size_t>(d)]));
     for (std::int64_t l : table.layers()) {
       auto& slots = r.host_slots.at({d, l});
-      const auto& blocks = table.layer_blocks(l);
-      KUN_CHECK_EQ(slots.size(), blocks.size());
-      for (std::size_t i = 0; i < blocks.size(); ++i) out->push_back(BlockCopy{d, slots[i].value, blocks[i].value});
+      KUN_CHECK_EQ(static_cast<std::int64_t>(slots.size()), table.blocks_per_layer());
+      for (std::size_t i = 0; i < slots.size(); ++i) {
+        const std::int64_t dst = table.has_block_ids() ? table.layer_blocks(l)[i].value : -1;
+        out->push_back(BlockCopy{d, slots[i].value, dst});
+      }
       host_pending_free_.insert(host_pending_free_.end(), slots.begin(), slots.end());
     }
   }
@@ -306,12 +398,23 @@ void KvManager::check_integrity() const {
   for (std::int32_t d = 0; d < static_cast<std::int32_t>(devices_.size()); ++d) {
     std::vector<kv::TableRef> refs;
     for (const auto& [id, r] : requests_) {
-      auto t = r.tables.find(d);
-      if (t == r.tables.end()) continue;
-      if (!r.swapped) KUN_CHECK_EQ(t->second.num_tokens(), r.tokens) << "request " << id << " device " << d;
-      refs.push_back(kv::TableRef{id, &t->second});
+      const kv::BlockTable* t = table_on(r, d);
+      if (t == nullptr) continue;
+      if (!r.swapped) KUN_CHECK_EQ(t->num_tokens(), r.tokens) << "request " << id << " device " << d;
+      refs.push_back(kv::TableRef{id, t});
     }
-    Status s = kv::verify_block_ownership(*devices_[static_cast<std::size_t>(d)], refs);
+    const kv::KvBlockAllocator& alloc = *devices_[static_cast<std::size_t>(d)];
+    if (alloc.counts_only()) {  // no ids to own: the tables' counts must add up to the allocator's
+      KUN_CHECK_OK(alloc.verify());
+      std::int64_t held = 0;
+      for (const kv::TableRef& ref : refs) {
+        KUN_CHECK_OK(ref.table->verify());
+        held += ref.table->num_blocks();
+      }
+      KUN_CHECK_EQ(held, alloc.num_used()) << "device " << d << ": KV blocks held by requests against the allocator's count";
+      continue;
+    }
+    Status s = kv::verify_block_ownership(alloc, refs);
     KUN_CHECK(s.ok()) << "device " << d << ": " << s.to_string();
   }
   std::vector<kv::BlockId> host_held(host_pending_free_.begin(), host_pending_free_.end());

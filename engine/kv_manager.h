@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <span>
+#include <unordered_map>
 #include <vector>
 
 #include "common/ids.h"
@@ -40,9 +41,19 @@ class KvManager {
   // Extends the request's blocks to cover new_tokens on every layer; all or nothing
   // (kResourceExhausted when any device is short).
   Status grow(RequestId id, std::int64_t new_tokens);
+  // grow() when can_grow(), in one lookup: false (nothing changes) when blocks are short.
+  bool try_grow(RequestId id, std::int64_t new_tokens);
   // Frees every device block and host slot of the request.
   void release(RequestId id);
   std::vector<LayerBlockList> block_lists(RequestId id) const;
+  // Fills a planned sequence's `kv` and `kv_kind` (step.h) for `mode`. kChanges sends the whole
+  // table (kTable) the first time a request is planned and after any rewrite of its blocks
+  // (swap-in, move_layer, remap_blocks, import), else only the blocks appended since its
+  // previous plan (kAppended): each call assumes the executor applies every plan it is given.
+  void describe_for_plan(RequestId id, PlanKv mode, ScheduledSequence* s);
+  // Requests whose KV left this manager (release, export_tables) since the last call: the
+  // executor forgets their tables (StepPlan::kv_released).
+  std::vector<RequestId> take_released();
   // The layers the request holds on a device other than their placement device (the one whose
   // stage runs the layer; a restore home does not count), each with the device holding it and no
   // block ids, ascending by layer; empty on a one-device manager.
@@ -68,7 +79,9 @@ class KvManager {
   std::int32_t home(RequestId id) const;  // -1: placement; also for an unknown request
   // Live KV exchange, one layer: allocates the layer's blocks on the device it belongs on, calls
   // copy(from_device, from_blocks, to_device, to_blocks) to move the bytes, then frees the source
-  // blocks. kResourceExhausted (nothing changes) when the destination is short of blocks.
+  // blocks. kResourceExhausted (nothing changes) when the destination is short of blocks. With
+  // counts-only allocators (kv::BlockNaming::kCountsOnly) both lists are empty: the layer's
+  // blocks per layer are token_blocks(tokens_held(id)).
   using LayerCopyFn = std::function<void(std::int32_t, const std::vector<kv::BlockId>&, std::int32_t,
                                          const std::vector<kv::BlockId>&)>;
   Status move_layer(RequestId id, std::int64_t layer, const LayerCopyFn& copy);
@@ -102,11 +115,23 @@ class KvManager {
     std::int64_t tokens = 0;
     bool swapped = false;
     std::int32_t home = -1;  // every layer belongs on this device; -1: on its placement device
-    std::map<std::int32_t, kv::BlockTable> tables;  // by device
+    // Token blocks per layer the executor has been sent (describe_for_plan); -1: it must be
+    // sent the whole table (never planned here, or blocks rewritten since).
+    std::int64_t planned_blocks = -1;
+    // Layers held on a device other than their placement device (an imported stale request
+    // before its exchange, or one gathered onto a restore home). 0 for almost every request, and
+    // then the per-layer walks (can_grow, offsite_block_lists, misplaced_layers) are skipped.
+    std::int64_t offsite_layers = 0;
+    // By device, ascending (a small vector: grow walks it for every request every step, which a
+    // std::map made a pointer chase per device).
+    std::vector<std::pair<std::int32_t, kv::BlockTable>> tables;
     // While swapped: host slots per (device, layer), in token order.
     std::map<std::pair<std::int32_t, std::int64_t>, std::vector<kv::BlockId>> host_slots;
   };
   RequestKv& entry(RequestId id);
+  bool can_grow(const RequestKv* r, std::int64_t new_tokens) const;  // r: nullptr for a request holding nothing
+  static kv::BlockTable* table_on(RequestKv& r, std::int32_t device);  // nullptr: none there
+  static const kv::BlockTable* table_on(const RequestKv& r, std::int32_t device);
   std::int32_t wanted_device(const RequestKv& r, std::int64_t layer) const {
     return r.home >= 0 ? r.home : layer_device_[static_cast<std::size_t>(layer)];
   }
@@ -117,7 +142,13 @@ class KvManager {
   std::vector<std::int64_t> layers_per_device_;  // by device: layers placed there (can_grow)
   kv::KvBlockAllocator host_;  // host swap slots: bookkeeping only, the executor owns the bytes
   std::vector<kv::BlockId> host_pending_free_;
-  std::map<RequestId, RequestKv> requests_;
+  std::vector<RequestId> released_;  // take_released()
+  // Recount of RequestKv::offsite_layers after its tables changed shape (import, move_layer).
+  void count_offsite(RequestKv& r) const;
+
+  // Looked up several times per request per step (can_grow, grow, describe_for_plan): a hash map;
+  // walks that need an order sort the ids.
+  std::unordered_map<RequestId, RequestKv> requests_;
 };
 
 }  // namespace kun::engine

@@ -114,15 +114,22 @@ Status Scheduler::add_request(RequestId id, RequestSpec spec, QueueBound bound) 
   r.id = id;
   r.spec = std::move(spec);
   r.timings.arrival_us = clock_->now_us();
+  blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens());
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
   return ok_status();
 }
 
-void Scheduler::remove_from_queues(RequestId id) {
-  for (auto* q : {&waiting_, &swapped_, &running_}) {
-    q->erase(std::remove(q->begin(), q->end(), id), q->end());
-  }
+void Scheduler::remove_from_queues(RequestId id, RequestState state) {
+  // The request's state names its queue (check_invariants), so a finishing running request does
+  // not walk a waiting queue thousands long.
+  std::deque<RequestId>* q = state == RequestState::kWaiting   ? &waiting_
+                             : state == RequestState::kSwapped ? &swapped_
+                             : state == RequestState::kRunning ? &running_
+                                                               : nullptr;
+  KUN_CHECK(q != nullptr) << "request " << id << " is " << request_state_name(state) << ", in no queue";
+  q->erase(std::remove(q->begin(), q->end(), id), q->end());
+  if (q == &running_) running_ptrs_valid_ = false;
 }
 
 TokenEvent Scheduler::cancel(RequestId id) {
@@ -132,13 +139,14 @@ TokenEvent Scheduler::cancel(RequestId id) {
   finish(r, FinishReason::kCancelled);
   ++counters_.cancelled;
   TokenEvent ev = make_event(r, -1);
+  blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
   requests_.erase(it);
   return ev;
 }
 
 void Scheduler::finish(Request& r, FinishReason reason) {
   kv_->release(r.id);
-  remove_from_queues(r.id);
+  remove_from_queues(r.id, r.state);
   r.state = RequestState::kFinished;
   r.finish_reason = reason;
   r.timings.finish_us = clock_->now_us();
@@ -206,12 +214,17 @@ void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
   ScheduledSequence s;
   s.id = r.id;
   s.start_pos = r.num_computed;
+  if (!token_buffers_.empty()) {
+    s.tokens = std::move(token_buffers_.back());
+    token_buffers_.pop_back();
+    s.tokens.clear();
+  }
   s.tokens.reserve(static_cast<std::size_t>(n));
   for (std::int64_t p = r.num_computed; p < r.num_computed + n; ++p) s.tokens.push_back(r.token_at(p));
   s.sample = r.num_computed + n == r.num_tokens();
   s.sampling = r.spec.sampling;
   s.sample_index = static_cast<std::uint64_t>(r.num_output_tokens());
-  s.kv = config_.plan_block_ids ? kv_->block_lists(r.id) : kv_->offsite_block_lists(r.id);
+  kv_->describe_for_plan(r.id, config_.plan_kv, &s);
   if (r.timings.first_scheduled_us < 0) r.timings.first_scheduled_us = clock_->now_us();
   // Tokens that were computed once already (before a recompute preemption) are recomputation.
   const std::int64_t redo = std::min(r.num_computed + n, r.max_computed) - r.num_computed;
@@ -224,6 +237,16 @@ void Scheduler::add_to_plan(Request& r, std::int64_t n, StepPlan* plan) {
     }
   }
   plan->sequences.push_back(std::move(s));
+}
+
+void Scheduler::recycle(StepPlan&& plan) {
+  constexpr std::size_t kMaxBuffers = 4096;
+  for (ScheduledSequence& s : plan.sequences) {
+    if (token_buffers_.size() >= kMaxBuffers) break;
+    // Small ones only: a long prefill chunk's buffer would sit in the pool for decodes.
+    if (s.tokens.capacity() > 0 && s.tokens.capacity() <= 64) token_buffers_.push_back(std::move(s.tokens));
+  }
+  plan.sequences.clear();
 }
 
 RequestId Scheduler::pick_victim(std::int64_t ve, RequestId except, const std::vector<RequestId>& scheduled) const {
@@ -247,6 +270,7 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
   const std::int64_t held = kv_->tokens_held(victim.id);
   ++victim.num_preemptions;
   running_.erase(std::remove(running_.begin(), running_.end(), victim.id), running_.end());
+  running_ptrs_valid_ = false;
   if (config_.preemption == PreemptionMode::kSwap && held > 0) {
     const std::size_t before = plan->swap_out.size();
     if (kv_->swap_out(victim.id, &plan->swap_out)) {
@@ -267,6 +291,28 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
   KUN_LOG(kDebug) << "preempt request " << victim.id << " by recompute: " << held << " tokens dropped";
 }
 
+const std::vector<Request*>& Scheduler::running_requests() const {
+  if (!running_ptrs_valid_) {
+    running_ptrs_.clear();
+    running_ptrs_by_ve_.resize(static_cast<std::size_t>(config_.num_virtual_engines));
+    for (auto& v : running_ptrs_by_ve_) v.clear();
+    // unordered_map nodes do not move (rehash included) until erased, and a request leaves
+    // running_ (which invalidates this) before it is erased.
+    for (RequestId id : running_) {
+      auto* r = const_cast<Request*>(&requests_.at(id));
+      running_ptrs_.push_back(r);
+      if (r->virtual_engine >= 0) running_ptrs_by_ve_[static_cast<std::size_t>(r->virtual_engine)].push_back(r);
+    }
+    running_ptrs_valid_ = true;
+  }
+  return running_ptrs_;
+}
+
+const std::vector<Request*>& Scheduler::running_requests(std::int64_t ve) const {
+  running_requests();
+  return running_ptrs_by_ve_[static_cast<std::size_t>(ve)];
+}
+
 std::vector<std::int64_t> Scheduler::running_per_ve() const {
   std::vector<std::int64_t> load(static_cast<std::size_t>(config_.num_virtual_engines), 0);
   for (RequestId id : running_) {
@@ -278,8 +324,8 @@ std::vector<std::int64_t> Scheduler::running_per_ve() const {
 
 std::vector<double> Scheduler::predicted_loads() const {
   std::vector<double> load(static_cast<std::size_t>(config_.num_virtual_engines), config_.step_cost.fixed_us);
-  for (RequestId id : running_) {
-    const Request& r = requests_.at(id);
+  for (const Request* p : running_requests()) {
+    const Request& r = *p;
     if (r.virtual_engine < 0) continue;
     // A decode's next chunk is its one newest token, a prefill's the chunk it gets with a whole
     // step budget; for a request in flight that is the chunk now running, a close stand-in for
@@ -297,17 +343,22 @@ std::int64_t Scheduler::least_loaded_ve() const {
 
 bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
   bool preempted = false;
-  std::vector<RequestId> scheduled;
-  const std::vector<RequestId> order(running_.begin(), running_.end());
-  for (RequestId id : order) {
+  std::vector<RequestId>& scheduled = scheduled_;
+  scheduled.clear();
+  // A copy of this virtual engine's running requests in admission order: preemption below edits
+  // running_ (but erases no request, so the pointers stay valid).
+  running_order_ = running_requests(ve);
+  for (Request* p : running_order_) {
     if (*budget <= 0) break;
-    Request& r = requests_.at(id);
+    Request& r = *p;
     if (r.state != RequestState::kRunning) continue;  // preempted earlier in this loop
-    if (r.virtual_engine != ve) continue;
+    KUN_CHECK_EQ(r.virtual_engine, ve) << "request " << r.id;
+    const RequestId id = r.id;
     const std::int64_t n = chunk_for(r, *budget);
     if (n <= 0) continue;
     bool self_preempted = false;
-    while (!kv_->can_grow(id, r.num_computed + n)) {
+    // try_grow: can_grow then grow in one lookup (nothing changes when it cannot).
+    while (!kv_->try_grow(id, r.num_computed + n)) {
       RequestId victim = pick_victim(ve, id, scheduled);
       preempted = true;
       if (!victim.valid()) {
@@ -318,7 +369,6 @@ bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* 
       preempt(requests_.at(victim), plan);
     }
     if (self_preempted) continue;
-    KUN_CHECK_OK(kv_->grow(id, r.num_computed + n));
     add_to_plan(r, n, plan);
     scheduled.push_back(id);
     *budget -= n;
@@ -344,6 +394,7 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
       r.state = RequestState::kRunning;
       r.virtual_engine = ve;
       running_.push_back(r.id);
+      running_ptrs_valid_ = false;
       break;
     }
     counters_.blocks_swapped_in += static_cast<std::int64_t>(copies.size());
@@ -352,6 +403,7 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
     r.state = RequestState::kRunning;
     r.virtual_engine = ve;
     running_.push_back(r.id);
+    running_ptrs_valid_ = false;
     KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
     add_to_plan(r, n, plan);
     *budget -= n;
@@ -371,6 +423,7 @@ void Scheduler::admit(Request& r, std::int64_t ve, std::int64_t n, StepPlan* pla
   r.state = RequestState::kRunning;
   r.virtual_engine = ve;
   running_.push_back(r.id);
+  running_ptrs_valid_ = false;
   add_to_plan(r, n, plan);
 }
 
@@ -465,6 +518,8 @@ StepPlan Scheduler::schedule(std::int64_t ve) {
   kv_->begin_step();
   StepPlan plan;
   plan.step_index = counters_.steps;
+  // About this virtual engine's share of the running requests (grows past it when admitting).
+  plan.sequences.reserve(running_.size() / static_cast<std::size_t>(config_.num_virtual_engines) + 16);
   typical_chunk_cap_ = compute_typical_chunk_cap();
   std::int64_t budget = config_.max_num_batched_tokens;
   if (config_.priority == StepPriority::kPrefillFirst) {
@@ -478,12 +533,19 @@ StepPlan Scheduler::schedule(std::int64_t ve) {
       if (swapped_.empty()) schedule_waiting(ve, &plan, &budget);
     }
   }
-  if (!plan.sequences.empty() || !plan.swap_in.empty() || !plan.swap_out.empty()) ++counters_.steps;
+  if (!plan.sequences.empty() || !plan.swap_in.empty() || !plan.swap_out.empty()) {
+    ++counters_.steps;
+    // Only a plan an executor will run may carry them (empty plans are not submitted); a
+    // cost-model executor keeps no tables.
+    if (config_.plan_kv != PlanKv::kOffsiteOnly) plan.kv_released = kv_->take_released();
+  }
+  if (config_.plan_kv == PlanKv::kOffsiteOnly) kv_->take_released();
   return plan;
 }
 
 std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const StepResult& result) {
   std::vector<TokenEvent> events;
+  events.reserve(plan.sequences.size());
   std::size_t sampled = 0;
   for (const ScheduledSequence& s : plan.sequences) {
     auto it = requests_.find(s.id);
@@ -501,7 +563,9 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
     if (!s.sample) continue;
     KUN_CHECK_LE(sampled, result.sampled_tokens.size()) << "executor returned too few samples";
     const std::int32_t token = result.sampled_tokens[sampled - 1];
+    const std::int64_t blocks_before = kv_->layer_blocks_for(r.num_tokens());
     r.output_tokens.push_back(token);
+    blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens()) - blocks_before;
     ++counters_.generated_tokens;
     if (r.timings.first_token_us < 0) r.timings.first_token_us = clock_->now_us();
     FinishReason reason = FinishReason::kNone;
@@ -517,6 +581,7 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
       finish(r, reason);
       ++counters_.finished;
       events.push_back(make_event(r, token));
+      blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
       requests_.erase(it);
     } else {
       events.push_back(make_event(r, token));
@@ -531,7 +596,8 @@ std::optional<Request> Scheduler::detach(RequestId id, bool keep_kv) {
   if (it == requests_.end()) return std::nullopt;
   Request r = std::move(it->second);
   requests_.erase(it);
-  remove_from_queues(id);
+  blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
+  remove_from_queues(id, r.state);
   if (!keep_kv) {
     kv_->release(id);
     requeue_without_kv(r, /*by_transition=*/true);
@@ -559,10 +625,12 @@ Status Scheduler::adopt(Request r, bool with_kv) {
     r.state = RequestState::kRunning;
     r.virtual_engine = least_loaded_ve();
     running_.push_back(id);
+    running_ptrs_valid_ = false;
   } else {
     requeue_without_kv(r, /*by_transition=*/true);  // the KV it had is not carried over
     waiting_.push_back(id);
   }
+  blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens());
   requests_.emplace(id, std::move(r));
   return ok_status();
 }
@@ -573,14 +641,20 @@ void Scheduler::adopt_with_imported_kv(Request r) {
   r.state = RequestState::kRunning;
   r.virtual_engine = least_loaded_ve();
   running_.push_back(r.id);
+  running_ptrs_valid_ = false;
+  blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens());
   requests_.emplace(r.id, std::move(r));
 }
 
-double Scheduler::demand() const {
+std::int64_t Scheduler::recount_blocks_demanded() const {
   std::int64_t needed = 0;
   for (const auto& [id, r] : requests_) needed += kv_->layer_blocks_for(r.num_tokens());
+  return needed;
+}
+
+double Scheduler::demand() const {
   const std::int64_t total = kv_->total_blocks();
-  return total > 0 ? static_cast<double>(needed) / static_cast<double>(total) : 0.0;
+  return total > 0 ? static_cast<double>(blocks_demanded_) / static_cast<double>(total) : 0.0;
 }
 
 std::int64_t Scheduler::pending_blocks() const {
@@ -598,9 +672,7 @@ InstanceStats Scheduler::report() const {
   s.kv_blocks_free = kv_->free_blocks();
   s.demand = demand();
   s.pending_blocks = pending_blocks();
-  std::int64_t demanded = 0;
-  for (const auto& [id, r] : requests_) demanded += kv_->layer_blocks_for(r.num_tokens());
-  s.blocks_demanded = demanded;
+  s.blocks_demanded = blocks_demanded_;
   return s;
 }
 
@@ -612,6 +684,7 @@ const Request* Scheduler::find(RequestId id) const {
 void Scheduler::check_invariants() const {
   std::size_t queued = waiting_.size() + swapped_.size() + running_.size();
   KUN_CHECK_EQ(queued, requests_.size()) << "a request is in no queue or in two";
+  KUN_CHECK_EQ(blocks_demanded_, recount_blocks_demanded()) << "running count of demanded KV blocks is off";
   for (RequestId id : waiting_) {
     const Request& r = requests_.at(id);
     KUN_CHECK(r.state == RequestState::kWaiting) << "request " << id << " in waiting queue is " << request_state_name(r.state);

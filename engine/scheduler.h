@@ -18,6 +18,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "common/clock.h"
@@ -63,11 +64,12 @@ struct SchedulerConfig {
   StepCostModel step_cost;
   // Floor of the typical-length chunk cap (0: one KV block).
   std::int64_t min_prefill_chunk_tokens = 0;
-  // true: a planned sequence's `kv` lists every layer's block ids (an executor reads and writes
-  // them). false: only the layers held off the device that runs them, with the holding device and
-  // no block ids (KvManager::offsite_block_lists): all a cost model needs, and copying L block
-  // lists per sequence per step was the simulator's second hot spot.
-  bool plan_block_ids = true;
+  // What a planned sequence's `kv` carries (step.h): kChanges (default) the whole table the
+  // first time and after a rewrite, then only appended blocks, so a step's plan does not grow
+  // with context x layers; kFullTables every layer's whole block list every step (the old
+  // representation, for benchmarks); kOffsiteOnly only the layers held off the device that runs
+  // them, without ids (the simulator's cost model needs no more).
+  PlanKv plan_kv = PlanKv::kChanges;
   Status validate() const;
 };
 
@@ -132,6 +134,11 @@ class Scheduler {
   // included). Finished requests are removed and their blocks freed.
   std::vector<TokenEvent> apply_result(const StepPlan& plan, const StepResult& result);
 
+  // Optional: hands a plan whose result was applied back, so its sequences' token buffers are
+  // reused by later plans instead of allocated again (one allocation per planned sequence per
+  // step was a sixth of an overloaded simulation).
+  void recycle(StepPlan&& plan);
+
   // ---- moving requests between schedulers (drop, restore, migration) ----
   // Takes a request out of this scheduler. With keep_kv its blocks stay allocated (the caller
   // copies them and then calls release_detached()); without, they are freed and the request will
@@ -188,16 +195,36 @@ class Scheduler {
   void preempt(Request& victim, StepPlan* plan);
   void finish(Request& r, FinishReason reason);
   TokenEvent make_event(const Request& r, std::int32_t token) const;
-  void remove_from_queues(RequestId id);
+  // Removes the request from the queue its state names (CHECKs it is in one).
+  void remove_from_queues(RequestId id, RequestState state);
 
   SchedulerConfig config_;
   KvManager* kv_;
   const Clock* clock_;
-  std::map<RequestId, Request> requests_;
+  // Looked up for every running request several times per step: a hash map (every walk over it
+  // is an order-free sum).
+  std::unordered_map<RequestId, Request> requests_;
   std::deque<RequestId> waiting_;
   std::deque<RequestId> swapped_;
   std::deque<RequestId> running_;  // admission order
+  // Scratch of schedule_running (kept to avoid an allocation per step).
+  std::vector<Request*> running_order_;
+  std::vector<RequestId> scheduled_;
+  std::vector<std::vector<std::int32_t>> token_buffers_;  // from recycle(), for add_to_plan
+  // running_ as pointers into requests_, rebuilt after running_ changes: the per-virtual-engine
+  // walks (schedule_running, predicted_loads) run g times a round over every running request
+  // and looked each one up.
+  const std::vector<Request*>& running_requests() const;
+  const std::vector<Request*>& running_requests(std::int64_t ve) const;  // of one virtual engine
+  mutable std::vector<Request*> running_ptrs_;
+  mutable std::vector<std::vector<Request*>> running_ptrs_by_ve_;
+  mutable bool running_ptrs_valid_ = false;
   SchedulerCounters counters_;
+  // Layer blocks every request needs at its current length (the numerator of demand()), kept as
+  // requests arrive, grow, leave and come (the monitor samples it every period; a sum over
+  // thousands of queued requests per sample was a tenth of an overloaded simulation).
+  std::int64_t blocks_demanded_ = 0;
+  std::int64_t recount_blocks_demanded() const;  // the same sum from scratch (check_invariants)
   // Prompt lengths of the last kPromptHistory first admissions (a ring), for the typical chunk.
   static constexpr std::size_t kPromptHistory = 64;
   std::vector<std::int64_t> recent_prompts_;

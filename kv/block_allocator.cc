@@ -6,8 +6,9 @@
 
 namespace kun::kv {
 
-KvBlockAllocator::KvBlockAllocator(std::int64_t blocks_per_page, AllocationOrder order, std::uint64_t seed)
-    : blocks_per_page_(blocks_per_page), order_(order), rng_(seed) {
+KvBlockAllocator::KvBlockAllocator(std::int64_t blocks_per_page, AllocationOrder order, std::uint64_t seed,
+                                   BlockNaming naming)
+    : blocks_per_page_(blocks_per_page), order_(order), naming_(naming), rng_(seed) {
   KUN_CHECK_GE(blocks_per_page, 1) << "a KV page must hold at least one layer block";
 }
 
@@ -118,7 +119,27 @@ void KvBlockAllocator::set_draining(std::int64_t page, bool draining) {
   if (page_free > 0) set_open(st.seq, !draining);
 }
 
+Status KvBlockAllocator::allocate_count(std::int64_t n) {
+  KUN_CHECK(counts_only()) << "allocate_count on an allocator that names its blocks";
+  if (n < 0) return invalid_argument("kv allocate: negative count " + std::to_string(n));
+  if (n > num_free()) {
+    return resource_exhausted("out of KV blocks: " + std::to_string(n) + " wanted, " +
+                              std::to_string(num_free()) + " free of " + std::to_string(num_total()));
+  }
+  num_free_ -= n;
+  num_used_ += n;
+  return ok_status();
+}
+
+void KvBlockAllocator::free_count(std::int64_t n) {
+  KUN_CHECK(counts_only()) << "free_count on an allocator that names its blocks";
+  KUN_CHECK(n >= 0 && n <= num_used_) << "free of " << n << " kv blocks, " << num_used_ << " in use";
+  num_used_ -= n;
+  num_free_ += n;
+}
+
 StatusOr<std::vector<BlockId>> KvBlockAllocator::allocate(std::int64_t n) {
+  KUN_CHECK(!counts_only()) << "named blocks wanted from a counts-only allocator";
   if (n < 0) return invalid_argument("kv allocate: negative count " + std::to_string(n));
   if (n > num_free()) {
     return resource_exhausted("out of KV blocks: " + std::to_string(n) + " wanted, " +
@@ -149,6 +170,7 @@ StatusOr<std::vector<BlockId>> KvBlockAllocator::allocate(std::int64_t n) {
 }
 
 void KvBlockAllocator::free(BlockId block) {
+  KUN_CHECK(!counts_only()) << "free of named kv block " << block << " on a counts-only allocator";
   const std::int64_t page = block.valid() ? page_of(block).value : -1;
   KUN_CHECK(in_pool(page)) << "free of kv block " << block << " outside the pool";
   PageState& st = state(page);
@@ -216,6 +238,7 @@ void KvBlockAllocator::remove_page(std::int64_t page) {
 }
 
 StatusOr<ReclaimResult> KvBlockAllocator::reclaim_pages(std::int64_t n) {
+  KUN_CHECK(!counts_only()) << "reclaim needs block ids (a repack names the blocks it moves)";
   if (n < 0) return invalid_argument("kv reclaim_pages: negative count " + std::to_string(n));
   ReclaimResult result;
   if (n == 0) return result;
@@ -299,6 +322,7 @@ Status KvBlockAllocator::verify() const {
       return fail("page " + std::to_string(page) + (should_be_open ? " has free slots but is not open" : " is open but has no free slot"));
     }
     if (seq / 64 < open_hint_ && open) return fail("open page below the search hint");
+    if (counts_only() && (page_used != 0 || st.used != 0)) return fail("a counts-only allocator holds a named block");
     if (page_used != st.used) {
       return fail("page " + std::to_string(page) + " counts " + std::to_string(st.used) + " used blocks, holds " +
                   std::to_string(page_used));
@@ -314,6 +338,13 @@ Status KvBlockAllocator::verify() const {
     }
   }
   if (pages != num_pages_) return fail("page count " + std::to_string(num_pages_) + " but " + std::to_string(pages) + " in the pool");
+  if (counts_only()) {  // blocks are numbers: every slot of every page is "free" by name
+    if (num_used_ < 0 || num_free() < 0 || num_free() + num_used_ != num_total()) {
+      return fail("counts: free " + std::to_string(num_free()) + " + used " + std::to_string(num_used_) +
+                  " != total " + std::to_string(num_total()));
+    }
+    return ok_status();
+  }
   if (free_slots != num_free()) {
     return fail("free count is " + std::to_string(num_free()) + ", pages have " + std::to_string(free_slots) +
                 " free slots");

@@ -41,6 +41,14 @@ namespace kun::kv {
 
 enum class AllocationOrder { kDeterministic, kShuffled };
 
+// kIds: every allocated block has an id (what a device's executor needs to find its bytes).
+// kCountsOnly: blocks are counted, never named (the simulator: no executor reads a block id, and
+// naming L blocks per token block per request was most of its run time). allocate_count /
+// free_count move the numbers; allocate / free / reclaim_pages abort; block tables drawing from
+// it keep layers and token counts but no ids (BlockTable::has_block_ids). Counts, capacity and
+// out-of-blocks behave exactly as with ids.
+enum class BlockNaming { kIds, kCountsOnly };
+
 struct ReclaimResult {
   // Non-empty when done: these pages left the pool and hold no live blocks.
   std::vector<PageId> pages;
@@ -52,7 +60,7 @@ class KvBlockAllocator {
  public:
   explicit KvBlockAllocator(std::int64_t blocks_per_page,
                             AllocationOrder order = AllocationOrder::kDeterministic,
-                            std::uint64_t seed = 0);
+                            std::uint64_t seed = 0, BlockNaming naming = BlockNaming::kIds);
 
   std::int64_t blocks_per_page() const { return blocks_per_page_; }
   AllocationOrder order() const { return order_; }
@@ -65,6 +73,11 @@ class KvBlockAllocator {
   // CHECKs that every block is allocated (a double free is a bug).
   void free(std::span<const BlockId> blocks);
   void free(BlockId block);
+  // kCountsOnly: n blocks, all or nothing (kResourceExhausted when fewer are free), and their
+  // return (CHECKs that many are in use).
+  bool counts_only() const { return naming_ == BlockNaming::kCountsOnly; }
+  Status allocate_count(std::int64_t n);
+  void free_count(std::int64_t n);
 
   std::int64_t num_free() const { return num_free_; }  // allocatable now
   std::int64_t num_used() const { return num_used_; }
@@ -113,6 +126,7 @@ class KvBlockAllocator {
 
   std::int64_t blocks_per_page_;
   AllocationOrder order_;
+  BlockNaming naming_;
   std::mt19937_64 rng_;
   std::int64_t next_seq_ = 0;
   std::int64_t num_used_ = 0;

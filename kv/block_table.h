@@ -6,7 +6,13 @@
 // [layer_begin, layer_end); layers can later leave one at a time (live KV exchange moves a stale
 // request's layers to the devices that own them) or arrive (the receiving side).
 //
-// Invariant (verify()): every held layer has exactly blocks_for_tokens(num_tokens) blocks.
+// A table drawing from a counts-only allocator (BlockNaming::kCountsOnly, the simulator) keeps
+// its layers and token count but no block ids: has_block_ids() is false, the allocator moves
+// numbers, and whatever names blocks (layer_blocks, block_for_token, adopt_layer) aborts. Which
+// kind a table is follows from the first allocator it draws from.
+//
+// Invariant (verify()): every held layer has exactly blocks_for_tokens(num_tokens) blocks (as ids,
+// or counted).
 // Appends are atomic over all held layers: either every layer gets its new blocks or nothing
 // changes and the allocator's kResourceExhausted comes back.
 //
@@ -38,6 +44,8 @@ class BlockTable {
   // Total layer blocks held (blocks_per_layer() * num_layers()).
   std::int64_t num_blocks() const { return blocks_per_layer() * num_layers(); }
   bool holds_layer(std::int64_t layer) const { return find(layer) >= 0; }
+  // False when the table draws from a counts-only allocator (its blocks are counted, not named).
+  bool has_block_ids() const { return !counts_only_; }
   // Held layers, ascending (a reference: the scheduler walks it for every planned sequence; it
   // changes when a layer is released, dropped, added or adopted).
   const std::vector<std::int64_t>& layers() const { return layer_ids_; }
@@ -56,7 +64,7 @@ class BlockTable {
   void free_all(KvBlockAllocator& allocator);
 
   // Removes `layer` from the table WITHOUT freeing its blocks: the caller owns them (e.g. sends
-  // them to a peer, then frees them). CHECKs the layer is held.
+  // them to a peer, then frees them). CHECKs the layer is held and the table names its blocks.
   std::vector<BlockId> release_layer(std::int64_t layer);
   // Removes `layer` and frees its blocks.
   void drop_layer(std::int64_t layer, KvBlockAllocator& allocator);
@@ -80,9 +88,13 @@ class BlockTable {
   std::int64_t find(std::int64_t layer) const;
   // Inserts a layer (not held) with its blocks, keeping layer_ids_ ascending.
   void insert_layer(std::int64_t layer, std::vector<BlockId> blocks);
+  // Fixes the table's kind by the allocator it draws from (CHECKs it never changes once blocks
+  // exist).
+  void bind(const KvBlockAllocator& allocator);
 
   std::int64_t block_size_tokens_;
   std::int64_t num_tokens_ = 0;
+  bool counts_only_ = false;
   // Held layers ascending and their blocks, side by side (a std::map here cost a tree walk per
   // layer on every append, and the scheduler appends for every running request every step).
   std::vector<std::int64_t> layer_ids_;

@@ -15,7 +15,10 @@ std::int64_t now_ns() {
 }  // namespace
 
 PipelineExecutor::PipelineExecutor(std::vector<StageSpec> stages, MessageTransport& front_end)
-    : stages_(std::move(stages)), front_end_(front_end), stage_last_end_ns_(stages_.size(), 0) {
+    : stages_(std::move(stages)),
+      front_end_(front_end),
+      tables_(0, stages_.empty() ? 1 : stages_.back().layer_end),
+      stage_last_end_ns_(stages_.size(), 0) {
   KUN_CHECK(!stages_.empty());
   KUN_CHECK_EQ(stages_.front().layer_begin, 0);
   for (std::size_t s = 0; s < stages_.size(); ++s) {
@@ -45,6 +48,8 @@ void PipelineExecutor::submit(int slot, const engine::StepPlan* plan) {
   match.src = stages_.back().endpoint;
   match.tag = f.tag;
   f.reply = front_end_.recv(match);  // posted before the step leaves
+  // Every plan's table changes, in submission order (an empty plan may still release requests).
+  tables_.apply(*plan, [](std::int32_t, std::int64_t block) { return block; });
   for (std::size_t s = 0; s < stages_.size(); ++s) {
     MessageHeader h;
     h.dst = stages_[s].endpoint;
@@ -53,7 +58,7 @@ void PipelineExecutor::submit(int slot, const engine::StepPlan* plan) {
     h.op = static_cast<std::uint16_t>(AgentOp::kRunStage);
     h.tag = f.tag;
     h.request_id = plan->step_index;
-    front_end_.send_owned(std::move(h), encode_stage_request(*plan, s, stages_, front_end_.device()));
+    front_end_.send_owned(std::move(h), encode_stage_request(*plan, tables_, s, stages_, front_end_.device()));
   }
   in_flight_.push_back(std::move(f));
 }

@@ -65,6 +65,7 @@ class PipelineExecutor final : public engine::StepExecutor {
 
   std::vector<StageSpec> stages_;
   MessageTransport& front_end_;
+  StageKvTables tables_;                      // engine thread only: block tables from the plans' changes
   std::deque<InFlight> in_flight_;            // engine thread only, oldest first
   std::vector<std::int64_t> stage_last_end_ns_;  // engine thread only
   std::atomic<std::int64_t> busy_ns_{0};

@@ -35,7 +35,7 @@ std::int64_t StageRequest::num_tokens() const {
   return n;
 }
 
-std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, std::size_t stage,
+std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, const StageKvTables& tables, std::size_t stage,
                                             std::span<const StageSpec> stages, int reply_endpoint) {
   KUN_CHECK(stage < stages.size()) << "stage " << stage << " of " << stages.size();
   const StageSpec& me = stages[stage];
@@ -55,13 +55,16 @@ std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, std::s
     r.sequences.push_back(StageSequence{seq.start_pos, static_cast<std::int64_t>(seq.tokens.size()),
                                         static_cast<std::uint8_t>(seq.sample ? 1 : 0), seq.sampling, seq.sample_index});
     if (r.first) r.tokens.insert(r.tokens.end(), seq.tokens.begin(), seq.tokens.end());
-    for (const engine::LayerBlockList& list : seq.kv) {
-      if (list.layer < me.layer_begin || list.layer >= me.layer_end) continue;
-      KUN_CHECK(list.device >= 0 && static_cast<std::size_t>(list.device) < stages.size())
-          << "layer " << list.layer << " KV on device " << list.device << " of a " << stages.size() << "-stage pipeline";
-      const std::size_t cell = i * static_cast<std::size_t>(nl) + static_cast<std::size_t>(list.layer - me.layer_begin);
-      r.holder[cell] = stages[static_cast<std::size_t>(list.device)].endpoint;
-      cell_blocks[cell] = &list.blocks;
+    const auto* table = tables.table(seq.id);
+    KUN_CHECK(table != nullptr) << "request " << seq.id << " planned without a KV table";
+    for (std::int64_t layer = me.layer_begin; layer < me.layer_end; ++layer) {
+      const auto& entry = (*table)[static_cast<std::size_t>(layer - tables.layer_begin())];
+      KUN_CHECK(entry.device >= 0 && static_cast<std::size_t>(entry.device) < stages.size())
+          << "request " << seq.id << " layer " << layer << " KV on device " << entry.device << " of a " << stages.size()
+          << "-stage pipeline";
+      const std::size_t cell = i * static_cast<std::size_t>(nl) + static_cast<std::size_t>(layer - me.layer_begin);
+      r.holder[cell] = stages[static_cast<std::size_t>(entry.device)].endpoint;
+      cell_blocks[cell] = &entry.blocks;
     }
   }
   r.block_begin.push_back(0);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "engine/kv_table_mirror.h"
 #include "engine/step.h"
 #include "model/sampling.h"
 
@@ -59,10 +60,16 @@ struct StageSpec {
   std::int64_t layer_end = 0;
 };
 
-// Stage `stage` of `stages` for `plan`. A LayerBlockList's device is a stage index; it becomes
-// that stage's endpoint. Swap copies naming stage `stage` go with it. KUN_CHECKs a plan naming a
-// device outside the stages.
-std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, std::size_t stage,
+// The front end's copy of each request's block table (block ids, every layer), kept from the
+// plans' table changes (engine/step.h KvListKind): the scheduler sends a table once and then only
+// appended blocks, so planning costs nothing per context token.
+using StageKvTables = engine::KvTableMirror<std::int64_t>;
+
+// Stage `stage` of `stages` for `plan`, whose table changes `tables` has already applied. A
+// table's device is a stage index; it becomes that stage's endpoint. Swap copies naming stage
+// `stage` go with it. KUN_CHECKs a plan naming a device outside the stages or a request without a
+// table.
+std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, const StageKvTables& tables, std::size_t stage,
                                             std::span<const StageSpec> stages, int reply_endpoint);
 StatusOr<StageRequest> decode_stage_request(std::span<const std::byte> bytes);
 

@@ -1,7 +1,9 @@
 #include "workload/stats.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <numeric>
 
@@ -23,10 +25,50 @@ double quantile(std::vector<double> values, double q) {
   return quantile_sorted(values, q);
 }
 
+namespace {
+
+// Ascending sort of values without NaN by their IEEE-754 bit patterns (LSD radix, 16 bits a pass),
+// the same order std::sort gives (equal values are equal bits, but for -0.0 / +0.0). A long
+// simulation reports tens of millions of per-token latencies, where a comparison sort was a tenth
+// of the whole run.
+void sort_values(std::vector<double>& v) {
+  constexpr std::size_t kRadixFrom = 1 << 14;
+  if (v.size() < kRadixFrom || std::any_of(v.begin(), v.end(), [](double x) { return std::isnan(x); })) {
+    std::sort(v.begin(), v.end());
+    return;
+  }
+  constexpr std::uint64_t kSign = std::uint64_t{1} << 63;
+  std::vector<std::uint64_t> keys(v.size()), scratch(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    const auto bits = std::bit_cast<std::uint64_t>(v[i]);
+    keys[i] = (bits & kSign) != 0 ? ~bits : bits | kSign;  // order-preserving as unsigned
+  }
+  std::vector<std::size_t> count(1 << 16);
+  for (int shift = 0; shift < 64; shift += 16) {
+    std::fill(count.begin(), count.end(), 0);
+    for (std::uint64_t k : keys) ++count[(k >> shift) & 0xFFFF];
+    if (count[(keys[0] >> shift) & 0xFFFF] == keys.size()) continue;  // one digit: nothing to move
+    std::size_t sum = 0;
+    for (auto& c : count) {
+      const std::size_t n = c;
+      c = sum;
+      sum += n;
+    }
+    for (std::uint64_t k : keys) scratch[count[(k >> shift) & 0xFFFF]++] = k;
+    keys.swap(scratch);
+  }
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    const std::uint64_t k = keys[i];
+    v[i] = std::bit_cast<double>((k & kSign) != 0 ? k & ~kSign : ~k);
+  }
+}
+
+}  // namespace
+
 Summary summarize(std::vector<double> values) {
   Summary s;
   s.count = static_cast<std::int64_t>(values.size());
-  std::sort(values.begin(), values.end());
+  sort_values(values);
   s.mean = values.empty() ? std::numeric_limits<double>::quiet_NaN()
                           : std::accumulate(values.begin(), values.end(), 0.0) / static_cast<double>(values.size());
   s.p50 = quantile_sorted(values, 0.50);

@@ -138,6 +138,8 @@ TEST(DeviceFleetTest, AStageThatCannotRunAnswersWithAnErrorAndTheAgentGoesOn) {
   match.src = f.endpoint_of(1);
   match.tag = tag;
   RecvHandle reply = f.front_end().recv(match);
+  StageKvTables tables(0, L);
+  tables.apply(plan, [](std::int32_t, std::int64_t block) { return block; });
   for (std::size_t s = 0; s < stages.size(); ++s) {
     MessageHeader h;
     h.dst = stages[s].endpoint;
@@ -145,7 +147,7 @@ TEST(DeviceFleetTest, AStageThatCannotRunAnswersWithAnErrorAndTheAgentGoesOn) {
     h.port = Port::kStage;
     h.op = static_cast<std::uint16_t>(AgentOp::kRunStage);
     h.tag = tag;
-    f.front_end().send_owned(std::move(h), encode_stage_request(plan, s, stages, f.front_end_id()));
+    f.front_end().send_owned(std::move(h), encode_stage_request(plan, tables, s, stages, f.front_end_id()));
   }
   ASSERT_TRUE(reply.wait_for(std::chrono::seconds(30)));
   ASSERT_TRUE(reply.wait().ok());

@@ -1,8 +1,13 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
 
 #include "workload/report.h"
+#include "workload/stats.h"
 
 namespace kun::workload {
 namespace {
@@ -117,6 +122,35 @@ TEST(TimelineTest, BucketsArrivalsCompletionsTokensAndGauges) {
             "t_s,arrivals,completions,failures,output_tokens_per_s,mean_ttft_ms,\"demand{instance=\"\"0\"\"}\",group_state")
       << csv;
   EXPECT_NE(csv.find("\n0,2,0,0,3,400,0.7,\n"), std::string::npos) << csv;
+}
+
+}  // namespace
+}  // namespace kun::workload
+
+namespace kun::workload {
+namespace {
+
+// summarize() sorts large inputs by radix over the bit patterns: the same mean and quantiles, to
+// the bit, as a comparison sort, with negatives, zeros, duplicates and wide exponents.
+TEST(Summarize, LargeInputsMatchAComparisonSortExactly) {
+  std::mt19937_64 rng(7);
+  std::vector<double> values;
+  for (int i = 0; i < 50000; ++i) {
+    const double x = std::ldexp(std::uniform_real_distribution<double>(0.0, 1.0)(rng), static_cast<int>(rng() % 40) - 20);
+    values.push_back(i % 7 == 0 ? -x : x);
+    if (i % 101 == 0) values.push_back(0.0);
+    if (i % 13 == 0) values.push_back(values[static_cast<std::size_t>(rng() % values.size())]);
+  }
+  std::vector<double> sorted = values;
+  std::sort(sorted.begin(), sorted.end());
+  const Summary s = summarize(values);
+  EXPECT_EQ(s.count, static_cast<std::int64_t>(values.size()));
+  EXPECT_EQ(s.mean, std::accumulate(sorted.begin(), sorted.end(), 0.0) / static_cast<double>(sorted.size()));
+  EXPECT_EQ(s.p50, quantile_sorted(sorted, 0.50));
+  EXPECT_EQ(s.p90, quantile_sorted(sorted, 0.90));
+  EXPECT_EQ(s.p99, quantile_sorted(sorted, 0.99));
+  EXPECT_EQ(s.p999, quantile_sorted(sorted, 0.999));
+  EXPECT_EQ(quantile(values, 0.25), quantile_sorted(sorted, 0.25));
 }
 
 }  // namespace
