@@ -41,6 +41,47 @@ void write_ids(std::ostringstream& os, const std::vector<std::int64_t>& ids) {
   os << "}";
 }
 
+
+// Where every request of a split or a shrink lands: a running request whose KV is kept goes where
+// `place(r)` puts it (the unit index, having added its Placement to the plan; -1 when it fits
+// nowhere and its KV is freed). The requests whose KV is not kept (running under recompute, or
+// lost by `place`) and then the queued ones land, in that order, on the unit with the fewest
+// requests landed so far (the first such unit on a tie).
+template <typename Place>
+std::vector<Landing> land_requests(const std::vector<TransitionRequest>& requests, StaleKvStrategy strategy,
+                                   std::size_t units, Place&& place) {
+  std::vector<std::int64_t> landed(units, 0);
+  std::vector<Landing> lost;
+  std::vector<RequestId> waiting;
+  for (const TransitionRequest& r : requests) {
+    const bool keep = r.running && strategy != StaleKvStrategy::kRecompute;
+    if (!keep) {
+      if (r.running) {
+        lost.push_back(Landing{r.id, 0, true});
+      } else {
+        waiting.push_back(r.id);
+      }
+      continue;
+    }
+    const std::int64_t unit = place(r);
+    if (unit < 0) {
+      lost.push_back(Landing{r.id, 0, true});
+      continue;
+    }
+    ++landed[static_cast<std::size_t>(unit)];
+  }
+  std::vector<Landing> queued;
+  const auto land = [&](Landing l) {
+    const auto it = std::min_element(landed.begin(), landed.end());
+    l.member = static_cast<std::int32_t>(it - landed.begin());
+    ++*it;
+    queued.push_back(l);
+  };
+  for (const Landing& l : lost) land(l);
+  for (RequestId id : waiting) land(Landing{id, 0, false});
+  return queued;
+}
+
 }  // namespace
 
 std::int64_t DropPlan::stage_of_layer(std::int64_t layer) const {
@@ -172,19 +213,7 @@ SplitPlan plan_split(const SplitInput& in, const TransitionGeometry& geo) {
   plan.members = in.members;
   std::vector<std::int64_t> room = in.split_room_blocks;
   std::vector<std::int64_t> free_now = in.free_blocks_now;
-  std::vector<std::int64_t> landed(static_cast<std::size_t>(g), 0);
-  std::vector<Landing> lost;
-  std::vector<RequestId> waiting;
-  for (const TransitionRequest& r : in.requests) {
-    const bool keep = r.running && in.strategy != StaleKvStrategy::kRecompute;
-    if (!keep) {
-      if (r.running) {
-        lost.push_back(Landing{r.id, 0, true});
-      } else {
-        waiting.push_back(r.id);
-      }
-      continue;
-    }
+  plan.queued = land_requests(in.requests, in.strategy, static_cast<std::size_t>(g), [&](const TransitionRequest& r) {
     KUN_CHECK_EQ(static_cast<std::int64_t>(r.layer_member.size()), L) << "request " << r.id;
     const std::int64_t tb = geo.token_blocks(r.tokens_held);
     const std::int64_t need = tb * L;
@@ -203,8 +232,7 @@ SplitPlan plan_split(const SplitInput& in, const TransitionGeometry& geo) {
         best >= 0 && free_now[static_cast<std::size_t>(best)] >= need - held[static_cast<std::size_t>(best)];
     if (!fits_now) {  // its KV is freed where it is
       for (std::int64_t k = 0; k < g; ++k) free_now[static_cast<std::size_t>(k)] += held[static_cast<std::size_t>(k)];
-      lost.push_back(Landing{r.id, 0, true});
-      continue;
+      return std::int64_t{-1};
     }
     const auto b = static_cast<std::size_t>(best);
     room[b] -= need;
@@ -212,7 +240,6 @@ SplitPlan plan_split(const SplitInput& in, const TransitionGeometry& geo) {
     for (std::int64_t k = 0; k < g; ++k) {
       if (k != best) free_now[static_cast<std::size_t>(k)] += held[static_cast<std::size_t>(k)];
     }
-    ++landed[b];
     Placement p;
     p.id = r.id;
     p.member = static_cast<std::int32_t>(best);
@@ -222,15 +249,8 @@ SplitPlan plan_split(const SplitInput& in, const TransitionGeometry& geo) {
       if (at != best) p.moves.push_back(LayerMove{l, at, static_cast<std::int32_t>(best)});
     }
     plan.keep_kv.push_back(std::move(p));
-  }
-  const auto land = [&](Landing l) {
-    const auto it = std::min_element(landed.begin(), landed.end());
-    l.member = static_cast<std::int32_t>(it - landed.begin());
-    ++*it;
-    plan.queued.push_back(l);
-  };
-  for (const Landing& l : lost) land(l);
-  for (RequestId id : waiting) land(Landing{id, 0, false});
+    return best;
+  });
   return plan;
 }
 
@@ -284,19 +304,7 @@ ShrinkPlan plan_shrink(const ShrinkInput& in, const TransitionGeometry& geo) {
         in.base_kv_blocks[static_cast<std::size_t>(s)] + (L - kept) * geo.pages_per_layer * geo.blocks_per_page;
   }
   std::vector<std::int64_t> room = plan.room_blocks;
-  std::vector<std::int64_t> landed(2, 0);
-  std::vector<Landing> lost;
-  std::vector<RequestId> waiting;
-  for (const TransitionRequest& r : in.requests) {
-    const bool keep = r.running && in.strategy != StaleKvStrategy::kRecompute;
-    if (!keep) {
-      if (r.running) {
-        lost.push_back(Landing{r.id, 0, true});
-      } else {
-        waiting.push_back(r.id);
-      }
-      continue;
-    }
+  plan.queued = land_requests(in.requests, in.strategy, 2, [&](const TransitionRequest& r) {
     KUN_CHECK_EQ(static_cast<std::int64_t>(r.layer_member.size()), L) << "request " << r.id;
     const std::int64_t tb = geo.token_blocks(r.tokens_held);
     // Room left on a half: the least over its members, in this request's blocks.
@@ -311,12 +319,8 @@ ShrinkPlan plan_shrink(const ShrinkInput& in, const TransitionGeometry& geo) {
       return least;
     };
     const std::int64_t left0 = fits(0), left1 = fits(1);
-    if (left0 < 0 && left1 < 0) {
-      lost.push_back(Landing{r.id, 0, true});
-      continue;
-    }
+    if (left0 < 0 && left1 < 0) return std::int64_t{-1};
     const std::int64_t half = left1 > left0 ? 1 : 0;
-    ++landed[static_cast<std::size_t>(half)];
     Placement p;
     p.id = r.id;
     p.member = static_cast<std::int32_t>(half);
@@ -329,14 +333,8 @@ ShrinkPlan plan_shrink(const ShrinkInput& in, const TransitionGeometry& geo) {
       }
     }
     plan.keep_kv.push_back(std::move(p));
-  }
-  const auto land = [&](Landing l) {
-    l.member = landed[1] < landed[0] ? 1 : 0;
-    ++landed[static_cast<std::size_t>(l.member)];
-    plan.queued.push_back(l);
-  };
-  for (const Landing& l : lost) land(l);
-  for (RequestId id : waiting) land(Landing{id, 0, false});
+    return half;
+  });
   return plan;
 }
 
