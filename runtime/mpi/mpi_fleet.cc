@@ -328,13 +328,17 @@ void serve_agent(MpiSession& session, MpiTransport& transport, DeviceAgent& agen
 
 int finish_device_rank(MpiSession& session, MpiTransport& transport) {
   const Status s = transport.shutdown();
-  if (!s.ok()) {
-    const std::vector<int> failed = transport.failed_peers();
-    if (failed.empty() || failed.front() == 0) {
-      std::cerr << node_prefix(session.rank()) << s.message() << "; ending the job" << std::endl;
-      session.abort(3);
-    }
-    // Only devices were lost: the front end ends the job (it knows why); MPI_Finalize waits for it.
+  const std::vector<int> failed = transport.failed_peers();
+  if ((!s.ok() && failed.empty()) || (!failed.empty() && failed.front() == 0)) {
+    std::cerr << node_prefix(session.rank()) << (s.ok() ? transport.failure().message() : s.message()) << "; ending the job"
+              << std::endl;
+    session.abort(3);
+  }
+  if (!failed.empty()) {
+    // Only devices were lost: the front end ends the job (it knows why). This rank has said
+    // goodbye to every live peer; MPI_Finalize would wait for the dead one forever under
+    // --enable-recovery, so it leaves without it.
+    session.exit_without_finalize(0);
   }
   return 0;
 }

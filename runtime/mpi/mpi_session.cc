@@ -1,5 +1,9 @@
 #include "runtime/mpi/mpi_session.h"
 
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+
 #include <mpi.h>
 
 #include <cstring>
@@ -31,6 +35,13 @@ StatusOr<std::unique_ptr<MpiSession>> MpiSession::init(int* argc, char*** argv) 
 }
 
 MpiSession::~MpiSession() { MPI_Finalize(); }
+
+void MpiSession::exit_without_finalize(int exit_code) {
+  std::cout.flush();
+  std::cerr.flush();
+  std::fflush(nullptr);
+  std::_Exit(exit_code);
+}
 
 void MpiSession::abort(int exit_code) {
   MPI_Abort(MPI_COMM_WORLD, exit_code);

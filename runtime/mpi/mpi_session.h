@@ -28,6 +28,11 @@ class MpiSession {
   // Ends every rank of the job (MPI_Abort): for a peer that died or hung, where MPI_Finalize
   // would wait for it forever.
   [[noreturn]] void abort(int exit_code);
+  // Ends this process only, without MPI_Finalize: for a rank that has said goodbye to every live
+  // peer after another rank died. MPI_Finalize is collective over the whole job and waits for the
+  // dead rank forever when mpirun runs with --enable-recovery (where the front end's MPI_Abort
+  // ends only the front end).
+  [[noreturn]] void exit_without_finalize(int exit_code);
 
  private:
   MpiSession(int rank, int size) : rank_(rank), size_(size) {}

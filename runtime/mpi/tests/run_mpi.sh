@@ -4,13 +4,21 @@
 # EXPECT: "ok" (exit 0), "fail" (nonzero exit) or "any" (mpirun --enable-recovery reports exit 0
 # even after MPI_Abort: the output says how it ended). REGEX must match the job's output (empty:
 # skip).
-# Afterwards no process of NODE_BINARY may be left.
+# Afterwards no process of NODE_BINARY started by this job may be left.
 set -u
 expect=$1; regex=$2; node=$3; shift 4
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# This job's processes carry a tag in their environment, so the check below finds only them (other
+# tests may run the same binary at the same time).
+export KUN_TEST_TAG="run_mpi-$$-$RANDOM"
+ours() {
+  for p in $(pgrep -f "^$node( |$)"); do
+    if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "KUN_TEST_TAG=$KUN_TEST_TAG"; then echo "$p"; fi
+  done
+}
 out=$(mktemp)
 start=$(date +%s%N)
-mpirun --oversubscribe --bind-to none --mca btl self,vader "$@" >"$out" 2>&1
+mpirun --oversubscribe --bind-to none --mca btl self,vader -x KUN_TEST_TAG "$@" >"$out" 2>&1
 rc=$?
 end=$(date +%s%N)
 cat "$out"
@@ -20,8 +28,9 @@ if [[ $expect == ok && $rc -ne 0 ]]; then echo "run_mpi.sh: expected exit 0"; st
 if [[ $expect == fail && $rc -eq 0 ]]; then echo "run_mpi.sh: expected a nonzero exit"; status=1; fi
 if [[ -n $regex ]] && ! grep -Eq "$regex" "$out"; then echo "run_mpi.sh: output does not match /$regex/"; status=1; fi
 sleep 0.5
-if pgrep -f "^$node( |$)" >/dev/null; then
-  echo "run_mpi.sh: processes left behind:"; pgrep -af "^$node( |$)"; status=1
+left=$(ours)
+if [[ -n $left ]]; then
+  echo "run_mpi.sh: processes left behind:"; ps -o pid,args -p $left; status=1
 fi
 rm -f "$out"
 exit $status

@@ -8,14 +8,22 @@
 set -u
 K=$1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-MPIRUN=(mpirun --oversubscribe --bind-to none --mca btl self,vader)
+# Every process this script starts carries a tag in its environment, so the checks below find only
+# them (other tests may run kunserve at the same time).
+export KUN_TEST_TAG="serve_mpi-$$-$RANDOM"
+MPIRUN=(mpirun --oversubscribe --bind-to none --mca btl self,vader -x KUN_TEST_TAG)
 COMMON=(serve --load-format dummy --preset tiny --port 0 --kv-tokens-per-device 512 --mpi-peer-timeout-ms 10000)
 dir=$(mktemp -d)
 status=0
 fail() { echo "serve_mpi.sh: FAIL: $*"; status=1; }
-leftovers() { pgrep -f "^$K serve" >/dev/null; }
-rank_pid() {  # rank -> pid of that rank's kunserve process
+ours() {  # pids of this script's kunserve serve processes
   for p in $(pgrep -f "^$K serve"); do
+    if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "KUN_TEST_TAG=$KUN_TEST_TAG"; then echo "$p"; fi
+  done
+}
+leftovers() { [[ -n $(ours) ]]; }
+rank_pid() {  # rank -> pid of that rank's kunserve process
+  for p in $(ours); do
     if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -q "^OMPI_COMM_WORLD_RANK=$1\$"; then echo "$p"; fi
   done
 }
@@ -86,6 +94,6 @@ errors=$(grep -l '"error"' "$dir"/stream*.txt | wc -l)
 echo "ok   rank 2 killed: job ended after $ended_ms ms (mpirun exit $rc), $errors of 4 streams ended with an error event"
 [[ $ended_ms -lt 15000 ]] || fail "the job took $ended_ms ms to end"
 sleep 0.5
-if leftovers; then fail "processes left behind:"; pgrep -af "^$K serve"; pkill -9 -f "^$K serve"; fi
+if leftovers; then left=$(ours); fail "processes left behind:"; ps -o pid,args -p $left; kill -9 $left; fi
 rm -rf "$dir"
 exit $status
