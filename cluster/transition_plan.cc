@@ -42,6 +42,17 @@ void write_ids(std::ostringstream& os, const std::vector<std::int64_t>& ids) {
 }
 
 
+// " r<id>><unit>:<tokens>t<moves>..." for the kept KV, then "; queued r<id>><unit>[!]...": the
+// part of a split's and a shrink's text that says where every request lands.
+void write_landings(std::ostringstream& os, const std::vector<Placement>& keep_kv, const std::vector<Landing>& queued) {
+  for (const Placement& p : keep_kv) {
+    os << " r" << p.id.value << ">" << p.member << ":" << p.tokens << "t";
+    write_moves(os, p.moves);
+  }
+  os << "; queued";
+  for (const Landing& l : queued) os << " r" << l.id.value << ">" << l.member << (l.lost_kv ? "!" : "");
+}
+
 // Where every request of a split or a shrink lands: a running request whose KV is kept goes where
 // `place(r)` puts it (the unit index, having added its Placement to the plan; -1 when it fits
 // nowhere and its KV is freed). The requests whose KV is not kept (running under recompute, or
@@ -259,12 +270,7 @@ std::string SplitPlan::to_string() const {
   os << "split group " << group << " members ";
   write_ids(os, members);
   os << "; keep";
-  for (const Placement& p : keep_kv) {
-    os << " r" << p.id.value << ">" << p.member << ":" << p.tokens << "t";
-    write_moves(os, p.moves);
-  }
-  os << "; queued";
-  for (const Landing& l : queued) os << " r" << l.id.value << ">" << l.member << (l.lost_kv ? "!" : "");
+  write_landings(os, keep_kv, queued);
   return os.str();
 }
 
@@ -347,12 +353,7 @@ std::string ShrinkPlan::to_string() const {
   os << " + ";
   write_ids(os, halves[1]);
   os << "; pulls " << pulls.size() << "; keep";
-  for (const Placement& p : keep_kv) {
-    os << " r" << p.id.value << ">" << p.member << ":" << p.tokens << "t";
-    write_moves(os, p.moves);
-  }
-  os << "; queued";
-  for (const Landing& l : queued) os << " r" << l.id.value << ">" << l.member << (l.lost_kv ? "!" : "");
+  write_landings(os, keep_kv, queued);
   return os.str();
 }
 
