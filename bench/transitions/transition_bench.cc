@@ -17,6 +17,7 @@
 
 #include "common/units.h"
 #include "model/config.h"
+#include "bench/transitions/bench_cluster.h"
 #include "runtime/cluster_runtime.h"
 
 using namespace kun;
@@ -59,15 +60,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto weights = model::synthetic_weights(*config, 0);
-  runtime::ClusterOptions o;
-  o.num_instances = devices;
-  o.device.weight_dtype = config->dtype;
-  o.device.num_threads = threads;
-  o.device.capacity_bytes = runtime::device_param_bytes(*config, config->dtype, 0, config->num_layers, o.device.page_bytes) +
-                            runtime::kv_pages_for_tokens(*config, o.device, kv_tokens) * o.device.page_bytes;
-  o.coordinator.policy = cluster::Policy::kKunServe;
-  o.run_policy_thread = false;
-  o.link.bandwidth_bytes_per_s = link_gbps * 1e9;
+  runtime::ClusterOptions o = bench::transition_bench_cluster(*config, devices, threads, kv_tokens, link_gbps);
   SteadyClock clock;
   auto rt = runtime::ClusterRuntime::create(o, *weights, &clock);
   if (!rt.ok()) {
