@@ -442,12 +442,16 @@ int run_burst(MpiSession& session, MpiTransport& transport, const NodeOptions& o
   (void)transport.shutdown();  // goodbyes with the survivors; reports the failure
   const std::string lost = transport.failure().message();
   if (checks.failed > 0) {
-    std::cerr << prefix(0) << "burst checks FAILED; ending the job (device rank " << o.fault_rank << " lost: " << lost << ")"
-              << std::endl;
+    // One write: unbuffered std::cerr writes each << piece on its own, and other ranks' lines,
+    // forwarded by mpirun into the same stream, could land between them.
+    std::cerr << (prefix(0) + "burst checks FAILED; ending the job (device rank " + std::to_string(o.fault_rank) +
+                  " lost: " + lost + ")\n")
+              << std::flush;
     end_job_after_device_loss(session, transport, 1);
   }
-  std::cerr << prefix(0) << "burst checks passed; ending the job: device rank " << o.fault_rank << " lost: " << lost
-            << std::endl;
+  std::cerr << (prefix(0) + "burst checks passed; ending the job: device rank " + std::to_string(o.fault_rank) +
+                " lost: " + lost + "\n")
+            << std::flush;
   end_job_after_device_loss(session, transport, 3);
 }
 

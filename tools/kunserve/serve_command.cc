@@ -237,7 +237,9 @@ Status run_serve_mpi(ServeArgs a, int* exit_code) {
           loss->why = why.message();
         }
       }
-      std::cerr << "kunserve: device rank " << peer << " lost: " << why.message() << "; ending the job" << std::endl;
+      // One write, so that other ranks' lines forwarded by mpirun cannot land inside it.
+      std::cerr << ("kunserve: device rank " + std::to_string(peer) + " lost: " + why.message() + "; ending the job\n")
+                << std::flush;
       // The serve loop ends the job within 100 ms after answering the open requests; should it
       // not, this does (the transport stalls meanwhile, so no step sees the failure).
       std::this_thread::sleep_for(std::chrono::seconds(5));
