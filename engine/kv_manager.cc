@@ -274,6 +274,15 @@ std::int32_t KvManager::home(RequestId id) const {
 }
 
 Status KvManager::move_layer(RequestId id, std::int64_t layer, const LayerCopyFn& copy) {
+  return try_move_layer(id, layer,
+                        [&](std::int32_t from, const std::vector<kv::BlockId>& from_blocks, std::int32_t to,
+                            const std::vector<kv::BlockId>& to_blocks) {
+                          copy(from, from_blocks, to, to_blocks);
+                          return ok_status();
+                        });
+}
+
+Status KvManager::try_move_layer(RequestId id, std::int64_t layer, const FallibleLayerCopyFn& copy) {
   auto it = requests_.find(id);
   KUN_CHECK(it != requests_.end() && !it->second.swapped) << "request " << id << " holds no KV to move";
   RequestKv& r = it->second;
@@ -291,10 +300,11 @@ Status KvManager::move_layer(RequestId id, std::int64_t layer, const LayerCopyFn
   kv::BlockTable& dst = *dst_table;
   KUN_RETURN_IF_ERROR(dst.add_layer(layer, *devices_[static_cast<std::size_t>(to)]));
   kv::BlockTable& src = *src_table;
-  if (src.has_block_ids()) {
-    copy(from, src.layer_blocks(layer), to, dst.layer_blocks(layer));
-  } else {
-    copy(from, {}, to, {});  // counts-only allocators: no ids to copy between
+  const Status copied = src.has_block_ids() ? copy(from, src.layer_blocks(layer), to, dst.layer_blocks(layer))
+                                            : copy(from, {}, to, {});  // counts-only allocators: no ids to copy between
+  if (!copied.ok()) {
+    dst.drop_layer(layer, *devices_[static_cast<std::size_t>(to)]);  // the layer stays on `from`
+    return copied;
   }
   src.drop_layer(layer, *devices_[static_cast<std::size_t>(from)]);
   count_offsite(r);

@@ -85,6 +85,11 @@ class KvManager {
   using LayerCopyFn = std::function<void(std::int32_t, const std::vector<kv::BlockId>&, std::int32_t,
                                          const std::vector<kv::BlockId>&)>;
   Status move_layer(RequestId id, std::int64_t layer, const LayerCopyFn& copy);
+  // As move_layer, for a copy that can fail (a transfer error): on its error the destination
+  // blocks are freed, the layer stays where it was, and the error is returned.
+  using FallibleLayerCopyFn = std::function<Status(std::int32_t, const std::vector<kv::BlockId>&, std::int32_t,
+                                                   const std::vector<kv::BlockId>&)>;
+  Status try_move_layer(RequestId id, std::int64_t layer, const FallibleLayerCopyFn& copy);
 
   // Repack inside device `device` (pages going back to parameters): rewrites every request's
   // blocks by `moves` (from -> to); returns how many it rewrote.

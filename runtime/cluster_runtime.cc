@@ -51,15 +51,43 @@ std::vector<std::int64_t> raw_ids(std::span<const kv::BlockId> ids) {
 
 }  // namespace
 
-std::int64_t ClusterRuntime::move_kv(std::int64_t src, std::span<const kv::BlockId> from, std::int64_t dst,
-                                     std::span<const kv::BlockId> to, TransferKind kind) const {
+Status ClusterRuntime::move_kv(std::int64_t src, std::span<const kv::BlockId> from, std::int64_t dst,
+                               std::span<const kv::BlockId> to, TransferKind kind, std::int64_t* bytes) const {
   KUN_CHECK_EQ(from.size(), to.size());
-  if (from.empty()) return 0;
+  if (from.empty()) return ok_status();
   // One message: the source's agent reads the blocks and sends them to the destination's agent,
   // which writes them and acks here.
   const Status s = client().send_blocks(endpoint(src), raw_ids(from), endpoint(dst), raw_ids(to), kind);
-  KUN_CHECK(s.ok()) << "KV move of " << from.size() << " blocks from device " << src << " to " << dst << ": " << s.to_string();
-  return static_cast<std::int64_t>(from.size()) * fleet_->geometry(static_cast<int>(src)).block_bytes;
+  if (!s.ok()) {
+    return s.with_context("KV move of " + std::to_string(from.size()) + " blocks from device " + std::to_string(src) + " to " +
+                          std::to_string(dst));
+  }
+  if (bytes != nullptr) *bytes += static_cast<std::int64_t>(from.size()) * fleet_->geometry(static_cast<int>(src)).block_bytes;
+  return ok_status();
+}
+
+Status ClusterRuntime::pull_layer_from_any(std::int64_t instance, std::int64_t layer, std::int64_t preferred,
+                                           std::span<const std::int64_t> pages, const std::vector<std::int64_t>& candidates,
+                                           std::int64_t* source) {
+  // The planned holder first, then every other device the mirror says holds the layer (a failed
+  // pull changes nothing on the puller: its pages stay KV pages holding no live blocks).
+  std::vector<std::int64_t> order = {preferred};
+  for (std::int64_t c : candidates) {
+    if (c != preferred && c != instance && mirror_has_layer(c, layer)) order.push_back(c);
+  }
+  Status last;
+  for (std::int64_t from : order) {
+    last = client().pull_layer(endpoint(instance), layer, endpoint(from), pages);
+    if (last.ok()) {
+      mirror_set_layer(instance, layer, true);
+      *source = from;
+      return ok_status();
+    }
+    KUN_LOG(kWarn) << "pull of layer " << layer << " by device " << instance << " from device " << from
+                   << " failed: " << last.to_string();
+  }
+  return last.with_context("pull of layer " + std::to_string(layer) + " by device " + std::to_string(instance) + " from " +
+                           std::to_string(order.size()) + " holder(s)");
 }
 
 bool ClusterRuntime::mirror_has_layer(std::int64_t instance, std::int64_t layer) const {
@@ -247,13 +275,22 @@ void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(Request
     if (moved >= options_.exchange_requests_per_round) break;
     if (in_flight(id)) continue;
     const std::int64_t layer = unit.kv->misplaced_layers(id).front();
-    Status s = unit.kv->move_layer(id, layer, [&](std::int32_t from, const std::vector<kv::BlockId>& from_blocks, std::int32_t to,
-                                                  const std::vector<kv::BlockId>& to_blocks) {
+    bool transfer_failed = false;
+    Status s = unit.kv->try_move_layer(id, layer, [&](std::int32_t from, const std::vector<kv::BlockId>& from_blocks,
+                                                      std::int32_t to, const std::vector<kv::BlockId>& to_blocks) {
       const std::int64_t src = unit.instances[static_cast<std::size_t>(from)];
       const std::int64_t dst = unit.instances[static_cast<std::size_t>(to)];
-      move_kv(src, from_blocks, dst, to_blocks, TransferKind::kKvExchange);
-      blocks += static_cast<std::int64_t>(from_blocks.size());
+      const Status moved_kv = move_kv(src, from_blocks, dst, to_blocks, TransferKind::kKvExchange);
+      transfer_failed = !moved_kv.ok();
+      if (moved_kv.ok()) blocks += static_cast<std::int64_t>(from_blocks.size());
+      return moved_kv;
     });
+    if (transfer_failed) {
+      // Nothing changed: the layer stays where it is and remote attention keeps serving it; a
+      // later round (or the split's stop-and-copy, which recomputes what it cannot move) retries.
+      record_failure("exchange", unit.group, unit.instances, s,
+                     "request " + std::to_string(id.value) + " keeps layer " + std::to_string(layer) + " where it was");
+    }
     if (!s.ok()) break;
     ++moved;
   }
@@ -290,7 +327,13 @@ StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
       to.push_back(m.to.value);
     }
     const Status moved = client().move_blocks(endpoint(inst), from, to);
-    KUN_CHECK(moved.ok()) << "repack on device " << inst << ": " << moved.to_string();
+    if (!moved.ok()) {
+      // Nothing was remapped: the tables keep the old blocks (their bytes are intact), the
+      // planned destinations go back to the pool and the victim pages back into service.
+      for (const kv::BlockMove& m : reclaimed.moves) alloc.free(m.to);
+      alloc.cancel_reclaim();
+      return moved.with_context("repack on device " + std::to_string(inst));
+    }
     const std::int64_t remapped = remap(reclaimed.moves);
     KUN_CHECK_EQ(remapped, static_cast<std::int64_t>(reclaimed.moves.size())) << "repack on device " << inst;
     for (const kv::BlockMove& m : reclaimed.moves) alloc.free(m.from);
@@ -298,11 +341,14 @@ StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
   }
 }
 
-Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::string& reason) {
-  auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->group == group; });
-  if (it == units_.end()) return not_found("no fused group " + std::to_string(group));
-  Unit& unit = **it;
+Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t group, const std::string& reason) {
+  std::shared_ptr<Unit> unit_ptr = group_unit_locked(group);
+  if (unit_ptr == nullptr) return not_found("no fused group " + std::to_string(group));
+  Unit& unit = *unit_ptr;
+  KUN_CHECK(!unit.in_transition) << "group " << group << " is in another transition";
   KUN_CHECK(!unit.restoring.load() && !unit.gathered.load()) << "group " << group << " is already restoring";
+  unit.in_transition = true;  // released below; the rest runs without transition_mu_
+  lock.unlock();
   unit.restore_began = std::chrono::steady_clock::now();
   unit.restore_reason = reason;
   unit.engine->pause();
@@ -310,7 +356,8 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
   // Weights first, as in the artifact: each member takes its dropped layers' pages back from its
   // KV pool now (repacking live blocks inside the device), and the bytes cross the link on a
   // background thread as bulk transfers, yielding to the activations of the group, which keeps
-  // decoding on its stage layers. A layer whose pages the pool cannot spare yet waits for the split.
+  // decoding on its stage layers. A layer whose pages the pool cannot spare yet (or whose repack
+  // copy failed) waits for the split.
   cluster::RestoreInput input;
   input.group = group;
   input.members = unit.instances;
@@ -327,28 +374,42 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
   for (const cluster::WeightPull& p : unit.restore_plan.pulls) {
     if (p.member == short_member) continue;
     const std::int64_t inst = unit.instances[static_cast<std::size_t>(p.member)];
+    if (mirror_has_layer(inst, p.layer)) continue;  // kept at the drop (its drop_layer failed)
     auto pages = reclaim_layer_pages(
         inst, [&](std::span<const kv::BlockMove> moves) { return unit.kv->remap_blocks(p.member, moves); },
         &unit.restore_repacked_blocks);
     if (!pages.ok()) {
+      if (pages.status().code() != StatusCode::kResourceExhausted) {
+        record_failure("restore", group, unit.instances, pages.status(),
+                       "layer " + std::to_string(p.layer) + " of device " + std::to_string(inst) + " waits for the split");
+      }
       short_member = p.member;
       continue;
     }
     const std::int64_t owner = unit.instances[static_cast<std::size_t>(p.from)];
     pulls.push_back(Pull{owner, inst, p.layer, {}});
     for (memory::PageId page : *pages) pulls.back().pages.push_back(page.value);
-    unit.restore_pulled_bytes += fleet_->geometry(static_cast<int>(owner)).layer_segment_bytes;
   }
+  lock.lock();
   if (pulls.empty()) {
     unit.weights_back.store(true);
   } else {
     // Each puller's agent asks the owner's agent for the layer (a bulk kWeights message that
     // yields its links to activations) and maps it into the reclaimed pages; the acks come here.
-    unit.weight_pull = std::thread([this, &unit, pulls = std::move(pulls)] {
+    // A pull that fails is retried from every other holder; if none can send it, its pages wait
+    // for the split (which returns them to the pool and pulls the layer again, paused).
+    unit.weight_pull = std::thread([this, &unit, group, pulls = std::move(pulls)] {
       for (const Pull& p : pulls) {
-        const Status s = client().pull_layer(endpoint(p.to), p.layer, endpoint(p.from), p.pages);
-        KUN_CHECK(s.ok()) << "pull of layer " << p.layer << " by device " << p.to << " from " << p.from << ": " << s.to_string();
-        mirror_set_layer(p.to, p.layer, true);
+        std::int64_t source = -1;
+        const Status s = pull_layer_from_any(p.to, p.layer, p.from, p.pages, unit.instances, &source);
+        if (s.ok()) {
+          unit.restore_pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
+          continue;
+        }
+        Unit::FailedPull failed{p.to, p.layer, {}};
+        for (std::int64_t page : p.pages) failed.pages.push_back(memory::PageId(page));
+        unit.failed_pulls.push_back(std::move(failed));
+        record_failure("weight_pull", group, unit.instances, s, "retried at the split");
       }
       unit.weights_back.store(true, std::memory_order_release);
       notify_restore_progress();
@@ -363,24 +424,27 @@ Status ClusterRuntime::begin_restore_locked(std::int64_t group, const std::strin
     if (all_homed && unit.kv->requests_with_misplaced_layers().empty()) unit.gathered.store(true);
   }
   unit.engine->resume();
+  release_locked({unit_ptr});
   return ok_status();
 }
 
-void ClusterRuntime::finish_gathered_restores() {
+void ClusterRuntime::finish_gathered_restores(TransitionLock& lock) {
   const auto now = std::chrono::steady_clock::now();
-  std::vector<std::pair<std::int64_t, std::vector<std::int64_t>>> ready;
+  std::vector<std::int64_t> ready;
   for (const auto& u : units_) {
-    if (u->group < 0 || !(u->restoring.load() || u->gathered.load())) continue;  // not restoring
+    if (u->group < 0 || u->in_transition || !(u->restoring.load() || u->gathered.load())) continue;  // not restoring
     // The weight pull always finishes (a bounded transfer that wakes this loop); the split waits
     // for it rather than joining it under transition_mu_.
     if (!u->weights_back.load(std::memory_order_acquire)) continue;
     const bool done = u->gathered.load(std::memory_order_acquire);
-    if (done || now - u->restore_began >= std::chrono::microseconds(options_.restore_gather_timeout_us)) {
-      ready.emplace_back(u->group, u->instances);
-    }
+    if (done || now - u->restore_began >= std::chrono::microseconds(options_.restore_gather_timeout_us)) ready.push_back(u->group);
   }
-  for (const auto& [group, instances] : ready) {
-    Status s = restore_locked(group);
+  for (std::int64_t group : ready) {
+    // Each split releases transition_mu_ while it works: another thread may have taken the group.
+    const std::shared_ptr<Unit> u = group_unit_locked(group);
+    if (u == nullptr || u->in_transition) continue;
+    const std::vector<std::int64_t> instances = u->instances;
+    Status s = restore_locked(lock, group);
     if (!s.ok()) {
       // The group stays fused and restoring; the next wake of the policy loop tries again.
       record_failure("split", group, instances, s);
@@ -390,9 +454,48 @@ void ClusterRuntime::finish_gathered_restores() {
   }
 }
 
+bool ClusterRuntime::any_in_transition_locked() const {
+  return std::any_of(units_.begin(), units_.end(), [](const auto& u) { return u->in_transition; });
+}
+
+std::vector<std::shared_ptr<ClusterRuntime::Unit>> ClusterRuntime::reserve_all_locked(TransitionLock& lock) {
+  transition_cv_.wait(lock, [&] { return !any_in_transition_locked(); });
+  for (auto& u : units_) u->in_transition = true;
+  return units_;
+}
+
+void ClusterRuntime::release_locked(const std::vector<std::shared_ptr<Unit>>& units) const {
+  for (const auto& u : units) u->in_transition = false;
+  transition_cv_.notify_all();
+}
+
+void ClusterRuntime::wait_instances_free_locked(TransitionLock& lock, const std::vector<std::int64_t>& instances) const {
+  transition_cv_.wait(lock, [&] {
+    for (std::int64_t inst : instances) {
+      const Unit* u = unit_of_instance(inst);
+      if (u != nullptr && u->in_transition) return false;
+    }
+    return true;
+  });
+}
+
+void ClusterRuntime::wait_group_free_locked(TransitionLock& lock, std::int64_t group) const {
+  transition_cv_.wait(lock, [&] {
+    const std::shared_ptr<Unit> u = group_unit_locked(group);
+    return u == nullptr || !u->in_transition;
+  });
+}
+
+std::shared_ptr<ClusterRuntime::Unit> ClusterRuntime::group_unit_locked(std::int64_t group) const {
+  for (const auto& u : units_) {
+    if (u->group == group) return u;
+  }
+  return nullptr;
+}
+
 void ClusterRuntime::start() {
   {
-    std::unique_lock lock(transition_mu_);
+    TransitionLock lock(transition_mu_);
     if (started_) return;
     started_ = true;
     for (auto& u : units_) u->engine->start();
@@ -409,8 +512,14 @@ void ClusterRuntime::stop() {
   }
   policy_cv_.notify_all();
   if (policy_thread_.joinable()) policy_thread_.join();
-  std::unique_lock lock(transition_mu_);
-  for (auto& u : units_) u->engine->stop();
+  // Transitions still in flight (called from other threads) finish first; the engines' threads
+  // are joined without transition_mu_.
+  TransitionLock lock(transition_mu_);
+  const std::vector<std::shared_ptr<Unit>> all = reserve_all_locked(lock);
+  lock.unlock();
+  for (auto& u : all) u->engine->stop();
+  lock.lock();
+  release_locked(all);
 }
 
 ClusterRuntime::Unit* ClusterRuntime::unit_of_instance(std::int64_t instance) const {
@@ -433,24 +542,32 @@ std::map<std::string, std::int64_t> ClusterRuntime::transition_failures() const 
 }
 
 std::vector<std::int64_t> ClusterRuntime::admission_history(std::int64_t instance) const {
-  std::lock_guard<std::mutex> lock(transition_mu_);
-  Unit* u = unit_of_instance(instance);
+  TransitionLock lock(transition_mu_);
+  wait_instances_free_locked(lock, {instance});
+  std::shared_ptr<Unit> u;
+  for (const auto& unit : units_) {
+    if (std::find(unit->instances.begin(), unit->instances.end(), instance) != unit->instances.end()) u = unit;
+  }
   if (u == nullptr) return {};
+  u->in_transition = true;  // pausing waits for a step boundary: not under transition_mu_
+  lock.unlock();
   u->engine->pause();
   std::vector<std::int64_t> h = u->engine->scheduler().admission_history();
   u->engine->resume();
+  lock.lock();
+  release_locked({u});
   return h;
 }
 
 void ClusterRuntime::record_failure(const std::string& kind, std::int64_t group, const std::vector<std::int64_t>& instances,
-                                    const Status& status) {
-  KUN_LOG(kWarn) << "cluster " << kind << " of group " << group << " failed and was rolled back: " << status.to_string();
+                                    const Status& status, const std::string& outcome) {
+  KUN_LOG(kWarn) << "cluster " << kind << " of group " << group << " failed (" << outcome << "): " << status.to_string();
   ClusterEvent ev;
   ev.time_us = clock_->now_us();
   ev.kind = kind + "_failed";
   ev.group = group;
   ev.instances = instances;
-  ev.reason = status.to_string();
+  ev.reason = outcome + ": " + status.to_string();
   {
     std::lock_guard<std::mutex> lock(events_mu_);
     ++transition_failures_[kind];
@@ -746,9 +863,10 @@ std::uint64_t ClusterRuntime::events_total() const {
 }
 
 StatusOr<std::int64_t> ClusterRuntime::drop(const std::vector<std::int64_t>& instances) {
-  std::unique_lock lock(transition_mu_);
+  TransitionLock lock(transition_mu_);
+  wait_instances_free_locked(lock, instances);
   KUN_ASSIGN_OR_RETURN(cluster::DropAction action, coordinator_->force_drop(instances, clock_->now_us()));
-  StatusOr<std::int64_t> group = drop_locked(action.instances, action.group, "forced");
+  StatusOr<std::int64_t> group = drop_locked(lock, action.instances, action.group, "forced");
   if (!group.ok()) {
     record_failure("drop", action.group, action.instances, group.status());
     abandon_drop_locked(action.group);
@@ -761,16 +879,15 @@ StatusOr<std::int64_t> ClusterRuntime::drop(const std::vector<std::int64_t>& ins
 Status ClusterRuntime::restore(std::int64_t group) {
   std::shared_ptr<Unit> unit;
   {
-    std::unique_lock lock(transition_mu_);
+    TransitionLock lock(transition_mu_);
+    wait_group_free_locked(lock, group);
     const cluster::GroupInfo* info = coordinator_->group(group);
     if (info == nullptr || info->state != cluster::GroupState::kRestoring) {
       KUN_ASSIGN_OR_RETURN(cluster::RestoreAction action, coordinator_->force_restore(group, clock_->now_us()));
       coordinator_->on_restore_started(group, clock_->now_us());
-      KUN_RETURN_IF_ERROR(begin_restore_locked(group, "forced"));
+      KUN_RETURN_IF_ERROR(begin_restore_locked(lock, group, "forced"));
     }
-    for (const auto& u : units_) {
-      if (u->group == group) unit = u;
-    }
+    unit = group_unit_locked(group);
   }
   if (unit == nullptr) return not_found("no fused group " + std::to_string(group));
   // The weights come back on the pull thread while the group decodes; wait for them without
@@ -779,9 +896,10 @@ Status ClusterRuntime::restore(std::int64_t group) {
     std::unique_lock<std::mutex> pl(policy_mu_);
     policy_cv_.wait(pl, [&] { return unit->weights_back.load(std::memory_order_acquire); });
   }
-  std::unique_lock lock(transition_mu_);
+  TransitionLock lock(transition_mu_);
+  wait_group_free_locked(lock, group);
   if (std::find(units_.begin(), units_.end(), unit) == units_.end()) return ok_status();  // the policy loop split it meanwhile
-  if (Status s = restore_locked(group); !s.ok()) {
+  if (Status s = restore_locked(lock, group); !s.ok()) {
     record_failure("split", group, unit->instances, s);
     return s;
   }
@@ -790,7 +908,7 @@ Status ClusterRuntime::restore(std::int64_t group) {
 }
 
 bool ClusterRuntime::ready_to_split(std::int64_t group) const {
-  std::unique_lock lock(transition_mu_);
+  TransitionLock lock(transition_mu_);
   for (const auto& u : units_) {
     if (u->group == group) return u->gathered.load(std::memory_order_acquire) && u->weights_back.load(std::memory_order_acquire);
   }
@@ -798,15 +916,18 @@ bool ClusterRuntime::ready_to_split(std::int64_t group) const {
 }
 
 Status ClusterRuntime::begin_restore(std::int64_t group) {
-  std::unique_lock lock(transition_mu_);
+  TransitionLock lock(transition_mu_);
+  wait_group_free_locked(lock, group);
   KUN_ASSIGN_OR_RETURN(cluster::RestoreAction action, coordinator_->force_restore(group, clock_->now_us()));
   coordinator_->on_restore_started(group, clock_->now_us());
-  return begin_restore_locked(group, "forced");
+  return begin_restore_locked(lock, group, "forced");
 }
 
 Status ClusterRuntime::migrate(RequestId request, std::int64_t to_instance) {
-  std::unique_lock lock(transition_mu_);
-  return migrate_locked(request, to_instance, "forced");
+  TransitionLock lock(transition_mu_);
+  const std::int64_t from_instance = instance_of(request);
+  wait_instances_free_locked(lock, {from_instance, to_instance});
+  return migrate_locked(lock, request, to_instance, "forced");
 }
 
 cluster::TransitionGeometry ClusterRuntime::transition_geometry() const {
@@ -829,8 +950,8 @@ std::vector<cluster::TransitionRecord> ClusterRuntime::transition_log() const {
   return transition_log_.to_vector();
 }
 
-StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_t>& instances, std::int64_t group,
-                                                   const std::string& reason) {
+StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const std::vector<std::int64_t>& instances,
+                                                   std::int64_t group, const std::string& reason) {
   const auto t0 = std::chrono::steady_clock::now();
   const auto g = static_cast<std::int64_t>(instances.size());
   const std::int64_t L = config_.num_layers;
@@ -838,16 +959,22 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   for (std::int64_t inst : instances) {
     Unit* u = unit_of_instance(inst);
     if (u == nullptr || u->group >= 0) return failed_precondition("instance " + std::to_string(inst) + " is not independent");
+    KUN_CHECK(!u->in_transition) << "instance " << inst << " is in another transition";
   }
   for (std::int64_t inst : instances) {
     auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->instances.front() == inst; });
     members.push_back(*it);
   }
+  // Reserve the members (other transitions leave them alone), then work without transition_mu_.
   // Only the members stop: their gates close (submits and cancels routed to them queue there
   // and are handed to the group at the end) and their engines park at a step boundary. The
   // members stay published until the group replaces them, so routing always covers every
-  // instance; other units keep serving throughout.
-  for (auto& m : members) close_gate(*m);
+  // instance; other units keep serving (and other transitions run) throughout.
+  for (auto& m : members) {
+    m->in_transition = true;
+    close_gate(*m);
+  }
+  lock.unlock();
   // The plan, from every member's requests at a step boundary (cluster/transition_plan.h).
   cluster::DropInput input;
   input.group = group;
@@ -875,11 +1002,13 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
     }
   }
   if (!commit.ok()) {
+    lock.lock();
     const std::shared_ptr<const Routing> r = routing();
     for (auto& m : members) {
       reopen_gate(*m, *r);
       m->engine->resume();
     }
+    release_locked(members);
     return commit;
   }
   record_plan("drop", group, plan.to_string());
@@ -896,6 +1025,29 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   for (std::size_t i = 0; i < longest; ++i) {
     for (const auto& h : histories) {
       if (h.size() + i >= longest) history.push_back(h[h.size() + i - longest]);
+    }
+  }
+  // The layers go first, before any request moves. A member whose drop_layer fails (a transfer
+  // or device error) keeps that layer: the group still has every layer on its stage owner, that
+  // member just has less KV room (the plan shrinks), and its restore will not pull it back.
+  std::int64_t dropped_bytes = 0;
+  std::vector<std::pair<std::int64_t, std::int64_t>> kept_layers;
+  Status drop_error;
+  for (std::int64_t k = 0; k < g; ++k) {
+    const cluster::MemberLayout& layout = plan.members[static_cast<std::size_t>(k)];
+    kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(layout.instance)];
+    for (std::int64_t l : layout.layers_dropped) {
+      StatusOr<std::vector<std::int64_t>> pages_or = client().drop_layer(endpoint(layout.instance), l);
+      if (!pages_or.ok()) {
+        kept_layers.emplace_back(layout.instance, l);
+        drop_error = pages_or.status();
+        continue;
+      }
+      std::vector<memory::PageId> pages;
+      for (std::int64_t p : *pages_or) pages.push_back(memory::PageId(p));
+      KUN_CHECK_OK(alloc.add_pages(pages));
+      mirror_set_layer(layout.instance, l, false);
+      dropped_bytes += static_cast<std::int64_t>(pages.size()) * fleet_->geometry(static_cast<int>(layout.instance)).page_bytes;
     }
   }
   // Carry it out: every request leaves its member; those the plan keeps with KV take their tables.
@@ -917,22 +1069,8 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
       detached.emplace(id, std::move(*d));
     }
   }
-  std::int64_t dropped_bytes = 0;
-  for (std::int64_t k = 0; k < g; ++k) {
-    const cluster::MemberLayout& layout = plan.members[static_cast<std::size_t>(k)];
-    kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(layout.instance)];
-    for (std::int64_t l : layout.layers_dropped) {
-      // Past the commit point (the layers were checked above): a failure here is a broken invariant.
-      StatusOr<std::vector<std::int64_t>> pages_or = client().drop_layer(endpoint(layout.instance), l);
-      KUN_CHECK(pages_or.ok()) << "drop of layer " << l << " on device " << layout.instance << ": " << pages_or.status().to_string();
-      std::vector<memory::PageId> pages;
-      for (std::int64_t p : *pages_or) pages.push_back(memory::PageId(p));
-      KUN_CHECK_OK(alloc.add_pages(pages));
-      mirror_set_layer(layout.instance, l, false);
-      dropped_bytes += static_cast<std::int64_t>(pages.size()) * fleet_->geometry(static_cast<int>(layout.instance)).page_bytes;
-    }
-  }
   auto unit = make_unit(instances, group);
+  unit->kept_layers = kept_layers;
   unit->engine->mutable_scheduler().set_admission_history(history);
   // Stale requests keep their KV on the member they ran on; the group's KvManager knows it is
   // misplaced for the layers other members now run (the plan's moves), which reach it by remote
@@ -971,9 +1109,11 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   }
   const auto moved = static_cast<std::int64_t>(plan.keep_kv.size() + plan.queue.size());
   KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << "drop of group " << group << " lost a request";
+  lock.lock();
   launch(*unit);
   // Publish: the group replaces its members. Their gates retire first, handing what queued to
   // the group; a caller that meets a retired gate reloads the snapshot published just after.
+  // (Gate-to-gate hand-overs happen only here, under transition_mu_: never two at once.)
   units_.erase(std::remove_if(units_.begin(), units_.end(),
                               [&](const auto& u) { return std::find(members.begin(), members.end(), u) != members.end(); }),
                units_.end());
@@ -981,7 +1121,9 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   std::shared_ptr<const Routing> next = build_routing_locked();
   for (auto& m : members) retire_gate(*m, *next);
   publish_routing(std::move(next));
-  for (auto& m : members) retire(m);
+  release_locked(members);
+  lock.unlock();
+  for (auto& m : members) retire(m);  // joins their engine threads: not under transition_mu_
   members.clear();
   ClusterEvent ev;
   ev.time_us = clock_->now_us();
@@ -996,20 +1138,33 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(const std::vector<std::int64_
   ev.stale_requests = std::move(stale_ids);
   ev.reason = reason + "; " + std::to_string(plan.keep_kv.size()) + " running requests keep their KV (" +
               cluster::stale_kv_strategy_name(options_.stale_kv) + "), " + std::to_string(lost_kv) + " recompute";
+  if (!kept_layers.empty()) ev.reason += "; " + std::to_string(kept_layers.size()) + " layer(s) kept (drop_layer failed)";
   record(std::move(ev));
+  if (!kept_layers.empty()) {
+    std::string which;
+    for (const auto& [inst, l] : kept_layers) which += " device " + std::to_string(inst) + " layer " + std::to_string(l) + ";";
+    record_failure("drop_layer", group, instances, drop_error, "the drop completed, keeping" + which);
+  }
+  lock.lock();
   return group;
 }
 
-Status ClusterRuntime::restore_locked(std::int64_t group) {
+Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) {
   const auto t0 = std::chrono::steady_clock::now();
-  auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->group == group; });
-  if (it == units_.end()) return not_found("no fused group " + std::to_string(group));
-  KUN_CHECK((*it)->restoring.load() || (*it)->gathered.load()) << "group " << group << " splits before its gather phase";
+  std::shared_ptr<Unit> unit = group_unit_locked(group);
+  if (unit == nullptr) return not_found("no fused group " + std::to_string(group));
+  KUN_CHECK(!unit->in_transition) << "group " << group << " is in another transition";
+  KUN_CHECK(unit->restoring.load() || unit->gathered.load()) << "group " << group << " splits before its gather phase";
   // The weights pulled since begin_restore have arrived (callers wait for weights_back before
-  // they take transition_mu_), so this join returns at once: no lock waits on a transfer here.
-  KUN_CHECK((*it)->weights_back.load(std::memory_order_acquire)) << "group " << group << " splits before its weights are back";
-  if ((*it)->weight_pull.joinable()) (*it)->weight_pull.join();
-  std::shared_ptr<Unit> unit = *it;
+  // they split), so the join below returns at once.
+  KUN_CHECK(unit->weights_back.load(std::memory_order_acquire)) << "group " << group << " splits before its weights are back";
+  // Reserve the group, then work without transition_mu_. Only the group stops: its gate closes
+  // (what is routed to it meanwhile is handed to the instances it splits into) and its engine
+  // parks at a step boundary.
+  unit->in_transition = true;
+  close_gate(*unit);
+  lock.unlock();
+  if (unit->weight_pull.joinable()) unit->weight_pull.join();
   const double gather_ms = std::chrono::duration<double, std::milli>(t0 - unit->restore_began).count();
   const std::string reason = unit->restore_reason;
   const std::vector<std::int64_t> instances = unit->instances;
@@ -1018,18 +1173,23 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
     return *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
   };
-  // Only the group stops: its gate closes (what is routed to it meanwhile is handed to the
-  // instances it splits into) and its engine parks at a step boundary.
-  close_gate(*unit);
   unit->engine->pause();
   unit->engine->quiesce();
   // Commit point: nothing has moved yet; a failure leaves the group fused and restoring (the
   // policy thread retries the split later).
   if (Status commit = options_.transition_fault ? options_.transition_fault("split", group) : ok_status(); !commit.ok()) {
+    lock.lock();
     reopen_gate(*unit, *routing());
     unit->engine->resume();
+    release_locked({unit});
     return commit;
   }
+  // Pages of weight pulls that failed during the gather go back to the KV pool: those layers are
+  // pulled again below, like the ones whose pages could not be spared then.
+  for (Unit::FailedPull& f : unit->failed_pulls) {
+    KUN_CHECK_OK(allocators_[static_cast<std::size_t>(f.instance)]->add_pages(f.pages));
+  }
+  unit->failed_pulls.clear();
   // The group's admission history goes to every instance it splits into.
   const std::vector<std::int64_t> history = unit->engine->scheduler().admission_history();
   cluster::SplitInput input;
@@ -1043,12 +1203,14 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   // Every request leaves the group; those the rule may keep take their tables along.
   std::map<RequestId, engine::Engine::Detached> detached;
   std::map<RequestId, std::map<std::int32_t, kv::BlockTable>> tables_of;
+  std::vector<RequestId> order;  // the group's order, for a rollback
   for (const cluster::TransitionRequest& r : input.requests) {
     const bool keep = options_.stale_kv != cluster::StaleKvStrategy::kRecompute && r.running;
     auto d = unit->engine->detach(r.id, keep);
     KUN_CHECK(d.has_value());
     if (keep) tables_of.emplace(r.id, unit->kv->export_tables(r.id));
     detached.emplace(r.id, std::move(*d));
+    order.push_back(r.id);
   }
   for (std::int64_t k = 0; k < g; ++k) input.free_blocks_now.push_back(member_alloc(k).num_free());
   const cluster::SplitPlan plan = cluster::plan_split(input, transition_geometry());
@@ -1067,56 +1229,105 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
     auto tit = tables_of.find(l.id);
     if (tit != tables_of.end()) free_tables(tit->second);
   }
-  // Each placed request's layers held elsewhere are copied to its member (stop-and-copy).
+  // Each placed request's layers held elsewhere are copied to its member (stop-and-copy). A
+  // request whose copy fails recomputes on its member: its blocks are freed on every member.
   std::int64_t exchanged_blocks = 0, exchanged_bytes = 0;
   std::map<RequestId, kv::BlockTable> placed;
+  std::set<RequestId> move_failed;
   for (const cluster::Placement& p : plan.keep_kv) {
     auto& tables = tables_of.at(p.id);
     KUN_CHECK(tables.count(p.member) != 0) << "request " << p.id << " has no table on member " << p.member;
     kv::BlockTable& mine = tables.at(p.member);
+    Status failed;
     for (const cluster::LayerMove& m : p.moves) {
       KUN_CHECK_OK(mine.add_layer(m.layer, member_alloc(p.member)));
-      const std::vector<kv::BlockId> from = tables.at(m.from).release_layer(m.layer);
-      exchanged_bytes += move_kv(instances[static_cast<std::size_t>(m.from)], from, instances[static_cast<std::size_t>(p.member)],
-                                 mine.layer_blocks(m.layer), TransferKind::kKvExchange);
-      member_alloc(m.from).free(from);
+      const std::vector<kv::BlockId> from = tables.at(m.from).layer_blocks(m.layer);
+      failed = move_kv(instances[static_cast<std::size_t>(m.from)], from, instances[static_cast<std::size_t>(p.member)],
+                       mine.layer_blocks(m.layer), TransferKind::kKvExchange, &exchanged_bytes);
+      if (!failed.ok()) break;
+      tables.at(m.from).drop_layer(m.layer, member_alloc(m.from));
       exchanged_blocks += static_cast<std::int64_t>(from.size());
+    }
+    if (!failed.ok()) {
+      free_tables(tables);
+      move_failed.insert(p.id);
+      ++recomputed;
+      record_failure("kv_move", group, instances, failed,
+                     "request " + std::to_string(p.id.value) + " recomputes on device " +
+                         std::to_string(instances[static_cast<std::size_t>(p.member)]));
+      continue;
     }
     KUN_CHECK_EQ(mine.num_layers(), L) << "request " << p.id << " gathered";
     KUN_CHECK_EQ(mine.num_tokens(), p.tokens) << "request " << p.id;
     placed.emplace(p.id, std::move(mine));
   }
-  // Layers whose pages the pool could not spare at begin_restore get them now: repack live blocks
-  // out of the pages the allocator picks (copies inside the device), then pull the weights from
-  // the peer that kept them, with the group paused.
+  // Layers whose pages the pool could not spare at begin_restore (or whose pull failed then) get
+  // them now: repack live blocks out of the pages the allocator picks (copies inside the device),
+  // then pull the weights from the peer that kept them (or any other holder), with the group
+  // paused. A repack or a pull that fails from every holder fails the split, which rolls back.
+  Status split_error;
   for (const cluster::WeightPull& wp : restore_plan.pulls) {
     const std::int64_t inst = instances[static_cast<std::size_t>(wp.member)];
-    if (mirror_has_layer(inst, wp.layer)) continue;  // pulled during the gather
+    if (mirror_has_layer(inst, wp.layer)) continue;  // pulled during the gather (or kept at the drop)
     const auto remap = [&](std::span<const kv::BlockMove> moves) {
       std::int64_t remapped = 0;
       for (const cluster::Placement& p : plan.keep_kv) {
-        if (p.member == wp.member) remapped += placed.at(p.id).remap_blocks(moves);
+        if (p.member == wp.member && placed.count(p.id) != 0) remapped += placed.at(p.id).remap_blocks(moves);
       }
       return remapped;
     };
-    // Past the commit point: every request has left the group. The plan sized the split so these
-    // pages exist (free blocks, repacked); a shortfall is a broken invariant, not a lost request.
     StatusOr<std::vector<memory::PageId>> pages_or = reclaim_layer_pages(inst, remap, &repacked_blocks);
-    KUN_CHECK(pages_or.ok()) << "split of group " << group << ": layer " << wp.layer << " on device " << inst << ": "
-                             << pages_or.status().to_string();
+    if (!pages_or.ok()) {
+      split_error = pages_or.status().with_context("layer " + std::to_string(wp.layer) + " on device " + std::to_string(inst));
+      break;
+    }
     std::vector<std::int64_t> pages;
     for (memory::PageId page : *pages_or) pages.push_back(page.value);
-    const std::int64_t owner = instances[static_cast<std::size_t>(wp.from)];
-    const Status pulled = client().pull_layer(endpoint(inst), wp.layer, endpoint(owner), pages);
-    KUN_CHECK(pulled.ok()) << "split of group " << group << ": pull of layer " << wp.layer << " by device " << inst << ": "
-                           << pulled.to_string();
-    mirror_set_layer(inst, wp.layer, true);
-    pulled_bytes += fleet_->geometry(static_cast<int>(owner)).layer_segment_bytes;
+    std::int64_t source = -1;
+    split_error = pull_layer_from_any(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], pages, instances, &source);
+    if (!split_error.ok()) {
+      KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
+      break;
+    }
+    pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
   }
-  for (std::int64_t inst : instances) {
+  for (std::size_t k = 0; split_error.ok() && k < instances.size(); ++k) {
+    const std::int64_t inst = instances[k];
     auto snap = client().check_integrity(endpoint(inst));
-    KUN_CHECK(snap.ok()) << "device " << inst << ": " << snap.status().to_string();
+    if (!snap.ok()) {
+      split_error = snap.status().with_context("device " + std::to_string(inst));
+      break;
+    }
     KUN_CHECK_EQ(snap->kv_pages, allocators_[static_cast<std::size_t>(inst)]->num_pages()) << "device " << inst;
+  }
+  if (!split_error.ok()) {
+    // Roll back: every request goes back into the group as it is now (KV gathered so far stays
+    // where it went, the group's tables say where; requests that lost KV recompute), layers
+    // pulled so far stay (the group keeps restoring and the next split skips them).
+    {
+      for (RequestId id : order) {
+        engine::Engine::Detached& d = detached.at(id);
+        auto tit = tables_of.find(id);
+        if (tit != tables_of.end() && !tit->second.empty()) {
+          auto pit = placed.find(id);
+          if (pit != placed.end()) {
+            for (const cluster::Placement& p : plan.keep_kv) {
+              if (p.id == id) tit->second.insert_or_assign(p.member, std::move(pit->second));
+            }
+          }
+          const std::int64_t tokens = tit->second.begin()->second.num_tokens();
+          unit->kv->import_tables(id, tokens, std::move(tit->second));
+          unit->engine->adopt_with_imported_kv(std::move(d));
+        } else {
+          KUN_CHECK_OK(unit->engine->adopt(std::move(d), /*with_kv=*/false));
+        }
+      }
+    }
+    lock.lock();
+    reopen_gate(*unit, *routing());
+    unit->engine->resume();
+    release_locked({unit});
+    return split_error;
   }
   std::vector<Unit*> fresh_units;
   std::vector<std::shared_ptr<Unit>> fresh;
@@ -1131,10 +1342,14 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
     std::lock_guard<std::mutex> rl(requests_mu_);
     for (const cluster::Placement& p : plan.keep_kv) {
       Unit* u = fresh_units[static_cast<std::size_t>(p.member)];
+      request_instance_[p.id] = u->instances.front();
+      if (move_failed.count(p.id) != 0) {
+        KUN_CHECK_OK(u->engine->adopt(std::move(detached.at(p.id)), /*with_kv=*/false));
+        continue;
+      }
       std::map<std::int32_t, kv::BlockTable> whole;
       whole.emplace(0, std::move(placed.at(p.id)));
       u->kv->import_tables(p.id, p.tokens, std::move(whole));
-      request_instance_[p.id] = u->instances.front();
       u->engine->adopt_with_imported_kv(std::move(detached.at(p.id)));
     }
     for (const cluster::Landing& l : plan.queued) {
@@ -1143,6 +1358,7 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
       KUN_CHECK_OK(u->engine->adopt(std::move(detached.at(l.id)), /*with_kv=*/false));
     }
   }
+  lock.lock();
   for (Unit* u : fresh_units) launch(*u);
   // Publish: the instances replace the group, whose gate retires handing what queued to them.
   units_.erase(std::find(units_.begin(), units_.end(), unit));
@@ -1150,7 +1366,9 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   std::shared_ptr<const Routing> next = build_routing_locked();
   retire_gate(*unit, *next);
   publish_routing(std::move(next));
-  retire(unit);
+  release_locked({unit});
+  lock.unlock();
+  retire(unit);  // joins its engine thread: not under transition_mu_
   unit.reset();
   {
     std::lock_guard<std::mutex> el(events_mu_);
@@ -1169,39 +1387,46 @@ Status ClusterRuntime::restore_locked(std::int64_t group) {
   ev.kv_blocks_gathered_live = live_blocks;
   ev.requests_recomputed = recomputed;
   ev.blocks_repacked = repacked_blocks;
-  ev.reason = reason + "; KV gathered back: " + std::to_string(plan.keep_kv.size()) + " requests, " + std::to_string(live_blocks) +
-              " blocks while decoding, " + std::to_string(exchanged_blocks) + " blocks, " + std::to_string(exchanged_bytes) +
-              " bytes at the split (" +
-              std::to_string(repacked_blocks) + " blocks repacked, " + std::to_string(recomputed) + " requests recompute)";
+  ev.reason = reason + "; KV gathered back: " + std::to_string(plan.keep_kv.size() - move_failed.size()) + " requests, " +
+              std::to_string(live_blocks) + " blocks while decoding, " + std::to_string(exchanged_blocks) + " blocks, " +
+              std::to_string(exchanged_bytes) + " bytes at the split (" + std::to_string(repacked_blocks) + " blocks repacked, " +
+              std::to_string(recomputed) + " requests recompute)";
   record(std::move(ev));
+  lock.lock();
   return ok_status();
 }
 
-Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instance, const std::string& reason) {
+Status ClusterRuntime::migrate_locked(TransitionLock& lock, RequestId request, std::int64_t to_instance,
+                                      const std::string& reason) {
   const auto t0 = std::chrono::steady_clock::now();
-  std::int64_t from_instance;
-  {
-    std::lock_guard<std::mutex> rl(requests_mu_);
-    auto it = request_instance_.find(request);
-    if (it == request_instance_.end()) return not_found("request " + std::to_string(request.value) + " is not live");
-    from_instance = it->second;
+  const std::int64_t from_instance = instance_of(request);
+  if (from_instance < 0) return not_found("request " + std::to_string(request.value) + " is not live");
+  std::shared_ptr<Unit> from, to;
+  for (const auto& u : units_) {
+    if (std::find(u->instances.begin(), u->instances.end(), from_instance) != u->instances.end()) from = u;
+    if (std::find(u->instances.begin(), u->instances.end(), to_instance) != u->instances.end()) to = u;
   }
-  Unit* from = unit_of_instance(from_instance);
-  Unit* to = unit_of_instance(to_instance);
   if (from == nullptr || to == nullptr || from == to) return invalid_argument("migration needs two different instances");
   if (from->group >= 0 || to->group >= 0) return failed_precondition("migration is between independent instances");
-  // Both gates close, so no cancel of the moving request can reach the engine it is leaving
-  // after it left; they reopen (handing on what queued) once request_instance_ names its new home.
+  KUN_CHECK(!from->in_transition && !to->in_transition) << "migration between units in another transition";
+  // Both units are reserved and their gates close, so no cancel of the moving request can reach
+  // the engine it is leaving after it left; they reopen (handing on what queued) once
+  // request_instance_ names its home. The copy runs without transition_mu_.
+  from->in_transition = true;
+  to->in_transition = true;
   close_gate(*from);
   close_gate(*to);
+  lock.unlock();
   from->engine->pause();
   to->engine->pause();
   auto resume = [&] {
+    lock.lock();
     const std::shared_ptr<const Routing> r = routing();
     reopen_gate(*from, *r);
     reopen_gate(*to, *r);
     from->engine->resume();
     to->engine->resume();
+    release_locked({from, to});
   };
   std::optional<engine::Engine::Detached> d = from->engine->detach(request, /*keep_kv=*/true);
   if (!d) {
@@ -1227,7 +1452,19 @@ Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instanc
       for (kv::BlockId b : ids(src[i].blocks)) src_blocks.push_back(b);
       for (kv::BlockId b : ids(dst[i].blocks)) dst_blocks.push_back(b);
     }
-    bytes += move_kv(from_instance, src_blocks, to_instance, dst_blocks, TransferKind::kKvMigration);
+    const Status copied = move_kv(from_instance, src_blocks, to_instance, dst_blocks, TransferKind::kKvMigration, &bytes);
+    if (!copied.ok()) {
+      // The request goes back where it was, with its KV (still held there); the destination's
+      // blocks are freed.
+      std::optional<engine::Engine::Detached> back = to->engine->detach(request, /*keep_kv=*/true);
+      KUN_CHECK(back.has_value()) << "request " << request << " left the paused destination";
+      to->engine->mutable_scheduler().release_detached(request);
+      KUN_CHECK_OK(from->engine->adopt(std::move(*back), /*with_kv=*/true));
+      resume();
+      record_failure("migrate", -1, {from_instance, to_instance}, copied,
+                     "request " + std::to_string(request.value) + " stays on instance " + std::to_string(from_instance));
+      return copied;
+    }
     blocks += static_cast<std::int64_t>(src_blocks.size());
     from->engine->mutable_scheduler().release_detached(request);
   } else if (live) {
@@ -1244,6 +1481,7 @@ Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instanc
     request_instance_[request] = to_instance;
   }
   resume();
+  lock.unlock();
   {
     std::lock_guard<std::mutex> el(events_mu_);
     kv_blocks_moved_ += blocks;
@@ -1257,6 +1495,7 @@ Status ClusterRuntime::migrate_locked(RequestId request, std::int64_t to_instanc
   ev.requests_moved = 1;
   ev.reason = reason;
   record(std::move(ev));
+  lock.lock();
   return ok_status();
 }
 
@@ -1271,22 +1510,31 @@ void ClusterRuntime::abandon_drop_locked(std::int64_t group) {
   coordinator_->on_restore_done(group, now);
 }
 
-void ClusterRuntime::run_actions(const cluster::Actions& actions) {
+void ClusterRuntime::run_actions(TransitionLock& lock, const cluster::Actions& actions) {
+  // Each transition below releases transition_mu_ while it works, so a transition called from
+  // another thread may take units meanwhile: an action whose units are in transition is skipped.
+  const auto busy = [&](const std::vector<std::int64_t>& instances) {
+    return std::any_of(instances.begin(), instances.end(), [&](std::int64_t inst) {
+      const Unit* u = unit_of_instance(inst);
+      return u != nullptr && u->in_transition;
+    });
+  };
   for (const auto& r : actions.restores) {
     coordinator_->on_restore_started(r.group, clock_->now_us());
-    Status s = begin_restore_locked(r.group, r.reason);
-    if (!s.ok()) {
-      Unit* u = nullptr;
-      for (const auto& unit : units_) {
-        if (unit->group == r.group) u = unit.get();
-      }
-      record_failure("restore", r.group, u ? u->instances : std::vector<std::int64_t>{}, s);
-    }
+    const std::shared_ptr<Unit> u = group_unit_locked(r.group);
+    Status s = u != nullptr && u->in_transition ? unavailable("group " + std::to_string(r.group) + " is in another transition")
+                                                : begin_restore_locked(lock, r.group, r.reason);
+    if (!s.ok()) record_failure("restore", r.group, u ? u->instances : std::vector<std::int64_t>{}, s);
   }
-  finish_gathered_restores();  // groups with nothing to gather split at once
+  finish_gathered_restores(lock);  // groups with nothing to gather split at once
   for (const auto& d : actions.drops) {
     KUN_CHECK(d.absorbs.empty()) << "group growth reached the runtime, which refuses it";
-    auto s = drop_locked(d.instances, d.group, d.reason);
+    if (busy(d.instances)) {
+      KUN_LOG(kInfo) << "drop of group " << d.group << " skipped: a member is in another transition";
+      abandon_drop_locked(d.group);
+      continue;
+    }
+    auto s = drop_locked(lock, d.instances, d.group, d.reason);
     if (!s.ok()) {
       record_failure("drop", d.group, d.instances, s.status());
       abandon_drop_locked(d.group);
@@ -1295,7 +1543,8 @@ void ClusterRuntime::run_actions(const cluster::Actions& actions) {
     coordinator_->on_drop_done(d.group, clock_->now_us());
   }
   for (const auto& m : actions.migrations) {
-    Status s = migrate_locked(m.request, m.to, m.reason);
+    Status s = busy({instance_of(m.request), m.to}) ? unavailable("an instance is in another transition")
+                                                     : migrate_locked(lock, m.request, m.to, m.reason);
     if (!s.ok()) {
       KUN_LOG(kInfo) << "migration of request " << m.request << " skipped: " << s.to_string();
     }
@@ -1315,20 +1564,29 @@ void ClusterRuntime::policy_loop() {
       if (stopping_) return;
       restore_progress_ = false;
     }
-    std::unique_lock lock(transition_mu_);
+    TransitionLock lock(transition_mu_);
     if (std::chrono::steady_clock::now() >= next_tick) {
       next_tick = std::chrono::steady_clock::now() + period;
-      const cluster::Actions actions = coordinator_->tick(clock_->now_us(), snapshots_of(units_));
-      if (!actions.empty()) run_actions(actions);
+      // A transition in flight (called from another thread) owns some units: the coordinator
+      // would plan over a cluster in motion, so this tick is skipped (the next one runs).
+      if (!any_in_transition_locked()) {
+        const cluster::Actions actions = coordinator_->tick(clock_->now_us(), snapshots_of(units_));
+        if (!actions.empty()) run_actions(lock, actions);
+      }
     }
-    finish_gathered_restores();
+    finish_gathered_restores(lock);
   }
 }
 
 bool ClusterRuntime::run_step_all() {
-  std::unique_lock lock(transition_mu_);
+  // Steps wait on agents: the units are reserved and the steps run without transition_mu_.
+  TransitionLock lock(transition_mu_);
+  const std::vector<std::shared_ptr<Unit>> all = reserve_all_locked(lock);
+  lock.unlock();
   bool any = false;
-  for (auto& u : units_) any = u->engine->run_step() || any;
+  for (auto& u : all) any = u->engine->run_step() || any;
+  lock.lock();
+  release_locked(all);
   return any;
 }
 
@@ -1343,16 +1601,23 @@ std::int64_t ClusterRuntime::dropped_param_bytes(std::int64_t instance) const {
 }
 
 void ClusterRuntime::check_integrity() {
-  // Weight pulls in flight change a device's pages under the front end's feet (pages leave its
-  // allocator at begin_restore, its arena when the pull lands): wait for them, without the
-  // transition lock, then check with the lock held and every engine paused.
-  std::unique_lock lock(transition_mu_);
+  // Transitions in flight finish first (transition_cv_). Weight pulls in flight change a
+  // device's pages under the front end's feet (pages leave its allocator at begin_restore, its
+  // arena when the pull lands): wait for them too, without the transition lock. Then every unit
+  // is reserved (no transition starts meanwhile) and checked with its engine paused, without
+  // transition_mu_ (pausing waits for a step boundary, the checks for agents).
+  TransitionLock lock(transition_mu_);
+  std::vector<std::shared_ptr<Unit>> all;
   while (true) {
+    transition_cv_.wait(lock, [&] { return !any_in_transition_locked(); });
     std::shared_ptr<Unit> pulling;
     for (const auto& u : units_) {
       if (u->weight_pull.joinable() && !u->weights_back.load(std::memory_order_acquire)) pulling = u;
     }
-    if (pulling == nullptr) break;
+    if (pulling == nullptr) {
+      all = reserve_all_locked(lock);
+      break;
+    }
     lock.unlock();
     {
       std::unique_lock<std::mutex> pl(policy_mu_);
@@ -1360,7 +1625,8 @@ void ClusterRuntime::check_integrity() {
     }
     lock.lock();
   }
-  for (auto& u : units_) u->engine->pause();
+  lock.unlock();
+  for (auto& u : all) u->engine->pause();
   // What each device reports of itself (its agent checks its arena's page accounting).
   std::vector<DeviceSnapshot> reported;
   for (std::int64_t i = 0; i < options_.num_instances; ++i) {
@@ -1376,7 +1642,7 @@ void ClusterRuntime::check_integrity() {
   };
   const std::int64_t L = config_.num_layers;
   std::set<RequestId> seen;
-  for (auto& u : units_) {
+  for (auto& u : all) {
     {
       // Between transitions every gate is open and empty: nothing waits for a hand-over.
       std::lock_guard<std::mutex> gl(u->gate.mu);
@@ -1398,14 +1664,18 @@ void ClusterRuntime::check_integrity() {
         const std::int64_t owner = u->instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
         KUN_CHECK(holds(owner, l)) << "layer " << l << " left its stage owner " << owner;
       } else {
-        KUN_CHECK_EQ(holders, 1) << "layer " << l << " in unit of instance " << u->instances.front();
+        // Once each, plus the copies members kept because their drop_layer failed.
+        const auto kept = std::count_if(u->kept_layers.begin(), u->kept_layers.end(), [&](const auto& k) { return k.second == l; });
+        KUN_CHECK_EQ(holders, 1 + kept) << "layer " << l << " in unit of instance " << u->instances.front();
       }
     }
   }
   for (std::size_t i = 0; i < reported.size(); ++i) {
     KUN_CHECK_EQ(reported[i].kv_pages, allocators_[i]->num_pages()) << "device " << i;
   }
-  for (auto& u : units_) u->engine->resume();
+  for (auto& u : all) u->engine->resume();
+  lock.lock();
+  release_locked(all);
 }
 
 }  // namespace kun::runtime

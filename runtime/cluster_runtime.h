@@ -86,6 +86,9 @@ struct ClusterOptions {
   // stop-and-copy at the split.
   std::int64_t restore_gather_timeout_us = 2'000'000;
   TransitionFaultFn transition_fault;  // tests only; empty in production
+  // Tests only: a transfer error injected at the device agents (FleetOptions::agent_fault: called
+  // per agent op with its device index and layer). In-process fleets only; empty in production.
+  std::function<Status(AgentOp op, int device, std::int64_t layer)> agent_fault;
   // Builds the devices (empty: InProcessFleet::create). The MPI runtime passes one that has the
   // device ranks build theirs (runtime/mpi/mpi_fleet.h, MpiFleetFactory).
   std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> make_fleet;
@@ -162,8 +165,12 @@ class ClusterRuntime final : public engine::FrontDoor {
   // The device agents' counters (remote attention done for other stages, stages run, blocks).
   StatusOr<AgentCounters> device_counters(std::int64_t instance) const { return fleet_->counters(static_cast<int>(instance)); }
   std::int64_t num_units() const;
-  // Transitions that failed and were rolled back, by kind (drop | restore | split | migrate):
-  // the counter behind kunserve_transition_failures_total{kind}.
+  // Transitions, or steps of one, that failed, by kind: drop | restore | split (rolled back);
+  // drop_layer (a member kept a layer, the drop completed without dropping it); weight_pull (every
+  // holder refused, retried at the split); kv_move (a stale request's KV move at the split failed:
+  // it recomputes); exchange (a live exchange move failed: the layer stays, served by remote
+  // attention); migrate (the request stays where it was). The counter behind
+  // kunserve_transition_failures_total{kind}.
   std::map<std::string, std::int64_t> transition_failures() const;
   // The admission history (recent prompt lengths) of the scheduler serving `instance` (tests: it is
   // carried across drops and splits).
@@ -190,6 +197,10 @@ class ClusterRuntime final : public engine::FrontDoor {
   };
   struct Unit {
     Gate gate;
+    // A transition owns the unit (reserved under transition_mu_, which guards this flag): the
+    // transition works on it with transition_mu_ released; everyone else waits on transition_cv_
+    // or, the policy loop, skips it.
+    bool in_transition = false;
     std::vector<std::int64_t> instances;  // stage order
     std::int64_t group = -1;
     std::unique_ptr<engine::KvManager> kv;
@@ -210,6 +221,16 @@ class ClusterRuntime final : public engine::FrontDoor {
     std::atomic<bool> weights_back{false};
     std::int64_t restore_repacked_blocks = 0;  // at begin_restore
     std::int64_t restore_pulled_bytes = 0;     // by weight_pull
+    // Pulls weight_pull could not complete from any holder (written before weights_back is set):
+    // their pages go back to the KV pool at the split, which pulls those layers again.
+    struct FailedPull {
+      std::int64_t instance, layer;
+      std::vector<memory::PageId> pages;
+    };
+    std::vector<FailedPull> failed_pulls;
+    // (instance, layer) a member still holds although the drop's plan dropped it (its drop_layer
+    // failed): the group holds that layer twice, and the restore does not pull it.
+    std::vector<std::pair<std::int64_t, std::int64_t>> kept_layers;
     ~Unit() {
       if (weight_pull.joinable()) weight_pull.join();
     }
@@ -237,7 +258,23 @@ class ClusterRuntime final : public engine::FrontDoor {
   void deliver_pending_locked(Unit& unit, const Routing& routing);
   std::int64_t instance_of(RequestId id) const;
   void record_failure(const std::string& kind, std::int64_t group, const std::vector<std::int64_t>& instances,
-                      const Status& status);
+                      const Status& status, const std::string& outcome = "rolled back");
+  // Transitions reserve their units under transition_mu_ and carry out their messages, copies and
+  // transfers with it released (TransitionLock unlocked), re-taking it to publish or roll back.
+  using TransitionLock = std::unique_lock<std::mutex>;
+  bool any_in_transition_locked() const;
+  // Waits (transition_cv_) until no unit is in transition, then reserves every unit.
+  std::vector<std::shared_ptr<Unit>> reserve_all_locked(TransitionLock& lock);
+  void release_locked(const std::vector<std::shared_ptr<Unit>>& units) const;
+  // Waits until the units holding `instances` (or the group) are not in transition.
+  void wait_instances_free_locked(TransitionLock& lock, const std::vector<std::int64_t>& instances) const;
+  void wait_group_free_locked(TransitionLock& lock, std::int64_t group) const;
+  std::shared_ptr<Unit> group_unit_locked(std::int64_t group) const;
+  // Device `instance` pulls `layer` into `pages` from `preferred`, else from any other device the
+  // mirror says holds it; returns the last error when none could send it.
+  Status pull_layer_from_any(std::int64_t instance, std::int64_t layer, std::int64_t preferred,
+                             std::span<const std::int64_t> pages, const std::vector<std::int64_t>& candidates,
+                             std::int64_t* source);
   // A unit's engine starts only in launch(), after the requests it inherits are adopted (adopting
   // is engine-thread work that must not race the engine's own thread).
   std::shared_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
@@ -245,38 +282,42 @@ class ClusterRuntime final : public engine::FrontDoor {
   // An independent instance's scheduler limits (before fused_scheduler_config).
   engine::SchedulerConfig instance_scheduler_config() const;
   void exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight);
-  Status begin_restore_locked(std::int64_t group, const std::string& reason);
+  Status begin_restore_locked(TransitionLock& lock, std::int64_t group, const std::string& reason);
   cluster::TransitionGeometry transition_geometry() const;
   void record_plan(const std::string& kind, std::int64_t group, std::string plan);
   // Device `instance`'s transport endpoint, and a client on the front end's endpoint.
   int endpoint(std::int64_t instance) const { return fleet_->endpoint_of(static_cast<int>(instance)); }
   AgentClient client() const { return AgentClient(fleet_->front_end()); }
   // Device `src` sends layer blocks `from` to device `dst`, which writes them as `to` (one
-  // message); returns the bytes moved.
-  std::int64_t move_kv(std::int64_t src, std::span<const kv::BlockId> from, std::int64_t dst, std::span<const kv::BlockId> to,
-                       TransferKind kind) const;
+  // message); adds the bytes moved to `*bytes`. A transfer error is returned (nothing is freed).
+  Status move_kv(std::int64_t src, std::span<const kv::BlockId> from, std::int64_t dst, std::span<const kv::BlockId> to,
+                 TransferKind kind, std::int64_t* bytes = nullptr) const;
   bool mirror_has_layer(std::int64_t instance, std::int64_t layer) const;
   std::int64_t dropped_param_bytes(std::int64_t instance) const;
   void mirror_set_layer(std::int64_t instance, std::int64_t layer, bool resident);
   // Takes one layer's worth of pages back from device `inst`'s KV pool, repacking live blocks
   // inside the device first (a kMoveBlocks message); `remap` rewrites the block tables holding them and returns how
-  // many entries it changed. kResourceExhausted (nothing changes) when the pool cannot spare them.
+  // many entries it changed. kResourceExhausted (nothing changes) when the pool cannot spare them;
+  // a failed repack copy cancels that round (the tables keep the old blocks) and returns the error.
   StatusOr<std::vector<memory::PageId>> reclaim_layer_pages(std::int64_t inst,
                                                             const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
                                                             std::int64_t* repacked);
   // Wakes the policy thread: a restore's gather or weight pull finished.
   void notify_restore_progress();
   // Splits restoring groups whose gather finished or timed out (policy thread).
-  void finish_gathered_restores();
+  void finish_gathered_restores(TransitionLock& lock);
   Unit* unit_of_instance(std::int64_t instance) const;
   std::vector<cluster::InstanceSnapshot> snapshots_of(const std::vector<std::shared_ptr<Unit>>& units) const;
   void policy_loop();
-  void run_actions(const cluster::Actions& actions);
+  void run_actions(TransitionLock& lock, const cluster::Actions& actions);
   // A drop failed and rolled back: the coordinator's group for it dissolves.
   void abandon_drop_locked(std::int64_t group);
-  StatusOr<std::int64_t> drop_locked(const std::vector<std::int64_t>& instances, std::int64_t group, const std::string& reason);
-  Status restore_locked(std::int64_t group);  // the split; begin_restore_locked came first
-  Status migrate_locked(RequestId request, std::int64_t to_instance, const std::string& reason);
+  // Each takes transition_mu_ held (the caller made sure its units are not in transition),
+  // releases it while it works, and returns with it held.
+  StatusOr<std::int64_t> drop_locked(TransitionLock& lock, const std::vector<std::int64_t>& instances, std::int64_t group,
+                                     const std::string& reason);
+  Status restore_locked(TransitionLock& lock, std::int64_t group);  // the split; begin_restore_locked came first
+  Status migrate_locked(TransitionLock& lock, RequestId request, std::int64_t to_instance, const std::string& reason);
   void retire(const std::shared_ptr<Unit>& unit);
   void record(ClusterEvent ev);
   engine::TokenCallback wrap_callback(engine::TokenCallback cb);
@@ -293,9 +334,12 @@ class ClusterRuntime final : public engine::FrontDoor {
   mutable std::mutex mirror_mu_;
   std::vector<std::vector<char>> resident_;  // guarded by mirror_mu_: [instance][layer] held on the device
 
-  // Serialises transitions (and start/stop, check_integrity, run_step_all) with each other; guards
-  // units_, coordinator_, started_. submit, cancel and stats never take it.
+  // Guards units_ (and each Unit::in_transition), coordinator_, started_. Held only for short
+  // bookkeeping: never while waiting for an agent, a transfer, a step or a join. A transition
+  // reserves its units under it and works with it released; transition_cv_ wakes whoever waits
+  // for a unit to be released. submit, cancel and stats never take it.
   mutable std::mutex transition_mu_;
+  mutable std::condition_variable transition_cv_;
   std::vector<std::shared_ptr<Unit>> units_;
   std::unique_ptr<cluster::Coordinator> coordinator_;
   bool started_ = false;

@@ -538,6 +538,15 @@ DeviceGeometry DeviceAgent::describe() const {
 bool DeviceAgent::handle(Message& m) {
   const MessageHeader& h = m.header;
   const std::int64_t block_bytes = device_.kv_storage().block_bytes();
+  if (options_.fault) {  // tests only: an injected transfer error (AgentOptions::fault)
+    const auto op = static_cast<AgentOp>(h.op);
+    if (op == AgentOp::kWriteBlocks || op == AgentOp::kDropLayer || op == AgentOp::kPullLayer || op == AgentOp::kMoveBlocks) {
+      if (Status injected = options_.fault(op, h.layer); !injected.ok()) {
+        reply(h, injected, {});
+        return true;
+      }
+    }
+  }
   switch (static_cast<AgentOp>(h.op)) {
     case AgentOp::kStop:
       if (h.src == device_id()) return false;
@@ -723,7 +732,13 @@ void DeviceAgent::send_layer(const Message& m) {
   data.reply_to = h.reply_to;
   data.layer = h.layer;
   std::vector<std::byte> payload;
-  if (h.layer < 0 || h.layer >= device_.config().num_layers || !device_.has_layer(h.layer)) {
+  const Status injected = options_.fault ? options_.fault(AgentOp::kSendLayer, h.layer) : ok_status();
+  if (!injected.ok()) {
+    data.error = static_cast<std::int32_t>(injected.code());
+    const std::string& text = injected.message();
+    payload.assign(reinterpret_cast<const std::byte*>(text.data()), reinterpret_cast<const std::byte*>(text.data()) + text.size());
+    requests_refused_.fetch_add(1, std::memory_order_relaxed);
+  } else if (h.layer < 0 || h.layer >= device_.config().num_layers || !device_.has_layer(h.layer)) {
     const std::string text = "device " + std::to_string(device_id()) + " does not hold layer " + std::to_string(h.layer);
     data.error = static_cast<std::int32_t>(StatusCode::kFailedPrecondition);
     payload.assign(reinterpret_cast<const std::byte*>(text.data()), reinterpret_cast<const std::byte*>(text.data()) + text.size());

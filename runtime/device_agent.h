@@ -28,6 +28,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <span>
@@ -120,6 +121,11 @@ double process_cpu_seconds();
 struct AgentOptions {
   std::int64_t host_swap_blocks = 0;  // layer blocks of host swap space this agent owns
   LinkModel host_link;                // paces swap copies (off by default)
+  // Tests only (fault injection; empty in production, and then costs one branch per op): called
+  // with each kWriteBlocks (the receiving end of a send_blocks), kDropLayer, kPullLayer (the
+  // puller), kSendLayer (the holder of a pulled layer) and kMoveBlocks before the agent acts on
+  // it; a non-OK status makes the op fail with it and change nothing, as a transfer error would.
+  std::function<Status(AgentOp op, std::int64_t layer)> fault;
 };
 
 class DeviceAgent {

@@ -33,6 +33,11 @@ StatusOr<std::unique_ptr<InProcessFleet>> InProcessFleet::create(const FleetOpti
   agent_options.host_swap_blocks = options.host_swap_blocks;
   agent_options.host_link = options.host_link;
   for (std::size_t i = 0; i < fleet->devices_.size(); ++i) {
+    if (options.agent_fault) {
+      agent_options.fault = [fault = options.agent_fault, device = static_cast<int>(i)](AgentOp op, std::int64_t layer) {
+        return fault(op, device, layer);
+      };
+    }
     auto agent = std::make_unique<DeviceAgent>(*fleet->devices_[i], fleet->hub_->endpoint(fleet->endpoint_of(static_cast<int>(i))),
                                                agent_options);
     fleet->devices_[i]->set_owner_check(true);  // from here on only the agent's threads may touch it

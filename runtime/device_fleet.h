@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -60,6 +61,9 @@ struct FleetOptions {
   // Every device loads every layer (a data-parallel deployment at start).
   std::int64_t layer_begin = 0;
   std::int64_t layer_end = -1;  // -1: the model's last layer
+  // Tests only: fault injection in every device's agent (AgentOptions::fault), told the device
+  // index. In-process fleets only (a function does not cross to device ranks); empty: no cost.
+  std::function<Status(AgentOp op, int device, std::int64_t layer)> agent_fault;
 };
 
 // Asks device `endpoint`'s agent for its geometry (the front end's start-up query; also MpiFleet's).
