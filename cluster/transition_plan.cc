@@ -178,6 +178,7 @@ RestorePlan plan_restore(const RestoreInput& in, const TransitionGeometry& geo) 
   const std::int64_t L = geo.num_layers;
   KUN_CHECK(g >= 2 && g <= L) << "restore of " << g << " members";
   KUN_CHECK_EQ(in.kv_blocks_total.size(), in.members.size());
+  KUN_CHECK(in.layers_kept.empty() || in.layers_kept.size() == in.members.size()) << "layers_kept is per member";
   RestorePlan plan;
   plan.group = in.group;
   plan.members = in.members;
@@ -187,6 +188,10 @@ RestorePlan plan_restore(const RestoreInput& in, const TransitionGeometry& geo) 
     for (std::int64_t l = 0; l < L; ++l) {
       const std::int64_t owner = stage_of(l, g, L);
       if (owner == k) continue;
+      if (!in.layers_kept.empty()) {
+        const auto& kept = in.layers_kept[static_cast<std::size_t>(k)];
+        if (std::find(kept.begin(), kept.end(), l) != kept.end()) continue;
+      }
       plan.pulls.push_back(WeightPull{static_cast<std::int32_t>(k), l, static_cast<std::int32_t>(owner)});
       ++pulled;
     }

@@ -108,6 +108,9 @@ struct RestoreInput {
   std::vector<std::int64_t> members;              // stage order
   std::vector<std::int64_t> kv_blocks_total;      // per member, its pool now (with lent pages)
   StaleKvStrategy strategy = StaleKvStrategy::kExchange;
+  // Per member (empty: none anywhere): layers outside its stage it still holds because dropping
+  // them failed (the runtime's drop completes without them). Not pulled; no pages lent for them.
+  std::vector<std::vector<std::int64_t>> layers_kept;
 };
 
 struct WeightPull {

@@ -67,12 +67,13 @@ Status ClusterRuntime::move_kv(std::int64_t src, std::span<const kv::BlockId> fr
 }
 
 Status ClusterRuntime::pull_layer_from_any(std::int64_t instance, std::int64_t layer, std::int64_t preferred,
-                                           std::span<const std::int64_t> pages, const std::vector<std::int64_t>& candidates,
-                                           std::int64_t* source) {
-  // The planned holder first, then every other device the mirror says holds the layer (a failed
-  // pull changes nothing on the puller: its pages stay KV pages holding no live blocks).
+                                           std::span<const std::int64_t> pages, std::int64_t* source) {
+  // The planned holder first, then every other device the mirror says holds the layer: the
+  // group's members that pulled it already, devices outside the group (all weights are the same
+  // everywhere). A failed pull changes nothing on the puller: its pages stay KV pages holding no
+  // live blocks. (A mirror entry that went stale meanwhile only costs a refused attempt.)
   std::vector<std::int64_t> order = {preferred};
-  for (std::int64_t c : candidates) {
+  for (std::int64_t c = 0; c < options_.num_instances; ++c) {
     if (c != preferred && c != instance && mirror_has_layer(c, layer)) order.push_back(c);
   }
   Status last;
@@ -126,6 +127,7 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
   fleet_options.link = options.link;
   fleet_options.host_link = options.host_link;
   fleet_options.host_swap_blocks = options.host_swap_blocks;
+  fleet_options.agent_fault = options.agent_fault;  // in-process fleets only (tests)
   std::unique_ptr<DeviceFleet> fleet;
   const auto& make_fleet = options.make_fleet ? options.make_fleet : default_fleet_factory();
   if (make_fleet) {
@@ -363,6 +365,13 @@ Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t g
   input.members = unit.instances;
   input.strategy = options_.stale_kv;
   for (std::int64_t inst : unit.instances) input.kv_blocks_total.push_back(allocators_[static_cast<std::size_t>(inst)]->num_total());
+  if (!unit.kept_layers.empty()) {
+    input.layers_kept.resize(unit.instances.size());
+    for (const auto& [inst, l] : unit.kept_layers) {
+      const auto k = std::find(unit.instances.begin(), unit.instances.end(), inst) - unit.instances.begin();
+      input.layers_kept[static_cast<std::size_t>(k)].push_back(l);
+    }
+  }
   unit.restore_plan = cluster::plan_restore(input, transition_geometry());
   record_plan("restore", group, unit.restore_plan.to_string());
   struct Pull {
@@ -374,7 +383,6 @@ Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t g
   for (const cluster::WeightPull& p : unit.restore_plan.pulls) {
     if (p.member == short_member) continue;
     const std::int64_t inst = unit.instances[static_cast<std::size_t>(p.member)];
-    if (mirror_has_layer(inst, p.layer)) continue;  // kept at the drop (its drop_layer failed)
     auto pages = reclaim_layer_pages(
         inst, [&](std::span<const kv::BlockMove> moves) { return unit.kv->remap_blocks(p.member, moves); },
         &unit.restore_repacked_blocks);
@@ -401,7 +409,7 @@ Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t g
     unit.weight_pull = std::thread([this, &unit, group, pulls = std::move(pulls)] {
       for (const Pull& p : pulls) {
         std::int64_t source = -1;
-        const Status s = pull_layer_from_any(p.to, p.layer, p.from, p.pages, unit.instances, &source);
+        const Status s = pull_layer_from_any(p.to, p.layer, p.from, p.pages, &source);
         if (s.ok()) {
           unit.restore_pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
           continue;
@@ -1284,7 +1292,7 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
     std::vector<std::int64_t> pages;
     for (memory::PageId page : *pages_or) pages.push_back(page.value);
     std::int64_t source = -1;
-    split_error = pull_layer_from_any(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], pages, instances, &source);
+    split_error = pull_layer_from_any(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], pages, &source);
     if (!split_error.ok()) {
       KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
       break;
@@ -1670,8 +1678,14 @@ void ClusterRuntime::check_integrity() {
       }
     }
   }
+  // Pages of a weight pull that failed during a gather left the front end's pool but are still KV
+  // pages on the device (the split gives them back).
+  std::vector<std::int64_t> set_aside(reported.size(), 0);
+  for (auto& u : all) {
+    for (const Unit::FailedPull& f : u->failed_pulls) set_aside[static_cast<std::size_t>(f.instance)] += static_cast<std::int64_t>(f.pages.size());
+  }
   for (std::size_t i = 0; i < reported.size(); ++i) {
-    KUN_CHECK_EQ(reported[i].kv_pages, allocators_[i]->num_pages()) << "device " << i;
+    KUN_CHECK_EQ(reported[i].kv_pages, allocators_[i]->num_pages() + set_aside[i]) << "device " << i;
   }
   for (auto& u : all) u->engine->resume();
   lock.lock();

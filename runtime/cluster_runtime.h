@@ -271,10 +271,9 @@ class ClusterRuntime final : public engine::FrontDoor {
   void wait_group_free_locked(TransitionLock& lock, std::int64_t group) const;
   std::shared_ptr<Unit> group_unit_locked(std::int64_t group) const;
   // Device `instance` pulls `layer` into `pages` from `preferred`, else from any other device the
-  // mirror says holds it; returns the last error when none could send it.
+  // mirror says holds it (`*source`: the one that sent it); the last error when none could.
   Status pull_layer_from_any(std::int64_t instance, std::int64_t layer, std::int64_t preferred,
-                             std::span<const std::int64_t> pages, const std::vector<std::int64_t>& candidates,
-                             std::int64_t* source);
+                             std::span<const std::int64_t> pages, std::int64_t* source);
   // A unit's engine starts only in launch(), after the requests it inherits are adopted (adopting
   // is engine-thread work that must not race the engine's own thread).
   std::shared_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
