@@ -22,8 +22,11 @@
 //
 // Threads: every instance or group is an engine::Engine with its own thread; a policy thread
 // samples them every monitor period and runs the cluster::Coordinator (pure policy). Transitions
-// pause only the engines involved, at a step boundary; transition_mu_ serialises transitions with
-// each other. The control path never waits for a transition: submit, cancel and stats read an
+// pause only the engines involved, at a step boundary. A transition reserves its units under
+// transition_mu_ (Unit::in_transition) and carries out its messages and transfers with the lock
+// released, so no lock is held across a copy, a transfer or a join, and transitions on disjoint
+// units overlap; a transfer that fails past the commit point completes the transition without it
+// or rolls it back (runtime/README.md "Failures"). The control path never waits for a transition: submit, cancel and stats read an
 // immutable routing snapshot (Routing, published by pointer swap) and take only the target
 // unit's admission gate, a short lock that is never held across a copy, a transfer or a join.
 // A unit under transition has its gate closed: requests routed to it wait in the gate and are
