@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <string>
+#include <vector>
 
 #include "common/check.h"
 
@@ -295,10 +297,18 @@ std::string render_metrics(const ServerMetrics& m, const engine::ServingStats& s
   w.family("kunserve_restores_total", "counter", "Completed parameter restores.");
   w.sample("kunserve_restores_total", "", static_cast<double>(stats.restores_total));
   w.family("kunserve_transition_failures_total", "counter",
-           "Transitions that failed and were rolled back or left to retry, by kind.");
-  for (const char* kind : {"drop", "restore", "split"}) {
+           "Transitions, or steps of one, that failed and were rolled back, completed without the failed step or left "
+           "to retry, by kind (runtime/README.md, Failures).");
+  // Every kind the cluster runtime reports, zero until it happens, then any other it named.
+  static const std::vector<std::string> kinds = {"drop", "restore", "split", "drop_layer",
+                                                 "weight_pull", "kv_move", "exchange", "migrate"};
+  std::vector<std::string> all_kinds = kinds;
+  for (const auto& [kind, n] : stats.transition_failures_total) {
+    if (std::find(kinds.begin(), kinds.end(), kind) == kinds.end()) all_kinds.push_back(kind);
+  }
+  for (const std::string& kind : all_kinds) {
     const auto it = stats.transition_failures_total.find(kind);
-    w.sample("kunserve_transition_failures_total", std::string("kind=\"") + kind + "\"",
+    w.sample("kunserve_transition_failures_total", "kind=\"" + kind + "\"",
              it == stats.transition_failures_total.end() ? 0.0 : static_cast<double>(it->second));
   }
   std::vector<double> drop_s, restore_s;

@@ -82,7 +82,8 @@ TEST(Promtool, AcceptsMetricsOutput) {
         "kunserve_kv_blocks_exchanged_total 42", "kunserve_recomputed_tokens_total{cause=\"transition\"} 30",
         "kunserve_recomputed_tokens_total{cause=\"preemption\"} 40", "kunserve_drop_latency_seconds_count 2",
         "kunserve_restore_latency_seconds_bucket{le=\"0.05\"} 1",
-        "kunserve_transition_failures_total{kind=\"split\"} 1", "kunserve_transition_failures_total{kind=\"drop\"} 0", "kunserve_http_responses_total{code=\"400\"} 1"}) {
+        "kunserve_transition_failures_total{kind=\"split\"} 1", "kunserve_transition_failures_total{kind=\"drop\"} 0",
+        "kunserve_transition_failures_total{kind=\"kv_move\"} 0", "kunserve_http_responses_total{code=\"400\"} 1"}) {
     EXPECT_NE(r.body.find(name), std::string::npos) << "missing: " << name;
   }
   const std::string path = ::testing::TempDir() + "/kun_server_metrics.txt";
