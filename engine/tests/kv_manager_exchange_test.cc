@@ -84,6 +84,28 @@ TEST(KvManagerExchange, ImportGrowAndMoveLayersHome) {
   EXPECT_EQ(g.device(0).num_used() + g.device(1).num_used(), 0);
 }
 
+// A copy that fails (a transfer error) changes nothing: the destination's blocks go back to its
+// pool, the layer stays where it was, and a later move succeeds.
+TEST(KvManagerExchange, FailedCopyLeavesTheLayerWhereItWas) {
+  Group g(8);
+  const RequestId id(3);
+  g.kv->import_tables(id, 20, stale_tables(g, 20));
+  const Status s = g.kv->try_move_layer(id, 2, [&](std::int32_t, const std::vector<kv::BlockId>&, std::int32_t to,
+                                                   const std::vector<kv::BlockId>& to_blocks) {
+    EXPECT_TRUE(g.device(to).is_allocated(to_blocks[0]));
+    return unavailable("link down");
+  });
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable);
+  EXPECT_EQ(g.kv->misplaced_layers(id), (std::vector<std::int64_t>{2, 3}));
+  EXPECT_EQ(g.device(0).num_used(), 8);
+  EXPECT_EQ(g.device(1).num_used(), 0);
+  g.kv->check_integrity();
+  ASSERT_TRUE(g.kv->try_move_layer(id, 2, [](auto, const auto&, auto, const auto&) { return ok_status(); }).ok());
+  EXPECT_EQ(g.kv->misplaced_layers(id), std::vector<std::int64_t>{3});
+  EXPECT_EQ(g.device(1).num_used(), 2);
+  g.kv->check_integrity();
+}
+
 TEST(KvManagerExchange, MoveToAFullDeviceChangesNothing) {
   Group g(1);  // device 1 holds 4 blocks
   const RequestId id(7);
