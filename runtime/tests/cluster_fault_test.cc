@@ -16,6 +16,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <iostream>
 #include <map>
 #include <mutex>
 #include <set>
@@ -390,8 +391,11 @@ TEST(ClusterFaultTest, SlowSplitTransferBlocksNeitherSubmitsNorOtherTransitions)
     return ok_status();
   });
   Status split = internal_error("not run");
+  double split_ms = 0;
   std::thread splitter([&] {
+    const auto t0 = std::chrono::steady_clock::now();
     split = (*rt)->restore(*group);
+    split_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     std::lock_guard<std::mutex> lock(mu);
     split_done = true;
     cv.notify_all();
@@ -419,7 +423,9 @@ TEST(ClusterFaultTest, SlowSplitTransferBlocksNeitherSubmitsNorOtherTransitions)
     ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return first_token; }));
     EXPECT_FALSE(done_at_first_token) << "the first token waited for the split";
   }
+  const auto drop_t0 = std::chrono::steady_clock::now();
   auto other = (*rt)->drop({2, 3});
+  const double drop_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - drop_t0).count();
   ASSERT_TRUE(other.ok()) << other.status().to_string();
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -427,6 +433,8 @@ TEST(ClusterFaultTest, SlowSplitTransferBlocksNeitherSubmitsNorOtherTransitions)
   }
   splitter.join();
   ASSERT_TRUE(split.ok()) << split.to_string();
+  std::cout << "split of {0, 1} (paced weight pulls): " << split_ms << " ms; drop of {2, 3} issued meanwhile: " << drop_ms
+            << " ms (" << drop_ms / split_ms << " of the split)\n";
   faults.clear();
   for (int i = 4; i < 8; ++i) {
     ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], [&, i](const engine::TokenEvent& ev) {
