@@ -524,7 +524,8 @@ void ClusterRuntime::deliver_pending_locked(Unit& unit, const Routing& routing) 
   // Called with unit.gate.mu held, so a cancel that arrives meanwhile for one of these requests
   // waits (or retries) until its submit reached the target. A target other than `unit` (a newer
   // unit, or the other side of a migration) is reached through its own gate, locked inside this
-  // one: transitions run one at a time, so two gates are never locked in opposite orders. When
+  // one: hand-overs happen only while a transition publishes or rolls back, under
+  // transition_mu_, so two gates are never locked in opposite orders. When
   // the target is `unit` itself (a reopened gate), the queue goes straight to its engine.
   Gate& gate = unit.gate;
   std::vector<PendingSubmit> submits = std::move(gate.submits);

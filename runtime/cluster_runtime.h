@@ -172,7 +172,8 @@ class ClusterRuntime final : public engine::FrontDoor {
   // drop_layer (a member kept a layer, the drop completed without dropping it); weight_pull (every
   // holder refused, retried at the split); kv_move (a stale request's KV move at the split failed:
   // it recomputes); exchange (a live exchange move failed: the layer stays, served by remote
-  // attention); migrate (the request stays where it was). The counter behind
+  // attention); repack (begin_restore's repack copy failed: those layers wait for the split);
+  // migrate (the request stays where it was). The counter behind
   // kunserve_transition_failures_total{kind}.
   std::map<std::string, std::int64_t> transition_failures() const;
   // The admission history (recent prompt lengths) of the scheduler serving `instance` (tests: it is

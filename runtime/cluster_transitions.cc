@@ -139,7 +139,7 @@ Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t g
         &unit.restore_repacked_blocks);
     if (!pages.ok()) {
       if (pages.status().code() != StatusCode::kResourceExhausted) {
-        record_failure("restore", group, unit.instances, pages.status(),
+        record_failure("repack", group, unit.instances, pages.status(),
                        "layer " + std::to_string(p.layer) + " of device " + std::to_string(inst) + " waits for the split");
       }
       short_member = p.member;

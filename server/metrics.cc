@@ -301,7 +301,7 @@ std::string render_metrics(const ServerMetrics& m, const engine::ServingStats& s
            "to retry, by kind (runtime/README.md, Failures).");
   // Every kind the cluster runtime reports, zero until it happens, then any other it named.
   static const std::vector<std::string> kinds = {"drop", "restore", "split", "drop_layer",
-                                                 "weight_pull", "kv_move", "exchange", "migrate"};
+                                                 "weight_pull", "kv_move", "exchange", "repack", "migrate"};
   std::vector<std::string> all_kinds = kinds;
   for (const auto& [kind, n] : stats.transition_failures_total) {
     if (std::find(kinds.begin(), kinds.end(), kind) == kinds.end()) all_kinds.push_back(kind);
