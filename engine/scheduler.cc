@@ -120,7 +120,7 @@ Status Scheduler::add_request(RequestId id, RequestSpec spec, QueueBound bound) 
   return ok_status();
 }
 
-void Scheduler::remove_from_queues(RequestId id, RequestState state) {
+void Scheduler::remove_from_queues(RequestId id, RequestState state, const Request* r) {
   // The request's state names its queue (check_invariants), so a finishing running request does
   // not walk a waiting queue thousands long.
   std::deque<RequestId>* q = state == RequestState::kWaiting   ? &waiting_
@@ -129,24 +129,35 @@ void Scheduler::remove_from_queues(RequestId id, RequestState state) {
                                                                : nullptr;
   KUN_CHECK(q != nullptr) << "request " << id << " is " << request_state_name(state) << ", in no queue";
   q->erase(std::remove(q->begin(), q->end(), id), q->end());
-  if (q == &running_) running_ptrs_valid_ = false;
+  if (q != &running_) return;
+  if (running_ptrs_valid_ && r != nullptr && r->virtual_engine >= 0 &&
+      r->virtual_engine < static_cast<std::int64_t>(running_ptrs_by_ve_.size())) {
+    // Keep the views (each in admission order, like running_): a request finishes at nearly every
+    // step of a large group, and rebuilding looked every running request up again.
+    Request* p = const_cast<Request*>(r);
+    running_ptrs_.erase(std::remove(running_ptrs_.begin(), running_ptrs_.end(), p), running_ptrs_.end());
+    auto& of_ve = running_ptrs_by_ve_[static_cast<std::size_t>(r->virtual_engine)];
+    of_ve.erase(std::remove(of_ve.begin(), of_ve.end(), p), of_ve.end());
+  } else {
+    running_ptrs_valid_ = false;
+  }
 }
 
 TokenEvent Scheduler::cancel(RequestId id) {
-  auto it = requests_.find(id);
-  if (it == requests_.end()) return TokenEvent{};
-  Request& r = it->second;
+  Request* found = requests_.find(id);
+  if (found == nullptr) return TokenEvent{};
+  Request& r = *found;
   finish(r, FinishReason::kCancelled);
   ++counters_.cancelled;
   TokenEvent ev = make_event(r, -1);
   blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
-  requests_.erase(it);
+  requests_.erase(id);
   return ev;
 }
 
 void Scheduler::finish(Request& r, FinishReason reason) {
   kv_->release(r.id);
-  remove_from_queues(r.id, r.state);
+  remove_from_queues(r.id, r.state, &r);
   r.state = RequestState::kFinished;
   r.finish_reason = reason;
   r.timings.finish_us = clock_->now_us();
@@ -296,8 +307,8 @@ const std::vector<Request*>& Scheduler::running_requests() const {
     running_ptrs_.clear();
     running_ptrs_by_ve_.resize(static_cast<std::size_t>(config_.num_virtual_engines));
     for (auto& v : running_ptrs_by_ve_) v.clear();
-    // unordered_map nodes do not move (rehash included) until erased, and a request leaves
-    // running_ (which invalidates this) before it is erased.
+    // IdMap values do not move (growth included) until erased, and a request leaves running_
+    // (which updates or invalidates this) before it is erased.
     for (RequestId id : running_) {
       auto* r = const_cast<Request*>(&requests_.at(id));
       running_ptrs_.push_back(r);
@@ -423,7 +434,10 @@ void Scheduler::admit(Request& r, std::int64_t ve, std::int64_t n, StepPlan* pla
   r.state = RequestState::kRunning;
   r.virtual_engine = ve;
   running_.push_back(r.id);
-  running_ptrs_valid_ = false;
+  if (running_ptrs_valid_) {  // appended in admission order, as a rebuild would
+    running_ptrs_.push_back(&r);
+    running_ptrs_by_ve_[static_cast<std::size_t>(ve)].push_back(&r);
+  }
   add_to_plan(r, n, plan);
 }
 
@@ -548,10 +562,10 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
   events.reserve(plan.sequences.size());
   std::size_t sampled = 0;
   for (const ScheduledSequence& s : plan.sequences) {
-    auto it = requests_.find(s.id);
+    Request* found = requests_.find(s.id);
     if (s.sample) ++sampled;
-    if (it == requests_.end()) continue;  // cancelled while the step ran
-    Request& r = it->second;
+    if (found == nullptr) continue;  // cancelled while the step ran
+    Request& r = *found;
     if (r.state != RequestState::kRunning) continue;
     KUN_CHECK_EQ(r.num_computed, s.start_pos) << "request " << r.id << " advanced twice";
     const auto n = static_cast<std::int64_t>(s.tokens.size());
@@ -582,7 +596,7 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
       ++counters_.finished;
       events.push_back(make_event(r, token));
       blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
-      requests_.erase(it);
+      requests_.erase(s.id);
     } else {
       events.push_back(make_event(r, token));
     }
@@ -592,10 +606,10 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
 }
 
 std::optional<Request> Scheduler::detach(RequestId id, bool keep_kv) {
-  auto it = requests_.find(id);
-  if (it == requests_.end()) return std::nullopt;
-  Request r = std::move(it->second);
-  requests_.erase(it);
+  Request* found = requests_.find(id);
+  if (found == nullptr) return std::nullopt;
+  Request r = std::move(*found);
+  requests_.erase(id);
   blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
   remove_from_queues(id, r.state);
   if (!keep_kv) {
@@ -677,8 +691,7 @@ InstanceStats Scheduler::report() const {
 }
 
 const Request* Scheduler::find(RequestId id) const {
-  auto it = requests_.find(id);
-  return it == requests_.end() ? nullptr : &it->second;
+  return requests_.find(id);
 }
 
 void Scheduler::check_invariants() const {

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "common/id_map.h"
 #include "common/status.h"
 #include "engine/api.h"
 #include "engine/kv_manager.h"
@@ -196,14 +197,16 @@ class Scheduler {
   void finish(Request& r, FinishReason reason);
   TokenEvent make_event(const Request& r, std::int32_t token) const;
   // Removes the request from the queue its state names (CHECKs it is in one).
-  void remove_from_queues(RequestId id, RequestState state);
+  // `r` (optional, the request itself) lets a running request leave the running views without
+  // rebuilding them.
+  void remove_from_queues(RequestId id, RequestState state, const Request* r = nullptr);
 
   SchedulerConfig config_;
   KvManager* kv_;
   const Clock* clock_;
-  // Looked up for every running request several times per step: a hash map (every walk over it
-  // is an order-free sum).
-  std::unordered_map<RequestId, Request> requests_;
+  // Looked up for every running request several times per step: an IdMap (common/id_map.h;
+  // every walk over it is an order-free sum).
+  IdMap<RequestId, Request> requests_;
   std::deque<RequestId> waiting_;
   std::deque<RequestId> swapped_;
   std::deque<RequestId> running_;  // admission order
