@@ -130,6 +130,7 @@ void Scheduler::remove_from_queues(RequestId id, RequestState state, const Reque
   KUN_CHECK(q != nullptr) << "request " << id << " is " << request_state_name(state) << ", in no queue";
   q->erase(std::remove(q->begin(), q->end(), id), q->end());
   if (q != &running_) return;
+  invalidate_loads();
   if (running_ptrs_valid_ && r != nullptr && r->virtual_engine >= 0 &&
       r->virtual_engine < static_cast<std::int64_t>(running_ptrs_by_ve_.size())) {
     // Keep the views (each in admission order, like running_): a request finishes at nearly every
@@ -140,6 +141,7 @@ void Scheduler::remove_from_queues(RequestId id, RequestState state, const Reque
     of_ve.erase(std::remove(of_ve.begin(), of_ve.end(), p), of_ve.end());
   } else {
     running_ptrs_valid_ = false;
+    invalidate_loads();
   }
 }
 
@@ -282,6 +284,7 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
   ++victim.num_preemptions;
   running_.erase(std::remove(running_.begin(), running_.end(), victim.id), running_.end());
   running_ptrs_valid_ = false;
+  invalidate_loads();
   if (config_.preemption == PreemptionMode::kSwap && held > 0) {
     const std::size_t before = plan->swap_out.size();
     if (kv_->swap_out(victim.id, &plan->swap_out)) {
@@ -334,17 +337,32 @@ std::vector<std::int64_t> Scheduler::running_per_ve() const {
 }
 
 std::vector<double> Scheduler::predicted_loads() const {
-  std::vector<double> load(static_cast<std::size_t>(config_.num_virtual_engines), config_.step_cost.fixed_us);
-  for (const Request* p : running_requests()) {
-    const Request& r = *p;
-    if (r.virtual_engine < 0) continue;
-    // A decode's next chunk is its one newest token, a prefill's the chunk it gets with a whole
-    // step budget; for a request in flight that is the chunk now running, a close stand-in for
-    // the next one.
-    load[static_cast<std::size_t>(r.virtual_engine)] +=
-        config_.step_cost.sequence_us(r.num_computed, chunk_for(r, config_.max_num_batched_tokens));
+  // Each virtual engine's sum is kept until one of its requests changes (a step's result, an
+  // admission, a request leaving or arriving) or the chunk cap moves: a round of g schedule()
+  // calls asked for every virtual engine's load g times, a walk over every running request each.
+  // A sum is recomputed in running-request order, so it is the same to the bit either way.
+  const auto g = static_cast<std::size_t>(config_.num_virtual_engines);
+  if (ve_load_.size() != g) {
+    ve_load_.assign(g, 0.0);
+    ve_load_valid_.assign(g, 0);
   }
-  return load;
+  if (ve_load_cap_ != typical_chunk_cap_) {
+    invalidate_loads();
+    ve_load_cap_ = typical_chunk_cap_;
+  }
+  for (std::size_t v = 0; v < g; ++v) {
+    if (ve_load_valid_[v] != 0) continue;
+    double load = config_.step_cost.fixed_us;
+    for (const Request* r : running_requests(static_cast<std::int64_t>(v))) {
+      // A decode's next chunk is its one newest token, a prefill's the chunk it gets with a whole
+      // step budget; for a request in flight that is the chunk now running, a close stand-in for
+      // the next one.
+      load += config_.step_cost.sequence_us(r->num_computed, chunk_for(*r, config_.max_num_batched_tokens));
+    }
+    ve_load_[v] = load;
+    ve_load_valid_[v] = 1;
+  }
+  return ve_load_;
 }
 
 std::int64_t Scheduler::least_loaded_ve() const {
@@ -416,6 +434,7 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
       r.virtual_engine = ve;
       running_.push_back(r.id);
       running_ptrs_valid_ = false;
+      invalidate_loads();
       break;
     }
     counters_.blocks_swapped_in += static_cast<std::int64_t>(copies.size());
@@ -425,6 +444,7 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
     r.virtual_engine = ve;
     running_.push_back(r.id);
     running_ptrs_valid_ = false;
+    invalidate_loads();
     KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
     add_to_plan(r, n, plan);
     *budget -= n;
@@ -444,6 +464,7 @@ void Scheduler::admit(Request& r, std::int64_t ve, std::int64_t n, StepPlan* pla
   r.state = RequestState::kRunning;
   r.virtual_engine = ve;
   running_.push_back(r.id);
+  if (static_cast<std::size_t>(ve) < ve_load_valid_.size()) ve_load_valid_[static_cast<std::size_t>(ve)] = 0;  // only its load moved
   if (running_ptrs_valid_) {  // appended in admission order, as a rebuild would
     running_ptrs_.push_back(&r);
     running_ptrs_by_ve_[static_cast<std::size_t>(ve)].push_back(&r);
@@ -568,6 +589,7 @@ StepPlan Scheduler::schedule(std::int64_t ve) {
 }
 
 std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const StepResult& result) {
+  invalidate_loads();  // requests advance
   std::vector<TokenEvent> events;
   events.reserve(plan.sequences.size());
   std::size_t sampled = 0;
@@ -659,6 +681,7 @@ Status Scheduler::adopt(Request r, bool with_kv) {
     r.virtual_engine = least_loaded_ve();
     running_.push_back(id);
     running_ptrs_valid_ = false;
+    invalidate_loads();
   } else {
     requeue_without_kv(r, /*by_transition=*/true);  // the KV it had is not carried over
     waiting_.push_back(id);
@@ -675,6 +698,7 @@ void Scheduler::adopt_with_imported_kv(Request r) {
   r.virtual_engine = least_loaded_ve();
   running_.push_back(r.id);
   running_ptrs_valid_ = false;
+  invalidate_loads();
   blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens());
   requests_.emplace(r.id, std::move(r));
 }

@@ -12,6 +12,7 @@
 // free KV and requeue at the head; swap: copy KV to a bounded host space and back later).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -222,6 +223,12 @@ class Scheduler {
   mutable std::vector<Request*> running_ptrs_;
   mutable std::vector<std::vector<Request*>> running_ptrs_by_ve_;
   mutable bool running_ptrs_valid_ = false;
+  // predicted_loads() per virtual engine, valid until one of its requests changes or the chunk
+  // cap it was computed with (ve_load_cap_) moves.
+  mutable std::vector<double> ve_load_;
+  mutable std::vector<char> ve_load_valid_;
+  mutable std::int64_t ve_load_cap_ = -1;
+  void invalidate_loads() const { std::fill(ve_load_valid_.begin(), ve_load_valid_.end(), 0); }
   SchedulerCounters counters_;
   // Layer blocks every request needs at its current length (the numerator of demand()), kept as
   // requests arrive, grow, leave and come (the monitor samples it every period; a sum over
