@@ -15,6 +15,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/id_map.h"
 #include "common/ids.h"
 #include "common/status.h"
 #include "engine/step.h"
@@ -37,6 +38,11 @@ class KvManager {
   std::int64_t layer_blocks_for(std::int64_t tokens) const { return token_blocks(tokens) * num_layers(); }
 
   std::int64_t tokens_held(RequestId id) const;  // 0 if none
+  // A hint that the request is asked about soon: starts loading its record (a batch walks
+  // thousands of requests whose records are cache misses; loading several at once overlaps them).
+  void prefetch(RequestId id) const {
+    if (const RequestKv* r = requests_.find(id)) __builtin_prefetch(r);
+  }
   bool can_grow(RequestId id, std::int64_t new_tokens) const;
   // Extends the request's blocks to cover new_tokens on every layer; all or nothing
   // (kResourceExhausted when any device is short).
@@ -134,6 +140,16 @@ class KvManager {
     std::map<std::pair<std::int32_t, std::int64_t>, std::vector<kv::BlockId>> host_slots;
   };
   RequestKv& entry(RequestId id);
+  // requests_.find with a one-entry cache: the scheduler asks about the same request several
+  // times in a row (try_grow, then describe_for_plan), and each hash lookup was a cache miss.
+  // IdMap values stay where they are until erased (release, export).
+  const RequestKv* lookup(RequestId id) const;
+  RequestKv* lookup(RequestId id) { return const_cast<RequestKv*>(static_cast<const KvManager*>(this)->lookup(id)); }
+  void forget_cached() const { cached_ = nullptr; }
+  // Counts-only devices (the simulator): a request's tables may lag RequestKv::tokens inside
+  // their last block (a decode that needs no new block touches only the RequestKv, not the g
+  // tables); sync_tables brings them to RequestKv::tokens before they are read or handed out.
+  void sync_tables(RequestKv& r);
   bool can_grow(const RequestKv* r, std::int64_t new_tokens) const;  // r: nullptr for a request holding nothing
   static kv::BlockTable* table_on(RequestKv& r, std::int32_t device);  // nullptr: none there
   static const kv::BlockTable* table_on(const RequestKv& r, std::int32_t device);
@@ -151,9 +167,12 @@ class KvManager {
   // Recount of RequestKv::offsite_layers after its tables changed shape (import, move_layer).
   void count_offsite(RequestKv& r) const;
 
-  // Looked up several times per request per step (can_grow, grow, describe_for_plan): a hash map;
-  // walks that need an order sort the ids.
-  std::unordered_map<RequestId, RequestKv> requests_;
+  // Looked up several times per request per step (can_grow, grow, describe_for_plan): an IdMap
+  // (common/id_map.h); walks that need an order sort the ids.
+  IdMap<RequestId, RequestKv> requests_;
+  mutable RequestId cached_id_;
+  mutable const RequestKv* cached_ = nullptr;
+  bool counts_only_ = false;  // every device allocator counts blocks (no ids): tables may lag
 };
 
 }  // namespace kun::engine

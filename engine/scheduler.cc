@@ -120,7 +120,7 @@ Status Scheduler::add_request(RequestId id, RequestSpec spec, QueueBound bound) 
   return ok_status();
 }
 
-void Scheduler::remove_from_queues(RequestId id, RequestState state) {
+void Scheduler::remove_from_queues(RequestId id, RequestState state, const Request* r) {
   // The request's state names its queue (check_invariants), so a finishing running request does
   // not walk a waiting queue thousands long.
   std::deque<RequestId>* q = state == RequestState::kWaiting   ? &waiting_
@@ -129,24 +129,37 @@ void Scheduler::remove_from_queues(RequestId id, RequestState state) {
                                                                : nullptr;
   KUN_CHECK(q != nullptr) << "request " << id << " is " << request_state_name(state) << ", in no queue";
   q->erase(std::remove(q->begin(), q->end(), id), q->end());
-  if (q == &running_) running_ptrs_valid_ = false;
+  if (q != &running_) return;
+  invalidate_loads();
+  if (running_ptrs_valid_ && r != nullptr && r->virtual_engine >= 0 &&
+      r->virtual_engine < static_cast<std::int64_t>(running_ptrs_by_ve_.size())) {
+    // Keep the views (each in admission order, like running_): a request finishes at nearly every
+    // step of a large group, and rebuilding looked every running request up again.
+    Request* p = const_cast<Request*>(r);
+    running_ptrs_.erase(std::remove(running_ptrs_.begin(), running_ptrs_.end(), p), running_ptrs_.end());
+    auto& of_ve = running_ptrs_by_ve_[static_cast<std::size_t>(r->virtual_engine)];
+    of_ve.erase(std::remove(of_ve.begin(), of_ve.end(), p), of_ve.end());
+  } else {
+    running_ptrs_valid_ = false;
+    invalidate_loads();
+  }
 }
 
 TokenEvent Scheduler::cancel(RequestId id) {
-  auto it = requests_.find(id);
-  if (it == requests_.end()) return TokenEvent{};
-  Request& r = it->second;
+  Request* found = requests_.find(id);
+  if (found == nullptr) return TokenEvent{};
+  Request& r = *found;
   finish(r, FinishReason::kCancelled);
   ++counters_.cancelled;
   TokenEvent ev = make_event(r, -1);
   blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
-  requests_.erase(it);
+  requests_.erase(id);
   return ev;
 }
 
 void Scheduler::finish(Request& r, FinishReason reason) {
   kv_->release(r.id);
-  remove_from_queues(r.id, r.state);
+  remove_from_queues(r.id, r.state, &r);
   r.state = RequestState::kFinished;
   r.finish_reason = reason;
   r.timings.finish_us = clock_->now_us();
@@ -271,6 +284,7 @@ void Scheduler::preempt(Request& victim, StepPlan* plan) {
   ++victim.num_preemptions;
   running_.erase(std::remove(running_.begin(), running_.end(), victim.id), running_.end());
   running_ptrs_valid_ = false;
+  invalidate_loads();
   if (config_.preemption == PreemptionMode::kSwap && held > 0) {
     const std::size_t before = plan->swap_out.size();
     if (kv_->swap_out(victim.id, &plan->swap_out)) {
@@ -296,8 +310,8 @@ const std::vector<Request*>& Scheduler::running_requests() const {
     running_ptrs_.clear();
     running_ptrs_by_ve_.resize(static_cast<std::size_t>(config_.num_virtual_engines));
     for (auto& v : running_ptrs_by_ve_) v.clear();
-    // unordered_map nodes do not move (rehash included) until erased, and a request leaves
-    // running_ (which invalidates this) before it is erased.
+    // IdMap values do not move (growth included) until erased, and a request leaves running_
+    // (which updates or invalidates this) before it is erased.
     for (RequestId id : running_) {
       auto* r = const_cast<Request*>(&requests_.at(id));
       running_ptrs_.push_back(r);
@@ -323,17 +337,32 @@ std::vector<std::int64_t> Scheduler::running_per_ve() const {
 }
 
 std::vector<double> Scheduler::predicted_loads() const {
-  std::vector<double> load(static_cast<std::size_t>(config_.num_virtual_engines), config_.step_cost.fixed_us);
-  for (const Request* p : running_requests()) {
-    const Request& r = *p;
-    if (r.virtual_engine < 0) continue;
-    // A decode's next chunk is its one newest token, a prefill's the chunk it gets with a whole
-    // step budget; for a request in flight that is the chunk now running, a close stand-in for
-    // the next one.
-    load[static_cast<std::size_t>(r.virtual_engine)] +=
-        config_.step_cost.sequence_us(r.num_computed, chunk_for(r, config_.max_num_batched_tokens));
+  // Each virtual engine's sum is kept until one of its requests changes (a step's result, an
+  // admission, a request leaving or arriving) or the chunk cap moves: a round of g schedule()
+  // calls asked for every virtual engine's load g times, a walk over every running request each.
+  // A sum is recomputed in running-request order, so it is the same to the bit either way.
+  const auto g = static_cast<std::size_t>(config_.num_virtual_engines);
+  if (ve_load_.size() != g) {
+    ve_load_.assign(g, 0.0);
+    ve_load_valid_.assign(g, 0);
   }
-  return load;
+  if (ve_load_cap_ != typical_chunk_cap_) {
+    invalidate_loads();
+    ve_load_cap_ = typical_chunk_cap_;
+  }
+  for (std::size_t v = 0; v < g; ++v) {
+    if (ve_load_valid_[v] != 0) continue;
+    double load = config_.step_cost.fixed_us;
+    for (const Request* r : running_requests(static_cast<std::int64_t>(v))) {
+      // A decode's next chunk is its one newest token, a prefill's the chunk it gets with a whole
+      // step budget; for a request in flight that is the chunk now running, a close stand-in for
+      // the next one.
+      load += config_.step_cost.sequence_us(r->num_computed, chunk_for(*r, config_.max_num_batched_tokens));
+    }
+    ve_load_[v] = load;
+    ve_load_valid_[v] = 1;
+  }
+  return ve_load_;
 }
 
 std::int64_t Scheduler::least_loaded_ve() const {
@@ -348,9 +377,19 @@ bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* 
   // A copy of this virtual engine's running requests in admission order: preemption below edits
   // running_ (but erases no request, so the pointers stay valid).
   running_order_ = running_requests(ve);
-  for (Request* p : running_order_) {
+  // Each request's record and its KV record are cache misses under a large batch: start loading
+  // them a few requests ahead (the request's a little earlier, since its id leads to the other).
+  constexpr std::size_t kAhead = 8;
+  for (std::size_t i = 0; i < std::min(kAhead, running_order_.size()); ++i) __builtin_prefetch(running_order_[i]);
+  for (std::size_t i = 0; i < running_order_.size(); ++i) {
     if (*budget <= 0) break;
-    Request& r = *p;
+    if (i + 2 * kAhead < running_order_.size()) __builtin_prefetch(running_order_[i + 2 * kAhead]);
+    if (i + kAhead < running_order_.size()) {
+      const Request* ahead = running_order_[i + kAhead];
+      kv_->prefetch(ahead->id);
+      if (!ahead->output_tokens.empty()) __builtin_prefetch(&ahead->output_tokens.back());
+    }
+    Request& r = *running_order_[i];
     if (r.state != RequestState::kRunning) continue;  // preempted earlier in this loop
     KUN_CHECK_EQ(r.virtual_engine, ve) << "request " << r.id;
     const RequestId id = r.id;
@@ -395,6 +434,7 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
       r.virtual_engine = ve;
       running_.push_back(r.id);
       running_ptrs_valid_ = false;
+      invalidate_loads();
       break;
     }
     counters_.blocks_swapped_in += static_cast<std::int64_t>(copies.size());
@@ -404,6 +444,7 @@ void Scheduler::schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* 
     r.virtual_engine = ve;
     running_.push_back(r.id);
     running_ptrs_valid_ = false;
+    invalidate_loads();
     KUN_CHECK_OK(kv_->grow(r.id, r.num_computed + n));
     add_to_plan(r, n, plan);
     *budget -= n;
@@ -423,7 +464,11 @@ void Scheduler::admit(Request& r, std::int64_t ve, std::int64_t n, StepPlan* pla
   r.state = RequestState::kRunning;
   r.virtual_engine = ve;
   running_.push_back(r.id);
-  running_ptrs_valid_ = false;
+  if (static_cast<std::size_t>(ve) < ve_load_valid_.size()) ve_load_valid_[static_cast<std::size_t>(ve)] = 0;  // only its load moved
+  if (running_ptrs_valid_) {  // appended in admission order, as a rebuild would
+    running_ptrs_.push_back(&r);
+    running_ptrs_by_ve_[static_cast<std::size_t>(ve)].push_back(&r);
+  }
   add_to_plan(r, n, plan);
 }
 
@@ -544,14 +589,24 @@ StepPlan Scheduler::schedule(std::int64_t ve) {
 }
 
 std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const StepResult& result) {
+  invalidate_loads();  // requests advance
   std::vector<TokenEvent> events;
   events.reserve(plan.sequences.size());
   std::size_t sampled = 0;
-  for (const ScheduledSequence& s : plan.sequences) {
-    auto it = requests_.find(s.id);
+  constexpr std::size_t kAhead = 8;  // records loaded ahead (cache misses under a large batch)
+  const std::size_t num_seqs = plan.sequences.size();
+  for (std::size_t i = 0; i < std::min(kAhead, num_seqs); ++i) {
+    if (const Request* ahead = requests_.find(plan.sequences[i].id)) __builtin_prefetch(ahead);
+  }
+  for (std::size_t i = 0; i < num_seqs; ++i) {
+    const ScheduledSequence& s = plan.sequences[i];
+    if (i + kAhead < num_seqs) {
+      if (const Request* ahead = requests_.find(plan.sequences[i + kAhead].id)) __builtin_prefetch(ahead);
+    }
+    Request* found = requests_.find(s.id);
     if (s.sample) ++sampled;
-    if (it == requests_.end()) continue;  // cancelled while the step ran
-    Request& r = it->second;
+    if (found == nullptr) continue;  // cancelled while the step ran
+    Request& r = *found;
     if (r.state != RequestState::kRunning) continue;
     KUN_CHECK_EQ(r.num_computed, s.start_pos) << "request " << r.id << " advanced twice";
     const auto n = static_cast<std::int64_t>(s.tokens.size());
@@ -582,7 +637,7 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
       ++counters_.finished;
       events.push_back(make_event(r, token));
       blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
-      requests_.erase(it);
+      requests_.erase(s.id);
     } else {
       events.push_back(make_event(r, token));
     }
@@ -592,10 +647,10 @@ std::vector<TokenEvent> Scheduler::apply_result(const StepPlan& plan, const Step
 }
 
 std::optional<Request> Scheduler::detach(RequestId id, bool keep_kv) {
-  auto it = requests_.find(id);
-  if (it == requests_.end()) return std::nullopt;
-  Request r = std::move(it->second);
-  requests_.erase(it);
+  Request* found = requests_.find(id);
+  if (found == nullptr) return std::nullopt;
+  Request r = std::move(*found);
+  requests_.erase(id);
   blocks_demanded_ -= kv_->layer_blocks_for(r.num_tokens());
   remove_from_queues(id, r.state);
   if (!keep_kv) {
@@ -626,6 +681,7 @@ Status Scheduler::adopt(Request r, bool with_kv) {
     r.virtual_engine = least_loaded_ve();
     running_.push_back(id);
     running_ptrs_valid_ = false;
+    invalidate_loads();
   } else {
     requeue_without_kv(r, /*by_transition=*/true);  // the KV it had is not carried over
     waiting_.push_back(id);
@@ -642,6 +698,7 @@ void Scheduler::adopt_with_imported_kv(Request r) {
   r.virtual_engine = least_loaded_ve();
   running_.push_back(r.id);
   running_ptrs_valid_ = false;
+  invalidate_loads();
   blocks_demanded_ += kv_->layer_blocks_for(r.num_tokens());
   requests_.emplace(r.id, std::move(r));
 }
@@ -658,6 +715,13 @@ double Scheduler::demand() const {
 }
 
 std::int64_t Scheduler::pending_blocks() const {
+  // Every request is waiting, swapped or running, and blocks_demanded_ sums all of them: walk the
+  // shorter side. Under overload the queue is thousands long and the monitor samples every period.
+  if (waiting_.size() + swapped_.size() > running_.size()) {
+    std::int64_t running = 0;
+    for (const Request* r : running_requests()) running += kv_->layer_blocks_for(r->num_tokens());
+    return blocks_demanded_ - running;
+  }
   std::int64_t pending = 0;
   for (RequestId id : waiting_) pending += kv_->layer_blocks_for(requests_.at(id).num_tokens());
   for (RequestId id : swapped_) pending += kv_->layer_blocks_for(requests_.at(id).num_tokens());
@@ -677,14 +741,17 @@ InstanceStats Scheduler::report() const {
 }
 
 const Request* Scheduler::find(RequestId id) const {
-  auto it = requests_.find(id);
-  return it == requests_.end() ? nullptr : &it->second;
+  return requests_.find(id);
 }
 
 void Scheduler::check_invariants() const {
   std::size_t queued = waiting_.size() + swapped_.size() + running_.size();
   KUN_CHECK_EQ(queued, requests_.size()) << "a request is in no queue or in two";
   KUN_CHECK_EQ(blocks_demanded_, recount_blocks_demanded()) << "running count of demanded KV blocks is off";
+  std::int64_t pending = 0;
+  for (RequestId id : waiting_) pending += kv_->layer_blocks_for(requests_.at(id).num_tokens());
+  for (RequestId id : swapped_) pending += kv_->layer_blocks_for(requests_.at(id).num_tokens());
+  KUN_CHECK_EQ(pending_blocks(), pending) << "pending KV blocks off against a walk of the queues";
   for (RequestId id : waiting_) {
     const Request& r = requests_.at(id);
     KUN_CHECK(r.state == RequestState::kWaiting) << "request " << id << " in waiting queue is " << request_state_name(r.state);

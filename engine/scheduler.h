@@ -12,6 +12,7 @@
 // free KV and requeue at the head; swap: copy KV to a bounded host space and back later).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "common/id_map.h"
 #include "common/status.h"
 #include "engine/api.h"
 #include "engine/kv_manager.h"
@@ -196,14 +198,16 @@ class Scheduler {
   void finish(Request& r, FinishReason reason);
   TokenEvent make_event(const Request& r, std::int32_t token) const;
   // Removes the request from the queue its state names (CHECKs it is in one).
-  void remove_from_queues(RequestId id, RequestState state);
+  // `r` (optional, the request itself) lets a running request leave the running views without
+  // rebuilding them.
+  void remove_from_queues(RequestId id, RequestState state, const Request* r = nullptr);
 
   SchedulerConfig config_;
   KvManager* kv_;
   const Clock* clock_;
-  // Looked up for every running request several times per step: a hash map (every walk over it
-  // is an order-free sum).
-  std::unordered_map<RequestId, Request> requests_;
+  // Looked up for every running request several times per step: an IdMap (common/id_map.h;
+  // every walk over it is an order-free sum).
+  IdMap<RequestId, Request> requests_;
   std::deque<RequestId> waiting_;
   std::deque<RequestId> swapped_;
   std::deque<RequestId> running_;  // admission order
@@ -219,6 +223,12 @@ class Scheduler {
   mutable std::vector<Request*> running_ptrs_;
   mutable std::vector<std::vector<Request*>> running_ptrs_by_ve_;
   mutable bool running_ptrs_valid_ = false;
+  // predicted_loads() per virtual engine, valid until one of its requests changes or the chunk
+  // cap it was computed with (ve_load_cap_) moves.
+  mutable std::vector<double> ve_load_;
+  mutable std::vector<char> ve_load_valid_;
+  mutable std::int64_t ve_load_cap_ = -1;
+  void invalidate_loads() const { std::fill(ve_load_valid_.begin(), ve_load_valid_.end(), 0); }
   SchedulerCounters counters_;
   // Layer blocks every request needs at its current length (the numerator of demand()), kept as
   // requests arrive, grow, leave and come (the monitor samples it every period; a sum over

@@ -269,30 +269,43 @@ double CostModel::table_us(double tokens) const {
 
 double CostModel::step_us(std::span<const SeqWork> seqs, std::int64_t num_layers, bool first_stage,
                           bool last_stage, bool include_step_overhead) const {
-  std::int64_t tokens = 0;
-  std::int64_t sampled = 0;
+  return step_us(batch_terms(seqs), num_layers, first_stage, last_stage, include_step_overhead);
+}
+
+CostModel::BatchTerms CostModel::batch_terms(std::span<const SeqWork> seqs) const {
+  BatchTerms b;
   for (const SeqWork& s : seqs) {
-    tokens += s.new_tokens;
-    if (s.sample) ++sampled;
+    b.tokens += s.new_tokens;
+    if (s.sample) ++b.sampled;
   }
+  if (b.tokens == 0) return b;
+  if (!gpu_.table_tokens.empty()) {
+    for (const SeqWork& s : seqs) {
+      const double n = static_cast<double>(s.new_tokens);
+      const double c = static_cast<double>(s.context_tokens);
+      b.pairs += n * c + n * (n + 1.0) / 2.0;
+    }
+    return b;
+  }
+  b.per_layer_us = layer_linear_us(b.tokens) + layer_attention_us(seqs);
+  return b;
+}
+
+double CostModel::step_us(const BatchTerms& batch, std::int64_t num_layers, bool first_stage, bool last_stage,
+                          bool include_step_overhead) const {
+  const std::int64_t tokens = batch.tokens;
+  const std::int64_t sampled = batch.sampled;
   if (tokens == 0) return 0.0;
   double us = include_step_overhead ? gpu_.step_overhead_us : 0.0;
   if (!gpu_.table_tokens.empty()) {
     // Measured device (CPU profile): the table and attention terms per layer, sampling last.
-    double pairs = 0.0;
-    for (const SeqWork& s : seqs) {
-      const double n = static_cast<double>(s.new_tokens);
-      const double c = static_cast<double>(s.context_tokens);
-      pairs += n * c + n * (n + 1.0) / 2.0;
-    }
     const double share = static_cast<double>(num_layers) / static_cast<double>(model_.num_layers);
-    us += share * (table_us(static_cast<double>(tokens)) + gpu_.attn_pair_us * pairs);
+    us += share * (table_us(static_cast<double>(tokens)) + gpu_.attn_pair_us * batch.pairs);
     if (last_stage && sampled > 1) us += gpu_.sample_us * static_cast<double>(sampled - 1);
     (void)first_stage;
     return us;
   }
-  const double per_layer = layer_linear_us(tokens) + layer_attention_us(seqs);
-  us += per_layer * static_cast<double>(num_layers);
+  us += batch.per_layer_us * static_cast<double>(num_layers);
   const double b = static_cast<double>(gpu_.dtype_bytes);
   const double h = static_cast<double>(model_.hidden_size);
   if (first_stage) us += elementwise_us(2.0 * static_cast<double>(tokens) * h * b);  // embedding gather

@@ -148,6 +148,18 @@ class CostModel {
   // told otherwise (a pipeline stage's micro-batch pays it once per step, not per stage).
   double step_us(std::span<const SeqWork> seqs, std::int64_t num_layers, bool first_stage, bool last_stage,
                  bool include_step_overhead = true) const;
+  // step_us in two parts: what depends on the batch only (one walk over its sequences), then a
+  // stage's share of it. A fused round prices each micro-batch on every one of its g stages, so
+  // the walk is done once per micro-batch instead of g times; the result is the same to the bit.
+  struct BatchTerms {
+    std::int64_t tokens = 0;
+    std::int64_t sampled = 0;
+    double pairs = 0.0;          // measured device: attended (query, key) pairs
+    double per_layer_us = 0.0;   // GPU roofline: one layer's linear + attention time
+  };
+  BatchTerms batch_terms(std::span<const SeqWork> seqs) const;
+  double step_us(const BatchTerms& batch, std::int64_t num_layers, bool first_stage, bool last_stage,
+                 bool include_step_overhead = true) const;
 
   // The measured table at `tokens` new tokens (GpuSpec::table_tokens non-empty).
   double table_us(double tokens) const;

@@ -64,9 +64,10 @@ SimExecutor::StepCost SimExecutor::forward(const std::vector<MicroBatch>& micro_
     std::vector<double> t(static_cast<std::size_t>(g), 0.0);
     std::int64_t tokens = 0;
     for (const SeqWork& w : mb.work) tokens += w.new_tokens;
+    const CostModel::BatchTerms terms = cost_->batch_terms(mb.work);  // once for the g stages
     for (std::int64_t s = 0; s < g; ++s) {
       t[static_cast<std::size_t>(s)] =
-          cost_->step_us(mb.work, config_.stage_layers[static_cast<std::size_t>(s)], s == 0, s == g - 1, false);
+          cost_->step_us(terms, config_.stage_layers[static_cast<std::size_t>(s)], s == 0, s == g - 1, false);
       if (s + 1 < g) t[static_cast<std::size_t>(s)] += transfer_us(config_.stage_link, cost_->activation_bytes(tokens));
     }
     // Remote attention: the stage running the layer waits for q/k/v to reach the holder and the

@@ -26,6 +26,10 @@ struct Summary {
   double p999 = 0.0;
 };
 Summary summarize(std::vector<double> values);
+// summarize() of each microsecond count as milliseconds (us / 1000.0), to the bit, sorting the
+// integers first: a long simulation's tens of millions of per-token latencies sort in two 16-bit
+// radix passes instead of the four a double needs.
+Summary summarize_us_as_ms(std::vector<std::int64_t> us);
 
 struct Quantiles4 {
   double p10 = 0.0, p50 = 0.0, p90 = 0.0, p99 = 0.0;

@@ -1,8 +1,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
+#include <random>
 
 #include "common/clock.h"
+#include "common/id_map.h"
 #include "common/ids.h"
 #include "common/status.h"
 #include "common/units.h"
@@ -83,3 +86,52 @@ TEST(DTypeTest, RoundTripsExactValues) {
 }
 }  // namespace
 }  // namespace kun
+
+// IdMap against std::map under random inserts, erases (backward-shift deletion is the part that
+// can lose an entry) and lookups; values keep their addresses until erased.
+TEST(IdMap, MatchesStdMapUnderRandomInsertsAndErases) {
+  for (std::uint64_t seed = 1; seed <= 5; ++seed) {
+    std::mt19937_64 rng(seed);
+    kun::IdMap<kun::RequestId, std::int64_t> map;
+    std::map<std::int64_t, std::int64_t> ref;
+    std::map<std::int64_t, const std::int64_t*> address;
+    // Small key ranges force long probe runs and wrap-around; large ones exercise growth.
+    const std::int64_t range = seed % 2 == 0 ? 64 : 100000;
+    for (int step = 0; step < 20000; ++step) {
+      const auto key = static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(range));
+      const kun::RequestId id(key);
+      switch (rng() % 3) {
+        case 0: {
+          const auto [v, inserted] = map.emplace(id, key * 7);
+          EXPECT_EQ(inserted, ref.count(key) == 0);
+          if (inserted) {
+            ref[key] = key * 7;
+            address[key] = v;
+          }
+          EXPECT_EQ(v, address[key]);
+          break;
+        }
+        case 1:
+          EXPECT_EQ(map.erase(id), ref.erase(key) == 1);
+          address.erase(key);
+          break;
+        default: {
+          const std::int64_t* v = map.find(id);
+          ASSERT_EQ(v != nullptr, ref.count(key) == 1) << "key " << key;
+          if (v != nullptr) {
+            EXPECT_EQ(*v, ref[key]);
+            EXPECT_EQ(v, address[key]) << "a value moved";
+          }
+        }
+      }
+      ASSERT_EQ(map.size(), ref.size());
+    }
+    std::map<std::int64_t, std::int64_t> walked;
+    for (const auto& [id, v] : map) walked[id.value] = v;
+    EXPECT_EQ(walked, ref);
+    for (const auto& [k, v] : ref) EXPECT_EQ(map.at(kun::RequestId(k)), v);
+    map.clear();
+    EXPECT_TRUE(map.empty());
+    EXPECT_EQ(map.find(kun::RequestId(1)), nullptr);
+  }
+}

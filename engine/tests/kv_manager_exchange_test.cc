@@ -160,3 +160,56 @@ TEST(KvManagerExchangeDeathTest, ImportHoldingALayerTwiceAborts) {
 
 }  // namespace
 }  // namespace kun::engine
+
+namespace kun::engine {
+namespace {
+
+// Counts-only devices (the simulator): a decode inside the last block touches only the request's
+// record, its tables lag behind; every read that hands tables out or checks them sees them
+// caught up (export), block counts stay exact, and the next block is allocated on every device.
+TEST(KvManagerCountsOnly, TablesLagInsideTheirLastBlockAndCatchUpWhenReadOut) {
+  std::vector<std::unique_ptr<kv::KvBlockAllocator>> allocators;
+  std::vector<kv::KvBlockAllocator*> devices;
+  for (int d = 0; d < 2; ++d) {
+    auto a = std::make_unique<kv::KvBlockAllocator>(4, kv::AllocationOrder::kDeterministic, 0, kv::BlockNaming::kCountsOnly);
+    std::vector<kv::PageId> ids;
+    for (std::int64_t p = 0; p < 8; ++p) ids.emplace_back(p);
+    KUN_CHECK_OK(a->add_pages(ids));
+    devices.push_back(a.get());
+    allocators.push_back(std::move(a));
+  }
+  KvManager kv(kBlockSize, devices, std::vector<std::int32_t>{0, 0, 1, 1}, 0);
+  const RequestId id(7);
+  ASSERT_TRUE(kv.try_grow(id, 5));  // one token-block on each of the 4 layers
+  EXPECT_EQ(allocators[0]->num_used(), 2);
+  EXPECT_EQ(allocators[1]->num_used(), 2);
+  for (std::int64_t t = 6; t <= kBlockSize; ++t) {
+    ASSERT_TRUE(kv.try_grow(id, t));  // inside the block: nothing allocated
+    kv.check_integrity();
+  }
+  EXPECT_EQ(kv.tokens_held(id), kBlockSize);
+  EXPECT_EQ(allocators[0]->num_used(), 2);
+  ASSERT_TRUE(kv.try_grow(id, kBlockSize + 3));  // the next block, on both devices
+  EXPECT_EQ(allocators[0]->num_used(), 4);
+  EXPECT_EQ(allocators[1]->num_used(), 4);
+  ASSERT_TRUE(kv.try_grow(id, kBlockSize + 9));
+  kv.check_integrity();
+  const std::map<std::int32_t, kv::BlockTable> tables = kv.export_tables(id);
+  ASSERT_EQ(tables.size(), 2u);
+  for (const auto& [d, t] : tables) {
+    EXPECT_EQ(t.num_tokens(), kBlockSize + 9) << "device " << d << ": an exported table must hold every token";
+    EXPECT_EQ(t.num_blocks(), 4) << "device " << d;
+  }
+  EXPECT_EQ(kv.tokens_held(id), 0);
+  // Imported back, it grows on from where it was.
+  std::map<std::int32_t, kv::BlockTable> back(tables.begin(), tables.end());
+  kv.import_tables(id, kBlockSize + 9, std::move(back));
+  ASSERT_TRUE(kv.try_grow(id, 2 * kBlockSize));
+  kv.check_integrity();
+  kv.release(id);
+  EXPECT_EQ(allocators[0]->num_used(), 0);
+  EXPECT_EQ(allocators[1]->num_used(), 0);
+}
+
+}  // namespace
+}  // namespace kun::engine

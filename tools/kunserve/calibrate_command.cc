@@ -47,6 +47,10 @@ struct CalibrateArgs {
   int max_devices = 4;
   int reps = 2;
   std::int64_t block_size = 16;
+  // Requests running at once on each device while host contention is measured (2: a device whose
+  // KV holds one or two requests). A profile meant to predict a bench should be measured at the
+  // bench's --max-num-seqs: a step of 8 sequences loses more to a shared host than one of 2.
+  std::int64_t contention_seqs = 2;
 };
 
 std::string host_description() {
@@ -116,7 +120,9 @@ Status run_calibrate(const CalibrateArgs& a) {
   } else if (a.kv_cache_dtype != "bf16") {
     return invalid_argument("--kv-cache-dtype must be bf16 or f32");
   }
-  if (a.max_devices < 1 || a.reps < 1 || a.threads < 1) return invalid_argument("--max-devices, --reps and --threads must be >= 1");
+  if (a.max_devices < 1 || a.reps < 1 || a.threads < 1 || a.contention_seqs < 1) {
+    return invalid_argument("--max-devices, --reps, --threads and --contention-seqs must be >= 1");
+  }
   auto weights = model::synthetic_weights(config, 0);
   SteadyClock clock;
   std::cout << "calibrating " << a.preset << " (" << dtype_name(config.dtype) << " weights, " << a.kv_cache_dtype << " KV), "
@@ -181,10 +187,11 @@ Status run_calibrate(const CalibrateArgs& a) {
   // The reference: the same requests through a single instance stepped from this thread, as the
   // step table was measured, so the runtime's own structure (engine thread, stage thread, token
   // events) at one device is part of host_contention[0].
-  const int per_device = 12 * a.reps;
+  // The same number of waves per device whatever the concurrency (12 requests at 2 running).
+  const int per_device = static_cast<int>(6 * a.contention_seqs) * a.reps;
   double alone_s = 0.0;
   {
-    KUN_ASSIGN_OR_RETURN(auto inst, make_instance(a, config, *weights, kv_dtype, &clock, /*max_num_seqs=*/2));
+    KUN_ASSIGN_OR_RETURN(auto inst, make_instance(a, config, *weights, kv_dtype, &clock, a.contention_seqs));
     engine::Engine& engine = inst->engine();
     std::vector<sim::SeqWork> last;
     double exec = 0.0;
@@ -209,7 +216,7 @@ Status run_calibrate(const CalibrateArgs& a) {
     ca.threads = a.threads;
     ca.block_size = a.block_size;
     ca.kv_tokens_per_device = 1024;
-    ca.max_num_seqs = 2;
+    ca.max_num_seqs = a.contention_seqs;
     KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o,
                          ca.build(config, config.dtype, kv_dtype, cluster::Policy::kRecompute, a.preset));
     o.router.policy = cluster::RoutePolicy::kRoundRobin;  // the same requests on every device
@@ -306,6 +313,8 @@ void add_calibrate_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--out", a->out, "profile file to write");
   cmd->add_option("--max-devices", a->max_devices, "measure host contention with up to this many devices at once");
   cmd->add_option("--reps", a->reps, "repetitions of the step set");
+  cmd->add_option("--contention-seqs", a->contention_seqs,
+                  "requests running at once on each device while host contention is measured (a bench's --max-num-seqs)");
   cmd->callback([a, exit_code] {
     Status s = run_calibrate(*a);
     if (!s.ok()) {

@@ -75,6 +75,7 @@ struct SimulateArgs {
   std::string sweep;         // "time-scale=a,b,c" or "upscale=a,b,c"
   std::string sweep_out = "sweep";  // prefix of the sweep's .json / .csv / .png
   bool sweep_capped = true;  // also run kunserve with groups capped at 2 members
+  bool sweep_ideal = true;   // also run the memory bound "ideal" (see make_config)
   bool speed = false;        // print simulated seconds per wall second per run
   bool scenario_max_num_seqs = false;  // the scenario set max_num_seqs
   // Cluster policy thresholds (the artifact's defaults; cluster/README.md).
@@ -129,7 +130,11 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
   c.num_instances = a.cluster.devices;
   c.label = policy;
   // "kunserve/<stale-kv>[/no-lookahead]" as the bench; "kunserve@g2" caps groups at 2 members.
-  std::string p = policy;
+  // "ideal": what no memory-elastic policy can beat with this memory arithmetic: recompute on
+  // instances that each hold, from the start and at no cost, the KV a member of the largest
+  // allowed group holds (a fused group of 8 grows a 13B member's pool x1.51), with no pipeline,
+  // transition or exchange cost.
+  std::string p = policy == "ideal" ? "recompute" : policy;
   std::vector<std::int64_t> cap;
   if (const auto at = p.find("@g"); at != std::string::npos) {
     cap = {std::stoll(p.substr(at + 2))};
@@ -181,6 +186,17 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
   // Prompts up to the model's context (4,096 was clipped silently before).
   auto mc = sim::sim_model_config(c.model_name);
   if (mc.ok() && mc->max_position_embeddings > 0) c.scheduler.max_model_len = mc->max_position_embeddings;
+  if (policy == "ideal") {
+    KUN_ASSIGN_OR_RETURN(std::unique_ptr<sim::ClusterSim> probe, sim::ClusterSim::create(c));
+    const sim::MemoryPlan plan = probe->memory_plan();
+    std::int64_t largest = 1;
+    for (std::int64_t g : c.allowed_degrees.empty() ? cluster::ClusterShape{}.allowed_degrees : c.allowed_degrees) {
+      if (g <= c.num_instances) largest = std::max(largest, g);
+    }
+    for (const sim::MemoryPlan::Growth& g : plan.growth) {
+      if (g.group_size == largest) c.kv_tokens_per_instance = g.kv_tokens / g.group_size;
+    }
+  }
   return c;
 }
 
@@ -237,6 +253,7 @@ Status run_sweep(const SimulateArgs& a, std::vector<std::string> policies) {
   if (std::find(policies.begin(), policies.end(), "kunserve") == policies.end()) policies.push_back("kunserve");
   if (std::find(policies.begin(), policies.end(), "recompute") == policies.end()) policies.insert(policies.begin(), "recompute");
   if (a.sweep_capped) policies.push_back("kunserve@g2");
+  if (a.sweep_ideal) policies.push_back("ideal");
   nlohmann::json out = nlohmann::json::array();
   std::ostringstream csv;
   csv << axis << ",policy,requests,rate_rps,ttft_p50_ms,ttft_p99_ms,tpot_mean_ms,drops,ratio_ttft_p99_vs_kunserve,"
@@ -245,6 +262,7 @@ Status run_sweep(const SimulateArgs& a, std::vector<std::string> policies) {
     double x = 0, rate = 0;
     std::vector<double> p99;  // per policy
     double ratio_rec = 0, ratio_rec_capped = 0;
+    double ratio_rec_ideal = 0;  // recompute over the ideal: the most any policy could give
   };
   std::vector<Row> rows;
   std::cout << std::fixed << std::setprecision(2);
@@ -256,11 +274,13 @@ Status run_sweep(const SimulateArgs& a, std::vector<std::string> policies) {
     const double rate = trace.span_us() > 0 ? static_cast<double>(trace.size()) / (static_cast<double>(trace.span_us()) / 1e6) : 0;
     const workload::Report* kun = nullptr;
     const workload::Report* capped = nullptr;
+    const workload::Report* ideal = nullptr;
     for (const auto& r : runs) {
       if (r.policy == "kunserve") kun = &r.report.report;
       if (r.policy == "kunserve@g2") capped = &r.report.report;
+      if (r.policy == "ideal") ideal = &r.report.report;
     }
-    Row row{x, rate, {}, 0, 0};
+    Row row{x, rate, {}, 0, 0, 0};
     std::cout << axis << " " << x << " (" << rate << " req/s):";
     for (const auto& r : runs) {
       const workload::Report& rep = r.report.report;
@@ -270,6 +290,7 @@ Status run_sweep(const SimulateArgs& a, std::vector<std::string> policies) {
       if (r.policy == "recompute") {
         row.ratio_rec = rt;
         row.ratio_rec_capped = capped != nullptr ? ratio(rep.ttft_ms.p99, capped->ttft_ms.p99) : 0.0;
+        row.ratio_rec_ideal = ideal != nullptr ? ratio(rep.ttft_ms.p99, ideal->ttft_ms.p99) : 0.0;
       }
       csv << x << "," << r.policy << "," << trace.size() << "," << rate << "," << rep.ttft_ms.p50 << "," << rep.ttft_ms.p99
           << "," << rep.tpot_ms.mean << "," << r.report.counters.drops << "," << rt << "," << rp << "\n";
@@ -298,10 +319,14 @@ Status run_sweep(const SimulateArgs& a, std::vector<std::string> policies) {
     }
     return width;
   };
-  double peak = 0.0;
-  for (const Row& r : rows) peak = std::max(peak, r.ratio_rec);
+  double peak = 0.0, bound = 0.0;
+  for (const Row& r : rows) {
+    peak = std::max(peak, r.ratio_rec);
+    bound = std::max(bound, r.ratio_rec_ideal);
+  }
   std::cout << "recompute/kunserve p99 TTFT: peak " << peak << "x; 10x band " << band(false) << " req/s wide";
   if (a.sweep_capped) std::cout << " (groups capped at 2: " << band(true) << " req/s)";
+  if (a.sweep_ideal) std::cout << "; recompute/ideal (the bound of any policy with this memory) peaks at " << bound << "x";
   std::cout << std::defaultfloat << std::endl;
   {
     std::ofstream f(a.sweep_out + ".json");
@@ -310,7 +335,8 @@ Status run_sweep(const SimulateArgs& a, std::vector<std::string> policies) {
                         {"points", out},
                         {"peak_recompute_over_kunserve_ttft_p99", peak},
                         {"band_10x_rps", band(false)},
-                        {"band_10x_rps_capped_g2", band(true)}}
+                        {"band_10x_rps_capped_g2", band(true)},
+                        {"peak_recompute_over_ideal_ttft_p99", bound}}
                  .dump(2)
       << "\n";
   }
@@ -423,6 +449,9 @@ void add_simulate_command(CLI::App* app, int* exit_code) {
                   "to kunserve, <sweep-out>.json/.csv/.png");
   cmd->add_option("--sweep-out", a->sweep_out, "file prefix of the sweep's outputs");
   cmd->add_option("--sweep-capped", a->sweep_capped, "sweeps also run kunserve with groups capped at 2 members");
+  cmd->add_option("--sweep-ideal", a->sweep_ideal,
+                  "sweeps also run 'ideal': recompute on instances that each hold the KV of a member of the largest "
+                  "group from the start, at no cost (the p99 TTFT no memory-elastic policy can beat)");
   cmd->add_option("--planner-target", a->planner_target,
                   "a group covers when its demand <= this x its fused capacity (artifact: 0.95; lower forms larger "
                   "groups)")

@@ -153,5 +153,29 @@ TEST(Summarize, LargeInputsMatchAComparisonSortExactly) {
   EXPECT_EQ(quantile(values, 0.25), quantile_sorted(sorted, 0.25));
 }
 
+// summarize_us_as_ms (the report's per-token latencies) gives summarize() of us / 1000.0 to the
+// bit: small and multi-digit (> 2^32) values, duplicates and zeros, above and below the radix size.
+TEST(Summarize, MicrosecondsAsMillisecondsMatchSummarizeExactly) {
+  for (const std::size_t n : {std::size_t{1000}, std::size_t{70000}}) {
+    for (const std::uint64_t range : {std::uint64_t{200000}, std::uint64_t{1} << 40}) {
+      std::mt19937_64 rng(n + range);
+      std::vector<std::int64_t> us;
+      for (std::size_t i = 0; i < n; ++i) us.push_back(i % 97 == 0 ? 0 : static_cast<std::int64_t>(rng() % range));
+      std::vector<double> ms;
+      for (std::int64_t x : us) ms.push_back(static_cast<double>(x) / 1000.0);
+      const Summary want = summarize(ms);
+      const Summary got = summarize_us_as_ms(us);
+      EXPECT_EQ(got.count, want.count);
+      EXPECT_EQ(got.mean, want.mean) << n << " values below " << range;
+      EXPECT_EQ(got.p50, want.p50);
+      EXPECT_EQ(got.p90, want.p90);
+      EXPECT_EQ(got.p99, want.p99);
+      EXPECT_EQ(got.p999, want.p999);
+    }
+  }
+  EXPECT_TRUE(std::isnan(summarize_us_as_ms({}).mean));
+  EXPECT_EQ(summarize_us_as_ms({-5, 7}).p50, summarize({-0.005, 0.007}).p50);  // negatives: the plain path
+}
+
 }  // namespace
 }  // namespace kun::workload
