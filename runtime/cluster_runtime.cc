@@ -1284,8 +1284,12 @@ void ClusterRuntime::run_actions(const cluster::Actions& actions) {
     }
   }
   finish_gathered_restores();  // groups with nothing to gather split at once
+  for (const auto& sh : actions.shrinks) (void)run_shrink_locked(sh);  // cluster_regroup.cc; failures are recorded
   for (const auto& d : actions.drops) {
-    KUN_CHECK(d.absorbs.empty()) << "group growth reached the runtime, which refuses it";
+    if (!d.absorbs.empty()) {
+      (void)run_growth_locked(d);  // cluster_regroup.cc; failures are recorded
+      continue;
+    }
     auto s = drop_locked(d.instances, d.group, d.reason);
     if (!s.ok()) {
       record_failure("drop", d.group, d.instances, s.status());

@@ -145,6 +145,15 @@ class ClusterRuntime final : public engine::FrontDoor {
   // KV is all home and its members' weights are back.
   bool ready_to_split(std::int64_t group) const;
   Status migrate(RequestId request, std::int64_t to_instance);
+  // Growth (runtime/cluster_regroup.cc): fused group `group` of degree g becomes one of degree 2g
+  // with `partners`, g independent instances or every member of another fused group of degree g
+  // in its stage order; old stage j goes to stage 2j and partner j to 2j + 1, so each member
+  // keeps a part of the layers it holds (cluster::plan_drop over the members' held layers).
+  // Returns the new group's id.
+  StatusOr<std::int64_t> grow(std::int64_t group, const std::vector<std::int64_t>& partners);
+  // Partial restore: fused group `group` of even degree >= 4 becomes two groups of degree g / 2,
+  // its even and its odd stages (cluster::plan_shrink), stop-and-copy. Returns the two ids.
+  StatusOr<std::vector<std::int64_t>> shrink(std::int64_t group);
 
   // Runs one step on every unit that has work (for tests without threads); false if all idle.
   bool run_step_all();
@@ -275,6 +284,33 @@ class ClusterRuntime final : public engine::FrontDoor {
   // A drop failed and rolled back: the coordinator's group for it dissolves.
   void abandon_drop_locked(std::int64_t group);
   StatusOr<std::int64_t> drop_locked(const std::vector<std::int64_t>& instances, std::int64_t group, const std::string& reason);
+  // ---- regroup (runtime/cluster_regroup.cc) ----
+  // Carries out a growth DropAction (absorbs set): pauses the source units, plans with
+  // cluster::plan_drop, commits, and publishes the grown group. A failure before the commit point
+  // rolls back (the sources serve on) and is returned.
+  StatusOr<std::int64_t> grow_locked(const cluster::DropAction& action);
+  // Carries out a ShrinkAction (cluster::plan_shrink) stop-and-copy; a failure before the commit
+  // point leaves the group whole and is returned.
+  Status shrink_locked(const cluster::ShrinkAction& action);
+  // Policy-thread glue: carry the action out and tell the coordinator how it went.
+  // Failures are recorded (event, metric) and returned.
+  Status run_growth_locked(const cluster::DropAction& action);
+  Status run_shrink_locked(const cluster::ShrinkAction& action);
+  // Transfer steps, kept apart so that they can run outside transition_mu_:
+  // drops each member's layers the plan hands to KV and adds their pages to its allocator;
+  // returns the parameter bytes dropped.
+  std::int64_t hand_dropped_layers_to_kv(const cluster::DropPlan& plan);
+  // Moves one layer of a request's KV between members of `instances` (tables keyed by member
+  // index): allocates it on `to`, copies, frees the source; returns the blocks moved.
+  std::int64_t move_request_layer(const std::vector<std::int64_t>& instances, std::map<std::int32_t, kv::BlockTable>& tables,
+                                  const cluster::LayerMove& move);
+  // Pulls `layer` from device `owner` into device `inst`, whose KV pool gives a layer's pages
+  // back first (repacking live blocks, remapped through `remap`); returns the bytes pulled.
+  std::int64_t pull_layer_into(std::int64_t inst, std::int64_t layer, std::int64_t owner,
+                               const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
+                               std::int64_t* repacked);
+  // The members' admission histories interleaved, aligned at their newest entries.
+  static std::vector<std::int64_t> merged_admission_history(const std::vector<std::vector<std::int64_t>>& histories);
   Status restore_locked(std::int64_t group);  // the split; begin_restore_locked came first
   Status migrate_locked(RequestId request, std::int64_t to_instance, const std::string& reason);
   void retire(const std::shared_ptr<Unit>& unit);
