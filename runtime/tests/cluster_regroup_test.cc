@@ -5,6 +5,10 @@
 // drops, growths, shrinks, restores and cancels and checks the invariants after every step; failed
 // growths and shrinks roll back.
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <iostream>
 #include <map>
 #include <random>
@@ -301,6 +305,66 @@ TEST(RegroupFailures, FailedGrowthAndShrinkRollBack) {
     EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
   }
 }
+
+// The same regroups with every engine and stage on its own thread (as in serving): a growth and
+// a shrink land while steps run; tokens stay exact. The TSan configuration runs this.
+class RegroupThreadedTest : public ::testing::TestWithParam<cluster::StaleKvStrategy> {};
+
+TEST_P(RegroupThreadedTest, GrowAndShrinkWhileServingKeepTokens) {
+  auto w = tiny_weights();
+  const auto specs = make_specs(17, 24, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  SteadyClock clock;
+  auto rt = ClusterRuntime::create(small_cluster(*w, 64, GetParam()), *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  ClusterRuntime& r = **rt;
+  std::mutex mu;
+  std::condition_variable cv;
+  Tracker tr;
+  std::int64_t tokens_seen = 0;
+  int finished = 0;
+  const auto callback = [&](std::int64_t i) {
+    return [&, i](const engine::TokenEvent& ev) {
+      std::lock_guard<std::mutex> lock(mu);
+      tr.callback(i)(ev);
+      if (ev.token >= 0) ++tokens_seen;
+      if (ev.finished) ++finished;
+      cv.notify_all();
+    };
+  };
+  const auto wait_for = [&](const std::function<bool()>& done) {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(120), done)) << "timed out";
+  };
+  r.start();
+  for (int i = 0; i < 12; ++i) ASSERT_TRUE(r.submit(specs[static_cast<std::size_t>(i)], callback(i)).ok());
+  wait_for([&] { return tokens_seen >= 20; });
+  auto a = r.drop({0, 1});
+  ASSERT_TRUE(a.ok()) << a.status().to_string();
+  wait_for([&] { return tokens_seen >= 60; });
+  auto grown = r.grow(*a, {2, 3});
+  ASSERT_TRUE(grown.ok()) << grown.status().to_string();
+  for (int i = 12; i < 24; ++i) ASSERT_TRUE(r.submit(specs[static_cast<std::size_t>(i)], callback(i)).ok());
+  wait_for([&] { return tokens_seen >= 140; });
+  auto halves = r.shrink(*grown);
+  ASSERT_TRUE(halves.ok()) << halves.status().to_string();
+  wait_for([&] { return tokens_seen >= 200; });
+  for (std::int64_t h : *halves) ASSERT_TRUE(r.restore(h).ok());
+  wait_for([&] { return finished == 24; });
+  r.check_integrity();
+  r.stop();
+  EXPECT_EQ(r.num_units(), 4);
+  std::lock_guard<std::mutex> lock(mu);
+  for (int i = 0; i < 24; ++i) {
+    EXPECT_EQ(tr.finals[i], 1) << "request " << i;
+    EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, RegroupThreadedTest,
+                         ::testing::Values(cluster::StaleKvStrategy::kRecompute, cluster::StaleKvStrategy::kRemoteAttention,
+                                           cluster::StaleKvStrategy::kExchange),
+                         [](const ::testing::TestParamInfo<cluster::StaleKvStrategy>& p) { return strategy_name(p.param); });
 
 // Random drops, growths (with free instances or by merging), shrinks, restores (with and without a
 // gather phase of some steps) and cancels under a tight KV budget; invariants after every step and
