@@ -84,6 +84,13 @@ std::int64_t ClusterRuntime::pull_layer_into(std::int64_t inst, std::int64_t lay
   return fleet_->geometry(static_cast<int>(owner)).layer_segment_bytes;
 }
 
+void ClusterRuntime::run_policy_round() {
+  std::unique_lock lock(transition_mu_);
+  const cluster::Actions actions = coordinator_->tick(clock_->now_us(), snapshots_of(units_));
+  if (!actions.empty()) run_actions(actions);
+  finish_gathered_restores();
+}
+
 StatusOr<std::int64_t> ClusterRuntime::grow(std::int64_t group, const std::vector<std::int64_t>& partners) {
   std::unique_lock lock(transition_mu_);
   KUN_ASSIGN_OR_RETURN(cluster::DropAction action, coordinator_->force_grow(group, partners, clock_->now_us()));

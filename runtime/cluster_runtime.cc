@@ -147,23 +147,9 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create_with_fleet(cons
     if (g <= options.num_instances && g <= config.num_layers) degrees.push_back(g);
   }
   shape.allowed_degrees = degrees;
-  cluster::CoordinatorConfig coordinator = options.coordinator;
-  if (coordinator.planner.grow_groups) {
-    // Growing a fused group (cluster::PlannedGrowth) is carried out by the simulator only: the
-    // in-process runtime would have to re-fuse a live group (re-spread its stale KV over twice
-    // the members, drop more layers) and that path has no token-exact test yet. Groups here
-    // keep the degree they were formed with; the planner still picks g from allowed_degrees.
-    KUN_LOG(kInfo) << "cluster runtime: group growth is refused (not carried out by the in-process runtime); "
-                      "overloaded groups keep their degree";
-    coordinator.planner.grow_groups = false;
-  }
-  if (coordinator.planner.shrink_groups) {
-    // Partial restore (cluster::plan_shrink: a group of 4 splits into two of 2) is carried out by
-    // the simulator only; here a group restores whole, as before.
-    KUN_LOG(kInfo) << "cluster runtime: shrinking a group by half (partial restore) is refused (not carried out by "
-                      "the in-process runtime); groups restore whole";
-    coordinator.planner.shrink_groups = false;
-  }
+  // Growth (an overloaded group g -> 2g) and partial restore (shrink 2g -> g) follow the
+  // coordinator's planner options, as in the simulator; runtime/cluster_regroup.cc carries them out.
+  const cluster::CoordinatorConfig& coordinator = options.coordinator;
   rt->coordinator_ = std::make_unique<cluster::Coordinator>(coordinator, shape);
   rt->router_ = cluster::Router(cluster::RouterConfig{options.router.policy, config.num_layers});
   rt->model_info_.name = options.model_name;

@@ -157,6 +157,9 @@ class ClusterRuntime final : public engine::FrontDoor {
 
   // Runs one step on every unit that has work (for tests without threads); false if all idle.
   bool run_step_all();
+  // One round of the policy loop now: a coordinator tick on the units' snapshots, its actions
+  // carried out, gathered restores split (tests without the policy thread, with run_step_all).
+  void run_policy_round();
   // Pages balance on every device, every block is owned once, every group holds each layer
   // exactly once, and no request is in two places. Aborts with context otherwise. Pauses units.
   void check_integrity();

@@ -366,6 +366,64 @@ INSTANTIATE_TEST_SUITE_P(Strategies, RegroupThreadedTest,
                                            cluster::StaleKvStrategy::kExchange),
                          [](const ::testing::TestParamInfo<cluster::StaleKvStrategy>& p) { return strategy_name(p.param); });
 
+// The policy loop regroups on its own (cluster::Coordinator with grow_groups and shrink_groups
+// on): two groups of 2, one flooded with long prompts and one with short ones; the flooded
+// group's load against its fused capacity votes for more memory and it merges with the other
+// (2 -> 4); as the long requests finish the group of 4 shrinks back to two groups of 2 and those
+// restore. Tokens stay exact throughout.
+TEST(RegroupPolicy, OverloadedGroupGrowsThenShrinksAndRestores) {
+  auto w = tiny_weights();
+  const auto& c = w->config();
+  std::mt19937_64 rng(3);
+  std::vector<engine::RequestSpec> specs;
+  for (int i = 0; i < 40; ++i) {
+    engine::RequestSpec s;
+    const int len = i % 2 == 0 ? 560 + static_cast<int>(rng() % 40) : 8 + static_cast<int>(rng() % 8);
+    for (int t = 0; t < len; ++t) s.prompt_tokens.push_back(static_cast<std::int32_t>(3 + rng() % static_cast<std::uint64_t>(c.vocab_size - 3)));
+    s.max_tokens = 6 + static_cast<std::int64_t>(rng() % 6);
+    s.ignore_eos = true;
+    specs.push_back(std::move(s));
+  }
+  const auto expected = expected_alone(*w, specs);
+  ManualClock clock;
+  ClusterOptions o = small_cluster(*w, 64, cluster::StaleKvStrategy::kExchange);
+  o.scheduler.max_num_batched_tokens = 512;
+  o.scheduler.max_prefill_chunk_tokens = 256;
+  o.coordinator.monitor.sample_period_us = 1000;
+  o.coordinator.monitor.window_samples = 6;
+  o.coordinator.monitor.min_trend_samples = 3;
+  o.coordinator.monitor.falling_slope_threshold_per_sample = 1e-9;  // flat counts as falling once idle
+  ASSERT_TRUE(o.coordinator.planner.grow_groups && o.coordinator.planner.shrink_groups) << "the defaults regroup";
+  auto rt = ClusterRuntime::create(o, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  ClusterRuntime& r = **rt;
+  ASSERT_TRUE(r.drop({0, 1}).ok());
+  ASSERT_TRUE(r.drop({2, 3}).ok());
+  Tracker tr;
+  // Least-outstanding routing alternates between the two groups: the long prompts go to {0, 1}.
+  for (int i = 0; i < 40; ++i) ASSERT_TRUE(r.submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  for (int round = 0; round < 5000; ++round) {
+    const bool busy = r.run_step_all();
+    r.check_integrity();
+    clock.advance_us(1000);
+    r.run_policy_round();
+    if (!busy && r.num_units() == 4) break;
+  }
+  std::map<std::string, int> kinds;
+  for (const ClusterEvent& ev : r.events()) {
+    ++kinds[ev.kind];
+    std::cout << ev.kind << " group " << ev.group << ": " << ev.reason << "\n";
+  }
+  EXPECT_EQ(kinds["grow"], 1);
+  EXPECT_GE(kinds["shrink"], 1);
+  EXPECT_EQ(r.num_units(), 4) << "every group restored once idle";
+  EXPECT_TRUE(r.transition_failures().empty());
+  for (int i = 0; i < 40; ++i) {
+    EXPECT_EQ(tr.finals[i], 1) << "request " << i;
+    EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
+  }
+}
+
 // Random drops, growths (with free instances or by merging), shrinks, restores (with and without a
 // gather phase of some steps) and cancels under a tight KV budget; invariants after every step and
 // exact tokens at the end.
