@@ -687,6 +687,8 @@ engine::ServingStats ClusterRuntime::stats() const {
   add_counters(retired_counters_, &out);
   out.drops_total = drops_;
   out.restores_total = restores_;
+  out.grows_total = grows_;
+  out.shrinks_total = shrinks_;
   out.transition_failures_total = transition_failures_;
   out.kv_blocks_exchanged_total = kv_blocks_moved_;
   out.drop_latency_ms = drop_latency_ms_;
@@ -717,6 +719,10 @@ void ClusterRuntime::record(ClusterEvent ev) {
   } else if (ev.kind == "restore") {
     ++restores_;
     restore_latency_ms_.push_back(ev.latency_ms);
+  } else if (ev.kind == "grow") {
+    ++grows_;
+  } else if (ev.kind == "shrink") {
+    ++shrinks_;
   }
   events_.push_back(std::move(ev));
 }

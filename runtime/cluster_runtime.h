@@ -351,6 +351,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   BoundedRing<ClusterEvent> events_;                       // guarded by events_mu_
   BoundedRing<cluster::TransitionRecord> transition_log_;  // guarded by events_mu_
   std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_
+  std::int64_t grows_ = 0, shrinks_ = 0;                          // guarded by events_mu_
   std::vector<double> drop_latency_ms_, restore_latency_ms_;      // guarded by events_mu_
   std::map<std::string, std::int64_t> transition_failures_;        // guarded by events_mu_
   PipelineExecutor::StageTime retired_pipeline_time_;             // guarded by events_mu_

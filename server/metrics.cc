@@ -294,6 +294,10 @@ std::string render_metrics(const ServerMetrics& m, const engine::ServingStats& s
   w.sample("kunserve_drops_total", "", static_cast<double>(stats.drops_total));
   w.family("kunserve_restores_total", "counter", "Completed parameter restores.");
   w.sample("kunserve_restores_total", "", static_cast<double>(stats.restores_total));
+  w.family("kunserve_grows_total", "counter", "Fused groups grown from g to 2g members.");
+  w.sample("kunserve_grows_total", "", static_cast<double>(stats.grows_total));
+  w.family("kunserve_shrinks_total", "counter", "Fused groups halved (partial restores).");
+  w.sample("kunserve_shrinks_total", "", static_cast<double>(stats.shrinks_total));
   w.family("kunserve_transition_failures_total", "counter",
            "Transitions that failed and were rolled back or left to retry, by kind.");
   for (const char* kind : {"drop", "restore", "split"}) {

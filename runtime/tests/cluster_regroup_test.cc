@@ -213,6 +213,11 @@ TEST_P(RegroupScenario, GrowShrinkRestoreKeepTokens) {
   if (merge) want.push_back("drop");
   for (const char* k : {"grow", "shrink", "restore", "split", "restore", "split"}) want.push_back(k);
   EXPECT_EQ(kinds, want);
+  const engine::ServingStats final_stats = r.stats();
+  EXPECT_EQ(final_stats.drops_total, merge ? 2 : 1);
+  EXPECT_EQ(final_stats.grows_total, 1);
+  EXPECT_EQ(final_stats.shrinks_total, 1);
+  EXPECT_EQ(final_stats.restores_total, 2);
   for (int i = 0; i < 28; ++i) {
     EXPECT_EQ(tr.finals[i], 1) << "request " << i;
     EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
@@ -416,6 +421,8 @@ TEST(RegroupPolicy, OverloadedGroupGrowsThenShrinksAndRestores) {
   }
   EXPECT_EQ(kinds["grow"], 1);
   EXPECT_GE(kinds["shrink"], 1);
+  EXPECT_EQ(r.stats().grows_total, kinds["grow"]);
+  EXPECT_EQ(r.stats().shrinks_total, kinds["shrink"]);
   EXPECT_EQ(r.num_units(), 4) << "every group restored once idle";
   EXPECT_TRUE(r.transition_failures().empty());
   for (int i = 0; i < 40; ++i) {

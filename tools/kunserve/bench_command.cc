@@ -91,13 +91,8 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   run.extra["preemptions"] = st.num_preemptions;
   run.extra["drops"] = st.drops_total;
   run.extra["restores"] = st.restores_total;
-  std::int64_t grows = 0, shrinks = 0;  // regroups of live groups (runtime/cluster_regroup.cc)
-  for (const runtime::ClusterEvent& ev : rt->events()) {
-    grows += ev.kind == "grow" ? 1 : 0;
-    shrinks += ev.kind == "shrink" ? 1 : 0;
-  }
-  run.extra["grows"] = grows;
-  run.extra["shrinks"] = shrinks;
+  run.extra["grows"] = st.grows_total;  // regroups of live groups (runtime/cluster_regroup.cc)
+  run.extra["shrinks"] = st.shrinks_total;
   run.extra["drop_latency_ms"] = st.drop_latency_ms;
   run.extra["restore_latency_ms"] = st.restore_latency_ms;
   run.extra["kv_blocks_migrated"] = st.kv_blocks_exchanged_total;
