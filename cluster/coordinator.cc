@@ -242,6 +242,115 @@ StatusOr<RestoreAction> Coordinator::force_restore(std::int64_t group_id, std::i
   return request_restore(g, now_us, "forced", /*forced=*/true);
 }
 
+StatusOr<DropAction> Coordinator::force_grow(std::int64_t group_id, const std::vector<std::int64_t>& partners,
+                                              std::int64_t now_us) {
+  auto it = groups_.find(group_id);
+  if (it == groups_.end()) return not_found("force_grow: no group " + std::to_string(group_id));
+  const GroupInfo& grower = it->second;
+  if (grower.state != GroupState::kDropped || grower.in_transition()) {
+    return failed_precondition("force_grow: group " + std::to_string(group_id) + " is " + group_state_name(grower.state) +
+                               (grower.in_transition() ? " (in transition)" : ""));
+  }
+  const auto g = static_cast<std::int64_t>(grower.members.size());
+  if (static_cast<std::int64_t>(partners.size()) != g) {
+    return invalid_argument("force_grow: a group of " + std::to_string(g) + " grows with " + std::to_string(g) +
+                            " partners, not " + std::to_string(partners.size()));
+  }
+  if (!planner_.degree_allowed(2 * g, shape_)) {
+    return invalid_argument("force_grow: degree " + std::to_string(2 * g) + " is not an allowed degree");
+  }
+  std::int64_t merged = -1;
+  std::unordered_set<std::int64_t> seen;
+  for (std::int64_t m : partners) {
+    if (m < 0 || (shape_.num_instances > 0 && m >= shape_.num_instances)) {
+      return invalid_argument("force_grow: no instance " + std::to_string(m));
+    }
+    if (!seen.insert(m).second) return invalid_argument("force_grow: instance " + std::to_string(m) + " twice");
+  }
+  const std::int64_t first = group_of(partners.front());
+  if (first >= 0) {
+    // A merge: the partners are another dropped group of the same degree, in its stage order.
+    const GroupInfo& other = groups_.at(first);
+    if (first == group_id || other.members != partners || other.state != GroupState::kDropped || other.in_transition()) {
+      return failed_precondition("force_grow: partners must be independent instances or every member of another dropped "
+                                 "group in its stage order");
+    }
+    merged = first;
+  } else {
+    for (std::int64_t m : partners) {
+      if (group_of(m) >= 0) {
+        return failed_precondition("force_grow: instance " + std::to_string(m) + " is in group " + std::to_string(group_of(m)));
+      }
+    }
+  }
+  std::vector<std::int64_t> order;
+  for (std::int64_t j = 0; j < g; ++j) {
+    order.push_back(grower.members[static_cast<std::size_t>(j)]);
+    order.push_back(partners[static_cast<std::size_t>(j)]);
+  }
+  std::vector<std::int64_t> absorbs{group_id};
+  if (merged >= 0) absorbs.push_back(merged);
+  for (std::int64_t old : absorbs) dissolve_absorbed(old, now_us);
+  DropAction a = create_group(order, now_us, "forced growth", /*forced=*/true);
+  a.absorbs = absorbs;
+  return a;
+}
+
+StatusOr<ShrinkAction> Coordinator::force_shrink(std::int64_t group_id, std::int64_t now_us) {
+  auto it = groups_.find(group_id);
+  if (it == groups_.end()) return not_found("force_shrink: no group " + std::to_string(group_id));
+  GroupInfo& g = it->second;
+  if (g.state != GroupState::kDropped || g.in_transition()) {
+    return failed_precondition("force_shrink: group " + std::to_string(group_id) + " is " + group_state_name(g.state) +
+                               (g.in_transition() ? " (in transition)" : ""));
+  }
+  const auto degree = static_cast<std::int64_t>(g.members.size());
+  if (degree < 4 || degree % 2 != 0) {
+    return failed_precondition("force_shrink: group " + std::to_string(group_id) + " has degree " + std::to_string(degree) +
+                               "; a shrink needs an even degree >= 4");
+  }
+  PlannedShrink plan;
+  plan.group = group_id;
+  plan.halves.assign(2, {});
+  for (std::int64_t s = 0; s < degree; ++s) plan.halves[static_cast<std::size_t>(s % 2)].push_back(g.members[static_cast<std::size_t>(s)]);
+  return request_shrink(g, plan, now_us, "forced");
+}
+
+void Coordinator::abandon_growth(std::int64_t group_id, const std::vector<AbsorbedGroup>& absorbed, std::int64_t now_us) {
+  GroupInfo& g = live_group(group_id);
+  KUN_CHECK(g.drop_pending && g.state == GroupState::kInitial) << "group " << group_id << ": growth abandoned after its drop";
+  record(now_us, g, EventKind::kRestoreDone, g.state, g.state, -1, false, "growth failed; the groups it absorbed stay");
+  for (std::int64_t m : g.members) group_of_.erase(m);
+  monitor_.reset_group(group_id);
+  groups_.erase(group_id);
+  for (const AbsorbedGroup& a : absorbed) {
+    KUN_CHECK(groups_.count(a.id) == 0) << "group " << a.id << " is live";
+    GroupInfo back;
+    back.id = a.id;
+    back.members = a.members;
+    back.state = GroupState::kDropped;
+    back.drop_requested_us = now_us;
+    back.dropped_us = now_us;
+    for (std::int64_t m : back.members) {
+      const bool inserted = group_of_.emplace(m, back.id).second;
+      KUN_CHECK(inserted) << "instance " << m << " is already in group " << group_of(m);
+    }
+    monitor_.reset_group(back.id);
+    groups_.emplace(back.id, std::move(back));
+  }
+  replan_due_ = true;
+}
+
+void Coordinator::abandon_shrink(std::int64_t group_id, std::int64_t now_us) {
+  GroupInfo& g = live_group(group_id);
+  KUN_CHECK(g.shrink_pending) << "group " << group_id << ": shrink abandoned without a shrink request";
+  g.shrink_pending = false;
+  g.shrink_into.clear();
+  monitor_.reset_group(group_id);
+  record(now_us, g, EventKind::kShrinkDone, g.state, g.state, -1, false, "shrink failed; the group stays whole");
+  replan_due_ = true;
+}
+
 Actions Coordinator::tick(std::int64_t now_us, const std::vector<InstanceSnapshot>& snapshots) {
   switch (config_.policy) {
     case Policy::kKunServe: return tick_kunserve(now_us, snapshots);

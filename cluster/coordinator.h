@@ -106,6 +106,24 @@ class Coordinator {
   StatusOr<DropAction> force_drop(const std::vector<std::int64_t>& instances, std::int64_t now_us);
   // Requires the group to be kDropped and not in transition.
   StatusOr<RestoreAction> force_restore(std::int64_t group, std::int64_t now_us);
+  // Forced growth: kDropped group `group` of degree g (not in transition) grows to 2g (an allowed
+  // degree) with `partners`, either g independent instances or every member of another kDropped
+  // group of degree g in its stage order (a merge). The new stage order interleaves (old stage j
+  // at 2j, partner j at 2j + 1), as Planner::plan_growth's; the groups absorbed end here and the
+  // returned DropAction (absorbs set) creates the new one.
+  StatusOr<DropAction> force_grow(std::int64_t group, const std::vector<std::int64_t>& partners, std::int64_t now_us);
+  // Forced partial restore: kDropped group `group` of even degree >= 4 (not in transition) splits
+  // into its even and its odd stages.
+  StatusOr<ShrinkAction> force_shrink(std::int64_t group, std::int64_t now_us);
+  // A growth the executor could not carry out (it failed before anything moved): the new group's
+  // record ends and the groups it absorbed come back as they were (kDropped, same ids and members).
+  struct AbsorbedGroup {
+    std::int64_t id = -1;
+    std::vector<std::int64_t> members;  // stage order
+  };
+  void abandon_growth(std::int64_t group, const std::vector<AbsorbedGroup>& absorbed, std::int64_t now_us);
+  // A shrink the executor could not carry out: the group stays as it was (kDropped, no shrink pending).
+  void abandon_shrink(std::int64_t group, std::int64_t now_us);
 
   // Queries.
   std::int64_t group_of(std::int64_t instance) const;  // -1 when independent

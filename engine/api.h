@@ -80,6 +80,8 @@ struct ServingStats {
   std::int64_t kv_blocks_exchanged_total = 0;
   std::int64_t drops_total = 0;
   std::int64_t restores_total = 0;
+  std::int64_t grows_total = 0;    // fused groups grown g -> 2g (runtime/cluster_regroup.cc)
+  std::int64_t shrinks_total = 0;  // fused groups halved (partial restores)
   // Transitions that failed and were rolled back (or left to retry), by kind: drop, restore,
   // split (ClusterRuntime::transition_failures()).
   std::map<std::string, std::int64_t> transition_failures_total;

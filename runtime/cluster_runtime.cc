@@ -130,23 +130,9 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create_with_fleet(cons
     if (g <= options.num_instances && g <= config.num_layers) degrees.push_back(g);
   }
   shape.allowed_degrees = degrees;
-  cluster::CoordinatorConfig coordinator = options.coordinator;
-  if (coordinator.planner.grow_groups) {
-    // Growing a fused group (cluster::PlannedGrowth) is carried out by the simulator only: the
-    // in-process runtime would have to re-fuse a live group (re-spread its stale KV over twice
-    // the members, drop more layers) and that path has no token-exact test yet. Groups here
-    // keep the degree they were formed with; the planner still picks g from allowed_degrees.
-    KUN_LOG(kInfo) << "cluster runtime: group growth is refused (not carried out by the in-process runtime); "
-                      "overloaded groups keep their degree";
-    coordinator.planner.grow_groups = false;
-  }
-  if (coordinator.planner.shrink_groups) {
-    // Partial restore (cluster::plan_shrink: a group of 4 splits into two of 2) is carried out by
-    // the simulator only; here a group restores whole, as before.
-    KUN_LOG(kInfo) << "cluster runtime: shrinking a group by half (partial restore) is refused (not carried out by "
-                      "the in-process runtime); groups restore whole";
-    coordinator.planner.shrink_groups = false;
-  }
+  // Growth (an overloaded group g -> 2g) and partial restore (shrink 2g -> g) follow the
+  // coordinator's planner options, as in the simulator; runtime/cluster_regroup.cc carries them out.
+  const cluster::CoordinatorConfig& coordinator = options.coordinator;
   rt->coordinator_ = std::make_unique<cluster::Coordinator>(coordinator, shape);
   rt->router_ = cluster::Router(cluster::RouterConfig{options.router.policy, config.num_layers});
   rt->model_info_.name = options.model_name;
@@ -660,6 +646,8 @@ engine::ServingStats ClusterRuntime::stats() const {
   add_counters(retired_counters_, &out);
   out.drops_total = drops_;
   out.restores_total = restores_;
+  out.grows_total = grows_;
+  out.shrinks_total = shrinks_;
   out.transition_failures_total = transition_failures_;
   out.kv_blocks_exchanged_total = kv_blocks_moved_;
   out.drop_latency_ms = drop_latency_ms_;
@@ -690,6 +678,10 @@ void ClusterRuntime::record(ClusterEvent ev) {
   } else if (ev.kind == "restore") {
     ++restores_;
     restore_latency_ms_.push_back(ev.latency_ms);
+  } else if (ev.kind == "grow") {
+    ++grows_;
+  } else if (ev.kind == "shrink") {
+    ++shrinks_;
   }
   events_.push_back(std::move(ev));
 }
@@ -708,7 +700,8 @@ StatusOr<std::int64_t> ClusterRuntime::drop(const std::vector<std::int64_t>& ins
   TransitionLock lock(transition_mu_);
   wait_instances_free_locked(lock, instances);
   KUN_ASSIGN_OR_RETURN(cluster::DropAction action, coordinator_->force_drop(instances, clock_->now_us()));
-  StatusOr<std::int64_t> group = drop_locked(lock, action.instances, action.group, "forced");
+  action.reason = "forced";
+  StatusOr<std::int64_t> group = drop_locked(lock, action);
   if (!group.ok()) {
     record_failure("drop", action.group, action.instances, group.status());
     abandon_drop_locked(action.group);
@@ -820,14 +813,31 @@ void ClusterRuntime::run_actions(TransitionLock& lock, const cluster::Actions& a
     if (!s.ok()) record_failure("restore", r.group, u ? u->instances : std::vector<std::int64_t>{}, s);
   }
   finish_gathered_restores(lock);  // groups with nothing to gather split at once
-  for (const auto& d : actions.drops) {
-    KUN_CHECK(d.absorbs.empty()) << "group growth reached the runtime, which refuses it";
-    if (busy(d.instances)) {
-      KUN_LOG(kInfo) << "drop of group " << d.group << " skipped: a member is in another transition";
-      abandon_drop_locked(d.group);
+  for (const auto& sh : actions.shrinks) {
+    const std::shared_ptr<Unit> u = group_unit_locked(sh.group);
+    if (u != nullptr && u->in_transition) {
+      KUN_LOG(kInfo) << "shrink of group " << sh.group << " skipped: it is in another transition";
+      coordinator_->abandon_shrink(sh.group, clock_->now_us());
       continue;
     }
-    auto s = drop_locked(lock, d.instances, d.group, d.reason);
+    (void)run_shrink_locked(lock, sh);  // cluster_regroup.cc; failures are recorded
+  }
+  for (const auto& d : actions.drops) {
+    if (busy(d.instances)) {
+      KUN_LOG(kInfo) << (d.absorbs.empty() ? "drop" : "growth") << " of group " << d.group
+                     << " skipped: a member is in another transition";
+      if (d.absorbs.empty()) {
+        abandon_drop_locked(d.group);
+      } else {
+        coordinator_->abandon_growth(d.group, absorbed_groups_locked(d.absorbs), clock_->now_us());
+      }
+      continue;
+    }
+    if (!d.absorbs.empty()) {
+      (void)run_growth_locked(lock, d);  // cluster_regroup.cc; failures are recorded
+      continue;
+    }
+    auto s = drop_locked(lock, d);
     if (!s.ok()) {
       record_failure("drop", d.group, d.instances, s.status());
       abandon_drop_locked(d.group);

@@ -151,9 +151,21 @@ class ClusterRuntime final : public engine::FrontDoor {
   // KV is all home and its members' weights are back.
   bool ready_to_split(std::int64_t group) const;
   Status migrate(RequestId request, std::int64_t to_instance);
+  // Growth (runtime/cluster_regroup.cc): fused group `group` of degree g becomes one of degree 2g
+  // with `partners`, g independent instances or every member of another fused group of degree g
+  // in its stage order; old stage j goes to stage 2j and partner j to 2j + 1, so each member
+  // keeps a part of the layers it holds (cluster::plan_drop over the members' held layers).
+  // Returns the new group's id.
+  StatusOr<std::int64_t> grow(std::int64_t group, const std::vector<std::int64_t>& partners);
+  // Partial restore: fused group `group` of even degree >= 4 becomes two groups of degree g / 2,
+  // its even and its odd stages (cluster::plan_shrink), stop-and-copy. Returns the two ids.
+  StatusOr<std::vector<std::int64_t>> shrink(std::int64_t group);
 
   // Runs one step on every unit that has work (for tests without threads); false if all idle.
   bool run_step_all();
+  // One round of the policy loop now: a coordinator tick on the units' snapshots, its actions
+  // carried out, gathered restores split (tests without the policy thread, with run_step_all).
+  void run_policy_round();
   // Pages balance on every device, every block is owned once, every group holds each layer
   // exactly once, and no request is in two places. Aborts with context otherwise. Pauses units.
   void check_integrity();
@@ -317,10 +329,33 @@ class ClusterRuntime final : public engine::FrontDoor {
   void abandon_drop_locked(std::int64_t group);
   // Each takes transition_mu_ held (the caller made sure its units are not in transition),
   // releases it while it works, and returns with it held.
-  StatusOr<std::int64_t> drop_locked(TransitionLock& lock, const std::vector<std::int64_t>& instances, std::int64_t group,
-                                     const std::string& reason);
+  // A drop, or a growth (action.absorbs set: fused groups whose members keep a part of their
+  // stage; runtime/cluster_regroup.cc describes it): one code path, cluster::plan_drop over the
+  // layers each member holds now. Returns the new group's id.
+  StatusOr<std::int64_t> drop_locked(TransitionLock& lock, const cluster::DropAction& action);
   Status restore_locked(TransitionLock& lock, std::int64_t group);  // the split; begin_restore_locked came first
   Status migrate_locked(TransitionLock& lock, RequestId request, std::int64_t to_instance, const std::string& reason);
+  // ---- regroup (runtime/cluster_regroup.cc) ----
+  // Carries out a ShrinkAction (cluster::plan_shrink) stop-and-copy. A failure before the commit
+  // point, or a weight pull that no holder can serve after it, leaves the group whole (rolled back)
+  // and is returned; a KV move that fails makes its request recompute.
+  Status shrink_locked(TransitionLock& lock, const cluster::ShrinkAction& action);
+  // Carry a growth or shrink out and tell the coordinator how it went. Failures are recorded
+  // (event, metric) and returned. The units must not be in transition.
+  Status run_growth_locked(TransitionLock& lock, const cluster::DropAction& action);
+  Status run_shrink_locked(TransitionLock& lock, const cluster::ShrinkAction& action);
+  // (instance, layer) pairs a member of `instances` (stage order) holds outside its stage, by the
+  // mirror: layers a failed drop_layer or a rolled-back shrink left in place (Unit::kept_layers).
+  std::vector<std::pair<std::int64_t, std::int64_t>> layers_outside_stages(const std::vector<std::int64_t>& instances) const;
+  // The absorbed groups `ids` as they are now (their members), for Coordinator::abandon_growth.
+  std::vector<cluster::Coordinator::AbsorbedGroup> absorbed_groups_locked(const std::vector<std::int64_t>& ids) const;
+  // Moves one layer of a request's KV between members of `instances` (tables keyed by member
+  // index): allocates it on `to`, copies, frees the source, adds the blocks moved to `*blocks`.
+  // A transfer error is returned with the source still holding the layer.
+  Status move_request_layer(const std::vector<std::int64_t>& instances, std::map<std::int32_t, kv::BlockTable>& tables,
+                            const cluster::LayerMove& move, std::int64_t* blocks);
+  // The members' admission histories interleaved, aligned at their newest entries.
+  static std::vector<std::int64_t> merged_admission_history(const std::vector<std::vector<std::int64_t>>& histories);
   void retire(const std::shared_ptr<Unit>& unit);
   void record(ClusterEvent ev);
   engine::TokenCallback wrap_callback(engine::TokenCallback cb);
@@ -359,6 +394,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   BoundedRing<ClusterEvent> events_;                       // guarded by events_mu_
   BoundedRing<cluster::TransitionRecord> transition_log_;  // guarded by events_mu_
   std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_
+  std::int64_t grows_ = 0, shrinks_ = 0;                          // guarded by events_mu_
   std::vector<double> drop_latency_ms_, restore_latency_ms_;      // guarded by events_mu_
   std::map<std::string, std::int64_t> transition_failures_;        // guarded by events_mu_
   PipelineExecutor::StageTime retired_pipeline_time_;             // guarded by events_mu_

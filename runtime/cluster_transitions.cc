@@ -1,6 +1,6 @@
-// The transitions' executors (DESIGN.md 3, issue 12): how ClusterRuntime carries out a drop, a
-// restore's gather phase, a split and a live migration with messages to the device agents. Each
-// takes transition_mu_ held with its units free, reserves them (Unit::in_transition, gates
+// The transitions' executors (DESIGN.md 3, issue 12): how ClusterRuntime carries out a drop (and
+// a growth, which is the same path: runtime/cluster_regroup.cc), a restore's gather phase, a
+// split and a live migration with messages to the device agents. Each takes transition_mu_ held with its units free, reserves them (Unit::in_transition, gates
 // closed), releases the lock while it pauses their engines, plans (cluster/transition_plan.h) and
 // moves pages, KV and weights, and re-takes it to publish the new units or roll back. A transfer
 // that fails past the commit point completes the transition without it or rolls it back; see
@@ -17,6 +17,9 @@
 
 namespace kun::runtime {
 namespace {
+
+// Stage k of a g-way group holds layers [k L / g, (k + 1) L / g).
+std::int64_t stage_begin(std::int64_t k, std::int64_t g, std::int64_t L) { return k * L / g; }
 
 std::vector<std::int64_t> raw_ids(std::span<const kv::BlockId> ids) {
   std::vector<std::int64_t> out;
@@ -187,51 +190,87 @@ Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t g
   return ok_status();
 }
 
-StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const std::vector<std::int64_t>& instances,
-                                                   std::int64_t group, const std::string& reason) {
+StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const cluster::DropAction& action) {
+  // A drop fuses independent instances; a growth (action.absorbs set) also takes in fused groups,
+  // whose members hold only their stage. Both are plan_drop over the layers each member holds now:
+  // every member drops what its new stage does not keep, so one path carries out both.
   const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<std::int64_t> instances = action.instances;
+  const std::int64_t group = action.group;
+  const bool growth = !action.absorbs.empty();
+  const std::string kind = growth ? "grow" : "drop";
   const auto g = static_cast<std::int64_t>(instances.size());
   const std::int64_t L = config_.num_layers;
-  std::vector<std::shared_ptr<Unit>> members;
+  // The units giving their members, in order of first appearance: independent instances and,
+  // in a growth, the absorbed groups, each whole.
+  std::vector<std::shared_ptr<Unit>> sources;
   for (std::int64_t inst : instances) {
     Unit* u = unit_of_instance(inst);
-    if (u == nullptr || u->group >= 0) return failed_precondition("instance " + std::to_string(inst) + " is not independent");
+    if (u == nullptr) return failed_precondition("instance " + std::to_string(inst) + " has no unit");
+    if (u->group >= 0 && std::find(action.absorbs.begin(), action.absorbs.end(), u->group) == action.absorbs.end()) {
+      if (!growth) return failed_precondition("instance " + std::to_string(inst) + " is not independent");
+      return failed_precondition("instance " + std::to_string(inst) + " is in group " + std::to_string(u->group) +
+                                 ", which the growth does not absorb");
+    }
+    if (u->restoring.load() || u->gathered.load()) return failed_precondition("group " + std::to_string(u->group) + " is restoring");
     KUN_CHECK(!u->in_transition) << "instance " << inst << " is in another transition";
+    auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& p) { return p.get() == u; });
+    if (std::find(sources.begin(), sources.end(), *it) == sources.end()) sources.push_back(*it);
   }
-  for (std::int64_t inst : instances) {
-    auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& u) { return u->instances.front() == inst; });
-    members.push_back(*it);
+  for (const auto& s : sources) {
+    for (std::int64_t inst : s->instances) {
+      if (std::find(instances.begin(), instances.end(), inst) == instances.end()) {
+        return failed_precondition("group " + std::to_string(s->group) + " is absorbed without its member " + std::to_string(inst));
+      }
+    }
   }
-  // Reserve the members (other transitions leave them alone), then work without transition_mu_.
-  // Only the members stop: their gates close (submits and cancels routed to them queue there
-  // and are handed to the group at the end) and their engines park at a step boundary. The
-  // members stay published until the group replaces them, so routing always covers every
-  // instance; other units keep serving (and other transitions run) throughout.
-  for (auto& m : members) {
-    m->in_transition = true;
-    close_gate(*m);
+  const auto member_index = [&](std::int64_t inst) {
+    return static_cast<std::int32_t>(std::find(instances.begin(), instances.end(), inst) - instances.begin());
+  };
+  // Reserve the sources (other transitions leave them alone), then work without transition_mu_.
+  // Only the sources stop: their gates close (submits and cancels routed to them queue there and
+  // are handed to the group at the end) and their engines park at a step boundary. The sources
+  // stay published until the group replaces them, so routing always covers every instance;
+  // other units keep serving (and other transitions run) throughout.
+  for (auto& s : sources) {
+    s->in_transition = true;
+    close_gate(*s);
   }
   lock.unlock();
-  // The plan, from every member's requests at a step boundary (cluster/transition_plan.h).
+  // The plan, from every source's requests at a step boundary (cluster/transition_plan.h); a
+  // member holds the layers of its stage in its source (all of them when it was independent).
   cluster::DropInput input;
   input.group = group;
   input.members = instances;
   input.strategy = options_.stale_kv;
-  for (std::size_t k = 0; k < members.size(); ++k) {
-    Unit& m = *members[k];
-    m.engine->pause();
-    m.engine->quiesce();
-    input.held_begin.push_back(0);
-    input.held_end.push_back(L);
+  std::vector<std::vector<std::int32_t>> member_of_device;  // [source][its device index] -> member
+  for (auto& s : sources) {
+    s->engine->pause();
+    s->engine->quiesce();
+    std::vector<std::int32_t> m;
+    for (std::int64_t inst : s->instances) m.push_back(member_index(inst));
+    member_of_device.push_back(std::move(m));
+  }
+  for (std::int64_t inst : instances) {
+    const auto& source = *std::find_if(sources.begin(), sources.end(), [&](const auto& s) {
+      return std::find(s->instances.begin(), s->instances.end(), inst) != s->instances.end();
+    });
+    const auto src_g = static_cast<std::int64_t>(source->instances.size());
+    const auto stage =
+        static_cast<std::int64_t>(std::find(source->instances.begin(), source->instances.end(), inst) - source->instances.begin());
+    input.held_begin.push_back(stage_begin(stage, src_g, L));
+    input.held_end.push_back(stage_begin(stage + 1, src_g, L));
+  }
+  for (std::size_t k = 0; k < sources.size(); ++k) {
     for (cluster::TransitionRequest& r :
-         cluster::transition_requests(m.engine->scheduler(), *m.kv, {static_cast<std::int32_t>(k)})) {
+         cluster::transition_requests(sources[k]->engine->scheduler(), *sources[k]->kv, member_of_device[k])) {
       input.requests.push_back(std::move(r));
     }
   }
   const cluster::DropPlan plan = cluster::plan_drop(input, transition_geometry());
-  // Commit point: nothing has moved yet, so a failure here rolls back by reopening the members.
-  Status commit = options_.transition_fault ? options_.transition_fault("drop", group) : ok_status();
-  for (std::size_t k = 0; commit.ok() && k < members.size(); ++k) {
+  // Commit point: nothing has moved yet, so a failure here rolls back by reopening the sources.
+  Status commit = options_.transition_fault ? options_.transition_fault(kind, group) : ok_status();
+  for (std::size_t k = 0; commit.ok() && k < plan.members.size(); ++k) {
     for (std::int64_t l : plan.members[k].layers_dropped) {
       if (!mirror_has_layer(plan.members[k].instance, l)) {
         commit = failed_precondition("device " + std::to_string(plan.members[k].instance) + " does not hold layer " + std::to_string(l));
@@ -241,42 +280,31 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const s
   if (!commit.ok()) {
     lock.lock();
     const std::shared_ptr<const Routing> r = routing();
-    for (auto& m : members) {
-      reopen_gate(*m, *r);
-      m->engine->resume();
+    for (auto& s : sources) {
+      reopen_gate(*s, *r);
+      s->engine->resume();
     }
-    release_locked(members);
+    release_locked(sources);
     return commit;
   }
-  record_plan("drop", group, plan.to_string());
-  // The members' admission history (recent prompt lengths, for the lookahead's chunk cap) goes
+  record_plan(kind, group, plan.to_string());
+  // The sources' admission histories (recent prompt lengths, for the lookahead's chunk cap) go
   // with their requests into the group rather than starting it cold.
-  // The members' histories interleave aligned at their newest entries (the group keeps the newest 64).
   std::vector<std::vector<std::int64_t>> histories;
-  std::size_t longest = 0;
-  for (auto& m : members) {
-    histories.push_back(m->engine->scheduler().admission_history());
-    longest = std::max(longest, histories.back().size());
-  }
-  std::vector<std::int64_t> history;
-  for (std::size_t i = 0; i < longest; ++i) {
-    for (const auto& h : histories) {
-      if (h.size() + i >= longest) history.push_back(h[h.size() + i - longest]);
-    }
-  }
+  for (auto& s : sources) histories.push_back(s->engine->scheduler().admission_history());
+  const std::vector<std::int64_t> history = merged_admission_history(histories);
   // The layers go first, before any request moves. A member whose drop_layer fails (a transfer
   // or device error) keeps that layer: the group still has every layer on its stage owner, that
   // member just has less KV room (the plan shrinks), and its restore will not pull it back.
   std::int64_t dropped_bytes = 0;
-  std::vector<std::pair<std::int64_t, std::int64_t>> kept_layers;
+  std::vector<std::pair<std::int64_t, std::int64_t>> failed_drops;
   Status drop_error;
-  for (std::int64_t k = 0; k < g; ++k) {
-    const cluster::MemberLayout& layout = plan.members[static_cast<std::size_t>(k)];
+  for (const cluster::MemberLayout& layout : plan.members) {
     kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(layout.instance)];
     for (std::int64_t l : layout.layers_dropped) {
       StatusOr<std::vector<std::int64_t>> pages_or = client().drop_layer(endpoint(layout.instance), l);
       if (!pages_or.ok()) {
-        kept_layers.emplace_back(layout.instance, l);
+        failed_drops.emplace_back(layout.instance, l);
         drop_error = pages_or.status();
         continue;
       }
@@ -287,53 +315,52 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const s
       dropped_bytes += static_cast<std::int64_t>(pages.size()) * fleet_->geometry(static_cast<int>(layout.instance)).page_bytes;
     }
   }
-  // Carry it out: every request leaves its member; those the plan keeps with KV take their tables.
+  // Carry it out: every request leaves its source; those the plan keeps with KV take their
+  // tables, re-keyed from the source's device index to the new member index.
   std::set<RequestId> keep;
   for (const cluster::StaleKvPlan& s : plan.keep_kv) keep.insert(s.id);
   std::map<RequestId, engine::Engine::Detached> detached;
-  std::map<RequestId, kv::BlockTable> home_tables;
+  std::map<RequestId, std::map<std::int32_t, kv::BlockTable>> tables_of;
   std::vector<RequestId> stale_ids;  // running at the drop: the requests the strategy is about
   for (const cluster::TransitionRequest& r : input.requests) {
     if (r.running) stale_ids.push_back(r.id);
   }
-  for (std::size_t k = 0; k < members.size(); ++k) {
-    Unit& m = *members[k];
-    for (RequestId id : m.engine->scheduler().request_ids_in_order()) {
+  for (std::size_t k = 0; k < sources.size(); ++k) {
+    Unit& s = *sources[k];
+    for (RequestId id : s.engine->scheduler().request_ids_in_order()) {
       const bool with_kv = keep.count(id) != 0;
-      auto d = m.engine->detach(id, /*keep_kv=*/with_kv);
+      auto d = s.engine->detach(id, /*keep_kv=*/with_kv);
       KUN_CHECK(d.has_value());
-      if (with_kv) home_tables.emplace(id, std::move(m.kv->export_tables(id).at(0)));
+      if (with_kv) {
+        std::map<std::int32_t, kv::BlockTable> rekeyed;
+        for (auto& [device, table] : s.kv->export_tables(id)) {
+          rekeyed.emplace(member_of_device[k][static_cast<std::size_t>(device)], std::move(table));
+        }
+        tables_of.emplace(id, std::move(rekeyed));
+      }
       detached.emplace(id, std::move(*d));
     }
   }
   auto unit = make_unit(instances, group);
-  unit->kept_layers = kept_layers;
+  // Layers a member holds outside its new stage: its failed drop_layers, and those a source's
+  // member kept already (the mirror says which).
+  unit->kept_layers = layers_outside_stages(instances);
   unit->engine->mutable_scheduler().set_admission_history(history);
-  // Stale requests keep their KV on the member they ran on; the group's KvManager knows it is
-  // misplaced for the layers other members now run (the plan's moves), which reach it by remote
-  // attention. Under `exchange` the unit then moves it home layer by layer between steps.
+  // Running requests keep their KV where it is; the group's KvManager knows which layers are away
+  // from the stage that now runs them (the plan's moves): remote attention reaches them, and
+  // under `exchange` the unit moves them home layer by layer between steps.
   const std::int64_t bs = options_.device.kv_block_size;
-  const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
-    return *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(k)])];
-  };
-  std::map<RequestId, std::int32_t> ran_on;  // an independent member holds every layer of its requests
-  for (const cluster::TransitionRequest& r : input.requests) {
-    if (!r.layer_member.empty()) ran_on[r.id] = r.layer_member.front();
-  }
   {
     std::lock_guard<std::mutex> rl(requests_mu_);
     for (const cluster::StaleKvPlan& s : plan.keep_kv) {
-      kv::BlockTable home = std::move(home_tables.at(s.id));
-      KUN_CHECK_EQ(home.num_tokens(), s.tokens) << "request " << s.id;
-      const std::int32_t stage = ran_on.at(s.id);
-      std::map<std::int32_t, kv::BlockTable> tables;
+      std::map<std::int32_t, kv::BlockTable> tables = std::move(tables_of.at(s.id));
       for (std::int64_t j = 0; j < g; ++j) {
-        if (j == stage) continue;
+        if (tables.count(static_cast<std::int32_t>(j)) != 0) continue;
         kv::BlockTable none(bs, 0, 0);  // no layers yet; the exchange adds them
-        KUN_CHECK_OK(none.append_tokens(s.tokens, member_alloc(j)));
+        KUN_CHECK_OK(none.append_tokens(s.tokens, *allocators_[static_cast<std::size_t>(instances[static_cast<std::size_t>(j)])]));
         tables.emplace(static_cast<std::int32_t>(j), std::move(none));
       }
-      tables.emplace(stage, std::move(home));
+      for (const auto& [j, t] : tables) KUN_CHECK_EQ(t.num_tokens(), s.tokens) << "request " << s.id << " on member " << j;
       unit->kv->import_tables(s.id, s.tokens, std::move(tables));
       KUN_CHECK_EQ(unit->kv->misplaced_layers(s.id).size(), s.moves.size()) << "request " << s.id << " against its plan";
       request_instance_[s.id] = instances.front();
@@ -345,26 +372,26 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const s
     }
   }
   const auto moved = static_cast<std::int64_t>(plan.keep_kv.size() + plan.queue.size());
-  KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << "drop of group " << group << " lost a request";
+  KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << kind << " into group " << group << " lost a request";
   lock.lock();
   launch(*unit);
-  // Publish: the group replaces its members. Their gates retire first, handing what queued to
+  // Publish: the group replaces its sources. Their gates retire first, handing what queued to
   // the group; a caller that meets a retired gate reloads the snapshot published just after.
   // (Gate-to-gate hand-overs happen only here, under transition_mu_: never two at once.)
   units_.erase(std::remove_if(units_.begin(), units_.end(),
-                              [&](const auto& u) { return std::find(members.begin(), members.end(), u) != members.end(); }),
+                              [&](const auto& u) { return std::find(sources.begin(), sources.end(), u) != sources.end(); }),
                units_.end());
   units_.push_back(std::move(unit));
   std::shared_ptr<const Routing> next = build_routing_locked();
-  for (auto& m : members) retire_gate(*m, *next);
+  for (auto& s : sources) retire_gate(*s, *next);
   publish_routing(std::move(next));
-  release_locked(members);
+  release_locked(sources);
   lock.unlock();
-  for (auto& m : members) retire(m);  // joins their engine threads: not under transition_mu_
-  members.clear();
+  for (auto& s : sources) retire(s);  // joins their engine threads: not under transition_mu_
+  sources.clear();
   ClusterEvent ev;
   ev.time_us = clock_->now_us();
-  ev.kind = "drop";
+  ev.kind = kind;
   ev.group = group;
   ev.instances = instances;
   ev.bytes = dropped_bytes;
@@ -373,14 +400,20 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const s
   const auto lost_kv = static_cast<std::int64_t>(plan.lose_kv.size());
   ev.requests_recomputed = lost_kv;  // running at the drop, no KV now (queued preempted ones recompute anyway)
   ev.stale_requests = std::move(stale_ids);
-  ev.reason = reason + "; " + std::to_string(plan.keep_kv.size()) + " running requests keep their KV (" +
-              cluster::stale_kv_strategy_name(options_.stale_kv) + "), " + std::to_string(lost_kv) + " recompute";
-  if (!kept_layers.empty()) ev.reason += "; " + std::to_string(kept_layers.size()) + " layer(s) kept (drop_layer failed)";
+  ev.reason = action.reason + "; ";
+  if (growth) {
+    std::string absorbed;
+    for (std::int64_t a : action.absorbs) absorbed += (absorbed.empty() ? "" : ",") + std::to_string(a);
+    ev.reason += "grew from group(s) " + absorbed + " to degree " + std::to_string(g) + "; ";
+  }
+  ev.reason += std::to_string(plan.keep_kv.size()) + " running requests keep their KV (" +
+               cluster::stale_kv_strategy_name(options_.stale_kv) + "), " + std::to_string(lost_kv) + " recompute";
+  if (!failed_drops.empty()) ev.reason += "; " + std::to_string(failed_drops.size()) + " layer(s) kept (drop_layer failed)";
   record(std::move(ev));
-  if (!kept_layers.empty()) {
+  if (!failed_drops.empty()) {
     std::string which;
-    for (const auto& [inst, l] : kept_layers) which += " device " + std::to_string(inst) + " layer " + std::to_string(l) + ";";
-    record_failure("drop_layer", group, instances, drop_error, "the drop completed, keeping" + which);
+    for (const auto& [inst, l] : failed_drops) which += " device " + std::to_string(inst) + " layer " + std::to_string(l) + ";";
+    record_failure("drop_layer", group, instances, drop_error, "the " + kind + " completed, keeping" + which);
   }
   lock.lock();
   return group;

@@ -296,11 +296,15 @@ std::string render_metrics(const ServerMetrics& m, const engine::ServingStats& s
   w.sample("kunserve_drops_total", "", static_cast<double>(stats.drops_total));
   w.family("kunserve_restores_total", "counter", "Completed parameter restores.");
   w.sample("kunserve_restores_total", "", static_cast<double>(stats.restores_total));
+  w.family("kunserve_grows_total", "counter", "Fused groups grown from g to 2g members.");
+  w.sample("kunserve_grows_total", "", static_cast<double>(stats.grows_total));
+  w.family("kunserve_shrinks_total", "counter", "Fused groups halved (partial restores).");
+  w.sample("kunserve_shrinks_total", "", static_cast<double>(stats.shrinks_total));
   w.family("kunserve_transition_failures_total", "counter",
            "Transitions, or steps of one, that failed and were rolled back, completed without the failed step or left "
            "to retry, by kind (runtime/README.md, Failures).");
   // Every kind the cluster runtime reports, zero until it happens, then any other it named.
-  static const std::vector<std::string> kinds = {"drop", "restore", "split", "drop_layer",
+  static const std::vector<std::string> kinds = {"drop", "restore", "split", "grow", "shrink", "drop_layer",
                                                  "weight_pull", "kv_move", "exchange", "repack", "migrate"};
   std::vector<std::string> all_kinds = kinds;
   for (const auto& [kind, n] : stats.transition_failures_total) {

@@ -976,7 +976,15 @@ void ClusterSim::run_script() {
   while (next_script_ < config_.script.size() && config_.script[next_script_].at_us <= now) {
     const SimConfig::ScriptedTransition& st = config_.script[next_script_++];
     cluster::Actions a;
-    if (!st.drop.empty()) {
+    if (st.grow_group >= 0) {
+      auto d = coordinator_->force_grow(st.grow_group, st.grow_with, now);
+      KUN_CHECK(d.ok()) << "scripted growth at " << st.at_us << "us: " << d.status().to_string();
+      a.drops.push_back(*d);
+    } else if (st.shrink_group >= 0) {
+      auto sh = coordinator_->force_shrink(st.shrink_group, now);
+      KUN_CHECK(sh.ok()) << "scripted shrink at " << st.at_us << "us: " << sh.status().to_string();
+      a.shrinks.push_back(*sh);
+    } else if (!st.drop.empty()) {
       auto d = coordinator_->force_drop(st.drop, now);
       KUN_CHECK(d.ok()) << "scripted drop at " << st.at_us << "us: " << d.status().to_string();
       a.drops.push_back(*d);

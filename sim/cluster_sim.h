@@ -108,11 +108,16 @@ struct SimConfig {
   workload::SloSpec slo;
   // Scripted transitions (tests; replaying a runtime scenario): at the first coordinator tick at
   // or after at_us, force a drop of `drop` (stage order) or, with `drop` empty, a restore of
-  // `restore_group`. Entries in time order; kunserve only.
+  // `restore_group`; with grow_group set, a growth of that group with `grow_with` (g free
+  // instances or another group's members, Coordinator::force_grow); with shrink_group set, a
+  // shrink of that group. Entries in time order; kunserve only.
   struct ScriptedTransition {
     std::int64_t at_us = 0;
     std::vector<std::int64_t> drop;
     std::int64_t restore_group = -1;
+    std::int64_t grow_group = -1;
+    std::vector<std::int64_t> grow_with;
+    std::int64_t shrink_group = -1;
   };
   std::vector<ScriptedTransition> script;
   // Scheduler + KV invariants after every n-th step of a unit (0: never; tests). Costly: the

@@ -325,6 +325,56 @@ TEST(Coordinator, AnOverloadedGroupGrowsWithFreeInstances) {
   for (int i = 1; i <= 6; ++i) EXPECT_TRUE(off.tick(i * kPeriod, {hot0, hot1, snap(2, 0.1), snap(3, 0.1)}).drops.empty());
 }
 
+// Forced growth and shrink (tests, the simulator's script, ClusterRuntime::grow / shrink), and
+// giving the absorbed groups back when an executor cannot carry a growth out.
+TEST(Coordinator, ForcedGrowthShrinkAndTheirRollbacks) {
+  Coordinator c = make(Policy::kKunServe, 8);
+  auto a = c.force_drop({0, 1}, 10);
+  auto b = c.force_drop({2, 3}, 10);
+  ASSERT_TRUE(a.ok() && b.ok());
+  c.on_drop_done(a->group, 20);
+  c.on_drop_done(b->group, 20);
+  EXPECT_EQ(c.force_grow(99, {4, 5}, 30).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(c.force_grow(a->group, {4}, 30).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c.force_grow(a->group, {4, 4}, 30).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c.force_grow(a->group, {2, 4}, 30).status().code(), StatusCode::kFailedPrecondition);  // half a group
+  EXPECT_EQ(c.force_grow(a->group, {3, 2}, 30).status().code(), StatusCode::kFailedPrecondition);  // not its stage order
+  EXPECT_EQ(c.force_shrink(a->group, 30).status().code(), StatusCode::kFailedPrecondition);       // degree 2
+  // Merging with group b: interleaved stage order, both absorbed.
+  auto merged = c.force_grow(a->group, {2, 3}, 30);
+  ASSERT_TRUE(merged.ok()) << merged.status().to_string();
+  EXPECT_EQ(merged->instances, (std::vector<std::int64_t>{0, 2, 1, 3}));
+  EXPECT_EQ(merged->absorbs, (std::vector<std::int64_t>{a->group, b->group}));
+  EXPECT_EQ(c.group(a->group), nullptr);
+  EXPECT_EQ(c.group_of(2), merged->group);
+  // The executor failed before anything moved: a and b come back as they were.
+  c.abandon_growth(merged->group, {{a->group, {0, 1}}, {b->group, {2, 3}}}, 40);
+  EXPECT_EQ(c.group(merged->group), nullptr);
+  ASSERT_NE(c.group(a->group), nullptr);
+  EXPECT_EQ(c.group(a->group)->state, GroupState::kDropped);
+  EXPECT_EQ(c.group_of(3), b->group);
+  EXPECT_FALSE(c.any_in_transition());
+  // Growth with free instances, then a shrink that fails, then one that succeeds.
+  auto grown = c.force_grow(a->group, {4, 5}, 50);
+  ASSERT_TRUE(grown.ok()) << grown.status().to_string();
+  EXPECT_EQ(grown->instances, (std::vector<std::int64_t>{0, 4, 1, 5}));
+  EXPECT_EQ(grown->absorbs, (std::vector<std::int64_t>{a->group}));
+  c.on_drop_done(grown->group, 60);
+  auto shrink = c.force_shrink(grown->group, 70);
+  ASSERT_TRUE(shrink.ok()) << shrink.status().to_string();
+  EXPECT_EQ(shrink->halves, (std::vector<std::vector<std::int64_t>>{{0, 1}, {4, 5}}));
+  EXPECT_TRUE(c.any_in_transition());
+  c.abandon_shrink(grown->group, 80);
+  EXPECT_FALSE(c.any_in_transition());
+  EXPECT_EQ(c.group(grown->group)->members.size(), 4u);
+  auto again = c.force_shrink(grown->group, 90);
+  ASSERT_TRUE(again.ok());
+  c.on_shrink_done(grown->group, 100);
+  EXPECT_EQ(c.group_of(0), again->new_groups[0]);
+  EXPECT_EQ(c.group_of(5), again->new_groups[1]);
+  EXPECT_EQ(c.group(again->new_groups[1])->members, (std::vector<std::int64_t>{4, 5}));
+}
+
 TEST(Coordinator, RestoreCanBeDisabled) {
   CoordinatorConfig cfg;
   cfg.enable_restore = false;

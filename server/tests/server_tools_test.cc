@@ -55,6 +55,8 @@ TEST(Promtool, AcceptsMetricsOutput) {
   extra.recomputed_tokens_total = 70;
   extra.transition_recomputed_tokens_total = 30;
   extra.drops_total = 2;
+  extra.grows_total = 4;
+  extra.shrinks_total = 5;
   extra.transition_failures_total["split"] = 1;
   extra.drop_latency_ms = {3.5, 12.0};
   extra.restore_latency_ms = {40.0};
@@ -81,9 +83,9 @@ TEST(Promtool, AcceptsMetricsOutput) {
         "kunserve_group_state{instance=\"1\",state=\"INITIAL\"} 0", "kunserve_dropped_param_bytes{instance=\"0\"} 1048576",
         "kunserve_kv_blocks_exchanged_total 42", "kunserve_recomputed_tokens_total{cause=\"transition\"} 30",
         "kunserve_recomputed_tokens_total{cause=\"preemption\"} 40", "kunserve_drop_latency_seconds_count 2",
-        "kunserve_restore_latency_seconds_bucket{le=\"0.05\"} 1",
+        "kunserve_restore_latency_seconds_bucket{le=\"0.05\"} 1", "kunserve_grows_total 4", "kunserve_shrinks_total 5",
         "kunserve_transition_failures_total{kind=\"split\"} 1", "kunserve_transition_failures_total{kind=\"drop\"} 0",
-        "kunserve_transition_failures_total{kind=\"kv_move\"} 0", "kunserve_http_responses_total{code=\"400\"} 1"}) {
+        "kunserve_transition_failures_total{kind=\"kv_move\"} 0", "kunserve_transition_failures_total{kind=\"grow\"} 0", "kunserve_http_responses_total{code=\"400\"} 1"}) {
     EXPECT_NE(r.body.find(name), std::string::npos) << "missing: " << name;
   }
   const std::string path = ::testing::TempDir() + "/kun_server_metrics.txt";

@@ -91,6 +91,8 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   run.extra["preemptions"] = st.num_preemptions;
   run.extra["drops"] = st.drops_total;
   run.extra["restores"] = st.restores_total;
+  run.extra["grows"] = st.grows_total;  // regroups of live groups (runtime/cluster_regroup.cc)
+  run.extra["shrinks"] = st.shrinks_total;
   run.extra["drop_latency_ms"] = st.drop_latency_ms;
   run.extra["restore_latency_ms"] = st.restore_latency_ms;
   run.extra["kv_blocks_migrated"] = st.kv_blocks_exchanged_total;

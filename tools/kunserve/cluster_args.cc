@@ -27,6 +27,8 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--host-link-latency-us", host_link_latency_us, "per-message latency of the host link");
   cmd->add_option("--monitor-period-ms", monitor_period_ms, "demand sampling period");
   cmd->add_option("--group-sizes", group_sizes, "fused group sizes the planner may form (smallest first)")->delimiter(',');
+  cmd->add_option("--grow-groups", grow_groups, "overloaded fused groups grow g -> 2g (free instances or merging a group)");
+  cmd->add_option("--shrink-groups", shrink_groups, "groups of 4+ shrink by halves as demand falls (partial restore)");
   cmd->add_option("--stale-kv", stale_kv,
                   "running requests when their instance fuses: recompute | remote-attention | exchange (live)");
   cmd->add_option("--exchange-per-round", exchange_per_round, "live KV exchange: requests moved per round (one layer each)");
@@ -91,6 +93,8 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   if (restore_gather_timeout_ms < 0) return invalid_argument("--restore-gather-timeout-ms must be >= 0");
   o.restore_gather_timeout_us = restore_gather_timeout_ms * 1000;
   o.allowed_degrees = group_sizes;
+  o.coordinator.planner.grow_groups = grow_groups;
+  o.coordinator.planner.shrink_groups = shrink_groups;
   if (event_history < 1) return invalid_argument("--event-history must be >= 1");
   o.coordinator.event_history = static_cast<std::size_t>(event_history);
 

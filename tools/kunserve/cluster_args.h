@@ -32,6 +32,8 @@ struct ClusterArgs {
   std::int64_t monitor_period_ms = 500;
   std::vector<std::int64_t> group_sizes = {2, 4};
   bool balance_fused = true;
+  bool grow_groups = true;    // an overloaded fused group grows g -> 2g (cluster::PlannerConfig)
+  bool shrink_groups = true;  // a group of 4+ shrinks by halves as demand falls (partial restore)
   std::string stale_kv = "exchange";
   std::int64_t exchange_per_round = 8;
   std::int64_t restore_gather_timeout_ms = 2000;

@@ -83,8 +83,6 @@ struct SimulateArgs {
   double drop_threshold = 0.95;         // drop-eligible demand
   double restore_threshold = 0.5;       // restore / shrink-eligible demand
   std::int64_t sustained_samples = 6;   // sustained-overload vote (0: off)
-  bool grow_groups = true;
-  bool shrink_groups = true;
   bool given(const std::string& option) const { return cmd->get_option(option)->count() > 0; }
   // --gpu names a measured device profile (a CPU, `kunserve calibrate`): the simulated cluster is
   // the in-process runtime's, so every cluster option takes bench's value, given or default.
@@ -165,8 +163,8 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
   if (a.cluster_option("--group-sizes")) c.allowed_degrees = k.group_sizes;
   if (!cap.empty()) c.allowed_degrees = cap;
   c.coordinator.planner.target_utilization = a.planner_target;
-  c.coordinator.planner.grow_groups = a.grow_groups;
-  c.coordinator.planner.shrink_groups = a.shrink_groups;
+  c.coordinator.planner.grow_groups = k.grow_groups;  // shared with bench and serve (ClusterArgs)
+  c.coordinator.planner.shrink_groups = k.shrink_groups;
   c.coordinator.monitor.drop_demand_threshold = a.drop_threshold;
   c.coordinator.monitor.restore_demand_threshold = a.restore_threshold;
   c.coordinator.monitor.sustained_overload_samples = a.sustained_samples;
@@ -174,10 +172,6 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
     // The measured table holds for the model it was measured with: that model by default.
     KUN_ASSIGN_OR_RETURN(sim::GpuSpec spec, sim::gpu_spec(a.gpu));
     if (!a.given("--sim-model") && !spec.measured_model.empty()) c.model_name = spec.measured_model;
-    // As the in-process runtime: it refuses to grow or to shrink a live group (cluster/README.md
-    // "Planning").
-    c.coordinator.planner.grow_groups = false;
-    c.coordinator.planner.shrink_groups = false;
   }
   c.exchange_requests_per_round = k.exchange_per_round;
   c.restore_gather_timeout_us = k.restore_gather_timeout_ms * 1000;
@@ -464,8 +458,6 @@ void add_simulate_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--sustained-overload-samples", a->sustained_samples,
                   "consecutive samples at the drop threshold with requests waiting that vote drop (0: off)")
       ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--grow-groups", a->grow_groups, "overloaded groups grow g -> 2g");
-  cmd->add_option("--shrink-groups", a->shrink_groups, "groups of 4+ shrink by halves as demand falls (partial restore)");
   cmd->add_flag("--speed", a->speed, "print simulated seconds per wall second, instants/s and steps/s per run");
   cmd->add_option("--json", a->json_path);
   cmd->add_option("--timeline-prefix", a->timeline_prefix, "write <prefix><policy>_timeline.csv");
