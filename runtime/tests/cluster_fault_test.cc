@@ -313,6 +313,136 @@ TEST(ClusterFaultTest, FailedRepackRollsTheSplitBack) {
   expect_exact(tr, expected, 20);
 }
 
+// Regrouping (issue 15) past its commit point. A growth whose drop_layer fails keeps the layer
+// (like a drop); the shrink that follows does not pull what the member still holds, and the
+// halves restore.
+TEST(ClusterFaultTest, FailedDropLayerInAGrowthKeepsTheLayer) {
+  auto w = tiny_weights();
+  const auto specs = make_specs(41, 20, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  ManualClock clock;
+  Faults faults;
+  ClusterOptions o = small_cluster(*w, 64, cluster::Policy::kKunServe);
+  faults.install(o);
+  auto rt = ClusterRuntime::create(o, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  Tracker tr;
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  run_steps(**rt, 4);
+  auto group = (*rt)->drop({0, 1});
+  ASSERT_TRUE(group.ok()) << group.status().to_string();
+  run_steps(**rt, 4);
+  // Device 0 goes from stage 0 of 2 to stage 0 of 4: it should drop the second quarter.
+  faults.set([](AgentOp op, int device, std::int64_t) { return op == AgentOp::kDropLayer && device == 0 ? injected("drop") : ok_status(); });
+  auto grown = (*rt)->grow(*group, {2, 3});
+  ASSERT_TRUE(grown.ok()) << grown.status().to_string();
+  faults.clear();
+  EXPECT_GT(faults.failed(AgentOp::kDropLayer), 0);
+  EXPECT_EQ(failures_of(**rt, "drop_layer"), 1);
+  EXPECT_EQ(failures_of(**rt, "grow"), 0);
+  EXPECT_EQ((*rt)->stats().grows_total, 1);
+  EXPECT_EQ((*rt)->group_of(3), *grown);
+  (*rt)->check_integrity();  // the kept quarter is counted as held twice
+  for (int i = 16; i < 20; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  run_steps(**rt, 6);
+  auto halves = (*rt)->shrink(*grown);
+  ASSERT_TRUE(halves.ok()) << halves.status().to_string();
+  (*rt)->check_integrity();
+  run_steps(**rt, 4);
+  for (std::int64_t h : *halves) ASSERT_TRUE(gather_and_restore(**rt, h).ok());
+  EXPECT_EQ((*rt)->num_units(), 4);
+  (*rt)->check_integrity();
+  drain(**rt);
+  expect_exact(tr, expected, 20);
+}
+
+// A shrink whose weight pull no holder can serve rolls back: the group of 4 stays whole and keeps
+// decoding, layers pulled before the failure stay (held twice), and the retry succeeds.
+TEST(ClusterFaultTest, WeightPullFailingEverywhereRollsTheShrinkBack) {
+  auto w = tiny_weights();
+  const std::int64_t L = w->config().num_layers;
+  const auto specs = make_specs(42, 20, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  ManualClock clock;
+  Faults faults;
+  ClusterOptions o = small_cluster(*w, 64, cluster::Policy::kKunServe);
+  faults.install(o);
+  auto rt = ClusterRuntime::create(o, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  Tracker tr;
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  run_steps(**rt, 4);
+  auto group = (*rt)->drop({0, 1});
+  ASSERT_TRUE(group.ok()) << group.status().to_string();
+  auto grown = (*rt)->grow(*group, {2, 3});
+  ASSERT_TRUE(grown.ok()) << grown.status().to_string();
+  run_steps(**rt, 6);
+  // Stage 0 of the half keeps stage 1 of the 4: its first layer is held by one device only.
+  faults.set([L](AgentOp op, int, std::int64_t layer) { return op == AgentOp::kSendLayer && layer == L / 4 ? injected("layer send") : ok_status(); });
+  const auto failed = (*rt)->shrink(*grown);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), StatusCode::kUnavailable) << failed.status().to_string();
+  EXPECT_GT(faults.failed(AgentOp::kSendLayer), 0);
+  EXPECT_EQ(failures_of(**rt, "shrink"), 1);
+  EXPECT_EQ((*rt)->events().back().kind, "shrink_failed");
+  EXPECT_EQ((*rt)->num_units(), 1);
+  EXPECT_EQ((*rt)->group_of(0), *grown);
+  (*rt)->check_integrity();
+  for (int i = 16; i < 20; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  const std::int64_t finished_before = (*rt)->stats().requests_finished_total;
+  run_steps(**rt, 20);
+  EXPECT_GT((*rt)->stats().requests_finished_total, finished_before) << "the group kept decoding after the rollback";
+  faults.clear();
+  auto halves = (*rt)->shrink(*grown);
+  ASSERT_TRUE(halves.ok()) << halves.status().to_string();
+  EXPECT_EQ((*rt)->stats().shrinks_total, 1);
+  (*rt)->check_integrity();
+  for (std::int64_t h : *halves) ASSERT_TRUE(gather_and_restore(**rt, h).ok());
+  EXPECT_EQ((*rt)->num_units(), 4);
+  (*rt)->check_integrity();
+  drain(**rt);
+  expect_exact(tr, expected, 20);
+}
+
+// A shrink's stop-and-copy KV move that fails: that request recomputes on its half, the shrink
+// completes.
+TEST(ClusterFaultTest, FailedKvMoveInAShrinkMakesTheRequestRecompute) {
+  auto w = tiny_weights();
+  const auto specs = make_specs(43, 16, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  ManualClock clock;
+  Faults faults;
+  ClusterOptions o = small_cluster(*w, 64, cluster::Policy::kKunServe, cluster::StaleKvStrategy::kRemoteAttention);
+  faults.install(o);
+  auto rt = ClusterRuntime::create(o, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  auto group = (*rt)->drop({0, 1});
+  ASSERT_TRUE(group.ok()) << group.status().to_string();
+  auto grown = (*rt)->grow(*group, {2, 3});
+  ASSERT_TRUE(grown.ok()) << grown.status().to_string();
+  Tracker tr;
+  // Requests that start in the group of 4 hold each layer's KV on its stage: the shrink moves half.
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  run_steps(**rt, 8);
+  faults.set([](AgentOp op, int, std::int64_t) { return op == AgentOp::kWriteBlocks ? injected("KV write") : ok_status(); });
+  auto halves = (*rt)->shrink(*grown);
+  ASSERT_TRUE(halves.ok()) << halves.status().to_string();
+  faults.clear();
+  const ClusterEvent ev = (*rt)->events().back();
+  ASSERT_EQ(ev.kind, "shrink");
+  EXPECT_GT(faults.failed(AgentOp::kWriteBlocks), 0);
+  EXPECT_GT(failures_of(**rt, "kv_move"), 0);
+  EXPECT_GE(ev.requests_recomputed, failures_of(**rt, "kv_move")) << ev.reason;
+  EXPECT_EQ(failures_of(**rt, "shrink"), 0);
+  (*rt)->check_integrity();
+  run_steps(**rt, 4);
+  for (std::int64_t h : *halves) ASSERT_TRUE(gather_and_restore(**rt, h).ok());
+  (*rt)->check_integrity();
+  drain(**rt);
+  EXPECT_GT(tr.total_transition_recomputed(), 0);
+  expect_exact(tr, expected, 16);
+}
+
 // A live migration whose KV copy fails: the request stays where it was, with its KV.
 TEST(ClusterFaultTest, FailedMigrationLeavesTheRequestWhereItWas) {
   auto w = tiny_weights();
