@@ -291,20 +291,9 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
       }
       return remapped;
     };
-    StatusOr<std::vector<memory::PageId>> pages_or = reclaim_layer_pages(inst, remap, &repacked_blocks);
-    if (!pages_or.ok()) {
-      shrink_error = pages_or.status().with_context("layer " + std::to_string(wp.layer) + " on device " + std::to_string(inst));
-      break;
-    }
-    std::vector<std::int64_t> pages;
-    for (memory::PageId page : *pages_or) pages.push_back(page.value);
-    std::int64_t source = -1;
-    shrink_error = pull_layer_from_any(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], pages, &source);
-    if (!shrink_error.ok()) {
-      KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
-      break;
-    }
-    pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
+    shrink_error = reclaim_and_pull_layer(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], remap, &repacked_blocks,
+                                          &pulled_bytes);
+    if (!shrink_error.ok()) break;
   }
   for (std::size_t k = 0; shrink_error.ok() && k < instances.size(); ++k) {
     auto snap = client().check_integrity(endpoint(instances[k]));
@@ -388,17 +377,7 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
     }
   }
   lock.lock();
-  for (auto& h : halves) launch(*h);
-  // Publish: the halves replace the group, whose gate retires handing what queued to them.
-  units_.erase(std::find(units_.begin(), units_.end(), unit));
-  for (auto& h : halves) units_.push_back(h);
-  std::shared_ptr<const Routing> next = build_routing_locked();
-  retire_gate(*unit, *next);
-  publish_routing(std::move(next));
-  release_locked({unit});
-  lock.unlock();
-  retire(unit);  // joins its engine thread: not under transition_mu_
-  unit.reset();
+  publish_successors_locked(lock, {std::move(unit)}, halves);  // the halves replace the group; returns unlocked
   {
     std::lock_guard<std::mutex> el(events_mu_);
     kv_blocks_moved_ += exchanged_blocks;

@@ -17,6 +17,8 @@
 //    gather times out): at a step boundary whatever is still away is gathered stop-and-copy, a
 //    request that fits on no member recomputes, layers whose pages could not be spared earlier
 //    are reclaimed and pulled now, and the group splits into g instances;
+//  * grow (g -> 2g, absorbing fused groups: the drop path over the layers members hold now) and
+//    shrink (2g -> g + g, stop-and-copy): runtime/cluster_regroup.cc;
 //  * migrate (Llumnix-style baseline): a running request's KV blocks move to another instance
 //    through the Transport and it continues there without recompute; queued requests move as is.
 //
@@ -62,7 +64,7 @@
 
 namespace kun::runtime {
 
-// Test hook: called at a transition's commit point (kind "drop" or "split", after its plan is
+// Test hook: called at a transition's commit point (kind "drop", "grow", "shrink" or "split", after its plan is
 // computed and before any request or page moves). A non-OK status makes the transition fail there
 // as a real failure would (no room, a transfer error): it rolls back, is reported as a
 // "<kind>_failed" event and counted in transition_failures(), and the process goes on.
@@ -105,7 +107,7 @@ void set_default_fleet_factory(
 
 struct ClusterEvent {
   std::int64_t time_us = 0;
-  std::string kind;  // drop | restore | migrate
+  std::string kind;  // drop | grow | shrink | restore | migrate
   std::int64_t group = -1;
   std::vector<std::int64_t> instances;
   std::int64_t bytes = 0;        // dropped param bytes (drop), weights pulled (restore), KV moved (migrate)
@@ -180,13 +182,13 @@ class ClusterRuntime final : public engine::FrontDoor {
   // The device agents' counters (remote attention done for other stages, stages run, blocks).
   StatusOr<AgentCounters> device_counters(std::int64_t instance) const { return fleet_->counters(static_cast<int>(instance)); }
   std::int64_t num_units() const;
-  // Transitions, or steps of one, that failed, by kind: drop | restore | split (rolled back);
-  // drop_layer (a member kept a layer, the drop completed without dropping it); weight_pull (every
-  // holder refused, retried at the split); kv_move (a stale request's KV move at the split failed:
-  // it recomputes); exchange (a live exchange move failed: the layer stays, served by remote
-  // attention); repack (begin_restore's repack copy failed: those layers wait for the split);
-  // migrate (the request stays where it was). The counter behind
-  // kunserve_transition_failures_total{kind}.
+  // Transitions, or steps of one, that failed, by kind: drop | grow | shrink | restore | split
+  // (rolled back); drop_layer (a member kept a layer, the drop or growth completed without
+  // dropping it); weight_pull (every holder refused, retried at the split); kv_move (a stale
+  // request's KV move at a split or shrink failed: it recomputes); exchange (a live exchange move
+  // failed: the layer stays, served by remote attention); repack (begin_restore's repack copy
+  // failed: those layers wait for the split); migrate (the request stays where it was). The
+  // counter behind kunserve_transition_failures_total{kind}.
   std::map<std::string, std::int64_t> transition_failures() const;
   // The admission history (recent prompt lengths) of the scheduler serving `instance` (tests: it is
   // carried across drops and splits).
@@ -317,6 +319,18 @@ class ClusterRuntime final : public engine::FrontDoor {
   StatusOr<std::vector<memory::PageId>> reclaim_layer_pages(std::int64_t inst,
                                                             const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
                                                             std::int64_t* repacked);
+  // Device `inst` takes a layer's pages back from its KV pool (reclaim_layer_pages) and pulls
+  // `layer` into them from `preferred` or any other holder (pull_layer_from_any), adding the bytes
+  // to `*pulled_bytes`. On a failure the pages stay KV pages and the error is returned.
+  Status reclaim_and_pull_layer(std::int64_t inst, std::int64_t layer, std::int64_t preferred,
+                                const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
+                                std::int64_t* repacked, std::int64_t* pulled_bytes);
+  // Publishes `successors` (built, not launched) in place of `old_units` (reserved by the caller,
+  // transition_mu_ held): launches them, retires the old gates handing what queued to them, swaps
+  // the routing and releases the reservation; then joins the old engines with the lock released.
+  // Returns with `lock` released.
+  void publish_successors_locked(TransitionLock& lock, std::vector<std::shared_ptr<Unit>> old_units,
+                                 const std::vector<std::shared_ptr<Unit>>& successors);
   // Wakes the policy thread: a restore's gather or weight pull finished.
   void notify_restore_progress();
   // Splits restoring groups whose gather finished or timed out (policy thread).

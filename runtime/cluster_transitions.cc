@@ -97,6 +97,40 @@ StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
   }
 }
 
+Status ClusterRuntime::reclaim_and_pull_layer(std::int64_t inst, std::int64_t layer, std::int64_t preferred,
+                                              const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
+                                              std::int64_t* repacked, std::int64_t* pulled_bytes) {
+  StatusOr<std::vector<memory::PageId>> pages_or = reclaim_layer_pages(inst, remap, repacked);
+  if (!pages_or.ok()) return pages_or.status().with_context("layer " + std::to_string(layer) + " on device " + std::to_string(inst));
+  std::vector<std::int64_t> pages;
+  for (memory::PageId page : *pages_or) pages.push_back(page.value);
+  std::int64_t source = -1;
+  if (Status s = pull_layer_from_any(inst, layer, preferred, pages, &source); !s.ok()) {
+    KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
+    return s;
+  }
+  *pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
+  return ok_status();
+}
+
+void ClusterRuntime::publish_successors_locked(TransitionLock& lock, std::vector<std::shared_ptr<Unit>> old_units,
+                                               const std::vector<std::shared_ptr<Unit>>& successors) {
+  for (const auto& u : successors) launch(*u);
+  // The successors replace the old units. Their gates retire first, handing what queued to the
+  // successors; a caller that meets a retired gate reloads the snapshot published just after.
+  // (Gate-to-gate hand-overs happen only here, under transition_mu_: never two at once.)
+  units_.erase(std::remove_if(units_.begin(), units_.end(),
+                              [&](const auto& u) { return std::find(old_units.begin(), old_units.end(), u) != old_units.end(); }),
+               units_.end());
+  for (const auto& u : successors) units_.push_back(u);
+  std::shared_ptr<const Routing> next = build_routing_locked();
+  for (auto& u : old_units) retire_gate(*u, *next);
+  publish_routing(std::move(next));
+  release_locked(old_units);
+  lock.unlock();
+  for (auto& u : old_units) retire(u);  // joins their engine threads: not under transition_mu_
+}
+
 Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t group, const std::string& reason) {
   std::shared_ptr<Unit> unit_ptr = group_unit_locked(group);
   if (unit_ptr == nullptr) return not_found("no fused group " + std::to_string(group));
@@ -374,21 +408,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const c
   const auto moved = static_cast<std::int64_t>(plan.keep_kv.size() + plan.queue.size());
   KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << kind << " into group " << group << " lost a request";
   lock.lock();
-  launch(*unit);
-  // Publish: the group replaces its sources. Their gates retire first, handing what queued to
-  // the group; a caller that meets a retired gate reloads the snapshot published just after.
-  // (Gate-to-gate hand-overs happen only here, under transition_mu_: never two at once.)
-  units_.erase(std::remove_if(units_.begin(), units_.end(),
-                              [&](const auto& u) { return std::find(sources.begin(), sources.end(), u) != sources.end(); }),
-               units_.end());
-  units_.push_back(std::move(unit));
-  std::shared_ptr<const Routing> next = build_routing_locked();
-  for (auto& s : sources) retire_gate(*s, *next);
-  publish_routing(std::move(next));
-  release_locked(sources);
-  lock.unlock();
-  for (auto& s : sources) retire(s);  // joins their engine threads: not under transition_mu_
-  sources.clear();
+  publish_successors_locked(lock, std::move(sources), {std::move(unit)});  // returns with the lock released
   ClusterEvent ev;
   ev.time_us = clock_->now_us();
   ev.kind = kind;
@@ -546,20 +566,9 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
       }
       return remapped;
     };
-    StatusOr<std::vector<memory::PageId>> pages_or = reclaim_layer_pages(inst, remap, &repacked_blocks);
-    if (!pages_or.ok()) {
-      split_error = pages_or.status().with_context("layer " + std::to_string(wp.layer) + " on device " + std::to_string(inst));
-      break;
-    }
-    std::vector<std::int64_t> pages;
-    for (memory::PageId page : *pages_or) pages.push_back(page.value);
-    std::int64_t source = -1;
-    split_error = pull_layer_from_any(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], pages, &source);
-    if (!split_error.ok()) {
-      KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
-      break;
-    }
-    pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
+    split_error = reclaim_and_pull_layer(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], remap, &repacked_blocks,
+                                         &pulled_bytes);
+    if (!split_error.ok()) break;
   }
   for (std::size_t k = 0; split_error.ok() && k < instances.size(); ++k) {
     const std::int64_t inst = instances[k];
@@ -629,17 +638,7 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
     }
   }
   lock.lock();
-  for (Unit* u : fresh_units) launch(*u);
-  // Publish: the instances replace the group, whose gate retires handing what queued to them.
-  units_.erase(std::find(units_.begin(), units_.end(), unit));
-  for (auto& f : fresh) units_.push_back(std::move(f));
-  std::shared_ptr<const Routing> next = build_routing_locked();
-  retire_gate(*unit, *next);
-  publish_routing(std::move(next));
-  release_locked({unit});
-  lock.unlock();
-  retire(unit);  // joins its engine thread: not under transition_mu_
-  unit.reset();
+  publish_successors_locked(lock, {std::move(unit)}, fresh);  // the instances replace the group; returns unlocked
   {
     std::lock_guard<std::mutex> el(events_mu_);
     kv_blocks_moved_ += exchanged_blocks;

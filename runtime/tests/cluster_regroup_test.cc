@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 
 #include "runtime/cluster_runtime.h"
+#include "runtime/tests/cluster_test_helpers.h"
 #include "runtime/tests/test_models.h"
 
 namespace kun::runtime {
@@ -25,75 +26,9 @@ namespace {
 
 using testing::tiny_weights;
 
-ClusterOptions small_cluster(const model::WeightSource& w, std::int64_t kv_token_blocks, cluster::StaleKvStrategy stale) {
-  const auto& c = w.config();
-  ClusterOptions o;
-  o.num_instances = 4;
-  o.device.kv_block_size = 16;
-  o.device.weight_dtype = c.dtype;
-  o.device.page_bytes = 64 * 1024;
-  kv::KvGeometry g{16, c.num_kv_heads, c.head_dim};
-  const std::int64_t per_page = g.blocks_per_page(o.device.page_bytes);
-  o.device.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, o.device.page_bytes) +
-                            ceil_div(kv_token_blocks * c.num_layers, per_page) * o.device.page_bytes;
-  o.scheduler.max_num_batched_tokens = 128;
-  o.scheduler.max_prefill_chunk_tokens = 48;
-  o.coordinator.policy = cluster::Policy::kKunServe;
-  o.run_policy_thread = false;
-  o.stale_kv = stale;
-  return o;
-}
-
-struct Tracker {
-  std::map<std::int64_t, std::vector<std::int32_t>> tokens;  // by submission index
-  std::map<std::int64_t, int> finals;
-  std::map<std::int64_t, engine::FinishReason> reasons;
-  engine::TokenCallback callback(std::int64_t i) {
-    return [this, i](const engine::TokenEvent& ev) {
-      if (ev.token >= 0) tokens[i].push_back(ev.token);
-      if (ev.finished) {
-        ++finals[i];
-        reasons[i] = ev.reason;
-      }
-    };
-  }
-};
-
-std::vector<engine::RequestSpec> make_specs(std::uint64_t seed, int n, std::int64_t vocab) {
-  std::mt19937_64 rng(seed);
-  std::vector<engine::RequestSpec> specs;
-  for (int i = 0; i < n; ++i) {
-    engine::RequestSpec s;
-    const int len = 5 + static_cast<int>(rng() % 70);
-    for (int t = 0; t < len; ++t) s.prompt_tokens.push_back(static_cast<std::int32_t>(3 + rng() % static_cast<std::uint64_t>(vocab - 3)));
-    s.max_tokens = 8 + static_cast<std::int64_t>(rng() % 30);
-    s.ignore_eos = true;
-    specs.push_back(s);
-  }
-  return specs;
-}
-
-std::vector<std::vector<std::int32_t>> expected_alone(const model::WeightSource& w, const std::vector<engine::RequestSpec>& specs) {
-  ManualClock clock;
-  auto inst = testing::make_instance(w, testing::InstanceShape{}, &clock);
-  std::vector<std::vector<std::int32_t>> out;
-  for (const auto& s : specs) out.push_back(testing::run_alone(*inst, s));
-  return out;
-}
-
-void run_steps(ClusterRuntime& rt, int n) {
-  for (int i = 0; i < n; ++i) {
-    rt.run_step_all();
-    rt.check_integrity();
-  }
-}
-
-void drain(ClusterRuntime& rt) {
-  int guard = 0;
-  while (rt.run_step_all()) {
-    rt.check_integrity();
-    ASSERT_LT(++guard, 100000);
-  }
+// The shared small cluster (cluster_test_helpers.h) under the KunServe policy.
+ClusterOptions regroup_cluster(const model::WeightSource& w, std::int64_t kv_token_blocks, cluster::StaleKvStrategy stale) {
+  return small_cluster(w, kv_token_blocks, cluster::Policy::kKunServe, stale);
 }
 
 std::string strategy_name(cluster::StaleKvStrategy st) {
@@ -127,7 +62,7 @@ TEST_P(RegroupScenario, GrowShrinkRestoreKeepTokens) {
   const auto specs = make_specs(7 + (merge ? 1u : 0u), 28, w->config().vocab_size);
   const auto expected = expected_alone(*w, specs);
   ManualClock clock;
-  auto rt = ClusterRuntime::create(small_cluster(*w, 64, strategy), *w, &clock);
+  auto rt = ClusterRuntime::create(regroup_cluster(*w, 64, strategy), *w, &clock);
   ASSERT_TRUE(rt.ok()) << rt.status().to_string();
   ClusterRuntime& r = **rt;
   Tracker tr;
@@ -239,7 +174,7 @@ INSTANTIATE_TEST_SUITE_P(StrategiesAndPartners, RegroupScenario,
 TEST(RegroupRefusals, BadGrowthsAndShrinksAreRefused) {
   auto w = tiny_weights();
   ManualClock clock;
-  auto rt = ClusterRuntime::create(small_cluster(*w, 32, cluster::StaleKvStrategy::kExchange), *w, &clock);
+  auto rt = ClusterRuntime::create(regroup_cluster(*w, 32, cluster::StaleKvStrategy::kExchange), *w, &clock);
   ASSERT_TRUE(rt.ok());
   ClusterRuntime& r = **rt;
   EXPECT_EQ(r.grow(0, {2, 3}).status().code(), StatusCode::kNotFound);
@@ -264,7 +199,7 @@ TEST(RegroupFailures, FailedGrowthAndShrinkRollBack) {
   const auto specs = make_specs(5, 16, w->config().vocab_size);
   const auto expected = expected_alone(*w, specs);
   ManualClock clock;
-  ClusterOptions o = small_cluster(*w, 64, cluster::StaleKvStrategy::kExchange);
+  ClusterOptions o = regroup_cluster(*w, 64, cluster::StaleKvStrategy::kExchange);
   int fail_next = 0;  // fail this many grow/shrink commits
   o.transition_fault = [&fail_next](const std::string& kind, std::int64_t) -> Status {
     if ((kind == "grow" || kind == "shrink") && fail_next > 0) {
@@ -320,7 +255,7 @@ TEST_P(RegroupThreadedTest, GrowAndShrinkWhileServingKeepTokens) {
   const auto specs = make_specs(17, 24, w->config().vocab_size);
   const auto expected = expected_alone(*w, specs);
   SteadyClock clock;
-  auto rt = ClusterRuntime::create(small_cluster(*w, 64, GetParam()), *w, &clock);
+  auto rt = ClusterRuntime::create(regroup_cluster(*w, 64, GetParam()), *w, &clock);
   ASSERT_TRUE(rt.ok()) << rt.status().to_string();
   ClusterRuntime& r = **rt;
   std::mutex mu;
@@ -391,7 +326,7 @@ TEST(RegroupPolicy, OverloadedGroupGrowsThenShrinksAndRestores) {
   }
   const auto expected = expected_alone(*w, specs);
   ManualClock clock;
-  ClusterOptions o = small_cluster(*w, 64, cluster::StaleKvStrategy::kExchange);
+  ClusterOptions o = regroup_cluster(*w, 64, cluster::StaleKvStrategy::kExchange);
   o.scheduler.max_num_batched_tokens = 512;
   o.scheduler.max_prefill_chunk_tokens = 256;
   o.coordinator.monitor.sample_period_us = 1000;
@@ -441,7 +376,7 @@ TEST_P(RegroupPropertyTest, RandomRegroupsAndCancelsKeepInvariants) {
   const auto specs = make_specs(123, 48, w->config().vocab_size);
   const auto expected = expected_alone(*w, specs);
   ManualClock clock;
-  auto rt = ClusterRuntime::create(small_cluster(*w, 24, GetParam()), *w, &clock);
+  auto rt = ClusterRuntime::create(regroup_cluster(*w, 24, GetParam()), *w, &clock);
   ASSERT_TRUE(rt.ok());
   ClusterRuntime& r = **rt;
   Tracker tr;
