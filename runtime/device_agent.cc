@@ -51,8 +51,9 @@ StatusOr<DeviceSnapshot> decode_snapshot(std::span<const std::byte> bytes) {
   DeviceSnapshot s;
   std::int32_t device = 0;
   const bool ok = r.get(&device) && r.get(&s.page_bytes) && r.get(&s.num_pages) && r.get(&s.free_pages) &&
-                  r.get(&s.kv_pages) && r.get(&s.param_pages) && r.get(&s.workspace_pages) && r.get(&s.blocks_per_page) && r.get_ids(&s.resident_layers) && r.get_ids(&s.layer_checksums) &&
-                  r.get_ids(&s.kv_page_ids) && r.get(&s.counters) && r.get(&s.process_cpu_s) && r.at_end();
+                  r.get(&s.kv_pages) && r.get(&s.param_pages) && r.get(&s.workspace_pages) && r.get(&s.blocks_per_page) &&
+                  r.get_ids(&s.resident_layers) && r.get_ids(&s.layer_checksums) && r.get_ids(&s.kv_page_ids) &&
+                  r.get(&s.counters) && r.get(&s.process_cpu_s) && r.at_end();
   if (!ok) return data_loss("malformed device snapshot (" + std::to_string(bytes.size()) + " bytes)");
   s.device = device;
   return s;

@@ -53,7 +53,8 @@ void add_update(StageRequest& r, std::int64_t id, bool replace, const Lists& lis
     KUN_CHECK(list.device >= 0 && static_cast<std::size_t>(list.device) < stages.size())
         << "request " << id << " layer " << layer << " KV on device " << list.device << " of a " << stages.size()
         << "-stage pipeline";
-    r.lists.push_back(StageLayerList{static_cast<std::int32_t>(layer), static_cast<std::int32_t>(stages[static_cast<std::size_t>(list.device)].endpoint),
+    const int holder = stages[static_cast<std::size_t>(list.device)].endpoint;
+    r.lists.push_back(StageLayerList{static_cast<std::int32_t>(layer), static_cast<std::int32_t>(holder),
                                      static_cast<std::int64_t>(blocks.size())});
     r.blocks.insert(r.blocks.end(), blocks.begin(), blocks.end());
     ++u.num_lists;
