@@ -789,6 +789,15 @@ bool DeviceAgent::handle(Message& m) {
     case AgentOp::kDescribe:
       reply(h, ok_status(), encode_geometry(describe()));
       return true;
+    case AgentOp::kCancelPull: {
+      // pull_layer() keys a pending pull by its requester and tag; layer_data() drops weights
+      // that nobody waits for, so once this answers, a cancelled pull writes nothing.
+      const auto it = pulls_.find({h.src, static_cast<std::uint64_t>(h.request_id)});
+      const bool pending = it != pulls_.end();
+      if (pending) pulls_.erase(it);
+      reply(h, ok_status(), {pending ? std::byte{1} : std::byte{0}});
+      return true;
+    }
     case AgentOp::kShutdownNode:
       reply(h, ok_status(), {});
       {
@@ -901,9 +910,10 @@ void DeviceAgent::layer_data(Message& m) {
 
 // ---- AgentClient -----------------------------------------------------------------------------
 
-RecvHandle AgentClient::request(MessageHeader h, std::vector<std::byte> payload) {
+RecvHandle AgentClient::request(MessageHeader h, std::vector<std::byte> payload, std::uint64_t* tag) {
   h.port = Port::kAgent;
   h.tag = endpoint_.next_tag();
+  if (tag != nullptr) *tag = h.tag;
   RecvMatch match;
   match.port = Port::kReply;
   match.tag = h.tag;
@@ -999,7 +1009,9 @@ StatusOr<std::vector<std::int64_t>> AgentClient::drop_layer(int device, std::int
   return pages;
 }
 
-Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages) {
+Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages,
+                               bool* pages_may_be_written) {
+  if (pages_may_be_written != nullptr) *pages_may_be_written = false;
   MessageHeader h;
   h.dst = device;
   h.kind = TransferKind::kControl;  // the request is small; the weights go as kWeights
@@ -1007,7 +1019,30 @@ Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::sp
   h.layer = layer;
   h.peer = from;
   h.block_ids.assign(pages.begin(), pages.end());
-  RecvHandle handle = request(std::move(h), {});
+  std::uint64_t tag = 0;
+  RecvHandle handle = request(std::move(h), {}, &tag);
+  StatusOr<Message> pulled = wait_reply(handle, "pull layer", device);
+  if (pulled.ok() || pulled.status().code() != StatusCode::kDeadlineExceeded) return pulled.status();
+  // No answer in time, but the weights may still come and be written into `pages`, which the
+  // caller is about to give back to the KV pool. The puller forgets the pull first; its answer
+  // says whether the pull was still pending (then nothing will be written) or had ended (then
+  // its reply, sent before this one, says how).
+  MessageHeader c;
+  c.dst = device;
+  c.kind = TransferKind::kControl;
+  c.op = static_cast<std::uint16_t>(AgentOp::kCancelPull);
+  c.request_id = static_cast<std::int64_t>(tag);
+  RecvHandle cancel = request(std::move(c), {});
+  StatusOr<Message> cancelled = wait_reply(cancel, "cancel of a pull", device);
+  if (!cancelled.ok()) {
+    if (pages_may_be_written != nullptr) *pages_may_be_written = true;
+    return unavailable("pull layer " + std::to_string(layer) + ": device " + std::to_string(device) +
+                       " answered neither the pull nor its cancel: its pages " +
+                       "may still be written (" + cancelled.status().to_string() + ")");
+  }
+  if (!cancelled->payload.empty() && cancelled->payload.front() == std::byte{1}) {
+    return pulled.status().with_context("cancelled, nothing written");
+  }
   return wait_reply(handle, "pull layer", device).status();
 }
 

@@ -67,6 +67,9 @@ enum class AgentOp : std::uint16_t {
                       // reply: a DeviceSnapshot without layer checksums
   kDropTables,        // (Port::kStage) the executor request_id of the sender is gone: drop its block
                       // tables (no reply)
+  kCancelPull,        // request_id: the tag of this sender's kPullLayer that timed out. The pull is
+                      // forgotten (its weights, if they come later, are not written); reply payload:
+                      // one byte, 1 if it was still pending, 0 if it had ended (its reply went first)
   kReply = 100,       // every reply carries this op
 };
 
@@ -258,7 +261,11 @@ class AgentClient {
   // Returns the dropped layer's pages (now KV pages) on `device`.
   StatusOr<std::vector<std::int64_t>> drop_layer(int device, std::int64_t layer);
   // `device` pulls `layer` from device `from` into its KV pages `pages` (holding no live blocks).
-  Status pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages);
+  // A pull that gets no answer in time is cancelled on `device`; if the cancel gets none either,
+  // *pages_may_be_written (when given) is set: the weights may still land in `pages` later, so
+  // the caller must not give them to anything else.
+  Status pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages,
+                    bool* pages_may_be_written = nullptr);
   StatusOr<DeviceSnapshot> snapshot(int device);
   StatusOr<DeviceGeometry> describe(int device);
   // The device checks its arena and reports its pages and resident layers (no checksums).
@@ -268,7 +275,7 @@ class AgentClient {
   Status shutdown_node(int device);
 
  private:
-  RecvHandle request(MessageHeader h, std::vector<std::byte> payload);
+  RecvHandle request(MessageHeader h, std::vector<std::byte> payload, std::uint64_t* tag = nullptr);
   StatusOr<Message> wait_reply(RecvHandle& handle, const char* what, int device);
 
   MessageTransport& endpoint_;
