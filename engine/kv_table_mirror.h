@@ -46,12 +46,7 @@ class KvTableMirror {
       KUN_CHECK(s.kv_kind != KvListKind::kOffsite) << "request " << s.id << ": a block table mirror needs block ids";
       std::vector<Layer>* table = nullptr;
       if (s.kv_kind == KvListKind::kTable) {
-        table = &tables_[s.id];
-        table->resize(static_cast<std::size_t>(layer_end_ - layer_begin_));
-        for (Layer& l : *table) {
-          l.device = -1;
-          l.blocks.clear();
-        }
+        table = &reset_table(s.id);
       } else {
         auto it = tables_.find(s.id);
         KUN_CHECK(it != tables_.end()) << "request " << s.id << ": blocks appended to a table this executor never got";
@@ -90,6 +85,31 @@ class KvTableMirror {
     auto it = tables_.find(id);
     return it == tables_.end() ? nullptr : &it->second;
   }
+  // Primitives for an executor that gets the same changes in another form than a StepPlan (a
+  // device agent decoding stage messages, runtime/stage_message.h); it checks them itself.
+  void release(RequestId id) { tables_.erase(id); }
+  void clear() { tables_.clear(); }
+  // The request's table with every layer unheld and empty, to be filled (a kTable change).
+  std::vector<Layer>& reset_table(RequestId id) {
+    std::vector<Layer>& table = tables_[id];
+    table.resize(static_cast<std::size_t>(layer_end_ - layer_begin_));
+    for (Layer& l : table) {
+      l.device = -1;
+      l.blocks.clear();
+    }
+    return table;
+  }
+  // The request's table to extend (a kAppended change), or nullptr when the mirror has none.
+  std::vector<Layer>* mutable_table(RequestId id) {
+    auto it = tables_.find(id);
+    return it == tables_.end() ? nullptr : &it->second;
+  }
+  // fn(RequestId, const std::vector<Layer>&) for every table, in no particular order.
+  template <typename Fn>
+  void for_each(Fn&& fn) const {
+    for (const auto& [id, table] : tables_) fn(id, table);
+  }
+
   std::int64_t layer_begin() const { return layer_begin_; }
   std::int64_t layer_end() const { return layer_end_; }
   std::size_t num_requests() const { return tables_.size(); }

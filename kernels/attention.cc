@@ -23,20 +23,29 @@ const AttentionKernels& attention_kernels_for(Isa isa) {
   return detail::scalar_attention_kernels();
 }
 
-using HeadsFn = void (*)(const float*, int, const PagedKvCache&, std::int64_t, std::int64_t, float, float*, float*);
+// Below this many multiply-adds (q.k and p.V over every attended position of every head) a
+// call runs on the caller: a decode step of a short sequence takes a few microseconds, about what
+// handing half of it to a worker and waiting for it back costs, and a batched decode step makes
+// one call per sequence per layer (768 at batch 32 on a 24-layer model).
+constexpr std::int64_t kMinParallelMacs = 1 << 19;
 
-// Query heads computed together: a GQA group, in chunks of at most kMaxGroupHeads.
+using RowsFn = void (*)(const float* const*, float* const*, const std::int64_t*, int, const PagedKvCache&,
+                       std::int64_t, float, float*, std::int64_t);
+
+// Query heads computed together: a GQA group, in chunks of at most kMaxRows.
 std::int64_t heads_per_unit(std::int64_t num_heads, std::int64_t num_kv_heads) {
   const std::int64_t group = num_heads / num_kv_heads;
-  return group < detail::kMaxGroupHeads ? group : detail::kMaxGroupHeads;
+  return group < detail::kMaxRows ? group : detail::kMaxRows;
 }
 
 struct CacheJob {
-  HeadsFn heads;
+  RowsFn rows;
   const float* q;
+  std::int64_t num_tokens;
   std::int64_t num_heads;
   std::int64_t chunk;            // heads per unit
-  std::int64_t units_per_token;  // num_heads / chunk, rounded up within each kv head
+  std::int64_t tile_tokens;      // tokens per unit (chunk x tile_tokens <= kMaxRows)
+  std::int64_t units_per_tile;   // kv heads x head chunks
   const std::int64_t* positions;
   const PagedKvCache* kv;
   float scale;
@@ -45,20 +54,33 @@ struct CacheJob {
   int parts;
 };
 
-// Units [begin, end): unit u is token u / units_per_token, kv head and head chunk from the rest.
-void cache_units(const CacheJob& j, std::int64_t begin, std::int64_t end, float* scratch) {
+// Unit u: token tile u / units_per_tile (tile_tokens consecutive tokens of the call), kv head and
+// head chunk from the rest; its rows are (token, head) for every token of the tile and head of
+// the chunk.
+void cache_unit(const CacheJob& j, std::int64_t u, float* scratch) {
   const std::int64_t hd = j.kv->head_dim;
   const std::int64_t group = j.num_heads / j.kv->num_kv_heads;
   const std::int64_t chunks_per_kv = (group + j.chunk - 1) / j.chunk;
-  for (std::int64_t u = begin; u < end; ++u) {
-    const std::int64_t t = u / j.units_per_token;
-    const std::int64_t r = u % j.units_per_token;
-    const std::int64_t kvh = r / chunks_per_kv;
-    const std::int64_t h0 = kvh * group + (r % chunks_per_kv) * j.chunk;
-    const std::int64_t n = std::min(j.chunk, kvh * group + group - h0);
-    const std::int64_t off = (t * j.num_heads + h0) * hd;
-    j.heads(j.q + off, static_cast<int>(n), *j.kv, kvh, j.positions[t] + 1, j.scale, j.out + off, scratch);
+  const std::int64_t tile = u / j.units_per_tile;
+  const std::int64_t r = u % j.units_per_tile;
+  const std::int64_t kvh = r / chunks_per_kv;
+  const std::int64_t h0 = kvh * group + (r % chunks_per_kv) * j.chunk;
+  const std::int64_t n = std::min(j.chunk, kvh * group + group - h0);
+  const std::int64_t t0 = tile * j.tile_tokens;
+  const std::int64_t t1 = std::min(j.num_tokens, t0 + j.tile_tokens);
+  const float* q[detail::kMaxRows];
+  float* out[detail::kMaxRows];
+  std::int64_t n_ctx[detail::kMaxRows];
+  int rows = 0;
+  for (std::int64_t t = t0; t < t1; ++t) {
+    for (std::int64_t h = h0; h < h0 + n; ++h, ++rows) {
+      const std::int64_t off = (t * j.num_heads + h) * hd;
+      q[rows] = j.q + off;
+      out[rows] = j.out + off;
+      n_ctx[rows] = j.positions[t] + 1;
+    }
   }
+  j.rows(q, out, n_ctx, rows, *j.kv, kvh, j.scale, scratch, j.kv->context_len);
 }
 
 }  // namespace
@@ -81,21 +103,27 @@ void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int6
   const int parts = pool != nullptr ? pool->num_threads() : 1;
   const std::int64_t chunk = heads_per_unit(num_heads, kv.num_kv_heads);
   const std::int64_t group = num_heads / kv.num_kv_heads;
-  const std::int64_t units_per_token = kv.num_kv_heads * ((group + chunk - 1) / chunk);
-  const CacheJob job{kv.dtype == DType::kBF16 ? k.heads_bf16 : k.heads_f32,
-                     q, num_heads, chunk, units_per_token, positions, &kv, scale, out, scratch, parts};
-  const std::int64_t units = num_tokens * units_per_token;
-  if (parts == 1 || units == 1) {
-    cache_units(job, 0, units, scratch);
+  const std::int64_t units_per_tile = kv.num_kv_heads * ((group + chunk - 1) / chunk);
+  const std::int64_t tile_tokens = std::max<std::int64_t>(1, detail::kMaxRows / chunk);
+  const CacheJob job{kv.dtype == DType::kBF16 ? k.rows_bf16 : k.rows_f32,
+                     q, num_tokens, num_heads, chunk, tile_tokens, units_per_tile, positions, &kv, scale, out,
+                     scratch, parts};
+  const std::int64_t units = (num_tokens + tile_tokens - 1) / tile_tokens * units_per_tile;
+  std::int64_t attended = 0;
+  for (std::int64_t t = 0; t < num_tokens; ++t) attended += positions[t] + 1;
+  const std::int64_t macs = 2 * attended * num_heads * kv.head_dim;
+  if (parts == 1 || units == 1 || macs < kMinParallelMacs) {
+    for (std::int64_t u = 0; u < units; ++u) cache_unit(job, u, scratch);
     return;
   }
   const CacheJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
-  // One index per thread, so each thread knows its scratch slice; a fixed split over units
-  // (which thread computes a unit never changes its value).
+  // One index per thread, so each thread knows its scratch slice. Thread t takes units t,
+  // t + parts, ...: a causal prefill's later tokens cost more, and a contiguous split would give
+  // the last thread most of the work. Which thread computes a unit never changes its value.
   pool->parallel_for(parts, [jp, units](std::int64_t b, std::int64_t e) {
     for (std::int64_t t = b; t < e; ++t) {
-      cache_units(*jp, units * t / jp->parts, units * (t + 1) / jp->parts,
-                  jp->scratch + t * jp->chunk * jp->kv->context_len);
+      float* s = jp->scratch + t * detail::kMaxRows * jp->kv->context_len;
+      for (std::int64_t u = t; u < units; u += jp->parts) cache_unit(*jp, u, s);
     }
   });
 }
@@ -104,7 +132,7 @@ std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t 
                                            std::int64_t num_kv_heads) {
   KUN_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0)
       << "num_heads " << num_heads << " num_kv_heads " << num_kv_heads;
-  return (pool != nullptr ? pool->num_threads() : 1) * heads_per_unit(num_heads, num_kv_heads) * context_len;
+  return (pool != nullptr ? pool->num_threads() : 1) * detail::kMaxRows * context_len;
 }
 
 void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,

@@ -21,9 +21,9 @@ namespace {
 struct AV : V {
   static constexpr int kKeys = 2;
   static constexpr int kVecsPerPass = 2;
-  // reduce_add of kKeys accumulators (one call per key here).
-  static void reduce_keys(const F* a, float* out) {
-    for (int i = 0; i < kKeys; ++i) out[i] = reduce_add(a[i]);
+  // reduce_add of kKeys accumulators (one call per key here), times scale.
+  static void reduce_keys(const F* a, float scale, float* out) {
+    for (int i = 0; i < kKeys; ++i) out[i] = reduce_add(a[i]) * scale;
   }
   static F widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
   static F load_kv(const float* p) { return load(p); }
@@ -41,7 +41,7 @@ struct AV : V {
 }  // namespace
 
 const AttentionKernels& avx2_attention_kernels() {
-  static const AttentionKernels k{Isa::kAvx2, &attention_heads_f32, &attention_heads_bf16, &to_bf16_rows};
+  static const AttentionKernels k{Isa::kAvx2, &attention_rows_f32, &attention_rows_bf16, &to_bf16_rows};
   return k;
 }
 

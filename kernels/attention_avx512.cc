@@ -22,11 +22,11 @@ namespace {
 struct AV : V {
   static constexpr int kKeys = 4;
   static constexpr int kVecsPerPass = 4;
-  // reduce_add of the kKeys = 4 accumulators together: each sum goes through exactly
+  // reduce_add of the kKeys = 4 accumulators together, times scale: each sum goes through exactly
   // reduce_add's tree (16 -> 8: lane i + lane i + 8; 8 -> 4: + 4; 4 -> 2: + 2; 2 -> 1), the four
   // keys side by side in one register, so 8 shuffles and 5 adds replace four horizontal sums of
   // about 8 operations each. Same bits as reduce_add (float addition is commutative).
-  static void reduce_keys(const F* a, float* out) {
+  static void reduce_keys(const F* a, float scale, float* out) {
     // 16 -> 8: [a0.lo256 | a1.lo256] + [a0.hi256 | a1.hi256], likewise a2, a3.
     const F b01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xee));
     const F b23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xee));
@@ -37,12 +37,10 @@ struct AV : V {
     // 4 -> 2 and 2 -> 1 inside every 128-bit lane.
     const F d = _mm512_add_ps(c, _mm512_shuffle_ps(c, c, _MM_SHUFFLE(1, 0, 3, 2)));
     const F e = _mm512_add_ps(d, _mm512_shuffle_ps(d, d, _MM_SHUFFLE(2, 3, 0, 1)));
-    alignas(64) float t[16];
-    _mm512_store_ps(t, e);
-    out[0] = t[0];
-    out[1] = t[4];
-    out[2] = t[8];
-    out[3] = t[12];
+    // Key i's sum is lane 4 i: scaled (one rounding, as sum * scale), gathered into 128 bits.
+    const F scaled = _mm512_mul_ps(e, _mm512_set1_ps(scale));
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(idx, scaled)));
   }
   static F widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
   static F load_kv(const float* p) { return load(p); }
@@ -56,7 +54,7 @@ struct AV : V {
 }  // namespace
 
 const AttentionKernels& avx512_attention_kernels() {
-  static const AttentionKernels k{Isa::kAvx512, &attention_heads_f32, &attention_heads_bf16, &to_bf16_rows};
+  static const AttentionKernels k{Isa::kAvx512, &attention_rows_f32, &attention_rows_bf16, &to_bf16_rows};
   return k;
 }
 

@@ -10,21 +10,26 @@
 
 namespace kun::kernels::detail {
 
-// Query heads computed together per kv head (the register blocking of attention_impl.inc).
-inline constexpr int kMaxGroupHeads = 4;
+// Query rows computed together per kv head (the register blocking of attention_impl.inc): the
+// heads of a GQA group and, when a call holds several tokens of the sequence (a prefill), as many
+// consecutive tokens as fit.
+inline constexpr int kMaxRows = 4;
 
 struct AttentionKernels {
   Isa isa;
-  // Attention of `num_heads` (1..kMaxGroupHeads) consecutive query heads sharing kv head
-  // `kv_head` (a GQA group, or part of one) over cached positions [0, n_ctx): q and out hold the
-  // heads head_dim floats apart, scores has num_heads * n_ctx floats. K/V elements are f32
-  // (heads_f32) or bf16 (heads_bf16); each K/V row is loaded once for all the heads. For the same
-  // widened K/V values both compute the same operation sequence per head, whatever num_heads, so
-  // a bf16 cache gives bit for bit what an f32 cache holding the bf16-rounded values gives.
-  void (*heads_f32)(const float* q, int num_heads, const PagedKvCache& kv, std::int64_t kv_head,
-                    std::int64_t n_ctx, float scale, float* out, float* scores);
-  void (*heads_bf16)(const float* q, int num_heads, const PagedKvCache& kv, std::int64_t kv_head,
-                     std::int64_t n_ctx, float scale, float* out, float* scores);
+  // Attention of `rows` (1..kMaxRows) query rows (token, head) sharing kv head `kv_head`: row r
+  // reads q[r] (head_dim floats), attends cached positions [0, n_ctx[r]) and writes out[r];
+  // scores has rows x score_stride floats (score_stride >= every n_ctx). K/V elements are f32
+  // (rows_f32) or bf16 (rows_bf16); each K/V row is loaded once for all the rows that attend it.
+  // For the same widened K/V values both compute the same operation sequence per row, whatever
+  // the other rows, so a bf16 cache gives bit for bit what an f32 cache holding the
+  // bf16-rounded values gives.
+  void (*rows_f32)(const float* const* q, float* const* out, const std::int64_t* n_ctx, int rows,
+                   const PagedKvCache& kv, std::int64_t kv_head, float scale, float* scores,
+                   std::int64_t score_stride);
+  void (*rows_bf16)(const float* const* q, float* const* out, const std::int64_t* n_ctx, int rows,
+                    const PagedKvCache& kv, std::int64_t kv_head, float scale, float* scores,
+                    std::int64_t score_stride);
   // out[i] = bf16(x[i]), round to nearest even (NaN stays NaN).
   void (*to_bf16)(const float* x, std::int64_t n, std::uint16_t* out);
 };

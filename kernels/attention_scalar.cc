@@ -17,9 +17,9 @@ namespace {
 struct AV : V {
   static constexpr int kKeys = 2;
   static constexpr int kVecsPerPass = 2;
-  // reduce_add of kKeys accumulators (one call per key here).
-  static void reduce_keys(const F* a, float* out) {
-    for (int i = 0; i < kKeys; ++i) out[i] = reduce_add(a[i]);
+  // reduce_add of kKeys accumulators (one call per key here), times scale.
+  static void reduce_keys(const F* a, float scale, float* out) {
+    for (int i = 0; i < kKeys; ++i) out[i] = reduce_add(a[i]) * scale;
   }
   static F load_kv(const float* p) { return load(p); }
   static F load_kv_n(const float* p, int n) { return load_n(p, n); }
@@ -39,7 +39,7 @@ struct AV : V {
 }  // namespace
 
 const AttentionKernels& scalar_attention_kernels() {
-  static const AttentionKernels k{Isa::kScalar, &attention_heads_f32, &attention_heads_bf16, &to_bf16_rows};
+  static const AttentionKernels k{Isa::kScalar, &attention_rows_f32, &attention_rows_bf16, &to_bf16_rows};
   return k;
 }
 

@@ -176,10 +176,11 @@ struct PagedKvCache {
   std::int64_t num_kv_heads = 0;
   std::int64_t head_dim = 0;
 };
-// Same contract as the PagedKvView overload. The query heads of a GQA group (up to 4 at a time)
-// are computed together, each K/V row loaded once for them; with a pool the work is split over
-// (token, kv head, head chunk) units. scratch: paged_kv_cache_scratch_floats(pool, context_len,
-// num_heads, num_kv_heads) floats.
+// Same contract as the PagedKvView overload. Up to 4 query rows are computed together, each K/V
+// row loaded once for them: the query heads of a GQA group and, when the call holds several
+// tokens (a prefill), consecutive tokens (4 / group of them); with a pool the work is split over
+// (token tile, kv head, head chunk) units, dealt to the threads in turn. scratch:
+// paged_kv_cache_scratch_floats(pool, context_len, num_heads, num_kv_heads) floats.
 void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
                      float* scratch, ThreadPool* pool);

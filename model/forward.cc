@@ -171,29 +171,117 @@ HeadWeights head_weights_at(const std::byte* embedding_segment, const std::byte*
   return h;
 }
 
+namespace {
+
+// The workspace's buffers, in order, each 64-byte aligned (kTensorAlignBytes).
+struct WorkspaceLayout {
+  std::int64_t normed = 0, qkv = 0, attn_out = 0, gate_up = 0, act = 0, q_gather = 0, attn_scratch = 0;
+  std::int64_t positions = 0, key_ptrs = 0, value_ptrs = 0;
+  std::int64_t normed_rows = 0, scratch_floats = 0, max_blocks = 0;
+  std::int64_t total_bytes = 0;
+
+  static WorkspaceLayout compute(const ModelConfig& c, const ForwardLimits& lim, std::int64_t kv_block_size,
+                                 int num_threads) {
+    KUN_CHECK(lim.max_tokens > 0 && lim.max_logit_rows >= 0 && lim.max_context_tokens > 0)
+        << "forward limits: " << lim.max_tokens << " tokens, " << lim.max_logit_rows << " logit rows, "
+        << lim.max_context_tokens << " context tokens";
+    KUN_CHECK_GT(num_threads, 0);
+    const std::int64_t T = lim.max_tokens;
+    const std::int64_t f = static_cast<std::int64_t>(sizeof(float));
+    WorkspaceLayout w;
+    w.normed_rows = std::max(T, lim.max_logit_rows);
+    // Attention's scratch grows linearly with the pool's threads (kernels/attention.cc); the
+    // constructor checks this against the real pool.
+    w.scratch_floats = num_threads * kernels::paged_kv_cache_scratch_floats(nullptr, lim.max_context_tokens, c.num_heads,
+                                                                            c.num_kv_heads);
+    w.max_blocks = ceil_div(lim.max_context_tokens, kv_block_size);
+    std::int64_t cursor = 0;
+    const std::int64_t layer_rows = lim.attention_only ? 0 : T;  // the layer buffers' rows
+    if (lim.attention_only) w.normed_rows = 0;
+    w.normed = place(&cursor, w.normed_rows * c.hidden_size * f);
+    w.qkv = place(&cursor, layer_rows * (c.q_dim() + 2 * c.kv_dim()) * f);
+    w.attn_out = place(&cursor, layer_rows * c.q_dim() * f);
+    w.gate_up = place(&cursor, layer_rows * 2 * c.intermediate_size * f);
+    w.act = place(&cursor, layer_rows * c.intermediate_size * f);
+    w.q_gather = place(&cursor, T * c.q_dim() * f);
+    w.attn_scratch = place(&cursor, w.scratch_floats * f);
+    w.positions = place(&cursor, T * static_cast<std::int64_t>(sizeof(std::int64_t)));
+    w.key_ptrs = place(&cursor, w.max_blocks * static_cast<std::int64_t>(sizeof(const void*)));
+    w.value_ptrs = place(&cursor, w.max_blocks * static_cast<std::int64_t>(sizeof(const void*)));
+    w.total_bytes = round_up(cursor, kTensorAlignBytes);
+    return w;
+  }
+};
+
+template <typename T>
+std::span<T> view(std::span<std::byte> ws, std::int64_t offset, std::int64_t count) {
+  return {reinterpret_cast<T*>(ws.data() + offset), static_cast<std::size_t>(count)};
+}
+
+}  // namespace
+
+std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits, std::int64_t kv_block_size,
+                                     int num_threads) {
+  return WorkspaceLayout::compute(config, limits, kv_block_size, num_threads).total_bytes;
+}
+
 ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
-                         kernels::ThreadPool* pool)
-    : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype), pool_(pool),
+                         kernels::ThreadPool* pool, const ForwardLimits& limits, std::span<std::byte> workspace)
+    : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype), pool_(pool), limits_(limits),
       inv_freq_(config.rope_inv_freq()) {
   KUN_CHECK_GT(kv_block_size_, 0);
   KUN_CHECK(kv_dtype_ == DType::kBF16 || kv_dtype_ == DType::kF32)
       << "KV cache dtype " << dtype_name(kv_dtype_) << " (bf16 or f32)";
   KUN_CHECK_EQ(static_cast<std::int64_t>(inv_freq_.size()), config_.head_dim / 2);
+  carve(workspace);
 }
 
-void ForwardPass::ensure_workspace(std::int64_t num_tokens, std::int64_t max_context) {
-  const auto grow = [](std::vector<float>& v, std::int64_t n) {
-    if (static_cast<std::int64_t>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
-  };
+ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
+                         kernels::ThreadPool* pool, const ForwardLimits& limits)
+    : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype), pool_(pool), limits_(limits),
+      inv_freq_(config.rope_inv_freq()) {
+  KUN_CHECK_GT(kv_block_size_, 0);
+  KUN_CHECK(kv_dtype_ == DType::kBF16 || kv_dtype_ == DType::kF32)
+      << "KV cache dtype " << dtype_name(kv_dtype_) << " (bf16 or f32)";
+  KUN_CHECK_EQ(static_cast<std::int64_t>(inv_freq_.size()), config_.head_dim / 2);
+  const std::int64_t bytes =
+      forward_workspace_bytes(config_, limits_, kv_block_size_, pool_ != nullptr ? pool_->num_threads() : 1);
+  // Over-allocated by one alignment unit so the carved buffers start 64-byte aligned.
+  owned_workspace_ = std::make_unique<std::byte[]>(static_cast<std::size_t>(bytes + kTensorAlignBytes));
+  void* start = owned_workspace_.get();
+  std::size_t space = static_cast<std::size_t>(bytes + kTensorAlignBytes);
+  KUN_CHECK(std::align(kTensorAlignBytes, static_cast<std::size_t>(bytes), start, space) != nullptr);
+  carve({static_cast<std::byte*>(start), static_cast<std::size_t>(bytes)});
+}
+
+void ForwardPass::carve(std::span<std::byte> workspace) {
+  const int threads = pool_ != nullptr ? pool_->num_threads() : 1;
+  const WorkspaceLayout w = WorkspaceLayout::compute(config_, limits_, kv_block_size_, threads);
+  KUN_CHECK_GE(static_cast<std::int64_t>(workspace.size()), w.total_bytes)
+      << "forward workspace of " << workspace.size() << " bytes, the limits need " << w.total_bytes;
+  KUN_CHECK_EQ(reinterpret_cast<std::uintptr_t>(workspace.data()) % kTensorAlignBytes, 0u) << "forward workspace alignment";
+  KUN_CHECK_GE(w.scratch_floats, kernels::paged_kv_cache_scratch_floats(pool_, limits_.max_context_tokens, config_.num_heads,
+                                                                         config_.num_kv_heads))
+      << "attention scratch sized for " << threads << " threads is short (the kernel's scratch formula changed?)";
+  workspace_bytes_ = w.total_bytes;
   const ModelConfig& c = config_;
-  grow(normed_, num_tokens * c.hidden_size);
-  grow(qkv_, num_tokens * qkv_row());
-  grow(attn_out_, num_tokens * c.q_dim());
-  grow(tmp_hidden_, num_tokens * c.hidden_size);
-  grow(gate_up_, num_tokens * 2 * c.intermediate_size);
-  grow(act_, num_tokens * c.intermediate_size);
-  grow(attn_scratch_, kernels::paged_kv_cache_scratch_floats(pool_, std::max<std::int64_t>(max_context, 1),
-                                                             c.num_heads, c.num_kv_heads));
+  const std::int64_t T = limits_.max_tokens;
+  const std::int64_t layer_rows = limits_.attention_only ? 0 : T;
+  normed_ = view<float>(workspace, w.normed, w.normed_rows * c.hidden_size);
+  qkv_ = view<float>(workspace, w.qkv, layer_rows * qkv_row());
+  attn_out_ = view<float>(workspace, w.attn_out, layer_rows * c.q_dim());
+  gate_up_ = view<float>(workspace, w.gate_up, layer_rows * 2 * c.intermediate_size);
+  act_ = view<float>(workspace, w.act, layer_rows * c.intermediate_size);
+  q_gather_ = view<float>(workspace, w.q_gather, T * c.q_dim());
+  attn_scratch_ = view<float>(workspace, w.attn_scratch, w.scratch_floats);
+  attn_positions_ = view<std::int64_t>(workspace, w.positions, T);
+  key_ptrs_ = view<const void*>(workspace, w.key_ptrs, w.max_blocks);
+  value_ptrs_ = view<const void*>(workspace, w.value_ptrs, w.max_blocks);
+}
+
+void ForwardPass::check_tokens(std::int64_t num_tokens, const char* what) const {
+  KUN_CHECK_LE(num_tokens, limits_.max_tokens)
+      << what << ": " << num_tokens << " tokens, the workspace holds " << limits_.max_tokens << " (ForwardLimits::max_tokens)";
 }
 
 void ForwardPass::embed(const HeadWeights& head, const std::int32_t* tokens, std::int64_t n, float* hidden) const {
@@ -209,7 +297,8 @@ void ForwardPass::embed(const HeadWeights& head, const std::int32_t* tokens, std
 void ForwardPass::attention_input(const LayerWeights& w, std::span<const SequenceSlice> slices,
                                   const float* hidden, std::int64_t num_tokens, float* qkv) {
   const ModelConfig& c = config_;
-  ensure_workspace(num_tokens, 0);
+  check_tokens(num_tokens, "attention input");
+  KUN_CHECK(!limits_.attention_only) << "attention input" << " on a forward pass sized for attention only";
   kernels::rms_norm(hidden, num_tokens, c.hidden_size, w.input_norm, w.dtype, c.rms_norm_eps, normed_.data());
   kernels::linear(normed_.data(), num_tokens, w.qkv, w.qkv_bias, qkv, pool_);
   std::int64_t row = 0;
@@ -246,20 +335,15 @@ void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, con
     }
   }
   // Gather q rows contiguously and attend.
-  const std::int64_t q_elems = slice.num_tokens * c.q_dim();
-  if (static_cast<std::int64_t>(q_gather_.size()) < q_elems) q_gather_.resize(static_cast<std::size_t>(q_elems));
-  const std::int64_t scratch_floats = kernels::paged_kv_cache_scratch_floats(pool_, context, c.num_heads, kvh);
-  if (static_cast<std::int64_t>(attn_scratch_.size()) < scratch_floats)
-    attn_scratch_.resize(static_cast<std::size_t>(scratch_floats));
-  if (static_cast<std::int64_t>(attn_positions_.size()) < slice.num_tokens)
-    attn_positions_.resize(static_cast<std::size_t>(slice.num_tokens));
+  check_tokens(slice.num_tokens, "attention");
+  KUN_CHECK_LE(context, limits_.max_context_tokens)
+      << "attention over " << context << " tokens, the workspace holds " << limits_.max_context_tokens
+      << " (ForwardLimits::max_context_tokens)";
   for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
     std::memcpy(q_gather_.data() + t * c.q_dim(), qkv + t * qkv_row(), static_cast<std::size_t>(c.q_dim()) * sizeof(float));
     attn_positions_[static_cast<std::size_t>(t)] = slice.start_pos + t;
   }
   const std::int64_t blocks_used = ceil_div(context, bs);
-  key_ptrs_.resize(static_cast<std::size_t>(blocks_used));
-  value_ptrs_.resize(static_cast<std::size_t>(blocks_used));
   for (std::int64_t b = 0; b < blocks_used; ++b) {
     key_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b];
     value_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b] + value_offset_bytes;
@@ -280,7 +364,8 @@ void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, con
 void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* attn_out, std::int64_t num_tokens,
                                            float* hidden) {
   const ModelConfig& c = config_;
-  ensure_workspace(num_tokens, 0);
+  check_tokens(num_tokens, "attention output and MLP");
+  KUN_CHECK(!limits_.attention_only) << "attention output and MLP" << " on a forward pass sized for attention only";
   const std::int64_t H = c.hidden_size;
   const std::int64_t F = c.intermediate_size;
   kernels::linear_add(attn_out, num_tokens, w.o, hidden, pool_);  // residual add fused
@@ -305,7 +390,9 @@ void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, s
     max_context = std::max(max_context, s.start_pos + s.num_tokens);
   }
   if (num_tokens == 0) return;
-  ensure_workspace(num_tokens, max_context);
+  check_tokens(num_tokens, "layers");
+  KUN_CHECK(!limits_.attention_only) << "layers" << " on a forward pass sized for attention only";
+  KUN_CHECK_LE(max_context, limits_.max_context_tokens) << "a slice reaches " << max_context << " tokens of context";
   const std::int64_t q_dim = config_.q_dim();
   for (std::int64_t l = layer_begin; l < layer_end; ++l) {
     const LayerWeights w = weights(l);
@@ -324,12 +411,18 @@ void ForwardPass::logits(const HeadWeights& head, const float* hidden, std::span
   const std::int64_t H = config_.hidden_size;
   const auto n = static_cast<std::int64_t>(rows.size());
   if (n == 0) return;
-  ensure_workspace(n, 0);
-  for (std::int64_t r = 0; r < n; ++r) {
-    kernels::rms_norm(hidden + rows[static_cast<std::size_t>(r)] * H, 1, H, head.final_norm, head.dtype,
-                      config_.rms_norm_eps, normed_.data() + r * H);
+  KUN_CHECK(!limits_.attention_only) << "logits on a forward pass sized for attention only";
+  // In passes of as many rows as the normed buffer holds.
+  const std::int64_t pass_rows = static_cast<std::int64_t>(normed_.size()) / H;
+  const std::int64_t V = config_.vocab_size;
+  for (std::int64_t first = 0; first < n; first += pass_rows) {
+    const std::int64_t m = std::min(pass_rows, n - first);
+    for (std::int64_t r = 0; r < m; ++r) {
+      kernels::rms_norm(hidden + rows[static_cast<std::size_t>(first + r)] * H, 1, H, head.final_norm, head.dtype,
+                        config_.rms_norm_eps, normed_.data() + r * H);
+    }
+    kernels::linear(normed_.data(), m, head.lm_head, nullptr, logits_out + first * V, pool_);
   }
-  kernels::linear(normed_.data(), n, head.lm_head, nullptr, logits_out, pool_);
 }
 
 }  // namespace kun::model

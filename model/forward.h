@@ -4,13 +4,17 @@
 //
 // Weights live wherever the caller put them (a device arena segment); this module only knows
 // their layout inside a segment (LayerSegmentLayout / EmbeddingLayout / HeadLayout) and reads
-// them through pointers. It owns no memory but its scratch workspace.
+// them through pointers. Its activations and scratch live in a workspace sized once for
+// ForwardLimits (forward_workspace_bytes) and handed to it: a device carves it from its arena, so
+// it counts in the device's capacity (runtime/virtual_device.h); nothing on the forward path
+// allocates. A call beyond the limits is a broken invariant (the caller checks its input first).
 //
 // Threading: one ForwardPass per device executor thread; it uses the caller's ThreadPool.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -96,11 +100,36 @@ struct LayerKv {
 using AttentionFn = std::function<void(std::int64_t layer, std::int64_t seq, const SequenceSlice& slice,
                                        const float* qkv, float* out)>;
 
+// The largest calls a ForwardPass's workspace is sized for.
+struct ForwardLimits {
+  std::int64_t max_tokens = 0;          // tokens of one run_layers / attention_input / attend_local call
+  std::int64_t max_logit_rows = 0;      // rows of lm_head done in one pass (logits() takes more, in passes)
+  std::int64_t max_context_tokens = 0;  // longest context attend_local attends over
+  // Only attend_local is called (remote attention served for another device): no layer buffers.
+  bool attention_only = false;
+};
+
+// Bytes of the workspace a ForwardPass needs for `limits` with a pool of `num_threads` threads
+// (every buffer 64-byte aligned inside it).
+std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits, std::int64_t kv_block_size,
+                                     int num_threads);
+
 class ForwardPass {
  public:
   // kv_dtype: element type of the KV cache attend_local appends to and reads (kBF16: K/V rounded
-  // to nearest even when appended; kF32: kept exact, for numerics tests).
-  ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype, kernels::ThreadPool* pool);
+  // to nearest even when appended; kF32: kept exact, for numerics tests). `workspace` (at least
+  // forward_workspace_bytes(config, limits, kv_block_size, pool threads), 64-byte aligned) is the
+  // caller's and must outlive the pass; every buffer of the forward path is carved from it here.
+  ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype, kernels::ThreadPool* pool,
+              const ForwardLimits& limits, std::span<std::byte> workspace);
+  // The same with the workspace on the heap, allocated once here (tools and tests with no device).
+  ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype, kernels::ThreadPool* pool,
+              const ForwardLimits& limits);
+  ForwardPass(const ForwardPass&) = delete;
+  ForwardPass& operator=(const ForwardPass&) = delete;
+
+  const ForwardLimits& limits() const { return limits_; }
+  std::int64_t workspace_bytes() const { return workspace_bytes_; }
 
   const ModelConfig& config() const { return config_; }
   std::int64_t kv_block_size() const { return kv_block_size_; }
@@ -122,7 +151,8 @@ class ForwardPass {
   // Local attention over a LayerKv: appends k/v of the slice's tokens and attends.
   void attend_local(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out);
 
-  // logits[r] = lm_head(final_norm(hidden[rows[r]])), [rows.size()][V].
+  // logits[r] = lm_head(final_norm(hidden[rows[r]])), [rows.size()][V], in passes of at most
+  // max(max_tokens, max_logit_rows) rows (the kernels are batch-invariant: same values).
   void logits(const HeadWeights& head, const float* hidden, std::span<const std::int64_t> rows,
               float* logits_out);
 
@@ -133,18 +163,21 @@ class ForwardPass {
                                 float* hidden);
 
  private:
-  void ensure_workspace(std::int64_t num_tokens, std::int64_t max_context);
+  void carve(std::span<std::byte> workspace);
+  void check_tokens(std::int64_t num_tokens, const char* what) const;
 
   ModelConfig config_;
   std::int64_t kv_block_size_;
   DType kv_dtype_;
   kernels::ThreadPool* pool_;
+  ForwardLimits limits_;
+  std::int64_t workspace_bytes_ = 0;
   std::vector<float> inv_freq_;
-  // Workspace, grown on demand and reused across steps.
-  std::vector<float> normed_, qkv_, attn_out_, tmp_hidden_, gate_up_, act_, attn_scratch_;
-  std::vector<float> q_gather_;
-  std::vector<std::int64_t> attn_positions_;
-  std::vector<const void*> key_ptrs_, value_ptrs_;
+  std::unique_ptr<std::byte[]> owned_workspace_;  // the heap constructor's only
+  // Views into the workspace, fixed at construction.
+  std::span<float> normed_, qkv_, attn_out_, gate_up_, act_, attn_scratch_, q_gather_;
+  std::span<std::int64_t> attn_positions_;
+  std::span<const void*> key_ptrs_, value_ptrs_;
 };
 
 }  // namespace kun::model

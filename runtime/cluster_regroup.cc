@@ -280,6 +280,7 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
   // is not pulled. A repack or a pull that fails rolls the shrink back.
   std::int64_t pulled_bytes = 0, repacked_blocks = 0;
   Status shrink_error;
+  std::vector<Unit::FailedPull> unanswered_pulls;  // their pages stay reserved, with the group
   for (const cluster::WeightPull& wp : plan.pulls) {
     const std::int64_t inst = instances[static_cast<std::size_t>(wp.member)];
     if (mirror_has_layer(inst, wp.layer)) continue;
@@ -292,7 +293,7 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
       return remapped;
     };
     shrink_error = reclaim_and_pull_layer(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], remap, &repacked_blocks,
-                                          &pulled_bytes);
+                                          &pulled_bytes, &unanswered_pulls);
     if (!shrink_error.ok()) break;
   }
   for (std::size_t k = 0; shrink_error.ok() && k < instances.size(); ++k) {
@@ -319,6 +320,7 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
       }
     }
     unit->kept_layers = layers_outside_stages(instances);
+    for (Unit::FailedPull& f : unanswered_pulls) unit->failed_pulls.push_back(std::move(f));
     reopen();
     return shrink_error;
   }

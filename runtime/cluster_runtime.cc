@@ -77,6 +77,7 @@ StatusOr<std::unique_ptr<ClusterRuntime>> ClusterRuntime::create(const ClusterOp
   FleetOptions fleet_options;
   fleet_options.num_devices = options.num_instances;
   fleet_options.device = options.device;
+  KUN_RETURN_IF_ERROR(check_workspace_fits(options.scheduler, weights.config(), options.device));
   fleet_options.link = options.link;
   fleet_options.host_link = options.host_link;
   fleet_options.host_swap_blocks = options.host_swap_blocks;

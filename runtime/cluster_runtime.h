@@ -90,6 +90,10 @@ struct ClusterOptions {
   // A restore's live gather phase lasts at most this long; what is not home by then is gathered
   // stop-and-copy at the split.
   std::int64_t restore_gather_timeout_us = 2'000'000;
+  // How long the front end waits for an agent's answer to a transition's op (a drop_layer, a KV
+  // move, a weight pull) before it counts as failed. A pull not answered in time is cancelled on
+  // the puller (AgentClient::pull_layer), so its weights never land in pages given back meanwhile.
+  std::int64_t agent_reply_timeout_ms = 10'000;
   TransitionFaultFn transition_fault;  // tests only; empty in production
   // Tests only: a transfer error injected at the device agents (FleetOptions::agent_fault: called
   // per agent op with its device index and layer). In-process fleets only; empty in production.
@@ -244,6 +248,7 @@ class ClusterRuntime final : public engine::FrontDoor {
     struct FailedPull {
       std::int64_t instance, layer;
       std::vector<memory::PageId> pages;
+      bool pages_may_be_written = false;  // the pull was never answered: reserved, never pooled
     };
     std::vector<FailedPull> failed_pulls;
     // (instance, layer) a member still holds although the drop's plan dropped it (its drop_layer
@@ -289,9 +294,13 @@ class ClusterRuntime final : public engine::FrontDoor {
   void wait_group_free_locked(TransitionLock& lock, std::int64_t group) const;
   std::shared_ptr<Unit> group_unit_locked(std::int64_t group) const;
   // Device `instance` pulls `layer` into `pages` from `preferred`, else from any other device the
-  // mirror says holds it (`*source`: the one that sent it); the last error when none could.
+  // mirror says holds it (`*source`: the one that sent it); the last error when none could. When
+  // `instance` answered neither a pull nor its cancel (AgentClient::pull_layer), it stops there
+  // and sets *pages_may_be_written: those pages stay reserved for this layer (a late landing then
+  // writes the same weights into them) and never go back to the KV pool.
   Status pull_layer_from_any(std::int64_t instance, std::int64_t layer, std::int64_t preferred,
-                             std::span<const std::int64_t> pages, std::int64_t* source);
+                             std::span<const std::int64_t> pages, std::int64_t* source,
+                             bool* pages_may_be_written = nullptr);
   // A unit's engine starts only in launch(), after the requests it inherits are adopted (adopting
   // is engine-thread work that must not race the engine's own thread).
   std::shared_ptr<Unit> make_unit(const std::vector<std::int64_t>& instances, std::int64_t group);
@@ -304,7 +313,7 @@ class ClusterRuntime final : public engine::FrontDoor {
   void record_plan(const std::string& kind, std::int64_t group, std::string plan);
   // Device `instance`'s transport endpoint, and a client on the front end's endpoint.
   int endpoint(std::int64_t instance) const { return fleet_->endpoint_of(static_cast<int>(instance)); }
-  AgentClient client() const { return AgentClient(fleet_->front_end()); }
+  AgentClient client() const { return AgentClient(fleet_->front_end(), std::chrono::milliseconds(options_.agent_reply_timeout_ms)); }
   // Device `src` sends layer blocks `from` to device `dst`, which writes them as `to` (one
   // message); adds the bytes moved to `*bytes`. A transfer error is returned (nothing is freed).
   Status move_kv(std::int64_t src, std::span<const kv::BlockId> from, std::int64_t dst, std::span<const kv::BlockId> to,
@@ -321,10 +330,12 @@ class ClusterRuntime final : public engine::FrontDoor {
                                                             std::int64_t* repacked);
   // Device `inst` takes a layer's pages back from its KV pool (reclaim_layer_pages) and pulls
   // `layer` into them from `preferred` or any other holder (pull_layer_from_any), adding the bytes
-  // to `*pulled_bytes`. On a failure the pages stay KV pages and the error is returned.
+  // to `*pulled_bytes`. On a failure the pages go back to the KV pool, or, when the pull was never
+  // answered (a late landing may write them), are appended to `*unanswered` and stay out of it;
+  // the error is returned.
   Status reclaim_and_pull_layer(std::int64_t inst, std::int64_t layer, std::int64_t preferred,
                                 const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
-                                std::int64_t* repacked, std::int64_t* pulled_bytes);
+                                std::int64_t* repacked, std::int64_t* pulled_bytes, std::vector<Unit::FailedPull>* unanswered);
   // Publishes `successors` (built, not launched) in place of `old_units` (reserved by the caller,
   // transition_mu_ held): launches them, retires the old gates handing what queued to them, swaps
   // the routing and releases the reservation; then joins the old engines with the lock released.

@@ -46,7 +46,8 @@ Status ClusterRuntime::move_kv(std::int64_t src, std::span<const kv::BlockId> fr
 }
 
 Status ClusterRuntime::pull_layer_from_any(std::int64_t instance, std::int64_t layer, std::int64_t preferred,
-                                           std::span<const std::int64_t> pages, std::int64_t* source) {
+                                           std::span<const std::int64_t> pages, std::int64_t* source,
+                                           bool* pages_may_be_written) {
   // The planned holder first, then every other device the mirror says holds the layer: the
   // group's members that pulled it already, devices outside the group (all weights are the same
   // everywhere). A failed pull changes nothing on the puller: its pages stay KV pages holding no
@@ -57,7 +58,12 @@ Status ClusterRuntime::pull_layer_from_any(std::int64_t instance, std::int64_t l
   }
   Status last;
   for (std::int64_t from : order) {
-    last = client().pull_layer(endpoint(instance), layer, endpoint(from), pages);
+    bool unanswered = false;
+    last = client().pull_layer(endpoint(instance), layer, endpoint(from), pages, &unanswered);
+    if (unanswered) {
+      if (pages_may_be_written != nullptr) *pages_may_be_written = true;
+      return last.with_context("pull of layer " + std::to_string(layer) + " by device " + std::to_string(instance));
+    }
     if (last.ok()) {
       mirror_set_layer(instance, layer, true);
       *source = from;
@@ -99,14 +105,21 @@ StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
 
 Status ClusterRuntime::reclaim_and_pull_layer(std::int64_t inst, std::int64_t layer, std::int64_t preferred,
                                               const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
-                                              std::int64_t* repacked, std::int64_t* pulled_bytes) {
+                                              std::int64_t* repacked, std::int64_t* pulled_bytes,
+                                              std::vector<Unit::FailedPull>* unanswered) {
   StatusOr<std::vector<memory::PageId>> pages_or = reclaim_layer_pages(inst, remap, repacked);
   if (!pages_or.ok()) return pages_or.status().with_context("layer " + std::to_string(layer) + " on device " + std::to_string(inst));
   std::vector<std::int64_t> pages;
   for (memory::PageId page : *pages_or) pages.push_back(page.value);
   std::int64_t source = -1;
-  if (Status s = pull_layer_from_any(inst, layer, preferred, pages, &source); !s.ok()) {
-    KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
+  bool pages_may_be_written = false;
+  if (Status s = pull_layer_from_any(inst, layer, preferred, pages, &source, &pages_may_be_written); !s.ok()) {
+    if (pages_may_be_written) {
+      // Never answered: a late landing may still write them, so they stay reserved for the layer.
+      unanswered->push_back(Unit::FailedPull{inst, layer, std::move(*pages_or), true});
+    } else {
+      KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
+    }
     return s;
   }
   *pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
@@ -197,12 +210,13 @@ Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t g
     unit.weight_pull = std::thread([this, &unit, group, pulls = std::move(pulls)] {
       for (const Pull& p : pulls) {
         std::int64_t source = -1;
-        const Status s = pull_layer_from_any(p.to, p.layer, p.from, p.pages, &source);
+        bool unanswered = false;
+        const Status s = pull_layer_from_any(p.to, p.layer, p.from, p.pages, &source, &unanswered);
         if (s.ok()) {
           unit.restore_pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
           continue;
         }
-        Unit::FailedPull failed{p.to, p.layer, {}};
+        Unit::FailedPull failed{p.to, p.layer, {}, unanswered};
         for (std::int64_t page : p.pages) failed.pages.push_back(memory::PageId(page));
         unit.failed_pulls.push_back(std::move(failed));
         record_failure("weight_pull", group, unit.instances, s, "retried at the split");
@@ -475,9 +489,15 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
     return commit;
   }
   // Pages of weight pulls that failed during the gather go back to the KV pool: those layers are
-  // pulled again below, like the ones whose pages could not be spared then.
+  // pulled again below, like the ones whose pages could not be spared then. Pages of a pull that
+  // was never answered stay reserved: the layer is pulled again into the same pages.
+  std::map<std::pair<std::int64_t, std::int64_t>, std::vector<memory::PageId>> reserved_pages;  // (instance, layer)
   for (Unit::FailedPull& f : unit->failed_pulls) {
-    KUN_CHECK_OK(allocators_[static_cast<std::size_t>(f.instance)]->add_pages(f.pages));
+    if (f.pages_may_be_written) {
+      reserved_pages[{f.instance, f.layer}] = std::move(f.pages);
+    } else {
+      KUN_CHECK_OK(allocators_[static_cast<std::size_t>(f.instance)]->add_pages(f.pages));
+    }
   }
   unit->failed_pulls.clear();
   // The group's admission history goes to every instance it splits into.
@@ -566,9 +586,38 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
       }
       return remapped;
     };
-    split_error = reclaim_and_pull_layer(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], remap, &repacked_blocks,
-                                         &pulled_bytes);
-    if (!split_error.ok()) break;
+    const auto reserved = reserved_pages.find({inst, wp.layer});
+    if (reserved != reserved_pages.end()) {
+      // An unanswered pull may have landed since: then the device holds the layer in those pages.
+      StatusOr<DeviceSnapshot> snap = client().snapshot(endpoint(inst));
+      if (snap.ok() && std::find(snap->resident_layers.begin(), snap->resident_layers.end(), wp.layer) != snap->resident_layers.end()) {
+        mirror_set_layer(inst, wp.layer, true);
+        reserved_pages.erase(reserved);
+        continue;
+      }
+    }
+    StatusOr<std::vector<memory::PageId>> pages_or =
+        reserved != reserved_pages.end() ? StatusOr<std::vector<memory::PageId>>(reserved->second)
+                                         : reclaim_layer_pages(inst, remap, &repacked_blocks);
+    if (reserved != reserved_pages.end()) reserved_pages.erase(reserved);
+    if (!pages_or.ok()) {
+      split_error = pages_or.status().with_context("layer " + std::to_string(wp.layer) + " on device " + std::to_string(inst));
+      break;
+    }
+    std::vector<std::int64_t> pages;
+    for (memory::PageId page : *pages_or) pages.push_back(page.value);
+    std::int64_t source = -1;
+    bool unanswered = false;
+    split_error = pull_layer_from_any(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], pages, &source, &unanswered);
+    if (!split_error.ok()) {
+      if (unanswered) {
+        unit->failed_pulls.push_back(Unit::FailedPull{inst, wp.layer, std::move(*pages_or), true});
+      } else {
+        KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
+      }
+      break;
+    }
+    pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
   }
   for (std::size_t k = 0; split_error.ok() && k < instances.size(); ++k) {
     const std::int64_t inst = instances[k];
@@ -580,6 +629,8 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
     KUN_CHECK_EQ(snap->kv_pages, allocators_[static_cast<std::size_t>(inst)]->num_pages()) << "device " << inst;
   }
   if (!split_error.ok()) {
+    // Reserved pages of unanswered pulls not retried this time stay reserved for the next split.
+    for (auto& [key, pages] : reserved_pages) unit->failed_pulls.push_back(Unit::FailedPull{key.first, key.second, std::move(pages), true});
     // Roll back: every request goes back into the group as it is now (KV gathered so far stays
     // where it went, the group's tables say where; requests that lost KV recompute), layers
     // pulled so far stay (the group keeps restoring and the next split skips them).

@@ -31,10 +31,12 @@ Status status_from_reply(const Message& m) {
 std::vector<std::byte> encode_snapshot(const DeviceSnapshot& s) {
   std::vector<std::byte> out;
   put(out, static_cast<std::int32_t>(s.device));
+  put(out, s.page_bytes);
   put(out, s.num_pages);
   put(out, s.free_pages);
   put(out, s.kv_pages);
   put(out, s.param_pages);
+  put(out, s.workspace_pages);
   put(out, s.blocks_per_page);
   put_ids(out, s.resident_layers);
   put_ids(out, s.layer_checksums);
@@ -48,9 +50,10 @@ StatusOr<DeviceSnapshot> decode_snapshot(std::span<const std::byte> bytes) {
   Reader r(bytes);
   DeviceSnapshot s;
   std::int32_t device = 0;
-  const bool ok = r.get(&device) && r.get(&s.num_pages) && r.get(&s.free_pages) && r.get(&s.kv_pages) &&
-                  r.get(&s.param_pages) && r.get(&s.blocks_per_page) && r.get_ids(&s.resident_layers) && r.get_ids(&s.layer_checksums) &&
-                  r.get_ids(&s.kv_page_ids) && r.get(&s.counters) && r.get(&s.process_cpu_s) && r.at_end();
+  const bool ok = r.get(&device) && r.get(&s.page_bytes) && r.get(&s.num_pages) && r.get(&s.free_pages) &&
+                  r.get(&s.kv_pages) && r.get(&s.param_pages) && r.get(&s.workspace_pages) && r.get(&s.blocks_per_page) &&
+                  r.get_ids(&s.resident_layers) && r.get_ids(&s.layer_checksums) && r.get_ids(&s.kv_page_ids) &&
+                  r.get(&s.counters) && r.get(&s.process_cpu_s) && r.at_end();
   if (!ok) return data_loss("malformed device snapshot (" + std::to_string(bytes.size()) + " bytes)");
   s.device = device;
   return s;
@@ -69,6 +72,10 @@ std::vector<std::byte> encode_geometry(const DeviceGeometry& g) {
   put(out, g.pages_per_layer);
   put(out, g.layer_segment_bytes);
   put(out, g.host_swap_blocks);
+  put(out, g.workspace_bytes);
+  put(out, g.max_batched_tokens);
+  put(out, g.max_sequences);
+  put(out, g.max_context_tokens);
   put(out, g.kv_dtype);
   put_ids(out, g.resident_layers);
   put_ids(out, g.kv_page_ids);
@@ -82,7 +89,8 @@ StatusOr<DeviceGeometry> decode_geometry(std::span<const std::byte> bytes) {
   const bool ok = r.get(&device) && r.get(&g.num_layers) && r.get(&g.page_bytes) && r.get(&g.num_pages) &&
                   r.get(&g.blocks_per_page) && r.get(&g.block_bytes) && r.get(&g.block_stride_bytes) &&
                   r.get(&g.kv_block_size) && r.get(&g.pages_per_layer) && r.get(&g.layer_segment_bytes) &&
-                  r.get(&g.host_swap_blocks) && r.get(&g.kv_dtype) && r.get_ids(&g.resident_layers) &&
+                  r.get(&g.host_swap_blocks) && r.get(&g.workspace_bytes) && r.get(&g.max_batched_tokens) &&
+                  r.get(&g.max_sequences) && r.get(&g.max_context_tokens) && r.get(&g.kv_dtype) && r.get_ids(&g.resident_layers) &&
                   r.get_ids(&g.kv_page_ids) && r.at_end();
   if (!ok) return data_loss("malformed device geometry (" + std::to_string(bytes.size()) + " bytes)");
   g.device = device;
@@ -105,8 +113,8 @@ static std::int64_t steady_now_ns() {
 DeviceAgent::DeviceAgent(VirtualDevice& device, MessageTransport& endpoint, AgentOptions options)
     : device_(device), endpoint_(endpoint), options_(std::move(options)) {
   const DeviceOwnerScope scope(device_);  // the creator hands the device over here
-  serve_forward_ = std::make_unique<model::ForwardPass>(device_.config(), device_.options().kv_block_size,
-                                                        device_.options().kv_dtype, &device_.pool());
+  stage_sample_scratch_.reserve(static_cast<std::size_t>(device_.config().vocab_size));  // the most top-k keeps
+  stage_sampled_.reserve(static_cast<std::size_t>(device_.options().max_batched_tokens));
   host_swap_.resize(static_cast<std::size_t>(options_.host_swap_blocks * device_.kv_storage().block_bytes()));
 }
 
@@ -145,6 +153,7 @@ AgentCounters DeviceAgent::counters() const {
   c.swap_in_bytes = swap_in_bytes_.load();
   c.swap_out_messages = swap_out_messages_.load();
   c.swap_in_messages = swap_in_messages_.load();
+  c.table_executors = table_executors_.load();
   return c;
 }
 
@@ -185,6 +194,9 @@ void DeviceAgent::stage_loop() {
     if (op == AgentOp::kStop && m.header.src == device_id()) return;
     if (op == AgentOp::kRunStage) {
       run_stage(m);
+    } else if (op == AgentOp::kDropTables) {
+      stage_tables_.erase({m.header.src, static_cast<std::uint64_t>(m.header.request_id)});
+      table_executors_.store(static_cast<std::int64_t>(stage_tables_.size()), std::memory_order_relaxed);
     } else {
       requests_refused_.fetch_add(1, std::memory_order_relaxed);
     }
@@ -195,9 +207,20 @@ void DeviceAgent::stage_loop() {
 void DeviceAgent::run_stage(Message& m) {
   const MessageHeader& h = m.header;
   StageTrailer trailer;
-  std::vector<std::int32_t> sampled;
+  stage_sampled_.clear();
   StatusOr<StageRequest> req = decode_stage_request(m.payload);
   Status s = req.status();
+  const StageKvTables* tables = nullptr;
+  if (s.ok()) {
+    // Table changes apply in message order, before waiting for the input, whatever the step's fate.
+    const std::lock_guard<std::mutex> lock(device_mu_);
+    const DeviceOwnerScope scope(device_);
+    StatusOr<const StageKvTables*> applied = apply_tables(h.src, *req);
+    s = applied.status();
+    if (s.ok()) tables = *applied;
+  }
+  Message im;  // the previous stage's output, read into the workspace under the device lock
+  std::size_t input_at = 0;
   if (s.ok() && !req->first) {
     // The previous stage's activations (or its error), straight from its agent.
     RecvMatch in;
@@ -212,57 +235,118 @@ void DeviceAgent::run_stage(Message& m) {
     }
     s = ih.ready() ? ih.wait() : cancelled("device " + std::to_string(device_id()) + " stopped while a stage waited for its input");
     if (s.ok()) {
-      Message im = ih.take();
+      im = ih.take();
       s = status_from_reply(im);
       if (s.ok()) {
         StatusOr<std::size_t> at = decode_stage_output(im.payload, &trailer);
         s = at.status();
-        if (s.ok()) {
-          const std::size_t body = im.payload.size() - *at;
-          stage_hidden_.resize(body / sizeof(float));
-          if (body > 0) std::memcpy(stage_hidden_.data(), im.payload.data() + *at, stage_hidden_.size() * sizeof(float));
-        }
+        if (s.ok()) input_at = *at;
       }
-      endpoint_.recycle(std::move(im.payload));
     }
   }
   const std::int64_t start_ns = steady_now_ns();
+  const bool to_next = req.ok() && !req->last;
+  std::vector<std::byte> payload;
   if (s.ok()) {
     std::unique_lock<std::mutex> lock(device_mu_);
     auto scope = std::make_unique<DeviceOwnerScope>(device_);
-    s = compute_stage(*req, scope, lock, stage_hidden_, &sampled);
+    const std::span<const std::byte> input = std::span<const std::byte>(im.payload).subspan(std::min(input_at, im.payload.size()));
+    std::int64_t out_floats = 0;
+    s = compute_stage(*req, *tables, input, scope, lock, &out_floats);
+    trailer.stage_times_ns.push_back(start_ns);
+    trailer.stage_times_ns.push_back(steady_now_ns());
+    if (s.ok()) {
+      // The output is copied out of the workspace while the device is still held.
+      const std::span<const std::byte> body =
+          to_next ? std::as_bytes(device_.stage_activations().first(static_cast<std::size_t>(out_floats)))
+                  : std::as_bytes(std::span<const std::int32_t>(stage_sampled_));
+      payload = encode_stage_output(trailer, body);
+    }
   }
-  trailer.stage_times_ns.push_back(start_ns);
-  trailer.stage_times_ns.push_back(steady_now_ns());
+  endpoint_.recycle(std::move(im.payload));
   stages_run_.fetch_add(1, std::memory_order_relaxed);
   MessageHeader out;
   out.tag = h.tag;
   out.request_id = h.request_id;
-  const bool to_next = req.ok() && !req->last;
-  std::span<const std::byte> body;
   if (to_next) {
     out.dst = req->next_endpoint;
     out.port = Port::kUser;
     out.op = static_cast<std::uint16_t>(AgentOp::kStageInput);
     out.kind = TransferKind::kActivation;
-    body = std::as_bytes(std::span<const float>(stage_hidden_));
   } else {
     out.dst = req.ok() ? req->reply_endpoint : (h.reply_to >= 0 ? h.reply_to : h.src);
     out.port = Port::kReply;
     out.op = static_cast<std::uint16_t>(AgentOp::kReply);
     out.kind = TransferKind::kControl;
-    body = std::as_bytes(std::span<const std::int32_t>(sampled));
   }
-  std::vector<std::byte> payload;
   if (!s.ok()) {
     requests_refused_.fetch_add(1, std::memory_order_relaxed);
     out.error = static_cast<std::int32_t>(s.code());
     const std::string text = "device " + std::to_string(device_id()) + " stage: " + s.message();
     payload.assign(reinterpret_cast<const std::byte*>(text.data()), reinterpret_cast<const std::byte*>(text.data()) + text.size());
-  } else {
-    payload = encode_stage_output(trailer, body);
   }
   endpoint_.send_owned(std::move(out), std::move(payload));
+}
+
+StatusOr<const StageKvTables*> DeviceAgent::apply_tables(int sender, const StageRequest& req) {
+  const std::pair<int, std::uint64_t> key{sender, req.executor};
+  auto it = stage_tables_.find(key);
+  if (it == stage_tables_.end()) {
+    if (!req.reset_tables) {
+      return failed_precondition("stage: device " + std::to_string(device_id()) + " has no block tables of executor " +
+                                 std::to_string(req.executor) + " of endpoint " + std::to_string(sender) +
+                                 " and the request is not a resync (a lost message, or tables already dropped)");
+    }
+    it = stage_tables_.try_emplace(key, req.layer_begin, req.layer_end).first;
+    table_executors_.store(static_cast<std::int64_t>(stage_tables_.size()), std::memory_order_relaxed);
+  }
+  StageKvTables& mirror = it->second;
+  if (mirror.layer_begin() != req.layer_begin || mirror.layer_end() != req.layer_end) {
+    return invalid_argument("stage: executor " + std::to_string(req.executor) + " ran layers [" +
+                            std::to_string(mirror.layer_begin()) + ", " + std::to_string(mirror.layer_end()) +
+                            ") here, this request [" + std::to_string(req.layer_begin) + ", " + std::to_string(req.layer_end) + ")");
+  }
+  if (req.reset_tables) mirror.clear();
+  for (std::int64_t id : req.released) mirror.release(RequestId(id));
+  std::size_t next_list = 0;
+  std::size_t next_block = 0;
+  for (const StageTableUpdate& u : req.updates) {
+    const RequestId id(u.request_id);
+    std::vector<StageKvTables::Layer>* table = u.replace ? &mirror.reset_table(id) : mirror.mutable_table(id);
+    if (table == nullptr) {
+      return failed_precondition("stage: blocks appended to request " + std::to_string(u.request_id) +
+                                 "'s table, which device " + std::to_string(device_id()) + " never got from executor " +
+                                 std::to_string(req.executor));
+    }
+    for (std::int32_t k = 0; k < u.num_lists; ++k) {
+      const StageLayerList& list = req.lists[next_list++];
+      const std::span<const std::int64_t> blocks(req.blocks.data() + next_block, static_cast<std::size_t>(list.num_blocks));
+      next_block += blocks.size();
+      StageKvTables::Layer& entry = (*table)[static_cast<std::size_t>(list.layer - req.layer_begin)];
+      if (u.replace) {
+        if (entry.device >= 0) {
+          return invalid_argument("stage: request " + std::to_string(u.request_id) + " lists layer " + std::to_string(list.layer) + " twice");
+        }
+        entry.device = list.holder;
+      } else if (entry.device != list.holder) {
+        return invalid_argument("stage: request " + std::to_string(u.request_id) + " layer " + std::to_string(list.layer) +
+                                ": blocks appended on endpoint " + std::to_string(list.holder) + ", its KV is on " +
+                                std::to_string(entry.device));
+      }
+      // Blocks held here are checked once, when they arrive (the front end re-sends a table
+      // whenever its blocks change other than by an append).
+      if (list.holder == device_id()) KUN_RETURN_IF_ERROR(check_blocks(blocks));
+      entry.blocks.insert(entry.blocks.end(), blocks.begin(), blocks.end());
+    }
+    if (!u.replace) continue;
+    for (std::size_t k = 0; k < table->size(); ++k) {
+      if ((*table)[k].device < 0) {
+        return invalid_argument("stage: request " + std::to_string(u.request_id) + "'s table lacks layer " +
+                                std::to_string(req.layer_begin + static_cast<std::int64_t>(k)));
+      }
+    }
+  }
+  return &mirror;
 }
 
 Status DeviceAgent::do_swaps(const StageRequest& req) {
@@ -312,12 +396,14 @@ Status DeviceAgent::do_swaps(const StageRequest& req) {
   return ok_status();
 }
 
-Status DeviceAgent::compute_stage(const StageRequest& req, std::unique_ptr<DeviceOwnerScope>& scope,
-                                  std::unique_lock<std::mutex>& lock, std::vector<float>& hidden,
-                                  std::vector<std::int32_t>* sampled) {
+Status DeviceAgent::compute_stage(const StageRequest& req, const StageKvTables& tables, std::span<const std::byte> input,
+                                  std::unique_ptr<DeviceOwnerScope>& scope, std::unique_lock<std::mutex>& lock,
+                                  std::int64_t* stage_out_floats) {
   const model::ModelConfig& c = device_.config();
+  const DeviceOptions& limits = device_.options();
   const std::int64_t H = c.hidden_size;
   const std::int64_t n = req.num_tokens();
+  *stage_out_floats = 0;
   KUN_RETURN_IF_ERROR(do_swaps(req));
   if (req.layer_end > c.num_layers) return invalid_argument("stage: layers beyond the model's " + std::to_string(c.num_layers));
   for (std::int64_t l = req.layer_begin; l < req.layer_end; ++l) {
@@ -325,46 +411,63 @@ Status DeviceAgent::compute_stage(const StageRequest& req, std::unique_ptr<Devic
       return failed_precondition("stage: layer " + std::to_string(l) + " is not resident on device " + std::to_string(device_id()));
     }
   }
-  if (n == 0) {
-    hidden.clear();
-    return ok_status();
+  // The workspace holds steps up to the device's limits (DeviceOptions, set from the scheduler).
+  if (n > limits.max_batched_tokens) {
+    return invalid_argument("stage: a step of " + std::to_string(n) + " tokens exceeds device " + std::to_string(device_id()) +
+                            "'s workspace of " + std::to_string(limits.max_batched_tokens) + " tokens (max_batched_tokens)");
   }
+  for (const StageSequence& q : req.sequences) {
+    if (q.start_pos + q.num_tokens > limits.max_context_tokens) {
+      return invalid_argument("stage: a context of " + std::to_string(q.start_pos + q.num_tokens) + " tokens exceeds device " +
+                              std::to_string(device_id()) + "'s workspace of " + std::to_string(limits.max_context_tokens) +
+                              " (max_context_tokens)");
+    }
+  }
+  if (n == 0) return ok_status();
   model::ForwardPass& fwd = device_.forward();
+  const std::span<float> hidden = device_.stage_activations().first(static_cast<std::size_t>(n * H));
   if (req.first) {
-    hidden.resize(static_cast<std::size_t>(n * H));
     fwd.embed(device_.head_weights(), req.tokens.data(), n, hidden.data());
-  } else if (static_cast<std::int64_t>(hidden.size()) != n * H) {
-    return invalid_argument("stage: " + std::to_string(hidden.size()) + " input activations for " + std::to_string(n) + " tokens");
+  } else if (input.size() != hidden.size_bytes()) {
+    return invalid_argument("stage: " + std::to_string(input.size() / sizeof(float)) + " input activations for " +
+                            std::to_string(n) + " tokens");
+  } else {
+    std::memcpy(hidden.data(), input.data(), input.size());
   }
+  *stage_out_floats = n * H;
+  // Each (sequence, layer) cell's holder and blocks, from this executor's mirror (the tables the
+  // stage messages kept up to date); pointers for the blocks held here.
   const std::int64_t nl = req.num_layers();
-  const std::size_t cells = req.holder.size();
+  const std::size_t cells = req.sequences.size() * static_cast<std::size_t>(nl);
   stage_block_ptrs_.resize(cells);
-  std::vector<model::SequenceSlice> slices;
-  slices.reserve(req.sequences.size());
+  stage_cells_.assign(cells, nullptr);
+  std::vector<model::SequenceSlice>& slices = stage_slices_;
+  slices.clear();
   for (const StageSequence& q : req.sequences) slices.push_back({q.start_pos, q.num_tokens});
-  const auto cell_blocks = [&](std::size_t cell) {
-    return std::span<const std::int64_t>(req.blocks).subspan(static_cast<std::size_t>(req.block_begin[cell]),
-                                                            static_cast<std::size_t>(req.block_begin[cell + 1] - req.block_begin[cell]));
-  };
+  const auto cell_blocks = [&](std::size_t cell) { return std::span<const std::int64_t>(stage_cells_[cell]->blocks); };
   kv::KvStorage& store = device_.kv_storage();
-  for (std::size_t cell = 0; cell < cells; ++cell) {
-    auto& ptrs = stage_block_ptrs_[cell];
-    ptrs.clear();
-    const std::size_t seq = cell / static_cast<std::size_t>(nl);
-    if (req.holder[cell] < 0) {
-      if (req.sequences[seq].num_tokens == 0) continue;
-      return invalid_argument("stage: no KV for layer " + std::to_string(req.layer_begin + static_cast<std::int64_t>(cell % static_cast<std::size_t>(nl))) +
-                              " of sequence " + std::to_string(seq));
-    }
-    const auto blocks = cell_blocks(cell);
+  for (std::size_t seq = 0; seq < req.sequences.size(); ++seq) {
+    const std::vector<StageKvTables::Layer>* table = tables.table(RequestId(req.sequences[seq].request_id));
     const model::SequenceSlice& sl = slices[seq];
-    if (static_cast<std::int64_t>(blocks.size()) * device_.options().kv_block_size < sl.start_pos + sl.num_tokens) {
-      return invalid_argument("stage: " + std::to_string(blocks.size()) + " blocks do not hold " +
-                              std::to_string(sl.start_pos + sl.num_tokens) + " tokens");
+    if (table == nullptr) {
+      if (sl.num_tokens == 0) continue;
+      return failed_precondition("stage: device " + std::to_string(device_id()) + " has no block table for request " +
+                                 std::to_string(req.sequences[seq].request_id) + " of executor " + std::to_string(req.executor));
     }
-    if (req.holder[cell] != device_id()) continue;  // the holder checks its own blocks
-    KUN_RETURN_IF_ERROR(check_blocks(blocks));
-    for (std::int64_t b : blocks) ptrs.push_back(store.block_data(kv::BlockId(b)));
+    for (std::int64_t k = 0; k < nl; ++k) {
+      const std::size_t cell = seq * static_cast<std::size_t>(nl) + static_cast<std::size_t>(k);
+      const StageKvTables::Layer& entry = (*table)[static_cast<std::size_t>(k)];
+      auto& ptrs = stage_block_ptrs_[cell];
+      ptrs.clear();
+      stage_cells_[cell] = &entry;
+      if (static_cast<std::int64_t>(entry.blocks.size()) * device_.options().kv_block_size < sl.start_pos + sl.num_tokens) {
+        return invalid_argument("stage: request " + std::to_string(req.sequences[seq].request_id) + " layer " +
+                                std::to_string(req.layer_begin + k) + ": " + std::to_string(entry.blocks.size()) +
+                                " blocks do not hold " + std::to_string(sl.start_pos + sl.num_tokens) + " tokens");
+      }
+      if (entry.device != device_id()) continue;  // the holder uses its own blocks
+      for (std::int64_t b : entry.blocks) ptrs.push_back(store.block_data(kv::BlockId(b)));
+    }
   }
   AgentClient client(endpoint_, std::chrono::minutes(5));
   Status remote_status;
@@ -372,7 +475,7 @@ Status DeviceAgent::compute_stage(const StageRequest& req, std::unique_ptr<Devic
       req.layer_begin, req.layer_end, slices, hidden.data(), [&](std::int64_t l) { return device_.layer_weights(l); },
       [&](std::int64_t l, std::int64_t i, const model::SequenceSlice& slice, const float* qkv, float* out) {
         const std::size_t cell = static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) + static_cast<std::size_t>(l - req.layer_begin);
-        const int holder = req.holder[cell];
+        const int holder = stage_cells_[cell]->device;
         if (holder == device_id()) {
           const auto& ptrs = stage_block_ptrs_[cell];
           fwd.attend_local(slice, qkv, model::LayerKv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())}, out);
@@ -402,7 +505,8 @@ Status DeviceAgent::compute_stage(const StageRequest& req, std::unique_ptr<Devic
       });
   KUN_RETURN_IF_ERROR(remote_status);
   if (!req.last) return ok_status();
-  std::vector<std::int64_t> rows;
+  std::vector<std::int64_t>& rows = stage_rows_;
+  rows.clear();
   std::int64_t row = 0;
   for (const StageSequence& q : req.sequences) {
     row += q.num_tokens;
@@ -411,15 +515,20 @@ Status DeviceAgent::compute_stage(const StageRequest& req, std::unique_ptr<Devic
       rows.push_back(row - 1);
     }
   }
-  if (rows.empty()) return ok_status();
+  // Logits in passes of as many rows as the workspace's logits buffer holds (max_sequences).
   const std::int64_t V = c.vocab_size;
-  stage_logits_.resize(rows.size() * static_cast<std::size_t>(V));
-  fwd.logits(device_.head_weights(), hidden.data(), rows, stage_logits_.data());
-  std::int64_t r = 0;
-  for (const StageSequence& q : req.sequences) {
-    if (!q.sample) continue;
-    sampled->push_back(model::sample_token(stage_logits_.data() + r * V, V, q.sampling, q.sample_index, &stage_sample_scratch_));
-    ++r;
+  const std::span<float> logits = device_.stage_logits();
+  const std::size_t pass_rows = logits.size() / static_cast<std::size_t>(V);
+  std::size_t next = 0;  // index into req.sequences of the next sampled sequence
+  for (std::size_t first = 0; first < rows.size(); first += pass_rows) {
+    const std::size_t m = std::min(pass_rows, rows.size() - first);
+    fwd.logits(device_.head_weights(), hidden.data(), std::span<const std::int64_t>(rows).subspan(first, m), logits.data());
+    for (std::size_t r = 0; r < m; ++r) {
+      while (!req.sequences[next].sample) ++next;
+      const StageSequence& q = req.sequences[next++];
+      stage_sampled_.push_back(model::sample_token(logits.data() + static_cast<std::int64_t>(r) * V, V, q.sampling,
+                                                   q.sample_index, &stage_sample_scratch_));
+    }
   }
   return ok_status();
 }
@@ -440,9 +549,16 @@ Status DeviceAgent::check_blocks(std::span<const std::int64_t> ids) const {
 Status DeviceAgent::append_attend(const Message& m, std::vector<std::byte>* out) {
   const MessageHeader& h = m.header;
   const model::ModelConfig& c = device_.config();
-  model::ForwardPass& fwd = *serve_forward_;
+  model::ForwardPass& fwd = device_.serve_forward();
   const std::int64_t block_tokens = device_.options().kv_block_size;
   if (h.num_tokens <= 0 || h.start_pos < 0) return invalid_argument("remote attention: empty or negative slice");
+  const model::ForwardLimits& limits = fwd.limits();
+  if (h.num_tokens > limits.max_tokens || h.start_pos + h.num_tokens > limits.max_context_tokens) {
+    return invalid_argument("remote attention: " + std::to_string(h.num_tokens) + " tokens at " + std::to_string(h.start_pos) +
+                            " exceed device " + std::to_string(device_id()) + "'s workspace (" +
+                            std::to_string(limits.max_tokens) + " tokens, " + std::to_string(limits.max_context_tokens) +
+                            "-token contexts)");
+  }
   const std::int64_t want = h.num_tokens * fwd.qkv_row() * static_cast<std::int64_t>(sizeof(float));
   if (static_cast<std::int64_t>(m.payload.size()) != want) {
     return invalid_argument("remote attention: " + std::to_string(m.payload.size()) + " bytes of q/k/v, expected " +
@@ -455,15 +571,15 @@ Status DeviceAgent::append_attend(const Message& m, std::vector<std::byte>* out)
   KUN_RETURN_IF_ERROR(check_blocks(h.block_ids));
   block_ptrs_.clear();
   for (std::int64_t b : h.block_ids) block_ptrs_.push_back(device_.kv_storage().key_block(kv::BlockId(b)));
-  // The payload's floats are copied out first: a byte vector's storage is not guaranteed to be
-  // aligned for floats.
-  std::vector<float> qkv(static_cast<std::size_t>(h.num_tokens * fwd.qkv_row()));
+  // The payload's floats are copied into the workspace first: a byte vector's storage is not
+  // guaranteed to be aligned for floats.
+  const std::span<float> qkv = device_.remote_qkv().first(static_cast<std::size_t>(h.num_tokens * fwd.qkv_row()));
+  const std::span<float> result = device_.remote_out().first(static_cast<std::size_t>(h.num_tokens * c.q_dim()));
   std::memcpy(qkv.data(), m.payload.data(), m.payload.size());
-  std::vector<float> result(static_cast<std::size_t>(h.num_tokens * c.q_dim()));
   const model::LayerKv kv{block_ptrs_.data(), static_cast<std::int64_t>(block_ptrs_.size())};
   fwd.attend_local(model::SequenceSlice{h.start_pos, h.num_tokens}, qkv.data(), kv, result.data());
-  out->resize(result.size() * sizeof(float));
-  std::memcpy(out->data(), result.data(), out->size());
+  const auto bytes = std::as_bytes(result);
+  out->assign(bytes.begin(), bytes.end());
   if (h.src != device_id()) {
     attention_requests_for_others_.fetch_add(1, std::memory_order_relaxed);
     attention_tokens_for_others_.fetch_add(h.num_tokens, std::memory_order_relaxed);
@@ -494,10 +610,12 @@ DeviceSnapshot DeviceAgent::snapshot(bool with_checksums) const {
   const memory::DeviceArena& arena = device_.arena();
   DeviceSnapshot s;
   s.device = device_id();
+  s.page_bytes = arena.page_bytes();
   s.num_pages = arena.num_pages();
   s.free_pages = arena.num_free_pages();
   s.kv_pages = arena.num_kv_pages();
-  s.param_pages = arena.num_param_pages();
+  s.workspace_pages = device_.workspace_pages();
+  s.param_pages = arena.num_param_pages() - s.workspace_pages;  // the workspace is a segment too
   s.blocks_per_page = device_.kv_storage().blocks_per_page();
   for (std::int64_t l = 0; l < device_.config().num_layers; ++l) {
     if (!device_.has_layer(l)) continue;
@@ -527,6 +645,10 @@ DeviceGeometry DeviceAgent::describe() const {
   g.pages_per_layer = device_.pages_per_layer();
   g.layer_segment_bytes = device_.layer_segment_bytes();
   g.host_swap_blocks = options_.host_swap_blocks;
+  g.workspace_bytes = device_.workspace_bytes();
+  g.max_batched_tokens = device_.options().max_batched_tokens;
+  g.max_sequences = device_.options().max_sequences;
+  g.max_context_tokens = device_.options().max_context_tokens;
   g.kv_dtype = static_cast<std::int32_t>(device_.options().kv_dtype);
   for (std::int64_t l = 0; l < device_.config().num_layers; ++l) {
     if (device_.has_layer(l)) g.resident_layers.push_back(l);
@@ -657,6 +779,7 @@ bool DeviceAgent::handle(Message& m) {
     }
     case AgentOp::kRunStage:
     case AgentOp::kStageInput:
+    case AgentOp::kDropTables:
       reply(h, invalid_argument("stage ops go to the stage port"), {});
       return true;
     case AgentOp::kCheckIntegrity:
@@ -666,6 +789,15 @@ bool DeviceAgent::handle(Message& m) {
     case AgentOp::kDescribe:
       reply(h, ok_status(), encode_geometry(describe()));
       return true;
+    case AgentOp::kCancelPull: {
+      // pull_layer() keys a pending pull by its requester and tag; layer_data() drops weights
+      // that nobody waits for, so once this answers, a cancelled pull writes nothing.
+      const auto it = pulls_.find({h.src, static_cast<std::uint64_t>(h.request_id)});
+      const bool pending = it != pulls_.end();
+      if (pending) pulls_.erase(it);
+      reply(h, ok_status(), {pending ? std::byte{1} : std::byte{0}});
+      return true;
+    }
     case AgentOp::kShutdownNode:
       reply(h, ok_status(), {});
       {
@@ -778,9 +910,10 @@ void DeviceAgent::layer_data(Message& m) {
 
 // ---- AgentClient -----------------------------------------------------------------------------
 
-RecvHandle AgentClient::request(MessageHeader h, std::vector<std::byte> payload) {
+RecvHandle AgentClient::request(MessageHeader h, std::vector<std::byte> payload, std::uint64_t* tag) {
   h.port = Port::kAgent;
   h.tag = endpoint_.next_tag();
+  if (tag != nullptr) *tag = h.tag;
   RecvMatch match;
   match.port = Port::kReply;
   match.tag = h.tag;
@@ -876,7 +1009,9 @@ StatusOr<std::vector<std::int64_t>> AgentClient::drop_layer(int device, std::int
   return pages;
 }
 
-Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages) {
+Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages,
+                               bool* pages_may_be_written) {
+  if (pages_may_be_written != nullptr) *pages_may_be_written = false;
   MessageHeader h;
   h.dst = device;
   h.kind = TransferKind::kControl;  // the request is small; the weights go as kWeights
@@ -884,7 +1019,30 @@ Status AgentClient::pull_layer(int device, std::int64_t layer, int from, std::sp
   h.layer = layer;
   h.peer = from;
   h.block_ids.assign(pages.begin(), pages.end());
-  RecvHandle handle = request(std::move(h), {});
+  std::uint64_t tag = 0;
+  RecvHandle handle = request(std::move(h), {}, &tag);
+  StatusOr<Message> pulled = wait_reply(handle, "pull layer", device);
+  if (pulled.ok() || pulled.status().code() != StatusCode::kDeadlineExceeded) return pulled.status();
+  // No answer in time, but the weights may still come and be written into `pages`, which the
+  // caller is about to give back to the KV pool. The puller forgets the pull first; its answer
+  // says whether the pull was still pending (then nothing will be written) or had ended (then
+  // its reply, sent before this one, says how).
+  MessageHeader c;
+  c.dst = device;
+  c.kind = TransferKind::kControl;
+  c.op = static_cast<std::uint16_t>(AgentOp::kCancelPull);
+  c.request_id = static_cast<std::int64_t>(tag);
+  RecvHandle cancel = request(std::move(c), {});
+  StatusOr<Message> cancelled = wait_reply(cancel, "cancel of a pull", device);
+  if (!cancelled.ok()) {
+    if (pages_may_be_written != nullptr) *pages_may_be_written = true;
+    return unavailable("pull layer " + std::to_string(layer) + ": device " + std::to_string(device) +
+                       " answered neither the pull nor its cancel: its pages " +
+                       "may still be written (" + cancelled.status().to_string() + ")");
+  }
+  if (!cancelled->payload.empty() && cancelled->payload.front() == std::byte{1}) {
+    return pulled.status().with_context("cancelled, nothing written");
+  }
   return wait_reply(handle, "pull layer", device).status();
 }
 

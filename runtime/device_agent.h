@@ -17,8 +17,10 @@
 // device: each holds `device_mu_` (and a DeviceOwnerScope) while it touches the arena, the forward
 // pass or the kernel pool, and the stage thread lets go of it while it waits for a remote
 // attention reply or its input, so the kernel pool never runs two callers at once and no wait
-// between agents can close a cycle. The serve thread computes remote attention with its own
-// ForwardPass (its own workspace) on the device's pool.
+// between agents can close a cycle. The serve thread computes remote attention with the device's
+// serve ForwardPass (VirtualDevice::serve_forward, its own part of the workspace) on the device's
+// pool. Activations and every forward buffer live in the device's workspace segment (counted in
+// its capacity); the agent keeps only indices and pointers.
 //
 // Threads: a serve thread and a stage thread per agent (start/stop from the owner thread).
 // counters() may be read from any thread.
@@ -63,6 +65,11 @@ enum class AgentOp : std::uint16_t {
   kMoveBlocks,        // inside the device: block_ids[i] -> peer_block_ids[i] (restore's repack); ack
   kCheckIntegrity,    // the agent checks its arena's page accounting (aborts on a broken invariant);
                       // reply: a DeviceSnapshot without layer checksums
+  kDropTables,        // (Port::kStage) the executor request_id of the sender is gone: drop its block
+                      // tables (no reply)
+  kCancelPull,        // request_id: the tag of this sender's kPullLayer that timed out. The pull is
+                      // forgotten (its weights, if they come later, are not written); reply payload:
+                      // one byte, 1 if it was still pending, 0 if it had ended (its reply went first)
   kReply = 100,       // every reply carries this op
 };
 
@@ -77,20 +84,32 @@ struct AgentCounters {
   std::int64_t swap_in_bytes = 0;
   std::int64_t swap_out_messages = 0;
   std::int64_t swap_in_messages = 0;
+  std::int64_t table_executors = 0;  // executors whose block tables the agent keeps now (kRunStage mirrors)
 };
 
+// Memory accounting: every page of the device is free, KV, weights (param_pages) or workspace
+// (activations and forward buffers), so param + workspace + KV + free pages = num_pages and
+// weight_bytes() + workspace_bytes() + kv_bytes() + free bytes = capacity_bytes().
 struct DeviceSnapshot {
   int device = -1;
+  std::int64_t page_bytes = 0;
   std::int64_t num_pages = 0;
   std::int64_t free_pages = 0;
   std::int64_t kv_pages = 0;
-  std::int64_t param_pages = 0;
+  std::int64_t param_pages = 0;      // weights (parameter segments)
+  std::int64_t workspace_pages = 0;  // activations and workspace, reserved at start
   std::int64_t blocks_per_page = 0;
   std::vector<std::int64_t> resident_layers;
   std::vector<std::int64_t> layer_checksums;  // FNV-1a of each resident layer's bytes, same order
   std::vector<std::int64_t> kv_page_ids;
   AgentCounters counters;
   double process_cpu_s = 0.0;  // user + system CPU of the hosting process so far
+
+  std::int64_t capacity_bytes() const { return num_pages * page_bytes; }
+  std::int64_t weight_bytes() const { return param_pages * page_bytes; }
+  std::int64_t workspace_bytes() const { return workspace_pages * page_bytes; }
+  std::int64_t kv_bytes() const { return kv_pages * page_bytes; }
+  std::int64_t used_bytes() const { return weight_bytes() + workspace_bytes() + kv_bytes(); }
 };
 std::vector<std::byte> encode_snapshot(const DeviceSnapshot& s);
 
@@ -107,6 +126,10 @@ struct DeviceGeometry {
   std::int64_t pages_per_layer = 0;
   std::int64_t layer_segment_bytes = 0;
   std::int64_t host_swap_blocks = 0;     // layer blocks of host swap space the agent owns
+  std::int64_t workspace_bytes = 0;      // activations and workspace, in the capacity (whole pages)
+  std::int64_t max_batched_tokens = 0;   // the step limits the workspace is sized for (DeviceOptions)
+  std::int64_t max_sequences = 0;
+  std::int64_t max_context_tokens = 0;
   std::int32_t kv_dtype = 0;             // DType
   std::vector<std::int64_t> resident_layers;
   std::vector<std::int64_t> kv_page_ids;  // KV pages at the time of the query
@@ -150,9 +173,16 @@ class DeviceAgent {
   // False when the loop should end.
   bool handle(Message& m);
   void run_stage(Message& m);
-  // Runs the decoded stage with the device held by `lock` (released while waiting on holders).
-  Status compute_stage(const StageRequest& req, std::unique_ptr<DeviceOwnerScope>& scope,
-                       std::unique_lock<std::mutex>& lock, std::vector<float>& hidden, std::vector<std::int32_t>* sampled);
+  // Runs the decoded stage with the device held by `lock` (released while waiting on holders):
+  // `input` (the previous stage's activations; empty for the first stage) goes into the
+  // device's workspace, the layers run there, and the output stays there (`out_floats` floats of
+  // VirtualDevice::stage_activations()) or, for the last stage, the sampled tokens go to
+  // stage_sampled_.
+  Status compute_stage(const StageRequest& req, const StageKvTables& tables, std::span<const std::byte> input,
+                       std::unique_ptr<DeviceOwnerScope>& scope, std::unique_lock<std::mutex>& lock, std::int64_t* out_floats);
+  // Applies a stage request's block-table changes to the sender's executor's mirror (created by
+  // a resync); returns the mirror.
+  StatusOr<const StageKvTables*> apply_tables(int sender, const StageRequest& req);
   Status do_swaps(const StageRequest& req);
   Status append_attend(const Message& m, std::vector<std::byte>* out);
   Status check_blocks(std::span<const std::int64_t> ids) const;
@@ -171,11 +201,19 @@ class DeviceAgent {
   std::thread stage_thread_;
   // Held by whichever agent thread touches the device (see the header comment).
   std::mutex device_mu_;
-  std::unique_ptr<model::ForwardPass> serve_forward_;  // the serve thread's (remote attention)
   std::vector<std::byte> host_swap_;                   // stage thread only, under device_mu_
-  // Stage thread scratch.
+  // Stage thread bookkeeping (activations, logits and the forward pass's buffers are in the
+  // device's workspace segment; these hold indices and pointers, reused step to step).
+  // Block tables of the stage's layers, per executor (sender endpoint, executor id), kept from the
+  // stage messages' changes (stage_message.h); host-side bookkeeping, as a GPU worker keeps its
+  // block tables in host memory and copies the step's into device memory.
+  std::map<std::pair<int, std::uint64_t>, StageKvTables> stage_tables_;
+  std::vector<const StageKvTables::Layer*> stage_cells_;  // per (sequence, layer) of the running stage
   std::vector<std::vector<std::byte*>> stage_block_ptrs_;
-  std::vector<float> stage_hidden_, stage_logits_, stage_sample_scratch_;
+  std::vector<model::SequenceSlice> stage_slices_;
+  std::vector<std::int64_t> stage_rows_;
+  std::vector<std::int32_t> stage_sampled_;
+  std::vector<float> stage_sample_scratch_;
   std::vector<std::byte*> block_ptrs_;  // serve thread only
   struct PendingPull {
     MessageHeader request;  // the kPullLayer as received
@@ -192,6 +230,7 @@ class DeviceAgent {
   std::atomic<std::int64_t> swap_in_bytes_{0};
   std::atomic<std::int64_t> swap_out_messages_{0};
   std::atomic<std::int64_t> swap_in_messages_{0};
+  std::atomic<std::int64_t> table_executors_{0};  // stage_tables_.size(), for counters()
   std::mutex shutdown_mu_;
   std::condition_variable shutdown_cv_;
   bool shutdown_requested_ = false;  // guarded by shutdown_mu_
@@ -222,7 +261,11 @@ class AgentClient {
   // Returns the dropped layer's pages (now KV pages) on `device`.
   StatusOr<std::vector<std::int64_t>> drop_layer(int device, std::int64_t layer);
   // `device` pulls `layer` from device `from` into its KV pages `pages` (holding no live blocks).
-  Status pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages);
+  // A pull that gets no answer in time is cancelled on `device`; if the cancel gets none either,
+  // *pages_may_be_written (when given) is set: the weights may still land in `pages` later, so
+  // the caller must not give them to anything else.
+  Status pull_layer(int device, std::int64_t layer, int from, std::span<const std::int64_t> pages,
+                    bool* pages_may_be_written = nullptr);
   StatusOr<DeviceSnapshot> snapshot(int device);
   StatusOr<DeviceGeometry> describe(int device);
   // The device checks its arena and reports its pages and resident layers (no checksums).
@@ -232,7 +275,7 @@ class AgentClient {
   Status shutdown_node(int device);
 
  private:
-  RecvHandle request(MessageHeader h, std::vector<std::byte> payload);
+  RecvHandle request(MessageHeader h, std::vector<std::byte> payload, std::uint64_t* tag = nullptr);
   StatusOr<Message> wait_reply(RecvHandle& handle, const char* what, int device);
 
   MessageTransport& endpoint_;

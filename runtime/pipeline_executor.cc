@@ -9,6 +9,8 @@
 
 namespace kun::runtime {
 namespace {
+std::atomic<std::uint64_t> g_next_executor_id{1};
+
 std::int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -17,7 +19,9 @@ std::int64_t now_ns() {
 PipelineExecutor::PipelineExecutor(std::vector<StageSpec> stages, MessageTransport& front_end)
     : stages_(std::move(stages)),
       front_end_(front_end),
+      id_(g_next_executor_id.fetch_add(1, std::memory_order_relaxed)),
       tables_(0, stages_.empty() ? 1 : stages_.back().layer_end),
+      stage_synced_(stages_.size(), 0),
       stage_last_end_ns_(stages_.size(), 0) {
   KUN_CHECK(!stages_.empty());
   KUN_CHECK_EQ(stages_.front().layer_begin, 0);
@@ -31,7 +35,20 @@ PipelineExecutor::PipelineExecutor(std::vector<StageSpec> stages, MessageTranspo
 PipelineExecutor::~PipelineExecutor() {
   // Steps still in flight finish on their agents; their replies are dropped with the handles.
   for (InFlight& f : in_flight_) (void)f.reply.wait();
+  // The agents drop this executor's block tables (after its last stage message: same order).
+  for (std::size_t s = 0; s < stages_.size(); ++s) {
+    if (!stage_synced_[s]) continue;
+    MessageHeader h;
+    h.dst = stages_[s].endpoint;
+    h.kind = TransferKind::kControl;
+    h.port = Port::kStage;
+    h.op = static_cast<std::uint16_t>(AgentOp::kDropTables);
+    h.request_id = static_cast<std::int64_t>(id_);
+    front_end_.send_owned(std::move(h), {});
+  }
 }
+
+void PipelineExecutor::resync() { std::fill(stage_synced_.begin(), stage_synced_.end(), 0); }
 
 PipelineExecutor::StageTime PipelineExecutor::stage_time() const {
   return StageTime{busy_ns_.load(std::memory_order_relaxed), idle_ns_.load(std::memory_order_relaxed)};
@@ -58,7 +75,10 @@ void PipelineExecutor::submit(int slot, const engine::StepPlan* plan) {
     h.op = static_cast<std::uint16_t>(AgentOp::kRunStage);
     h.tag = f.tag;
     h.request_id = plan->step_index;
-    front_end_.send_owned(std::move(h), encode_stage_request(*plan, tables_, s, stages_, front_end_.device()));
+    std::vector<std::byte> payload = encode_stage_request(*plan, tables_, s, stages_, front_end_.device(), id_, !stage_synced_[s]);
+    stage_synced_[s] = 1;
+    stage_message_bytes_.fetch_add(static_cast<std::int64_t>(payload.size()), std::memory_order_relaxed);
+    front_end_.send_owned(std::move(h), std::move(payload));
   }
   in_flight_.push_back(std::move(f));
 }

@@ -13,6 +13,13 @@
 // Steps leave every stage in submission order, so they finish in that order too: wait_any()
 // waits for the oldest.
 //
+// Block tables: the executor keeps the front end's mirror of every request's table (from the
+// plans' changes) and each stage's agent keeps its own mirror of the stage's layers, keyed by this
+// executor's id; stage messages carry only the plan's changes (stage_message.h). The first message
+// to each stage is a resync (the whole mirror), as is the next one after resync(). The destructor
+// tells every stage's agent to drop this executor's tables (kDropTables), so a transition that
+// replaces the executor leaves nothing behind on the agents; the transport must outlive it.
+//
 // Threads: execute / submit / wait_any are called from the engine thread only; stage_time() from
 // any thread.
 #pragma once
@@ -42,6 +49,12 @@ class PipelineExecutor final : public engine::StepExecutor {
   std::pair<int, engine::StepResult> wait_any() override;
 
   std::int64_t num_stages() const { return static_cast<std::int64_t>(stages_.size()); }
+  // The id the agents key this executor's block tables by (unique in the process).
+  std::uint64_t id() const { return id_; }
+  // The next submit sends every stage the whole mirror instead of the plan's changes.
+  void resync();
+  // Bytes of the kRunStage messages sent so far (every stage), for benchmarks and tests.
+  std::int64_t stage_message_bytes() const { return stage_message_bytes_.load(std::memory_order_relaxed); }
   const std::vector<StageSpec>& stages() const { return stages_; }
   // Summed over stages: time spent running steps, and idle time a stage spent waiting for a step
   // that was already in flight (pipeline bubbles), from the stage timings the agents report.
@@ -65,11 +78,14 @@ class PipelineExecutor final : public engine::StepExecutor {
 
   std::vector<StageSpec> stages_;
   MessageTransport& front_end_;
+  std::uint64_t id_;
   StageKvTables tables_;                      // engine thread only: block tables from the plans' changes
+  std::vector<char> stage_synced_;            // engine thread only: the stage's agent has our tables
   std::deque<InFlight> in_flight_;            // engine thread only, oldest first
   std::vector<std::int64_t> stage_last_end_ns_;  // engine thread only
   std::atomic<std::int64_t> busy_ns_{0};
   std::atomic<std::int64_t> idle_ns_{0};
+  std::atomic<std::int64_t> stage_message_bytes_{0};
 };
 
 }  // namespace kun::runtime

@@ -12,6 +12,7 @@ StatusOr<std::unique_ptr<SingleInstance>> SingleInstance::create(const InstanceO
   FleetOptions fleet_options;
   fleet_options.num_devices = 1;
   fleet_options.device = options.device;
+  KUN_RETURN_IF_ERROR(check_workspace_fits(options.scheduler, config, options.device));
   fleet_options.host_swap_blocks = options.host_swap_blocks;
   KUN_ASSIGN_OR_RETURN(inst->fleet_, InProcessFleet::create(fleet_options, weights));
   const DeviceGeometry& geometry = inst->fleet_->geometry(0);

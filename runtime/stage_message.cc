@@ -35,11 +35,43 @@ std::int64_t StageRequest::num_tokens() const {
   return n;
 }
 
+namespace {
+
+// Appends one table update for `id` with the layers of [layer_begin, layer_end) that `lists`
+// names (`replace`: all of them), holders translated from stage index to endpoint.
+template <typename Lists, typename Blocks>
+void add_update(StageRequest& r, std::int64_t id, bool replace, const Lists& lists, std::span<const StageSpec> stages,
+                Blocks&& blocks_of) {
+  StageTableUpdate u;
+  u.request_id = id;
+  u.replace = replace ? 1 : 0;
+  for (const auto& list : lists) {
+    const std::int64_t layer = list.layer;
+    if (layer < r.layer_begin || layer >= r.layer_end) continue;
+    const auto& blocks = blocks_of(list);
+    if (!replace && blocks.empty()) continue;
+    KUN_CHECK(list.device >= 0 && static_cast<std::size_t>(list.device) < stages.size())
+        << "request " << id << " layer " << layer << " KV on device " << list.device << " of a " << stages.size()
+        << "-stage pipeline";
+    const int holder = stages[static_cast<std::size_t>(list.device)].endpoint;
+    r.lists.push_back(StageLayerList{static_cast<std::int32_t>(layer), static_cast<std::int32_t>(holder),
+                                     static_cast<std::int64_t>(blocks.size())});
+    r.blocks.insert(r.blocks.end(), blocks.begin(), blocks.end());
+    ++u.num_lists;
+  }
+  if (replace || u.num_lists > 0) r.updates.push_back(u);
+}
+
+}  // namespace
+
 std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, const StageKvTables& tables, std::size_t stage,
-                                            std::span<const StageSpec> stages, int reply_endpoint) {
+                                            std::span<const StageSpec> stages, int reply_endpoint, std::uint64_t executor,
+                                            bool resync) {
   KUN_CHECK(stage < stages.size()) << "stage " << stage << " of " << stages.size();
   const StageSpec& me = stages[stage];
   StageRequest r;
+  r.executor = executor;
+  r.reset_tables = resync ? 1 : 0;
   r.layer_begin = me.layer_begin;
   r.layer_end = me.layer_end;
   r.first = stage == 0 ? 1 : 0;
@@ -47,30 +79,36 @@ std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, const 
   r.prev_endpoint = stage > 0 ? stages[stage - 1].endpoint : -1;
   r.next_endpoint = r.last ? -1 : stages[stage + 1].endpoint;
   r.reply_endpoint = reply_endpoint;
-  const std::int64_t nl = r.num_layers();
-  r.holder.assign(plan.sequences.size() * static_cast<std::size_t>(nl), -1);
-  std::vector<const std::vector<std::int64_t>*> cell_blocks(r.holder.size(), nullptr);
-  for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
-    const engine::ScheduledSequence& seq = plan.sequences[i];
-    r.sequences.push_back(StageSequence{seq.start_pos, static_cast<std::int64_t>(seq.tokens.size()),
+  KUN_CHECK(tables.layer_begin() <= me.layer_begin && me.layer_end <= tables.layer_end())
+      << "stage layers [" << me.layer_begin << ", " << me.layer_end << ") outside the tables' [" << tables.layer_begin()
+      << ", " << tables.layer_end() << ")";
+  for (const engine::ScheduledSequence& seq : plan.sequences) {
+    r.sequences.push_back(StageSequence{seq.id.value, seq.start_pos, static_cast<std::int64_t>(seq.tokens.size()),
                                         static_cast<std::uint8_t>(seq.sample ? 1 : 0), seq.sampling, seq.sample_index});
     if (r.first) r.tokens.insert(r.tokens.end(), seq.tokens.begin(), seq.tokens.end());
-    const auto* table = tables.table(seq.id);
-    KUN_CHECK(table != nullptr) << "request " << seq.id << " planned without a KV table";
-    for (std::int64_t layer = me.layer_begin; layer < me.layer_end; ++layer) {
-      const auto& entry = (*table)[static_cast<std::size_t>(layer - tables.layer_begin())];
-      KUN_CHECK(entry.device >= 0 && static_cast<std::size_t>(entry.device) < stages.size())
-          << "request " << seq.id << " layer " << layer << " KV on device " << entry.device << " of a " << stages.size()
-          << "-stage pipeline";
-      const std::size_t cell = i * static_cast<std::size_t>(nl) + static_cast<std::size_t>(layer - me.layer_begin);
-      r.holder[cell] = stages[static_cast<std::size_t>(entry.device)].endpoint;
-      cell_blocks[cell] = &entry.blocks;
-    }
+    KUN_CHECK(tables.table(seq.id) != nullptr) << "request " << seq.id << " planned without a KV table";
   }
-  r.block_begin.push_back(0);
-  for (const auto* b : cell_blocks) {
-    if (b != nullptr) r.blocks.insert(r.blocks.end(), b->begin(), b->end());
-    r.block_begin.push_back(static_cast<std::int64_t>(r.blocks.size()));
+  struct TableList {  // a mirror layer seen as a plan's list
+    std::int64_t layer;
+    std::int32_t device;
+    const std::vector<std::int64_t>* blocks;
+  };
+  if (resync) {
+    std::vector<TableList> lists;
+    tables.for_each([&](RequestId id, const std::vector<StageKvTables::Layer>& table) {
+      lists.clear();
+      for (std::size_t i = 0; i < table.size(); ++i) {
+        lists.push_back(TableList{tables.layer_begin() + static_cast<std::int64_t>(i), table[i].device, &table[i].blocks});
+      }
+      add_update(r, id.value, true, lists, stages, [](const TableList& l) -> const std::vector<std::int64_t>& { return *l.blocks; });
+    });
+  } else {
+    for (RequestId id : plan.kv_released) r.released.push_back(id.value);
+    for (const engine::ScheduledSequence& seq : plan.sequences) {
+      KUN_CHECK(seq.kv_kind != engine::KvListKind::kOffsite) << "request " << seq.id << ": a stage needs block ids";
+      add_update(r, seq.id.value, seq.kv_kind == engine::KvListKind::kTable, seq.kv, stages,
+                 [](const engine::LayerBlockList& l) -> const std::vector<std::int64_t>& { return l.blocks; });
+    }
   }
   for (const auto* copies : {&plan.swap_out, &plan.swap_in}) {
     for (const engine::BlockCopy& c : *copies) {
@@ -80,6 +118,8 @@ std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, const 
     }
   }
   std::vector<std::byte> out;
+  put(out, r.executor);
+  put(out, r.reset_tables);
   put(out, r.layer_begin);
   put(out, r.layer_end);
   put(out, r.first);
@@ -89,8 +129,9 @@ std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, const 
   put(out, r.reply_endpoint);
   put_vec(out, r.sequences);
   put_vec(out, r.tokens);
-  put_vec(out, r.holder);
-  put_ids(out, r.block_begin);
+  put_ids(out, r.released);
+  put_vec(out, r.updates);
+  put_vec(out, r.lists);
   put_ids(out, r.blocks);
   put_vec(out, r.swap_out);
   put_vec(out, r.swap_in);
@@ -100,20 +141,28 @@ std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, const 
 StatusOr<StageRequest> decode_stage_request(std::span<const std::byte> bytes) {
   Reader r(bytes);
   StageRequest s;
-  const bool ok = r.get(&s.layer_begin) && r.get(&s.layer_end) && r.get(&s.first) && r.get(&s.last) &&
-                  r.get(&s.prev_endpoint) && r.get(&s.next_endpoint) && r.get(&s.reply_endpoint) &&
-                  get_vec(r, bytes, &s.sequences) && get_vec(r, bytes, &s.tokens) && get_vec(r, bytes, &s.holder) &&
-                  r.get_ids(&s.block_begin) && r.get_ids(&s.blocks) && get_vec(r, bytes, &s.swap_out) &&
-                  get_vec(r, bytes, &s.swap_in) && r.at_end();
+  const bool ok = r.get(&s.executor) && r.get(&s.reset_tables) && r.get(&s.layer_begin) && r.get(&s.layer_end) &&
+                  r.get(&s.first) && r.get(&s.last) && r.get(&s.prev_endpoint) && r.get(&s.next_endpoint) &&
+                  r.get(&s.reply_endpoint) && get_vec(r, bytes, &s.sequences) && get_vec(r, bytes, &s.tokens) &&
+                  r.get_ids(&s.released) && get_vec(r, bytes, &s.updates) && get_vec(r, bytes, &s.lists) &&
+                  r.get_ids(&s.blocks) && get_vec(r, bytes, &s.swap_out) && get_vec(r, bytes, &s.swap_in) && r.at_end();
   if (!ok) return data_loss("malformed stage request (" + std::to_string(bytes.size()) + " bytes)");
-  const std::size_t cells = s.sequences.size() * static_cast<std::size_t>(std::max<std::int64_t>(s.num_layers(), 0));
-  if (s.layer_begin < 0 || s.layer_end <= s.layer_begin || s.holder.size() != cells || s.block_begin.size() != cells + 1 ||
-      s.block_begin.front() != 0 || s.block_begin.back() != static_cast<std::int64_t>(s.blocks.size())) {
-    return data_loss("stage request: inconsistent layer range or block table");
+  if (s.layer_begin < 0 || s.layer_end <= s.layer_begin) return data_loss("stage request: bad layer range");
+  std::uint64_t lists = 0;
+  for (const StageTableUpdate& u : s.updates) {
+    if (u.num_lists < 0) return data_loss("stage request: negative list count");
+    lists += static_cast<std::uint64_t>(u.num_lists);
   }
-  for (std::size_t c = 0; c < cells; ++c) {
-    if (s.block_begin[c] > s.block_begin[c + 1]) return data_loss("stage request: block table offsets go backwards");
+  if (lists != s.lists.size()) return data_loss("stage request: table updates name " + std::to_string(lists) + " lists, " +
+                                                std::to_string(s.lists.size()) + " sent");
+  std::uint64_t blocks = 0;
+  for (const StageLayerList& l : s.lists) {
+    if (l.layer < s.layer_begin || l.layer >= s.layer_end || l.holder < 0 || l.num_blocks < 0) {
+      return data_loss("stage request: a block list outside the stage's layers or without a holder");
+    }
+    blocks += static_cast<std::uint64_t>(l.num_blocks);
   }
+  if (blocks != s.blocks.size()) return data_loss("stage request: block lists do not add up to the blocks sent");
   std::int64_t n = 0;
   for (const StageSequence& q : s.sequences) {
     if (q.num_tokens < 0 || q.start_pos < 0) return data_loss("stage request: negative slice");

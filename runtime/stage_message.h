@@ -4,6 +4,15 @@
 // attention, and hands the activations to the next stage's agent directly (kStageInput); the last
 // stage samples and answers the front end (StageResult). Stage timings ride along so the front
 // end can count pipeline busy and idle time.
+//
+// Block tables travel as changes (issue 14): each agent keeps, per executor (the sending
+// endpoint and StageRequest::executor), a mirror of the block tables of its stage's layers, and a
+// stage request carries only what changed since the executor's previous one: requests released,
+// tables replaced (a request's first plan on the executor, a swap-in, a layer moved, a repack) and
+// blocks appended. So a decode step's message grows with the new blocks, not with
+// sequences x layers x context. A resync (the first request an executor sends a stage, or after
+// PipelineExecutor::resync) replaces the agent's mirror with the front end's whole one. The
+// executor drops its mirrors on the agents when it goes (kDropTables).
 #pragma once
 
 #include <cstdint>
@@ -18,6 +27,7 @@
 namespace kun::runtime {
 
 struct StageSequence {
+  std::int64_t request_id = 0;  // its block table in the agent's mirror
   std::int64_t start_pos = 0;
   std::int64_t num_tokens = 0;
   std::uint8_t sample = 0;
@@ -32,7 +42,22 @@ struct SwapCopy {
   std::int64_t dst = 0;
 };
 
+// A change to one request's block table on the stage's layers: `num_lists` StageLayerLists follow
+// (in StageRequest::lists, in update order).
+struct StageTableUpdate {
+  std::int64_t request_id = 0;
+  std::uint8_t replace = 0;  // 1: the request's whole table on the stage's layers; 0: blocks appended
+  std::int32_t num_lists = 0;
+};
+struct StageLayerList {
+  std::int32_t layer = 0;
+  std::int32_t holder = -1;  // endpoint holding the layer's KV
+  std::int64_t num_blocks = 0;  // its next num_blocks ids in StageRequest::blocks
+};
+
 struct StageRequest {
+  std::uint64_t executor = 0;  // whose block tables (with the sender's endpoint) the agent keeps
+  std::uint8_t reset_tables = 0;  // resync: forget every table of the executor before the updates
   std::int64_t layer_begin = 0;
   std::int64_t layer_end = 0;
   std::uint8_t first = 0;      // embeds `tokens`; otherwise waits for kStageInput from prev_endpoint
@@ -42,10 +67,10 @@ struct StageRequest {
   std::int32_t reply_endpoint = -1;
   std::vector<StageSequence> sequences;
   std::vector<std::int32_t> tokens;  // first stage only: every sequence's tokens back to back
-  // Per (sequence, layer - layer_begin): the endpoint holding its KV and its block ids there
-  // (blocks[block_begin[cell], block_begin[cell + 1])).
-  std::vector<std::int32_t> holder;
-  std::vector<std::int64_t> block_begin;
+  // Table changes, applied in this order before the stage runs: released requests, then updates.
+  std::vector<std::int64_t> released;
+  std::vector<StageTableUpdate> updates;
+  std::vector<StageLayerList> lists;
   std::vector<std::int64_t> blocks;
   std::vector<SwapCopy> swap_out;  // run before the stage, swap-outs first
   std::vector<SwapCopy> swap_in;
@@ -65,12 +90,15 @@ struct StageSpec {
 // appended blocks, so planning costs nothing per context token.
 using StageKvTables = engine::KvTableMirror<std::int64_t>;
 
-// Stage `stage` of `stages` for `plan`, whose table changes `tables` has already applied. A
+// Stage `stage` of `stages` for `plan` of executor `executor`, whose table changes `tables` (the
+// front end's mirror) has already applied. The plan's table changes on the stage's layers go
+// along; with `resync`, every table of `tables` instead (and the agent forgets what it had). A
 // table's device is a stage index; it becomes that stage's endpoint. Swap copies naming stage
 // `stage` go with it. KUN_CHECKs a plan naming a device outside the stages or a request without a
 // table.
 std::vector<std::byte> encode_stage_request(const engine::StepPlan& plan, const StageKvTables& tables, std::size_t stage,
-                                            std::span<const StageSpec> stages, int reply_endpoint);
+                                            std::span<const StageSpec> stages, int reply_endpoint, std::uint64_t executor,
+                                            bool resync);
 StatusOr<StageRequest> decode_stage_request(std::span<const std::byte> bytes);
 
 // What goes with a stage's output: every earlier stage's [start_ns, end_ns) (steady clock of the

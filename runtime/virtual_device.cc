@@ -1,5 +1,6 @@
 #include "runtime/virtual_device.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -22,6 +23,87 @@ std::int64_t device_param_bytes(const model::ModelConfig& config, DType dtype, s
   return total;
 }
 
+namespace {
+
+constexpr std::int64_t kWorkspaceAlignBytes = 64;
+
+model::ForwardLimits stage_limits(const DeviceOptions& d) {
+  return model::ForwardLimits{d.max_batched_tokens, d.max_sequences, d.max_context_tokens, false};
+}
+model::ForwardLimits serve_limits(const DeviceOptions& d) {
+  return model::ForwardLimits{d.max_batched_tokens, 0, d.max_context_tokens, /*attention_only=*/true};
+}
+
+// Byte offsets of the workspace segment's pieces (each 64-byte aligned).
+struct DeviceWorkspaceLayout {
+  std::int64_t stage_forward = 0, serve_forward = 0, activations = 0, logits = 0, remote_qkv = 0, remote_out = 0;
+  std::int64_t stage_forward_bytes = 0, serve_forward_bytes = 0;
+  std::int64_t total_bytes = 0;  // before rounding to pages
+
+  static DeviceWorkspaceLayout compute(const model::ModelConfig& c, const DeviceOptions& d) {
+    const std::int64_t f = static_cast<std::int64_t>(sizeof(float));
+    const std::int64_t T = d.max_batched_tokens;
+    DeviceWorkspaceLayout w;
+    w.stage_forward_bytes = model::forward_workspace_bytes(c, stage_limits(d), d.kv_block_size, d.num_threads);
+    w.serve_forward_bytes = model::forward_workspace_bytes(c, serve_limits(d), d.kv_block_size, d.num_threads);
+    std::int64_t cursor = 0;
+    const auto place = [&](std::int64_t bytes) {
+      const std::int64_t at = round_up(cursor, kWorkspaceAlignBytes);
+      cursor = at + bytes;
+      return at;
+    };
+    w.stage_forward = place(w.stage_forward_bytes);
+    w.serve_forward = place(w.serve_forward_bytes);
+    w.activations = place(T * c.hidden_size * f);
+    w.logits = place(d.max_sequences * c.vocab_size * f);
+    w.remote_qkv = place(T * (c.q_dim() + 2 * c.kv_dim()) * f);
+    w.remote_out = place(T * c.q_dim() * f);
+    w.total_bytes = round_up(cursor, kWorkspaceAlignBytes);
+    return w;
+  }
+};
+
+Status check_limits(const DeviceOptions& d) {
+  if (d.max_batched_tokens <= 0 || d.max_sequences <= 0 || d.max_context_tokens <= 0) {
+    return invalid_argument("device " + d.name + ": workspace limits must be > 0 (max_batched_tokens " +
+                            std::to_string(d.max_batched_tokens) + ", max_sequences " + std::to_string(d.max_sequences) +
+                            ", max_context_tokens " + std::to_string(d.max_context_tokens) + ")");
+  }
+  return ok_status();
+}
+
+}  // namespace
+
+void fit_workspace_to(const engine::SchedulerConfig& scheduler, const model::ModelConfig& config, DeviceOptions* device) {
+  device->max_batched_tokens = scheduler.max_num_batched_tokens;
+  device->max_sequences = scheduler.max_num_seqs;
+  device->max_context_tokens = scheduler.max_model_len > 0
+                                   ? std::min(scheduler.max_model_len, config.max_position_embeddings)
+                                   : config.max_position_embeddings;
+}
+
+Status check_workspace_fits(const engine::SchedulerConfig& scheduler, const model::ModelConfig& config,
+                            const DeviceOptions& device) {
+  DeviceOptions need = device;
+  fit_workspace_to(scheduler, config, &need);
+  if (need.max_batched_tokens > device.max_batched_tokens) {
+    return invalid_argument("the scheduler's max_num_batched_tokens " + std::to_string(need.max_batched_tokens) +
+                            " exceeds the device workspace's " + std::to_string(device.max_batched_tokens) +
+                            " tokens per step (DeviceOptions::max_batched_tokens; fit_workspace_to sizes it)");
+  }
+  if (need.max_context_tokens > device.max_context_tokens) {
+    return invalid_argument("the scheduler's max_model_len " + std::to_string(need.max_context_tokens) +
+                            " exceeds the device workspace's " + std::to_string(device.max_context_tokens) +
+                            "-token contexts (DeviceOptions::max_context_tokens; fit_workspace_to sizes it)");
+  }
+  return ok_status();
+}
+
+std::int64_t device_workspace_bytes(const model::ModelConfig& config, const DeviceOptions& device) {
+  KUN_CHECK(check_limits(device).ok()) << check_limits(device).to_string();
+  return round_up(DeviceWorkspaceLayout::compute(config, device).total_bytes, device.page_bytes);
+}
+
 VirtualDevice::VirtualDevice(DeviceOptions options, model::ModelConfig config)
     : options_(std::move(options)),
       config_(std::move(config)),
@@ -37,6 +119,7 @@ StatusOr<std::unique_ptr<VirtualDevice>> VirtualDevice::create(const DeviceOptio
                                                               const model::ModelConfig& config) {
   KUN_RETURN_IF_ERROR(config.validate());
   if (options.num_threads <= 0) return invalid_argument("device threads must be >= 1");
+  KUN_RETURN_IF_ERROR(check_limits(options));
   std::unique_ptr<VirtualDevice> dev(new VirtualDevice(options, config));
   KUN_RETURN_IF_ERROR(dev->kv_geometry_.validate_for_page(options.page_bytes));
   memory::ArenaOptions arena_options;
@@ -46,8 +129,34 @@ StatusOr<std::unique_ptr<VirtualDevice>> VirtualDevice::create(const DeviceOptio
   KUN_ASSIGN_OR_RETURN(dev->arena_, memory::DeviceArena::create(arena_options));
   dev->kv_storage_ = std::make_unique<kv::KvStorage>(*dev->arena_, dev->kv_geometry_);
   dev->pool_ = std::make_unique<kernels::ThreadPool>(options.num_threads);
-  dev->forward_ = std::make_unique<model::ForwardPass>(dev->config_, options.kv_block_size, options.kv_dtype,
-                                                       dev->pool_.get());
+  // The workspace comes first: weights then take their pages and KV gets what is left.
+  const DeviceWorkspaceLayout w = DeviceWorkspaceLayout::compute(dev->config_, options);
+  dev->workspace_bytes_ = round_up(w.total_bytes, dev->arena_->page_bytes());
+  if (dev->workspace_bytes_ > dev->arena_->capacity_bytes()) {
+    return resource_exhausted("device " + options.name + ": capacity " + std::to_string(dev->arena_->capacity_bytes()) +
+                              " bytes cannot hold its activations and workspace (" + std::to_string(dev->workspace_bytes_) +
+                              " bytes for steps of " + std::to_string(options.max_batched_tokens) + " tokens, " +
+                              std::to_string(options.max_sequences) + " sequences, " +
+                              std::to_string(options.max_context_tokens) + "-token contexts)");
+  }
+  KUN_ASSIGN_OR_RETURN(dev->workspace_segment_, dev->arena_->create_segment("workspace", w.total_bytes));
+  const std::span<std::byte> ws(dev->arena_->segment_data(dev->workspace_segment_), static_cast<std::size_t>(w.total_bytes));
+  dev->forward_ = std::make_unique<model::ForwardPass>(dev->config_, options.kv_block_size, options.kv_dtype, dev->pool_.get(),
+                                                       stage_limits(options),
+                                                       ws.subspan(static_cast<std::size_t>(w.stage_forward),
+                                                                  static_cast<std::size_t>(w.stage_forward_bytes)));
+  dev->serve_forward_ = std::make_unique<model::ForwardPass>(
+      dev->config_, options.kv_block_size, options.kv_dtype, dev->pool_.get(), serve_limits(options),
+      ws.subspan(static_cast<std::size_t>(w.serve_forward), static_cast<std::size_t>(w.serve_forward_bytes)));
+  const model::ModelConfig& c = dev->config_;
+  const std::int64_t T = options.max_batched_tokens;
+  const auto floats = [&](std::int64_t offset, std::int64_t count) {
+    return std::span<float>(reinterpret_cast<float*>(ws.data() + offset), static_cast<std::size_t>(count));
+  };
+  dev->stage_activations_ = floats(w.activations, T * c.hidden_size);
+  dev->stage_logits_ = floats(w.logits, options.max_sequences * c.vocab_size);
+  dev->remote_qkv_ = floats(w.remote_qkv, T * (c.q_dim() + 2 * c.kv_dim()));
+  dev->remote_out_ = floats(w.remote_out, T * c.q_dim());
   return dev;
 }
 
@@ -59,9 +168,11 @@ Status VirtualDevice::load_weights(const model::WeightSource& source, std::int64
   const DType dtype = options_.weight_dtype;
   const auto need = device_param_bytes(config_, dtype, layer_begin, layer_end, arena_->page_bytes());
   if (need > arena_->num_free_pages() * arena_->page_bytes()) {
-    return resource_exhausted("device " + options_.name + " has " +
-                              std::to_string(arena_->num_free_pages() * arena_->page_bytes()) +
-                              " free bytes, parameters need " + std::to_string(need));
+    return resource_exhausted("device " + options_.name + " (capacity " + std::to_string(arena_->capacity_bytes()) +
+                              " bytes) has " + std::to_string(arena_->num_free_pages() * arena_->page_bytes()) +
+                              " free bytes after its " + std::to_string(workspace_bytes_) +
+                              "-byte workspace, parameters need " + std::to_string(need) +
+                              " (capacity must hold weights + workspace + KV)");
   }
   auto make = [&](const std::string& name, std::int64_t bytes) -> StatusOr<memory::SegmentId> {
     return arena_->create_segment(name, bytes);
@@ -163,7 +274,8 @@ StatusOr<std::unique_ptr<VirtualDevice>> create_full_device(const std::string& n
   opt.weight_dtype = c.dtype;
   opt.page_bytes = round_up(g.block_stride_bytes() * c.num_layers, 4096);
   const std::int64_t kv_pages = ceil_div(kv_token_blocks * c.num_layers, g.blocks_per_page(opt.page_bytes));
-  opt.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, opt.page_bytes) + kv_pages * opt.page_bytes;
+  opt.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, opt.page_bytes) + device_workspace_bytes(c, opt) +
+                       kv_pages * opt.page_bytes;
   KUN_ASSIGN_OR_RETURN(std::unique_ptr<VirtualDevice> dev, VirtualDevice::create(opt, c));
   KUN_RETURN_IF_ERROR(dev->load_weights(weights, 0, c.num_layers));
   dev->give_free_pages_to_kv();

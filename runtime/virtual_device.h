@@ -1,6 +1,9 @@
 // VirtualDevice: one CPU "accelerator" (DESIGN.md section 2): a fixed-capacity arena carved from
 // host RAM, the model's parameter segments in it, its KV pages, a kernel thread pool and a forward
-// pass. Parameters and KV share the one budget: whatever the loaded layers do not use becomes KV.
+// pass. Everything the device computes with shares the one budget (issue 12): at create the
+// device reserves its activations and workspace (a "workspace" segment of the arena, sized from
+// the model's shape and DeviceOptions' step limits), then the loaded layers take their pages, and
+// whatever is left becomes KV. So capacity = weights + workspace + KV (+ free).
 //
 // Threads: owned by one executor thread (DESIGN.md section 4); kernels run on its pool's workers
 // during a step. Nothing here locks.
@@ -18,6 +21,7 @@
 #include "kv/kv_geometry.h"
 #include "kv/kv_storage.h"
 #include "memory/device_arena.h"
+#include "engine/scheduler.h"
 #include "model/config.h"
 #include "model/forward.h"
 #include "model/weight_source.h"
@@ -33,7 +37,29 @@ struct DeviceOptions {
   DType weight_dtype = DType::kBF16;
   // Element type of the KV cache: bf16 (half the bytes per token) or f32 (numerics tests).
   DType kv_dtype = DType::kBF16;
+  // The largest step the device's workspace is sized for (its activations, the forward pass's
+  // buffers, logits, and the buffers of remote attention served to others). The defaults are
+  // SchedulerConfig's; fit_workspace_to sizes them for a scheduler, and ClusterRuntime and
+  // SingleInstance refuse a scheduler that could plan a bigger step (check_workspace_fits). A
+  // stage asked for more anyway is refused with an error. More sequences than max_sequences are
+  // fine: their logits are computed in several passes.
+  std::int64_t max_batched_tokens = 2048;  // tokens of one step (SchedulerConfig::max_num_batched_tokens)
+  std::int64_t max_sequences = 64;         // logits rows done in one pass (SchedulerConfig::max_num_seqs)
+  std::int64_t max_context_tokens = 4096;  // longest context attended (SchedulerConfig::max_model_len)
 };
+
+// Sets `device`'s step limits to what a scheduler with `scheduler` can plan on a model with
+// `config` (max_model_len <= 0 or beyond the model: the model's max_position_embeddings).
+void fit_workspace_to(const engine::SchedulerConfig& scheduler, const model::ModelConfig& config, DeviceOptions* device);
+// kInvalidArgument, naming both numbers, when `scheduler` can plan a step with more tokens or a
+// longer context than `device`'s workspace holds (fused groups plan fewer tokens per step, never more).
+Status check_workspace_fits(const engine::SchedulerConfig& scheduler, const model::ModelConfig& config,
+                            const DeviceOptions& device);
+
+// Bytes of the device's workspace segment (whole pages): the stage's forward pass and
+// activations, its logits, and the serve thread's remote-attention buffers, for the options'
+// limits. The workspace part of a capacity budget (see device_param_bytes, kv_pages_for_tokens).
+std::int64_t device_workspace_bytes(const model::ModelConfig& config, const DeviceOptions& device);
 
 class VirtualDevice;
 namespace detail {
@@ -43,6 +69,8 @@ inline thread_local const VirtualDevice* t_device_owner = nullptr;
 
 class VirtualDevice {
  public:
+  // Creates the arena and reserves the workspace in it (kResourceExhausted, naming both sizes,
+  // when the capacity cannot hold it).
   static StatusOr<std::unique_ptr<VirtualDevice>> create(const DeviceOptions& options, const model::ModelConfig& config);
 
   const DeviceOptions& options() const { return options_; }
@@ -60,10 +88,39 @@ class VirtualDevice {
     return *kv_storage_;
   }
   const kv::KvGeometry& kv_geometry() const { return kv_geometry_; }
+  // The pipeline stage's forward pass (the agent's stage thread).
   model::ForwardPass& forward() {
     check_owner();
     return *forward_;
   }
+  // The forward pass for remote attention served to other devices (the agent's serve thread):
+  // its own workspace, so a stage parked mid-layer keeps its buffers.
+  model::ForwardPass& serve_forward() {
+    check_owner();
+    return *serve_forward_;
+  }
+  // Workspace buffers outside the forward passes, all in the workspace segment:
+  // the stage's activations [max_batched_tokens][H], its logits [max_sequences][V], and remote
+  // attention's q/k/v input [max_batched_tokens][q_dim + 2 kv_dim] and output [max_batched_tokens][q_dim].
+  std::span<float> stage_activations() {
+    check_owner();
+    return stage_activations_;
+  }
+  std::span<float> stage_logits() {
+    check_owner();
+    return stage_logits_;
+  }
+  std::span<float> remote_qkv() {
+    check_owner();
+    return remote_qkv_;
+  }
+  std::span<float> remote_out() {
+    check_owner();
+    return remote_out_;
+  }
+  // Bytes of the workspace segment (whole pages, counted in the capacity) and its pages.
+  std::int64_t workspace_bytes() const { return workspace_bytes_; }
+  std::int64_t workspace_pages() const { return workspace_bytes_ / options_.page_bytes; }
   kernels::ThreadPool& pool() {
     check_owner();
     return *pool_;
@@ -81,7 +138,7 @@ class VirtualDevice {
   }
 
   // Loads layers [layer_begin, layer_end) plus the embedding and the head (which every device
-  // keeps) from `source`. kResourceExhausted if they do not fit.
+  // keeps) from `source`. kResourceExhausted if they do not fit next to the workspace.
   Status load_weights(const model::WeightSource& source, std::int64_t layer_begin, std::int64_t layer_end);
   // Moves every free page into the KV set and returns them (for the engine's block allocator).
   std::vector<memory::PageId> give_free_pages_to_kv();
@@ -113,6 +170,10 @@ class VirtualDevice {
   std::unique_ptr<kv::KvStorage> kv_storage_;
   std::unique_ptr<kernels::ThreadPool> pool_;
   std::unique_ptr<model::ForwardPass> forward_;
+  std::unique_ptr<model::ForwardPass> serve_forward_;
+  memory::SegmentId workspace_segment_;
+  std::int64_t workspace_bytes_ = 0;
+  std::span<float> stage_activations_, stage_logits_, remote_qkv_, remote_out_;
   std::vector<memory::SegmentId> layer_segments_;  // invalid id when never loaded here
   memory::SegmentId embedding_segment_;
   memory::SegmentId head_segment_;

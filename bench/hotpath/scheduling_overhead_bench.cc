@@ -12,6 +12,10 @@
 //   full-tables  every planned sequence carries every layer's whole block list each step (the
 //                representation before this benchmark; the executor rebuilds its tables from it)
 //   changes      the whole table once, then only appended blocks (the default)
+// The executor also encodes each step's kRunStage message for every stage as runtime/'s
+// PipelineExecutor does (runtime::encode_stage_request), timed apart ("encode us") and counted in
+// bytes: with full tables a stage message carries every (sequence, layer)'s block list each step,
+// as every stage message did before the agents kept block tables; with changes only the new blocks.
 // A CLI report; nothing here runs in the test suite.
 #include <algorithm>
 #include <chrono>
@@ -29,6 +33,7 @@
 #include "engine/scheduler.h"
 #include "kv/block_allocator.h"
 #include "kv/kv_geometry.h"
+#include "runtime/stage_message.h"
 #include "sim/cost_model.h"
 
 using namespace kun;
@@ -48,9 +53,23 @@ double median(std::vector<double> v) {
 // would; samples a fixed token.
 class TableKeepingExecutor final : public engine::StepExecutor {
  public:
-  TableKeepingExecutor(std::int64_t num_layers, std::int32_t token) : tables_(0, num_layers), token_(token) {}
+  TableKeepingExecutor(std::int64_t num_layers, std::int64_t num_stages, std::int32_t token)
+      : tables_(0, num_layers), token_(token), synced_(static_cast<std::size_t>(num_stages), 0) {
+    for (std::int64_t s = 0; s < num_stages; ++s) {
+      stages_.push_back(runtime::StageSpec{static_cast<int>(s + 1), s * num_layers / num_stages, (s + 1) * num_layers / num_stages});
+    }
+  }
   engine::StepResult execute(const engine::StepPlan& plan) override {
     tables_.apply(plan, [](std::int32_t, std::int64_t block) { return block; });
+    // The stage messages, as PipelineExecutor::submit builds them (a resync the first time).
+    const double e0 = now_s();
+    std::int64_t bytes = 0;
+    for (std::size_t s = 0; s < stages_.size(); ++s) {
+      bytes += static_cast<std::int64_t>(runtime::encode_stage_request(plan, tables_, s, stages_, 0, 1, !synced_[s]).size());
+      synced_[s] = 1;
+    }
+    encode_s_ += now_s() - e0;
+    stage_bytes_ += bytes;
     cells_.clear();
     std::int64_t blocks = 0;
     for (const engine::ScheduledSequence& s : plan.sequences) {
@@ -69,12 +88,18 @@ class TableKeepingExecutor final : public engine::StepExecutor {
     return r;
   }
   std::int64_t blocks_seen() const { return blocks_seen_; }
+  double encode_s() const { return encode_s_; }
+  std::int64_t stage_bytes() const { return stage_bytes_; }
 
  private:
-  engine::KvTableMirror<std::int64_t> tables_;
+  runtime::StageKvTables tables_;
   std::vector<const engine::KvTableMirror<std::int64_t>::Layer*> cells_;
   std::int32_t token_;
   std::int64_t blocks_seen_ = 0;
+  std::vector<runtime::StageSpec> stages_;
+  std::vector<char> synced_;
+  double encode_s_ = 0;
+  std::int64_t stage_bytes_ = 0;
 };
 
 struct Setup {
@@ -87,9 +112,10 @@ struct Setup {
 };
 
 struct Timing {
-  double schedule_s = 0, execute_s = 0, apply_s = 0;
+  double schedule_s = 0, execute_s = 0, apply_s = 0, encode_s = 0;
   std::int64_t rounds = 0;
   std::int64_t plan_block_ids = 0;  // block ids carried by the timed plans
+  std::int64_t stage_bytes = 0;     // kRunStage message bytes of the timed plans (every stage)
   double per_round_us() const { return (schedule_s + execute_s + apply_s) / static_cast<double>(rounds) * 1e6; }
 };
 
@@ -133,7 +159,7 @@ Timing run(const Setup& s, engine::PlanKv mode) {
     spec.ignore_eos = true;
     KUN_CHECK_OK(scheduler.add_request(RequestId(i + 1), std::move(spec)));
   }
-  TableKeepingExecutor executor(L, 7);
+  TableKeepingExecutor executor(L, g, 7);
   Timing t;
   // Prefill until every sequence decodes (untimed), then time `steps` rounds of decode.
   const auto all_decoding = [&] {
@@ -152,14 +178,19 @@ Timing run(const Setup& s, engine::PlanKv mode) {
       const double t0 = now_s();
       const engine::StepPlan plan = scheduler.schedule(ve);
       const double t1 = now_s();
+      const double encode_before = executor.encode_s();
+      const std::int64_t bytes_before = executor.stage_bytes();
       const engine::StepResult result = executor.execute(plan);
       const double t2 = now_s();
+      const double encode = executor.encode_s() - encode_before;
       scheduler.apply_result(plan, result);
       const double t3 = now_s();
       clock.advance_us(1000);
       if (timing) {
         t.schedule_s += t1 - t0;
-        t.execute_s += t2 - t1;
+        t.execute_s += t2 - t1 - encode;
+        t.encode_s += encode;
+        t.stage_bytes += executor.stage_bytes() - bytes_before;
         t.apply_s += t3 - t2;
         for (const auto& seq : plan.sequences) {
           for (const auto& list : seq.kv) t.plan_block_ids += static_cast<std::int64_t>(list.blocks.size());
@@ -225,29 +256,36 @@ int main(int argc, char** argv) {
     sim::CostModel cost(*spec, s.model);
     gpu_us.emplace_back(name, cost.step_us(work, s.model.num_layers, true, true));
   }
-  std::printf("\n%-12s %10s %10s %10s %10s %14s", "plan", "sched us", "exec us", "apply us", "total us", "ids per step");
+  std::printf("\n%-12s %10s %10s %10s %10s %14s %10s %14s", "plan", "sched us", "exec us", "apply us", "total us",
+              "ids per step", "encode us", "stage B/step");
   for (const auto& [name, us] : gpu_us) std::printf(" %12s", ("/ " + name).c_str());
   std::printf("\n");
-  std::vector<double> totals;
+  std::vector<double> totals, stage_bytes_per_step;
   for (std::size_t m = 0; m < modes.size(); ++m) {
-    std::vector<double> sched, exec, apply, total;
-    double ids = 0;
+    std::vector<double> sched, exec, apply, total, encode;
+    double ids = 0, stage_bytes = 0;
     for (const Timing& t : runs[m]) {
       const double n = static_cast<double>(t.rounds);
       sched.push_back(t.schedule_s / n * 1e6);
       exec.push_back(t.execute_s / n * 1e6);
       apply.push_back(t.apply_s / n * 1e6);
       total.push_back(t.per_round_us());
+      encode.push_back(t.encode_s / n * 1e6);
       ids = static_cast<double>(t.plan_block_ids) / n;
+      stage_bytes = static_cast<double>(t.stage_bytes) / n;
     }
+    stage_bytes_per_step.push_back(stage_bytes);
     const double tot = median(total);
     totals.push_back(tot);
-    std::printf("%-12s %10.1f %10.1f %10.1f %10.1f %14.0f", modes[m].first, median(sched), median(exec), median(apply), tot, ids);
+    std::printf("%-12s %10.1f %10.1f %10.1f %10.1f %14.0f %10.1f %14.0f", modes[m].first, median(sched), median(exec),
+                median(apply), tot, ids, median(encode), stage_bytes);
     for (const auto& [name, us] : gpu_us) std::printf(" %11.2f%%", 100.0 * tot / us);
     std::printf("\n");
   }
   std::printf("\nmodelled GPU step for the batch:");
   for (const auto& [name, us] : gpu_us) std::printf(" %s %.1f ms", name.c_str(), us / 1000.0);
   std::printf("\nfull-tables / changes: %.1fx (target: changes under 2 %% of the GPU step)\n", totals[0] / totals[1]);
+  std::printf("stage message bytes per step, full tables / changes: %.0fx (%.0f B / %.0f B)\n",
+              stage_bytes_per_step[0] / stage_bytes_per_step[1], stage_bytes_per_step[0], stage_bytes_per_step[1]);
   return 0;
 }

@@ -4,7 +4,14 @@
 // the time per layer call for each KV dtype, their ratio, and the KV bytes read per second as a
 // fraction of the read bandwidth measured right before and after in the same run (median of 3).
 //
-// usage: attention_bench [--context N] [--layers L] [--threads T] [--iters I]
+// --prefill N instead times the attention of an N-token prefill chunk (llama-350m's shape: 16
+// query heads, 8 kv heads, head_dim 64, bf16 cache) on one thread by its thread CPU time, two
+// ways in the same run: the whole chunk in one call (tiles of tokens share a pass over the keys)
+// and one call per token (each token's own pass, as a decode step does; the same bits); each as
+// a fraction of the one-thread FMA peak (thread CPU time) probed before and after (flops: 4 x
+// heads x head_dim per attended position), and their ratio. Median of 5.
+//
+// usage: attention_bench [--context N] [--layers L] [--threads T] [--iters I] [--prefill N]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -55,10 +62,55 @@ double median3(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+int prefill_bench(std::int64_t tokens) {
+  constexpr std::int64_t kHeads = 16, kKvHeads = 8, kHd = 64, kBs = 16;
+  const Cache c = make_cache(tokens, kKvHeads, kHd, kBs, DType::kBF16, 7);
+  const kernels::PagedKvCache kv{c.keys.data(), c.values.data(), DType::kBF16, kBs, tokens, kKvHeads, kHd};
+  std::vector<float> q(static_cast<std::size_t>(tokens * kHeads * kHd));
+  for (std::size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.37f * static_cast<float>(i));
+  std::vector<float> out(q.size()), out_each(q.size());
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(tokens));
+  for (std::int64_t t = 0; t < tokens; ++t) pos[static_cast<std::size_t>(t)] = t;
+  std::vector<float> scratch(static_cast<std::size_t>(kernels::paged_kv_cache_scratch_floats(nullptr, tokens, kHeads, kKvHeads)));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(kHd));
+  const double flops = 4.0 * kHeads * kHd * static_cast<double>(tokens) * static_cast<double>(tokens + 1) / 2.0;
+  const double peak_before = kernels::measure_peak_fma_flops_per_s(kernels::active_isa(), nullptr,
+                                                                   kernels::ProbeClock::kThreadCpu);
+  std::vector<double> chunk_s, each_s;
+  const std::int64_t row = kHeads * kHd;
+  for (int rep = 0; rep < 5; ++rep) {
+    double t0 = kernels::thread_cpu_seconds();
+    kernels::paged_attention(q.data(), tokens, kHeads, pos.data(), kv, scale, out.data(), scratch.data(), nullptr);
+    chunk_s.push_back(kernels::thread_cpu_seconds() - t0);
+    t0 = kernels::thread_cpu_seconds();
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      kernels::paged_attention(q.data() + t * row, 1, kHeads, &pos[static_cast<std::size_t>(t)], kv, scale,
+                               out_each.data() + t * row, scratch.data(), nullptr);
+    }
+    each_s.push_back(kernels::thread_cpu_seconds() - t0);
+  }
+  const double peak_after = kernels::measure_peak_fma_flops_per_s(kernels::active_isa(), nullptr,
+                                                                  kernels::ProbeClock::kThreadCpu);
+  const double peak = std::max(peak_before, peak_after);
+  if (std::memcmp(out.data(), out_each.data(), out.size() * sizeof(float)) != 0) {
+    std::fprintf(stderr, "the chunk and the per-token calls differ (batch invariance broken)\n");
+    return 1;
+  }
+  const double chunk = median3(chunk_s), each = median3(each_s);
+  std::printf("prefill attention, %lld tokens (16 q heads, 8 kv heads, head_dim 64, bf16 KV), isa %s, 1 thread, "
+              "thread CPU time, FMA peak %.1f / %.1f GFLOP/s (before / after)\n",
+              static_cast<long long>(tokens), std::string(kernels::isa_name(kernels::active_isa())).c_str(),
+              peak_before / 1e9, peak_after / 1e9);
+  std::printf("one call (token tiles) : %8.0f us, %.3f of FMA peak\n", chunk * 1e6, flops / chunk / peak);
+  std::printf("a call per token       : %8.0f us, %.3f of FMA peak\n", each * 1e6, flops / each / peak);
+  std::printf("per-token / one call: %.2fx (same bits)\n", each / chunk);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::int64_t context = 4096, layers = 8, iters = 5;
+  std::int64_t context = 4096, layers = 8, iters = 5, prefill = 0;
   int threads = 2;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -67,11 +119,13 @@ int main(int argc, char** argv) {
     else if (a == "--layers") layers = v;
     else if (a == "--threads") threads = static_cast<int>(v);
     else if (a == "--iters") iters = v;
+    else if (a == "--prefill") prefill = v;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
     }
   }
+  if (prefill > 0) return prefill_bench(prefill);
   constexpr std::int64_t kHeads = 32, kKvHeads = 8, kHd = 128, kBs = 16;
   kernels::ThreadPool pool(threads);
   std::vector<float> q(kHeads * kHd), out(kHeads * kHd);

@@ -122,7 +122,9 @@ int main(int argc, char** argv) {
   const model::HeadWeights hw = model::head_weights_at(emb.p, head.p, c, dt);
 
   kernels::ThreadPool pool(threads);
-  model::ForwardPass fwd(c, 16, DType::kBF16, &pool);  // the engine's default KV cache
+  // The engine's default KV cache; a workspace for the prompt run (context tokens) and the batch.
+  const model::ForwardLimits limits{std::max<std::int64_t>(context, batch), batch, context + 1};
+  model::ForwardPass fwd(c, 16, DType::kBF16, &pool, limits);
   // KV: context + 1 tokens per layer, filled by a prompt run first.
   const std::int64_t bs = 16;
   const std::int64_t ctx = context + 1;

@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
   kv::KvGeometry g{opt.device.kv_block_size, config->num_kv_heads, config->head_dim, opt.device.kv_dtype};
   const std::int64_t kv_tokens = 40 * 640;
   opt.device.capacity_bytes = runtime::device_param_bytes(*config, config->dtype, 0, config->num_layers, opt.device.page_bytes) +
+                              runtime::device_workspace_bytes(*config, opt.device) +
                               ceil_div(g.blocks_for_tokens(kv_tokens) * config->num_layers, g.blocks_per_page(opt.device.page_bytes)) *
                                   opt.device.page_bytes;
   opt.scheduler.max_num_batched_tokens = 1024;

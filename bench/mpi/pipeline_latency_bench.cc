@@ -53,6 +53,7 @@ ClusterOptions cluster_options(const model::ModelConfig& c, const Args& a) {
   const std::int64_t per_page = g.blocks_per_page(o.device.page_bytes);
   const std::int64_t blocks = 2 * ceil_div(a.prompt + a.tokens, 16) + 8;
   o.device.capacity_bytes = runtime::device_param_bytes(c, c.dtype, 0, c.num_layers, o.device.page_bytes) +
+                            runtime::device_workspace_bytes(c, o.device) +
                             ceil_div(blocks * c.num_layers, per_page) * o.device.page_bytes;
   o.scheduler.max_num_batched_tokens = 256;
   o.coordinator.policy = cluster::Policy::kKunServe;

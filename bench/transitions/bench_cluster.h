@@ -19,6 +19,7 @@ inline runtime::ClusterOptions transition_bench_cluster(const model::ModelConfig
   o.device.weight_dtype = config.dtype;
   o.device.num_threads = threads;
   o.device.capacity_bytes = runtime::device_param_bytes(config, config.dtype, 0, config.num_layers, o.device.page_bytes) +
+                            runtime::device_workspace_bytes(config, o.device) +
                             runtime::kv_pages_for_tokens(config, o.device, kv_tokens) * o.device.page_bytes;
   o.coordinator.policy = cluster::Policy::kKunServe;
   o.run_policy_thread = false;

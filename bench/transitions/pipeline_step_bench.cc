@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
     o.device.weight_dtype = config->dtype;
     kv::KvGeometry geo{o.device.kv_block_size, config->num_kv_heads, config->head_dim, o.device.kv_dtype};
     o.device.capacity_bytes = runtime::device_param_bytes(*config, config->dtype, 0, config->num_layers, o.device.page_bytes) +
+                              runtime::device_workspace_bytes(*config, o.device) +
                               ceil_div(geo.blocks_for_tokens(8192) * config->num_layers, geo.blocks_per_page(o.device.page_bytes)) *
                                   o.device.page_bytes;
     o.run_policy_thread = false;

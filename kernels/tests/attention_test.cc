@@ -178,6 +178,66 @@ TEST(PagedKvCacheAttention, Bf16MatchesReferenceF32CacheAndIsInvariant) {
   }
 }
 
+// A prefill: every token of a chunk in one call (consecutive positions, so tiles of tokens share
+// a pass over the keys, the later tokens of a tile attending a few keys more). Each token gives
+// the bits it gives alone (a decode step at that position) and the bits of the one-head
+// PagedKvView kernel, whatever the thread count, block size and the chunk's start.
+TEST(PagedKvCacheAttention, PrefillTilesGiveEachTokensOwnBits) {
+  ThreadPool p2(2), p3(3);
+  struct Case {
+    std::int64_t ctx, heads, kv_heads, hd, start;
+  };
+  // Groups of 2 (two tokens per tile), 1 (four), 4 (one) and 3; a chunk that starts mid-sequence;
+  // a head_dim with a vector tail.
+  const Case cases[] = {{83, 16, 8, 64, 0}, {70, 4, 4, 40, 13}, {45, 8, 2, 64, 0}, {51, 6, 2, 72, 22}};
+  std::uint32_t seed = 900;
+  for (Isa isa : supported_isas()) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE(std::string(isa_name(isa)) + " ctx=" + std::to_string(c.ctx) + " heads=" + std::to_string(c.heads));
+      const Sequence s{c.ctx, c.kv_heads, c.hd, random_floats(c.kv_heads * c.ctx * c.hd, ++seed, -2, 2),
+                       random_floats(c.kv_heads * c.ctx * c.hd, ++seed, -1, 1)};
+      const std::int64_t T = c.ctx - c.start;
+      std::vector<std::int64_t> positions(static_cast<std::size_t>(T));
+      std::iota(positions.begin(), positions.end(), c.start);
+      const std::vector<float> q = random_floats(T * c.heads * c.hd, ++seed, -2, 2);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+      std::vector<float> scratch(static_cast<std::size_t>(paged_kv_cache_scratch_floats(&p3, c.ctx, c.heads, c.kv_heads)));
+      const std::int64_t row = c.heads * c.hd;
+      const auto out_n = static_cast<std::size_t>(T * row);
+      const PagedCache base = page(s, 16, DType::kBF16, 0);
+      // Each token alone.
+      std::vector<float> alone(out_n);
+      for (std::int64_t t = 0; t < T; ++t) {
+        paged_attention(isa, q.data() + t * row, 1, c.heads, positions.data() + t, base.cache, scale,
+                        alone.data() + t * row, scratch.data(), nullptr);
+      }
+      std::vector<double> ref;
+      reference_attention(Sequence{c.ctx, c.kv_heads, c.hd, bf16_rounded(s.k), bf16_rounded(s.v)}, q.data(), T,
+                          c.heads, positions.data(), scale, &ref);
+      for (std::size_t i = 0; i < out_n; ++i) ASSERT_NEAR(alone[i], ref[i], 1e-5) << "element " << i;
+      // The one-head kernel over an f32 view of the same rounded values.
+      const PagedCache f32 = page(Sequence{c.ctx, c.kv_heads, c.hd, bf16_rounded(s.k), bf16_rounded(s.v)}, 16,
+                                  DType::kF32, 0);
+      const PagedKvView view{f32.kb_f32.data(), f32.vb_f32.data(), 16, c.ctx, c.kv_heads, c.hd};
+      std::vector<float> out_view(out_n);
+      paged_attention(isa, q.data(), T, c.heads, positions.data(), view, scale, out_view.data(), scratch.data(), nullptr);
+      EXPECT_EQ(0, std::memcmp(out_view.data(), alone.data(), out_n * sizeof(float)));
+      for (std::int64_t bs : {16, 5}) {
+        const PagedCache pc = page(s, bs, DType::kBF16, bs == 5 ? 31u : 0u);
+        for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+          std::vector<float> out(out_n);
+          paged_attention(isa, q.data(), T, c.heads, positions.data(), pc.cache, scale, out.data(), scratch.data(),
+                          pool);
+          for (std::int64_t t = 0; t < T; ++t) {
+            ASSERT_EQ(0, std::memcmp(out.data() + t * row, alone.data() + t * row, static_cast<std::size_t>(row) * 4))
+                << "token " << t << " bs=" << bs;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(StoreKvRow, Bf16RoundsToNearestEvenLikeCommonDtype) {
   std::vector<float> x = random_floats(1000, 7, -1e3f, 1e3f);
   const float specials[] = {0.0f, -0.0f, 1.0f + 1.0f / 256, 1.0f + 3.0f / 256, -(1.0f + 1.0f / 256),

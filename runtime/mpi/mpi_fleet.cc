@@ -100,6 +100,9 @@ std::vector<std::byte> encode_build(const FleetOptions& o, const std::string& we
   w.put(o.device.kv_block_size);
   w.put(static_cast<std::int32_t>(o.device.weight_dtype));
   w.put(static_cast<std::int32_t>(o.device.kv_dtype));
+  w.put(o.device.max_batched_tokens);
+  w.put(o.device.max_sequences);
+  w.put(o.device.max_context_tokens);
   put_link(w, o.link);
   put_link(w, o.host_link);
   w.put(o.host_swap_blocks);
@@ -116,7 +119,8 @@ StatusOr<FleetOptions> decode_build(std::span<const std::byte> bytes, std::strin
   std::int32_t weight_dtype = 0, kv_dtype = 0;
   const bool ok = r.get(&o.num_devices) && r.get(&o.device.capacity_bytes) && r.get(&o.device.page_bytes) &&
                   r.get(&threads) && r.get(&o.device.kv_block_size) && r.get(&weight_dtype) && r.get(&kv_dtype) &&
-                  get_link(r, &o.link) && get_link(r, &o.host_link) && r.get(&o.host_swap_blocks) &&
+                  r.get(&o.device.max_batched_tokens) && r.get(&o.device.max_sequences) &&
+                  r.get(&o.device.max_context_tokens) && get_link(r, &o.link) && get_link(r, &o.host_link) && r.get(&o.host_swap_blocks) &&
                   r.get(&o.layer_begin) && r.get(&o.layer_end) && r.get_string(weights_key) && r.done();
   if (!ok) return invalid_argument("malformed build-device message");
   o.device.num_threads = static_cast<int>(threads);

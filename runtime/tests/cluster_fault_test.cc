@@ -479,6 +479,49 @@ TEST(ClusterFaultTest, FailedMigrationLeavesTheRequestWhereItWas) {
   expect_exact(tr, expected, 12);
 }
 
+// A weight pull whose puller does not answer in time (its serve thread stalls on the first pull
+// for `stall_ms`) is cancelled there, so its weights cannot land later in pages the front end
+// reuses. With a stall under two reply timeouts the cancel is answered (nothing was written) and
+// the pull is retried at once from another holder; with a longer one the cancel is not answered
+// either: the pull fails, and its pages stay reserved for that layer until the split pulls it
+// again into them. Either way the restore completes, pages
+// balance and every request's tokens are exact.
+void unanswered_pull_scenario(std::int64_t stall_ms, std::int64_t expected_pull_failures) {
+  auto w = tiny_weights();
+  const auto specs = make_specs(38, 16, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  ManualClock clock;
+  Faults faults;
+  ClusterOptions o = small_cluster(*w, 64, cluster::Policy::kKunServe);
+  o.agent_reply_timeout_ms = 1000;
+  faults.install(o);
+  auto rt = ClusterRuntime::create(o, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  Tracker tr;
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  run_steps(**rt, 4);
+  auto group = (*rt)->drop({0, 1});
+  ASSERT_TRUE(group.ok()) << group.status().to_string();
+  run_steps(**rt, 6);
+  auto stalled = std::make_shared<std::atomic<bool>>(false);
+  faults.set([stalled, stall_ms](AgentOp op, int, std::int64_t) {
+    if (op == AgentOp::kPullLayer && !stalled->exchange(true)) std::this_thread::sleep_for(std::chrono::milliseconds(stall_ms));
+    return ok_status();
+  });
+  ASSERT_TRUE(gather_and_restore(**rt, *group).ok());
+  faults.clear();
+  EXPECT_TRUE(stalled->load());
+  EXPECT_EQ(failures_of(**rt, "weight_pull"), expected_pull_failures);
+  EXPECT_EQ((*rt)->num_units(), 4);
+  (*rt)->check_integrity();
+  drain(**rt);
+  (*rt)->check_integrity();
+  expect_exact(tr, expected, 16);
+}
+
+TEST(ClusterFaultTest, TimedOutPullIsCancelledAndRetriedElsewhere) { unanswered_pull_scenario(1500, 0); }
+TEST(ClusterFaultTest, UnansweredPullKeepsItsPagesReservedForTheLayer) { unanswered_pull_scenario(2600, 1); }
+
 // A split waiting on a slow transfer (its weight pulls over a paced link) holds no lock: meanwhile
 // a request submitted to an independent instance gets its first token, and a drop of two other
 // instances completes. (Before, transition_mu_ was held across the split's transfers, so that drop

@@ -27,6 +27,7 @@ inline ClusterOptions small_cluster(const model::WeightSource& w, std::int64_t k
   kv::KvGeometry g{16, c.num_kv_heads, c.head_dim};
   const std::int64_t per_page = g.blocks_per_page(o.device.page_bytes);
   o.device.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, o.device.page_bytes) +
+                            device_workspace_bytes(c, o.device) +
                             ceil_div(kv_token_blocks * c.num_layers, per_page) * o.device.page_bytes;
   o.scheduler.max_num_batched_tokens = 128;
   o.scheduler.max_prefill_chunk_tokens = 48;

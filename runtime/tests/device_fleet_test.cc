@@ -147,7 +147,7 @@ TEST(DeviceFleetTest, AStageThatCannotRunAnswersWithAnErrorAndTheAgentGoesOn) {
     h.port = Port::kStage;
     h.op = static_cast<std::uint16_t>(AgentOp::kRunStage);
     h.tag = tag;
-    f.front_end().send_owned(std::move(h), encode_stage_request(plan, tables, s, stages, f.front_end_id()));
+    f.front_end().send_owned(std::move(h), encode_stage_request(plan, tables, s, stages, f.front_end_id(), /*executor=*/1, /*resync=*/true));
   }
   ASSERT_TRUE(reply.wait_for(std::chrono::seconds(30)));
   ASSERT_TRUE(reply.wait().ok());

@@ -78,6 +78,7 @@ TEST(DeviceOwnershipTest, FusedGroupRunsWithTheGuardOnAndHoldersComputeRemoteAtt
   o.device.page_bytes = 64 * 1024;
   kv::KvGeometry g{16, c.num_kv_heads, c.head_dim};
   o.device.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, o.device.page_bytes) +
+                            device_workspace_bytes(c, o.device) +
                             ceil_div(64 * c.num_layers, g.blocks_per_page(o.device.page_bytes)) * o.device.page_bytes;
   o.coordinator.policy = cluster::Policy::kKunServe;
   o.run_policy_thread = false;

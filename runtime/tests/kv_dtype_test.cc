@@ -31,7 +31,8 @@ Measured prefill(const model::WeightSource& w, DType kv_dtype, const std::vector
   opt.weight_dtype = c.dtype;
   opt.kv_dtype = kv_dtype;
   opt.page_bytes = 64 * 1024;
-  opt.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, opt.page_bytes) + 32 * opt.page_bytes;
+  opt.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, opt.page_bytes) +
+                       device_workspace_bytes(c, opt) + 32 * opt.page_bytes;
   auto dev_or = VirtualDevice::create(opt, c);
   KUN_CHECK(dev_or.ok()) << dev_or.status().to_string();
   VirtualDevice& dev = **dev_or;

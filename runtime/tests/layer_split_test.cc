@@ -33,7 +33,8 @@ Stage make_stage(const model::WeightSource& w, std::int64_t begin, std::int64_t 
   opt.kv_block_size = block_size;
   opt.weight_dtype = c.dtype;
   opt.page_bytes = 256 * 1024;
-  opt.capacity_bytes = device_param_bytes(c, c.dtype, begin, std::max(end, begin + 1), opt.page_bytes) + 64 * opt.page_bytes;
+  opt.capacity_bytes = device_param_bytes(c, c.dtype, begin, std::max(end, begin +
+                       1), opt.page_bytes) + device_workspace_bytes(c, opt) + 64 * opt.page_bytes;
   auto dev = VirtualDevice::create(opt, c);
   KUN_CHECK(dev.ok()) << dev.status().to_string();
   s.device = std::move(dev).value();

@@ -37,7 +37,8 @@ std::vector<float> our_logits(const model::WeightSource& w, const std::vector<st
   opt.weight_dtype = c.dtype;
   opt.kv_dtype = kv_dtype;
   opt.page_bytes = 256 * 1024;
-  opt.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, opt.page_bytes) + 64 * opt.page_bytes;
+  opt.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, opt.page_bytes) +
+                       device_workspace_bytes(c, opt) + 64 * opt.page_bytes;
   auto dev = VirtualDevice::create(opt, c);
   KUN_CHECK(dev.ok()) << dev.status().to_string();
   KUN_CHECK_OK((*dev)->load_weights(w, 0, c.num_layers));

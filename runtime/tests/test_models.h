@@ -54,6 +54,7 @@ inline std::unique_ptr<SingleInstance> make_instance(const model::WeightSource& 
   const std::int64_t blocks_per_page = g.blocks_per_page(opt.device.page_bytes);
   const std::int64_t kv_pages = ceil_div(shape.kv_token_blocks * c.num_layers, blocks_per_page);
   opt.device.capacity_bytes = device_param_bytes(c, c.dtype, 0, c.num_layers, opt.device.page_bytes) +
+                              device_workspace_bytes(c, opt.device) +
                               kv_pages * opt.device.page_bytes;
   opt.host_swap_blocks = shape.host_swap_token_blocks * c.num_layers;
   opt.scheduler = shape.scheduler;

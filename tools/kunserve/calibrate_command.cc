@@ -76,10 +76,12 @@ StatusOr<std::unique_ptr<runtime::SingleInstance>> make_instance(const Calibrate
   opt.device.kv_block_size = a.block_size;
   opt.device.page_bytes = kDevicePageBytes;
   const std::int64_t kv_tokens = 32 * 640;  // room for every batch below without preemption
-  opt.device.capacity_bytes = runtime::device_param_bytes(config, config.dtype, 0, config.num_layers, opt.device.page_bytes) +
-                              runtime::kv_pages_for_tokens(config, opt.device, kv_tokens) * opt.device.page_bytes;
   opt.scheduler.max_num_batched_tokens = 512;  // bench's default step budget
   opt.scheduler.max_num_seqs = max_num_seqs;
+  runtime::fit_workspace_to(opt.scheduler, config, &opt.device);
+  opt.device.capacity_bytes = runtime::device_param_bytes(config, config.dtype, 0, config.num_layers, opt.device.page_bytes) +
+                              runtime::device_workspace_bytes(config, opt.device) +
+                              runtime::kv_pages_for_tokens(config, opt.device, kv_tokens) * opt.device.page_bytes;
   return runtime::SingleInstance::create(opt, weights, clock);
 }
 

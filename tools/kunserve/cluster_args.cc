@@ -70,8 +70,6 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.device.page_bytes = kPageBytes;
   const kv::KvGeometry g{block_size, config.num_kv_heads, config.head_dim, kv_dtype};
   KUN_RETURN_IF_ERROR(g.validate_for_page(o.device.page_bytes));
-  o.device.capacity_bytes = runtime::device_param_bytes(config, dtype, 0, config.num_layers, o.device.page_bytes) +
-                            runtime::kv_pages_for_tokens(config, o.device, kv_tokens_per_device) * o.device.page_bytes;
   o.scheduler.max_num_batched_tokens = max_batched_tokens;
   o.scheduler.max_waiting_requests = max_waiting;
   o.scheduler.max_num_seqs = max_num_seqs;
@@ -116,6 +114,11 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
     o.scheduler.max_model_len = max_model_len;
   }
   if (max_model_len > 0 && max_model_len < 2) return invalid_argument("--max-model-len must be >= 2 tokens");
+  // Capacity = weights + workspace (activations, sized for the scheduler's largest step) + KV.
+  runtime::fit_workspace_to(o.scheduler, config, &o.device);
+  o.device.capacity_bytes = runtime::device_param_bytes(config, dtype, 0, config.num_layers, o.device.page_bytes) +
+                            runtime::device_workspace_bytes(config, o.device) +
+                            runtime::kv_pages_for_tokens(config, o.device, kv_tokens_per_device) * o.device.page_bytes;
   return o;
 }
 

@@ -92,11 +92,13 @@ Status run_generate(const GenerateArgs& a) {
   opt.device.weight_dtype = dtype;
   KUN_ASSIGN_OR_RETURN(opt.device.kv_dtype, a.model.kv_dtype());
   const std::int64_t total_tokens = static_cast<std::int64_t>(prompt.size()) + a.max_tokens;
-  opt.device.capacity_bytes = a.capacity_mib > 0 ? a.capacity_mib * kMiB
-                                                 : capacity_for(config, dtype, opt.device.kv_dtype, total_tokens, a.block_size,
-                                                                opt.device.page_bytes);
   opt.scheduler.max_model_len = config.max_position_embeddings;
   opt.scheduler.max_num_batched_tokens = std::max<std::int64_t>(2048, static_cast<std::int64_t>(prompt.size()));
+  runtime::fit_workspace_to(opt.scheduler, config, &opt.device);  // activations for the largest step
+  opt.device.capacity_bytes = a.capacity_mib > 0 ? a.capacity_mib * kMiB
+                                                 : capacity_for(config, dtype, opt.device.kv_dtype, total_tokens, a.block_size,
+                                                                opt.device.page_bytes) +
+                                                       runtime::device_workspace_bytes(config, opt.device);
   opt.model_name = a.model.display_name();
   SteadyClock clock;
   const auto load_start = std::chrono::steady_clock::now();

@@ -25,7 +25,8 @@ runtime::ClusterOptions options(const model::WeightSource& w, std::int64_t max_w
   o.num_instances = 2;
   o.device.weight_dtype = c.dtype;
   o.device.page_bytes = 256 * 1024;
-  o.device.capacity_bytes = runtime::device_param_bytes(c, c.dtype, 0, c.num_layers, o.device.page_bytes) + 32 * o.device.page_bytes;
+  o.device.capacity_bytes = runtime::device_param_bytes(c, c.dtype, 0, c.num_layers, o.device.page_bytes) +
+                            runtime::device_workspace_bytes(c, o.device) + 32 * o.device.page_bytes;
   o.scheduler.max_waiting_requests = max_waiting;
   o.coordinator.policy = cluster::Policy::kKunServe;
   o.model_name = "tiny";

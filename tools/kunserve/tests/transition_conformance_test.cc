@@ -48,7 +48,7 @@ runtime::ClusterOptions runtime_options(const model::ModelConfig& c, const Geome
   o.device.kv_dtype = DType::kBF16;
   o.device.page_bytes = geo.runtime_page_bytes;
   o.device.capacity_bytes = runtime::device_param_bytes(c, DType::kBF16, 0, c.num_layers, geo.runtime_page_bytes) +
-                            kKvPages * geo.runtime_page_bytes;
+                            runtime::device_workspace_bytes(c, o.device) + kKvPages * geo.runtime_page_bytes;
   o.scheduler.max_num_batched_tokens = 512;
   o.scheduler.max_prefill_chunk_tokens = 512;
   o.scheduler.max_model_len = kPrompt + kMaxTokens + 16;
