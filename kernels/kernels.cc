@@ -2,6 +2,7 @@
 #include "kernels/kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -34,6 +35,11 @@ struct LinearJob {
   bool accumulate;
   const float* xp;  // kPanelPairs: the packed activations (IsaKernels::pack_rows)
   bool bf16_act;
+  // kPanelPairs with caller scratch: thread t's panel scratch at panels + t * panel_stride
+  // (ThreadPool::current_thread_index); null: the thread_local fallback.
+  float* panels;
+  std::int64_t panel_stride;
+  int threads;
 };
 
 struct PackJob {
@@ -45,7 +51,15 @@ struct PackJob {
   bool bf16_act;
 };
 
-// Per-thread scratch of the kPanelPairs GEMM: grows to the largest call seen, then is reused
+// Caller scratch pieces start on a cache line (16 floats).
+constexpr std::int64_t kScratchAlignFloats = 16;
+std::int64_t align_floats(std::int64_t n) {
+  return (n + kScratchAlignFloats - 1) / kScratchAlignFloats * kScratchAlignFloats;
+}
+
+std::atomic<std::int64_t> g_thread_local_scratch_uses{0};
+
+// The thread_local fallback (no LinearScratch). Per-thread scratch of the kPanelPairs GEMM: grows to the largest call seen, then is reused
 // (no allocation per call once warm).
 float* panel_scratch(std::int64_t M) {
   thread_local std::vector<float> buf;
@@ -60,6 +74,15 @@ float* packed_rows_buffer(std::int64_t M, std::int64_t K) {
   const auto need = static_cast<std::size_t>(detail::pack_rows_floats(M, K));
   if (buf.size() < need) buf.resize(need);
   return buf.data();
+}
+
+// This thread's panel scratch for a call of M rows: its slice of the caller's scratch, or the
+// thread_local fallback.
+float* thread_panel_scratch(const LinearJob& j) {
+  if (j.panels == nullptr) return panel_scratch(j.M);
+  const int t = ThreadPool::current_thread_index();
+  KUN_CHECK(t >= 0 && t < j.threads) << "linear: thread index " << t << " outside the pool's " << j.threads;
+  return j.panels + t * j.panel_stride;
 }
 
 struct AttentionJob {
@@ -92,7 +115,8 @@ void attention_pairs(const AttentionJob& j, std::int64_t begin, std::int64_t end
 namespace {
 
 void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-                 float* y, bool accumulate, ThreadPool* pool, GemmActivations act) {
+                 float* y, bool accumulate, ThreadPool* pool, GemmActivations act,
+                 const LinearScratch* scratch) {
   KUN_CHECK(w.data != nullptr && w.rows > 0 && w.cols > 0) << "empty weight";
   KUN_CHECK_GE(M, 0);
   if (M == 0) return;
@@ -110,9 +134,24 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   const std::int64_t K = w.cols;
   const float* xp = nullptr;
   const bool serial = pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs;
+  const int threads = pool != nullptr ? pool->num_threads() : 1;
+  float* panel_base = nullptr;
+  std::int64_t panel_stride = 0;
   if (panels) {
     // The activations rounded to bf16 and packed once for every thread (bf16_dot.inc).
-    float* buf = packed_rows_buffer(M, K);
+    float* buf = nullptr;
+    if (scratch != nullptr) {
+      const auto have = static_cast<std::int64_t>(scratch->floats.size());
+      KUN_CHECK_LE(linear_scratch_floats(M, K, threads), have)
+          << "linear scratch of " << have << " floats is short for " << M << " rows of " << K
+          << " inputs on " << threads << " threads";
+      buf = scratch->floats.data();
+      panel_base = buf + align_floats(detail::pack_rows_floats(M, K));
+      panel_stride = align_floats(detail::linear_panels_scratch_floats(M));
+    } else {
+      buf = packed_rows_buffer(M, K);
+      g_thread_local_scratch_uses.fetch_add(1, std::memory_order_relaxed);
+    }
     const std::int64_t tile_rows = M >= k.widen_min_rows ? k.tile_rows : k.direct_tile_rows;
     const std::int64_t tiles = (M + tile_rows - 1) / tile_rows;
     if (serial || M * K < kMinParallelPack) {
@@ -131,13 +170,14 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   if (serial) {
     if (panels) {
       k.linear_panels(xp, M, w, 0, (N + kPanelCols - 1) / kPanelCols, bias, y, accumulate,
-                      panel_scratch(M), bf16_act);
+                      panel_base != nullptr ? panel_base : panel_scratch(M), bf16_act);
     } else {
       k.linear_block(x, K, 0, M, w, 0, N, bias, y, N, accumulate);
     }
     return;
   }
-  const LinearJob job{&k, x, M, &w, bias, y, accumulate, xp, bf16_act};
+  const LinearJob job{&k, x, M, &w, bias, y,
+                      accumulate, xp, bf16_act, panel_base, panel_stride, threads};
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
@@ -150,7 +190,7 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
             : std::max<std::int64_t>(1, units / (4 * pool->num_threads()));
     auto body = [jp](std::int64_t b, std::int64_t e) {
       jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
-                           panel_scratch(jp->M), jp->bf16_act);
+                           thread_panel_scratch(*jp), jp->bf16_act);
     };
     pool->parallel_for_balanced(units, grain, body);
     return;
@@ -219,23 +259,36 @@ void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t 
   }
 }
 
+std::int64_t linear_scratch_floats(std::int64_t max_rows, std::int64_t max_k, int num_threads) {
+  KUN_CHECK(max_rows >= 0 && max_k >= 0 && num_threads >= 1)
+      << max_rows << " rows, " << max_k << " inputs, " << num_threads << " threads";
+  if (max_rows == 0 || max_k == 0) return 0;
+  return align_floats(detail::pack_rows_floats(max_rows, max_k)) +
+         num_threads * align_floats(detail::linear_panels_scratch_floats(max_rows));
+}
+
+std::int64_t linear_thread_local_scratch_uses() {
+  return g_thread_local_scratch_uses.load(std::memory_order_relaxed);
+}
+
 void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-            float* y, ThreadPool* pool, GemmActivations act) {
-  linear_impl(isa, x, M, w, bias, y, false, pool, act);
+            float* y, ThreadPool* pool, GemmActivations act, const LinearScratch* scratch) {
+  linear_impl(isa, x, M, w, bias, y, false, pool, act, scratch);
 }
 
 void linear_add(Isa isa, const float* x, std::int64_t M, const WeightView& w, float* y,
-                ThreadPool* pool, GemmActivations act) {
-  linear_impl(isa, x, M, w, nullptr, y, true, pool, act);
+                ThreadPool* pool, GemmActivations act, const LinearScratch* scratch) {
+  linear_impl(isa, x, M, w, nullptr, y, true, pool, act, scratch);
 }
 
-void linear_add(const float* x, std::int64_t M, const WeightView& w, float* y, ThreadPool* pool) {
-  linear_impl(active_isa(), x, M, w, nullptr, y, true, pool, active_gemm_activations());
+void linear_add(const float* x, std::int64_t M, const WeightView& w, float* y, ThreadPool* pool,
+                const LinearScratch* scratch) {
+  linear_impl(active_isa(), x, M, w, nullptr, y, true, pool, active_gemm_activations(), scratch);
 }
 
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,
-            ThreadPool* pool) {
-  linear(active_isa(), x, M, w, bias, y, pool);
+            ThreadPool* pool, const LinearScratch* scratch) {
+  linear_impl(active_isa(), x, M, w, bias, y, false, pool, active_gemm_activations(), scratch);
 }
 
 void rms_norm(Isa isa, const float* x, std::int64_t M, std::int64_t D, const void* weight,

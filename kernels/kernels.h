@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string_view>
 
 #include "common/dtype.h"
@@ -61,6 +62,10 @@ class ThreadPool {
   // fn must not depend on either. n < 2^31.
   void parallel_for_balanced(std::int64_t n, std::int64_t grain,
                              const std::function<void(std::int64_t, std::int64_t)>& fn);
+  // Inside fn of a parallel_for / parallel_for_balanced call: which of the pool's threads runs
+  // it (0: the caller's thread, 1 .. num_threads() - 1: the workers), so fn can pick that
+  // thread's slice of caller-provided scratch. -1 outside fn.
+  static int current_thread_index();
 
  private:
   void run(std::int64_t n, std::int64_t grain,
@@ -102,6 +107,23 @@ void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, voi
 void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t cols,
                             std::int64_t n, float* out);
 
+// Scratch memory of linear / linear_add, given by the caller (a device carves it from its
+// workspace so it counts in the device's capacity). Only kPanelPairs (bf16) weights use it: the
+// activations packed once for all threads, then one slice per pool thread for the panel partial
+// sums. A call of M rows over K inputs with a pool of P threads (1 without a pool) needs
+// linear_scratch_floats(M, K, P) floats (checked); any span sized with a max_rows >= M and
+// max_k >= K holds it. Where the bytes live does not change the result: bit for bit the same as
+// without scratch.
+struct LinearScratch {
+  std::span<float> floats;
+};
+std::int64_t linear_scratch_floats(std::int64_t max_rows, std::int64_t max_k, int num_threads);
+// Without a LinearScratch, linear falls back to per-thread buffers on the heap (thread_local,
+// grown to the largest call each thread has run): tools, benchmarks and tests. The number of
+// kPanelPairs calls that used that fallback since the process started (tests check a device's
+// forward pass never does).
+std::int64_t linear_thread_local_scratch_uses();
+
 // y[m][n] = sum_k x[m][k] * W[n][k] + (bias ? bias[n] : 0), for m < M.
 // x: [M][K] f32 row-major with row stride K; y: [M][N] f32 row-major with row stride N.
 // bias may be null (f32, length N). pool may be null (runs on the calling thread).
@@ -112,11 +134,13 @@ void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t 
 // subnormals to zero) and each step is vdpbf16ps's (round to nearest even, subnormal inputs read
 // as zero, results below the smallest normal flushed to zero). Either way the same bits for every
 // M, tiling, thread count and every ISA.
+// scratch: see LinearScratch (null: the thread_local fallback).
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,
-            ThreadPool* pool);
+            ThreadPool* pool, const LinearScratch* scratch = nullptr);
 // y[m][n] += linear's value (the dot product, plus bias, rounded to f32 first, then added):
 // the same bits as linear into a temporary followed by add_inplace, without the extra pass.
-void linear_add(const float* x, std::int64_t M, const WeightView& w, float* y, ThreadPool* pool);
+void linear_add(const float* x, std::int64_t M, const WeightView& w, float* y, ThreadPool* pool,
+                const LinearScratch* scratch = nullptr);
 
 // out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, rows of length D; out may alias x.
 void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight, DType weight_dtype,
@@ -201,9 +225,11 @@ std::int64_t argmax(const float* x, std::int64_t n);
 // given ISA; different ISAs differ in rounding only (lane width and FMA vs separate mul/add).
 // `act`: the kPanelPairs activations (ignored for row-major weights).
 void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
-            float* y, ThreadPool* pool, GemmActivations act = active_gemm_activations());
+            float* y, ThreadPool* pool, GemmActivations act = active_gemm_activations(),
+            const LinearScratch* scratch = nullptr);
 void linear_add(Isa isa, const float* x, std::int64_t M, const WeightView& w, float* y,
-                ThreadPool* pool, GemmActivations act = active_gemm_activations());
+                ThreadPool* pool, GemmActivations act = active_gemm_activations(),
+                const LinearScratch* scratch = nullptr);
 void rms_norm(Isa isa, const float* x, std::int64_t M, std::int64_t D, const void* weight,
               DType weight_dtype, float eps, float* out);
 void silu_mul(Isa isa, const float* gate, const float* up, std::int64_t n, float* out);

@@ -29,6 +29,21 @@ namespace {
 constexpr int kSpinIters = 2000;
 
 inline void cpu_relax() { _mm_pause(); }
+
+// ThreadPool::current_thread_index(): set around each fn call.
+thread_local int t_thread_index = -1;
+
+// Sets t_thread_index for its scope (restored after, so a nested call elsewhere stays right).
+class ThreadIndexScope {
+ public:
+  explicit ThreadIndexScope(int idx) : saved_(t_thread_index) { t_thread_index = idx; }
+  ~ThreadIndexScope() { t_thread_index = saved_; }
+  ThreadIndexScope(const ThreadIndexScope&) = delete;
+  ThreadIndexScope& operator=(const ThreadIndexScope&) = delete;
+
+ private:
+  int saved_;
+};
 }  // namespace
 
 struct ThreadPool::Impl {
@@ -82,6 +97,7 @@ struct ThreadPool::Impl {
 
   // Thread idx's share of the current job.
   void run_part(int idx) {
+    const ThreadIndexScope index(idx);
     std::int64_t b, e;
     if (grain == 0) {
       range(n, num_threads, idx, &b, &e);
@@ -144,10 +160,13 @@ ThreadPool::~ThreadPool() {
 
 int ThreadPool::num_threads() const { return impl_->num_threads; }
 
+int ThreadPool::current_thread_index() { return t_thread_index; }
+
 void ThreadPool::parallel_for(std::int64_t n,
                               const std::function<void(std::int64_t, std::int64_t)>& fn) {
   if (n <= 0) return;
   if (impl_->num_threads == 1) {
+    const ThreadIndexScope index(0);
     fn(0, n);
     return;
   }
@@ -160,6 +179,7 @@ void ThreadPool::parallel_for_balanced(std::int64_t n, std::int64_t grain,
   KUN_CHECK_GE(grain, 1);
   KUN_CHECK_LT(n, std::int64_t{1} << 31);
   if (impl_->num_threads == 1) {
+    const ThreadIndexScope index(0);
     fn(0, n);
     return;
   }

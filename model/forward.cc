@@ -176,8 +176,8 @@ namespace {
 // The workspace's buffers, in order, each 64-byte aligned (kTensorAlignBytes).
 struct WorkspaceLayout {
   std::int64_t normed = 0, qkv = 0, attn_out = 0, gate_up = 0, act = 0, q_gather = 0, attn_scratch = 0;
-  std::int64_t positions = 0, key_ptrs = 0, value_ptrs = 0;
-  std::int64_t normed_rows = 0, scratch_floats = 0, max_blocks = 0;
+  std::int64_t positions = 0, key_ptrs = 0, value_ptrs = 0, gemm_scratch = 0;
+  std::int64_t normed_rows = 0, scratch_floats = 0, max_blocks = 0, gemm_scratch_floats = 0;
   std::int64_t total_bytes = 0;
 
   static WorkspaceLayout compute(const ModelConfig& c, const ForwardLimits& lim, std::int64_t kv_block_size,
@@ -208,6 +208,11 @@ struct WorkspaceLayout {
     w.positions = place(&cursor, T * static_cast<std::int64_t>(sizeof(std::int64_t)));
     w.key_ptrs = place(&cursor, w.max_blocks * static_cast<std::int64_t>(sizeof(const void*)));
     w.value_ptrs = place(&cursor, w.max_blocks * static_cast<std::int64_t>(sizeof(const void*)));
+    // The GEMM's scratch (kernels::LinearScratch): every linear call has at most normed_rows rows
+    // (layer steps: max_tokens; logits: passes of normed_rows) over one of these K.
+    const std::int64_t max_k = std::max({c.hidden_size, c.q_dim(), c.intermediate_size});
+    w.gemm_scratch_floats = kernels::linear_scratch_floats(w.normed_rows, max_k, num_threads);
+    w.gemm_scratch = place(&cursor, w.gemm_scratch_floats * f);
     w.total_bytes = round_up(cursor, kTensorAlignBytes);
     return w;
   }
@@ -277,6 +282,7 @@ void ForwardPass::carve(std::span<std::byte> workspace) {
   attn_positions_ = view<std::int64_t>(workspace, w.positions, T);
   key_ptrs_ = view<const void*>(workspace, w.key_ptrs, w.max_blocks);
   value_ptrs_ = view<const void*>(workspace, w.value_ptrs, w.max_blocks);
+  gemm_scratch_.floats = view<float>(workspace, w.gemm_scratch, w.gemm_scratch_floats);
 }
 
 void ForwardPass::check_tokens(std::int64_t num_tokens, const char* what) const {
@@ -300,7 +306,7 @@ void ForwardPass::attention_input(const LayerWeights& w, std::span<const Sequenc
   check_tokens(num_tokens, "attention input");
   KUN_CHECK(!limits_.attention_only) << "attention input" << " on a forward pass sized for attention only";
   kernels::rms_norm(hidden, num_tokens, c.hidden_size, w.input_norm, w.dtype, c.rms_norm_eps, normed_.data());
-  kernels::linear(normed_.data(), num_tokens, w.qkv, w.qkv_bias, qkv, pool_);
+  kernels::linear(normed_.data(), num_tokens, w.qkv, w.qkv_bias, qkv, pool_, &gemm_scratch_);
   std::int64_t row = 0;
   for (const SequenceSlice& s : slices) {
     for (std::int64_t t = 0; t < s.num_tokens; ++t, ++row) {
@@ -368,14 +374,14 @@ void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* a
   KUN_CHECK(!limits_.attention_only) << "attention output and MLP" << " on a forward pass sized for attention only";
   const std::int64_t H = c.hidden_size;
   const std::int64_t F = c.intermediate_size;
-  kernels::linear_add(attn_out, num_tokens, w.o, hidden, pool_);  // residual add fused
+  kernels::linear_add(attn_out, num_tokens, w.o, hidden, pool_, &gemm_scratch_);  // residual add fused
   kernels::rms_norm(hidden, num_tokens, H, w.post_norm, w.dtype, c.rms_norm_eps, normed_.data());
-  kernels::linear(normed_.data(), num_tokens, w.gate_up, nullptr, gate_up_.data(), pool_);
+  kernels::linear(normed_.data(), num_tokens, w.gate_up, nullptr, gate_up_.data(), pool_, &gemm_scratch_);
   for (std::int64_t m = 0; m < num_tokens; ++m) {
     const float* g = gate_up_.data() + m * 2 * F;
     kernels::silu_mul(g, g + F, F, act_.data() + m * F);
   }
-  kernels::linear_add(act_.data(), num_tokens, w.down, hidden, pool_);  // residual add fused
+  kernels::linear_add(act_.data(), num_tokens, w.down, hidden, pool_, &gemm_scratch_);  // residual add fused
 }
 
 void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, std::span<const SequenceSlice> slices,
@@ -421,7 +427,7 @@ void ForwardPass::logits(const HeadWeights& head, const float* hidden, std::span
       kernels::rms_norm(hidden + rows[static_cast<std::size_t>(first + r)] * H, 1, H, head.final_norm, head.dtype,
                         config_.rms_norm_eps, normed_.data() + r * H);
     }
-    kernels::linear(normed_.data(), m, head.lm_head, nullptr, logits_out + first * V, pool_);
+    kernels::linear(normed_.data(), m, head.lm_head, nullptr, logits_out + first * V, pool_, &gemm_scratch_);
   }
 }
 

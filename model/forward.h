@@ -4,10 +4,10 @@
 //
 // Weights live wherever the caller put them (a device arena segment); this module only knows
 // their layout inside a segment (LayerSegmentLayout / EmbeddingLayout / HeadLayout) and reads
-// them through pointers. Its activations and scratch live in a workspace sized once for
-// ForwardLimits (forward_workspace_bytes) and handed to it: a device carves it from its arena, so
-// it counts in the device's capacity (runtime/virtual_device.h); nothing on the forward path
-// allocates. A call beyond the limits is a broken invariant (the caller checks its input first).
+// them through pointers. Its activations and scratch, the GEMM's included (kernels::LinearScratch),
+// live in a workspace sized once for ForwardLimits (forward_workspace_bytes) and handed to it: a
+// device carves it from its arena, so it counts in the device's capacity
+// (runtime/virtual_device.h); nothing on the forward path allocates. A call beyond the limits is a broken invariant (the caller checks its input first).
 //
 // Threading: one ForwardPass per device executor thread; it uses the caller's ThreadPool.
 #pragma once
@@ -178,6 +178,7 @@ class ForwardPass {
   std::span<float> normed_, qkv_, attn_out_, gate_up_, act_, attn_scratch_, q_gather_;
   std::span<std::int64_t> attn_positions_;
   std::span<const void*> key_ptrs_, value_ptrs_;
+  kernels::LinearScratch gemm_scratch_;  // handed to every linear call
 };
 
 }  // namespace kun::model

@@ -8,6 +8,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -526,6 +528,95 @@ TEST(LinearAdd, EqualsLinearThenAddBitForBitInBothLayouts) {
       }
     }
   }
+}
+
+TEST(ThreadPool, CurrentThreadIndexNamesTheThreadRunningFn) {
+  EXPECT_EQ(ThreadPool::current_thread_index(), -1);
+  for (int threads : {1, 2, 3}) {
+    ThreadPool pool(threads);
+    // Static split of n = threads: thread t runs exactly index t.
+    std::vector<std::atomic<int>> seen(static_cast<std::size_t>(threads));
+    for (auto& v : seen) v.store(-2);
+    pool.parallel_for(threads, [&](std::int64_t b, std::int64_t e) {
+      ASSERT_EQ(e, b + 1);
+      seen[static_cast<std::size_t>(b)].store(ThreadPool::current_thread_index());
+    });
+    for (int t = 0; t < threads; ++t) EXPECT_EQ(seen[static_cast<std::size_t>(t)].load(), t);
+    // Balanced: every call sees an index in range, and one index is always one OS thread.
+    std::vector<std::atomic<std::size_t>> owner(static_cast<std::size_t>(threads));
+    for (auto& o : owner) o.store(0);
+    std::atomic<int> bad{0};
+    pool.parallel_for_balanced(1000, 3, [&](std::int64_t, std::int64_t) {
+      const int t = ThreadPool::current_thread_index();
+      if (t < 0 || t >= threads) {
+        bad.fetch_add(1);
+        return;
+      }
+      const std::size_t me = std::hash<std::thread::id>{}(std::this_thread::get_id()) | 1;
+      std::size_t expected = 0;
+      if (!owner[static_cast<std::size_t>(t)].compare_exchange_strong(expected, me) && expected != me) {
+        bad.fetch_add(1);
+      }
+    });
+    EXPECT_EQ(bad.load(), 0) << threads << " threads";
+    EXPECT_EQ(ThreadPool::current_thread_index(), -1);
+  }
+}
+
+// A device hands linear its scratch (its workspace); the result must be the fallback's, bit for
+// bit, and the fallback must not be touched.
+TEST(LinearScratch, ProvidedScratchIsBitIdenticalToTheThreadLocalFallback) {
+  ThreadPool p2(2), p3(3);
+  for (std::int64_t K : {std::int64_t{300}, std::int64_t{301}}) {
+    const std::int64_t N = 130;
+    const PackedWeight w = make_packed(N, K, 71);
+    const std::vector<float> bias = random_floats(N, 72);
+    for (GemmActivations act : kBothActivations) {
+      for (Isa isa : supported_isas()) {
+        for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+          const int threads = pool != nullptr ? pool->num_threads() : 1;
+          for (std::int64_t M : {std::int64_t{1}, std::int64_t{3}, std::int64_t{37}, std::int64_t{300}}) {
+            SCOPED_TRACE(isa_label(isa) + act_label(act) + " K=" + std::to_string(K) + " M=" + std::to_string(M) +
+                         " threads=" + std::to_string(threads));
+            const std::vector<float> x = random_floats(M * K, 73);
+            const std::vector<float> residual = random_floats(M * N, 74);
+            // Exactly the size the call needs, filled with NaN: nothing may read it before writing.
+            std::vector<float> buf(static_cast<std::size_t>(linear_scratch_floats(M, K, threads)),
+                                   std::numeric_limits<float>::quiet_NaN());
+            const LinearScratch scratch{buf};
+            std::vector<float> fallback(static_cast<std::size_t>(M * N));
+            std::int64_t uses = linear_thread_local_scratch_uses();
+            linear(isa, x.data(), M, w.view, bias.data(), fallback.data(), pool, act);
+            EXPECT_EQ(linear_thread_local_scratch_uses(), uses + 1);
+            std::vector<float> provided(fallback.size());
+            uses = linear_thread_local_scratch_uses();
+            linear(isa, x.data(), M, w.view, bias.data(), provided.data(), pool, act, &scratch);
+            ASSERT_EQ(0, std::memcmp(provided.data(), fallback.data(), fallback.size() * sizeof(float)));
+            std::vector<float> add_fallback = residual, add_provided = residual;
+            linear_add(isa, x.data(), M, w.view, add_fallback.data(), pool, act);
+            linear_add(isa, x.data(), M, w.view, add_provided.data(), pool, act, &scratch);
+            ASSERT_EQ(0, std::memcmp(add_provided.data(), add_fallback.data(), residual.size() * sizeof(float)));
+            EXPECT_EQ(linear_thread_local_scratch_uses(), uses + 1) << "a call with scratch used the fallback";
+          }
+        }
+      }
+    }
+  }
+  // Sized for the largest call: any smaller one fits.
+  EXPECT_GE(linear_scratch_floats(512, 4096, 2), linear_scratch_floats(511, 4096, 2));
+  EXPECT_GE(linear_scratch_floats(512, 4096, 2), linear_scratch_floats(512, 4095, 2));
+  EXPECT_GT(linear_scratch_floats(512, 4096, 3), linear_scratch_floats(512, 4096, 2));
+  EXPECT_EQ(linear_scratch_floats(0, 4096, 2), 0);
+}
+
+TEST(LinearScratchDeathTest, ShortScratchIsABrokenInvariant) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const PackedWeight w = make_packed(64, 32, 81);
+  const std::vector<float> x = random_floats(4 * 32, 82);
+  std::vector<float> y(4 * 64);
+  std::vector<float> buf(static_cast<std::size_t>(linear_scratch_floats(4, 32, 1) - 1));
+  const LinearScratch scratch{buf};
+  EXPECT_DEATH(linear(x.data(), 4, w.view, nullptr, y.data(), nullptr, &scratch), "linear scratch of");
 }
 
 // ---------------------------------------------------------------------------------------------

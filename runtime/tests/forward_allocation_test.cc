@@ -1,12 +1,12 @@
 // The forward path allocates no buffer (issue 12): a device's ForwardPass computes in the
-// workspace carved from its arena, so a step (layers, local attention, logits) allocates nothing
-// sized by the step. Counted with a replaced global operator new, on the calling thread only.
-// What remains are the kernels' small std::function temporaries for their thread pool dispatch
-// and their per-thread GEMM packing buffers (kernels/), which grow once to the largest GEMM a
-// thread has run: one kernel thread here, so the warm-up step grows them deterministically (with
-// more threads, which rows the calling thread takes varies from call to call).
+// workspace carved from its arena, the GEMM's scratch included (kernels::LinearScratch), so a step
+// (layers, local attention, logits) allocates nothing sized by the step, on any thread: counted
+// with a replaced global operator new on every thread of the process (the calling thread and the
+// device pool's workers). What remains are small std::function temporaries; the kernels'
+// thread_local GEMM buffers (their fallback without scratch) must never be used by a device.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <functional>
 #include <new>
@@ -19,15 +19,17 @@
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 
 namespace {
-thread_local bool t_counting = false;
-thread_local std::int64_t t_allocations = 0;
-thread_local std::size_t t_largest = 0;
+std::atomic<bool> g_counting{false};
+std::atomic<std::int64_t> g_allocations{0};
+std::atomic<std::size_t> g_largest{0};
 }  // namespace
 
 void* operator new(std::size_t n) {
-  if (t_counting) {
-    ++t_allocations;
-    if (n > t_largest) t_largest = n;
+  if (g_counting.load(std::memory_order_relaxed)) {
+    g_allocations.fetch_add(1, std::memory_order_relaxed);
+    std::size_t seen = g_largest.load(std::memory_order_relaxed);
+    while (n > seen && !g_largest.compare_exchange_weak(seen, n, std::memory_order_relaxed)) {
+    }
   }
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();
@@ -43,14 +45,34 @@ struct Counted {
   std::size_t largest = 0;
 };
 
+// Allocations on every thread while fn runs (the device pool's workers only run inside fn's
+// kernel calls, so all they allocate is counted).
 template <typename Fn>
 Counted count(Fn&& fn) {
-  t_allocations = 0;
-  t_largest = 0;
-  t_counting = true;
+  g_allocations.store(0);
+  g_largest.store(0);
+  g_counting.store(true);
   fn();
-  t_counting = false;
-  return Counted{t_allocations, t_largest};
+  g_counting.store(false);
+  return Counted{g_allocations.load(), g_largest.load()};
+}
+
+// Pointers to `blocks_per_layer` KV blocks of every layer of a device (one sequence's cache).
+std::vector<std::vector<std::byte*>> sequence_blocks(VirtualDevice& dev, std::int64_t blocks_per_layer) {
+  const std::int64_t L = dev.config().num_layers;
+  std::vector<std::vector<std::byte*>> blocks(static_cast<std::size_t>(L));
+  kv::KvStorage& store = dev.kv_storage();
+  const std::vector<memory::PageId> kv_pages = dev.arena().kv_pages();
+  const std::int64_t per_page = store.blocks_per_page();
+  KUN_CHECK_GE(static_cast<std::int64_t>(kv_pages.size()) * per_page, blocks_per_layer * L);
+  for (std::int64_t l = 0; l < L; ++l) {
+    for (std::int64_t b = 0; b < blocks_per_layer; ++b) {
+      const std::int64_t i = l * blocks_per_layer + b;
+      const std::int64_t id = kv_pages[static_cast<std::size_t>(i / per_page)].value * per_page + i % per_page;
+      blocks[static_cast<std::size_t>(l)].push_back(store.block_data(kv::BlockId(id)));
+    }
+  }
+  return blocks;
 }
 
 TEST(ForwardAllocationTest, AStepOnTheDeviceAllocatesNoBuffer) {
@@ -110,6 +132,60 @@ TEST(ForwardAllocationTest, AStepOnTheDeviceAllocatesNoBuffer) {
   EXPECT_LT(prefill.largest, row_bytes) << prefill.allocations << " allocations";
   EXPECT_LT(decode.largest, row_bytes) << decode.allocations << " allocations";
   EXPECT_LE(prefill.allocations, decode.allocations + L) << "allocations grew with the step's tokens";
+}
+
+// Steps at the workspace's limit (max_batched_tokens tokens of prefill, then max_sequences logit
+// rows) on a 2-thread device with bf16 weights (the GEMM's kPanelPairs path, the one with
+// scratch): after a 1-token warm-up, nothing the size of an activation row is allocated on any
+// thread (the GEMM's packed activations alone would be (T + 8)(K + 1) floats), and the kernels'
+// thread_local fallback is never used.
+TEST(ForwardAllocationTest, StepsAtTheWorkspaceLimitKeepTheGemmScratchInTheWorkspaceOnEveryThread) {
+  auto w = testing::tiny_weights("tiny", DType::kBF16);
+  const model::ModelConfig& c = w->config();
+  const std::int64_t block = 16;
+  const std::int64_t T = DeviceOptions{}.max_batched_tokens;
+  const std::int64_t blocks_per_layer = T / block + 1;
+  auto dev_or = create_full_device("alloc2", *w, blocks_per_layer, block, /*num_threads=*/2);
+  ASSERT_TRUE(dev_or.ok()) << dev_or.status().to_string();
+  VirtualDevice& dev = **dev_or;
+  ASSERT_EQ(dev.options().max_batched_tokens, T);
+  ASSERT_EQ(dev.pool().num_threads(), 2);
+  const DeviceOwnerScope scope(dev);
+  const model::LayerWeights lw0 = dev.layer_weights(0);
+  for (const kernels::WeightView* v : {&lw0.qkv, &lw0.o, &lw0.gate_up, &lw0.down}) {
+    ASSERT_EQ(v->layout, kernels::WeightLayout::kPanelPairs) << "the test needs the GEMM path that uses scratch";
+  }
+  model::ForwardPass& fwd = dev.forward();
+  const std::int64_t L = c.num_layers;
+  const auto blocks = sequence_blocks(dev, blocks_per_layer);
+  const std::function<model::LayerWeights(std::int64_t)> weights = [&](std::int64_t l) { return dev.layer_weights(l); };
+  const model::AttentionFn attention = [&](std::int64_t l, std::int64_t, const model::SequenceSlice& s, const float* qkv,
+                                           float* out) {
+    const auto& b = blocks[static_cast<std::size_t>(l)];
+    fwd.attend_local(s, qkv, model::LayerKv{b.data(), static_cast<std::int64_t>(b.size())}, out);
+  };
+  const model::HeadWeights head = dev.head_weights();
+  std::vector<std::int32_t> tokens(static_cast<std::size_t>(T + 1));
+  for (std::size_t t = 0; t < tokens.size(); ++t) tokens[t] = static_cast<std::int32_t>((3 + 7 * t) % 2000);
+  const std::span<float> hidden = dev.stage_activations();
+  const std::span<float> logits = dev.stage_logits();
+  const std::int64_t logit_rows = dev.options().max_sequences;
+  std::vector<std::int64_t> rows(static_cast<std::size_t>(logit_rows));
+  const auto step = [&](std::int64_t start, std::int64_t n) {
+    const model::SequenceSlice slice{start, n};
+    fwd.embed(head, tokens.data() + start, n, hidden.data());
+    fwd.run_layers(0, L, std::span(&slice, 1), hidden.data(), weights, attention);
+    const std::int64_t m = std::min<std::int64_t>(n, logit_rows);
+    for (std::int64_t r = 0; r < m; ++r) rows[static_cast<std::size_t>(r)] = n - m + r;
+    fwd.logits(head, hidden.data(), std::span(rows.data(), static_cast<std::size_t>(m)), logits.data());
+  };
+  const std::int64_t fallback_before = kernels::linear_thread_local_scratch_uses();
+  step(0, 1);  // warm-up: 1 token
+  const Counted at_limit = count([&] { step(0, T); });  // the same sequence again, at the limit
+  const auto row_bytes = static_cast<std::size_t>(c.hidden_size) * sizeof(float);
+  EXPECT_LT(at_limit.largest, row_bytes) << at_limit.allocations << " allocations in a " << T << "-token step";
+  EXPECT_EQ(kernels::linear_thread_local_scratch_uses(), fallback_before)
+      << "the device's forward pass used the kernels' thread_local GEMM scratch instead of its workspace";
 }
 
 }  // namespace
