@@ -380,21 +380,7 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
   }
   lock.lock();
   publish_successors_locked(lock, {std::move(unit)}, halves);  // the halves replace the group; returns unlocked
-  {
-    std::lock_guard<std::mutex> el(events_mu_);
-    kv_blocks_moved_ += exchanged_blocks;
-  }
-  ClusterEvent ev;
-  ev.time_us = clock_->now_us();
-  ev.kind = "shrink";
-  ev.group = group;
-  ev.instances = instances;
-  ev.bytes = pulled_bytes;
-  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  ev.requests_moved = moved;
-  ev.kv_blocks_exchanged = exchanged_blocks;
-  ev.requests_recomputed = recomputed;
-  ev.blocks_repacked = repacked_blocks;
+  ClusterEvent ev = split_event("shrink", group, instances, t0, pulled_bytes, moved, exchanged_blocks, recomputed, repacked_blocks);
   ev.reason = action.reason + "; into groups " + std::to_string(action.new_groups[0]) + " and " +
               std::to_string(action.new_groups[1]) + ": " + std::to_string(plan.keep_kv.size() - move_failed.size()) +
               " requests keep their KV (" + std::to_string(exchanged_blocks) + " blocks gathered, " +

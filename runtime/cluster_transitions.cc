@@ -76,6 +76,28 @@ Status ClusterRuntime::pull_layer_from_any(std::int64_t instance, std::int64_t l
                            std::to_string(order.size()) + " holder(s)");
 }
 
+ClusterEvent ClusterRuntime::split_event(const std::string& kind, std::int64_t group, const std::vector<std::int64_t>& instances,
+                                         std::chrono::steady_clock::time_point began, std::int64_t pulled_bytes,
+                                         std::int64_t moved, std::int64_t exchanged_blocks, std::int64_t recomputed,
+                                         std::int64_t repacked_blocks) {
+  {
+    std::lock_guard<std::mutex> el(events_mu_);
+    kv_blocks_moved_ += exchanged_blocks;
+  }
+  ClusterEvent ev;
+  ev.time_us = clock_->now_us();
+  ev.kind = kind;
+  ev.group = group;
+  ev.instances = instances;
+  ev.bytes = pulled_bytes;
+  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
+  ev.requests_moved = moved;
+  ev.kv_blocks_exchanged = exchanged_blocks;
+  ev.requests_recomputed = recomputed;
+  ev.blocks_repacked = repacked_blocks;
+  return ev;
+}
+
 StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
     std::int64_t inst, const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap, std::int64_t* repacked) {
   kv::KvBlockAllocator& alloc = *allocators_[static_cast<std::size_t>(inst)];
@@ -690,23 +712,9 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
   }
   lock.lock();
   publish_successors_locked(lock, {std::move(unit)}, fresh);  // the instances replace the group; returns unlocked
-  {
-    std::lock_guard<std::mutex> el(events_mu_);
-    kv_blocks_moved_ += exchanged_blocks;
-  }
-  ClusterEvent ev;
-  ev.time_us = clock_->now_us();
-  ev.kind = "restore";
-  ev.group = group;
-  ev.instances = instances;
-  ev.bytes = pulled_bytes;
-  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  ev.requests_moved = moved;
+  ClusterEvent ev = split_event("restore", group, instances, t0, pulled_bytes, moved, exchanged_blocks, recomputed, repacked_blocks);
   ev.gather_ms = gather_ms;
-  ev.kv_blocks_exchanged = exchanged_blocks;
   ev.kv_blocks_gathered_live = live_blocks;
-  ev.requests_recomputed = recomputed;
-  ev.blocks_repacked = repacked_blocks;
   ev.reason = reason + "; KV gathered back: " + std::to_string(plan.keep_kv.size() - move_failed.size()) + " requests, " +
               std::to_string(live_blocks) + " blocks while decoding, " + std::to_string(exchanged_blocks) + " blocks, " +
               std::to_string(exchanged_bytes) + " bytes at the split (" + std::to_string(repacked_blocks) + " blocks repacked, " +
