@@ -182,20 +182,24 @@ void Coordinator::on_shrink_done(std::int64_t group_id, std::int64_t now_us) {
   monitor_.reset_group(group_id);
   groups_.erase(group_id);
   for (std::size_t h = 0; h < 2; ++h) {
-    GroupInfo half;
-    half.id = ids[h];
-    half.members = halves[h];
-    half.state = GroupState::kDropped;
-    half.drop_requested_us = now_us;
-    half.dropped_us = now_us;
-    for (std::int64_t m : half.members) {
-      const bool inserted = group_of_.emplace(m, half.id).second;
-      KUN_CHECK(inserted) << "instance " << m << " is already in group " << group_of(m);
-    }
-    monitor_.reset_group(half.id);
-    groups_.emplace(half.id, std::move(half));
+    add_dropped_group(ids[h], halves[h], now_us);
   }
   replan_due_ = true;
+}
+
+void Coordinator::add_dropped_group(std::int64_t id, const std::vector<std::int64_t>& members, std::int64_t now_us) {
+  GroupInfo g;
+  g.id = id;
+  g.members = members;
+  g.state = GroupState::kDropped;
+  g.drop_requested_us = now_us;
+  g.dropped_us = now_us;
+  for (std::int64_t m : g.members) {
+    const bool inserted = group_of_.emplace(m, g.id).second;
+    KUN_CHECK(inserted) << "instance " << m << " is already in group " << group_of(m);
+  }
+  monitor_.reset_group(g.id);
+  groups_.emplace(g.id, std::move(g));
 }
 
 void Coordinator::dissolve_absorbed(std::int64_t group_id, std::int64_t now_us) {
@@ -325,18 +329,7 @@ void Coordinator::abandon_growth(std::int64_t group_id, const std::vector<Absorb
   groups_.erase(group_id);
   for (const AbsorbedGroup& a : absorbed) {
     KUN_CHECK(groups_.count(a.id) == 0) << "group " << a.id << " is live";
-    GroupInfo back;
-    back.id = a.id;
-    back.members = a.members;
-    back.state = GroupState::kDropped;
-    back.drop_requested_us = now_us;
-    back.dropped_us = now_us;
-    for (std::int64_t m : back.members) {
-      const bool inserted = group_of_.emplace(m, back.id).second;
-      KUN_CHECK(inserted) << "instance " << m << " is already in group " << group_of(m);
-    }
-    monitor_.reset_group(back.id);
-    groups_.emplace(back.id, std::move(back));
+    add_dropped_group(a.id, a.members, now_us);
   }
   replan_due_ = true;
 }

@@ -137,6 +137,9 @@ class Coordinator {
 
  private:
   GroupInfo& live_group(std::int64_t id);
+  // Registers a fused group of `members` as dropped at now_us (a shrink's half, a growth's
+  // abandoned absorbee): its members point at it and its monitor starts fresh.
+  void add_dropped_group(std::int64_t id, const std::vector<std::int64_t>& members, std::int64_t now_us);
   void transition(GroupInfo& g, GroupState to);
   DropAction create_group(std::vector<std::int64_t> members, std::int64_t now_us, std::string reason, bool forced);
   // A kDropped group a growing group replaces: its record ends here (its members join the new one).
