@@ -92,6 +92,33 @@ TEST(Planner, PicksFourWhenTwoIsShort) {
   EXPECT_NE(g.reason.find("g=4"), std::string::npos) << g.reason;
 }
 
+// With a demand trend the group is sized for demand + projected growth (the leader's and its
+// partners'), not for the demand now.
+TEST(Planner, TrendSizesTheGroupForTheProjectedDemand) {
+  const ClusterShape shape = test_shape();
+  const std::vector<InstanceSnapshot> xs = {snap(0, 2.0), snap(1, 0.5), snap(2, 0.6), snap(3, 0.7)};
+  // Now g=2 covers (3200 + 800 = 4000 <= 4560, PicksTwoWhenItSuffices). Growing by 1000 (leader)
+  // and 200 (partner 1): 5200 > 4560, so g=4: 3200 + 800 + 960 + 1120 = 6080, + 1200 = 7280 <= 10640.
+  const Plan p = Planner().plan(xs, {0}, shape, {{0, 1000}, {1, 200}, {3, 0}});
+  ASSERT_EQ(p.groups.size(), 1u);
+  EXPECT_EQ(p.groups[0].degree, 4);
+  EXPECT_EQ(p.groups[0].demand_tokens, 6080);
+  EXPECT_EQ(p.groups[0].growth_tokens, 1200);
+  EXPECT_TRUE(p.groups[0].covers);
+  EXPECT_NE(p.groups[0].reason.find("1200 projected"), std::string::npos) << p.groups[0].reason;
+  EXPECT_NE(p.groups[0].reason.find("short by"), std::string::npos) << p.groups[0].reason;  // why not 2
+  // A falling trend is no growth: the same as none.
+  const Plan falling = Planner().plan(xs, {0}, shape, {{0, -3000}});
+  ASSERT_EQ(falling.groups.size(), 1u);
+  EXPECT_EQ(falling.groups[0].degree, 2);
+  EXPECT_EQ(falling.groups[0].growth_tokens, 0);
+  // The growth reorders the leaders: 1 grows past 0's deficit and is served first.
+  const std::vector<InstanceSnapshot> two = {snap(0, 1.5), snap(1, 1.2), snap(2, 0.1), snap(3, 0.1), snap(4, 0.1)};
+  const Plan order = Planner().plan(two, {0, 1}, shape, {{1, 2000}});
+  ASSERT_EQ(order.groups.size(), 2u);
+  EXPECT_EQ(order.groups[0].leader, 1);
+}
+
 TEST(Planner, HealthyInstancesStayIndependent) {
   const ClusterShape shape = test_shape();
   std::vector<InstanceSnapshot> xs;
@@ -254,6 +281,20 @@ TEST(PlannerGrowth, GrowsWithFreeInstancesInterleaved) {
   EXPECT_EQ(out[0].capacity_before_tokens, 4800 + 1600 + 1600);
   EXPECT_EQ(out[0].capacity_after_tokens, 11200);  // g=4 over the members' base pools
   EXPECT_TRUE(out[0].covers);  // 2 x 5280 x 16 / 32 + 2 x 320 x 16 / 32 = 5600 tokens <= 0.95 x 11200
+}
+
+TEST(PlannerGrowth, ProjectedGrowthCountsAgainstTheNewCapacity) {
+  const ClusterShape shape = test_shape(4);
+  const InstanceSnapshot m0 = fused_member(0, 2, 1.1), m1 = fused_member(1, 2, 1.1);
+  const std::vector<InstanceSnapshot> free = {snap(3, 0.1), snap(2, 0.1)};
+  GroupView v{0, {&m0, &m1}, true};
+  v.growth_tokens = 6000;  // 5600 + 6000 > 0.95 x 11200 = 10640
+  const std::vector<PlannedGrowth> out = Planner().plan_growth({v}, free, shape);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].degree, 4);
+  EXPECT_EQ(out[0].growth_tokens, 6000);
+  EXPECT_FALSE(out[0].covers);
+  EXPECT_NE(out[0].reason.find("6000 projected"), std::string::npos) << out[0].reason;
 }
 
 TEST(PlannerGrowth, MergesWithALightGroupWhenNoInstanceIsFree) {

@@ -165,6 +165,8 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
   c.coordinator.planner.target_utilization = a.planner_target;
   c.coordinator.planner.grow_groups = k.grow_groups;  // shared with bench and serve (ClusterArgs)
   c.coordinator.planner.shrink_groups = k.shrink_groups;
+  c.coordinator.planner.trend_horizon_samples = k.trend_horizon_samples;
+  c.coordinator.planner.grow_on_trend = k.grow_on_trend;
   c.coordinator.monitor.drop_demand_threshold = a.drop_threshold;
   c.coordinator.monitor.restore_demand_threshold = a.restore_threshold;
   c.coordinator.monitor.sustained_overload_samples = a.sustained_samples;
