@@ -63,6 +63,8 @@ std::int64_t fused_capacity_tokens(const std::vector<const InstanceSnapshot*>& m
 Planner::Planner(PlannerConfig config) : config_(config) {
   KUN_CHECK(config_.target_utilization > 0.0 && config_.target_utilization <= 1.0)
       << "target_utilization " << config_.target_utilization;
+  KUN_CHECK(config_.trend_horizon_samples >= 0.0) << "trend_horizon_samples " << config_.trend_horizon_samples;
+  KUN_CHECK_GE(config_.trend_samples, 2) << "a trend needs two samples";
 }
 
 Plan Planner::plan(const std::vector<InstanceSnapshot>& independent, const std::vector<std::int64_t>& overloaded,
@@ -310,8 +312,12 @@ std::vector<PlannedGrowth> Planner::plan_growth(const std::vector<GroupView>& gr
   });
   std::map<std::size_t, std::vector<std::size_t>> mergeable;  // degree -> candidates, least loaded first
   std::map<std::size_t, std::size_t> next_mergeable;
+  // Overloaded groups by degree, least loaded first: a last resort for a merge (see below).
+  std::map<std::size_t, std::vector<std::size_t>> overloaded_of_degree;
+  std::map<std::size_t, std::size_t> next_overloaded;
   for (std::size_t i : order) {
     if (!gs[i].view->overloaded) mergeable[gs[i].view->members.size()].push_back(i);
+    if (gs[i].view->overloaded) overloaded_of_degree[gs[i].view->members.size()].push_back(i);
   }
   std::vector<bool> taken(gs.size(), false);
   // A member's pool without the pages its dropped layers lent (what it has as an instance).
@@ -345,8 +351,35 @@ std::vector<PlannedGrowth> Planner::plan_growth(const std::vector<GroupView>& gr
       auto& cands = mergeable[static_cast<std::size_t>(g)];
       std::size_t& next = next_mergeable[static_cast<std::size_t>(g)];
       while (next < cands.size() && (taken[cands[next]] || cands[next] == gi)) ++next;
-      if (next == cands.size()) continue;  // nothing to grow with
-      const std::size_t mi = cands[next];
+      std::size_t mi = gs.size();
+      if (next < cands.size()) {
+        mi = cands[next];
+      } else {
+        // No light group of degree g: the least loaded other overloaded one, if the merged group
+        // covers both groups' demand and growth (a group of 2g lends each member more pages than
+        // one of g: for Llama-2-13B a member's pool grows x1.29 at g = 2, x1.44 at g = 4).
+        auto& over = overloaded_of_degree[static_cast<std::size_t>(g)];
+        std::size_t& on = next_overloaded[static_cast<std::size_t>(g)];
+        while (on < over.size() && taken[over[on]]) ++on;
+        std::size_t k = on;
+        if (k < over.size() && over[k] == gi) ++k;
+        while (k < over.size() && taken[over[k]]) ++k;
+        if (k == over.size()) continue;  // nothing to grow with
+        const std::size_t cand = over[k];
+        std::vector<InstanceSnapshot> merged_bases;
+        std::vector<const InstanceSnapshot*> merged_ptrs;
+        merged_bases.reserve(static_cast<std::size_t>(2 * g));
+        for (std::int64_t j = 0; j < g; ++j) {
+          merged_bases.push_back(base_of(grower.view->members[static_cast<std::size_t>(j)], j, g));
+          merged_bases.push_back(base_of(gs[cand].view->members[static_cast<std::size_t>(j)], j, g));
+        }
+        for (const InstanceSnapshot& b : merged_bases) merged_ptrs.push_back(&b);
+        const std::int64_t need = grower.demand + gs[cand].demand + std::max<std::int64_t>(0, grower.view->growth_tokens) +
+                                  std::max<std::int64_t>(0, gs[cand].view->growth_tokens);
+        if (static_cast<double>(need) > target * static_cast<double>(fused_capacity_tokens(merged_ptrs, shape))) continue;
+        mi = cand;
+        why << "; no free instance or light group, the merged group holds both";
+      }
       taken[mi] = true;
       merged = gs[mi].view->id;
       merged_growth = std::max<std::int64_t>(0, gs[mi].view->growth_tokens);

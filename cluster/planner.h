@@ -56,7 +56,7 @@ struct PlannerConfig {
   // the projected demand instead of the demand now, so a burst that is still arriving gets a group
   // large enough at the drop rather than g = 2 first and growth only after the next vote. 0: off
   // (the artifact's sizing: the smallest group that covers the demand now).
-  double trend_horizon_samples = 0.0;
+  double trend_horizon_samples = 8.0;
   std::int64_t trend_samples = 4;
   // With a trend horizon: a dropped group whose projected demand exceeds target_utilization x its
   // fused capacity grows at once, without waiting for its load window's drop vote.

@@ -320,8 +320,24 @@ TEST(PlannerGrowth, RespectsTheDegreeCapAndOverloadedPartners) {
   PlannerConfig off;
   off.grow_groups = false;
   EXPECT_TRUE(Planner(off).plan_growth({GroupView{0, {&a0, &a1}, true}}, {snap(4, 0.1), snap(5, 0.1)}, shape).empty());
-  // Two overloaded groups and no free instance: neither absorbs the other.
-  EXPECT_TRUE(Planner().plan_growth({GroupView{0, {&a0, &a1}, true}, GroupView{1, {&b0, &b1}, true}}, {}, shape).empty());
+  // Two overloaded groups and no free instance: neither absorbs the other when the merged group
+  // would not hold both (2 x 6240 tokens > 0.95 x 11200)...
+  const InstanceSnapshot c0 = fused_member(0, 2, 1.3), c1 = fused_member(1, 2, 1.3);
+  const InstanceSnapshot d0 = fused_member(2, 2, 1.3), d1 = fused_member(3, 2, 1.3);
+  EXPECT_TRUE(Planner().plan_growth({GroupView{0, {&c0, &c1}, true}, GroupView{1, {&d0, &d1}, true}}, {}, shape).empty());
+  // ... but they merge when it does: 2 x 5280 = 10560 <= 10640 (a member of 4 lends 24 layers'
+  // pages, one of 2 only 16), and then only once.
+  const std::vector<PlannedGrowth> both =
+      Planner().plan_growth({GroupView{0, {&a0, &a1}, true}, GroupView{1, {&b0, &b1}, true}}, {}, shape);
+  ASSERT_EQ(both.size(), 1u);
+  EXPECT_EQ(both[0].absorbs.size(), 2u);
+  EXPECT_EQ(both[0].capacity_after_tokens, 11200);
+  EXPECT_TRUE(both[0].covers);
+  EXPECT_NE(both[0].reason.find("holds both"), std::string::npos) << both[0].reason;
+  // Their projected growth counts: with 100 more tokens each it no longer fits.
+  GroupView ga{0, {&a0, &a1}, true}, gb{1, {&b0, &b1}, true};
+  ga.growth_tokens = gb.growth_tokens = 100;
+  EXPECT_TRUE(Planner().plan_growth({ga, gb}, {}, shape).empty());
 }
 
 TEST(PlannerGrowth, FourGrowsToEight) {

@@ -33,6 +33,8 @@ void ClusterArgs::add_to(CLI::App* cmd) {
                   "size a new group for the demand projected this many monitor samples ahead at its recent growth "
                   "(0: for the demand now, the artifact's sizing)")
       ->check(CLI::Range(0.0, 1000.0));
+  cmd->add_option("--trend-samples", trend_samples, "the trend is the demand growth over this many newest monitor samples")
+      ->check(CLI::Range(2, 1000));
   cmd->add_option("--grow-on-trend", grow_on_trend,
                   "with a trend horizon: a fused group whose projected demand exceeds its capacity grows at once, "
                   "without waiting for its monitor's vote");
@@ -101,6 +103,7 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.coordinator.planner.grow_groups = grow_groups;
   o.coordinator.planner.shrink_groups = shrink_groups;
   o.coordinator.planner.trend_horizon_samples = trend_horizon_samples;
+  o.coordinator.planner.trend_samples = trend_samples;
   o.coordinator.planner.grow_on_trend = grow_on_trend;
   if (event_history < 1) return invalid_argument("--event-history must be >= 1");
   o.coordinator.event_history = static_cast<std::size_t>(event_history);

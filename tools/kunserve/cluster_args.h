@@ -38,6 +38,7 @@ struct ClusterArgs {
   // Demand trend (cluster::PlannerConfig): groups sized for the demand projected this many monitor
   // samples ahead; a group projected short grows without waiting for a vote.
   double trend_horizon_samples = cluster::PlannerConfig{}.trend_horizon_samples;
+  std::int64_t trend_samples = cluster::PlannerConfig{}.trend_samples;
   bool grow_on_trend = cluster::PlannerConfig{}.grow_on_trend;
   std::string stale_kv = "exchange";
   std::int64_t exchange_per_round = 8;
