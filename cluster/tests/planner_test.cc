@@ -382,6 +382,28 @@ TEST(PlannerGrowth, GrowthPlanningScalesNLogN) {
   }
 }
 
+TEST(PlannerGrowth, OverloadedMergesPairUpOnceEach) {
+  // 4096 overloaded groups of 2 and no free instance: each merge takes two of them (the merged
+  // group holds both, 2 x 5280 <= 10640), so 2048 growths, every instance once, in one pass.
+  ClusterShape shape = test_shape(8192);
+  shape.allowed_degrees = {2, 4};
+  std::vector<InstanceSnapshot> members;
+  members.reserve(8192);
+  for (std::int64_t i = 0; i < 8192; ++i) members.push_back(fused_member(i, 2, 1.1));
+  std::vector<GroupView> views;
+  for (std::int64_t gi = 0; gi < 4096; ++gi) {
+    views.push_back(GroupView{gi, {&members[static_cast<std::size_t>(2 * gi)], &members[static_cast<std::size_t>(2 * gi + 1)]}, true});
+  }
+  const std::vector<PlannedGrowth> out = Planner().plan_growth(views, {}, shape);
+  EXPECT_EQ(out.size(), 2048u);
+  std::set<std::int64_t> used;
+  for (const PlannedGrowth& pg : out) {
+    EXPECT_EQ(pg.absorbs.size(), 2u);
+    EXPECT_TRUE(pg.covers);
+    for (std::int64_t m : pg.instances) EXPECT_TRUE(used.insert(m).second) << "instance " << m << " twice";
+  }
+}
+
 TEST(PlannerShrink, HalvesAreTheEvenAndTheOddStages) {
   ClusterShape shape = test_shape(8);
   shape.allowed_degrees = {2, 4, 8};
