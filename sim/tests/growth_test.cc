@@ -149,7 +149,7 @@ TEST(SimGrowth, TrendSizesTheFirstGroupsForTheArrivingBurst) {
   c.coordinator.planner.trend_horizon_samples = 0.0;
   auto now = run_simulation(c, t);
   ASSERT_TRUE(now.ok()) << now.status().to_string();
-  // Largest group a drop (not a growth) formed, and when a group of 4 first existed.
+  // Largest group a drop (not a growth) formed, and after how many transitions a group of 4 existed.
   const auto drops_largest = [](const SimReport& rep) {
     std::int64_t largest = 0;
     for (const auto& r : rep.transitions) {
