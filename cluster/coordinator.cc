@@ -447,6 +447,14 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
   for (const InstanceSnapshot& s : independent) {
     if (monitor_.instance_vote(s.instance) == Vote::kDrop) overloaded.push_back(s.instance);
   }
+  // Demand trend: growth over the newest trend_samples samples, projected over the horizon.
+  const PlannerConfig& pc = config_.planner;
+  const bool trend = pc.trend_horizon_samples > 0.0;
+  const auto projected_growth = [&](const DemandMonitor::Window* w, std::int64_t capacity_tokens) -> std::int64_t {
+    if (!trend || w == nullptr) return 0;
+    const double per_sample = recent_growth_per_sample(w->samples, pc.trend_samples);
+    return static_cast<std::int64_t>(per_sample * pc.trend_horizon_samples * static_cast<double>(capacity_tokens));
+  };
   // Fused groups whose load against their fused capacity votes for more memory.
   std::vector<GroupView> views;
   bool any_group_overloaded = false;
@@ -461,6 +469,13 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
       }
       if (v.members.size() != g.members.size()) continue;
       v.overloaded = monitor_.group_load_vote(id) == Vote::kDrop;
+      const std::int64_t capacity = Planner::group_capacity_tokens(v.members, shape_);
+      v.growth_tokens = projected_growth(monitor_.group_load_window(id), capacity);
+      if (!v.overloaded && pc.grow_on_trend && v.growth_tokens > 0 &&
+          static_cast<double>(Planner::group_demand_tokens(v.members, shape_) + v.growth_tokens) >
+              pc.target_utilization * static_cast<double>(capacity)) {
+        v.overloaded = true;  // short before the horizon: grow now, not after the next vote
+      }
       any_group_overloaded = any_group_overloaded || v.overloaded;
       views.push_back(std::move(v));
     }
@@ -468,7 +483,14 @@ Actions Coordinator::tick_kunserve(std::int64_t now_us, const std::vector<Instan
   if (overloaded.empty() && !any_group_overloaded) return actions;
   std::vector<std::int64_t> taken;
   if (!overloaded.empty()) {
-    Plan plan = planner_.plan(independent, overloaded, shape_);
+    std::unordered_map<std::int64_t, std::int64_t> growth;
+    if (trend) {
+      for (const InstanceSnapshot& s : independent) {
+        const std::int64_t t = projected_growth(monitor_.instance_window(s.instance), independent_capacity_tokens(s, shape_));
+        if (t > 0) growth.emplace(s.instance, t);
+      }
+    }
+    Plan plan = planner_.plan(independent, overloaded, shape_, growth);
     for (const std::string& note : plan.notes) KUN_LOG(kInfo) << "cluster: planner: " << note;
     for (PlannedGroup& pg : plan.groups) {
       taken.insert(taken.end(), pg.instances.begin(), pg.instances.end());

@@ -1,5 +1,7 @@
 #include "cluster/demand_monitor.h"
 
+#include <algorithm>
+
 #include "common/check.h"
 
 namespace kun::cluster {
@@ -60,6 +62,15 @@ double least_squares_slope(const std::deque<DemandSample>& window) {
     x += 1.0;
   }
   return num / den;
+}
+
+double recent_growth_per_sample(const std::deque<DemandSample>& window, std::int64_t samples) {
+  KUN_CHECK_GE(samples, 2);
+  const auto n = static_cast<std::int64_t>(window.size());
+  if (n < samples) return 0.0;
+  const double newest = window.back().demand;
+  const double oldest = window[static_cast<std::size_t>(n - samples)].demand;
+  return std::max(0.0, (newest - oldest) / static_cast<double>(samples - 1));
 }
 
 DemandMonitor::DemandMonitor(DemandMonitorConfig config) : config_(config) {
@@ -162,6 +173,11 @@ Vote DemandMonitor::group_shrink_vote(std::int64_t group) const {
 const DemandMonitor::Window* DemandMonitor::group_shrink_window(std::int64_t group) const {
   auto it = group_shrinks_.find(group);
   return it == group_shrinks_.end() ? nullptr : &it->second;
+}
+
+const DemandMonitor::Window* DemandMonitor::group_load_window(std::int64_t group) const {
+  auto it = group_loads_.find(group);
+  return it == group_loads_.end() ? nullptr : &it->second;
 }
 
 void DemandMonitor::reset_instance(std::int64_t instance) { instances_.erase(instance); }

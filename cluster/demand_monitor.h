@@ -83,6 +83,11 @@ DemandSample sample_of_group(const std::vector<const InstanceSnapshot*>& members
 
 // Least-squares slope of y against index 0..n-1 (0 for n < 2).
 double least_squares_slope(const std::deque<DemandSample>& window);
+// Demand growth per sample over the newest `samples` samples of a window: (newest - the oldest of
+// them) / (samples - 1), floored at 0 (a falling demand projects no growth). 0 when the window
+// holds fewer than `samples` samples (a trend needs that many; `samples` >= 2). The planner sizes
+// groups for demand + this x its horizon (PlannerConfig::trend_horizon_samples).
+double recent_growth_per_sample(const std::deque<DemandSample>& window, std::int64_t samples);
 
 class DemandMonitor {
  public:
@@ -122,6 +127,7 @@ class DemandMonitor {
   const Window* instance_window(std::int64_t instance) const;
   const Window* group_window(std::int64_t group) const;
   const Window* group_shrink_window(std::int64_t group) const;
+  const Window* group_load_window(std::int64_t group) const;  // against the fused capacity
 
   bool drop_eligible(const DemandSample& s) const;
   bool overloaded(const DemandSample& s) const;  // demand at the threshold with requests waiting

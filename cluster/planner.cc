@@ -63,10 +63,12 @@ std::int64_t fused_capacity_tokens(const std::vector<const InstanceSnapshot*>& m
 Planner::Planner(PlannerConfig config) : config_(config) {
   KUN_CHECK(config_.target_utilization > 0.0 && config_.target_utilization <= 1.0)
       << "target_utilization " << config_.target_utilization;
+  KUN_CHECK(config_.trend_horizon_samples >= 0.0) << "trend_horizon_samples " << config_.trend_horizon_samples;
+  KUN_CHECK_GE(config_.trend_samples, 2) << "a trend needs two samples";
 }
 
 Plan Planner::plan(const std::vector<InstanceSnapshot>& independent, const std::vector<std::int64_t>& overloaded,
-                   const ClusterShape& shape) const {
+                   const ClusterShape& shape, const std::unordered_map<std::int64_t, std::int64_t>& growth_tokens) const {
   check_shape(shape);
   Plan result;
   const double target = config_.target_utilization;
@@ -82,14 +84,18 @@ Plan Planner::plan(const std::vector<InstanceSnapshot>& independent, const std::
     const InstanceSnapshot* snap;
     std::int64_t capacity_tokens;
     std::int64_t demand_tokens;
-    double deficit_tokens;  // demand - target x capacity; negative = spare
+    std::int64_t growth_tokens;  // projected over the trend horizon
+    double deficit_tokens;       // demand + growth - target x capacity; negative = spare
   };
   const std::size_t n = independent.size();
   std::vector<Entry> entries;
   entries.reserve(n);
   for (const InstanceSnapshot& s : independent) {
-    Entry e{&s, independent_capacity_tokens(s, shape), demand_tokens(s, shape), 0.0};
-    e.deficit_tokens = static_cast<double>(e.demand_tokens) - target * static_cast<double>(e.capacity_tokens);
+    const auto grown = growth_tokens.find(s.instance);
+    const std::int64_t growth = grown == growth_tokens.end() ? 0 : std::max<std::int64_t>(0, grown->second);
+    Entry e{&s, independent_capacity_tokens(s, shape), demand_tokens(s, shape), growth, 0.0};
+    e.deficit_tokens =
+        static_cast<double>(e.demand_tokens + e.growth_tokens) - target * static_cast<double>(e.capacity_tokens);
     entries.push_back(e);
   }
   // Ascending deficit: front = least loaded (most spare), back = most overloaded.
@@ -141,12 +147,14 @@ Plan Planner::plan(const std::vector<InstanceSnapshot>& independent, const std::
     }
     std::ostringstream why;
     why << "instance " << lead.snap->instance << " demand " << lead.demand_tokens << " tokens vs capacity "
-        << lead.capacity_tokens << " (deficit " << static_cast<std::int64_t>(lead.deficit_tokens)
+        << lead.capacity_tokens;
+    if (lead.growth_tokens > 0) why << ", growing by " << lead.growth_tokens << " tokens over the trend horizon";
+    why << " (deficit " << static_cast<std::int64_t>(lead.deficit_tokens)
         << " tokens at target " << target << ")";
     struct Candidate {
       std::int64_t g = 0;
       std::vector<std::size_t> members;
-      std::int64_t demand = 0, before = 0, after = 0;
+      std::int64_t demand = 0, growth = 0, before = 0, after = 0;
       bool covers = false;
     };
     Candidate chosen;
@@ -162,16 +170,20 @@ Plan Planner::plan(const std::vector<InstanceSnapshot>& independent, const std::
       for (std::size_t m : c.members) {
         snaps.push_back(entries[m].snap);
         c.demand += entries[m].demand_tokens;
+        c.growth += entries[m].growth_tokens;
         c.before += entries[m].capacity_tokens;
       }
       c.after = fused_capacity_tokens(snaps, shape);
-      c.covers = static_cast<double>(c.demand) <= target * static_cast<double>(c.after);
+      c.covers = static_cast<double>(c.demand + c.growth) <= target * static_cast<double>(c.after);
       why << "; g=" << g << " ";
       std::vector<std::int64_t> ids;
       for (std::size_t m : c.members) ids.push_back(entries[m].snap->instance);
-      why << join_ids(ids) << ": demand " << c.demand << " tokens, capacity " << c.before << " -> " << c.after
-          << (c.covers ? " covers" : " short by ") ;
-      if (!c.covers) why << static_cast<std::int64_t>(static_cast<double>(c.demand) - target * static_cast<double>(c.after));
+      why << join_ids(ids) << ": demand " << c.demand;
+      if (c.growth > 0) why << " + " << c.growth << " projected";
+      why << " tokens, capacity " << c.before << " -> " << c.after << (c.covers ? " covers" : " short by ");
+      if (!c.covers) {
+        why << static_cast<std::int64_t>(static_cast<double>(c.demand + c.growth) - target * static_cast<double>(c.after));
+      }
       chosen = std::move(c);
       if (chosen.covers) break;
     }
@@ -185,6 +197,7 @@ Plan Planner::plan(const std::vector<InstanceSnapshot>& independent, const std::
     pg.degree = chosen.g;
     pg.leader = lead.snap->instance;
     pg.demand_tokens = chosen.demand;
+    pg.growth_tokens = chosen.growth;
     pg.capacity_before_tokens = chosen.before;
     pg.capacity_after_tokens = chosen.after;
     pg.covers = chosen.covers;
@@ -288,7 +301,7 @@ std::vector<PlannedGrowth> Planner::plan_growth(const std::vector<GroupView>& gr
   for (const GroupView& v : groups) {
     KUN_CHECK(!v.members.empty()) << "group " << v.id;
     G e{&v, group_demand_tokens(v.members, shape), group_capacity_tokens(v.members, shape), 0.0};
-    e.deficit = static_cast<double>(e.demand) - target * static_cast<double>(e.capacity);
+    e.deficit = static_cast<double>(e.demand + std::max<std::int64_t>(0, v.growth_tokens)) - target * static_cast<double>(e.capacity);
     gs.push_back(e);
   }
   // Merge candidates by degree, least loaded first; growers, largest deficit first.
@@ -299,8 +312,12 @@ std::vector<PlannedGrowth> Planner::plan_growth(const std::vector<GroupView>& gr
   });
   std::map<std::size_t, std::vector<std::size_t>> mergeable;  // degree -> candidates, least loaded first
   std::map<std::size_t, std::size_t> next_mergeable;
+  // Overloaded groups by degree, least loaded first: a last resort for a merge (see below).
+  std::map<std::size_t, std::vector<std::size_t>> overloaded_of_degree;
+  std::map<std::size_t, std::size_t> next_overloaded;
   for (std::size_t i : order) {
     if (!gs[i].view->overloaded) mergeable[gs[i].view->members.size()].push_back(i);
+    if (gs[i].view->overloaded) overloaded_of_degree[gs[i].view->members.size()].push_back(i);
   }
   std::vector<bool> taken(gs.size(), false);
   // A member's pool without the pages its dropped layers lent (what it has as an instance).
@@ -318,11 +335,14 @@ std::vector<PlannedGrowth> Planner::plan_growth(const std::vector<GroupView>& gr
     if (taken[gi] || !grower.view->overloaded) continue;
     const auto g = static_cast<std::int64_t>(grower.view->members.size());
     std::ostringstream why;
-    why << "group " << grower.view->id << " (g=" << g << ") demand " << grower.demand << " tokens vs capacity " << grower.capacity;
+    why << "group " << grower.view->id << " (g=" << g << ") demand " << grower.demand;
+    if (grower.view->growth_tokens > 0) why << " + " << grower.view->growth_tokens << " projected";
+    why << " tokens vs capacity " << grower.capacity;
     if (!degree_allowed(2 * g, shape)) continue;  // at its largest size
     std::vector<const InstanceSnapshot*> partners;
     std::vector<std::int64_t> partner_stage_degree;  // the degree the partner's layout comes from
     std::int64_t merged = -1;
+    std::int64_t merged_growth = 0;
     if (static_cast<std::int64_t>(spare.size() - next_spare) >= g) {
       for (std::int64_t j = 0; j < g; ++j) partners.push_back(spare[next_spare + static_cast<std::size_t>(j)]);
       partner_stage_degree.assign(static_cast<std::size_t>(g), 1);
@@ -331,10 +351,38 @@ std::vector<PlannedGrowth> Planner::plan_growth(const std::vector<GroupView>& gr
       auto& cands = mergeable[static_cast<std::size_t>(g)];
       std::size_t& next = next_mergeable[static_cast<std::size_t>(g)];
       while (next < cands.size() && (taken[cands[next]] || cands[next] == gi)) ++next;
-      if (next == cands.size()) continue;  // nothing to grow with
-      const std::size_t mi = cands[next];
+      std::size_t mi = gs.size();
+      if (next < cands.size()) {
+        mi = cands[next];
+      } else {
+        // No light group of degree g: the least loaded other overloaded one, if the merged group
+        // covers both groups' demand and growth (a group of 2g lends each member more pages than
+        // one of g: for Llama-2-13B a member's pool grows x1.29 at g = 2, x1.44 at g = 4).
+        auto& over = overloaded_of_degree[static_cast<std::size_t>(g)];
+        std::size_t& on = next_overloaded[static_cast<std::size_t>(g)];
+        while (on < over.size() && taken[over[on]]) ++on;
+        std::size_t k = on;
+        if (k < over.size() && over[k] == gi) ++k;
+        while (k < over.size() && taken[over[k]]) ++k;
+        if (k == over.size()) continue;  // nothing to grow with
+        const std::size_t cand = over[k];
+        std::vector<InstanceSnapshot> merged_bases;
+        std::vector<const InstanceSnapshot*> merged_ptrs;
+        merged_bases.reserve(static_cast<std::size_t>(2 * g));
+        for (std::int64_t j = 0; j < g; ++j) {
+          merged_bases.push_back(base_of(grower.view->members[static_cast<std::size_t>(j)], j, g));
+          merged_bases.push_back(base_of(gs[cand].view->members[static_cast<std::size_t>(j)], j, g));
+        }
+        for (const InstanceSnapshot& b : merged_bases) merged_ptrs.push_back(&b);
+        const std::int64_t need = grower.demand + gs[cand].demand + std::max<std::int64_t>(0, grower.view->growth_tokens) +
+                                  std::max<std::int64_t>(0, gs[cand].view->growth_tokens);
+        if (static_cast<double>(need) > target * static_cast<double>(fused_capacity_tokens(merged_ptrs, shape))) continue;
+        mi = cand;
+        why << "; no free instance or light group, the merged group holds both";
+      }
       taken[mi] = true;
       merged = gs[mi].view->id;
+      merged_growth = std::max<std::int64_t>(0, gs[mi].view->growth_tokens);
       partners = gs[mi].view->members;
       partner_stage_degree.assign(static_cast<std::size_t>(g), g);
       why << "; merging group " << merged << " (demand " << gs[mi].demand << " vs " << gs[mi].capacity << ")";
@@ -364,14 +412,16 @@ std::vector<PlannedGrowth> Planner::plan_growth(const std::vector<GroupView>& gr
       all.push_back(partners[static_cast<std::size_t>(j)]);
     }
     pg.demand_tokens = group_demand_tokens(all, shape);
+    pg.growth_tokens = std::max<std::int64_t>(0, grower.view->growth_tokens) + merged_growth;
     pg.capacity_before_tokens = grower.capacity + (merged >= 0 ? group_capacity_tokens(partners, shape) : 0);
     if (merged < 0) {
       for (const InstanceSnapshot* p : partners) pg.capacity_before_tokens += independent_capacity_tokens(*p, shape);
     }
     pg.capacity_after_tokens = fused_capacity_tokens(base_ptrs, shape);
-    pg.covers = static_cast<double>(pg.demand_tokens) <= target * static_cast<double>(pg.capacity_after_tokens);
-    why << "; g=" << pg.degree << " " << join_ids(pg.instances) << ": demand " << pg.demand_tokens << " tokens, capacity "
-        << pg.capacity_before_tokens << " -> " << pg.capacity_after_tokens << (pg.covers ? " covers" : " (still short)");
+    pg.covers = static_cast<double>(pg.demand_tokens + pg.growth_tokens) <= target * static_cast<double>(pg.capacity_after_tokens);
+    why << "; g=" << pg.degree << " " << join_ids(pg.instances) << ": demand " << pg.demand_tokens;
+    if (pg.growth_tokens > 0) why << " + " << pg.growth_tokens << " projected";
+    why << " tokens, capacity " << pg.capacity_before_tokens << " -> " << pg.capacity_after_tokens << (pg.covers ? " covers" : " (still short)");
     pg.reason = why.str();
     out.push_back(std::move(pg));
   }

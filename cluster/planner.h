@@ -15,6 +15,9 @@
 // spans all L layers on their home device until exchanged) are not modelled: the exchange
 // converts them to the fused layout.
 //
+// Demand is what the instances demand now plus, when the coordinator projects a trend
+// (PlannerConfig::trend_horizon_samples > 0), the growth it expects over the horizon.
+//
 // Greedy, O(N log N): instances are sorted once by deficit (demand - target x capacity, tokens).
 // Overloaded instances are served largest deficit first; each tries g in allowed_degrees
 // ascending with the g-1 least-loaded still-unassigned instances as partners (their spare capacity
@@ -27,6 +30,7 @@
 
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cluster/policy_types.h"
@@ -46,13 +50,25 @@ struct PlannerConfig {
   // A dropped group of degree g >= 4 whose demand fits its two halves shrinks to two groups of
   // g / 2 (partial restore, step by step: 8 -> 4 -> 2 -> 1); false: groups restore whole.
   bool shrink_groups = true;
+  // Demand trend (DemandMonitor windows): the coordinator projects each instance's (and each
+  // dropped group's) demand this many samples ahead at its growth over the newest trend_samples
+  // samples (recent_growth_per_sample; only growth counts), and the planner sizes a new group for
+  // the projected demand instead of the demand now, so a burst that is still arriving gets a group
+  // large enough at the drop rather than g = 2 first and growth only after the next vote. 0: off
+  // (the artifact's sizing: the smallest group that covers the demand now).
+  double trend_horizon_samples = 8.0;
+  std::int64_t trend_samples = 4;
+  // With a trend horizon: a dropped group whose projected demand exceeds target_utilization x its
+  // fused capacity grows at once, without waiting for its load window's drop vote.
+  bool grow_on_trend = true;
 };
 
 // A fused group as the growth planner sees it.
 struct GroupView {
   std::int64_t id = -1;
   std::vector<const InstanceSnapshot*> members;  // stage order
-  bool overloaded = false;                       // its monitor votes for more memory
+  bool overloaded = false;                       // its monitor votes for more memory (or its trend)
+  std::int64_t growth_tokens = 0;                // demand growth expected over the trend horizon
 };
 
 struct PlannedGrowth {
@@ -61,6 +77,7 @@ struct PlannedGrowth {
   std::vector<std::int64_t> instances;     // new stage order: old stage j at 2j, partners at 2j + 1
   std::int64_t degree = 0;
   std::int64_t demand_tokens = 0;
+  std::int64_t growth_tokens = 0;           // projected growth of the absorbed groups (not in demand_tokens)
   std::int64_t capacity_before_tokens = 0;  // the groups' and instances' capacities now
   std::int64_t capacity_after_tokens = 0;
   bool covers = false;
@@ -82,6 +99,7 @@ struct PlannedGroup {
   std::int64_t degree = 0;
   std::int64_t leader = -1;              // the overloaded instance it was formed for
   std::int64_t demand_tokens = 0;        // members' combined demand
+  std::int64_t growth_tokens = 0;        // of which projected growth over the trend horizon (not yet demanded)
   std::int64_t capacity_before_tokens = 0;  // sum of members' independent capacities
   std::int64_t capacity_after_tokens = 0;   // the fused group's capacity
   bool covers = false;
@@ -108,9 +126,11 @@ class Planner {
 
   // `independent`: snapshots of every instance free to fuse. `overloaded`: the ids (subset of
   // independent) that need memory, e.g. those the monitor votes to drop. Ids not in
-  // `independent` are reported in notes and skipped.
+  // `independent` are reported in notes and skipped. `growth_tokens`: per instance id, the demand
+  // growth (tokens) its trend projects over the horizon; a group covers when its members' demand
+  // plus their growth fits (ids absent: no growth).
   Plan plan(const std::vector<InstanceSnapshot>& independent, const std::vector<std::int64_t>& overloaded,
-            const ClusterShape& shape) const;
+            const ClusterShape& shape, const std::unordered_map<std::int64_t, std::int64_t>& growth_tokens = {}) const;
 
   // Growth, O(N log N): overloaded groups, largest deficit first, each grow from g to 2g (if
   // allowed) with the g least-loaded `free` instances, else by merging with the least-loaded

@@ -325,6 +325,68 @@ TEST(Coordinator, AnOverloadedGroupGrowsWithFreeInstances) {
   for (int i = 1; i <= 6; ++i) EXPECT_TRUE(off.tick(i * kPeriod, {hot0, hot1, snap(2, 0.1), snap(3, 0.1)}).drops.empty());
 }
 
+// Demand trend at the drop: an instance whose demand climbs 0.3 of its pool per sample gets a
+// group sized for the demand 8 samples ahead (g = 4), where the artifact's sizing forms g = 2.
+TEST(Coordinator, TrendSizesTheDropForARisingDemand) {
+  const auto run = [](double horizon) {
+    CoordinatorConfig cfg;
+    cfg.planner.trend_horizon_samples = horizon;
+    Coordinator c(cfg, test_shape(4));
+    const double demand[] = {0.5, 0.8, 1.1, 1.4};
+    Actions a;
+    for (int i = 0; i < 4; ++i) {
+      // Overloaded (demand >= 0.95, pending >= free) on the last two samples: the drop vote.
+      const InstanceSnapshot lead = demand[i] >= 0.95 ? overloaded_snap(0, demand[i]) : snap(0, demand[i]);
+      a = c.tick(i * kPeriod, {lead, snap(1, 0.3), snap(2, 0.2), snap(3, 0.25)});
+      if (i < 3) {
+        EXPECT_TRUE(a.drops.empty()) << "sample " << i;
+      }
+    }
+    EXPECT_EQ(a.drops.size(), 1u);
+    return a.drops.empty() ? std::vector<std::int64_t>{} : a.drops[0].instances;
+  };
+  // Demand now 2240 + 320 = 2560 tokens <= 0.95 x 4800: g = 2 covers.
+  EXPECT_EQ(run(0.0), (std::vector<std::int64_t>{0, 2}));
+  // Growth (1.4 - 0.5) / 3 = 0.3 per sample x 8 samples x 1600 tokens = 3840 more: g = 2 is short,
+  // g = 4 holds 2240 + 480 + 320 + 400 + 3840 = 7280 <= 0.95 x 11200.
+  EXPECT_EQ(run(8.0), (std::vector<std::int64_t>{0, 1, 2, 3}));
+}
+
+// A dropped group whose load climbs towards its fused capacity grows once its projection is short,
+// before its load window votes (which needs 95 % and pending >= free on two samples).
+TEST(Coordinator, TrendGrowsAGroupBeforeItsVote) {
+  const auto first_growth = [](double horizon, bool grow_on_trend) {
+    CoordinatorConfig cfg;
+    cfg.planner.trend_horizon_samples = horizon;
+    cfg.planner.grow_on_trend = grow_on_trend;
+    Coordinator c(cfg, test_shape(4));
+    EXPECT_TRUE(c.force_drop({0, 1}, 0).ok());
+    c.on_drop_done(0, 0);
+    for (int i = 1; i <= 8; ++i) {
+      // Load against the fused pool (4800 blocks each): 0.5, 0.55, ... 0.85, nothing queued.
+      InstanceSnapshot m0 = fused_snap(0, 0.1), m1 = fused_snap(1, 0.1);
+      for (InstanceSnapshot* m : {&m0, &m1}) {
+        m->blocks_demanded = m->kv_blocks_total * (50 + 5 * (i - 1)) / 100;
+        m->kv_blocks_free = m->kv_blocks_total - m->blocks_demanded;
+      }
+      const Actions a = c.tick(i * kPeriod, {m0, m1, snap(2, 0.1), snap(3, 0.1)});
+      if (!a.drops.empty()) {
+        EXPECT_EQ(a.drops[0].absorbs, (std::vector<std::int64_t>{0}));
+        EXPECT_EQ(a.drops[0].instances, (std::vector<std::int64_t>{0, 2, 1, 3}));
+        return i;
+      }
+    }
+    return -1;
+  };
+  // 0.05 per sample over the newest 4 samples x 8 samples = +0.4: 0.65 + 0.4 > 0.95 at sample 4.
+  EXPECT_EQ(first_growth(8.0, true), 4);
+  EXPECT_EQ(first_growth(8.0, false), -1);  // waits for the vote (never at 85 %)
+  EXPECT_EQ(first_growth(0.0, true), -1);   // no trend: the artifact's behaviour
+  // A shorter horizon grows later: +0.125 x 9600 blocks = 600 tokens; 3840 (0.8) + 600 <= 4560,
+  // 4080 (0.85, sample 8) + 600 > 4560.
+  EXPECT_EQ(first_growth(2.5, true), 8);
+}
+
 // Forced growth and shrink (tests, the simulator's script, ClusterRuntime::grow / shrink), and
 // giving the absorbed groups back when an executor cannot carry a growth out.
 TEST(Coordinator, ForcedGrowthShrinkAndTheirRollbacks) {

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <deque>
 #include <vector>
 
 #include "cluster/tests/test_util.h"
@@ -142,6 +143,17 @@ DemandMonitorConfig short_trend() {
   DemandMonitorConfig c;
   c.min_trend_samples = 4;
   return c;
+}
+
+// The planner's trend: growth per sample over the newest k samples, only growth, only with k.
+TEST(DemandMonitor, RecentGrowthPerSample) {
+  std::deque<DemandSample> w;
+  for (double d : {0.9, 0.2, 0.5, 0.8, 1.1}) w.push_back(calm(0, d));
+  EXPECT_NEAR(recent_growth_per_sample(w, 4), 0.3, 1e-12);   // (1.1 - 0.2) / 3: the old 0.9 is out
+  EXPECT_NEAR(recent_growth_per_sample(w, 5), 0.05, 1e-12);  // (1.1 - 0.9) / 4
+  EXPECT_EQ(recent_growth_per_sample(w, 6), 0.0);            // too few samples: no trend
+  w.push_back(calm(0, 0.1));
+  EXPECT_EQ(recent_growth_per_sample(w, 2), 0.0);  // falling: no growth projected
 }
 
 TEST(DemandMonitor, RestoreOnlyWhenFallingLowAndNothingQueued) {

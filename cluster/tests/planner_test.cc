@@ -92,6 +92,33 @@ TEST(Planner, PicksFourWhenTwoIsShort) {
   EXPECT_NE(g.reason.find("g=4"), std::string::npos) << g.reason;
 }
 
+// With a demand trend the group is sized for demand + projected growth (the leader's and its
+// partners'), not for the demand now.
+TEST(Planner, TrendSizesTheGroupForTheProjectedDemand) {
+  const ClusterShape shape = test_shape();
+  const std::vector<InstanceSnapshot> xs = {snap(0, 2.0), snap(1, 0.5), snap(2, 0.6), snap(3, 0.7)};
+  // Now g=2 covers (3200 + 800 = 4000 <= 4560, PicksTwoWhenItSuffices). Growing by 1000 (leader)
+  // and 200 (partner 1): 5200 > 4560, so g=4: 3200 + 800 + 960 + 1120 = 6080, + 1200 = 7280 <= 10640.
+  const Plan p = Planner().plan(xs, {0}, shape, {{0, 1000}, {1, 200}, {3, 0}});
+  ASSERT_EQ(p.groups.size(), 1u);
+  EXPECT_EQ(p.groups[0].degree, 4);
+  EXPECT_EQ(p.groups[0].demand_tokens, 6080);
+  EXPECT_EQ(p.groups[0].growth_tokens, 1200);
+  EXPECT_TRUE(p.groups[0].covers);
+  EXPECT_NE(p.groups[0].reason.find("1200 projected"), std::string::npos) << p.groups[0].reason;
+  EXPECT_NE(p.groups[0].reason.find("short by"), std::string::npos) << p.groups[0].reason;  // why not 2
+  // A falling trend is no growth: the same as none.
+  const Plan falling = Planner().plan(xs, {0}, shape, {{0, -3000}});
+  ASSERT_EQ(falling.groups.size(), 1u);
+  EXPECT_EQ(falling.groups[0].degree, 2);
+  EXPECT_EQ(falling.groups[0].growth_tokens, 0);
+  // The growth reorders the leaders: 1 grows past 0's deficit and is served first.
+  const std::vector<InstanceSnapshot> two = {snap(0, 1.5), snap(1, 1.2), snap(2, 0.1), snap(3, 0.1), snap(4, 0.1)};
+  const Plan order = Planner().plan(two, {0, 1}, shape, {{1, 2000}});
+  ASSERT_EQ(order.groups.size(), 2u);
+  EXPECT_EQ(order.groups[0].leader, 1);
+}
+
 TEST(Planner, HealthyInstancesStayIndependent) {
   const ClusterShape shape = test_shape();
   std::vector<InstanceSnapshot> xs;
@@ -256,6 +283,20 @@ TEST(PlannerGrowth, GrowsWithFreeInstancesInterleaved) {
   EXPECT_TRUE(out[0].covers);  // 2 x 5280 x 16 / 32 + 2 x 320 x 16 / 32 = 5600 tokens <= 0.95 x 11200
 }
 
+TEST(PlannerGrowth, ProjectedGrowthCountsAgainstTheNewCapacity) {
+  const ClusterShape shape = test_shape(4);
+  const InstanceSnapshot m0 = fused_member(0, 2, 1.1), m1 = fused_member(1, 2, 1.1);
+  const std::vector<InstanceSnapshot> free = {snap(3, 0.1), snap(2, 0.1)};
+  GroupView v{0, {&m0, &m1}, true};
+  v.growth_tokens = 6000;  // 5600 + 6000 > 0.95 x 11200 = 10640
+  const std::vector<PlannedGrowth> out = Planner().plan_growth({v}, free, shape);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].degree, 4);
+  EXPECT_EQ(out[0].growth_tokens, 6000);
+  EXPECT_FALSE(out[0].covers);
+  EXPECT_NE(out[0].reason.find("6000 projected"), std::string::npos) << out[0].reason;
+}
+
 TEST(PlannerGrowth, MergesWithALightGroupWhenNoInstanceIsFree) {
   const ClusterShape shape = test_shape(4);
   const InstanceSnapshot a0 = fused_member(0, 2, 1.1), a1 = fused_member(1, 2, 1.1);
@@ -279,8 +320,24 @@ TEST(PlannerGrowth, RespectsTheDegreeCapAndOverloadedPartners) {
   PlannerConfig off;
   off.grow_groups = false;
   EXPECT_TRUE(Planner(off).plan_growth({GroupView{0, {&a0, &a1}, true}}, {snap(4, 0.1), snap(5, 0.1)}, shape).empty());
-  // Two overloaded groups and no free instance: neither absorbs the other.
-  EXPECT_TRUE(Planner().plan_growth({GroupView{0, {&a0, &a1}, true}, GroupView{1, {&b0, &b1}, true}}, {}, shape).empty());
+  // Two overloaded groups and no free instance: neither absorbs the other when the merged group
+  // would not hold both (2 x 6240 tokens > 0.95 x 11200)...
+  const InstanceSnapshot c0 = fused_member(0, 2, 1.3), c1 = fused_member(1, 2, 1.3);
+  const InstanceSnapshot d0 = fused_member(2, 2, 1.3), d1 = fused_member(3, 2, 1.3);
+  EXPECT_TRUE(Planner().plan_growth({GroupView{0, {&c0, &c1}, true}, GroupView{1, {&d0, &d1}, true}}, {}, shape).empty());
+  // ... but they merge when it does: 2 x 5280 = 10560 <= 10640 (a member of 4 lends 24 layers'
+  // pages, one of 2 only 16), and then only once.
+  const std::vector<PlannedGrowth> both =
+      Planner().plan_growth({GroupView{0, {&a0, &a1}, true}, GroupView{1, {&b0, &b1}, true}}, {}, shape);
+  ASSERT_EQ(both.size(), 1u);
+  EXPECT_EQ(both[0].absorbs.size(), 2u);
+  EXPECT_EQ(both[0].capacity_after_tokens, 11200);
+  EXPECT_TRUE(both[0].covers);
+  EXPECT_NE(both[0].reason.find("holds both"), std::string::npos) << both[0].reason;
+  // Their projected growth counts: with 100 more tokens each it no longer fits.
+  GroupView ga{0, {&a0, &a1}, true}, gb{1, {&b0, &b1}, true};
+  ga.growth_tokens = gb.growth_tokens = 100;
+  EXPECT_TRUE(Planner().plan_growth({ga, gb}, {}, shape).empty());
 }
 
 TEST(PlannerGrowth, FourGrowsToEight) {
@@ -321,6 +378,28 @@ TEST(PlannerGrowth, GrowthPlanningScalesNLogN) {
   EXPECT_EQ(out.size(), 2048u);
   std::set<std::int64_t> used;
   for (const PlannedGrowth& pg : out) {
+    for (std::int64_t m : pg.instances) EXPECT_TRUE(used.insert(m).second) << "instance " << m << " twice";
+  }
+}
+
+TEST(PlannerGrowth, OverloadedMergesPairUpOnceEach) {
+  // 4096 overloaded groups of 2 and no free instance: each merge takes two of them (the merged
+  // group holds both, 2 x 5280 <= 10640), so 2048 growths, every instance once, in one pass.
+  ClusterShape shape = test_shape(8192);
+  shape.allowed_degrees = {2, 4};
+  std::vector<InstanceSnapshot> members;
+  members.reserve(8192);
+  for (std::int64_t i = 0; i < 8192; ++i) members.push_back(fused_member(i, 2, 1.1));
+  std::vector<GroupView> views;
+  for (std::int64_t gi = 0; gi < 4096; ++gi) {
+    views.push_back(GroupView{gi, {&members[static_cast<std::size_t>(2 * gi)], &members[static_cast<std::size_t>(2 * gi + 1)]}, true});
+  }
+  const std::vector<PlannedGrowth> out = Planner().plan_growth(views, {}, shape);
+  EXPECT_EQ(out.size(), 2048u);
+  std::set<std::int64_t> used;
+  for (const PlannedGrowth& pg : out) {
+    EXPECT_EQ(pg.absorbs.size(), 2u);
+    EXPECT_TRUE(pg.covers);
     for (std::int64_t m : pg.instances) EXPECT_TRUE(used.insert(m).second) << "instance " << m << " twice";
   }
 }

@@ -4,6 +4,7 @@
 // queue never makes "pending >= free" hold on two consecutive samples still drops.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
@@ -127,6 +128,54 @@ TEST(SimSustainedOverload, DropsAt95PercentWithPendingBelowFree) {
   EXPECT_LE(on_us, 5'000'000);  // 6 samples at 0.5 s after the prefills
   // Without it, the drop waits until demand passes 100 % (or never comes).
   EXPECT_TRUE(off_us < 0 || off_us >= on_us + 2'000'000) << "off " << off_us << " on " << on_us;
+}
+
+std::int64_t members_of(const cluster::TransitionRecord& t) {
+  std::int64_t members = 0;
+  for (std::size_t p = t.plan.find(" m"); p != std::string::npos; p = t.plan.find(" m", p + 1)) ++members;
+  return members;
+}
+
+// The planner's demand trend (cluster::PlannerConfig::trend_horizon_samples, on by default): a
+// burst still arriving at the drop gets a group sized for the demand a few seconds ahead (more
+// than 2 members at once), where the artifact's sizing (horizon 0) forms pairs first and grows
+// them later; every request completes either way.
+TEST(SimGrowth, TrendSizesTheFirstGroupsForTheArrivingBurst) {
+  const workload::Trace t = trace(14.0, 30, 1500, 300, 1);
+  SimConfig c = config(8, "llama-2-13b");
+  ASSERT_GT(c.coordinator.planner.trend_horizon_samples, 0.0);  // the default
+  auto trend = run_simulation(c, t);
+  ASSERT_TRUE(trend.ok()) << trend.status().to_string();
+  c.coordinator.planner.trend_horizon_samples = 0.0;
+  auto now = run_simulation(c, t);
+  ASSERT_TRUE(now.ok()) << now.status().to_string();
+  // Largest group a drop (not a growth) formed, and after how many transitions a group of 4 existed.
+  const auto drops_largest = [](const SimReport& rep) {
+    std::int64_t largest = 0;
+    for (const auto& r : rep.transitions) {
+      if (r.kind == "drop") largest = std::max(largest, members_of(r));
+    }
+    return largest;
+  };
+  const auto first_four = [](const SimReport& rep) {
+    for (std::size_t i = 0; i < rep.transitions.size(); ++i) {
+      if ((rep.transitions[i].kind == "drop" || rep.transitions[i].kind == "grow") && members_of(rep.transitions[i]) >= 4) {
+        return static_cast<std::int64_t>(i);
+      }
+    }
+    return static_cast<std::int64_t>(rep.transitions.size());
+  };
+  std::printf("trend: largest at a drop %lld, first group of 4 at transition %lld, p99 ttft %.0f ms | horizon 0: %lld, %lld, "
+              "%.0f ms\n",
+              static_cast<long long>(drops_largest(*trend)), static_cast<long long>(first_four(*trend)),
+              trend->report.ttft_ms.p99, static_cast<long long>(drops_largest(*now)),
+              static_cast<long long>(first_four(*now)), now->report.ttft_ms.p99);
+  expect_all_complete(*trend, t);
+  expect_all_complete(*now, t);
+  EXPECT_GT(drops_largest(*trend), 2);  // here g = 4 at the third drop (16-17.5 s)
+  EXPECT_EQ(drops_largest(*now), 2);    // pairs, grown to 4 later
+  EXPECT_LT(first_four(*trend), first_four(*now));
+  EXPECT_LT(trend->report.ttft_ms.p99, now->report.ttft_ms.p99);  // 3.2 s against 13.2 s here
 }
 
 }  // namespace

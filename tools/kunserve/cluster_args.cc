@@ -29,6 +29,15 @@ void ClusterArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--group-sizes", group_sizes, "fused group sizes the planner may form (smallest first)")->delimiter(',');
   cmd->add_option("--grow-groups", grow_groups, "overloaded fused groups grow g -> 2g (free instances or merging a group)");
   cmd->add_option("--shrink-groups", shrink_groups, "groups of 4+ shrink by halves as demand falls (partial restore)");
+  cmd->add_option("--trend-horizon-samples", trend_horizon_samples,
+                  "size a new group for the demand projected this many monitor samples ahead at its recent growth "
+                  "(0: for the demand now, the artifact's sizing)")
+      ->check(CLI::Range(0.0, 1000.0));
+  cmd->add_option("--trend-samples", trend_samples, "the trend is the demand growth over this many newest monitor samples")
+      ->check(CLI::Range(2, 1000));
+  cmd->add_option("--grow-on-trend", grow_on_trend,
+                  "with a trend horizon: a fused group whose projected demand exceeds its capacity grows at once, "
+                  "without waiting for its monitor's vote");
   cmd->add_option("--stale-kv", stale_kv,
                   "running requests when their instance fuses: recompute | remote-attention | exchange (live)");
   cmd->add_option("--exchange-per-round", exchange_per_round, "live KV exchange: requests moved per round (one layer each)");
@@ -93,6 +102,9 @@ StatusOr<runtime::ClusterOptions> ClusterArgs::build(const model::ModelConfig& c
   o.allowed_degrees = group_sizes;
   o.coordinator.planner.grow_groups = grow_groups;
   o.coordinator.planner.shrink_groups = shrink_groups;
+  o.coordinator.planner.trend_horizon_samples = trend_horizon_samples;
+  o.coordinator.planner.trend_samples = trend_samples;
+  o.coordinator.planner.grow_on_trend = grow_on_trend;
   if (event_history < 1) return invalid_argument("--event-history must be >= 1");
   o.coordinator.event_history = static_cast<std::size_t>(event_history);
 

@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "cluster/planner.h"
 #include "cluster/policy_types.h"
 #include "common/status.h"
 #include "model/config.h"
@@ -34,6 +35,11 @@ struct ClusterArgs {
   bool balance_fused = true;
   bool grow_groups = true;    // an overloaded fused group grows g -> 2g (cluster::PlannerConfig)
   bool shrink_groups = true;  // a group of 4+ shrinks by halves as demand falls (partial restore)
+  // Demand trend (cluster::PlannerConfig): groups sized for the demand projected this many monitor
+  // samples ahead; a group projected short grows without waiting for a vote.
+  double trend_horizon_samples = cluster::PlannerConfig{}.trend_horizon_samples;
+  std::int64_t trend_samples = cluster::PlannerConfig{}.trend_samples;
+  bool grow_on_trend = cluster::PlannerConfig{}.grow_on_trend;
   std::string stale_kv = "exchange";
   std::int64_t exchange_per_round = 8;
   std::int64_t restore_gather_timeout_ms = 2000;

@@ -51,7 +51,11 @@ std::vector<Scenario> scenarios() {
        "Llama-2-70B, TP 4 per instance, 2 instances on 8 A100-80GB (NVLink), outputs x64 (up to 3K tokens): the artifact's main target", "llama-2-70b",
        "a100-80gb", "nvlink-a100", 4, 2, 1.0, 0.25, 64.0, 1024, 3072, "time-scale=0.2,0.3,0.4,0.6,0.8", 512},
       {"llama13b-a100x8", "Llama-2-13B, 8 single-GPU instances on A100-80GB (NVLink)", "llama-2-13b", "a100-80gb",
-       "nvlink-a100", 1, 8, 1.0, 0.25, 32.0, 4096, 2048, "time-scale=2,2.5,3,3.5,4,5,6"},
+       "nvlink-a100", 1, 8, 1.0, 0.25, 32.0, 4096, 2048, "time-scale=2,2.5,3,3.5,4,5,6,7,8,10"},
+      {"llama13b-h100x8",
+       "Llama-2-13B, 8 single-GPU instances on H100-80GB (NVLink): the 13B scenario on the paper's GPU (same memory, "
+       "about 3x the compute)",
+       "llama-2-13b", "h100-80gb", "nvlink", 1, 8, 1.0, 0.25, 32.0, 4096, 2048, "time-scale=3,4,5,6,7,8,10,12,14"},
       {"cot-llama2-7b-a100x8",
        "long generations (chain of thought): Llama-2-7B, 8 A100-80GB, prompts / 4, outputs x64 (up to 3K tokens)",
        "llama-2-7b", "a100-80gb", "nvlink-a100", 1, 8, 1.0, 0.25, 64.0, 1024, 3072, "time-scale=6,8,10,12,16"},
@@ -165,6 +169,9 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
   c.coordinator.planner.target_utilization = a.planner_target;
   c.coordinator.planner.grow_groups = k.grow_groups;  // shared with bench and serve (ClusterArgs)
   c.coordinator.planner.shrink_groups = k.shrink_groups;
+  c.coordinator.planner.trend_horizon_samples = k.trend_horizon_samples;
+  c.coordinator.planner.trend_samples = k.trend_samples;
+  c.coordinator.planner.grow_on_trend = k.grow_on_trend;
   c.coordinator.monitor.drop_demand_threshold = a.drop_threshold;
   c.coordinator.monitor.restore_demand_threshold = a.restore_threshold;
   c.coordinator.monitor.sustained_overload_samples = a.sustained_samples;
