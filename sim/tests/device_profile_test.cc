@@ -188,5 +188,41 @@ TEST(DeviceProfile, HostContentionSlowsOverlappingSteps) {
   std::filesystem::remove_all(dir);
 }
 
+// Host contention is processor sharing, not a factor fixed when a step starts: a step that began
+// alone slows down when another device starts computing, and speeds up when that one ends.
+// Two devices, contention 2x while both compute: A starts a step of W us at 0, B the same step at
+// W/2. A does W/2 alone, then W/2 at half speed (W of wall time): ends at 1.5 W. B does W/2 at
+// half speed until 1.5 W, then W/2 alone: ends at 2 W. Both first tokens come 1.5 W after their
+// arrival (a factor fixed at the start would give W and 2 W).
+TEST(DeviceProfile, HostContentionIsProcessorSharing) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  DeviceProfile p;
+  p.spec = known_cpu();
+  p.spec.host_contention = {1.0, 2.0};
+  p.preset = "llama-30m";
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kun_device_profile_sharing";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "c.json").string();
+  ASSERT_TRUE(save_device_profile(p, path).ok());
+  const std::vector<SeqWork> prefill{SeqWork{0, 16, true}};
+  const double w = predicted_step_us(CostModel(p.spec, m), prefill);
+  SimConfig c;
+  c.gpu = path;
+  c.model_name = "llama-30m";
+  c.num_instances = 2;
+  c.kv_tokens_per_instance = 1024;
+  c.policy = cluster::Policy::kRecompute;
+  workload::Trace t;
+  t.requests.push_back({0, 16, 1});
+  t.requests.push_back({static_cast<std::int64_t>(w / 2), 16, 1});
+  auto r = run_simulation(c, t);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  ASSERT_EQ(r->records.size(), 2u);
+  for (const auto& rec : r->records) {
+    EXPECT_NEAR(static_cast<double>(rec.first_token_us - rec.arrival_us), 1.5 * w, 3.0) << "request " << rec.index << ", W " << w;
+  }
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace kun::sim
