@@ -35,6 +35,7 @@ struct ClusterSim::Unit {
   double work_left_us = 0.0;
   double copy_left_us = 0.0;  // swap copies first: on the link, not computing, not contended
   std::int64_t copy_until_us = -1;  // when those end (an event: the devices computing change)
+  bool latency_pending = false;  // the host's fixed time per step not yet added (reprice does)
   std::int64_t step_start_us = 0;
   // Fused units: live KV exchange after the drop, reverse exchange (gather) while restoring.
   struct KvMove {
@@ -444,8 +445,18 @@ void ClusterSim::reprice_contended_steps() {
     if (u->in_flight && u->copy_left_us <= 0.0) busy += u->compute_devices;
   }
   contention_factor_ = cost_.gpu().contention_factor(busy);
+  // A step started now also pays the host's fixed time per step at the devices computing with it
+  // (GpuSpec::host_contention_us), as work at today's factor: a x W + b = a x (W + b / a). A fused
+  // round pays it once, as an instance's step: its stages' threads stay busy from one micro-batch
+  // to the next, the wait is the engine's (measured: a 2-stage round paying it per micro-batch
+  // made kunserve's TPOT 1.8x the bench's).
+  const double latency = cost_.gpu().contention_latency_us(std::max(1.0, busy));
   for (auto& u : units_) {
     if (!u->in_flight) continue;
+    if (u->latency_pending) {
+      u->work_left_us += latency / contention_factor_;
+      u->latency_pending = false;
+    }
     // At least 1 us ahead, so that every event instant moves the clock. A step still copying has
     // an event where its forward starts (copy_until_us): the devices computing change there.
     const double copy = std::ceil(u->copy_left_us - 1e-6);
@@ -483,6 +494,7 @@ void ClusterSim::start_steps() {
     // reprice_contended_steps() once every step of this instant has started.
     u.copy_left_us = std::min(static_cast<double>(duration), u.executor->counters().last_round_copy_us);
     u.work_left_us = std::max(1.0, static_cast<double>(duration) - u.copy_left_us);
+    u.latency_pending = true;
     u.step_start_us = now;
     u.busy_until_us = now + std::max<std::int64_t>(1, duration);
     u.in_flight = true;

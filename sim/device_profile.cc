@@ -29,6 +29,7 @@ nlohmann::json spec_to_json(const GpuSpec& g) {
           {"dtype_bytes", g.dtype_bytes},
           {"page_bytes", g.page_bytes},
           {"host_contention", g.host_contention},
+          {"host_contention_us", g.host_contention_us},
           {"table_tokens", g.table_tokens},
           {"table_us", g.table_us},
           {"sample_us", g.sample_us},
@@ -55,6 +56,7 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
     g.dtype_bytes = j.at("dtype_bytes").get<std::int64_t>();
     g.page_bytes = j.at("page_bytes").get<std::int64_t>();
     g.host_contention = j.at("host_contention").get<std::vector<double>>();
+    g.host_contention_us = j.value("host_contention_us", std::vector<double>{});
     g.table_tokens = j.value("table_tokens", std::vector<double>{});
     g.table_us = j.value("table_us", std::vector<double>{});
     g.sample_us = j.value("sample_us", 0.0);
@@ -76,6 +78,12 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
   }
   for (double c : g.host_contention) {
     if (!(c > 0)) return invalid_argument("device profile '" + g.name + "': host_contention entries must be > 0");
+  }
+  if (!g.host_contention_us.empty() && g.host_contention_us.size() != g.host_contention.size()) {
+    return invalid_argument("device profile '" + g.name + "': host_contention_us must be empty or as long as host_contention");
+  }
+  for (double c : g.host_contention_us) {
+    if (!(c >= 0)) return invalid_argument("device profile '" + g.name + "': host_contention_us entries must be >= 0");
   }
   g.calibrated = true;
   return g;

@@ -224,5 +224,61 @@ TEST(DeviceProfile, HostContentionIsProcessorSharing) {
   std::filesystem::remove_all(dir);
 }
 
+// The host's fixed time per step (GpuSpec::host_contention_us): two devices start the same step
+// together, contention 2x and 1 ms at two devices: each takes 2 W + 1 ms, whatever W is; a step
+// alone takes W (0 us at one device). The profile file carries the curve.
+TEST(DeviceProfile, HostContentionFixedTimePerStep) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  DeviceProfile p;
+  p.spec = known_cpu();
+  p.spec.host_contention = {1.0, 2.0};
+  p.spec.host_contention_us = {0.0, 1000.0};
+  p.preset = "llama-30m";
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kun_device_profile_latency";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "c.json").string();
+  ASSERT_TRUE(save_device_profile(p, path).ok());
+  auto loaded = load_device_profile(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
+  EXPECT_EQ(loaded->spec.host_contention_us, p.spec.host_contention_us);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_latency_us(2.0), 1000.0);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_latency_us(1.5), 500.0);
+  const double w = predicted_step_us(CostModel(p.spec, m), std::vector<SeqWork>{SeqWork{0, 16, true}});
+  const auto ttfts = [&](std::vector<std::int64_t> arrivals) {
+    SimConfig c;
+    c.gpu = path;
+    c.model_name = "llama-30m";
+    c.num_instances = 2;
+    c.kv_tokens_per_instance = 1024;
+    c.policy = cluster::Policy::kRecompute;
+    workload::Trace t;
+    for (std::int64_t a : arrivals) t.requests.push_back({a, 16, 1});
+    auto r = run_simulation(c, t);
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    std::vector<double> out;
+    if (r.ok()) {
+      for (const auto& rec : r->records) out.push_back(static_cast<double>(rec.first_token_us - rec.arrival_us));
+    }
+    return out;
+  };
+  const std::vector<double> together = ttfts({0, 0});
+  ASSERT_EQ(together.size(), 2u);
+  for (double t : together) EXPECT_NEAR(t, 2.0 * w + 1000.0, 3.0) << "W " << w;
+  const std::vector<double> alone = ttfts({0});
+  ASSERT_EQ(alone.size(), 1u);
+  EXPECT_NEAR(alone[0], w, 2.0);
+  // A bad curve is refused with a reason.
+  nlohmann::json j = p.to_json();
+  j["spec"]["host_contention_us"] = {0.0, 1.0, 2.0};
+  {
+    std::ofstream f(path);
+    f << j.dump();
+  }
+  auto bad = load_device_profile(path);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("host_contention_us"), std::string::npos) << bad.status().to_string();
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace kun::sim
