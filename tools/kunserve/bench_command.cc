@@ -82,6 +82,7 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   ro.vocab_size = config.vocab_size;
   ro.seed = a.trace.seed;
   ro.progress = true;
+  const std::int64_t replay_begin_us = clock.now_us();
   ReplayResult rr = replay_in_process(*rt, trace, ro);
   rt->stop();
   PolicyRun run;
@@ -111,6 +112,12 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   run.extra["link_model"] = o.link.describe();
   run.extra["host_link_model"] = o.host_link.describe();
   run.extra["wall_s"] = rr.wall_s;
+  // When each transition happened, in seconds of the trace (kunserve simulate logs its own).
+  nlohmann::json transitions = nlohmann::json::array();
+  for (const runtime::ClusterEvent& ev : rt->events()) {
+    transitions.push_back({{"kind", ev.kind}, {"group", ev.group}, {"t_s", static_cast<double>(ev.time_us - replay_begin_us) / 1e6}});
+  }
+  run.extra["transitions"] = transitions;
   if (policy == cluster::Policy::kKunServe) {
     run.extra["stale_kv"] = cluster::stale_kv_strategy_name(o.stale_kv);
     run.extra["lookahead"] = o.scheduler.balance_virtual_engines;
