@@ -7,12 +7,16 @@ its cores among the devices as the simulator models it (sim/cost_model.h, GpuSpe
 host_contention and host_contention_us): a step taken while k devices compute lasts
 a(k) x table + b(k). k of a step is the time-weighted number of steps in flight over its span
 (its own included; a fused group of g devices keeps g micro-batches in flight, each spanning
-about a round: each counts one device), rounded. Per k, least squares on the independent instances' steps without swap
+about a round: each counts one device; a step's swap copies wait on the paced host link and
+compute nothing: with --swap-us-per-block the step counts only for the rest of its span), rounded. Per k, least squares on the independent instances' steps without swap
 copies, unweighted (the simulator must get the mean right: the total time the devices spend);
 a(k) alone (b = 0) when the fit gives b < 0 or a < 0.5. Writes the profile with the fitted curves
 (the step table unchanged) and prints, per k, the steps, the measured mean time over the table's,
 and the fit.
-Usage: fit_host_contention.py PROFILE OUT_PROFILE STEPS.csv [STEPS.csv ...]"""
+With --bench-json REAL.json --host-link-gbps G (the run's report and its --host-link-gbps) the
+swap copy time per layer block is the report's swap bytes over the logs' swap blocks, at G.
+Usage: fit_host_contention.py [--swap-us-per-block US | --bench-json REAL.json --host-link-gbps G]
+                              PROFILE OUT_PROFILE STEPS.csv [STEPS.csv ...]"""
 import csv
 import json
 import sys
@@ -55,8 +59,34 @@ def busy_devices(spans):
 
 
 def main():
-    if len(sys.argv) < 4:
+    args = sys.argv[1:]
+    swap_us, bench_json, gbps = 0.0, None, 0.0
+    while args and args[0].startswith("--"):
+        if len(args) < 2:
+            sys.exit(__doc__)
+        if args[0] == "--swap-us-per-block":
+            swap_us = float(args[1])
+        elif args[0] == "--bench-json":
+            bench_json = args[1]
+        elif args[0] == "--host-link-gbps":
+            gbps = float(args[1])
+        else:
+            sys.exit(__doc__)
+        args = args[2:]
+    if len(args) < 3:
         sys.exit(__doc__)
+    if bench_json and gbps > 0:
+        with open(bench_json) as f:
+            j = json.load(f)
+        runs = j if isinstance(j, list) else [j]
+        swap_bytes = sum(r.get("runtime", {}).get("transfer_bytes", {}).get(k, 0) for r in runs for k in ("swap_in", "swap_out"))
+        blocks = 0
+        for path in args[2:]:
+            with open(path) as f:
+                blocks += sum(int(r["swap_blocks"]) for r in csv.DictReader(f))
+        if blocks > 0:
+            swap_us = swap_bytes / blocks / (gbps * 1e9) * 1e6
+    sys.argv = [sys.argv[0]] + args
     with open(sys.argv[1]) as f:
         prof = json.load(f)
     spec = prof["spec"]
@@ -65,7 +95,11 @@ def main():
     for path in sys.argv[3:]:
         with open(path) as f:
             rows = [{k: int(v) for k, v in r.items()} for r in csv.DictReader(f)]
-        spans = [(r["end_us"] - r["duration_us"], r["end_us"], 1.0) for r in rows]
+        spans = []
+        for r in rows:
+            d = r["duration_us"]
+            copy = min(d, swap_us * r["swap_blocks"])
+            spans.append((r["end_us"] - d, r["end_us"], 1.0 - copy / d if d > 0 else 1.0))
         busy = busy_devices(spans)
         for r, k in zip(rows, busy):
             if r["unit_devices"] != 1 or r["swap_blocks"] > 0 or r["sequences"] == 0:

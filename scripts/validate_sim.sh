@@ -49,9 +49,10 @@ fi
 # time, so the baselines' TTFT is sensitive to their speed: +10 % step time moves recompute's p50
 # TTFT by about +50 % in the simulator. A lighter load (--time-scale 1-1.5) is no less
 # sensitive (memory queueing has its own knee) and takes twice as long; see sim/README.md.
+HOST_GBPS=0.056
 OPTS=(--devices 4 --max-requests 600 --time-scale ${TIME_SCALE:-2} --max-gap-s 1 --length-scale 0.005 --max-prompt 30
       --output-scale 1 --max-output 32 --kv-tokens-per-device 64 --max-num-seqs 8 --monitor-period-ms 250
-      --link-gbps 0.7 --host-link-gbps 0.056)
+      --link-gbps 0.7 --host-link-gbps $HOST_GBPS)
 : > "$OUT/load.txt"
 REAL=()
 SIM=()
@@ -61,7 +62,8 @@ for ((k = 1; k <= ${REPEATS:-3}; ++k)); do
   KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} "${RUN[@]}" $BIN bench --in-process --preset llama-30m --policies "$POLICIES" "${OPTS[@]}" \
     --json "$OUT/real$k.json" --out-dir "$OUT/real$k" > "$OUT/real$k.log" 2>&1
   echo "real run $k: load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
-  python3 scripts/fit_host_contention.py "$PROFILE" "$OUT/profile$k.json" "$OUT"/real$k/*_steps.csv | tee "$OUT/contention$k.md"
+  python3 scripts/fit_host_contention.py --bench-json "$OUT/real$k.json" --host-link-gbps "$HOST_GBPS" \
+    "$PROFILE" "$OUT/profile$k.json" "$OUT"/real$k/*_steps.csv | tee "$OUT/contention$k.md"
   KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} $BIN simulate --gpu "$OUT/profile$k.json" --policies "$POLICIES" "${OPTS[@]}" \
     --json "$OUT/sim$k.json" > "$OUT/sim$k.log" 2>&1
   REAL+=("$OUT/real$k.json")
