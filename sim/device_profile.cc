@@ -358,4 +358,28 @@ Status save_device_profile(const DeviceProfile& profile, const std::string& path
   return ok_status();
 }
 
+ContentionFit fit_contention(std::span<const std::pair<double, double>> samples) {
+  double sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (const auto& [x, y] : samples) {
+    sx += x;
+    sy += y;
+    sxx += x * x;
+    sxy += x * y;
+  }
+  ContentionFit fit;
+  if (samples.empty() || !(sx > 0)) return fit;
+  fit.factor = sy / sx;
+  const auto n = static_cast<double>(samples.size());
+  const double det = n * sxx - sx * sx;
+  if (n >= 2 && det > 1e-9 * n * sxx) {
+    const double slope = (n * sxy - sx * sy) / det;
+    const double intercept = (sy - slope * sx) / n;
+    if (intercept >= 0 && slope >= 0.5) {
+      fit.factor = slope;
+      fit.fixed_us = intercept;
+    }
+  }
+  return fit;
+}
+
 }  // namespace kun::sim

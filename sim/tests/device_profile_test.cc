@@ -6,7 +6,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -278,6 +280,27 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("host_contention_us"), std::string::npos) << bad.status().to_string();
   std::filesystem::remove_all(dir);
+}
+
+// calibrate's contention fit: a known a x table + b comes back from steps of two sizes with
+// noise; a line that would need a negative fixed time falls back to the ratio of the means.
+TEST(DeviceProfile, FitContentionRecoversFactorAndFixedWait) {
+  std::vector<std::pair<double, double>> samples;
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<double> noise(-300.0, 300.0);
+  for (int i = 0; i < 400; ++i) {
+    const double x = i % 5 == 0 ? 14000.0 + 10.0 * (i % 7) : 2300.0 + 10.0 * (i % 3);  // prefills among decodes
+    samples.emplace_back(x, 1.9 * x + 4000.0 + noise(rng));
+  }
+  const ContentionFit fit = fit_contention(samples);
+  EXPECT_NEAR(fit.factor, 1.9, 0.02);
+  EXPECT_NEAR(fit.fixed_us, 4000.0, 60.0);
+  // Large steps slowed more than small ones: the line's intercept would be negative.
+  const std::vector<std::pair<double, double>> steep{{1000.0, 1000.0}, {10000.0, 30000.0}};
+  const ContentionFit ratio = fit_contention(steep);
+  EXPECT_DOUBLE_EQ(ratio.fixed_us, 0.0);
+  EXPECT_DOUBLE_EQ(ratio.factor, 31000.0 / 11000.0);
+  EXPECT_DOUBLE_EQ(fit_contention({}).factor, 1.0);
 }
 
 }  // namespace

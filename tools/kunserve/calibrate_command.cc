@@ -300,26 +300,8 @@ Status run_calibrate(const CalibrateArgs& a) {
   std::vector<double> contention, contention_us;
   std::cout << "  host contention, a step's time = a x table + b at k devices:";
   for (int k = 1; k <= a.max_devices; ++k) {
-    // Least squares y = a x + b, unweighted (the mean time is what the simulator must match).
-    const auto& v = samples[static_cast<std::size_t>(k)];
-    double sx = 0, sy = 0, sxx = 0, sxy = 0;
-    for (const auto& [x, y] : v) {
-      sx += x;
-      sy += y;
-      sxx += x * x;
-      sxy += x * y;
-    }
-    const auto n = static_cast<double>(v.size());
-    double slope = n > 0 && sx > 0 ? sy / sx : 1.0, intercept = 0.0;
-    const double det = n * sxx - sx * sx;
-    if (n >= 2 && det > 1e-9 * n * sxx) {
-      slope = (n * sxy - sx * sy) / det;
-      intercept = (sy - slope * sx) / n;
-    }
-    if (intercept < 0 || slope < 0.5) {  // no sign of a fixed wait (or too few step sizes): a ratio
-      slope = sx > 0 ? sy / sx : 1.0;
-      intercept = 0.0;
-    }
+    const sim::ContentionFit fit = sim::fit_contention(samples[static_cast<std::size_t>(k)]);
+    const double slope = fit.factor, intercept = fit.fixed_us;
     contention.push_back(slope);
     contention_us.push_back(intercept);
     const double decode = fitted.table_us(1);
