@@ -181,9 +181,26 @@ std::shared_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
   ec.publish_requests = options_.coordinator.policy == cluster::Policy::kMigrate;
   unit->engine = std::make_unique<engine::Engine>(ec, unit->kv.get(), unit->executor.get(), clock_);
   Unit* raw = unit.get();
-  unit->engine->set_step_observer([raw, this](const engine::StepPlan&, const engine::StepResult&) {
+  unit->engine->set_step_observer([raw, this](const engine::StepPlan& plan, const engine::StepResult& result) {
+    const std::int64_t now = clock_->now_us();
     std::int64_t expected = -1;
-    raw->first_step_us.compare_exchange_strong(expected, clock_->now_us());
+    raw->first_step_us.compare_exchange_strong(expected, now);
+    if (!options_.record_steps) return;
+    StepRecord r;
+    r.end_us = now;
+    r.duration_us = result.duration_us;
+    r.unit_devices = static_cast<std::int32_t>(raw->instances.size());
+    r.first_instance = raw->instances.front();
+    r.sequences = static_cast<std::int32_t>(plan.sequences.size());
+    for (const auto& s : plan.sequences) {
+      const auto n = static_cast<std::int64_t>(s.tokens.size());
+      r.new_tokens += n;
+      r.sampled += s.sample ? 1 : 0;
+      r.attended_pairs += n * s.start_pos + n * (n + 1) / 2;  // causal, as sim::CostModel counts
+    }
+    r.swap_blocks = static_cast<std::int32_t>(plan.swap_in.size() + plan.swap_out.size());
+    std::lock_guard<std::mutex> lock(steps_mu_);
+    step_records_.push_back(r);
   });
   if (g > 1) {
     unit->engine->set_between_steps([raw, this](const std::function<bool(RequestId)>& in_flight) { exchange_round(*raw, in_flight); });
@@ -685,6 +702,11 @@ void ClusterRuntime::record(ClusterEvent ev) {
     ++shrinks_;
   }
   events_.push_back(std::move(ev));
+}
+
+std::vector<StepRecord> ClusterRuntime::step_records() const {
+  std::lock_guard<std::mutex> lock(steps_mu_);
+  return step_records_;
 }
 
 std::vector<ClusterEvent> ClusterRuntime::events() const {

@@ -101,6 +101,22 @@ struct ClusterOptions {
   // Builds the devices (empty: InProcessFleet::create). The MPI runtime passes one that has the
   // device ranks build theirs (runtime/mpi/mpi_fleet.h, MpiFleetFactory).
   std::function<StatusOr<std::unique_ptr<DeviceFleet>>(const FleetOptions&, const model::WeightSource&)> make_fleet;
+  // Keep a StepRecord of every engine step (ClusterRuntime::step_records; `kunserve bench
+  // --out-dir` writes them): the simulator's validation compares its cost model with them.
+  bool record_steps = false;
+};
+
+// One engine step (one micro-batch of a fused group), as the engine thread saw it complete.
+struct StepRecord {
+  std::int64_t end_us = 0;        // runtime clock
+  std::int64_t duration_us = 0;   // the executor's, from submit to result (every stage of a group)
+  std::int32_t unit_devices = 1;  // devices of the unit that ran it (g of a fused group)
+  std::int64_t first_instance = -1;
+  std::int32_t sequences = 0;
+  std::int64_t new_tokens = 0;
+  std::int32_t sampled = 0;
+  std::int64_t attended_pairs = 0;  // (query, key) pairs, causal: n x context + n (n + 1) / 2 per sequence
+  std::int32_t swap_blocks = 0;     // swap-in and swap-out layer blocks
 };
 
 // The fleet factory a ClusterRuntime uses when ClusterOptions::make_fleet is empty (unset: the
@@ -178,6 +194,8 @@ class ClusterRuntime final : public engine::FrontDoor {
   // The newest options.coordinator.event_history transitions, oldest first (bounded: a long
   // run's history does not grow); events_total() counts every one recorded.
   std::vector<ClusterEvent> events() const;
+  // Every step completed so far (options.record_steps; empty otherwise), in completion order.
+  std::vector<StepRecord> step_records() const;
   std::uint64_t events_total() const;
   // The newest options.coordinator.event_history transition plans carried out (drop, restore,
   // split), in order.
@@ -421,6 +439,8 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::int64_t next_id_ = 1;
 
   mutable std::mutex events_mu_;
+  mutable std::mutex steps_mu_;
+  std::vector<StepRecord> step_records_;  // guarded by steps_mu_ (options_.record_steps)
   BoundedRing<ClusterEvent> events_;                       // guarded by events_mu_
   BoundedRing<cluster::TransitionRecord> transition_log_;  // guarded by events_mu_
   std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_

@@ -30,6 +30,13 @@ struct ClusterSim::Unit {
   bool blocked = false;  // waiting for a transition at its next step boundary
   std::int64_t resume_us = 0;  // no step starts before (a split's stop-and-copy gather)
   double compute_devices = 1.0;  // devices computing during the step in flight (host contention)
+  // Host contention (a CPU profile): the step in flight's work left, in microseconds of an
+  // uncontended step, as of ClusterSim::contention_at_us_, and when it started.
+  double work_left_us = 0.0;
+  double copy_left_us = 0.0;  // swap copies first: on the link, not computing, not contended
+  std::int64_t copy_until_us = -1;  // when those end (an event: the devices computing change)
+  bool latency_pending = false;  // the host's fixed time per step not yet added (reprice does)
+  std::int64_t step_start_us = 0;
   // Fused units: live KV exchange after the drop, reverse exchange (gather) while restoring.
   struct KvMove {
     std::int64_t index = -1;     // trace index
@@ -396,6 +403,10 @@ void ClusterSim::handle_events(Unit& u, const std::vector<engine::TokenEvent>& e
 void ClusterSim::finish_step(Unit& u) {
   KUN_CHECK(u.in_flight);
   u.in_flight = false;
+  if (!cost_.gpu().host_contention.empty()) {
+    const std::int64_t took = std::max<std::int64_t>(1, clock_.now_us() - u.step_start_us);
+    for (auto& r : u.results) r.duration_us = took;
+  }
   for (std::size_t i = 0; i < u.plans.size(); ++i) handle_events(u, u.scheduler->apply_result(u.plans[i], u.results[i]));
   for (engine::StepPlan& p : u.plans) u.scheduler->recycle(std::move(p));  // reuse the token buffers
   u.plans.clear();
@@ -403,6 +414,55 @@ void ClusterSim::finish_step(Unit& u) {
   if (!planned_migrations_.empty()) start_migrations();
   const std::int64_t every = config_.check_invariants_every_steps;
   if (every > 0 && u.scheduler->counters().steps % every == 0) u.scheduler->check_invariants();
+}
+
+void ClusterSim::advance_contended_steps() {
+  // Processor sharing: since contention_at_us_ every step in flight progressed at 1 / factor of
+  // an uncontended step, the factor being the measured slowdown at the number of devices then
+  // computing (the set changes only at event instants, where reprice_contended_steps runs).
+  if (cost_.gpu().host_contention.empty()) return;
+  const std::int64_t now = clock_.now_us();
+  const double elapsed = static_cast<double>(now - contention_at_us_);
+  if (elapsed > 0 && contention_factor_ > 0) {
+    for (auto& u : units_) {
+      if (!u->in_flight) continue;
+      // The copy first, at the link's speed; then the forward at the shared host's.
+      const double copy = std::min(u->copy_left_us, elapsed);
+      u->copy_left_us -= copy;
+      if (u->copy_left_us < 1e-6) u->copy_left_us = 0.0;
+      u->work_left_us = std::max(0.0, u->work_left_us - (elapsed - copy) / contention_factor_);
+    }
+  }
+  contention_at_us_ = now;
+}
+
+void ClusterSim::reprice_contended_steps() {
+  if (cost_.gpu().host_contention.empty()) return;
+  const std::int64_t now = clock_.now_us();
+  KUN_CHECK(contention_at_us_ == now) << "advance_contended_steps must run first";
+  double busy = 0.0;
+  for (const auto& u : units_) {
+    if (u->in_flight && u->copy_left_us <= 0.0) busy += u->compute_devices;
+  }
+  contention_factor_ = cost_.gpu().contention_factor(busy);
+  // A step started now also pays the host's fixed time per step at the devices computing with it
+  // (GpuSpec::host_contention_us), as work at today's factor: a x W + b = a x (W + b / a). A fused
+  // round pays it once, as an instance's step: its stages' threads stay busy from one micro-batch
+  // to the next, the wait is the engine's (measured: a 2-stage round paying it per micro-batch
+  // made kunserve's TPOT 1.8x the bench's).
+  const double latency = cost_.gpu().contention_latency_us(std::max(1.0, busy));
+  for (auto& u : units_) {
+    if (!u->in_flight) continue;
+    if (u->latency_pending) {
+      u->work_left_us += latency / contention_factor_;
+      u->latency_pending = false;
+    }
+    // At least 1 us ahead, so that every event instant moves the clock. A step still copying has
+    // an event where its forward starts (copy_until_us): the devices computing change there.
+    const double copy = std::ceil(u->copy_left_us - 1e-6);
+    u->copy_until_us = copy > 0 ? now + static_cast<std::int64_t>(copy) : -1;
+    u->busy_until_us = now + std::max<std::int64_t>(1, static_cast<std::int64_t>(copy + std::ceil(u->work_left_us * contention_factor_ - 1e-6)));
+  }
 }
 
 void ClusterSim::start_steps() {
@@ -430,16 +490,12 @@ void ClusterSim::start_steps() {
     if (u.members.size() > 1 && duration > 0) {
       u.compute_devices = std::max(1.0, (u.executor->counters().stage_busy_us - stage_busy_before) / static_cast<double>(duration));
     }
-    if (!cost_.gpu().host_contention.empty()) {
-      // Devices sharing one host's cores (a CPU profile): the step is slower while other devices
-      // compute, by the measured slowdown at the number of devices busy when it starts.
-      double busy = u.compute_devices;
-      for (auto& other : units_) {
-        if (other.get() != &u && other->in_flight) busy += other->compute_devices;
-      }
-      duration = static_cast<std::int64_t>(std::llround(static_cast<double>(duration) * cost_.gpu().contention_factor(busy)));
-      for (auto& r : u.results) r.duration_us = duration;
-    }
+    // Devices sharing one host's cores (a CPU profile): the step's time is set by
+    // reprice_contended_steps() once every step of this instant has started.
+    u.copy_left_us = std::min(static_cast<double>(duration), u.executor->counters().last_round_copy_us);
+    u.work_left_us = std::max(1.0, static_cast<double>(duration) - u.copy_left_us);
+    u.latency_pending = true;
+    u.step_start_us = now;
     u.busy_until_us = now + std::max<std::int64_t>(1, duration);
     u.in_flight = true;
     ++counters_.steps;
@@ -1038,6 +1094,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
       if (u->in_flight) {
         any_in_flight = true;
         t = std::min(t, u->busy_until_us);
+        if (u->copy_until_us > clock_.now_us()) t = std::min(t, u->copy_until_us);
       }
     }
     if (next_arrival == n && !any_in_flight && pending_moves_.empty() && planned_migrations_.empty() && pending_restores_.empty() &&
@@ -1062,6 +1119,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
     if (t > config_.max_virtual_us) return deadline_exceeded("simulation passed max_virtual_us");
     clock_.set_us(std::max(t, clock_.now_us()));
 
+    advance_contended_steps();
     for (auto& u : units_) {
       if (u->in_flight && u->busy_until_us <= clock_.now_us()) finish_step(*u);
     }
@@ -1086,6 +1144,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
       idle_ticks = 0;
     }
     start_steps();
+    reprice_contended_steps();
     bool busy = false;
     for (const auto& u : units_) busy = busy || u->in_flight;
     if (!busy && next_arrival == n && pending_moves_.empty() && pending_restores_.empty() && pending_shrinks_.empty() &&

@@ -229,6 +229,12 @@ class ClusterSim {
   std::vector<cluster::InstanceSnapshot> snapshots(bool for_routing = false) const;
   void start_steps();
   void finish_step(Unit& u);
+  // Host contention (a CPU profile, GpuSpec::host_contention) as processor sharing: the steps in
+  // flight progress at 1 / contention_factor(devices computing) of their uncontended speed, the
+  // factor changing whenever a step starts or ends. advance_* charges the time since the last
+  // event instant; reprice_* sets every step's end at the factor from now on.
+  void advance_contended_steps();
+  void reprice_contended_steps();
   void handle_events(Unit& u, const std::vector<engine::TokenEvent>& events);
   bool add_to_unit(Unit& u, std::int64_t index, std::vector<std::int32_t> prompt, std::int64_t max_tokens);
   void arrive(std::int64_t index);
@@ -283,6 +289,8 @@ class ClusterSim {
   std::size_t next_script_ = 0;
   SimCounters counters_;
   std::int64_t events_handled_ = 0;
+  std::int64_t contention_at_us_ = 0;  // host contention: the last event instant charged
+  double contention_factor_ = 1.0;     // and the slowdown in effect since
   // Pending transitions and in-flight migrations.
   std::vector<cluster::DropAction> pending_drops_;
   struct PendingRestore {

@@ -78,17 +78,30 @@ StatusOr<GpuSpec> gpu_spec(std::string_view name) {
   return not_found("unknown GPU '" + std::string(name) + "' (known: a100-80gb h100-80gb h200)");
 }
 
-double GpuSpec::contention_factor(double busy_devices) const {
-  if (host_contention.empty()) return 1.0;
-  if (busy_devices <= 1.0) return std::max(1.0, host_contention.front());
-  const auto n = static_cast<double>(host_contention.size());
-  if (busy_devices >= n) {
-    // Beyond the measured counts: the cores are shared by more devices than were measured.
-    return std::max(1.0, host_contention.back() * busy_devices / n);
-  }
+namespace {
+
+// A measured per-device-count curve at a fractional count: linear between the measured counts,
+// the first below one device, proportional to the count beyond the last (the cores are shared by
+// more devices than were measured).
+double interpolate_by_devices(const std::vector<double>& by_count, double busy_devices) {
+  if (busy_devices <= 1.0) return by_count.front();
+  const auto n = static_cast<double>(by_count.size());
+  if (busy_devices >= n) return by_count.back() * busy_devices / n;
   const auto lo = static_cast<std::size_t>(std::floor(busy_devices));  // 1 <= lo < n
   const double frac = busy_devices - static_cast<double>(lo);
-  return std::max(1.0, host_contention[lo - 1] * (1.0 - frac) + host_contention[lo] * frac);
+  return by_count[lo - 1] * (1.0 - frac) + by_count[lo] * frac;
+}
+
+}  // namespace
+
+double GpuSpec::contention_factor(double busy_devices) const {
+  if (host_contention.empty()) return 1.0;
+  return std::max(0.1, interpolate_by_devices(host_contention, busy_devices));
+}
+
+double GpuSpec::contention_latency_us(double busy_devices) const {
+  if (host_contention_us.empty()) return 0.0;
+  return std::max(0.0, interpolate_by_devices(host_contention_us, busy_devices));
 }
 
 std::vector<std::string> gpu_names() { return {"a100-80gb", "h100-80gb", "h200"}; }

@@ -64,6 +64,13 @@ struct GpuSpec {
   // table says (k = 1: the runtime's own threads and events against the directly stepped
   // instance the table was measured on). Empty: devices are independent (GPUs).
   std::vector<double> host_contention;
+  // And a fixed time per step at k devices computing (host_contention_us[k-1], same length or
+  // empty): a step at k devices takes host_contention[k-1] x its table time +
+  // host_contention_us[k-1]. On an oversubscribed host a device thread woken by its step's message
+  // first waits for a core, whatever the step's size (measured on this 2-core host at 4 devices:
+  // about 4 ms, against a 2.3 ms decode step alone), so small steps slow down more than large
+  // ones and one factor cannot fit both.
+  std::vector<double> host_contention_us;
   std::int64_t page_bytes = 0;  // the device's memory page (0: the simulator's default)
   // Measured step-time table (a CPU profile, sim/device_profile.h), replacing the roofline: a
   // step of an instance computing t new tokens (all L layers, embedding, LM head for one
@@ -80,6 +87,8 @@ struct GpuSpec {
   // Slowdown of a step with `busy_devices` devices of the host computing (1.0 without contention);
   // fractional counts (a fused group's stages busy part of a round) interpolate linearly.
   double contention_factor(double busy_devices) const;
+  // host_contention_us at `busy_devices` (interpolated like contention_factor; 0 when empty).
+  double contention_latency_us(double busy_devices) const;
 };
 
 // "a100" / "a100-80gb", "h100" / "h100-80gb", "h200", or the path of a measured device profile

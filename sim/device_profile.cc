@@ -29,6 +29,7 @@ nlohmann::json spec_to_json(const GpuSpec& g) {
           {"dtype_bytes", g.dtype_bytes},
           {"page_bytes", g.page_bytes},
           {"host_contention", g.host_contention},
+          {"host_contention_us", g.host_contention_us},
           {"table_tokens", g.table_tokens},
           {"table_us", g.table_us},
           {"sample_us", g.sample_us},
@@ -55,6 +56,7 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
     g.dtype_bytes = j.at("dtype_bytes").get<std::int64_t>();
     g.page_bytes = j.at("page_bytes").get<std::int64_t>();
     g.host_contention = j.at("host_contention").get<std::vector<double>>();
+    g.host_contention_us = j.value("host_contention_us", std::vector<double>{});
     g.table_tokens = j.value("table_tokens", std::vector<double>{});
     g.table_us = j.value("table_us", std::vector<double>{});
     g.sample_us = j.value("sample_us", 0.0);
@@ -76,6 +78,12 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
   }
   for (double c : g.host_contention) {
     if (!(c > 0)) return invalid_argument("device profile '" + g.name + "': host_contention entries must be > 0");
+  }
+  if (!g.host_contention_us.empty() && g.host_contention_us.size() != g.host_contention.size()) {
+    return invalid_argument("device profile '" + g.name + "': host_contention_us must be empty or as long as host_contention");
+  }
+  for (double c : g.host_contention_us) {
+    if (!(c >= 0)) return invalid_argument("device profile '" + g.name + "': host_contention_us entries must be >= 0");
   }
   g.calibrated = true;
   return g;
@@ -348,6 +356,30 @@ Status save_device_profile(const DeviceProfile& profile, const std::string& path
   f << "\n ]\n}\n";
   if (!f) return invalid_argument("writing device profile '" + path + "' failed");
   return ok_status();
+}
+
+ContentionFit fit_contention(std::span<const std::pair<double, double>> samples) {
+  double sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (const auto& [x, y] : samples) {
+    sx += x;
+    sy += y;
+    sxx += x * x;
+    sxy += x * y;
+  }
+  ContentionFit fit;
+  if (samples.empty() || !(sx > 0)) return fit;
+  fit.factor = sy / sx;
+  const auto n = static_cast<double>(samples.size());
+  const double det = n * sxx - sx * sx;
+  if (n >= 2 && det > 1e-9 * n * sxx) {
+    const double slope = (n * sxy - sx * sy) / det;
+    const double intercept = (sy - slope * sx) / n;
+    if (intercept >= 0 && slope >= 0.5) {
+      fit.factor = slope;
+      fit.fixed_us = intercept;
+    }
+  }
+  return fit;
 }
 
 }  // namespace kun::sim

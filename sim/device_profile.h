@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -74,6 +75,17 @@ FitError fit_error(const GpuSpec& spec, const model::ModelConfig& model, std::sp
 // table is then made non-decreasing). Other constants stay as in `start`. Steps without exec_us count as all
 // executor time.
 std::vector<double> default_table_knots();
+
+// Host contention at one device count (GpuSpec::host_contention and host_contention_us): the
+// least-squares line measured = factor x predicted + fixed_us over (predicted, measured) step
+// times, unweighted (the mean time is what a simulation must match). A negative fixed_us or a
+// factor below 0.5 (no sign of a fixed wait, or too few step sizes) gives the ratio of the sums
+// with fixed_us = 0; no samples give factor 1.
+struct ContentionFit {
+  double factor = 1.0;
+  double fixed_us = 0.0;
+};
+ContentionFit fit_contention(std::span<const std::pair<double, double>> predicted_measured_us);
 GpuSpec fit_device_spec(const GpuSpec& start, const model::ModelConfig& model, std::span<const ProfileStep> steps,
                         std::vector<double> knots = default_table_knots());
 

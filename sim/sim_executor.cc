@@ -127,7 +127,10 @@ SimExecutor::StepCost SimExecutor::cost(const std::vector<const engine::StepPlan
   }
   StepCost c = forward(batches);
   const std::int64_t block_bytes = config_.block_size_tokens * cost_->kv_bytes_per_token_per_layer();
-  if (copies > 0) c.us += transfer_us(config_.host_link, copies * block_bytes);
+  if (copies > 0) {
+    c.copy_us = transfer_us(config_.host_link, copies * block_bytes);
+    c.us += c.copy_us;
+  }
   return c;
 }
 
@@ -156,6 +159,7 @@ std::vector<engine::StepResult> SimExecutor::run_round(const std::vector<const e
   counters_.remote_attention_us += static_cast<std::int64_t>(std::llround(c.remote.stage_us));
   counters_.stage_busy_us += c.stage_busy_us;
   counters_.stage_idle_us += c.stage_idle_us;
+  counters_.last_round_copy_us = c.copy_us;
   ++counters_.steps;
   counters_.busy_us += duration;
   const std::int64_t block_bytes = config_.block_size_tokens * cost_->kv_bytes_per_token_per_layer();

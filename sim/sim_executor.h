@@ -51,6 +51,10 @@ struct SimExecutorCounters {
   std::int64_t remote_attention_us = 0;     // stage time spent waiting on them (summed over stages)
   double stage_busy_us = 0.0;               // fused rounds: stage time spent on micro-batches
   double stage_idle_us = 0.0;               // fused rounds: g x round time - stage_busy_us
+  // The last round's swap copies (host link, before the forward): in its duration, but a paced
+  // copy waits on the link and computes nothing (the runtime's agent sleeps), so host contention
+  // does not slow it and it does not slow others (cluster_sim.cc).
+  double last_round_copy_us = 0.0;
 };
 
 class SimExecutor final : public engine::StepExecutor {
@@ -89,6 +93,7 @@ class SimExecutor final : public engine::StepExecutor {
     RemoteAttention remote;
     double stage_busy_us = 0.0;  // fused: summed over stages
     double stage_idle_us = 0.0;
+    double copy_us = 0.0;  // swap copies, part of us
   };
   StepCost cost(const std::vector<const engine::StepPlan*>& micro_batches) const;
   // One micro-batch's sequences, and each one's remote layers (empty for most).

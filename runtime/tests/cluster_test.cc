@@ -210,6 +210,7 @@ TEST(ClusterSwapTest, SwapCopiesCrossThePacedHostLink) {
   o.host_swap_blocks = 4096;
   o.host_link.bandwidth_bytes_per_s = 2e9;
   o.host_link.latency_us = 50;
+  o.record_steps = true;
   auto rt = ClusterRuntime::create(o, *w, &clock);
   ASSERT_TRUE(rt.ok()) << rt.status().to_string();
   Tracker tr;
@@ -232,6 +233,31 @@ TEST(ClusterSwapTest, SwapCopiesCrossThePacedHostLink) {
     EXPECT_EQ(tr.finals[i], 1) << "request " << i;
     EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
   }
+  // The step records (ClusterOptions::record_steps) add up to what was served: one sampled token
+  // per output token (swap never recomputes), at least every prompt token computed, and the
+  // swapped layer blocks are the host link's bytes.
+  const std::vector<StepRecord> steps = (*rt)->step_records();
+  ASSERT_FALSE(steps.empty());
+  std::int64_t sampled = 0, new_tokens = 0, swap_blocks = 0, prompt = 0, output = 0;
+  for (const StepRecord& s : steps) {
+    EXPECT_EQ(s.unit_devices, 1);
+    EXPECT_GE(s.first_instance, 0);
+    EXPECT_LT(s.first_instance, 4);
+    EXPECT_GE(s.duration_us, 0);
+    EXPECT_GE(s.attended_pairs, s.new_tokens);  // a token attends at least to itself
+    sampled += s.sampled;
+    new_tokens += s.new_tokens;
+    swap_blocks += s.swap_blocks;
+  }
+  for (int i = 0; i < 16; ++i) {
+    prompt += static_cast<std::int64_t>(specs[static_cast<std::size_t>(i)].prompt_tokens.size());
+    output += static_cast<std::int64_t>(tr.tokens[i].size());
+  }
+  EXPECT_EQ(sampled, output);
+  EXPECT_GE(new_tokens, prompt + output - 16);  // the last sampled token of each is never computed
+  const auto& c = w->config();
+  const std::int64_t block_bytes = 2 * 16 * c.num_kv_heads * c.head_dim * 2;  // K and V, bf16
+  EXPECT_EQ(swap_blocks * block_bytes, 2 * out);
 }
 
 // The same transitions with every engine and pipeline stage on its own thread (as in serving):

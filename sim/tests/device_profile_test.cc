@@ -6,7 +6,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -186,6 +188,119 @@ TEST(DeviceProfile, HostContentionSlowsOverlappingSteps) {
   const double shared = run({1.0, 1.5, 2.0, 2.5});
   EXPECT_GT(shared, alone * 1.3);
   std::filesystem::remove_all(dir);
+}
+
+// Host contention is processor sharing, not a factor fixed when a step starts: a step that began
+// alone slows down when another device starts computing, and speeds up when that one ends.
+// Two devices, contention 2x while both compute: A starts a step of W us at 0, B the same step at
+// W/2. A does W/2 alone, then W/2 at half speed (W of wall time): ends at 1.5 W. B does W/2 at
+// half speed until 1.5 W, then W/2 alone: ends at 2 W. Both first tokens come 1.5 W after their
+// arrival (a factor fixed at the start would give W and 2 W).
+TEST(DeviceProfile, HostContentionIsProcessorSharing) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  DeviceProfile p;
+  p.spec = known_cpu();
+  p.spec.host_contention = {1.0, 2.0};
+  p.preset = "llama-30m";
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kun_device_profile_sharing";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "c.json").string();
+  ASSERT_TRUE(save_device_profile(p, path).ok());
+  const std::vector<SeqWork> prefill{SeqWork{0, 16, true}};
+  const double w = predicted_step_us(CostModel(p.spec, m), prefill);
+  SimConfig c;
+  c.gpu = path;
+  c.model_name = "llama-30m";
+  c.num_instances = 2;
+  c.kv_tokens_per_instance = 1024;
+  c.policy = cluster::Policy::kRecompute;
+  workload::Trace t;
+  t.requests.push_back({0, 16, 1});
+  t.requests.push_back({static_cast<std::int64_t>(w / 2), 16, 1});
+  auto r = run_simulation(c, t);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  ASSERT_EQ(r->records.size(), 2u);
+  for (const auto& rec : r->records) {
+    EXPECT_NEAR(static_cast<double>(rec.first_token_us - rec.arrival_us), 1.5 * w, 3.0) << "request " << rec.index << ", W " << w;
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// The host's fixed time per step (GpuSpec::host_contention_us): two devices start the same step
+// together, contention 2x and 1 ms at two devices: each takes 2 W + 1 ms, whatever W is; a step
+// alone takes W (0 us at one device). The profile file carries the curve.
+TEST(DeviceProfile, HostContentionFixedTimePerStep) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  DeviceProfile p;
+  p.spec = known_cpu();
+  p.spec.host_contention = {1.0, 2.0};
+  p.spec.host_contention_us = {0.0, 1000.0};
+  p.preset = "llama-30m";
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kun_device_profile_latency";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "c.json").string();
+  ASSERT_TRUE(save_device_profile(p, path).ok());
+  auto loaded = load_device_profile(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
+  EXPECT_EQ(loaded->spec.host_contention_us, p.spec.host_contention_us);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_latency_us(2.0), 1000.0);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_latency_us(1.5), 500.0);
+  const double w = predicted_step_us(CostModel(p.spec, m), std::vector<SeqWork>{SeqWork{0, 16, true}});
+  const auto ttfts = [&](std::vector<std::int64_t> arrivals) {
+    SimConfig c;
+    c.gpu = path;
+    c.model_name = "llama-30m";
+    c.num_instances = 2;
+    c.kv_tokens_per_instance = 1024;
+    c.policy = cluster::Policy::kRecompute;
+    workload::Trace t;
+    for (std::int64_t a : arrivals) t.requests.push_back({a, 16, 1});
+    auto r = run_simulation(c, t);
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    std::vector<double> out;
+    if (r.ok()) {
+      for (const auto& rec : r->records) out.push_back(static_cast<double>(rec.first_token_us - rec.arrival_us));
+    }
+    return out;
+  };
+  const std::vector<double> together = ttfts({0, 0});
+  ASSERT_EQ(together.size(), 2u);
+  for (double t : together) EXPECT_NEAR(t, 2.0 * w + 1000.0, 3.0) << "W " << w;
+  const std::vector<double> alone = ttfts({0});
+  ASSERT_EQ(alone.size(), 1u);
+  EXPECT_NEAR(alone[0], w, 2.0);
+  // A bad curve is refused with a reason.
+  nlohmann::json j = p.to_json();
+  j["spec"]["host_contention_us"] = {0.0, 1.0, 2.0};
+  {
+    std::ofstream f(path);
+    f << j.dump();
+  }
+  auto bad = load_device_profile(path);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("host_contention_us"), std::string::npos) << bad.status().to_string();
+  std::filesystem::remove_all(dir);
+}
+
+// calibrate's contention fit: a known a x table + b comes back from steps of two sizes with
+// noise; a line that would need a negative fixed time falls back to the ratio of the means.
+TEST(DeviceProfile, FitContentionRecoversFactorAndFixedWait) {
+  std::vector<std::pair<double, double>> samples;
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<double> noise(-300.0, 300.0);
+  for (int i = 0; i < 400; ++i) {
+    const double x = i % 5 == 0 ? 14000.0 + 10.0 * (i % 7) : 2300.0 + 10.0 * (i % 3);  // prefills among decodes
+    samples.emplace_back(x, 1.9 * x + 4000.0 + noise(rng));
+  }
+  const ContentionFit fit = fit_contention(samples);
+  EXPECT_NEAR(fit.factor, 1.9, 0.02);
+  EXPECT_NEAR(fit.fixed_us, 4000.0, 60.0);
+  // Large steps slowed more than small ones: the line's intercept would be negative.
+  const std::vector<std::pair<double, double>> steep{{1000.0, 1000.0}, {10000.0, 30000.0}};
+  const ContentionFit ratio = fit_contention(steep);
+  EXPECT_DOUBLE_EQ(ratio.fixed_us, 0.0);
+  EXPECT_DOUBLE_EQ(ratio.factor, 31000.0 / 11000.0);
+  EXPECT_DOUBLE_EQ(fit_contention({}).factor, 1.0);
 }
 
 }  // namespace

@@ -59,6 +59,7 @@ struct PolicyRun {
   std::vector<workload::RequestRecord> records;
   std::vector<workload::GaugeSample> gauges;
   nlohmann::json extra;
+  std::vector<runtime::StepRecord> steps;  // in-process runs with --out-dir
 };
 
 StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource& weights, const std::string& policy_name,
@@ -73,6 +74,7 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   KUN_ASSIGN_OR_RETURN(DType dtype, a.model.device_dtype(config));
   KUN_ASSIGN_OR_RETURN(DType kv_dtype, a.model.kv_dtype());
   KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o, cluster_args.build(config, dtype, kv_dtype, policy, a.model.display_name()));
+  o.record_steps = !a.out_dir.empty();
   SteadyClock clock;
   KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(o, weights, &clock));
   rt->start();
@@ -80,9 +82,11 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   ro.vocab_size = config.vocab_size;
   ro.seed = a.trace.seed;
   ro.progress = true;
+  const std::int64_t replay_begin_us = clock.now_us();
   ReplayResult rr = replay_in_process(*rt, trace, ro);
   rt->stop();
   PolicyRun run;
+  run.steps = rt->step_records();
   run.report = workload::build_report(rr.records, policy_name, slo);
   run.records = std::move(rr.records);
   run.gauges = std::move(rr.gauges);
@@ -108,6 +112,12 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   run.extra["link_model"] = o.link.describe();
   run.extra["host_link_model"] = o.host_link.describe();
   run.extra["wall_s"] = rr.wall_s;
+  // When each transition happened, in seconds of the trace (kunserve simulate logs its own).
+  nlohmann::json transitions = nlohmann::json::array();
+  for (const runtime::ClusterEvent& ev : rt->events()) {
+    transitions.push_back({{"kind", ev.kind}, {"group", ev.group}, {"t_s", static_cast<double>(ev.time_us - replay_begin_us) / 1e6}});
+  }
+  run.extra["transitions"] = transitions;
   if (policy == cluster::Policy::kKunServe) {
     run.extra["stale_kv"] = cluster::stale_kv_strategy_name(o.stale_kv);
     run.extra["lookahead"] = o.scheduler.balance_virtual_engines;
@@ -208,6 +218,16 @@ Status write_outputs(const BenchArgs& a, const std::vector<PolicyRun>& runs, con
     KUN_RETURN_IF_ERROR(bench::write_text_file(base + "_timeline.csv", workload::timeline_to_csv(tl)));
     KUN_RETURN_IF_ERROR(bench::write_text_file(base + "_ttft_cdf.csv", bench::ttft_cdf_csv(r.records)));
     cdfs.emplace_back(r.report.policy, base + "_ttft_cdf.csv");
+    if (!r.steps.empty()) {
+      // Every engine step (scripts/validate_sim.sh compares the simulator's cost model with them).
+      std::string csv = "end_us,duration_us,unit_devices,first_instance,sequences,new_tokens,sampled,attended_pairs,swap_blocks\n";
+      for (const runtime::StepRecord& st : r.steps) {
+        csv += std::to_string(st.end_us) + "," + std::to_string(st.duration_us) + "," + std::to_string(st.unit_devices) + "," +
+               std::to_string(st.first_instance) + "," + std::to_string(st.sequences) + "," + std::to_string(st.new_tokens) + "," +
+               std::to_string(st.sampled) + "," + std::to_string(st.attended_pairs) + "," + std::to_string(st.swap_blocks) + "\n";
+      }
+      KUN_RETURN_IF_ERROR(bench::write_text_file(base + "_steps.csv", csv));
+    }
     const std::string script = base + "_timeline.gp";
     KUN_RETURN_IF_ERROR(bench::write_text_file(
         script, bench::timeline_plot_script(tl, base + "_timeline.csv", base + "_timeline.png", "policy " + r.report.policy)));
@@ -292,7 +312,7 @@ void add_bench_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--slo-ttft-ms", a->slo_ttft_ms);
   cmd->add_option("--slo-tpot-ms", a->slo_tpot_ms);
   cmd->add_option("--json", a->json_path, "write the report(s) as JSON");
-  cmd->add_option("--out-dir", a->out_dir, "write timeline CSVs and PNG plots here");
+  cmd->add_option("--out-dir", a->out_dir, "write timeline CSVs, PNG plots and (in-process) every engine step (POLICY_steps.csv) here");
   cmd->callback([a, exit_code] {
     Status s = run_bench_command(*a);
     if (!s.ok()) {

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -181,83 +182,7 @@ Status run_calibrate(const CalibrateArgs& a) {
     }
   }
 
-  // Host contention, through the in-process cluster runtime itself (its engine, stage and link
-  // threads): k devices each serving the same batch of requests (2 running at a time, as a device
-  // whose KV holds one or two requests), against one device alone. Same work per device, so the
-  // wall-time ratio is how much slower a step gets while k devices compute at once.
-  std::vector<double> contention;
-  // The reference: the same requests through a single instance stepped from this thread, as the
-  // step table was measured, so the runtime's own structure (engine thread, stage thread, token
-  // events) at one device is part of host_contention[0].
-  // The same number of waves per device whatever the concurrency (12 requests at 2 running).
-  const int per_device = static_cast<int>(6 * a.contention_seqs) * a.reps;
-  double alone_s = 0.0;
-  {
-    KUN_ASSIGN_OR_RETURN(auto inst, make_instance(a, config, *weights, kv_dtype, &clock, a.contention_seqs));
-    engine::Engine& engine = inst->engine();
-    std::vector<sim::SeqWork> last;
-    double exec = 0.0;
-    for (int r = 0; r < 4; ++r) KUN_CHECK(engine.submit(request(16, 48, r, config.vocab_size), nullptr).ok());
-    drain(engine, nullptr, &last, &exec);  // warm
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int r = 0; r < per_device; ++r) KUN_CHECK(engine.submit(request(16, 48, r, config.vocab_size), nullptr).ok());
-    drain(engine, nullptr, &last, &exec);
-    alone_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::cout << "  one instance stepped directly, " << per_device << " requests: " << std::fixed << std::setprecision(2)
-              << alone_s << " s" << std::defaultfloat << std::endl;
-  }
-  // k = 1 is measured first and again last (their mean is the reference: the host's load drifts).
-  std::vector<int> counts;
-  for (int k = 1; k <= a.max_devices; ++k) counts.push_back(k);
-  counts.push_back(1);
-  std::vector<double> wall_of(static_cast<std::size_t>(a.max_devices) + 1, 0.0);
-  for (std::size_t ci = 0; ci < counts.size(); ++ci) {
-    const int k = counts[ci];
-    ClusterArgs ca;
-    ca.devices = k;
-    ca.threads = a.threads;
-    ca.block_size = a.block_size;
-    ca.kv_tokens_per_device = 1024;
-    ca.max_num_seqs = a.contention_seqs;
-    KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o,
-                         ca.build(config, config.dtype, kv_dtype, cluster::Policy::kRecompute, a.preset));
-    o.router.policy = cluster::RoutePolicy::kRoundRobin;  // the same requests on every device
-    KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(o, *weights, &clock));
-    rt->start();
-    std::mutex mu;
-    std::condition_variable cv;
-    std::int64_t open = 0;
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int r = 0; r < per_device; ++r) {
-      for (int d = 0; d < k; ++d) {
-        {
-          std::lock_guard<std::mutex> lock(mu);
-          ++open;
-        }
-        auto id = rt->submit(request(16, 48, r, config.vocab_size), [&](const engine::TokenEvent& ev) {
-          if (!ev.finished) return;
-          std::lock_guard<std::mutex> lock(mu);
-          --open;
-          cv.notify_all();
-        });
-        KUN_CHECK(id.ok()) << id.status().to_string();
-      }
-    }
-    {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return open == 0; });
-    }
-    const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    rt->stop();
-    wall_of[static_cast<std::size_t>(k)] = ci + 1 == counts.size() ? (wall_of[1] + wall_s) / 2.0 : wall_s;
-    std::cout << "  " << k << " device(s) at once, " << per_device << " requests each: " << std::fixed << std::setprecision(2)
-              << wall_s << " s" << std::defaultfloat << std::endl;
-  }
-  for (int k = 1; k <= a.max_devices; ++k) contention.push_back(std::max(1.0, wall_of[static_cast<std::size_t>(k)] / alone_s));
-  std::cout << "  host contention (k devices of the cluster runtime at once against one instance stepped directly):";
-  for (double c : contention) std::cout << " " << std::fixed << std::setprecision(2) << c << "x";
-  std::cout << std::defaultfloat << std::endl;
-
+  // The step table first: the contention runs below are read against it.
   sim::GpuSpec start;
   start.name = "cpu-" + a.preset + "-t" + std::to_string(a.threads);
   start.peak_flops = 50e9;
@@ -275,11 +200,118 @@ Status run_calibrate(const CalibrateArgs& a) {
   start.page_bytes = kDevicePageBytes;
   start.memory_bytes = runtime::device_param_bytes(config, config.dtype, 0, config.num_layers, kDevicePageBytes) +
                        1024 * config.num_layers * config.kv_bytes_per_token_per_layer(kv_dtype);
-  start.host_contention = contention;
   start.measured_model = a.preset;
   sim::DeviceProfile p;
   p.spec = sim::fit_device_spec(start, config, steps);
+  const sim::CostModel fitted(p.spec, config);
+
+  // Host contention, through the in-process cluster runtime itself (its engine, stage and link
+  // threads): k devices each serving the same requests (contention_seqs running at a time, as a
+  // device whose KV holds one or two requests), every step recorded (ClusterOptions::
+  // record_steps). While all k devices are serving (until the first one runs out of work), a
+  // step's executor time against the table's prediction for it is fitted as a x table + b by
+  // least squares (each step counts by its time, so the fit holds the mean: the total the
+  // simulator charges): a is how much slower the shared cores compute, b the fixed time a woken
+  // device thread waits for a core. Prompts of 8-64 tokens give prefill steps beside the decode
+  // steps, so that the two are told apart.
+  const int per_device = static_cast<int>(12 * a.contention_seqs) * a.reps;
+  const auto contention_request = [&](int r) { return request(8 + (r * 13) % 57, 24, r, config.vocab_size); };
+  {
+    // For reference only: the same requests through a single instance stepped from this thread.
+    KUN_ASSIGN_OR_RETURN(auto inst, make_instance(a, config, *weights, kv_dtype, &clock, a.contention_seqs));
+    engine::Engine& engine = inst->engine();
+    std::vector<sim::SeqWork> last;
+    double exec = 0.0;
+    for (int r = 0; r < 4; ++r) KUN_CHECK(engine.submit(contention_request(r), nullptr).ok());
+    drain(engine, nullptr, &last, &exec);  // warm
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < per_device; ++r) KUN_CHECK(engine.submit(contention_request(r), nullptr).ok());
+    drain(engine, nullptr, &last, &exec);
+    const double alone_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::cout << "  one instance stepped directly, " << per_device << " requests: " << std::fixed << std::setprecision(2)
+              << alone_s << " s" << std::defaultfloat << std::endl;
+  }
+  // k = 1 is measured first and again last (both count: the host's load drifts).
+  std::vector<int> counts;
+  for (int k = 1; k <= a.max_devices; ++k) counts.push_back(k);
+  counts.push_back(1);
+  // Per k: (predicted, measured) executor microseconds of the steps taken while all k served.
+  std::vector<std::vector<std::pair<double, double>>> samples(static_cast<std::size_t>(a.max_devices) + 1);
+  for (const int k : counts) {
+    ClusterArgs ca;
+    ca.devices = k;
+    ca.threads = a.threads;
+    ca.block_size = a.block_size;
+    ca.kv_tokens_per_device = 1024;
+    ca.max_num_seqs = a.contention_seqs;
+    KUN_ASSIGN_OR_RETURN(runtime::ClusterOptions o,
+                         ca.build(config, config.dtype, kv_dtype, cluster::Policy::kRecompute, a.preset));
+    o.router.policy = cluster::RoutePolicy::kRoundRobin;  // the same requests on every device
+    o.record_steps = true;
+    KUN_ASSIGN_OR_RETURN(auto rt, runtime::ClusterRuntime::create(o, *weights, &clock));
+    rt->start();
+    std::mutex mu;
+    std::condition_variable cv;
+    std::int64_t open = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < per_device; ++r) {
+      for (int d = 0; d < k; ++d) {
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          ++open;
+        }
+        auto id = rt->submit(contention_request(r), [&](const engine::TokenEvent& ev) {
+          if (!ev.finished) return;
+          std::lock_guard<std::mutex> lock(mu);
+          --open;
+          cv.notify_all();
+        });
+        KUN_CHECK(id.ok()) << id.status().to_string();
+      }
+    }
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return open == 0; });
+    }
+    const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    rt->stop();
+    const std::vector<runtime::StepRecord> recs = rt->step_records();
+    std::vector<std::int64_t> last_end(static_cast<std::size_t>(k), 0);
+    for (const runtime::StepRecord& r : recs) {
+      auto& e = last_end[static_cast<std::size_t>(r.first_instance)];
+      e = std::max(e, r.end_us);
+    }
+    std::int64_t all_serving_until = std::numeric_limits<std::int64_t>::max();
+    for (std::int64_t e : last_end) all_serving_until = std::min(all_serving_until, e);
+    std::int64_t used = 0;
+    for (const runtime::StepRecord& r : recs) {
+      if (r.end_us > all_serving_until || r.sequences == 0) continue;
+      sim::CostModel::BatchTerms b;
+      b.tokens = r.new_tokens;
+      b.sampled = r.sampled;
+      b.pairs = static_cast<double>(r.attended_pairs);
+      samples[static_cast<std::size_t>(k)].emplace_back(fitted.step_us(b, config.num_layers, true, true),
+                                                        static_cast<double>(r.duration_us));
+      ++used;
+    }
+    std::cout << "  " << k << " device(s) at once, " << per_device << " requests each: " << std::fixed << std::setprecision(2)
+              << wall_s << " s, " << used << " steps while all served" << std::defaultfloat << std::endl;
+  }
+  std::vector<double> contention, contention_us;
+  std::cout << "  host contention, a step's time = a x table + b at k devices:";
+  for (int k = 1; k <= a.max_devices; ++k) {
+    const sim::ContentionFit fit = sim::fit_contention(samples[static_cast<std::size_t>(k)]);
+    const double slope = fit.factor, intercept = fit.fixed_us;
+    contention.push_back(slope);
+    contention_us.push_back(intercept);
+    const double decode = fitted.table_us(1);
+    std::cout << " k=" << k << ": a " << std::fixed << std::setprecision(2) << slope << ", b " << std::setprecision(0) << intercept
+              << " us (a 1-token step " << std::setprecision(2) << (slope * decode + intercept) / decode << "x)";
+  }
+  std::cout << std::defaultfloat << std::endl;
+
   p.spec.host_contention = contention;
+  p.spec.host_contention_us = contention_us;
   p.preset = a.preset;
   p.threads = a.threads;
   p.weight_dtype = std::string(dtype_name(config.dtype));
@@ -290,11 +322,9 @@ Status run_calibrate(const CalibrateArgs& a) {
   const sim::GpuSpec& g = p.spec;
   std::cout << "fitted over " << steps.size() << " steps: engine overhead " << g.step_overhead_us
             << " us per step; executor time at 1 / 8 / 32 / 128 new tokens " << std::fixed << std::setprecision(0)
-            << sim::CostModel(g, config).table_us(1) << " / " << sim::CostModel(g, config).table_us(8) << " / "
-            << sim::CostModel(g, config).table_us(32) << " / " << sim::CostModel(g, config).table_us(128)
-            << " us; per further sampled token " << g.sample_us << " us; attention " << std::setprecision(3)
-            << g.attn_pair_us << " us per (query, key) pair"
-            << std::defaultfloat << std::endl;
+            << fitted.table_us(1) << " / " << fitted.table_us(8) << " / " << fitted.table_us(32) << " / " << fitted.table_us(128)
+            << " us; per further sampled token " << g.sample_us << " us; attention " << std::setprecision(3) << g.attn_pair_us
+            << " us per (query, key) pair" << std::defaultfloat << std::endl;
   std::cout << "step time error |predicted - measured| / measured: median " << p.fit.median * 100 << " %, p90 "
             << p.fit.p90 * 100 << " %, bias " << p.fit.mean_signed * 100 << " %" << std::endl;
   KUN_RETURN_IF_ERROR(sim::save_device_profile(p, a.out));
