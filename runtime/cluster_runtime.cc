@@ -211,12 +211,16 @@ void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(Request
   // of blocks ends the round.
   // A shrinking group gathers each request homed at begin_shrink onto its half (requests that
   // start later stay on their stages: the switch places and copies them).
+  // Its moves wait for the weights: a KV move queued on a link behind a layer's bulk transfer
+  // would hold this engine thread (and the group's next step) for the whole transfer.
   const bool restoring = unit.restoring.load(std::memory_order_acquire);
-  const bool gathering = restoring || unit.shrinking.load(std::memory_order_acquire);
+  const bool shrinking = unit.shrinking.load(std::memory_order_acquire);
+  const bool gathering = restoring || shrinking;
   if (!gathering && options_.stale_kv != cluster::StaleKvStrategy::kExchange) return;
   const bool all_homed = !restoring || engine::assign_restore_homes(unit.engine->scheduler(), *unit.kv, unit.split_room).all_homed;
+  const bool defer_moves = shrinking && !unit.weights_back.load(std::memory_order_acquire);
   std::int64_t moved = 0, blocks = 0;
-  for (RequestId id : unit.kv->requests_with_misplaced_layers()) {
+  for (RequestId id : defer_moves ? std::vector<RequestId>{} : unit.kv->requests_with_misplaced_layers()) {
     if (moved >= options_.exchange_requests_per_round) break;
     if (in_flight(id)) continue;
     const std::int64_t layer = unit.kv->misplaced_layers(id).front();
