@@ -277,7 +277,7 @@ void ClusterRuntime::finish_gathered_restores(TransitionLock& lock) {
   for (std::int64_t group : ready) {
     // Each split releases transition_mu_ while it works: another thread may have taken the group.
     const std::shared_ptr<Unit> u = group_unit_locked(group);
-    if (u == nullptr || u->in_transition) continue;
+    if (u == nullptr || u->in_transition || !(u->in_restore() || u->shrinking.load())) continue;  // a shrink() rolled back meanwhile
     if (u->shrinking.load()) {
       (void)finish_shrink_locked(lock, group);  // cluster_regroup.cc; a failure is recorded and the group stays whole
       continue;

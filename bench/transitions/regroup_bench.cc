@@ -100,6 +100,7 @@ int main(int argc, char** argv) {
   }
   wait_tokens(tc, 16);
   std::vector<Row> rows;
+  std::vector<std::string> details;  // the live transitions' phases
   bool failed = false;
   // Runs `step`, timing it and counting the weight and KV bytes the transport moved meanwhile.
   const auto measure = [&](const std::string& what, const std::function<Status()>& step) {
@@ -125,6 +126,10 @@ int main(int argc, char** argv) {
       if (events[i].kind != "restore" && events[i].kind != "shrink") continue;
       live = true;
       live_pause_ms += events[i].begin_pause_ms + events[i].latency_ms;
+      details.push_back(what + ": pause at begin " + std::to_string(events[i].begin_pause_ms) + " ms + switch " +
+                        std::to_string(events[i].latency_ms) + " ms; live phase " + std::to_string(events[i].gather_ms) +
+                        " ms; KV blocks gathered live " + std::to_string(events[i].kv_blocks_gathered_live) + ", at the switch " +
+                        std::to_string(events[i].kv_blocks_exchanged) + "; blocks repacked " + std::to_string(events[i].blocks_repacked));
     }
     if (live) pause_ms = live_pause_ms;
     rows.push_back(Row{what, ms, pause_ms, delta(runtime::TransferKind::kWeights),
@@ -170,6 +175,7 @@ int main(int argc, char** argv) {
     std::printf("%-20s %10.2f %10.2f %16lld %14lld\n", row.what.c_str(), row.ms, row.pause_ms, static_cast<long long>(row.weight_bytes),
                 static_cast<long long>(row.kv_bytes));
   }
+  for (const std::string& d : details) std::printf("%s\n", d.c_str());
   const auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
   std::printf("grow 2 -> 4 / drop 4 pause: %.2fx\n", ratio(rows[3].pause_ms, rows[0].pause_ms));
   std::printf("shrink 4 -> 2+2 / restore 4 -> 1 pause: %.2fx, weights pulled: %.2fx\n", ratio(rows[4].pause_ms, rows[1].pause_ms),
