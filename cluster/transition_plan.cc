@@ -331,7 +331,9 @@ ShrinkPlan plan_shrink(const ShrinkInput& in, const TransitionGeometry& geo) {
     };
     const std::int64_t left0 = fits(0), left1 = fits(1);
     if (left0 < 0 && left1 < 0) return std::int64_t{-1};
-    const std::int64_t half = left1 > left0 ? 1 : 0;
+    // The half its live gather was heading to, when it still fits there; else the most room.
+    const bool home_fits = (r.home == 0 && left0 >= 0) || (r.home == 1 && left1 >= 0);
+    const std::int64_t half = home_fits ? r.home : left1 > left0 ? 1 : 0;
     Placement p;
     p.id = r.id;
     p.member = static_cast<std::int32_t>(half);

@@ -55,7 +55,7 @@ struct TransitionRequest {
   // Per layer: the member (index in the plan's member list) holding that layer's KV; empty when
   // it holds none.
   std::vector<std::int32_t> layer_member;
-  std::int32_t home = -1;  // split: the home its gather was heading to (-1: none)
+  std::int32_t home = -1;  // the home its gather was heading to (-1: none): split a member, shrink a half
 };
 
 struct LayerMove {
@@ -170,10 +170,11 @@ SplitPlan plan_split(const SplitInput& in, const TransitionGeometry& geo);
 // inverse of growth's interleave. New stage j of a half keeps layers [j L / h, (j + 1) L / h)
 // (h = g / 2), which contains the layers its member holds now; each member pulls the rest from
 // the old stage that kept them (its neighbour in the other half) and takes those pages back
-// from its KV pool. A running request (unless recompute) lands with its KV on the half with the
-// most room left that fits it (token_blocks x layers kept on every member of the half; half 0
-// on ties); its layers held in the other half are LayerMoves (old member indices) copied at the
-// shrink. A request placed nowhere loses its KV and queues first; queued requests go one by one
+// from its KV pool. A running request (unless recompute) lands with its KV on its home half
+// (TransitionRequest::home: 0 or 1, the half a live shrink's gather was heading to) when it fits
+// there, else on the half with the most room left that fits it (token_blocks x layers kept on
+// every member of the half; half 0 on ties); its layers held away from the member of its half
+// that keeps them are LayerMoves (old member indices) copied at the shrink. A request placed nowhere loses its KV and queues first; queued requests go one by one
 // to the half with the fewest requests landed.
 struct ShrinkInput {
   std::int64_t group = -1;

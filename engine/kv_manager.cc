@@ -287,9 +287,28 @@ std::vector<std::int64_t> KvManager::misplaced_layers(RequestId id) const {
 void KvManager::set_home(RequestId id, std::int32_t device) {
   RequestKv* r = lookup(id);
   KUN_CHECK(r != nullptr) << "request " << id << " holds no KV here";
+  if (!home_layouts_.empty()) {
+    KUN_CHECK(device >= -1 && device < static_cast<std::int32_t>(home_layouts_.size())) << "request " << id << " home layout " << device;
+    if (device >= 0) {
+      for (std::int32_t d : home_layouts_[static_cast<std::size_t>(device)]) {
+        KUN_CHECK(table_on(*r, d) != nullptr) << "request " << id << " has no table on device " << d;
+      }
+    }
+    r->home = device;
+    return;
+  }
   KUN_CHECK(device >= -1 && device < static_cast<std::int32_t>(devices_.size())) << "request " << id << " home " << device;
   KUN_CHECK(device < 0 || table_on(*r, device) != nullptr) << "request " << id << " has no table on device " << device;
   r->home = device;
+}
+
+void KvManager::set_home_layouts(std::vector<std::vector<std::int32_t>> layouts) {
+  for (const auto& [id, r] : requests_) KUN_CHECK_EQ(r.home, -1) << "request " << id << " has a home while the layouts change";
+  for (const auto& layout : layouts) {
+    KUN_CHECK_EQ(static_cast<std::int64_t>(layout.size()), num_layers());
+    for (std::int32_t d : layout) KUN_CHECK(d >= 0 && d < static_cast<std::int32_t>(devices_.size())) << "home layout device " << d;
+  }
+  home_layouts_ = std::move(layouts);
 }
 
 std::int32_t KvManager::home(RequestId id) const {

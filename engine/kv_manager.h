@@ -83,6 +83,12 @@ class KvManager {
   // to the placement. The request must hold KV here.
   void set_home(RequestId id, std::int32_t device);
   std::int32_t home(RequestId id) const;  // -1: placement; also for an unknown request
+  // Homes that spread a request over several devices (a shrink's live gather: a request continues
+  // on a half of the group, each layer on the half's member whose new stage holds it): with
+  // layouts set, home h means layer l belongs on layouts[h][l]; set_home then takes a layout
+  // index. Empty (the default): home d means device d for every layer. Change them only while no
+  // request has a home.
+  void set_home_layouts(std::vector<std::vector<std::int32_t>> layouts);
   // Live KV exchange, one layer: allocates the layer's blocks on the device it belongs on, calls
   // copy(from_device, from_blocks, to_device, to_blocks) to move the bytes, then frees the source
   // blocks. kResourceExhausted (nothing changes) when the destination is short of blocks. With
@@ -154,12 +160,14 @@ class KvManager {
   static kv::BlockTable* table_on(RequestKv& r, std::int32_t device);  // nullptr: none there
   static const kv::BlockTable* table_on(const RequestKv& r, std::int32_t device);
   std::int32_t wanted_device(const RequestKv& r, std::int64_t layer) const {
-    return r.home >= 0 ? r.home : layer_device_[static_cast<std::size_t>(layer)];
+    if (r.home < 0) return layer_device_[static_cast<std::size_t>(layer)];
+    return home_layouts_.empty() ? r.home : home_layouts_[static_cast<std::size_t>(r.home)][static_cast<std::size_t>(layer)];
   }
 
   std::int64_t block_size_tokens_;
   std::vector<kv::KvBlockAllocator*> devices_;
   std::vector<std::int32_t> layer_device_;
+  std::vector<std::vector<std::int32_t>> home_layouts_;  // set_home_layouts; empty: a home is a device
   std::vector<std::int64_t> layers_per_device_;  // by device: layers placed there (can_grow)
   kv::KvBlockAllocator host_;  // host swap slots: bookkeeping only, the executor owns the bytes
   std::vector<kv::BlockId> host_pending_free_;

@@ -6,15 +6,22 @@
 //    running requests keep their KV where it is and the layers now run by another member reach it
 //    by remote attention until the live exchange moves them (as after a drop). A drop is a growth
 //    that absorbs no group: drop_locked (cluster_transitions.cc) carries out both;
-//  * shrink is cluster::plan_shrink: stop-and-copy at a step boundary, each running request's KV
-//    is gathered onto the half it continues on, each member reclaims a layer's pages from its KV
-//    pool (repacking live blocks inside the device) and pulls the layers its new stage adds.
+//  * shrink is cluster::plan_shrink, live like restore (two phases): begin_shrink reserves each
+//    member's pages for the layers its new stage adds (repacking live blocks inside the device),
+//    starts the weight pull thread restore uses, and gives each running request the plan keeps a
+//    home on its half (KvManager home layouts: each layer on the half's member that keeps it); the
+//    group then decodes on while the pulls run and the exchange rounds gather each request onto
+//    its half. The switch (once the weights are back and the gather is done, or its time is up)
+//    pauses the group, recomputes the plan (it keeps each request on its home half while it
+//    fits), copies what the gather left, pulls what failed or could not be spared before, and
+//    publishes the two halves: no weight pull normally happens inside that pause.
 // Both follow the control path of the other transitions: the units are reserved under
 // transition_mu_ (Unit::in_transition, gates closed), every agent message, transfer and join runs
 // with the lock released, and it is re-taken to publish or roll back. Failures past the commit
 // point (runtime/README.md, "Failures"): a growth's drop_layer that fails keeps the layer
 // (drop_layer); a shrink's KV move that fails makes its request recompute (kv_move); a repack or
-// a weight pull that no holder can serve rolls the shrink back (shrink), the group whole.
+// a weight pull that no holder can serve at the switch rolls the shrink back (shrink), the group
+// whole: homes cleared, KV where the gather put it, layers pulled so far kept.
 #include <algorithm>
 #include <chrono>
 #include <set>
@@ -112,12 +119,41 @@ StatusOr<std::int64_t> ClusterRuntime::grow(std::int64_t group, const std::vecto
   return action.group;
 }
 
-StatusOr<std::vector<std::int64_t>> ClusterRuntime::shrink(std::int64_t group) {
+StatusOr<std::vector<std::int64_t>> ClusterRuntime::begin_shrink(std::int64_t group) {
   TransitionLock lock(transition_mu_);
   wait_group_free_locked(lock, group);
   KUN_ASSIGN_OR_RETURN(cluster::ShrinkAction action, coordinator_->force_shrink(group, clock_->now_us()));
   KUN_RETURN_IF_ERROR(run_shrink_locked(lock, action));
   return action.new_groups;
+}
+
+StatusOr<std::vector<std::int64_t>> ClusterRuntime::shrink(std::int64_t group) {
+  std::shared_ptr<Unit> unit;
+  std::vector<std::int64_t> new_groups;
+  {
+    TransitionLock lock(transition_mu_);
+    wait_group_free_locked(lock, group);
+    const std::shared_ptr<Unit> u = group_unit_locked(group);
+    if (u == nullptr || !u->shrinking.load()) {
+      KUN_ASSIGN_OR_RETURN(cluster::ShrinkAction action, coordinator_->force_shrink(group, clock_->now_us()));
+      KUN_RETURN_IF_ERROR(run_shrink_locked(lock, action));
+    }
+    unit = group_unit_locked(group);
+    if (unit == nullptr) return not_found("no fused group " + std::to_string(group));
+    new_groups = unit->shrink_action.new_groups;
+  }
+  // The weights come back on the pull thread while the group decodes; wait for them without
+  // transition_mu_, then switch at once (what is not on its half yet is copied in the pause).
+  {
+    std::unique_lock<std::mutex> pl(policy_mu_);
+    policy_cv_.wait(pl, [&] { return unit->weights_back.load(std::memory_order_acquire); });
+  }
+  TransitionLock lock(transition_mu_);
+  wait_group_free_locked(lock, group);
+  if (std::find(units_.begin(), units_.end(), unit) == units_.end()) return new_groups;  // the policy loop switched it meanwhile
+  if (!unit->shrinking.load()) return unavailable("the shrink of group " + std::to_string(group) + " rolled back meanwhile");
+  KUN_RETURN_IF_ERROR(finish_shrink_locked(lock, group));
+  return new_groups;
 }
 
 Status ClusterRuntime::run_growth_locked(TransitionLock& lock, const cluster::DropAction& action) {
@@ -134,28 +170,139 @@ Status ClusterRuntime::run_growth_locked(TransitionLock& lock, const cluster::Dr
 }
 
 Status ClusterRuntime::run_shrink_locked(TransitionLock& lock, const cluster::ShrinkAction& action) {
-  std::vector<std::int64_t> instances;
-  for (const auto& half : action.halves) instances.insert(instances.end(), half.begin(), half.end());
-  Status s = shrink_locked(lock, action);
+  Status s = begin_shrink_locked(lock, action);
   if (!s.ok()) {
+    std::vector<std::int64_t> instances;
+    for (const auto& half : action.halves) instances.insert(instances.end(), half.begin(), half.end());
     record_failure("shrink", action.group, instances, s);
     coordinator_->abandon_shrink(action.group, clock_->now_us());
+  }
+  return s;
+}
+
+Status ClusterRuntime::finish_shrink_locked(TransitionLock& lock, std::int64_t group) {
+  const std::shared_ptr<Unit> u = group_unit_locked(group);
+  KUN_CHECK(u != nullptr && u->shrinking.load()) << "group " << group << " is not shrinking";
+  const std::vector<std::int64_t> instances = u->instances;
+  Status s = shrink_switch_locked(lock, group);
+  if (!s.ok()) {
+    record_failure("shrink", group, instances, s);
+    coordinator_->abandon_shrink(group, clock_->now_us());
     return s;
   }
-  coordinator_->on_shrink_done(action.group, clock_->now_us());
+  coordinator_->on_shrink_done(group, clock_->now_us());
   return ok_status();
 }
 
-Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::ShrinkAction& action) {
-  const auto t0 = std::chrono::steady_clock::now();
+cluster::ShrinkInput ClusterRuntime::shrink_input(
+    Unit& unit, const std::map<std::pair<std::int64_t, std::int64_t>, std::vector<memory::PageId>>& reserved) const {
+  const auto g = static_cast<std::int64_t>(unit.instances.size());
+  const std::int64_t L = config_.num_layers;
+  const cluster::TransitionGeometry geo = transition_geometry();
+  cluster::ShrinkInput input;
+  input.group = unit.group;
+  input.members = unit.instances;
+  input.strategy = options_.stale_kv;
+  for (std::int64_t k = 0; k < g; ++k) {
+    const std::int64_t inst = unit.instances[static_cast<std::size_t>(k)];
+    std::int64_t held = 0, reserved_pages = 0;
+    for (std::int64_t l = 0; l < L; ++l) held += mirror_has_layer(inst, l) ? 1 : 0;
+    for (const auto& [key, pages] : reserved) reserved_pages += key.first == inst ? static_cast<std::int64_t>(pages.size()) : 0;
+    // The member's pool as an independent instance: its pool now (with the pages an unanswered
+    // pull keeps reserved) less the pages of the layers it does not hold.
+    input.base_kv_blocks.push_back(allocators_[static_cast<std::size_t>(inst)]->num_total() +
+                                   (reserved_pages - (L - held) * geo.pages_per_layer) * geo.blocks_per_page);
+  }
+  std::vector<std::int32_t> stages(static_cast<std::size_t>(g));
+  for (std::int64_t k = 0; k < g; ++k) stages[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(k);
+  input.requests = cluster::transition_requests(unit.engine->scheduler(), *unit.kv, stages);
+  return input;
+}
+
+void ClusterRuntime::end_shrink_phase(Unit& unit) {
+  for (RequestId id : unit.engine->scheduler().request_ids_in_order()) {
+    if (unit.kv->home(id) >= 0) unit.kv->set_home(id, -1);
+  }
+  unit.kv->set_home_layouts({});
+  unit.shrinking.store(false);
+  unit.gathered.store(false);
+  // Layers pulled so far stay: the member holds them outside its stage.
+  unit.kept_layers = layers_outside_stages(unit.instances);
+}
+
+Status ClusterRuntime::begin_shrink_locked(TransitionLock& lock, const cluster::ShrinkAction& action) {
   const std::int64_t group = action.group;
+  const std::shared_ptr<Unit> unit_ptr = group_unit_locked(group);
+  if (unit_ptr == nullptr) return not_found("no fused group " + std::to_string(group));
+  Unit& unit = *unit_ptr;
+  KUN_CHECK(!unit.in_transition) << "group " << group << " is in another transition";
+  if (unit.in_restore()) return failed_precondition("group " + std::to_string(group) + " is restoring");
+  if (unit.shrinking.load()) return failed_precondition("group " + std::to_string(group) + " is shrinking already");
+  const auto g = static_cast<std::int64_t>(unit.instances.size());
+  if (g < 4 || g % 2 != 0) return failed_precondition("a shrink needs an even degree >= 4, not " + std::to_string(g));
+  const std::int64_t L = config_.num_layers;
+  // Reserve the group, then work without transition_mu_. Its gate stays open: nothing is routed
+  // elsewhere until the switch, so submits queue in its inbox while it is paused here.
+  unit.in_transition = true;
+  lock.unlock();
+  const auto t0 = std::chrono::steady_clock::now();
+  unit.engine->pause();
+  unit.engine->quiesce();
+  const cluster::ShrinkPlan plan = cluster::plan_shrink(shrink_input(unit, {}), transition_geometry());
+  KUN_CHECK(plan.halves == action.halves) << "shrink of group " << group << ": plan and action disagree on the halves";
+  // Commit point: nothing has moved yet. (The block counts are checked at the switch, on the
+  // requests then; here only pages a pool can spare are taken.)
+  if (Status commit = options_.transition_fault ? options_.transition_fault("shrink", group) : ok_status(); !commit.ok()) {
+    lock.lock();
+    unit.engine->resume();
+    release_locked({unit_ptr});
+    return commit;
+  }
+  // Homes: each running request the plan keeps continues on its half, each layer on the half's
+  // member whose new stage keeps it; the exchange rounds gather it there while the group decodes.
+  if (options_.stale_kv != cluster::StaleKvStrategy::kRecompute) {
+    const std::int64_t h = g / 2;
+    std::vector<std::vector<std::int32_t>> layouts(2, std::vector<std::int32_t>(static_cast<std::size_t>(L)));
+    for (std::size_t half = 0; half < 2; ++half) {
+      for (std::int64_t j = 0; j < h; ++j) {
+        for (std::int64_t l = stage_begin(j, h, L); l < stage_begin(j + 1, h, L); ++l) {
+          layouts[half][static_cast<std::size_t>(l)] = plan.half_members[half][static_cast<std::size_t>(j)];
+        }
+      }
+    }
+    unit.kv->set_home_layouts(std::move(layouts));
+    for (const cluster::Placement& p : plan.keep_kv) unit.kv->set_home(p.id, p.member);
+  }
+  unit.restore_began = t0;
+  unit.restore_reason = action.reason;
+  unit.restore_repacked_blocks = 0;
+  unit.live_gathered_blocks = 0;
+  unit.shrink_action = action;
+  // The weights each half misses: pages back from the pools now (repacking inside the device), the
+  // bytes on the background pull while the group decodes on its stage layers.
+  std::vector<LayerPull> pulls = reclaim_pages_for_pulls(unit, plan.pulls);
+  unit.gathered.store(unit.kv->requests_with_misplaced_layers().empty());
+  unit.shrinking.store(true, std::memory_order_release);
+  lock.lock();
+  start_weight_pull_locked(unit, std::move(pulls), "shrink");
+  unit.begin_pause_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  unit.engine->resume();
+  release_locked({unit_ptr});
+  return ok_status();
+}
+
+Status ClusterRuntime::shrink_switch_locked(TransitionLock& lock, std::int64_t group) {
+  const auto t0 = std::chrono::steady_clock::now();
   std::shared_ptr<Unit> unit = group_unit_locked(group);
   if (unit == nullptr) return not_found("no fused group " + std::to_string(group));
   KUN_CHECK(!unit->in_transition) << "group " << group << " is in another transition";
-  if (unit->restoring.load() || unit->gathered.load()) return failed_precondition("group " + std::to_string(group) + " is restoring");
+  KUN_CHECK(unit->shrinking.load()) << "group " << group << " switches before its live phase";
+  // The weights pulled since begin_shrink have arrived (callers wait for weights_back), so the
+  // join below returns at once.
+  KUN_CHECK(unit->weights_back.load(std::memory_order_acquire)) << "group " << group << " switches before its weights are back";
+  const cluster::ShrinkAction action = unit->shrink_action;
   const std::vector<std::int64_t> instances = unit->instances;
   const auto g = static_cast<std::int64_t>(instances.size());
-  if (g < 4 || g % 2 != 0) return failed_precondition("a shrink needs an even degree >= 4, not " + std::to_string(g));
   const std::int64_t L = config_.num_layers;
   const cluster::TransitionGeometry geo = transition_geometry();
   const auto member_alloc = [&](std::int64_t k) -> kv::KvBlockAllocator& {
@@ -166,34 +313,32 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
   unit->in_transition = true;
   close_gate(*unit);
   lock.unlock();
-  const auto reopen = [&] {
+  if (unit->weight_pull.joinable()) unit->weight_pull.join();
+  const double gather_ms = std::chrono::duration<double, std::milli>(t0 - unit->restore_began).count();
+  unit->engine->pause();
+  unit->engine->quiesce();
+  // Pulls that failed during the live phase are retried below, into the pages an unanswered one
+  // keeps reserved or pages taken from the pool now.
+  auto reserved_pages = take_failed_pulls(*unit);
+  // Back to the whole group (the engine paused, its requests adopted): homes and layouts go,
+  // pages of unanswered pulls stay reserved, the gate reopens and the group decodes on.
+  const auto roll_back = [&] {
+    for (auto& [key, pages] : reserved_pages) unit->failed_pulls.push_back(Unit::FailedPull{key.first, key.second, std::move(pages), true});
+    reserved_pages.clear();
+    end_shrink_phase(*unit);
     lock.lock();
     reopen_gate(*unit, *routing());
     unit->engine->resume();
     release_locked({unit});
   };
-  unit->engine->pause();
-  unit->engine->quiesce();
-  cluster::ShrinkInput input;
-  input.group = group;
-  input.members = instances;
-  input.strategy = options_.stale_kv;
-  for (std::int64_t k = 0; k < g; ++k) {
-    std::int64_t held = 0;
-    for (std::int64_t l = 0; l < L; ++l) held += mirror_has_layer(instances[static_cast<std::size_t>(k)], l) ? 1 : 0;
-    // The member's pool as an independent instance: its pool now less the pages its dropped layers lent.
-    input.base_kv_blocks.push_back(member_alloc(k).num_total() - (L - held) * geo.pages_per_layer * geo.blocks_per_page);
-  }
-  std::vector<std::int32_t> stages(static_cast<std::size_t>(g));
-  for (std::int64_t k = 0; k < g; ++k) stages[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(k);
-  input.requests = cluster::transition_requests(unit->engine->scheduler(), *unit->kv, stages);
+  const cluster::ShrinkInput input = shrink_input(*unit, reserved_pages);
   const cluster::ShrinkPlan plan = cluster::plan_shrink(input, geo);
   KUN_CHECK(plan.halves == action.halves) << "shrink of group " << group << ": plan and action disagree on the halves";
-  // Commit point: nothing has moved yet. Besides the fault hook, the carrying out is checked on
-  // block counts first: each gather copy allocates on its destination before it frees its source,
-  // so every member must have the blocks at every point, and end within its room after the shrink.
-  Status commit = options_.transition_fault ? options_.transition_fault("shrink", group) : ok_status();
-  if (commit.ok()) {
+  // Commit point: nothing has moved yet. The carrying out is checked on block counts first: each
+  // copy of what the gather left allocates on its destination before it frees its source, so
+  // every member must have the blocks at every point, and end within its room after the shrink.
+  Status commit;
+  {
     std::vector<std::int64_t> used(static_cast<std::size_t>(g)), total(static_cast<std::size_t>(g));
     for (std::int64_t k = 0; k < g; ++k) {
       total[static_cast<std::size_t>(k)] = member_alloc(k).num_total();
@@ -228,11 +373,13 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
     }
   }
   if (!commit.ok()) {
-    reopen();
+    roll_back();
     return commit;
   }
   record_plan("shrink", group, plan.to_string());
   const std::vector<std::int64_t> history = unit->engine->scheduler().admission_history();
+  const std::int64_t live_blocks = unit->live_gathered_blocks.load();
+  const double begin_pause_ms = unit->begin_pause_ms;
   // Every request leaves the group; those the rule may keep take their tables along.
   std::map<RequestId, engine::Engine::Detached> detached;
   std::map<RequestId, std::map<std::int32_t, kv::BlockTable>> tables_of;  // keyed by member index
@@ -257,8 +404,9 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
     ++recomputed;
     free_tables(l.id);
   }
-  // Each kept request's layers held away from its half's stage owners are copied there
-  // (stop-and-copy). A request whose copy fails recomputes on its half: its blocks are freed.
+  // What the live gather left (requests that started after begin_shrink, layers whose move had
+  // not come yet, a request its home half had no room for) is copied now (stop-and-copy). A
+  // request whose copy fails recomputes on its half: its blocks are freed.
   std::int64_t exchanged_blocks = 0;
   std::set<RequestId> move_failed;
   for (const cluster::Placement& p : plan.keep_kv) {
@@ -274,28 +422,21 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
     ++recomputed;
     record_failure("kv_move", group, instances, failed, "request " + std::to_string(p.id.value) + " recomputes on half " + std::to_string(p.member));
   }
-  // The weights: each member takes a layer's pages back from its KV pool (the kept requests'
-  // blocks on it are remapped when live blocks are repacked) and pulls the layer from the old
-  // stage that kept it, or any other holder. A layer the member holds already (kept at a drop)
-  // is not pulled. A repack or a pull that fails rolls the shrink back.
-  std::int64_t pulled_bytes = 0, repacked_blocks = 0;
-  Status shrink_error;
-  std::vector<Unit::FailedPull> unanswered_pulls;  // their pages stay reserved, with the group
-  for (const cluster::WeightPull& wp : plan.pulls) {
-    const std::int64_t inst = instances[static_cast<std::size_t>(wp.member)];
-    if (mirror_has_layer(inst, wp.layer)) continue;
-    const auto remap = [&](std::span<const kv::BlockMove> moves) {
-      std::int64_t remapped = 0;
-      for (auto& [id, tables] : tables_of) {
-        auto t = tables.find(wp.member);
-        if (t != tables.end()) remapped += t->second.remap_blocks(moves);
-      }
-      return remapped;
-    };
-    shrink_error = reclaim_and_pull_layer(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], remap, &repacked_blocks,
-                                          &pulled_bytes, &unanswered_pulls);
-    if (!shrink_error.ok()) break;
-  }
+  // Layers whose pull failed during the live phase, or whose pages a pool could not spare then,
+  // are pulled now, paused (normally none: the live phase pulled them all). A repack or a pull
+  // that fails from every holder rolls the shrink back.
+  std::int64_t pulled_bytes = unit->restore_pulled_bytes, repacked_blocks = unit->restore_repacked_blocks;
+  Status shrink_error = pull_missing_layers(
+      instances, plan.pulls,
+      [&](std::int32_t member, std::span<const kv::BlockMove> moves) {
+        std::int64_t remapped = 0;
+        for (auto& [id, tables] : tables_of) {
+          auto t = tables.find(member);
+          if (t != tables.end()) remapped += t->second.remap_blocks(moves);
+        }
+        return remapped;
+      },
+      reserved_pages, &unit->failed_pulls, &repacked_blocks, &pulled_bytes);
   for (std::size_t k = 0; shrink_error.ok() && k < instances.size(); ++k) {
     auto snap = client().check_integrity(endpoint(instances[k]));
     if (!snap.ok()) {
@@ -319,9 +460,7 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
         KUN_CHECK_OK(unit->engine->adopt(std::move(d), /*with_kv=*/false));
       }
     }
-    unit->kept_layers = layers_outside_stages(instances);
-    for (Unit::FailedPull& f : unanswered_pulls) unit->failed_pulls.push_back(std::move(f));
-    reopen();
+    roll_back();
     return shrink_error;
   }
   // Each kept request's tables move to its half, keyed by the half's stage index.
@@ -381,10 +520,14 @@ Status ClusterRuntime::shrink_locked(TransitionLock& lock, const cluster::Shrink
   lock.lock();
   publish_successors_locked(lock, {std::move(unit)}, halves);  // the halves replace the group; returns unlocked
   ClusterEvent ev = split_event("shrink", group, instances, t0, pulled_bytes, moved, exchanged_blocks, recomputed, repacked_blocks);
+  ev.gather_ms = gather_ms;
+  ev.begin_pause_ms = begin_pause_ms;
+  ev.kv_blocks_gathered_live = live_blocks;
   ev.reason = action.reason + "; into groups " + std::to_string(action.new_groups[0]) + " and " +
               std::to_string(action.new_groups[1]) + ": " + std::to_string(plan.keep_kv.size() - move_failed.size()) +
-              " requests keep their KV (" + std::to_string(exchanged_blocks) + " blocks gathered, " +
-              std::to_string(repacked_blocks) + " repacked), " + std::to_string(recomputed) + " recompute";
+              " requests keep their KV (" + std::to_string(live_blocks) + " blocks gathered while decoding, " +
+              std::to_string(exchanged_blocks) + " at the switch, " + std::to_string(repacked_blocks) + " repacked), " +
+              std::to_string(recomputed) + " recompute";
   record(std::move(ev));
   lock.lock();
   return ok_status();

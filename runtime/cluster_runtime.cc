@@ -226,11 +226,18 @@ void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(Request
   // that runs it after a drop; its home while the group restores), while the other virtual
   // engines' steps run. A request in a running step waits for the next round; a destination short
   // of blocks ends the round.
+  // A shrinking group gathers each request homed at begin_shrink onto its half (requests that
+  // start later stay on their stages: the switch places and copies them).
+  // Its moves wait for the weights: a KV move queued on a link behind a layer's bulk transfer
+  // would hold this engine thread (and the group's next step) for the whole transfer.
   const bool restoring = unit.restoring.load(std::memory_order_acquire);
-  if (!restoring && options_.stale_kv != cluster::StaleKvStrategy::kExchange) return;
+  const bool shrinking = unit.shrinking.load(std::memory_order_acquire);
+  const bool gathering = restoring || shrinking;
+  if (!gathering && options_.stale_kv != cluster::StaleKvStrategy::kExchange) return;
   const bool all_homed = !restoring || engine::assign_restore_homes(unit.engine->scheduler(), *unit.kv, unit.split_room).all_homed;
+  const bool defer_moves = shrinking && !unit.weights_back.load(std::memory_order_acquire);
   std::int64_t moved = 0, blocks = 0;
-  for (RequestId id : unit.kv->requests_with_misplaced_layers()) {
+  for (RequestId id : defer_moves ? std::vector<RequestId>{} : unit.kv->requests_with_misplaced_layers()) {
     if (moved >= options_.exchange_requests_per_round) break;
     if (in_flight(id)) continue;
     const std::int64_t layer = unit.kv->misplaced_layers(id).front();
@@ -254,11 +261,11 @@ void ClusterRuntime::exchange_round(Unit& unit, const std::function<bool(Request
     ++moved;
   }
   if (blocks > 0) {
-    if (restoring) unit.live_gathered_blocks.fetch_add(blocks, std::memory_order_relaxed);
+    if (gathering) unit.live_gathered_blocks.fetch_add(blocks, std::memory_order_relaxed);
     std::lock_guard<std::mutex> el(events_mu_);
     kv_blocks_moved_ += blocks;
   }
-  if (restoring && all_homed && !unit.gathered.load(std::memory_order_relaxed) &&
+  if (gathering && all_homed && !unit.gathered.load(std::memory_order_relaxed) &&
       unit.kv->requests_with_misplaced_layers().empty()) {
     unit.gathered.store(true, std::memory_order_release);
     notify_restore_progress();
@@ -277,7 +284,7 @@ void ClusterRuntime::finish_gathered_restores(TransitionLock& lock) {
   const auto now = std::chrono::steady_clock::now();
   std::vector<std::int64_t> ready;
   for (const auto& u : units_) {
-    if (u->group < 0 || u->in_transition || !(u->restoring.load() || u->gathered.load())) continue;  // not restoring
+    if (u->group < 0 || u->in_transition || !(u->in_restore() || u->shrinking.load())) continue;  // neither restoring nor shrinking
     // The weight pull always finishes (a bounded transfer that wakes this loop); the split waits
     // for it rather than joining it under transition_mu_.
     if (!u->weights_back.load(std::memory_order_acquire)) continue;
@@ -287,7 +294,11 @@ void ClusterRuntime::finish_gathered_restores(TransitionLock& lock) {
   for (std::int64_t group : ready) {
     // Each split releases transition_mu_ while it works: another thread may have taken the group.
     const std::shared_ptr<Unit> u = group_unit_locked(group);
-    if (u == nullptr || u->in_transition) continue;
+    if (u == nullptr || u->in_transition || !(u->in_restore() || u->shrinking.load())) continue;  // a shrink() rolled back meanwhile
+    if (u->shrinking.load()) {
+      (void)finish_shrink_locked(lock, group);  // cluster_regroup.cc; a failure is recorded and the group stays whole
+      continue;
+    }
     const std::vector<std::int64_t> instances = u->instances;
     Status s = restore_locked(lock, group);
     if (!s.ok()) {
@@ -443,7 +454,7 @@ std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_of(const std::v
       s.instance = inst;
       s.group = u->group;
       s.state = u->group < 0 ? cluster::GroupState::kInitial
-                : u->restoring.load() || u->gathered.load() ? cluster::GroupState::kRestoring
+                : u->in_restore() ? cluster::GroupState::kRestoring
                                                             : cluster::GroupState::kDropped;
       s.kv_blocks_total = is.kv_blocks_total;
       s.kv_blocks_free = is.kv_blocks_free;
@@ -651,7 +662,7 @@ engine::ServingStats ClusterRuntime::stats() const {
         engine::InstanceStats is = member_share(st.instances.front(), g);
         is.instance = inst;
         is.group = u->group;
-        is.group_state = u->group < 0 ? "INITIAL" : u->restoring.load() || u->gathered.load() ? "RESTORING" : "DROPPED";
+        is.group_state = u->group < 0 ? "INITIAL" : u->in_restore() ? "RESTORING" : "DROPPED";
         is.dropped_param_bytes = dropped_param_bytes(inst);
         out.instances.push_back(is);
       }
@@ -984,8 +995,8 @@ void ClusterRuntime::check_integrity() {
     for (std::int64_t l = 0; l < L; ++l) {
       int holders = 0;
       for (std::int64_t inst : u->instances) holders += holds(inst, l) ? 1 : 0;
-      if (u->restoring.load() || u->gathered.load()) {
-        // A restoring group pulls its dropped layers back while it serves from the stage owners.
+      if (u->in_restore() || u->shrinking.load()) {
+        // A restoring (or shrinking) group pulls layers back while it serves from the stage owners.
         const std::int64_t g = static_cast<std::int64_t>(u->instances.size());
         const std::int64_t owner = u->instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
         KUN_CHECK(holds(owner, l)) << "layer " << l << " left its stage owner " << owner;

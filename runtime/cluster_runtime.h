@@ -18,7 +18,9 @@
 //    request that fits on no member recomputes, layers whose pages could not be spared earlier
 //    are reclaimed and pulled now, and the group splits into g instances;
 //  * grow (g -> 2g, absorbing fused groups: the drop path over the layers members hold now) and
-//    shrink (2g -> g + g, stop-and-copy): runtime/cluster_regroup.cc;
+//    shrink (2g -> g + g, live like restore: the weights each half misses are pulled and each
+//    request's KV gathered onto its half while the group decodes, then a short switch publishes
+//    the two groups): runtime/cluster_regroup.cc;
 //  * migrate (Llumnix-style baseline): a running request's KV blocks move to another instance
 //    through the Transport and it continues there without recompute; queued requests move as is.
 //
@@ -132,10 +134,11 @@ struct ClusterEvent {
   std::vector<std::int64_t> instances;
   std::int64_t bytes = 0;        // dropped param bytes (drop), weights pulled (restore), KV moved (migrate)
   double latency_ms = 0;         // drop: until the group's first step; restore: the split's pause
-  double gather_ms = 0;          // restore: the live gather phase, while the group kept decoding
+  double gather_ms = 0;          // restore, shrink: the live gather phase, while the group kept decoding
+  double begin_pause_ms = 0;     // restore, shrink: the group's pause at the start of the gather phase
   std::int64_t requests_moved = 0;
   std::int64_t kv_blocks_exchanged = 0;  // drop: stale KV spread out; restore: gathered stop-and-copy
-  std::int64_t kv_blocks_gathered_live = 0;  // restore: gathered while decoding, before the split
+  std::int64_t kv_blocks_gathered_live = 0;  // restore, shrink: gathered while decoding, before the switch
   std::int64_t requests_recomputed = 0;  // running requests that lost their KV in the transition
   std::int64_t blocks_repacked = 0;      // restore: live blocks moved inside a device to free pages
   std::vector<RequestId> stale_requests; // drop: the requests running at it (stale requests)
@@ -169,8 +172,8 @@ class ClusterRuntime final : public engine::FrontDoor {
   Status restore(std::int64_t group);
   // Starts the gather phase only; the policy thread (or restore()) splits the group later.
   Status begin_restore(std::int64_t group);
-  // Whether a restoring group is ready to split without moving anything: its running requests'
-  // KV is all home and its members' weights are back.
+  // Whether a restoring group is ready to split (or a shrinking group to switch to its halves)
+  // without moving anything: its running requests' KV is all home and its members' weights are back.
   bool ready_to_split(std::int64_t group) const;
   Status migrate(RequestId request, std::int64_t to_instance);
   // Growth (runtime/cluster_regroup.cc): fused group `group` of degree g becomes one of degree 2g
@@ -180,8 +183,15 @@ class ClusterRuntime final : public engine::FrontDoor {
   // Returns the new group's id.
   StatusOr<std::int64_t> grow(std::int64_t group, const std::vector<std::int64_t>& partners);
   // Partial restore: fused group `group` of even degree >= 4 becomes two groups of degree g / 2,
-  // its even and its odd stages (cluster::plan_shrink), stop-and-copy. Returns the two ids.
+  // its even and its odd stages (cluster::plan_shrink). Starts the live phase unless it is running
+  // (begin_shrink), waits for the weights, then switches at once (stop-and-copy for the KV not on
+  // its half yet). Returns the two ids.
   StatusOr<std::vector<std::int64_t>> shrink(std::int64_t group);
+  // The live phase only: each member reclaims the pages of the layers its new stage adds and a
+  // background thread pulls them from their holders while the group keeps decoding; each running
+  // request's KV is gathered onto the half it continues on between steps. The policy thread (or
+  // shrink()) switches once ready_to_split(group). Returns the ids the two halves will get.
+  StatusOr<std::vector<std::int64_t>> begin_shrink(std::int64_t group);
 
   // Runs one step on every unit that has work (for tests without threads); false if all idle.
   bool run_step_all();
@@ -250,7 +260,17 @@ class ClusterRuntime final : public engine::FrontDoor {
     // Restore's gather phase. `restoring` and `split_room` are set by begin_restore_locked while
     // the engine is paused; the engine thread's exchange rounds read them and set `gathered`.
     std::atomic<bool> restoring{false};
-    std::atomic<bool> gathered{false};
+    std::atomic<bool> gathered{false};  // the live gather (a restore's or a shrink's) is done
+    // A live shrink (cluster_regroup.cc), set by begin_shrink_locked while the engine is paused:
+    // the weights come back on `weight_pull` and the exchange rounds gather each homed request
+    // onto its half (KvManager home layouts) while the group decodes; the switch publishes the
+    // halves. The gather-phase fields below (restore_began, weight_pull, weights_back,
+    // failed_pulls, live_gathered_blocks, ...) serve a restore and a shrink alike.
+    std::atomic<bool> shrinking{false};
+    cluster::ShrinkAction shrink_action;
+    double begin_pause_ms = 0;  // the pause of begin_restore / begin_shrink
+    // Restoring (gather phase or gathered), as the coordinator sees it; a shrinking group is not.
+    bool in_restore() const { return !shrinking.load() && (restoring.load() || gathered.load()); }
     std::vector<std::int64_t> split_room;  // layer blocks each member keeps after the split
     cluster::RestorePlan restore_plan;     // from begin_restore_locked
     std::atomic<std::int64_t> live_gathered_blocks{0};
@@ -327,6 +347,36 @@ class ClusterRuntime final : public engine::FrontDoor {
   engine::SchedulerConfig instance_scheduler_config() const;
   void exchange_round(Unit& unit, const std::function<bool(RequestId)>& in_flight);
   Status begin_restore_locked(TransitionLock& lock, std::int64_t group, const std::string& reason);
+  // A gather phase's weight pull: device `to` pulls `layer` from `from` (or any other holder) into
+  // `pages`, KV pages it took back from its pool.
+  struct LayerPull {
+    std::int64_t from, to, layer;
+    std::vector<std::int64_t> pages;
+  };
+  // The start of a gather phase (restore or shrink; the group paused, transition_mu_ released):
+  // for each planned pull (member indices of `unit`) of a layer the member does not hold, the
+  // member takes the layer's pages back from its KV pool (reclaim_layer_pages, remapping the
+  // group's tables). A member whose pool cannot spare the next layer, or whose repack copy fails
+  // (a `repack` failure), leaves it and its later layers to the switch.
+  std::vector<LayerPull> reclaim_pages_for_pulls(Unit& unit, const std::vector<cluster::WeightPull>& pulls);
+  // Starts `unit.weight_pull` (transition_mu_ held: check_integrity reads it), which carries out
+  // `pulls` while the group decodes, recording a pull no holder could serve as a `weight_pull`
+  // failure retried at `switch_kind` (its pages in unit.failed_pulls); sets weights_back when done
+  // (at once when there is nothing to pull).
+  void start_weight_pull_locked(Unit& unit, std::vector<LayerPull> pulls, const std::string& switch_kind);
+  // At a switch (split or shrink, the group paused): the pages of gather-phase pulls that failed
+  // go back to the KV pool, except those of pulls never answered (a late landing may write them),
+  // which are returned by (instance, layer) to be pulled into again. unit.failed_pulls is emptied.
+  std::map<std::pair<std::int64_t, std::int64_t>, std::vector<memory::PageId>> take_failed_pulls(Unit& unit);
+  // At a switch: each planned pull (member indices of `instances`) of a layer its member does not
+  // hold yet (its gather-phase pull failed or was left to the switch) is carried out now, into the
+  // reserved pages of an unanswered pull (unless it landed meanwhile) or pages reclaimed from the
+  // pool (`remap(member, moves)` rewrites the tables holding repacked blocks). Stops at the first
+  // failure and returns it; a pull never answered keeps its pages in `*unanswered`.
+  Status pull_missing_layers(const std::vector<std::int64_t>& instances, const std::vector<cluster::WeightPull>& pulls,
+                             const std::function<std::int64_t(std::int32_t, std::span<const kv::BlockMove>)>& remap,
+                             std::map<std::pair<std::int64_t, std::int64_t>, std::vector<memory::PageId>>& reserved_pages,
+                             std::vector<Unit::FailedPull>* unanswered, std::int64_t* repacked, std::int64_t* pulled_bytes);
   cluster::TransitionGeometry transition_geometry() const;
   void record_plan(const std::string& kind, std::int64_t group, std::string plan);
   // Device `instance`'s transport endpoint, and a client on the front end's endpoint.
@@ -346,14 +396,6 @@ class ClusterRuntime final : public engine::FrontDoor {
   StatusOr<std::vector<memory::PageId>> reclaim_layer_pages(std::int64_t inst,
                                                             const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
                                                             std::int64_t* repacked);
-  // Device `inst` takes a layer's pages back from its KV pool (reclaim_layer_pages) and pulls
-  // `layer` into them from `preferred` or any other holder (pull_layer_from_any), adding the bytes
-  // to `*pulled_bytes`. On a failure the pages go back to the KV pool, or, when the pull was never
-  // answered (a late landing may write them), are appended to `*unanswered` and stay out of it;
-  // the error is returned.
-  Status reclaim_and_pull_layer(std::int64_t inst, std::int64_t layer, std::int64_t preferred,
-                                const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
-                                std::int64_t* repacked, std::int64_t* pulled_bytes, std::vector<Unit::FailedPull>* unanswered);
   // Publishes `successors` (built, not launched) in place of `old_units` (reserved by the caller,
   // transition_mu_ held): launches them, retires the old gates handing what queued to them, swaps
   // the routing and releases the reservation; then joins the old engines with the lock released.
@@ -379,14 +421,26 @@ class ClusterRuntime final : public engine::FrontDoor {
   Status restore_locked(TransitionLock& lock, std::int64_t group);  // the split; begin_restore_locked came first
   Status migrate_locked(TransitionLock& lock, RequestId request, std::int64_t to_instance, const std::string& reason);
   // ---- regroup (runtime/cluster_regroup.cc) ----
-  // Carries out a ShrinkAction (cluster::plan_shrink) stop-and-copy. A failure before the commit
-  // point, or a weight pull that no holder can serve after it, leaves the group whole (rolled back)
-  // and is returned; a KV move that fails makes its request recompute.
-  Status shrink_locked(TransitionLock& lock, const cluster::ShrinkAction& action);
-  // Carry a growth or shrink out and tell the coordinator how it went. Failures are recorded
-  // (event, metric) and returned. The units must not be in transition.
+  // A ShrinkAction (cluster::plan_shrink) in two phases. begin_shrink_locked: the live phase
+  // (pages reclaimed, homes set, weight pull started; the group resumes); a failure at its commit
+  // point leaves the group whole. shrink_switch_locked: at a step boundary, what is still away
+  // from its half is copied, pulls that failed are retried, and the halves are published; a
+  // weight pull no holder can serve (or a refused repack, a member not answering) rolls back to
+  // the whole group, a KV move that fails makes its request recompute.
+  Status begin_shrink_locked(TransitionLock& lock, const cluster::ShrinkAction& action);
+  Status shrink_switch_locked(TransitionLock& lock, std::int64_t group);
+  // The plan input of a group about to shrink (paused), its members' pools counting `reserved`
+  // pages (of unanswered pulls) as KV.
+  cluster::ShrinkInput shrink_input(Unit& unit,
+                                    const std::map<std::pair<std::int64_t, std::int64_t>, std::vector<memory::PageId>>& reserved) const;
+  // A shrink that did not happen: no request keeps a home, the layouts go, the group is whole.
+  void end_shrink_phase(Unit& unit);
+  // Carry a growth or a shrink's phase out and tell the coordinator how it went. Failures are
+  // recorded (event, metric) and returned, and the coordinator gets the groups back as they were.
+  // The units must not be in transition.
   Status run_growth_locked(TransitionLock& lock, const cluster::DropAction& action);
-  Status run_shrink_locked(TransitionLock& lock, const cluster::ShrinkAction& action);
+  Status run_shrink_locked(TransitionLock& lock, const cluster::ShrinkAction& action);  // the live phase
+  Status finish_shrink_locked(TransitionLock& lock, std::int64_t group);              // the switch
   // (instance, layer) pairs a member of `instances` (stage order) holds outside its stage, by the
   // mirror: layers a failed drop_layer or a rolled-back shrink left in place (Unit::kept_layers).
   std::vector<std::pair<std::int64_t, std::int64_t>> layers_outside_stages(const std::vector<std::int64_t>& instances) const;

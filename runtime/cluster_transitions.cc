@@ -125,26 +125,114 @@ StatusOr<std::vector<memory::PageId>> ClusterRuntime::reclaim_layer_pages(
   }
 }
 
-Status ClusterRuntime::reclaim_and_pull_layer(std::int64_t inst, std::int64_t layer, std::int64_t preferred,
-                                              const std::function<std::int64_t(std::span<const kv::BlockMove>)>& remap,
-                                              std::int64_t* repacked, std::int64_t* pulled_bytes,
-                                              std::vector<Unit::FailedPull>* unanswered) {
-  StatusOr<std::vector<memory::PageId>> pages_or = reclaim_layer_pages(inst, remap, repacked);
-  if (!pages_or.ok()) return pages_or.status().with_context("layer " + std::to_string(layer) + " on device " + std::to_string(inst));
-  std::vector<std::int64_t> pages;
-  for (memory::PageId page : *pages_or) pages.push_back(page.value);
-  std::int64_t source = -1;
-  bool pages_may_be_written = false;
-  if (Status s = pull_layer_from_any(inst, layer, preferred, pages, &source, &pages_may_be_written); !s.ok()) {
-    if (pages_may_be_written) {
-      // Never answered: a late landing may still write them, so they stay reserved for the layer.
-      unanswered->push_back(Unit::FailedPull{inst, layer, std::move(*pages_or), true});
-    } else {
-      KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
+std::vector<ClusterRuntime::LayerPull> ClusterRuntime::reclaim_pages_for_pulls(Unit& unit, const std::vector<cluster::WeightPull>& pulls) {
+  std::vector<LayerPull> out;
+  std::int32_t short_member = -1;  // its pool could not spare the next layer: the rest wait for the switch
+  for (const cluster::WeightPull& p : pulls) {
+    if (p.member == short_member) continue;
+    const std::int64_t inst = unit.instances[static_cast<std::size_t>(p.member)];
+    if (mirror_has_layer(inst, p.layer)) continue;  // kept at a drop, or pulled by an earlier attempt
+    auto pages = reclaim_layer_pages(
+        inst, [&](std::span<const kv::BlockMove> moves) { return unit.kv->remap_blocks(p.member, moves); },
+        &unit.restore_repacked_blocks);
+    if (!pages.ok()) {
+      if (pages.status().code() != StatusCode::kResourceExhausted) {
+        record_failure("repack", unit.group, unit.instances, pages.status(),
+                       "layer " + std::to_string(p.layer) + " of device " + std::to_string(inst) + " waits for the switch");
+      }
+      short_member = p.member;
+      continue;
     }
-    return s;
+    out.push_back(LayerPull{unit.instances[static_cast<std::size_t>(p.from)], inst, p.layer, {}});
+    for (memory::PageId page : *pages) out.back().pages.push_back(page.value);
   }
-  *pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
+  return out;
+}
+
+void ClusterRuntime::start_weight_pull_locked(Unit& unit, std::vector<LayerPull> pulls, const std::string& switch_kind) {
+  if (unit.weight_pull.joinable()) unit.weight_pull.join();  // an earlier phase's, finished (its switch joined it)
+  unit.restore_pulled_bytes = 0;
+  if (pulls.empty()) {
+    unit.weights_back.store(true);
+    return;
+  }
+  unit.weights_back.store(false);
+  // Each puller's agent asks the owner's agent for the layer (a bulk kWeights message that yields
+  // its links to activations) and maps it into the reclaimed pages; the acks come here. A pull
+  // that fails is retried from every other holder; if none can send it, its pages wait for the
+  // switch (which returns them to the pool and pulls the layer again, paused).
+  unit.weight_pull = std::thread([this, &unit, switch_kind, pulls = std::move(pulls)] {
+    for (const LayerPull& p : pulls) {
+      std::int64_t source = -1;
+      bool unanswered = false;
+      const Status s = pull_layer_from_any(p.to, p.layer, p.from, p.pages, &source, &unanswered);
+      if (s.ok()) {
+        unit.restore_pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
+        continue;
+      }
+      Unit::FailedPull failed{p.to, p.layer, {}, unanswered};
+      for (std::int64_t page : p.pages) failed.pages.push_back(memory::PageId(page));
+      unit.failed_pulls.push_back(std::move(failed));
+      record_failure("weight_pull", unit.group, unit.instances, s, "retried at the " + switch_kind);
+    }
+    unit.weights_back.store(true, std::memory_order_release);
+    notify_restore_progress();
+  });
+}
+
+std::map<std::pair<std::int64_t, std::int64_t>, std::vector<memory::PageId>> ClusterRuntime::take_failed_pulls(Unit& unit) {
+  std::map<std::pair<std::int64_t, std::int64_t>, std::vector<memory::PageId>> reserved;  // (instance, layer)
+  for (Unit::FailedPull& f : unit.failed_pulls) {
+    if (f.pages_may_be_written) {
+      reserved[{f.instance, f.layer}] = std::move(f.pages);
+    } else {
+      KUN_CHECK_OK(allocators_[static_cast<std::size_t>(f.instance)]->add_pages(f.pages));
+    }
+  }
+  unit.failed_pulls.clear();
+  return reserved;
+}
+
+Status ClusterRuntime::pull_missing_layers(const std::vector<std::int64_t>& instances, const std::vector<cluster::WeightPull>& pulls,
+                                           const std::function<std::int64_t(std::int32_t, std::span<const kv::BlockMove>)>& remap,
+                                           std::map<std::pair<std::int64_t, std::int64_t>, std::vector<memory::PageId>>& reserved_pages,
+                                           std::vector<Unit::FailedPull>* unanswered, std::int64_t* repacked, std::int64_t* pulled_bytes) {
+  for (const cluster::WeightPull& wp : pulls) {
+    const std::int64_t inst = instances[static_cast<std::size_t>(wp.member)];
+    if (mirror_has_layer(inst, wp.layer)) continue;  // pulled during the gather (or kept at a drop)
+    const auto reserved = reserved_pages.find({inst, wp.layer});
+    if (reserved != reserved_pages.end()) {
+      // An unanswered pull may have landed since: then the device holds the layer in those pages.
+      StatusOr<DeviceSnapshot> snap = client().snapshot(endpoint(inst));
+      if (snap.ok() && std::find(snap->resident_layers.begin(), snap->resident_layers.end(), wp.layer) != snap->resident_layers.end()) {
+        mirror_set_layer(inst, wp.layer, true);
+        reserved_pages.erase(reserved);
+        continue;
+      }
+    }
+    StatusOr<std::vector<memory::PageId>> pages_or =
+        reserved != reserved_pages.end()
+            ? StatusOr<std::vector<memory::PageId>>(reserved->second)
+            : reclaim_layer_pages(
+                  inst, [&](std::span<const kv::BlockMove> moves) { return remap(wp.member, moves); }, repacked);
+    if (reserved != reserved_pages.end()) reserved_pages.erase(reserved);
+    if (!pages_or.ok()) return pages_or.status().with_context("layer " + std::to_string(wp.layer) + " on device " + std::to_string(inst));
+    std::vector<std::int64_t> pages;
+    for (memory::PageId page : *pages_or) pages.push_back(page.value);
+    std::int64_t source = -1;
+    bool pages_may_be_written = false;
+    if (Status s = pull_layer_from_any(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], pages, &source, &pages_may_be_written);
+        !s.ok()) {
+      if (pages_may_be_written) {
+        // Never answered: a late landing may still write them, so they stay reserved for the layer.
+        unanswered->push_back(Unit::FailedPull{inst, wp.layer, std::move(*pages_or), true});
+      } else {
+        KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
+      }
+      return s;
+    }
+    *pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
+  }
   return ok_status();
 }
 
@@ -197,56 +285,11 @@ Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t g
   }
   unit.restore_plan = cluster::plan_restore(input, transition_geometry());
   record_plan("restore", group, unit.restore_plan.to_string());
-  struct Pull {
-    std::int64_t from, to, layer;
-    std::vector<std::int64_t> pages;  // KV pages of `to` the layer goes into (no live blocks)
-  };
-  std::vector<Pull> pulls;
-  std::int32_t short_member = -1;  // its pool could not spare the next layer: the rest wait for the split
-  for (const cluster::WeightPull& p : unit.restore_plan.pulls) {
-    if (p.member == short_member) continue;
-    const std::int64_t inst = unit.instances[static_cast<std::size_t>(p.member)];
-    auto pages = reclaim_layer_pages(
-        inst, [&](std::span<const kv::BlockMove> moves) { return unit.kv->remap_blocks(p.member, moves); },
-        &unit.restore_repacked_blocks);
-    if (!pages.ok()) {
-      if (pages.status().code() != StatusCode::kResourceExhausted) {
-        record_failure("repack", group, unit.instances, pages.status(),
-                       "layer " + std::to_string(p.layer) + " of device " + std::to_string(inst) + " waits for the split");
-      }
-      short_member = p.member;
-      continue;
-    }
-    const std::int64_t owner = unit.instances[static_cast<std::size_t>(p.from)];
-    pulls.push_back(Pull{owner, inst, p.layer, {}});
-    for (memory::PageId page : *pages) pulls.back().pages.push_back(page.value);
-  }
+  unit.restore_repacked_blocks = 0;
+  unit.live_gathered_blocks = 0;
+  std::vector<LayerPull> pulls = reclaim_pages_for_pulls(unit, unit.restore_plan.pulls);
   lock.lock();
-  if (pulls.empty()) {
-    unit.weights_back.store(true);
-  } else {
-    // Each puller's agent asks the owner's agent for the layer (a bulk kWeights message that
-    // yields its links to activations) and maps it into the reclaimed pages; the acks come here.
-    // A pull that fails is retried from every other holder; if none can send it, its pages wait
-    // for the split (which returns them to the pool and pulls the layer again, paused).
-    unit.weight_pull = std::thread([this, &unit, group, pulls = std::move(pulls)] {
-      for (const Pull& p : pulls) {
-        std::int64_t source = -1;
-        bool unanswered = false;
-        const Status s = pull_layer_from_any(p.to, p.layer, p.from, p.pages, &source, &unanswered);
-        if (s.ok()) {
-          unit.restore_pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
-          continue;
-        }
-        Unit::FailedPull failed{p.to, p.layer, {}, unanswered};
-        for (std::int64_t page : p.pages) failed.pages.push_back(memory::PageId(page));
-        unit.failed_pulls.push_back(std::move(failed));
-        record_failure("weight_pull", group, unit.instances, s, "retried at the split");
-      }
-      unit.weights_back.store(true, std::memory_order_release);
-      notify_restore_progress();
-    });
-  }
+  start_weight_pull_locked(unit, std::move(pulls), "split");
   if (options_.stale_kv == cluster::StaleKvStrategy::kRecompute) {
     unit.gathered.store(true);  // nothing to gather: the split recomputes the running requests
   } else {
@@ -255,6 +298,7 @@ Status ClusterRuntime::begin_restore_locked(TransitionLock& lock, std::int64_t g
     const bool all_homed = engine::assign_restore_homes(unit.engine->scheduler(), *unit.kv, unit.split_room).all_homed;
     if (all_homed && unit.kv->requests_with_misplaced_layers().empty()) unit.gathered.store(true);
   }
+  unit.begin_pause_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - unit.restore_began).count();
   unit.engine->resume();
   release_locked({unit_ptr});
   return ok_status();
@@ -282,7 +326,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const c
       return failed_precondition("instance " + std::to_string(inst) + " is in group " + std::to_string(u->group) +
                                  ", which the growth does not absorb");
     }
-    if (u->restoring.load() || u->gathered.load()) return failed_precondition("group " + std::to_string(u->group) + " is restoring");
+    if (u->in_restore() || u->shrinking.load()) return failed_precondition("group " + std::to_string(u->group) + " is restoring or shrinking");
     KUN_CHECK(!u->in_transition) << "instance " << inst << " is in another transition";
     auto it = std::find_if(units_.begin(), units_.end(), [&](const auto& p) { return p.get() == u; });
     if (std::find(sources.begin(), sources.end(), *it) == sources.end()) sources.push_back(*it);
@@ -480,7 +524,7 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
   std::shared_ptr<Unit> unit = group_unit_locked(group);
   if (unit == nullptr) return not_found("no fused group " + std::to_string(group));
   KUN_CHECK(!unit->in_transition) << "group " << group << " is in another transition";
-  KUN_CHECK(unit->restoring.load() || unit->gathered.load()) << "group " << group << " splits before its gather phase";
+  KUN_CHECK(unit->in_restore()) << "group " << group << " splits before its gather phase";
   // The weights pulled since begin_restore have arrived (callers wait for weights_back before
   // they split), so the join below returns at once.
   KUN_CHECK(unit->weights_back.load(std::memory_order_acquire)) << "group " << group << " splits before its weights are back";
@@ -492,6 +536,7 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
   lock.unlock();
   if (unit->weight_pull.joinable()) unit->weight_pull.join();
   const double gather_ms = std::chrono::duration<double, std::milli>(t0 - unit->restore_began).count();
+  const double begin_pause_ms = unit->begin_pause_ms;
   const std::string reason = unit->restore_reason;
   const std::vector<std::int64_t> instances = unit->instances;
   const auto g = static_cast<std::int64_t>(instances.size());
@@ -513,15 +558,7 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
   // Pages of weight pulls that failed during the gather go back to the KV pool: those layers are
   // pulled again below, like the ones whose pages could not be spared then. Pages of a pull that
   // was never answered stay reserved: the layer is pulled again into the same pages.
-  std::map<std::pair<std::int64_t, std::int64_t>, std::vector<memory::PageId>> reserved_pages;  // (instance, layer)
-  for (Unit::FailedPull& f : unit->failed_pulls) {
-    if (f.pages_may_be_written) {
-      reserved_pages[{f.instance, f.layer}] = std::move(f.pages);
-    } else {
-      KUN_CHECK_OK(allocators_[static_cast<std::size_t>(f.instance)]->add_pages(f.pages));
-    }
-  }
-  unit->failed_pulls.clear();
+  auto reserved_pages = take_failed_pulls(*unit);
   // The group's admission history goes to every instance it splits into.
   const std::vector<std::int64_t> history = unit->engine->scheduler().admission_history();
   cluster::SplitInput input;
@@ -597,50 +634,16 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
   // them now: repack live blocks out of the pages the allocator picks (copies inside the device),
   // then pull the weights from the peer that kept them (or any other holder), with the group
   // paused. A repack or a pull that fails from every holder fails the split, which rolls back.
-  Status split_error;
-  for (const cluster::WeightPull& wp : restore_plan.pulls) {
-    const std::int64_t inst = instances[static_cast<std::size_t>(wp.member)];
-    if (mirror_has_layer(inst, wp.layer)) continue;  // pulled during the gather (or kept at the drop)
-    const auto remap = [&](std::span<const kv::BlockMove> moves) {
-      std::int64_t remapped = 0;
-      for (const cluster::Placement& p : plan.keep_kv) {
-        if (p.member == wp.member && placed.count(p.id) != 0) remapped += placed.at(p.id).remap_blocks(moves);
-      }
-      return remapped;
-    };
-    const auto reserved = reserved_pages.find({inst, wp.layer});
-    if (reserved != reserved_pages.end()) {
-      // An unanswered pull may have landed since: then the device holds the layer in those pages.
-      StatusOr<DeviceSnapshot> snap = client().snapshot(endpoint(inst));
-      if (snap.ok() && std::find(snap->resident_layers.begin(), snap->resident_layers.end(), wp.layer) != snap->resident_layers.end()) {
-        mirror_set_layer(inst, wp.layer, true);
-        reserved_pages.erase(reserved);
-        continue;
-      }
-    }
-    StatusOr<std::vector<memory::PageId>> pages_or =
-        reserved != reserved_pages.end() ? StatusOr<std::vector<memory::PageId>>(reserved->second)
-                                         : reclaim_layer_pages(inst, remap, &repacked_blocks);
-    if (reserved != reserved_pages.end()) reserved_pages.erase(reserved);
-    if (!pages_or.ok()) {
-      split_error = pages_or.status().with_context("layer " + std::to_string(wp.layer) + " on device " + std::to_string(inst));
-      break;
-    }
-    std::vector<std::int64_t> pages;
-    for (memory::PageId page : *pages_or) pages.push_back(page.value);
-    std::int64_t source = -1;
-    bool unanswered = false;
-    split_error = pull_layer_from_any(inst, wp.layer, instances[static_cast<std::size_t>(wp.from)], pages, &source, &unanswered);
-    if (!split_error.ok()) {
-      if (unanswered) {
-        unit->failed_pulls.push_back(Unit::FailedPull{inst, wp.layer, std::move(*pages_or), true});
-      } else {
-        KUN_CHECK_OK(allocators_[static_cast<std::size_t>(inst)]->add_pages(*pages_or));  // still KV pages on the device
-      }
-      break;
-    }
-    pulled_bytes += fleet_->geometry(static_cast<int>(source)).layer_segment_bytes;
-  }
+  Status split_error = pull_missing_layers(
+      instances, restore_plan.pulls,
+      [&](std::int32_t member, std::span<const kv::BlockMove> moves) {
+        std::int64_t remapped = 0;
+        for (const cluster::Placement& p : plan.keep_kv) {
+          if (p.member == member && placed.count(p.id) != 0) remapped += placed.at(p.id).remap_blocks(moves);
+        }
+        return remapped;
+      },
+      reserved_pages, &unit->failed_pulls, &repacked_blocks, &pulled_bytes);
   for (std::size_t k = 0; split_error.ok() && k < instances.size(); ++k) {
     const std::int64_t inst = instances[k];
     auto snap = client().check_integrity(endpoint(inst));
@@ -714,6 +717,7 @@ Status ClusterRuntime::restore_locked(TransitionLock& lock, std::int64_t group) 
   publish_successors_locked(lock, {std::move(unit)}, fresh);  // the instances replace the group; returns unlocked
   ClusterEvent ev = split_event("restore", group, instances, t0, pulled_bytes, moved, exchanged_blocks, recomputed, repacked_blocks);
   ev.gather_ms = gather_ms;
+  ev.begin_pause_ms = begin_pause_ms;
   ev.kv_blocks_gathered_live = live_blocks;
   ev.reason = reason + "; KV gathered back: " + std::to_string(plan.keep_kv.size() - move_failed.size()) + " requests, " +
               std::to_string(live_blocks) + " blocks while decoding, " + std::to_string(exchanged_blocks) + " blocks, " +

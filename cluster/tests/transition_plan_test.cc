@@ -236,6 +236,39 @@ TEST(TransitionPlan, ShrinkSplitsEvenAndOddStagesPullsFromTheNeighbourAndPlacesB
   EXPECT_EQ(r.queued.size(), 4u);
 }
 
+// A live shrink's gather heads each request to a half (TransitionRequest::home): the plan keeps it
+// there while it fits, even against the most-room rule, and moves only what is still away; a
+// request whose home half has no room left goes by the rule.
+TEST(TransitionPlan, ShrinkKeepsARequestOnItsHomeHalfWhileItFits) {
+  ShrinkInput in;
+  in.group = 7;
+  in.members = {10, 11, 12, 13};
+  in.base_kv_blocks = {8, 8, 8, 8};  // room 40 per member
+  // r1 gathered onto half 1 already (layers 0-3 on member 1, 4-7 on member 3); r2 and r3 homed to
+  // half 1 too, at their stages still. r3 (9 token blocks x 4 layers = 36) no longer fits there.
+  TransitionRequest r1 = running_on(1, 32, {1, 1, 1, 1, 3, 3, 3, 3});
+  r1.home = 1;
+  TransitionRequest r2 = running_on(2, 32, {0, 0, 1, 1, 2, 2, 3, 3});
+  r2.home = 1;
+  TransitionRequest r3 = running_on(3, 144, {0, 0, 1, 1, 2, 2, 3, 3});
+  r3.home = 1;
+  in.requests = {r1, r2, r3};
+  const ShrinkPlan p = plan_shrink(in, geo8());
+  ASSERT_EQ(p.keep_kv.size(), 3u);
+  EXPECT_EQ(p.keep_kv[0].member, 1);
+  EXPECT_TRUE(p.keep_kv[0].moves.empty()) << "r1 is home already";
+  EXPECT_EQ(p.keep_kv[1].member, 1) << "most room would say half 0";
+  ASSERT_EQ(p.keep_kv[1].moves.size(), 4u);  // layers 0, 1 from 0 to 1; 4, 5 from 2 to 3
+  EXPECT_EQ(p.keep_kv[1].moves[0].from, 0);
+  EXPECT_EQ(p.keep_kv[1].moves[0].to, 1);
+  EXPECT_EQ(p.keep_kv[2].member, 0) << "its home half is short: 40 - 8 - 8 < 36";
+  // Without homes the same requests go by room alone: r1 to half 0, moving all 8 layers.
+  for (TransitionRequest& r : in.requests) r.home = -1;
+  const ShrinkPlan q = plan_shrink(in, geo8());
+  EXPECT_EQ(q.keep_kv[0].member, 0);
+  EXPECT_EQ(q.keep_kv[0].moves.size(), 8u);
+}
+
 TEST(TransitionPlan, CanonicalFormRenumbersRequests) {
   std::vector<TransitionRecord> a = {{"drop", 0, "drop group 0 keep r7:3t[] queue r9 r7"}};
   std::vector<TransitionRecord> b = {{"drop", 0, "drop group 0 keep r1:3t[] queue r2 r1"}};

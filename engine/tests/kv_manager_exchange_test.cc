@@ -151,6 +151,42 @@ TEST(KvManagerExchange, HomeGathersEveryLayerOntoOneDevice) {
   EXPECT_EQ(g.kv->misplaced_layers(id), (std::vector<std::int64_t>{0, 1}));
 }
 
+// A shrink's live gather: with home layouts a home spreads the request over several devices
+// (here layout 0 puts layers 0 and 2 on device 1, 1 and 3 on device 0) and misplaced_layers and
+// move_layer follow the layout.
+TEST(KvManagerExchange, HomeLayoutSpreadsLayersOverDevices) {
+  Group g(8);
+  const RequestId id(5);
+  ASSERT_TRUE(g.kv->grow(id, 20).ok());  // layers 0-1 on device 0, 2-3 on device 1
+  g.kv->set_home_layouts({{1, 0, 1, 0}, {0, 0, 1, 1}});
+  g.kv->set_home(id, 0);
+  EXPECT_EQ(g.kv->home(id), 0);
+  EXPECT_EQ(g.kv->misplaced_layers(id), (std::vector<std::int64_t>{0, 3}));
+  std::vector<std::pair<std::int32_t, std::int32_t>> copies;
+  const auto copy = [&](std::int32_t from, const std::vector<kv::BlockId>&, std::int32_t to, const std::vector<kv::BlockId>&) {
+    copies.emplace_back(from, to);
+  };
+  for (std::int64_t l : g.kv->misplaced_layers(id)) ASSERT_TRUE(g.kv->move_layer(id, l, copy).ok());
+  EXPECT_EQ(copies, (std::vector<std::pair<std::int32_t, std::int32_t>>{{0, 1}, {1, 0}}));
+  EXPECT_TRUE(g.kv->requests_with_misplaced_layers().empty());
+  for (const LayerBlockList& list : g.kv->block_lists(id)) EXPECT_EQ(list.device, list.layer % 2 == 0 ? 1 : 0) << list.layer;
+  g.kv->check_integrity();
+  // Layout 1 is the placement: homed there, the layers the layout-0 gather moved are misplaced.
+  g.kv->set_home(id, 1);
+  EXPECT_EQ(g.kv->misplaced_layers(id), (std::vector<std::int64_t>{0, 3}));
+  g.kv->set_home(id, -1);
+  g.kv->set_home_layouts({});
+  EXPECT_EQ(g.kv->misplaced_layers(id), (std::vector<std::int64_t>{0, 3}));  // away from the placement
+}
+
+TEST(KvManagerExchangeDeathTest, ChangingHomeLayoutsWhileARequestHasAHomeAborts) {
+  Group g(8);
+  ASSERT_TRUE(g.kv->grow(RequestId(6), 20).ok());
+  g.kv->set_home_layouts({{1, 0, 1, 0}});
+  g.kv->set_home(RequestId(6), 0);
+  EXPECT_DEATH(g.kv->set_home_layouts({}), "has a home");
+}
+
 TEST(KvManagerExchangeDeathTest, ImportHoldingALayerTwiceAborts) {
   Group g(8);
   auto tables = stale_tables(g, 20);

@@ -356,9 +356,11 @@ TEST(ClusterFaultTest, FailedDropLayerInAGrowthKeepsTheLayer) {
   expect_exact(tr, expected, 20);
 }
 
-// A shrink whose weight pull no holder can serve rolls back: the group of 4 stays whole and keeps
-// decoding, layers pulled before the failure stay (held twice), and the retry succeeds.
-TEST(ClusterFaultTest, WeightPullFailingEverywhereRollsTheShrinkBack) {
+// A shrink whose weight pull no holder can serve rolls back at its switch: the group of 4 stays
+// whole and keeps decoding, layers pulled before the failure stay (held twice), and the retry
+// succeeds. `live`: the group decodes (and gathers KV onto the halves) between begin_shrink and
+// the switch, so the rollback also clears the homes and leaves the gathered KV where it went.
+void weight_pull_failing_everywhere_rolls_the_shrink_back(bool live) {
   auto w = tiny_weights();
   const std::int64_t L = w->config().num_layers;
   const auto specs = make_specs(42, 20, w->config().vocab_size);
@@ -379,6 +381,14 @@ TEST(ClusterFaultTest, WeightPullFailingEverywhereRollsTheShrinkBack) {
   run_steps(**rt, 6);
   // Stage 0 of the half keeps stage 1 of the 4: its first layer is held by one device only.
   faults.set([L](AgentOp op, int, std::int64_t layer) { return op == AgentOp::kSendLayer && layer == L / 4 ? injected("layer send") : ok_status(); });
+  if (live) {
+    const std::int64_t exchanged_before = (*rt)->stats().kv_blocks_exchanged_total;
+    ASSERT_TRUE((*rt)->begin_shrink(*grown).ok());
+    for (int i = 0; i < 2000 && !(*rt)->ready_to_split(*grown); ++i) run_steps(**rt, 1);
+    ASSERT_TRUE((*rt)->ready_to_split(*grown));
+    EXPECT_GT((*rt)->stats().kv_blocks_exchanged_total, exchanged_before) << "KV gathered onto the halves while decoding";
+    EXPECT_GT(failures_of(**rt, "weight_pull"), 0) << "the live phase's pull failed, left to the switch";
+  }
   const auto failed = (*rt)->shrink(*grown);
   ASSERT_FALSE(failed.ok());
   EXPECT_EQ(failed.status().code(), StatusCode::kUnavailable) << failed.status().to_string();
@@ -403,6 +413,9 @@ TEST(ClusterFaultTest, WeightPullFailingEverywhereRollsTheShrinkBack) {
   drain(**rt);
   expect_exact(tr, expected, 20);
 }
+
+TEST(ClusterFaultTest, WeightPullFailingEverywhereRollsTheShrinkBack) { weight_pull_failing_everywhere_rolls_the_shrink_back(false); }
+TEST(ClusterFaultTest, WeightPullFailingEverywhereRollsALiveShrinkBack) { weight_pull_failing_everywhere_rolls_the_shrink_back(true); }
 
 // A shrink's stop-and-copy KV move that fails: that request recomputes on its half, the shrink
 // completes.
@@ -625,6 +638,96 @@ TEST(ClusterFaultTest, SlowSplitTransferBlocksNeitherSubmitsNorOtherTransitions)
   (*rt)->stop();
   std::lock_guard<std::mutex> lock(mu);
   for (int i = 0; i < 8; ++i) {
+    EXPECT_EQ(finals[i], 1) << "request " << i;
+    EXPECT_EQ(tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
+  }
+}
+
+// A live shrink's pause excludes its weight pulls: over a paced link (each tiny layer about 350 ms)
+// begin_shrink returns after reclaiming pages, the group of 4 keeps decoding while the pulls cross
+// one after the other (tokens arrive between the first layer send and the last), and the switch
+// moves no weight. Tokens stay exact.
+TEST(ClusterFaultTest, LiveShrinkDecodesWhileItsPacedWeightPullsRun) {
+  auto w = tiny_weights();
+  auto specs = make_specs(38, 6, w->config().vocab_size);
+  for (auto& s : specs) s.max_tokens = 480;  // decoding through the whole live phase (about 1.4 s of pulls)
+  const auto expected = expected_alone(*w, specs);
+  SteadyClock clock;
+  Faults faults;
+  ClusterOptions o = small_cluster(*w, 96, cluster::Policy::kKunServe);
+  o.link.bandwidth_bytes_per_s = 4e6;
+  o.link.bulk_chunk_bytes = 16 * 1024;  // an activation waits at most ~4 ms behind a weight chunk
+  faults.install(o);
+  auto rt = ClusterRuntime::create(o, *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  ClusterRuntime& r = **rt;
+  r.start();
+  auto group = r.drop({0, 1});
+  ASSERT_TRUE(group.ok()) << group.status().to_string();
+  auto grown = r.grow(*group, {2, 3});
+  ASSERT_TRUE(grown.ok()) << grown.status().to_string();
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<std::int64_t, std::vector<std::int32_t>> tokens;
+  std::map<std::int64_t, int> finals;
+  std::int64_t tokens_seen = 0;
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_TRUE(r.submit(specs[static_cast<std::size_t>(i)], [&, i](const engine::TokenEvent& ev) {
+                   std::lock_guard<std::mutex> lock(mu);
+                   if (ev.token >= 0) {
+                     tokens[i].push_back(ev.token);
+                     ++tokens_seen;
+                   }
+                   if (ev.finished) ++finals[i];
+                   cv.notify_all();
+                 }).ok());
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return tokens_seen >= 12; }));
+  }
+  std::vector<std::int64_t> tokens_at_send;  // tokens out when each layer send began
+  faults.set([&](AgentOp op, int, std::int64_t) {
+    if (op == AgentOp::kSendLayer) {
+      std::lock_guard<std::mutex> lock(mu);
+      tokens_at_send.push_back(tokens_seen);
+    }
+    return ok_status();
+  });
+  const std::int64_t weights_before = r.transfer_stats().bytes_of(TransferKind::kWeights);
+  auto halves = r.begin_shrink(*grown);
+  ASSERT_TRUE(halves.ok()) << halves.status().to_string();
+  for (int i = 0; i < 12000 && !r.ready_to_split(*grown); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_TRUE(r.ready_to_split(*grown)) << "the live phase did not finish";
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_GE(tokens_at_send.size(), 2u) << "each member pulls the layers its new stage adds";
+    EXPECT_GT(tokens_at_send.back(), tokens_at_send.front()) << "no decode step completed while the paced pulls ran";
+    std::cout << "tokens while the " << tokens_at_send.size() << " paced layer pulls ran: " << tokens_at_send.back() - tokens_at_send.front()
+              << "\n";
+  }
+  const std::int64_t weights_at_switch = r.transfer_stats().bytes_of(TransferKind::kWeights);
+  EXPECT_GT(weights_at_switch, weights_before);
+  auto switched = r.shrink(*grown);
+  ASSERT_TRUE(switched.ok()) << switched.status().to_string();
+  EXPECT_EQ(r.transfer_stats().bytes_of(TransferKind::kWeights), weights_at_switch) << "the switch pulled weights";
+  ClusterEvent ev;
+  for (const ClusterEvent& e : r.events()) {
+    if (e.kind == "shrink") ev = e;
+  }
+  ASSERT_EQ(ev.kind, "shrink");
+  EXPECT_EQ(ev.bytes, weights_at_switch - weights_before);
+  std::cout << "live shrink over a paced link: pause at begin " << ev.begin_pause_ms << " ms, live phase " << ev.gather_ms
+            << " ms, switch " << ev.latency_ms << " ms\n";
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(120), [&] { return finals.size() == 6; }));
+  }
+  faults.clear();
+  r.check_integrity();
+  r.stop();
+  std::lock_guard<std::mutex> lock(mu);
+  for (int i = 0; i < 6; ++i) {
     EXPECT_EQ(finals[i], 1) << "request " << i;
     EXPECT_EQ(tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
   }

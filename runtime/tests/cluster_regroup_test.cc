@@ -170,6 +170,105 @@ INSTANTIATE_TEST_SUITE_P(StrategiesAndPartners, RegroupScenario,
                            return os.str();
                          });
 
+// A live shrink: begin_shrink pulls the layers each half misses and gathers every running request
+// onto its half while the group of 4 keeps decoding and new requests keep arriving; the switch
+// copies only what the gather left (requests that started after begin_shrink) and pulls no
+// weight. Integrity (pages balance, blocks owned once, no request in two places) after every
+// step; every request answered once, with the tokens of one instance alone.
+class LiveShrinkTest : public ::testing::TestWithParam<cluster::StaleKvStrategy> {};
+
+TEST_P(LiveShrinkTest, RequestsStreamThroughALiveShrink) {
+  const cluster::StaleKvStrategy strategy = GetParam();
+  const bool keeps_kv = strategy != cluster::StaleKvStrategy::kRecompute;
+  auto w = tiny_weights();
+  constexpr int kRequests = 36;
+  const auto specs = make_specs(51, kRequests, w->config().vocab_size);
+  const auto expected = expected_alone(*w, specs);
+  ManualClock clock;
+  auto rt = ClusterRuntime::create(regroup_cluster(*w, 64, strategy), *w, &clock);
+  ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+  ClusterRuntime& r = **rt;
+  Tracker tr;
+  int next = 0;
+  const auto submit = [&](int n) {
+    for (int k = 0; k < n && next < kRequests; ++k, ++next) {
+      ASSERT_TRUE(r.submit(specs[static_cast<std::size_t>(next)], tr.callback(next)).ok());
+    }
+  };
+  const auto tokens_out = [&] {
+    std::int64_t n = 0;
+    for (const auto& [i, t] : tr.tokens) n += static_cast<std::int64_t>(t.size());
+    return n;
+  };
+  submit(12);
+  run_steps(r, 3);
+  auto a = r.drop({0, 1});
+  ASSERT_TRUE(a.ok()) << a.status().to_string();
+  auto grown = r.grow(*a, {2, 3});
+  ASSERT_TRUE(grown.ok()) << grown.status().to_string();
+  submit(6);
+  run_steps(r, 4);
+  const std::int64_t weights_before = r.transfer_stats().bytes_of(TransferKind::kWeights);
+  auto halves = r.begin_shrink(*grown);
+  ASSERT_TRUE(halves.ok()) << halves.status().to_string();
+  EXPECT_EQ(r.num_units(), 1) << "the group serves on, whole, during the live phase";
+  EXPECT_EQ(r.group_of(0), *grown);
+  const std::int64_t tokens_at_begin = tokens_out();
+  // Requests keep streaming while the weights come back and the KV gathers (at least a few steps).
+  int steps = 0;
+  while (steps < 4 || !r.ready_to_split(*grown)) {
+    ASSERT_LT(++steps, 3000) << "the live phase did not finish";
+    if (steps % 2 == 0) submit(1);
+    run_steps(r, 1);  // check_integrity after every step
+  }
+  EXPECT_GT(tokens_out(), tokens_at_begin) << "the group decoded during the live phase";
+  submit(3);  // queued at the switch: they land on a half
+  const std::int64_t weights_at_switch = r.transfer_stats().bytes_of(TransferKind::kWeights);
+  EXPECT_GT(weights_at_switch, weights_before) << "the live phase pulled the halves' layers";
+  auto switched = r.shrink(*grown);
+  ASSERT_TRUE(switched.ok()) << switched.status().to_string();
+  EXPECT_EQ(*switched, *halves);
+  EXPECT_EQ(r.transfer_stats().bytes_of(TransferKind::kWeights), weights_at_switch) << "the switch pulled weights";
+  r.check_integrity();
+  EXPECT_EQ(r.num_units(), 2);
+  EXPECT_EQ(r.group_of(0), (*halves)[0]);
+  EXPECT_EQ(r.group_of(1), (*halves)[0]);
+  EXPECT_EQ(r.group_of(2), (*halves)[1]);
+  const ClusterEvent ev = last_event(r, "shrink");
+  ASSERT_EQ(ev.kind, "shrink");
+  EXPECT_EQ(ev.bytes, weights_at_switch - weights_before) << "the event counts the live phase's pulls";
+  EXPECT_GT(ev.gather_ms, 0);
+  if (keeps_kv) {
+    EXPECT_GT(ev.kv_blocks_gathered_live, 0) << ev.reason;
+    EXPECT_EQ(ev.requests_recomputed, 0) << ev.reason;
+  }
+  std::cout << "live shrink: pause at begin " << ev.begin_pause_ms << " ms, live phase " << ev.gather_ms << " ms, switch "
+            << ev.latency_ms << " ms; " << ev.reason << "\n";
+  submit(kRequests);
+  run_steps(r, 4);
+  for (std::int64_t h : *halves) ASSERT_TRUE(r.restore(h).ok());
+  EXPECT_EQ(r.num_units(), 4);
+  r.check_integrity();
+  drain(r);
+  ASSERT_EQ(next, kRequests);
+  for (const auto& is : r.stats().instances) EXPECT_EQ(is.kv_blocks_free, is.kv_blocks_total) << "KV left behind";
+  if (keeps_kv) {
+    EXPECT_EQ(r.stats().transition_recomputed_tokens_total, 0) << "no transition lost KV";
+  }
+  std::vector<std::string> kinds;
+  for (const cluster::TransitionRecord& rec : r.transition_log()) kinds.push_back(rec.kind);
+  EXPECT_EQ(kinds, (std::vector<std::string>{"drop", "grow", "shrink", "restore", "split", "restore", "split"}));
+  for (int i = 0; i < kRequests; ++i) {
+    EXPECT_EQ(tr.finals[i], 1) << "request " << i << " lost or finished twice";
+    EXPECT_EQ(tr.tokens[i], expected[static_cast<std::size_t>(i)]) << "request " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, LiveShrinkTest,
+                         ::testing::Values(cluster::StaleKvStrategy::kRecompute, cluster::StaleKvStrategy::kRemoteAttention,
+                                           cluster::StaleKvStrategy::kExchange),
+                         [](const ::testing::TestParamInfo<cluster::StaleKvStrategy>& p) { return strategy_name(p.param); });
+
 // Bad requests are refused with a clear status and change nothing.
 TEST(RegroupRefusals, BadGrowthsAndShrinksAreRefused) {
   auto w = tiny_weights();
@@ -384,6 +483,8 @@ TEST_P(RegroupPropertyTest, RandomRegroupsAndCancelsKeepInvariants) {
   std::map<int, RequestId> ids;
   std::map<std::int64_t, std::vector<std::int64_t>> groups;  // live groups, stage order
   std::int64_t gathering = -1;                                // a group in its restore's gather phase
+  std::int64_t shrinking = -1;                                // a group of 4 in its shrink's live phase
+  std::vector<std::int64_t> shrinking_members;
   std::map<std::string, int> done;
   int next = 0;
   const auto independent = [&] {
@@ -415,6 +516,7 @@ TEST_P(RegroupPropertyTest, RandomRegroupsAndCancelsKeepInvariants) {
     } else if (action == 1 && gathering < 0) {  // grow a group of 2 with the free pair or the other group
       for (const auto& [id, members] : groups) {
         if (members.size() != 2) continue;
+        if (shrinking >= 0) break;  // the other pair may be the shrinking group's
         std::vector<std::int64_t> partners = independent();
         std::int64_t other = -1;
         if (partners.size() < 2) {
@@ -436,11 +538,17 @@ TEST_P(RegroupPropertyTest, RandomRegroupsAndCancelsKeepInvariants) {
         ++done["grow"];
         break;
       }
-    } else if (action == 2 && gathering < 0) {  // shrink a group of 4
+    } else if (action == 2 && gathering < 0 && shrinking < 0) {  // shrink a group of 4, half the time live
       for (const auto& [id, members] : groups) {
         if (members.size() != 4) continue;
         const std::vector<std::int64_t> m = members;
         const std::int64_t gid = id;
+        if (rng() % 2 == 0) {
+          ASSERT_TRUE(r.begin_shrink(gid).ok());
+          shrinking = gid;
+          shrinking_members = m;
+          break;
+        }
         auto halves = r.shrink(gid);
         ASSERT_TRUE(halves.ok()) << halves.status().to_string();
         groups.erase(gid);
@@ -449,7 +557,8 @@ TEST_P(RegroupPropertyTest, RandomRegroupsAndCancelsKeepInvariants) {
         ++done["shrink"];
         break;
       }
-    } else if (action == 3 && !groups.empty() && gathering < 0) {  // restore, half the time with a gather phase
+    } else if (action == 3 && !groups.empty() && gathering < 0 && groups.begin()->first != shrinking) {
+      // restore, half the time with a gather phase
       const std::int64_t gid = groups.begin()->first;
       if (rng() % 2 == 0) {
         ASSERT_TRUE(r.begin_restore(gid).ok());
@@ -464,6 +573,15 @@ TEST_P(RegroupPropertyTest, RandomRegroupsAndCancelsKeepInvariants) {
       groups.erase(gathering);
       gathering = -1;
       ++done["restore"];
+    } else if (action == 6 && shrinking >= 0) {  // the live shrink's switch
+      auto halves = r.shrink(shrinking);
+      ASSERT_TRUE(halves.ok()) << halves.status().to_string();
+      groups.erase(shrinking);
+      groups[(*halves)[0]] = {shrinking_members[0], shrinking_members[2]};
+      groups[(*halves)[1]] = {shrinking_members[1], shrinking_members[3]};
+      shrinking = -1;
+      ++done["shrink"];
+      ++done["live shrink"];
     } else if (action == 5 && !ids.empty()) {
       auto it = ids.begin();
       std::advance(it, static_cast<long>(rng() % ids.size()));
@@ -476,11 +594,19 @@ TEST_P(RegroupPropertyTest, RandomRegroupsAndCancelsKeepInvariants) {
     }
     clock.advance_us(1000);
   }
+  if (shrinking >= 0) {
+    auto halves = r.shrink(shrinking);
+    ASSERT_TRUE(halves.ok()) << halves.status().to_string();
+    groups.erase(shrinking);
+    groups[(*halves)[0]] = {};
+    groups[(*halves)[1]] = {};
+    ++done["live shrink"];
+  }
   for (const auto& [id, members] : groups) ASSERT_TRUE(r.restore(id).ok());
   drain(r);
   ASSERT_EQ(next, 48);
   std::cout << "transitions: drop " << done["drop"] << ", grow " << done["grow"] << ", shrink " << done["shrink"] << ", restore "
-            << done["restore"] << "\n";
+            << done["restore"] << " (live shrinks " << done["live shrink"] << ")\n";
   EXPECT_GT(done["grow"], 0);
   EXPECT_GT(done["shrink"], 0);
   for (int i = 0; i < 48; ++i) {
