@@ -510,10 +510,9 @@ TEST(PanelPairs, BatchInvariantAcrossBatchSizeTilingAndThreads) {
 
 // The decode tiles (kernels/panels_direct.inc): M <= 2 runs up to 4 full panels side by side
 // (N = 5 full panels + a 7-column tail, so groups of 4, 2 and 1 and the tail all occur, also
-// inside the 4-panel claims of 2 and 3 threads), more rows run the tall tiles over k blocks of
-// 64 pairs with partial sums parked (K = 2 x 150 + 1: three blocks, the last partial, odd K).
+// inside the 4-panel claims of 2 and 3 threads), more rows run the tall tiles (odd K = 301).
 // Every row is bit for bit the written-out arithmetic, for every ISA, thread count and M.
-TEST(PanelPairs, DecodeTilesBitExactAcrossPanelGroupsAndKBlocks) {
+TEST(PanelPairs, DecodeTilesBitExactAcrossPanelGroups) {
   const std::int64_t N = 5 * kPanelCols + 7, K = 301;
   const PackedWeight w = make_packed(N, K, 71);
   const std::vector<float> bias = random_floats(N, 72);
