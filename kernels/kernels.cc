@@ -24,6 +24,8 @@ constexpr std::int64_t kRowsPerUnit = 12;
 constexpr std::int64_t kMinParallelPack = 1 << 15;
 // Activations up to this size are claimed one unit at a time by the balanced split.
 constexpr std::int64_t kSmallActivationBytes = 256 * 1024;
+// Panels per claim of a decode call at M <= 2: the multi-panel tiles' width (4 at M = 1).
+constexpr std::int64_t kDecodePanelsPerClaim = 4;
 
 struct LinearJob {
   const IsaKernels* k;
@@ -181,12 +183,14 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
-    // Units are panels (64 output columns). Decode-size activations: one panel per claim, so
-    // the two threads' shares of the weight stream even out; larger: a few chunks per thread.
+    // Units are panels (64 output columns). Decode-size activations: small claims, so the two
+    // threads' shares of the weight stream even out: kDecodePanelsPerClaim panels at M <= 2 (the
+    // short tiles run up to 4 panels side by side, kernels/panels_direct.inc), else one; larger:
+    // a few chunks per thread.
     const std::int64_t units = (N + kPanelCols - 1) / kPanelCols;
     const std::int64_t grain =
         x_bytes <= kSmallActivationBytes
-            ? 1
+            ? (M <= 2 ? kDecodePanelsPerClaim : 1)
             : std::max<std::int64_t>(1, units / (4 * pool->num_threads()));
     auto body = [jp](std::int64_t b, std::int64_t e) {
       jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,

@@ -508,6 +508,40 @@ TEST(PanelPairs, BatchInvariantAcrossBatchSizeTilingAndThreads) {
   }
 }
 
+// The decode tiles (kernels/panels_direct.inc): M <= 2 runs up to 4 full panels side by side
+// (N = 5 full panels + a 7-column tail, so groups of 4, 2 and 1 and the tail all occur, also
+// inside the 4-panel claims of 2 and 3 threads), more rows run the tall tiles (odd K = 301).
+// Every row is bit for bit the written-out arithmetic, for every ISA, thread count and M.
+TEST(PanelPairs, DecodeTilesBitExactAcrossPanelGroups) {
+  const std::int64_t N = 5 * kPanelCols + 7, K = 301;
+  const PackedWeight w = make_packed(N, K, 71);
+  const std::vector<float> bias = random_floats(N, 72);
+  ThreadPool p2(2), p3(3);
+  for (std::int64_t M : {1, 2, 3, 4, 5, 8, 9, 16, 35}) {
+    const std::vector<float> x = random_floats(M * K, 73 + static_cast<std::uint32_t>(M));
+    const std::vector<float> y0 = random_floats(M * N, 90 + static_cast<std::uint32_t>(M));
+    for (GemmActivations act : kBothActivations) {
+      const std::vector<float> expected = panel_reference(act, x, M, w.row_major, bias.data(), nullptr);
+      const std::vector<float> expected_add = panel_reference(act, x, M, w.row_major, nullptr, &y0);
+      for (Isa isa : supported_isas()) {
+        for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+          SCOPED_TRACE(isa_label(isa) + act_label(act) + " M=" + std::to_string(M) +
+                       " threads=" + std::to_string(pool != nullptr ? pool->num_threads() : 1));
+          std::vector<float> y(expected.size(), -7.0f);
+          linear(isa, x.data(), M, w.view, bias.data(), y.data(), pool, act);
+          for (std::size_t i = 0; i < y.size(); ++i) {
+            ASSERT_EQ(std::bit_cast<std::uint32_t>(y[i]), std::bit_cast<std::uint32_t>(expected[i]))
+                << "element " << i << " (row " << i / N << ", column " << i % N << ")";
+          }
+          std::vector<float> ya = y0;
+          linear_add(isa, x.data(), M, w.view, ya.data(), pool, act);
+          ASSERT_EQ(0, std::memcmp(ya.data(), expected_add.data(), ya.size() * sizeof(float)));
+        }
+      }
+    }
+  }
+}
+
 TEST(LinearAdd, EqualsLinearThenAddBitForBitInBothLayouts) {
   const std::int64_t N = 130, K = 300;
   const PackedWeight w = make_packed(N, K, 61);
