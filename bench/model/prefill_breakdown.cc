@@ -9,7 +9,8 @@
 //  * linear only: the same linear / linear_add calls back to back (M = N, then the LM head for
 //    one row), each kind also timed on its own;
 //  * attention only: attend_local of every layer over the chunk (KV append + causal attention);
-//  * elementwise only: the rms_norms, RoPE and silu_mul calls of every layer;
+//  * elementwise only: the rms_norms, RoPE and silu_mul calls of every layer (row-parallel, as
+//    the forward pass calls them);
 //  * rest: full minus the three (the thread hand-offs, q gather, embedding, logits' norm).
 // "x peak" is (the part's flops / peak) / the part's wall time, so the parts' shares of the full
 // prefill's time tell which part the peak ratio of the whole loses most to. "cpu busy" is the
@@ -214,17 +215,11 @@ int main(int argc, char** argv) {
     });
     timed(&parts[kElem], [&] {
       for (const model::LayerWeights& w : lw) {
-        kernels::rms_norm(hidden.data(), N, H, w.input_norm, w.dtype, c.rms_norm_eps, normed.data());
-        for (std::int64_t t = 0; t < N; ++t) {
-          float* r = y.data() + t * qkv_cols;
-          kernels::rope(r, 1, c.num_heads, c.head_dim, &positions[t], inv_freq.data());
-          kernels::rope(r + c.q_dim(), 1, c.num_kv_heads, c.head_dim, &positions[t], inv_freq.data());
-        }
-        kernels::rms_norm(hidden.data(), N, H, w.post_norm, w.dtype, c.rms_norm_eps, normed.data());
-        for (std::int64_t m = 0; m < N; ++m) {
-          const float* g = x.data() + m * 2 * F;
-          kernels::silu_mul(g, g + F, F, y.data() + m * F);
-        }
+        kernels::rms_norm(hidden.data(), N, H, w.input_norm, w.dtype, c.rms_norm_eps, normed.data(), &pool);
+        kernels::rope_qk(y.data(), N, qkv_cols, c.num_heads, c.num_kv_heads, c.head_dim, positions.data(), inv_freq.data(),
+                         &pool);
+        kernels::rms_norm(hidden.data(), N, H, w.post_norm, w.dtype, c.rms_norm_eps, normed.data(), &pool);
+        kernels::silu_mul_rows(x.data(), N, F, y.data(), &pool);
       }
     });
   }
