@@ -182,13 +182,13 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
-    // Units are panels (64 output columns). Decode-size activations: one panel per claim, so
-    // the two threads' shares of the weight stream even out; larger: a few chunks per thread.
+    // Units are panels (64 output columns), one per claim at every M: a panel passes over all M
+    // rows of the packed activations whatever the chunk, so larger claims buy no reuse, and a
+    // claim of several panels (a quarter of a thread's share before) left the other thread
+    // waiting up to that chunk's time at the end of each call (milliseconds per prefill GEMM
+    // when the threads run at different speeds on a shared host).
     const std::int64_t units = (N + kPanelCols - 1) / kPanelCols;
-    const std::int64_t grain =
-        x_bytes <= kSmallActivationBytes
-            ? 1
-            : std::max<std::int64_t>(1, units / (4 * pool->num_threads()));
+    const std::int64_t grain = 1;
     auto body = [jp](std::int64_t b, std::int64_t e) {
       jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
                            thread_panel_scratch(*jp), jp->bf16_act);

@@ -15,7 +15,10 @@
 // "x peak" is (the part's flops / peak) / the part's wall time, so the parts' shares of the full
 // prefill's time tell which part the peak ratio of the whole loses most to. "cpu busy" is the
 // process CPU time over wall time x threads (a single-threaded part or an idle wait shows as less
-// than 1; the pool's spin-waits count as busy).
+// than 1; the pool's spin-waits count as busy). "x peak cpu" is the part's flops over its process
+// CPU time, against one thread's FMA peak by its thread CPU time (probed before each
+// repetition): what the threads did with the CPU time they got, which time-slicing by other
+// processes on a shared host does not change (their spin-waits count against it).
 #include <time.h>
 
 #include <algorithm>
@@ -166,11 +169,11 @@ int main(int argc, char** argv) {
               static_cast<long long>(N), reps);
 
   struct Part {
-    std::vector<double> s, cpu;
+    std::vector<double> s, cpu, cpu_s;
   };
   enum { kFull, kLinear, kAttn, kElem, kParts };
   Part parts[kParts];
-  std::vector<double> kind_s[kKinds], peaks;
+  std::vector<double> kind_s[kKinds], peaks, thread_peaks;
   auto timed = [&](Part* p, auto&& fn) {
     const double c0 = process_cpu_s();
     const double t0 = now_s();
@@ -178,10 +181,13 @@ int main(int argc, char** argv) {
     const double s = now_s() - t0;
     p->s.push_back(s);
     p->cpu.push_back((process_cpu_s() - c0) / (s * threads));
+    p->cpu_s.push_back(process_cpu_s() - c0);
   };
   full_prefill();  // warm: first touch of the workspace and the KV blocks
   for (int rep = 0; rep < reps; ++rep) {
     peaks.push_back(kernels::measure_peak_fma_flops_per_s(&pool));
+    thread_peaks.push_back(
+        kernels::measure_peak_fma_flops_per_s(kernels::active_isa(), nullptr, kernels::ProbeClock::kThreadCpu));
     timed(&parts[kFull], full_prefill);
     auto linear_call = [&](int kind, const kernels::WeightView& w, std::int64_t m, bool add, double* each) {
       const double t0 = each != nullptr ? now_s() : 0.0;
@@ -227,26 +233,31 @@ int main(int argc, char** argv) {
   std::printf("peak FMA (probed before each repetition, %d threads): median %.1f GFLOP/s, min %.1f, max %.1f\n", threads,
               peak / 1e9, *std::min_element(peaks.begin(), peaks.end()) / 1e9,
               *std::max_element(peaks.begin(), peaks.end()) / 1e9);
+  const double thread_peak = median(thread_peaks);
+  std::printf("one thread's FMA peak by its thread CPU time: median %.1f GFLOP/s\n", thread_peak / 1e9);
   const double full_s = median(parts[kFull].s);
-  std::printf("%-28s %10s %8s %10s %9s\n", "part (median of reps)", "ms", "x peak", "of full", "cpu busy");
-  auto row = [&](const char* name, double s, double flops, double busy) {
+  std::printf("%-28s %10s %8s %10s %9s %11s\n", "part (median of reps)", "ms", "x peak", "of full", "cpu busy",
+              "x peak cpu");
+  auto row = [&](const char* name, double s, double flops, double busy, double cpu_s) {
     char ratio[16] = "";
     if (flops > 0) std::snprintf(ratio, sizeof(ratio), "%.2f", flops / peak / s);
     char busy_text[16] = "";
     if (busy > 0) std::snprintf(busy_text, sizeof(busy_text), "%.2f", busy);
-    std::printf("%-28s %10.2f %8s %9.1f%% %9s\n", name, s * 1e3, ratio, s / full_s * 100.0, busy_text);
+    char cpu_ratio[16] = "";
+    if (flops > 0 && cpu_s > 0) std::snprintf(cpu_ratio, sizeof(cpu_ratio), "%.2f", flops / thread_peak / cpu_s);
+    std::printf("%-28s %10.2f %8s %9.1f%% %9s %11s\n", name, s * 1e3, ratio, s / full_s * 100.0, busy_text, cpu_ratio);
   };
-  row("full prefill", full_s, full_flops, median(parts[kFull].cpu));
-  row("linear calls only", median(parts[kLinear].s), linear_flops, median(parts[kLinear].cpu));
+  row("full prefill", full_s, full_flops, median(parts[kFull].cpu), median(parts[kFull].cpu_s));
+  row("linear calls only", median(parts[kLinear].s), linear_flops, median(parts[kLinear].cpu), median(parts[kLinear].cpu_s));
   for (int k = 0; k < kKinds; ++k) {
-    row((std::string("  ") + names[k]).c_str(), median(kind_s[k]), kind_flops[k], 0);
+    row((std::string("  ") + names[k]).c_str(), median(kind_s[k]), kind_flops[k], 0, 0);
   }
-  row("attention only (+ KV append)", median(parts[kAttn].s), attn_flops, median(parts[kAttn].cpu));
-  row("norms, rope, silu_mul", median(parts[kElem].s), 0, median(parts[kElem].cpu));
+  row("attention only (+ KV append)", median(parts[kAttn].s), attn_flops, median(parts[kAttn].cpu), median(parts[kAttn].cpu_s));
+  row("norms, rope, silu_mul", median(parts[kElem].s), 0, median(parts[kElem].cpu), 0);
   std::vector<double> rest;
   for (int r = 0; r < reps; ++r) {
     rest.push_back(parts[kFull].s[r] - parts[kLinear].s[r] - parts[kAttn].s[r] - parts[kElem].s[r]);
   }
-  row("rest (full - the above)", median(rest), 0, 0);
+  row("rest (full - the above)", median(rest), 0, 0, 0);
   return 0;
 }
