@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "common/check.h"
@@ -183,15 +184,13 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
-    // Units are panels (64 output columns). Decode-size activations: small claims, so the two
-    // threads' shares of the weight stream even out: kDecodePanelsPerClaim panels at M <= 2 (the
-    // short tiles run up to 4 panels side by side, kernels/panels_direct.inc), else one; larger:
-    // a few chunks per thread.
+    // Units are panels (64 output columns), one per claim: a panel passes over all M rows of the
+    // packed activations whatever the chunk, so larger claims buy no reuse, and a claim of several
+    // panels left the other thread waiting up to that chunk's time at the end of each call. The
+    // exception is decode at M <= 2: kDecodePanelsPerClaim panels per claim, so one claim runs as
+    // one tile streaming that many panels side by side (kernels/panels_direct.inc).
     const std::int64_t units = (N + kPanelCols - 1) / kPanelCols;
-    const std::int64_t grain =
-        x_bytes <= kSmallActivationBytes
-            ? (M <= 2 ? kDecodePanelsPerClaim : 1)
-            : std::max<std::int64_t>(1, units / (4 * pool->num_threads()));
+    const std::int64_t grain = x_bytes <= kSmallActivationBytes && M <= 2 ? kDecodePanelsPerClaim : 1;
     auto body = [jp](std::int64_t b, std::int64_t e) {
       jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
                            thread_panel_scratch(*jp), jp->bf16_act);
@@ -307,31 +306,119 @@ void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight
   rms_norm(active_isa(), x, M, D, weight, weight_dtype, eps, out);
 }
 
-void rope(float* x, std::int64_t M, std::int64_t num_heads, std::int64_t head_dim,
-          const std::int64_t* positions, const float* inv_freq) {
-  KUN_CHECK(head_dim % 2 == 0) << "head_dim " << head_dim;
+namespace {
+
+// Rotates pair i of `num_heads` heads of `head_dim` at `row` by (c, s).
+inline void rope_pair(float* row, std::int64_t num_heads, std::int64_t head_dim, std::int64_t i, float c, float s) {
   const std::int64_t half = head_dim / 2;
-  for (std::int64_t m = 0; m < M; ++m) {
-    float* row = x + m * num_heads * head_dim;
+  for (std::int64_t h = 0; h < num_heads; ++h) {
+    float* v = row + h * head_dim;
+    const float a = v[i];
+    const float b = v[i + half];
+    const float ac = a * c;
+    const float bs = b * s;
+    const float bc = b * c;
+    const float as = a * s;
+    v[i] = ac - bs;
+    v[i + half] = bc + as;
+  }
+}
+
+// rope over rows [m0, m1): q heads, then (num_kv_heads > 0) the k heads right after them.
+void rope_rows(float* x, std::int64_t m0, std::int64_t m1, std::int64_t row_stride, std::int64_t num_heads,
+               std::int64_t num_kv_heads, std::int64_t head_dim, const std::int64_t* positions, const float* inv_freq) {
+  const std::int64_t half = head_dim / 2;
+  for (std::int64_t m = m0; m < m1; ++m) {
+    float* row = x + m * row_stride;
     const float pos = static_cast<float>(positions[m]);
     for (std::int64_t i = 0; i < half; ++i) {
       // HF: freqs = pos * inv_freq (f32), emb = cat(freqs, freqs), x*cos + rotate_half(x)*sin.
       const float angle = pos * inv_freq[i];
       const float c = std::cos(angle);
       const float s = std::sin(angle);
-      for (std::int64_t h = 0; h < num_heads; ++h) {
-        float* v = row + h * head_dim;
-        const float a = v[i];
-        const float b = v[i + half];
-        const float ac = a * c;
-        const float bs = b * s;
-        const float bc = b * c;
-        const float as = a * s;
-        v[i] = ac - bs;
-        v[i + half] = bc + as;
-      }
+      rope_pair(row, num_heads, head_dim, i, c, s);
+      if (num_kv_heads > 0) rope_pair(row + num_heads * head_dim, num_kv_heads, head_dim, i, c, s);
     }
   }
+}
+
+// Below this many elements a row-parallel element-wise call runs on the calling thread (a
+// hand-off to the pool costs a few microseconds).
+constexpr std::int64_t kMinParallelElements = 1 << 15;
+
+// Runs fn(m0, m1) over rows [0, M), split over the pool when the call is large enough.
+void for_rows(ThreadPool* pool, std::int64_t M, std::int64_t elements,
+              const std::function<void(std::int64_t, std::int64_t)>& fn) {
+  if (pool == nullptr || pool->num_threads() == 1 || M < 2 || elements < kMinParallelElements) {
+    fn(0, M);
+    return;
+  }
+  pool->parallel_for(M, fn);
+}
+
+}  // namespace
+
+void rope(float* x, std::int64_t M, std::int64_t num_heads, std::int64_t head_dim,
+          const std::int64_t* positions, const float* inv_freq) {
+  KUN_CHECK(head_dim % 2 == 0) << "head_dim " << head_dim;
+  rope_rows(x, 0, M, num_heads * head_dim, num_heads, 0, head_dim, positions, inv_freq);
+}
+
+void rope_qk(float* x, std::int64_t M, std::int64_t row_stride, std::int64_t num_heads, std::int64_t num_kv_heads,
+             std::int64_t head_dim, const std::int64_t* positions, const float* inv_freq, ThreadPool* pool) {
+  KUN_CHECK(head_dim % 2 == 0 && num_heads > 0 && num_kv_heads >= 0 && row_stride >= (num_heads + num_kv_heads) * head_dim)
+      << "head_dim " << head_dim << " heads " << num_heads << " + " << num_kv_heads << " row stride " << row_stride;
+  if (M <= 0) return;
+  struct Job {
+    float* x;
+    std::int64_t row_stride, num_heads, num_kv_heads, head_dim;
+    const std::int64_t* positions;
+    const float* inv_freq;
+  };
+  const Job job{x, row_stride, num_heads, num_kv_heads, head_dim, positions, inv_freq};
+  const Job* j = &job;  // one pointer captured: std::function stays inline
+  for_rows(pool, M, M * (num_heads + num_kv_heads) * head_dim, [j](std::int64_t m0, std::int64_t m1) {
+    rope_rows(j->x, m0, m1, j->row_stride, j->num_heads, j->num_kv_heads, j->head_dim, j->positions, j->inv_freq);
+  });
+}
+
+void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight, DType weight_dtype, float eps,
+              float* out, ThreadPool* pool) {
+  KUN_CHECK(D > 0 && weight != nullptr) << "D " << D;
+  if (M <= 0) return;
+  struct Job {
+    const IsaKernels* k;
+    const float* x;
+    std::int64_t D;
+    const void* weight;
+    DType dtype;
+    float eps;
+    float* out;
+  };
+  const Job job{&kernels_for(active_isa()), x, D, weight, weight_dtype, eps, out};
+  const Job* j = &job;
+  for_rows(pool, M, M * D, [j](std::int64_t m0, std::int64_t m1) {
+    for (std::int64_t m = m0; m < m1; ++m) j->k->rms_norm_row(j->x + m * j->D, j->D, j->weight, j->dtype, j->eps, j->out + m * j->D);
+  });
+}
+
+void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* out, ThreadPool* pool) {
+  KUN_CHECK(F > 0) << "F " << F;
+  if (M <= 0) return;
+  struct Job {
+    const IsaKernels* k;
+    const float* gate_up;
+    std::int64_t F;
+    float* out;
+  };
+  const Job job{&kernels_for(active_isa()), gate_up, F, out};
+  const Job* j = &job;
+  for_rows(pool, M, M * F, [j](std::int64_t m0, std::int64_t m1) {
+    for (std::int64_t m = m0; m < m1; ++m) {
+      const float* g = j->gate_up + m * 2 * j->F;
+      j->k->silu_mul(g, g + j->F, j->F, j->out + m * j->F);
+    }
+  });
 }
 
 void silu_mul(Isa isa, const float* gate, const float* up, std::int64_t n, float* out) {

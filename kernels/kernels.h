@@ -158,6 +158,20 @@ void silu_mul(const float* gate, const float* up, std::int64_t n, float* out);
 // Adds b into a (n elements).
 void add_inplace(float* a, const float* b, std::int64_t n);
 
+// Row-parallel forms of the element-wise steps of a layer (prefill and batched decode): rows are
+// split over `pool` (null or small calls: the calling thread); each row's operations are those of
+// the serial kernels above, so the bits are the same for any split and thread count.
+// rms_norm of M rows (as above).
+void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight, DType weight_dtype,
+              float eps, float* out, ThreadPool* pool);
+// out[m][i] = silu(gate_up[m][i]) * gate_up[m][F + i]: M rows of [gate (F) | up (F)] into [M][F].
+void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* out, ThreadPool* pool);
+// rope (as above) on the q and k parts of M rows of x (row stride row_stride floats): num_heads
+// heads at column 0 and num_kv_heads heads right after them; each angle's cos and sin are computed
+// once for both parts. The same bits as rope on the q part and then on the k part.
+void rope_qk(float* x, std::int64_t M, std::int64_t row_stride, std::int64_t num_heads, std::int64_t num_kv_heads,
+             std::int64_t head_dim, const std::int64_t* positions, const float* inv_freq, ThreadPool* pool);
+
 // Causal attention of one sequence for one layer over a paged KV cache.
 //  * q: [num_tokens][num_heads][head_dim]; token t has absolute position positions[t], and attends
 //    to cached positions [0, positions[t]] (its own K/V must already be in the cache).

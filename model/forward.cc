@@ -305,18 +305,17 @@ void ForwardPass::attention_input(const LayerWeights& w, std::span<const Sequenc
   const ModelConfig& c = config_;
   check_tokens(num_tokens, "attention input");
   KUN_CHECK(!limits_.attention_only) << "attention input" << " on a forward pass sized for attention only";
-  kernels::rms_norm(hidden, num_tokens, c.hidden_size, w.input_norm, w.dtype, c.rms_norm_eps, normed_.data());
+  kernels::rms_norm(hidden, num_tokens, c.hidden_size, w.input_norm, w.dtype, c.rms_norm_eps, normed_.data(), pool_);
   kernels::linear(normed_.data(), num_tokens, w.qkv, w.qkv_bias, qkv, pool_, &gemm_scratch_);
+  // Every row's position (attn_positions_ is free until attend_local refills it), then RoPE on
+  // q and k of all rows over the pool.
   std::int64_t row = 0;
   for (const SequenceSlice& s : slices) {
-    for (std::int64_t t = 0; t < s.num_tokens; ++t, ++row) {
-      const std::int64_t pos = s.start_pos + t;
-      float* r = qkv + row * qkv_row();
-      kernels::rope(r, 1, c.num_heads, c.head_dim, &pos, inv_freq_.data());
-      kernels::rope(r + c.q_dim(), 1, c.num_kv_heads, c.head_dim, &pos, inv_freq_.data());
-    }
+    for (std::int64_t t = 0; t < s.num_tokens; ++t, ++row) attn_positions_[static_cast<std::size_t>(row)] = s.start_pos + t;
   }
   KUN_CHECK_EQ(row, num_tokens);
+  kernels::rope_qk(qkv, num_tokens, qkv_row(), c.num_heads, c.num_kv_heads, c.head_dim, attn_positions_.data(),
+                   inv_freq_.data(), pool_);
 }
 
 void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out) {
@@ -375,12 +374,9 @@ void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* a
   const std::int64_t H = c.hidden_size;
   const std::int64_t F = c.intermediate_size;
   kernels::linear_add(attn_out, num_tokens, w.o, hidden, pool_, &gemm_scratch_);  // residual add fused
-  kernels::rms_norm(hidden, num_tokens, H, w.post_norm, w.dtype, c.rms_norm_eps, normed_.data());
+  kernels::rms_norm(hidden, num_tokens, H, w.post_norm, w.dtype, c.rms_norm_eps, normed_.data(), pool_);
   kernels::linear(normed_.data(), num_tokens, w.gate_up, nullptr, gate_up_.data(), pool_, &gemm_scratch_);
-  for (std::int64_t m = 0; m < num_tokens; ++m) {
-    const float* g = gate_up_.data() + m * 2 * F;
-    kernels::silu_mul(g, g + F, F, act_.data() + m * F);
-  }
+  kernels::silu_mul_rows(gate_up_.data(), num_tokens, F, act_.data(), pool_);
   kernels::linear_add(act_.data(), num_tokens, w.down, hidden, pool_, &gemm_scratch_);  // residual add fused
 }
 

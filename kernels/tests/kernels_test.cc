@@ -731,6 +731,46 @@ TEST(Rope, MatchesRotateHalfReference) {
   }
 }
 
+// The row-parallel forms (rms_norm with a pool, silu_mul_rows, rope_qk) give the bits of the
+// serial per-row kernels for every thread count, including calls large enough to be split.
+TEST(RowParallel, ElementwiseStepsMatchTheSerialKernelsBitForBit) {
+  ThreadPool pool2(2), pool3(3);
+  for (std::int64_t M : {1, 5, 64, 300}) {
+    SCOPED_TRACE("M=" + std::to_string(M));
+    const std::int64_t D = 1024, F = 704, H = 16, KVH = 8, hd = 64;
+    const std::vector<float> x = random_floats(M * D, 21, -3.0f, 3.0f);
+    const TestWeight w = make_weight(1, D, DType::kBF16, 22);
+    std::vector<float> norm_ref(x.size());
+    rms_norm(x.data(), M, D, w.bytes.data(), DType::kBF16, 1e-5f, norm_ref.data());
+    const std::vector<float> gu = random_floats(M * 2 * F, 23, -8.0f, 8.0f);
+    std::vector<float> silu_ref(static_cast<std::size_t>(M * F));
+    for (std::int64_t m = 0; m < M; ++m) silu_mul(gu.data() + m * 2 * F, gu.data() + m * 2 * F + F, F, silu_ref.data() + m * F);
+    // qkv rows: q (H heads), k (KVH heads), v (KVH heads, untouched by rope_qk).
+    const std::int64_t stride = (H + 2 * KVH) * hd;
+    const std::vector<float> qkv = random_floats(M * stride, 24);
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(M));
+    for (std::int64_t m = 0; m < M; ++m) pos[m] = 3 + 7 * m;
+    std::vector<float> inv_freq(hd / 2);
+    for (std::int64_t i = 0; i < hd / 2; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * i / hd);
+    std::vector<float> rope_ref = qkv;
+    for (std::int64_t m = 0; m < M; ++m) {
+      rope(rope_ref.data() + m * stride, 1, H, hd, &pos[m], inv_freq.data());
+      rope(rope_ref.data() + m * stride + H * hd, 1, KVH, hd, &pos[m], inv_freq.data());
+    }
+    for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &pool2, &pool3}) {
+      std::vector<float> norm(x.size(), std::nanf(""));
+      rms_norm(x.data(), M, D, w.bytes.data(), DType::kBF16, 1e-5f, norm.data(), pool);
+      EXPECT_EQ(0, std::memcmp(norm.data(), norm_ref.data(), norm.size() * sizeof(float)));
+      std::vector<float> silu(silu_ref.size(), std::nanf(""));
+      silu_mul_rows(gu.data(), M, F, silu.data(), pool);
+      EXPECT_EQ(0, std::memcmp(silu.data(), silu_ref.data(), silu.size() * sizeof(float)));
+      std::vector<float> r = qkv;
+      rope_qk(r.data(), M, stride, H, KVH, hd, pos.data(), inv_freq.data(), pool);
+      EXPECT_EQ(0, std::memcmp(r.data(), rope_ref.data(), r.size() * sizeof(float)));
+    }
+  }
+}
+
 TEST(Argmax, FirstOnTies) {
   const float v[] = {1.0f, 3.0f, -2.0f, 3.0f, 0.5f};
   EXPECT_EQ(argmax(v, 5), 1);
