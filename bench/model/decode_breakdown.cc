@@ -24,16 +24,13 @@
 #include <string>
 #include <vector>
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include "common/units.h"
 #include "kernels/kernels.h"
 #include "kernels/roofline.h"
 #include "model/config.h"
 #include "model/forward.h"
 #include "model/weight_source.h"
+#include "synthetic_model.h"
 
 using namespace kun;
 
@@ -48,44 +45,13 @@ double median(std::vector<double> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-bool g_memfd = false;
-
-// Weight memory: private anonymous (aligned_alloc) or, with --memfd, a shared mapping of a
-// fallocated memfd as the device arena makes (memory/device_arena.cc).
-struct Buffer {
-  std::byte* p = nullptr;
-  std::size_t size = 0;
-  int fd = -1;
-  explicit Buffer(std::int64_t bytes) : size(static_cast<std::size_t>(round_up(bytes, 4096))) {
-    if (g_memfd) {
-      fd = ::memfd_create("decode_breakdown", MFD_CLOEXEC);
-      if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0 || ::fallocate(fd, 0, 0, static_cast<off_t>(size)) != 0) std::abort();
-      void* m = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-      if (m == MAP_FAILED) std::abort();
-      p = static_cast<std::byte*>(m);
-    } else {
-      p = static_cast<std::byte*>(std::aligned_alloc(4096, size));
-      std::memset(p, 0, size);
-    }
-  }
-  ~Buffer() {
-    if (fd >= 0) {
-      ::munmap(p, size);
-      ::close(fd);
-    } else {
-      std::free(p);
-    }
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
-
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string preset = "llama-350m";
   int threads = 2, steps = 30;
   std::int64_t context = 48;
+  bool memfd = false;
   std::int64_t batch = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -94,7 +60,7 @@ int main(int argc, char** argv) {
     else if (a == "--steps" && i + 1 < argc) steps = std::atoi(argv[++i]);
     else if (a == "--context" && i + 1 < argc) context = std::atoll(argv[++i]);
     else if (a == "--batch" && i + 1 < argc) batch = std::max<std::int64_t>(1, std::atoll(argv[++i]));
-    else if (a == "--memfd") g_memfd = true;
+    else if (a == "--memfd") memfd = true;
     else {
       std::fprintf(stderr, "usage: %s [--preset P] [--threads T] [--steps S] [--context C] [--batch B] [--memfd]\n", argv[0]);
       return 2;
@@ -105,21 +71,9 @@ int main(int argc, char** argv) {
   if (!config.ok()) return 1;
   const model::ModelConfig& c = *config;
   const DType dt = c.dtype;
-  auto source = model::synthetic_weights(c, 0);
-  const auto layout = model::LayerSegmentLayout::compute(c, dt);
-  std::vector<std::unique_ptr<Buffer>> layers;
-  std::vector<model::LayerWeights> lw;
-  for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    layers.push_back(std::make_unique<Buffer>(layout.total_bytes));
-    if (!model::load_layer_segment(*source, l, dt, {layers.back()->p, static_cast<std::size_t>(layout.total_bytes)}).ok()) return 1;
-    lw.push_back(model::layer_weights_at(layers.back()->p, c, dt));
-  }
-  const std::int64_t emb_bytes = model::embedding_segment_bytes(c, dt);
-  const std::int64_t head_bytes = model::HeadSegmentLayout::compute(c, dt).total_bytes;
-  Buffer emb(emb_bytes), head(head_bytes);
-  if (!model::load_embedding_segment(*source, dt, {emb.p, static_cast<std::size_t>(emb_bytes)}).ok()) return 1;
-  if (!model::load_head_segment(*source, dt, {head.p, static_cast<std::size_t>(head_bytes)}).ok()) return 1;
-  const model::HeadWeights hw = model::head_weights_at(emb.p, head.p, c, dt);
+  const bench::SyntheticModel model_weights(c, memfd);
+  const std::vector<model::LayerWeights>& lw = model_weights.layers();
+  const model::HeadWeights& hw = model_weights.head();
 
   kernels::ThreadPool pool(threads);
   // The engine's default KV cache; a workspace for the prompt run (context tokens) and the batch.

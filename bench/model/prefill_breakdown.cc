@@ -37,6 +37,7 @@
 #include "model/config.h"
 #include "model/forward.h"
 #include "model/weight_source.h"
+#include "synthetic_model.h"
 
 using namespace kun;
 
@@ -55,17 +56,6 @@ double median(std::vector<double> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-struct AlignedBytes {
-  std::byte* p = nullptr;
-  explicit AlignedBytes(std::int64_t bytes) {
-    p = static_cast<std::byte*>(std::aligned_alloc(4096, static_cast<std::size_t>(round_up(bytes, 4096))));
-    if (p == nullptr) std::abort();
-    std::memset(p, 0, static_cast<std::size_t>(bytes));
-  }
-  ~AlignedBytes() { std::free(p); }
-  AlignedBytes(const AlignedBytes&) = delete;
-  AlignedBytes& operator=(const AlignedBytes&) = delete;
-};
 
 }  // namespace
 
@@ -88,21 +78,9 @@ int main(int argc, char** argv) {
   if (!config.ok()) return 1;
   const model::ModelConfig& c = *config;
   const DType dt = c.dtype;
-  auto source = model::synthetic_weights(c, 0);
-  const auto layout = model::LayerSegmentLayout::compute(c, dt);
-  std::vector<std::unique_ptr<AlignedBytes>> layers;
-  std::vector<model::LayerWeights> lw;
-  for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    layers.push_back(std::make_unique<AlignedBytes>(layout.total_bytes));
-    if (!model::load_layer_segment(*source, l, dt, {layers.back()->p, static_cast<std::size_t>(layout.total_bytes)}).ok()) return 1;
-    lw.push_back(model::layer_weights_at(layers.back()->p, c, dt));
-  }
-  const std::int64_t emb_bytes = model::embedding_segment_bytes(c, dt);
-  const std::int64_t head_bytes = model::HeadSegmentLayout::compute(c, dt).total_bytes;
-  AlignedBytes emb(emb_bytes), head(head_bytes);
-  if (!model::load_embedding_segment(*source, dt, {emb.p, static_cast<std::size_t>(emb_bytes)}).ok()) return 1;
-  if (!model::load_head_segment(*source, dt, {head.p, static_cast<std::size_t>(head_bytes)}).ok()) return 1;
-  const model::HeadWeights hw = model::head_weights_at(emb.p, head.p, c, dt);
+  const bench::SyntheticModel model_weights(c, /*memfd=*/false);
+  const std::vector<model::LayerWeights>& lw = model_weights.layers();
+  const model::HeadWeights& hw = model_weights.head();
 
   kernels::ThreadPool pool(threads);
   const std::int64_t N = tokens;

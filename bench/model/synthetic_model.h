@@ -1,0 +1,105 @@
+// SyntheticModel: a preset's synthetic weights (seed 0) loaded into page-aligned buffers the way
+// the device arena lays them out (one segment per layer, the embedding, the head), for the
+// forward-pass breakdown benches that time the model without an engine. With `memfd`, each buffer
+// is a shared mapping of a fallocated memfd, as memory/device_arena.cc makes; otherwise private
+// anonymous memory. Loading failures abort with the status text (a bench has nothing to recover).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "common/status.h"
+#include "common/units.h"
+#include "model/config.h"
+#include "model/forward.h"
+#include "model/weight_source.h"
+
+namespace kun::bench {
+
+class WeightBuffer {
+ public:
+  WeightBuffer(std::int64_t bytes, bool memfd) : size_(static_cast<std::size_t>(round_up(bytes, 4096))) {
+    if (memfd) {
+      fd_ = ::memfd_create("kun_bench_weights", MFD_CLOEXEC);
+      if (fd_ < 0 || ::ftruncate(fd_, static_cast<off_t>(size_)) != 0 ||
+          ::fallocate(fd_, 0, 0, static_cast<off_t>(size_)) != 0) {
+        std::perror("memfd weights");
+        std::abort();
+      }
+      void* m = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, 0);
+      if (m == MAP_FAILED) {
+        std::perror("mmap weights");
+        std::abort();
+      }
+      p_ = static_cast<std::byte*>(m);
+    } else {
+      p_ = static_cast<std::byte*>(std::aligned_alloc(4096, size_));
+      if (p_ == nullptr) std::abort();
+      std::memset(p_, 0, size_);
+    }
+  }
+  ~WeightBuffer() {
+    if (fd_ >= 0) {
+      ::munmap(p_, size_);
+      ::close(fd_);
+    } else {
+      std::free(p_);
+    }
+  }
+  WeightBuffer(const WeightBuffer&) = delete;
+  WeightBuffer& operator=(const WeightBuffer&) = delete;
+  std::byte* data() const { return p_; }
+  std::size_t size() const { return size_; }
+
+ private:
+  std::size_t size_;
+  std::byte* p_ = nullptr;
+  int fd_ = -1;
+};
+
+class SyntheticModel {
+ public:
+  SyntheticModel(const model::ModelConfig& c, bool memfd) {
+    const DType dt = c.dtype;
+    auto source = model::synthetic_weights(c, 0);
+    const auto layout = model::LayerSegmentLayout::compute(c, dt);
+    for (std::int64_t l = 0; l < c.num_layers; ++l) {
+      buffers_.push_back(std::make_unique<WeightBuffer>(layout.total_bytes, memfd));
+      must(model::load_layer_segment(*source, l, dt, {buffers_.back()->data(), static_cast<std::size_t>(layout.total_bytes)}));
+      layers_.push_back(model::layer_weights_at(buffers_.back()->data(), c, dt));
+    }
+    const std::int64_t emb_bytes = model::embedding_segment_bytes(c, dt);
+    const std::int64_t head_bytes = model::HeadSegmentLayout::compute(c, dt).total_bytes;
+    buffers_.push_back(std::make_unique<WeightBuffer>(emb_bytes, memfd));
+    std::byte* emb = buffers_.back()->data();
+    must(model::load_embedding_segment(*source, dt, {emb, static_cast<std::size_t>(emb_bytes)}));
+    buffers_.push_back(std::make_unique<WeightBuffer>(head_bytes, memfd));
+    std::byte* head = buffers_.back()->data();
+    must(model::load_head_segment(*source, dt, {head, static_cast<std::size_t>(head_bytes)}));
+    head_ = model::head_weights_at(emb, head, c, dt);
+  }
+  const std::vector<model::LayerWeights>& layers() const { return layers_; }
+  const model::HeadWeights& head() const { return head_; }
+
+ private:
+  static void must(const Status& s) {
+    if (!s.ok()) {
+      std::fprintf(stderr, "loading synthetic weights: %s\n", s.to_string().c_str());
+      std::abort();
+    }
+  }
+  std::vector<std::unique_ptr<WeightBuffer>> buffers_;
+  std::vector<model::LayerWeights> layers_;
+  model::HeadWeights head_;
+};
+
+}  // namespace kun::bench
