@@ -8,17 +8,18 @@
 #include "common/check.h"
 
 namespace kun::cluster {
-namespace {
 
-std::int64_t stage_begin(std::int64_t k, std::int64_t g, std::int64_t L) { return k * L / g; }
+std::int64_t stage_layer_begin(std::int64_t stage, std::int64_t g, std::int64_t num_layers) { return stage * num_layers / g; }
 
-std::int64_t stage_of(std::int64_t layer, std::int64_t g, std::int64_t L) {
+std::int64_t stage_holding_layer(std::int64_t layer, std::int64_t g, std::int64_t num_layers) {
   // Stage k holds [k L / g, (k + 1) L / g): the largest k with k L / g <= layer.
-  std::int64_t k = (layer * g) / L;
-  while (k + 1 < g && stage_begin(k + 1, g, L) <= layer) ++k;
-  while (k > 0 && stage_begin(k, g, L) > layer) --k;
+  std::int64_t k = (layer * g) / num_layers;
+  while (k + 1 < g && stage_layer_begin(k + 1, g, num_layers) <= layer) ++k;
+  while (k > 0 && stage_layer_begin(k, g, num_layers) > layer) --k;
   return k;
 }
+
+namespace {
 
 void check_geometry(const TransitionGeometry& geo) {
   KUN_CHECK_GT(geo.num_layers, 0);
@@ -117,8 +118,8 @@ DropPlan plan_drop(const DropInput& in, const TransitionGeometry& geo) {
     const auto ks = static_cast<std::size_t>(k);
     MemberLayout m;
     m.instance = in.members[ks];
-    m.layer_begin = stage_begin(k, g, L);
-    m.layer_end = stage_begin(k + 1, g, L);
+    m.layer_begin = stage_layer_begin(k, g, L);
+    m.layer_end = stage_layer_begin(k + 1, g, L);
     KUN_CHECK(in.held_begin[ks] <= m.layer_begin && m.layer_end <= in.held_end[ks])
         << "member " << m.instance << " holds layers [" << in.held_begin[ks] << "," << in.held_end[ks]
         << ") but stage " << k << " of " << g << " keeps [" << m.layer_begin << "," << m.layer_end << ")";
@@ -140,7 +141,7 @@ DropPlan plan_drop(const DropInput& in, const TransitionGeometry& geo) {
       for (std::int64_t l = 0; l < L; ++l) {
         const std::int32_t at = r.layer_member[static_cast<std::size_t>(l)];
         KUN_CHECK(at >= 0 && at < g) << "request " << r.id << " layer " << l << " on member " << at;
-        const auto owner = static_cast<std::int32_t>(stage_of(l, g, L));
+        const auto owner = static_cast<std::int32_t>(stage_holding_layer(l, g, L));
         if (at != owner) s.moves.push_back(LayerMove{l, at, owner});
       }
       plan.keep_kv.push_back(std::move(s));
@@ -186,7 +187,7 @@ RestorePlan plan_restore(const RestoreInput& in, const TransitionGeometry& geo) 
   for (std::int64_t k = 0; k < g; ++k) {
     std::int64_t pulled = 0;
     for (std::int64_t l = 0; l < L; ++l) {
-      const std::int64_t owner = stage_of(l, g, L);
+      const std::int64_t owner = stage_holding_layer(l, g, L);
       if (owner == k) continue;
       if (!in.layers_kept.empty()) {
         const auto& kept = in.layers_kept[static_cast<std::size_t>(k)];
@@ -299,20 +300,27 @@ ShrinkPlan plan_shrink(const ShrinkInput& in, const TransitionGeometry& geo) {
     const std::int64_t half = s % 2, j = s / 2;
     plan.halves[static_cast<std::size_t>(half)].push_back(in.members[static_cast<std::size_t>(s)]);
     plan.half_members[static_cast<std::size_t>(half)].push_back(static_cast<std::int32_t>(s));
-    const std::int64_t held_begin = s * L / g, held_end = (s + 1) * L / g;
-    keep_begin[static_cast<std::size_t>(s)] = j * L / h;
-    keep_end[static_cast<std::size_t>(s)] = (j + 1) * L / h;
+    const std::int64_t held_begin = stage_layer_begin(s, g, L), held_end = stage_layer_begin(s + 1, g, L);
+    keep_begin[static_cast<std::size_t>(s)] = stage_layer_begin(j, h, L);
+    keep_end[static_cast<std::size_t>(s)] = stage_layer_begin(j + 1, h, L);
     KUN_CHECK(keep_begin[static_cast<std::size_t>(s)] <= held_begin && held_end <= keep_end[static_cast<std::size_t>(s)])
         << "stage " << s << " of " << g << " holds layers it would not keep at degree " << h;
     for (std::int64_t l = keep_begin[static_cast<std::size_t>(s)]; l < keep_end[static_cast<std::size_t>(s)]; ++l) {
       if (l >= held_begin && l < held_end) continue;
-      const auto from = static_cast<std::int32_t>(l * g / L);  // the old stage holding layer l
+      const auto from = static_cast<std::int32_t>(stage_holding_layer(l, g, L));
       plan.pulls.push_back(WeightPull{static_cast<std::int32_t>(s), l, from});
       plan.pages_reclaimed[static_cast<std::size_t>(s)] += geo.pages_per_layer;
     }
     const std::int64_t kept = keep_end[static_cast<std::size_t>(s)] - keep_begin[static_cast<std::size_t>(s)];
     plan.room_blocks[static_cast<std::size_t>(s)] =
         in.base_kv_blocks[static_cast<std::size_t>(s)] + (L - kept) * geo.pages_per_layer * geo.blocks_per_page;
+  }
+  plan.layer_owners.assign(2, std::vector<std::int32_t>(static_cast<std::size_t>(L)));
+  for (std::size_t half = 0; half < 2; ++half) {
+    for (std::int64_t l = 0; l < L; ++l) {
+      plan.layer_owners[half][static_cast<std::size_t>(l)] =
+          plan.half_members[half][static_cast<std::size_t>(stage_holding_layer(l, h, L))];
+    }
   }
   std::vector<std::int64_t> room = plan.room_blocks;
   plan.queued = land_requests(in.requests, in.strategy, 2, [&](const TransitionRequest& r) {

@@ -36,6 +36,12 @@
 
 namespace kun::cluster {
 
+// The stage rule of every fused group, for every executor: stage k of a g-way group over L layers
+// holds layers [stage_layer_begin(k, g, L), stage_layer_begin(k + 1, g, L)) = [k L / g, (k + 1) L / g).
+std::int64_t stage_layer_begin(std::int64_t stage, std::int64_t g, std::int64_t num_layers);
+// The stage of a g-way group that holds `layer`.
+std::int64_t stage_holding_layer(std::int64_t layer, std::int64_t g, std::int64_t num_layers);
+
 struct TransitionGeometry {
   std::int64_t num_layers = 0;
   std::int64_t block_size_tokens = 16;
@@ -189,6 +195,9 @@ struct ShrinkPlan {
   std::vector<std::int64_t> members;                // the old stage order
   std::vector<std::vector<std::int64_t>> halves;    // instance ids of each half, stage order
   std::vector<std::vector<std::int32_t>> half_members;  // the same as old member indices
+  // Per half, per layer: the old member index whose stage in that half runs the layer (where a
+  // request continuing on the half keeps the layer's KV).
+  std::vector<std::vector<std::int32_t>> layer_owners;
   std::vector<WeightPull> pulls;                    // member by member, layers ascending
   std::vector<std::int64_t> pages_reclaimed;        // per old member
   std::vector<std::int64_t> room_blocks;            // per old member: its KV pool in its half

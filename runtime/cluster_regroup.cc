@@ -31,12 +31,6 @@
 #include "runtime/cluster_runtime.h"
 
 namespace kun::runtime {
-namespace {
-
-std::int64_t stage_begin(std::int64_t k, std::int64_t g, std::int64_t L) { return k * L / g; }
-
-}  // namespace
-
 std::vector<std::int64_t> ClusterRuntime::merged_admission_history(const std::vector<std::vector<std::int64_t>>& histories) {
   std::size_t longest = 0;
   for (const auto& h : histories) longest = std::max(longest, h.size());
@@ -56,7 +50,7 @@ std::vector<std::pair<std::int64_t, std::int64_t>> ClusterRuntime::layers_outsid
   for (std::int64_t k = 0; k < g; ++k) {
     const std::int64_t inst = instances[static_cast<std::size_t>(k)];
     for (std::int64_t l = 0; l < L; ++l) {
-      const bool in_stage = l >= stage_begin(k, g, L) && l < stage_begin(k + 1, g, L);
+      const bool in_stage = l >= cluster::stage_layer_begin(k, g, L) && l < cluster::stage_layer_begin(k + 1, g, L);
       if (!in_stage && mirror_has_layer(inst, l)) out.emplace_back(inst, l);
     }
   }
@@ -240,7 +234,6 @@ Status ClusterRuntime::begin_shrink_locked(TransitionLock& lock, const cluster::
   if (unit.shrinking.load()) return failed_precondition("group " + std::to_string(group) + " is shrinking already");
   const auto g = static_cast<std::int64_t>(unit.instances.size());
   if (g < 4 || g % 2 != 0) return failed_precondition("a shrink needs an even degree >= 4, not " + std::to_string(g));
-  const std::int64_t L = config_.num_layers;
   // Reserve the group, then work without transition_mu_. Its gate stays open: nothing is routed
   // elsewhere until the switch, so submits queue in its inbox while it is paused here.
   unit.in_transition = true;
@@ -261,16 +254,7 @@ Status ClusterRuntime::begin_shrink_locked(TransitionLock& lock, const cluster::
   // Homes: each running request the plan keeps continues on its half, each layer on the half's
   // member whose new stage keeps it; the exchange rounds gather it there while the group decodes.
   if (options_.stale_kv != cluster::StaleKvStrategy::kRecompute) {
-    const std::int64_t h = g / 2;
-    std::vector<std::vector<std::int32_t>> layouts(2, std::vector<std::int32_t>(static_cast<std::size_t>(L)));
-    for (std::size_t half = 0; half < 2; ++half) {
-      for (std::int64_t j = 0; j < h; ++j) {
-        for (std::int64_t l = stage_begin(j, h, L); l < stage_begin(j + 1, h, L); ++l) {
-          layouts[half][static_cast<std::size_t>(l)] = plan.half_members[half][static_cast<std::size_t>(j)];
-        }
-      }
-    }
-    unit.kv->set_home_layouts(std::move(layouts));
+    unit.kv->set_home_layouts(plan.layer_owners);
     for (const cluster::Placement& p : plan.keep_kv) unit.kv->set_home(p.id, p.member);
   }
   unit.restore_began = t0;
@@ -483,7 +467,7 @@ Status ClusterRuntime::shrink_switch_locked(TransitionLock& lock, std::int64_t g
         continue;
       }
       const std::int64_t j = stage_in_half[static_cast<std::size_t>(k)];
-      KUN_CHECK_EQ(t.num_layers(), stage_begin(j + 1, h_degree, L) - stage_begin(j, h_degree, L))
+      KUN_CHECK_EQ(t.num_layers(), cluster::stage_layer_begin(j + 1, h_degree, L) - cluster::stage_layer_begin(j, h_degree, L))
           << "request " << p.id << " on member " << k << " after the gather";
       mine.emplace(static_cast<std::int32_t>(j), std::move(t));
     }

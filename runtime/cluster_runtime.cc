@@ -13,15 +13,6 @@
 namespace kun::runtime {
 namespace {
 
-// Stage k of a g-way group holds layers [k L / g, (k + 1) L / g).
-std::int64_t stage_begin(std::int64_t k, std::int64_t g, std::int64_t L) { return k * L / g; }
-std::int64_t stage_of_layer(std::int64_t l, std::int64_t g, std::int64_t L) {
-  for (std::int64_t k = 0; k < g; ++k) {
-    if (l < stage_begin(k + 1, g, L)) return k;
-  }
-  return g - 1;
-}
-
 // A member's share of its unit's figures: a group's blocks are spread evenly over its g members,
 // so sums over members stay exact (snapshots for the policy and stats for metrics both use it).
 engine::InstanceStats member_share(engine::InstanceStats is, std::int64_t g) {
@@ -161,11 +152,11 @@ std::shared_ptr<ClusterRuntime::Unit> ClusterRuntime::make_unit(const std::vecto
   std::vector<kv::KvBlockAllocator*> allocs;
   for (std::int64_t k = 0; k < g; ++k) {
     const std::int64_t inst = instances[static_cast<std::size_t>(k)];
-    stages.push_back(StageSpec{endpoint(inst), stage_begin(k, g, L), stage_begin(k + 1, g, L)});
+    stages.push_back(StageSpec{endpoint(inst), cluster::stage_layer_begin(k, g, L), cluster::stage_layer_begin(k + 1, g, L)});
     allocs.push_back(allocators_[static_cast<std::size_t>(inst)].get());
   }
   std::vector<std::int32_t> layer_device(static_cast<std::size_t>(L));
-  for (std::int64_t l = 0; l < L; ++l) layer_device[static_cast<std::size_t>(l)] = static_cast<std::int32_t>(stage_of_layer(l, g, L));
+  for (std::int64_t l = 0; l < L; ++l) layer_device[static_cast<std::size_t>(l)] = static_cast<std::int32_t>(cluster::stage_holding_layer(l, g, L));
   unit->kv = std::make_unique<engine::KvManager>(options_.device.kv_block_size, allocs, layer_device, options_.host_swap_blocks);
   unit->executor = std::make_unique<PipelineExecutor>(std::move(stages), fleet_->front_end());
   engine::EngineConfig ec;
@@ -998,7 +989,7 @@ void ClusterRuntime::check_integrity() {
       if (u->in_restore() || u->shrinking.load()) {
         // A restoring (or shrinking) group pulls layers back while it serves from the stage owners.
         const std::int64_t g = static_cast<std::int64_t>(u->instances.size());
-        const std::int64_t owner = u->instances[static_cast<std::size_t>(stage_of_layer(l, g, L))];
+        const std::int64_t owner = u->instances[static_cast<std::size_t>(cluster::stage_holding_layer(l, g, L))];
         KUN_CHECK(holds(owner, l)) << "layer " << l << " left its stage owner " << owner;
       } else {
         // Once each, plus the copies members kept because their drop_layer failed.

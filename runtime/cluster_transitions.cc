@@ -18,9 +18,6 @@
 namespace kun::runtime {
 namespace {
 
-// Stage k of a g-way group holds layers [k L / g, (k + 1) L / g).
-std::int64_t stage_begin(std::int64_t k, std::int64_t g, std::int64_t L) { return k * L / g; }
-
 std::vector<std::int64_t> raw_ids(std::span<const kv::BlockId> ids) {
   std::vector<std::int64_t> out;
   out.reserve(ids.size());
@@ -372,8 +369,8 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const c
     const auto src_g = static_cast<std::int64_t>(source->instances.size());
     const auto stage =
         static_cast<std::int64_t>(std::find(source->instances.begin(), source->instances.end(), inst) - source->instances.begin());
-    input.held_begin.push_back(stage_begin(stage, src_g, L));
-    input.held_end.push_back(stage_begin(stage + 1, src_g, L));
+    input.held_begin.push_back(cluster::stage_layer_begin(stage, src_g, L));
+    input.held_end.push_back(cluster::stage_layer_begin(stage + 1, src_g, L));
   }
   for (std::size_t k = 0; k < sources.size(); ++k) {
     for (cluster::TransitionRequest& r :

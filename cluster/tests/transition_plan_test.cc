@@ -191,6 +191,23 @@ TEST(TransitionPlan, SplitUnderRecomputeKeepsNothing) {
   EXPECT_EQ(p.queued[1].member, 1);
 }
 
+TEST(TransitionPlan, StageRuleHoldsForLayerCountsNotDividedByTheDegree) {
+  // Stage k holds [k L / g, (k + 1) L / g): every layer in exactly one stage, the one named.
+  for (std::int64_t L : {3, 5, 7, 8, 24, 30}) {
+    for (std::int64_t g : {1, 2, 3, 4, 8}) {
+      if (g > L) continue;
+      EXPECT_EQ(stage_layer_begin(0, g, L), 0);
+      EXPECT_EQ(stage_layer_begin(g, g, L), L);
+      for (std::int64_t l = 0; l < L; ++l) {
+        const std::int64_t k = stage_holding_layer(l, g, L);
+        EXPECT_LE(stage_layer_begin(k, g, L), l) << "L " << L << " g " << g << " layer " << l;
+        EXPECT_LT(l, stage_layer_begin(k + 1, g, L)) << "L " << L << " g " << g << " layer " << l;
+      }
+    }
+  }
+  EXPECT_EQ(stage_holding_layer(1, 2, 3), 1);  // stage 1 of 2 over 3 layers starts at layer 1
+}
+
 TEST(TransitionPlan, ShrinkSplitsEvenAndOddStagesPullsFromTheNeighbourAndPlacesByRoom) {
   ShrinkInput in;
   in.group = 7;
@@ -211,6 +228,9 @@ TEST(TransitionPlan, ShrinkSplitsEvenAndOddStagesPullsFromTheNeighbourAndPlacesB
   EXPECT_EQ(p.pulls[2].from, 0);
   EXPECT_EQ(p.pages_reclaimed, (std::vector<std::int64_t>{4, 4, 4, 4}));
   EXPECT_EQ(p.room_blocks, (std::vector<std::int64_t>{40, 40, 40, 40}));  // 8 + 4 layers x 2 pages x 4
+  // Each half's layers run on its stages: half 0 = members 0 (layers 0-3) and 2 (4-7).
+  EXPECT_EQ(p.layer_owners[0], (std::vector<std::int32_t>{0, 0, 0, 0, 2, 2, 2, 2}));
+  EXPECT_EQ(p.layer_owners[1], (std::vector<std::int32_t>{1, 1, 1, 1, 3, 3, 3, 3}));
   // r1 and r2 (2 token blocks x 4 layers per member) go to the half with most room: 0, then 1.
   ASSERT_EQ(p.keep_kv.size(), 2u);
   EXPECT_EQ(p.keep_kv[0].member, 0);
