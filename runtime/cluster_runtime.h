@@ -455,6 +455,10 @@ class ClusterRuntime final : public engine::FrontDoor {
   static std::vector<std::int64_t> merged_admission_history(const std::vector<std::vector<std::int64_t>>& histories);
   void retire(const std::shared_ptr<Unit>& unit);
   void record(ClusterEvent ev);
+  // A completed transition's event: its time, kind, units, bytes moved, wall latency since
+  // `began` and the requests it moved. The caller adds its own fields and records it.
+  ClusterEvent transition_event(const std::string& kind, std::int64_t group, std::vector<std::int64_t> instances,
+                                std::chrono::steady_clock::time_point began, std::int64_t bytes, std::int64_t moved) const;
   // The event of a group that splits (restore) or shrinks: what both fill the same way, with the
   // KV blocks they gathered added to kv_blocks_moved_. The caller adds its own fields and records it.
   ClusterEvent split_event(const std::string& kind, std::int64_t group, const std::vector<std::int64_t>& instances,

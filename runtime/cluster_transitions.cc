@@ -73,6 +73,20 @@ Status ClusterRuntime::pull_layer_from_any(std::int64_t instance, std::int64_t l
                            std::to_string(order.size()) + " holder(s)");
 }
 
+ClusterEvent ClusterRuntime::transition_event(const std::string& kind, std::int64_t group, std::vector<std::int64_t> instances,
+                                              std::chrono::steady_clock::time_point began, std::int64_t bytes,
+                                              std::int64_t moved) const {
+  ClusterEvent ev;
+  ev.time_us = clock_->now_us();
+  ev.kind = kind;
+  ev.group = group;
+  ev.instances = std::move(instances);
+  ev.bytes = bytes;
+  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
+  ev.requests_moved = moved;
+  return ev;
+}
+
 ClusterEvent ClusterRuntime::split_event(const std::string& kind, std::int64_t group, const std::vector<std::int64_t>& instances,
                                          std::chrono::steady_clock::time_point began, std::int64_t pulled_bytes,
                                          std::int64_t moved, std::int64_t exchanged_blocks, std::int64_t recomputed,
@@ -81,14 +95,7 @@ ClusterEvent ClusterRuntime::split_event(const std::string& kind, std::int64_t g
     std::lock_guard<std::mutex> el(events_mu_);
     kv_blocks_moved_ += exchanged_blocks;
   }
-  ClusterEvent ev;
-  ev.time_us = clock_->now_us();
-  ev.kind = kind;
-  ev.group = group;
-  ev.instances = instances;
-  ev.bytes = pulled_bytes;
-  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
-  ev.requests_moved = moved;
+  ClusterEvent ev = transition_event(kind, group, instances, began, pulled_bytes, moved);
   ev.kv_blocks_exchanged = exchanged_blocks;
   ev.requests_recomputed = recomputed;
   ev.blocks_repacked = repacked_blocks;
@@ -486,14 +493,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const c
   KUN_CHECK_EQ(moved, static_cast<std::int64_t>(detached.size())) << kind << " into group " << group << " lost a request";
   lock.lock();
   publish_successors_locked(lock, std::move(sources), {std::move(unit)});  // returns with the lock released
-  ClusterEvent ev;
-  ev.time_us = clock_->now_us();
-  ev.kind = kind;
-  ev.group = group;
-  ev.instances = instances;
-  ev.bytes = dropped_bytes;
-  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  ev.requests_moved = moved;
+  ClusterEvent ev = transition_event(kind, group, instances, t0, dropped_bytes, moved);
   const auto lost_kv = static_cast<std::int64_t>(plan.lose_kv.size());
   ev.requests_recomputed = lost_kv;  // running at the drop, no KV now (queued preempted ones recompute anyway)
   ev.stale_requests = std::move(stale_ids);
@@ -815,13 +815,7 @@ Status ClusterRuntime::migrate_locked(TransitionLock& lock, RequestId request, s
     std::lock_guard<std::mutex> el(events_mu_);
     kv_blocks_moved_ += blocks;
   }
-  ClusterEvent ev;
-  ev.time_us = clock_->now_us();
-  ev.kind = "migrate";
-  ev.instances = {from_instance, to_instance};
-  ev.bytes = bytes;
-  ev.latency_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  ev.requests_moved = 1;
+  ClusterEvent ev = transition_event("migrate", -1, {from_instance, to_instance}, t0, bytes, 1);
   ev.reason = reason;
   record(std::move(ev));
   lock.lock();
