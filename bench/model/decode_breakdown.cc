@@ -82,17 +82,10 @@ int main(int argc, char** argv) {
   // KV: context + 1 tokens per layer, filled by a prompt run first.
   const std::int64_t bs = 16;
   const std::int64_t ctx = context + 1;
-  const std::int64_t nblocks = ceil_div(ctx, bs);
-  const std::int64_t block_bytes = 2 * c.num_kv_heads * bs * c.head_dim * dtype_bytes(fwd.kv_dtype());
-  std::vector<std::vector<std::byte>> kv_mem(static_cast<std::size_t>(c.num_layers));
-  std::vector<std::vector<std::byte*>> kv_ptrs(static_cast<std::size_t>(c.num_layers));
-  for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    kv_mem[l].assign(static_cast<std::size_t>(nblocks * block_bytes), std::byte{0});
-    for (std::int64_t b = 0; b < nblocks; ++b) kv_ptrs[l].push_back(kv_mem[l].data() + b * block_bytes);
-  }
+  bench::SequenceKvCache kv(c, ctx, bs, fwd.kv_dtype());
   auto weights = [&](std::int64_t l) { return lw[static_cast<std::size_t>(l)]; };
   auto attention = [&](std::int64_t l, std::int64_t, const model::SequenceSlice& s, const float* qkv, float* out) {
-    fwd.attend_local(s, qkv, model::LayerKv{kv_ptrs[l].data(), nblocks}, out);
+    fwd.attend_local(s, qkv, kv.layer(l), out);
   };
   const std::int64_t H = c.hidden_size;
   std::vector<float> hidden(static_cast<std::size_t>(std::max(ctx, batch) * H));

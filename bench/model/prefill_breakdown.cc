@@ -87,17 +87,10 @@ int main(int argc, char** argv) {
   const model::ForwardLimits limits{N, 1, N};
   constexpr std::int64_t kBlock = 16;
   model::ForwardPass fwd(c, kBlock, DType::kBF16, &pool, limits);
-  const std::int64_t nblocks = ceil_div(N, kBlock);
-  const std::int64_t block_bytes = 2 * c.num_kv_heads * kBlock * c.head_dim * dtype_bytes(fwd.kv_dtype());
-  std::vector<std::vector<std::byte>> kv_mem(static_cast<std::size_t>(c.num_layers));
-  std::vector<std::vector<std::byte*>> kv_ptrs(static_cast<std::size_t>(c.num_layers));
-  for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    kv_mem[l].assign(static_cast<std::size_t>(nblocks * block_bytes), std::byte{0});
-    for (std::int64_t b = 0; b < nblocks; ++b) kv_ptrs[l].push_back(kv_mem[l].data() + b * block_bytes);
-  }
+  bench::SequenceKvCache kv(c, N, kBlock, fwd.kv_dtype());
   auto weights = [&](std::int64_t l) { return lw[static_cast<std::size_t>(l)]; };
   auto attention = [&](std::int64_t l, std::int64_t, const model::SequenceSlice& s, const float* qkv, float* out) {
-    fwd.attend_local(s, qkv, model::LayerKv{kv_ptrs[l].data(), nblocks}, out);
+    fwd.attend_local(s, qkv, kv.layer(l), out);
   };
   const std::int64_t H = c.hidden_size;
   const std::int64_t F = c.intermediate_size;

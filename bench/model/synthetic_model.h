@@ -102,4 +102,26 @@ class SyntheticModel {
   model::HeadWeights head_;
 };
 
+// Paged KV for one sequence of `tokens` tokens on every layer, in `block_size`-token blocks of
+// `kv_dtype` elements (the layout model::ForwardPass::attend_local reads), zero-filled.
+class SequenceKvCache {
+ public:
+  SequenceKvCache(const model::ModelConfig& c, std::int64_t tokens, std::int64_t block_size, DType kv_dtype)
+      : blocks_(ceil_div(tokens, block_size)),
+        memory_(static_cast<std::size_t>(c.num_layers)),
+        pointers_(static_cast<std::size_t>(c.num_layers)) {
+    const std::int64_t block_bytes = 2 * c.num_kv_heads * block_size * c.head_dim * dtype_bytes(kv_dtype);
+    for (std::size_t l = 0; l < memory_.size(); ++l) {
+      memory_[l].assign(static_cast<std::size_t>(blocks_ * block_bytes), std::byte{0});
+      for (std::int64_t b = 0; b < blocks_; ++b) pointers_[l].push_back(memory_[l].data() + b * block_bytes);
+    }
+  }
+  model::LayerKv layer(std::int64_t l) { return model::LayerKv{pointers_[static_cast<std::size_t>(l)].data(), blocks_}; }
+
+ private:
+  std::int64_t blocks_;
+  std::vector<std::vector<std::byte>> memory_;
+  std::vector<std::vector<std::byte*>> pointers_;
+};
+
 }  // namespace kun::bench
