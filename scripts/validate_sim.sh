@@ -9,7 +9,7 @@
 # compute together changes from minute to minute with whatever else runs (calibrations a minute
 # apart gave 2.65x and 3.5x at 4 devices). So each real run is simulated with the host it had:
 # the bench writes every engine step (--out-dir: POLICY_steps.csv), and
-# scripts/fit_host_contention.py fits the profile's host contention (a step at k devices
+# `kunserve calibrate --fit-steps` fits the profile's host contention (a step at k devices
 # computing = a(k) x the profile's table + b(k), sim/cost_model.h) to that run's steps of all
 # policies together, one curve per run, no policy's own; the step table stays the profile's
 # (measured by `kunserve calibrate` on one device). Real run i is compared with simulation i;
@@ -62,8 +62,8 @@ for ((k = 1; k <= ${REPEATS:-3}; ++k)); do
   KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} "${RUN[@]}" $BIN bench --in-process --preset llama-30m --policies "$POLICIES" "${OPTS[@]}" \
     --json "$OUT/real$k.json" --out-dir "$OUT/real$k" > "$OUT/real$k.log" 2>&1
   echo "real run $k: load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
-  python3 scripts/fit_host_contention.py --bench-json "$OUT/real$k.json" --host-link-gbps "$HOST_GBPS" \
-    "$PROFILE" "$OUT/profile$k.json" "$OUT"/real$k/*_steps.csv | tee "$OUT/contention$k.md"
+  $BIN calibrate --profile "$PROFILE" --out "$OUT/profile$k.json" --bench-json "$OUT/real$k.json" --host-link-gbps "$HOST_GBPS" \
+    --fit-steps "$OUT"/real$k/*_steps.csv | tee "$OUT/contention$k.md"
   KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} $BIN simulate --gpu "$OUT/profile$k.json" --policies "$POLICIES" "${OPTS[@]}" \
     --json "$OUT/sim$k.json" > "$OUT/sim$k.log" 2>&1
   REAL+=("$OUT/real$k.json")

@@ -1,6 +1,7 @@
 #include "sim/device_profile.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -378,6 +379,123 @@ ContentionFit fit_contention(std::span<const std::pair<double, double>> samples)
       fit.factor = slope;
       fit.fixed_us = intercept;
     }
+  }
+  return fit;
+}
+
+StatusOr<std::vector<RecordedStep>> parse_recorded_steps(const std::string& csv, const std::string& source) {
+  std::istringstream in(csv);
+  std::string line;
+  if (!std::getline(in, line)) return invalid_argument("step log '" + source + "' is empty");
+  const auto split = [](const std::string& row) {
+    std::vector<std::string> cells;
+    std::stringstream ss(row);
+    std::string cell;
+    while (std::getline(ss, cell, ',')) cells.push_back(cell);
+    return cells;
+  };
+  const std::vector<std::string> header = split(line);
+  const char* const kColumns[] = {"end_us",     "duration_us", "unit_devices",   "sequences",
+                                  "new_tokens", "sampled",     "attended_pairs", "swap_blocks"};
+  std::vector<std::size_t> column;
+  for (const char* name : kColumns) {
+    const auto it = std::find(header.begin(), header.end(), name);
+    if (it == header.end()) return invalid_argument("step log '" + source + "' has no column '" + name + "'");
+    column.push_back(static_cast<std::size_t>(it - header.begin()));
+  }
+  std::vector<RecordedStep> steps;
+  for (std::int64_t row = 2; std::getline(in, line); ++row) {
+    if (line.empty()) continue;
+    const std::vector<std::string> cells = split(line);
+    std::int64_t v[8];
+    for (std::size_t c = 0; c < column.size(); ++c) {
+      const std::string& cell = column[c] < cells.size() ? cells[column[c]] : std::string();
+      const char* end = cell.data() + cell.size();
+      const auto [ptr, ec] = std::from_chars(cell.data(), end, v[c]);
+      if (ec != std::errc() || ptr != end || cell.empty()) {
+        return invalid_argument("step log '" + source + "' row " + std::to_string(row) + ": '" + kColumns[c] +
+                                "' is not an integer");
+      }
+    }
+    steps.push_back(RecordedStep{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]});
+  }
+  return steps;
+}
+
+std::vector<double> devices_computing(std::span<const RecordedStep> steps, double swap_us_per_block) {
+  struct Span {
+    double begin, end, weight;
+  };
+  std::vector<Span> spans;
+  spans.reserve(steps.size());
+  for (const RecordedStep& r : steps) {
+    const auto d = static_cast<double>(r.duration_us);
+    const double copy = std::min(d, swap_us_per_block * static_cast<double>(r.swap_blocks));
+    spans.push_back(Span{static_cast<double>(r.end_us) - d, static_cast<double>(r.end_us), d > 0 ? 1.0 - copy / d : 1.0});
+  }
+  std::vector<std::size_t> order(spans.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return spans[a].begin < spans[b].begin; });
+  std::vector<double> overlap(spans.size(), 0.0);
+  std::vector<std::size_t> active;  // started earlier, may still overlap the next one
+  for (std::size_t i : order) {
+    const Span& s = spans[i];
+    std::erase_if(active, [&](std::size_t j) { return spans[j].end <= s.begin; });
+    for (std::size_t j : active) {
+      const double ov = std::min(s.end, spans[j].end) - std::max(s.begin, spans[j].begin);
+      if (ov > 0) {
+        overlap[i] += spans[j].weight * ov;
+        overlap[j] += s.weight * ov;
+      }
+    }
+    active.push_back(i);
+  }
+  std::vector<double> out(spans.size());
+  for (std::size_t i = 0; i < spans.size(); ++i) {
+    const double length = spans[i].end - spans[i].begin;
+    out[i] = spans[i].weight + (length > 0 ? overlap[i] / length : 0.0);
+  }
+  return out;
+}
+
+HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_layers,
+                                      std::span<const std::vector<RecordedStep>> runs, double swap_us_per_block,
+                                      std::int64_t max_devices, std::int64_t min_steps) {
+  KUN_CHECK_GE(max_devices, 1);
+  std::vector<std::vector<std::pair<double, double>>> samples(static_cast<std::size_t>(max_devices));
+  for (const std::vector<RecordedStep>& run : runs) {
+    const std::vector<double> busy = devices_computing(run, swap_us_per_block);
+    for (std::size_t i = 0; i < run.size(); ++i) {
+      const RecordedStep& r = run[i];
+      if (r.unit_devices != 1 || r.swap_blocks > 0 || r.sequences == 0) continue;
+      const auto k = std::clamp<std::int64_t>(std::llround(busy[i]), 1, max_devices);
+      CostModel::BatchTerms b;
+      b.tokens = r.new_tokens;
+      b.sampled = r.sampled;
+      b.pairs = static_cast<double>(r.attended_pairs);
+      samples[static_cast<std::size_t>(k - 1)].emplace_back(cost.step_us(b, num_layers, true, true),
+                                                             static_cast<double>(r.duration_us));
+    }
+  }
+  HostContentionFit fit;
+  for (std::int64_t k = 1; k <= max_devices; ++k) {
+    const auto& v = samples[static_cast<std::size_t>(k - 1)];
+    double predicted = 0, measured = 0;
+    for (const auto& [x, y] : v) {
+      predicted += x;
+      measured += y;
+    }
+    fit.steps.push_back(static_cast<std::int64_t>(v.size()));
+    fit.measured_over_table.push_back(predicted > 0 ? measured / predicted : 0.0);
+    if (static_cast<std::int64_t>(v.size()) < min_steps) {
+      // Too few steps at this count: the previous count's values (count 1: no contention).
+      fit.factor.push_back(k > 1 ? fit.factor.back() : 1.0);
+      fit.fixed_us.push_back(k > 1 ? fit.fixed_us.back() : 0.0);
+      continue;
+    }
+    const ContentionFit c = fit_contention(v);
+    fit.factor.push_back(c.factor);
+    fit.fixed_us.push_back(c.fixed_us);
   }
   return fit;
 }

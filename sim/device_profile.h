@@ -86,6 +86,43 @@ struct ContentionFit {
   double fixed_us = 0.0;
 };
 ContentionFit fit_contention(std::span<const std::pair<double, double>> predicted_measured_us);
+// One engine step as the runtime recorded it (runtime::StepRecord; `kunserve bench --in-process
+// --out-dir DIR` writes a run's steps to DIR/POLICY_steps.csv with these column names).
+struct RecordedStep {
+  std::int64_t end_us = 0;
+  std::int64_t duration_us = 0;   // the executor's
+  std::int64_t unit_devices = 1;  // g of the fused group that ran it (1: an independent instance)
+  std::int64_t sequences = 0;
+  std::int64_t new_tokens = 0;
+  std::int64_t sampled = 0;
+  std::int64_t attended_pairs = 0;
+  std::int64_t swap_blocks = 0;
+};
+// Parses a POLICY_steps.csv (header row with at least the columns above, any order; other
+// columns are ignored). `source` names the file in errors.
+StatusOr<std::vector<RecordedStep>> parse_recorded_steps(const std::string& csv, const std::string& source);
+
+// For each step of one run, how many devices computed on average over its span: its own weight
+// plus each overlapping step's weight times the overlap, over its duration. A step weighs 1,
+// less the share of its span spent on swap copies (swap_us_per_block x swap_blocks: they wait on
+// the paced host link and compute nothing).
+std::vector<double> devices_computing(std::span<const RecordedStep> steps, double swap_us_per_block);
+
+// Host contention fitted to real runs' own steps (the simulator's a(k) x table + b(k),
+// GpuSpec::host_contention / host_contention_us): each run's independent-instance steps without
+// swap copies are binned by devices_computing (rounded, 1..max_devices) and fit_contention gives
+// a and b per count against `cost`'s prediction for the step; a count with fewer than min_steps
+// steps takes the previous count's values (count 1: a = 1, b = 0).
+struct HostContentionFit {
+  std::vector<double> factor;          // a, by device count 1..max_devices
+  std::vector<double> fixed_us;        // b
+  std::vector<std::int64_t> steps;     // steps in each count's bin
+  std::vector<double> measured_over_table;  // sum of measured over sum of predicted (0: no steps)
+};
+HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_layers,
+                                      std::span<const std::vector<RecordedStep>> runs, double swap_us_per_block,
+                                      std::int64_t max_devices, std::int64_t min_steps = 20);
+
 GpuSpec fit_device_spec(const GpuSpec& start, const model::ModelConfig& model, std::span<const ProfileStep> steps,
                         std::vector<double> knots = default_table_knots());
 

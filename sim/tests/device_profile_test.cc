@@ -303,5 +303,92 @@ TEST(DeviceProfile, FitContentionRecoversFactorAndFixedWait) {
   EXPECT_DOUBLE_EQ(fit_contention({}).factor, 1.0);
 }
 
+// The step logs of a real run (bench --out-dir: POLICY_steps.csv) parse by column name; a
+// missing column or a cell that is not an integer is an error naming the file and row.
+TEST(DeviceProfile, RecordedStepsParseByColumnName) {
+  const std::string csv =
+      "end_us,duration_us,unit_devices,first_instance,sequences,new_tokens,sampled,attended_pairs,swap_blocks\n"
+      "1000,400,1,2,3,5,3,77,0\n"
+      "\n"
+      "2500,900,2,0,1,1,1,12,4\n";
+  auto steps = parse_recorded_steps(csv, "a.csv");
+  ASSERT_TRUE(steps.ok()) << steps.status().to_string();
+  ASSERT_EQ(steps->size(), 2u);
+  EXPECT_EQ((*steps)[0].end_us, 1000);
+  EXPECT_EQ((*steps)[0].duration_us, 400);
+  EXPECT_EQ((*steps)[0].sequences, 3);
+  EXPECT_EQ((*steps)[0].attended_pairs, 77);
+  EXPECT_EQ((*steps)[1].unit_devices, 2);
+  EXPECT_EQ((*steps)[1].swap_blocks, 4);
+  auto missing = parse_recorded_steps("end_us,duration_us\n1,2\n", "b.csv");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("unit_devices"), std::string::npos) << missing.status().to_string();
+  auto bad = parse_recorded_steps(
+      "end_us,duration_us,unit_devices,sequences,new_tokens,sampled,attended_pairs,swap_blocks\n1,2,1,1,x,1,1,0\n", "c.csv");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("c.csv' row 2: 'new_tokens'"), std::string::npos) << bad.status().to_string();
+}
+
+// Devices computing over a step: its own weight plus the overlapping steps' weights by overlap;
+// a step's swap copies do not compute.
+TEST(DeviceProfile, DevicesComputingWeighsOverlapsAndSwapCopies) {
+  std::vector<RecordedStep> steps(3);
+  steps[0].end_us = 100, steps[0].duration_us = 100;  // [0, 100)
+  steps[1].end_us = 150, steps[1].duration_us = 100;  // [50, 150): half of it beside step 0
+  steps[2].end_us = 400, steps[2].duration_us = 100;  // alone
+  std::vector<double> k = devices_computing(steps, 0.0);
+  EXPECT_DOUBLE_EQ(k[0], 1.5);
+  EXPECT_DOUBLE_EQ(k[1], 1.5);
+  EXPECT_DOUBLE_EQ(k[2], 1.0);
+  steps[1].swap_blocks = 2;  // 2 x 25 us of its 100 us copy: it weighs 0.5
+  k = devices_computing(steps, 25.0);
+  EXPECT_DOUBLE_EQ(k[0], 1.25);
+  EXPECT_DOUBLE_EQ(k[1], 1.0);
+}
+
+// A run whose steps at 1 device take the table's time and at 2 devices 1.5 x table + 800 us gives
+// back those curves; a count with too few steps takes the previous count's values; steps of a
+// fused group or with swap copies are not fitted.
+TEST(DeviceProfile, FitHostContentionRecoversTheRunsCurves) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  GpuSpec spec = known_cpu();
+  spec.host_contention = {1.0, 1.0};
+  const CostModel cost(spec, m);
+  const auto predicted = [&](std::int64_t tokens) {
+    CostModel::BatchTerms b;
+    b.tokens = tokens;
+    b.sampled = 1;
+    b.pairs = 10.0;
+    return cost.step_us(b, m.num_layers, true, true);
+  };
+  std::vector<RecordedStep> run;
+  std::int64_t t = 0;
+  for (int i = 0; i < 60; ++i) {  // alone
+    const std::int64_t tokens = i % 3 == 0 ? 32 : 1;
+    RecordedStep r{t + static_cast<std::int64_t>(predicted(tokens)), static_cast<std::int64_t>(predicted(tokens)), 1, 1, tokens, 1, 10, 0};
+    run.push_back(r);
+    t = r.end_us + 10;
+  }
+  for (int i = 0; i < 60; ++i) {  // two devices, each step exactly beside the other's
+    const std::int64_t tokens = i % 3 == 0 ? 32 : 1;
+    const auto d = static_cast<std::int64_t>(1.5 * predicted(tokens) + 800.0);
+    for (int dev = 0; dev < 2; ++dev) run.push_back(RecordedStep{t + d, d, 1, 1, tokens, 1, 10, 0});
+    t += d + 10;
+  }
+  run.push_back(RecordedStep{t + 5000, 5000, 2, 1, 1, 1, 10, 0});        // a fused group's step
+  run.push_back(RecordedStep{t + 20000, 9000, 1, 1, 1, 1, 10, 3});       // swap copies
+  const std::vector<std::vector<RecordedStep>> runs{run};
+  const HostContentionFit fit = fit_host_contention(cost, m.num_layers, runs, 0.0, 3);
+  ASSERT_EQ(fit.factor.size(), 3u);
+  EXPECT_EQ(fit.steps, (std::vector<std::int64_t>{60, 120, 0}));
+  EXPECT_NEAR(fit.factor[0], 1.0, 1e-3);
+  EXPECT_NEAR(fit.fixed_us[0], 0.0, 1.0);
+  EXPECT_NEAR(fit.factor[1], 1.5, 1e-3);
+  EXPECT_NEAR(fit.fixed_us[1], 800.0, 2.0);
+  EXPECT_EQ(fit.factor[2], fit.factor[1]);  // no steps at 3: the count below's values
+  EXPECT_EQ(fit.fixed_us[2], fit.fixed_us[1]);
+  EXPECT_DOUBLE_EQ(fit.measured_over_table[2], 0.0);
+}
+
 }  // namespace
 }  // namespace kun::sim

@@ -19,6 +19,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -52,6 +53,13 @@ struct CalibrateArgs {
   // KV holds one or two requests). A profile meant to predict a bench should be measured at the
   // bench's --max-num-seqs: a step of 8 sequences loses more to a shared host than one of 2.
   std::int64_t contention_seqs = 2;
+  // --fit-steps: instead of measuring, fit the host contention of --profile to the step logs of
+  // real runs (`bench --in-process --out-dir`: POLICY_steps.csv) and write it to --out.
+  std::vector<std::string> fit_steps;
+  std::string profile;
+  double swap_us_per_block = 0.0;
+  std::string bench_json;  // with host_link_gbps: swap_us_per_block from the run's swap bytes
+  double host_link_gbps = 0.0;
 };
 
 std::string host_description() {
@@ -334,6 +342,69 @@ Status run_calibrate(const CalibrateArgs& a) {
 
 }  // namespace
 
+std::string read_whole_file(const std::string& path, Status* status) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) {
+    *status = invalid_argument("cannot read '" + path + "'");
+    return {};
+  }
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// The host as a real run saw it: the profile's step table stays, its host contention is fitted
+// to the runs' own steps (sim::fit_host_contention), one curve for all of them.
+Status run_fit_contention(const CalibrateArgs& a) {
+  if (a.profile.empty()) return invalid_argument("--fit-steps needs --profile (the step table to keep)");
+  KUN_ASSIGN_OR_RETURN(sim::DeviceProfile p, sim::load_device_profile(a.profile));
+  KUN_ASSIGN_OR_RETURN(model::ModelConfig config, sim::sim_model_config(p.spec.measured_model));
+  std::vector<std::vector<sim::RecordedStep>> runs;
+  for (const std::string& path : a.fit_steps) {
+    Status read;
+    const std::string text = read_whole_file(path, &read);
+    KUN_RETURN_IF_ERROR(read);
+    KUN_ASSIGN_OR_RETURN(std::vector<sim::RecordedStep> steps, sim::parse_recorded_steps(text, path));
+    runs.push_back(std::move(steps));
+  }
+  double swap_us = a.swap_us_per_block;
+  if (!a.bench_json.empty() && a.host_link_gbps > 0) {
+    // The run's swap copy time per layer block: its swap bytes over the logs' swap blocks, at the
+    // host link's pace.
+    Status read;
+    const std::string text = read_whole_file(a.bench_json, &read);
+    KUN_RETURN_IF_ERROR(read);
+    const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) return invalid_argument("'" + a.bench_json + "' is not JSON");
+    double swap_bytes = 0;
+    for (const nlohmann::json& r : j.is_array() ? j : nlohmann::json::array({j})) {
+      const nlohmann::json t = r.value("runtime", nlohmann::json::object()).value("transfer_bytes", nlohmann::json::object());
+      swap_bytes += t.value("swap_in", 0.0) + t.value("swap_out", 0.0);
+    }
+    std::int64_t blocks = 0;
+    for (const auto& run : runs) {
+      for (const sim::RecordedStep& r : run) blocks += r.swap_blocks;
+    }
+    if (blocks > 0) swap_us = swap_bytes / static_cast<double>(blocks) / (a.host_link_gbps * 1e9) * 1e6;
+  }
+  const sim::CostModel table(p.spec, config);
+  const auto max_devices = std::max<std::int64_t>(4, static_cast<std::int64_t>(p.spec.host_contention.size()));
+  const sim::HostContentionFit fit = sim::fit_host_contention(table, config.num_layers, runs, swap_us, max_devices);
+  std::cout << "| devices computing | steps | mean measured / table | fitted a | fitted b us | a 1-token step, x table |\n"
+            << "|---|---|---|---|---|---|\n";
+  const double one = table.table_us(1);
+  for (std::size_t k = 0; k < fit.factor.size(); ++k) {
+    std::cout << "| " << k + 1 << " | " << fit.steps[k] << " | " << std::fixed << std::setprecision(2)
+              << fit.measured_over_table[k] << " | " << fit.factor[k] << " | " << std::setprecision(0) << fit.fixed_us[k]
+              << " | " << std::setprecision(2) << (fit.factor[k] * one + fit.fixed_us[k]) / one << " |" << std::defaultfloat
+              << "\n";
+  }
+  std::cout << std::flush;
+  p.spec.host_contention = fit.factor;
+  p.spec.host_contention_us = fit.fixed_us;
+  return sim::save_device_profile(p, a.out);
+}
+
 void add_calibrate_command(CLI::App* app, int* exit_code) {
   auto a = std::make_shared<CalibrateArgs>();
   CLI::App* cmd = app->add_subcommand(
@@ -347,8 +418,17 @@ void add_calibrate_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--reps", a->reps, "repetitions of the step set");
   cmd->add_option("--contention-seqs", a->contention_seqs,
                   "requests running at once on each device while host contention is measured (a bench's --max-num-seqs)");
+  cmd->add_option("--fit-steps", a->fit_steps,
+                  "measure nothing: fit --profile's host contention to these step logs of real runs "
+                  "(bench --in-process --out-dir: POLICY_steps.csv) and write it to --out");
+  cmd->add_option("--profile", a->profile, "with --fit-steps: the profile whose step table is kept");
+  cmd->add_option("--swap-us-per-block", a->swap_us_per_block,
+                  "with --fit-steps: time a step spends copying one swapped layer block (not computing)");
+  cmd->add_option("--bench-json", a->bench_json, "with --fit-steps and --host-link-gbps: the runs' bench report, "
+                  "from which the swap copy time per block is derived");
+  cmd->add_option("--host-link-gbps", a->host_link_gbps, "with --bench-json: the runs' --host-link-gbps");
   cmd->callback([a, exit_code] {
-    Status s = run_calibrate(*a);
+    Status s = a->fit_steps.empty() ? run_calibrate(*a) : run_fit_contention(*a);
     if (!s.ok()) {
       std::cerr << "kunserve calibrate: " << s.to_string() << std::endl;
       *exit_code = 1;
