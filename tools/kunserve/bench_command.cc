@@ -219,7 +219,7 @@ Status write_outputs(const BenchArgs& a, const std::vector<PolicyRun>& runs, con
     KUN_RETURN_IF_ERROR(bench::write_text_file(base + "_ttft_cdf.csv", bench::ttft_cdf_csv(r.records)));
     cdfs.emplace_back(r.report.policy, base + "_ttft_cdf.csv");
     if (!r.steps.empty()) {
-      // Every engine step (scripts/validate_sim.sh compares the simulator's cost model with them).
+      // Every engine step, read back by sim::parse_recorded_steps (kunserve calibrate --fit-steps).
       std::string csv = "end_us,duration_us,unit_devices,first_instance,sequences,new_tokens,sampled,attended_pairs,swap_blocks\n";
       for (const runtime::StepRecord& st : r.steps) {
         csv += std::to_string(st.end_us) + "," + std::to_string(st.duration_us) + "," + std::to_string(st.unit_devices) + "," +
