@@ -13,6 +13,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -36,6 +37,18 @@ constexpr bool kTimingAsserts = true;
 
 namespace kun::server::testing {
 namespace {
+
+// The latency bounds assume the host is not oversubscribed: with the 1-minute load average above
+// twice the cores (builds beside the suite), 512 streams wait for time slices, not for the server.
+bool host_oversubscribed() {
+  std::ifstream f("/proc/loadavg");
+  double load1 = 0.0;
+  if (!(f >> load1)) return false;
+  const long cores = ::sysconf(_SC_NPROCESSORS_ONLN);
+  const bool over = cores > 0 && load1 > 2.0 * static_cast<double>(cores);
+  if (over) std::printf("[load] load average %.1f on %ld cores: latency bounds not checked\n", load1, cores);
+  return over;
+}
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
@@ -175,7 +188,7 @@ TEST(LoadTest, ConcurrentStreamingFromASecondProcess) {
   std::printf("[load] client ITL - scripted ITL (HTTP added) : %s\n", fmt(added).c_str());
   std::printf("[load] per-token delay engine emit -> client  : %s\n", fmt(delay).c_str());
   // Loose sanity bounds (2 shared cores, client and server on the same machine).
-  if (kTimingAsserts) {
+  if (kTimingAsserts && !host_oversubscribed()) {
     EXPECT_LT(delay.p50, 50.0);
     EXPECT_LT(std::abs(added.mean), 5.0);
   }
