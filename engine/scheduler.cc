@@ -52,7 +52,10 @@ SchedulerConfig fused_scheduler_config(SchedulerConfig c, std::int64_t g, std::i
   if (g == 1) return c;
   c.enable_chunked_prefill = true;
   c.num_virtual_engines = g;
-  if (c.balance_virtual_engines) c.max_num_batched_tokens = std::max(min_step_tokens, c.max_num_batched_tokens / g);
+  if (c.balance_virtual_engines) {
+    c.max_step_tokens_with_decodes = c.max_num_batched_tokens;
+    c.max_num_batched_tokens = std::max(min_step_tokens, c.max_num_batched_tokens / g);
+  }
   c.max_num_seqs *= g;
   c.max_waiting_requests *= g;
   return c;
@@ -65,6 +68,7 @@ Status SchedulerConfig::validate() const {
   if (max_waiting_requests <= 0) return invalid_argument("max_waiting_requests must be > 0");
   if (max_model_len <= 1) return invalid_argument("max_model_len must be > 1");
   if (num_virtual_engines < 1) return invalid_argument("num_virtual_engines must be >= 1");
+  if (max_step_tokens_with_decodes < 0) return invalid_argument("max_step_tokens_with_decodes must be >= 0");
   if (min_prefill_chunk_tokens < 0) return invalid_argument("min_prefill_chunk_tokens must be >= 0");
   if (step_cost.fixed_us < 0 || step_cost.per_token_us < 0 || step_cost.per_context_token_us < 0) {
     return invalid_argument("step_cost terms must be >= 0");
@@ -370,7 +374,7 @@ std::int64_t Scheduler::least_loaded_ve() const {
   return std::min_element(load.begin(), load.end()) - load.begin();
 }
 
-bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget) {
+bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget, std::int64_t* decode_room) {
   bool preempted = false;
   std::vector<RequestId>& scheduled = scheduled_;
   scheduled.clear();
@@ -382,7 +386,7 @@ bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* 
   constexpr std::size_t kAhead = 8;
   for (std::size_t i = 0; i < std::min(kAhead, running_order_.size()); ++i) __builtin_prefetch(running_order_[i]);
   for (std::size_t i = 0; i < running_order_.size(); ++i) {
-    if (*budget <= 0) break;
+    if (*budget <= 0 && *decode_room <= 0) break;
     if (i + 2 * kAhead < running_order_.size()) __builtin_prefetch(running_order_[i + 2 * kAhead]);
     if (i + kAhead < running_order_.size()) {
       const Request* ahead = running_order_[i + kAhead];
@@ -393,7 +397,9 @@ bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* 
     if (r.state != RequestState::kRunning) continue;  // preempted earlier in this loop
     KUN_CHECK_EQ(r.virtual_engine, ve) << "request " << r.id;
     const RequestId id = r.id;
-    const std::int64_t n = chunk_for(r, *budget);
+    // A decode (one token left to compute) spends the decode room first, when there is one.
+    const bool from_room = *decode_room > 0 && r.num_uncomputed() == 1;
+    const std::int64_t n = from_room ? 1 : chunk_for(r, *budget);
     if (n <= 0) continue;
     bool self_preempted = false;
     // try_grow: can_grow then grow in one lookup (nothing changes when it cannot).
@@ -410,7 +416,7 @@ bool Scheduler::schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* 
     if (self_preempted) continue;
     add_to_plan(r, n, plan);
     scheduled.push_back(id);
-    *budget -= n;
+    *(from_room ? decode_room : budget) -= n;
   }
   return preempted;
 }
@@ -567,12 +573,14 @@ StepPlan Scheduler::schedule(std::int64_t ve) {
   plan.sequences.reserve(running_.size() / static_cast<std::size_t>(config_.num_virtual_engines) + 16);
   typical_chunk_cap_ = compute_typical_chunk_cap();
   std::int64_t budget = config_.max_num_batched_tokens;
+  // Decodes outside the budget (fused groups): the room above the prompt share, up to the step's cap.
+  std::int64_t decode_room = std::max<std::int64_t>(0, config_.max_step_tokens_with_decodes - budget);
   if (config_.priority == StepPriority::kPrefillFirst) {
     schedule_swapped(ve, &plan, &budget);
     schedule_waiting(ve, &plan, &budget);
-    schedule_running(ve, &plan, &budget);
+    schedule_running(ve, &plan, &budget, &decode_room);
   } else {
-    const bool preempted = schedule_running(ve, &plan, &budget);
+    const bool preempted = schedule_running(ve, &plan, &budget, &decode_room);
     if (!preempted) {
       schedule_swapped(ve, &plan, &budget);
       if (swapped_.empty()) schedule_waiting(ve, &plan, &budget);

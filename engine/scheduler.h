@@ -66,6 +66,13 @@ struct SchedulerConfig {
   StepCostModel step_cost;
   // Floor of the typical-length chunk cap (0: one KV block).
   std::int64_t min_prefill_chunk_tokens = 0;
+  // Decodes outside the token budget (fused groups with lookahead; 0: off, an independent
+  // instance, where decodes count against max_num_batched_tokens). When > 0, a running
+  // sequence's one next token (a decode) does not spend max_num_batched_tokens, which is then the
+  // virtual engine's share of prompt (prefill) tokens; a step carries at most this many tokens in
+  // all (the instance's step budget, what a device's workspace holds), decodes first taking the
+  // room above the share. fused_scheduler_config sets it.
+  std::int64_t max_step_tokens_with_decodes = 0;
   // What a planned sequence's `kv` carries (step.h): kChanges (default) the whole table the
   // first time and after a rewrite, then only appended blocks, so a step's plan does not grow
   // with context x layers; kFullTables every layer's whole block list every step (the old
@@ -93,8 +100,13 @@ struct SchedulerCounters {
 // The scheduler configuration of a fused group of g instances (DESIGN.md 3.4): chunked prefill
 // on, g virtual engines, batch and queue bounds g instances' worth. With balanced virtual engines
 // (lookahead) each one's step gets 1/g of the instance's token budget (at least
-// min_step_tokens), so a round of g steps carries one instance step's tokens; without, each gets
-// the whole budget. The caller sets step_cost from the model's shape.
+// min_step_tokens) for prompt tokens, so a round of g steps carries one instance step's prompt
+// tokens, plus its running sequences' decodes (one token each), which do not spend the share
+// (a group holds g instances' sequences: counted against 1/g of one instance's budget, 256
+// sequences per virtual engine filled a 256-token share at g = 8 and no prompt got a token); a
+// step never exceeds the instance's whole budget (max_step_tokens_with_decodes). Without
+// lookahead each gets the whole budget, decodes included. The caller sets step_cost from the
+// model's shape.
 SchedulerConfig fused_scheduler_config(SchedulerConfig instance, std::int64_t g, std::int64_t min_step_tokens);
 
 // Checks a request against the configuration alone (no scheduler state), so a front door can
@@ -176,7 +188,8 @@ class Scheduler {
 
  private:
   // Schedules up to `budget` tokens of running requests; returns false if it preempted.
-  bool schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
+  // With max_step_tokens_with_decodes, decodes spend *decode_room first (then *budget).
+  bool schedule_running(std::int64_t ve, StepPlan* plan, std::int64_t* budget, std::int64_t* decode_room);
   void schedule_swapped(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
   void schedule_waiting(std::int64_t ve, StepPlan* plan, std::int64_t* budget);
   // Lookahead admission of virtual engine `ve` (balance_virtual_engines with g > 1).

@@ -75,7 +75,9 @@ Status check_limits(const DeviceOptions& d) {
 }  // namespace
 
 void fit_workspace_to(const engine::SchedulerConfig& scheduler, const model::ModelConfig& config, DeviceOptions* device) {
-  device->max_batched_tokens = scheduler.max_num_batched_tokens;
+  // A fused virtual engine's step may carry decodes beyond its prompt share, up to
+  // max_step_tokens_with_decodes (engine::fused_scheduler_config).
+  device->max_batched_tokens = std::max(scheduler.max_num_batched_tokens, scheduler.max_step_tokens_with_decodes);
   device->max_sequences = scheduler.max_num_seqs;
   device->max_context_tokens = scheduler.max_model_len > 0
                                    ? std::min(scheduler.max_model_len, config.max_position_embeddings)

@@ -11,6 +11,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/clock.h"
@@ -146,10 +147,61 @@ TEST(FusedSchedulerConfig, SplitsTheStepBudgetOverVirtualEngines) {
   EXPECT_EQ(fused.max_num_batched_tokens, 128);
   EXPECT_EQ(fused.max_num_seqs, 256);
   EXPECT_EQ(fused.max_waiting_requests, 400);
+  EXPECT_EQ(fused.max_step_tokens_with_decodes, 512);  // decodes ride outside the share, up to this
   EXPECT_EQ(fused_scheduler_config(instance, 64, 16).max_num_batched_tokens, 16);  // the floor
+  EXPECT_EQ(instance.max_step_tokens_with_decodes, 0);
   instance.balance_virtual_engines = false;
   EXPECT_EQ(fused_scheduler_config(instance, 4, 16).max_num_batched_tokens, 512);
+  EXPECT_EQ(fused_scheduler_config(instance, 4, 16).max_step_tokens_with_decodes, 0);  // decodes count
   EXPECT_EQ(fused_scheduler_config(instance, 1, 16).num_virtual_engines, 1);
+}
+
+using Counts = std::pair<std::int64_t, std::int64_t>;
+
+// Brings `n` requests with one-token prompts to decoding, then queues one `prompt`-token prompt
+// and returns the next step's decode count and that prompt's tokens.
+std::pair<std::int64_t, std::int64_t> decodes_and_prompt_tokens(const SchedulerConfig& sc, int n, std::int64_t prompt) {
+  Fixture f(1, 1024, sc);
+  for (int i = 0; i < n; ++i) KUN_CHECK_OK(f.scheduler->add_request(RequestId(1 + i), spec(1, 100)));
+  for (int step = 0; step < 8 && f.scheduler->num_waiting() > 0; ++step) run_step(*f.scheduler, 0);
+  run_step(*f.scheduler, 0);  // every one has sampled its first token: all decode now
+  KUN_CHECK_EQ(f.scheduler->num_waiting(), 0);
+  KUN_CHECK_OK(f.scheduler->add_request(RequestId(1000), spec(prompt, 10)));
+  const StepPlan plan = run_step(*f.scheduler, 0);
+  std::int64_t decodes = 0, prompt_tokens = 0;
+  for (const auto& s : plan.sequences) {
+    if (s.id == RequestId(1000)) {
+      prompt_tokens += static_cast<std::int64_t>(s.tokens.size());
+    } else {
+      EXPECT_EQ(s.tokens.size(), 1u) << "request " << s.id.value;
+      ++decodes;
+    }
+  }
+  f.scheduler->check_invariants();
+  return {decodes, prompt_tokens};
+}
+
+TEST(FusedSchedulerConfig, DecodesRideOutsideThePromptShareUpToTheInstanceBudget) {
+  // A virtual engine's share is 32 tokens of a 64-token instance budget (g = 2).
+  SchedulerConfig sc;
+  sc.max_num_batched_tokens = 32;
+  sc.max_num_seqs = 100;
+  // Decodes counted against the share (before): 20 decodes leave the prompt 12 tokens.
+  EXPECT_EQ(decodes_and_prompt_tokens(sc, 20, 200), (Counts{20, 12}));
+  // Outside it: the prompt gets the whole share beside the 20 decodes.
+  sc.max_step_tokens_with_decodes = 64;
+  EXPECT_EQ(decodes_and_prompt_tokens(sc, 20, 200), (Counts{20, 32}));
+  // 40 decodes: 32 fill the room above the share, 8 spend the share, the prompt gets 24: the step
+  // never carries more than the instance's 64 tokens.
+  EXPECT_EQ(decodes_and_prompt_tokens(sc, 40, 200), (Counts{40, 24}));
+  // A group of 8 holding 256 sequences per virtual engine (the CoT scenario's shape): before, the
+  // 256-token share of a 2,048-token budget went to decodes and no prompt token ran.
+  sc.max_num_batched_tokens = 256;
+  sc.max_num_seqs = 400;
+  sc.max_step_tokens_with_decodes = 0;
+  EXPECT_EQ(decodes_and_prompt_tokens(sc, 256, 1000).second, 0);
+  sc.max_step_tokens_with_decodes = 2048;
+  EXPECT_EQ(decodes_and_prompt_tokens(sc, 256, 1000), (Counts{256, 256}));
 }
 
 // Context matters here: a pair of (query, key) costs 1/20 of a token's linear layers.

@@ -113,6 +113,11 @@ TEST(DeviceMemoryTest, ASchedulerBeyondTheWorkspaceIsRefused) {
                               device_workspace_bytes(c, opt.device) + 64 * opt.device.page_bytes;
   inst = SingleInstance::create(opt, *w, &clock);
   EXPECT_TRUE(inst.ok()) << inst.status().to_string();
+  // A fused group's virtual engine has 1/g of the budget for prompts, but its decodes ride
+  // outside that share up to the instance's whole budget: the workspace holds the whole step.
+  DeviceOptions fused_device = opt.device;
+  fit_workspace_to(engine::fused_scheduler_config(opt.scheduler, 4, 16), c, &fused_device);
+  EXPECT_EQ(fused_device.max_batched_tokens, 256);
 }
 
 // A step as the engine plans it for one sequence of `n` prompt tokens, its KV in block `first + l`
