@@ -17,8 +17,8 @@
 #
 # PROFILE (default the committed sim/profiles/cpu-llama-30m-t1.json); CALIBRATE=1 measures a
 # fresh one first (`kunserve calibrate`, CAL_REPS repetitions). REPEATS real runs (default 3).
-# Output in OUT (default out/validate): real*.json, real*/ (step logs, timelines), profile*.json,
-# sim*.json, table.md, load.txt (load average before and after each run).
+# Output in OUT (default out/validate): real*.json, real*/ (step logs, timelines, per-request
+# records POLICY_requests.csv), profile*.json, sim*.json, sim*/ (the same per-request records), table.md, load.txt (load average before and after each run).
 #
 # Priority: as root the bench runs at nice ${NICE:--10}, and so does this session's autogroup
 # (the kernel's autogroup scheduling weighs sessions against each other before nice values);
@@ -27,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/validate}
 POLICIES=${POLICIES:-recompute,swap,migrate,kunserve}
-BIN=./build/release/bin/kunserve
+BIN=${BIN:-./build/release/bin/kunserve}  # a copy keeps a rebuild from changing the binary mid-run
 RUN=()
 if [[ $(id -u) == 0 && ${NICE:--10} != 0 ]]; then
   RUN=(nice -n "${NICE:--10}")
@@ -64,8 +64,9 @@ for ((k = 1; k <= ${REPEATS:-3}; ++k)); do
   echo "real run $k: load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
   $BIN calibrate --profile "$PROFILE" --out "$OUT/profile$k.json" --bench-json "$OUT/real$k.json" --host-link-gbps "$HOST_GBPS" \
     --fit-steps "$OUT"/real$k/*_steps.csv | tee "$OUT/contention$k.md"
+  mkdir -p "$OUT/sim$k"
   KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} $BIN simulate --gpu "$OUT/profile$k.json" --policies "$POLICIES" "${OPTS[@]}" \
-    --json "$OUT/sim$k.json" > "$OUT/sim$k.log" 2>&1
+    --json "$OUT/sim$k.json" --timeline-prefix "$OUT/sim$k/" > "$OUT/sim$k.log" 2>&1
   REAL+=("$OUT/real$k.json")
   SIM+=("$OUT/sim$k.json")
 done
