@@ -36,6 +36,7 @@ struct ClusterSim::Unit {
   double copy_left_us = 0.0;  // swap copies first: on the link, not computing, not contended
   std::int64_t copy_until_us = -1;  // when those end (an event: the devices computing change)
   bool latency_pending = false;  // the host's fixed time per step not yet added (reprice does)
+  std::int64_t copy_waits = 0;   // and once more after each paced swap copy (SimExecutorCounters)
   std::int64_t step_start_us = 0;
   // Fused units: live KV exchange after the drop, reverse exchange (gather) while restoring.
   struct KvMove {
@@ -476,25 +477,33 @@ void ClusterSim::advance_contended_steps() {
   contention_at_us_ = now;
 }
 
-void ClusterSim::reprice_contended_steps() {
-  if (cost_.gpu().host_contention.empty()) return;
-  const std::int64_t now = clock_.now_us();
-  KUN_CHECK(contention_at_us_ == now) << "advance_contended_steps must run first";
+double ClusterSim::devices_computing() const {
   double busy = 0.0;
   for (const auto& u : units_) {
     if (u->in_flight && u->copy_left_us <= 0.0) busy += u->compute_devices;
   }
+  return busy;
+}
+
+void ClusterSim::reprice_contended_steps() {
+  if (cost_.gpu().host_contention.empty()) return;
+  const std::int64_t now = clock_.now_us();
+  KUN_CHECK(contention_at_us_ == now) << "advance_contended_steps must run first";
+  const double busy = devices_computing();
   contention_factor_ = cost_.gpu().contention_factor(busy);
   // A step started now also pays the host's fixed time per step at the devices computing with it
   // (GpuSpec::host_contention_us), as work at today's factor: a x W + b = a x (W + b / a). A fused
   // round pays it once, as an instance's step: its stages' threads stay busy from one micro-batch
   // to the next, the wait is the engine's (measured: a 2-stage round paying it per micro-batch
-  // made kunserve's TPOT 1.8x the bench's).
+  // made kunserve's TPOT 1.8x the bench's). A step with swap copies pays it again after each paced
+  // copy (a swap-out, a swap-in): the agent's thread slept on the host link and waits for a core
+  // once more (measured: the bench's swap steps took 2.2 ms beyond their copies more than the
+  // simulator's, at b(3-4) = 1.6-3.3 ms; the fit leaves swap steps out, so this is not fitted).
   const double latency = cost_.gpu().contention_latency_us(std::max(1.0, busy));
   for (auto& u : units_) {
     if (!u->in_flight) continue;
     if (u->latency_pending) {
-      u->work_left_us += latency / contention_factor_;
+      u->work_left_us += latency * static_cast<double>(1 + u->copy_waits) / contention_factor_;
       u->latency_pending = false;
     }
     // At least 1 us ahead, so that every event instant moves the clock. A step still copying has
@@ -542,6 +551,7 @@ void ClusterSim::start_steps() {
     u.copy_left_us = std::min(static_cast<double>(duration), u.executor->counters().last_round_copy_us);
     u.work_left_us = std::max(1.0, static_cast<double>(duration) - u.copy_left_us);
     u.latency_pending = true;
+    u.copy_waits = u.executor->counters().last_round_copy_waits;
     u.step_start_us = now;
     u.busy_until_us = now + std::max<std::int64_t>(1, duration);
     u.in_flight = true;
@@ -1141,6 +1151,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
 
   std::size_t next_arrival = 0;
   std::int64_t next_tick = 0;
+  bool tick_woken = false;  // the tick is due and waited for a core (next_tick: when it runs)
   std::int64_t idle_ticks = 0;
   constexpr std::int64_t kInf = std::numeric_limits<std::int64_t>::max();
   while (true) {
@@ -1194,10 +1205,22 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
       ++next_arrival;
     }
     if (clock_.now_us() >= next_tick) {
-      tick();
-      try_pending_transitions();
-      next_tick += config_.timeline_period_us;
-      idle_ticks = 0;
+      // The runtime's policy thread sleeps until its tick is due, then waits for a core like a
+      // device thread woken by a step (the host's fixed time per wake-up at the devices computing,
+      // GpuSpec::host_contention_us; 0 on a GPU profile), and re-arms from when it ran
+      // (runtime::ClusterRuntime::policy_loop: next = now + period), so its ticks drift later
+      // under load.
+      const double wake_us = tick_woken ? 0.0 : cost_.gpu().contention_latency_us(std::max(1.0, devices_computing()));
+      if (wake_us >= 1.0) {
+        next_tick = clock_.now_us() + static_cast<std::int64_t>(std::llround(wake_us));
+        tick_woken = true;
+      } else {
+        tick();
+        try_pending_transitions();
+        next_tick = clock_.now_us() + config_.timeline_period_us;
+        tick_woken = false;
+        idle_ticks = 0;
+      }
     }
     start_steps();
     reprice_contended_steps();
@@ -1289,6 +1312,7 @@ nlohmann::json SimReport::to_json() const {
     j["stale_requests"] = summary(stale);
     j["new_requests"] = summary(fresh);
   }
+  j["events"] = events;  // "<virtual us> drop requested group 0: ...", as the bench's runtime.transitions
   j["kv_tokens_per_instance"] = kv_tokens_per_instance;
   j["memory"] = memory.to_json();
   j["instants"] = instants;

@@ -244,6 +244,9 @@ class ClusterSim {
   // event instant; reprice_* sets every step's end at the factor from now on.
   void advance_contended_steps();
   void reprice_contended_steps();
+  // Devices computing now: in-flight steps past their swap copies (a fused round by its stages'
+  // busy share).
+  double devices_computing() const;
   void handle_events(Unit& u, const std::vector<engine::TokenEvent>& events);
   bool add_to_unit(Unit& u, std::int64_t index, std::vector<std::int32_t> prompt, std::int64_t max_tokens);
   void arrive(std::int64_t index);

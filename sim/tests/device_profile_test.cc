@@ -214,6 +214,9 @@ TEST(DeviceProfile, HostContentionIsProcessorSharing) {
   c.num_instances = 2;
   c.kv_tokens_per_instance = 1024;
   c.policy = cluster::Policy::kRecompute;
+  // One request per device: least-outstanding would send B to A's device, whose published
+  // stats do not count A before its step ends (as the runtime's router).
+  c.route = cluster::RoutePolicy::kRoundRobin;
   workload::Trace t;
   t.requests.push_back({0, 16, 1});
   t.requests.push_back({static_cast<std::int64_t>(w / 2), 16, 1});
@@ -253,6 +256,7 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
     c.num_instances = 2;
     c.kv_tokens_per_instance = 1024;
     c.policy = cluster::Policy::kRecompute;
+    c.route = cluster::RoutePolicy::kRoundRobin;  // one request per device (see above)
     workload::Trace t;
     for (std::int64_t a : arrivals) t.requests.push_back({a, 16, 1});
     auto r = run_simulation(c, t);
