@@ -378,11 +378,14 @@ std::vector<std::int32_t> ClusterSim::prompt_of(std::int64_t index) const {
 }
 
 void ClusterSim::arrive(std::int64_t index) {
+  if (config_.live_stats) {
+    for (auto& u : units_) publish(*u);
+  }
   auto target = router_->route(snapshots(/*for_routing=*/true));
   KUN_CHECK(target.ok()) << target.status().to_string();
   Unit* u = unit_of_instance(*target);
   KUN_CHECK(u != nullptr) << "router chose unknown instance " << *target;
-  if (u->in_flight) {
+  if (u->in_flight && !config_.live_stats) {
     u->inbox.push_back(index);  // taken in when the step ends
     return;
   }
@@ -1077,6 +1080,9 @@ void ClusterSim::try_pending_shrinks() {
 
 void ClusterSim::tick() {
   const std::int64_t now = clock_.now_us();
+  if (config_.live_stats) {
+    for (auto& u : units_) publish(*u);
+  }
   auto snaps = snapshots();
   for (const auto& s : snaps) {
     const std::string label = "{instance=\"" + std::to_string(s.instance) + "\"}";

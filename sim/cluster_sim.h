@@ -126,6 +126,11 @@ struct SimConfig {
   std::int64_t check_invariants_every_steps = 0;
   // Keep every step (SimReport::steps), as the runtime's ClusterOptions::record_steps.
   bool record_steps = false;
+  // false (the runtime's behaviour): the router and the coordinator read each unit's stats as
+  // its engine last published them, and arrivals during a step wait in its inbox until the step
+  // ends (see Unit::published). true: they read the live schedulers and arrivals enter at once
+  // (the simulator before session 9; an ideal router that counts what it routed).
+  bool live_stats = false;
 };
 
 struct SimCounters {

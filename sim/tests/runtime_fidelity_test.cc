@@ -51,6 +51,15 @@ TEST(RuntimeFidelity, SimultaneousArrivalsRouteOnStaleStats) {
   ASSERT_EQ(by.count(0), 1u);
   EXPECT_EQ(by.at(0), 16);
   for (const auto& rec : r->records) EXPECT_EQ(rec.outcome, workload::RequestOutcome::kOk);
+  // SimConfig::live_stats: the router sees each routed request at once and alternates.
+  SimConfig live = two_gpus();
+  live.live_stats = true;
+  auto l = run_simulation(live, t);
+  ASSERT_TRUE(l.ok()) << l.status().to_string();
+  const auto spread = sampled_by_instance(*l);
+  ASSERT_EQ(spread.size(), 2u);
+  EXPECT_EQ(spread.at(0), 8);
+  EXPECT_EQ(spread.at(1), 8);
 }
 
 // An arrival during a step waits in the engine's inbox and is not counted until the step ends:

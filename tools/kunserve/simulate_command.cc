@@ -82,6 +82,7 @@ struct SimulateArgs {
   bool sweep_capped = true;  // also run kunserve with groups capped at 2 members
   bool sweep_ideal = true;   // also run the memory bound "ideal" (see make_config)
   bool speed = false;        // print simulated seconds per wall second per run
+  bool live_stats = false;   // SimConfig::live_stats
   bool scenario_max_num_seqs = false;  // the scenario set max_num_seqs
   // Cluster policy thresholds (the artifact's defaults; cluster/README.md).
   double planner_target = 0.95;         // a plan covers when demand <= this x fused capacity
@@ -181,6 +182,7 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
     KUN_ASSIGN_OR_RETURN(sim::GpuSpec spec, sim::gpu_spec(a.gpu));
     if (!a.given("--sim-model") && !spec.measured_model.empty()) c.model_name = spec.measured_model;
   }
+  c.live_stats = a.live_stats;
   c.exchange_requests_per_round = k.exchange_per_round;
   c.restore_gather_timeout_us = k.restore_gather_timeout_ms * 1000;
   c.seed = a.trace.seed;
@@ -469,6 +471,9 @@ void add_simulate_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--sustained-overload-samples", a->sustained_samples,
                   "consecutive samples at the drop threshold with requests waiting that vote drop (0: off)")
       ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--live-stats", a->live_stats,
+                "route and tick on the live schedulers (before session 9), not on what the engines last published "
+                "as the runtime does");
   cmd->add_flag("--speed", a->speed, "print simulated seconds per wall second, instants/s and steps/s per run");
   cmd->add_option("--json", a->json_path);
   cmd->add_option("--timeline-prefix", a->timeline_prefix, "write <prefix><policy>_timeline.csv, <prefix><policy>_requests.csv (one row per request) and <prefix><policy>_steps.csv (every step, the columns of bench --out-dir)");
