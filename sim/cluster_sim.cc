@@ -61,6 +61,9 @@ struct ClusterSim::Unit {
   // Trace indices routed here while a step was in flight: the engine's inbox, drained into the
   // scheduler when the step ends (after publishing), as engine::Engine::run_step does.
   std::vector<std::int64_t> inbox;
+  // Routed here since the last publish (the engine's queued_estimate_ counts them, reset at a
+  // publish to what is still in the inbox): the queued count the runtime's router reads.
+  std::int64_t submitted_since_publish = 0;
 };
 
 namespace {
@@ -302,7 +305,10 @@ std::int64_t ClusterSim::outstanding() const {
   return n;
 }
 
-void ClusterSim::publish(Unit& u) const { u.published = u.scheduler->report(); }
+void ClusterSim::publish(Unit& u) const {
+  u.published = u.scheduler->report();
+  u.submitted_since_publish = static_cast<std::int64_t>(u.inbox.size());
+}
 
 std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots(bool for_routing) const {
   // As runtime::ClusterRuntime::snapshots_of: every member of a unit reports the unit's published
@@ -325,7 +331,7 @@ std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots(bool for_routing) c
       snap.blocks_demanded = is.blocks_demanded / g;
       snap.pending_blocks = is.pending_blocks / g;
       snap.num_running = is.num_running;
-      snap.num_queued = is.num_waiting;
+      snap.num_queued = is.num_waiting + u->submitted_since_publish;  // engine::Engine::queued_estimate
       // The runtime publishes these per step too (EngineConfig::publish_requests); read live here
       // (O(requests) per step would dominate a migrate simulation under overload).
       if (!for_routing && config_.policy == cluster::Policy::kMigrate && g == 1) {
@@ -385,6 +391,7 @@ void ClusterSim::arrive(std::int64_t index) {
   KUN_CHECK(target.ok()) << target.status().to_string();
   Unit* u = unit_of_instance(*target);
   KUN_CHECK(u != nullptr) << "router chose unknown instance " << *target;
+  ++u->submitted_since_publish;
   if (u->in_flight && !config_.live_stats) {
     u->inbox.push_back(index);  // taken in when the step ends
     return;
