@@ -134,6 +134,11 @@ ServingStats Engine::stats() const {
   return published_;
 }
 
+std::int64_t Engine::queued_estimate() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return queued_estimate_;
+}
+
 std::vector<RequestSummary> Engine::request_summaries() const {
   std::lock_guard<std::mutex> lock(mu_);
   return published_requests_;

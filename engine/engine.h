@@ -60,6 +60,10 @@ class Engine final : public FrontDoor {
   ServingStats stats() const override;
   // The latest published per-request summaries (empty unless publish_requests).
   std::vector<RequestSummary> request_summaries() const;
+  // Requests waiting as of the last publish plus those submitted since (the inbox): what the
+  // queue bound admits against, and what a router should count, since stats() does not see a
+  // request before the step in flight ends.
+  std::int64_t queued_estimate() const;
 
   // Submits under an id chosen by the caller (a cluster front door that routes requests to
   // engines); the same errors as submit().

@@ -15,10 +15,15 @@
 # (measured by `kunserve calibrate` on one device). Real run i is compared with simulation i;
 # the table shows the median of each and their paired errors.
 #
+# REAL_RUNS=0 redoes only the fits and simulations of the real runs already in OUT (a simulator
+# change checked against the same runs). FIT=policy fits each policy's host to its own steps
+# (its ~20 s window; other sessions' load changes from minute to minute) instead of one curve per
+# run: TPOT is then more of an input; the TTFTs still come from the scheduling dynamics.
+#
 # PROFILE (default the committed sim/profiles/cpu-llama-30m-t1.json); CALIBRATE=1 measures a
 # fresh one first (`kunserve calibrate`, CAL_REPS repetitions). REPEATS real runs (default 3).
-# Output in OUT (default out/validate): real*.json, real*/ (step logs, timelines), profile*.json,
-# sim*.json, table.md, load.txt (load average before and after each run).
+# Output in OUT (default out/validate): real*.json, real*/ (step logs, timelines, per-request
+# records POLICY_requests.csv), profile*.json, sim*.json, sim*/ (the same per-request records), table.md, load.txt (load average before and after each run).
 #
 # Priority: as root the bench runs at nice ${NICE:--10}, and so does this session's autogroup
 # (the kernel's autogroup scheduling weighs sessions against each other before nice values);
@@ -27,7 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/validate}
 POLICIES=${POLICIES:-recompute,swap,migrate,kunserve}
-BIN=./build/release/bin/kunserve
+BIN=${BIN:-./build/release/bin/kunserve}  # a copy keeps a rebuild from changing the binary mid-run
 RUN=()
 if [[ $(id -u) == 0 && ${NICE:--10} != 0 ]]; then
   RUN=(nice -n "${NICE:--10}")
@@ -53,25 +58,49 @@ HOST_GBPS=0.056
 OPTS=(--devices 4 --max-requests 600 --time-scale ${TIME_SCALE:-2} --max-gap-s 1 --length-scale 0.005 --max-prompt 30
       --output-scale 1 --max-output 32 --kv-tokens-per-device 64 --max-num-seqs 8 --monitor-period-ms 250
       --link-gbps 0.7 --host-link-gbps $HOST_GBPS)
-: > "$OUT/load.txt"
 REAL=()
 SIM=()
+FIT=${FIT:-run}
+[[ $FIT == run || $FIT == policy ]] || { echo "FIT must be run or policy" >&2; exit 2; }
+if [[ ${REAL_RUNS:-1} == 1 ]]; then : > "$OUT/load.txt"; fi
 for ((k = 1; k <= ${REPEATS:-3}; ++k)); do
-  echo "real run $k: load average before: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
-  rm -rf "$OUT/real$k"
-  KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} "${RUN[@]}" $BIN bench --in-process --preset llama-30m --policies "$POLICIES" "${OPTS[@]}" \
-    --json "$OUT/real$k.json" --out-dir "$OUT/real$k" > "$OUT/real$k.log" 2>&1
-  echo "real run $k: load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
-  $BIN calibrate --profile "$PROFILE" --out "$OUT/profile$k.json" --bench-json "$OUT/real$k.json" --host-link-gbps "$HOST_GBPS" \
-    --fit-steps "$OUT"/real$k/*_steps.csv | tee "$OUT/contention$k.md"
-  KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} $BIN simulate --gpu "$OUT/profile$k.json" --policies "$POLICIES" "${OPTS[@]}" \
-    --json "$OUT/sim$k.json" > "$OUT/sim$k.log" 2>&1
+  if [[ ${REAL_RUNS:-1} == 1 ]]; then
+    echo "real run $k: load average before: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
+    rm -rf "$OUT/real$k"
+    KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} "${RUN[@]}" $BIN bench --in-process --preset llama-30m --policies "$POLICIES" "${OPTS[@]}" \
+      --json "$OUT/real$k.json" --out-dir "$OUT/real$k" > "$OUT/real$k.log" 2>&1
+    echo "real run $k: load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
+  elif [[ ! -f $OUT/real$k.json ]]; then
+    break  # REAL_RUNS=0: the real runs already in OUT
+  fi
+  rm -rf "$OUT/sim$k"
+  mkdir -p "$OUT/sim$k"
+  if [[ $FIT == run ]]; then
+    $BIN calibrate --profile "$PROFILE" --out "$OUT/profile$k.json" --bench-json "$OUT/real$k.json" --host-link-gbps "$HOST_GBPS" \
+      --fit-steps "$OUT"/real$k/*_steps.csv | tee "$OUT/contention$k.md"
+    KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} $BIN simulate --gpu "$OUT/profile$k.json" --policies "$POLICIES" "${OPTS[@]}" \
+      --json "$OUT/sim$k.json" --timeline-prefix "$OUT/sim$k/" > "$OUT/sim$k.log" 2>&1
+  else
+    # Each policy with the host of its own ~20 s window: a(k), b(k) fitted to its steps only.
+    : > "$OUT/contention$k.md"
+    PARTS=()
+    for p in ${POLICIES//,/ }; do
+      echo "policy $p:" >> "$OUT/contention$k.md"
+      $BIN calibrate --profile "$PROFILE" --out "$OUT/profile$k-$p.json" --bench-json "$OUT/real$k.json" --host-link-gbps "$HOST_GBPS" \
+        --fit-steps "$OUT/real$k/${p}_steps.csv" >> "$OUT/contention$k.md"
+      KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} $BIN simulate --gpu "$OUT/profile$k-$p.json" --policies "$p" "${OPTS[@]}" \
+        --json "$OUT/sim$k-$p.json" --timeline-prefix "$OUT/sim$k/" > "$OUT/sim$k-$p.log" 2>&1
+      PARTS+=("$OUT/sim$k-$p.json")
+    done
+    python3 -c 'import json, sys; print(json.dumps([x for f in sys.argv[2:] for x in json.load(open(f))], indent=1), file=open(sys.argv[1], "w"))' \
+      "$OUT/sim$k.json" "${PARTS[@]}"
+  fi
   REAL+=("$OUT/real$k.json")
   SIM+=("$OUT/sim$k.json")
 done
 set +e
 python3 scripts/validate_table.py --sim "${SIM[@]}" --real "${REAL[@]}" | tee "$OUT/table.md"
 status=${PIPESTATUS[0]}
-echo "profile: $PROFILE (host contention fitted per run: $OUT/contention*.md)" | tee -a "$OUT/table.md"
-cat "$OUT/load.txt" >> "$OUT/table.md"
+echo "profile: $PROFILE (host contention fitted per $FIT: $OUT/contention*.md)" | tee -a "$OUT/table.md"
+if [[ -f $OUT/load.txt ]]; then cat "$OUT/load.txt" >> "$OUT/table.md"; fi
 exit "$status"

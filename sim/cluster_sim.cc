@@ -36,6 +36,7 @@ struct ClusterSim::Unit {
   double copy_left_us = 0.0;  // swap copies first: on the link, not computing, not contended
   std::int64_t copy_until_us = -1;  // when those end (an event: the devices computing change)
   bool latency_pending = false;  // the host's fixed time per step not yet added (reprice does)
+  std::int64_t copy_waits = 0;   // and once more after each paced swap copy (SimExecutorCounters)
   std::int64_t step_start_us = 0;
   // Fused units: live KV exchange after the drop, reverse exchange (gather) while restoring.
   struct KvMove {
@@ -51,6 +52,18 @@ struct ClusterSim::Unit {
   std::int64_t restore_begin_us = 0;
   std::int64_t weights_ready_us = 0;
   std::vector<std::int64_t> split_room;  // restoring: the plan's KV room per member after the split
+  // What the runtime's engine last published (engine::Engine::publish_stats): the router and the
+  // coordinator read this, not the live scheduler, as runtime::ClusterRuntime::snapshots_of does.
+  // The engine publishes when a step's result is applied (before it takes in what arrived during
+  // the step), when it has nothing to run, and after a request is detached or adopted; requests
+  // routed to it since are invisible to the next routing decision (they sit in its inbox).
+  engine::InstanceStats published;
+  // Trace indices routed here while a step was in flight: the engine's inbox, drained into the
+  // scheduler when the step ends (after publishing), as engine::Engine::run_step does.
+  std::vector<std::int64_t> inbox;
+  // Routed here since the last publish (the engine's queued_estimate_ counts them, reset at a
+  // publish to what is still in the inbox): the queued count the runtime's router reads.
+  std::int64_t submitted_since_publish = 0;
 };
 
 namespace {
@@ -195,6 +208,7 @@ std::unique_ptr<ClusterSim::Unit> ClusterSim::make_unit(const std::vector<std::i
   u->link_free_us.assign(static_cast<std::size_t>(g), clock_.now_us());
   u->open_round.assign(static_cast<std::size_t>(g), {});
   u->open_round_us.assign(static_cast<std::size_t>(g), 0.0);
+  publish(*u);
   return u;
 }
 
@@ -291,16 +305,18 @@ std::int64_t ClusterSim::outstanding() const {
   return n;
 }
 
+void ClusterSim::publish(Unit& u) const {
+  u.published = u.scheduler->report();
+  u.submitted_since_publish = static_cast<std::int64_t>(u.inbox.size());
+}
+
 std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots(bool for_routing) const {
+  // As runtime::ClusterRuntime::snapshots_of: every member of a unit reports the unit's published
+  // counts, and its KV totals / g (member_share).
   std::vector<cluster::InstanceSnapshot> out;
-  const std::int64_t num_layers = cost_.model().num_layers;
-  const bool need_pending = !for_routing || config_.route == cluster::RoutePolicy::kMemoryAware;
   for (const auto& u : units_) {
     const auto g = static_cast<std::int64_t>(u->members.size());
-    const std::int64_t total = u->kv->total_blocks();
-    const auto demanded =
-        for_routing ? 0 : static_cast<std::int64_t>(std::llround(u->scheduler->demand() * static_cast<double>(total)));
-    const std::int64_t pending = need_pending ? u->scheduler->pending_blocks() : 0;
+    const engine::InstanceStats& is = u->published;
     cluster::GroupState state = cluster::GroupState::kInitial;
     if (u->group >= 0) {
       if (const cluster::GroupInfo* gi = coordinator_->group(u->group)) state = gi->state;
@@ -310,26 +326,24 @@ std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots(bool for_routing) c
       snap.instance = u->members[static_cast<std::size_t>(s)];
       snap.group = u->group;
       snap.state = state;
-      const auto& alloc = *u->allocators[static_cast<std::size_t>(s)];
-      snap.kv_blocks_total = alloc.num_total();
-      snap.kv_blocks_free = alloc.num_free();
-      const std::int64_t share = u->stage_layers[static_cast<std::size_t>(s)];
-      snap.blocks_demanded = demanded * share / num_layers;
-      snap.pending_blocks = pending * share / num_layers;
-      if (s == 0) {
-        snap.num_running = u->scheduler->num_running();
-        snap.num_queued = u->scheduler->num_waiting();
-        if (!for_routing && config_.policy == cluster::Policy::kMigrate && g == 1) {
-          for (std::int64_t idx : u->requests) {
-            const engine::Request* r = u->scheduler->find(RequestId(idx));
-            if (r == nullptr) continue;
-            cluster::RequestSnapshot rs;
-            rs.id = RequestId(idx);
-            rs.running = r->state == engine::RequestState::kRunning;
-            rs.tokens = r->num_tokens();
-            rs.blocks_held = u->kv->layer_blocks_for(u->kv->tokens_held(rs.id));
-            snap.requests.push_back(rs);
-          }
+      snap.kv_blocks_total = is.kv_blocks_total / g;
+      snap.kv_blocks_free = is.kv_blocks_free / g;
+      snap.blocks_demanded = is.blocks_demanded / g;
+      snap.pending_blocks = is.pending_blocks / g;
+      snap.num_running = is.num_running;
+      snap.num_queued = is.num_waiting + u->submitted_since_publish;  // engine::Engine::queued_estimate
+      // The runtime publishes these per step too (EngineConfig::publish_requests); read live here
+      // (O(requests) per step would dominate a migrate simulation under overload).
+      if (!for_routing && config_.policy == cluster::Policy::kMigrate && g == 1) {
+        for (std::int64_t idx : u->requests) {
+          const engine::Request* r = u->scheduler->find(RequestId(idx));
+          if (r == nullptr) continue;
+          cluster::RequestSnapshot rs;
+          rs.id = RequestId(idx);
+          rs.running = r->state == engine::RequestState::kRunning;
+          rs.tokens = r->num_tokens();
+          rs.blocks_held = u->kv->layer_blocks_for(u->kv->tokens_held(rs.id));
+          snap.requests.push_back(rs);
         }
       }
       out.push_back(std::move(snap));
@@ -359,18 +373,35 @@ bool ClusterSim::add_to_unit(Unit& u, std::int64_t index, std::vector<std::int32
   return true;
 }
 
-void ClusterSim::arrive(std::int64_t index) {
+std::vector<std::int32_t> ClusterSim::prompt_of(std::int64_t index) const {
   const auto i = static_cast<std::size_t>(index);
   std::vector<std::int32_t> prompt(static_cast<std::size_t>(prompt_tokens_[i]));
   const auto vocab = static_cast<std::uint64_t>(std::max<std::int64_t>(cost_.model().vocab_size, 2));
   for (std::size_t j = 0; j < prompt.size(); ++j) {
     prompt[j] = static_cast<std::int32_t>((static_cast<std::uint64_t>(index) * 7919u + j * 104729u + config_.seed) % vocab);
   }
+  return prompt;
+}
+
+void ClusterSim::arrive(std::int64_t index) {
+  if (config_.live_stats) {
+    for (auto& u : units_) publish(*u);
+  }
   auto target = router_->route(snapshots(/*for_routing=*/true));
   KUN_CHECK(target.ok()) << target.status().to_string();
   Unit* u = unit_of_instance(*target);
   KUN_CHECK(u != nullptr) << "router chose unknown instance " << *target;
-  add_to_unit(*u, index, std::move(prompt), max_tokens_[i]);
+  ++u->submitted_since_publish;
+  if (u->in_flight && !config_.live_stats) {
+    u->inbox.push_back(index);  // taken in when the step ends
+    return;
+  }
+  add_to_unit(*u, index, prompt_of(index), max_tokens_[static_cast<std::size_t>(index)]);
+}
+
+void ClusterSim::drain_inbox(Unit& u) {
+  for (std::int64_t index : u.inbox) add_to_unit(u, index, prompt_of(index), max_tokens_[static_cast<std::size_t>(index)]);
+  u.inbox.clear();
 }
 
 void ClusterSim::handle_events(Unit& u, const std::vector<engine::TokenEvent>& events) {
@@ -408,8 +439,28 @@ void ClusterSim::finish_step(Unit& u) {
     for (auto& r : u.results) r.duration_us = took;
   }
   for (std::size_t i = 0; i < u.plans.size(); ++i) handle_events(u, u.scheduler->apply_result(u.plans[i], u.results[i]));
+  if (config_.record_steps) {
+    for (std::size_t i = 0; i < u.plans.size(); ++i) {
+      RecordedStep r;
+      r.end_us = clock_.now_us();
+      r.duration_us = u.results[i].duration_us;
+      r.unit_devices = static_cast<std::int64_t>(u.members.size());
+      r.first_instance = u.members.front();
+      r.sequences = static_cast<std::int64_t>(u.plans[i].sequences.size());
+      for (const auto& s : u.plans[i].sequences) {
+        const auto n = static_cast<std::int64_t>(s.tokens.size());
+        r.new_tokens += n;
+        r.sampled += s.sample ? 1 : 0;
+        r.attended_pairs += n * s.start_pos + n * (n + 1) / 2;
+      }
+      r.swap_blocks = static_cast<std::int64_t>(u.plans[i].swap_in.size() + u.plans[i].swap_out.size());
+      steps_.push_back(r);
+    }
+  }
   for (engine::StepPlan& p : u.plans) u.scheduler->recycle(std::move(p));  // reuse the token buffers
   u.plans.clear();
+  publish(u);      // the engine publishes after applying a step's result,
+  drain_inbox(u);  // then takes in what arrived meanwhile
   advance_kv_moves(u, /*assign=*/true);
   if (!planned_migrations_.empty()) start_migrations();
   const std::int64_t every = config_.check_invariants_every_steps;
@@ -436,25 +487,33 @@ void ClusterSim::advance_contended_steps() {
   contention_at_us_ = now;
 }
 
-void ClusterSim::reprice_contended_steps() {
-  if (cost_.gpu().host_contention.empty()) return;
-  const std::int64_t now = clock_.now_us();
-  KUN_CHECK(contention_at_us_ == now) << "advance_contended_steps must run first";
+double ClusterSim::devices_computing() const {
   double busy = 0.0;
   for (const auto& u : units_) {
     if (u->in_flight && u->copy_left_us <= 0.0) busy += u->compute_devices;
   }
+  return busy;
+}
+
+void ClusterSim::reprice_contended_steps() {
+  if (cost_.gpu().host_contention.empty()) return;
+  const std::int64_t now = clock_.now_us();
+  KUN_CHECK(contention_at_us_ == now) << "advance_contended_steps must run first";
+  const double busy = devices_computing();
   contention_factor_ = cost_.gpu().contention_factor(busy);
   // A step started now also pays the host's fixed time per step at the devices computing with it
   // (GpuSpec::host_contention_us), as work at today's factor: a x W + b = a x (W + b / a). A fused
   // round pays it once, as an instance's step: its stages' threads stay busy from one micro-batch
   // to the next, the wait is the engine's (measured: a 2-stage round paying it per micro-batch
-  // made kunserve's TPOT 1.8x the bench's).
+  // made kunserve's TPOT 1.8x the bench's). A step with swap copies pays it again after each paced
+  // copy (a swap-out, a swap-in): the agent's thread slept on the host link and waits for a core
+  // once more (measured: the bench's swap steps took 2.2 ms beyond their copies more than the
+  // simulator's, at b(3-4) = 1.6-3.3 ms; the fit leaves swap steps out, so this is not fitted).
   const double latency = cost_.gpu().contention_latency_us(std::max(1.0, busy));
   for (auto& u : units_) {
     if (!u->in_flight) continue;
     if (u->latency_pending) {
-      u->work_left_us += latency / contention_factor_;
+      u->work_left_us += latency * static_cast<double>(1 + u->copy_waits) / contention_factor_;
       u->latency_pending = false;
     }
     // At least 1 us ahead, so that every event instant moves the clock. A step still copying has
@@ -469,7 +528,11 @@ void ClusterSim::start_steps() {
   const std::int64_t now = clock_.now_us();
   for (auto& up : units_) {
     Unit& u = *up;
-    if (u.in_flight || u.blocked || now < u.resume_us || !u.scheduler->has_unfinished()) continue;
+    if (u.in_flight) continue;
+    if (u.blocked || now < u.resume_us || !u.scheduler->has_unfinished()) {
+      if (!u.blocked) publish(u);  // an idle engine publishes each time round its loop
+      continue;
+    }
     u.plans.clear();
     for (std::int64_t ve = 0; ve < u.scheduler->config().num_virtual_engines; ++ve) {
       engine::StepPlan plan = u.scheduler->schedule(ve);
@@ -480,7 +543,10 @@ void ClusterSim::start_steps() {
       }
       u.plans.push_back(std::move(plan));
     }
-    if (u.plans.empty()) continue;
+    if (u.plans.empty()) {
+      publish(u);
+      continue;
+    }
     const double stage_busy_before = u.executor->counters().stage_busy_us;
     u.results = u.executor->execute_round(u.plans);
     std::int64_t duration = u.results.front().duration_us;
@@ -495,6 +561,7 @@ void ClusterSim::start_steps() {
     u.copy_left_us = std::min(static_cast<double>(duration), u.executor->counters().last_round_copy_us);
     u.work_left_us = std::max(1.0, static_cast<double>(duration) - u.copy_left_us);
     u.latency_pending = true;
+    u.copy_waits = u.executor->counters().last_round_copy_waits;
     u.step_start_us = now;
     u.busy_until_us = now + std::max<std::int64_t>(1, duration);
     u.in_flight = true;
@@ -557,6 +624,7 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
     Unit* u = unit_of_instance(inst);
     KUN_CHECK(u != nullptr) << "instance " << inst;
     KUN_CHECK(!u->in_flight) << "fuse at a step boundary only";
+    KUN_CHECK(u->inbox.empty()) << "instance " << inst << ": arrivals not taken in at its step boundary";
     KUN_CHECK(u->members.size() == 1 || std::find(drop.absorbs.begin(), drop.absorbs.end(), u->group) != drop.absorbs.end())
         << "instance " << inst << " is in group " << u->group << ", which the drop does not absorb";
     if (std::find(sources.begin(), sources.end(), u) == sources.end()) sources.push_back(u);
@@ -648,6 +716,7 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
     group->requests.insert(id.value);
   }
   KUN_CHECK_EQ(plan.keep_kv.size() + plan.queue.size(), detached.size()) << "fuse of group " << drop.group << " lost a request";
+  publish(*group);  // the engine publishes after each adopt
   units_.push_back(std::move(group));
 }
 
@@ -657,6 +726,7 @@ void ClusterSim::split(std::int64_t unit_index) {
   // yet is copied now, and the member resumes once it has crossed) and where the others queue.
   Unit& g = *units_[static_cast<std::size_t>(unit_index)];
   KUN_CHECK(!g.in_flight) << "split at a step boundary only";
+  KUN_CHECK(g.inbox.empty()) << "group " << g.group << ": arrivals not taken in at its step boundary";
   const std::int64_t now = clock_.now_us();
   const auto num_members = static_cast<std::int64_t>(g.members.size());
   cluster::SplitInput input;
@@ -716,6 +786,7 @@ void ClusterSim::split(std::int64_t unit_index) {
     dst.requests.insert(l.id.value);
   }
   KUN_CHECK_EQ(plan.keep_kv.size() + plan.queued.size(), detached.size()) << "split lost a request";
+  for (std::int64_t m = 0; m < num_members; ++m) publish(member_unit(m));
 }
 
 void ClusterSim::shrink(std::int64_t unit_index, const cluster::ShrinkAction& action) {
@@ -724,6 +795,7 @@ void ClusterSim::shrink(std::int64_t unit_index, const cluster::ShrinkAction& ac
   // copied now, the half resuming once they crossed), the others queue on their half.
   Unit& g = *units_[static_cast<std::size_t>(unit_index)];
   KUN_CHECK(!g.in_flight) << "shrink at a step boundary only";
+  KUN_CHECK(g.inbox.empty()) << "group " << g.group << ": arrivals not taken in at its step boundary";
   const std::int64_t now = clock_.now_us();
   const auto num_members = static_cast<std::int64_t>(g.members.size());
   const std::int64_t num_layers = cost_.model().num_layers;
@@ -791,6 +863,7 @@ void ClusterSim::shrink(std::int64_t unit_index, const cluster::ShrinkAction& ac
     dst.requests.insert(l.id.value);
   }
   KUN_CHECK_EQ(plan.keep_kv.size() + plan.queued.size(), detached.size()) << "shrink lost a request";
+  for (Unit* h : halves) publish(*h);
 }
 
 void ClusterSim::apply(const cluster::Actions& actions) {
@@ -891,6 +964,7 @@ void ClusterSim::start_migrations() {
     auto d = src->scheduler->detach(m.request, /*keep_kv=*/live);
     KUN_CHECK(d.has_value());
     src->requests.erase(m.request.value);
+    publish(*src);
     PendingMove pm;
     pm.request = std::move(*d);
     pm.from = m.from;
@@ -928,6 +1002,8 @@ void ClusterSim::finish_migration(PendingMove& m) {
     src->requests.insert(id.value);
     ++counters_.migrations_skipped;
   }
+  publish(*src);
+  publish(*dst);
   coordinator_->on_migration_done(id);
 }
 
@@ -1011,6 +1087,9 @@ void ClusterSim::try_pending_shrinks() {
 
 void ClusterSim::tick() {
   const std::int64_t now = clock_.now_us();
+  if (config_.live_stats) {
+    for (auto& u : units_) publish(*u);
+  }
   auto snaps = snapshots();
   for (const auto& s : snaps) {
     const std::string label = "{instance=\"" + std::to_string(s.instance) + "\"}";
@@ -1085,6 +1164,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
 
   std::size_t next_arrival = 0;
   std::int64_t next_tick = 0;
+  bool tick_woken = false;  // the tick is due and waited for a core (next_tick: when it runs)
   std::int64_t idle_ticks = 0;
   constexpr std::int64_t kInf = std::numeric_limits<std::int64_t>::max();
   while (true) {
@@ -1138,10 +1218,22 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
       ++next_arrival;
     }
     if (clock_.now_us() >= next_tick) {
-      tick();
-      try_pending_transitions();
-      next_tick += config_.timeline_period_us;
-      idle_ticks = 0;
+      // The runtime's policy thread sleeps until its tick is due, then waits for a core like a
+      // device thread woken by a step (the host's fixed time per wake-up at the devices computing,
+      // GpuSpec::host_contention_us; 0 on a GPU profile), and re-arms from when it ran
+      // (runtime::ClusterRuntime::policy_loop: next = now + period), so its ticks drift later
+      // under load.
+      const double wake_us = tick_woken ? 0.0 : cost_.gpu().contention_latency_us(std::max(1.0, devices_computing()));
+      if (wake_us >= 1.0) {
+        next_tick = clock_.now_us() + static_cast<std::int64_t>(std::llround(wake_us));
+        tick_woken = true;
+      } else {
+        tick();
+        try_pending_transitions();
+        next_tick = clock_.now_us() + config_.timeline_period_us;
+        tick_woken = false;
+        idle_ticks = 0;
+      }
     }
     start_steps();
     reprice_contended_steps();
@@ -1157,6 +1249,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
   SimReport rep;
   for (const auto& u : units_) collect(*u);
   rep.records = records_;
+  rep.steps = std::move(steps_);
   const std::string name = config_.label.empty() ? cluster::policy_name(config_.policy) : config_.label;
   rep.report = workload::build_report(records_, name, config_.slo);
   rep.stale_requests = stale_ids_;
@@ -1232,6 +1325,7 @@ nlohmann::json SimReport::to_json() const {
     j["stale_requests"] = summary(stale);
     j["new_requests"] = summary(fresh);
   }
+  j["events"] = events;  // "<virtual us> drop requested group 0: ...", as the bench's runtime.transitions
   j["kv_tokens_per_instance"] = kv_tokens_per_instance;
   j["memory"] = memory.to_json();
   j["instants"] = instants;

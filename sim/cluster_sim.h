@@ -60,6 +60,7 @@
 #include "kv/block_allocator.h"
 #include "model/config.h"
 #include "sim/cost_model.h"
+#include "sim/device_profile.h"
 #include "sim/sim_executor.h"
 #include "workload/report.h"
 #include "workload/trace.h"
@@ -123,6 +124,13 @@ struct SimConfig {
   // Scheduler + KV invariants after every n-th step of a unit (0: never; tests). Costly: the
   // KV integrity check walks every block.
   std::int64_t check_invariants_every_steps = 0;
+  // Keep every step (SimReport::steps), as the runtime's ClusterOptions::record_steps.
+  bool record_steps = false;
+  // false (the runtime's behaviour): the router and the coordinator read each unit's stats as
+  // its engine last published them, and arrivals during a step wait in its inbox until the step
+  // ends (see Unit::published). true: they read the live schedulers and arrivals enter at once
+  // (the simulator before session 9; an ideal router that counts what it routed).
+  bool live_stats = false;
 };
 
 struct SimCounters {
@@ -192,6 +200,7 @@ struct SimReport {
   workload::Report report;
   workload::Timeline timeline;
   std::vector<workload::RequestRecord> records;  // in trace order
+  std::vector<RecordedStep> steps;  // SimConfig::record_steps: one per micro-batch, in end order
   SimCounters counters;
   std::vector<std::string> events;  // coordinator events, time-stamped
   std::vector<cluster::TransitionRecord> transitions;  // every transition plan carried out, in order
@@ -223,11 +232,16 @@ class ClusterSim {
   ClusterSim(SimConfig config, CostModel cost, LinkSpec link, LinkSpec host_link);
 
   std::unique_ptr<Unit> make_unit(const std::vector<std::int64_t>& members, std::int64_t group);
-  // for_routing: only what cluster::Router reads (counts, free blocks, and pending blocks for the
-  // memory-aware policy); demand and per-request lists are O(requests) per instance and skipped
-  // (an arrival under overload otherwise walked every queued request of every instance).
+  // What the coordinator and the router see: each unit's published stats (Unit::published), as
+  // the runtime's snapshots_of. for_routing: without the per-request lists (migrate), which only
+  // the coordinator reads.
   std::vector<cluster::InstanceSnapshot> snapshots(bool for_routing = false) const;
   void start_steps();
+  // The engine's published stats (Unit::published) from its scheduler now.
+  void publish(Unit& u) const;
+  // Arrivals routed to a unit while its step was in flight enter its scheduler at the step's end.
+  void drain_inbox(Unit& u);
+  std::vector<std::int32_t> prompt_of(std::int64_t index) const;
   void finish_step(Unit& u);
   // Host contention (a CPU profile, GpuSpec::host_contention) as processor sharing: the steps in
   // flight progress at 1 / contention_factor(devices computing) of their uncontended speed, the
@@ -235,6 +249,9 @@ class ClusterSim {
   // event instant; reprice_* sets every step's end at the factor from now on.
   void advance_contended_steps();
   void reprice_contended_steps();
+  // Devices computing now: in-flight steps past their swap copies (a fused round by its stages'
+  // busy share).
+  double devices_computing() const;
   void handle_events(Unit& u, const std::vector<engine::TokenEvent>& events);
   bool add_to_unit(Unit& u, std::int64_t index, std::vector<std::int32_t> prompt, std::int64_t max_tokens);
   void arrive(std::int64_t index);
@@ -280,6 +297,7 @@ class ClusterSim {
   std::vector<std::unique_ptr<Unit>> units_;  // live units; index is not stable across fuse/split
   const workload::Trace* trace_ = nullptr;
   std::vector<workload::RequestRecord> records_;
+  std::vector<RecordedStep> steps_;  // config_.record_steps
   std::vector<std::int64_t> generated_;        // output tokens so far per trace index
   std::vector<std::int32_t> max_tokens_;       // after clipping
   std::vector<std::int32_t> prompt_tokens_;    // after clipping

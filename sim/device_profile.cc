@@ -403,6 +403,7 @@ StatusOr<std::vector<RecordedStep>> parse_recorded_steps(const std::string& csv,
     if (it == header.end()) return invalid_argument("step log '" + source + "' has no column '" + name + "'");
     column.push_back(static_cast<std::size_t>(it - header.begin()));
   }
+  const auto first_instance_column = std::find(header.begin(), header.end(), "first_instance");
   std::vector<RecordedStep> steps;
   for (std::int64_t row = 2; std::getline(in, line); ++row) {
     if (line.empty()) continue;
@@ -417,9 +418,28 @@ StatusOr<std::vector<RecordedStep>> parse_recorded_steps(const std::string& csv,
                                 "' is not an integer");
       }
     }
-    steps.push_back(RecordedStep{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]});
+    RecordedStep step{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+    if (first_instance_column != header.end()) {
+      const auto c = static_cast<std::size_t>(first_instance_column - header.begin());
+      const std::string& cell = c < cells.size() ? cells[c] : std::string();
+      const auto [ptr, ec] = std::from_chars(cell.data(), cell.data() + cell.size(), step.first_instance);
+      if (ec != std::errc() || ptr != cell.data() + cell.size() || cell.empty()) {
+        return invalid_argument("step log '" + source + "' row " + std::to_string(row) + ": 'first_instance' is not an integer");
+      }
+    }
+    steps.push_back(step);
   }
   return steps;
+}
+
+std::string recorded_steps_csv(std::span<const RecordedStep> steps) {
+  std::string csv = "end_us,duration_us,unit_devices,first_instance,sequences,new_tokens,sampled,attended_pairs,swap_blocks\n";
+  for (const RecordedStep& s : steps) {
+    csv += std::to_string(s.end_us) + "," + std::to_string(s.duration_us) + "," + std::to_string(s.unit_devices) + "," +
+           std::to_string(s.first_instance) + "," + std::to_string(s.sequences) + "," + std::to_string(s.new_tokens) + "," +
+           std::to_string(s.sampled) + "," + std::to_string(s.attended_pairs) + "," + std::to_string(s.swap_blocks) + "\n";
+  }
+  return csv;
 }
 
 std::vector<double> devices_computing(std::span<const RecordedStep> steps, double swap_us_per_block) {

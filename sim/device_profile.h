@@ -97,9 +97,13 @@ struct RecordedStep {
   std::int64_t sampled = 0;
   std::int64_t attended_pairs = 0;
   std::int64_t swap_blocks = 0;
+  std::int64_t first_instance = 0;  // its unit's first member (optional column)
 };
-// Parses a POLICY_steps.csv (header row with at least the columns above, any order; other
-// columns are ignored). `source` names the file in errors.
+// The same columns as `bench --out-dir`'s POLICY_steps.csv (`simulate --timeline-prefix` writes
+// a simulation's steps with it).
+std::string recorded_steps_csv(std::span<const RecordedStep> steps);
+// Parses a POLICY_steps.csv (header row with at least the columns above but first_instance, any
+// order; other columns are ignored). `source` names the file in errors.
 StatusOr<std::vector<RecordedStep>> parse_recorded_steps(const std::string& csv, const std::string& source);
 
 // For each step of one run, how many devices computed on average over its span: its own weight

@@ -107,6 +107,7 @@ SimExecutor::StepCost SimExecutor::cost(const std::vector<const engine::StepPlan
   const bool fused = num_stages() > 1;
   std::vector<MicroBatch> batches;
   std::int64_t copies = 0;
+  std::int64_t waits = 0;
   for (const engine::StepPlan* plan : micro_batches) {
     MicroBatch mb;
     mb.work.reserve(plan->sequences.size());
@@ -124,12 +125,14 @@ SimExecutor::StepCost SimExecutor::cost(const std::vector<const engine::StepPlan
     }
     batches.push_back(std::move(mb));
     copies += static_cast<std::int64_t>(plan->swap_out.size() + plan->swap_in.size());
+    waits += (plan->swap_out.empty() ? 0 : 1) + (plan->swap_in.empty() ? 0 : 1);
   }
   StepCost c = forward(batches);
   const std::int64_t block_bytes = config_.block_size_tokens * cost_->kv_bytes_per_token_per_layer();
   if (copies > 0) {
     c.copy_us = transfer_us(config_.host_link, copies * block_bytes);
     c.us += c.copy_us;
+    c.copy_waits = waits;
   }
   return c;
 }
@@ -160,6 +163,7 @@ std::vector<engine::StepResult> SimExecutor::run_round(const std::vector<const e
   counters_.stage_busy_us += c.stage_busy_us;
   counters_.stage_idle_us += c.stage_idle_us;
   counters_.last_round_copy_us = c.copy_us;
+  counters_.last_round_copy_waits = c.copy_waits;
   ++counters_.steps;
   counters_.busy_us += duration;
   const std::int64_t block_bytes = config_.block_size_tokens * cost_->kv_bytes_per_token_per_layer();

@@ -55,6 +55,10 @@ struct SimExecutorCounters {
   // copy waits on the link and computes nothing (the runtime's agent sleeps), so host contention
   // does not slow it and it does not slow others (cluster_sim.cc).
   double last_round_copy_us = 0.0;
+  // And how many times the device slept on the host link for them: the runtime's agent sends a
+  // micro-batch's swap-outs as one paced message, then its swap-ins as another, and after each
+  // sleep its thread waits for a core again (on a CPU host: GpuSpec::host_contention_us, cluster_sim.cc).
+  std::int64_t last_round_copy_waits = 0;
 };
 
 class SimExecutor final : public engine::StepExecutor {
@@ -94,6 +98,7 @@ class SimExecutor final : public engine::StepExecutor {
     double stage_busy_us = 0.0;  // fused: summed over stages
     double stage_idle_us = 0.0;
     double copy_us = 0.0;  // swap copies, part of us
+    std::int64_t copy_waits = 0;  // paced host-link waits: one per micro-batch and direction with copies
   };
   StepCost cost(const std::vector<const engine::StepPlan*>& micro_batches) const;
   // One micro-batch's sequences, and each one's remote layers (empty for most).

@@ -171,6 +171,32 @@ TEST(ClusterRestoreTest, GatherUnderPressureRepacksAndFallsBackToRecompute) {
   }
 }
 
+// The router counts the requests it routed since an engine last published its stats
+// (Engine::queued_estimate): a burst submitted before any step ends spreads over the instances.
+// On the published counts alone every one of them went to instance 0 (all counts equal, ties to
+// the lowest id).
+TEST(ClusterRoutingTest, RouterCountsRequestsSubmittedSinceThePublish) {
+  auto w = tiny_weights();
+  const auto specs = make_specs(3, 8, w->config().vocab_size);
+  ManualClock clock;
+  ClusterOptions o = small_cluster(*w, 64, cluster::Policy::kRecompute);
+  o.record_steps = true;
+  auto rt = ClusterRuntime::create(o, *w, &clock);
+  ASSERT_TRUE(rt.ok());
+  Tracker tr;
+  for (int i = 0; i < 8; ++i) ASSERT_TRUE((*rt)->submit(specs[static_cast<std::size_t>(i)], tr.callback(i)).ok());
+  drain(**rt);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(tr.finals[i], 1) << "request " << i;
+  std::map<std::int64_t, std::int64_t> sampled;  // output tokens per instance
+  for (const StepRecord& s : (*rt)->step_records()) sampled[s.first_instance] += s.sampled;
+  std::int64_t expected_total = 0;
+  for (const auto& spec : specs) expected_total += spec.max_tokens;
+  std::int64_t total = 0;
+  for (const auto& [inst, n] : sampled) total += n;
+  EXPECT_EQ(total, expected_total);
+  EXPECT_EQ(sampled.size(), 4u) << "every instance serves two of the eight";
+}
+
 TEST(ClusterMigrationTest, LiveMigrationKeepsTokens) {
   auto w = tiny_weights();
   const auto specs = make_specs(7, 12, w->config().vocab_size);

@@ -214,6 +214,9 @@ TEST(DeviceProfile, HostContentionIsProcessorSharing) {
   c.num_instances = 2;
   c.kv_tokens_per_instance = 1024;
   c.policy = cluster::Policy::kRecompute;
+  // One request per device: least-outstanding would send B to A's device, whose published
+  // stats do not count A before its step ends (as the runtime's router).
+  c.route = cluster::RoutePolicy::kRoundRobin;
   workload::Trace t;
   t.requests.push_back({0, 16, 1});
   t.requests.push_back({static_cast<std::int64_t>(w / 2), 16, 1});
@@ -253,6 +256,7 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
     c.num_instances = 2;
     c.kv_tokens_per_instance = 1024;
     c.policy = cluster::Policy::kRecompute;
+    c.route = cluster::RoutePolicy::kRoundRobin;  // one request per device (see above)
     workload::Trace t;
     for (std::int64_t a : arrivals) t.requests.push_back({a, 16, 1});
     auto r = run_simulation(c, t);
@@ -320,6 +324,20 @@ TEST(DeviceProfile, RecordedStepsParseByColumnName) {
   EXPECT_EQ((*steps)[0].attended_pairs, 77);
   EXPECT_EQ((*steps)[1].unit_devices, 2);
   EXPECT_EQ((*steps)[1].swap_blocks, 4);
+  EXPECT_EQ((*steps)[0].first_instance, 2);
+  // The simulator's writer (simulate --timeline-prefix: POLICY_steps.csv) gives the bench's
+  // columns back: the same steps parse again.
+  const std::string again = recorded_steps_csv(*steps);
+  EXPECT_EQ(again.substr(0, again.find('\n')), csv.substr(0, csv.find('\n')));
+  auto round = parse_recorded_steps(again, "again.csv");
+  ASSERT_TRUE(round.ok()) << round.status().to_string();
+  ASSERT_EQ(round->size(), 2u);
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ((*round)[i].end_us, (*steps)[i].end_us);
+    EXPECT_EQ((*round)[i].first_instance, (*steps)[i].first_instance);
+    EXPECT_EQ((*round)[i].attended_pairs, (*steps)[i].attended_pairs);
+    EXPECT_EQ((*round)[i].swap_blocks, (*steps)[i].swap_blocks);
+  }
   auto missing = parse_recorded_steps("end_us,duration_us\n1,2\n", "b.csv");
   ASSERT_FALSE(missing.ok());
   EXPECT_NE(missing.status().message().find("unit_devices"), std::string::npos) << missing.status().to_string();

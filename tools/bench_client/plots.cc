@@ -49,6 +49,17 @@ std::string ttft_cdf_csv(const std::vector<workload::RequestRecord>& records) {
   return out.str();
 }
 
+std::string requests_csv(const std::vector<workload::RequestRecord>& records) {
+  std::ostringstream out;
+  out << "index,arrival_us,queue_us,first_token_us,finish_us,prompt_tokens,output_tokens,recomputed_tokens,outcome\n";
+  for (const workload::RequestRecord& r : records) {
+    out << r.index << ',' << r.arrival_us << ',' << r.queue_us << ',' << r.first_token_us << ',' << r.finish_us << ','
+        << r.prompt_tokens << ',' << r.output_tokens << ',' << r.recomputed_tokens << ','
+        << workload::outcome_name(r.outcome) << '\n';
+  }
+  return out.str();
+}
+
 std::string timeline_plot_script(const workload::Timeline& timeline, const std::string& csv_path,
                                  const std::string& png_path, const std::string& title) {
   constexpr int kFirstGaugeColumn = 7;  // t_s,arrivals,completions,failures,tok/s,ttft, gauges...

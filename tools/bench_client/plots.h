@@ -16,6 +16,12 @@ namespace kun::bench {
 // "ttft_ms,cdf" rows: sorted TTFTs of ok requests with their empirical CDF (i / n).
 std::string ttft_cdf_csv(const std::vector<workload::RequestRecord>& records);
 
+// One row per request in trace order ("index,arrival_us,queue_us,first_token_us,finish_us,
+// prompt_tokens,output_tokens,recomputed_tokens,outcome"; -1 where unknown; times in us from the run start): `bench --out-dir`
+// and `simulate --timeline-prefix` write it so that a run and its simulation can be compared
+// request by request (scripts/compare_requests.py).
+std::string requests_csv(const std::vector<workload::RequestRecord>& records);
+
 // Timeline PNG from a CSV written by workload::timeline_to_csv(timeline). Three panels sharing
 // the time axis: requests/s (arrivals, completions, failures); gauges whose series contains
 // "demand" or "usage" (left axis) and "group"/"state" (right axis, as steps); mean TTFT (log).

@@ -218,6 +218,7 @@ Status write_outputs(const BenchArgs& a, const std::vector<PolicyRun>& runs, con
     KUN_RETURN_IF_ERROR(bench::write_text_file(base + "_timeline.csv", workload::timeline_to_csv(tl)));
     KUN_RETURN_IF_ERROR(bench::write_text_file(base + "_ttft_cdf.csv", bench::ttft_cdf_csv(r.records)));
     cdfs.emplace_back(r.report.policy, base + "_ttft_cdf.csv");
+    KUN_RETURN_IF_ERROR(bench::write_text_file(base + "_requests.csv", bench::requests_csv(r.records)));
     if (!r.steps.empty()) {
       // Every engine step, read back by sim::parse_recorded_steps (kunserve calibrate --fit-steps).
       std::string csv = "end_us,duration_us,unit_devices,first_instance,sequences,new_tokens,sampled,attended_pairs,swap_blocks\n";

@@ -16,6 +16,7 @@
 
 #include "common/log.h"
 #include "sim/cluster_sim.h"
+#include "tools/bench_client/plots.h"
 #include "tools/kunserve/cluster_args.h"
 #include "tools/kunserve/serve_command.h"
 #include "tools/kunserve/trace_args.h"
@@ -81,6 +82,7 @@ struct SimulateArgs {
   bool sweep_capped = true;  // also run kunserve with groups capped at 2 members
   bool sweep_ideal = true;   // also run the memory bound "ideal" (see make_config)
   bool speed = false;        // print simulated seconds per wall second per run
+  bool live_stats = false;   // SimConfig::live_stats
   bool scenario_max_num_seqs = false;  // the scenario set max_num_seqs
   // Cluster policy thresholds (the artifact's defaults; cluster/README.md).
   double planner_target = 0.95;         // a plan covers when demand <= this x fused capacity
@@ -180,6 +182,7 @@ StatusOr<sim::SimConfig> make_config(const SimulateArgs& a, const std::string& p
     KUN_ASSIGN_OR_RETURN(sim::GpuSpec spec, sim::gpu_spec(a.gpu));
     if (!a.given("--sim-model") && !spec.measured_model.empty()) c.model_name = spec.measured_model;
   }
+  c.live_stats = a.live_stats;
   c.exchange_requests_per_round = k.exchange_per_round;
   c.restore_gather_timeout_us = k.restore_gather_timeout_ms * 1000;
   c.seed = a.trace.seed;
@@ -222,6 +225,7 @@ StatusOr<std::vector<PolicyRun>> run_policies(const SimulateArgs& a, const workl
   std::vector<PolicyRun> runs;
   for (const std::string& p : policies) {
     KUN_ASSIGN_OR_RETURN(sim::SimConfig c, make_config(a, p));
+    c.record_steps = !a.timeline_prefix.empty();
     const auto t0 = std::chrono::steady_clock::now();
     KUN_ASSIGN_OR_RETURN(sim::SimReport r, sim::run_simulation(c, trace));
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -409,6 +413,8 @@ Status run_simulate(SimulateArgs a) {
       std::replace(stem.begin(), stem.end(), '/', '_');
       std::ofstream f(a.timeline_prefix + stem + "_timeline.csv");
       f << workload::timeline_to_csv(r.report.timeline);
+      KUN_RETURN_IF_ERROR(bench::write_text_file(a.timeline_prefix + stem + "_requests.csv", bench::requests_csv(r.report.records)));
+      KUN_RETURN_IF_ERROR(bench::write_text_file(a.timeline_prefix + stem + "_steps.csv", sim::recorded_steps_csv(r.report.steps)));
     }
   }
   std::cout << workload::format_report_table(reports) << std::flush;
@@ -465,9 +471,12 @@ void add_simulate_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--sustained-overload-samples", a->sustained_samples,
                   "consecutive samples at the drop threshold with requests waiting that vote drop (0: off)")
       ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--live-stats", a->live_stats,
+                "route and tick on the live schedulers (before session 9), not on what the engines last published "
+                "as the runtime does");
   cmd->add_flag("--speed", a->speed, "print simulated seconds per wall second, instants/s and steps/s per run");
   cmd->add_option("--json", a->json_path);
-  cmd->add_option("--timeline-prefix", a->timeline_prefix, "write <prefix><policy>_timeline.csv");
+  cmd->add_option("--timeline-prefix", a->timeline_prefix, "write <prefix><policy>_timeline.csv, <prefix><policy>_requests.csv (one row per request) and <prefix><policy>_steps.csv (every step, the columns of bench --out-dir)");
   cmd->add_option("--slo-ttft-ms", a->slo_ttft_ms);
   cmd->add_option("--slo-tpot-ms", a->slo_tpot_ms);
   cmd->callback([a, exit_code] {

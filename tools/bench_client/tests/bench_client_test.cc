@@ -11,6 +11,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -312,6 +313,17 @@ TEST(BenchClientTest, PollsMetricsIntoTimeline) {
   const std::string cdf = (dir / "ttft.csv").string();
   ASSERT_TRUE(write_text_file(csv, workload::timeline_to_csv(tl)).ok());
   ASSERT_TRUE(write_text_file(cdf, ttft_cdf_csv(result->records)).ok());
+  // One row per request, in trace order, with its times (requests_csv).
+  const std::string rows = requests_csv(result->records);
+  EXPECT_EQ(rows.substr(0, rows.find('\n')),
+            "index,arrival_us,queue_us,first_token_us,finish_us,prompt_tokens,output_tokens,recomputed_tokens,outcome");
+  EXPECT_EQ(static_cast<std::size_t>(std::count(rows.begin(), rows.end(), '\n')), result->records.size() + 1);
+  {
+    const workload::RequestRecord& r0 = result->records.front();
+    const std::string first = rows.substr(rows.find('\n') + 1, rows.find('\n', rows.find('\n') + 1) - rows.find('\n') - 1);
+    EXPECT_EQ(first.substr(0, first.find(',')), std::to_string(r0.index));
+    EXPECT_NE(first.find("," + std::to_string(r0.first_token_us) + ","), std::string::npos) << first;
+  }
   const std::string s1 = timeline_plot_script(tl, csv, (dir / "timeline.png").string(), "fake server");
   const std::string s2 = ttft_cdf_plot_script({{"fake", cdf}, {"fake again", cdf}}, (dir / "ttft.png").string(), "TTFT");
   EXPECT_NE(s1.find("kunserve_memory_demand"), std::string::npos);
