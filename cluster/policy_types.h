@@ -68,6 +68,14 @@ struct InstanceSnapshot {
   }
 };
 
+// Member k's (0-based) share of a count that a fused unit of g members keeps as a whole (its
+// running and queued requests): split as evenly as integers allow, the remainder on the first
+// members, so the shares sum to the unit's count. Every member reporting the whole count made a
+// group of g look g times as loaded per member to the router.
+constexpr std::int64_t member_count_share(std::int64_t count, std::int64_t g, std::int64_t k) {
+  return count / g + (k < count % g ? 1 : 0);
+}
+
 // Static facts of the deployment that the planner's memory arithmetic needs.
 struct ClusterShape {
   std::int64_t num_instances = 0;

@@ -5,8 +5,17 @@
 
 #include "common/check.h"
 #include "common/log.h"
+#include "common/units.h"
 
 namespace kun::engine {
+namespace {
+
+// KvManager::layer_blocks_for for a prompt, with a copy of the manager's shape (off the engine thread).
+std::int64_t prompt_layer_blocks(std::size_t tokens, std::int64_t block_tokens, std::int64_t layers) {
+  return ceil_div(static_cast<std::int64_t>(tokens), block_tokens) * layers;
+}
+
+}  // namespace
 
 Engine::Engine(EngineConfig config, KvManager* kv, StepExecutor* executor, const Clock* clock)
     : config_(std::move(config)), executor_(executor), clock_(clock), scheduler_(config_.scheduler, kv, clock) {
@@ -58,6 +67,7 @@ Status Engine::submit_as(RequestId id, RequestSpec spec, TokenCallback on_event)
                         " requests); retry later");
     }
     ++queued_estimate_;
+    inbox_pending_blocks_ += prompt_layer_blocks(spec.prompt_tokens.size(), published_block_tokens_, published_layers_);
     pending_callbacks_.emplace(id, std::move(on_event));
     inbox_.submits.emplace_back(id, std::move(spec));
   }
@@ -137,6 +147,11 @@ ServingStats Engine::stats() const {
 std::int64_t Engine::queued_estimate() const {
   std::lock_guard<std::mutex> lock(mu_);
   return queued_estimate_;
+}
+
+std::int64_t Engine::unpublished_pending_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return inbox_pending_blocks_;
 }
 
 std::vector<RequestSummary> Engine::request_summaries() const {
@@ -309,6 +324,12 @@ void Engine::publish_stats() {
   published_requests_ = std::move(requests);
   std::int64_t inbox = static_cast<std::int64_t>(inbox_.submits.size());
   queued_estimate_ = scheduler_.num_waiting() + inbox;
+  published_block_tokens_ = scheduler_.kv().block_size_tokens();
+  published_layers_ = scheduler_.kv().num_layers();
+  inbox_pending_blocks_ = 0;
+  for (const auto& [id, spec] : inbox_.submits) {
+    inbox_pending_blocks_ += prompt_layer_blocks(spec.prompt_tokens.size(), published_block_tokens_, published_layers_);
+  }
 }
 
 }  // namespace kun::engine

@@ -170,6 +170,7 @@ class Scheduler {
   void adopt_with_imported_kv(Request r);
   std::vector<LayerBlockList> block_lists(RequestId id) const { return kv_->block_lists(id); }
   std::int64_t kv_blocks_held(RequestId id) const { return kv_->layer_blocks_for(kv_->tokens_held(id)); }
+  const KvManager& kv() const { return *kv_; }
 
   bool has_unfinished() const { return !requests_.empty(); }
   std::int64_t num_running() const { return static_cast<std::int64_t>(running_.size()); }

@@ -445,19 +445,21 @@ std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_of(const std::v
     // the router sent a whole burst to the lowest id (34 / 28 / 19 / 19 % of the tokens on 4
     // instances in the validation runs; the simulator showed it costs kunserve its peak ratio).
     const std::int64_t queued = u->engine->queued_estimate();
-    for (std::int64_t inst : u->instances) {
+    // Likewise the KV those requests' prompts want: the demand the monitor votes on (engine.h).
+    const std::int64_t unpublished_blocks = u->engine->unpublished_pending_blocks() / g;
+    for (std::int64_t k = 0; k < g; ++k) {
       cluster::InstanceSnapshot s;
-      s.instance = inst;
+      s.instance = u->instances[static_cast<std::size_t>(k)];
       s.group = u->group;
       s.state = u->group < 0 ? cluster::GroupState::kInitial
                 : u->in_restore() ? cluster::GroupState::kRestoring
                                                             : cluster::GroupState::kDropped;
       s.kv_blocks_total = is.kv_blocks_total;
       s.kv_blocks_free = is.kv_blocks_free;
-      s.blocks_demanded = is.blocks_demanded;
-      s.pending_blocks = is.pending_blocks;
-      s.num_running = is.num_running;
-      s.num_queued = queued;
+      s.blocks_demanded = is.blocks_demanded + unpublished_blocks;
+      s.pending_blocks = is.pending_blocks + unpublished_blocks;
+      s.num_running = cluster::member_count_share(is.num_running, g, k);
+      s.num_queued = cluster::member_count_share(queued, g, k);
       for (const auto& r : reqs) s.requests.push_back(cluster::RequestSnapshot{r.id, r.running, r.tokens, r.blocks_held});
       out.push_back(std::move(s));
     }

@@ -64,6 +64,9 @@ struct ClusterSim::Unit {
   // Routed here since the last publish (the engine's queued_estimate_ counts them, reset at a
   // publish to what is still in the inbox): the queued count the runtime's router reads.
   std::int64_t submitted_since_publish = 0;
+  // The KV layer blocks those requests' prompts want (engine::Engine::unpublished_pending_blocks):
+  // the monitor counts them as pending demand.
+  std::int64_t submitted_blocks_since_publish = 0;
 };
 
 namespace {
@@ -308,6 +311,8 @@ std::int64_t ClusterSim::outstanding() const {
 void ClusterSim::publish(Unit& u) const {
   u.published = u.scheduler->report();
   u.submitted_since_publish = static_cast<std::int64_t>(u.inbox.size());
+  u.submitted_blocks_since_publish = 0;
+  for (std::int64_t index : u.inbox) u.submitted_blocks_since_publish += u.kv->layer_blocks_for(prompt_tokens_[static_cast<std::size_t>(index)]);
 }
 
 std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots(bool for_routing) const {
@@ -328,10 +333,12 @@ std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots(bool for_routing) c
       snap.state = state;
       snap.kv_blocks_total = is.kv_blocks_total / g;
       snap.kv_blocks_free = is.kv_blocks_free / g;
-      snap.blocks_demanded = is.blocks_demanded / g;
-      snap.pending_blocks = is.pending_blocks / g;
-      snap.num_running = is.num_running;
-      snap.num_queued = is.num_waiting + u->submitted_since_publish;  // engine::Engine::queued_estimate
+      // engine::Engine::unpublished_pending_blocks: the prompts routed here since the publish.
+      snap.blocks_demanded = is.blocks_demanded / g + u->submitted_blocks_since_publish / g;
+      snap.pending_blocks = is.pending_blocks / g + u->submitted_blocks_since_publish / g;
+      snap.num_running = cluster::member_count_share(is.num_running, g, s);
+      // engine::Engine::queued_estimate
+      snap.num_queued = cluster::member_count_share(is.num_waiting + u->submitted_since_publish, g, s);
       // The runtime publishes these per step too (EngineConfig::publish_requests); read live here
       // (O(requests) per step would dominate a migrate simulation under overload).
       if (!for_routing && config_.policy == cluster::Policy::kMigrate && g == 1) {
@@ -392,6 +399,7 @@ void ClusterSim::arrive(std::int64_t index) {
   Unit* u = unit_of_instance(*target);
   KUN_CHECK(u != nullptr) << "router chose unknown instance " << *target;
   ++u->submitted_since_publish;
+  u->submitted_blocks_since_publish += u->kv->layer_blocks_for(prompt_tokens_[static_cast<std::size_t>(index)]);
   if (u->in_flight && !config_.live_stats) {
     u->inbox.push_back(index);  // taken in when the step ends
     return;

@@ -41,6 +41,29 @@ TEST(Router, GroupMembersRouteToTheGroupsFirstMember) {
   EXPECT_EQ(*id, 0);
 }
 
+TEST(Router, AFusedUnitsCountsAreSplitOverItsMembers) {
+  for (std::int64_t g : {1, 2, 3, 4, 8}) {
+    for (std::int64_t count = 0; count < 40; ++count) {
+      std::int64_t sum = 0;
+      for (std::int64_t k = 0; k < g; ++k) {
+        const std::int64_t share = member_count_share(count, g, k);
+        EXPECT_LE(share, count / g + 1);
+        EXPECT_GE(share, count / g);
+        sum += share;
+      }
+      EXPECT_EQ(sum, count) << count << " over " << g;
+    }
+  }
+  // A group of 4 running 8 requests (2 per member) against an instance running 3: the group is
+  // the lighter. With the whole count on every member (8 per member) the router sent every
+  // arrival to the independent instance, the lowest id first (the simulated H100 13B sweep's
+  // ratio fell from 54x to 1.8x at 23.8 req/s).
+  Router r;
+  std::vector<InstanceSnapshot> xs{with_load(0, 3, 0)};
+  for (std::int64_t k = 0; k < 4; ++k) xs.push_back(with_load(1 + k, member_count_share(8, 4, k), member_count_share(1, 4, k), 7));
+  EXPECT_EQ(*r.route(xs), 1);
+}
+
 TEST(Router, MemoryAwarePrefersMostFreeNetOfPending) {
   Router r(RouterConfig{RoutePolicy::kMemoryAware, 32});
   InstanceSnapshot a = snap(0, 0.5);  // 1600 free
