@@ -38,14 +38,22 @@ kernels::WeightLayout linear_layout(DType dtype, std::int64_t rows, std::int64_t
              : kernels::WeightLayout::kRowMajor;
 }
 
-// Reorders a row-major matrix just read into the segment into linear_layout's layout.
+// Reorders a row-major matrix just read into the segment into linear_layout's layout, in place,
+// one panel at a time: with an even K, panel p holds exactly the bytes of rows [64 p, 64 p + 64),
+// laid out as the one panel of a matrix of those rows, so only a panel's rows are copied aside
+// (not the whole matrix: a tied embedding can be hundreds of MB).
 void to_linear_layout(DType dtype, std::int64_t rows, std::int64_t cols, std::span<std::byte> segment,
                       std::int64_t offset) {
   if (linear_layout(dtype, rows, cols) != kernels::WeightLayout::kPanelPairs) return;
-  const std::int64_t bytes = rows * cols * dtype_bytes(dtype);
-  KUN_CHECK_LE(offset + bytes, static_cast<std::int64_t>(segment.size()));
-  std::vector<std::byte> row_major(segment.begin() + offset, segment.begin() + offset + bytes);
-  kernels::pack_panel_pairs(row_major.data(), rows, cols, segment.data() + offset);
+  const std::int64_t row_bytes = cols * dtype_bytes(dtype);
+  KUN_CHECK_LE(offset + rows * row_bytes, static_cast<std::int64_t>(segment.size()));
+  std::vector<std::byte> panel_rows(static_cast<std::size_t>(kernels::kPanelCols * row_bytes));
+  for (std::int64_t r0 = 0; r0 < rows; r0 += kernels::kPanelCols) {
+    const std::int64_t width = std::min(kernels::kPanelCols, rows - r0);
+    std::byte* at = segment.data() + offset + r0 * row_bytes;
+    std::memcpy(panel_rows.data(), at, static_cast<std::size_t>(width * row_bytes));
+    kernels::pack_panel_pairs(panel_rows.data(), width, cols, at);
+  }
 }
 
 }  // namespace
