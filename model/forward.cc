@@ -38,17 +38,29 @@ kernels::WeightLayout linear_layout(DType dtype, std::int64_t rows, std::int64_t
              : kernels::WeightLayout::kRowMajor;
 }
 
-// Reorders a row-major matrix just read into the segment into linear_layout's layout.
+// Reorders a row-major matrix just read into the segment into linear_layout's layout, in place,
+// one panel at a time: with an even K, panel p holds exactly the bytes of rows [64 p, 64 p + 64),
+// laid out as the one panel of a matrix of those rows, so only a panel's rows are copied aside
+// (not the whole matrix: a tied embedding can be hundreds of MB).
 void to_linear_layout(DType dtype, std::int64_t rows, std::int64_t cols, std::span<std::byte> segment,
                       std::int64_t offset) {
   if (linear_layout(dtype, rows, cols) != kernels::WeightLayout::kPanelPairs) return;
-  const std::int64_t bytes = rows * cols * dtype_bytes(dtype);
-  KUN_CHECK_LE(offset + bytes, static_cast<std::int64_t>(segment.size()));
-  std::vector<std::byte> row_major(segment.begin() + offset, segment.begin() + offset + bytes);
-  kernels::pack_panel_pairs(row_major.data(), rows, cols, segment.data() + offset);
+  const std::int64_t row_bytes = cols * dtype_bytes(dtype);
+  KUN_CHECK_LE(offset + rows * row_bytes, static_cast<std::int64_t>(segment.size()));
+  std::vector<std::byte> panel_rows(static_cast<std::size_t>(kernels::kPanelCols * row_bytes));
+  for (std::int64_t r0 = 0; r0 < rows; r0 += kernels::kPanelCols) {
+    const std::int64_t width = std::min(kernels::kPanelCols, rows - r0);
+    std::byte* at = segment.data() + offset + r0 * row_bytes;
+    std::memcpy(panel_rows.data(), at, static_cast<std::size_t>(width * row_bytes));
+    kernels::pack_panel_pairs(panel_rows.data(), width, cols, at);
+  }
 }
 
 }  // namespace
+
+kernels::WeightLayout embedding_layout(const ModelConfig& c, DType dtype) {
+  return c.tie_word_embeddings ? linear_layout(dtype, c.vocab_size, c.hidden_size) : kernels::WeightLayout::kRowMajor;
+}
 
 LayerSegmentLayout LayerSegmentLayout::compute(const ModelConfig& c, DType dtype) {
   const std::int64_t db = dtype_bytes(dtype);
@@ -122,8 +134,14 @@ Status load_layer_segment(const WeightSource& source, std::int64_t layer, DType 
 
 Status load_embedding_segment(const WeightSource& source, DType dtype, std::span<std::byte> segment) {
   const ModelConfig& c = source.config();
-  return read_into(source, "model.embed_tokens.weight", dtype, segment, 0,
-                   c.vocab_size * c.hidden_size * dtype_bytes(dtype));
+  KUN_RETURN_IF_ERROR(read_into(source, "model.embed_tokens.weight", dtype, segment, 0,
+                                c.vocab_size * c.hidden_size * dtype_bytes(dtype)));
+  // A tied embedding is also the LM head: kept once, in the head's GEMM layout (embed() reads a
+  // row out of it).
+  if (embedding_layout(c, dtype) == kernels::WeightLayout::kPanelPairs) {
+    to_linear_layout(dtype, c.vocab_size, c.hidden_size, segment, 0);
+  }
+  return ok_status();
 }
 
 Status load_head_segment(const WeightSource& source, DType dtype, std::span<std::byte> segment) {
@@ -161,13 +179,12 @@ HeadWeights head_weights_at(const std::byte* embedding_segment, const std::byte*
   const HeadSegmentLayout l = HeadSegmentLayout::compute(c, dtype);
   HeadWeights h;
   h.dtype = dtype;
-  h.embedding = embedding_segment;
+  h.embedding = {embedding_segment, dtype, c.vocab_size, c.hidden_size, embedding_layout(c, dtype)};
   h.final_norm = head_segment + l.final_norm;
-  const void* lm = l.lm_head >= 0 ? static_cast<const void*>(head_segment + l.lm_head)
-                                  : static_cast<const void*>(embedding_segment);
-  // A tied head is the embedding table, which token lookup reads row-major: it stays so.
-  h.lm_head = {lm, dtype, c.vocab_size, c.hidden_size,
-               l.lm_head >= 0 ? linear_layout(dtype, c.vocab_size, c.hidden_size) : kernels::WeightLayout::kRowMajor};
+  // A tied head is the embedding table itself (one copy, in the GEMM layout when bf16).
+  h.lm_head = l.lm_head >= 0 ? kernels::WeightView{head_segment + l.lm_head, dtype, c.vocab_size, c.hidden_size,
+                                                   linear_layout(dtype, c.vocab_size, c.hidden_size)}
+                             : h.embedding;
   return h;
 }
 
@@ -292,11 +309,18 @@ void ForwardPass::check_tokens(std::int64_t num_tokens, const char* what) const 
 
 void ForwardPass::embed(const HeadWeights& head, const std::int32_t* tokens, std::int64_t n, float* hidden) const {
   const std::int64_t H = config_.hidden_size;
-  const std::int64_t row_bytes = H * dtype_bytes(head.dtype);
+  const kernels::WeightView& e = head.embedding;
+  KUN_CHECK(e.rows == config_.vocab_size && e.cols == H) << "embedding " << e.rows << "x" << e.cols;
+  const std::int64_t row_bytes = H * dtype_bytes(e.dtype);
   for (std::int64_t t = 0; t < n; ++t) {
     KUN_CHECK(tokens[t] >= 0 && tokens[t] < config_.vocab_size) << "token id " << tokens[t] << " out of vocab";
-    convert_dtype(static_cast<const std::byte*>(head.embedding) + tokens[t] * row_bytes, head.dtype,
-                  hidden + t * H, DType::kF32, H);
+    if (e.layout == kernels::WeightLayout::kPanelPairs) {
+      // A gather of one row out of the interleaved panels (bf16 widened to f32, exact).
+      kernels::unpack_panel_pairs_row(e.data, e.rows, e.cols, tokens[t], hidden + t * H);
+    } else {
+      convert_dtype(static_cast<const std::byte*>(e.data) + tokens[t] * row_bytes, e.dtype, hidden + t * H,
+                    DType::kF32, H);
+    }
   }
 }
 

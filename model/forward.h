@@ -43,7 +43,10 @@ struct LayerSegmentLayout {
   static LayerSegmentLayout compute(const ModelConfig& config, DType dtype);
 };
 
-// Embedding segment: [V][H]. Head segment: final norm [H] and, unless tied, lm_head [V][H].
+// Embedding segment: [V][H], row-major, or, when tied to the LM head (tie_word_embeddings), in the
+// head's layout (kPanelPairs for bf16 with an even H: same bytes; embedding_layout), so the one
+// copy serves both the token lookup (a row gathered out of the panels) and the logits GEMM.
+// Head segment: final norm [H] and, unless tied, lm_head [V][H].
 struct HeadSegmentLayout {
   std::int64_t final_norm = 0;
   std::int64_t lm_head = -1;  // -1 when tied to the embedding
@@ -51,6 +54,7 @@ struct HeadSegmentLayout {
   static HeadSegmentLayout compute(const ModelConfig& config, DType dtype);
 };
 std::int64_t embedding_segment_bytes(const ModelConfig& config, DType dtype);
+kernels::WeightLayout embedding_layout(const ModelConfig& config, DType dtype);
 
 // Fills a segment from a weight source (converting to `dtype`).
 Status load_layer_segment(const WeightSource& source, std::int64_t layer, DType dtype,
@@ -71,9 +75,9 @@ struct LayerWeights {
 LayerWeights layer_weights_at(const std::byte* segment, const ModelConfig& config, DType dtype);
 
 struct HeadWeights {
-  const void* embedding = nullptr;  // [V][H]
+  kernels::WeightView embedding;     // [V][H] in embedding_layout
   const void* final_norm = nullptr;
-  kernels::WeightView lm_head;       // points into the embedding when tied
+  kernels::WeightView lm_head;       // the embedding's view when tied
   DType dtype = DType::kF32;
 };
 HeadWeights head_weights_at(const std::byte* embedding_segment, const std::byte* head_segment,

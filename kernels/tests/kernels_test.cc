@@ -517,7 +517,7 @@ TEST(PanelPairs, DecodeTilesBitExactAcrossPanelGroups) {
   const PackedWeight w = make_packed(N, K, 71);
   const std::vector<float> bias = random_floats(N, 72);
   ThreadPool p2(2), p3(3);
-  for (std::int64_t M : {1, 2, 3, 4, 5, 8, 9, 16, 35}) {
+  for (std::int64_t M : {1, 2, 3, 4, 5, 8, 9, 16, 32, 35}) {
     const std::vector<float> x = random_floats(M * K, 73 + static_cast<std::uint32_t>(M));
     const std::vector<float> y0 = random_floats(M * N, 90 + static_cast<std::uint32_t>(M));
     for (GemmActivations act : kBothActivations) {

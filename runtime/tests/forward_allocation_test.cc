@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
 #include <cstdlib>
 #include <functional>
 #include <new>
@@ -186,6 +187,53 @@ TEST(ForwardAllocationTest, StepsAtTheWorkspaceLimitKeepTheGemmScratchInTheWorks
   EXPECT_LT(at_limit.largest, row_bytes) << at_limit.allocations << " allocations in a " << T << "-token step";
   EXPECT_EQ(kernels::linear_thread_local_scratch_uses(), fallback_before)
       << "the device's forward pass used the kernels' thread_local GEMM scratch instead of its workspace";
+}
+
+// A tied bf16 embedding is kept once, in the LM head's GEMM layout (kPanelPairs), so the logits
+// run on the panel kernels: the segment has the row-major byte count, holds exactly the packed
+// embedding, the head's view is the embedding's, and the token lookup gathers each row out of the
+// panels bit for bit (widened bf16, as from the source).
+TEST(ForwardAllocationTest, ATiedEmbeddingIsOneCopyInTheHeadsGemmLayout) {
+  auto w = testing::tiny_weights("tiny-qwen2", DType::kBF16);
+  const model::ModelConfig& c = w->config();
+  ASSERT_TRUE(c.tie_word_embeddings);
+  const std::int64_t V = c.vocab_size;
+  const std::int64_t H = c.hidden_size;
+  EXPECT_EQ(model::embedding_layout(c, DType::kBF16), kernels::WeightLayout::kPanelPairs);
+  EXPECT_EQ(model::embedding_segment_bytes(c, DType::kBF16), V * H * 2);  // one copy, row-major's size
+  auto dev_or = create_full_device("tied", *w, /*kv_token_blocks=*/8, /*block_size=*/16, /*num_threads=*/2);
+  ASSERT_TRUE(dev_or.ok()) << dev_or.status().to_string();
+  VirtualDevice& dev = **dev_or;
+  const DeviceOwnerScope scope(dev);
+  const model::HeadWeights head = dev.head_weights();
+  EXPECT_EQ(head.embedding.layout, kernels::WeightLayout::kPanelPairs);
+  EXPECT_EQ(head.lm_head.data, head.embedding.data);
+  EXPECT_EQ(head.lm_head.layout, kernels::WeightLayout::kPanelPairs);
+  // The segment is the source embedding packed.
+  std::vector<std::uint16_t> source(static_cast<std::size_t>(V * H));
+  ASSERT_TRUE(w->read_tensor("model.embed_tokens.weight", DType::kBF16, source.data(),
+                             static_cast<std::int64_t>(source.size() * 2))
+                  .ok());
+  std::vector<std::uint16_t> packed(source.size());
+  kernels::pack_panel_pairs(source.data(), V, H, packed.data());
+  EXPECT_EQ(std::memcmp(head.embedding.data, packed.data(), packed.size() * 2), 0);
+  // embed() reads rows of every panel, first and last columns included.
+  std::vector<std::int32_t> tokens = {0, 1, 63, 64, 65, 127, 1000, static_cast<std::int32_t>(V - 2),
+                                      static_cast<std::int32_t>(V - 1)};
+  const auto n = static_cast<std::int64_t>(tokens.size());
+  std::vector<float> hidden(static_cast<std::size_t>(n * H));
+  dev.forward().embed(head, tokens.data(), n, hidden.data());
+  std::vector<float> expected(static_cast<std::size_t>(H));
+  for (std::int64_t t = 0; t < n; ++t) {
+    const std::int64_t row = tokens[static_cast<std::size_t>(t)];
+    convert_dtype(source.data() + row * H, DType::kBF16, expected.data(), DType::kF32, H);
+    EXPECT_EQ(std::memcmp(hidden.data() + t * H, expected.data(), expected.size() * sizeof(float)), 0) << "token " << row;
+  }
+  // Untied or not bf16: the embedding stays row-major.
+  model::ModelConfig untied = c;
+  untied.tie_word_embeddings = false;
+  EXPECT_EQ(model::embedding_layout(untied, DType::kBF16), kernels::WeightLayout::kRowMajor);
+  EXPECT_EQ(model::embedding_layout(c, DType::kF32), kernels::WeightLayout::kRowMajor);
 }
 
 }  // namespace

@@ -2,7 +2,7 @@
 // model matches tests/reference/llama_reference.py (PyTorch, float32, its own safetensors parser)
 // on the same files: last-position logits within 1e-3 relative error and 64 greedy tokens
 // identical, for several configurations (GQA, tied embeddings + qkv bias, llama3 rope scaling,
-// bf16 weights). A GGUF file of the same weights generates the same tokens. The KV cache is bf16
+// bf16 weights; tied bf16: the embedding kept once in the LM head's GEMM layout). A GGUF file of the same weights generates the same tokens. The KV cache is bf16
 // (the engine's default) and the reference rounds K/V to bf16 the same way (--kv-dtype bf16,
 // round to nearest even after RoPE); one case keeps an f32 cache against the plain f32 reference.
 #include <cmath>
@@ -148,6 +148,7 @@ TEST_P(NumericsTest, MatchesPyTorchReference) {
 INSTANTIATE_TEST_SUITE_P(Configs, NumericsTest,
                          ::testing::Values(Case{"tiny", DType::kF32}, Case{"tiny-qwen2", DType::kF32},
                                            Case{"tiny-llama3", DType::kF32}, Case{"tiny", DType::kBF16},
+                                           Case{"tiny-qwen2", DType::kBF16},
                                            Case{"tiny-llama3", DType::kF16}, Case{"tiny", DType::kF32, DType::kF32}),
                          [](const ::testing::TestParamInfo<Case>& param_info) { return case_name(param_info.param); });
 
