@@ -19,7 +19,8 @@ namespace {
 using server::testing::exchange;
 using server::testing::make_request;
 
-runtime::ClusterOptions options(const model::WeightSource& w, std::int64_t max_waiting) {
+// max_running 0: the scheduler's default bound on running sequences.
+runtime::ClusterOptions options(const model::WeightSource& w, std::int64_t max_waiting, std::int64_t max_running) {
   const auto& c = w.config();
   runtime::ClusterOptions o;
   o.num_instances = 2;
@@ -28,6 +29,7 @@ runtime::ClusterOptions options(const model::WeightSource& w, std::int64_t max_w
   o.device.capacity_bytes = runtime::device_param_bytes(c, c.dtype, 0, c.num_layers, o.device.page_bytes) +
                             runtime::device_workspace_bytes(c, o.device) + 32 * o.device.page_bytes;
   o.scheduler.max_waiting_requests = max_waiting;
+  if (max_running > 0) o.scheduler.max_num_seqs = max_running;
   o.coordinator.policy = cluster::Policy::kKunServe;
   o.model_name = "tiny";
   return o;
@@ -39,8 +41,8 @@ struct Served {
   SteadyClock clock;
   std::unique_ptr<runtime::ClusterRuntime> rt;
   std::unique_ptr<server::HttpServer> http;
-  explicit Served(std::int64_t max_waiting) {
-    auto r = runtime::ClusterRuntime::create(options(*weights, max_waiting), *weights, &clock);
+  explicit Served(std::int64_t max_waiting, std::int64_t max_running = 0) {
+    auto r = runtime::ClusterRuntime::create(options(*weights, max_waiting, max_running), *weights, &clock);
     KUN_CHECK(r.ok()) << r.status().to_string();
     rt = std::move(r).value();
     rt->start();
@@ -100,7 +102,10 @@ TEST(ServeIntegrationTest, DisconnectMidStreamFreesBlocks) {
 }
 
 TEST(ServeIntegrationTest, FullQueueAnswers429) {
-  Served s(1);
+  // 2 instances, each running at most 2 sequences with 1 waiting: the 7th long stream finds every
+  // queue full whichever way the router spreads them (it relied on the router piling arrivals on
+  // instance 0 before the router counted what it had routed since a publish).
+  Served s(/*max_waiting=*/1, /*max_running=*/2);
   nlohmann::json body = {{"model", "tiny"}, {"prompt", "x"}, {"max_tokens", 1000}, {"stream", true}, {"ignore_eos", true}};
   std::vector<std::unique_ptr<server::testing::RawConnection>> conns;
   int rejected = 0;
