@@ -316,8 +316,8 @@ void ClusterSim::publish(Unit& u) const {
 }
 
 std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots(bool for_routing) const {
-  // As runtime::ClusterRuntime::snapshots_of: every member of a unit reports the unit's published
-  // counts, and its KV totals / g (member_share).
+  // As runtime::ClusterRuntime::snapshots_of: every member of a unit reports its share of the
+  // unit's published request counts (cluster::member_count_share) and its KV totals / g.
   std::vector<cluster::InstanceSnapshot> out;
   for (const auto& u : units_) {
     const auto g = static_cast<std::int64_t>(u->members.size());
