@@ -144,14 +144,9 @@ ServingStats Engine::stats() const {
   return published_;
 }
 
-std::int64_t Engine::queued_estimate() const {
+Engine::PublishedView Engine::published_view() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return queued_estimate_;
-}
-
-std::int64_t Engine::unpublished_pending_blocks() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return inbox_pending_blocks_;
+  return PublishedView{published_, queued_estimate_, inbox_pending_blocks_};
 }
 
 std::vector<RequestSummary> Engine::request_summaries() const {

@@ -60,15 +60,20 @@ class Engine final : public FrontDoor {
   ServingStats stats() const override;
   // The latest published per-request summaries (empty unless publish_requests).
   std::vector<RequestSummary> request_summaries() const;
-  // Requests waiting as of the last publish plus those submitted since (the inbox): what the
-  // queue bound admits against, and what a router should count, since stats() does not see a
-  // request before the step in flight ends.
-  std::int64_t queued_estimate() const;
-  // KV layer blocks the prompts submitted since the last publish (the inbox) will want: what
-  // stats().pending_blocks does not count yet. A demand monitor adds it, or a burst that arrives
-  // during a long step is seen a step late and the drop waits (simulated H100 13B sweep: 1.8x
-  // recompute/kunserve at 23.8 req/s instead of 50x).
-  std::int64_t unpublished_pending_blocks() const;
+  // The last published stats with what was submitted since (the inbox), read under one lock so
+  // that a publish cannot fall between them (a request counted twice or not at all).
+  // queued_estimate: waiting as of the publish plus the inbox, what the queue bound admits against
+  // and what a router should count, since stats() does not see a request before the step in
+  // flight ends. unpublished_pending_blocks: the KV layer blocks the inbox's prompts will want,
+  // which stats().pending_blocks does not count yet; a demand monitor adds it, or a burst that
+  // arrives during a long step is seen a step late and the drop waits (simulated H100 13B sweep:
+  // 1.8x recompute/kunserve at 23.8 req/s instead of 50x).
+  struct PublishedView {
+    ServingStats stats;
+    std::int64_t queued_estimate = 0;
+    std::int64_t unpublished_pending_blocks = 0;
+  };
+  PublishedView published_view() const;
 
   // Submits under an id chosen by the caller (a cluster front door that routes requests to
   // engines); the same errors as submit().

@@ -435,18 +435,18 @@ engine::TokenCallback ClusterRuntime::wrap_callback(engine::TokenCallback cb) {
 std::vector<cluster::InstanceSnapshot> ClusterRuntime::snapshots_of(const std::vector<std::shared_ptr<Unit>>& units) const {
   std::vector<cluster::InstanceSnapshot> out;
   for (const auto& u : units) {
-    const engine::ServingStats st = u->engine->stats();
+    const engine::Engine::PublishedView view = u->engine->published_view();
     const auto g = static_cast<std::int64_t>(u->instances.size());
-    const engine::InstanceStats is = member_share(st.instances.front(), g);
+    const engine::InstanceStats is = member_share(view.stats.instances.front(), g);
     std::vector<engine::RequestSummary> reqs;
     if (g == 1 && options_.coordinator.policy == cluster::Policy::kMigrate) reqs = u->engine->request_summaries();
     // Queued: the published waiting requests plus those submitted since (the engine's inbox).
     // The published count alone misses every request routed here during the step in flight, so
     // the router sent a whole burst to the lowest id (34 / 28 / 19 / 19 % of the tokens on 4
     // instances in the validation runs; the simulator showed it costs kunserve its peak ratio).
-    const std::int64_t queued = u->engine->queued_estimate();
+    const std::int64_t queued = view.queued_estimate;
     // Likewise the KV those requests' prompts want: the demand the monitor votes on (engine.h).
-    const std::int64_t unpublished_blocks = u->engine->unpublished_pending_blocks() / g;
+    const std::int64_t unpublished_blocks = view.unpublished_pending_blocks / g;
     for (std::int64_t k = 0; k < g; ++k) {
       cluster::InstanceSnapshot s;
       s.instance = u->instances[static_cast<std::size_t>(k)];

@@ -64,7 +64,7 @@ struct ClusterSim::Unit {
   // Routed here since the last publish (the engine's queued_estimate_ counts them, reset at a
   // publish to what is still in the inbox): the queued count the runtime's router reads.
   std::int64_t submitted_since_publish = 0;
-  // The KV layer blocks those requests' prompts want (engine::Engine::unpublished_pending_blocks):
+  // The KV layer blocks those requests' prompts want (engine::Engine::PublishedView::unpublished_pending_blocks):
   // the monitor counts them as pending demand.
   std::int64_t submitted_blocks_since_publish = 0;
 };
@@ -333,11 +333,11 @@ std::vector<cluster::InstanceSnapshot> ClusterSim::snapshots(bool for_routing) c
       snap.state = state;
       snap.kv_blocks_total = is.kv_blocks_total / g;
       snap.kv_blocks_free = is.kv_blocks_free / g;
-      // engine::Engine::unpublished_pending_blocks: the prompts routed here since the publish.
+      // engine::Engine::PublishedView::unpublished_pending_blocks: the prompts routed here since the publish.
       snap.blocks_demanded = is.blocks_demanded / g + u->submitted_blocks_since_publish / g;
       snap.pending_blocks = is.pending_blocks / g + u->submitted_blocks_since_publish / g;
       snap.num_running = cluster::member_count_share(is.num_running, g, s);
-      // engine::Engine::queued_estimate
+      // engine::Engine::PublishedView::queued_estimate
       snap.num_queued = cluster::member_count_share(is.num_waiting + u->submitted_since_publish, g, s);
       // The runtime publishes these per step too (EngineConfig::publish_requests); read live here
       // (O(requests) per step would dominate a migrate simulation under overload).

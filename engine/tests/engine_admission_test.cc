@@ -82,19 +82,19 @@ TEST(EngineAdmission, AcceptedRequestIsNotRejectedLaterByAFullQueue) {
 }
 
 // A request submitted since the last publish is in no published count: unpublished_pending_blocks
-// carries the KV its prompt wants (what the demand monitor adds), until the step that takes it in
+// (published_view) carries the KV its prompt wants (what the demand monitor adds), until the step that takes it in
 // publishes it as pending or running.
 TEST(EngineAdmission, PromptsSubmittedSinceThePublishCountAsPendingBlocks) {
   TestEngine a(64, /*max_waiting=*/8);
   auto ignore = [](const TokenEvent&) {};
-  EXPECT_EQ(a.engine->unpublished_pending_blocks(), 0);
+  EXPECT_EQ(a.engine->published_view().unpublished_pending_blocks, 0);
   ASSERT_TRUE(a.engine->submit_as(RequestId(1), spec(40, 4), ignore).ok());  // 3 token blocks
   ASSERT_TRUE(a.engine->submit_as(RequestId(2), spec(16, 4), ignore).ok());  // 1 token block
   EXPECT_EQ(a.engine->stats().instances.front().pending_blocks, 0);
-  EXPECT_EQ(a.engine->unpublished_pending_blocks(), (3 + 1) * kLayers);
-  EXPECT_EQ(a.engine->unpublished_pending_blocks(), a.kv->layer_blocks_for(40) + a.kv->layer_blocks_for(16));
+  EXPECT_EQ(a.engine->published_view().unpublished_pending_blocks, (3 + 1) * kLayers);
+  EXPECT_EQ(a.engine->published_view().unpublished_pending_blocks, a.kv->layer_blocks_for(40) + a.kv->layer_blocks_for(16));
   a.engine->run_step();
-  EXPECT_EQ(a.engine->unpublished_pending_blocks(), 0);
+  EXPECT_EQ(a.engine->published_view().unpublished_pending_blocks, 0);
   EXPECT_GT(a.engine->stats().instances.front().blocks_demanded, 0);
 }
 

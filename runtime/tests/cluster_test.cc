@@ -172,7 +172,7 @@ TEST(ClusterRestoreTest, GatherUnderPressureRepacksAndFallsBackToRecompute) {
 }
 
 // The router counts the requests it routed since an engine last published its stats
-// (Engine::queued_estimate): a burst submitted before any step ends spreads over the instances.
+// (Engine::PublishedView::queued_estimate): a burst submitted before any step ends spreads over the instances.
 // On the published counts alone every one of them went to instance 0 (all counts equal, ties to
 // the lowest id).
 TEST(ClusterRoutingTest, RouterCountsRequestsSubmittedSinceThePublish) {

@@ -40,7 +40,7 @@ SimConfig two_gpus() {
 }
 
 // Requests arriving together: the published stats do not show them before a step ends, but the
-// router counts what it routed since (engine::Engine::queued_estimate, the runtime's
+// router counts what it routed since (engine::Engine::PublishedView::queued_estimate, the runtime's
 // snapshots_of), so least-outstanding alternates. Counting the published stats alone sent the
 // whole burst to instance 0 (34 / 28 / 19 / 19 % of the tokens on 4 instances in the bench).
 TEST(RuntimeFidelity, SimultaneousArrivalsAreCountedByTheRouter) {
