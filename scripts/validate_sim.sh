@@ -10,7 +10,8 @@
 # apart gave 2.65x and 3.5x at 4 devices). So each real run is simulated with the host it had:
 # the bench writes every engine step (--out-dir: POLICY_steps.csv), and
 # `kunserve calibrate --fit-steps` fits the profile's host contention (a step at k devices
-# computing = a(k) x the profile's table + b(k), sim/cost_model.h) to that run's steps of all
+# computing = a(k) x the profile's table + b(k), sim/cost_model.h; a fused group's round pays
+# its own b(k), fitted to the fused micro-batches) to that run's steps of all
 # policies together, one curve per run, no policy's own; the step table stays the profile's
 # (measured by `kunserve calibrate` on one device). Real run i is compared with simulation i;
 # the table shows the median of each and their paired errors.

@@ -511,17 +511,22 @@ void ClusterSim::reprice_contended_steps() {
   contention_factor_ = cost_.gpu().contention_factor(busy);
   // A step started now also pays the host's fixed time per step at the devices computing with it
   // (GpuSpec::host_contention_us), as work at today's factor: a x W + b = a x (W + b / a). A fused
-  // round pays it once, as an instance's step: its stages' threads stay busy from one micro-batch
-  // to the next, the wait is the engine's (measured: a 2-stage round paying it per micro-batch
-  // made kunserve's TPOT 1.8x the bench's). A step with swap copies pays it again after each paced
+  // round pays it once, at the value fitted to fused rounds where the profile has one
+  // (GpuSpec::host_contention_fused_us): its stages' threads stay busy from one micro-batch to the
+  // next (measured: a 2-stage round paying b per micro-batch made kunserve's TPOT 1.8x the
+  // bench's, and paying an independent step's b once per round still made it 1.1-1.3x, with
+  // p50 TTFT 1.2-1.3x: the bench's fused micro-batches took 1.0-1.3 ms beyond a x table at 4
+  // devices computing, its independent steps 2.6-3.3 ms). A step with swap copies pays it again after each paced
   // copy (a swap-out, a swap-in): the agent's thread slept on the host link and waits for a core
   // once more (measured: the bench's swap steps took 2.2 ms beyond their copies more than the
   // simulator's, at b(3-4) = 1.6-3.3 ms; the fit leaves swap steps out, so this is not fitted).
   const double latency = cost_.gpu().contention_latency_us(std::max(1.0, busy));
+  const double fused_latency = cost_.gpu().fused_contention_latency_us(std::max(1.0, busy));
   for (auto& u : units_) {
     if (!u->in_flight) continue;
     if (u->latency_pending) {
-      u->work_left_us += latency * static_cast<double>(1 + u->copy_waits) / contention_factor_;
+      const double wait = u->members.size() > 1 ? fused_latency : latency;
+      u->work_left_us += wait * static_cast<double>(1 + u->copy_waits) / contention_factor_;
       u->latency_pending = false;
     }
     // At least 1 us ahead, so that every event instant moves the clock. A step still copying has

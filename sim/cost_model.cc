@@ -104,6 +104,11 @@ double GpuSpec::contention_latency_us(double busy_devices) const {
   return std::max(0.0, interpolate_by_devices(host_contention_us, busy_devices));
 }
 
+double GpuSpec::fused_contention_latency_us(double busy_devices) const {
+  if (host_contention_fused_us.empty()) return contention_latency_us(busy_devices);
+  return std::max(0.0, interpolate_by_devices(host_contention_fused_us, busy_devices));
+}
+
 std::vector<std::string> gpu_names() { return {"a100-80gb", "h100-80gb", "h200"}; }
 
 StatusOr<LinkSpec> link_spec(std::string_view name) {

@@ -71,6 +71,13 @@ struct GpuSpec {
   // about 4 ms, against a 2.3 ms decode step alone), so small steps slow down more than large
   // ones and one factor cannot fit both.
   std::vector<double> host_contention_us;
+  // The same fixed time for a fused group's round (host_contention_fused_us[k-1], same length as
+  // host_contention or empty: then host_contention_us). Fitted apart because it is not the same
+  // wait: the runtime keeps g micro-batches of a group in flight, so a stage thread often finds
+  // the next micro-batch's message already there when it ends one and does not sleep, and the
+  // engine's turnaround for one slot overlaps the others' compute (measured on this 2-core host
+  // at 4 devices computing: about 1.3-1.9 ms per round against 2.2-3.3 ms per independent step).
+  std::vector<double> host_contention_fused_us;
   std::int64_t page_bytes = 0;  // the device's memory page (0: the simulator's default)
   // Measured step-time table (a CPU profile, sim/device_profile.h), replacing the roofline: a
   // step of an instance computing t new tokens (all L layers, embedding, LM head for one
@@ -89,6 +96,8 @@ struct GpuSpec {
   double contention_factor(double busy_devices) const;
   // host_contention_us at `busy_devices` (interpolated like contention_factor; 0 when empty).
   double contention_latency_us(double busy_devices) const;
+  // host_contention_fused_us at `busy_devices`, or contention_latency_us when that is empty.
+  double fused_contention_latency_us(double busy_devices) const;
 };
 
 // "a100" / "a100-80gb", "h100" / "h100-80gb", "h200", or the path of a measured device profile

@@ -31,6 +31,7 @@ nlohmann::json spec_to_json(const GpuSpec& g) {
           {"page_bytes", g.page_bytes},
           {"host_contention", g.host_contention},
           {"host_contention_us", g.host_contention_us},
+          {"host_contention_fused_us", g.host_contention_fused_us},
           {"table_tokens", g.table_tokens},
           {"table_us", g.table_us},
           {"sample_us", g.sample_us},
@@ -58,6 +59,7 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
     g.page_bytes = j.at("page_bytes").get<std::int64_t>();
     g.host_contention = j.at("host_contention").get<std::vector<double>>();
     g.host_contention_us = j.value("host_contention_us", std::vector<double>{});
+    g.host_contention_fused_us = j.value("host_contention_fused_us", std::vector<double>{});
     g.table_tokens = j.value("table_tokens", std::vector<double>{});
     g.table_us = j.value("table_us", std::vector<double>{});
     g.sample_us = j.value("sample_us", 0.0);
@@ -85,6 +87,12 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
   }
   for (double c : g.host_contention_us) {
     if (!(c >= 0)) return invalid_argument("device profile '" + g.name + "': host_contention_us entries must be >= 0");
+  }
+  if (!g.host_contention_fused_us.empty() && g.host_contention_fused_us.size() != g.host_contention.size()) {
+    return invalid_argument("device profile '" + g.name + "': host_contention_fused_us must be empty or as long as host_contention");
+  }
+  for (double c : g.host_contention_fused_us) {
+    if (!(c >= 0)) return invalid_argument("device profile '" + g.name + "': host_contention_fused_us entries must be >= 0");
   }
   g.calibrated = true;
   return g;
@@ -498,6 +506,21 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
     }
   }
   HostContentionFit fit;
+  std::vector<std::vector<std::pair<double, double>>> fused(static_cast<std::size_t>(max_devices));
+  for (const std::vector<RecordedStep>& run : runs) {
+    const std::vector<double> busy = devices_computing(run, swap_us_per_block);
+    for (std::size_t i = 0; i < run.size(); ++i) {
+      const RecordedStep& r = run[i];
+      if (r.unit_devices < 2 || r.swap_blocks > 0 || r.sequences == 0) continue;
+      const auto k = std::clamp<std::int64_t>(std::llround(busy[i]), 1, max_devices);
+      CostModel::BatchTerms b;
+      b.tokens = r.new_tokens;
+      b.sampled = r.sampled;
+      b.pairs = static_cast<double>(r.attended_pairs);
+      fused[static_cast<std::size_t>(k - 1)].emplace_back(cost.step_us(b, num_layers, true, true),
+                                                           static_cast<double>(r.duration_us));
+    }
+  }
   for (std::int64_t k = 1; k <= max_devices; ++k) {
     const auto& v = samples[static_cast<std::size_t>(k - 1)];
     double predicted = 0, measured = 0;
@@ -516,6 +539,23 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
     const ContentionFit c = fit_contention(v);
     fit.factor.push_back(c.factor);
     fit.fixed_us.push_back(c.fixed_us);
+  }
+  // A fused round's fixed time, at each count's factor: the mean of measured - a x table over
+  // the micro-batches (a micro-batch's trip through every stage is the whole model's table).
+  for (std::int64_t k = 1; k <= max_devices; ++k) {
+    const auto& v = fused[static_cast<std::size_t>(k - 1)];
+    fit.fused_steps.push_back(static_cast<std::int64_t>(v.size()));
+    const double a = fit.factor[static_cast<std::size_t>(k - 1)];
+    if (static_cast<std::int64_t>(v.size()) < min_steps) {
+      // Too few: the count below's fused value, or this count's independent-step value.
+      fit.fused_fixed_us.push_back(k > 1 && fit.fused_steps[static_cast<std::size_t>(k - 2)] >= min_steps
+                                       ? fit.fused_fixed_us.back()
+                                       : fit.fixed_us[static_cast<std::size_t>(k - 1)]);
+      continue;
+    }
+    double residual = 0.0;
+    for (const auto& [x, y] : v) residual += y - a * x;
+    fit.fused_fixed_us.push_back(std::max(0.0, residual / static_cast<double>(v.size())));
   }
   return fit;
 }

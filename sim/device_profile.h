@@ -122,6 +122,11 @@ struct HostContentionFit {
   std::vector<double> fixed_us;        // b
   std::vector<std::int64_t> steps;     // steps in each count's bin
   std::vector<double> measured_over_table;  // sum of measured over sum of predicted (0: no steps)
+  // GpuSpec::host_contention_fused_us: the mean of measured - a x table over the fused groups'
+  // steps (micro-batches) without swap copies at that count; with fewer than min_steps, the
+  // count below's fused value if it had enough, else fixed_us.
+  std::vector<double> fused_fixed_us;
+  std::vector<std::int64_t> fused_steps;
 };
 HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_layers,
                                       std::span<const std::vector<RecordedStep>> runs, double swap_us_per_block,

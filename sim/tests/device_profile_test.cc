@@ -248,6 +248,7 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   EXPECT_EQ(loaded->spec.host_contention_us, p.spec.host_contention_us);
   EXPECT_DOUBLE_EQ(loaded->spec.contention_latency_us(2.0), 1000.0);
   EXPECT_DOUBLE_EQ(loaded->spec.contention_latency_us(1.5), 500.0);
+  EXPECT_DOUBLE_EQ(loaded->spec.fused_contention_latency_us(2.0), 1000.0);  // none fitted: the independent steps'
   const double w = predicted_step_us(CostModel(p.spec, m), std::vector<SeqWork>{SeqWork{0, 16, true}});
   const auto ttfts = [&](std::vector<std::int64_t> arrivals) {
     SimConfig c;
@@ -283,6 +284,23 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   auto bad = load_device_profile(path);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("host_contention_us"), std::string::npos) << bad.status().to_string();
+  // A fused rounds' curve travels in the file and is what fused rounds read.
+  p.spec.host_contention_fused_us = {0.0, 400.0};
+  ASSERT_TRUE(save_device_profile(p, path).ok());
+  loaded = load_device_profile(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
+  EXPECT_EQ(loaded->spec.host_contention_fused_us, p.spec.host_contention_fused_us);
+  EXPECT_DOUBLE_EQ(loaded->spec.fused_contention_latency_us(2.0), 400.0);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_latency_us(2.0), 1000.0);
+  j = p.to_json();
+  j["spec"]["host_contention_fused_us"] = {0.0};
+  {
+    std::ofstream f(path);
+    f << j.dump();
+  }
+  bad = load_device_profile(path);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("host_contention_fused_us"), std::string::npos) << bad.status().to_string();
   std::filesystem::remove_all(dir);
 }
 
@@ -393,10 +411,23 @@ TEST(DeviceProfile, FitHostContentionRecoversTheRunsCurves) {
     for (int dev = 0; dev < 2; ++dev) run.push_back(RecordedStep{t + d, d, 1, 1, tokens, 1, 10, 0});
     t += d + 10;
   }
-  run.push_back(RecordedStep{t + 5000, 5000, 2, 1, 1, 1, 10, 0});        // a fused group's step
+  for (int i = 0; i < 30; ++i) {  // two fused groups' micro-batches side by side: 1.5 x table + 300 us
+    const std::int64_t tokens = i % 3 == 0 ? 32 : 1;
+    const auto d = static_cast<std::int64_t>(1.5 * predicted(tokens) + 300.0);
+    for (int unit = 0; unit < 2; ++unit) run.push_back(RecordedStep{t + d, d, 2, 1, tokens, 1, 10, 0});
+    t += d + 10;
+  }
+  run.push_back(RecordedStep{t + 5000, 5000, 2, 1, 1, 1, 10, 0});        // a fused step alone: too few at 1
   run.push_back(RecordedStep{t + 20000, 9000, 1, 1, 1, 1, 10, 3});       // swap copies
   const std::vector<std::vector<RecordedStep>> runs{run};
   const HostContentionFit fit = fit_host_contention(cost, m.num_layers, runs, 0.0, 3);
+  // Fused rounds: their own fixed time at the count's factor; too few at a count: the count
+  // below's fused value if it had enough, else the independent steps' value.
+  EXPECT_EQ(fit.fused_steps, (std::vector<std::int64_t>{1, 60, 0}));
+  ASSERT_EQ(fit.fused_fixed_us.size(), 3u);
+  EXPECT_EQ(fit.fused_fixed_us[0], fit.fixed_us[0]);
+  EXPECT_NEAR(fit.fused_fixed_us[1], 300.0, 2.0);
+  EXPECT_EQ(fit.fused_fixed_us[2], fit.fused_fixed_us[1]);
   ASSERT_EQ(fit.factor.size(), 3u);
   EXPECT_EQ(fit.steps, (std::vector<std::int64_t>{60, 120, 0}));
   EXPECT_NEAR(fit.factor[0], 1.0, 1e-3);

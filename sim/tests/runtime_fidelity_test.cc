@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -156,6 +157,83 @@ TEST(RuntimeFidelity, MonitorTicksDriftWithTheHostsWakeUps) {
   const std::int64_t late = drop_requested_us({0.0, 2000.0});
   EXPECT_GE(late, 1'002'000);
   EXPECT_LE(late, 1'008'000);
+  std::filesystem::remove_all(dir);
+}
+
+// A fused group's round pays the host's fixed time fitted to fused rounds
+// (GpuSpec::host_contention_fused_us; the bench's fused micro-batches wait less than its
+// independent steps), or the independent steps' when the profile has none: with no slowdown
+// factor, every fused round of the same work takes 1.5 ms less at 0.5 ms than at the fallback's
+// 2 ms, and the independent steps before the drop are untouched.
+TEST(RuntimeFidelity, FusedRoundsPayTheirOwnFixedTime) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kun_runtime_fidelity_fused";
+  std::filesystem::create_directories(dir);
+  const auto steps = [&](std::vector<double> fused_us) {
+    DeviceProfile p;
+    p.spec.name = "test-cpu";
+    p.spec.peak_flops = 40e9;
+    p.spec.hbm_bytes_per_s = 6e9;
+    p.spec.memory_bytes = 1LL << 30;
+    p.spec.step_overhead_us = 150.0;
+    p.spec.page_bytes = 256 * 1024;
+    p.spec.table_tokens = {1, 2, 4, 8, 16, 32};
+    p.spec.table_us = {3000, 3100, 4000, 5000, 8000, 13000};
+    p.spec.sample_us = 100.0;
+    p.spec.attn_pair_us = 0.5;
+    p.spec.host_contention = {1.0, 1.0};
+    p.spec.host_contention_us = {2000.0, 2000.0};
+    p.spec.host_contention_fused_us = std::move(fused_us);
+    p.spec.measured_model = "llama-30m";
+    p.preset = "llama-30m";
+    const std::string path = (dir / "p.json").string();
+    EXPECT_TRUE(save_device_profile(p, path).ok());
+    SimConfig c;
+    c.gpu = path;
+    c.model_name = "llama-30m";
+    c.num_instances = 2;
+    c.kv_tokens_per_instance = 4096;
+    c.policy = cluster::Policy::kKunServe;
+    c.timeline_period_us = 250'000;
+    c.record_steps = true;
+    c.stale_kv = cluster::StaleKvStrategy::kRecompute;  // no remote attention: a round's cost is its work
+    c.script = {SimConfig::ScriptedTransition{500'000, {0, 1}, -1}};
+    workload::Trace t;
+    for (int i = 0; i < 40; ++i) t.requests.push_back({static_cast<std::int64_t>(i) * 50'000, 8, 400});
+    auto r = run_simulation(c, t);
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    return r.ok() ? r->steps : std::vector<RecordedStep>{};
+  };
+  // A round's duration by its work: the unit and each micro-batch's (sequences, new tokens,
+  // attended pairs); a round's micro-batches end together.
+  using Work = std::vector<std::int64_t>;
+  const auto by_work = [](const std::vector<RecordedStep>& v) {
+    std::map<std::pair<std::int64_t, std::int64_t>, std::pair<Work, std::int64_t>> rounds;  // (unit, end) ->
+    for (const RecordedStep& s : v) {
+      auto& [work, d] = rounds[{s.first_instance * 10 + s.unit_devices, s.end_us}];
+      if (work.empty()) work.push_back(s.unit_devices);
+      work.insert(work.end(), {s.sequences, s.new_tokens, s.attended_pairs});
+      d = s.duration_us;
+    }
+    std::map<Work, std::int64_t> out;
+    for (const auto& [key, round] : rounds) out[round.first] = round.second;
+    return out;
+  };
+  const std::map<Work, std::int64_t> fallback = by_work(steps({}));
+  const std::map<Work, std::int64_t> fitted = by_work(steps({500.0, 500.0}));
+  std::int64_t fused_compared = 0, independent_compared = 0;
+  for (const auto& [work, d] : fitted) {
+    const auto it = fallback.find(work);
+    if (it == fallback.end()) continue;
+    if (work.front() > 1) {
+      EXPECT_NEAR(static_cast<double>(it->second - d), 1500.0, 2.0) << "fused round of " << work.size() / 3 << " micro-batches";
+      ++fused_compared;
+    } else {
+      EXPECT_EQ(it->second, d) << "independent step of " << work[1] << " sequences";
+      ++independent_compared;
+    }
+  }
+  EXPECT_GT(fused_compared, 5);
+  EXPECT_GT(independent_compared, 2);
   std::filesystem::remove_all(dir);
 }
 

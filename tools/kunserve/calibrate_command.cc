@@ -390,18 +390,20 @@ Status run_fit_contention(const CalibrateArgs& a) {
   const sim::CostModel table(p.spec, config);
   const auto max_devices = std::max<std::int64_t>(4, static_cast<std::int64_t>(p.spec.host_contention.size()));
   const sim::HostContentionFit fit = sim::fit_host_contention(table, config.num_layers, runs, swap_us, max_devices);
-  std::cout << "| devices computing | steps | mean measured / table | fitted a | fitted b us | a 1-token step, x table |\n"
-            << "|---|---|---|---|---|---|\n";
+  std::cout << "| devices computing | steps | mean measured / table | fitted a | fitted b us | a 1-token step, x table "
+               "| fused steps | fused round b us |\n"
+            << "|---|---|---|---|---|---|---|---|\n";
   const double one = table.table_us(1);
   for (std::size_t k = 0; k < fit.factor.size(); ++k) {
     std::cout << "| " << k + 1 << " | " << fit.steps[k] << " | " << std::fixed << std::setprecision(2)
               << fit.measured_over_table[k] << " | " << fit.factor[k] << " | " << std::setprecision(0) << fit.fixed_us[k]
-              << " | " << std::setprecision(2) << (fit.factor[k] * one + fit.fixed_us[k]) / one << " |" << std::defaultfloat
-              << "\n";
+              << " | " << std::setprecision(2) << (fit.factor[k] * one + fit.fixed_us[k]) / one << " | " << fit.fused_steps[k]
+              << " | " << std::setprecision(0) << fit.fused_fixed_us[k] << " |" << std::defaultfloat << "\n";
   }
   std::cout << std::flush;
   p.spec.host_contention = fit.factor;
   p.spec.host_contention_us = fit.fixed_us;
+  p.spec.host_contention_fused_us = fit.fused_fixed_us;
   return sim::save_device_profile(p, a.out);
 }
 
