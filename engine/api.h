@@ -86,6 +86,8 @@ struct ServingStats {
   // split (ClusterRuntime::transition_failures()).
   std::map<std::string, std::int64_t> transition_failures_total;
   std::vector<double> drop_latency_ms;     // one entry per completed drop, newest last
+  std::vector<double> drop_quiesce_ms;     // of each: until its sources' steps in flight ended
+  std::vector<std::int64_t> drop_layers;   // of each: layers freed over all its members
   std::vector<double> restore_latency_ms;  // one entry per completed restore, newest last
   // Fused pipelines (groups of g > 1 stages), over their whole lifetime: stage time spent running
   // steps, and stage time idle while the group had a step in flight (bubbles).

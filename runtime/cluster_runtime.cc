@@ -678,6 +678,8 @@ engine::ServingStats ClusterRuntime::stats() const {
   out.transition_failures_total = transition_failures_;
   out.kv_blocks_exchanged_total = kv_blocks_moved_;
   out.drop_latency_ms = drop_latency_ms_;
+  out.drop_quiesce_ms = drop_quiesce_ms_;
+  out.drop_layers = drop_layers_;
   out.restore_latency_ms = restore_latency_ms_;
   fused.add(retired_pipeline_time_);
   out.pipeline_stage_busy_s = static_cast<double>(fused.busy_ns) * 1e-9;
@@ -702,6 +704,8 @@ void ClusterRuntime::record(ClusterEvent ev) {
   if (ev.kind == "drop") {
     ++drops_;
     drop_latency_ms_.push_back(ev.latency_ms);
+    drop_quiesce_ms_.push_back(ev.quiesce_ms);
+    drop_layers_.push_back(ev.layers_dropped);
   } else if (ev.kind == "restore") {
     ++restores_;
     restore_latency_ms_.push_back(ev.latency_ms);

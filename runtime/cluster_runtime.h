@@ -136,6 +136,8 @@ struct ClusterEvent {
   double latency_ms = 0;         // drop: until the group's first step; restore: the split's pause
   double gather_ms = 0;          // restore, shrink: the live gather phase, while the group kept decoding
   double begin_pause_ms = 0;     // restore, shrink: the group's pause at the start of the gather phase
+  double quiesce_ms = 0;         // drop: until its sources' steps in flight had ended (part of latency_ms)
+  std::int64_t layers_dropped = 0;  // drop: drop_layer calls that freed a layer (over all members)
   std::int64_t requests_moved = 0;
   std::int64_t kv_blocks_exchanged = 0;  // drop: stale KV spread out; restore: gathered stop-and-copy
   std::int64_t kv_blocks_gathered_live = 0;  // restore, shrink: gathered while decoding, before the switch
@@ -504,6 +506,8 @@ class ClusterRuntime final : public engine::FrontDoor {
   std::int64_t drops_ = 0, restores_ = 0, kv_blocks_moved_ = 0;  // guarded by events_mu_
   std::int64_t grows_ = 0, shrinks_ = 0;                          // guarded by events_mu_
   std::vector<double> drop_latency_ms_, restore_latency_ms_;      // guarded by events_mu_
+  std::vector<double> drop_quiesce_ms_;                            // guarded by events_mu_
+  std::vector<std::int64_t> drop_layers_;                          // guarded by events_mu_
   std::map<std::string, std::int64_t> transition_failures_;        // guarded by events_mu_
   PipelineExecutor::StageTime retired_pipeline_time_;             // guarded by events_mu_
   engine::ServingStats retired_counters_;  // guarded by events_mu_: counters of retired units

@@ -369,6 +369,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const c
     for (std::int64_t inst : s->instances) m.push_back(member_index(inst));
     member_of_device.push_back(std::move(m));
   }
+  const double quiesce_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   for (std::int64_t inst : instances) {
     const auto& source = *std::find_if(sources.begin(), sources.end(), [&](const auto& s) {
       return std::find(s->instances.begin(), s->instances.end(), inst) != s->instances.end();
@@ -415,6 +416,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const c
   // or device error) keeps that layer: the group still has every layer on its stage owner, that
   // member just has less KV room (the plan shrinks), and its restore will not pull it back.
   std::int64_t dropped_bytes = 0;
+  std::int64_t layers_dropped = 0;
   std::vector<std::pair<std::int64_t, std::int64_t>> failed_drops;
   Status drop_error;
   for (const cluster::MemberLayout& layout : plan.members) {
@@ -430,6 +432,7 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const c
       for (std::int64_t p : *pages_or) pages.push_back(memory::PageId(p));
       KUN_CHECK_OK(alloc.add_pages(pages));
       mirror_set_layer(layout.instance, l, false);
+      ++layers_dropped;
       dropped_bytes += static_cast<std::int64_t>(pages.size()) * fleet_->geometry(static_cast<int>(layout.instance)).page_bytes;
     }
   }
@@ -494,6 +497,8 @@ StatusOr<std::int64_t> ClusterRuntime::drop_locked(TransitionLock& lock, const c
   lock.lock();
   publish_successors_locked(lock, std::move(sources), {std::move(unit)});  // returns with the lock released
   ClusterEvent ev = transition_event(kind, group, instances, t0, dropped_bytes, moved);
+  ev.quiesce_ms = quiesce_ms;
+  ev.layers_dropped = layers_dropped;
   const auto lost_kv = static_cast<std::int64_t>(plan.lose_kv.size());
   ev.requests_recomputed = lost_kv;  // running at the drop, no KV now (queued preempted ones recompute anyway)
   ev.stale_requests = std::move(stale_ids);

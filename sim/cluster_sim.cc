@@ -37,6 +37,9 @@ struct ClusterSim::Unit {
   std::int64_t copy_until_us = -1;  // when those end (an event: the devices computing change)
   bool latency_pending = false;  // the host's fixed time per step not yet added (reprice does)
   std::int64_t copy_waits = 0;   // and once more after each paced swap copy (SimExecutorCounters)
+  double idle_wake_us = 0.0;     // and the host's extra time after an idle spell (GpuSpec::idle_wake_us)
+  std::int64_t step_tokens = 0;  // new tokens of the step (a fused round: its largest micro-batch)
+  double factor = 1.0;           // its slowdown since ClusterSim::contention_at_us_
   std::int64_t step_start_us = 0;
   // Fused units: live KV exchange after the drop, reverse exchange (gather) while restoring.
   struct KvMove {
@@ -164,6 +167,7 @@ StatusOr<std::unique_ptr<ClusterSim>> ClusterSim::create(const SimConfig& in) {
   rc.num_layers = m.num_layers;
   sim->router_ = std::make_unique<cluster::Router>(rc);
   for (std::int64_t i = 0; i < config.num_instances; ++i) sim->units_.push_back(sim->make_unit({i}, -1));
+  sim->last_step_end_us_.assign(static_cast<std::size_t>(config.num_instances), -1);
   return sim;
 }
 
@@ -442,6 +446,7 @@ void ClusterSim::handle_events(Unit& u, const std::vector<engine::TokenEvent>& e
 void ClusterSim::finish_step(Unit& u) {
   KUN_CHECK(u.in_flight);
   u.in_flight = false;
+  last_step_end_us_[static_cast<std::size_t>(u.members.front())] = clock_.now_us();
   if (!cost_.gpu().host_contention.empty()) {
     const std::int64_t took = std::max<std::int64_t>(1, clock_.now_us() - u.step_start_us);
     for (auto& r : u.results) r.duration_us = took;
@@ -489,7 +494,7 @@ void ClusterSim::advance_contended_steps() {
       const double copy = std::min(u->copy_left_us, elapsed);
       u->copy_left_us -= copy;
       if (u->copy_left_us < 1e-6) u->copy_left_us = 0.0;
-      u->work_left_us = std::max(0.0, u->work_left_us - (elapsed - copy) / contention_factor_);
+      u->work_left_us = std::max(0.0, u->work_left_us - (elapsed - copy) / u->factor);
     }
   }
   contention_at_us_ = now;
@@ -520,20 +525,25 @@ void ClusterSim::reprice_contended_steps() {
   // copy (a swap-out, a swap-in): the agent's thread slept on the host link and waits for a core
   // once more (measured: the bench's swap steps took 2.2 ms beyond their copies more than the
   // simulator's, at b(3-4) = 1.6-3.3 ms; the fit leaves swap steps out, so this is not fitted).
+  // An independent step's factor is a(k) times the contended shape for its size
+  // (GpuSpec::contention_shape, fitted to independent steps); a fused round's is a(k) (its stages'
+  // threads take turns on the cores, and its fixed time is fitted with a(k) alone).
   const double latency = cost_.gpu().contention_latency_us(std::max(1.0, busy));
   const double fused_latency = cost_.gpu().fused_contention_latency_us(std::max(1.0, busy));
   for (auto& u : units_) {
     if (!u->in_flight) continue;
+    u->factor = u->members.size() > 1 ? contention_factor_
+                                      : std::max(0.1, contention_factor_ * cost_.gpu().contention_shape(busy, u->step_tokens));
     if (u->latency_pending) {
       const double wait = u->members.size() > 1 ? fused_latency : latency;
-      u->work_left_us += wait * static_cast<double>(1 + u->copy_waits) / contention_factor_;
+      u->work_left_us += (wait * static_cast<double>(1 + u->copy_waits) + u->idle_wake_us) / u->factor;
       u->latency_pending = false;
     }
     // At least 1 us ahead, so that every event instant moves the clock. A step still copying has
     // an event where its forward starts (copy_until_us): the devices computing change there.
     const double copy = std::ceil(u->copy_left_us - 1e-6);
     u->copy_until_us = copy > 0 ? now + static_cast<std::int64_t>(copy) : -1;
-    u->busy_until_us = now + std::max<std::int64_t>(1, static_cast<std::int64_t>(copy + std::ceil(u->work_left_us * contention_factor_ - 1e-6)));
+    u->busy_until_us = now + std::max<std::int64_t>(1, static_cast<std::int64_t>(copy + std::ceil(u->work_left_us * u->factor - 1e-6)));
   }
 }
 
@@ -575,6 +585,11 @@ void ClusterSim::start_steps() {
     u.work_left_us = std::max(1.0, static_cast<double>(duration) - u.copy_left_us);
     u.latency_pending = true;
     u.copy_waits = u.executor->counters().last_round_copy_waits;
+    u.step_tokens = 0;
+    for (const engine::StepPlan& p : u.plans) u.step_tokens = std::max(u.step_tokens, p.num_tokens());
+    const std::int64_t last_end = last_step_end_us_[static_cast<std::size_t>(u.members.front())];
+    u.idle_wake_us = cost_.gpu().idle_wake_us(last_end < 0 ? std::numeric_limits<double>::infinity()
+                                                           : static_cast<double>(now - last_end));
     u.step_start_us = now;
     u.busy_until_us = now + std::max<std::int64_t>(1, duration);
     u.in_flight = true;
@@ -885,10 +900,8 @@ void ClusterSim::apply(const cluster::Actions& actions) {
     drop_requested_us_[d.group] = now;
     pending_drops_.push_back(d);
     events_.push_back(std::to_string(now) + " drop requested group " + std::to_string(d.group) + ": " + d.reason);
-    for (std::int64_t inst : d.instances) {
-      if (Unit* u = unit_of_instance(inst)) u->blocked = true;
-    }
   }
+  block_next_drop();
   for (const auto& r : actions.restores) {
     coordinator_->on_restore_started(r.group, now);
     restore_requested_us_[r.group] = now;
@@ -1020,25 +1033,65 @@ void ClusterSim::finish_migration(PendingMove& m) {
   coordinator_->on_migration_done(id);
 }
 
+std::int64_t ClusterSim::layers_dropped_by(const cluster::DropAction& d) const {
+  // Each member keeps its new stage's layers of those it holds now (cluster::plan_drop).
+  const std::int64_t num_layers = cost_.model().num_layers;
+  const auto g = static_cast<std::int64_t>(d.instances.size());
+  std::int64_t dropped = 0;
+  for (std::int64_t k = 0; k < g; ++k) {
+    const Unit* u = nullptr;
+    for (const auto& up : units_) {
+      if (std::find(up->members.begin(), up->members.end(), d.instances[static_cast<std::size_t>(k)]) != up->members.end()) u = up.get();
+    }
+    if (u == nullptr) continue;
+    const auto src_g = static_cast<std::int64_t>(u->members.size());
+    const auto stage = static_cast<std::int64_t>(
+        std::find(u->members.begin(), u->members.end(), d.instances[static_cast<std::size_t>(k)]) - u->members.begin());
+    const std::int64_t held_begin = cluster::stage_layer_begin(stage, src_g, num_layers);
+    const std::int64_t held_end = cluster::stage_layer_begin(stage + 1, src_g, num_layers);
+    const std::int64_t keep_begin = std::max(held_begin, cluster::stage_layer_begin(k, g, num_layers));
+    const std::int64_t keep_end = std::min(held_end, cluster::stage_layer_begin(k + 1, g, num_layers));
+    dropped += (held_end - held_begin) - std::max<std::int64_t>(0, keep_end - keep_begin);
+  }
+  return dropped;
+}
+
+void ClusterSim::block_next_drop() {
+  // The runtime's policy thread carries out one tick's drops one after another
+  // (ClusterRuntime::run_actions): a drop's sources stop (their gates close, their engines park
+  // at a step boundary) only when the drop before it has finished.
+  if (pending_drops_.empty() || clock_.now_us() < drop_busy_until_us_) return;
+  for (std::int64_t inst : pending_drops_.front().instances) {
+    if (Unit* u = unit_of_instance(inst)) u->blocked = true;
+  }
+}
+
 void ClusterSim::try_pending_transitions() {
   const std::int64_t now = clock_.now_us();
-  for (auto it = pending_drops_.begin(); it != pending_drops_.end();) {
+  block_next_drop();
+  while (!pending_drops_.empty() && now >= drop_busy_until_us_) {
+    const cluster::DropAction d = pending_drops_.front();
     bool idle = true;
-    for (std::int64_t inst : it->instances) {
+    for (std::int64_t inst : d.instances) {
       Unit* u = unit_of_instance(inst);
-      if (u == nullptr || u->in_flight) idle = false;
+      if (u == nullptr || u->in_flight || !u->blocked) idle = false;
     }
-    if (!idle) {
-      ++it;
-      continue;
-    }
-    fuse(*it);
-    coordinator_->on_drop_done(it->group, now);
-    ++(it->absorbs.empty() ? counters_.drops : counters_.grows);
-    const double ms = static_cast<double>(now - drop_requested_us_[it->group]) / 1000.0;
+    if (!idle) break;
+    // Fused at this step boundary; then the members free their dropped layers, one control
+    // round trip each (GpuSpec::drop_layer_us), before the group's first step.
+    const std::int64_t layers = layers_dropped_by(d);
+    fuse(d);
+    const auto work = static_cast<std::int64_t>(std::llround(cost_.gpu().drop_layer_us * static_cast<double>(layers)));
+    const std::int64_t done = now + work;
+    if (Unit* g = unit_of_instance(d.instances.front()); g != nullptr && work > 0) g->resume_us = std::max(g->resume_us, done);
+    drop_busy_until_us_ = done;
+    coordinator_->on_drop_done(d.group, now);
+    ++(d.absorbs.empty() ? counters_.drops : counters_.grows);
+    const double ms = static_cast<double>(done - drop_requested_us_[d.group]) / 1000.0;
     counters_.drop_latency_ms.push_back(ms);
-    events_.push_back(std::to_string(now) + " drop done group " + std::to_string(it->group));
-    it = pending_drops_.erase(it);
+    events_.push_back(std::to_string(done) + " drop done group " + std::to_string(d.group));
+    pending_drops_.erase(pending_drops_.begin());
+    block_next_drop();
   }
   for (auto it = pending_restores_.begin(); it != pending_restores_.end();) {
     std::int64_t idx = -1;
@@ -1202,6 +1255,7 @@ StatusOr<SimReport> ClusterSim::run(const workload::Trace& trace) {
       if (r.ready_us > clock_.now_us()) t = std::min(t, r.ready_us);
     }
     for (const auto& m : pending_moves_) t = std::min(t, m.ready_us);
+    if (!pending_drops_.empty() && drop_busy_until_us_ > clock_.now_us()) t = std::min(t, drop_busy_until_us_);  // the next drop starts
     for (const auto& u : units_) {
       if (!u->in_flight && u->resume_us > clock_.now_us() && u->scheduler->has_unfinished()) {
         t = std::min(t, u->resume_us);  // a split's stop-and-copy ends

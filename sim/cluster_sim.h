@@ -259,6 +259,8 @@ class ClusterSim {
   void apply(const cluster::Actions& actions);
   void try_pending_transitions();
   void run_script();  // SimConfig::script entries now due
+  void block_next_drop();  // stops the front pending drop's sources once the drop before it is done
+  std::int64_t layers_dropped_by(const cluster::DropAction& d) const;  // over its members, as planned
   void fuse(const cluster::DropAction& drop);
   cluster::TransitionGeometry transition_geometry() const;
   void record_plan(const std::string& kind, std::int64_t group, std::string plan);
@@ -299,6 +301,9 @@ class ClusterSim {
   std::vector<workload::RequestRecord> records_;
   std::vector<RecordedStep> steps_;  // config_.record_steps
   std::vector<std::int64_t> generated_;        // output tokens so far per trace index
+  // When the last step of a unit with this first instance ended (-1: none yet), for the host's
+  // extra time on a step after an idle spell (GpuSpec::idle_wake_us, sim::idle_before).
+  std::vector<std::int64_t> last_step_end_us_;
   std::vector<std::int32_t> max_tokens_;       // after clipping
   std::vector<std::int32_t> prompt_tokens_;    // after clipping
   std::vector<workload::GaugeSample> gauges_;
@@ -310,7 +315,8 @@ class ClusterSim {
   std::int64_t contention_at_us_ = 0;  // host contention: the last event instant charged
   double contention_factor_ = 1.0;     // and the slowdown in effect since
   // Pending transitions and in-flight migrations.
-  std::vector<cluster::DropAction> pending_drops_;
+  std::vector<cluster::DropAction> pending_drops_;  // in order; the front one runs (block_next_drop)
+  std::int64_t drop_busy_until_us_ = 0;             // the drop in progress frees its layers until then
   struct PendingRestore {
     std::int64_t group = -1;
     std::int64_t ready_us = 0;  // weights pulled and KV gathered (or the gather timed out)

@@ -104,6 +104,30 @@ double GpuSpec::contention_latency_us(double busy_devices) const {
   return std::max(0.0, interpolate_by_devices(host_contention_us, busy_devices));
 }
 
+double GpuSpec::contention_shape(double busy_devices, std::int64_t new_tokens) const {
+  if (host_contention_tokens.empty()) return 1.0;
+  std::size_t bin = 0;
+  for (std::size_t i = 0; i < table_tokens.size(); ++i) {
+    if (static_cast<double>(new_tokens) >= table_tokens[i]) bin = i;
+  }
+  const auto at = [&](std::size_t row) {
+    const std::vector<double>& r = host_contention_tokens[std::min(row, host_contention_tokens.size() - 1)];
+    return bin < r.size() ? r[bin] : 1.0;
+  };
+  if (busy_devices <= 1.0) return at(0);
+  const auto lo = static_cast<std::size_t>(std::floor(busy_devices));  // >= 1
+  const double frac = busy_devices - static_cast<double>(lo);
+  return at(lo - 1) * (1.0 - frac) + at(lo) * frac;
+}
+
+double GpuSpec::idle_wake_us(double idle_us) const {
+  double out = 0.0;
+  for (std::size_t i = 0; i < host_idle_gap_us.size() && i < host_idle_us.size(); ++i) {
+    if (idle_us >= host_idle_gap_us[i]) out = host_idle_us[i];
+  }
+  return out;
+}
+
 double GpuSpec::fused_contention_latency_us(double busy_devices) const {
   if (host_contention_fused_us.empty()) return contention_latency_us(busy_devices);
   return std::max(0.0, interpolate_by_devices(host_contention_fused_us, busy_devices));

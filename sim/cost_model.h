@@ -78,6 +78,27 @@ struct GpuSpec {
   // engine's turnaround for one slot overlaps the others' compute (measured on this 2-core host
   // at 4 devices computing: about 1.3-1.9 ms per round against 2.2-3.3 ms per independent step).
   std::vector<double> host_contention_fused_us;
+  // And a step that starts on a unit idle for at least host_idle_gap_us[i] (increasing; the
+  // largest knot at or below the spell) takes host_idle_us[i] more (fitted to a run's steps,
+  // sim/device_profile.h; empty: nothing). Measured on this host: a lone request's decode step
+  // after 30-300 ms idle took 4.2-6.0 ms against 2.2-2.5 ms right after another step (the
+  // woken device thread and its cold caches; the fit of a(1) averaged the two before).
+  std::vector<double> host_idle_gap_us;
+  std::vector<double> host_idle_us;
+  // And the contended independent step's shape (fitted to a run's steps, sim/device_profile.h;
+  // a fused round gets a(k) alone): at k devices
+  // computing, a step of new tokens in [table_tokens[i], table_tokens[i + 1]) is slowed by
+  // host_contention[k-1] x host_contention_tokens[k-1][i] (empty, or a row shorter than the
+  // table: 1). Measured: at 4 devices on this 2-core host a 1-token decode step took 2.9x its
+  // table time, one of 3-4 tokens 4.9x, a 17-32-token prefill 2.1x, though the one-device table
+  // is flat from 1 to 4 tokens; one factor per k put the simulated baselines' busy decode steps
+  // 20-25 % short.
+  std::vector<std::vector<double>> host_contention_tokens;
+  // A drop's time per layer freed, after its sources' steps in flight ended: the runtime's
+  // control round trip with the member's agent (drop_layer), which returns the layer's pages
+  // (fitted to a run's drops, `bench` runtime.drop_quiesce_ms / drop_layers; measured on this
+  // 2-core host: 11-14 ms for the 8 layers a pair of llama-30m instances frees). 0: none (GPUs).
+  double drop_layer_us = 0.0;
   std::int64_t page_bytes = 0;  // the device's memory page (0: the simulator's default)
   // Measured step-time table (a CPU profile, sim/device_profile.h), replacing the roofline: a
   // step of an instance computing t new tokens (all L layers, embedding, LM head for one
@@ -98,6 +119,11 @@ struct GpuSpec {
   double contention_latency_us(double busy_devices) const;
   // host_contention_fused_us at `busy_devices`, or contention_latency_us when that is empty.
   double fused_contention_latency_us(double busy_devices) const;
+  // host_contention_tokens at `busy_devices` (linear between counts, the last row beyond) for a
+  // step of `new_tokens` (1 when empty).
+  double contention_shape(double busy_devices, std::int64_t new_tokens) const;
+  // host_idle_us for a step after `idle_us` of idleness (0 below the first knot or when empty).
+  double idle_wake_us(double idle_us) const;
 };
 
 // "a100" / "a100-80gb", "h100" / "h100-80gb", "h200", or the path of a measured device profile

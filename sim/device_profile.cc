@@ -1,6 +1,8 @@
 #include "sim/device_profile.h"
 
 #include <algorithm>
+#include <limits>
+#include <map>
 #include <charconv>
 #include <cmath>
 #include <fstream>
@@ -32,6 +34,10 @@ nlohmann::json spec_to_json(const GpuSpec& g) {
           {"host_contention", g.host_contention},
           {"host_contention_us", g.host_contention_us},
           {"host_contention_fused_us", g.host_contention_fused_us},
+          {"host_idle_gap_us", g.host_idle_gap_us},
+          {"host_idle_us", g.host_idle_us},
+          {"host_contention_tokens", g.host_contention_tokens},
+          {"drop_layer_us", g.drop_layer_us},
           {"table_tokens", g.table_tokens},
           {"table_us", g.table_us},
           {"sample_us", g.sample_us},
@@ -60,6 +66,10 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
     g.host_contention = j.at("host_contention").get<std::vector<double>>();
     g.host_contention_us = j.value("host_contention_us", std::vector<double>{});
     g.host_contention_fused_us = j.value("host_contention_fused_us", std::vector<double>{});
+    g.host_idle_gap_us = j.value("host_idle_gap_us", std::vector<double>{});
+    g.host_idle_us = j.value("host_idle_us", std::vector<double>{});
+    g.host_contention_tokens = j.value("host_contention_tokens", std::vector<std::vector<double>>{});
+    g.drop_layer_us = j.value("drop_layer_us", 0.0);
     g.table_tokens = j.value("table_tokens", std::vector<double>{});
     g.table_us = j.value("table_us", std::vector<double>{});
     g.sample_us = j.value("sample_us", 0.0);
@@ -93,6 +103,23 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
   }
   for (double c : g.host_contention_fused_us) {
     if (!(c >= 0)) return invalid_argument("device profile '" + g.name + "': host_contention_fused_us entries must be >= 0");
+  }
+  if (!g.host_contention_tokens.empty() && g.host_contention_tokens.size() != g.host_contention.size()) {
+    return invalid_argument("device profile '" + g.name + "': host_contention_tokens must be empty or one row per host_contention entry");
+  }
+  for (const auto& row : g.host_contention_tokens) {
+    for (double c : row) {
+      if (!(c > 0)) return invalid_argument("device profile '" + g.name + "': host_contention_tokens entries must be > 0");
+    }
+  }
+  if (!(g.drop_layer_us >= 0)) return invalid_argument("device profile '" + g.name + "': drop_layer_us must be >= 0");
+  if (g.host_idle_gap_us.size() != g.host_idle_us.size()) {
+    return invalid_argument("device profile '" + g.name + "': host_idle_gap_us and host_idle_us differ in length");
+  }
+  for (std::size_t i = 0; i < g.host_idle_gap_us.size(); ++i) {
+    if (!(g.host_idle_gap_us[i] > (i == 0 ? 0.0 : g.host_idle_gap_us[i - 1])) || !(g.host_idle_us[i] >= 0)) {
+      return invalid_argument("device profile '" + g.name + "': host_idle_gap_us must increase from > 0, host_idle_us be >= 0");
+    }
   }
   g.calibrated = true;
   return g;
@@ -486,41 +513,64 @@ std::vector<double> devices_computing(std::span<const RecordedStep> steps, doubl
   return out;
 }
 
+std::vector<double> default_idle_gap_knots_us() { return {10'000.0, 30'000.0, 100'000.0, 300'000.0}; }
+
+std::vector<double> idle_before(std::span<const RecordedStep> steps) {
+  std::vector<std::size_t> order(steps.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  const auto start = [&](std::size_t i) { return steps[i].end_us - steps[i].duration_us; };
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return start(a) < start(b); });
+  std::map<std::int64_t, std::int64_t> last_end;  // first instance -> latest end so far
+  std::vector<double> out(steps.size(), std::numeric_limits<double>::infinity());
+  for (std::size_t i : order) {
+    const auto it = last_end.find(steps[i].first_instance);
+    if (it != last_end.end()) {
+      out[i] = static_cast<double>(std::max<std::int64_t>(0, start(i) - it->second));
+      it->second = std::max(it->second, steps[i].end_us);
+    } else {
+      last_end.emplace(steps[i].first_instance, steps[i].end_us);
+    }
+  }
+  return out;
+}
+
 HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_layers,
                                       std::span<const std::vector<RecordedStep>> runs, double swap_us_per_block,
                                       std::int64_t max_devices, std::int64_t min_steps) {
   KUN_CHECK_GE(max_devices, 1);
-  std::vector<std::vector<std::pair<double, double>>> samples(static_cast<std::size_t>(max_devices));
+  const std::vector<double> gaps = default_idle_gap_knots_us();
+  // Every step without swap copies, by kind: (table, measured, devices computing, idle before).
+  struct Sample {
+    double predicted, measured;
+    std::int64_t k;
+    double idle_us;
+    bool fused;
+    std::int64_t tokens;
+  };
+  std::vector<Sample> all;
   for (const std::vector<RecordedStep>& run : runs) {
     const std::vector<double> busy = devices_computing(run, swap_us_per_block);
+    const std::vector<double> idle = idle_before(run);
     for (std::size_t i = 0; i < run.size(); ++i) {
       const RecordedStep& r = run[i];
-      if (r.unit_devices != 1 || r.swap_blocks > 0 || r.sequences == 0) continue;
-      const auto k = std::clamp<std::int64_t>(std::llround(busy[i]), 1, max_devices);
+      if (r.swap_blocks > 0 || r.sequences == 0) continue;
       CostModel::BatchTerms b;
       b.tokens = r.new_tokens;
       b.sampled = r.sampled;
       b.pairs = static_cast<double>(r.attended_pairs);
-      samples[static_cast<std::size_t>(k - 1)].emplace_back(cost.step_us(b, num_layers, true, true),
-                                                             static_cast<double>(r.duration_us));
+      all.push_back(Sample{cost.step_us(b, num_layers, true, true), static_cast<double>(r.duration_us),
+                           std::clamp<std::int64_t>(std::llround(busy[i]), 1, max_devices), idle[i], r.unit_devices > 1,
+                           r.new_tokens});
     }
+  }
+  // a(k), b(k) over the independent steps that did not start after an idle spell.
+  std::vector<std::vector<std::pair<double, double>>> samples(static_cast<std::size_t>(max_devices));
+  std::vector<std::vector<std::pair<double, double>>> fused(static_cast<std::size_t>(max_devices));
+  for (const Sample& s : all) {
+    if (s.idle_us >= gaps.front()) continue;
+    (s.fused ? fused : samples)[static_cast<std::size_t>(s.k - 1)].emplace_back(s.predicted, s.measured);
   }
   HostContentionFit fit;
-  std::vector<std::vector<std::pair<double, double>>> fused(static_cast<std::size_t>(max_devices));
-  for (const std::vector<RecordedStep>& run : runs) {
-    const std::vector<double> busy = devices_computing(run, swap_us_per_block);
-    for (std::size_t i = 0; i < run.size(); ++i) {
-      const RecordedStep& r = run[i];
-      if (r.unit_devices < 2 || r.swap_blocks > 0 || r.sequences == 0) continue;
-      const auto k = std::clamp<std::int64_t>(std::llround(busy[i]), 1, max_devices);
-      CostModel::BatchTerms b;
-      b.tokens = r.new_tokens;
-      b.sampled = r.sampled;
-      b.pairs = static_cast<double>(r.attended_pairs);
-      fused[static_cast<std::size_t>(k - 1)].emplace_back(cost.step_us(b, num_layers, true, true),
-                                                           static_cast<double>(r.duration_us));
-    }
-  }
   for (std::int64_t k = 1; k <= max_devices; ++k) {
     const auto& v = samples[static_cast<std::size_t>(k - 1)];
     double predicted = 0, measured = 0;
@@ -540,12 +590,44 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
     fit.factor.push_back(c.factor);
     fit.fixed_us.push_back(c.fixed_us);
   }
+  // The contended step's shape: per count and step-table bin of new tokens, the independent
+  // steps' sum of (measured - b) over the sum of a x table (1 with fewer than min_steps).
+  const std::vector<double>& knots = cost.gpu().table_tokens;
+  const auto bin_of = [&](std::int64_t tokens) {
+    std::size_t bin = 0;
+    for (std::size_t i = 0; i < knots.size(); ++i) {
+      if (static_cast<double>(tokens) >= knots[i]) bin = i;
+    }
+    return bin;
+  };
+  if (!knots.empty()) {
+    std::vector<std::vector<double>> over(static_cast<std::size_t>(max_devices), std::vector<double>(knots.size(), 0.0));
+    std::vector<std::vector<double>> under = over;
+    std::vector<std::vector<std::int64_t>> n(static_cast<std::size_t>(max_devices), std::vector<std::int64_t>(knots.size(), 0));
+    for (const Sample& s : all) {
+      if (s.fused || s.idle_us >= gaps.front()) continue;
+      const auto k = static_cast<std::size_t>(s.k - 1);
+      const std::size_t b = bin_of(s.tokens);
+      over[k][b] += s.measured - fit.fixed_us[k];
+      under[k][b] += fit.factor[k] * s.predicted;
+      ++n[k][b];
+    }
+    for (std::size_t k = 0; k < over.size(); ++k) {
+      std::vector<double> row(knots.size(), 1.0);
+      for (std::size_t b = 0; b < knots.size(); ++b) {
+        if (n[k][b] >= min_steps && under[k][b] > 0) row[b] = std::max(0.1, over[k][b] / under[k][b]);
+      }
+      fit.token_shape.push_back(std::move(row));
+    }
+  }
+  const auto shape = [&](std::int64_t k, std::int64_t tokens) {
+    return fit.token_shape.empty() ? 1.0 : fit.token_shape[static_cast<std::size_t>(k - 1)][bin_of(tokens)];
+  };
   // A fused round's fixed time, at each count's factor: the mean of measured - a x table over
   // the micro-batches (a micro-batch's trip through every stage is the whole model's table).
   for (std::int64_t k = 1; k <= max_devices; ++k) {
     const auto& v = fused[static_cast<std::size_t>(k - 1)];
     fit.fused_steps.push_back(static_cast<std::int64_t>(v.size()));
-    const double a = fit.factor[static_cast<std::size_t>(k - 1)];
     if (static_cast<std::int64_t>(v.size()) < min_steps) {
       // Too few: the count below's fused value, or this count's independent-step value.
       fit.fused_fixed_us.push_back(k > 1 && fit.fused_steps[static_cast<std::size_t>(k - 2)] >= min_steps
@@ -554,8 +636,30 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
       continue;
     }
     double residual = 0.0;
-    for (const auto& [x, y] : v) residual += y - a * x;
+    for (const Sample& s : all) {
+      if (s.fused && s.k == k && s.idle_us < gaps.front()) residual += s.measured - fit.factor[static_cast<std::size_t>(k - 1)] * s.predicted;
+    }
     fit.fused_fixed_us.push_back(std::max(0.0, residual / static_cast<double>(v.size())));
+  }
+  // The steps after an idle spell: what they took beyond their kind's a x table + b, by the
+  // spell's length (knot i: idle at least gaps[i], less than gaps[i + 1]).
+  std::vector<double> extra(gaps.size(), 0.0);
+  std::vector<std::int64_t> count(gaps.size(), 0);
+  for (const Sample& s : all) {
+    if (s.idle_us < gaps.front()) continue;
+    const auto bin = static_cast<std::size_t>(std::upper_bound(gaps.begin(), gaps.end(), s.idle_us) - gaps.begin()) - 1;
+    const auto k = static_cast<std::size_t>(s.k - 1);
+    extra[bin] += s.measured - (fit.factor[k] * (s.fused ? 1.0 : shape(s.k, s.tokens)) * s.predicted +
+                                (s.fused ? fit.fused_fixed_us[k] : fit.fixed_us[k]));
+    ++count[bin];
+  }
+  fit.idle_gap_us = gaps;
+  fit.idle_steps = count;
+  for (std::size_t i = 0; i < gaps.size(); ++i) {
+    // Too few: the shorter spell's value (the first: none).
+    const double v = count[i] >= kMinIdleSteps ? std::max(0.0, extra[i] / static_cast<double>(count[i]))
+                                               : (i > 0 ? fit.idle_us.back() : 0.0);
+    fit.idle_us.push_back(v);
   }
   return fit;
 }

@@ -112,11 +112,22 @@ StatusOr<std::vector<RecordedStep>> parse_recorded_steps(const std::string& csv,
 // the paced host link and compute nothing).
 std::vector<double> devices_computing(std::span<const RecordedStep> steps, double swap_us_per_block);
 
+// For each step of one run, how long its unit had been idle before it started: since the latest
+// end of a step whose unit had the same first instance (a fused group's first step follows its
+// first member's last step; in the simulator likewise, ClusterSim::start_steps); the first step
+// of each first instance: infinity.
+std::vector<double> idle_before(std::span<const RecordedStep> steps);
+// The idle spells fit_host_contention bins the steps after (GpuSpec::host_idle_gap_us): 10, 30,
+// 100 and 300 ms.
+std::vector<double> default_idle_gap_knots_us();
+inline constexpr std::int64_t kMinIdleSteps = 5;
+
 // Host contention fitted to real runs' own steps (the simulator's a(k) x table + b(k),
 // GpuSpec::host_contention / host_contention_us): each run's independent-instance steps without
 // swap copies are binned by devices_computing (rounded, 1..max_devices) and fit_contention gives
 // a and b per count against `cost`'s prediction for the step; a count with fewer than min_steps
-// steps takes the previous count's values (count 1: a = 1, b = 0).
+// steps takes the previous count's values (count 1: a = 1, b = 0). Steps that started after an
+// idle spell of 10 ms or more (idle_before) are fitted apart (idle_us below).
 struct HostContentionFit {
   std::vector<double> factor;          // a, by device count 1..max_devices
   std::vector<double> fixed_us;        // b
@@ -127,6 +138,18 @@ struct HostContentionFit {
   // count below's fused value if it had enough, else fixed_us.
   std::vector<double> fused_fixed_us;
   std::vector<std::int64_t> fused_steps;
+  // GpuSpec::host_idle_gap_us / host_idle_us: steps that started after their unit idled at least
+  // idle_gap_us[i] (less than the next knot) took idle_us[i] beyond their kind's a x table + b, on
+  // average (fewer than kMinIdleSteps: the shorter spell's value, the first 0). Those steps are
+  // left out of a, b and the fused b.
+  std::vector<double> idle_gap_us;
+  std::vector<double> idle_us;
+  std::vector<std::int64_t> idle_steps;
+  // GpuSpec::host_contention_tokens: per count, per bin of the step table's token knots, the
+  // independent steps' sum of (measured - b) over the sum of a x table (fewer than min_steps in a
+  // bin: 1); empty when the profile has no step table. idle_us is fitted with it; the fused b
+  // without it (a fused round is slowed by a alone, ClusterSim::reprice_contended_steps).
+  std::vector<std::vector<double>> token_shape;
 };
 HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_layers,
                                       std::span<const std::vector<RecordedStep>> runs, double swap_us_per_block,

@@ -301,6 +301,43 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   bad = load_device_profile(path);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("host_contention_fused_us"), std::string::npos) << bad.status().to_string();
+  // The contended shape by the step table's token bins, the idle spells and the drop's time per
+  // layer travel too; the shape interpolates between device counts, bins by the table's knots.
+  p.spec.host_contention_tokens = {{1.0, 1.0}, {0.5, 2.0}};
+  p.spec.host_idle_gap_us = {10'000.0, 30'000.0};
+  p.spec.host_idle_us = {1000.0, 2500.0};
+  p.spec.drop_layer_us = 1500.0;
+  ASSERT_TRUE(save_device_profile(p, path).ok());
+  loaded = load_device_profile(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
+  EXPECT_EQ(loaded->spec.host_contention_tokens, p.spec.host_contention_tokens);
+  EXPECT_DOUBLE_EQ(loaded->spec.drop_layer_us, 1500.0);
+  ASSERT_GE(loaded->spec.table_tokens.size(), 3u);  // knots 1, 2, 4, ...: bin 0 is 1 token, bin 1 is 2-3
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 1), 0.5);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 3), 2.0);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(1.5, 3), 1.5);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 16), 1.0);  // a bin past the row: 1
+  EXPECT_DOUBLE_EQ(loaded->spec.idle_wake_us(5'000.0), 0.0);
+  EXPECT_DOUBLE_EQ(loaded->spec.idle_wake_us(20'000.0), 1000.0);
+  EXPECT_DOUBLE_EQ(loaded->spec.idle_wake_us(1e9), 2500.0);
+  j = p.to_json();
+  j["spec"]["host_contention_tokens"] = {{1.0}};
+  {
+    std::ofstream f(path);
+    f << j.dump();
+  }
+  bad = load_device_profile(path);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("host_contention_tokens"), std::string::npos) << bad.status().to_string();
+  j = p.to_json();
+  j["spec"]["host_idle_us"] = {1000.0};
+  {
+    std::ofstream f(path);
+    f << j.dump();
+  }
+  bad = load_device_profile(path);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("host_idle"), std::string::npos) << bad.status().to_string();
   std::filesystem::remove_all(dir);
 }
 
@@ -419,8 +456,29 @@ TEST(DeviceProfile, FitHostContentionRecoversTheRunsCurves) {
   }
   run.push_back(RecordedStep{t + 5000, 5000, 2, 1, 1, 1, 10, 0});        // a fused step alone: too few at 1
   run.push_back(RecordedStep{t + 20000, 9000, 1, 1, 1, 1, 10, 3});       // swap copies
+  t += 20000;
+  for (int i = 0; i < 6; ++i) {  // alone after 50 ms idle: 2 ms more than the table
+    t += 50'000;
+    const auto d = static_cast<std::int64_t>(predicted(1) + 2000.0);
+    run.push_back(RecordedStep{t + d, d, 1, 1, 1, 1, 10, 0});
+    t += d;
+  }
   const std::vector<std::vector<RecordedStep>> runs{run};
   const HostContentionFit fit = fit_host_contention(cost, m.num_layers, runs, 0.0, 3);
+  // Idle spells: the 6 steps after 50 ms took 2 ms more; the run's first step (no step before
+  // it: an infinite spell, alone) is the only one in the last bin, which takes the shorter
+  // spell's value; nothing in the first bin: 0.
+  EXPECT_EQ(fit.idle_gap_us, default_idle_gap_knots_us());
+  EXPECT_EQ(fit.idle_steps, (std::vector<std::int64_t>{0, 6, 0, 1}));
+  ASSERT_EQ(fit.idle_us.size(), 4u);
+  EXPECT_DOUBLE_EQ(fit.idle_us[0], 0.0);
+  EXPECT_NEAR(fit.idle_us[1], 2000.0, 2.0);
+  EXPECT_EQ(fit.idle_us[2], fit.idle_us[1]);
+  EXPECT_EQ(fit.idle_us[3], fit.idle_us[2]);
+  // Steps that follow a x table + b exactly have no shape beyond it.
+  for (const auto& row : fit.token_shape) {
+    for (double v : row) EXPECT_NEAR(v, 1.0, 0.01);
+  }
   // Fused rounds: their own fixed time at the count's factor; too few at a count: the count
   // below's fused value if it had enough, else the independent steps' value.
   EXPECT_EQ(fit.fused_steps, (std::vector<std::int64_t>{1, 60, 0}));
@@ -429,7 +487,7 @@ TEST(DeviceProfile, FitHostContentionRecoversTheRunsCurves) {
   EXPECT_NEAR(fit.fused_fixed_us[1], 300.0, 2.0);
   EXPECT_EQ(fit.fused_fixed_us[2], fit.fused_fixed_us[1]);
   ASSERT_EQ(fit.factor.size(), 3u);
-  EXPECT_EQ(fit.steps, (std::vector<std::int64_t>{60, 120, 0}));
+  EXPECT_EQ(fit.steps, (std::vector<std::int64_t>{59, 120, 0}));  // the run's first step follows an idle spell
   EXPECT_NEAR(fit.factor[0], 1.0, 1e-3);
   EXPECT_NEAR(fit.fixed_us[0], 0.0, 1.0);
   EXPECT_NEAR(fit.factor[1], 1.5, 1e-3);

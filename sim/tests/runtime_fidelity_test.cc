@@ -237,5 +237,116 @@ TEST(RuntimeFidelity, FusedRoundsPayTheirOwnFixedTime) {
   std::filesystem::remove_all(dir);
 }
 
+DeviceProfile flat_cpu_profile() {
+  DeviceProfile p;
+  p.spec.name = "test-cpu";
+  p.spec.peak_flops = 40e9;
+  p.spec.hbm_bytes_per_s = 6e9;
+  p.spec.memory_bytes = 1LL << 30;
+  p.spec.step_overhead_us = 150.0;
+  p.spec.page_bytes = 256 * 1024;
+  p.spec.table_tokens = {1, 2, 4, 8, 16, 32};
+  p.spec.table_us = {3000, 3100, 4000, 5000, 8000, 13000};
+  p.spec.sample_us = 100.0;
+  p.spec.attn_pair_us = 0.5;
+  p.spec.host_contention = {1.0, 1.0, 1.0, 1.0};
+  p.spec.host_contention_us = {0.0, 0.0, 0.0, 0.0};
+  p.spec.measured_model = "llama-30m";
+  p.preset = "llama-30m";
+  return p;
+}
+
+StatusOr<SimReport> simulate_with(const DeviceProfile& p, SimConfig c, const workload::Trace& t, const std::string& name) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / ("kun_runtime_fidelity_" + name);
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "p.json").string();
+  if (Status s = save_device_profile(p, path); !s.ok()) return s;
+  c.gpu = path;
+  c.model_name = "llama-30m";
+  auto r = run_simulation(c, t);
+  std::filesystem::remove_all(dir);
+  return r;
+}
+
+// A step after its instance idled pays the host's extra time for the spell (the bench's lone
+// requests: 6-8 ms to the first token against 3 ms simulated before): two lone requests, the
+// first at the start (no step before: an infinite spell), the second 500 ms after, each 3 ms
+// later than without it; the decode steps right after their prefill pay nothing.
+TEST(RuntimeFidelity, StepsAfterAnIdleSpellPayTheHostsWakeUp) {
+  const auto run = [&](std::vector<double> idle_us) {
+    DeviceProfile p = flat_cpu_profile();
+    p.spec.host_idle_gap_us = {10'000.0, 100'000.0};
+    p.spec.host_idle_us = std::move(idle_us);
+    SimConfig c;
+    c.num_instances = 1;
+    c.kv_tokens_per_instance = 4096;
+    c.policy = cluster::Policy::kRecompute;
+    workload::Trace t;
+    t.requests.push_back({0, 8, 4});
+    t.requests.push_back({500'000, 8, 4});
+    auto r = simulate_with(p, c, t, "idle");
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    std::vector<std::int64_t> ttft, e2e;
+    if (r.ok()) {
+      for (const auto& rec : r->records) {
+        ttft.push_back(rec.first_token_us - rec.arrival_us);
+        e2e.push_back(rec.finish_us - rec.first_token_us);
+      }
+    }
+    return std::make_pair(ttft, e2e);
+  };
+  const auto [ttft0, decode0] = run({0.0, 0.0});
+  const auto [ttft1, decode1] = run({1000.0, 3000.0});
+  ASSERT_EQ(ttft0.size(), 2u);
+  ASSERT_EQ(ttft1.size(), 2u);
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_NEAR(static_cast<double>(ttft1[i] - ttft0[i]), 3000.0, 2.0) << "request " << i;
+    EXPECT_NEAR(static_cast<double>(decode1[i] - decode0[i]), 0.0, 2.0) << "request " << i;
+  }
+}
+
+// The runtime carries out one tick's drops one after another (ClusterRuntime::run_actions), and
+// a drop frees its members' layers after their steps end, one control round trip per layer
+// (GpuSpec::drop_layer_us): two pairs of llama-30m (8 layers freed each) dropped at the same tick
+// at 1 ms per layer finish 8 ms and 16 ms after the tick plus their steps in flight; without the
+// per-layer time they finish when their steps end.
+TEST(RuntimeFidelity, OneTicksDropsRunOneAfterAnother) {
+  const auto done_after_request = [&](double layer_us) {
+    DeviceProfile p = flat_cpu_profile();
+    p.spec.drop_layer_us = layer_us;
+    SimConfig c;
+    c.num_instances = 4;
+    c.kv_tokens_per_instance = 4096;
+    c.policy = cluster::Policy::kKunServe;
+    c.timeline_period_us = 250'000;
+    c.route = cluster::RoutePolicy::kRoundRobin;
+    c.script = {SimConfig::ScriptedTransition{500'000, {0, 1}, -1}, SimConfig::ScriptedTransition{500'000, {2, 3}, -1}};
+    workload::Trace t;
+    for (int i = 0; i < 8; ++i) t.requests.push_back({0, 8, 200});
+    auto r = simulate_with(p, c, t, "drops");
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    std::vector<std::int64_t> requested, done;
+    if (r.ok()) {
+      for (const std::string& e : r->events) {
+        if (e.find("drop requested") != std::string::npos) requested.push_back(std::stoll(e));
+        if (e.find("drop done") != std::string::npos) done.push_back(std::stoll(e));
+      }
+    }
+    EXPECT_EQ(requested.size(), 2u);
+    EXPECT_EQ(done.size(), 2u);
+    return std::make_pair(requested, done);
+  };
+  const auto [req0, done0] = done_after_request(0.0);
+  const auto [req1, done1] = done_after_request(1000.0);
+  ASSERT_EQ(done0.size(), 2u);
+  ASSERT_EQ(done1.size(), 2u);
+  // Without the layers' time: each when its pair's steps in flight end (the second pair stops
+  // only once the first drop is done, here the same instant); with it, 8 ms each, in turn.
+  EXPECT_GE(done1[0] - req1[0], 8000);
+  EXPECT_EQ(done1[0] - done0[0], 8000);
+  EXPECT_GE(done1[1] - done1[0], 8000);
+  EXPECT_LT(done1[1] - done1[0], 8000 + 6000);  // at most one decode step of the second pair before it stops
+}
+
 }  // namespace
 }  // namespace kun::sim

@@ -98,6 +98,8 @@ StatusOr<PolicyRun> run_in_process(const BenchArgs& a, const model::WeightSource
   run.extra["grows"] = st.grows_total;  // regroups of live groups (runtime/cluster_regroup.cc)
   run.extra["shrinks"] = st.shrinks_total;
   run.extra["drop_latency_ms"] = st.drop_latency_ms;
+  run.extra["drop_quiesce_ms"] = st.drop_quiesce_ms;  // per drop: the part spent waiting for steps in flight
+  run.extra["drop_layers"] = st.drop_layers;          // per drop: layers freed (sim: GpuSpec::drop_layer_us)
   run.extra["restore_latency_ms"] = st.restore_latency_ms;
   run.extra["kv_blocks_migrated"] = st.kv_blocks_exchanged_total;
   const double stage_s = st.pipeline_stage_busy_s + st.pipeline_stage_idle_s;

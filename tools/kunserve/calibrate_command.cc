@@ -387,6 +387,33 @@ Status run_fit_contention(const CalibrateArgs& a) {
     }
     if (blocks > 0) swap_us = swap_bytes / static_cast<double>(blocks) / (a.host_link_gbps * 1e9) * 1e6;
   }
+  if (!a.bench_json.empty()) {
+    // A drop's time per layer freed: its latency beyond waiting for its sources' steps in
+    // flight, over the layers its members freed (the runtime's runtime.drop_quiesce_ms / drop_layers).
+    Status read;
+    const std::string text = read_whole_file(a.bench_json, &read);
+    KUN_RETURN_IF_ERROR(read);
+    const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) return invalid_argument("'" + a.bench_json + "' is not JSON");
+    double work_ms = 0;
+    std::int64_t layers = 0;
+    for (const nlohmann::json& r : j.is_array() ? j : nlohmann::json::array({j})) {
+      const nlohmann::json rt = r.value("runtime", nlohmann::json::object());
+      const auto latency = rt.value("drop_latency_ms", std::vector<double>{});
+      const auto quiesce = rt.value("drop_quiesce_ms", std::vector<double>{});
+      const auto dropped = rt.value("drop_layers", std::vector<std::int64_t>{});
+      if (quiesce.size() != latency.size() || dropped.size() != latency.size()) continue;  // an older bench's report
+      for (std::size_t i = 0; i < latency.size(); ++i) {
+        work_ms += std::max(0.0, latency[i] - quiesce[i]);
+        layers += dropped[i];
+      }
+    }
+    if (layers > 0) {
+      p.spec.drop_layer_us = work_ms * 1000.0 / static_cast<double>(layers);
+      std::cout << "drops: " << std::fixed << std::setprecision(0) << p.spec.drop_layer_us << " us per layer freed (" << layers
+                << " layers)" << std::defaultfloat << "\n";
+    }
+  }
   const sim::CostModel table(p.spec, config);
   const auto max_devices = std::max<std::int64_t>(4, static_cast<std::int64_t>(p.spec.host_contention.size()));
   const sim::HostContentionFit fit = sim::fit_host_contention(table, config.num_layers, runs, swap_us, max_devices);
@@ -404,6 +431,28 @@ Status run_fit_contention(const CalibrateArgs& a) {
   p.spec.host_contention = fit.factor;
   p.spec.host_contention_us = fit.fixed_us;
   p.spec.host_contention_fused_us = fit.fused_fixed_us;
+  std::cout << "\n| idle before the step, ms | steps | extra us |\n|---|---|---|\n";
+  for (std::size_t i = 0; i < fit.idle_gap_us.size(); ++i) {
+    std::cout << "| >= " << fit.idle_gap_us[i] / 1000.0 << " | " << fit.idle_steps[i] << " | " << std::fixed << std::setprecision(0)
+              << fit.idle_us[i] << " |" << std::defaultfloat << "\n";
+  }
+  std::cout << std::flush;
+  if (!fit.token_shape.empty()) {
+    std::cout << "\n| devices computing | step-time multiplier by new tokens (" ;
+    for (std::size_t i = 0; i < p.spec.table_tokens.size(); ++i) std::cout << (i ? " / " : "") << ">=" << p.spec.table_tokens[i];
+    std::cout << ") |\n|---|---|\n";
+    for (std::size_t k = 0; k < fit.token_shape.size(); ++k) {
+      std::cout << "| " << k + 1 << " | ";
+      for (std::size_t i = 0; i < fit.token_shape[k].size(); ++i) {
+        std::cout << (i ? " / " : "") << std::fixed << std::setprecision(2) << fit.token_shape[k][i] << std::defaultfloat;
+      }
+      std::cout << " |\n";
+    }
+    std::cout << std::flush;
+  }
+  p.spec.host_contention_tokens = fit.token_shape;
+  p.spec.host_idle_gap_us = fit.idle_gap_us;
+  p.spec.host_idle_us = fit.idle_us;
   return sim::save_device_profile(p, a.out);
 }
 
