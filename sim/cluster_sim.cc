@@ -585,11 +585,13 @@ void ClusterSim::start_steps() {
     u.work_left_us = std::max(1.0, static_cast<double>(duration) - u.copy_left_us);
     u.latency_pending = true;
     u.copy_waits = u.executor->counters().last_round_copy_waits;
-    u.step_tokens = 0;
-    for (const engine::StepPlan& p : u.plans) u.step_tokens = std::max(u.step_tokens, p.num_tokens());
-    const std::int64_t last_end = last_step_end_us_[static_cast<std::size_t>(u.members.front())];
-    u.idle_wake_us = cost_.gpu().idle_wake_us(last_end < 0 ? std::numeric_limits<double>::infinity()
-                                                           : static_cast<double>(now - last_end));
+    if (!cost_.gpu().host_contention.empty()) {  // a CPU profile's host (GPUs: neither applies)
+      u.step_tokens = 0;
+      for (const engine::StepPlan& p : u.plans) u.step_tokens = std::max(u.step_tokens, p.num_tokens());
+      const std::int64_t last_end = last_step_end_us_[static_cast<std::size_t>(u.members.front())];
+      u.idle_wake_us = cost_.gpu().idle_wake_us(last_end < 0 ? std::numeric_limits<double>::infinity()
+                                                             : static_cast<double>(now - last_end));
+    }
     u.step_start_us = now;
     u.busy_until_us = now + std::max<std::int64_t>(1, duration);
     u.in_flight = true;
