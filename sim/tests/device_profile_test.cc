@@ -274,16 +274,19 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   const std::vector<double> alone = ttfts({0});
   ASSERT_EQ(alone.size(), 1u);
   EXPECT_NEAR(alone[0], w, 2.0);
-  // A bad curve is refused with a reason.
-  nlohmann::json j = p.to_json();
-  j["spec"]["host_contention_us"] = {0.0, 1.0, 2.0};
-  {
-    std::ofstream f(path);
-    f << j.dump();
-  }
-  auto bad = load_device_profile(path);
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(bad.status().message().find("host_contention_us"), std::string::npos) << bad.status().to_string();
+  // A bad curve is refused, naming it.
+  const auto expect_refused = [&](const std::string& field, const nlohmann::json& value, const std::string& named) {
+    nlohmann::json j = p.to_json();
+    j["spec"][field] = value;
+    {
+      std::ofstream f(path);
+      f << j.dump();
+    }
+    auto bad = load_device_profile(path);
+    ASSERT_FALSE(bad.ok()) << field;
+    EXPECT_NE(bad.status().message().find(named), std::string::npos) << bad.status().to_string();
+  };
+  expect_refused("host_contention_us", {0.0, 1.0, 2.0}, "host_contention_us");
   // A fused rounds' curve travels in the file and is what fused rounds read.
   p.spec.host_contention_fused_us = {0.0, 400.0};
   ASSERT_TRUE(save_device_profile(p, path).ok());
@@ -292,15 +295,7 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   EXPECT_EQ(loaded->spec.host_contention_fused_us, p.spec.host_contention_fused_us);
   EXPECT_DOUBLE_EQ(loaded->spec.fused_contention_latency_us(2.0), 400.0);
   EXPECT_DOUBLE_EQ(loaded->spec.contention_latency_us(2.0), 1000.0);
-  j = p.to_json();
-  j["spec"]["host_contention_fused_us"] = {0.0};
-  {
-    std::ofstream f(path);
-    f << j.dump();
-  }
-  bad = load_device_profile(path);
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(bad.status().message().find("host_contention_fused_us"), std::string::npos) << bad.status().to_string();
+  expect_refused("host_contention_fused_us", {0.0}, "host_contention_fused_us");
   // The contended shape by the step table's token bins, the idle spells and the drop's time per
   // layer travel too; the shape interpolates between device counts, bins by the table's knots.
   p.spec.host_contention_tokens = {{1.0, 1.0}, {0.5, 2.0}};
@@ -320,24 +315,8 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   EXPECT_DOUBLE_EQ(loaded->spec.idle_wake_us(5'000.0), 0.0);
   EXPECT_DOUBLE_EQ(loaded->spec.idle_wake_us(20'000.0), 1000.0);
   EXPECT_DOUBLE_EQ(loaded->spec.idle_wake_us(1e9), 2500.0);
-  j = p.to_json();
-  j["spec"]["host_contention_tokens"] = {{1.0}};
-  {
-    std::ofstream f(path);
-    f << j.dump();
-  }
-  bad = load_device_profile(path);
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(bad.status().message().find("host_contention_tokens"), std::string::npos) << bad.status().to_string();
-  j = p.to_json();
-  j["spec"]["host_idle_us"] = {1000.0};
-  {
-    std::ofstream f(path);
-    f << j.dump();
-  }
-  bad = load_device_profile(path);
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(bad.status().message().find("host_idle"), std::string::npos) << bad.status().to_string();
+  expect_refused("host_contention_tokens", {{1.0}}, "host_contention_tokens");
+  expect_refused("host_idle_us", {1000.0}, "host_idle");
   std::filesystem::remove_all(dir);
 }
 

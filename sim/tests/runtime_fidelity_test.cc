@@ -40,6 +40,39 @@ SimConfig two_gpus() {
   return c;
 }
 
+// A CPU-like profile: a step table, no slowdown with up to 4 devices, no fixed waits.
+DeviceProfile flat_cpu_profile() {
+  DeviceProfile p;
+  p.spec.name = "test-cpu";
+  p.spec.peak_flops = 40e9;
+  p.spec.hbm_bytes_per_s = 6e9;
+  p.spec.memory_bytes = 1LL << 30;
+  p.spec.step_overhead_us = 150.0;
+  p.spec.page_bytes = 256 * 1024;
+  p.spec.table_tokens = {1, 2, 4, 8, 16, 32};
+  p.spec.table_us = {3000, 3100, 4000, 5000, 8000, 13000};
+  p.spec.sample_us = 100.0;
+  p.spec.attn_pair_us = 0.5;
+  p.spec.host_contention = {1.0, 1.0, 1.0, 1.0};
+  p.spec.host_contention_us = {0.0, 0.0, 0.0, 0.0};
+  p.spec.measured_model = "llama-30m";
+  p.preset = "llama-30m";
+  return p;
+}
+
+StatusOr<SimReport> simulate_with(const DeviceProfile& p, SimConfig c, const workload::Trace& t, const std::string& name) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / ("kun_runtime_fidelity_" + name);
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "p.json").string();
+  if (Status s = save_device_profile(p, path); !s.ok()) return s;
+  c.gpu = path;
+  c.model_name = "llama-30m";
+  auto r = run_simulation(c, t);
+  std::filesystem::remove_all(dir);
+  return r;
+}
+
+
 // Requests arriving together: the published stats do not show them before a step ends, but the
 // router counts what it routed since (engine::Engine::PublishedView::queued_estimate, the runtime's
 // snapshots_of), so least-outstanding alternates. Counting the published stats alone sent the
@@ -115,29 +148,10 @@ TEST(RuntimeFidelity, SwapCopiesCountOneWaitPerDirection) {
 // busy and 2 ms per wake-up, the tick due at 1 s runs 2-8 ms late (four late ticks from 0); with
 // no fixed time it runs on the grid. A scripted drop shows when the tick ran.
 TEST(RuntimeFidelity, MonitorTicksDriftWithTheHostsWakeUps) {
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kun_runtime_fidelity_ticks";
-  std::filesystem::create_directories(dir);
   const auto drop_requested_us = [&](std::vector<double> fixed_us) -> std::int64_t {
-    DeviceProfile p;
-    p.spec.name = "test-cpu";
-    p.spec.peak_flops = 40e9;
-    p.spec.hbm_bytes_per_s = 6e9;
-    p.spec.memory_bytes = 1LL << 30;
-    p.spec.step_overhead_us = 150.0;
-    p.spec.page_bytes = 256 * 1024;
-    p.spec.table_tokens = {1, 2, 4, 8, 16, 32};
-    p.spec.table_us = {3000, 3100, 4000, 5000, 8000, 13000};
-    p.spec.sample_us = 100.0;
-    p.spec.attn_pair_us = 0.5;
-    p.spec.host_contention = {1.0, 1.0};
+    DeviceProfile p = flat_cpu_profile();
     p.spec.host_contention_us = std::move(fixed_us);
-    p.spec.measured_model = "llama-30m";
-    p.preset = "llama-30m";
-    const std::string path = (dir / "p.json").string();
-    EXPECT_TRUE(save_device_profile(p, path).ok());
     SimConfig c;
-    c.gpu = path;
-    c.model_name = "llama-30m";
     c.num_instances = 2;
     c.kv_tokens_per_instance = 4096;
     c.policy = cluster::Policy::kKunServe;
@@ -145,7 +159,7 @@ TEST(RuntimeFidelity, MonitorTicksDriftWithTheHostsWakeUps) {
     c.script = {SimConfig::ScriptedTransition{1'000'000, {0, 1}, -1}};
     workload::Trace t;
     for (int i = 0; i < 40; ++i) t.requests.push_back({static_cast<std::int64_t>(i) * 50'000, 8, 400});
-    auto r = run_simulation(c, t);
+    auto r = simulate_with(p, c, t, "ticks");
     EXPECT_TRUE(r.ok()) << r.status().to_string();
     if (!r.ok()) return -1;
     for (const std::string& e : r->events) {
@@ -153,11 +167,10 @@ TEST(RuntimeFidelity, MonitorTicksDriftWithTheHostsWakeUps) {
     }
     return -1;
   };
-  EXPECT_EQ(drop_requested_us({0.0, 0.0}), 1'000'000);
-  const std::int64_t late = drop_requested_us({0.0, 2000.0});
+  EXPECT_EQ(drop_requested_us({0.0, 0.0, 0.0, 0.0}), 1'000'000);
+  const std::int64_t late = drop_requested_us({0.0, 2000.0, 2000.0, 2000.0});
   EXPECT_GE(late, 1'002'000);
   EXPECT_LE(late, 1'008'000);
-  std::filesystem::remove_all(dir);
 }
 
 // A fused group's round pays the host's fixed time fitted to fused rounds
@@ -166,30 +179,11 @@ TEST(RuntimeFidelity, MonitorTicksDriftWithTheHostsWakeUps) {
 // factor, every fused round of the same work takes 1.5 ms less at 0.5 ms than at the fallback's
 // 2 ms, and the independent steps before the drop are untouched.
 TEST(RuntimeFidelity, FusedRoundsPayTheirOwnFixedTime) {
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "kun_runtime_fidelity_fused";
-  std::filesystem::create_directories(dir);
   const auto steps = [&](std::vector<double> fused_us) {
-    DeviceProfile p;
-    p.spec.name = "test-cpu";
-    p.spec.peak_flops = 40e9;
-    p.spec.hbm_bytes_per_s = 6e9;
-    p.spec.memory_bytes = 1LL << 30;
-    p.spec.step_overhead_us = 150.0;
-    p.spec.page_bytes = 256 * 1024;
-    p.spec.table_tokens = {1, 2, 4, 8, 16, 32};
-    p.spec.table_us = {3000, 3100, 4000, 5000, 8000, 13000};
-    p.spec.sample_us = 100.0;
-    p.spec.attn_pair_us = 0.5;
-    p.spec.host_contention = {1.0, 1.0};
-    p.spec.host_contention_us = {2000.0, 2000.0};
+    DeviceProfile p = flat_cpu_profile();
+    p.spec.host_contention_us = {2000.0, 2000.0, 2000.0, 2000.0};
     p.spec.host_contention_fused_us = std::move(fused_us);
-    p.spec.measured_model = "llama-30m";
-    p.preset = "llama-30m";
-    const std::string path = (dir / "p.json").string();
-    EXPECT_TRUE(save_device_profile(p, path).ok());
     SimConfig c;
-    c.gpu = path;
-    c.model_name = "llama-30m";
     c.num_instances = 2;
     c.kv_tokens_per_instance = 4096;
     c.policy = cluster::Policy::kKunServe;
@@ -199,7 +193,7 @@ TEST(RuntimeFidelity, FusedRoundsPayTheirOwnFixedTime) {
     c.script = {SimConfig::ScriptedTransition{500'000, {0, 1}, -1}};
     workload::Trace t;
     for (int i = 0; i < 40; ++i) t.requests.push_back({static_cast<std::int64_t>(i) * 50'000, 8, 400});
-    auto r = run_simulation(c, t);
+    auto r = simulate_with(p, c, t, "fused");
     EXPECT_TRUE(r.ok()) << r.status().to_string();
     return r.ok() ? r->steps : std::vector<RecordedStep>{};
   };
@@ -219,7 +213,7 @@ TEST(RuntimeFidelity, FusedRoundsPayTheirOwnFixedTime) {
     return out;
   };
   const std::map<Work, std::int64_t> fallback = by_work(steps({}));
-  const std::map<Work, std::int64_t> fitted = by_work(steps({500.0, 500.0}));
+  const std::map<Work, std::int64_t> fitted = by_work(steps({500.0, 500.0, 500.0, 500.0}));
   std::int64_t fused_compared = 0, independent_compared = 0;
   for (const auto& [work, d] : fitted) {
     const auto it = fallback.find(work);
@@ -234,38 +228,6 @@ TEST(RuntimeFidelity, FusedRoundsPayTheirOwnFixedTime) {
   }
   EXPECT_GT(fused_compared, 5);
   EXPECT_GT(independent_compared, 2);
-  std::filesystem::remove_all(dir);
-}
-
-DeviceProfile flat_cpu_profile() {
-  DeviceProfile p;
-  p.spec.name = "test-cpu";
-  p.spec.peak_flops = 40e9;
-  p.spec.hbm_bytes_per_s = 6e9;
-  p.spec.memory_bytes = 1LL << 30;
-  p.spec.step_overhead_us = 150.0;
-  p.spec.page_bytes = 256 * 1024;
-  p.spec.table_tokens = {1, 2, 4, 8, 16, 32};
-  p.spec.table_us = {3000, 3100, 4000, 5000, 8000, 13000};
-  p.spec.sample_us = 100.0;
-  p.spec.attn_pair_us = 0.5;
-  p.spec.host_contention = {1.0, 1.0, 1.0, 1.0};
-  p.spec.host_contention_us = {0.0, 0.0, 0.0, 0.0};
-  p.spec.measured_model = "llama-30m";
-  p.preset = "llama-30m";
-  return p;
-}
-
-StatusOr<SimReport> simulate_with(const DeviceProfile& p, SimConfig c, const workload::Trace& t, const std::string& name) {
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() / ("kun_runtime_fidelity_" + name);
-  std::filesystem::create_directories(dir);
-  const std::string path = (dir / "p.json").string();
-  if (Status s = save_device_profile(p, path); !s.ok()) return s;
-  c.gpu = path;
-  c.model_name = "llama-30m";
-  auto r = run_simulation(c, t);
-  std::filesystem::remove_all(dir);
-  return r;
 }
 
 // A step after its instance idled pays the host's extra time for the spell (the bench's lone

@@ -368,50 +368,41 @@ Status run_fit_contention(const CalibrateArgs& a) {
     runs.push_back(std::move(steps));
   }
   double swap_us = a.swap_us_per_block;
-  if (!a.bench_json.empty() && a.host_link_gbps > 0) {
-    // The run's swap copy time per layer block: its swap bytes over the logs' swap blocks, at the
-    // host link's pace.
+  if (!a.bench_json.empty()) {
     Status read;
     const std::string text = read_whole_file(a.bench_json, &read);
     KUN_RETURN_IF_ERROR(read);
     const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded()) return invalid_argument("'" + a.bench_json + "' is not JSON");
     double swap_bytes = 0;
-    for (const nlohmann::json& r : j.is_array() ? j : nlohmann::json::array({j})) {
-      const nlohmann::json t = r.value("runtime", nlohmann::json::object()).value("transfer_bytes", nlohmann::json::object());
-      swap_bytes += t.value("swap_in", 0.0) + t.value("swap_out", 0.0);
-    }
-    std::int64_t blocks = 0;
-    for (const auto& run : runs) {
-      for (const sim::RecordedStep& r : run) blocks += r.swap_blocks;
-    }
-    if (blocks > 0) swap_us = swap_bytes / static_cast<double>(blocks) / (a.host_link_gbps * 1e9) * 1e6;
-  }
-  if (!a.bench_json.empty()) {
-    // A drop's time per layer freed: its latency beyond waiting for its sources' steps in
-    // flight, over the layers its members freed (the runtime's runtime.drop_quiesce_ms / drop_layers).
-    Status read;
-    const std::string text = read_whole_file(a.bench_json, &read);
-    KUN_RETURN_IF_ERROR(read);
-    const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (j.is_discarded()) return invalid_argument("'" + a.bench_json + "' is not JSON");
-    double work_ms = 0;
-    std::int64_t layers = 0;
+    double drop_work_ms = 0;
+    std::int64_t layers_dropped = 0;
     for (const nlohmann::json& r : j.is_array() ? j : nlohmann::json::array({j})) {
       const nlohmann::json rt = r.value("runtime", nlohmann::json::object());
+      const nlohmann::json t = rt.value("transfer_bytes", nlohmann::json::object());
+      swap_bytes += t.value("swap_in", 0.0) + t.value("swap_out", 0.0);
+      // A drop's time per layer freed: its latency beyond waiting for its sources' steps in
+      // flight, over the layers its members freed.
       const auto latency = rt.value("drop_latency_ms", std::vector<double>{});
       const auto quiesce = rt.value("drop_quiesce_ms", std::vector<double>{});
       const auto dropped = rt.value("drop_layers", std::vector<std::int64_t>{});
       if (quiesce.size() != latency.size() || dropped.size() != latency.size()) continue;  // an older bench's report
       for (std::size_t i = 0; i < latency.size(); ++i) {
-        work_ms += std::max(0.0, latency[i] - quiesce[i]);
-        layers += dropped[i];
+        drop_work_ms += std::max(0.0, latency[i] - quiesce[i]);
+        layers_dropped += dropped[i];
       }
     }
-    if (layers > 0) {
-      p.spec.drop_layer_us = work_ms * 1000.0 / static_cast<double>(layers);
-      std::cout << "drops: " << std::fixed << std::setprecision(0) << p.spec.drop_layer_us << " us per layer freed (" << layers
-                << " layers)" << std::defaultfloat << "\n";
+    // The run's swap copy time per layer block: its swap bytes over the logs' swap blocks, at the
+    // host link's pace.
+    std::int64_t blocks = 0;
+    for (const auto& run : runs) {
+      for (const sim::RecordedStep& r : run) blocks += r.swap_blocks;
+    }
+    if (blocks > 0 && a.host_link_gbps > 0) swap_us = swap_bytes / static_cast<double>(blocks) / (a.host_link_gbps * 1e9) * 1e6;
+    if (layers_dropped > 0) {
+      p.spec.drop_layer_us = drop_work_ms * 1000.0 / static_cast<double>(layers_dropped);
+      std::cout << "drops: " << std::fixed << std::setprecision(0) << p.spec.drop_layer_us << " us per layer freed ("
+                << layers_dropped << " layers)" << std::defaultfloat << "\n";
     }
   }
   const sim::CostModel table(p.spec, config);
@@ -475,8 +466,8 @@ void add_calibrate_command(CLI::App* app, int* exit_code) {
   cmd->add_option("--profile", a->profile, "with --fit-steps: the profile whose step table is kept");
   cmd->add_option("--swap-us-per-block", a->swap_us_per_block,
                   "with --fit-steps: time a step spends copying one swapped layer block (not computing)");
-  cmd->add_option("--bench-json", a->bench_json, "with --fit-steps and --host-link-gbps: the runs' bench report, "
-                  "from which the swap copy time per block is derived");
+  cmd->add_option("--bench-json", a->bench_json, "with --fit-steps: the runs' bench report, from which a drop's time "
+                  "per layer freed is derived, and with --host-link-gbps the swap copy time per block");
   cmd->add_option("--host-link-gbps", a->host_link_gbps, "with --bench-json: the runs' --host-link-gbps");
   cmd->callback([a, exit_code] {
     Status s = a->fit_steps.empty() ? run_calibrate(*a) : run_fit_contention(*a);
