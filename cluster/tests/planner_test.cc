@@ -349,10 +349,14 @@ TEST(PlannerGrowth, RespectsTheDegreeCapAndOverloadedPartners) {
   EXPECT_EQ(both[0].capacity_after_tokens, 11200);
   EXPECT_TRUE(both[0].covers);
   EXPECT_NE(both[0].reason.find("holds both"), std::string::npos) << both[0].reason;
-  // Their projected growth counts: with 100 more tokens each it no longer fits.
+  // Their projected growth does not block it: the merge adds capacity now, and the merged group
+  // grows again if the projection comes true. (Counting it left two pairs of the H100 13B sweep
+  // at 23.8 req/s queueing on memory for 3 s: p99 TTFT 2.19 s against 0.46 s.)
   GroupView ga{0, {&a0, &a1}, true}, gb{1, {&b0, &b1}, true};
   ga.growth_tokens = gb.growth_tokens = 100;
-  EXPECT_TRUE(Planner().plan_growth({ga, gb}, {}, shape).empty());
+  const std::vector<PlannedGrowth> growing = Planner().plan_growth({ga, gb}, {}, shape);
+  ASSERT_EQ(growing.size(), 1u);
+  EXPECT_EQ(growing[0].absorbs.size(), 2u);
 }
 
 TEST(PlannerGrowth, FourGrowsToEight) {
