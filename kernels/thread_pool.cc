@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -24,11 +25,32 @@
 
 namespace kun::kernels {
 namespace {
-// About 30-60 us of spinning before blocking: covers the gap between back-to-back kernel calls
-// without burning a core that an oversubscribed machine needs.
+// Waiting (a worker for the next job, the caller for the workers) first spins kSpinIters pauses
+// (about 26 us on the development VM), then yields the core until kYieldWindow has passed since
+// the wait began, then blocks. The pause phase covers the gap between back-to-back kernel calls;
+// the yield phase covers the longer ones of a decode step (attention, the engine's work between
+// steps) without the futex sleep and wake-up, which cost tens of microseconds on a VM (a batch-1
+// decode step of llama-350m slept 4-20 times per step with the pause phase alone), while a
+// runnable thread of an oversubscribed machine still gets the core at every yield.
 constexpr int kSpinIters = 2000;
+constexpr auto kYieldWindow = std::chrono::microseconds(250);
 
 inline void cpu_relax() { _mm_pause(); }
+
+// Spins, then yields, until ready() (true) or the window is over (false).
+template <typename Ready>
+bool spin_then_yield(const Ready& ready) {
+  for (int i = 0; i < kSpinIters; ++i) {
+    if (ready()) return true;
+    cpu_relax();
+  }
+  const auto deadline = std::chrono::steady_clock::now() + kYieldWindow;
+  while (!ready()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
 
 // ThreadPool::current_thread_index(): set around each fn call.
 thread_local int t_thread_index = -1;
@@ -115,10 +137,10 @@ struct ThreadPool::Impl {
     std::uint64_t seen = 0;
     for (;;) {
       std::uint64_t g = generation.load(std::memory_order_acquire);
-      for (int i = 0; g == seen && i < kSpinIters && !stop.load(std::memory_order_relaxed); ++i) {
-        cpu_relax();
+      spin_then_yield([&] {
         g = generation.load(std::memory_order_acquire);
-      }
+        return g != seen || stop.load(std::memory_order_relaxed);
+      });
       if (g == seen) {
         std::unique_lock<std::mutex> lock(mu);
         work_cv.wait(lock, [&] {
@@ -210,7 +232,7 @@ void ThreadPool::run(std::int64_t n, std::int64_t grain,
   }
   p.work_cv.notify_all();
   p.run_part(0);
-  for (int i = 0; p.pending.load(std::memory_order_acquire) != 0 && i < kSpinIters; ++i) cpu_relax();
+  spin_then_yield([&] { return p.pending.load(std::memory_order_acquire) == 0; });
   if (p.pending.load(std::memory_order_acquire) != 0) {
     std::unique_lock<std::mutex> lock(p.mu);
     p.done_cv.wait(lock, [&] { return p.pending.load(std::memory_order_acquire) == 0; });
