@@ -54,22 +54,6 @@ struct CacheJob {
   int parts;
 };
 
-// Bytes of K and of V per unit that a single-token unit asks for up front (below).
-constexpr std::int64_t kDecodePrefetchBytes = 16 * 1024;
-
-// Prefetches kv head `kv_head`'s rows [0, n) of `blocks` into L1, up to kDecodePrefetchBytes.
-void prefetch_kv_rows(const void* const* blocks, const PagedKvCache& kv, std::int64_t kv_head, std::int64_t n) {
-  const std::int64_t row_bytes = kv.head_dim * static_cast<std::int64_t>(dtype_bytes(kv.dtype));
-  const std::int64_t bs = kv.block_size;
-  n = std::min(n, std::max<std::int64_t>(1, kDecodePrefetchBytes / row_bytes));
-  for (std::int64_t pos = 0, b = 0; pos < n; ++b) {
-    const std::int64_t cnt = std::min(bs, n - pos);
-    const char* p = static_cast<const char*>(blocks[b]) + kv_head * bs * row_bytes;
-    for (std::int64_t o = 0; o < cnt * row_bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
-    pos += cnt;
-  }
-}
-
 // Unit u: token tile u / units_per_tile (tile_tokens consecutive tokens of the call), kv head and
 // head chunk from the rest; its rows are (token, head) for every token of the tile and head of
 // the chunk.
@@ -95,14 +79,6 @@ void cache_unit(const CacheJob& j, std::int64_t u, float* scratch) {
       out[rows] = j.out + off;
       n_ctx[rows] = j.positions[t] + 1;
     }
-  }
-  if (t1 - t0 == 1) {
-    // One token (a decode step): its K and V rows were last read a whole step ago, so they come
-    // from DRAM, and the score pass's and weighted-V pass's own loads walk them 2-8 rows at a
-    // time (llama-350m at 40 tokens of context: about 18 us per layer for 82 KB, a ~2 % of the
-    // step during which the other thread waits). Asked for all at once, the misses overlap.
-    prefetch_kv_rows(j.kv->key_blocks, *j.kv, kvh, n_ctx[0]);
-    prefetch_kv_rows(j.kv->value_blocks, *j.kv, kvh, n_ctx[0]);
   }
   j.rows(q, out, n_ctx, rows, *j.kv, kvh, j.scale, scratch, j.kv->context_len);
 }

@@ -25,31 +25,29 @@
 
 namespace kun::kernels {
 namespace {
-// Waiting (a worker for the next job, the caller for the workers) first spins kSpinIters pauses
-// (about 26 us on the development VM), then yields the core until kYieldWindow has passed since
-// the wait began, then blocks. The pause phase covers the gap between back-to-back kernel calls;
-// the yield phase covers the longer ones of a decode step (attention, the engine's work between
-// steps) without the futex sleep and wake-up, which cost tens of microseconds on a VM (a batch-1
-// decode step of llama-350m slept 4-20 times per step with the pause phase alone), while a
-// runnable thread of an oversubscribed machine still gets the core at every yield.
-constexpr int kSpinIters = 2000;
-constexpr auto kYieldWindow = std::chrono::microseconds(250);
+// Waiting (a worker for the next job, the caller for the workers) spins on pauses for up to
+// kSpinWindow, then blocks on a condition variable. The window covers the gaps between the
+// kernel calls of a decode step: at batch 1 the longest (RoPE + attention + the KV append) takes
+// 15-25 us on llama-350m, and the 2000 pauses (about 26 us on the development VM) spun before
+// made the worker sleep 8-11 times per step, each futex wake costing tens of microseconds there
+// (0.3-0.6 ms of a 23 ms step). Pauses, not sched_yield: a yield per iteration slowed the
+// thread that still works (the caller waited 2 ms per step for its worker instead of 0.4).
+constexpr auto kSpinWindow = std::chrono::microseconds(150);
+constexpr int kPausesPerClockRead = 32;
 
 inline void cpu_relax() { _mm_pause(); }
 
-// Spins, then yields, until ready() (true) or the window is over (false).
+// Spins until ready() (true) or the window is over (false).
 template <typename Ready>
-bool spin_then_yield(const Ready& ready) {
-  for (int i = 0; i < kSpinIters; ++i) {
-    if (ready()) return true;
-    cpu_relax();
+bool spin_wait(const Ready& ready) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpinWindow;
+  for (;;) {
+    for (int i = 0; i < kPausesPerClockRead; ++i) {
+      if (ready()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return ready();
   }
-  const auto deadline = std::chrono::steady_clock::now() + kYieldWindow;
-  while (!ready()) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::yield();
-  }
-  return true;
 }
 
 // ThreadPool::current_thread_index(): set around each fn call.
@@ -137,7 +135,7 @@ struct ThreadPool::Impl {
     std::uint64_t seen = 0;
     for (;;) {
       std::uint64_t g = generation.load(std::memory_order_acquire);
-      spin_then_yield([&] {
+      spin_wait([&] {
         g = generation.load(std::memory_order_acquire);
         return g != seen || stop.load(std::memory_order_relaxed);
       });
@@ -232,7 +230,7 @@ void ThreadPool::run(std::int64_t n, std::int64_t grain,
   }
   p.work_cv.notify_all();
   p.run_part(0);
-  spin_then_yield([&] { return p.pending.load(std::memory_order_acquire) == 0; });
+  spin_wait([&] { return p.pending.load(std::memory_order_acquire) == 0; });
   if (p.pending.load(std::memory_order_acquire) != 0) {
     std::unique_lock<std::mutex> lock(p.mu);
     p.done_cv.wait(lock, [&] { return p.pending.load(std::memory_order_acquire) == 0; });
