@@ -14,7 +14,6 @@
 #include <immintrin.h>
 
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -25,30 +24,11 @@
 
 namespace kun::kernels {
 namespace {
-// Waiting (a worker for the next job, the caller for the workers) spins on pauses for up to
-// kSpinWindow, then blocks on a condition variable. The window covers the gaps between the
-// kernel calls of a decode step: at batch 1 the longest (RoPE + attention + the KV append) takes
-// 15-25 us on llama-350m, and the 2000 pauses (about 26 us on the development VM) spun before
-// made the worker sleep 8-11 times per step, each futex wake costing tens of microseconds there
-// (0.3-0.6 ms of a 23 ms step). Pauses, not sched_yield: a yield per iteration slowed the
-// thread that still works (the caller waited 2 ms per step for its worker instead of 0.4).
-constexpr auto kSpinWindow = std::chrono::microseconds(150);
-constexpr int kPausesPerClockRead = 32;
+// About 30-60 us of spinning before blocking: covers the gap between back-to-back kernel calls
+// without burning a core that an oversubscribed machine needs.
+constexpr int kSpinIters = 2000;
 
 inline void cpu_relax() { _mm_pause(); }
-
-// Spins until ready() (true) or the window is over (false).
-template <typename Ready>
-bool spin_wait(const Ready& ready) {
-  const auto deadline = std::chrono::steady_clock::now() + kSpinWindow;
-  for (;;) {
-    for (int i = 0; i < kPausesPerClockRead; ++i) {
-      if (ready()) return true;
-      cpu_relax();
-    }
-    if (std::chrono::steady_clock::now() >= deadline) return ready();
-  }
-}
 
 // ThreadPool::current_thread_index(): set around each fn call.
 thread_local int t_thread_index = -1;
@@ -135,10 +115,10 @@ struct ThreadPool::Impl {
     std::uint64_t seen = 0;
     for (;;) {
       std::uint64_t g = generation.load(std::memory_order_acquire);
-      spin_wait([&] {
+      for (int i = 0; g == seen && i < kSpinIters && !stop.load(std::memory_order_relaxed); ++i) {
+        cpu_relax();
         g = generation.load(std::memory_order_acquire);
-        return g != seen || stop.load(std::memory_order_relaxed);
-      });
+      }
       if (g == seen) {
         std::unique_lock<std::mutex> lock(mu);
         work_cv.wait(lock, [&] {
@@ -230,7 +210,7 @@ void ThreadPool::run(std::int64_t n, std::int64_t grain,
   }
   p.work_cv.notify_all();
   p.run_part(0);
-  spin_wait([&] { return p.pending.load(std::memory_order_acquire) == 0; });
+  for (int i = 0; p.pending.load(std::memory_order_acquire) != 0 && i < kSpinIters; ++i) cpu_relax();
   if (p.pending.load(std::memory_order_acquire) != 0) {
     std::unique_lock<std::mutex> lock(p.mu);
     p.done_cv.wait(lock, [&] { return p.pending.load(std::memory_order_acquire) == 0; });

@@ -104,9 +104,10 @@ TEST(ThreadPool, ManyShortJobs) {
 }
 
 TEST(ThreadPool, JobsAfterLongGapsAndLongPartsStillComplete) {
-  // Gaps between jobs, and a worker's part, longer than the pool's spin window (150 us): the
-  // workers block on the condition variable between jobs and the caller blocks waiting for
-  // them, and each blocked side must be woken (a lost wake-up would hang here).
+  // Gaps between jobs, and a worker's part, far longer than the pool's spin before blocking
+  // (2000 pauses, tens of microseconds): the workers block on the condition variable between
+  // jobs and the caller blocks waiting for them, and each blocked side must be woken (a lost
+  // wake-up would hang here).
   ThreadPool pool(3);
   const std::thread::id caller = std::this_thread::get_id();
   for (int rep = 0; rep < 6; ++rep) {
