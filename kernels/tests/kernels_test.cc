@@ -103,6 +103,30 @@ TEST(ThreadPool, ManyShortJobs) {
   EXPECT_EQ(total, 3 * (1999 * 2000 / 2) + 2000 * 3);
 }
 
+TEST(ThreadPool, JobsAfterLongGapsAndLongPartsStillComplete) {
+  // Gaps between jobs, and a worker's part, far longer than the pool's spin before blocking
+  // (2000 pauses, tens of microseconds): the workers block on the condition variable between
+  // jobs and the caller blocks waiting for them, and each blocked side must be woken (a lost
+  // wake-up would hang here).
+  ThreadPool pool(3);
+  const std::thread::id caller = std::this_thread::get_id();
+  for (int rep = 0; rep < 6; ++rep) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // workers go to sleep
+    std::vector<std::atomic<int>> hits(9);
+    std::atomic<int> worker_parts{0};
+    pool.parallel_for(9, [&](std::int64_t b, std::int64_t e) {
+      if (std::this_thread::get_id() != caller) {
+        worker_parts.fetch_add(1);
+        // Odd reps: the workers outlast the caller's spin, so it blocks too.
+        if (rep % 2 == 1) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+      for (std::int64_t i = b; i < e; ++i) hits[static_cast<std::size_t>(i)].fetch_add(1);
+    });
+    for (int i = 0; i < 9; ++i) ASSERT_EQ(hits[static_cast<std::size_t>(i)].load(), 1) << "rep " << rep;
+    EXPECT_EQ(worker_parts.load(), 2);  // the static split gives each worker a third
+  }
+}
+
 TEST(ThreadPool, BalancedCoversEveryIndexOnce) {
   for (int threads : {1, 2, 3, 5}) {
     ThreadPool pool(threads);
