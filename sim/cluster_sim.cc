@@ -28,6 +28,7 @@ struct ClusterSim::Unit {
   std::vector<engine::StepPlan> plans;  // the round in flight: one micro-batch per virtual engine with work
   std::vector<engine::StepResult> results;
   bool blocked = false;  // waiting for a transition at its next step boundary
+  bool migrating = false;  // a live migration's source or destination: paused from its next step boundary until the copy ends
   std::int64_t resume_us = 0;  // no step starts before (a split's stop-and-copy gather)
   double compute_devices = 1.0;  // devices computing during the step in flight (host contention)
   // Host contention (a CPU profile): the step in flight's work left, in microseconds of an
@@ -552,7 +553,7 @@ void ClusterSim::start_steps() {
   for (auto& up : units_) {
     Unit& u = *up;
     if (u.in_flight) continue;
-    if (u.blocked || now < u.resume_us || !u.scheduler->has_unfinished()) {
+    if (u.blocked || u.migrating || now < u.resume_us || !u.scheduler->has_unfinished()) {
       if (!u.blocked) publish(u);  // an idle engine publishes each time round its loop
       continue;
     }
@@ -970,21 +971,27 @@ void ClusterSim::apply(const cluster::Actions& actions) {
 }
 
 void ClusterSim::start_migrations() {
+  // As the runtime's ClusterRuntime::migrate: one migration at a time; its source and its
+  // destination both stop at their next step boundary and stay paused while the request's KV
+  // crosses the link, then resume (finish_migration).
   const std::int64_t now = clock_.now_us();
-  std::vector<cluster::MigrateAction> later;
-  for (const cluster::MigrateAction& m : planned_migrations_) {
+  while (!planned_migrations_.empty() && pending_moves_.empty()) {
+    const cluster::MigrateAction m = planned_migrations_.front();
     Unit* src = unit_of_instance(m.from);
     Unit* dst = unit_of_instance(m.to);
-    if (src != nullptr && src->in_flight && src->members.size() == 1) {
-      later.push_back(m);  // at its next step boundary
-      continue;
-    }
     if (src == nullptr || dst == nullptr || src == dst || src->members.size() != 1 || dst->members.size() != 1 ||
         src->requests.count(m.request.value) == 0) {
+      if (src != nullptr) src->migrating = false;
+      if (dst != nullptr) dst->migrating = false;
       ++counters_.migrations_skipped;
       coordinator_->on_migration_done(m.request);  // finished, or not between independent instances now
+      planned_migrations_.erase(planned_migrations_.begin());
       continue;
     }
+    src->migrating = true;
+    dst->migrating = true;
+    if (src->in_flight || dst->in_flight) return;  // at their step boundaries (finish_step calls back)
+    planned_migrations_.erase(planned_migrations_.begin());
     const engine::Request* r = src->scheduler->find(m.request);
     KUN_CHECK(r != nullptr) << "request " << m.request << " listed on instance " << m.from;
     const std::int64_t held = src->kv->tokens_held(m.request);
@@ -1004,9 +1011,11 @@ void ClusterSim::start_migrations() {
       pm.ready_us = now + static_cast<std::int64_t>(std::ceil(link_us(bytes)));
       counters_.migration_bytes += bytes;
     }
+    events_.push_back(std::to_string(now) + " migrate request " + std::to_string(m.request.value) + " from instance " +
+                      std::to_string(m.from) + " to " + std::to_string(m.to) + (live ? " with its KV" : "") + ", both paused until " +
+                      std::to_string(pm.ready_us));
     pending_moves_.push_back(std::move(pm));
   }
-  planned_migrations_ = std::move(later);
 }
 
 void ClusterSim::finish_migration(PendingMove& m) {
@@ -1030,6 +1039,8 @@ void ClusterSim::finish_migration(PendingMove& m) {
     src->requests.insert(id.value);
     ++counters_.migrations_skipped;
   }
+  src->migrating = false;
+  dst->migrating = false;
   publish(*src);
   publish(*dst);
   coordinator_->on_migration_done(id);

@@ -310,5 +310,56 @@ TEST(RuntimeFidelity, OneTicksDropsRunOneAfterAnother) {
   EXPECT_LT(done1[1] - done1[0], 8000 + 6000);  // at most one decode step of the second pair before it stops
 }
 
+// A live migration stops its source and its destination at their step boundaries and keeps both
+// paused while the request's KV crosses the link (ClusterRuntime::migrate), one migration at a
+// time: on a slow link (a copy of several ms), no step of either instance overlaps a copy, and
+// copies do not overlap each other.
+TEST(RuntimeFidelity, MigrationsPauseBothInstancesOneAtATime) {
+  DeviceProfile p = flat_cpu_profile();
+  SimConfig c;
+  c.num_instances = 2;
+  c.kv_tokens_per_instance = 512;
+  c.policy = cluster::Policy::kMigrate;
+  c.route = cluster::RoutePolicy::kRoundRobin;
+  c.timeline_period_us = 250'000;
+  c.link_gbps = 0.01;  // 10 MB/s: a request's KV takes milliseconds
+  c.record_steps = true;
+  workload::Trace t;
+  for (int i = 0; i < 60; ++i) {
+    const bool long_one = i % 2 == 0;  // round robin: instance 0 gets the long ones and runs out of KV
+    t.requests.push_back({static_cast<std::int64_t>(i) * 40'000, long_one ? 96 : 8, long_one ? 200 : 20});
+  }
+  auto r = simulate_with(p, c, t, "migrate");
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  struct Copy {
+    std::int64_t begin, end, from, to;
+  };
+  std::vector<Copy> copies;
+  for (const std::string& e : r->events) {
+    if (e.find(" migrate request ") == std::string::npos) continue;
+    Copy cp{};
+    cp.begin = std::stoll(e);
+    cp.from = std::stoll(e.substr(e.find("from instance ") + 14));
+    cp.to = std::stoll(e.substr(e.find(" to ") + 4));
+    cp.end = std::stoll(e.substr(e.find("until ") + 6));
+    copies.push_back(cp);
+  }
+  std::int64_t with_time = 0;
+  for (const Copy& cp : copies) with_time += cp.end > cp.begin ? 1 : 0;
+  ASSERT_GT(with_time, 0) << copies.size() << " migrations, none with KV to copy";
+  for (std::size_t i = 0; i < copies.size(); ++i) {
+    if (i > 0) {
+      EXPECT_GE(copies[i].begin, copies[i - 1].end) << "migrations " << i - 1 << " and " << i << " overlap";
+    }
+    for (const RecordedStep& st : r->steps) {
+      if (st.first_instance != copies[i].from && st.first_instance != copies[i].to) continue;
+      const std::int64_t begin = st.end_us - st.duration_us;
+      EXPECT_FALSE(begin < copies[i].end && st.end_us > copies[i].begin)
+          << "a step of instance " << st.first_instance << " at " << begin << "-" << st.end_us << " during the copy "
+          << copies[i].begin << "-" << copies[i].end;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kun::sim
