@@ -638,7 +638,7 @@ void ClusterSim::record_plan(const std::string& kind, std::int64_t group, std::s
   transition_log_.push_back(cluster::TransitionRecord{kind, group, std::move(plan)});
 }
 
-void ClusterSim::fuse(const cluster::DropAction& drop) {
+std::int64_t ClusterSim::fuse(const cluster::DropAction& drop) {
   // Carries out cluster::plan_drop, as the runtime's drop: every request leaves its member at a
   // step boundary; the plan says which keep their KV where it is and in which order the others
   // queue in the group.
@@ -749,6 +749,9 @@ void ClusterSim::fuse(const cluster::DropAction& drop) {
   KUN_CHECK_EQ(plan.keep_kv.size() + plan.queue.size(), detached.size()) << "fuse of group " << drop.group << " lost a request";
   publish(*group);  // the engine publishes after each adopt
   units_.push_back(std::move(group));
+  std::int64_t layers_freed = 0;
+  for (const cluster::MemberLayout& m : plan.members) layers_freed += static_cast<std::int64_t>(m.layers_dropped.size());
+  return layers_freed;
 }
 
 void ClusterSim::split(std::int64_t unit_index) {
@@ -1046,29 +1049,6 @@ void ClusterSim::finish_migration(PendingMove& m) {
   coordinator_->on_migration_done(id);
 }
 
-std::int64_t ClusterSim::layers_dropped_by(const cluster::DropAction& d) const {
-  // Each member keeps its new stage's layers of those it holds now (cluster::plan_drop).
-  const std::int64_t num_layers = cost_.model().num_layers;
-  const auto g = static_cast<std::int64_t>(d.instances.size());
-  std::int64_t dropped = 0;
-  for (std::int64_t k = 0; k < g; ++k) {
-    const Unit* u = nullptr;
-    for (const auto& up : units_) {
-      if (std::find(up->members.begin(), up->members.end(), d.instances[static_cast<std::size_t>(k)]) != up->members.end()) u = up.get();
-    }
-    if (u == nullptr) continue;
-    const auto src_g = static_cast<std::int64_t>(u->members.size());
-    const auto stage = static_cast<std::int64_t>(
-        std::find(u->members.begin(), u->members.end(), d.instances[static_cast<std::size_t>(k)]) - u->members.begin());
-    const std::int64_t held_begin = cluster::stage_layer_begin(stage, src_g, num_layers);
-    const std::int64_t held_end = cluster::stage_layer_begin(stage + 1, src_g, num_layers);
-    const std::int64_t keep_begin = std::max(held_begin, cluster::stage_layer_begin(k, g, num_layers));
-    const std::int64_t keep_end = std::min(held_end, cluster::stage_layer_begin(k + 1, g, num_layers));
-    dropped += (held_end - held_begin) - std::max<std::int64_t>(0, keep_end - keep_begin);
-  }
-  return dropped;
-}
-
 void ClusterSim::block_next_drop() {
   // The runtime's policy thread carries out one tick's drops one after another
   // (ClusterRuntime::run_actions): a drop's sources stop (their gates close, their engines park
@@ -1092,8 +1072,7 @@ void ClusterSim::try_pending_transitions() {
     if (!idle) break;
     // Fused at this step boundary; then the members free their dropped layers, one control
     // round trip each (GpuSpec::drop_layer_us), before the group's first step.
-    const std::int64_t layers = layers_dropped_by(d);
-    fuse(d);
+    const std::int64_t layers = fuse(d);
     const auto work = static_cast<std::int64_t>(std::llround(cost_.gpu().drop_layer_us * static_cast<double>(layers)));
     const std::int64_t done = now + work;
     if (Unit* g = unit_of_instance(d.instances.front()); g != nullptr && work > 0) g->resume_us = std::max(g->resume_us, done);

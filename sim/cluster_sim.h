@@ -260,8 +260,8 @@ class ClusterSim {
   void try_pending_transitions();
   void run_script();  // SimConfig::script entries now due
   void block_next_drop();  // stops the front pending drop's sources once the drop before it is done
-  std::int64_t layers_dropped_by(const cluster::DropAction& d) const;  // over its members, as planned
-  void fuse(const cluster::DropAction& drop);
+  // Carries out the drop at its step boundary; returns the layers its members freed (cluster::plan_drop).
+  std::int64_t fuse(const cluster::DropAction& drop);
   cluster::TransitionGeometry transition_geometry() const;
   void record_plan(const std::string& kind, std::int64_t group, std::string plan);
   void split(std::int64_t unit_index);

@@ -104,12 +104,17 @@ double GpuSpec::contention_latency_us(double busy_devices) const {
   return std::max(0.0, interpolate_by_devices(host_contention_us, busy_devices));
 }
 
-double GpuSpec::contention_shape(double busy_devices, std::int64_t new_tokens) const {
-  if (host_contention_tokens.empty()) return 1.0;
+std::size_t GpuSpec::token_bin(std::int64_t new_tokens) const {
   std::size_t bin = 0;
   for (std::size_t i = 0; i < table_tokens.size(); ++i) {
     if (static_cast<double>(new_tokens) >= table_tokens[i]) bin = i;
   }
+  return bin;
+}
+
+double GpuSpec::contention_shape(double busy_devices, std::int64_t new_tokens) const {
+  if (host_contention_tokens.empty()) return 1.0;
+  const std::size_t bin = token_bin(new_tokens);
   const auto at = [&](std::size_t row) {
     const std::vector<double>& r = host_contention_tokens[std::min(row, host_contention_tokens.size() - 1)];
     return bin < r.size() ? r[bin] : 1.0;

@@ -122,6 +122,9 @@ struct GpuSpec {
   // host_contention_tokens at `busy_devices` (linear between counts, the last row beyond) for a
   // step of `new_tokens` (1 when empty).
   double contention_shape(double busy_devices, std::int64_t new_tokens) const;
+  // The step table's bin of a step of `new_tokens`: the largest knot at or below it (0 below the
+  // first or without a table); host_contention_tokens' columns.
+  std::size_t token_bin(std::int64_t new_tokens) const;
   // host_idle_us for a step after `idle_us` of idleness (0 below the first knot or when empty).
   double idle_wake_us(double idle_us) const;
 };

@@ -565,10 +565,8 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
   }
   // a(k), b(k) over the independent steps that did not start after an idle spell.
   std::vector<std::vector<std::pair<double, double>>> samples(static_cast<std::size_t>(max_devices));
-  std::vector<std::vector<std::pair<double, double>>> fused(static_cast<std::size_t>(max_devices));
   for (const Sample& s : all) {
-    if (s.idle_us >= gaps.front()) continue;
-    (s.fused ? fused : samples)[static_cast<std::size_t>(s.k - 1)].emplace_back(s.predicted, s.measured);
+    if (!s.fused && s.idle_us < gaps.front()) samples[static_cast<std::size_t>(s.k - 1)].emplace_back(s.predicted, s.measured);
   }
   HostContentionFit fit;
   for (std::int64_t k = 1; k <= max_devices; ++k) {
@@ -593,13 +591,7 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
   // The contended step's shape: per count and step-table bin of new tokens, the independent
   // steps' sum of (measured - b) over the sum of a x table (1 with fewer than min_steps).
   const std::vector<double>& knots = cost.gpu().table_tokens;
-  const auto bin_of = [&](std::int64_t tokens) {
-    std::size_t bin = 0;
-    for (std::size_t i = 0; i < knots.size(); ++i) {
-      if (static_cast<double>(tokens) >= knots[i]) bin = i;
-    }
-    return bin;
-  };
+  const auto bin_of = [&](std::int64_t tokens) { return cost.gpu().token_bin(tokens); };
   if (!knots.empty()) {
     std::vector<std::vector<double>> over(static_cast<std::size_t>(max_devices), std::vector<double>(knots.size(), 0.0));
     std::vector<std::vector<double>> under = over;
@@ -625,21 +617,21 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
   };
   // A fused round's fixed time, at each count's factor: the mean of measured - a x table over
   // the micro-batches (a micro-batch's trip through every stage is the whole model's table).
-  for (std::int64_t k = 1; k <= max_devices; ++k) {
-    const auto& v = fused[static_cast<std::size_t>(k - 1)];
-    fit.fused_steps.push_back(static_cast<std::int64_t>(v.size()));
-    if (static_cast<std::int64_t>(v.size()) < min_steps) {
+  std::vector<double> fused_residual(static_cast<std::size_t>(max_devices), 0.0);
+  fit.fused_steps.assign(static_cast<std::size_t>(max_devices), 0);
+  for (const Sample& s : all) {
+    if (!s.fused || s.idle_us >= gaps.front()) continue;
+    const auto k = static_cast<std::size_t>(s.k - 1);
+    fused_residual[k] += s.measured - fit.factor[k] * s.predicted;
+    ++fit.fused_steps[k];
+  }
+  for (std::size_t k = 0; k < fused_residual.size(); ++k) {
+    if (fit.fused_steps[k] < min_steps) {
       // Too few: the count below's fused value, or this count's independent-step value.
-      fit.fused_fixed_us.push_back(k > 1 && fit.fused_steps[static_cast<std::size_t>(k - 2)] >= min_steps
-                                       ? fit.fused_fixed_us.back()
-                                       : fit.fixed_us[static_cast<std::size_t>(k - 1)]);
+      fit.fused_fixed_us.push_back(k > 0 && fit.fused_steps[k - 1] >= min_steps ? fit.fused_fixed_us.back() : fit.fixed_us[k]);
       continue;
     }
-    double residual = 0.0;
-    for (const Sample& s : all) {
-      if (s.fused && s.k == k && s.idle_us < gaps.front()) residual += s.measured - fit.factor[static_cast<std::size_t>(k - 1)] * s.predicted;
-    }
-    fit.fused_fixed_us.push_back(std::max(0.0, residual / static_cast<double>(v.size())));
+    fit.fused_fixed_us.push_back(std::max(0.0, fused_residual[k] / static_cast<double>(fit.fused_steps[k])));
   }
   // The steps after an idle spell: what they took beyond their kind's a x table + b, by the
   // spell's length (knot i: idle at least gaps[i], less than gaps[i + 1]).

@@ -72,6 +72,25 @@ StatusOr<SimReport> simulate_with(const DeviceProfile& p, SimConfig c, const wor
   return r;
 }
 
+// A kunserve pair whose two instances are dropped into one group at `drop_at_us`, and 40 requests
+// of 400 output tokens every 50 ms that keep both busy.
+SimConfig scripted_pair(std::int64_t drop_at_us) {
+  SimConfig c;
+  c.num_instances = 2;
+  c.kv_tokens_per_instance = 4096;
+  c.policy = cluster::Policy::kKunServe;
+  c.timeline_period_us = 250'000;
+  c.script = {SimConfig::ScriptedTransition{drop_at_us, {0, 1}, -1}};
+  return c;
+}
+
+workload::Trace steady_decodes() {
+  workload::Trace t;
+  for (int i = 0; i < 40; ++i) t.requests.push_back({static_cast<std::int64_t>(i) * 50'000, 8, 400});
+  return t;
+}
+
+
 
 // Requests arriving together: the published stats do not show them before a step ends, but the
 // router counts what it routed since (engine::Engine::PublishedView::queued_estimate, the runtime's
@@ -151,15 +170,7 @@ TEST(RuntimeFidelity, MonitorTicksDriftWithTheHostsWakeUps) {
   const auto drop_requested_us = [&](std::vector<double> fixed_us) -> std::int64_t {
     DeviceProfile p = flat_cpu_profile();
     p.spec.host_contention_us = std::move(fixed_us);
-    SimConfig c;
-    c.num_instances = 2;
-    c.kv_tokens_per_instance = 4096;
-    c.policy = cluster::Policy::kKunServe;
-    c.timeline_period_us = 250'000;
-    c.script = {SimConfig::ScriptedTransition{1'000'000, {0, 1}, -1}};
-    workload::Trace t;
-    for (int i = 0; i < 40; ++i) t.requests.push_back({static_cast<std::int64_t>(i) * 50'000, 8, 400});
-    auto r = simulate_with(p, c, t, "ticks");
+    auto r = simulate_with(p, scripted_pair(1'000'000), steady_decodes(), "ticks");
     EXPECT_TRUE(r.ok()) << r.status().to_string();
     if (!r.ok()) return -1;
     for (const std::string& e : r->events) {
@@ -183,17 +194,10 @@ TEST(RuntimeFidelity, FusedRoundsPayTheirOwnFixedTime) {
     DeviceProfile p = flat_cpu_profile();
     p.spec.host_contention_us = {2000.0, 2000.0, 2000.0, 2000.0};
     p.spec.host_contention_fused_us = std::move(fused_us);
-    SimConfig c;
-    c.num_instances = 2;
-    c.kv_tokens_per_instance = 4096;
-    c.policy = cluster::Policy::kKunServe;
-    c.timeline_period_us = 250'000;
+    SimConfig c = scripted_pair(500'000);
     c.record_steps = true;
     c.stale_kv = cluster::StaleKvStrategy::kRecompute;  // no remote attention: a round's cost is its work
-    c.script = {SimConfig::ScriptedTransition{500'000, {0, 1}, -1}};
-    workload::Trace t;
-    for (int i = 0; i < 40; ++i) t.requests.push_back({static_cast<std::int64_t>(i) * 50'000, 8, 400});
-    auto r = simulate_with(p, c, t, "fused");
+    auto r = simulate_with(p, c, steady_decodes(), "fused");
     EXPECT_TRUE(r.ok()) << r.status().to_string();
     return r.ok() ? r->steps : std::vector<RecordedStep>{};
   };
