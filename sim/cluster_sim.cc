@@ -37,7 +37,7 @@ struct ClusterSim::Unit {
   double copy_left_us = 0.0;  // swap copies first: on the link, not computing, not contended
   std::int64_t copy_until_us = -1;  // when those end (an event: the devices computing change)
   bool latency_pending = false;  // the host's fixed time per step not yet added (reprice does)
-  std::int64_t copy_waits = 0;   // and once more after each paced swap copy (SimExecutorCounters)
+  std::int64_t copy_waits = 0;   // paced swap copies (SimExecutorCounters): each then waits host_swap_us
   double idle_wake_us = 0.0;     // and the host's extra time after an idle spell (GpuSpec::idle_wake_us)
   std::int64_t step_tokens = 0;  // new tokens of the step (a fused round: its largest micro-batch)
   double factor = 1.0;           // its slowdown since ClusterSim::contention_at_us_
@@ -522,10 +522,10 @@ void ClusterSim::reprice_contended_steps() {
   // next (measured: a 2-stage round paying b per micro-batch made kunserve's TPOT 1.8x the
   // bench's, and paying an independent step's b once per round still made it 1.1-1.3x, with
   // p50 TTFT 1.2-1.3x: the bench's fused micro-batches took 1.0-1.3 ms beyond a x table at 4
-  // devices computing, its independent steps 2.6-3.3 ms). A step with swap copies pays it again after each paced
-  // copy (a swap-out, a swap-in): the agent's thread slept on the host link and waits for a core
-  // once more (measured: the bench's swap steps took 2.2 ms beyond their copies more than the
-  // simulator's, at b(3-4) = 1.6-3.3 ms; the fit leaves swap steps out, so this is not fitted).
+  // devices computing, its independent steps 2.6-3.3 ms). A step with swap copies pays it at
+  // the devices computing when its forward starts, itself included (as the fit counts them); its
+  // wait for a core after each paced copy (GpuSpec::host_swap_us) is added to its copy time in
+  // start_steps, not computing.
   // An independent step's factor is a(k) times the contended shape for its size
   // (GpuSpec::contention_shape, fitted to independent steps); a fused round's is a(k) (its stages'
   // threads take turns on the cores, and its fixed time is fitted with a(k) alone).
@@ -536,8 +536,13 @@ void ClusterSim::reprice_contended_steps() {
     u->factor = u->members.size() > 1 ? contention_factor_
                                       : std::max(0.1, contention_factor_ * cost_.gpu().contention_shape(busy, u->step_tokens));
     if (u->latency_pending) {
-      const double wait = u->members.size() > 1 ? fused_latency : latency;
-      u->work_left_us += (wait * static_cast<double>(1 + u->copy_waits) + u->idle_wake_us) / u->factor;
+      // A step that copies first is not computing yet, but its waits come when it does: at the
+      // devices computing with it then (as the fit counts them, devices_computing in
+      // sim/device_profile.h).
+      const bool copying = u->copy_left_us > 0.0;
+      const double wait = u->members.size() > 1 ? (copying ? cost_.gpu().fused_contention_latency_us(busy + u->compute_devices) : fused_latency)
+                                                : (copying ? cost_.gpu().contention_latency_us(busy + u->compute_devices) : latency);
+      u->work_left_us += (wait + u->idle_wake_us) / u->factor;
       u->latency_pending = false;
     }
     // At least 1 us ahead, so that every event instant moves the clock. A step still copying has
@@ -586,6 +591,9 @@ void ClusterSim::start_steps() {
     u.work_left_us = std::max(1.0, static_cast<double>(duration) - u.copy_left_us);
     u.latency_pending = true;
     u.copy_waits = u.executor->counters().last_round_copy_waits;
+    // After each paced copy the agent's thread waits for a core (GpuSpec::host_swap_us): not
+    // computing, so it slows no one else, like the copy itself.
+    u.copy_left_us += cost_.gpu().host_swap_us * static_cast<double>(u.copy_waits);
     if (!cost_.gpu().host_contention.empty()) {  // a CPU profile's host (GPUs: neither applies)
       u.step_tokens = 0;
       for (const engine::StepPlan& p : u.plans) u.step_tokens = std::max(u.step_tokens, p.num_tokens());

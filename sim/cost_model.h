@@ -99,6 +99,13 @@ struct GpuSpec {
   // (fitted to a run's drops, `bench` runtime.drop_quiesce_ms / drop_layers; measured on this
   // 2-core host: 11-14 ms for the 8 layers a pair of llama-30m instances frees). 0: none (GPUs).
   double drop_layer_us = 0.0;
+  // And a step with swap copies waits host_swap_us after each paced copy (a swap-out, a swap-in),
+  // not computing, beyond the link time, a(k) x table and b(k) (fitted to a run's swap steps,
+  // sim/device_profile.h; 0: nothing). The agent's thread sleeps on the paced host link, and on
+  // an oversubscribed host it gets a core back late. Measured on this 2-core host at 4 devices:
+  // the bench's one-request swap steps took 6.3-7.4 ms more than its plain decode steps for 8
+  // layer blocks (about 2.3 ms of link time), the simulator's 3.1-5.2 ms; fitted 0.8-2.6 ms.
+  double host_swap_us = 0.0;
   std::int64_t page_bytes = 0;  // the device's memory page (0: the simulator's default)
   // Measured step-time table (a CPU profile, sim/device_profile.h), replacing the roofline: a
   // step of an instance computing t new tokens (all L layers, embedding, LM head for one

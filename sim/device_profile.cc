@@ -38,6 +38,7 @@ nlohmann::json spec_to_json(const GpuSpec& g) {
           {"host_idle_us", g.host_idle_us},
           {"host_contention_tokens", g.host_contention_tokens},
           {"drop_layer_us", g.drop_layer_us},
+          {"host_swap_us", g.host_swap_us},
           {"table_tokens", g.table_tokens},
           {"table_us", g.table_us},
           {"sample_us", g.sample_us},
@@ -70,6 +71,7 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
     g.host_idle_us = j.value("host_idle_us", std::vector<double>{});
     g.host_contention_tokens = j.value("host_contention_tokens", std::vector<std::vector<double>>{});
     g.drop_layer_us = j.value("drop_layer_us", 0.0);
+    g.host_swap_us = j.value("host_swap_us", 0.0);
     g.table_tokens = j.value("table_tokens", std::vector<double>{});
     g.table_us = j.value("table_us", std::vector<double>{});
     g.sample_us = j.value("sample_us", 0.0);
@@ -113,6 +115,7 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
     }
   }
   if (!(g.drop_layer_us >= 0)) return invalid_argument("device profile '" + g.name + "': drop_layer_us must be >= 0");
+  if (!(g.host_swap_us >= 0)) return invalid_argument("device profile '" + g.name + "': host_swap_us must be >= 0");
   if (g.host_idle_gap_us.size() != g.host_idle_us.size()) {
     return invalid_argument("device profile '" + g.name + "': host_idle_gap_us and host_idle_us differ in length");
   }
@@ -539,7 +542,8 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
                                       std::int64_t max_devices, std::int64_t min_steps) {
   KUN_CHECK_GE(max_devices, 1);
   const std::vector<double> gaps = default_idle_gap_knots_us();
-  // Every step without swap copies, by kind: (table, measured, devices computing, idle before).
+  // Every step without swap copies, by kind: (table, measured, devices computing, idle before);
+  // the independent steps with copies apart (measured less their link time).
   struct Sample {
     double predicted, measured;
     std::int64_t k;
@@ -548,19 +552,22 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
     std::int64_t tokens;
   };
   std::vector<Sample> all;
+  std::vector<Sample> swapping;
   for (const std::vector<RecordedStep>& run : runs) {
     const std::vector<double> busy = devices_computing(run, swap_us_per_block);
     const std::vector<double> idle = idle_before(run);
     for (std::size_t i = 0; i < run.size(); ++i) {
       const RecordedStep& r = run[i];
-      if (r.swap_blocks > 0 || r.sequences == 0) continue;
+      if (r.sequences == 0 || (r.swap_blocks > 0 && r.unit_devices > 1)) continue;
       CostModel::BatchTerms b;
       b.tokens = r.new_tokens;
       b.sampled = r.sampled;
       b.pairs = static_cast<double>(r.attended_pairs);
-      all.push_back(Sample{cost.step_us(b, num_layers, true, true), static_cast<double>(r.duration_us),
-                           std::clamp<std::int64_t>(std::llround(busy[i]), 1, max_devices), idle[i], r.unit_devices > 1,
-                           r.new_tokens});
+      const double link_us = swap_us_per_block * static_cast<double>(r.swap_blocks);
+      (r.swap_blocks > 0 ? swapping : all)
+          .push_back(Sample{cost.step_us(b, num_layers, true, true), static_cast<double>(r.duration_us) - link_us,
+                            std::clamp<std::int64_t>(std::llround(busy[i]), 1, max_devices), idle[i], r.unit_devices > 1,
+                            r.new_tokens});
     }
   }
   // a(k), b(k) over the independent steps that did not start after an idle spell.
@@ -653,6 +660,15 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
                                                : (i > 0 ? fit.idle_us.back() : 0.0);
     fit.idle_us.push_back(v);
   }
+  // The steps with swap copies: what they took beyond their link time, a x shape x table and b.
+  double swap_extra = 0.0;
+  for (const Sample& s : swapping) {
+    if (s.idle_us >= gaps.front()) continue;
+    const auto k = static_cast<std::size_t>(s.k - 1);
+    swap_extra += s.measured - (fit.factor[k] * shape(s.k, s.tokens) * s.predicted + fit.fixed_us[k]);
+    ++fit.swap_steps;
+  }
+  if (fit.swap_steps >= min_steps) fit.swap_extra_us = std::max(0.0, swap_extra / static_cast<double>(fit.swap_steps));
   return fit;
 }
 

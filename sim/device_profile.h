@@ -150,6 +150,12 @@ struct HostContentionFit {
   // bin: 1); empty when the profile has no step table. idle_us is fitted with it; the fused b
   // without it (a fused round is slowed by a alone, ClusterSim::reprice_contended_steps).
   std::vector<std::vector<double>> token_shape;
+  // GpuSpec::host_swap_us: the independent steps with swap copies (not after an idle spell) took
+  // this much beyond swap_us_per_block x their blocks + a x shape x table + b, on average (the
+  // simulator's price of a step with one paced copy, the devices counted as computing being
+  // those of its forward; 0 with fewer than min_steps or below 0).
+  double swap_extra_us = 0.0;
+  std::int64_t swap_steps = 0;
 };
 HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_layers,
                                       std::span<const std::vector<RecordedStep>> runs, double swap_us_per_block,

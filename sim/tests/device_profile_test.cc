@@ -296,17 +296,19 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   EXPECT_DOUBLE_EQ(loaded->spec.fused_contention_latency_us(2.0), 400.0);
   EXPECT_DOUBLE_EQ(loaded->spec.contention_latency_us(2.0), 1000.0);
   expect_refused("host_contention_fused_us", {0.0}, "host_contention_fused_us");
-  // The contended shape by the step table's token bins, the idle spells and the drop's time per
-  // layer travel too; the shape interpolates between device counts, bins by the table's knots.
+  // The contended shape by the step table's token bins, the idle spells, the drop's time per
+  // layer and the swap step's wait travel too; the shape interpolates between device counts, bins by the table's knots.
   p.spec.host_contention_tokens = {{1.0, 1.0}, {0.5, 2.0}};
   p.spec.host_idle_gap_us = {10'000.0, 30'000.0};
   p.spec.host_idle_us = {1000.0, 2500.0};
   p.spec.drop_layer_us = 1500.0;
+  p.spec.host_swap_us = 1800.0;
   ASSERT_TRUE(save_device_profile(p, path).ok());
   loaded = load_device_profile(path);
   ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
   EXPECT_EQ(loaded->spec.host_contention_tokens, p.spec.host_contention_tokens);
   EXPECT_DOUBLE_EQ(loaded->spec.drop_layer_us, 1500.0);
+  EXPECT_DOUBLE_EQ(loaded->spec.host_swap_us, 1800.0);
   ASSERT_GE(loaded->spec.table_tokens.size(), 3u);  // knots 1, 2, 4, ...: bin 0 is 1 token, bin 1 is 2-3
   EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 1), 0.5);
   EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 3), 2.0);
@@ -317,6 +319,7 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   EXPECT_DOUBLE_EQ(loaded->spec.idle_wake_us(1e9), 2500.0);
   expect_refused("host_contention_tokens", {{1.0}}, "host_contention_tokens");
   expect_refused("host_idle_us", {1000.0}, "host_idle");
+  expect_refused("host_swap_us", -1.0, "host_swap_us");
   std::filesystem::remove_all(dir);
 }
 
@@ -401,6 +404,45 @@ TEST(DeviceProfile, DevicesComputingWeighsOverlapsAndSwapCopies) {
 // A run whose steps at 1 device take the table's time and at 2 devices 1.5 x table + 800 us gives
 // back those curves; a count with too few steps takes the previous count's values; steps of a
 // fused group or with swap copies are not fitted.
+// Steps with swap copies: what they took beyond their link time (swap_us_per_block x blocks),
+// a x shape x table and b is GpuSpec::host_swap_us; fewer than min_steps of them: 0.
+TEST(DeviceProfile, FitHostContentionPricesSwapSteps) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  GpuSpec spec = known_cpu();
+  spec.host_contention = {1.0, 1.0};
+  const CostModel cost(spec, m);
+  CostModel::BatchTerms b;
+  b.tokens = 1;
+  b.sampled = 1;
+  b.pairs = 10.0;
+  const double table = cost.step_us(b, m.num_layers, true, true);
+  const auto fit_with = [&](int swap_steps) {
+    std::vector<RecordedStep> run;
+    std::int64_t t = 0;
+    for (int i = 0; i < 40; ++i) {  // alone, plain: a = 1, b = 0
+      const auto d = static_cast<std::int64_t>(table);
+      run.push_back(RecordedStep{t + d, d, 1, 1, 1, 1, 10, 0});
+      t += d + 10;
+    }
+    for (int i = 0; i < swap_steps; ++i) {  // alone, 8 or 16 blocks at 250 us each, 1.5 ms more
+      const std::int64_t blocks = i % 2 == 0 ? 8 : 16;
+      const auto d = static_cast<std::int64_t>(table + 250.0 * static_cast<double>(blocks) + 1500.0);
+      run.push_back(RecordedStep{t + d, d, 1, 1, 1, 1, 10, blocks});
+      t += d + 10;
+    }
+    const std::vector<std::vector<RecordedStep>> runs{run};
+    return fit_host_contention(cost, m.num_layers, runs, 250.0, 2);
+  };
+  const HostContentionFit fit = fit_with(30);
+  EXPECT_EQ(fit.swap_steps, 30);
+  EXPECT_NEAR(fit.swap_extra_us, 1500.0, 2.0);
+  EXPECT_NEAR(fit.factor[0], 1.0, 1e-3);  // the swap steps stay out of a and b
+  EXPECT_NEAR(fit.fixed_us[0], 0.0, 1.0);
+  const HostContentionFit few = fit_with(10);
+  EXPECT_EQ(few.swap_steps, 10);
+  EXPECT_EQ(few.swap_extra_us, 0.0);
+}
+
 TEST(DeviceProfile, FitHostContentionRecoversTheRunsCurves) {
   const model::ModelConfig m = *model::preset_config("llama-30m");
   GpuSpec spec = known_cpu();

@@ -2,7 +2,7 @@
 // `bench --in-process` found it did not (sim/README.md, "Validation"): the router and the
 // coordinator see what the engines last published plus the requests submitted since (arrivals
 // during a step wait in the engine's inbox), a step's paced swap copies each cost the host's
-// wake-up again, and the monitor re-arms from when its tick ran, so its ticks drift later on a
+// wait for a core (GpuSpec::host_swap_us) without computing, and the monitor re-arms from when its tick ran, so its ticks drift later on a
 // busy host.
 #include <gtest/gtest.h>
 
@@ -269,6 +269,75 @@ TEST(RuntimeFidelity, StepsAfterAnIdleSpellPayTheHostsWakeUp) {
     EXPECT_NEAR(static_cast<double>(ttft1[i] - ttft0[i]), 3000.0, 2.0) << "request " << i;
     EXPECT_NEAR(static_cast<double>(decode1[i] - decode0[i]), 0.0, 2.0) << "request " << i;
   }
+}
+
+// After each paced swap copy the agent's thread waits for a core (GpuSpec::host_swap_us): a step
+// with copies takes that much more per copy, and the wait is not computing, so a step of another
+// device running beside it is not slowed. One instance under memory pressure with the swap
+// policy: its first step with copies is host_swap_us longer than with none (the runs are the same
+// up to it); with two devices at 2x contention the other instance's steps that overlap only the
+// wait keep their uncontended time.
+TEST(RuntimeFidelity, SwapStepsWaitForACoreAfterEachCopy) {
+  workload::Trace same;
+  for (int i = 0; i < 6; ++i) same.requests.push_back({i * 1000, 16, 40});
+  const auto run = [&](double swap_us, std::int64_t instances, const workload::Trace& t) {
+    DeviceProfile p = flat_cpu_profile();
+    p.spec.host_swap_us = swap_us;
+    p.spec.host_contention = {1.0, 2.0, 2.0, 2.0};
+    SimConfig c;
+    c.num_instances = instances;
+    c.kv_tokens_per_instance = 96;
+    c.host_link_gbps = 1.0;
+    c.policy = cluster::Policy::kSwap;
+    c.record_steps = true;
+    auto r = simulate_with(p, c, t, "swapwait");
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    return r.ok() ? r->steps : std::vector<RecordedStep>{};
+  };
+  const std::vector<RecordedStep> base = run(0.0, 1, same);
+  const std::vector<RecordedStep> waited = run(4000.0, 1, same);
+  std::size_t first = 0;
+  while (first < base.size() && base[first].swap_blocks == 0) ++first;
+  ASSERT_LT(first, base.size()) << "no step swapped";
+  ASSERT_LT(first, waited.size());
+  EXPECT_EQ(waited[first].swap_blocks, base[first].swap_blocks);
+  EXPECT_EQ(waited[first].duration_us - base[first].duration_us, 4000);  // one direction: a swap-out
+  for (std::size_t i = 0; i < first; ++i) EXPECT_EQ(waited[i].duration_us, base[i].duration_us) << "step " << i;
+  // Two instances, the router alternating the requests: instance 0 gets the long ones and swaps,
+  // instance 1 short ones that fit. A step of instance 1 that lies inside a step with copies'
+  // link time and wait runs at the one-device speed (its uncontended price); one that starts
+  // during the other's forward is slowed.
+  workload::Trace mixed;
+  for (int i = 0; i < 8; ++i) mixed.requests.push_back(i % 2 == 0 ? workload::TraceRequest{i * 1000, 16, 40} : workload::TraceRequest{i * 1000, 4, 12});
+  const std::vector<RecordedStep> two = run(20'000.0, 2, mixed);
+  DeviceProfile p = flat_cpu_profile();
+  const CostModel cost(p.spec, *sim_model_config("llama-30m"));
+  const auto uncontended_us = [&](const RecordedStep& o) {
+    CostModel::BatchTerms b;
+    b.tokens = o.new_tokens;
+    b.sampled = o.sampled;
+    b.pairs = static_cast<double>(o.attended_pairs);
+    return cost.step_us(b, cost.model().num_layers, true, true);
+  };
+  int inside = 0, overlapping = 0;
+  for (const RecordedStep& s : two) {
+    if (s.swap_blocks == 0) continue;
+    const std::int64_t start = s.end_us - s.duration_us;
+    // The copies of a few blocks at 1 GB/s take microseconds: the first 20 ms are the wait.
+    for (const RecordedStep& o : two) {
+      if (o.first_instance == s.first_instance || o.swap_blocks > 0) continue;
+      const std::int64_t o_start = o.end_us - o.duration_us;
+      if (o_start >= start && o.end_us <= start + 20'000) {
+        EXPECT_NEAR(static_cast<double>(o.duration_us), uncontended_us(o), 2.0) << "step at " << o_start;
+        ++inside;
+      } else if (o_start >= start + 20'100 && o_start + 100 < s.end_us) {
+        EXPECT_GT(static_cast<double>(o.duration_us), uncontended_us(o) + 100.0) << "step at " << o_start;
+        ++overlapping;
+      }
+    }
+  }
+  EXPECT_GT(inside, 0) << "no step of the other instance ran inside a swap wait";
+  EXPECT_GT(overlapping, 0) << "no step of the other instance ran beside a swap step's forward";
 }
 
 // The runtime carries out one tick's drops one after another (ClusterRuntime::run_actions), and

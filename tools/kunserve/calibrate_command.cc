@@ -444,6 +444,9 @@ Status run_fit_contention(const CalibrateArgs& a) {
   p.spec.host_contention_tokens = fit.token_shape;
   p.spec.host_idle_gap_us = fit.idle_gap_us;
   p.spec.host_idle_us = fit.idle_us;
+  p.spec.host_swap_us = fit.swap_extra_us;
+  std::cout << "\nsteps with swap copies: " << fit.swap_steps << ", " << std::fixed << std::setprecision(0)
+            << fit.swap_extra_us << " us each beyond their link time, a x table and b" << std::defaultfloat << "\n";
   return sim::save_device_profile(p, a.out);
 }
 
