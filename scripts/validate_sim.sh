@@ -12,14 +12,19 @@
 # `kunserve calibrate --fit-steps` fits the profile's host contention (a step at k devices
 # computing = a(k) x the profile's table + b(k), sim/cost_model.h; a fused group's round pays
 # its own b(k), fitted to the fused micro-batches) to that run's steps of all
-# policies together, one curve per run, no policy's own; the step table stays the profile's
-# (measured by `kunserve calibrate` on one device). Real run i is compared with simulation i;
+# policies together, one curve per run; then (FIT=window, the default) each policy is simulated
+# with that curve scaled to the host's speed over its own ~20 s window (one number per window,
+# `calibrate --window-steps`: the same policy's p50 TTFT moved 353 -> 675 ms between two windows
+# of one bench run); the step table stays the profile's (measured by `kunserve calibrate` on one
+# device). Real run i is compared with simulation i;
 # the table shows the median of each and their paired errors.
 #
 # REAL_RUNS=0 redoes only the fits and simulations of the real runs already in OUT (a simulator
-# change checked against the same runs). FIT=policy fits each policy's host to its own steps
-# (its ~20 s window; other sessions' load changes from minute to minute) instead of one curve per
-# run: TPOT is then more of an input; the TTFTs still come from the scheduling dynamics.
+# change checked against the same runs). FIT=run simulates every policy with the run's one curve
+# (session 11's tables). FIT=policy fits each policy's host to its own steps only: TPOT is then
+# more of an input, and a fused policy's window has too few independent steps at each count to
+# fit the curve's shape (kunserve's paired errors doubled). In every mode the TTFTs come from the
+# scheduling dynamics.
 #
 # PROFILE (default the committed sim/profiles/cpu-llama-30m-t1.json); CALIBRATE=1 measures a
 # fresh one first (`kunserve calibrate`, CAL_REPS repetitions). REPEATS real runs (default 3).
@@ -61,8 +66,8 @@ OPTS=(--devices 4 --max-requests 600 --time-scale ${TIME_SCALE:-2} --max-gap-s 1
       --link-gbps 0.7 --host-link-gbps $HOST_GBPS)
 REAL=()
 SIM=()
-FIT=${FIT:-run}
-[[ $FIT == run || $FIT == policy ]] || { echo "FIT must be run or policy" >&2; exit 2; }
+FIT=${FIT:-window}
+[[ $FIT == run || $FIT == policy || $FIT == window ]] || { echo "FIT must be run, policy or window" >&2; exit 2; }
 if [[ ${REAL_RUNS:-1} == 1 ]]; then : > "$OUT/load.txt"; fi
 for ((k = 1; k <= ${REPEATS:-3}; ++k)); do
   if [[ ${REAL_RUNS:-1} == 1 ]]; then
@@ -82,13 +87,20 @@ for ((k = 1; k <= ${REPEATS:-3}; ++k)); do
     KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} $BIN simulate --gpu "$OUT/profile$k.json" --policies "$POLICIES" "${OPTS[@]}" \
       --json "$OUT/sim$k.json" --timeline-prefix "$OUT/sim$k/" > "$OUT/sim$k.log" 2>&1
   else
-    # Each policy with the host of its own ~20 s window: a(k), b(k) fitted to its steps only.
+    # Each policy with the host of its own ~20 s window: FIT=policy fits a(k), b(k), ... to its
+    # steps only; FIT=window fits them to the whole run's steps and scales them to the window's
+    # speed (calibrate --window-steps).
     : > "$OUT/contention$k.md"
     PARTS=()
     for p in ${POLICIES//,/ }; do
       echo "policy $p:" >> "$OUT/contention$k.md"
+      if [[ $FIT == policy ]]; then
+        STEPS=("$OUT/real$k/${p}_steps.csv")
+      else
+        STEPS=("$OUT"/real$k/*_steps.csv --window-steps "$OUT/real$k/${p}_steps.csv")
+      fi
       $BIN calibrate --profile "$PROFILE" --out "$OUT/profile$k-$p.json" --bench-json "$OUT/real$k.json" --host-link-gbps "$HOST_GBPS" \
-        --fit-steps "$OUT/real$k/${p}_steps.csv" >> "$OUT/contention$k.md"
+        --fit-steps "${STEPS[@]}" >> "$OUT/contention$k.md"
       KUN_LOG_LEVEL=${KUN_LOG_LEVEL:-warn} $BIN simulate --gpu "$OUT/profile$k-$p.json" --policies "$p" "${OPTS[@]}" \
         --json "$OUT/sim$k-$p.json" --timeline-prefix "$OUT/sim$k/" > "$OUT/sim$k-$p.log" 2>&1
       PARTS+=("$OUT/sim$k-$p.json")

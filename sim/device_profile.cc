@@ -537,38 +537,77 @@ std::vector<double> idle_before(std::span<const RecordedStep> steps) {
   return out;
 }
 
+namespace {
+
+// One recorded step as the host fit sees it: its table time, what it took (less its swap copies'
+// link time), the devices computing over it (rounded, 1..max_devices), the idle spell before it.
+struct HostSample {
+  double predicted, measured;
+  std::int64_t k;
+  double idle_us;
+  bool fused;
+  std::int64_t tokens;
+  bool swapped;
+};
+
+// Every step of one run with sequences (a fused group's steps with copies left out: the runtime
+// swaps only on independent instances).
+void collect_host_samples(const CostModel& cost, std::int64_t num_layers, std::span<const RecordedStep> run,
+                          double swap_us_per_block, std::int64_t max_devices, std::vector<HostSample>* out) {
+  const std::vector<double> busy = devices_computing(run, swap_us_per_block);
+  const std::vector<double> idle = idle_before(run);
+  for (std::size_t i = 0; i < run.size(); ++i) {
+    const RecordedStep& r = run[i];
+    if (r.sequences == 0 || (r.swap_blocks > 0 && r.unit_devices > 1)) continue;
+    CostModel::BatchTerms b;
+    b.tokens = r.new_tokens;
+    b.sampled = r.sampled;
+    b.pairs = static_cast<double>(r.attended_pairs);
+    const double link_us = swap_us_per_block * static_cast<double>(r.swap_blocks);
+    out->push_back(HostSample{cost.step_us(b, num_layers, true, true), static_cast<double>(r.duration_us) - link_us,
+                              std::clamp<std::int64_t>(std::llround(busy[i]), 1, max_devices), idle[i], r.unit_devices > 1,
+                              r.new_tokens, r.swap_blocks > 0});
+  }
+}
+
+// The idle-spell bin of a step (knot i: idle at least gaps[i], less than gaps[i + 1]); -1 below
+// the first knot.
+std::ptrdiff_t idle_bin(const std::vector<double>& gaps, double idle_us) {
+  return std::upper_bound(gaps.begin(), gaps.end(), idle_us) - gaps.begin() - 1;
+}
+
+double shape_of(const CostModel& cost, const HostContentionFit& fit, std::int64_t k, std::int64_t tokens) {
+  return fit.token_shape.empty() ? 1.0 : fit.token_shape[static_cast<std::size_t>(k - 1)][cost.gpu().token_bin(tokens)];
+}
+
+// What a step takes (less its link time) by a fit, as the simulator prices it.
+double modelled_us(const CostModel& cost, const HostContentionFit& fit, const HostSample& s) {
+  const auto k = static_cast<std::size_t>(s.k - 1);
+  double us = s.fused ? fit.factor[k] * s.predicted + fit.fused_fixed_us[k]
+                      : fit.factor[k] * shape_of(cost, fit, s.k, s.tokens) * s.predicted + fit.fixed_us[k];
+  if (s.swapped) us += fit.swap_extra_us;
+  const std::ptrdiff_t bin = idle_bin(fit.idle_gap_us, s.idle_us);
+  if (bin >= 0) us += fit.idle_us[static_cast<std::size_t>(bin)];
+  return us;
+}
+
+}  // namespace
+
 HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_layers,
                                       std::span<const std::vector<RecordedStep>> runs, double swap_us_per_block,
                                       std::int64_t max_devices, std::int64_t min_steps) {
   KUN_CHECK_GE(max_devices, 1);
   const std::vector<double> gaps = default_idle_gap_knots_us();
-  // Every step without swap copies, by kind: (table, measured, devices computing, idle before);
-  // the independent steps with copies apart (measured less their link time).
-  struct Sample {
-    double predicted, measured;
-    std::int64_t k;
-    double idle_us;
-    bool fused;
-    std::int64_t tokens;
-  };
+  // Every step without swap copies, by kind; the independent steps with copies apart.
+  using Sample = HostSample;
   std::vector<Sample> all;
   std::vector<Sample> swapping;
-  for (const std::vector<RecordedStep>& run : runs) {
-    const std::vector<double> busy = devices_computing(run, swap_us_per_block);
-    const std::vector<double> idle = idle_before(run);
-    for (std::size_t i = 0; i < run.size(); ++i) {
-      const RecordedStep& r = run[i];
-      if (r.sequences == 0 || (r.swap_blocks > 0 && r.unit_devices > 1)) continue;
-      CostModel::BatchTerms b;
-      b.tokens = r.new_tokens;
-      b.sampled = r.sampled;
-      b.pairs = static_cast<double>(r.attended_pairs);
-      const double link_us = swap_us_per_block * static_cast<double>(r.swap_blocks);
-      (r.swap_blocks > 0 ? swapping : all)
-          .push_back(Sample{cost.step_us(b, num_layers, true, true), static_cast<double>(r.duration_us) - link_us,
-                            std::clamp<std::int64_t>(std::llround(busy[i]), 1, max_devices), idle[i], r.unit_devices > 1,
-                            r.new_tokens});
+  {
+    std::vector<Sample> samples;
+    for (const std::vector<RecordedStep>& run : runs) {
+      collect_host_samples(cost, num_layers, run, swap_us_per_block, max_devices, &samples);
     }
+    for (const Sample& s : samples) (s.swapped ? swapping : all).push_back(s);
   }
   // a(k), b(k) over the independent steps that did not start after an idle spell.
   std::vector<std::vector<std::pair<double, double>>> samples(static_cast<std::size_t>(max_devices));
@@ -598,7 +637,6 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
   // The contended step's shape: per count and step-table bin of new tokens, the independent
   // steps' sum of (measured - b) over the sum of a x table (1 with fewer than min_steps).
   const std::vector<double>& knots = cost.gpu().table_tokens;
-  const auto bin_of = [&](std::int64_t tokens) { return cost.gpu().token_bin(tokens); };
   if (!knots.empty()) {
     std::vector<std::vector<double>> over(static_cast<std::size_t>(max_devices), std::vector<double>(knots.size(), 0.0));
     std::vector<std::vector<double>> under = over;
@@ -606,7 +644,7 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
     for (const Sample& s : all) {
       if (s.fused || s.idle_us >= gaps.front()) continue;
       const auto k = static_cast<std::size_t>(s.k - 1);
-      const std::size_t b = bin_of(s.tokens);
+      const std::size_t b = cost.gpu().token_bin(s.tokens);
       over[k][b] += s.measured - fit.fixed_us[k];
       under[k][b] += fit.factor[k] * s.predicted;
       ++n[k][b];
@@ -619,9 +657,7 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
       fit.token_shape.push_back(std::move(row));
     }
   }
-  const auto shape = [&](std::int64_t k, std::int64_t tokens) {
-    return fit.token_shape.empty() ? 1.0 : fit.token_shape[static_cast<std::size_t>(k - 1)][bin_of(tokens)];
-  };
+  const auto shape = [&](std::int64_t k, std::int64_t tokens) { return shape_of(cost, fit, k, tokens); };
   // A fused round's fixed time, at each count's factor: the mean of measured - a x table over
   // the micro-batches (a micro-batch's trip through every stage is the whole model's table).
   std::vector<double> fused_residual(static_cast<std::size_t>(max_devices), 0.0);
@@ -646,7 +682,7 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
   std::vector<std::int64_t> count(gaps.size(), 0);
   for (const Sample& s : all) {
     if (s.idle_us < gaps.front()) continue;
-    const auto bin = static_cast<std::size_t>(std::upper_bound(gaps.begin(), gaps.end(), s.idle_us) - gaps.begin()) - 1;
+    const auto bin = static_cast<std::size_t>(idle_bin(gaps, s.idle_us));
     const auto k = static_cast<std::size_t>(s.k - 1);
     extra[bin] += s.measured - (fit.factor[k] * (s.fused ? 1.0 : shape(s.k, s.tokens)) * s.predicted +
                                 (s.fused ? fit.fused_fixed_us[k] : fit.fixed_us[k]));
@@ -670,6 +706,27 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
   }
   if (fit.swap_steps >= min_steps) fit.swap_extra_us = std::max(0.0, swap_extra / static_cast<double>(fit.swap_steps));
   return fit;
+}
+
+double host_speed_ratio(const CostModel& cost, std::int64_t num_layers, const HostContentionFit& fit,
+                        std::span<const RecordedStep> window, double swap_us_per_block) {
+  KUN_CHECK(!fit.factor.empty()) << "host_speed_ratio needs a fit";
+  std::vector<HostSample> samples;
+  collect_host_samples(cost, num_layers, window, swap_us_per_block, static_cast<std::int64_t>(fit.factor.size()), &samples);
+  double measured = 0.0, modelled = 0.0;
+  for (const HostSample& s : samples) {
+    measured += s.measured;
+    modelled += modelled_us(cost, fit, s);
+  }
+  return modelled > 0.0 ? measured / modelled : 1.0;
+}
+
+void scale_host_speed(GpuSpec* spec, double ratio) {
+  KUN_CHECK(ratio > 0.0) << "host speed ratio " << ratio;
+  for (auto* v : {&spec->host_contention, &spec->host_contention_us, &spec->host_contention_fused_us, &spec->host_idle_us}) {
+    for (double& x : *v) x *= ratio;
+  }
+  spec->host_swap_us *= ratio;
 }
 
 }  // namespace kun::sim

@@ -161,6 +161,20 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
                                       std::span<const std::vector<RecordedStep>> runs, double swap_us_per_block,
                                       std::int64_t max_devices, std::int64_t min_steps = 20);
 
+// The host's speed over one window of steps (one policy's ~20 s of a bench run) against a fit
+// made over the whole run: the window's steps' measured time over what the fit prices them at
+// (as the simulator does: a x shape x table + b, a fused round's b, the idle and swap extras;
+// link time left out of both). Above 1: the host was slower in this window. On a shared 2-core
+// host the level drifts from one policy's window to the next (measured: the same policy's p50
+// TTFT 353 and 675 ms in two windows of one bench run), while the shape of the contention curve
+// needs the whole run's steps to be fitted well (a fused policy's window has few independent
+// steps at each count).
+double host_speed_ratio(const CostModel& cost, std::int64_t num_layers, const HostContentionFit& fit,
+                        std::span<const RecordedStep> window, double swap_us_per_block);
+// A host `ratio` times slower: every fitted host term (a, b, the fused rounds' b, the idle and
+// swap extras) times ratio; the step table and links unchanged.
+void scale_host_speed(GpuSpec* spec, double ratio);
+
 GpuSpec fit_device_spec(const GpuSpec& start, const model::ModelConfig& model, std::span<const ProfileStep> steps,
                         std::vector<double> knots = default_table_knots());
 

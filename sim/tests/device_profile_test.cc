@@ -443,6 +443,57 @@ TEST(DeviceProfile, FitHostContentionPricesSwapSteps) {
   EXPECT_EQ(few.swap_extra_us, 0.0);
 }
 
+// One policy's window against the run's fit: steps that follow the fit exactly give 1, the same
+// steps 1.25x as long (link time apart) give 1.25, and scale_host_speed scales every fitted host
+// term by it (the step table stays).
+TEST(DeviceProfile, HostSpeedRatioOfAWindow) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  GpuSpec spec = known_cpu();
+  spec.host_contention = {1.0, 1.0};
+  const CostModel cost(spec, m);
+  const auto predicted = [&](std::int64_t tokens) {
+    CostModel::BatchTerms b;
+    b.tokens = tokens;
+    b.sampled = 1;
+    b.pairs = 10.0;
+    return cost.step_us(b, m.num_layers, true, true);
+  };
+  // Two devices side by side at 1.5 x table + 800 us, plain and with 8 swapped blocks at 100 us
+  // each plus 1 ms of wait.
+  const auto window = [&](double slow) {
+    std::vector<RecordedStep> run;
+    std::int64_t t = 0;
+    for (int i = 0; i < 80; ++i) {
+      const std::int64_t tokens = i % 3 == 0 ? 32 : 1;
+      const std::int64_t blocks = i % 4 == 0 ? 8 : 0;
+      const double compute = slow * (1.5 * predicted(tokens) + 800.0 + (blocks > 0 ? 1000.0 : 0.0));
+      const auto d = static_cast<std::int64_t>(std::llround(compute + 100.0 * static_cast<double>(blocks)));
+      for (int dev = 0; dev < 2; ++dev) run.push_back(RecordedStep{t + d, d, 1, 1, tokens, 1, 10, blocks, dev});
+      t += d + 10;
+    }
+    return run;
+  };
+  const std::vector<std::vector<RecordedStep>> runs{window(1.0)};
+  const HostContentionFit fit = fit_host_contention(cost, m.num_layers, runs, 100.0, 2);
+  EXPECT_NEAR(host_speed_ratio(cost, m.num_layers, fit, window(1.0), 100.0), 1.0, 0.01);
+  EXPECT_NEAR(host_speed_ratio(cost, m.num_layers, fit, window(1.25), 100.0), 1.25, 0.01);
+  GpuSpec scaled = spec;
+  scaled.host_contention = {1.0, 1.5};
+  scaled.host_contention_us = {0.0, 800.0};
+  scaled.host_contention_fused_us = {0.0, 300.0};
+  scaled.host_idle_gap_us = {10'000.0};
+  scaled.host_idle_us = {2000.0};
+  scaled.host_swap_us = 1000.0;
+  scale_host_speed(&scaled, 1.25);
+  EXPECT_EQ(scaled.host_contention, (std::vector<double>{1.25, 1.875}));
+  EXPECT_EQ(scaled.host_contention_us, (std::vector<double>{0.0, 1000.0}));
+  EXPECT_EQ(scaled.host_contention_fused_us, (std::vector<double>{0.0, 375.0}));
+  EXPECT_EQ(scaled.host_idle_gap_us, (std::vector<double>{10'000.0}));
+  EXPECT_EQ(scaled.host_idle_us, (std::vector<double>{2500.0}));
+  EXPECT_DOUBLE_EQ(scaled.host_swap_us, 1250.0);
+  EXPECT_EQ(scaled.table_us, spec.table_us);
+}
+
 TEST(DeviceProfile, FitHostContentionRecoversTheRunsCurves) {
   const model::ModelConfig m = *model::preset_config("llama-30m");
   GpuSpec spec = known_cpu();

@@ -60,6 +60,9 @@ struct CalibrateArgs {
   double swap_us_per_block = 0.0;
   std::string bench_json;  // with host_link_gbps: swap_us_per_block from the run's swap bytes
   double host_link_gbps = 0.0;
+  // With --fit-steps: scale the fitted host to the speed it had over these steps (one policy's
+  // window of the run, sim::host_speed_ratio).
+  std::string window_steps;
 };
 
 std::string host_description() {
@@ -359,12 +362,15 @@ Status run_fit_contention(const CalibrateArgs& a) {
   if (a.profile.empty()) return invalid_argument("--fit-steps needs --profile (the step table to keep)");
   KUN_ASSIGN_OR_RETURN(sim::DeviceProfile p, sim::load_device_profile(a.profile));
   KUN_ASSIGN_OR_RETURN(model::ModelConfig config, sim::sim_model_config(p.spec.measured_model));
-  std::vector<std::vector<sim::RecordedStep>> runs;
-  for (const std::string& path : a.fit_steps) {
+  const auto read_steps = [](const std::string& path) -> StatusOr<std::vector<sim::RecordedStep>> {
     Status read;
     const std::string text = read_whole_file(path, &read);
     KUN_RETURN_IF_ERROR(read);
-    KUN_ASSIGN_OR_RETURN(std::vector<sim::RecordedStep> steps, sim::parse_recorded_steps(text, path));
+    return sim::parse_recorded_steps(text, path);
+  };
+  std::vector<std::vector<sim::RecordedStep>> runs;
+  for (const std::string& path : a.fit_steps) {
+    KUN_ASSIGN_OR_RETURN(std::vector<sim::RecordedStep> steps, read_steps(path));
     runs.push_back(std::move(steps));
   }
   double swap_us = a.swap_us_per_block;
@@ -447,6 +453,13 @@ Status run_fit_contention(const CalibrateArgs& a) {
   p.spec.host_swap_us = fit.swap_extra_us;
   std::cout << "\nsteps with swap copies: " << fit.swap_steps << ", " << std::fixed << std::setprecision(0)
             << fit.swap_extra_us << " us each beyond their link time, a x table and b" << std::defaultfloat << "\n";
+  if (!a.window_steps.empty()) {
+    KUN_ASSIGN_OR_RETURN(std::vector<sim::RecordedStep> window, read_steps(a.window_steps));
+    const double ratio = sim::host_speed_ratio(table, config.num_layers, fit, window, swap_us);
+    std::cout << "host speed over " << a.window_steps << ": " << std::fixed << std::setprecision(3) << ratio
+              << "x the run's fit (its host terms scaled by it)" << std::defaultfloat << "\n";
+    sim::scale_host_speed(&p.spec, ratio);
+  }
   return sim::save_device_profile(p, a.out);
 }
 
@@ -471,6 +484,8 @@ void add_calibrate_command(CLI::App* app, int* exit_code) {
                   "with --fit-steps: time a step spends copying one swapped layer block (not computing)");
   cmd->add_option("--bench-json", a->bench_json, "with --fit-steps: the runs' bench report, from which a drop's time "
                   "per layer freed is derived, and with --host-link-gbps the swap copy time per block");
+  cmd->add_option("--window-steps", a->window_steps,
+                  "with --fit-steps: scale the fitted host to its speed over this step log (one policy's window)");
   cmd->add_option("--host-link-gbps", a->host_link_gbps, "with --bench-json: the runs' --host-link-gbps");
   cmd->callback([a, exit_code] {
     Status s = a->fit_steps.empty() ? run_calibrate(*a) : run_fit_contention(*a);
