@@ -104,12 +104,16 @@ double GpuSpec::contention_latency_us(double busy_devices) const {
   return std::max(0.0, interpolate_by_devices(host_contention_us, busy_devices));
 }
 
-std::size_t GpuSpec::token_bin(std::int64_t new_tokens) const {
+std::size_t knot_bin(const std::vector<double>& knots, std::int64_t tokens) {
   std::size_t bin = 0;
-  for (std::size_t i = 0; i < table_tokens.size(); ++i) {
-    if (static_cast<double>(new_tokens) >= table_tokens[i]) bin = i;
+  for (std::size_t i = 0; i < knots.size(); ++i) {
+    if (static_cast<double>(tokens) >= knots[i]) bin = i;
   }
   return bin;
+}
+
+std::size_t GpuSpec::token_bin(std::int64_t new_tokens) const {
+  return knot_bin(host_contention_token_knots.empty() ? table_tokens : host_contention_token_knots, new_tokens);
 }
 
 double GpuSpec::contention_shape(double busy_devices, std::int64_t new_tokens) const {

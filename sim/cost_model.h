@@ -87,13 +87,16 @@ struct GpuSpec {
   std::vector<double> host_idle_us;
   // And the contended independent step's shape (fitted to a run's steps, sim/device_profile.h;
   // a fused round gets a(k) alone): at k devices
-  // computing, a step of new tokens in [table_tokens[i], table_tokens[i + 1]) is slowed by
+  // computing, a step of new tokens in [knots[i], knots[i + 1]) is slowed by
   // host_contention[k-1] x host_contention_tokens[k-1][i] (empty, or a row shorter than the
-  // table: 1). Measured: at 4 devices on this 2-core host a 1-token decode step took 2.9x its
-  // table time, one of 3-4 tokens 4.9x, a 17-32-token prefill 2.1x, though the one-device table
-  // is flat from 1 to 4 tokens; one factor per k put the simulated baselines' busy decode steps
-  // 20-25 % short.
+  // knots: 1), the knots being host_contention_token_knots (empty: the step table's). Measured:
+  // at 4 devices on this 2-core host a 1-token decode step took 2.9x its table time, one of 3-4
+  // tokens 4.9x, a 17-32-token prefill 2.1x, though the one-device table is flat from 1 to 4
+  // tokens; one factor per k put the simulated baselines' busy decode steps 20-25 % short. The
+  // fit's knots split the table's 2-3 bin (s11d: decode steps of 3 sequences came out 12-15 %
+  // short in the simulator, of 2 sequences 3-6 % long).
   std::vector<std::vector<double>> host_contention_tokens;
+  std::vector<double> host_contention_token_knots;
   // A drop's time per layer freed, after its sources' steps in flight ended: the runtime's
   // control round trip with the member's agent (drop_layer), which returns the layer's pages
   // (fitted to a run's drops, `bench` runtime.drop_quiesce_ms / drop_layers; measured on this
@@ -129,12 +132,16 @@ struct GpuSpec {
   // host_contention_tokens at `busy_devices` (linear between counts, the last row beyond) for a
   // step of `new_tokens` (1 when empty).
   double contention_shape(double busy_devices, std::int64_t new_tokens) const;
-  // The step table's bin of a step of `new_tokens`: the largest knot at or below it (0 below the
-  // first or without a table); host_contention_tokens' columns.
+  // The contended shape's bin of a step of `new_tokens` (knot_bin over
+  // host_contention_token_knots, or the step table's knots when that is empty);
+  // host_contention_tokens' columns.
   std::size_t token_bin(std::int64_t new_tokens) const;
   // host_idle_us for a step after `idle_us` of idleness (0 below the first knot or when empty).
   double idle_wake_us(double idle_us) const;
 };
+
+// The largest knot at or below `tokens` (0 below the first or without knots).
+std::size_t knot_bin(const std::vector<double>& knots, std::int64_t tokens);
 
 // "a100" / "a100-80gb", "h100" / "h100-80gb", "h200", or the path of a measured device profile
 // (a name ending in ".json", sim/device_profile.h; e.g. sim/profiles/cpu-llama-30m-t1.json).

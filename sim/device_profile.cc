@@ -37,6 +37,7 @@ nlohmann::json spec_to_json(const GpuSpec& g) {
           {"host_idle_gap_us", g.host_idle_gap_us},
           {"host_idle_us", g.host_idle_us},
           {"host_contention_tokens", g.host_contention_tokens},
+          {"host_contention_token_knots", g.host_contention_token_knots},
           {"drop_layer_us", g.drop_layer_us},
           {"host_swap_us", g.host_swap_us},
           {"table_tokens", g.table_tokens},
@@ -70,6 +71,7 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
     g.host_idle_gap_us = j.value("host_idle_gap_us", std::vector<double>{});
     g.host_idle_us = j.value("host_idle_us", std::vector<double>{});
     g.host_contention_tokens = j.value("host_contention_tokens", std::vector<std::vector<double>>{});
+    g.host_contention_token_knots = j.value("host_contention_token_knots", std::vector<double>{});
     g.drop_layer_us = j.value("drop_layer_us", 0.0);
     g.host_swap_us = j.value("host_swap_us", 0.0);
     g.table_tokens = j.value("table_tokens", std::vector<double>{});
@@ -108,6 +110,11 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
   }
   if (!g.host_contention_tokens.empty() && g.host_contention_tokens.size() != g.host_contention.size()) {
     return invalid_argument("device profile '" + g.name + "': host_contention_tokens must be empty or one row per host_contention entry");
+  }
+  for (std::size_t i = 0; i < g.host_contention_token_knots.size(); ++i) {
+    if (!(g.host_contention_token_knots[i] > (i == 0 ? 0.0 : g.host_contention_token_knots[i - 1]))) {
+      return invalid_argument("device profile '" + g.name + "': host_contention_token_knots must increase from > 0");
+    }
   }
   for (const auto& row : g.host_contention_tokens) {
     for (double c : row) {
@@ -518,6 +525,8 @@ std::vector<double> devices_computing(std::span<const RecordedStep> steps, doubl
 
 std::vector<double> default_idle_gap_knots_us() { return {10'000.0, 30'000.0, 100'000.0, 300'000.0}; }
 
+std::vector<double> default_shape_token_knots() { return {1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256, 512}; }
+
 std::vector<double> idle_before(std::span<const RecordedStep> steps) {
   std::vector<std::size_t> order(steps.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -576,15 +585,15 @@ std::ptrdiff_t idle_bin(const std::vector<double>& gaps, double idle_us) {
   return std::upper_bound(gaps.begin(), gaps.end(), idle_us) - gaps.begin() - 1;
 }
 
-double shape_of(const CostModel& cost, const HostContentionFit& fit, std::int64_t k, std::int64_t tokens) {
-  return fit.token_shape.empty() ? 1.0 : fit.token_shape[static_cast<std::size_t>(k - 1)][cost.gpu().token_bin(tokens)];
+double shape_of(const HostContentionFit& fit, std::int64_t k, std::int64_t tokens) {
+  return fit.token_shape.empty() ? 1.0 : fit.token_shape[static_cast<std::size_t>(k - 1)][knot_bin(fit.token_knots, tokens)];
 }
 
 // What a step takes (less its link time) by a fit, as the simulator prices it.
-double modelled_us(const CostModel& cost, const HostContentionFit& fit, const HostSample& s) {
+double modelled_us(const HostContentionFit& fit, const HostSample& s) {
   const auto k = static_cast<std::size_t>(s.k - 1);
   double us = s.fused ? fit.factor[k] * s.predicted + fit.fused_fixed_us[k]
-                      : fit.factor[k] * shape_of(cost, fit, s.k, s.tokens) * s.predicted + fit.fixed_us[k];
+                      : fit.factor[k] * shape_of(fit, s.k, s.tokens) * s.predicted + fit.fixed_us[k];
   if (s.swapped) us += fit.swap_extra_us;
   const std::ptrdiff_t bin = idle_bin(fit.idle_gap_us, s.idle_us);
   if (bin >= 0) us += fit.idle_us[static_cast<std::size_t>(bin)];
@@ -634,9 +643,10 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
     fit.factor.push_back(c.factor);
     fit.fixed_us.push_back(c.fixed_us);
   }
-  // The contended step's shape: per count and step-table bin of new tokens, the independent
-  // steps' sum of (measured - b) over the sum of a x table (1 with fewer than min_steps).
-  const std::vector<double>& knots = cost.gpu().table_tokens;
+  // The contended step's shape: per count and bin of new tokens, the independent steps' sum of
+  // (measured - b) over the sum of a x table (1 with fewer than min_steps).
+  if (!cost.gpu().table_tokens.empty()) fit.token_knots = default_shape_token_knots();
+  const std::vector<double>& knots = fit.token_knots;
   if (!knots.empty()) {
     std::vector<std::vector<double>> over(static_cast<std::size_t>(max_devices), std::vector<double>(knots.size(), 0.0));
     std::vector<std::vector<double>> under = over;
@@ -644,7 +654,7 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
     for (const Sample& s : all) {
       if (s.fused || s.idle_us >= gaps.front()) continue;
       const auto k = static_cast<std::size_t>(s.k - 1);
-      const std::size_t b = cost.gpu().token_bin(s.tokens);
+      const std::size_t b = knot_bin(knots, s.tokens);
       over[k][b] += s.measured - fit.fixed_us[k];
       under[k][b] += fit.factor[k] * s.predicted;
       ++n[k][b];
@@ -657,7 +667,7 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
       fit.token_shape.push_back(std::move(row));
     }
   }
-  const auto shape = [&](std::int64_t k, std::int64_t tokens) { return shape_of(cost, fit, k, tokens); };
+  const auto shape = [&](std::int64_t k, std::int64_t tokens) { return shape_of(fit, k, tokens); };
   // A fused round's fixed time, at each count's factor: the mean of measured - a x table over
   // the micro-batches (a micro-batch's trip through every stage is the whole model's table).
   std::vector<double> fused_residual(static_cast<std::size_t>(max_devices), 0.0);
@@ -716,7 +726,7 @@ double host_speed_ratio(const CostModel& cost, std::int64_t num_layers, const Ho
   double measured = 0.0, modelled = 0.0;
   for (const HostSample& s : samples) {
     measured += s.measured;
-    modelled += modelled_us(cost, fit, s);
+    modelled += modelled_us(fit, s);
   }
   return modelled > 0.0 ? measured / modelled : 1.0;
 }

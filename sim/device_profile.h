@@ -121,6 +121,9 @@ std::vector<double> idle_before(std::span<const RecordedStep> steps);
 // 100 and 300 ms.
 std::vector<double> default_idle_gap_knots_us();
 inline constexpr std::int64_t kMinIdleSteps = 5;
+// The token counts fit_host_contention bins the contended shape by: 1, 2, 3, 4, 6, 8, then the
+// powers of two to 512.
+std::vector<double> default_shape_token_knots();
 
 // Host contention fitted to real runs' own steps (the simulator's a(k) x table + b(k),
 // GpuSpec::host_contention / host_contention_us): each run's independent-instance steps without
@@ -145,11 +148,12 @@ struct HostContentionFit {
   std::vector<double> idle_gap_us;
   std::vector<double> idle_us;
   std::vector<std::int64_t> idle_steps;
-  // GpuSpec::host_contention_tokens: per count, per bin of the step table's token knots, the
+  // GpuSpec::host_contention_tokens: per count, per bin of token_knots (new tokens), the
   // independent steps' sum of (measured - b) over the sum of a x table (fewer than min_steps in a
   // bin: 1); empty when the profile has no step table. idle_us is fitted with it; the fused b
   // without it (a fused round is slowed by a alone, ClusterSim::reprice_contended_steps).
   std::vector<std::vector<double>> token_shape;
+  std::vector<double> token_knots;  // GpuSpec::host_contention_token_knots: default_shape_token_knots()
   // GpuSpec::host_swap_us: the independent steps with swap copies (not after an idle spell) took
   // this much beyond swap_us_per_block x their blocks + a x shape x table + b, on average (the
   // simulator's price of a step with one paced copy, the devices counted as computing being

@@ -303,16 +303,19 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   p.spec.host_idle_us = {1000.0, 2500.0};
   p.spec.drop_layer_us = 1500.0;
   p.spec.host_swap_us = 1800.0;
+  p.spec.host_contention_token_knots = {1, 2, 3, 4};
   ASSERT_TRUE(save_device_profile(p, path).ok());
   loaded = load_device_profile(path);
   ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
   EXPECT_EQ(loaded->spec.host_contention_tokens, p.spec.host_contention_tokens);
   EXPECT_DOUBLE_EQ(loaded->spec.drop_layer_us, 1500.0);
   EXPECT_DOUBLE_EQ(loaded->spec.host_swap_us, 1800.0);
-  ASSERT_GE(loaded->spec.table_tokens.size(), 3u);  // knots 1, 2, 4, ...: bin 0 is 1 token, bin 1 is 2-3
+  EXPECT_EQ(loaded->spec.host_contention_token_knots, p.spec.host_contention_token_knots);
+  // knots 1, 2, 3, 4: bin 0 is 1 token, bin 1 is 2
   EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 1), 0.5);
-  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 3), 2.0);
-  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(1.5, 3), 1.5);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 2), 2.0);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(1.5, 2), 1.5);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 3), 1.0);  // a bin past the row: 1
   EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 16), 1.0);  // a bin past the row: 1
   EXPECT_DOUBLE_EQ(loaded->spec.idle_wake_us(5'000.0), 0.0);
   EXPECT_DOUBLE_EQ(loaded->spec.idle_wake_us(20'000.0), 1000.0);
@@ -320,6 +323,7 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   expect_refused("host_contention_tokens", {{1.0}}, "host_contention_tokens");
   expect_refused("host_idle_us", {1000.0}, "host_idle");
   expect_refused("host_swap_us", -1.0, "host_swap_us");
+  expect_refused("host_contention_token_knots", {1.0, 1.0}, "host_contention_token_knots");
   std::filesystem::remove_all(dir);
 }
 
@@ -441,6 +445,51 @@ TEST(DeviceProfile, FitHostContentionPricesSwapSteps) {
   const HostContentionFit few = fit_with(10);
   EXPECT_EQ(few.swap_steps, 10);
   EXPECT_EQ(few.swap_extra_us, 0.0);
+}
+
+// The contended shape's bins are the fit's own knots (1, 2, 3, 4, 6, 8, ...), not the step
+// table's (1, 2, 4, ...): steps of 2 and 3 tokens slowed differently come out with their own
+// multipliers, and a profile carries the knots the simulator then bins by.
+TEST(DeviceProfile, FitShapeSplitsTwoAndThreeTokenSteps) {
+  const model::ModelConfig m = *model::preset_config("llama-30m");
+  GpuSpec spec = known_cpu();
+  spec.host_contention = {1.0, 1.0};
+  const CostModel cost(spec, m);
+  const auto predicted = [&](std::int64_t tokens) {
+    CostModel::BatchTerms b;
+    b.tokens = tokens;
+    b.sampled = tokens;
+    b.pairs = 10.0;
+    return cost.step_us(b, m.num_layers, true, true);
+  };
+  std::vector<RecordedStep> run;
+  std::int64_t t = 0;
+  for (int i = 0; i < 90; ++i) {  // two devices side by side: 1 token at 1.5x, 2 at 1.2x, 3 at 2.0x
+    const std::int64_t tokens = 1 + i % 3;
+    const double slow = tokens == 1 ? 1.5 : tokens == 2 ? 1.2 : 2.0;
+    const auto d = static_cast<std::int64_t>(slow * predicted(tokens));
+    for (int dev = 0; dev < 2; ++dev) run.push_back(RecordedStep{t + d, d, 1, tokens, tokens, tokens, 10, 0, dev});
+    t += d + 10;
+  }
+  const std::vector<std::vector<RecordedStep>> runs{run};
+  const HostContentionFit fit = fit_host_contention(cost, m.num_layers, runs, 0.0, 2);
+  EXPECT_EQ(fit.token_knots, default_shape_token_knots());
+  ASSERT_EQ(fit.token_shape.size(), 2u);
+  const std::vector<double>& row = fit.token_shape[1];
+  ASSERT_GE(row.size(), 3u);
+  // a(2) x shape reproduces each size's slowdown (b comes out near 0: the slowdowns are ratios).
+  EXPECT_NEAR(fit.factor[1] * row[0] * predicted(1) + fit.fixed_us[1], 1.5 * predicted(1), 0.02 * predicted(1));
+  EXPECT_NEAR(fit.factor[1] * row[1] * predicted(2) + fit.fixed_us[1], 1.2 * predicted(2), 0.02 * predicted(2));
+  EXPECT_NEAR(fit.factor[1] * row[2] * predicted(3) + fit.fixed_us[1], 2.0 * predicted(3), 0.02 * predicted(3));
+  GpuSpec fitted = spec;
+  fitted.host_contention = fit.factor;
+  fitted.host_contention_tokens = fit.token_shape;
+  fitted.host_contention_token_knots = fit.token_knots;
+  EXPECT_EQ(fitted.token_bin(2), 1u);
+  EXPECT_EQ(fitted.token_bin(3), 2u);
+  EXPECT_EQ(fitted.token_bin(5), 3u);
+  EXPECT_DOUBLE_EQ(fitted.contention_shape(2.0, 3), row[2]);
+  EXPECT_EQ(spec.token_bin(3), 1u);  // without knots: the step table's (1, 2, 4, ...)
 }
 
 // One policy's window against the run's fit: steps that follow the fit exactly give 1, the same

@@ -436,7 +436,7 @@ Status run_fit_contention(const CalibrateArgs& a) {
   std::cout << std::flush;
   if (!fit.token_shape.empty()) {
     std::cout << "\n| devices computing | step-time multiplier by new tokens (" ;
-    for (std::size_t i = 0; i < p.spec.table_tokens.size(); ++i) std::cout << (i ? " / " : "") << ">=" << p.spec.table_tokens[i];
+    for (std::size_t i = 0; i < fit.token_knots.size(); ++i) std::cout << (i ? " / " : "") << ">=" << fit.token_knots[i];
     std::cout << ") |\n|---|---|\n";
     for (std::size_t k = 0; k < fit.token_shape.size(); ++k) {
       std::cout << "| " << k + 1 << " | ";
@@ -448,6 +448,7 @@ Status run_fit_contention(const CalibrateArgs& a) {
     std::cout << std::flush;
   }
   p.spec.host_contention_tokens = fit.token_shape;
+  p.spec.host_contention_token_knots = fit.token_knots;
   p.spec.host_idle_gap_us = fit.idle_gap_us;
   p.spec.host_idle_us = fit.idle_us;
   p.spec.host_swap_us = fit.swap_extra_us;
