@@ -405,21 +405,32 @@ TEST(DeviceProfile, DevicesComputingWeighsOverlapsAndSwapCopies) {
   EXPECT_DOUBLE_EQ(k[1], 1.0);
 }
 
-// A run whose steps at 1 device take the table's time and at 2 devices 1.5 x table + 800 us gives
-// back those curves; a count with too few steps takes the previous count's values; steps of a
-// fused group or with swap copies are not fitted.
+// A host of up to two devices (a = 1 at both counts) on known_cpu()'s table, and a step's table
+// time by the fit's pricing (CostModel::step_us) for `tokens` new tokens, 10 attended pairs.
+struct TwoDeviceHost {
+  model::ModelConfig m = *model::preset_config("llama-30m");
+  GpuSpec spec = [] {
+    GpuSpec g = known_cpu();
+    g.host_contention = {1.0, 1.0};
+    return g;
+  }();
+  CostModel cost{spec, m};
+  double predicted(std::int64_t tokens, std::int64_t sampled = 1) const {
+    CostModel::BatchTerms b;
+    b.tokens = tokens;
+    b.sampled = sampled;
+    b.pairs = 10.0;
+    return cost.step_us(b, m.num_layers, true, true);
+  }
+};
+
 // Steps with swap copies: what they took beyond their link time (swap_us_per_block x blocks),
 // a x shape x table and b is GpuSpec::host_swap_us; fewer than min_steps of them: 0.
 TEST(DeviceProfile, FitHostContentionPricesSwapSteps) {
-  const model::ModelConfig m = *model::preset_config("llama-30m");
-  GpuSpec spec = known_cpu();
-  spec.host_contention = {1.0, 1.0};
-  const CostModel cost(spec, m);
-  CostModel::BatchTerms b;
-  b.tokens = 1;
-  b.sampled = 1;
-  b.pairs = 10.0;
-  const double table = cost.step_us(b, m.num_layers, true, true);
+  const TwoDeviceHost host;
+  const model::ModelConfig& m = host.m;
+  const CostModel& cost = host.cost;
+  const double table = host.predicted(1);
   const auto fit_with = [&](int swap_steps) {
     std::vector<RecordedStep> run;
     std::int64_t t = 0;
@@ -451,17 +462,11 @@ TEST(DeviceProfile, FitHostContentionPricesSwapSteps) {
 // table's (1, 2, 4, ...): steps of 2 and 3 tokens slowed differently come out with their own
 // multipliers, and a profile carries the knots the simulator then bins by.
 TEST(DeviceProfile, FitShapeSplitsTwoAndThreeTokenSteps) {
-  const model::ModelConfig m = *model::preset_config("llama-30m");
-  GpuSpec spec = known_cpu();
-  spec.host_contention = {1.0, 1.0};
-  const CostModel cost(spec, m);
-  const auto predicted = [&](std::int64_t tokens) {
-    CostModel::BatchTerms b;
-    b.tokens = tokens;
-    b.sampled = tokens;
-    b.pairs = 10.0;
-    return cost.step_us(b, m.num_layers, true, true);
-  };
+  const TwoDeviceHost host;
+  const model::ModelConfig& m = host.m;
+  const GpuSpec& spec = host.spec;
+  const CostModel& cost = host.cost;
+  const auto predicted = [&](std::int64_t tokens) { return host.predicted(tokens, tokens); };
   std::vector<RecordedStep> run;
   std::int64_t t = 0;
   for (int i = 0; i < 90; ++i) {  // two devices side by side: 1 token at 1.5x, 2 at 1.2x, 3 at 2.0x
@@ -496,17 +501,11 @@ TEST(DeviceProfile, FitShapeSplitsTwoAndThreeTokenSteps) {
 // steps 1.25x as long (link time apart) give 1.25, and scale_host_speed scales every fitted host
 // term by it (the step table stays).
 TEST(DeviceProfile, HostSpeedRatioOfAWindow) {
-  const model::ModelConfig m = *model::preset_config("llama-30m");
-  GpuSpec spec = known_cpu();
-  spec.host_contention = {1.0, 1.0};
-  const CostModel cost(spec, m);
-  const auto predicted = [&](std::int64_t tokens) {
-    CostModel::BatchTerms b;
-    b.tokens = tokens;
-    b.sampled = 1;
-    b.pairs = 10.0;
-    return cost.step_us(b, m.num_layers, true, true);
-  };
+  const TwoDeviceHost host;
+  const model::ModelConfig& m = host.m;
+  const GpuSpec& spec = host.spec;
+  const CostModel& cost = host.cost;
+  const auto predicted = [&](std::int64_t tokens) { return host.predicted(tokens); };
   // Two devices side by side at 1.5 x table + 800 us, plain and with 8 swapped blocks at 100 us
   // each plus 1 ms of wait.
   const auto window = [&](double slow) {
@@ -543,18 +542,14 @@ TEST(DeviceProfile, HostSpeedRatioOfAWindow) {
   EXPECT_EQ(scaled.table_us, spec.table_us);
 }
 
+// A run whose steps at 1 device take the table's time and at 2 devices 1.5 x table + 800 us gives
+// back those curves; a count with too few steps takes the previous count's values; steps of a
+// fused group or with swap copies are not fitted.
 TEST(DeviceProfile, FitHostContentionRecoversTheRunsCurves) {
-  const model::ModelConfig m = *model::preset_config("llama-30m");
-  GpuSpec spec = known_cpu();
-  spec.host_contention = {1.0, 1.0};
-  const CostModel cost(spec, m);
-  const auto predicted = [&](std::int64_t tokens) {
-    CostModel::BatchTerms b;
-    b.tokens = tokens;
-    b.sampled = 1;
-    b.pairs = 10.0;
-    return cost.step_us(b, m.num_layers, true, true);
-  };
+  const TwoDeviceHost host;
+  const model::ModelConfig& m = host.m;
+  const CostModel& cost = host.cost;
+  const auto predicted = [&](std::int64_t tokens) { return host.predicted(tokens); };
   std::vector<RecordedStep> run;
   std::int64_t t = 0;
   for (int i = 0; i < 60; ++i) {  // alone
