@@ -106,11 +106,12 @@ std::string recorded_steps_csv(std::span<const RecordedStep> steps);
 // order; other columns are ignored). `source` names the file in errors.
 StatusOr<std::vector<RecordedStep>> parse_recorded_steps(const std::string& csv, const std::string& source);
 
-// For each step of one run, how many devices computed on average over its span: its own weight
-// plus each overlapping step's weight times the overlap, over its duration. A step weighs 1,
-// less the share of its span spent on swap copies (swap_us_per_block x swap_blocks: they wait on
-// the paced host link and compute nothing).
-std::vector<double> devices_computing(std::span<const RecordedStep> steps, double swap_us_per_block);
+// For each step of one run, how many devices computed on average while it computed: 1 plus the
+// other steps' computing time inside its computing span, over that span. A step with swap copies
+// computes only after them and the wait that follows (its first swap_us_per_block x swap_blocks
+// + swap_wait_us: it waits on the paced host link, then for a core), as the simulator runs it.
+std::vector<double> devices_computing(std::span<const RecordedStep> steps, double swap_us_per_block,
+                                      double swap_wait_us = 0.0);
 
 // For each step of one run, how long its unit had been idle before it started: since the latest
 // end of a step whose unit had the same first instance (a fused group's first step follows its

@@ -388,8 +388,8 @@ TEST(DeviceProfile, RecordedStepsParseByColumnName) {
   EXPECT_NE(bad.status().message().find("c.csv' row 2: 'new_tokens'"), std::string::npos) << bad.status().to_string();
 }
 
-// Devices computing over a step: its own weight plus the overlapping steps' weights by overlap;
-// a step's swap copies do not compute.
+// Devices computing over a step's computing span: 1 plus the others' computing time inside it; a
+// step's swap copies (and the wait after them) come first and do not compute.
 TEST(DeviceProfile, DevicesComputingWeighsOverlapsAndSwapCopies) {
   std::vector<RecordedStep> steps(3);
   steps[0].end_us = 100, steps[0].duration_us = 100;  // [0, 100)
@@ -399,9 +399,12 @@ TEST(DeviceProfile, DevicesComputingWeighsOverlapsAndSwapCopies) {
   EXPECT_DOUBLE_EQ(k[0], 1.5);
   EXPECT_DOUBLE_EQ(k[1], 1.5);
   EXPECT_DOUBLE_EQ(k[2], 1.0);
-  steps[1].swap_blocks = 2;  // 2 x 25 us of its 100 us copy: it weighs 0.5
+  steps[1].swap_blocks = 1;  // 25 us of copy: it computes over [75, 150)
   k = devices_computing(steps, 25.0);
   EXPECT_DOUBLE_EQ(k[0], 1.25);
+  EXPECT_DOUBLE_EQ(k[1], 1.0 + 25.0 / 75.0);
+  k = devices_computing(steps, 25.0, 25.0);  // and 25 us of wait: [100, 150), beside nothing
+  EXPECT_DOUBLE_EQ(k[0], 1.0);
   EXPECT_DOUBLE_EQ(k[1], 1.0);
 }
 
@@ -456,6 +459,47 @@ TEST(DeviceProfile, FitHostContentionPricesSwapSteps) {
   const HostContentionFit few = fit_with(10);
   EXPECT_EQ(few.swap_steps, 10);
   EXPECT_EQ(few.swap_extra_us, 0.0);
+}
+
+// The wait after a swap step's copies is not computing, for the fit as for the simulator: a
+// device's steps that run inside another's link time and wait take the one-device time, and
+// with the wait counted among the devices computing (the fit's first pass) they would pull a(2)
+// and b(2) towards it; the second pass leaves the wait out and gets back the two-device curve.
+TEST(DeviceProfile, FitLeavesTheSwapWaitOutOfTheDevicesComputing) {
+  const TwoDeviceHost host;
+  const double table = host.predicted(1);
+  const double link = 8 * 100.0, wait = 3.0 * table + 100.0;
+  std::vector<RecordedStep> run;
+  std::int64_t t = 0;
+  const auto step = [&](std::int64_t begin, double d, std::int64_t tokens, std::int64_t blocks, std::int64_t dev) {
+    const auto di = static_cast<std::int64_t>(std::llround(d));
+    run.push_back(RecordedStep{begin + di, di, 1, 1, tokens, 1, 10, blocks, dev});
+    return begin + di;
+  };
+  for (int i = 0; i < 40; ++i) t = step(t, table, 1, 0, 0) + 10;  // alone
+  for (int i = 0; i < 40; ++i) {  // side by side: 1.5 x table + 800 us, two sizes
+    const std::int64_t tokens = i % 2 == 0 ? 1 : 32;
+    const double d = 1.5 * host.predicted(tokens) + 800.0;
+    step(t, d, tokens, 0, 1);
+    t = step(t, d, tokens, 0, 0) + 10;
+  }
+  for (int i = 0; i < 40; ++i) {  // device 0 swaps (link, wait, then its forward alone at a = 1)
+    // Device 1 steps back to back inside device 0's link time and wait, computing alone (not
+    // after an idle spell: its gaps are shorter than 10 ms).
+    std::int64_t d1 = t + 10;
+    for (int j = 0; j < 3; ++j) d1 = step(d1, table, 1, 0, 1) + 10;
+    t = step(t, link + wait + table, 1, 8, 0) + 10;
+  }
+  const std::vector<std::vector<RecordedStep>> runs{run};
+  const HostContentionFit fit = fit_host_contention(host.cost, host.m.num_layers, runs, 100.0, 2);
+  EXPECT_NEAR(fit.swap_extra_us, wait, 0.02 * wait);
+  EXPECT_NEAR(fit.factor[0], 1.0, 0.02);
+  EXPECT_NEAR(fit.factor[1], 1.5, 0.03);
+  EXPECT_NEAR(fit.fixed_us[1], 800.0, 40.0);
+  const std::vector<double> counted = devices_computing(run, 100.0);
+  const std::vector<double> left_out = devices_computing(run, 100.0, wait);
+  EXPECT_GT(counted[run.size() - 2], 1.5);       // device 1's last step: the wait counted
+  EXPECT_NEAR(left_out[run.size() - 2], 1.0, 1e-9);  // left out: it computed alone
 }
 
 // The contended shape's bins are the fit's own knots (1, 2, 3, 4, 6, 8, ...), not the step
