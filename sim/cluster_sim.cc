@@ -526,15 +526,14 @@ void ClusterSim::reprice_contended_steps() {
   // the devices computing when its forward starts, itself included (as the fit counts them); its
   // wait for a core after each paced copy (GpuSpec::host_swap_us) is added to its copy time in
   // start_steps, not computing.
-  // An independent step's factor is a(k) times the contended shape for its size
-  // (GpuSpec::contention_shape, fitted to independent steps); a fused round's is a(k) (its stages'
-  // threads take turns on the cores, and its fixed time is fitted with a(k) alone).
+  // A step's factor is a(k) times the contended shape for its size (GpuSpec::contention_shape):
+  // an independent step's fitted to independent steps, a fused round's (by its largest
+  // micro-batch) to the fused micro-batches with their own fixed time.
   const double latency = cost_.gpu().contention_latency_us(std::max(1.0, busy));
   const double fused_latency = cost_.gpu().fused_contention_latency_us(std::max(1.0, busy));
   for (auto& u : units_) {
     if (!u->in_flight) continue;
-    u->factor = u->members.size() > 1 ? contention_factor_
-                                      : std::max(0.1, contention_factor_ * cost_.gpu().contention_shape(busy, u->step_tokens));
+    u->factor = std::max(0.1, contention_factor_ * cost_.gpu().contention_shape(busy, u->step_tokens, u->members.size() > 1));
     if (u->latency_pending) {
       // A step that copies first is not computing yet, but its waits come when it does: at the
       // devices computing with it then (as the fit counts them, devices_computing in

@@ -116,11 +116,12 @@ std::size_t GpuSpec::token_bin(std::int64_t new_tokens) const {
   return knot_bin(host_contention_token_knots.empty() ? table_tokens : host_contention_token_knots, new_tokens);
 }
 
-double GpuSpec::contention_shape(double busy_devices, std::int64_t new_tokens) const {
-  if (host_contention_tokens.empty()) return 1.0;
+double GpuSpec::contention_shape(double busy_devices, std::int64_t new_tokens, bool fused) const {
+  const std::vector<std::vector<double>>& rows = fused ? host_contention_fused_tokens : host_contention_tokens;
+  if (rows.empty()) return 1.0;
   const std::size_t bin = token_bin(new_tokens);
   const auto at = [&](std::size_t row) {
-    const std::vector<double>& r = host_contention_tokens[std::min(row, host_contention_tokens.size() - 1)];
+    const std::vector<double>& r = rows[std::min(row, rows.size() - 1)];
     return bin < r.size() ? r[bin] : 1.0;
   };
   if (busy_devices <= 1.0) return at(0);

@@ -97,6 +97,11 @@ struct GpuSpec {
   // short in the simulator, of 2 sequences 3-6 % long).
   std::vector<std::vector<double>> host_contention_tokens;
   std::vector<double> host_contention_token_knots;
+  // The same shape for a fused round, by its largest micro-batch's new tokens (fitted to the
+  // fused micro-batches with their own b; empty: 1). Measured in s11c: the bench's fused
+  // micro-batches of 1 / 2 / 4 / 6+ sequences took 4.1 / 5.7 / 9.5 / 13.4 ms, the simulator's
+  // 4.7 / 6.6 / 7.9 / 11.3 with a(k) alone.
+  std::vector<std::vector<double>> host_contention_fused_tokens;
   // A drop's time per layer freed, after its sources' steps in flight ended: the runtime's
   // control round trip with the member's agent (drop_layer), which returns the layer's pages
   // (fitted to a run's drops, `bench` runtime.drop_quiesce_ms / drop_layers; measured on this
@@ -129,9 +134,9 @@ struct GpuSpec {
   double contention_latency_us(double busy_devices) const;
   // host_contention_fused_us at `busy_devices`, or contention_latency_us when that is empty.
   double fused_contention_latency_us(double busy_devices) const;
-  // host_contention_tokens at `busy_devices` (linear between counts, the last row beyond) for a
-  // step of `new_tokens` (1 when empty).
-  double contention_shape(double busy_devices, std::int64_t new_tokens) const;
+  // host_contention_tokens (fused: host_contention_fused_tokens) at `busy_devices` (linear
+  // between counts, the last row beyond) for a step of `new_tokens` (1 when empty).
+  double contention_shape(double busy_devices, std::int64_t new_tokens, bool fused = false) const;
   // The contended shape's bin of a step of `new_tokens` (knot_bin over
   // host_contention_token_knots, or the step table's knots when that is empty);
   // host_contention_tokens' columns.

@@ -38,6 +38,7 @@ nlohmann::json spec_to_json(const GpuSpec& g) {
           {"host_idle_us", g.host_idle_us},
           {"host_contention_tokens", g.host_contention_tokens},
           {"host_contention_token_knots", g.host_contention_token_knots},
+          {"host_contention_fused_tokens", g.host_contention_fused_tokens},
           {"drop_layer_us", g.drop_layer_us},
           {"host_swap_us", g.host_swap_us},
           {"table_tokens", g.table_tokens},
@@ -72,6 +73,7 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
     g.host_idle_us = j.value("host_idle_us", std::vector<double>{});
     g.host_contention_tokens = j.value("host_contention_tokens", std::vector<std::vector<double>>{});
     g.host_contention_token_knots = j.value("host_contention_token_knots", std::vector<double>{});
+    g.host_contention_fused_tokens = j.value("host_contention_fused_tokens", std::vector<std::vector<double>>{});
     g.drop_layer_us = j.value("drop_layer_us", 0.0);
     g.host_swap_us = j.value("host_swap_us", 0.0);
     g.table_tokens = j.value("table_tokens", std::vector<double>{});
@@ -108,17 +110,20 @@ StatusOr<GpuSpec> spec_from_json(const nlohmann::json& j) {
   for (double c : g.host_contention_fused_us) {
     if (!(c >= 0)) return invalid_argument("device profile '" + g.name + "': host_contention_fused_us entries must be >= 0");
   }
-  if (!g.host_contention_tokens.empty() && g.host_contention_tokens.size() != g.host_contention.size()) {
-    return invalid_argument("device profile '" + g.name + "': host_contention_tokens must be empty or one row per host_contention entry");
-  }
   for (std::size_t i = 0; i < g.host_contention_token_knots.size(); ++i) {
     if (!(g.host_contention_token_knots[i] > (i == 0 ? 0.0 : g.host_contention_token_knots[i - 1]))) {
       return invalid_argument("device profile '" + g.name + "': host_contention_token_knots must increase from > 0");
     }
   }
-  for (const auto& row : g.host_contention_tokens) {
-    for (double c : row) {
-      if (!(c > 0)) return invalid_argument("device profile '" + g.name + "': host_contention_tokens entries must be > 0");
+  for (const auto* rows : {&g.host_contention_tokens, &g.host_contention_fused_tokens}) {
+    const char* name = rows == &g.host_contention_tokens ? "host_contention_tokens" : "host_contention_fused_tokens";
+    if (!rows->empty() && rows->size() != g.host_contention.size()) {
+      return invalid_argument("device profile '" + g.name + "': " + name + " must be empty or one row per host_contention entry");
+    }
+    for (const auto& row : *rows) {
+      for (double c : row) {
+        if (!(c > 0)) return invalid_argument("device profile '" + g.name + "': " + name + " entries must be > 0");
+      }
     }
   }
   if (!(g.drop_layer_us >= 0)) return invalid_argument("device profile '" + g.name + "': drop_layer_us must be >= 0");
@@ -587,15 +592,44 @@ std::ptrdiff_t idle_bin(const std::vector<double>& gaps, double idle_us) {
   return std::upper_bound(gaps.begin(), gaps.end(), idle_us) - gaps.begin() - 1;
 }
 
-double shape_of(const HostContentionFit& fit, std::int64_t k, std::int64_t tokens) {
-  return fit.token_shape.empty() ? 1.0 : fit.token_shape[static_cast<std::size_t>(k - 1)][knot_bin(fit.token_knots, tokens)];
+// The contended shape of an independent step or a fused round's micro-batch (1 without one).
+double shape_of(const HostContentionFit& fit, std::int64_t k, std::int64_t tokens, bool fused) {
+  const auto& rows = fused ? fit.fused_token_shape : fit.token_shape;
+  return rows.empty() ? 1.0 : rows[static_cast<std::size_t>(k - 1)][knot_bin(fit.token_knots, tokens)];
+}
+
+// Per count and bin of new tokens, the samples' sum of (measured - b) over the sum of a x table
+// (1 with fewer than min_steps in a bin).
+std::vector<std::vector<double>> fit_shape(std::span<const HostSample> samples, const std::vector<double>& knots,
+                                           const std::vector<double>& factor, const std::vector<double>& fixed_us,
+                                           std::int64_t min_steps) {
+  const std::size_t counts = factor.size();
+  std::vector<std::vector<double>> over(counts, std::vector<double>(knots.size(), 0.0));
+  std::vector<std::vector<double>> under = over;
+  std::vector<std::vector<std::int64_t>> n(counts, std::vector<std::int64_t>(knots.size(), 0));
+  for (const HostSample& s : samples) {
+    const auto k = static_cast<std::size_t>(s.k - 1);
+    const std::size_t b = knot_bin(knots, s.tokens);
+    over[k][b] += s.measured - fixed_us[k];
+    under[k][b] += factor[k] * s.predicted;
+    ++n[k][b];
+  }
+  std::vector<std::vector<double>> rows;
+  for (std::size_t k = 0; k < counts; ++k) {
+    std::vector<double> row(knots.size(), 1.0);
+    for (std::size_t b = 0; b < knots.size(); ++b) {
+      if (n[k][b] >= min_steps && under[k][b] > 0) row[b] = std::max(0.1, over[k][b] / under[k][b]);
+    }
+    rows.push_back(std::move(row));
+  }
+  return rows;
 }
 
 // What a step takes (less its link time) by a fit, as the simulator prices it.
 double modelled_us(const HostContentionFit& fit, const HostSample& s) {
   const auto k = static_cast<std::size_t>(s.k - 1);
-  double us = s.fused ? fit.factor[k] * s.predicted + fit.fused_fixed_us[k]
-                      : fit.factor[k] * shape_of(fit, s.k, s.tokens) * s.predicted + fit.fixed_us[k];
+  double us = fit.factor[k] * shape_of(fit, s.k, s.tokens, s.fused) * s.predicted +
+              (s.fused ? fit.fused_fixed_us[k] : fit.fixed_us[k]);
   if (s.swapped) us += fit.swap_extra_us;
   const std::ptrdiff_t bin = idle_bin(fit.idle_gap_us, s.idle_us);
   if (bin >= 0) us += fit.idle_us[static_cast<std::size_t>(bin)];
@@ -643,31 +677,16 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
     fit.factor.push_back(c.factor);
     fit.fixed_us.push_back(c.fixed_us);
   }
-  // The contended step's shape: per count and bin of new tokens, the independent steps' sum of
-  // (measured - b) over the sum of a x table (1 with fewer than min_steps).
-  if (!cost.gpu().table_tokens.empty()) fit.token_knots = default_shape_token_knots();
-  const std::vector<double>& knots = fit.token_knots;
-  if (!knots.empty()) {
-    std::vector<std::vector<double>> over(static_cast<std::size_t>(max_devices), std::vector<double>(knots.size(), 0.0));
-    std::vector<std::vector<double>> under = over;
-    std::vector<std::vector<std::int64_t>> n(static_cast<std::size_t>(max_devices), std::vector<std::int64_t>(knots.size(), 0));
-    for (const Sample& s : all) {
-      if (s.fused || s.idle_us >= gaps.front()) continue;
-      const auto k = static_cast<std::size_t>(s.k - 1);
-      const std::size_t b = knot_bin(knots, s.tokens);
-      over[k][b] += s.measured - fit.fixed_us[k];
-      under[k][b] += fit.factor[k] * s.predicted;
-      ++n[k][b];
-    }
-    for (std::size_t k = 0; k < over.size(); ++k) {
-      std::vector<double> row(knots.size(), 1.0);
-      for (std::size_t b = 0; b < knots.size(); ++b) {
-        if (n[k][b] >= min_steps && under[k][b] > 0) row[b] = std::max(0.1, over[k][b] / under[k][b]);
-      }
-      fit.token_shape.push_back(std::move(row));
-    }
+  // The contended step's shape by new tokens, of the independent steps (the fused rounds' below,
+  // once their b is known).
+  std::vector<Sample> independent, fused;
+  for (const Sample& s : all) {
+    if (s.idle_us < gaps.front()) (s.fused ? fused : independent).push_back(s);
   }
-  const auto shape = [&](std::int64_t k, std::int64_t tokens) { return shape_of(fit, k, tokens); };
+  if (!cost.gpu().table_tokens.empty()) {
+    fit.token_knots = default_shape_token_knots();
+    fit.token_shape = fit_shape(independent, fit.token_knots, fit.factor, fit.fixed_us, min_steps);
+  }
   // A fused round's fixed time, at each count's factor: the mean of measured - a x table over
   // the micro-batches (a micro-batch's trip through every stage is the whole model's table).
   std::vector<double> fused_residual(static_cast<std::size_t>(max_devices), 0.0);
@@ -686,6 +705,9 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
     }
     fit.fused_fixed_us.push_back(std::max(0.0, fused_residual[k] / static_cast<double>(fit.fused_steps[k])));
   }
+  if (!fit.token_knots.empty()) {
+    fit.fused_token_shape = fit_shape(fused, fit.token_knots, fit.factor, fit.fused_fixed_us, min_steps);
+  }
   // The steps after an idle spell: what they took beyond their kind's a x table + b, by the
   // spell's length (knot i: idle at least gaps[i], less than gaps[i + 1]).
   std::vector<double> extra(gaps.size(), 0.0);
@@ -694,7 +716,7 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
     if (s.idle_us < gaps.front()) continue;
     const auto bin = static_cast<std::size_t>(idle_bin(gaps, s.idle_us));
     const auto k = static_cast<std::size_t>(s.k - 1);
-    extra[bin] += s.measured - (fit.factor[k] * (s.fused ? 1.0 : shape(s.k, s.tokens)) * s.predicted +
+    extra[bin] += s.measured - (fit.factor[k] * shape_of(fit, s.k, s.tokens, s.fused) * s.predicted +
                                 (s.fused ? fit.fused_fixed_us[k] : fit.fixed_us[k]));
     ++count[bin];
   }
@@ -711,7 +733,7 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
   for (const Sample& s : swapping) {
     if (s.idle_us >= gaps.front()) continue;
     const auto k = static_cast<std::size_t>(s.k - 1);
-    swap_extra += s.measured - (fit.factor[k] * shape(s.k, s.tokens) * s.predicted + fit.fixed_us[k]);
+    swap_extra += s.measured - (fit.factor[k] * shape_of(fit, s.k, s.tokens, false) * s.predicted + fit.fixed_us[k]);
     ++fit.swap_steps;
   }
   if (fit.swap_steps >= min_steps) fit.swap_extra_us = std::max(0.0, swap_extra / static_cast<double>(fit.swap_steps));

@@ -155,6 +155,9 @@ struct HostContentionFit {
   // without it (a fused round is slowed by a alone, ClusterSim::reprice_contended_steps).
   std::vector<std::vector<double>> token_shape;
   std::vector<double> token_knots;  // GpuSpec::host_contention_token_knots: default_shape_token_knots()
+  // GpuSpec::host_contention_fused_tokens: the same over the fused groups' micro-batches (not
+  // after an idle spell), their (measured - the fused b) over a x table.
+  std::vector<std::vector<double>> fused_token_shape;
   // GpuSpec::host_swap_us: the independent steps with swap copies (not after an idle spell) took
   // this much beyond swap_us_per_block x their blocks + a x shape x table + b, on average (the
   // simulator's price of a step with one paced copy, the devices counted as computing being

@@ -304,6 +304,7 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   p.spec.drop_layer_us = 1500.0;
   p.spec.host_swap_us = 1800.0;
   p.spec.host_contention_token_knots = {1, 2, 3, 4};
+  p.spec.host_contention_fused_tokens = {{1.0, 0.8}, {0.7, 1.3}};
   ASSERT_TRUE(save_device_profile(p, path).ok());
   loaded = load_device_profile(path);
   ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
@@ -311,6 +312,8 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   EXPECT_DOUBLE_EQ(loaded->spec.drop_layer_us, 1500.0);
   EXPECT_DOUBLE_EQ(loaded->spec.host_swap_us, 1800.0);
   EXPECT_EQ(loaded->spec.host_contention_token_knots, p.spec.host_contention_token_knots);
+  EXPECT_EQ(loaded->spec.host_contention_fused_tokens, p.spec.host_contention_fused_tokens);
+  EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 2, true), 1.3);
   // knots 1, 2, 3, 4: bin 0 is 1 token, bin 1 is 2
   EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 1), 0.5);
   EXPECT_DOUBLE_EQ(loaded->spec.contention_shape(2.0, 2), 2.0);
@@ -324,6 +327,7 @@ TEST(DeviceProfile, HostContentionFixedTimePerStep) {
   expect_refused("host_idle_us", {1000.0}, "host_idle");
   expect_refused("host_swap_us", -1.0, "host_swap_us");
   expect_refused("host_contention_token_knots", {1.0, 1.0}, "host_contention_token_knots");
+  expect_refused("host_contention_fused_tokens", {{1.0}}, "host_contention_fused_tokens");
   std::filesystem::remove_all(dir);
 }
 
@@ -539,6 +543,45 @@ TEST(DeviceProfile, FitShapeSplitsTwoAndThreeTokenSteps) {
   EXPECT_EQ(fitted.token_bin(5), 3u);
   EXPECT_DOUBLE_EQ(fitted.contention_shape(2.0, 3), row[2]);
   EXPECT_EQ(spec.token_bin(3), 1u);  // without knots: the step table's (1, 2, 4, ...)
+}
+
+// A fused round has its own shape by new tokens, fitted to the fused micro-batches with their own
+// fixed time: micro-batches of 1 token at 1.2 x table and of 3 tokens at 2.0 x table (two groups
+// side by side) come back as a x shape x table + the fused b, per size; the independent steps'
+// shape is not touched by them.
+TEST(DeviceProfile, FusedRoundsHaveTheirOwnShape) {
+  const TwoDeviceHost host;
+  std::vector<RecordedStep> run;
+  std::int64_t t = 0;
+  for (int i = 0; i < 40; ++i) {  // independent, two sizes side by side: 1.5 x table + 800 us
+    const std::int64_t tokens = i % 2 == 0 ? 1 : 32;
+    const auto d = static_cast<std::int64_t>(1.5 * host.predicted(tokens) + 800.0);
+    for (int dev = 0; dev < 2; ++dev) run.push_back(RecordedStep{t + d, d, 1, 1, tokens, 1, 10, 0, dev});
+    t += d + 10;
+  }
+  for (int i = 0; i < 60; ++i) {  // two fused groups side by side
+    const std::int64_t tokens = i % 2 == 0 ? 1 : 3;
+    const auto d = static_cast<std::int64_t>((tokens == 1 ? 1.2 : 2.0) * host.predicted(tokens, tokens));
+    for (int unit = 0; unit < 2; ++unit) run.push_back(RecordedStep{t + d, d, 2, tokens, tokens, tokens, 10, 0, 2 * unit});
+    t += d + 10;
+  }
+  const std::vector<std::vector<RecordedStep>> runs{run};
+  const HostContentionFit fit = fit_host_contention(host.cost, host.m.num_layers, runs, 0.0, 2);
+  ASSERT_EQ(fit.fused_token_shape.size(), 2u);
+  const std::vector<double>& row = fit.fused_token_shape[1];
+  for (const std::int64_t tokens : {1, 3}) {
+    const double want = (tokens == 1 ? 1.2 : 2.0) * host.predicted(tokens, tokens);
+    const double got = fit.factor[1] * row[knot_bin(fit.token_knots, tokens)] * host.predicted(tokens, tokens) + fit.fused_fixed_us[1];
+    EXPECT_NEAR(got, want, 0.01 * want) << tokens << " tokens";
+  }
+  EXPECT_NEAR(fit.factor[1], 1.5, 0.03);  // the independent steps' curve
+  for (double v : fit.token_shape[1]) EXPECT_NEAR(v, 1.0, 0.02);
+  GpuSpec spec = host.spec;
+  spec.host_contention = fit.factor;
+  spec.host_contention_token_knots = fit.token_knots;
+  spec.host_contention_fused_tokens = fit.fused_token_shape;
+  EXPECT_DOUBLE_EQ(spec.contention_shape(2.0, 3, true), row[2]);
+  EXPECT_DOUBLE_EQ(spec.contention_shape(2.0, 3, false), 1.0);  // no independent shape in this spec
 }
 
 // One policy's window against the run's fit: steps that follow the fit exactly give 1, the same
