@@ -27,7 +27,9 @@
 # scheduling dynamics.
 #
 # PROFILE (default the committed sim/profiles/cpu-llama-30m-t1.json); CALIBRATE=1 measures a
-# fresh one first (`kunserve calibrate`, CAL_REPS repetitions). REPEATS real runs (default 3).
+# fresh one first (`kunserve calibrate`, CAL_REPS repetitions). REPEATS real runs (default 5: the
+# baselines' p50 TTFT swings 1.5-3x between real runs, and the median of 3 is too small a sample
+# for a 25 % band).
 # Output in OUT (default out/validate): real*.json, real*/ (step logs, timelines, per-request
 # records POLICY_requests.csv), profile*.json, sim*.json, sim*/ (the same per-request records), table.md, load.txt (load average before and after each run).
 #
@@ -69,7 +71,7 @@ SIM=()
 FIT=${FIT:-window}
 [[ $FIT == run || $FIT == policy || $FIT == window ]] || { echo "FIT must be run, policy or window" >&2; exit 2; }
 if [[ ${REAL_RUNS:-1} == 1 ]]; then : > "$OUT/load.txt"; fi
-for ((k = 1; k <= ${REPEATS:-3}; ++k)); do
+for ((k = 1; k <= ${REPEATS:-5}; ++k)); do
   if [[ ${REAL_RUNS:-1} == 1 ]]; then
     echo "real run $k: load average before: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
     rm -rf "$OUT/real$k"

@@ -449,6 +449,7 @@ Status run_fit_contention(const CalibrateArgs& a) {
   }
   p.spec.host_contention_tokens = fit.token_shape;
   p.spec.host_contention_token_knots = fit.token_knots;
+  p.spec.host_contention_fused_tokens = fit.fused_token_shape;
   p.spec.host_idle_gap_us = fit.idle_gap_us;
   p.spec.host_idle_us = fit.idle_us;
   p.spec.host_swap_us = fit.swap_extra_us;
