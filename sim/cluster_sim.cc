@@ -529,8 +529,6 @@ void ClusterSim::reprice_contended_steps() {
   // A step's factor is a(k) times the contended shape for its size (GpuSpec::contention_shape):
   // an independent step's fitted to independent steps, a fused round's (by its largest
   // micro-batch) to the fused micro-batches with their own fixed time.
-  const double latency = cost_.gpu().contention_latency_us(std::max(1.0, busy));
-  const double fused_latency = cost_.gpu().fused_contention_latency_us(std::max(1.0, busy));
   for (auto& u : units_) {
     if (!u->in_flight) continue;
     u->factor = std::max(0.1, contention_factor_ * cost_.gpu().contention_shape(busy, u->step_tokens, u->members.size() > 1));
@@ -538,9 +536,8 @@ void ClusterSim::reprice_contended_steps() {
       // A step that copies first is not computing yet, but its waits come when it does: at the
       // devices computing with it then (as the fit counts them, devices_computing in
       // sim/device_profile.h).
-      const bool copying = u->copy_left_us > 0.0;
-      const double wait = u->members.size() > 1 ? (copying ? cost_.gpu().fused_contention_latency_us(busy + u->compute_devices) : fused_latency)
-                                                : (copying ? cost_.gpu().contention_latency_us(busy + u->compute_devices) : latency);
+      const double at = u->copy_left_us > 0.0 ? busy + u->compute_devices : std::max(1.0, busy);
+      const double wait = u->members.size() > 1 ? cost_.gpu().fused_contention_latency_us(at) : cost_.gpu().contention_latency_us(at);
       u->work_left_us += (wait + u->idle_wake_us) / u->factor;
       u->latency_pending = false;
     }

@@ -86,8 +86,7 @@ struct GpuSpec {
   std::vector<double> host_idle_gap_us;
   std::vector<double> host_idle_us;
   // And the contended independent step's shape (fitted to a run's steps, sim/device_profile.h;
-  // a fused round gets a(k) alone): at k devices
-  // computing, a step of new tokens in [knots[i], knots[i + 1]) is slowed by
+  // a fused round has its own, below): at k devices computing, a step of new tokens in [knots[i], knots[i + 1]) is slowed by
   // host_contention[k-1] x host_contention_tokens[k-1][i] (empty, or a row shorter than the
   // knots: 1), the knots being host_contention_token_knots (empty: the step table's). Measured:
   // at 4 devices on this 2-core host a 1-token decode step took 2.9x its table time, one of 3-4
@@ -112,7 +111,7 @@ struct GpuSpec {
   // sim/device_profile.h; 0: nothing). The agent's thread sleeps on the paced host link, and on
   // an oversubscribed host it gets a core back late. Measured on this 2-core host at 4 devices:
   // the bench's one-request swap steps took 6.3-7.4 ms more than its plain decode steps for 8
-  // layer blocks (about 2.3 ms of link time), the simulator's 3.1-5.2 ms; fitted 0.8-2.6 ms.
+  // layer blocks (about 2.3 ms of link time), the simulator's 3.1-5.2 ms; fitted 0-2.3 ms.
   double host_swap_us = 0.0;
   std::int64_t page_bytes = 0;  // the device's memory page (0: the simulator's default)
   // Measured step-time table (a CPU profile, sim/device_profile.h), replacing the roofline: a
