@@ -642,19 +642,18 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
                            double swap_us_per_block, double swap_wait_us, std::int64_t max_devices, std::int64_t min_steps) {
   const std::vector<double> gaps = default_idle_gap_knots_us();
   // Every step without swap copies, by kind; the independent steps with copies apart.
-  using Sample = HostSample;
-  std::vector<Sample> all;
-  std::vector<Sample> swapping;
+  std::vector<HostSample> all;
+  std::vector<HostSample> swapping;
   {
-    std::vector<Sample> samples;
+    std::vector<HostSample> samples;
     for (const std::vector<RecordedStep>& run : runs) {
       collect_host_samples(cost, num_layers, run, swap_us_per_block, swap_wait_us, max_devices, &samples);
     }
-    for (const Sample& s : samples) (s.swapped ? swapping : all).push_back(s);
+    for (const HostSample& s : samples) (s.swapped ? swapping : all).push_back(s);
   }
   // a(k), b(k) over the independent steps that did not start after an idle spell.
   std::vector<std::vector<std::pair<double, double>>> samples(static_cast<std::size_t>(max_devices));
-  for (const Sample& s : all) {
+  for (const HostSample& s : all) {
     if (!s.fused && s.idle_us < gaps.front()) samples[static_cast<std::size_t>(s.k - 1)].emplace_back(s.predicted, s.measured);
   }
   HostContentionFit fit;
@@ -679,8 +678,8 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
   }
   // The contended step's shape by new tokens, of the independent steps (the fused rounds' below,
   // once their b is known).
-  std::vector<Sample> independent, fused;
-  for (const Sample& s : all) {
+  std::vector<HostSample> independent, fused;
+  for (const HostSample& s : all) {
     if (s.idle_us < gaps.front()) (s.fused ? fused : independent).push_back(s);
   }
   if (!cost.gpu().table_tokens.empty()) {
@@ -691,8 +690,7 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
   // the micro-batches (a micro-batch's trip through every stage is the whole model's table).
   std::vector<double> fused_residual(static_cast<std::size_t>(max_devices), 0.0);
   fit.fused_steps.assign(static_cast<std::size_t>(max_devices), 0);
-  for (const Sample& s : all) {
-    if (!s.fused || s.idle_us >= gaps.front()) continue;
+  for (const HostSample& s : fused) {
     const auto k = static_cast<std::size_t>(s.k - 1);
     fused_residual[k] += s.measured - fit.factor[k] * s.predicted;
     ++fit.fused_steps[k];
@@ -712,7 +710,7 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
   // spell's length (knot i: idle at least gaps[i], less than gaps[i + 1]).
   std::vector<double> extra(gaps.size(), 0.0);
   std::vector<std::int64_t> count(gaps.size(), 0);
-  for (const Sample& s : all) {
+  for (const HostSample& s : all) {
     if (s.idle_us < gaps.front()) continue;
     const auto bin = static_cast<std::size_t>(idle_bin(gaps, s.idle_us));
     const auto k = static_cast<std::size_t>(s.k - 1);
@@ -730,7 +728,7 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
   }
   // The steps with swap copies: what they took beyond their link time, a x shape x table and b.
   double swap_extra = 0.0;
-  for (const Sample& s : swapping) {
+  for (const HostSample& s : swapping) {
     if (s.idle_us >= gaps.front()) continue;
     const auto k = static_cast<std::size_t>(s.k - 1);
     swap_extra += s.measured - (fit.factor[k] * shape_of(fit, s.k, s.tokens, false) * s.predicted + fit.fixed_us[k]);
