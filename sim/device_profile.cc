@@ -592,12 +592,6 @@ std::ptrdiff_t idle_bin(const std::vector<double>& gaps, double idle_us) {
   return std::upper_bound(gaps.begin(), gaps.end(), idle_us) - gaps.begin() - 1;
 }
 
-// The contended shape of an independent step or a fused round's micro-batch (1 without one).
-double shape_of(const HostContentionFit& fit, std::int64_t k, std::int64_t tokens, bool fused) {
-  const auto& rows = fused ? fit.fused_token_shape : fit.token_shape;
-  return rows.empty() ? 1.0 : rows[static_cast<std::size_t>(k - 1)][knot_bin(fit.token_knots, tokens)];
-}
-
 // Per count and bin of new tokens, the samples' sum of (measured - b) over the sum of a x table
 // (1 with fewer than min_steps in a bin).
 std::vector<std::vector<double>> fit_shape(std::span<const HostSample> samples, const std::vector<double>& knots,
@@ -625,15 +619,14 @@ std::vector<std::vector<double>> fit_shape(std::span<const HostSample> samples, 
   return rows;
 }
 
-// What a step takes (less its link time) by a fit, as the simulator prices it.
-double modelled_us(const HostContentionFit& fit, const HostSample& s) {
-  const auto k = static_cast<std::size_t>(s.k - 1);
-  double us = fit.factor[k] * shape_of(fit, s.k, s.tokens, s.fused) * s.predicted +
-              (s.fused ? fit.fused_fixed_us[k] : fit.fixed_us[k]);
-  if (s.swapped) us += fit.swap_extra_us;
-  const std::ptrdiff_t bin = idle_bin(fit.idle_gap_us, s.idle_us);
-  if (bin >= 0) us += fit.idle_us[static_cast<std::size_t>(bin)];
-  return us;
+// What a step takes (less its link time) on a host, priced by the GpuSpec terms the simulator
+// reads (ClusterSim::reprice_contended_steps): a x shape x table + b, the swap wait, the idle extra.
+double priced_us(const GpuSpec& host, const HostSample& s) {
+  const auto k = static_cast<double>(s.k);
+  double us = host.contention_factor(k) * host.contention_shape(k, s.tokens, s.fused) * s.predicted +
+              (s.fused ? host.fused_contention_latency_us(k) : host.contention_latency_us(k));
+  if (s.swapped) us += host.host_swap_us;
+  return us + host.idle_wake_us(s.idle_us);
 }
 
 // One pass of fit_host_contention, the swap steps' wait after their copies (swap_wait_us) not
@@ -706,32 +699,33 @@ HostContentionFit fit_pass(const CostModel& cost, std::int64_t num_layers, std::
   if (!fit.token_knots.empty()) {
     fit.fused_token_shape = fit_shape(fused, fit.token_knots, fit.factor, fit.fused_fixed_us, min_steps);
   }
-  // The steps after an idle spell: what they took beyond their kind's a x table + b, by the
-  // spell's length (knot i: idle at least gaps[i], less than gaps[i + 1]).
+  // The steps after an idle spell: what they took beyond their kind's a x shape x table + b (the
+  // host fitted so far, no idle extra yet), by the spell's length (knot i: idle at least gaps[i],
+  // less than gaps[i + 1]).
+  GpuSpec host = cost.gpu();
+  apply_host_fit(fit, &host);
   std::vector<double> extra(gaps.size(), 0.0);
-  std::vector<std::int64_t> count(gaps.size(), 0);
+  std::vector<std::int64_t>& count = fit.idle_steps;
+  count.assign(gaps.size(), 0);
   for (const HostSample& s : all) {
     if (s.idle_us < gaps.front()) continue;
     const auto bin = static_cast<std::size_t>(idle_bin(gaps, s.idle_us));
-    const auto k = static_cast<std::size_t>(s.k - 1);
-    extra[bin] += s.measured - (fit.factor[k] * shape_of(fit, s.k, s.tokens, s.fused) * s.predicted +
-                                (s.fused ? fit.fused_fixed_us[k] : fit.fixed_us[k]));
+    extra[bin] += s.measured - priced_us(host, s);
     ++count[bin];
   }
   fit.idle_gap_us = gaps;
-  fit.idle_steps = count;
   for (std::size_t i = 0; i < gaps.size(); ++i) {
     // Too few: the shorter spell's value (the first: none).
     const double v = count[i] >= kMinIdleSteps ? std::max(0.0, extra[i] / static_cast<double>(count[i]))
                                                : (i > 0 ? fit.idle_us.back() : 0.0);
     fit.idle_us.push_back(v);
   }
-  // The steps with swap copies: what they took beyond their link time, a x shape x table and b.
+  // The steps with swap copies (not after an idle spell): what they took beyond their link time,
+  // a x shape x table and b (the host's swap wait is not fitted yet: 0).
   double swap_extra = 0.0;
   for (const HostSample& s : swapping) {
     if (s.idle_us >= gaps.front()) continue;
-    const auto k = static_cast<std::size_t>(s.k - 1);
-    swap_extra += s.measured - (fit.factor[k] * shape_of(fit, s.k, s.tokens, false) * s.predicted + fit.fixed_us[k]);
+    swap_extra += s.measured - priced_us(host, s);
     ++fit.swap_steps;
   }
   if (fit.swap_steps >= min_steps) fit.swap_extra_us = std::max(0.0, swap_extra / static_cast<double>(fit.swap_steps));
@@ -751,18 +745,30 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
   return fit_pass(cost, num_layers, runs, swap_us_per_block, first.swap_extra_us, max_devices, min_steps);
 }
 
-double host_speed_ratio(const CostModel& cost, std::int64_t num_layers, const HostContentionFit& fit,
+void apply_host_fit(const HostContentionFit& fit, GpuSpec* spec) {
+  spec->host_contention = fit.factor;
+  spec->host_contention_us = fit.fixed_us;
+  spec->host_contention_fused_us = fit.fused_fixed_us;
+  spec->host_contention_tokens = fit.token_shape;
+  spec->host_contention_token_knots = fit.token_knots;
+  spec->host_contention_fused_tokens = fit.fused_token_shape;
+  spec->host_idle_gap_us = fit.idle_gap_us;
+  spec->host_idle_us = fit.idle_us;
+  spec->host_swap_us = fit.swap_extra_us;
+}
+
+double host_speed_ratio(const CostModel& cost, std::int64_t num_layers, const GpuSpec& host,
                         std::span<const RecordedStep> window, double swap_us_per_block) {
-  KUN_CHECK(!fit.factor.empty()) << "host_speed_ratio needs a fit";
+  KUN_CHECK(!host.host_contention.empty()) << "host_speed_ratio needs a fitted host";
   std::vector<HostSample> samples;
-  collect_host_samples(cost, num_layers, window, swap_us_per_block, fit.swap_extra_us,
-                       static_cast<std::int64_t>(fit.factor.size()), &samples);
-  double measured = 0.0, modelled = 0.0;
+  collect_host_samples(cost, num_layers, window, swap_us_per_block, host.host_swap_us,
+                       static_cast<std::int64_t>(host.host_contention.size()), &samples);
+  double measured = 0.0, priced = 0.0;
   for (const HostSample& s : samples) {
     measured += s.measured;
-    modelled += modelled_us(fit, s);
+    priced += priced_us(host, s);
   }
-  return modelled > 0.0 ? measured / modelled : 1.0;
+  return priced > 0.0 ? measured / priced : 1.0;
 }
 
 void scale_host_speed(GpuSpec* spec, double ratio) {

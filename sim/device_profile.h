@@ -151,8 +151,8 @@ struct HostContentionFit {
   std::vector<std::int64_t> idle_steps;
   // GpuSpec::host_contention_tokens: per count, per bin of token_knots (new tokens), the
   // independent steps' sum of (measured - b) over the sum of a x table (fewer than min_steps in a
-  // bin: 1); empty when the profile has no step table. idle_us is fitted with it; the fused b
-  // without it (a fused round is slowed by a alone, ClusterSim::reprice_contended_steps).
+  // bin: 1); empty when the profile has no step table. idle_us and the swap wait are fitted with
+  // it (and the fused shape).
   std::vector<std::vector<double>> token_shape;
   std::vector<double> token_knots;  // GpuSpec::host_contention_token_knots: default_shape_token_knots()
   // GpuSpec::host_contention_fused_tokens: the same over the fused groups' micro-batches (not
@@ -169,15 +169,19 @@ HostContentionFit fit_host_contention(const CostModel& cost, std::int64_t num_la
                                       std::span<const std::vector<RecordedStep>> runs, double swap_us_per_block,
                                       std::int64_t max_devices, std::int64_t min_steps = 20);
 
-// The host's speed over one window of steps (one policy's ~20 s of a bench run) against a fit
-// made over the whole run: the window's steps' measured time over what the fit prices them at
-// (as the simulator does: a x shape x table + b, a fused round's b, the idle and swap extras;
-// link time left out of both). Above 1: the host was slower in this window. On a shared 2-core
+// A fit's host terms into a GpuSpec (all of them: a, b, the fused b, both shapes and their knots,
+// the idle spells and extras, the swap wait), which the simulator then reads.
+void apply_host_fit(const HostContentionFit& fit, GpuSpec* spec);
+
+// The host's speed over one window of steps (one policy's ~20 s of a bench run) against a host
+// fitted over the whole run (`host`: apply_host_fit's spec): the window's steps' measured time
+// over what the simulator's pricing of them on `host` gives (a x shape x table + b, a fused
+// round's b, the idle and swap extras; link time left out of both). Above 1: the host was slower in this window. On a shared 2-core
 // host the level drifts from one policy's window to the next (measured: the same policy's p50
 // TTFT 353 and 675 ms in two windows of one bench run), while the shape of the contention curve
 // needs the whole run's steps to be fitted well (a fused policy's window has few independent
 // steps at each count).
-double host_speed_ratio(const CostModel& cost, std::int64_t num_layers, const HostContentionFit& fit,
+double host_speed_ratio(const CostModel& cost, std::int64_t num_layers, const GpuSpec& host,
                         std::span<const RecordedStep> window, double swap_us_per_block);
 // A host `ratio` times slower: every fitted host term (a, b, the fused rounds' b, the idle and
 // swap extras) times ratio; the step table and links unchanged.

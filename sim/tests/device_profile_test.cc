@@ -610,8 +610,10 @@ TEST(DeviceProfile, HostSpeedRatioOfAWindow) {
   };
   const std::vector<std::vector<RecordedStep>> runs{window(1.0)};
   const HostContentionFit fit = fit_host_contention(cost, m.num_layers, runs, 100.0, 2);
-  EXPECT_NEAR(host_speed_ratio(cost, m.num_layers, fit, window(1.0), 100.0), 1.0, 0.01);
-  EXPECT_NEAR(host_speed_ratio(cost, m.num_layers, fit, window(1.25), 100.0), 1.25, 0.01);
+  GpuSpec fitted = spec;
+  apply_host_fit(fit, &fitted);
+  EXPECT_NEAR(host_speed_ratio(cost, m.num_layers, fitted, window(1.0), 100.0), 1.0, 0.01);
+  EXPECT_NEAR(host_speed_ratio(cost, m.num_layers, fitted, window(1.25), 100.0), 1.25, 0.01);
   GpuSpec scaled = spec;
   scaled.host_contention = {1.0, 1.5};
   scaled.host_contention_us = {0.0, 800.0};

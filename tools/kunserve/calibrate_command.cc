@@ -425,9 +425,6 @@ Status run_fit_contention(const CalibrateArgs& a) {
               << " | " << std::setprecision(0) << fit.fused_fixed_us[k] << " |" << std::defaultfloat << "\n";
   }
   std::cout << std::flush;
-  p.spec.host_contention = fit.factor;
-  p.spec.host_contention_us = fit.fixed_us;
-  p.spec.host_contention_fused_us = fit.fused_fixed_us;
   std::cout << "\n| idle before the step, ms | steps | extra us |\n|---|---|---|\n";
   for (std::size_t i = 0; i < fit.idle_gap_us.size(); ++i) {
     std::cout << "| >= " << fit.idle_gap_us[i] / 1000.0 << " | " << fit.idle_steps[i] << " | " << std::fixed << std::setprecision(0)
@@ -447,17 +444,12 @@ Status run_fit_contention(const CalibrateArgs& a) {
     }
     std::cout << std::flush;
   }
-  p.spec.host_contention_tokens = fit.token_shape;
-  p.spec.host_contention_token_knots = fit.token_knots;
-  p.spec.host_contention_fused_tokens = fit.fused_token_shape;
-  p.spec.host_idle_gap_us = fit.idle_gap_us;
-  p.spec.host_idle_us = fit.idle_us;
-  p.spec.host_swap_us = fit.swap_extra_us;
+  sim::apply_host_fit(fit, &p.spec);
   std::cout << "\nsteps with swap copies: " << fit.swap_steps << ", " << std::fixed << std::setprecision(0)
             << fit.swap_extra_us << " us each beyond their link time, a x table and b" << std::defaultfloat << "\n";
   if (!a.window_steps.empty()) {
     KUN_ASSIGN_OR_RETURN(std::vector<sim::RecordedStep> window, read_steps(a.window_steps));
-    const double ratio = sim::host_speed_ratio(table, config.num_layers, fit, window, swap_us);
+    const double ratio = sim::host_speed_ratio(table, config.num_layers, p.spec, window, swap_us);
     std::cout << "host speed over " << a.window_steps << ": " << std::fixed << std::setprecision(3) << ratio
               << "x the run's fit (its host terms scaled by it)" << std::defaultfloat << "\n";
     sim::scale_host_speed(&p.spec, ratio);
