@@ -74,13 +74,30 @@ Isa choose_active() {
   return want;
 }
 
+bool detect_amx() {
+  if (detected_isa() != Isa::kAvx512Bf16) return false;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool amx_bf16 = (d >> 22) & 1u;
+  const bool amx_tile = (d >> 24) & 1u;
+  if (!amx_bf16 || !amx_tile) return false;
+  const std::uint64_t xcr0 = read_xcr0();
+  if ((xcr0 & 0x60000u) != 0x60000u) return false;  // XTILECFG and XTILEDATA
+  return detail::amx_request_permission();
+}
+
 GemmActivations choose_gemm_activations() {
   const char* env = std::getenv("KUN_GEMM_ACTIVATIONS");
   if (env == nullptr || *env == '\0') return GemmActivations::kF32;
   const std::string_view v(env);
   if (v == "bf16") return GemmActivations::kBf16;
+  if (v == "amx") {
+    if (gemm_activations_supported(GemmActivations::kAmx)) return GemmActivations::kAmx;
+    KUN_LOG(kWarn) << "KUN_GEMM_ACTIVATIONS=amx needs AMX-BF16 (and KUN_ISA at avx512bf16); using f32";
+    return GemmActivations::kF32;
+  }
   if (v != "f32") {
-    KUN_LOG(kWarn) << "KUN_GEMM_ACTIVATIONS=" << env << " is not f32|bf16; using f32";
+    KUN_LOG(kWarn) << "KUN_GEMM_ACTIVATIONS=" << env << " is not f32|bf16|amx; using f32";
   }
   return GemmActivations::kF32;
 }
@@ -93,7 +110,17 @@ GemmActivations active_gemm_activations() {
 }
 
 std::string_view gemm_activations_name(GemmActivations a) {
-  return a == GemmActivations::kBf16 ? "bf16" : "f32";
+  switch (a) {
+    case GemmActivations::kF32: return "f32";
+    case GemmActivations::kBf16: return "bf16";
+    case GemmActivations::kAmx: return "amx";
+  }
+  return "unknown";
+}
+
+bool gemm_activations_supported(GemmActivations a) {
+  if (a != GemmActivations::kAmx) return true;
+  return active_isa() == Isa::kAvx512Bf16 && detail::amx_available();
 }
 
 std::string_view isa_name(Isa isa) {
@@ -121,6 +148,26 @@ bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(d
 namespace detail {
 
 bool isa_supported(Isa isa) { return kernels::isa_supported(isa); }
+
+bool amx_available() {
+  static const bool ok = detect_amx();
+  return ok;
+}
+
+const IsaKernels& amx_kernels() {
+  KUN_CHECK(amx_available()) << "the AMX GEMM on a CPU (or OS) without AMX-BF16";
+  static const IsaKernels table = [] {
+    IsaKernels t = avx512bf16_kernels();
+    const AmxGemm g = amx_gemm();
+    t.linear_panels = g.linear_panels;
+    t.pack_rows = g.pack_rows;
+    t.widen_min_rows = 1;
+    t.tile_rows = kAmxTileRows;
+    t.direct_tile_rows = kAmxTileRows;
+    return t;
+  }();
+  return table;
+}
 
 const IsaKernels& kernels_for(Isa isa) {
   KUN_CHECK(kernels::isa_supported(isa)) << "ISA " << isa_name(isa) << " not supported by this CPU";

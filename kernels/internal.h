@@ -60,9 +60,13 @@ inline std::int64_t linear_panels_scratch_floats(std::int64_t M) {
   return (128 + M) * kPanelCols;
 }
 
-// Floats pack_rows may write for M rows of K (M rounded up to a tile of at most 8 rows, K up to
-// even).
-inline std::int64_t pack_rows_floats(std::int64_t M, std::int64_t K) { return (M + 8) * (K + 1); }
+// Floats pack_rows may write for M rows of K: M rounded up to a tile of at most 8 rows, K up to
+// even (f32 and vdpbf16ps tables), or bf16 rows of K rounded up to 32 in tiles of 16 rows (AMX).
+inline std::int64_t pack_rows_floats(std::int64_t M, std::int64_t K) {
+  const std::int64_t f32_tiles = (M + 8) * (K + 1);
+  const std::int64_t amx_tiles = (M + 15) / 16 * 16 * ((K + 31) / 32 * 32) / 2;
+  return f32_tiles > amx_tiles ? f32_tiles : amx_tiles;
+}
 
 const IsaKernels& scalar_kernels();
 const IsaKernels& avx2_kernels();
@@ -72,6 +76,24 @@ const IsaKernels& avx512_kernels();
 // avx512 table's, chosen by the front end); bf16_dot_chains measures the vdpbf16ps peak.
 const IsaKernels& avx512bf16_kernels();
 double avx512bf16_dot_chains(std::int64_t iters, float seed, float* sink);
+
+// AMX level (kernels_amx.cc): linear_panels / pack_rows of GemmActivations::kAmx (bf16 rows
+// padded to tiles of 16, TDPBF16PS), substituted into the AVX-512-BF16 table by the front end.
+struct AmxGemm {
+  decltype(IsaKernels::linear_panels) linear_panels;
+  decltype(IsaKernels::pack_rows) pack_rows;
+};
+AmxGemm amx_gemm();
+// Rows per packing tile of the AMX table.
+constexpr std::int64_t kAmxTileRows = 16;
+// Runs `iters` iterations of 4 independent TDPBF16PS on register-resident tiles; returns flops.
+double amx_dot_chains(std::int64_t iters, float seed, float* sink);
+// Asks Linux for the AMX tile data state (arch_prctl ARCH_REQ_XCOMP_PERM); true when granted.
+bool amx_request_permission();
+// True when the CPU has AMX-TILE and AMX-BF16 and the OS granted the tile state (asked once).
+bool amx_available();
+// The AVX-512-BF16 table with the AMX GEMM (amx_available() must hold).
+const IsaKernels& amx_kernels();
 
 const IsaKernels& kernels_for(Isa isa);
 bool isa_supported(Isa isa);

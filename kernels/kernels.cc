@@ -129,10 +129,14 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
     KUN_CHECK(panel_pairs_supported(w.dtype, w.rows, w.cols))
         << "kPanelPairs needs bf16: " << dtype_name(w.dtype) << " " << w.rows << "x" << w.cols;
   }
-  const bool bf16_act = act == GemmActivations::kBf16;
+  const bool bf16_act = act != GemmActivations::kF32;
+  const bool amx = panels && act == GemmActivations::kAmx;
+  KUN_CHECK(!amx || (isa == Isa::kAvx512Bf16 && detail::amx_available()))
+      << "GEMM activations amx need AMX-BF16 and the avx512bf16 ISA, not " << isa_name(isa);
   // vdpbf16ps needs bf16 activations: with f32 ones AVX-512-BF16 runs the AVX-512 FMA GEMM.
-  const IsaKernels& k =
-      panels && !bf16_act && isa == Isa::kAvx512Bf16 ? kernels_for(Isa::kAvx512) : kernels_for(isa);
+  const IsaKernels& k = amx ? detail::amx_kernels()
+                        : panels && !bf16_act && isa == Isa::kAvx512Bf16 ? kernels_for(Isa::kAvx512)
+                                                                         : kernels_for(isa);
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
   const float* xp = nullptr;

@@ -32,14 +32,21 @@ Isa active_isa();
 bool isa_supported(Isa isa);
 
 // The activations of linear on kPanelPairs (bf16) weights, one choice per process
-// (KUN_GEMM_ACTIVATIONS=f32|bf16, default f32):
+// (KUN_GEMM_ACTIVATIONS=f32|bf16|amx, default f32):
 //  * kF32: exact f32 activations, one f32 FMA chain per output; the reference tests' precision.
 //  * kBf16: activations rounded to bf16 and vdpbf16ps's arithmetic (the AVX-512-BF16 ISA runs
 //    vdpbf16ps, the others reproduce it bit for bit); what bf16 engines do, about 4e-3 relative
 //    logit error against an f32 reference on the tiny bf16 model (the f32 mode: 2e-6).
-enum class GemmActivations { kF32 = 0, kBf16 = 1 };
+//  * kAmx: activations rounded to bf16 and Intel AMX's TDPBF16PS (16 x 16 outputs x 32 products
+//    per instruction), only where the CPU has AMX-BF16, the OS grants the tile state and the
+//    active ISA is avx512bf16. The hardware sums each 32-product k block its own way (not
+//    vdpbf16ps's order), so no other ISA reproduces these bits; the result is still
+//    deterministic and batch-invariant on this hardware (kernels/README.md). Precision: as kBf16.
+enum class GemmActivations { kF32 = 0, kBf16 = 1, kAmx = 2 };
 GemmActivations active_gemm_activations();
 std::string_view gemm_activations_name(GemmActivations a);
+// True when this process can run `a` (kAmx: see above; the others: always).
+bool gemm_activations_supported(GemmActivations a);
 
 // A fixed set of worker threads. parallel_for splits [0, n) into `num_threads()` contiguous
 // ranges by a fixed rule (so a given n always maps to the same ranges) and runs fn(begin, end)

@@ -34,6 +34,10 @@ double measure_peak_fma_flops_per_s(Isa isa, ThreadPool* pool,
                                     ProbeClock clock = ProbeClock::kWall);
 double measure_peak_bf16_dot_flops_per_s(ThreadPool* pool, ProbeClock clock);
 
+// Peak AMX TDPBF16PS throughput (flop/s, 16 x 16 x 32 x 2 per instruction) on all threads; 0
+// when this process cannot run GemmActivations::kAmx.
+double measure_peak_amx_flops_per_s(ThreadPool* pool, ProbeClock clock = ProbeClock::kWall);
+
 // CPU time of the calling thread in seconds (CLOCK_THREAD_CPUTIME_ID).
 double thread_cpu_seconds();
 

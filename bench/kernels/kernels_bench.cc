@@ -1,4 +1,4 @@
-// kernels_bench [--threads T] [--reps R] [--bw-mib MiB]
+// kernels_bench [--threads T] [--reps R] [--bw-mib MiB] [--variant rows|panels|bf16act|amx]
 //
 // Reports linear() for a llama-350m MLP shape (gate/up: N=2816 K=1024, down: N=1024 K=2816) in
 // bf16 at M = 1, 8, 32, 512 on the active ISA (KUN_ISA narrows it), next to the rooflines measured
@@ -35,13 +35,22 @@ int main(int argc, char** argv) {
   int threads = 2;
   int reps = 0;  // 0: automatic
   std::int64_t bw_mib = 1024;
+  int only_variant = -1;  // --variant rows|panels|bf16act|amx: that one only
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--bw-mib" && i + 1 < argc) bw_mib = std::atoll(argv[++i]);
+    else if (a == "--variant" && i + 1 < argc) {
+      const std::string v = argv[++i];
+      only_variant = v == "rows" ? 0 : v == "panels" ? 1 : v == "bf16act" ? 2 : v == "amx" ? 3 : -2;
+      if (only_variant == -2) {
+        std::fprintf(stderr, "--variant: rows | panels | bf16act | amx\n");
+        return 2;
+      }
+    }
     else {
-      std::fprintf(stderr, "usage: %s [--threads T] [--reps R] [--bw-mib MiB]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads T] [--reps R] [--bw-mib MiB] [--variant rows|panels|bf16act|amx]\n", argv[0]);
       return 2;
     }
   }
@@ -86,11 +95,15 @@ int main(int argc, char** argv) {
     std::vector<float> y(static_cast<std::size_t>(max_m * s.n));
     // rows: row-major f32-activation kernel; panels: the GEMM layout with f32 activations (FMA);
     // bf16act: the GEMM layout with bf16 activations (vdpbf16ps on AVX-512-BF16, same bits as
-    // its FMA emulation elsewhere).
-    for (int variant = 0; variant < 3; ++variant) {
+    // its FMA emulation elsewhere); amx: the GEMM layout on AMX tiles (where the CPU has them).
+    for (int variant = 0; variant < 4; ++variant) {
+    if (variant == 3 && !gemm_activations_supported(GemmActivations::kAmx)) continue;
+    if (only_variant >= 0 && variant != only_variant) continue;
     const WeightLayout layout = variant == 0 ? WeightLayout::kRowMajor : WeightLayout::kPanelPairs;
-    const GemmActivations act = variant == 2 ? GemmActivations::kBf16 : GemmActivations::kF32;
-    const char* variant_name = variant == 0 ? "rows" : variant == 1 ? "panels" : "bf16act";
+    const GemmActivations act = variant == 2 ? GemmActivations::kBf16
+                                : variant == 3 ? GemmActivations::kAmx
+                                               : GemmActivations::kF32;
+    const char* variant_name = variant == 0 ? "rows" : variant == 1 ? "panels" : variant == 2 ? "bf16act" : "amx";
     const std::uint16_t* wdata = layout == WeightLayout::kPanelPairs ? wp.data() : w.data();
     for (std::int64_t M : {1, 8, 32, 512}) {
       for (bool cold : {true, false}) {

@@ -2,10 +2,11 @@
 //  * decode tokens/s at batch 1, 8 and 32 against whichever limit binds: the step's weight bytes
 //    over the read bandwidth (probed right before and right after the timed steps) or the step's
 //    flops over the compute peak (ratio = limit step time / measured step time);
-//  * prefill tokens/s for a 512-token prompt against the compute peak: the higher of the
-//    measured f32-FMA and bf16-dot (vdpbf16ps) peaks, both probed with --threads threads;
-//  * --gemm-activations f32|bf16 picks the GEMM's activations (kernels::GemmActivations; bf16
-//    runs vdpbf16ps where the CPU has AVX-512-BF16);
+//  * prefill tokens/s for a 512-token prompt against the compute peak: the highest of the
+//    measured f32-FMA and bf16-dot (vdpbf16ps) peaks and, when the GEMM runs on AMX, the AMX
+//    TDPBF16PS peak, all probed with --threads threads;
+//  * --gemm-activations f32|bf16|amx picks the GEMM's activations (kernels::GemmActivations; bf16
+//    runs vdpbf16ps where the CPU has AVX-512-BF16, amx runs AMX tiles);
 //  * every figure is the median of --reps repetitions, with the spread [min .. max];
 //  * the engine's own overhead: step wall time minus the executor's time, as a fraction of the
 //    step (the scheduler, KV bookkeeping and event delivery).
@@ -53,8 +54,8 @@ int main(int argc, char** argv) {
   app.add_option("--bw-mib", bw_mib, "buffer of the read-bandwidth probe (MiB, >> last-level cache)");
   std::string gemm_activations;
   app.add_option("--gemm-activations", gemm_activations,
-                 "f32 | bf16: activations of the bf16 GEMM (default: KUN_GEMM_ACTIVATIONS, else f32)")
-      ->check(CLI::IsMember({"f32", "bf16"}));
+                 "f32 | bf16 | amx: activations of the bf16 GEMM (default: KUN_GEMM_ACTIVATIONS, else f32)")
+      ->check(CLI::IsMember({"f32", "bf16", "amx"}));
   CLI11_PARSE(app, argc, argv);
   // Read once per process by the kernels (before any kernel runs), so set it here.
   if (!gemm_activations.empty()) ::setenv("KUN_GEMM_ACTIVATIONS", gemm_activations.c_str(), 1);
@@ -82,9 +83,13 @@ int main(int argc, char** argv) {
   const std::int64_t probe_bytes = static_cast<std::int64_t>(bw_mib) * kMiB;
   // Compute peak: f32 FMA or vdpbf16ps, whichever this CPU does faster (flop/s), as the issue
   // asks (reported here; every figure below uses the peaks probed around its own steps).
+  // The AMX peak counts only when the GEMM runs on AMX (the other modes cannot reach it).
+  const bool amx = kernels::active_gemm_activations() == kernels::GemmActivations::kAmx;
+  auto amx_peak = [&] { return amx ? kernels::measure_peak_amx_flops_per_s(&pool) : 0.0; };
   const double peak_fma = kernels::measure_peak_fma_flops_per_s(&pool);
   const double peak_bf16 = kernels::measure_peak_bf16_dot_flops_per_s(&pool);
-  const double peak = std::max(peak_fma, peak_bf16);
+  const double peak_amx = amx_peak();
+  const double peak = std::max({peak_fma, peak_bf16, peak_amx});
   const std::int64_t db = dtype_bytes(config->dtype);
   // Bytes a decode step must read: every decoder layer's weights plus the LM head.
   const std::int64_t step_weight_bytes = (config->num_layers * config->layer_param_count() + config->embedding_param_count()) * db;
@@ -94,9 +99,10 @@ int main(int argc, char** argv) {
               preset.c_str(), std::string(dtype_name(config->dtype)).c_str(), static_cast<long long>(config->num_layers),
               threads, std::string(kernels::isa_name(kernels::active_isa())).c_str(),
               std::string(kernels::gemm_activations_name(kernels::active_gemm_activations())).c_str(), reps);
-  std::printf("measured: peak FMA %.1f GFLOP/s, peak bf16-dot %.1f GFLOP/s -> compute limit %.1f GFLOP/s (%s); "
-              "decode step reads %.1f MB of weights\n",
-              peak_fma / 1e9, peak_bf16 / 1e9, peak / 1e9, peak_bf16 > peak_fma ? "bf16-dot" : "FMA",
+  std::printf("measured: peak FMA %.1f GFLOP/s, peak bf16-dot %.1f GFLOP/s, peak AMX %.1f GFLOP/s (0: not used) -> "
+              "compute limit %.1f GFLOP/s (%s); decode step reads %.1f MB of weights\n",
+              peak_fma / 1e9, peak_bf16 / 1e9, peak_amx / 1e9, peak / 1e9,
+              peak == peak_amx ? "AMX" : peak_bf16 > peak_fma ? "bf16-dot" : "FMA",
               static_cast<double>(step_weight_bytes) / 1e6);
 
   StepTimes times;
@@ -137,13 +143,13 @@ int main(int argc, char** argv) {
       // Read bandwidth probed right before and right after the timed steps; the higher one is
       // the roofline (a busy machine only makes a probe look lower).
       // The compute peak likewise (both kinds), for the batches it binds.
-      const double peak_before = std::max(kernels::measure_peak_fma_flops_per_s(&pool),
-                                          kernels::measure_peak_bf16_dot_flops_per_s(&pool));
+      const double peak_before = std::max({kernels::measure_peak_fma_flops_per_s(&pool),
+                                           kernels::measure_peak_bf16_dot_flops_per_s(&pool), amx_peak()});
       const double bw_before = kernels::measure_read_bandwidth_bytes_per_s(&pool, probe_bytes);
       timed_steps(steps);
       const double bw_after = kernels::measure_read_bandwidth_bytes_per_s(&pool, probe_bytes);
-      const double peak_after = std::max(kernels::measure_peak_fma_flops_per_s(&pool),
-                                         kernels::measure_peak_bf16_dot_flops_per_s(&pool));
+      const double peak_after = std::max({kernels::measure_peak_fma_flops_per_s(&pool),
+                                          kernels::measure_peak_bf16_dot_flops_per_s(&pool), amx_peak()});
       const double peak_rep = std::max(peak_before, peak_after);
       const double bw = std::max(bw_before, bw_after);
       const double step_ms = times.wall_us / 1e3 / static_cast<double>(times.steps);
@@ -185,10 +191,10 @@ int main(int argc, char** argv) {
     spec.max_tokens = 1;
     if (!engine.submit(spec, nullptr).ok()) return 1;
     const double fma_before = kernels::measure_peak_fma_flops_per_s(&pool);
-    const double bf16_before = kernels::measure_peak_bf16_dot_flops_per_s(&pool);
+    const double bf16_before = std::max(kernels::measure_peak_bf16_dot_flops_per_s(&pool), amx_peak());
     timed_steps(1);
     const double fma_after = kernels::measure_peak_fma_flops_per_s(&pool);
-    const double bf16_after = kernels::measure_peak_bf16_dot_flops_per_s(&pool);
+    const double bf16_after = std::max(kernels::measure_peak_bf16_dot_flops_per_s(&pool), amx_peak());
     while (engine.run_step()) {
     }
     const double fma_rep = std::max(fma_before, fma_after);
@@ -205,8 +211,8 @@ int main(int argc, char** argv) {
   const double ratio = median(ratios);
   const double fma_med = median(fma_peaks), bf16_med = median(bf16_peaks);
   std::printf("\nprefill 512 tokens: %.1f tokens/s, %.1f GFLOP/s = %.2f %s of the compute limit %.1f GFLOP/s "
-              "(peaks probed before/after each: FMA %.1f, bf16-dot %.1f GFLOP/s; engine overhead %.2f%%)\n",
+              "(peaks probed before/after each: FMA %.1f, bf16-dot%s %.1f GFLOP/s; engine overhead %.2f%%)\n",
               median(rates), flops * median(rates) / n / 1e9, ratio, spread(ratios).c_str(), median(limits), fma_med,
-              bf16_med, median(overheads));
+              amx ? " (AMX)" : "", bf16_med, median(overheads));
   return 0;
 }

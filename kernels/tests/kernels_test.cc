@@ -532,6 +532,90 @@ TEST(PanelPairs, BatchInvariantAcrossBatchSizeTilingAndThreads) {
   }
 }
 
+// GemmActivations::kAmx (kernels_amx.cc): the hardware's sums, so no bit-exact reference; it
+// must be as close to the double-precision dot product of the bf16-rounded activations as an
+// f32 chain is, and it must keep the batch-invariance contract on its own: every row the same
+// bits whatever M (1 .. 512: one and two row tiles, partial tiles), the neighbouring rows' values,
+// the thread count and the claim split; linear_add the same bits as y0 + linear.
+bool amx_runs() { return gemm_activations_supported(GemmActivations::kAmx); }
+
+TEST(PanelPairsAmx, LinearMatchesDoubleReference) {
+  if (!amx_runs()) GTEST_SKIP() << "no AMX-BF16 here";
+  ThreadPool pool(2);
+  struct Shape {
+    std::int64_t m, n, k;
+  };
+  // K = 2, 36, 301: partial and odd k blocks; N = 1, 17, 70, 130: narrow panels and groups;
+  // K = 1024 and 2048 run full blocks; M = 1 .. 100 one and two row tiles.
+  const Shape shapes[] = {{1, 1, 2},      {1, 17, 36},   {3, 64, 258},  {5, 70, 300},  {12, 130, 64},
+                          {13, 17, 258},  {40, 130, 300}, {2, 200, 1024}, {37, 17, 258}, {9, 33, 301},
+                          {100, 192, 2048}, {16, 256, 1024}, {17, 64, 1024}};
+  std::uint32_t seed = 500;
+  for (const Shape& s : shapes) {
+    for (bool with_bias : {false, true}) {
+      SCOPED_TRACE(" M=" + std::to_string(s.m) + " N=" + std::to_string(s.n) + " K=" + std::to_string(s.k) +
+                   (with_bias ? " bias" : ""));
+      const PackedWeight w = make_packed(s.n, s.k, ++seed);
+      const std::vector<float> x = random_floats(s.m * s.k, ++seed);
+      const std::vector<float> bias = random_floats(s.n, ++seed);
+      std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -7.0f);
+      linear(Isa::kAvx512Bf16, x.data(), s.m, w.view, with_bias ? bias.data() : nullptr, y.data(), &pool,
+             GemmActivations::kAmx);
+      std::vector<float> xr(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i) xr[i] = act_bf16(x[i]);
+      std::vector<double> ref, mag;
+      reference_linear(xr, s.m, w.row_major, with_bias ? bias.data() : nullptr, &ref, &mag);
+      for (std::size_t i = 0; i < y.size(); ++i) {
+        ASSERT_NEAR(y[i], ref[i], 2e-6 * mag[i] + 1e-30) << "element " << i;
+      }
+    }
+  }
+}
+
+TEST(PanelPairsAmx, BatchInvariantAcrossBatchSizeNeighboursAndThreads) {
+  if (!amx_runs()) GTEST_SKIP() << "no AMX-BF16 here";
+  for (const std::int64_t K : {300, 301, 1024}) {
+    const std::int64_t N = 5 * kPanelCols + 7, kMaxM = 512;
+    const PackedWeight w = make_packed(N, K, 60 + static_cast<std::uint32_t>(K));
+    const std::vector<float> x = random_floats(kMaxM * K, 61);
+    const std::vector<float> other = random_floats(kMaxM * K, 62, -50.0f, 50.0f);
+    const std::vector<float> bias = random_floats(N, 63);
+    const std::vector<float> y0 = random_floats(kMaxM * N, 64);
+    ThreadPool p2(2), p3(3);
+    std::vector<float> single(static_cast<std::size_t>(kMaxM * N));
+    for (std::int64_t r = 0; r < kMaxM; ++r) {
+      linear(Isa::kAvx512Bf16, x.data() + r * K, 1, w.view, bias.data(), single.data() + r * N, nullptr,
+             GemmActivations::kAmx);
+    }
+    for (std::int64_t M : {2, 3, 15, 16, 17, 31, 32, 33, 37, 100, 512}) {
+      for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+        SCOPED_TRACE("K=" + std::to_string(K) + " M=" + std::to_string(M) + " threads " +
+                     std::to_string(pool ? pool->num_threads() : 1));
+        // Row 0 of the call is the row under test (x row `first`); the others are foreign rows
+        // of much larger magnitude.
+        const std::int64_t first = (M * 7) % kMaxM;
+        std::vector<float> xm(other.begin(), other.begin() + M * K);
+        std::copy(x.begin() + first * K, x.begin() + (first + 1) * K, xm.begin());
+        std::vector<float> y(static_cast<std::size_t>(M * N));
+        linear(Isa::kAvx512Bf16, xm.data(), M, w.view, bias.data(), y.data(), pool, GemmActivations::kAmx);
+        ASSERT_EQ(0, std::memcmp(y.data(), single.data() + first * N, N * sizeof(float)));
+        // The whole batch from x: every row the same bits as alone.
+        std::vector<float> yb(static_cast<std::size_t>(M * N));
+        linear(Isa::kAvx512Bf16, x.data(), M, w.view, bias.data(), yb.data(), pool, GemmActivations::kAmx);
+        ASSERT_EQ(0, std::memcmp(yb.data(), single.data(), yb.size() * sizeof(float)));
+        // linear_add: y0 + (the dot product, rounded to f32 first).
+        std::vector<float> plain(static_cast<std::size_t>(M * N));
+        linear(Isa::kAvx512Bf16, x.data(), M, w.view, nullptr, plain.data(), pool, GemmActivations::kAmx);
+        std::vector<float> ya(y0.begin(), y0.begin() + M * N);
+        linear_add(Isa::kAvx512Bf16, x.data(), M, w.view, ya.data(), pool, GemmActivations::kAmx);
+        for (std::size_t i = 0; i < ya.size(); ++i) {
+          ASSERT_EQ(std::bit_cast<std::uint32_t>(ya[i]), std::bit_cast<std::uint32_t>(y0[i] + plain[i])) << i;
+        }
+      }
+    }
+  }
+}
+
 // The decode tiles (kernels/panels_direct.inc): M <= 2 runs up to 4 full panels side by side
 // (N = 5 full panels + a 7-column tail, so groups of 4, 2 and 1 and the tail all occur, also
 // inside the 4-panel claims of 2 and 3 threads), more rows run the tall tiles (odd K = 301).
