@@ -61,10 +61,11 @@ inline std::int64_t linear_panels_scratch_floats(std::int64_t M) {
 }
 
 // Floats pack_rows may write for M rows of K: M rounded up to a tile of at most 8 rows, K up to
-// even (f32 and vdpbf16ps tables), or bf16 rows of K rounded up to 32 in tiles of 16 rows (AMX).
+// even (f32 and vdpbf16ps tables), or bf16 rows of K rounded up to 32, plus 32, in tiles of 16
+// rows (AMX).
 inline std::int64_t pack_rows_floats(std::int64_t M, std::int64_t K) {
   const std::int64_t f32_tiles = (M + 8) * (K + 1);
-  const std::int64_t amx_tiles = (M + 15) / 16 * 16 * ((K + 31) / 32 * 32) / 2;
+  const std::int64_t amx_tiles = (M + 15) / 16 * 16 * ((K + 31) / 32 * 32 + 32) / 2;
   return f32_tiles > amx_tiles ? f32_tiles : amx_tiles;
 }
 
