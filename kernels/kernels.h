@@ -140,7 +140,9 @@ std::int64_t linear_thread_local_scratch_uses();
 // With bf16 activations (GemmActivations::kBf16) x is first rounded to bf16 (nearest even,
 // subnormals to zero) and each step is vdpbf16ps's (round to nearest even, subnormal inputs read
 // as zero, results below the smallest normal flushed to zero). Either way the same bits for every
-// M, tiling, thread count and every ISA.
+// M, tiling, thread count and every ISA. GemmActivations::kAmx: x rounded to bf16 as above, then
+// per output C = 0 and C = TDPBF16PS(C, x block, W block) over k blocks of 16 pairs in order,
+// + bias: the same bits for every M, tiling and thread count on AMX hardware (no other ISA).
 // scratch: see LinearScratch (null: the thread_local fallback).
 void linear(const float* x, std::int64_t M, const WeightView& w, const float* bias, float* y,
             ThreadPool* pool, const LinearScratch* scratch = nullptr);

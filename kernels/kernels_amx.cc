@@ -32,8 +32,9 @@ using I64 = std::int64_t;
 
 #include "kernels/bf16_dot.inc"
 
-// Tile registers: C 0..3 (16 x 16 f32), A 4..5 (16 rows x 16 pairs), B 5..7 (16 pairs x 16
-// columns). One configuration for every call: all 16 rows x 64 bytes.
+// Tile registers: C 0..3 (16 x 16 f32); A (16 rows x 16 pairs) in 4, and in 5 for a second row
+// tile; B (16 pairs x 16 columns) in 6..7, and in 5 where one row tile leaves it free. All are
+// 16 rows x 64 bytes, except that calls of fewer than 16 rows give A and C just their rows.
 struct alignas(64) TileConfig {
   std::uint8_t palette_id;
   std::uint8_t start_row;
@@ -51,7 +52,7 @@ void load_tile_config(int a_rows = 16) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
-  for (int t : {0, 1, 2, 3, 4}) cfg.rows[t] = static_cast<std::uint8_t>(a_rows);
+  for (int t = 0; t <= 4; ++t) cfg.rows[t] = static_cast<std::uint8_t>(a_rows);  // C 0..3, A 4
   _tile_loadconfig(&cfg);
 }
 
@@ -188,8 +189,8 @@ void panel_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const 
   epilogue(stash, rows, width, bias, y, ldy, accumulate);
 }
 
-// Two row tiles x two column groups (32 x 32 outputs) of a panel over every k block.
-// row_tiles2: 1 or 2 row tiles, groups2: 1 or 2 column groups (starting at g).
+// Up to two row tiles x two column groups (32 x 32 outputs, starting at column group g) of a
+// panel over every k block: fewer rows or a narrower panel run one of each.
 void panel_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const std::uint16_t* panel,
                      I64 width, I64 pairs, I64 blocks, I64 g, const float* bias, float* y, I64 ldy,
                      bool accumulate, float* stash, std::uint16_t* tail) {
