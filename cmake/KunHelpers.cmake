@@ -51,20 +51,18 @@ function(kun_add_test name)
     ENVIRONMENT "KUN_SOURCE_DIR=${PROJECT_SOURCE_DIR};KUN_BINARY_DIR=${PROJECT_BINARY_DIR}")
 endfunction()
 
-# kun_add_test_variant(TEST NAME ENV "VAR=value" [TIMEOUT s]): runs kun_add_test's executable TEST
-# again as ctest test NAME with one more environment variable (the same labels).
+# kun_add_test_variant(TEST NAME ENV "VAR=value"): runs kun_add_test's executable TEST again as
+# ctest test NAME with one more environment variable (TEST's labels, timeout and environment).
 function(kun_add_test_variant test name)
   if(NOT KUN_BUILD_TESTS)
     return()
   endif()
-  cmake_parse_arguments(ARG "" "TIMEOUT;ENV" "" ${ARGN})
-  if(NOT ARG_TIMEOUT)
-    set(ARG_TIMEOUT 300)
-  endif()
+  cmake_parse_arguments(ARG "" "ENV" "" ${ARGN})
   get_test_property(${test} LABELS labels)
+  get_test_property(${test} TIMEOUT timeout)
+  get_test_property(${test} ENVIRONMENT env)
   add_test(NAME ${name} COMMAND ${test})
-  set_tests_properties(${name} PROPERTIES TIMEOUT ${ARG_TIMEOUT} LABELS "${labels}"
-    ENVIRONMENT "KUN_SOURCE_DIR=${PROJECT_SOURCE_DIR};KUN_BINARY_DIR=${PROJECT_BINARY_DIR};${ARG_ENV}")
+  set_tests_properties(${name} PROPERTIES TIMEOUT ${timeout} LABELS "${labels}" ENVIRONMENT "${env};${ARG_ENV}")
 endfunction()
 
 # GCC 12's middle-end warnings that fire inside inlined Boost.Asio/Beast code (not ours):

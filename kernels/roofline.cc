@@ -62,6 +62,19 @@ double best_rate(ThreadPool* pool, int reps, ProbeClock clock,
   return best;
 }
 
+// Peak of a register-resident chain kernel (IsaKernels::fma_chains' signature: iterations, a
+// per-thread seed, a sink; returns flops) on every thread: best of 5.
+double chain_peak(ThreadPool* pool, ProbeClock clock, double (*chains)(std::int64_t, float, float*),
+                  std::int64_t iters) {
+  float sink[64] = {};
+  const double rate = best_rate(pool, 5, clock, [&](int t) {
+    return chains(iters, 1.0f + 0.1f * static_cast<float>(t), &sink[t % 64]);
+  });
+  volatile float keep = sink[0];
+  (void)keep;
+  return rate;
+}
+
 }  // namespace
 
 double thread_cpu_seconds() {
@@ -98,15 +111,7 @@ double measure_read_bandwidth_bytes_per_s(ThreadPool* pool, std::int64_t bytes) 
 }
 
 double measure_peak_fma_flops_per_s(Isa isa, ThreadPool* pool, ProbeClock clock) {
-  const detail::IsaKernels& k = detail::kernels_for(isa);
-  float sink[64] = {};
-  const std::int64_t iters = isa == Isa::kScalar ? 2000000 : 10000000;
-  const double rate = best_rate(pool, 5, clock, [&](int t) {
-    return k.fma_chains(iters, 1.0f + 0.1f * static_cast<float>(t), &sink[t % 64]);
-  });
-  volatile float keep = sink[0];
-  (void)keep;
-  return rate;
+  return chain_peak(pool, clock, detail::kernels_for(isa).fma_chains, isa == Isa::kScalar ? 2000000 : 10000000);
 }
 
 double measure_peak_fma_flops_per_s(ThreadPool* pool) {
@@ -119,28 +124,15 @@ double measure_peak_bf16_dot_flops_per_s(ThreadPool* pool) {
 
 double measure_peak_bf16_dot_flops_per_s(ThreadPool* pool, ProbeClock clock) {
   if (!isa_supported(Isa::kAvx512Bf16)) return 0.0;
-  float sink[64] = {};
-  const double rate = best_rate(pool, 5, clock, [&](int t) {
-    // 5 M iterations (3.8 G flop per thread): vdpbf16ps issues at a fraction of the FMA rate on
-    // some CPUs, and model_bench probes both peaks around every timed figure.
-    return detail::avx512bf16_dot_chains(5000000, 1.0f + 0.1f * static_cast<float>(t),
-                                         &sink[t % 64]);
-  });
-  volatile float keep = sink[0];
-  (void)keep;
-  return rate;
+  // 5 M iterations (3.8 G flop per thread): vdpbf16ps issues at a fraction of the FMA rate on
+  // some CPUs, and model_bench probes both peaks around every timed figure.
+  return chain_peak(pool, clock, detail::avx512bf16_dot_chains, 5000000);
 }
 
 double measure_peak_amx_flops_per_s(ThreadPool* pool, ProbeClock clock) {
   if (!gemm_activations_supported(GemmActivations::kAmx)) return 0.0;
-  float sink[64] = {};
-  const double rate = best_rate(pool, 5, clock, [&](int t) {
-    // 1 M iterations of 4 tiles: 65 G flop per thread, about 25 ms at this CPU's rate.
-    return detail::amx_dot_chains(1000000, 1.0f + 0.1f * static_cast<float>(t), &sink[t % 64]);
-  });
-  volatile float keep = sink[0];
-  (void)keep;
-  return rate;
+  // 1 M iterations of 4 tiles: 65 G flop per thread, about 25 ms at this CPU's rate.
+  return chain_peak(pool, clock, detail::amx_dot_chains, 1000000);
 }
 
 }  // namespace kun::kernels

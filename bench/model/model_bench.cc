@@ -81,15 +81,19 @@ int main(int argc, char** argv) {
   auto& engine = (*inst)->engine();
   kernels::ThreadPool pool(threads);  // the device's own pool belongs to its agent
   const std::int64_t probe_bytes = static_cast<std::int64_t>(bw_mib) * kMiB;
-  // Compute peak: f32 FMA or vdpbf16ps, whichever this CPU does faster (flop/s), as the issue
+  // Compute peak: f32 FMA or the bf16 dot product, whichever this CPU does faster (flop/s), as the issue
   // asks (reported here; every figure below uses the peaks probed around its own steps).
-  // The AMX peak counts only when the GEMM runs on AMX (the other modes cannot reach it).
+  // The bf16-dot peak is vdpbf16ps's, or AMX's when the GEMM runs on AMX tiles (the other modes
+  // cannot reach that one).
   const bool amx = kernels::active_gemm_activations() == kernels::GemmActivations::kAmx;
-  auto amx_peak = [&] { return amx ? kernels::measure_peak_amx_flops_per_s(&pool) : 0.0; };
+  const char* dot_name = amx ? "AMX" : "bf16-dot";
+  auto dot_peak = [&] {
+    return amx ? kernels::measure_peak_amx_flops_per_s(&pool) : kernels::measure_peak_bf16_dot_flops_per_s(&pool);
+  };
+  auto compute_peak = [&] { return std::max(kernels::measure_peak_fma_flops_per_s(&pool), dot_peak()); };
   const double peak_fma = kernels::measure_peak_fma_flops_per_s(&pool);
-  const double peak_bf16 = kernels::measure_peak_bf16_dot_flops_per_s(&pool);
-  const double peak_amx = amx_peak();
-  const double peak = std::max({peak_fma, peak_bf16, peak_amx});
+  const double peak_dot = dot_peak();
+  const double peak = std::max(peak_fma, peak_dot);
   const std::int64_t db = dtype_bytes(config->dtype);
   // Bytes a decode step must read: every decoder layer's weights plus the LM head.
   const std::int64_t step_weight_bytes = (config->num_layers * config->layer_param_count() + config->embedding_param_count()) * db;
@@ -99,10 +103,9 @@ int main(int argc, char** argv) {
               preset.c_str(), std::string(dtype_name(config->dtype)).c_str(), static_cast<long long>(config->num_layers),
               threads, std::string(kernels::isa_name(kernels::active_isa())).c_str(),
               std::string(kernels::gemm_activations_name(kernels::active_gemm_activations())).c_str(), reps);
-  std::printf("measured: peak FMA %.1f GFLOP/s, peak bf16-dot %.1f GFLOP/s, peak AMX %.1f GFLOP/s (0: not used) -> "
-              "compute limit %.1f GFLOP/s (%s); decode step reads %.1f MB of weights\n",
-              peak_fma / 1e9, peak_bf16 / 1e9, peak_amx / 1e9, peak / 1e9,
-              peak == peak_amx ? "AMX" : peak_bf16 > peak_fma ? "bf16-dot" : "FMA",
+  std::printf("measured: peak FMA %.1f GFLOP/s, peak %s %.1f GFLOP/s -> compute limit %.1f GFLOP/s (%s); "
+              "decode step reads %.1f MB of weights\n",
+              peak_fma / 1e9, dot_name, peak_dot / 1e9, peak / 1e9, peak_dot > peak_fma ? dot_name : "FMA",
               static_cast<double>(step_weight_bytes) / 1e6);
 
   StepTimes times;
@@ -143,13 +146,11 @@ int main(int argc, char** argv) {
       // Read bandwidth probed right before and right after the timed steps; the higher one is
       // the roofline (a busy machine only makes a probe look lower).
       // The compute peak likewise (both kinds), for the batches it binds.
-      const double peak_before = std::max({kernels::measure_peak_fma_flops_per_s(&pool),
-                                           kernels::measure_peak_bf16_dot_flops_per_s(&pool), amx_peak()});
+      const double peak_before = compute_peak();
       const double bw_before = kernels::measure_read_bandwidth_bytes_per_s(&pool, probe_bytes);
       timed_steps(steps);
       const double bw_after = kernels::measure_read_bandwidth_bytes_per_s(&pool, probe_bytes);
-      const double peak_after = std::max({kernels::measure_peak_fma_flops_per_s(&pool),
-                                          kernels::measure_peak_bf16_dot_flops_per_s(&pool), amx_peak()});
+      const double peak_after = compute_peak();
       const double peak_rep = std::max(peak_before, peak_after);
       const double bw = std::max(bw_before, bw_after);
       const double step_ms = times.wall_us / 1e3 / static_cast<double>(times.steps);
@@ -184,35 +185,35 @@ int main(int argc, char** argv) {
   // The compute peaks are probed again right before and right after every timed prefill (both
   // kinds, all threads); the highest of the four is that repetition's limit (a busy machine only
   // makes a probe look lower).
-  std::vector<double> ratios, rates, overheads, fma_peaks, bf16_peaks, limits;
+  std::vector<double> ratios, rates, overheads, fma_peaks, dot_peaks, limits;
   for (int rep = 0; rep < reps; ++rep) {
     engine::RequestSpec spec;
     for (int t = 0; t < 512; ++t) spec.prompt_tokens.push_back(3 + (t * 31 + rep * 11) % 30000);
     spec.max_tokens = 1;
     if (!engine.submit(spec, nullptr).ok()) return 1;
     const double fma_before = kernels::measure_peak_fma_flops_per_s(&pool);
-    const double bf16_before = std::max(kernels::measure_peak_bf16_dot_flops_per_s(&pool), amx_peak());
+    const double dot_before = dot_peak();
     timed_steps(1);
     const double fma_after = kernels::measure_peak_fma_flops_per_s(&pool);
-    const double bf16_after = std::max(kernels::measure_peak_bf16_dot_flops_per_s(&pool), amx_peak());
+    const double dot_after = dot_peak();
     while (engine.run_step()) {
     }
     const double fma_rep = std::max(fma_before, fma_after);
-    const double bf16_rep = std::max(bf16_before, bf16_after);
-    const double limit = std::max(fma_rep, bf16_rep);
+    const double dot_rep = std::max(dot_before, dot_after);
+    const double limit = std::max(fma_rep, dot_rep);
     const double s = times.wall_us / 1e6;
     rates.push_back(n / s);
     ratios.push_back(flops / s / limit);
     fma_peaks.push_back(fma_rep / 1e9);
-    bf16_peaks.push_back(bf16_rep / 1e9);
+    dot_peaks.push_back(dot_rep / 1e9);
     limits.push_back(limit / 1e9);
     overheads.push_back((times.wall_us - times.exec_us) / times.wall_us * 100.0);
   }
   const double ratio = median(ratios);
-  const double fma_med = median(fma_peaks), bf16_med = median(bf16_peaks);
+  const double fma_med = median(fma_peaks), dot_med = median(dot_peaks);
   std::printf("\nprefill 512 tokens: %.1f tokens/s, %.1f GFLOP/s = %.2f %s of the compute limit %.1f GFLOP/s "
-              "(peaks probed before/after each: FMA %.1f, bf16-dot%s %.1f GFLOP/s; engine overhead %.2f%%)\n",
+              "(peaks probed before/after each: FMA %.1f, %s %.1f GFLOP/s; engine overhead %.2f%%)\n",
               median(rates), flops * median(rates) / n / 1e9, ratio, spread(ratios).c_str(), median(limits), fma_med,
-              amx ? " (AMX)" : "", bf16_med, median(overheads));
+              dot_name, dot_med, median(overheads));
   return 0;
 }

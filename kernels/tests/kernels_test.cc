@@ -572,6 +572,51 @@ TEST(PanelPairsAmx, LinearMatchesDoubleReference) {
   }
 }
 
+// The AMX table rounds activations to bf16 with vector code (vcvtneps2bf16 after flushing
+// subnormals) for whole 16-element runs and act_to_bf16 for the rest: through an identity weight
+// (y[m][n] = x[m][n] x 1, every other product 0) each output is the rounded activation itself,
+// which must be act_to_bf16's bits in both parts (ties to even, subnormals to signed zero).
+TEST(PanelPairsAmx, ActivationRoundingIsActToBf16) {
+  if (!amx_runs()) GTEST_SKIP() << "no AMX-BF16 here";
+  const std::int64_t M = 20, K = 40;  // columns 0-31 in vector runs, 32-39 scalar
+  std::mt19937 rng(77);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int> ex(-60, 60);
+  std::vector<float> x(static_cast<std::size_t>(M * K));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    float v = std::ldexp(nd(rng), ex(rng));
+    std::uint32_t u = std::bit_cast<std::uint32_t>(v);
+    switch (i % 5) {
+      case 1: u = (u & 0xffff0000u) | 0x8000u; break;                      // a tie
+      case 2: u &= 0x807fffffu; break;                                      // subnormal
+      default: break;
+    }
+    x[i] = std::bit_cast<float>(u);
+  }
+  TestWeight w;
+  w.values.assign(static_cast<std::size_t>(K * K), 0.0f);
+  w.bytes.assign(static_cast<std::size_t>(K * K * 2), 0);
+  for (std::int64_t n = 0; n < K; ++n) {
+    const std::uint16_t one = f32_to_bf16(1.0f);
+    std::memcpy(w.bytes.data() + 2 * (n * K + n), &one, 2);
+    w.values[static_cast<std::size_t>(n * K + n)] = 1.0f;
+  }
+  w.view = WeightView{w.bytes.data(), DType::kBF16, K, K};
+  const PackedWeight pw = pack(std::move(w));
+  std::vector<float> y(static_cast<std::size_t>(M * K));
+  linear(Isa::kAvx512Bf16, x.data(), M, pw.view, nullptr, y.data(), nullptr, GemmActivations::kAmx);
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    // +0 and -0 both sum to +0 with the zero products; compare values for zeros, bits otherwise.
+    const float want = act_bf16(x[i]);
+    if (want == 0.0f) {
+      ASSERT_EQ(y[i], 0.0f) << "element " << i;
+    } else {
+      ASSERT_EQ(std::bit_cast<std::uint32_t>(y[i]), std::bit_cast<std::uint32_t>(want))
+          << "element " << i << ": x " << x[i] << " -> " << y[i] << ", act_to_bf16 " << want;
+    }
+  }
+}
+
 TEST(PanelPairsAmx, BatchInvariantAcrossBatchSizeNeighboursAndThreads) {
   if (!amx_runs()) GTEST_SKIP() << "no AMX-BF16 here";
   for (const std::int64_t K : {300, 301, 1024}) {
