@@ -23,8 +23,9 @@ struct IsaKernels {
   void (*linear_block)(const float* x, std::int64_t ldx, std::int64_t m0, std::int64_t m1,
                        const WeightView& w, std::int64_t n0, std::int64_t n1, const float* bias,
                        float* y, std::int64_t ldy, bool accumulate);
-  // kPanelPairs weights (bf16): rows [0, M) against panels
-  // [p0, p1) of w, into y (stride w.rows). xp: pack_rows' result for these M rows (shared by all
+  // Panel-layout weights (bf16; kPanelPairs, or kNarrowPanelPairs in the AMX table): rows
+  // [0, M) against output columns [kPanelCols p0, kPanelCols p1) of w (panels [p0, p1), or
+  // their 4 narrow panels each), into y (stride w.rows). xp: pack_rows' result for these M rows (shared by all
   // threads). scratch: linear_panels_scratch_floats(M) floats, private to the calling thread.
   // bf16_act: activations packed by pack_rows(..., true) (bf16 arithmetic); else f32.
   void (*linear_panels)(const float* xp, std::int64_t M, const WeightView& w, std::int64_t p0,
@@ -78,8 +79,9 @@ const IsaKernels& avx512_kernels();
 const IsaKernels& avx512bf16_kernels();
 double avx512bf16_dot_chains(std::int64_t iters, float seed, float* sink);
 
-// AMX level (kernels_amx.cc): linear_panels / pack_rows of GemmActivations::kAmx (bf16 rows
-// padded to tiles of 16, TDPBF16PS), substituted into the AVX-512-BF16 table by the front end.
+// AMX level (kernels_amx.cc): linear_panels (kNarrowPanelPairs weights) / pack_rows of
+// GemmActivations::kAmx (bf16 rows padded to tiles of 16, TDPBF16PS), substituted into the
+// AVX-512-BF16 table by the front end.
 struct AmxGemm {
   decltype(IsaKernels::linear_panels) linear_panels;
   decltype(IsaKernels::pack_rows) pack_rows;

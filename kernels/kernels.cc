@@ -124,10 +124,14 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   KUN_CHECK_GE(M, 0);
   if (M == 0) return;
   KUN_CHECK(x != nullptr && y != nullptr) << "null x or y";
-  const bool panels = w.layout == WeightLayout::kPanelPairs;
+  const bool panels = w.layout == WeightLayout::kPanelPairs || w.layout == WeightLayout::kNarrowPanelPairs;
   if (panels) {
     KUN_CHECK(panel_pairs_supported(w.dtype, w.rows, w.cols))
-        << "kPanelPairs needs bf16: " << dtype_name(w.dtype) << " " << w.rows << "x" << w.cols;
+        << "panel layouts need bf16: " << dtype_name(w.dtype) << " " << w.rows << "x" << w.cols;
+    KUN_CHECK(w.layout == gemm_weight_layout(act))
+        << "GEMM activations " << gemm_activations_name(act) << " read "
+        << (gemm_weight_layout(act) == WeightLayout::kNarrowPanelPairs ? "kNarrowPanelPairs" : "kPanelPairs")
+        << " weights, this " << w.rows << "x" << w.cols << " one is in the other panel layout";
   }
   const bool bf16_act = act != GemmActivations::kF32;
   const bool amx = panels && act == GemmActivations::kAmx;
@@ -232,14 +236,25 @@ std::int64_t panel_pairs_bytes(std::int64_t rows, std::int64_t cols) {
   return rows * (cols + (cols & 1)) * 2;
 }
 
-void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst) {
+std::int64_t panel_cols(WeightLayout layout) {
+  KUN_CHECK(layout == WeightLayout::kPanelPairs || layout == WeightLayout::kNarrowPanelPairs)
+      << "not a panel layout: " << static_cast<int>(layout);
+  return layout == WeightLayout::kPanelPairs ? kPanelCols : kNarrowPanelCols;
+}
+
+WeightLayout gemm_weight_layout(GemmActivations a) {
+  return a == GemmActivations::kAmx ? WeightLayout::kNarrowPanelPairs : WeightLayout::kPanelPairs;
+}
+
+void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst, WeightLayout layout) {
   KUN_CHECK(panel_pairs_supported(DType::kBF16, rows, cols)) << rows << "x" << cols;
+  const std::int64_t pc = panel_cols(layout);
   const auto* s = static_cast<const std::uint16_t*>(src);
   auto* d = static_cast<std::uint16_t*>(dst);
   const std::int64_t kp = cols + (cols & 1);
   KUN_CHECK(d + rows * kp <= s || s + rows * cols <= d) << "pack_panel_pairs: src and dst overlap";
-  for (std::int64_t n0 = 0; n0 < rows; n0 += kPanelCols) {
-    const std::int64_t width = std::min(kPanelCols, rows - n0);
+  for (std::int64_t n0 = 0; n0 < rows; n0 += pc) {
+    const std::int64_t width = std::min(pc, rows - n0);
     std::uint16_t* panel = d + n0 * kp;
     for (std::int64_t c = 0; c < width; ++c) {
       const std::uint16_t* row = s + (n0 + c) * cols;
@@ -253,13 +268,14 @@ void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, voi
 }
 
 void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t cols,
-                            std::int64_t n, float* out) {
+                            std::int64_t n, float* out, WeightLayout layout) {
   KUN_CHECK(panel_pairs_supported(DType::kBF16, rows, cols) && n >= 0 && n < rows)
       << rows << "x" << cols << " row " << n;
+  const std::int64_t pc = panel_cols(layout);
   const auto* p = static_cast<const std::uint16_t*>(packed);
   const std::int64_t kp = cols + (cols & 1);
-  const std::int64_t n0 = n / kPanelCols * kPanelCols;
-  const std::int64_t width = std::min(kPanelCols, rows - n0);
+  const std::int64_t n0 = n / pc * pc;
+  const std::int64_t width = std::min(pc, rows - n0);
   const std::uint16_t* panel = p + n0 * kp;
   for (std::int64_t k = 0; k < cols; ++k) {
     out[k] = bf16_to_f32(panel[((k / 2) * width + (n - n0)) * 2 + (k % 2)]);

@@ -90,8 +90,19 @@ class ThreadPool {
 //    [Kp / 2][width][2]: the pair (W[n][k], W[n][k + 1]) for even k at element
 //    ((k / 2) * width + n - kPanelCols p) * 2. One k pair of a panel is one contiguous run of
 //    16-column vectors: vdpbf16ps's operand (and the FMA GEMM's), read straight from the weights.
-enum class WeightLayout { kRowMajor = 0, kPanelPairs = 1 };
+//  * kNarrowPanelPairs (bf16 only): kPanelPairs with panels of kNarrowPanelCols (16) columns,
+//    GemmActivations::kAmx's layout: 16 k pairs of a panel are one contiguous 1 KiB AMX B tile,
+//    and the 4 panels of 64 output columns are 4 separate streams (one, interleaved, in
+//    kPanelPairs: AMX at batch 1 read 0.74 of the bandwidth probe from it). Rows [64 p, 64 p + 64)
+//    still occupy the bytes of those rows, as in kPanelPairs.
+enum class WeightLayout { kRowMajor = 0, kPanelPairs = 1, kNarrowPanelPairs = 2 };
 constexpr std::int64_t kPanelCols = 64;
+constexpr std::int64_t kNarrowPanelCols = 16;
+// Columns per panel of a panel layout (kPanelPairs, kNarrowPanelPairs; checked).
+std::int64_t panel_cols(WeightLayout layout);
+// The panel layout linear's GEMM reads for these activations: kNarrowPanelPairs for kAmx,
+// kPanelPairs for the others. linear checks a bf16 panel weight against it.
+WeightLayout gemm_weight_layout(GemmActivations a);
 
 // A weight matrix: `rows` output features by `cols` input features in `layout`.
 struct WeightView {
@@ -107,12 +118,15 @@ bool panel_pairs_supported(DType dtype, std::int64_t rows, std::int64_t cols);
 // Bytes of a kPanelPairs matrix: the row-major byte count for an even cols, one more bf16 per row
 // for an odd one.
 std::int64_t panel_pairs_bytes(std::int64_t rows, std::int64_t cols);
-// Reorders a row-major bf16 matrix (src) into kPanelPairs (dst, panel_pairs_bytes; must not
+// Bytes of a kNarrowPanelPairs matrix are the same.
+// Reorders a row-major bf16 matrix (src) into a panel layout (dst, panel_pairs_bytes; must not
 // overlap src). Checks panel_pairs_supported.
-void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst);
-// The inverse of pack_panel_pairs: W[n][*] of a kPanelPairs matrix widened to f32 (cols floats).
+void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst,
+                      WeightLayout layout = WeightLayout::kPanelPairs);
+// The inverse of pack_panel_pairs: W[n][*] of a panel-layout matrix widened to f32 (cols floats).
 void unpack_panel_pairs_row(const void* packed, std::int64_t rows, std::int64_t cols,
-                            std::int64_t n, float* out);
+                            std::int64_t n, float* out,
+                            WeightLayout layout = WeightLayout::kPanelPairs);
 
 // Scratch memory of linear / linear_add, given by the caller (a device carves it from its
 // workspace so it counts in the device's capacity). Only kPanelPairs (bf16) weights use it: the

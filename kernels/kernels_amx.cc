@@ -1,5 +1,6 @@
-// AMX level: the kPanelPairs GEMM on Intel AMX tiles (TDPBF16PS, 16 x 16 f32 outputs x 32 bf16
-// products each) for GemmActivations::kAmx, and the peak probe of that instruction.
+// AMX level: the bf16 GEMM on Intel AMX tiles (TDPBF16PS, 16 x 16 f32 outputs x 32 bf16 products
+// each) for GemmActivations::kAmx, over kNarrowPanelPairs weights (a B tile is 16 k pairs of a
+// 16-column panel: 1 KiB, contiguous), and the peak probe of that instruction.
 //
 // The arithmetic is the hardware's: TDPBF16PS sums each output's 32 bf16 products of one k block
 // in a way Intel does not specify bit for bit (it is not the sequential vdpbf16ps order: measured
@@ -76,7 +77,9 @@ void pack_rows_amx(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool
       const I64 m = t * kTileRows + i;
       std::uint16_t* row = out + m * row_elems;
       if (m >= M) {
-        std::memset(row, 0, static_cast<std::size_t>(row_elems) * 2);
+        // Calls of fewer than 16 rows configure their tiles with just their rows, so only the
+        // two-row-tile calls read (zero) padding rows.
+        if (M > kTileRows) std::memset(row, 0, static_cast<std::size_t>(row_elems) * 2);
         continue;
       }
       const float* src = x + m * K;
@@ -122,56 +125,87 @@ void epilogue(const float* stash, I64 rows, I64 cols, const float* bias, float* 
   }
 }
 
-// Where the B tile of column group g (16 columns) and k block kb of a panel comes from: straight
-// from the panel when the block has 16 pairs and the group 16 columns, else a zero-padded copy
-// in `tail` (16 pairs x 16 columns, 64 bytes a pair).
+// Where the B tile of k block kb of a narrow panel (kNarrowPanelPairs: [pairs][width][2], width
+// <= 16 columns) comes from: straight from the panel, 1 KiB contiguous, when the block has 16
+// pairs and the panel 16 columns, else a zero-padded copy in `tail` (16 pairs x 16 columns, 64
+// bytes a pair).
 struct BSource {
   const std::uint16_t* ptr;
   I64 stride_bytes;
 };
 
-BSource b_source(const std::uint16_t* panel, I64 width, I64 pairs, I64 g, I64 kb,
-                 std::uint16_t* tail) {
+BSource b_source(const std::uint16_t* panel, I64 width, I64 pairs, I64 kb, std::uint16_t* tail) {
   const I64 p0 = kb * kBlockPairs;
   const I64 np = pairs - p0 < kBlockPairs ? pairs - p0 : kBlockPairs;
-  const I64 nc = width - 16 * g < 16 ? width - 16 * g : 16;
-  const std::uint16_t* src = panel + (p0 * width + 16 * g) * 2;
-  if (np == kBlockPairs && nc == 16) return {src, width * 4};
+  const std::uint16_t* src = panel + p0 * width * 2;
+  if (np == kBlockPairs && width == kNarrowPanelCols) return {src, 64};
   std::memset(tail, 0, kBlockPairs * 64);
-  for (I64 r = 0; r < np; ++r) std::memcpy(tail + r * 32, src + r * width * 2, static_cast<std::size_t>(nc) * 4);
+  for (I64 r = 0; r < np; ++r) std::memcpy(tail + r * 32, src + r * width * 2, static_cast<std::size_t>(width) * 4);
   return {tail, 64};
 }
 
-// One row tile (M <= 16) against one panel: 4 column groups per k block, the panel streamed once.
-void panel_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const std::uint16_t* panel,
-                        I64 width, I64 pairs, I64 blocks, const float* bias, float* y, I64 ldy,
-                        bool accumulate, float* stash, std::uint16_t* tail) {
-  const I64 groups = (width + 15) / 16;
-  const bool full = width == 64 && pairs % kBlockPairs == 0;
+// Software prefetch of a stream of B tiles: every line of the tile kAheadBlocks blocks (4 KiB)
+// past `block` into L1. A tile register is not renamed, so the next block's TILELOADD waits for
+// the TDPBF16PS reading the tile before it, and the loads alone keep only a few tiles in flight;
+// the prefetches are not held up by that (llama-350m decode at batch 1: 41.9-42.3 tokens/s
+// against 39.6-40.1 without; 2 KiB ahead the same, 6 and 8 KiB, or into L2, no better).
+constexpr I64 kAheadBlocks = 4;
+inline void prefetch_block_ahead(const std::uint16_t* block) {
+  const char* p = reinterpret_cast<const char*>(block) + kAheadBlocks * 1024;
+  for (int l = 0; l < 16; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+}
+
+// The narrow panels of one kPanelCols unit of output columns (up to 4, consecutive in memory:
+// narrow panel g at first + g * 16 * Kp elements, the last one `last_width` columns wide).
+struct Unit {
+  const std::uint16_t* first;
+  I64 panel_elems;  // 16 * Kp: elements per full narrow panel
+  I64 groups;       // narrow panels in the unit
+  I64 width;        // output columns of the unit
+  const std::uint16_t* panel(I64 g) const { return first + g * panel_elems; }
+  I64 panel_width(I64 g) const { return width - 16 * g < 16 ? width - 16 * g : 16; }
+};
+
+// One row tile (M <= 16) against a unit: C tile g accumulates narrow panel g, so per k block the
+// call reads 4 separate 1 KiB runs, 4 streams for the prefetchers (the kPanelPairs layout gave
+// them one: 0.74 of the read probe at batch 1).
+void unit_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit& u, I64 pairs,
+                       I64 blocks, const float* bias, float* y, I64 ldy, bool accumulate, float* stash,
+                       std::uint16_t* tail) {
+  const bool full = u.groups == 4 && u.width == kPanelCols && pairs % kBlockPairs == 0;
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   const I64 a_stride = row_elems * 2;
-  for (I64 kb = 0; kb < blocks; ++kb) {
-    _tile_loadd(4, xp + kb * 32, a_stride);
-    if (full) {
-      const std::uint16_t* src = panel + kb * kBlockPairs * 128;
-      // No software prefetch: the hardware prefetchers follow the 4 KiB blocks, and prefetching
-      // 4 or 8 blocks ahead measured 0.66-0.85 of the read probe against 0.83-0.88 without.
-      _tile_loadd(5, src, 256);
+  if (full) {
+    const std::uint16_t* b0 = u.panel(0);
+    const std::uint16_t* b1 = u.panel(1);
+    const std::uint16_t* b2 = u.panel(2);
+    const std::uint16_t* b3 = u.panel(3);
+    for (I64 kb = 0; kb < blocks; ++kb) {
+      const I64 off = kb * kBlockPairs * 32;
+      prefetch_block_ahead(b0 + off);
+      prefetch_block_ahead(b1 + off);
+      prefetch_block_ahead(b2 + off);
+      prefetch_block_ahead(b3 + off);
+      _tile_loadd(4, xp + kb * 32, a_stride);
+      _tile_loadd(5, b0 + off, 64);
       _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(6, src + 32, 256);
+      _tile_loadd(6, b1 + off, 64);
       _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(7, src + 64, 256);
+      _tile_loadd(7, b2 + off, 64);
       _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, src + 96, 256);
+      _tile_loadd(5, b3 + off, 64);
       _tile_dpbf16ps(3, 4, 5);
-    } else {
-      // Narrow panel or partial block: each group's tile from b_source (the tail buffer is
-      // rewritten per group, so each load completes before the next copy).
-      for (I64 g = 0; g < groups; ++g) {
-        const BSource b = b_source(panel, width, pairs, g, kb, tail);
+    }
+  } else {
+    // A narrow last panel or a partial k block: each panel's tile from b_source (the tail buffer
+    // is rewritten per panel, so each load completes before the next copy).
+    for (I64 kb = 0; kb < blocks; ++kb) {
+      _tile_loadd(4, xp + kb * 32, a_stride);
+      for (I64 g = 0; g < u.groups; ++g) {
+        const BSource b = b_source(u.panel(g), u.panel_width(g), pairs, kb, tail);
         _tile_loadd(5, b.ptr, b.stride_bytes);
         switch (g) {
           case 0: _tile_dpbf16ps(0, 4, 5); break;
@@ -186,18 +220,21 @@ void panel_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const 
   _tile_stored(1, stash + 16, 256);
   _tile_stored(2, stash + 32, 256);
   _tile_stored(3, stash + 48, 256);
-  epilogue(stash, rows, width, bias, y, ldy, accumulate);
+  epilogue(stash, rows, u.width, bias, y, ldy, accumulate);
 }
 
-// Up to two row tiles x two column groups (32 x 32 outputs, starting at column group g) of a
-// panel over every k block: fewer rows or a narrower panel run one of each.
-void panel_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const std::uint16_t* panel,
-                     I64 width, I64 pairs, I64 blocks, I64 g, const float* bias, float* y, I64 ldy,
-                     bool accumulate, float* stash, std::uint16_t* tail) {
+// Up to two row tiles x two narrow panels (32 x 32 outputs: panels g and g + 1 of the unit) over
+// every k block; fewer rows or a single last panel run one of each. Each panel is one stream,
+// read once per call of up to 32 rows.
+void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit& u, I64 pairs,
+                    I64 blocks, I64 g, const float* bias, float* y, I64 ldy, bool accumulate,
+                    float* stash, std::uint16_t* tail) {
   const I64 a_stride = row_elems * 2;
   const bool two_rows = rows > kTileRows;
-  const bool two_groups = width - 16 * g > 16;
-  const bool direct = pairs % kBlockPairs == 0 && width - 16 * g >= 32;
+  const bool two_groups = g + 1 < u.groups;
+  const bool direct = pairs % kBlockPairs == 0 && u.width - 16 * g >= 32;
+  const std::uint16_t* p0 = u.panel(g);
+  const std::uint16_t* p1 = u.panel(two_groups ? g + 1 : g);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -207,14 +244,14 @@ void panel_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const std
     _tile_loadd(4, xp + kb * 32, a_stride);
     if (two_rows) _tile_loadd(5, a1 + kb * 32, a_stride);
     if (direct) {
-      const std::uint16_t* src = panel + (kb * kBlockPairs * width + 16 * g) * 2;
-      _tile_loadd(6, src, width * 4);
-      _tile_loadd(7, src + 32, width * 4);
+      const I64 off = kb * kBlockPairs * 32;
+      _tile_loadd(6, p0 + off, 64);
+      _tile_loadd(7, p1 + off, 64);
     } else {
-      BSource b = b_source(panel, width, pairs, g, kb, tail);
+      BSource b = b_source(p0, u.panel_width(g), pairs, kb, tail);
       _tile_loadd(6, b.ptr, b.stride_bytes);
       if (two_groups) {
-        b = b_source(panel, width, pairs, g + 1, kb, tail);
+        b = b_source(p1, u.panel_width(g + 1), pairs, kb, tail);
         _tile_loadd(7, b.ptr, b.stride_bytes);
       }
     }
@@ -225,7 +262,7 @@ void panel_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const std
       if (two_groups) _tile_dpbf16ps(3, 5, 7);
     }
   }
-  const I64 cols = width - 16 * g < 32 ? width - 16 * g : 32;
+  const I64 cols = u.width - 16 * g < 32 ? u.width - 16 * g : 32;
   _tile_stored(0, stash, 256);
   if (two_groups) _tile_stored(1, stash + 16, 256);
   epilogue(stash, rows < kTileRows ? rows : kTileRows, cols, bias, y, ldy, accumulate);
@@ -236,63 +273,7 @@ void panel_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const std
   }
 }
 
-// k blocks per chunk of the two-row-tile decode path: 8 blocks = 32 KiB of a panel, read from
-// DRAM by the first half's pass and from cache by the second's.
-constexpr I64 kChunkBlocks = 8;
-
-// Two row tiles (17 .. 32 rows) against one full panel (64 columns, whole k blocks): the panel in
-// chunks of kChunkBlocks blocks, each chunk run for columns 0-31 and then 32-63 with the partial
-// sums parked in f32 between chunks (exact), so the weights stream from DRAM once, in order,
-// instead of once per 32-column half. stash: 32 x 64 f32; park: 2 halves x 4 tiles x 256 f32.
-void panel_two_row_tiles(const std::uint16_t* xp, I64 row_elems, I64 rows, const std::uint16_t* panel,
-                         I64 blocks, const float* bias, float* y, I64 ldy, bool accumulate, float* stash,
-                         float* park) {
-  const I64 a_stride = row_elems * 2;
-  const std::uint16_t* a1 = xp + kTileRows * row_elems;
-  for (I64 c0 = 0; c0 < blocks; c0 += kChunkBlocks) {
-    const I64 c1 = c0 + kChunkBlocks < blocks ? c0 + kChunkBlocks : blocks;
-    for (I64 half = 0; half < 2; ++half) {
-      float* pk = park + half * 1024;
-      if (c0 == 0) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-      } else {
-        _tile_loadd(0, pk, 64);
-        _tile_loadd(1, pk + 256, 64);
-        _tile_loadd(2, pk + 512, 64);
-        _tile_loadd(3, pk + 768, 64);
-      }
-      for (I64 kb = c0; kb < c1; ++kb) {
-        _tile_loadd(4, xp + kb * 32, a_stride);
-        _tile_loadd(5, a1 + kb * 32, a_stride);
-        const std::uint16_t* src = panel + kb * kBlockPairs * 128 + half * 64;
-        _tile_loadd(6, src, 256);
-        _tile_loadd(7, src + 32, 256);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      if (c1 < blocks) {
-        _tile_stored(0, pk, 64);
-        _tile_stored(1, pk + 256, 64);
-        _tile_stored(2, pk + 512, 64);
-        _tile_stored(3, pk + 768, 64);
-      } else {
-        float* out = stash + half * 32;
-        _tile_stored(0, out, 256);
-        _tile_stored(1, out + 16, 256);
-        _tile_stored(2, out + kTileRows * 64, 256);
-        _tile_stored(3, out + kTileRows * 64 + 16, 256);
-      }
-    }
-  }
-  epilogue(stash, kTileRows, 64, bias, y, ldy, accumulate);
-  epilogue(stash + kTileRows * 64, rows - kTileRows, 64, bias, y + kTileRows * ldy, ldy, accumulate);
-}
-
+// Units [p0, p1) of kPanelCols output columns of a kNarrowPanelPairs weight.
 void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64 p1,
                        const float* bias, float* y, bool accumulate, float* scratch,
                        bool /*bf16_act*/) {
@@ -303,11 +284,10 @@ void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64
   const I64 pairs = Kp / 2;
   const I64 blocks = (pairs + kBlockPairs - 1) / kBlockPairs;
   const I64 row_elems = packed_row_elems(K);
-  // Scratch (linear_panels_scratch_floats(M) >= 128 x 64 floats): a 32 x 64 f32 stash, the
-  // parked partial sums of panel_two_row_tiles (2048 f32), a B tail tile (16 x 32 bf16).
+  // Scratch (linear_panels_scratch_floats(M) >= 128 x 64 floats): a 32 x 64 f32 stash and a B
+  // tail tile (16 x 32 bf16).
   float* stash = scratch;
-  float* park = scratch + 2 * kTileRows * 64;
-  auto* tail = reinterpret_cast<std::uint16_t*>(park + 2048);
+  auto* tail = reinterpret_cast<std::uint16_t*>(scratch + 2 * kTileRows * 64);
   const auto* wbase = static_cast<const std::uint16_t*>(w.data);
   // Calls of fewer than 16 rows configure A and C with just their rows (a row's value does not
   // depend on it; TDPBF16PS does less work): 0.86-0.875 of the read probe at M = 1 against
@@ -315,24 +295,22 @@ void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64
   load_tile_config(M < kTileRows ? static_cast<int>(M) : static_cast<int>(kTileRows));
   for (I64 p = p0; p < p1; ++p) {
     const I64 n0 = p * kPanelCols;
-    const I64 width = N - n0 < kPanelCols ? N - n0 : kPanelCols;
-    const std::uint16_t* panel = wbase + n0 * Kp;
+    Unit u;
+    u.first = wbase + n0 * Kp;
+    u.panel_elems = kNarrowPanelCols * Kp;
+    u.width = N - n0 < kPanelCols ? N - n0 : kPanelCols;
+    u.groups = (u.width + kNarrowPanelCols - 1) / kNarrowPanelCols;
     const float* pb = bias != nullptr ? bias + n0 : nullptr;
     if (M <= kTileRows) {
-      panel_one_row_tile(xp, row_elems, M, panel, width, pairs, blocks, pb, y + n0, N, accumulate,
-                         stash, tail);
+      unit_one_row_tile(xp, row_elems, M, u, pairs, blocks, pb, y + n0, N, accumulate, stash, tail);
       continue;
     }
-    if (M <= 2 * kTileRows && width == kPanelCols && pairs % kBlockPairs == 0) {
-      panel_two_row_tiles(xp, row_elems, M, panel, blocks, pb, y + n0, N, accumulate, stash, park);
-      continue;
-    }
-    for (I64 g = 0; g * 16 < width; g += 2) {
+    for (I64 g = 0; g < u.groups; g += 2) {
       for (I64 m0 = 0; m0 < M; m0 += 2 * kTileRows) {
         const I64 rows = M - m0 < 2 * kTileRows ? M - m0 : 2 * kTileRows;
-        panel_block_2x2(xp + m0 * row_elems, row_elems, rows, panel, width, pairs, blocks, g,
-                        pb != nullptr ? pb + 16 * g : nullptr, y + m0 * N + n0 + 16 * g, N,
-                        accumulate, stash, tail);
+        unit_block_2x2(xp + m0 * row_elems, row_elems, rows, u, pairs, blocks, g,
+                       pb != nullptr ? pb + 16 * g : nullptr, y + m0 * N + n0 + 16 * g, N,
+                       accumulate, stash, tail);
       }
     }
   }

@@ -27,24 +27,28 @@ Status read_into(const WeightSource& source, const std::string& name, DType dtyp
 }
 
 // The layout a linear weight of this shape is kept in: bf16 matrices with an even K are
-// reordered at load into the GEMM layout (kernels::WeightLayout::kPanelPairs, same bytes), the
-// rest stay row-major. A pure function of the shape and dtype, so every device of a cluster
-// (and a segment copied between them) agrees on it.
+// reordered at load into the layout this process's GEMM reads (kernels::gemm_weight_layout:
+// kPanelPairs, or kNarrowPanelPairs for AMX; same bytes), the rest stay row-major. A function of
+// the shape, the dtype and the process's GEMM activations, which every process of a cluster
+// shares (README), so every device (and a segment copied between them) agrees on it.
 kernels::WeightLayout linear_layout(DType dtype, std::int64_t rows, std::int64_t cols) {
   // An even K only: the packed matrix then has the row-major byte count, so segment offsets do
   // not depend on the layout (an odd K would need kernels::panel_pairs_bytes).
   return kernels::panel_pairs_supported(dtype, rows, cols) && cols % 2 == 0
-             ? kernels::WeightLayout::kPanelPairs
+             ? kernels::gemm_weight_layout(kernels::active_gemm_activations())
              : kernels::WeightLayout::kRowMajor;
 }
 
+bool is_panel_layout(kernels::WeightLayout layout) { return layout != kernels::WeightLayout::kRowMajor; }
+
 // Reorders a row-major matrix just read into the segment into linear_layout's layout, in place,
-// one panel at a time: with an even K, panel p holds exactly the bytes of rows [64 p, 64 p + 64),
-// laid out as the one panel of a matrix of those rows, so only a panel's rows are copied aside
-// (not the whole matrix: a tied embedding can be hundreds of MB).
+// kPanelCols rows at a time: with an even K, those rows' bytes hold exactly their panels (one of
+// kPanelPairs, four of kNarrowPanelPairs), laid out as the panels of a matrix of those rows, so
+// only these rows are copied aside (not the whole matrix: a tied embedding can be hundreds of MB).
 void to_linear_layout(DType dtype, std::int64_t rows, std::int64_t cols, std::span<std::byte> segment,
                       std::int64_t offset) {
-  if (linear_layout(dtype, rows, cols) != kernels::WeightLayout::kPanelPairs) return;
+  const kernels::WeightLayout layout = linear_layout(dtype, rows, cols);
+  if (!is_panel_layout(layout)) return;
   const std::int64_t row_bytes = cols * dtype_bytes(dtype);
   KUN_CHECK_LE(offset + rows * row_bytes, static_cast<std::int64_t>(segment.size()));
   std::vector<std::byte> panel_rows(static_cast<std::size_t>(kernels::kPanelCols * row_bytes));
@@ -52,7 +56,7 @@ void to_linear_layout(DType dtype, std::int64_t rows, std::int64_t cols, std::sp
     const std::int64_t width = std::min(kernels::kPanelCols, rows - r0);
     std::byte* at = segment.data() + offset + r0 * row_bytes;
     std::memcpy(panel_rows.data(), at, static_cast<std::size_t>(width * row_bytes));
-    kernels::pack_panel_pairs(panel_rows.data(), width, cols, at);
+    kernels::pack_panel_pairs(panel_rows.data(), width, cols, at, layout);
   }
 }
 
@@ -138,7 +142,7 @@ Status load_embedding_segment(const WeightSource& source, DType dtype, std::span
                                 c.vocab_size * c.hidden_size * dtype_bytes(dtype)));
   // A tied embedding is also the LM head: kept once, in the head's GEMM layout (embed() reads a
   // row out of it).
-  if (embedding_layout(c, dtype) == kernels::WeightLayout::kPanelPairs) {
+  if (is_panel_layout(embedding_layout(c, dtype))) {
     to_linear_layout(dtype, c.vocab_size, c.hidden_size, segment, 0);
   }
   return ok_status();
@@ -314,9 +318,9 @@ void ForwardPass::embed(const HeadWeights& head, const std::int32_t* tokens, std
   const std::int64_t row_bytes = H * dtype_bytes(e.dtype);
   for (std::int64_t t = 0; t < n; ++t) {
     KUN_CHECK(tokens[t] >= 0 && tokens[t] < config_.vocab_size) << "token id " << tokens[t] << " out of vocab";
-    if (e.layout == kernels::WeightLayout::kPanelPairs) {
+    if (e.layout != kernels::WeightLayout::kRowMajor) {
       // A gather of one row out of the interleaved panels (bf16 widened to f32, exact).
-      kernels::unpack_panel_pairs_row(e.data, e.rows, e.cols, tokens[t], hidden + t * H);
+      kernels::unpack_panel_pairs_row(e.data, e.rows, e.cols, tokens[t], hidden + t * H, e.layout);
     } else {
       convert_dtype(static_cast<const std::byte*>(e.data) + tokens[t] * row_bytes, e.dtype, hidden + t * H,
                     DType::kF32, H);

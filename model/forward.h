@@ -29,7 +29,8 @@ namespace kun::model {
 // Byte offsets of one decoder layer's tensors inside its parameter segment. q, k and v rows are
 // stored back to back (one fused QKV matrix), and so are gate and up. Shapes are [rows][cols] of
 // the HF matrices; bf16 matrices with an even cols are stored reordered into the GEMM layout
-// (kernels::WeightLayout::kPanelPairs: same bytes, same offsets), the rest row-major;
+// (kernels::gemm_weight_layout: kPanelPairs, or kNarrowPanelPairs for the AMX GEMM; same bytes,
+// same offsets), the rest row-major;
 // layer_weights_at / head_weights_at say which in each WeightView.
 struct LayerSegmentLayout {
   std::int64_t input_norm = 0;  // [H] weight dtype
@@ -44,7 +45,7 @@ struct LayerSegmentLayout {
 };
 
 // Embedding segment: [V][H], row-major, or, when tied to the LM head (tie_word_embeddings), in the
-// head's layout (kPanelPairs for bf16 with an even H: same bytes; embedding_layout), so the one
+// head's layout (a panel layout for bf16 with an even H: same bytes; embedding_layout), so the one
 // copy serves both the token lookup (a row gathered out of the panels) and the logits GEMM.
 // Head segment: final norm [H] and, unless tied, lm_head [V][H].
 struct HeadSegmentLayout {

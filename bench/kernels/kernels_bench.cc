@@ -83,11 +83,15 @@ int main(int argc, char** argv) {
     for (std::int64_t c = 1; c < copies; ++c) {
       std::memcpy(w.data() + c * s.n * s.k, w.data(), static_cast<std::size_t>(wbytes));
     }
-    // The same weights in the GEMM layout (kPanelPairs) that model loading uses for bf16.
+    // The same weights in the GEMM layouts that model loading uses for bf16: kPanelPairs, and
+    // kNarrowPanelPairs for the AMX GEMM.
     std::vector<std::uint16_t> wp(w.size());
+    std::vector<std::uint16_t> wn(gemm_activations_supported(GemmActivations::kAmx) ? w.size() : 0);
     pack_panel_pairs(w.data(), s.n, s.k, wp.data());
+    if (!wn.empty()) pack_panel_pairs(w.data(), s.n, s.k, wn.data(), WeightLayout::kNarrowPanelPairs);
     for (std::int64_t c = 1; c < copies; ++c) {
       std::memcpy(wp.data() + c * s.n * s.k, wp.data(), static_cast<std::size_t>(wbytes));
+      if (!wn.empty()) std::memcpy(wn.data() + c * s.n * s.k, wn.data(), static_cast<std::size_t>(wbytes));
     }
     const std::int64_t max_m = 512;
     std::vector<float> x(static_cast<std::size_t>(max_m * s.k));
@@ -99,12 +103,12 @@ int main(int argc, char** argv) {
     for (int variant = 0; variant < 4; ++variant) {
     if (variant == 3 && !gemm_activations_supported(GemmActivations::kAmx)) continue;
     if (only_variant >= 0 && variant != only_variant) continue;
-    const WeightLayout layout = variant == 0 ? WeightLayout::kRowMajor : WeightLayout::kPanelPairs;
     const GemmActivations act = variant == 2 ? GemmActivations::kBf16
                                 : variant == 3 ? GemmActivations::kAmx
                                                : GemmActivations::kF32;
+    const WeightLayout layout = variant == 0 ? WeightLayout::kRowMajor : gemm_weight_layout(act);
     const char* variant_name = variant == 0 ? "rows" : variant == 1 ? "panels" : variant == 2 ? "bf16act" : "amx";
-    const std::uint16_t* wdata = layout == WeightLayout::kPanelPairs ? wp.data() : w.data();
+    const std::uint16_t* wdata = variant == 0 ? w.data() : variant == 3 ? wn.data() : wp.data();
     for (std::int64_t M : {1, 8, 32, 512}) {
       for (bool cold : {true, false}) {
         if (M == 512 && cold) continue;  // compute bound: weights are reused from cache anyway

@@ -303,18 +303,24 @@ struct PackedWeight {
   WeightView view;
 };
 
-PackedWeight pack(TestWeight row_major) {
+PackedWeight pack(TestWeight row_major, WeightLayout layout = WeightLayout::kPanelPairs) {
   PackedWeight p;
   p.row_major = std::move(row_major);
   const std::int64_t n = p.row_major.view.rows, k = p.row_major.view.cols;
   p.packed.resize(static_cast<std::size_t>(panel_pairs_bytes(n, k)));
-  pack_panel_pairs(p.row_major.bytes.data(), n, k, p.packed.data());
-  p.view = WeightView{p.packed.data(), DType::kBF16, n, k, WeightLayout::kPanelPairs};
+  pack_panel_pairs(p.row_major.bytes.data(), n, k, p.packed.data(), layout);
+  p.view = WeightView{p.packed.data(), DType::kBF16, n, k, layout};
   return p;
 }
 
-PackedWeight make_packed(std::int64_t n, std::int64_t k, std::uint32_t seed) {
-  return pack(make_weight(n, k, DType::kBF16, seed));
+PackedWeight make_packed(std::int64_t n, std::int64_t k, std::uint32_t seed,
+                         WeightLayout layout = WeightLayout::kPanelPairs) {
+  return pack(make_weight(n, k, DType::kBF16, seed), layout);
+}
+
+// The AMX GEMM's weights.
+PackedWeight make_packed_amx(std::int64_t n, std::int64_t k, std::uint32_t seed) {
+  return make_packed(n, k, seed, gemm_weight_layout(GemmActivations::kAmx));
 }
 
 TEST(PanelPairs, PackRoundTripsEveryRow) {
@@ -328,17 +334,48 @@ TEST(PanelPairs, PackRoundTripsEveryRow) {
   };
   for (const Shape s : {Shape{1, 2}, Shape{63, 10}, Shape{64, 130}, Shape{130, 36}, Shape{200, 64},
                         Shape{1, 1}, Shape{70, 33}}) {
-    SCOPED_TRACE("N=" + std::to_string(s.n) + " K=" + std::to_string(s.k));
-    const PackedWeight w = make_packed(s.n, s.k, 11);
-    // The packed bytes are a permutation (plus a zero per row for an odd K).
-    if (s.k % 2 == 0) {
-      EXPECT_EQ(w.packed.size(), w.row_major.bytes.size());
+    for (WeightLayout layout : {WeightLayout::kPanelPairs, WeightLayout::kNarrowPanelPairs}) {
+      SCOPED_TRACE("N=" + std::to_string(s.n) + " K=" + std::to_string(s.k) + " layout " +
+                   std::to_string(static_cast<int>(layout)));
+      const PackedWeight w = make_packed(s.n, s.k, 11, layout);
+      // The packed bytes are a permutation (plus a zero per row for an odd K).
+      if (s.k % 2 == 0) {
+        EXPECT_EQ(w.packed.size(), w.row_major.bytes.size());
+      }
+      std::vector<float> row(static_cast<std::size_t>(s.k));
+      for (std::int64_t n = 0; n < s.n; ++n) {
+        unpack_panel_pairs_row(w.packed.data(), s.n, s.k, n, row.data(), layout);
+        ASSERT_EQ(0, std::memcmp(row.data(), w.row_major.values.data() + n * s.k, row.size() * 4)) << "row " << n;
+      }
     }
-    std::vector<float> row(static_cast<std::size_t>(s.k));
-    for (std::int64_t n = 0; n < s.n; ++n) {
-      unpack_panel_pairs_row(w.packed.data(), s.n, s.k, n, row.data());
-      ASSERT_EQ(0, std::memcmp(row.data(), w.row_major.values.data() + n * s.k, row.size() * 4)) << "row " << n;
+  }
+}
+
+// kNarrowPanelPairs is kPanelPairs with 16-column panels: W[n][k] of a full narrow panel at
+// element 16 p Kp + ((k / 2) 16 + n - 16 p) 2 + k % 2, so 16 k pairs of one panel (an AMX B tile)
+// are 1 KiB in a row; and 64 rows' bytes hold exactly their 4 panels, as in kPanelPairs (model
+// loading packs 64 rows at a time in place).
+TEST(PanelPairs, NarrowLayoutAddressesAndRowBlocks) {
+  EXPECT_EQ(panel_cols(WeightLayout::kPanelPairs), 64);
+  EXPECT_EQ(panel_cols(WeightLayout::kNarrowPanelPairs), 16);
+  EXPECT_EQ(gemm_weight_layout(GemmActivations::kAmx), WeightLayout::kNarrowPanelPairs);
+  EXPECT_EQ(gemm_weight_layout(GemmActivations::kF32), WeightLayout::kPanelPairs);
+  EXPECT_EQ(gemm_weight_layout(GemmActivations::kBf16), WeightLayout::kPanelPairs);
+  const std::int64_t N = 150, K = 40;
+  const PackedWeight w = make_packed(N, K, 12, WeightLayout::kNarrowPanelPairs);
+  const auto* p = reinterpret_cast<const std::uint16_t*>(w.packed.data());
+  const auto* src = reinterpret_cast<const std::uint16_t*>(w.row_major.bytes.data());
+  for (std::int64_t n = 0; n < 144; ++n) {  // the full narrow panels
+    for (std::int64_t k = 0; k < K; ++k) {
+      const std::int64_t p0 = n / 16 * 16;
+      ASSERT_EQ(p[p0 * K + ((k / 2) * 16 + n - p0) * 2 + k % 2], src[n * K + k]) << n << " " << k;
     }
+  }
+  std::vector<std::uint16_t> block(static_cast<std::size_t>(64 * K));
+  for (std::int64_t r0 = 0; r0 < N; r0 += 64) {
+    const std::int64_t rows = std::min<std::int64_t>(64, N - r0);
+    pack_panel_pairs(src + r0 * K, rows, K, block.data(), WeightLayout::kNarrowPanelPairs);
+    ASSERT_EQ(0, std::memcmp(block.data(), p + r0 * K, static_cast<std::size_t>(rows * K * 2))) << r0;
   }
 }
 
@@ -555,7 +592,7 @@ TEST(PanelPairsAmx, LinearMatchesDoubleReference) {
     for (bool with_bias : {false, true}) {
       SCOPED_TRACE(" M=" + std::to_string(s.m) + " N=" + std::to_string(s.n) + " K=" + std::to_string(s.k) +
                    (with_bias ? " bias" : ""));
-      const PackedWeight w = make_packed(s.n, s.k, ++seed);
+      const PackedWeight w = make_packed_amx(s.n, s.k, ++seed);
       const std::vector<float> x = random_floats(s.m * s.k, ++seed);
       const std::vector<float> bias = random_floats(s.n, ++seed);
       std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -7.0f);
@@ -602,7 +639,7 @@ TEST(PanelPairsAmx, ActivationRoundingIsActToBf16) {
     w.values[static_cast<std::size_t>(n * K + n)] = 1.0f;
   }
   w.view = WeightView{w.bytes.data(), DType::kBF16, K, K};
-  const PackedWeight pw = pack(std::move(w));
+  const PackedWeight pw = pack(std::move(w), gemm_weight_layout(GemmActivations::kAmx));
   std::vector<float> y(static_cast<std::size_t>(M * K));
   linear(Isa::kAvx512Bf16, x.data(), M, pw.view, nullptr, y.data(), nullptr, GemmActivations::kAmx);
   for (std::size_t i = 0; i < y.size(); ++i) {
@@ -621,7 +658,7 @@ TEST(PanelPairsAmx, BatchInvariantAcrossBatchSizeNeighboursAndThreads) {
   if (!amx_runs()) GTEST_SKIP() << "no AMX-BF16 here";
   for (const std::int64_t K : {300, 301, 1024}) {
     const std::int64_t N = 5 * kPanelCols + 7, kMaxM = 512;
-    const PackedWeight w = make_packed(N, K, 60 + static_cast<std::uint32_t>(K));
+    const PackedWeight w = make_packed_amx(N, K, 60 + static_cast<std::uint32_t>(K));
     const std::vector<float> x = random_floats(kMaxM * K, 61);
     const std::vector<float> other = random_floats(kMaxM * K, 62, -50.0f, 50.0f);
     const std::vector<float> bias = random_floats(N, 63);
@@ -658,6 +695,23 @@ TEST(PanelPairsAmx, BatchInvariantAcrossBatchSizeNeighboursAndThreads) {
         }
       }
     }
+  }
+}
+
+// Each GEMM reads one panel layout (gemm_weight_layout); a weight in the other one is a loud
+// error, not a silently wrong product.
+TEST(PanelPairsDeathTest, LayoutMustMatchTheActivations) {
+  const PackedWeight wide = make_packed(64, 32, 14, WeightLayout::kPanelPairs);
+  const PackedWeight narrow = make_packed(64, 32, 14, WeightLayout::kNarrowPanelPairs);
+  const std::vector<float> x = random_floats(32, 15);
+  std::vector<float> y(64);
+  EXPECT_DEATH(linear(Isa::kScalar, x.data(), 1, narrow.view, nullptr, y.data(), nullptr, GemmActivations::kF32),
+               "GEMM activations f32 read kPanelPairs");
+  EXPECT_DEATH(linear(Isa::kScalar, x.data(), 1, narrow.view, nullptr, y.data(), nullptr, GemmActivations::kBf16),
+               "GEMM activations bf16 read kPanelPairs");
+  if (amx_runs()) {
+    EXPECT_DEATH(linear(Isa::kAvx512Bf16, x.data(), 1, wide.view, nullptr, y.data(), nullptr, GemmActivations::kAmx),
+                 "GEMM activations amx read kNarrowPanelPairs");
   }
 }
 

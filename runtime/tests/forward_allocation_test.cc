@@ -154,7 +154,8 @@ TEST(ForwardAllocationTest, StepsAtTheWorkspaceLimitKeepTheGemmScratchInTheWorks
   const DeviceOwnerScope scope(dev);
   const model::LayerWeights lw0 = dev.layer_weights(0);
   for (const kernels::WeightView* v : {&lw0.qkv, &lw0.o, &lw0.gate_up, &lw0.down}) {
-    ASSERT_EQ(v->layout, kernels::WeightLayout::kPanelPairs) << "the test needs the GEMM path that uses scratch";
+    ASSERT_EQ(v->layout, kernels::gemm_weight_layout(kernels::active_gemm_activations()))
+        << "the test needs the GEMM path that uses scratch";
   }
   model::ForwardPass& fwd = dev.forward();
   const std::int64_t L = c.num_layers;
@@ -199,23 +200,25 @@ TEST(ForwardAllocationTest, ATiedEmbeddingIsOneCopyInTheHeadsGemmLayout) {
   ASSERT_TRUE(c.tie_word_embeddings);
   const std::int64_t V = c.vocab_size;
   const std::int64_t H = c.hidden_size;
-  EXPECT_EQ(model::embedding_layout(c, DType::kBF16), kernels::WeightLayout::kPanelPairs);
+  // The layout this process's GEMM reads (kPanelPairs; kNarrowPanelPairs under KUN_GEMM_ACTIVATIONS=amx).
+  const kernels::WeightLayout gemm_layout = kernels::gemm_weight_layout(kernels::active_gemm_activations());
+  EXPECT_EQ(model::embedding_layout(c, DType::kBF16), gemm_layout);
   EXPECT_EQ(model::embedding_segment_bytes(c, DType::kBF16), V * H * 2);  // one copy, row-major's size
   auto dev_or = create_full_device("tied", *w, /*kv_token_blocks=*/8, /*block_size=*/16, /*num_threads=*/2);
   ASSERT_TRUE(dev_or.ok()) << dev_or.status().to_string();
   VirtualDevice& dev = **dev_or;
   const DeviceOwnerScope scope(dev);
   const model::HeadWeights head = dev.head_weights();
-  EXPECT_EQ(head.embedding.layout, kernels::WeightLayout::kPanelPairs);
+  EXPECT_EQ(head.embedding.layout, gemm_layout);
   EXPECT_EQ(head.lm_head.data, head.embedding.data);
-  EXPECT_EQ(head.lm_head.layout, kernels::WeightLayout::kPanelPairs);
+  EXPECT_EQ(head.lm_head.layout, gemm_layout);
   // The segment is the source embedding packed.
   std::vector<std::uint16_t> source(static_cast<std::size_t>(V * H));
   ASSERT_TRUE(w->read_tensor("model.embed_tokens.weight", DType::kBF16, source.data(),
                              static_cast<std::int64_t>(source.size() * 2))
                   .ok());
   std::vector<std::uint16_t> packed(source.size());
-  kernels::pack_panel_pairs(source.data(), V, H, packed.data());
+  kernels::pack_panel_pairs(source.data(), V, H, packed.data(), gemm_layout);
   EXPECT_EQ(std::memcmp(head.embedding.data, packed.data(), packed.size() * 2), 0);
   // embed() reads rows of every panel, first and last columns included.
   std::vector<std::int32_t> tokens = {0, 1, 63, 64, 65, 127, 1000, static_cast<std::int32_t>(V - 2),
