@@ -156,7 +156,7 @@ inline void prefetch_block_ahead(const std::uint16_t* block) {
 }
 
 // The narrow panels of one kPanelCols unit of output columns (up to 4, consecutive in memory:
-// narrow panel g at first + g * 16 * Kp elements, the last one `last_width` columns wide).
+// narrow panel g at first + g * 16 * Kp elements; the last one narrower where the matrix ends).
 struct Unit {
   const std::uint16_t* first;
   I64 panel_elems;  // 16 * Kp: elements per full narrow panel

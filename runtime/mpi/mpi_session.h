@@ -45,9 +45,12 @@ struct NodeIdentity {
   std::string model;
   std::string preset;
   std::string dtype;
+  // The GEMM activations (kernels::GemmActivations): their bits differ, and the amx mode keeps
+  // its weights in another panel layout, so ranks that exchange layers or sequences must agree.
+  std::string gemm;
   std::string build_id;
   std::vector<std::pair<std::string, std::string>> fields() const {
-    return {{"model", model}, {"preset", preset}, {"dtype", dtype}, {"build", build_id}};
+    return {{"model", model}, {"preset", preset}, {"dtype", dtype}, {"gemm", gemm}, {"build", build_id}};
   }
 };
 

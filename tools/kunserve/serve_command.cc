@@ -13,6 +13,7 @@
 
 #include "common/log.h"
 #include "model/tokenizer.h"
+#include "kernels/kernels.h"
 #include "runtime/cluster_runtime.h"
 #include "server/http_server.h"
 #include "tools/kunserve/cluster_args.h"
@@ -210,6 +211,7 @@ Status run_serve_mpi(ServeArgs a, int* exit_code) {
                           : "(cannot open: " + weights.status().message() + ")";
   id.preset = a.model.load_format == "dummy" ? a.model.preset : "-";
   id.dtype = a.model.dtype + "/kv-" + a.model.kv_cache_dtype;
+  id.gemm = std::string(kernels::gemm_activations_name(kernels::active_gemm_activations()));
   id.build_id = rm::this_build_id();
   const Status agreed = rm::check_identity(id);
   if (!agreed.ok()) return refuse(agreed);
