@@ -41,18 +41,25 @@ std::int64_t heads_per_unit(std::int64_t num_heads, std::int64_t num_kv_heads) {
 struct CacheJob {
   RowsFn rows;
   const float* q;
+  std::int64_t q_stride;         // floats from one token's q row to the next
   std::int64_t num_tokens;
   std::int64_t num_heads;
   std::int64_t chunk;            // heads per unit
   std::int64_t tile_tokens;      // tokens per unit (chunk x tile_tokens <= kMaxRows)
   std::int64_t units_per_tile;   // kv heads x head chunks
-  const std::int64_t* positions;
+  const std::int64_t* positions;  // token t at positions[t], or (null) at start_pos + t
+  std::int64_t start_pos;
   const PagedKvCache* kv;
   float scale;
   float* out;
+  std::int64_t out_stride;
   float* scratch;
   int parts;
+  std::int64_t units;
+  std::int64_t macs;             // q.k and p.V multiply-adds of the whole job
 };
+
+std::int64_t position(const CacheJob& j, std::int64_t t) { return j.positions != nullptr ? j.positions[t] : j.start_pos + t; }
 
 // Unit u: token tile u / units_per_tile (tile_tokens consecutive tokens of the call), kv head and
 // head chunk from the rest; its rows are (token, head) for every token of the tile and head of
@@ -74,14 +81,77 @@ void cache_unit(const CacheJob& j, std::int64_t u, float* scratch) {
   int rows = 0;
   for (std::int64_t t = t0; t < t1; ++t) {
     for (std::int64_t h = h0; h < h0 + n; ++h, ++rows) {
-      const std::int64_t off = (t * j.num_heads + h) * hd;
-      q[rows] = j.q + off;
-      out[rows] = j.out + off;
-      n_ctx[rows] = j.positions[t] + 1;
+      q[rows] = j.q + t * j.q_stride + h * hd;
+      out[rows] = j.out + t * j.out_stride + h * hd;
+      n_ctx[rows] = position(j, t) + 1;
     }
   }
   j.rows(q, out, n_ctx, rows, *j.kv, kvh, j.scale, scratch, j.kv->context_len);
 }
+
+// Checks one sequence's arguments and sets up its job (units and their grouping depend only on
+// the head counts and the tokens, never on the pool or on other sequences).
+CacheJob make_job(const AttentionKernels& k, const float* q, std::int64_t q_stride, std::int64_t num_tokens,
+                  std::int64_t num_heads, const std::int64_t* positions, std::int64_t start_pos, const PagedKvCache& kv,
+                  float scale, float* out, std::int64_t out_stride, float* scratch, int parts) {
+  KUN_CHECK(kv.dtype == DType::kBF16 || kv.dtype == DType::kF32)
+      << "KV cache dtype " << dtype_name(kv.dtype) << " (bf16 or f32)";
+  KUN_CHECK(kv.num_kv_heads > 0 && num_heads % kv.num_kv_heads == 0)
+      << "num_heads " << num_heads << " num_kv_heads " << kv.num_kv_heads;
+  KUN_CHECK(kv.block_size > 0 && kv.head_dim > 0 && scratch != nullptr) << "bad kv cache or scratch";
+  KUN_CHECK((kv.key_blocks != nullptr && kv.value_blocks != nullptr) ||
+            (kv.key_blocks == nullptr && kv.value_blocks == nullptr && kv.blocks != nullptr))
+      << "kv blocks: key and value lists, or one list of blocks";
+  KUN_CHECK(q != nullptr && out != nullptr && q_stride >= num_heads * kv.head_dim && out_stride >= num_heads * kv.head_dim)
+      << "q / out rows of " << q_stride << " / " << out_stride << " floats for " << num_heads << " heads of " << kv.head_dim;
+  const std::int64_t chunk = heads_per_unit(num_heads, kv.num_kv_heads);
+  const std::int64_t group = num_heads / kv.num_kv_heads;
+  const std::int64_t units_per_tile = kv.num_kv_heads * ((group + chunk - 1) / chunk);
+  const std::int64_t tile_tokens = std::max<std::int64_t>(1, detail::kMaxRows / chunk);
+  CacheJob job{kv.dtype == DType::kBF16 ? k.rows_bf16 : k.rows_f32,
+               q, q_stride, num_tokens, num_heads, chunk, tile_tokens, units_per_tile, positions, start_pos, &kv,
+               scale, out, out_stride, scratch, parts, 0, 0};
+  std::int64_t attended = 0;
+  for (std::int64_t t = 0; t < num_tokens; ++t) {
+    const std::int64_t pos = position(job, t);
+    KUN_CHECK(pos >= 0 && pos < kv.context_len) << "token " << t << " position " << pos << " context_len " << kv.context_len;
+    attended += pos + 1;
+  }
+  job.units = (num_tokens + tile_tokens - 1) / tile_tokens * units_per_tile;
+  job.macs = 2 * attended * num_heads * kv.head_dim;
+  return job;
+}
+
+void run_serial(const CacheJob& j, float* scratch) {
+  for (std::int64_t u = 0; u < j.units; ++u) cache_unit(j, u, scratch);
+}
+
+// A job worth splitting (see kMinParallelMacs) over the pool, else on the caller.
+void run_job(const CacheJob& job, ThreadPool* pool) {
+  if (job.parts == 1 || job.units == 1 || job.macs < kMinParallelMacs) {
+    run_serial(job, job.scratch);
+    return;
+  }
+  const CacheJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
+  // One index per thread, so each thread knows its scratch slice. Thread t takes units t,
+  // t + parts, ...: a causal prefill's later tokens cost more, and a contiguous split would give
+  // the last thread most of the work. Which thread computes a unit never changes its value.
+  pool->parallel_for(job.parts, [jp](std::int64_t b, std::int64_t e) {
+    for (std::int64_t t = b; t < e; ++t) {
+      float* s = jp->scratch + t * detail::kMaxRows * jp->kv->context_len;
+      for (std::int64_t u = t; u < jp->units; u += jp->parts) cache_unit(*jp, u, s);
+    }
+  });
+}
+
+struct BatchJob {
+  const AttentionKernels* k;
+  std::span<const AttentionSequence> seqs;
+  std::int64_t num_heads;
+  float scale;
+  float* scratch;
+  std::int64_t scratch_stride;  // floats per thread
+};
 
 }  // namespace
 
@@ -89,43 +159,57 @@ void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int6
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
                      float* scratch, ThreadPool* pool) {
   if (num_tokens <= 0) return;
-  KUN_CHECK(kv.dtype == DType::kBF16 || kv.dtype == DType::kF32)
-      << "KV cache dtype " << dtype_name(kv.dtype) << " (bf16 or f32)";
-  KUN_CHECK(kv.num_kv_heads > 0 && num_heads % kv.num_kv_heads == 0)
-      << "num_heads " << num_heads << " num_kv_heads " << kv.num_kv_heads;
-  KUN_CHECK(kv.block_size > 0 && kv.head_dim > 0 && scratch != nullptr) << "bad kv cache or scratch";
-  KUN_CHECK(kv.key_blocks != nullptr && kv.value_blocks != nullptr) << "null kv block lists";
-  for (std::int64_t t = 0; t < num_tokens; ++t) {
-    KUN_CHECK(positions[t] >= 0 && positions[t] < kv.context_len)
-        << "token " << t << " position " << positions[t] << " context_len " << kv.context_len;
-  }
+  const std::int64_t row = num_heads * kv.head_dim;
+  const CacheJob job = make_job(attention_kernels_for(isa), q, row, num_tokens, num_heads, positions, 0, kv, scale, out,
+                                row, scratch, pool != nullptr ? pool->num_threads() : 1);
+  run_job(job, pool);
+}
+
+void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale,
+                           float* scratch, ThreadPool* pool) {
   const AttentionKernels& k = attention_kernels_for(isa);
   const int parts = pool != nullptr ? pool->num_threads() : 1;
-  const std::int64_t chunk = heads_per_unit(num_heads, kv.num_kv_heads);
-  const std::int64_t group = num_heads / kv.num_kv_heads;
-  const std::int64_t units_per_tile = kv.num_kv_heads * ((group + chunk - 1) / chunk);
-  const std::int64_t tile_tokens = std::max<std::int64_t>(1, detail::kMaxRows / chunk);
-  const CacheJob job{kv.dtype == DType::kBF16 ? k.rows_bf16 : k.rows_f32,
-                     q, num_tokens, num_heads, chunk, tile_tokens, units_per_tile, positions, &kv, scale, out,
-                     scratch, parts};
-  const std::int64_t units = (num_tokens + tile_tokens - 1) / tile_tokens * units_per_tile;
-  std::int64_t attended = 0;
-  for (std::int64_t t = 0; t < num_tokens; ++t) attended += positions[t] + 1;
-  const std::int64_t macs = 2 * attended * num_heads * kv.head_dim;
-  if (parts == 1 || units == 1 || macs < kMinParallelMacs) {
-    for (std::int64_t u = 0; u < units; ++u) cache_unit(job, u, scratch);
+  // The sequences worth splitting run over the pool one after the other; the others are dealt
+  // whole to the threads, each on its thread's scratch slice.
+  std::int64_t small = 0, small_macs = 0, max_context = 0;
+  for (const AttentionSequence& s : seqs) {
+    if (s.num_tokens <= 0) continue;
+    max_context = std::max(max_context, s.kv.context_len);
+    const CacheJob job = make_job(k, s.q, s.q_stride, s.num_tokens, num_heads, nullptr, s.start_pos, s.kv, scale, s.out,
+                                  s.out_stride, scratch, parts);
+    if (parts > 1 && job.units > 1 && job.macs >= kMinParallelMacs) {
+      run_job(job, pool);
+    } else {
+      ++small;
+      small_macs += job.macs;
+    }
+  }
+  if (small == 0) return;
+  const BatchJob batch{&k, seqs, num_heads, scale, scratch, detail::kMaxRows * max_context};
+  const BatchJob* bp = &batch;
+  auto body = [bp, parts](std::int64_t b, std::int64_t e) {
+    // Inside the pool: this thread's slice; on the caller alone (-1): the first.
+    const int t = std::max(0, ThreadPool::current_thread_index());
+    float* s = bp->scratch + t * bp->scratch_stride;
+    for (std::int64_t i = b; i < e; ++i) {
+      const AttentionSequence& q = bp->seqs[static_cast<std::size_t>(i)];
+      if (q.num_tokens <= 0) continue;
+      const CacheJob job = make_job(*bp->k, q.q, q.q_stride, q.num_tokens, bp->num_heads, nullptr, q.start_pos, q.kv,
+                                    bp->scale, q.out, q.out_stride, s, 1);
+      if (parts > 1 && job.units > 1 && job.macs >= kMinParallelMacs) continue;  // ran above
+      run_serial(job, s);
+    }
+  };
+  if (parts == 1 || small == 1 || small_macs < kMinParallelMacs) {
+    body(0, static_cast<std::int64_t>(seqs.size()));
     return;
   }
-  const CacheJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
-  // One index per thread, so each thread knows its scratch slice. Thread t takes units t,
-  // t + parts, ...: a causal prefill's later tokens cost more, and a contiguous split would give
-  // the last thread most of the work. Which thread computes a unit never changes its value.
-  pool->parallel_for(parts, [jp, units](std::int64_t b, std::int64_t e) {
-    for (std::int64_t t = b; t < e; ++t) {
-      float* s = jp->scratch + t * detail::kMaxRows * jp->kv->context_len;
-      for (std::int64_t u = t; u < units; u += jp->parts) cache_unit(*jp, u, s);
-    }
-  });
+  pool->parallel_for_balanced(static_cast<std::int64_t>(seqs.size()), 1, body);
+}
+
+void paged_attention_batch(std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale, float* scratch,
+                           ThreadPool* pool) {
+  paged_attention_batch(active_isa(), seqs, num_heads, scale, scratch, pool);
 }
 
 std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t context_len, std::int64_t num_heads,

@@ -13,6 +13,7 @@
 //    linear on kPanelPairs (bf16) weights may round them to bf16 (GemmActivations).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -236,6 +237,10 @@ struct PagedKvCache {
   std::int64_t context_len = 0;
   std::int64_t num_kv_heads = 0;
   std::int64_t head_dim = 0;
+  // Or, with both lists null, one list of blocks that hold both: block b's keys at blocks[b] and
+  // its values at blocks[b] + value_offset_bytes (the engine's KV blocks).
+  const std::byte* const* blocks = nullptr;
+  std::int64_t value_offset_bytes = 0;
 };
 // Same contract as the PagedKvView overload. Up to 4 query rows are computed together, each K/V
 // row loaded once for them: the query heads of a GQA group and, when the call holds several
@@ -250,6 +255,28 @@ std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t 
 void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
                      float* scratch, ThreadPool* pool);
+// Several sequences' attention in one call (a batched decode step: one call per layer instead of
+// one per sequence). Sequence i: num_tokens query rows at q + t * q_stride ([num_heads][head_dim]
+// each), token t at position start_pos + t over its own cache kv (context_len >=
+// start_pos + num_tokens), written to out + t * out_stride. Every (token, head) gets, bit for bit,
+// what paged_attention over that sequence alone gives (the same rows computed together, the same
+// kernels), whatever the other sequences and the pool: the small sequences are dealt to the
+// threads whole (balanced), a sequence worth splitting runs over the pool as paged_attention does.
+// scratch: paged_kv_cache_scratch_floats(pool, the longest context_len, num_heads, num_kv_heads).
+struct AttentionSequence {
+  const float* q = nullptr;
+  std::int64_t q_stride = 0;
+  std::int64_t num_tokens = 0;
+  std::int64_t start_pos = 0;
+  PagedKvCache kv;
+  float* out = nullptr;
+  std::int64_t out_stride = 0;
+};
+void paged_attention_batch(std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale,
+                           float* scratch, ThreadPool* pool);
+void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale,
+                           float* scratch, ThreadPool* pool);
+
 // The KV append: stores n f32 values into a cache row of `dtype` (kF32: copied; kBF16: rounded
 // to nearest even, NaN kept NaN; the same bits as common/dtype.h f32_to_bf16).
 void store_kv_row(const float* x, std::int64_t n, DType dtype, void* out);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "common/check.h"
@@ -196,13 +197,12 @@ namespace {
 
 // The workspace's buffers, in order, each 64-byte aligned (kTensorAlignBytes).
 struct WorkspaceLayout {
-  std::int64_t normed = 0, qkv = 0, attn_out = 0, gate_up = 0, act = 0, q_gather = 0, attn_scratch = 0;
-  std::int64_t positions = 0, key_ptrs = 0, value_ptrs = 0, gemm_scratch = 0;
-  std::int64_t normed_rows = 0, scratch_floats = 0, max_blocks = 0, gemm_scratch_floats = 0;
+  std::int64_t normed = 0, qkv = 0, attn_out = 0, gate_up = 0, act = 0, attn_scratch = 0;
+  std::int64_t positions = 0, attn_batch = 0, local_batch = 0, gemm_scratch = 0;
+  std::int64_t normed_rows = 0, scratch_floats = 0, gemm_scratch_floats = 0;
   std::int64_t total_bytes = 0;
 
-  static WorkspaceLayout compute(const ModelConfig& c, const ForwardLimits& lim, std::int64_t kv_block_size,
-                                 int num_threads) {
+  static WorkspaceLayout compute(const ModelConfig& c, const ForwardLimits& lim, int num_threads) {
     KUN_CHECK(lim.max_tokens > 0 && lim.max_logit_rows >= 0 && lim.max_context_tokens > 0)
         << "forward limits: " << lim.max_tokens << " tokens, " << lim.max_logit_rows << " logit rows, "
         << lim.max_context_tokens << " context tokens";
@@ -215,7 +215,6 @@ struct WorkspaceLayout {
     // constructor checks this against the real pool.
     w.scratch_floats = num_threads * kernels::paged_kv_cache_scratch_floats(nullptr, lim.max_context_tokens, c.num_heads,
                                                                             c.num_kv_heads);
-    w.max_blocks = ceil_div(lim.max_context_tokens, kv_block_size);
     std::int64_t cursor = 0;
     const std::int64_t layer_rows = lim.attention_only ? 0 : T;  // the layer buffers' rows
     if (lim.attention_only) w.normed_rows = 0;
@@ -224,11 +223,11 @@ struct WorkspaceLayout {
     w.attn_out = place(&cursor, layer_rows * c.q_dim() * f);
     w.gate_up = place(&cursor, layer_rows * 2 * c.intermediate_size * f);
     w.act = place(&cursor, layer_rows * c.intermediate_size * f);
-    w.q_gather = place(&cursor, T * c.q_dim() * f);
     w.attn_scratch = place(&cursor, w.scratch_floats * f);
     w.positions = place(&cursor, T * static_cast<std::int64_t>(sizeof(std::int64_t)));
-    w.key_ptrs = place(&cursor, w.max_blocks * static_cast<std::int64_t>(sizeof(const void*)));
-    w.value_ptrs = place(&cursor, w.max_blocks * static_cast<std::int64_t>(sizeof(const void*)));
+    // One entry per sequence of an attend_local_batch call (each has a token: at most T).
+    w.attn_batch = place(&cursor, T * static_cast<std::int64_t>(sizeof(kernels::AttentionSequence)));
+    w.local_batch = place(&cursor, T * static_cast<std::int64_t>(sizeof(LocalAttention)));
     // The GEMM's scratch (kernels::LinearScratch): every linear call has at most normed_rows rows
     // (layer steps: max_tokens; logits: passes of normed_rows) over one of these K.
     const std::int64_t max_k = std::max({c.hidden_size, c.q_dim(), c.intermediate_size});
@@ -246,9 +245,8 @@ std::span<T> view(std::span<std::byte> ws, std::int64_t offset, std::int64_t cou
 
 }  // namespace
 
-std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits, std::int64_t kv_block_size,
-                                     int num_threads) {
-  return WorkspaceLayout::compute(config, limits, kv_block_size, num_threads).total_bytes;
+std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits, int num_threads) {
+  return WorkspaceLayout::compute(config, limits, num_threads).total_bytes;
 }
 
 ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
@@ -271,7 +269,7 @@ ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, 
       << "KV cache dtype " << dtype_name(kv_dtype_) << " (bf16 or f32)";
   KUN_CHECK_EQ(static_cast<std::int64_t>(inv_freq_.size()), config_.head_dim / 2);
   const std::int64_t bytes =
-      forward_workspace_bytes(config_, limits_, kv_block_size_, pool_ != nullptr ? pool_->num_threads() : 1);
+      forward_workspace_bytes(config_, limits_, pool_ != nullptr ? pool_->num_threads() : 1);
   // Over-allocated by one alignment unit so the carved buffers start 64-byte aligned.
   owned_workspace_ = std::make_unique<std::byte[]>(static_cast<std::size_t>(bytes + kTensorAlignBytes));
   void* start = owned_workspace_.get();
@@ -282,7 +280,7 @@ ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, 
 
 void ForwardPass::carve(std::span<std::byte> workspace) {
   const int threads = pool_ != nullptr ? pool_->num_threads() : 1;
-  const WorkspaceLayout w = WorkspaceLayout::compute(config_, limits_, kv_block_size_, threads);
+  const WorkspaceLayout w = WorkspaceLayout::compute(config_, limits_, threads);
   KUN_CHECK_GE(static_cast<std::int64_t>(workspace.size()), w.total_bytes)
       << "forward workspace of " << workspace.size() << " bytes, the limits need " << w.total_bytes;
   KUN_CHECK_EQ(reinterpret_cast<std::uintptr_t>(workspace.data()) % kTensorAlignBytes, 0u) << "forward workspace alignment";
@@ -298,11 +296,14 @@ void ForwardPass::carve(std::span<std::byte> workspace) {
   attn_out_ = view<float>(workspace, w.attn_out, layer_rows * c.q_dim());
   gate_up_ = view<float>(workspace, w.gate_up, layer_rows * 2 * c.intermediate_size);
   act_ = view<float>(workspace, w.act, layer_rows * c.intermediate_size);
-  q_gather_ = view<float>(workspace, w.q_gather, T * c.q_dim());
   attn_scratch_ = view<float>(workspace, w.attn_scratch, w.scratch_floats);
   attn_positions_ = view<std::int64_t>(workspace, w.positions, T);
-  key_ptrs_ = view<const void*>(workspace, w.key_ptrs, w.max_blocks);
-  value_ptrs_ = view<const void*>(workspace, w.value_ptrs, w.max_blocks);
+  // Trivially destructible entries, constructed once here and overwritten per call.
+  attn_batch_ = reinterpret_cast<kernels::AttentionSequence*>(workspace.data() + w.attn_batch);
+  std::uninitialized_value_construct_n(attn_batch_, T);
+  auto* local = reinterpret_cast<LocalAttention*>(workspace.data() + w.local_batch);
+  std::uninitialized_value_construct_n(local, T);
+  local_batch_ = {local, static_cast<std::size_t>(T)};
   gemm_scratch_.floats = view<float>(workspace, w.gemm_scratch, w.gemm_scratch_floats);
 }
 
@@ -347,51 +348,63 @@ void ForwardPass::attention_input(const LayerWeights& w, std::span<const Sequenc
 }
 
 void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out) {
+  if (slice.num_tokens == 0) return;
+  const LocalAttention item{slice, qkv, kv, out};
+  attend_local_batch(std::span(&item, 1));
+}
+
+void ForwardPass::attend_local_batch(std::span<const LocalAttention> items) {
   const ModelConfig& c = config_;
   const std::int64_t bs = kv_block_size_;
   const std::int64_t kvh = c.num_kv_heads;
   const std::int64_t hd = c.head_dim;
-  const std::int64_t context = slice.start_pos + slice.num_tokens;
-  KUN_CHECK_GE(kv.num_blocks * bs, context) << "KV blocks cover " << kv.num_blocks * bs << " tokens, need " << context;
   const std::int64_t eb = dtype_bytes(kv_dtype_);
   const std::int64_t value_offset_bytes = kvh * bs * hd * eb;
-  // Append this slice's k and v (rounded to the cache's dtype).
-  for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
-    const std::int64_t pos = slice.start_pos + t;
-    std::byte* block = kv.blocks[pos / bs];
-    const std::int64_t off = pos % bs;
-    const float* k = qkv + t * qkv_row() + c.q_dim();
-    const float* v = k + c.kv_dim();
-    for (std::int64_t h = 0; h < kvh; ++h) {
-      kernels::store_kv_row(k + h * hd, hd, kv_dtype_, block + (h * bs + off) * hd * eb);
-      kernels::store_kv_row(v + h * hd, hd, kv_dtype_, block + value_offset_bytes + (h * bs + off) * hd * eb);
+  const auto n = static_cast<std::int64_t>(items.size());
+  KUN_CHECK_LE(n, limits_.max_tokens) << "attention of " << n << " sequences at once, the workspace holds "
+                                      << limits_.max_tokens << " (ForwardLimits::max_tokens)";
+  for (std::int64_t i = 0; i < n; ++i) {
+    const LocalAttention& it = items[static_cast<std::size_t>(i)];
+    const SequenceSlice& slice = it.slice;
+    KUN_CHECK_GT(slice.num_tokens, 0) << "attention of a sequence with no tokens";
+    check_tokens(slice.num_tokens, "attention");
+    const std::int64_t context = slice.start_pos + slice.num_tokens;
+    KUN_CHECK_LE(context, limits_.max_context_tokens)
+        << "attention over " << context << " tokens, the workspace holds " << limits_.max_context_tokens
+        << " (ForwardLimits::max_context_tokens)";
+    KUN_CHECK_GE(it.kv.num_blocks * bs, context) << "KV blocks cover " << it.kv.num_blocks * bs << " tokens, need " << context;
+    // Append this slice's k and v (rounded to the cache's dtype).
+    for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
+      const std::int64_t pos = slice.start_pos + t;
+      std::byte* block = it.kv.blocks[pos / bs];
+      const std::int64_t off = pos % bs;
+      const float* k = it.qkv + t * qkv_row() + c.q_dim();
+      const float* v = k + c.kv_dim();
+      for (std::int64_t h = 0; h < kvh; ++h) {
+        kernels::store_kv_row(k + h * hd, hd, kv_dtype_, block + (h * bs + off) * hd * eb);
+        kernels::store_kv_row(v + h * hd, hd, kv_dtype_, block + value_offset_bytes + (h * bs + off) * hd * eb);
+      }
     }
+    // q rows read in place out of the [q | k | v] rows; the blocks hold K, then V.
+    kernels::AttentionSequence& a = attn_batch_[i];
+    a.q = it.qkv;
+    a.q_stride = qkv_row();
+    a.num_tokens = slice.num_tokens;
+    a.start_pos = slice.start_pos;
+    a.kv = kernels::PagedKvCache{};
+    a.kv.blocks = it.kv.blocks;
+    a.kv.value_offset_bytes = value_offset_bytes;
+    a.kv.dtype = kv_dtype_;
+    a.kv.block_size = bs;
+    a.kv.context_len = context;
+    a.kv.num_kv_heads = kvh;
+    a.kv.head_dim = hd;
+    a.out = it.out;
+    a.out_stride = c.q_dim();
   }
-  // Gather q rows contiguously and attend.
-  check_tokens(slice.num_tokens, "attention");
-  KUN_CHECK_LE(context, limits_.max_context_tokens)
-      << "attention over " << context << " tokens, the workspace holds " << limits_.max_context_tokens
-      << " (ForwardLimits::max_context_tokens)";
-  for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
-    std::memcpy(q_gather_.data() + t * c.q_dim(), qkv + t * qkv_row(), static_cast<std::size_t>(c.q_dim()) * sizeof(float));
-    attn_positions_[static_cast<std::size_t>(t)] = slice.start_pos + t;
-  }
-  const std::int64_t blocks_used = ceil_div(context, bs);
-  for (std::int64_t b = 0; b < blocks_used; ++b) {
-    key_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b];
-    value_ptrs_[static_cast<std::size_t>(b)] = kv.blocks[b] + value_offset_bytes;
-  }
-  kernels::PagedKvCache view;
-  view.key_blocks = key_ptrs_.data();
-  view.value_blocks = value_ptrs_.data();
-  view.dtype = kv_dtype_;
-  view.block_size = bs;
-  view.context_len = context;
-  view.num_kv_heads = kvh;
-  view.head_dim = hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  kernels::paged_attention(q_gather_.data(), slice.num_tokens, c.num_heads, attn_positions_.data(), view, scale,
-                           out, attn_scratch_.data(), pool_);
+  kernels::paged_attention_batch(std::span<const kernels::AttentionSequence>(attn_batch_, static_cast<std::size_t>(n)),
+                                 c.num_heads, scale, attn_scratch_.data(), pool_);
 }
 
 void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* attn_out, std::int64_t num_tokens,
@@ -410,7 +423,7 @@ void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* a
 
 void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, std::span<const SequenceSlice> slices,
                              float* hidden, const std::function<LayerWeights(std::int64_t)>& weights,
-                             const AttentionFn& attention) {
+                             const AttentionFn& attention, const LocalKvFn& local_kv) {
   KUN_CHECK(0 <= layer_begin && layer_begin <= layer_end && layer_end <= config_.num_layers)
       << "layer range [" << layer_begin << ", " << layer_end << ")";
   std::int64_t num_tokens = 0;
@@ -427,11 +440,26 @@ void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, s
   for (std::int64_t l = layer_begin; l < layer_end; ++l) {
     const LayerWeights w = weights(l);
     attention_input(w, slices, hidden, num_tokens, qkv_.data());
+    // The sequences whose KV is here are attended together after the others, each of which goes
+    // through `attention` (remote attention; the device may serve others' attention meanwhile,
+    // which uses this pass's attention buffers, so the batch is built after). Slices without
+    // tokens have nothing to attend.
+    std::size_t local = 0;
     std::int64_t row = 0;
     for (std::size_t s = 0; s < slices.size(); ++s) {
-      attention(l, static_cast<std::int64_t>(s), slices[s], qkv_.data() + row * qkv_row(), attn_out_.data() + row * q_dim);
-      row += slices[s].num_tokens;
+      const SequenceSlice& slice = slices[s];
+      const float* qkv = qkv_.data() + row * qkv_row();
+      float* out = attn_out_.data() + row * q_dim;
+      row += slice.num_tokens;
+      if (slice.num_tokens == 0) continue;
+      LayerKv kv;
+      if (local_kv && local_kv(l, static_cast<std::int64_t>(s), &kv)) {
+        local_batch_[local++] = LocalAttention{slice, qkv, kv, out};
+      } else {
+        attention(l, static_cast<std::int64_t>(s), slice, qkv, out);
+      }
     }
+    if (local > 0) attend_local_batch(local_batch_.first(local));
     attention_output_and_mlp(w, attn_out_.data(), num_tokens, hidden);
   }
 }

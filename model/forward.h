@@ -104,6 +104,18 @@ struct LayerKv {
 // version that ships q/k/v to the device holding the KV (remote attention).
 using AttentionFn = std::function<void(std::int64_t layer, std::int64_t seq, const SequenceSlice& slice,
                                        const float* qkv, float* out)>;
+// Where sequence `seq`'s KV of layer `layer` is: true, with *kv set, when it is in this device's
+// blocks (run_layers then attends all such sequences of a layer in one attend_local_batch call),
+// false when another device holds it (AttentionFn is called for it).
+using LocalKvFn = std::function<bool(std::int64_t layer, std::int64_t seq, LayerKv* kv)>;
+
+// One sequence's attention over KV in this device's blocks (attend_local_batch).
+struct LocalAttention {
+  SequenceSlice slice;
+  const float* qkv = nullptr;  // slice.num_tokens rows of [q | k | v] (qkv_row floats each), RoPE applied
+  LayerKv kv;
+  float* out = nullptr;        // [slice.num_tokens][q_dim]
+};
 
 // The largest calls a ForwardPass's workspace is sized for.
 struct ForwardLimits {
@@ -116,14 +128,14 @@ struct ForwardLimits {
 
 // Bytes of the workspace a ForwardPass needs for `limits` with a pool of `num_threads` threads
 // (every buffer 64-byte aligned inside it).
-std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits, std::int64_t kv_block_size,
+std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits,
                                      int num_threads);
 
 class ForwardPass {
  public:
   // kv_dtype: element type of the KV cache attend_local appends to and reads (kBF16: K/V rounded
   // to nearest even when appended; kF32: kept exact, for numerics tests). `workspace` (at least
-  // forward_workspace_bytes(config, limits, kv_block_size, pool threads), 64-byte aligned) is the
+  // forward_workspace_bytes(config, limits, pool threads), 64-byte aligned) is the
   // caller's and must outlive the pass; every buffer of the forward path is carved from it here.
   ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype, kernels::ThreadPool* pool,
               const ForwardLimits& limits, std::span<std::byte> workspace);
@@ -146,15 +158,21 @@ class ForwardPass {
   void embed(const HeadWeights& head, const std::int32_t* tokens, std::int64_t n, float* hidden) const;
 
   // Runs layers [layer_begin, layer_end) over the step's tokens (sequences back to back in
-  // `hidden`, [sum num_tokens][H], updated in place). `weights(l)` gives layer l's weights;
-  // `attention` computes attention (see AttentionFn).
+  // `hidden`, [sum num_tokens][H], updated in place). `weights(l)` gives layer l's weights.
+  // Attention of each sequence with tokens: with `local_kv`, the sequences whose KV it finds here
+  // are attended together per layer (attend_local_batch), the others through `attention`; without
+  // it, all through `attention` (see AttentionFn). Either way the same values.
   void run_layers(std::int64_t layer_begin, std::int64_t layer_end,
                   std::span<const SequenceSlice> slices, float* hidden,
                   const std::function<LayerWeights(std::int64_t)>& weights,
-                  const AttentionFn& attention);
+                  const AttentionFn& attention, const LocalKvFn& local_kv = nullptr);
 
   // Local attention over a LayerKv: appends k/v of the slice's tokens and attends.
   void attend_local(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out);
+  // attend_local for several sequences at once (at most limits().max_tokens, each with tokens):
+  // one kernel call splits their attention over the pool (kernels::paged_attention_batch), each
+  // sequence with the bits attend_local gives it alone.
+  void attend_local_batch(std::span<const LocalAttention> items);
 
   // logits[r] = lm_head(final_norm(hidden[rows[r]])), [rows.size()][V], in passes of at most
   // max(max_tokens, max_logit_rows) rows (the kernels are batch-invariant: same values).
@@ -180,9 +198,10 @@ class ForwardPass {
   std::vector<float> inv_freq_;
   std::unique_ptr<std::byte[]> owned_workspace_;  // the heap constructor's only
   // Views into the workspace, fixed at construction.
-  std::span<float> normed_, qkv_, attn_out_, gate_up_, act_, attn_scratch_, q_gather_;
+  std::span<float> normed_, qkv_, attn_out_, gate_up_, act_, attn_scratch_;
   std::span<std::int64_t> attn_positions_;
-  std::span<const void*> key_ptrs_, value_ptrs_;
+  kernels::AttentionSequence* attn_batch_ = nullptr;  // max_tokens entries, rebuilt per call
+  std::span<LocalAttention> local_batch_;             // run_layers' local sequences of a layer
   kernels::LinearScratch gemm_scratch_;  // handed to every linear call
 };
 

@@ -476,11 +476,7 @@ Status DeviceAgent::compute_stage(const StageRequest& req, const StageKvTables& 
       [&](std::int64_t l, std::int64_t i, const model::SequenceSlice& slice, const float* qkv, float* out) {
         const std::size_t cell = static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) + static_cast<std::size_t>(l - req.layer_begin);
         const int holder = stage_cells_[cell]->device;
-        if (holder == device_id()) {
-          const auto& ptrs = stage_block_ptrs_[cell];
-          fwd.attend_local(slice, qkv, model::LayerKv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())}, out);
-          return;
-        }
+        KUN_CHECK_NE(holder, device_id()) << "local attention goes through the batch (local_kv)";
         const std::size_t out_floats = static_cast<std::size_t>(slice.num_tokens * c.q_dim());
         if (!remote_status.ok()) {
           std::fill(out, out + out_floats, 0.0f);
@@ -502,6 +498,14 @@ Status DeviceAgent::compute_stage(const StageRequest& req, const StageKvTables& 
           return;
         }
         std::memcpy(out, r->data(), out_floats * sizeof(float));
+      },
+      // The cells held here: their sequences are attended together, one kernel call per layer.
+      [&](std::int64_t l, std::int64_t i, model::LayerKv* kv) {
+        const std::size_t cell = static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) + static_cast<std::size_t>(l - req.layer_begin);
+        if (stage_cells_[cell]->device != device_id()) return false;
+        const auto& ptrs = stage_block_ptrs_[cell];
+        *kv = model::LayerKv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())};
+        return true;
       });
   KUN_RETURN_IF_ERROR(remote_status);
   if (!req.last) return ok_status();

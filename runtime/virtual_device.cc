@@ -44,8 +44,8 @@ struct DeviceWorkspaceLayout {
     const std::int64_t f = static_cast<std::int64_t>(sizeof(float));
     const std::int64_t T = d.max_batched_tokens;
     DeviceWorkspaceLayout w;
-    w.stage_forward_bytes = model::forward_workspace_bytes(c, stage_limits(d), d.kv_block_size, d.num_threads);
-    w.serve_forward_bytes = model::forward_workspace_bytes(c, serve_limits(d), d.kv_block_size, d.num_threads);
+    w.stage_forward_bytes = model::forward_workspace_bytes(c, stage_limits(d), d.num_threads);
+    w.serve_forward_bytes = model::forward_workspace_bytes(c, serve_limits(d), d.num_threads);
     std::int64_t cursor = 0;
     const auto place = [&](std::int64_t bytes) {
       const std::int64_t at = round_up(cursor, kWorkspaceAlignBytes);

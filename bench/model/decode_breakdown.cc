@@ -1,4 +1,5 @@
 // decode_breakdown [--preset P] [--threads T] [--steps R] [--context C] [--batch B] [--memfd]
+//                  [--per-sequence-attention]
 //
 // Splits one decode step of B sequences (default 1; every sequence at position C over the same
 // cached K/V) of the forward pass (no engine) into where its time goes, to
@@ -7,7 +8,8 @@
 //    the steps, so a machine whose bandwidth drifts (a shared host) is compared with itself;
 //  * one untimed step (the probe leaves caches and TLBs cold), then 3 full steps (median):
 //    run_layers over every layer + logits for one token at position C (local paged attention
-//    over C cached tokens);
+//    over C cached tokens, every sequence of a layer in one batch as the device agent runs it;
+//    --per-sequence-attention: one attend_local call per sequence, as before the batch);
 //  * linear only: the same sequence of linear() calls (qkv, o, gate_up, down per layer, lm head)
 //    back to back on the same pool, nothing else;
 //  * each linear kind summed over the layers, each call timed on its own.
@@ -52,6 +54,7 @@ int main(int argc, char** argv) {
   int threads = 2, steps = 30;
   std::int64_t context = 48;
   bool memfd = false;
+  bool per_sequence_attention = false;
   std::int64_t batch = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -61,8 +64,12 @@ int main(int argc, char** argv) {
     else if (a == "--context" && i + 1 < argc) context = std::atoll(argv[++i]);
     else if (a == "--batch" && i + 1 < argc) batch = std::max<std::int64_t>(1, std::atoll(argv[++i]));
     else if (a == "--memfd") memfd = true;
+    else if (a == "--per-sequence-attention") per_sequence_attention = true;
     else {
-      std::fprintf(stderr, "usage: %s [--preset P] [--threads T] [--steps S] [--context C] [--batch B] [--memfd]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--preset P] [--threads T] [--steps S] [--context C] [--batch B] [--memfd] "
+                   "[--per-sequence-attention]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -87,6 +94,11 @@ int main(int argc, char** argv) {
   auto attention = [&](std::int64_t l, std::int64_t, const model::SequenceSlice& s, const float* qkv, float* out) {
     fwd.attend_local(s, qkv, kv.layer(l), out);
   };
+  // As the device agent does: every sequence's KV is here, so a layer's attention is one batch.
+  auto local_kv = [&](std::int64_t l, std::int64_t, model::LayerKv* out) {
+    *out = kv.layer(l);
+    return true;
+  };
   const std::int64_t H = c.hidden_size;
   std::vector<float> hidden(static_cast<std::size_t>(std::max(ctx, batch) * H));
   std::vector<float> logits(static_cast<std::size_t>(batch * c.vocab_size));
@@ -100,11 +112,12 @@ int main(int argc, char** argv) {
 
   const std::int64_t db = dtype_bytes(dt);
   const std::int64_t step_bytes = (c.num_layers * c.layer_param_count() + c.embedding_param_count()) * db;
-  std::printf("%s (%s), %d threads, isa %s, gemm activations %s, batch %lld, context %lld; step reads %.1f MB\n",
+  std::printf("%s (%s), %d threads, isa %s, gemm activations %s, batch %lld, context %lld, attention %s; step reads %.1f MB\n",
               preset.c_str(), std::string(dtype_name(dt)).c_str(), threads,
               std::string(kernels::isa_name(kernels::active_isa())).c_str(),
               std::string(kernels::gemm_activations_name(kernels::active_gemm_activations())).c_str(),
-              static_cast<long long>(batch), static_cast<long long>(context), static_cast<double>(step_bytes) / 1e6);
+              static_cast<long long>(batch), static_cast<long long>(context), per_sequence_attention ? "per sequence" : "batched",
+              static_cast<double>(step_bytes) / 1e6);
 
   std::vector<float> x(static_cast<std::size_t>(batch * std::max(c.intermediate_size, c.q_dim()) * 2), 0.01f);
   std::vector<float> y(static_cast<std::size_t>(batch * std::max<std::int64_t>(c.vocab_size, 2 * c.intermediate_size)));
@@ -131,7 +144,8 @@ int main(int argc, char** argv) {
   auto step = [&](std::int32_t tok) {
     std::vector<std::int32_t> toks(static_cast<std::size_t>(batch), tok);
     fwd.embed(hw, toks.data(), batch, hidden.data());
-    fwd.run_layers(0, c.num_layers, std::span(slices), hidden.data(), weights, attention);
+    fwd.run_layers(0, c.num_layers, std::span(slices), hidden.data(), weights, attention,
+                   per_sequence_attention ? model::LocalKvFn() : model::LocalKvFn(local_kv));
     fwd.logits(hw, hidden.data(), std::span(rows), logits.data());
   };
   for (int i = 0; i < steps + 1; ++i) {

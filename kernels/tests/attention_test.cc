@@ -238,6 +238,122 @@ TEST(PagedKvCacheAttention, PrefillTilesGiveEachTokensOwnBits) {
   }
 }
 
+// The sequence in the engine's block format: block b holds its keys and then, value_offset_bytes
+// in, its values; blocks placed in a pool in shuffled order, unused slots poisoned.
+struct CombinedCache {
+  std::vector<std::byte> pool;
+  std::vector<const std::byte*> blocks;
+  PagedKvCache cache;
+};
+
+CombinedCache page_combined(const Sequence& s, std::int64_t bs, DType dtype, std::uint32_t shuffle_seed) {
+  CombinedCache p;
+  const std::int64_t eb = dtype_bytes(dtype);
+  const std::int64_t nblocks = (s.ctx + bs - 1) / bs;
+  const std::int64_t half = s.kv_heads * bs * s.hd * eb;
+  std::vector<std::int64_t> slot(static_cast<std::size_t>(nblocks + 3));
+  std::iota(slot.begin(), slot.end(), 0);
+  std::shuffle(slot.begin(), slot.end(), std::mt19937(shuffle_seed));
+  p.pool.assign(static_cast<std::size_t>((nblocks + 3) * 2 * half), std::byte{0xff});
+  for (std::int64_t b = 0; b < nblocks; ++b) {
+    std::byte* dst = p.pool.data() + slot[static_cast<std::size_t>(b)] * 2 * half;
+    p.blocks.push_back(dst);
+    for (std::int64_t h = 0; h < s.kv_heads; ++h) {
+      for (std::int64_t t = 0; t < bs && b * bs + t < s.ctx; ++t) {
+        const std::int64_t src = (h * s.ctx + b * bs + t) * s.hd;
+        store_kv_row(s.k.data() + src, s.hd, dtype, dst + (h * bs + t) * s.hd * eb);
+        store_kv_row(s.v.data() + src, s.hd, dtype, dst + half + (h * bs + t) * s.hd * eb);
+      }
+    }
+  }
+  p.cache.dtype = dtype;
+  p.cache.block_size = bs;
+  p.cache.context_len = s.ctx;
+  p.cache.num_kv_heads = s.kv_heads;
+  p.cache.head_dim = s.hd;
+  p.cache.blocks = p.blocks.data();
+  p.cache.value_offset_bytes = half;
+  return p;
+}
+
+// A batched step: decode sequences of many lengths, a prefill chunk long enough to be split over
+// the pool and a sequence with no tokens, each over its own cache in the engine's block format, q
+// and out rows with strides wider than the heads. Every sequence gets, bit for bit, what
+// paged_attention over it alone gives, for every ISA, both KV dtypes and 1-3 threads.
+TEST(PagedKvCacheAttention, BatchGivesEachSequenceItsOwnBits) {
+  ThreadPool p2(2), p3(3);
+  const std::int64_t heads = 8, kv_heads = 2, hd = 64, q_stride = heads * hd + 96, out_stride = heads * hd + 16;
+  struct Seq {
+    std::int64_t ctx, tokens;
+  };
+  // Decodes (1 token) of 1 .. 700 positions, a 300-token prefill chunk at 100 (2 x 300 x 250 x 8
+  // x 64 multiply-adds: split over the pool), an empty slice.
+  const Seq seqs[] = {{1, 1}, {17, 1}, {48, 1}, {700, 1}, {400, 300}, {33, 1}, {5, 0}, {129, 1}, {64, 3}};
+  std::uint32_t seed = 1300;
+  for (DType dtype : {DType::kBF16, DType::kF32}) {
+    std::vector<Sequence> data;
+    std::vector<CombinedCache> caches;
+    std::vector<std::vector<float>> q;
+    std::int64_t max_ctx = 0;
+    for (const Seq& sq : seqs) {
+      data.push_back(Sequence{sq.ctx, kv_heads, hd, random_floats(kv_heads * sq.ctx * hd, ++seed, -2, 2),
+                              random_floats(kv_heads * sq.ctx * hd, ++seed, -1, 1)});
+      caches.push_back(page_combined(data.back(), 16, dtype, ++seed));
+      q.push_back(random_floats(std::max<std::int64_t>(sq.tokens, 1) * q_stride, ++seed, -2, 2));
+      max_ctx = std::max(max_ctx, sq.ctx);
+    }
+    const float scale = 0.125f;
+    std::vector<float> scratch(static_cast<std::size_t>(paged_kv_cache_scratch_floats(&p3, max_ctx, heads, kv_heads)));
+    for (Isa isa : supported_isas()) {
+      // Each sequence alone: contiguous q, the positions listed, the separate key / value lists.
+      std::vector<std::vector<float>> alone;
+      for (std::size_t i = 0; i < std::size(seqs); ++i) {
+        const Seq& sq = seqs[i];
+        std::vector<float> qc(static_cast<std::size_t>(sq.tokens * heads * hd));
+        std::vector<std::int64_t> pos(static_cast<std::size_t>(sq.tokens));
+        for (std::int64_t t = 0; t < sq.tokens; ++t) {
+          std::copy_n(q[i].data() + t * q_stride, heads * hd, qc.data() + t * heads * hd);
+          pos[static_cast<std::size_t>(t)] = sq.ctx - sq.tokens + t;
+        }
+        const PagedCache separate = page(data[i], 16, dtype, 0);
+        alone.emplace_back(qc.size());
+        paged_attention(isa, qc.data(), sq.tokens, heads, pos.data(), separate.cache, scale, alone.back().data(),
+                        scratch.data(), nullptr);
+      }
+      for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+        SCOPED_TRACE(std::string(isa_name(isa)) + " " + std::string(dtype_name(dtype)) + " threads " +
+                     std::to_string(pool != nullptr ? pool->num_threads() : 1));
+        std::vector<std::vector<float>> out;
+        std::vector<AttentionSequence> batch;
+        for (std::size_t i = 0; i < std::size(seqs); ++i) {
+          out.emplace_back(static_cast<std::size_t>(std::max<std::int64_t>(seqs[i].tokens, 1) * out_stride), -3.0f);
+        }
+        for (std::size_t i = 0; i < std::size(seqs); ++i) {
+          AttentionSequence a;
+          a.q = q[i].data();
+          a.q_stride = q_stride;
+          a.num_tokens = seqs[i].tokens;
+          a.start_pos = seqs[i].ctx - seqs[i].tokens;
+          a.kv = caches[i].cache;
+          a.out = out[i].data();
+          a.out_stride = out_stride;
+          batch.push_back(a);
+        }
+        paged_attention_batch(isa, batch, heads, scale, scratch.data(), pool);
+        for (std::size_t i = 0; i < std::size(seqs); ++i) {
+          for (std::int64_t t = 0; t < seqs[i].tokens; ++t) {
+            ASSERT_EQ(0, std::memcmp(out[i].data() + t * out_stride, alone[i].data() + t * heads * hd,
+                                     static_cast<std::size_t>(heads * hd) * sizeof(float)))
+                << "sequence " << i << " token " << t;
+            // The gap between strided rows is untouched.
+            ASSERT_EQ(out[i][static_cast<std::size_t>(t * out_stride + heads * hd)], -3.0f);
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(StoreKvRow, Bf16RoundsToNearestEvenLikeCommonDtype) {
   std::vector<float> x = random_floats(1000, 7, -1e3f, 1e3f);
   const float specials[] = {0.0f, -0.0f, 1.0f + 1.0f / 256, 1.0f + 3.0f / 256, -(1.0f + 1.0f / 256),
