@@ -88,7 +88,11 @@ bool detect_amx() {
 
 GemmActivations choose_gemm_activations() {
   const char* env = std::getenv("KUN_GEMM_ACTIVATIONS");
-  if (env == nullptr || *env == '\0') return GemmActivations::kF32;
+  // Default: the AMX GEMM where this process can run it (about 3x the prefill and 2x the batched
+  // decode of f32 activations), else exact f32 activations.
+  if (env == nullptr || *env == '\0') {
+    return gemm_activations_supported(GemmActivations::kAmx) ? GemmActivations::kAmx : GemmActivations::kF32;
+  }
   const std::string_view v(env);
   if (v == "bf16") return GemmActivations::kBf16;
   if (v == "amx") {

@@ -32,8 +32,9 @@ Isa active_isa();
 // True when this CPU can run `isa` (isa <= detected_isa()).
 bool isa_supported(Isa isa);
 
-// The activations of linear on kPanelPairs (bf16) weights, one choice per process
-// (KUN_GEMM_ACTIVATIONS=f32|bf16|amx, default f32):
+// The activations of linear on panel-layout (bf16) weights, one choice per process
+// (KUN_GEMM_ACTIVATIONS=f32|bf16|amx; default amx where gemm_activations_supported says this
+// process can run it, else f32):
 //  * kF32: exact f32 activations, one f32 FMA chain per output; the reference tests' precision.
 //  * kBf16: activations rounded to bf16 and vdpbf16ps's arithmetic (the AVX-512-BF16 ISA runs
 //    vdpbf16ps, the others reproduce it bit for bit); what bf16 engines do, about 4e-3 relative

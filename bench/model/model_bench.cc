@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   app.add_option("--bw-mib", bw_mib, "buffer of the read-bandwidth probe (MiB, >> last-level cache)");
   std::string gemm_activations;
   app.add_option("--gemm-activations", gemm_activations,
-                 "f32 | bf16 | amx: activations of the bf16 GEMM (default: KUN_GEMM_ACTIVATIONS, else f32)")
+                 "f32 | bf16 | amx: activations of the bf16 GEMM (default: KUN_GEMM_ACTIVATIONS, else amx where the CPU has AMX-BF16, else f32)")
       ->check(CLI::IsMember({"f32", "bf16", "amx"}));
   CLI11_PARSE(app, argc, argv);
   // Read once per process by the kernels (before any kernel runs), so set it here.

@@ -760,11 +760,12 @@ TEST(LinearAdd, EqualsLinearThenAddBitForBitInBothLayouts) {
         const std::vector<float> x = random_floats(M * K, 62);
         const std::vector<float> residual = random_floats(M * N, 63, -4.0f, 4.0f);
         std::vector<float> expected(static_cast<std::size_t>(M * N));
-        linear(isa, x.data(), M, *view, nullptr, expected.data(), &pool);
+        // f32 activations (kPanelPairs); the AMX GEMM's linear_add: PanelPairsAmx.
+        linear(isa, x.data(), M, *view, nullptr, expected.data(), &pool, GemmActivations::kF32);
         std::vector<float> sum = residual;
         add_inplace(isa, sum.data(), expected.data(), M * N);
         std::vector<float> fused = residual;
-        linear_add(isa, x.data(), M, *view, fused.data(), &pool);
+        linear_add(isa, x.data(), M, *view, fused.data(), &pool, GemmActivations::kF32);
         ASSERT_EQ(0, std::memcmp(fused.data(), sum.data(), sum.size() * sizeof(float)));
       }
     }
@@ -852,7 +853,7 @@ TEST(LinearScratch, ProvidedScratchIsBitIdenticalToTheThreadLocalFallback) {
 
 TEST(LinearScratchDeathTest, ShortScratchIsABrokenInvariant) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  const PackedWeight w = make_packed(64, 32, 81);
+  const PackedWeight w = make_packed(64, 32, 81, gemm_weight_layout(active_gemm_activations()));
   const std::vector<float> x = random_floats(4 * 32, 82);
   std::vector<float> y(4 * 64);
   std::vector<float> buf(static_cast<std::size_t>(linear_scratch_floats(4, 32, 1) - 1));

@@ -16,6 +16,7 @@
 #include "common/test_support.h"
 #include <nlohmann/json.hpp>
 
+#include "kernels/kernels.h"
 #include "model/tests/test_util.h"
 #include "runtime/tests/test_models.h"
 
@@ -120,7 +121,13 @@ TEST_P(NumericsTest, MatchesPyTorchReference) {
   const double rel = max_diff / max_ref;
   std::printf("%s %s kv %s: max |logit diff| %.3g, relative %.3g\n", tc.preset.c_str(),
               std::string(dtype_name(tc.dtype)).c_str(), std::string(dtype_name(tc.kv_dtype)).c_str(), max_diff, rel);
-  EXPECT_LT(rel, 1e-3);
+  // f32 activations (exact FMAs): the reference's precision. bf16 activations (the bf16 and amx
+  // GEMMs, what bf16 engines compute): about 4e-3 to 9e-3 on the bf16 models here, so 2e-2; the
+  // greedy tokens below must still match.
+  const bool f32_activations = kernels::active_gemm_activations() == kernels::GemmActivations::kF32 ||
+                               tc.dtype != DType::kBF16;
+  EXPECT_LT(rel, f32_activations ? 1e-3 : 2e-2)
+      << "GEMM activations " << kernels::gemm_activations_name(kernels::active_gemm_activations());
 
   // 64 greedy tokens through the engine (paged KV, decode steps).
   ManualClock clock;

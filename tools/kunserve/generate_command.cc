@@ -132,6 +132,7 @@ Status run_generate(const GenerateArgs& a) {
     nlohmann::json j;
     j["model"] = opt.model_name;
     j["isa"] = std::string(kernels::isa_name(kernels::active_isa()));
+    j["gemm_activations"] = std::string(kernels::gemm_activations_name(kernels::active_gemm_activations()));
     j["threads"] = a.threads;
     j["prompt_tokens"] = prompt.size();
     j["prompt_token_ids"] = prompt;
@@ -146,8 +147,8 @@ Status run_generate(const GenerateArgs& a) {
     std::cout << j.dump() << std::endl;
   } else {
     std::cout << "model: " << opt.model_name << " (" << config.num_layers << " layers, hidden " << config.hidden_size
-              << ", " << dtype_name(dtype) << ", isa " << kernels::isa_name(kernels::active_isa()) << ", "
-              << a.threads << " threads)\n";
+              << ", " << dtype_name(dtype) << ", isa " << kernels::isa_name(kernels::active_isa()) << ", gemm activations "
+              << kernels::gemm_activations_name(kernels::active_gemm_activations()) << ", " << a.threads << " threads)\n";
     std::cout << "prompt: " << prompt.size() << " tokens\ntokens:";
     for (std::int32_t tok : tokens) std::cout << ' ' << tok;
     std::cout << "\ntext: " << tokenizer->decode(tokens, true);

@@ -113,7 +113,9 @@ Status run_serve(const ServeArgs& a, const ServeHooks& hooks) {
                             std::to_string(rt->model_info().max_context_tokens));
     }
   }
-  KUN_LOG(kInfo) << "max_model_len " << rt->model_info().max_context_tokens << " tokens";
+  KUN_LOG(kInfo) << "max_model_len " << rt->model_info().max_context_tokens << " tokens; kernels: isa "
+                 << kernels::isa_name(kernels::active_isa()) << ", gemm activations "
+                 << kernels::gemm_activations_name(kernels::active_gemm_activations());
   rt->start();
   server::ServerConfig sc;
   sc.host = a.host;
