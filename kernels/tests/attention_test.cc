@@ -59,6 +59,19 @@ struct PagedCache {
   PagedKvCache cache;
 };
 
+// Block b's K rows to kdst and V rows to vdst ([kv_heads][bs][hd] of dtype each), appended with
+// store_kv_row as the forward pass does.
+void store_block(const Sequence& s, std::int64_t b, std::int64_t bs, DType dtype, std::byte* kdst, std::byte* vdst) {
+  const std::int64_t eb = dtype_bytes(dtype);
+  for (std::int64_t h = 0; h < s.kv_heads; ++h) {
+    for (std::int64_t t = 0; t < bs && b * bs + t < s.ctx; ++t) {
+      const std::int64_t src = (h * s.ctx + b * bs + t) * s.hd;
+      store_kv_row(s.k.data() + src, s.hd, dtype, kdst + (h * bs + t) * s.hd * eb);
+      store_kv_row(s.v.data() + src, s.hd, dtype, vdst + (h * bs + t) * s.hd * eb);
+    }
+  }
+}
+
 PagedCache page(const Sequence& s, std::int64_t bs, DType dtype, std::uint32_t shuffle_seed) {
   PagedCache p;
   const std::int64_t eb = dtype_bytes(dtype);
@@ -75,13 +88,7 @@ PagedCache page(const Sequence& s, std::int64_t bs, DType dtype, std::uint32_t s
     p.vb.push_back(vdst);
     p.kb_f32.push_back(reinterpret_cast<const float*>(kdst));
     p.vb_f32.push_back(reinterpret_cast<const float*>(vdst));
-    for (std::int64_t h = 0; h < s.kv_heads; ++h) {
-      for (std::int64_t t = 0; t < bs && b * bs + t < s.ctx; ++t) {
-        const std::int64_t src = (h * s.ctx + b * bs + t) * s.hd;
-        store_kv_row(s.k.data() + src, s.hd, dtype, kdst + (h * bs + t) * s.hd * eb);
-        store_kv_row(s.v.data() + src, s.hd, dtype, vdst + (h * bs + t) * s.hd * eb);
-      }
-    }
+    store_block(s, b, bs, dtype, kdst, vdst);
   }
   p.cache = PagedKvCache{p.kb.data(), p.vb.data(), dtype, bs, s.ctx, s.kv_heads, s.hd};
   return p;
@@ -258,13 +265,7 @@ CombinedCache page_combined(const Sequence& s, std::int64_t bs, DType dtype, std
   for (std::int64_t b = 0; b < nblocks; ++b) {
     std::byte* dst = p.pool.data() + slot[static_cast<std::size_t>(b)] * 2 * half;
     p.blocks.push_back(dst);
-    for (std::int64_t h = 0; h < s.kv_heads; ++h) {
-      for (std::int64_t t = 0; t < bs && b * bs + t < s.ctx; ++t) {
-        const std::int64_t src = (h * s.ctx + b * bs + t) * s.hd;
-        store_kv_row(s.k.data() + src, s.hd, dtype, dst + (h * bs + t) * s.hd * eb);
-        store_kv_row(s.v.data() + src, s.hd, dtype, dst + half + (h * bs + t) * s.hd * eb);
-      }
-    }
+    store_block(s, b, bs, dtype, dst, dst + half);
   }
   p.cache.dtype = dtype;
   p.cache.block_size = bs;
