@@ -24,9 +24,10 @@ const AttentionKernels& attention_kernels_for(Isa isa) {
 }
 
 // Below this many multiply-adds (q.k and p.V over every attended position of every head) a
-// call runs on the caller: a decode step of a short sequence takes a few microseconds, about what
-// handing half of it to a worker and waiting for it back costs, and a batched decode step makes
-// one call per sequence per layer (768 at batch 32 on a 24-layer model).
+// sequence is not split over the pool: a decode step of a short sequence takes a few
+// microseconds, about what handing half of it to a worker and waiting for it back costs. A
+// batched decode step's short sequences are dealt whole to the threads instead
+// (paged_attention_batch).
 constexpr std::int64_t kMinParallelMacs = 1 << 19;
 
 using RowsFn = void (*)(const float* const*, float* const*, const std::int64_t*, int, const PagedKvCache&,
@@ -126,9 +127,12 @@ void run_serial(const CacheJob& j, float* scratch) {
   for (std::int64_t u = 0; u < j.units; ++u) cache_unit(j, u, scratch);
 }
 
-// A job worth splitting (see kMinParallelMacs) over the pool, else on the caller.
+// Whether a job is worth splitting over the pool (see kMinParallelMacs).
+bool worth_splitting(const CacheJob& j) { return j.parts > 1 && j.units > 1 && j.macs >= kMinParallelMacs; }
+
+// A job worth splitting over the pool, else on the caller.
 void run_job(const CacheJob& job, ThreadPool* pool) {
-  if (job.parts == 1 || job.units == 1 || job.macs < kMinParallelMacs) {
+  if (!worth_splitting(job)) {
     run_serial(job, job.scratch);
     return;
   }
@@ -177,7 +181,7 @@ void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std
     max_context = std::max(max_context, s.kv.context_len);
     const CacheJob job = make_job(k, s.q, s.q_stride, s.num_tokens, num_heads, nullptr, s.start_pos, s.kv, scale, s.out,
                                   s.out_stride, scratch, parts);
-    if (parts > 1 && job.units > 1 && job.macs >= kMinParallelMacs) {
+    if (worth_splitting(job)) {
       run_job(job, pool);
     } else {
       ++small;
@@ -195,8 +199,8 @@ void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std
       const AttentionSequence& q = bp->seqs[static_cast<std::size_t>(i)];
       if (q.num_tokens <= 0) continue;
       const CacheJob job = make_job(*bp->k, q.q, q.q_stride, q.num_tokens, bp->num_heads, nullptr, q.start_pos, q.kv,
-                                    bp->scale, q.out, q.out_stride, s, 1);
-      if (parts > 1 && job.units > 1 && job.macs >= kMinParallelMacs) continue;  // ran above
+                                    bp->scale, q.out, q.out_stride, s, parts);
+      if (worth_splitting(job)) continue;  // ran above
       run_serial(job, s);
     }
   };

@@ -440,10 +440,9 @@ void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, s
   for (std::int64_t l = layer_begin; l < layer_end; ++l) {
     const LayerWeights w = weights(l);
     attention_input(w, slices, hidden, num_tokens, qkv_.data());
-    // The sequences whose KV is here are attended together after the others, each of which goes
-    // through `attention` (remote attention; the device may serve others' attention meanwhile,
-    // which uses this pass's attention buffers, so the batch is built after). Slices without
-    // tokens have nothing to attend.
+    // The sequences whose KV is here are attended together, in one call after the loop; each of
+    // the others goes through `attention` (remote attention). Slices without tokens have nothing
+    // to attend.
     std::size_t local = 0;
     std::int64_t row = 0;
     for (std::size_t s = 0; s < slices.size(); ++s) {
