@@ -33,6 +33,16 @@ using I64 = std::int64_t;
 
 #include "kernels/bf16_dot.inc"
 
+// GCC's AMX intrinsics do not tell the compiler which memory they touch: _tile_loadconfig
+// declares a read of 8 bytes (the configuration is 64), and _tile_loadd passes its address as a
+// plain register with no memory operand or clobber. So stores into memory a tile instruction
+// reads may be dropped as dead or moved past it. A configuration built on the stack lost its
+// stores that way in one build (LDTILECFG then faulted on the garbage). Hence:
+//  * load_tile_config issues LDTILECFG itself, with the whole TileConfig as its memory operand;
+//  * memory_barrier() fences the C stores into buffers a TILELOADD reads (the B tail copy, the
+//    probe's operands); the packed activations and the weights are written by other calls.
+inline void memory_barrier() { __asm__ volatile("" ::: "memory"); }
+
 // Tile registers: C 0..3 (16 x 16 f32); A (16 rows x 16 pairs) in 4, and in 5 for a second row
 // tile; B (16 pairs x 16 columns) in 6..7, and in 5 where one row tile leaves it free. All are
 // 16 rows x 64 bytes, except that calls of fewer than 16 rows give A and C just their rows.
@@ -54,7 +64,7 @@ void load_tile_config(int a_rows = 16) {
     cfg.rows[t] = 16;
   }
   for (int t = 0; t <= 4; ++t) cfg.rows[t] = static_cast<std::uint8_t>(a_rows);  // C 0..3, A 4
-  _tile_loadconfig(&cfg);
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
 // Rows per tile and pairs per k block.
@@ -139,8 +149,10 @@ BSource b_source(const std::uint16_t* panel, I64 width, I64 pairs, I64 kb, std::
   const I64 np = pairs - p0 < kBlockPairs ? pairs - p0 : kBlockPairs;
   const std::uint16_t* src = panel + p0 * width * 2;
   if (np == kBlockPairs && width == kNarrowPanelCols) return {src, 64};
+  memory_barrier();  // the previous TILELOADD of the tail before these stores
   std::memset(tail, 0, kBlockPairs * 64);
   for (I64 r = 0; r < np; ++r) std::memcpy(tail + r * 32, src + r * width * 2, static_cast<std::size_t>(width) * 4);
+  memory_barrier();  // these stores before the TILELOADD that reads them
   return {tail, 64};
 }
 
@@ -324,6 +336,7 @@ double amx_dot_chains_impl(I64 iters, float seed, float* sink) {
   alignas(64) float c[16 * 16];
   const std::uint16_t one = act_to_bf16(seed);
   for (auto& v : a) v = one;
+  memory_barrier();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
