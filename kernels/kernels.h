@@ -117,10 +117,9 @@ struct WeightView {
 
 // True when a rows x cols matrix of `dtype` can be stored as kPanelPairs (bf16).
 bool panel_pairs_supported(DType dtype, std::int64_t rows, std::int64_t cols);
-// Bytes of a kPanelPairs matrix: the row-major byte count for an even cols, one more bf16 per row
-// for an odd one.
+// Bytes of a kPanelPairs (or kNarrowPanelPairs) matrix: the row-major byte count for an even
+// cols, one more bf16 per row for an odd one.
 std::int64_t panel_pairs_bytes(std::int64_t rows, std::int64_t cols);
-// Bytes of a kNarrowPanelPairs matrix are the same.
 // Reorders a row-major bf16 matrix (src) into a panel layout (dst, panel_pairs_bytes; must not
 // overlap src). Checks panel_pairs_supported.
 void pack_panel_pairs(const void* src, std::int64_t rows, std::int64_t cols, void* dst,
