@@ -405,7 +405,10 @@ int run_burst(MpiSession& session, MpiTransport& transport, const NodeOptions& o
   burst(first, all, o.burst_requests);
   const double burst_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   const PerDevice& bad = first[static_cast<std::size_t>(o.fault_rank)];
-  checks.expect(bad.ok >= o.fault_after_requests && bad.failed >= 1 && bad.misnamed == 0,
+  // The fault rank counts a request as served before its reply leaves, and fails once the count
+  // reaches --fault-after-requests: the replies still unsent then (at most the window in flight)
+  // never arrive (seen: 96 of 100 with a window of 4).
+  checks.expect(bad.ok >= o.fault_after_requests - o.burst_window && bad.failed >= 1 && bad.misnamed == 0,
                 "burst: device " + std::to_string(o.fault_rank) + " served " + std::to_string(bad.ok) +
                     " requests, then its pending ones ended with an error naming it (" + std::to_string(bad.failed) +
                     "): " + first_error);
