@@ -112,11 +112,19 @@ CacheJob make_job(const AttentionKernels& k, const float* q, std::int64_t q_stri
   CacheJob job{kv.dtype == DType::kBF16 ? k.rows_bf16 : k.rows_f32,
                q, q_stride, num_tokens, num_heads, chunk, tile_tokens, units_per_tile, positions, start_pos, &kv,
                scale, out, out_stride, scratch, parts, 0, 0};
+  // Positions attended over all tokens: a sum over the listed positions, or in closed form for
+  // consecutive ones (so paged_attention_batch, which sets a sequence's job up twice, pays O(1)).
   std::int64_t attended = 0;
-  for (std::int64_t t = 0; t < num_tokens; ++t) {
-    const std::int64_t pos = position(job, t);
-    KUN_CHECK(pos >= 0 && pos < kv.context_len) << "token " << t << " position " << pos << " context_len " << kv.context_len;
-    attended += pos + 1;
+  if (positions == nullptr) {
+    KUN_CHECK(start_pos >= 0 && start_pos + num_tokens <= kv.context_len)
+        << "tokens at positions [" << start_pos << ", " << start_pos + num_tokens << ") context_len " << kv.context_len;
+    attended = num_tokens * start_pos + num_tokens * (num_tokens + 1) / 2;
+  } else {
+    for (std::int64_t t = 0; t < num_tokens; ++t) {
+      const std::int64_t pos = positions[t];
+      KUN_CHECK(pos >= 0 && pos < kv.context_len) << "token " << t << " position " << pos << " context_len " << kv.context_len;
+      attended += pos + 1;
+    }
   }
   job.units = (num_tokens + tile_tokens - 1) / tile_tokens * units_per_tile;
   job.macs = 2 * attended * num_heads * kv.head_dim;
@@ -174,7 +182,8 @@ void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std
   const AttentionKernels& k = attention_kernels_for(isa);
   const int parts = pool != nullptr ? pool->num_threads() : 1;
   // The sequences worth splitting run over the pool one after the other; the others are dealt
-  // whole to the threads, each on its thread's scratch slice.
+  // whole to the threads, each on its thread's scratch slice (their jobs set up again there:
+  // nothing per sequence is stored, and the set-up is O(1)).
   std::int64_t small = 0, small_macs = 0, max_context = 0;
   for (const AttentionSequence& s : seqs) {
     if (s.num_tokens <= 0) continue;

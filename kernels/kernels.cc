@@ -117,6 +117,15 @@ void attention_pairs(const AttentionJob& j, std::int64_t begin, std::int64_t end
 
 namespace {
 
+const char* layout_name(WeightLayout layout) {
+  switch (layout) {
+    case WeightLayout::kRowMajor: return "kRowMajor";
+    case WeightLayout::kPanelPairs: return "kPanelPairs";
+    case WeightLayout::kNarrowPanelPairs: return "kNarrowPanelPairs";
+  }
+  return "unknown";
+}
+
 void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
                  float* y, bool accumulate, ThreadPool* pool, GemmActivations act,
                  const LinearScratch* scratch) {
@@ -124,14 +133,13 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   KUN_CHECK_GE(M, 0);
   if (M == 0) return;
   KUN_CHECK(x != nullptr && y != nullptr) << "null x or y";
-  const bool panels = w.layout == WeightLayout::kPanelPairs || w.layout == WeightLayout::kNarrowPanelPairs;
+  const bool panels = is_panel_layout(w.layout);
   if (panels) {
     KUN_CHECK(panel_pairs_supported(w.dtype, w.rows, w.cols))
         << "panel layouts need bf16: " << dtype_name(w.dtype) << " " << w.rows << "x" << w.cols;
     KUN_CHECK(w.layout == gemm_weight_layout(act))
-        << "GEMM activations " << gemm_activations_name(act) << " read "
-        << (gemm_weight_layout(act) == WeightLayout::kNarrowPanelPairs ? "kNarrowPanelPairs" : "kPanelPairs")
-        << " weights, this " << w.rows << "x" << w.cols << " one is in the other panel layout";
+        << "GEMM activations " << gemm_activations_name(act) << " read " << layout_name(gemm_weight_layout(act))
+        << " weights, this " << w.rows << "x" << w.cols << " one is in " << layout_name(w.layout);
   }
   const bool bf16_act = act != GemmActivations::kF32;
   const bool amx = panels && act == GemmActivations::kAmx;
@@ -237,8 +245,7 @@ std::int64_t panel_pairs_bytes(std::int64_t rows, std::int64_t cols) {
 }
 
 std::int64_t panel_cols(WeightLayout layout) {
-  KUN_CHECK(layout == WeightLayout::kPanelPairs || layout == WeightLayout::kNarrowPanelPairs)
-      << "not a panel layout: " << static_cast<int>(layout);
+  KUN_CHECK(is_panel_layout(layout)) << "not a panel layout: " << static_cast<int>(layout);
   return layout == WeightLayout::kPanelPairs ? kPanelCols : kNarrowPanelCols;
 }
 

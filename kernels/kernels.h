@@ -100,7 +100,9 @@ class ThreadPool {
 enum class WeightLayout { kRowMajor = 0, kPanelPairs = 1, kNarrowPanelPairs = 2 };
 constexpr std::int64_t kPanelCols = 64;
 constexpr std::int64_t kNarrowPanelCols = 16;
-// Columns per panel of a panel layout (kPanelPairs, kNarrowPanelPairs; checked).
+// True for the panel layouts (kPanelPairs, kNarrowPanelPairs).
+constexpr bool is_panel_layout(WeightLayout layout) { return layout != WeightLayout::kRowMajor; }
+// Columns per panel of a panel layout (checked).
 std::int64_t panel_cols(WeightLayout layout);
 // The panel layout linear's GEMM reads for these activations: kNarrowPanelPairs for kAmx,
 // kPanelPairs for the others. linear checks a bf16 panel weight against it.

@@ -136,24 +136,19 @@ void epilogue(const float* stash, I64 rows, I64 cols, const float* bias, float* 
 }
 
 // Where the B tile of k block kb of a narrow panel (kNarrowPanelPairs: [pairs][width][2], width
-// <= 16 columns) comes from: straight from the panel, 1 KiB contiguous, when the block has 16
-// pairs and the panel 16 columns, else a zero-padded copy in `tail` (16 pairs x 16 columns, 64
-// bytes a pair).
-struct BSource {
-  const std::uint16_t* ptr;
-  I64 stride_bytes;
-};
-
-BSource b_source(const std::uint16_t* panel, I64 width, I64 pairs, I64 kb, std::uint16_t* tail) {
+// <= 16 columns) comes from, 64 bytes a pair either way: straight from the panel, 1 KiB
+// contiguous, when the block has 16 pairs and the panel 16 columns, else a zero-padded copy in
+// `tail` (16 pairs x 16 columns).
+const std::uint16_t* b_source(const std::uint16_t* panel, I64 width, I64 pairs, I64 kb, std::uint16_t* tail) {
   const I64 p0 = kb * kBlockPairs;
   const I64 np = pairs - p0 < kBlockPairs ? pairs - p0 : kBlockPairs;
   const std::uint16_t* src = panel + p0 * width * 2;
-  if (np == kBlockPairs && width == kNarrowPanelCols) return {src, 64};
+  if (np == kBlockPairs && width == kNarrowPanelCols) return src;
   memory_barrier();  // the previous TILELOADD of the tail before these stores
   std::memset(tail, 0, kBlockPairs * 64);
   for (I64 r = 0; r < np; ++r) std::memcpy(tail + r * 32, src + r * width * 2, static_cast<std::size_t>(width) * 4);
   memory_barrier();  // these stores before the TILELOADD that reads them
-  return {tail, 64};
+  return tail;
 }
 
 // Software prefetch of a stream of B tiles: every line of the tile kAheadBlocks blocks (4 KiB)
@@ -217,8 +212,7 @@ void unit_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const U
     for (I64 kb = 0; kb < blocks; ++kb) {
       _tile_loadd(4, xp + kb * 32, a_stride);
       for (I64 g = 0; g < u.groups; ++g) {
-        const BSource b = b_source(u.panel(g), u.panel_width(g), pairs, kb, tail);
-        _tile_loadd(5, b.ptr, b.stride_bytes);
+        _tile_loadd(5, b_source(u.panel(g), u.panel_width(g), pairs, kb, tail), 64);
         switch (g) {
           case 0: _tile_dpbf16ps(0, 4, 5); break;
           case 1: _tile_dpbf16ps(1, 4, 5); break;
@@ -260,12 +254,8 @@ void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit
       _tile_loadd(6, p0 + off, 64);
       _tile_loadd(7, p1 + off, 64);
     } else {
-      BSource b = b_source(p0, u.panel_width(g), pairs, kb, tail);
-      _tile_loadd(6, b.ptr, b.stride_bytes);
-      if (two_groups) {
-        b = b_source(p1, u.panel_width(g + 1), pairs, kb, tail);
-        _tile_loadd(7, b.ptr, b.stride_bytes);
-      }
+      _tile_loadd(6, b_source(p0, u.panel_width(g), pairs, kb, tail), 64);
+      if (two_groups) _tile_loadd(7, b_source(p1, u.panel_width(g + 1), pairs, kb, tail), 64);
     }
     _tile_dpbf16ps(0, 4, 6);
     if (two_groups) _tile_dpbf16ps(1, 4, 7);

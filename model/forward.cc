@@ -40,8 +40,6 @@ kernels::WeightLayout linear_layout(DType dtype, std::int64_t rows, std::int64_t
              : kernels::WeightLayout::kRowMajor;
 }
 
-bool is_panel_layout(kernels::WeightLayout layout) { return layout != kernels::WeightLayout::kRowMajor; }
-
 // Reorders a row-major matrix just read into the segment into linear_layout's layout, in place,
 // kPanelCols rows at a time: with an even K, those rows' bytes hold exactly their panels (one of
 // kPanelPairs, four of kNarrowPanelPairs), laid out as the panels of a matrix of those rows, so
@@ -49,7 +47,7 @@ bool is_panel_layout(kernels::WeightLayout layout) { return layout != kernels::W
 void to_linear_layout(DType dtype, std::int64_t rows, std::int64_t cols, std::span<std::byte> segment,
                       std::int64_t offset) {
   const kernels::WeightLayout layout = linear_layout(dtype, rows, cols);
-  if (!is_panel_layout(layout)) return;
+  if (!kernels::is_panel_layout(layout)) return;
   const std::int64_t row_bytes = cols * dtype_bytes(dtype);
   KUN_CHECK_LE(offset + rows * row_bytes, static_cast<std::int64_t>(segment.size()));
   std::vector<std::byte> panel_rows(static_cast<std::size_t>(kernels::kPanelCols * row_bytes));
@@ -143,7 +141,7 @@ Status load_embedding_segment(const WeightSource& source, DType dtype, std::span
                                 c.vocab_size * c.hidden_size * dtype_bytes(dtype)));
   // A tied embedding is also the LM head: kept once, in the head's GEMM layout (embed() reads a
   // row out of it).
-  if (is_panel_layout(embedding_layout(c, dtype))) {
+  if (kernels::is_panel_layout(embedding_layout(c, dtype))) {
     to_linear_layout(dtype, c.vocab_size, c.hidden_size, segment, 0);
   }
   return ok_status();
@@ -198,7 +196,7 @@ namespace {
 // The workspace's buffers, in order, each 64-byte aligned (kTensorAlignBytes).
 struct WorkspaceLayout {
   std::int64_t normed = 0, qkv = 0, attn_out = 0, gate_up = 0, act = 0, attn_scratch = 0;
-  std::int64_t positions = 0, attn_batch = 0, local_batch = 0, gemm_scratch = 0;
+  std::int64_t positions = 0, attn_batch = 0, gemm_scratch = 0;
   std::int64_t normed_rows = 0, scratch_floats = 0, gemm_scratch_floats = 0;
   std::int64_t total_bytes = 0;
 
@@ -225,9 +223,8 @@ struct WorkspaceLayout {
     w.act = place(&cursor, layer_rows * c.intermediate_size * f);
     w.attn_scratch = place(&cursor, w.scratch_floats * f);
     w.positions = place(&cursor, T * static_cast<std::int64_t>(sizeof(std::int64_t)));
-    // One entry per sequence of an attend_local_batch call (each has a token: at most T).
+    // One entry per local sequence of a layer's batched attention (each has a token: at most T).
     w.attn_batch = place(&cursor, T * static_cast<std::int64_t>(sizeof(kernels::AttentionSequence)));
-    w.local_batch = place(&cursor, T * static_cast<std::int64_t>(sizeof(LocalAttention)));
     // The GEMM's scratch (kernels::LinearScratch): every linear call has at most normed_rows rows
     // (layer steps: max_tokens; logits: passes of normed_rows) over one of these K.
     const std::int64_t max_k = std::max({c.hidden_size, c.q_dim(), c.intermediate_size});
@@ -298,12 +295,10 @@ void ForwardPass::carve(std::span<std::byte> workspace) {
   act_ = view<float>(workspace, w.act, layer_rows * c.intermediate_size);
   attn_scratch_ = view<float>(workspace, w.attn_scratch, w.scratch_floats);
   attn_positions_ = view<std::int64_t>(workspace, w.positions, T);
-  // Trivially destructible entries, constructed once here and overwritten per call.
-  attn_batch_ = reinterpret_cast<kernels::AttentionSequence*>(workspace.data() + w.attn_batch);
-  std::uninitialized_value_construct_n(attn_batch_, T);
-  auto* local = reinterpret_cast<LocalAttention*>(workspace.data() + w.local_batch);
-  std::uninitialized_value_construct_n(local, T);
-  local_batch_ = {local, static_cast<std::size_t>(T)};
+  // Trivially destructible entries, constructed once here and overwritten per layer.
+  auto* entries = reinterpret_cast<kernels::AttentionSequence*>(workspace.data() + w.attn_batch);
+  std::uninitialized_value_construct_n(entries, T);
+  attn_batch_ = {entries, static_cast<std::size_t>(T)};
   gemm_scratch_.floats = view<float>(workspace, w.gemm_scratch, w.gemm_scratch_floats);
 }
 
@@ -319,7 +314,7 @@ void ForwardPass::embed(const HeadWeights& head, const std::int32_t* tokens, std
   const std::int64_t row_bytes = H * dtype_bytes(e.dtype);
   for (std::int64_t t = 0; t < n; ++t) {
     KUN_CHECK(tokens[t] >= 0 && tokens[t] < config_.vocab_size) << "token id " << tokens[t] << " out of vocab";
-    if (e.layout != kernels::WeightLayout::kRowMajor) {
+    if (kernels::is_panel_layout(e.layout)) {
       // A gather of one row out of the interleaved panels (bf16 widened to f32, exact).
       kernels::unpack_panel_pairs_row(e.data, e.rows, e.cols, tokens[t], hidden + t * H, e.layout);
     } else {
@@ -347,64 +342,52 @@ void ForwardPass::attention_input(const LayerWeights& w, std::span<const Sequenc
                    inv_freq_.data(), pool_);
 }
 
-void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out) {
-  if (slice.num_tokens == 0) return;
-  const LocalAttention item{slice, qkv, kv, out};
-  attend_local_batch(std::span(&item, 1));
-}
-
-void ForwardPass::attend_local_batch(std::span<const LocalAttention> items) {
+kernels::AttentionSequence ForwardPass::append_kv(const SequenceSlice& slice, const float* qkv, const LayerKv& kv,
+                                                  float* out) {
   const ModelConfig& c = config_;
   const std::int64_t bs = kv_block_size_;
   const std::int64_t kvh = c.num_kv_heads;
   const std::int64_t hd = c.head_dim;
   const std::int64_t eb = dtype_bytes(kv_dtype_);
   const std::int64_t value_offset_bytes = kvh * bs * hd * eb;
-  const auto n = static_cast<std::int64_t>(items.size());
-  KUN_CHECK_LE(n, limits_.max_tokens) << "attention of " << n << " sequences at once, the workspace holds "
-                                      << limits_.max_tokens << " (ForwardLimits::max_tokens)";
-  for (std::int64_t i = 0; i < n; ++i) {
-    const LocalAttention& it = items[static_cast<std::size_t>(i)];
-    const SequenceSlice& slice = it.slice;
-    KUN_CHECK_GT(slice.num_tokens, 0) << "attention of a sequence with no tokens";
-    check_tokens(slice.num_tokens, "attention");
-    const std::int64_t context = slice.start_pos + slice.num_tokens;
-    KUN_CHECK_LE(context, limits_.max_context_tokens)
-        << "attention over " << context << " tokens, the workspace holds " << limits_.max_context_tokens
-        << " (ForwardLimits::max_context_tokens)";
-    KUN_CHECK_GE(it.kv.num_blocks * bs, context) << "KV blocks cover " << it.kv.num_blocks * bs << " tokens, need " << context;
-    // Append this slice's k and v (rounded to the cache's dtype).
-    for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
-      const std::int64_t pos = slice.start_pos + t;
-      std::byte* block = it.kv.blocks[pos / bs];
-      const std::int64_t off = pos % bs;
-      const float* k = it.qkv + t * qkv_row() + c.q_dim();
-      const float* v = k + c.kv_dim();
-      for (std::int64_t h = 0; h < kvh; ++h) {
-        kernels::store_kv_row(k + h * hd, hd, kv_dtype_, block + (h * bs + off) * hd * eb);
-        kernels::store_kv_row(v + h * hd, hd, kv_dtype_, block + value_offset_bytes + (h * bs + off) * hd * eb);
-      }
+  check_tokens(slice.num_tokens, "attention");
+  const std::int64_t context = slice.start_pos + slice.num_tokens;
+  KUN_CHECK_LE(context, limits_.max_context_tokens)
+      << "attention over " << context << " tokens, the workspace holds " << limits_.max_context_tokens
+      << " (ForwardLimits::max_context_tokens)";
+  KUN_CHECK_GE(kv.num_blocks * bs, context) << "KV blocks cover " << kv.num_blocks * bs << " tokens, need " << context;
+  for (std::int64_t t = 0; t < slice.num_tokens; ++t) {
+    const std::int64_t pos = slice.start_pos + t;
+    std::byte* block = kv.blocks[pos / bs];
+    const std::int64_t off = pos % bs;
+    const float* k = qkv + t * qkv_row() + c.q_dim();
+    const float* v = k + c.kv_dim();
+    for (std::int64_t h = 0; h < kvh; ++h) {
+      kernels::store_kv_row(k + h * hd, hd, kv_dtype_, block + (h * bs + off) * hd * eb);
+      kernels::store_kv_row(v + h * hd, hd, kv_dtype_, block + value_offset_bytes + (h * bs + off) * hd * eb);
     }
-    // q rows read in place out of the [q | k | v] rows; the blocks hold K, then V.
-    kernels::AttentionSequence& a = attn_batch_[i];
-    a.q = it.qkv;
-    a.q_stride = qkv_row();
-    a.num_tokens = slice.num_tokens;
-    a.start_pos = slice.start_pos;
-    a.kv = kernels::PagedKvCache{};
-    a.kv.blocks = it.kv.blocks;
-    a.kv.value_offset_bytes = value_offset_bytes;
-    a.kv.dtype = kv_dtype_;
-    a.kv.block_size = bs;
-    a.kv.context_len = context;
-    a.kv.num_kv_heads = kvh;
-    a.kv.head_dim = hd;
-    a.out = it.out;
-    a.out_stride = c.q_dim();
   }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  kernels::paged_attention_batch(std::span<const kernels::AttentionSequence>(attn_batch_, static_cast<std::size_t>(n)),
-                                 c.num_heads, scale, attn_scratch_.data(), pool_);
+  kernels::AttentionSequence a;
+  a.q = qkv;
+  a.q_stride = qkv_row();
+  a.num_tokens = slice.num_tokens;
+  a.start_pos = slice.start_pos;
+  a.kv.blocks = kv.blocks;
+  a.kv.value_offset_bytes = value_offset_bytes;
+  a.kv.dtype = kv_dtype_;
+  a.kv.block_size = bs;
+  a.kv.context_len = context;
+  a.kv.num_kv_heads = kvh;
+  a.kv.head_dim = hd;
+  a.out = out;
+  a.out_stride = c.q_dim();
+  return a;
+}
+
+void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out) {
+  if (slice.num_tokens == 0) return;
+  const kernels::AttentionSequence a = append_kv(slice, qkv, kv, out);
+  kernels::paged_attention_batch(std::span(&a, 1), config_.num_heads, attention_scale(), attn_scratch_.data(), pool_);
 }
 
 void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* attn_out, std::int64_t num_tokens,
@@ -440,9 +423,9 @@ void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, s
   for (std::int64_t l = layer_begin; l < layer_end; ++l) {
     const LayerWeights w = weights(l);
     attention_input(w, slices, hidden, num_tokens, qkv_.data());
-    // The sequences whose KV is here are attended together, in one call after the loop; each of
-    // the others goes through `attention` (remote attention). Slices without tokens have nothing
-    // to attend.
+    // The sequences whose KV is here: their k/v appended now, attended together in one call
+    // after the loop; each of the others goes through `attention` (remote attention). Slices
+    // without tokens have nothing to attend.
     std::size_t local = 0;
     std::int64_t row = 0;
     for (std::size_t s = 0; s < slices.size(); ++s) {
@@ -453,12 +436,15 @@ void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, s
       if (slice.num_tokens == 0) continue;
       LayerKv kv;
       if (local_kv && local_kv(l, static_cast<std::int64_t>(s), &kv)) {
-        local_batch_[local++] = LocalAttention{slice, qkv, kv, out};
+        attn_batch_[local++] = append_kv(slice, qkv, kv, out);
       } else {
         attention(l, static_cast<std::int64_t>(s), slice, qkv, out);
       }
     }
-    if (local > 0) attend_local_batch(local_batch_.first(local));
+    if (local > 0) {
+      kernels::paged_attention_batch(attn_batch_.first(local), config_.num_heads, attention_scale(), attn_scratch_.data(),
+                                     pool_);
+    }
     attention_output_and_mlp(w, attn_out_.data(), num_tokens, hidden);
   }
 }

@@ -12,6 +12,7 @@
 // Threading: one ForwardPass per device executor thread; it uses the caller's ThreadPool.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -105,17 +106,9 @@ struct LayerKv {
 using AttentionFn = std::function<void(std::int64_t layer, std::int64_t seq, const SequenceSlice& slice,
                                        const float* qkv, float* out)>;
 // Where sequence `seq`'s KV of layer `layer` is: true, with *kv set, when it is in this device's
-// blocks (run_layers then attends all such sequences of a layer in one attend_local_batch call),
-// false when another device holds it (AttentionFn is called for it).
+// blocks (run_layers then attends all such sequences of a layer in one kernel call), false when
+// another device holds it (AttentionFn is called for it).
 using LocalKvFn = std::function<bool(std::int64_t layer, std::int64_t seq, LayerKv* kv)>;
-
-// One sequence's attention over KV in this device's blocks (attend_local_batch).
-struct LocalAttention {
-  SequenceSlice slice;
-  const float* qkv = nullptr;  // slice.num_tokens rows of [q | k | v] (qkv_row floats each), RoPE applied
-  LayerKv kv;
-  float* out = nullptr;        // [slice.num_tokens][q_dim]
-};
 
 // The largest calls a ForwardPass's workspace is sized for.
 struct ForwardLimits {
@@ -160,19 +153,17 @@ class ForwardPass {
   // Runs layers [layer_begin, layer_end) over the step's tokens (sequences back to back in
   // `hidden`, [sum num_tokens][H], updated in place). `weights(l)` gives layer l's weights.
   // Attention of each sequence with tokens: with `local_kv`, the sequences whose KV it finds here
-  // are attended together per layer (attend_local_batch), the others through `attention`; without
-  // it, all through `attention` (see AttentionFn). Either way the same values.
+  // are attended together, one kernels::paged_attention_batch call per layer that deals them to
+  // the pool's threads, the others through `attention`; without it, all through `attention` (see
+  // AttentionFn). Either way the same values.
   void run_layers(std::int64_t layer_begin, std::int64_t layer_end,
                   std::span<const SequenceSlice> slices, float* hidden,
                   const std::function<LayerWeights(std::int64_t)>& weights,
                   const AttentionFn& attention, const LocalKvFn& local_kv = nullptr);
 
-  // Local attention over a LayerKv: appends k/v of the slice's tokens and attends.
+  // Local attention over a LayerKv: appends k/v of the slice's tokens and attends (the bits a
+  // sequence gets here are the ones run_layers' batched attention gives it).
   void attend_local(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out);
-  // attend_local for several sequences at once (at most limits().max_tokens, each with tokens):
-  // one kernel call splits their attention over the pool (kernels::paged_attention_batch), each
-  // sequence with the bits attend_local gives it alone.
-  void attend_local_batch(std::span<const LocalAttention> items);
 
   // logits[r] = lm_head(final_norm(hidden[rows[r]])), [rows.size()][V], in passes of at most
   // max(max_tokens, max_logit_rows) rows (the kernels are batch-invariant: same values).
@@ -188,6 +179,11 @@ class ForwardPass {
  private:
   void carve(std::span<std::byte> workspace);
   void check_tokens(std::int64_t num_tokens, const char* what) const;
+  // Checks a slice with tokens against the limits and its blocks, appends its k/v (rounded to
+  // the cache's dtype) and returns its entry for kernels::paged_attention_batch: q read in place
+  // from the [q | k | v] rows, K then V in each block.
+  kernels::AttentionSequence append_kv(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out);
+  float attention_scale() const { return 1.0f / std::sqrt(static_cast<float>(config_.head_dim)); }
 
   ModelConfig config_;
   std::int64_t kv_block_size_;
@@ -200,8 +196,8 @@ class ForwardPass {
   // Views into the workspace, fixed at construction.
   std::span<float> normed_, qkv_, attn_out_, gate_up_, act_, attn_scratch_;
   std::span<std::int64_t> attn_positions_;
-  kernels::AttentionSequence* attn_batch_ = nullptr;  // max_tokens entries, rebuilt per call
-  std::span<LocalAttention> local_batch_;             // run_layers' local sequences of a layer
+  // run_layers' local sequences of a layer (each has a token: at most max_tokens), rebuilt per layer.
+  std::span<kernels::AttentionSequence> attn_batch_;
   kernels::LinearScratch gemm_scratch_;  // handed to every linear call
 };
 

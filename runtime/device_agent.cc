@@ -471,10 +471,13 @@ Status DeviceAgent::compute_stage(const StageRequest& req, const StageKvTables& 
   }
   AgentClient client(endpoint_, std::chrono::minutes(5));
   Status remote_status;
+  const auto cell_of = [&](std::int64_t l, std::int64_t i) {
+    return static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) + static_cast<std::size_t>(l - req.layer_begin);
+  };
   fwd.run_layers(
       req.layer_begin, req.layer_end, slices, hidden.data(), [&](std::int64_t l) { return device_.layer_weights(l); },
       [&](std::int64_t l, std::int64_t i, const model::SequenceSlice& slice, const float* qkv, float* out) {
-        const std::size_t cell = static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) + static_cast<std::size_t>(l - req.layer_begin);
+        const std::size_t cell = cell_of(l, i);
         const int holder = stage_cells_[cell]->device;
         KUN_CHECK_NE(holder, device_id()) << "local attention goes through the batch (local_kv)";
         const std::size_t out_floats = static_cast<std::size_t>(slice.num_tokens * c.q_dim());
@@ -501,7 +504,7 @@ Status DeviceAgent::compute_stage(const StageRequest& req, const StageKvTables& 
       },
       // The cells held here: their sequences are attended together, one kernel call per layer.
       [&](std::int64_t l, std::int64_t i, model::LayerKv* kv) {
-        const std::size_t cell = static_cast<std::size_t>(i) * static_cast<std::size_t>(nl) + static_cast<std::size_t>(l - req.layer_begin);
+        const std::size_t cell = cell_of(l, i);
         if (stage_cells_[cell]->device != device_id()) return false;
         const auto& ptrs = stage_block_ptrs_[cell];
         *kv = model::LayerKv{ptrs.data(), static_cast<std::int64_t>(ptrs.size())};
