@@ -12,8 +12,13 @@ namespace {
 
 using detail::AttentionKernels;
 
-const AttentionKernels& attention_kernels_for(Isa isa) {
+const AttentionKernels& attention_kernels_for(Isa isa, AttentionScores scores = AttentionScores::kF32) {
   KUN_CHECK(isa_supported(isa)) << "ISA " << isa_name(isa) << " not supported by this CPU";
+  if (scores == AttentionScores::kAmx) {
+    KUN_CHECK(gemm_activations_supported(GemmActivations::kAmx) && isa == Isa::kAvx512Bf16)
+        << "AMX attention scores need AMX-BF16 and the avx512bf16 ISA (asked with ISA " << isa_name(isa) << ")";
+    return detail::amx_attention_kernels();
+  }
   switch (isa) {
     case Isa::kScalar: return detail::scalar_attention_kernels();
     case Isa::kAvx2: return detail::avx2_attention_kernels();
@@ -33,10 +38,10 @@ constexpr std::int64_t kMinParallelMacs = 1 << 19;
 using RowsFn = void (*)(const float* const*, float* const*, const std::int64_t*, int, const PagedKvCache&,
                        std::int64_t, float, float*, std::int64_t);
 
-// Query heads computed together: a GQA group, in chunks of at most kMaxRows.
-std::int64_t heads_per_unit(std::int64_t num_heads, std::int64_t num_kv_heads) {
+// Query heads computed together: a GQA group, in chunks of at most max_rows.
+std::int64_t heads_per_unit(std::int64_t num_heads, std::int64_t num_kv_heads, std::int64_t max_rows) {
   const std::int64_t group = num_heads / num_kv_heads;
-  return group < detail::kMaxRows ? group : detail::kMaxRows;
+  return group < max_rows ? group : max_rows;
 }
 
 struct CacheJob {
@@ -46,7 +51,7 @@ struct CacheJob {
   std::int64_t num_tokens;
   std::int64_t num_heads;
   std::int64_t chunk;            // heads per unit
-  std::int64_t tile_tokens;      // tokens per unit (chunk x tile_tokens <= kMaxRows)
+  std::int64_t tile_tokens;      // tokens per unit (chunk x tile_tokens <= the table's max_rows)
   std::int64_t units_per_tile;   // kv heads x head chunks
   const std::int64_t* positions;  // token t at positions[t], or (null) at start_pos + t
   std::int64_t start_pos;
@@ -76,9 +81,9 @@ void cache_unit(const CacheJob& j, std::int64_t u, float* scratch) {
   const std::int64_t n = std::min(j.chunk, kvh * group + group - h0);
   const std::int64_t t0 = tile * j.tile_tokens;
   const std::int64_t t1 = std::min(j.num_tokens, t0 + j.tile_tokens);
-  const float* q[detail::kMaxRows];
-  float* out[detail::kMaxRows];
-  std::int64_t n_ctx[detail::kMaxRows];
+  const float* q[detail::kMaxTableRows];
+  float* out[detail::kMaxTableRows];
+  std::int64_t n_ctx[detail::kMaxTableRows];
   int rows = 0;
   for (std::int64_t t = t0; t < t1; ++t) {
     for (std::int64_t h = h0; h < h0 + n; ++h, ++rows) {
@@ -105,10 +110,10 @@ CacheJob make_job(const AttentionKernels& k, const float* q, std::int64_t q_stri
       << "kv blocks: key and value lists, or one list of blocks";
   KUN_CHECK(q != nullptr && out != nullptr && q_stride >= num_heads * kv.head_dim && out_stride >= num_heads * kv.head_dim)
       << "q / out rows of " << q_stride << " / " << out_stride << " floats for " << num_heads << " heads of " << kv.head_dim;
-  const std::int64_t chunk = heads_per_unit(num_heads, kv.num_kv_heads);
+  const std::int64_t chunk = heads_per_unit(num_heads, kv.num_kv_heads, k.max_rows);
   const std::int64_t group = num_heads / kv.num_kv_heads;
   const std::int64_t units_per_tile = kv.num_kv_heads * ((group + chunk - 1) / chunk);
-  const std::int64_t tile_tokens = std::max<std::int64_t>(1, detail::kMaxRows / chunk);
+  const std::int64_t tile_tokens = std::max<std::int64_t>(1, k.max_rows / chunk);
   CacheJob job{kv.dtype == DType::kBF16 ? k.rows_bf16 : k.rows_f32,
                q, q_stride, num_tokens, num_heads, chunk, tile_tokens, units_per_tile, positions, start_pos, &kv,
                scale, out, out_stride, scratch, parts, 0, 0};
@@ -150,7 +155,7 @@ void run_job(const CacheJob& job, ThreadPool* pool) {
   // the last thread most of the work. Which thread computes a unit never changes its value.
   pool->parallel_for(job.parts, [jp](std::int64_t b, std::int64_t e) {
     for (std::int64_t t = b; t < e; ++t) {
-      float* s = jp->scratch + t * detail::kMaxRows * jp->kv->context_len;
+      float* s = jp->scratch + t * detail::kMaxTableRows * jp->kv->context_len;
       for (std::int64_t u = t; u < jp->units; u += jp->parts) cache_unit(*jp, u, s);
     }
   });
@@ -169,17 +174,17 @@ struct BatchJob {
 
 void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
-                     float* scratch, ThreadPool* pool) {
+                     float* scratch, ThreadPool* pool, AttentionScores scores) {
   if (num_tokens <= 0) return;
   const std::int64_t row = num_heads * kv.head_dim;
-  const CacheJob job = make_job(attention_kernels_for(isa), q, row, num_tokens, num_heads, positions, 0, kv, scale, out,
+  const CacheJob job = make_job(attention_kernels_for(isa, scores), q, row, num_tokens, num_heads, positions, 0, kv, scale, out,
                                 row, scratch, pool != nullptr ? pool->num_threads() : 1);
   run_job(job, pool);
 }
 
 void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale,
-                           float* scratch, ThreadPool* pool) {
-  const AttentionKernels& k = attention_kernels_for(isa);
+                           float* scratch, ThreadPool* pool, AttentionScores scores) {
+  const AttentionKernels& k = attention_kernels_for(isa, scores);
   const int parts = pool != nullptr ? pool->num_threads() : 1;
   // The sequences worth splitting run over the pool one after the other; the others are dealt
   // whole to the threads, each on its thread's scratch slice (their jobs set up again there:
@@ -198,7 +203,7 @@ void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std
     }
   }
   if (small == 0) return;
-  const BatchJob batch{&k, seqs, num_heads, scale, scratch, detail::kMaxRows * max_context};
+  const BatchJob batch{&k, seqs, num_heads, scale, scratch, detail::kMaxTableRows * max_context};
   const BatchJob* bp = &batch;
   auto body = [bp, parts](std::int64_t b, std::int64_t e) {
     // Inside the pool: this thread's slice; on the caller alone (-1): the first.
@@ -221,21 +226,26 @@ void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std
 }
 
 void paged_attention_batch(std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale, float* scratch,
-                           ThreadPool* pool) {
-  paged_attention_batch(active_isa(), seqs, num_heads, scale, scratch, pool);
+                           ThreadPool* pool, AttentionScores scores) {
+  paged_attention_batch(active_isa(), seqs, num_heads, scale, scratch, pool, scores);
+}
+
+AttentionScores attention_scores_for(DType weight_dtype) {
+  return active_gemm_activations() == GemmActivations::kAmx && weight_dtype == DType::kBF16 ? AttentionScores::kAmx
+                                                                                            : AttentionScores::kF32;
 }
 
 std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t context_len, std::int64_t num_heads,
                                            std::int64_t num_kv_heads) {
   KUN_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0)
       << "num_heads " << num_heads << " num_kv_heads " << num_kv_heads;
-  return (pool != nullptr ? pool->num_threads() : 1) * detail::kMaxRows * context_len;
+  return (pool != nullptr ? pool->num_threads() : 1) * detail::kMaxTableRows * context_len;
 }
 
 void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
-                     float* scratch, ThreadPool* pool) {
-  paged_attention(active_isa(), q, num_tokens, num_heads, positions, kv, scale, out, scratch, pool);
+                     float* scratch, ThreadPool* pool, AttentionScores scores) {
+  paged_attention(active_isa(), q, num_tokens, num_heads, positions, kv, scale, out, scratch, pool, scores);
 }
 
 void store_kv_row(const float* x, std::int64_t n, DType dtype, void* out) {

@@ -41,7 +41,7 @@ struct AV : V {
 }  // namespace
 
 const AttentionKernels& avx2_attention_kernels() {
-  static const AttentionKernels k{Isa::kAvx2, &attention_rows_f32, &attention_rows_bf16, &to_bf16_rows};
+  static const AttentionKernels k{Isa::kAvx2, kMaxRows, &attention_rows_f32, &attention_rows_bf16, &to_bf16_rows};
   return k;
 }
 

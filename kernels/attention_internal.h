@@ -14,10 +14,15 @@ namespace kun::kernels::detail {
 // heads of a GQA group and, when a call holds several tokens of the sequence (a prefill), as many
 // consecutive tokens as fit.
 inline constexpr int kMaxRows = 4;
+// The most query rows of one call of any table (AttentionKernels::max_rows): the scores scratch
+// holds this many rows per thread.
+inline constexpr int kMaxTableRows = 16;
 
 struct AttentionKernels {
   Isa isa;
-  // Attention of `rows` (1..kMaxRows) query rows (token, head) sharing kv head `kv_head`: row r
+  // Query rows per call (kMaxRows; the AMX table 16: its tiles hold 16 q rows).
+  int max_rows;
+  // Attention of `rows` (1..max_rows) query rows (token, head) sharing kv head `kv_head`: row r
   // reads q[r] (head_dim floats), attends cached positions [0, n_ctx[r]) and writes out[r];
   // scores has rows x score_stride floats (score_stride >= every n_ctx). K/V elements are f32
   // (rows_f32) or bf16 (rows_bf16); each K/V row is loaded once for all the rows that attend it.
@@ -37,5 +42,7 @@ struct AttentionKernels {
 const AttentionKernels& scalar_attention_kernels();
 const AttentionKernels& avx2_attention_kernels();
 const AttentionKernels& avx512_attention_kernels();
+// The AVX-512 table with the scores of a bf16 cache on AMX tiles (AttentionScores::kAmx).
+const AttentionKernels& amx_attention_kernels();
 
 }  // namespace kun::kernels::detail

@@ -39,7 +39,7 @@ struct AV : V {
 }  // namespace
 
 const AttentionKernels& scalar_attention_kernels() {
-  static const AttentionKernels k{Isa::kScalar, &attention_rows_f32, &attention_rows_bf16, &to_bf16_rows};
+  static const AttentionKernels k{Isa::kScalar, kMaxRows, &attention_rows_f32, &attention_rows_bf16, &to_bf16_rows};
   return k;
 }
 

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <fcntl.h>
@@ -123,5 +124,21 @@ class SequenceKvCache {
   std::vector<std::vector<std::byte>> memory_;
   std::vector<std::vector<std::byte*>> pointers_;
 };
+
+// The breakdown benches' --attention-scores f32|amx (empty: what a device with these weights
+// uses, kernels::attention_scores_for), for A/B runs of the attention arithmetic. False for an
+// unknown value, or amx without AMX-BF16.
+inline bool parse_attention_scores(const std::string& flag, DType weight_dtype, kernels::AttentionScores* out) {
+  if (flag.empty()) {
+    *out = kernels::attention_scores_for(weight_dtype);
+  } else if (flag == "f32") {
+    *out = kernels::AttentionScores::kF32;
+  } else if (flag == "amx" && kernels::gemm_activations_supported(kernels::GemmActivations::kAmx)) {
+    *out = kernels::AttentionScores::kAmx;
+  } else {
+    return false;
+  }
+  return true;
+}
 
 }  // namespace kun::bench

@@ -355,6 +355,99 @@ TEST(PagedKvCacheAttention, BatchGivesEachSequenceItsOwnBits) {
   }
 }
 
+// AttentionScores::kAmx (q.k on AMX tiles, up to 16 query rows per call): a prefill chunk in one
+// call gives every token the bits it gets alone (a decode step), whatever the threads, the block
+// size (which sets the key tile: 16, 7, 5 or 256 keys per block) and the placement of the blocks;
+// the batch entry gives each sequence its own bits; the result is within bf16-activation error of
+// the double reference and differs from the f32 scores (so the AMX path ran). A head_dim the AMX
+// scores do not take (odd, or above 128) keeps the f32 scores' bits.
+TEST(PagedKvCacheAttention, AmxScoresAreBatchInvariantAndClose) {
+  if (!gemm_activations_supported(GemmActivations::kAmx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  ThreadPool p2(2), p3(3);
+  struct Case {
+    std::int64_t ctx, heads, kv_heads, hd, start;
+    bool amx;  // the AMX scores apply
+  };
+  // GQA groups of 2 (8 tokens per 16-row tile), 1 (16 tokens), 4 and 7 (a chunk of 16 heads is
+  // not possible: 7 rows); head_dims with a last block of 8 (40, 72) and 2 (66) elements, 128
+  // (four blocks); 33 and 160 fall back to the f32 scores.
+  const Case cases[] = {{300, 16, 8, 64, 0, true},  {70, 4, 4, 40, 13, true},  {129, 8, 2, 72, 60, true},
+                        {90, 14, 2, 128, 31, true}, {50, 4, 2, 66, 0, true},   {40, 4, 2, 33, 3, false},
+                        {40, 4, 2, 160, 3, false}};
+  std::uint32_t seed = 1300;
+  const Isa isa = Isa::kAvx512Bf16;
+  for (const Case& c : cases) {
+    SCOPED_TRACE("ctx=" + std::to_string(c.ctx) + " heads=" + std::to_string(c.heads) + "/" +
+                 std::to_string(c.kv_heads) + " hd=" + std::to_string(c.hd));
+    const Sequence s{c.ctx, c.kv_heads, c.hd, random_floats(c.kv_heads * c.ctx * c.hd, ++seed, -2, 2),
+                     random_floats(c.kv_heads * c.ctx * c.hd, ++seed, -1, 1)};
+    const Sequence rounded{c.ctx, c.kv_heads, c.hd, bf16_rounded(s.k), bf16_rounded(s.v)};
+    const std::int64_t T = c.ctx - c.start;
+    std::vector<std::int64_t> positions(static_cast<std::size_t>(T));
+    std::iota(positions.begin(), positions.end(), c.start);
+    const std::vector<float> q = random_floats(T * c.heads * c.hd, ++seed, -2, 2);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+    std::vector<float> scratch(static_cast<std::size_t>(paged_kv_cache_scratch_floats(&p3, c.ctx, c.heads, c.kv_heads)));
+    const std::int64_t row = c.heads * c.hd;
+    const auto out_n = static_cast<std::size_t>(T * row);
+
+    const PagedCache base = page(s, 16, DType::kBF16, 0);
+    std::vector<float> out0(out_n), f32_scores(out_n);
+    paged_attention(isa, q.data(), T, c.heads, positions.data(), base.cache, scale, out0.data(), scratch.data(), nullptr,
+                    AttentionScores::kAmx);
+    paged_attention(isa, q.data(), T, c.heads, positions.data(), base.cache, scale, f32_scores.data(), scratch.data(),
+                    nullptr, AttentionScores::kF32);
+    const bool same_as_f32 = std::memcmp(out0.data(), f32_scores.data(), out_n * sizeof(float)) == 0;
+    EXPECT_EQ(same_as_f32, !c.amx) << "the AMX scores ran exactly where they apply";
+
+    std::vector<double> ref;
+    reference_attention(rounded, q.data(), T, c.heads, positions.data(), scale, &ref);
+    double max_err = 0;
+    for (std::size_t i = 0; i < out_n; ++i) max_err = std::max(max_err, std::abs(out0[i] - ref[i]));
+    // q rounded to bf16 (relative 2^-9 per element): the outputs (|v| <= 1) move by a few 1e-3.
+    EXPECT_LT(max_err, c.amx ? 2e-2 : 1e-5);
+    std::printf("amx scores ctx %lld hd %lld: max |out - reference| %.3g\n", static_cast<long long>(c.ctx),
+                static_cast<long long>(c.hd), max_err);
+
+    for (std::int64_t bs : {16, 7, 5, 256}) {
+      for (std::uint32_t shuffle : {0u, 31u}) {
+        const PagedCache pc = page(s, bs, DType::kBF16, shuffle);
+        for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+          std::vector<float> out(out_n);
+          paged_attention(isa, q.data(), T, c.heads, positions.data(), pc.cache, scale, out.data(), scratch.data(), pool,
+                          AttentionScores::kAmx);
+          ASSERT_EQ(0, std::memcmp(out.data(), out0.data(), out_n * sizeof(float))) << "bs=" << bs << " shuffle=" << shuffle;
+        }
+      }
+    }
+    // Each token alone (a decode step), and the chunk split at odd places, give the same bits.
+    for (std::int64_t t = 0; t < T; ++t) {
+      std::vector<float> one(static_cast<std::size_t>(row));
+      paged_attention(isa, q.data() + t * row, 1, c.heads, positions.data() + t, base.cache, scale, one.data(),
+                      scratch.data(), &p2, AttentionScores::kAmx);
+      ASSERT_EQ(0, std::memcmp(one.data(), out0.data() + t * row, one.size() * sizeof(float))) << "token " << t;
+    }
+    std::vector<AttentionSequence> parts;
+    std::vector<float> split(out_n);
+    for (std::int64_t t0 = 0; t0 < T;) {
+      const std::int64_t n = std::min<std::int64_t>(T - t0, 1 + (t0 * 7 + 3) % 11);
+      AttentionSequence a;
+      a.q = q.data() + t0 * row;
+      a.q_stride = row;
+      a.num_tokens = n;
+      a.start_pos = c.start + t0;
+      a.kv = base.cache;
+      a.kv.context_len = c.start + t0 + n;
+      a.out = split.data() + t0 * row;
+      a.out_stride = row;
+      parts.push_back(a);
+      t0 += n;
+    }
+    paged_attention_batch(isa, parts, c.heads, scale, scratch.data(), &p2, AttentionScores::kAmx);
+    EXPECT_EQ(0, std::memcmp(split.data(), out0.data(), out_n * sizeof(float))) << "chunks through the batch entry";
+  }
+}
+
 TEST(StoreKvRow, Bf16RoundsToNearestEvenLikeCommonDtype) {
   std::vector<float> x = random_floats(1000, 7, -1e3f, 1e3f);
   const float specials[] = {0.0f, -0.0f, 1.0f + 1.0f / 256, 1.0f + 3.0f / 256, -(1.0f + 1.0f / 256),

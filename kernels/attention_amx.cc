@@ -1,0 +1,253 @@
+// Paged attention whose scores (q.k) run on Intel AMX tiles: AttentionScores::kAmx, over a bf16
+// KV cache. Everything after the scores (max, exp and sum, the weighted sum of V) is the AVX-512
+// unit's code and arithmetic, compiled here again from attention_impl.inc.
+//
+// The scores of a row tile: S^T = K Q^T, one TDPBF16PS per 32 elements of head_dim. A = a key
+// tile straight from the cache (kt keys x 32 bf16, a row per key, the row stride head_dim), so
+// the cache is read as it is stored; B = the rows' q, rounded to bf16 (as the AMX GEMM rounds its
+// activations) and laid out in pairs (16 pairs x 16 rows, the rows that are not there zero),
+// built once per call. C (kt keys x 16 rows) goes through a small stash into each row's scores,
+// times scale.
+//
+// Arithmetic: a score is C = 0, then C = TDPBF16PS(C, key block, q block) for the 32-element
+// blocks of head_dim in increasing order (the last block as long as head_dim leaves it), times
+// scale. TDPBF16PS computes each C element from its A row and B column alone, so a score does not
+// depend on the other rows of the call, on the key tile it falls in (kt is fixed by the block
+// size) or on the thread: the result of a (token, head) depends only on its q and the cached K/V
+// at positions [0, pos], as kernels.h requires. It is the hardware's sum, not vdpbf16ps's
+// sequential one (kernels_amx.cc), so no other unit reproduces these bits; the precision is that
+// of bf16 activations (q rounded to bf16, K already bf16, f32 sums).
+//
+// An f32 cache, or an odd head_dim, or head_dim above kMaxHeadDim, keeps the f32 scores (the
+// AVX-512 unit's bits): amx_scores_apply.
+//
+// Compiled with the flags of kernels_amx.cc; reached only through amx_attention_kernels(), which
+// the front end uses only when the AMX GEMM mode is supported (dispatch.cc has asked the kernel
+// for the tile state).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/attention_internal.h"
+#include "kernels/internal.h"
+
+namespace kun::kernels::detail {
+namespace {
+
+#include "kernels/bf16_dot.inc"
+#include "kernels/simd_avx512.inc"
+
+#include "kernels/attention_avx512_traits.inc"
+
+// B (the rows' q) stays in tiles 4..7: at most 4 blocks of 32 elements of head_dim.
+constexpr std::int64_t kMaxHeadDim = 128;
+
+// The AMX scores need bf16 keys and pairs of head_dim elements.
+template <typename KT>
+inline bool amx_scores_apply(const PagedKvCache&) {
+  return false;
+}
+template <>
+inline bool amx_scores_apply<std::uint16_t>(const PagedKvCache& kv) {
+  return kv.head_dim % 2 == 0 && kv.head_dim <= kMaxHeadDim;
+}
+
+#include "kernels/attention_impl.inc"
+
+// See kernels_amx.cc: GCC's AMX intrinsics do not declare the memory they read or write, so the
+// configuration is loaded with its whole 64 bytes as the operand, and compiler fences order the
+// C stores and loads around the tile instructions that read or write the same buffers.
+inline void memory_barrier() { __asm__ volatile("" ::: "memory"); }
+
+struct alignas(64) TileConfig {
+  std::uint8_t palette_id;
+  std::uint8_t start_row;
+  std::uint8_t reserved[14];
+  std::uint16_t colsb[16];
+  std::uint8_t rows[16];
+};
+
+// Tiles: C 0 and 1 (two key tiles in flight, kt keys x 16 rows f32); A 2 and 3 (kt keys x 32
+// bf16, the two key tiles'; with a shorter last block of head_dim, rem elements, A 3 is that
+// block's, kt x rem, and both key tiles load A 2 for the full blocks); B 4 .. 4 + blocks - 1 (the
+// rows' q, 16 pairs x 16 rows each, rem / 2 pairs for the last), loaded once per call.
+void load_score_tiles(int kt, std::int64_t blocks, int rem) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  for (int t = 0; t < 4; ++t) {
+    cfg.rows[t] = static_cast<std::uint8_t>(kt);
+    cfg.colsb[t] = 64;
+  }
+  if (rem > 0) cfg.colsb[3] = static_cast<std::uint16_t>(rem * 2);
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    cfg.rows[4 + b] = static_cast<std::uint8_t>(rem > 0 && b == blocks - 1 ? rem / 2 : 16);
+    cfg.colsb[4 + b] = 64;
+  }
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+// TDPBF16PS into C tile `c` (0 or 1) from A tile `a` (2 or 3) and B tile 4 + kb (the tile
+// numbers are immediates).
+inline void dp(int c, int a, std::int64_t kb) {
+  switch (c * 16 + a * 4 + static_cast<int>(kb)) {
+    case 8: _tile_dpbf16ps(0, 2, 4); return;
+    case 9: _tile_dpbf16ps(0, 2, 5); return;
+    case 10: _tile_dpbf16ps(0, 2, 6); return;
+    case 11: _tile_dpbf16ps(0, 2, 7); return;
+    case 12: _tile_dpbf16ps(0, 3, 4); return;
+    case 13: _tile_dpbf16ps(0, 3, 5); return;
+    case 14: _tile_dpbf16ps(0, 3, 6); return;
+    case 15: _tile_dpbf16ps(0, 3, 7); return;
+    case 24: _tile_dpbf16ps(1, 2, 4); return;
+    case 25: _tile_dpbf16ps(1, 2, 5); return;
+    case 26: _tile_dpbf16ps(1, 2, 6); return;
+    case 27: _tile_dpbf16ps(1, 2, 7); return;
+    case 28: _tile_dpbf16ps(1, 3, 4); return;
+    case 29: _tile_dpbf16ps(1, 3, 5); return;
+    case 30: _tile_dpbf16ps(1, 3, 6); return;
+    case 31: _tile_dpbf16ps(1, 3, 7); return;
+    default: return;
+  }
+}
+
+inline void load_b(std::int64_t kb, const void* p) {
+  switch (kb) {
+    case 0: _tile_loadd(4, p, 64); return;
+    case 1: _tile_loadd(5, p, 64); return;
+    case 2: _tile_loadd(6, p, 64); return;
+    default: _tile_loadd(7, p, 64); return;
+  }
+}
+
+void amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std::int64_t n_max,
+                const PagedKvCache& kv, std::int64_t kv_head, float scale, float* const* sc) {
+  const std::int64_t hd = kv.head_dim;
+  const std::int64_t bs = kv.block_size;
+  const std::int64_t full_blocks = hd / 32;
+  const int rem = static_cast<int>(hd % 32);
+  const std::int64_t blocks = full_blocks + (rem > 0 ? 1 : 0);
+  // Keys per tile: the largest divisor of the block size up to 16, so no tile spans two blocks.
+  int kt = 16;
+  while (bs % kt != 0) --kt;
+  // B: qt[block][pair][row], 32-bit pairs of bf16 q elements, zero for missing rows.
+  alignas(64) std::uint32_t qt[kMaxHeadDim / 32][16][16];
+  std::memset(qt, 0, static_cast<std::size_t>(blocks) * sizeof qt[0]);
+  for (int r = 0; r < rows; ++r) {
+    for (std::int64_t p = 0; p < hd / 2; ++p) {
+      const std::uint32_t lo = act_to_bf16(q[r][2 * p]);
+      const std::uint32_t hi = act_to_bf16(q[r][2 * p + 1]);
+      qt[p / 16][p % 16][r] = lo | (hi << 16);
+    }
+  }
+  alignas(64) float stash[2][16][16];
+  load_score_tiles(kt, blocks, rem);
+  memory_barrier();  // qt's stores before the TILELOADDs that read it
+  for (std::int64_t kb = 0; kb < blocks; ++kb) load_b(kb, &qt[kb][0][0]);
+  const std::int64_t stride = hd * 2;
+  auto keys_at = [&](std::int64_t j0) {
+    const std::int64_t b = j0 / bs;
+    const void* block = kv.key_blocks != nullptr ? kv.key_blocks[b] : static_cast<const void*>(kv.blocks[b]);
+    return static_cast<const std::uint16_t*>(block) + (kv_head * bs + j0 % bs) * hd;
+  };
+  // Scores of key tiles j0 (C 0) and, where there is one, j0 + kt (C 1), interleaved so that
+  // the two chains of TDPBF16PS overlap.
+  for (std::int64_t j0 = 0; j0 < n_max; j0 += 2 * kt) {
+    const bool two = j0 + kt < n_max;
+    const std::uint16_t* k0 = keys_at(j0);
+    const std::uint16_t* k1 = two ? keys_at(j0 + kt) : nullptr;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (std::int64_t kb = 0; kb < full_blocks; ++kb) {
+      _tile_loadd(2, k0 + kb * 32, stride);
+      dp(0, 2, kb);
+      if (two) {
+        if (rem > 0) {
+          _tile_loadd(2, k1 + kb * 32, stride);
+          dp(1, 2, kb);
+        } else {
+          _tile_loadd(3, k1 + kb * 32, stride);
+          dp(1, 3, kb);
+        }
+      }
+    }
+    if (rem > 0) {
+      _tile_loadd(3, k0 + full_blocks * 32, stride);
+      dp(0, 3, full_blocks);
+      if (two) {
+        _tile_loadd(3, k1 + full_blocks * 32, stride);
+        dp(1, 3, full_blocks);
+      }
+    }
+    _tile_stored(0, &stash[0][0][0], 64);
+    if (two) _tile_stored(1, &stash[1][0][0], 64);
+    memory_barrier();  // the TILESTOREDs before the reads below
+    for (int t = 0; t < (two ? 2 : 1); ++t) {
+      const std::int64_t jt = j0 + t * kt;
+      const std::int64_t count = n_max - jt < kt ? n_max - jt : kt;
+      for (int r = 0; r < rows; ++r) {
+        const std::int64_t own = n_ctx[r] - jt < count ? n_ctx[r] - jt : count;
+        float* out = sc[r] + jt;
+        for (std::int64_t i = 0; i < own; ++i) out[i] = stash[t][i][r] * scale;
+      }
+    }
+    memory_barrier();  // these reads before the next TILESTOREDs
+  }
+}
+
+// Up to kMaxTableRows rows through the AVX-512 body, kMaxRows at a time (a row's result does not
+// depend on the rows computed with it).
+template <typename KT>
+void rows_in_groups(const float* const* q, float* const* out, const std::int64_t* n_ctx, int rows,
+                    const PagedKvCache& kv, std::int64_t kv_head, float scale, float* scores,
+                    std::int64_t score_stride) {
+  for (int g = 0; g < rows; g += kMaxRows) {
+    const int n = rows - g < kMaxRows ? rows - g : kMaxRows;
+    attention_rows<KT>(q + g, out + g, n_ctx + g, n, kv, kv_head, scale, scores + g * score_stride, score_stride);
+  }
+}
+
+void amx_rows_f32(const float* const* q, float* const* out, const std::int64_t* n_ctx, int rows,
+                  const PagedKvCache& kv, std::int64_t kv_head, float scale, float* scores,
+                  std::int64_t score_stride) {
+  rows_in_groups<float>(q, out, n_ctx, rows, kv, kv_head, scale, scores, score_stride);
+}
+
+// The scores of all rows on AMX tiles, then softmax and values kMaxRows rows at a time.
+void amx_rows_bf16(const float* const* q, float* const* out, const std::int64_t* n_ctx, int rows,
+                   const PagedKvCache& kv, std::int64_t kv_head, float scale, float* scores,
+                   std::int64_t score_stride) {
+  if (!amx_scores_apply<std::uint16_t>(kv)) {
+    rows_in_groups<std::uint16_t>(q, out, n_ctx, rows, kv, kv_head, scale, scores, score_stride);
+    return;
+  }
+  float* sc[kMaxTableRows] = {};
+  std::int64_t n_max = 0;
+  for (int r = 0; r < rows; ++r) {
+    sc[r] = scores + r * score_stride;
+    n_max = n_ctx[r] > n_max ? n_ctx[r] : n_max;
+  }
+  amx_scores(q, rows, n_ctx, n_max, kv, kv_head, scale, sc);
+  for (int g = 0; g < rows; g += kMaxRows) {
+    switch (rows - g) {
+      case 1: softmax_values_rows<std::uint16_t, 1>(out + g, n_ctx + g, kv, kv_head, sc + g); break;
+      case 2: softmax_values_rows<std::uint16_t, 2>(out + g, n_ctx + g, kv, kv_head, sc + g); break;
+      case 3: softmax_values_rows<std::uint16_t, 3>(out + g, n_ctx + g, kv, kv_head, sc + g); break;
+      default: softmax_values_rows<std::uint16_t, 4>(out + g, n_ctx + g, kv, kv_head, sc + g); break;
+    }
+  }
+}
+
+}  // namespace
+
+const AttentionKernels& amx_attention_kernels() {
+  static const AttentionKernels k{Isa::kAvx512Bf16, kMaxTableRows, &amx_rows_f32, &amx_rows_bf16, &to_bf16_rows};
+  return k;
+}
+
+}  // namespace kun::kernels::detail
