@@ -6,8 +6,8 @@
 // tile straight from the cache (kt keys x 32 bf16, a row per key, the row stride head_dim), so
 // the cache is read as it is stored; B = the rows' q, rounded to bf16 (as the AMX GEMM rounds its
 // activations) and laid out in pairs (16 pairs x 16 rows, the rows that are not there zero),
-// built once per call. C (kt keys x 16 rows) goes through a small stash into each row's scores,
-// times scale.
+// built once per call. C (kt keys x 16 rows) goes through a small stash into each row's scores
+// (one gather per row and key tile), times scale.
 //
 // Arithmetic: a score is C = 0, then C = TDPBF16PS(C, key block, q block) for the 32-element
 // blocks of head_dim in increasing order (the last block as long as head_dim leaves it), times
@@ -192,8 +192,14 @@ void amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std:
       const std::int64_t count = n_max - jt < kt ? n_max - jt : kt;
       for (int r = 0; r < rows; ++r) {
         const std::int64_t own = n_ctx[r] - jt < count ? n_ctx[r] - jt : count;
-        float* out = sc[r] + jt;
-        for (std::int64_t i = 0; i < own; ++i) out[i] = stash[t][i][r] * scale;
+        if (own <= 0) continue;
+        // Column r of the stash (key i at stash[t][i][r]) times scale, into the row's scores.
+        const __mmask16 m = static_cast<__mmask16>(own >= 16 ? 0xffffu : (1u << own) - 1u);
+        const __m512i idx = _mm512_add_epi32(
+            _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240),
+            _mm512_set1_epi32(r));
+        const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, &stash[t][0][0], 4);
+        _mm512_mask_storeu_ps(sc[r] + jt, m, _mm512_mul_ps(col, _mm512_set1_ps(scale)));
       }
     }
     memory_barrier();  // these reads before the next TILESTOREDs
