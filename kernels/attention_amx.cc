@@ -125,6 +125,15 @@ inline void load_b(std::int64_t kb, const void* p) {
   }
 }
 
+// Subnormal lanes to signed zero (act_to_bf16 reads a subnormal activation as zero).
+inline __m512 flush_subnormals(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 tiny = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(0x00800000));
+  return _mm512_castsi512_ps(
+      _mm512_mask_and_epi32(bits, tiny, bits, _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+}
+
 void amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std::int64_t n_max,
                 const PagedKvCache& kv, std::int64_t kv_head, float scale, float* const* sc) {
   const std::int64_t hd = kv.head_dim;
@@ -138,8 +147,17 @@ void amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std:
   // B: qt[block][pair][row], 32-bit pairs of bf16 q elements, zero for missing rows.
   alignas(64) std::uint32_t qt[kMaxHeadDim / 32][16][16];
   std::memset(qt, 0, static_cast<std::size_t>(blocks) * sizeof qt[0]);
+  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
   for (int r = 0; r < rows; ++r) {
-    for (std::int64_t p = 0; p < hd / 2; ++p) {
+    // Full blocks: 32 elements rounded at once (act_to_bf16's bits: subnormals to signed zero,
+    // then round to nearest even), their 16 pairs scattered down column r of the block's tile.
+    for (std::int64_t kb = 0; kb < full_blocks; ++kb) {
+      const __m512 lo = flush_subnormals(_mm512_loadu_ps(q[r] + kb * 32));
+      const __m512 hi = flush_subnormals(_mm512_loadu_ps(q[r] + kb * 32 + 16));
+      const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_i32scatter_epi32(&qt[kb][0][0], _mm512_add_epi32(column, _mm512_set1_epi32(r)), pairs, 4);
+    }
+    for (std::int64_t p = full_blocks * 16; p < hd / 2; ++p) {
       const std::uint32_t lo = act_to_bf16(q[r][2 * p]);
       const std::uint32_t hi = act_to_bf16(q[r][2 * p + 1]);
       qt[p / 16][p % 16][r] = lo | (hi << 16);
@@ -195,9 +213,7 @@ void amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std:
         if (own <= 0) continue;
         // Column r of the stash (key i at stash[t][i][r]) times scale, into the row's scores.
         const __mmask16 m = static_cast<__mmask16>(own >= 16 ? 0xffffu : (1u << own) - 1u);
-        const __m512i idx = _mm512_add_epi32(
-            _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240),
-            _mm512_set1_epi32(r));
+        const __m512i idx = _mm512_add_epi32(column, _mm512_set1_epi32(r));
         const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, &stash[t][0][0], 4);
         _mm512_mask_storeu_ps(sc[r] + jt, m, _mm512_mul_ps(col, _mm512_set1_ps(scale)));
       }
