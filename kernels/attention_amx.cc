@@ -42,6 +42,7 @@ namespace {
 #include "kernels/bf16_dot.inc"
 #include "kernels/simd_avx512.inc"
 
+#include "kernels/amx_tiles.inc"
 #include "kernels/attention_avx512_traits.inc"
 
 // B (the rows' q) stays in tiles 4..7: at most 4 blocks of 32 elements of head_dim.
@@ -58,19 +59,6 @@ inline bool amx_scores_apply<std::uint16_t>(const PagedKvCache& kv) {
 }
 
 #include "kernels/attention_impl.inc"
-
-// See kernels_amx.cc: GCC's AMX intrinsics do not declare the memory they read or write, so the
-// configuration is loaded with its whole 64 bytes as the operand, and compiler fences order the
-// C stores and loads around the tile instructions that read or write the same buffers.
-inline void memory_barrier() { __asm__ volatile("" ::: "memory"); }
-
-struct alignas(64) TileConfig {
-  std::uint8_t palette_id;
-  std::uint8_t start_row;
-  std::uint8_t reserved[14];
-  std::uint16_t colsb[16];
-  std::uint8_t rows[16];
-};
 
 // Tiles: C 0 and 1 (two key tiles in flight, kt keys x 16 rows f32); A 2 and 3 (kt keys x 32
 // bf16, the two key tiles'; with a shorter last block of head_dim, rem elements, A 3 is that
@@ -89,7 +77,7 @@ void load_score_tiles(int kt, std::int64_t blocks, int rem) {
     cfg.rows[4 + b] = static_cast<std::uint8_t>(rem > 0 && b == blocks - 1 ? rem / 2 : 16);
     cfg.colsb[4 + b] = 64;
   }
-  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+  load_tile_config(cfg);
 }
 
 // TDPBF16PS into C tile `c` (0 or 1) from A tile `a` (2 or 3) and B tile 4 + kb (the tile

@@ -33,29 +33,13 @@ using I64 = std::int64_t;
 
 #include "kernels/bf16_dot.inc"
 
-// GCC's AMX intrinsics do not tell the compiler which memory they touch: _tile_loadconfig
-// declares a read of 8 bytes (the configuration is 64), and _tile_loadd passes its address as a
-// plain register with no memory operand or clobber. So stores into memory a tile instruction
-// reads may be dropped as dead or moved past it. A configuration built on the stack lost its
-// stores that way in one build (LDTILECFG then faulted on the garbage). Hence:
-//  * load_tile_config issues LDTILECFG itself, with the whole TileConfig as its memory operand;
-//  * memory_barrier() fences the C stores into buffers a TILELOADD reads (the B tail copy, the
-//    probe's operands); the packed activations and the weights are written by other calls.
-inline void memory_barrier() { __asm__ volatile("" ::: "memory"); }
+#include "kernels/amx_tiles.inc"
 
 // Tile registers: C 0..3 (16 x 16 f32); A (16 rows x 16 pairs) in 4, and in 5 for a second row
 // tile; B (16 pairs x 16 columns) in 6..7, and in 5 where one row tile leaves it free. All are
 // 16 rows x 64 bytes, except that calls of fewer than 16 rows give A and C just their rows.
-struct alignas(64) TileConfig {
-  std::uint8_t palette_id;
-  std::uint8_t start_row;
-  std::uint8_t reserved[14];
-  std::uint16_t colsb[16];
-  std::uint8_t rows[16];
-};
-
 // a_rows: rows of the A and C tiles (the calls of at most 16 rows configure just their rows).
-void load_tile_config(int a_rows = 16) {
+void configure_gemm_tiles(int a_rows = 16) {
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof cfg);
   cfg.palette_id = 1;
@@ -64,7 +48,7 @@ void load_tile_config(int a_rows = 16) {
     cfg.rows[t] = 16;
   }
   for (int t = 0; t <= 4; ++t) cfg.rows[t] = static_cast<std::uint8_t>(a_rows);  // C 0..3, A 4
-  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+  load_tile_config(cfg);
 }
 
 // Rows per tile and pairs per k block.
@@ -294,7 +278,7 @@ void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64
   // Calls of fewer than 16 rows configure A and C with just their rows (a row's value does not
   // depend on it; TDPBF16PS does less work): 0.86-0.875 of the read probe at M = 1 against
   // 0.83-0.85 with 16.
-  load_tile_config(M < kTileRows ? static_cast<int>(M) : static_cast<int>(kTileRows));
+  configure_gemm_tiles(M < kTileRows ? static_cast<int>(M) : static_cast<int>(kTileRows));
   for (I64 p = p0; p < p1; ++p) {
     const I64 n0 = p * kPanelCols;
     Unit u;
@@ -321,7 +305,7 @@ void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64
 
 // Peak probe: 4 independent accumulator tiles, A and B reloaded never (register-resident).
 double amx_dot_chains_impl(I64 iters, float seed, float* sink) {
-  load_tile_config();
+  configure_gemm_tiles();
   alignas(64) std::uint16_t a[16 * 32];
   alignas(64) float c[16 * 16];
   const std::uint16_t one = act_to_bf16(seed);
