@@ -80,6 +80,19 @@ void load_score_tiles(int kt, std::int64_t blocks, int rem) {
   load_tile_config(cfg);
 }
 
+// Every tile 16 rows x 64 bytes: the weighted V's tiles, and the scores' ones when a key tile is
+// 16 keys and head_dim a multiple of 32 (amx_scores then leaves this configuration loaded).
+void load_square_tiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  load_tile_config(cfg);
+}
+
 // TDPBF16PS into C tile `c` (0 or 1) from A tile `a` (2 or 3) and B tile 4 + kb (the tile
 // numbers are immediates).
 inline void dp(int c, int a, std::int64_t kb) {
@@ -122,7 +135,8 @@ inline __m512 flush_subnormals(__m512 v) {
       _mm512_mask_and_epi32(bits, tiny, bits, _mm512_set1_epi32(static_cast<int>(0x80000000u))));
 }
 
-void amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std::int64_t n_max,
+// Returns whether it left load_square_tiles' configuration loaded.
+bool amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std::int64_t n_max,
                 const PagedKvCache& kv, std::int64_t kv_head, float scale, float* const* sc) {
   const std::int64_t hd = kv.head_dim;
   const std::int64_t bs = kv.block_size;
@@ -152,7 +166,12 @@ void amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std:
     }
   }
   alignas(64) float stash[2][16][16];
-  load_score_tiles(kt, blocks, rem);
+  const bool square = kt == 16 && rem == 0;
+  if (square) {
+    load_square_tiles();
+  } else {
+    load_score_tiles(kt, blocks, rem);
+  }
   memory_barrier();  // qt's stores before the TILELOADDs that read it
   for (std::int64_t kb = 0; kb < blocks; ++kb) load_b(kb, &qt[kb][0][0]);
   const std::int64_t stride = hd * 2;
@@ -208,6 +227,113 @@ void amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std:
     }
     memory_barrier();  // these reads before the next TILESTOREDs
   }
+  return square;
+}
+
+// The weighted sum of V on AMX tiles: whole 16-column tiles of head_dim only.
+inline bool amx_values_apply(const PagedKvCache& kv) { return kv.head_dim % 16 == 0; }
+
+// Tiles for the weighted V (load_square_tiles): C 0..3 (16 rows x 16 columns of head_dim each,
+// f32), A 4 (16 rows' probabilities of 32 keys, bf16; the rows past the call's are zero), B 5..7
+// (16 key pairs x 16 columns of V; the fourth column tile reuses 5).
+
+inline __mmask32 lanes32(std::int64_t n) {
+  if (n <= 0) return 0;
+  return n >= 32 ? ~static_cast<__mmask32>(0) : static_cast<__mmask32>((1u << n) - 1u);
+}
+inline __mmask16 lanes16(std::int64_t n) {
+  if (n <= 0) return 0;
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// out[r] = inv_sum[r] * sum_j p[r][j] V_j for the rows, j < n_ctx[r], on AMX tiles (configured:
+// load_square_tiles' configuration is loaded already): per pass of up
+// to 64 columns of head_dim, C = 0, then C = TDPBF16PS(C, P block, V block) for the blocks of 32
+// keys in order, where the P block holds row r's probabilities rounded to bf16 (act_to_bf16's
+// bits) and zero past n_ctx[r], and the V block pairs consecutive keys (zero past n_max). An
+// element of C comes from its own row of P and column of V alone.
+void amx_values(float* const* out, int rows, const std::int64_t* n_ctx, std::int64_t n_max,
+                const PagedKvCache& kv, std::int64_t kv_head, float* const* p, const float* inv_sum,
+                bool configured) {
+  const std::int64_t hd = kv.head_dim;
+  const std::int64_t bs = kv.block_size;
+  alignas(64) std::uint16_t a[16][32];
+  if (rows < 16) std::memset(&a[rows][0], 0, static_cast<std::size_t>(16 - rows) * sizeof a[0]);
+  alignas(64) std::uint16_t b[4][16][32];
+  alignas(64) float stash[16][64];
+  // Element i of the result: key a's column i / 2 (i even) or key b's (i odd), per 16 columns.
+  const __m512i first16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                           37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i second16 = _mm512_add_epi16(first16, _mm512_set1_epi16(16));
+  auto value_row = [&](std::int64_t j) {
+    const void* block = kv.value_blocks != nullptr
+                            ? kv.value_blocks[j / bs]
+                            : static_cast<const void*>(kv.blocks[j / bs] + kv.value_offset_bytes);
+    return static_cast<const std::uint16_t*>(block) + (kv_head * bs + j % bs) * hd;
+  };
+  if (!configured) load_square_tiles();
+  for (std::int64_t c0 = 0; c0 < hd; c0 += 64) {
+    const std::int64_t cols = hd - c0 < 64 ? hd - c0 : 64;
+    const int tiles = static_cast<int>(cols / 16);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (std::int64_t j0 = 0; j0 < n_max; j0 += 32) {
+      memory_barrier();  // the previous block's TILELOADDs before these stores
+      for (int r = 0; r < rows; ++r) {
+        const std::int64_t n = n_ctx[r] - j0;
+        const __m512 lo = flush_subnormals(_mm512_maskz_loadu_ps(lanes16(n), p[r] + j0));
+        const __m512 hi = flush_subnormals(_mm512_maskz_loadu_ps(lanes16(n - 16), p[r] + j0 + 16));
+        _mm512_store_si512(&a[r][0], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+      for (int q = 0; q < 16; ++q) {
+        const std::int64_t ja = j0 + 2 * q;
+        __m512i va0 = _mm512_setzero_si512(), va1 = va0, vb0 = va0, vb1 = va0;
+        if (ja < n_max) {
+          const std::uint16_t* row = value_row(ja) + c0;
+          va0 = _mm512_maskz_loadu_epi16(lanes32(cols), row);
+          va1 = _mm512_maskz_loadu_epi16(lanes32(cols - 32), row + 32);
+        }
+        if (ja + 1 < n_max) {
+          const std::uint16_t* row = value_row(ja + 1) + c0;
+          vb0 = _mm512_maskz_loadu_epi16(lanes32(cols), row);
+          vb1 = _mm512_maskz_loadu_epi16(lanes32(cols - 32), row + 32);
+        }
+        _mm512_store_si512(&b[0][q][0], _mm512_permutex2var_epi16(va0, first16, vb0));
+        _mm512_store_si512(&b[1][q][0], _mm512_permutex2var_epi16(va0, second16, vb0));
+        _mm512_store_si512(&b[2][q][0], _mm512_permutex2var_epi16(va1, first16, vb1));
+        _mm512_store_si512(&b[3][q][0], _mm512_permutex2var_epi16(va1, second16, vb1));
+      }
+      memory_barrier();  // these stores before the TILELOADDs
+      _tile_loadd(4, &a[0][0], 64);
+      _tile_loadd(5, &b[0][0][0], 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if (tiles > 1) {
+        _tile_loadd(6, &b[1][0][0], 64);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (tiles > 2) {
+        _tile_loadd(7, &b[2][0][0], 64);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if (tiles > 3) {
+        _tile_loadd(5, &b[3][0][0], 64);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, &stash[0][0], 256);
+    if (tiles > 1) _tile_stored(1, &stash[0][16], 256);
+    if (tiles > 2) _tile_stored(2, &stash[0][32], 256);
+    if (tiles > 3) _tile_stored(3, &stash[0][48], 256);
+    memory_barrier();  // the TILESTOREDs before the reads below
+    for (int r = 0; r < rows; ++r) {
+      const __m512 scale = _mm512_set1_ps(inv_sum[r]);
+      for (int t = 0; t < tiles; ++t) {
+        _mm512_storeu_ps(out[r] + c0 + 16 * t, _mm512_mul_ps(_mm512_load_ps(&stash[r][16 * t]), scale));
+      }
+    }
+  }
 }
 
 // Up to kMaxTableRows rows through the AVX-512 body, kMaxRows at a time (a row's result does not
@@ -242,7 +368,15 @@ void amx_rows_bf16(const float* const* q, float* const* out, const std::int64_t*
     sc[r] = scores + r * score_stride;
     n_max = n_ctx[r] > n_max ? n_ctx[r] : n_max;
   }
-  amx_scores(q, rows, n_ctx, n_max, kv, kv_head, scale, sc);
+  const bool square = amx_scores(q, rows, n_ctx, n_max, kv, kv_head, scale, sc);
+  if (amx_values_apply(kv)) {
+    float inv_sum[kMaxTableRows];
+    for (int r = 0; r < rows; ++r) inv_sum[r] = softmax_row(sc[r], n_ctx[r]);
+    amx_values(out, rows, n_ctx, n_max, kv, kv_head, sc, inv_sum, square);
+    _tile_release();
+    return;
+  }
+  _tile_release();
   for (int g = 0; g < rows; g += kMaxRows) {
     switch (rows - g) {
       case 1: softmax_values_rows<std::uint16_t, 1>(out + g, n_ctx + g, kv, kv_head, sc + g); break;

@@ -372,7 +372,8 @@ TEST(PagedKvCacheAttention, AmxScoresAreBatchInvariantAndClose) {
   // not possible: 7 rows); head_dims with a last block of 8 (40, 72) and 2 (66) elements, 128
   // (four blocks); 33 and 160 fall back to the f32 scores.
   const Case cases[] = {{300, 16, 8, 64, 0, true},  {70, 4, 4, 40, 13, true},  {129, 8, 2, 72, 60, true},
-                        {90, 14, 2, 128, 31, true}, {50, 4, 2, 66, 0, true},   {40, 4, 2, 33, 3, false},
+                        {90, 14, 2, 128, 31, true}, {50, 4, 2, 66, 0, true},   {61, 4, 2, 80, 9, true},
+                        {40, 4, 2, 33, 3, false},
                         {40, 4, 2, 160, 3, false}};
   std::uint32_t seed = 1300;
   const Isa isa = Isa::kAvx512Bf16;
