@@ -12,11 +12,11 @@ namespace {
 
 using detail::AttentionKernels;
 
-const AttentionKernels& attention_kernels_for(Isa isa, AttentionScores scores = AttentionScores::kF32) {
+const AttentionKernels& attention_kernels_for(Isa isa, AttentionArithmetic arithmetic = AttentionArithmetic::kF32) {
   KUN_CHECK(isa_supported(isa)) << "ISA " << isa_name(isa) << " not supported by this CPU";
-  if (scores == AttentionScores::kAmx) {
+  if (arithmetic == AttentionArithmetic::kAmx) {
     KUN_CHECK(gemm_activations_supported(GemmActivations::kAmx) && isa == Isa::kAvx512Bf16)
-        << "AMX attention scores need AMX-BF16 and the avx512bf16 ISA (asked with ISA " << isa_name(isa) << ")";
+        << "AMX attention needs AMX-BF16 and the avx512bf16 ISA (asked with ISA " << isa_name(isa) << ")";
     return detail::amx_attention_kernels();
   }
   switch (isa) {
@@ -174,17 +174,17 @@ struct BatchJob {
 
 void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
-                     float* scratch, ThreadPool* pool, AttentionScores scores) {
+                     float* scratch, ThreadPool* pool, AttentionArithmetic arithmetic) {
   if (num_tokens <= 0) return;
   const std::int64_t row = num_heads * kv.head_dim;
-  const CacheJob job = make_job(attention_kernels_for(isa, scores), q, row, num_tokens, num_heads, positions, 0, kv, scale, out,
+  const CacheJob job = make_job(attention_kernels_for(isa, arithmetic), q, row, num_tokens, num_heads, positions, 0, kv, scale, out,
                                 row, scratch, pool != nullptr ? pool->num_threads() : 1);
   run_job(job, pool);
 }
 
 void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale,
-                           float* scratch, ThreadPool* pool, AttentionScores scores) {
-  const AttentionKernels& k = attention_kernels_for(isa, scores);
+                           float* scratch, ThreadPool* pool, AttentionArithmetic arithmetic) {
+  const AttentionKernels& k = attention_kernels_for(isa, arithmetic);
   const int parts = pool != nullptr ? pool->num_threads() : 1;
   // The sequences worth splitting run over the pool one after the other; the others are dealt
   // whole to the threads, each on its thread's scratch slice (their jobs set up again there:
@@ -226,13 +226,13 @@ void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std
 }
 
 void paged_attention_batch(std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale, float* scratch,
-                           ThreadPool* pool, AttentionScores scores) {
-  paged_attention_batch(active_isa(), seqs, num_heads, scale, scratch, pool, scores);
+                           ThreadPool* pool, AttentionArithmetic arithmetic) {
+  paged_attention_batch(active_isa(), seqs, num_heads, scale, scratch, pool, arithmetic);
 }
 
-AttentionScores attention_scores_for(DType weight_dtype) {
-  return active_gemm_activations() == GemmActivations::kAmx && weight_dtype == DType::kBF16 ? AttentionScores::kAmx
-                                                                                            : AttentionScores::kF32;
+AttentionArithmetic attention_arithmetic_for(DType weight_dtype) {
+  return active_gemm_activations() == GemmActivations::kAmx && weight_dtype == DType::kBF16 ? AttentionArithmetic::kAmx
+                                                                                            : AttentionArithmetic::kF32;
 }
 
 std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t context_len, std::int64_t num_heads,
@@ -244,8 +244,8 @@ std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t 
 
 void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
-                     float* scratch, ThreadPool* pool, AttentionScores scores) {
-  paged_attention(active_isa(), q, num_tokens, num_heads, positions, kv, scale, out, scratch, pool, scores);
+                     float* scratch, ThreadPool* pool, AttentionArithmetic arithmetic) {
+  paged_attention(active_isa(), q, num_tokens, num_heads, positions, kv, scale, out, scratch, pool, arithmetic);
 }
 
 void store_kv_row(const float* x, std::int64_t n, DType dtype, void* out) {

@@ -1,25 +1,32 @@
-// Paged attention whose scores (q.k) run on Intel AMX tiles: AttentionScores::kAmx, over a bf16
-// KV cache. Everything after the scores (max, exp and sum, the weighted sum of V) is the AVX-512
-// unit's code and arithmetic, compiled here again from attention_impl.inc.
+// Paged attention on Intel AMX tiles over a bf16 KV cache: AttentionArithmetic::kAmx. The scores
+// (q.k) and the weighted sum of V run on tiles; the softmax between them is the AVX-512 unit's
+// code (softmax_row, compiled here again from attention_impl.inc). A call takes up to 16 query
+// rows (one tile).
 //
-// The scores of a row tile: S^T = K Q^T, one TDPBF16PS per 32 elements of head_dim. A = a key
-// tile straight from the cache (kt keys x 32 bf16, a row per key, the row stride head_dim), so
-// the cache is read as it is stored; B = the rows' q, rounded to bf16 (as the AMX GEMM rounds its
-// activations) and laid out in pairs (16 pairs x 16 rows, the rows that are not there zero),
-// built once per call. C (kt keys x 16 rows) goes through a small stash into each row's scores
-// (one gather per row and key tile), times scale.
+// Scores: S^T = K Q^T, one TDPBF16PS per 32 elements of head_dim. A = a key tile straight from
+// the cache (kt keys x 32 bf16, a row per key, the row stride head_dim), so the cache is read as it
+// is stored; B = the rows' q, rounded to bf16 (as the AMX GEMM rounds its activations) and laid
+// out in pairs (16 pairs x 16 rows), built once per call and kept in tiles. C (kt keys x 16 rows)
+// goes through a small stash into each row's scores (one gather per row and key tile), times
+// scale. A score is C = 0, then C = TDPBF16PS(C, key block, q block) for the 32-element blocks of
+// head_dim in order (the last as long as head_dim leaves it), times scale.
 //
-// Arithmetic: a score is C = 0, then C = TDPBF16PS(C, key block, q block) for the 32-element
-// blocks of head_dim in increasing order (the last block as long as head_dim leaves it), times
-// scale. TDPBF16PS computes each C element from its A row and B column alone, so a score does not
-// depend on the other rows of the call, on the key tile it falls in (kt is fixed by the block
-// size) or on the thread: the result of a (token, head) depends only on its q and the cached K/V
-// at positions [0, pos], as kernels.h requires. It is the hardware's sum, not vdpbf16ps's
-// sequential one (kernels_amx.cc), so no other unit reproduces these bits; the precision is that
-// of bf16 activations (q rounded to bf16, K already bf16, f32 sums).
+// Weighted V: O = P V per 64 columns of head_dim. A = the rows' probabilities (exp(s - max)) of
+// 32 keys rounded to bf16, zero past each row's context; B = pairs of consecutive V rows
+// interleaved (16 key pairs x 16 columns), zero past the call's keys. O is C = 0, then TDPBF16PS
+// per block of 32 keys in order, times 1 / sum (the f32 sum of the unrounded probabilities).
 //
-// An f32 cache, or an odd head_dim, or head_dim above kMaxHeadDim, keeps the f32 scores (the
-// AVX-512 unit's bits): amx_scores_apply.
+// TDPBF16PS computes each C element from its A row and B column alone, so neither result depends
+// on the other rows of the call, on the key tile a key falls in (kt is fixed by the block size),
+// on the thread, or on whether a key past a row's context holds a value or zero (its probability
+// is zero): the result of a (token, head) depends only on its q and the cached K/V at positions
+// [0, pos], as kernels.h requires. It is the hardware's sum, not vdpbf16ps's sequential one
+// (kernels_amx.cc), so no other unit reproduces these bits; the precision is that of bf16
+// activations (q and the probabilities rounded to bf16, K and V already bf16, f32 sums).
+//
+// An f32 cache, an odd head_dim or one above kMaxHeadDim keep the AVX-512 unit's arithmetic
+// (amx_scores_apply); a head_dim that is not a multiple of 16 keeps its weighted V
+// (amx_values_apply).
 //
 // Compiled with the flags of kernels_amx.cc; reached only through amx_attention_kernels(), which
 // the front end uses only when the AMX GEMM mode is supported (dispatch.cc has asked the kernel
@@ -354,7 +361,8 @@ void amx_rows_f32(const float* const* q, float* const* out, const std::int64_t* 
   rows_in_groups<float>(q, out, n_ctx, rows, kv, kv_head, scale, scores, score_stride);
 }
 
-// The scores of all rows on AMX tiles, then softmax and values kMaxRows rows at a time.
+// The scores of all rows on AMX tiles, the softmax per row, then the weighted V on AMX tiles (or
+// the AVX-512 softmax and values kMaxRows rows at a time where amx_values_apply says no).
 void amx_rows_bf16(const float* const* q, float* const* out, const std::int64_t* n_ctx, int rows,
                    const PagedKvCache& kv, std::int64_t kv_head, float scale, float* scores,
                    std::int64_t score_stride) {

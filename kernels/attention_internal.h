@@ -42,7 +42,7 @@ struct AttentionKernels {
 const AttentionKernels& scalar_attention_kernels();
 const AttentionKernels& avx2_attention_kernels();
 const AttentionKernels& avx512_attention_kernels();
-// The AVX-512 table with the scores of a bf16 cache on AMX tiles (AttentionScores::kAmx).
+// The AVX-512 table with a bf16 cache's scores and weighted V on AMX tiles (AttentionArithmetic::kAmx).
 const AttentionKernels& amx_attention_kernels();
 
 }  // namespace kun::kernels::detail

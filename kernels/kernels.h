@@ -244,7 +244,7 @@ struct PagedKvCache {
   const std::byte* const* blocks = nullptr;
   std::int64_t value_offset_bytes = 0;
 };
-// Same contract as the PagedKvView overload. Up to 4 query rows (16 with AMX scores, one tile) are
+// Same contract as the PagedKvView overload. Up to 4 query rows (16 with AMX arithmetic, one tile) are
 // computed together, each K/V row loaded once for them: the query heads of a GQA group and, when
 // the call holds several tokens (a prefill), consecutive tokens (rows / group of them); with a
 // pool the work is split over (token tile, kv head, head chunk) units, dealt to the threads in
@@ -252,26 +252,29 @@ struct PagedKvCache {
 // paged_kv_cache_scratch_floats(pool, context_len, num_heads, num_kv_heads) floats.
 //
 //
-// `scores`: how the scores (q.k) of a bf16 cache are computed.
-//  * AttentionScores::kF32: f32 q against the widened keys, the same sequence on every ISA (above);
-//  * AttentionScores::kAmx: q rounded to bf16 and q.k on AMX tiles (kernels/attention_amx.cc),
-//    the precision of the AMX GEMM; still deterministic and batch-invariant (a score depends only
-//    on its q row and key). An f32 cache keeps the kF32 scores. Needs
+// `arithmetic` (of a bf16 cache; an f32 cache always runs kF32):
+//  * AttentionArithmetic::kF32: f32 q against the widened keys, f32 probabilities times the
+//    widened values, the same sequence on every ISA (above);
+//  * AttentionArithmetic::kAmx: q.k and the weighted V sum on AMX tiles (kernels/attention_amx.cc):
+//    q and the probabilities rounded to bf16, f32 sums, the softmax as kF32; the precision of the
+//    AMX GEMM. Still deterministic and batch-invariant (a score depends only on its q row and key,
+//    an output only on its row's probabilities and the values). An odd head_dim or one above 128
+//    keeps kF32 scores, one that is not a multiple of 16 kF32 values. Needs
 //    gemm_activations_supported(kAmx) (checked).
-// A model uses attention_scores_for(its weight dtype), so its attention has its GEMM's precision.
-enum class AttentionScores { kF32 = 0, kAmx = 1 };
+// A model uses attention_arithmetic_for(its weight dtype), so its attention has its GEMM's precision.
+enum class AttentionArithmetic { kF32 = 0, kAmx = 1 };
 // kAmx when active_gemm_activations() is kAmx and the weights are bf16 (their linear layers then
 // run on AMX; other weight dtypes run f32 activations), else kF32.
-AttentionScores attention_scores_for(DType weight_dtype);
+AttentionArithmetic attention_arithmetic_for(DType weight_dtype);
 void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
-                     float* scratch, ThreadPool* pool, AttentionScores scores = AttentionScores::kF32);
+                     float* scratch, ThreadPool* pool, AttentionArithmetic arithmetic = AttentionArithmetic::kF32);
 std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t context_len,
                                            std::int64_t num_heads, std::int64_t num_kv_heads);
-// Explicit ISA and scores (kAmx needs gemm_activations_supported(kAmx); checked).
+// Explicit ISA and arithmetic (kAmx needs gemm_activations_supported(kAmx); checked).
 void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
-                     float* scratch, ThreadPool* pool, AttentionScores scores = AttentionScores::kF32);
+                     float* scratch, ThreadPool* pool, AttentionArithmetic arithmetic = AttentionArithmetic::kF32);
 // Several sequences' attention in one call (a batched decode step: one call per layer instead of
 // one per sequence). Sequence i: num_tokens query rows at q + t * q_stride ([num_heads][head_dim]
 // each), token t at position start_pos + t over its own cache kv (context_len >=
@@ -290,9 +293,9 @@ struct AttentionSequence {
   std::int64_t out_stride = 0;
 };
 void paged_attention_batch(std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale,
-                           float* scratch, ThreadPool* pool, AttentionScores scores = AttentionScores::kF32);
+                           float* scratch, ThreadPool* pool, AttentionArithmetic arithmetic = AttentionArithmetic::kF32);
 void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std::int64_t num_heads, float scale,
-                           float* scratch, ThreadPool* pool, AttentionScores scores = AttentionScores::kF32);
+                           float* scratch, ThreadPool* pool, AttentionArithmetic arithmetic = AttentionArithmetic::kF32);
 
 // The KV append: stores n f32 values into a cache row of `dtype` (kF32: copied; kBF16: rounded
 // to nearest even, NaN kept NaN; the same bits as common/dtype.h f32_to_bf16).

@@ -247,9 +247,9 @@ std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLim
 }
 
 ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
-                         kernels::AttentionScores attention_scores,                          kernels::ThreadPool* pool, const ForwardLimits& limits, std::span<std::byte> workspace)
+                         kernels::AttentionArithmetic attention_arithmetic,                          kernels::ThreadPool* pool, const ForwardLimits& limits, std::span<std::byte> workspace)
     : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype),
-      attention_scores_(attention_scores), pool_(pool), limits_(limits),
+      attention_arithmetic_(attention_arithmetic), pool_(pool), limits_(limits),
       inv_freq_(config.rope_inv_freq()) {
   KUN_CHECK_GT(kv_block_size_, 0);
   KUN_CHECK(kv_dtype_ == DType::kBF16 || kv_dtype_ == DType::kF32)
@@ -259,9 +259,9 @@ ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, 
 }
 
 ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
-                         kernels::AttentionScores attention_scores,                          kernels::ThreadPool* pool, const ForwardLimits& limits)
+                         kernels::AttentionArithmetic attention_arithmetic,                          kernels::ThreadPool* pool, const ForwardLimits& limits)
     : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype),
-      attention_scores_(attention_scores), pool_(pool), limits_(limits),
+      attention_arithmetic_(attention_arithmetic), pool_(pool), limits_(limits),
       inv_freq_(config.rope_inv_freq()) {
   KUN_CHECK_GT(kv_block_size_, 0);
   KUN_CHECK(kv_dtype_ == DType::kBF16 || kv_dtype_ == DType::kF32)
@@ -390,7 +390,7 @@ void ForwardPass::attend_local(const SequenceSlice& slice, const float* qkv, con
   if (slice.num_tokens == 0) return;
   const kernels::AttentionSequence a = append_kv(slice, qkv, kv, out);
   kernels::paged_attention_batch(std::span(&a, 1), config_.num_heads, attention_scale(), attn_scratch_.data(), pool_,
-                                 attention_scores_);
+                                 attention_arithmetic_);
 }
 
 void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* attn_out, std::int64_t num_tokens,
@@ -446,7 +446,7 @@ void ForwardPass::run_layers(std::int64_t layer_begin, std::int64_t layer_end, s
     }
     if (local > 0) {
       kernels::paged_attention_batch(attn_batch_.first(local), config_.num_heads, attention_scale(), attn_scratch_.data(),
-                                     pool_, attention_scores_);
+                                     pool_, attention_arithmetic_);
     }
     attention_output_and_mlp(w, attn_out_.data(), num_tokens, hidden);
   }

@@ -127,17 +127,17 @@ std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLim
 class ForwardPass {
  public:
   // kv_dtype: element type of the KV cache attend_local appends to and reads (kBF16: K/V rounded
-  // to nearest even when appended; kF32: kept exact, for numerics tests). attention_scores: how
-  // the attention scores are computed (kernels::attention_scores_for(the weights' dtype) gives
-  // the model its GEMM's precision: AMX scores where the GEMM runs on AMX). `workspace` (at least
+  // to nearest even when appended; kF32: kept exact, for numerics tests). attention_arithmetic:
+  // how attention computes (kernels::attention_arithmetic_for(the weights' dtype) gives the model
+  // its GEMM's precision: AMX tiles where the GEMM runs on AMX). `workspace` (at least
   // forward_workspace_bytes(config, limits, pool threads), 64-byte aligned) is the
   // caller's and must outlive the pass; every buffer of the forward path is carved from it here.
   ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
-              kernels::AttentionScores attention_scores,
+              kernels::AttentionArithmetic attention_arithmetic,
               kernels::ThreadPool* pool, const ForwardLimits& limits, std::span<std::byte> workspace);
   // The same with the workspace on the heap, allocated once here (tools and tests with no device).
   ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
-              kernels::AttentionScores attention_scores,
+              kernels::AttentionArithmetic attention_arithmetic,
               kernels::ThreadPool* pool, const ForwardLimits& limits);
   ForwardPass(const ForwardPass&) = delete;
   ForwardPass& operator=(const ForwardPass&) = delete;
@@ -192,7 +192,7 @@ class ForwardPass {
   ModelConfig config_;
   std::int64_t kv_block_size_;
   DType kv_dtype_;
-  kernels::AttentionScores attention_scores_;
+  kernels::AttentionArithmetic attention_arithmetic_;
   kernels::ThreadPool* pool_;
   ForwardLimits limits_;
   std::int64_t workspace_bytes_ = 0;

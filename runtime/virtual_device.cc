@@ -144,12 +144,12 @@ StatusOr<std::unique_ptr<VirtualDevice>> VirtualDevice::create(const DeviceOptio
   KUN_ASSIGN_OR_RETURN(dev->workspace_segment_, dev->arena_->create_segment("workspace", w.total_bytes));
   const std::span<std::byte> ws(dev->arena_->segment_data(dev->workspace_segment_), static_cast<std::size_t>(w.total_bytes));
   dev->forward_ = std::make_unique<model::ForwardPass>(dev->config_, options.kv_block_size, options.kv_dtype,
-                                                       kernels::attention_scores_for(options.weight_dtype),
+                                                       kernels::attention_arithmetic_for(options.weight_dtype),
                                                        dev->pool_.get(), stage_limits(options),
                                                        ws.subspan(static_cast<std::size_t>(w.stage_forward),
                                                                   static_cast<std::size_t>(w.stage_forward_bytes)));
   dev->serve_forward_ = std::make_unique<model::ForwardPass>(
-      dev->config_, options.kv_block_size, options.kv_dtype, kernels::attention_scores_for(options.weight_dtype),
+      dev->config_, options.kv_block_size, options.kv_dtype, kernels::attention_arithmetic_for(options.weight_dtype),
       dev->pool_.get(), serve_limits(options),
       ws.subspan(static_cast<std::size_t>(w.serve_forward), static_cast<std::size_t>(w.serve_forward_bytes)));
   const model::ModelConfig& c = dev->config_;

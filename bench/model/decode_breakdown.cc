@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
   bool memfd = false;
   bool per_sequence_attention = false;
   std::int64_t batch = 1;
-  std::string scores_flag;
+  std::string attention_flag;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--preset" && i + 1 < argc) preset = argv[++i];
@@ -67,11 +67,11 @@ int main(int argc, char** argv) {
     else if (a == "--batch" && i + 1 < argc) batch = std::max<std::int64_t>(1, std::atoll(argv[++i]));
     else if (a == "--memfd") memfd = true;
     else if (a == "--per-sequence-attention") per_sequence_attention = true;
-    else if (a == "--attention-scores" && i + 1 < argc) scores_flag = argv[++i];
+    else if (a == "--attention" && i + 1 < argc) attention_flag = argv[++i];
     else {
       std::fprintf(stderr,
                    "usage: %s [--preset P] [--threads T] [--steps S] [--context C] [--batch B] [--memfd] "
-                   "[--per-sequence-attention] [--attention-scores f32|amx]\n",
+                   "[--per-sequence-attention] [--attention f32|amx]\n",
                    argv[0]);
       return 2;
     }
@@ -88,12 +88,12 @@ int main(int argc, char** argv) {
   kernels::ThreadPool pool(threads);
   // The engine's default KV cache; a workspace for the prompt run (context tokens) and the batch.
   const model::ForwardLimits limits{std::max<std::int64_t>(context, batch), batch, context + 1};
-  kernels::AttentionScores scores;
-  if (!bench::parse_attention_scores(scores_flag, c.dtype, &scores)) {
-    std::fprintf(stderr, "--attention-scores %s: f32, or amx where the CPU has AMX-BF16\n", scores_flag.c_str());
+  kernels::AttentionArithmetic arithmetic;
+  if (!bench::parse_attention_arithmetic(attention_flag, c.dtype, &arithmetic)) {
+    std::fprintf(stderr, "--attention %s: f32, or amx where the CPU has AMX-BF16\n", attention_flag.c_str());
     return 2;
   }
-  model::ForwardPass fwd(c, 16, DType::kBF16, scores, &pool, limits);
+  model::ForwardPass fwd(c, 16, DType::kBF16, arithmetic, &pool, limits);
   // KV: context + 1 tokens per layer, filled by a prompt run first.
   const std::int64_t bs = 16;
   const std::int64_t ctx = context + 1;
@@ -120,12 +120,12 @@ int main(int argc, char** argv) {
 
   const std::int64_t db = dtype_bytes(dt);
   const std::int64_t step_bytes = (c.num_layers * c.layer_param_count() + c.embedding_param_count()) * db;
-  std::printf("%s (%s), %d threads, isa %s, gemm activations %s, batch %lld, context %lld, attention %s (scores %s); step reads %.1f MB\n",
+  std::printf("%s (%s), %d threads, isa %s, gemm activations %s, batch %lld, context %lld, attention %s (%s); step reads %.1f MB\n",
               preset.c_str(), std::string(dtype_name(dt)).c_str(), threads,
               std::string(kernels::isa_name(kernels::active_isa())).c_str(),
               std::string(kernels::gemm_activations_name(kernels::active_gemm_activations())).c_str(),
               static_cast<long long>(batch), static_cast<long long>(context), per_sequence_attention ? "per sequence" : "batched",
-              scores == kernels::AttentionScores::kAmx ? "amx" : "f32",
+              arithmetic == kernels::AttentionArithmetic::kAmx ? "amx" : "f32",
               static_cast<double>(step_bytes) / 1e6);
 
   std::vector<float> x(static_cast<std::size_t>(batch * std::max(c.intermediate_size, c.q_dim()) * 2), 0.01f);

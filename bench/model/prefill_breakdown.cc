@@ -63,16 +63,16 @@ int main(int argc, char** argv) {
   std::string preset = "llama-350m";
   int threads = 2, reps = 5;
   std::int64_t tokens = 512;
-  std::string scores_flag;
+  std::string attention_flag;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--preset" && i + 1 < argc) preset = argv[++i];
     else if (a == "--threads" && i + 1 < argc) threads = std::max(1, std::atoi(argv[++i]));
     else if (a == "--tokens" && i + 1 < argc) tokens = std::max<std::int64_t>(1, std::atoll(argv[++i]));
     else if (a == "--reps" && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
-    else if (a == "--attention-scores" && i + 1 < argc) scores_flag = argv[++i];
+    else if (a == "--attention" && i + 1 < argc) attention_flag = argv[++i];
     else {
-      std::fprintf(stderr, "usage: %s [--preset P] [--threads T] [--tokens N] [--reps R] [--attention-scores f32|amx]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--preset P] [--threads T] [--tokens N] [--reps R] [--attention f32|amx]\n", argv[0]);
       return 2;
     }
   }
@@ -88,12 +88,12 @@ int main(int argc, char** argv) {
   const std::int64_t N = tokens;
   const model::ForwardLimits limits{N, 1, N};
   constexpr std::int64_t kBlock = 16;
-  kernels::AttentionScores scores;
-  if (!bench::parse_attention_scores(scores_flag, c.dtype, &scores)) {
-    std::fprintf(stderr, "--attention-scores %s: f32, or amx where the CPU has AMX-BF16\n", scores_flag.c_str());
+  kernels::AttentionArithmetic arithmetic;
+  if (!bench::parse_attention_arithmetic(attention_flag, c.dtype, &arithmetic)) {
+    std::fprintf(stderr, "--attention %s: f32, or amx where the CPU has AMX-BF16\n", attention_flag.c_str());
     return 2;
   }
-  model::ForwardPass fwd(c, kBlock, DType::kBF16, scores, &pool, limits);
+  model::ForwardPass fwd(c, kBlock, DType::kBF16, arithmetic, &pool, limits);
   bench::SequenceKvCache kv(c, N, kBlock, fwd.kv_dtype());
   auto weights = [&](std::int64_t l) { return lw[static_cast<std::size_t>(l)]; };
   auto attention = [&](std::int64_t l, std::int64_t, const model::SequenceSlice& s, const float* qkv, float* out) {
@@ -140,12 +140,12 @@ int main(int argc, char** argv) {
                             static_cast<double>(c.q_dim());
   const double full_flops = linear_flops + attn_flops;
 
-  std::printf("%s (%s), %d threads, isa %s, gemm activations %s, attention scores %s, prefill of %lld tokens, "
+  std::printf("%s (%s), %d threads, isa %s, gemm activations %s, attention %s, prefill of %lld tokens, "
               "median of %d repetitions\n",
               preset.c_str(), std::string(dtype_name(dt)).c_str(), threads,
               std::string(kernels::isa_name(kernels::active_isa())).c_str(),
               std::string(kernels::gemm_activations_name(kernels::active_gemm_activations())).c_str(),
-              scores == kernels::AttentionScores::kAmx ? "amx" : "f32", static_cast<long long>(N), reps);
+              arithmetic == kernels::AttentionArithmetic::kAmx ? "amx" : "f32", static_cast<long long>(N), reps);
 
   struct Part {
     std::vector<double> s, cpu, cpu_s;

@@ -125,16 +125,16 @@ class SequenceKvCache {
   std::vector<std::vector<std::byte*>> pointers_;
 };
 
-// The breakdown benches' --attention-scores f32|amx (empty: what a device with these weights
-// uses, kernels::attention_scores_for), for A/B runs of the attention arithmetic. False for an
+// The breakdown benches' --attention f32|amx (empty: what a device with these weights
+// uses, kernels::attention_arithmetic_for), for A/B runs of the attention arithmetic. False for an
 // unknown value, or amx without AMX-BF16.
-inline bool parse_attention_scores(const std::string& flag, DType weight_dtype, kernels::AttentionScores* out) {
+inline bool parse_attention_arithmetic(const std::string& flag, DType weight_dtype, kernels::AttentionArithmetic* out) {
   if (flag.empty()) {
-    *out = kernels::attention_scores_for(weight_dtype);
+    *out = kernels::attention_arithmetic_for(weight_dtype);
   } else if (flag == "f32") {
-    *out = kernels::AttentionScores::kF32;
+    *out = kernels::AttentionArithmetic::kF32;
   } else if (flag == "amx" && kernels::gemm_activations_supported(kernels::GemmActivations::kAmx)) {
-    *out = kernels::AttentionScores::kAmx;
+    *out = kernels::AttentionArithmetic::kAmx;
   } else {
     return false;
   }

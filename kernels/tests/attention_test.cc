@@ -355,22 +355,23 @@ TEST(PagedKvCacheAttention, BatchGivesEachSequenceItsOwnBits) {
   }
 }
 
-// AttentionScores::kAmx (q.k on AMX tiles, up to 16 query rows per call): a prefill chunk in one
+// AttentionArithmetic::kAmx (q.k and P.V on AMX tiles, up to 16 query rows per call): a prefill chunk in one
 // call gives every token the bits it gets alone (a decode step), whatever the threads, the block
 // size (which sets the key tile: 16, 7, 5 or 256 keys per block) and the placement of the blocks;
 // the batch entry gives each sequence its own bits; the result is within bf16-activation error of
 // the double reference and differs from the f32 scores (so the AMX path ran). A head_dim the AMX
 // scores do not take (odd, or above 128) keeps the f32 scores' bits.
-TEST(PagedKvCacheAttention, AmxScoresAreBatchInvariantAndClose) {
+TEST(PagedKvCacheAttention, AmxIsBatchInvariantAndClose) {
   if (!gemm_activations_supported(GemmActivations::kAmx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   ThreadPool p2(2), p3(3);
   struct Case {
     std::int64_t ctx, heads, kv_heads, hd, start;
     bool amx;  // the AMX scores apply
   };
-  // GQA groups of 2 (8 tokens per 16-row tile), 1 (16 tokens), 4 and 7 (a chunk of 16 heads is
-  // not possible: 7 rows); head_dims with a last block of 8 (40, 72) and 2 (66) elements, 128
-  // (four blocks); 33 and 160 fall back to the f32 scores.
+  // GQA groups of 2 (8 tokens per 16-row tile), 1 (16 tokens), 4 and 7 (7 rows); head_dims with a
+  // last score block of 8 (40, 72) and 2 (66) elements, 128 (four blocks), 80 (a last weighted-V
+  // pass of 16 columns); 40, 66 and 72 keep the f32 weighted V (not multiples of 16), 33 and 160
+  // all of the f32 arithmetic.
   const Case cases[] = {{300, 16, 8, 64, 0, true},  {70, 4, 4, 40, 13, true},  {129, 8, 2, 72, 60, true},
                         {90, 14, 2, 128, 31, true}, {50, 4, 2, 66, 0, true},   {61, 4, 2, 80, 9, true},
                         {40, 4, 2, 33, 3, false},
@@ -395,9 +396,9 @@ TEST(PagedKvCacheAttention, AmxScoresAreBatchInvariantAndClose) {
     const PagedCache base = page(s, 16, DType::kBF16, 0);
     std::vector<float> out0(out_n), f32_scores(out_n);
     paged_attention(isa, q.data(), T, c.heads, positions.data(), base.cache, scale, out0.data(), scratch.data(), nullptr,
-                    AttentionScores::kAmx);
+                    AttentionArithmetic::kAmx);
     paged_attention(isa, q.data(), T, c.heads, positions.data(), base.cache, scale, f32_scores.data(), scratch.data(),
-                    nullptr, AttentionScores::kF32);
+                    nullptr, AttentionArithmetic::kF32);
     const bool same_as_f32 = std::memcmp(out0.data(), f32_scores.data(), out_n * sizeof(float)) == 0;
     EXPECT_EQ(same_as_f32, !c.amx) << "the AMX scores ran exactly where they apply";
 
@@ -407,7 +408,7 @@ TEST(PagedKvCacheAttention, AmxScoresAreBatchInvariantAndClose) {
     for (std::size_t i = 0; i < out_n; ++i) max_err = std::max(max_err, std::abs(out0[i] - ref[i]));
     // q rounded to bf16 (relative 2^-9 per element): the outputs (|v| <= 1) move by a few 1e-3.
     EXPECT_LT(max_err, c.amx ? 2e-2 : 1e-5);
-    std::printf("amx scores ctx %lld hd %lld: max |out - reference| %.3g\n", static_cast<long long>(c.ctx),
+    std::printf("amx attention ctx %lld hd %lld: max |out - reference| %.3g\n", static_cast<long long>(c.ctx),
                 static_cast<long long>(c.hd), max_err);
 
     for (std::int64_t bs : {16, 7, 5, 256}) {
@@ -416,7 +417,7 @@ TEST(PagedKvCacheAttention, AmxScoresAreBatchInvariantAndClose) {
         for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
           std::vector<float> out(out_n);
           paged_attention(isa, q.data(), T, c.heads, positions.data(), pc.cache, scale, out.data(), scratch.data(), pool,
-                          AttentionScores::kAmx);
+                          AttentionArithmetic::kAmx);
           ASSERT_EQ(0, std::memcmp(out.data(), out0.data(), out_n * sizeof(float))) << "bs=" << bs << " shuffle=" << shuffle;
         }
       }
@@ -425,7 +426,7 @@ TEST(PagedKvCacheAttention, AmxScoresAreBatchInvariantAndClose) {
     for (std::int64_t t = 0; t < T; ++t) {
       std::vector<float> one(static_cast<std::size_t>(row));
       paged_attention(isa, q.data() + t * row, 1, c.heads, positions.data() + t, base.cache, scale, one.data(),
-                      scratch.data(), &p2, AttentionScores::kAmx);
+                      scratch.data(), &p2, AttentionArithmetic::kAmx);
       ASSERT_EQ(0, std::memcmp(one.data(), out0.data() + t * row, one.size() * sizeof(float))) << "token " << t;
     }
     std::vector<AttentionSequence> parts;
@@ -444,7 +445,7 @@ TEST(PagedKvCacheAttention, AmxScoresAreBatchInvariantAndClose) {
       parts.push_back(a);
       t0 += n;
     }
-    paged_attention_batch(isa, parts, c.heads, scale, scratch.data(), &p2, AttentionScores::kAmx);
+    paged_attention_batch(isa, parts, c.heads, scale, scratch.data(), &p2, AttentionArithmetic::kAmx);
     EXPECT_EQ(0, std::memcmp(split.data(), out0.data(), out_n * sizeof(float))) << "chunks through the batch entry";
   }
 }

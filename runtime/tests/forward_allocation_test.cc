@@ -123,7 +123,7 @@ TEST(ForwardAllocationTest, AStepOnTheDeviceAllocatesNoBuffer) {
   // reach a 16-token step. The device's own pass then runs for the first time: its buffers were
   // carved from the arena when the device was made, so even its first steps allocate none.
   model::ForwardPass warm(c, dev.options().kv_block_size, dev.options().kv_dtype,
-                          kernels::attention_scores_for(dev.options().weight_dtype), &dev.pool(),
+                          kernels::attention_arithmetic_for(dev.options().weight_dtype), &dev.pool(),
                           model::ForwardLimits{16, 1, 64, false});
   step(warm, 0, 16);
   const Counted prefill = count([&] { step(fwd, 16, 8); });
