@@ -133,15 +133,6 @@ inline void load_b(std::int64_t kb, const void* p) {
   }
 }
 
-// Subnormal lanes to signed zero (act_to_bf16 reads a subnormal activation as zero).
-inline __m512 flush_subnormals(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
-  const __mmask16 tiny = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(0x00800000));
-  return _mm512_castsi512_ps(
-      _mm512_mask_and_epi32(bits, tiny, bits, _mm512_set1_epi32(static_cast<int>(0x80000000u))));
-}
-
 // Returns whether it left load_square_tiles' configuration loaded.
 bool amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std::int64_t n_max,
                 const PagedKvCache& kv, std::int64_t kv_head, float scale, float* const* sc) {

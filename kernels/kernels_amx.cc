@@ -81,13 +81,7 @@ void pack_rows_amx(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool
       for (; k + 16 <= K; k += 16) {
         // Vector rounding: subnormals to signed zero first (act_to_bf16's rule), then
         // vcvtneps2bf16 (round to nearest even, NaN stays NaN): the same bits as act_to_bf16.
-        __m512 v = _mm512_loadu_ps(src + k);
-        const __m512i bits = _mm512_castps_si512(v);
-        const __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
-        const __mmask16 tiny = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(0x00800000));
-        v = _mm512_castsi512_ps(
-            _mm512_mask_and_epi32(bits, tiny, bits, _mm512_set1_epi32(static_cast<int>(0x80000000u))));
-        const __m256bh h = _mm512_cvtneps_pbh(v);
+        const __m256bh h = _mm512_cvtneps_pbh(flush_subnormals(_mm512_loadu_ps(src + k)));
         std::memcpy(row + k, &h, 32);
       }
       for (; k < K; ++k) row[k] = act_to_bf16(src[k]);
