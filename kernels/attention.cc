@@ -63,6 +63,7 @@ struct CacheJob {
   int parts;
   std::int64_t units;
   std::int64_t macs;             // q.k and p.V multiply-adds of the whole job
+  std::int64_t scratch_rows;     // the table's max_rows: score rows per thread's scratch slice
 };
 
 std::int64_t position(const CacheJob& j, std::int64_t t) { return j.positions != nullptr ? j.positions[t] : j.start_pos + t; }
@@ -116,7 +117,7 @@ CacheJob make_job(const AttentionKernels& k, const float* q, std::int64_t q_stri
   const std::int64_t tile_tokens = std::max<std::int64_t>(1, k.max_rows / chunk);
   CacheJob job{kv.dtype == DType::kBF16 ? k.rows_bf16 : k.rows_f32,
                q, q_stride, num_tokens, num_heads, chunk, tile_tokens, units_per_tile, positions, start_pos, &kv,
-               scale, out, out_stride, scratch, parts, 0, 0};
+               scale, out, out_stride, scratch, parts, 0, 0, k.max_rows};
   // Positions attended over all tokens: a sum over the listed positions, or in closed form for
   // consecutive ones (so paged_attention_batch, which sets a sequence's job up twice, pays O(1)).
   std::int64_t attended = 0;
@@ -155,7 +156,7 @@ void run_job(const CacheJob& job, ThreadPool* pool) {
   // the last thread most of the work. Which thread computes a unit never changes its value.
   pool->parallel_for(job.parts, [jp](std::int64_t b, std::int64_t e) {
     for (std::int64_t t = b; t < e; ++t) {
-      float* s = jp->scratch + t * detail::kMaxTableRows * jp->kv->context_len;
+      float* s = jp->scratch + t * jp->scratch_rows * jp->kv->context_len;
       for (std::int64_t u = t; u < jp->units; u += jp->parts) cache_unit(*jp, u, s);
     }
   });
@@ -203,7 +204,7 @@ void paged_attention_batch(Isa isa, std::span<const AttentionSequence> seqs, std
     }
   }
   if (small == 0) return;
-  const BatchJob batch{&k, seqs, num_heads, scale, scratch, detail::kMaxTableRows * max_context};
+  const BatchJob batch{&k, seqs, num_heads, scale, scratch, k.max_rows * max_context};
   const BatchJob* bp = &batch;
   auto body = [bp, parts](std::int64_t b, std::int64_t e) {
     // Inside the pool: this thread's slice; on the caller alone (-1): the first.
@@ -236,10 +237,11 @@ AttentionArithmetic attention_arithmetic_for(DType weight_dtype) {
 }
 
 std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t context_len, std::int64_t num_heads,
-                                           std::int64_t num_kv_heads) {
+                                           std::int64_t num_kv_heads, AttentionArithmetic arithmetic) {
   KUN_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0)
       << "num_heads " << num_heads << " num_kv_heads " << num_kv_heads;
-  return (pool != nullptr ? pool->num_threads() : 1) * detail::kMaxTableRows * context_len;
+  const std::int64_t rows = arithmetic == AttentionArithmetic::kAmx ? detail::kMaxTableRows : detail::kMaxRows;
+  return (pool != nullptr ? pool->num_threads() : 1) * rows * context_len;
 }
 
 void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,

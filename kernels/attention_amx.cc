@@ -24,9 +24,9 @@
 // (kernels_amx.cc), so no other unit reproduces these bits; the precision is that of bf16
 // activations (q and the probabilities rounded to bf16, K and V already bf16, f32 sums).
 //
-// An f32 cache, an odd head_dim or one above kMaxHeadDim keep the AVX-512 unit's arithmetic
-// (amx_scores_apply); a head_dim that is not a multiple of 16 keeps its weighted V
-// (amx_values_apply).
+// An f32 cache (the table's rows_f32), an odd head_dim or one above kMaxHeadDim keep the AVX-512
+// unit's arithmetic (amx_scores_apply); a head_dim that is not a multiple of 16 keeps its
+// weighted V (amx_values_apply).
 //
 // Compiled with the flags of kernels_amx.cc; reached only through amx_attention_kernels(), which
 // the front end uses only when the AMX GEMM mode is supported (dispatch.cc has asked the kernel
@@ -52,20 +52,16 @@ namespace {
 #include "kernels/amx_tiles.inc"
 #include "kernels/attention_avx512_traits.inc"
 
+#include "kernels/attention_impl.inc"
+
 // B (the rows' q) stays in tiles 4..7: at most 4 blocks of 32 elements of head_dim.
 constexpr std::int64_t kMaxHeadDim = 128;
 
-// The AMX scores need bf16 keys and pairs of head_dim elements.
-template <typename KT>
-inline bool amx_scores_apply(const PagedKvCache&) {
-  return false;
-}
-template <>
-inline bool amx_scores_apply<std::uint16_t>(const PagedKvCache& kv) {
-  return kv.head_dim % 2 == 0 && kv.head_dim <= kMaxHeadDim;
-}
+// The AMX scores (of a bf16 cache) need pairs of head_dim elements and B in tiles 4..7.
+inline bool amx_scores_apply(const PagedKvCache& kv) { return kv.head_dim % 2 == 0 && kv.head_dim <= kMaxHeadDim; }
 
-#include "kernels/attention_impl.inc"
+// The weighted sum of V on AMX tiles: whole 16-column tiles of head_dim only.
+inline bool amx_values_apply(const PagedKvCache& kv) { return kv.head_dim % 16 == 0; }
 
 // Tiles: C 0 and 1 (two key tiles in flight, kt keys x 16 rows f32); A 2 and 3 (kt keys x 32
 // bf16, the two key tiles'; with a shorter last block of head_dim, rem elements, A 3 is that
@@ -174,9 +170,7 @@ bool amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std:
   for (std::int64_t kb = 0; kb < blocks; ++kb) load_b(kb, &qt[kb][0][0]);
   const std::int64_t stride = hd * 2;
   auto keys_at = [&](std::int64_t j0) {
-    const std::int64_t b = j0 / bs;
-    const void* block = kv.key_blocks != nullptr ? kv.key_blocks[b] : static_cast<const void*>(kv.blocks[b]);
-    return static_cast<const std::uint16_t*>(block) + (kv_head * bs + j0 % bs) * hd;
+    return static_cast<const std::uint16_t*>(key_block(kv, j0 / bs)) + (kv_head * bs + j0 % bs) * hd;
   };
   // Scores of key tiles j0 (C 0) and, where there is one, j0 + kt (C 1), interleaved so that
   // the two chains of TDPBF16PS overlap.
@@ -217,7 +211,7 @@ bool amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std:
         const std::int64_t own = n_ctx[r] - jt < count ? n_ctx[r] - jt : count;
         if (own <= 0) continue;
         // Column r of the stash (key i at stash[t][i][r]) times scale, into the row's scores.
-        const __mmask16 m = static_cast<__mmask16>(own >= 16 ? 0xffffu : (1u << own) - 1u);
+        const __mmask16 m = lane_mask16(own);
         const __m512i idx = _mm512_add_epi32(column, _mm512_set1_epi32(r));
         const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, &stash[t][0][0], 4);
         _mm512_mask_storeu_ps(sc[r] + jt, m, _mm512_mul_ps(col, _mm512_set1_ps(scale)));
@@ -228,24 +222,10 @@ bool amx_scores(const float* const* q, int rows, const std::int64_t* n_ctx, std:
   return square;
 }
 
-// The weighted sum of V on AMX tiles: whole 16-column tiles of head_dim only.
-inline bool amx_values_apply(const PagedKvCache& kv) { return kv.head_dim % 16 == 0; }
-
-// Tiles for the weighted V (load_square_tiles): C 0..3 (16 rows x 16 columns of head_dim each,
-// f32), A 4 (16 rows' probabilities of 32 keys, bf16; the rows past the call's are zero), B 5..7
-// (16 key pairs x 16 columns of V; the fourth column tile reuses 5).
-
-inline __mmask32 lanes32(std::int64_t n) {
-  if (n <= 0) return 0;
-  return n >= 32 ? ~static_cast<__mmask32>(0) : static_cast<__mmask32>((1u << n) - 1u);
-}
-inline __mmask16 lanes16(std::int64_t n) {
-  if (n <= 0) return 0;
-  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
 // out[r] = inv_sum[r] * sum_j p[r][j] V_j for the rows, j < n_ctx[r], on AMX tiles (configured:
-// load_square_tiles' configuration is loaded already): per pass of up
+// load_square_tiles' configuration is loaded already). Tiles: C 0..3 (16 rows x 16 columns of
+// head_dim each, f32), A 4 (16 rows' probabilities of 32 keys, bf16; the rows past the call's are
+// zero), B 5..7 (16 key pairs x 16 columns of V; the fourth column tile reuses 5). Per pass of up
 // to 64 columns of head_dim, C = 0, then C = TDPBF16PS(C, P block, V block) for the blocks of 32
 // keys in order, where the P block holds row r's probabilities rounded to bf16 (act_to_bf16's
 // bits) and zero past n_ctx[r], and the V block pairs consecutive keys (zero past n_max). An
@@ -264,10 +244,7 @@ void amx_values(float* const* out, int rows, const std::int64_t* n_ctx, std::int
                                            37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i second16 = _mm512_add_epi16(first16, _mm512_set1_epi16(16));
   auto value_row = [&](std::int64_t j) {
-    const void* block = kv.value_blocks != nullptr
-                            ? kv.value_blocks[j / bs]
-                            : static_cast<const void*>(kv.blocks[j / bs] + kv.value_offset_bytes);
-    return static_cast<const std::uint16_t*>(block) + (kv_head * bs + j % bs) * hd;
+    return static_cast<const std::uint16_t*>(value_block(kv, j / bs)) + (kv_head * bs + j % bs) * hd;
   };
   if (!configured) load_square_tiles();
   for (std::int64_t c0 = 0; c0 < hd; c0 += 64) {
@@ -281,8 +258,8 @@ void amx_values(float* const* out, int rows, const std::int64_t* n_ctx, std::int
       memory_barrier();  // the previous block's TILELOADDs before these stores
       for (int r = 0; r < rows; ++r) {
         const std::int64_t n = n_ctx[r] - j0;
-        const __m512 lo = flush_subnormals(_mm512_maskz_loadu_ps(lanes16(n), p[r] + j0));
-        const __m512 hi = flush_subnormals(_mm512_maskz_loadu_ps(lanes16(n - 16), p[r] + j0 + 16));
+        const __m512 lo = flush_subnormals(_mm512_maskz_loadu_ps(lane_mask16(n), p[r] + j0));
+        const __m512 hi = flush_subnormals(_mm512_maskz_loadu_ps(lane_mask16(n - 16), p[r] + j0 + 16));
         _mm512_store_si512(&a[r][0], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       }
       for (int q = 0; q < 16; ++q) {
@@ -290,13 +267,13 @@ void amx_values(float* const* out, int rows, const std::int64_t* n_ctx, std::int
         __m512i va0 = _mm512_setzero_si512(), va1 = va0, vb0 = va0, vb1 = va0;
         if (ja < n_max) {
           const std::uint16_t* row = value_row(ja) + c0;
-          va0 = _mm512_maskz_loadu_epi16(lanes32(cols), row);
-          va1 = _mm512_maskz_loadu_epi16(lanes32(cols - 32), row + 32);
+          va0 = _mm512_maskz_loadu_epi16(lane_mask32(cols), row);
+          va1 = _mm512_maskz_loadu_epi16(lane_mask32(cols - 32), row + 32);
         }
         if (ja + 1 < n_max) {
           const std::uint16_t* row = value_row(ja + 1) + c0;
-          vb0 = _mm512_maskz_loadu_epi16(lanes32(cols), row);
-          vb1 = _mm512_maskz_loadu_epi16(lanes32(cols - 32), row + 32);
+          vb0 = _mm512_maskz_loadu_epi16(lane_mask32(cols), row);
+          vb1 = _mm512_maskz_loadu_epi16(lane_mask32(cols - 32), row + 32);
         }
         _mm512_store_si512(&b[0][q][0], _mm512_permutex2var_epi16(va0, first16, vb0));
         _mm512_store_si512(&b[1][q][0], _mm512_permutex2var_epi16(va0, second16, vb0));
@@ -357,7 +334,7 @@ void amx_rows_f32(const float* const* q, float* const* out, const std::int64_t* 
 void amx_rows_bf16(const float* const* q, float* const* out, const std::int64_t* n_ctx, int rows,
                    const PagedKvCache& kv, std::int64_t kv_head, float scale, float* scores,
                    std::int64_t score_stride) {
-  if (!amx_scores_apply<std::uint16_t>(kv)) {
+  if (!amx_scores_apply(kv)) {
     rows_in_groups<std::uint16_t>(q, out, n_ctx, rows, kv, kv_head, scale, scores, score_stride);
     return;
   }
@@ -368,14 +345,14 @@ void amx_rows_bf16(const float* const* q, float* const* out, const std::int64_t*
     n_max = n_ctx[r] > n_max ? n_ctx[r] : n_max;
   }
   const bool square = amx_scores(q, rows, n_ctx, n_max, kv, kv_head, scale, sc);
-  if (amx_values_apply(kv)) {
+  const bool values_on_tiles = amx_values_apply(kv);
+  if (values_on_tiles) {
     float inv_sum[kMaxTableRows];
     for (int r = 0; r < rows; ++r) inv_sum[r] = softmax_row(sc[r], n_ctx[r]);
     amx_values(out, rows, n_ctx, n_max, kv, kv_head, sc, inv_sum, square);
-    _tile_release();
-    return;
   }
   _tile_release();
+  if (values_on_tiles) return;
   for (int g = 0; g < rows; g += kMaxRows) {
     switch (rows - g) {
       case 1: softmax_values_rows<std::uint16_t, 1>(out + g, n_ctx + g, kv, kv_head, sc + g); break;

@@ -14,8 +14,8 @@ namespace kun::kernels::detail {
 // heads of a GQA group and, when a call holds several tokens of the sequence (a prefill), as many
 // consecutive tokens as fit.
 inline constexpr int kMaxRows = 4;
-// The most query rows of one call of any table (AttentionKernels::max_rows): the scores scratch
-// holds this many rows per thread.
+// The most query rows of one call of any table (AttentionKernels::max_rows: the AMX table's);
+// paged_kv_cache_scratch_floats gives a thread's scratch a score row per query row of its table.
 inline constexpr int kMaxTableRows = 16;
 
 struct AttentionKernels {

@@ -269,8 +269,10 @@ AttentionArithmetic attention_arithmetic_for(DType weight_dtype);
 void paged_attention(const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,
                      float* scratch, ThreadPool* pool, AttentionArithmetic arithmetic = AttentionArithmetic::kF32);
+// (kAmx calls take 16 query rows, the others 4: the scratch holds a score row per query row.)
 std::int64_t paged_kv_cache_scratch_floats(const ThreadPool* pool, std::int64_t context_len,
-                                           std::int64_t num_heads, std::int64_t num_kv_heads);
+                                           std::int64_t num_heads, std::int64_t num_kv_heads,
+                                           AttentionArithmetic arithmetic = AttentionArithmetic::kF32);
 // Explicit ISA and arithmetic (kAmx needs gemm_activations_supported(kAmx); checked).
 void paged_attention(Isa isa, const float* q, std::int64_t num_tokens, std::int64_t num_heads,
                      const std::int64_t* positions, const PagedKvCache& kv, float scale, float* out,

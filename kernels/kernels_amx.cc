@@ -90,12 +90,6 @@ void pack_rows_amx(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool
   }
 }
 
-inline __mmask16 col_mask(I64 n) {
-  if (n >= 16) return static_cast<__mmask16>(0xffff);
-  if (n <= 0) return 0;
-  return static_cast<__mmask16>((1u << n) - 1u);
-}
-
 // y[m][n0 + c] for the `rows` valid rows and `cols` valid columns of a stash of 16 rows x 64 f32
 // (column c at stash[i * 64 + c]): dot + bias, stored or added to y.
 void epilogue(const float* stash, I64 rows, I64 cols, const float* bias, float* y, I64 ldy,
@@ -104,7 +98,7 @@ void epilogue(const float* stash, I64 rows, I64 cols, const float* bias, float* 
     float* yr = y + i * ldy;
     const float* sr = stash + i * 64;
     for (I64 c = 0; c < cols; c += 16) {
-      const __mmask16 mk = col_mask(cols - c);
+      const __mmask16 mk = lane_mask16(cols - c);
       __m512 v = _mm512_maskz_loadu_ps(mk, sr + c);
       if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + c));
       if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yr + c), v);

@@ -200,7 +200,8 @@ struct WorkspaceLayout {
   std::int64_t normed_rows = 0, scratch_floats = 0, gemm_scratch_floats = 0;
   std::int64_t total_bytes = 0;
 
-  static WorkspaceLayout compute(const ModelConfig& c, const ForwardLimits& lim, int num_threads) {
+  static WorkspaceLayout compute(const ModelConfig& c, const ForwardLimits& lim, int num_threads,
+                                 kernels::AttentionArithmetic arithmetic) {
     KUN_CHECK(lim.max_tokens > 0 && lim.max_logit_rows >= 0 && lim.max_context_tokens > 0)
         << "forward limits: " << lim.max_tokens << " tokens, " << lim.max_logit_rows << " logit rows, "
         << lim.max_context_tokens << " context tokens";
@@ -212,7 +213,7 @@ struct WorkspaceLayout {
     // Attention's scratch grows linearly with the pool's threads (kernels/attention.cc); the
     // constructor checks this against the real pool.
     w.scratch_floats = num_threads * kernels::paged_kv_cache_scratch_floats(nullptr, lim.max_context_tokens, c.num_heads,
-                                                                            c.num_kv_heads);
+                                                                            c.num_kv_heads, arithmetic);
     std::int64_t cursor = 0;
     const std::int64_t layer_rows = lim.attention_only ? 0 : T;  // the layer buffers' rows
     if (lim.attention_only) w.normed_rows = 0;
@@ -242,12 +243,14 @@ std::span<T> view(std::span<std::byte> ws, std::int64_t offset, std::int64_t cou
 
 }  // namespace
 
-std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits, int num_threads) {
-  return WorkspaceLayout::compute(config, limits, num_threads).total_bytes;
+std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits, int num_threads,
+                                     kernels::AttentionArithmetic attention_arithmetic) {
+  return WorkspaceLayout::compute(config, limits, num_threads, attention_arithmetic).total_bytes;
 }
 
 ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
-                         kernels::AttentionArithmetic attention_arithmetic,                          kernels::ThreadPool* pool, const ForwardLimits& limits, std::span<std::byte> workspace)
+                         kernels::AttentionArithmetic attention_arithmetic, kernels::ThreadPool* pool,
+                         const ForwardLimits& limits, std::span<std::byte> workspace)
     : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype),
       attention_arithmetic_(attention_arithmetic), pool_(pool), limits_(limits),
       inv_freq_(config.rope_inv_freq()) {
@@ -259,7 +262,8 @@ ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, 
 }
 
 ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
-                         kernels::AttentionArithmetic attention_arithmetic,                          kernels::ThreadPool* pool, const ForwardLimits& limits)
+                         kernels::AttentionArithmetic attention_arithmetic, kernels::ThreadPool* pool,
+                         const ForwardLimits& limits)
     : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype),
       attention_arithmetic_(attention_arithmetic), pool_(pool), limits_(limits),
       inv_freq_(config.rope_inv_freq()) {
@@ -268,7 +272,7 @@ ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, 
       << "KV cache dtype " << dtype_name(kv_dtype_) << " (bf16 or f32)";
   KUN_CHECK_EQ(static_cast<std::int64_t>(inv_freq_.size()), config_.head_dim / 2);
   const std::int64_t bytes =
-      forward_workspace_bytes(config_, limits_, pool_ != nullptr ? pool_->num_threads() : 1);
+      forward_workspace_bytes(config_, limits_, pool_ != nullptr ? pool_->num_threads() : 1, attention_arithmetic_);
   // Over-allocated by one alignment unit so the carved buffers start 64-byte aligned.
   owned_workspace_ = std::make_unique<std::byte[]>(static_cast<std::size_t>(bytes + kTensorAlignBytes));
   void* start = owned_workspace_.get();
@@ -279,12 +283,12 @@ ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, 
 
 void ForwardPass::carve(std::span<std::byte> workspace) {
   const int threads = pool_ != nullptr ? pool_->num_threads() : 1;
-  const WorkspaceLayout w = WorkspaceLayout::compute(config_, limits_, threads);
+  const WorkspaceLayout w = WorkspaceLayout::compute(config_, limits_, threads, attention_arithmetic_);
   KUN_CHECK_GE(static_cast<std::int64_t>(workspace.size()), w.total_bytes)
       << "forward workspace of " << workspace.size() << " bytes, the limits need " << w.total_bytes;
   KUN_CHECK_EQ(reinterpret_cast<std::uintptr_t>(workspace.data()) % kTensorAlignBytes, 0u) << "forward workspace alignment";
   KUN_CHECK_GE(w.scratch_floats, kernels::paged_kv_cache_scratch_floats(pool_, limits_.max_context_tokens, config_.num_heads,
-                                                                         config_.num_kv_heads))
+                                                                         config_.num_kv_heads, attention_arithmetic_))
       << "attention scratch sized for " << threads << " threads is short (the kernel's scratch formula changed?)";
   workspace_bytes_ = w.total_bytes;
   const ModelConfig& c = config_;

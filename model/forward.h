@@ -121,8 +121,9 @@ struct ForwardLimits {
 
 // Bytes of the workspace a ForwardPass needs for `limits` with a pool of `num_threads` threads
 // (every buffer 64-byte aligned inside it).
+// attention_arithmetic: the pass's (it sets the attention scratch).
 std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits,
-                                     int num_threads);
+                                     int num_threads, kernels::AttentionArithmetic attention_arithmetic);
 
 class ForwardPass {
  public:
@@ -130,7 +131,7 @@ class ForwardPass {
   // to nearest even when appended; kF32: kept exact, for numerics tests). attention_arithmetic:
   // how attention computes (kernels::attention_arithmetic_for(the weights' dtype) gives the model
   // its GEMM's precision: AMX tiles where the GEMM runs on AMX). `workspace` (at least
-  // forward_workspace_bytes(config, limits, pool threads), 64-byte aligned) is the
+  // forward_workspace_bytes(config, limits, pool threads, attention_arithmetic), 64-byte aligned) is the
   // caller's and must outlive the pass; every buffer of the forward path is carved from it here.
   ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
               kernels::AttentionArithmetic attention_arithmetic,

@@ -44,8 +44,9 @@ struct DeviceWorkspaceLayout {
     const std::int64_t f = static_cast<std::int64_t>(sizeof(float));
     const std::int64_t T = d.max_batched_tokens;
     DeviceWorkspaceLayout w;
-    w.stage_forward_bytes = model::forward_workspace_bytes(c, stage_limits(d), d.num_threads);
-    w.serve_forward_bytes = model::forward_workspace_bytes(c, serve_limits(d), d.num_threads);
+    const kernels::AttentionArithmetic arithmetic = kernels::attention_arithmetic_for(d.weight_dtype);
+    w.stage_forward_bytes = model::forward_workspace_bytes(c, stage_limits(d), d.num_threads, arithmetic);
+    w.serve_forward_bytes = model::forward_workspace_bytes(c, serve_limits(d), d.num_threads, arithmetic);
     std::int64_t cursor = 0;
     const auto place = [&](std::int64_t bytes) {
       const std::int64_t at = round_up(cursor, kWorkspaceAlignBytes);

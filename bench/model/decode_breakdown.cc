@@ -47,7 +47,6 @@ double median(std::vector<double> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-
 }  // namespace
 
 int main(int argc, char** argv) {

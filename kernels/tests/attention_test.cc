@@ -389,7 +389,8 @@ TEST(PagedKvCacheAttention, AmxIsBatchInvariantAndClose) {
     std::iota(positions.begin(), positions.end(), c.start);
     const std::vector<float> q = random_floats(T * c.heads * c.hd, ++seed, -2, 2);
     const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
-    std::vector<float> scratch(static_cast<std::size_t>(paged_kv_cache_scratch_floats(&p3, c.ctx, c.heads, c.kv_heads)));
+    std::vector<float> scratch(
+        static_cast<std::size_t>(paged_kv_cache_scratch_floats(&p3, c.ctx, c.heads, c.kv_heads, AttentionArithmetic::kAmx)));
     const std::int64_t row = c.heads * c.hd;
     const auto out_n = static_cast<std::size_t>(T * row);
 
