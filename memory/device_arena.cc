@@ -6,7 +6,11 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string_view>
 #include <sstream>
 #include <utility>
 
@@ -16,6 +20,63 @@ namespace {
 std::string errno_text(int err) { return std::string(std::strerror(err)); }
 
 std::int64_t os_page_bytes() { return static_cast<std::int64_t>(::sysconf(_SC_PAGESIZE)); }
+
+// madvise(MADV_COLLAPSE) (Linux 6.1+): back a range with huge pages now, synchronously, whatever
+// the THP sysfs settings (shmem's are "never" on many hosts, which a memfd inherits).
+#ifdef MADV_COLLAPSE
+constexpr int kMadvCollapse = MADV_COLLAPSE;
+#else
+constexpr int kMadvCollapse = 25;
+#endif
+
+// The PMD huge page size the kernel reports (2 MiB on x86-64), 0 without transparent huge pages.
+std::int64_t kernel_huge_page_bytes() {
+  static const std::int64_t bytes = [] {
+    std::ifstream in("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
+    std::int64_t v = 0;
+    if (!(in >> v) || v <= 0) return std::int64_t{0};
+    return v;
+  }();
+  return bytes;
+}
+
+// KUN_HUGE_PAGES=0 keeps the arena on OS pages (for side-by-side measurements); anything else, or
+// unset, asks for huge pages where they fit.
+bool huge_pages_wanted() {
+  const char* v = std::getenv("KUN_HUGE_PAGES");
+  return v == nullptr || std::string_view(v) != "0";
+}
+
+// `bytes` of inaccessible address space starting at an address that is `phase` past a multiple of
+// `align` (a multiple of the OS page; phase < align, a multiple of the OS page), or nullptr.
+// Over-reserves by `align` and gives the slack back.
+std::byte* reserve_aligned(std::int64_t bytes, std::int64_t align, std::int64_t phase = 0) {
+  const auto total = static_cast<std::size_t>(bytes + align);
+  void* r = ::mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (r == MAP_FAILED) return nullptr;
+  const auto start = reinterpret_cast<std::uintptr_t>(r);
+  const auto a = static_cast<std::uintptr_t>(align);
+  std::uintptr_t aligned = start / a * a + static_cast<std::uintptr_t>(phase);
+  if (aligned < start) aligned += a;
+  const std::size_t head = aligned - start;
+  const std::size_t tail = total - head - static_cast<std::size_t>(bytes);
+  if (head > 0) ::munmap(r, head);
+  if (tail > 0) ::munmap(reinterpret_cast<void*>(aligned + static_cast<std::uintptr_t>(bytes)), tail);
+  return reinterpret_cast<std::byte*>(aligned);
+}
+
+// Backs the whole huge pages of [addr, addr + bytes) of a shared memfd mapping (addr huge-page
+// aligned, as is its file offset) with huge pages: one write per huge page gives each a resident
+// page, MADV_COLLAPSE replaces them with huge pages (zero-filling the rest). False when the kernel
+// refuses (older than 6.1, THP off, no huge page free); the range then stays on OS pages, which is
+// correct, only slower.
+bool collapse_to_huge_pages(std::byte* addr, std::int64_t bytes, std::int64_t huge) {
+  const std::int64_t whole = bytes / huge * huge;
+  if (whole == 0) return false;
+  auto* p = reinterpret_cast<volatile std::byte*>(addr);
+  for (std::int64_t off = 0; off < whole; off += huge) p[off] = std::byte{0};
+  return ::madvise(addr, static_cast<std::size_t>(whole), kMadvCollapse) == 0;
+}
 
 }  // namespace
 
@@ -58,21 +119,34 @@ StatusOr<std::unique_ptr<DeviceArena>> DeviceArena::create(const ArenaOptions& o
     return resource_exhausted("device arena: ftruncate to " + std::to_string(bytes) +
                               " bytes failed: " + errno_text(err));
   }
-  // Allocate the capacity for real: fallocate on a memfd (shmem) allocates every page.
-  bool allocated = ::fallocate(fd, 0, 0, static_cast<off_t>(bytes)) == 0;
-  if (!allocated && errno != EOPNOTSUPP && errno != ENOSYS) {
-    const int err = errno;
-    ::close(fd);
-    return resource_exhausted("device arena: cannot allocate " + std::to_string(bytes) +
-                              " bytes: " + errno_text(err));
-  }
-  void* base = ::mmap(nullptr, static_cast<std::size_t>(bytes), PROT_READ | PROT_WRITE, MAP_SHARED,
-                      fd, 0);
+  // Huge pages where a page is whole huge pages or a huge page is whole pages. The whole-arena
+  // mapping then starts on a huge page boundary, so address and file offset agree modulo the huge
+  // page size (and segments are placed to agree too, see create_segment).
+  const std::int64_t huge = kernel_huge_page_bytes();
+  const bool huge_eligible = options.huge_pages && huge_pages_wanted() && huge > 0 &&
+                             (options.page_bytes % huge == 0 || huge % options.page_bytes == 0);
+  std::byte* reserve = reserve_aligned(bytes, huge_eligible ? huge : os_page);
+  void* base = reserve == nullptr ? MAP_FAILED
+                                  : ::mmap(reserve, static_cast<std::size_t>(bytes), PROT_READ | PROT_WRITE,
+                                           MAP_SHARED | MAP_FIXED, fd, 0);
   if (base == MAP_FAILED) {
     const int err = errno;
+    if (reserve != nullptr) ::munmap(reserve, static_cast<std::size_t>(bytes));
     ::close(fd);
     return resource_exhausted("device arena: mmap of " + std::to_string(bytes) +
                               " bytes failed: " + errno_text(err));
+  }
+  // Huge pages first (each then holds zeros), so that fallocate has nothing left to do; where the
+  // kernel refuses, fallocate allocates OS pages.
+  const bool huge_backed = huge_eligible && collapse_to_huge_pages(static_cast<std::byte*>(base), bytes, huge);
+  // Allocate the capacity for real: fallocate on a memfd (shmem) allocates every page.
+  const bool allocated = ::fallocate(fd, 0, 0, static_cast<off_t>(bytes)) == 0;
+  if (!allocated && errno != EOPNOTSUPP && errno != ENOSYS) {
+    const int err = errno;
+    ::munmap(base, static_cast<std::size_t>(bytes));
+    ::close(fd);
+    return resource_exhausted("device arena: cannot allocate " + std::to_string(bytes) +
+                              " bytes: " + errno_text(err));
   }
   if (!allocated) {
     // No fallocate on this kernel: touch every OS page so the memory is really committed.
@@ -80,11 +154,12 @@ StatusOr<std::unique_ptr<DeviceArena>> DeviceArena::create(const ArenaOptions& o
     for (std::int64_t off = 0; off < bytes; off += os_page) p[off] = 0;
   }
   return std::unique_ptr<DeviceArena>(
-      new DeviceArena(fd, static_cast<std::byte*>(base), num_pages, options.page_bytes));
+      new DeviceArena(fd, static_cast<std::byte*>(base), num_pages, options.page_bytes, huge_backed ? huge : 0));
 }
 
-DeviceArena::DeviceArena(int fd, std::byte* base, std::int64_t num_pages, std::int64_t page_bytes)
-    : fd_(fd), base_(base), num_pages_(num_pages), page_bytes_(page_bytes) {
+DeviceArena::DeviceArena(int fd, std::byte* base, std::int64_t num_pages, std::int64_t page_bytes,
+                         std::int64_t huge_page_bytes)
+    : fd_(fd), base_(base), num_pages_(num_pages), page_bytes_(page_bytes), huge_page_bytes_(huge_page_bytes) {
   owners_.assign(static_cast<std::size_t>(num_pages), PageOwner{});
   for (std::int64_t p = 0; p < num_pages; ++p) free_pages_.insert(free_pages_.end(), p);
 }
@@ -127,6 +202,10 @@ void DeviceArena::map_segment_pages(const Segment& seg) {
     void* r = ::mmap(addr, static_cast<std::size_t>(run_bytes), PROT_READ | PROT_WRITE,
                      MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd_, static_cast<off_t>(seg.pages[i].value * page_bytes_));
     KUN_CHECK(r == addr) << "mapping segment " << seg.name << " pages failed: " << errno_text(errno);
+    // The memfd's pages are huge already, and MAP_POPULATE maps them with one page-table entry
+    // per huge page on the kernels tried (6.18; the arena test checks it in smaps); MADV_COLLAPSE
+    // asks for that where a kernel maps them with 512 OS-page entries. A refusal is only slower.
+    if (huge_page_bytes_ > 0) (void)::madvise(addr, static_cast<std::size_t>(run_bytes), kMadvCollapse);
     i = j;
   }
 }
@@ -147,9 +226,14 @@ StatusOr<SegmentId> DeviceArena::create_segment(std::string name, std::int64_t b
                               std::to_string(bytes) + " bytes), only " +
                               std::to_string(num_free_pages()) + " free");
   }
-  void* reserve = ::mmap(nullptr, static_cast<std::size_t>(n * page_bytes_), PROT_NONE,
-                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (reserve == MAP_FAILED) {
+  // With huge pages, the range starts where its address agrees with the first page's file offset
+  // modulo the huge page size: the huge pages inside a run of consecutive pages are then mapped
+  // as huge pages (all of them when pages are whole huge pages).
+  const std::int64_t first_offset = *free_pages_.begin() * page_bytes_;
+  std::byte* reserve = huge_page_bytes_ > 0
+                           ? reserve_aligned(n * page_bytes_, huge_page_bytes_, first_offset % huge_page_bytes_)
+                           : reserve_aligned(n * page_bytes_, os_page_bytes());
+  if (reserve == nullptr) {
     return resource_exhausted("segment " + name + ": cannot reserve address space: " + errno_text(errno));
   }
   const SegmentId id(static_cast<std::int64_t>(segments_.size()));
@@ -157,7 +241,7 @@ StatusOr<SegmentId> DeviceArena::create_segment(std::string name, std::int64_t b
   seg.name = std::move(name);
   seg.bytes = bytes;
   seg.num_pages = n;
-  seg.base = static_cast<std::byte*>(reserve);
+  seg.base = reserve;
   for (std::int64_t k = 0; k < n; ++k) {
     const std::int64_t p = *free_pages_.begin();
     free_pages_.erase(free_pages_.begin());

@@ -82,6 +82,10 @@ struct ArenaOptions {
   std::int64_t capacity_bytes = 0;          // rounded down to a whole number of pages
   std::int64_t page_bytes = kDefaultPageBytes;  // multiple of the OS page size
   std::string name = "kun-device";          // memfd name, shows in /proc/<pid>/fd
+  // Back the pages with the kernel's huge pages (2 MiB on x86-64) where page_bytes is a multiple
+  // of one and the kernel agrees (MADV_COLLAPSE, Linux 6.1+); KUN_HUGE_PAGES=0 turns it off
+  // process-wide. Streaming the weights of a decode step through 4 KiB pages costs 4-14 %.
+  bool huge_pages = true;
 };
 
 class DeviceArena {
@@ -105,6 +109,9 @@ class DeviceArena {
   std::int64_t num_param_pages() const { return num_param_pages_; }
   // Bytes the memfd really holds (st_blocks); >= capacity_bytes() after create().
   std::int64_t resident_bytes() const;
+  // The huge page size backing the pages, 0 when they are OS pages (not asked for, page_bytes not
+  // a multiple, or refused by the kernel).
+  std::int64_t huge_page_bytes() const { return huge_page_bytes_; }
 
   // ---- parameter segments ----
   // Takes ceil(bytes / page_bytes) free pages (lowest ids first) and maps them back to back.
@@ -165,7 +172,8 @@ class DeviceArena {
     bool destroyed = false;
   };
 
-  DeviceArena(int fd, std::byte* base, std::int64_t num_pages, std::int64_t page_bytes);
+  DeviceArena(int fd, std::byte* base, std::int64_t num_pages, std::int64_t page_bytes,
+              std::int64_t huge_page_bytes);
   const Segment& segment(SegmentId id) const;
   Segment& segment(SegmentId id);
   // Maps `pages` back to back at seg.base (coalescing runs of consecutive page ids).
@@ -178,6 +186,7 @@ class DeviceArena {
   std::byte* base_ = nullptr;  // whole-arena shared mapping
   std::int64_t num_pages_ = 0;
   std::int64_t page_bytes_ = 0;
+  std::int64_t huge_page_bytes_ = 0;  // 0: OS pages
   std::int64_t num_param_pages_ = 0;
   std::vector<PageOwner> owners_;
   std::set<std::int64_t> free_pages_;

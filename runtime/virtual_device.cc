@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/check.h"
+#include "common/log.h"
 #include "common/units.h"
 
 namespace kun::runtime {
@@ -130,6 +131,9 @@ StatusOr<std::unique_ptr<VirtualDevice>> VirtualDevice::create(const DeviceOptio
   arena_options.page_bytes = options.page_bytes;
   arena_options.name = "kun-" + options.name;
   KUN_ASSIGN_OR_RETURN(dev->arena_, memory::DeviceArena::create(arena_options));
+  KUN_LOG(kInfo) << "device " << options.name << ": " << dev->arena_->capacity_bytes() / kMiB << " MiB in "
+                 << dev->arena_->page_bytes() / kKiB << " KiB pages, "
+                 << (dev->arena_->huge_page_bytes() > 0 ? "on huge pages" : "on OS pages (no huge pages)");
   dev->kv_storage_ = std::make_unique<kv::KvStorage>(*dev->arena_, dev->kv_geometry_);
   dev->pool_ = std::make_unique<kernels::ThreadPool>(options.num_threads);
   // The workspace comes first: weights then take their pages and KV gets what is left.

@@ -27,8 +27,17 @@
 namespace kun::bench {
 
 class WeightBuffer {
+  static constexpr std::int64_t kHugePage = std::int64_t{2} << 20;
+  static constexpr int kMadvCollapse = 25;  // MADV_COLLAPSE (Linux 6.1+), newer than Debian 12's headers
+  static bool huge_pages_wanted() {
+    const char* v = std::getenv("KUN_HUGE_PAGES");
+    return v == nullptr || std::string(v) != "0";
+  }
+
  public:
-  WeightBuffer(std::int64_t bytes, bool memfd) : size_(static_cast<std::size_t>(round_up(bytes, 4096))) {
+  // The weights sit on 2 MiB huge pages where the kernel gives them, as a device arena's do
+  // (memory/device_arena.h); KUN_HUGE_PAGES=0 keeps OS pages, for both alike.
+  WeightBuffer(std::int64_t bytes, bool memfd) : size_(static_cast<std::size_t>(round_up(bytes, kHugePage))) {
     if (memfd) {
       fd_ = ::memfd_create("kun_bench_weights", MFD_CLOEXEC);
       if (fd_ < 0 || ::ftruncate(fd_, static_cast<off_t>(size_)) != 0 ||
@@ -42,9 +51,12 @@ class WeightBuffer {
         std::abort();
       }
       p_ = static_cast<std::byte*>(m);
+      // As the device arena: the memfd's pages collapsed into huge pages where the kernel agrees.
+      if (huge_pages_wanted()) (void)::madvise(p_, size_, kMadvCollapse);
     } else {
-      p_ = static_cast<std::byte*>(std::aligned_alloc(4096, size_));
+      p_ = static_cast<std::byte*>(std::aligned_alloc(kHugePage, size_));
       if (p_ == nullptr) std::abort();
+      if (huge_pages_wanted()) (void)::madvise(p_, size_, MADV_HUGEPAGE);
       std::memset(p_, 0, size_);
     }
   }

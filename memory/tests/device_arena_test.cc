@@ -5,7 +5,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
 #include <map>
+#include <sstream>
+#include <string>
 #include <random>
 #include <set>
 
@@ -30,6 +33,124 @@ bool matches(const std::byte* p, std::int64_t n, std::uint32_t seed) {
     if (p[i] != static_cast<std::byte>((seed * 131u + static_cast<std::uint32_t>(i) * 7u) & 0xffu)) return false;
   }
   return true;
+}
+
+// KiB of the mappings that overlap [addr, addr + bytes) which the kernel maps with huge-page
+// (PMD) entries, from /proc/self/smaps ("ShmemPmdMapped" for a memfd mapping). A segment mapped
+// from scattered pages is several mappings.
+std::int64_t pmd_mapped_kib(const void* addr, std::int64_t bytes) {
+  const auto a = reinterpret_cast<std::uintptr_t>(addr);
+  const std::uintptr_t b = a + static_cast<std::uintptr_t>(bytes);
+  std::ifstream in("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  std::int64_t total = 0;
+  while (std::getline(in, line)) {
+    std::uintptr_t lo = 0, hi = 0;
+    char dash = 0;
+    std::istringstream head(line);
+    if (head >> std::hex >> lo >> dash >> hi && dash == '-') {
+      inside = lo < b && hi > a;
+      continue;
+    }
+    if (inside && line.rfind("ShmemPmdMapped:", 0) == 0) {
+      std::istringstream v(line.substr(15));
+      std::int64_t kib = 0;
+      v >> kib;
+      total += kib;
+    }
+  }
+  return total;
+}
+
+TEST(DeviceArenaTest, HugePagesBackSegmentsAndKvAcrossDropRestore) {
+  ArenaOptions options;
+  options.capacity_bytes = 10 * kDefaultPageBytes;
+  auto made = DeviceArena::create(options);
+  ASSERT_TRUE(made.ok()) << made.status().to_string();
+  DeviceArena& arena = **made;
+  if (arena.huge_page_bytes() == 0) GTEST_SKIP() << "the kernel gave this process no huge pages";
+  ASSERT_EQ(kDefaultPageBytes % arena.huge_page_bytes(), 0);
+  const std::int64_t seg_bytes = 3 * kDefaultPageBytes - 100;
+  auto seg = arena.create_segment("layer.0", seg_bytes);
+  ASSERT_TRUE(seg.ok());
+  std::byte* addr = arena.segment_data(*seg);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(addr) % static_cast<std::uintptr_t>(arena.huge_page_bytes()), 0u);
+  // The segment's 3 pages, and the whole-arena mapping the KV pages are read through, are mapped
+  // with huge-page entries.
+  EXPECT_EQ(pmd_mapped_kib(addr, 3 * kDefaultPageBytes), 3 * kDefaultPageBytes / 1024);
+  EXPECT_EQ(pmd_mapped_kib(arena.page_data(PageId(0)), arena.capacity_bytes()), arena.capacity_bytes() / 1024);
+  fill(addr, seg_bytes, 3);
+  std::vector<std::byte> saved(addr, addr + seg_bytes);
+
+  // Drop, let KV traffic overwrite the pages, restore onto other pages in a scrambled order: the
+  // mapping is huge again and the bytes written through it land on the chosen pages.
+  auto dropped = arena.drop_segment(*seg);
+  ASSERT_TRUE(dropped.ok());
+  for (PageId p : *dropped) fill(arena.page_data(p), kDefaultPageBytes, 77);
+  auto extra = arena.add_kv_pages(3);
+  ASSERT_TRUE(extra.ok());
+  const std::vector<PageId> target = {(*extra)[2], (*dropped)[1], (*extra)[0]};
+  ASSERT_TRUE(arena.restore_segment(*seg, target).ok());
+  EXPECT_EQ(arena.segment_data(*seg), addr);
+  EXPECT_EQ(pmd_mapped_kib(addr, 3 * kDefaultPageBytes), 3 * kDefaultPageBytes / 1024);
+  EXPECT_TRUE(matches(addr + kDefaultPageBytes, kDefaultPageBytes, 77));  // page (*dropped)[1] as KV left it
+  std::memcpy(addr, saved.data(), saved.size());
+  EXPECT_EQ(std::memcmp(arena.page_data(target[0]), saved.data(), static_cast<std::size_t>(kDefaultPageBytes)), 0);
+  EXPECT_EQ(std::memcmp(arena.page_data(target[2]), saved.data() + 2 * kDefaultPageBytes,
+                        static_cast<std::size_t>(kDefaultPageBytes - 100)),
+            0);
+  EXPECT_TRUE(arena.verify_integrity().ok()) << arena.verify_integrity().to_string();
+  EXPECT_GE(arena.resident_bytes(), arena.capacity_bytes());
+}
+
+TEST(DeviceArenaTest, HugePagesUnderPagesSmallerThanOne) {
+  // 256 KiB pages (the in-process cluster's): 8 pages share a huge page. A segment on consecutive
+  // pages is placed so that its address agrees with their file offset modulo the huge page, and
+  // the huge pages wholly inside it are mapped as huge pages.
+  ArenaOptions options;
+  options.page_bytes = 256 * kKiB;
+  options.capacity_bytes = 64 * options.page_bytes;
+  auto made = DeviceArena::create(options);
+  ASSERT_TRUE(made.ok()) << made.status().to_string();
+  DeviceArena& arena = **made;
+  if (arena.huge_page_bytes() == 0) GTEST_SKIP() << "the kernel gave this process no huge pages";
+  const std::int64_t huge = arena.huge_page_bytes();
+  EXPECT_EQ(pmd_mapped_kib(arena.page_data(PageId(0)), arena.capacity_bytes()), arena.capacity_bytes() / 1024);
+  ASSERT_TRUE(arena.add_kv_pages(3).ok());  // the segment starts 768 KiB into the memfd
+  const std::int64_t n = 20;
+  auto seg = arena.create_segment("layer.0", n * options.page_bytes);
+  ASSERT_TRUE(seg.ok());
+  const std::int64_t first = 3 * options.page_bytes;
+  const std::int64_t last = first + n * options.page_bytes;
+  const std::int64_t whole_huge = (last / huge - (first + huge - 1) / huge) * huge;
+  ASSERT_GT(whole_huge, 0);
+  std::byte* addr = arena.segment_data(*seg);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(addr) % static_cast<std::uintptr_t>(huge),
+            static_cast<std::uintptr_t>(first % huge));
+  EXPECT_EQ(pmd_mapped_kib(addr, n * options.page_bytes), whole_huge / 1024);
+  fill(addr, n * options.page_bytes, 21);
+  EXPECT_TRUE(matches(arena.page_data(PageId(3)), options.page_bytes, 21));
+  EXPECT_TRUE(arena.verify_integrity().ok()) << arena.verify_integrity().to_string();
+}
+
+TEST(DeviceArenaTest, OsPagesWhenHugePagesAreNotAskedForOrDoNotFit) {
+  ArenaOptions off;
+  off.capacity_bytes = 4 * kDefaultPageBytes;
+  off.huge_pages = false;
+  auto a = DeviceArena::create(off);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ((*a)->huge_page_bytes(), 0);
+  EXPECT_EQ(pmd_mapped_kib((*a)->page_data(PageId(0)), (*a)->capacity_bytes()), 0);
+  // Pages that neither divide a huge page nor are whole huge pages (3 OS pages) stay OS pages.
+  const std::int64_t odd = 3 * kOsPage;
+  auto small = DeviceArena::create(1024 * odd, odd);
+  ASSERT_TRUE(small.ok());
+  EXPECT_EQ((*small)->huge_page_bytes(), 0);
+  auto seg = (*small)->create_segment("w", 5 * odd);
+  ASSERT_TRUE(seg.ok());
+  fill((*small)->segment_data(*seg), 5 * odd, 9);
+  EXPECT_TRUE(matches((*small)->segment_data(*seg), 5 * odd, 9));
 }
 
 TEST(DeviceArenaTest, RejectsBadSizes) {
