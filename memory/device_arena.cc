@@ -7,12 +7,11 @@
 
 #include <cerrno>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <string_view>
 #include <sstream>
 #include <utility>
+
+#include "memory/huge_pages.h"
 
 namespace kun::memory {
 namespace {
@@ -20,32 +19,6 @@ namespace {
 std::string errno_text(int err) { return std::string(std::strerror(err)); }
 
 std::int64_t os_page_bytes() { return static_cast<std::int64_t>(::sysconf(_SC_PAGESIZE)); }
-
-// madvise(MADV_COLLAPSE) (Linux 6.1+): back a range with huge pages now, synchronously, whatever
-// the THP sysfs settings (shmem's are "never" on many hosts, which a memfd inherits).
-#ifdef MADV_COLLAPSE
-constexpr int kMadvCollapse = MADV_COLLAPSE;
-#else
-constexpr int kMadvCollapse = 25;
-#endif
-
-// The PMD huge page size the kernel reports (2 MiB on x86-64), 0 without transparent huge pages.
-std::int64_t kernel_huge_page_bytes() {
-  static const std::int64_t bytes = [] {
-    std::ifstream in("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
-    std::int64_t v = 0;
-    if (!(in >> v) || v <= 0) return std::int64_t{0};
-    return v;
-  }();
-  return bytes;
-}
-
-// KUN_HUGE_PAGES=0 keeps the arena on OS pages (for side-by-side measurements); anything else, or
-// unset, asks for huge pages where they fit.
-bool huge_pages_wanted() {
-  const char* v = std::getenv("KUN_HUGE_PAGES");
-  return v == nullptr || std::string_view(v) != "0";
-}
 
 // `bytes` of inaccessible address space starting at an address that is `phase` past a multiple of
 // `align` (a multiple of the OS page; phase < align, a multiple of the OS page), or nullptr.
@@ -63,19 +36,6 @@ std::byte* reserve_aligned(std::int64_t bytes, std::int64_t align, std::int64_t 
   if (head > 0) ::munmap(r, head);
   if (tail > 0) ::munmap(reinterpret_cast<void*>(aligned + static_cast<std::uintptr_t>(bytes)), tail);
   return reinterpret_cast<std::byte*>(aligned);
-}
-
-// Backs the whole huge pages of [addr, addr + bytes) of a shared memfd mapping (addr huge-page
-// aligned, as is its file offset) with huge pages: one write per huge page gives each a resident
-// page, MADV_COLLAPSE replaces them with huge pages (zero-filling the rest). False when the kernel
-// refuses (older than 6.1, THP off, no huge page free); the range then stays on OS pages, which is
-// correct, only slower.
-bool collapse_to_huge_pages(std::byte* addr, std::int64_t bytes, std::int64_t huge) {
-  const std::int64_t whole = bytes / huge * huge;
-  if (whole == 0) return false;
-  auto* p = reinterpret_cast<volatile std::byte*>(addr);
-  for (std::int64_t off = 0; off < whole; off += huge) p[off] = std::byte{0};
-  return ::madvise(addr, static_cast<std::size_t>(whole), kMadvCollapse) == 0;
 }
 
 }  // namespace
@@ -123,7 +83,7 @@ StatusOr<std::unique_ptr<DeviceArena>> DeviceArena::create(const ArenaOptions& o
   // mapping then starts on a huge page boundary, so address and file offset agree modulo the huge
   // page size (and segments are placed to agree too, see create_segment).
   const std::int64_t huge = kernel_huge_page_bytes();
-  const bool huge_eligible = options.huge_pages && huge_pages_wanted() && huge > 0 &&
+  const bool huge_eligible = options.huge_pages && huge_pages_requested() && huge > 0 &&
                              (options.page_bytes % huge == 0 || huge % options.page_bytes == 0);
   std::byte* reserve = reserve_aligned(bytes, huge_eligible ? huge : os_page);
   void* base = reserve == nullptr ? MAP_FAILED
@@ -205,7 +165,7 @@ void DeviceArena::map_segment_pages(const Segment& seg) {
     // The memfd's pages are huge already, and MAP_POPULATE maps them with one page-table entry
     // per huge page on the kernels tried (6.18; the arena test checks it in smaps); MADV_COLLAPSE
     // asks for that where a kernel maps them with 512 OS-page entries. A refusal is only slower.
-    if (huge_page_bytes_ > 0) (void)::madvise(addr, static_cast<std::size_t>(run_bytes), kMadvCollapse);
+    if (huge_page_bytes_ > 0) (void)map_as_huge_pages(addr, run_bytes);
     i = j;
   }
 }

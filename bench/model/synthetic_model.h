@@ -20,6 +20,7 @@
 
 #include "common/status.h"
 #include "common/units.h"
+#include "memory/huge_pages.h"
 #include "model/config.h"
 #include "model/forward.h"
 #include "model/weight_source.h"
@@ -28,11 +29,6 @@ namespace kun::bench {
 
 class WeightBuffer {
   static constexpr std::int64_t kHugePage = std::int64_t{2} << 20;
-  static constexpr int kMadvCollapse = 25;  // MADV_COLLAPSE (Linux 6.1+), newer than Debian 12's headers
-  static bool huge_pages_wanted() {
-    const char* v = std::getenv("KUN_HUGE_PAGES");
-    return v == nullptr || std::string(v) != "0";
-  }
 
  public:
   // The weights sit on 2 MiB huge pages where the kernel gives them, as a device arena's do
@@ -52,11 +48,11 @@ class WeightBuffer {
       }
       p_ = static_cast<std::byte*>(m);
       // As the device arena: the memfd's pages collapsed into huge pages where the kernel agrees.
-      if (huge_pages_wanted()) (void)::madvise(p_, size_, kMadvCollapse);
+      if (memory::huge_pages_requested()) (void)memory::map_as_huge_pages(p_, static_cast<std::int64_t>(size_));
     } else {
       p_ = static_cast<std::byte*>(std::aligned_alloc(kHugePage, size_));
       if (p_ == nullptr) std::abort();
-      if (huge_pages_wanted()) (void)::madvise(p_, size_, MADV_HUGEPAGE);
+      if (memory::huge_pages_requested()) (void)::madvise(p_, size_, MADV_HUGEPAGE);
       std::memset(p_, 0, size_);
     }
   }
