@@ -269,6 +269,9 @@ StatusOr<ReclaimResult> KvBlockAllocator::reclaim_pages(std::int64_t n) {
       remove_page(candidates[i].page);
       result.pages.emplace_back(candidates[i].page);
     }
+    // Ascending ids: a restore maps the pages in this order, so a layer's own pages come back as
+    // the consecutive runs (and, in a huge-page arena, the huge pages) they were.
+    std::sort(result.pages.begin(), result.pages.end(), [](PageId x, PageId y) { return x.value < y.value; });
     return result;
   }
   // The victims' live blocks must fit in the other pages' free slots, which holds exactly when

@@ -9,8 +9,9 @@
 // keeps the extension easy to reclaim on restore. kShuffled picks a random free block from a
 // seeded generator: tests run both to prove nothing depends on the order.
 //
-// Reclaim for restore: reclaim_pages(n) either hands back n pages whose blocks are all free
-// (removing them from the pool; the caller gives them to DeviceArena::restore_segment), or
+// Reclaim for restore: reclaim_pages(n) either hands back n pages whose blocks are all free, in
+// ascending id order (removing them from the pool; the caller gives them to
+// DeviceArena::restore_segment, which maps consecutive ids as one run), or
 // returns a repack plan. Planning sets n victim pages aside ("draining": nothing new is allocated
 // there) and allocates every move's `to` block; the caller copies the bytes (KvStorage), rewrites
 // the block tables (BlockTable::remap_blocks), frees every `from` block, then calls reclaim_pages

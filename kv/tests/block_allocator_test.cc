@@ -124,7 +124,7 @@ TEST(KvBlockAllocatorTest, ReclaimPrefersEmptyExtensionPages) {
   auto r = a.reclaim_pages(2);
   ASSERT_TRUE(r.ok());
   EXPECT_TRUE(r->moves.empty());
-  EXPECT_EQ(r->pages, page_ids({6, 5}));
+  EXPECT_EQ(r->pages, page_ids({5, 6}));  // the extension's, latest added first, handed back ascending
   EXPECT_EQ(a.num_pages(), 2);
   EXPECT_EQ(a.num_total(), 8);
   EXPECT_FALSE(a.has_page(PageId(5)));

@@ -131,6 +131,17 @@ TEST(DeviceArenaTest, HugePagesUnderPagesSmallerThanOne) {
   EXPECT_EQ(pmd_mapped_kib(addr, n * options.page_bytes), whole_huge / 1024);
   fill(addr, n * options.page_bytes, 21);
   EXPECT_TRUE(matches(arena.page_data(PageId(3)), options.page_bytes, 21));
+  // Dropped and restored onto its own pages in ascending order (what KvBlockAllocator::reclaim_pages
+  // hands back), the segment is mapped as huge pages again; in descending order, it is not.
+  auto dropped = arena.drop_segment(*seg);
+  ASSERT_TRUE(dropped.ok());
+  std::vector<PageId> reversed(dropped->rbegin(), dropped->rend());
+  ASSERT_TRUE(arena.restore_segment(*seg, reversed).ok());
+  EXPECT_EQ(pmd_mapped_kib(addr, n * options.page_bytes), 0);
+  ASSERT_TRUE(arena.drop_segment(*seg).ok());
+  ASSERT_TRUE(arena.restore_segment(*seg, *dropped).ok());
+  EXPECT_EQ(pmd_mapped_kib(addr, n * options.page_bytes), whole_huge / 1024);
+  EXPECT_TRUE(matches(addr, options.page_bytes, 21));
   EXPECT_TRUE(arena.verify_integrity().ok()) << arena.verify_integrity().to_string();
 }
 
