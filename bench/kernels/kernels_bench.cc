@@ -5,10 +5,10 @@
 // in the same run: streaming read bandwidth (all threads, buffer >> LLC) and peak FMA throughput.
 // Decode shapes (M <= 32) cycle through enough copies of the weight to exceed the last-level
 // cache, so every call streams its weights from DRAM as in a real decode step ("cold"); "hot"
-// reuses one copy (cache resident). Weights sit at 4 KiB boundaries as in a loaded model (every
-// tensor of a device's parameter pages starts on a 64-byte line): an AMX tile load of rows that
-// straddle cache lines runs 3-4x slower, so a malloc'ed vector (16-byte aligned) would measure a
-// layout the engine never has.
+// reuses one copy (cache resident). Weights sit on huge pages at 2 MiB boundaries as in a loaded
+// model (every tensor of a device's parameter pages starts on a 64-byte line): an AMX tile load of
+// rows that straddle cache lines runs 3-4x slower, so a malloc'ed vector (16-byte aligned) would
+// measure a layout the engine never has.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -20,24 +20,31 @@
 #include <string>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "common/dtype.h"
 #include "kernels/kernels.h"
 #include "kernels/roofline.h"
+#include "memory/huge_pages.h"
 
 namespace {
 
 using kun::DType;
 using namespace kun::kernels;
 
-// A zero-filled bf16 buffer of n elements starting on a 4 KiB boundary.
+// A zero-filled bf16 buffer of n elements on 2 MiB huge pages, as a device arena's weights are
+// (memory/huge_pages.h; KUN_HUGE_PAGES=0: 4 KiB pages), so the weights stream as they do in the
+// engine and as the read probe's buffer does.
 struct FreeDeleter {
   void operator()(std::uint16_t* p) const { std::free(p); }
 };
 using AlignedBf16 = std::unique_ptr<std::uint16_t[], FreeDeleter>;
 AlignedBf16 aligned_bf16(std::int64_t n) {
-  const std::size_t bytes = (static_cast<std::size_t>(n) * 2 + 4095) / 4096 * 4096;
-  auto* p = static_cast<std::uint16_t*>(std::aligned_alloc(4096, bytes == 0 ? 4096 : bytes));
+  constexpr std::size_t kHuge = std::size_t{2} << 20;
+  const std::size_t bytes = (static_cast<std::size_t>(n) * 2 + kHuge - 1) / kHuge * kHuge;
+  auto* p = static_cast<std::uint16_t*>(std::aligned_alloc(kHuge, bytes == 0 ? kHuge : bytes));
   if (p == nullptr) std::abort();
+  if (kun::memory::huge_pages_requested()) (void)::madvise(p, bytes, MADV_HUGEPAGE);
   std::memset(p, 0, bytes);
   return AlignedBf16(p);
 }
