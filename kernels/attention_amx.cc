@@ -68,9 +68,7 @@ inline bool amx_values_apply(const PagedKvCache& kv) { return kv.head_dim % 16 =
 // block's, kt x rem, and both key tiles load A 2 for the full blocks); B 4 .. 4 + blocks - 1 (the
 // rows' q, 16 pairs x 16 rows each, rem / 2 pairs for the last), loaded once per call.
 void load_score_tiles(int kt, std::int64_t blocks, int rem) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
+  TileConfig cfg = palette1_config();
   for (int t = 0; t < 4; ++t) {
     cfg.rows[t] = static_cast<std::uint8_t>(kt);
     cfg.colsb[t] = 64;
@@ -85,16 +83,7 @@ void load_score_tiles(int kt, std::int64_t blocks, int rem) {
 
 // Every tile 16 rows x 64 bytes: the weighted V's tiles, and the scores' ones when a key tile is
 // 16 keys and head_dim a multiple of 32 (amx_scores then leaves this configuration loaded).
-void load_square_tiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  load_tile_config(cfg);
-}
+void load_square_tiles() { load_tile_config(square_tile_config()); }
 
 // TDPBF16PS into C tile `c` (0 or 1) from A tile `a` (2 or 3) and B tile 4 + kb (the tile
 // numbers are immediates).

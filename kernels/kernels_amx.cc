@@ -40,13 +40,7 @@ using I64 = std::int64_t;
 // 16 rows x 64 bytes, except that calls of fewer than 16 rows give A and C just their rows.
 // a_rows: rows of the A and C tiles (the calls of at most 16 rows configure just their rows).
 void configure_gemm_tiles(int a_rows = 16) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
+  TileConfig cfg = square_tile_config();
   for (int t = 0; t <= 4; ++t) cfg.rows[t] = static_cast<std::uint8_t>(a_rows);  // C 0..3, A 4
   load_tile_config(cfg);
 }
