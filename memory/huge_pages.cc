@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <string_view>
 
@@ -40,6 +41,16 @@ bool collapse_to_huge_pages(std::byte* addr, std::int64_t bytes, std::int64_t hu
   auto* p = reinterpret_cast<volatile std::byte*>(addr);
   for (std::int64_t off = 0; off < whole; off += huge) p[off] = p[off];
   return map_as_huge_pages(addr, whole);
+}
+
+std::byte* allocate_on_huge_pages(std::int64_t bytes) {
+  const std::int64_t huge = kernel_huge_page_bytes() > 0 ? kernel_huge_page_bytes() : std::int64_t{2} << 20;
+  const std::int64_t rounded = bytes <= 0 ? huge : (bytes + huge - 1) / huge * huge;
+  auto* p = static_cast<std::byte*>(std::aligned_alloc(static_cast<std::size_t>(huge), static_cast<std::size_t>(rounded)));
+  if (p == nullptr) return nullptr;
+  if (huge_pages_requested()) (void)::madvise(p, static_cast<std::size_t>(rounded), MADV_HUGEPAGE);
+  std::memset(p, 0, static_cast<std::size_t>(rounded));
+  return p;
 }
 
 bool map_as_huge_pages(std::byte* addr, std::int64_t bytes) {

@@ -25,6 +25,12 @@ bool huge_pages_requested();
 // range then stays on OS pages, which is correct, only slower.
 bool collapse_to_huge_pages(std::byte* addr, std::int64_t bytes, std::int64_t huge);
 
+// Private memory of at least `bytes` (rounded up to whole huge pages), zeroed, starting on a huge
+// page boundary and on huge pages where the kernel gives them (MADV_HUGEPAGE before the first
+// touch; OS pages when KUN_HUGE_PAGES=0 or the kernel has none free). Release it with std::free.
+// nullptr when the host cannot provide it. For buffers that stand in for device memory (benches).
+std::byte* allocate_on_huge_pages(std::int64_t bytes);
+
 // madvise(MADV_COLLAPSE) on [addr, addr + bytes): maps huge pages a memfd already has with huge
 // page-table entries where the kernel did not. True on success; a refusal is only slower.
 bool map_as_huge_pages(std::byte* addr, std::int64_t bytes);

@@ -20,8 +20,6 @@
 #include <string>
 #include <vector>
 
-#include <sys/mman.h>
-
 #include "common/dtype.h"
 #include "kernels/kernels.h"
 #include "kernels/roofline.h"
@@ -40,12 +38,8 @@ struct FreeDeleter {
 };
 using AlignedBf16 = std::unique_ptr<std::uint16_t[], FreeDeleter>;
 AlignedBf16 aligned_bf16(std::int64_t n) {
-  constexpr std::size_t kHuge = std::size_t{2} << 20;
-  const std::size_t bytes = (static_cast<std::size_t>(n) * 2 + kHuge - 1) / kHuge * kHuge;
-  auto* p = static_cast<std::uint16_t*>(std::aligned_alloc(kHuge, bytes == 0 ? kHuge : bytes));
+  auto* p = reinterpret_cast<std::uint16_t*>(kun::memory::allocate_on_huge_pages(n * 2));
   if (p == nullptr) std::abort();
-  if (kun::memory::huge_pages_requested()) (void)::madvise(p, bytes, MADV_HUGEPAGE);
-  std::memset(p, 0, bytes);
   return AlignedBf16(p);
 }
 

@@ -50,10 +50,8 @@ class WeightBuffer {
       // As the device arena: the memfd's pages collapsed into huge pages where the kernel agrees.
       if (memory::huge_pages_requested()) (void)memory::map_as_huge_pages(p_, static_cast<std::int64_t>(size_));
     } else {
-      p_ = static_cast<std::byte*>(std::aligned_alloc(kHugePage, size_));
+      p_ = memory::allocate_on_huge_pages(static_cast<std::int64_t>(size_));
       if (p_ == nullptr) std::abort();
-      if (memory::huge_pages_requested()) (void)::madvise(p_, size_, MADV_HUGEPAGE);
-      std::memset(p_, 0, size_);
     }
   }
   ~WeightBuffer() {
