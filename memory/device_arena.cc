@@ -164,8 +164,19 @@ void DeviceArena::map_segment_pages(const Segment& seg) {
     KUN_CHECK(r == addr) << "mapping segment " << seg.name << " pages failed: " << errno_text(errno);
     // The memfd's pages are huge already, and MAP_POPULATE maps them with one page-table entry
     // per huge page on the kernels tried (6.18; the arena test checks it in smaps); MADV_COLLAPSE
-    // asks for that where a kernel maps them with 512 OS-page entries. A refusal is only slower.
-    if (huge_page_bytes_ > 0) (void)map_as_huge_pages(addr, run_bytes);
+    // asks for that where a kernel maps them with 512 OS-page entries, over the whole huge pages
+    // the run lines up (none when its address and file offset disagree modulo a huge page, as
+    // for pages restored out of order: no call then). A refusal is only slower.
+    if (huge_page_bytes_ > 0) {
+      const auto h = static_cast<std::uintptr_t>(huge_page_bytes_);
+      const auto va = reinterpret_cast<std::uintptr_t>(addr);
+      const auto off = static_cast<std::uintptr_t>(seg.pages[i].value * page_bytes_);
+      const std::uintptr_t first = (va + h - 1) / h * h;
+      const std::uintptr_t last = (va + static_cast<std::uintptr_t>(run_bytes)) / h * h;
+      if (va % h == off % h && first < last) {
+        (void)map_as_huge_pages(reinterpret_cast<std::byte*>(first), static_cast<std::int64_t>(last - first));
+      }
+    }
     i = j;
   }
 }
