@@ -117,15 +117,23 @@ const std::uint16_t* b_source(const std::uint16_t* panel, I64 width, I64 pairs, 
   return tail;
 }
 
-// Software prefetch of a stream of B tiles: every line of the tile kAheadBlocks blocks (4 KiB)
-// past `block` into L1. A tile register is not renamed, so the next block's TILELOADD waits for
-// the TDPBF16PS reading the tile before it, and the loads alone keep only a few tiles in flight;
-// the prefetches are not held up by that (llama-350m decode at batch 1: 41.9-42.3 tokens/s
-// against 39.6-40.1 without; 2 KiB ahead the same, 6 and 8 KiB, or into L2, no better).
-constexpr I64 kAheadBlocks = 4;
-inline void prefetch_block_ahead(const std::uint16_t* block) {
-  const char* p = reinterpret_cast<const char*>(block) + kAheadBlocks * 1024;
-  for (int l = 0; l < 16; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+// Reads the 16 lines of a B tile with vector loads right before its TILELOADD. A TILELOADD that
+// misses holds up the TDPBF16PS behind it, and a tile register is not renamed, so the next
+// block's TILELOADD waits as well: tile loads alone keep few lines in flight. Vector loads issue
+// out of order, run ahead of the waiting tile instructions into the next blocks, and train the
+// hardware prefetchers, so the lines are in L1 when the tile loads come. Summing them into one
+// register (and handing that to an empty asm) keeps the loads from being dropped; the sum is not
+// used. llama-350m's decode GEMMs at M = 1 (a loop over one step's 97 calls, 2 threads, weights
+// on huge pages) went from 0.86-0.87 to 0.95-0.96 of the read probe with this in place of a
+// prefetch of every line 4 KiB ahead into L1, and M = 8 from 0.81-0.84 to 0.90. With both it
+// measured 0.92-0.94; with an L2 prefetch 4 KiB ahead added to the L1 one and no touch, 0.85-0.86;
+// touching every second or fourth line only, 0.84-0.90; the same loads into 4 OR accumulators,
+// 0.89-0.93 (kernels/README.md, "GEMM on AMX tiles").
+inline void touch_tile_lines(const std::uint16_t* block) {
+  const auto* f = reinterpret_cast<const float*>(block);
+  __m512 sum = _mm512_setzero_ps();
+  for (int l = 0; l < 16; ++l) sum = _mm512_add_ps(sum, _mm512_load_ps(f + 16 * l));
+  __asm__ volatile("" ::"v"(sum));
 }
 
 // The narrow panels of one kPanelCols unit of output columns (up to 4, consecutive in memory:
@@ -158,10 +166,10 @@ void unit_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const U
     const std::uint16_t* b3 = u.panel(3);
     for (I64 kb = 0; kb < blocks; ++kb) {
       const I64 off = kb * kBlockPairs * 32;
-      prefetch_block_ahead(b0 + off);
-      prefetch_block_ahead(b1 + off);
-      prefetch_block_ahead(b2 + off);
-      prefetch_block_ahead(b3 + off);
+      touch_tile_lines(b0 + off);
+      touch_tile_lines(b1 + off);
+      touch_tile_lines(b2 + off);
+      touch_tile_lines(b3 + off);
       _tile_loadd(4, xp + kb * 32, a_stride);
       _tile_loadd(5, b0 + off, 64);
       _tile_dpbf16ps(0, 4, 5);
@@ -197,10 +205,12 @@ void unit_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const U
 
 // Up to two row tiles x two narrow panels (32 x 32 outputs: panels g and g + 1 of the unit) over
 // every k block; fewer rows or a single last panel run one of each. Each panel is one stream,
-// read once per call of up to 32 rows.
+// read once per call of up to 32 rows. from_memory: the first pass over the panels, whose B
+// tiles come from DRAM (touch_tile_lines: M = 32 decode GEMMs 1.05x); later row passes find
+// them in L2.
 void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit& u, I64 pairs,
                     I64 blocks, I64 g, const float* bias, float* y, I64 ldy, bool accumulate,
-                    float* stash, std::uint16_t* tail) {
+                    float* stash, std::uint16_t* tail, bool from_memory) {
   const I64 a_stride = row_elems * 2;
   const bool two_rows = rows > kTileRows;
   const bool two_groups = g + 1 < u.groups;
@@ -217,6 +227,10 @@ void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit
     if (two_rows) _tile_loadd(5, a1 + kb * 32, a_stride);
     if (direct) {
       const I64 off = kb * kBlockPairs * 32;
+      if (from_memory) {
+        touch_tile_lines(p0 + off);
+        touch_tile_lines(p1 + off);
+      }
       _tile_loadd(6, p0 + off, 64);
       _tile_loadd(7, p1 + off, 64);
     } else {
@@ -278,7 +292,7 @@ void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64
         const I64 rows = M - m0 < 2 * kTileRows ? M - m0 : 2 * kTileRows;
         unit_block_2x2(xp + m0 * row_elems, row_elems, rows, u, pairs, blocks, g,
                        pb != nullptr ? pb + 16 * g : nullptr, y + m0 * N + n0 + 16 * g, N,
-                       accumulate, stash, tail);
+                       accumulate, stash, tail, m0 == 0);
       }
     }
   }
