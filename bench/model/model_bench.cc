@@ -1,7 +1,9 @@
 // Model-level throughput against physical limits measured in the same run (issues 2, 3, 14):
-//  * decode tokens/s at batch 1, 8 and 32 against whichever limit binds: the step's weight bytes
-//    over the read bandwidth (probed right before and right after the timed steps) or the step's
-//    flops over the compute peak (ratio = limit step time / measured step time);
+//  * decode tokens/s at batch 1, 8 and 32 against whichever limit binds: the bytes a step must
+//    read (every weight once, plus the K and V of every token each sequence attends to, averaged
+//    over the timed steps) over the read bandwidth (probed right before and right after the
+//    timed steps), or the step's flops over the compute peak (ratio = limit step time / measured
+//    step time); the ratio to the weights' bytes alone is printed too;
 //  * prefill tokens/s for a 512-token prompt against the compute peak: the highest of the
 //    measured f32-FMA and bf16-dot (vdpbf16ps) peaks and, when the GEMM runs on AMX, the AMX
 //    TDPBF16PS peak, all probed with --threads threads;
@@ -33,6 +35,7 @@ namespace {
 struct StepTimes {
   double wall_us = 0, exec_us = 0;
   std::int64_t steps = 0;
+  std::int64_t kv_tokens_read = 0;  // per step, per sequence: the tokens its attention reads
 };
 
 }  // namespace
@@ -109,7 +112,13 @@ int main(int argc, char** argv) {
               static_cast<double>(step_weight_bytes) / 1e6);
 
   StepTimes times;
-  engine.set_step_observer([&](const engine::StepPlan&, const engine::StepResult& r) { times.exec_us += static_cast<double>(r.duration_us); });
+  engine.set_step_observer([&](const engine::StepPlan& plan, const engine::StepResult& r) {
+    times.exec_us += static_cast<double>(r.duration_us);
+    for (const auto& s : plan.sequences) times.kv_tokens_read += s.start_pos + static_cast<std::int64_t>(s.tokens.size());
+  });
+  // K and V of one token in every layer, in the cache's dtype.
+  const std::int64_t kv_bytes_per_token =
+      config->num_layers * 2 * config->num_kv_heads * config->head_dim * dtype_bytes(opt.device.kv_dtype);
   auto timed_steps = [&](int n) {
     times = StepTimes{};
     const auto t0 = std::chrono::steady_clock::now();
@@ -128,10 +137,10 @@ int main(int argc, char** argv) {
     return std::string(buf);
   };
 
-  std::printf("\n%-9s %9s %9s %17s %11s %8s %7s %-16s %s\n", "decode", "tokens/s", "step ms", "bw before/after",
-              "limit ms", "binds", "ratio", "spread", "engine overhead");
+  std::printf("\n%-9s %9s %9s %17s %8s %11s %8s %7s %-16s %13s %s\n", "decode", "tokens/s", "step ms", "bw before/after",
+              "KV MB", "limit ms", "binds", "ratio", "spread", "weights only", "engine overhead");
   for (int batch : batches) {
-    std::vector<double> ratios, step_mss, limit_mss, bws, bws_before, bws_after, overheads;
+    std::vector<double> ratios, step_mss, limit_mss, bws, bws_before, bws_after, overheads, kv_mbs, weight_ratios;
     const char* binds = "";
     for (int rep = 0; rep < reps; ++rep) {
       for (int i = 0; i < batch; ++i) {
@@ -154,11 +163,15 @@ int main(int argc, char** argv) {
       const double peak_rep = std::max(peak_before, peak_after);
       const double bw = std::max(bw_before, bw_after);
       const double step_ms = times.wall_us / 1e3 / static_cast<double>(times.steps);
-      const double memory_ms = static_cast<double>(step_weight_bytes) / bw * 1e3;
+      const double kv_bytes = static_cast<double>(times.kv_tokens_read * kv_bytes_per_token) / static_cast<double>(times.steps);
+      const double weights_ms = static_cast<double>(step_weight_bytes) / bw * 1e3;
+      const double memory_ms = (static_cast<double>(step_weight_bytes) + kv_bytes) / bw * 1e3;
       const double compute_ms = step_weight_flops_per_token * batch / peak_rep * 1e3;
       const double limit_ms = std::max(memory_ms, compute_ms);
       binds = memory_ms >= compute_ms ? "memory" : "compute";
       ratios.push_back(limit_ms / step_ms);
+      weight_ratios.push_back(std::max(weights_ms, compute_ms) / step_ms);
+      kv_mbs.push_back(kv_bytes / 1e6);
       step_mss.push_back(step_ms);
       limit_mss.push_back(limit_ms);
       bws.push_back(bw / 1e9);
@@ -171,8 +184,9 @@ int main(int argc, char** argv) {
     const double step_ms = median(step_mss);
     char bw_text[32];
     std::snprintf(bw_text, sizeof(bw_text), "%.1f / %.1f", median(bws_before), median(bws_after));
-    std::printf("batch %-3d %9.1f %9.2f %17s %11.2f %8s %7.2f %-16s %6.2f%%\n", batch, batch / step_ms * 1e3, step_ms,
-                bw_text, median(limit_mss), binds, median(ratios), spread(ratios).c_str(), median(overheads));
+    std::printf("batch %-3d %9.1f %9.2f %17s %8.1f %11.2f %8s %7.2f %-16s %13.2f %6.2f%%\n", batch, batch / step_ms * 1e3,
+                step_ms, bw_text, median(kv_mbs), median(limit_mss), binds, median(ratios), spread(ratios).c_str(),
+                median(weight_ratios), median(overheads));
   }
 
   if (!prefill) return 0;
