@@ -123,12 +123,11 @@ const std::uint16_t* b_source(const std::uint16_t* panel, I64 width, I64 pairs, 
 // out of order, run ahead of the waiting tile instructions into the next blocks, and train the
 // hardware prefetchers, so the lines are in L1 when the tile loads come. Summing them into one
 // register (and handing that to an empty asm) keeps the loads from being dropped; the sum is not
-// used. llama-350m's decode GEMMs at M = 1 (a loop over one step's 97 calls, 2 threads, weights
-// on huge pages) went from 0.86-0.87 to 0.95-0.96 of the read probe with this in place of a
-// prefetch of every line 4 KiB ahead into L1, and M = 8 from 0.81-0.84 to 0.90. With both it
-// measured 0.92-0.94; with an L2 prefetch 4 KiB ahead added to the L1 one and no touch, 0.85-0.86;
-// touching every second or fourth line only, 0.84-0.90; the same loads into 4 OR accumulators,
-// 0.89-0.93 (kernels/README.md, "GEMM on AMX tiles").
+// used. It replaced a prefetch of every line 4 KiB ahead into L1: on a loop over one llama-350m
+// decode step's linear calls (2 threads, weights on huge pages), M = 1 went from 0.85-0.87 to
+// 0.92-0.99 of the read probe (1.09-1.11x) and M = 8 1.09-1.15x; the variants tried (with the
+// prefetch kept, an L2 prefetch, every 2nd or 4th line, the next block) are in kernels/README.md,
+// "GEMM on AMX tiles".
 inline void touch_tile_lines(const std::uint16_t* block) {
   const auto* f = reinterpret_cast<const float*>(block);
   __m512 sum = _mm512_setzero_ps();
@@ -206,8 +205,8 @@ void unit_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const U
 // Up to two row tiles x two narrow panels (32 x 32 outputs: panels g and g + 1 of the unit) over
 // every k block; fewer rows or a single last panel run one of each. Each panel is one stream,
 // read once per call of up to 32 rows. from_memory: the first pass over the panels, whose B
-// tiles come from DRAM (touch_tile_lines: M = 32 decode GEMMs 1.05x); later row passes find
-// them in L2.
+// tiles come from DRAM (touch_tile_lines: M = 32 decode GEMMs 1.06-1.10x); later row passes
+// find them in L2 (touching them there made prefill slower).
 void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit& u, I64 pairs,
                     I64 blocks, I64 g, const float* bias, float* y, I64 ldy, bool accumulate,
                     float* stash, std::uint16_t* tail, bool from_memory) {
