@@ -335,37 +335,54 @@ void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight
 
 namespace {
 
-// Rotates pair i of `num_heads` heads of `head_dim` at `row` by (c, s).
-inline void rope_pair(float* row, std::int64_t num_heads, std::int64_t head_dim, std::int64_t i, float c, float s) {
+// The longest head rope_qk rotates with its angles on the stack.
+constexpr std::int64_t kMaxRopeHeadDim = 1024;
+
+// Row m's angles (rope_cos_sin's layout): cos at i, sin at half + i.
+void angles_of_row(std::int64_t position, std::int64_t head_dim, const float* inv_freq, float* cos_sin) {
   const std::int64_t half = head_dim / 2;
-  for (std::int64_t h = 0; h < num_heads; ++h) {
-    float* v = row + h * head_dim;
-    const float a = v[i];
-    const float b = v[i + half];
-    const float ac = a * c;
-    const float bs = b * s;
-    const float bc = b * c;
-    const float as = a * s;
-    v[i] = ac - bs;
-    v[i + half] = bc + as;
+  const float pos = static_cast<float>(position);
+  for (std::int64_t i = 0; i < half; ++i) {
+    // HF: freqs = pos * inv_freq (f32), emb = cat(freqs, freqs), x*cos + rotate_half(x)*sin.
+    const float angle = pos * inv_freq[i];
+    cos_sin[i] = std::cos(angle);
+    cos_sin[half + i] = std::sin(angle);
   }
 }
 
-// rope over rows [m0, m1): q heads, then (num_kv_heads > 0) the k heads right after them.
-void rope_rows(float* x, std::int64_t m0, std::int64_t m1, std::int64_t row_stride, std::int64_t num_heads,
-               std::int64_t num_kv_heads, std::int64_t head_dim, const std::int64_t* positions, const float* inv_freq) {
+// Rotates pair (i, i + head_dim/2) of each of `num_heads` consecutive heads at `row` by the row's
+// angles: (a, b) -> (a c - b s, b c + a s), each product rounded on its own (-ffp-contract=off).
+// Contiguous in i, so the compiler vectorizes it.
+void rotate_heads(float* row, std::int64_t num_heads, std::int64_t head_dim, const float* cos_sin) {
   const std::int64_t half = head_dim / 2;
-  for (std::int64_t m = m0; m < m1; ++m) {
-    float* row = x + m * row_stride;
-    const float pos = static_cast<float>(positions[m]);
+  const float* __restrict c = cos_sin;
+  const float* __restrict s = cos_sin + half;
+  for (std::int64_t h = 0; h < num_heads; ++h) {
+    float* __restrict lo = row + h * head_dim;
+    float* __restrict hi = lo + half;
     for (std::int64_t i = 0; i < half; ++i) {
-      // HF: freqs = pos * inv_freq (f32), emb = cat(freqs, freqs), x*cos + rotate_half(x)*sin.
-      const float angle = pos * inv_freq[i];
-      const float c = std::cos(angle);
-      const float s = std::sin(angle);
-      rope_pair(row, num_heads, head_dim, i, c, s);
-      if (num_kv_heads > 0) rope_pair(row + num_heads * head_dim, num_kv_heads, head_dim, i, c, s);
+      const float a = lo[i];
+      const float b = hi[i];
+      const float ac = a * c[i];
+      const float bs = b * s[i];
+      const float bc = b * c[i];
+      const float as = a * s[i];
+      lo[i] = ac - bs;
+      hi[i] = bc + as;
     }
+  }
+}
+
+// rope over rows [m0, m1): q heads, then (num_kv_heads > 0) the k heads right after them, with
+// each row's angles from `cos_sin` (row stride head_dim) or, when it is null, computed here.
+void rope_rows(float* x, std::int64_t m0, std::int64_t m1, std::int64_t row_stride, std::int64_t num_heads,
+               std::int64_t num_kv_heads, std::int64_t head_dim, const std::int64_t* positions, const float* inv_freq,
+               const float* cos_sin) {
+  float own[kMaxRopeHeadDim];
+  for (std::int64_t m = m0; m < m1; ++m) {
+    const float* angles = cos_sin != nullptr ? cos_sin + m * head_dim : own;
+    if (cos_sin == nullptr) angles_of_row(positions[m], head_dim, inv_freq, own);
+    rotate_heads(x + m * row_stride, num_heads + num_kv_heads, head_dim, angles);
   }
 }
 
@@ -387,26 +404,69 @@ void for_rows(ThreadPool* pool, std::int64_t M, std::int64_t elements,
 
 void rope(float* x, std::int64_t M, std::int64_t num_heads, std::int64_t head_dim,
           const std::int64_t* positions, const float* inv_freq) {
-  KUN_CHECK(head_dim % 2 == 0) << "head_dim " << head_dim;
-  rope_rows(x, 0, M, num_heads * head_dim, num_heads, 0, head_dim, positions, inv_freq);
+  KUN_CHECK(head_dim % 2 == 0 && head_dim <= kMaxRopeHeadDim) << "head_dim " << head_dim;
+  rope_rows(x, 0, M, num_heads * head_dim, num_heads, 0, head_dim, positions, inv_freq, nullptr);
 }
+
+namespace {
+
+void check_rope_qk_shape(std::int64_t row_stride, std::int64_t num_heads, std::int64_t num_kv_heads,
+                         std::int64_t head_dim) {
+  KUN_CHECK(head_dim % 2 == 0 && head_dim <= kMaxRopeHeadDim && num_heads > 0 && num_kv_heads >= 0 &&
+            row_stride >= (num_heads + num_kv_heads) * head_dim)
+      << "head_dim " << head_dim << " heads " << num_heads << " + " << num_kv_heads << " row stride " << row_stride;
+}
+
+struct RopeJob {
+  float* x;
+  std::int64_t row_stride, num_heads, num_kv_heads, head_dim;
+  const std::int64_t* positions;
+  const float* inv_freq;
+  const float* cos_sin;  // null: the angles from positions and inv_freq
+};
+
+void rope_qk_job(const RopeJob& job, std::int64_t M, ThreadPool* pool) {
+  const RopeJob* j = &job;  // one pointer captured: std::function stays inline
+  for_rows(pool, M, M * (job.num_heads + job.num_kv_heads) * job.head_dim, [j](std::int64_t m0, std::int64_t m1) {
+    rope_rows(j->x, m0, m1, j->row_stride, j->num_heads, j->num_kv_heads, j->head_dim, j->positions, j->inv_freq,
+              j->cos_sin);
+  });
+}
+
+}  // namespace
 
 void rope_qk(float* x, std::int64_t M, std::int64_t row_stride, std::int64_t num_heads, std::int64_t num_kv_heads,
              std::int64_t head_dim, const std::int64_t* positions, const float* inv_freq, ThreadPool* pool) {
-  KUN_CHECK(head_dim % 2 == 0 && num_heads > 0 && num_kv_heads >= 0 && row_stride >= (num_heads + num_kv_heads) * head_dim)
-      << "head_dim " << head_dim << " heads " << num_heads << " + " << num_kv_heads << " row stride " << row_stride;
+  check_rope_qk_shape(row_stride, num_heads, num_kv_heads, head_dim);
+  if (M <= 0) return;
+  const RopeJob job{x, row_stride, num_heads, num_kv_heads, head_dim, positions, inv_freq, nullptr};
+  rope_qk_job(job, M, pool);
+}
+
+void rope_cos_sin(const std::int64_t* positions, std::int64_t M, std::int64_t head_dim, const float* inv_freq,
+                  float* cos_sin, ThreadPool* pool) {
+  KUN_CHECK(head_dim % 2 == 0 && head_dim > 0) << "head_dim " << head_dim;
   if (M <= 0) return;
   struct Job {
-    float* x;
-    std::int64_t row_stride, num_heads, num_kv_heads, head_dim;
     const std::int64_t* positions;
+    std::int64_t head_dim;
     const float* inv_freq;
+    float* cos_sin;
   };
-  const Job job{x, row_stride, num_heads, num_kv_heads, head_dim, positions, inv_freq};
-  const Job* j = &job;  // one pointer captured: std::function stays inline
-  for_rows(pool, M, M * (num_heads + num_kv_heads) * head_dim, [j](std::int64_t m0, std::int64_t m1) {
-    rope_rows(j->x, m0, m1, j->row_stride, j->num_heads, j->num_kv_heads, j->head_dim, j->positions, j->inv_freq);
+  const Job job{positions, head_dim, inv_freq, cos_sin};
+  const Job* j = &job;
+  // A sin and a cos cost about 20 multiply-adds each.
+  for_rows(pool, M, M * head_dim * 20, [j](std::int64_t m0, std::int64_t m1) {
+    for (std::int64_t m = m0; m < m1; ++m) angles_of_row(j->positions[m], j->head_dim, j->inv_freq, j->cos_sin + m * j->head_dim);
   });
+}
+
+void rope_qk_cos_sin(float* x, std::int64_t M, std::int64_t row_stride, std::int64_t num_heads,
+                     std::int64_t num_kv_heads, std::int64_t head_dim, const float* cos_sin, ThreadPool* pool) {
+  check_rope_qk_shape(row_stride, num_heads, num_kv_heads, head_dim);
+  if (M <= 0) return;
+  const RopeJob job{x, row_stride, num_heads, num_kv_heads, head_dim, nullptr, nullptr, cos_sin};
+  rope_qk_job(job, M, pool);
 }
 
 void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight, DType weight_dtype, float eps,

@@ -197,6 +197,15 @@ void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* 
 // once for both parts. The same bits as rope on the q part and then on the k part.
 void rope_qk(float* x, std::int64_t M, std::int64_t row_stride, std::int64_t num_heads, std::int64_t num_kv_heads,
              std::int64_t head_dim, const std::int64_t* positions, const float* inv_freq, ThreadPool* pool);
+// The angles of rope for M rows, for rope_qk_cos_sin: row m of cos_sin (head_dim floats at
+// m * head_dim) holds cos(positions[m] * inv_freq[i]) at i and the sin at head_dim / 2 + i, for
+// i < head_dim / 2: the values rope computes. A forward pass computes them once per step and
+// rotates every layer's q and k with them.
+void rope_cos_sin(const std::int64_t* positions, std::int64_t M, std::int64_t head_dim, const float* inv_freq,
+                  float* cos_sin, ThreadPool* pool);
+// rope_qk with the angles' cos and sin from rope_cos_sin: the same bits as rope_qk.
+void rope_qk_cos_sin(float* x, std::int64_t M, std::int64_t row_stride, std::int64_t num_heads,
+                     std::int64_t num_kv_heads, std::int64_t head_dim, const float* cos_sin, ThreadPool* pool);
 
 // Causal attention of one sequence for one layer over a paged KV cache.
 //  * q: [num_tokens][num_heads][head_dim]; token t has absolute position positions[t], and attends

@@ -202,6 +202,12 @@ class ForwardPass {
   // Views into the workspace, fixed at construction.
   std::span<float> normed_, qkv_, attn_out_, gate_up_, act_, attn_scratch_;
   std::span<std::int64_t> attn_positions_;
+  // RoPE's cos and sin (kernels::rope_cos_sin) for the positions in rope_positions_'s first
+  // rope_rows_ entries: computed by the first layer of a step, reused by the others while the
+  // rows' positions stay the same (-1: none yet).
+  std::span<std::int64_t> rope_positions_;
+  std::span<float> rope_cos_sin_;
+  std::int64_t rope_rows_ = -1;
   // run_layers' local sequences of a layer (each has a token: at most max_tokens), rebuilt per layer.
   std::span<kernels::AttentionSequence> attn_batch_;
   kernels::LinearScratch gemm_scratch_;  // handed to every linear call

@@ -939,7 +939,40 @@ TEST(Rope, MatchesRotateHalfReference) {
   }
 }
 
-// The row-parallel forms (rms_norm with a pool, silu_mul_rows, rope_qk) give the bits of the
+// Bit for bit the f32 rotation each element is specified by: the angle pos * inv_freq[i] in f32,
+// its std::cos and std::sin, then (a, b) -> (a c - b s, b c + a s) with every product rounded on
+// its own (no fused multiply-add), for head sizes the vectorized loop covers in full and in part.
+TEST(Rope, BitExactF32Rotation) {
+  for (std::int64_t hd : {2, 8, 64, 96, 128}) {
+    SCOPED_TRACE("head_dim " + std::to_string(hd));
+    const std::int64_t M = 4, H = 5, half = hd / 2;
+    std::vector<float> x = random_floats(M * H * hd, 12, -4.0f, 4.0f);
+    const std::vector<float> orig = x;
+    const std::int64_t pos[M] = {0, 7, 513, 8191};
+    std::vector<float> inv_freq(static_cast<std::size_t>(half));
+    for (std::int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * static_cast<float>(i) / static_cast<float>(hd));
+    rope(x.data(), M, H, hd, pos, inv_freq.data());
+    for (std::int64_t m = 0; m < M; ++m) {
+      for (std::int64_t h = 0; h < H; ++h) {
+        const float* v = orig.data() + (m * H + h) * hd;
+        const float* got = x.data() + (m * H + h) * hd;
+        for (std::int64_t i = 0; i < half; ++i) {
+          const float angle = static_cast<float>(pos[m]) * inv_freq[i];
+          const float c = std::cos(angle);
+          const float sn = std::sin(angle);
+          const float ac = v[i] * c;
+          const float bs = v[i + half] * sn;
+          const float bc = v[i + half] * c;
+          const float as = v[i] * sn;
+          ASSERT_EQ(got[i], ac - bs) << m << " " << h << " " << i;
+          ASSERT_EQ(got[i + half], bc + as) << m << " " << h << " " << i;
+        }
+      }
+    }
+  }
+}
+
+// The row-parallel forms (rms_norm with a pool, silu_mul_rows, rope_qk, rope_qk_cos_sin) give the bits of the
 // serial per-row kernels for every thread count, including calls large enough to be split.
 TEST(RowParallel, ElementwiseStepsMatchTheSerialKernelsBitForBit) {
   ThreadPool pool2(2), pool3(3);
@@ -975,6 +1008,12 @@ TEST(RowParallel, ElementwiseStepsMatchTheSerialKernelsBitForBit) {
       std::vector<float> r = qkv;
       rope_qk(r.data(), M, stride, H, KVH, hd, pos.data(), inv_freq.data(), pool);
       EXPECT_EQ(0, std::memcmp(r.data(), rope_ref.data(), r.size() * sizeof(float)));
+      // The same with the angles computed once up front (a forward pass reuses them over layers).
+      std::vector<float> cos_sin(static_cast<std::size_t>(M * hd), std::nanf(""));
+      rope_cos_sin(pos.data(), M, hd, inv_freq.data(), cos_sin.data(), pool);
+      std::vector<float> rc = qkv;
+      rope_qk_cos_sin(rc.data(), M, stride, H, KVH, hd, cos_sin.data(), pool);
+      EXPECT_EQ(0, std::memcmp(rc.data(), rope_ref.data(), rc.size() * sizeof(float)));
     }
   }
 }
