@@ -3,6 +3,8 @@
 // over `layers` distinct caches so the KV streams from memory as in a real decode step. Reports
 // the time per layer call for each KV dtype, their ratio, and the KV bytes read per second as a
 // fraction of the read bandwidth measured right before and after in the same run (median of 3).
+// Where the CPU has AMX, the bf16 cache again with AMX-tile arithmetic (what a bf16 model's
+// attention runs there).
 //
 // --prefill N instead times the attention of an N-token prefill chunk (llama-350m's shape: 16
 // query heads, 8 kv heads, head_dim 64, bf16 cache) on one thread by its thread CPU time, two
@@ -130,7 +132,6 @@ int main(int argc, char** argv) {
   kernels::ThreadPool pool(threads);
   std::vector<float> q(kHeads * kHd), out(kHeads * kHd);
   for (std::size_t i = 0; i < q.size(); ++i) q[i] = std::sin(static_cast<float>(i));
-  std::vector<float> scratch(static_cast<std::size_t>(kernels::paged_kv_cache_scratch_floats(&pool, context, kHeads, kKvHeads)));
   const std::int64_t pos = context - 1;
   const float scale = 1.0f / std::sqrt(static_cast<float>(kHd));
 
@@ -139,36 +140,50 @@ int main(int argc, char** argv) {
               std::string(kernels::isa_name(kernels::active_isa())).c_str(), threads, static_cast<long long>(context),
               static_cast<long long>(layers), static_cast<long long>(kHeads), static_cast<long long>(kKvHeads),
               static_cast<long long>(kHd));
-  double us[2] = {0, 0};
-  double kv_bytes[2] = {0, 0};
-  const DType dtypes[2] = {DType::kF32, DType::kBF16};
-  for (int d = 0; d < 2; ++d) {
+  // f32 KV and bf16 KV on the f32 arithmetic, and bf16 KV on AMX tiles where this CPU has them
+  // (the arithmetic a bf16 model's attention runs here: kernels::attention_arithmetic_for).
+  struct Variant {
+    DType dtype;
+    kernels::AttentionArithmetic arithmetic;
+    const char* name;
+  };
+  std::vector<Variant> variants = {{DType::kF32, kernels::AttentionArithmetic::kF32, "kv f32"},
+                                   {DType::kBF16, kernels::AttentionArithmetic::kF32, "kv bf16"}};
+  if (kernels::gemm_activations_supported(kernels::GemmActivations::kAmx)) {
+    variants.push_back({DType::kBF16, kernels::AttentionArithmetic::kAmx, "kv bf16, amx"});
+  }
+  std::vector<double> us(variants.size()), kv_bytes(variants.size());
+  for (std::size_t d = 0; d < variants.size(); ++d) {
+    const Variant& v = variants[d];
+    std::vector<float> vscratch(
+        static_cast<std::size_t>(kernels::paged_kv_cache_scratch_floats(&pool, context, kHeads, kKvHeads, v.arithmetic)));
     std::vector<Cache> caches;
     for (std::int64_t l = 0; l < layers; ++l) {
-      caches.push_back(make_cache(context, kKvHeads, kHd, kBs, dtypes[d], static_cast<std::uint32_t>(l + 1)));
+      caches.push_back(make_cache(context, kKvHeads, kHd, kBs, v.dtype, static_cast<std::uint32_t>(l + 1)));
     }
     std::vector<double> reps;
     for (int rep = 0; rep < 3; ++rep) {
       const auto t0 = std::chrono::steady_clock::now();
       for (std::int64_t it = 0; it < iters; ++it) {
         for (const Cache& c : caches) {
-          const kernels::PagedKvCache kv{c.keys.data(), c.values.data(), dtypes[d], kBs, context, kKvHeads, kHd};
-          kernels::paged_attention(q.data(), 1, kHeads, &pos, kv, scale, out.data(), scratch.data(), &pool);
+          const kernels::PagedKvCache kv{c.keys.data(), c.values.data(), v.dtype, kBs, context, kKvHeads, kHd};
+          kernels::paged_attention(q.data(), 1, kHeads, &pos, kv, scale, out.data(), vscratch.data(), &pool,
+                                   v.arithmetic);
         }
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       reps.push_back(s * 1e6 / static_cast<double>(iters * layers));
     }
     us[d] = median3(reps);
-    kv_bytes[d] = static_cast<double>(2 * context * kKvHeads * kHd * dtype_bytes(dtypes[d]));
+    kv_bytes[d] = static_cast<double>(2 * context * kKvHeads * kHd * dtype_bytes(v.dtype));
   }
   const double bw_after = kernels::measure_read_bandwidth_bytes_per_s(&pool, std::int64_t{1} << 30);
   const double bw = std::max(bw_before, bw_after);
   std::printf("read bandwidth: %.1f GB/s before, %.1f GB/s after\n", bw_before / 1e9, bw_after / 1e9);
-  for (int d = 0; d < 2; ++d) {
+  for (std::size_t d = 0; d < variants.size(); ++d) {
     const double rate = kv_bytes[d] / (us[d] * 1e-6);
-    std::printf("kv %-4s: %8.1f us per layer call, KV %.2f MB per call, %.1f GB/s = %.2f of read bandwidth\n",
-                std::string(dtype_name(dtypes[d])).c_str(), us[d], kv_bytes[d] / 1e6, rate / 1e9, rate / bw);
+    std::printf("%-12s: %8.1f us per layer call, KV %.2f MB per call, %.1f GB/s = %.2f of read bandwidth\n",
+                variants[d].name, us[d], kv_bytes[d] / 1e6, rate / 1e9, rate / bw);
   }
   std::printf("bf16 / f32: KV bytes %.2fx, time %.2fx (speedup %.2fx)\n", kv_bytes[1] / kv_bytes[0], us[1] / us[0],
               us[0] / us[1]);
