@@ -1,6 +1,5 @@
 #include "memory/device_arena.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -19,24 +18,6 @@ namespace {
 std::string errno_text(int err) { return std::string(std::strerror(err)); }
 
 std::int64_t os_page_bytes() { return static_cast<std::int64_t>(::sysconf(_SC_PAGESIZE)); }
-
-// `bytes` of inaccessible address space starting at an address that is `phase` past a multiple of
-// `align` (a multiple of the OS page; phase < align, a multiple of the OS page), or nullptr.
-// Over-reserves by `align` and gives the slack back.
-std::byte* reserve_aligned(std::int64_t bytes, std::int64_t align, std::int64_t phase = 0) {
-  const auto total = static_cast<std::size_t>(bytes + align);
-  void* r = ::mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (r == MAP_FAILED) return nullptr;
-  const auto start = reinterpret_cast<std::uintptr_t>(r);
-  const auto a = static_cast<std::uintptr_t>(align);
-  std::uintptr_t aligned = start / a * a + static_cast<std::uintptr_t>(phase);
-  if (aligned < start) aligned += a;
-  const std::size_t head = aligned - start;
-  const std::size_t tail = total - head - static_cast<std::size_t>(bytes);
-  if (head > 0) ::munmap(r, head);
-  if (tail > 0) ::munmap(reinterpret_cast<void*>(aligned + static_cast<std::uintptr_t>(bytes)), tail);
-  return reinterpret_cast<std::byte*>(aligned);
-}
 
 }  // namespace
 
@@ -71,50 +52,16 @@ StatusOr<std::unique_ptr<DeviceArena>> DeviceArena::create(const ArenaOptions& o
   }
   const std::int64_t bytes = num_pages * options.page_bytes;
 
-  const int fd = ::memfd_create(options.name.c_str(), MFD_CLOEXEC);
-  if (fd < 0) return resource_exhausted("device arena: memfd_create failed: " + errno_text(errno));
-  if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return resource_exhausted("device arena: ftruncate to " + std::to_string(bytes) +
-                              " bytes failed: " + errno_text(err));
-  }
   // Huge pages where a page is whole huge pages or a huge page is whole pages. The whole-arena
   // mapping then starts on a huge page boundary, so address and file offset agree modulo the huge
   // page size (and segments are placed to agree too, see create_segment).
   const std::int64_t huge = kernel_huge_page_bytes();
   const bool huge_eligible = options.huge_pages && huge_pages_requested() && huge > 0 &&
                              (options.page_bytes % huge == 0 || huge % options.page_bytes == 0);
-  std::byte* reserve = reserve_aligned(bytes, huge_eligible ? huge : os_page);
-  void* base = reserve == nullptr ? MAP_FAILED
-                                  : ::mmap(reserve, static_cast<std::size_t>(bytes), PROT_READ | PROT_WRITE,
-                                           MAP_SHARED | MAP_FIXED, fd, 0);
-  if (base == MAP_FAILED) {
-    const int err = errno;
-    if (reserve != nullptr) ::munmap(reserve, static_cast<std::size_t>(bytes));
-    ::close(fd);
-    return resource_exhausted("device arena: mmap of " + std::to_string(bytes) +
-                              " bytes failed: " + errno_text(err));
-  }
-  // Huge pages first (each then holds zeros), so that fallocate has nothing left to do; where the
-  // kernel refuses, fallocate allocates OS pages.
-  const bool huge_backed = huge_eligible && collapse_to_huge_pages(static_cast<std::byte*>(base), bytes, huge);
-  // Allocate the capacity for real: fallocate on a memfd (shmem) allocates every page.
-  const bool allocated = ::fallocate(fd, 0, 0, static_cast<off_t>(bytes)) == 0;
-  if (!allocated && errno != EOPNOTSUPP && errno != ENOSYS) {
-    const int err = errno;
-    ::munmap(base, static_cast<std::size_t>(bytes));
-    ::close(fd);
-    return resource_exhausted("device arena: cannot allocate " + std::to_string(bytes) +
-                              " bytes: " + errno_text(err));
-  }
-  if (!allocated) {
-    // No fallocate on this kernel: touch every OS page so the memory is really committed.
-    auto* p = static_cast<volatile char*>(base);
-    for (std::int64_t off = 0; off < bytes; off += os_page) p[off] = 0;
-  }
+  auto memfd = create_committed_memfd(options.name, bytes, huge_eligible ? huge : 0);
+  if (!memfd.ok()) return memfd.status().with_context("device arena");
   return std::unique_ptr<DeviceArena>(
-      new DeviceArena(fd, static_cast<std::byte*>(base), num_pages, options.page_bytes, huge_backed ? huge : 0));
+      new DeviceArena(memfd->fd, memfd->base, num_pages, options.page_bytes, memfd->huge_page_bytes));
 }
 
 DeviceArena::DeviceArena(int fd, std::byte* base, std::int64_t num_pages, std::int64_t page_bytes,
@@ -202,8 +149,8 @@ StatusOr<SegmentId> DeviceArena::create_segment(std::string name, std::int64_t b
   // as huge pages (all of them when pages are whole huge pages).
   const std::int64_t first_offset = *free_pages_.begin() * page_bytes_;
   std::byte* reserve = huge_page_bytes_ > 0
-                           ? reserve_aligned(n * page_bytes_, huge_page_bytes_, first_offset % huge_page_bytes_)
-                           : reserve_aligned(n * page_bytes_, os_page_bytes());
+                           ? reserve_address_space(n * page_bytes_, huge_page_bytes_, first_offset % huge_page_bytes_)
+                           : reserve_address_space(n * page_bytes_, os_page_bytes());
   if (reserve == nullptr) {
     return resource_exhausted("segment " + name + ": cannot reserve address space: " + errno_text(errno));
   }

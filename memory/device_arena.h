@@ -83,8 +83,8 @@ struct ArenaOptions {
   std::int64_t page_bytes = kDefaultPageBytes;  // multiple of the OS page size
   std::string name = "kun-device";          // memfd name, shows in /proc/<pid>/fd
   // Back the pages with the kernel's huge pages (2 MiB on x86-64) where page_bytes is a multiple
-  // of one and the kernel agrees (MADV_COLLAPSE, Linux 6.1+); KUN_HUGE_PAGES=0 turns it off
-  // process-wide. Streaming the weights of a decode step through 4 KiB pages costs 4-14 %.
+  // of one or divides one, and the kernel agrees (MADV_COLLAPSE, Linux 6.1+); KUN_HUGE_PAGES=0
+  // turns it off process-wide. On 4 KiB pages llama-350m decodes 1.07-1.11x slower (README).
   bool huge_pages = true;
 };
 

@@ -1,4 +1,6 @@
-// Huge pages for device memory: what the kernel offers and how a memfd range gets them.
+// Huge pages for device memory: what the kernel offers and how a memfd range gets them, and the
+// committed, huge-page-aligned memfd mapping a device arena (and the benches that stand in for
+// one) is made of.
 //
 // A decode step streams every weight once; on 4 KiB pages llama-350m decodes 1.07-1.11x slower
 // than on 2 MiB huge pages (memory/README.md). Hosts often have transparent huge pages for shmem
@@ -8,6 +10,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+
+#include "common/status.h"
 
 namespace kun::memory {
 
@@ -34,5 +39,22 @@ std::byte* allocate_on_huge_pages(std::int64_t bytes);
 // madvise(MADV_COLLAPSE) on [addr, addr + bytes): maps huge pages a memfd already has with huge
 // page-table entries where the kernel did not. True on success; a refusal is only slower.
 bool map_as_huge_pages(std::byte* addr, std::int64_t bytes);
+
+// `bytes` of inaccessible address space (PROT_NONE) that starts `phase` past a multiple of
+// `align` (both multiples of the OS page, phase < align), to map a memfd over with MAP_FIXED;
+// nullptr when the address space is short. Release it with munmap.
+std::byte* reserve_address_space(std::int64_t bytes, std::int64_t align, std::int64_t phase = 0);
+
+// A memfd of `bytes` (a multiple of the OS page) mapped shared and read-write in full, and
+// allocated for real: fallocate, or a write to every OS page on a kernel without it. With
+// huge > 0 (a huge page size) the mapping starts on a huge-page boundary and, where the kernel
+// agrees, the memory is huge pages (collapse_to_huge_pages before fallocate); huge_page_bytes
+// then says so, 0 means OS pages. The caller owns fd and base (munmap, close).
+struct CommittedMemfd {
+  int fd = -1;
+  std::byte* base = nullptr;
+  std::int64_t huge_page_bytes = 0;
+};
+StatusOr<CommittedMemfd> create_committed_memfd(const std::string& name, std::int64_t bytes, std::int64_t huge);
 
 }  // namespace kun::memory

@@ -14,7 +14,6 @@
 #include <string>
 #include <vector>
 
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -28,27 +27,22 @@
 namespace kun::bench {
 
 class WeightBuffer {
-  static constexpr std::int64_t kHugePage = std::int64_t{2} << 20;
-
  public:
-  // The weights sit on 2 MiB huge pages where the kernel gives them, as a device arena's do
-  // (memory/device_arena.h); KUN_HUGE_PAGES=0 keeps OS pages, for both alike.
-  WeightBuffer(std::int64_t bytes, bool memfd) : size_(static_cast<std::size_t>(round_up(bytes, kHugePage))) {
+  // The weights sit on huge pages where the kernel gives them, as a device arena's do: with
+  // `memfd`, a shared memfd mapping made as the arena makes its own
+  // (memory::create_committed_memfd); otherwise private memory. KUN_HUGE_PAGES=0 keeps OS pages,
+  // for both alike.
+  WeightBuffer(std::int64_t bytes, bool memfd) {
+    const std::int64_t huge = memory::huge_pages_requested() ? memory::kernel_huge_page_bytes() : 0;
+    size_ = static_cast<std::size_t>(round_up(bytes, huge > 0 ? huge : std::int64_t{4096}));
     if (memfd) {
-      fd_ = ::memfd_create("kun_bench_weights", MFD_CLOEXEC);
-      if (fd_ < 0 || ::ftruncate(fd_, static_cast<off_t>(size_)) != 0 ||
-          ::fallocate(fd_, 0, 0, static_cast<off_t>(size_)) != 0) {
-        std::perror("memfd weights");
+      auto m = memory::create_committed_memfd("kun_bench_weights", static_cast<std::int64_t>(size_), huge);
+      if (!m.ok()) {
+        std::fprintf(stderr, "memfd weights: %s\n", m.status().to_string().c_str());
         std::abort();
       }
-      void* m = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, 0);
-      if (m == MAP_FAILED) {
-        std::perror("mmap weights");
-        std::abort();
-      }
-      p_ = static_cast<std::byte*>(m);
-      // As the device arena: the memfd's pages collapsed into huge pages where the kernel agrees.
-      if (memory::huge_pages_requested()) (void)memory::map_as_huge_pages(p_, static_cast<std::int64_t>(size_));
+      fd_ = m->fd;
+      p_ = m->base;
     } else {
       p_ = memory::allocate_on_huge_pages(static_cast<std::int64_t>(size_));
       if (p_ == nullptr) std::abort();
@@ -68,7 +62,7 @@ class WeightBuffer {
   std::size_t size() const { return size_; }
 
  private:
-  std::size_t size_;
+  std::size_t size_ = 0;
   std::byte* p_ = nullptr;
   int fd_ = -1;
 };
