@@ -12,6 +12,7 @@ DEB_PACKAGES=(
   python3 python3-numpy python3-torch
   gnuplot-nox prometheus curl
   clang-14 libclang-rt-14-dev  # scripts/fuzz.sh: libFuzzer with ASan/UBSan
+  libdnnl-dev  # bench/kernels/onednn_bench: linear() against oneDNN's matmul
 )
 
 missing=()
