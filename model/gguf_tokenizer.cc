@@ -152,11 +152,13 @@ StatusOr<std::unique_ptr<Tokenizer>> load_gpt2_vocab(const GgufFile& f, const st
                                         {"invert", false}},
                                    byte_level})}};
     ignore_merges = pre != "qwen2";
-  } else if (pre == "default" || pre == "gpt2") {
+  } else if (pre == "default" || pre == "gpt-2" || pre == "gpt2") {
+    // "gpt-2" is llama.cpp's name for GPT-2's pattern; "gpt2" is what this writer wrote before it
+    // used llama.cpp's names (llama.cpp rejects it), still read.
     pre_tokenizer = byte_level;
   } else {
     return unimplemented(f.path() + ": tokenizer.ggml.pre '" + pre +
-                         "' is not supported (llama-bpe, qwen2, gpt2 or default)");
+                         "' is not supported (llama-bpe, llama3, qwen2, gpt-2 or default)");
   }
   json vocab = json::object();
   json added = json::array();
@@ -332,7 +334,8 @@ StatusOr<GgufTokenizerMetadata> tokenizer_metadata(std::string_view text, std::s
   const bool byte_level = has_step(j.value("pre_tokenizer", json()), "ByteLevel") || has_step(j.value("decoder", json()), "ByteLevel");
   const bool sentencepiece = !byte_level && (model.value("byte_fallback", false) || has_step(j.value("decoder", json()), "ByteFallback"));
   if (byte_level) {
-    std::string pre = "gpt2";
+    // llama.cpp's names (llama-vocab.cpp): it refuses a file whose pre-tokenizer it does not know.
+    std::string pre = "gpt-2";
     const json pre_tokenizer = j.value("pre_tokenizer", json());
     std::vector<const json*> steps;
     collect_steps(pre_tokenizer, &steps);

@@ -2,8 +2,8 @@
 //
 // Reading: tokenizer.ggml.model "llama" (SentencePiece-style BPE: tokens, scores, token_type,
 // byte fallback through <0xNN> tokens) or "gpt2" (byte-level BPE: tokens, merges, token_type,
-// tokenizer.ggml.pre naming the pre-tokenizer regex: "llama-bpe" (Llama 3), "qwen2", or
-// "default"/"gpt2"), special token ids (bos, eos, unknown, padding), add_bos_token /
+// tokenizer.ggml.pre naming the pre-tokenizer regex: "llama-bpe" or "llama3" (Llama 3), "qwen2",
+// or "gpt-2"/"default"; "gpt2", which this writer wrote before, too), special token ids (bos, eos, unknown, padding), add_bos_token /
 // add_eos_token / add_space_prefix, and tokenizer.chat_template. The vocabulary is handed to the
 // tokenizer.json / tokenizer.model implementation of tokenizer.h, so a GGUF tokenizer encodes and
 // decodes exactly as the same vocabulary does from those files.

@@ -36,4 +36,13 @@ fi
 if [ -f tests/node/package.json ]; then
   (cd tests/node && { [ -d node_modules ] && npm ls >/dev/null 2>&1; } || npm ci --no-audit --no-fund --loglevel=error)
 fi
+# llama.cpp as an independent engine (tests/llamacpp: node-llama-cpp and its prebuilt CPU
+# binaries for x86-64 Linux): --omit=optional leaves out its GPU builds (about 600 MB),
+# --ignore-scripts its postinstall (which would try to download and build llama.cpp where no
+# prebuilt binary fits). `npm install`, not `npm ci`: npm's lock records only this platform's
+# optional packages, and `npm ci` refuses a lock without the others.
+if [ -f tests/llamacpp/package.json ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+  (cd tests/llamacpp && { [ -d node_modules/node-llama-cpp ] && [ -d node_modules/@node-llama-cpp/linux-x64 ]; } ||
+    npm install --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error)
+fi
 echo "install_deps: ok"

