@@ -11,7 +11,10 @@
 //    runs vdpbf16ps where the CPU has AVX-512-BF16, amx runs AMX tiles);
 //  * every figure is the median of --reps repetitions, with the spread [min .. max];
 //  * the engine's own overhead: step wall time minus the executor's time, as a fraction of the
-//    step (the scheduler, KV bookkeeping and event delivery).
+//    step (the scheduler, KV bookkeeping and event delivery);
+//  * --model PATH (a GGUF file or HF safetensors directory) times that model instead of the
+//    preset's synthetic weights; --json adds one JSON line with every figure (medians):
+//    scripts/compare_llamacpp.py runs it and llama.cpp on one file.
 // Runs through the real engine (SingleInstance) so it measures what serving gets.
 #include <stdlib.h>
 
@@ -26,6 +29,7 @@
 #include "common/units.h"
 #include "kernels/roofline.h"
 #include "model/config.h"
+#include "model/weight_source.h"
 #include "runtime/single_instance.h"
 
 using namespace kun;
@@ -43,8 +47,10 @@ struct StepTimes {
 int main(int argc, char** argv) {
   CLI::App app{"model throughput vs rooflines"};
   std::string preset = "llama-350m";
+  std::string model_path;
   int threads = 2, steps = 20;
   app.add_option("--preset", preset);
+  app.add_option("--model", model_path, "GGUF file or HF safetensors directory to time instead of the preset's synthetic weights");
   app.add_option("--threads", threads);
   app.add_option("--steps", steps, "decode steps timed per batch size");
   std::vector<int> batches = {1, 8, 32};
@@ -55,6 +61,8 @@ int main(int argc, char** argv) {
   app.add_option("--reps", reps, "repetitions of every figure (the median is reported)")->check(CLI::PositiveNumber);
   int bw_mib = 512;
   app.add_option("--bw-mib", bw_mib, "buffer of the read-bandwidth probe (MiB, >> last-level cache)");
+  bool json = false;
+  app.add_flag("--json", json, "end with one JSON line: decode tokens/s and ratio per batch, prefill tokens/s and ratio");
   std::string gemm_activations;
   app.add_option("--gemm-activations", gemm_activations,
                  "f32 | bf16 | amx: activations of the bf16 GEMM (default: KUN_GEMM_ACTIVATIONS, else amx where the CPU has AMX-BF16, else f32)")
@@ -62,9 +70,27 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   // Read once per process by the kernels (before any kernel runs), so set it here.
   if (!gemm_activations.empty()) ::setenv("KUN_GEMM_ACTIVATIONS", gemm_activations.c_str(), 1);
-  auto config = model::preset_config(preset);
-  if (!config.ok()) return 1;
-  auto weights = model::synthetic_weights(*config, 0);
+  std::unique_ptr<model::WeightSource> weights;
+  std::string model_name = preset;
+  if (model_path.empty()) {
+    auto preset_config = model::preset_config(preset);
+    if (!preset_config.ok()) {
+      std::fprintf(stderr, "%s\n", preset_config.status().to_string().c_str());
+      return 1;
+    }
+    weights = model::synthetic_weights(*preset_config, 0);
+  } else {
+    auto opened = model::open_weights(model_path);
+    if (!opened.ok()) {
+      std::fprintf(stderr, "%s\n", opened.status().to_string().c_str());
+      return 1;
+    }
+    weights = std::move(*opened);
+    model_name = model_path;
+  }
+  const model::ModelConfig* config = &weights->config();
+  // Prompt tokens 3 + (i * 97 + t * 13) % token_range: inside any vocabulary.
+  const int token_range = static_cast<int>(std::min<std::int64_t>(30000, config->vocab_size - 3));
   runtime::InstanceOptions opt;
   opt.device.num_threads = threads;
   opt.device.weight_dtype = config->dtype;
@@ -103,7 +129,7 @@ int main(int argc, char** argv) {
   const double step_weight_flops_per_token =
       2.0 * static_cast<double>(config->num_layers * config->layer_param_count() + config->embedding_param_count());
   std::printf("%s (%s, %lld layers), %d threads, isa %s, gemm activations %s, median of %d repetitions [min .. max]\n",
-              preset.c_str(), std::string(dtype_name(config->dtype)).c_str(), static_cast<long long>(config->num_layers),
+              model_name.c_str(), std::string(dtype_name(config->dtype)).c_str(), static_cast<long long>(config->num_layers),
               threads, std::string(kernels::isa_name(kernels::active_isa())).c_str(),
               std::string(kernels::gemm_activations_name(kernels::active_gemm_activations())).c_str(), reps);
   std::printf("measured: peak FMA %.1f GFLOP/s, peak %s %.1f GFLOP/s -> compute limit %.1f GFLOP/s (%s); "
@@ -137,6 +163,10 @@ int main(int argc, char** argv) {
     return std::string(buf);
   };
 
+  std::string json_decode;  // "B": {"tokens_per_s": x, "ratio": y}, ... (--json)
+  auto print_json = [&](const std::string& prefill_text) {
+    if (json) std::printf("{\"decode\": {%s}, \"prefill_512\": %s}\n", json_decode.c_str(), prefill_text.c_str());
+  };
   std::printf("\n%-9s %9s %9s %17s %8s %11s %8s %7s %-16s %13s %s\n", "decode", "tokens/s", "step ms", "bw before/after",
               "KV MB", "limit ms", "binds", "ratio", "spread", "weights only", "engine overhead");
   for (int batch : batches) {
@@ -145,7 +175,7 @@ int main(int argc, char** argv) {
     for (int rep = 0; rep < reps; ++rep) {
       for (int i = 0; i < batch; ++i) {
         engine::RequestSpec spec;
-        for (int t = 0; t < 32; ++t) spec.prompt_tokens.push_back(3 + (i * 97 + t * 13 + rep * 7) % 30000);
+        for (int t = 0; t < 32; ++t) spec.prompt_tokens.push_back(3 + (i * 97 + t * 13 + rep * 7) % token_range);
         spec.max_tokens = steps + 8;
         spec.ignore_eos = true;
         if (!engine.submit(spec, nullptr).ok()) return 1;
@@ -182,6 +212,8 @@ int main(int argc, char** argv) {
       }
     }
     const double step_ms = median(step_mss);
+    json_decode += std::string(json_decode.empty() ? "" : ", ") + "\"" + std::to_string(batch) + "\": {\"tokens_per_s\": " +
+                   std::to_string(batch / step_ms * 1e3) + ", \"ratio\": " + std::to_string(median(ratios)) + "}";
     char bw_text[32];
     std::snprintf(bw_text, sizeof(bw_text), "%.1f / %.1f", median(bws_before), median(bws_after));
     std::printf("batch %-3d %9.1f %9.2f %17s %8.1f %11.2f %8s %7.2f %-16s %13.2f %6.2f%%\n", batch, batch / step_ms * 1e3,
@@ -189,7 +221,10 @@ int main(int argc, char** argv) {
                 median(weight_ratios), median(overheads));
   }
 
-  if (!prefill) return 0;
+  if (!prefill) {
+    print_json("null");
+    return 0;
+  }
   // Prefill: one 512-token prompt in one step.
   const double n = 512;
   const double linear_flops = 2.0 * n * static_cast<double>(config->num_layers * config->layer_param_count());
@@ -202,7 +237,7 @@ int main(int argc, char** argv) {
   std::vector<double> ratios, rates, overheads, fma_peaks, dot_peaks, limits;
   for (int rep = 0; rep < reps; ++rep) {
     engine::RequestSpec spec;
-    for (int t = 0; t < 512; ++t) spec.prompt_tokens.push_back(3 + (t * 31 + rep * 11) % 30000);
+    for (int t = 0; t < 512; ++t) spec.prompt_tokens.push_back(3 + (t * 31 + rep * 11) % token_range);
     spec.max_tokens = 1;
     if (!engine.submit(spec, nullptr).ok()) return 1;
     const double fma_before = kernels::measure_peak_fma_flops_per_s(&pool);
@@ -229,5 +264,6 @@ int main(int argc, char** argv) {
               "(peaks probed before/after each: FMA %.1f, %s %.1f GFLOP/s; engine overhead %.2f%%)\n",
               median(rates), flops * median(rates) / n / 1e9, ratio, spread(ratios).c_str(), median(limits), fma_med,
               dot_name, dot_med, median(overheads));
+  print_json("{\"tokens_per_s\": " + std::to_string(median(rates)) + ", \"ratio\": " + std::to_string(ratio) + "}");
   return 0;
 }
