@@ -165,7 +165,10 @@ int main(int argc, char** argv) {
 
   std::string json_decode;  // "B": {"tokens_per_s": x, "ratio": y}, ... (--json)
   auto print_json = [&](const std::string& prefill_text) {
-    if (json) std::printf("{\"decode\": {%s}, \"prefill_512\": %s}\n", json_decode.c_str(), prefill_text.c_str());
+    if (json) {
+      std::printf("{\"vocab_size\": %lld, \"decode\": {%s}, \"prefill_512\": %s}\n",
+                  static_cast<long long>(config->vocab_size), json_decode.c_str(), prefill_text.c_str());
+    }
   };
   std::printf("\n%-9s %9s %9s %17s %8s %11s %8s %7s %-16s %13s %s\n", "decode", "tokens/s", "step ms", "bw before/after",
               "KV MB", "limit ms", "binds", "ratio", "spread", "weights only", "engine overhead");
