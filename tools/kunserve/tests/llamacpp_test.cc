@@ -1,11 +1,12 @@
 // llama.cpp as an independent engine on the GGUF files `kunserve gen-model` writes
 // (tests/llamacpp: npm's node-llama-cpp with its prebuilt CPU binaries). For each vocabulary
 // gen-model embeds (the synthetic byte-level BPE it writes by default, Llama 3's byte-level BPE,
-// Llama 2's SentencePiece), llama.cpp must load the file and, from the same prompt, encode the
-// same token ids and generate the same greedy tokens and text as `kunserve generate` on that file.
-// A different tokenizer, tensor name or layout, q/k row order, RoPE or norm would change the ids
-// or the tokens. (llama.cpp refused every byte-level file until the writer used its name for the
-// GPT-2 pre-tokenizer, "gpt-2".)
+// Llama 2's SentencePiece), and for the qwen2 architecture and Llama 3's RoPE scaling, llama.cpp
+// must load the file and, from the same prompt, encode the same token ids and generate the same
+// greedy tokens and text as `kunserve generate` on that file. A different tokenizer, tensor name
+// or layout, q/k row order, bias, RoPE or norm would change the ids or the tokens. (llama.cpp
+// refused every byte-level file until the writer used its name for the GPT-2 pre-tokenizer,
+// "gpt-2".)
 #include <unistd.h>
 
 #include <cstdio>
@@ -80,6 +81,7 @@ constexpr int kTokens = 24;
 
 struct Case {
   const char* name;
+  const char* preset;
   const char* tokenizer;  // npm @lenml package, or "" for gen-model's default vocabulary
   const char* dtype;
 };
@@ -108,7 +110,7 @@ TEST_P(LlamaCppTest, LoadsOurFileAndGeneratesTheSameGreedyTokens) {
   const Case& c = GetParam();
   const fs::path file = dir_ / "model.gguf";
   std::string out;
-  std::string gen = std::string(KUNSERVE_BIN) + " gen-model --preset tiny --format gguf --seed 11 --dtype " + c.dtype +
+  std::string gen = std::string(KUNSERVE_BIN) + " gen-model --preset " + c.preset + " --format gguf --seed 11 --dtype " + c.dtype +
                     " --out " + quote(file.string());
   if (*c.tokenizer != '\0') gen += " --tokenizer " + quote(tokenizer_dir(c.tokenizer).string());
   ASSERT_EQ(run(gen, &out), 0) << gen << "\n" << out;
@@ -139,11 +141,15 @@ TEST_P(LlamaCppTest, LoadsOurFileAndGeneratesTheSameGreedyTokens) {
               ours_prompt.size(), kTokens);
 }
 
-INSTANTIATE_TEST_SUITE_P(Vocabularies, LlamaCppTest,
-                         ::testing::Values(Case{"synthetic_bpe_f32", "", "f32"}, Case{"synthetic_bpe_bf16", "", "bf16"},
-                                           Case{"llama3_bpe_f32", "tokenizer-llama3", "f32"},
-                                           Case{"llama2_sentencepiece_f32", "tokenizer-llama2", "f32"}),
-                         [](const ::testing::TestParamInfo<Case>& p) { return std::string(p.param.name); });
+INSTANTIATE_TEST_SUITE_P(
+    VocabulariesAndArchitectures, LlamaCppTest,
+    ::testing::Values(Case{"synthetic_bpe_f32", "tiny", "", "f32"}, Case{"synthetic_bpe_bf16", "tiny", "", "bf16"},
+                      Case{"llama3_bpe_f32", "tiny", "tokenizer-llama3", "f32"},
+                      Case{"llama2_sentencepiece_f32", "tiny", "tokenizer-llama2", "f32"},
+                      // qwen2: biases on q/k/v; llama3: its RoPE scaling (rope_freqs.weight).
+                      Case{"qwen2_architecture_f32", "tiny-qwen2", "", "f32"},
+                      Case{"llama3_rope_scaling_bf16", "tiny-llama3", "", "bf16"}),
+    [](const ::testing::TestParamInfo<Case>& p) { return std::string(p.param.name); });
 
 }  // namespace
 }  // namespace kun::tools
