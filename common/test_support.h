@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <string_view>
 
@@ -17,6 +18,15 @@ inline bool running_in_ci() {
   const char* ci = std::getenv("CI");
   return ci != nullptr && std::string_view(ci) == "true";
 }
+
+#ifdef KUN_SOURCE_DIR
+// The source tree the tests read their data from: $KUN_SOURCE_DIR where set (a test binary run
+// from another checkout), else the one it was built from (every test target defines the macro).
+inline std::filesystem::path source_dir() {
+  if (const char* env = std::getenv("KUN_SOURCE_DIR"); env != nullptr && *env != '\0') return env;
+  return KUN_SOURCE_DIR;
+}
+#endif
 
 // Runs `cmd` through /bin/sh with stderr folded into stdout: returns its exit status (-1 where it
 // could not start or a signal ended it) and its output in *output.

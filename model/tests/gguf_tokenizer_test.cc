@@ -24,10 +24,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-fs::path source_dir() {
-  if (const char* env = std::getenv("KUN_SOURCE_DIR"); env != nullptr && *env != '\0') return env;
-  return KUN_SOURCE_DIR;
-}
+using test_support::source_dir;
 
 std::vector<std::string> corpus_lines() {
   std::ifstream in(source_dir() / "tests/data/tokenizer_corpus.txt", std::ios::binary);

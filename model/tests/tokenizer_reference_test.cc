@@ -27,10 +27,7 @@ namespace {
 namespace fs = std::filesystem;
 using Ids = std::vector<std::int32_t>;
 
-fs::path source_dir() {
-  if (const char* env = std::getenv("KUN_SOURCE_DIR"); env != nullptr && *env != '\0') return env;
-  return KUN_SOURCE_DIR;
-}
+using test_support::source_dir;
 
 fs::path node_dir() { return source_dir() / "tests" / "node"; }
 

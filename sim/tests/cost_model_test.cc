@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/test_support.h"
 #include "sim/cost_model.h"
 #include "sim/sim_executor.h"
 
@@ -155,9 +156,7 @@ TEST(SimExecutor, DurationsTokensAndPipeline) {
 // ---- Calibration against the measured profiles ----
 
 std::filesystem::path profiles_dir() {
-  const char* src = std::getenv("KUN_SOURCE_DIR");
-  std::filesystem::path root = src != nullptr ? src : KUN_SOURCE_DIR;
-  return root / ".." / "shared" / "gpu-profiles";
+  return test_support::source_dir() / ".." / "shared" / "gpu-profiles";
 }
 
 std::vector<std::map<std::string, std::string>> read_csv(const std::filesystem::path& p) {

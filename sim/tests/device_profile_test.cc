@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/test_support.h"
 #include "model/config.h"
 #include "sim/cluster_sim.h"
 #include "sim/device_profile.h"
@@ -18,10 +19,7 @@
 namespace kun::sim {
 namespace {
 
-std::filesystem::path source_root() {
-  const char* src = std::getenv("KUN_SOURCE_DIR");
-  return src != nullptr ? std::filesystem::path(src) : std::filesystem::path(KUN_SOURCE_DIR);
-}
+std::filesystem::path source_root() { return test_support::source_dir(); }
 
 GpuSpec known_cpu() {
   GpuSpec g;

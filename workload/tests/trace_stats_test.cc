@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/test_support.h"
 #include "workload/generators.h"
 #include "workload/stats.h"
 #include "workload/trace.h"
@@ -18,9 +19,7 @@ namespace kun::workload {
 namespace {
 
 std::string shared_traces_dir() {
-  const char* src = std::getenv("KUN_SOURCE_DIR");
-  const std::string root = src != nullptr ? src : KUN_SOURCE_DIR;
-  return root + "/../shared/traces";
+  return (test_support::source_dir() / ".." / "shared" / "traces").string();
 }
 
 std::string trace_path(const std::string& kind) {

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <string>
 
+#include "common/test_support.h"
 #include "workload/generators.h"
 #include "workload/random.h"
 #include "workload/stats.h"
@@ -109,8 +110,7 @@ TEST(ReadTraceCsvTest, DetectsFormatFromHeader) {
 
 // The shipped demo window must parse and be bursty without ../shared.
 TEST(ShippedWindowTest, ParsesAndIsBursty) {
-  const char* env = std::getenv("KUN_SOURCE_DIR");
-  const std::string path = std::string(env != nullptr ? env : KUN_SOURCE_DIR) + "/workload/data/azure_code_burst_window.csv";
+  const std::string path = (test_support::source_dir() / "workload" / "data" / "azure_code_burst_window.csv").string();
   auto t = read_azure_csv(path);
   ASSERT_TRUE(t.ok()) << t.status().to_string();
   const TraceStats s = compute_stats(*t);

