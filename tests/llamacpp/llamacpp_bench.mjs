@@ -31,7 +31,8 @@ if (!file) {
 // maxThreads 0: a context's `threads` is the number it runs with (not a hint capped elsewhere).
 const llama = await getLlama({ gpu: false, build: 'never', logLevel: LlamaLogLevel.error, maxThreads: 0 });
 const model = await llama.loadModel({ modelPath: file });
-const vocab = model.fileInfo.metadata.llama?.vocab_size ?? model.tokens.bos + 1000;
+const metadata = model.fileInfo.metadata;
+const vocab = metadata[metadata.general.architecture]?.vocab_size ?? metadata.tokenizer.ggml.tokens.length;
 // The same prompt tokens as model_bench: 3 + (i * 97 + t * 13) % 30000, within the vocabulary.
 const promptOf = (i, n, stride) => Array.from({ length: n }, (_, t) => 3 + ((i * 97 + t * stride) % Math.min(30000, vocab - 3)));
 const result = { decode: {}, prefill_512: null, threads, steps };
