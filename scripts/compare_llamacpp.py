@@ -144,8 +144,9 @@ def main():
                   '--batches', *batches, '--prefill', prefill]
     # node-llama-cpp runs each evaluation on a libuv pool thread; with the default pool of 4,
     # consecutive steps land on different threads and llama.cpp's 2 compute threads contend with
-    # the others on 2 cores (71 % of its samples in ggml_barrier). One pool thread: 1.4-3x faster
-    # decode here, so llama.cpp is timed that way.
+    # the others on 2 cores (71 % of its samples in ggml_barrier on the tiny preset). One pool
+    # thread: 1.0-1.4x faster decode on llama-350m (batch 8 1.1x), 1.6-2.6x on the tiny preset, so
+    # llama.cpp is timed that way.
     node_env = dict(os.environ, UV_THREADPOOL_SIZE='1')
     runs = []
     token_range = None
