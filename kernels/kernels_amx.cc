@@ -222,6 +222,25 @@ void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit
   _tile_zero(3);
   const std::uint16_t* a1 = xp + kTileRows * row_elems;
   for (I64 kb = 0; kb < blocks; ++kb) {
+    if (from_memory && direct && two_rows) {
+      // The pass whose B tiles come from DRAM: each product right after the loads it needs, so
+      // the first TDPBF16PS waits for one A and one B tile rather than all four (same products,
+      // same order per C tile, so the same bits). llama-350m model_bench, 6 alternated pairs:
+      // prefill 1.02-1.11x (median 1.06x), batch-32 decode median 1.02x (0.93-1.07x). In every
+      // row pass it made prefill 1.07x slower (B from L2 there).
+      const I64 off = kb * kBlockPairs * 32;
+      touch_tile_lines(p0 + off);
+      touch_tile_lines(p1 + off);
+      _tile_loadd(4, xp + kb * 32, a_stride);
+      _tile_loadd(6, p0 + off, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, p1 + off, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(5, a1 + kb * 32, a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+      continue;
+    }
     _tile_loadd(4, xp + kb * 32, a_stride);
     if (two_rows) _tile_loadd(5, a1 + kb * 32, a_stride);
     if (direct) {
