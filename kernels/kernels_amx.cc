@@ -202,6 +202,47 @@ void unit_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const U
   epilogue(stash, rows, u.width, bias, y, ldy, accumulate);
 }
 
+// The k loop of unit_block_2x2 into C tiles 0..3. kFromMemory: the pass whose B tiles come from
+// DRAM reads each tile's lines with vector loads first and runs each product right after the
+// loads it needs (A0, B0, dp, B1, dp, A1, dp, dp), so the first TDPBF16PS waits for one A and one
+// B tile rather than all four; later passes, whose B is in L2, load all four first. Either way
+// every C tile gets the same products in the same order, so the same bits. llama-350m
+// model_bench, 6 alternated pairs: prefill 1.02-1.11x (median 1.06x), batch-32 decode median
+// 1.02x (0.93-1.07x); the interleaved order in every row pass made prefill 1.07x slower, and
+// choosing the order at run time inside the loop cost about 2 % of prefill. (The tail buffer of
+// b_source is rewritten per panel, so each tile load precedes the next copy.)
+template <bool kFromMemory>
+void block_2x2_products(const std::uint16_t* xp, const std::uint16_t* a1, I64 a_stride, const Unit& u, I64 pairs,
+                        I64 blocks, I64 g, bool direct, bool two_rows, bool two_groups, std::uint16_t* tail) {
+  const std::uint16_t* p0 = u.panel(g);
+  const std::uint16_t* p1 = u.panel(two_groups ? g + 1 : g);
+  for (I64 kb = 0; kb < blocks; ++kb) {
+    const I64 off = kb * kBlockPairs * 32;
+    if (kFromMemory && direct) {
+      touch_tile_lines(p0 + off);
+      touch_tile_lines(p1 + off);
+    }
+    _tile_loadd(4, xp + kb * 32, a_stride);
+    if (!kFromMemory && two_rows) _tile_loadd(5, a1 + kb * 32, a_stride);
+    _tile_loadd(6, direct ? p0 + off : b_source(p0, u.panel_width(g), pairs, kb, tail), 64);
+    if constexpr (kFromMemory) _tile_dpbf16ps(0, 4, 6);
+    if (two_groups) {
+      _tile_loadd(7, direct ? p1 + off : b_source(p1, u.panel_width(g + 1), pairs, kb, tail), 64);
+      if constexpr (kFromMemory) _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (kFromMemory) {
+      if (two_rows) _tile_loadd(5, a1 + kb * 32, a_stride);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      if (two_groups) _tile_dpbf16ps(1, 4, 7);
+    }
+    if (two_rows) {
+      _tile_dpbf16ps(2, 5, 6);
+      if (two_groups) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
 // Up to two row tiles x two narrow panels (32 x 32 outputs: panels g and g + 1 of the unit) over
 // every k block; fewer rows or a single last panel run one of each. Each panel is one stream,
 // read once per call of up to 32 rows. from_memory: the first pass over the panels, whose B
@@ -214,53 +255,15 @@ void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit
   const bool two_rows = rows > kTileRows;
   const bool two_groups = g + 1 < u.groups;
   const bool direct = pairs % kBlockPairs == 0 && u.width - 16 * g >= 32;
-  const std::uint16_t* p0 = u.panel(g);
-  const std::uint16_t* p1 = u.panel(two_groups ? g + 1 : g);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   const std::uint16_t* a1 = xp + kTileRows * row_elems;
-  for (I64 kb = 0; kb < blocks; ++kb) {
-    if (from_memory && direct && two_rows) {
-      // The pass whose B tiles come from DRAM: each product right after the loads it needs, so
-      // the first TDPBF16PS waits for one A and one B tile rather than all four (same products,
-      // same order per C tile, so the same bits). llama-350m model_bench, 6 alternated pairs:
-      // prefill 1.02-1.11x (median 1.06x), batch-32 decode median 1.02x (0.93-1.07x). In every
-      // row pass it made prefill 1.07x slower (B from L2 there).
-      const I64 off = kb * kBlockPairs * 32;
-      touch_tile_lines(p0 + off);
-      touch_tile_lines(p1 + off);
-      _tile_loadd(4, xp + kb * 32, a_stride);
-      _tile_loadd(6, p0 + off, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_loadd(7, p1 + off, 64);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_loadd(5, a1 + kb * 32, a_stride);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-      continue;
-    }
-    _tile_loadd(4, xp + kb * 32, a_stride);
-    if (two_rows) _tile_loadd(5, a1 + kb * 32, a_stride);
-    if (direct) {
-      const I64 off = kb * kBlockPairs * 32;
-      if (from_memory) {
-        touch_tile_lines(p0 + off);
-        touch_tile_lines(p1 + off);
-      }
-      _tile_loadd(6, p0 + off, 64);
-      _tile_loadd(7, p1 + off, 64);
-    } else {
-      _tile_loadd(6, b_source(p0, u.panel_width(g), pairs, kb, tail), 64);
-      if (two_groups) _tile_loadd(7, b_source(p1, u.panel_width(g + 1), pairs, kb, tail), 64);
-    }
-    _tile_dpbf16ps(0, 4, 6);
-    if (two_groups) _tile_dpbf16ps(1, 4, 7);
-    if (two_rows) {
-      _tile_dpbf16ps(2, 5, 6);
-      if (two_groups) _tile_dpbf16ps(3, 5, 7);
-    }
+  if (from_memory) {
+    block_2x2_products<true>(xp, a1, a_stride, u, pairs, blocks, g, direct, two_rows, two_groups, tail);
+  } else {
+    block_2x2_products<false>(xp, a1, a_stride, u, pairs, blocks, g, direct, two_rows, two_groups, tail);
   }
   const I64 cols = u.width - 16 * g < 32 ? u.width - 16 * g : 32;
   _tile_stored(0, stash, 256);
