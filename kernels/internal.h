@@ -64,9 +64,13 @@ inline std::int64_t linear_panels_scratch_floats(std::int64_t M) {
 // Floats pack_rows may write for M rows of K: M rounded up to a tile of at most 8 rows, K up to
 // even (f32 and vdpbf16ps tables), or bf16 rows of K rounded up to 32, plus 32, in tiles of 16
 // rows (AMX).
+// bf16 elements per packed row of the AMX table: K rounded up to whole k blocks of 32, plus 32
+// (kernels_amx.cc, pack_rows_amx). Even, so a row starts on a whole float of pack_rows' buffer.
+constexpr std::int64_t amx_packed_row_elems(std::int64_t K) { return (K + 31) / 32 * 32 + 32; }
+
 inline std::int64_t pack_rows_floats(std::int64_t M, std::int64_t K) {
   const std::int64_t f32_tiles = (M + 8) * (K + 1);
-  const std::int64_t amx_tiles = (M + 15) / 16 * 16 * ((K + 31) / 32 * 32 + 32) / 2;
+  const std::int64_t amx_tiles = (M + 15) / 16 * 16 * amx_packed_row_elems(K) / 2;
   return f32_tiles > amx_tiles ? f32_tiles : amx_tiles;
 }
 

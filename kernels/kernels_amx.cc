@@ -49,13 +49,12 @@ void configure_gemm_tiles(int a_rows = 16) {
 constexpr I64 kTileRows = 16;
 constexpr I64 kBlockPairs = 16;
 
-inline I64 round_up(I64 v, I64 m) { return (v + m - 1) / m * m; }
-
 // Packed activations: bf16, rows padded to a multiple of 16 with zeros, each row kb * 32
 // elements plus 32 more (x[m][k] at element m * row_elems + k, zero past K). The extra 64 bytes
 // keep a tile's 16 rows off a power-of-two stride (K = 1024: 2048 bytes put all 16 rows of
 // both A tiles in the same two L1 sets; the prefill GEMM ran 1.13-1.35x slower).
-inline I64 packed_row_elems(I64 K) { return round_up(round_up(K, 2) / 2, kBlockPairs) * 2 + 32; }
+// (amx_packed_row_elems, internal.h: K rounded up to whole k blocks, plus 32.)
+inline I64 packed_row_elems(I64 K) { return amx_packed_row_elems(K); }
 
 void pack_rows_amx(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool /*bf16_act*/) {
   const I64 row_elems = packed_row_elems(K);
@@ -211,13 +210,45 @@ void unit_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const U
 // 1.02x (0.93-1.07x); the interleaved order in every row pass made prefill 1.07x slower, and
 // choosing the order at run time inside the loop cost about 2 % of prefill. (The tail buffer of
 // b_source is rewritten per panel, so each tile load precedes the next copy.)
+// The weights right after the panels of the current passes (the next panel pair in memory: the
+// unit's next pair, or the next unit's first), fetched into L2 a few lines per k block by the
+// passes that read their own panels from L2, so that the next pair's first pass finds its B tiles
+// in L2 rather than memory. In a stand-alone loop of a 512-row gate/up projection with the
+// weights out of cache: 1.10x (kernels/README.md, "Row blocks").
+struct NextPanels {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  I64 lines_per_block = 0;
+  void fetch() {
+    for (I64 l = 0; l < lines_per_block && next < end; ++l, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
+
+// The output rows of the next pass, fetched for writing a few rows per k block, so that the
+// epilogue's stores find their lines in cache instead of waiting on memory with the tile loads.
+struct NextOutputs {
+  const float* row = nullptr;
+  I64 ldy = 0;
+  I64 rows = 0;
+  I64 rows_per_block = 0;
+  I64 cols = 0;
+  void fetch() {
+    for (I64 r = 0; r < rows_per_block && rows > 0; ++r, --rows, row += ldy) {
+      for (I64 c = 0; c < cols; c += 16) __builtin_prefetch(row + c, 1, 3);
+    }
+  }
+};
+
 template <bool kFromMemory>
 void block_2x2_products(const std::uint16_t* xp, const std::uint16_t* a1, I64 a_stride, const Unit& u, I64 pairs,
-                        I64 blocks, I64 g, bool direct, bool two_rows, bool two_groups, std::uint16_t* tail) {
+                        I64 blocks, I64 g, bool direct, bool two_rows, bool two_groups, std::uint16_t* tail,
+                        NextPanels* ahead, NextOutputs* outputs) {
   const std::uint16_t* p0 = u.panel(g);
   const std::uint16_t* p1 = u.panel(two_groups ? g + 1 : g);
   for (I64 kb = 0; kb < blocks; ++kb) {
     const I64 off = kb * kBlockPairs * 32;
+    if constexpr (!kFromMemory) ahead->fetch();
+    outputs->fetch();
     if (kFromMemory && direct) {
       touch_tile_lines(p0 + off);
       touch_tile_lines(p1 + off);
@@ -250,7 +281,8 @@ void block_2x2_products(const std::uint16_t* xp, const std::uint16_t* a1, I64 a_
 // find them in L2 (touching them there made prefill slower).
 void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit& u, I64 pairs,
                     I64 blocks, I64 g, const float* bias, float* y, I64 ldy, bool accumulate,
-                    float* stash, std::uint16_t* tail, bool from_memory) {
+                    float* stash, std::uint16_t* tail, bool from_memory, NextPanels* ahead,
+                    NextOutputs* outputs) {
   const I64 a_stride = row_elems * 2;
   const bool two_rows = rows > kTileRows;
   const bool two_groups = g + 1 < u.groups;
@@ -261,9 +293,9 @@ void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit
   _tile_zero(3);
   const std::uint16_t* a1 = xp + kTileRows * row_elems;
   if (from_memory) {
-    block_2x2_products<true>(xp, a1, a_stride, u, pairs, blocks, g, direct, two_rows, two_groups, tail);
+    block_2x2_products<true>(xp, a1, a_stride, u, pairs, blocks, g, direct, two_rows, two_groups, tail, ahead, outputs);
   } else {
-    block_2x2_products<false>(xp, a1, a_stride, u, pairs, blocks, g, direct, two_rows, two_groups, tail);
+    block_2x2_products<false>(xp, a1, a_stride, u, pairs, blocks, g, direct, two_rows, two_groups, tail, ahead, outputs);
   }
   const I64 cols = u.width - 16 * g < 32 ? u.width - 16 * g : 32;
   _tile_stored(0, stash, 256);
@@ -292,6 +324,7 @@ void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64
   float* stash = scratch;
   auto* tail = reinterpret_cast<std::uint16_t*>(scratch + 2 * kTileRows * 64);
   const auto* wbase = static_cast<const std::uint16_t*>(w.data);
+  const std::uint16_t* wend = wbase + N * Kp;
   // Calls of fewer than 16 rows configure A and C with just their rows (a row's value does not
   // depend on it; TDPBF16PS does less work): 0.86-0.875 of the read probe at M = 1 against
   // 0.83-0.85 with 16.
@@ -308,12 +341,32 @@ void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64
       unit_one_row_tile(xp, row_elems, M, u, pairs, blocks, pb, y + n0, N, accumulate, stash, tail);
       continue;
     }
+    const I64 passes = (M + 2 * kTileRows - 1) / (2 * kTileRows);
     for (I64 g = 0; g < u.groups; g += 2) {
+      // The next pair's bytes, spread over this pair's passes after the first.
+      NextPanels ahead;
+      if (passes > 1) {
+        const std::uint16_t* next = u.panel(g + 2 < u.groups ? g + 2 : u.groups);
+        const std::uint16_t* end = next + 2 * u.panel_elems < wend ? next + 2 * u.panel_elems : wend;
+        ahead.next = reinterpret_cast<const char*>(next);
+        ahead.end = reinterpret_cast<const char*>(end);
+        const I64 lines = (ahead.end - ahead.next + 63) / 64;
+        ahead.lines_per_block = (lines + (passes - 1) * blocks - 1) / ((passes - 1) * blocks);
+      }
+      const I64 cols = u.width - 16 * g < 32 ? u.width - 16 * g : 32;
       for (I64 m0 = 0; m0 < M; m0 += 2 * kTileRows) {
         const I64 rows = M - m0 < 2 * kTileRows ? M - m0 : 2 * kTileRows;
+        NextOutputs outputs;
+        if (m0 + rows < M) {
+          outputs.row = y + (m0 + rows) * N + n0 + 16 * g;
+          outputs.ldy = N;
+          outputs.rows = M - m0 - rows < 2 * kTileRows ? M - m0 - rows : 2 * kTileRows;
+          outputs.rows_per_block = (outputs.rows + blocks - 1) / blocks;
+          outputs.cols = cols;
+        }
         unit_block_2x2(xp + m0 * row_elems, row_elems, rows, u, pairs, blocks, g,
                        pb != nullptr ? pb + 16 * g : nullptr, y + m0 * N + n0 + 16 * g, N,
-                       accumulate, stash, tail, m0 == 0);
+                       accumulate, stash, tail, m0 == 0, &ahead, &outputs);
       }
     }
   }

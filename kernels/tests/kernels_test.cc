@@ -656,7 +656,8 @@ TEST(PanelPairsAmx, ActivationRoundingIsActToBf16) {
 
 TEST(PanelPairsAmx, BatchInvariantAcrossBatchSizeNeighboursAndThreads) {
   if (!amx_runs()) GTEST_SKIP() << "no AMX-BF16 here";
-  for (const std::int64_t K : {300, 301, 1024}) {
+  // K = 4000: 500 and 512 rows of packed activations (4 MB) exceed an L2 and run in row blocks.
+  for (const std::int64_t K : {300, 301, 1024, 4000}) {
     const std::int64_t N = 5 * kPanelCols + 7, kMaxM = 512;
     const PackedWeight w = make_packed_amx(N, K, 60 + static_cast<std::uint32_t>(K));
     const std::vector<float> x = random_floats(kMaxM * K, 61);
@@ -669,7 +670,7 @@ TEST(PanelPairsAmx, BatchInvariantAcrossBatchSizeNeighboursAndThreads) {
       linear(Isa::kAvx512Bf16, x.data() + r * K, 1, w.view, bias.data(), single.data() + r * N, nullptr,
              GemmActivations::kAmx);
     }
-    for (std::int64_t M : {2, 3, 15, 16, 17, 31, 32, 33, 37, 100, 512}) {
+    for (std::int64_t M : {2, 3, 15, 16, 17, 31, 32, 33, 37, 100, 500, 512}) {
       for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
         SCOPED_TRACE("K=" + std::to_string(K) + " M=" + std::to_string(M) + " threads " +
                      std::to_string(pool ? pool->num_threads() : 1));
