@@ -165,6 +165,7 @@ const IsaKernels& amx_kernels() {
     const AmxGemm g = amx_gemm();
     t.linear_panels = g.linear_panels;
     t.pack_rows = g.pack_rows;
+    t.linear_panels_silu_mul = g.linear_panels_silu_mul;
     t.widen_min_rows = 1;
     t.tile_rows = kAmxTileRows;
     t.direct_tile_rows = kAmxTileRows;

@@ -53,6 +53,13 @@ struct IsaKernels {
   void (*pack_rows)(const float* x, std::int64_t M, std::int64_t K, float* xp, std::int64_t t0,
                     std::int64_t t1, bool bf16_act);
   std::int64_t direct_tile_rows;
+  // The AMX table only (null elsewhere): linear_panels of a [2F][K] gate/up weight (F a multiple
+  // of 16) whose epilogue writes silu_mul(gate column c, up column F + c) into out ([M][F], c in
+  // units [p0, p1) of kPanelCols gate columns), by the given silu_mul (an IsaKernels::silu_mul).
+  void (*linear_panels_silu_mul)(const float* xp, std::int64_t M, const WeightView& w, std::int64_t p0,
+                                 std::int64_t p1,
+                                 void (*silu_mul)(const float* gate, const float* up, std::int64_t n, float* out),
+                                 float* out, float* scratch) = nullptr;
 };
 
 // Scratch floats linear_panels needs for M rows (any ISA): a widened k block of a panel plus
@@ -89,6 +96,7 @@ double avx512bf16_dot_chains(std::int64_t iters, float seed, float* sink);
 struct AmxGemm {
   decltype(IsaKernels::linear_panels) linear_panels;
   decltype(IsaKernels::pack_rows) pack_rows;
+  decltype(IsaKernels::linear_panels_silu_mul) linear_panels_silu_mul;
 };
 AmxGemm amx_gemm();
 // Rows per packing tile of the AMX table.

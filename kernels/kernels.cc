@@ -71,6 +71,8 @@ struct LinearJob {
   float* panels;
   std::int64_t panel_stride;
   int threads;
+  // linear_silu_mul on the AMX GEMM: silu_mul of the gate and up products into y ([M][N / 2]).
+  decltype(detail::IsaKernels::silu_mul) silu_mul;
 };
 
 struct PackJob {
@@ -154,9 +156,11 @@ const char* layout_name(WeightLayout layout) {
   return "unknown";
 }
 
+// silu_mul_fused (linear_silu_mul on the AMX GEMM): y is [M][N / 2], silu_mul of the gate
+// (rows [0, N / 2) of w) and up (the rest) products, by kernels_for(isa).silu_mul.
 void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
                  float* y, bool accumulate, ThreadPool* pool, GemmActivations act,
-                 const LinearScratch* scratch) {
+                 const LinearScratch* scratch, bool silu_mul_fused = false) {
   KUN_CHECK(w.data != nullptr && w.rows > 0 && w.cols > 0) << "empty weight";
   KUN_CHECK_GE(M, 0);
   if (M == 0) return;
@@ -179,6 +183,9 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
                                                                          : kernels_for(isa);
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
+  KUN_CHECK(!silu_mul_fused || (amx && N % (2 * kNarrowPanelCols) == 0 && bias == nullptr && !accumulate))
+      << "the fused silu_mul runs on the AMX GEMM of a gate/up weight with 16k rows per half, not " << N << "x"
+      << K;
   const float* xp = nullptr;
   const bool serial = pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs;
   const int threads = pool != nullptr ? pool->num_threads() : 1;
@@ -218,12 +225,21 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   // r0's offset in xp (AMX rows are whole, even, numbers of bf16), its outputs at row r0 of y.
   const std::int64_t block_rows = amx ? amx_rows_per_block(M, K) : M;
   const std::int64_t packed_row_floats = amx ? detail::amx_packed_row_elems(K) / 2 : 0;
+  // Output columns: N, or the F = N / 2 gate columns of a fused silu_mul.
+  const std::int64_t out_cols = silu_mul_fused ? N / 2 : N;
+  const std::int64_t out_units = (out_cols + kPanelCols - 1) / kPanelCols;
+  const auto silu_mul = silu_mul_fused ? kernels_for(isa).silu_mul : nullptr;
   if (serial) {
     if (panels) {
       float* ps = panel_base != nullptr ? panel_base : panel_scratch(M);
       for (std::int64_t r0 = 0; r0 < M; r0 += block_rows) {
-        k.linear_panels(xp + r0 * packed_row_floats, std::min(block_rows, M - r0), w, 0,
-                        (N + kPanelCols - 1) / kPanelCols, bias, y + r0 * N, accumulate, ps, bf16_act);
+        const float* xb = xp + r0 * packed_row_floats;
+        const std::int64_t rows = std::min(block_rows, M - r0);
+        if (silu_mul_fused) {
+          k.linear_panels_silu_mul(xb, rows, w, 0, out_units, silu_mul, y + r0 * out_cols, ps);
+        } else {
+          k.linear_panels(xb, rows, w, 0, out_units, bias, y + r0 * N, accumulate, ps, bf16_act);
+        }
       }
     } else {
       k.linear_block(x, K, 0, M, w, 0, N, bias, y, N, accumulate);
@@ -231,7 +247,7 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
     return;
   }
   LinearJob job{&k, x, M, &w, bias, y,
-                accumulate, xp, bf16_act, panel_base, panel_stride, threads};
+                accumulate, xp, bf16_act, panel_base, panel_stride, threads, silu_mul};
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
@@ -240,17 +256,20 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
     // panels left the other thread waiting up to that chunk's time at the end of each call. The
     // exception is decode at M <= 2: kDecodePanelsPerClaim panels per claim, so one claim runs as
     // one tile streaming that many panels side by side (kernels/panels_direct.inc).
-    const std::int64_t units = (N + kPanelCols - 1) / kPanelCols;
     const std::int64_t grain = x_bytes <= kSmallActivationBytes && M <= 2 ? kDecodePanelsPerClaim : 1;
     auto body = [jp](std::int64_t b, std::int64_t e) {
+      if (jp->silu_mul != nullptr) {
+        jp->k->linear_panels_silu_mul(jp->xp, jp->M, *jp->w, b, e, jp->silu_mul, jp->y, thread_panel_scratch(*jp));
+        return;
+      }
       jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
                            thread_panel_scratch(*jp), jp->bf16_act);
     };
     for (std::int64_t r0 = 0; r0 < M; r0 += block_rows) {
       job.M = std::min(block_rows, M - r0);
       job.xp = xp + r0 * packed_row_floats;
-      job.y = y + r0 * N;
-      pool->parallel_for_balanced(units, grain, body);
+      job.y = y + r0 * out_cols;
+      pool->parallel_for_balanced(out_units, grain, body);
     }
     return;
   }
@@ -529,7 +548,9 @@ void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight
   });
 }
 
-void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* out, ThreadPool* pool) {
+namespace {
+
+void silu_mul_rows_impl(Isa isa, const float* gate_up, std::int64_t M, std::int64_t F, float* out, ThreadPool* pool) {
   KUN_CHECK(F > 0) << "F " << F;
   if (M <= 0) return;
   struct Job {
@@ -538,7 +559,7 @@ void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* 
     std::int64_t F;
     float* out;
   };
-  const Job job{&kernels_for(active_isa()), gate_up, F, out};
+  const Job job{&kernels_for(isa), gate_up, F, out};
   const Job* j = &job;
   for_rows(pool, M, M * F, [j](std::int64_t m0, std::int64_t m1) {
     for (std::int64_t m = m0; m < m1; ++m) {
@@ -546,6 +567,34 @@ void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* 
       j->k->silu_mul(g, g + j->F, j->F, j->out + m * j->F);
     }
   });
+}
+
+}  // namespace
+
+void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* out, ThreadPool* pool) {
+  silu_mul_rows_impl(active_isa(), gate_up, M, F, out, pool);
+}
+
+bool linear_silu_mul_fuses(const WeightView& gate_up, GemmActivations act) {
+  return act == GemmActivations::kAmx && gate_up.layout == WeightLayout::kNarrowPanelPairs &&
+         gate_up.rows % (2 * kNarrowPanelCols) == 0;
+}
+
+void linear_silu_mul(Isa isa, const float* x, std::int64_t M, const WeightView& gate_up, float* gate_up_out,
+                     float* out, ThreadPool* pool, GemmActivations act, const LinearScratch* scratch) {
+  KUN_CHECK(gate_up.rows % 2 == 0) << "a gate/up weight has an even number of rows, not " << gate_up.rows;
+  if (linear_silu_mul_fuses(gate_up, act)) {
+    linear_impl(isa, x, M, gate_up, nullptr, out, false, pool, act, scratch, true);
+    return;
+  }
+  KUN_CHECK(gate_up_out != nullptr) << "linear_silu_mul without fusion needs the [M][2F] buffer";
+  linear_impl(isa, x, M, gate_up, nullptr, gate_up_out, false, pool, act, scratch);
+  silu_mul_rows_impl(isa, gate_up_out, M, gate_up.rows / 2, out, pool);
+}
+
+void linear_silu_mul(const float* x, std::int64_t M, const WeightView& gate_up, float* gate_up_out, float* out,
+                     ThreadPool* pool, const LinearScratch* scratch) {
+  linear_silu_mul(active_isa(), x, M, gate_up, gate_up_out, out, pool, active_gemm_activations(), scratch);
 }
 
 void silu_mul(Isa isa, const float* gate, const float* up, std::int64_t n, float* out) {

@@ -192,6 +192,14 @@ void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight
               float eps, float* out, ThreadPool* pool);
 // out[m][i] = silu(gate_up[m][i]) * gate_up[m][F + i]: M rows of [gate (F) | up (F)] into [M][F].
 void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* out, ThreadPool* pool);
+// The MLP's first half: out[m][i] = silu(g) * u with g and u what linear(x, gate_up) gives for
+// columns i and F + i (gate_up: [2F][K], gate rows first): the same bits as linear into
+// gate_up_out ([M][2F]) followed by silu_mul_rows. Where linear_silu_mul_fuses (the AMX GEMM, F a
+// multiple of 16) the GEMM's epilogue applies silu_mul, and the [M][2F] products are never
+// written (gate_up_out is not touched and may be null); elsewhere it runs the two steps.
+void linear_silu_mul(const float* x, std::int64_t M, const WeightView& gate_up, float* gate_up_out, float* out,
+                     ThreadPool* pool, const LinearScratch* scratch = nullptr);
+bool linear_silu_mul_fuses(const WeightView& gate_up, GemmActivations act);
 // rope (as above) on the q and k parts of M rows of x (row stride row_stride floats): num_heads
 // heads at column 0 and num_kv_heads heads right after them; each angle's cos and sin are computed
 // once for both parts. The same bits as rope on the q part and then on the k part.
@@ -325,6 +333,8 @@ void linear(Isa isa, const float* x, std::int64_t M, const WeightView& w, const 
 void linear_add(Isa isa, const float* x, std::int64_t M, const WeightView& w, float* y,
                 ThreadPool* pool, GemmActivations act = active_gemm_activations(),
                 const LinearScratch* scratch = nullptr);
+void linear_silu_mul(Isa isa, const float* x, std::int64_t M, const WeightView& gate_up, float* gate_up_out,
+                     float* out, ThreadPool* pool, GemmActivations act, const LinearScratch* scratch = nullptr);
 void rms_norm(Isa isa, const float* x, std::int64_t M, std::int64_t D, const void* weight,
               DType weight_dtype, float eps, float* out);
 void silu_mul(Isa isa, const float* gate, const float* up, std::int64_t n, float* out);

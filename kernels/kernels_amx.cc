@@ -134,24 +134,65 @@ inline void touch_tile_lines(const std::uint16_t* block) {
   __asm__ volatile("" ::"v"(sum));
 }
 
-// The narrow panels of one kPanelCols unit of output columns (up to 4, consecutive in memory:
-// narrow panel g at first + g * 16 * Kp elements; the last one narrower where the matrix ends).
+// Up to 4 narrow panels that one row tile (or a 2 x 2 pass, 2 of them) reads side by side, C tile
+// g accumulating panel g. A plain call's unit is the narrow panels of kPanelCols consecutive output
+// columns (the last narrower, or fewer, where the matrix ends); a fused gate/up unit (silu_mul) is
+// the gate panels of some columns followed by the up panels of the same columns.
 struct Unit {
-  const std::uint16_t* first;
-  I64 panel_elems;  // 16 * Kp: elements per full narrow panel
-  I64 groups;       // narrow panels in the unit
-  I64 width;        // output columns of the unit
-  const std::uint16_t* panel(I64 g) const { return first + g * panel_elems; }
-  I64 panel_width(I64 g) const { return width - 16 * g < 16 ? width - 16 * g : 16; }
+  const std::uint16_t* panels[4] = {};
+  I64 widths[4] = {};
+  I64 groups = 0;  // narrow panels in the unit
+  I64 width = 0;   // columns of all of them
+  const std::uint16_t* panel(I64 g) const { return panels[g]; }
+  I64 panel_width(I64 g) const { return widths[g]; }
+  // Appends the narrow panels of weight rows [n0, n0 + cols), n0 a multiple of 16 (a narrow
+  // panel of rows n0.. starts at element n0 * Kp, the last one as narrow as the rows left).
+  void add_rows(const std::uint16_t* wbase, I64 Kp, I64 n0, I64 cols) {
+    for (I64 c = 0; c < cols; c += kNarrowPanelCols) {
+      panels[groups] = wbase + (n0 + c) * Kp;
+      widths[groups] = cols - c < kNarrowPanelCols ? cols - c : kNarrowPanelCols;
+      width += widths[groups];
+      ++groups;
+    }
+  }
+  bool full_panels() const {
+    for (I64 g = 0; g < groups; ++g) {
+      if (widths[g] != kNarrowPanelCols) return false;
+    }
+    return true;
+  }
+};
+
+using SiluMul = void (*)(const float* gate, const float* up, I64 n, float* out);
+
+// Where the outputs of a call go. Plain (silu_mul null): y[m][c] = the product (+ bias[c]), or
+// added to y. Fused: the unit's first half of columns are gate, the second up, and y[m][c] =
+// silu_mul(gate, up) by the ISA's own silu_mul function (so the bits of linear followed by
+// silu_mul_rows).
+struct Sink {
+  const float* bias = nullptr;
+  float* y = nullptr;
+  I64 ldy = 0;
+  bool accumulate = false;
+  SiluMul silu_mul = nullptr;
+  // The first `rows` rows of a stash (16 x 64 f32 a row tile) holding a unit's `cols` columns
+  // (up from column up_col when fused), into the outputs from y_rows on (bias from bias_cols).
+  void write(const float* stash, I64 rows, I64 cols, I64 up_col, float* y_rows, const float* bias_cols) const {
+    if (silu_mul == nullptr) {
+      epilogue(stash, rows, cols, bias_cols, y_rows, ldy, accumulate);
+      return;
+    }
+    for (I64 i = 0; i < rows; ++i) silu_mul(stash + i * 64, stash + i * 64 + up_col, cols / 2, y_rows + i * ldy);
+  }
 };
 
 // One row tile (M <= 16) against a unit: C tile g accumulates narrow panel g, so per k block the
 // call reads 4 separate 1 KiB runs, 4 streams for the prefetchers (the kPanelPairs layout gave
 // them one: 0.74 of the read probe at batch 1).
 void unit_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit& u, I64 pairs,
-                       I64 blocks, const float* bias, float* y, I64 ldy, bool accumulate, float* stash,
+                       I64 blocks, const Sink& sink, float* y, const float* bias, float* stash,
                        std::uint16_t* tail) {
-  const bool full = u.groups == 4 && u.width == kPanelCols && pairs % kBlockPairs == 0;
+  const bool full = u.groups == 4 && u.full_panels() && pairs % kBlockPairs == 0;
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -198,29 +239,37 @@ void unit_one_row_tile(const std::uint16_t* xp, I64 row_elems, I64 rows, const U
   _tile_stored(1, stash + 16, 256);
   _tile_stored(2, stash + 32, 256);
   _tile_stored(3, stash + 48, 256);
-  epilogue(stash, rows, u.width, bias, y, ldy, accumulate);
+  sink.write(stash, rows, u.width, 16 * (u.groups / 2), y, bias);
 }
 
-// The k loop of unit_block_2x2 into C tiles 0..3. kFromMemory: the pass whose B tiles come from
-// DRAM reads each tile's lines with vector loads first and runs each product right after the
-// loads it needs (A0, B0, dp, B1, dp, A1, dp, dp), so the first TDPBF16PS waits for one A and one
-// B tile rather than all four; later passes, whose B is in L2, load all four first. Either way
-// every C tile gets the same products in the same order, so the same bits. llama-350m
-// model_bench, 6 alternated pairs: prefill 1.02-1.11x (median 1.06x), batch-32 decode median
-// 1.02x (0.93-1.07x); the interleaved order in every row pass made prefill 1.07x slower, and
-// choosing the order at run time inside the loop cost about 2 % of prefill. (The tail buffer of
-// b_source is rewritten per panel, so each tile load precedes the next copy.)
-// The weights right after the panels of the current passes (the next panel pair in memory: the
-// unit's next pair, or the next unit's first), fetched into L2 a few lines per k block by the
-// passes that read their own panels from L2, so that the next pair's first pass finds its B tiles
-// in L2 rather than memory. In a stand-alone loop of a 512-row gate/up projection with the
-// weights out of cache: 1.10x (kernels/README.md, "Row blocks").
+// Weights to fetch into L2 ahead of their pass: the panels right after those of the current
+// passes (plain: the next pair in memory, the unit's next or the next unit's first; fused: the
+// next gate panel and the next up panel), a few lines per k block by the passes that read their
+// own panels from L2, so the next pass pair's first pass finds its B tiles in L2 rather than
+// memory. In a stand-alone loop of a 512-row gate/up projection with the weights out of cache:
+// 1.10x (kernels/README.md, "Row blocks and the next panels").
 struct NextPanels {
-  const char* next = nullptr;
-  const char* end = nullptr;
+  const char* next[2] = {};
+  const char* end[2] = {};
   I64 lines_per_block = 0;
+  // Sets range r to `elems` elements from `from`, cut at `limit`.
+  void set(int r, const std::uint16_t* from, I64 elems, const std::uint16_t* limit) {
+    const std::uint16_t* to = from + elems < limit ? from + elems : limit;
+    next[r] = reinterpret_cast<const char*>(from);
+    end[r] = from < to ? reinterpret_cast<const char*>(to) : next[r];
+  }
+  // Spreads the ranges over `passes` passes of `blocks` k blocks.
+  void spread(I64 passes, I64 blocks) {
+    const I64 lines = (end[0] - next[0] + end[1] - next[1] + 63) / 64;
+    lines_per_block = passes > 0 ? (lines + passes * blocks - 1) / (passes * blocks) : 0;
+  }
   void fetch() {
-    for (I64 l = 0; l < lines_per_block && next < end; ++l, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+    for (I64 l = 0; l < lines_per_block; ++l) {
+      const int r = next[0] < end[0] ? 0 : 1;
+      if (next[r] >= end[r]) return;
+      _mm_prefetch(next[r], _MM_HINT_T1);
+      next[r] += 64;
+    }
   }
 };
 
@@ -239,12 +288,21 @@ struct NextOutputs {
   }
 };
 
+// The k loop of unit_block_2x2 into C tiles 0..3. kFromMemory: the pass whose B tiles come from
+// DRAM reads each tile's lines with vector loads first and runs each product right after the
+// loads it needs (A0, B0, dp, B1, dp, A1, dp, dp), so the first TDPBF16PS waits for one A and one
+// B tile rather than all four; later passes, whose B is in L2, load all four first. Either way
+// every C tile gets the same products in the same order, so the same bits. llama-350m
+// model_bench, 6 alternated pairs: prefill 1.02-1.11x (median 1.06x), batch-32 decode median
+// 1.02x (0.93-1.07x); the interleaved order in every row pass made prefill 1.07x slower, and
+// choosing the order at run time inside the loop cost about 2 % of prefill. (The tail buffer of
+// b_source is rewritten per panel, so each tile load precedes the next copy.)
 template <bool kFromMemory>
 void block_2x2_products(const std::uint16_t* xp, const std::uint16_t* a1, I64 a_stride, const Unit& u, I64 pairs,
-                        I64 blocks, I64 g, bool direct, bool two_rows, bool two_groups, std::uint16_t* tail,
+                        I64 blocks, bool direct, bool two_rows, bool two_groups, std::uint16_t* tail,
                         NextPanels* ahead, NextOutputs* outputs) {
-  const std::uint16_t* p0 = u.panel(g);
-  const std::uint16_t* p1 = u.panel(two_groups ? g + 1 : g);
+  const std::uint16_t* p0 = u.panel(0);
+  const std::uint16_t* p1 = u.panel(two_groups ? 1 : 0);
   for (I64 kb = 0; kb < blocks; ++kb) {
     const I64 off = kb * kBlockPairs * 32;
     if constexpr (!kFromMemory) ahead->fetch();
@@ -255,10 +313,10 @@ void block_2x2_products(const std::uint16_t* xp, const std::uint16_t* a1, I64 a_
     }
     _tile_loadd(4, xp + kb * 32, a_stride);
     if (!kFromMemory && two_rows) _tile_loadd(5, a1 + kb * 32, a_stride);
-    _tile_loadd(6, direct ? p0 + off : b_source(p0, u.panel_width(g), pairs, kb, tail), 64);
+    _tile_loadd(6, direct ? p0 + off : b_source(p0, u.panel_width(0), pairs, kb, tail), 64);
     if constexpr (kFromMemory) _tile_dpbf16ps(0, 4, 6);
     if (two_groups) {
-      _tile_loadd(7, direct ? p1 + off : b_source(p1, u.panel_width(g + 1), pairs, kb, tail), 64);
+      _tile_loadd(7, direct ? p1 + off : b_source(p1, u.panel_width(1), pairs, kb, tail), 64);
       if constexpr (kFromMemory) _tile_dpbf16ps(1, 4, 7);
     }
     if constexpr (kFromMemory) {
@@ -274,44 +332,43 @@ void block_2x2_products(const std::uint16_t* xp, const std::uint16_t* a1, I64 a_
   }
 }
 
-// Up to two row tiles x two narrow panels (32 x 32 outputs: panels g and g + 1 of the unit) over
-// every k block; fewer rows or a single last panel run one of each. Each panel is one stream,
-// read once per call of up to 32 rows. from_memory: the first pass over the panels, whose B
-// tiles come from DRAM (touch_tile_lines: M = 32 decode GEMMs 1.06-1.10x); later row passes
-// find them in L2 (touching them there made prefill slower).
+// Up to two row tiles x a unit of up to two narrow panels (32 x 32 outputs) over every k block;
+// fewer rows or a single panel run one of each. Each panel is one stream, read once per call of
+// up to 32 rows. from_memory: the first pass over the panels, whose B tiles come from DRAM
+// (touch_tile_lines: M = 32 decode GEMMs 1.06-1.10x); later row passes find them in L2
+// (touching them there made prefill slower).
 void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit& u, I64 pairs,
-                    I64 blocks, I64 g, const float* bias, float* y, I64 ldy, bool accumulate,
-                    float* stash, std::uint16_t* tail, bool from_memory, NextPanels* ahead,
-                    NextOutputs* outputs) {
+                    I64 blocks, const Sink& sink, float* y, const float* bias, float* stash,
+                    std::uint16_t* tail, bool from_memory, NextPanels* ahead, NextOutputs* outputs) {
   const I64 a_stride = row_elems * 2;
   const bool two_rows = rows > kTileRows;
-  const bool two_groups = g + 1 < u.groups;
-  const bool direct = pairs % kBlockPairs == 0 && u.width - 16 * g >= 32;
+  const bool two_groups = u.groups > 1;
+  const bool direct = pairs % kBlockPairs == 0 && u.full_panels();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   const std::uint16_t* a1 = xp + kTileRows * row_elems;
   if (from_memory) {
-    block_2x2_products<true>(xp, a1, a_stride, u, pairs, blocks, g, direct, two_rows, two_groups, tail, ahead, outputs);
+    block_2x2_products<true>(xp, a1, a_stride, u, pairs, blocks, direct, two_rows, two_groups, tail, ahead, outputs);
   } else {
-    block_2x2_products<false>(xp, a1, a_stride, u, pairs, blocks, g, direct, two_rows, two_groups, tail, ahead, outputs);
+    block_2x2_products<false>(xp, a1, a_stride, u, pairs, blocks, direct, two_rows, two_groups, tail, ahead, outputs);
   }
-  const I64 cols = u.width - 16 * g < 32 ? u.width - 16 * g : 32;
   _tile_stored(0, stash, 256);
   if (two_groups) _tile_stored(1, stash + 16, 256);
-  epilogue(stash, rows < kTileRows ? rows : kTileRows, cols, bias, y, ldy, accumulate);
+  sink.write(stash, rows < kTileRows ? rows : kTileRows, u.width, 16, y, bias);
   if (two_rows) {
     _tile_stored(2, stash, 256);
     if (two_groups) _tile_stored(3, stash + 16, 256);
-    epilogue(stash, rows - kTileRows, cols, bias, y + kTileRows * ldy, ldy, accumulate);
+    sink.write(stash, rows - kTileRows, u.width, 16, y + kTileRows * sink.ldy, bias);
   }
 }
 
-// Units [p0, p1) of kPanelCols output columns of a kNarrowPanelPairs weight.
-void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64 p1,
-                       const float* bias, float* y, bool accumulate, float* scratch,
-                       bool /*bf16_act*/) {
+// Rows [0, M) of the packed activations against units [p0, p1) of kPanelCols output columns
+// (fused: of gate columns, the weight's first rows.size / 2 rows, the up columns the rest) of a
+// kNarrowPanelPairs weight, into the sink.
+void panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64 p1, const Sink& sink,
+                float* scratch) {
   const auto* xp = reinterpret_cast<const std::uint16_t*>(xpf);
   const I64 N = w.rows;
   const I64 K = w.cols;
@@ -319,58 +376,99 @@ void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64
   const I64 pairs = Kp / 2;
   const I64 blocks = (pairs + kBlockPairs - 1) / kBlockPairs;
   const I64 row_elems = packed_row_elems(K);
+  const bool fused = sink.silu_mul != nullptr;
+  // Output columns: N, or the F gate columns of a fused call (up: rows F .. 2F of the weight).
+  const I64 F = fused ? N / 2 : N;
   // Scratch (linear_panels_scratch_floats(M) >= 128 x 64 floats): a 32 x 64 f32 stash and a B
   // tail tile (16 x 32 bf16).
   float* stash = scratch;
   auto* tail = reinterpret_cast<std::uint16_t*>(scratch + 2 * kTileRows * 64);
   const auto* wbase = static_cast<const std::uint16_t*>(w.data);
   const std::uint16_t* wend = wbase + N * Kp;
+  const I64 panel_elems = kNarrowPanelCols * Kp;
   // Calls of fewer than 16 rows configure A and C with just their rows (a row's value does not
   // depend on it; TDPBF16PS does less work): 0.86-0.875 of the read probe at M = 1 against
   // 0.83-0.85 with 16.
   configure_gemm_tiles(M < kTileRows ? static_cast<int>(M) : static_cast<int>(kTileRows));
+  const I64 passes = (M + 2 * kTileRows - 1) / (2 * kTileRows);
   for (I64 p = p0; p < p1; ++p) {
     const I64 n0 = p * kPanelCols;
-    Unit u;
-    u.first = wbase + n0 * Kp;
-    u.panel_elems = kNarrowPanelCols * Kp;
-    u.width = N - n0 < kPanelCols ? N - n0 : kPanelCols;
-    u.groups = (u.width + kNarrowPanelCols - 1) / kNarrowPanelCols;
-    const float* pb = bias != nullptr ? bias + n0 : nullptr;
+    const I64 width = F - n0 < kPanelCols ? F - n0 : kPanelCols;
     if (M <= kTileRows) {
-      unit_one_row_tile(xp, row_elems, M, u, pairs, blocks, pb, y + n0, N, accumulate, stash, tail);
+      if (!fused) {
+        Unit u;
+        u.add_rows(wbase, Kp, n0, width);
+        unit_one_row_tile(xp, row_elems, M, u, pairs, blocks, sink, sink.y + n0,
+                          sink.bias != nullptr ? sink.bias + n0 : nullptr, stash, tail);
+        continue;
+      }
+      // Fused: 32 gate columns and their 32 up columns at a time (4 streams, as plain).
+      for (I64 c0 = n0; c0 < n0 + width; c0 += 2 * kNarrowPanelCols) {
+        const I64 cols = n0 + width - c0 < 2 * kNarrowPanelCols ? n0 + width - c0 : 2 * kNarrowPanelCols;
+        Unit u;
+        u.add_rows(wbase, Kp, c0, cols);
+        u.add_rows(wbase, Kp, F + c0, cols);
+        unit_one_row_tile(xp, row_elems, M, u, pairs, blocks, sink, sink.y + c0, nullptr, stash, tail);
+      }
       continue;
     }
-    const I64 passes = (M + 2 * kTileRows - 1) / (2 * kTileRows);
-    for (I64 g = 0; g < u.groups; g += 2) {
-      // The next pair's bytes, spread over this pair's passes after the first.
+    // Passes of 2 row tiles over a unit of 2 narrow panels: consecutive ones (plain), or a gate
+    // panel and its up panel (fused).
+    const I64 step = fused ? kNarrowPanelCols : 2 * kNarrowPanelCols;
+    for (I64 c0 = n0; c0 < n0 + width; c0 += step) {
+      const I64 cols = n0 + width - c0 < step ? n0 + width - c0 : step;
+      Unit u;
+      u.add_rows(wbase, Kp, c0, cols);
+      if (fused) u.add_rows(wbase, Kp, F + c0, cols);
       NextPanels ahead;
-      if (passes > 1) {
-        const std::uint16_t* next = u.panel(g + 2 < u.groups ? g + 2 : u.groups);
-        const std::uint16_t* end = next + 2 * u.panel_elems < wend ? next + 2 * u.panel_elems : wend;
-        ahead.next = reinterpret_cast<const char*>(next);
-        ahead.end = reinterpret_cast<const char*>(end);
-        const I64 lines = (ahead.end - ahead.next + 63) / 64;
-        ahead.lines_per_block = (lines + (passes - 1) * blocks - 1) / ((passes - 1) * blocks);
+      if (fused) {
+        ahead.set(0, wbase + (c0 + kNarrowPanelCols) * Kp, panel_elems, wbase + F * Kp);
+        ahead.set(1, wbase + (F + c0 + kNarrowPanelCols) * Kp, panel_elems, wend);
+      } else {
+        ahead.set(0, wbase + (c0 + step) * Kp, 2 * panel_elems, wend);
       }
-      const I64 cols = u.width - 16 * g < 32 ? u.width - 16 * g : 32;
+      ahead.spread(passes - 1, blocks);
+      const float* bias = sink.bias != nullptr ? sink.bias + c0 : nullptr;
       for (I64 m0 = 0; m0 < M; m0 += 2 * kTileRows) {
         const I64 rows = M - m0 < 2 * kTileRows ? M - m0 : 2 * kTileRows;
+        float* y = sink.y + m0 * sink.ldy + c0;
         NextOutputs outputs;
         if (m0 + rows < M) {
-          outputs.row = y + (m0 + rows) * N + n0 + 16 * g;
-          outputs.ldy = N;
+          outputs.row = y + rows * sink.ldy;
+          outputs.ldy = sink.ldy;
           outputs.rows = M - m0 - rows < 2 * kTileRows ? M - m0 - rows : 2 * kTileRows;
           outputs.rows_per_block = (outputs.rows + blocks - 1) / blocks;
           outputs.cols = cols;
         }
-        unit_block_2x2(xp + m0 * row_elems, row_elems, rows, u, pairs, blocks, g,
-                       pb != nullptr ? pb + 16 * g : nullptr, y + m0 * N + n0 + 16 * g, N,
-                       accumulate, stash, tail, m0 == 0, &ahead, &outputs);
+        unit_block_2x2(xp + m0 * row_elems, row_elems, rows, u, pairs, blocks, sink, y, bias, stash, tail,
+                       m0 == 0, &ahead, &outputs);
       }
     }
   }
   _tile_release();
+}
+
+// Units [p0, p1) of kPanelCols output columns of a kNarrowPanelPairs weight (IsaKernels::linear_panels).
+void linear_panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64 p1,
+                       const float* bias, float* y, bool accumulate, float* scratch,
+                       bool /*bf16_act*/) {
+  Sink sink;
+  sink.bias = bias;
+  sink.y = y;
+  sink.ldy = w.rows;
+  sink.accumulate = accumulate;
+  panels_amx(xpf, M, w, p0, p1, sink, scratch);
+}
+
+// silu_mul of the gate and up products (the weight's rows [0, F) and [F, 2F), F a multiple of 16)
+// for units [p0, p1) of kPanelCols gate columns, into out ([M][F]).
+void linear_panels_silu_mul_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64 p1,
+                                SiluMul silu_mul, float* out, float* scratch) {
+  Sink sink;
+  sink.y = out;
+  sink.ldy = w.rows / 2;
+  sink.silu_mul = silu_mul;
+  panels_amx(xpf, M, w, p0, p1, sink, scratch);
 }
 
 // Peak probe: 4 independent accumulator tiles, A and B reloaded never (register-resident).
@@ -403,7 +501,7 @@ double amx_dot_chains_impl(I64 iters, float seed, float* sink) {
 
 }  // namespace
 
-AmxGemm amx_gemm() { return AmxGemm{linear_panels_amx, pack_rows_amx}; }
+AmxGemm amx_gemm() { return AmxGemm{linear_panels_amx, pack_rows_amx, linear_panels_silu_mul_amx}; }
 
 double amx_dot_chains(std::int64_t iters, float seed, float* sink) {
   return amx_dot_chains_impl(iters, seed, sink);

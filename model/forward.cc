@@ -417,11 +417,10 @@ void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* a
   check_tokens(num_tokens, "attention output and MLP");
   KUN_CHECK(!limits_.attention_only) << "attention output and MLP" << " on a forward pass sized for attention only";
   const std::int64_t H = c.hidden_size;
-  const std::int64_t F = c.intermediate_size;
   kernels::linear_add(attn_out, num_tokens, w.o, hidden, pool_, &gemm_scratch_);  // residual add fused
   kernels::rms_norm(hidden, num_tokens, H, w.post_norm, w.dtype, c.rms_norm_eps, normed_.data(), pool_);
-  kernels::linear(normed_.data(), num_tokens, w.gate_up, nullptr, gate_up_.data(), pool_, &gemm_scratch_);
-  kernels::silu_mul_rows(gate_up_.data(), num_tokens, F, act_.data(), pool_);
+  // silu(gate) * up; on the AMX GEMM in the product's epilogue (gate_up_ unused there).
+  kernels::linear_silu_mul(normed_.data(), num_tokens, w.gate_up, gate_up_.data(), act_.data(), pool_, &gemm_scratch_);
   kernels::linear_add(act_.data(), num_tokens, w.down, hidden, pool_, &gemm_scratch_);  // residual add fused
 }
 

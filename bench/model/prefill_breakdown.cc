@@ -5,12 +5,12 @@
 // of the peak needs to know what holds it below). R repetitions (median reported), each:
 //  * the FMA peak probed on the pool right before (best of 5, every thread: model_bench's probe);
 //  * full prefill: embed + every layer (norms, qkv, RoPE, KV append, attention, o + residual,
-//    norm, gate_up, silu, down + residual) + the last position's logits, as the engine runs it;
+//    norm, gate_up + silu_mul, down + residual) + the last position's logits, as the engine runs it;
 //  * linear only: the same linear / linear_add calls back to back (M = N, then the LM head for
 //    one row), each kind also timed on its own;
 //  * attention only: attend_local of every layer over the chunk (KV append + causal attention);
-//  * elementwise only: the rms_norms, RoPE and silu_mul calls of every layer (row-parallel, as
-//    the forward pass calls them);
+//  * elementwise only: the rms_norms and RoPE calls of every layer (row-parallel, as the forward
+//    pass calls them; silu_mul is timed with gate_up, in whose epilogue the AMX GEMM applies it);
 //  * rest: full minus the three (the thread hand-offs, q gather, embedding, logits' norm).
 // "x peak" is (the part's flops / peak) / the part's wall time, so the parts' shares of the full
 // prefill's time tell which part the peak ratio of the whole loses most to. "cpu busy" is the
@@ -118,13 +118,16 @@ int main(int argc, char** argv) {
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>(static_cast<int>(i * 2654435761u % 200) - 100) / 100.0f;
   std::vector<float> y(static_cast<std::size_t>(N * std::max({2 * F, qkv_cols, c.vocab_size})));
   std::vector<float> attn_out(static_cast<std::size_t>(N * c.q_dim()));
+  std::vector<float> act(static_cast<std::size_t>(N * F));
   std::vector<float> normed(static_cast<std::size_t>(N * H));
   std::vector<std::int64_t> positions(static_cast<std::size_t>(N));
   for (std::int64_t t = 0; t < N; ++t) positions[t] = t;
   const std::vector<float> inv_freq = c.rope_inv_freq();
 
   enum { kQkv, kO, kGateUp, kDown, kHead, kKinds };
-  const char* names[kKinds] = {"qkv", "o (+ residual)", "gate_up", "down (+ residual)", "lm_head (1 row)"};
+  // gate_up runs as the engine runs it: linear_silu_mul (silu_mul in the GEMM's epilogue where it
+  // fuses, a pass after it elsewhere), so silu_mul is timed with it.
+  const char* names[kKinds] = {"qkv", "o (+ residual)", "gate_up (+ silu_mul)", "down (+ residual)", "lm_head (1 row)"};
   double kind_flops[kKinds] = {};
   for (const model::LayerWeights& w : lw) {
     kind_flops[kQkv] += 2.0 * static_cast<double>(N * w.qkv.rows * w.qkv.cols);
@@ -169,7 +172,9 @@ int main(int argc, char** argv) {
     timed(&parts[kFull], full_prefill);
     auto linear_call = [&](int kind, const kernels::WeightView& w, std::int64_t m, bool add, double* each) {
       const double t0 = each != nullptr ? now_s() : 0.0;
-      if (add) {
+      if (kind == kGateUp) {
+        kernels::linear_silu_mul(x.data(), m, w, y.data(), act.data(), &pool);
+      } else if (add) {
         kernels::linear_add(x.data(), m, w, y.data(), &pool);
       } else {
         kernels::linear(x.data(), m, w, nullptr, y.data(), &pool);
@@ -203,7 +208,6 @@ int main(int argc, char** argv) {
         kernels::rope_qk(y.data(), N, qkv_cols, c.num_heads, c.num_kv_heads, c.head_dim, positions.data(), inv_freq.data(),
                          &pool);
         kernels::rms_norm(hidden.data(), N, H, w.post_norm, w.dtype, c.rms_norm_eps, normed.data(), &pool);
-        kernels::silu_mul_rows(x.data(), N, F, y.data(), &pool);
       }
     });
   }
@@ -231,7 +235,7 @@ int main(int argc, char** argv) {
     row((std::string("  ") + names[k]).c_str(), median(kind_s[k]), kind_flops[k], 0, 0);
   }
   row("attention only (+ KV append)", median(parts[kAttn].s), attn_flops, median(parts[kAttn].cpu), median(parts[kAttn].cpu_s));
-  row("norms, rope, silu_mul", median(parts[kElem].s), 0, median(parts[kElem].cpu), 0);
+  row("norms, rope", median(parts[kElem].s), 0, median(parts[kElem].cpu), 0);
   std::vector<double> rest;
   for (int r = 0; r < reps; ++r) {
     rest.push_back(parts[kFull].s[r] - parts[kLinear].s[r] - parts[kAttn].s[r] - parts[kElem].s[r]);

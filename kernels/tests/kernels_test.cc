@@ -699,6 +699,54 @@ TEST(PanelPairsAmx, BatchInvariantAcrossBatchSizeNeighboursAndThreads) {
   }
 }
 
+// linear_silu_mul: on the AMX GEMM the epilogue applies silu_mul (the [M][2F] products are never
+// written); the result must be the bits of linear followed by silu_mul_rows, for every M (one row
+// tile, 2 x 2 passes, row blocks), F (whole units, a narrow last unit, one gate panel), K (a
+// partial k block, odd) and thread count. Elsewhere (f32 activations) it runs the two steps.
+TEST(PanelPairsAmx, LinearSiluMulIsLinearThenSiluMul) {
+  if (!amx_runs()) GTEST_SKIP() << "no AMX-BF16 here";
+  struct Shape {
+    std::int64_t F, K;
+  };
+  ThreadPool p2(2), p3(3);
+  std::uint32_t seed = 900;
+  for (const Shape sh : {Shape{16, 64}, Shape{48, 301}, Shape{80, 300}, Shape{2 * kPanelCols, 1024}, Shape{96, 4000}}) {
+    const PackedWeight w = make_packed_amx(2 * sh.F, sh.K, ++seed);
+    ASSERT_TRUE(linear_silu_mul_fuses(w.view, GemmActivations::kAmx));
+    for (const std::int64_t M : {1, 2, 15, 16, 17, 32, 33, 100, 500}) {
+      if (sh.K == 4000 && M < 100) continue;
+      const std::vector<float> x = random_floats(M * sh.K, ++seed, -4.0f, 4.0f);
+      for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+        SCOPED_TRACE("F=" + std::to_string(sh.F) + " K=" + std::to_string(sh.K) + " M=" + std::to_string(M) +
+                     " threads " + std::to_string(pool ? pool->num_threads() : 1));
+        std::vector<float> gate_up(static_cast<std::size_t>(M * 2 * sh.F));
+        std::vector<float> expected(static_cast<std::size_t>(M * sh.F));
+        linear(Isa::kAvx512Bf16, x.data(), M, w.view, nullptr, gate_up.data(), pool, GemmActivations::kAmx);
+        for (std::int64_t m = 0; m < M; ++m) {
+          silu_mul(Isa::kAvx512Bf16, gate_up.data() + m * 2 * sh.F, gate_up.data() + m * 2 * sh.F + sh.F, sh.F,
+                   expected.data() + m * sh.F);
+        }
+        // NaN-filled: every output must be written, and the product buffer left alone.
+        std::vector<float> out(expected.size(), std::numeric_limits<float>::quiet_NaN());
+        std::vector<float> untouched(gate_up.size(), 7.0f);
+        linear_silu_mul(Isa::kAvx512Bf16, x.data(), M, w.view, untouched.data(), out.data(), pool,
+                        GemmActivations::kAmx);
+        ASSERT_EQ(0, std::memcmp(out.data(), expected.data(), out.size() * sizeof(float)));
+        ASSERT_TRUE(std::all_of(untouched.begin(), untouched.end(), [](float v) { return v == 7.0f; }));
+      }
+    }
+  }
+  // A half that is not whole narrow panels does not fuse, and runs the two steps.
+  const PackedWeight odd = make_packed_amx(2 * 40, 64, 5);
+  EXPECT_FALSE(linear_silu_mul_fuses(odd.view, GemmActivations::kAmx));
+  const std::vector<float> x = random_floats(3 * 64, 6);
+  std::vector<float> gate_up(3 * 80), expected(3 * 40), out(3 * 40);
+  linear(Isa::kAvx512Bf16, x.data(), 3, odd.view, nullptr, gate_up.data(), nullptr, GemmActivations::kAmx);
+  for (int m = 0; m < 3; ++m) silu_mul(Isa::kAvx512Bf16, &gate_up[m * 80], &gate_up[m * 80 + 40], 40, &expected[m * 40]);
+  linear_silu_mul(Isa::kAvx512Bf16, x.data(), 3, odd.view, gate_up.data(), out.data(), nullptr, GemmActivations::kAmx);
+  EXPECT_EQ(0, std::memcmp(out.data(), expected.data(), out.size() * sizeof(float)));
+}
+
 // Each GEMM reads one panel layout (gemm_weight_layout); a weight in the other one is a loud
 // error, not a silently wrong product.
 TEST(PanelPairsDeathTest, LayoutMustMatchTheActivations) {
