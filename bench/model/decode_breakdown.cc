@@ -10,10 +10,10 @@
 //    run_layers over every layer + logits for one token at position C (local paged attention
 //    over C cached tokens, every sequence of a layer in one batch as the device agent runs it;
 //    --per-sequence-attention: one attend_local call per sequence, as before the batch);
-//  * linear only: the same sequence of linear() calls (qkv, o, gate_up, down per layer, lm head)
-//    back to back on the same pool, nothing else;
+//  * linear only: the same sequence of GEMM calls (qkv, o, gate_up + silu_mul, down per layer, lm
+//    head) back to back on the same pool, nothing else;
 //  * each linear kind summed over the layers, each call timed on its own.
-// "rest" (full step minus linear only) is the norms, rope, attention, silu, residual adds and the
+// "rest" (full step minus linear only) is the norms, rope, attention, residual adds and the
 // thread hand-offs between them. Figures are medians over the repetitions (the mean of the full
 // steps too: model_bench reports means, which occasional multi-millisecond stalls of a shared
 // host inflate). --memfd puts the weights in a shared memfd mapping as the device arena does.
@@ -129,8 +129,10 @@ int main(int argc, char** argv) {
 
   std::vector<float> x(static_cast<std::size_t>(batch * std::max(c.intermediate_size, c.q_dim()) * 2), 0.01f);
   std::vector<float> y(static_cast<std::size_t>(batch * std::max<std::int64_t>(c.vocab_size, 2 * c.intermediate_size)));
+  std::vector<float> act(static_cast<std::size_t>(batch * c.intermediate_size));
   enum { kQkv, kO, kGateUp, kDown, kHead, kKinds };
-  const char* names[kKinds] = {"qkv", "o", "gate_up", "down", "lm_head"};
+  // gate_up as the forward pass runs it: linear_silu_mul (silu_mul in the AMX GEMM's epilogue).
+  const char* names[kKinds] = {"qkv", "o", "gate_up+silu", "down", "lm_head"};
   std::int64_t kind_bytes[kKinds] = {};
   for (const model::LayerWeights& w : lw) {
     kind_bytes[kQkv] += w.qkv.rows * w.qkv.cols * db;
@@ -173,7 +175,11 @@ int main(int argc, char** argv) {
     for (int each = 0; each < 2; ++each) {
       auto call = [&](int kind, const kernels::WeightView& w) {
         const double c0 = each ? now_us() : 0.0;
-        kernels::linear(x.data(), batch, w, nullptr, y.data(), &pool);
+        if (kind == kGateUp) {
+          kernels::linear_silu_mul(x.data(), batch, w, y.data(), act.data(), &pool);
+        } else {
+          kernels::linear(x.data(), batch, w, nullptr, y.data(), &pool);
+        }
         if (each) {
           const double d = now_us() - c0;
           kus[kind] += d;
