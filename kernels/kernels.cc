@@ -44,7 +44,7 @@ std::int64_t amx_row_block_budget_bytes() {
 // rows, so rows past the L2 come from L3 once per panel pair; in blocks that fit, the block's
 // rows stay in L2 and only the weights are read again, once per block (from L3 or memory). Down
 // projection of a 512-token llama-350m prefill (K = 2816, 2.9 MB of packed rows): 2 blocks of
-// 256 rows, 1.4x in a stand-alone loop (kernels/README.md, "Row blocks"). Blocks are whole passes
+// 256 rows, 1.4x in a stand-alone loop (kernels/README.md, "Row blocks and the next panels"). Blocks are whole passes
 // of 2 row tiles, so a row's tiles and its products do not change.
 std::int64_t amx_rows_per_block(std::int64_t M, std::int64_t K) {
   const std::int64_t pass_rows = 2 * detail::kAmxTileRows;
