@@ -11,9 +11,10 @@
 // ways in the same run: the whole chunk in one call (tiles of tokens share a pass over the keys)
 // and one call per token (each token's own pass, as a decode step does; the same bits); each as
 // a fraction of the one-thread FMA peak (thread CPU time) probed before and after (flops: 4 x
-// heads x head_dim per attended position), and their ratio. Median of 5.
+// heads x head_dim per attended position), and their ratio. Median of 5. --amx 1: with the AMX
+// arithmetic (what a bf16 model's prefill runs where the CPU has AMX) instead of f32.
 //
-// usage: attention_bench [--context N] [--layers L] [--threads T] [--iters I] [--prefill N]
+// usage: attention_bench [--context N] [--layers L] [--threads T] [--iters I] [--prefill N] [--amx 0|1]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -64,7 +65,7 @@ double median3(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-int prefill_bench(std::int64_t tokens) {
+int prefill_bench(std::int64_t tokens, kernels::AttentionArithmetic arithmetic) {
   constexpr std::int64_t kHeads = 16, kKvHeads = 8, kHd = 64, kBs = 16;
   const Cache c = make_cache(tokens, kKvHeads, kHd, kBs, DType::kBF16, 7);
   const kernels::PagedKvCache kv{c.keys.data(), c.values.data(), DType::kBF16, kBs, tokens, kKvHeads, kHd};
@@ -73,7 +74,8 @@ int prefill_bench(std::int64_t tokens) {
   std::vector<float> out(q.size()), out_each(q.size());
   std::vector<std::int64_t> pos(static_cast<std::size_t>(tokens));
   for (std::int64_t t = 0; t < tokens; ++t) pos[static_cast<std::size_t>(t)] = t;
-  std::vector<float> scratch(static_cast<std::size_t>(kernels::paged_kv_cache_scratch_floats(nullptr, tokens, kHeads, kKvHeads)));
+  std::vector<float> scratch(
+      static_cast<std::size_t>(kernels::paged_kv_cache_scratch_floats(nullptr, tokens, kHeads, kKvHeads, arithmetic)));
   const float scale = 1.0f / std::sqrt(static_cast<float>(kHd));
   const double flops = 4.0 * kHeads * kHd * static_cast<double>(tokens) * static_cast<double>(tokens + 1) / 2.0;
   const double peak_before = kernels::measure_peak_fma_flops_per_s(kernels::active_isa(), nullptr,
@@ -82,12 +84,13 @@ int prefill_bench(std::int64_t tokens) {
   const std::int64_t row = kHeads * kHd;
   for (int rep = 0; rep < 5; ++rep) {
     double t0 = kernels::thread_cpu_seconds();
-    kernels::paged_attention(q.data(), tokens, kHeads, pos.data(), kv, scale, out.data(), scratch.data(), nullptr);
+    kernels::paged_attention(q.data(), tokens, kHeads, pos.data(), kv, scale, out.data(), scratch.data(), nullptr,
+                             arithmetic);
     chunk_s.push_back(kernels::thread_cpu_seconds() - t0);
     t0 = kernels::thread_cpu_seconds();
     for (std::int64_t t = 0; t < tokens; ++t) {
       kernels::paged_attention(q.data() + t * row, 1, kHeads, &pos[static_cast<std::size_t>(t)], kv, scale,
-                               out_each.data() + t * row, scratch.data(), nullptr);
+                               out_each.data() + t * row, scratch.data(), nullptr, arithmetic);
     }
     each_s.push_back(kernels::thread_cpu_seconds() - t0);
   }
@@ -99,10 +102,10 @@ int prefill_bench(std::int64_t tokens) {
     return 1;
   }
   const double chunk = median3(chunk_s), each = median3(each_s);
-  std::printf("prefill attention, %lld tokens (16 q heads, 8 kv heads, head_dim 64, bf16 KV), isa %s, 1 thread, "
-              "thread CPU time, FMA peak %.1f / %.1f GFLOP/s (before / after)\n",
+  std::printf("prefill attention, %lld tokens (16 q heads, 8 kv heads, head_dim 64, bf16 KV), isa %s, arithmetic %s, "
+              "1 thread, thread CPU time, FMA peak %.1f / %.1f GFLOP/s (before / after)\n",
               static_cast<long long>(tokens), std::string(kernels::isa_name(kernels::active_isa())).c_str(),
-              peak_before / 1e9, peak_after / 1e9);
+              arithmetic == kernels::AttentionArithmetic::kAmx ? "amx" : "f32", peak_before / 1e9, peak_after / 1e9);
   std::printf("one call (token tiles) : %8.0f us, %.3f of FMA peak\n", chunk * 1e6, flops / chunk / peak);
   std::printf("a call per token       : %8.0f us, %.3f of FMA peak\n", each * 1e6, flops / each / peak);
   std::printf("per-token / one call: %.2fx (same bits)\n", each / chunk);
@@ -112,7 +115,7 @@ int prefill_bench(std::int64_t tokens) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::int64_t context = 4096, layers = 8, iters = 5, prefill = 0;
+  std::int64_t context = 4096, layers = 8, iters = 5, prefill = 0, amx = 0;
   int threads = 2;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -122,12 +125,19 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads = static_cast<int>(v);
     else if (a == "--iters") iters = v;
     else if (a == "--prefill") prefill = v;
+    else if (a == "--amx") amx = v;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
     }
   }
-  if (prefill > 0) return prefill_bench(prefill);
+  if (prefill > 0) {
+    if (amx != 0 && !kernels::gemm_activations_supported(kernels::GemmActivations::kAmx)) {
+      std::fprintf(stderr, "--amx 1: no AMX-BF16 here\n");
+      return 2;
+    }
+    return prefill_bench(prefill, amx != 0 ? kernels::AttentionArithmetic::kAmx : kernels::AttentionArithmetic::kF32);
+  }
   constexpr std::int64_t kHeads = 32, kKvHeads = 8, kHd = 128, kBs = 16;
   kernels::ThreadPool pool(threads);
   std::vector<float> q(kHeads * kHd), out(kHeads * kHd);
