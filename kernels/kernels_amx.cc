@@ -252,11 +252,11 @@ struct NextPanels {
   const char* next[2] = {};
   const char* end[2] = {};
   I64 lines_per_block = 0;
-  // Sets range r to `elems` elements from `from`, cut at `limit`.
-  void set(int r, const std::uint16_t* from, I64 elems, const std::uint16_t* limit) {
-    const std::uint16_t* to = from + elems < limit ? from + elems : limit;
-    next[r] = reinterpret_cast<const char*>(from);
-    end[r] = from < to ? reinterpret_cast<const char*>(to) : next[r];
+  // Sets range r to elements [from, from + elems) of the weight at w, cut at element limit.
+  void set(int r, const std::uint16_t* w, I64 from, I64 elems, I64 limit) {
+    const I64 to = from + elems < limit ? from + elems : limit;
+    next[r] = reinterpret_cast<const char*>(w + (from < limit ? from : limit));
+    end[r] = reinterpret_cast<const char*>(w + (from < to ? to : (from < limit ? from : limit)));
   }
   // Spreads the ranges over `passes` passes of `blocks` k blocks.
   void spread(I64 passes, I64 blocks) {
@@ -365,7 +365,7 @@ void unit_block_2x2(const std::uint16_t* xp, I64 row_elems, I64 rows, const Unit
 }
 
 // Rows [0, M) of the packed activations against units [p0, p1) of kPanelCols output columns
-// (fused: of gate columns, the weight's first rows.size / 2 rows, the up columns the rest) of a
+// (fused: of gate columns, the weight's first N / 2 rows; the up columns are the rest) of a
 // kNarrowPanelPairs weight, into the sink.
 void panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64 p1, const Sink& sink,
                 float* scratch) {
@@ -384,7 +384,6 @@ void panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64 p1, co
   float* stash = scratch;
   auto* tail = reinterpret_cast<std::uint16_t*>(scratch + 2 * kTileRows * 64);
   const auto* wbase = static_cast<const std::uint16_t*>(w.data);
-  const std::uint16_t* wend = wbase + N * Kp;
   const I64 panel_elems = kNarrowPanelCols * Kp;
   // Calls of fewer than 16 rows configure A and C with just their rows (a row's value does not
   // depend on it; TDPBF16PS does less work): 0.86-0.875 of the read probe at M = 1 against
@@ -422,10 +421,10 @@ void panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64 p1, co
       if (fused) u.add_rows(wbase, Kp, F + c0, cols);
       NextPanels ahead;
       if (fused) {
-        ahead.set(0, wbase + (c0 + kNarrowPanelCols) * Kp, panel_elems, wbase + F * Kp);
-        ahead.set(1, wbase + (F + c0 + kNarrowPanelCols) * Kp, panel_elems, wend);
+        ahead.set(0, wbase, (c0 + kNarrowPanelCols) * Kp, panel_elems, F * Kp);
+        ahead.set(1, wbase, (F + c0 + kNarrowPanelCols) * Kp, panel_elems, N * Kp);
       } else {
-        ahead.set(0, wbase + (c0 + step) * Kp, 2 * panel_elems, wend);
+        ahead.set(0, wbase, (c0 + step) * Kp, 2 * panel_elems, N * Kp);
       }
       ahead.spread(passes - 1, blocks);
       const float* bias = sink.bias != nullptr ? sink.bias + c0 : nullptr;
