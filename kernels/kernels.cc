@@ -183,7 +183,7 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
                                                                          : kernels_for(isa);
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
-  KUN_CHECK(!silu_mul_fused || (amx && N % (2 * kNarrowPanelCols) == 0 && bias == nullptr && !accumulate))
+  KUN_CHECK(!silu_mul_fused || (amx && linear_silu_mul_fuses(w, act) && bias == nullptr && !accumulate))
       << "the fused silu_mul runs on the AMX GEMM of a gate/up weight with 16k rows per half, not " << N << "x"
       << K;
   const float* xp = nullptr;

@@ -367,6 +367,25 @@ namespace {
 constexpr std::int64_t kParallelAppendTokens = 64;
 }  // namespace
 
+void ForwardPass::append_kv_rows(const kernels::AttentionSequence& a, const LayerKv& kv, std::int64_t t0,
+                                 std::int64_t t1) const {
+  const kernels::PagedKvCache& geo = a.kv;
+  const std::int64_t bs = geo.block_size;
+  const std::int64_t hd = geo.head_dim;
+  const std::int64_t eb = dtype_bytes(geo.dtype);
+  for (std::int64_t t = t0; t < t1; ++t) {
+    const std::int64_t pos = a.start_pos + t;
+    std::byte* block = kv.blocks[pos / bs];
+    const std::int64_t off = pos % bs;
+    const float* k = a.q + t * a.q_stride + config_.q_dim();
+    const float* v = k + config_.kv_dim();
+    for (std::int64_t h = 0; h < geo.num_kv_heads; ++h) {
+      kernels::store_kv_row(k + h * hd, hd, geo.dtype, block + (h * bs + off) * hd * eb);
+      kernels::store_kv_row(v + h * hd, hd, geo.dtype, block + geo.value_offset_bytes + (h * bs + off) * hd * eb);
+    }
+  }
+}
+
 kernels::AttentionSequence ForwardPass::append_kv(const SequenceSlice& slice, const float* qkv, const LayerKv& kv,
                                                   float* out) {
   const ModelConfig& c = config_;
@@ -381,36 +400,6 @@ kernels::AttentionSequence ForwardPass::append_kv(const SequenceSlice& slice, co
       << "attention over " << context << " tokens, the workspace holds " << limits_.max_context_tokens
       << " (ForwardLimits::max_context_tokens)";
   KUN_CHECK_GE(kv.num_blocks * bs, context) << "KV blocks cover " << kv.num_blocks * bs << " tokens, need " << context;
-  // Each token's rows go to their own slots, so a prefill chunk's tokens are split over the pool
-  // (on the calling thread alone, a 512-token llama-350m chunk's append was about 0.2 ms a layer
-  // with the other thread idle). One pointer captured: std::function keeps it inline (no heap).
-  struct Append {
-    const SequenceSlice* slice;
-    const float* qkv;
-    const LayerKv* kv;
-    std::int64_t qkv_row, q_dim, kv_dim, bs, kvh, hd, eb, value_offset_bytes;
-    DType dtype;
-    void rows(std::int64_t t0, std::int64_t t1) const {
-      for (std::int64_t t = t0; t < t1; ++t) {
-        const std::int64_t pos = slice->start_pos + t;
-        std::byte* block = kv->blocks[pos / bs];
-        const std::int64_t off = pos % bs;
-        const float* k = qkv + t * qkv_row + q_dim;
-        const float* v = k + kv_dim;
-        for (std::int64_t h = 0; h < kvh; ++h) {
-          kernels::store_kv_row(k + h * hd, hd, dtype, block + (h * bs + off) * hd * eb);
-          kernels::store_kv_row(v + h * hd, hd, dtype, block + value_offset_bytes + (h * bs + off) * hd * eb);
-        }
-      }
-    }
-  };
-  const Append append{&slice, qkv, &kv, qkv_row(), c.q_dim(), c.kv_dim(), bs, kvh, hd, eb, value_offset_bytes, kv_dtype_};
-  if (pool_ != nullptr && pool_->num_threads() > 1 && slice.num_tokens >= kParallelAppendTokens) {
-    const Append* ap = &append;
-    pool_->parallel_for(slice.num_tokens, [ap](std::int64_t t0, std::int64_t t1) { ap->rows(t0, t1); });
-  } else {
-    append.rows(0, slice.num_tokens);
-  }
   kernels::AttentionSequence a;
   a.q = qkv;
   a.q_stride = qkv_row();
@@ -425,6 +414,23 @@ kernels::AttentionSequence ForwardPass::append_kv(const SequenceSlice& slice, co
   a.kv.head_dim = hd;
   a.out = out;
   a.out_stride = c.q_dim();
+  // Each token's rows go to their own slots, so a prefill chunk's tokens are split over the pool
+  // (on the calling thread alone, a 512-token llama-350m chunk's append was about 0.2 ms a layer
+  // with the other thread idle). One pointer captured: std::function keeps it inline (no heap).
+  if (pool_ != nullptr && pool_->num_threads() > 1 && slice.num_tokens >= kParallelAppendTokens) {
+    struct Job {
+      const ForwardPass* pass;
+      const kernels::AttentionSequence* a;
+      const LayerKv* kv;
+    };
+    const Job job{this, &a, &kv};
+    const Job* j = &job;
+    pool_->parallel_for(slice.num_tokens, [j](std::int64_t t0, std::int64_t t1) {
+      j->pass->append_kv_rows(*j->a, *j->kv, t0, t1);
+    });
+  } else {
+    append_kv_rows(a, kv, 0, slice.num_tokens);
+  }
   return a;
 }
 

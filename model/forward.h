@@ -188,6 +188,9 @@ class ForwardPass {
   // the cache's dtype) and returns its entry for kernels::paged_attention_batch: q read in place
   // from the [q | k | v] rows, K then V in each block.
   kernels::AttentionSequence append_kv(const SequenceSlice& slice, const float* qkv, const LayerKv& kv, float* out);
+  // The k/v of tokens [t0, t1) of an append_kv entry (its [q | k | v] rows, its cache geometry)
+  // into their slots of the blocks of kv.
+  void append_kv_rows(const kernels::AttentionSequence& a, const LayerKv& kv, std::int64_t t0, std::int64_t t1) const;
   float attention_scale() const { return 1.0f / std::sqrt(static_cast<float>(config_.head_dim)); }
 
   ModelConfig config_;

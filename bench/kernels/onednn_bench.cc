@@ -43,13 +43,6 @@ struct Shape {
   std::int64_t k;
 };
 
-// bf16 of a float by truncation (the weights are made-up values; any bf16 will do).
-std::uint16_t to_bf16(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<std::uint16_t>(u >> 16);
-}
-
 // One weight matrix in both engines' layouts, on huge pages.
 struct Weight {
   Shape shape;
@@ -125,7 +118,7 @@ int run(int argc, char** argv) {
     plain.resize(static_cast<std::size_t>(s.n * s.k));
     for (auto& v : plain) {
       state = state * 1664525u + 1013904223u;
-      v = to_bf16((static_cast<float>(state >> 8) / 16777216.0f - 0.5f) * 0.125f);
+      v = kun::f32_to_bf16((static_cast<float>(state >> 8) / 16777216.0f - 0.5f) * 0.125f);
     }
     Weight w;
     w.shape = s;
@@ -171,7 +164,7 @@ int run(int argc, char** argv) {
   std::vector<std::uint16_t> x_bf16(x.size());
   for (std::size_t i = 0; i < x.size(); ++i) {
     state = state * 1664525u + 1013904223u;
-    x_bf16[i] = to_bf16(static_cast<float>(state >> 8) / 8388608.0f - 1.0f);
+    x_bf16[i] = kun::f32_to_bf16(static_cast<float>(state >> 8) / 8388608.0f - 1.0f);
     const std::uint32_t u = static_cast<std::uint32_t>(x_bf16[i]) << 16;
     std::memcpy(&x[i], &u, 4);
   }

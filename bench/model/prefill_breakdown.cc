@@ -6,8 +6,8 @@
 //  * the FMA peak probed on the pool right before (best of 5, every thread: model_bench's probe);
 //  * full prefill: embed + every layer (norms, qkv, RoPE, KV append, attention, o + residual,
 //    norm, gate_up + silu_mul, down + residual) + the last position's logits, as the engine runs it;
-//  * linear only: the same linear / linear_add calls back to back (M = N, then the LM head for
-//    one row), each kind also timed on its own;
+//  * linear only: the same linear / linear_add / linear_silu_mul calls back to back (M = N, then
+//    the LM head for one row), each kind also timed on its own;
 //  * attention only: attend_local of every layer over the chunk (KV append + causal attention);
 //  * elementwise only: the rms_norms and RoPE calls of every layer (row-parallel, as the forward
 //    pass calls them; silu_mul is timed with gate_up, in whose epilogue the AMX GEMM applies it);
