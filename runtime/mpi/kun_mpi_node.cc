@@ -438,24 +438,27 @@ int run_burst(MpiSession& session, MpiTransport& transport, const NodeOptions& o
   checks.expect(failed == std::vector<int>{o.fault_rank},
                 "burst: the transport lists exactly rank " + std::to_string(o.fault_rank) + " as failed");
 
+  // The outcome line goes out before the survivors are told to shut down: a survivor that has
+  // said goodbye leaves without MPI_Finalize (its peer is lost), and mpirun may then end the
+  // whole job, this rank included, before anything written after that reaches its output (1 run
+  // in 12 lost the line that way). One write: unbuffered std::cerr writes each << piece on its
+  // own, and other ranks' lines, forwarded by mpirun into the same stream, could land between them.
+  const std::string lost = transport.failure().message();
+  if (checks.failed > 0) {
+    std::cerr << (prefix(0) + "burst checks FAILED; ending the job (device rank " + std::to_string(o.fault_rank) +
+                  " lost: " + lost + ")\n")
+              << std::flush;
+  } else {
+    std::cerr << (prefix(0) + "burst checks passed; ending the job: device rank " + std::to_string(o.fault_rank) +
+                  " lost: " + lost + "\n")
+              << std::flush;
+  }
   for (int d : survivors) {
     const Status s = client.shutdown_node(d);
     if (!s.ok()) std::cerr << prefix(0) << s.to_string() << std::endl;
   }
-  (void)transport.shutdown();  // goodbyes with the survivors; reports the failure
-  const std::string lost = transport.failure().message();
-  if (checks.failed > 0) {
-    // One write: unbuffered std::cerr writes each << piece on its own, and other ranks' lines,
-    // forwarded by mpirun into the same stream, could land between them.
-    std::cerr << (prefix(0) + "burst checks FAILED; ending the job (device rank " + std::to_string(o.fault_rank) +
-                  " lost: " + lost + ")\n")
-              << std::flush;
-    end_job_after_device_loss(session, transport, 1);
-  }
-  std::cerr << (prefix(0) + "burst checks passed; ending the job: device rank " + std::to_string(o.fault_rank) +
-                " lost: " + lost + "\n")
-            << std::flush;
-  end_job_after_device_loss(session, transport, 3);
+  // Goodbyes with the survivors, then the job ends (end_job_after_device_loss).
+  end_job_after_device_loss(session, transport, checks.failed > 0 ? 1 : 3);
 }
 
 int node_main(int argc, char** argv) {
