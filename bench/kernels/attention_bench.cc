@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -28,13 +29,16 @@
 #include "common/dtype.h"
 #include "kernels/kernels.h"
 #include "kernels/roofline.h"
+#include "memory/huge_pages.h"
 
 namespace {
 
 using namespace kun;
 
+// The blocks of one layer's cache, on 2 MiB huge pages as a device arena's KV pages are
+// (memory/huge_pages.h; KUN_HUGE_PAGES=0: OS pages).
 struct Cache {
-  std::vector<std::byte> memory;
+  std::unique_ptr<std::byte, decltype(&std::free)> memory{nullptr, &std::free};
   std::vector<const void*> keys, values;
 };
 
@@ -44,12 +48,16 @@ Cache make_cache(std::int64_t ctx, std::int64_t kv_heads, std::int64_t hd, std::
   const std::int64_t eb = dtype_bytes(dtype);
   const std::int64_t blocks = (ctx + bs - 1) / bs;
   const std::int64_t half = kv_heads * bs * hd * eb;
-  c.memory.resize(static_cast<std::size_t>(blocks * 2 * half));
+  c.memory.reset(memory::allocate_on_huge_pages(blocks * 2 * half));
+  if (c.memory == nullptr) {
+    std::fprintf(stderr, "attention_bench: cannot allocate %lld bytes\n", static_cast<long long>(blocks * 2 * half));
+    std::exit(1);
+  }
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   std::vector<float> row(static_cast<std::size_t>(hd));
   for (std::int64_t b = 0; b < blocks; ++b) {
-    std::byte* k = c.memory.data() + b * 2 * half;
+    std::byte* k = c.memory.get() + b * 2 * half;
     c.keys.push_back(k);
     c.values.push_back(k + half);
     for (std::int64_t r = 0; r < 2 * kv_heads * bs; ++r) {
