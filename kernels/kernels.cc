@@ -145,9 +145,7 @@ void attention_pairs(const AttentionJob& j, std::int64_t begin, std::int64_t end
 
 }  // namespace
 
-namespace {
-
-const char* layout_name(WeightLayout layout) {
+const char* weight_layout_name(WeightLayout layout) {
   switch (layout) {
     case WeightLayout::kRowMajor: return "kRowMajor";
     case WeightLayout::kPanelPairs: return "kPanelPairs";
@@ -155,6 +153,8 @@ const char* layout_name(WeightLayout layout) {
   }
   return "unknown";
 }
+
+namespace {
 
 // silu_mul_fused (linear_silu_mul on the AMX GEMM): y is [M][N / 2], silu_mul of the gate
 // (rows [0, N / 2) of w) and up (the rest) products, by kernels_for(isa).silu_mul.
@@ -170,8 +170,8 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
     KUN_CHECK(panel_pairs_supported(w.dtype, w.rows, w.cols))
         << "panel layouts need bf16: " << dtype_name(w.dtype) << " " << w.rows << "x" << w.cols;
     KUN_CHECK(w.layout == gemm_weight_layout(act))
-        << "GEMM activations " << gemm_activations_name(act) << " read " << layout_name(gemm_weight_layout(act))
-        << " weights, this " << w.rows << "x" << w.cols << " one is in " << layout_name(w.layout);
+        << "GEMM activations " << gemm_activations_name(act) << " read " << weight_layout_name(gemm_weight_layout(act))
+        << " weights, this " << w.rows << "x" << w.cols << " one is in " << weight_layout_name(w.layout);
   }
   const bool bf16_act = act != GemmActivations::kF32;
   const bool amx = panels && act == GemmActivations::kAmx;

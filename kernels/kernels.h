@@ -100,6 +100,8 @@ class ThreadPool {
 enum class WeightLayout { kRowMajor = 0, kPanelPairs = 1, kNarrowPanelPairs = 2 };
 constexpr std::int64_t kPanelCols = 64;
 constexpr std::int64_t kNarrowPanelCols = 16;
+// "kRowMajor", "kPanelPairs" or "kNarrowPanelPairs" (for messages).
+const char* weight_layout_name(WeightLayout layout);
 // True for the panel layouts (kPanelPairs, kNarrowPanelPairs).
 constexpr bool is_panel_layout(WeightLayout layout) { return layout != WeightLayout::kRowMajor; }
 // Columns per panel of a panel layout (checked).

@@ -40,6 +40,17 @@ kernels::WeightLayout linear_layout(DType dtype, std::int64_t rows, std::int64_t
              : kernels::WeightLayout::kRowMajor;
 }
 
+}  // namespace
+
+bool mlp_gate_up_fused(const ModelConfig& c, DType weight_dtype) {
+  const std::int64_t rows = 2 * c.intermediate_size;
+  const kernels::WeightView gate_up{nullptr, weight_dtype, rows, c.hidden_size,
+                                    linear_layout(weight_dtype, rows, c.hidden_size)};
+  return kernels::linear_silu_mul_fuses(gate_up, kernels::active_gemm_activations());
+}
+
+namespace {
+
 // Reorders a row-major matrix just read into the segment into linear_layout's layout, in place,
 // kPanelCols rows at a time: with an even K, those rows' bytes hold exactly their panels (one of
 // kPanelPairs, four of kNarrowPanelPairs), laid out as the panels of a matrix of those rows, so
@@ -197,10 +208,10 @@ namespace {
 struct WorkspaceLayout {
   std::int64_t normed = 0, qkv = 0, attn_out = 0, gate_up = 0, act = 0, attn_scratch = 0;
   std::int64_t positions = 0, rope_positions = 0, rope_cos_sin = 0, attn_batch = 0, gemm_scratch = 0;
-  std::int64_t normed_rows = 0, scratch_floats = 0, gemm_scratch_floats = 0;
+  std::int64_t normed_rows = 0, scratch_floats = 0, gemm_scratch_floats = 0, gate_up_floats = 0;
   std::int64_t total_bytes = 0;
 
-  static WorkspaceLayout compute(const ModelConfig& c, const ForwardLimits& lim, int num_threads,
+  static WorkspaceLayout compute(const ModelConfig& c, DType weight_dtype, const ForwardLimits& lim, int num_threads,
                                  kernels::AttentionArithmetic arithmetic) {
     KUN_CHECK(lim.max_tokens > 0 && lim.max_logit_rows >= 0 && lim.max_context_tokens > 0)
         << "forward limits: " << lim.max_tokens << " tokens, " << lim.max_logit_rows << " logit rows, "
@@ -220,7 +231,8 @@ struct WorkspaceLayout {
     w.normed = place(&cursor, w.normed_rows * c.hidden_size * f);
     w.qkv = place(&cursor, layer_rows * (c.q_dim() + 2 * c.kv_dim()) * f);
     w.attn_out = place(&cursor, layer_rows * c.q_dim() * f);
-    w.gate_up = place(&cursor, layer_rows * 2 * c.intermediate_size * f);
+    w.gate_up_floats = mlp_gate_up_fused(c, weight_dtype) ? 0 : layer_rows * 2 * c.intermediate_size;
+    w.gate_up = place(&cursor, w.gate_up_floats * f);
     w.act = place(&cursor, layer_rows * c.intermediate_size * f);
     w.attn_scratch = place(&cursor, w.scratch_floats * f);
     w.positions = place(&cursor, T * static_cast<std::int64_t>(sizeof(std::int64_t)));
@@ -245,15 +257,15 @@ std::span<T> view(std::span<std::byte> ws, std::int64_t offset, std::int64_t cou
 
 }  // namespace
 
-std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits, int num_threads,
-                                     kernels::AttentionArithmetic attention_arithmetic) {
-  return WorkspaceLayout::compute(config, limits, num_threads, attention_arithmetic).total_bytes;
+std::int64_t forward_workspace_bytes(const ModelConfig& config, DType weight_dtype, const ForwardLimits& limits,
+                                     int num_threads, kernels::AttentionArithmetic attention_arithmetic) {
+  return WorkspaceLayout::compute(config, weight_dtype, limits, num_threads, attention_arithmetic).total_bytes;
 }
 
-ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
+ForwardPass::ForwardPass(const ModelConfig& config, DType weight_dtype, std::int64_t kv_block_size, DType kv_dtype,
                          kernels::AttentionArithmetic attention_arithmetic, kernels::ThreadPool* pool,
                          const ForwardLimits& limits, std::span<std::byte> workspace)
-    : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype),
+    : config_(config), weight_dtype_(weight_dtype), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype),
       attention_arithmetic_(attention_arithmetic), pool_(pool), limits_(limits),
       inv_freq_(config.rope_inv_freq()) {
   KUN_CHECK_GT(kv_block_size_, 0);
@@ -263,18 +275,18 @@ ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, 
   carve(workspace);
 }
 
-ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
+ForwardPass::ForwardPass(const ModelConfig& config, DType weight_dtype, std::int64_t kv_block_size, DType kv_dtype,
                          kernels::AttentionArithmetic attention_arithmetic, kernels::ThreadPool* pool,
                          const ForwardLimits& limits)
-    : config_(config), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype),
+    : config_(config), weight_dtype_(weight_dtype), kv_block_size_(kv_block_size), kv_dtype_(kv_dtype),
       attention_arithmetic_(attention_arithmetic), pool_(pool), limits_(limits),
       inv_freq_(config.rope_inv_freq()) {
   KUN_CHECK_GT(kv_block_size_, 0);
   KUN_CHECK(kv_dtype_ == DType::kBF16 || kv_dtype_ == DType::kF32)
       << "KV cache dtype " << dtype_name(kv_dtype_) << " (bf16 or f32)";
   KUN_CHECK_EQ(static_cast<std::int64_t>(inv_freq_.size()), config_.head_dim / 2);
-  const std::int64_t bytes =
-      forward_workspace_bytes(config_, limits_, pool_ != nullptr ? pool_->num_threads() : 1, attention_arithmetic_);
+  const std::int64_t bytes = forward_workspace_bytes(config_, weight_dtype_, limits_,
+                                                    pool_ != nullptr ? pool_->num_threads() : 1, attention_arithmetic_);
   // Over-allocated by one alignment unit so the carved buffers start 64-byte aligned.
   owned_workspace_ = std::make_unique<std::byte[]>(static_cast<std::size_t>(bytes + kTensorAlignBytes));
   void* start = owned_workspace_.get();
@@ -285,7 +297,7 @@ ForwardPass::ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, 
 
 void ForwardPass::carve(std::span<std::byte> workspace) {
   const int threads = pool_ != nullptr ? pool_->num_threads() : 1;
-  const WorkspaceLayout w = WorkspaceLayout::compute(config_, limits_, threads, attention_arithmetic_);
+  const WorkspaceLayout w = WorkspaceLayout::compute(config_, weight_dtype_, limits_, threads, attention_arithmetic_);
   KUN_CHECK_GE(static_cast<std::int64_t>(workspace.size()), w.total_bytes)
       << "forward workspace of " << workspace.size() << " bytes, the limits need " << w.total_bytes;
   KUN_CHECK_EQ(reinterpret_cast<std::uintptr_t>(workspace.data()) % kTensorAlignBytes, 0u) << "forward workspace alignment";
@@ -299,7 +311,7 @@ void ForwardPass::carve(std::span<std::byte> workspace) {
   normed_ = view<float>(workspace, w.normed, w.normed_rows * c.hidden_size);
   qkv_ = view<float>(workspace, w.qkv, layer_rows * qkv_row());
   attn_out_ = view<float>(workspace, w.attn_out, layer_rows * c.q_dim());
-  gate_up_ = view<float>(workspace, w.gate_up, layer_rows * 2 * c.intermediate_size);
+  gate_up_ = view<float>(workspace, w.gate_up, w.gate_up_floats);
   act_ = view<float>(workspace, w.act, layer_rows * c.intermediate_size);
   attn_scratch_ = view<float>(workspace, w.attn_scratch, w.scratch_floats);
   attn_positions_ = view<std::int64_t>(workspace, w.positions, T);
@@ -449,8 +461,14 @@ void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* a
   const std::int64_t H = c.hidden_size;
   kernels::linear_add(attn_out, num_tokens, w.o, hidden, pool_, &gemm_scratch_);  // residual add fused
   kernels::rms_norm(hidden, num_tokens, H, w.post_norm, w.dtype, c.rms_norm_eps, normed_.data(), pool_);
-  // silu(gate) * up; on the AMX GEMM in the product's epilogue (gate_up_ unused there).
-  kernels::linear_silu_mul(normed_.data(), num_tokens, w.gate_up, gate_up_.data(), act_.data(), pool_, &gemm_scratch_);
+  // silu(gate) * up; on the AMX GEMM in the product's epilogue, where the workspace holds no
+  // [tokens][2F] products (mlp_gate_up_fused).
+  KUN_CHECK(!gate_up_.empty() || kernels::linear_silu_mul_fuses(w.gate_up, kernels::active_gemm_activations()))
+      << "gate/up weight (" << dtype_name(w.gate_up.dtype) << ", " << kernels::weight_layout_name(w.gate_up.layout)
+      << ") does not take the fused GEMM this forward pass was sized for (weights of "
+      << dtype_name(weight_dtype_) << ")";
+  kernels::linear_silu_mul(normed_.data(), num_tokens, w.gate_up, gate_up_.empty() ? nullptr : gate_up_.data(),
+                           act_.data(), pool_, &gemm_scratch_);
   kernels::linear_add(act_.data(), num_tokens, w.down, hidden, pool_, &gemm_scratch_);  // residual add fused
 }
 

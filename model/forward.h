@@ -119,10 +119,17 @@ struct ForwardLimits {
   bool attention_only = false;
 };
 
+// Whether the MLP's gate/up product runs with silu_mul in its epilogue
+// (kernels::linear_silu_mul_fuses) for layer weights of `weight_dtype` loaded by this process
+// (linear_layout, the process's GEMM activations): the workspace then holds no [tokens][2F]
+// product buffer (for llama-350m at 512 tokens, 11.5 MB of device memory; Llama-3-8B at 2048,
+// 235 MB).
+bool mlp_gate_up_fused(const ModelConfig& config, DType weight_dtype);
+
 // Bytes of the workspace a ForwardPass needs for `limits` with a pool of `num_threads` threads
-// (every buffer 64-byte aligned inside it).
-// attention_arithmetic: the pass's (it sets the attention scratch).
-std::int64_t forward_workspace_bytes(const ModelConfig& config, const ForwardLimits& limits,
+// (every buffer 64-byte aligned inside it), for layer weights of `weight_dtype`
+// (mlp_gate_up_fused). attention_arithmetic: the pass's (it sets the attention scratch).
+std::int64_t forward_workspace_bytes(const ModelConfig& config, DType weight_dtype, const ForwardLimits& limits,
                                      int num_threads, kernels::AttentionArithmetic attention_arithmetic);
 
 class ForwardPass {
@@ -130,14 +137,16 @@ class ForwardPass {
   // kv_dtype: element type of the KV cache attend_local appends to and reads (kBF16: K/V rounded
   // to nearest even when appended; kF32: kept exact, for numerics tests). attention_arithmetic:
   // how attention computes (kernels::attention_arithmetic_for(the weights' dtype) gives the model
-  // its GEMM's precision: AMX tiles where the GEMM runs on AMX). `workspace` (at least
-  // forward_workspace_bytes(config, limits, pool threads, attention_arithmetic), 64-byte aligned) is the
-  // caller's and must outlive the pass; every buffer of the forward path is carved from it here.
-  ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
+  // its GEMM's precision: AMX tiles where the GEMM runs on AMX). weight_dtype: the dtype of the
+  // layer weights it will be handed (layer_weights_at's; the MLP's buffers depend on it).
+  // `workspace` (at least forward_workspace_bytes(config, weight_dtype, limits, pool threads,
+  // attention_arithmetic), 64-byte aligned) is the caller's and must outlive the pass; every
+  // buffer of the forward path is carved from it here.
+  ForwardPass(const ModelConfig& config, DType weight_dtype, std::int64_t kv_block_size, DType kv_dtype,
               kernels::AttentionArithmetic attention_arithmetic,
               kernels::ThreadPool* pool, const ForwardLimits& limits, std::span<std::byte> workspace);
   // The same with the workspace on the heap, allocated once here (tools and tests with no device).
-  ForwardPass(const ModelConfig& config, std::int64_t kv_block_size, DType kv_dtype,
+  ForwardPass(const ModelConfig& config, DType weight_dtype, std::int64_t kv_block_size, DType kv_dtype,
               kernels::AttentionArithmetic attention_arithmetic,
               kernels::ThreadPool* pool, const ForwardLimits& limits);
   ForwardPass(const ForwardPass&) = delete;
@@ -194,6 +203,7 @@ class ForwardPass {
   float attention_scale() const { return 1.0f / std::sqrt(static_cast<float>(config_.head_dim)); }
 
   ModelConfig config_;
+  DType weight_dtype_;
   std::int64_t kv_block_size_;
   DType kv_dtype_;
   kernels::AttentionArithmetic attention_arithmetic_;
@@ -203,6 +213,7 @@ class ForwardPass {
   std::vector<float> inv_freq_;
   std::unique_ptr<std::byte[]> owned_workspace_;  // the heap constructor's only
   // Views into the workspace, fixed at construction.
+  // gate_up_ is empty where mlp_gate_up_fused (the GEMM's epilogue applies silu_mul).
   std::span<float> normed_, qkv_, attn_out_, gate_up_, act_, attn_scratch_;
   std::span<std::int64_t> attn_positions_;
   // RoPE's cos and sin (kernels::rope_cos_sin) for the positions in rope_positions_'s first

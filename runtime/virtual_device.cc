@@ -46,8 +46,8 @@ struct DeviceWorkspaceLayout {
     const std::int64_t T = d.max_batched_tokens;
     DeviceWorkspaceLayout w;
     const kernels::AttentionArithmetic arithmetic = kernels::attention_arithmetic_for(d.weight_dtype);
-    w.stage_forward_bytes = model::forward_workspace_bytes(c, stage_limits(d), d.num_threads, arithmetic);
-    w.serve_forward_bytes = model::forward_workspace_bytes(c, serve_limits(d), d.num_threads, arithmetic);
+    w.stage_forward_bytes = model::forward_workspace_bytes(c, d.weight_dtype, stage_limits(d), d.num_threads, arithmetic);
+    w.serve_forward_bytes = model::forward_workspace_bytes(c, d.weight_dtype, serve_limits(d), d.num_threads, arithmetic);
     std::int64_t cursor = 0;
     const auto place = [&](std::int64_t bytes) {
       const std::int64_t at = round_up(cursor, kWorkspaceAlignBytes);
@@ -148,13 +148,14 @@ StatusOr<std::unique_ptr<VirtualDevice>> VirtualDevice::create(const DeviceOptio
   }
   KUN_ASSIGN_OR_RETURN(dev->workspace_segment_, dev->arena_->create_segment("workspace", w.total_bytes));
   const std::span<std::byte> ws(dev->arena_->segment_data(dev->workspace_segment_), static_cast<std::size_t>(w.total_bytes));
-  dev->forward_ = std::make_unique<model::ForwardPass>(dev->config_, options.kv_block_size, options.kv_dtype,
+  dev->forward_ = std::make_unique<model::ForwardPass>(dev->config_, options.weight_dtype, options.kv_block_size, options.kv_dtype,
                                                        kernels::attention_arithmetic_for(options.weight_dtype),
                                                        dev->pool_.get(), stage_limits(options),
                                                        ws.subspan(static_cast<std::size_t>(w.stage_forward),
                                                                   static_cast<std::size_t>(w.stage_forward_bytes)));
   dev->serve_forward_ = std::make_unique<model::ForwardPass>(
-      dev->config_, options.kv_block_size, options.kv_dtype, kernels::attention_arithmetic_for(options.weight_dtype),
+      dev->config_, options.weight_dtype, options.kv_block_size, options.kv_dtype,
+      kernels::attention_arithmetic_for(options.weight_dtype),
       dev->pool_.get(), serve_limits(options),
       ws.subspan(static_cast<std::size_t>(w.serve_forward), static_cast<std::size_t>(w.serve_forward_bytes)));
   const model::ModelConfig& c = dev->config_;

@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--attention %s: f32, or amx where the CPU has AMX-BF16\n", attention_flag.c_str());
     return 2;
   }
-  model::ForwardPass fwd(c, 16, DType::kBF16, arithmetic, &pool, limits);
+  model::ForwardPass fwd(c, c.dtype, 16, DType::kBF16, arithmetic, &pool, limits);
   // KV: context + 1 tokens per layer, filled by a prompt run first.
   const std::int64_t bs = 16;
   const std::int64_t ctx = context + 1;

@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--attention %s: f32, or amx where the CPU has AMX-BF16\n", attention_flag.c_str());
     return 2;
   }
-  model::ForwardPass fwd(c, kBlock, DType::kBF16, arithmetic, &pool, limits);
+  model::ForwardPass fwd(c, c.dtype, kBlock, DType::kBF16, arithmetic, &pool, limits);
   bench::SequenceKvCache kv(c, N, kBlock, fwd.kv_dtype());
   auto weights = [&](std::int64_t l) { return lw[static_cast<std::size_t>(l)]; };
   auto attention = [&](std::int64_t l, std::int64_t, const model::SequenceSlice& s, const float* qkv, float* out) {

@@ -7,10 +7,12 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <cstdlib>
 #include <functional>
 #include <new>
+#include <vector>
 
 #include "runtime/tests/test_models.h"
 #include "runtime/virtual_device.h"
@@ -122,7 +124,7 @@ TEST(ForwardAllocationTest, AStepOnTheDeviceAllocatesNoBuffer) {
   // Warm-up on another pass (its workspace on the heap): the kernels' per-thread packing buffers
   // reach a 16-token step. The device's own pass then runs for the first time: its buffers were
   // carved from the arena when the device was made, so even its first steps allocate none.
-  model::ForwardPass warm(c, dev.options().kv_block_size, dev.options().kv_dtype,
+  model::ForwardPass warm(c, dev.options().weight_dtype, dev.options().kv_block_size, dev.options().kv_dtype,
                           kernels::attention_arithmetic_for(dev.options().weight_dtype), &dev.pool(),
                           model::ForwardLimits{16, 1, 64, false});
   step(warm, 0, 16);
@@ -238,6 +240,42 @@ TEST(ForwardAllocationTest, ATiedEmbeddingIsOneCopyInTheHeadsGemmLayout) {
   untied.tie_word_embeddings = false;
   EXPECT_EQ(model::embedding_layout(untied, DType::kBF16), kernels::WeightLayout::kRowMajor);
   EXPECT_EQ(model::embedding_layout(c, DType::kF32), kernels::WeightLayout::kRowMajor);
+}
+
+// The forward workspace holds the MLP's [tokens][2F] gate/up products only where the device's
+// layer weights do not take the fused GEMM (silu_mul in the AMX GEMM's epilogue): the plan made
+// from the config and the weight dtype agrees with the weights the device loaded, the bytes saved
+// are exactly that buffer, and weights that do not fuse abort on a pass sized without it.
+TEST(ForwardAllocationTest, TheWorkspaceHoldsTheGateUpProductsOnlyWhereTheMlpDoesNotFuse) {
+  auto w = testing::tiny_weights("tiny", DType::kBF16);
+  const model::ModelConfig& c = w->config();
+  auto dev_or = create_full_device("fused", *w, /*kv_token_blocks=*/8, /*block_size=*/16, /*num_threads=*/1);
+  ASSERT_TRUE(dev_or.ok()) << dev_or.status().to_string();
+  VirtualDevice& dev = **dev_or;
+  const DeviceOwnerScope scope(dev);
+  const model::LayerWeights lw0 = dev.layer_weights(0);
+  const bool fused = kernels::linear_silu_mul_fuses(lw0.gate_up, kernels::active_gemm_activations());
+  EXPECT_EQ(fused, model::mlp_gate_up_fused(c, dev.options().weight_dtype));
+  EXPECT_FALSE(model::mlp_gate_up_fused(c, DType::kF32));
+
+  const model::ForwardLimits limits{64, 4, 128, false};
+  const kernels::AttentionArithmetic arithmetic = kernels::attention_arithmetic_for(DType::kBF16);
+  const std::int64_t bf16_bytes = model::forward_workspace_bytes(c, DType::kBF16, limits, 1, arithmetic);
+  const std::int64_t f32_bytes = model::forward_workspace_bytes(c, DType::kF32, limits, 1, arithmetic);
+  const std::int64_t products = limits.max_tokens * 2 * c.intermediate_size * static_cast<std::int64_t>(sizeof(float));
+  EXPECT_EQ(f32_bytes - bf16_bytes, fused ? products : 0);
+  if (!fused) GTEST_SKIP() << "the gate/up GEMM does not fuse here (no AMX GEMM)";
+
+  // A pass sized for fused weights, handed a gate/up weight that does not fuse.
+  model::ForwardPass& fwd = dev.forward();
+  std::vector<float> attn_out(static_cast<std::size_t>(c.q_dim()), 0.25f);
+  std::vector<float> hidden(static_cast<std::size_t>(c.hidden_size), 0.5f);
+  model::LayerWeights unfused = lw0;
+  unfused.gate_up.layout = kernels::WeightLayout::kRowMajor;
+  EXPECT_DEATH(fwd.attention_output_and_mlp(unfused, attn_out.data(), 1, hidden.data()),
+               "does not take the fused GEMM this forward pass was sized for");
+  fwd.attention_output_and_mlp(lw0, attn_out.data(), 1, hidden.data());  // the loaded weights run
+  EXPECT_TRUE(std::isfinite(hidden[0]));
 }
 
 }  // namespace
