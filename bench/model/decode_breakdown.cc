@@ -107,8 +107,8 @@ int main(int argc, char** argv) {
     return true;
   };
   const std::int64_t H = c.hidden_size;
-  std::vector<float> hidden(static_cast<std::size_t>(std::max(ctx, batch) * H));
-  std::vector<float> logits(static_cast<std::size_t>(batch * c.vocab_size));
+  const bench::Floats hidden(std::max(ctx, batch) * H);
+  const bench::Floats logits(batch * c.vocab_size);
   {
     std::vector<std::int32_t> prompt(static_cast<std::size_t>(context));
     for (std::int64_t t = 0; t < context; ++t) prompt[t] = static_cast<std::int32_t>(3 + (t * 31) % (c.vocab_size - 3));
@@ -127,9 +127,9 @@ int main(int argc, char** argv) {
               arithmetic == kernels::AttentionArithmetic::kAmx ? "amx" : "f32",
               static_cast<double>(step_bytes) / 1e6);
 
-  std::vector<float> x(static_cast<std::size_t>(batch * std::max(c.intermediate_size, c.q_dim()) * 2), 0.01f);
-  std::vector<float> y(static_cast<std::size_t>(batch * std::max<std::int64_t>(c.vocab_size, 2 * c.intermediate_size)));
-  std::vector<float> act(static_cast<std::size_t>(batch * c.intermediate_size));
+  const bench::Floats x(batch * std::max(c.intermediate_size, c.q_dim()) * 2, 0.01f);
+  const bench::Floats y(batch * std::max<std::int64_t>(c.vocab_size, 2 * c.intermediate_size));
+  const bench::Floats act(batch * c.intermediate_size);
   enum { kQkv, kO, kGateUp, kDown, kHead, kKinds };
   // gate_up as the forward pass runs it: linear_silu_mul (silu_mul in the AMX GEMM's epilogue).
   const char* names[kKinds] = {"qkv", "o", "gate_up+silu", "down", "lm_head"};

@@ -101,8 +101,8 @@ int main(int argc, char** argv) {
   const std::int64_t H = c.hidden_size;
   const std::int64_t F = c.intermediate_size;
   const std::int64_t qkv_cols = c.q_dim() + 2 * c.kv_dim();
-  std::vector<float> hidden(static_cast<std::size_t>(N * H));
-  std::vector<float> logits(static_cast<std::size_t>(c.vocab_size));
+  const bench::Floats hidden(N * H);
+  const bench::Floats logits(c.vocab_size);
   std::vector<std::int32_t> prompt(static_cast<std::size_t>(N));
   for (std::int64_t t = 0; t < N; ++t) prompt[t] = static_cast<std::int32_t>(3 + (t * 31) % (c.vocab_size - 3));
   const model::SequenceSlice slice{0, N};
@@ -114,12 +114,12 @@ int main(int argc, char** argv) {
   };
 
   // Inputs of the isolated parts (values as in a real step: small random-ish activations).
-  std::vector<float> x(static_cast<std::size_t>(N * std::max(2 * F, qkv_cols)));
+  const bench::Floats x(N * std::max(2 * F, qkv_cols));
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>(static_cast<int>(i * 2654435761u % 200) - 100) / 100.0f;
-  std::vector<float> y(static_cast<std::size_t>(N * std::max({2 * F, qkv_cols, c.vocab_size})));
-  std::vector<float> attn_out(static_cast<std::size_t>(N * c.q_dim()));
-  std::vector<float> act(static_cast<std::size_t>(N * F));
-  std::vector<float> normed(static_cast<std::size_t>(N * H));
+  const bench::Floats y(N * std::max({2 * F, qkv_cols, c.vocab_size}));
+  const bench::Floats attn_out(N * c.q_dim());
+  const bench::Floats act(N * F);
+  const bench::Floats normed(N * H);
   std::vector<std::int64_t> positions(static_cast<std::size_t>(N));
   for (std::int64_t t = 0; t < N; ++t) positions[t] = t;
   const std::vector<float> inv_freq = c.rope_inv_freq();

@@ -26,6 +26,30 @@
 
 namespace kun::bench {
 
+// Activation rows the way a device's workspace holds them: zeroed, on huge pages from a huge-page
+// boundary, so every row of a 16-multiple width starts on a cache line (a std::vector of this
+// size starts 16 bytes past a page, and every row store then straddles two lines).
+class Floats {
+ public:
+  explicit Floats(std::int64_t n, float fill = 0.0f)
+      : n_(n), p_(reinterpret_cast<float*>(memory::allocate_on_huge_pages(n * static_cast<std::int64_t>(sizeof(float))))) {
+    if (p_ == nullptr) std::abort();
+    if (fill != 0.0f) {
+      for (std::int64_t i = 0; i < n_; ++i) p_[i] = fill;
+    }
+  }
+  ~Floats() { std::free(p_); }
+  Floats(const Floats&) = delete;
+  Floats& operator=(const Floats&) = delete;
+  float* data() const { return p_; }
+  std::size_t size() const { return static_cast<std::size_t>(n_); }
+  float& operator[](std::size_t i) const { return p_[i]; }
+
+ private:
+  std::int64_t n_;
+  float* p_;
+};
+
 class WeightBuffer {
  public:
   // The weights sit on huge pages where the kernel gives them, as a device arena's do: with
