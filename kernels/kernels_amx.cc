@@ -417,9 +417,11 @@ void panels_amx(const float* xpf, I64 M, const WeightView& w, I64 p0, I64 p1, Si
   // out of L2, so each ordinary store first read its line, and the pass waited on those reads.
   // Measured (llama-350m, batch 32, 2 threads, alternated): decode_breakdown's linear calls
   // 0.70-0.73 -> 0.76-0.79 of the read probe (qkv 0.69 -> 0.81, lm_head 0.73 -> 0.87, gate_up +
-  // silu 0.73 -> 0.79-0.83); model_bench batch 32 0.60-0.64 -> 0.62-0.68 (tokens/s 1.04x median,
-  // 4 pairs). At 16 rows or fewer it bought nothing at batch 8 and made batch 1 slower (0.81
-  // against 0.91 in 2 of 3 runs), and prefill's next operation reads its outputs right back.
+  // silu 0.73 -> 0.79-0.83). The whole step gains little, since the next operation reads those
+  // outputs back from memory: model_bench batch 32 tokens/s 0.93-1.08x, median 1.02x, in 8
+  // alternated pairs (kernels/README.md). At 16 rows or fewer it bought nothing at batch 8 and
+  // made batch 1 slower (0.81 against 0.91 in 2 of 3 runs), and prefill's next operation reads
+  // its outputs right back.
   sink.streaming = M > kTileRows && M <= 2 * kTileRows;
   const I64 passes = (M + 2 * kTileRows - 1) / (2 * kTileRows);
   for (I64 p = p0; p < p1; ++p) {
