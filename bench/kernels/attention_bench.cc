@@ -35,34 +35,44 @@ namespace {
 
 using namespace kun;
 
-// The blocks of one layer's cache, on 2 MiB huge pages as a device arena's KV pages are
-// (memory/huge_pages.h; KUN_HUGE_PAGES=0: OS pages).
+// The blocks of one layer's cache.
 struct Cache {
-  std::unique_ptr<std::byte, decltype(&std::free)> memory{nullptr, &std::free};
   std::vector<const void*> keys, values;
 };
 
-Cache make_cache(std::int64_t ctx, std::int64_t kv_heads, std::int64_t hd, std::int64_t bs, DType dtype,
-                 std::uint32_t seed) {
-  Cache c;
+// `layers` caches of ctx tokens, their blocks back to back in one allocation on 2 MiB huge pages
+// from a huge-page boundary, as a device arena's KV pages are (memory/huge_pages.h;
+// KUN_HUGE_PAGES=0: OS pages), filled from `seed`.
+struct Caches {
+  std::unique_ptr<std::byte, decltype(&std::free)> memory{nullptr, &std::free};
+  std::vector<Cache> layers;
+};
+
+Caches make_caches(std::int64_t layers, std::int64_t ctx, std::int64_t kv_heads, std::int64_t hd, std::int64_t bs,
+                   DType dtype, std::uint32_t seed) {
+  Caches c;
   const std::int64_t eb = dtype_bytes(dtype);
   const std::int64_t blocks = (ctx + bs - 1) / bs;
   const std::int64_t half = kv_heads * bs * hd * eb;
-  c.memory.reset(memory::allocate_on_huge_pages(blocks * 2 * half));
+  const std::int64_t bytes = layers * blocks * 2 * half;
+  c.memory.reset(memory::allocate_on_huge_pages(bytes));
   if (c.memory == nullptr) {
-    std::fprintf(stderr, "attention_bench: cannot allocate %lld bytes\n", static_cast<long long>(blocks * 2 * half));
+    std::fprintf(stderr, "attention_bench: cannot allocate %lld bytes\n", static_cast<long long>(bytes));
     std::exit(1);
   }
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   std::vector<float> row(static_cast<std::size_t>(hd));
-  for (std::int64_t b = 0; b < blocks; ++b) {
-    std::byte* k = c.memory.get() + b * 2 * half;
-    c.keys.push_back(k);
-    c.values.push_back(k + half);
-    for (std::int64_t r = 0; r < 2 * kv_heads * bs; ++r) {
-      for (auto& x : row) x = dist(rng);
-      kernels::store_kv_row(row.data(), hd, dtype, k + r * hd * eb);
+  for (std::int64_t l = 0; l < layers; ++l) {
+    Cache& layer = c.layers.emplace_back();
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      std::byte* k = c.memory.get() + (l * blocks + b) * 2 * half;
+      layer.keys.push_back(k);
+      layer.values.push_back(k + half);
+      for (std::int64_t r = 0; r < 2 * kv_heads * bs; ++r) {
+        for (auto& x : row) x = dist(rng);
+        kernels::store_kv_row(row.data(), hd, dtype, k + r * hd * eb);
+      }
     }
   }
   return c;
@@ -75,7 +85,8 @@ double median3(std::vector<double> v) {
 
 int prefill_bench(std::int64_t tokens, kernels::AttentionArithmetic arithmetic) {
   constexpr std::int64_t kHeads = 16, kKvHeads = 8, kHd = 64, kBs = 16;
-  const Cache c = make_cache(tokens, kKvHeads, kHd, kBs, DType::kBF16, 7);
+  const Caches caches = make_caches(1, tokens, kKvHeads, kHd, kBs, DType::kBF16, 7);
+  const Cache& c = caches.layers[0];
   const kernels::PagedKvCache kv{c.keys.data(), c.values.data(), DType::kBF16, kBs, tokens, kKvHeads, kHd};
   std::vector<float> q(static_cast<std::size_t>(tokens * kHeads * kHd));
   for (std::size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.37f * static_cast<float>(i));
@@ -175,15 +186,12 @@ int main(int argc, char** argv) {
     const Variant& v = variants[d];
     std::vector<float> vscratch(
         static_cast<std::size_t>(kernels::paged_kv_cache_scratch_floats(&pool, context, kHeads, kKvHeads, v.arithmetic)));
-    std::vector<Cache> caches;
-    for (std::int64_t l = 0; l < layers; ++l) {
-      caches.push_back(make_cache(context, kKvHeads, kHd, kBs, v.dtype, static_cast<std::uint32_t>(l + 1)));
-    }
+    const Caches caches = make_caches(layers, context, kKvHeads, kHd, kBs, v.dtype, 1);
     std::vector<double> reps;
     for (int rep = 0; rep < 3; ++rep) {
       const auto t0 = std::chrono::steady_clock::now();
       for (std::int64_t it = 0; it < iters; ++it) {
-        for (const Cache& c : caches) {
+        for (const Cache& c : caches.layers) {
           const kernels::PagedKvCache kv{c.keys.data(), c.values.data(), v.dtype, kBs, context, kKvHeads, kHd};
           kernels::paged_attention(q.data(), 1, kHeads, &pos, kv, scale, out.data(), vscratch.data(), &pool,
                                    v.arithmetic);
