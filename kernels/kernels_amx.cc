@@ -196,16 +196,13 @@ struct Sink {
       epilogue(stash, rows, cols, bias_cols, y_rows, ldy, accumulate, streaming);
       return;
     }
-    if (!streaming) {
-      for (I64 i = 0; i < rows; ++i) silu_mul(stash + i * 64, stash + i * 64 + up_col, cols / 2, y_rows + i * ldy);
-      return;
-    }
+    // Streaming: each row's silu_mul goes to `row` first, then out by store_outputs.
     alignas(64) float row[32];  // a unit's silu_mul outputs of one row (cols / 2 <= 32)
     for (I64 i = 0; i < rows; ++i) {
-      silu_mul(stash + i * 64, stash + i * 64 + up_col, cols / 2, row);
-      for (I64 c = 0; c < cols / 2; c += 16) {
-        store_outputs(y_rows + i * ldy + c, _mm512_load_ps(row + c), lane_mask16(cols / 2 - c), true);
-      }
+      float* yr = y_rows + i * ldy;
+      silu_mul(stash + i * 64, stash + i * 64 + up_col, cols / 2, streaming ? row : yr);
+      if (!streaming) continue;
+      for (I64 c = 0; c < cols / 2; c += 16) store_outputs(yr + c, _mm512_load_ps(row + c), lane_mask16(cols / 2 - c), true);
     }
   }
 };

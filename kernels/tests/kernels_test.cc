@@ -10,6 +10,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -726,12 +727,17 @@ TEST(PanelPairsAmx, LinearSiluMulIsLinearThenSiluMul) {
           silu_mul(Isa::kAvx512Bf16, gate_up.data() + m * 2 * sh.F, gate_up.data() + m * 2 * sh.F + sh.F, sh.F,
                    expected.data() + m * sh.F);
         }
-        // NaN-filled: every output must be written, and the product buffer left alone.
-        std::vector<float> out(expected.size(), std::numeric_limits<float>::quiet_NaN());
+        // NaN-filled: every output must be written, and the product buffer left alone. The rows
+        // start on cache lines (F is a multiple of 16), as a workspace's do, so 17-32 rows take
+        // the non-temporal stores.
+        std::vector<float> out_buffer(expected.size() + 16, std::numeric_limits<float>::quiet_NaN());
+        void* out_start = out_buffer.data();
+        std::size_t out_space = out_buffer.size() * sizeof(float);
+        float* out = static_cast<float*>(std::align(64, expected.size() * sizeof(float), out_start, out_space));
+        ASSERT_NE(out, nullptr);
         std::vector<float> untouched(gate_up.size(), 7.0f);
-        linear_silu_mul(Isa::kAvx512Bf16, x.data(), M, w.view, untouched.data(), out.data(), pool,
-                        GemmActivations::kAmx);
-        ASSERT_EQ(0, std::memcmp(out.data(), expected.data(), out.size() * sizeof(float)));
+        linear_silu_mul(Isa::kAvx512Bf16, x.data(), M, w.view, untouched.data(), out, pool, GemmActivations::kAmx);
+        ASSERT_EQ(0, std::memcmp(out, expected.data(), expected.size() * sizeof(float)));
         ASSERT_TRUE(std::all_of(untouched.begin(), untouched.end(), [](float v) { return v == 7.0f; }));
       }
     }
