@@ -13,6 +13,7 @@ DEB_PACKAGES=(
   gnuplot-nox prometheus curl
   clang-14 libclang-rt-14-dev  # scripts/fuzz.sh: libFuzzer with ASan/UBSan
   libdnnl-dev  # bench/kernels/onednn_bench: linear() against oneDNN's matmul
+  ocl-icd-opencl-dev  # libdnnl-dev's CMake config requires OpenCL, which it does not depend on
 )
 
 missing=()
