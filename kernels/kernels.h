@@ -34,7 +34,8 @@ bool isa_supported(Isa isa);
 
 // The activations of linear on panel-layout (bf16) weights, one choice per process
 // (KUN_GEMM_ACTIVATIONS=f32|bf16|amx; default amx where gemm_activations_supported says this
-// process can run it, else f32):
+// process can run it, else bf16 on AMD CPUs with AVX-512-BF16, where vdpbf16ps has twice the
+// FMA's flops, else f32):
 //  * kF32: exact f32 activations, one f32 FMA chain per output; the reference tests' precision.
 //  * kBf16: activations rounded to bf16 and vdpbf16ps's arithmetic (the AVX-512-BF16 ISA runs
 //    vdpbf16ps, the others reproduce it bit for bit); what bf16 engines do, about 4e-3 relative

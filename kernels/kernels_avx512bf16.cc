@@ -27,9 +27,19 @@ inline I64 min_i64(I64 a, I64 b) { return a < b ? a : b; }
 // Register tile: kDpRows activation rows x 64 columns (4 zmm) = 24 accumulators, plus 4 weight
 // vectors and a broadcast, of the 32 zmm registers.
 constexpr int kDpRows = 6;
-// k pairs per cache block of a panel: 64 columns x 256 k x 2 bytes = 32 KiB of weights that
-// stay in L1 while every row tile of the call runs over them (calls with more than one tile).
+// k pairs per cache block of a panel (calls with more than one row tile), which every row tile
+// of the call reads from L1 after the first one brought it in: 128 pairs (64 columns x 256 k x 2
+// bytes = 32 KiB) from 3 tiles up (13 rows and more), where the call is bound by vdpbf16ps and
+// a block's partial sums are parked and reloaded once per tile; 32 pairs (8 KiB) for 2 tiles
+// (7-12 rows), where the call streams its weights from DRAM: there the first tile also prefetches
+// kDpStreamPairs ahead into L1, as the one-tile path does, and with 32 KiB blocks that stream
+// evicted the block the second tile was about to read (48 KiB L1 on the Zen 5 host).
+// Measured (decode_breakdown, llama-350m, 2 threads, Zen 5, alternated runs at a 53-55 GB/s read
+// probe): batch 8 linear calls 16.0-16.2 ms with 128-pair blocks and no stream, 14.3-14.3 ms
+// with 32-pair blocks and the stream.
 constexpr I64 kDpKcPairs = 128;
+constexpr I64 kDpKcPairsStreaming = 32;
+constexpr I64 kDpStreamPairs = 64;
 
 inline __mmask16 col_mask(I64 n) {
   if (n >= 16) return static_cast<__mmask16>(0xffff);
@@ -37,9 +47,25 @@ inline __mmask16 col_mask(I64 n) {
   return static_cast<__mmask16>((1u << n) - 1u);
 }
 
+// act_to_bf16 on 16 lanes: a subnormal to a signed zero, then vcvtneps2bf16 (round to nearest
+// even, NaN stays a quiet NaN), which gives act_to_bf16's bits for every other input.
+inline __m256i act_to_bf16_x16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 tiny = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(0x00800000));
+  const __m512 flushed = _mm512_castsi512_ps(
+      _mm512_mask_and_epi32(bits, tiny, bits, _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+  const __m256bh h = _mm512_cvtneps_pbh(flushed);
+  __m256i out;
+  std::memcpy(&out, &h, sizeof out);
+  return out;
+}
+
 // Activations for linear_panels: bf16 pairs (x[m][2j] low half, x[m][2j + 1] high half, zero
 // past K) as 32-bit words, tile-major: tile t (rows kDpRows t ..) holds pair j of row i at
 // word [t * kDpRows * kh + j * kDpRows + i] (kh = K / 2 rounded up); rows past M are zero.
+// 16 elements of a row are rounded at once (8 pair words), then written to their strided slots;
+// the scalar rounding of every element before was 5 % of the linear calls' time in a prefill.
 void pack_rows_dp(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool /*bf16_act*/) {
   const I64 kh = (K + 1) / 2;
   auto* out_base = reinterpret_cast<std::uint32_t*>(xp);
@@ -52,9 +78,17 @@ void pack_rows_dp(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool 
         continue;
       }
       const float* src = x + m * K;
-      for (I64 j = 0; j < K / 2; ++j) {
-        out[j * kDpRows + i] = static_cast<std::uint32_t>(act_to_bf16(src[2 * j])) |
-                               (static_cast<std::uint32_t>(act_to_bf16(src[2 * j + 1])) << 16);
+      I64 k = 0;
+      alignas(32) std::uint32_t words[8];
+      for (; k + 16 <= K; k += 16) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(words), act_to_bf16_x16(_mm512_loadu_ps(src + k)));
+        std::uint32_t* o = out + (k / 2) * kDpRows + i;
+#pragma GCC unroll 8
+        for (int w = 0; w < 8; ++w) o[w * kDpRows] = words[w];
+      }
+      for (; k + 2 <= K; k += 2) {
+        out[(k / 2) * kDpRows + i] = static_cast<std::uint32_t>(act_to_bf16(src[k])) |
+                                     (static_cast<std::uint32_t>(act_to_bf16(src[k + 1])) << 16);
       }
       if (K & 1) out[(kh - 1) * kDpRows + i] = act_to_bf16(src[K - 1]);
     }
@@ -71,7 +105,8 @@ void pack_rows_dp(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool 
 template <int MR, bool kTail>
 void dp_tile(const std::uint32_t* xt, const std::uint32_t* x_next, const std::uint16_t* wr,
              I64 width, I64 npairs, bool first, bool last, float* part, const float* bias,
-             float* y, I64 ldy, bool accumulate, I64 prefetch_pairs) {
+             float* y, I64 ldy, bool accumulate, I64 prefetch_pairs, const char* pf, I64 pf_lines,
+             I64 pf_per_pair) {
   __m512 acc[MR][4];
   __mmask16 mk[4] = {0xffff, 0xffff, 0xffff, 0xffff};
   if constexpr (kTail) {
@@ -88,13 +123,16 @@ void dp_tile(const std::uint32_t* xt, const std::uint32_t* x_next, const std::ui
   for (I64 j = 0; j < npairs; ++j) {
     const std::uint16_t* row = wr + j * stride;
     if (prefetch_pairs > 0) {
-      const char* pf = reinterpret_cast<const char*>(row + prefetch_pairs * stride);
-      _mm_prefetch(pf, _MM_HINT_T0);
-      _mm_prefetch(pf + 64, _MM_HINT_T0);
-      _mm_prefetch(pf + 128, _MM_HINT_T0);
-      _mm_prefetch(pf + 192, _MM_HINT_T0);
+      const char* ahead = reinterpret_cast<const char*>(row + prefetch_pairs * stride);
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      _mm_prefetch(ahead + 128, _MM_HINT_T0);
+      _mm_prefetch(ahead + 192, _MM_HINT_T0);
     } else if (x_next != nullptr && (j & 1) == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(x_next + j * kDpRows), _MM_HINT_T0);
+    }
+    for (I64 l = j * pf_per_pair; l < (j + 1) * pf_per_pair && l < pf_lines; ++l) {
+      _mm_prefetch(pf + l * 64, _MM_HINT_T1);
     }
     __m512i w[4];
     if constexpr (kTail) {
@@ -136,7 +174,8 @@ void dp_tile(const std::uint32_t* xt, const std::uint32_t* x_next, const std::ui
 }
 
 using DpTileFn = void (*)(const std::uint32_t*, const std::uint32_t*, const std::uint16_t*, I64,
-                          I64, bool, bool, float*, const float*, float*, I64, bool, I64);
+                          I64, bool, bool, float*, const float*, float*, I64, bool, I64,
+                          const char*, I64, I64);
 constexpr DpTileFn kDpTiles[kDpRows][2] = {
     {&dp_tile<1, false>, &dp_tile<1, true>}, {&dp_tile<2, false>, &dp_tile<2, true>},
     {&dp_tile<3, false>, &dp_tile<3, true>}, {&dp_tile<4, false>, &dp_tile<4, true>},
@@ -168,29 +207,36 @@ void linear_panels_dp(const float* xp, I64 M, const WeightView& w, I64 p0, I64 p
     const float* b = bias != nullptr ? bias + n0 : nullptr;
     if (tiles == 1) {
       kDpTiles[M - 1][tail](x32, nullptr, panel, width, kh, true, true, part, b, y + n0, N,
-                            accumulate, 64);
+                            accumulate, kDpStreamPairs, nullptr, 0, 0);
       continue;
     }
-    for (I64 j0 = 0; j0 < kh; j0 += kDpKcPairs) {
-      const I64 nj = min_i64(kDpKcPairs, kh - j0);
+    const bool streaming = tiles <= 2;
+    const I64 kc = streaming ? kDpKcPairsStreaming : kDpKcPairs;
+    for (I64 j0 = 0; j0 < kh; j0 += kc) {
+      const I64 nj = min_i64(kc, kh - j0);
       const bool first = j0 == 0;
       const bool last = j0 + nj >= kh;
       const std::uint16_t* wr = panel + j0 * 2 * width;
-      // The next block's weights (this panel's next pairs, or the next panel), spread over the
-      // tiles so its first reads do not wait on DRAM.
+      // The next block's weights (this panel's next pairs, or the next panel) prefetched into
+      // L2, its lines spread evenly over every tile's pair loop: a burst of all of a tile's
+      // lines before its loop (the code before) held the loop up behind the misses; spread, the
+      // batch-32 linear calls went from 31.3-32.5 to 24.8-24.8 ms (decode_breakdown, 2 threads,
+      // Zen 5, alternated runs).
       const I64 block_lines = (nj * width * 4 + 63) / 64;
       const I64 per_tile = (block_lines + tiles - 1) / tiles;
+      const I64 per_pair = (per_tile + nj - 1) / nj;
       const char* next = reinterpret_cast<const char*>(wr + nj * 2 * width);
       for (I64 t = 0; t < tiles; ++t) {
         const I64 m = t * kDpRows;
         const I64 mr = min_i64(kDpRows, M - m);
-        for (I64 l = t * per_tile; l < (t + 1) * per_tile && l < block_lines; ++l) {
-          _mm_prefetch(next + l * 64, _MM_HINT_T1);
-        }
+        const I64 l0 = min_i64(t * per_tile, block_lines);
+        const I64 nl = min_i64(per_tile, block_lines - l0);
         const std::uint32_t* xt = x32 + t * kDpRows * kh + j0 * kDpRows;
         const std::uint32_t* xn = t + 1 < tiles ? xt + kDpRows * kh : nullptr;
         kDpTiles[mr - 1][tail](xt, xn, wr, width, nj, first, last, part + m * kPanelCols, b,
-                               y + m * N + n0, N, accumulate, 0);
+                               y + m * N + n0, N, accumulate,
+                               streaming && t == 0 ? kDpStreamPairs : 0, next + l0 * 64, nl,
+                               per_pair);
       }
     }
   }
