@@ -67,6 +67,11 @@ struct IsaKernels {
 inline std::int64_t linear_panels_scratch_floats(std::int64_t M) {
   return (128 + M) * kPanelCols;
 }
+// A thread's scratch of a kPanelPairs call: linear_panels' own, then the gate and the up products
+// of one unit of a fused linear_silu_mul (M x kPanelCols floats each, kernels.cc).
+inline std::int64_t panel_call_scratch_floats(std::int64_t M) {
+  return linear_panels_scratch_floats(M) + 2 * M * kPanelCols;
+}
 
 // Floats pack_rows may write for M rows of K: M rounded up to a tile of at most 8 rows, K up to
 // even (f32 and vdpbf16ps tables), or bf16 rows of K rounded up to 32, plus 32, in tiles of 16

@@ -71,8 +71,10 @@ struct LinearJob {
   float* panels;
   std::int64_t panel_stride;
   int threads;
-  // linear_silu_mul on the AMX GEMM: silu_mul of the gate and up products into y ([M][N / 2]).
+  // linear_silu_mul fused: silu_mul of the gate and up products into y ([M][N / 2]), in the AMX
+  // GEMM's epilogue (amx) or per unit by silu_mul_unit.
   decltype(detail::IsaKernels::silu_mul) silu_mul;
+  bool amx;
 };
 
 struct PackJob {
@@ -96,7 +98,7 @@ std::atomic<std::int64_t> g_thread_local_scratch_uses{0};
 // (no allocation per call once warm).
 float* panel_scratch(std::int64_t M) {
   thread_local std::vector<float> buf;
-  const auto need = static_cast<std::size_t>(detail::linear_panels_scratch_floats(M));
+  const auto need = static_cast<std::size_t>(detail::panel_call_scratch_floats(M));
   if (buf.size() < need) buf.resize(need);
   return buf.data();
 }
@@ -156,7 +158,32 @@ const char* weight_layout_name(WeightLayout layout) {
 
 namespace {
 
-// silu_mul_fused (linear_silu_mul on the AMX GEMM): y is [M][N / 2], silu_mul of the gate
+// The fused linear_silu_mul on kPanelPairs weights (every table but AMX's, which fuses in its
+// epilogue): unit p is gate panel p (rows [64p, 64p + 64) of gate_up) and up panel p (rows
+// F + 64p ..; F a multiple of 64, so it starts a panel), each run by linear_panels as a 64-row
+// weight of its own into the thread's scratch, then out[m][64p + c] = silu_mul(gate, up). A
+// column's product does not depend on the other columns of its call, and silu_mul is elementwise
+// (the same function silu_mul_rows calls), so the bits are those of linear then silu_mul_rows;
+// the [M][2F] products never leave the thread's scratch.
+void silu_mul_unit(const IsaKernels& k, const float* xp, std::int64_t M, const WeightView& w, std::int64_t p,
+                   bool bf16_act, decltype(detail::IsaKernels::silu_mul) silu_mul, float* out, float* scratch) {
+  const std::int64_t F = w.rows / 2;
+  const std::int64_t kp = w.cols + (w.cols & 1);
+  const auto* base = static_cast<const std::uint16_t*>(w.data);
+  float* products[2] = {scratch + detail::linear_panels_scratch_floats(M),
+                        scratch + detail::linear_panels_scratch_floats(M) + M * kPanelCols};
+  for (int half = 0; half < 2; ++half) {
+    WeightView panel = w;
+    panel.data = base + (half * F + p * kPanelCols) * kp;
+    panel.rows = kPanelCols;
+    k.linear_panels(xp, M, panel, 0, 1, nullptr, products[half], false, scratch, bf16_act);
+  }
+  for (std::int64_t m = 0; m < M; ++m) {
+    silu_mul(products[0] + m * kPanelCols, products[1] + m * kPanelCols, kPanelCols, out + m * F + p * kPanelCols);
+  }
+}
+
+// silu_mul_fused (linear_silu_mul where linear_silu_mul_fuses): y is [M][N / 2], silu_mul of the gate
 // (rows [0, N / 2) of w) and up (the rest) products, by kernels_for(isa).silu_mul.
 void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
                  float* y, bool accumulate, ThreadPool* pool, GemmActivations act,
@@ -183,9 +210,9 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
                                                                          : kernels_for(isa);
   const std::int64_t N = w.rows;
   const std::int64_t K = w.cols;
-  KUN_CHECK(!silu_mul_fused || (amx && linear_silu_mul_fuses(w, act) && bias == nullptr && !accumulate))
-      << "the fused silu_mul runs on the AMX GEMM of a gate/up weight with 16k rows per half, not " << N << "x"
-      << K;
+  KUN_CHECK(!silu_mul_fused || (linear_silu_mul_fuses(w, act) && bias == nullptr && !accumulate))
+      << "the fused silu_mul needs a gate/up weight in a panel layout with 64k rows per half (16k on AMX), not "
+      << N << "x" << K << " in " << weight_layout_name(w.layout);
   const float* xp = nullptr;
   const bool serial = pool == nullptr || pool->num_threads() == 1 || M * N * K < kMinParallelMacs;
   const int threads = pool != nullptr ? pool->num_threads() : 1;
@@ -201,7 +228,7 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
           << " inputs on " << threads << " threads";
       buf = scratch->floats.data();
       panel_base = buf + align_floats(detail::pack_rows_floats(M, K));
-      panel_stride = align_floats(detail::linear_panels_scratch_floats(M));
+      panel_stride = align_floats(detail::panel_call_scratch_floats(M));
     } else {
       buf = packed_rows_buffer(M, K);
       g_thread_local_scratch_uses.fetch_add(1, std::memory_order_relaxed);
@@ -235,8 +262,10 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
       for (std::int64_t r0 = 0; r0 < M; r0 += block_rows) {
         const float* xb = xp + r0 * packed_row_floats;
         const std::int64_t rows = std::min(block_rows, M - r0);
-        if (silu_mul_fused) {
+        if (silu_mul_fused && amx) {
           k.linear_panels_silu_mul(xb, rows, w, 0, out_units, silu_mul, y + r0 * out_cols, ps);
+        } else if (silu_mul_fused) {
+          for (std::int64_t p = 0; p < out_units; ++p) silu_mul_unit(k, xb, rows, w, p, bf16_act, silu_mul, y + r0 * out_cols, ps);
         } else {
           k.linear_panels(xb, rows, w, 0, out_units, bias, y + r0 * N, accumulate, ps, bf16_act);
         }
@@ -247,7 +276,7 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
     return;
   }
   LinearJob job{&k, x, M, &w, bias, y,
-                accumulate, xp, bf16_act, panel_base, panel_stride, threads, silu_mul};
+                accumulate, xp, bf16_act, panel_base, panel_stride, threads, silu_mul, amx};
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
@@ -258,8 +287,13 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
     // one tile streaming that many panels side by side (kernels/panels_direct.inc).
     const std::int64_t grain = x_bytes <= kSmallActivationBytes && M <= 2 ? kDecodePanelsPerClaim : 1;
     auto body = [jp](std::int64_t b, std::int64_t e) {
-      if (jp->silu_mul != nullptr) {
+      if (jp->silu_mul != nullptr && jp->amx) {
         jp->k->linear_panels_silu_mul(jp->xp, jp->M, *jp->w, b, e, jp->silu_mul, jp->y, thread_panel_scratch(*jp));
+        return;
+      }
+      if (jp->silu_mul != nullptr) {
+        float* ps = thread_panel_scratch(*jp);
+        for (std::int64_t p = b; p < e; ++p) silu_mul_unit(*jp->k, jp->xp, jp->M, *jp->w, p, jp->bf16_act, jp->silu_mul, jp->y, ps);
         return;
       }
       jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
@@ -353,7 +387,7 @@ std::int64_t linear_scratch_floats(std::int64_t max_rows, std::int64_t max_k, in
       << max_rows << " rows, " << max_k << " inputs, " << num_threads << " threads";
   if (max_rows == 0 || max_k == 0) return 0;
   return align_floats(detail::pack_rows_floats(max_rows, max_k)) +
-         num_threads * align_floats(detail::linear_panels_scratch_floats(max_rows));
+         num_threads * align_floats(detail::panel_call_scratch_floats(max_rows));
 }
 
 std::int64_t linear_thread_local_scratch_uses() {
@@ -576,8 +610,10 @@ void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* 
 }
 
 bool linear_silu_mul_fuses(const WeightView& gate_up, GemmActivations act) {
-  return act == GemmActivations::kAmx && gate_up.layout == WeightLayout::kNarrowPanelPairs &&
-         gate_up.rows % (2 * kNarrowPanelCols) == 0;
+  if (act == GemmActivations::kAmx) {
+    return gate_up.layout == WeightLayout::kNarrowPanelPairs && gate_up.rows % (2 * kNarrowPanelCols) == 0;
+  }
+  return gate_up.layout == WeightLayout::kPanelPairs && gate_up.rows % (2 * kPanelCols) == 0;
 }
 
 void linear_silu_mul(Isa isa, const float* x, std::int64_t M, const WeightView& gate_up, float* gate_up_out,

@@ -197,9 +197,11 @@ void rms_norm(const float* x, std::int64_t M, std::int64_t D, const void* weight
 void silu_mul_rows(const float* gate_up, std::int64_t M, std::int64_t F, float* out, ThreadPool* pool);
 // The MLP's first half: out[m][i] = silu(g) * u with g and u what linear(x, gate_up) gives for
 // columns i and F + i (gate_up: [2F][K], gate rows first): the same bits as linear into
-// gate_up_out ([M][2F]) followed by silu_mul_rows. Where linear_silu_mul_fuses (the AMX GEMM, F a
-// multiple of 16) the GEMM's epilogue applies silu_mul, and the [M][2F] products are never
-// written (gate_up_out is not touched and may be null); elsewhere it runs the two steps.
+// gate_up_out ([M][2F]) followed by silu_mul_rows. Where linear_silu_mul_fuses (bf16 weights in a
+// panel layout: the AMX GEMM with F a multiple of 16, every other table with F a multiple of 64)
+// silu_mul is applied to each unit's gate and up products while they are in the thread's scratch
+// (the AMX GEMM: in its epilogue), and the [M][2F] products are never written (gate_up_out is not
+// touched and may be null); elsewhere (row-major weights) it runs the two steps.
 void linear_silu_mul(const float* x, std::int64_t M, const WeightView& gate_up, float* gate_up_out, float* out,
                      ThreadPool* pool, const LinearScratch* scratch = nullptr);
 bool linear_silu_mul_fuses(const WeightView& gate_up, GemmActivations act);

@@ -461,7 +461,8 @@ void ForwardPass::attention_output_and_mlp(const LayerWeights& w, const float* a
   const std::int64_t H = c.hidden_size;
   kernels::linear_add(attn_out, num_tokens, w.o, hidden, pool_, &gemm_scratch_);  // residual add fused
   kernels::rms_norm(hidden, num_tokens, H, w.post_norm, w.dtype, c.rms_norm_eps, normed_.data(), pool_);
-  // silu(gate) * up; on the AMX GEMM in the product's epilogue, where the workspace holds no
+  // silu(gate) * up, applied to each unit's products in the GEMM's thread scratch where the
+  // weights are bf16 panels (on the AMX GEMM in its epilogue): there the workspace holds no
   // [tokens][2F] products (mlp_gate_up_fused).
   KUN_CHECK(!gate_up_.empty() || kernels::linear_silu_mul_fuses(w.gate_up, kernels::active_gemm_activations()))
       << "gate/up weight (" << dtype_name(w.gate_up.dtype) << ", " << kernels::weight_layout_name(w.gate_up.layout)

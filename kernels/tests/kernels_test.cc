@@ -753,6 +753,60 @@ TEST(PanelPairsAmx, LinearSiluMulIsLinearThenSiluMul) {
   EXPECT_EQ(0, std::memcmp(out.data(), expected.data(), out.size() * sizeof(float)));
 }
 
+// The fused linear_silu_mul of the kPanelPairs tables (every ISA, f32 and bf16 activations): each
+// unit's gate and up panels run into the thread's scratch and silu_mul writes the output. The
+// bits must be those of linear into [M][2F] then silu_mul, for every tile path (1-6 rows: one
+// tile; 7-12: two; more: the k-blocked tiles), odd K, 1-3 threads and a caller's LinearScratch.
+TEST(PanelPairs, LinearSiluMulFusesOnEveryIsaAndIsLinearThenSiluMul) {
+  struct Shape {
+    std::int64_t F, K;
+  };
+  ThreadPool p2(2), p3(3);
+  std::uint32_t seed = 1900;
+  for (const Shape sh : {Shape{kPanelCols, 64}, Shape{2 * kPanelCols, 301}, Shape{3 * kPanelCols, 300}}) {
+    const PackedWeight w = make_packed(2 * sh.F, sh.K, ++seed);
+    for (GemmActivations act : kBothActivations) {
+      ASSERT_TRUE(linear_silu_mul_fuses(w.view, act));
+      for (Isa isa : supported_isas()) {
+        for (const std::int64_t M : {1, 3, 6, 7, 12, 13, 40}) {
+          const std::vector<float> x = random_floats(M * sh.K, ++seed, -4.0f, 4.0f);
+          std::vector<float> gate_up(static_cast<std::size_t>(M * 2 * sh.F));
+          std::vector<float> expected(static_cast<std::size_t>(M * sh.F));
+          linear(isa, x.data(), M, w.view, nullptr, gate_up.data(), nullptr, act);
+          for (std::int64_t m = 0; m < M; ++m) {
+            silu_mul(isa, gate_up.data() + m * 2 * sh.F, gate_up.data() + m * 2 * sh.F + sh.F, sh.F,
+                     expected.data() + m * sh.F);
+          }
+          for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
+            for (bool caller_scratch : {false, true}) {
+              const int threads = pool != nullptr ? pool->num_threads() : 1;
+              SCOPED_TRACE(isa_label(isa) + act_label(act) + " F=" + std::to_string(sh.F) + " K=" +
+                           std::to_string(sh.K) + " M=" + std::to_string(M) + " threads " +
+                           std::to_string(threads) + (caller_scratch ? " caller scratch" : ""));
+              std::vector<float> scratch_floats(static_cast<std::size_t>(linear_scratch_floats(M, sh.K, threads)), -1.0f);
+              const LinearScratch scratch{scratch_floats};
+              std::vector<float> out(expected.size(), std::numeric_limits<float>::quiet_NaN());
+              linear_silu_mul(isa, x.data(), M, w.view, nullptr, out.data(), pool, act,
+                              caller_scratch ? &scratch : nullptr);
+              ASSERT_EQ(0, std::memcmp(out.data(), expected.data(), expected.size() * sizeof(float)));
+            }
+          }
+        }
+      }
+    }
+  }
+  // A half that is not whole 64-column panels does not fuse: it needs the product buffer.
+  const PackedWeight odd = make_packed(2 * 96, 64, 7);
+  EXPECT_FALSE(linear_silu_mul_fuses(odd.view, GemmActivations::kBf16));
+  EXPECT_FALSE(linear_silu_mul_fuses(odd.view, GemmActivations::kF32));
+  const std::vector<float> x = random_floats(3 * 64, 8);
+  std::vector<float> gate_up(3 * 192), expected(3 * 96), out(3 * 96);
+  linear(x.data(), 3, odd.view, nullptr, gate_up.data(), nullptr);
+  silu_mul_rows(gate_up.data(), 3, 96, expected.data(), nullptr);
+  linear_silu_mul(x.data(), 3, odd.view, gate_up.data(), out.data(), nullptr);
+  EXPECT_EQ(0, std::memcmp(out.data(), expected.data(), out.size() * sizeof(float)));
+}
+
 // Each GEMM reads one panel layout (gemm_weight_layout); a weight in the other one is a loud
 // error, not a silently wrong product.
 TEST(PanelPairsDeathTest, LayoutMustMatchTheActivations) {

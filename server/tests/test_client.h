@@ -72,6 +72,16 @@ class RawConnection {
     return true;
   }
 
+  // Reads until the bytes received so far contain `text`; false on EOF, error or timeout.
+  bool read_until(const std::string& text, int timeout_ms) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (buffer_.find(text) == std::string::npos) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+      if (left <= 0 || !read_more(static_cast<int>(left))) return false;
+    }
+    return true;
+  }
+
   // Reads more bytes into the buffer; false on EOF, error or timeout.
   bool read_more(int timeout_ms) {
     pollfd p{fd_, POLLIN, 0};
