@@ -35,7 +35,7 @@ constexpr int kDpRows = 6;
 // kDpStreamPairs ahead into L1, as the one-tile path does, and with 32 KiB blocks that stream
 // evicted the block the second tile was about to read (48 KiB L1 on the Zen 5 host).
 // Measured (decode_breakdown, llama-350m, 2 threads, Zen 5, alternated runs at a 53-55 GB/s read
-// probe): batch 8 linear calls 16.0-16.2 ms with 128-pair blocks and no stream, 14.3-14.3 ms
+// probe): batch 8 linear calls 16.0-16.2 ms with 128-pair blocks and no stream, 14.3-14.4 ms
 // with 32-pair blocks and the stream.
 constexpr I64 kDpKcPairs = 128;
 constexpr I64 kDpKcPairsStreaming = 32;
@@ -100,8 +100,9 @@ void pack_rows_dp(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool 
 // bf16 per pair). first: start from zero, else from `part` (stride kPanelCols); last: write
 // y (+ bias, + y for accumulate), else the partials back to `part`. kTail: the panel is
 // narrower than 64 columns (`width`), masked loads and stores. prefetch_pairs > 0: prefetch
-// the weights that many pairs ahead (streaming calls); x_next: the next tile's pairs for this
-// block (prefetched), or null.
+// the weights that many pairs ahead into L1 (streaming calls); x_next: the next tile's pairs for
+// this block (prefetched), or null. pf: pf_lines cache lines prefetched into L2, pf_per_pair of
+// them in each pair iteration (the next k block's share of this tile; 0 lines: none).
 template <int MR, bool kTail>
 void dp_tile(const std::uint32_t* xt, const std::uint32_t* x_next, const std::uint16_t* wr,
              I64 width, I64 npairs, bool first, bool last, float* part, const float* bias,
@@ -220,8 +221,8 @@ void linear_panels_dp(const float* xp, I64 M, const WeightView& w, I64 p0, I64 p
       // The next block's weights (this panel's next pairs, or the next panel) prefetched into
       // L2, its lines spread evenly over every tile's pair loop: a burst of all of a tile's
       // lines before its loop (the code before) held the loop up behind the misses; spread, the
-      // batch-32 linear calls went from 31.3-32.5 to 24.8-24.8 ms (decode_breakdown, 2 threads,
-      // Zen 5, alternated runs).
+      // batch-32 linear calls went from 31.3-32.5 to 24.8 ms (decode_breakdown, 2 threads, Zen 5,
+      // alternated runs, two each).
       const I64 block_lines = (nj * width * 4 + 63) / 64;
       const I64 per_tile = (block_lines + tiles - 1) / tiles;
       const I64 per_pair = (per_tile + nj - 1) / nj;
