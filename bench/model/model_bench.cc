@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
   app.add_flag("--json", json, "end with one JSON line: decode tokens/s and ratio per batch, prefill tokens/s and ratio");
   std::string gemm_activations;
   app.add_option("--gemm-activations", gemm_activations,
-                 "f32 | bf16 | amx: activations of the bf16 GEMM (default: KUN_GEMM_ACTIVATIONS, else amx where the CPU has AMX-BF16, else f32)")
+                 "f32 | bf16 | amx: activations of the bf16 GEMM (default: KUN_GEMM_ACTIVATIONS, else amx where the CPU has AMX-BF16, else bf16 on AMD with AVX-512-BF16, else f32)")
       ->check(CLI::IsMember({"f32", "bf16", "amx"}));
   CLI11_PARSE(app, argc, argv);
   // Read once per process by the kernels (before any kernel runs), so set it here.
