@@ -35,7 +35,7 @@ constexpr int kDpRows = 6;
 // kDpStreamPairs ahead into L1, as the one-tile path does, and with 32 KiB blocks that stream
 // evicted the block the second tile was about to read (48 KiB L1 on the Zen 5 host).
 // Measured (decode_breakdown, llama-350m, 2 threads, Zen 5, alternated runs at a 53-55 GB/s read
-// probe): batch 8 linear calls 16.0-16.2 ms with 128-pair blocks and no stream, 14.3-14.4 ms
+// probe): batch 8 linear calls 16.1-16.2 ms with 128-pair blocks and no stream, 14.3-14.4 ms
 // with 32-pair blocks and the stream.
 constexpr I64 kDpKcPairs = 128;
 constexpr I64 kDpKcPairsStreaming = 32;
