@@ -183,6 +183,17 @@ void silu_mul_unit(const IsaKernels& k, const float* xp, std::int64_t M, const W
   }
 }
 
+// Units [b, e) of a panel call (j.M rows of j.xp into j.y) on the calling thread's panel scratch.
+void panel_units(const LinearJob& j, std::int64_t b, std::int64_t e, float* ps) {
+  if (j.silu_mul != nullptr && j.amx) {
+    j.k->linear_panels_silu_mul(j.xp, j.M, *j.w, b, e, j.silu_mul, j.y, ps);
+  } else if (j.silu_mul != nullptr) {
+    for (std::int64_t p = b; p < e; ++p) silu_mul_unit(*j.k, j.xp, j.M, *j.w, p, j.bf16_act, j.silu_mul, j.y, ps);
+  } else {
+    j.k->linear_panels(j.xp, j.M, *j.w, b, e, j.bias, j.y, j.accumulate, ps, j.bf16_act);
+  }
+}
+
 // silu_mul_fused (linear_silu_mul where linear_silu_mul_fuses): y is [M][N / 2], silu_mul of the gate
 // (rows [0, N / 2) of w) and up (the rest) products, by kernels_for(isa).silu_mul.
 void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, const float* bias,
@@ -256,55 +267,34 @@ void linear_impl(Isa isa, const float* x, std::int64_t M, const WeightView& w, c
   const std::int64_t out_cols = silu_mul_fused ? N / 2 : N;
   const std::int64_t out_units = (out_cols + kPanelCols - 1) / kPanelCols;
   const auto silu_mul = silu_mul_fused ? kernels_for(isa).silu_mul : nullptr;
-  if (serial) {
-    if (panels) {
-      float* ps = panel_base != nullptr ? panel_base : panel_scratch(M);
-      for (std::int64_t r0 = 0; r0 < M; r0 += block_rows) {
-        const float* xb = xp + r0 * packed_row_floats;
-        const std::int64_t rows = std::min(block_rows, M - r0);
-        if (silu_mul_fused && amx) {
-          k.linear_panels_silu_mul(xb, rows, w, 0, out_units, silu_mul, y + r0 * out_cols, ps);
-        } else if (silu_mul_fused) {
-          for (std::int64_t p = 0; p < out_units; ++p) silu_mul_unit(k, xb, rows, w, p, bf16_act, silu_mul, y + r0 * out_cols, ps);
-        } else {
-          k.linear_panels(xb, rows, w, 0, out_units, bias, y + r0 * N, accumulate, ps, bf16_act);
-        }
-      }
-    } else {
-      k.linear_block(x, K, 0, M, w, 0, N, bias, y, N, accumulate);
-    }
-    return;
-  }
   LinearJob job{&k, x, M, &w, bias, y,
                 accumulate, xp, bf16_act, panel_base, panel_stride, threads, silu_mul, amx};
   const LinearJob* jp = &job;  // captured by pointer: std::function keeps it inline (no heap)
   const std::int64_t x_bytes = M * K * static_cast<std::int64_t>(sizeof(float));
   if (panels) {
+    // Serial: the caller's scratch (outside the pool, so not thread_panel_scratch).
+    float* serial_scratch = !serial ? nullptr : panel_base != nullptr ? panel_base : panel_scratch(M);
     // Units are panels (64 output columns), one per claim: a panel passes over all M rows of the
     // packed activations whatever the chunk, so larger claims buy no reuse, and a claim of several
     // panels left the other thread waiting up to that chunk's time at the end of each call. The
     // exception is decode at M <= 2: kDecodePanelsPerClaim panels per claim, so one claim runs as
     // one tile streaming that many panels side by side (kernels/panels_direct.inc).
     const std::int64_t grain = x_bytes <= kSmallActivationBytes && M <= 2 ? kDecodePanelsPerClaim : 1;
-    auto body = [jp](std::int64_t b, std::int64_t e) {
-      if (jp->silu_mul != nullptr && jp->amx) {
-        jp->k->linear_panels_silu_mul(jp->xp, jp->M, *jp->w, b, e, jp->silu_mul, jp->y, thread_panel_scratch(*jp));
-        return;
-      }
-      if (jp->silu_mul != nullptr) {
-        float* ps = thread_panel_scratch(*jp);
-        for (std::int64_t p = b; p < e; ++p) silu_mul_unit(*jp->k, jp->xp, jp->M, *jp->w, p, jp->bf16_act, jp->silu_mul, jp->y, ps);
-        return;
-      }
-      jp->k->linear_panels(jp->xp, jp->M, *jp->w, b, e, jp->bias, jp->y, jp->accumulate,
-                           thread_panel_scratch(*jp), jp->bf16_act);
-    };
+    auto body = [jp](std::int64_t b, std::int64_t e) { panel_units(*jp, b, e, thread_panel_scratch(*jp)); };
     for (std::int64_t r0 = 0; r0 < M; r0 += block_rows) {
       job.M = std::min(block_rows, M - r0);
       job.xp = xp + r0 * packed_row_floats;
       job.y = y + r0 * out_cols;
-      pool->parallel_for_balanced(out_units, grain, body);
+      if (serial) {
+        panel_units(job, 0, out_units, serial_scratch);
+      } else {
+        pool->parallel_for_balanced(out_units, grain, body);
+      }
     }
+    return;
+  }
+  if (serial) {
+    k.linear_block(x, K, 0, M, w, 0, N, bias, y, N, accumulate);
     return;
   }
   const std::int64_t units = (N + kRowsPerUnit - 1) / kRowsPerUnit;

@@ -21,6 +21,7 @@ namespace {
 using I64 = std::int64_t;
 
 #include "kernels/bf16_dot.inc"
+#include "kernels/avx512_bf16_round.inc"
 
 inline I64 min_i64(I64 a, I64 b) { return a < b ? a : b; }
 
@@ -47,20 +48,6 @@ inline __mmask16 col_mask(I64 n) {
   return static_cast<__mmask16>((1u << n) - 1u);
 }
 
-// act_to_bf16 on 16 lanes: a subnormal to a signed zero, then vcvtneps2bf16 (round to nearest
-// even, NaN stays a quiet NaN), which gives act_to_bf16's bits for every other input.
-inline __m256i act_to_bf16_x16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
-  const __mmask16 tiny = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(0x00800000));
-  const __m512 flushed = _mm512_castsi512_ps(
-      _mm512_mask_and_epi32(bits, tiny, bits, _mm512_set1_epi32(static_cast<int>(0x80000000u))));
-  const __m256bh h = _mm512_cvtneps_pbh(flushed);
-  __m256i out;
-  std::memcpy(&out, &h, sizeof out);
-  return out;
-}
-
 // Activations for linear_panels: bf16 pairs (x[m][2j] low half, x[m][2j + 1] high half, zero
 // past K) as 32-bit words, tile-major: tile t (rows kDpRows t ..) holds pair j of row i at
 // word [t * kDpRows * kh + j * kDpRows + i] (kh = K / 2 rounded up); rows past M are zero.
@@ -79,9 +66,10 @@ void pack_rows_dp(const float* x, I64 M, I64 K, float* xp, I64 t0, I64 t1, bool 
       }
       const float* src = x + m * K;
       I64 k = 0;
-      alignas(32) std::uint32_t words[8];
+      std::uint32_t words[8];
       for (; k + 16 <= K; k += 16) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(words), act_to_bf16_x16(_mm512_loadu_ps(src + k)));
+        const __m256bh h = _mm512_cvtneps_pbh(flush_subnormals(_mm512_loadu_ps(src + k)));
+        std::memcpy(words, &h, sizeof words);
         std::uint32_t* o = out + (k / 2) * kDpRows + i;
 #pragma GCC unroll 8
         for (int w = 0; w < 8; ++w) o[w * kDpRows] = words[w];

@@ -131,7 +131,7 @@ int main(int argc, char** argv) {
   const bench::Floats y(batch * std::max<std::int64_t>(c.vocab_size, 2 * c.intermediate_size));
   const bench::Floats act(batch * c.intermediate_size);
   enum { kQkv, kO, kGateUp, kDown, kHead, kKinds };
-  // gate_up as the forward pass runs it: linear_silu_mul (silu_mul in the AMX GEMM's epilogue).
+  // gate_up as the forward pass runs it: linear_silu_mul (silu_mul fused where linear_silu_mul_fuses).
   const char* names[kKinds] = {"qkv", "o", "gate_up+silu", "down", "lm_head"};
   std::int64_t kind_bytes[kKinds] = {};
   for (const model::LayerWeights& w : lw) {

@@ -700,10 +700,24 @@ TEST(PanelPairsAmx, BatchInvariantAcrossBatchSizeNeighboursAndThreads) {
   }
 }
 
+// What linear_silu_mul must give: linear into [M][2F], then silu_mul of each row's gate and up
+// halves.
+std::vector<float> linear_then_silu_mul(Isa isa, const std::vector<float>& x, std::int64_t M, const WeightView& gate_up,
+                                        GemmActivations act, ThreadPool* pool) {
+  const std::int64_t F = gate_up.rows / 2;
+  std::vector<float> products(static_cast<std::size_t>(M * 2 * F));
+  std::vector<float> out(static_cast<std::size_t>(M * F));
+  linear(isa, x.data(), M, gate_up, nullptr, products.data(), pool, act);
+  for (std::int64_t m = 0; m < M; ++m) {
+    silu_mul(isa, products.data() + m * 2 * F, products.data() + m * 2 * F + F, F, out.data() + m * F);
+  }
+  return out;
+}
+
 // linear_silu_mul: on the AMX GEMM the epilogue applies silu_mul (the [M][2F] products are never
 // written); the result must be the bits of linear followed by silu_mul_rows, for every M (one row
 // tile, 2 x 2 passes, row blocks), F (whole units, a narrow last unit, one gate panel), K (a
-// partial k block, odd) and thread count. Elsewhere (f32 activations) it runs the two steps.
+// partial k block, odd) and thread count. The other tables fuse in the front end (the next test).
 TEST(PanelPairsAmx, LinearSiluMulIsLinearThenSiluMul) {
   if (!amx_runs()) GTEST_SKIP() << "no AMX-BF16 here";
   struct Shape {
@@ -720,13 +734,7 @@ TEST(PanelPairsAmx, LinearSiluMulIsLinearThenSiluMul) {
       for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
         SCOPED_TRACE("F=" + std::to_string(sh.F) + " K=" + std::to_string(sh.K) + " M=" + std::to_string(M) +
                      " threads " + std::to_string(pool ? pool->num_threads() : 1));
-        std::vector<float> gate_up(static_cast<std::size_t>(M * 2 * sh.F));
-        std::vector<float> expected(static_cast<std::size_t>(M * sh.F));
-        linear(Isa::kAvx512Bf16, x.data(), M, w.view, nullptr, gate_up.data(), pool, GemmActivations::kAmx);
-        for (std::int64_t m = 0; m < M; ++m) {
-          silu_mul(Isa::kAvx512Bf16, gate_up.data() + m * 2 * sh.F, gate_up.data() + m * 2 * sh.F + sh.F, sh.F,
-                   expected.data() + m * sh.F);
-        }
+        const std::vector<float> expected = linear_then_silu_mul(Isa::kAvx512Bf16, x, M, w.view, GemmActivations::kAmx, pool);
         // NaN-filled: every output must be written, and the product buffer left alone. The rows
         // start on cache lines (F is a multiple of 16), as a workspace's do, so 17-32 rows take
         // the non-temporal stores.
@@ -735,7 +743,7 @@ TEST(PanelPairsAmx, LinearSiluMulIsLinearThenSiluMul) {
         std::size_t out_space = out_buffer.size() * sizeof(float);
         float* out = static_cast<float*>(std::align(64, expected.size() * sizeof(float), out_start, out_space));
         ASSERT_NE(out, nullptr);
-        std::vector<float> untouched(gate_up.size(), 7.0f);
+        std::vector<float> untouched(static_cast<std::size_t>(M * 2 * sh.F), 7.0f);
         linear_silu_mul(Isa::kAvx512Bf16, x.data(), M, w.view, untouched.data(), out, pool, GemmActivations::kAmx);
         ASSERT_EQ(0, std::memcmp(out, expected.data(), expected.size() * sizeof(float)));
         ASSERT_TRUE(std::all_of(untouched.begin(), untouched.end(), [](float v) { return v == 7.0f; }));
@@ -770,13 +778,7 @@ TEST(PanelPairs, LinearSiluMulFusesOnEveryIsaAndIsLinearThenSiluMul) {
       for (Isa isa : supported_isas()) {
         for (const std::int64_t M : {1, 3, 6, 7, 12, 13, 40}) {
           const std::vector<float> x = random_floats(M * sh.K, ++seed, -4.0f, 4.0f);
-          std::vector<float> gate_up(static_cast<std::size_t>(M * 2 * sh.F));
-          std::vector<float> expected(static_cast<std::size_t>(M * sh.F));
-          linear(isa, x.data(), M, w.view, nullptr, gate_up.data(), nullptr, act);
-          for (std::int64_t m = 0; m < M; ++m) {
-            silu_mul(isa, gate_up.data() + m * 2 * sh.F, gate_up.data() + m * 2 * sh.F + sh.F, sh.F,
-                     expected.data() + m * sh.F);
-          }
+          const std::vector<float> expected = linear_then_silu_mul(isa, x, M, w.view, act, nullptr);
           for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2, &p3}) {
             for (bool caller_scratch : {false, true}) {
               const int threads = pool != nullptr ? pool->num_threads() : 1;
