@@ -88,8 +88,14 @@ TEST(ServeIntegrationTest, DisconnectMidStreamFreesBlocks) {
     // 1500-token stream finish first once the tiny model decoded faster, and the test then
     // checked nothing about a disconnect.)
     ASSERT_TRUE(c.read_until("data:", 10000)) << "no streamed event";
+    // The engine publishes its stats after the step that produced the event, so they may lag it
+    // by a step: wait (bounded) for the running request to show.
     std::int64_t running = 0;
-    for (const auto& i : s.rt->stats().instances) running += i.num_running;
+    for (int i = 0; i < 200 && running != 1; ++i) {
+      running = 0;
+      for (const auto& inst : s.rt->stats().instances) running += inst.num_running;
+      if (running != 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     EXPECT_EQ(running, 1);
     c.abort();
   }
